@@ -1,0 +1,248 @@
+"""One typed experiment config, YAML presets shipped with the package, and overrides.
+
+A config is built from a preset (``battery-quick``, ``battery-paper``) or a YAML
+file, then ``key=value`` overrides with dotted keys (``stage1.epochs=5``,
+``data.root=/data/battery``); values are parsed as YAML (``[4, 4]``, ``null``).
+Unknown keys and values of the wrong type are refused with the key's name.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from paser.errors import ConfigError
+
+# Reference cross-entropy weights for (pore, carbon, nickel): about 11 % / 12 % / 76 % of pixels.
+REFERENCE_CLASS_WEIGHTS = [0.96275112, 0.8969029, 0.14034598]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    """The generated battery micro-structure used when ``data.root`` is not set."""
+
+    n_train: int = Field(240, ge=3, description="training images (split three ways)")
+    n_val: int = Field(20, ge=1, description="validation images")
+    n_test: int = Field(40, ge=1, description="test images")
+    height: int = Field(224, ge=32, description="image height in pixels")
+    width: int = Field(256, ge=32, description="image width in pixels")
+    seed: int = Field(0, description="generator seed: same seed, same bytes")
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how the training set is cut into three stages."""
+
+    root: Path | None = Field(None, description="dataset in the battery layout; null = synthetic")
+    cache_dir: Path | None = Field(
+        None, description="where synthetic data is generated; default $PASER_CACHE or ~/.cache/paser"
+    )
+    synthetic: SyntheticConfig = SyntheticConfig()
+    split: tuple[float, float, float] = Field(
+        (0.34, 0.33, 0.33), description="D_pre / D_rl / D_ft proportions of the training set"
+    )
+    split_seed: int = Field(42, description="seed of the three-way split (reference: 42)")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(p <= 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"must be three positive proportions summing to 1, got {list(v)}")
+        return v
+
+    def resolved_root(self) -> Path:
+        """The dataset folder: ``root`` or the cache folder for this synthetic spec."""
+        if self.root is not None:
+            return Path(self.root).expanduser()
+        base = self.cache_dir or Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser"))
+        s = self.synthetic
+        name = f"battery-synth-{s.n_train}-{s.n_val}-{s.n_test}-{s.height}x{s.width}-seed{s.seed}"
+        return Path(base).expanduser() / name
+
+
+class ModelSpec(_Strict):
+    """A model of the pool: a registry name plus keyword arguments."""
+
+    name: str = Field(description="registry name, e.g. unet_tiny or smp:DeepLabV3Plus:resnet18")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to create_model")
+    epochs: int | None = Field(None, ge=0, description="stage-1 epochs; null = stage1.epochs")
+    lr: float | None = Field(None, gt=0, description="stage-1 learning rate; null = stage1.lr")
+
+
+class ModelsConfig(_Strict):
+    """f0 runs on whole images; f1..fK (``pool``) on patches, cheapest first."""
+
+    in_channels: int = Field(1, ge=1, description="input channels (1 = grayscale)")
+    num_classes: int = Field(3, ge=2, description="segmentation classes")
+    f0: ModelSpec = ModelSpec(name="unet_tiny")
+    pool: list[ModelSpec] = Field(
+        default_factory=lambda: [ModelSpec(name="unet_small"), ModelSpec(name="unet_large")],
+        min_length=1,
+        description="f1..fK, in increasing cost",
+    )
+
+
+class Stage1Config(_Strict):
+    """Pretraining: f1..fK on patches with weighted CE, then f0 with distillation from fK."""
+
+    epochs: int = Field(200, ge=0, description="epochs per model (a model's own `epochs` wins)")
+    batch_size: int = Field(32, ge=1, description="images per batch (task models see P x patches)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    a_kd: float = Field(0.01, ge=0, le=1, description="weight of the MSE to fK's stitched logits")
+    class_weights: list[float] | None = Field(
+        default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
+        description="cross-entropy weight per class; null = unweighted",
+    )
+
+
+class Stage2Config(_Strict):
+    """Policy training by REINFORCE on D_rl (used from the core issue on)."""
+
+    epochs: int = Field(200, ge=0, description="policy epochs")
+    batch_size: int = Field(32, ge=1, description="images per batch")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    lam: float = Field(0.5, ge=0, le=1, description="cost weight in the reward")
+    cost: Literal["params", "flops"] = Field("params", description="cost of a model in the reward")
+    alpha: tuple[float, float] = Field((0.7, 0.95), description="exploration: start, end")
+
+
+class Stage3Config(_Strict):
+    """Joint fine-tuning of f1..fK and the policy on D_ft."""
+
+    epochs: int = Field(200, ge=0, description="fine-tuning epochs")
+    batch_size: int = Field(32, ge=1, description="images per batch")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    alpha: tuple[float, float] = Field((0.95, 1.0), description="exploration: start, end")
+
+
+class ExperimentConfig(_Strict):
+    """Everything a run needs; the resolved copy is saved in the run directory."""
+
+    preset: str | None = Field(None, description="the preset this config came from, if any")
+    seed: int = Field(0, description="seed for weights, batches and dropout")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = default")
+    grid: tuple[int, int] = Field((4, 4), description="patch grid rows, cols (paper: 4 x 4)")
+    mc_samples: int = Field(5, ge=1, description="T, Monte Carlo dropout passes of f0")
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"patch grid rows and cols must be >= 1, got {list(v)}")
+        return v
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    files = resources.files("paser") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of a shipped preset."""
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset '{name}'; available: {', '.join(list_presets())}")
+    text = (resources.files("paser") / "presets" / f"{name}.yaml").read_text()
+    raw = _read_yaml(text, f"preset {name}")
+    raw["preset"] = name
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` to a raw mapping (value parsed as YAML).
+
+    A number indexes a list: ``models.pool.1.name=unet_large``.
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}': expected key=value, e.g. stage1.epochs=5")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    node: Any = raw
+    parts = key.strip().split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{item}': '{part}' is not an index of a "
+                                  f"{len(node)}-item list (0..{len(node) - 1})")
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise ConfigError(f"override '{item}': '{part}' is inside a value, not a section")
+        if depth == len(parts) - 1:
+            node[index] = parsed
+            return
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = node[index]
+
+
+def validate(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    """Build the typed config; the first problem is reported with its dotted key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{where}: unknown key '{key}'; check its spelling") from None
+        raise ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})") from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ExperimentConfig:
+    """Preset or YAML file (not both; neither = defaults), then overrides, validated."""
+    if preset and config_file:
+        raise ConfigError("give either a preset or a config file, not both")
+    where = "config"
+    if preset:
+        raw, where = preset_dict(preset), f"preset {preset}"
+    elif config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw, where = _read_yaml(path.read_text(), str(path)), str(path)
+    else:
+        raw = {}
+    if not overrides:
+        return validate(raw, where)
+    # Overrides apply to the complete config, so that defaults (and list items) can be set.
+    full = validate(raw, where).model_dump(mode="json")
+    for item in overrides:
+        apply_override(full, item)
+    return validate(full, where + " with overrides")
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable by ``load_config(config_file=...)``)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

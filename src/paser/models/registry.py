@@ -1,0 +1,69 @@
+"""Build any model of a pool from a name, like ``smp.create_model``.
+
+Names:
+- ``unet_tiny``, ``unet_small``, ``unet_large``: the reference UNets (16,571 /
+  1,080,595 / 17,275,459 parameters for 1 input channel, 3 classes). Keyword
+  arguments override ``c0``, ``widths`` and ``dropout`` (the quick preset uses
+  narrower widths) or set ``width_mult`` to scale every width.
+- ``unet``: the same UNet with ``c0`` and ``widths`` given explicitly.
+- ``smp:<Arch>:<encoder>``: any segmentation-models-pytorch architecture with a
+  timm or smp encoder, for example ``smp:DeepLabV3Plus:resnet18`` or
+  ``smp:Segformer:mit_b0``. Built with ``encoder_weights=None``: nothing is
+  downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from paser.errors import ConfigError
+from paser.models.unet import UNET_SIZES, UNet
+
+UNET_NAMES = tuple(f"unet_{size}" for size in UNET_SIZES)
+
+
+def create_model(name: str, in_channels: int = 1, num_classes: int = 3, **kwargs: Any) -> nn.Module:
+    """Return an untrained model ``[B, in_channels, H, W] -> logits [B, num_classes, H, W]``."""
+    if name.startswith("smp:"):
+        return _create_smp(name, in_channels, num_classes, **kwargs)
+    if name == "unet" or name in UNET_NAMES:
+        spec = dict(UNET_SIZES[name.removeprefix("unet_")]) if name != "unet" else {}
+        mult = kwargs.pop("width_mult", None)
+        spec.update(kwargs)
+        if mult is not None:
+            spec["c0"] = max(1, round(spec["c0"] * mult))
+            spec["widths"] = [max(1, round(w * mult)) for w in spec["widths"]]
+        missing = {"c0", "widths"} - spec.keys()
+        if missing:
+            raise ConfigError(f"model 'unet' needs {sorted(missing)}; e.g. c0=8, widths=[16, 32, 32]")
+        try:
+            return UNet(in_channels=in_channels, num_classes=num_classes, **spec)
+        except TypeError as err:
+            raise ConfigError(f"model '{name}': {err}") from None
+    raise ConfigError(
+        f"unknown model name '{name}'; use one of {', '.join(UNET_NAMES)}, 'unet' "
+        "or 'smp:<Arch>:<encoder>' (e.g. smp:DeepLabV3Plus:resnet18)"
+    )
+
+
+def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    parts = name.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise ConfigError(f"model '{name}': expected 'smp:<Arch>:<encoder>', e.g. smp:Unet:resnet18")
+    import segmentation_models_pytorch as smp
+
+    _, arch, encoder = parts
+    kwargs.setdefault("encoder_weights", None)
+    try:
+        return smp.create_model(
+            arch, encoder_name=encoder, in_channels=in_channels, classes=num_classes, **kwargs
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"model '{name}': segmentation-models-pytorch refused it: {err}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,127 @@
+"""The UNet family of the reference implementation, with Monte Carlo dropout.
+
+Layout (bilinear UNet): a 1x1 input conv to ``c0`` channels, a DoubleConv stem to
+``widths[0]``, one max-pool + DoubleConv per level down to ``widths[-1]``, then
+bilinear upsampling + skip concatenation + DoubleConv (mid channels = in / 2)
+back up, and a 1x1 output conv. DoubleConv is conv3x3 -> InstanceNorm -> ReLU,
+twice. With bilinear upsampling the bottom width equals the one above it
+(``widths[-1] == widths[-2]``), as in the reference.
+
+Dropout (p = 0.5) follows every down block except the first and the first up
+block. It is an ``nn.Dropout`` module, so Monte Carlo sampling keeps it active at
+inference by putting just the dropout modules in training mode (InstanceNorm
+has no running statistics, so nothing else changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paser.errors import ConfigError
+
+
+class DoubleConv(nn.Sequential):
+    """(conv3x3 -> InstanceNorm -> ReLU) x 2. Convs keep their bias, norms have no affine."""
+
+    def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None):
+        mid_ch = mid_ch or out_ch
+        super().__init__(
+            nn.Conv2d(in_ch, mid_ch, 3, padding=1),
+            nn.InstanceNorm2d(mid_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_ch, out_ch, 3, padding=1),
+            nn.InstanceNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Bilinear x2 upsampling, pad to the skip's size, concatenate, DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = DoubleConv(in_ch, out_ch, in_ch // 2)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:  # odd sizes: pad the upsampled map to the skip's size
+            x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """Configurable bilinear UNet with Monte Carlo dropout.
+
+    Args:
+        in_channels: input channels (1 for grayscale tomography).
+        num_classes: output classes (3: pore, carbon, nickel).
+        c0: channels of the 1x1 input conv.
+        widths: channels of the stem and of each level, top to bottom; the last
+            two must be equal (bilinear bottleneck). ``len(widths) - 1`` levels.
+        dropout: dropout probability (reference: 0.5).
+
+    Input ``[B, in_channels, H, W]``, output logits ``[B, num_classes, H, W]``.
+    H and W should be divisible by ``2 ** levels``; other sizes work (padding in
+    the up path) but cost slightly different FLOPs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 3,
+        c0: int = 32,
+        widths: Sequence[int] = (64, 128, 256, 512, 512),
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        widths = list(widths)
+        if len(widths) < 2 or widths[-1] != widths[-2]:
+            raise ConfigError(
+                f"UNet widths {widths}: need at least two entries and the last two equal "
+                "(the bilinear bottleneck keeps the width), e.g. [8, 16, 16]"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"UNet dropout={dropout}: must be in [0, 1)")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.levels = len(widths) - 1
+        self.inconv = nn.Conv2d(in_channels, c0, 1)
+        self.stem = DoubleConv(c0, widths[0])
+        self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1]) for i in range(self.levels))
+        # Up block j takes the current map (widths[L-j]) + the skip (widths[L-j-1]) channels,
+        # outputs the width of the level below the skip, or widths[0] at the top.
+        ups = []
+        for j in range(self.levels):
+            skip = widths[self.levels - 1 - j]
+            out = widths[self.levels - 2 - j] if j < self.levels - 1 else widths[0]
+            ups.append(Up(2 * skip, out))
+        self.ups = nn.ModuleList(ups)
+        self.outconv = nn.Conv2d(widths[0], num_classes, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.inconv(x))
+        skips = [x]
+        for i, down in enumerate(self.downs):
+            x = down(F.max_pool2d(x, 2))
+            if i > 0:
+                x = self.dropout(x)
+            skips.append(x)
+        skips.pop()  # the bottom map is x itself
+        for j, up in enumerate(self.ups):
+            x = up(x, skips.pop())
+            if j == 0:
+                x = self.dropout(x)
+        return self.outconv(x)
+
+
+# The reference sizes (1 input channel, 3 classes): 16,571 / 1,080,595 / 17,275,459 parameters.
+UNET_SIZES: dict[str, dict] = {
+    "tiny": {"c0": 4, "widths": (8, 16, 16)},
+    "small": {"c0": 8, "widths": (16, 32, 64, 128, 128)},
+    "large": {"c0": 32, "widths": (64, 128, 256, 512, 512)},
+}

@@ -1,0 +1,66 @@
+import pytest
+
+from paser.config import ExperimentConfig, list_presets, load_config, save_config
+from paser.errors import ConfigError
+
+
+def test_presets_ship_and_validate():
+    assert {"battery-quick", "battery-paper"} <= set(list_presets())
+    for name in list_presets():
+        assert isinstance(load_config(preset=name), ExperimentConfig)
+
+
+def test_paper_preset_is_the_paper_setting():
+    cfg = load_config(preset="battery-paper")
+    s = cfg.data.synthetic
+    assert (s.height, s.width, s.n_train, s.n_val, s.n_test) == (224, 256, 1270, 20, 40)
+    assert cfg.grid == (4, 4) and cfg.mc_samples == 5
+    assert [cfg.models.f0.name] + [m.name for m in cfg.models.pool] == [
+        "unet_tiny", "unet_small", "unet_large"]
+    assert (cfg.stage1.batch_size, cfg.stage1.lr, cfg.stage1.epochs, cfg.stage1.a_kd) == (
+        32, 1e-4, 200, 0.01)
+    assert (cfg.stage2.epochs, cfg.stage3.epochs, cfg.stage2.lam) == (200, 200, 0.5)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(preset="battery-quick", overrides=[
+        "stage1.epochs=3", "grid=[2, 2]", "data.root=/tmp/x", "models.pool.0.name=unet_large"])
+    assert cfg.stage1.epochs == 3 and cfg.grid == (2, 2)
+    assert str(cfg.data.root) == "/tmp/x"
+    assert cfg.models.pool[0].name == "unet_large"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("stage1.epoch=3", "unknown key 'stage1.epoch'"),
+        ("stage1.epochs=many", "key 'stage1.epochs'"),
+        ("stage1.epochs=-1", "key 'stage1.epochs'"),
+        ("stage2.lam=1.5", "key 'stage2.lam'"),
+        ("mc_samples=0", "key 'mc_samples'"),
+        ("grid=[0, 4]", "key 'grid'"),
+        ("data.split=[0.5, 0.5, 0.5]", "key 'data.split'"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="battery-quick", overrides=[override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*battery-quick"):
+        load_config(preset="nope")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(preset="battery-quick", overrides=["seed=7"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(config_file=tmp_path / "c.yaml") == cfg
+
+
+def test_synthetic_root_depends_on_the_spec(tmp_path):
+    a = load_config(overrides=[f"data.cache_dir={tmp_path}"]).data.resolved_root()
+    b = load_config(overrides=[f"data.cache_dir={tmp_path}", "data.synthetic.seed=1"])
+    assert a.parent == tmp_path and a != b.data.resolved_root()

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from paser.errors import ConfigError
+from paser.models import UNet, count_parameters, create_model
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("unet_tiny", 16_571), ("unet_small", 1_080_595), ("unet_large", 17_275_459)],
+)
+def test_reference_unet_parameter_counts(name, params):
+    assert count_parameters(create_model(name, in_channels=1, num_classes=3)) == params
+
+
+def test_unet_output_shape_and_odd_sizes():
+    model = create_model("unet_small").eval()
+    for h, w in [(56, 64), (28, 32), (30, 34)]:
+        assert model(torch.rand(2, 1, h, w)).shape == (2, 3, h, w)
+
+
+def test_dropout_is_the_only_randomness_and_can_stay_on():
+    torch.manual_seed(0)
+    model = create_model("unet_tiny").eval()
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(model(x), model(x))  # eval: deterministic
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.train()
+    assert not torch.equal(model(x), model(x))  # Monte Carlo dropout: samples differ
+
+
+def test_width_options_and_explicit_unet():
+    narrow = create_model("unet_large", width_mult=0.25)
+    assert isinstance(narrow, UNet) and narrow.levels == 4
+    assert count_parameters(narrow) < count_parameters(create_model("unet_large")) / 10
+    explicit = create_model("unet", c0=4, widths=[8, 16, 16])
+    assert count_parameters(explicit) == 16_571
+
+
+def test_smp_models_build_without_download():
+    model = create_model("smp:DeepLabV3Plus:resnet18", in_channels=1, num_classes=3).eval()
+    assert model(torch.rand(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "fragment"),
+    [
+        ("resnet", {}, "unknown model name 'resnet'"),
+        ("smp:Unet", {}, "expected 'smp:<Arch>:<encoder>'"),
+        ("smp:NoSuchArch:resnet18", {}, "segmentation-models-pytorch refused"),
+        ("unet", {"c0": 4}, "needs ['widths']"),
+        ("unet", {"c0": 4, "widths": [8, 16, 32]}, "last two equal"),
+    ],
+)
+def test_bad_model_specs_are_clear(name, kwargs, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        create_model(name, **kwargs)
+    assert fragment in str(err.value)
