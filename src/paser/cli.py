@@ -1,0 +1,134 @@
+"""The ``paser`` command: thin commands over the library.
+
+Errors a user can fix print one line on stderr and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from paser.errors import PaserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Parsimonious segmentation: route each patch to the cheapest good model.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic battery set.")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+PRESET = typer.Option(None, "--preset", help="a shipped preset: battery-quick, battery-paper")
+CONFIG = typer.Option(None, "--config", help="a YAML config file", exists=False)
+RUN_DIR = typer.Option(..., "--run-dir", help="the run directory (config, checkpoints, metrics)")
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. stage1.epochs=5 data.root=/data")
+RESUME = typer.Option(False, "--resume", help="continue from the last completed epoch")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+    _state["debug"] = debug
+
+
+def _config(preset: str | None, config: Path | None, overrides: list[str] | None, run_dir: Path,
+            resume: bool):
+    from paser.config import load_config
+
+    if resume and not preset and not config:
+        if overrides:
+            raise PaserError("--resume without --preset/--config reuses the run's saved config; "
+                             "overrides are not allowed then")
+        return None  # the run's saved config.yaml
+    return load_config(preset=preset or (None if config else "battery-quick"),
+                       config_file=config, overrides=overrides or [])
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="output folder (battery layout)"),
+    n_train: int = typer.Option(240, "--n-train", min=3),
+    n_val: int = typer.Option(20, "--n-val", min=1),
+    n_test: int = typer.Option(40, "--n-test", min=1),
+    height: int = typer.Option(224, "--height", min=32),
+    width: int = typer.Option(256, "--width", min=32),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(None, "--workers", min=1, help="processes (default: all cores)"),
+) -> None:
+    """Generate the synthetic battery micro-structure dataset (same seed, same bytes)."""
+    from paser.data.synthetic import generate_dataset
+
+    stats = generate_dataset(out, n_train, n_val, n_test, height, width, seed=seed,
+                             workers=workers)
+    frac = stats["fractions"]
+    typer.echo(f"wrote {n_train + n_val + n_test} images to {out} in {stats['seconds']:.1f} s; "
+               f"class fractions pore {frac['pore']:.3f}, carbon {frac['carbon']:.3f}, "
+               f"nickel {frac['nickel']:.3f}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def pretrain(
+    run_dir: Path = RUN_DIR,
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+) -> None:
+    """Stage 1: train f1..fK on patches, then f0 with distillation from fK."""
+    from paser.train.pretrain import pretrain as run
+
+    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    typer.echo(f"stage 1 done ({summary['flop_convention']}):")
+    for role, m in summary["models"].items():
+        typer.echo(f"  {role} {m['name']:<12} params {m['parameters']:>11,}  "
+                   f"GFLOP/image {m['gflops_per_image']:8.3f}  val mIoU {m['validation_miou']:.4f}"
+                   f"  test mIoU {m['test_miou']:.4f}")
+    typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
+
+
+@app.command("presets")
+def presets() -> None:
+    """List the shipped presets."""
+    from paser.config import list_presets
+
+    typer.echo("\n".join(list_presets()))
+
+
+@app.command("config")
+def show_config(
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+) -> None:
+    """Print the resolved config (preset or file, then overrides) as JSON."""
+    from paser.config import load_config
+
+    cfg = load_config(preset=preset, config_file=config, overrides=overrides or [])
+    typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except PaserError as err:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run with --resume to continue from the last epoch", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,106 @@
+"""Datasets: the battery layout (real or synthetic) and the stage split."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from paser.config import DataConfig
+from paser.data.battery import (
+    CLASS_NAMES,
+    SPLITS,
+    BatteryDataset,
+    decode_label,
+    encode_label,
+    read_image,
+    read_label,
+    split_three,
+)
+from paser.errors import DataError
+
+__all__ = [
+    "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label", "encode_label",
+    "ensure_dataset", "load_stage_data", "read_image", "read_label", "split_three", "to_tensors",
+]
+
+
+def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
+    """The dataset root; the synthetic set is generated into the cache on first use.
+
+    Generation writes to a temporary sibling folder and renames it when complete,
+    so an interrupted generation never leaves a half dataset behind.
+    """
+    root = cfg.resolved_root()
+    if cfg.root is not None:
+        if not root.is_dir():
+            raise DataError(f"data.root {root} does not exist; point it at a dataset folder")
+        return root
+    if (root / "stats.json").is_file():
+        return root
+    from paser.data.synthetic import generate_dataset
+
+    s = cfg.synthetic
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_dataset(tmp, s.n_train, s.n_val, s.n_test, s.height, s.width, seed=s.seed,
+                     progress=progress)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root
+
+
+@dataclass
+class Tensors:
+    """A split held in memory: ``images`` float32 [N, C, H, W], ``masks`` uint8 [N, H, W]."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, idx: list[int]) -> Tensors:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return Tensors(self.images[index], self.masks[index], [self.ids[i] for i in idx])
+
+
+def to_tensors(dataset: Dataset) -> Tensors:
+    """Stack a dataset into memory (masks as uint8: class indices < 256)."""
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        raise DataError("empty dataset")
+    return Tensors(
+        torch.stack([it["image"] for it in items]),
+        torch.stack([it["mask"] for it in items]).to(torch.uint8),
+        [it["id"] for it in items],
+    )
+
+
+@dataclass
+class StageData:
+    """D_pre, D_rl, D_ft (three cuts of the training split), validation and test."""
+
+    pre: Tensors
+    rl: Tensors
+    ft: Tensors
+    validation: Tensors
+    test: Tensors
+
+
+def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
+    root = ensure_dataset(cfg, progress=progress)
+    train = to_tensors(BatteryDataset(root, "train"))
+    pre, rl, ft = split_three(len(train), cfg.split, cfg.split_seed)
+    val, test = (to_tensors(BatteryDataset(root, s)) for s in ("validation", "test"))
+    for name, t in (("validation", val), ("test", test)):
+        if t.images.shape[-2:] != train.images.shape[-2:]:
+            raise DataError(
+                f"{root}/{name}_images: size {tuple(t.images.shape[-2:])} differs from train "
+                f"{tuple(train.images.shape[-2:])}; all splits must share one image size"
+            )
+    return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)

@@ -1,0 +1,157 @@
+"""What the three stages share: device and seeding, atomic checkpoints, metric logs, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from paser.config import ExperimentConfig, load_config, save_config
+from paser.errors import CheckpointError, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"key 'device': unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"key 'device': '{name}' asked for but CUDA is not available; use auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: ExperimentConfig) -> torch.device:
+    """Threads, seed and device for a stage."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    return resolve_device(cfg.device)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # a truncated or foreign file: torch raises many kinds
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({err}); delete it and re-run") from None
+
+
+class MetricLog:
+    """Per-epoch metrics as JSON lines; on resume, lines past the resumed epoch are dropped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, model: str, epoch: int) -> None:
+        """Keep only the lines of ``model`` up to ``epoch`` (and every other model's)."""
+        if not self.path.is_file():
+            return
+        keep = [
+            line for line in self.path.read_text().splitlines()
+            if line.strip() and not _is_later(json.loads(line), model, epoch)
+        ]
+        atomic_write_text("".join(f"{line}\n" for line in keep), self.path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _is_later(record: dict, model: str, epoch: int) -> bool:
+    return record.get("model") == model and record.get("epoch", -1) > epoch
+
+
+def progress(enabled: bool = True) -> Progress:
+    """A rich progress bar group; disabled bars cost nothing."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+    )
+
+
+def prepare_run_dir(
+    run_dir: str | Path, cfg: ExperimentConfig | None, resume: bool
+) -> tuple[Path, ExperimentConfig]:
+    """Create or reopen a run directory and return it with the config to use.
+
+    A new run saves ``config.yaml``. On resume, the saved config is used; a config
+    given as well must equal it (a changed config is a new run).
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        stored = load_config(config_file=saved)
+        if cfg is None:
+            return run_dir, stored
+        if stored.model_dump() != cfg.model_dump() and resume:
+            raise ConfigError(
+                f"{saved}: the run was made with a different config; drop --resume to start "
+                "over in this folder, or pick a new --run-dir"
+            )
+    elif cfg is None:
+        raise ConfigError(f"{run_dir}: no config.yaml here; give --preset or --config")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return run_dir, cfg
+
+
+@contextmanager
+def timer() -> Any:
+    start = time.perf_counter()
+    box = {"s": 0.0}
+    yield box
+    box["s"] = time.perf_counter() - start

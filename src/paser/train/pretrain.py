@@ -1,0 +1,243 @@
+"""Stage 1: pretrain f1..fK on patches (class-weighted cross entropy), then f0 on whole
+images with distillation from fK: ``(1 - a_kd) * CE(f0) + a_kd * MSE(f0 logits, fK logits)``,
+where fK's logits are its patch predictions stitched back into the full image.
+
+Each model keeps its best-on-validation checkpoint (``checkpoints/<role>.pt``) and a
+last-epoch checkpoint with optimizer and RNG state (``checkpoints/<role>_last.pt``)
+for ``--resume``. Metrics go to ``metrics/stage1.jsonl``, one line per model and
+epoch; the summary (validation and test mIoU, parameters, GFLOP) to ``stage1.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paser.config import ExperimentConfig, ModelSpec
+from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.data import Tensors, load_stage_data
+from paser.errors import CheckpointError, ConfigError
+from paser.metrics import IoUAccumulator
+from paser.models import count_parameters, create_model
+from paser.patches import PatchGrid
+from paser.train.common import (
+    MetricLog,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    prepare_run_dir,
+    progress,
+    setup,
+)
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def build_model(cfg: ExperimentConfig, spec: ModelSpec) -> nn.Module:
+    return create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
+
+
+def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
+    """``[("f0", spec), ("f1", spec), ...]``: f0 first, then the pool."""
+    return [("f0", cfg.models.f0)] + [(f"f{k}", s) for k, s in enumerate(cfg.models.pool, 1)]
+
+
+def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu") -> nn.Module:
+    """The best stage-1 checkpoint of a role (``f0``, ``f1``, ...) in eval mode."""
+    spec = dict(model_roles(cfg))[role]
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
+    if ckpt.get("spec") != spec.model_dump():
+        raise CheckpointError(
+            f"{run_dir}/checkpoints/{role}.pt holds {ckpt.get('spec')}, but the config asks for "
+            f"{spec.model_dump()}; use the run's own config or re-run stage 1"
+        )
+    model = build_model(cfg, spec).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def whole_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a whole-image model: [B, C, H, W] -> [B, K, H, W]."""
+    return model(x)
+
+
+def patchwise(grid: PatchGrid) -> Forward:
+    """Run a model on the grid's patches and stitch its logits back: [B, C, H, W] -> [B, K, H, W]."""
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = grid.pad(x)
+        return grid.crop(grid.merge(model(grid.split(padded))), h, w)
+
+    return forward
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, forward: Forward, images: torch.Tensor, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Deterministic (dropout off) logits for a stack of images, on the CPU: [N, K, H, W]."""
+    model.eval()
+    return torch.cat([forward(model, images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.inference_mode()
+def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes: int,
+                  batch_size: int, device: torch.device) -> float:
+    """Dataset-level mIoU (intersection and union summed over the split, mean over classes)."""
+    model.eval()
+    acc = IoUAccumulator(num_classes)
+    for i in range(0, len(data), batch_size):
+        pred = forward(model, data.images[i:i + batch_size].to(device)).argmax(1).cpu()
+        acc.update(pred, data.masks[i:i + batch_size].long())
+    return acc.compute()["miou"]
+
+
+def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train: Tensors,
+        val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
+        log: MetricLog, resume: bool, device: torch.device, show_progress: bool) -> float:
+    """Train one model, keep the best-on-validation checkpoint; return its validation mIoU.
+
+    ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
+    are the batch's positions in ``train`` (for per-image targets such as fK's logits).
+    """
+    s1 = cfg.stage1
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ckpt_dir = run_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / f"{role}_last.pt", ckpt_dir / f"{role}.pt"
+    start, best = 0, -1.0
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, best = state["epoch"] + 1, state["best"]
+    log.truncate_after(role, start - 1)
+    spec = dict(model_roles(cfg))[role].model_dump()
+    n = len(train)
+    with progress(show_progress) as bar:
+        task = bar.add_task(f"stage 1 {role}", total=epochs, completed=start, info="")
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            # The batch order depends only on (seed, role, epoch): resuming replays it exactly.
+            gen = torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + zlib.crc32(role.encode()) * 1009 + epoch)
+            order = torch.randperm(n, generator=gen)
+            total, acc = 0.0, IoUAccumulator(cfg.models.num_classes)
+            for i in range(0, n, s1.batch_size):
+                idx = order[i:i + s1.batch_size]
+                x, y = train.images[idx].to(device), train.masks[idx].long().to(device)
+                logits = forward(model, x)
+                loss = loss_fn(logits, y, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                acc.update(logits.detach().argmax(1).cpu(), y.cpu())
+            val_miou = evaluate_miou(model, forward, val, cfg.models.num_classes,
+                                     s1.batch_size, device)
+            if val_miou > best:
+                best = val_miou
+                atomic_save({"model": model.state_dict(), "spec": spec, "role": role,
+                             "epoch": epoch, "val_miou": val_miou}, best_path)
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
+                         "spec": spec, "role": role}, last_path)
+            record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / n,
+                      "train_miou": acc.compute()["miou"], "val_miou": val_miou,
+                      "seconds": time.perf_counter() - t0}
+            log.write(record)
+            bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
+    if not best_path.is_file():  # zero epochs: keep the untrained weights so later stages run
+        atomic_save({"model": model.state_dict(), "spec": spec, "role": role, "epoch": -1,
+                     "val_miou": best}, best_path)
+    return best
+
+
+def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
+             show_progress: bool = True) -> dict:
+    """Run stage 1 into ``run_dir``; return the summary written to ``stage1.json``.
+
+    ``cfg=None`` reopens the config saved in ``run_dir`` (for ``--resume``).
+    """
+    run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    device = setup(cfg)
+    data = load_stage_data(cfg.data, progress=show_progress)
+    grid = PatchGrid(*cfg.grid)
+    grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
+    weight = (torch.tensor(cfg.stage1.class_weights, dtype=torch.float32, device=device)
+              if cfg.stage1.class_weights else None)
+    if weight is not None and len(weight) != cfg.models.num_classes:
+        raise ConfigError(f"key 'stage1.class_weights': {len(weight)} weights for "
+                          f"{cfg.models.num_classes} classes; give one per class or null")
+    log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
+    common = dict(cfg=cfg, run_dir=run_dir, log=log, resume=resume, device=device,
+                  show_progress=show_progress)
+
+    def ce(logits, y, idx):
+        return F.cross_entropy(logits, y, weight=weight)
+
+    roles = model_roles(cfg)
+    forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
+    for role, spec in roles[1:]:
+        model = build_model(cfg, spec).to(device)
+        fit(role, model, forwards[role], ce, data.pre, data.validation,
+            epochs=_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
+
+    # fK is frozen while f0 learns: its stitched logits on D_pre are computed once.
+    teacher_role = roles[-1][0]
+    teacher = load_trained(run_dir, cfg, teacher_role, device)
+    teacher_logits = predict_logits(teacher, forwards[teacher_role], data.pre.images,
+                                    cfg.stage1.batch_size, device)
+    a_kd = cfg.stage1.a_kd
+
+    def ce_kd(logits, y, idx):
+        target = teacher_logits[idx].to(logits.device)
+        return (1 - a_kd) * F.cross_entropy(logits, y, weight=weight) + a_kd * F.mse_loss(
+            logits, target)
+
+    f0_spec = cfg.models.f0
+    f0 = build_model(cfg, f0_spec).to(device)
+    fit("f0", f0, whole_image, ce_kd, data.pre, data.validation,
+        epochs=_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
+
+    summary = summarize(cfg, run_dir, data, forwards, device)
+    atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
+    return summary
+
+
+def _epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
+    return cfg.stage1.epochs if spec.epochs is None else spec.epochs
+
+
+def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Forward],
+              device: torch.device) -> dict:
+    """Validation and test mIoU (dropout off, one pass), parameters and GFLOP per image."""
+    grid = PatchGrid(*cfg.grid)
+    h, w = data.test.images.shape[-2:]
+    ph, pw = grid.patch_size(h, w)
+    models = {}
+    for role, spec in model_roles(cfg):
+        model = load_trained(run_dir, cfg, role, device)
+        # GFLOP per image: f0 once on the whole image, a task model on all P patches.
+        gflops = (gflops_per_sample(model, cfg.models.in_channels, h, w) if role == "f0"
+                  else grid.num_patches * gflops_per_sample(model, cfg.models.in_channels, ph, pw))
+        models[role] = {
+            "name": spec.name,
+            "parameters": count_parameters(model),
+            "gflops_per_image": gflops,
+            **{f"{split}_miou": evaluate_miou(model, forwards[role], getattr(data, split),
+                                              cfg.models.num_classes, cfg.stage1.batch_size,
+                                              device)
+               for split in ("validation", "test")},
+        }
+    return {"stage": 1, "flop_convention": FLOP_CONVENTION, "device": str(device),
+            "image_size": [h, w], "grid": list(cfg.grid), "models": models}

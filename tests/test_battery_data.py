@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from paser.data import BatteryDataset, decode_label, encode_label, split_three
+from paser.errors import DataError
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _layout(root, n=2, size=(8, 10), split="train"):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        _png(root / f"{split}_images" / f"s{i}.png", rng.integers(0, 256, size, dtype=np.uint8))
+        _png(root / f"{split}_label" / f"s{i}.png",
+             rng.choice(np.array([0, 128, 255], dtype=np.uint8), size))
+    return root
+
+
+def test_label_codec_is_the_reference_one():
+    raw = np.array([[0, 255, 128], [1, 254, 7]], dtype=np.uint8)
+    assert decode_label(raw).tolist() == [[0, 1, 2], [2, 2, 2]]
+    assert encode_label(np.array([0, 1, 2])).tolist() == [0, 255, 128]
+
+
+def test_loader_reads_images_and_labels(tmp_path):
+    ds = BatteryDataset(_layout(tmp_path), "train")
+    item = ds[1]
+    assert len(ds) == 2 and item["id"] == "s1" and ds.size == (8, 10)
+    assert item["image"].shape == (1, 8, 10) and item["image"].dtype.is_floating_point
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    raw = np.asarray(Image.open(tmp_path / "train_label" / "s1.png"))
+    assert item["mask"].numpy().tolist() == decode_label(raw).tolist()
+
+
+def test_sixteen_bit_images_scale_to_unit_range(tmp_path):
+    _layout(tmp_path, n=1)
+    arr = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "train_images" / "s0.png")
+    _png(tmp_path / "train_label" / "s0.png", np.zeros((2, 2), np.uint8))
+    img = BatteryDataset(tmp_path, "train")[0]["image"]
+    assert img[0, 0, 1].item() == pytest.approx(1.0) and img[0, 1, 0].item() == pytest.approx(
+        32768 / 65535)
+
+
+def test_three_way_split_is_seeded_disjoint_and_complete():
+    a = split_three(1270, (0.34, 0.33, 0.33), seed=42)
+    assert [len(p) for p in a] == [432, 419, 419]
+    assert sorted(a[0] + a[1] + a[2]) == list(range(1270))
+    assert a == split_three(1270, (0.34, 0.33, 0.33), seed=42)
+    assert a != split_three(1270, (0.34, 0.33, 0.33), seed=43)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "fragment"),
+    [
+        ("no_folder", "folder not found"),
+        ("missing_label", "label not found for image"),
+        ("corrupt", "cannot read the image"),
+        ("truncated", "cannot read the image"),
+        ("label_size", "but its label"),
+        ("mixed_sizes", "all images of a split must have one size"),
+        ("empty", "no images"),
+    ],
+)
+def test_bad_data_gets_one_clear_error_naming_the_file(tmp_path, breakage, fragment):
+    root = _layout(tmp_path, n=2)
+    bad = root / "train_images" / "s1.png"
+    if breakage == "no_folder":
+        root = tmp_path / "nowhere"
+    elif breakage == "missing_label":
+        (root / "train_label" / "s1.png").unlink()
+    elif breakage == "corrupt":
+        bad.write_bytes(b"not a png at all")
+    elif breakage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif breakage == "label_size":
+        _png(root / "train_label" / "s1.png", np.zeros((4, 4), np.uint8))
+    elif breakage == "mixed_sizes":
+        _png(bad, np.zeros((9, 10), np.uint8))
+        _png(root / "train_label" / "s1.png", np.zeros((9, 10), np.uint8))
+    elif breakage == "empty":
+        for p in (root / "train_images").iterdir():
+            p.unlink()
+    with pytest.raises(DataError) as err:
+        ds = BatteryDataset(root, "train")
+        [ds[i] for i in range(len(ds))]
+    msg = str(err.value)
+    assert fragment in msg
+    if breakage not in ("no_folder", "empty"):
+        assert "s1.png" in msg
