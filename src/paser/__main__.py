@@ -1,0 +1,3 @@
+from paser.cli import main
+
+main()
