@@ -1,0 +1,171 @@
+"""The one inference path: f0 with Monte Carlo dropout -> policy -> patches dispatched to
+the chosen models, one batched call per model -> stitched prediction, actions, GFLOP.
+
+Used by policy training, fine-tuning, evaluation, the CLI and the API. Everything is
+vectorised over images and patches: the only Python loop is over the K pool models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.models import count_parameters
+from paser.patches import PatchGrid
+from paser.uncertainty import MCOutput, mc_predict
+
+Mode = Literal["greedy", "sample"]
+
+
+@dataclass
+class CostTable:
+    """Cost of every part of the routed pipeline for one image size.
+
+    GFLOP use :data:`paser.cost.FLOP_CONVENTION` (a multiply-add counts 2).
+
+    Attributes:
+        f0_pass: GFLOP of one f0 pass on the whole (padded) image.
+        mc_samples: T, f0 passes per image.
+        policy: GFLOP of the policy on one state.
+        patch: GFLOP of each model on one patch, ``[K+1]``; entry 0 is 0 because action 0
+            reuses f0's prediction.
+        params: parameters of f0..fK, ``[K+1]``.
+        num_patches: P, patches per image.
+    """
+
+    f0_pass: float
+    mc_samples: int
+    policy: float
+    patch: list[float]
+    params: list[int]
+    num_patches: int
+
+    @classmethod
+    def measure(cls, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
+                in_channels: int, height: int, width: int, mc_samples: int) -> CostTable:
+        """Count FLOPs at the padded size of a ``height x width`` image."""
+        hp, wp = grid.padded_size(height, width)
+        ph, pw = hp // grid.rows, wp // grid.cols
+        return cls(
+            f0_pass=gflops_per_sample(f0, in_channels, hp, wp),
+            mc_samples=mc_samples,
+            policy=gflops_per_sample(policy, 2, hp, wp),
+            patch=[0.0] + [gflops_per_sample(m, in_channels, ph, pw) for m in pool],
+            params=[count_parameters(m) for m in (f0, *pool)],
+            num_patches=grid.num_patches,
+        )
+
+    @property
+    def fixed(self) -> float:
+        """GFLOP every image pays: T passes of f0 and the policy."""
+        return self.f0_pass * self.mc_samples + self.policy
+
+    def gflops(self, actions: torch.Tensor) -> torch.Tensor:
+        """GFLOP per image ``[B]`` for actions ``[B, P]``."""
+        per_patch = torch.tensor(self.patch, dtype=torch.float64, device=actions.device)
+        return self.fixed + per_patch[actions].sum(-1)
+
+    def model_cost(self, kind: Literal["params", "flops"] = "params") -> torch.Tensor:
+        """Reward cost ``c(m)`` of each action ``[K+1]``; f0 always runs, so ``c(0) = 0``.
+
+        ``params``: paper Eq. 3, ``params(f_m) / sum of params over f0..fK``.
+        ``flops``: ``GFLOP(f_m on a patch) / sum over f0..fK``, with f0's share of a patch
+        being one pass divided by the number of patches.
+        """
+        if kind == "params":
+            values = torch.tensor(self.params, dtype=torch.float64)
+        else:
+            values = torch.tensor(self.patch, dtype=torch.float64)
+            values[0] = self.f0_pass / self.num_patches
+        cost = values / values.sum()
+        cost[0] = 0.0
+        return cost.float()
+
+    def to_dict(self) -> dict:
+        return {"flop_convention": FLOP_CONVENTION, "f0_pass": self.f0_pass,
+                "mc_samples": self.mc_samples, "policy": self.policy, "patch": self.patch,
+                "params": self.params, "num_patches": self.num_patches, "fixed": self.fixed}
+
+
+@dataclass
+class RoutingOutput:
+    """What routing returns for a batch of B images of H x W with P patches, K+1 models.
+
+    ``mask`` [B, H, W] stitched prediction; ``probs`` [B, C, H, W] class probabilities;
+    ``actions`` [B, P] chosen model per patch (0 = f0); ``gflops`` [B] per image;
+    ``logits`` [B, P, K+1] policy logits; ``mc`` f0's Monte Carlo output (padded size).
+    """
+
+    mask: torch.Tensor
+    probs: torch.Tensor
+    actions: torch.Tensor
+    gflops: torch.Tensor
+    logits: torch.Tensor
+    mc: MCOutput
+
+
+class Router(nn.Module):
+    """f0 + policy + pool (f1..fK) on a patch grid: the PaSeR inference path."""
+
+    def __init__(self, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
+                 mc_samples: int, costs: CostTable | None = None):
+        super().__init__()
+        self.f0, self.policy, self.pool = f0, policy, nn.ModuleList(pool)
+        self.grid, self.mc_samples, self.costs = grid, mc_samples, costs
+
+    @property
+    def num_models(self) -> int:
+        """K + 1."""
+        return len(self.pool) + 1
+
+    def observe(self, x: torch.Tensor) -> MCOutput:
+        """f0's Monte Carlo output on a padded batch ``[B, C, Hp, Wp]``."""
+        return mc_predict(self.f0, x, self.mc_samples)
+
+    def choose(self, logits: torch.Tensor, mode: Mode = "greedy") -> torch.Tensor:
+        """Actions ``[B, P]`` from logits ``[B, P, K+1]``: argmax, or a sample."""
+        if mode == "greedy":
+            return logits.argmax(-1)
+        return torch.distributions.Categorical(logits=logits).sample()
+
+    def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
+                 ) -> torch.Tensor:
+        """Replace f0's probabilities on each routed patch by its model's.
+
+        ``x`` [B, C, Hp, Wp] padded images, ``base_probs`` [B, Kc, Hp, Wp] f0's mean
+        probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp]. Each model
+        runs once, on all the patches routed to it (gather, forward, scatter).
+        """
+        patches = self.grid.split(x)  # [B*P, C, h, w]
+        out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
+        flat = actions.reshape(-1)
+        for k, model in enumerate(self.pool, start=1):
+            idx = (flat == k).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                out.index_copy_(0, idx, model(patches.index_select(0, idx)).float().softmax(1))
+        return self.grid.merge(out)
+
+    def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> RoutingOutput:
+        """Route a batch ``[B, C, H, W]`` (any size: padded to the grid, cropped back).
+
+        ``actions`` [B, P] overrides the policy (baselines, oracle); ``bias`` [K+1] is added
+        to the policy's logits (budget calibration).
+        """
+        h, w = x.shape[-2:]
+        xp = self.grid.pad(x)
+        mc = self.observe(xp)
+        logits = self.policy(mc.state())
+        if bias is not None:
+            logits = logits + bias.to(logits)
+        if actions is None:
+            actions = self.choose(logits, mode)
+        probs = self.dispatch(xp, mc.probs, actions)
+        probs = self.grid.crop(probs, h, w)
+        gflops = (self.costs.gflops(actions) if self.costs is not None
+                  else torch.full((x.shape[0],), float("nan"), dtype=torch.float64))
+        return RoutingOutput(probs.argmax(1), probs, actions, gflops, logits, mc)

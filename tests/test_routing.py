@@ -1,0 +1,102 @@
+"""The routing path: batched Monte Carlo passes, dispatch, stitching and its FLOP count."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from paser.models import RoutingPolicy, count_parameters, create_model
+from paser.patches import PatchGrid
+from paser.routing import CostTable, Router
+from paser.uncertainty import entropy, mc_predict
+
+
+def test_policy_matches_the_reference_size():
+    assert count_parameters(RoutingPolicy(16, 3)) == 14_736
+    assert RoutingPolicy(4, 5)(torch.rand(2, 2, 32, 48)).shape == (2, 4, 5)
+
+
+def test_mc_passes_are_one_batched_forward_with_dropout_on():
+    torch.manual_seed(0)
+    f0 = create_model("unet_tiny").eval()
+    calls = []
+    f0.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    mc = mc_predict(f0, torch.rand(3, 1, 32, 32), samples=5)
+    assert calls == [15]  # T * B in one call
+    assert mc.probs.shape == (3, 3, 32, 32)
+    assert torch.allclose(mc.probs.sum(1), torch.ones(3, 32, 32), atol=1e-5)
+    assert torch.equal(mc.pred, mc.probs.argmax(1))
+    assert mc.entropy.max() <= torch.log(torch.tensor(3.0)) + 1e-5
+    assert not f0.training  # modes restored
+
+
+def test_entropy_hand_values():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert torch.allclose(entropy(p), torch.tensor([0.0, 0.6931472]))
+
+
+def _router(grid=PatchGrid(2, 2), t=3):
+    torch.manual_seed(0)
+    f0 = create_model("unet_tiny")
+    pool = [create_model("unet", c0=2, widths=[4, 4]), create_model("unet", c0=4, widths=[8, 8])]
+    policy = RoutingPolicy(grid.num_patches, 3)
+    costs = CostTable.measure(f0, policy, pool, grid, 1, 32, 32, t)
+    return Router(f0, policy.eval(), [m.eval() for m in pool], grid, t, costs)
+
+
+def test_dispatch_puts_each_models_prediction_on_its_patches():
+    router = _router()
+    x = torch.rand(2, 1, 32, 32)
+    actions = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    out = router(x, actions=actions)
+    grid = router.grid
+    patches = grid.split(x)
+    flat = actions.reshape(-1)
+    got = grid.split(out.probs)
+    base = grid.split(out.mc.probs)
+    for i, a in enumerate(flat.tolist()):  # a test may loop: it checks the vectorised code
+        want = base[i] if a == 0 else router.pool[a - 1](patches[i:i + 1])[0].softmax(0)
+        assert torch.allclose(got[i], want, atol=1e-5)
+    assert torch.equal(out.mask, out.probs.argmax(1))
+
+
+def test_greedy_is_deterministic_in_actions_and_sample_varies():
+    router = _router()
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        logits = router.policy(router.observe(x).state())
+    assert torch.equal(router.choose(logits), logits.argmax(-1))
+    torch.manual_seed(1)
+    samples = torch.stack([router.choose(logits * 0, "sample") for _ in range(20)])
+    assert samples.unique().numel() == 3
+
+
+def test_gflops_from_tables_match_a_direct_count():
+    router = _router(t=5)
+    x = torch.rand(2, 1, 32, 32)
+    actions = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 0]])
+    for b in range(2):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            router(x[b:b + 1], actions=actions[b:b + 1])
+        direct = counter.get_total_flops() / 1e9
+        table = router.costs.gflops(actions[b:b + 1]).item()
+        assert table == pytest.approx(direct, rel=0.01)
+
+
+def test_cost_table_hand_values():
+    costs = CostTable(f0_pass=0.6, mc_samples=5, policy=0.49, patch=[0.0, 0.28, 4.47],
+                      params=[16_571, 1_080_595, 17_275_459], num_patches=16)
+    assert costs.fixed == pytest.approx(3.49)
+    actions = torch.tensor([[0] * 8 + [1] * 6 + [2] * 2])
+    assert costs.gflops(actions).item() == pytest.approx(3.49 + 6 * 0.28 + 2 * 4.47)
+    total = 16_571 + 1_080_595 + 17_275_459
+    assert costs.model_cost("params").tolist() == pytest.approx(
+        [0.0, 1_080_595 / total, 17_275_459 / total])
+    f0_share = 0.6 / 16
+    assert costs.model_cost("flops").tolist() == pytest.approx(
+        [0.0, 0.28 / (f0_share + 4.75), 4.47 / (f0_share + 4.75)])
+
+
+def test_any_image_size_is_padded_and_cropped_back():
+    router = _router()
+    out = router(torch.rand(1, 1, 30, 31))
+    assert out.mask.shape == (1, 30, 31) and out.actions.shape == (1, 4)
