@@ -9,4 +9,13 @@ from paser.errors import CheckpointError, ConfigError, DataError, PaserError
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "PaserError", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "PaSeR", "PaserError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import paser` stays light for the CLI's error paths.
+    if name == "PaSeR":
+        from paser.api import PaSeR
+
+        return PaSeR
+    raise AttributeError(f"module 'paser' has no attribute {name!r}")

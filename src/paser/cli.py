@@ -35,15 +35,25 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on 
 
 def _config(preset: str | None, config: Path | None, overrides: list[str] | None, run_dir: Path,
             resume: bool):
+    """The config a command runs with.
+
+    ``--preset``/``--config`` (plus overrides) when given; otherwise the run's saved
+    ``config.yaml`` (plus overrides), or ``battery-quick`` for a new run directory. With
+    ``--resume`` and nothing else, ``None``: the stage reopens the saved config as it is.
+    """
     from paser.config import load_config
 
-    if resume and not preset and not config:
-        if overrides:
-            raise PaserError("--resume without --preset/--config reuses the run's saved config; "
-                             "overrides are not allowed then")
-        return None  # the run's saved config.yaml
-    return load_config(preset=preset or (None if config else "battery-quick"),
-                       config_file=config, overrides=overrides or [])
+    if preset or config:
+        return load_config(preset=preset, config_file=config, overrides=overrides or [])
+    saved = Path(run_dir) / "config.yaml"
+    if resume and not overrides:
+        return None
+    if resume:
+        raise PaserError("--resume continues with the run's saved config; drop the overrides "
+                         "(or start a new --run-dir with them)")
+    if saved.is_file():
+        return load_config(config_file=saved, overrides=overrides or [])
+    return load_config(preset="battery-quick", overrides=overrides or [])
 
 
 @data_app.command("synth")
@@ -86,6 +96,45 @@ def pretrain(
                    f"GFLOP/image {m['gflops_per_image']:8.3f}  val mIoU {m['validation_miou']:.4f}"
                    f"  test mIoU {m['test_miou']:.4f}")
     typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
+
+
+@app.command("train-policy")
+def train_policy(
+    run_dir: Path = RUN_DIR,
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+) -> None:
+    """Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1)."""
+    from paser.train.policy import train_policy as run
+
+    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    val = summary["best_val"]
+    typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
+               f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
+               f"patches per model {', '.join(f'{f:.1%}' for f in val['fractions'])}")
+
+
+@app.command()
+def finetune(
+    run_dir: Path = RUN_DIR,
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+) -> None:
+    """Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2)."""
+    from paser.train.finetune import finetune as run
+
+    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    best = summary["best"]
+    if best is None:
+        typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
+        return
+    typer.echo(f"stage 3 done: validation routed mIoU {best['miou']:.4f} (f0 alone "
+               f"{best['f0_miou']:.4f}), {best['gflops']:.3f} GFLOP/image, patches per model "
+               f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
 
 
 @app.command("presets")

@@ -110,6 +110,8 @@ class Stage2Config(_Strict):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     lam: float = Field(0.5, ge=0, le=1, description="cost weight in the reward")
     cost: Literal["params", "flops"] = Field("params", description="cost of a model in the reward")
+    head: Literal["global", "local"] = Field(
+        "global", description="policy head: global (the reference) or local (patch-aware)")
     alpha: tuple[float, float] = Field((0.7, 0.95), description="exploration: start, end")
 
 
@@ -118,8 +120,17 @@ class Stage3Config(_Strict):
 
     epochs: int = Field(200, ge=0, description="fine-tuning epochs")
     batch_size: int = Field(32, ge=1, description="images per batch")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (policy and f1..fK)")
     alpha: tuple[float, float] = Field((0.95, 1.0), description="exploration: start, end")
+    lam: float | None = Field(None, ge=0, le=1, description="cost weight; null = stage2.lam")
+    tvd_threshold: float | None = Field(
+        None, ge=0, le=1,
+        description="budget by total variation: raise lam from lam_start to lam_end and stop "
+        "when the validation assignment distribution is this far from the starting (lam = 0) "
+        "policy's; null = off",
+    )
+    lam_start: float = Field(0.0, ge=0, le=1, description="TVD mode: lam at the first epoch")
+    lam_end: float = Field(1.0, ge=0, le=1, description="TVD mode: lam at the last epoch")
 
 
 class ExperimentConfig(_Strict):

@@ -112,10 +112,20 @@ class Router(nn.Module):
     """f0 + policy + pool (f1..fK) on a patch grid: the PaSeR inference path."""
 
     def __init__(self, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
-                 mc_samples: int, costs: CostTable | None = None):
+                 mc_samples: int, in_channels: int = 1):
         super().__init__()
         self.f0, self.policy, self.pool = f0, policy, nn.ModuleList(pool)
-        self.grid, self.mc_samples, self.costs = grid, mc_samples, costs
+        self.grid, self.mc_samples, self.in_channels = grid, mc_samples, in_channels
+        self._costs: dict[tuple[int, int], CostTable] = {}
+
+    def costs(self, height: int, width: int) -> CostTable:
+        """The cost table for ``height x width`` images (counted once per size)."""
+        key = self.grid.padded_size(height, width)
+        if key not in self._costs:
+            self._costs[key] = CostTable.measure(self.f0, self.policy, list(self.pool), self.grid,
+                                                 self.in_channels, height, width,
+                                                 self.mc_samples)
+        return self._costs[key]
 
     @property
     def num_models(self) -> int:
@@ -166,6 +176,5 @@ class Router(nn.Module):
             actions = self.choose(logits, mode)
         probs = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
-        gflops = (self.costs.gflops(actions) if self.costs is not None
-                  else torch.full((x.shape[0],), float("nan"), dtype=torch.float64))
+        gflops = self.costs(h, w).gflops(actions)
         return RoutingOutput(probs.argmax(1), probs, actions, gflops, logits, mc)

@@ -53,10 +53,12 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
     """The best stage-1 checkpoint of a role (``f0``, ``f1``, ...) in eval mode."""
     spec = dict(model_roles(cfg))[role]
     ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
-    if ckpt.get("spec") != spec.model_dump():
+    stored = ckpt.get("spec") or {}
+    if (stored.get("name"), stored.get("kwargs")) != (spec.name, spec.kwargs):
         raise CheckpointError(
-            f"{run_dir}/checkpoints/{role}.pt holds {ckpt.get('spec')}, but the config asks for "
-            f"{spec.model_dump()}; use the run's own config or re-run stage 1"
+            f"{run_dir}/checkpoints/{role}.pt holds model {stored.get('name')} "
+            f"{stored.get('kwargs')}, but the config asks for {spec.name} {spec.kwargs}; use the "
+            "run's own config or re-run stage 1"
         )
     model = build_model(cfg, spec).to(device)
     model.load_state_dict(ckpt["model"])

@@ -1,0 +1,82 @@
+"""The Python API: ``PaSeR.load(run_dir)``, ``segment(images)``, ``evaluate(data)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from paser.config import ExperimentConfig, load_config
+from paser.data import Tensors, to_tensors
+from paser.errors import CheckpointError, DataError
+from paser.evaluation import evaluate_router
+from paser.routing import Router, RoutingOutput
+from paser.train.common import load_checkpoint, resolve_device
+from paser.train.policy import build_router
+
+
+class PaSeR:
+    """A trained PaSeR pipeline: f0 with Monte Carlo dropout, the policy and f1..fK.
+
+    >>> model = PaSeR.load("runs/demo")
+    >>> out = model.segment(images)           # images [B, C, H, W] in [0, 1]
+    >>> out.mask, out.probs, out.actions, out.gflops
+    """
+
+    def __init__(self, router: Router, config: ExperimentConfig, run_dir: Path | None = None):
+        self.router, self.config, self.run_dir = router, config, run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "auto") -> PaSeR:
+        """Load a run: the stage-3 checkpoint when present, else stage 1 + the stage-2 policy."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
+                                  "`paser pretrain` and `paser train-policy` into it first")
+        cfg = load_config(config_file=run_dir / "config.yaml")
+        dev = resolve_device(device)
+        ckpt_dir = run_dir / "checkpoints"
+        if (ckpt_dir / "stage3.pt").is_file():
+            state = load_checkpoint(ckpt_dir / "stage3.pt", dev)
+            policy_state, pool_states = state["policy"], state["pool"]
+        else:
+            policy_state = load_checkpoint(ckpt_dir / "policy.pt", dev)["policy"]
+            pool_states = None
+        router = build_router(cfg, run_dir, dev, policy_state, pool_states)
+        if router.policy.head.out_features != router.grid.num_patches * router.num_models:
+            raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
+                                  "and pool")
+        return cls(router.eval(), cfg, run_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.router.parameters()).device
+
+    @torch.inference_mode()
+    def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
+                bias: torch.Tensor | None = None) -> RoutingOutput:
+        """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image) in [0, 1].
+
+        Greedy actions by default: the same image always gets the same routing (f0's
+        Monte Carlo passes still sample dropout). ``out.gflops`` is per image,
+        :data:`paser.cost.FLOP_CONVENTION`.
+        """
+        x = torch.as_tensor(images, dtype=torch.float32)
+        while x.dim() < 4:
+            x = x.unsqueeze(0)
+        channels = self.config.models.in_channels
+        if x.shape[1] != channels:
+            raise DataError(f"images have {x.shape[1]} channels, the models expect {channels}: "
+                            f"shape {tuple(x.shape)}, expected [B, {channels}, H, W]")
+        if not torch.isfinite(x).all():
+            raise DataError("images contain NaN or Inf values")
+        self.router.eval()
+        return self.router(x.to(self.device), mode=mode, bias=bias)
+
+    def evaluate(self, data: Tensors | Dataset, batch_size: int = 16) -> dict:
+        """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model."""
+        if not isinstance(data, Tensors):
+            data = to_tensors(data)
+        return evaluate_router(self.router, data, self.config.models.num_classes, batch_size)

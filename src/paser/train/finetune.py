@@ -1,0 +1,163 @@
+"""Stage 3: joint fine-tuning on D_ft. For each batch: sample actions (alpha rises
+0.95 -> 1.0), update every f_k (k >= 1) with cross entropy on the patches routed to it,
+then update the policy by REINFORCE with the reward of stage 2 on those predictions.
+
+Budget by total variation (``stage3.tvd_threshold``): lam rises linearly from
+``lam_start`` to ``lam_end`` and fine-tuning stops once the validation assignment
+distribution is ``tvd_threshold`` away from the starting policy's (trained with
+lam = 0); the kept checkpoint is the last epoch still within the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from paser.config import ExperimentConfig
+from paser.data import load_stage_data
+from paser.evaluation import evaluate_router
+from paser.metrics import iou_per_image
+from paser.train.common import (
+    MetricLog,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    prepare_run_dir,
+    progress,
+    setup,
+)
+from paser.train.policy import build_router, explore, linear, reward, tvd
+
+
+def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
+             show_progress: bool = True) -> dict:
+    """Run stage 3 into ``run_dir``; return the summary written to ``stage3.json``."""
+    run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    device = setup(cfg)
+    s3 = cfg.stage3
+    data = load_stage_data(cfg.data, progress=show_progress)
+    ckpt_dir = run_dir / "checkpoints"
+    policy_state = load_checkpoint(ckpt_dir / "policy.pt", device)["policy"]
+    router = build_router(cfg, run_dir, device, policy_state)
+    grid, policy, pool = router.grid, router.policy, router.pool
+    ncls, batch = cfg.models.num_classes, s3.batch_size
+    cost = router.costs(*data.ft.images.shape[-2:]).model_cost(cfg.stage2.cost).to(device)
+    weight = (torch.tensor(cfg.stage1.class_weights, device=device)
+              if cfg.stage1.class_weights else None)
+    opts = [torch.optim.Adam(m.parameters(), lr=s3.lr) for m in (policy, *pool)]
+    last_path, best_path = ckpt_dir / "stage3_last.pt", ckpt_dir / "stage3.pt"
+    start, best, stopped = 0, -float("inf"), False
+    lam_fixed = cfg.stage2.lam if s3.lam is None else s3.lam
+    reference = evaluate_router(router, data.validation, ncls, batch)["fractions"]
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path, device)
+        policy.load_state_dict(state["policy"])
+        for model, sd in zip(pool, state["pool"], strict=True):
+            model.load_state_dict(sd)
+        for opt, sd in zip(opts, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        torch.set_rng_state(state["rng"])
+        start, best, stopped, reference = (state["epoch"] + 1, state["best"], state["stopped"],
+                                           state["reference"])
+    if not best_path.is_file():  # the starting point is a valid answer (TVD 0)
+        _save_best(best_path, router, -1, None)
+    log = MetricLog(run_dir / "metrics" / "stage3.jsonl")
+    log.truncate_after("stage3", start - 1)
+    n = len(data.ft)
+    with progress(show_progress) as bar:
+        task = bar.add_task("stage 3 joint", total=s3.epochs, completed=start, info="")
+        for epoch in range(start, s3.epochs):
+            if stopped:
+                break
+            tick = time.perf_counter()
+            alpha = linear(*s3.alpha, epoch, s3.epochs)
+            lam = (linear(s3.lam_start, s3.lam_end, epoch, s3.epochs)
+                   if s3.tvd_threshold is not None else lam_fixed)
+            order = torch.randperm(n)
+            sums = torch.zeros(4, dtype=torch.float64)
+            for i in range(0, n, batch):
+                idx = order[i:i + batch]
+                x = grid.pad(data.ft.images[idx].to(device))
+                y = grid.pad(data.ft.masks[idx].long().to(device), mode="constant", value=-1)
+                r, gain, paid, task_loss = _joint_step(router, opts, x, y, alpha, lam, cost,
+                                                       weight, ncls)
+                sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
+            val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
+            distance = tvd(val["fractions"], reference)
+            if s3.tvd_threshold is not None:
+                stopped = distance >= s3.tvd_threshold
+                if not stopped:
+                    _save_best(best_path, router, epoch, val | {"tvd": distance})
+            elif val["reward"] > best:
+                best = val["reward"]
+                _save_best(best_path, router, epoch, val | {"tvd": distance})
+            atomic_save({"policy": policy.state_dict(), "pool": [m.state_dict() for m in pool],
+                         "optimizers": [o.state_dict() for o in opts],
+                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
+                         "stopped": stopped, "reference": reference}, last_path)
+            m = sums / n
+            record = {"stage": 3, "model": "stage3", "epoch": epoch, "alpha": alpha, "lam": lam,
+                      "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
+                      "policy/cost": m[2].item(), "task/loss": m[3].item(),
+                      "val/reward": val["reward"], "val/miou": val["miou"],
+                      "val/f0_miou": val["f0_miou"], "val/gflops": val["gflops"],
+                      "val/fractions": val["fractions"], "val/tvd": distance,
+                      "stopped": stopped, "seconds": time.perf_counter() - tick}
+            log.write(record)
+            bar.update(task, advance=1, info=f"val mIoU {val['miou']:.3f}  GFLOP "
+                       f"{val['gflops']:.2f}  TVD {distance:.3f}")
+    summary = {"stage": 3, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
+               "reference_fractions": reference, "stopped_by_tvd": stopped,
+               "best": load_checkpoint(best_path)["val"]}
+    atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage3.json")
+    return summary
+
+
+def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
+    """One batch of stage 3 on padded images ``x`` [B, C, Hp, Wp] and labels ``y`` (padding
+    -1). Returns the batch means of reward, IoU gain, cost and the task models' loss."""
+    grid, policy = router.grid, router.policy
+    with torch.no_grad():
+        mc = router.observe(x)
+    policy.train()
+    logits = policy(mc.state())  # [B, P, K+1]
+    actions = explore(logits.detach(), alpha)
+    patches, labels = grid.split(x), grid.split(y)  # [B*P, C, h, w], [B*P, h, w]
+    f0_pred = grid.split(mc.pred)
+    routed = f0_pred.clone()
+    flat = actions.reshape(-1)
+    task_loss = 0.0
+    for k, (model, opt) in enumerate(zip(router.pool, opts[1:], strict=True), start=1):
+        idx = (flat == k).nonzero(as_tuple=True)[0]
+        if not idx.numel():
+            continue
+        model.train()
+        out = model(patches[idx])
+        loss = F.cross_entropy(out, labels[idx], weight=weight, ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        task_loss += loss.item() * idx.numel() / flat.numel()
+        routed[idx] = out.detach().argmax(1)
+    iou = torch.stack([iou_per_image(p, labels, ncls, ignore_index=-1).nan_to_num(0.0)
+                       for p in (f0_pred, routed)], -1).view(*actions.shape, 2)
+    # reward() reads IoU per action; here only f0's (index 0) and the taken one are known.
+    patch_iou = torch.zeros(*actions.shape, router.num_models, device=x.device)
+    patch_iou[..., 0] = iou[..., 0]
+    patch_iou.scatter_(-1, actions[..., None], iou[..., 1:2])
+    r, gain, paid = reward(patch_iou, actions, cost, lam)
+    log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
+    loss = -(log_prob * r).mean()
+    opts[0].zero_grad(set_to_none=True)
+    loss.backward()
+    opts[0].step()
+    return r.mean().item(), gain.mean().item(), paid.mean().item(), task_loss
+
+
+def _save_best(path: Path, router, epoch: int, val: dict | None) -> None:
+    atomic_save({"policy": router.policy.state_dict(),
+                 "pool": [m.state_dict() for m in router.pool], "epoch": epoch, "val": val}, path)
