@@ -56,12 +56,12 @@ class PaSeR:
 
     @torch.inference_mode()
     def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
-                bias: torch.Tensor | None = None) -> RoutingOutput:
+                bias: torch.Tensor | None = None, mc_seed: int | None = 0) -> RoutingOutput:
         """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image) in [0, 1].
 
-        Greedy actions by default: the same image always gets the same routing (f0's
-        Monte Carlo passes still sample dropout). ``out.gflops`` is per image,
-        :data:`paser.cost.FLOP_CONVENTION`.
+        Greedy actions and a fixed seed for f0's Monte Carlo dropout by default, so the same
+        batch always gets the same answer (``mc_seed=None`` samples fresh masks).
+        ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`.
         """
         x = torch.as_tensor(images, dtype=torch.float32)
         while x.dim() < 4:
@@ -73,7 +73,7 @@ class PaSeR:
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")
         self.router.eval()
-        return self.router(x.to(self.device), mode=mode, bias=bias)
+        return self.router(x.to(self.device), mode=mode, bias=bias, mc_seed=mc_seed)
 
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16) -> dict:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model."""

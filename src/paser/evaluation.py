@@ -12,13 +12,15 @@ from paser.routing import Router
 @torch.inference_mode()
 def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size: int = 16,
                     lam: float | None = None, cost: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, mode: str = "greedy") -> dict:
+                    bias: torch.Tensor | None = None, mode: str = "greedy",
+                    mc_seed: int | None = 0) -> dict:
     """Route every image of ``data`` and return dataset-level metrics.
 
     Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction alone), ``gflops``
     (mean per image, :data:`paser.cost.FLOP_CONVENTION`), ``iou_per_gflop``,
     ``fractions`` (share of patches per model, ``[K+1]``) and, when ``lam`` and ``cost``
-    are given, ``reward`` (mean per-patch reward of the routed actions).
+    are given, ``reward`` (mean per-patch reward of the routed actions). Each batch's
+    Monte Carlo masks are drawn with ``mc_seed`` (fixed) unless it is ``None``.
     """
     router.eval()
     device = next(router.parameters()).device
@@ -29,7 +31,7 @@ def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size:
     for i in range(0, len(data), batch_size):
         x = data.images[i:i + batch_size].to(device)
         y = data.masks[i:i + batch_size].long().to(device)
-        out = router(x, mode=mode, bias=bias)
+        out = router(x, mode=mode, bias=bias, mc_seed=mc_seed)
         h, w = y.shape[-2:]
         f0_pred = grid.crop(out.mc.pred, h, w)
         routed.update(out.mask.cpu(), y.cpu())

@@ -160,15 +160,23 @@ class Router(nn.Module):
         return self.grid.merge(out)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> RoutingOutput:
+                bias: torch.Tensor | None = None, mc_seed: int | None = None) -> RoutingOutput:
         """Route a batch ``[B, C, H, W]`` (any size: padded to the grid, cropped back).
 
         ``actions`` [B, P] overrides the policy (baselines, oracle); ``bias`` [K+1] is added
-        to the policy's logits (budget calibration).
+        to the policy's logits (budget calibration). ``mc_seed`` fixes f0's dropout masks
+        (without touching the global random state), so the same batch always gets the same
+        answer; ``None`` draws them from the global generator (training).
         """
         h, w = x.shape[-2:]
         xp = self.grid.pad(x)
-        mc = self.observe(xp)
+        if mc_seed is None:
+            mc = self.observe(xp)
+        else:
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(mc_seed)
+                mc = self.observe(xp)
         logits = self.policy(mc.state())
         if bias is not None:
             logits = logits + bias.to(logits)
