@@ -75,8 +75,13 @@ class PaSeR:
         self.router.eval()
         return self.router(x.to(self.device), mode=mode, bias=bias, mc_seed=mc_seed)
 
-    def evaluate(self, data: Tensors | Dataset, batch_size: int = 16) -> dict:
-        """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model."""
+    def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
+                 force_action: int | None = None) -> dict:
+        """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.
+
+        ``force_action=k`` evaluates model k on every patch (0: f0 alone) through the same path.
+        """
         if not isinstance(data, Tensors):
             data = to_tensors(data)
-        return evaluate_router(self.router, data, self.config.models.num_classes, batch_size)
+        return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
+                               force_action=force_action)

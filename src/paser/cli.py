@@ -137,6 +137,31 @@ def finetune(
                f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
 
 
+@app.command()
+def evaluate(
+    run_dir: Path = RUN_DIR,
+    split: str = typer.Option("test", "--split", help="validation or test"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+) -> None:
+    """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+    from paser.data import BatteryDataset, ensure_dataset, to_tensors
+
+    model = PaSeR.load(run_dir)
+    data = to_tensors(BatteryDataset(ensure_dataset(model.config.data), split))
+    rows = [("PaSeR", model.evaluate(data, batch_size))]
+    rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",
+              model.evaluate(data, batch_size, force_action=k))
+             for k in range(model.router.num_models)]
+    typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
+               f"{model.config.mc_samples} Monte Carlo passes and the policy included)")
+    typer.echo(f"{'method':<20} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
+    for name, r in rows:
+        typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
+                   + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+
+
 @app.command("presets")
 def presets() -> None:
     """List the shipped presets."""

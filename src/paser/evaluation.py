@@ -13,7 +13,7 @@ from paser.routing import Router
 def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size: int = 16,
                     lam: float | None = None, cost: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, mode: str = "greedy",
-                    mc_seed: int | None = 0) -> dict:
+                    mc_seed: int | None = 0, force_action: int | None = None) -> dict:
     """Route every image of ``data`` and return dataset-level metrics.
 
     Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction alone), ``gflops``
@@ -21,6 +21,8 @@ def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size:
     ``fractions`` (share of patches per model, ``[K+1]``) and, when ``lam`` and ``cost``
     are given, ``reward`` (mean per-patch reward of the routed actions). Each batch's
     Monte Carlo masks are drawn with ``mc_seed`` (fixed) unless it is ``None``.
+    ``force_action=k`` sends every patch to model k instead of asking the policy (f0 alone
+    with ``0``, the largest model on all patches with ``K``), still through the routing path.
     """
     router.eval()
     device = next(router.parameters()).device
@@ -31,7 +33,9 @@ def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size:
     for i in range(0, len(data), batch_size):
         x = data.images[i:i + batch_size].to(device)
         y = data.masks[i:i + batch_size].long().to(device)
-        out = router(x, mode=mode, bias=bias, mc_seed=mc_seed)
+        forced = (None if force_action is None else torch.full(
+            (x.shape[0], grid.num_patches), force_action, dtype=torch.long, device=device))
+        out = router(x, mode=mode, bias=bias, mc_seed=mc_seed, actions=forced)
         h, w = y.shape[-2:]
         f0_pred = grid.crop(out.mc.pred, h, w)
         routed.update(out.mask.cpu(), y.cpu())
