@@ -16,6 +16,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/paser pretrain --preset battery-quick --run-dir $(DEMO_DIR)
+	$(BIN)/paser train-policy --run-dir $(DEMO_DIR)
+	$(BIN)/paser finetune --run-dir $(DEMO_DIR)
+	$(BIN)/paser evaluate --run-dir $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
