@@ -61,9 +61,14 @@ class DataConfig(_Strict):
         """The dataset folder: ``root`` or the cache folder for this synthetic spec."""
         if self.root is not None:
             return Path(self.root).expanduser()
+        from paser.data.synthetic import generator_fingerprint
+
         base = self.cache_dir or Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser"))
         s = self.synthetic
-        name = f"battery-synth-{s.n_train}-{s.n_val}-{s.n_test}-{s.height}x{s.width}-seed{s.seed}"
+        # The fingerprint of the generator's parameters: a changed generator never reuses a
+        # stale cache.
+        name = (f"battery-synth-{s.n_train}-{s.n_val}-{s.n_test}-{s.height}x{s.width}-seed{s.seed}"
+                f"-{generator_fingerprint()}")
         return Path(base).expanduser() / name
 
 
