@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+DEMO_DATA ?= runs/data
 
 .PHONY: demo test lint install clean
 
@@ -15,10 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/paser pretrain --preset battery-quick --run-dir $(DEMO_DIR)
-	$(BIN)/paser train-policy --run-dir $(DEMO_DIR)
-	$(BIN)/paser finetune --run-dir $(DEMO_DIR)
-	$(BIN)/paser evaluate --run-dir $(DEMO_DIR)
+	$(BIN)/paser run --preset battery-quick --run-dir $(DEMO_DIR) data.cache_dir=$(DEMO_DATA)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -57,3 +57,12 @@ def test_bad_model_specs_are_clear(name, kwargs, fragment):
     with pytest.raises(ConfigError, match=None) as err:
         create_model(name, **kwargs)
     assert fragment in str(err.value)
+
+
+def test_unet_norm_option_keeps_the_parameter_count():
+    inst = create_model("unet_small")
+    batch = create_model("unet_small", norm="batch")
+    assert count_parameters(batch) == count_parameters(inst) == 1_080_595
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules())
+    with pytest.raises(ConfigError, match="norm='group'"):
+        create_model("unet_small", norm="group")

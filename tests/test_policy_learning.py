@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from paser.models import RoutingPolicy
+from paser.outcomes import PatchOutcomes
 from paser.train.policy import (
-    RewardCache,
     fractions,
     greedy_actions,
     linear,
@@ -36,11 +36,15 @@ def test_cache_gives_exact_dataset_miou_and_patch_iou():
     # one image, two patches, two actions, two classes: counts chosen by hand
     inter = torch.tensor([[[[3, 1], [4, 0]], [[2, 2], [2, 2]]]])  # [N, P, K+1, C]
     union = torch.tensor([[[[4, 2], [4, 0]], [[2, 4], [4, 2]]]])
-    cache = RewardCache(torch.zeros(1, 2, 4, 4), inter, union)
+    zeros = torch.zeros(1, 2, 2)
+    cache = PatchOutcomes(torch.zeros(1, 2, 4, 4), inter, union, zeros, zeros)
     expected = torch.tensor([[[(3 / 4 + 1 / 2) / 2, 1.0], [(1 + 1 / 2) / 2, (1 / 2 + 1) / 2]]])
     torch.testing.assert_close(cache.patch_iou(), expected)
     # actions: patch 0 -> 1, patch 1 -> 0: class 0 = (4 + 2) / (4 + 2), class 1 = 2 / 4
     assert cache.miou(torch.tensor([[1, 0]])) == pytest.approx((1.0 + 0.5) / 2)
+    # all on action 0: class 0 = (3 + 2) / (4 + 2), class 1 = (1 + 2) / (2 + 4); batched
+    many = cache.miou_many(torch.tensor([[[1, 0]], [[0, 0]]]))
+    torch.testing.assert_close(many, torch.tensor([0.75, (5 / 6 + 0.5) / 2], dtype=torch.float64))
 
 
 def _constructed(n=64, seed=0, rows=2, cols=2, size=8):

@@ -78,8 +78,13 @@ def test_gflops_from_tables_match_a_direct_count():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             router(x[b:b + 1], actions=actions[b:b + 1])
         direct = counter.get_total_flops() / 1e9
-        table = costs.gflops(actions[b:b + 1]).item()
+        table = costs.gflops(actions[b:b + 1], policy=False).item()
         assert table == pytest.approx(direct, rel=0.01)
+    # actions chosen by the policy: the policy ran and is counted
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        out = router(x)
+    assert out.gflops.sum().item() == pytest.approx(counter.get_total_flops() / 1e9, rel=0.01)
+    assert out.gflops[0].item() == pytest.approx(costs.gflops(out.actions[:1]).item())
 
 
 def test_cost_table_hand_values():

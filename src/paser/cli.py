@@ -155,11 +155,31 @@ def evaluate(
               model.evaluate(data, batch_size, force_action=k))
              for k in range(model.router.num_models)]
     typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
-               f"{model.config.mc_samples} Monte Carlo passes and the policy included)")
+               f"{model.config.mc_samples} Monte Carlo passes included; the policy only in the "
+               "PaSeR row, where it chose)")
     typer.echo(f"{'method':<20} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
     for name, r in rows:
         typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+
+
+@app.command("run")
+def run_all(
+    run_dir: Path = RUN_DIR,
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+    force: bool = typer.Option(False, "--force", help="redo every step, even those done before"),
+) -> None:
+    """The main job: data, stages 1-3, baselines, evaluation and the report, in one go.
+
+    Steps already done with the same config are skipped; an interrupted step resumes.
+    """
+    from paser.run import run
+
+    run(_config(preset, config, overrides, run_dir, False), run_dir, force=force,
+        echo=typer.echo)
+    typer.echo(f"report: {run_dir / 'report.md'}; figures in {run_dir / 'figures'}")
 
 
 @app.command("presets")

@@ -138,6 +138,37 @@ class Stage3Config(_Strict):
     lam_end: float = Field(1.0, ge=0, le=1, description="TVD mode: lam at the last epoch")
 
 
+def _default_monolithic() -> dict[str, ModelSpec]:
+    return {"DeepLabV3+": ModelSpec(name="smp:DeepLabV3Plus:resnet18"),
+            "SegFormer": ModelSpec(name="smp:Segformer:mit_b0"),
+            "EfficientViT": ModelSpec(name="smp:Segformer:tu-efficientvit_b0")}
+
+
+class MatPhaseConfig(_Strict):
+    """MatPhase, re-implemented from its description: whole-image UNets, a pixel-level
+    IDK gate on the first one's entropy, and a small CNN that fuses all their outputs."""
+
+    members: list[ModelSpec] = Field(
+        default_factory=lambda: [ModelSpec(name="unet_small"), ModelSpec(name="unet_small",
+                                                                         kwargs={"width_mult": 2})],
+        min_length=1, description="ensemble UNets, trained on whole images like f0")
+    fusion_channels: int = Field(16, ge=1, description="width of the fusion CNN")
+    fusion_epochs: int | None = Field(None, ge=0, description="fusion CNN epochs; null = stage1.epochs")
+
+
+class BaselinesConfig(_Strict):
+    """The paper's baselines; they train on D_pre with stage 1's epochs and batch size."""
+
+    monolithic: dict[str, ModelSpec] = Field(
+        default_factory=_default_monolithic,
+        description="whole-image models trained from scratch, by report name")
+    matphase: MatPhaseConfig | None = Field(MatPhaseConfig(), description="null = skip MatPhase")
+    cascade_points: int = Field(11, ge=2, description="IDK-Cascade: thresholds per model in the search")
+    iou_match_tol: float = Field(0.005, ge=0, description="IDK-Cascade (IoU match): IoU tolerance")
+    curve_points: int = Field(21, ge=2, description="points per model on the report's curves")
+    timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
+
+
 class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved copy is saved in the run directory."""
 
@@ -152,6 +183,7 @@ class ExperimentConfig(_Strict):
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
+    baselines: BaselinesConfig = BaselinesConfig()
 
     @field_validator("grid")
     @classmethod

@@ -21,7 +21,8 @@ def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size:
     ``fractions`` (share of patches per model, ``[K+1]``) and, when ``lam`` and ``cost``
     are given, ``reward`` (mean per-patch reward of the routed actions). Each batch's
     Monte Carlo masks are drawn with ``mc_seed`` (fixed) unless it is ``None``.
-    ``force_action=k`` sends every patch to model k instead of asking the policy (f0 alone
+    ``force_action=k`` sends every patch to model k instead of asking the policy, which then
+    does not run and is not paid for (f0 alone
     with ``0``, the largest model on all patches with ``K``), still through the routing path.
     """
     router.eval()

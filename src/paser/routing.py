@@ -16,7 +16,7 @@ from torch import nn
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.models import count_parameters
 from paser.patches import PatchGrid
-from paser.uncertainty import MCOutput, mc_predict
+from paser.uncertainty import MCOutput, mc_predict, seeded
 
 Mode = Literal["greedy", "sample"]
 
@@ -64,10 +64,12 @@ class CostTable:
         """GFLOP every image pays: T passes of f0 and the policy."""
         return self.f0_pass * self.mc_samples + self.policy
 
-    def gflops(self, actions: torch.Tensor) -> torch.Tensor:
-        """GFLOP per image ``[B]`` for actions ``[B, P]``."""
+    def gflops(self, actions: torch.Tensor, policy: bool = True) -> torch.Tensor:
+        """GFLOP per image ``[B]`` for actions ``[B, P]``; ``policy=False`` when the actions
+        did not come from the policy (given, random, oracle), which then did not run."""
         per_patch = torch.tensor(self.patch, dtype=torch.float64, device=actions.device)
-        return self.fixed + per_patch[actions].sum(-1)
+        fixed = self.fixed if policy else self.fixed - self.policy
+        return fixed + per_patch[actions].sum(-1)
 
     def model_cost(self, kind: Literal["params", "flops"] = "params") -> torch.Tensor:
         """Reward cost ``c(m)`` of each action ``[K+1]``; f0 always runs, so ``c(0) = 0``.
@@ -97,14 +99,15 @@ class RoutingOutput:
 
     ``mask`` [B, H, W] stitched prediction; ``probs`` [B, C, H, W] class probabilities;
     ``actions`` [B, P] chosen model per patch (0 = f0); ``gflops`` [B] per image;
-    ``logits`` [B, P, K+1] policy logits; ``mc`` f0's Monte Carlo output (padded size).
+    ``logits`` [B, P, K+1] policy logits (``None`` when the actions were given);
+    ``mc`` f0's Monte Carlo output (padded size).
     """
 
     mask: torch.Tensor
     probs: torch.Tensor
     actions: torch.Tensor
     gflops: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     mc: MCOutput
 
 
@@ -132,9 +135,11 @@ class Router(nn.Module):
         """K + 1."""
         return len(self.pool) + 1
 
-    def observe(self, x: torch.Tensor) -> MCOutput:
-        """f0's Monte Carlo output on a padded batch ``[B, C, Hp, Wp]``."""
-        return mc_predict(self.f0, x, self.mc_samples)
+    def observe(self, x: torch.Tensor, mc_seed: int | None = None) -> MCOutput:
+        """f0's Monte Carlo output on a padded batch ``[B, C, Hp, Wp]``; ``mc_seed`` fixes
+        the dropout masks (see :meth:`forward`)."""
+        with seeded(mc_seed, x.device):
+            return mc_predict(self.f0, x, self.mc_samples)
 
     def choose(self, logits: torch.Tensor, mode: Mode = "greedy") -> torch.Tensor:
         """Actions ``[B, P]`` from logits ``[B, P, K+1]``: argmax, or a sample."""
@@ -163,26 +168,22 @@ class Router(nn.Module):
                 bias: torch.Tensor | None = None, mc_seed: int | None = None) -> RoutingOutput:
         """Route a batch ``[B, C, H, W]`` (any size: padded to the grid, cropped back).
 
-        ``actions`` [B, P] overrides the policy (baselines, oracle); ``bias`` [K+1] is added
+        ``actions`` [B, P] overrides the policy, which then does not run and is not paid for
+        (baselines, oracle); ``bias`` [K+1] is added
         to the policy's logits (budget calibration). ``mc_seed`` fixes f0's dropout masks
         (without touching the global random state), so the same batch always gets the same
         answer; ``None`` draws them from the global generator (training).
         """
         h, w = x.shape[-2:]
         xp = self.grid.pad(x)
-        if mc_seed is None:
-            mc = self.observe(xp)
-        else:
-            devices = [x.device] if x.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(mc_seed)
-                mc = self.observe(xp)
-        logits = self.policy(mc.state())
-        if bias is not None:
-            logits = logits + bias.to(logits)
+        mc = self.observe(xp, mc_seed)
+        logits = None
         if actions is None:
+            logits = self.policy(mc.state())
+            if bias is not None:
+                logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)
         probs = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
-        gflops = self.costs(h, w).gflops(actions)
+        gflops = self.costs(h, w).gflops(actions, policy=logits is not None)
         return RoutingOutput(probs.argmax(1), probs, actions, gflops, logits, mc)

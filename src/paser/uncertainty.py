@@ -33,6 +33,18 @@ def mc_dropout(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
             m.training = mode
 
 
+@contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Draw random numbers (dropout masks) from ``seed`` without touching the global
+    generators; ``None`` draws from them as usual."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules())
 

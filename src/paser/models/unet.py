@@ -23,18 +23,22 @@ from torch import nn
 
 from paser.errors import ConfigError
 
+NORMS = {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d}
+
 
 class DoubleConv(nn.Sequential):
-    """(conv3x3 -> InstanceNorm -> ReLU) x 2. Convs keep their bias, norms have no affine."""
+    """(conv3x3 -> norm -> ReLU) x 2. Convs keep their bias, norms have no affine."""
 
-    def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None):
+    def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None,
+                 norm: str = "instance"):
         mid_ch = mid_ch or out_ch
+        layer = NORMS[norm]
         super().__init__(
             nn.Conv2d(in_ch, mid_ch, 3, padding=1),
-            nn.InstanceNorm2d(mid_ch),
+            layer(mid_ch, affine=False),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid_ch, out_ch, 3, padding=1),
-            nn.InstanceNorm2d(out_ch),
+            layer(out_ch, affine=False),
             nn.ReLU(inplace=True),
         )
 
@@ -42,9 +46,9 @@ class DoubleConv(nn.Sequential):
 class Up(nn.Module):
     """Bilinear x2 upsampling, pad to the skip's size, concatenate, DoubleConv."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "instance"):
         super().__init__()
-        self.conv = DoubleConv(in_ch, out_ch, in_ch // 2)
+        self.conv = DoubleConv(in_ch, out_ch, in_ch // 2, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
@@ -64,6 +68,10 @@ class UNet(nn.Module):
         widths: channels of the stem and of each level, top to bottom; the last
             two must be equal (bilinear bottleneck). ``len(widths) - 1`` levels.
         dropout: dropout probability (reference: 0.5).
+        norm: ``instance`` (reference) or ``batch``; both without affine parameters, so
+            the parameter count is the same. On patches, instance statistics change with
+            each patch's content (a patch of pore only is normalised unlike one of
+            nickel); batch statistics do not.
 
     Input ``[B, in_channels, H, W]``, output logits ``[B, num_classes, H, W]``.
     H and W should be divisible by ``2 ** levels``; other sizes work (padding in
@@ -77,6 +85,7 @@ class UNet(nn.Module):
         c0: int = 32,
         widths: Sequence[int] = (64, 128, 256, 512, 512),
         dropout: float = 0.5,
+        norm: str = "instance",
     ):
         super().__init__()
         widths = list(widths)
@@ -85,20 +94,23 @@ class UNet(nn.Module):
                 f"UNet widths {widths}: need at least two entries and the last two equal "
                 "(the bilinear bottleneck keeps the width), e.g. [8, 16, 16]"
             )
+        if norm not in NORMS:
+            raise ConfigError(f"UNet norm='{norm}': use one of {', '.join(NORMS)}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"UNet dropout={dropout}: must be in [0, 1)")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.levels = len(widths) - 1
         self.inconv = nn.Conv2d(in_channels, c0, 1)
-        self.stem = DoubleConv(c0, widths[0])
-        self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1]) for i in range(self.levels))
+        self.stem = DoubleConv(c0, widths[0], norm=norm)
+        self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm=norm)
+                                   for i in range(self.levels))
         # Up block j takes the current map (widths[L-j]) + the skip (widths[L-j-1]) channels,
         # outputs the width of the level below the skip, or widths[0] at the top.
         ups = []
         for j in range(self.levels):
             skip = widths[self.levels - 1 - j]
             out = widths[self.levels - 2 - j] if j < self.levels - 1 else widths[0]
-            ups.append(Up(2 * skip, out))
+            ups.append(Up(2 * skip, out, norm))
         self.ups = nn.ModuleList(ups)
         self.outconv = nn.Conv2d(widths[0], num_classes, 1)
         self.dropout = nn.Dropout(dropout)

@@ -10,7 +10,7 @@ Exploration: per batch, with probability alpha the actions are sampled from the
 policy, otherwise uniformly; alpha rises linearly over the stage.
 
 Because the task models are frozen, what a patch scores under each action depends only
-on (image, patch, action). :class:`RewardCache` therefore runs f0 (T Monte Carlo
+on (image, patch, action). :class:`paser.outcomes.PatchOutcomes` therefore runs f0 (T Monte Carlo
 passes, one draw per image) and every pool model on every patch once per stage and
 keeps the state and per-patch, per-action intersection/union counts; each epoch then
 only runs the policy. One consequence: every epoch sees the same Monte Carlo draw of
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from paser.config import ExperimentConfig
-from paser.data import Tensors, load_stage_data
-from paser.metrics import confusion_counts
+from paser.data import load_stage_data
 from paser.models import RoutingPolicy
+from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
 from paser.train.common import (
@@ -60,58 +59,6 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     if policy_state is not None:
         policy.load_state_dict(policy_state)
     return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels).to(device)
-
-
-@dataclass
-class RewardCache:
-    """Frozen-model outcomes for every (image, patch, action) of a split.
-
-    ``state`` [N, 2, Hp, Wp] policy input; ``inter``, ``union`` [N, P, K+1, C] pixel
-    counts of each action's prediction against the label on each patch.
-    """
-
-    state: torch.Tensor
-    inter: torch.Tensor
-    union: torch.Tensor
-
-    @classmethod
-    @torch.inference_mode()
-    def build(cls, router: Router, data: Tensors, num_classes: int, batch_size: int,
-              device: torch.device) -> RewardCache:
-        states, inters, unions = [], [], []
-        grid = router.grid
-        for i in range(0, len(data), batch_size):
-            x = grid.pad(data.images[i:i + batch_size].to(device))
-            y = grid.pad(data.masks[i:i + batch_size].long().to(device), mode="constant",
-                         value=-1)
-            mc = router.observe(x)
-            patches, labels = grid.split(x), grid.split(y)  # [B*P, C, h, w], [B*P, h, w]
-            preds = [grid.split(mc.pred)] + [m(patches).argmax(1) for m in router.pool]
-            counts = [confusion_counts(p, labels, num_classes, ignore_index=-1)[:2]
-                      for p in preds]
-            b = x.shape[0]
-            inters.append(torch.stack([c[0] for c in counts], 1).view(b, grid.num_patches,
-                                                                      len(preds), -1).cpu())
-            unions.append(torch.stack([c[1] for c in counts], 1).view(b, grid.num_patches,
-                                                                      len(preds), -1).cpu())
-            states.append(mc.state().cpu())
-        return cls(torch.cat(states), torch.cat(inters), torch.cat(unions))
-
-    def patch_iou(self) -> torch.Tensor:
-        """IoU of each action on each patch ``[N, P, K+1]`` (mean over classes present;
-        a patch with no labelled pixel scores 0 under every action)."""
-        present = self.union > 0
-        iou = torch.where(present, self.inter / self.union.clamp_min(1), 0.0).sum(-1)
-        return (iou / present.sum(-1).clamp_min(1)).float()
-
-    def miou(self, actions: torch.Tensor) -> float:
-        """Dataset-level mIoU of the routed predictions for ``actions`` [N, P]: exact, because
-        patches are disjoint and intersections and unions add up."""
-        index = actions[..., None, None].expand(-1, -1, 1, self.inter.shape[-1])
-        inter = self.inter.gather(2, index).sum((0, 1, 2)).double()
-        union = self.union.gather(2, index).sum((0, 1, 2)).double()
-        present = union > 0
-        return float((inter[present] / union[present]).mean())
 
 
 def reward(patch_iou: torch.Tensor, actions: torch.Tensor, cost: torch.Tensor, lam: float
@@ -198,8 +145,8 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     policy = router.policy
     ncls, batch = cfg.models.num_classes, s2.batch_size
     t0 = time.perf_counter()
-    train_cache = RewardCache.build(router, data.rl, ncls, batch, device)
-    val_cache = RewardCache.build(router, data.validation, ncls, batch, device)
+    train_cache = PatchOutcomes.build(router, data.rl, ncls, batch, device)
+    val_cache = PatchOutcomes.build(router, data.validation, ncls, batch, device)
     cache_seconds = time.perf_counter() - t0
     train_iou, val_iou = train_cache.patch_iou().to(device), val_cache.patch_iou().to(device)
     cost = costs.model_cost(s2.cost).to(device)
@@ -253,7 +200,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
 
 @torch.inference_mode()
 def _validate(policy: torch.nn.Module, states: torch.Tensor, patch_iou: torch.Tensor,
-              cache: RewardCache, cost: torch.Tensor, lam: float, batch: int) -> dict:
+              cache: PatchOutcomes, cost: torch.Tensor, lam: float, batch: int) -> dict:
     """Greedy routing on the validation cache: mean reward, routed mIoU, fractions."""
     actions = greedy_actions(policy, states, batch)
     r, _, _ = reward(patch_iou, actions, cost, lam)

@@ -49,9 +49,12 @@ def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
     return [("f0", cfg.models.f0)] + [(f"f{k}", s) for k, s in enumerate(cfg.models.pool, 1)]
 
 
-def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu") -> nn.Module:
-    """The best stage-1 checkpoint of a role (``f0``, ``f1``, ...) in eval mode."""
-    spec = dict(model_roles(cfg))[role]
+def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu",
+                 spec: ModelSpec | None = None) -> nn.Module:
+    """The best checkpoint of a role (``f0``, ``f1``, ..., or a baseline's) in eval mode.
+
+    ``spec`` defaults to the role's entry in the config's pool."""
+    spec = spec or dict(model_roles(cfg))[role]
     ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
     stored = ckpt.get("spec") or {}
     if (stored.get("name"), stored.get("kwargs")) != (spec.name, spec.kwargs):
@@ -63,6 +66,16 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
     model = build_model(cfg, spec).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def class_weight(cfg: ExperimentConfig, device: torch.device) -> torch.Tensor | None:
+    """Stage 1's cross-entropy weights as a tensor (``None``: unweighted)."""
+    if not cfg.stage1.class_weights:
+        return None
+    if len(cfg.stage1.class_weights) != cfg.models.num_classes:
+        raise ConfigError(f"key 'stage1.class_weights': {len(cfg.stage1.class_weights)} weights "
+                          f"for {cfg.models.num_classes} classes; give one per class or null")
+    return torch.tensor(cfg.stage1.class_weights, dtype=torch.float32, device=device)
 
 
 def whole_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +117,14 @@ def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes
 
 def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train: Tensors,
         val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
-        log: MetricLog, resume: bool, device: torch.device, show_progress: bool) -> float:
+        log: MetricLog, resume: bool, device: torch.device, show_progress: bool,
+        spec: ModelSpec | None = None, label: str | None = None, min_batch: int = 1) -> float:
     """Train one model, keep the best-on-validation checkpoint; return its validation mIoU.
 
     ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
+    ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
+    A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
     """
     s1 = cfg.stage1
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -122,10 +138,10 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best"]
     log.truncate_after(role, start - 1)
-    spec = dict(model_roles(cfg))[role].model_dump()
+    spec = (spec or dict(model_roles(cfg))[role]).model_dump()
     n = len(train)
     with progress(show_progress) as bar:
-        task = bar.add_task(f"stage 1 {role}", total=epochs, completed=start, info="")
+        task = bar.add_task(label or f"stage 1 {role}", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -136,6 +152,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             total, acc = 0.0, IoUAccumulator(cfg.models.num_classes)
             for i in range(0, n, s1.batch_size):
                 idx = order[i:i + s1.batch_size]
+                if len(idx) < min(min_batch, n):
+                    continue
                 x, y = train.images[idx].to(device), train.masks[idx].long().to(device)
                 logits = forward(model, x)
                 loss = loss_fn(logits, y, idx)
@@ -175,11 +193,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     data = load_stage_data(cfg.data, progress=show_progress)
     grid = PatchGrid(*cfg.grid)
     grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
-    weight = (torch.tensor(cfg.stage1.class_weights, dtype=torch.float32, device=device)
-              if cfg.stage1.class_weights else None)
-    if weight is not None and len(weight) != cfg.models.num_classes:
-        raise ConfigError(f"key 'stage1.class_weights': {len(weight)} weights for "
-                          f"{cfg.models.num_classes} classes; give one per class or null")
+    weight = class_weight(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
     common = dict(cfg=cfg, run_dir=run_dir, log=log, resume=resume, device=device,
                   show_progress=show_progress)

@@ -1,0 +1,198 @@
+"""Whole-image baselines trained from scratch: the monolithic models and MatPhase.
+
+They train on D_pre with stage 1's epochs, batch size, class weights and the same
+:func:`paser.train.pretrain.fit` loop (best-on-validation checkpoint, resumable), so the
+comparison with PaSeR's pool is at an equal epoch budget.
+
+MatPhase (Tabassum et al. 2022) is re-implemented from its published description, not
+from its code: an ensemble of UNets run on the whole image, a pixel-level "I don't know"
+gate on the first member's entropy, and a small CNN that fuses every member's
+probabilities with the input. Pixels where the first member is confident keep its
+prediction; the others take the fused one. Convolutions cannot skip pixels, so every
+member and the fusion CNN run on the whole image and are all paid for.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paser.config import ExperimentConfig, ModelSpec
+from paser.cost import gflops_per_sample
+from paser.data import StageData, Tensors
+from paser.metrics import IoUAccumulator
+from paser.train.common import MetricLog, atomic_save, load_checkpoint
+from paser.train.pretrain import build_model, class_weight, fit, load_trained
+from paser.uncertainty import entropy
+
+MULTIPLE = 32
+"""Whole-image baselines see images padded (reflect) to a multiple of this: encoders with
+five stride-2 stages need it. FLOPs are counted at the padded size."""
+
+
+def role_name(name: str) -> str:
+    """A file-safe role for a report name: ``DeepLabV3+`` -> ``base_deeplabv3plus``."""
+    return "base_" + re.sub(r"[^a-z0-9]+", "_", name.lower().replace("+", "plus")).strip("_")
+
+
+def padded(x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+
+
+def whole_padded(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a whole-image model on ``x`` padded to :data:`MULTIPLE`, cropped back."""
+    h, w = x.shape[-2:]
+    return model(padded(x))[..., :h, :w]
+
+
+def padded_gflops(model: nn.Module, in_channels: int, h: int, w: int) -> float:
+    return gflops_per_sample(model, in_channels, h + (-h) % MULTIPLE, w + (-w) % MULTIPLE)
+
+
+def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec, data: StageData,
+                device: torch.device, resume: bool, show_progress: bool, label: str) -> nn.Module:
+    """Train one whole-image model on D_pre (class-weighted CE) and return its best weights."""
+    weight = class_weight(cfg, device)
+    model = build_model(cfg, spec).to(device)
+    epochs = cfg.stage1.epochs if spec.epochs is None else spec.epochs
+    fit(role, model, whole_padded, lambda logits, y, idx: F.cross_entropy(logits, y, weight=weight),
+        data.pre, data.validation, cfg=cfg, epochs=epochs, lr=spec.lr or cfg.stage1.lr,
+        run_dir=run_dir, log=MetricLog(run_dir / "metrics" / "baselines.jsonl"), resume=resume,
+        device=device, show_progress=show_progress, spec=spec, label=label, min_batch=2)
+    return load_trained(run_dir, cfg, role, device, spec=spec)
+
+
+class MatPhase(nn.Module):
+    """Members (whole-image models), a fusion CNN, and the gate threshold ``tau`` (nats)."""
+
+    def __init__(self, members: list[nn.Module], in_channels: int, num_classes: int,
+                 channels: int = 16):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        fused_in = in_channels + num_classes * len(members)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(fused_in, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, num_classes, 1))
+        self.register_buffer("tau", torch.tensor(float("inf")))
+
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's probabilities, concatenated ``[B, M * classes, H, W]``."""
+        return torch.cat([whole_padded(m, x).float().softmax(1) for m in self.members], 1)
+
+    def fuse(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The fusion CNN's logits from the input and the members' probabilities."""
+        return self.fusion(torch.cat([x, probs], 1))
+
+    def gated(self, x: torch.Tensor, probs: torch.Tensor, tau: torch.Tensor | float
+              ) -> torch.Tensor:
+        """Prediction ``[B, H, W]``: the first member where its entropy is at most ``tau``,
+        the fusion elsewhere."""
+        c = self.fusion[-1].out_channels
+        first = probs[:, :c]
+        unsure = entropy(first) > tau
+        return torch.where(unsure, self.fuse(x, probs).argmax(1), first.argmax(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gated(x, self.member_probs(x), self.tau)
+
+    def gflops(self, in_channels: int, h: int, w: int) -> float:
+        """Every member on the (padded) image plus the fusion CNN."""
+        return (sum(padded_gflops(m, in_channels, h, w) for m in self.members)
+                + gflops_per_sample(self.fusion, self.fusion[0].in_channels, h, w))
+
+
+def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
+                   resume: bool, show_progress: bool) -> MatPhase:
+    """Train the members, then the fusion CNN on their frozen outputs, then pick the gate
+    threshold that maximises validation mIoU."""
+    mp = cfg.baselines.matphase
+    assert mp is not None
+    members = [train_whole(cfg, run_dir, member_role(i), spec, data, device, resume,
+                           show_progress, f"MatPhase member {i + 1}/{len(mp.members)}")
+               for i, spec in enumerate(mp.members)]
+    model = MatPhase(members, cfg.models.in_channels, cfg.models.num_classes,
+                     mp.fusion_channels).to(device)
+    path = run_dir / "checkpoints" / "base_matphase.pt"
+    if resume and path.is_file():
+        model.load_state_dict(load_checkpoint(path, device)["model"])
+        return model.eval()
+    for m in model.members:
+        m.eval().requires_grad_(False)
+    weight = class_weight(cfg, device)
+    bs = cfg.stage1.batch_size
+    with torch.inference_mode():
+        cached = torch.cat([model.member_probs(data.pre.images[i:i + bs].to(device)).cpu()
+                            for i in range(0, len(data.pre), bs)])
+    opt = torch.optim.Adam(model.fusion.parameters(), lr=cfg.stage1.lr)
+    epochs = cfg.stage1.epochs if mp.fusion_epochs is None else mp.fusion_epochs
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    for _ in range(epochs):
+        order = torch.randperm(len(data.pre), generator=gen)
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
+            x, y = data.pre.images[idx].to(device), data.pre.masks[idx].long().to(device)
+            loss = F.cross_entropy(model.fuse(x, cached[idx].to(device)), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.tau.fill_(choose_gate(model, data.validation, cfg.models.num_classes, bs, device))
+    atomic_save({"model": model.state_dict(), "tau": float(model.tau)}, path)
+    return model.eval()
+
+
+@torch.inference_mode()
+def choose_gate(model: MatPhase, val: Tensors, num_classes: int, batch_size: int,
+                device: torch.device, points: int = 11) -> float:
+    """The gate threshold (a quantile of the first member's pixel entropies, or "always
+    fuse" / "never fuse") with the best validation mIoU."""
+    model.eval()
+    outs = []
+    for i in range(0, len(val), batch_size):
+        x = val.images[i:i + batch_size].to(device)
+        outs.append((x, model.member_probs(x)))
+    c = num_classes
+    ent = torch.cat([entropy(p[:, :c]).reshape(-1).cpu() for _, p in outs])
+    qs = torch.quantile(ent[torch.randperm(len(ent), generator=torch.Generator().manual_seed(0))
+                            [:100_000]], torch.linspace(0, 1, points))
+    candidates = [-1.0, *qs.tolist(), float("inf")]
+    best, best_tau = -1.0, float("inf")
+    for tau in candidates:
+        acc = IoUAccumulator(num_classes)
+        for (x, p), i in zip(outs, range(0, len(val), batch_size), strict=True):
+            acc.update(model.gated(x, p, tau).cpu(), val.masks[i:i + batch_size].long())
+        miou = acc.compute()["miou"]
+        if miou > best:
+            best, best_tau = miou, tau
+    return best_tau
+
+
+def member_role(i: int) -> str:
+    return f"base_matphase_m{i}"
+
+
+def load_monolithic(cfg: ExperimentConfig, run_dir: Path, name: str, device: torch.device
+                    ) -> nn.Module:
+    """A trained monolithic baseline, by its report name."""
+    return load_trained(run_dir, cfg, role_name(name), device, spec=cfg.baselines.monolithic[name])
+
+
+def load_matphase(cfg: ExperimentConfig, run_dir: Path, device: torch.device) -> MatPhase:
+    """The trained MatPhase of a run (members, fusion CNN and gate threshold)."""
+    mp = cfg.baselines.matphase
+    assert mp is not None
+    members = [load_trained(run_dir, cfg, member_role(i), device, spec=spec)
+               for i, spec in enumerate(mp.members)]
+    model = MatPhase(members, cfg.models.in_channels, cfg.models.num_classes,
+                     mp.fusion_channels).to(device)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "base_matphase.pt",
+                                          device)["model"])
+    return model.eval()

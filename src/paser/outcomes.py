@@ -1,0 +1,102 @@
+"""What every model of a trained pool does on every patch of a split, counted once.
+
+Stage 2, the oracle, the IDK cascade's threshold search and the report's curves all ask
+the same question many times: "if patch p of image n went to model k, what would it
+score?" With the task models frozen the answer depends only on (n, p, k), so
+:class:`PatchOutcomes` runs f0 (T Monte Carlo passes, one draw per image, fixed seed
+when given) and every pool model on every patch once and keeps per-patch counts.
+Any assignment of patches to models is then scored exactly by adding counts: patches are
+disjoint, so dataset intersections and unions are sums over patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paser.data import Tensors
+from paser.metrics import confusion_counts
+from paser.routing import Router
+from paser.uncertainty import entropy
+
+
+@dataclass
+class PatchOutcomes:
+    """Frozen-model outcomes for every (image, patch, action) of a split.
+
+    ``state`` [N, 2, Hp, Wp] the policy's input; ``inter``, ``union`` [N, P, K+1, C] pixel
+    counts of each action's prediction against the label on each patch; ``entropy``
+    [N, P, K+1] mean per-pixel entropy (nats) of each model's probabilities on the patch
+    (f0: of its Monte Carlo mean); ``nll`` [N, P, K+1] mean cross entropy on the patch's
+    labelled pixels (0 where none).
+    """
+
+    state: torch.Tensor
+    inter: torch.Tensor
+    union: torch.Tensor
+    entropy: torch.Tensor
+    nll: torch.Tensor
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, router: Router, data: Tensors, num_classes: int, batch_size: int,
+              device: torch.device, mc_seed: int | None = None) -> PatchOutcomes:
+        """Run f0 and every pool model on every patch of ``data``.
+
+        ``mc_seed`` fixes f0's dropout masks per batch (as at inference); ``None`` draws
+        them from the global generator (training).
+        """
+        grid = router.grid
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("state", "inter", "union",
+                                                                 "entropy", "nll")}
+        for i in range(0, len(data), batch_size):
+            x = grid.pad(data.images[i:i + batch_size].to(device))
+            y = grid.pad(data.masks[i:i + batch_size].long().to(device), mode="constant",
+                         value=-1)
+            mc = router.observe(x, mc_seed)
+            patches, labels = grid.split(x), grid.split(y)  # [B*P, C, h, w], [B*P, h, w]
+            probs = [grid.split(mc.probs)] + [m(patches).float().softmax(1) for m in router.pool]
+            b, p = x.shape[0], grid.num_patches
+            labelled = labels >= 0
+            safe = labels.clamp_min(0)[:, None]
+            inter, union, ent, nll = [], [], [], []
+            for pr in probs:
+                counts = confusion_counts(pr.argmax(1), labels, num_classes, ignore_index=-1)
+                inter.append(counts[0])
+                union.append(counts[1])
+                ent.append(entropy(pr).mean((-2, -1)))
+                pix = -pr.gather(1, safe)[:, 0].clamp_min(1e-12).log() * labelled
+                nll.append(pix.sum((-2, -1)) / labelled.sum((-2, -1)).clamp_min(1))
+            shape = (b, p, len(probs))
+            parts["inter"].append(torch.stack(inter, 1).view(*shape, -1).cpu())
+            parts["union"].append(torch.stack(union, 1).view(*shape, -1).cpu())
+            parts["entropy"].append(torch.stack(ent, 1).view(shape).float().cpu())
+            parts["nll"].append(torch.stack(nll, 1).view(shape).float().cpu())
+            parts["state"].append(mc.state().cpu())
+        return cls(**{k: torch.cat(v) for k, v in parts.items()})
+
+    @property
+    def num_models(self) -> int:
+        """K + 1."""
+        return self.inter.shape[2]
+
+    def patch_iou(self) -> torch.Tensor:
+        """IoU of each action on each patch ``[N, P, K+1]`` (mean over classes present;
+        a patch with no labelled pixel scores 0 under every action)."""
+        present = self.union > 0
+        iou = torch.where(present, self.inter / self.union.clamp_min(1), 0.0).sum(-1)
+        return (iou / present.sum(-1).clamp_min(1)).float()
+
+    def miou(self, actions: torch.Tensor) -> float:
+        """Dataset-level mIoU of the routed predictions for ``actions`` [N, P]."""
+        return float(self.miou_many(actions[None])[0])
+
+    def miou_many(self, actions: torch.Tensor) -> torch.Tensor:
+        """Dataset-level mIoU ``[S]`` for ``S`` assignments at once, ``actions`` [S, N, P]."""
+        onehot = torch.nn.functional.one_hot(actions, self.num_models).double()  # S N P K
+        inter = torch.einsum("snpk,npkc->sc", onehot, self.inter.double())
+        union = torch.einsum("snpk,npkc->sc", onehot, self.union.double())
+        present = union > 0
+        ratio = torch.where(present, inter / union.clamp_min(1), 0.0)
+        return ratio.sum(-1) / present.sum(-1).clamp_min(1)

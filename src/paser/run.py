@@ -1,0 +1,134 @@
+"""``paser run``: data -> stage 1 -> stage 2 -> stage 3 -> baselines -> evaluation -> report.
+
+A re-run skips every step whose outputs exist for the same config: each step records a
+fingerprint of the config sections it depends on in ``run_dir/steps.json`` when it
+finishes. A step whose fingerprint changed (or every step, with ``force``) runs again
+from scratch; a step that was interrupted resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from paser.config import ExperimentConfig
+from paser.train.common import atomic_write_text, prepare_run_dir, setup
+
+_STAGE1 = ("data", "seed", "grid", "models", "stage1")
+_STAGE2 = (*_STAGE1, "mc_samples", "stage2")
+_STAGE3 = (*_STAGE2, "stage3")
+DEPS: dict[str, tuple[str, ...]] = {
+    "stage1": _STAGE1,
+    "stage2": _STAGE2,
+    "stage3": _STAGE3,
+    "baselines": ("data", "seed", "models.in_channels", "models.num_classes", "stage1",
+                  "baselines.monolithic", "baselines.matphase"),
+    "report": (*_STAGE3, "baselines"),
+}
+"""The config keys each step reads, itself and through the steps before it."""
+OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
+           "baselines": "checkpoints", "report": "results.json"}
+
+
+def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """A short hash per step of the config keys it depends on."""
+    raw = cfg.model_dump(mode="json")
+    out = {}
+    for step, keys in DEPS.items():
+        values = []
+        for key in keys:
+            node = raw
+            for part in key.split("."):
+                node = node[part]
+            values.append([key, node])
+        out[step] = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    return out
+
+
+class Steps:
+    """The ``steps.json`` ledger of finished steps."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "steps.json"
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def finished(self, step: str, fingerprint: str) -> bool:
+        return self.done.get(step, {}).get("fingerprint") == fingerprint
+
+    def started(self, step: str, fingerprint: str) -> bool:
+        return self.done.get(step, {}).get("started") == fingerprint
+
+    def mark(self, step: str, fingerprint: str, **info) -> None:
+        self.done[step] = {"fingerprint": fingerprint, **info}
+        atomic_write_text(json.dumps(self.done, indent=2), self.path)
+
+    def start(self, step: str, fingerprint: str) -> None:
+        self.done[step] = {"started": fingerprint}
+        atomic_write_text(json.dumps(self.done, indent=2), self.path)
+
+
+def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
+        show_progress: bool = True, echo=print) -> dict:
+    """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
+    from paser.baselines.monolithic import role_name, train_matphase, train_whole
+    from paser.data import ensure_dataset, load_stage_data
+    from paser.experiments.main import evaluate_all
+    from paser.train.finetune import finetune
+    from paser.train.policy import train_policy
+    from paser.train.pretrain import pretrain
+
+    run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
+    fps = fingerprints(cfg)
+    steps = Steps(run_dir)
+    device = setup(cfg)
+    timings: dict[str, float] = {}
+    upstream = {"stage2": "stage1", "stage3": "stage2", "report": "*"}
+
+    def step(name: str, fn) -> None:
+        before = upstream.get(name)
+        stale = before == "*" and timings or before in timings  # an input was just rebuilt
+        if (not force and not stale and steps.finished(name, fps[name])
+                and (run_dir / OUTPUTS[name]).exists()):
+            echo(f"[{name}] done before with this config: skipped (--force to redo)")
+            return
+        resume = not force and steps.started(name, fps[name])
+        echo(f"[{name}] {'resuming' if resume else 'running'}")
+        steps.start(name, fps[name])
+        t0 = time.perf_counter()
+        fn(resume)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        steps.mark(name, fps[name], seconds=timings[name])
+        echo(f"[{name}] finished in {timings[name]:.1f} s")
+
+    echo(f"[data] {ensure_dataset(cfg.data, progress=show_progress)}")
+    step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume, show_progress=show_progress))
+    step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
+                                               show_progress=show_progress))
+    step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))
+    data = None
+
+    def baselines(resume: bool) -> None:
+        nonlocal data
+        data = data or load_stage_data(cfg.data, progress=show_progress)
+        for name, spec in cfg.baselines.monolithic.items():
+            train_whole(cfg, run_dir, role_name(name), spec, data, device, resume, show_progress,
+                        name)
+        if cfg.baselines.matphase is not None:
+            train_matphase(cfg, run_dir, data, device, resume, show_progress)
+
+    step("baselines", baselines)
+    results: dict = {}
+
+    def report(resume: bool) -> None:
+        nonlocal data, results
+        data = data or load_stage_data(cfg.data, progress=show_progress)
+        results, text = evaluate_all(cfg, run_dir, data, device, show_progress)
+        echo(text)
+
+    step("report", report)
+    if not results:
+        results = json.loads((run_dir / "results.json").read_text())
+        echo((run_dir / "report.md").read_text())
+    return results

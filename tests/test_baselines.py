@@ -1,0 +1,140 @@
+"""Routed baselines (cascade, oracle, random) by hand and against the real forward."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from paser.baselines.monolithic import MatPhase, role_name
+from paser.baselines.routed import (
+    cascade_actions,
+    cascade_forward,
+    cascade_gflops,
+    fit_cascade,
+    match_cascade,
+    oracle_actions,
+    pareto,
+    random_actions,
+)
+from paser.data import Tensors
+from paser.experiments.report import step_area
+from paser.models import RoutingPolicy, create_model
+from paser.outcomes import PatchOutcomes
+from paser.patches import PatchGrid
+from paser.routing import CostTable, Router
+
+COSTS = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
+                  params=[10, 30, 60], num_patches=2)
+
+
+def test_cascade_actions_stop_at_the_first_confident_model():
+    entropy = torch.tensor([[[0.1, 0.9, 0.0], [0.8, 0.2, 0.5], [0.8, 0.9, 0.1]]])  # N=1 P=3
+    taus = torch.tensor([0.5, 0.5])
+    assert cascade_actions(entropy, taus).tolist() == [[0, 1, 2]]
+    many = cascade_actions(entropy, torch.tensor([[0.5, 0.5], [1.0, 1.0], [0.0, 0.0]]))
+    assert many.tolist() == [[[0, 1, 2]], [[0, 0, 0]], [[2, 2, 2]]]
+
+
+def test_cascade_pays_for_every_model_that_ran():
+    actions = torch.tensor([[0, 2], [1, 1]])
+    # f0: 2 passes of 1.0; patch ending at f2 paid f1 (0.25) and f2 (2.0); no policy
+    assert cascade_gflops(actions, COSTS).tolist() == pytest.approx([2.0 + 2.25, 2.0 + 0.5])
+
+
+def test_oracle_takes_the_best_true_reward_and_ties_go_cheap():
+    patch_iou = torch.tensor([[[0.5, 0.9, 0.95], [0.8, 0.8, 0.8]]])
+    cost = torch.tensor([0.0, 0.1, 0.6])
+    # lam 0.5: patch 0 rewards (0, 0.15, -0.075) -> f1; patch 1 ties at 0 gain -> f0
+    assert oracle_actions(patch_iou, cost, 0.5).tolist() == [[1, 0]]
+    assert oracle_actions(patch_iou, cost, 0.0).tolist() == [[2, 0]]
+
+
+def test_random_actions_are_uniform_and_seeded():
+    a = random_actions(500, 16, 3, seed=1)
+    assert torch.equal(a, random_actions(500, 16, 3, seed=1))
+    shares = torch.bincount(a.reshape(-1), minlength=3) / a.numel()
+    assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.02)
+
+
+def _outcomes(entropy, nll, inter, union):
+    return PatchOutcomes(torch.zeros(len(entropy), 2, 4, 4), inter, union, entropy, nll)
+
+
+def test_fit_cascade_minimises_ce_plus_cost_and_match_is_cheapest_reaching():
+    torch.manual_seed(0)
+    n, p = 20, 2
+    entropy = torch.rand(n, p, 3)
+    nll = torch.rand(n, p, 3)
+    inter = torch.randint(0, 5, (n, p, 3, 2))
+    union = inter + torch.randint(0, 5, (n, p, 3, 2))
+    out = _outcomes(entropy, nll, inter, union)
+    cost = torch.tensor([0.0, 0.3, 0.7])
+    fit = fit_cascade(out, COSTS, cost, lam=0.5, points=5)
+    # brute force over the same grid
+    from paser.baselines.routed import threshold_grid
+    best = min(
+        (float((nll.gather(-1, cascade_actions(entropy, t)[..., None])[..., 0]
+                + 0.5 * cost.cumsum(0)[cascade_actions(entropy, t)]).mean()), t.tolist())
+        for t in threshold_grid(entropy, 5))
+    assert fit.objective == pytest.approx(best[0], rel=1e-5)
+    assert fit.taus == pytest.approx(best[1])
+    target = out.miou(torch.full((n, p), 2, dtype=torch.long)) - 0.01
+    match = match_cascade(out, COSTS, target, tol=0.0, points=5)
+    assert match.reached and match.miou >= target
+    assert match.gflops <= float(cascade_gflops(torch.full((n, p), 2), COSTS).mean()) + 1e-9
+    unreachable = match_cascade(out, COSTS, 2.0, tol=0.0, points=5)
+    assert not unreachable.reached
+
+
+def test_pareto_and_area_by_hand():
+    xs, ys = pareto(torch.tensor([3.0, 1.0, 2.0, 4.0]), torch.tensor([0.6, 0.5, 0.4, 0.7]))
+    assert xs == [1.0, 3.0, 4.0] and ys == pytest.approx([0.5, 0.6, 0.7])
+    # IoU 0.5 from budget 1 to 3, 0.6 from 3 to 4, over [0, 4]: (0 + 2 * 0.5 + 0.6) / 4
+    area = step_area({"gflops": xs, "iou": ys}, 0.0, 4.0, samples=40_001)
+    assert area == pytest.approx((2 * 0.5 + 1 * 0.6 + 0 * 0.7) / 4, abs=1e-3)
+
+
+def _router():
+    torch.manual_seed(0)
+    grid = PatchGrid(2, 2)
+    pool = [create_model("unet", c0=2, widths=[4, 4]), create_model("unet", c0=4, widths=[8, 8])]
+    return Router(create_model("unet_tiny").eval(), RoutingPolicy(4, 3).eval(),
+                  [m.eval() for m in pool], grid, mc_samples=3)
+
+
+def test_cascade_forward_matches_the_tables_and_a_direct_flop_count():
+    router = _router()
+    data = Tensors(torch.rand(3, 1, 32, 32), torch.randint(0, 3, (3, 32, 32), dtype=torch.uint8),
+                   ["a", "b", "c"])
+    out = PatchOutcomes.build(router, data, 3, batch_size=3, device=torch.device("cpu"),
+                              mc_seed=0)
+    taus = torch.quantile(out.entropy[..., :2].reshape(-1, 2), 0.5, dim=0)
+    pred, actions, gflops = cascade_forward(router, data.images, taus, mc_seed=0)
+    assert torch.equal(actions, cascade_actions(out.entropy, taus))
+    assert len(actions.unique()) > 1
+    from paser.metrics import IoUAccumulator
+    acc = IoUAccumulator(3)
+    acc.update(pred, data.masks.long())
+    assert acc.compute()["miou"] == pytest.approx(out.miou(actions), abs=1e-9)
+    costs = router.costs(32, 32)
+    for b in range(3):
+        with FlopCounterMode(display=False) as counter:
+            _, one, g = cascade_forward(router, data.images[b:b + 1], taus, mc_seed=b)
+        assert g.item() == pytest.approx(counter.get_total_flops() / 1e9, rel=0.01)
+        assert g.item() == pytest.approx(cascade_gflops(one, costs).item())
+    assert torch.allclose(gflops, cascade_gflops(actions, costs))
+
+
+def test_matphase_gate_and_cost():
+    torch.manual_seed(0)
+    members = [create_model("unet_tiny"), create_model("unet_tiny")]
+    mp = MatPhase(members, 1, 3, channels=4).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        probs = mp.member_probs(x)
+        assert torch.equal(mp.gated(x, probs, float("inf")), probs[:, :3].argmax(1))
+        assert torch.equal(mp.gated(x, probs, -1.0), mp.fuse(x, probs).argmax(1))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        mp(x[:1])
+    assert mp.gflops(1, 32, 32) == pytest.approx(counter.get_total_flops() / 1e9, rel=0.01)
+    assert role_name("DeepLabV3+") == "base_deeplabv3plus"
+    assert role_name("IDK-Cascade (IoU match)") == "base_idk_cascade_iou_match"

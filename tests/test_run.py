@@ -1,0 +1,82 @@
+"""`paser run`: the whole job on a tiny set, its report, and skipping what is done."""
+
+import csv
+import json
+
+import pytest
+from tests.test_pipeline import TINY
+
+from paser.config import load_config
+from paser.run import fingerprints, run
+
+BASELINES = [
+    "baselines.matphase.members=[{name: unet_tiny}, {name: unet_tiny}]",
+    "baselines.matphase.fusion_channels=4", "baselines.timing_batch=2",
+    "baselines.cascade_points=3", "baselines.curve_points=3",
+]
+KEYS = ["PaSeR", "PaSeR-RandPol", "IDK-Cascade", "IDK-Cascade (IoU match)", "Oracle",
+        "DeepLabV3+", "SegFormer", "EfficientViT", "MatPhase", "f0", "f0 (MC)", "f1", "f2"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = load_config(preset="battery-quick",
+                      overrides=[*TINY, *BASELINES, f"data.cache_dir={tmp / 'c'}"])
+    lines: list[str] = []
+    results = run(cfg, tmp / "run", show_progress=False, echo=lines.append)
+    return tmp / "run", cfg, results, lines
+
+
+def test_results_hold_every_method_with_the_same_fields(job):
+    run_dir, cfg, results, _ = job
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert list(results["methods"]) == KEYS
+    for name, m in results["methods"].items():
+        assert 0.0 <= m["iou"] <= 1.0 and m["gflops"] > 0 and m["ms_per_image"] > 0
+        assert m["iou_per_gflop"] == pytest.approx(m["iou"] / m["gflops"])
+        if name in KEYS[:5]:
+            assert sum(m["fractions"]) == pytest.approx(1.0)
+    for key in ("flop_convention", "device", "preset", "lam", "seed"):
+        assert key in results
+    costs = results["costs"]
+    methods = results["methods"]
+    # single models cost what their tables say: f0 one pass, f0 (MC) T passes, f2 all patches
+    assert methods["f0"]["gflops"] == pytest.approx(costs["f0_pass"])
+    assert methods["f0 (MC)"]["gflops"] == pytest.approx(costs["f0_pass"] * cfg.mc_samples)
+    assert methods["f2"]["gflops"] == pytest.approx(costs["patch"][2] * costs["num_patches"])
+    assert methods["f2"]["gap_recovered"] == pytest.approx(1.0)
+    assert methods["f0"]["gap_recovered"] == pytest.approx(0.0)
+    # the oracle knows the labels: no policy over this pool gets a higher reward, and at the
+    # same lam its routed IoU is at least f0's
+    assert methods["Oracle"]["iou"] >= methods["f0 (MC)"]["iou"] - 1e-9
+    t2 = results["table2"]
+    ratio = methods["PaSeR"]["gflops"] / methods["IDK-Cascade (IoU match)"]["gflops"]
+    assert t2["flops_saved_pct"] == pytest.approx(100 * (1 - ratio))
+
+
+def test_report_files(job):
+    run_dir, _, results, lines = job
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert [r["method"] for r in rows] == KEYS
+    assert float(rows[0]["iou"]) == pytest.approx(results["methods"]["PaSeR"]["iou"])
+    text = (run_dir / "report.md").read_text()
+    assert "Table 1" in text and "Table 2" in text and "| IDK-Cascade (IoU match) |" in text
+    assert any("Table 1" in line for line in lines)  # printed as well
+    for fig in ("iou_vs_gflop.png", "qualitative.png"):
+        assert (run_dir / "figures" / fig).stat().st_size > 1000
+
+
+def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
+    run_dir, cfg, results, _ = job
+    lines: list[str] = []
+    again = run(cfg, run_dir, show_progress=False, echo=lines.append)
+    assert again == results
+    assert sum("skipped" in line for line in lines) == 5
+    changed = cfg.model_copy(update={"baselines": cfg.baselines.model_copy(
+        update={"iou_match_tol": 0.01})})
+    before, after = fingerprints(cfg), fingerprints(changed)
+    assert [k for k in before if before[k] != after[k]] == ["report"]
+    lam = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lam": 0.3})})
+    after = fingerprints(lam)
+    assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "report"]
