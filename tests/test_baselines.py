@@ -93,16 +93,17 @@ def test_pareto_and_area_by_hand():
     assert area == pytest.approx((2 * 0.5 + 1 * 0.6 + 0 * 0.7) / 4, abs=1e-3)
 
 
-def _router():
+def _router(halo=0):
     torch.manual_seed(0)
-    grid = PatchGrid(2, 2)
+    grid = PatchGrid(2, 2, halo=halo)
     pool = [create_model("unet", c0=2, widths=[4, 4]), create_model("unet", c0=4, widths=[8, 8])]
     return Router(create_model("unet_tiny").eval(), RoutingPolicy(4, 3).eval(),
                   [m.eval() for m in pool], grid, mc_samples=3)
 
 
-def test_cascade_forward_matches_the_tables_and_a_direct_flop_count():
-    router = _router()
+@pytest.mark.parametrize("halo", [0, 4])
+def test_cascade_forward_matches_the_tables_and_a_direct_flop_count(halo):
+    router = _router(halo)
     data = Tensors(torch.rand(3, 1, 32, 32), torch.randint(0, 3, (3, 32, 32), dtype=torch.uint8),
                    ["a", "b", "c"])
     out = PatchOutcomes.build(router, data, 3, batch_size=3, device=torch.device("cpu"),

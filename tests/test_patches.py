@@ -197,3 +197,18 @@ def test_grid_is_frozen_and_hashable():
         grid.rows = 4  # type: ignore[misc]
     assert {grid: 1}[PatchGrid(2, 3)] == 1
     assert str(grid) == "2x3"
+
+
+def test_context_patches_carry_their_neighbours_and_centre_inverts():
+    grid = PatchGrid(2, 2, halo=3)
+    x = torch.rand(2, 1, 8, 8)
+    ctx = grid.context(x)
+    assert ctx.shape == (8, 1, 10, 10)
+    assert torch.equal(grid.merge(grid.centre(ctx)), x)
+    # patch 3 of image 1 (bottom right): its halo above and left is the real neighbours
+    assert torch.equal(ctx[7, 0, :7, :7], x[1, 0, 1:, 1:])
+    # ... and mirrored at the image border (reflect, without repeating the edge)
+    assert torch.equal(ctx[7, 0, 7, :7], x[1, 0, 6, 1:])
+    assert torch.equal(PatchGrid(2, 2).context(x), PatchGrid(2, 2).split(x))
+    with pytest.raises(ConfigError, match="halo"):
+        PatchGrid(2, 2, halo=-1)

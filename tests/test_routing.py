@@ -34,7 +34,7 @@ def test_entropy_hand_values():
     assert torch.allclose(entropy(p), torch.tensor([0.0, 0.6931472]))
 
 
-def _router(grid=PatchGrid(2, 2), t=3):
+def _router(grid=PatchGrid(2, 2), t=3):  # noqa: B008
     torch.manual_seed(0)
     f0 = create_model("unet_tiny")
     pool = [create_model("unet", c0=2, widths=[4, 4]), create_model("unet", c0=4, widths=[8, 8])]
@@ -42,18 +42,19 @@ def _router(grid=PatchGrid(2, 2), t=3):
     return Router(f0, policy.eval(), [m.eval() for m in pool], grid, t)
 
 
-def test_dispatch_puts_each_models_prediction_on_its_patches():
-    router = _router()
+@pytest.mark.parametrize("halo", [0, 4])
+def test_dispatch_puts_each_models_prediction_on_its_patches(halo):
+    router = _router(grid=PatchGrid(2, 2, halo=halo))
     x = torch.rand(2, 1, 32, 32)
     actions = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
     out = router(x, actions=actions)
     grid = router.grid
-    patches = grid.split(x)
+    patches = grid.context(grid.pad(x))
     flat = actions.reshape(-1)
     got = grid.split(out.probs)
     base = grid.split(out.mc.probs)
     for i, a in enumerate(flat.tolist()):  # a test may loop: it checks the vectorised code
-        want = base[i] if a == 0 else router.pool[a - 1](patches[i:i + 1])[0].softmax(0)
+        want = base[i] if a == 0 else grid.centre(router.pool[a - 1](patches[i:i + 1]))[0].softmax(0)
         assert torch.allclose(got[i], want, atol=1e-5)
     assert torch.equal(out.mask, out.probs.argmax(1))
 
@@ -69,8 +70,9 @@ def test_greedy_is_deterministic_in_actions_and_sample_varies():
     assert samples.unique().numel() == 3
 
 
-def test_gflops_from_tables_match_a_direct_count():
-    router = _router(t=5)
+@pytest.mark.parametrize("halo", [0, 4])
+def test_gflops_from_tables_match_a_direct_count(halo):
+    router = _router(grid=PatchGrid(2, 2, halo=halo), t=5)
     x = torch.rand(2, 1, 32, 32)
     actions = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 0]])
     costs = router.costs(32, 32)  # counted once per size: keep it out of the direct count

@@ -177,6 +177,9 @@ class ExperimentConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = default")
     grid: tuple[int, int] = Field((4, 4), description="patch grid rows, cols (paper: 4 x 4)")
+    halo: int = Field(
+        0, ge=0, description="pixels of neighbouring context each pool model sees around its "
+        "patch (its prediction is kept for the patch only; FLOPs include the halo); paper: 0")
     mc_samples: int = Field(5, ge=1, description="T, Monte Carlo dropout passes of f0")
     data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()

@@ -55,8 +55,9 @@ class PatchOutcomes:
             y = grid.pad(data.masks[i:i + batch_size].long().to(device), mode="constant",
                          value=-1)
             mc = router.observe(x, mc_seed)
-            patches, labels = grid.split(x), grid.split(y)  # [B*P, C, h, w], [B*P, h, w]
-            probs = [grid.split(mc.probs)] + [m(patches).float().softmax(1) for m in router.pool]
+            patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
+            probs = [grid.split(mc.probs)] + [grid.centre(m(patches)).float().softmax(1)
+                                              for m in router.pool]
             b, p = x.shape[0], grid.num_patches
             labelled = labels >= 0
             safe = labels.clamp_min(0)[:, None]

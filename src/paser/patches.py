@@ -51,8 +51,11 @@ class PatchGrid:
 
     rows: int
     cols: int
+    halo: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.halo, bool) or not isinstance(self.halo, int) or self.halo < 0:
+            raise ConfigError(f"PatchGrid halo={self.halo!r}: must be an integer >= 0 (pixels)")
         for name in ("rows", "cols"):
             value = getattr(self, name)
             # bool is an int subclass; PatchGrid(True, 4) is almost certainly a bug.
@@ -184,6 +187,31 @@ class PatchGrid:
             .reshape(b * self.num_patches, c, h, w)
         )
         return patches.squeeze(1) if squeeze else patches
+
+    def context(self, x: Tensor) -> Tensor:
+        """The inputs of a patch model: every patch of ``x`` [B, C, H, W] (divisible by the
+        grid) with ``halo`` pixels of its neighbours on each side, mirrored at the image
+        border: ``[B * P, C, h + 2 * halo, w + 2 * halo]``, in :meth:`split`'s order.
+
+        With ``halo = 0`` this is :meth:`split`. The model's output on it goes back through
+        :meth:`centre`; only the patch itself is kept, the halo is context.
+        """
+        m = self.halo
+        if not m:
+            return self.split(x)
+        self.split(x[:1, :1])  # the same checks and errors as split
+        b, c, height, width = x.shape
+        h, w = height // self.rows, width // self.cols
+        mode = "reflect" if m < min(height, width) else "replicate"
+        big = torch.nn.functional.pad(x, (m, m, m, m), mode=mode)
+        tiles = big.unfold(2, h + 2 * m, h).unfold(3, w + 2 * m, w)  # B C R K h' w'
+        return tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * self.num_patches, c, h + 2 * m,
+                                                       w + 2 * m)
+
+    def centre(self, y: Tensor) -> Tensor:
+        """Drop the halo of per-patch outputs ``[N, K, h + 2 * halo, w + 2 * halo]``."""
+        m = self.halo
+        return y[..., m:y.shape[-2] - m, m:y.shape[-1] - m] if m else y
 
     def merge(self, patches: Tensor) -> Tensor:
         """Exact inverse of :meth:`split`.

@@ -31,8 +31,8 @@ class CostTable:
         f0_pass: GFLOP of one f0 pass on the whole (padded) image.
         mc_samples: T, f0 passes per image.
         policy: GFLOP of the policy on one state.
-        patch: GFLOP of each model on one patch, ``[K+1]``; entry 0 is 0 because action 0
-            reuses f0's prediction.
+        patch: GFLOP of each model on one patch (with its halo of context, if the grid has
+            one), ``[K+1]``; entry 0 is 0 because action 0 reuses f0's prediction.
         params: parameters of f0..fK, ``[K+1]``.
         num_patches: P, patches per image.
     """
@@ -49,7 +49,7 @@ class CostTable:
                 in_channels: int, height: int, width: int, mc_samples: int) -> CostTable:
         """Count FLOPs at the padded size of a ``height x width`` image."""
         hp, wp = grid.padded_size(height, width)
-        ph, pw = hp // grid.rows, wp // grid.cols
+        ph, pw = hp // grid.rows + 2 * grid.halo, wp // grid.cols + 2 * grid.halo
         return cls(
             f0_pass=gflops_per_sample(f0, in_channels, hp, wp),
             mc_samples=mc_samples,
@@ -155,13 +155,14 @@ class Router(nn.Module):
         probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp]. Each model
         runs once, on all the patches routed to it (gather, forward, scatter).
         """
-        patches = self.grid.split(x)  # [B*P, C, h, w]
+        patches = self.grid.context(x)  # [B*P, C, h + 2 halo, w + 2 halo]
         out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
         flat = actions.reshape(-1)
         for k, model in enumerate(self.pool, start=1):
             idx = (flat == k).nonzero(as_tuple=True)[0]
             if idx.numel():
-                out.index_copy_(0, idx, model(patches.index_select(0, idx)).float().softmax(1))
+                out.index_copy_(0, idx, self.grid.centre(model(patches.index_select(0, idx)))
+                                .float().softmax(1))
         return self.grid.merge(out)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,

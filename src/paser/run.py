@@ -16,7 +16,7 @@ from pathlib import Path
 from paser.config import ExperimentConfig
 from paser.train.common import atomic_write_text, prepare_run_dir, setup
 
-_STAGE1 = ("data", "seed", "grid", "models", "stage1")
+_STAGE1 = ("data", "seed", "grid", "halo", "models", "stage1")
 _STAGE2 = (*_STAGE1, "mc_samples", "stage2")
 _STAGE3 = (*_STAGE2, "stage3")
 DEPS: dict[str, tuple[str, ...]] = {

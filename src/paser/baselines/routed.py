@@ -155,7 +155,7 @@ def cascade_forward(router: Router, x: torch.Tensor, taus: list[float] | torch.T
     h, w = x.shape[-2:]
     xp = grid.pad(x)
     mc = router.observe(xp, mc_seed)
-    patches = grid.split(xp)
+    patches = grid.context(xp)
     probs = grid.split(mc.probs).clone()
     active = entropy(probs).mean((-2, -1)) > float(taus[0])
     actions = torch.zeros(len(patches), dtype=torch.long, device=x.device)
@@ -163,7 +163,7 @@ def cascade_forward(router: Router, x: torch.Tensor, taus: list[float] | torch.T
         idx = active.nonzero(as_tuple=True)[0]
         if not idx.numel():
             break
-        out = model(patches.index_select(0, idx)).float().softmax(1)
+        out = grid.centre(model(patches.index_select(0, idx))).float().softmax(1)
         probs.index_copy_(0, idx, out)
         actions[idx] = k
         if k < len(router.pool):

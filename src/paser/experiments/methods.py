@@ -116,7 +116,7 @@ def patch_model_predictor(router: Router, k: int) -> Predictor:
 
     def predict(x, idx):
         h, w = x.shape[-2:]
-        logits = grid.merge(model(grid.split(grid.pad(x))))
+        logits = grid.merge(grid.centre(model(grid.context(grid.pad(x)))))
         g = router.costs(h, w).patch[k] * grid.num_patches
         return Prediction(grid.crop(logits.argmax(1), h, w), torch.full((x.shape[0],), g))
     return predict

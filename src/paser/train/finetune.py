@@ -126,7 +126,7 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
     policy.train()
     logits = policy(mc.state())  # [B, P, K+1]
     actions = explore(logits.detach(), alpha)
-    patches, labels = grid.split(x), grid.split(y)  # [B*P, C, h, w], [B*P, h, w]
+    patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
     f0_pred = grid.split(mc.pred)
     routed = f0_pred.clone()
     flat = actions.reshape(-1)
@@ -136,7 +136,7 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
         if not idx.numel():
             continue
         model.train()
-        out = model(patches[idx])
+        out = grid.centre(model(patches[idx]))
         loss = F.cross_entropy(out, labels[idx], weight=weight, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -47,7 +47,7 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
                  policy_state: dict | None = None, pool_states: list[dict] | None = None
                  ) -> Router:
     """The stage-1 models (optionally with fine-tuned pool weights) and a policy."""
-    grid = PatchGrid(*cfg.grid)
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     roles = [role for role, _ in model_roles(cfg)]
     f0 = load_trained(run_dir, cfg, "f0", device)
     pool = [load_trained(run_dir, cfg, role, device) for role in roles[1:]]

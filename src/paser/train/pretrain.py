@@ -84,12 +84,13 @@ def whole_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def patchwise(grid: PatchGrid) -> Forward:
-    """Run a model on the grid's patches and stitch its logits back: [B, C, H, W] -> [B, K, H, W]."""
+    """Run a model on the grid's patches (with their halo) and stitch its logits back:
+    [B, C, H, W] -> [B, K, H, W]."""
 
     def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         padded = grid.pad(x)
-        return grid.crop(grid.merge(model(grid.split(padded))), h, w)
+        return grid.crop(grid.merge(grid.centre(model(grid.context(padded)))), h, w)
 
     return forward
 
@@ -191,7 +192,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     device = setup(cfg)
     data = load_stage_data(cfg.data, progress=show_progress)
-    grid = PatchGrid(*cfg.grid)
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
     weight = class_weight(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
@@ -237,9 +238,9 @@ def _epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
 def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Forward],
               device: torch.device) -> dict:
     """Validation and test mIoU (dropout off, one pass), parameters and GFLOP per image."""
-    grid = PatchGrid(*cfg.grid)
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     h, w = data.test.images.shape[-2:]
-    ph, pw = grid.patch_size(h, w)
+    ph, pw = (s + 2 * grid.halo for s in grid.patch_size(h, w))
     models = {}
     for role, spec in model_roles(cfg):
         model = load_trained(run_dir, cfg, role, device)
