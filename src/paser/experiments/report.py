@@ -146,8 +146,8 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
         ax.plot(c["gflops"], c["iou"], "-", color=styles.get(name, "C7"), alpha=0.7,
                 label=f"{name} curve")
     for i, (name, m) in enumerate(methods.items()):
-        ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>ph"[i % 10], s=60, zorder=3,
-                   label=name)
+        ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>phX8d"[i % 13], s=60, zorder=3,
+                   color=plt.cm.tab20(i % 20), label=name)
     ax.set_xscale("log")
     ax.set_xlabel(f"GFLOP per image ({FLOP_CONVENTION})", fontsize=8)
     ax.set_ylabel("test mIoU")
@@ -184,6 +184,11 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
             ax.imshow(np.asarray(img), cmap=cm, interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
+            if title == "routing":  # the patch borders
+                for k in range(1, grid.rows):
+                    ax.axhline(k * h / grid.rows - 0.5, color="white", lw=0.8)
+                for k in range(1, grid.cols):
+                    ax.axvline(k * w / grid.cols - 0.5, color="white", lw=0.8)
             if r == 0:
                 ax.set_title(title if title != "routing" else
                              "routing: " + ", ".join(f"{i}={m}" for i, m in enumerate(model_names)),
