@@ -67,6 +67,17 @@ def test_report_files(job):
         assert (run_dir / "figures" / fig).stat().st_size > 1000
 
 
+def test_a_bad_baseline_name_fails_before_any_training(tmp_path):
+    from paser.errors import ConfigError
+
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY, f"data.cache_dir={tmp_path / 'c'}",
+        "baselines.monolithic={SegFormer: {name: 'smp:Segformer:no_such_encoder'}}"])
+    with pytest.raises(ConfigError, match="baselines.monolithic.SegFormer"):
+        run(cfg, tmp_path / "run", show_progress=False, echo=lambda line: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     run_dir, cfg, results, _ = job
     lines: list[str] = []

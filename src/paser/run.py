@@ -47,6 +47,25 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     return out
 
 
+def check_models(cfg: ExperimentConfig) -> None:
+    """Build every model the run will train, so that a bad name fails now, not after an
+    hour of stage 1."""
+    from paser.errors import ConfigError
+    from paser.train.pretrain import build_model
+
+    specs = {"models.f0": cfg.models.f0}
+    specs.update({f"models.pool.{i}": s for i, s in enumerate(cfg.models.pool)})
+    specs.update({f"baselines.monolithic.{k}": s for k, s in cfg.baselines.monolithic.items()})
+    if cfg.baselines.matphase is not None:
+        specs.update({f"baselines.matphase.members.{i}": s
+                      for i, s in enumerate(cfg.baselines.matphase.members)})
+    for key, spec in specs.items():
+        try:
+            build_model(cfg, spec)
+        except ConfigError as err:
+            raise ConfigError(f"key '{key}': {err}") from None
+
+
 class Steps:
     """The ``steps.json`` ledger of finished steps."""
 
@@ -79,6 +98,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.train.policy import train_policy
     from paser.train.pretrain import pretrain
 
+    check_models(cfg)
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     fps = fingerprints(cfg)
     steps = Steps(run_dir)
