@@ -91,3 +91,15 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     lam = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lam": 0.3})})
     after = fingerprints(lam)
     assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "report"]
+
+
+def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
+    run_dir, cfg, _, _ = job
+    (run_dir / "stage2.json").unlink()  # stage 2's output is gone: it runs again
+    lines: list[str] = []
+    run(cfg, run_dir, show_progress=False, echo=lines.append)
+    status = {line.split("]")[0][1:]: line for line in lines if line.startswith("[")
+              and ("skipped" in line or "running" in line)}
+    assert "skipped" in status["stage1"] and "skipped" in status["baselines"]
+    for name in ("stage2", "stage3", "report"):
+        assert "running" in status[name], name

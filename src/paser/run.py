@@ -80,11 +80,15 @@ class Steps:
         return self.done.get(step, {}).get("started") == fingerprint
 
     def mark(self, step: str, fingerprint: str, **info) -> None:
-        self.done[step] = {"fingerprint": fingerprint, **info}
-        atomic_write_text(json.dumps(self.done, indent=2), self.path)
+        """Record a finished step (with ``info`` such as its seconds)."""
+        self._write(step, {"fingerprint": fingerprint, **info})
 
     def start(self, step: str, fingerprint: str) -> None:
-        self.done[step] = {"started": fingerprint}
+        """Record a step as begun: if it is cut short, the next run resumes it."""
+        self._write(step, {"started": fingerprint})
+
+    def _write(self, step: str, record: dict) -> None:
+        self.done[step] = record
         atomic_write_text(json.dumps(self.done, indent=2), self.path)
 
 
@@ -104,11 +108,12 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     steps = Steps(run_dir)
     device = setup(cfg)
     timings: dict[str, float] = {}
-    upstream = {"stage2": "stage1", "stage3": "stage2", "report": "*"}
+    # A step whose input was rebuilt in this run is stale even if its config is unchanged.
+    inputs = {"stage2": ("stage1",), "stage3": ("stage2",),
+              "report": ("stage1", "stage2", "stage3", "baselines")}
 
     def step(name: str, fn) -> None:
-        before = upstream.get(name)
-        stale = before == "*" and timings or before in timings  # an input was just rebuilt
+        stale = any(before in timings for before in inputs.get(name, ()))
         if (not force and not stale and steps.finished(name, fps[name])
                 and (run_dir / OUTPUTS[name]).exists()):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")

@@ -28,6 +28,7 @@ from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
 from paser.experiments import methods as M
 from paser.experiments.report import (
+    ROUTED,
     add_honest_view,
     curve_areas,
     method_order,
@@ -109,9 +110,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         task = bar.add_task("evaluation", total=len(preds) + 1, info="")
         for name, predict in preds.items():
             bar.update(task, info=name)
-            routed = name in ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "Oracle")
             results[name] = M.measure(predict, data.test, ncls, tb, device,
-                                      nmod if routed else None)
+                                      nmod if name in ROUTED else None)
             bar.advance(task)
             if name == "IDK-Cascade":  # the IoU match needs PaSeR's test IoU
                 match = match_cascade(test_out, costs, results["PaSeR"]["iou"], b.iou_match_tol,
@@ -119,7 +119,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                 results["IDK-Cascade (IoU match)"] = M.measure(
                     M.cascade_predictor(router, match), data.test, ncls, tb, device, nmod)
         bar.update(task, info="curves")
-        taus, c_miou, c_gflops = cascade_sweep(test_out, costs, b.curve_points)
+        _, c_miou, c_gflops = cascade_sweep(test_out, costs, b.curve_points)
         curves = {"PaSeR": policy_curve(router, test_out, b.curve_points, tb),
                   "IDK-Cascade": _curve(c_miou, c_gflops),
                   "Oracle": oracle_curve(test_out, costs, cost, b.curve_points)}

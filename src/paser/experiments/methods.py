@@ -122,27 +122,29 @@ def patch_model_predictor(router: Router, k: int) -> Predictor:
     return predict
 
 
-def whole_image_predictor(model: nn.Module, in_channels: int) -> Predictor:
-    """A monolithic model on the whole image (padded to a multiple of 32, cropped back)."""
+def _whole(segment: Callable[[torch.Tensor], torch.Tensor],
+           gflops_at: Callable[[int, int], float]) -> Predictor:
+    """A method with the same cost for every image of a size: ``segment(x)`` gives the
+    prediction, ``gflops_at(h, w)`` its cost, counted once per size."""
     cache: dict[tuple[int, int], float] = {}
 
     def predict(x, idx):
         h, w = x.shape[-2:]
         if (h, w) not in cache:
-            cache[h, w] = padded_gflops(model, in_channels, h, w)
-        return Prediction(whole_padded(model, x).argmax(1), torch.full((x.shape[0],), cache[h, w]))
+            cache[h, w] = gflops_at(h, w)
+        return Prediction(segment(x), torch.full((x.shape[0],), cache[h, w]))
     return predict
+
+
+def whole_image_predictor(model: nn.Module, in_channels: int) -> Predictor:
+    """A monolithic model on the whole image (padded to a multiple of 32, cropped back)."""
+    return _whole(lambda x: whole_padded(model, x).argmax(1),
+                  lambda h, w: padded_gflops(model, in_channels, h, w))
 
 
 def matphase_predictor(model: MatPhase, in_channels: int) -> Predictor:
-    cache: dict[tuple[int, int], float] = {}
-
-    def predict(x, idx):
-        h, w = x.shape[-2:]
-        if (h, w) not in cache:
-            cache[h, w] = model.gflops(in_channels, h, w)
-        return Prediction(model(x), torch.full((x.shape[0],), cache[h, w]))
-    return predict
+    """MatPhase: every member and the fusion CNN on the whole image."""
+    return _whole(model, lambda h, w: model.gflops(in_channels, h, w))
 
 
 __all__ = ["Prediction", "Predictor", "cascade_predictor", "f0_predictor",
