@@ -90,7 +90,7 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     assert [k for k in before if before[k] != after[k]] == ["report"]
     lam = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lam": 0.3})})
     after = fingerprints(lam)
-    assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "report"]
+    assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "tvd", "report"]
 
 
 def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):

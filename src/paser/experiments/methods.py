@@ -5,7 +5,8 @@ function, :func:`measure`, streams the test split through any predictor in batch
 fixed size and returns IoU (dataset-level mIoU), GFLOP per image (counted from the same
 FLOP tables, :data:`paser.cost.FLOP_CONVENTION`), IoU/GFLOP, wall-clock milliseconds per
 image (one untimed warm-up batch first) and, for routed methods, the share of patches per
-model.
+model and, when the data has sample groups (noisy MNIST's blur types), the
+``assignment`` counts ``[G, K+1]``: patches of each group sent to each model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def measure(predict: Predictor, data: Tensors, num_classes: int, batch_size: int
     """Stream ``data`` through ``predict``; see the module docstring for what is returned."""
     acc = IoUAccumulator(num_classes)
     counts = torch.zeros(num_models or 1, dtype=torch.float64)
+    groups = len(data.group_names) if data.groups is not None and num_models else 0
+    confusion = torch.zeros(groups, num_models or 1, dtype=torch.long)
     gflops, seconds, n = 0.0, 0.0, len(data)
     if timed:  # warm-up: first-call allocations and lazy initialisation are not timed
         predict(data.images[:batch_size].to(device), torch.arange(min(batch_size, n)))
@@ -61,11 +64,18 @@ def measure(predict: Predictor, data: Tensors, num_classes: int, batch_size: int
         gflops += float(out.gflops.sum())
         if out.actions is not None and num_models:
             counts += torch.bincount(out.actions.reshape(-1).cpu(), minlength=num_models)
+            if groups:  # every patch of an image carries the image's group
+                g = data.groups[i:i + batch_size, None].expand_as(out.actions.cpu())
+                confusion += torch.bincount((g * num_models + out.actions.cpu()).reshape(-1),
+                                            minlength=groups * num_models
+                                            ).view(groups, num_models)
     miou, mean_gflops = acc.compute()["miou"], gflops / n
     result = {"iou": miou, "gflops": mean_gflops, "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
               "ms_per_image": 1000 * seconds / n if timed else None, "batch_size": batch_size}
     if num_models and counts.sum() > 0:
         result["fractions"] = (counts / counts.sum()).tolist()
+    if groups:
+        result["assignment"] = confusion.tolist()
     return result
 
 

@@ -60,6 +60,27 @@ def table2(methods: dict[str, dict]) -> dict:
             "iou_difference": p["iou"] - c["iou"]}
 
 
+def assignment_summary(methods: dict[str, dict], group_names, model_names: list[str],
+                       model_groups: list[list[int] | None]) -> dict:
+    """Confusion matrices (true group x chosen model, patch counts) of the routed methods and
+    their assignment accuracy: the share of patches sent to a model trained on their group
+    (``None`` when some group has no model of its own)."""
+    correct = [[k for k, gs in enumerate(model_groups) if gs is not None and g in gs]
+               for g in range(len(group_names))]
+    out = {"groups": list(group_names), "models": model_names, "correct_models": correct,
+           "methods": {}}
+    for name, m in methods.items():
+        if "assignment" not in m:
+            continue
+        matrix = np.asarray(m["assignment"], dtype=np.int64)
+        accuracy = None
+        if all(correct) and matrix.sum() > 0:
+            hits = sum(int(matrix[g, ks].sum()) for g, ks in enumerate(correct))
+            accuracy = hits / int(matrix.sum())
+        out["methods"][name] = {"matrix": matrix.tolist(), "accuracy": accuracy}
+    return out
+
+
 def _fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -102,6 +123,20 @@ def markdown(results: dict) -> str:
     for name, m in methods.items():
         if "fractions" in m:
             w(f"| {name} | " + " | ".join(f"{100 * f:.1f} %" for f in m["fractions"]) + " |\n")
+    if "assignment" in results:
+        _assignment_md(w, results["assignment"])
+    if "tvd_sweep" in results:
+        w("\n## Budget by total variation (TVD sweep)\n\n")
+        w("Stage 3 from the same stage-2 policy (lam = 0), lam rising until the validation "
+          "assignment distribution is the threshold away from the starting policy's; the last "
+          "epoch within it is kept.\n\n")
+        w("| TVD threshold | IoU | GFLOP | IoU/GFLOP | val TVD reached | epoch kept | lam there "
+          "| fractions |\n|---|---|---|---|---|---|---|---|\n")
+        for r in results["tvd_sweep"]:
+            w(f"| {100 * r['tvd_threshold']:.0f} % | {_fmt(r['iou'])} | {_fmt(r['gflops'], 3)} | "
+              f"{_fmt(r['iou_per_gflop'])} | {_fmt(r['val_tvd'], 3)} | {r['epoch']} | "
+              f"{_fmt(r['lam'], 3)} | "
+              + " / ".join(f"{100 * f:.1f}" for f in r.get("fractions", [])) + " % |\n")
     w("\n## IoU-vs-GFLOP curves (test split)\n\n")
     lo, hi = results["curve_range"]
     w(f"Normalised area under each curve over {lo:.3f}-{hi:.3f} GFLOP (mean best IoU within "
@@ -110,11 +145,26 @@ def markdown(results: dict) -> str:
         w(f"- {name}: {area:.4f}\n")
     w(f"- PaSeR's point {'is' if results['paser_on_or_above_cascade'] else 'is NOT'} on or "
       "above the cascade's curve (at PaSeR's GFLOP, IoU at least the cascade's best).\n")
-    w("\nFigures: `figures/iou_vs_gflop.png`, `figures/qualitative.png`.\n")
+    extra = [f for k, f in (("assignment", "assignment.png"), ("tvd_sweep", "tvd.png"))
+             if k in results]
+    w("\nFigures: " + ", ".join(f"`figures/{f}`" for f in ["iou_vs_gflop.png",
+                                                            "qualitative.png", *extra]) + ".\n")
     w("\n## Notes\n\n")
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+def _assignment_md(w, a: dict) -> None:
+    w("\n## Model assignment: true group (rows) vs chosen model (columns)\n\n")
+    w("Correct model per group: " + ", ".join(
+        f"{g} -> {'/'.join(a['models'][k] for k in ks) or 'none'}"
+        for g, ks in zip(a["groups"], a["correct_models"], strict=True)) + ".\n")
+    for name, m in a["methods"].items():
+        w(f"\n**{name}**: assignment accuracy {_fmt(m['accuracy'], 3)}\n\n")
+        w("| group | " + " | ".join(a["models"]) + " |\n|---|" + "---|" * len(a["models"]) + "\n")
+        for g, row in zip(a["groups"], m["matrix"], strict=True):
+            w(f"| {g} | " + " | ".join(str(v) for v in row) + " |\n")
 
 
 def write_report(run_dir: Path, results: dict) -> str:
@@ -196,4 +246,52 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_assignment(path: Path, assignment: dict) -> None:
+    """One confusion matrix per routed method: true group vs chosen model, with counts."""
+    plt = _pyplot()
+    items = list(assignment["methods"].items())
+    fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.2), squeeze=False)
+    for ax, (name, m) in zip(axes[0], items, strict=True):
+        matrix = np.asarray(m["matrix"])
+        ax.imshow(matrix, cmap="Blues")
+        for (r, c), v in np.ndenumerate(matrix):
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(assignment["models"])), assignment["models"], fontsize=8)
+        ax.set_yticks(range(len(assignment["groups"])), assignment["groups"], fontsize=8)
+        ax.set_xlabel("chosen model", fontsize=8)
+        ax.set_title(f"{name}\naccuracy {_fmt(m['accuracy'], 3)}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tvd(path: Path, sweep: list[dict]) -> None:
+    """IoU/GFLOP and IoU against the TVD threshold (paper Fig. 12)."""
+    plt = _pyplot()
+    x = [100 * r["tvd_threshold"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(x, [r["iou_per_gflop"] for r in sweep], "o-", color="C0")
+    ax.set_xlabel("TVD threshold (%)")
+    ax.set_ylabel("IoU / GFLOP", color="C0")
+    twin = ax.twinx()
+    twin.plot(x, [r["iou"] for r in sweep], "s--", color="C3")
+    twin.set_ylabel("test mIoU", color="C3")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

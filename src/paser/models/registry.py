@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from paser.errors import ConfigError
 from paser.models.unet import UNET_SIZES, UNet
@@ -62,6 +63,21 @@ def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
         )
     except (KeyError, ValueError, TypeError) as err:
         raise ConfigError(f"model '{name}': segmentation-models-pytorch refused it: {err}") from None
+
+
+class Resized(nn.Module):
+    """Run ``model`` at a fixed ``size`` (H, W): the input is resized to it (bilinear) and
+    the logits back to the input's size. For models built for larger images than the data
+    (the paper runs EfficientViT on MNIST upscaled to 256 x 256)."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.model, self.size = model, (int(size[0]), int(size[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        up = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return F.interpolate(self.model(up), size=(h, w), mode="bilinear", align_corners=False)
 
 
 def count_parameters(model: nn.Module) -> int:

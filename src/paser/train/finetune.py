@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from paser.config import ExperimentConfig
-from paser.data import load_stage_data
+from paser.config import ExperimentConfig, Stage3Config
+from paser.data import StageData, load_stage_data
 from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image
 from paser.train.common import (
@@ -34,14 +34,21 @@ from paser.train.policy import build_router, explore, linear, reward, tvd
 
 
 def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
-             show_progress: bool = True) -> dict:
-    """Run stage 3 into ``run_dir``; return the summary written to ``stage3.json``."""
+             show_progress: bool = True, variant: tuple[Path, Stage3Config] | None = None,
+             data: StageData | None = None) -> dict:
+    """Run stage 3 into ``run_dir``; return the summary written to ``stage3.json``.
+
+    ``variant=(out_dir, settings)`` fine-tunes from the run's stage-1 models and stage-2
+    policy with other stage-3 settings (a TVD sweep), writing checkpoints, metrics and
+    ``stage3.json`` under ``out_dir`` instead; the run's own stage 3 is left alone.
+    """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     device = setup(cfg)
-    s3 = cfg.stage3
-    data = load_stage_data(cfg.data, progress=show_progress)
-    ckpt_dir = run_dir / "checkpoints"
-    policy_state = load_checkpoint(ckpt_dir / "policy.pt", device)["policy"]
+    out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
+    out_dir = Path(out_dir)
+    data = data or load_stage_data(cfg.data, progress=show_progress)
+    policy_state = load_checkpoint(run_dir / "checkpoints" / "policy.pt", device)["policy"]
+    ckpt_dir = out_dir / "checkpoints"
     router = build_router(cfg, run_dir, device, policy_state)
     grid, policy, pool = router.grid, router.policy, router.pool
     ncls, batch = cfg.models.num_classes, s3.batch_size
@@ -63,13 +70,14 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         torch.set_rng_state(state["rng"])
         start, best, stopped, reference = (state["epoch"] + 1, state["best"], state["stopped"],
                                            state["reference"])
-    if not best_path.is_file():  # the starting point is a valid answer (TVD 0)
+    if start == 0 or not best_path.is_file():  # the starting point is a valid answer (TVD 0)
         _save_best(best_path, router, -1, None)
-    log = MetricLog(run_dir / "metrics" / "stage3.jsonl")
+    log = MetricLog(out_dir / "metrics" / "stage3.jsonl")
     log.truncate_after("stage3", start - 1)
     n = len(data.ft)
     with progress(show_progress) as bar:
-        task = bar.add_task("stage 3 joint", total=s3.epochs, completed=start, info="")
+        name = "stage 3 joint" if variant is None else f"stage 3 variant (TVD {s3.tvd_threshold})"
+        task = bar.add_task(name, total=s3.epochs, completed=start, info="")
         for epoch in range(start, s3.epochs):
             if stopped:
                 break
@@ -88,13 +96,14 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
             val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
             distance = tvd(val["fractions"], reference)
+            kept = val | {"tvd": distance, "epoch": epoch, "lam": lam}
             if s3.tvd_threshold is not None:
                 stopped = distance >= s3.tvd_threshold
                 if not stopped:
-                    _save_best(best_path, router, epoch, val | {"tvd": distance})
+                    _save_best(best_path, router, epoch, kept)
             elif val["reward"] > best:
                 best = val["reward"]
-                _save_best(best_path, router, epoch, val | {"tvd": distance})
+                _save_best(best_path, router, epoch, kept)
             atomic_save({"policy": policy.state_dict(), "pool": [m.state_dict() for m in pool],
                          "optimizers": [o.state_dict() for o in opts],
                          "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
@@ -113,8 +122,26 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     summary = {"stage": 3, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
                "reference_fractions": reference, "stopped_by_tvd": stopped,
                "best": load_checkpoint(best_path)["val"]}
-    atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage3.json")
+    atomic_write_text(json.dumps(summary, indent=2), out_dir / "stage3.json")
     return summary
+
+
+def sweep_dir(run_dir: str | Path, threshold: float) -> Path:
+    """Where the TVD-sweep variant for ``threshold`` lives: ``run_dir/tvd/<threshold>``."""
+    return Path(run_dir) / "tvd" / f"{threshold:g}"
+
+
+def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
+              show_progress: bool = True) -> list[dict]:
+    """Fine-tune one variant per ``stage3.tvd_sweep`` threshold, each from the run's stage-2
+    policy and stage-1 models (paper Fig. 12); return their ``stage3.json`` summaries."""
+    data = load_stage_data(cfg.data, progress=show_progress)
+    out = []
+    for threshold in cfg.stage3.tvd_sweep:
+        settings = cfg.stage3.model_copy(update={"tvd_threshold": threshold})
+        out.append(finetune(cfg, run_dir, resume, show_progress,
+                            variant=(sweep_dir(run_dir, threshold), settings), data=data))
+    return out
 
 
 def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):

@@ -26,6 +26,7 @@ from paser.data import Tensors, load_stage_data
 from paser.errors import CheckpointError, ConfigError
 from paser.metrics import IoUAccumulator
 from paser.models import count_parameters, create_model
+from paser.models.registry import Resized
 from paser.patches import PatchGrid
 from paser.train.common import (
     MetricLog,
@@ -41,7 +42,16 @@ Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def build_model(cfg: ExperimentConfig, spec: ModelSpec) -> nn.Module:
-    return create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
+    """The untrained model of a spec (wrapped to run at ``spec.input_size`` if set)."""
+    model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
+    return Resized(model, spec.input_size) if spec.input_size else model
+
+
+def _identity(spec: ModelSpec | dict) -> tuple:
+    """What must match between a checkpoint and the config: name, kwargs, input size."""
+    d = spec if isinstance(spec, dict) else spec.model_dump(mode="json")
+    size = d.get("input_size")
+    return d.get("name"), d.get("kwargs"), list(size) if size else None
 
 
 def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
@@ -57,11 +67,11 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
     spec = spec or dict(model_roles(cfg))[role]
     ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
     stored = ckpt.get("spec") or {}
-    if (stored.get("name"), stored.get("kwargs")) != (spec.name, spec.kwargs):
+    if _identity(stored) != _identity(spec):
         raise CheckpointError(
-            f"{run_dir}/checkpoints/{role}.pt holds model {stored.get('name')} "
-            f"{stored.get('kwargs')}, but the config asks for {spec.name} {spec.kwargs}; use the "
-            "run's own config or re-run stage 1"
+            f"{run_dir}/checkpoints/{role}.pt holds model {' '.join(map(str, _identity(stored)))}"
+            f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
+            "config or re-run stage 1"
         )
     model = build_model(cfg, spec).to(device)
     model.load_state_dict(ckpt["model"])
@@ -204,15 +214,19 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
-    for role, spec in roles[1:]:
+    for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
         model = build_model(cfg, spec).to(device)
-        fit(role, model, forwards[role], ce, data.pre, data.validation,
+        train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
+        fit(role, model, forwards[role], ce, train, val,
             epochs=_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
 
-    # fK is frozen while f0 learns: its stitched logits on D_pre are computed once.
+    # fK is frozen while f0 learns: its stitched logits on f0's data are computed once.
+    f0_spec = cfg.models.f0
+    f0_train, f0_val = (d.in_groups(f0_spec.groups, _keys(cfg)[0])
+                        for d in (data.pre, data.validation))
     teacher_role = roles[-1][0]
     teacher = load_trained(run_dir, cfg, teacher_role, device)
-    teacher_logits = predict_logits(teacher, forwards[teacher_role], data.pre.images,
+    teacher_logits = predict_logits(teacher, forwards[teacher_role], f0_train.images,
                                     cfg.stage1.batch_size, device)
     a_kd = cfg.stage1.a_kd
 
@@ -221,14 +235,18 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         return (1 - a_kd) * F.cross_entropy(logits, y, weight=weight) + a_kd * F.mse_loss(
             logits, target)
 
-    f0_spec = cfg.models.f0
     f0 = build_model(cfg, f0_spec).to(device)
-    fit("f0", f0, whole_image, ce_kd, data.pre, data.validation,
+    fit("f0", f0, whole_image, ce_kd, f0_train, f0_val,
         epochs=_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
 
     summary = summarize(cfg, run_dir, data, forwards, device)
     atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
+
+
+def _keys(cfg: ExperimentConfig) -> list[str]:
+    """The config key of each role's ``groups``, f0 first (for error messages)."""
+    return ["models.f0.groups"] + [f"models.pool.{i}.groups" for i in range(len(cfg.models.pool))]
 
 
 def _epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
@@ -256,5 +274,10 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Fo
                                               device)
                for split in ("validation", "test")},
         }
+        if data.test.groups is not None:  # each model on each kind of sample (noisy MNIST)
+            models[role]["test_miou_by_group"] = {
+                name: evaluate_miou(model, forwards[role], data.test.in_groups([g]),
+                                    cfg.models.num_classes, cfg.stage1.batch_size, device)
+                for g, name in enumerate(data.test.group_names)}
     return {"stage": 1, "flop_convention": FLOP_CONVENTION, "device": str(device),
             "image_size": [h, w], "grid": list(cfg.grid), "models": models}

