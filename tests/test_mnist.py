@@ -214,3 +214,49 @@ def test_assignment_accuracy_and_counts_by_hand():
     # a group without a model of its own: no accuracy
     none = assignment_summary({"PaSeR": res}, mn.BLURS, ["f0", "f1", "f2"], [[0], [1], None])
     assert none["methods"]["PaSeR"]["accuracy"] is None
+
+
+MNIST_TINY = [
+    "data.mnist.source=idx", "data.mnist.n_train=24", "data.mnist.n_val=6",
+    "data.mnist.n_test=12", "mc_samples=2",
+    "stage1.epochs=1", "models.f0.epochs=1", "models.pool.0.epochs=1", "stage1.batch_size=8", "stage2.epochs=2", "stage2.batch_size=8",
+    "stage3.epochs=2", "stage3.batch_size=8",
+    "models.pool.0.kwargs={c0: 2, widths: [4, 4]}", "models.pool.1.kwargs={c0: 4, widths: [8, 8]}",
+    "baselines.monolithic.EfficientViT.input_size=[32, 32]", "baselines.timing_batch=4",
+    "baselines.cascade_points=3", "baselines.curve_points=3",
+]
+
+
+def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root):
+    import json
+
+    from paser.config import load_config
+    from paser.run import run
+
+    root = idx_root[0]
+    cfg = load_config(preset="mnist-noisy", overrides=[*MNIST_TINY, f"data.mnist.root={root}"])
+    run_dir = root.parent / "run"
+    results = run(cfg, run_dir, show_progress=False, echo=lambda line: None)
+    for name in ("PaSeR", "PaSeR-RandPol", "IDK-Cascade (IoU match)", "Oracle", "DeepLabV3+",
+                 "SegFormer", "EfficientViT"):
+        assert 0.0 <= results["methods"][name]["iou"] <= 1.0, name
+    a = results["assignment"]
+    assert a["groups"] == list(mn.BLURS) and a["models"] == ["f0", "f1", "f2"]
+    assert a["correct_models"] == [[0], [1], [2]]  # f0 knows r1, f1 r2, f2 the box blur
+    for name in ("PaSeR", "IDK-Cascade", "PaSeR-RandPol"):
+        matrix = np.asarray(a["methods"][name]["matrix"])
+        assert matrix.shape == (3, 3) and matrix.sum() == 12  # one patch per test image
+        assert a["methods"][name]["accuracy"] == pytest.approx(np.trace(matrix) / 12)
+    sweep = results["tvd_sweep"]
+    assert [row["tvd_threshold"] for row in sweep] == [0.0, 0.05, 0.1]
+    # TVD 0 keeps the stage-2 policy unless an epoch left the assignment exactly unchanged
+    assert all(row["val_tvd"] <= row["tvd_threshold"] + 1e-9 for row in sweep)
+    # the run's own threshold (0.05) is its stage 3, not a second fine-tuning
+    main = json.loads((run_dir / "stage3.json").read_text())
+    assert not (run_dir / "tvd" / "0.05").exists() and (run_dir / "tvd" / "0.1").is_dir()
+    assert sweep[1]["epoch"] == (main["best"] or {}).get("epoch", -1)
+    assert sweep[1]["iou"] == pytest.approx(results["methods"]["PaSeR"]["iou"])
+    text = (run_dir / "report.md").read_text()
+    assert "assignment accuracy" in text and "TVD" in text
+    for fig in ("assignment.png", "tvd.png"):
+        assert (run_dir / "figures" / fig).stat().st_size > 1000

@@ -111,7 +111,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     device = setup(cfg)
     timings: dict[str, float] = {}
     # A step whose input was rebuilt in this run is stale even if its config is unchanged.
-    inputs = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2",),
+    inputs = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
               "report": ("stage1", "stage2", "stage3", "baselines", "tvd")}
 
     def step(name: str, fn) -> None:

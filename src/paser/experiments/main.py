@@ -190,7 +190,7 @@ def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: to
     """PaSeR of each TVD-sweep variant on the test split, with where its fine-tuning stopped."""
     rows = []
     for threshold in cfg.stage3.tvd_sweep:
-        where = sweep_dir(run_dir, threshold)
+        where = sweep_dir(run_dir, threshold, cfg)
         router = PaSeR.load(run_dir, device=str(device),
                             stage3=where / "checkpoints" / "stage3.pt").router
         row = M.measure(M.paser_predictor(router), data.test, cfg.models.num_classes,

@@ -265,7 +265,7 @@ def plot_assignment(path: Path, assignment: dict) -> None:
     fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.2), squeeze=False)
     for ax, (name, m) in zip(axes[0], items, strict=True):
         matrix = np.asarray(m["matrix"])
-        ax.imshow(matrix, cmap="Blues")
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
         for (r, c), v in np.ndenumerate(matrix):
             ax.text(c, r, str(v), ha="center", va="center", fontsize=8,
                     color="white" if v > matrix.max() / 2 else "black")
@@ -284,12 +284,15 @@ def plot_tvd(path: Path, sweep: list[dict]) -> None:
     plt = _pyplot()
     x = [100 * r["tvd_threshold"] for r in sweep]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(x, [r["iou_per_gflop"] for r in sweep], "o-", color="C0")
+    lines = ax.plot(x, [r["iou_per_gflop"] for r in sweep], "o-", color="C0", markersize=9,
+                    label="IoU / GFLOP (left)")
     ax.set_xlabel("TVD threshold (%)")
     ax.set_ylabel("IoU / GFLOP", color="C0")
     twin = ax.twinx()
-    twin.plot(x, [r["iou"] for r in sweep], "s--", color="C3")
+    lines += twin.plot(x, [r["iou"] for r in sweep], "s--", color="C3", markersize=5,
+                       label="test mIoU (right)")
     twin.set_ylabel("test mIoU", color="C3")
+    ax.legend(handles=lines, fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,21 +126,31 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     return summary
 
 
-def sweep_dir(run_dir: str | Path, threshold: float) -> Path:
-    """Where the TVD-sweep variant for ``threshold`` lives: ``run_dir/tvd/<threshold>``."""
+def sweep_dir(run_dir: str | Path, threshold: float, cfg: ExperimentConfig) -> Path:
+    """Where the TVD-sweep variant for ``threshold`` lives: ``run_dir/tvd/<threshold>``, or
+    the run itself when ``threshold`` is the run's own ``stage3.tvd_threshold`` (that variant
+    is the run's stage 3: it is not trained twice)."""
+    if threshold == cfg.stage3.tvd_threshold:
+        return Path(run_dir)
     return Path(run_dir) / "tvd" / f"{threshold:g}"
 
 
 def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
               show_progress: bool = True) -> list[dict]:
     """Fine-tune one variant per ``stage3.tvd_sweep`` threshold, each from the run's stage-2
-    policy and stage-1 models (paper Fig. 12); return their ``stage3.json`` summaries."""
+    policy and stage-1 models (paper Fig. 12); return their ``stage3.json`` summaries. The
+    run's own threshold is its stage 3 (run first) and is read, not trained again."""
     data = load_stage_data(cfg.data, progress=show_progress)
+    (Path(run_dir) / "tvd").mkdir(parents=True, exist_ok=True)  # the step's output marker
     out = []
     for threshold in cfg.stage3.tvd_sweep:
+        where = sweep_dir(run_dir, threshold, cfg)
+        if where == Path(run_dir):
+            out.append(json.loads((where / "stage3.json").read_text()))
+            continue
         settings = cfg.stage3.model_copy(update={"tvd_threshold": threshold})
-        out.append(finetune(cfg, run_dir, resume, show_progress,
-                            variant=(sweep_dir(run_dir, threshold), settings), data=data))
+        out.append(finetune(cfg, run_dir, resume, show_progress, variant=(where, settings),
+                            data=data))
     return out
 
 
