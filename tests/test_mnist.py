@@ -256,6 +256,7 @@ def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root
     assert not (run_dir / "tvd" / "0.05").exists() and (run_dir / "tvd" / "0.1").is_dir()
     assert sweep[1]["epoch"] == (main["best"] or {}).get("epoch", -1)
     assert sweep[1]["iou"] == pytest.approx(results["methods"]["PaSeR"]["iou"])
+    assert not any("MatPhase" in note for note in results["notes"])  # not configured here
     text = (run_dir / "report.md").read_text()
     assert "assignment accuracy" in text and "TVD" in text
     for fig in ("assignment.png", "tvd.png"):

@@ -140,9 +140,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     reach = [y for x, y in zip(curves["IDK-Cascade"]["gflops"], curves["IDK-Cascade"]["iou"],
                                strict=True) if x <= pg]
     on_or_above = pi >= (max(reach) if reach else 0.0) - 1e-9
-    notes.append("MatPhase is re-implemented from its published description (ensemble of "
-                 "whole-image UNets, a pixel-level IDK gate on the first member's entropy, a "
-                 "small fusion CNN), not from its authors' code.")
+    if b.matphase is not None:
+        notes.append("MatPhase is re-implemented from its published description (ensemble of "
+                     "whole-image UNets, a pixel-level IDK gate on the first member's entropy, "
+                     "a small fusion CNN), not from its authors' code.")
     notes.append("IDK-Cascade uses f0's Monte Carlo mean (T passes, as PaSeR) and pays for "
                  "every model that ran on a patch; it has no policy. Its thresholds were "
                  f"grid-searched on validation (CE + {lam} * cost): {cascade.taus}.")
@@ -154,8 +155,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                  "lam, knowing the label; its ms/image is the routing with those actions "
                  "(finding them needs every model on every patch and the label).")
     notes.append("PaSeR-RandPol and Oracle do not run the policy and are not charged for it.")
-    notes.append(f"Monolithic models and MatPhase train from scratch on D_pre with stage 1's "
-                 f"epochs ({cfg.stage1.epochs}) and batch size; nothing is downloaded.")
+    notes.append(f"Monolithic models{' and MatPhase' if b.matphase is not None else ''} "
+                 f"train from scratch on D_pre with stage 1's epochs ({cfg.stage1.epochs}) and "
+                 f"batch size; nothing is downloaded.")
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
