@@ -81,6 +81,11 @@ def assignment_summary(methods: dict[str, dict], group_names, model_names: list[
     return out
 
 
+def _shares(fractions) -> str:
+    """Fractions as percentages, ``12.5 / 80.0 / 7.5 %``."""
+    return " / ".join(f"{100 * f:.1f}" for f in fractions) + " %"
+
+
 def _fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -136,7 +141,13 @@ def markdown(results: dict) -> str:
             w(f"| {100 * r['tvd_threshold']:.0f} % | {_fmt(r['iou'])} | {_fmt(r['gflops'], 3)} | "
               f"{_fmt(r['iou_per_gflop'])} | {_fmt(r['val_tvd'], 3)} | {r['epoch']} | "
               f"{_fmt(r['lam'], 3)} | "
-              + " / ".join(f"{100 * f:.1f}" for f in r.get("fractions", [])) + " % |\n")
+              + _shares(r.get("fractions", [])) + " |\n")
+    experiments = results.get("experiments", {})
+    sens, robust = experiments.get("sensitivity"), experiments.get("robustness")
+    if robust:
+        _robustness_md(w, robust)
+    if sens:
+        _sensitivity_md(w, sens)
     w("\n## IoU-vs-GFLOP curves (test split)\n\n")
     lo, hi = results["curve_range"]
     w(f"Normalised area under each curve over {lo:.3f}-{hi:.3f} GFLOP (mean best IoU within "
@@ -147,12 +158,58 @@ def markdown(results: dict) -> str:
       "above the cascade's curve (at PaSeR's GFLOP, IoU at least the cascade's best).\n")
     extra = [f for k, f in (("assignment", "assignment.png"), ("tvd_sweep", "tvd.png"))
              if k in results]
+    if robust:
+        extra.append("robustness_routing.png")
+    if sens:
+        extra += ["sensitivity_lam.png", "mc_entropy.png"]
     w("\nFigures: " + ", ".join(f"`figures/{f}`" for f in ["iou_vs_gflop.png",
                                                             "qualitative.png", *extra]) + ".\n")
     w("\n## Notes\n\n")
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+def _robustness_md(w, r: dict) -> None:
+    w("\n## Robustness to unseen noise (Table 3)\n\n")
+    pool = ", ".join(f"{k} {v['epochs']} epochs" for k, v in r["noisy_pool"].items())
+    w(f"Salt-and-pepper noise on {100 * r['amount']:g} % of the pixels (seed {r['seed']}; "
+      f"{100 * r['pixels_changed']:.2f} % of test pixels changed value). Noisy variants of "
+      f"the pool ({pool}) trained from {r['trained_from']} on {r['training_data']}; f0 and "
+      "the policy untouched. IoU clean: clean test split, deployed pool (Table 1). IoU "
+      "noisy: noisy test split, noisy pool. The last two columns cross them: the noisy "
+      "split with the deployed pool, and the clean split with the noisy pool.\n\n")
+    w("| method | IoU clean | IoU noisy | degradation | GFLOP clean / noisy | "
+      "IoU noisy, deployed pool | IoU clean, noisy pool |\n|---|---|---|---|---|---|---|\n")
+    for name, row in r["table"].items():
+        w(f"| {name} | {_fmt(row['iou_clean'])} | {_fmt(row['iou_noisy'])} | "
+          f"{row['degradation_pct']:.2f} % | {_fmt(row['gflops_clean'], 3)} / "
+          f"{_fmt(row['gflops_noisy'], 3)} | {_fmt(row['iou_noisy_original_models'])} | "
+          f"{_fmt(row['iou_clean_noisy_models'])} |\n")
+    w(f"\nShare of patches per model ({' / '.join(r['models'])}):\n\n")
+    for name, row in r["table"].items():
+        if "fractions_clean" in row:
+            w(f"- {name}: clean {_shares(row['fractions_clean'])}, noisy "
+              f"{_shares(row['fractions_noisy'])} (above f0: "
+              f"{100 * row['share_above_f0_clean']:.1f} % -> "
+              f"{100 * row['share_above_f0_noisy']:.1f} %)\n")
+
+
+def _sensitivity_md(w, s: dict) -> None:
+    w("\n## Sensitivity to lam (a policy trained at each lam)\n\n")
+    w(f"Stage 2 from the same stage-1 models, {s['epochs']} epochs per lam; test split. "
+      f"Mean cost: the reward's c(a) per patch ({s['cost']}).\n\n")
+    w("| lam | IoU | mean cost | GFLOP | fractions |\n|---|---|---|---|---|\n")
+    for r in s["lam_sweep"]:
+        w(f"| {r['lam']:g} | {_fmt(r['iou'])} | {_fmt(r['mean_cost'], 3)} | "
+          f"{_fmt(r['gflops'], 3)} | {_shares(r['fractions'])} |\n")
+    t = s["mc_samples"]
+    w(f"\n## Sensitivity to the number of Monte Carlo samples\n\n"
+      f"f0's {s['entropy_unit']} on the test split, T = {t[0]} against T = {t[1]}: ")
+    w(", ".join(f"T = {k}: {v['mean']:.4f} +/- {v['std']:.4f} (n = {v['n']})"
+                for k, v in s["entropy"].items()))
+    w(f". Welch t-test: t = {s['t_statistic']:.3f}, p = {s['p_value']:.4f} "
+      "(the paper: p = 0.6986).\n")
 
 
 def _assignment_md(w, a: dict) -> None:
@@ -185,11 +242,7 @@ def write_report(run_dir: Path, results: dict) -> str:
 
 
 def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2"}
     for name, c in curves.items():
@@ -203,20 +256,15 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
     ax.set_ylabel("test mIoU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid,
                      model_names: list[str]) -> None:
     """Rows of test images: input, label, PaSeR prediction, routing map, entropy map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+
+    plt = pyplot()
 
     n = len(images)
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)
@@ -243,13 +291,10 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
                 ax.set_title(title if title != "routing" else
                              "routing: " + ", ".join(f"{i}={m}" for i, m in enumerate(model_names)),
                              fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,9 +303,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_assignment(path: Path, assignment: dict) -> None:
     """One confusion matrix per routed method: true group vs chosen model, with counts."""
-    plt = _pyplot()
+    plt = pyplot()
     items = list(assignment["methods"].items())
     fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.2), squeeze=False)
     for ax, (name, m) in zip(axes[0], items, strict=True):
@@ -273,15 +326,12 @@ def plot_assignment(path: Path, assignment: dict) -> None:
         ax.set_yticks(range(len(assignment["groups"])), assignment["groups"], fontsize=8)
         ax.set_xlabel("chosen model", fontsize=8)
         ax.set_title(f"{name}\naccuracy {_fmt(m['accuracy'], 3)}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_tvd(path: Path, sweep: list[dict]) -> None:
     """IoU/GFLOP and IoU against the TVD threshold (paper Fig. 12)."""
-    plt = _pyplot()
+    plt = pyplot()
     x = [100 * r["tvd_threshold"] for r in sweep]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     lines = ax.plot(x, [r["iou_per_gflop"] for r in sweep], "o-", color="C0", markersize=9,
@@ -294,7 +344,4 @@ def plot_tvd(path: Path, sweep: list[dict]) -> None:
     twin.set_ylabel("test mIoU", color="C3")
     ax.legend(handles=lines, fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -1,0 +1,153 @@
+"""Sensitivity to lam and to the number of Monte Carlo samples (paper R5).
+
+(a) lam sweep: for each lam a fresh policy is trained as in stage 2 (same epochs, batch,
+learning rate, exploration and best-on-validation rule) from the run's stage-1 models.
+The task models are frozen in stage 2, so what a patch scores under each action does not
+depend on lam: the outcomes of D_rl, validation and test are computed once
+(:class:`paser.outcomes.PatchOutcomes`) and every lam only trains a policy on them.
+Each point is the greedy policy on the test split: mIoU, mean cost ``c(a)`` per patch
+(the reward's cost, stage2.cost) and GFLOP per image.
+
+(b) Monte Carlo samples: f0's entropy map from T = 5 and T = 20 passes over the test
+split, summarised as the mean entropy of each patch; a Welch t-test (SciPy, unequal
+variances) asks whether the two distributions differ (the paper: p = 0.6986).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from paser.data import Tensors
+from paser.experiments.finished import open_finished, record_experiment
+from paser.experiments.report import pyplot, save_figure
+from paser.models import RoutingPolicy
+from paser.outcomes import PatchOutcomes
+from paser.routing import Router
+from paser.train.common import progress
+from paser.train.policy import (
+    _validate,
+    build_router,
+    fractions,
+    greedy_actions,
+    linear,
+    policy_epoch,
+)
+from paser.uncertainty import mc_predict, seeded
+
+DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(10))
+
+
+def welch(a, b) -> dict:
+    """Welch's t-test of two samples (SciPy ``ttest_ind(equal_var=False)``)."""
+    res = stats.ttest_ind(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                          equal_var=False)
+    return {"t_statistic": float(res.statistic), "p_value": float(res.pvalue)}
+
+
+@torch.inference_mode()
+def patch_entropies(router: Router, data: Tensors, samples: int, batch_size: int,
+                    seed: int = 0) -> torch.Tensor:
+    """Mean entropy of f0's ``samples``-pass Monte Carlo output per patch ``[N * P]``."""
+    device = next(router.parameters()).device
+    grid, out = router.grid, []
+    with seeded(seed, device):
+        for i in range(0, len(data), batch_size):
+            x = grid.pad(data.images[i:i + batch_size].to(device))
+            ent = mc_predict(router.f0, x, samples).entropy  # [B, Hp, Wp]
+            out.append(grid.split(ent).mean(dim=(-2, -1)).cpu())
+    return torch.cat(out)
+
+
+def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
+              show_progress: bool = True) -> list[dict]:
+    """Train one stage-2 policy per lam on shared outcomes; measure each on the test split."""
+    s2, device = cfg.stage2, next(router.parameters()).device
+    ncls, batch = cfg.models.num_classes, s2.batch_size
+    epochs = s2.epochs if epochs is None else epochs
+    caches = {name: PatchOutcomes.build(router, getattr(data, name), ncls, batch, device)
+              for name in ("rl", "validation", "test")}
+    ious = {name: c.patch_iou().to(device) for name, c in caches.items()}
+    costs = router.costs(*data.rl.images.shape[-2:])
+    cost = costs.model_cost(s2.cost).to(device)
+    val_states = caches["validation"].state.to(device)
+    rows = []
+    with progress(show_progress) as bar:
+        task = bar.add_task("lam sweep", total=len(lams) * max(epochs, 1), info="")
+        for lam in lams:
+            torch.manual_seed(cfg.seed)
+            policy = RoutingPolicy(router.grid.num_patches, router.num_models,
+                                   head=s2.head, grid=cfg.grid).to(device)
+            opt = torch.optim.Adam(policy.parameters(), lr=s2.lr)
+            best, best_state, best_epoch = -float("inf"), policy.state_dict(), -1
+            for epoch in range(epochs):
+                policy_epoch(policy, opt, caches["rl"].state, ious["rl"], cost, lam,
+                             linear(*s2.alpha, epoch, epochs), batch)
+                val = _validate(policy, val_states, ious["validation"], caches["validation"],
+                                cost, lam, batch)
+                if val["reward"] > best:
+                    best, best_epoch = val["reward"], epoch
+                    best_state = {k: v.clone() for k, v in policy.state_dict().items()}
+                bar.update(task, advance=1, info=f"lam {lam:g}: val mIoU {val['miou']:.3f}")
+            policy.load_state_dict(best_state)
+            actions = greedy_actions(policy, caches["test"].state, batch)
+            rows.append({"lam": float(lam), "iou": caches["test"].miou(actions.cpu()),
+                         "mean_cost": float(cost[actions.to(device)].mean()),
+                         "gflops": float(costs.gflops(actions).mean()),
+                         "fractions": fractions(actions, router.num_models),
+                         "best_epoch": best_epoch})
+    return rows
+
+
+def run_sensitivity(run_dir: str | Path, lams=DEFAULT_LAMS, samples=(5, 20),
+                    epochs: int | None = None, show_progress: bool = True) -> dict:
+    """Both sensitivity studies on a finished run; written into its ``results.json``
+    (``experiments.sensitivity``), ``report.md`` and ``figures/``. Returns that entry."""
+    run = open_finished(run_dir, show_progress)
+    cfg, data = run.cfg, run.data
+    router = build_router(cfg, run.run_dir, run.device).eval()
+    sweep = lam_sweep(cfg, router, data, list(lams), epochs, show_progress)
+    ent = {t: patch_entropies(router, data.test, t, cfg.stage2.batch_size, cfg.seed)
+           for t in samples}
+    a, b = (ent[t].numpy() for t in samples[:2])
+    out = {"lam_sweep": sweep, "cost": cfg.stage2.cost,
+           "epochs": cfg.stage2.epochs if epochs is None else epochs,
+           "mc_samples": list(samples), "entropy_unit": "mean entropy per patch (nats)",
+           "entropy": {str(t): {"mean": float(v.mean()), "std": float(v.std()),
+                                "n": int(v.numel())} for t, v in ent.items()},
+           **welch(a, b)}
+    figures = run.run_dir / "figures"
+    _plot_lam(figures / "sensitivity_lam.png", sweep)
+    _plot_entropy(figures / "mc_entropy.png", ent, out["p_value"])
+    record_experiment(run.run_dir, "sensitivity", out)
+    return out
+
+
+def _plot_lam(path: Path, rows: list[dict]) -> None:
+    """Mean cost against test mIoU, one point per lam (paper Fig. 5b)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([r["mean_cost"] for r in rows], [r["iou"] for r in rows], "o-", color="C0")
+    for r in rows:
+        ax.annotate(f"{r['lam']:g}", (r["mean_cost"], r["iou"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 3))
+    ax.set_xlabel("mean cost per patch c(a)")
+    ax.set_ylabel("test mIoU")
+    ax.set_title("policy trained at each lam", fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def _plot_entropy(path: Path, ent: dict[int, torch.Tensor], p_value: float) -> None:
+    """Box plot of the patch entropies for each number of Monte Carlo samples."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.8))
+    ax.boxplot([v.numpy() for v in ent.values()], showfliers=False)
+    ax.set_xticks(range(1, len(ent) + 1), [f"T = {t}" for t in ent])
+    ax.set_ylabel("mean entropy per patch (nats)")
+    ax.set_title(f"Welch t-test p = {p_value:.4f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

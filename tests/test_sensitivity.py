@@ -1,0 +1,74 @@
+"""Sensitivity (paper R5): the Welch t-test plumbing, patch entropies, the lam sweep on a
+tiny finished run, and what lands in results.json, report.md and figures/."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from paser.config import load_config
+from paser.errors import CheckpointError
+from paser.experiments import sensitivity as sens
+
+
+def test_welch_is_scipys_unequal_variance_test_and_finds_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 200), rng.normal(0, 3, 150)
+    res = sens.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert res["p_value"] == pytest.approx(ref.pvalue) and res["t_statistic"] == pytest.approx(
+        ref.statistic)
+    # by hand: t = (mean_a - mean_b) / sqrt(var_a / n_a + var_b / n_b)
+    t = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / 200 + b.var(ddof=1) / 150)
+    assert res["t_statistic"] == pytest.approx(t)
+    assert sens.welch(a, a + 1.0)["p_value"] < 1e-6  # a real shift is found
+
+
+def test_no_finished_run_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no results.json"):
+        sens.run_sensitivity(tmp_path)
+
+
+def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
+    out = sens.run_sensitivity(mnist_run, lams=[0.0, 1.0], samples=(2, 6), epochs=2,
+                               show_progress=False)
+    assert [r["lam"] for r in out["lam_sweep"]] == [0.0, 1.0]
+    for r in out["lam_sweep"]:
+        assert 0.0 <= r["iou"] <= 1.0 and sum(r["fractions"]) == pytest.approx(1.0)
+        assert r["gflops"] > 0 and r["mean_cost"] >= 0
+    assert 0.0 <= out["p_value"] <= 1.0 and out["entropy"]["2"]["n"] == 12  # 12 images, P = 1
+    results = json.loads((mnist_run / "results.json").read_text())
+    assert results["experiments"]["sensitivity"] == json.loads(json.dumps(out))
+    text = (mnist_run / "report.md").read_text()
+    assert "Sensitivity to lam" in text and f"p = {out['p_value']:.4f}" in text
+    for fig in ("sensitivity_lam.png", "mc_entropy.png"):
+        assert (mnist_run / "figures" / fig).stat().st_size > 1000
+
+
+def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
+    from paser.data import load_stage_data
+    from paser.train.policy import build_router
+
+    cfg = load_config(config_file=mnist_run / "config.yaml")
+    router = build_router(cfg, mnist_run, torch.device("cpu")).eval()
+    test = load_stage_data(cfg.data).test
+    from paser.uncertainty import mc_predict, seeded
+
+    e = sens.patch_entropies(router, test, 3, len(test), seed=1)
+    assert e.shape == (len(test),) and (e >= 0).all() and (e <= np.log(2) + 1e-6).all()
+    with torch.inference_mode(), seeded(1, torch.device("cpu")):  # one patch = the image
+        by_hand = mc_predict(router.f0, router.grid.pad(test.images), 3).entropy.mean((1, 2))
+    assert torch.allclose(e, by_hand)
+    assert torch.equal(e, sens.patch_entropies(router, test, 3, len(test), seed=1))
+
+
+def test_cli_refuses_a_lam_outside_0_1_and_a_folder_without_a_run(tmp_path):
+    from tests.test_cli import paser
+
+    res = paser("experiment", "sensitivity", "--run-dir", str(tmp_path), "--lam", "1.5")
+    assert res.returncode == 2 and "every lam must lie in [0, 1]" in res.stderr
+    res = paser("experiment", "sensitivity", "--run-dir", str(tmp_path))
+    assert res.returncode == 2 and "no results.json" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
