@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= runs/data
 
-.PHONY: demo test lint install clean
+.PHONY: demo test bench lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/paser run --preset battery-quick --run-dir $(DEMO_DIR) data.cache_dir=$(DEMO_DATA)
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

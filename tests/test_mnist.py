@@ -179,7 +179,7 @@ def test_one_patch_per_image_routes_whole_images():
         assert torch.allclose(out.probs[0], out.mc.probs[0], atol=1e-6)
     costs = router.costs(32, 32)
     assert out.gflops.tolist() == pytest.approx(
-        [costs.f0_pass * 2 + p for p in costs.patch])  # f0's T passes + the one model
+        [costs.f0_mc + p for p in costs.patch])  # f0's T passes + the one model
 
 
 def test_resized_models_run_at_their_size_and_answer_at_the_inputs():

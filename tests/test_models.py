@@ -66,3 +66,24 @@ def test_unet_norm_option_keeps_the_parameter_count():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules())
     with pytest.raises(ConfigError, match="norm='group'"):
         create_model("unet_small", norm="group")
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_unet_shares_its_deterministic_encoder_across_monte_carlo_passes(size):
+    from paser.uncertainty import mc_dropout, mc_predict
+
+    torch.manual_seed(0)
+    model = create_model(f"unet_{size}", 1, 3)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode(), mc_dropout(model):
+        torch.manual_seed(5)
+        whole = model(x)
+        torch.manual_seed(5)  # the split path draws the same dropout masks in the same order
+        assert torch.equal(model.decode(model.encode(x)), whole)
+        torch.manual_seed(7)
+        by_hand = torch.stack([model(x).softmax(1) for _ in range(4)]).mean(0)
+        torch.manual_seed(7)
+        shared = mc_predict(model, x, samples=4).probs
+    assert torch.allclose(shared, by_hand, atol=1e-6)
+    with torch.inference_mode(), mc_dropout(model, active=False):  # dropout off: one pass
+        assert torch.allclose(model.mc_probs(x, 3), model(x).softmax(1), atol=1e-6)

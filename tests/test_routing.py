@@ -15,13 +15,15 @@ def test_policy_matches_the_reference_size():
     assert RoutingPolicy(4, 5)(torch.rand(2, 2, 32, 48)).shape == (2, 4, 5)
 
 
-def test_mc_passes_are_one_batched_forward_with_dropout_on():
+def test_mc_passes_share_the_encoder_and_run_the_decoder_t_times():
     torch.manual_seed(0)
     f0 = create_model("unet_tiny").eval()
-    calls = []
-    f0.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    calls = {"stem": [], "outconv": []}
+    for name in calls:
+        getattr(f0, name).register_forward_hook(
+            lambda m, inp, out, name=name: calls[name].append(inp[0].shape[0]))
     mc = mc_predict(f0, torch.rand(3, 1, 32, 32), samples=5)
-    assert calls == [15]  # T * B in one call
+    assert calls == {"stem": [3], "outconv": [3] * 5}  # encoder once, T decoder passes (CPU)
     assert mc.probs.shape == (3, 3, 32, 32)
     assert torch.allclose(mc.probs.sum(1), torch.ones(3, 32, 32), atol=1e-5)
     assert torch.equal(mc.pred, mc.probs.argmax(1))

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from paser.config import ExperimentConfig, load_config
-from paser.data import Tensors, to_tensors
+from paser.data import Tensors
 from paser.errors import CheckpointError, DataError
 from paser.evaluation import evaluate_router
 from paser.routing import Router, RoutingOutput
@@ -84,8 +84,7 @@ class PaSeR:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.
 
         ``force_action=k`` evaluates model k on every patch (0: f0 alone) through the same path.
+        A dataset (e.g. :class:`paser.data.BatteryDataset`) is streamed from disk.
         """
-        if not isinstance(data, Tensors):
-            data = to_tensors(data)
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
                                force_action=force_action)

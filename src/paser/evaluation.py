@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset
 
-from paser.data import Tensors
+from paser.data import Tensors, iter_batches
 from paser.metrics import IoUAccumulator, iou_per_gflop, iou_per_image
 from paser.routing import Router
 
 
 @torch.inference_mode()
-def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size: int = 16,
-                    lam: float | None = None, cost: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, mode: str = "greedy",
-                    mc_seed: int | None = 0, force_action: int | None = None) -> dict:
+def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
+                    batch_size: int = 16, lam: float | None = None,
+                    cost: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    mode: str = "greedy", mc_seed: int | None = 0,
+                    force_action: int | None = None, num_workers: int = 0) -> dict:
     """Route every image of ``data`` and return dataset-level metrics.
+
+    ``data`` is a split in memory or a dataset streamed from disk (``num_workers`` reader
+    processes); either way only counts are kept, never the predictions.
 
     Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction alone), ``gflops``
     (mean per image, :data:`paser.cost.FLOP_CONVENTION`), ``iou_per_gflop``,
@@ -31,9 +36,8 @@ def evaluate_router(router: Router, data: Tensors, num_classes: int, batch_size:
     counts = torch.zeros(router.num_models, dtype=torch.float64)
     gflops, rewards = 0.0, []
     grid = router.grid
-    for i in range(0, len(data), batch_size):
-        x = data.images[i:i + batch_size].to(device)
-        y = data.masks[i:i + batch_size].long().to(device)
+    for images, masks in iter_batches(data, batch_size, num_workers):
+        x, y = images.to(device), masks.long().to(device)
         forced = (None if force_action is None else torch.full(
             (x.shape[0], grid.num_patches), force_action, dtype=torch.long, device=device))
         out = router(x, mode=mode, bias=bias, mc_seed=mc_seed, actions=forced)

@@ -30,6 +30,8 @@ class CostTable:
     Attributes:
         f0_pass: GFLOP of one f0 pass on the whole (padded) image.
         mc_samples: T, f0 passes per image.
+        f0_shared: GFLOP of f0's layers before its first dropout, which are the same in
+            every pass and run once for all T (``UNet.mc_probs``); 0 for other models.
         policy: GFLOP of the policy on one state.
         patch: GFLOP of each model on one patch (with its halo of context, if the grid has
             one), ``[K+1]``; entry 0 is 0 because action 0 reuses f0's prediction.
@@ -43,6 +45,7 @@ class CostTable:
     patch: list[float]
     params: list[int]
     num_patches: int
+    f0_shared: float = 0.0
 
     @classmethod
     def measure(cls, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
@@ -57,12 +60,19 @@ class CostTable:
             patch=[0.0] + [gflops_per_sample(m, in_channels, ph, pw) for m in pool],
             params=[count_parameters(m) for m in (f0, *pool)],
             num_patches=grid.num_patches,
+            f0_shared=(gflops_per_sample(_Encoder(f0), in_channels, hp, wp)
+                       if hasattr(f0, "mc_probs") else 0.0),
         )
 
     @property
+    def f0_mc(self) -> float:
+        """GFLOP of f0's T Monte Carlo passes as they run: the shared layers once."""
+        return self.f0_pass * self.mc_samples - self.f0_shared * (self.mc_samples - 1)
+
+    @property
     def fixed(self) -> float:
-        """GFLOP every image pays: T passes of f0 and the policy."""
-        return self.f0_pass * self.mc_samples + self.policy
+        """GFLOP every image pays: f0's T passes and the policy."""
+        return self.f0_mc + self.policy
 
     def gflops(self, actions: torch.Tensor, policy: bool = True) -> torch.Tensor:
         """GFLOP per image ``[B]`` for actions ``[B, P]``; ``policy=False`` when the actions
@@ -90,7 +100,19 @@ class CostTable:
     def to_dict(self) -> dict:
         return {"flop_convention": FLOP_CONVENTION, "f0_pass": self.f0_pass,
                 "mc_samples": self.mc_samples, "policy": self.policy, "patch": self.patch,
-                "params": self.params, "num_patches": self.num_patches, "fixed": self.fixed}
+                "params": self.params, "num_patches": self.num_patches, "f0_shared": self.f0_shared,
+                "f0_mc": self.f0_mc, "fixed": self.fixed}
+
+
+class _Encoder(nn.Module):
+    """A UNet's deterministic encoder as a module (to count its FLOPs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.encode(x)
 
 
 @dataclass

@@ -71,14 +71,18 @@ def entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 5) -> MCOutput:
     """T = ``samples`` Monte Carlo dropout passes of ``model`` on ``x`` [B, C, H, W].
 
-    The T passes run as one batched forward of ``[T * B, C, H, W]`` (dropout masks differ
-    across the copies), not as a Python loop. ``samples=1`` with dropout off is the
-    deterministic single pass.
+    A model with ``mc_probs(x, samples)`` (the UNet) shares the layers before its first
+    dropout across the passes; any other model runs the T passes as one batched forward
+    of ``[T * B, C, H, W]`` (dropout masks differ across the copies). ``samples=1`` with
+    dropout off is the deterministic single pass.
     """
     if samples < 1:
         raise ConfigError(f"mc_samples={samples}: the number of Monte Carlo passes must be >= 1")
     b = x.shape[0]
     with mc_dropout(model, active=True):
-        logits = model(x.repeat(samples, 1, 1, 1))  # [T*B, K, H, W]
-    probs = logits.float().softmax(1).unflatten(0, (samples, b)).mean(0)
+        if hasattr(model, "mc_probs"):
+            probs = model.mc_probs(x, samples)
+        else:
+            logits = model(x.repeat(samples, 1, 1, 1))  # [T*B, K, H, W]
+            probs = logits.float().softmax(1).unflatten(0, (samples, b)).mean(0)
     return MCOutput(probs, probs.argmax(1), entropy(probs))

@@ -64,7 +64,7 @@ def cumulative(per_model: torch.Tensor) -> torch.Tensor:
 def cascade_gflops(actions: torch.Tensor, costs: CostTable) -> torch.Tensor:
     """GFLOP per image ``[..., N]``: T passes of f0 and every model each patch ran through."""
     paid = cumulative(torch.tensor(costs.patch, dtype=torch.float64))
-    return costs.f0_pass * costs.mc_samples + paid[actions].sum(-1)
+    return costs.f0_mc + paid[actions].sum(-1)
 
 
 def threshold_grid(patch_entropy: torch.Tensor, points: int, spread: float = 1.0,

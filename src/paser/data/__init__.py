@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from paser.config import DataConfig
 from paser.data.battery import (
@@ -99,6 +100,19 @@ def to_tensors(dataset: Dataset) -> Tensors:
         torch.stack([it["mask"] for it in items]).to(torch.uint8),
         [it["id"] for it in items],
     )
+
+
+def iter_batches(data: Tensors | Dataset, batch_size: int, num_workers: int = 0
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images [B, C, H, W], masks [B, H, W])`` batches of a split held in memory
+    (slices), or of a dataset read lazily from disk by a DataLoader with ``num_workers``
+    worker processes: only the batches in flight are in memory."""
+    if isinstance(data, Tensors):
+        for i in range(0, len(data), batch_size):
+            yield data.images[i:i + batch_size], data.masks[i:i + batch_size]
+        return
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
+        yield batch["image"], batch["mask"]
 
 
 @dataclass

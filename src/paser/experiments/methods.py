@@ -112,7 +112,7 @@ def f0_predictor(router: Router, monte_carlo: bool, mc_seed: int = 0) -> Predict
         costs = router.costs(h, w)
         xp = grid.pad(x)
         if monte_carlo:
-            pred, g = router.observe(xp, mc_seed).pred, costs.f0_pass * costs.mc_samples
+            pred, g = router.observe(xp, mc_seed).pred, costs.f0_mc
         else:
             router.f0.eval()
             pred, g = router.f0(xp).argmax(1), costs.f0_pass

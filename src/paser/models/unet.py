@@ -10,7 +10,8 @@ twice. With bilinear upsampling the bottom width equals the one above it
 Dropout (p = 0.5) follows every down block except the first and the first up
 block. It is an ``nn.Dropout`` module, so Monte Carlo sampling keeps it active at
 inference by putting just the dropout modules in training mode (InstanceNorm
-has no running statistics, so nothing else changes).
+has no running statistics, so nothing else changes). The layers before the first
+dropout are deterministic: :meth:`UNet.mc_probs` computes them once for all T passes.
 """
 
 from __future__ import annotations
@@ -115,13 +116,23 @@ class UNet(nn.Module):
         self.outconv = nn.Conv2d(widths[0], num_classes, 1)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.inconv(x))
-        skips = [x]
-        for i, down in enumerate(self.downs):
-            x = down(F.max_pool2d(x, 2))
-            if i > 0:
-                x = self.dropout(x)
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The deterministic part, up to the first dropout: the stem's and the first two
+        down blocks' outputs (the last one is the current map)."""
+        skips = [self.stem(self.inconv(x))]
+        for down in self.downs[:2]:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        return skips
+
+    def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The rest, from the first dropout on: ``forward(x) == decode(encode(x))``."""
+        skips = list(skips)
+        x = skips.pop()
+        if self.levels > 1:
+            x = self.dropout(x)
+        skips.append(x)
+        for down in self.downs[2:]:
+            x = self.dropout(down(F.max_pool2d(x, 2)))
             skips.append(x)
         skips.pop()  # the bottom map is x itself
         for j, up in enumerate(self.ups):
@@ -129,6 +140,25 @@ class UNet(nn.Module):
             if j == 0:
                 x = self.dropout(x)
         return self.outconv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def mc_probs(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """Mean softmax of ``samples`` passes with dropout as set (Monte Carlo when on).
+
+        Everything before the first dropout is the same in every pass, so it runs once.
+        On CPU the passes then run one after another (a T-times larger batch runs slower
+        there: it no longer fits the caches); on an accelerator as one batch.
+        """
+        skips = self.encode(x)
+        if x.device.type == "cpu":
+            total = self.decode(skips).float().softmax(1)
+            for _ in range(samples - 1):
+                total += self.decode(skips).float().softmax(1)
+            return total / samples
+        logits = self.decode([s.repeat(samples, 1, 1, 1) for s in skips])
+        return logits.float().softmax(1).unflatten(0, (samples, x.shape[0])).mean(0)
 
 
 # The reference sizes (1 input channel, 3 classes): 16,571 / 1,080,595 / 17,275,459 parameters.

@@ -1,0 +1,404 @@
+"""`make bench`: is PaSeR fast in seconds, not only in FLOPs? Measured side by side, one run.
+
+At the battery-paper shapes (224 x 256 images, 4 x 4 patches, the three reference UNets
+with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when present:
+
+1. routed inference: the routing path (`Router`, what `PaSeR.segment` runs; f0's T
+   passes, the policy, each pool model once on its patches) with a fixed mix of actions,
+   against f2 on the whole image and against the IDK cascade with the same final
+   assignment (every patch that ends at f2 also ran f1). ms per image, and the ratio of
+   the wall-clock ratio to the GFLOP ratio (target: PaSeR's at most 1.25).
+2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
+   stage by `PatchOutcomes`; the task models are frozen) against a per-image, per-patch
+   loop as in the paper's published code. Both are timed on a few batches and scaled to
+   the epoch; the one-off cache is amortised over the paper's 200 epochs (target: 20 x).
+3. peak memory (max RSS of a fresh process) of evaluating 1,000 test images streamed
+   from disk (target: under 2 GiB).
+
+Weights are untrained: time and memory do not depend on them, and the action mix is
+fixed. Results: printed, and written to benchmarks/results/<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paser.baselines.routed import cascade_gflops
+from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.models import RoutingPolicy, create_model
+from paser.outcomes import PatchOutcomes
+from paser.patches import PatchGrid
+from paser.routing import Router
+from paser.train.policy import policy_epoch
+from paser.uncertainty import entropy, mc_dropout
+
+H, W, GRID, T, CLASSES = 224, 256, (4, 4), 5, 3
+MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
+EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
+RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
+RESULTS = Path(__file__).parent / "results"
+DATA = Path(__file__).parent / ".data"
+
+
+def reference_router(device: torch.device) -> Router:
+    """f0 unet_tiny, f1 unet_small, f2 unet_large (untrained, seeded), the reference
+    policy, 4 x 4 patches without halo, T = 5."""
+    torch.manual_seed(0)
+    f0 = create_model("unet_tiny", 1, CLASSES)
+    pool = [create_model("unet_small", 1, CLASSES), create_model("unet_large", 1, CLASSES)]
+    grid = PatchGrid(*GRID)
+    policy = RoutingPolicy(grid.num_patches, 3, head="global")
+    return Router(f0, policy, pool, grid, T, 1).to(device).eval()
+
+
+def mixed_actions(images: int, patches: int, seed: int = 0) -> torch.Tensor:
+    """Actions ``[images, patches]`` with exactly the MIX shares over the batch, shuffled."""
+    n = images * patches
+    counts = [round(s * n) for s in MIX[:-1]]
+    flat = torch.cat([torch.full((c,), k) for k, c in enumerate(counts + [n - sum(counts)])])
+    return flat[torch.randperm(n, generator=torch.Generator().manual_seed(seed))].view(
+        images, patches)
+
+
+class FixedPolicy(nn.Module):
+    """The real policy runs (and is paid for); its logits are then overridden so that the
+    greedy choice is the fixed mix of :func:`mixed_actions` (like for like)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        logits = self.policy(state)
+        actions = mixed_actions(*logits.shape[:2]).to(state.device)
+        return logits + 1e4 * F.one_hot(actions, logits.shape[-1])
+
+
+def fixed_mix_router(device: torch.device) -> Router:
+    """:func:`reference_router` with its policy's choice fixed to the mix."""
+    r = reference_router(device)
+    return Router(r.f0, FixedPolicy(r.policy), list(r.pool), r.grid, T, 1).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of each ``fn()`` over ``repeats`` rounds after one untimed call.
+
+    The functions take turns within each round, so a slow spell of a shared machine
+    hits all of them alike instead of one."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def cascade_same_assignment(router: Router, x: torch.Tensor, actions: torch.Tensor):
+    """The IDK cascade's work for a given final assignment: f0's T passes, then f1 on every
+    patch that goes past f0, f2 on those that go past f1, entropies to decide."""
+    grid = router.grid
+    xp = grid.pad(x)
+    mc = router.observe(xp, 0)
+    patches = grid.context(xp)
+    probs = grid.split(mc.probs).clone()
+    entropy(probs).mean((-2, -1))
+    flat = actions.reshape(-1).to(x.device)
+    for k, model in enumerate(router.pool, start=1):
+        idx = (flat >= k).nonzero(as_tuple=True)[0]
+        out = grid.centre(model(patches.index_select(0, idx))).float().softmax(1)
+        entropy(out).mean((-2, -1))
+        probs.index_copy_(0, idx, out)
+    return grid.merge(probs).argmax(1)
+
+
+def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
+    routed = fixed_mix_router(device)
+    router = routed
+    actions = mixed_actions(batch, router.grid.num_patches)
+    x = torch.rand(batch, 1, H, W, generator=torch.Generator().manual_seed(0)).to(device)
+    f2 = router.pool[-1]
+    with torch.inference_mode():
+        out = routed(x, mc_seed=0)
+    assert torch.equal(out.actions.cpu(), actions), "the fixed mix was not routed"
+    costs = router.costs(H, W)
+    gflops = {"PaSeR": float(costs.gflops(actions).mean()),
+              "f2 (whole image)": gflops_per_sample(f2, 1, H, W),
+              "IDK-Cascade (same assignment)": float(cascade_gflops(actions, costs).mean())}
+
+    def paser():
+        with torch.inference_mode():
+            routed(x, mc_seed=0)
+
+    def whole():
+        with torch.inference_mode():
+            f2(x).argmax(1)
+
+    def cascade():
+        cascade_same_assignment(router, x, actions)
+
+    seconds = timed({"PaSeR": paser, "f2 (whole image)": whole,
+                     "IDK-Cascade (same assignment)": cascade}, device, repeats)
+    top = "f2 (whole image)"
+    rows = {}
+    for name in seconds:
+        wall = seconds[name] / seconds[top]
+        flops = gflops[name] / gflops[top]
+        rows[name] = {"ms_per_image": 1000 * seconds[name] / batch, "gflops": gflops[name],
+                      "wall_ratio_to_f2": wall, "gflop_ratio_to_f2": flops,
+                      "wall_over_gflop_ratio": wall / flops}
+    return {"batch_size": batch, "repeats": repeats, "mix": list(MIX),
+            "fractions": (torch.bincount(actions.reshape(-1), minlength=3) / actions.numel()
+                          ).tolist(), "methods": rows,
+            "target": "PaSeR wall_over_gflop_ratio <= 1.25",
+            "met": rows["PaSeR"]["wall_over_gflop_ratio"] <= 1.25}
+
+
+def naive_stage2_batch(router: Router, opt, images: torch.Tensor, masks: torch.Tensor,
+                       lam: float, cost: torch.Tensor) -> None:
+    """One stage-2 batch written the straightforward way: per image, T separate f0 passes,
+    the policy on one state, each routed patch through its model alone, IoU per patch
+    and class in Python."""
+    grid, policy = router.grid, router.policy
+    policy.train()
+    losses = []
+    for x, y in zip(images, masks, strict=True):
+        with torch.no_grad(), mc_dropout(router.f0):
+            probs = torch.stack([router.f0(x[None]).softmax(1)[0] for _ in range(T)]).mean(0)
+        pred = probs.argmax(0)
+        state = torch.stack([pred.float(), entropy(probs, dim=0)])[None]
+        logits = policy(state)[0]  # [P, K+1]
+        dist = torch.distributions.Categorical(logits=logits)
+        actions = dist.sample()
+        ph, pw = H // grid.rows, W // grid.cols
+        rewards = []
+        for p in range(grid.num_patches):
+            r, c = divmod(p, grid.cols)
+            sl = (slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw))
+            label, base = y[sl], pred[sl]
+            a = int(actions[p])
+            if a > 0:
+                with torch.no_grad():
+                    routed = router.pool[a - 1](x[None, :, sl[0], sl[1]]).argmax(1)[0]
+            else:
+                routed = base
+            gain = _patch_iou(routed, label) - _patch_iou(base, label)
+            rewards.append((1 - lam) * gain - lam * float(cost[a]))
+        losses.append(-(dist.log_prob(actions) * torch.tensor(rewards)).mean())
+    loss = torch.stack(losses).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _patch_iou(pred: torch.Tensor, label: torch.Tensor) -> float:
+    values = []
+    for c in range(CLASSES):
+        union = int(((pred == c) | (label == c)).sum())
+        if union:
+            values.append(int(((pred == c) & (label == c)).sum()) / union)
+    return sum(values) / len(values) if values else 0.0
+
+
+def bench_stage2(device: torch.device, batch: int, naive_batches: int, cache_images: int,
+                 ours_batches: int) -> dict:
+    router = reference_router(device)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(batch * max(naive_batches, ours_batches), 1, H, W, generator=gen)
+    masks = torch.randint(0, CLASSES, (len(images), H, W), generator=gen)
+    cost = router.costs(H, W).model_cost("params")
+    batches_per_epoch = math.ceil(RL_IMAGES / batch)
+
+    opt = torch.optim.Adam(router.policy.parameters(), lr=1e-4)
+    sync(device)
+    start = time.perf_counter()
+    for b in range(naive_batches):
+        sl = slice(b * batch, (b + 1) * batch)
+        naive_stage2_batch(router, opt, images[sl].to(device), masks[sl].to(device), 0.5,
+                           cost)
+    sync(device)
+    naive_batch = (time.perf_counter() - start) / naive_batches
+
+    from paser.data import Tensors
+
+    sub = Tensors(images[:cache_images], masks[:cache_images].byte(),
+                  [str(i) for i in range(cache_images)])
+    sync(device)
+    start = time.perf_counter()
+    cache = PatchOutcomes.build(router, sub, CLASSES, batch, device)
+    sync(device)
+    cache_per_image = (time.perf_counter() - start) / cache_images
+    states = cache.state.repeat(math.ceil(batch * ours_batches / cache_images), 1, 1, 1)[
+        :batch * ours_batches]
+    iou = cache.patch_iou().repeat(math.ceil(batch * ours_batches / cache_images), 1, 1)[
+        :batch * ours_batches].to(device)
+    policy = RoutingPolicy(router.grid.num_patches, 3, head="global").to(device)
+    popt = torch.optim.Adam(policy.parameters(), lr=1e-4)
+    policy_epoch(policy, popt, states[:batch], iou[:batch], cost.to(device), 0.5, 0.7, batch)
+    sync(device)
+    start = time.perf_counter()
+    policy_epoch(policy, popt, states, iou, cost.to(device), 0.5, 0.7, batch)
+    sync(device)
+    ours_batch = (time.perf_counter() - start) / ours_batches
+
+    naive_epoch = naive_batch * batches_per_epoch
+    ours_epoch = ours_batch * batches_per_epoch
+    cache_total = cache_per_image * RL_IMAGES
+    amortised = ours_epoch + cache_total / EPOCHS
+    return {"epoch_images": RL_IMAGES, "batch_size": batch,
+            "naive": {"seconds_per_batch": naive_batch, "batches_timed": naive_batches,
+                      "seconds_per_epoch": naive_epoch},
+            "ours": {"seconds_per_batch": ours_batch, "batches_timed": ours_batches,
+                     "seconds_per_epoch": ours_epoch,
+                     "cache_seconds_per_image": cache_per_image,
+                     "cache_images_timed": cache_images,
+                     "cache_seconds_for_epoch_images": cache_total,
+                     "seconds_per_epoch_amortised": amortised, "amortised_over": EPOCHS},
+            "speedup": naive_epoch / ours_epoch,
+            "speedup_amortised": naive_epoch / amortised,
+            "target": "speedup_amortised >= 20", "met": naive_epoch / amortised >= 20,
+            "cached": "per stage: f0's Monte Carlo state (one dropout draw per image) and every "
+                      "pool model's per-patch intersection/union counts; the task models are "
+                      "frozen in stage 2, so the rewards are the ones the loop computes, "
+                      "except that the loop draws new dropout masks for f0 every epoch"}
+
+
+def ensure_test_data(images: int) -> Path:
+    """1,000 synthetic test images of 224 x 256 on disk (made once, kept in .data)."""
+    from paser.data.synthetic import generate_dataset
+
+    root = DATA / f"battery_{H}x{W}_{images}"
+    if not (root / "stats.json").is_file():
+        generate_dataset(root, n_train=1, n_val=1, n_test=images, height=H, width=W, seed=0,
+                         progress=False)
+    return root
+
+
+def memory_child(root: str, batch: int, workers: int) -> None:
+    """In a fresh process: stream the test split through the routing path; print JSON."""
+    from paser.data import BatteryDataset
+    from paser.evaluation import evaluate_router
+
+    device = torch.device("cpu")
+    router = fixed_mix_router(device)
+    data = BatteryDataset(root, "test")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    res = evaluate_router(router, data, CLASSES, batch, num_workers=workers)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"images": res["images"], "seconds": seconds,
+                      "peak_rss_mib": peak / 1024, "rss_before_eval_mib": before / 1024,
+                      "peak_rss_worker_mib": children / 1024, "fractions": res["fractions"],
+                      "gflops": res["gflops"]}))
+
+
+def bench_memory(images: int, batch: int, workers: int) -> dict:
+    root = ensure_test_data(images)
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(root),
+                          "--batch", str(batch), "--workers", str(workers)],
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    total = res["peak_rss_mib"] + res["peak_rss_worker_mib"]
+    return {**res, "batch_size": batch, "workers": workers, "peak_total_mib": total,
+            "target": "peak_total_mib < 2048", "met": total < 2048}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=8, help="images per batch (inference)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--naive-batches", type=int, default=1)
+    ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--only", choices=["inference", "stage2", "memory"], action="append")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.batch, args.workers)
+        return
+    device = torch.device(args.device)
+    parts = args.only or ["inference", "stage2", "memory"]
+    result = {"machine": platform.platform(), "processor": platform.processor(),
+              "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "device": str(device),
+              "flop_convention": FLOP_CONVENTION,
+              "shapes": {"image": [H, W], "grid": list(GRID), "mc_samples": T,
+                         "models": ["unet_tiny", "unet_small", "unet_large"]}}
+    t0 = time.perf_counter()
+    if "inference" in parts:
+        result["inference"] = bench_inference(device, args.batch, args.repeats)
+        _print_inference(result["inference"])
+    if "stage2" in parts:
+        result["stage2"] = bench_stage2(device, 32, args.naive_batches, 16, 2)
+        _print_stage2(result["stage2"])
+    if "memory" in parts and device.type == "cpu":
+        result["memory"] = bench_memory(args.images, args.batch, args.workers)
+        _print_memory(result["memory"])
+    result["seconds"] = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{device.type}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\n{result['seconds']:.0f} s; written to {path}")
+
+
+def _print_inference(r: dict) -> None:
+    print(f"\n1. Routed inference, batch {r['batch_size']}, mix f0/f1/f2 "
+          f"{' / '.join(f'{100 * f:.0f}' for f in r['fractions'])} % ({FLOP_CONVENTION})")
+    print(f"{'method':<32}{'ms/image':>10}{'GFLOP':>9}{'wall/f2':>9}{'GFLOP/f2':>10}"
+          f"{'wall:GFLOP':>11}")
+    for name, m in r["methods"].items():
+        print(f"{name:<32}{m['ms_per_image']:10.1f}{m['gflops']:9.2f}"
+              f"{m['wall_ratio_to_f2']:9.3f}{m['gflop_ratio_to_f2']:10.3f}"
+              f"{m['wall_over_gflop_ratio']:11.2f}")
+    print(f"target {r['target']}: {'met' if r['met'] else 'NOT met'}")
+
+
+def _print_stage2(r: dict) -> None:
+    n, o = r["naive"], r["ours"]
+    print(f"\n2. Stage-2 epoch ({r['epoch_images']} images, batch {r['batch_size']})")
+    print(f"naive loop: {n['seconds_per_batch']:.1f} s/batch -> {n['seconds_per_epoch']:.0f} s "
+          f"per epoch ({n['batches_timed']} batch timed)")
+    print(f"ours: {o['seconds_per_batch']:.2f} s/batch -> {o['seconds_per_epoch']:.1f} s per "
+          f"epoch; cache {o['cache_seconds_per_image']:.2f} s/image -> "
+          f"{o['cache_seconds_for_epoch_images']:.0f} s once, "
+          f"{o['seconds_per_epoch_amortised']:.1f} s/epoch amortised over {o['amortised_over']}")
+    print(f"speed-up {r['speedup']:.1f} x, amortised {r['speedup_amortised']:.1f} x; "
+          f"target {r['target']}: {'met' if r['met'] else 'NOT met'}")
+
+
+def _print_memory(r: dict) -> None:
+    print(f"\n3. Evaluation of {r['images']} test images streamed from disk (batch "
+          f"{r['batch_size']}, {r['workers']} reader process): {r['seconds']:.0f} s, peak RSS "
+          f"{r['peak_rss_mib']:.0f} MiB (+ reader {r['peak_rss_worker_mib']:.0f} MiB) = "
+          f"{r['peak_total_mib']:.0f} MiB; target {r['target']}: "
+          f"{'met' if r['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
