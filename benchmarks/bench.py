@@ -363,6 +363,8 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{device.type}.json"
+    if args.only and path.is_file():  # one part re-measured: keep the others' last results
+        result = {**json.loads(path.read_text()), **result}
     path.write_text(json.dumps(result, indent=2))
     print(f"\n{result['seconds']:.0f} s; written to {path}")
 
