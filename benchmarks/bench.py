@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -38,6 +39,7 @@ from torch import nn
 
 from paser.baselines.routed import cascade_gflops
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.data import Tensors
 from paser.models import RoutingPolicy, create_model
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -125,24 +127,23 @@ def cascade_same_assignment(router: Router, x: torch.Tensor, actions: torch.Tens
     mc = router.observe(xp, 0)
     patches = grid.context(xp)
     probs = grid.split(mc.probs).clone()
-    entropy(probs).mean((-2, -1))
+    entropy(probs).mean((-2, -1))  # the cascade's first decision, as it pays for it
     flat = actions.reshape(-1).to(x.device)
     for k, model in enumerate(router.pool, start=1):
         idx = (flat >= k).nonzero(as_tuple=True)[0]
         out = grid.centre(model(patches.index_select(0, idx))).float().softmax(1)
-        entropy(out).mean((-2, -1))
+        entropy(out).mean((-2, -1))  # and the next one
         probs.index_copy_(0, idx, out)
     return grid.merge(probs).argmax(1)
 
 
 def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
-    routed = fixed_mix_router(device)
-    router = routed
+    router = fixed_mix_router(device)
     actions = mixed_actions(batch, router.grid.num_patches)
     x = torch.rand(batch, 1, H, W, generator=torch.Generator().manual_seed(0)).to(device)
     f2 = router.pool[-1]
     with torch.inference_mode():
-        out = routed(x, mc_seed=0)
+        out = router(x, mc_seed=0)
     assert torch.equal(out.actions.cpu(), actions), "the fixed mix was not routed"
     costs = router.costs(H, W)
     gflops = {"PaSeR": float(costs.gflops(actions).mean()),
@@ -151,7 +152,7 @@ def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
 
     def paser():
         with torch.inference_mode():
-            routed(x, mc_seed=0)
+            router(x, mc_seed=0)
 
     def whole():
         with torch.inference_mode():
@@ -241,8 +242,6 @@ def bench_stage2(device: torch.device, batch: int, naive_batches: int, cache_ima
                            cost)
     sync(device)
     naive_batch = (time.perf_counter() - start) / naive_batches
-
-    from paser.data import Tensors
 
     sub = Tensors(images[:cache_images], masks[:cache_images].byte(),
                   [str(i) for i in range(cache_images)])
@@ -345,7 +344,7 @@ def main() -> None:
     device = torch.device(args.device)
     parts = args.only or ["inference", "stage2", "memory"]
     result = {"machine": platform.platform(), "processor": platform.processor(),
-              "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+              "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),
               "flop_convention": FLOP_CONVENTION,
               "shapes": {"image": [H, W], "grid": list(GRID), "mc_samples": T,

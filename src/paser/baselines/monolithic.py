@@ -26,7 +26,14 @@ from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors
 from paser.metrics import IoUAccumulator
 from paser.train.common import MetricLog, atomic_save, load_checkpoint
-from paser.train.pretrain import build_model, class_weight, fit, load_trained
+from paser.train.pretrain import (
+    build_model,
+    class_weight,
+    fit,
+    load_trained,
+    model_epochs,
+    weighted_ce,
+)
 from paser.uncertainty import entropy
 
 MULTIPLE = 32
@@ -60,11 +67,9 @@ def padded_gflops(model: nn.Module, in_channels: int, h: int, w: int) -> float:
 def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec, data: StageData,
                 device: torch.device, resume: bool, show_progress: bool, label: str) -> nn.Module:
     """Train one whole-image model on D_pre (class-weighted CE) and return its best weights."""
-    weight = class_weight(cfg, device)
     model = build_model(cfg, spec).to(device)
-    epochs = cfg.stage1.epochs if spec.epochs is None else spec.epochs
-    fit(role, model, whole_padded, lambda logits, y, idx: F.cross_entropy(logits, y, weight=weight),
-        data.pre, data.validation, cfg=cfg, epochs=epochs, lr=spec.lr or cfg.stage1.lr,
+    fit(role, model, whole_padded, weighted_ce(cfg, device), data.pre, data.validation,
+        cfg=cfg, epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr,
         run_dir=run_dir, log=MetricLog(run_dir / "metrics" / "baselines.jsonl"), resume=resume,
         device=device, show_progress=show_progress, spec=spec, label=label, min_batch=2)
     return load_trained(run_dir, cfg, role, device, spec=spec)

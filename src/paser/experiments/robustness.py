@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage.util import random_noise
 from torch import nn
 
@@ -39,7 +38,7 @@ from paser.experiments.report import pyplot, save_figure
 from paser.patches import PatchGrid
 from paser.routing import Router
 from paser.train.common import MetricLog, atomic_write_text, progress
-from paser.train.pretrain import _epochs, class_weight, fit, load_trained, patchwise
+from paser.train.pretrain import fit, load_trained, model_epochs, patchwise, weighted_ce
 
 NOISY_DIR = "noisy"  # under checkpoints/: the noisy pool, noisy/f1.pt ...
 
@@ -100,18 +99,14 @@ def train_noisy_pool(run: FinishedRun, router: Router, amount: float, seed: int,
         log_path.unlink(missing_ok=True)
         atomic_write_text(json.dumps(settings), marker)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
-    weight = class_weight(cfg, device)
-
-    def ce(logits, y, idx):
-        return F.cross_entropy(logits, y, weight=weight)
-
+    ce = weighted_ce(cfg, device)
     log, pool, info = MetricLog(log_path), [], {}
     for k, (spec, model) in enumerate(zip(cfg.models.pool, router.pool, strict=True), 1):
         key = f"models.pool.{k - 1}.groups"
         train, val = (clean_plus_noisy(d.in_groups(spec.groups, key), amount, seed + i)
                       for i, d in ((1, data.pre), (2, data.validation)))
         role = f"{NOISY_DIR}/f{k}"
-        n_epochs = _epochs(cfg, spec) if epochs is None else epochs
+        n_epochs = model_epochs(cfg, spec) if epochs is None else epochs
         best = fit(role, copy.deepcopy(model).to(device), patchwise(grid), ce, train, val,
                    cfg=cfg, epochs=n_epochs, lr=spec.lr or cfg.stage1.lr, run_dir=run.run_dir,
                    log=log, resume=resume, device=device, show_progress=show_progress,

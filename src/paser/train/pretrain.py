@@ -88,6 +88,16 @@ def class_weight(cfg: ExperimentConfig, device: torch.device) -> torch.Tensor | 
     return torch.tensor(cfg.stage1.class_weights, dtype=torch.float32, device=device)
 
 
+def weighted_ce(cfg: ExperimentConfig, device: torch.device) -> Callable:
+    """Stage 1's loss, class-weighted cross entropy, in :func:`fit`'s ``loss_fn`` form."""
+    weight = class_weight(cfg, device)
+
+    def ce(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=weight)
+
+    return ce
+
+
 def whole_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits of a whole-image model: [B, C, H, W] -> [B, K, H, W]."""
     return model(x)
@@ -205,12 +215,10 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
     weight = class_weight(cfg, device)
+    ce = weighted_ce(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
     common = dict(cfg=cfg, run_dir=run_dir, log=log, resume=resume, device=device,
                   show_progress=show_progress)
-
-    def ce(logits, y, idx):
-        return F.cross_entropy(logits, y, weight=weight)
 
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
@@ -218,7 +226,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         model = build_model(cfg, spec).to(device)
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
         fit(role, model, forwards[role], ce, train, val,
-            epochs=_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
+            epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
 
     # fK is frozen while f0 learns: its stitched logits on f0's data are computed once.
     f0_spec = cfg.models.f0
@@ -237,7 +245,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     f0 = build_model(cfg, f0_spec).to(device)
     fit("f0", f0, whole_image, ce_kd, f0_train, f0_val,
-        epochs=_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
+        epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
 
     summary = summarize(cfg, run_dir, data, forwards, device)
     atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
@@ -249,7 +257,8 @@ def _keys(cfg: ExperimentConfig) -> list[str]:
     return ["models.f0.groups"] + [f"models.pool.{i}.groups" for i in range(len(cfg.models.pool))]
 
 
-def _epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
+def model_epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
+    """A model's stage-1 epochs: its own ``epochs``, else ``stage1.epochs``."""
     return cfg.stage1.epochs if spec.epochs is None else spec.epochs
 
 
