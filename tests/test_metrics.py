@@ -17,6 +17,7 @@ from paser.metrics import (
     iou_per_gflop,
     iou_per_image,
     iou_per_patch,
+    predicted_classes,
 )
 from paser.patches import PatchGrid
 
@@ -224,3 +225,10 @@ def test_input_errors():
     assert iou_per_image(pred.to(torch.uint8), target.to(torch.uint8), 3).tolist() == pytest.approx(
         [71 / 105, 15 / 32]
     )
+
+
+def test_predicted_classes_is_argmax_with_first_class_on_ties():
+    scores = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(predicted_classes(scores), scores.argmax(1))
+    ties = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 3.0, 3.0]])  # [B=3, C=3]
+    assert predicted_classes(ties[..., None, None]).flatten().tolist() == [0, 1, 0]

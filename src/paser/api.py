@@ -13,6 +13,7 @@ from paser.data import Tensors
 from paser.errors import CheckpointError, DataError
 from paser.evaluation import evaluate_router
 from paser.routing import Router, RoutingOutput
+from paser.runtime import keep_freed_memory
 from paser.train.common import load_checkpoint, resolve_device
 from paser.train.policy import build_router
 
@@ -33,7 +34,10 @@ class PaSeR:
              stage3: str | Path | None = None) -> PaSeR:
         """Load a run: the stage-3 checkpoint when present, else stage 1 + the stage-2 policy.
 
-        ``stage3`` names another stage-3 checkpoint of the run (a TVD-sweep variant)."""
+        ``stage3`` names another stage-3 checkpoint of the run (a TVD-sweep variant).
+        Sets glibc to keep freed memory for reuse (:func:`paser.runtime.keep_freed_memory`):
+        large CPU tensors are not page-faulted in afresh on every call."""
+        keep_freed_memory()
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from paser.data import Tensors
-from paser.metrics import confusion_counts
+from paser.metrics import confusion_counts, predicted_classes
 from paser.routing import Router
 from paser.uncertainty import entropy
 
@@ -63,7 +63,7 @@ class PatchOutcomes:
             safe = labels.clamp_min(0)[:, None]
             inter, union, ent, nll = [], [], [], []
             for pr in probs:
-                counts = confusion_counts(pr.argmax(1), labels, num_classes, ignore_index=-1)
+                counts = confusion_counts(predicted_classes(pr), labels, num_classes, ignore_index=-1)
                 inter.append(counts[0])
                 union.append(counts[1])
                 ent.append(entropy(pr).mean((-2, -1)))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.metrics import predicted_classes
 from paser.models import count_parameters
 from paser.patches import PatchGrid
 from paser.uncertainty import MCOutput, mc_predict, seeded
@@ -209,4 +210,4 @@ class Router(nn.Module):
         probs = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
         gflops = self.costs(h, w).gflops(actions, policy=logits is not None)
-        return RoutingOutput(probs.argmax(1), probs, actions, gflops, logits, mc)
+        return RoutingOutput(predicted_classes(probs), probs, actions, gflops, logits, mc)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from paser.errors import ConfigError
+from paser.metrics import predicted_classes
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -85,4 +86,4 @@ def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 5) -> MCOutput:
         else:
             logits = model(x.repeat(samples, 1, 1, 1))  # [T*B, K, H, W]
             probs = logits.float().softmax(1).unflatten(0, (samples, b)).mean(0)
-    return MCOutput(probs, probs.argmax(1), entropy(probs))
+    return MCOutput(probs, predicted_classes(probs), entropy(probs))

@@ -24,7 +24,7 @@ from torch import nn
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors
-from paser.metrics import IoUAccumulator
+from paser.metrics import IoUAccumulator, predicted_classes
 from paser.train.common import MetricLog, atomic_save, load_checkpoint
 from paser.train.pretrain import (
     build_model,
@@ -104,7 +104,7 @@ class MatPhase(nn.Module):
         c = self.fusion[-1].out_channels
         first = probs[:, :c]
         unsure = entropy(first) > tau
-        return torch.where(unsure, self.fuse(x, probs).argmax(1), first.argmax(1))
+        return torch.where(unsure, predicted_classes(self.fuse(x, probs)), predicted_classes(first))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gated(x, self.member_probs(x), self.tau)

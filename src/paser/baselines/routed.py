@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from paser.metrics import predicted_classes
 from paser.outcomes import PatchOutcomes
 from paser.routing import CostTable, Router
 from paser.uncertainty import entropy
@@ -170,5 +171,5 @@ def cascade_forward(router: Router, x: torch.Tensor, taus: list[float] | torch.T
             active = torch.zeros_like(active)
             active[idx] = entropy(out).mean((-2, -1)) > float(taus[k])
     actions = actions.view(x.shape[0], grid.num_patches)
-    pred = grid.crop(grid.merge(probs).argmax(1), h, w)
+    pred = grid.crop(predicted_classes(grid.merge(probs)), h, w)
     return pred, actions, cascade_gflops(actions.cpu(), router.costs(h, w))

@@ -21,7 +21,7 @@ from torch import nn
 from paser.baselines.monolithic import MatPhase, padded_gflops, whole_padded
 from paser.baselines.routed import CascadeFit, cascade_forward
 from paser.data import Tensors
-from paser.metrics import IoUAccumulator, iou_per_gflop
+from paser.metrics import IoUAccumulator, iou_per_gflop, predicted_classes
 from paser.routing import Router
 
 
@@ -115,7 +115,7 @@ def f0_predictor(router: Router, monte_carlo: bool, mc_seed: int = 0) -> Predict
             pred, g = router.observe(xp, mc_seed).pred, costs.f0_mc
         else:
             router.f0.eval()
-            pred, g = router.f0(xp).argmax(1), costs.f0_pass
+            pred, g = predicted_classes(router.f0(xp)), costs.f0_pass
         return Prediction(grid.crop(pred, h, w), torch.full((x.shape[0],), g))
     return predict
 
@@ -128,7 +128,7 @@ def patch_model_predictor(router: Router, k: int) -> Predictor:
         h, w = x.shape[-2:]
         logits = grid.merge(grid.centre(model(grid.context(grid.pad(x)))))
         g = router.costs(h, w).patch[k] * grid.num_patches
-        return Prediction(grid.crop(logits.argmax(1), h, w), torch.full((x.shape[0],), g))
+        return Prediction(grid.crop(predicted_classes(logits), h, w), torch.full((x.shape[0],), g))
     return predict
 
 
@@ -148,7 +148,7 @@ def _whole(segment: Callable[[torch.Tensor], torch.Tensor],
 
 def whole_image_predictor(model: nn.Module, in_channels: int) -> Predictor:
     """A monolithic model on the whole image (padded to a multiple of 32, cropped back)."""
-    return _whole(lambda x: whole_padded(model, x).argmax(1),
+    return _whole(lambda x: predicted_classes(whole_padded(model, x)),
                   lambda h, w: padded_gflops(model, in_channels, h, w))
 
 

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from paser.config import ExperimentConfig, load_config, save_config
 from paser.errors import CheckpointError, ConfigError
+from paser.runtime import keep_freed_memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +40,9 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: ExperimentConfig) -> torch.device:
-    """Threads, seed and device for a stage."""
+    """Threads, seed, the CPU allocator (:func:`paser.runtime.keep_freed_memory`) and device
+    for a stage."""
+    keep_freed_memory()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)

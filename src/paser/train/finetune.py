@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from paser.config import ExperimentConfig, Stage3Config
 from paser.data import StageData, load_stage_data
 from paser.evaluation import evaluate_router
-from paser.metrics import iou_per_image
+from paser.metrics import iou_per_image, predicted_classes
 from paser.train.common import (
     MetricLog,
     atomic_save,
@@ -179,7 +179,7 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
         loss.backward()
         opt.step()
         task_loss += loss.item() * idx.numel() / flat.numel()
-        routed[idx] = out.detach().argmax(1)
+        routed[idx] = predicted_classes(out.detach())
     iou = torch.stack([iou_per_image(p, labels, ncls, ignore_index=-1).nan_to_num(0.0)
                        for p in (f0_pred, routed)], -1).view(*actions.shape, 2)
     # reward() reads IoU per action; here only f0's (index 0) and the taken one are known.

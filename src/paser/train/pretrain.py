@@ -24,7 +24,7 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import Tensors, load_stage_data
 from paser.errors import CheckpointError, ConfigError
-from paser.metrics import IoUAccumulator
+from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters, create_model
 from paser.models.registry import Resized
 from paser.patches import PatchGrid
@@ -131,7 +131,7 @@ def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes
     model.eval()
     acc = IoUAccumulator(num_classes)
     for i in range(0, len(data), batch_size):
-        pred = forward(model, data.images[i:i + batch_size].to(device)).argmax(1).cpu()
+        pred = predicted_classes(forward(model, data.images[i:i + batch_size].to(device))).cpu()
         acc.update(pred, data.masks[i:i + batch_size].long())
     return acc.compute()["miou"]
 
@@ -182,7 +182,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
-                acc.update(logits.detach().argmax(1).cpu(), y.cpu())
+                acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
             val_miou = evaluate_miou(model, forward, val, cfg.models.num_classes,
                                      s1.batch_size, device)
             if val_miou > best:
