@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from paser.calibration import Calibration, calibrate
 from paser.config import ExperimentConfig, load_config
 from paser.data import Tensors
 from paser.errors import CheckpointError, DataError
@@ -26,8 +27,11 @@ class PaSeR:
     >>> out.mask, out.probs, out.actions, out.gflops
     """
 
-    def __init__(self, router: Router, config: ExperimentConfig, run_dir: Path | None = None):
+    def __init__(self, router: Router, config: ExperimentConfig, run_dir: Path | None = None,
+                 calibration: Calibration | None = None):
         self.router, self.config, self.run_dir = router, config, run_dir
+        #: the budget bias used by :meth:`segment` and :meth:`evaluate` (``None``: none)
+        self.calibration = calibration
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto",
@@ -56,7 +60,7 @@ class PaSeR:
         if router.policy.head.out_features != router.grid.num_patches * router.num_models:
             raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
                                   "and pool")
-        return cls(router.eval(), cfg, run_dir)
+        return cls(router.eval(), cfg, run_dir, Calibration.load(run_dir))
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +72,8 @@ class PaSeR:
         """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image) in [0, 1].
 
         Greedy actions and a fixed seed for f0's Monte Carlo dropout by default, so the same
-        batch always gets the same answer (``mc_seed=None`` samples fresh masks).
+        batch always gets the same answer (``mc_seed=None`` samples fresh masks). ``bias``
+        defaults to the run's calibration (``paser calibrate``), if it has one.
         ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`.
         """
         x = torch.as_tensor(images, dtype=torch.float32)
@@ -81,7 +86,30 @@ class PaSeR:
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")
         self.router.eval()
-        return self.router(x.to(self.device), mode=mode, bias=bias, mc_seed=mc_seed)
+        return self.router(x.to(self.device), mode=mode, bias=self._bias(bias), mc_seed=mc_seed)
+
+    def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if bias is None and self.calibration is not None:
+            return self.calibration.tensor()
+        return bias
+
+    def calibrate(self, budget_gflops: float | None = None, max_frac_large: float | None = None,
+                  batch_size: int = 16, save: bool = True) -> Calibration:
+        """Find the bias that meets the budget on the run's validation split (see
+        :func:`paser.calibration.calibrate`), use it from now on and, with ``save``, keep it
+        in the run (``calibration.json``) for later loads."""
+        from paser.data import BatteryDataset, ensure_dataset, load_stage_data
+
+        cfg = self.config
+        if cfg.data.dataset == "mnist-noisy":
+            data = load_stage_data(cfg.data, progress=False).validation
+        else:
+            data = BatteryDataset(ensure_dataset(cfg.data), "validation")
+        self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,
+                                     max_frac_large, batch_size)
+        if save and self.run_dir is not None:
+            self.calibration.save(self.run_dir)
+        return self.calibration
 
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
                  force_action: int | None = None) -> dict:
@@ -91,4 +119,5 @@ class PaSeR:
         A dataset (e.g. :class:`paser.data.BatteryDataset`) is streamed from disk.
         """
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
+                               bias=None if force_action is not None else self._bias(None),
                                force_action=force_action)

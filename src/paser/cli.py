@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -150,7 +151,8 @@ def evaluate(
 
     model = PaSeR.load(run_dir)
     data = to_tensors(BatteryDataset(ensure_dataset(model.config.data), split))
-    rows = [("PaSeR", model.evaluate(data, batch_size))]
+    name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
+    rows = [(name, model.evaluate(data, batch_size))]
     rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",
               model.evaluate(data, batch_size, force_action=k))
              for k in range(model.router.num_models)]
@@ -161,6 +163,75 @@ def evaluate(
     for name, r in rows:
         typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+
+
+@app.command()
+def segment(
+    inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG)"),
+    run_dir: Path = RUN_DIR,
+    out: Path = typer.Option(..., "--out", help="the output folder"),
+    budget_gflops: float = typer.Option(
+        None, "--budget-gflops", help="calibrate to this mean GFLOP per image for this call, "
+        "instead of the run's saved calibration (not saved)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+) -> None:
+    """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
+    image and summary.csv. A file that fails is reported and skipped; the exit status is
+    then 1."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+    from paser.segment import find_images, segment_files
+    from paser.train.common import progress
+
+    files = find_images(inputs)
+    model = PaSeR.load(run_dir, device=device)
+    if budget_gflops is not None:
+        model.calibrate(budget_gflops=budget_gflops, save=False)
+    with progress(len(files) > 1) as bar:
+        task = bar.add_task("segment", total=len(files), info="")
+        results = segment_files(model, files, out, on_done=lambda r: bar.update(
+            task, advance=1, info=r.stem if r.ok else f"{r.stem} failed"))
+    done = [r for r in results if r.ok]
+    for r in results:
+        if not r.ok:
+            typer.echo(f"failed: {r.error}", err=True)
+    if done:
+        typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
+                   f"{sum(r.gflops for r in done) / len(done):.3f} GFLOP ({FLOP_CONVENTION}), "
+                   f"{sum(r.ms for r in done) / len(done):.1f} ms per image; see "
+                   f"{out / 'summary.csv'}")
+    if len(done) < len(results):
+        typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
+                   f"{out / 'summary.csv'}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def calibrate(
+    run_dir: Path = RUN_DIR,
+    budget_gflops: float = typer.Option(None, "--budget-gflops",
+                                        help="mean GFLOP per validation image to spend"),
+    max_frac_large: float = typer.Option(None, "--max-frac-large",
+                                         help="largest share of patches on the largest model"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+) -> None:
+    """Find the bias on the policy's logits that meets a compute budget on the validation
+    split; save it in the run for `segment` and `evaluate`."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+
+    model = PaSeR.load(run_dir)
+    cal = model.calibrate(budget_gflops, max_frac_large, batch_size)
+    (name, value), = cal.target.items()
+    typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
+               f"image ({FLOP_CONVENTION})")
+    typer.echo(f"target {name} = {value:g}; bias on the logits {[round(b, 4) for b in cal.bias]}")
+    typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8}  patches per model")
+    for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):
+        typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f}  "
+                   + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+    typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
+               "use it")
 
 
 @app.command("run")
@@ -269,7 +340,9 @@ def show_config(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PaserError as err:
         if _state["debug"]:
             raise

@@ -164,6 +164,11 @@ class Router(nn.Module):
         with seeded(mc_seed, x.device):
             return mc_predict(self.f0, x, self.mc_samples)
 
+    def look(self, x: torch.Tensor, mc_seed: int | None = None) -> tuple[torch.Tensor, MCOutput]:
+        """A batch ``[B, C, H, W]`` padded to the grid, and f0's Monte Carlo output on it."""
+        xp = self.grid.pad(x)
+        return xp, self.observe(xp, mc_seed)
+
     def choose(self, logits: torch.Tensor, mode: Mode = "greedy") -> torch.Tensor:
         """Actions ``[B, P]`` from logits ``[B, P, K+1]``: argmax, or a sample."""
         if mode == "greedy":
@@ -199,8 +204,7 @@ class Router(nn.Module):
         answer; ``None`` draws them from the global generator (training).
         """
         h, w = x.shape[-2:]
-        xp = self.grid.pad(x)
-        mc = self.observe(xp, mc_seed)
+        xp, mc = self.look(x, mc_seed)
         logits = None
         if actions is None:
             logits = self.policy(mc.state())

@@ -1,0 +1,266 @@
+"""Segment image files with a trained run: what ``paser segment`` does.
+
+Per input image ``<stem>``, written to the output folder:
+
+- ``<stem>_labels.png``: the label map in the dataset's codec (pore 0, carbon 255,
+  nickel 128; with more than 3 classes, the class indices as 8-bit values);
+- ``<stem>_overlay.png``: the image with the classes in colour;
+- ``<stem>_routing.png``: the image with each patch tinted by the model that segmented it;
+- ``<stem>.json``: the actions per patch, GFLOP, milliseconds, the FLOP convention, and
+  notes on any conversion of the input;
+
+and ``summary.csv`` with one row per input, failures included.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from paser.cost import FLOP_CONVENTION
+from paser.data.battery import encode_label
+from paser.errors import DataError, PaserError
+
+SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
+                          [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127]],
+                         dtype=np.float32)  # pore blue, carbon yellow, nickel red, ...
+MODEL_COLOURS = np.array([[44, 160, 44], [255, 127, 14], [214, 39, 40], [148, 103, 189],
+                          [23, 190, 207]], dtype=np.float32)  # f0 green, f1 orange, f2 red
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively) in folders, in order.
+
+    Raises :class:`DataError` for a path that does not exist, for no image at all, and for
+    two inputs with the same file stem (their outputs would overwrite each other).
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*")
+                            if f.is_file() and f.suffix.lower() in SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no PNG, TIFF or JPEG image in {', '.join(map(str, inputs))}; give "
+                        "image files or folders that contain them")
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen and seen[f.stem] != f:
+            raise DataError(f"{seen[f.stem]} and {f} have the same stem '{f.stem}': their "
+                            "outputs would overwrite each other; rename one or segment them "
+                            "separately")
+        seen[f.stem] = f
+    return list(dict.fromkeys(files))
+
+
+def _read_tiff(path: Path, notes: list[str]) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        arr, axes = series.asarray(), series.axes
+    while arr.ndim > 2 and axes[0] != "S" and len(axes.replace("S", "")) > 2:
+        notes.append(f"a stack of {arr.shape[0]} images (TIFF axis {axes[0]}); the first one "
+                     "segmented")
+        arr, axes = arr[0], axes[1:]
+    if axes[0] == "S":  # planar channels first
+        arr = np.moveaxis(arr, 0, -1)
+    return arr
+
+
+def _read_pillow(path: Path, notes: list[str]) -> np.ndarray:
+    with Image.open(path) as img:
+        if getattr(img, "n_frames", 1) > 1:
+            notes.append(f"a stack of {img.n_frames} frames; the first one segmented")
+        img.load()
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode in ("1", "CMYK", "YCbCr", "HSV", "LAB"):
+            img = img.convert("L" if img.mode == "1" else "RGB")
+        return np.asarray(img)
+
+
+def read_input(path: str | Path, channels: int) -> tuple[np.ndarray, list[str]]:
+    """An image file as float32 ``[channels, H, W]`` in [0, 1], and notes on what was done.
+
+    PNG, TIFF (tifffile: 16-bit colour, stacks, planar) and JPEG; 8- or 16-bit integers
+    are scaled by their range, floats already in [0, 1] kept, other values min-max scaled.
+    Colour becomes grayscale by luminance (scikit-image ``rgb2gray``) when the models take
+    one channel; a grayscale image is repeated when they take three; alpha is dropped.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = _read_tiff(path, notes)
+        else:
+            arr = _read_pillow(path, notes)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError) as err:
+        raise DataError(f"{path}: cannot read the image ({err})") from None
+    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
+    arr = _to_unit(arr, path, notes)
+    return _to_channels(arr, channels, path, notes), notes
+
+
+def _to_unit(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.min() >= 0
+                                  and arr.max() <= 65535):
+        return arr.astype(np.float32) / 65535.0
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: the image contains NaN or Inf values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return arr
+    notes.append(f"values in [{lo:g}, {hi:g}] min-max scaled to [0, 1]")
+    return (arr - lo) / max(hi - lo, 1e-12)
+
+
+def _to_channels(arr: np.ndarray, channels: int, path: Path, notes: list[str]) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    have = arr.shape[-1]
+    if have in (2, 4):  # gray + alpha, RGB + alpha
+        arr, have = arr[..., :have - 1], have - 1
+        notes.append("alpha channel dropped")
+    if have == channels:
+        pass
+    elif channels == 1 and have == 3:
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., :1]
+        else:
+            from skimage.color import rgb2gray
+
+            arr = rgb2gray(arr).astype(np.float32)[..., None]
+            notes.append("RGB converted to grayscale (luminance) for 1-channel models")
+    elif channels == 3 and have == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+        notes.append("grayscale repeated to 3 channels for RGB models")
+    else:
+        raise DataError(f"{path}: {have} channels, and the models take {channels}; give "
+                        f"{'grayscale' if channels == 1 else f'{channels}-channel'} images")
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0), dtype=np.float32)
+
+
+@dataclass
+class Segmented:
+    """One input's outcome: ``ok`` with its figures, or ``error``."""
+
+    input: str
+    stem: str
+    ok: bool
+    error: str = ""
+    height: int = 0
+    width: int = 0
+    gflops: float = 0.0
+    ms: float = 0.0
+    fractions: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    base = np.repeat(gray[..., None] * 255.0, 3, axis=-1)
+    return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
+
+
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
+                  actions: np.ndarray, grid: tuple[int, int], num_classes: int) -> dict:
+    """The label PNG, the overlay and the routing map of one image; their file names."""
+    h, w = mask.shape
+    labels = encode_label(mask) if num_classes <= 3 else mask.astype(np.uint8)
+    gray = image.mean(0)
+    overlay = _blend(gray, CLASS_COLOURS[mask % len(CLASS_COLOURS)], 0.45)
+    rows, cols = grid
+    ph, pw = -(-h // rows), -(-w // cols)  # the padded grid's patch size
+    per_pixel = np.kron(actions.reshape(rows, cols), np.ones((ph, pw), dtype=np.int64))[:h, :w]
+    routing = _blend(gray, MODEL_COLOURS[per_pixel % len(MODEL_COLOURS)], 0.4)
+    routing[np.arange(ph, h, ph)] = 255  # patch borders
+    routing[:, np.arange(pw, w, pw)] = 255
+    names = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
+             "routing": f"{stem}_routing.png"}
+    Image.fromarray(labels).save(out_dir / names["labels"])
+    Image.fromarray(overlay).save(out_dir / names["overlay"])
+    Image.fromarray(routing).save(out_dir / names["routing"])
+    return names
+
+
+def segment_files(model, files: Sequence[Path], out_dir: str | Path,
+                  on_done: Callable[[Segmented], None] | None = None) -> list[Segmented]:
+    """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
+    the outputs and ``summary.csv`` into ``out_dir``. A file that cannot be read or
+    segmented is recorded with its error and the rest go on."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, router = model.config, model.router
+    names = [f"f0 ({cfg.models.f0.name})"] + [f"f{k} ({m.name})"
+                                              for k, m in enumerate(cfg.models.pool, start=1)]
+    calibration = None if model.calibration is None else model.calibration.target
+    results = []
+    for path in files:
+        res = Segmented(str(path), path.stem, ok=False)
+        try:
+            image, res.notes = read_input(path, cfg.models.in_channels)
+            res.height, res.width = image.shape[-2:]
+            start = time.perf_counter()
+            out = model.segment(torch.from_numpy(image)[None])
+            if out.mask.device.type == "cuda":
+                torch.cuda.synchronize()
+            res.ms = 1000 * (time.perf_counter() - start)
+            actions = out.actions[0].cpu().numpy()
+            res.gflops = float(out.gflops[0])
+            res.fractions = (np.bincount(actions, minlength=router.num_models)
+                             / actions.size).tolist()
+            written = write_outputs(out_dir, path.stem, image, out.mask[0].cpu().numpy(),
+                                    actions, (router.grid.rows, router.grid.cols),
+                                    cfg.models.num_classes)
+            record = {"input": str(path), "height": res.height, "width": res.width,
+                      "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
+                      "models": names,
+                      "actions": actions.reshape(router.grid.rows, router.grid.cols).tolist(),
+                      "patches_per_model": np.bincount(actions, minlength=router.num_models
+                                                       ).tolist(),
+                      "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
+                      "ms": res.ms, "device": str(model.device),
+                      "mc_samples": cfg.mc_samples, "calibration": calibration,
+                      "outputs": written}
+            (out_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
+            res.ok = True
+        except (PaserError, OSError, RuntimeError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
+        results.append(res)
+        if on_done is not None:
+            on_done(res)
+    write_summary(out_dir / "summary.csv", results, names)
+    return results
+
+
+def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:
+    """One CSV row per input: status, size, GFLOP, ms, share of patches per model, error."""
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["input", "status", "height", "width", "gflops", "ms",
+                      *[f"share {n}" for n in names], "notes", "error"])
+        for r in results:
+            shares = [f"{f:.4f}" for f in r.fractions] or [""] * len(names)
+            out.writerow([r.input, "ok" if r.ok else "failed", r.height or "", r.width or "",
+                          f"{r.gflops:.4f}" if r.ok else "", f"{r.ms:.1f}" if r.ok else "",
+                          *shares, "; ".join(r.notes), r.error])
+

@@ -1,0 +1,129 @@
+"""Budget calibration: the bias meets the budget on validation, and the run keeps it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from tests.test_cli import paser
+
+from paser.calibration import Calibration, calibrate, validation_logits
+from paser.data import Tensors, load_stage_data
+from paser.errors import ConfigError
+from paser.evaluation import evaluate_router
+from paser.models import RoutingPolicy, create_model
+from paser.patches import PatchGrid
+from paser.routing import Router
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """An untrained router whose patch-aware policy gives every (image, patch) its own
+    logits, and 24 random 32 x 32 images: 384 patches to route."""
+    torch.manual_seed(0)
+    grid = PatchGrid(4, 4)
+    pool = [create_model("unet_small", 1, 3, c0=2, widths=(4, 4)),
+            create_model("unet_tiny", 1, 3)]  # f1 cheaper than f2
+    policy = RoutingPolicy(16, 3, head="local", grid=(4, 4))
+    torch.nn.init.normal_(policy.local.weight, std=3.0)
+    router = Router(create_model("unet_tiny", 1, 3), policy, pool, grid, 2).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = Tensors(torch.rand(24, 1, 32, 32, generator=gen),
+                   torch.randint(0, 3, (24, 32, 32), generator=gen).byte(),
+                   [str(i) for i in range(24)])
+    return router, data
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 0.8])
+def test_budget_is_met_within_5_percent(setup, share):
+    router, data = setup
+    costs = router.costs(32, 32)
+    everything = costs.fixed + costs.num_patches * costs.patch[-1]
+    budget = costs.fixed + share * (everything - costs.fixed)
+    cal = calibrate(router, data, 3, budget_gflops=budget, batch_size=8)
+    assert 0.95 * budget <= cal.gflops <= budget
+    # what evaluation measures with the bias is what the calibration reported
+    res = evaluate_router(router, data, 3, 8, bias=cal.tensor())
+    assert res["gflops"] == pytest.approx(cal.gflops)
+    assert cal.bias[0] == 0.0 and cal.target == {"budget_gflops": budget}
+
+
+def test_a_larger_budget_never_routes_less(setup):
+    router, data = setup
+    costs = router.costs(32, 32)
+    spent = [calibrate(router, data, 3, budget_gflops=costs.fixed + b, batch_size=8).gflops
+             for b in (0.2, 0.6, 1.0)]
+    assert spent == sorted(spent)
+
+
+def test_share_on_the_largest_model(setup):
+    router, data = setup
+    cal = calibrate(router, data, 3, max_frac_large=0.25, batch_size=8)
+    assert 0.20 <= cal.fractions[-1] <= 0.25
+    none = calibrate(router, data, 3, max_frac_large=0.0, batch_size=8)
+    assert none.fractions[-1] == 0.0
+
+
+def test_budget_at_the_fixed_cost_routes_nothing_and_above_everything_routes_all(setup):
+    router, data = setup
+    costs = router.costs(32, 32)
+    low = calibrate(router, data, 3, budget_gflops=costs.fixed, batch_size=8)
+    assert low.fractions[0] == 1.0 and low.gflops == pytest.approx(costs.fixed)
+    high = calibrate(router, data, 3, budget_gflops=1e6, batch_size=8)
+    assert high.fractions[-1] == 1.0
+
+
+def test_unreachable_or_ambiguous_budgets_are_clear_errors(setup):
+    router, data = setup
+    fixed = router.costs(32, 32).fixed
+    with pytest.raises(ConfigError, match="below the .* GFLOP every 32 x 32 image pays"):
+        calibrate(router, data, 3, budget_gflops=0.9 * fixed)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        calibrate(router, data, 3)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        calibrate(router, data, 3, budget_gflops=1.0, max_frac_large=0.5)
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        calibrate(router, data, 3, max_frac_large=1.5)
+
+
+def test_logits_are_those_of_the_routing_path(setup):
+    router, data = setup
+    logits = validation_logits(router, data, 8)
+    with torch.inference_mode():
+        out = router(data.images[:8], mc_seed=0)
+    assert torch.equal(logits[:8], out.logits)
+
+
+def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_path):
+    from paser import PaSeR
+
+    run = tmp_path / "run"
+    shutil.copytree(mnist_run, run)
+    model = PaSeR.load(run)
+    assert model.calibration is None
+    cal = model.calibrate(max_frac_large=0.0)
+    assert (run / "calibration.json").is_file()
+    again = PaSeR.load(run)
+    assert again.calibration == cal
+    validation = load_stage_data(again.config.data, progress=False).validation
+    res = again.evaluate(validation)  # with the saved bias: what calibrate measured
+    assert res["gflops"] == pytest.approx(cal.gflops) and res["fractions"] == cal.fractions
+    assert res["fractions"][-1] == 0.0
+    images = validation.images[:4]
+    assert torch.equal(again.segment(images).actions,
+                       again.segment(images, bias=cal.tensor()).actions)
+
+
+def test_cli_calibrate(mnist_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mnist_run, run)
+    res = paser("calibrate", "--run-dir", str(run), "--budget-gflops", "0")
+    assert res.returncode == 2 and "below the" in res.stderr and "give at least" in res.stderr
+    res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "calibrated" in res.stdout and "uncalibrated" in res.stdout
+    assert Calibration.load(run).target == {"max_frac_large": 0.5}
+    (run / "calibration.json").write_text("{")
+    res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
+    assert res.returncode == 2 and "calibration.json" in res.stderr

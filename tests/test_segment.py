@@ -1,0 +1,139 @@
+"""`paser segment`: any image file in, label maps, overlays, routing maps, JSON and CSV out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from tests.test_cli import paser
+
+from paser.data.battery import decode_label
+from paser.errors import DataError
+from paser.segment import find_images, read_input, segment_files
+
+RNG = np.random.default_rng(0)
+
+
+def test_8_and_16_bit_grayscale_are_scaled_by_their_range(tmp_path):
+    a8 = RNG.integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(a8).save(tmp_path / "a.png")
+    a16 = RNG.integers(0, 65536, (5, 7), dtype=np.uint16)
+    Image.fromarray(a16).save(tmp_path / "b.png")
+    tifffile.imwrite(tmp_path / "c.tif", a16)
+    x8, notes8 = read_input(tmp_path / "a.png", 1)
+    assert x8.shape == (1, 5, 7) and np.allclose(x8[0], a8 / 255.0) and notes8 == []
+    for name in ("b.png", "c.tif"):
+        x16, notes = read_input(tmp_path / name, 1)
+        assert np.allclose(x16[0], a16 / 65535.0) and notes == []
+
+
+def test_colour_becomes_luminance_and_gray_is_repeated_for_rgb_models(tmp_path):
+    rgb = RNG.integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    x, notes = read_input(tmp_path / "rgb.png", 1)
+    want = rgb.astype(np.float64) / 255 @ np.array([0.2125, 0.7154, 0.0721])  # skimage rgb2gray
+    assert x.shape == (1, 6, 4) and np.allclose(x[0], want, atol=1e-6)
+    assert notes == ["RGB converted to grayscale (luminance) for 1-channel models"]
+    same = np.repeat(rgb[..., :1], 3, axis=-1)  # a grayscale scan saved as RGB: kept as is
+    Image.fromarray(same[..., 0]).save(tmp_path / "gray.jpg", quality=100)
+    Image.fromarray(np.dstack([same, np.full((6, 4), 255, np.uint8)])).save(tmp_path / "a.png")
+    x, notes = read_input(tmp_path / "a.png", 1)
+    assert np.allclose(x[0], same[..., 0] / 255) and notes == ["alpha channel dropped"]
+    g, notes = read_input(tmp_path / "gray.jpg", 3)
+    assert g.shape == (3, 6, 4) and notes == ["grayscale repeated to 3 channels for RGB models"]
+
+
+def test_16_bit_rgb_tiff_stacks_and_floats(tmp_path):
+    rgb16 = RNG.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb16, photometric="rgb")
+    x, notes = read_input(tmp_path / "rgb16.tif", 3)
+    assert np.allclose(x, np.moveaxis(rgb16, -1, 0) / 65535.0) and notes == []
+    stack = RNG.integers(0, 256, (3, 4, 5), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    x, notes = read_input(tmp_path / "stack.tif", 1)
+    assert np.allclose(x[0], stack[0] / 255) and notes == [
+        "a stack of 3 images (TIFF axis Q); the first one segmented"]
+    f = np.array([[-2.0, 0.0], [2.0, 6.0]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", f)
+    x, notes = read_input(tmp_path / "f.tif", 1)
+    assert np.allclose(x[0], [[0, 0.25], [0.5, 1]]) and "min-max scaled" in notes[0]
+
+
+def test_unreadable_and_mismatched_inputs_name_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png: cannot read the image"):
+        read_input(tmp_path / "bad.png", 1)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="rgb.png: 3 channels, and the models take 2"):
+        read_input(tmp_path / "rgb.png", 2)
+
+
+def test_find_images_in_folders_files_and_errors(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.png", "d/sub/a.TIF", "d/notes.txt", "c.jpeg"):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_images([tmp_path / "d", tmp_path / "c.jpeg"])
+    assert [f.name for f in found] == ["b.png", "a.TIF", "c.jpeg"]
+    with pytest.raises(DataError, match="d/x: no such file or folder"):
+        find_images([tmp_path / "d" / "x"])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="no PNG, TIFF or JPEG image in"):
+        find_images([tmp_path / "e"])
+    (tmp_path / "e" / "b.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="same stem 'b'"):
+        find_images([tmp_path / "d", tmp_path / "e"])
+
+
+def _inputs(folder):
+    folder.mkdir()
+    Image.fromarray(RNG.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(RNG.integers(0, 65536, (40, 33), dtype=np.uint16)).save(folder / "b.png")
+    Image.fromarray(RNG.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(folder / "c.jpg")
+    (folder / "d.png").write_bytes(b"broken")
+    return folder
+
+
+def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_path):
+    from paser import PaSeR
+
+    model = PaSeR.load(mnist_run)
+    files = find_images([_inputs(tmp_path / "in")])
+    results = segment_files(model, files, tmp_path / "out")
+    assert [r.ok for r in results] == [True, True, True, False]
+    assert "d.png: cannot read the image" in results[3].error
+    for r, (h, w) in zip(results[:3], [(28, 28), (40, 33), (30, 30)], strict=True):
+        x, _ = read_input(r.input, 1)
+        out = model.segment(torch.from_numpy(x)[None])
+        labels = np.asarray(Image.open(tmp_path / "out" / f"{r.stem}_labels.png"))
+        assert labels.shape == (h, w)
+        assert np.array_equal(decode_label(labels), out.mask[0].numpy())  # the dataset codec
+        for kind in ("overlay", "routing"):
+            img = Image.open(tmp_path / "out" / f"{r.stem}_{kind}.png")
+            assert img.size == (w, h) and img.mode == "RGB"
+        record = json.loads((tmp_path / "out" / f"{r.stem}.json").read_text())
+        assert record["actions"] == out.actions[0].view(1, 1).tolist()
+        assert record["gflops"] == pytest.approx(float(out.gflops[0]))
+        assert record["flop_convention"].startswith("torch.utils.flop_counter")
+        assert record["ms"] > 0 and record["height"] == h
+    assert json.loads((tmp_path / "out" / "c.json").read_text())["notes"] == [
+        "RGB converted to grayscale (luminance) for 1-channel models"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert "cannot read" in rows[3]["error"]
+
+
+def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
+    inputs = _inputs(tmp_path / "in")
+    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    assert res.returncode == 1
+    assert "failed:" in res.stderr and "d.png" in res.stderr
+    assert "segmented 3 of 4 images" in res.stdout
+    assert (tmp_path / "o" / "c_labels.png").is_file()
+    res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o2"))
+    assert res.returncode == 2 and "no such file or folder" in res.stderr
