@@ -189,7 +189,7 @@ def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
     profile = {name: {"ms_per_image": 1000 * seconds[name] / batch, "gflops": g,
                       "gflop_per_s": g * batch / seconds[name]} for name, g in parts.items()}
     rest = seconds["PaSeR"] - sum(seconds[name] for name in parts)
-    profile["rest (patching, softmax, stitching)"] = {"ms_per_image": 1000 * rest / batch,
+    profile["rest: PaSeR minus its parts (noisy)"] = {"ms_per_image": 1000 * rest / batch,
                                                        "gflops": 0.0, "gflop_per_s": 0.0}
     # the ratio PaSeR would reach with no overhead at all: its parts' own times only
     floor = sum(seconds[name] for name in parts) / seconds[top] / (gflops["PaSeR"] / gflops[top])
