@@ -10,7 +10,7 @@ from tests.test_cli import paser
 
 from paser.calibration import Calibration, calibrate, validation_logits
 from paser.data import Tensors, load_stage_data
-from paser.errors import ConfigError
+from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.models import RoutingPolicy, create_model
 from paser.patches import PatchGrid
@@ -123,7 +123,13 @@ def test_cli_calibrate(mnist_run, tmp_path):
     res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
     assert res.returncode == 0, res.stderr
     assert "calibrated" in res.stdout and "uncalibrated" in res.stdout
-    assert Calibration.load(run).target == {"max_frac_large": 0.5}
+    from paser import PaSeR
+
+    model = PaSeR.load(run)
+    assert Calibration.load(run, model.router).target == {"max_frac_large": 0.5}
+    torch.nn.init.zeros_(model.router.policy.head.bias)  # as if the run was trained again
+    with pytest.raises(CheckpointError, match="made for another policy"):
+        Calibration.load(run, model.router)
     (run / "calibration.json").write_text("{")
     res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr

@@ -60,7 +60,7 @@ class PaSeR:
         if router.policy.head.out_features != router.grid.num_patches * router.num_models:
             raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
                                   "and pool")
-        return cls(router.eval(), cfg, run_dir, Calibration.load(run_dir))
+        return cls(router.eval(), cfg, run_dir, Calibration.load(run_dir, router))
 
     @property
     def device(self) -> torch.device:

@@ -15,6 +15,7 @@ Monte Carlo seed as evaluation, so the routing the search predicts is exactly th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from paser.data import Tensors, iter_batches
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.routing import Router
+from paser.train.common import atomic_write_text
 
 FILE = "calibration.json"
 
@@ -53,6 +55,7 @@ class Calibration:
     images: int
     height: int
     width: int
+    policy: str = ""
     flop_convention: str = FLOP_CONVENTION
 
     def tensor(self) -> torch.Tensor:
@@ -60,20 +63,34 @@ class Calibration:
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / FILE
-        path.write_text(json.dumps(asdict(self), indent=2))
+        atomic_write_text(json.dumps(asdict(self), indent=2), path)
         return path
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> Calibration | None:
-        """The run's saved calibration, or ``None`` when it has none."""
+    def load(cls, run_dir: str | Path, router: Router) -> Calibration | None:
+        """The run's saved calibration, or ``None`` when it has none; an error when it was
+        made for another policy (the run was retrained since)."""
         path = Path(run_dir) / FILE
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
+            cal = cls(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"{path}: not a calibration written by `paser calibrate` "
                                   f"({err}); delete it or run `paser calibrate` again") from None
+        if cal.policy != policy_digest(router):
+            raise CheckpointError(f"{path}: made for another policy (the run was trained again "
+                                  "since); run `paser calibrate` again or delete it")
+        return cal
+
+
+def policy_digest(router: Router) -> str:
+    """SHA-256 of the policy's weights: which policy a calibration belongs to."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(router.policy.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -147,5 +164,6 @@ def calibrate(router: Router, data: Tensors | Dataset, num_classes: int,
     return Calibration(bias=bias, strength=hi, target=target, gflops=res["gflops"],
                        fractions=res["fractions"], miou=res["miou"],
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
-                       images=res["images"], height=int(h), width=int(w))
+                       images=res["images"], height=int(h), width=int(w),
+                       policy=policy_digest(router))
 
