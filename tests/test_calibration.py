@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -130,6 +131,14 @@ def test_cli_calibrate(mnist_run, tmp_path):
     torch.nn.init.zeros_(model.router.policy.head.bias)  # as if the run was trained again
     with pytest.raises(CheckpointError, match="made for another policy"):
         Calibration.load(run, model.router)
+    saved = json.loads((run / "calibration.json").read_text())
+    saved["policy"] = "0" * 64  # made for another policy: `paser calibrate` replaces it
+    (run / "calibration.json").write_text(json.dumps(saved))
+    res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
+    assert res.returncode == 2 and "made for another policy" in res.stderr
+    res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.3")
+    assert res.returncode == 0, res.stderr
+    assert PaSeR.load(run).calibration.target == {"max_frac_large": 0.3}
     (run / "calibration.json").write_text("{")
     res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr

@@ -35,10 +35,11 @@ class PaSeR:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto",
-             stage3: str | Path | None = None) -> PaSeR:
+             stage3: str | Path | None = None, calibrated: bool = True) -> PaSeR:
         """Load a run: the stage-3 checkpoint when present, else stage 1 + the stage-2 policy.
 
         ``stage3`` names another stage-3 checkpoint of the run (a TVD-sweep variant).
+        ``calibrated=False`` ignores the run's saved calibration (``paser calibrate``).
         Sets glibc to keep freed memory for reuse (:func:`paser.runtime.keep_freed_memory`):
         large CPU tensors are not page-faulted in afresh on every call."""
         keep_freed_memory()
@@ -60,7 +61,8 @@ class PaSeR:
         if router.policy.head.out_features != router.grid.num_patches * router.num_models:
             raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
                                   "and pool")
-        return cls(router.eval(), cfg, run_dir, Calibration.load(run_dir, router))
+        return cls(router.eval(), cfg, run_dir,
+                   Calibration.load(run_dir, router) if calibrated else None)
 
     @property
     def device(self) -> torch.device:

@@ -184,7 +184,7 @@ def segment(
     from paser.train.common import progress
 
     files = find_images(inputs)
-    model = PaSeR.load(run_dir, device=device)
+    model = PaSeR.load(run_dir, device=device, calibrated=budget_gflops is None)
     if budget_gflops is not None:
         model.calibrate(budget_gflops=budget_gflops, save=False)
     with progress(len(files) > 1) as bar:
@@ -220,7 +220,7 @@ def calibrate(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
 
-    model = PaSeR.load(run_dir)
+    model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     cal = model.calibrate(budget_gflops, max_frac_large, batch_size)
     (name, value), = cal.target.items()
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
