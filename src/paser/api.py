@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from paser.calibration import Calibration, calibrate
+from paser.calibration import Calibration, calibrate, policy_digest
 from paser.config import ExperimentConfig, load_config
 from paser.data import Tensors
 from paser.errors import CheckpointError, DataError
@@ -62,7 +62,22 @@ class PaSeR:
             raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
                                   "and pool")
         return cls(router.eval(), cfg, run_dir,
-                   Calibration.load(run_dir, router) if calibrated else None)
+                   Calibration.load(run_dir, policy_digest(router)) if calibrated else None)
+
+    @classmethod
+    def load_onnx(cls, run_dir: str | Path, export_dir: str | Path | None = None,
+                  calibrated: bool = True) -> PaSeR:
+        """The run's ONNX export (``paser export``; default ``<run_dir>/onnx``) on
+        onnxruntime: the same routing path, no PyTorch models. Its calibration applies when
+        it was made for the exported policy."""
+        from paser.export import load_onnx_router
+
+        keep_freed_memory()
+        run_dir = Path(run_dir)
+        router = load_onnx_router(export_dir if export_dir is not None else run_dir / "onnx")
+        cfg = load_config(config_file=run_dir / "config.yaml")
+        calibration = Calibration.load(run_dir, router.policy_digest) if calibrated else None
+        return cls(router.eval(), cfg, run_dir, calibration)
 
     @property
     def device(self) -> torch.device:

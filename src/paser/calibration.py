@@ -67,9 +67,10 @@ class Calibration:
         return path
 
     @classmethod
-    def load(cls, run_dir: str | Path, router: Router) -> Calibration | None:
+    def load(cls, run_dir: str | Path, policy: str) -> Calibration | None:
         """The run's saved calibration, or ``None`` when it has none; an error when it was
-        made for another policy (the run was retrained since)."""
+        made for another policy than the one of digest ``policy`` (:func:`policy_digest`;
+        the run was trained again since)."""
         path = Path(run_dir) / FILE
         if not path.is_file():
             return None
@@ -78,7 +79,7 @@ class Calibration:
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"{path}: not a calibration written by `paser calibrate` "
                                   f"({err}); delete it or run `paser calibrate` again") from None
-        if cal.policy != policy_digest(router):
+        if cal.policy != policy:
             raise CheckpointError(f"{path}: made for another policy (the run was trained again "
                                   "since); run `paser calibrate` again or delete it")
         return cal
@@ -165,5 +166,5 @@ def calibrate(router: Router, data: Tensors | Dataset, num_classes: int,
                        fractions=res["fractions"], miou=res["miou"],
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
                        images=res["images"], height=int(h), width=int(w),
-                       policy=policy_digest(router))
+                       policy=getattr(router, "policy_digest", None) or policy_digest(router))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from paser.errors import PaserError
+from paser.errors import ConfigError, PaserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parsimonious segmentation: route each patch to the cheapest good model.")
@@ -174,6 +174,10 @@ def segment(
         None, "--budget-gflops", help="calibrate to this mean GFLOP per image for this call, "
         "instead of the run's saved calibration (not saved)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
+                               "`paser export`; CPU)"),
+    onnx: Path = typer.Option(None, "--onnx", help="the export folder for --engine "
+                              "onnxruntime; default <run-dir>/onnx"),
 ) -> None:
     """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
     image and summary.csv. A file that fails is reported and skipped; the exit status is
@@ -184,7 +188,12 @@ def segment(
     from paser.train.common import progress
 
     files = find_images(inputs)
-    model = PaSeR.load(run_dir, device=device, calibrated=budget_gflops is None)
+    if engine == "onnxruntime":
+        model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
+    elif engine == "torch":
+        model = PaSeR.load(run_dir, device=device, calibrated=budget_gflops is None)
+    else:
+        raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budget_gflops is not None:
         model.calibrate(budget_gflops=budget_gflops, save=False)
     with progress(len(files) > 1) as bar:
@@ -204,6 +213,32 @@ def segment(
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
                    f"{out / 'summary.csv'}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run_dir: Path = RUN_DIR,
+    out: Path = typer.Option(None, "--out", help="the export folder; default <run-dir>/onnx"),
+    height: int = typer.Option(None, "--height", min=1, help="image height; default the "
+                               "validation images'"),
+    width: int = typer.Option(None, "--width", min=1, help="image width; default the "
+                              "validation images'"),
+) -> None:
+    """Export f0 (Monte Carlo and deterministic), the policy and each pool model to ONNX
+    with a dynamic batch size, and check onnxruntime against PyTorch."""
+    from paser import PaSeR
+    from paser.export import export_run, validation_size
+
+    model = PaSeR.load(run_dir, device="cpu", calibrated=False)
+    if height is None or width is None:
+        h, w = validation_size(model.config)
+        height, width = height or h, width or w
+    out = out if out is not None else run_dir / "onnx"
+    manifest = export_run(model, out, height, width)
+    typer.echo(f"exported for {height} x {width} images (batch size dynamic) into {out}: "
+               + ", ".join(manifest["files"].values()))
+    typer.echo("largest |onnxruntime - PyTorch| on the deterministic parts: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in manifest["max_abs_error_vs_torch"].items()))
 
 
 @app.command()

@@ -1,0 +1,219 @@
+"""ONNX export of a trained run, and onnxruntime models that run in the same routing path.
+
+``export_run`` writes, for one image size, with a dynamic batch dimension:
+
+- ``f0_mc.onnx``: f0's T Monte Carlo passes as one graph (the UNet's encoder once, the
+  rest on T copies, mean softmax) with dropout kept active. ``torch.onnx`` turns
+  ``nn.Dropout`` into an identity, so the export copy of f0 draws its masks explicitly
+  (:class:`MaskDropout`, exported as ``RandomUniformLike``): every onnxruntime call
+  draws fresh masks (they cannot be seeded from PyTorch);
+- ``f0.onnx``: f0 deterministic (dropout off), logits;
+- ``policy.onnx``: state ``[B, 2, Hp, Wp]`` -> logits ``[B, P, K+1]``;
+- ``f1.onnx`` .. ``fK.onnx``: one patch (with its halo) -> logits;
+- ``manifest.json``: sizes, T, grid, classes, model names, the cost table (GFLOP, with
+  the convention), the policy's digest, and the measured onnxruntime-vs-PyTorch error
+  of every deterministic part.
+
+:func:`load_onnx_router` builds a :class:`~paser.routing.Router` from those files, so
+``paser segment --engine onnxruntime`` runs the whole routed pipeline without PyTorch
+models: padding, patching and stitching are the routing path's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from paser.calibration import policy_digest
+from paser.cost import FLOP_CONVENTION
+from paser.errors import CheckpointError, ConfigError, DataError
+from paser.patches import PatchGrid
+from paser.routing import CostTable, Router
+
+MANIFEST = "manifest.json"
+
+
+class MaskDropout(nn.Module):
+    """Inverted dropout with an explicit uniform mask, always on: what ONNX keeps."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+class MonteCarloF0(nn.Module):
+    """f0's T passes as one batched forward: ``[B, C, H, W]`` -> mean probabilities."""
+
+    def __init__(self, f0: nn.Module, samples: int):
+        super().__init__()
+        self.f0, self.samples = copy.deepcopy(f0).eval(), samples
+        for name, module in list(self.f0.named_modules()):
+            if isinstance(module, nn.Dropout):
+                parent = self.f0.get_submodule(name.rpartition(".")[0]) if "." in name else self.f0
+                setattr(parent, name.rpartition(".")[2], MaskDropout(module.p))
+        self.eval()  # MaskDropout is on in any mode; eval keeps norms and the rest deterministic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.samples
+        if hasattr(self.f0, "encode"):
+            logits = self.f0.decode([s.repeat(t, 1, 1, 1) for s in self.f0.encode(x)])
+        else:
+            logits = self.f0(x.repeat(t, 1, 1, 1))
+        probs = logits.float().softmax(1)
+        return probs.reshape(t, x.shape[0], *probs.shape[1:]).mean(0)
+
+
+def _onnxruntime():
+    """onnxruntime, or a clear error when the ``export`` extra is not installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter)
+    except ImportError as err:
+        raise ConfigError(f"ONNX needs onnx, onnxruntime and onnxscript ({err}); install them "
+                          "with: pip install 'paser[export]'") from None
+    return onnxruntime
+
+
+def _onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        torch.onnx.export(module, (example,), str(path), input_names=["input"],
+                          output_names=["output"], dynamic_shapes=({0: batch},), dynamo=True)
+
+
+def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
+    """Export ``model`` (a :class:`paser.PaSeR`, any device) for ``height x width`` images
+    into ``out_dir``; return the manifest (also written there)."""
+    ort = _onnxruntime()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    router = copy.deepcopy(model.router).cpu().eval()
+    grid = router.grid
+    hp, wp = grid.padded_size(height, width)
+    ph, pw = hp // grid.rows + 2 * grid.halo, wp // grid.cols + 2 * grid.halo
+    c = cfg.models.in_channels
+    gen = torch.Generator().manual_seed(0)
+    parts: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
+        "f0_mc": (MonteCarloF0(router.f0, cfg.mc_samples), (c, hp, wp)),
+        "f0": (router.f0, (c, hp, wp)),
+        "policy": (router.policy, (2, hp, wp)),
+        **{f"f{k}": (m, (c, ph, pw)) for k, m in enumerate(router.pool, start=1)},
+    }
+    parity = {}
+    for name, (module, shape) in parts.items():
+        path = out_dir / f"{name}.onnx"
+        _onnx(module, torch.rand(2, *shape, generator=gen), path)
+        if name == "f0_mc":
+            continue
+        x = torch.rand(3, *shape, generator=gen)
+        with torch.inference_mode():
+            want = module(x).float().numpy()
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        parity[name] = float(np.abs(got - want).max())
+    costs = router.costs(height, width)
+    manifest = {
+        "height": height, "width": width, "padded": [hp, wp], "patch_input": [ph, pw],
+        "grid": [grid.rows, grid.cols], "halo": grid.halo, "mc_samples": cfg.mc_samples,
+        "in_channels": c, "num_classes": cfg.models.num_classes,
+        "models": [cfg.models.f0.name] + [m.name for m in cfg.models.pool],
+        "files": {name: f"{name}.onnx" for name in parts},
+        "costs": {k: v for k, v in costs.to_dict().items() if k not in ("f0_mc", "fixed",
+                                                                       "flop_convention")},
+        "flop_convention": FLOP_CONVENTION, "policy": policy_digest(router),
+        "max_abs_error_vs_torch": parity, "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def validation_size(cfg) -> tuple[int, int]:
+    """Height and width of the run's validation images: the default export size."""
+    from paser.data import BatteryDataset, ensure_dataset, load_stage_data
+
+    if cfg.data.dataset == "mnist-noisy":
+        image = load_stage_data(cfg.data, progress=False).validation.images[0]
+    else:
+        image = BatteryDataset(ensure_dataset(cfg.data, progress=False), "validation")[0]["image"]
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session as a module of the routing path (CPU tensors in and out)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.session = _onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # no weights of its own; one empty parameter tells callers the device (CPU)
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"input": x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+class OnnxMonteCarlo(OnnxModel):
+    """``f0_mc.onnx``: :func:`paser.uncertainty.mc_predict` calls :meth:`mc_probs`."""
+
+    def __init__(self, path: Path, samples: int):
+        super().__init__(path)
+        self.samples = samples
+
+    def mc_probs(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        if samples != self.samples:
+            raise ConfigError(f"the ONNX f0 runs {self.samples} Monte Carlo passes, not "
+                              f"{samples}; export again with mc_samples={samples}")
+        return self(x)
+
+
+class OnnxRouter(Router):
+    """The routing path on onnxruntime models, for the exported image size."""
+
+    def __init__(self, export_dir: Path, manifest: dict):
+        files = {k: export_dir / v for k, v in manifest["files"].items()}
+        pool = [OnnxModel(files[f"f{k}"]) for k in range(1, len(manifest["models"]))]
+        super().__init__(OnnxMonteCarlo(files["f0_mc"], manifest["mc_samples"]),
+                         OnnxModel(files["policy"]), pool,
+                         PatchGrid(*manifest["grid"], halo=manifest["halo"]),
+                         manifest["mc_samples"], manifest["in_channels"])
+        self.manifest, self.policy_digest = manifest, manifest["policy"]
+        self._costs[tuple(manifest["padded"])] = CostTable(**manifest["costs"])
+
+    def costs(self, height: int, width: int) -> CostTable:
+        if self.grid.padded_size(height, width) != tuple(self.manifest["padded"]):
+            m = self.manifest
+            raise DataError(f"the ONNX export runs {m['height']} x {m['width']} images (padded "
+                            f"to {m['padded'][0]} x {m['padded'][1]}); this one is {height} x "
+                            f"{width}: export again with --height {height} --width {width}")
+        return super().costs(height, width)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        self.costs(*x.shape[-2:])
+        return super().forward(x, *args, **kwargs)
+
+
+def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
+    """The exported run as a :class:`~paser.routing.Router` on onnxruntime."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{export_dir}: no {MANIFEST}; run `paser export` into it first")
+    manifest = json.loads(path.read_text())
+    missing = [f for f in manifest["files"].values() if not (export_dir / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{export_dir}: {', '.join(missing)} missing; export again")
+    return OnnxRouter(export_dir, manifest)

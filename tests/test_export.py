@@ -1,0 +1,95 @@
+"""ONNX export: onnxruntime matches PyTorch on the deterministic parts, and the routing path
+runs on onnxruntime models end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.test_cli import paser
+
+from paser.data import load_stage_data
+from paser.errors import CheckpointError, ConfigError, DataError
+from paser.export import MonteCarloF0, export_run, load_onnx_router, validation_size
+
+
+@pytest.fixture(scope="module")
+def exported(mnist_run, tmp_path_factory):
+    from paser import PaSeR
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    out = tmp_path_factory.mktemp("onnx")
+    return model, out, export_run(model, out, *validation_size(model.config))
+
+
+def test_deterministic_parts_match_torch_within_1e_4(exported):
+    model, out, manifest = exported
+    assert set(manifest["max_abs_error_vs_torch"]) == {"f0", "policy", "f1", "f2"}
+    assert max(manifest["max_abs_error_vs_torch"].values()) < 1e-4
+    router = load_onnx_router(out)
+    x = torch.rand(5, 1, *manifest["patch_input"], generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        for ort_model, torch_model in zip(router.pool, model.router.pool, strict=True):
+            assert torch.allclose(ort_model(x), torch_model(x), atol=1e-4)
+
+
+def test_monte_carlo_graph_keeps_dropout_random(exported):
+    model, out, manifest = exported
+    router = load_onnx_router(out)
+    h, w = manifest["padded"]
+    x = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(4))
+    a, b = router.f0(x), router.f0(x)
+    assert a.shape == (2, manifest["num_classes"], h, w)
+    assert torch.allclose(a.sum(1), torch.ones(2, h, w), atol=1e-5)
+    assert not torch.equal(a, b)  # fresh masks each call
+    # the export copy's masks are dropout's: with dropout off, the graph is f0 alone
+    mc = MonteCarloF0(model.router.f0, 3)
+    for m in mc.modules():
+        if hasattr(m, "p") and not isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.inference_mode():
+        assert torch.allclose(mc(x), model.router.f0(x).softmax(1), atol=1e-6)
+
+
+def test_routing_on_onnxruntime_agrees_with_torch(exported, mnist_run):
+    from paser import PaSeR
+
+    model, out, manifest = exported
+    onnx = PaSeR.load_onnx(mnist_run, out)
+    images = load_stage_data(model.config.data, progress=False).validation.images
+    a, b = model.segment(images), onnx.segment(images)
+    h, w = manifest["height"], manifest["width"]
+    assert torch.equal(b.gflops, model.router.costs(h, w).gflops(b.actions))
+    assert (a.mask == b.mask).float().mean() > 0.9  # only f0's dropout masks differ
+    with pytest.raises(DataError, match=f"export again with --height {h + 2} --width {w}"):
+        onnx.segment(torch.rand(1, 1, h + 2, w))
+    with pytest.raises(ConfigError, match="runs 2 Monte Carlo passes, not 7"):
+        onnx.router.f0.mc_probs(images[:1], 7)
+
+
+def test_cli_export_and_segment_on_onnxruntime(mnist_run, tmp_path):
+    from PIL import Image
+
+    res = paser("export", "--run-dir", str(mnist_run), "--out", str(tmp_path / "onnx"))
+    assert res.returncode == 0, res.stderr
+    assert "largest |onnxruntime - PyTorch|" in res.stdout
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["flop_convention"].startswith("torch.utils")
+    size = (manifest["height"], manifest["width"])
+    Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "a.png")
+    res = paser("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx", str(tmp_path / "onnx"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "o" / "a_labels.png").is_file()
+    res = paser("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx", str(tmp_path / "no"))
+    assert res.returncode == 2 and "run `paser export` into it first" in res.stderr
+
+
+def test_missing_file_is_a_clear_error(exported, tmp_path):
+    _, out, manifest = exported
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="f0_mc.onnx, f0.onnx, .* missing; export again"):
+        load_onnx_router(tmp_path)
