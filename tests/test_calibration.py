@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.test_cli import paser
 
-from paser.calibration import Calibration, calibrate, policy_digest, validation_logits
+from paser.calibration import Calibration, calibrate, validation_logits
 from paser.data import Tensors, load_stage_data
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
@@ -127,10 +127,10 @@ def test_cli_calibrate(mnist_run, tmp_path):
     from paser import PaSeR
 
     model = PaSeR.load(run)
-    assert Calibration.load(run, policy_digest(model.router)).target == {"max_frac_large": 0.5}
+    assert Calibration.load(run, model.router.policy_digest).target == {"max_frac_large": 0.5}
     torch.nn.init.zeros_(model.router.policy.head.bias)  # as if the run was trained again
     with pytest.raises(CheckpointError, match="made for another policy"):
-        Calibration.load(run, policy_digest(model.router))
+        Calibration.load(run, model.router.policy_digest)
     saved = json.loads((run / "calibration.json").read_text())
     saved["policy"] = "0" * 64  # made for another policy: `paser calibrate` replaces it
     (run / "calibration.json").write_text(json.dumps(saved))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from paser.calibration import Calibration, calibrate, policy_digest
+from paser.calibration import Calibration, calibrate
 from paser.config import ExperimentConfig, load_config
 from paser.data import Tensors
 from paser.errors import CheckpointError, DataError
@@ -44,10 +44,7 @@ class PaSeR:
         large CPU tensors are not page-faulted in afresh on every call."""
         keep_freed_memory()
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
-                                  "`paser pretrain` and `paser train-policy` into it first")
-        cfg = load_config(config_file=run_dir / "config.yaml")
+        cfg = _run_config(run_dir)
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
         stage3 = Path(stage3) if stage3 is not None else ckpt_dir / "stage3.pt"
@@ -62,7 +59,7 @@ class PaSeR:
             raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
                                   "and pool")
         return cls(router.eval(), cfg, run_dir,
-                   Calibration.load(run_dir, policy_digest(router)) if calibrated else None)
+                   Calibration.load(run_dir, router.policy_digest) if calibrated else None)
 
     @classmethod
     def load_onnx(cls, run_dir: str | Path, export_dir: str | Path | None = None,
@@ -74,8 +71,8 @@ class PaSeR:
 
         keep_freed_memory()
         run_dir = Path(run_dir)
+        cfg = _run_config(run_dir)
         router = load_onnx_router(export_dir if export_dir is not None else run_dir / "onnx")
-        cfg = load_config(config_file=run_dir / "config.yaml")
         calibration = Calibration.load(run_dir, router.policy_digest) if calibrated else None
         return cls(router.eval(), cfg, run_dir, calibration)
 
@@ -115,15 +112,12 @@ class PaSeR:
         """Find the bias that meets the budget on the run's validation split (see
         :func:`paser.calibration.calibrate`), use it from now on and, with ``save``, keep it
         in the run (``calibration.json``) for later loads."""
-        from paser.data import BatteryDataset, ensure_dataset, load_stage_data
+        from paser.data import validation_split
 
         cfg = self.config
-        if cfg.data.dataset == "mnist-noisy":
-            data = load_stage_data(cfg.data, progress=False).validation
-        else:
-            data = BatteryDataset(ensure_dataset(cfg.data), "validation")
-        self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,
-                                     max_frac_large, batch_size)
+        self.calibration = calibrate(self.router, validation_split(cfg.data),
+                                     cfg.models.num_classes, budget_gflops, max_frac_large,
+                                     batch_size)
         if save and self.run_dir is not None:
             self.calibration.save(self.run_dir)
         return self.calibration
@@ -138,3 +132,11 @@ class PaSeR:
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
                                bias=None if force_action is not None else self._bias(None),
                                force_action=force_action)
+
+
+def _run_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
+                              "`paser pretrain` and `paser train-policy` into it first")
+    return load_config(config_file=run_dir / "config.yaml")

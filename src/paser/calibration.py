@@ -15,7 +15,6 @@ Monte Carlo seed as evaluation, so the routing the search predicts is exactly th
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ class Calibration:
     @classmethod
     def load(cls, run_dir: str | Path, policy: str) -> Calibration | None:
         """The run's saved calibration, or ``None`` when it has none; an error when it was
-        made for another policy than the one of digest ``policy`` (:func:`policy_digest`;
+        made for another policy than the one of digest ``policy`` (``Router.policy_digest``;
         the run was trained again since)."""
         path = Path(run_dir) / FILE
         if not path.is_file():
@@ -83,15 +82,6 @@ class Calibration:
             raise CheckpointError(f"{path}: made for another policy (the run was trained again "
                                   "since); run `paser calibrate` again or delete it")
         return cal
-
-
-def policy_digest(router: Router) -> str:
-    """SHA-256 of the policy's weights: which policy a calibration belongs to."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(router.policy.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -166,5 +156,5 @@ def calibrate(router: Router, data: Tensors | Dataset, num_classes: int,
                        fractions=res["fractions"], miou=res["miou"],
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
                        images=res["images"], height=int(h), width=int(w),
-                       policy=getattr(router, "policy_digest", None) or policy_digest(router))
+                       policy=router.policy_digest)
 

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from paser.calibration import policy_digest
 from paser.cost import FLOP_CONVENTION
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
@@ -133,7 +132,7 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
         "files": {name: f"{name}.onnx" for name in parts},
         "costs": {k: v for k, v in costs.to_dict().items() if k not in ("f0_mc", "fixed",
                                                                        "flop_convention")},
-        "flop_convention": FLOP_CONVENTION, "policy": policy_digest(router),
+        "flop_convention": FLOP_CONVENTION, "policy": router.policy_digest,
         "max_abs_error_vs_torch": parity, "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
@@ -143,13 +142,10 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
 
 def validation_size(cfg) -> tuple[int, int]:
     """Height and width of the run's validation images: the default export size."""
-    from paser.data import BatteryDataset, ensure_dataset, load_stage_data
+    from paser.data import iter_batches, validation_split
 
-    if cfg.data.dataset == "mnist-noisy":
-        image = load_stage_data(cfg.data, progress=False).validation.images[0]
-    else:
-        image = BatteryDataset(ensure_dataset(cfg.data, progress=False), "validation")[0]["image"]
-    return int(image.shape[-2]), int(image.shape[-1])
+    images, _ = next(iter_batches(validation_split(cfg.data, progress=False), 1))
+    return int(images.shape[-2]), int(images.shape[-1])
 
 
 class OnnxModel(nn.Module):
@@ -190,8 +186,13 @@ class OnnxRouter(Router):
                          OnnxModel(files["policy"]), pool,
                          PatchGrid(*manifest["grid"], halo=manifest["halo"]),
                          manifest["mc_samples"], manifest["in_channels"])
-        self.manifest, self.policy_digest = manifest, manifest["policy"]
+        self.manifest = manifest
         self._costs[tuple(manifest["padded"])] = CostTable(**manifest["costs"])
+
+    @property
+    def policy_digest(self) -> str:
+        """The exported policy's (the sessions hold no PyTorch weights to hash)."""
+        return self.manifest["policy"]
 
     def costs(self, height: int, width: int) -> CostTable:
         if self.grid.padded_size(height, width) != tuple(self.manifest["padded"]):

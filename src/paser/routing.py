@@ -7,6 +7,7 @@ vectorised over images and patches: the only Python loop is over the K pool mode
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,6 +153,15 @@ class Router(nn.Module):
                                                  self.in_channels, height, width,
                                                  self.mc_samples)
         return self._costs[key]
+
+    @property
+    def policy_digest(self) -> str:
+        """SHA-256 of the policy's weights: which policy a calibration belongs to."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.policy.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def num_models(self) -> int:

@@ -26,7 +26,7 @@ from paser.errors import DataError
 __all__ = [
     "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label",
     "describe", "encode_label", "ensure_dataset", "load_stage_data", "read_image", "read_label",
-    "split_three", "to_tensors",
+    "split_three", "to_tensors", "validation_split",
 ]
 
 
@@ -150,6 +150,14 @@ def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
                 f"{tuple(train.images.shape[-2:])}; all splits must share one image size"
             )
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
+
+
+def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors | Dataset:
+    """The configured dataset's validation split alone: streamed from disk for the battery
+    layout, in memory for noisy MNIST (built with its other splits)."""
+    if cfg.dataset == "mnist-noisy":
+        return _mnist_stage_data(cfg).validation
+    return BatteryDataset(ensure_dataset(cfg, progress=progress), "validation")
 
 
 def _mnist_stage_data(cfg: DataConfig) -> StageData:
