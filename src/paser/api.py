@@ -122,6 +122,22 @@ class PaSeR:
             self.calibration.save(self.run_dir)
         return self.calibration
 
+    def use_remote(self, url: str | None, **options):
+        """Run f1..fK on a ``paser serve`` server at ``url`` from now on (``None``: here
+        again); f0 and the policy stay here. ``options`` go to
+        :class:`paser.serve.client.RemotePool` (timeout, retries, backoff, down_for,
+        output, http). Returns the pool; its ``connect()`` checks the server's models."""
+        if url is None:
+            self.router.remote = None
+            return None
+        from paser.serve import _require
+
+        _require()
+        from paser.serve.client import RemotePool
+
+        self.router.remote = RemotePool(url, self, **options)
+        return self.router.remote
+
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
                  force_action: int | None = None) -> dict:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.

@@ -178,10 +178,18 @@ def segment(
                                "`paser export`; CPU)"),
     onnx: Path = typer.Option(None, "--onnx", help="the export folder for --engine "
                               "onnxruntime; default <run-dir>/onnx"),
+    remote: str = typer.Option(None, "--remote", help="URL of a `paser serve` process: f0 "
+                               "and the policy run here, only patches routed to f1..fK are "
+                               "sent there"),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.01,
+                                  help="seconds per remote request"),
+    retries: int = typer.Option(2, "--retries", min=0, help="further attempts per remote "
+                                "request before its patches keep f0's prediction"),
 ) -> None:
     """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
     image and summary.csv. A file that fails is reported and skipped; the exit status is
-    then 1."""
+    then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
+    are marked degraded; the run finishes."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.segment import find_images, segment_files
@@ -196,6 +204,8 @@ def segment(
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budget_gflops is not None:
         model.calibrate(budget_gflops=budget_gflops, save=False)
+    if remote is not None:
+        _connect_remote(model, remote, timeout, retries)
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         results = segment_files(model, files, out, on_done=lambda r: bar.update(
@@ -209,10 +219,61 @@ def segment(
                    f"{sum(r.gflops for r in done) / len(done):.3f} GFLOP ({FLOP_CONVENTION}), "
                    f"{sum(r.ms for r in done) / len(done):.1f} ms per image; see "
                    f"{out / 'summary.csv'}")
+    if remote is not None and done:
+        sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
+        typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
+                   f"{whole / len(done):,.0f} for the whole image ({sent / whole:.1%}); "
+                   f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)")
     if len(done) < len(results):
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
                    f"{out / 'summary.csv'}", err=True)
         raise typer.Exit(1)
+
+
+def _connect_remote(model, url: str, timeout: float, retries: int) -> None:
+    """Attach the remote tier; a server that does not answer yet is a warning (its patches
+    fall back to f0 until it does), one serving other models an error."""
+    import httpx
+
+    pool = model.use_remote(url, timeout=timeout, retries=retries)
+    try:
+        info = pool.connect()
+        typer.echo(f"remote tier {url}: " + ", ".join(
+            f"{m['name']} ({m['arch']})" for m in info["models"]), err=True)
+    except httpx.HTTPError as err:
+        from paser.serve.client import _describe
+
+        typer.echo(f"warning: remote tier {url} does not answer ({_describe(err)}); patches "
+                   "routed to f1..fK keep f0's prediction, marked degraded, until it does",
+                   err=True)
+
+
+@app.command()
+def serve(
+    run_dir: Path = RUN_DIR,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    max_request_mb: float = typer.Option(32.0, "--max-request-mb", min=0.001,
+                                         help="largest request body, MiB"),
+    max_patches: int = typer.Option(4096, "--max-patches", min=1,
+                                    help="most patches per request"),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", min=1,
+                                        help="inferences running at once"),
+    queue_timeout: float = typer.Option(30.0, "--queue-timeout", min=0.0, help="seconds a "
+                                        "request may wait for its turn before a 503"),
+) -> None:
+    """Serve the run's pool models f1..fK over HTTP for `paser segment --remote`:
+    GET /healthz, GET /v1/models, POST /v1/segment."""
+    from paser.serve import _require
+
+    _require()
+    from paser.serve.server import MiB
+    from paser.serve.server import serve as run_server
+
+    run_server(run_dir, host, port, device, max_request_bytes=int(max_request_mb * MiB),
+               max_patches=max_patches, max_concurrency=max_concurrency,
+               queue_timeout=queue_timeout)
 
 
 @app.command()

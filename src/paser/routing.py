@@ -106,6 +106,15 @@ class CostTable:
                 "f0_mc": self.f0_mc, "fixed": self.fixed}
 
 
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names and values): which weights these are."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class _Encoder(nn.Module):
     """A UNet's deterministic encoder as a module (to count its FLOPs)."""
 
@@ -124,7 +133,9 @@ class RoutingOutput:
     ``mask`` [B, H, W] stitched prediction; ``probs`` [B, C, H, W] class probabilities;
     ``actions`` [B, P] chosen model per patch (0 = f0); ``gflops`` [B] per image;
     ``logits`` [B, P, K+1] policy logits (``None`` when the actions were given);
-    ``mc`` f0's Monte Carlo output (padded size).
+    ``mc`` f0's Monte Carlo output (padded size); ``degraded`` [B, P] patches whose model
+    could not run (a remote tier that failed, :mod:`paser.serve`), which kept f0's
+    prediction and are not paid for in ``gflops`` (``None``: every model ran).
     """
 
     mask: torch.Tensor
@@ -133,6 +144,7 @@ class RoutingOutput:
     gflops: torch.Tensor
     logits: torch.Tensor | None
     mc: MCOutput
+    degraded: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -144,6 +156,8 @@ class Router(nn.Module):
         self.f0, self.policy, self.pool = f0, policy, nn.ModuleList(pool)
         self.grid, self.mc_samples, self.in_channels = grid, mc_samples, in_channels
         self._costs: dict[tuple[int, int], CostTable] = {}
+        #: where f1..fK run when set: a :class:`paser.serve.RemotePool` (the edge/cloud split)
+        self.remote = None
 
     def costs(self, height: int, width: int) -> CostTable:
         """The cost table for ``height x width`` images (counted once per size)."""
@@ -157,11 +171,7 @@ class Router(nn.Module):
     @property
     def policy_digest(self) -> str:
         """SHA-256 of the policy's weights: which policy a calibration belongs to."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.policy.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return weights_digest(self.policy)
 
     @property
     def num_models(self) -> int:
@@ -185,23 +195,43 @@ class Router(nn.Module):
             return logits.argmax(-1)
         return torch.distributions.Categorical(logits=logits).sample()
 
+    def run_model(self, k: int, patches: torch.Tensor) -> torch.Tensor | None:
+        """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with
+        their halo ``[N, C, h + 2 halo, w + 2 halo]``, halo cropped; on the remote tier when
+        :attr:`remote` is set, where ``None`` means it failed and the patches keep f0's."""
+        if self.remote is not None:
+            return self.remote.run(k, patches)
+        return self.run_local(k, patches)
+
+    def run_local(self, k: int, patches: torch.Tensor) -> torch.Tensor:
+        """:meth:`run_model` here, whatever :attr:`remote` is (what ``paser serve`` runs)."""
+        return self.grid.centre(self.pool[k - 1](patches)).float().softmax(1)
+
     def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
-                 ) -> torch.Tensor:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replace f0's probabilities on each routed patch by its model's.
 
         ``x`` [B, C, Hp, Wp] padded images, ``base_probs`` [B, Kc, Hp, Wp] f0's mean
-        probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp]. Each model
-        runs once, on all the patches routed to it (gather, forward, scatter).
+        probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp] and the
+        degraded patches [B, P] (``None`` when every model ran). Each model runs once, on
+        all the patches routed to it (gather, forward, scatter).
         """
         patches = self.grid.context(x)  # [B*P, C, h + 2 halo, w + 2 halo]
         out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
         flat = actions.reshape(-1)
-        for k, model in enumerate(self.pool, start=1):
+        degraded = None
+        for k in range(1, self.num_models):
             idx = (flat == k).nonzero(as_tuple=True)[0]
-            if idx.numel():
-                out.index_copy_(0, idx, self.grid.centre(model(patches.index_select(0, idx)))
-                                .float().softmax(1))
-        return self.grid.merge(out)
+            if not idx.numel():
+                continue
+            probs = self.run_model(k, patches.index_select(0, idx))
+            if probs is None:
+                if degraded is None:
+                    degraded = torch.zeros_like(flat, dtype=torch.bool)
+                degraded[idx] = True
+            else:
+                out.index_copy_(0, idx, probs.to(out))
+        return self.grid.merge(out), None if degraded is None else degraded.view_as(actions)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, mc_seed: int | None = None) -> RoutingOutput:
@@ -221,7 +251,9 @@ class Router(nn.Module):
             if bias is not None:
                 logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)
-        probs = self.dispatch(xp, mc.probs, actions)
+        probs, degraded = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
-        gflops = self.costs(h, w).gflops(actions, policy=logits is not None)
-        return RoutingOutput(predicted_classes(probs), probs, actions, gflops, logits, mc)
+        ran = actions if degraded is None else actions.masked_fill(degraded, 0)
+        gflops = self.costs(h, w).gflops(ran, policy=logits is not None)
+        return RoutingOutput(predicted_classes(probs), probs, actions, gflops, logits, mc,
+                             degraded)

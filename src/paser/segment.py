@@ -5,9 +5,11 @@ Per input image ``<stem>``, written to the output folder:
 - ``<stem>_labels.png``: the label map in the dataset's codec (pore 0, carbon 255,
   nickel 128; with more than 3 classes, the class indices as 8-bit values);
 - ``<stem>_overlay.png``: the image with the classes in colour;
-- ``<stem>_routing.png``: the image with each patch tinted by the model that segmented it;
-- ``<stem>.json``: the actions per patch, GFLOP, milliseconds, the FLOP convention, and
-  notes on any conversion of the input;
+- ``<stem>_routing.png``: the image with each patch tinted by the model that segmented it
+  (dark: a patch sent to the remote tier that did not answer, which kept f0's prediction);
+- ``<stem>.json``: the actions per patch, GFLOP, milliseconds, the FLOP convention,
+  notes on any conversion of the input and, with a remote tier, the bytes sent against
+  the whole image's and the degraded patches;
 
 and ``summary.csv`` with one row per input, failures included.
 """
@@ -35,6 +37,7 @@ CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 16
                          dtype=np.float32)  # pore blue, carbon yellow, nickel red, ...
 MODEL_COLOURS = np.array([[44, 160, 44], [255, 127, 14], [214, 39, 40], [148, 103, 189],
                           [23, 190, 207]], dtype=np.float32)  # f0 green, f1 orange, f2 red
+DEGRADED_COLOUR = np.array([0, 0, 0], dtype=np.float32)  # a remote patch that kept f0's
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -112,11 +115,13 @@ def read_input(path: str | Path, channels: int) -> tuple[np.ndarray, list[str]]:
         raise DataError(f"{path}: cannot read the image ({err})") from None
     if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
-    arr = _to_unit(arr, path, notes)
-    return _to_channels(arr, channels, path, notes), notes
+    arr = to_unit(arr, path, notes)
+    return to_channels(arr, channels, path, notes), notes
 
 
-def _to_unit(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+def to_unit(arr: np.ndarray, path: Path | str, notes: list[str]) -> np.ndarray:
+    """Integers scaled by their range (8- or 16-bit), floats in [0, 1] kept, other values
+    min-max scaled (with a note); ``path`` names the source in errors."""
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
     if arr.dtype == np.uint8:
@@ -134,7 +139,10 @@ def _to_unit(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
     return (arr - lo) / max(hi - lo, 1e-12)
 
 
-def _to_channels(arr: np.ndarray, channels: int, path: Path, notes: list[str]) -> np.ndarray:
+def to_channels(arr: np.ndarray, channels: int, path: Path | str, notes: list[str]
+                ) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: alpha dropped, colour to
+    luminance or gray repeated (with a note), any other mismatch an error."""
     if arr.ndim == 2:
         arr = arr[..., None]
     have = arr.shape[-1]
@@ -174,6 +182,9 @@ class Segmented:
     ms: float = 0.0
     fractions: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    degraded: int = 0
+    bytes_sent: int | None = None
+    bytes_whole: int | None = None
 
 
 def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
@@ -182,16 +193,22 @@ def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
-                  actions: np.ndarray, grid: tuple[int, int], num_classes: int) -> dict:
-    """The label PNG, the overlay and the routing map of one image; their file names."""
+                  actions: np.ndarray, grid: tuple[int, int], num_classes: int,
+                  degraded: np.ndarray | None = None) -> dict:
+    """The label PNG, the overlay and the routing map of one image; their file names.
+    Degraded patches (``degraded``, bool per patch) are dark in the routing map."""
     h, w = mask.shape
     labels = encode_label(mask) if num_classes <= 3 else mask.astype(np.uint8)
     gray = image.mean(0)
     overlay = _blend(gray, CLASS_COLOURS[mask % len(CLASS_COLOURS)], 0.45)
     rows, cols = grid
     ph, pw = -(-h // rows), -(-w // cols)  # the padded grid's patch size
-    per_pixel = np.kron(actions.reshape(rows, cols), np.ones((ph, pw), dtype=np.int64))[:h, :w]
-    routing = _blend(gray, MODEL_COLOURS[per_pixel % len(MODEL_COLOURS)], 0.4)
+    colours = MODEL_COLOURS[actions % len(MODEL_COLOURS)]
+    if degraded is not None:
+        colours[degraded] = DEGRADED_COLOUR
+    per_pixel = np.kron(np.arange(actions.size).reshape(rows, cols),
+                        np.ones((ph, pw), dtype=np.int64))[:h, :w]
+    routing = _blend(gray, colours[per_pixel], 0.4)
     routing[np.arange(ph, h, ph)] = 255  # patch borders
     routing[:, np.arange(pw, w, pw)] = 255
     names = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
@@ -219,18 +236,22 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
         try:
             image, res.notes = read_input(path, cfg.models.in_channels)
             res.height, res.width = image.shape[-2:]
+            if router.remote is not None:
+                router.remote.take()  # this image's transfers only
             start = time.perf_counter()
             out = model.segment(torch.from_numpy(image)[None])
             if out.mask.device.type == "cuda":
                 torch.cuda.synchronize()
             res.ms = 1000 * (time.perf_counter() - start)
             actions = out.actions[0].cpu().numpy()
+            degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
+            res.degraded = 0 if degraded is None else int(degraded.sum())
             res.gflops = float(out.gflops[0])
             res.fractions = (np.bincount(actions, minlength=router.num_models)
                              / actions.size).tolist()
             written = write_outputs(out_dir, path.stem, image, out.mask[0].cpu().numpy(),
                                     actions, (router.grid.rows, router.grid.cols),
-                                    cfg.models.num_classes)
+                                    cfg.models.num_classes, degraded)
             record = {"input": str(path), "height": res.height, "width": res.width,
                       "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
                       "models": names,
@@ -241,6 +262,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                       "ms": res.ms, "device": str(model.device),
                       "mc_samples": cfg.mc_samples, "calibration": calibration,
                       "outputs": written}
+            if router.remote is not None:
+                record["remote"] = _remote_record(router, image, out, degraded, res)
             (out_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
             res.ok = True
         except (PaserError, OSError, RuntimeError, ValueError) as err:
@@ -252,15 +275,41 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     return results
 
 
+def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
+                   res: Segmented) -> dict:
+    """The edge/cloud figures of one image: bytes sent against sending the whole image in
+    the same codec (16-bit, compressed numpy), requests, retries, degraded patches."""
+    from paser.serve.codec import encode_npz, quantise
+
+    transfer = router.remote.take()
+    res.bytes_sent = transfer.bytes_sent
+    res.bytes_whole = len(encode_npz(patches=quantise(image[None])))
+    costs = router.costs(res.height, res.width)
+    return {"url": router.remote.url, **transfer.to_dict(),
+            "bytes_whole_image": res.bytes_whole,
+            "sent_vs_whole_image": transfer.bytes_sent / res.bytes_whole,
+            "codec": "npz (numpy savez_compressed), patches as uint16 = round(x * 65535)",
+            "degraded_patches": res.degraded,
+            "degraded": (np.zeros_like(out.actions[0].cpu().numpy(), dtype=bool)
+                         if degraded is None else degraded).reshape(
+                router.grid.rows, router.grid.cols).tolist(),
+            "edge_gflops": costs.fixed, "cloud_gflops": res.gflops - costs.fixed}
+
+
 def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:
-    """One CSV row per input: status, size, GFLOP, ms, share of patches per model, error."""
+    """One CSV row per input: status, size, GFLOP, ms, share of patches per model, the
+    degraded patches and bytes sent (``--remote``), error."""
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["input", "status", "height", "width", "gflops", "ms",
-                      *[f"share {n}" for n in names], "notes", "error"])
+                      *[f"share {n}" for n in names], "degraded patches", "bytes sent",
+                      "bytes whole image", "notes", "error"])
         for r in results:
             shares = [f"{f:.4f}" for f in r.fractions] or [""] * len(names)
             out.writerow([r.input, "ok" if r.ok else "failed", r.height or "", r.width or "",
                           f"{r.gflops:.4f}" if r.ok else "", f"{r.ms:.1f}" if r.ok else "",
-                          *shares, "; ".join(r.notes), r.error])
+                          *shares, r.degraded if r.ok else "",
+                          "" if r.bytes_sent is None else r.bytes_sent,
+                          "" if r.bytes_whole is None else r.bytes_whole,
+                          "; ".join(r.notes), r.error])
 

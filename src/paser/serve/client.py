@@ -1,0 +1,227 @@
+"""The edge side of the split: f0 and the policy run here, the patches routed to f1..fK go
+to a ``paser serve`` process, and when it cannot answer they keep f0's prediction and are
+marked degraded. The run always finishes.
+
+A :class:`RemotePool` plugs into the one routing path (``Router.remote``, used by
+:meth:`paser.routing.Router.run_model`): padding, the policy, patching and stitching stay
+the same, only where f1..fK run changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import numpy as np
+import torch
+
+from paser.errors import PaserError
+from paser.models import count_parameters
+from paser.routing import weights_digest
+from paser.serve.codec import NPZ, PayloadError, decode_npz, encode_npz, quantise
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class RemoteError(PaserError):
+    """The server is not serving this run's pool models (or not a paser server at all)."""
+
+
+@dataclass
+class Transfer:
+    """What one image's (or batch's) remote calls cost and how they went."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    requests: int = 0
+    retries: int = 0
+    patches_sent: int = 0
+    patches_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RemotePool:
+    """f1..fK on a ``paser serve`` server at ``url``.
+
+    ``timeout`` seconds per request (connect and read), ``retries`` further attempts on a
+    network error, a timeout or a 408/429/5xx (``backoff * 2**attempt`` seconds apart);
+    after the last one the server counts as down for ``down_for`` seconds, during which
+    patches keep f0's prediction at once instead of waiting on timeouts image after image.
+    ``output="labels"`` (default) receives class labels, about 1/(2 x classes) of the
+    bytes of ``"probs"``; the stitched probabilities of those patches are then one-hot.
+    ``http`` replaces the HTTP client (tests pass FastAPI's ``TestClient``).
+    """
+
+    def __init__(self, url: str, model, timeout: float = 10.0, retries: int = 2,
+                 backoff: float = 0.25, down_for: float = 30.0,
+                 output: str = "labels", http: httpx.Client | None = None):
+        if output not in ("labels", "probs"):
+            raise PaserError(f"output '{output}': use labels or probs")
+        self.url, self.output = url.rstrip("/"), output
+        self.retries, self.backoff, self.down_for = retries, backoff, down_for
+        self.http = http if http is not None else httpx.Client(base_url=self.url,
+                                                                timeout=timeout)
+        self.expected = _local_models(model)
+        cfg = model.config
+        self.channels, self.classes = cfg.models.in_channels, cfg.models.num_classes
+        self.halo = model.router.grid.halo
+        self.server: dict | None = None
+        self.down_until = 0.0
+        self.stats = Transfer()
+
+    # ---- connecting -------------------------------------------------------------------
+
+    def connect(self) -> dict:
+        """``GET /v1/models`` and check it serves this run's models; raises
+        :class:`RemoteError` on a mismatch and ``httpx.HTTPError`` when it does not answer."""
+        res = self.http.get("/v1/models")
+        res.raise_for_status()
+        try:
+            info = res.json()
+            served = {m["name"]: m for m in info["models"]}
+            setup = (info["in_channels"], info["num_classes"], info["halo"])
+        except (ValueError, KeyError, TypeError):
+            raise RemoteError(f"{self.url} answered /v1/models with something that is not a "
+                              "paser server's model list") from None
+        if setup != (self.channels, self.classes, self.halo):
+            raise RemoteError(f"{self.url} serves models for {setup[0]} channels, "
+                              f"{setup[1]} classes, halo {setup[2]}; this run has "
+                              f"{self.channels}, {self.classes}, {self.halo}")
+        for want in self.expected:
+            have = served.get(want["name"])
+            if have is None or have["arch"] != want["arch"]:
+                offered = ", ".join(f"{n} ({m['arch']})" for n, m in served.items())
+                raise RemoteError(f"{self.url} has no {want['name']} ({want['arch']}); it "
+                                  f"serves {offered}")
+            if want["digest"] and have.get("digest") != want["digest"]:
+                raise RemoteError(f"{self.url}'s {want['name']} has other weights than this "
+                                  "run's: serve the same run directory (`paser serve --run-dir`)")
+        self.server = info
+        return info
+
+    # ---- the routing path's hook ----------------------------------------------------------
+
+    def run(self, k: int, patches: torch.Tensor) -> torch.Tensor | None:
+        """Probabilities ``[N, classes, h, w]`` of f``k`` on patches with their halo, or
+        ``None`` when the server did not answer (after retries) or is marked down."""
+        n = patches.shape[0]
+        self.stats.patches_sent += n
+        if time.monotonic() < self.down_until:
+            return self._failed(n, None)
+        if self.server is None:
+            try:
+                self.connect()
+            except (httpx.HTTPError, RemoteError) as err:
+                self._mark_down()
+                return self._failed(n, f"{self.url}: {_describe(err)}")
+        x = quantise(patches.detach().cpu().numpy())
+        parts = []
+        for chunk in np.array_split(x, -(-n // self._chunk(x.shape)), axis=0):
+            answer = self._post(k, chunk)
+            if answer is None:
+                return self._failed(n, None)
+            parts.append(answer)
+        out = torch.from_numpy(np.concatenate(parts))
+        if self.output == "labels":
+            return torch.nn.functional.one_hot(out.long(), self.classes).permute(0, 3, 1, 2
+                                                                                 ).float()
+        return out.float()
+
+    def take(self) -> Transfer:
+        """The transfer figures since the last call, and start afresh."""
+        stats, self.stats = self.stats, Transfer()
+        return stats
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _chunk(self, shape: tuple[int, ...]) -> int:
+        """Patches per request within the server's limits (2 bytes a value at most)."""
+        limits = self.server["limits"]
+        per_patch = int(np.prod(shape[1:]))
+        by_values = limits["max_values"] // per_patch
+        by_bytes = (limits["max_request_bytes"] - 4096) // (2 * per_patch)
+        return max(1, min(limits["max_patches"], by_values, by_bytes))
+
+    def _post(self, k: int, chunk: np.ndarray) -> np.ndarray | None:
+        body = encode_npz(patches=chunk)
+        params = {"model": f"f{k}", "output": self.output, "dtype": "float16"}
+        error = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.stats.requests += 1
+            self.stats.bytes_sent += len(body)
+            try:
+                res = self.http.post("/v1/segment", params=params, content=body,
+                                     headers={"Content-Type": NPZ})
+            except httpx.HTTPError as err:
+                error = f"{self.url}: {_describe(err)}"
+                continue
+            self.stats.bytes_received += len(res.content)
+            if res.status_code == 200:
+                return self._answer(res, chunk.shape)
+            error = f"{self.url}: HTTP {res.status_code}: {_server_error(res)}"
+            if res.status_code not in RETRY_STATUS:
+                self.stats.errors.append(error)
+                return None  # our request is wrong: retrying will not help, the server is up
+        self._mark_down()
+        self.stats.errors.append(error)
+        return None
+
+    def _answer(self, res: httpx.Response, shape: tuple[int, ...]) -> np.ndarray | None:
+        n, _, h, w = shape
+        h, w = h - 2 * self.halo, w - 2 * self.halo
+        want = (n, h, w) if self.output == "labels" else (n, self.classes, h, w)
+        try:
+            out = decode_npz(res.content, self.output, max_values=int(np.prod(want)))
+        except PayloadError as err:
+            out = err
+        if isinstance(out, PayloadError) or out.shape != want:
+            got = out if isinstance(out, PayloadError) else f"shape {list(out.shape)}"
+            self.stats.errors.append(f"{self.url}: an answer that is not {list(want)} "
+                                     f"{self.output} ({got})")
+            return None
+        return out
+
+    def _mark_down(self) -> None:
+        self.down_until = time.monotonic() + self.down_for
+        self.server = None  # check the models again when it comes back
+
+    def _failed(self, n: int, error: str | None) -> None:
+        self.stats.patches_failed += n
+        if error:
+            self.stats.errors.append(error)
+        return None
+
+
+def _local_models(model) -> list[dict]:
+    """What the server must serve: this run's f1..fK (digests only where the weights are
+    here in PyTorch; an ONNX engine checks names alone)."""
+    router = model.router
+    return [{"name": f"f{k}", "arch": spec.name,
+             "digest": weights_digest(router.pool[k - 1])
+             if count_parameters(router.pool[k - 1]) else ""}
+            for k, spec in enumerate(model.config.models.pool, start=1)]
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, httpx.TimeoutException):
+        return f"timed out ({type(err).__name__})"
+    if isinstance(err, httpx.HTTPStatusError):
+        return f"HTTP {err.response.status_code}: {_server_error(err.response)}"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _server_error(res: httpx.Response) -> str:
+    try:
+        return str(res.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return res.text[:200]

@@ -1,0 +1,253 @@
+"""The cloud tier: f1..fK of a trained run behind HTTP (FastAPI), for edges that run f0 and
+the policy themselves and send only the patches routed to a pool model.
+
+``GET /healthz``; ``GET /v1/models`` (names, parameters, GFLOP per patch, weight digests,
+the halo patches must carry, the limits); ``POST /v1/segment?model=fK`` with patches as
+``.npz`` (array ``patches`` ``[N, C, h, w]``) or a PNG of N patches stacked vertically
+(``count=N``), answering class probabilities or labels for the patches' centres. Every
+error is a JSON ``{"error": ...}`` with a 4xx status (5xx only for the server's own
+failures); none stops the server.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.errors import PaserError
+from paser.metrics import predicted_classes
+from paser.models import count_parameters
+from paser.routing import weights_digest
+from paser.segment import to_channels, to_unit
+from paser.serve import codec
+from paser.serve.codec import NPZ, PNG, SCALES, PayloadError
+
+MiB = 2 ** 20
+
+
+def run_image_size(model) -> tuple[int, int] | None:
+    """The run's image size: from its ``results.json``, else its validation split, else
+    ``None`` (the data is not on this machine)."""
+    results = None if model.run_dir is None else Path(model.run_dir) / "results.json"
+    if results is not None and results.is_file():
+        size = json.loads(results.read_text()).get("image_size")
+        if size:
+            return int(size[0]), int(size[1])
+    try:
+        from paser.export import validation_size
+
+        return validation_size(model.config)
+    except (PaserError, OSError):
+        return None
+
+
+def describe_models(model, image_size: tuple[int, int] | None = None) -> list[dict]:
+    """f1..fK of ``model`` (a :class:`paser.PaSeR`): name, architecture, parameters, weight
+    digest and, when the image size is known, GFLOP on one patch with its halo."""
+    router, cfg = model.router, model.config
+    patch = None
+    if image_size is not None:
+        costs = router.costs(*image_size)
+        patch = costs.patch
+    return [{"name": f"f{k}", "arch": spec.name, "params": count_parameters(router.pool[k - 1]),
+             "gflops_per_patch": None if patch is None else patch[k],
+             "digest": weights_digest(router.pool[k - 1])}
+            for k, spec in enumerate(cfg.models.pool, start=1)]
+
+
+def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * MiB,
+               max_patches: int = 4096, max_concurrency: int = 1,
+               queue_timeout: float = 30.0) -> FastAPI:
+    """The HTTP app serving the pool models of ``model`` (a :class:`paser.PaSeR`).
+
+    Limits: a body over ``max_request_bytes`` or an array over ``max_values`` values (shape
+    read from the header, before decompressing) is a 413; more than ``max_patches`` patches
+    a 413; at most ``max_concurrency`` inferences run at once, and a request that waits
+    more than ``queue_timeout`` seconds for its turn is a 503 with ``Retry-After``.
+    """
+    router, cfg = model.router.eval(), model.config
+    channels, classes, halo = cfg.models.in_channels, cfg.models.num_classes, router.grid.halo
+    device = model.device
+    image_size = run_image_size(model)
+    models = describe_models(model, image_size)
+    names = [m["name"] for m in models]
+    gate = threading.BoundedSemaphore(max_concurrency)  # not asyncio's: one per event loop
+    busy = {"running": 0, "served": 0}
+    flops: dict[tuple[int, int, int], float] = {}
+    flops_lock = threading.Lock()
+    limits = {"max_request_bytes": max_request_bytes, "max_values": max_values,
+              "max_patches": max_patches, "max_concurrency": max_concurrency,
+              "queue_timeout_s": queue_timeout}
+
+    app = FastAPI(title="paser cloud tier", version="1",
+                  description="The pool models f1..fK of a PaSeR run, patch by patch.")
+
+    @app.exception_handler(PayloadError)
+    async def _payload(request: Request, err: PayloadError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return JSONResponse({"error": str(err)}, status_code=err.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "models": names, "device": str(device),
+                "running": busy["running"], "served": busy["served"]}
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        patch = None if image_size is None else router.grid.patch_size(*image_size)
+        return {"run": str(model.run_dir), "in_channels": channels, "num_classes": classes,
+                "halo": halo, "grid": [router.grid.rows, router.grid.cols],
+                "image_size": image_size, "patch_size": patch, "models": models,
+                "flop_convention": FLOP_CONVENTION, "limits": limits,
+                "request": {"content_types": [NPZ, PNG], "npz_array": "patches",
+                            "dtypes": sorted(str(d) for d in SCALES)},
+                "output": ["probs", "labels"]}
+
+    def infer(k: int, x: torch.Tensor, output: str, dtype: str) -> tuple[np.ndarray, float]:
+        """Pool model k on patches through the routing path; the answer and its GFLOP."""
+        n, _, h, w = x.shape
+        with flops_lock:
+            if (k, h, w) not in flops:
+                flops[(k, h, w)] = gflops_per_sample(router.pool[k - 1], channels, h, w)
+        try:
+            with torch.inference_mode():
+                probs = router.run_local(k, x.to(device))
+        except torch.OutOfMemoryError:
+            raise PayloadError(503, f"out of memory on {n} patches; send fewer") from None
+        except RuntimeError as err:
+            raise PayloadError(422, f"f{k} cannot run on patches of shape {list(x.shape)} "
+                               f"({str(err).splitlines()[0]})") from None
+        if output == "labels":
+            return predicted_classes(probs).to(torch.uint8).cpu().numpy(), n * flops[(k, h, w)]
+        return probs.cpu().numpy().astype(dtype), n * flops[(k, h, w)]
+
+    @app.post("/v1/segment")
+    async def segment(request: Request,
+                      model: str = Query(..., description="f1 .. fK"),
+                      output: Literal["probs", "labels"] = "probs",
+                      format: Literal["npz", "png"] = "npz",
+                      dtype: Literal["float32", "float16"] = "float32",
+                      count: int = Query(1, ge=1, description="patches stacked in a PNG")
+                      ) -> Response:
+        if model not in names:
+            raise PayloadError(404, f"no model '{model}'; this server has {', '.join(names)}")
+        if format == "png" and output != "labels":
+            raise PayloadError(422, "format=png answers labels only; use output=labels, or "
+                               "format=npz for probabilities")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in (NPZ, "application/octet-stream", PNG):
+            raise PayloadError(415, f"Content-Type '{kind or 'none'}': send {NPZ} (array "
+                               f"'patches' [N, C, h, w]) or {PNG}")
+        body = await _read_body(request, max_request_bytes)
+        x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
+                    else _npz_patches(body, channels, max_values))
+        if x.shape[0] > max_patches:
+            raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
+                               f"{max_patches} per request; split them")
+        if min(x.shape[-2:]) <= 2 * halo:
+            raise PayloadError(422, f"patches of {x.shape[-2]} x {x.shape[-1]}: they must "
+                               f"carry the run's halo of {halo} pixels on each side")
+        if not await run_in_threadpool(gate.acquire, timeout=queue_timeout):
+            raise PayloadError(503, f"busy: no inference slot within {queue_timeout:g} s; "
+                               "retry later")
+        busy["running"] += 1
+        start = time.perf_counter()
+        try:
+            answer, gflops = await run_in_threadpool(infer, int(model[1:]), x, output, dtype)
+        finally:
+            busy["running"] -= 1
+            gate.release()
+        busy["served"] += 1
+        headers = {"X-Paser-Model": model, "X-Paser-Patches": str(x.shape[0]),
+                   "X-Paser-Gflops": repr(gflops),
+                   "X-Paser-Ms": f"{1000 * (time.perf_counter() - start):.2f}"}
+        if notes:
+            headers["X-Paser-Notes"] = "; ".join(notes)
+        if format == "png":
+            strip = answer.reshape(-1, answer.shape[-1])
+            return Response(codec.encode_png(strip), media_type=PNG,
+                            headers=headers)
+        return Response(codec.encode_npz(**{output: answer}), media_type=NPZ, headers=headers)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise PayloadError(400, f"Content-Length '{length}' is not a number")
+        if int(length) > limit:
+            raise PayloadError(413, f"a body of {int(length)} bytes: more than the server's "
+                               f"{limit}; send fewer patches per request")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadError(413, f"a body over the server's {limit} bytes; send fewer "
+                               "patches per request")
+    if not body:
+        raise PayloadError(400, f"an empty body: send patches as {NPZ} or {PNG}")
+    return bytes(body)
+
+
+def _npz_patches(body: bytes, channels: int, max_values: int) -> tuple[torch.Tensor, list]:
+    arr = codec.decode_npz(body, "patches", max_values)
+    if arr.ndim == 3 and channels == 1:
+        arr = arr[:, None]
+    if arr.ndim != 4 or arr.shape[1] != channels or 0 in arr.shape:
+        raise PayloadError(422, f"'patches' has shape {list(arr.shape)}; expected "
+                           f"[N, {channels}, h, w] with N, h, w >= 1")
+    x = arr.astype(np.float32) / np.float32(SCALES[arr.dtype])
+    if arr.dtype.kind == "f" and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise PayloadError(422, "float patches must be finite and in [0, 1]")
+    return torch.from_numpy(np.ascontiguousarray(x)), []
+
+
+def _png_patches(body: bytes, count: int, channels: int, max_values: int
+                 ) -> tuple[torch.Tensor, list]:
+    arr = codec.decode_png(body, max_values)
+    if arr.shape[0] % count:
+        raise PayloadError(422, f"a PNG {arr.shape[0]} pixels high cannot hold count={count} "
+                           "patches stacked vertically")
+    notes: list[str] = []
+    try:
+        x = to_channels(to_unit(arr, "the PNG", notes), channels, "the PNG", notes)
+    except PaserError as err:
+        raise PayloadError(422, str(err)) from None
+    c, h, w = x.shape
+    x = x.reshape(c, count, h // count, w).transpose(1, 0, 2, 3)
+    return torch.from_numpy(np.ascontiguousarray(x)), notes
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          **limits) -> None:
+    """Load the run and serve its pool models with uvicorn until interrupted."""
+    import uvicorn
+
+    from paser import PaSeR
+
+    model = PaSeR.load(run_dir, device=device, calibrated=False)
+    uvicorn.run(create_app(model, **limits), host=host, port=port, log_level="info")

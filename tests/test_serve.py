@@ -1,0 +1,309 @@
+"""The edge/cloud split: `paser serve` (FastAPI) and `paser segment --remote`.
+
+The API through FastAPI's test client; the edge's routing on the remote tier equals the
+local one; an unreachable tier degrades patches to f0's prediction; and one end-to-end
+run against a real uvicorn process that is stopped mid-run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from tests.test_cli import paser
+
+from paser.calibration import Calibration
+from paser.models import count_parameters
+from paser.patches import PatchGrid
+from paser.routing import weights_digest
+from paser.segment import find_images, segment_files
+from paser.serve.client import RemoteError
+from paser.serve.codec import NPZ, PNG, decode_npz, encode_npz, quantise
+from paser.serve.server import create_app
+
+RNG = np.random.default_rng(0)
+
+
+def _load(run):
+    from paser import PaSeR
+
+    return PaSeR.load(run, device="cpu", calibrated=False)
+
+
+@pytest.fixture(scope="module")
+def server(mnist_run):
+    model = _load(mnist_run)
+    return model, TestClient(create_app(model, max_request_bytes=200_000, max_values=50_000,
+                                        max_patches=16))
+
+
+def _post(client, body, model="f1", kind=NPZ, **params):
+    return client.post("/v1/segment", params={"model": model, **params}, content=body,
+                       headers={"Content-Type": kind})
+
+
+def _patches(n=3, size=16):
+    return RNG.integers(0, 256, (n, 1, size, size), dtype=np.uint8)
+
+
+def test_healthz_and_models_report_names_parameters_and_gflop(server):
+    model, client = server
+    assert client.get("/healthz").json()["models"] == ["f1", "f2"]
+    info = client.get("/v1/models").json()
+    router = model.router
+    assert (info["in_channels"], info["num_classes"], info["halo"]) == (1, 2, 0)
+    size = json.loads((model.run_dir / "results.json").read_text())["image_size"]
+    assert info["image_size"] == size and info["patch_size"] == size  # a 1 x 1 grid
+    costs = router.costs(*size)
+    for k, m in enumerate(info["models"], start=1):
+        assert m["name"] == f"f{k}" and m["arch"] == model.config.models.pool[k - 1].name
+        assert m["params"] == count_parameters(router.pool[k - 1]) > 0
+        assert m["gflops_per_patch"] == pytest.approx(costs.patch[k])
+        assert m["digest"] == weights_digest(router.pool[k - 1])
+    assert info["limits"]["max_patches"] == 16
+
+
+def test_probabilities_and_labels_are_the_pool_models(server):
+    model, client = server
+    u8 = _patches()
+    x = torch.from_numpy(u8.astype(np.float32) / 255)
+    with torch.inference_mode():
+        want = model.router.run_local(2, x).numpy()
+    for arr in (u8, quantise(x.numpy()), x.numpy()):  # 8-bit, 16-bit, float: the same values
+        res = _post(client, encode_npz(patches=arr), model="f2")
+        assert res.status_code == 200 and res.headers["X-Paser-Patches"] == "3"
+        np.testing.assert_allclose(decode_npz(res.content, "probs", 10**6), want, atol=1e-6)
+    labels = want.argmax(1)
+    res = _post(client, encode_npz(patches=u8[:, 0]), model="f2", output="labels")
+    assert np.array_equal(decode_npz(res.content, "labels", 10**6), labels)  # [N, h, w] too
+    half = _post(client, encode_npz(patches=u8), model="f2", dtype="float16")
+    assert decode_npz(half.content, "probs", 10**6).dtype == np.float16
+    # a PNG of the 3 patches stacked vertically, labels back as a PNG strip
+    buf = io.BytesIO()
+    Image.fromarray(u8[:, 0].reshape(48, 16)).save(buf, format="PNG")
+    res = _post(client, buf.getvalue(), model="f2", kind=PNG, output="labels", format="png",
+                count=3)
+    assert res.headers["content-type"] == PNG
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(res.content))),
+                          labels.reshape(48, 16))
+    gflops = float(res.headers["X-Paser-Gflops"])
+    assert gflops == pytest.approx(3 * model.router.costs(16, 16).patch[2])
+
+
+def _zip_with_header(shape, dtype="<f4"):
+    """An .npz whose header claims ``shape`` but holds almost nothing (a bomb)."""
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, dtype=dtype))
+    header["shape"] = shape
+    raw = io.BytesIO()
+    np.lib.format.write_array_header_1_0(raw, header)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("patches.npy", raw.getvalue())
+    return buf.getvalue()
+
+
+BAD = {
+    "junk body": (dict(body=b"not an npz"), 400, "not a readable .npz"),
+    "empty body": (dict(body=b""), 400, "empty body"),
+    "content type": (dict(body=b"x", kind="text/plain"), 415, "Content-Type 'text/plain'"),
+    "unknown model": (dict(body=b"x", model="f9"), 404, "no model 'f9'; this server has f1, f2"),
+    "no array": (dict(body=encode_npz(other=np.zeros(3))), 400, "no array 'patches' (it has: other)"),
+    "channels": (dict(body=encode_npz(patches=np.zeros((2, 3, 8, 8), np.uint8))), 422,
+                 "expected [N, 1, h, w]"),
+    "dtype": (dict(body=encode_npz(patches=np.zeros((2, 1, 8, 8), np.int64))), 422,
+              "dtype int64"),
+    "NaN": (dict(body=encode_npz(patches=np.full((1, 1, 8, 8), np.nan, np.float32))), 422,
+            "finite and in [0, 1]"),
+    "out of range": (dict(body=encode_npz(patches=np.full((1, 1, 8, 8), 2.0, np.float32))), 422,
+                     "finite and in [0, 1]"),
+    "too many patches": (dict(body=encode_npz(patches=np.zeros((17, 1, 8, 8), np.uint8))), 413,
+                         "more than the server's 16 per request"),
+    "body too large": (dict(body=RNG.integers(0, 255, 250_000, np.uint8).tobytes()), 413,
+                       "more than the server's 200000"),
+    "decompression bomb": (dict(body=_zip_with_header((1000, 1, 1000, 1000))), 413,
+                           "more than the server's 50000 values"),
+    "png probs": (dict(body=b"x", format="png"), 422, "format=png answers labels only"),
+    "bad query": (dict(body=b"x", output="masks"), 422, "query.output"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_are_4xx_with_a_json_error_and_the_server_goes_on(server, case):
+    _, client = server
+    kwargs, status, message = BAD[case]
+    res = _post(client, kwargs.pop("body"), **kwargs)
+    assert res.status_code == status, res.text
+    assert message in res.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_png_whose_height_is_not_count_patches_is_a_422(server):
+    _, client = server
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((10, 8), np.uint8)).save(buf, format="PNG")
+    res = _post(client, buf.getvalue(), kind=PNG, output="labels", count=3)
+    assert res.status_code == 422 and "count=3" in res.json()["error"]
+
+
+def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
+    model = _load(mnist_run)
+    client = TestClient(create_app(model, max_concurrency=1, queue_timeout=0.05))
+    run_local = model.router.run_local
+    started = threading.Event()
+
+    def slow(k, x):
+        started.set()
+        time.sleep(0.5)
+        return run_local(k, x)
+
+    monkeypatch.setattr(model.router, "run_local", slow)
+    body = encode_npz(patches=_patches(1))
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(res=_post(client, body)))
+    thread.start()
+    assert started.wait(10)
+    second = _post(client, body)
+    thread.join()
+    assert first["res"].status_code == 200
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+    assert "busy" in second.json()["error"]
+
+
+def _forced(model, bias):
+    """The run with a calibration that routes by ``bias`` (to reach the remote tier)."""
+    base = Calibration([0.0, 0.0, 0.0], 0.0, {"budget_gflops": 1.0}, 0.0, [], 0.0, {}, 0, 0, 0)
+    model.calibration = replace(base, bias=bias)
+    return model
+
+
+def test_routing_on_the_remote_tier_equals_routing_here(mnist_run):
+    """A 2 x 2 grid with a halo, so patches overlap and are cut, sent and stitched back."""
+    server_model, edge = _load(mnist_run), _load(mnist_run)
+    for m in (server_model, edge):
+        m.router.grid = PatchGrid(2, 2, halo=4)
+    client = TestClient(create_app(server_model))
+    x = torch.randint(0, 256, (3, 1, 32, 32)) / 255.0
+    actions = torch.tensor([[0, 1, 2, 2], [1, 1, 1, 0], [2, 0, 0, 2]])
+    with torch.inference_mode():
+        here = edge.router(x, actions=actions, mc_seed=0)
+        pool = edge.use_remote("http://testserver", http=client)
+        assert pool.connect()["halo"] == 4
+        there = edge.router(x, actions=actions, mc_seed=0)
+    transfer = pool.take()
+    assert torch.equal(there.mask, here.mask) and there.degraded is None
+    assert torch.allclose(there.gflops, here.gflops)
+    assert transfer.requests == 2 and transfer.patches_sent == 8 and transfer.errors == []
+    assert transfer.bytes_sent > 0 and transfer.bytes_received > 0
+    # probabilities instead of labels: the stitched probabilities themselves agree
+    edge.use_remote("http://testserver", http=client, output="probs")
+    with torch.inference_mode():
+        probs = edge.router(x, actions=actions, mc_seed=0).probs
+    assert torch.allclose(probs, here.probs, atol=1e-3)  # float16 on the wire
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mnist_run):
+    edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])  # every image to f2
+    pool = edge.use_remote(f"http://127.0.0.1:{_free_port()}", timeout=0.5, retries=1,
+                           backoff=0.0)
+    x = torch.rand(4, 1, 28, 28)
+    out = edge.segment(x)
+    transfer = pool.take()
+    assert out.degraded.all() and torch.equal(out.actions, torch.full((4, 1), 2))
+    assert torch.equal(out.mask, out.mc.pred)  # f0's prediction
+    costs = edge.router.costs(28, 28)
+    assert torch.allclose(out.gflops, torch.full((4,), costs.fixed, dtype=torch.float64))
+    assert transfer.patches_failed == 4 and "ConnectError" in transfer.errors[0]
+    edge.segment(x)  # within down_for: no waiting on timeouts again
+    assert pool.take().requests == 0
+
+
+def test_a_server_with_other_weights_is_refused(mnist_run):
+    server_model = _load(mnist_run)
+    with torch.no_grad():
+        next(server_model.router.pool[0].parameters()).add_(1.0)
+    edge = _load(mnist_run)
+    pool = edge.use_remote("http://testserver", http=TestClient(create_app(server_model)))
+    with pytest.raises(RemoteError, match="f1 has other weights than this run's"):
+        pool.connect()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("paser serve did not come up")
+
+
+def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "paser", "serve", "--run-dir",
+                             str(mnist_run), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_healthy(url, proc)
+        folder = tmp_path / "in"
+        folder.mkdir()
+        for i in range(6):
+            Image.fromarray(RNG.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+                folder / f"img{i}.png")
+        edge = _forced(_load(mnist_run), [0.0, 100.0, 0.0])  # every image to f1
+        pool = edge.use_remote(url, timeout=2.0, retries=1, backoff=0.0)
+        pool.connect()
+
+        def stop_after_two(res):
+            if res.stem == "img1":
+                proc.terminate()
+                proc.wait(30)
+
+        results = segment_files(edge, find_images([folder]), tmp_path / "out",
+                                on_done=stop_after_two)
+    finally:
+        proc.kill()
+    assert [r.ok for r in results] == [True] * 6  # nothing lost
+    assert [r.degraded for r in results] == [0, 0, 1, 1, 1, 1]
+    records = [json.loads((tmp_path / "out" / f"img{i}.json").read_text()) for i in range(6)]
+    for i, rec in enumerate(records):
+        remote = rec["remote"]
+        assert rec["actions"] == [[1]] and remote["degraded"] == [[i >= 2]]
+        assert remote["bytes_whole_image"] > 0
+        if i < 2:
+            assert remote["requests"] == 1 and remote["errors"] == []
+            assert 0 < remote["bytes_sent"] and remote["cloud_gflops"] > 0
+        else:
+            assert remote["cloud_gflops"] == 0 and remote["patches_failed"] == 1
+    assert remote["requests"] == 0  # marked down after the first failure: no more waiting
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["degraded patches"] for r in rows] == ["0", "0", "1", "1", "1", "1"]
+    # the CLI against the stopped server: a warning, every image written, exit status 0
+    res = paser("segment", str(folder), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "cli"), "--remote", url, "--timeout", "1", "--retries", "0")
+    assert res.returncode == 0, res.stderr
+    assert f"warning: remote tier {url} does not answer" in res.stderr
+    assert "segmented 6 of 6 images" in res.stdout and "patches degraded" in res.stdout
