@@ -122,7 +122,16 @@ BAD = {
     "empty body": (dict(body=b""), 400, "empty body"),
     "content type": (dict(body=b"x", kind="text/plain"), 415, "Content-Type 'text/plain'"),
     "unknown model": (dict(body=b"x", model="f9"), 404, "no model 'f9'; this server has f1, f2"),
-    "no array": (dict(body=encode_npz(other=np.zeros(3))), 400, "no array 'patches' (it has: other)"),
+    "no array": (dict(body=encode_npz(other=np.zeros(3))), 400,
+                 "needs an array 'patches' [N, C, h, w], or 'image' [B, C, H, W] with 'index' "
+                 "[N] (it has: other)"),
+    "index range": (dict(body=encode_npz(image=np.zeros((2, 1, 8, 8), np.uint8),
+                                         index=np.array([0, 2]))), 422,
+                    "'index' must be 1-D integers in [0, 2) (patches of 2 image(s) on a 1x1"),
+    "index dtype": (dict(body=encode_npz(image=np.zeros((1, 1, 8, 8), np.uint8),
+                                         index=np.array([0.0]))), 422, "got float64"),
+    "pickle": (dict(body=encode_npz(patches=np.array([{}], dtype=object))), 422,
+               "holds Python objects"),
     "channels": (dict(body=encode_npz(patches=np.zeros((2, 3, 8, 8), np.uint8))), 422,
                  "expected [N, 1, h, w]"),
     "dtype": (dict(body=encode_npz(patches=np.zeros((2, 1, 8, 8), np.int64))), 422,
@@ -208,6 +217,7 @@ def test_routing_on_the_remote_tier_equals_routing_here(mnist_run):
     assert torch.equal(there.mask, here.mask) and there.degraded is None
     assert torch.allclose(there.gflops, here.gflops)
     assert transfer.requests == 2 and transfer.patches_sent == 8 and transfer.errors == []
+    assert transfer.bytes_sent < 2 * len(encode_npz(patches=quantise(x.numpy())))
     assert transfer.bytes_sent > 0 and transfer.bytes_received > 0
     # probabilities instead of labels: the stitched probabilities themselves agree
     edge.use_remote("http://testserver", http=client, output="probs")

@@ -195,16 +195,10 @@ class Router(nn.Module):
             return logits.argmax(-1)
         return torch.distributions.Categorical(logits=logits).sample()
 
-    def run_model(self, k: int, patches: torch.Tensor) -> torch.Tensor | None:
-        """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with
-        their halo ``[N, C, h + 2 halo, w + 2 halo]``, halo cropped; on the remote tier when
-        :attr:`remote` is set, where ``None`` means it failed and the patches keep f0's."""
-        if self.remote is not None:
-            return self.remote.run(k, patches)
-        return self.run_local(k, patches)
-
     def run_local(self, k: int, patches: torch.Tensor) -> torch.Tensor:
-        """:meth:`run_model` here, whatever :attr:`remote` is (what ``paser serve`` runs)."""
+        """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with
+        their halo ``[N, C, h + 2 halo, w + 2 halo]``, halo cropped (also what ``paser
+        serve`` runs)."""
         return self.grid.centre(self.pool[k - 1](patches)).float().softmax(1)
 
     def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
@@ -214,9 +208,11 @@ class Router(nn.Module):
         ``x`` [B, C, Hp, Wp] padded images, ``base_probs`` [B, Kc, Hp, Wp] f0's mean
         probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp] and the
         degraded patches [B, P] (``None`` when every model ran). Each model runs once, on
-        all the patches routed to it (gather, forward, scatter).
+        all the patches routed to it (gather, forward, scatter); with :attr:`remote` set,
+        on the remote tier, where ``None`` back means it failed and they keep f0's.
         """
-        patches = self.grid.context(x)  # [B*P, C, h + 2 halo, w + 2 halo]
+        remote = self.remote
+        patches = None if remote is not None else self.grid.context(x)  # [B*P, C, h + 2 halo, w + 2 halo]
         out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
         flat = actions.reshape(-1)
         degraded = None
@@ -224,7 +220,8 @@ class Router(nn.Module):
             idx = (flat == k).nonzero(as_tuple=True)[0]
             if not idx.numel():
                 continue
-            probs = self.run_model(k, patches.index_select(0, idx))
+            probs = (remote.run(k, x, idx) if remote is not None
+                     else self.run_local(k, patches.index_select(0, idx)))
             if probs is None:
                 if degraded is None:
                     degraded = torch.zeros_like(flat, dtype=torch.bool)

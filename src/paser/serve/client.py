@@ -68,7 +68,7 @@ class RemotePool:
         self.expected = _local_models(model)
         cfg = model.config
         self.channels, self.classes = cfg.models.in_channels, cfg.models.num_classes
-        self.halo = model.router.grid.halo
+        self.grid = model.router.grid
         self.server: dict | None = None
         self.down_until = 0.0
         self.stats = Transfer()
@@ -83,14 +83,14 @@ class RemotePool:
         try:
             info = res.json()
             served = {m["name"]: m for m in info["models"]}
-            setup = (info["in_channels"], info["num_classes"], info["halo"])
+            setup = (info["in_channels"], info["num_classes"], info["halo"], info["grid"])
         except (ValueError, KeyError, TypeError):
             raise RemoteError(f"{self.url} answered /v1/models with something that is not a "
                               "paser server's model list") from None
-        if setup != (self.channels, self.classes, self.halo):
-            raise RemoteError(f"{self.url} serves models for {setup[0]} channels, "
-                              f"{setup[1]} classes, halo {setup[2]}; this run has "
-                              f"{self.channels}, {self.classes}, {self.halo}")
+        here = (self.channels, self.classes, self.grid.halo, [self.grid.rows, self.grid.cols])
+        if setup != here:
+            raise RemoteError(f"{self.url} serves models for (channels, classes, halo, grid) "
+                              f"{setup}; this run has {here}")
         for want in self.expected:
             have = served.get(want["name"])
             if have is None or have["arch"] != want["arch"]:
@@ -105,10 +105,16 @@ class RemotePool:
 
     # ---- the routing path's hook ----------------------------------------------------------
 
-    def run(self, k: int, patches: torch.Tensor) -> torch.Tensor | None:
-        """Probabilities ``[N, classes, h, w]`` of f``k`` on patches with their halo, or
-        ``None`` when the server did not answer (after retries) or is marked down."""
-        n = patches.shape[0]
+    def run(self, k: int, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """Probabilities ``[N, classes, h, w]`` of f``k`` on the patches ``idx`` (flat, in
+        the routing path's order) of the padded images ``x`` ``[B, C, Hp, Wp]``, or ``None``
+        when the server did not answer (after retries) or is marked down.
+
+        What is sent is the images with every pixel outside those patches' context windows
+        zeroed (which compresses to almost nothing) and the indices: the server cuts the
+        patches itself, so overlapping halos travel once.
+        """
+        n = idx.numel()
         self.stats.patches_sent += n
         if time.monotonic() < self.down_until:
             return self._failed(n, None)
@@ -118,10 +124,16 @@ class RemotePool:
             except (httpx.HTTPError, RemoteError) as err:
                 self._mark_down()
                 return self._failed(n, f"{self.url}: {_describe(err)}")
-        x = quantise(patches.detach().cpu().numpy())
+        image = quantise((x * self._needed(idx, x.shape)).cpu().numpy())
+        idx = idx.cpu().numpy()
         parts = []
-        for chunk in np.array_split(x, -(-n // self._chunk(x.shape)), axis=0):
-            answer = self._post(k, chunk)
+        per_image = self.grid.num_patches
+        for lo, hi in self._image_chunks(image.shape):
+            sel = idx[(idx >= lo * per_image) & (idx < hi * per_image)]
+            if not sel.size:
+                continue
+            answer = self._post(k, {"image": image[lo:hi], "index": sel - lo * per_image},
+                                sel.size, image.shape[-2:])
             if answer is None:
                 return self._failed(n, None)
             parts.append(answer)
@@ -130,6 +142,19 @@ class RemotePool:
             return torch.nn.functional.one_hot(out.long(), self.classes).permute(0, 3, 1, 2
                                                                                  ).float()
         return out.float()
+
+    def _needed(self, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``[B, 1, Hp, Wp]``: 1 on the pixels the patches ``idx`` read (each patch and its
+        halo, within the image), 0 elsewhere."""
+        b, _, hp, wp = shape
+        grid, m = self.grid, self.grid.halo
+        flags = torch.zeros(b * grid.num_patches, device=idx.device)
+        flags[idx] = 1.0
+        flags = flags.view(b, 1, grid.rows, grid.cols)
+        mask = flags.repeat_interleave(hp // grid.rows, 2).repeat_interleave(wp // grid.cols, 3)
+        if m:
+            mask = torch.nn.functional.max_pool2d(mask, 2 * m + 1, stride=1, padding=m)
+        return mask
 
     def take(self) -> Transfer:
         """The transfer figures since the last call, and start afresh."""
@@ -141,16 +166,19 @@ class RemotePool:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _chunk(self, shape: tuple[int, ...]) -> int:
-        """Patches per request within the server's limits (2 bytes a value at most)."""
+    def _image_chunks(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Ranges of images per request within the server's limits (values, bytes at 2 a
+        value, patches)."""
         limits = self.server["limits"]
-        per_patch = int(np.prod(shape[1:]))
-        by_values = limits["max_values"] // per_patch
-        by_bytes = (limits["max_request_bytes"] - 4096) // (2 * per_patch)
-        return max(1, min(limits["max_patches"], by_values, by_bytes))
+        per_image = int(np.prod(shape[1:]))
+        fit = min(limits["max_values"] // per_image,
+                  (limits["max_request_bytes"] - 4096) // (2 * per_image),
+                  limits["max_patches"] // self.grid.num_patches)
+        step = max(1, fit)  # one image over the limits: the server says why
+        return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
-    def _post(self, k: int, chunk: np.ndarray) -> np.ndarray | None:
-        body = encode_npz(patches=chunk)
+    def _post(self, k: int, arrays: dict, n: int, size: tuple[int, int]) -> np.ndarray | None:
+        body = encode_npz(**arrays)
         params = {"model": f"f{k}", "output": self.output, "dtype": "float16"}
         error = None
         for attempt in range(self.retries + 1):
@@ -167,7 +195,7 @@ class RemotePool:
                 continue
             self.stats.bytes_received += len(res.content)
             if res.status_code == 200:
-                return self._answer(res, chunk.shape)
+                return self._answer(res, n, size)
             error = f"{self.url}: HTTP {res.status_code}: {_server_error(res)}"
             if res.status_code not in RETRY_STATUS:
                 self.stats.errors.append(error)
@@ -176,9 +204,8 @@ class RemotePool:
         self.stats.errors.append(error)
         return None
 
-    def _answer(self, res: httpx.Response, shape: tuple[int, ...]) -> np.ndarray | None:
-        n, _, h, w = shape
-        h, w = h - 2 * self.halo, w - 2 * self.halo
+    def _answer(self, res: httpx.Response, n: int, size: tuple[int, int]) -> np.ndarray | None:
+        h, w = size[0] // self.grid.rows, size[1] // self.grid.cols
         want = (n, h, w) if self.output == "labels" else (n, self.classes, h, w)
         try:
             out = decode_npz(res.content, self.output, max_values=int(np.prod(want)))

@@ -1,8 +1,9 @@
-"""What travels between the edge and the cloud tier: patches and predictions as compressed
-numpy (``.npz``) or PNG, checked against size limits before anything is decoded.
+"""What travels between the edge and the cloud tier: images, patches and predictions as
+compressed numpy (``.npz``) or PNG, checked against size limits before anything is
+decoded.
 
-Patches go out as 16-bit integers (``round(x * 65535)``): exact for 8- and 16-bit source
-images, within 7.7e-6 for float ones, and half the bytes of float32.
+Pixels go out as 8-bit integers when that is exact (an 8-bit source image), else as 16-bit
+(``round(x * 65535)``: exact for 16-bit sources, within 7.7e-6 for float ones).
 """
 
 from __future__ import annotations
@@ -36,38 +37,55 @@ def encode_npz(**arrays: np.ndarray) -> bytes:
 
 
 def quantise(x: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] as uint16 (``round(x * 65535)``)."""
-    return np.rint(np.clip(x, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    """Values in [0, 1] as uint8 when ``x * 255`` are whole numbers (then exactly), else as
+    uint16 (``round(x * 65535)``)."""
+    x = np.clip(x, 0.0, 1.0)
+    as8 = np.rint(x * 255.0)
+    if np.array_equal(as8.astype(np.float32) / np.float32(255.0), x):
+        return as8.astype(np.uint8)
+    return np.rint(x * 65535.0).astype(np.uint16)
 
 
-def decode_npz(body: bytes, name: str, max_values: int) -> np.ndarray:
-    """Array ``name`` of an ``.npz`` body; its header (shape, dtype) is checked against
-    ``max_values`` before the data is decompressed, so a small body cannot expand into a
-    huge array. Pickled objects are refused."""
+def read_npz(body: bytes, max_values: int) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` body. Their headers (shape, dtype) are checked against
+    ``max_values`` (all arrays together) before anything is decompressed, so a small body
+    cannot expand into a huge array; pickled objects are refused."""
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            member = f"{name}.npy"
-            if member not in zf.namelist():
-                have = ", ".join(n.removesuffix(".npy") for n in zf.namelist()) or "none"
-                raise PayloadError(400, f"the .npz has no array '{name}' (it has: {have})")
-            with zf.open(member) as fh:
-                version = np.lib.format.read_magic(fh)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(fh)
-            if dtype not in SCALES:
-                raise PayloadError(422, f"'{name}' has dtype {dtype}; send uint8, uint16, "
-                                   "float16 or float32")
-            if int(np.prod(shape, dtype=np.int64)) > max_values:
-                raise PayloadError(413, f"'{name}' has shape {list(shape)}: more than the "
-                                   f"server's {max_values} values per request; send fewer "
-                                   "patches per request")
-            with zf.open(member) as fh:
-                return np.lib.format.read_array(fh, allow_pickle=False)
+            members = [n for n in zf.namelist() if n.endswith(".npy")]
+            total = 0
+            for member in members:
+                with zf.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh)
+                if dtype.hasobject:
+                    raise PayloadError(422, f"'{member[:-4]}' holds Python objects; send "
+                                       "numeric arrays")
+                total += int(np.prod(shape, dtype=np.int64))
+                if total > max_values:
+                    raise PayloadError(413, f"'{member[:-4]}' has shape {list(shape)}: more "
+                                       f"than the server's {max_values} values per request; "
+                                       "send fewer patches per request")
+            arrays = {}
+            for member in members:
+                with zf.open(member) as fh:
+                    arrays[member[:-4]] = np.lib.format.read_array(fh, allow_pickle=False)
+            return arrays
     except PayloadError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
         raise PayloadError(400, f"the body is not a readable .npz ({err})") from None
+
+
+def decode_npz(body: bytes, name: str, max_values: int) -> np.ndarray:
+    """Array ``name`` of an ``.npz`` body (:func:`read_npz`)."""
+    arrays = read_npz(body, max_values)
+    if name not in arrays:
+        raise PayloadError(400, f"the .npz has no array '{name}' (it has: "
+                           f"{', '.join(arrays) or 'none'})")
+    return arrays[name]
 
 
 def decode_png(body: bytes, max_values: int) -> np.ndarray:

@@ -120,7 +120,10 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                 "halo": halo, "grid": [router.grid.rows, router.grid.cols],
                 "image_size": image_size, "patch_size": patch, "models": models,
                 "flop_convention": FLOP_CONVENTION, "limits": limits,
-                "request": {"content_types": [NPZ, PNG], "npz_array": "patches",
+                "request": {"content_types": [NPZ, PNG],
+                            "npz": ["patches [N, C, h + 2 halo, w + 2 halo]",
+                                    "image [B, C, H, W] + index [N]: patches cut here"],
+                            "png": "N patches stacked vertically, count=N",
                             "dtypes": sorted(str(d) for d in SCALES)},
                 "output": ["probs", "labels"]}
 
@@ -161,7 +164,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                                f"'patches' [N, C, h, w]) or {PNG}")
         body = await _read_body(request, max_request_bytes)
         x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
-                    else _npz_patches(body, channels, max_values))
+                    else _npz_patches(body, router.grid, channels, max_values))
         if x.shape[0] > max_patches:
             raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
                                f"{max_patches} per request; split them")
@@ -213,17 +216,49 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _npz_patches(body: bytes, channels: int, max_values: int) -> tuple[torch.Tensor, list]:
-    arr = codec.decode_npz(body, "patches", max_values)
+def _npz_patches(body: bytes, grid, channels: int, max_values: int
+                 ) -> tuple[torch.Tensor, list]:
+    """Patches with their halo from an ``.npz``: array ``patches`` ``[N, C, h, w]`` as they
+    are, or ``image`` ``[B, C, H, W]`` (divisible by the run's grid) with ``index`` ``[N]``
+    (patches in the routing path's order, image by image), cut here with the halo."""
+    arrays = codec.read_npz(body, max_values)
+    if "patches" in arrays:
+        return torch.from_numpy(_unit(arrays["patches"], "patches", channels)), []
+    if "image" not in arrays or "index" not in arrays:
+        raise PayloadError(400, "the .npz needs an array 'patches' [N, C, h, w], or 'image' "
+                           f"[B, C, H, W] with 'index' [N] (it has: {', '.join(arrays) or 'none'})")
+    image, index = _unit(arrays["image"], "image", channels), arrays["index"]
+    b, _, h, w = image.shape
+    try:
+        fits = grid.padded_size(h, w) == (h, w)
+    except PaserError:
+        fits = False
+    if not fits:
+        raise PayloadError(422, f"an image of {h} x {w} does not divide into the run's {grid} "
+                           "grid; pad it to the grid first")
+    if index.ndim != 1 or index.dtype.kind not in "iu" or not index.size \
+            or index.min() < 0 or index.max() >= b * grid.num_patches:
+        raise PayloadError(422, f"'index' must be 1-D integers in [0, {b * grid.num_patches}) "
+                           f"(patches of {b} image(s) on a {grid} grid), got {index.dtype} "
+                           f"shape {list(index.shape)}")
+    patches = grid.context(torch.from_numpy(image))
+    return patches.index_select(0, torch.from_numpy(index.astype(np.int64))), []
+
+
+def _unit(arr: np.ndarray, name: str, channels: int) -> np.ndarray:
+    """``[N, C, h, w]`` (or ``[N, h, w]`` for one channel) as float32 in [0, 1]."""
+    if arr.dtype not in SCALES:
+        raise PayloadError(422, f"'{name}' has dtype {arr.dtype}; send uint8, uint16, float16 "
+                           "or float32")
     if arr.ndim == 3 and channels == 1:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1] != channels or 0 in arr.shape:
-        raise PayloadError(422, f"'patches' has shape {list(arr.shape)}; expected "
+        raise PayloadError(422, f"'{name}' has shape {list(arr.shape)}; expected "
                            f"[N, {channels}, h, w] with N, h, w >= 1")
     x = arr.astype(np.float32) / np.float32(SCALES[arr.dtype])
     if arr.dtype.kind == "f" and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-        raise PayloadError(422, "float patches must be finite and in [0, 1]")
-    return torch.from_numpy(np.ascontiguousarray(x)), []
+        raise PayloadError(422, f"float '{name}' must be finite and in [0, 1]")
+    return np.ascontiguousarray(x)
 
 
 def _png_patches(body: bytes, count: int, channels: int, max_values: int
