@@ -196,6 +196,9 @@ def segment(
     from paser.train.common import progress
 
     files = find_images(inputs)
+    if remote is not None and not remote.startswith(("http://", "https://")):
+        raise ConfigError(f"--remote {remote}: give an http:// or https:// URL of a `paser "
+                          "serve` process")
     if engine == "onnxruntime":
         model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
     elif engine == "torch":

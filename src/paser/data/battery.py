@@ -46,14 +46,20 @@ def _open(path: Path) -> np.ndarray:
             arr = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
-    if arr.ndim == 3:  # RGB(A) of a grayscale scan: the channels are equal, keep one
-        arr = arr[..., 0]
     return arr
+
+
+def _first_channel(arr: np.ndarray) -> np.ndarray:
+    """RGB(A) of a grayscale scan: the channels are equal, keep one."""
+    return arr[..., 0] if arr.ndim == 3 else arr
+
+
+CODEC = "8-bit grayscale: pore 0, carbon 255, nickel any other value"
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """An input image as float32 [1, H, W] in [0, 1] (8- or 16-bit)."""
-    arr = _open(Path(path))
+    arr = _first_channel(_open(Path(path)))
     scale = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else None
     if scale is None:
         arr = arr.astype(np.float32)
@@ -63,8 +69,18 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """A label PNG as class indices int64 [H, W]."""
-    return decode_label(_open(Path(path)))
+    """A label PNG as class indices int64 [H, W]; a label outside the codec (16-bit, colour
+    with unequal channels) is a :class:`DataError`."""
+    arr = _open(Path(path))
+    if arr.ndim == 3 and arr.shape[-1] >= 3 and not (
+            np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        raise DataError(f"{path}: a colour label, outside the label codec ({CODEC}); save the "
+                        "classes as those gray values")
+    arr = _first_channel(arr)
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: a {arr.dtype} label, outside the label codec ({CODEC}); save "
+                        "it as an 8-bit grayscale PNG")
+    return decode_label(arr)
 
 
 class BatteryDataset(Dataset):

@@ -27,6 +27,7 @@ import torch
 
 from paser.config import ExperimentConfig
 from paser.data import load_stage_data
+from paser.errors import CheckpointError
 from paser.models import RoutingPolicy
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -49,15 +50,26 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     """The stage-1 models (optionally with fine-tuned pool weights) and a policy."""
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     roles = [role for role, _ in model_roles(cfg)]
+    k = len(roles) - 1
+    policy = RoutingPolicy(grid.num_patches, len(roles), head=cfg.stage2.head,
+                           grid=cfg.grid).to(device)
+    if pool_states is not None and len(pool_states) != k:
+        raise CheckpointError(f"{run_dir}: the fine-tuned checkpoint holds a pool of K = "
+                              f"{len(pool_states)} models, the config asks for K = {k}; use "
+                              "the run's own config.yaml or re-run stages 1 to 3")
+    if policy_state is not None:
+        try:
+            policy.load_state_dict(policy_state)
+        except RuntimeError:
+            raise CheckpointError(f"{run_dir}: the policy checkpoint does not fit the config's "
+                                  f"{grid} grid and pool of K = {k} models (its head, or the "
+                                  "grid, differs); use the run's own config.yaml or re-run "
+                                  "stages 2 and 3") from None
     f0 = load_trained(run_dir, cfg, "f0", device)
     pool = [load_trained(run_dir, cfg, role, device) for role in roles[1:]]
     if pool_states is not None:
         for model, state in zip(pool, pool_states, strict=True):
             model.load_state_dict(state)
-    policy = RoutingPolicy(grid.num_patches, len(roles), head=cfg.stage2.head,
-                           grid=cfg.grid).to(device)
-    if policy_state is not None:
-        policy.load_state_dict(policy_state)
     return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels).to(device)
 
 

@@ -1,0 +1,222 @@
+"""Every user entry point against bad input: one clear line on stderr (what, where, what to
+do), a non-zero exit status, and a traceback only with --debug.
+
+The CLI runs in this process (``paser.cli.main``), so the sweep costs milliseconds a case;
+``tests/test_cli.py`` runs the real ``python -m paser`` for the same contract.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from paser.cli import main
+from paser.errors import CheckpointError, DataError
+
+BATTERY = ["--preset", "battery-quick", "stage1.epochs=0", "stage1.batch_size=2"]
+
+
+def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """``paser ARGS`` in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["paser", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def battery_root(tmp_path, n=3, size=64, label=None):
+    """A dataset in the battery layout: images and labels, ``label`` overriding one label."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "battery"
+    for split in ("train", "validation", "test"):
+        for i in range(n):
+            _png(root / f"{split}_images" / f"{i}.png",
+                 rng.integers(0, 256, (size, size), dtype=np.uint8))
+            _png(root / f"{split}_label" / f"{i}.png",
+                 rng.choice(np.array([0, 128, 255], np.uint8), (size, size)))
+    if label is not None:
+        _png(root / "train_label" / "0.png", label)
+    return root
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    if os.environ.get("PASER_SWEEP_LOG"):  # the messages, for a reader to review
+        with open(os.environ["PASER_SWEEP_LOG"], "a") as fh:
+            fh.write(lines[0] + "\n")
+    return lines[0]
+
+
+# (arguments after `paser`, text the one line must contain); {tmp} and {run} are filled in
+CONFIG_CASES = {
+    "unknown preset": (["config", "--preset", "nope"], "unknown preset 'nope'"),
+    "unknown key": (["config", "--preset", "battery-quick", "stage1.epoch=3"],
+                    "unknown key 'stage1.epoch'"),
+    "lam above 1": (["config", "--preset", "battery-quick", "stage2.lam=1.5"], "stage2.lam"),
+    "lam below 0": (["config", "--preset", "battery-quick", "stage3.lam=-0.1"], "stage3.lam"),
+    "T < 1": (["config", "--preset", "battery-quick", "mc_samples=0"], "mc_samples"),
+    "negative epochs": (["config", "--preset", "battery-quick", "stage1.epochs=-1"],
+                        "stage1.epochs"),
+    "grid of 0": (["config", "--preset", "battery-quick", "grid=[0,4]"], "grid"),
+    "not a number": (["config", "--preset", "battery-quick", "stage2.lam=lots"], "stage2.lam"),
+    "missing config file": (["config", "--config", "{tmp}/absent.yaml"], "absent.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_invalid_configs(case, capsys, monkeypatch, tmp_path):
+    args, message = CONFIG_CASES[case]
+    code, err = cli(capsys, monkeypatch, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    line = _one_line(err)
+    assert line.startswith("error: ") and message in line, line
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["paser", "--debug", "config", "--preset", "nope"])
+    with pytest.raises(Exception, match="unknown preset"):
+        main()
+
+
+DATA_CASES = {
+    "data root missing": (lambda tmp: tmp / "absent", "does not exist"),
+    "empty data root": (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",
+                        "folder not found"),
+    "corrupt image": (lambda tmp: _corrupt(battery_root(tmp), b"not a png"),
+                      "cannot read the image"),
+    "truncated image": (lambda tmp: _corrupt(battery_root(tmp), None), "cannot read the image"),
+    "label of another size": (lambda tmp: battery_root(tmp, label=np.zeros((32, 32), np.uint8)),
+                              "its label"),
+    "16-bit label": (lambda tmp: battery_root(tmp, label=np.full((64, 64), 300, np.uint16)),
+                     "outside the label codec"),
+    "colour label": (lambda tmp: battery_root(tmp, label=np.dstack(
+        [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8),
+         np.zeros((64, 64), np.uint8)])), "outside the label codec"),
+    "grid larger than the image": (lambda tmp: battery_root(tmp, size=32),
+                                   "grid"),
+}
+
+
+def _corrupt(root, content):
+    path = root / "train_images" / "1.png"
+    data = path.read_bytes()
+    path.write_bytes(content if content is not None else data[:len(data) // 2])
+    return root
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_datasets(case, capsys, monkeypatch, tmp_path):
+    make, message = DATA_CASES[case]
+    root = make(tmp_path)
+    extra = ["grid=[64,64]"] if case == "grid larger than the image" else []
+    code, err = cli(capsys, monkeypatch, "pretrain", *BATTERY, f"data.root={root}", *extra,
+                    "--run-dir", tmp_path / "run")
+    assert code == 2
+    line = _one_line(err)
+    assert message in line, line
+
+
+def _copy_run(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("onnx", "figures"))
+    return dst
+
+
+def test_bad_runs_and_checkpoints(mnist_run, capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    image = tmp_path / "in" / "a.png"
+    _png(image, np.zeros((28, 28), np.uint8))
+    seg = ["segment", image, "--out", out, "--run-dir"]
+    # not a run
+    code, err = cli(capsys, monkeypatch, *seg, tmp_path)
+    assert code == 2 and "not a run directory (no config.yaml)" in _one_line(err)
+    # a truncated checkpoint
+    run = _copy_run(mnist_run, tmp_path)
+    ckpt = run / "checkpoints" / "stage3.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    code, err = cli(capsys, monkeypatch, *seg, run)
+    assert code == 2 and "cannot load the checkpoint" in _one_line(err)
+    assert "delete it and re-run" in err
+    # a checkpoint of another pool: the config now asks for K = 3 where the run has K = 2
+    shutil.rmtree(run)
+    run = _copy_run(mnist_run, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["models"]["pool"].append(dict(cfg["models"]["pool"][-1]))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, err = cli(capsys, monkeypatch, *seg, run)
+    line = _one_line(err)
+    assert code == 2 and "K = 2 models, the config asks for K = 3" in line, line
+    # a config file that is not YAML
+    (run / "config.yaml").write_text("models: [unclosed\n")
+    code, err = cli(capsys, monkeypatch, *seg, run)
+    line = _one_line(err)
+    assert code == 2 and "not valid YAML at line 2, column 1" in line, line
+
+
+def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
+    import tifffile
+
+    folder = tmp_path / "in"
+    _png(folder / "good.png", np.zeros((28, 28), np.uint8))
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    good = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[:len(good) // 2])
+    tifffile.imwrite(folder / "nan.tif", np.full((28, 28), np.nan, np.float32))
+    tifffile.imwrite(folder / "five.tif", np.zeros((28, 28, 5), np.uint8), planarconfig="contig")
+    run_dir = ["--run-dir", mnist_run, "--out", tmp_path / "out"]
+    code, err = cli(capsys, monkeypatch, "segment", folder, *run_dir)
+    assert code == 1  # the good image is written, the rest reported
+    assert (tmp_path / "out" / "good_labels.png").is_file()
+    failed = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 4, err
+    for name, message in [("corrupt.png", "cannot read the image"),
+                          ("truncated.png", "cannot read the image"),
+                          ("nan.tif", "NaN or Inf"), ("five.tif", "5 channels")]:
+        assert any(name in line and message in line for line in failed), (name, err)
+    # no image at all, a missing path
+    (tmp_path / "empty").mkdir()
+    for path, message in [(tmp_path / "empty", "no PNG, TIFF or JPEG image"),
+                          (tmp_path / "absent", "no such file or folder")]:
+        code, err = cli(capsys, monkeypatch, "segment", path, *run_dir)
+        assert code == 2 and message in _one_line(err)
+    for option, message in [(["--engine", "tensorrt"], "--engine tensorrt: use torch or "
+                                                       "onnxruntime"),
+                            (["--remote", "ftp://x"], "--remote ftp://x: give an http:// or "
+                                                     "https:// URL"),
+                            (["--budget-gflops", "0.0001"], "below the")]:
+        code, err = cli(capsys, monkeypatch, "segment", folder / "good.png", *run_dir, *option)
+        assert code == 2 and message in _one_line(err), err
+
+
+def test_python_api_rejects_bad_tensors_and_paths(mnist_run, tmp_path):
+    from paser import PaSeR
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    with pytest.raises(DataError, match="contain NaN or Inf"):
+        model.segment(torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(DataError, match=r"images have 3 channels, the models expect 1"):
+        model.segment(torch.zeros(1, 3, 28, 28))
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        PaSeR.load(tmp_path)
+    with pytest.raises(DataError, match="no such file or folder"):
+        from paser.segment import find_images
+
+        find_images([tmp_path / "absent"])
