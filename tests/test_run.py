@@ -103,3 +103,20 @@ def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
     assert "skipped" in status["stage1"] and "skipped" in status["baselines"]
     for name in ("stage2", "stage3", "report"):
         assert "running" in status[name], name
+
+
+def test_the_same_seed_gives_identical_metrics(job, tmp_path):
+    """A second CPU run of the whole job with the same config and seed: every method's IoU,
+    GFLOP and routing, and every stage's metrics, are identical (timings aside)."""
+    run_dir, cfg, results, _ = job
+    again = run(cfg, tmp_path / "again", show_progress=False, echo=lambda line: None)
+    for name, m in results["methods"].items():
+        other = again["methods"][name]
+        for key in ("iou", "gflops", "fractions", "gap_recovered"):
+            assert other.get(key) == m.get(key), (name, key)
+    for stage in ("stage1", "stage2", "stage3"):
+        a = (run_dir / "metrics" / f"{stage}.jsonl").read_text().splitlines()
+        b = (tmp_path / "again" / "metrics" / f"{stage}.jsonl").read_text().splitlines()
+        strip = [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in a]
+        assert strip == [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                         for line in b], stage

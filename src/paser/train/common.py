@@ -84,7 +84,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 class MetricLog:
-    """Per-epoch metrics as JSON lines; on resume, lines past the resumed epoch are dropped."""
+    """Per-epoch metrics as JSON lines; on resume, lines past the resumed epoch are dropped,
+    and so is a line a killed process left half-written."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -94,10 +95,7 @@ class MetricLog:
         """Keep only the lines of ``model`` up to ``epoch`` (and every other model's)."""
         if not self.path.is_file():
             return
-        keep = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and not _is_later(json.loads(line), model, epoch)
-        ]
+        keep = [json.dumps(r) for r in self.read() if not _is_later(r, model, epoch)]
         atomic_write_text("".join(f"{line}\n" for line in keep), self.path)
 
     def write(self, record: dict) -> None:
@@ -107,7 +105,13 @@ class MetricLog:
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the tail of a killed write (or a blank line)
+                continue
+        return records
 
 
 def _is_later(record: dict, model: str, epoch: int) -> bool:
