@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,12 @@ CONFIG = typer.Option(None, "--config", help="a YAML config file", exists=False)
 RUN_DIR = typer.Option(..., "--run-dir", help="the run directory (config, checkpoints, metrics)")
 OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. stage1.epochs=5 data.root=/data")
 RESUME = typer.Option(False, "--resume", help="continue from the last completed epoch")
+DEVICES = typer.Option(None, "--devices", min=1, help="processes per node for data-parallel "
+                       "training (GPUs; on CPU, processes over gloo); default the config's "
+                       "distributed.devices (1)")
+NUM_NODES = typer.Option(None, "--num-nodes", min=1, help="machines (launch the same command "
+                         "on each; see README)")
+PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed or 16-mixed (CUDA)")
 
 
 @app.callback()
@@ -55,6 +62,27 @@ def _config(preset: str | None, config: Path | None, overrides: list[str] | None
     if saved.is_file():
         return load_config(config_file=saved, overrides=overrides or [])
     return load_config(preset="battery-quick", overrides=overrides or [])
+
+
+def _distributed(cfg, run_dir: Path, devices: int | None, num_nodes: int | None,
+                 precision: str | None):
+    """``cfg`` with the command line's --devices, --num-nodes, --precision (the saved config
+    when resuming): how a stage is trained, not what, so a run may resume on other devices."""
+    if devices is None and num_nodes is None and precision is None:
+        return cfg
+    from paser.config import DistributedConfig, load_config
+
+    if cfg is None:
+        cfg = load_config(config_file=Path(run_dir) / "config.yaml")
+    d = cfg.distributed.model_dump()
+    d.update({k: v for k, v in (("devices", devices), ("num_nodes", num_nodes),
+                                ("precision", precision)) if v is not None})
+    try:
+        dist = DistributedConfig(**d)
+    except ValueError as err:
+        raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed or 16-mixed") \
+            from err
+    return cfg.model_copy(update={"distributed": dist})
 
 
 @data_app.command("synth")
@@ -86,11 +114,16 @@ def pretrain(
     preset: str = PRESET,
     config: Path = CONFIG,
     resume: bool = RESUME,
+    devices: int = DEVICES,
+    num_nodes: int = NUM_NODES,
+    precision: str = PRECISION,
 ) -> None:
     """Stage 1: train f1..fK on patches, then f0 with distillation from fK."""
     from paser.train.pretrain import pretrain as run
 
-    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
+                       num_nodes, precision)
+    summary = run(cfg, run_dir, resume=resume)
     typer.echo(f"stage 1 done ({summary['flop_convention']}):")
     for role, m in summary["models"].items():
         typer.echo(f"  {role} {m['name']:<12} params {m['parameters']:>11,}  "
@@ -106,11 +139,16 @@ def train_policy(
     preset: str = PRESET,
     config: Path = CONFIG,
     resume: bool = RESUME,
+    devices: int = DEVICES,
+    num_nodes: int = NUM_NODES,
+    precision: str = PRECISION,
 ) -> None:
     """Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1)."""
     from paser.train.policy import train_policy as run
 
-    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
+                       num_nodes, precision)
+    summary = run(cfg, run_dir, resume=resume)
     val = summary["best_val"]
     typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
                f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
@@ -438,6 +476,10 @@ def show_config(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    from paser.train.common import is_main_process
+
+    if not is_main_process():  # a worker of distributed training: rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
         if isinstance(code, int) and code:

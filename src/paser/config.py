@@ -207,6 +207,19 @@ class BaselinesConfig(_Strict):
     timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training on Lightning Fabric (stages 1 and 2): each of the
+    ``devices x num_nodes`` processes takes its share of every batch, gradients are
+    averaged, rank 0 alone writes checkpoints, metrics and reports."""
+
+    devices: int = Field(1, ge=1, description="processes (GPUs, or CPU processes) per node")
+    num_nodes: int = Field(1, ge=1, description="machines")
+    strategy: Literal["auto", "ddp"] = Field("auto", description="auto: ddp when more than one "
+                                               "process")
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
+        "32-true", description="bf16-mixed or 16-mixed: autocast on CUDA")
+
+
 class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved copy is saved in the run directory."""
 
@@ -225,6 +238,7 @@ class ExperimentConfig(_Strict):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     baselines: BaselinesConfig = BaselinesConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @field_validator("grid")
     @classmethod

@@ -105,6 +105,13 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.train.pretrain import pretrain
 
     check_models(cfg)
+    if cfg.distributed.devices * cfg.distributed.num_nodes > 1:
+        from paser.config import DistributedConfig
+
+        echo("paser run trains in one process (distributed settings ignored): for "
+             "data-parallel training run `paser pretrain --devices N` and `paser train-policy "
+             "--devices N` first; paser run then skips them")
+        cfg = cfg.model_copy(update={"distributed": DistributedConfig()})
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     fps = fingerprints(cfg)
     steps = Steps(run_dir)

@@ -49,10 +49,19 @@ def setup(cfg: ExperimentConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
+def is_main_process() -> bool:
+    """False in the worker processes launched for distributed training (before Fabric is
+    set up, only the launcher's environment tells)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never half a file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: never half a file
+    (and the temporary file of a process killed mid-save is removed by the next save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed process
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -144,7 +153,8 @@ def prepare_run_dir(
         stored = load_config(config_file=saved)
         if cfg is None:
             return run_dir, stored
-        if stored.model_dump() != cfg.model_dump() and resume:
+        how = {"distributed"}  # how it is trained may change on resume, not what
+        if stored.model_dump(exclude=how) != cfg.model_dump(exclude=how) and resume:
             raise ConfigError(
                 f"{saved}: the run was made with a different config; drop --resume to start "
                 "over in this folder, or pick a new --run-dir"
@@ -152,7 +162,10 @@ def prepare_run_dir(
     elif cfg is None:
         raise ConfigError(f"{run_dir}: no config.yaml here; give --preset or --config")
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    if is_main_process():  # not the other processes of distributed training
+        save_config(cfg, saved)
+        for stale in run_dir.rglob(".*.tmp"):  # a killed process's unfinished saves
+            stale.unlink(missing_ok=True)
     return run_dir, cfg
 
 

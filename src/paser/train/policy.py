@@ -41,6 +41,7 @@ from paser.train.common import (
     progress,
     setup,
 )
+from paser.train.distributed import Dist, launch
 from paser.train.pretrain import load_trained, model_roles
 
 
@@ -101,39 +102,60 @@ def linear(start: float, end: float, epoch: int, epochs: int) -> float:
     return start if epochs <= 1 else start + (end - start) * epoch / (epochs - 1)
 
 
-def explore(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """With probability alpha sample the batch's actions from the policy, else uniformly."""
-    if torch.rand(()) < alpha:
-        return torch.distributions.Categorical(logits=logits).sample()
-    return torch.randint(0, logits.shape[-1], logits.shape[:-1], device=logits.device)
+def explore(logits: torch.Tensor, alpha: float, rows: torch.Tensor | None = None,
+            batch: int | None = None) -> torch.Tensor:
+    """With probability alpha sample the batch's actions from the policy, else uniformly.
+
+    ``rows`` of a batch of ``batch`` states (data-parallel training: ``logits`` are this
+    process's share): the random numbers are drawn for the whole batch, identically in
+    every process, and the rows taken (Gumbel-max sampling), so the processes together
+    explore exactly as one process does on the whole batch.
+    """
+    if rows is None:
+        if torch.rand(()) < alpha:
+            return torch.distributions.Categorical(logits=logits).sample()
+        return torch.randint(0, logits.shape[-1], logits.shape[:-1], device=logits.device)
+    coin = torch.rand(())
+    gumbel = -torch.log(-torch.log(torch.rand(batch, *logits.shape[1:]).clamp_min(1e-20)))
+    uniform = torch.randint(0, logits.shape[-1], (batch, *logits.shape[1:-1]))
+    if coin < alpha:
+        return (logits + gumbel[rows].to(logits.device)).argmax(-1)
+    return uniform[rows].to(logits.device)
 
 
 def policy_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: torch.Tensor,
                  patch_iou: torch.Tensor, cost: torch.Tensor, lam: float, alpha: float,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_size: int, dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One REINFORCE epoch over cached states ``[N, 2, H, W]`` and IoUs ``[N, P, K+1]``.
 
     Returns the summed (reward, IoU gain, cost) over all patches and the action counts
-    ``[K+1]``.
+    ``[K+1]`` (over all processes, with ``dist``, each of which takes its share of every
+    batch).
     """
     device = patch_iou.device
+    dist = dist or Dist(device)
     policy.train()
     order = torch.randperm(len(states))
     sums = torch.zeros(3, dtype=torch.float64)
     counts = torch.zeros(patch_iou.shape[-1], dtype=torch.float64)
     for i in range(0, len(states), batch_size):
         idx = order[i:i + batch_size]
-        logits = policy(states[idx].to(device))  # [B, P, K+1]
-        actions = explore(logits.detach(), alpha)
-        r, gain, paid = reward(patch_iou[idx.to(device)], actions, cost, lam)
+        if len(idx) < dist.world:  # every process needs a share
+            continue
+        rows = dist.shard(torch.arange(len(idx)))
+        mine = idx[rows]
+        with dist.autocast():
+            logits = policy(states[mine].to(device)).float()  # [b, P, K+1]
+        actions = explore(logits.detach(), alpha, rows, len(idx))
+        r, gain, paid = reward(patch_iou[mine.to(device)], actions, cost, lam)
         log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
-        loss = -(log_prob * r).mean()
+        loss = -(log_prob * r).mean() * (len(mine) * dist.world / len(idx))  # the batch mean
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        dist.backward(loss)
         opt.step()
         sums += torch.stack([r.sum(), gain.sum(), paid.sum()]).detach().double().cpu()
         counts += torch.bincount(actions.reshape(-1), minlength=len(counts)).double().cpu()
-    return sums, counts
+    return dist.sum(sums), dist.sum(counts)
 
 
 @torch.inference_mode()
@@ -149,9 +171,11 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                  show_progress: bool = True) -> dict:
     """Run stage 2 into ``run_dir``; return the summary written to ``stage2.json``."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
-    device = setup(cfg)
+    setup(cfg)
     s2 = cfg.stage2
     data = load_stage_data(cfg.data, progress=show_progress)
+    dist = launch(cfg)  # after the data is in place: the other processes only read it
+    device = dist.device
     router = build_router(cfg, run_dir, device)
     costs = router.costs(*data.rl.images.shape[-2:])
     policy = router.policy
@@ -172,24 +196,30 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best"]
-    log.truncate_after("policy", start - 1)
+    if dist.is_main:
+        log.truncate_after("policy", start - 1)
+    wrapped, opt = dist.setup(policy, opt)
     val_states = val_cache.state.to(device)
     f0_val = val_cache.miou(torch.zeros(val_iou.shape[:2], dtype=torch.long))
-    with progress(show_progress) as bar:
+    with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task("stage 2 policy", total=s2.epochs, completed=start, info="")
         for epoch in range(start, s2.epochs):
             tick = time.perf_counter()
             alpha = linear(*s2.alpha, epoch, s2.epochs)
             policy.train()
-            sums, counts = policy_epoch(policy, opt, train_cache.state, train_iou, cost, s2.lam,
-                                        alpha, batch)
+            sums, counts = policy_epoch(wrapped, opt, train_cache.state, train_iou, cost,
+                                        s2.lam, alpha, batch, dist)
+            dist.sync_buffers(policy)
             val = _validate(policy, val_states, val_iou, val_cache, cost, s2.lam, batch)
             if val["reward"] > best:
                 best = val["reward"]
-                atomic_save({"policy": policy.state_dict(), "epoch": epoch, "val": val},
-                            best_path)
-            atomic_save({"policy": policy.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best}, last_path)
+                if dist.is_main:
+                    atomic_save({"policy": policy.state_dict(), "epoch": epoch, "val": val},
+                                best_path)
+            if dist.is_main:
+                atomic_save({"policy": policy.state_dict(), "optimizer": opt.state_dict(),
+                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best},
+                            last_path)
             m = sums / counts.sum()
             record = {"stage": 2, "model": "policy", "epoch": epoch, "alpha": alpha,
                       "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
@@ -198,15 +228,18 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                       "val/reward": val["reward"], "val/miou": val["miou"],
                       "val/f0_miou": f0_val, "val/fractions": val["fractions"],
                       "seconds": time.perf_counter() - tick}
-            log.write(record)
+            if dist.is_main:
+                log.write(record)
             bar.update(task, advance=1, info=f"reward {record['policy/reward']:+.4f}  "
                        f"val mIoU {val['miou']:.3f} (f0 {f0_val:.3f})")
-    if not best_path.is_file():
+    if dist.is_main and not best_path.is_file():
         atomic_save({"policy": policy.state_dict(), "epoch": -1, "val": None}, best_path)
+    dist.barrier()  # the others read what rank 0 wrote
     summary = {"stage": 2, "lam": s2.lam, "cost": s2.cost, "cache_seconds": cache_seconds,
                "best_val": load_checkpoint(best_path)["val"],
                "val_f0_miou": f0_val, "costs": costs.to_dict()}
-    atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage2.json")
+    if dist.is_main:
+        atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage2.json")
     return summary
 
 

@@ -37,6 +37,7 @@ from paser.train.common import (
     progress,
     setup,
 )
+from paser.train.distributed import Dist, launch
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -139,15 +140,19 @@ def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes
 def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train: Tensors,
         val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
         log: MetricLog, resume: bool, device: torch.device, show_progress: bool,
-        spec: ModelSpec | None = None, label: str | None = None, min_batch: int = 1) -> float:
+        spec: ModelSpec | None = None, label: str | None = None, min_batch: int = 1,
+        dist: Dist | None = None) -> float:
     """Train one model, keep the best-on-validation checkpoint; return its validation mIoU.
 
     ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
     ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
     A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
+    ``dist``: the processes training together (:mod:`paser.train.distributed`); each takes
+    its share of every batch, rank 0 writes.
     """
     s1 = cfg.stage1
+    dist = dist or Dist(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / f"{role}_last.pt", ckpt_dir / f"{role}.pt"
@@ -158,10 +163,13 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best"]
-    log.truncate_after(role, start - 1)
+    if dist.is_main:
+        log.truncate_after(role, start - 1)
+    model, opt = dist.setup(model, opt)
+    plain = dist.unwrap(model)
     spec = (spec or dict(model_roles(cfg))[role]).model_dump()
     n = len(train)
-    with progress(show_progress) as bar:
+    with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task(label or f"stage 1 {role}", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
@@ -170,36 +178,47 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             gen = torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + zlib.crc32(role.encode()) * 1009 + epoch)
             order = torch.randperm(n, generator=gen)
-            total, acc = 0.0, IoUAccumulator(cfg.models.num_classes)
+            total, acc = torch.zeros((), dtype=torch.float64), IoUAccumulator(
+                cfg.models.num_classes)
             for i in range(0, n, s1.batch_size):
                 idx = order[i:i + s1.batch_size]
-                if len(idx) < min(min_batch, n):
+                if len(idx) < min(min_batch, n) * dist.world:
                     continue
-                x, y = train.images[idx].to(device), train.masks[idx].long().to(device)
-                logits = forward(model, x)
-                loss = loss_fn(logits, y, idx)
+                mine = dist.shard(idx)
+                x, y = train.images[mine].to(device), train.masks[mine].long().to(device)
+                with dist.autocast():
+                    logits = forward(model, x)
+                    # DDP averages the processes' gradients: weighting each share by its size
+                    # makes that the batch mean, as in one process, when shares are unequal
+                    loss = loss_fn(logits.float(), y, mine) * (len(mine) * dist.world / len(idx))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                dist.backward(loss)
                 opt.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(mine)
                 acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
-            val_miou = evaluate_miou(model, forward, val, cfg.models.num_classes,
+            total = float(dist.sum(total))
+            acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
+            dist.sync_buffers(model)
+            val_miou = evaluate_miou(plain, forward, val, cfg.models.num_classes,
                                      s1.batch_size, device)
             if val_miou > best:
                 best = val_miou
-                atomic_save({"model": model.state_dict(), "spec": spec, "role": role,
-                             "epoch": epoch, "val_miou": val_miou}, best_path)
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                         "spec": spec, "role": role}, last_path)
+                if dist.is_main:
+                    atomic_save({"model": plain.state_dict(), "spec": spec, "role": role,
+                                 "epoch": epoch, "val_miou": val_miou}, best_path)
             record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / n,
                       "train_miou": acc.compute()["miou"], "val_miou": val_miou,
                       "seconds": time.perf_counter() - t0}
-            log.write(record)
+            if dist.is_main:
+                atomic_save({"model": plain.state_dict(), "optimizer": opt.state_dict(),
+                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
+                             "spec": spec, "role": role}, last_path)
+                log.write(record)
             bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
-    if not best_path.is_file():  # zero epochs: keep the untrained weights so later stages run
-        atomic_save({"model": model.state_dict(), "spec": spec, "role": role, "epoch": -1,
+    if dist.is_main and not best_path.is_file():  # zero epochs: keep the untrained weights
+        atomic_save({"model": plain.state_dict(), "spec": spec, "role": role, "epoch": -1,
                      "val_miou": best}, best_path)
+    dist.barrier()  # the others read what rank 0 wrote
     return best
 
 
@@ -214,11 +233,13 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     data = load_stage_data(cfg.data, progress=show_progress)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
+    dist = launch(cfg)  # after the data is in place: the other processes only read it
+    device = dist.device
     weight = class_weight(cfg, device)
     ce = weighted_ce(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
     common = dict(cfg=cfg, run_dir=run_dir, log=log, resume=resume, device=device,
-                  show_progress=show_progress)
+                  show_progress=show_progress, dist=dist)
 
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
@@ -248,7 +269,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
 
     summary = summarize(cfg, run_dir, data, forwards, device)
-    atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
+    if dist.is_main:
+        atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
 
 
