@@ -244,7 +244,7 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _grid_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
         if min(v) < 1:
-            raise ValueError(f"patch grid rows and cols must be >= 1, got {list(v)}")
+            raise ValueError("patch grid rows and cols must be >= 1")
         return v
 
 

@@ -212,7 +212,8 @@ class Router(nn.Module):
         on the remote tier, where ``None`` back means it failed and they keep f0's.
         """
         remote = self.remote
-        patches = None if remote is not None else self.grid.context(x)  # [B*P, C, h + 2 halo, w + 2 halo]
+        # [B*P, C, h + 2 halo, w + 2 halo]; a remote tier cuts its own from x
+        patches = None if remote is not None else self.grid.context(x)
         out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
         flat = actions.reshape(-1)
         degraded = None

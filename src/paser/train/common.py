@@ -89,7 +89,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # a truncated or foreign file: torch raises many kinds
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({err}); delete it and re-run") from None
+        first = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({first}); delete it and "
+                              "re-run the stage that writes it") from None
 
 
 class MetricLog:
