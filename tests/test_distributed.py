@@ -40,7 +40,9 @@ def _paser(*args):
 
 
 def _files(run):
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    """The run's files, but the ledger that only the CLI's stage commands write."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if p.is_file() and p.name != "steps.json")
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,12 @@ def test_stage2_on_two_processes_matches_one(single):
     assert len(MetricLog(tmp / "s2two" / "metrics" / "stage2.jsonl").read()) == 3
     saved = load_config(config_file=tmp / "s2two" / "config.yaml")
     assert saved.distributed.devices == 2  # how it was trained is recorded
+    # the stage commands record themselves: `paser run` skips them, and runs in one process
+    steps = json.loads((tmp / "s2two" / "steps.json").read_text())
+    assert set(steps) == {"stage2"}  # stage 1 was trained in-process by the fixture
+    from paser.run import fingerprints, record_stage
+
+    record_stage(tmp / "s2two", saved, "stage1")  # as `paser pretrain` does
+    steps = json.loads((tmp / "s2two" / "steps.json").read_text())
+    assert set(steps) == {"stage1"}  # a new stage 1 strikes off the stage 2 that read it
+    assert steps["stage1"]["fingerprint"] == fingerprints(saved)["stage1"]

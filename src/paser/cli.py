@@ -64,6 +64,16 @@ def _config(preset: str | None, config: Path | None, overrides: list[str] | None
     return load_config(preset="battery-quick", overrides=overrides or [])
 
 
+def _record(run_dir: Path, step: str) -> None:
+    """A stage finished by its own command: in the run's ledger, for `paser run` to skip."""
+    from paser.config import load_config
+    from paser.run import record_stage
+    from paser.train.common import is_main_process
+
+    if is_main_process():
+        record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step)
+
+
 def _distributed(cfg, run_dir: Path, devices: int | None, num_nodes: int | None,
                  precision: str | None):
     """``cfg`` with the command line's --devices, --num-nodes, --precision (the saved config
@@ -130,6 +140,7 @@ def pretrain(
                    f"GFLOP/image {m['gflops_per_image']:8.3f}  val mIoU {m['validation_miou']:.4f}"
                    f"  test mIoU {m['test_miou']:.4f}")
     typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
+    _record(run_dir, "stage1")
 
 
 @app.command("train-policy")
@@ -153,6 +164,7 @@ def train_policy(
     typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
                f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
                f"patches per model {', '.join(f'{f:.1%}' for f in val['fractions'])}")
+    _record(run_dir, "stage2")
 
 
 @app.command()
@@ -167,6 +179,7 @@ def finetune(
     from paser.train.finetune import finetune as run
 
     summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    _record(run_dir, "stage3")
     best = summary["best"]
     if best is None:
         typer.echo("stage 3 done: no epoch improved on the starting point; kept it")

@@ -32,6 +32,28 @@ DEPS: dict[str, tuple[str, ...]] = {
 """The config keys each step reads, itself and through the steps before it."""
 OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
            "baselines": "checkpoints", "tvd": "tvd", "report": "results.json"}
+#: the steps whose outputs each step reads: rebuilt inputs make a step stale
+INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
+          "report": ("stage1", "stage2", "stage3", "baselines", "tvd")}
+
+
+def readers(step: str) -> set[str]:
+    """Every step that reads ``step``'s outputs, directly or through others."""
+    out: set[str] = set()
+    for later, inputs in INPUTS.items():
+        if step in inputs:
+            out |= {later} | readers(later)
+    return out
+
+
+def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
+    """Record a stage trained by its own command (``paser pretrain``, ``train-policy``,
+    ``finetune``) in the run's ledger, so ``paser run`` skips it; the steps that read its
+    outputs are struck off, to be redone."""
+    steps = Steps(Path(run_dir))
+    for later in readers(step):
+        steps.done.pop(later, None)
+    steps.mark(step, fingerprints(cfg)[step])
 
 
 def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
@@ -117,12 +139,10 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     steps = Steps(run_dir)
     device = setup(cfg)
     timings: dict[str, float] = {}
-    # A step whose input was rebuilt in this run is stale even if its config is unchanged.
-    inputs = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
-              "report": ("stage1", "stage2", "stage3", "baselines", "tvd")}
 
     def step(name: str, fn) -> None:
-        stale = any(before in timings for before in inputs.get(name, ()))
+        # a step whose input was rebuilt in this run is stale even if its config is unchanged
+        stale = any(before in timings for before in INPUTS.get(name, ()))
         if (not force and not stale and steps.finished(name, fps[name])
                 and (run_dir / OUTPUTS[name]).exists()):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
