@@ -174,11 +174,16 @@ def finetune(
     preset: str = PRESET,
     config: Path = CONFIG,
     resume: bool = RESUME,
+    devices: int = DEVICES,
+    num_nodes: int = NUM_NODES,
+    precision: str = PRECISION,
 ) -> None:
     """Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2)."""
     from paser.train.finetune import finetune as run
 
-    summary = run(_config(preset, config, overrides, run_dir, resume), run_dir, resume=resume)
+    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
+                       num_nodes, precision)
+    summary = run(cfg, run_dir, resume=resume)
     _record(run_dir, "stage3")
     best = summary["best"]
     if best is None:
@@ -187,6 +192,29 @@ def finetune(
     typer.echo(f"stage 3 done: validation routed mIoU {best['miou']:.4f} (f0 alone "
                f"{best['f0_miou']:.4f}), {best['gflops']:.3f} GFLOP/image, patches per model "
                f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
+
+
+@app.command()
+def baselines(
+    run_dir: Path = RUN_DIR,
+    overrides: list[str] = OVERRIDES,
+    preset: str = PRESET,
+    config: Path = CONFIG,
+    resume: bool = RESUME,
+    devices: int = DEVICES,
+    num_nodes: int = NUM_NODES,
+    precision: str = PRECISION,
+) -> None:
+    """The paper's baselines: train every monolithic model and MatPhase on D_pre."""
+    from paser.baselines.monolithic import train_baselines
+
+    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
+                       num_nodes, precision)
+    roles = train_baselines(cfg, run_dir, resume=resume)
+    typer.echo(f"baselines trained: {', '.join(roles) or 'none configured'}; checkpoints in "
+               f"{Path(run_dir) / 'checkpoints'}, metrics in "
+               f"{Path(run_dir) / 'metrics' / 'baselines.jsonl'}")
+    _record(run_dir, "baselines")
 
 
 @app.command()

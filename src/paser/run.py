@@ -119,7 +119,7 @@ class Steps:
 def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         show_progress: bool = True, echo=print) -> dict:
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
-    from paser.baselines.monolithic import role_name, train_matphase, train_whole
+    from paser.baselines.monolithic import train_baselines
     from paser.data import describe, load_stage_data
     from paser.experiments.main import evaluate_all
     from paser.train.finetune import finetune, tvd_sweep
@@ -131,8 +131,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         from paser.config import DistributedConfig
 
         echo("paser run trains in one process (distributed settings ignored): for "
-             "data-parallel training run `paser pretrain --devices N` and `paser train-policy "
-             "--devices N` first; paser run then skips them")
+             "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
+             "`baselines` with --devices N first; paser run then skips them")
         cfg = cfg.model_copy(update={"distributed": DistributedConfig()})
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     fps = fingerprints(cfg)
@@ -169,11 +169,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     def baselines(resume: bool) -> None:
         nonlocal data
         data = data or load_stage_data(cfg.data, progress=show_progress)
-        for name, spec in cfg.baselines.monolithic.items():
-            train_whole(cfg, run_dir, role_name(name), spec, data, device, resume, show_progress,
-                        name)
-        if cfg.baselines.matphase is not None:
-            train_matphase(cfg, run_dir, data, device, resume, show_progress)
+        train_baselines(cfg, run_dir, resume, show_progress, data)
 
     step("baselines", baselines)
     results: dict = {}

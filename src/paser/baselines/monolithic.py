@@ -23,9 +23,10 @@ from torch import nn
 
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import gflops_per_sample
-from paser.data import StageData, Tensors
+from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.train.common import MetricLog, atomic_save, load_checkpoint
+from paser.train.common import MetricLog, atomic_save, load_checkpoint, prepare_run_dir, setup
+from paser.train.distributed import Dist, launch
 from paser.train.pretrain import (
     build_model,
     class_weight,
@@ -64,14 +65,35 @@ def padded_gflops(model: nn.Module, in_channels: int, h: int, w: int) -> float:
     return gflops_per_sample(model, in_channels, h + (-h) % MULTIPLE, w + (-w) % MULTIPLE)
 
 
+def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
+                    show_progress: bool = True, data: StageData | None = None) -> list[str]:
+    """Train every monolithic baseline and MatPhase into ``run_dir`` (data-parallel when
+    ``cfg.distributed`` asks, like stage 1); return the roles trained."""
+    run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    setup(cfg)
+    data = data or load_stage_data(cfg.data, progress=show_progress)
+    dist = launch(cfg)  # after the data is in place: the other processes only read it
+    roles = []
+    for name, spec in cfg.baselines.monolithic.items():
+        train_whole(cfg, run_dir, role_name(name), spec, data, dist.device, resume,
+                    show_progress, name, dist)
+        roles.append(role_name(name))
+    if cfg.baselines.matphase is not None:
+        train_matphase(cfg, run_dir, data, dist.device, resume, show_progress, dist)
+        roles.append("matphase")
+    return roles
+
+
 def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec, data: StageData,
-                device: torch.device, resume: bool, show_progress: bool, label: str) -> nn.Module:
+                device: torch.device, resume: bool, show_progress: bool, label: str,
+                dist: Dist | None = None) -> nn.Module:
     """Train one whole-image model on D_pre (class-weighted CE) and return its best weights."""
     model = build_model(cfg, spec).to(device)
     fit(role, model, whole_padded, weighted_ce(cfg, device), data.pre, data.validation,
         cfg=cfg, epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr,
         run_dir=run_dir, log=MetricLog(run_dir / "metrics" / "baselines.jsonl"), resume=resume,
-        device=device, show_progress=show_progress, spec=spec, label=label, min_batch=2)
+        device=device, show_progress=show_progress, spec=spec, label=label, min_batch=2,
+        dist=dist)
     return load_trained(run_dir, cfg, role, device, spec=spec)
 
 
@@ -116,13 +138,15 @@ class MatPhase(nn.Module):
 
 
 def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
-                   resume: bool, show_progress: bool) -> MatPhase:
-    """Train the members, then the fusion CNN on their frozen outputs, then pick the gate
-    threshold that maximises validation mIoU."""
+                   resume: bool, show_progress: bool, dist: Dist | None = None) -> MatPhase:
+    """Train the members (data-parallel with ``dist``), then the fusion CNN on their frozen
+    outputs, then pick the gate threshold that maximises validation mIoU (the small fusion
+    CNN and the gate: the same in every process, rank 0 saves)."""
     mp = cfg.baselines.matphase
     assert mp is not None
+    dist = dist or Dist(device)
     members = [train_whole(cfg, run_dir, member_role(i), spec, data, device, resume,
-                           show_progress, f"MatPhase member {i + 1}/{len(mp.members)}")
+                           show_progress, f"MatPhase member {i + 1}/{len(mp.members)}", dist)
                for i, spec in enumerate(mp.members)]
     model = MatPhase(members, cfg.models.in_channels, cfg.models.num_classes,
                      mp.fusion_channels).to(device)
@@ -150,7 +174,8 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
             loss.backward()
             opt.step()
     model.tau.fill_(choose_gate(model, data.validation, cfg.models.num_classes, bs, device))
-    atomic_save({"model": model.state_dict(), "tau": float(model.tau)}, path)
+    if dist.is_main:
+        atomic_save({"model": model.state_dict(), "tau": float(model.tau)}, path)
     return model.eval()
 
 

@@ -74,6 +74,17 @@ class Dist:
             return value
         return self.fabric.all_reduce(value.to(self.device), reduce_op="sum").to(value.device)
 
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Sum every parameter's gradient over the processes (a missing one counts as 0):
+        for updates whose per-process losses already add up to the batch's loss, where
+        DDP cannot be used because a process may not run a model at all (stage 3)."""
+        if self.world == 1:
+            return
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every process."""
         if self.world > 1:

@@ -30,6 +30,7 @@ from paser.train.common import (
     progress,
     setup,
 )
+from paser.train.distributed import Dist, launch
 from paser.train.policy import build_router, explore, linear, reward, tvd
 
 
@@ -43,10 +44,12 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     ``stage3.json`` under ``out_dir`` instead; the run's own stage 3 is left alone.
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
-    device = setup(cfg)
+    setup(cfg)
     out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
     out_dir = Path(out_dir)
     data = data or load_stage_data(cfg.data, progress=show_progress)
+    dist = launch(cfg)  # after the data is in place: the other processes only read it
+    device = dist.device
     policy_state = load_checkpoint(run_dir / "checkpoints" / "policy.pt", device)["policy"]
     ckpt_dir = out_dir / "checkpoints"
     router = build_router(cfg, run_dir, device, policy_state)
@@ -70,12 +73,13 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         torch.set_rng_state(state["rng"])
         start, best, stopped, reference = (state["epoch"] + 1, state["best"], state["stopped"],
                                            state["reference"])
-    if start == 0 or not best_path.is_file():  # the starting point is a valid answer (TVD 0)
-        _save_best(best_path, router, -1, None)
     log = MetricLog(out_dir / "metrics" / "stage3.jsonl")
-    log.truncate_after("stage3", start - 1)
+    if dist.is_main:
+        if start == 0 or not best_path.is_file():  # the starting point is valid (TVD 0)
+            _save_best(best_path, router, -1, None)
+        log.truncate_after("stage3", start - 1)
     n = len(data.ft)
-    with progress(show_progress) as bar:
+    with progress(show_progress and dist.is_main) as bar:
         name = "stage 3 joint" if variant is None else f"stage 3 variant (TVD {s3.tvd_threshold})"
         task = bar.add_task(name, total=s3.epochs, completed=start, info="")
         for epoch in range(start, s3.epochs):
@@ -89,25 +93,33 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             sums = torch.zeros(4, dtype=torch.float64)
             for i in range(0, n, batch):
                 idx = order[i:i + batch]
-                x = grid.pad(data.ft.images[idx].to(device))
-                y = grid.pad(data.ft.masks[idx].long().to(device), mode="constant", value=-1)
+                if len(idx) < dist.world:  # every process needs a share
+                    continue
+                rows = dist.shard(torch.arange(len(idx)))
+                x = grid.pad(data.ft.images[idx[rows]].to(device))
+                y = grid.pad(data.ft.masks[idx[rows]].long().to(device), mode="constant",
+                             value=-1)
                 r, gain, paid, task_loss = _joint_step(router, opts, x, y, alpha, lam, cost,
-                                                       weight, ncls)
+                                                       weight, ncls, dist, rows, len(idx))
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
+            dist.sync_buffers(policy)
             val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
             distance = tvd(val["fractions"], reference)
             kept = val | {"tvd": distance, "epoch": epoch, "lam": lam}
             if s3.tvd_threshold is not None:
                 stopped = distance >= s3.tvd_threshold
-                if not stopped:
+                if not stopped and dist.is_main:
                     _save_best(best_path, router, epoch, kept)
             elif val["reward"] > best:
                 best = val["reward"]
-                _save_best(best_path, router, epoch, kept)
-            atomic_save({"policy": policy.state_dict(), "pool": [m.state_dict() for m in pool],
-                         "optimizers": [o.state_dict() for o in opts],
-                         "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                         "stopped": stopped, "reference": reference}, last_path)
+                if dist.is_main:
+                    _save_best(best_path, router, epoch, kept)
+            if dist.is_main:
+                atomic_save({"policy": policy.state_dict(),
+                             "pool": [m.state_dict() for m in pool],
+                             "optimizers": [o.state_dict() for o in opts],
+                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
+                             "stopped": stopped, "reference": reference}, last_path)
             m = sums / n
             record = {"stage": 3, "model": "stage3", "epoch": epoch, "alpha": alpha, "lam": lam,
                       "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
@@ -116,13 +128,16 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                       "val/f0_miou": val["f0_miou"], "val/gflops": val["gflops"],
                       "val/fractions": val["fractions"], "val/tvd": distance,
                       "stopped": stopped, "seconds": time.perf_counter() - tick}
-            log.write(record)
+            if dist.is_main:
+                log.write(record)
             bar.update(task, advance=1, info=f"val mIoU {val['miou']:.3f}  GFLOP "
                        f"{val['gflops']:.2f}  TVD {distance:.3f}")
+    dist.barrier()  # the others read what rank 0 wrote
     summary = {"stage": 3, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
                "reference_fractions": reference, "stopped_by_tvd": stopped,
                "best": load_checkpoint(best_path)["val"]}
-    atomic_write_text(json.dumps(summary, indent=2), out_dir / "stage3.json")
+    if dist.is_main:
+        atomic_write_text(json.dumps(summary, indent=2), out_dir / "stage3.json")
     return summary
 
 
@@ -154,32 +169,47 @@ def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
     return out
 
 
-def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
-    """One batch of stage 3 on padded images ``x`` [B, C, Hp, Wp] and labels ``y`` (padding
-    -1). Returns the batch means of reward, IoU gain, cost and the task models' loss."""
+def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
+                rows: torch.Tensor, batch: int):
+    """One batch of stage 3 on this process's share ``rows`` of a batch of ``batch`` padded
+    images: ``x`` [b, C, Hp, Wp], labels ``y`` (padding -1). Each process's losses are sums
+    divided by the whole batch's count, so with the gradients summed over the processes
+    (:meth:`Dist.reduce_grads`: a process may route no patch to a model, so not DDP) every
+    update is the whole batch's mean, as in one process. Returns the batch means of reward,
+    IoU gain, cost and the task models' loss."""
     grid, policy = router.grid, router.policy
     with torch.no_grad():
         mc = router.observe(x)
     policy.train()
-    logits = policy(mc.state())  # [B, P, K+1]
-    actions = explore(logits.detach(), alpha)
-    patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
+    logits = policy(mc.state())  # [b, P, K+1]
+    actions = explore(logits.detach(), alpha, rows, batch)
+    patches, labels = grid.context(x), grid.split(y)  # [b*P, C, h', w'], [b*P, h, w]
     f0_pred = grid.split(mc.pred)
     routed = f0_pred.clone()
     flat = actions.reshape(-1)
     task_loss = 0.0
     for k, (model, opt) in enumerate(zip(router.pool, opts[1:], strict=True), start=1):
         idx = (flat == k).nonzero(as_tuple=True)[0]
-        if not idx.numel():
+        target = labels[idx]
+        valid = target[target >= 0]
+        mass = (weight[valid].sum() if weight is not None else valid.numel() * 1.0)
+        total = float(dist.sum(torch.as_tensor(mass, dtype=torch.float64).cpu()))
+        if total == 0:  # no labelled pixel routed to f_k in the whole batch
             continue
         model.train()
-        out = grid.centre(model(patches[idx]))
-        loss = F.cross_entropy(out, labels[idx], weight=weight, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        local = torch.zeros((), dtype=torch.float64)
+        if idx.numel():
+            out = grid.centre(model(patches[idx]))
+            loss = F.cross_entropy(out, target, weight=weight, ignore_index=-1,
+                                   reduction="sum") / total  # the batch's weighted mean
+            loss.backward()
+            local = loss.detach().double().cpu()
+            routed[idx] = predicted_classes(out.detach())
+        dist.reduce_grads(model)
         opt.step()
-        task_loss += loss.item() * idx.numel() / flat.numel()
-        routed[idx] = predicted_classes(out.detach())
+        share = float(dist.sum(torch.tensor([float(idx.numel())], dtype=torch.float64))[0])
+        task_loss += float(dist.sum(local)) * share / (batch * grid.num_patches)
     iou = torch.stack([iou_per_image(p, labels, ncls, ignore_index=-1).nan_to_num(0.0)
                        for p in (f0_pred, routed)], -1).view(*actions.shape, 2)
     # reward() reads IoU per action; here only f0's (index 0) and the taken one are known.
@@ -188,11 +218,14 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls):
     patch_iou.scatter_(-1, actions[..., None], iou[..., 1:2])
     r, gain, paid = reward(patch_iou, actions, cost, lam)
     log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
-    loss = -(log_prob * r).mean()
+    count = batch * grid.num_patches
+    loss = -(log_prob * r).sum() / count  # summed over the processes: the batch mean
     opts[0].zero_grad(set_to_none=True)
     loss.backward()
+    dist.reduce_grads(policy)
     opts[0].step()
-    return r.mean().item(), gain.mean().item(), paid.mean().item(), task_loss
+    means = dist.sum(torch.stack([r.sum(), gain.sum(), paid.sum()]).detach().double().cpu())
+    return (*(means / count).tolist(), task_loss)
 
 
 def _save_best(path: Path, router, epoch: int, val: dict | None) -> None:
