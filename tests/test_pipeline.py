@@ -90,3 +90,17 @@ def test_tvd_mode_stops_once_the_assignment_moves(run, tmp_path):
     records = [json.loads(x) for x in (copy / "metrics" / "stage3.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["stopped"]
     assert torch.load(copy / "checkpoints" / "stage3.pt", weights_only=False)["epoch"] == -1
+
+
+def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
+    """A dataset read lazily by 2 worker processes gives exactly the in-memory figures."""
+    from paser import PaSeR
+    from paser.data import BatteryDataset, ensure_dataset, to_tensors
+
+    run_dir, cfg, _, _ = run
+    model = PaSeR.load(run_dir, device="cpu")
+    lazy = BatteryDataset(ensure_dataset(cfg.data), "test")
+    assert lazy._cache is None  # nothing read yet
+    streamed = model.evaluate(lazy, batch_size=1, num_workers=2)
+    assert streamed == model.evaluate(to_tensors(lazy), batch_size=1)
+    assert streamed["images"] == len(lazy)

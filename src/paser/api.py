@@ -139,15 +139,16 @@ class PaSeR:
         return self.router.remote
 
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
-                 force_action: int | None = None) -> dict:
+                 force_action: int | None = None, num_workers: int = 0) -> dict:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.
 
         ``force_action=k`` evaluates model k on every patch (0: f0 alone) through the same path.
-        A dataset (e.g. :class:`paser.data.BatteryDataset`) is streamed from disk.
+        A dataset (e.g. :class:`paser.data.BatteryDataset`) is streamed from disk, read by
+        ``num_workers`` processes; only counts are kept, never the predictions.
         """
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
                                bias=None if force_action is not None else self._bias(None),
-                               force_action=force_action)
+                               force_action=force_action, num_workers=num_workers)
 
 
 def _run_config(run_dir: Path) -> ExperimentConfig:

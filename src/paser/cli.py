@@ -222,18 +222,21 @@ def evaluate(
     run_dir: Path = RUN_DIR,
     split: str = typer.Option("test", "--split", help="validation or test"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0, help="processes reading images from "
+                                "disk while the models run (0: read in this process)"),
 ) -> None:
-    """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone."""
+    """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone.
+    Images are streamed from disk; only counts are kept, never the predictions."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
-    from paser.data import BatteryDataset, ensure_dataset, to_tensors
+    from paser.data import BatteryDataset, ensure_dataset
 
     model = PaSeR.load(run_dir)
-    data = to_tensors(BatteryDataset(ensure_dataset(model.config.data), split))
+    data = BatteryDataset(ensure_dataset(model.config.data), split)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
-    rows = [(name, model.evaluate(data, batch_size))]
+    rows = [(name, model.evaluate(data, batch_size, num_workers=workers))]
     rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",
-              model.evaluate(data, batch_size, force_action=k))
+              model.evaluate(data, batch_size, force_action=k, num_workers=workers))
              for k in range(model.router.num_models)]
     typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
                f"{model.config.mc_samples} Monte Carlo passes included; the policy only in the "
