@@ -64,14 +64,20 @@ def _config(preset: str | None, config: Path | None, overrides: list[str] | None
     return load_config(preset="battery-quick", overrides=overrides or [])
 
 
-def _record(run_dir: Path, step: str) -> None:
-    """A stage finished by its own command: in the run's ledger, for `paser run` to skip."""
+def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool,
+           devices, num_nodes, precision):
+    """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
+    resume=...)``, then the step in the run's ledger for `paser run` to skip."""
     from paser.config import load_config
     from paser.run import record_stage
     from paser.train.common import is_main_process
 
+    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
+                       num_nodes, precision)
+    out = fn(cfg, run_dir, resume=resume)
     if is_main_process():
         record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step)
+    return out
 
 
 def _distributed(cfg, run_dir: Path, devices: int | None, num_nodes: int | None,
@@ -131,16 +137,14 @@ def pretrain(
     """Stage 1: train f1..fK on patches, then f0 with distillation from fK."""
     from paser.train.pretrain import pretrain as run
 
-    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
-                       num_nodes, precision)
-    summary = run(cfg, run_dir, resume=resume)
+    summary = _train("stage1", run, run_dir, overrides, preset, config, resume, devices,
+                     num_nodes, precision)
     typer.echo(f"stage 1 done ({summary['flop_convention']}):")
     for role, m in summary["models"].items():
         typer.echo(f"  {role} {m['name']:<12} params {m['parameters']:>11,}  "
                    f"GFLOP/image {m['gflops_per_image']:8.3f}  val mIoU {m['validation_miou']:.4f}"
                    f"  test mIoU {m['test_miou']:.4f}")
     typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
-    _record(run_dir, "stage1")
 
 
 @app.command("train-policy")
@@ -157,14 +161,12 @@ def train_policy(
     """Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1)."""
     from paser.train.policy import train_policy as run
 
-    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
-                       num_nodes, precision)
-    summary = run(cfg, run_dir, resume=resume)
+    summary = _train("stage2", run, run_dir, overrides, preset, config, resume, devices,
+                     num_nodes, precision)
     val = summary["best_val"]
     typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
                f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
                f"patches per model {', '.join(f'{f:.1%}' for f in val['fractions'])}")
-    _record(run_dir, "stage2")
 
 
 @app.command()
@@ -181,10 +183,8 @@ def finetune(
     """Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2)."""
     from paser.train.finetune import finetune as run
 
-    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
-                       num_nodes, precision)
-    summary = run(cfg, run_dir, resume=resume)
-    _record(run_dir, "stage3")
+    summary = _train("stage3", run, run_dir, overrides, preset, config, resume, devices,
+                     num_nodes, precision)
     best = summary["best"]
     if best is None:
         typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
@@ -208,13 +208,11 @@ def baselines(
     """The paper's baselines: train every monolithic model and MatPhase on D_pre."""
     from paser.baselines.monolithic import train_baselines
 
-    cfg = _distributed(_config(preset, config, overrides, run_dir, resume), run_dir, devices,
-                       num_nodes, precision)
-    roles = train_baselines(cfg, run_dir, resume=resume)
+    roles = _train("baselines", train_baselines, run_dir, overrides, preset, config, resume,
+                   devices, num_nodes, precision)
     typer.echo(f"baselines trained: {', '.join(roles) or 'none configured'}; checkpoints in "
                f"{Path(run_dir) / 'checkpoints'}, metrics in "
                f"{Path(run_dir) / 'metrics' / 'baselines.jsonl'}")
-    _record(run_dir, "baselines")
 
 
 @app.command()
