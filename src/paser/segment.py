@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from paser.cost import FLOP_CONVENTION
 from paser.data.battery import encode_label
 from paser.errors import DataError, PaserError
+from paser.patches import PatchGrid
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -193,7 +194,7 @@ def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
-                  actions: np.ndarray, grid: tuple[int, int], num_classes: int,
+                  actions: np.ndarray, grid: PatchGrid, num_classes: int,
                   degraded: np.ndarray | None = None) -> dict:
     """The label PNG, the overlay and the routing map of one image; their file names.
     Degraded patches (``degraded``, bool per patch) are dark in the routing map."""
@@ -201,13 +202,11 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
     labels = encode_label(mask) if num_classes <= 3 else mask.astype(np.uint8)
     gray = image.mean(0)
     overlay = _blend(gray, CLASS_COLOURS[mask % len(CLASS_COLOURS)], 0.45)
-    rows, cols = grid
-    ph, pw = -(-h // rows), -(-w // cols)  # the padded grid's patch size
+    ph, pw = grid.patch_size(h, w)  # of the padded image, as routing placed them
     colours = MODEL_COLOURS[actions % len(MODEL_COLOURS)]
     if degraded is not None:
         colours[degraded] = DEGRADED_COLOUR
-    per_pixel = np.kron(np.arange(actions.size).reshape(rows, cols),
-                        np.ones((ph, pw), dtype=np.int64))[:h, :w]
+    per_pixel = grid.patch_map(torch.arange(actions.size)[None], h, w)[0].numpy()
     routing = _blend(gray, colours[per_pixel], 0.4)
     routing[np.arange(ph, h, ph)] = 255  # patch borders
     routing[:, np.arange(pw, w, pw)] = 255
@@ -250,8 +249,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
             res.fractions = (np.bincount(actions, minlength=router.num_models)
                              / actions.size).tolist()
             written = write_outputs(out_dir, path.stem, image, out.mask[0].cpu().numpy(),
-                                    actions, (router.grid.rows, router.grid.cols),
-                                    cfg.models.num_classes, degraded)
+                                    actions, router.grid, cfg.models.num_classes, degraded)
             record = {"input": str(path), "height": res.height, "width": res.width,
                       "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
                       "models": names,

@@ -3,7 +3,7 @@ to a ``paser serve`` process, and when it cannot answer they keep f0's predictio
 marked degraded. The run always finishes.
 
 A :class:`RemotePool` plugs into the one routing path (``Router.remote``, used by
-:meth:`paser.routing.Router.run_model`): padding, the policy, patching and stitching stay
+:meth:`paser.routing.Router.dispatch`): padding, the policy, patching and stitching stay
 the same, only where f1..fK run changes.
 """
 
@@ -150,8 +150,7 @@ class RemotePool:
         grid, m = self.grid, self.grid.halo
         flags = torch.zeros(b * grid.num_patches, device=idx.device)
         flags[idx] = 1.0
-        flags = flags.view(b, 1, grid.rows, grid.cols)
-        mask = flags.repeat_interleave(hp // grid.rows, 2).repeat_interleave(wp // grid.cols, 3)
+        mask = grid.patch_map(flags.view(b, grid.num_patches), hp, wp)[:, None]
         if m:
             mask = torch.nn.functional.max_pool2d(mask, 2 * m + 1, stride=1, padding=m)
         return mask
