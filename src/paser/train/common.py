@@ -57,11 +57,10 @@ def is_main_process() -> bool:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never half a file
-    (and the temporary file of a process killed mid-save is removed by the next save)."""
+    (the temporary file of a process killed mid-save is removed when a stage next starts:
+    :func:`prepare_run_dir`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed process
-        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -147,10 +146,14 @@ def prepare_run_dir(
     """Create or reopen a run directory and return it with the config to use.
 
     A new run saves ``config.yaml``. On resume, the saved config is used; a config
-    given as well must equal it (a changed config is a new run).
+    given as well must equal it (a changed config is a new run). The temporary files of a
+    process killed mid-save (:func:`atomic_save`) are removed, whatever the case.
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
+    if is_main_process() and run_dir.is_dir():  # not distributed training's other processes
+        for stale in run_dir.rglob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     if saved.is_file():
         stored = load_config(config_file=saved)
         if cfg is None:
@@ -164,10 +167,8 @@ def prepare_run_dir(
     elif cfg is None:
         raise ConfigError(f"{run_dir}: no config.yaml here; give --preset or --config")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():  # not the other processes of distributed training
+    if is_main_process():
         save_config(cfg, saved)
-        for stale in run_dir.rglob(".*.tmp"):  # a killed process's unfinished saves
-            stale.unlink(missing_ok=True)
     return run_dir, cfg
 
 
