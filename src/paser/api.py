@@ -54,10 +54,7 @@ class PaSeR:
         else:
             policy_state = load_checkpoint(ckpt_dir / "policy.pt", dev)["policy"]
             pool_states = None
-        router = build_router(cfg, run_dir, dev, policy_state, pool_states)
-        if router.policy.head.out_features != router.grid.num_patches * router.num_models:
-            raise CheckpointError(f"{run_dir}: the policy does not match the config's grid "
-                                  "and pool")
+        router = build_router(cfg, run_dir, dev, policy_state, pool_states)  # checks the fit
         return cls(router.eval(), cfg, run_dir,
                    Calibration.load(run_dir, router.policy_digest) if calibrated else None)
 

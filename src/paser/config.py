@@ -208,16 +208,17 @@ class BaselinesConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
-    """Data-parallel training on Lightning Fabric (stages 1 and 2): each of the
-    ``devices x num_nodes`` processes takes its share of every batch, gradients are
-    averaged, rank 0 alone writes checkpoints, metrics and reports."""
+    """Data-parallel training on Lightning Fabric (the three stages and the baselines):
+    each of the ``devices x num_nodes`` processes takes its share of every batch, gradients
+    are averaged, rank 0 alone writes checkpoints, metrics and reports."""
 
     devices: int = Field(1, ge=1, description="processes (GPUs, or CPU processes) per node")
     num_nodes: int = Field(1, ge=1, description="machines")
     strategy: Literal["auto", "ddp"] = Field("auto", description="auto: ddp when more than one "
                                                "process")
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
-        "32-true", description="bf16-mixed or 16-mixed: autocast on CUDA")
+        "32-true", description="bf16-mixed or 16-mixed: autocast on CUDA in stages 1 and 2 "
+        "and the baselines; stage 3 trains in 32-bit")
 
 
 class ExperimentConfig(_Strict):

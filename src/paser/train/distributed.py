@@ -106,7 +106,7 @@ def launch(cfg: ExperimentConfig) -> Dist:
         return Dist(device)
     from lightning.fabric import Fabric
 
-    strategy = "ddp" if d.devices * d.num_nodes > 1 else "auto"
+    strategy = "ddp" if d.strategy == "ddp" or d.devices * d.num_nodes > 1 else "auto"
     fabric = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=d.devices,
                     num_nodes=d.num_nodes, strategy=strategy, precision=d.precision)
     fabric.launch()

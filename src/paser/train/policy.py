@@ -102,19 +102,15 @@ def linear(start: float, end: float, epoch: int, epochs: int) -> float:
     return start if epochs <= 1 else start + (end - start) * epoch / (epochs - 1)
 
 
-def explore(logits: torch.Tensor, alpha: float, rows: torch.Tensor | None = None,
-            batch: int | None = None) -> torch.Tensor:
+def explore(logits: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int
+            ) -> torch.Tensor:
     """With probability alpha sample the batch's actions from the policy, else uniformly.
 
-    ``rows`` of a batch of ``batch`` states (data-parallel training: ``logits`` are this
-    process's share): the random numbers are drawn for the whole batch, identically in
-    every process, and the rows taken (Gumbel-max sampling), so the processes together
-    explore exactly as one process does on the whole batch.
+    ``logits`` are the ``rows`` of a batch of ``batch`` states (all of them in one process;
+    its share in data-parallel training): the random numbers are drawn for the whole
+    batch, identically in every process, and the rows taken (Gumbel-max sampling), so the
+    processes together explore exactly as one process does on the whole batch.
     """
-    if rows is None:
-        if torch.rand(()) < alpha:
-            return torch.distributions.Categorical(logits=logits).sample()
-        return torch.randint(0, logits.shape[-1], logits.shape[:-1], device=logits.device)
     coin = torch.rand(())
     gumbel = -torch.log(-torch.log(torch.rand(batch, *logits.shape[1:]).clamp_min(1e-20)))
     uniform = torch.randint(0, logits.shape[-1], (batch, *logits.shape[1:-1]))

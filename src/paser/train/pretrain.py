@@ -194,7 +194,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                 opt.zero_grad(set_to_none=True)
                 dist.backward(loss)
                 opt.step()
-                total += loss.item() * len(mine)
+                total += loss.item() * len(idx) / dist.world  # this share's summed loss
                 acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
