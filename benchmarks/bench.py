@@ -16,6 +16,9 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    epochs (target: 20 x).
 3. peak memory (max RSS of a fresh process) of evaluating 1,000 test images streamed
    from disk (target: under 2 GiB).
+4. peak memory of stage 1 on the paper's 1,270 training images (one epoch of tiny
+   models, so that the data, not the models, is what is measured), with the splits
+   streamed from disk and held in memory, each in a fresh process.
 
 Weights are untrained: time and memory do not depend on them, and the action mix is
 fixed. The process runs as `paser` does, with glibc keeping freed memory for reuse
@@ -359,6 +362,43 @@ def bench_memory(images: int, batch: int, workers: int) -> dict:
             "target": "peak_total_mib < 2048", "met": total < 2048}
 
 
+def train_memory_child(root: str, run_dir: str, stream: str, workers: int) -> None:
+    """In a fresh process: stage 1, one epoch of tiny models at battery-paper's data size."""
+    from paser.config import load_config
+    from paser.train.pretrain import pretrain
+
+    tiny = "{name: unet_tiny, kwargs: {c0: 2, widths: [2, 2]}}"
+    cfg = load_config(preset="battery-paper", overrides=[
+        f"data.root={root}", f"data.stream={stream}", f"data.workers={workers}",
+        "stage1.epochs=1", f"models.f0={tiny}", f"models.pool=[{tiny}, {tiny}]"])
+    start = time.perf_counter()
+    pretrain(cfg, run_dir, show_progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_kib() / 1024,
+                      "peak_rss_worker_mib": resource.getrusage(
+                          resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def bench_train_memory(workers: int) -> dict:
+    from paser.data.synthetic import generate_dataset
+
+    root = DATA / f"battery_{H}x{W}_train1270"
+    if not (root / "stats.json").is_file():
+        generate_dataset(root, n_train=1270, n_val=20, n_test=40, height=H, width=W, seed=0,
+                         progress=False)
+    out = {"images": {"train": 1270, "validation": 20, "test": 40}, "workers": workers,
+           "models": "three 2-channel unet_tiny, 1 epoch (the data is what is measured)"}
+    for stream in ("never", "always"):
+        run_dir = DATA / f"train_memory_{stream}"
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        res = subprocess.run([sys.executable, __file__, "--train-memory-child", str(root),
+                              str(run_dir), stream, "--workers", str(workers)],
+                             capture_output=True, text=True, check=True)
+        out[stream] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["peak_ratio_streamed_to_in_memory"] = (out["always"]["peak_rss_mib"]
+                                               / out["never"]["peak_rss_mib"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -368,15 +408,20 @@ def main() -> None:
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--only", choices=["inference", "stage2", "memory"], action="append")
+    ap.add_argument("--only", choices=["inference", "stage2", "memory", "train-memory"],
+                    action="append")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--train-memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     freed_memory_kept = keep_freed_memory()  # what `paser` does in every stage and load
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.workers)
         return
+    if args.train_memory_child:
+        train_memory_child(*args.train_memory_child, args.workers)
+        return
     device = torch.device(args.device)
-    parts = args.only or ["inference", "stage2", "memory"]
+    parts = args.only or ["inference", "stage2", "memory", "train-memory"]
     result = {"machine": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),
@@ -394,6 +439,9 @@ def main() -> None:
     if "memory" in parts and device.type == "cpu":
         result["memory"] = bench_memory(args.images, args.batch, args.workers)
         _print_memory(result["memory"])
+    if "train-memory" in parts and device.type == "cpu":
+        result["train_memory"] = bench_train_memory(max(args.workers, 2))
+        _print_train_memory(result["train_memory"])
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{device.type}.json"
@@ -442,6 +490,17 @@ def _print_memory(r: dict) -> None:
           f"{r['peak_rss_mib']:.0f} MiB (+ reader {r['peak_rss_worker_mib']:.0f} MiB) = "
           f"{r['peak_total_mib']:.0f} MiB; target {r['target']}: "
           f"{'met' if r['met'] else 'NOT met'}")
+
+
+
+def _print_train_memory(r: dict) -> None:
+    print(f"\n4. Stage 1 on {r['images']['train']} training images of {H} x {W} ({r['models']})")
+    for stream, what in (("never", "in memory"), ("always", f"streamed, {r['workers']} readers")):
+        m = r[stream]
+        print(f"{what:<24} {m['seconds']:6.0f} s, peak RSS {m['peak_rss_mib']:6.0f} MiB "
+              f"(+ readers {m['peak_rss_worker_mib']:.0f} MiB)")
+    print(f"streamed / in memory, peak RSS of the training process: "
+          f"{r['peak_ratio_streamed_to_in_memory']:.2f}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,39 @@ def test_bad_data_gets_one_clear_error_naming_the_file(tmp_path, breakage, fragm
     assert fragment in msg
     if breakage not in ("no_folder", "empty"):
         assert "s1.png" in msg
+
+
+def test_a_split_on_disk_indexes_batches_and_subsets_like_one_in_memory(tmp_path):
+    """The lazily read columns give exactly the stacked tensors, for every kind of index,
+    through subsets, and batch by batch with 2 reader processes."""
+    import torch
+
+    from paser.data import on_disk, to_tensors
+
+    ds = BatteryDataset(_layout(tmp_path, n=7), "train")
+    lazy, full = on_disk(ds, workers=2), to_tensors(ds)
+    assert lazy.streamed and not full.streamed
+    assert lazy.images.shape == full.images.shape == (7, 1, 8, 10)
+    assert lazy.masks.shape == full.masks.shape and lazy.ids == full.ids
+    for index in (3, slice(1, 6, 2), [6, 0, 6], torch.tensor([2, 5])):
+        assert torch.equal(lazy.images[index], full.images[index])
+        assert torch.equal(lazy.masks[index], full.masks[index])
+    sub, ref = lazy.subset([5, 1, 3]), full.subset([5, 1, 3])
+    assert sub.streamed and sub.ids == ref.ids == ["s5", "s1", "s3"]
+    assert torch.equal(sub.in_memory().images, ref.images)
+    order = [torch.tensor([4, 0]), torch.tensor([6]), torch.tensor([1, 2, 3, 5])]
+    for (xa, ya), (xb, yb) in zip(lazy.gather(order), full.gather(order), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.uint8
+    assert [len(x) for x, _ in sub.batches(2)] == [2, 1]
+
+
+def test_a_file_broken_after_the_split_was_opened_fails_with_one_line_from_a_reader(tmp_path):
+    from paser.data import on_disk
+
+    ds = BatteryDataset(_layout(tmp_path, n=4), "train")
+    path = tmp_path / "train_images" / "s2.png"
+    path.write_bytes(path.read_bytes()[:60])  # header intact, pixels cut off
+    with pytest.raises(DataError) as info:
+        list(on_disk(ds, workers=2).batches(2))
+    assert str(info.value).startswith(f"{path}: cannot read the image")
+    assert "Traceback" not in str(info.value)

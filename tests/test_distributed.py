@@ -59,8 +59,9 @@ def single(tmp_path_factory):
 
 def test_stage1_on_two_processes_matches_one(single):
     tmp, overrides = single
-    res = _paser("pretrain", "--preset", "battery-quick", *overrides, "--devices", 2,
-                 "--run-dir", tmp / "two")
+    # the two processes also read their shares from disk, each with a reader process
+    res = _paser("pretrain", "--preset", "battery-quick", *overrides, "data.stream=always",
+                 "data.workers=1", "--devices", 2, "--run-dir", tmp / "two")
     assert res.stdout.count("summary:") == 1  # the worker process says nothing
     one, two = (json.loads((tmp / r / "stage1.json").read_text())["models"]
                 for r in ("one", "two"))

@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from paser.cost import FLOP_CONVENTION
-from paser.data import Tensors, iter_batches
+from paser.data import Tensors
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.routing import Router
@@ -85,19 +84,19 @@ class Calibration:
 
 
 @torch.inference_mode()
-def validation_logits(router: Router, data: Tensors | Dataset, batch_size: int,
+def validation_logits(router: Router, data: Tensors, batch_size: int,
                       mc_seed: int = 0) -> torch.Tensor:
     """The policy's logits ``[N, P, K+1]`` on ``data``, batched and seeded as evaluation."""
     router.eval()
     device = next(router.parameters()).device
     out = []
-    for images, _ in iter_batches(data, batch_size):
+    for images, _ in data.batches(batch_size):
         _, mc = router.look(images.to(device), mc_seed)
         out.append(router.policy(mc.state()).float().cpu())
     return torch.cat(out)
 
 
-def calibrate(router: Router, data: Tensors | Dataset, num_classes: int,
+def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops: float | None = None, max_frac_large: float | None = None,
               batch_size: int = 16, iterations: int = 60) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
@@ -109,7 +108,7 @@ def calibrate(router: Router, data: Tensors | Dataset, num_classes: int,
     """
     if (budget_gflops is None) == (max_frac_large is None):
         raise ConfigError("give exactly one budget: --budget-gflops X or --max-frac-large F")
-    h, w = next(iter_batches(data, 1))[0].shape[-2:]
+    h, w = data.images.shape[-2:]
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)
     rel = patch / patch.max()

@@ -71,6 +71,12 @@ class DataConfig(_Strict):
         (0.34, 0.33, 0.33), description="D_pre / D_rl / D_ft proportions of the training set"
     )
     split_seed: int = Field(42, description="seed of the three-way split (reference: 42)")
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto", description="read the battery splits from disk batch by batch (always), hold "
+        "them in memory (never), or stream when they would take more than stream_above_mb")
+    stream_above_mb: float = Field(256.0, ge=0, description="data.stream=auto streams above this")
+    workers: int = Field(2, ge=0, description="reader processes for streamed splits (0: read "
+                         "in the training process)")
 
     @field_validator("split")
     @classmethod

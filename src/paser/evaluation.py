@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from paser.data import Tensors, iter_batches
+from paser.data import Tensors, on_disk
 from paser.metrics import IoUAccumulator, iou_per_gflop, iou_per_image
 from paser.routing import Router
 
@@ -18,8 +18,9 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
                     force_action: int | None = None, num_workers: int = 0) -> dict:
     """Route every image of ``data`` and return dataset-level metrics.
 
-    ``data`` is a split in memory or a dataset streamed from disk (``num_workers`` reader
-    processes); either way only counts are kept, never the predictions.
+    ``data`` is a split (in memory or on disk, :class:`paser.data.Tensors`) or a dataset,
+    streamed from disk by ``num_workers`` reader processes; either way only counts are
+    kept, never the predictions.
 
     Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction alone), ``gflops``
     (mean per image, :data:`paser.cost.FLOP_CONVENTION`), ``iou_per_gflop``,
@@ -36,7 +37,9 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     counts = torch.zeros(router.num_models, dtype=torch.float64)
     gflops, rewards = 0.0, []
     grid = router.grid
-    for images, masks in iter_batches(data, batch_size, num_workers):
+    if not isinstance(data, Tensors):
+        data = on_disk(data, num_workers)
+    for images, masks in data.batches(batch_size):
         x, y = images.to(device), masks.long().to(device)
         forced = (None if force_action is None else torch.full(
             (x.shape[0], grid.num_patches), force_action, dtype=torch.long, device=device))

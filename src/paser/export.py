@@ -142,9 +142,9 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
 
 def validation_size(cfg) -> tuple[int, int]:
     """Height and width of the run's validation images: the default export size."""
-    from paser.data import iter_batches, validation_split
+    from paser.data import validation_split
 
-    images, _ = next(iter_batches(validation_split(cfg.data, progress=False), 1))
+    images = validation_split(cfg.data, progress=False).images[:1]
     return int(images.shape[-2]), int(images.shape[-1])
 
 

@@ -50,10 +50,9 @@ class PatchOutcomes:
         grid = router.grid
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("state", "inter", "union",
                                                                  "entropy", "nll")}
-        for i in range(0, len(data), batch_size):
-            x = grid.pad(data.images[i:i + batch_size].to(device))
-            y = grid.pad(data.masks[i:i + batch_size].long().to(device), mode="constant",
-                         value=-1)
+        for images, masks in data.batches(batch_size):
+            x = grid.pad(images.to(device))
+            y = grid.pad(masks.long().to(device), mode="constant", value=-1)
             mc = router.observe(x, mc_seed)
             patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
             probs = [grid.split(mc.probs)] + [grid.centre(m(patches)).float().softmax(1)

@@ -25,7 +25,14 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.train.common import MetricLog, atomic_save, load_checkpoint, prepare_run_dir, setup
+from paser.train.common import (
+    MetricLog,
+    atomic_save,
+    cache_predictions,
+    load_checkpoint,
+    prepare_run_dir,
+    setup,
+)
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import (
     build_model,
@@ -158,24 +165,25 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
         m.eval().requires_grad_(False)
     weight = class_weight(cfg, device)
     bs = cfg.stage1.batch_size
-    with torch.inference_mode():
-        cached = torch.cat([model.member_probs(data.pre.images[i:i + bs].to(device)).cpu()
-                            for i in range(0, len(data.pre), bs)])
+    cache = run_dir / "cache" / "matphase_member_probs.npy"
+    cached = cache_predictions(model.member_probs, data.pre, bs, cache, dist)
     opt = torch.optim.Adam(model.fusion.parameters(), lr=cfg.stage1.lr)
     epochs = cfg.stage1.epochs if mp.fusion_epochs is None else mp.fusion_epochs
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     for _ in range(epochs):
         order = torch.randperm(len(data.pre), generator=gen)
-        for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
-            x, y = data.pre.images[idx].to(device), data.pre.masks[idx].long().to(device)
-            loss = F.cross_entropy(model.fuse(x, cached[idx].to(device)), y, weight=weight)
+        batches = order.split(bs)
+        for idx, (x, y) in zip(batches, data.pre.gather(batches), strict=True):
+            x, y = x.to(device), y.long().to(device)
+            probs = torch.from_numpy(cached[idx.numpy()]).to(device).float()
+            loss = F.cross_entropy(model.fuse(x, probs), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.tau.fill_(choose_gate(model, data.validation, cfg.models.num_classes, bs, device))
     if dist.is_main:
         atomic_save({"model": model.state_dict(), "tau": float(model.tau)}, path)
+        cache.unlink()
     return model.eval()
 
 
@@ -183,26 +191,25 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
 def choose_gate(model: MatPhase, val: Tensors, num_classes: int, batch_size: int,
                 device: torch.device, points: int = 11) -> float:
     """The gate threshold (a quantile of the first member's pixel entropies, or "always
-    fuse" / "never fuse") with the best validation mIoU."""
+    fuse" / "never fuse") with the best validation mIoU. Two passes over ``val``: the
+    entropies for the quantiles, then every candidate at once; no prediction is kept."""
     model.eval()
-    outs = []
-    for i in range(0, len(val), batch_size):
-        x = val.images[i:i + batch_size].to(device)
-        outs.append((x, model.member_probs(x)))
     c = num_classes
-    ent = torch.cat([entropy(p[:, :c]).reshape(-1).cpu() for _, p in outs])
+    ent = torch.cat([entropy(model.member_probs(x.to(device))[:, :c]).reshape(-1).cpu()
+                     for x, _ in val.batches(batch_size)])
     qs = torch.quantile(ent[torch.randperm(len(ent), generator=torch.Generator().manual_seed(0))
                             [:100_000]], torch.linspace(0, 1, points))
     candidates = [-1.0, *qs.tolist(), float("inf")]
-    best, best_tau = -1.0, float("inf")
-    for tau in candidates:
-        acc = IoUAccumulator(num_classes)
-        for (x, p), i in zip(outs, range(0, len(val), batch_size), strict=True):
-            acc.update(model.gated(x, p, tau).cpu(), val.masks[i:i + batch_size].long())
-        miou = acc.compute()["miou"]
-        if miou > best:
-            best, best_tau = miou, tau
-    return best_tau
+    accs = [IoUAccumulator(num_classes) for _ in candidates]
+    for x, y in val.batches(batch_size):
+        x = x.to(device)
+        probs = model.member_probs(x)
+        fused, first = predicted_classes(model.fuse(x, probs)), predicted_classes(probs[:, :c])
+        doubt = entropy(probs[:, :c])
+        for tau, acc in zip(candidates, accs, strict=True):
+            acc.update(torch.where(doubt > tau, fused, first).cpu(), y.long())
+    mious = [acc.compute()["miou"] for acc in accs]
+    return candidates[max(range(len(mious)), key=mious.__getitem__)]
 
 
 def member_role(i: int) -> str:

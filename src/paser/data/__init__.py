@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +25,8 @@ from paser.errors import DataError
 
 __all__ = [
     "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label",
-    "describe", "encode_label", "ensure_dataset", "load_stage_data", "read_image", "read_label",
-    "split_three", "to_tensors", "validation_split",
+    "OnDisk", "describe", "encode_label", "ensure_dataset", "load_stage_data",
+    "on_disk", "read_image", "read_label", "split_three", "to_tensors", "validation_split",
 ]
 
 
@@ -55,26 +55,70 @@ def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     return root
 
 
+class OnDisk:
+    """The images or the masks of a split on disk, indexed like the tensor they would make:
+    ``column[index]`` (an int, a slice, a list or a tensor of positions) reads those files
+    and stacks them; ``shape`` and ``len`` need no reading. ``read(i)`` gives the item at
+    the dataset's position ``i``; ``rows`` are this view's positions in the dataset."""
+
+    def __init__(self, read: Callable[[int], torch.Tensor], rows: torch.Tensor,
+                 item_shape: tuple[int, ...], dtype: torch.dtype):
+        self.read, self.rows = read, rows
+        self.item_shape, self.dtype = tuple(item_shape), dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.item_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, index) -> OnDisk:
+        """A view of some rows, nothing read."""
+        return OnDisk(self.read, self.rows[index].reshape(-1), self.item_shape, self.dtype)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int):
+            return self.read(int(self.rows[index]))
+        rows = self.rows[torch.as_tensor(index) if isinstance(index, list) else index]
+        if not len(rows):
+            return torch.empty((0, *self.item_shape), dtype=self.dtype)
+        return torch.stack([self.read(int(r)) for r in rows.reshape(-1)]).to(self.dtype)
+
+
 @dataclass
 class Tensors:
-    """A split held in memory: ``images`` float32 [N, C, H, W], ``masks`` uint8 [N, H, W];
-    optionally ``groups`` int64 [N], a known condition of each sample (noisy MNIST: its
-    blur type) named by ``group_names``."""
+    """A split: ``images`` float32 [N, C, H, W], ``masks`` uint8 [N, H, W]; optionally
+    ``groups`` int64 [N], a known condition of each sample (noisy MNIST: its blur type)
+    named by ``group_names``.
 
-    images: torch.Tensor
-    masks: torch.Tensor
+    ``images`` and ``masks`` are tensors in memory, or :class:`OnDisk` columns read when
+    indexed (:func:`on_disk`). Either way, :meth:`batches` and :meth:`gather` give the
+    batches to train and evaluate on; on disk, ``workers`` reader processes read them
+    ahead of use, so only the batches in flight are in memory.
+    """
+
+    images: torch.Tensor | OnDisk
+    masks: torch.Tensor | OnDisk
     ids: list[str]
     groups: torch.Tensor | None = None
     group_names: tuple[str, ...] = ()
+    workers: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.images, OnDisk)
+
     def subset(self, idx: list[int] | torch.Tensor) -> Tensors:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return Tensors(self.images[index], self.masks[index],
-                       [self.ids[i] for i in index.tolist()],
-                       None if self.groups is None else self.groups[index], self.group_names)
+        images, masks = ((c.take(index) if isinstance(c, OnDisk) else c[index])
+                         for c in (self.images, self.masks))
+        return Tensors(images, masks, [self.ids[i] for i in index.tolist()],
+                       None if self.groups is None else self.groups[index], self.group_names,
+                       self.workers)
 
     def in_groups(self, groups: list[int] | None, key: str = "groups") -> Tensors:
         """The samples whose group is in ``groups`` (all of them for ``None``)."""
@@ -89,6 +133,53 @@ class Tensors:
                             + ", ".join(f"{i} {n}" for i, n in enumerate(self.group_names)))
         return self.subset(torch.isin(self.groups, torch.tensor(groups)).nonzero()[:, 0])
 
+    def in_memory(self) -> Tensors:
+        """The same split with every image and mask read (for code that edits pixels)."""
+        if not self.streamed:
+            return self
+        return Tensors(self.images[:], self.masks[:], self.ids, self.groups, self.group_names)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images [B, C, H, W], masks [B, H, W])`` in order."""
+        return self.gather(torch.arange(len(self)).split(batch_size))
+
+    def gather(self, index_batches: Iterable[torch.Tensor]
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, masks)`` of each batch of positions, in the order given."""
+        if not self.streamed:
+            for idx in index_batches:
+                yield self.images[idx], self.masks[idx]
+            return
+        # A generator of its own: the loader's worker seed must not consume the global
+        # generator, or streaming would change the dropout draws of what follows.
+        for batch in DataLoader(_Columns(self.images, self.masks),
+                                batch_sampler=[idx.tolist() for idx in index_batches],
+                                num_workers=self.workers, collate_fn=_as_is,
+                                generator=torch.Generator()):
+            if isinstance(batch, DataError):  # a bad file, found by a reader process
+                raise batch
+            yield batch
+
+
+class _Columns:
+    """A map-style dataset whose batches :class:`OnDisk` columns read in one call."""
+
+    def __init__(self, images: OnDisk, masks: OnDisk):
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor] | DataError:
+        try:
+            return self.images[idx], self.masks[idx]
+        except DataError as err:  # handed back whole: the loader would wrap it in a traceback
+            return err
+
+
+def _as_is(batch):
+    return batch
+
 
 def to_tensors(dataset: Dataset) -> Tensors:
     """Stack a dataset into memory (masks as uint8: class indices < 256)."""
@@ -102,17 +193,13 @@ def to_tensors(dataset: Dataset) -> Tensors:
     )
 
 
-def iter_batches(data: Tensors | Dataset, batch_size: int, num_workers: int = 0
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images [B, C, H, W], masks [B, H, W])`` batches of a split held in memory
-    (slices), or of a dataset read lazily from disk by a DataLoader with ``num_workers``
-    worker processes: only the batches in flight are in memory."""
-    if isinstance(data, Tensors):
-        for i in range(0, len(data), batch_size):
-            yield data.images[i:i + batch_size], data.masks[i:i + batch_size]
-        return
-    for batch in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
-        yield batch["image"], batch["mask"]
+def on_disk(dataset: BatteryDataset, workers: int = 2) -> Tensors:
+    """A dataset's split read from disk when its batches are asked for (nothing read now)."""
+    rows = torch.arange(len(dataset))
+    h, w = dataset.size
+    return Tensors(OnDisk(dataset.image, rows, (dataset.channels, h, w), torch.float32),
+                   OnDisk(dataset.mask, rows, (h, w), torch.uint8), dataset.ids,
+                   workers=workers)
 
 
 @dataclass
@@ -136,28 +223,42 @@ def describe(cfg: DataConfig, progress: bool = True) -> str:
 
 
 def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
-    """D_pre / D_rl / D_ft, validation and test of the configured dataset, in memory."""
+    """D_pre / D_rl / D_ft, validation and test of the configured dataset: in memory, or
+    read from disk as batches are asked for (``data.stream``)."""
     if cfg.dataset == "mnist-noisy":
         return _mnist_stage_data(cfg)
     root = ensure_dataset(cfg, progress=progress)
-    train = to_tensors(BatteryDataset(root, "train"))
-    pre, rl, ft = split_three(len(train), cfg.split, cfg.split_seed)
-    val, test = (to_tensors(BatteryDataset(root, s)) for s in ("validation", "test"))
-    for name, t in (("validation", val), ("test", test)):
-        if t.images.shape[-2:] != train.images.shape[-2:]:
+    sets = {s: BatteryDataset(root, s) for s in SPLITS}
+    for name in ("validation", "test"):
+        if sets[name].size != sets["train"].size:
             raise DataError(
-                f"{root}/{name}_images: size {tuple(t.images.shape[-2:])} differs from train "
-                f"{tuple(train.images.shape[-2:])}; all splits must share one image size"
+                f"{root}/{name}_images: size {sets[name].size} differs from train "
+                f"{sets['train'].size}; all splits must share one image size"
             )
+    stream = streams(cfg, sets.values())
+    train, val, test = ((on_disk(d, cfg.workers) if stream else to_tensors(d))
+                        for d in sets.values())
+    pre, rl, ft = split_three(len(train), cfg.split, cfg.split_seed)
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
 
 
-def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors | Dataset:
-    """The configured dataset's validation split alone: streamed from disk for the battery
+def streams(cfg: DataConfig, datasets: Iterable[BatteryDataset]) -> bool:
+    """Whether ``data.stream`` reads these splits from disk: ``auto`` does when holding
+    them in memory (float32 images, uint8 masks) would take more than
+    ``data.stream_above_mb``."""
+    if cfg.stream != "auto":
+        return cfg.stream == "always"
+    size = sum(len(d) * d.size[0] * d.size[1] * (4 * d.channels + 1) for d in datasets)
+    return size > cfg.stream_above_mb * 2**20
+
+
+def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors:
+    """The configured dataset's validation split alone: read from disk for the battery
     layout, in memory for noisy MNIST (built with its other splits)."""
     if cfg.dataset == "mnist-noisy":
         return _mnist_stage_data(cfg).validation
-    return BatteryDataset(ensure_dataset(cfg, progress=progress), "validation")
+    return on_disk(BatteryDataset(ensure_dataset(cfg, progress=progress), "validation"),
+                   cfg.workers)
 
 
 def _mnist_stage_data(cfg: DataConfig) -> StageData:

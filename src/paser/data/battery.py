@@ -133,15 +133,27 @@ class BatteryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, i: int) -> dict:
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as float32 [1, H, W] in [0, 1]."""
         image = read_image(self.images[i])
         if not np.isfinite(image).all():
             raise DataError(f"{self.images[i]}: image has NaN or Inf values")
-        return {
-            "image": torch.from_numpy(image),
-            "mask": torch.from_numpy(read_label(self.labels[i])),
-            "id": self.images[i].stem,
-        }
+        return torch.from_numpy(image)
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Label ``i`` as class indices uint8 [H, W]."""
+        return torch.from_numpy(read_label(self.labels[i]).astype(np.uint8))
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.stem for p in self.images]
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def _load(self, i: int) -> dict:
+        return {"image": self.image(i), "mask": self.mask(i), "id": self.images[i].stem}
 
     def __getitem__(self, i: int) -> dict:
         return self._cache[i] if self._cache is not None else self._load(i)

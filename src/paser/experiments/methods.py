@@ -53,14 +53,14 @@ def measure(predict: Predictor, data: Tensors, num_classes: int, batch_size: int
     gflops, seconds, n = 0.0, 0.0, len(data)
     if timed:  # warm-up: first-call allocations and lazy initialisation are not timed
         predict(data.images[:batch_size].to(device), torch.arange(min(batch_size, n)))
-    for i in range(0, n, batch_size):
-        x = data.images[i:i + batch_size].to(device)
+    for i, (x, y) in zip(range(0, n, batch_size), data.batches(batch_size), strict=True):
+        x = x.to(device)
         _sync(device)
         start = time.perf_counter()
         out = predict(x, torch.arange(i, i + x.shape[0]))
         _sync(device)
         seconds += time.perf_counter() - start
-        acc.update(out.mask.cpu(), data.masks[i:i + batch_size].long())
+        acc.update(out.mask.cpu(), y.long())
         gflops += float(out.gflops.sum())
         if out.actions is not None and num_models:
             counts += torch.bincount(out.actions.reshape(-1).cpu(), minlength=num_models)

@@ -59,12 +59,14 @@ def salt_and_pepper(images: torch.Tensor, amount: float, seed: int) -> torch.Ten
 
 def noisy_split(data: Tensors, amount: float, seed: int) -> Tensors:
     """The same samples with salt-and-pepper noise on their images."""
+    data = data.in_memory()
     return Tensors(salt_and_pepper(data.images, amount, seed), data.masks, data.ids,
                    data.groups, data.group_names)
 
 
 def clean_plus_noisy(data: Tensors, amount: float, seed: int) -> Tensors:
     """Every sample twice: as it is, then with noise (ids of the copies end in ``#noisy``)."""
+    data = data.in_memory()
     noisy = noisy_split(data, amount, seed)
     groups = None if data.groups is None else torch.cat([data.groups, noisy.groups])
     return Tensors(torch.cat([data.images, noisy.images]), torch.cat([data.masks, noisy.masks]),
@@ -132,7 +134,8 @@ def run_robustness(run_dir: str | Path, amount: float = 0.01, seed: int | None =
     clean = PaSeR.load(run.run_dir, device=str(run.device)).router
     pool, info = train_noisy_pool(run, clean, amount, seed, epochs, show_progress)
     noisy = swap_pool(clean, pool)
-    test, noisy_test = data.test, noisy_split(data.test, amount, seed)
+    test = data.test.in_memory()
+    noisy_test = noisy_split(test, amount, seed)
     nmod, top = clean.num_models, f"f{clean.num_models - 1}"
     rand = random_actions(len(test), clean.grid.num_patches, nmod, cfg.seed)
     systems = {"PaSeR": M.paser_predictor, "PaSeR-RandPol":

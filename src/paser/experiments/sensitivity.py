@@ -55,8 +55,8 @@ def patch_entropies(router: Router, data: Tensors, samples: int, batch_size: int
     device = next(router.parameters()).device
     grid, out = router.grid, []
     with seeded(seed, device):
-        for i in range(0, len(data), batch_size):
-            x = grid.pad(data.images[i:i + batch_size].to(device))
+        for x, _ in data.batches(batch_size):
+            x = grid.pad(x.to(device))
             ent = mc_predict(router.f0, x, samples).entropy  # [B, Hp, Wp]
             out.append(grid.split(ent).mean(dim=(-2, -1)).cpu())
     return torch.cat(out)

@@ -7,17 +7,22 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from paser.config import ExperimentConfig, load_config, save_config
-from paser.errors import CheckpointError, ConfigError
+from paser.errors import CheckpointError, ConfigError, DataError
 from paser.runtime import keep_freed_memory
+
+if TYPE_CHECKING:
+    from paser.data import Tensors
+    from paser.train.distributed import Dist
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +96,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         first = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: cannot load the checkpoint ({first}); delete it and "
                               "re-run the stage that writes it") from None
+
+
+def cache_predictions(predict: Callable[[torch.Tensor], torch.Tensor], data: Tensors,
+                      batch_size: int, path: Path, dist: Dist) -> np.ndarray:
+    """``predict(images)`` for every image of ``data``, as a read-only float16 memory map of
+    the ``.npy`` file ``path``: however large, it need not fit in memory.
+
+    Rank 0 computes it (no gradients; the caller puts the model in eval mode) and renames
+    it into place when complete; every process then opens it.
+    """
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")  # removed at the next start if killed
+        out, pos = None, 0
+        with torch.inference_mode():
+            for x, _ in data.batches(batch_size):
+                y = predict(x.to(dist.device)).float().cpu().numpy()
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, "w+", np.float16,
+                                                    (len(data), *y.shape[1:]))
+                out[pos:pos + len(y)] = y
+                pos += len(y)
+        if out is None:
+            raise DataError(f"no images to predict for {path.name}")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    dist.barrier()
+    return np.load(path, mmap_mode="r")
 
 
 class MetricLog:

@@ -91,14 +91,13 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                    if s3.tvd_threshold is not None else lam_fixed)
             order = torch.randperm(n)
             sums = torch.zeros(4, dtype=torch.float64)
-            for i in range(0, n, batch):
-                idx = order[i:i + batch]
-                if len(idx) < dist.world:  # every process needs a share
-                    continue
-                rows = dist.shard(torch.arange(len(idx)))
-                x = grid.pad(data.ft.images[idx[rows]].to(device))
-                y = grid.pad(data.ft.masks[idx[rows]].long().to(device), mode="constant",
-                             value=-1)
+            # every process needs a share of a batch
+            batches = [idx for idx in order.split(batch) if len(idx) >= dist.world]
+            shares = [dist.shard(torch.arange(len(idx))) for idx in batches]
+            loaded = data.ft.gather(idx[rows] for idx, rows in zip(batches, shares, strict=True))
+            for idx, rows, (images, masks) in zip(batches, shares, loaded, strict=True):
+                x = grid.pad(images.to(device))
+                y = grid.pad(masks.long().to(device), mode="constant", value=-1)
                 r, gain, paid, task_loss = _joint_step(router, opts, x, y, alpha, lam, cost,
                                                        weight, ncls, dist, rows, len(idx))
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)

@@ -14,6 +14,7 @@ import json
 import time
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from paser.train.common import (
     MetricLog,
     atomic_save,
     atomic_write_text,
+    cache_predictions,
     load_checkpoint,
     prepare_run_dir,
     progress,
@@ -117,23 +119,13 @@ def patchwise(grid: PatchGrid) -> Forward:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, forward: Forward, images: torch.Tensor, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Deterministic (dropout off) logits for a stack of images, on the CPU: [N, K, H, W]."""
-    model.eval()
-    return torch.cat([forward(model, images[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
-
-
-@torch.inference_mode()
 def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes: int,
                   batch_size: int, device: torch.device) -> float:
     """Dataset-level mIoU (intersection and union summed over the split, mean over classes)."""
     model.eval()
     acc = IoUAccumulator(num_classes)
-    for i in range(0, len(data), batch_size):
-        pred = predicted_classes(forward(model, data.images[i:i + batch_size].to(device))).cpu()
-        acc.update(pred, data.masks[i:i + batch_size].long())
+    for x, y in data.batches(batch_size):
+        acc.update(predicted_classes(forward(model, x.to(device))).cpu(), y.long())
     return acc.compute()["miou"]
 
 
@@ -180,12 +172,12 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             order = torch.randperm(n, generator=gen)
             total, acc = torch.zeros((), dtype=torch.float64), IoUAccumulator(
                 cfg.models.num_classes)
-            for i in range(0, n, s1.batch_size):
-                idx = order[i:i + s1.batch_size]
-                if len(idx) < min(min_batch, n) * dist.world:
-                    continue
+            batches = [idx for idx in order.split(s1.batch_size)
+                       if len(idx) >= min(min_batch, n) * dist.world]
+            loaded = train.gather(dist.shard(idx) for idx in batches)
+            for idx, (x, y) in zip(batches, loaded, strict=True):
                 mine = dist.shard(idx)
-                x, y = train.images[mine].to(device), train.masks[mine].long().to(device)
+                x, y = x.to(device), y.long().to(device)
                 with dist.autocast():
                     logits = forward(model, x)
                     # DDP averages the processes' gradients: weighting each share by its size
@@ -254,19 +246,22 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     f0_train, f0_val = (d.in_groups(f0_spec.groups, _keys(cfg)[0])
                         for d in (data.pre, data.validation))
     teacher_role = roles[-1][0]
-    teacher = load_trained(run_dir, cfg, teacher_role, device)
-    teacher_logits = predict_logits(teacher, forwards[teacher_role], f0_train.images,
-                                    cfg.stage1.batch_size, device)
+    teacher = load_trained(run_dir, cfg, teacher_role, device).eval()
+    targets = run_dir / "cache" / "teacher_logits.npy"
+    teacher_logits = cache_predictions(partial(forwards[teacher_role], teacher), f0_train,
+                                       cfg.stage1.batch_size, targets, dist)
     a_kd = cfg.stage1.a_kd
 
     def ce_kd(logits, y, idx):
-        target = teacher_logits[idx].to(logits.device)
+        target = torch.from_numpy(teacher_logits[idx.numpy()]).to(logits.device).float()
         return (1 - a_kd) * F.cross_entropy(logits, y, weight=weight) + a_kd * F.mse_loss(
             logits, target)
 
     f0 = build_model(cfg, f0_spec).to(device)
     fit("f0", f0, whole_image, ce_kd, f0_train, f0_val,
         epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
+    if dist.is_main:
+        targets.unlink()
 
     summary = summarize(cfg, run_dir, data, forwards, device)
     if dist.is_main:
