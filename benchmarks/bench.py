@@ -498,7 +498,8 @@ def _print_train_memory(r: dict) -> None:
     for stream, what in (("never", "in memory"), ("always", f"streamed, {r['workers']} readers")):
         m = r[stream]
         print(f"{what:<24} {m['seconds']:6.0f} s, peak RSS {m['peak_rss_mib']:6.0f} MiB "
-              f"(+ readers {m['peak_rss_worker_mib']:.0f} MiB)")
+              f"(largest child process {m['peak_rss_worker_mib']:.0f} MiB, pages shared "
+              "with the parent by fork included)")
     print(f"streamed / in memory, peak RSS of the training process: "
           f"{r['peak_ratio_streamed_to_in_memory']:.2f}")
 

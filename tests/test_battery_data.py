@@ -114,7 +114,7 @@ def test_a_split_on_disk_indexes_batches_and_subsets_like_one_in_memory(tmp_path
     assert torch.equal(sub.in_memory().images, ref.images)
     order = [torch.tensor([4, 0]), torch.tensor([6]), torch.tensor([1, 2, 3, 5])]
     for (xa, ya), (xb, yb) in zip(lazy.gather(order), full.gather(order), strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.uint8
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.int64
     assert [len(x) for x, _ in sub.batches(2)] == [2, 1]
 
 

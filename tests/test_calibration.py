@@ -107,7 +107,7 @@ def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_p
     assert (run / "calibration.json").is_file()
     again = PaSeR.load(run)
     assert again.calibration == cal
-    validation = load_stage_data(again.config.data, progress=False).validation
+    validation = load_stage_data(again.config, progress=False).validation
     res = again.evaluate(validation)  # with the saved bias: what calibrate measured
     assert res["gflops"] == pytest.approx(cal.gflops) and res["fractions"] == cal.fractions
     assert res["fractions"][-1] == 0.0

@@ -58,7 +58,7 @@ def test_routing_on_onnxruntime_agrees_with_torch(exported, mnist_run):
 
     model, out, manifest = exported
     onnx = PaSeR.load_onnx(mnist_run, out)
-    images = load_stage_data(model.config.data, progress=False).validation.images
+    images = load_stage_data(model.config, progress=False).validation.images
     a, b = model.segment(images), onnx.segment(images)
     h, w = manifest["height"], manifest["width"]
     assert torch.equal(b.gflops, model.router.costs(h, w).gflops(b.actions))

@@ -50,7 +50,7 @@ def test_stages_write_their_summaries_and_logs(run):
 def test_api_segments_and_evaluates(run):
     run_dir, cfg, _, _ = run
     model = PaSeR.load(run_dir)
-    data = load_stage_data(cfg.data, progress=False)
+    data = load_stage_data(cfg, progress=False)
     out = model.segment(data.test.images)
     assert out.mask.shape == (2, 32, 32) and out.actions.shape == (2, 4)
     assert out.probs.shape == (2, 3, 32, 32)
@@ -112,7 +112,7 @@ def test_training_streamed_from_disk_by_reader_processes_equals_training_in_memo
     run_dir, cfg, s2, s3 = run
     streamed = cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"stream": "always", "workers": 2})})
-    data = load_stage_data(streamed.data, progress=False)
+    data = load_stage_data(streamed, progress=False)
     assert data.pre.streamed and data.test.streamed
     other = tmp_path / "streamed"
     pretrain(streamed, other, show_progress=False)

@@ -53,7 +53,7 @@ def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
 
     cfg = load_config(config_file=mnist_run / "config.yaml")
     router = build_router(cfg, mnist_run, torch.device("cpu")).eval()
-    test = load_stage_data(cfg.data).test
+    test = load_stage_data(cfg).test
     from paser.uncertainty import mc_predict, seeded
 
     e = sens.patch_entropies(router, test, 3, len(test), seed=1)

@@ -18,7 +18,7 @@ from paser.errors import ConfigError, PaserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Parsimonious segmentation: route each patch to the cheapest good model.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic battery set.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic battery set, check a dataset folder.")
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
@@ -99,6 +99,33 @@ def _distributed(cfg, run_dir: Path, devices: int | None, num_nodes: int | None,
         raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed or 16-mixed") \
             from err
     return cfg.model_copy(update={"distributed": dist})
+
+
+@data_app.command("check")
+def data_check(
+    root: Path = typer.Argument(..., help="dataset folder"),
+    layout: str = typer.Option(None, "--layout", help="folder, cityscapes or battery (default: "
+                               "detected from what is in the folder)"),
+    workers: int = typer.Option(2, "--workers", min=0, help="reader processes"),
+) -> None:
+    """Read every image and mask of a dataset folder; print the splits, the class
+    frequencies and suggested class weights (a bad file is one error naming it)."""
+    from paser.data.folders import check_dataset
+
+    r = check_dataset(root, layout, workers)
+    typer.echo(f"{r['root']}: {r['layout']} layout")
+    for split, s in r["splits"].items():
+        typer.echo(f"  {split:<11} {s['images']:>6} images of {s['size'][0]} x {s['size'][1]}, "
+                   f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}")
+    typer.echo("class frequencies in the training masks (share of labelled pixels):")
+    for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
+                            strict=True):
+        typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}")
+    typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
+    typer.echo(f"suggested (median frequency balancing): stage1.class_weights="
+               f"[{', '.join(f'{w:g}' for w in r['suggested_class_weights'])}] "
+               f"models.num_classes={len(r['class_names'])} "
+               f"models.in_channels={r['splits']['train']['channels']}")
 
 
 @data_app.command("synth")
@@ -227,10 +254,10 @@ def evaluate(
     Images are streamed from disk; only counts are kept, never the predictions."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
-    from paser.data import BatteryDataset, ensure_dataset
+    from paser.data import open_split
 
     model = PaSeR.load(run_dir)
-    data = BatteryDataset(ensure_dataset(model.config.data), split)
+    data = open_split(model.config.data, split)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
     rows = [(name, model.evaluate(data, batch_size, num_workers=workers))]
     rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",

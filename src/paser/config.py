@@ -59,8 +59,10 @@ class MnistConfig(_Strict):
 class DataConfig(_Strict):
     """Where the images come from and how the training set is cut into three stages."""
 
-    dataset: Literal["battery", "mnist-noisy"] = Field(
-        "battery", description="battery (data.root or synthetic) or mnist-noisy (data.mnist)")
+    dataset: Literal["battery", "folder", "cityscapes", "mnist-noisy"] = Field(
+        "battery", description="battery (data.root or synthetic), folder (images/, masks/ and "
+        "classes.yaml under data.root), cityscapes (the Cityscapes layout under data.root) or "
+        "mnist-noisy (data.mnist)")
     mnist: MnistConfig = MnistConfig()
     root: Path | None = Field(None, description="dataset in the battery layout; null = synthetic")
     cache_dir: Path | None = Field(
@@ -71,12 +73,33 @@ class DataConfig(_Strict):
         (0.34, 0.33, 0.33), description="D_pre / D_rl / D_ft proportions of the training set"
     )
     split_seed: int = Field(42, description="seed of the three-way split (reference: 42)")
+    holdout: tuple[float, float] = Field(
+        (0.1, 0.1), description="folder data without train/validation/test subfolders: the "
+        "shares of validation and test images, cut with split_seed")
+    cityscapes_splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "validation": "val", "test": "val"},
+        description="the Cityscapes folder read as each split (its test labels are withheld, "
+        "so val serves as validation and test unless you have your own)")
     stream: Literal["auto", "always", "never"] = Field(
         "auto", description="read the battery splits from disk batch by batch (always), hold "
         "them in memory (never), or stream when they would take more than stream_above_mb")
     stream_above_mb: float = Field(256.0, ge=0, description="data.stream=auto streams above this")
     workers: int = Field(2, ge=0, description="reader processes for streamed splits (0: read "
                          "in the training process)")
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_shares(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if any(p <= 0 for p in v) or sum(v) >= 1:
+            raise ValueError(f"must be two positive shares summing to less than 1, got {list(v)}")
+        return v
+
+    @field_validator("cityscapes_splits")
+    @classmethod
+    def _three_splits(cls, v: dict[str, str]) -> dict[str, str]:
+        if set(v) != {"train", "validation", "test"}:
+            raise ValueError(f"must name the folder of train, validation and test, got {v}")
+        return v
 
     @field_validator("split")
     @classmethod
@@ -101,10 +124,18 @@ class DataConfig(_Strict):
 
 
 class ModelSpec(_Strict):
-    """A model of the pool: a registry name plus keyword arguments."""
+    """A model of the pool: a registry name or an import path, keyword arguments, and
+    optionally weights from a local file."""
 
-    name: str = Field(description="registry name, e.g. unet_tiny or smp:DeepLabV3Plus:resnet18")
+    name: str = Field(description="registry name (unet_tiny, smp:DeepLabV3Plus:resnet18) or "
+                      "an import path package.module:factory")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to create_model")
+    weights: Path | None = Field(
+        None, description="initial weights: a local PyTorch (.pt, .pth) or safetensors file "
+        "holding the model's state dict")
+    encoder_weights: Path | None = Field(
+        None, description="smp models: initial encoder weights from a local PyTorch or "
+        "safetensors file (nothing is downloaded)")
     epochs: int | None = Field(None, ge=0, description="stage-1 epochs; null = stage1.epochs")
     lr: float | None = Field(None, gt=0, description="stage-1 learning rate; null = stage1.lr")
     groups: list[int] | None = Field(

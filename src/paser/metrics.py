@@ -228,10 +228,11 @@ class IoUAccumulator:
     Counts are kept as int64 on the CPU, so memory does not grow with the dataset.
 
     Args:
-        num_classes, ignore_index: as :func:`confusion_counts`.
+        num_classes, ignore_index: as :func:`confusion_counts`; by default -1, the label
+            of unlabelled pixels (:data:`paser.data.IGNORE`).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None):
+    def __init__(self, num_classes: int, ignore_index: int | None = -1):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes={num_classes!r}: must be an integer >= 1")
         self.num_classes = num_classes

@@ -168,7 +168,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     def baselines(resume: bool) -> None:
         nonlocal data
-        data = data or load_stage_data(cfg.data, progress=show_progress)
+        data = data or load_stage_data(cfg, progress=show_progress)
         train_baselines(cfg, run_dir, resume, show_progress, data)
 
     step("baselines", baselines)
@@ -176,7 +176,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     def report(resume: bool) -> None:
         nonlocal data, results
-        data = data or load_stage_data(cfg.data, progress=show_progress)
+        data = data or load_stage_data(cfg, progress=show_progress)
         results, text = evaluate_all(cfg, run_dir, data, device, show_progress)
         echo(text)
 

@@ -39,6 +39,7 @@ from paser.train.pretrain import (
     class_weight,
     fit,
     load_trained,
+    masked_ce,
     model_epochs,
     weighted_ce,
 )
@@ -78,7 +79,7 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
     ``cfg.distributed`` asks, like stage 1); return the roles trained."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     setup(cfg)
-    data = data or load_stage_data(cfg.data, progress=show_progress)
+    data = data or load_stage_data(cfg, progress=show_progress)
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     roles = []
     for name, spec in cfg.baselines.monolithic.items():
@@ -176,7 +177,7 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
         for idx, (x, y) in zip(batches, data.pre.gather(batches), strict=True):
             x, y = x.to(device), y.long().to(device)
             probs = torch.from_numpy(cached[idx.numpy()]).to(device).float()
-            loss = F.cross_entropy(model.fuse(x, probs), y, weight=weight)
+            loss = masked_ce(model.fuse(x, probs), y, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

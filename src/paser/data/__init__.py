@@ -10,22 +10,25 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from paser.config import DataConfig
+from paser.config import DataConfig, ExperimentConfig
 from paser.data.battery import (
     CLASS_NAMES,
+    MASK_IGNORE,
     SPLITS,
     BatteryDataset,
+    SegmentationFiles,
     decode_label,
     encode_label,
     read_image,
     read_label,
     split_three,
 )
-from paser.errors import DataError
+from paser.errors import ConfigError, DataError
 
 __all__ = [
-    "CLASS_NAMES", "SPLITS", "BatteryDataset", "StageData", "Tensors", "decode_label",
-    "OnDisk", "describe", "encode_label", "ensure_dataset", "load_stage_data",
+    "CLASS_NAMES", "IGNORE", "MASK_IGNORE", "SPLITS", "BatteryDataset", "SegmentationFiles",
+    "StageData", "Tensors", "decode_label", "labels",
+    "OnDisk", "describe", "encode_label", "ensure_dataset", "load_stage_data", "open_split",
     "on_disk", "read_image", "read_label", "split_three", "to_tensors", "validation_split",
 ]
 
@@ -37,6 +40,8 @@ def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     so an interrupted generation never leaves a half dataset behind.
     """
     root = cfg.resolved_root()
+    if cfg.root is None and cfg.dataset in ("folder", "cityscapes"):
+        raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder of your dataset")
     if cfg.root is not None:
         if not root.is_dir():
             raise DataError(f"data.root {root} does not exist; point it at a dataset folder")
@@ -53,6 +58,18 @@ def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(root)
     return root
+
+
+#: Unlabelled pixels: stored as MASK_IGNORE (255) in uint8 masks, IGNORE (-1) in the int64
+#: labels that losses (``ignore_index=-1``) and metrics (:class:`paser.metrics.IoUAccumulator`)
+#: skip.
+IGNORE = -1
+
+
+def labels(masks: torch.Tensor) -> torch.Tensor:
+    """uint8 masks -> int64 labels, :data:`MASK_IGNORE` becoming :data:`IGNORE`."""
+    out = masks.long()
+    return out.masked_fill_(out == MASK_IGNORE, IGNORE)
 
 
 class OnDisk:
@@ -140,15 +157,16 @@ class Tensors:
         return Tensors(self.images[:], self.masks[:], self.ids, self.groups, self.group_names)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images [B, C, H, W], masks [B, H, W])`` in order."""
+        """``(images [B, C, H, W], labels [B, H, W])`` in order; see :meth:`gather`."""
         return self.gather(torch.arange(len(self)).split(batch_size))
 
     def gather(self, index_batches: Iterable[torch.Tensor]
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, masks)`` of each batch of positions, in the order given."""
+        """``(images, labels)`` of each batch of positions, in the order given: labels are
+        int64 class indices with :data:`IGNORE` (-1) where the mask is unlabelled."""
         if not self.streamed:
             for idx in index_batches:
-                yield self.images[idx], self.masks[idx]
+                yield self.images[idx], labels(self.masks[idx])
             return
         # A generator of its own: the loader's worker seed must not consume the global
         # generator, or streaming would change the dropout draws of what follows.
@@ -158,7 +176,7 @@ class Tensors:
                                 generator=torch.Generator()):
             if isinstance(batch, DataError):  # a bad file, found by a reader process
                 raise batch
-            yield batch
+            yield batch[0], labels(batch[1])
 
 
 class _Columns:
@@ -193,7 +211,7 @@ def to_tensors(dataset: Dataset) -> Tensors:
     )
 
 
-def on_disk(dataset: BatteryDataset, workers: int = 2) -> Tensors:
+def on_disk(dataset: SegmentationFiles, workers: int = 2) -> Tensors:
     """A dataset's split read from disk when its batches are asked for (nothing read now)."""
     rows = torch.arange(len(dataset))
     h, w = dataset.size
@@ -219,30 +237,71 @@ def describe(cfg: DataConfig, progress: bool = True) -> str:
         from paser.data.mnist import resolve_source
 
         return f"noisy MNIST, source {resolve_source(cfg.mnist)}"
-    return str(ensure_dataset(cfg, progress=progress))
+    return f"{cfg.dataset} layout, {ensure_dataset(cfg, progress=progress)}"
 
 
-def load_stage_data(cfg: DataConfig, progress: bool = True) -> StageData:
-    """D_pre / D_rl / D_ft, validation and test of the configured dataset: in memory, or
-    read from disk as batches are asked for (``data.stream``)."""
+def open_split(cfg: DataConfig, split: str, progress: bool = True) -> SegmentationFiles:
+    """One split (train, validation, test) of the configured file dataset, nothing read."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
     if cfg.dataset == "mnist-noisy":
-        return _mnist_stage_data(cfg)
+        raise DataError("noisy MNIST is built in memory, not read from files: use load_stage_data")
     root = ensure_dataset(cfg, progress=progress)
-    sets = {s: BatteryDataset(root, s) for s in SPLITS}
+    if cfg.dataset == "folder":
+        from paser.data.folders import FolderDataset
+
+        return FolderDataset(root, split, cfg.holdout, cfg.split_seed)
+    if cfg.dataset == "cityscapes":
+        from paser.data.folders import CityscapesDataset
+
+        return CityscapesDataset(root, cfg.cityscapes_splits[split])
+    return BatteryDataset(root, split)
+
+
+def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
+    """D_pre / D_rl / D_ft, validation and test of the configured dataset: in memory, or
+    read from disk as batches are asked for (``data.stream``). The data's channels and
+    classes must be the models' (``models.in_channels``, ``models.num_classes``)."""
+    data = cfg.data
+    if data.dataset == "mnist-noisy":
+        return _mnist_stage_data(data)
+    sets = {s: open_split(data, s, progress) for s in SPLITS}
+    train = sets["train"]
     for name in ("validation", "test"):
-        if sets[name].size != sets["train"].size:
+        if sets[name].size != train.size:
             raise DataError(
-                f"{root}/{name}_images: size {sets[name].size} differs from train "
-                f"{sets['train'].size}; all splits must share one image size"
+                f"{sets[name].images[0].parent}: size {sets[name].size} differs from train "
+                f"{train.size}; all splits must share one image size"
             )
-    stream = streams(cfg, sets.values())
-    train, val, test = ((on_disk(d, cfg.workers) if stream else to_tensors(d))
+    check_models(cfg, train)
+    stream = streams(data, sets.values())
+    train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
-    pre, rl, ft = split_three(len(train), cfg.split, cfg.split_seed)
+    pre, rl, ft = split_three(len(train), data.split, data.split_seed)
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
 
 
-def streams(cfg: DataConfig, datasets: Iterable[BatteryDataset]) -> bool:
+def check_models(cfg: ExperimentConfig, dataset: SegmentationFiles) -> None:
+    """The models take the data's channels and predict its classes, or a ConfigError says
+    which key to set."""
+    m = cfg.models
+    if dataset.channels != m.in_channels:
+        kind = "RGB" if dataset.channels == 3 else "grayscale"
+        raise ConfigError(f"key 'models.in_channels': the data is {kind} ({dataset.channels} "
+                          f"channels) but the models take {m.in_channels}; set "
+                          f"models.in_channels={dataset.channels}")
+    if len(dataset.class_names) != m.num_classes:
+        raise ConfigError(f"key 'models.num_classes': the data has {len(dataset.class_names)} "
+                          f"classes ({', '.join(dataset.class_names)}) but the models predict "
+                          f"{m.num_classes}; set models.num_classes={len(dataset.class_names)}")
+    weights = cfg.stage1.class_weights
+    if weights and len(weights) != m.num_classes:
+        raise ConfigError(f"key 'stage1.class_weights': {len(weights)} weights for "
+                          f"{m.num_classes} classes; give one per class, or null ('paser data "
+                          "check DIR' suggests some)")
+
+
+def streams(cfg: DataConfig, datasets: Iterable[SegmentationFiles]) -> bool:
     """Whether ``data.stream`` reads these splits from disk: ``auto`` does when holding
     them in memory (float32 images, uint8 masks) would take more than
     ``data.stream_above_mb``."""
@@ -253,12 +312,11 @@ def streams(cfg: DataConfig, datasets: Iterable[BatteryDataset]) -> bool:
 
 
 def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors:
-    """The configured dataset's validation split alone: read from disk for the battery
-    layout, in memory for noisy MNIST (built with its other splits)."""
+    """The configured dataset's validation split alone: read from disk for file datasets,
+    in memory for noisy MNIST (built with its other splits)."""
     if cfg.dataset == "mnist-noisy":
         return _mnist_stage_data(cfg).validation
-    return on_disk(BatteryDataset(ensure_dataset(cfg, progress=progress), "validation"),
-                   cfg.workers)
+    return on_disk(open_split(cfg, "validation", progress), cfg.workers)
 
 
 def _mnist_stage_data(cfg: DataConfig) -> StageData:

@@ -49,6 +49,14 @@ def _open(path: Path) -> np.ndarray:
     return arr
 
 
+def _open_as(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
+
+
 def _first_channel(arr: np.ndarray) -> np.ndarray:
     """RGB(A) of a grayscale scan: the channels are equal, keep one."""
     return arr[..., 0] if arr.ndim == 3 else arr
@@ -83,12 +91,104 @@ def read_label(path: str | Path) -> np.ndarray:
     return decode_label(arr)
 
 
-class BatteryDataset(Dataset):
-    """One split of the battery layout. Item: ``{"image": [1, H, W], "mask": [H, W], "id": str}``.
+#: Stored value of unlabelled pixels in uint8 class-index masks (losses and metrics see -1).
+MASK_IGNORE = 255
 
-    The file list and sizes are checked when the dataset is built (headers only);
-    pixels are read on access, or all at once with ``in_memory=True`` (small sets).
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An input image as float32 [3, H, W] in [0, 1]: RGB(A) 8- or 16-bit, grayscale
+    repeated on the three channels."""
+    path = Path(path)
+    arr = _open(path)
+    if arr.ndim == 2 and Image.open(path).mode == "P":  # palette indices: their colours
+        arr = _open_as(path, "RGB")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    arr = arr[..., :3]
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return np.ascontiguousarray((arr.astype(np.float32) / scale).transpose(2, 0, 1))
+
+
+class SegmentationFiles(Dataset):
+    """Image and mask files of one split. Item: ``{"image": [C, H, W], "mask": [H, W],
+    "id": str}``; masks are uint8 class indices, :data:`MASK_IGNORE` where unlabelled.
+
+    File pairs and sizes are checked when the dataset is built (headers only); pixels are
+    read on access, or all at once with ``in_memory=True`` (small sets). Subclasses give
+    the files and :meth:`decode` (a mask file -> class indices); ``channels`` is 3 when
+    any image is colour, else 1.
     """
+
+    class_names: list[str] = []
+
+    def __init__(self, images: list[Path], labels: list[Path], where: str,
+                 in_memory: bool = False):
+        self.images, self.labels = images, labels
+        if not self.images:
+            raise DataError(f"{where}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        missing = [p for p in self.labels if not p.is_file()]
+        if missing:
+            i = self.labels.index(missing[0])
+            raise DataError(
+                f"{missing[0]}: label not found for image {self.images[i]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        self.size, self.channels = self._check_sizes()
+        self._cache: list[dict] | None = None
+        if in_memory:
+            self._cache = [self._load(i) for i in range(len(self))]
+
+    def _check_sizes(self) -> tuple[tuple[int, int], int]:
+        size, colour = None, False
+        for img, lbl in zip(self.images, self.labels, strict=True):
+            (s_img, mode), (s_lbl, _) = _header(img), _header(lbl)
+            colour = colour or mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr")
+            if s_img != s_lbl:
+                raise DataError(f"{img}: image is {s_img[1]}x{s_img[0]} but its label {lbl} is "
+                                f"{s_lbl[1]}x{s_lbl[0]} (HxW); they must match")
+            if size is None:
+                size, first = s_img, img
+            elif s_img != size:
+                raise DataError(f"{img}: size {s_img[1]}x{s_img[0]} differs from {first} "
+                                f"({size[1]}x{size[0]}); all images of a split must have one size")
+        return (size[1], size[0]), 3 if colour and self.colour_ok else 1  # (H, W)
+
+    #: whether colour images are read as RGB (else their first channel, a grayscale scan)
+    colour_ok = True
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as float32 [C, H, W] in [0, 1]."""
+        image = read_rgb(self.images[i]) if self.channels == 3 else read_image(self.images[i])
+        if not np.isfinite(image).all():
+            raise DataError(f"{self.images[i]}: image has NaN or Inf values")
+        return torch.from_numpy(image)
+
+    def decode(self, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Label ``i`` as class indices uint8 [H, W] (:data:`MASK_IGNORE`: unlabelled)."""
+        return torch.from_numpy(np.ascontiguousarray(self.decode(self.labels[i]), dtype=np.uint8))
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.stem for p in self.images]
+
+    def _load(self, i: int) -> dict:
+        return {"image": self.image(i), "mask": self.mask(i), "id": self.images[i].stem}
+
+    def __getitem__(self, i: int) -> dict:
+        return self._cache[i] if self._cache is not None else self._load(i)
+
+
+class BatteryDataset(SegmentationFiles):
+    """One split of the battery layout (module docstring); grayscale, 3 classes."""
+
+    class_names = list(CLASS_NAMES)
+    colour_ok = False
 
     def __init__(self, root: str | Path, split: str, in_memory: bool = False):
         if split not in SPLITS:
@@ -101,69 +201,19 @@ class BatteryDataset(Dataset):
                     f"{d}: folder not found; a dataset root needs "
                     f"{{train,validation,test}}_images/ and _label/ folders (see README, 'Data')"
                 )
-        self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise DataError(f"{img_dir}: no images (.png/.tif) in split '{split}'")
-        self.labels = [lbl_dir / p.name for p in self.images]
-        missing = [p for p in self.labels if not p.is_file()]
-        if missing:
-            raise DataError(
-                f"{missing[0]}: label not found for image {img_dir / missing[0].name}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        self.size = self._check_sizes()
-        self._cache: list[dict] | None = None
-        if in_memory:
-            self._cache = [self._load(i) for i in range(len(self))]
+        images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        super().__init__(images, [lbl_dir / p.name for p in images],
+                         f"{img_dir} (split '{split}')", in_memory)
 
-    def _check_sizes(self) -> tuple[int, int]:
-        size = None
-        for img, lbl in zip(self.images, self.labels, strict=True):
-            s_img, s_lbl = _header_size(img), _header_size(lbl)
-            if s_img != s_lbl:
-                raise DataError(f"{img}: image is {s_img[1]}x{s_img[0]} but its label {lbl} is "
-                                f"{s_lbl[1]}x{s_lbl[0]} (HxW); they must match")
-            if size is None:
-                size, first = s_img, img
-            elif s_img != size:
-                raise DataError(f"{img}: size {s_img[1]}x{s_img[0]} differs from {first} "
-                                f"({size[1]}x{size[0]}); all images of a split must have one size")
-        return size[1], size[0]  # (H, W)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image(self, i: int) -> torch.Tensor:
-        """Image ``i`` as float32 [1, H, W] in [0, 1]."""
-        image = read_image(self.images[i])
-        if not np.isfinite(image).all():
-            raise DataError(f"{self.images[i]}: image has NaN or Inf values")
-        return torch.from_numpy(image)
-
-    def mask(self, i: int) -> torch.Tensor:
-        """Label ``i`` as class indices uint8 [H, W]."""
-        return torch.from_numpy(read_label(self.labels[i]).astype(np.uint8))
-
-    @property
-    def ids(self) -> list[str]:
-        return [p.stem for p in self.images]
-
-    @property
-    def channels(self) -> int:
-        return 1
-
-    def _load(self, i: int) -> dict:
-        return {"image": self.image(i), "mask": self.mask(i), "id": self.images[i].stem}
-
-    def __getitem__(self, i: int) -> dict:
-        return self._cache[i] if self._cache is not None else self._load(i)
+    def decode(self, path: Path) -> np.ndarray:
+        return read_label(path)
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """(W, H) from the file header, without decoding pixels."""
+def _header(path: Path) -> tuple[tuple[int, int], str]:
+    """((W, H), mode) from the file header, without decoding pixels."""
     try:
         with Image.open(path) as img:
-            return img.size
+            return img.size, img.mode
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
 

@@ -33,7 +33,7 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
                               "first (the experiment reuses its models and report)")
     cfg = load_config(config_file=run_dir / "config.yaml")
     device = setup(cfg)
-    return FinishedRun(run_dir, cfg, device, load_stage_data(cfg.data, progress=show_progress))
+    return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress))
 
 
 def record_experiment(run_dir: Path, name: str, entry: dict) -> None:

@@ -9,13 +9,19 @@ Names:
 - ``smp:<Arch>:<encoder>``: any segmentation-models-pytorch architecture with a
   timm or smp encoder, for example ``smp:DeepLabV3Plus:resnet18`` or
   ``smp:Segformer:mit_b0``. Built with ``encoder_weights=None``: nothing is
-  downloaded.
+  downloaded (:func:`load_weights` reads encoder weights from a local file).
+- ``package.module:factory``: your own model, built by
+  ``factory(in_channels=C, num_classes=K, **kwargs)``; it must map ``[B, C, H, W]`` to
+  logits ``[B, K, H, W]``.
 """
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,6 +35,8 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 3, **kwargs
     """Return an untrained model ``[B, in_channels, H, W] -> logits [B, num_classes, H, W]``."""
     if name.startswith("smp:"):
         return _create_smp(name, in_channels, num_classes, **kwargs)
+    if ":" in name:
+        return _create_imported(name, in_channels, num_classes, **kwargs)
     if name == "unet" or name in UNET_NAMES:
         spec = dict(UNET_SIZES[name.removeprefix("unet_")]) if name != "unet" else {}
         mult = kwargs.pop("width_mult", None)
@@ -44,9 +52,74 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 3, **kwargs
         except TypeError as err:
             raise ConfigError(f"model '{name}': {err}") from None
     raise ConfigError(
-        f"unknown model name '{name}'; use one of {', '.join(UNET_NAMES)}, 'unet' "
-        "or 'smp:<Arch>:<encoder>' (e.g. smp:DeepLabV3Plus:resnet18)"
+        f"unknown model name '{name}'; use one of {', '.join(UNET_NAMES)}, 'unet', "
+        "'smp:<Arch>:<encoder>' (e.g. smp:DeepLabV3Plus:resnet18) or an import path "
+        "'package.module:factory'"
     )
+
+
+def _create_imported(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as err:
+        raise ConfigError(f"model '{name}': cannot import {module_name} ({err}); is it installed "
+                          "or on PYTHONPATH?") from None
+    except AttributeError:
+        raise ConfigError(f"model '{name}': {module_name} has no '{attr}'") from None
+    try:
+        model = factory(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model '{name}': {err}; the factory is called as "
+                          f"{attr}(in_channels=..., num_classes=..., **kwargs)") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model '{name}': the factory returned {type(model).__name__}, "
+                          "not a torch.nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a local PyTorch (``.pt``, ``.pth``; also inside a ``state_dict``
+    or ``model`` entry) or safetensors file; nothing is downloaded."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign files: many kinds
+        raise ConfigError(f"{path}: cannot read weights ({str(err).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path, part: str | None = None) -> None:
+    """Load a local weights file into ``model`` (or its submodule ``part``, e.g. an smp
+    model's ``encoder``); every tensor must fit, or a ConfigError lists what does not."""
+    target = model if part is None else getattr(model, part, None)
+    if target is None:
+        raise ConfigError(f"{path}: encoder weights given, but the model has no '{part}' "
+                          "(only segmentation-models-pytorch models have one)")
+    state = read_state_dict(path)
+    own = target.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"{path}: the weights do not fit the {part or 'model'}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            + (f", {len(wrong)} of another shape (e.g. {wrong[:2]})" if wrong else ""))
+    target.load_state_dict(state)
 
 
 def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:

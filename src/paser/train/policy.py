@@ -169,7 +169,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     setup(cfg)
     s2 = cfg.stage2
-    data = load_stage_data(cfg.data, progress=show_progress)
+    data = load_stage_data(cfg, progress=show_progress)
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     device = dist.device
     router = build_router(cfg, run_dir, device)

@@ -23,11 +23,11 @@ from torch import nn
 
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
-from paser.data import Tensors, load_stage_data
+from paser.data import IGNORE, Tensors, load_stage_data
 from paser.errors import CheckpointError, ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters, create_model
-from paser.models.registry import Resized
+from paser.models.registry import Resized, load_weights
 from paser.patches import PatchGrid
 from paser.train.common import (
     MetricLog,
@@ -44,9 +44,15 @@ from paser.train.distributed import Dist, launch
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def build_model(cfg: ExperimentConfig, spec: ModelSpec) -> nn.Module:
-    """The untrained model of a spec (wrapped to run at ``spec.input_size`` if set)."""
+def build_model(cfg: ExperimentConfig, spec: ModelSpec, initial: bool = True) -> nn.Module:
+    """The model of a spec (wrapped to run at ``spec.input_size`` if set), with the spec's
+    initial ``weights`` and ``encoder_weights`` when ``initial`` (training starts from
+    them; trained weights come from the run's checkpoints)."""
     model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
+    if initial and spec.encoder_weights:
+        load_weights(model, spec.encoder_weights, "encoder")
+    if initial and spec.weights:
+        load_weights(model, spec.weights)
     return Resized(model, spec.input_size) if spec.input_size else model
 
 
@@ -76,7 +82,7 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
             f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
             "config or re-run stage 1"
         )
-    model = build_model(cfg, spec).to(device)
+    model = build_model(cfg, spec, initial=False).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -96,9 +102,20 @@ def weighted_ce(cfg: ExperimentConfig, device: torch.device) -> Callable:
     weight = class_weight(cfg, device)
 
     def ce(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, weight=weight)
+        return masked_ce(logits, y, weight)
 
     return ce
+
+
+def masked_ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
+              ) -> torch.Tensor:
+    """Class-weighted cross entropy, the weighted mean over labelled pixels (``y`` =
+    :data:`paser.data.IGNORE` skipped), as ``F.cross_entropy``'s mean; 0 with none."""
+    total = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum")
+    valid = y[y != IGNORE]
+    mass = valid.new_tensor(valid.numel(), dtype=total.dtype) if weight is None else \
+        weight[valid].sum()
+    return total / mass.clamp_min(1e-12)  # no labelled pixel: total is 0, so is the loss
 
 
 def whole_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +239,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     device = setup(cfg)
-    data = load_stage_data(cfg.data, progress=show_progress)
+    data = load_stage_data(cfg, progress=show_progress)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
     dist = launch(cfg)  # after the data is in place: the other processes only read it
@@ -254,7 +271,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     def ce_kd(logits, y, idx):
         target = torch.from_numpy(teacher_logits[idx.numpy()]).to(logits.device).float()
-        return (1 - a_kd) * F.cross_entropy(logits, y, weight=weight) + a_kd * F.mse_loss(
+        return (1 - a_kd) * masked_ce(logits, y, weight) + a_kd * F.mse_loss(
             logits, target)
 
     f0 = build_model(cfg, f0_spec).to(device)

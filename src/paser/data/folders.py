@@ -1,0 +1,242 @@
+"""Your own data: a generic folder layout with a class map, and the Cityscapes layout.
+
+Generic folders (``data.dataset: folder``)::
+
+    <root>/classes.yaml                  # classes: {pixel value: name, ...}; ignore: 255
+    <root>/{train,validation,test}/images/*.png    (or .jpg, .tif)
+    <root>/{train,validation,test}/masks/*.png     (same file stems)
+
+or, without the split folders, ``<root>/images`` and ``<root>/masks``, cut into train /
+validation / test by ``data.holdout`` (seeded by ``data.split_seed``). Inputs are
+grayscale or RGB (8- or 16-bit); a set with any RGB image is read as RGB. Masks are 8-bit
+grayscale or palette PNGs whose values are the class map's keys, in its order the classes
+0, 1, ...; pixels equal to ``ignore`` are unlabelled: losses and metrics skip them.
+
+Cityscapes (``data.dataset: cityscapes``): ``leftImg8bit/<split>/<city>/*_leftImg8bit.png``
+with ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids of
+the benchmark, every other id is unlabelled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from paser.data.battery import IMAGE_SUFFIXES, MASK_IGNORE, SegmentationFiles
+from paser.errors import DataError
+
+#: The marker of a mask value the class map does not know (found when a mask is read).
+_UNKNOWN = 254
+FOLDER_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg", ".bmp")
+
+#: Cityscapes' 19 evaluation classes (train ids 0..18), and label id -> train id for the
+#: labelled ids (every other id, "unlabeled" to "license plate", is ignored).
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle")
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                        23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+class ClassMap:
+    """Mask value -> class index, from ``classes.yaml``: ``classes`` maps each pixel value
+    (0..255) to a class name, in class order; ``ignore`` (default 255) is unlabelled."""
+
+    def __init__(self, values: list[int], names: list[str], ignore: int | None = MASK_IGNORE,
+                 where: str = "class map"):
+        self.values, self.names, self.ignore, self.where = values, names, ignore, where
+        self.lut = np.full(256, _UNKNOWN, dtype=np.uint8)
+        self.lut[values] = np.arange(len(values), dtype=np.uint8)
+        if ignore is not None:
+            self.lut[ignore] = MASK_IGNORE
+
+    @classmethod
+    def read(cls, path: Path) -> ClassMap:
+        if not path.is_file():
+            raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
+                            "1: object}}' and optionally 'ignore: 255' (see README, 'Your own data')")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        classes = doc.get("classes") if isinstance(doc, dict) else None
+        unknown = set(doc) - {"classes", "ignore"} if isinstance(doc, dict) else set()
+        if not isinstance(classes, dict) or not classes or unknown:
+            raise DataError(f"{path}: expected 'classes: {{pixel value: name, ...}}' and optionally "
+                            f"'ignore: <value or null>'" + (f"; unknown keys {sorted(unknown)}"
+                                                            if unknown else ""))
+        ignore = doc.get("ignore", MASK_IGNORE)
+        values = list(classes)
+        bad = [v for v in [*values, ignore] if v is not None and (
+            isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255)]
+        if bad:
+            raise DataError(f"{path}: mask values must be integers 0..255 (8-bit masks), got {bad}")
+        if ignore in values:
+            raise DataError(f"{path}: value {ignore} is both a class and the ignore value")
+        if len(values) > 254:
+            raise DataError(f"{path}: {len(values)} classes; at most 254 are supported")
+        return cls(values, [str(classes[v]) for v in values], ignore, str(path))
+
+    def decode(self, arr: np.ndarray, path: Path) -> np.ndarray:
+        out = self.lut[arr]
+        if (out == _UNKNOWN).any():
+            vals = sorted(int(v) for v in np.unique(arr[out == _UNKNOWN]))
+            raise DataError(
+                f"{path}: mask values {vals[:8]}{' ...' if len(vals) > 8 else ''} are not in "
+                f"{self.where} (classes {self.values}, ignore {self.ignore}); add them there or "
+                "set those pixels to the ignore value")
+        return out
+
+
+def _read_mask_values(path: Path) -> np.ndarray:
+    """A mask's raw 8-bit values [H, W] (grayscale, palette indices, or equal RGB channels)."""
+    from paser.data.battery import _open
+
+    arr = _open(path)
+    if arr.ndim == 3:
+        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(3, arr.shape[-1]))):
+            raise DataError(f"{path}: a colour mask; save it as 8-bit grayscale or palette PNG "
+                            "whose values are the class map's keys")
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: a {arr.dtype} mask; masks must be 8-bit (grayscale or palette)")
+    return arr
+
+
+class FolderDataset(SegmentationFiles):
+    """One split of a generic folder dataset (see the module docstring)."""
+
+    def __init__(self, root: str | Path, split: str, holdout: tuple[float, float] = (0.1, 0.1),
+                 seed: int = 42):
+        root = Path(root)
+        self.classmap = ClassMap.read(root / "classes.yaml")
+        if (root / "train" / "images").is_dir():  # split folders: all three
+            if not (root / split / "images").is_dir():
+                raise DataError(f"{root / split / 'images'}: folder not found; with train/ "
+                                "there must be validation/ and test/ too, each with images/ "
+                                "and masks/")
+            pairs = _pairs(root / split / "images", root / split / "masks")
+        elif (root / "images").is_dir():
+            pairs = _pairs(root / "images", root / "masks")
+            pairs = [pairs[i] for i in _holdout(len(pairs), holdout, seed, root)[split]]
+        else:
+            raise DataError(f"{root}: neither {split}/images/ nor images/ found; a folder dataset "
+                            "has images/ and masks/ (optionally under train/, validation/, test/)")
+        super().__init__([p for p, _ in pairs], [m for _, m in pairs], f"{root} ({split})")
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.classmap.names
+
+    def decode(self, path: Path) -> np.ndarray:
+        return self.classmap.decode(_read_mask_values(path), path)
+
+
+class CityscapesDataset(SegmentationFiles):
+    """One split of the Cityscapes layout; labels are the 19 train ids, 255 elsewhere."""
+
+    class_names = list(CITYSCAPES_CLASSES)
+
+    def __init__(self, root: str | Path, split: str):
+        root = Path(root)
+        img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        for d in (img_dir, gt_dir):
+            if not d.is_dir():
+                raise DataError(f"{d}: folder not found; the Cityscapes layout has "
+                                f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/")
+        images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        labels = [gt_dir / p.parent.name / p.name.replace("_leftImg8bit.png",
+                                                          "_gtFine_labelIds.png")
+                  for p in images]
+        self.classmap = ClassMap(list(CITYSCAPES_TRAIN_IDS), list(CITYSCAPES_CLASSES), None,
+                                 "the Cityscapes label ids")
+        self.classmap.lut[:] = MASK_IGNORE
+        self.classmap.lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+        super().__init__(images, labels, f"{img_dir}")
+
+    def decode(self, path: Path) -> np.ndarray:
+        return self.classmap.lut[_read_mask_values(path)]
+
+
+def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    if not mask_dir.is_dir():
+        raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
+                        "file names")
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES}
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES)
+    # a missing mask is reported by SegmentationFiles, naming the image
+    return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+
+
+def _holdout(n: int, holdout: tuple[float, float], seed: int, root: Path) -> dict[str, list[int]]:
+    """Seeded train / validation / test cut of one folder of ``n`` images (at least one
+    image in each)."""
+    import torch
+
+    n_val, n_test = (max(1, round(n * share)) for share in holdout)
+    if n - n_val - n_test < 1:
+        raise DataError(f"{root}/images: {n} images are too few for data.holdout "
+                        f"{list(holdout)}; train, validation and test need one each at least")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"validation": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
+            "train": sorted(perm[n_val + n_test:])}
+
+
+def detect_layout(root: str | Path) -> str:
+    """``folder`` (a classes.yaml), ``cityscapes`` (leftImg8bit/) or ``battery``
+    (train_images/), from what is in ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    for marker, kind in (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
+                         ("train_images", "battery")):
+        if (root / marker).exists():
+            return kind
+    raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
+                    "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
+
+
+def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
+                  show_progress: bool = True) -> dict:
+    """Read every image and mask of a dataset folder (each problem is a DataError naming
+    the file) and count the classes of the training masks.
+
+    Returns per split its images, size and channels; the class names, each class's share
+    of the labelled training pixels, the unlabelled share, and suggested class weights by
+    median frequency balancing (``median(f) / f_c``; 0 for a class absent from train).
+    """
+    import torch
+
+    from paser.config import DataConfig
+    from paser.data import on_disk, open_split
+    from paser.train.common import progress
+
+    kind = dataset or detect_layout(root)
+    cfg = DataConfig(dataset=kind, root=Path(root))
+    splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
+    names = splits["train"].class_names
+    counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
+    with progress(show_progress) as bar:
+        for split, ds in splits.items():
+            task = bar.add_task(f"reading {split}", total=len(ds), info="")
+            for _, y in on_disk(ds, workers).batches(8):
+                if split == "train":
+                    counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
+                                             minlength=len(names) + 1)
+                bar.update(task, advance=len(y))
+    labelled = counts[:-1].sum().clamp_min(1)
+    freq = counts[:-1].double() / labelled
+    med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
+    weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
+    return {
+        "layout": kind, "root": str(root), "class_names": list(names),
+        "splits": {s: {"images": len(ds), "size": list(ds.size), "channels": ds.channels}
+                   for s, ds in splits.items()},
+        "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
+        "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
+        "suggested_class_weights": [round(w, 4) for w in weights.tolist()],
+        "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
+    }

@@ -1,0 +1,305 @@
+"""Your own data and models: a folder of RGB images with 5 classes and unlabelled pixels,
+a pool of three models, `paser data check`, and `paser run --config` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from paser.config import load_config
+from paser.data import IGNORE, labels, load_stage_data, open_split
+from paser.data.folders import check_dataset
+from paser.errors import ConfigError, DataError
+from paser.metrics import IoUAccumulator
+from paser.models import count_parameters, create_model
+from paser.train.pretrain import build_model, masked_ce
+
+
+def conv_net(in_channels: int, num_classes: int, width: int = 8) -> torch.nn.Module:
+    """A model of the user's own, built from its import path tests.test_own_data:conv_net."""
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, width, 3, padding=1),
+                               torch.nn.ReLU(), torch.nn.Conv2d(width, num_classes, 1))
+
+VALUES = [0, 40, 80, 120, 160]  # mask value of each class, in classes.yaml order
+COLOURS = np.array([[20, 20, 20], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]])
+
+
+def make_folder(root, counts=(12, 3, 3), size=(32, 32), seed=0):
+    """Blocks of 5 colour-coded classes with noise; a stripe of each mask is unlabelled."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump(
+        {"classes": {v: f"class{i}" for i, v in enumerate(VALUES)}, "ignore": 255}))
+    for split, n in zip(("train", "validation", "test"), counts, strict=True):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cls = np.kron(rng.integers(0, 5, (4, 4)), np.ones((size[0] // 4, size[1] // 4),
+                                                              dtype=np.int64))
+            img = COLOURS[cls] + rng.normal(0, 40, (*size, 3))
+            mask = np.array(VALUES, dtype=np.uint8)[cls]
+            mask[:, :2] = 255
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                root / split / "images" / f"img{i:02d}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"img{i:02d}.png")
+    return root
+
+
+POOL3 = """
+seed: 0
+num_threads: 1
+grid: [2, 2]
+mc_samples: 2
+data: {dataset: folder, root: ROOT}
+models:
+  in_channels: 3
+  num_classes: 5
+  f0: {name: unet_tiny}
+  pool:
+    - {name: "tests.test_own_data:conv_net", kwargs: {width: 4}}
+    - {name: unet, kwargs: {c0: 4, widths: [8, 8]}, weights: WEIGHTS}
+    - {name: unet, kwargs: {c0: 8, widths: [16, 16]}}
+stage1: {epochs: 2, batch_size: 4, lr: 0.01, class_weights: null}
+stage2: {epochs: 2, batch_size: 4, lr: 0.001}
+stage3: {epochs: 1, batch_size: 4}
+baselines:
+  monolithic: {}
+  matphase: {members: [{name: unet_tiny}], fusion_channels: 4}
+  timing_batch: 2
+  cascade_points: 3
+  curve_points: 3
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("own") / "data")
+
+
+def test_folder_split_reads_rgb_classes_and_the_ignore_value(folder):
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={folder}",
+                                 "models.in_channels=3", "models.num_classes=5",
+                                 "stage1.class_weights=null"])
+    train = open_split(cfg.data, "train")
+    assert (len(train), train.size, train.channels) == (12, (32, 32), 3)
+    assert train.class_names == [f"class{i}" for i in range(5)]
+    mask = np.asarray(Image.open(folder / "train" / "masks" / "img00.png"))
+    got = train.mask(0).numpy()
+    assert got[:, :2].tolist() == [[255, 255]] * 32  # unlabelled stays unlabelled
+    assert (got[:, 2:] == np.searchsorted(VALUES, mask[:, 2:])).all()
+    image = train.image(0)
+    raw = np.array(Image.open(folder / "train" / "images" / "img00.png"))
+    assert image.shape == (3, 32, 32) and torch.allclose(
+        image, torch.from_numpy(raw).permute(2, 0, 1).float() / 255)
+    data = load_stage_data(cfg, progress=False)
+    x, y = next(data.test.batches(3))
+    assert x.shape == (3, 3, 32, 32) and (y[:, :, :2] == IGNORE).all() and y.max() <= 4
+
+
+def test_unlabelled_pixels_count_in_no_loss_and_no_metric():
+    y = torch.tensor([[[0, 1], [IGNORE, 2]]])
+    logits = torch.randn(1, 3, 2, 2)
+    changed = logits.clone()
+    changed[0, :, 1, 0] = torch.tensor([9.0, -9.0, 3.0])  # only the unlabelled pixel
+    assert masked_ce(logits, y, None) == pytest.approx(masked_ce(changed, y, None).item())
+    w = torch.tensor([1.0, 2.0, 3.0])
+    pixels = logits[0][:, [0, 0, 1], [0, 1, 1]].T  # the labelled ones, [3, classes]
+    ref = torch.nn.functional.cross_entropy(pixels, torch.tensor([0, 1, 2]), weight=w)
+    assert masked_ce(logits, y, w).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert masked_ce(logits, torch.full_like(y, IGNORE), w).item() == 0.0
+    acc = IoUAccumulator(3)
+    acc.update(torch.tensor([[[0, 1], [1, 2]]]), y)  # the wrong guess is unlabelled
+    assert acc.compute()["miou"] == pytest.approx(1.0)
+    assert labels(torch.tensor([255, 3], dtype=torch.uint8)).tolist() == [IGNORE, 3]
+
+
+def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
+    other = make_folder(tmp_path / "d", counts=(3, 3, 3))
+    mask = other / "train" / "masks" / "img01.png"
+    arr = np.asarray(Image.open(mask)).copy()
+    arr[5, 5] = 77
+    Image.fromarray(arr).save(mask)
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={other}"])
+    with pytest.raises(DataError, match=r"img01.png: mask values \[77\] are not in .*classes.yaml"):
+        check_dataset(other, show_progress=False)
+    (other / "classes.yaml").write_text("classes: {0: a, 300: b}\n")
+    with pytest.raises(DataError, match=r"integers 0..255.*\[300\]"):
+        open_split(cfg.data, "train")
+    (other / "classes.yaml").unlink()
+    with pytest.raises(DataError, match="no class map"):
+        open_split(cfg.data, "train")
+    # a grayscale 3-class config on this RGB 5-class folder: which key to set
+    gray = load_config(overrides=["data.dataset=folder", f"data.root={folder}"])
+    with pytest.raises(ConfigError, match=r"models.in_channels.*RGB.*models.in_channels=3"):
+        load_stage_data(gray, progress=False)
+    rgb = load_config(overrides=["data.dataset=folder", f"data.root={folder}",
+                                 "models.in_channels=3"])
+    with pytest.raises(ConfigError, match=r"5 classes \(class0, .*models.num_classes=5"):
+        load_stage_data(rgb, progress=False)
+
+
+def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
+    root = make_folder(tmp_path / "flat", counts=(20, 1, 1))
+    for d in ("images", "masks"):  # one folder, no splits
+        (root / "train" / d).rename(root / d)
+    for d in ("train", "validation", "test"):
+        shutil.rmtree(root / d)
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}",
+                                 "data.holdout=[0.2, 0.1]"])
+    ids = {s: open_split(cfg.data, s).ids for s in ("train", "validation", "test")}
+    assert [len(v) for v in ids.values()] == [14, 4, 2]
+    assert sorted(sum(ids.values(), [])) == [f"img{i:02d}" for i in range(20)]
+
+
+def test_data_check_counts_classes_and_suggests_weights(folder):
+    r = check_dataset(folder, show_progress=False)
+    assert r["layout"] == "folder" and r["splits"]["train"] == {
+        "images": 12, "size": [32, 32], "channels": 3}
+    masks = np.stack([np.asarray(Image.open(p)) for p in
+                      sorted((folder / "train" / "masks").iterdir())])
+    labelled = masks[masks != 255]
+    expect = [(labelled == v).mean() for v in VALUES]
+    assert list(r["class_fractions"].values()) == pytest.approx(expect)
+    assert r["unlabelled_fraction"] == pytest.approx(2 / 32)
+    med = float(np.median(expect))
+    assert r["suggested_class_weights"] == pytest.approx([med / f for f in expect], abs=1e-4)
+    out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(folder)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "folder layout" in out.stdout and "models.num_classes=5" in out.stdout
+
+
+def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path):
+    weights = tmp_path / "f2.safetensors"  # f2 starts from local weights
+    save_file(create_model("unet", 3, 5, c0=4, widths=[8, 8]).state_dict(), weights)
+    config = tmp_path / "own.yaml"
+    config.write_text(POOL3.replace("ROOT", str(folder)).replace("WEIGHTS", str(weights)))
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "paser", "run", "--config", str(config),
+                          "--run-dir", str(run_dir)], capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    methods = results["methods"]
+    assert {"PaSeR", "Oracle", "IDK-Cascade", "f0", "f1", "f2", "f3", "MatPhase"} <= set(methods)
+    for name in ("PaSeR", "PaSeR-RandPol", "Oracle", "IDK-Cascade"):
+        assert len(methods[name]["fractions"]) == 4  # f0 and the three pool models
+        assert sum(methods[name]["fractions"]) == pytest.approx(1.0)
+    costs = results["costs"]
+    assert costs["patch"][1] < costs["patch"][2] < costs["patch"][3]
+    assert methods["f3"]["gflops"] == pytest.approx(costs["patch"][3] * costs["num_patches"])
+    assert methods["f3"]["gap_recovered"] == pytest.approx(1.0)
+    for m in methods.values():
+        assert 0.0 <= m["iou"] <= 1.0
+    summary = json.loads((run_dir / "stage1.json").read_text())["models"]
+    assert summary["f3"]["test_miou"] > 0.2  # colour-coded classes: learnable at once
+    seg = subprocess.run([sys.executable, "-m", "paser", "segment",
+                          str(folder / "test" / "images"), "--run-dir", str(run_dir),
+                          "--out", str(tmp_path / "seg")], capture_output=True, text=True,
+                         timeout=120)
+    assert seg.returncode == 0, seg.stderr[-2000:]
+    written = np.asarray(Image.open(tmp_path / "seg" / "img00_labels.png"))
+    assert written.shape == (32, 32) and written.max() <= 4
+
+
+def test_models_from_an_import_path_and_from_local_weights(tmp_path):
+    model = create_model("tests.test_own_data:conv_net", 3, 5, width=4)
+    assert count_parameters(model) == (3 * 9 + 1) * 4 + (4 + 1) * 5
+    assert model(torch.rand(2, 3, 8, 8)).shape == (2, 5, 8, 8)
+    for name, fragment in (("tests.no_such_module:f", "cannot import tests.no_such_module"),
+                           ("tests.test_own_data:nothing", "has no 'nothing'"),
+                           ("tests.test_own_data:make_folder", "make_folder")):
+        with pytest.raises(ConfigError, match=fragment):
+            create_model(name, 3, 5)
+    cfg = load_config(overrides=["models.in_channels=3", "models.num_classes=5"])
+    source = create_model("unet_tiny", 3, 5)
+    pt, st = tmp_path / "w.pt", tmp_path / "w.safetensors"
+    torch.save({"state_dict": source.state_dict()}, pt)
+    save_file(source.state_dict(), st)
+    for path in (pt, st):
+        spec = cfg.models.f0.model_copy(update={"weights": path})
+        built = build_model(cfg, spec)
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(),
+                                                     source.state_dict().values(), strict=True))
+    other = cfg.models.f0.model_copy(update={"name": "unet_small", "weights": st})
+    with pytest.raises(ConfigError, match=r"w.safetensors: the weights do not fit the model"):
+        build_model(cfg, other)
+    # a segmentation-models-pytorch encoder from a local file (nothing downloaded)
+    smp_spec = cfg.models.f0.model_copy(update={"name": "smp:Unet:resnet18"})
+    encoder = build_model(cfg, smp_spec).encoder.state_dict()
+    enc = tmp_path / "resnet18.pth"
+    torch.save({k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+                for k, v in encoder.items()}, enc)
+    loaded = build_model(cfg, smp_spec.model_copy(update={"encoder_weights": enc}))
+    assert (loaded.encoder.conv1.weight == 0.5).all()
+    assert not (loaded.decoder.blocks[0].conv1[0].weight == 0.5).all()
+    with pytest.raises(ConfigError, match="has no 'encoder'"):
+        build_model(cfg, cfg.models.f0.model_copy(update={"encoder_weights": enc}))
+
+
+def make_cityscapes(root, size=(64, 128), seed=0):
+    """The Cityscapes layout, two cities in train, one in val; label ids of every kind."""
+    rng = np.random.default_rng(seed)
+    for split, cities in (("train", {"aachen": 3, "bonn": 2}), ("val", {"lindau": 2})):
+        for city, n in cities.items():
+            for d in ("leftImg8bit", "gtFine"):
+                (root / d / split / city).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                stem = f"{city}_{i:06d}_000019"
+                ids = np.kron(rng.choice([0, 4, 7, 8, 11, 21, 23, 24, 26, 33], (4, 8)),
+                              np.ones((size[0] // 4, size[1] // 8), dtype=np.int64))
+                img = (ids * 7 % 256)[..., None] + rng.integers(0, 30, (*size, 3))
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                    root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+                Image.fromarray(ids.astype(np.uint8)).save(
+                    root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+    return root
+
+
+def test_cityscapes_layout_maps_label_ids_to_the_19_train_ids(tmp_path):
+    from paser.data.folders import CITYSCAPES_CLASSES, CityscapesDataset
+
+    root = make_cityscapes(tmp_path / "cs")
+    train = CityscapesDataset(root, "train")
+    assert len(train) == 5 and train.channels == 3 and train.size == (64, 128)
+    assert train.ids[0] == "aachen_000000_000019_leftImg8bit"
+    raw = np.asarray(Image.open(train.labels[0]))
+    got = train.mask(0).numpy()
+    expect = {0: 255, 4: 255, 7: 0, 8: 1, 11: 2, 21: 8, 23: 10, 24: 11, 26: 13, 33: 18}
+    for label_id, train_id in expect.items():
+        assert (got[raw == label_id] == train_id).all()
+    assert len(CITYSCAPES_CLASSES) == 19 and CITYSCAPES_CLASSES[13] == "car"
+    cfg = load_config(preset="cityscapes-segformer", overrides=[f"data.root={root}"])
+    assert [len(open_split(cfg.data, s)) for s in ("train", "validation", "test")] == [5, 2, 2]
+    with pytest.raises(DataError, match=r"leftImg8bit/test: folder not found"):
+        CityscapesDataset(root, "test")
+
+
+def test_cityscapes_segformer_preset_on_the_fixture(tmp_path):
+    """The paper's pool (a small UNet, SegFormer-B0, SegFormer-B5) through stages 1 to 3
+    and the report, on the tiny Cityscapes fixture with a tiny schedule (a 2 x 2 grid:
+    SegFormer takes sides divisible by 32)."""
+    root = make_cityscapes(tmp_path / "cs")
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "paser", "run", "--preset", "cityscapes-segformer",
+         f"data.root={root}", "--run-dir", str(run_dir), "grid=[2, 2]", "mc_samples=2",
+         "stage1.epochs=1", "stage1.batch_size=2", "stage2.epochs=1", "stage2.batch_size=2",
+         "stage3.epochs=1", "stage3.batch_size=2", "baselines.monolithic={}",
+         "baselines.matphase=null", "baselines.timing_batch=1", "baselines.cascade_points=2",
+         "baselines.curve_points=2", "stage3.tvd_sweep=[]"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    params = results["costs"]["params"]
+    assert params[1] < 4_000_000 < 80_000_000 < params[2]  # SegFormer-B0 and -B5
+    assert len(results["methods"]["PaSeR"]["fractions"]) == 3
