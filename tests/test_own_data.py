@@ -176,6 +176,14 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "folder layout" in out.stdout and "models.num_classes=5" in out.stdout
+    for args, message in (([str(folder.parent / "nowhere")], "nowhere: folder not found"),
+                          ([str(folder), "--layout", "foo"], "unknown layout 'foo'; use one of"),
+                          ([str(folder), "--layout", "cityscapes"], "leftImg8bit/train: folder "
+                           "not found")):
+        bad = subprocess.run([sys.executable, "-m", "paser", "data", "check", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and bad.stderr.count("\n") == 1, bad.stderr
+        assert message in bad.stderr
 
 
 def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path):

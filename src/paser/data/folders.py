@@ -185,6 +185,9 @@ def _holdout(n: int, holdout: tuple[float, float], seed: int, root: Path) -> dic
             "train": sorted(perm[n_val + n_test:])}
 
 
+LAYOUTS = ("folder", "cityscapes", "battery")
+
+
 def detect_layout(root: str | Path) -> str:
     """``folder`` (a classes.yaml), ``cityscapes`` (leftImg8bit/) or ``battery``
     (train_images/), from what is in ``root``."""
@@ -215,6 +218,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     from paser.train.common import progress
 
     kind = dataset or detect_layout(root)
+    if kind not in LAYOUTS:
+        raise DataError(f"unknown layout '{kind}'; use one of {', '.join(LAYOUTS)}")
     cfg = DataConfig(dataset=kind, root=Path(root))
     splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
     names = splits["train"].class_names

@@ -241,7 +241,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     device = setup(cfg)
     data = load_stage_data(cfg, progress=show_progress)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
-    grid.patch_size(*data.pre.images.shape[-2:])  # a grid larger than the image fails here
+    probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     device = dist.device
     weight = class_weight(cfg, device)
@@ -284,6 +284,26 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
+
+
+@torch.inference_mode()
+def probe_models(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None:
+    """Run every model once on an input of the size it will get (f0 the whole image, the
+    pool a patch with its halo), so that a model that cannot take it fails now, naming
+    its key, not after hours of training. A grid larger than the image fails here too."""
+    ph, pw = (s + 2 * grid.halo for s in grid.patch_size(h, w))
+    for (role, spec), key in zip(model_roles(cfg), _keys(cfg), strict=True):
+        size = (h, w) if role == "f0" else (ph, pw)
+        try:
+            build_model(cfg, spec, initial=False).eval()(
+                torch.zeros(1, cfg.models.in_channels, *size))
+        except (RuntimeError, ValueError, AssertionError) as err:
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            where = "the whole image" if role == "f0" else "a patch with its halo"
+            raise ConfigError(
+                f"key '{key.removesuffix('.groups')}': {spec.name} cannot run on {where} of "
+                f"{size[0]} x {size[1]} ({first}); choose a grid (or halo) whose patches suit "
+                "it, or another model") from None
 
 
 def _keys(cfg: ExperimentConfig) -> list[str]:
