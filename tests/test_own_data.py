@@ -311,3 +311,24 @@ def test_cityscapes_segformer_preset_on_the_fixture(tmp_path):
     params = results["costs"]["params"]
     assert params[1] < 4_000_000 < 80_000_000 < params[2]  # SegFormer-B0 and -B5
     assert len(results["methods"]["PaSeR"]["fractions"]) == 3
+
+
+def test_a_pool_of_one_model_runs_end_to_end(folder, tmp_path):
+    """K = 1: f0 or f1 per patch; every method and table still has its entries."""
+    from paser.run import run
+
+    cfg = load_config(config_file=_write(tmp_path, POOL3.replace("ROOT", str(folder))),
+                      overrides=["models.pool=[{name: unet, kwargs: {c0: 4, widths: [8, 8]}}]",
+                                 "baselines.matphase=null", "stage3.epochs=0"])
+    results = run(cfg, tmp_path / "run", show_progress=False, echo=lambda line: None)
+    methods = results["methods"]
+    assert "f1" in methods and "f2" not in methods
+    assert methods["f1"]["gap_recovered"] == pytest.approx(1.0)
+    for name in ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "Oracle"):
+        assert len(methods[name]["fractions"]) == 2
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
