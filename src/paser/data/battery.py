@@ -49,14 +49,6 @@ def _open(path: Path) -> np.ndarray:
     return arr
 
 
-def _open_as(path: Path, mode: str) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
-
-
 def _first_channel(arr: np.ndarray) -> np.ndarray:
     """RGB(A) of a grayscale scan: the channels are equal, keep one."""
     return arr[..., 0] if arr.ndim == 3 else arr
@@ -99,9 +91,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """An input image as float32 [3, H, W] in [0, 1]: RGB(A) 8- or 16-bit, grayscale
     repeated on the three channels."""
     path = Path(path)
-    arr = _open(path)
-    if arr.ndim == 2 and Image.open(path).mode == "P":  # palette indices: their colours
-        arr = _open_as(path, "RGB")
+    try:
+        with Image.open(path) as img:
+            # palette, CMYK, ...: their colours; 8- and 16-bit grayscale and RGB as stored
+            keep = img.mode in ("L", "I;16", "I;16B", "RGB", "RGBA")
+            arr = np.asarray(img if keep else img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     arr = arr[..., :3]
