@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -150,22 +151,38 @@ def data_synth(
                f"nickel {frac['nickel']:.3f}")
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def pretrain(
-    run_dir: Path = RUN_DIR,
-    overrides: list[str] = OVERRIDES,
-    preset: str = PRESET,
-    config: Path = CONFIG,
-    resume: bool = RESUME,
-    devices: int = DEVICES,
-    num_nodes: int = NUM_NODES,
-    precision: str = PRECISION,
-) -> None:
-    """Stage 1: train f1..fK on patches, then f0 with distillation from fK."""
-    from paser.train.pretrain import pretrain as run
+def _training_command(name: str, step: str, train: str, doc: str, **settings):
+    """Register a training command: the options every stage shares, :func:`_train` with the
+    library function ``train`` ("module:function", imported when the command runs), then
+    the decorated function, which reports the result: ``report(result, run_dir)``."""
 
-    summary = _train("stage1", run, run_dir, overrides, preset, config, resume, devices,
-                     num_nodes, precision)
+    def register(report):
+        def command(
+            run_dir: Path = RUN_DIR,
+            overrides: list[str] = OVERRIDES,
+            preset: str = PRESET,
+            config: Path = CONFIG,
+            resume: bool = RESUME,
+            devices: int = DEVICES,
+            num_nodes: int = NUM_NODES,
+            precision: str = PRECISION,
+        ) -> None:
+            module, _, function = train.partition(":")
+            fn = getattr(importlib.import_module(module), function)
+            report(_train(step, fn, run_dir, overrides, preset, config, resume, devices,
+                          num_nodes, precision), run_dir)
+
+        command.__doc__ = doc
+        app.command(name, **settings)(command)
+        return report
+
+    return register
+
+
+@_training_command("pretrain", "stage1", "paser.train.pretrain:pretrain",
+                   "Stage 1: train f1..fK on patches, then f0 with distillation from fK.",
+                   context_settings={"allow_extra_args": False})
+def _report_pretrain(summary: dict, run_dir: Path) -> None:
     typer.echo(f"stage 1 done ({summary['flop_convention']}):")
     for role, m in summary["models"].items():
         typer.echo(f"  {role} {m['name']:<12} params {m['parameters']:>11,}  "
@@ -174,44 +191,18 @@ def pretrain(
     typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
 
 
-@app.command("train-policy")
-def train_policy(
-    run_dir: Path = RUN_DIR,
-    overrides: list[str] = OVERRIDES,
-    preset: str = PRESET,
-    config: Path = CONFIG,
-    resume: bool = RESUME,
-    devices: int = DEVICES,
-    num_nodes: int = NUM_NODES,
-    precision: str = PRECISION,
-) -> None:
-    """Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1)."""
-    from paser.train.policy import train_policy as run
-
-    summary = _train("stage2", run, run_dir, overrides, preset, config, resume, devices,
-                     num_nodes, precision)
+@_training_command("train-policy", "stage2", "paser.train.policy:train_policy",
+                   "Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1).")
+def _report_policy(summary: dict, run_dir: Path) -> None:
     val = summary["best_val"]
     typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
                f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
                f"patches per model {', '.join(f'{f:.1%}' for f in val['fractions'])}")
 
 
-@app.command()
-def finetune(
-    run_dir: Path = RUN_DIR,
-    overrides: list[str] = OVERRIDES,
-    preset: str = PRESET,
-    config: Path = CONFIG,
-    resume: bool = RESUME,
-    devices: int = DEVICES,
-    num_nodes: int = NUM_NODES,
-    precision: str = PRECISION,
-) -> None:
-    """Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2)."""
-    from paser.train.finetune import finetune as run
-
-    summary = _train("stage3", run, run_dir, overrides, preset, config, resume, devices,
-                     num_nodes, precision)
+@_training_command("finetune", "stage3", "paser.train.finetune:finetune",
+                   "Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2).")
+def _report_finetune(summary: dict, run_dir: Path) -> None:
     best = summary["best"]
     if best is None:
         typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
@@ -221,22 +212,9 @@ def finetune(
                f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
 
 
-@app.command()
-def baselines(
-    run_dir: Path = RUN_DIR,
-    overrides: list[str] = OVERRIDES,
-    preset: str = PRESET,
-    config: Path = CONFIG,
-    resume: bool = RESUME,
-    devices: int = DEVICES,
-    num_nodes: int = NUM_NODES,
-    precision: str = PRECISION,
-) -> None:
-    """The paper's baselines: train every monolithic model and MatPhase on D_pre."""
-    from paser.baselines.monolithic import train_baselines
-
-    roles = _train("baselines", train_baselines, run_dir, overrides, preset, config, resume,
-                   devices, num_nodes, precision)
+@_training_command("baselines", "baselines", "paser.baselines.monolithic:train_baselines",
+                   "The paper's baselines: train every monolithic model and MatPhase on D_pre.")
+def _report_baselines(roles: list[str], run_dir: Path) -> None:
     typer.echo(f"baselines trained: {', '.join(roles) or 'none configured'}; checkpoints in "
                f"{Path(run_dir) / 'checkpoints'}, metrics in "
                f"{Path(run_dir) / 'metrics' / 'baselines.jsonl'}")
