@@ -43,12 +43,13 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
 
 class ClassMap:
     """Mask value -> class index, from ``classes.yaml``: ``classes`` maps each pixel value
-    (0..255) to a class name, in class order; ``ignore`` (default 255) is unlabelled."""
+    (0..255) to a class name, in class order; ``ignore`` (default 255) is unlabelled. A
+    value not listed is an error, or unlabelled with ``unlisted_ignored``."""
 
     def __init__(self, values: list[int], names: list[str], ignore: int | None = MASK_IGNORE,
-                 where: str = "class map"):
+                 where: str = "class map", unlisted_ignored: bool = False):
         self.values, self.names, self.ignore, self.where = values, names, ignore, where
-        self.lut = np.full(256, _UNKNOWN, dtype=np.uint8)
+        self.lut = np.full(256, MASK_IGNORE if unlisted_ignored else _UNKNOWN, dtype=np.uint8)
         self.lut[values] = np.arange(len(values), dtype=np.uint8)
         if ignore is not None:
             self.lut[ignore] = MASK_IGNORE
@@ -106,7 +107,20 @@ def _read_mask_values(path: Path) -> np.ndarray:
     return arr
 
 
-class FolderDataset(SegmentationFiles):
+class _ClassMapped(SegmentationFiles):
+    """Masks decoded by a :class:`ClassMap` (``self.classmap``)."""
+
+    classmap: ClassMap
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.classmap.names
+
+    def decode(self, path: Path) -> np.ndarray:
+        return self.classmap.decode(_read_mask_values(path), path)
+
+
+class FolderDataset(_ClassMapped):
     """One split of a generic folder dataset (see the module docstring)."""
 
     def __init__(self, root: str | Path, split: str, holdout: tuple[float, float] = (0.1, 0.1),
@@ -127,18 +141,13 @@ class FolderDataset(SegmentationFiles):
                             "has images/ and masks/ (optionally under train/, validation/, test/)")
         super().__init__([p for p, _ in pairs], [m for _, m in pairs], f"{root} ({split})")
 
-    @property
-    def class_names(self) -> list[str]:
-        return self.classmap.names
 
-    def decode(self, path: Path) -> np.ndarray:
-        return self.classmap.decode(_read_mask_values(path), path)
-
-
-class CityscapesDataset(SegmentationFiles):
+class CityscapesDataset(_ClassMapped):
     """One split of the Cityscapes layout; labels are the 19 train ids, 255 elsewhere."""
 
-    class_names = list(CITYSCAPES_CLASSES)
+    # the train ids follow the label ids' order: the listed ids map to 0, 1, ..., 18
+    classmap = ClassMap(list(CITYSCAPES_TRAIN_IDS), list(CITYSCAPES_CLASSES), None,
+                        "the Cityscapes label ids", unlisted_ignored=True)
 
     def __init__(self, root: str | Path, split: str):
         root = Path(root)
@@ -151,14 +160,7 @@ class CityscapesDataset(SegmentationFiles):
         labels = [gt_dir / p.parent.name / p.name.replace("_leftImg8bit.png",
                                                           "_gtFine_labelIds.png")
                   for p in images]
-        self.classmap = ClassMap(list(CITYSCAPES_TRAIN_IDS), list(CITYSCAPES_CLASSES), None,
-                                 "the Cityscapes label ids")
-        self.classmap.lut[:] = MASK_IGNORE
-        self.classmap.lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
         super().__init__(images, labels, f"{img_dir}")
-
-    def decode(self, path: Path) -> np.ndarray:
-        return self.classmap.lut[_read_mask_values(path)]
 
 
 def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
