@@ -40,7 +40,7 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     if not isinstance(data, Tensors):
         data = on_disk(data, num_workers)
     for images, masks in data.batches(batch_size):
-        x, y = images.to(device), masks.long().to(device)
+        x, y = images.to(device), masks.to(device)
         forced = (None if force_action is None else torch.full(
             (x.shape[0], grid.num_patches), force_action, dtype=torch.long, device=device))
         out = router(x, mode=mode, bias=bias, mc_seed=mc_seed, actions=forced)

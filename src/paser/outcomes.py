@@ -52,7 +52,7 @@ class PatchOutcomes:
                                                                  "entropy", "nll")}
         for images, masks in data.batches(batch_size):
             x = grid.pad(images.to(device))
-            y = grid.pad(masks.long().to(device), mode="constant", value=-1)
+            y = grid.pad(masks.to(device), mode="constant", value=-1)
             mc = router.observe(x, mc_seed)
             patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
             probs = [grid.split(mc.probs)] + [grid.centre(m(patches)).float().softmax(1)

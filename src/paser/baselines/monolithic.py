@@ -175,7 +175,7 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
         order = torch.randperm(len(data.pre), generator=gen)
         batches = order.split(bs)
         for idx, (x, y) in zip(batches, data.pre.gather(batches), strict=True):
-            x, y = x.to(device), y.long().to(device)
+            x, y = x.to(device), y.to(device)
             probs = torch.from_numpy(cached[idx.numpy()]).to(device).float()
             loss = masked_ce(model.fuse(x, probs), y, weight)
             opt.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ def choose_gate(model: MatPhase, val: Tensors, num_classes: int, batch_size: int
         fused, first = predicted_classes(model.fuse(x, probs)), predicted_classes(probs[:, :c])
         doubt = entropy(probs[:, :c])
         for tau, acc in zip(candidates, accs, strict=True):
-            acc.update(torch.where(doubt > tau, fused, first).cpu(), y.long())
+            acc.update(torch.where(doubt > tau, fused, first).cpu(), y)
     mious = [acc.compute()["miou"] for acc in accs]
     return candidates[max(range(len(mious)), key=mious.__getitem__)]
 

@@ -60,7 +60,7 @@ def measure(predict: Predictor, data: Tensors, num_classes: int, batch_size: int
         out = predict(x, torch.arange(i, i + x.shape[0]))
         _sync(device)
         seconds += time.perf_counter() - start
-        acc.update(out.mask.cpu(), y.long())
+        acc.update(out.mask.cpu(), y)
         gflops += float(out.gflops.sum())
         if out.actions is not None and num_models:
             counts += torch.bincount(out.actions.reshape(-1).cpu(), minlength=num_models)

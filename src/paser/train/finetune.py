@@ -97,7 +97,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             loaded = data.ft.gather(idx[rows] for idx, rows in zip(batches, shares, strict=True))
             for idx, rows, (images, masks) in zip(batches, shares, loaded, strict=True):
                 x = grid.pad(images.to(device))
-                y = grid.pad(masks.long().to(device), mode="constant", value=-1)
+                y = grid.pad(masks.to(device), mode="constant", value=-1)
                 r, gain, paid, task_loss = _joint_step(router, opts, x, y, alpha, lam, cost,
                                                        weight, ncls, dist, rows, len(idx))
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)

@@ -142,7 +142,7 @@ def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes
     model.eval()
     acc = IoUAccumulator(num_classes)
     for x, y in data.batches(batch_size):
-        acc.update(predicted_classes(forward(model, x.to(device))).cpu(), y.long())
+        acc.update(predicted_classes(forward(model, x.to(device))).cpu(), y)
     return acc.compute()["miou"]
 
 
@@ -194,7 +194,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             loaded = train.gather(dist.shard(idx) for idx in batches)
             for idx, (x, y) in zip(batches, loaded, strict=True):
                 mine = dist.shard(idx)
-                x, y = x.to(device), y.long().to(device)
+                x, y = x.to(device), y.to(device)
                 with dist.autocast():
                     logits = forward(model, x)
                     # DDP averages the processes' gradients: weighting each share by its size
