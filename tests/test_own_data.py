@@ -332,3 +332,40 @@ def _write(tmp_path, text):
     path = tmp_path / "config.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_pool_model_that_cannot_take_its_patch_fails_before_training(tmp_path):
+    from tests.test_pipeline import TINY
+
+    from paser.train.pretrain import pretrain
+
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY, f"data.cache_dir={tmp_path / 'c'}", "grid=[16, 16]", "halo=0"])
+    with pytest.raises(ConfigError, match=r"key 'models.pool.0': unet cannot run on a patch "
+                                          r"with its halo of 2 x 2 \(.*\); choose a grid"):
+        pretrain(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_palette_and_grayscale_inputs_read_as_their_colours(tmp_path):
+    from paser.data.battery import read_rgb
+
+    img = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.save(tmp_path / "p.png")
+    assert read_rgb(tmp_path / "p.png")[:, 0].tolist() == [[1, 0], [0, 0], [0, 1]]
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "g.png")
+    assert read_rgb(tmp_path / "g.png")[:, 0].tolist() == [[0, 1]] * 3
+
+
+def test_stream_auto_streams_above_its_size(folder):
+    from paser.data import streams
+
+    sets = [open_split(load_config(overrides=["data.dataset=folder", f"data.root={folder}"]).data,
+                       s) for s in ("train", "validation", "test")]
+    size_mb = 18 * 32 * 32 * (4 * 3 + 1) / 2**20  # float32 RGB images and uint8 masks
+    for above, expect in ((size_mb * 0.99, True), (size_mb * 1.01, False)):
+        cfg = load_config(overrides=[f"data.stream_above_mb={above}"]).data
+        assert streams(cfg, sets) is expect
+    for mode, expect in (("always", True), ("never", False)):
+        assert streams(load_config(overrides=[f"data.stream={mode}"]).data, sets) is expect
