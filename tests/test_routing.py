@@ -15,6 +15,19 @@ def test_policy_matches_the_reference_size():
     assert RoutingPolicy(4, 5)(torch.rand(2, 2, 32, 48)).shape == (2, 4, 5)
 
 
+def test_policy_stride_two_keeps_the_parameters_and_quarters_the_flops():
+    flops = {}
+    for stride in (1, 2):
+        policy = RoutingPolicy(16, 3, head="local", grid=(4, 4), stride=stride).eval()
+        assert count_parameters(policy) == 14_736 + 17 * 3
+        with FlopCounterMode(display=False) as counter:
+            assert policy(torch.rand(1, 2, 128, 128)).shape == (1, 16, 3)
+        flops[stride] = counter.get_total_flops()
+    # every convolution runs on a quarter of the positions; only the tiny heads do not
+    assert flops[1] == 140_512_256
+    assert flops[2] / flops[1] == pytest.approx(0.25, abs=0.001)
+
+
 def test_mc_passes_share_the_encoder_and_run_the_decoder_t_times():
     torch.manual_seed(0)
     f0 = create_model("unet_tiny").eval()

@@ -182,6 +182,8 @@ class Stage2Config(_Strict):
     cost: Literal["params", "flops"] = Field("params", description="cost of a model in the reward")
     head: Literal["global", "local"] = Field(
         "global", description="policy head: global (the reference) or local (patch-aware)")
+    stride: int = Field(1, ge=1, le=4, description="stride of the policy's first convolution: "
+                        "1 as the reference; 2 for about a quarter of its FLOPs")
     alpha: tuple[float, float] = Field((0.7, 0.95), description="exploration: start, end")
 
 
@@ -239,8 +241,9 @@ class BaselinesConfig(_Strict):
         description="whole-image models trained from scratch, by report name")
     matphase: MatPhaseConfig | None = Field(MatPhaseConfig(), description="null = skip MatPhase")
     cascade_points: int = Field(11, ge=2, description="IDK-Cascade: thresholds per model in the search")
-    iou_match_tol: float = Field(0.005, ge=0, description="IDK-Cascade (IoU match): IoU tolerance")
-    curve_points: int = Field(21, ge=2, description="points per model on the report's curves")
+    iou_match_tol: float = Field(0.005, ge=0, description="IDK-Cascade (IoU match): how far "
+                                 "below PaSeR's IoU it may stay when it cannot reach it")
+    curve_points: int = Field(41, ge=2, description="points per model on the report's curves")
     timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
 
 

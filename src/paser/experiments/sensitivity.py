@@ -24,7 +24,6 @@ from scipy import stats
 from paser.data import Tensors
 from paser.experiments.finished import open_finished, record_experiment
 from paser.experiments.report import pyplot, save_figure
-from paser.models import RoutingPolicy
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.train.common import progress
@@ -34,6 +33,7 @@ from paser.train.policy import (
     fractions,
     greedy_actions,
     linear,
+    make_policy,
     policy_epoch,
 )
 from paser.uncertainty import mc_predict, seeded
@@ -79,8 +79,7 @@ def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
         task = bar.add_task("lam sweep", total=len(lams) * max(epochs, 1), info="")
         for lam in lams:
             torch.manual_seed(cfg.seed)
-            policy = RoutingPolicy(router.grid.num_patches, router.num_models,
-                                   head=s2.head, grid=cfg.grid).to(device)
+            policy = make_policy(cfg, router.num_models).to(device)
             opt = torch.optim.Adam(policy.parameters(), lr=s2.lr)
             best, best_state, best_epoch = -float("inf"), policy.state_dict(), -1
             for epoch in range(epochs):

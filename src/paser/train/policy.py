@@ -45,6 +45,13 @@ from paser.train.distributed import Dist, launch
 from paser.train.pretrain import load_trained, model_roles
 
 
+def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy:
+    """A fresh policy as the config describes it (grid, head, stride)."""
+    rows, cols = cfg.grid
+    return RoutingPolicy(rows * cols, num_models, head=cfg.stage2.head, grid=cfg.grid,
+                         stride=cfg.stage2.stride)
+
+
 def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.device,
                  policy_state: dict | None = None, pool_states: list[dict] | None = None
                  ) -> Router:
@@ -52,8 +59,7 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     roles = [role for role, _ in model_roles(cfg)]
     k = len(roles) - 1
-    policy = RoutingPolicy(grid.num_patches, len(roles), head=cfg.stage2.head,
-                           grid=cfg.grid).to(device)
+    policy = make_policy(cfg, len(roles)).to(device)
     if pool_states is not None and len(pool_states) != k:
         raise CheckpointError(f"{run_dir}: the fine-tuned checkpoint holds a pool of K = "
                               f"{len(pool_states)} models, the config asks for K = {k}; use "
