@@ -85,6 +85,59 @@ def test_fit_cascade_minimises_ce_plus_cost_and_match_is_cheapest_reaching():
     assert not unreachable.reached
 
 
+def test_iou_match_is_the_least_upper_bound_on_the_cascade_curve():
+    # one patch per image; f0 is right on images 0-3, f1 (and f2) on every image, and
+    # f0's entropy rises with the image index: escalating the i most uncertain images
+    # gives exactly the curve points (IoU, GFLOP) that the match must choose among
+    n = 10
+    entropy = torch.stack([torch.linspace(0, 1, n), torch.zeros(n), torch.zeros(n)], -1)[:, None]
+    right = torch.tensor([[[1, 0], [1, 0], [1, 0]]])  # inter per class, union = 1 for class 0
+    wrong = torch.tensor([[[0, 0], [1, 0], [1, 0]]])
+    inter = torch.cat([right.expand(4, -1, -1), wrong.expand(n - 4, -1, -1)])[:, None]
+    union = torch.zeros_like(inter)
+    union[..., 0] = 1
+    out = _outcomes(entropy, torch.zeros(n, 1, 3), inter, union)
+    costs = CostTable(f0_pass=1.0, mc_samples=1, policy=0.5, patch=[0.0, 0.25, 2.0],
+                      params=[10, 30, 60], num_patches=1)
+    # f0 everywhere: 4 of 10 images right (IoU 0.4 ... 1.0 as the wrong ones escalate)
+    match = match_cascade(out, costs, 0.75, tol=0.005, points=11)
+    assert match.reached and match.miou == pytest.approx(0.8)  # 0.7 < 0.75 <= 0.8
+    assert match.gflops == pytest.approx(1.0 + 0.25 * 4 / 10)  # the four most uncertain
+    # an exact hit is its own least upper bound
+    assert match_cascade(out, costs, 0.8, points=11).miou == pytest.approx(0.8)
+    # unreachable: within tol below the best the cascade can do, else its best, not reached
+    assert match_cascade(out, costs, 1.004, tol=0.005, points=11).reached
+    best = match_cascade(out, costs, 1.5, tol=0.005, points=11)
+    assert not best.reached and best.miou == pytest.approx(1.0)
+
+
+def test_cascade_sweep_quantiles_reach_every_share_of_patches():
+    from paser.baselines.routed import threshold_grid
+    entropy = torch.rand(50, 4, 3, generator=torch.Generator().manual_seed(0))
+    taus = threshold_grid(entropy, 11, extremes=True, quantiles=True)
+    shares = {round(float((cascade_actions(entropy, t) > 0).float().mean()), 2) for t in taus}
+    # escalated share of patches in steps of 10 % (quantile ties aside), plus none and all
+    assert {0.0, 0.1, 0.2, 0.5, 0.9, 1.0} <= shares
+
+
+def test_cascade_sweep_caps_the_grid_and_scores_it_in_chunks(monkeypatch):
+    import paser.baselines.routed as routed
+    gen = torch.Generator().manual_seed(0)
+    n, p = 6, 2
+    inter = torch.randint(0, 5, (n, p, 4, 2), generator=gen)
+    out = _outcomes(torch.rand(n, p, 4, generator=gen), torch.rand(n, p, 4, generator=gen),
+                    inter, inter + torch.randint(0, 5, (n, p, 4, 2), generator=gen))
+    costs = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 1.0, 2.0],
+                      params=[10, 20, 30, 60], num_patches=p)
+    taus, miou, gflops = routed.cascade_sweep(out, costs, points=41, max_settings=1000)
+    assert len(taus) == 10 ** 3  # K = 3: 8 quantiles + 2 extremes per model
+    monkeypatch.setattr(routed, "_SWEEP_CHUNK", 7 * n * p * 4)  # 7 settings per chunk
+    chunked = routed.cascade_sweep(out, costs, points=41, max_settings=1000)
+    assert torch.equal(chunked[0], taus) and torch.allclose(chunked[1], miou)
+    assert torch.allclose(chunked[2], gflops)
+    assert float(miou[0]) == pytest.approx(out.miou(torch.full((n, p), 3)))  # never stop
+
+
 def test_pareto_and_area_by_hand():
     xs, ys = pareto(torch.tensor([3.0, 1.0, 2.0, 4.0]), torch.tensor([0.6, 0.5, 0.4, 0.7]))
     assert xs == [1.0, 3.0, 4.0] and ys == pytest.approx([0.5, 0.6, 0.7])

@@ -147,8 +147,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     notes.append("IDK-Cascade uses f0's Monte Carlo mean (T passes, as PaSeR) and pays for "
                  "every model that ran on a patch; it has no policy. Its thresholds were "
                  f"grid-searched on validation (CE + {lam} * cost): {cascade.taus}.")
-    notes.append(f"IDK-Cascade (IoU match): the cheapest thresholds whose test IoU reaches "
-                 f"PaSeR's within {b.iou_match_tol}: {match.taus}"
+    notes.append(f"IDK-Cascade (IoU match): the cheapest thresholds whose test IoU is at least "
+                 f"PaSeR's (the least upper bound on the cascade's curve; within "
+                 f"{b.iou_match_tol} below it only if the cascade never reaches it): "
+                 f"{match.taus}"
                  + ("" if match.reached else " (PaSeR's IoU was never reached: the most "
                     "accurate thresholds are used)") + ".")
     notes.append("Oracle: per patch, the action with the highest true reward at the run's "
