@@ -14,6 +14,7 @@ from paser.baselines.routed import (
     oracle_actions,
     pareto,
     random_actions,
+    threshold_grid,
 )
 from paser.data import Tensors
 from paser.experiments.report import step_area
@@ -70,7 +71,6 @@ def test_fit_cascade_minimises_ce_plus_cost_and_match_is_cheapest_reaching():
     cost = torch.tensor([0.0, 0.3, 0.7])
     fit = fit_cascade(out, COSTS, cost, lam=0.5, points=5)
     # brute force over the same grid
-    from paser.baselines.routed import threshold_grid
     best = min(
         (float((nll.gather(-1, cascade_actions(entropy, t)[..., None])[..., 0]
                 + 0.5 * cost.cumsum(0)[cascade_actions(entropy, t)]).mean()), t.tolist())
@@ -112,7 +112,6 @@ def test_iou_match_is_the_least_upper_bound_on_the_cascade_curve():
 
 
 def test_cascade_sweep_quantiles_reach_every_share_of_patches():
-    from paser.baselines.routed import threshold_grid
     entropy = torch.rand(50, 4, 3, generator=torch.Generator().manual_seed(0))
     taus = threshold_grid(entropy, 11, extremes=True, quantiles=True)
     shares = {round(float((cascade_actions(entropy, t) > 0).float().mean()), 2) for t in taus}
