@@ -106,3 +106,24 @@ def test_a_half_written_metric_line_is_dropped_on_resume(tmp_path):
     assert log.read() == [{"model": "f1", "epoch": 0, "loss": 1.0}]
     log.truncate_after("f1", 0)
     assert log.path.read_text() == '{"model": "f1", "epoch": 0, "loss": 1.0}\n'
+
+
+def test_a_kill_between_an_epochs_line_and_its_checkpoint_loses_no_line(tmp_path, monkeypatch):
+    """The epoch's line is written before its resume checkpoint: killed between the two, the
+    run resumes at that epoch, drops the line and writes it again (the other order would
+    resume after an epoch whose line is gone)."""
+    import paser.train.common as common
+
+    log, last = MetricLog(tmp_path / "m.jsonl"), tmp_path / "last.pt"
+    log.end_epoch({"model": "policy", "epoch": 0}, {"epoch": 0}, last)
+
+    def killed(obj, path):
+        raise KeyboardInterrupt  # stands for SIGKILL after the line, before the checkpoint
+
+    monkeypatch.setattr(common, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        log.end_epoch({"model": "policy", "epoch": 1}, {"epoch": 1}, last)
+    assert [r["epoch"] for r in log.read()] == [0, 1]
+    resumed = torch.load(last)["epoch"] + 1  # what --resume starts from
+    log.truncate_after("policy", resumed - 1)
+    assert (resumed, [r["epoch"] for r in log.read()]) == (1, [0])

@@ -146,6 +146,15 @@ class MetricLog:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def end_epoch(self, record: dict, state: dict, last_path: str | Path) -> None:
+        """Write an epoch's line, then its resume checkpoint (:func:`atomic_save`).
+
+        In this order, a process killed between the two leaves a line past the checkpoint:
+        :meth:`truncate_after` drops it on resume and the replayed epoch writes it again.
+        The other way round, the run would resume after an epoch whose line is lost."""
+        self.write(record)
+        atomic_save(state, last_path)
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []

@@ -113,12 +113,6 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                 best = val["reward"]
                 if dist.is_main:
                     _save_best(best_path, router, epoch, kept)
-            if dist.is_main:
-                atomic_save({"policy": policy.state_dict(),
-                             "pool": [m.state_dict() for m in pool],
-                             "optimizers": [o.state_dict() for o in opts],
-                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                             "stopped": stopped, "reference": reference}, last_path)
             m = sums / n
             record = {"stage": 3, "model": "stage3", "epoch": epoch, "alpha": alpha, "lam": lam,
                       "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
@@ -128,7 +122,12 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                       "val/fractions": val["fractions"], "val/tvd": distance,
                       "stopped": stopped, "seconds": time.perf_counter() - tick}
             if dist.is_main:
-                log.write(record)
+                log.end_epoch(record, {"policy": policy.state_dict(),
+                                       "pool": [m.state_dict() for m in pool],
+                                       "optimizers": [o.state_dict() for o in opts],
+                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       "best": best, "stopped": stopped,
+                                       "reference": reference}, last_path)
             bar.update(task, advance=1, info=f"val mIoU {val['miou']:.3f}  GFLOP "
                        f"{val['gflops']:.2f}  TVD {distance:.3f}")
     dist.barrier()  # the others read what rank 0 wrote

@@ -218,10 +218,6 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                 if dist.is_main:
                     atomic_save({"policy": policy.state_dict(), "epoch": epoch, "val": val},
                                 best_path)
-            if dist.is_main:
-                atomic_save({"policy": policy.state_dict(), "optimizer": opt.state_dict(),
-                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best},
-                            last_path)
             m = sums / counts.sum()
             record = {"stage": 2, "model": "policy", "epoch": epoch, "alpha": alpha,
                       "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
@@ -231,7 +227,9 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                       "val/f0_miou": f0_val, "val/fractions": val["fractions"],
                       "seconds": time.perf_counter() - tick}
             if dist.is_main:
-                log.write(record)
+                log.end_epoch(record, {"policy": policy.state_dict(), "optimizer": opt.state_dict(),
+                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       "best": best}, last_path)
             bar.update(task, advance=1, info=f"reward {record['policy/reward']:+.4f}  "
                        f"val mIoU {val['miou']:.3f} (f0 {f0_val:.3f})")
     if dist.is_main and not best_path.is_file():

@@ -219,10 +219,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                       "train_miou": acc.compute()["miou"], "val_miou": val_miou,
                       "seconds": time.perf_counter() - t0}
             if dist.is_main:
-                atomic_save({"model": plain.state_dict(), "optimizer": opt.state_dict(),
-                             "rng": torch.get_rng_state(), "epoch": epoch, "best": best,
-                             "spec": spec, "role": role}, last_path)
-                log.write(record)
+                log.end_epoch(record, {"model": plain.state_dict(), "optimizer": opt.state_dict(),
+                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       "best": best, "spec": spec, "role": role}, last_path)
             bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
     if dist.is_main and not best_path.is_file():  # zero epochs: keep the untrained weights
         atomic_save({"model": plain.state_dict(), "spec": spec, "role": role, "epoch": -1,
