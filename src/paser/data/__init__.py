@@ -170,10 +170,14 @@ class Tensors:
             return
         # A generator of its own: the loader's worker seed must not consume the global
         # generator, or streaming would change the dropout draws of what follows.
+        # Readers start from a fork server, not a fork of this process: a fork taken
+        # while another thread (gloo's, under multi-process training) holds a lock can
+        # leave the reader waiting on that lock forever (seen: stage 1 on 2 processes hung).
         for batch in DataLoader(_Columns(self.images, self.masks),
                                 batch_sampler=[idx.tolist() for idx in index_batches],
                                 num_workers=self.workers, collate_fn=_as_is,
-                                generator=torch.Generator()):
+                                generator=torch.Generator(),
+                                multiprocessing_context=_reader_context(self.workers)):
             if isinstance(batch, DataError):  # a bad file, found by a reader process
                 raise batch
             yield batch[0], labels(batch[1])
@@ -197,6 +201,18 @@ class _Columns:
 
 def _as_is(batch):
     return batch
+
+
+def _reader_context(workers: int):
+    """How reader processes start: from a fork server where the platform has one. The
+    server imports the readers' modules once, so each reader starts as a cheap fork."""
+    import multiprocessing
+
+    if workers and "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["paser.data"])  # no effect once the server runs
+        return ctx
+    return None
 
 
 def to_tensors(dataset: Dataset) -> Tensors:
