@@ -26,8 +26,9 @@ Why clumps, and why partial volume is off (``pv_factor`` 1), both measured with
   capacity barely matters. Clumps decouple binder from geometry in the pore space.
 - In the hard regions the texture must be readable, or no model can learn them: with
   all binder in clumps but the earlier imaging there (blur 1 px, partial volume 1.5,
-  noise 0.07, a 6 px texture), f0, f1 and f2 all stopped at 0.655-0.663. Partial-volume resampling by even 1.25 erases the 4 px texture (the f1 - f0
-  gap fell from 0.049 to 0.015), so it stays available but off.
+  noise 0.07, a 6 px texture), f0, f1 and f2 all stopped at 0.655-0.663. Partial-volume
+  resampling by even 1.25 erases the 4 px texture (the f1 - f0 gap, without
+  distillation, fell from 0.049 to 0.015), so it stays available but off.
 
 ``generate_dataset`` writes the on-disk layout of the real dataset (see its docstring).
 """
@@ -174,12 +175,13 @@ def _label_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _lowest(score: np.ndarray, where: np.ndarray, n: int) -> np.ndarray:
-    """Boolean mask of the ``n`` pixels of ``where`` with the lowest ``score`` (ties may add a few)."""
+    """Boolean mask of the ``n`` pixels of ``where`` with the lowest ``score`` (fewer on ties)."""
     free = score[where]
-    if n <= 0 or not len(free):
+    if n <= 0:
         return np.zeros_like(where)
-    k = min(len(free) - 1, n)
-    return where & (score < np.partition(free, k)[k])
+    if n >= len(free):
+        return where.copy()
+    return where & (score < np.partition(free, n)[n])
 
 
 def _difficulty(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
