@@ -99,6 +99,14 @@ def test_clumps_take_the_binder_away_from_where_the_geometry_puts_it(monkeypatch
     assert min(film) > 0.94 and max(clumps) < 0.7
 
 
+def test_lowest_takes_the_n_lowest_pixels_where_allowed():
+    score = np.arange(6.0).reshape(2, 3)
+    where = np.array([[False, True, True], [True, True, True]])
+    assert S._lowest(score, where, 2).nonzero()[1].tolist() == [1, 2]  # 0 is not allowed
+    assert np.array_equal(S._lowest(score, where, 9), where)  # more than there are: all
+    assert not S._lowest(score, where, 0).any()
+
+
 def test_decoded_labels_match_the_class_indices():
     image, label = S.generate_sample(32, 32, 3)
     lut = np.array([S.LABEL_CODEC[c] for c in range(3)], np.uint8)

@@ -151,7 +151,8 @@ def _particle_distances(rng: np.random.Generator, h: int, w: int) -> tuple[np.nd
 
 
 def _label_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Class indices uint8 ``[H, W]``: particles, then binder film/necks, the rest pore."""
+    """Class indices uint8 ``[H, W]``: particles, then binder (film/necks, then clumps in
+    the pore space), the rest pore."""
     p = PARAMS
     d1, d2 = _particle_distances(rng, h, w)
     jit = rng.uniform(-p["frac_jitter"], p["frac_jitter"], 2)
