@@ -1,0 +1,174 @@
+"""The single-model frontier: what a user gets without routing, and PaSeR measured against it.
+
+A user who does not route picks one model of the pool for every image, or splits whole
+images between two of them. The points ``(GFLOP, IoU)`` of f0, f1, ..., fK alone, and the
+straight lines between them (a share ``s`` of the images on one model and ``1 - s`` on the
+other costs and scores the mix of the two), span what is reachable; its upper hull, rising
+in IoU, is the **frontier**. Routing is worth running only where it stands above it.
+
+Routed curves (PaSeR, the cascade, the oracle) are step curves: at a budget ``g`` a curve
+gives the best IoU of its points with GFLOP ``<= g``. The frontier is interpolated linearly
+in GFLOP, as its definition says. Areas are means over budgets spaced evenly in log GFLOP,
+from the fixed cost every routed image pays to fK's GFLOP: a linear grid would weight the
+expensive end, where users operate least.
+
+GFLOP follow :data:`paser.cost.FLOP_CONVENTION` (a multiply-add counts 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Point = tuple[float, float]
+
+
+def hull(points: Sequence[Point]) -> list[Point]:
+    """The frontier's vertices ``[(GFLOP, IoU), ...]``, cheapest first, IoU rising.
+
+    The upper concave hull of ``points`` (sorted by GFLOP, a point under the chord of its
+    neighbours dropped), cut where IoU stops rising: a dearer model that scores no better
+    is never worth picking.
+    """
+    out: list[Point] = []
+    for p in sorted((float(x), float(y)) for x, y in points):
+        while len(out) >= 2:
+            (x1, y1), (x2, y2) = out[-2], out[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) >= 0:  # out[-1] not above
+                out.pop()
+            else:
+                break
+        out.append(p)
+    rising: list[Point] = []
+    for x, y in out:
+        if not rising or y > rising[-1][1]:
+            rising.append((x, y))
+    return rising
+
+
+def frontier_at(vertices: Sequence[Point], gflops: float) -> float | None:
+    """The frontier's IoU at a budget of ``gflops`` per image (``None`` below the cheapest
+    model; the best model's IoU above the dearest)."""
+    xs, ys = zip(*vertices, strict=True)
+    if gflops < xs[0] - 1e-12:
+        return None
+    return float(np.interp(gflops, xs, ys))
+
+
+def frontier_cost(vertices: Sequence[Point], iou: float) -> float | None:
+    """The least GFLOP per image at which the frontier reaches ``iou`` (``None`` when no
+    single model or mix of two does)."""
+    xs, ys = zip(*vertices, strict=True)
+    if iou > ys[-1] + 1e-12:
+        return None
+    if iou <= ys[0]:
+        return float(xs[0])
+    return float(np.interp(iou, ys, xs))  # ys rise strictly along the hull
+
+
+def frontier_mix(vertices: Sequence[Point], names: Sequence[str], gflops: float) -> str:
+    """How the frontier spends ``gflops``: ``"f1 on 63 % of images, f2 on 37 %"``.
+
+    ``names`` are the models of ``vertices`` in their order."""
+    xs = [x for x, _ in vertices]
+    if gflops <= xs[0]:
+        return f"{names[0]} on every image"
+    if gflops >= xs[-1]:
+        return f"{names[-1]} on every image"
+    i = int(np.searchsorted(xs, gflops)) - 1
+    share = (gflops - xs[i]) / (xs[i + 1] - xs[i])
+    return f"{names[i]} on {100 * (1 - share):.0f} % of images, {names[i + 1]} on {100 * share:.0f} %"
+
+
+def best_within(curve: dict, gflops: float) -> float | None:
+    """A step curve's best IoU at GFLOP ``<= gflops`` (``None`` below its cheapest point)."""
+    xs, ys = np.asarray(curve["gflops"]), np.asarray(curve["iou"])
+    ok = xs <= gflops + 1e-12
+    return float(ys[ok].max()) if ok.any() else None
+
+
+def budgets(lo: float, hi: float, count: int = 64) -> np.ndarray:
+    """``count`` budgets spaced evenly in log GFLOP from ``lo`` to ``hi``."""
+    return np.geomspace(lo, max(hi, lo * (1 + 1e-9)), count)
+
+
+def curve_values(curve: dict, grid: np.ndarray, interpolate: bool = False) -> np.ndarray:
+    """A curve's IoU at each budget of ``grid``: its best within the budget (0 below its
+    cheapest point), or with ``interpolate`` the frontier's linear interpolation."""
+    if interpolate:
+        vertices = list(zip(curve["gflops"], curve["iou"], strict=True))
+        return np.array([frontier_at(vertices, g) or 0.0 for g in grid])
+    return np.array([best_within(curve, g) or 0.0 for g in grid])
+
+
+def frontier_curve(points: dict[str, Point]) -> dict:
+    """The frontier as a curve entry of ``results.json``: its vertices, the models at
+    them, and ``"interpolate": True`` (read between vertices linearly, not as steps)."""
+    names = {(float(x), float(y)): name for name, (x, y) in points.items()}
+    vertices = hull(list(points.values()))
+    return {"gflops": [x for x, _ in vertices], "iou": [y for _, y in vertices],
+            "models": [names[v] for v in vertices], "interpolate": True}
+
+
+def areas(curves: dict[str, dict], lo: float, hi: float, count: int = 64) -> dict[str, float]:
+    """Mean IoU of each curve over ``count`` log-spaced budgets in ``[lo, hi]``."""
+    grid = budgets(lo, hi, count)
+    return {name: float(curve_values(c, grid, c.get("interpolate", False)).mean())
+            for name, c in curves.items()}
+
+
+def share_above(curve: dict, frontier: dict, lo: float, hi: float, count: int = 64,
+                tol: float = 1e-9) -> float:
+    """Share of ``count`` log-spaced budgets in ``[lo, hi]`` where ``curve`` is at or above
+    the frontier."""
+    grid = budgets(lo, hi, count)
+    mine = curve_values(curve, grid)
+    theirs = curve_values(frontier, grid, interpolate=True)
+    return float(np.mean(mine >= theirs - tol))
+
+
+def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
+            fixed_gflops: float | None = None) -> str:
+    """The one line a user decides from: what routing saves against the best single model
+    at equal IoU, or why it does not pay on this data.
+
+    ``point`` is PaSeR's ``(GFLOP, IoU)``; ``frontier`` a :func:`frontier_curve`;
+    ``oracle_curve`` (perfect routing of the same pool) and ``fixed_gflops`` (what every
+    routed image pays before any patch is routed) say which part holds a miss back.
+    """
+    g, iou = point
+    vertices = list(zip(frontier["gflops"], frontier["iou"], strict=True))
+    names = frontier["models"]
+    at = frontier_at(vertices, g)
+    top_g, top_iou = vertices[-1]
+    need = frontier_cost(vertices, iou)
+    if need is None:
+        return (f"routing pays: IoU {iou:.4f} at {g:.3f} GFLOP is above every single model "
+                f"(the best, {names[-1]}, scores {top_iou:.4f} at {top_g:.3f} GFLOP: "
+                f"{100 * g / top_g:.0f} % of its GFLOP for {iou - top_iou:+.4f} IoU)")
+    if need > g * (1 + 1e-6):
+        return (f"routing saves {100 * (1 - g / need):.1f} % of GFLOP against the best single "
+                f"model at equal IoU: {iou:.4f} at {g:.3f} GFLOP, where the single models need "
+                f"{need:.3f} ({frontier_mix(vertices, names, need)})")
+    below = max((at or 0.0) - iou, 0.0)
+    why = []
+    if oracle_curve is not None:
+        best = best_within(oracle_curve, g)
+        if best is not None and at is not None and best < at:
+            why.append(f"even perfect routing of this pool stays {at - best:.4f} under it at "
+                       "that cost, so the pool's spread or the fixed cost is what holds it back")
+        elif best is not None:
+            why.append(f"perfect routing of this pool would give {best:.4f} there: the policy's "
+                       f"regret ({best - iou:.4f}) is what holds it back")
+    if fixed_gflops is not None and g > 0:
+        why.append(f"the fixed cost (f0 and the policy, {fixed_gflops:.3f} GFLOP) is "
+                   f"{100 * fixed_gflops / g:.0f} % of its GFLOP")
+    where = "" if at is None else f" ({frontier_mix(vertices, names, g)}: {at:.4f})"
+    return (f"routing does not pay on this data: IoU {iou:.4f} at {g:.3f} GFLOP is {below:.4f} "
+            f"below what the single models give for that cost{where}, which reach it with "
+            f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else ""))
+
+
+__all__ = ["areas", "best_within", "budgets", "curve_values", "frontier_at", "frontier_cost",
+           "frontier_curve", "frontier_mix", "hull", "share_above", "verdict"]

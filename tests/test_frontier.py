@@ -1,0 +1,73 @@
+"""The single-model frontier and the verdict, by hand."""
+
+import numpy as np
+import pytest
+
+from paser import frontier as FR
+
+# f0 at 1 GFLOP / 0.5 IoU, f1 under the chord from f0 to f2, f2 at 3 / 0.7, f3 dearer and worse
+POINTS = {"f0": (1.0, 0.5), "f1": (2.0, 0.55), "f2": (3.0, 0.7), "f3": (4.0, 0.69)}
+
+
+def test_hull_drops_models_under_a_chord_and_dearer_models_that_score_no_better():
+    assert FR.hull(list(POINTS.values())) == [(1.0, 0.5), (3.0, 0.7)]
+    # a model above the chord stays on the hull
+    assert FR.hull([(1, 0.5), (2, 0.65), (3, 0.7)]) == [(1, 0.5), (2, 0.65), (3, 0.7)]
+    curve = FR.frontier_curve(POINTS)
+    assert curve["models"] == ["f0", "f2"] and curve["interpolate"] is True
+
+
+def test_frontier_interpolates_in_gflop_and_inverts():
+    v = FR.hull(list(POINTS.values()))
+    assert FR.frontier_at(v, 2.0) == pytest.approx(0.6)  # half the images on f0, half on f2
+    assert FR.frontier_at(v, 0.5) is None  # cheaper than any model
+    assert FR.frontier_at(v, 10.0) == pytest.approx(0.7)  # the best model's IoU
+    assert FR.frontier_cost(v, 0.65) == pytest.approx(2.5)
+    assert FR.frontier_cost(v, 0.4) == pytest.approx(1.0)
+    assert FR.frontier_cost(v, 0.75) is None
+    assert FR.frontier_mix(v, ["f0", "f2"], 2.5) == "f0 on 25 % of images, f2 on 75 %"
+
+
+def test_step_curves_give_their_best_within_a_budget():
+    curve = {"gflops": [1.0, 2.0, 3.0], "iou": [0.5, 0.62, 0.66]}
+    assert FR.best_within(curve, 0.9) is None
+    assert FR.best_within(curve, 2.5) == pytest.approx(0.62)
+    grid = np.array([0.5, 1.0, 2.5, 3.5])
+    assert FR.curve_values(curve, grid).tolist() == pytest.approx([0.0, 0.5, 0.62, 0.66])
+
+
+def test_areas_are_means_over_log_spaced_budgets():
+    grid = FR.budgets(1.0, 100.0, 3)
+    assert grid.tolist() == pytest.approx([1.0, 10.0, 100.0])
+    curves = {"flat": {"gflops": [1.0], "iou": [0.5]},
+              "late": {"gflops": [1.0, 10.0], "iou": [0.2, 0.8]}}
+    areas = FR.areas(curves, 1.0, 100.0, count=3)
+    assert areas["flat"] == pytest.approx(0.5)
+    assert areas["late"] == pytest.approx((0.2 + 0.8 + 0.8) / 3)
+
+
+def test_share_above_counts_budgets_where_the_curve_beats_the_frontier():
+    frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (4.0, 0.8)})
+    # at 1 the curve ties f0; at 2 it has 0.65 against 0.6; at 4 it has 0.7 against 0.8
+    curve = {"gflops": [1.0, 2.0], "iou": [0.5, 0.65]}
+    grid = FR.budgets(1.0, 4.0, 3)  # 1, 2, 4
+    assert grid.tolist() == pytest.approx([1.0, 2.0, 4.0])
+    assert FR.share_above(curve, frontier, 1.0, 4.0, count=3) == pytest.approx(2 / 3)
+
+
+def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
+    frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (3.0, 0.7)})
+    saves = FR.verdict((2.0, 0.65), frontier)
+    # the single models need 2.5 GFLOP for 0.65: 20 % saved
+    assert saves.startswith("routing saves 20.0 % of GFLOP against the best single model")
+    assert "f0 on 25 % of images, f1 on 75 %" in saves
+    above = FR.verdict((2.0, 0.75), frontier)
+    assert above.startswith("routing pays: IoU 0.7500 at 2.000 GFLOP is above every single")
+    oracle = {"gflops": [1.0, 2.0], "iou": [0.5, 0.64]}
+    miss = FR.verdict((2.0, 0.55), frontier, oracle, fixed_gflops=1.2)
+    assert miss.startswith("routing does not pay on this data: IoU 0.5500 at 2.000 GFLOP is "
+                           "0.0500 below")
+    assert "perfect routing of this pool would give 0.6400 there" in miss
+    assert "60 % of its GFLOP" in miss
+    headroomless = FR.verdict((2.0, 0.55), frontier, {"gflops": [2.0], "iou": [0.58]})
+    assert "even perfect routing of this pool stays 0.0200 under it" in headroomless
