@@ -18,6 +18,7 @@ def mnist_run(tmp_path_factory):
     _idx_folder(tmp / "idx")
     cfg = load_config(preset="mnist-noisy", overrides=[
         *MNIST_TINY, f"data.mnist.root={tmp / 'idx'}", "stage3.tvd_sweep=[]",
-        "baselines.monolithic={}"])
+        "baselines.monolithic={}", "baselines.paper=null", "operating_point.max_tvd=null",
+        "mc_samples=2", "mc_dropout=all"])  # Monte Carlo on: the export tests check its graph
     run(cfg, tmp / "run", show_progress=False, echo=lambda line: None)
     return tmp / "run"

@@ -20,7 +20,8 @@ from PIL import Image
 from paser.cli import main
 from paser.errors import CheckpointError, DataError
 
-BATTERY = ["--preset", "battery-quick", "stage1.epochs=0", "stage1.batch_size=2"]
+BATTERY = ["--preset", "battery-quick", "stage1.epochs=0", "stage1.batch_size=2",
+           "models.f0.epochs=null", "models.pool.0.epochs=null", "models.pool.1.epochs=null"]
 
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:

@@ -17,7 +17,7 @@ from paser.baselines.routed import (
     threshold_grid,
 )
 from paser.data import Tensors
-from paser.experiments.report import step_area
+from paser.frontier import areas
 from paser.models import RoutingPolicy, create_model
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -140,9 +140,9 @@ def test_cascade_sweep_caps_the_grid_and_scores_it_in_chunks(monkeypatch):
 def test_pareto_and_area_by_hand():
     xs, ys = pareto(torch.tensor([3.0, 1.0, 2.0, 4.0]), torch.tensor([0.6, 0.5, 0.4, 0.7]))
     assert xs == [1.0, 3.0, 4.0] and ys == pytest.approx([0.5, 0.6, 0.7])
-    # IoU 0.5 from budget 1 to 3, 0.6 from 3 to 4, over [0, 4]: (0 + 2 * 0.5 + 0.6) / 4
-    area = step_area({"gflops": xs, "iou": ys}, 0.0, 4.0, samples=40_001)
-    assert area == pytest.approx((2 * 0.5 + 1 * 0.6 + 0 * 0.7) / 4, abs=1e-3)
+    # budgets 1, 2, 4 (log-spaced): the best within each is 0.5, 0.5, 0.7
+    area = areas({"c": {"gflops": xs, "iou": ys}}, 1.0, 4.0, count=3)["c"]
+    assert area == pytest.approx((0.5 + 0.5 + 0.7) / 3)
 
 
 def _router(halo=0):

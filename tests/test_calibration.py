@@ -142,3 +142,44 @@ def test_cli_calibrate(mnist_run, tmp_path):
     (run / "calibration.json").write_text("{")
     res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr
+
+
+def test_quality_targets_pick_from_an_exact_sweep(setup):
+    from paser.calibration import price_sweep, sweep_actions
+    from paser.outcomes import PatchOutcomes
+
+    router, data = setup
+    costs = router.costs(32, 32)
+    out = PatchOutcomes.build(router, data, 3, 8, torch.device("cpu"), mc_seed=0)
+    logits = validation_logits(router, data, 8)
+    patch = torch.tensor(costs.patch)
+    rel = patch / patch.max()
+    ts = price_sweep(logits, rel)
+    actions = sweep_actions(logits, rel, ts)
+    miou, gflops = out.miou_many(actions), costs.gflops(actions).mean(-1)
+    top = out.miou(torch.full((24, 16), 2))
+    # the least GFLOP within 0.01 of f2's mIoU alone, and what evaluation then measures
+    cal = calibrate(router, data, 3, iou_within_top=0.01, batch_size=8)
+    ok = miou >= top - 0.01
+    assert cal.gflops == pytest.approx(float(gflops[ok].min()))
+    assert cal.miou >= top - 0.01 - 1e-9 and cal.target["top_miou"] == pytest.approx(top)
+    # the best mIoU within a budget: no swept setting within it scores more
+    budget = costs.fixed + 0.5 * (float(gflops.max()) - costs.fixed)
+    best = calibrate(router, data, 3, budget_gflops=budget, best_iou=True, batch_size=8)
+    assert best.gflops <= budget and best.target == {"budget_gflops": budget, "best_iou": True}
+    assert best.miou == pytest.approx(float(miou[gflops <= budget + 1e-9].max()))
+
+
+def test_the_tvd_target_moves_the_assignment_at_most_that_far(setup):
+    from paser.train.policy import tvd
+
+    router, data = setup
+    own = evaluate_router(router, data, 3, 8)
+    for limit in (0.0, 0.1, 0.3):
+        cal = calibrate(router, data, 3, max_tvd=limit, batch_size=8)
+        assert tvd(cal.fractions, own["fractions"]) <= limit + 1e-9
+        assert cal.target["max_tvd"] == limit and cal.gflops <= own["gflops"] + 1e-9
+    wide = calibrate(router, data, 3, max_tvd=0.3, batch_size=8)
+    assert wide.gflops < own["gflops"]  # the budget buys cheaper routing
+    with pytest.raises(ConfigError, match="total variation"):
+        calibrate(router, data, 3, max_tvd=1.5)

@@ -93,3 +93,21 @@ def test_missing_file_is_a_clear_error(exported, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="f0_mc.onnx, f0.onnx, .* missing; export again"):
         load_onnx_router(tmp_path)
+
+
+def test_one_deterministic_pass_routes_on_f0_alone(exported):
+    """With mc_dropout none the ONNX router's f0 is f0.onnx (logits, no dropout), and routing
+    matches PyTorch up to float rounding: no dropout masks to differ."""
+    import copy
+
+    from paser.export import OnnxRouter
+
+    model, out, manifest = exported
+    one_pass = dict(manifest, mc_dropout="none", mc_samples=1)
+    router = OnnxRouter(out, one_pass)
+    torch_router = copy.copy(model.router)
+    torch_router.mc_samples, torch_router.mc_dropout = 1, "none"
+    images = load_stage_data(model.config, progress=False).validation.images[:8]
+    with torch.inference_mode():
+        a, b = torch_router(images, mc_seed=0), router(images)
+    assert torch.allclose(a.probs, b.probs, atol=1e-4) and torch.equal(a.actions, b.actions)

@@ -218,7 +218,7 @@ def test_assignment_accuracy_and_counts_by_hand():
 
 MNIST_TINY = [
     "data.mnist.source=idx", "data.mnist.n_train=24", "data.mnist.n_val=6",
-    "data.mnist.n_test=12", "mc_samples=2",
+    "data.mnist.n_test=12", "baselines.paper.mc_samples=2", "baselines.paper.stage3.epochs=2",
     "stage1.epochs=1", "models.f0.epochs=1", "models.pool.0.epochs=1", "stage1.batch_size=8", "stage2.epochs=2", "stage2.batch_size=8",
     "stage3.epochs=2", "stage3.batch_size=8",
     "models.pool.0.kwargs={c0: 2, widths: [4, 4]}", "models.pool.1.kwargs={c0: 4, widths: [8, 8]}",
@@ -247,15 +247,21 @@ def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root
         matrix = np.asarray(a["methods"][name]["matrix"])
         assert matrix.shape == (3, 3) and matrix.sum() == 12  # one patch per test image
         assert a["methods"][name]["accuracy"] == pytest.approx(np.trace(matrix) / 12)
+    # PaSeR runs at the paper's budget by total variation, as a calibration of its router
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    assert cal["target"]["max_tvd"] == 0.05 and cal["target"]["tvd"] <= 0.05 + 1e-9
+    # the TVD sweep is PaSeR (paper)'s: REINFORCE fine-tuned under the budget, in paper/
     sweep = results["tvd_sweep"]
     assert [row["tvd_threshold"] for row in sweep] == [0.0, 0.05, 0.1]
+    assert all(row["of"] == "PaSeR (paper)" for row in sweep)
     # TVD 0 keeps the stage-2 policy unless an epoch left the assignment exactly unchanged
     assert all(row["val_tvd"] <= row["tvd_threshold"] + 1e-9 for row in sweep)
-    # the run's own threshold (0.05) is its stage 3, not a second fine-tuning
-    main = json.loads((run_dir / "stage3.json").read_text())
-    assert not (run_dir / "tvd" / "0.05").exists() and (run_dir / "tvd" / "0.1").is_dir()
+    # the variant's own threshold (0.05) is its stage 3, not a second fine-tuning
+    paper = run_dir / "paper"
+    main = json.loads((paper / "stage3.json").read_text())
+    assert not (paper / "tvd" / "0.05").exists() and (paper / "tvd" / "0.1").is_dir()
     assert sweep[1]["epoch"] == (main["best"] or {}).get("epoch", -1)
-    assert sweep[1]["iou"] == pytest.approx(results["methods"]["PaSeR"]["iou"])
+    assert sweep[1]["iou"] == pytest.approx(results["methods"]["PaSeR (paper)"]["iou"])
     assert not any("MatPhase" in note for note in results["notes"])  # not configured here
     text = (run_dir / "report.md").read_text()
     assert "assignment accuracy" in text and "TVD" in text

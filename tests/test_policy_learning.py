@@ -100,3 +100,111 @@ def test_small_lam_sends_only_the_hard_half_up():
                      epochs=40)
     correct = torch.where(is_hard, actions == 2, actions == 0)
     assert correct.float().mean() >= 0.9
+
+
+def _fit_full_information(policy, states, patch_iou, lam, objective, epochs=60, lr=1e-2):
+    from paser.train.policy import full_information_epoch, prepare
+
+    gain = patch_iou - patch_iou[..., :1]
+    cost = torch.tensor([0.0, 0.06, 0.94])
+    prepare(policy, states)
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    for _ in range(epochs):
+        full_information_epoch(policy, opt, states, gain, cost, lam, 16, objective)
+    policy.eval()
+    with torch.inference_mode():
+        out = policy(states)
+    if objective == "gain":  # trained unpriced: out is the predicted gain
+        return ((1 - lam) * out - lam * cost).argmax(-1), out
+    return out.argmax(-1), out
+
+
+@pytest.mark.parametrize("objective", ["expected", "gain"])
+def test_full_information_learns_the_oracle_where_it_is_learnable(objective):
+    # f2 gains 0.8 on the hard half; at lam 0.2 only there does it pay (0.64 > 0.188), and
+    # the oracle sends exactly the hard half up. Both objectives must find it in every image.
+    from paser.baselines.routed import oracle_actions
+    from paser.models import PooledPolicy
+
+    torch.manual_seed(0)
+    states, patch_iou, is_hard = _constructed()
+    oracle = oracle_actions(patch_iou, torch.tensor([0.0, 0.06, 0.94]), 0.2)
+    assert torch.equal(oracle, torch.where(is_hard, 2, 0))
+    policy = PooledPolicy((2, 2), 3, 2, hidden=16, gain_head=objective == "gain")
+    actions, out = _fit_full_information(policy, states, patch_iou, 0.2, objective)
+    assert (actions == oracle).float().mean() >= 0.98
+    if objective == "gain":  # the gains themselves are learnt: 0.8 up on the hard half
+        assert out[..., 2][is_hard].mean() == pytest.approx(0.8, abs=0.05)
+        assert out[..., 2][~is_hard].abs().mean() < 0.05
+        assert torch.equal(out[..., 0], torch.zeros_like(out[..., 0]))
+
+
+def test_expected_reward_trains_the_reference_policy_too():
+    torch.manual_seed(0)
+    states, patch_iou, is_hard = _constructed()
+    policy = RoutingPolicy(4, 3, head="local", grid=(2, 2))
+    actions, _ = _fit_full_information(policy, states, patch_iou, 0.0, "expected", epochs=20)
+    assert (actions[is_hard] == 2).float().mean() >= 0.9
+
+
+def test_a_priced_gain_head_routes_by_predicted_reward():
+    from paser.models import PooledPolicy
+    from paser.train.policy import priced
+
+    policy = PooledPolicy((1, 1), 3, 2, hidden=4, gain_head=True)
+    torch.nn.init.zeros_(policy.mlp[-1].weight)
+    with torch.no_grad():
+        policy.mlp[-1].bias.copy_(torch.tensor([[0.1, 0.3]]))  # gains of f1, f2
+    state = torch.zeros(1, 2, 4, 4)
+    assert policy(state)[0, 0].tolist() == pytest.approx([0.0, 0.1, 0.3])  # unpriced
+    policy.load_state_dict(priced(policy, 0.5, torch.tensor([0.0, 0.05, 0.5])))
+    # (1 - lam) * gain - lam * cost: 0, 0.05 - 0.025, 0.15 - 0.25 -> f1
+    assert policy(state)[0, 0].tolist() == pytest.approx([0.0, 0.025, -0.1])
+
+
+def test_dataset_gain_is_the_first_order_change_of_the_split_miou():
+    # two patches, two actions, two classes; totals under f0: I = (3 + 2, 1 + 2), U = (4 + 2, 2 + 4)
+    inter = torch.tensor([[[[3, 1], [4, 0]], [[2, 2], [2, 2]]]])  # [N, P, K+1, C]
+    union = torch.tensor([[[[4, 2], [4, 0]], [[2, 4], [2, 3]]]])
+    zeros = torch.zeros(1, 2, 2)
+    out = PatchOutcomes(torch.zeros(1, 2, 4, 4), inter, union, zeros, zeros)
+    gain = out.dataset_gain()
+    # patch 0 to action 1: dI = (1, -1), dU = (0, -2)
+    by_hand = ((1 / 6 - 5 * 0 / 36) + (-1 / 6 - 3 * -2 / 36)) / 2 * 2  # mean over C, x N*P
+    assert gain[0, 0].tolist() == pytest.approx([0.0, by_hand])
+    # patch 1 to action 1: dI = 0, dU = (0, -1): only the union shrinks
+    assert gain[0, 1, 1].item() == pytest.approx((3 / 36) / 2 * 2)
+    # first order: the exact change of the split's mIoU for a small move is close to it
+    exact = out.miou(torch.tensor([[0, 1]])) - out.miou(torch.tensor([[0, 0]]))
+    assert exact == pytest.approx(gain[0, 1, 1].item() / 2, rel=0.2)
+    assert torch.equal(out.gain("patch")[..., 0], torch.zeros(1, 2))
+
+
+def test_the_reference_policy_learns_gains_too():
+    torch.manual_seed(0)
+    states, patch_iou, is_hard = _constructed()
+    policy = RoutingPolicy(4, 3, head="local", grid=(2, 2), gain_head=True)
+    actions, out = _fit_full_information(policy, states, patch_iou, 0.2, "gain", epochs=60)
+    assert (actions == torch.where(is_hard, 2, 0)).float().mean() >= 0.9
+    assert torch.equal(out[..., 0], torch.zeros_like(out[..., 0]))
+
+
+def test_pooled_statistics_members_and_their_mean():
+    from paser.models import PooledPolicy
+
+    torch.manual_seed(0)
+    policy = PooledPolicy((2, 2), 3, 2, hidden=8, gain_head=True, members=3)
+    state = torch.arange(2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4)
+    stats = policy.statistics(state)  # [B, P, 3S]: mean, std, max of each channel per patch
+    assert stats.shape == (1, 4, 6)
+    top_left = state[0, :, :2, :2].reshape(2, -1)
+    assert stats[0, 0].tolist() == pytest.approx(
+        [*top_left.mean(1).tolist(), *top_left.std(1, unbiased=False).tolist(),
+         *top_left.amax(1).tolist()])
+    policy.eval()
+    assert torch.equal(policy(state), policy(stats))  # a state or its statistics
+    members = policy.raw(state)  # [M, B, P, K]
+    assert members.shape == (3, 1, 4, 2) and not torch.equal(members[0], members[1])
+    assert torch.allclose(policy(state)[..., 1:], members.mean(0))
+    policy.train()
+    assert policy(state).shape == (3, 1, 4, 3)  # training: each member on its own

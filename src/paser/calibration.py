@@ -1,4 +1,4 @@
-"""Budget calibration: one cost offset on the policy's logits that meets a compute budget.
+"""Budget calibration: one cost offset on the policy's logits that meets a target.
 
 The bias added to the policy's logits is ``-t * c``, with ``c[k]`` model k's GFLOP on
 one patch divided by the largest model's (``c[0] = 0``: f0 has already run). Raising
@@ -6,7 +6,14 @@ one patch divided by the largest model's (``c[0] = 0``: f0 has already run). Rai
 ``t * c[k] - logit[k]``), so the mean GFLOP per image and the share of patches on the
 largest model never increase with ``t``, and bisection finds the smallest ``t`` (the
 most generous routing) that meets the budget. ``t < 0`` spends a budget above what the
-policy uses on its own.
+policy uses on its own. For a policy that predicts each model's gain (``stage2.objective
+gain``), ``t`` is a price per GFLOP: a patch goes to a dearer model only where its
+predicted gain pays for the extra GFLOP.
+
+Targets on quality score every ``t`` of a dense sweep on the validation split exactly, from
+every model's outcome on every validation patch (:class:`~paser.outcomes.PatchOutcomes`):
+``iou_within_top=d`` takes the least GFLOP whose mIoU is within ``d`` of fK's alone, and
+``budget_gflops`` with ``best_iou`` the best mIoU within the budget.
 
 The logits are computed once on the validation split, batch by batch with the same
 Monte Carlo seed as evaluation, so the routing the search predicts is exactly the one
@@ -16,6 +23,7 @@ Monte Carlo seed as evaluation, so the routing the search predicts is exactly th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +33,7 @@ from paser.cost import FLOP_CONVENTION
 from paser.data import Tensors
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
+from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.train.common import atomic_write_text
 
@@ -36,8 +45,10 @@ class Calibration:
     """A calibrated bias and what it achieved on the validation split.
 
     ``bias`` [K+1] is added to the policy's logits; ``strength`` is ``t``; ``target`` is
-    ``{"budget_gflops": x}`` or ``{"max_frac_large": f}`` (the share of patches on the
-    most expensive model, fK); ``gflops`` (mean per image,
+    ``{"budget_gflops": x}`` (``"best_iou": true`` when the best validation mIoU within it
+    was asked for), ``{"max_frac_large": f}`` (the share of patches on the most expensive
+    model, fK) or ``{"iou_within_top": d, "top_miou": m}`` (fK's validation mIoU);
+    ``gflops`` (mean per image,
     :data:`paser.cost.FLOP_CONVENTION`), ``fractions`` (share of patches per model),
     ``miou`` are measured on ``images`` validation images of ``height x width`` with the
     bias; ``uncalibrated`` holds the same three without it.
@@ -91,23 +102,48 @@ def validation_logits(router: Router, data: Tensors, batch_size: int,
     device = next(router.parameters()).device
     out = []
     for images, _ in data.batches(batch_size):
-        _, mc = router.look(images.to(device), mc_seed)
-        out.append(router.policy(mc.state()).float().cpu())
+        xp, mc = router.look(images.to(device), mc_seed)
+        out.append(router.policy(router.state(xp, mc)).float().cpu())
     return torch.cat(out)
+
+
+def price_sweep(logits: torch.Tensor, rel: torch.Tensor, points: int = 401
+                ) -> torch.Tensor:
+    """Strengths ``t`` [S] from "every patch on the largest model" to "every patch on f0"
+    for logits ``[N, P, K+1]`` and relative costs ``rel`` [K+1] (0 for f0): ``points``
+    spaced evenly in ``asinh(t)`` (dense near 0, where policies put their choices, and
+    reaching the extremes), plus 0."""
+    gap = float((logits.amax(-1) - logits.amin(-1)).max()) + 1.0
+    steps = rel.sort().values.diff()
+    reach = gap / float(steps[steps > 0].min()) if (steps > 0).any() else 1.0
+    lo, hi = -math.asinh(reach * 1e3), math.asinh(reach * 1e3)
+    ts = torch.sinh(torch.linspace(lo, hi, points, dtype=torch.float64)) / 1e3
+    return torch.cat([ts, torch.zeros(1, dtype=torch.float64)]).sort().values
+
+
+def sweep_actions(logits: torch.Tensor, rel: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Actions ``[S, N, P]`` for each strength of ``ts`` [S]: ``argmax(logits - t * rel)``."""
+    return (logits[None].double() - ts[:, None, None, None] * rel.double()).argmax(-1)
 
 
 def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops: float | None = None, max_frac_large: float | None = None,
-              batch_size: int = 16, iterations: int = 60) -> Calibration:
+              batch_size: int = 16, iterations: int = 60, iou_within_top: float | None = None,
+              best_iou: bool = False, max_tvd: float | None = None) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
-    ``data``) or ``max_frac_large`` (share of patches on the largest model), as generously
-    as the budget allows.
+    ``data``), ``max_frac_large`` (share of patches on the largest model),
+    ``iou_within_top`` (mIoU on ``data`` within this of fK's alone, at the least GFLOP) or
+    ``max_tvd`` (the least GFLOP whose assignment distribution is within this total
+    variation of the policy's own).
 
-    Raises :class:`ConfigError` for a budget below the fixed cost every image pays (f0's
-    T passes and the policy) or a share outside [0, 1].
+    A budget is spent as generously as it allows, or with ``best_iou`` at the setting of
+    best mIoU within it. Raises :class:`ConfigError` for a budget below the fixed cost every
+    image pays (f0's T passes and the policy) or a share outside [0, 1].
     """
-    if (budget_gflops is None) == (max_frac_large is None):
-        raise ConfigError("give exactly one budget: --budget-gflops X or --max-frac-large F")
+    if sum(v is not None for v in (budget_gflops, max_frac_large, iou_within_top,
+                                   max_tvd)) != 1:
+        raise ConfigError("give exactly one budget: --budget-gflops X, --max-frac-large F, "
+                          "--iou-within-top D or --max-tvd T")
     h, w = data.images.shape[-2:]
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)
@@ -121,39 +157,92 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                 f"{FLOP_CONVENTION}); give at least that")
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)
-    else:
+    elif max_frac_large is not None:
         if not 0.0 <= max_frac_large <= 1.0:
             raise ConfigError(f"--max-frac-large {max_frac_large:g}: a share of patches, give "
                               "a value in [0, 1]")
         target = {"max_frac_large": float(max_frac_large)}
         limit = float(max_frac_large)
+    elif max_tvd is not None:
+        if not 0.0 <= max_tvd <= 1.0:
+            raise ConfigError(f"--max-tvd {max_tvd:g}: a total variation distance, give a "
+                              "value in [0, 1]")
+    elif not 0.0 <= iou_within_top <= 1.0:
+        raise ConfigError(f"--iou-within-top {iou_within_top:g}: an mIoU difference, give a "
+                          "value in [0, 1]")
 
     logits = validation_logits(router, data, batch_size)
     largest = int(patch.argmax())  # fK, the most expensive model per patch
-
-    def spent(t: float) -> float:
-        actions = (logits + (-t * rel)).argmax(-1)
-        if budget_gflops is not None:
-            return float(costs.gflops(actions).mean())
-        return float((actions == largest).double().mean())
-
-    # beyond `reach` every patch takes the cheapest / the largest model whatever its logits
-    gap = float((logits.amax(-1) - logits.amin(-1)).max()) + 1.0
-    steps = rel.sort().values.diff()
-    reach = gap / float(steps[steps > 0].min()) if (steps > 0).any() else 1.0
-    lo, hi = -reach, reach
-    if spent(lo) <= limit:  # even the most generous routing fits
-        hi = lo
+    if max_tvd is not None:
+        strength, target = _by_tvd(logits, rel, costs, max_tvd)
+    elif iou_within_top is not None or best_iou:
+        strength, target = _by_quality(router, data, num_classes, batch_size, logits, rel,
+                                       costs, iou_within_top, budget_gflops)
     else:
-        for _ in range(iterations):  # invariant: spent(lo) > limit >= spent(hi)
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if spent(mid) <= limit else (mid, hi)
-    bias = (-hi * rel + 0.0).tolist()  # + 0.0: no -0.0 for f0
+        def spent(t: float) -> float:
+            actions = (logits + (-t * rel)).argmax(-1)
+            if budget_gflops is not None:
+                return float(costs.gflops(actions).mean())
+            return float((actions == largest).double().mean())
+
+        # beyond `reach` every patch takes the cheapest / the largest model whatever its logits
+        gap = float((logits.amax(-1) - logits.amin(-1)).max()) + 1.0
+        steps = rel.sort().values.diff()
+        reach = gap / float(steps[steps > 0].min()) if (steps > 0).any() else 1.0
+        lo, hi = -reach, reach
+        if spent(lo) <= limit:  # even the most generous routing fits
+            hi = lo
+        else:
+            for _ in range(iterations):  # invariant: spent(lo) > limit >= spent(hi)
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if spent(mid) <= limit else (mid, hi)
+        strength = hi
+    bias = (-strength * rel + 0.0).tolist()  # + 0.0: no -0.0 for f0
     res = evaluate_router(router, data, num_classes, batch_size, bias=torch.tensor(bias))
     base = evaluate_router(router, data, num_classes, batch_size)
-    return Calibration(bias=bias, strength=hi, target=target, gflops=res["gflops"],
+    return Calibration(bias=bias, strength=strength, target=target, gflops=res["gflops"],
                        fractions=res["fractions"], miou=res["miou"],
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
                        images=res["images"], height=int(h), width=int(w),
                        policy=router.policy_digest)
 
+
+def _by_tvd(logits: torch.Tensor, rel: torch.Tensor, costs, max_tvd: float
+            ) -> tuple[float, dict]:
+    """The cheapest swept strength ``t >= 0`` whose assignment distribution is within
+    ``max_tvd`` of the policy's own (``t = 0``)."""
+    ts = price_sweep(logits, rel)
+    ts = ts[ts >= 0]
+    actions = sweep_actions(logits, rel, ts)  # [S, N, P]
+    k = logits.shape[-1]
+    shares = torch.nn.functional.one_hot(actions, k).double().mean((1, 2))  # [S, K+1]
+    own = shares[int((ts == 0).nonzero()[0, 0])]
+    distance = 0.5 * (shares - own).abs().sum(-1)
+    gflops = costs.gflops(actions).mean(-1)
+    pick = torch.where(distance <= max_tvd + 1e-12, gflops, torch.inf).argmin()
+    return float(ts[int(pick)]), {"max_tvd": float(max_tvd), "tvd": float(distance[int(pick)])}
+
+
+def _by_quality(router: Router, data: Tensors, num_classes: int, batch_size: int,
+                logits: torch.Tensor, rel: torch.Tensor, costs, iou_within_top: float | None,
+                budget_gflops: float | None) -> tuple[float, dict]:
+    """The strength of a quality target, from an exact score of every swept strength."""
+    device = next(router.parameters()).device
+    outcomes = PatchOutcomes.build(router, data, num_classes, batch_size, device, mc_seed=0)
+    ts = price_sweep(logits, rel)
+    actions = sweep_actions(logits, rel, ts)
+    miou = outcomes.miou_many(actions)
+    gflops = costs.gflops(actions).mean(-1)
+    if iou_within_top is not None:
+        top = outcomes.miou(torch.full(logits.shape[:2], logits.shape[-1] - 1))
+        ok = miou >= top - iou_within_top - 1e-12
+        target = {"iou_within_top": float(iou_within_top), "top_miou": top}
+        # the least GFLOP that is close enough; else the best mIoU there is
+        pick = (torch.where(ok, gflops, torch.inf).argmin() if ok.any() else miou.argmax())
+    else:
+        ok = gflops <= budget_gflops + 1e-9
+        target = {"budget_gflops": float(budget_gflops), "best_iou": True}
+        # the best mIoU within the budget, the cheaper of ties
+        score = torch.where(ok, miou - 1e-9 * gflops / max(float(gflops.max()), 1e-12), -torch.inf)
+        pick = score.argmax()
+    return float(ts[int(pick)]), target

@@ -397,19 +397,29 @@ def calibrate(
                                         help="mean GFLOP per validation image to spend"),
     max_frac_large: float = typer.Option(None, "--max-frac-large",
                                          help="largest share of patches on the largest model"),
+    iou_within_top: float = typer.Option(
+        None, "--iou-within-top", help="validation mIoU within this of the largest model's "
+        "alone, at the least GFLOP"),
+    best_iou: bool = typer.Option(False, "--best-iou", help="with --budget-gflops: the best "
+                                  "validation mIoU within the budget, not the most generous "
+                                  "routing"),
+    max_tvd: float = typer.Option(None, "--max-tvd", help="the least GFLOP whose assignment "
+                                  "distribution is within this total variation of the "
+                                  "policy's own (the paper's budget)"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
 ) -> None:
-    """Find the bias on the policy's logits that meets a compute budget on the validation
-    split; save it in the run for `segment` and `evaluate`."""
+    """Find the bias on the policy's logits that meets a compute budget or a quality target
+    on the validation split; save it in the run for `segment` and `evaluate`."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
-    cal = model.calibrate(budget_gflops, max_frac_large, batch_size)
-    (name, value), = cal.target.items()
+    cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
+                          iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd)
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
                f"image ({FLOP_CONVENTION})")
-    typer.echo(f"target {name} = {value:g}; bias on the logits {[round(b, 4) for b in cal.bias]}")
+    target = ", ".join(f"{k} = {v:g}" for k, v in cal.target.items())
+    typer.echo(f"target {target}; bias on the logits {[round(b, 4) for b in cal.bias]}")
     typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8}  patches per model")
     for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):
         typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f}  "

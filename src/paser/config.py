@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from paser.errors import ConfigError
 
@@ -162,9 +162,13 @@ class ModelsConfig(_Strict):
 class Stage1Config(_Strict):
     """Pretraining: f1..fK on patches with weighted CE, then f0 with distillation from fK."""
 
-    epochs: int = Field(200, ge=0, description="epochs per model (a model's own `epochs` wins)")
+    epochs: int = Field(200, ge=0, description="epochs per model (a model's own `epochs` wins); "
+                        "with patience, the most it trains")
     batch_size: int = Field(32, ge=1, description="images per batch (task models see P x patches)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    patience: int | None = Field(
+        None, ge=1, description="stop a model when its validation mIoU has not improved for "
+        "this many epochs (its best checkpoint is kept); null = train every epoch")
     a_kd: float = Field(0.01, ge=0, le=1, description="weight of the MSE to fK's stitched logits")
     class_weights: list[float] | None = Field(
         default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
@@ -173,18 +177,42 @@ class Stage1Config(_Strict):
 
 
 class Stage2Config(_Strict):
-    """Policy training by REINFORCE on D_rl (used from the core issue on)."""
+    """Policy training on D_rl: by REINFORCE (the paper) or with full information (every
+    model's outcome on every patch is known, since the task models are frozen)."""
 
     epochs: int = Field(200, ge=0, description="policy epochs")
     batch_size: int = Field(32, ge=1, description="images per batch")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     lam: float = Field(0.5, ge=0, le=1, description="cost weight in the reward")
     cost: Literal["params", "flops"] = Field("params", description="cost of a model in the reward")
+    objective: Literal["reinforce", "expected", "gain"] = Field(
+        "reinforce", description="reinforce (the paper: sampled actions, uniform exploration), "
+        "expected (the exact expected reward over all actions), or gain (regress each model's "
+        "gain over f0 on every patch; route by predicted reward)")
+    gain: Literal["patch", "dataset"] = Field(
+        "patch", description="a patch's IoU gain in the reward: patch (the paper: its own "
+        "mIoU) or dataset (its first-order effect on the split's mIoU, what reports measure)")
+    policy: Literal["cnn", "pooled"] = Field(
+        "cnn", description="cnn (the reference: convolutions over the state) or pooled (an "
+        "MLP on each patch's mean, std and maximum of every state channel)")
+    state: Literal["paper", "probs", "image"] = Field(
+        "paper", description="what the policy sees: paper (f0's prediction and uncertainty "
+        "map), probs (f0's class probabilities instead of its prediction), image (the input "
+        "too)")
+    train_on: Literal["rl", "rl+ft"] = Field(
+        "rl", description="what the policy trains on: D_rl (the paper), or D_rl and D_ft "
+        "together when stage 3 is off (stage3.epochs 0) and D_ft would be unused")
+    hidden: int = Field(64, ge=1, description="pooled policy: width of its MLP")
+    members: int = Field(1, ge=1, description="pooled policy: MLPs from different initial "
+                         "weights whose outputs are averaged (an ensemble; full-information "
+                         "objectives)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the policy")
     head: Literal["global", "local"] = Field(
-        "global", description="policy head: global (the reference) or local (patch-aware)")
-    stride: int = Field(1, ge=1, le=4, description="stride of the policy's first convolution: "
-                        "1 as the reference; 2 for about a quarter of its FLOPs")
-    alpha: tuple[float, float] = Field((0.7, 0.95), description="exploration: start, end")
+        "global", description="cnn policy head: global (the reference) or local (patch-aware)")
+    stride: int = Field(1, ge=1, le=4, description="stride of the cnn policy's first "
+                        "convolution: 1 as the reference; 2 for about a quarter of its FLOPs")
+    alpha: tuple[float, float] = Field((0.7, 0.95), description="reinforce: exploration, "
+                                       "start, end")
 
 
 class Stage3Config(_Strict):
@@ -244,7 +272,36 @@ class BaselinesConfig(_Strict):
     iou_match_tol: float = Field(0.005, ge=0, description="IDK-Cascade (IoU match): how far "
                                  "below PaSeR's IoU it may stay when it cannot reach it")
     curve_points: int = Field(41, ge=2, description="points per model on the report's curves")
+    paper: dict[str, Any] | None = Field(
+        None, description="PaSeR (paper): settings laid over this config that make the "
+        "paper's method (e.g. the REINFORCE objective and T = 5), trained on the same stage-1 "
+        "pool and reported beside PaSeR; null = none (see paser.train.paper.PAPER_METHOD)")
+    ablation: bool = Field(
+        False, description="the report's ablation: objective x state x uncertainty, each "
+        "policy trained on the run's outcomes, with its curve area against the frontier")
     timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
+
+
+class OperatingPointConfig(_Strict):
+    """Where PaSeR runs once trained: the policy's own choices (at its lam), or a target
+    calibrated on the validation split (saved as the run's ``calibration.json``)."""
+
+    iou_within_top: float | None = Field(
+        None, ge=0, le=1, description="the least GFLOP whose validation mIoU is within this "
+        "of fK's alone (0.005: as good as the largest model, for less)")
+    budget_gflops: float | None = Field(
+        None, gt=0, description="the best validation mIoU within this many GFLOP per image")
+    max_tvd: float | None = Field(
+        None, ge=0, le=1, description="the least GFLOP whose validation assignment "
+        "distribution is within this total variation of the policy's own (the paper's TVD "
+        "budget, for a policy trained with lam 0)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> OperatingPointConfig:
+        if sum(v is not None for v in (self.iou_within_top, self.budget_gflops,
+                                       self.max_tvd)) > 1:
+            raise ValueError("give at most one of iou_within_top, budget_gflops and max_tvd")
+        return self
 
 
 class DistributedConfig(_Strict):
@@ -273,13 +330,36 @@ class ExperimentConfig(_Strict):
         0, ge=0, description="pixels of neighbouring context each pool model sees around its "
         "patch (its prediction is kept for the patch only; FLOPs include the halo); paper: 0")
     mc_samples: int = Field(5, ge=1, description="T, Monte Carlo dropout passes of f0")
+    mc_dropout: Literal["all", "last", "none"] = Field(
+        "all", description="f0's dropouts on in its Monte Carlo passes: all (the paper), last "
+        "(only the last one; the layers before it run once), none (one deterministic pass; "
+        "mc_samples must be 1)")
+    uncertainty: Literal["entropy", "margin"] = Field(
+        "entropy", description="the policy's uncertainty map: entropy of f0's mean "
+        "probabilities (the paper), or margin (one minus the gap between the top two)")
     data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     baselines: BaselinesConfig = BaselinesConfig()
+    operating_point: OperatingPointConfig = OperatingPointConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _d_ft_once(self) -> ExperimentConfig:
+        if self.stage2.train_on == "rl+ft" and self.stage3.epochs > 0:
+            raise ValueError("stage2.train_on rl+ft trains the policy on D_ft, which stage 3 "
+                             "fine-tunes the pool on: set stage3.epochs=0 or "
+                             "stage2.train_on=rl")
+        return self
+
+    @model_validator(mode="after")
+    def _one_deterministic_pass(self) -> ExperimentConfig:
+        if self.mc_dropout == "none" and self.mc_samples != 1:
+            raise ValueError(f"mc_dropout none runs one deterministic pass of f0, but "
+                             f"mc_samples is {self.mc_samples}: set mc_samples=1")
+        return self
 
     @field_validator("grid")
     @classmethod

@@ -8,7 +8,8 @@
   (:class:`MaskDropout`, exported as ``RandomUniformLike``): every onnxruntime call
   draws fresh masks (they cannot be seeded from PyTorch);
 - ``f0.onnx``: f0 deterministic (dropout off), logits;
-- ``policy.onnx``: state ``[B, 2, Hp, Wp]`` -> logits ``[B, P, K+1]``;
+- ``policy.onnx``: state ``[B, S, Hp, Wp]`` (the run's ``stage2.state``) -> logits
+  ``[B, P, K+1]``;
 - ``f1.onnx`` .. ``fK.onnx``: one patch (with its halo) -> logits;
 - ``manifest.json``: sizes, T, grid, classes, model names, the cost table (GFLOP, with
   the convention), the policy's digest, and the measured onnxruntime-vs-PyTorch error
@@ -51,11 +52,14 @@ class MaskDropout(nn.Module):
 
 
 class MonteCarloF0(nn.Module):
-    """f0's T passes as one batched forward: ``[B, C, H, W]`` -> mean probabilities."""
+    """f0's T passes as one batched forward: ``[B, C, H, W]`` -> mean probabilities.
 
-    def __init__(self, f0: nn.Module, samples: int):
+    ``last_only``: only f0's last dropout is on (``mc_dropout=last``): the UNet's decoder up
+    to it runs once, the rest on T copies."""
+
+    def __init__(self, f0: nn.Module, samples: int, last_only: bool = False):
         super().__init__()
-        self.f0, self.samples = copy.deepcopy(f0).eval(), samples
+        self.f0, self.samples, self.last_only = copy.deepcopy(f0).eval(), samples, last_only
         for name, module in list(self.f0.named_modules()):
             if isinstance(module, nn.Dropout):
                 parent = self.f0.get_submodule(name.rpartition(".")[0]) if "." in name else self.f0
@@ -64,7 +68,10 @@ class MonteCarloF0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.samples
-        if hasattr(self.f0, "encode"):
+        if hasattr(self.f0, "shared") and self.last_only:
+            logits = self.f0.last_pass([s.repeat(t, 1, 1, 1)
+                                        for s in self.f0.shared(x, last_only=True)])
+        elif hasattr(self.f0, "encode"):
             logits = self.f0.decode([s.repeat(t, 1, 1, 1) for s in self.f0.encode(x)])
         else:
             logits = self.f0(x.repeat(t, 1, 1, 1))
@@ -106,9 +113,10 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
     c = cfg.models.in_channels
     gen = torch.Generator().manual_seed(0)
     parts: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
-        "f0_mc": (MonteCarloF0(router.f0, cfg.mc_samples), (c, hp, wp)),
+        "f0_mc": (MonteCarloF0(router.f0, router.mc_samples, router.mc_dropout == "last"),
+                  (c, hp, wp)),
         "f0": (router.f0, (c, hp, wp)),
-        "policy": (router.policy, (2, hp, wp)),
+        "policy": (router.policy, (router.state_channels, hp, wp)),
         **{f"f{k}": (m, (c, ph, pw)) for k, m in enumerate(router.pool, start=1)},
     }
     parity = {}
@@ -126,8 +134,9 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
     costs = router.costs(height, width)
     manifest = {
         "height": height, "width": width, "padded": [hp, wp], "patch_input": [ph, pw],
-        "grid": [grid.rows, grid.cols], "halo": grid.halo, "mc_samples": cfg.mc_samples,
-        "in_channels": c, "num_classes": cfg.models.num_classes,
+        "grid": [grid.rows, grid.cols], "halo": grid.halo, "mc_samples": router.mc_samples,
+        "mc_dropout": router.mc_dropout, "uncertainty": router.signal,
+        "state": router.state_kind, "in_channels": c, "num_classes": cfg.models.num_classes,
         "models": [cfg.models.f0.name] + [m.name for m in cfg.models.pool],
         "files": {name: f"{name}.onnx" for name in parts},
         "costs": {k: v for k, v in costs.to_dict().items() if k not in ("f0_mc", "fixed",
@@ -165,14 +174,18 @@ class OnnxModel(nn.Module):
 class OnnxMonteCarlo(OnnxModel):
     """``f0_mc.onnx``: :func:`paser.uncertainty.mc_predict` calls :meth:`mc_probs`."""
 
-    def __init__(self, path: Path, samples: int):
+    def __init__(self, path: Path, samples: int, last_only: bool = False):
         super().__init__(path)
-        self.samples = samples
+        self.samples, self.last_only = samples, last_only
 
-    def mc_probs(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+    def mc_probs(self, x: torch.Tensor, samples: int, last_only: bool = False) -> torch.Tensor:
         if samples != self.samples:
             raise ConfigError(f"the ONNX f0 runs {self.samples} Monte Carlo passes, not "
                               f"{samples}; export again with mc_samples={samples}")
+        if last_only != self.last_only:
+            on = {True: "only its last dropout", False: "every dropout"}
+            raise ConfigError(f"the ONNX f0 keeps {on[self.last_only]} on, not "
+                              f"{on[last_only]}; export again with the run's mc_dropout")
         return self(x)
 
 
@@ -182,10 +195,15 @@ class OnnxRouter(Router):
     def __init__(self, export_dir: Path, manifest: dict):
         files = {k: export_dir / v for k, v in manifest["files"].items()}
         pool = [OnnxModel(files[f"f{k}"]) for k in range(1, len(manifest["models"]))]
-        super().__init__(OnnxMonteCarlo(files["f0_mc"], manifest["mc_samples"]),
-                         OnnxModel(files["policy"]), pool,
+        dropout = manifest.get("mc_dropout", "all")
+        # one deterministic pass: f0's logits (mc_predict takes their softmax)
+        f0 = (OnnxModel(files["f0"]) if dropout == "none" else
+              OnnxMonteCarlo(files["f0_mc"], manifest["mc_samples"], dropout == "last"))
+        super().__init__(f0, OnnxModel(files["policy"]), pool,
                          PatchGrid(*manifest["grid"], halo=manifest["halo"]),
-                         manifest["mc_samples"], manifest["in_channels"])
+                         manifest["mc_samples"], manifest["in_channels"], dropout,
+                         manifest.get("uncertainty", "entropy"), manifest.get("state", "paper"),
+                         manifest["num_classes"])
         self.manifest = manifest
         self._costs[tuple(manifest["padded"])] = CostTable(**manifest["costs"])
 

@@ -25,7 +25,7 @@ from paser.uncertainty import entropy
 class PatchOutcomes:
     """Frozen-model outcomes for every (image, patch, action) of a split.
 
-    ``state`` [N, 2, Hp, Wp] the policy's input; ``inter``, ``union`` [N, P, K+1, C] pixel
+    ``state`` [N, S, Hp, Wp] the policy's input (:meth:`paser.routing.Router.state`); ``inter``, ``union`` [N, P, K+1, C] pixel
     counts of each action's prediction against the label on each patch; ``entropy``
     [N, P, K+1] mean per-pixel entropy (nats) of each model's probabilities on the patch
     (f0: of its Monte Carlo mean); ``nll`` [N, P, K+1] mean cross entropy on the patch's
@@ -41,11 +41,14 @@ class PatchOutcomes:
     @classmethod
     @torch.inference_mode()
     def build(cls, router: Router, data: Tensors, num_classes: int, batch_size: int,
-              device: torch.device, mc_seed: int | None = None) -> PatchOutcomes:
+              device: torch.device, mc_seed: int | None = None,
+              pool_from: PatchOutcomes | None = None) -> PatchOutcomes:
         """Run f0 and every pool model on every patch of ``data``.
 
         ``mc_seed`` fixes f0's dropout masks per batch (as at inference); ``None`` draws
-        them from the global generator (training).
+        them from the global generator (training). ``pool_from``: outcomes of the same
+        split and pool under another f0 setting (T, dropout, state); the pool's entries are
+        taken from it and only f0 runs.
         """
         grid = router.grid
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("state", "inter", "union",
@@ -55,8 +58,9 @@ class PatchOutcomes:
             y = grid.pad(masks.to(device), mode="constant", value=-1)
             mc = router.observe(x, mc_seed)
             patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
-            probs = [grid.split(mc.probs)] + [grid.centre(m(patches)).float().softmax(1)
-                                              for m in router.pool]
+            probs = [grid.split(mc.probs)]
+            if pool_from is None:
+                probs += [grid.centre(m(patches)).float().softmax(1) for m in router.pool]
             b, p = x.shape[0], grid.num_patches
             labelled = labels >= 0
             safe = labels.clamp_min(0)[:, None]
@@ -73,8 +77,18 @@ class PatchOutcomes:
             parts["union"].append(torch.stack(union, 1).view(*shape, -1).cpu())
             parts["entropy"].append(torch.stack(ent, 1).view(shape).float().cpu())
             parts["nll"].append(torch.stack(nll, 1).view(shape).float().cpu())
-            parts["state"].append(mc.state().cpu())
-        return cls(**{k: torch.cat(v) for k, v in parts.items()})
+            parts["state"].append(router.state(x, mc).cpu())
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        if pool_from is not None:
+            for key in ("inter", "union", "entropy", "nll"):
+                out[key] = torch.cat([out[key], getattr(pool_from, key)[:, :, 1:]], 2)
+        return cls(**out)
+
+    @classmethod
+    def concat(cls, parts: list[PatchOutcomes]) -> PatchOutcomes:
+        """The outcomes of several splits of the same size as one."""
+        return cls(*(torch.cat([getattr(p, k) for p in parts])
+                     for k in ("state", "inter", "union", "entropy", "nll")))
 
     @property
     def num_models(self) -> int:
@@ -87,6 +101,34 @@ class PatchOutcomes:
         present = self.union > 0
         iou = torch.where(present, self.inter / self.union.clamp_min(1), 0.0).sum(-1)
         return (iou / present.sum(-1).clamp_min(1)).float()
+
+    def dataset_gain(self) -> torch.Tensor:
+        """Each action's first-order effect on the split's mIoU, per patch ``[N, P, K+1]``
+        (entry 0 is 0), scaled by the number of patches ``N * P``.
+
+        The split's mIoU is ``mean_c I_c / U_c`` over summed intersections and unions. Moving
+        one patch from f0 to model k changes them by ``dI``, ``dU``, so the mIoU by about
+        ``mean_c (dI_c / U_c - I_c dU_c / U_c^2)``, with ``I``, ``U`` the totals with every
+        patch on f0. Unlike the patch's own mIoU gain, this weighs a class by how rare it is
+        in the split, as the split's mIoU does, and adds up over patches: ranking patches by
+        it ranks them by what they do to the figure the report measures.
+        """
+        inter, union = self.inter.double(), self.union.double()
+        total_i, total_u = inter[:, :, 0].sum((0, 1)), union[:, :, 0].sum((0, 1))
+        present = total_u > 0
+        d_i, d_u = inter - inter[:, :, :1], union - union[:, :, :1]
+        u = total_u.clamp_min(1)
+        per_class = torch.where(present, d_i / u - total_i * d_u / u.square(), 0.0)
+        scale = inter.shape[0] * inter.shape[1] / present.sum().clamp_min(1)
+        return (per_class.sum(-1) * scale).float()
+
+    def gain(self, kind: str = "patch") -> torch.Tensor:
+        """Gain of each action over f0 on each patch ``[N, P, K+1]``: ``patch`` (its own
+        mIoU, the paper's reward) or ``dataset`` (:meth:`dataset_gain`)."""
+        if kind == "dataset":
+            return self.dataset_gain()
+        iou = self.patch_iou()
+        return iou - iou[..., :1]
 
     def miou(self, actions: torch.Tensor) -> float:
         """Dataset-level mIoU of the routed predictions for ``actions`` [N, P]."""

@@ -18,7 +18,15 @@ from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
 from paser.patches import PatchGrid
-from paser.uncertainty import MCOutput, mc_predict, seeded
+from paser.uncertainty import (
+    Dropout,
+    MCOutput,
+    Signal,
+    StateKind,
+    mc_predict,
+    seeded,
+    state_channels,
+)
 
 Mode = Literal["greedy", "sample"]
 
@@ -32,8 +40,10 @@ class CostTable:
     Attributes:
         f0_pass: GFLOP of one f0 pass on the whole (padded) image.
         mc_samples: T, f0 passes per image.
-        f0_shared: GFLOP of f0's layers before its first dropout, which are the same in
-            every pass and run once for all T (``UNet.mc_probs``); 0 for other models.
+        f0_shared: GFLOP of f0's layers before its first active dropout, which are the
+            same in every pass and run once for all T (``UNet.mc_probs``; with
+            ``mc_dropout=last`` the decoder up to the last dropout too); 0 for other
+            models.
         policy: GFLOP of the policy on one state.
         patch: GFLOP of each model on one patch (with its halo of context, if the grid has
             one), ``[K+1]``; entry 0 is 0 because action 0 reuses f0's prediction.
@@ -51,19 +61,22 @@ class CostTable:
 
     @classmethod
     def measure(cls, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
-                in_channels: int, height: int, width: int, mc_samples: int) -> CostTable:
-        """Count FLOPs at the padded size of a ``height x width`` image."""
+                in_channels: int, height: int, width: int, mc_samples: int,
+                state_channels: int = 2, mc_dropout: Dropout = "all") -> CostTable:
+        """Count FLOPs at the padded size of a ``height x width`` image; the policy on a
+        state of ``state_channels``."""
         hp, wp = grid.padded_size(height, width)
         ph, pw = hp // grid.rows + 2 * grid.halo, wp // grid.cols + 2 * grid.halo
+        shares = hasattr(f0, "shared") and mc_dropout != "none" and mc_samples > 1
         return cls(
             f0_pass=gflops_per_sample(f0, in_channels, hp, wp),
             mc_samples=mc_samples,
-            policy=gflops_per_sample(policy, 2, hp, wp),
+            policy=gflops_per_sample(policy, state_channels, hp, wp),
             patch=[0.0] + [gflops_per_sample(m, in_channels, ph, pw) for m in pool],
             params=[count_parameters(m) for m in (f0, *pool)],
             num_patches=grid.num_patches,
-            f0_shared=(gflops_per_sample(_Encoder(f0), in_channels, hp, wp)
-                       if hasattr(f0, "mc_probs") else 0.0),
+            f0_shared=(gflops_per_sample(_Shared(f0, mc_dropout == "last"), in_channels, hp, wp)
+                       if shares else 0.0),
         )
 
     @property
@@ -115,15 +128,16 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class _Encoder(nn.Module):
-    """A UNet's deterministic encoder as a module (to count its FLOPs)."""
+class _Shared(nn.Module):
+    """What a UNet's Monte Carlo passes share (``UNet.shared``) as a module, to count its
+    FLOPs."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, last_only: bool):
         super().__init__()
-        self.model = model
+        self.model, self.last_only = model, last_only
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.encode(x)
+        return self.model.shared(x, self.last_only)
 
 
 @dataclass
@@ -148,13 +162,21 @@ class RoutingOutput:
 
 
 class Router(nn.Module):
-    """f0 + policy + pool (f1..fK) on a patch grid: the PaSeR inference path."""
+    """f0 + policy + pool (f1..fK) on a patch grid: the PaSeR inference path.
+
+    ``mc_samples`` (T) and ``mc_dropout`` say how f0 looks (:func:`paser.uncertainty.mc_predict`);
+    ``signal`` and ``state`` what the policy sees (:meth:`paser.uncertainty.MCOutput.state`;
+    ``num_classes`` sizes it).
+    """
 
     def __init__(self, f0: nn.Module, policy: nn.Module, pool: list[nn.Module], grid: PatchGrid,
-                 mc_samples: int, in_channels: int = 1):
+                 mc_samples: int, in_channels: int = 1, mc_dropout: Dropout = "all",
+                 signal: Signal = "entropy", state: StateKind = "paper", num_classes: int = 3):
         super().__init__()
         self.f0, self.policy, self.pool = f0, policy, nn.ModuleList(pool)
         self.grid, self.mc_samples, self.in_channels = grid, mc_samples, in_channels
+        self.mc_dropout, self.signal, self.state_kind = mc_dropout, signal, state
+        self.num_classes = num_classes
         self._costs: dict[tuple[int, int], CostTable] = {}
         #: where f1..fK run when set: a :class:`paser.serve.RemotePool` (the edge/cloud split)
         self.remote = None
@@ -165,8 +187,14 @@ class Router(nn.Module):
         if key not in self._costs:
             self._costs[key] = CostTable.measure(self.f0, self.policy, list(self.pool), self.grid,
                                                  self.in_channels, height, width,
-                                                 self.mc_samples)
+                                                 self.mc_samples, self.state_channels,
+                                                 self.mc_dropout)
         return self._costs[key]
+
+    @property
+    def state_channels(self) -> int:
+        """Channels of the policy's input."""
+        return state_channels(self.state_kind, self.in_channels, self.num_classes)
 
     @property
     def policy_digest(self) -> str:
@@ -182,7 +210,11 @@ class Router(nn.Module):
         """f0's Monte Carlo output on a padded batch ``[B, C, Hp, Wp]``; ``mc_seed`` fixes
         the dropout masks (see :meth:`forward`)."""
         with seeded(mc_seed, x.device):
-            return mc_predict(self.f0, x, self.mc_samples)
+            return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
+
+    def state(self, xp: torch.Tensor, mc: MCOutput) -> torch.Tensor:
+        """The policy's input for a padded batch ``xp`` and f0's output on it."""
+        return mc.state(self.state_kind, xp, self.signal)
 
     def look(self, x: torch.Tensor, mc_seed: int | None = None) -> tuple[torch.Tensor, MCOutput]:
         """A batch ``[B, C, H, W]`` padded to the grid, and f0's Monte Carlo output on it."""
@@ -245,7 +277,7 @@ class Router(nn.Module):
         xp, mc = self.look(x, mc_seed)
         logits = None
         if actions is None:
-            logits = self.policy(mc.state())
+            logits = self.policy(self.state(xp, mc))
             if bias is not None:
                 logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)

@@ -1,5 +1,5 @@
-"""``paser run``: data -> stage 1 -> stage 2 -> stage 3 (-> TVD sweep) -> baselines ->
-evaluation -> report.
+"""``paser run``: data -> stage 1 -> stage 2 -> stage 3 (-> TVD sweep) (-> calibration to
+the operating point) (-> PaSeR (paper)) -> baselines -> evaluation -> report.
 
 A re-run skips every step whose outputs exist for the same config: each step records a
 fingerprint of the config sections it depends on in ``run_dir/steps.json`` when it
@@ -18,7 +18,7 @@ from paser.config import ExperimentConfig
 from paser.train.common import atomic_write_text, prepare_run_dir, setup
 
 _STAGE1 = ("data", "seed", "grid", "halo", "models", "stage1")
-_STAGE2 = (*_STAGE1, "mc_samples", "stage2")
+_STAGE2 = (*_STAGE1, "mc_samples", "mc_dropout", "uncertainty", "stage2")
 _STAGE3 = (*_STAGE2, "stage3")
 DEPS: dict[str, tuple[str, ...]] = {
     "stage1": _STAGE1,
@@ -27,14 +27,18 @@ DEPS: dict[str, tuple[str, ...]] = {
     "baselines": ("data", "seed", "models.in_channels", "models.num_classes", "stage1",
                   "baselines.monolithic", "baselines.matphase"),
     "tvd": (*_STAGE3,),
-    "report": (*_STAGE3, "baselines"),
+    "calibrate": (*_STAGE3, "operating_point"),
+    "paper": (*_STAGE3, "baselines.paper"),
+    "report": (*_STAGE3, "baselines", "operating_point"),
 }
 """The config keys each step reads, itself and through the steps before it."""
 OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
-           "baselines": "checkpoints", "tvd": "tvd", "report": "results.json"}
+           "baselines": "checkpoints", "tvd": "tvd", "calibrate": "calibration.json",
+           "paper": "paper", "report": "results.json"}
 #: the steps whose outputs each step reads: rebuilt inputs make a step stale
 INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
-          "report": ("stage1", "stage2", "stage3", "baselines", "tvd")}
+          "calibrate": ("stage2", "stage3"), "paper": ("stage1",),
+          "report": ("stage1", "stage2", "stage3", "baselines", "tvd", "calibrate", "paper")}
 
 
 def readers(step: str) -> set[str]:
@@ -90,6 +94,31 @@ def check_models(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"key '{key}': {err}") from None
 
 
+def target_of(cfg: ExperimentConfig) -> dict | None:
+    """The run's operating-point target as :func:`paser.calibration.calibrate` keywords,
+    or ``None`` when PaSeR runs at its policy's own choices."""
+    op = cfg.operating_point
+    if op.iou_within_top is not None:
+        return {"iou_within_top": op.iou_within_top}
+    if op.budget_gflops is not None:
+        return {"budget_gflops": op.budget_gflops, "best_iou": True}
+    if op.max_tvd is not None:
+        return {"max_tvd": op.max_tvd}
+    return None
+
+
+def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
+    """Calibrate the trained run to its operating point on the validation split; saved as
+    ``calibration.json``, which ``PaSeR.load`` (segment, evaluate, the report) applies."""
+    from paser.api import PaSeR
+
+    model = PaSeR.load(run_dir, calibrated=False)
+    cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
+    echo(f"[calibrate] {', '.join(f'{k} {v:g}' for k, v in cal.target.items())}: validation "
+         f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image (uncalibrated "
+         f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
+
+
 class Steps:
     """The ``steps.json`` ledger of finished steps."""
 
@@ -123,6 +152,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.data import describe, load_stage_data
     from paser.experiments.main import evaluate_all
     from paser.train.finetune import finetune, tvd_sweep
+    from paser.train.paper import paper_config, train_paper
     from paser.train.policy import train_policy
     from paser.train.pretrain import pretrain
 
@@ -164,6 +194,11 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     if cfg.stage3.tvd_sweep:
         step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,
                                              show_progress=show_progress))
+    if target_of(cfg) is not None:
+        step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo))
+    if paper_config(cfg) is not None:
+        step("paper", lambda resume: train_paper(cfg, run_dir, resume=resume,
+                                                 show_progress=show_progress))
     data = None
 
     def baselines(resume: bool) -> None:

@@ -1,10 +1,17 @@
-"""Monte Carlo dropout: T stochastic passes of f0 -> mean probabilities, prediction, entropy."""
+"""Monte Carlo dropout: T stochastic passes of f0 -> mean probabilities, prediction, entropy.
+
+Where the stochastic passes go is a setting (``mc_dropout``): every dropout of f0 (the
+paper), only its last one (the layers before it run once), or none (one deterministic
+pass, ``mc_samples=1``). The uncertainty map the policy sees is the entropy of the mean
+probabilities (the paper) or one minus the margin between the two most likely classes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -13,20 +20,24 @@ from paser.errors import ConfigError
 from paser.metrics import predicted_classes
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+Dropout = Literal["all", "last", "none"]
+Signal = Literal["entropy", "margin"]
 
 
 @contextmanager
-def mc_dropout(model: nn.Module, active: bool = True) -> Iterator[nn.Module]:
-    """Eval mode for everything except dropout, which stays on when ``active``.
+def mc_dropout(model: nn.Module, active: bool = True, last_only: bool = False
+               ) -> Iterator[nn.Module]:
+    """Eval mode for everything except dropout, which stays on when ``active`` (with
+    ``last_only``, only the last dropout module in module order).
 
     Restores every module's previous mode on exit.
     """
     modes = {m: m.training for m in model.modules()}
     model.eval()
     if active:
-        for m in model.modules():
-            if isinstance(m, _DROPOUT):
-                m.train()
+        drops = [m for m in model.modules() if isinstance(m, _DROPOUT)]
+        for m in drops[-1:] if last_only else drops:
+            m.train()
     try:
         yield model
     finally:
@@ -59,9 +70,41 @@ class MCOutput:
     pred: torch.Tensor
     entropy: torch.Tensor
 
-    def state(self) -> torch.Tensor:
-        """The policy's input ``[B, 2, H, W]``: f0's prediction and the entropy map."""
-        return torch.stack([self.pred.to(self.entropy.dtype), self.entropy], dim=1)
+    def uncertainty(self, signal: Signal = "entropy") -> torch.Tensor:
+        """The uncertainty map ``[B, H, W]``: the entropy, or ``1 - margin`` (one minus
+        the gap between the two most likely classes' probabilities; 1 = a tie)."""
+        if signal == "entropy":
+            return self.entropy
+        top2 = self.probs.topk(2, dim=1).values
+        return 1.0 - (top2[:, 0] - top2[:, 1])
+
+    def state(self, kind: StateKind = "paper", image: torch.Tensor | None = None,
+              signal: Signal = "entropy") -> torch.Tensor:
+        """The policy's input ``[B, S, H, W]`` (:func:`state_channels` gives ``S``):
+
+        - ``paper``: f0's prediction and the uncertainty map (the reference, ``S = 2``);
+        - ``probs``: f0's class probabilities and the uncertainty map;
+        - ``image``: the (padded) input ``image`` too, first.
+        """
+        u = self.uncertainty(signal)[:, None]
+        if kind == "paper":
+            return torch.cat([self.pred[:, None].to(u.dtype), u], 1)
+        parts = [self.probs.to(u.dtype), u]
+        if kind == "image":
+            if image is None:
+                raise ValueError("state 'image' needs the padded input image")
+            parts.insert(0, image.to(u.dtype))
+        elif kind != "probs":
+            raise ValueError(f"policy state '{kind}': use paper, probs or image")
+        return torch.cat(parts, 1)
+
+
+StateKind = Literal["paper", "probs", "image"]
+
+
+def state_channels(kind: StateKind, in_channels: int, num_classes: int) -> int:
+    """Channels of :meth:`MCOutput.state` for a state kind."""
+    return {"paper": 2, "probs": num_classes + 1, "image": in_channels + num_classes + 1}[kind]
 
 
 def entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -69,20 +112,31 @@ def entropy(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim)
 
 
-def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 5) -> MCOutput:
+def mc_predict(model: nn.Module, x: torch.Tensor, samples: int = 5,
+               dropout: Dropout = "all") -> MCOutput:
     """T = ``samples`` Monte Carlo dropout passes of ``model`` on ``x`` [B, C, H, W].
 
-    A model with ``mc_probs(x, samples)`` (the UNet) shares the layers before its first
-    dropout across the passes; any other model runs the T passes as one batched forward
-    of ``[T * B, C, H, W]`` (dropout masks differ across the copies). ``samples=1`` with
-    dropout off is the deterministic single pass.
+    ``dropout``: which dropouts stay on, ``all`` (the paper), ``last`` (only the last one)
+    or ``none`` (one deterministic pass; ``samples`` must be 1).
+    A model with ``mc_probs(x, samples, last_only)`` (the UNet) shares what comes before
+    the first active dropout across the passes; any other model runs the T passes as one
+    batched forward of ``[T * B, C, H, W]`` (dropout masks differ across the copies).
     """
     if samples < 1:
         raise ConfigError(f"mc_samples={samples}: the number of Monte Carlo passes must be >= 1")
+    if dropout == "none" and samples != 1:
+        raise ConfigError(f"mc_dropout=none runs one deterministic pass, but mc_samples={samples}"
+                          "; set mc_samples=1 (or mc_dropout to all or last)")
     b = x.shape[0]
-    with mc_dropout(model, active=True):
+    if dropout == "none":
+        with mc_dropout(model, active=False):
+            probs = model(x).float().softmax(1)
+        return MCOutput(probs, predicted_classes(probs), entropy(probs))
+    last_only = dropout == "last"
+    with mc_dropout(model, active=True, last_only=last_only):
         if hasattr(model, "mc_probs"):
-            probs = model.mc_probs(x, samples)
+            probs = (model.mc_probs(x, samples, last_only=True) if last_only
+                     else model.mc_probs(x, samples))
         else:
             logits = model(x.repeat(samples, 1, 1, 1))  # [T*B, K, H, W]
             probs = logits.float().softmax(1).unflatten(0, (samples, b)).mean(0)

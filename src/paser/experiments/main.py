@@ -10,10 +10,12 @@ come from the same models and the same FLOP tables.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from paser import frontier as FR
 from paser.api import PaSeR
 from paser.baselines.monolithic import load_matphase, load_monolithic
 from paser.baselines.routed import (
@@ -21,18 +23,19 @@ from paser.baselines.routed import (
     fit_cascade,
     match_cascade,
     oracle_actions,
-    pareto,
     random_actions,
 )
+from paser.calibration import calibrate
 from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
 from paser.experiments import methods as M
+from paser.experiments.ablation import run_ablation
+from paser.experiments.curves import curve, oracle_curve, policy_curve
 from paser.experiments.report import (
-    ROUTED,
     add_honest_view,
     assignment_summary,
-    curve_areas,
+    is_routed,
     method_order,
     plot_assignment,
     plot_curves,
@@ -44,35 +47,28 @@ from paser.experiments.report import (
 from paser.outcomes import PatchOutcomes
 from paser.train.common import progress
 from paser.train.finetune import sweep_dir
+from paser.train.paper import paper_config, paper_dir
 
 
-def policy_curve(router, test: PatchOutcomes, points: int, batch: int) -> dict:
-    """PaSeR's IoU-vs-GFLOP curve: a bias ``beta * k / K`` on the logits of model k, for
-    ``beta`` from "everything on f0" to "everything on fK"."""
-    device = next(router.parameters()).device
-    with torch.inference_mode():
-        router.policy.eval()
-        logits = torch.cat([router.policy(test.state[i:i + batch].to(device)).cpu()
-                            for i in range(0, len(test.state), batch)])
-    k = logits.shape[-1] - 1
-    span = float(logits.max() - logits.min()) + 1.0
-    betas = torch.linspace(-span * k, span * k, 4 * points + 1)
-    ramp = torch.arange(k + 1, dtype=torch.float32) / k
-    actions = (logits[None] + betas[:, None, None, None] * ramp).argmax(-1)  # [S, N, P]
-    costs = router.costs(*test.state.shape[-2:])
-    return _curve(test.miou_many(actions), costs.gflops(actions).mean(-1))
+def single_models(methods: dict[str, dict], num_models: int) -> dict[str, tuple[float, float]]:
+    """The ``(GFLOP, IoU)`` of f0 (one pass) and of each pool model alone."""
+    return {name: (methods[name]["gflops"], methods[name]["iou"])
+            for name in ["f0", *(f"f{k}" for k in range(1, num_models))]}
 
 
-def oracle_curve(test: PatchOutcomes, costs, cost: torch.Tensor, points: int) -> dict:
-    patch_iou = test.patch_iou()
-    acts = torch.stack([oracle_actions(patch_iou, cost, lam)
-                        for lam in torch.linspace(0, 1, points).tolist()])
-    return _curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
-
-
-def _curve(miou: torch.Tensor, gflops: torch.Tensor) -> dict:
-    xs, ys = pareto(gflops, miou)
-    return {"gflops": xs, "iou": ys}
+def regret_table(methods: dict[str, dict], curves: dict[str, dict], names: list[str]) -> list[dict]:
+    """At each PaSeR point's GFLOP: its IoU, the frontier's, the cascade's and the oracle's
+    best within that budget (and how far each is from PaSeR)."""
+    frontier = list(zip(curves["Frontier"]["gflops"], curves["Frontier"]["iou"], strict=True))
+    rows = []
+    for name in names:
+        g, iou = methods[name]["gflops"], methods[name]["iou"]
+        row = {"method": name, "gflops": g, "iou": iou, "frontier": FR.frontier_at(frontier, g),
+               "cascade": FR.best_within(curves["IDK-Cascade"], g),
+               "oracle": FR.best_within(curves["Oracle"], g)}
+        row["above_frontier"] = None if row["frontier"] is None else iou - row["frontier"]
+        rows.append(row)
+    return rows
 
 
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
@@ -87,12 +83,27 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     costs = router.costs(h, w)
     cost = costs.model_cost(cfg.stage2.cost)
     lam = cfg.stage3.lam if cfg.stage3.lam is not None else cfg.stage2.lam
+    top = f"f{nmod - 1}"
     notes: list[str] = []
 
     val_out = PatchOutcomes.build(router, data.validation, ncls, tb, device, mc_seed=0)
     test_out = PatchOutcomes.build(router, data.test, ncls, tb, device, mc_seed=0)
-    paser_pred = M.paser_predictor(router)
-    preds: dict[str, M.Predictor] = {"PaSeR": paser_pred}
+    bias = paser.calibration.tensor() if paser.calibration is not None else None
+    preds: dict[str, M.Predictor] = {"PaSeR": M.paser_predictor(router, bias=bias)}
+    paper_run = paper_dir(run_dir) if paper_config(cfg) is not None else None
+    paper = PaSeR.load(paper_run, device=str(device)) if paper_run is not None else None
+    if paper is not None:
+        preds["PaSeR (paper)"] = M.paser_predictor(paper.router)
+    # operating points users ask for, calibrated on validation (not saved in the run)
+    points = {f"PaSeR ({top}'s IoU - 0.005)": {"iou_within_top": 0.005},
+              "PaSeR (f1's GFLOP)": {"budget_gflops": costs.num_patches * costs.patch[1],
+                                     "best_iou": True}}
+    calibrations = {}
+    for name, target in points.items():
+        if target.get("budget_gflops", costs.fixed) < costs.fixed:
+            continue
+        calibrations[name] = calibrate(router, data.validation, ncls, batch_size=tb, **target)
+        preds[name] = M.paser_predictor(router, bias=calibrations[name].tensor())
     preds["PaSeR-RandPol"] = M.fixed_actions_predictor(
         router, random_actions(len(data.test), router.grid.num_patches, nmod, cfg.seed))
     cascade = fit_cascade(val_out, costs, cost, lam, b.cascade_points)
@@ -116,7 +127,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         for name, predict in preds.items():
             bar.update(task, info=name)
             results[name] = M.measure(predict, data.test, ncls, tb, device,
-                                      nmod if name in ROUTED else None)
+                                      nmod if is_routed(name) else None)
             bar.advance(task)
             if name == "IDK-Cascade":  # the IoU match needs PaSeR's test IoU
                 match = match_cascade(test_out, costs, results["PaSeR"]["iou"], b.iou_match_tol,
@@ -125,28 +136,57 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                     M.cascade_predictor(router, match), data.test, ncls, tb, device, nmod)
         bar.update(task, info="curves")
         _, c_miou, c_gflops = cascade_sweep(test_out, costs, b.curve_points)
-        curves = {"PaSeR": policy_curve(router, test_out, b.curve_points, tb),
-                  "IDK-Cascade": _curve(c_miou, c_gflops),
+        curves = {"PaSeR": policy_curve(router, test_out, tb),
+                  "IDK-Cascade": curve(c_miou, c_gflops),
                   "Oracle": oracle_curve(test_out, costs, cost, b.curve_points)}
+        if paper is not None:
+            paper_out = PatchOutcomes.build(paper.router, data.test, ncls, tb, device, mc_seed=0)
+            curves["PaSeR (paper)"] = policy_curve(paper.router, paper_out, tb)
         bar.advance(task)
 
     sweep = _tvd_sweep(cfg, run_dir, data, device, show_progress)
-    order = [m for m in method_order(nmod - 1) if m in results]
+    order = [m for m in method_order(nmod - 1, results) if m in results]
     methods = {m: results[m] for m in order}
-    top = f"f{nmod - 1}"
     add_honest_view(methods, top)
-    areas, crange = curve_areas(curves)
+    singles = single_models(methods, nmod)
+    curves["Frontier"] = FR.frontier_curve(singles)
+    lo, hi = costs.fixed, methods[top]["gflops"]
+    areas = FR.areas(curves, lo, hi)
+    above = {name: FR.share_above(c, curves["Frontier"], lo, hi)
+             for name, c in curves.items() if name != "Frontier"}
     pg, pi = methods["PaSeR"]["gflops"], methods["PaSeR"]["iou"]
     reach = [y for x, y in zip(curves["IDK-Cascade"]["gflops"], curves["IDK-Cascade"]["iou"],
                                strict=True) if x <= pg]
     on_or_above = pi >= (max(reach) if reach else 0.0) - 1e-9
+    paser_rows = [m for m in methods if m.startswith("PaSeR") and m != "PaSeR-RandPol"]
+    verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed)
+    notes.append("The single-model frontier is what a user gets without routing: one model "
+                 "of the pool on every image, or whole images split between two of them (the "
+                 "upper hull of the points of " + ", ".join(singles) + ", linear in GFLOP). "
+                 f"Curve areas are the mean IoU over 64 budgets spaced evenly in log GFLOP from "
+                 f"the fixed cost ({lo:.3f}) to {top}'s GFLOP ({hi:.3f}).")
+    if paser.calibration is not None:
+        target = ", ".join(f"{k} {v:g}" for k, v in paser.calibration.target.items())
+        notes.append(f"PaSeR runs at the run's calibrated operating point ({target}; "
+                     "calibrated on the validation split).")
+    for name, cal in calibrations.items():
+        notes.append(f"{name}: calibrated on the validation split (validation mIoU "
+                     f"{cal.miou:.4f} at {cal.gflops:.3f} GFLOP), measured on test.")
+    if paper is not None:
+        notes.append("PaSeR (paper): the paper's method (stage2.objective "
+                     f"{paper.config.stage2.objective}, T = {paper.config.mc_samples}, "
+                     f"dropout {paper.config.mc_dropout}, state {paper.config.stage2.state}, "
+                     f"{paper.config.stage2.policy} policy, lam {paper.config.stage2.lam}, "
+                     f"cost {paper.config.stage2.cost}) trained on the same stage-1 pool "
+                     "(stages 2 and 3 in paper/).")
     if b.matphase is not None:
         notes.append("MatPhase is re-implemented from its published description (ensemble of "
                      "whole-image UNets, a pixel-level IDK gate on the first member's entropy, "
                      "a small fusion CNN), not from its authors' code.")
-    notes.append("IDK-Cascade uses f0's Monte Carlo mean (T passes, as PaSeR) and pays for "
-                 "every model that ran on a patch; it has no policy. Its thresholds were "
-                 f"grid-searched on validation (CE + {lam} * cost): {cascade.taus}.")
+    notes.append(f"IDK-Cascade uses f0 as PaSeR sees it (T = {router.mc_samples}, dropout "
+                 f"{router.mc_dropout}) and pays for every model that ran on a patch; it has no "
+                 f"policy. Its thresholds were grid-searched on validation (CE + {lam} * cost): "
+                 f"{cascade.taus}.")
     notes.append(f"IDK-Cascade (IoU match): the cheapest thresholds whose test IoU is at least "
                  f"PaSeR's (the least upper bound on the cascade's curve; within "
                  f"{b.iou_match_tol} below it only if the cascade never reaches it): "
@@ -155,15 +195,21 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                     "accurate thresholds are used)") + ".")
     notes.append("Oracle: per patch, the action with the highest true reward at the run's "
                  "lam, knowing the label; its ms/image is the routing with those actions "
-                 "(finding them needs every model on every patch and the label).")
+                 "(finding them needs every model on every patch and the label). The Oracle "
+                 "curve is the best of that oracle at every lam and of the true dataset-mIoU "
+                 "gains priced per GFLOP.")
     notes.append("PaSeR-RandPol and Oracle do not run the policy and are not charged for it.")
-    notes.append(f"Monolithic models{' and MatPhase' if b.matphase is not None else ''} "
-                 f"train from scratch on D_pre with stage 1's epochs ({cfg.stage1.epochs}) and "
-                 f"batch size; nothing is downloaded.")
+    if monolithic or b.matphase is not None:
+        notes.append(f"Monolithic models{' and MatPhase' if b.matphase is not None else ''} "
+                     f"train from scratch on D_pre with stage 1's settings ({cfg.stage1.epochs} "
+                     f"epochs{'' if cfg.stage1.patience is None else ' at most'}, batch "
+                     f"{cfg.stage1.batch_size}); nothing is downloaded.")
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
         "image_size": [h, w], "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,
+        "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,
+        "objective": cfg.stage2.objective,
         "timing_batch": tb, "models": ["f0", *(f"f{k}" for k in range(1, nmod))],
         "top_model": top, "methods": methods, "table2": table2(methods),
         "cascade": {"fit": vars(cascade), "iou_match": vars(match),
@@ -171,9 +217,16 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "oracle_fractions": (torch.bincount(oracle.reshape(-1), minlength=nmod).double()
                              / oracle.numel()).tolist(),
         "costs": costs.to_dict(), "curves": curves, "curve_areas": areas,
-        "curve_range": crange, "paser_on_or_above_cascade": bool(on_or_above),
+        "curve_range": [lo, hi], "curve_budgets": "log", "share_above_frontier": above,
+        "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
+        "operating_points": {name: asdict(cal) for name, cal in calibrations.items()},
+        "pool": pool_summary(run_dir, methods, nmod),
+        "paser_on_or_above_cascade": bool(on_or_above),
         "notes": notes,
     }
+    if b.ablation:
+        summary["ablation"] = run_ablation(cfg, router, data, val_out, test_out,
+                                           show_progress=show_progress)
     figures = run_dir / "figures"
     if data.test.groups is not None:
         specs = [cfg.models.f0, *cfg.models.pool]
@@ -189,9 +242,27 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     return summary, write_report(run_dir, summary)
 
 
+def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> dict:
+    """Each model's stage-1 training (epochs, whether it converged) from ``stage1.json``,
+    and ``inverted``: pairs where a dearer model scores below a cheaper one on test."""
+    path = run_dir / "stage1.json"
+    stage1 = json.loads(path.read_text())["models"] if path.is_file() else {}
+    keys = ("epochs", "epoch_cap", "patience", "best_epoch", "converged", "validation_miou")
+    models = {role: {k: info.get(k) for k in keys} for role, info in stage1.items()}
+    names = ["f0", *(f"f{k}" for k in range(1, num_models))]
+    inverted = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]
+                if methods[b]["iou"] < methods[a]["iou"]]
+    return {"models": models, "inverted": inverted}
+
+
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
                show_progress: bool) -> list[dict]:
-    """PaSeR of each TVD-sweep variant on the test split, with where its fine-tuning stopped."""
+    """PaSeR of each TVD-sweep variant on the test split, with where its fine-tuning stopped
+    (the run's own sweep, or else PaSeR (paper)'s, which then says so in ``of``)."""
+    paper = paper_config(cfg)
+    if not cfg.stage3.tvd_sweep and paper is not None and paper.stage3.tvd_sweep:
+        return [r | {"of": "PaSeR (paper)"} for r in _tvd_sweep(paper, paper_dir(run_dir),
+                                                                 data, device, show_progress)]
     rows = []
     for threshold in cfg.stage3.tvd_sweep:
         where = sweep_dir(run_dir, threshold, cfg)

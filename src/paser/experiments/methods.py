@@ -79,10 +79,12 @@ def measure(predict: Predictor, data: Tensors, num_classes: int, batch_size: int
     return result
 
 
-def paser_predictor(router: Router, mc_seed: int = 0) -> Predictor:
-    """PaSeR: greedy actions of the policy, fixed Monte Carlo seed."""
+def paser_predictor(router: Router, mc_seed: int = 0, bias: torch.Tensor | None = None
+                    ) -> Predictor:
+    """PaSeR: greedy actions of the policy (with a calibration's ``bias`` on its logits),
+    fixed Monte Carlo seed."""
     def predict(x, idx):
-        out = router(x, mc_seed=mc_seed)
+        out = router(x, mc_seed=mc_seed, bias=bias)
         return Prediction(out.mask, out.gflops, out.actions)
     return predict
 

@@ -23,9 +23,17 @@ from paser.train.common import atomic_write_text
 ROUTED = ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "IDK-Cascade (IoU match)", "Oracle")
 
 
-def method_order(num_pool: int) -> list[str]:
-    return [*ROUTED, "DeepLabV3+", "SegFormer", "EfficientViT", "MatPhase", "f0", "f0 (MC)",
-            *(f"f{k}" for k in range(1, num_pool + 1))]
+def is_routed(name: str) -> bool:
+    """Whether a method routes patches over the pool (and has fractions to report)."""
+    return name in ROUTED or name.startswith("PaSeR")
+
+
+def method_order(num_pool: int, names=()) -> list[str]:
+    """Table 1's order: PaSeR, its other configurations and operating points (as in
+    ``names``), the routed baselines, the monolithic ones, then the single models."""
+    variants = [n for n in names if n.startswith("PaSeR") and n not in ROUTED]
+    return ["PaSeR", *variants, *ROUTED[1:], "DeepLabV3+", "SegFormer", "EfficientViT",
+            "MatPhase", "f0", "f0 (MC)", *(f"f{k}" for k in range(1, num_pool + 1))]
 
 
 def add_honest_view(methods: dict[str, dict], top: str) -> None:
@@ -35,21 +43,6 @@ def add_honest_view(methods: dict[str, dict], top: str) -> None:
     for m in methods.values():
         m["gap_recovered"] = (m["iou"] - base["iou"]) / span if abs(span) > 1e-12 else None
         m["gflops_frac_of_top"] = m["gflops"] / ceil["gflops"]
-
-
-def step_area(curve: dict, lo: float, hi: float, samples: int = 512) -> float:
-    """Mean over budgets ``g`` in [lo, hi] of the best IoU a curve reaches at GFLOP <= g
-    (0 below its cheapest point): its normalised area under IoU-vs-GFLOP."""
-    xs, ys = np.asarray(curve["gflops"]), np.asarray(curve["iou"])
-    grid = np.linspace(lo, hi, samples)
-    best = np.array([ys[xs <= g].max() if (xs <= g).any() else 0.0 for g in grid])
-    return float(best.mean())
-
-
-def curve_areas(curves: dict[str, dict]) -> tuple[dict[str, float], list[float]]:
-    lo = min(min(c["gflops"]) for c in curves.values())
-    hi = max(max(c["gflops"]) for c in curves.values())
-    return {k: step_area(c, lo, hi) for k, c in curves.items()}, [lo, hi]
 
 
 def table2(methods: dict[str, dict]) -> dict:
@@ -106,6 +99,10 @@ def markdown(results: dict) -> str:
       "passes, the policy and every routed model included.\n")
     w(f"- ms/image: wall-clock on this device in this run, batches of "
       f"{results['timing_batch']} images, after one warm-up batch.\n\n")
+    if "verdict" in results:
+        w(f"**Verdict: {results['verdict']}.**\n\n")
+    if "pool" in results:
+        _pool_md(w, results["pool"], methods)
     w("## Table 1: every method on the test split\n\n")
     w("| method | IoU | GFLOP | IoU/GFLOP | ms/image | gap recovered | GFLOP / "
       f"{results['top_model']} |\n|---|---|---|---|---|---|---|\n")
@@ -138,7 +135,8 @@ def markdown(results: dict) -> str:
     if "assignment" in results:
         _assignment_md(w, results["assignment"])
     if "tvd_sweep" in results:
-        w("\n## Budget by total variation (TVD sweep)\n\n")
+        of = results["tvd_sweep"][0].get("of", "PaSeR") if results["tvd_sweep"] else "PaSeR"
+        w(f"\n## Budget by total variation (TVD sweep of {of})\n\n")
         w("Stage 3 from the same stage-2 policy (lam = 0), lam rising until the validation "
           "assignment distribution is the threshold away from the starting policy's; the last "
           "epoch within it is kept.\n\n")
@@ -155,12 +153,22 @@ def markdown(results: dict) -> str:
         _robustness_md(w, robust)
     if sens:
         _sensitivity_md(w, sens)
+    if "regret" in results:
+        _regret_md(w, results)
+    if "ablation" in results:
+        _ablation_md(w, results["ablation"])
     w("\n## IoU-vs-GFLOP curves (test split)\n\n")
     lo, hi = results["curve_range"]
-    w(f"Normalised area under each curve over {lo:.3f}-{hi:.3f} GFLOP (mean best IoU within "
-      "budget; higher is better):\n\n")
+    spaced = "evenly in log GFLOP" if results.get("curve_budgets") == "log" else "evenly"
+    w(f"Area under each curve: the mean over budgets spaced {spaced} from {lo:.3f} to "
+      f"{hi:.3f} GFLOP of the best IoU within the budget (the frontier interpolated between "
+      "its models); higher is better. Share of those budgets where a curve is at or above "
+      "the single-model frontier in brackets.\n\n")
+    above = results.get("share_above_frontier", {})
     for name, area in results["curve_areas"].items():
-        w(f"- {name}: {area:.4f}\n")
+        share = f" ({100 * above[name]:.0f} % of budgets at or above the frontier)" \
+            if name in above else ""
+        w(f"- {name}: {area:.4f}{share}\n")
     w(f"- PaSeR's point {'is' if results['paser_on_or_above_cascade'] else 'is NOT'} on or "
       "above the cascade's curve (at PaSeR's GFLOP, IoU at least the cascade's best).\n")
     extra = [f for k, f in (("assignment", "assignment.png"), ("tvd_sweep", "tvd.png"))
@@ -175,6 +183,51 @@ def markdown(results: dict) -> str:
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+def _pool_md(w, pool: dict, methods: dict[str, dict]) -> None:
+    w("## The pool\n\n")
+    w("| model | test IoU | GFLOP | stage-1 epochs | best epoch | converged |\n"
+      "|---|---|---|---|---|---|\n")
+    for role, info in pool["models"].items():
+        m = methods.get(role, {})
+        conv = {True: "yes (early stop)", False: "no (epoch cap)", None: "n/a (no patience)"}[
+            info.get("converged")]
+        cap = f" of {info['epoch_cap']}" if info.get("epoch_cap") is not None else ""
+        w(f"| {role} | {_fmt(m.get('iou'))} | {_fmt(m.get('gflops'), 3)} | "
+          f"{info.get('epochs')}{cap} | {info.get('best_epoch')} | {conv} |\n")
+    for a, b in pool.get("inverted", []):
+        w(f"\nWarning: {b} scores below {a} on test ({methods[b]['iou']:.4f} < "
+          f"{methods[a]['iou']:.4f}) although it costs more: the pool is not ordered by "
+          "quality (a model under-trained, or too large for the data).\n")
+    w("\n")
+
+
+def _regret_md(w, results: dict) -> None:
+    w("\n## Against the single-model frontier (test split)\n\n")
+    w("At each PaSeR point's GFLOP: what the single models give for that cost (one model, "
+      "or whole images split between two), the cascade's and the oracle's best within it.\n\n")
+    w("| method | GFLOP | IoU | frontier | PaSeR - frontier | IDK-Cascade | Oracle |\n"
+      "|---|---|---|---|---|---|---|\n")
+    for r in results["regret"]:
+        w(f"| {r['method']} | {_fmt(r['gflops'], 3)} | {_fmt(r['iou'])} | {_fmt(r['frontier'])} | "
+          f"{_signed(r['above_frontier'])} | {_fmt(r['cascade'])} | {_fmt(r['oracle'])} |\n")
+
+
+def _ablation_md(w, a: dict) -> None:
+    w("\n## Ablation: objective x state x uncertainty\n\n")
+    w(a["description"] + "\n\n")
+    w("| variant | objective | state | uncertainty | fixed GFLOP | val area - frontier | "
+      "test area - frontier | test IoU | test GFLOP | train s |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in a["rows"]:
+        w(f"| {r['name']} | {r['objective']} | {r['state']} | {r['uncertainty']} | "
+          f"{r['fixed_gflops']:.3f} | {_signed(r['val_margin'])} | {_signed(r['test_margin'])} | "
+          f"{_fmt(r['test_iou'])} | {_fmt(r['test_gflops'], 3)} | {r['seconds']:.1f} |\n")
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{v:+.4f}"
 
 
 def _robustness_md(w, r: dict) -> None:
@@ -251,9 +304,13 @@ def write_report(run_dir: Path, results: dict) -> str:
 def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2"}
+    styles = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2", "PaSeR (paper)": "C4"}
     for name, c in curves.items():
-        ax.plot(c["gflops"], c["iou"], "-", color=styles.get(name, "C7"), alpha=0.7,
+        if c.get("interpolate"):  # the single-model frontier: straight lines between models
+            ax.plot(c["gflops"], c["iou"], "--", color="black", lw=1.6, zorder=2,
+                    label="single-model frontier")
+            continue
+        ax.step(c["gflops"], c["iou"], where="post", color=styles.get(name, "C7"), alpha=0.75,
                 label=f"{name} curve")
     for i, (name, m) in enumerate(methods.items()):
         ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>phX8d"[i % 13], s=60, zorder=3,

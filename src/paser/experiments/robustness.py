@@ -78,7 +78,8 @@ def swap_pool(router: Router, pool: list[nn.Module]) -> Router:
     if len(pool) != len(router.pool):
         raise ConfigError(f"swap_pool: {len(pool)} models for a pool of {len(router.pool)}")
     return Router(router.f0, router.policy, pool, router.grid, router.mc_samples,
-                  router.in_channels).eval()
+                  router.in_channels, router.mc_dropout, router.signal, router.state_kind,
+                  router.num_classes).eval()
 
 
 def train_noisy_pool(run: FinishedRun, router: Router, amount: float, seed: int, epochs: int | None,

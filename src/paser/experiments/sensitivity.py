@@ -28,13 +28,11 @@ from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.train.common import progress
 from paser.train.policy import (
-    _validate,
     build_router,
+    fit_policy,
     fractions,
     greedy_actions,
-    linear,
     make_policy,
-    policy_epoch,
 )
 from paser.uncertainty import mc_predict, seeded
 
@@ -70,27 +68,19 @@ def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
     epochs = s2.epochs if epochs is None else epochs
     caches = {name: PatchOutcomes.build(router, getattr(data, name), ncls, batch, device)
               for name in ("rl", "validation", "test")}
-    ious = {name: c.patch_iou().to(device) for name, c in caches.items()}
     costs = router.costs(*data.rl.images.shape[-2:])
     cost = costs.model_cost(s2.cost).to(device)
-    val_states = caches["validation"].state.to(device)
     rows = []
     with progress(show_progress) as bar:
         task = bar.add_task("lam sweep", total=len(lams) * max(epochs, 1), info="")
         for lam in lams:
             torch.manual_seed(cfg.seed)
             policy = make_policy(cfg, router.num_models).to(device)
-            opt = torch.optim.Adam(policy.parameters(), lr=s2.lr)
-            best, best_state, best_epoch = -float("inf"), policy.state_dict(), -1
-            for epoch in range(epochs):
-                policy_epoch(policy, opt, caches["rl"].state, ious["rl"], cost, lam,
-                             linear(*s2.alpha, epoch, epochs), batch)
-                val = _validate(policy, val_states, ious["validation"], caches["validation"],
-                                cost, lam, batch)
-                if val["reward"] > best:
-                    best, best_epoch = val["reward"], epoch
-                    best_state = {k: v.clone() for k, v in policy.state_dict().items()}
+
+            def tick(epoch, val, lam=lam):
                 bar.update(task, advance=1, info=f"lam {lam:g}: val mIoU {val['miou']:.3f}")
+            best_state, best_epoch = fit_policy(cfg, policy, caches["rl"], caches["validation"],
+                                                cost, lam, epochs, on_epoch=tick)
             policy.load_state_dict(best_state)
             actions = greedy_actions(policy, caches["test"].state, batch)
             rows.append({"lam": float(lam), "iou": caches["test"].miou(actions.cpu()),

@@ -1,7 +1,7 @@
-"""Models: the UNet family, the registry (and, later, the routing policy)."""
+"""Models: the UNet family, the registry and the routing policies."""
 
-from paser.models.policy import RoutingPolicy
+from paser.models.policy import PooledPolicy, RoutingPolicy
 from paser.models.registry import count_parameters, create_model
 from paser.models.unet import UNET_SIZES, UNet
 
-__all__ = ["UNET_SIZES", "RoutingPolicy", "UNet", "count_parameters", "create_model"]
+__all__ = ["UNET_SIZES", "PooledPolicy", "RoutingPolicy", "UNet", "count_parameters", "create_model"]

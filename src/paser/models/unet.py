@@ -12,6 +12,7 @@ block. It is an ``nn.Dropout`` module, so Monte Carlo sampling keeps it active a
 inference by putting just the dropout modules in training mode (InstanceNorm
 has no running statistics, so nothing else changes). The layers before the first
 dropout are deterministic: :meth:`UNet.mc_probs` computes them once for all T passes.
+With only the last dropout on (``mc_dropout: last``), the decoder up to it is shared too.
 """
 
 from __future__ import annotations
@@ -126,38 +127,66 @@ class UNet(nn.Module):
 
     def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
         """The rest, from the first dropout on: ``forward(x) == decode(encode(x))``."""
+        x, rest = self.decode_trunk(skips, self.dropout)
+        return self.decode_tail(self.dropout(x), rest)
+
+    def decode_trunk(self, skips: list[torch.Tensor], drop: nn.Module
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """From the first dropout to the first up block, whose output (before the last
+        dropout) comes back with the skips the rest of the decoder takes. ``drop`` is
+        applied at every dropout site on the way (``nn.Identity()``: all off)."""
         skips = list(skips)
         x = skips.pop()
         if self.levels > 1:
-            x = self.dropout(x)
+            x = drop(x)
         skips.append(x)
         for down in self.downs[2:]:
-            x = self.dropout(down(F.max_pool2d(x, 2)))
+            x = drop(down(F.max_pool2d(x, 2)))
             skips.append(x)
         skips.pop()  # the bottom map is x itself
-        for j, up in enumerate(self.ups):
+        return self.ups[0](x, skips.pop()), skips
+
+    def decode_tail(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """After the last dropout: the remaining up blocks and the output conv."""
+        skips = list(skips)
+        for up in self.ups[1:]:
             x = up(x, skips.pop())
-            if j == 0:
-                x = self.dropout(x)
         return self.outconv(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def mc_probs(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+    def shared(self, x: torch.Tensor, last_only: bool = False) -> list[torch.Tensor]:
+        """What every Monte Carlo pass shares: the encoder, and with ``last_only`` (only
+        the last dropout active) the decoder up to it too, computed with the other
+        dropouts off. :meth:`mc_probs` takes it back."""
+        skips = self.encode(x)
+        if not last_only:
+            return skips
+        trunk, rest = self.decode_trunk(skips, nn.Identity())
+        return [*rest, trunk]
+
+    def last_pass(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One pass from :meth:`shared` ``(last_only=True)``: the last dropout and on."""
+        return self.decode_tail(self.dropout(parts[-1]), parts[:-1])
+
+    def mc_probs(self, x: torch.Tensor, samples: int, last_only: bool = False) -> torch.Tensor:
         """Mean softmax of ``samples`` passes with dropout as set (Monte Carlo when on).
 
-        Everything before the first dropout is the same in every pass, so it runs once.
+        Everything before the first dropout is the same in every pass, so it runs once;
+        with ``last_only`` every dropout but the last is off (their expectation, the
+        identity) and the decoder up to the last one runs once too.
         On CPU the passes then run one after another (a T-times larger batch runs slower
         there: it no longer fits the caches); on an accelerator as one batch.
         """
-        skips = self.encode(x)
+        parts = self.shared(x, last_only)
+        one = self.last_pass if last_only else self.decode
         if x.device.type == "cpu":
-            total = self.decode(skips).float().softmax(1)
+            total = one(parts).float().softmax(1)
             for _ in range(samples - 1):
-                total += self.decode(skips).float().softmax(1)
+                total += one(parts).float().softmax(1)
             return total / samples
-        logits = self.decode([s.repeat(samples, 1, 1, 1) for s in skips])
+        logits = one([s.repeat(samples, 1, 1, 1) for s in parts])
         return logits.float().softmax(1).unflatten(0, (samples, x.shape[0])).mean(0)
 
 

@@ -6,6 +6,11 @@ Budget by total variation (``stage3.tvd_threshold``): lam rises linearly from
 ``lam_start`` to ``lam_end`` and fine-tuning stops once the validation assignment
 distribution is ``tvd_threshold`` away from the starting policy's (trained with
 lam = 0); the kept checkpoint is the last epoch still within the threshold.
+
+With a full-information policy (``stage2.objective`` expected or gain) the pool is
+fine-tuned the same way, on the patches the stage-2 policy routes to each model, but the
+policy is not updated by sampled rewards: once the pool is fine-tuned (best epoch on
+validation), the policy is trained afresh on D_rl's outcomes under the new pool.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch.nn.functional as F
 
 from paser.config import ExperimentConfig, Stage3Config
 from paser.data import StageData, load_stage_data
+from paser.errors import ConfigError
 from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image, predicted_classes
+from paser.outcomes import PatchOutcomes
 from paser.train.common import (
     MetricLog,
     atomic_save,
@@ -31,7 +38,15 @@ from paser.train.common import (
     setup,
 )
 from paser.train.distributed import Dist, launch
-from paser.train.policy import build_router, explore, linear, reward, tvd
+from paser.train.policy import (
+    build_router,
+    explore,
+    fit_policy,
+    linear,
+    make_policy,
+    reward,
+    tvd,
+)
 
 
 def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
@@ -62,6 +77,11 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     last_path, best_path = ckpt_dir / "stage3_last.pt", ckpt_dir / "stage3.pt"
     start, best, stopped = 0, -float("inf"), False
     lam_fixed = cfg.stage2.lam if s3.lam is None else s3.lam
+    objective = cfg.stage2.objective
+    if objective != "reinforce" and s3.tvd_threshold is not None:
+        raise ConfigError("key 'stage3.tvd_threshold': the TVD budget fine-tunes a REINFORCE "
+                          "policy (stage2.objective=reinforce); a full-information policy "
+                          "meets a budget by calibration (operating_point)")
     reference = evaluate_router(router, data.validation, ncls, batch)["fractions"]
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, device)
@@ -99,7 +119,8 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                 x = grid.pad(images.to(device))
                 y = grid.pad(masks.to(device), mode="constant", value=-1)
                 r, gain, paid, task_loss = _joint_step(router, opts, x, y, alpha, lam, cost,
-                                                       weight, ncls, dist, rows, len(idx))
+                                                       weight, ncls, dist, rows, len(idx),
+                                                       objective)
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
             dist.sync_buffers(policy)
             val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
@@ -131,6 +152,15 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             bar.update(task, advance=1, info=f"val mIoU {val['miou']:.3f}  GFLOP "
                        f"{val['gflops']:.2f}  TVD {distance:.3f}")
     dist.barrier()  # the others read what rank 0 wrote
+    if objective != "reinforce" and s3.epochs > 0:  # the policy learns the fine-tuned pool
+        state = load_checkpoint(best_path, device)
+        for model, sd in zip(pool, state["pool"], strict=True):
+            model.load_state_dict(sd)
+        val = refit_policy(cfg, router, data, device)
+        if dist.is_main:
+            _save_best(best_path, router, state["epoch"], (state["val"] or {}) | val
+                       | {"refit": True})
+        dist.barrier()
     summary = {"stage": 3, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
                "reference_fractions": reference, "stopped_by_tvd": stopped,
                "best": load_checkpoint(best_path)["val"]}
@@ -168,19 +198,24 @@ def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
 
 
 def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
-                rows: torch.Tensor, batch: int):
+                rows: torch.Tensor, batch: int, objective: str = "reinforce"):
     """One batch of stage 3 on this process's share ``rows`` of a batch of ``batch`` padded
     images: ``x`` [b, C, Hp, Wp], labels ``y`` (padding -1). Each process's losses are sums
     divided by the whole batch's count, so with the gradients summed over the processes
     (:meth:`Dist.reduce_grads`: a process may route no patch to a model, so not DDP) every
     update is the whole batch's mean, as in one process. Returns the batch means of reward,
-    IoU gain, cost and the task models' loss."""
+    IoU gain, cost and the task models' loss. With a full-information ``objective`` the
+    policy routes (greedy; uniformly with probability 1 - alpha) but is not updated: it is
+    refit on D_rl once the pool is fine-tuned (:func:`refit_policy`)."""
     grid, policy = router.grid, router.policy
     with torch.no_grad():
         mc = router.observe(x)
-    policy.train()
-    logits = policy(mc.state())  # [b, P, K+1]
-    actions = explore(logits.detach(), alpha, rows, batch)
+    reinforce = objective == "reinforce"
+    policy.train(reinforce)  # a full-information policy stays as stage 2 trained it
+    with torch.set_grad_enabled(reinforce):
+        logits = policy(router.state(x, mc))  # [b, P, K+1]
+    actions = (explore(logits.detach(), alpha, rows, batch) if reinforce
+               else explore_greedy(logits.detach(), alpha, rows, batch))
     patches, labels = grid.context(x), grid.split(y)  # [b*P, C, h', w'], [b*P, h, w]
     f0_pred = grid.split(mc.pred)
     routed = f0_pred.clone()
@@ -215,15 +250,42 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
     patch_iou[..., 0] = iou[..., 0]
     patch_iou.scatter_(-1, actions[..., None], iou[..., 1:2])
     r, gain, paid = reward(patch_iou, actions, cost, lam)
-    log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
     count = batch * grid.num_patches
-    loss = -(log_prob * r).sum() / count  # summed over the processes: the batch mean
-    opts[0].zero_grad(set_to_none=True)
-    loss.backward()
-    dist.reduce_grads(policy)
-    opts[0].step()
+    if reinforce:
+        log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
+        loss = -(log_prob * r).sum() / count  # summed over the processes: the batch mean
+        opts[0].zero_grad(set_to_none=True)
+        loss.backward()
+        dist.reduce_grads(policy)
+        opts[0].step()
     means = dist.sum(torch.stack([r.sum(), gain.sum(), paid.sum()]).detach().double().cpu())
     return (*(means / count).tolist(), task_loss)
+
+
+def explore_greedy(scores: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int
+                   ) -> torch.Tensor:
+    """With probability alpha the policy's greedy actions for the batch, else uniform ones
+    (drawn for the whole batch, identically in every process, as :func:`explore`)."""
+    coin = torch.rand(())
+    uniform = torch.randint(0, scores.shape[-1], (batch, *scores.shape[1:-1]))
+    if coin < alpha:
+        return scores.argmax(-1)
+    return uniform[rows].to(scores.device)
+
+
+def refit_policy(cfg: ExperimentConfig, router, data: StageData, device: torch.device) -> dict:
+    """A full-information policy trained afresh on D_rl's outcomes under the fine-tuned
+    pool (D_rl trained no pool model, so its outcomes are held out); it replaces the
+    router's policy. Returns its validation result."""
+    ncls, batch = cfg.models.num_classes, cfg.stage2.batch_size
+    train = PatchOutcomes.build(router, data.rl, ncls, batch, device)
+    val = PatchOutcomes.build(router, data.validation, ncls, batch, device)
+    cost = router.costs(*data.rl.images.shape[-2:]).model_cost(cfg.stage2.cost).to(device)
+    torch.manual_seed(cfg.seed)
+    policy = make_policy(cfg, router.num_models).to(device)
+    state, _ = fit_policy(cfg, policy, train, val, cost)
+    router.policy.load_state_dict(state)
+    return evaluate_router(router, data.validation, ncls, batch, lam=cfg.stage2.lam, cost=cost)
 
 
 def _save_best(path: Path, router, epoch: int, val: dict | None) -> None:

@@ -1,13 +1,24 @@
-"""Stage 2: train the routing policy by REINFORCE on D_rl; f0 and f1..fK are frozen.
+"""Stage 2: train the routing policy on D_rl; f0 and f1..fK are frozen.
 
 Per patch p with action a_p (0 = keep f0's prediction, k = run f_k):
 
     R_p = (1 - lam) * (IoU(routed prediction on p) - IoU(f0 on p)) - lam * c(a_p)
-    loss = -mean_p log pi(a_p | s) * R_p
 
-with ``c`` the parameter ratio of paper Eq. 3 (or the FLOP ratio) and ``c(0) = 0``.
-Exploration: per batch, with probability alpha the actions are sampled from the
-policy, otherwise uniformly; alpha rises linearly over the stage.
+with ``c`` the parameter ratio of paper Eq. 3 (or the FLOP ratio) and ``c(0) = 0``. The
+IoU gain is the patch's own mIoU gain (the paper) or, with ``stage2.gain=dataset``, the
+patch's first-order effect on the split's mIoU (:meth:`PatchOutcomes.dataset_gain`).
+
+Objectives (``stage2.objective``):
+
+- ``reinforce`` (the paper): ``loss = -mean_p log pi(a_p | s) * R_p`` for sampled actions.
+  Exploration: per batch, with probability alpha the actions are sampled from the policy,
+  otherwise uniformly; alpha rises linearly over the stage.
+- ``expected``: every action's reward is known, so the exact expected reward
+  ``loss = -mean_p sum_a pi(a | s) R_p(a)``; no sampling, no exploration.
+- ``gain``: regress every pool model's gain over f0 on every patch (mean squared error);
+  the policy routes each patch to the action of highest predicted reward (its
+  ``gain_head``), and a budget moves that choice
+  by a price per GFLOP (:mod:`paser.calibration`), as a router trained on full labels does.
 
 Because the task models are frozen, what a patch scores under each action depends only
 on (image, patch, action). :class:`paser.outcomes.PatchOutcomes` therefore runs f0 (T Monte Carlo
@@ -27,8 +38,8 @@ import torch
 
 from paser.config import ExperimentConfig
 from paser.data import load_stage_data
-from paser.errors import CheckpointError
-from paser.models import RoutingPolicy
+from paser.errors import CheckpointError, ConfigError
+from paser.models import PooledPolicy, RoutingPolicy
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
@@ -43,13 +54,23 @@ from paser.train.common import (
 )
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import load_trained, model_roles
+from paser.uncertainty import state_channels
 
 
-def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy:
-    """A fresh policy as the config describes it (grid, head, stride)."""
+def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy | PooledPolicy:
+    """A fresh policy as the config describes it (architecture, state, head, stride)."""
     rows, cols = cfg.grid
-    return RoutingPolicy(rows * cols, num_models, head=cfg.stage2.head, grid=cfg.grid,
-                         stride=cfg.stage2.stride)
+    s2 = cfg.stage2
+    channels = state_channels(s2.state, cfg.models.in_channels, cfg.models.num_classes)
+    if s2.policy == "pooled":
+        if s2.members > 1 and s2.objective == "reinforce":
+            raise ConfigError("key 'stage2.members': an ensemble trains with full information "
+                              "(stage2.objective gain or expected); set members=1 for "
+                              "reinforce")
+        return PooledPolicy(cfg.grid, num_models, channels, s2.hidden,
+                            gain_head=s2.objective == "gain", members=s2.members)
+    return RoutingPolicy(rows * cols, num_models, in_channels=channels, head=s2.head,
+                         grid=cfg.grid, stride=s2.stride, gain_head=s2.objective == "gain")
 
 
 def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.device,
@@ -77,7 +98,9 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     if pool_states is not None:
         for model, state in zip(pool, pool_states, strict=True):
             model.load_state_dict(state)
-    return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels).to(device)
+    return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
+                  cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
+                  cfg.models.num_classes).to(device)
 
 
 def reward(patch_iou: torch.Tensor, actions: torch.Tensor, cost: torch.Tensor, lam: float
@@ -160,6 +183,55 @@ def policy_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: to
     return dist.sum(sums), dist.sum(counts)
 
 
+def full_information_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer,
+                           states: torch.Tensor, gain: torch.Tensor, cost: torch.Tensor,
+                           lam: float, batch_size: int, objective: str,
+                           dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of a full-information objective over cached states ``[N, S, H, W]`` and
+    every action's gain ``[N, P, K+1]`` (entry 0 is 0).
+
+    ``expected``: minimise ``-sum_a pi(a | s) R(a)`` per patch. ``gain``: minimise the mean
+    squared error of the policy's outputs to the gains of f1..fK (the policy's ``lam`` and
+    ``cost`` buffers are 0 while it trains, so its output is its predicted gain).
+    Returns the summed (loss, IoU gain, cost) of the greedy actions' patches and their
+    counts ``[K+1]``, summed over the processes as :func:`policy_epoch` does.
+    """
+    device = gain.device
+    dist = dist or Dist(device)
+    policy.train()
+    value = (1 - lam) * gain - lam * cost.to(device)  # [N, P, K+1] every action's reward
+    order = torch.randperm(len(states))
+    sums = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(gain.shape[-1], dtype=torch.float64)
+    for i in range(0, len(states), batch_size):
+        idx = order[i:i + batch_size]
+        if len(idx) < dist.world:
+            continue
+        mine = idx[dist.shard(torch.arange(len(idx)))]
+        with dist.autocast():
+            out = policy(states[mine].to(device)).float()  # [b, P, K+1] (or [M, b, P, K+1])
+        target = mine.to(device)
+        if objective == "expected":
+            per_patch = -(out.softmax(-1) * value[target]).sum(-1)
+            mean = out.detach() if out.dim() == 3 else out.detach().mean(0)
+            actions = mean.argmax(-1)
+        else:  # gain: squared error on f1..fK, summed over models, mean over patches
+            per_patch = (out[..., 1:] - gain[target][..., 1:]).square().sum(-1)
+            mean = out.detach() if out.dim() == 3 else out.detach().mean(0)
+            actions = ((1 - lam) * mean - lam * cost.to(device)).argmax(-1)
+        if per_patch.dim() == 3:  # an ensemble: each member learns from its own error
+            per_patch = per_patch.mean(0)
+        loss = per_patch.mean() * (len(mine) * dist.world / len(idx))  # the batch mean
+        opt.zero_grad(set_to_none=True)
+        dist.backward(loss)
+        opt.step()
+        taken = gain[target].gather(-1, actions[..., None])[..., 0]
+        sums += torch.stack([per_patch.detach().sum(), taken.sum(),
+                             cost.to(device)[actions].sum()]).double().cpu()
+        counts += torch.bincount(actions.reshape(-1), minlength=len(counts)).double().cpu()
+    return dist.sum(sums), dist.sum(counts)
+
+
 @torch.inference_mode()
 def greedy_actions(policy: torch.nn.Module, states: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Argmax actions ``[N, P]`` of the policy in eval mode."""
@@ -167,6 +239,132 @@ def greedy_actions(policy: torch.nn.Module, states: torch.Tensor, batch_size: in
     device = next(policy.parameters()).device
     return torch.cat([policy(states[i:i + batch_size].to(device)).argmax(-1)
                       for i in range(0, len(states), batch_size)])
+
+
+def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch.device,
+                      mc_seed: int | None = None,
+                      pool_from: PatchOutcomes | None = None) -> PatchOutcomes:
+    """What the policy trains on: D_rl's outcomes, with D_ft's after them when
+    ``stage2.train_on`` is ``rl+ft``."""
+    splits = [data.rl] + ([data.ft] if cfg.stage2.train_on == "rl+ft" else [])
+    parts, start = [], 0
+    for split in splits:
+        base = None
+        if pool_from is not None:
+            n = len(split)
+            base = PatchOutcomes(*(getattr(pool_from, k)[start:start + n] for k in
+                                   ("state", "inter", "union", "entropy", "nll")))
+            start += n
+        parts.append(PatchOutcomes.build(router, split, cfg.models.num_classes,
+                                         cfg.stage2.batch_size, device, mc_seed, base))
+    return parts[0] if len(parts) == 1 else PatchOutcomes.concat(parts)
+
+
+def prepare(policy: torch.nn.Module, train_states: torch.Tensor) -> None:
+    """Before training: a pooled policy fits its standardisation to the training states, and
+    a gain head trains with no price (its output is then its predicted gain)."""
+    if isinstance(policy, PooledPolicy):
+        policy.standardise_on(train_states)
+    if getattr(policy, "gain_head", False):
+        policy.lam.zero_()
+        policy.cost.zero_()
+
+
+def inputs(policy: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """What the policy trains on for cached states ``[N, S, H, W]``: a pooled policy's
+    patch statistics ``[N, P, 3S]``, computed once instead of every epoch (it takes
+    either), the states themselves for others."""
+    if isinstance(policy, PooledPolicy):
+        return policy.all_statistics(states).cpu()
+    return states
+
+
+def priced(policy: torch.nn.Module, lam: float, cost: torch.Tensor) -> dict:
+    """The policy's state dict for routing: a gain head's price buffers set to ``lam`` and
+    ``cost`` (it then returns the predicted reward); other policies' as they are."""
+    state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    if getattr(policy, "gain_head", False):
+        state["lam"] = torch.tensor(float(lam))
+        state["cost"] = cost.detach().float().cpu().clone()
+    return state
+
+
+def run_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: torch.Tensor,
+              gain: torch.Tensor, cost: torch.Tensor, lam: float, objective: str,
+              alpha: float, batch_size: int, dist: Dist | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage-2 epoch of ``objective`` (see the module doc); see :func:`policy_epoch`
+    and :func:`full_information_epoch` for what comes back."""
+    if objective == "reinforce":
+        return policy_epoch(policy, opt, states, gain, cost, lam, alpha, batch_size, dist)
+    return full_information_epoch(policy, opt, states, gain, cost, lam, batch_size, objective,
+                                  dist)
+
+
+@torch.inference_mode()
+def validate(policy: torch.nn.Module, states: torch.Tensor, gain: torch.Tensor,
+             cache: PatchOutcomes, cost: torch.Tensor, lam: float, batch: int,
+             objective: str = "reinforce") -> dict:
+    """Greedy routing on the validation cache: mean reward, routed mIoU, fractions, and
+    ``score``, what the best checkpoint maximises: the reward, or for ``gain`` minus the
+    squared error of the predicted gains (``loss``; the routing it gives depends on lam,
+    the regression does not)."""
+    policy.eval()
+    device = next(policy.parameters()).device
+    out = torch.cat([policy(states[i:i + batch].to(device)).float()
+                     for i in range(0, len(states), batch)])
+    cost = cost.to(out.device)
+    gain = gain.to(out.device)
+    result = {}
+    if objective == "gain":  # trained with no price: out is the predicted gain
+        actions = ((1 - lam) * out - lam * cost).argmax(-1)
+        result["loss"] = float((out[..., 1:] - gain[..., 1:]).square().sum(-1).mean())
+    else:
+        actions = out.argmax(-1)
+    r, _, _ = reward(gain, actions, cost, lam)
+    result.update({"reward": r.mean().item(), "miou": cache.miou(actions.cpu()),
+                   "fractions": fractions(actions, gain.shape[-1])})
+    result["score"] = -result["loss"] if objective == "gain" else result["reward"]
+    return result
+
+
+def make_optimizer(policy: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    """Adam (the paper), AdamW with ``stage2.weight_decay`` above 0."""
+    s2 = cfg.stage2
+    if s2.weight_decay > 0:
+        return torch.optim.AdamW(policy.parameters(), lr=s2.lr, weight_decay=s2.weight_decay)
+    return torch.optim.Adam(policy.parameters(), lr=s2.lr)
+
+
+def fit_policy(cfg: ExperimentConfig, policy: torch.nn.Module, train: PatchOutcomes,
+               val: PatchOutcomes, cost: torch.Tensor, lam: float | None = None,
+               epochs: int | None = None, on_epoch=None) -> tuple[dict, int]:
+    """Train a fresh ``policy`` on cached outcomes in memory (no checkpoints) and return
+    its best state (priced for routing, :func:`priced`) and that epoch (-1: untrained).
+
+    ``lam`` and ``epochs`` default to stage 2's; ``on_epoch(epoch, val)`` is called after
+    each epoch (progress bars). Used by the lam sweep and the ablation; ``train_policy``
+    runs the same epochs with checkpoints and resume.
+    """
+    s2 = cfg.stage2
+    lam = s2.lam if lam is None else lam
+    epochs = s2.epochs if epochs is None else epochs
+    device = next(policy.parameters()).device
+    gain, val_gain = train.gain(s2.gain).to(device), val.gain(s2.gain).to(device)
+    prepare(policy, train.state)
+    opt = make_optimizer(policy, cfg)
+    best, best_state, best_epoch = -float("inf"), priced(policy, lam, cost), -1
+    train_in, val_states = inputs(policy, train.state), inputs(policy, val.state).to(device)
+    for epoch in range(epochs):
+        run_epoch(policy, opt, train_in, gain, cost, lam, s2.objective,
+                  linear(*s2.alpha, epoch, epochs), s2.batch_size)
+        result = validate(policy, val_states, val_gain, val, cost, lam, s2.batch_size,
+                          s2.objective)
+        if result["score"] > best:
+            best, best_state, best_epoch = result["score"], priced(policy, lam, cost), epoch
+        if on_epoch is not None:
+            on_epoch(epoch, result)
+    return best_state, best_epoch
 
 
 def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
@@ -183,12 +381,14 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     policy = router.policy
     ncls, batch = cfg.models.num_classes, s2.batch_size
     t0 = time.perf_counter()
-    train_cache = PatchOutcomes.build(router, data.rl, ncls, batch, device)
+    train_cache = training_outcomes(cfg, router, data, device)
     val_cache = PatchOutcomes.build(router, data.validation, ncls, batch, device)
     cache_seconds = time.perf_counter() - t0
-    train_iou, val_iou = train_cache.patch_iou().to(device), val_cache.patch_iou().to(device)
+    train_gain, val_gain = (c.gain(s2.gain).to(device) for c in (train_cache, val_cache))
     cost = costs.model_cost(s2.cost).to(device)
-    opt = torch.optim.Adam(policy.parameters(), lr=s2.lr)
+    prepare(policy, train_cache.state)
+    train_in = inputs(policy, train_cache.state)
+    opt = make_optimizer(policy, cfg)
     log = MetricLog(run_dir / "metrics" / "stage2.jsonl")
     last_path, best_path = run_dir / "checkpoints" / "policy_last.pt", run_dir / "checkpoints" / "policy.pt"
     start, best = 0, -float("inf")
@@ -201,53 +401,56 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     if dist.is_main:
         log.truncate_after("policy", start - 1)
     wrapped, opt = dist.setup(policy, opt)
-    val_states = val_cache.state.to(device)
-    f0_val = val_cache.miou(torch.zeros(val_iou.shape[:2], dtype=torch.long))
+    val_states = inputs(policy, val_cache.state).to(device)
+    f0_val = val_cache.miou(torch.zeros(val_gain.shape[:2], dtype=torch.long))
+    train_seconds = 0.0
     with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task("stage 2 policy", total=s2.epochs, completed=start, info="")
         for epoch in range(start, s2.epochs):
             tick = time.perf_counter()
             alpha = linear(*s2.alpha, epoch, s2.epochs)
-            policy.train()
-            sums, counts = policy_epoch(wrapped, opt, train_cache.state, train_iou, cost,
-                                        s2.lam, alpha, batch, dist)
+            sums, counts = run_epoch(wrapped, opt, train_in, train_gain, cost, s2.lam,
+                                     s2.objective, alpha, batch, dist)
             dist.sync_buffers(policy)
-            val = _validate(policy, val_states, val_iou, val_cache, cost, s2.lam, batch)
-            if val["reward"] > best:
-                best = val["reward"]
+            val = validate(policy, val_states, val_gain, val_cache, cost, s2.lam, batch,
+                           s2.objective)
+            if val["score"] > best:
+                best = val["score"]
                 if dist.is_main:
-                    atomic_save({"policy": policy.state_dict(), "epoch": epoch, "val": val},
-                                best_path)
+                    atomic_save({"policy": priced(policy, s2.lam, cost), "epoch": epoch,
+                                 "val": val}, best_path)
             m = sums / counts.sum()
             record = {"stage": 2, "model": "policy", "epoch": epoch, "alpha": alpha,
-                      "policy/reward": m[0].item(), "policy/reward_no_cost": m[1].item(),
-                      "policy/cost": m[2].item(),
+                      "objective": s2.objective,
+                      # reinforce: the reward of the actions taken; otherwise the loss
+                      ("policy/reward" if s2.objective == "reinforce" else "policy/loss"):
+                          m[0].item(),
+                      "policy/reward_no_cost": m[1].item(), "policy/cost": m[2].item(),
                       "routing/fractions": (counts / counts.sum()).tolist(),
                       "val/reward": val["reward"], "val/miou": val["miou"],
                       "val/f0_miou": f0_val, "val/fractions": val["fractions"],
                       "seconds": time.perf_counter() - tick}
+            if "loss" in val:
+                record["val/loss"] = val["loss"]
+            train_seconds += record["seconds"]
             if dist.is_main:
                 log.end_epoch(record, {"policy": policy.state_dict(), "optimizer": opt.state_dict(),
                                        "rng": torch.get_rng_state(), "epoch": epoch,
                                        "best": best}, last_path)
-            bar.update(task, advance=1, info=f"reward {record['policy/reward']:+.4f}  "
-                       f"val mIoU {val['miou']:.3f} (f0 {f0_val:.3f})")
+            head = (f"reward {m[0].item():+.4f}" if s2.objective == "reinforce"
+                    else f"loss {m[0].item():.4f}")
+            bar.update(task, advance=1, info=f"{head}  val mIoU {val['miou']:.3f} "
+                       f"(f0 {f0_val:.3f})")
     if dist.is_main and not best_path.is_file():
-        atomic_save({"policy": policy.state_dict(), "epoch": -1, "val": None}, best_path)
+        atomic_save({"policy": priced(policy, s2.lam, cost), "epoch": -1, "val": None},
+                    best_path)
     dist.barrier()  # the others read what rank 0 wrote
-    summary = {"stage": 2, "lam": s2.lam, "cost": s2.cost, "cache_seconds": cache_seconds,
+    summary = {"stage": 2, "lam": s2.lam, "cost": s2.cost, "objective": s2.objective,
+               "gain": s2.gain, "policy": s2.policy, "state": s2.state,
+               "train_on": s2.train_on, "train_images": len(train_cache.state),
+               "cache_seconds": cache_seconds, "train_seconds": train_seconds,
                "best_val": load_checkpoint(best_path)["val"],
                "val_f0_miou": f0_val, "costs": costs.to_dict()}
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage2.json")
     return summary
-
-
-@torch.inference_mode()
-def _validate(policy: torch.nn.Module, states: torch.Tensor, patch_iou: torch.Tensor,
-              cache: PatchOutcomes, cost: torch.Tensor, lam: float, batch: int) -> dict:
-    """Greedy routing on the validation cache: mean reward, routed mIoU, fractions."""
-    actions = greedy_actions(policy, states, batch)
-    r, _, _ = reward(patch_iou, actions, cost, lam)
-    return {"reward": r.mean().item(), "miou": cache.miou(actions.cpu()),
-            "fractions": fractions(actions, patch_iou.shape[-1])}

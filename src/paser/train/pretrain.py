@@ -157,6 +157,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
     ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
     A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
+    With ``stage1.patience`` the model stops once its validation mIoU has not improved for
+    that many epochs (``epochs`` is then the most it trains); the metric line of its last
+    epoch says ``"stopped": true``.
     ``dist``: the processes training together (:mod:`paser.train.distributed`); each takes
     its share of every batch, rank 0 writes.
     """
@@ -165,15 +168,17 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / f"{role}_last.pt", ckpt_dir / f"{role}.pt"
-    start, best = 0, -1.0
+    start, best, best_epoch = 0, -1.0, -1
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best"]
+        best_epoch = state.get("best_epoch", state["epoch"])
     if dist.is_main:
         log.truncate_after(role, start - 1)
+    patience = s1.patience
     model, opt = dist.setup(model, opt)
     plain = dist.unwrap(model)
     spec = (spec or dict(model_roles(cfg))[role]).model_dump()
@@ -181,6 +186,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task(label or f"stage 1 {role}", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
+            if patience is not None and epoch - best_epoch > patience:
+                break  # stopped before the interruption: nothing left to train
             t0 = time.perf_counter()
             model.train()
             # The batch order depends only on (seed, role, epoch): resuming replays it exactly.
@@ -211,18 +218,24 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             val_miou = evaluate_miou(plain, forward, val, cfg.models.num_classes,
                                      s1.batch_size, device)
             if val_miou > best:
-                best = val_miou
+                best, best_epoch = val_miou, epoch
                 if dist.is_main:
                     atomic_save({"model": plain.state_dict(), "spec": spec, "role": role,
                                  "epoch": epoch, "val_miou": val_miou}, best_path)
+            stop = patience is not None and epoch - best_epoch >= patience
             record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / n,
                       "train_miou": acc.compute()["miou"], "val_miou": val_miou,
+                      "best_epoch": best_epoch, "stopped": stop,
                       "seconds": time.perf_counter() - t0}
             if dist.is_main:
                 log.end_epoch(record, {"model": plain.state_dict(), "optimizer": opt.state_dict(),
                                        "rng": torch.get_rng_state(), "epoch": epoch,
-                                       "best": best, "spec": spec, "role": role}, last_path)
+                                       "best": best, "best_epoch": best_epoch, "spec": spec,
+                                       "role": role}, last_path)
             bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
+            if stop:
+                bar.update(task, total=epoch + 1)
+                break
     if dist.is_main and not best_path.is_file():  # zero epochs: keep the untrained weights
         atomic_save({"model": plain.state_dict(), "spec": spec, "role": role, "epoch": -1,
                      "val_miou": best}, best_path)
@@ -315,12 +328,25 @@ def model_epochs(cfg: ExperimentConfig, spec: ModelSpec) -> int:
     return cfg.stage1.epochs if spec.epochs is None else spec.epochs
 
 
+def training_record(log: list[dict], role: str, cap: int, patience: int | None) -> dict:
+    """How long a model trained, from its metric lines: ``epochs`` run, the ``best_epoch``
+    kept, and ``converged`` (validation mIoU stopped improving for ``patience`` epochs
+    before the cap of ``cap`` epochs; ``None`` without patience, when nothing says so)."""
+    lines = [r for r in log if r.get("model") == role]
+    best = max(lines, key=lambda r: r["val_miou"], default=None)
+    stopped = bool(lines and lines[-1].get("stopped"))
+    return {"epochs": len(lines), "epoch_cap": cap, "patience": patience,
+            "best_epoch": None if best is None else best["epoch"],
+            "converged": stopped if patience is not None else None}
+
+
 def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Forward],
               device: torch.device) -> dict:
     """Validation and test mIoU (dropout off, one pass), parameters and GFLOP per image."""
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     h, w = data.test.images.shape[-2:]
     ph, pw = (s + 2 * grid.halo for s in grid.patch_size(h, w))
+    log = MetricLog(run_dir / "metrics" / "stage1.jsonl").read()
     models = {}
     for role, spec in model_roles(cfg):
         model = load_trained(run_dir, cfg, role, device)
@@ -331,6 +357,7 @@ def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Fo
             "name": spec.name,
             "parameters": count_parameters(model),
             "gflops_per_image": gflops,
+            **training_record(log, role, model_epochs(cfg, spec), cfg.stage1.patience),
             **{f"{split}_miou": evaluate_miou(model, forwards[role], getattr(data, split),
                                               cfg.models.num_classes, cfg.stage1.batch_size,
                                               device)
