@@ -129,7 +129,8 @@ def sweep_actions(logits: torch.Tensor, rel: torch.Tensor, ts: torch.Tensor) -> 
 def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops: float | None = None, max_frac_large: float | None = None,
               batch_size: int = 16, iterations: int = 60, iou_within_top: float | None = None,
-              best_iou: bool = False, max_tvd: float | None = None) -> Calibration:
+              best_iou: bool = False, max_tvd: float | None = None,
+              outcomes: PatchOutcomes | None = None) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
     ``data``), ``max_frac_large`` (share of patches on the largest model),
     ``iou_within_top`` (mIoU on ``data`` within this of fK's alone, at the least GFLOP) or
@@ -137,7 +138,9 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     variation of the policy's own).
 
     A budget is spent as generously as it allows, or with ``best_iou`` at the setting of
-    best mIoU within it. Raises :class:`ConfigError` for a budget below the fixed cost every
+    best mIoU within it. ``outcomes``: the split's :class:`PatchOutcomes`, built with
+    ``mc_seed=0`` in batches of ``batch_size``, when the caller has them already (the quality
+    targets need them). Raises :class:`ConfigError` for a budget below the fixed cost every
     image pays (f0's T passes and the policy) or a share outside [0, 1].
     """
     if sum(v is not None for v in (budget_gflops, max_frac_large, iou_within_top,
@@ -176,8 +179,10 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     if max_tvd is not None:
         strength, target = _by_tvd(logits, rel, costs, max_tvd)
     elif iou_within_top is not None or best_iou:
-        strength, target = _by_quality(router, data, num_classes, batch_size, logits, rel,
-                                       costs, iou_within_top, budget_gflops)
+        outcomes = outcomes or PatchOutcomes.build(router, data, num_classes, batch_size,
+                                                   next(router.parameters()).device, mc_seed=0)
+        strength, target = _by_quality(outcomes, logits, rel, costs, iou_within_top,
+                                       budget_gflops)
     else:
         def spent(t: float) -> float:
             actions = (logits + (-t * rel)).argmax(-1)
@@ -223,12 +228,10 @@ def _by_tvd(logits: torch.Tensor, rel: torch.Tensor, costs, max_tvd: float
     return float(ts[int(pick)]), {"max_tvd": float(max_tvd), "tvd": float(distance[int(pick)])}
 
 
-def _by_quality(router: Router, data: Tensors, num_classes: int, batch_size: int,
-                logits: torch.Tensor, rel: torch.Tensor, costs, iou_within_top: float | None,
-                budget_gflops: float | None) -> tuple[float, dict]:
+def _by_quality(outcomes: PatchOutcomes, logits: torch.Tensor, rel: torch.Tensor, costs,
+                iou_within_top: float | None, budget_gflops: float | None
+                ) -> tuple[float, dict]:
     """The strength of a quality target, from an exact score of every swept strength."""
-    device = next(router.parameters()).device
-    outcomes = PatchOutcomes.build(router, data, num_classes, batch_size, device, mc_seed=0)
     ts = price_sweep(logits, rel)
     actions = sweep_actions(logits, rel, ts)
     miou = outcomes.miou_many(actions)

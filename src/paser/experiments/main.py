@@ -99,10 +99,11 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
               "PaSeR (f1's GFLOP)": {"budget_gflops": costs.num_patches * costs.patch[1],
                                      "best_iou": True}}
     calibrations = {}
-    for name, target in points.items():
+    for name, target in (points.items() if b.operating_points else ()):
         if target.get("budget_gflops", costs.fixed) < costs.fixed:
             continue
-        calibrations[name] = calibrate(router, data.validation, ncls, batch_size=tb, **target)
+        calibrations[name] = calibrate(router, data.validation, ncls, batch_size=tb,
+                                       outcomes=val_out, **target)
         preds[name] = M.paser_predictor(router, bias=calibrations[name].tensor())
     preds["PaSeR-RandPol"] = M.fixed_actions_predictor(
         router, random_actions(len(data.test), router.grid.num_patches, nmod, cfg.seed))
