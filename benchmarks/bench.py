@@ -46,7 +46,7 @@ from torch import nn
 from paser.baselines.routed import cascade_gflops
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import Tensors
-from paser.metrics import predicted_classes
+from paser.metrics import predicted_classes, reward
 from paser.models import RoutingPolicy, create_model
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -137,9 +137,9 @@ def cascade_same_assignment(router: Router, x: torch.Tensor, actions: torch.Tens
     probs = grid.split(mc.probs).clone()
     entropy(probs).mean((-2, -1))  # the cascade's first decision, as it pays for it
     flat = actions.reshape(-1).to(x.device)
-    for k, model in enumerate(router.pool, start=1):
+    for k in range(1, router.num_models):
         idx = (flat >= k).nonzero(as_tuple=True)[0]
-        out = grid.centre(model(patches.index_select(0, idx))).float().softmax(1)
+        out = router.run_local(k, patches.index_select(0, idx))
         entropy(out).mean((-2, -1))  # and the next one
         probs.index_copy_(0, idx, out)
     return predicted_classes(grid.merge(probs))
@@ -227,7 +227,7 @@ def naive_stage2_batch(router: Router, opt, images: torch.Tensor, masks: torch.T
             sl = (i, slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw))
             a = int(actions[i, p])
             gain = _patch_iou(preds[a][sl], masks[sl]) - _patch_iou(pred[sl], masks[sl])
-            rewards[i, p] = (1 - lam) * gain - lam * float(cost[a])
+            rewards[i, p] = reward(gain, float(cost[a]), lam)
     loss = -(dist.log_prob(actions) * rewards.to(actions.device)).mean()
     opt.zero_grad()
     loss.backward()

@@ -61,6 +61,8 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_synthetic_root_depends_on_the_spec(tmp_path):
-    a = load_config(overrides=[f"data.cache_dir={tmp_path}"]).data.resolved_root()
+    from paser.data import synthetic_root
+
+    a = synthetic_root(load_config(overrides=[f"data.cache_dir={tmp_path}"]).data)
     b = load_config(overrides=[f"data.cache_dir={tmp_path}", "data.synthetic.seed=1"])
-    assert a.parent == tmp_path and a != b.data.resolved_root()
+    assert a.parent == tmp_path and a != synthetic_root(b.data)

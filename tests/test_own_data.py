@@ -15,13 +15,14 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from paser.checkpoints import build_model
 from paser.config import load_config
 from paser.data import IGNORE, labels, load_stage_data, open_split
-from paser.data.folders import check_dataset
+from paser.data.registry import check_dataset
 from paser.errors import ConfigError, DataError
 from paser.metrics import IoUAccumulator
 from paser.models import count_parameters, create_model
-from paser.train.pretrain import build_model, masked_ce
+from paser.train.pretrain import masked_ce
 
 
 def conv_net(in_channels: int, num_classes: int, width: int = 8) -> torch.nn.Module:

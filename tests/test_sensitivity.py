@@ -48,8 +48,8 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
 
 
 def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
+    from paser.checkpoints import build_router
     from paser.data import load_stage_data
-    from paser.train.policy import build_router
 
     cfg = load_config(config_file=mnist_run / "config.yaml")
     router = build_router(cfg, mnist_run, torch.device("cpu")).eval()

@@ -9,14 +9,14 @@ import torch
 from torch.utils.data import Dataset
 
 from paser.calibration import Calibration, calibrate
-from paser.config import ExperimentConfig, load_config
+from paser.checkpoints import build_router, label_codec, load_checkpoint, run_config
+from paser.config import ExperimentConfig
 from paser.data import Tensors
-from paser.errors import CheckpointError, DataError
+from paser.data.folders import ClassMap
+from paser.errors import DataError
 from paser.evaluation import evaluate_router
 from paser.routing import Router, RoutingOutput
-from paser.runtime import keep_freed_memory
-from paser.train.common import load_checkpoint, resolve_device
-from paser.train.policy import build_router
+from paser.runtime import keep_freed_memory, resolve_device
 
 
 class PaSeR:
@@ -32,6 +32,7 @@ class PaSeR:
         self.router, self.config, self.run_dir = router, config, run_dir
         #: the budget bias used by :meth:`segment` and :meth:`evaluate` (``None``: none)
         self.calibration = calibration
+        self._codec: ClassMap | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto",
@@ -44,7 +45,7 @@ class PaSeR:
         large CPU tensors are not page-faulted in afresh on every call."""
         keep_freed_memory()
         run_dir = Path(run_dir)
-        cfg = _run_config(run_dir)
+        cfg = run_config(run_dir)
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
         stage3 = Path(stage3) if stage3 is not None else ckpt_dir / "stage3.pt"
@@ -68,10 +69,18 @@ class PaSeR:
 
         keep_freed_memory()
         run_dir = Path(run_dir)
-        cfg = _run_config(run_dir)
+        cfg = run_config(run_dir)
         router = load_onnx_router(export_dir if export_dir is not None else run_dir / "onnx")
         calibration = Calibration.load(run_dir, router.policy_digest) if calibrated else None
         return cls(router.eval(), cfg, run_dir, calibration)
+
+    @property
+    def label_codec(self) -> ClassMap:
+        """The class map label PNGs are written in: the run's ``classes.yaml``
+        (:func:`paser.checkpoints.label_codec`)."""
+        if self._codec is None:
+            self._codec = label_codec(self.run_dir, self.config)
+        return self._codec
 
     @property
     def device(self) -> torch.device:
@@ -130,30 +139,24 @@ class PaSeR:
         if url is None:
             self.router.remote = None
             return None
-        from paser.serve import _require
+        from paser.serve import require_serve_extra
 
-        _require()
+        require_serve_extra()
         from paser.serve.client import RemotePool
 
         self.router.remote = RemotePool(url, self, **options)
         return self.router.remote
 
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
-                 force_action: int | None = None, num_workers: int = 0) -> dict:
+                 model: int | None = None, num_workers: int = 0) -> dict:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.
 
-        ``force_action=k`` evaluates model k on every patch (0: f0 alone) through the same path.
-        A dataset (e.g. :class:`paser.data.BatteryDataset`) is streamed from disk, read by
-        ``num_workers`` processes; only counts are kept, never the predictions.
+        ``model=k`` evaluates one model alone as the report does
+        (:func:`paser.evaluation.evaluate_router`): f0 with its Monte Carlo passes for 0,
+        pool model k on every patch otherwise. A dataset (e.g.
+        :class:`paser.data.BatteryDataset`) is streamed from disk, read by ``num_workers``
+        processes; only counts are kept, never the predictions.
         """
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
-                               bias=None if force_action is not None else self._bias(None),
-                               force_action=force_action, num_workers=num_workers)
-
-
-def _run_config(run_dir: Path) -> ExperimentConfig:
-    """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
-                              "`paser pretrain` and `paser train-policy` into it first")
-    return load_config(config_file=run_dir / "config.yaml")
+                               bias=None if model is not None else self._bias(None),
+                               model=model, num_workers=num_workers)

@@ -35,7 +35,7 @@ from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
-from paser.train.common import atomic_write_text
+from paser.runtime import atomic_write_text
 
 FILE = "calibration.json"
 

@@ -8,7 +8,6 @@ Unknown keys and values of the wrong type are refused with the key's name.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -107,20 +106,6 @@ class DataConfig(_Strict):
         if any(p <= 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"must be three positive proportions summing to 1, got {list(v)}")
         return v
-
-    def resolved_root(self) -> Path:
-        """The dataset folder: ``root`` or the cache folder for this synthetic spec."""
-        if self.root is not None:
-            return Path(self.root).expanduser()
-        from paser.data.synthetic import generator_fingerprint
-
-        base = self.cache_dir or Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser"))
-        s = self.synthetic
-        # The fingerprint of the generator's parameters: a changed generator never reuses a
-        # stale cache.
-        name = (f"battery-synth-{s.n_train}-{s.n_val}-{s.n_test}-{s.height}x{s.width}-seed{s.seed}"
-                f"-{generator_fingerprint()}")
-        return Path(base).expanduser() / name
 
 
 class ModelSpec(_Strict):
@@ -476,3 +461,46 @@ def load_config(
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (readable by ``load_config(config_file=...)``)."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def resolve_config(preset: str | None, config_file: str | Path | None,
+                   overrides: list[str] | None, run_dir: str | Path,
+                   resume: bool = False) -> ExperimentConfig | None:
+    """The config a command on ``run_dir`` runs with (the CLI's rules).
+
+    ``preset`` or ``config_file`` (plus overrides) when given; otherwise the run's saved
+    ``config.yaml`` (plus overrides), or ``battery-quick`` for a new run directory. With
+    ``resume`` and nothing else, ``None``: the stage reopens the saved config as it is.
+    """
+    overrides = overrides or []
+    if preset or config_file:
+        return load_config(preset=preset, config_file=config_file, overrides=overrides)
+    if resume and not overrides:
+        return None
+    if resume:
+        raise ConfigError("--resume continues with the run's saved config; drop the overrides "
+                          "(or start a new --run-dir with them)")
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        return load_config(config_file=saved, overrides=overrides)
+    return load_config(preset="battery-quick", overrides=overrides)
+
+
+def with_distributed(cfg: ExperimentConfig | None, run_dir: str | Path, devices: int | None,
+                     num_nodes: int | None, precision: str | None) -> ExperimentConfig | None:
+    """``cfg`` (the saved config of ``run_dir`` when ``None`` and any is given) with the
+    command line's devices, nodes and precision: how a stage is trained, not what, so a run
+    may resume on other devices."""
+    if devices is None and num_nodes is None and precision is None:
+        return cfg
+    if cfg is None:
+        cfg = load_config(config_file=Path(run_dir) / "config.yaml")
+    d = cfg.distributed.model_dump()
+    d.update({k: v for k, v in (("devices", devices), ("num_nodes", num_nodes),
+                                ("precision", precision)) if v is not None})
+    try:
+        dist = DistributedConfig(**d)
+    except ValueError as err:
+        raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed or 16-mixed") \
+            from err
+    return cfg.model_copy(update={"distributed": dist})

@@ -1,69 +1,216 @@
-"""Evaluate the routing path on a split, streaming: nothing but counts is kept."""
+"""The one evaluation loop: a method streamed over a split, only counts kept.
+
+A method is a predictor ``(images [B, C, H, W], positions [B]) -> Prediction``.
+:func:`measure` streams a split (in memory, on disk, or a dataset read by worker
+processes) through it and returns IoU (dataset-level mIoU), GFLOP per image
+(:data:`paser.cost.FLOP_CONVENTION`), IoU/GFLOP and, on request, wall-clock milliseconds
+per image (one untimed warm-up batch first), the share of patches per model, the
+``assignment`` counts ``[G, K+1]`` of a dataset with sample groups (patches of each group
+sent to each model), f0's own IoU and the mean per-patch reward.
+
+The routing path's methods are here (:func:`paser_predictor` and the others below);
+the report adds the baselines' (:mod:`paser.experiments.methods`). ``paser evaluate``,
+:meth:`paser.PaSeR.evaluate`, calibration, stage 3 and the report all measure through
+:func:`measure`, so a method's figures are the same wherever they are read.
+"""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from paser.data import Tensors, on_disk
-from paser.metrics import IoUAccumulator, iou_per_gflop, iou_per_image
+from paser.metrics import IoUAccumulator, iou_per_gflop, iou_per_image, predicted_classes, reward
+from paser.patches import PatchGrid
 from paser.routing import Router
 
 
+@dataclass
+class Prediction:
+    """``mask`` [B, H, W]; ``gflops`` [B]; ``actions`` [B, P] the model of each patch (routed
+    methods, and a pool model on all patches); ``f0_mask`` [B, H, W] f0's own prediction
+    where the method started from it (routed methods)."""
+
+    mask: torch.Tensor
+    gflops: torch.Tensor
+    actions: torch.Tensor | None = None
+    f0_mask: torch.Tensor | None = None
+
+
+Predictor = Callable[[torch.Tensor, torch.Tensor], Prediction]
+
+
+@dataclass
+class RewardSpec:
+    """What :func:`measure` needs for the mean per-patch reward: the grid the actions are
+    on, ``lam`` and the cost of each action ``[K+1]``."""
+
+    grid: PatchGrid
+    lam: float
+    cost: torch.Tensor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
+def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch_size: int,
+            device: torch.device, num_models: int | None = None, timed: bool = True,
+            rewards: RewardSpec | None = None, num_workers: int = 0) -> dict:
+    """Stream ``data`` through ``predict``; see the module docstring for what is returned.
+
+    ``data`` is a split (:class:`paser.data.Tensors`) or a dataset, read by
+    ``num_workers`` processes. ``num_models`` (K + 1) turns on ``fractions`` and, with
+    sample groups, ``assignment``; ``timed`` the milliseconds; ``rewards`` the
+    ``reward``. ``f0_iou`` comes back when the predictions carry f0's.
+    """
+    if not isinstance(data, Tensors):
+        data = on_disk(data, num_workers)
+    acc, f0_acc = IoUAccumulator(num_classes), IoUAccumulator(num_classes)
+    counts = torch.zeros(num_models or 1, dtype=torch.float64)
+    groups = len(data.group_names) if data.groups is not None and num_models else 0
+    confusion = torch.zeros(groups, num_models or 1, dtype=torch.long)
+    gflops, seconds, n, paid, f0_seen = 0.0, 0.0, len(data), [], False
+    if timed:  # warm-up: first-call allocations and lazy initialisation are not timed
+        predict(data.images[:batch_size].to(device), torch.arange(min(batch_size, n)))
+    for i, (x, y) in zip(range(0, n, batch_size), data.batches(batch_size), strict=True):
+        x = x.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        out = predict(x, torch.arange(i, i + x.shape[0]))
+        _sync(device)
+        seconds += time.perf_counter() - start
+        acc.update(out.mask.cpu(), y)
+        if out.f0_mask is not None:
+            f0_acc.update(out.f0_mask.cpu(), y)
+            f0_seen = True
+        gflops += float(out.gflops.sum())
+        actions = None if out.actions is None else out.actions.cpu()
+        if actions is not None and num_models:
+            counts += torch.bincount(actions.reshape(-1), minlength=num_models)
+            if groups:  # every patch of an image carries the image's group
+                g = data.groups[i:i + batch_size, None].expand_as(actions)
+                confusion += torch.bincount((g * num_models + actions).reshape(-1),
+                                            minlength=groups * num_models
+                                            ).view(groups, num_models)
+        if rewards is not None and actions is not None and out.f0_mask is not None:
+            paid.append(_patch_rewards(out, actions, y, num_classes, rewards))
+    miou, mean_gflops = acc.compute()["miou"], gflops / n
+    result = {"iou": miou, "gflops": mean_gflops, "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
+              "ms_per_image": 1000 * seconds / n if timed else None, "batch_size": batch_size,
+              "images": n}
+    if f0_seen:
+        result["f0_iou"] = f0_acc.compute()["miou"]
+    if num_models and counts.sum() > 0:
+        result["fractions"] = (counts / counts.sum()).tolist()
+    if groups:
+        result["assignment"] = confusion.tolist()
+    if paid:
+        result["reward"] = float(torch.cat(paid).mean())
+    return result
+
+
+def _patch_rewards(out: Prediction, actions: torch.Tensor, y: torch.Tensor, num_classes: int,
+                   spec: RewardSpec) -> torch.Tensor:
+    """The per-patch reward ``[B * P]`` of a batch's routed prediction against f0's."""
+    grid = spec.grid
+    labels = grid.split(grid.pad(y, mode="constant", value=-1))
+    iou_r, iou_0 = (iou_per_image(grid.split(grid.pad(m.cpu(), mode="constant", value=0)),
+                                  labels, num_classes, ignore_index=-1).nan_to_num(0.0)
+                    for m in (out.mask, out.f0_mask))
+    return reward(iou_r - iou_0, spec.cost.cpu()[actions.reshape(-1)], spec.lam)
+
+
+def paser_predictor(router: Router, mc_seed: int | None = 0, bias: torch.Tensor | None = None,
+                    mode: str = "greedy") -> Predictor:
+    """PaSeR: the policy's actions (greedy by default, with a calibration's ``bias`` on
+    its logits), f0's Monte Carlo masks drawn with ``mc_seed`` (fixed unless ``None``)."""
+    def predict(x, idx):
+        out = router(x, mode=mode, mc_seed=mc_seed, bias=bias)
+        return Prediction(out.mask, out.gflops, out.actions, _f0_mask(router, out, x))
+    return predict
+
+
+def fixed_actions_predictor(router: Router, actions: torch.Tensor, mc_seed: int = 0) -> Predictor:
+    """The routing path with given actions ``[N, P]`` per image (random policy, oracle);
+    the policy does not run and is not paid for."""
+    def predict(x, idx):
+        out = router(x, actions=actions[idx].to(x.device), mc_seed=mc_seed)
+        return Prediction(out.mask, out.gflops, out.actions, _f0_mask(router, out, x))
+    return predict
+
+
+def _f0_mask(router: Router, out, x: torch.Tensor) -> torch.Tensor:
+    return router.grid.crop(out.mc.pred, *x.shape[-2:])
+
+
+def f0_predictor(router: Router, monte_carlo: bool, mc_seed: int | None = 0) -> Predictor:
+    """f0 alone: one deterministic pass (dropout off), or the mean of T Monte Carlo passes
+    (what routing starts from); every patch on action 0."""
+    grid = router.grid
+
+    def predict(x, idx):
+        h, w = x.shape[-2:]
+        costs = router.costs(h, w)
+        xp = grid.pad(x)
+        if monte_carlo:
+            pred, g = router.observe(xp, mc_seed).pred, costs.f0_mc
+        else:
+            router.f0.eval()
+            pred, g = predicted_classes(router.f0(xp)), costs.f0_pass
+        return Prediction(grid.crop(pred, h, w), torch.full((x.shape[0],), g),
+                          _everywhere(router, x, 0))
+    return predict
+
+
+def patch_model_predictor(router: Router, k: int) -> Predictor:
+    """Pool model ``f_k`` alone on every patch (no f0, no policy, not paid for)."""
+    def predict(x, idx):
+        g = router.costs(*x.shape[-2:]).patch[k] * router.grid.num_patches
+        return Prediction(predicted_classes(router.patchwise(k, x)),
+                          torch.full((x.shape[0],), g), _everywhere(router, x, k))
+    return predict
+
+
+def _everywhere(router: Router, x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.full((x.shape[0], router.grid.num_patches), k, dtype=torch.long)
+
+
 def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
                     batch_size: int = 16, lam: float | None = None,
                     cost: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     mode: str = "greedy", mc_seed: int | None = 0,
-                    force_action: int | None = None, num_workers: int = 0) -> dict:
-    """Route every image of ``data`` and return dataset-level metrics.
+                    model: int | None = None, num_workers: int = 0) -> dict:
+    """The routing path on every image of ``data``, through :func:`measure`.
 
-    ``data`` is a split (in memory or on disk, :class:`paser.data.Tensors`) or a dataset,
-    streamed from disk by ``num_workers`` reader processes; either way only counts are
-    kept, never the predictions.
-
-    Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction alone), ``gflops``
-    (mean per image, :data:`paser.cost.FLOP_CONVENTION`), ``iou_per_gflop``,
-    ``fractions`` (share of patches per model, ``[K+1]``) and, when ``lam`` and ``cost``
-    are given, ``reward`` (mean per-patch reward of the routed actions). Each batch's
-    Monte Carlo masks are drawn with ``mc_seed`` (fixed) unless it is ``None``.
-    ``force_action=k`` sends every patch to model k instead of asking the policy, which then
-    does not run and is not paid for (f0 alone
-    with ``0``, the largest model on all patches with ``K``), still through the routing path.
+    Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction, which routing
+    starts from), ``gflops`` (mean per image, :data:`paser.cost.FLOP_CONVENTION`),
+    ``iou_per_gflop``, ``fractions`` (share of patches per model, ``[K+1]``), ``images``
+    and, when ``lam`` and ``cost`` are given, ``reward`` (mean per-patch reward of the
+    routed actions). ``model=k`` measures one model alone instead, as the report does:
+    f0 with its Monte Carlo passes for 0, pool model k on every patch otherwise (no f0, no
+    policy).
     """
     router.eval()
     device = next(router.parameters()).device
-    routed, f0 = IoUAccumulator(num_classes), IoUAccumulator(num_classes)
-    counts = torch.zeros(router.num_models, dtype=torch.float64)
-    gflops, rewards = 0.0, []
-    grid = router.grid
-    if not isinstance(data, Tensors):
-        data = on_disk(data, num_workers)
-    for images, masks in data.batches(batch_size):
-        x, y = images.to(device), masks.to(device)
-        forced = (None if force_action is None else torch.full(
-            (x.shape[0], grid.num_patches), force_action, dtype=torch.long, device=device))
-        out = router(x, mode=mode, bias=bias, mc_seed=mc_seed, actions=forced)
-        h, w = y.shape[-2:]
-        f0_pred = grid.crop(out.mc.pred, h, w)
-        routed.update(out.mask.cpu(), y.cpu())
-        f0.update(f0_pred.cpu(), y.cpu())
-        counts += torch.bincount(out.actions.reshape(-1).cpu(), minlength=router.num_models)
-        gflops += float(out.gflops.sum())
-        if lam is not None and cost is not None:
-            yp = grid.pad(y, mode="constant", value=-1)
-            labels = grid.split(yp)
-            iou_r = iou_per_image(grid.split(grid.pad(out.mask, mode="constant", value=0)),
-                                  labels, num_classes, ignore_index=-1).nan_to_num(0.0)
-            iou_0 = iou_per_image(grid.split(out.mc.pred), labels, num_classes,
-                                  ignore_index=-1).nan_to_num(0.0)
-            paid = cost.to(device)[out.actions.reshape(-1)]
-            rewards.append(((1 - lam) * (iou_r - iou_0) - lam * paid).cpu())
-    miou = routed.compute()["miou"]
-    mean_gflops = gflops / len(data)
-    result = {"miou": miou, "f0_miou": f0.compute()["miou"], "gflops": mean_gflops,
-              "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
-              "fractions": (counts / counts.sum()).tolist(), "images": len(data)}
-    if rewards:
-        result["reward"] = float(torch.cat(rewards).mean())
-    return result
+    if model is None:
+        predict = paser_predictor(router, mc_seed, bias, mode)
+    elif model == 0:
+        predict = f0_predictor(router, monte_carlo=True, mc_seed=mc_seed)
+    else:
+        predict = patch_model_predictor(router, model)
+    spec = None if lam is None or cost is None else RewardSpec(router.grid, lam, cost)
+    r = measure(predict, data, num_classes, batch_size, device, router.num_models,
+                timed=False, rewards=spec, num_workers=num_workers)
+    out = {"miou": r["iou"], "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
+           "gflops": r["gflops"], "iou_per_gflop": r["iou_per_gflop"],
+           "fractions": r["fractions"], "images": r["images"]}
+    if "reward" in r:
+        out["reward"] = r["reward"]
+    return out

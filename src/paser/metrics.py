@@ -293,3 +293,11 @@ def iou_per_gflop(iou: float, gflops: float) -> float:
     if not math.isfinite(gflops) or gflops <= 0:
         raise ConfigError(f"iou_per_gflop: gflops={gflops} must be a finite number > 0")
     return float(iou) / float(gflops)
+
+
+def reward(gain: torch.Tensor, cost: torch.Tensor | float, lam: float) -> torch.Tensor:
+    """The paper's per-patch reward ``R = (1 - lam) * gain - lam * cost``, elementwise: an
+    action's IoU gain over f0 on a patch and its cost ``c`` (``c(0) = 0``). Every reward,
+    price and greedy choice of paser (stage 2, stage 3, the oracle, evaluation, a gain head
+    at its price) is this function."""
+    return (1 - lam) * gain - lam * cost

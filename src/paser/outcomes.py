@@ -60,7 +60,7 @@ class PatchOutcomes:
             patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
             probs = [grid.split(mc.probs)]
             if pool_from is None:
-                probs += [grid.centre(m(patches)).float().softmax(1) for m in router.pool]
+                probs += [router.run_local(k, patches) for k in range(1, router.num_models)]
             b, p = x.shape[0], grid.num_patches
             labelled = labels >= 0
             safe = labels.clamp_min(0)[:, None]

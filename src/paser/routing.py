@@ -140,6 +140,19 @@ class _Shared(nn.Module):
         return self.model.shared(x, self.last_only)
 
 
+def patch_logits(model: nn.Module, grid: PatchGrid, patches: torch.Tensor) -> torch.Tensor:
+    """A patch model's logits on patches with their halo ``[N, C, h + 2 halo, w + 2 halo]``,
+    halo cropped: ``[N, Kc, h, w]``. Every run of a pool model on patches comes here."""
+    return grid.centre(model(patches))
+
+
+def patchwise_logits(model: nn.Module, grid: PatchGrid, x: torch.Tensor) -> torch.Tensor:
+    """A patch model on every patch of a batch ``[B, C, H, W]`` (padded to the grid, each
+    patch with its halo), its logits stitched back and cropped: ``[B, Kc, H, W]``."""
+    h, w = x.shape[-2:]
+    return grid.crop(grid.merge(patch_logits(model, grid, grid.context(grid.pad(x)))), h, w)
+
+
 @dataclass
 class RoutingOutput:
     """What routing returns for a batch of B images of H x W with P patches, K+1 models.
@@ -227,11 +240,22 @@ class Router(nn.Module):
             return logits.argmax(-1)
         return torch.distributions.Categorical(logits=logits).sample()
 
+    def pool_logits(self, k: int, patches: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with their halo
+        ``[N, C, h + 2 halo, w + 2 halo]``, halo cropped (gradients flow: stage 3 trains
+        through it)."""
+        return patch_logits(self.pool[k - 1], self.grid, patches)
+
     def run_local(self, k: int, patches: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with
-        their halo ``[N, C, h + 2 halo, w + 2 halo]``, halo cropped (also what ``paser
-        serve`` runs)."""
-        return self.grid.centre(self.pool[k - 1](patches)).float().softmax(1)
+        """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` on patches with their
+        halo (:meth:`pool_logits`, softmax): what routing, the outcomes, the cascade and
+        ``paser serve`` run."""
+        return self.pool_logits(k, patches).float().softmax(1)
+
+    def patchwise(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, Kc, H, W]`` of pool model ``k`` alone on every patch of a batch
+        ``[B, C, H, W]`` (:func:`patchwise_logits`)."""
+        return patchwise_logits(self.pool[k - 1], self.grid, x)
 
     def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:

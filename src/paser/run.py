@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from paser.config import ExperimentConfig
-from paser.train.common import atomic_write_text, prepare_run_dir, setup
+from paser.runtime import atomic_write_text
+from paser.train.common import prepare_run_dir, setup
 
 _STAGE1 = ("data", "seed", "grid", "halo", "models", "stage1")
 _STAGE2 = (*_STAGE1, "mc_samples", "mc_dropout", "uncertainty", "stage2")
@@ -75,11 +76,11 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     return out
 
 
-def check_models(cfg: ExperimentConfig) -> None:
+def build_every_model(cfg: ExperimentConfig) -> None:
     """Build every model the run will train, so that a bad name fails now, not after an
     hour of stage 1."""
+    from paser.checkpoints import build_model
     from paser.errors import ConfigError
-    from paser.train.pretrain import build_model
 
     specs = {"models.f0": cfg.models.f0}
     specs.update({f"models.pool.{i}": s for i, s in enumerate(cfg.models.pool)})
@@ -156,7 +157,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.train.policy import train_policy
     from paser.train.pretrain import pretrain
 
-    check_models(cfg)
+    build_every_model(cfg)
     if cfg.distributed.devices * cfg.distributed.num_nodes > 1:
         from paser.config import DistributedConfig
 

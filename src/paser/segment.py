@@ -2,8 +2,9 @@
 
 Per input image ``<stem>``, written to the output folder:
 
-- ``<stem>_labels.png``: the label map in the dataset's codec (pore 0, carbon 255,
-  nickel 128; with more than 3 classes, the class indices as 8-bit values);
+- ``<stem>_labels.png``: the label map in the run's own codec (its ``classes.yaml``: the
+  values of your folder data's ``classes.yaml``, Cityscapes' label ids, the battery codec
+  pore 0, carbon 255, nickel 128), so the dataset's own reader reads it back;
 - ``<stem>_overlay.png``: the image with the classes in colour;
 - ``<stem>_routing.png``: the image with each patch tinted by the model that segmented it
   (dark: a patch sent to the remote tier that did not answer, which kept f0's prediction);
@@ -28,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from paser.cost import FLOP_CONVENTION
-from paser.data.battery import encode_label
+from paser.data.folders import ClassMap
 from paser.errors import DataError, PaserError
 from paser.patches import PatchGrid
 
@@ -194,12 +195,13 @@ def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
-                  actions: np.ndarray, grid: PatchGrid, num_classes: int,
+                  actions: np.ndarray, grid: PatchGrid, codec: ClassMap,
                   degraded: np.ndarray | None = None) -> dict:
-    """The label PNG, the overlay and the routing map of one image; their file names.
-    Degraded patches (``degraded``, bool per patch) are dark in the routing map."""
+    """The label PNG (class indices ``mask`` written in ``codec``), the overlay and the
+    routing map of one image; their file names. Degraded patches (``degraded``, bool per
+    patch) are dark in the routing map."""
     h, w = mask.shape
-    labels = encode_label(mask) if num_classes <= 3 else mask.astype(np.uint8)
+    labels = codec.encode(mask)
     gray = image.mean(0)
     overlay = _blend(gray, CLASS_COLOURS[mask % len(CLASS_COLOURS)], 0.45)
     ph, pw = grid.patch_size(h, w)  # of the padded image, as routing placed them
@@ -229,6 +231,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     names = [f"f0 ({cfg.models.f0.name})"] + [f"f{k} ({m.name})"
                                               for k, m in enumerate(cfg.models.pool, start=1)]
     calibration = None if model.calibration is None else model.calibration.target
+    codec = model.label_codec
     results = []
     for path in files:
         res = Segmented(str(path), path.stem, ok=False)
@@ -249,7 +252,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
             res.fractions = (np.bincount(actions, minlength=router.num_models)
                              / actions.size).tolist()
             written = write_outputs(out_dir, path.stem, image, out.mask[0].cpu().numpy(),
-                                    actions, router.grid, cfg.models.num_classes, degraded)
+                                    actions, router.grid, codec, degraded)
             record = {"input": str(path), "height": res.height, "width": res.width,
                       "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
                       "models": names,

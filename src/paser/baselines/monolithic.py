@@ -21,28 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paser.checkpoints import build_model, load_checkpoint, load_trained
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.train.common import (
-    MetricLog,
-    atomic_save,
-    cache_predictions,
-    load_checkpoint,
-    prepare_run_dir,
-    setup,
-)
+from paser.runtime import atomic_save
+from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, setup
 from paser.train.distributed import Dist, launch
-from paser.train.pretrain import (
-    build_model,
-    class_weight,
-    fit,
-    load_trained,
-    masked_ce,
-    model_epochs,
-    weighted_ce,
-)
+from paser.train.pretrain import class_weight, fit, masked_ce, model_epochs, weighted_ce
 from paser.uncertainty import entropy
 
 MULTIPLE = 32

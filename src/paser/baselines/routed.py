@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paser.metrics import predicted_classes
+from paser.metrics import predicted_classes, reward
 from paser.outcomes import PatchOutcomes
 from paser.routing import CostTable, Router
 from paser.uncertainty import entropy
@@ -35,8 +35,7 @@ def oracle_actions(patch_iou: torch.Tensor, cost: torch.Tensor, lam: float) -> t
 
     ``patch_iou`` [N, P, K+1] with the label known; ``cost`` [K+1], ``cost[0] = 0``.
     """
-    gain = patch_iou - patch_iou[..., :1]
-    value = (1 - lam) * gain - lam * cost.to(patch_iou)
+    value = reward(patch_iou - patch_iou[..., :1], cost.to(patch_iou), lam)
     # argmax returns the first maximum: models are ordered by cost, so ties go cheap
     return value.argmax(-1)
 
@@ -190,11 +189,11 @@ def cascade_forward(router: Router, x: torch.Tensor, taus: list[float] | torch.T
     probs = grid.split(mc.probs).clone()
     active = entropy(probs).mean((-2, -1)) > float(taus[0])
     actions = torch.zeros(len(patches), dtype=torch.long, device=x.device)
-    for k, model in enumerate(router.pool, start=1):
+    for k in range(1, router.num_models):
         idx = active.nonzero(as_tuple=True)[0]
         if not idx.numel():
             break
-        out = grid.centre(model(patches.index_select(0, idx))).float().softmax(1)
+        out = router.run_local(k, patches.index_select(0, idx))
         probs.index_copy_(0, idx, out)
         actions[idx] = k
         if k < len(router.pool):

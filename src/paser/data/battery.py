@@ -195,7 +195,7 @@ class BatteryDataset(SegmentationFiles):
             if not d.is_dir():
                 raise DataError(
                     f"{d}: folder not found; a dataset root needs "
-                    f"{{train,validation,test}}_images/ and _label/ folders (see README, 'Data')"
+                    f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
                 )
         images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         super().__init__(images, [lbl_dir / p.name for p in images],

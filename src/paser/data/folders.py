@@ -58,7 +58,7 @@ class ClassMap:
     def read(cls, path: Path) -> ClassMap:
         if not path.is_file():
             raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
-                            "1: object}}' and optionally 'ignore: 255' (see README, 'Your own data')")
+                            "1: object}}' and optionally 'ignore: 255' (see docs/data.md)")
         try:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -80,6 +80,20 @@ class ClassMap:
         if len(values) > 254:
             raise DataError(f"{path}: {len(values)} classes; at most 254 are supported")
         return cls(values, [str(classes[v]) for v in values], ignore, str(path))
+
+    def encode(self, classes: np.ndarray) -> np.ndarray:
+        """Class indices ``[H, W]`` as the mask values they are stored as: uint8, class k
+        written as ``values[k]``; the inverse of :meth:`decode` on those values."""
+        classes = np.asarray(classes, dtype=np.int64)
+        if classes.size and not 0 <= int(classes.min()) <= int(classes.max()) < len(self.values):
+            raise DataError(f"class indices {int(classes.min())}..{int(classes.max())} outside "
+                            f"{self.where}'s {len(self.values)} classes")
+        return np.asarray(self.values, dtype=np.uint8)[classes]
+
+    def to_yaml(self) -> str:
+        """The class map in the ``classes.yaml`` form :meth:`read` takes, classes in order."""
+        return yaml.safe_dump({"classes": dict(zip(self.values, self.names, strict=True)),
+                               "ignore": self.ignore}, sort_keys=False)
 
     def decode(self, arr: np.ndarray, path: Path) -> np.ndarray:
         out = self.lut[arr]
@@ -185,65 +199,3 @@ def _holdout(n: int, holdout: tuple[float, float], seed: int, root: Path) -> dic
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return {"validation": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
             "train": sorted(perm[n_val + n_test:])}
-
-
-LAYOUTS = ("folder", "cityscapes", "battery")
-
-
-def detect_layout(root: str | Path) -> str:
-    """``folder`` (a classes.yaml), ``cityscapes`` (leftImg8bit/) or ``battery``
-    (train_images/), from what is in ``root``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: folder not found")
-    for marker, kind in (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
-                         ("train_images", "battery")):
-        if (root / marker).exists():
-            return kind
-    raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
-                    "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
-
-
-def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
-                  show_progress: bool = True) -> dict:
-    """Read every image and mask of a dataset folder (each problem is a DataError naming
-    the file) and count the classes of the training masks.
-
-    Returns per split its images, size and channels; the class names, each class's share
-    of the labelled training pixels, the unlabelled share, and suggested class weights by
-    median frequency balancing (``median(f) / f_c``; 0 for a class absent from train).
-    """
-    import torch
-
-    from paser.config import DataConfig
-    from paser.data import on_disk, open_split
-    from paser.train.common import progress
-
-    kind = dataset or detect_layout(root)
-    if kind not in LAYOUTS:
-        raise DataError(f"unknown layout '{kind}'; use one of {', '.join(LAYOUTS)}")
-    cfg = DataConfig(dataset=kind, root=Path(root))
-    splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
-    names = splits["train"].class_names
-    counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
-    with progress(show_progress) as bar:
-        for split, ds in splits.items():
-            task = bar.add_task(f"reading {split}", total=len(ds), info="")
-            for _, y in on_disk(ds, workers).batches(8):
-                if split == "train":
-                    counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
-                                             minlength=len(names) + 1)
-                bar.update(task, advance=len(y))
-    labelled = counts[:-1].sum().clamp_min(1)
-    freq = counts[:-1].double() / labelled
-    med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
-    weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
-    return {
-        "layout": kind, "root": str(root), "class_names": list(names),
-        "splits": {s: {"images": len(ds), "size": list(ds.size), "channels": ds.channels}
-                   for s, ds in splits.items()},
-        "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
-        "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
-        "suggested_class_weights": [round(w, 4) for w in weights.tolist()],
-        "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
-    }

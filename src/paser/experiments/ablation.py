@@ -22,12 +22,13 @@ import time
 import torch
 
 from paser import frontier as FR
+from paser.checkpoints import make_policy
 from paser.config import ExperimentConfig, apply_override, validate
 from paser.experiments.curves import policy_curve
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
-from paser.train.common import progress
-from paser.train.policy import fit_policy, greedy_actions, make_policy, training_outcomes
+from paser.runtime import progress
+from paser.train.policy import fit_policy, greedy_actions, training_outcomes
 
 DESCRIPTION = (
     "From the run's own configuration, one setting changes at a time; each variant trains a "

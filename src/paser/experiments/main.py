@@ -45,7 +45,7 @@ from paser.experiments.report import (
     write_report,
 )
 from paser.outcomes import PatchOutcomes
-from paser.train.common import progress
+from paser.runtime import progress
 from paser.train.finetune import sweep_dir
 from paser.train.paper import paper_config, paper_dir
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from paser.cost import FLOP_CONVENTION
-from paser.train.common import atomic_write_text
+from paser.runtime import atomic_write_text
 
 ROUTED = ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "IDK-Cascade (IoU match)", "Oracle")
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from paser.api import PaSeR
 from paser.baselines.routed import random_actions
+from paser.checkpoints import load_trained
 from paser.data import Tensors
 from paser.errors import ConfigError
 from paser.experiments import methods as M
@@ -37,8 +38,9 @@ from paser.experiments.finished import FinishedRun, open_finished, record_experi
 from paser.experiments.report import pyplot, save_figure
 from paser.patches import PatchGrid
 from paser.routing import Router
-from paser.train.common import MetricLog, atomic_write_text, progress
-from paser.train.pretrain import fit, load_trained, model_epochs, patchwise, weighted_ce
+from paser.runtime import atomic_write_text, progress
+from paser.train.common import MetricLog
+from paser.train.pretrain import fit, model_epochs, patchwise, weighted_ce
 
 NOISY_DIR = "noisy"  # under checkpoints/: the noisy pool, noisy/f1.pt ...
 

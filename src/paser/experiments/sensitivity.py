@@ -21,19 +21,14 @@ import numpy as np
 import torch
 from scipy import stats
 
+from paser.checkpoints import build_router, make_policy
 from paser.data import Tensors
 from paser.experiments.finished import open_finished, record_experiment
 from paser.experiments.report import pyplot, save_figure
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
-from paser.train.common import progress
-from paser.train.policy import (
-    build_router,
-    fit_policy,
-    fractions,
-    greedy_actions,
-    make_policy,
-)
+from paser.runtime import progress
+from paser.train.policy import fit_policy, fractions, greedy_actions
 from paser.uncertainty import mc_predict, seeded
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(10))

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from paser.metrics import reward
+
 Head = Literal["global", "local"]
 
 
@@ -87,7 +89,7 @@ class RoutingPolicy(nn.Module):
             local = self.local(F.adaptive_avg_pool2d(features, self.grid))  # [B, K+1, R, C]
             logits = logits + local.flatten(2).transpose(1, 2)  # [B, P, K+1], row-major
         if self.gain_head:
-            return (1 - self.lam) * (logits - logits[..., :1]) - self.lam * self.cost
+            return reward(logits - logits[..., :1], self.cost, self.lam)
         return logits
 
 
@@ -196,4 +198,4 @@ class PooledPolicy(nn.Module):
         if not self.gain_head:
             return out
         gains = torch.cat([torch.zeros_like(out[..., :1]), out], -1)
-        return (1 - self.lam) * gains - self.lam * self.cost
+        return reward(gains, self.cost, self.lam)

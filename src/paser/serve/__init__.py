@@ -5,7 +5,8 @@
 from paser.errors import PaserError
 
 
-def _require() -> None:
+def require_serve_extra() -> None:
+    """Check that the ``serve`` extra is installed, or say how to install it."""
     try:
         import fastapi  # noqa: F401
         import httpx  # noqa: F401

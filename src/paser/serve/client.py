@@ -123,7 +123,7 @@ class RemotePool:
                 self.connect()
             except (httpx.HTTPError, RemoteError) as err:
                 self._mark_down()
-                return self._failed(n, f"{self.url}: {_describe(err)}")
+                return self._failed(n, f"{self.url}: {describe_error(err)}")
         image = quantise((x * self._needed(idx, x.shape)).cpu().numpy())
         idx = idx.cpu().numpy()
         parts = []
@@ -190,7 +190,7 @@ class RemotePool:
                 res = self.http.post("/v1/segment", params=params, content=body,
                                      headers={"Content-Type": NPZ})
             except httpx.HTTPError as err:
-                error = f"{self.url}: {_describe(err)}"
+                error = f"{self.url}: {describe_error(err)}"
                 continue
             self.stats.bytes_received += len(res.content)
             if res.status_code == 200:
@@ -238,7 +238,8 @@ def _local_models(model) -> list[dict]:
             for k, spec in enumerate(model.config.models.pool, start=1)]
 
 
-def _describe(err: Exception) -> str:
+def describe_error(err: Exception) -> str:
+    """An HTTP failure in a few words: a timeout, the server's error, or the exception."""
     if isinstance(err, httpx.TimeoutException):
         return f"timed out ({type(err).__name__})"
     if isinstance(err, httpx.HTTPStatusError):

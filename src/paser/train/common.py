@@ -1,47 +1,31 @@
-"""What the three stages share: device and seeding, atomic checkpoints, metric logs, progress."""
+"""What the three stages share: their setup, the run directory, metric logs and cached
+predictions (device, seeds, progress and atomic writes are :mod:`paser.runtime`'s)."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import tempfile
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from paser.config import ExperimentConfig, load_config, save_config
-from paser.errors import CheckpointError, ConfigError, DataError
-from paser.runtime import keep_freed_memory
+from paser.errors import ConfigError, DataError
+from paser.runtime import (
+    atomic_save,
+    atomic_write_text,
+    is_main_process,
+    keep_freed_memory,
+    resolve_device,
+    seed_everything,
+)
 
 if TYPE_CHECKING:
     from paser.data import Tensors
     from paser.train.distributed import Dist
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; otherwise the named device, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"key 'device': unknown device '{name}'; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"key 'device': '{name}' asked for but CUDA is not available; use auto or cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def setup(cfg: ExperimentConfig) -> torch.device:
@@ -52,50 +36,6 @@ def setup(cfg: ExperimentConfig) -> torch.device:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     return resolve_device(cfg.device)
-
-
-def is_main_process() -> bool:
-    """False in the worker processes launched for distributed training (before Fabric is
-    set up, only the launcher's environment tells)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never half a file
-    (the temporary file of a process killed mid-save is removed when a stage next starts:
-    :func:`prepare_run_dir`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a truncated or foreign file: torch raises many kinds
-        first = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({first}); delete it and "
-                              "re-run the stage that writes it") from None
 
 
 def cache_predictions(predict: Callable[[torch.Tensor], torch.Tensor], data: Tensors,
@@ -171,18 +111,6 @@ def _is_later(record: dict, model: str, epoch: int) -> bool:
     return record.get("model") == model and record.get("epoch", -1) > epoch
 
 
-def progress(enabled: bool = True) -> Progress:
-    """A rich progress bar group; disabled bars cost nothing."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-    )
-
-
 def prepare_run_dir(
     run_dir: str | Path, cfg: ExperimentConfig | None, resume: bool
 ) -> tuple[Path, ExperimentConfig]:
@@ -213,11 +141,3 @@ def prepare_run_dir(
     if is_main_process():
         save_config(cfg, saved)
     return run_dir, cfg
-
-
-@contextmanager
-def timer() -> Any:
-    start = time.perf_counter()
-    box = {"s": 0.0}
-    yield box
-    box["s"] = time.perf_counter() - start

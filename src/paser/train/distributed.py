@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from paser.config import ExperimentConfig
-from paser.train.common import resolve_device, seed_everything
+from paser.runtime import resolve_device, seed_everything
 
 
 @dataclass

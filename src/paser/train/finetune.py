@@ -22,31 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from paser.checkpoints import build_router, load_checkpoint, make_policy
 from paser.config import ExperimentConfig, Stage3Config
 from paser.data import StageData, load_stage_data
 from paser.errors import ConfigError
 from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image, predicted_classes
 from paser.outcomes import PatchOutcomes
-from paser.train.common import (
-    MetricLog,
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
-    prepare_run_dir,
-    progress,
-    setup,
-)
+from paser.runtime import atomic_save, atomic_write_text, progress
+from paser.train.common import MetricLog, prepare_run_dir, setup
 from paser.train.distributed import Dist, launch
-from paser.train.policy import (
-    build_router,
-    explore,
-    fit_policy,
-    linear,
-    make_policy,
-    reward,
-    tvd,
-)
+from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
 
 def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
@@ -233,7 +219,7 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
         opt.zero_grad(set_to_none=True)
         local = torch.zeros((), dtype=torch.float64)
         if idx.numel():
-            out = grid.centre(model(patches[idx]))
+            out = router.pool_logits(k, patches[idx])
             loss = F.cross_entropy(out, target, weight=weight, ignore_index=-1,
                                    reduction="sum") / total  # the batch's weighted mean
             loss.backward()

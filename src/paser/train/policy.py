@@ -36,71 +36,16 @@ from pathlib import Path
 
 import torch
 
+from paser.checkpoints import build_router, load_checkpoint
 from paser.config import ExperimentConfig
 from paser.data import load_stage_data
-from paser.errors import CheckpointError, ConfigError
-from paser.models import PooledPolicy, RoutingPolicy
+from paser.metrics import reward as action_reward
+from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes
-from paser.patches import PatchGrid
 from paser.routing import Router
-from paser.train.common import (
-    MetricLog,
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
-    prepare_run_dir,
-    progress,
-    setup,
-)
+from paser.runtime import atomic_save, atomic_write_text, progress
+from paser.train.common import MetricLog, prepare_run_dir, setup
 from paser.train.distributed import Dist, launch
-from paser.train.pretrain import load_trained, model_roles
-from paser.uncertainty import state_channels
-
-
-def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy | PooledPolicy:
-    """A fresh policy as the config describes it (architecture, state, head, stride)."""
-    rows, cols = cfg.grid
-    s2 = cfg.stage2
-    channels = state_channels(s2.state, cfg.models.in_channels, cfg.models.num_classes)
-    if s2.policy == "pooled":
-        if s2.members > 1 and s2.objective == "reinforce":
-            raise ConfigError("key 'stage2.members': an ensemble trains with full information "
-                              "(stage2.objective gain or expected); set members=1 for "
-                              "reinforce")
-        return PooledPolicy(cfg.grid, num_models, channels, s2.hidden,
-                            gain_head=s2.objective == "gain", members=s2.members)
-    return RoutingPolicy(rows * cols, num_models, in_channels=channels, head=s2.head,
-                         grid=cfg.grid, stride=s2.stride, gain_head=s2.objective == "gain")
-
-
-def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.device,
-                 policy_state: dict | None = None, pool_states: list[dict] | None = None
-                 ) -> Router:
-    """The stage-1 models (optionally with fine-tuned pool weights) and a policy."""
-    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
-    roles = [role for role, _ in model_roles(cfg)]
-    k = len(roles) - 1
-    policy = make_policy(cfg, len(roles)).to(device)
-    if pool_states is not None and len(pool_states) != k:
-        raise CheckpointError(f"{run_dir}: the fine-tuned checkpoint holds a pool of K = "
-                              f"{len(pool_states)} models, the config asks for K = {k}; use "
-                              "the run's own config.yaml or re-run stages 1 to 3")
-    if policy_state is not None:
-        try:
-            policy.load_state_dict(policy_state)
-        except RuntimeError:
-            raise CheckpointError(f"{run_dir}: the policy checkpoint does not fit the config's "
-                                  f"{grid} grid and pool of K = {k} models (its head, or the "
-                                  "grid, differs); use the run's own config.yaml or re-run "
-                                  "stages 2 and 3") from None
-    f0 = load_trained(run_dir, cfg, "f0", device)
-    pool = [load_trained(run_dir, cfg, role, device) for role in roles[1:]]
-    if pool_states is not None:
-        for model, state in zip(pool, pool_states, strict=True):
-            model.load_state_dict(state)
-    return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
-                  cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
-                  cfg.models.num_classes).to(device)
 
 
 def reward(patch_iou: torch.Tensor, actions: torch.Tensor, cost: torch.Tensor, lam: float
@@ -111,7 +56,7 @@ def reward(patch_iou: torch.Tensor, actions: torch.Tensor, cost: torch.Tensor, l
     """
     gain = patch_iou.gather(-1, actions[..., None])[..., 0] - patch_iou[..., 0]
     paid = cost.to(patch_iou.device)[actions]
-    return (1 - lam) * gain - lam * paid, gain, paid
+    return action_reward(gain, paid, lam), gain, paid
 
 
 def fractions(actions: torch.Tensor, num_models: int) -> list[float]:
@@ -199,7 +144,7 @@ def full_information_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer,
     device = gain.device
     dist = dist or Dist(device)
     policy.train()
-    value = (1 - lam) * gain - lam * cost.to(device)  # [N, P, K+1] every action's reward
+    value = action_reward(gain, cost.to(device), lam)  # [N, P, K+1] every action's reward
     order = torch.randperm(len(states))
     sums = torch.zeros(3, dtype=torch.float64)
     counts = torch.zeros(gain.shape[-1], dtype=torch.float64)
@@ -218,7 +163,7 @@ def full_information_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer,
         else:  # gain: squared error on f1..fK, summed over models, mean over patches
             per_patch = (out[..., 1:] - gain[target][..., 1:]).square().sum(-1)
             mean = out.detach() if out.dim() == 3 else out.detach().mean(0)
-            actions = ((1 - lam) * mean - lam * cost.to(device)).argmax(-1)
+            actions = action_reward(mean, cost.to(device), lam).argmax(-1)
         if per_patch.dim() == 3:  # an ensemble: each member learns from its own error
             per_patch = per_patch.mean(0)
         loss = per_patch.mean() * (len(mine) * dist.world / len(idx))  # the batch mean
@@ -317,7 +262,7 @@ def validate(policy: torch.nn.Module, states: torch.Tensor, gain: torch.Tensor,
     gain = gain.to(out.device)
     result = {}
     if objective == "gain":  # trained with no price: out is the predicted gain
-        actions = ((1 - lam) * out - lam * cost).argmax(-1)
+        actions = action_reward(out, cost, lam).argmax(-1)
         result["loss"] = float((out[..., 1:] - gain[..., 1:]).square().sum(-1).mean())
     else:
         actions = out.argmax(-1)

@@ -21,70 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paser.checkpoints import (
+    build_model,
+    load_checkpoint,
+    load_trained,
+    model_roles,
+    save_label_codec,
+)
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, load_stage_data
-from paser.errors import CheckpointError, ConfigError
+from paser.errors import ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.models import count_parameters, create_model
-from paser.models.registry import Resized, load_weights
+from paser.models import count_parameters
 from paser.patches import PatchGrid
-from paser.train.common import (
-    MetricLog,
-    atomic_save,
-    atomic_write_text,
-    cache_predictions,
-    load_checkpoint,
-    prepare_run_dir,
-    progress,
-    setup,
-)
+from paser.routing import patchwise_logits
+from paser.runtime import atomic_save, atomic_write_text, progress
+from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, setup
 from paser.train.distributed import Dist, launch
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def build_model(cfg: ExperimentConfig, spec: ModelSpec, initial: bool = True) -> nn.Module:
-    """The model of a spec (wrapped to run at ``spec.input_size`` if set), with the spec's
-    initial ``weights`` and ``encoder_weights`` when ``initial`` (training starts from
-    them; trained weights come from the run's checkpoints)."""
-    model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
-    if initial and spec.encoder_weights:
-        load_weights(model, spec.encoder_weights, "encoder")
-    if initial and spec.weights:
-        load_weights(model, spec.weights)
-    return Resized(model, spec.input_size) if spec.input_size else model
-
-
-def _identity(spec: ModelSpec | dict) -> tuple:
-    """What must match between a checkpoint and the config: name, kwargs, input size."""
-    d = spec if isinstance(spec, dict) else spec.model_dump(mode="json")
-    size = d.get("input_size")
-    return d.get("name"), d.get("kwargs"), list(size) if size else None
-
-
-def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
-    """``[("f0", spec), ("f1", spec), ...]``: f0 first, then the pool."""
-    return [("f0", cfg.models.f0)] + [(f"f{k}", s) for k, s in enumerate(cfg.models.pool, 1)]
-
-
-def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu",
-                 spec: ModelSpec | None = None) -> nn.Module:
-    """The best checkpoint of a role (``f0``, ``f1``, ..., or a baseline's) in eval mode.
-
-    ``spec`` defaults to the role's entry in the config's pool."""
-    spec = spec or dict(model_roles(cfg))[role]
-    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
-    stored = ckpt.get("spec") or {}
-    if _identity(stored) != _identity(spec):
-        raise CheckpointError(
-            f"{run_dir}/checkpoints/{role}.pt holds model {' '.join(map(str, _identity(stored)))}"
-            f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
-            "config or re-run stage 1"
-        )
-    model = build_model(cfg, spec, initial=False).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 def class_weight(cfg: ExperimentConfig, device: torch.device) -> torch.Tensor | None:
@@ -127,12 +83,11 @@ def patchwise(grid: PatchGrid) -> Forward:
     """Run a model on the grid's patches (with their halo) and stitch its logits back:
     [B, C, H, W] -> [B, K, H, W]."""
 
-    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        padded = grid.pad(x)
-        return grid.crop(grid.merge(grid.centre(model(grid.context(padded)))), h, w)
+    return partial(_patchwise, grid=grid)
 
-    return forward
+
+def _patchwise(model: nn.Module, x: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    return patchwise_logits(model, grid, x)
 
 
 @torch.inference_mode()
@@ -256,6 +211,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     device = dist.device
+    if dist.is_main:
+        save_label_codec(run_dir, cfg)
     weight = class_weight(cfg, device)
     ce = weighted_ce(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")

@@ -1,0 +1,160 @@
+"""A trained run's models, read back: checkpoints, the pool's models, the policy and the
+:class:`paser.routing.Router` they make.
+
+Everything that loads a run for inference (the API, ``paser segment``, the server,
+export) comes here, never to :mod:`paser.train`; the stages use the same functions to
+build what they train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from paser import data
+from paser.config import ExperimentConfig, ModelSpec, load_config
+from paser.data.folders import ClassMap
+from paser.errors import CheckpointError, ConfigError, DataError
+from paser.models import PooledPolicy, RoutingPolicy, create_model
+from paser.models.registry import Resized, load_weights
+from paser.patches import PatchGrid
+from paser.routing import Router
+from paser.runtime import atomic_write_text
+from paser.uncertainty import state_channels
+
+
+def run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
+                              "`paser pretrain` and `paser train-policy` into it first")
+    return load_config(config_file=run_dir / "config.yaml")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's dict; a missing or unreadable file is a :class:`CheckpointError`
+    that says which stage writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # a truncated or foreign file: torch raises many kinds
+        first = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({first}); delete it and "
+                              "re-run the stage that writes it") from None
+
+
+def build_model(cfg: ExperimentConfig, spec: ModelSpec, initial: bool = True) -> nn.Module:
+    """The model of a spec (wrapped to run at ``spec.input_size`` if set), with the spec's
+    initial ``weights`` and ``encoder_weights`` when ``initial`` (training starts from
+    them; trained weights come from the run's checkpoints)."""
+    model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
+    if initial and spec.encoder_weights:
+        load_weights(model, spec.encoder_weights, "encoder")
+    if initial and spec.weights:
+        load_weights(model, spec.weights)
+    return Resized(model, spec.input_size) if spec.input_size else model
+
+
+def _identity(spec: ModelSpec | dict) -> tuple:
+    """What must match between a checkpoint and the config: name, kwargs, input size."""
+    d = spec if isinstance(spec, dict) else spec.model_dump(mode="json")
+    size = d.get("input_size")
+    return d.get("name"), d.get("kwargs"), list(size) if size else None
+
+
+def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
+    """``[("f0", spec), ("f1", spec), ...]``: f0 first, then the pool."""
+    return [("f0", cfg.models.f0)] + [(f"f{k}", s) for k, s in enumerate(cfg.models.pool, 1)]
+
+
+def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu",
+                 spec: ModelSpec | None = None) -> nn.Module:
+    """The best checkpoint of a role (``f0``, ``f1``, ..., or a baseline's) in eval mode.
+
+    ``spec`` defaults to the role's entry in the config's pool."""
+    spec = spec or dict(model_roles(cfg))[role]
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / f"{role}.pt", device)
+    stored = ckpt.get("spec") or {}
+    if _identity(stored) != _identity(spec):
+        raise CheckpointError(
+            f"{run_dir}/checkpoints/{role}.pt holds model {' '.join(map(str, _identity(stored)))}"
+            f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
+            "config or re-run stage 1"
+        )
+    model = build_model(cfg, spec, initial=False).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy | PooledPolicy:
+    """A fresh policy as the config describes it (architecture, state, head, stride)."""
+    rows, cols = cfg.grid
+    s2 = cfg.stage2
+    channels = state_channels(s2.state, cfg.models.in_channels, cfg.models.num_classes)
+    if s2.policy == "pooled":
+        if s2.members > 1 and s2.objective == "reinforce":
+            raise ConfigError("key 'stage2.members': an ensemble trains with full information "
+                              "(stage2.objective gain or expected); set members=1 for "
+                              "reinforce")
+        return PooledPolicy(cfg.grid, num_models, channels, s2.hidden,
+                            gain_head=s2.objective == "gain", members=s2.members)
+    return RoutingPolicy(rows * cols, num_models, in_channels=channels, head=s2.head,
+                         grid=cfg.grid, stride=s2.stride, gain_head=s2.objective == "gain")
+
+
+def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.device,
+                 policy_state: dict | None = None, pool_states: list[dict] | None = None
+                 ) -> Router:
+    """The stage-1 models (optionally with fine-tuned pool weights) and a policy."""
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
+    roles = [role for role, _ in model_roles(cfg)]
+    k = len(roles) - 1
+    policy = make_policy(cfg, len(roles)).to(device)
+    if pool_states is not None and len(pool_states) != k:
+        raise CheckpointError(f"{run_dir}: the fine-tuned checkpoint holds a pool of K = "
+                              f"{len(pool_states)} models, the config asks for K = {k}; use "
+                              "the run's own config.yaml or re-run stages 1 to 3")
+    if policy_state is not None:
+        try:
+            policy.load_state_dict(policy_state)
+        except RuntimeError:
+            raise CheckpointError(f"{run_dir}: the policy checkpoint does not fit the config's "
+                                  f"{grid} grid and pool of K = {k} models (its head, or the "
+                                  "grid, differs); use the run's own config.yaml or re-run "
+                                  "stages 2 and 3") from None
+    f0 = load_trained(run_dir, cfg, "f0", device)
+    pool = [load_trained(run_dir, cfg, role, device) for role in roles[1:]]
+    if pool_states is not None:
+        for model, state in zip(pool, pool_states, strict=True):
+            model.load_state_dict(state)
+    return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
+                  cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
+                  cfg.models.num_classes).to(device)
+
+
+#: Where a run keeps its label codec: the class map of its training data, as written.
+CODEC_FILE = "classes.yaml"
+
+
+def save_label_codec(run_dir: str | Path, cfg: ExperimentConfig) -> None:
+    """Keep the training data's label codec in the run (``classes.yaml``), so that label
+    PNGs are written in it wherever the run is used, the data there or not."""
+    atomic_write_text(data.label_codec(cfg.data).to_yaml(), Path(run_dir) / CODEC_FILE)
+
+
+def label_codec(run_dir: str | Path | None, cfg: ExperimentConfig) -> ClassMap:
+    """The codec a run's label PNGs are written in: its ``classes.yaml`` (stage 1 writes
+    it), else, for a run older than that, the configured dataset's."""
+    saved = None if run_dir is None else Path(run_dir) / CODEC_FILE
+    if saved is not None and saved.is_file():
+        return ClassMap.read(saved)
+    try:
+        return data.label_codec(cfg.data)
+    except DataError as err:
+        raise DataError(f"{err}; or copy the dataset's classes.yaml into the run folder "
+                        f"{run_dir}") from None

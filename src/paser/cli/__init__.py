@@ -1,0 +1,52 @@
+"""The ``paser`` command: thin commands over the library, one module per task
+(:mod:`~paser.cli.data`, :mod:`~paser.cli.train`, :mod:`~paser.cli.deploy`,
+:mod:`~paser.cli.experiments`).
+
+Errors a user can fix print one line on stderr and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from paser.cli.common import app, state
+from paser.errors import PaserError
+
+__all__ = ["app", "main"]
+
+# Each module registers its commands; in this order, `paser --help` lists them by task.
+for _module in ("train", "deploy", "experiments", "data"):
+    importlib.import_module(f"paser.cli.{_module}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    from paser.runtime import is_main_process
+
+    if not is_main_process():  # a worker of distributed training: rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except PaserError as err:
+        if state["debug"]:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run with --resume to continue from the last epoch", err=True)
+        sys.exit(130)
+    except (typer.Exit, typer.Abort) as err:
+        sys.exit(getattr(err, "exit_code", 1))
+    except Exception as err:  # a usage error: typer's own copy of click's, or click's
+        show, code = getattr(err, "show", None), getattr(err, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
+        raise

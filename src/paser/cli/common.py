@@ -1,0 +1,37 @@
+"""What the commands share: the app, its groups, the common options, and how a training
+command resolves its config (:func:`paser.config.resolve_config`)."""
+
+from __future__ import annotations
+
+import typer
+
+from paser.config import list_presets
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Parsimonious segmentation: route each patch to the cheapest good model.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic battery set, check a dataset folder.")
+app.add_typer(data_app, name="data")
+experiment_app = typer.Typer(help="The paper's further experiments on a finished run.",
+                             no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+state = {"debug": False}
+
+PRESET = typer.Option(None, "--preset", help="a shipped preset: " + ", ".join(list_presets())
+                      + " (`paser presets`)")
+CONFIG = typer.Option(None, "--config", help="a YAML config file", exists=False)
+RUN_DIR = typer.Option(..., "--run-dir", help="the run directory (config, checkpoints, metrics)")
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. stage1.epochs=5 data.root=/data")
+RESUME = typer.Option(False, "--resume", help="continue from the last completed epoch")
+DEVICES = typer.Option(None, "--devices", min=1, help="processes per node for data-parallel "
+                       "training (GPUs; on CPU, processes over gloo); default the config's "
+                       "distributed.devices (1)")
+NUM_NODES = typer.Option(None, "--num-nodes", min=1, help="machines (launch the same command "
+                         "on each; see docs/training.md)")
+PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed or 16-mixed (CUDA)")
+
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+    state["debug"] = debug

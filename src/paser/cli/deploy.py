@@ -1,0 +1,220 @@
+"""Using a trained run: ``evaluate``, ``segment``, ``serve``, ``export``, ``calibrate``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from paser.cli.common import RUN_DIR, app
+from paser.errors import ConfigError
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = RUN_DIR,
+    split: str = typer.Option("test", "--split", help="validation or test"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0, help="processes reading images from "
+                                "disk while the models run (0: read in this process)"),
+) -> None:
+    """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone.
+    Images are streamed from disk; only counts are kept, never the predictions."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+    from paser.data import open_split
+
+    model = PaSeR.load(run_dir)
+    data = open_split(model.config.data, split)
+    name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
+    rows = [(name, model.evaluate(data, batch_size, num_workers=workers))]
+    rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",
+              model.evaluate(data, batch_size, model=k, num_workers=workers))
+             for k in range(model.router.num_models)]
+    typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
+               f"{model.config.mc_samples} Monte Carlo passes in the PaSeR and f0 rows, the "
+               "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
+               "the report)")
+    typer.echo(f"{'method':<20} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
+    for name, r in rows:
+        typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
+                   + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+
+
+@app.command()
+def segment(
+    inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG)"),
+    run_dir: Path = RUN_DIR,
+    out: Path = typer.Option(..., "--out", help="the output folder"),
+    budget_gflops: float = typer.Option(
+        None, "--budget-gflops", help="calibrate to this mean GFLOP per image for this call, "
+        "instead of the run's saved calibration (not saved)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
+                               "`paser export`; CPU)"),
+    onnx: Path = typer.Option(None, "--onnx", help="the export folder for --engine "
+                              "onnxruntime; default <run-dir>/onnx"),
+    remote: str = typer.Option(None, "--remote", help="URL of a `paser serve` process: f0 "
+                               "and the policy run here, only patches routed to f1..fK are "
+                               "sent there"),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.01,
+                                  help="seconds per remote request"),
+    retries: int = typer.Option(2, "--retries", min=0, help="further attempts per remote "
+                                "request before its patches keep f0's prediction"),
+) -> None:
+    """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
+    image and summary.csv. A file that fails is reported and skipped; the exit status is
+    then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
+    are marked degraded; the run finishes."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+    from paser.runtime import progress
+    from paser.segment import find_images, segment_files
+
+    files = find_images(inputs)
+    if remote is not None and not remote.startswith(("http://", "https://")):
+        raise ConfigError(f"--remote {remote}: give an http:// or https:// URL of a `paser "
+                          "serve` process")
+    if engine == "onnxruntime":
+        model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
+    elif engine == "torch":
+        model = PaSeR.load(run_dir, device=device, calibrated=budget_gflops is None)
+    else:
+        raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
+    if budget_gflops is not None:
+        model.calibrate(budget_gflops=budget_gflops, save=False)
+    if remote is not None:
+        _connect_remote(model, remote, timeout, retries)
+    with progress(len(files) > 1) as bar:
+        task = bar.add_task("segment", total=len(files), info="")
+        results = segment_files(model, files, out, on_done=lambda r: bar.update(
+            task, advance=1, info=r.stem if r.ok else f"{r.stem} failed"))
+    done = [r for r in results if r.ok]
+    for r in results:
+        if not r.ok:
+            typer.echo(f"failed: {r.error}", err=True)
+    if done:
+        typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
+                   f"{sum(r.gflops for r in done) / len(done):.3f} GFLOP ({FLOP_CONVENTION}), "
+                   f"{sum(r.ms for r in done) / len(done):.1f} ms per image; see "
+                   f"{out / 'summary.csv'}")
+    if remote is not None and done:
+        sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
+        typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
+                   f"{whole / len(done):,.0f} for the whole image ({sent / whole:.1%}); "
+                   f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)")
+    if len(done) < len(results):
+        typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
+                   f"{out / 'summary.csv'}", err=True)
+        raise typer.Exit(1)
+
+
+def _connect_remote(model, url: str, timeout: float, retries: int) -> None:
+    """Attach the remote tier; a server that does not answer yet is a warning (its patches
+    fall back to f0 until it does), one serving other models an error."""
+    import httpx
+
+    pool = model.use_remote(url, timeout=timeout, retries=retries)
+    try:
+        info = pool.connect()
+        typer.echo(f"remote tier {url}: " + ", ".join(
+            f"{m['name']} ({m['arch']})" for m in info["models"]), err=True)
+    except httpx.HTTPError as err:
+        from paser.serve.client import describe_error
+
+        typer.echo(f"warning: remote tier {url} does not answer ({describe_error(err)}); patches "
+                   "routed to f1..fK keep f0's prediction, marked degraded, until it does",
+                   err=True)
+
+
+@app.command()
+def serve(
+    run_dir: Path = RUN_DIR,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    max_request_mb: float = typer.Option(32.0, "--max-request-mb", min=0.001,
+                                         help="largest request body, MiB"),
+    max_patches: int = typer.Option(4096, "--max-patches", min=1,
+                                    help="most patches per request"),
+    max_concurrency: int = typer.Option(1, "--max-concurrency", min=1,
+                                        help="inferences running at once"),
+    queue_timeout: float = typer.Option(30.0, "--queue-timeout", min=0.0, help="seconds a "
+                                        "request may wait for its turn before a 503"),
+) -> None:
+    """Serve the run's pool models f1..fK over HTTP for `paser segment --remote`:
+    GET /healthz, GET /v1/models, POST /v1/segment."""
+    from paser.serve import require_serve_extra
+
+    require_serve_extra()
+    from paser.serve.server import MiB
+    from paser.serve.server import serve as run_server
+
+    run_server(run_dir, host, port, device, max_request_bytes=int(max_request_mb * MiB),
+               max_patches=max_patches, max_concurrency=max_concurrency,
+               queue_timeout=queue_timeout)
+
+
+@app.command()
+def export(
+    run_dir: Path = RUN_DIR,
+    out: Path = typer.Option(None, "--out", help="the export folder; default <run-dir>/onnx"),
+    height: int = typer.Option(None, "--height", min=1, help="image height; default the "
+                               "validation images'"),
+    width: int = typer.Option(None, "--width", min=1, help="image width; default the "
+                              "validation images'"),
+) -> None:
+    """Export f0 (Monte Carlo and deterministic), the policy and each pool model to ONNX
+    with a dynamic batch size, and check onnxruntime against PyTorch."""
+    from paser import PaSeR
+    from paser.export import export_run, validation_size
+
+    model = PaSeR.load(run_dir, device="cpu", calibrated=False)
+    if height is None or width is None:
+        h, w = validation_size(model.config)
+        height, width = height or h, width or w
+    out = out if out is not None else run_dir / "onnx"
+    manifest = export_run(model, out, height, width)
+    typer.echo(f"exported for {height} x {width} images (batch size dynamic) into {out}: "
+               + ", ".join(manifest["files"].values()))
+    typer.echo("largest |onnxruntime - PyTorch| on the deterministic parts: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in manifest["max_abs_error_vs_torch"].items()))
+
+
+@app.command()
+def calibrate(
+    run_dir: Path = RUN_DIR,
+    budget_gflops: float = typer.Option(None, "--budget-gflops",
+                                        help="mean GFLOP per validation image to spend"),
+    max_frac_large: float = typer.Option(None, "--max-frac-large",
+                                         help="largest share of patches on the largest model"),
+    iou_within_top: float = typer.Option(
+        None, "--iou-within-top", help="validation mIoU within this of the largest model's "
+        "alone, at the least GFLOP"),
+    best_iou: bool = typer.Option(False, "--best-iou", help="with --budget-gflops: the best "
+                                  "validation mIoU within the budget, not the most generous "
+                                  "routing"),
+    max_tvd: float = typer.Option(None, "--max-tvd", help="the least GFLOP whose assignment "
+                                  "distribution is within this total variation of the "
+                                  "policy's own (the paper's budget)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+) -> None:
+    """Find the bias on the policy's logits that meets a compute budget or a quality target
+    on the validation split; save it in the run for `segment` and `evaluate`."""
+    from paser import PaSeR
+    from paser.cost import FLOP_CONVENTION
+
+    model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
+    cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
+                          iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd)
+    typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
+               f"image ({FLOP_CONVENTION})")
+    target = ", ".join(f"{k} = {v:g}" for k, v in cal.target.items())
+    typer.echo(f"target {target}; bias on the logits {[round(b, 4) for b in cal.bias]}")
+    typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8}  patches per model")
+    for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):
+        typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f}  "
+                   + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+    typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
+               "use it")

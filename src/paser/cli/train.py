@@ -1,0 +1,105 @@
+"""The training commands: ``pretrain``, ``train-policy``, ``finetune``, ``baselines``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+
+from paser.cli.common import (
+    CONFIG,
+    DEVICES,
+    NUM_NODES,
+    OVERRIDES,
+    PRECISION,
+    PRESET,
+    RESUME,
+    RUN_DIR,
+    app,
+)
+
+
+def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool,
+           devices, num_nodes, precision):
+    """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
+    resume=...)``, then the step in the run's ledger for `paser run` to skip."""
+    from paser.config import load_config, resolve_config, with_distributed
+    from paser.run import record_stage
+    from paser.runtime import is_main_process
+
+    cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
+                           devices, num_nodes, precision)
+    out = fn(cfg, run_dir, resume=resume)
+    if is_main_process():
+        record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step)
+    return out
+
+
+def _training_command(name: str, step: str, train: str, doc: str, **settings):
+    """Register a training command: the options every stage shares, :func:`_train` with the
+    library function ``train`` ("module:function", imported when the command runs), then
+    the decorated function, which reports the result: ``report(result, run_dir)``."""
+
+    def register(report):
+        def command(
+            run_dir: Path = RUN_DIR,
+            overrides: list[str] = OVERRIDES,
+            preset: str = PRESET,
+            config: Path = CONFIG,
+            resume: bool = RESUME,
+            devices: int = DEVICES,
+            num_nodes: int = NUM_NODES,
+            precision: str = PRECISION,
+        ) -> None:
+            module, _, function = train.partition(":")
+            fn = getattr(importlib.import_module(module), function)
+            report(_train(step, fn, run_dir, overrides, preset, config, resume, devices,
+                          num_nodes, precision), run_dir)
+
+        command.__doc__ = doc
+        app.command(name, **settings)(command)
+        return report
+
+    return register
+
+
+@_training_command("pretrain", "stage1", "paser.train.pretrain:pretrain",
+                   "Stage 1: train f1..fK on patches, then f0 with distillation from fK.",
+                   context_settings={"allow_extra_args": False})
+def _report_pretrain(summary: dict, run_dir: Path) -> None:
+    typer.echo(f"stage 1 done ({summary['flop_convention']}):")
+    for role, m in summary["models"].items():
+        typer.echo(f"  {role} {m['name']:<12} params {m['parameters']:>11,}  "
+                   f"GFLOP/image {m['gflops_per_image']:8.3f}  val mIoU {m['validation_miou']:.4f}"
+                   f"  test mIoU {m['test_miou']:.4f}")
+    typer.echo(f"summary: {Path(run_dir) / 'stage1.json'}")
+
+
+@_training_command("train-policy", "stage2", "paser.train.policy:train_policy",
+                   "Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1).")
+def _report_policy(summary: dict, run_dir: Path) -> None:
+    val = summary["best_val"]
+    typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "
+               f"routed mIoU {val['miou']:.4f} (f0 alone {summary['val_f0_miou']:.4f}), "
+               f"patches per model {', '.join(f'{f:.1%}' for f in val['fractions'])}")
+
+
+@_training_command("finetune", "stage3", "paser.train.finetune:finetune",
+                   "Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2).")
+def _report_finetune(summary: dict, run_dir: Path) -> None:
+    best = summary["best"]
+    if best is None:
+        typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
+        return
+    typer.echo(f"stage 3 done: validation routed mIoU {best['miou']:.4f} (f0 alone "
+               f"{best['f0_miou']:.4f}), {best['gflops']:.3f} GFLOP/image, patches per model "
+               f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
+
+
+@_training_command("baselines", "baselines", "paser.baselines.monolithic:train_baselines",
+                   "The paper's baselines: train every monolithic model and MatPhase on D_pre.")
+def _report_baselines(roles: list[str], run_dir: Path) -> None:
+    typer.echo(f"baselines trained: {', '.join(roles) or 'none configured'}; checkpoints in "
+               f"{Path(run_dir) / 'checkpoints'}, metrics in "
+               f"{Path(run_dir) / 'metrics' / 'baselines.jsonl'}")

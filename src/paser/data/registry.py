@@ -1,0 +1,226 @@
+"""Datasets by name (``data.dataset``): each entry owns how its splits are opened, what its
+root is, and its label codec, the pixel values its label PNGs hold.
+
+``battery`` (the DESIGN 4.2 layout: a folder, or the synthetic set generated into the
+cache), ``folder`` (your own data with ``classes.yaml``), ``cityscapes`` and
+``mnist-noisy`` (built in memory from the digits). A new dataset is one more entry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paser.config import DataConfig
+from paser.data.battery import CLASS_NAMES, SPLITS, BatteryDataset, SegmentationFiles
+from paser.data.folders import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_TRAIN_IDS,
+    CityscapesDataset,
+    ClassMap,
+    FolderDataset,
+)
+from paser.data.tensors import StageData, Tensors, on_disk
+from paser.errors import DataError
+from paser.runtime import progress as progress_bar
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """One entry of the registry.
+
+    ``open(cfg, root, split)`` gives a split's files (``None``: the dataset is built in
+    memory by ``build(cfg)`` instead); ``codec(cfg)`` is the class map its label PNGs are
+    written in (class k is written as ``codec.values[k]``); ``root(cfg, progress)`` the
+    folder it is read from.
+    """
+
+    name: str
+    codec: Callable[[DataConfig], ClassMap]
+    open: Callable[[DataConfig, Path, str], SegmentationFiles] | None = None
+    build: Callable[[DataConfig], StageData] | None = None
+    needs_root: bool = False
+
+
+def _battery_root(cfg: DataConfig, progress: bool) -> Path:
+    """``data.root``, or the synthetic set in the cache, generated on first use into a
+    temporary sibling folder renamed when complete (an interrupted generation never leaves
+    a half dataset behind)."""
+    root = synthetic_root(cfg)
+    if (root / "stats.json").is_file():
+        return root
+    from paser.data.synthetic import generate_dataset
+
+    s = cfg.synthetic
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_dataset(tmp, s.n_train, s.n_val, s.n_test, s.height, s.width, seed=s.seed,
+                     progress=progress)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root
+
+
+def synthetic_root(cfg: DataConfig) -> Path:
+    """Where the synthetic set of ``cfg.synthetic`` is cached: ``data.cache_dir``, else
+    ``$PASER_CACHE``, else ``~/.cache/paser``; the folder's name holds the generator's
+    fingerprint, so a changed generator never reuses a stale cache."""
+    from paser.data.synthetic import generator_fingerprint
+
+    base = cfg.cache_dir or Path(os.environ.get("PASER_CACHE", Path.home() / ".cache" / "paser"))
+    s = cfg.synthetic
+    name = (f"battery-synth-{s.n_train}-{s.n_val}-{s.n_test}-{s.height}x{s.width}-seed{s.seed}"
+            f"-{generator_fingerprint()}")
+    return Path(base).expanduser() / name
+
+
+def _mnist_stage_data(cfg: DataConfig) -> StageData:
+    from paser.data.battery import split_three
+    from paser.data.mnist import BLURS, build_splits
+
+    splits = build_splits(cfg.mnist)
+    t = {name: Tensors(s["images"], s["masks"], s["ids"], s["groups"], BLURS)
+         for name, s in splits.items() if name != "source"}
+    pre, rl, ft = split_three(len(t["train"]), cfg.split, cfg.split_seed)
+    return StageData(t["train"].subset(pre), t["train"].subset(rl), t["train"].subset(ft),
+                     t["validation"], t["test"])
+
+
+#: The battery codec (DESIGN 4.2) as written: pore 0, carbon 255, nickel 128 (read back,
+#: any value but 0 and 255 is nickel).
+BATTERY_CODEC = ClassMap([0, 255, 128], list(CLASS_NAMES), None, "the battery codec")
+#: Cityscapes written as its label ids (what its own evaluation reads): train id k is the
+#: k-th labelled id of :data:`paser.data.folders.CITYSCAPES_TRAIN_IDS`.
+CITYSCAPES_CODEC = CityscapesDataset.classmap
+#: Noisy MNIST's two classes written as black and white.
+MNIST_CODEC = ClassMap([0, 255], ["background", "digit"], None, "noisy MNIST's codec")
+
+KINDS: dict[str, DatasetKind] = {k.name: k for k in (
+    DatasetKind("battery", lambda cfg: BATTERY_CODEC,
+                open=lambda cfg, root, split: BatteryDataset(root, split)),
+    DatasetKind("folder", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
+                open=lambda cfg, root, split: FolderDataset(root, split, cfg.holdout,
+                                                            cfg.split_seed),
+                needs_root=True),
+    DatasetKind("cityscapes", lambda cfg: CITYSCAPES_CODEC,
+                open=lambda cfg, root, split: CityscapesDataset(root,
+                                                                cfg.cityscapes_splits[split]),
+                needs_root=True),
+    DatasetKind("mnist-noisy", lambda cfg: MNIST_CODEC, build=_mnist_stage_data),
+)}
+assert list(CITYSCAPES_CODEC.values) == list(CITYSCAPES_TRAIN_IDS)
+assert len(CITYSCAPES_CODEC.names) == len(CITYSCAPES_CLASSES)
+
+
+def kind(cfg: DataConfig) -> DatasetKind:
+    """The registry entry of ``data.dataset``."""
+    try:
+        return KINDS[cfg.dataset]
+    except KeyError:
+        raise DataError(f"key 'data.dataset': unknown dataset '{cfg.dataset}'; use one of "
+                        f"{', '.join(KINDS)}") from None
+
+
+def _root(cfg: DataConfig) -> Path:
+    if cfg.root is None:
+        raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder of your dataset")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist; point it at a dataset folder")
+    return root
+
+
+def ensure_dataset(cfg: DataConfig, progress: bool = True) -> Path:
+    """The dataset's root folder: ``data.root``, or for battery data without one the
+    synthetic set, generated into the cache on first use."""
+    if cfg.root is not None or kind(cfg).needs_root:
+        return _root(cfg)
+    return _battery_root(cfg, progress)
+
+
+def label_codec(cfg: DataConfig) -> ClassMap:
+    """The class map the dataset's label PNGs are written in (``classes.yaml`` for folder
+    data)."""
+    return kind(cfg).codec(cfg)
+
+
+def describe(cfg: DataConfig, progress: bool = True) -> str:
+    """Make the dataset available (generate the synthetic set if needed); say what it is."""
+    if kind(cfg).build is not None:
+        from paser.data.mnist import resolve_source
+
+        return f"noisy MNIST, source {resolve_source(cfg.mnist)}"
+    return f"{cfg.dataset} layout, {ensure_dataset(cfg, progress=progress)}"
+
+
+def open_split(cfg: DataConfig, split: str, progress: bool = True) -> SegmentationFiles:
+    """One split (train, validation, test) of the configured file dataset, nothing read."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    entry = kind(cfg)
+    if entry.open is None:
+        raise DataError(f"{cfg.dataset} is built in memory, not read from files: use "
+                        "load_stage_data")
+    return entry.open(cfg, ensure_dataset(cfg, progress=progress), split)
+
+
+#: The datasets read from a folder (the others are built in memory).
+LAYOUTS = tuple(name for name, entry in KINDS.items() if entry.open is not None)
+
+
+def detect_layout(root: str | Path) -> str:
+    """``folder`` (a classes.yaml), ``cityscapes`` (leftImg8bit/) or ``battery``
+    (train_images/), from what is in ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    for marker, layout in (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
+                           ("train_images", "battery")):
+        if (root / marker).exists():
+            return layout
+    raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
+                    "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
+
+
+def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
+                  show_progress: bool = True) -> dict:
+    """Read every image and mask of a dataset folder (each problem is a DataError naming
+    the file) and count the classes of the training masks.
+
+    Returns per split its images, size and channels; the class names, each class's share
+    of the labelled training pixels, the unlabelled share, and suggested class weights by
+    median frequency balancing (``median(f) / f_c``; 0 for a class absent from train).
+    """
+    layout = dataset or detect_layout(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
+    cfg = DataConfig(dataset=layout, root=Path(root))
+    splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
+    names = splits["train"].class_names
+    counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
+    with progress_bar(show_progress) as bar:
+        for split, ds in splits.items():
+            task = bar.add_task(f"reading {split}", total=len(ds), info="")
+            for _, y in on_disk(ds, workers).batches(8):
+                if split == "train":
+                    counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
+                                             minlength=len(names) + 1)
+                bar.update(task, advance=len(y))
+    labelled = counts[:-1].sum().clamp_min(1)
+    freq = counts[:-1].double() / labelled
+    med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
+    weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
+    return {
+        "layout": layout, "root": str(root), "class_names": list(names),
+        "splits": {s: {"images": len(ds), "size": list(ds.size), "channels": ds.channels}
+                   for s, ds in splits.items()},
+        "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
+        "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
+        "suggested_class_weights": [round(w, 4) for w in weights.tolist()],
+        "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
+    }
