@@ -504,3 +504,150 @@ def with_distributed(cfg: ExperimentConfig | None, run_dir: str | Path, devices:
         raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed or 16-mixed") \
             from err
     return cfg.model_copy(update={"distributed": dist})
+
+
+# The configuration reference, generated from the field descriptions above: docs/configuration.md
+# is exactly reference()'s output (tests/test_docs.py checks it), and `paser config --doc`
+# prints it.
+
+
+def reference() -> str:
+    """The configuration reference in markdown: one section per nested model of
+    :class:`ExperimentConfig` (``data``, ``data.mnist``, ``stage1`` ...), in field order,
+    each a table of its fields' dotted keys, types, defaults and descriptions.
+
+    A model given in several places (:class:`ModelSpec`: ``models.f0``, each of
+    ``models.pool``, ...) has one section of its own at the end, keyed relative to them.
+    """
+    shared = {ModelSpec: ("Model specs", "`models.f0`, each item of `models.pool`, each value "
+                          "of `baselines.monolithic` and each item of "
+                          "`baselines.matphase.members`")}
+    out = ["# Configuration reference\n\n"
+           "Generated from the field descriptions in `paser.config` by "
+           "`paser.config.reference()` (`paser config --doc` prints it); edit those, not this "
+           "file. Keys are dotted paths, as overrides take them (`paser run ... "
+           "stage1.epochs=5 grid=[2,2]`); values are YAML. A config file or preset sets the "
+           "same keys as nested mappings; `paser config --preset NAME` prints a resolved "
+           "config.\n"]
+    _ref_section(out, ExperimentConfig, "", "Top level", shared)
+    for model, (title, where) in shared.items():
+        out.append(f"\n## {title}\n\n{_ref_doc(model)} Given as {where}; the keys below are "
+                   "relative to each of them (`models.f0.epochs`, `models.pool.1.weights`).\n")
+        _ref_table(out, model, "", shared)
+    return "".join(out)
+
+
+def _ref_section(out: list[str], model: type[BaseModel], prefix: str, title: str,
+                 shared: dict, note: str = "") -> None:
+    """``model``'s section, then (depth first) the sections of its nested models."""
+    out.append(f"\n## {title}\n\n{_ref_doc(model)}{note}\n")
+    nested = _ref_table(out, model, prefix, shared)
+    for name, sub, field in nested:
+        described = f" `{prefix}{name}`: {field.description}." if field.description else ""
+        _ref_section(out, sub, f"{prefix}{name}.", f"`{prefix}{name}`", shared, described)
+
+
+def _ref_table(out: list[str], model: type[BaseModel], prefix: str, shared: dict) -> list:
+    """One row per field of ``model`` that is not a section of its own; returns those that
+    are: ``(name, model, field)``."""
+    rows, nested = [], []
+    for name, field in model.model_fields.items():
+        inner = _ref_models(field.annotation)
+        if len(inner) == 1 and inner[0] not in shared and _ref_is_section(field.annotation):
+            nested.append((name, inner[0], field))
+            continue
+        default = ("required" if field.is_required()
+                   else f"`{_ref_yaml(field.get_default(call_default_factory=True))}`")
+        rows.append(f"| `{prefix}{name}` | {_ref_type(field.annotation, shared)}"
+                    f"{_ref_bounds(field)} | {default} | "
+                    f"{(field.description or '').replace('|', chr(92) + '|')} |\n")
+    if rows:
+        out.append("\n| key | type | default | description |\n|---|---|---|---|\n")
+        out.extend(rows)
+    return nested
+
+
+def _ref_models(annotation: Any) -> list[type[BaseModel]]:
+    """The config models inside an annotation (``X``, ``X | None``, ``list[X]``, ...)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _ref_models(arg)]
+
+
+def _ref_is_section(annotation: Any) -> bool:
+    """``X`` or ``X | None`` for a config model ``X`` (not a list or mapping of them)."""
+    import types
+    import typing
+
+    if isinstance(annotation, type):
+        return issubclass(annotation, BaseModel)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and all(
+        a is type(None) or _ref_is_section(a) for a in typing.get_args(annotation))
+
+
+def _ref_type(annotation: Any, shared: dict) -> str:
+    """A type as a reader of YAML would say it: ``int or null``, ``[int, int]``, ..."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_ref_type(a, shared) for a in args)
+    if origin is list:
+        return f"list of {_ref_type(args[0], shared)}"
+    if origin is tuple:
+        return "[" + ", ".join(_ref_type(a, shared) for a in args) + "]"
+    if origin is dict:
+        return f"mapping of {_ref_type(args[0], shared)} to {_ref_type(args[1], shared)}"
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    if annotation in shared:
+        title = shared[annotation][0]
+        return f"[model spec](#{title.lower().replace(' ', '-')})"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return {Path: "path", str: "string"}.get(annotation, getattr(annotation, "__name__",
+                                                                 str(annotation)))
+
+
+def _ref_bounds(field: Any) -> str:
+    """A field's limits (``ge=1``, ``min_length=1``) as ``, >= 1``, ``, at least 1 item``."""
+    said = []
+    for c in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(c, attr, None) is not None:
+                said.append(f"{sign} {getattr(c, attr)}")
+        if getattr(c, "min_length", None):
+            said.append(f"at least {c.min_length} item{'s' if c.min_length > 1 else ''}")
+    return "".join(f", {s}" for s in said)
+
+
+def _ref_yaml(value: Any) -> str:
+    """A default as YAML flow text (what an override would say); models without the
+    fields they leave at their defaults."""
+    from pydantic_core import to_jsonable_python
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, BaseModel):
+            return plain(v.model_dump(mode="json", exclude_defaults=True))
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return to_jsonable_python(v)
+
+    text = yaml.safe_dump(plain(value), default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _ref_doc(model: type[BaseModel]) -> str:
+    """A model's docstring as one markdown paragraph."""
+    import inspect
+
+    return " ".join(inspect.cleandoc(model.__doc__ or "").split()).replace("``", "`")
