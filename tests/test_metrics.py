@@ -16,7 +16,6 @@ from paser.metrics import (
     dataset_miou,
     iou_per_gflop,
     iou_per_image,
-    iou_per_patch,
     predicted_classes,
 )
 from paser.patches import PatchGrid
@@ -62,18 +61,18 @@ def test_iou_per_image_hand_example():
     assert iou.tolist() == pytest.approx([71 / 105, 15 / 32], abs=1e-7)
 
 
-def test_iou_per_patch_hand_example():
+def test_iou_per_patch_hand_example():  # a patch's IoU: its image's rule on the patch
     # Image A in a 2x2 grid of 2x2 patches:
     #   p0 target 0000, pred 0001: class 0 3/4, class 1 0/1 -> 3/8
     #   p1 all 1 in both -> 1;  p2 all 2 in both -> 1
     #   p3 target 11/22, pred 21/20: class 0 0/1, class 1 1/2, class 2 1/3 -> 5/18
     pred, target = _pair()
-    iou = iou_per_patch(pred[:1], target[:1], PatchGrid(2, 2), 3)
-    assert iou.shape == (1, 4)
-    assert iou[0].tolist() == pytest.approx([3 / 8, 1.0, 1.0, 5 / 18], abs=1e-7)
+    grid = PatchGrid(2, 2)
+    iou = iou_per_image(grid.split(pred[:1]), grid.split(target[:1]), 3)
+    assert iou.tolist() == pytest.approx([3 / 8, 1.0, 1.0, 5 / 18], abs=1e-7)
     # A 1x1 grid is the whole image.
-    whole = iou_per_patch(pred, target, PatchGrid(1, 1), 3)
-    assert whole[:, 0].tolist() == pytest.approx([71 / 105, 15 / 32], abs=1e-7)
+    whole = iou_per_image(PatchGrid(1, 1).split(pred), PatchGrid(1, 1).split(target), 3)
+    assert whole.tolist() == pytest.approx([71 / 105, 15 / 32], abs=1e-7)
 
 
 def test_iou_per_patch_matches_explicit_crops_non_divisible():
@@ -81,9 +80,9 @@ def test_iou_per_patch_matches_explicit_crops_non_divisible():
     pred = torch.randint(0, 4, (3, 10, 14), generator=gen)
     target = torch.randint(0, 4, (3, 10, 14), generator=gen)
     target[0, :3, :4] = 255  # patch 0 of image 0 has no valid pixel -> NaN
-    grid = PatchGrid(4, 4)  # padded 12 x 16, patches 3 x 4; padding does not count
-    iou = iou_per_patch(pred, target, grid, 4, ignore_index=255)
-    assert iou.shape == (3, 16)
+    grid = PatchGrid(4, 4)  # padded 12 x 16, patches 3 x 4; padding labelled ignored
+    split = (grid.split(grid.pad(m, mode="constant", value=255)) for m in (pred, target))
+    iou = iou_per_image(*split, 4, ignore_index=255).view(3, 16)
     assert math.isnan(iou[0, 0].item())
     for b in range(3):
         for p in range(16):

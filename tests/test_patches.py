@@ -24,11 +24,8 @@ def test_sizes_and_num_patches():
     assert PatchGrid(2, 3).num_patches == 6
     assert grid.padded_size(225, 250) == (228, 252)
     assert grid.patch_size(225, 250) == (57, 63)
-    # multiple=16: every patch side divisible by 16 (a UNet with 4 poolings).
-    assert grid.padded_size(225, 250, multiple=16) == (256, 256)
-    assert grid.patch_size(225, 250, multiple=16) == (64, 64)
     assert grid.padded_size(224, 256) == (224, 256)
-    assert PatchGrid(2, 3).padded_size(7, 7, multiple=2) == (8, 12)
+    assert PatchGrid(2, 3).padded_size(7, 7) == (8, 9)
 
 
 @pytest.mark.parametrize(("rows", "cols"), GRIDS)
@@ -78,12 +75,11 @@ def test_patch_order_hand_example():
 def test_pad_crop_round_trip_non_divisible(gen):
     grid = PatchGrid(4, 4)
     x = torch.randn(2, 3, 225, 250, generator=gen)
-    for multiple in (1, 16):
-        padded = grid.pad(x, multiple=multiple)
-        assert padded.shape[-2:] == grid.padded_size(225, 250, multiple)
-        # No truncation: the original pixels are untouched, at the same coordinates.
-        assert torch.equal(grid.crop(padded, 225, 250), x)
-        assert torch.equal(grid.crop(grid.merge(grid.split(padded)), 225, 250), x)
+    padded = grid.pad(x)
+    assert padded.shape[-2:] == grid.padded_size(225, 250) == (228, 252)
+    # No truncation: the original pixels are untouched, at the same coordinates.
+    assert torch.equal(grid.crop(padded, 225, 250), x)
+    assert torch.equal(grid.crop(grid.merge(grid.split(padded)), 225, 250), x)
 
 
 def test_pad_modes_match_torch_pad(gen):
@@ -107,15 +103,13 @@ def test_pad_label_maps_and_long_reflect(gen):
     assert (ignored[:, 10:] == 255).all() and (ignored[:, :, 13:] == 255).all()
 
 
-def test_pad_reflect_longer_than_image_matches_numpy():
-    grid = PatchGrid(1, 1)
-    x = torch.arange(3).reshape(1, 1, 3, 1)  # 3 rows padded to 16 with multiple=16
-    padded = grid.pad(x, multiple=16)
-    expected = np.pad(np.arange(3), (0, 13), mode="reflect")
-    assert padded[0, 0, :, 0].tolist() == expected.tolist()
-    # A one-pixel side cannot be mirrored: it is replicated.
-    one = torch.tensor([[[5]]])
-    assert PatchGrid(1, 1).pad(one, multiple=4).tolist() == [[[5] * 4] * 4]
+def test_pad_index_mirrors_back_and_forth_like_numpy():
+    """The gather behind :meth:`PatchGrid.pad` handles any pad, even longer than the side."""
+    from paser.patches import _pad_index
+
+    got = _pad_index(3, 16, "reflect", torch.device("cpu"))
+    assert got.tolist() == np.pad(np.arange(3), (0, 13), mode="reflect").tolist()
+    assert _pad_index(1, 4, "reflect", torch.device("cpu")).tolist() == [0, 0, 0, 0]
 
 
 def test_pad_is_noop_when_divisible(gen):
@@ -185,8 +179,6 @@ def test_other_errors():
         grid.crop(torch.zeros(1, 4, 4), 5, 4)
     with pytest.raises(ConfigError, match="pad mode"):
         grid.pad(torch.zeros(1, 3, 3), mode="wrap")
-    with pytest.raises(ConfigError, match="multiple"):
-        grid.padded_size(4, 4, multiple=0)
     with pytest.raises(ConfigError, match="expected"):
         grid.split(torch.zeros(4, 4))
 

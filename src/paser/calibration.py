@@ -160,19 +160,14 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                 f"{FLOP_CONVENTION}); give at least that")
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)
-    elif max_frac_large is not None:
-        if not 0.0 <= max_frac_large <= 1.0:
-            raise ConfigError(f"--max-frac-large {max_frac_large:g}: a share of patches, give "
-                              "a value in [0, 1]")
+    for option, value, what in (("max-frac-large", max_frac_large, "a share of patches"),
+                                ("max-tvd", max_tvd, "a total variation distance"),
+                                ("iou-within-top", iou_within_top, "an mIoU difference")):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{option} {value:g}: {what}, give a value in [0, 1]")
+    if max_frac_large is not None:
         target = {"max_frac_large": float(max_frac_large)}
         limit = float(max_frac_large)
-    elif max_tvd is not None:
-        if not 0.0 <= max_tvd <= 1.0:
-            raise ConfigError(f"--max-tvd {max_tvd:g}: a total variation distance, give a "
-                              "value in [0, 1]")
-    elif not 0.0 <= iou_within_top <= 1.0:
-        raise ConfigError(f"--iou-within-top {iou_within_top:g}: an mIoU difference, give a "
-                          "value in [0, 1]")
 
     logits = validation_logits(router, data, batch_size)
     largest = int(patch.argmax())  # fK, the most expensive model per patch

@@ -63,7 +63,8 @@ class DataConfig(_Strict):
         "classes.yaml under data.root), cityscapes (the Cityscapes layout under data.root) or "
         "mnist-noisy (data.mnist)")
     mnist: MnistConfig = MnistConfig()
-    root: Path | None = Field(None, description="dataset in the battery layout; null = synthetic")
+    root: Path | None = Field(None, description="the dataset's folder (battery layout, your "
+                              "folder data, Cityscapes); null = the synthetic battery set")
     cache_dir: Path | None = Field(
         None, description="where synthetic data is generated; default $PASER_CACHE or ~/.cache/paser"
     )
@@ -136,7 +137,9 @@ class ModelsConfig(_Strict):
 
     in_channels: int = Field(1, ge=1, description="input channels (1 = grayscale)")
     num_classes: int = Field(3, ge=2, description="segmentation classes")
-    f0: ModelSpec = ModelSpec(name="unet_tiny")
+    f0: ModelSpec = Field(ModelSpec(name="unet_tiny"), description="the small model run on the "
+                          "whole image (with Monte Carlo dropout); its uncertainty is the "
+                          "policy's input")
     pool: list[ModelSpec] = Field(
         default_factory=lambda: [ModelSpec(name="unet_small"), ModelSpec(name="unet_large")],
         min_length=1,

@@ -11,8 +11,9 @@ Definitions (the same at every level):
   ``intersection / union`` over its present classes; classes absent from both
   are left out of the mean (they are neither right nor wrong).
 - A region with no valid pixel has no present class: its IoU is **NaN**. That
-  only happens with ``ignore_index`` (or padding, see :func:`iou_per_patch`);
-  callers aggregate with ``nanmean`` or filter.
+  only happens with ``ignore_index`` (a patch of the padding, labelled so, too); callers
+  aggregate with ``nanmean`` or filter. A patch's IoU is its image's rule on the patch:
+  ``iou_per_image(grid.split(pred), grid.split(target), ...)``.
 - ``ignore_index`` drops the pixels whose *target* equals it, whatever was
   predicted there. If it is also a class index (``0 <= ignore_index < C``) that
   class is dropped too: its counts are zero and it is never present. This is
@@ -34,7 +35,6 @@ import torch
 from torch import Tensor
 
 from paser.errors import ConfigError, DataError
-from paser.patches import PatchGrid
 
 __all__ = [
     "IoUAccumulator",
@@ -42,7 +42,6 @@ __all__ = [
     "dataset_miou",
     "iou_per_gflop",
     "iou_per_image",
-    "iou_per_patch",
     "predicted_classes",
 ]
 
@@ -51,8 +50,8 @@ def predicted_classes(scores: Tensor) -> Tensor:
     """The class map ``[B, H, W]`` of scores (probabilities or logits) ``[B, C, H, W]``.
 
     ``scores.max(1).indices``, which is ``scores.argmax(1)`` (ties go to the first class
-    in both) but 12 x faster on CPU: 5.4 vs 67 ms for 8 x 3 x 224 x 256, measured side
-    by side; ``argmax`` over a non-innermost dimension takes a slow generic path.
+    in both) but much faster on CPU, where ``argmax`` over a non-innermost dimension takes
+    a slow generic path (measured in docs/benchmarks.md).
     """
     return scores.max(1).indices
 
@@ -152,49 +151,6 @@ def iou_per_image(
     """
     intersection, union, _ = confusion_counts(pred, target, num_classes, ignore_index)
     return _region_iou(intersection, union)
-
-
-def iou_per_patch(
-    pred: Tensor,
-    target: Tensor,
-    grid: PatchGrid,
-    num_classes: int,
-    ignore_index: int | None = None,
-    multiple: int = 1,
-) -> Tensor:
-    """Mean IoU of each patch of each image, with the same rule as :func:`iou_per_image`.
-
-    Args:
-        pred, target: ``[B, H, W]`` class indices (see :func:`confusion_counts`).
-        grid: the patch grid; patches are numbered row-major.
-        num_classes, ignore_index: as :func:`confusion_counts`.
-        multiple: if the grid does not divide ``H x W``, the patches are those of the image
-            padded by ``grid.pad(..., multiple=multiple)``; the padded pixels do not count.
-
-    Returns:
-        ``[B, P]`` floats, ``P = grid.num_patches``; patch ``p`` of image ``b`` at ``[b, p]``.
-        NaN for a patch without valid pixels (all ignored, or all padding).
-    """
-    _check_inputs(pred, target, num_classes)
-    if pred.dim() != 3:
-        raise DataError(f"iou_per_patch: expected [B, H, W] maps, got shape {tuple(pred.shape)}")
-    b = pred.shape[0]
-    valid = None if ignore_index is None else target != ignore_index
-    height, width = pred.shape[-2:]
-    if grid.padded_size(height, width, multiple) != (height, width):
-        if valid is None:
-            valid = torch.ones_like(target, dtype=torch.bool)
-        # Padded pixels get class 0 (in range) and valid=False, so they count nowhere.
-        pred = grid.pad(pred, multiple, mode="constant", value=0)
-        target = grid.pad(target, multiple, mode="constant", value=0)
-        valid = grid.pad(valid, multiple, mode="constant", value=False)
-    pred, target = grid.split(pred), grid.split(target)
-    valid = None if valid is None else grid.split(valid)
-    intersection, union = _counts(pred, target, num_classes, valid)
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        intersection[:, ignore_index] = 0
-        union[:, ignore_index] = 0
-    return _region_iou(intersection, union).reshape(b, grid.num_patches)
 
 
 def dataset_miou(

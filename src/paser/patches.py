@@ -43,10 +43,6 @@ class PatchGrid:
     Args:
         rows: patches along the height, >= 1.
         cols: patches along the width, >= 1.
-
-    Several methods take ``multiple``: each patch side of the padded image is
-    then also divisible by it, e.g. ``2 ** levels`` so that a UNet with
-    ``levels`` poolings sees patch sizes it handles without internal padding.
     """
 
     rows: int
@@ -82,42 +78,31 @@ class PatchGrid:
                 f"{min(self.rows, height)} rows and {min(self.cols, width)} cols for this image"
             )
 
-    def padded_size(self, height: int, width: int, multiple: int = 1) -> tuple[int, int]:
-        """Smallest ``(Hp, Wp) >= (height, width)`` that the grid divides into equal patches.
-
-        ``Hp`` is divisible by ``rows * multiple`` and ``Wp`` by ``cols * multiple``, so every
-        patch side is divisible by ``multiple``. Sizes are in pixels.
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """Smallest ``(Hp, Wp) >= (height, width)`` that the grid divides into equal patches:
+        ``Hp`` divisible by ``rows``, ``Wp`` by ``cols``. Sizes are in pixels.
 
         Raises:
-            ConfigError: the grid has more rows (cols) than the image has pixels, or
-                ``multiple < 1``.
+            ConfigError: the grid has more rows (cols) than the image has pixels.
         """
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise ConfigError(f"multiple={multiple!r}: must be an integer >= 1 (e.g. 2 ** levels)")
         self._check_fits(height, width)
-        return _ceil_to(height, self.rows * multiple), _ceil_to(width, self.cols * multiple)
+        return _ceil_to(height, self.rows), _ceil_to(width, self.cols)
 
-    def patch_size(self, height: int, width: int, multiple: int = 1) -> tuple[int, int]:
+    def patch_size(self, height: int, width: int) -> tuple[int, int]:
         """``(h, w)`` of one patch of the padded image, in pixels (see :meth:`padded_size`)."""
-        hp, wp = self.padded_size(height, width, multiple)
+        hp, wp = self.padded_size(height, width)
         return hp // self.rows, wp // self.cols
-
-    def is_divisible(self, height: int, width: int) -> bool:
-        """Whether :meth:`split` accepts an image of this size as it is."""
-        return height % self.rows == 0 and width % self.cols == 0 and height >= self.rows
 
     # -- pad / crop ----------------------------------------------------------------------------
 
-    def pad(self, x: Tensor, multiple: int = 1, mode: str = "reflect", value: float = 0) -> Tensor:
+    def pad(self, x: Tensor, mode: str = "reflect", value: float = 0) -> Tensor:
         """Pad ``x`` at the bottom and right to :meth:`padded_size`.
 
         Args:
             x: ``[B, C, H, W]`` images or ``[B, H, W]`` label maps, any dtype.
-            multiple: see :meth:`padded_size`.
             mode: ``"reflect"`` (default) mirrors the image about its last row/column
-              without repeating it (``torch``/``numpy`` "reflect"); if the pad is longer
-              than the image side minus one it keeps mirroring back and forth, and a side
-              of one pixel is replicated. ``"replicate"`` repeats the last row/column.
+              without repeating it (``torch``/``numpy`` "reflect"; a grid's pad is always
+              shorter than the side). ``"replicate"`` repeats the last row/column.
               ``"constant"`` fills with ``value``: use it for label maps, with
               ``value=ignore_index``, so padded pixels do not count in the metrics.
             value: fill value for ``mode="constant"``.
@@ -129,7 +114,7 @@ class PatchGrid:
         if mode not in PAD_MODES:
             raise ConfigError(f"pad mode {mode!r}: use one of {', '.join(PAD_MODES)}")
         height, width = _spatial(x, "pad")
-        hp, wp = self.padded_size(height, width, multiple)
+        hp, wp = self.padded_size(height, width)
         if (hp, wp) == (height, width):
             return x
         if mode == "constant":
@@ -137,7 +122,7 @@ class PatchGrid:
             out[..., :height, :width] = x
             return out
         # A gather along each axis works for every dtype (F.pad's reflect and replicate modes
-        # refuse integer label maps) and for pads longer than the image.
+        # refuse integer label maps).
         rows = _pad_index(height, hp, mode, x.device)
         cols = _pad_index(width, wp, mode, x.device)
         return x.index_select(-2, rows).index_select(-1, cols)
@@ -244,16 +229,15 @@ class PatchGrid:
 
     # -- per-patch values ----------------------------------------------------------------------
 
-    def patch_map(self, values: Tensor, height: int, width: int, multiple: int = 1) -> Tensor:
+    def patch_map(self, values: Tensor, height: int, width: int) -> Tensor:
         """Broadcast one value per patch to the pixels of its patch (e.g. a routing map).
 
         Args:
             values: ``[B, P]`` in row-major patch order, any dtype.
             height, width: size of the map to return, in pixels. If the grid does not divide
-              it, the patches are those of the padded image (:meth:`padded_size` with
-              ``multiple``) and the map is cropped back, exactly as :meth:`pad`,
-              :meth:`split` and :meth:`crop` would place them.
-            multiple: see :meth:`padded_size`; must match the one used to pad the image.
+              it, the patches are those of the padded image (:meth:`padded_size`) and the
+              map is cropped back, exactly as :meth:`pad`, :meth:`split` and :meth:`crop`
+              would place them.
 
         Returns:
             ``[B, height, width]``; pixel ``(i, j)`` holds ``values[b, p]`` for the patch
@@ -264,7 +248,7 @@ class PatchGrid:
                 f"patch_map: values must be [B, {self.num_patches}] for a {self} grid, "
                 f"got shape {tuple(values.shape)}"
             )
-        h, w = self.patch_size(height, width, multiple)
+        h, w = self.patch_size(height, width)
         grid = values.reshape(values.shape[0], self.rows, self.cols)
         full = grid.repeat_interleave(h, dim=1).repeat_interleave(w, dim=2)
         return full[:, :height, :width]

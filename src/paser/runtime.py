@@ -7,14 +7,14 @@ Training, inference, the server and the data readers all import it; it imports o
 The CPU allocator: PyTorch's keeps no cache on CPU. It asks glibc's ``malloc`` for every
 tensor and frees it when the tensor dies. glibc serves every block over 32 MiB with a fresh ``mmap``
 and gives it back with ``munmap`` on free, so each large activation is page-faulted in,
-page by page, on every forward and backward. At the battery-paper shapes on 2 cores that
-was a third of f2's whole-image time (863 -> 568 ms per image, batch 8) and half of a
-stage-2 policy step (3.35 -> 1.59 s per 32 states), measured side by side.
+page by page, on every forward and backward: at the battery-paper shapes on CPU, a third
+of f2's whole-image time and half of a stage-2 policy step (docs/benchmarks.md has the
+measurements).
 :func:`keep_freed_memory` tells glibc to serve large blocks from its heap and to keep
 freed memory for the next one: the effect of the jemalloc or tcmalloc preload that
 PyTorch's CPU performance guide recommends, with nothing to install. The cost: the
 process does not shrink after its largest step, and the heap's fragmentation adds a little
-to the peak (evaluating 1,000 streamed test images: 1,191 -> 1,233 to 1,416 MiB).
+to the peak.
 """
 
 from __future__ import annotations

@@ -279,7 +279,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
 def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
                    res: Segmented) -> dict:
     """The edge/cloud figures of one image: bytes sent against sending the whole image in
-    the same codec (16-bit, compressed numpy), requests, retries, degraded patches."""
+    the same codec (:func:`paser.serve.codec.quantise`, compressed numpy), requests,
+    retries, degraded patches."""
     from paser.serve.codec import encode_npz, quantise
 
     transfer = router.remote.take()
@@ -289,7 +290,8 @@ def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
     return {"url": router.remote.url, **transfer.to_dict(),
             "bytes_whole_image": res.bytes_whole,
             "sent_vs_whole_image": transfer.bytes_sent / res.bytes_whole,
-            "codec": "npz (numpy savez_compressed), patches as uint16 = round(x * 65535)",
+            "codec": "npz (numpy savez_compressed), pixels as uint8 = x * 255 when that is "
+                     "exact (8-bit sources), else uint16 = round(x * 65535)",
             "degraded_patches": res.degraded,
             "degraded": (np.zeros_like(out.actions[0].cpu().numpy(), dtype=bool)
                          if degraded is None else degraded).reshape(

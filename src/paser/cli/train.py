@@ -77,7 +77,7 @@ def _report_pretrain(summary: dict, run_dir: Path) -> None:
 
 
 @_training_command("train-policy", "stage2", "paser.train.policy:train_policy",
-                   "Stage 2: train the routing policy by REINFORCE on D_rl (needs stage 1).")
+                   "Stage 2: train the routing policy on D_rl, f0 and the pool frozen (needs stage 1).")
 def _report_policy(summary: dict, run_dir: Path) -> None:
     val = summary["best_val"]
     typer.echo(f"stage 2 done: lam {summary['lam']}, best validation reward {val['reward']:+.4f}, "

@@ -327,6 +327,7 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
                      model_names: list[str]) -> None:
     """Rows of test images: input, label, PaSeR prediction, routing map, entropy map."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     plt = pyplot()
 
@@ -352,10 +353,12 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
                 for k in range(1, grid.cols):
                     ax.axvline(k * w / grid.cols - 0.5, color="white", lw=0.8)
             if r == 0:
-                ax.set_title(title if title != "routing" else
-                             "routing: " + ", ".join(f"{i}={m}" for i, m in enumerate(model_names)),
-                             fontsize=8)
-    save_figure(fig, path, dpi=100)
+                ax.set_title(title, fontsize=8)
+    legend = [Patch(facecolor=cmap(i), edgecolor="none", label=f"routed to {m}")
+              for i, m in enumerate(model_names)]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8,
+               title="routing map", title_fontsize=8, frameon=False)
+    save_figure(fig, path, dpi=100, rect=(0, 0.6 / (2.5 * n), 1, 1))  # room for the legend
 
 
 def pyplot():
@@ -367,9 +370,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """Lay out, write (creating the folder) and close a figure."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, dpi: int = 110, rect=(0, 0, 1, 1)) -> None:
+    """Lay out (in ``rect`` of the figure), write (creating the folder) and close a figure."""
+    fig.tight_layout(rect=rect)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)

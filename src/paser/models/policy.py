@@ -18,9 +18,8 @@ policy costs about a quarter of the reference's FLOPs (0.141 -> 0.035 GFLOP on a
 it does not need full-resolution features.
 
 Weights and states are kept channels-last: the 64-channel convolutions at full
-resolution train about 1.5 x faster that way on CPU (80 states of 128 x 128 in batches
-of 16 on 2 cores: 3.2 s -> 2.1 s, measured side by side); the numbers are the same up to
-float rounding.
+resolution train faster that way on CPU (docs/benchmarks.md); the numbers are the same up
+to float rounding.
 """
 
 from __future__ import annotations

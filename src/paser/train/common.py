@@ -7,11 +7,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from paser.checkpoints import load_checkpoint
 from paser.config import ExperimentConfig, load_config, save_config
 from paser.errors import ConfigError, DataError
 from paser.runtime import (
@@ -141,3 +142,24 @@ def prepare_run_dir(
     if is_main_process():
         save_config(cfg, saved)
     return run_dir, cfg
+
+
+def resume_state(last_path: Path, resume: bool, device: torch.device,
+                 restore: dict[str, Any]) -> dict | None:
+    """The last-epoch checkpoint a stage resumes from, or ``None`` to start afresh (no
+    ``resume``, or no checkpoint yet).
+
+    Each entry of ``restore`` maps a key of the checkpoint to what its state dict goes
+    into: a module or an optimizer, or a list of them for a list of states. The global
+    random state is restored too, so the resumed epochs draw what they would have.
+    """
+    if not (resume and Path(last_path).is_file()):
+        return None
+    state = load_checkpoint(last_path, device)
+    for key, target in restore.items():
+        many = isinstance(target, list)
+        for obj, sd in zip(target if many else [target], state[key] if many else [state[key]],
+                           strict=True):
+            obj.load_state_dict(sd)
+    torch.set_rng_state(state["rng"])
+    return state

@@ -30,7 +30,7 @@ from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image, predicted_classes
 from paser.outcomes import PatchOutcomes
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, prepare_run_dir, setup
+from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
@@ -69,14 +69,9 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                           "policy (stage2.objective=reinforce); a full-information policy "
                           "meets a budget by calibration (operating_point)")
     reference = evaluate_router(router, data.validation, ncls, batch)["fractions"]
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, device)
-        policy.load_state_dict(state["policy"])
-        for model, sd in zip(pool, state["pool"], strict=True):
-            model.load_state_dict(sd)
-        for opt, sd in zip(opts, state["optimizers"], strict=True):
-            opt.load_state_dict(sd)
-        torch.set_rng_state(state["rng"])
+    state = resume_state(last_path, resume, device,
+                         {"policy": policy, "pool": list(pool), "optimizers": list(opts)})
+    if state is not None:
         start, best, stopped, reference = (state["epoch"] + 1, state["best"], state["stopped"],
                                            state["reference"])
     log = MetricLog(out_dir / "metrics" / "stage3.jsonl")

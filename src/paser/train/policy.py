@@ -44,7 +44,7 @@ from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, prepare_run_dir, setup
+from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 
 
@@ -337,11 +337,8 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     log = MetricLog(run_dir / "metrics" / "stage2.jsonl")
     last_path, best_path = run_dir / "checkpoints" / "policy_last.pt", run_dir / "checkpoints" / "policy.pt"
     start, best = 0, -float("inf")
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, device)
-        policy.load_state_dict(state["policy"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+    state = resume_state(last_path, resume, device, {"policy": policy, "optimizer": opt})
+    if state is not None:
         start, best = state["epoch"] + 1, state["best"]
     if dist.is_main:
         log.truncate_after("policy", start - 1)

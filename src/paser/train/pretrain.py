@@ -23,7 +23,6 @@ from torch import nn
 
 from paser.checkpoints import (
     build_model,
-    load_checkpoint,
     load_trained,
     model_roles,
     save_label_codec,
@@ -37,7 +36,7 @@ from paser.models import count_parameters
 from paser.patches import PatchGrid
 from paser.routing import patchwise_logits
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, setup
+from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -124,11 +123,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / f"{role}_last.pt", ckpt_dir / f"{role}.pt"
     start, best, best_epoch = 0, -1.0, -1
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+    state = resume_state(last_path, resume, device, {"model": model, "optimizer": opt})
+    if state is not None:
         start, best = state["epoch"] + 1, state["best"]
         best_epoch = state.get("best_epoch", state["epoch"])
     if dist.is_main:

@@ -1,0 +1,48 @@
+"""Inference never imports training: loading and using a run reaches paser.checkpoints and
+paser.runtime, never paser.train, and the leaf module imports nothing of paser but its
+errors."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).parents[1] / "src" / "paser"
+INFERENCE = ["paser.api", "paser.segment", "paser.export", "paser.serve.server",
+             "paser.serve.client", "paser.data", "paser.checkpoints", "paser.evaluation"]
+
+
+def imported(path: Path) -> set[str]:
+    """The modules a file imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_inference_modules_never_import_training():
+    files = [SRC / "api.py", SRC / "segment.py", SRC / "export.py", SRC / "checkpoints.py",
+             SRC / "evaluation.py", *(SRC / "serve").glob("*.py"), *(SRC / "data").glob("*.py")]
+    bad = {f.name: sorted(m for m in imported(f) if m.startswith("paser.train"))
+           for f in files}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_loading_them_loads_nothing_of_training():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in INFERENCE)
+            + "print(sorted(m for m in sys.modules if m.startswith('paser.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_runtime_leaf_imports_only_the_errors():
+    ours = {m for m in imported(SRC / "runtime.py") if m.startswith("paser")}
+    assert ours == {"paser.errors"}
+    assert not {m for m in imported(SRC / "errors.py") if m.startswith("paser")}
