@@ -28,6 +28,7 @@ fixed. The process runs as `paser` does, with glibc keeping freed memory for reu
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -36,7 +37,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,7 +50,7 @@ from paser.baselines.routed import cascade_gflops
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import Tensors
 from paser.metrics import predicted_classes, reward
-from paser.models import RoutingPolicy, create_model
+from paser.models import PooledPolicy, RoutingPolicy, create_model
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
@@ -103,6 +106,16 @@ def fixed_mix_router(device: torch.device) -> Router:
     return Router(r.f0, FixedPolicy(r.policy), list(r.pool), r.grid, T, 1).eval()
 
 
+def shipped_router(device: torch.device) -> Router:
+    """The shipped method's routing path at the same shapes and models, its choice fixed to
+    the mix: f0 once, deterministically (``mc_dropout: none``, T = 1), and the pooled
+    policy (5 MLPs on each patch's statistics of f0's prediction and entropy), as
+    ``battery-quick`` trains it."""
+    r = reference_router(device)
+    policy = PooledPolicy(GRID, 3, 2, hidden=64, gain_head=True, members=5).to(device)
+    return Router(r.f0, FixedPolicy(policy), list(r.pool), r.grid, 1, 1, "none").eval()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,41 +158,33 @@ def cascade_same_assignment(router: Router, x: torch.Tensor, actions: torch.Tens
     return predicted_classes(grid.merge(probs))
 
 
+#: The two routing paths measured: the shipped method and the paper's.
+VARIANTS = {"PaSeR": shipped_router, "PaSeR (paper: T = 5)": fixed_mix_router}
+
+
 def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
-    router = fixed_mix_router(device)
-    actions = mixed_actions(batch, router.grid.num_patches)
+    """Both routing paths (:data:`VARIANTS`), f2 on the whole image and the cascade, and
+    each PaSeR's parts alone on the same inputs, all in one interleaved timing."""
+    routers = {name: make(device) for name, make in VARIANTS.items()}
+    paper = routers["PaSeR (paper: T = 5)"]
+    actions = mixed_actions(batch, paper.grid.num_patches)
     x = torch.rand(batch, 1, H, W, generator=torch.Generator().manual_seed(0)).to(device)
-    f2 = router.pool[-1]
+    f2 = paper.pool[-1]
+    gflops = {"f2 (whole image)": gflops_per_sample(f2, 1, H, W)}
+    runs = {"f2 (whole image)": lambda: predicted_classes(f2(x)),
+            "IDK-Cascade (same assignment)": lambda: cascade_same_assignment(paper, x, actions)}
+    gflops["IDK-Cascade (same assignment)"] = float(
+        cascade_gflops(actions, paper.costs(H, W)).mean())
+    parts: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        out = router(x, mc_seed=0)
-        xp = router.grid.pad(x)
-        state = out.mc.state()
-        patches = router.grid.context(xp)
-        routed = [patches[actions.reshape(-1).to(device) == k] for k in (1, 2)]
-    assert torch.equal(out.actions.cpu(), actions), "the fixed mix was not routed"
-    costs = router.costs(H, W)
-    gflops = {"PaSeR": float(costs.gflops(actions).mean()),
-              "f2 (whole image)": gflops_per_sample(f2, 1, H, W),
-              "IDK-Cascade (same assignment)": float(cascade_gflops(actions, costs).mean())}
-    # PaSeR's parts, each alone on the same inputs: where its time goes
-    parts = {"f0, T passes": costs.f0_mc, "policy": costs.policy,
-             **{f"f{k} on its patches": len(routed[k - 1]) * costs.patch[k] / batch
-                for k in (1, 2)}}
-
-    def inference(fn):
-        def run():
-            with torch.inference_mode():
-                fn()
-        return run
-
-    runs = {"PaSeR": lambda: router(x, mc_seed=0),
-            "f2 (whole image)": lambda: predicted_classes(f2(x)),
-            "IDK-Cascade (same assignment)": lambda: cascade_same_assignment(router, x, actions),
-            "f0, T passes": lambda: router.observe(xp, 0),
-            "policy": lambda: router.policy(state),
-            "f1 on its patches": lambda: router.pool[0](routed[0]),
-            "f2 on its patches": lambda: router.pool[1](routed[1])}
-    seconds = timed({name: inference(fn) for name, fn in runs.items()}, device, repeats)
+        for name, router in routers.items():
+            out = router(x, mc_seed=0)
+            assert torch.equal(out.actions.cpu(), actions), f"{name}: the mix was not routed"
+            costs = router.costs(H, W)
+            gflops[name] = float(costs.gflops(actions).mean())
+            runs[name] = partial(router, x, mc_seed=0)
+            parts[name] = _parts(router, x, out, actions, costs, batch, runs)
+    seconds = timed({name: _inference(fn) for name, fn in runs.items()}, device, repeats)
     top = "f2 (whole image)"
     rows = {}
     for name in gflops:
@@ -189,19 +194,51 @@ def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
                       "gflop_per_s": gflops[name] * batch / seconds[name],
                       "wall_ratio_to_f2": wall, "gflop_ratio_to_f2": flops,
                       "wall_over_gflop_ratio": wall / flops}
-    profile = {name: {"ms_per_image": 1000 * seconds[name] / batch, "gflops": g,
-                      "gflop_per_s": g * batch / seconds[name]} for name, g in parts.items()}
-    rest = seconds["PaSeR"] - sum(seconds[name] for name in parts)
-    profile["rest: PaSeR minus its parts (noisy)"] = {"ms_per_image": 1000 * rest / batch,
-                                                       "gflops": 0.0, "gflop_per_s": 0.0}
-    # the ratio PaSeR would reach with no overhead at all: its parts' own times only
-    floor = sum(seconds[name] for name in parts) / seconds[top] / (gflops["PaSeR"] / gflops[top])
+    profiles, floors = {}, {}
+    for name, own in parts.items():
+        profile = {part: {"ms_per_image": 1000 * seconds[key] / batch, "gflops": g,
+                          "gflop_per_s": g * batch / seconds[key]}
+                   for part, (key, g) in own.items()}
+        spent = sum(seconds[key] for key, _ in own.values())
+        profile["rest: PaSeR minus its parts (noisy)"] = {
+            "ms_per_image": 1000 * (seconds[name] - spent) / batch, "gflops": 0.0,
+            "gflop_per_s": 0.0}
+        profiles[name] = profile
+        # the ratio this PaSeR would reach with no overhead at all: its parts' own times
+        floors[name] = spent / seconds[top] / (gflops[name] / gflops[top])
     return {"batch_size": batch, "repeats": repeats, "mix": list(MIX),
             "fractions": (torch.bincount(actions.reshape(-1), minlength=3) / actions.numel()
-                          ).tolist(), "methods": rows, "paser_profile": profile,
-            "wall_over_gflop_ratio_without_overhead": floor,
-            "target": "PaSeR wall_over_gflop_ratio <= 1.25",
+                          ).tolist(), "methods": rows, "paser_profile": profiles,
+            "wall_over_gflop_ratio_without_overhead": floors,
+            "target": "PaSeR (the shipped method) wall_over_gflop_ratio <= 1.25",
             "met": rows["PaSeR"]["wall_over_gflop_ratio"] <= 1.25}
+
+
+def _inference(fn):
+    def run():
+        with torch.inference_mode():
+            fn()
+    return run
+
+
+def _parts(router: Router, x: torch.Tensor, out, actions: torch.Tensor, costs, batch: int,
+           runs: dict) -> dict[str, tuple[str, float]]:
+    """A routing path's parts as timed functions added to ``runs``: part -> (its key in
+    ``runs``, GFLOP per image)."""
+    tag = "paper" if router.mc_samples > 1 else "shipped"
+    xp = router.grid.pad(x)
+    state = router.state(xp, out.mc)
+    patches = router.grid.context(xp)
+    routed = [patches[actions.reshape(-1).to(x.device) == k] for k in (1, 2)]
+    f0 = f"f0, {router.mc_samples} pass{'es' if router.mc_samples > 1 else ''}"
+    own = {f0: (f"{tag}: f0", costs.f0_mc), "policy": (f"{tag}: policy", costs.policy),
+           **{f"f{k} on its patches": (f"{tag}: f{k}", len(routed[k - 1]) * costs.patch[k]
+                                       / batch) for k in (1, 2)}}
+    runs[f"{tag}: f0"] = lambda: router.observe(xp, 0)
+    runs[f"{tag}: policy"] = lambda: router.policy(state)
+    for k in (1, 2):
+        runs[f"{tag}: f{k}"] = partial(router.run_local, k, routed[k - 1])
+    return own
 
 
 def naive_stage2_batch(router: Router, opt, images: torch.Tensor, masks: torch.Tensor,
@@ -306,6 +343,84 @@ def bench_stage2(device: torch.device, batch: int, rounds: int, cache_images: in
                       "except that the loop draws new dropout masks for f0 every epoch"}
 
 
+def bench_demo(run_dir: Path, repeats: int) -> dict:
+    """The demo's test split, as `make demo` left it in ``run_dir``: PaSeR at the run's
+    operating point against f0 (one pass), f1 and f2 alone, ms per image timed side by side
+    in interleaved rounds, and PaSeR's ms against the single models' frontier at equal IoU
+    (:func:`paser.frontier.wall_clock`)."""
+    from paser import PaSeR
+    from paser import evaluation as E
+    from paser.data import open_split, to_tensors
+    from paser.frontier import wall_clock
+
+    if not (run_dir / "results.json").is_file():
+        return {"run_dir": str(run_dir), "skipped": "no finished run there: `make demo` first"}
+    model = PaSeR.load(run_dir, device="cpu")
+    router, cfg = model.router, model.config
+    test = to_tensors(open_split(cfg.data, "test", progress=False))
+    bias = None if model.calibration is None else model.calibration.tensor()
+    predictors = {"PaSeR": E.paser_predictor(router, bias=bias),
+                  "f0": E.f0_predictor(router, monte_carlo=cfg.mc_samples > 1),
+                  **{f"f{k}": E.patch_model_predictor(router, k)
+                     for k in range(1, router.num_models)}}
+    batch = cfg.baselines.timing_batch
+    device = torch.device("cpu")
+    ious = {name: E.measure(p, test, cfg.models.num_classes, batch, device, timed=False)
+            for name, p in predictors.items()}
+
+    def whole_split(predict):
+        def run():
+            with torch.inference_mode():
+                for i in range(0, len(test), batch):
+                    x = test.images[i:i + batch]
+                    predict(x, torch.arange(i, i + len(x)))
+        return run
+
+    seconds = timed({n: whole_split(p) for n, p in predictors.items()}, device, repeats)
+    ms = {n: 1000 * t / len(test) for n, t in seconds.items()}
+    rows = {n: {"ms_per_image": ms[n], "iou": ious[n]["iou"], "gflops": ious[n]["gflops"]}
+            for n in predictors}
+    result = wall_clock((ms["PaSeR"], ious["PaSeR"]["iou"]),
+                        {n: (ms[n], ious[n]["iou"]) for n in predictors if n != "PaSeR"})
+    return {"run_dir": str(run_dir), "images": len(test), "image_size": list(test.images.shape[-2:]),
+            "batch_size": batch, "repeats": repeats,
+            "operating_point": None if model.calibration is None else model.calibration.target,
+            "methods": rows, **result,
+            "target": "PaSeR's ms/image at most the single-model frontier's at equal IoU"}
+
+
+def bench_segment(run_dir: Path, images: int, workers: int) -> dict:
+    """``paser segment`` end to end, as a user runs it on a folder: the same ``images``
+    synthetic images of 224 x 256 for PaSeR, f1 alone and f2 alone (``--model``), reading
+    and writing included, one fresh process each; images per second."""
+    if not (run_dir / "results.json").is_file():
+        return {"run_dir": str(run_dir), "skipped": "no finished run there: `make demo` first"}
+    folder = ensure_test_data(images) / "test_images"
+    rows = {}
+    for name, extra in (("PaSeR", []), ("f1 alone", ["--model", "f1"]),
+                        ("f2 alone", ["--model", "f2"])):
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "paser", "segment", str(folder),
+                                   "--run-dir", str(run_dir), "--out", out, "--device", "cpu",
+                                   "--workers", str(workers), *extra],
+                                  capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"paser segment ({name}) failed: {done.stderr[-2000:]}")
+            with open(Path(out) / "summary.csv") as fh:
+                summary = list(csv.DictReader(fh))
+        ms = [float(r["ms"]) for r in summary if r["status"] == "ok"]
+        gflops = [float(r["gflops"]) for r in summary if r["status"] == "ok"]
+        rows[name] = {"seconds": seconds, "images_per_s": len(summary) / seconds,
+                      "compute_ms_per_image": statistics.mean(ms),
+                      "gflops_per_image": statistics.mean(gflops), "images": len(summary)}
+    return {"run_dir": str(run_dir), "images": images, "image_size": [H, W],
+            "workers": workers, "methods": rows,
+            "note": "wall clock of the whole command (start-up, model load, reading, "
+                    "routing, writing three PNGs and a JSON per image, summary.csv)"}
+
+
 def ensure_test_data(images: int) -> Path:
     """1,000 synthetic test images of 224 x 256 on disk (made once, kept in .data)."""
     from paser.data.synthetic import generate_dataset
@@ -408,8 +523,12 @@ def main() -> None:
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--only", choices=["inference", "stage2", "memory", "train-memory"],
-                    action="append")
+    ap.add_argument("--only", choices=["inference", "demo", "segment", "stage2", "memory",
+                                       "train-memory"], action="append")
+    ap.add_argument("--segment-images", type=int, default=1000,
+                    help="images of the `paser segment` part")
+    ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"),
+                    help="the finished `make demo` run whose test split part 2 times")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -421,7 +540,7 @@ def main() -> None:
         train_memory_child(*args.train_memory_child, args.workers)
         return
     device = torch.device(args.device)
-    parts = args.only or ["inference", "stage2", "memory", "train-memory"]
+    parts = args.only or ["inference", "demo", "segment", "stage2", "memory", "train-memory"]
     result = {"machine": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),
@@ -433,6 +552,12 @@ def main() -> None:
     if "inference" in parts:
         result["inference"] = bench_inference(device, args.batch, args.repeats)
         _print_inference(result["inference"])
+    if "demo" in parts and device.type == "cpu":
+        result["demo"] = bench_demo(args.demo_run, args.repeats)
+        _print_demo(result["demo"])
+    if "segment" in parts and device.type == "cpu":
+        result["segment"] = bench_segment(args.demo_run, args.segment_images, 2)
+        _print_segment(result["segment"])
     if "stage2" in parts:
         result["stage2"] = bench_stage2(device, 32, args.rounds, 16, 3)
         _print_stage2(result["stage2"])
@@ -461,14 +586,44 @@ def _print_inference(r: dict) -> None:
               f"{m['wall_ratio_to_f2']:9.3f}{m['gflop_ratio_to_f2']:10.3f}"
               f"{m['wall_over_gflop_ratio']:11.2f}")
     print(f"target {r['target']}: {'met' if r['met'] else 'NOT met'}")
-    print(f"\nwhere PaSeR's time goes (each part alone on the same inputs; without any "
-          f"overhead wall:GFLOP would be {r['wall_over_gflop_ratio_without_overhead']:.2f})")
-    print(f"{'part':<40}{'ms/image':>10}{'GFLOP':>9}{'GFLOP/s':>9}")
-    for name, m in r["paser_profile"].items():
-        print(f"{name:<40}{m['ms_per_image']:10.1f}{m['gflops']:9.2f}{m['gflop_per_s']:9.1f}")
+    for variant, profile in r["paser_profile"].items():
+        floor = r["wall_over_gflop_ratio_without_overhead"][variant]
+        print(f"\nwhere {variant}'s time goes (each part alone on the same inputs; without "
+              f"any overhead wall:GFLOP would be {floor:.2f})")
+        print(f"{'part':<40}{'ms/image':>10}{'GFLOP':>9}{'GFLOP/s':>9}")
+        for name, m in profile.items():
+            print(f"{name:<40}{m['ms_per_image']:10.1f}{m['gflops']:9.2f}"
+                  f"{m['gflop_per_s']:9.1f}")
     f2 = r["methods"]["f2 (whole image)"]
     print(f"{'f2 (whole image), for comparison':<40}{f2['ms_per_image']:10.1f}"
           f"{f2['gflops']:9.2f}{f2['gflop_per_s']:9.1f}")
+
+
+def _print_demo(r: dict) -> None:
+    print(f"\n1b. The demo's test split ({r['run_dir']})")
+    if "skipped" in r:
+        print(f"skipped: {r['skipped']}")
+        return
+    print(f"{r['images']} images of {r['image_size'][0]} x {r['image_size'][1]}, batch "
+          f"{r['batch_size']}, PaSeR at {r['operating_point']}")
+    print(f"{'method':<10}{'ms/image':>10}{'mIoU':>9}{'GFLOP':>9}")
+    for name, m in r["methods"].items():
+        print(f"{name:<10}{m['ms_per_image']:10.2f}{m['iou']:9.4f}{m['gflops']:9.3f}")
+    need = r["frontier_ms_at_equal_iou"]
+    print("single-model frontier at PaSeR's IoU: "
+          + ("no single model reaches it" if need is None else f"{need:.2f} ms per image")
+          + f"; target {r['target']}: {'met' if r['met'] else 'NOT met'}")
+
+
+def _print_segment(r: dict) -> None:
+    print(f"\n1c. `paser segment` on {r['images']} images of {H} x {W} ({r['run_dir']})")
+    if "skipped" in r:
+        print(f"skipped: {r['skipped']}")
+        return
+    print(f"{'method':<10}{'images/s':>10}{'s':>8}{'compute ms':>12}{'GFLOP':>9}")
+    for name, m in r["methods"].items():
+        print(f"{name:<10}{m['images_per_s']:10.1f}{m['seconds']:8.1f}"
+              f"{m['compute_ms_per_image']:12.1f}{m['gflops_per_image']:9.3f}")
 
 
 def _print_stage2(r: dict) -> None:

@@ -71,3 +71,13 @@ def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
     assert "60 % of its GFLOP" in miss
     headroomless = FR.verdict((2.0, 0.55), frontier, {"gflops": [2.0], "iou": [0.58]})
     assert "even perfect routing of this pool stays 0.0200 under it" in headroomless
+
+
+def test_wall_clock_compares_milliseconds_at_equal_iou():
+    singles = {"f0": (3.0, 0.79), "f1": (20.0, 0.85), "f2": (60.0, 0.84)}
+    wc = FR.wall_clock((10.0, 0.83), singles)  # f0 and f1 split 1:2 reach 0.83: 3 + 17 * 2/3
+    assert wc["frontier_ms_at_equal_iou"] == pytest.approx(3 + 17 * 2 / 3)
+    assert wc["ratio"] == pytest.approx(10 / (3 + 17 * 2 / 3)) and wc["met"]
+    assert not FR.wall_clock((15.0, 0.83), singles)["met"]
+    above = FR.wall_clock((30.0, 0.86), singles)  # no single model reaches it
+    assert above["frontier_ms_at_equal_iou"] is None and above["met"]

@@ -88,12 +88,15 @@ class PaSeR:
 
     @torch.inference_mode()
     def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
-                bias: torch.Tensor | None = None, mc_seed: int | None = 0) -> RoutingOutput:
+                bias: torch.Tensor | None = None, mc_seed: int | None = 0,
+                only: int | None = None) -> RoutingOutput:
         """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image) in [0, 1].
 
         Greedy actions and a fixed seed for f0's Monte Carlo dropout by default, so the same
         batch always gets the same answer (``mc_seed=None`` samples fresh masks). ``bias``
         defaults to the run's calibration (``paser calibrate``), if it has one.
+        ``only=k`` runs model k alone instead (:meth:`paser.routing.Router.alone`: f0 for 0,
+        pool model k on every patch), to compare with routing on the same images.
         ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`.
         """
         x = torch.as_tensor(images, dtype=torch.float32)
@@ -106,6 +109,8 @@ class PaSeR:
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")
         self.router.eval()
+        if only is not None:
+            return self.router.alone(only, x.to(self.device), mc_seed)
         return self.router(x.to(self.device), mode=mode, bias=self._bias(bias), mc_seed=mc_seed)
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:

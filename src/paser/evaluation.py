@@ -152,34 +152,28 @@ def _f0_mask(router: Router, out, x: torch.Tensor) -> torch.Tensor:
 
 def f0_predictor(router: Router, monte_carlo: bool, mc_seed: int | None = 0) -> Predictor:
     """f0 alone: one deterministic pass (dropout off), or the mean of T Monte Carlo passes
-    (what routing starts from); every patch on action 0."""
+    (what routing starts from, :meth:`Router.alone`); every patch on action 0."""
     grid = router.grid
 
     def predict(x, idx):
-        h, w = x.shape[-2:]
-        costs = router.costs(h, w)
-        xp = grid.pad(x)
         if monte_carlo:
-            pred, g = router.observe(xp, mc_seed).pred, costs.f0_mc
-        else:
-            router.f0.eval()
-            pred, g = predicted_classes(router.f0(xp)), costs.f0_pass
-        return Prediction(grid.crop(pred, h, w), torch.full((x.shape[0],), g),
-                          _everywhere(router, x, 0))
+            return _alone(router.alone(0, x, mc_seed))
+        h, w = x.shape[-2:]
+        router.f0.eval()
+        pred = grid.crop(predicted_classes(router.f0(grid.pad(x))), h, w)
+        actions = torch.zeros(x.shape[0], grid.num_patches, dtype=torch.long)
+        return Prediction(pred, torch.full((x.shape[0],), router.costs(h, w).f0_pass), actions)
     return predict
 
 
 def patch_model_predictor(router: Router, k: int) -> Predictor:
-    """Pool model ``f_k`` alone on every patch (no f0, no policy, not paid for)."""
-    def predict(x, idx):
-        g = router.costs(*x.shape[-2:]).patch[k] * router.grid.num_patches
-        return Prediction(predicted_classes(router.patchwise(k, x)),
-                          torch.full((x.shape[0],), g), _everywhere(router, x, k))
-    return predict
+    """Pool model ``f_k`` alone on every patch (no f0, no policy, not paid for;
+    :meth:`Router.alone`)."""
+    return lambda x, idx: _alone(router.alone(k, x))
 
 
-def _everywhere(router: Router, x: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.full((x.shape[0], router.grid.num_patches), k, dtype=torch.long)
+def _alone(out) -> Prediction:
+    return Prediction(out.mask, out.gflops, out.actions)
 
 
 def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,

@@ -170,5 +170,21 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else ""))
 
 
+def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
+    """PaSeR's measured milliseconds per image against the single models' at equal IoU.
+
+    ``point`` is PaSeR's ``(ms, IoU)``, ``singles`` each single model's ``(ms, IoU)`` as
+    measured beside it: the frontier is the same hull as for GFLOP (one model, or whole
+    images split between two), in milliseconds. ``met`` when PaSeR takes at most what the
+    frontier needs for its IoU (``None`` when no single model or mix of two reaches it:
+    then every routed millisecond buys IoU no single model gives).
+    """
+    ms, iou = point
+    need = frontier_cost(hull(singles.values()), iou)
+    return {"paser_ms": ms, "paser_iou": iou, "frontier_ms_at_equal_iou": need,
+            "ratio": None if need is None else ms / need,
+            "met": True if need is None else ms <= need * (1 + 1e-9)}
+
+
 __all__ = ["areas", "best_within", "budgets", "curve_values", "frontier_at", "frontier_cost",
-           "frontier_curve", "frontier_mix", "hull", "share_above", "verdict"]
+           "frontier_curve", "frontier_mix", "hull", "share_above", "verdict", "wall_clock"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.errors import ConfigError
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
 from paser.patches import PatchGrid
@@ -160,7 +161,8 @@ class RoutingOutput:
     ``mask`` [B, H, W] stitched prediction; ``probs`` [B, C, H, W] class probabilities;
     ``actions`` [B, P] chosen model per patch (0 = f0); ``gflops`` [B] per image;
     ``logits`` [B, P, K+1] policy logits (``None`` when the actions were given);
-    ``mc`` f0's Monte Carlo output (padded size); ``degraded`` [B, P] patches whose model
+    ``mc`` f0's Monte Carlo output (padded size; ``None`` for a pool model alone,
+    :meth:`Router.alone`); ``degraded`` [B, P] patches whose model
     could not run (a remote tier that failed, :mod:`paser.serve`), which kept f0's
     prediction and are not paid for in ``gflops`` (``None``: every model ran).
     """
@@ -170,7 +172,7 @@ class RoutingOutput:
     actions: torch.Tensor
     gflops: torch.Tensor
     logits: torch.Tensor | None
-    mc: MCOutput
+    mc: MCOutput | None
     degraded: torch.Tensor | None = None
 
 
@@ -252,11 +254,6 @@ class Router(nn.Module):
         ``paser serve`` run."""
         return self.pool_logits(k, patches).float().softmax(1)
 
-    def patchwise(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, Kc, H, W]`` of pool model ``k`` alone on every patch of a batch
-        ``[B, C, H, W]`` (:func:`patchwise_logits`)."""
-        return patchwise_logits(self.pool[k - 1], self.grid, x)
-
     def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replace f0's probabilities on each routed patch by its model's.
@@ -286,6 +283,26 @@ class Router(nn.Module):
             else:
                 out.index_copy_(0, idx, probs.to(out))
         return self.grid.merge(out), None if degraded is None else degraded.view_as(actions)
+
+    def alone(self, k: int, x: torch.Tensor, mc_seed: int | None = 0) -> RoutingOutput:
+        """One model alone on a batch ``[B, C, H, W]``, no policy: f0 as routing sees it
+        (its T passes) for ``k = 0``, pool model ``k`` on every patch otherwise (f0 does not
+        run, ``mc`` is ``None``). GFLOP are what that model alone costs."""
+        if not 0 <= k < self.num_models:
+            raise ConfigError(f"model f{k}: this run has f0..f{self.num_models - 1}")
+        h, w = x.shape[-2:]
+        costs = self.costs(h, w)
+        actions = torch.full((x.shape[0], self.grid.num_patches), k, dtype=torch.long,
+                             device=x.device)
+        if k == 0:
+            xp, mc = self.look(x, mc_seed)
+            probs, gflops = mc.probs, costs.f0_mc
+        else:
+            mc, gflops = None, costs.patch[k] * self.grid.num_patches
+            probs = self.grid.merge(self.run_local(k, self.grid.context(self.grid.pad(x))))
+        probs = self.grid.crop(probs, h, w)
+        return RoutingOutput(predicted_classes(probs), probs, actions,
+                             torch.full((x.shape[0],), gflops, dtype=torch.float64), None, mc)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, mc_seed: int | None = None) -> RoutingOutput:

@@ -220,60 +220,151 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
     return names
 
 
+class _Inputs(torch.utils.data.Dataset):
+    """The input files, read by :func:`read_input` (in reader processes when asked for): an
+    item is ``(image, notes)``, or the :class:`DataError` that reading raised."""
+
+    def __init__(self, files: Sequence[Path], channels: int):
+        self.files, self.channels = list(files), channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return read_input(self.files[i], self.channels)
+        except DataError as err:  # handed back whole: the loader would wrap it in a traceback
+            return err
+
+
+def _inputs(files: Sequence[Path], channels: int, workers: int):
+    """The files' ``(image, notes)`` in order, read ahead by ``workers`` processes."""
+    data = _Inputs(files, channels)
+    if not workers:
+        return (data[i] for i in range(len(data)))
+    import multiprocessing
+
+    ctx = (multiprocessing.get_context("forkserver")
+           if "forkserver" in multiprocessing.get_all_start_methods() else None)
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, multiprocessing_context=ctx,
+                                            collate_fn=_as_is, generator=torch.Generator()))
+
+
+def _as_is(item):
+    """The loader's conversion of an item: none (images stay numpy)."""
+    return item
+
+
+def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, actions: np.ndarray,
+           grid: PatchGrid, codec: ClassMap, degraded: np.ndarray | None, record: dict) -> None:
+    """One image's PNGs and JSON (in a writer process when there are any)."""
+    record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec, degraded)
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
+
+
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
-                  on_done: Callable[[Segmented], None] | None = None) -> list[Segmented]:
+                  on_done: Callable[[Segmented], None] | None = None, workers: int = 0,
+                  only: int | None = None) -> list[Segmented]:
     """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
     the outputs and ``summary.csv`` into ``out_dir``. A file that cannot be read or
-    segmented is recorded with its error and the rest go on."""
+    segmented is recorded with its error and the rest go on.
+
+    ``workers`` processes read the next images and others write the finished ones while
+    the models run (0: all in this process). ``only=k`` runs model k alone on every image
+    instead of routing (:meth:`paser.PaSeR.segment`), to compare on your own data.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, router = model.config, model.router
     names = [f"f0 ({cfg.models.f0.name})"] + [f"f{k} ({m.name})"
                                               for k, m in enumerate(cfg.models.pool, start=1)]
-    calibration = None if model.calibration is None else model.calibration.target
+    calibration = None if model.calibration is None or only is not None else \
+        model.calibration.target
     codec = model.label_codec
+    writer = _writer(workers)
+    pending: list = []
     results = []
-    for path in files:
-        res = Segmented(str(path), path.stem, ok=False)
-        try:
-            image, res.notes = read_input(path, cfg.models.in_channels)
-            res.height, res.width = image.shape[-2:]
-            if router.remote is not None:
-                router.remote.take()  # this image's transfers only
-            start = time.perf_counter()
-            out = model.segment(torch.from_numpy(image)[None])
-            if out.mask.device.type == "cuda":
-                torch.cuda.synchronize()
-            res.ms = 1000 * (time.perf_counter() - start)
-            actions = out.actions[0].cpu().numpy()
-            degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
-            res.degraded = 0 if degraded is None else int(degraded.sum())
-            res.gflops = float(out.gflops[0])
-            res.fractions = (np.bincount(actions, minlength=router.num_models)
-                             / actions.size).tolist()
-            written = write_outputs(out_dir, path.stem, image, out.mask[0].cpu().numpy(),
-                                    actions, router.grid, codec, degraded)
-            record = {"input": str(path), "height": res.height, "width": res.width,
-                      "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
-                      "models": names,
-                      "actions": actions.reshape(router.grid.rows, router.grid.cols).tolist(),
-                      "patches_per_model": np.bincount(actions, minlength=router.num_models
-                                                       ).tolist(),
-                      "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
-                      "ms": res.ms, "device": str(model.device),
-                      "mc_samples": cfg.mc_samples, "calibration": calibration,
-                      "outputs": written}
-            if router.remote is not None:
-                record["remote"] = _remote_record(router, image, out, degraded, res)
-            (out_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
-            res.ok = True
-        except (PaserError, OSError, RuntimeError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
-        results.append(res)
-        if on_done is not None:
-            on_done(res)
+    try:
+        for path, item in zip(files, _inputs(files, cfg.models.in_channels, workers),
+                              strict=True):
+            res = Segmented(str(path), path.stem, ok=False)
+            results.append(res)
+            try:
+                if isinstance(item, DataError):
+                    raise item
+                image, res.notes = item
+                res.height, res.width = image.shape[-2:]
+                if router.remote is not None:
+                    router.remote.take()  # this image's transfers only
+                start = time.perf_counter()
+                out = model.segment(torch.from_numpy(image)[None], only=only)
+                if out.mask.device.type == "cuda":
+                    torch.cuda.synchronize()
+                res.ms = 1000 * (time.perf_counter() - start)
+                actions = out.actions[0].cpu().numpy()
+                degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
+                res.degraded = 0 if degraded is None else int(degraded.sum())
+                res.gflops = float(out.gflops[0])
+                res.fractions = (np.bincount(actions, minlength=router.num_models)
+                                 / actions.size).tolist()
+                record = {"input": str(path), "height": res.height, "width": res.width,
+                          "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
+                          "models": names, "only": None if only is None else names[only],
+                          "actions": actions.reshape(router.grid.rows, router.grid.cols
+                                                     ).tolist(),
+                          "patches_per_model": np.bincount(actions, minlength=router.num_models
+                                                           ).tolist(),
+                          "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
+                          "ms": res.ms, "device": str(model.device),
+                          "mc_samples": cfg.mc_samples, "calibration": calibration}
+                if router.remote is not None:
+                    record["remote"] = _remote_record(router, image, out, degraded, res)
+                args = (out_dir, path.stem, image, out.mask[0].cpu().numpy(), actions,
+                        router.grid, codec, degraded, record)
+                if writer is None:
+                    _write(*args)
+                pending.append((res, None if writer is None else writer.submit(_write, *args)))
+            except (PaserError, OSError, RuntimeError, ValueError) as err:
+                res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
+                pending.append((res, None))
+            # report in order, as soon as the first pending image is written
+            while pending and (len(pending) > 4 * workers or pending[0][1] is None
+                               or pending[0][1].done()):
+                _finish(*pending.pop(0), on_done)
+        for res, future in pending:
+            _finish(res, future, on_done)
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
     write_summary(out_dir / "summary.csv", results, names)
     return results
+
+
+def _writer(workers: int):
+    """Processes that write the outputs (``None``: this process writes them)."""
+    if not workers:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = (multiprocessing.get_context("forkserver")
+           if "forkserver" in multiprocessing.get_all_start_methods() else None)
+    return ProcessPoolExecutor(workers, mp_context=ctx)
+
+
+def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None) -> None:
+    """An image done: its outputs written (a failed write is its error), then reported."""
+    if future is not None:
+        try:
+            future.result()
+            res.ok = True
+        except (PaserError, OSError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
+    elif not res.error:
+        res.ok = True
+    if on_done is not None:
+        on_done(res)
 
 
 def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def segment(
                                   help="seconds per remote request"),
     retries: int = typer.Option(2, "--retries", min=0, help="further attempts per remote "
                                 "request before its patches keep f0's prediction"),
+    only: str = typer.Option(None, "--model", help="run one model alone on every image "
+                             "instead of routing (f0, f1, ...), to compare on your images"),
+    workers: int = typer.Option(2, "--workers", min=0, help="processes reading and writing "
+                                "images while the models run (0: all in this process)"),
 ) -> None:
     """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
     image and summary.csv. A file that fails is reported and skipped; the exit status is
@@ -73,6 +78,8 @@ def segment(
     from paser.segment import find_images, segment_files
 
     files = find_images(inputs)
+    if only is not None and remote is not None:
+        raise ConfigError(f"--model {only} runs one model here; drop --remote (or --model)")
     if remote is not None and not remote.startswith(("http://", "https://")):
         raise ConfigError(f"--remote {remote}: give an http:// or https:// URL of a `paser "
                           "serve` process")
@@ -86,10 +93,18 @@ def segment(
         model.calibrate(budget_gflops=budget_gflops, save=False)
     if remote is not None:
         _connect_remote(model, remote, timeout, retries)
+    k = None if only is None else _model_index(only, model.router.num_models)
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
-        results = segment_files(model, files, out, on_done=lambda r: bar.update(
-            task, advance=1, info=r.stem if r.ok else f"{r.stem} failed"))
+        start = time.perf_counter()
+
+        def done(r):
+            rate = bar.tasks[0].completed + 1
+            bar.update(task, advance=1, info=f"{rate / (time.perf_counter() - start):.1f} "
+                       f"images/s  {r.stem if r.ok else r.stem + ' failed'}")
+
+        results = segment_files(model, files, out, on_done=done, workers=workers, only=k)
+    seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     for r in results:
         if not r.ok:
@@ -97,7 +112,9 @@ def segment(
     if done:
         typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
                    f"{sum(r.gflops for r in done) / len(done):.3f} GFLOP ({FLOP_CONVENTION}), "
-                   f"{sum(r.ms for r in done) / len(done):.1f} ms per image; see "
+                   f"{sum(r.ms for r in done) / len(done):.1f} ms per image"
+                   + ("" if k is None else f", {model_names(model)[k]} alone")
+                   + f"; {len(results) / seconds:.1f} images/s with reading and writing; see "
                    f"{out / 'summary.csv'}")
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
@@ -108,6 +125,20 @@ def segment(
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
                    f"{out / 'summary.csv'}", err=True)
         raise typer.Exit(1)
+
+
+def model_names(model) -> list[str]:
+    """``f0``, ``f1``, ... of a run."""
+    return [f"f{i}" for i in range(model.router.num_models)]
+
+
+def _model_index(name: str, num_models: int) -> int:
+    """``f0``, ``f1``, ... (or ``0``, ``1``, ...) as a model index of the run."""
+    k = name[1:] if name[:1] in "fF" else name
+    if not k.isdigit() or int(k) >= num_models:
+        raise ConfigError(f"--model {name}: this run has "
+                          + ", ".join(f"f{i}" for i in range(num_models)))
+    return int(k)
 
 
 def _connect_remote(model, url: str, timeout: float, retries: int) -> None:

@@ -220,6 +220,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "costs": costs.to_dict(), "curves": curves, "curve_areas": areas,
         "curve_range": [lo, hi], "curve_budgets": "log", "share_above_frontier": above,
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
+        "wall_clock": FR.wall_clock(
+            (methods["PaSeR"]["ms_per_image"], pi),
+            {n: (methods[n]["ms_per_image"], methods[n]["iou"]) for n in singles}),
         "operating_points": {name: asdict(cal) for name, cal in calibrations.items()},
         "pool": pool_summary(run_dir, methods, nmod),
         "paser_on_or_above_cascade": bool(on_or_above),

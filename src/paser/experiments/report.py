@@ -101,6 +101,14 @@ def markdown(results: dict) -> str:
       f"{results['timing_batch']} images, after one warm-up batch.\n\n")
     if "verdict" in results:
         w(f"**Verdict: {results['verdict']}.**\n\n")
+    if results.get("wall_clock"):
+        wc = results["wall_clock"]
+        need = wc["frontier_ms_at_equal_iou"]
+        w(f"Wall clock on this device: PaSeR {wc['paser_ms']:.1f} ms per image; "
+          + (f"the single models need {need:.1f} ms for its IoU ({wc['ratio']:.2f} x)"
+             if need is not None else "no single model reaches its IoU")
+          + " (ms measured one method after another in this run, batches of "
+          f"{results.get('timing_batch')}; `make bench` times them side by side).\n\n")
     if "pool" in results:
         _pool_md(w, results["pool"], methods)
     w("## Table 1: every method on the test split\n\n")
