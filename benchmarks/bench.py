@@ -3,11 +3,14 @@
 At the battery-paper shapes (224 x 256 images, 4 x 4 patches, the three reference UNets
 with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when present:
 
-1. routed inference: the routing path (`Router`, what `PaSeR.segment` runs; f0's T
-   passes, the policy, each pool model once on its patches) with a fixed mix of actions,
-   against f2 on the whole image and against the IDK cascade with the same final
+1. routed inference: the routing path (`Router`, what `PaSeR.segment` runs; f0, the
+   policy, each pool model once on its patches) with a fixed mix of actions, for the
+   shipped method (f0 once, the pooled policy) and the paper's (T = 5, the reference
+   policy), against f2 on the whole image and against the IDK cascade with the same final
    assignment (every patch that ends at f2 also ran f1). ms per image, and the ratio of
-   the wall-clock ratio to the GFLOP ratio (target: PaSeR's at most 1.25).
+   the wall-clock ratio to the GFLOP ratio (target: the shipped PaSeR's at most 1.25).
+1b. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
+   at equal IoU. 1c. `paser segment` end to end on 1,000 images: images per second.
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
    stage by `PatchOutcomes`; the task models are frozen) against the loop of the paper's
    published code (f0's T passes, the policy and every pool model on each batch, then
