@@ -307,7 +307,7 @@ def main() -> None:
                         args.refused, max_concurrency=args.max_concurrency,
                         queue_timeout=args.queue_timeout)
     result = {"machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "run": run,
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "run": run,
               "image_size": list(size), "grid": [model.router.grid.rows, model.router.grid.cols],
               "halo": model.router.grid.halo, **figures}
     lat = figures["latency_ms"]["valid answered"]
