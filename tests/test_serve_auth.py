@@ -28,14 +28,16 @@ import trustme
 from benchmarks.load import Answer, Job, load_test, violations
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner
 
 from paser.calibration import Calibration
-from paser.errors import PaserError, RemoteAccessError
+from paser.cli import app
+from paser.errors import ConfigError, PaserError, RemoteAccessError
 from paser.segment import find_images, segment_files
 from paser.serve import TOKEN_ENV, read_token
 from paser.serve.client import RemotePool
 from paser.serve.codec import NPZ, encode_npz
-from paser.serve.server import create_app, exposure_warning
+from paser.serve.server import create_app, exposure_warning, serve
 
 TOKEN = "k3Jv-tH2_secret-for-tests-0123456789"
 WANTS_A_TOKEN = ("wants a token: pass --token-file FILE holding the token its `paser serve` "
@@ -196,6 +198,29 @@ def test_anything_but_loopback_without_a_token_or_tls_is_warned_about():
         assert "without a token" in exposure_warning(host, token=False, tls=True)
         assert "over plain HTTP" in exposure_warning(host, token=True, tls=False)
         assert exposure_warning(host, token=True, tls=True) is None
+
+
+def test_a_certificate_that_will_not_load_is_one_line_before_the_model_loads(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    for files, message in (
+            ({"ssl_certfile": tmp_path / "none.pem"}, f"--ssl-certfile {tmp_path}/none.pem: "
+                                                      "no such file"),
+            ({"ssl_keyfile": tmp_path / "cert.pem"}, "--ssl-keyfile needs --ssl-certfile"),
+            ({"ssl_certfile": tmp_path / "cert.pem"}, "not a PEM certificate and its "
+                                                      "unencrypted key")):
+        with pytest.raises(PaserError, match=re.escape(message)):
+            serve(tmp_path / "no-run", **files)  # no run there: the files are checked first
+
+
+def test_the_edges_token_and_ca_flags_need_a_remote_url_of_their_kind(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    runner, common = CliRunner(), ["segment", str(tmp_path / "a.png"), "--run-dir",
+                                   str(tmp_path), "--out", str(tmp_path / "out")]
+    for extra, message in ((["--token-file", "t"], "go with --remote URL"),
+                           (["--remote", "http://cloud:8000", "--ca-file", "ca.pem"],
+                            "--ca-file is for an https:// --remote")):
+        res = runner.invoke(app, [*common, *extra])
+        assert isinstance(res.exception, ConfigError) and message in str(res.exception)
 
 
 # ---- the edge: a refused token stops it ----------------------------------------------------------
