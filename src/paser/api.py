@@ -139,8 +139,9 @@ class PaSeR:
     def use_remote(self, url: str | None, **options):
         """Run f1..fK on a ``paser serve`` server at ``url`` from now on (``None``: here
         again); f0 and the policy stay here. ``options`` go to
-        :class:`paser.serve.client.RemotePool` (timeout, retries, backoff, down_for,
-        output, http). Returns the pool; its ``connect()`` checks the server's models."""
+        :class:`paser.serve.client.RemotePool` (token, ca_file, timeout, retries, backoff,
+        down_for, output, http). Returns the pool; its ``connect()`` checks the server's
+        models (and that it takes the token)."""
         if url is None:
             self.router.remote = None
             return None

@@ -15,3 +15,9 @@ class DataError(PaserError):
 
 class CheckpointError(PaserError):
     """A checkpoint is missing, corrupt, or from a different model pool."""
+
+
+class RemoteAccessError(PaserError):
+    """The remote tier refused this edge (a missing or wrong token) or this edge does not
+    trust its certificate: a configuration error that stops the run, not an outage that
+    falls back to f0."""

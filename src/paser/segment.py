@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from paser.cost import FLOP_CONVENTION
 from paser.data.folders import ClassMap
-from paser.errors import DataError, PaserError
+from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -268,7 +268,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                   only: int | None = None) -> list[Segmented]:
     """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
     the outputs and ``summary.csv`` into ``out_dir``. A file that cannot be read or
-    segmented is recorded with its error and the rest go on.
+    segmented is recorded with its error and the rest go on; a remote tier that refuses
+    this edge (:class:`paser.errors.RemoteAccessError`) stops them all.
 
     ``workers`` processes read the next images and others write the finished ones while
     the models run (0: all in this process). ``only=k`` runs model k alone on every image
@@ -325,6 +326,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                 if writer is None:
                     _write(*args)
                 pending.append((res, None if writer is None else writer.submit(_write, *args)))
+            except RemoteAccessError:  # the same for every image: stop, and say it once
+                raise
             except (PaserError, OSError, RuntimeError, ValueError) as err:
                 res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
                 pending.append((res, None))

@@ -67,6 +67,10 @@ def segment(
                              "instead of routing (f0, f1, ...), to compare on your images"),
     workers: int = typer.Option(2, "--workers", min=0, help="processes reading and writing "
                                 "images while the models run (0: all in this process)"),
+    token_file: Path = typer.Option(None, "--token-file", help="with --remote: the file "
+                                    "holding the server's token (default: $PASER_TOKEN)"),
+    ca_file: Path = typer.Option(None, "--ca-file", help="with an https:// --remote: the "
+                                 "private CA's certificate (PEM) that signed the server's"),
 ) -> None:
     """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
     image and summary.csv. A file that fails is reported and skipped; the exit status is
@@ -83,6 +87,15 @@ def segment(
     if remote is not None and not remote.startswith(("http://", "https://")):
         raise ConfigError(f"--remote {remote}: give an http:// or https:// URL of a `paser "
                           "serve` process")
+    if remote is None and (token_file is not None or ca_file is not None):
+        raise ConfigError("--token-file and --ca-file go with --remote URL")
+    if ca_file is not None and not remote.startswith("https://"):
+        raise ConfigError(f"--ca-file is for an https:// --remote; {remote} is plain HTTP")
+    token = None
+    if remote is not None:
+        from paser.serve import read_token
+
+        token = read_token(token_file)
     if engine == "onnxruntime":
         model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
     elif engine == "torch":
@@ -92,7 +105,7 @@ def segment(
     if budget_gflops is not None:
         model.calibrate(budget_gflops=budget_gflops, save=False)
     if remote is not None:
-        _connect_remote(model, remote, timeout, retries)
+        _connect_remote(model, remote, timeout, retries, token, ca_file)
     k = None if only is None else _model_index(only, model.router.num_models)
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
@@ -141,12 +154,15 @@ def _model_index(name: str, num_models: int) -> int:
     return int(k)
 
 
-def _connect_remote(model, url: str, timeout: float, retries: int) -> None:
+def _connect_remote(model, url: str, timeout: float, retries: int, token: str | None,
+                    ca_file: Path | None) -> None:
     """Attach the remote tier; a server that does not answer yet is a warning (its patches
-    fall back to f0 until it does), one serving other models an error."""
+    fall back to f0 until it does), one serving other models, refusing the token or with an
+    untrusted certificate an error."""
     import httpx
 
-    pool = model.use_remote(url, timeout=timeout, retries=retries)
+    pool = model.use_remote(url, timeout=timeout, retries=retries, token=token,
+                            ca_file=ca_file)
     try:
         info = pool.connect()
         typer.echo(f"remote tier {url}: " + ", ".join(
@@ -173,18 +189,26 @@ def serve(
                                         help="inferences running at once"),
     queue_timeout: float = typer.Option(30.0, "--queue-timeout", min=0.0, help="seconds a "
                                         "request may wait for its turn before a 503"),
+    token_file: Path = typer.Option(None, "--token-file", help="require 'Authorization: "
+                                    "Bearer <token>' with the token in this file on every "
+                                    "request but /healthz (default: $PASER_TOKEN)"),
+    ssl_certfile: Path = typer.Option(None, "--ssl-certfile", help="serve HTTPS with this "
+                                      "certificate (PEM, chain included)"),
+    ssl_keyfile: Path = typer.Option(None, "--ssl-keyfile", help="its private key (PEM), "
+                                     "when not in --ssl-certfile"),
 ) -> None:
     """Serve the run's pool models f1..fK over HTTP for `paser segment --remote`:
     GET /healthz, GET /v1/models, POST /v1/segment."""
-    from paser.serve import require_serve_extra
+    from paser.serve import read_token, require_serve_extra
 
     require_serve_extra()
     from paser.serve.server import MiB
     from paser.serve.server import serve as run_server
 
-    run_server(run_dir, host, port, device, max_request_bytes=int(max_request_mb * MiB),
-               max_patches=max_patches, max_concurrency=max_concurrency,
-               queue_timeout=queue_timeout)
+    run_server(run_dir, host, port, device, token=read_token(token_file),
+               ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+               max_request_bytes=int(max_request_mb * MiB), max_patches=max_patches,
+               max_concurrency=max_concurrency, queue_timeout=queue_timeout)
 
 
 @app.command()

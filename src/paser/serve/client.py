@@ -9,14 +9,16 @@ the same, only where f1..fK run changes.
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
-from paser.errors import PaserError
+from paser.errors import PaserError, RemoteAccessError
 from paser.models import count_parameters
 from paser.routing import weights_digest
 from paser.serve.codec import NPZ, PayloadError, decode_npz, encode_npz, quantise
@@ -53,18 +55,24 @@ class RemotePool:
     patches keep f0's prediction at once instead of waiting on timeouts image after image.
     ``output="labels"`` (default) receives class labels, about 1/(2 x classes) of the
     bytes of ``"probs"``; the stitched probabilities of those patches are then one-hot.
+    ``token`` goes with every request (``Authorization: Bearer``); an https:// server's
+    certificate is checked against the system's CAs, or ``ca_file`` (PEM) for a private CA.
+    A refused token or an untrusted certificate raises :class:`RemoteAccessError`: no retry
+    or fallback mends a configuration.
     ``http`` replaces the HTTP client (tests pass FastAPI's ``TestClient``).
     """
 
     def __init__(self, url: str, model, timeout: float = 10.0, retries: int = 2,
                  backoff: float = 0.25, down_for: float = 30.0,
-                 output: str = "labels", http: httpx.Client | None = None):
+                 output: str = "labels", http: httpx.Client | None = None,
+                 token: str | None = None, ca_file: str | Path | None = None):
         if output not in ("labels", "probs"):
             raise PaserError(f"output '{output}': use labels or probs")
         self.url, self.output = url.rstrip("/"), output
         self.retries, self.backoff, self.down_for = retries, backoff, down_for
-        self.http = http if http is not None else httpx.Client(base_url=self.url,
-                                                                timeout=timeout)
+        self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        self.http = http if http is not None else httpx.Client(
+            base_url=self.url, timeout=timeout, verify=_trust(ca_file))
         self.expected = _local_models(model)
         cfg = model.config
         self.channels, self.classes = cfg.models.in_channels, cfg.models.num_classes
@@ -77,8 +85,19 @@ class RemotePool:
 
     def connect(self) -> dict:
         """``GET /v1/models`` and check it serves this run's models; raises
-        :class:`RemoteError` on a mismatch and ``httpx.HTTPError`` when it does not answer."""
-        res = self.http.get("/v1/models")
+        :class:`RemoteError` on a mismatch, :class:`RemoteAccessError` when it refuses the
+        token or its certificate is not trusted, ``httpx.HTTPError`` when it does not answer."""
+        try:
+            res = self.http.get("/v1/models", headers=self.headers)
+        except httpx.ConnectError as err:
+            reason = _untrusted(err)
+            if reason is None:
+                raise
+            raise RemoteAccessError(f"{self.url}: its certificate is not trusted here ({reason})"
+                                    "; pass --ca-file with the CA that signed it (Python: "
+                                    "use_remote(url, ca_file=...))") from None
+        if res.status_code == 401:
+            raise self._refused()
         res.raise_for_status()
         try:
             info = res.json()
@@ -188,10 +207,12 @@ class RemotePool:
             self.stats.bytes_sent += len(body)
             try:
                 res = self.http.post("/v1/segment", params=params, content=body,
-                                     headers={"Content-Type": NPZ})
+                                     headers={**self.headers, "Content-Type": NPZ})
             except httpx.HTTPError as err:
                 error = f"{self.url}: {describe_error(err)}"
                 continue
+            if res.status_code == 401:  # the server was restarted with another token
+                raise self._refused()
             self.stats.bytes_received += len(res.content)
             if res.status_code == 200:
                 return self._answer(res, n, size)
@@ -217,6 +238,12 @@ class RemotePool:
             return None
         return out
 
+    def _refused(self) -> RemoteAccessError:
+        said = "wants a token" if not self.headers else "refused this edge's token"
+        return RemoteAccessError(f"{self.url} {said}: pass --token-file FILE holding the "
+                                 "token its `paser serve` was given (Python: "
+                                 "use_remote(url, token=...))")
+
     def _mark_down(self) -> None:
         self.down_until = time.monotonic() + self.down_for
         self.server = None  # check the models again when it comes back
@@ -226,6 +253,29 @@ class RemotePool:
         if error:
             self.stats.errors.append(error)
         return None
+
+
+def _trust(ca_file: str | Path | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify``: the system's CAs, or those of ``ca_file`` (PEM)."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise PaserError(f"--ca-file {ca_file}: no such file") from None
+    except ssl.SSLError as err:
+        raise PaserError(f"--ca-file {ca_file}: not a PEM CA certificate ({err.reason or err})"
+                         ) from None
+
+
+def _untrusted(err: BaseException | None) -> str | None:
+    """Why the server's certificate failed verification, when that is what ``err`` (an
+    httpx error wrapping httpcore's wrapping ssl's) comes down to; else ``None``."""
+    while err is not None:
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return err.verify_message or str(err)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _local_models(model) -> list[dict]:

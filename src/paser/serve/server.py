@@ -7,11 +7,24 @@ the halo patches must carry, the limits); ``POST /v1/segment?model=fK`` with pat
 (``count=N``), answering class probabilities or labels for the patches' centres. Every
 error is a JSON ``{"error": ...}`` with a 4xx status (5xx only for the server's own
 failures); none stops the server.
+
+With a token, every path but ``/healthz`` needs ``Authorization: Bearer <token>``; without
+it (or with another) the answer is a 401, before the body is read. Every request gets an id
+(``X-Request-Id``: the client's when it is sane) and one line on the ``paser.serve`` logger:
+id, method, path, status, model, patches, ms, client; never a payload, a header or the
+token.
 """
 
 from __future__ import annotations
 
+import copy
+import hmac
+import ipaddress
 import json
+import logging
+import re
+import secrets
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -35,6 +48,11 @@ from paser.serve import codec
 from paser.serve.codec import NPZ, PNG, SCALES, PayloadError
 
 MiB = 2 ** 20
+#: paths open without the token: a load balancer's health check
+OPEN_PATHS = {"/healthz"}
+#: a client's X-Request-Id is kept when it looks like this (a UUID, a hex or base64url id)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+log = logging.getLogger("paser.serve")
 
 
 def run_image_size(model) -> tuple[int, int] | None:
@@ -69,13 +87,14 @@ def describe_models(model, image_size: tuple[int, int] | None = None) -> list[di
 
 def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * MiB,
                max_patches: int = 4096, max_concurrency: int = 1,
-               queue_timeout: float = 30.0) -> FastAPI:
+               queue_timeout: float = 30.0, token: str | None = None) -> FastAPI:
     """The HTTP app serving the pool models of ``model`` (a :class:`paser.PaSeR`).
 
     Limits: a body over ``max_request_bytes`` or an array over ``max_values`` values (shape
     read from the header, before decompressing) is a 413; more than ``max_patches`` patches
     a 413; at most ``max_concurrency`` inferences run at once, and a request that waits
     more than ``queue_timeout`` seconds for its turn is a 503 with ``Retry-After``.
+    ``token``: the shared secret every path but ``/healthz`` requires (``None``: open).
     """
     router, cfg = model.router.eval(), model.config
     channels, classes, halo = cfg.models.in_channels, cfg.models.num_classes, router.grid.halo
@@ -91,8 +110,35 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
               "max_patches": max_patches, "max_concurrency": max_concurrency,
               "queue_timeout_s": queue_timeout}
 
+    expected = None if token is None else token.encode()
+
     app = FastAPI(title="paser cloud tier", version="1",
                   description="The pool models f1..fK of a PaSeR run, patch by patch.")
+
+    @app.middleware("http")
+    async def _guard_and_log(request: Request, call_next) -> Response:
+        """The token, checked before the route runs (so before the body is read), then one
+        log line; the endpoint leaves the model and patch count in ``request.state``."""
+        start = time.perf_counter()
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if REQUEST_ID.fullmatch(rid) else secrets.token_hex(8)
+        status = 500  # unless an answer comes back: the exception goes on to the 500 handler
+        try:
+            problem = None
+            if expected is not None and request.url.path not in OPEN_PATHS:
+                problem = _token_problem(request.headers.get("authorization"), expected)
+            response = (JSONResponse({"error": problem}, status_code=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+                        if problem else await call_next(request))
+            status = response.status_code
+            response.headers["X-Request-Id"] = rid
+            return response
+        finally:
+            state = request.state
+            log.info("%s %s %s %d model=%s patches=%s ms=%.1f client=%s", rid, request.method,
+                     ascii(request.url.path)[1:-1][:100], status, getattr(state, "model", "-"),
+                     getattr(state, "patches", "-"), 1000 * (time.perf_counter() - start),
+                     request.client.host if request.client else "-")
 
     @app.exception_handler(PayloadError)
     async def _payload(request: Request, err: PayloadError) -> JSONResponse:
@@ -155,6 +201,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                       ) -> Response:
         if model not in names:
             raise PayloadError(404, f"no model '{model}'; this server has {', '.join(names)}")
+        request.state.model = model  # for the log line: a name of ours, never the client's text
         if format == "png" and output != "labels":
             raise PayloadError(422, "format=png answers labels only; use output=labels, or "
                                "format=npz for probabilities")
@@ -165,6 +212,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         body = await _read_body(request, max_request_bytes)
         x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
                     else _npz_patches(body, router.grid, channels, max_values))
+        request.state.patches = x.shape[0]
         if x.shape[0] > max_patches:
             raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
                                f"{max_patches} per request; split them")
@@ -194,6 +242,19 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         return Response(codec.encode_npz(**{output: answer}), media_type=NPZ, headers=headers)
 
     return app
+
+
+def _token_problem(header: str | None, expected: bytes) -> str | None:
+    """What is wrong with an ``Authorization`` header, or ``None`` when it carries the token
+    (compared in constant time: the answer's timing says nothing of how much matched)."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return ("this server needs a token: send 'Authorization: Bearer <token>' (paser "
+                "segment --token-file FILE)")
+    # Starlette decodes headers as latin-1: encoding back gives the bytes that were sent
+    if not hmac.compare_digest(given.strip().encode("latin-1"), expected):
+        return "wrong token: send the one this server was started with"
+    return None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -277,12 +338,68 @@ def _png_patches(body: bytes, count: int, channels: int, max_values: int
     return torch.from_numpy(np.ascontiguousarray(x)), notes
 
 
+def exposure_warning(host: str, token: bool, tls: bool) -> str | None:
+    """Why serving on ``host`` this way is unsafe, or ``None``: a loopback address is only
+    reachable from this machine (a reverse proxy here, or an SSH tunnel); any other needs a
+    token, and TLS so that the token and the images do not cross the network readable."""
+    if host == "localhost" or _is_loopback(host):
+        return None
+    if not token:
+        return (f"serving on {host} without a token: anyone who can reach this port can run "
+                "the models on their images; pass --token-file (docs/deployment.md)")
+    if not tls:
+        return (f"serving on {host} over plain HTTP: the token and the images cross the "
+                "network readable; pass --ssl-certfile, or bind 127.0.0.1 behind a TLS "
+                "reverse proxy (docs/deployment.md)")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_tls(certfile: str | Path | None, keyfile: str | Path | None) -> None:
+    """Load the certificate and key here, so that a wrong file is one line, not a traceback
+    from uvicorn (and an encrypted key an error, not a password prompt)."""
+    if certfile is None:
+        if keyfile is not None:
+            raise PaserError("--ssl-keyfile needs --ssl-certfile (the server's certificate)")
+        return
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise PaserError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            certfile, keyfile, password="")
+    except ssl.SSLError as err:
+        raise PaserError(f"--ssl-certfile {certfile}" + (f" with --ssl-keyfile {keyfile}"
+                         if keyfile else "") + f": not a PEM certificate and its unencrypted "
+                         f"key ({err.reason or err})") from None
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          **limits) -> None:
-    """Load the run and serve its pool models with uvicorn until interrupted."""
+          token: str | None = None, ssl_certfile: str | Path | None = None,
+          ssl_keyfile: str | Path | None = None, **limits) -> None:
+    """Load the run and serve its pool models with uvicorn until interrupted: HTTPS with
+    ``ssl_certfile`` (PEM; ``ssl_keyfile`` when the key is not in it), ``token`` required on
+    every path but /healthz (:func:`create_app`), one log line per request on stderr."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from paser import PaSeR
 
+    _check_tls(ssl_certfile, ssl_keyfile)
     model = PaSeR.load(run_dir, device=device, calibrated=False)
-    uvicorn.run(create_app(model, **limits), host=host, port=port, log_level="info")
+    logging_config = copy.deepcopy(LOGGING_CONFIG)  # our lines formatted as uvicorn's
+    logging_config["loggers"]["paser.serve"] = {"handlers": ["default"], "level": "INFO",
+                                                "propagate": False}
+    config = uvicorn.Config(create_app(model, token=token, **limits), host=host, port=port,
+                            log_config=logging_config, access_log=False,  # ours replaces it
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    warning = exposure_warning(host, token is not None, ssl_certfile is not None)
+    if warning:
+        log.warning(warning)
+    uvicorn.Server(config).run()
