@@ -184,46 +184,34 @@ def dispatch_one_sync(router, x: torch.Tensor, base_probs: torch.Tensor,
     return grid.merge(out)
 
 
-class Timer:
-    """Start and end marks of one call: CUDA events on the GPU (what the device spent,
-    host launch gaps included), ``perf_counter`` on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self.cuda:
-            self.start_event.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end_event.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def seconds(self) -> float:
-        if self.cuda:
-            self.end_event.synchronize()
-            return self.start_event.elapsed_time(self.end_event) / 1e3
-        return self.t1 - self.t0
+def mark(device: torch.device):
+    """A point in time: a CUDA event recorded on the stream (the device's clock, so a gap
+    while the host launches counts), or ``perf_counter`` on CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
-def timed(fns: dict, device: torch.device, s: Setting, dtype: torch.dtype | None
+def elapsed(start, end) -> float:
+    """Seconds between two :func:`mark` s."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def timed(fns: dict, device: torch.device, s: Setting, bf16: bool
           ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Median seconds of each ``fn()`` and its peak memory (MiB), under inference mode and
-    autocast to ``dtype`` (``None``: fp32).
+    """Median seconds of each ``fn()`` and its peak memory (MiB), under inference mode, in
+    bf16 autocast or fp32.
 
     Each function is warmed up alone (``s.warmup`` calls, its peak memory read then);
     then they take turns in ``s.repeats`` rounds, as in ``bench.timed``, so a slow spell
     hits all alike. Every call starts on an idle device (synchronised before it)."""
     def call(fn):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16,
-                                                    enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             fn()
 
     peaks = {}
@@ -237,11 +225,9 @@ def timed(fns: dict, device: torch.device, s: Setting, dtype: torch.dtype | None
     for _ in range(s.repeats):
         for name, fn in fns.items():
             bench.sync(device)
-            timer = Timer(device)
-            timer.start()
+            start = mark(device)
             call(fn)
-            timer.stop()
-            times[name].append(timer.seconds())
+            times[name].append(elapsed(start, mark(device)))
     return {name: statistics.median(t) for name, t in times.items()}, peaks
 
 
@@ -325,8 +311,7 @@ def bench_inference(device: torch.device, s: Setting, part: dict, budget: float,
                     f"would take about {forecast:.0f} s more")})
                 continue
             g0 = time.monotonic()
-            dtype = torch.bfloat16 if precision == "bf16" else None
-            seconds, peaks = timed(fns, device, s, dtype)
+            seconds, peaks = timed(fns, device, s, bf16=precision == "bf16")
             last = (batch, time.monotonic() - g0)
             part["rows"] += _rows(batch, precision, seconds, peaks, gflops)
             save()
@@ -552,9 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         result["seconds"] = time.monotonic() - START
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        partial = out.with_name(f".{out.name}.tmp")  # a reader never sees half a file
+        partial.write_text(json.dumps(result, indent=2))
+        os.replace(partial, out)
 
     # a `timeout` around the script sends SIGTERM: end as after an error, JSON written
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
