@@ -22,7 +22,7 @@ Parts 2 and 3 run the CLI in a process of their own, killed at their budget. Pea
 (parts 2 and 3: their process's); ``null`` on CPU.
 
 ``--smoke`` runs the same code on CPU at tiny shapes (64 x 64, 2 x 2 grid, T = 2, batch 1
-and 2, tiny models for training) in about a minute, so that the script cannot rot
+and 2, tiny models for training) in 20 s (a minute on busy cores), so that it cannot rot
 (``tests/test_gpu_script.py``). Output: ``benchmarks/results/cuda.json``; with ``--smoke``
 a temporary file unless ``--out`` says where.
 """
@@ -596,7 +596,7 @@ def print_tables(result: dict) -> None:
     inf = parts.get("inference", {})
     rows = inf.get("rows", [])
     if rows:
-        cells = sorted({(r["batch"], r["precision"]) for r in rows})
+        cells = list(dict.fromkeys((r["batch"], r["precision"]) for r in rows))
         methods = list(dict.fromkeys(r["method"] for r in rows))
         ms = {(r["method"], r["batch"], r["precision"]): r["ms_per_image"] for r in rows}
         print("\nms per image (" + result["environment"].get("gpu", result["environment"][
