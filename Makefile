@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= runs/data
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench bench-gpu lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# one CUDA GPU, at most 8 minutes; writes benchmarks/results/cuda.json (docs/benchmarks.md)
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
