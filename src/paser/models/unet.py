@@ -28,6 +28,22 @@ from paser.errors import ConfigError
 NORMS = {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d}
 
 
+def pool2(x: torch.Tensor) -> torch.Tensor:
+    """2 x 2 max pooling, stride 2 (odd rows and columns dropped, as ``F.max_pool2d``).
+
+    Without gradients (inference), the maximum of the four strided views: the same values
+    to the bit, and several times faster on CPU, where ``max_pool2d`` on NCHW tensors takes
+    a slow path (docs/benchmarks.md). With gradients, ``F.max_pool2d`` itself, so training
+    is unchanged (its gradient picks one of tied inputs; the maxima would split it).
+    """
+    if torch.is_grad_enabled() or x.dim() != 4:
+        return F.max_pool2d(x, 2)
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
+                         torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
 class DoubleConv(nn.Sequential):
     """(conv3x3 -> norm -> ReLU) x 2. Convs keep their bias, norms have no affine."""
 
@@ -122,7 +138,7 @@ class UNet(nn.Module):
         down blocks' outputs (the last one is the current map)."""
         skips = [self.stem(self.inconv(x))]
         for down in self.downs[:2]:
-            skips.append(down(F.max_pool2d(skips[-1], 2)))
+            skips.append(down(pool2(skips[-1])))
         return skips
 
     def decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
@@ -141,7 +157,7 @@ class UNet(nn.Module):
             x = drop(x)
         skips.append(x)
         for down in self.downs[2:]:
-            x = drop(down(F.max_pool2d(x, 2)))
+            x = drop(down(pool2(x)))
             skips.append(x)
         skips.pop()  # the bottom map is x itself
         return self.ups[0](x, skips.pop()), skips
