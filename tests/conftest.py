@@ -9,13 +9,13 @@ torch.set_num_threads(1)
 def mnist_run(tmp_path_factory):
     """A finished tiny noisy-MNIST run (no monolithic baselines, no TVD sweep) for the
     further experiments, which add their entries to its results.json and report."""
-    from tests.test_mnist import MNIST_TINY, _idx_folder
+    from tests.helpers import MNIST_TINY, idx_folder
 
     from paser.config import load_config
     from paser.run import run
 
     tmp = tmp_path_factory.mktemp("finished")
-    _idx_folder(tmp / "idx")
+    idx_folder(tmp / "idx")
     cfg = load_config(preset="mnist-noisy", overrides=[
         *MNIST_TINY, f"data.mnist.root={tmp / 'idx'}", "stage3.tvd_sweep=[]",
         "baselines.monolithic={}", "baselines.paper=null", "operating_point.max_tvd=null",

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.calibration import Calibration, calibrate, validation_logits
 from paser.data import Tensors, load_stage_data

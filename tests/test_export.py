@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from tests.test_pipeline import TINY
+from tests.helpers import TINY
 
 from paser.config import load_config
 from paser.train.common import MetricLog

@@ -335,7 +335,7 @@ def _write(tmp_path, text):
 
 
 def test_a_pool_model_that_cannot_take_its_patch_fails_before_training(tmp_path):
-    from tests.test_pipeline import TINY
+    from tests.helpers import TINY
 
     from paser.train.pretrain import pretrain
 

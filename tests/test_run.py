@@ -4,7 +4,7 @@ import csv
 import json
 
 import pytest
-from tests.test_pipeline import TINY, TINY_DATA
+from tests.helpers import TINY, TINY_DATA
 
 from paser.config import load_config
 from paser.run import fingerprints, run

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.data.battery import decode_label
 from paser.errors import DataError

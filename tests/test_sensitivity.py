@@ -65,7 +65,7 @@ def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
 
 
 def test_cli_refuses_a_lam_outside_0_1_and_a_folder_without_a_run(tmp_path):
-    from tests.test_cli import paser
+    from tests.helpers import paser
 
     res = paser("experiment", "sensitivity", "--run-dir", str(tmp_path), "--lam", "1.5")
     assert res.returncode == 2 and "every lam must lie in [0, 1]" in res.stderr

@@ -23,7 +23,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.calibration import Calibration
 from paser.models import count_parameters
