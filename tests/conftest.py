@@ -2,7 +2,17 @@ import pytest
 import torch
 
 # Tests use tiny tensors: one thread avoids oversubscription when other work shares the cores.
+# Two threads on two busy cores are 20 to 60 times slower on these tensors (OpenMP waits for
+# a thread that is not scheduled), so the tiny configs ask for one thread too (num_threads=1).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, whatever the test before it set (a run sets its
+    config's num_threads): the same numbers in any order, and no test slowed by another."""
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")

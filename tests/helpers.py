@@ -19,8 +19,10 @@ def paser(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
-#: battery-quick's method (the shipped one: one pass of f0, the gain router) on tiny data
+#: battery-quick's method (the shipped one: one pass of f0, the gain router) on tiny data;
+#: one thread, as in every test (see conftest.py)
 TINY_DATA = [
+    "num_threads=1",
     "data.synthetic.n_train=9", "data.synthetic.n_val=2", "data.synthetic.n_test=2",
     "data.synthetic.height=32", "data.synthetic.width=32", "grid=[2, 2]",
     "stage1.epochs=1", "stage1.batch_size=3", "models.f0.epochs=1",
@@ -40,8 +42,10 @@ PAPER_METHOD = [
 ]
 TINY = [*TINY_DATA, *PAPER_METHOD]
 
-#: the mnist-noisy preset on 24 + 6 + 12 local digits with tiny models and schedules
+#: the mnist-noisy preset on 24 + 6 + 12 local digits with tiny models and schedules, on
+#: one thread
 MNIST_TINY = [
+    "num_threads=1",
     "data.mnist.source=idx", "data.mnist.n_train=24", "data.mnist.n_val=6",
     "data.mnist.n_test=12", "baselines.paper.mc_samples=2", "baselines.paper.stage3.epochs=2",
     "stage1.epochs=1", "models.f0.epochs=1", "models.pool.0.epochs=1", "stage1.batch_size=8",

@@ -304,7 +304,8 @@ def test_cityscapes_segformer_preset_on_the_fixture(tmp_path):
          "stage1.epochs=1", "stage1.batch_size=2", "stage2.epochs=1", "stage2.batch_size=2",
          "stage3.epochs=1", "stage3.batch_size=2", "baselines.monolithic={}",
          "baselines.matphase=null", "baselines.timing_batch=1", "baselines.cascade_points=2",
-         "baselines.curve_points=2", "stage3.tvd_sweep=[]", "baselines.operating_points=false"],
+         "baselines.curve_points=2", "stage3.tvd_sweep=[]", "baselines.operating_points=false",
+         "num_threads=1"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())

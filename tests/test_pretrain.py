@@ -10,7 +10,7 @@ from paser.train import pretrain as stage1
 from paser.train.common import MetricLog
 
 TINY = [
-    "data.synthetic.n_train=9", "data.synthetic.n_val=2", "data.synthetic.n_test=2",
+    "num_threads=1", "data.synthetic.n_train=9", "data.synthetic.n_val=2", "data.synthetic.n_test=2",
     "data.synthetic.height=32", "data.synthetic.width=32", "grid=[2, 2]",
     "stage1.epochs=2", "stage1.batch_size=2", "models.f0.epochs=2",
     "models.pool.0.epochs=null", "models.pool.1.epochs=null",
