@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
 from tests.helpers import paser
+
+# every test runs `python -m paser` in a process of its own
+pytestmark = pytest.mark.slow
 
 
 def test_unknown_key_is_one_line_naming_the_key(tmp_path):

@@ -14,6 +14,9 @@ from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.export import MonteCarloF0, export_run, load_onnx_router, validation_size
 
+# every test reads an ONNX export of the finished run (15 s), one runs `paser export`
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def exported(mnist_run, tmp_path_factory):

@@ -184,6 +184,7 @@ def test_assignment_accuracy_and_counts_by_hand():
     assert none["methods"]["PaSeR"]["accuracy"] is None
 
 
+@pytest.mark.slow  # a full `paser run`, monolithic baselines and TVD sweep included
 def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root):
     import json
 

@@ -172,6 +172,10 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
     assert r["unlabelled_fraction"] == pytest.approx(2 / 32)
     med = float(np.median(expect))
     assert r["suggested_class_weights"] == pytest.approx([med / f for f in expect], abs=1e-4)
+
+
+@pytest.mark.slow  # `paser data check` in processes
+def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(folder):
     out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(folder)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -186,6 +190,7 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
         assert message in bad.stderr
 
 
+@pytest.mark.slow  # `paser run` and `paser segment` in processes
 def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path):
     weights = tmp_path / "f2.safetensors"  # f2 starts from local weights
     save_file(create_model("unet", 3, 5, c0=4, widths=[8, 8]).state_dict(), weights)
@@ -292,6 +297,7 @@ def test_cityscapes_layout_maps_label_ids_to_the_19_train_ids(tmp_path):
         CityscapesDataset(root, "test")
 
 
+@pytest.mark.slow  # a full `paser run` with SegFormer-B5 (minutes)
 def test_cityscapes_segformer_preset_on_the_fixture(tmp_path):
     """The paper's pool (a small UNet, SegFormer-B0, SegFormer-B5) through stages 1 to 3
     and the report, on the tiny Cityscapes fixture with a tiny schedule (a 2 x 2 grid:
@@ -314,6 +320,7 @@ def test_cityscapes_segformer_preset_on_the_fixture(tmp_path):
     assert len(results["methods"]["PaSeR"]["fractions"]) == 3
 
 
+@pytest.mark.slow  # a full `paser run`
 def test_a_pool_of_one_model_runs_end_to_end(folder, tmp_path):
     """K = 1: f0 or f1 per patch; every method and table still has its entries."""
     from paser.run import run

@@ -84,6 +84,7 @@ def test_tvd_mode_stops_once_the_assignment_moves(run, tmp_path):
     assert torch.load(copy / "checkpoints" / "stage3.pt", weights_only=False)["epoch"] == -1
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
     """A dataset read lazily by 2 worker processes gives exactly the in-memory figures."""
     from paser import PaSeR
@@ -98,6 +99,7 @@ def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
     assert streamed["images"] == len(lazy)
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds), and stages 1 to 3 again
 def test_training_streamed_from_disk_by_reader_processes_equals_training_in_memory(run, tmp_path):
     """Stages 1-3 with every split read from disk by 2 reader processes end exactly where
     the in-memory run ended: same metrics, epoch by epoch, and same summaries."""

@@ -125,6 +125,7 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
         rob.run_robustness(tmp_path)
 
 
+@pytest.mark.slow  # `paser experiment` in processes
 def test_cli_refuses_a_bad_amount(tmp_path):
     from tests.helpers import paser
 

@@ -23,6 +23,7 @@ SINGLE = ["MatPhase", "f0", "f0 (MC)", "f1", "f2"]
 KEYS = ["PaSeR", "PaSeR (paper)", "PaSeR (f2's IoU - 0.005)", *ROUTED, *SINGLE]
 
 
+# a full `paser run` (about 20 s): every test that reads it is marked slow
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
@@ -33,6 +34,7 @@ def job(tmp_path_factory):
     return tmp / "run", cfg, results, lines
 
 
+@pytest.mark.slow
 def test_results_hold_every_method_with_the_same_fields(job):
     run_dir, cfg, results, _ = job
     assert json.loads((run_dir / "results.json").read_text()) == results
@@ -60,6 +62,7 @@ def test_results_hold_every_method_with_the_same_fields(job):
     assert t2["flops_saved_pct"] == pytest.approx(100 * (1 - ratio))
 
 
+@pytest.mark.slow
 def test_report_files(job):
     run_dir, _, results, lines = job
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
@@ -72,6 +75,7 @@ def test_report_files(job):
         assert (run_dir / "figures" / fig).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_the_report_measures_paser_against_the_single_model_frontier(job):
     import subprocess
     import sys
@@ -133,6 +137,7 @@ def test_a_bad_baseline_name_fails_before_any_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     run_dir, cfg, results, _ = job
     lines: list[str] = []
@@ -149,6 +154,7 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
                                                             "calibrate", "paper", "report"]
 
 
+@pytest.mark.slow
 def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
     run_dir, cfg, _, _ = job
     (run_dir / "stage2.json").unlink()  # stage 2's output is gone: it runs again
@@ -161,6 +167,7 @@ def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
         assert "running" in status[name], name
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_identical_metrics(job, tmp_path):
     """A second CPU run of the whole job with the same config and seed: every method's IoU,
     GFLOP and routing, and every stage's metrics, are identical (timings aside)."""

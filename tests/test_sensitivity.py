@@ -64,6 +64,7 @@ def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
     assert torch.equal(e, sens.patch_entropies(router, test, 3, len(test), seed=1))
 
 
+@pytest.mark.slow  # `paser experiment` in processes
 def test_cli_refuses_a_lam_outside_0_1_and_a_folder_without_a_run(tmp_path):
     from tests.helpers import paser
 

@@ -270,6 +270,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> Non
     raise AssertionError("paser serve did not come up")
 
 
+@pytest.mark.slow  # `paser serve` (uvicorn) and `paser segment` in processes
 def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
