@@ -9,14 +9,35 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from paser.data import mnist as mn
+
+#: How far a pinned mIoU may move. Every run with a test's seed gives the same figures to
+#: the last digit on one machine (two runs each agreed exactly); a hundredth leaves room for
+#: another CPU's float rounding, and is well under the gaps between methods that a change
+#: of behaviour (a label codec, a routing or metric bug) opens.
+IOU_ABS = 0.01
 
 
 def paser(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m paser ARGS`` as a user runs it: a fresh process, output captured."""
     return subprocess.run([sys.executable, "-m", "paser", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def single_model_routes(methods: dict) -> list[str]:
+    """Check that a routed method sending every patch to one model scores that model's IoU
+    (f0's Monte Carlo mean for action 0); return the names of the methods that did."""
+    checked = []
+    for name, m in methods.items():
+        shares = m.get("fractions") or []
+        if 1.0 in shares:
+            k = shares.index(1.0)
+            alone = methods["f0 (MC)" if k == 0 else f"f{k}"]["iou"]
+            assert m["iou"] == pytest.approx(alone, abs=1e-6), (name, k)
+            checked.append(name)
+    return checked
 
 
 #: battery-quick's method (the shipped one: one pass of f0, the gain router) on tiny data;
