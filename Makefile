@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= runs/data
 
-.PHONY: demo test bench bench-gpu lint install clean
+.PHONY: demo test test-fast bench bench-gpu lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+# the tests a developer runs between edits (under a minute): no process of its own, no ONNX
+# export, no full run; `make test` (and CI) runs those too
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,20 +2,30 @@ import pytest
 import torch
 
 # Tests use tiny tensors: one thread avoids oversubscription when other work shares the cores.
+# Two threads on two busy cores are 20 to 60 times slower on these tensors (OpenMP waits for
+# a thread that is not scheduled), so the tiny configs ask for one thread too (num_threads=1).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, whatever the test before it set (a run sets its
+    config's num_threads): the same numbers in any order, and no test slowed by another."""
+    torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory):
     """A finished tiny noisy-MNIST run (no monolithic baselines, no TVD sweep) for the
     further experiments, which add their entries to its results.json and report."""
-    from tests.test_mnist import MNIST_TINY, _idx_folder
+    from tests.helpers import MNIST_TINY, idx_folder
 
     from paser.config import load_config
     from paser.run import run
 
     tmp = tmp_path_factory.mktemp("finished")
-    _idx_folder(tmp / "idx")
+    idx_folder(tmp / "idx")
     cfg = load_config(preset="mnist-noisy", overrides=[
         *MNIST_TINY, f"data.mnist.root={tmp / 'idx'}", "stage3.tvd_sweep=[]",
         "baselines.monolithic={}", "baselines.paper=null", "operating_point.max_tvd=null",

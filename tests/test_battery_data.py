@@ -94,6 +94,7 @@ def test_bad_data_gets_one_clear_error_naming_the_file(tmp_path, breakage, fragm
         assert "s1.png" in msg
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_a_split_on_disk_indexes_batches_and_subsets_like_one_in_memory(tmp_path):
     """The lazily read columns give exactly the stacked tensors, for every kind of index,
     through subsets, and batch by batch with 2 reader processes."""
@@ -118,6 +119,7 @@ def test_a_split_on_disk_indexes_batches_and_subsets_like_one_in_memory(tmp_path
     assert [len(x) for x, _ in sub.batches(2)] == [2, 1]
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_a_file_broken_after_the_split_was_opened_fails_with_one_line_from_a_reader(tmp_path):
     from paser.data import on_disk
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.calibration import Calibration, calibrate, validation_logits
 from paser.data import Tensors, load_stage_data
@@ -116,6 +116,7 @@ def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_p
                        again.segment(images, bias=cal.tensor()).actions)
 
 
+@pytest.mark.slow  # `paser calibrate` and `paser evaluate` in processes
 def test_cli_calibrate(mnist_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(mnist_run, run)

@@ -1,13 +1,12 @@
 """The CLI as a user meets it: one clear line on stderr and exit status 2 for a fixable error."""
 
 import json
-import subprocess
-import sys
 
+import pytest
+from tests.helpers import paser
 
-def paser(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "paser", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+# every test runs `python -m paser` in a process of its own
+pytestmark = pytest.mark.slow
 
 
 def test_unknown_key_is_one_line_naming_the_key(tmp_path):

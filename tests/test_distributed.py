@@ -16,6 +16,9 @@ from paser.train.common import MetricLog
 from paser.train.policy import train_policy
 from paser.train.pretrain import pretrain
 
+# every test launches 2 training processes over gloo
+pytestmark = pytest.mark.slow
+
 # No dropout and no class weights: with those, the 2 processes' averaged gradient is the
 # global batch's, so stage 1 differs from one process only by float summation order.
 TINY = [

@@ -8,11 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.export import MonteCarloF0, export_run, load_onnx_router, validation_size
+
+# every test reads an ONNX export of the finished run (15 s), one runs `paser export`
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from tests.test_pipeline import TINY
+from tests.helpers import TINY
 
 from paser.config import load_config
 from paser.train.common import MetricLog
@@ -69,6 +69,7 @@ def _resume(cmd, run) -> None:
     assert not list(run.rglob(".*.tmp")), "the resumed run left a killed save's temporary file"
 
 
+@pytest.mark.slow  # `paser pretrain` in a process, killed and resumed
 @pytest.mark.parametrize("lines", [random.Random(0).randint(1, 6)])
 def test_sigkill_in_stage1_then_resume(straight, tmp_path, lines):
     tmp, overrides, s1, _ = straight
@@ -82,6 +83,7 @@ def test_sigkill_in_stage1_then_resume(straight, tmp_path, lines):
         MetricLog(tmp / "run" / "metrics" / "stage1.jsonl").read())
 
 
+@pytest.mark.slow  # `paser train-policy` in a process, killed and resumed
 def test_sigkill_in_stage2_then_resume(straight, tmp_path):
     tmp, _, _, s2 = straight
     run = tmp_path / "run"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).parents[1] / "src" / "paser"
 INFERENCE = ["paser.api", "paser.segment", "paser.export", "paser.serve.server",
              "paser.serve.client", "paser.data", "paser.checkpoints", "paser.evaluation"]
@@ -33,6 +35,7 @@ def test_inference_modules_never_import_training():
     assert not {k: v for k, v in bad.items() if v}
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_loading_them_loads_nothing_of_training():
     code = ("import sys\n" + "".join(f"import {m}\n" for m in INFERENCE)
             + "print(sorted(m for m in sys.modules if m.startswith('paser.train')))")

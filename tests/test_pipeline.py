@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tests.helpers import TINY
 
 from paser import PaSeR
 from paser.config import load_config
@@ -12,27 +13,6 @@ from paser.errors import DataError
 from paser.train.finetune import finetune
 from paser.train.policy import train_policy
 from paser.train.pretrain import pretrain
-
-#: battery-quick's method (the shipped one: one pass of f0, the gain router) on tiny data
-TINY_DATA = [
-    "data.synthetic.n_train=9", "data.synthetic.n_val=2", "data.synthetic.n_test=2",
-    "data.synthetic.height=32", "data.synthetic.width=32", "grid=[2, 2]",
-    "stage1.epochs=1", "stage1.batch_size=3", "models.f0.epochs=1",
-    "models.pool.0.epochs=null", "models.pool.1.epochs=null",
-    "models.pool.0.kwargs={c0: 2, widths: [4, 4]}",
-    "models.pool.1.kwargs={c0: 4, widths: [8, 8]}",
-    "stage2.epochs=2", "stage2.batch_size=2", "stage3.batch_size=2",
-]
-#: the paper's method (REINFORCE, T = 2 Monte Carlo passes, f0's prediction and entropy as
-#: the state), which the tests of the stages, the TVD budget and the tools exercise
-PAPER_METHOD = [
-    "mc_samples=2", "mc_dropout=all", "stage2.objective=reinforce", "stage2.policy=cnn",
-    "stage2.state=paper", "stage2.gain=patch", "stage2.cost=params", "stage2.lam=0.5",
-    "stage2.head=local", "stage2.stride=2", "stage2.train_on=rl", "stage2.members=1",
-    "stage3.epochs=2", "operating_point.iou_within_top=null", "baselines.paper=null",
-    "baselines.ablation=false",
-]
-TINY = [*TINY_DATA, *PAPER_METHOD]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +84,7 @@ def test_tvd_mode_stops_once_the_assignment_moves(run, tmp_path):
     assert torch.load(copy / "checkpoints" / "stage3.pt", weights_only=False)["epoch"] == -1
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
     """A dataset read lazily by 2 worker processes gives exactly the in-memory figures."""
     from paser import PaSeR
@@ -118,6 +99,7 @@ def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
     assert streamed["images"] == len(lazy)
 
 
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds), and stages 1 to 3 again
 def test_training_streamed_from_disk_by_reader_processes_equals_training_in_memory(run, tmp_path):
     """Stages 1-3 with every split read from disk by 2 reader processes end exactly where
     the in-memory run ended: same metrics, epoch by epoch, and same summaries."""

@@ -125,8 +125,9 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
         rob.run_robustness(tmp_path)
 
 
+@pytest.mark.slow  # `paser experiment` in processes
 def test_cli_refuses_a_bad_amount(tmp_path):
-    from tests.test_cli import paser
+    from tests.helpers import paser
 
     res = paser("experiment", "robustness", "--run-dir", str(tmp_path), "--amount", "0")
     assert res.returncode == 2 and "share of noisy pixels in (0, 1]" in res.stderr

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+# every test starts a fresh Python that imports torch (3 s each)
+pytestmark = pytest.mark.slow
+
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # In a fresh process: apply, then fill and free a 256 MiB tensor; report resident memory.

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.data.battery import decode_label
 from paser.errors import DataError
@@ -127,6 +127,7 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
     assert "cannot read" in rows[3]["error"]
 
 
+@pytest.mark.slow  # `paser segment` in processes
 def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     inputs = _inputs(tmp_path / "in")
     res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))

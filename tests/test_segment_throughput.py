@@ -25,6 +25,7 @@ def images(folder, n=5):
     return find_images([folder])
 
 
+@pytest.mark.slow  # reader and writer processes
 def test_worker_processes_write_what_one_process_writes(mnist_run, tmp_path):
     from paser import PaSeR
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from tests.test_cli import paser
+from tests.helpers import paser
 
 from paser.calibration import Calibration
 from paser.models import count_parameters
@@ -170,27 +170,38 @@ def test_png_whose_height_is_not_count_patches_is_a_422(server):
 
 
 def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
+    """The first request holds the only slot until the test releases it, so the second
+    finds the server busy whatever the machine's speed: no sleep, no race."""
     model = _load(mnist_run)
     client = TestClient(create_app(model, max_concurrency=1, queue_timeout=0.05))
     run_local = model.router.run_local
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
+    calls = []
 
-    def slow(k, x):
-        started.set()
-        time.sleep(0.5)
+    def held(k, x):  # only the first inference waits: a server that lets a second in fails
+        calls.append(k)
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(60), "the test never released the first request"
         return run_local(k, x)
 
-    monkeypatch.setattr(model.router, "run_local", slow)
+    monkeypatch.setattr(model.router, "run_local", held)
     body = encode_npz(patches=_patches(1))
     first = {}
     thread = threading.Thread(target=lambda: first.update(res=_post(client, body)))
     thread.start()
-    assert started.wait(10)
-    second = _post(client, body)
-    thread.join()
-    assert first["res"].status_code == 200
+    try:
+        assert started.wait(60)  # the first request is inside its inference, holding the slot
+        assert client.get("/healthz").json()["running"] == 1
+        second = _post(client, body)
+    finally:
+        release.set()
+        thread.join(60)
     assert second.status_code == 503 and second.headers["Retry-After"] == "1"
     assert "busy" in second.json()["error"]
+    assert first["res"].status_code == 200 and len(calls) == 1  # released, answered in full
+    health = client.get("/healthz").json()
+    assert (health["running"], health["served"]) == (0, 1)
 
 
 def _forced(model, bias):
@@ -270,6 +281,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> Non
     raise AssertionError("paser serve did not come up")
 
 
+@pytest.mark.slow  # `paser serve` (uvicorn) and `paser segment` in processes
 def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -39,6 +39,8 @@ from paser.serve.client import RemotePool
 from paser.serve.codec import NPZ, encode_npz
 from paser.serve.server import create_app, exposure_warning, serve
 
+pytestmark = pytest.mark.slow  # uvicorn servers and `paser` processes
+
 TOKEN = "k3Jv-tH2_secret-for-tests-0123456789"
 WANTS_A_TOKEN = ("wants a token: pass --token-file FILE holding the token its `paser serve` "
                  "was given (Python: use_remote(url, token=...))")
