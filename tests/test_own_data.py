@@ -138,7 +138,7 @@ def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
     Image.fromarray(arr).save(mask)
     cfg = load_config(overrides=["data.dataset=folder", f"data.root={other}"])
     with pytest.raises(DataError, match=r"img01.png: mask values \[77\] are not in .*classes.yaml"):
-        check_dataset(other, show_progress=False)
+        check_dataset(other, workers=0, show_progress=False)
     (other / "classes.yaml").write_text("classes: {0: a, 300: b}\n")
     with pytest.raises(DataError, match=r"integers 0..255.*\[300\]"):
         open_split(cfg.data, "train")
@@ -169,7 +169,7 @@ def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
 
 
 def test_data_check_counts_classes_and_suggests_weights(folder):
-    r = check_dataset(folder, show_progress=False)
+    r = check_dataset(folder, workers=0, show_progress=False)  # read here: no reader processes
     assert r["layout"] == "folder" and r["splits"]["train"] == {
         "images": 12, "size": [32, 32], "channels": 3}
     masks = np.stack([np.asarray(Image.open(p)) for p in
