@@ -127,3 +127,17 @@ def progress(enabled: bool = True) -> Progress:
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
     )
+
+
+def worker_context(workers: int, preload: list[str]):
+    """How worker processes start: from a fork server where the platform has one (``None``:
+    the platform's default; also with no workers). The server imports ``preload`` once, so
+    each worker starts as a cheap fork; a fork of this process itself could inherit a lock
+    another thread holds (seen: gloo's, under multi-process training)."""
+    import multiprocessing
+
+    if workers and "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(preload)  # no effect once the server runs
+        return ctx
+    return None

@@ -32,6 +32,7 @@ from paser.cost import FLOP_CONVENTION
 from paser.data.folders import ClassMap
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
+from paser.runtime import worker_context
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -242,10 +243,7 @@ def _inputs(files: Sequence[Path], channels: int, workers: int):
     data = _Inputs(files, channels)
     if not workers:
         return (data[i] for i in range(len(data)))
-    import multiprocessing
-
-    ctx = (multiprocessing.get_context("forkserver")
-           if "forkserver" in multiprocessing.get_all_start_methods() else None)
+    ctx = worker_context(workers, ["paser.segment"])
     return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
                                             prefetch_factor=4, multiprocessing_context=ctx,
                                             collate_fn=_as_is, generator=torch.Generator()))
@@ -348,12 +346,9 @@ def _writer(workers: int):
     """Processes that write the outputs (``None``: this process writes them)."""
     if not workers:
         return None
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    ctx = (multiprocessing.get_context("forkserver")
-           if "forkserver" in multiprocessing.get_all_start_methods() else None)
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]))
 
 
 def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None) -> None:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.errors import DataError
+from paser.runtime import worker_context
 
 #: Unlabelled pixels: stored as MASK_IGNORE (255) in uint8 masks, IGNORE (-1) in the int64
 #: labels that losses (``ignore_index=-1``) and metrics (:class:`paser.metrics.IoUAccumulator`)
@@ -129,7 +130,7 @@ class Tensors:
                                 batch_sampler=[idx.tolist() for idx in index_batches],
                                 num_workers=self.workers, collate_fn=_as_is,
                                 generator=torch.Generator(),
-                                multiprocessing_context=_reader_context(self.workers)):
+                                multiprocessing_context=worker_context(self.workers, ["paser.data"])):
             if isinstance(batch, DataError):  # a bad file, found by a reader process
                 raise batch
             yield batch[0], labels(batch[1])
@@ -153,18 +154,6 @@ class _Columns:
 
 def _as_is(batch):
     return batch
-
-
-def _reader_context(workers: int):
-    """How reader processes start: from a fork server where the platform has one. The
-    server imports the readers' modules once, so each reader starts as a cheap fork."""
-    import multiprocessing
-
-    if workers and "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["paser.data"])  # no effect once the server runs
-        return ctx
-    return None
 
 
 def to_tensors(dataset: Dataset) -> Tensors:
