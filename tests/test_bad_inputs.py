@@ -182,7 +182,7 @@ def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
     (folder / "truncated.png").write_bytes(good[:len(good) // 2])
     tifffile.imwrite(folder / "nan.tif", np.full((28, 28), np.nan, np.float32))
     tifffile.imwrite(folder / "five.tif", np.zeros((28, 28, 5), np.uint8), planarconfig="contig")
-    run_dir = ["--run-dir", mnist_run, "--out", tmp_path / "out"]
+    run_dir = ["--run-dir", mnist_run, "--out", tmp_path / "out", "--workers", "0"]
     code, err = cli(capsys, monkeypatch, "segment", folder, *run_dir)
     assert code == 1  # the good image is written, the rest reported
     assert (tmp_path / "out" / "good_labels.png").is_file()
