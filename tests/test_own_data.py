@@ -82,10 +82,10 @@ baselines:
 """
 
 #: each method's test mIoU of `paser run` with POOL3 (alone and after its module: the same digits)
-POOL3_IOU = {"PaSeR": 0.2466, "PaSeR (f3's IoU - 0.005)": 0.2619, "PaSeR-RandPol": 0.2293,
-             "IDK-Cascade": 0.2979, "IDK-Cascade (IoU match)": 0.2629, "Oracle": 0.3528,
-             "MatPhase": 0.2664, "f0": 0.0953, "f0 (MC)": 0.0842, "f1": 0.0311, "f2": 0.2992,
-             "f3": 0.2899}
+POOL3_IOU = {"PaSeR": 0.2482, "PaSeR (f3's IoU - 0.005)": 0.3093, "PaSeR-RandPol": 0.2338,
+             "IDK-Cascade": 0.2556, "IDK-Cascade (IoU match)": 0.2552, "Oracle": 0.3135,
+             "MatPhase": 0.2271, "f0": 0.0788, "f0 (MC)": 0.0701, "f1": 0.0311, "f2": 0.2830,
+             "f3": 0.2969}
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ TINY = [
     "models.pool.1.kwargs={c0: 4, widths: [8, 8]}",
 ]
 
-#: stage 1's test mIoU on TINY after 2 epochs (two runs agreed to the last digit)
-TEST_MIOU = {"f0": 0.1720, "f1": 0.0369, "f2": 0.4120}
+#: stage 1's test mIoU on TINY after 2 epochs, trained channels-last (runtime.place; two runs agreed
+#: to the last digit; NCHW training gave 0.1720, 0.0369, 0.4120: summation order moves a tiny model)
+TEST_MIOU = {"f0": 0.1846, "f1": 0.0369, "f2": 0.4345}
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
     assert out["entropy"]["2"]["n"] == out["entropy"]["6"]["n"] == 12  # 12 images, P = 1
     assert out["entropy"]["2"]["mean"] == pytest.approx(0.6026, abs=0.005)
     assert out["entropy"]["6"]["mean"] == pytest.approx(0.6043, abs=0.005)
-    assert out["p_value"] == pytest.approx(0.641, abs=0.05)  # far from significant
+    assert out["p_value"] == pytest.approx(0.377, abs=0.05)  # far from significant (0.641 trained NCHW)
     assert results["experiments"]["sensitivity"] == json.loads(json.dumps(out))
     text = (mnist_run / "report.md").read_text()
     assert "Sensitivity to lam" in text and f"p = {out['p_value']:.4f}" in text

@@ -21,7 +21,7 @@ from paser.models import PooledPolicy, RoutingPolicy, create_model
 from paser.models.registry import Resized, load_weights
 from paser.patches import PatchGrid
 from paser.routing import Router
-from paser.runtime import atomic_write_text
+from paser.runtime import atomic_write_text, place
 from paser.uncertainty import state_channels
 
 
@@ -86,7 +86,7 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
             f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
             "config or re-run stage 1"
         )
-    model = build_model(cfg, spec, initial=False).to(device)
+    model = place(build_model(cfg, spec, initial=False), device)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
