@@ -9,6 +9,9 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    policy), against f2 on the whole image and against the IDK cascade with the same final
    assignment (every patch that ends at f2 also ran f1). ms per image, and the ratio of
    the wall-clock ratio to the GFLOP ratio (target: the shipped PaSeR's at most 1.25).
+1a. the layout (CPU): each reference UNet on whole images with torch's ``instance_norm``
+   in NCHW (what paser ran before), with paser's group-norm instance norm in NCHW, and with
+   that in channels-last (``paser.runtime.place``, what paser runs).
 1b. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
    at equal IoU. 1c. `paser segment` end to end on 300 (up to 1,000) images: images per second.
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
@@ -31,6 +34,7 @@ fixed. The process runs as `paser` does, with glibc keeping freed memory for reu
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -54,10 +58,11 @@ from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import Tensors
 from paser.metrics import predicted_classes, reward
 from paser.models import PooledPolicy, RoutingPolicy, create_model
+from paser.models.unet import InstanceNorm
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
-from paser.runtime import keep_freed_memory
+from paser.runtime import keep_freed_memory, place
 from paser.train.policy import policy_epoch
 from paser.uncertainty import entropy, mc_dropout
 
@@ -77,7 +82,7 @@ def reference_router(device: torch.device) -> Router:
     pool = [create_model("unet_small", 1, CLASSES), create_model("unet_large", 1, CLASSES)]
     grid = PatchGrid(*GRID)
     policy = RoutingPolicy(grid.num_patches, 3, head="global")
-    return Router(f0, policy, pool, grid, T, 1).to(device).eval()
+    return place(Router(f0, policy, pool, grid, T, 1), device).eval()
 
 
 def mixed_actions(images: int, patches: int, seed: int = 0) -> torch.Tensor:
@@ -215,6 +220,47 @@ def bench_inference(device: torch.device, batch: int, repeats: int) -> dict:
             "wall_over_gflop_ratio_without_overhead": floors,
             "target": "PaSeR (the shipped method) wall_over_gflop_ratio <= 1.25",
             "met": rows["PaSeR"]["wall_over_gflop_ratio"] <= 1.25}
+
+
+def with_torch_instance_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with torch's ``nn.InstanceNorm2d`` for paser's group-norm one."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, InstanceNorm):
+                setattr(parent, name, nn.InstanceNorm2d(child.num_features, eps=child.eps))
+    return model
+
+
+#: part 1a's layouts, the first the baseline of the ratios
+LAYOUTS = {"instance_norm, NCHW": with_torch_instance_norm,
+           "group norm, NCHW": lambda m: m,
+           "group norm, channels-last": lambda m: place(copy.deepcopy(m), "cpu")}
+
+
+def bench_layout(batch: int, repeats: int) -> dict:
+    """Each reference UNet on ``batch`` whole images in each of :data:`LAYOUTS`, all in one
+    interleaved timing."""
+    x = torch.rand(batch, 1, H, W, generator=torch.Generator().manual_seed(0))
+    runs, diffs = {}, {}
+    torch.manual_seed(0)
+    for role, name in (("f0", "unet_tiny"), ("f1", "unet_small"), ("f2", "unet_large")):
+        model = create_model(name, 1, CLASSES).eval()
+        with torch.inference_mode():
+            ref = model(x)
+            for layout, make in LAYOUTS.items():
+                m = make(model)
+                diffs[role, layout] = float((m(x) - ref).abs().max())
+                runs[role, layout] = partial(m, x)
+    seconds = timed({k: _inference(fn) for k, fn in runs.items()}, torch.device("cpu"),
+                    repeats)
+    base = next(iter(LAYOUTS))
+    return {"batch_size": batch, "repeats": repeats, "image_size": [H, W],
+            "models": {role: {layout: {
+                "ms_per_image": 1000 * seconds[role, layout] / batch,
+                "ratio_to_instance_norm_nchw": seconds[role, layout] / seconds[role, base],
+                "max_abs_logit_difference": diffs[role, layout]} for layout in LAYOUTS}
+                for role in ("f0", "f1", "f2")}}
 
 
 def _inference(fn):
@@ -527,7 +573,7 @@ def main() -> None:
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--only", choices=["inference", "demo", "segment", "stage2", "memory",
+    ap.add_argument("--only", choices=["inference", "layout", "demo", "segment", "stage2", "memory",
                                        "train-memory"], action="append")
     ap.add_argument("--segment-images", type=int, default=300,
                     help="images of the `paser segment` part (at most 1,000; 300 keep "
@@ -545,7 +591,7 @@ def main() -> None:
         train_memory_child(*args.train_memory_child, args.workers)
         return
     device = torch.device(args.device)
-    parts = args.only or ["inference", "demo", "segment", "stage2", "memory", "train-memory"]
+    parts = args.only or ["inference", "layout", "demo", "segment", "stage2", "memory", "train-memory"]
     result = {"machine": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),
@@ -557,6 +603,9 @@ def main() -> None:
     if "inference" in parts:
         result["inference"] = bench_inference(device, args.batch, args.repeats)
         _print_inference(result["inference"])
+    if "layout" in parts and device.type == "cpu":
+        result["layout"] = bench_layout(4, 5)
+        _print_layout(result["layout"])
     if "demo" in parts and device.type == "cpu":
         result["demo"] = bench_demo(args.demo_run, args.repeats)
         _print_demo(result["demo"])
@@ -602,6 +651,17 @@ def _print_inference(r: dict) -> None:
     f2 = r["methods"]["f2 (whole image)"]
     print(f"{'f2 (whole image), for comparison':<40}{f2['ms_per_image']:10.1f}"
           f"{f2['gflops']:9.2f}{f2['gflop_per_s']:9.1f}")
+
+
+def _print_layout(r: dict) -> None:
+    print(f"\n1a. Layout: whole images of {r['image_size'][0]} x {r['image_size'][1]}, batch "
+          f"{r['batch_size']}; ms per image (ratio to instance_norm, NCHW; max |logit "
+          "difference|)")
+    print(f"{'model':<6}" + "".join(f"{layout:>28}" for layout in LAYOUTS))
+    for role, layouts in r["models"].items():
+        print(f"{role:<6}" + "".join(
+            f"{m['ms_per_image']:9.1f} ({m['ratio_to_instance_norm_nchw']:.2f}; "
+            f"{m['max_abs_logit_difference']:.0e})".rjust(28) for m in layouts.values()))
 
 
 def _print_demo(r: dict) -> None:
