@@ -13,7 +13,7 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    in NCHW (what paser ran before), with paser's group-norm instance norm in NCHW, and with
    that in channels-last (``paser.runtime.place``, what paser runs).
 1b. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
-   at equal IoU. 1c. `paser segment` end to end on 300 (up to 1,000) images: images per second.
+   at equal IoU. 1c. `paser segment` end to end on 200 (up to 1,000) images: images per second.
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
    stage by `PatchOutcomes`; the task models are frozen) against the loop of the paper's
    published code (f0's T passes, the policy and every pool model on each batch, then
@@ -82,7 +82,10 @@ def reference_router(device: torch.device) -> Router:
     pool = [create_model("unet_small", 1, CLASSES), create_model("unet_large", 1, CLASSES)]
     grid = PatchGrid(*GRID)
     policy = RoutingPolicy(grid.num_patches, 3, head="global")
-    return place(Router(f0, policy, pool, grid, T, 1), device).eval()
+    # as checkpoints.build_router places them: f0 (whole images) channels-last on CPU, the
+    # pool (patches) in the default layout
+    return Router(place(f0, device), policy, [m.to(device) for m in pool], grid, T, 1).to(
+        device).eval()
 
 
 def mixed_actions(images: int, patches: int, seed: int = 0) -> torch.Tensor:
@@ -497,12 +500,13 @@ def peak_rss_kib() -> int:
 
 
 def memory_child(root: str, batch: int, workers: int) -> None:
-    """In a fresh process: stream the test split through the routing path; print JSON."""
+    """In a fresh process: stream the test split through the shipped routing path (what
+    `paser run` and `paser segment` evaluate); print JSON."""
     from paser.data import BatteryDataset
     from paser.evaluation import evaluate_router
 
     device = torch.device("cpu")
-    router = fixed_mix_router(device)
+    router = shipped_router(device)
     data = BatteryDataset(root, "test")
     before = peak_rss_kib()
     start = time.perf_counter()
@@ -569,14 +573,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8, help="images per batch (inference)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=2,
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--only", choices=["inference", "layout", "demo", "segment", "stage2", "memory",
                                        "train-memory"], action="append")
-    ap.add_argument("--segment-images", type=int, default=300,
-                    help="images of the `paser segment` part (at most 1,000; 300 keep "
+    ap.add_argument("--segment-images", type=int, default=200,
+                    help="images of the `paser segment` part (at most 1,000; 200 keep "
                     "`make bench` under 10 minutes)")
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"),
                     help="the finished `make demo` run whose test split part 2 times")
@@ -599,35 +603,37 @@ def main() -> None:
               "flop_convention": FLOP_CONVENTION,
               "shapes": {"image": [H, W], "grid": list(GRID), "mc_samples": T,
                          "models": ["unet_tiny", "unet_small", "unet_large"]}}
+    cpu_only = {"layout", "demo", "segment", "memory", "train-memory"}
+    runs = {"inference": (lambda: bench_inference(device, args.batch, args.repeats),
+                          _print_inference),
+            "layout": (lambda: bench_layout(2, 5), _print_layout),
+            "demo": (lambda: bench_demo(args.demo_run, args.repeats), _print_demo),
+            "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
+                        _print_segment),
+            "stage2": (lambda: bench_stage2(device, 32, args.rounds, 16, 3), _print_stage2),
+            "memory": (lambda: bench_memory(args.images, args.batch, args.workers),
+                       _print_memory),
+            "train-memory": (lambda: bench_train_memory(max(args.workers, 2)),
+                             _print_train_memory)}
     t0 = time.perf_counter()
-    if "inference" in parts:
-        result["inference"] = bench_inference(device, args.batch, args.repeats)
-        _print_inference(result["inference"])
-    if "layout" in parts and device.type == "cpu":
-        result["layout"] = bench_layout(4, 5)
-        _print_layout(result["layout"])
-    if "demo" in parts and device.type == "cpu":
-        result["demo"] = bench_demo(args.demo_run, args.repeats)
-        _print_demo(result["demo"])
-    if "segment" in parts and device.type == "cpu":
-        result["segment"] = bench_segment(args.demo_run, args.segment_images, 2)
-        _print_segment(result["segment"])
-    if "stage2" in parts:
-        result["stage2"] = bench_stage2(device, 32, args.rounds, 16, 3)
-        _print_stage2(result["stage2"])
-    if "memory" in parts and device.type == "cpu":
-        result["memory"] = bench_memory(args.images, args.batch, args.workers)
-        _print_memory(result["memory"])
-    if "train-memory" in parts and device.type == "cpu":
-        result["train_memory"] = bench_train_memory(max(args.workers, 2))
-        _print_train_memory(result["train_memory"])
+    part_seconds = {}
+    for part, (measure, show) in runs.items():
+        if part in parts and (device.type == "cpu" or part not in cpu_only):
+            start = time.perf_counter()
+            result[part.replace("-", "_")] = measure()
+            part_seconds[part] = time.perf_counter() - start
+            show(result[part.replace("-", "_")])
+    result["part_seconds"] = part_seconds  # what each part took, data made on first use included
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{device.type}.json"
     if args.only and path.is_file():  # one part re-measured: keep the others' last results
-        result = {**json.loads(path.read_text()), **result}
+        last = json.loads(path.read_text())
+        result = {**last, **result,
+                  "part_seconds": {**last.get("part_seconds", {}), **part_seconds}}
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n{result['seconds']:.0f} s; written to {path}")
+    print(f"\n{result['seconds']:.0f} s ("
+          + ", ".join(f"{p} {t:.0f}" for p, t in part_seconds.items()) + f"); written to {path}")
 
 
 def _print_inference(r: dict) -> None:

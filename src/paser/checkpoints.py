@@ -73,8 +73,10 @@ def model_roles(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec]]:
 
 
 def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="cpu",
-                 spec: ModelSpec | None = None) -> nn.Module:
-    """The best checkpoint of a role (``f0``, ``f1``, ..., or a baseline's) in eval mode.
+                 spec: ModelSpec | None = None, channels_last: bool = True) -> nn.Module:
+    """The best checkpoint of a role (``f0``, ``f1``, ..., or a baseline's) in eval mode,
+    placed by :func:`paser.runtime.place` (``channels_last=False``: in the default layout,
+    for models that run on patches).
 
     ``spec`` defaults to the role's entry in the config's pool."""
     spec = spec or dict(model_roles(cfg))[role]
@@ -86,7 +88,7 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
             f", but the config asks for {' '.join(map(str, _identity(spec)))}; use the run's own "
             "config or re-run stage 1"
         )
-    model = place(build_model(cfg, spec, initial=False), device)
+    model = place(build_model(cfg, spec, initial=False), device, channels_last)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -127,8 +129,10 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
                                   f"{grid} grid and pool of K = {k} models (its head, or the "
                                   "grid, differs); use the run's own config.yaml or re-run "
                                   "stages 2 and 3") from None
+    # f0 runs on whole images, channels-last on CPU; the pool on patches, where channels-last
+    # was slower (unet_small 1.29 x, unet_large 1.13 x on 56 x 64 patches; docs/benchmarks.md)
     f0 = load_trained(run_dir, cfg, "f0", device)
-    pool = [load_trained(run_dir, cfg, role, device) for role in roles[1:]]
+    pool = [load_trained(run_dir, cfg, role, device, channels_last=False) for role in roles[1:]]
     if pool_states is not None:
         for model, state in zip(pool, pool_states, strict=True):
             model.load_state_dict(state)

@@ -79,18 +79,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+def place(model: torch.nn.Module, device: torch.device | str,
+          channels_last: bool = True) -> torch.nn.Module:
     """``model`` on ``device``, its convolution weights in the layout fastest there.
 
     On CPU, channels-last: oneDNN's convolutions then run without converting their input
     and output at every layer, and the UNets' instance norm (a group norm, see
     :class:`paser.models.unet.InstanceNorm`) keeps the layout (``make bench``, part
-    ``layout``, measures it; docs/benchmarks.md). The outputs are then channels-last too;
-    the values agree with the default layout to rounding (a few 1e-4 on the logits).
-    Elsewhere the layout is left as it is (not measured on a GPU yet).
+    ``layout``, measures it on whole images; docs/benchmarks.md). The outputs are then
+    channels-last too; the values agree with the default layout to rounding (a few 1e-4
+    on the logits). On small patches channels-last was slower, so the router's pool models
+    are placed with ``channels_last=False``. Elsewhere the layout is left as it is (not
+    measured on a GPU yet).
     """
     model = model.to(device)
-    if torch.device(device).type == "cpu":
+    if channels_last and torch.device(device).type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model
 

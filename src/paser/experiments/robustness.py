@@ -116,7 +116,8 @@ def train_noisy_pool(run: FinishedRun, router: Router, amount: float, seed: int,
                    cfg=cfg, epochs=n_epochs, lr=spec.lr or cfg.stage1.lr, run_dir=run.run_dir,
                    log=log, resume=resume, device=device, show_progress=show_progress,
                    spec=spec, label=f"noisy f{k}")
-        pool.append(load_trained(run.run_dir, cfg, role, device, spec=spec))
+        pool.append(load_trained(run.run_dir, cfg, role, device, spec=spec,
+                                 channels_last=False))  # routed on patches, as build_router
         info[f"f{k}"] = {"epochs": n_epochs, "val_miou_clean_plus_noisy": best,
                          "train_images": len(train)}
     return pool, info
