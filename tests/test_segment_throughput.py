@@ -79,3 +79,17 @@ def test_an_unknown_model_is_a_clear_error(mnist_run, tmp_path):
                                  "--out", str(tmp_path / "o"), "--model", "f9"])
     assert isinstance(r.exception, ConfigError)
     assert str(r.exception) == "--model f9: this run has f0, f1, f2"
+
+
+def test_a_loaded_run_has_f0_channels_last_and_its_pool_in_the_default_layout(mnist_run):
+    """f0 runs on whole images, faster channels-last on CPU; the pool on patches, where it
+    was slower (runtime.place, checkpoints.build_router)."""
+    from paser import PaSeR
+
+    router = PaSeR.load(mnist_run).router
+    def convs(m):
+        return [p for p in m.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs(router.f0) and all(
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in convs(router.f0))
+    assert all(p.is_contiguous() for m in router.pool for p in convs(m))
