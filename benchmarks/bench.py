@@ -572,7 +572,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8, help="images per batch (inference)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed rounds of the inference and demo parts (medians)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
@@ -606,7 +607,7 @@ def main() -> None:
     cpu_only = {"layout", "demo", "segment", "memory", "train-memory"}
     runs = {"inference": (lambda: bench_inference(device, args.batch, args.repeats),
                           _print_inference),
-            "layout": (lambda: bench_layout(2, 5), _print_layout),
+            "layout": (lambda: bench_layout(2, 3), _print_layout),
             "demo": (lambda: bench_demo(args.demo_run, args.repeats), _print_demo),
             "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
                         _print_segment),
