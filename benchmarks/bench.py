@@ -70,6 +70,9 @@ H, W, GRID, T, CLASSES = 224, 256, (4, 4), 5, 3
 MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
 EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
 RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
+#: the parts, in the order they run (``--only``); those in CPU_ONLY are skipped on CUDA
+PARTS = ("inference", "layout", "demo", "segment", "stage2", "memory", "train-memory")
+CPU_ONLY = {"layout", "demo", "segment", "memory", "train-memory"}
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 
@@ -578,8 +581,7 @@ def main() -> None:
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--only", choices=["inference", "layout", "demo", "segment", "stage2", "memory",
-                                       "train-memory"], action="append")
+    ap.add_argument("--only", choices=PARTS, action="append")
     ap.add_argument("--segment-images", type=int, default=200,
                     help="images of the `paser segment` part (at most 1,000; 200 keep "
                     "`make bench` under 10 minutes)")
@@ -596,7 +598,7 @@ def main() -> None:
         train_memory_child(*args.train_memory_child, args.workers)
         return
     device = torch.device(args.device)
-    parts = args.only or ["inference", "layout", "demo", "segment", "stage2", "memory", "train-memory"]
+    parts = args.only or PARTS
     result = {"machine": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),
@@ -604,7 +606,6 @@ def main() -> None:
               "flop_convention": FLOP_CONVENTION,
               "shapes": {"image": [H, W], "grid": list(GRID), "mc_samples": T,
                          "models": ["unet_tiny", "unet_small", "unet_large"]}}
-    cpu_only = {"layout", "demo", "segment", "memory", "train-memory"}
     runs = {"inference": (lambda: bench_inference(device, args.batch, args.repeats),
                           _print_inference),
             "layout": (lambda: bench_layout(2, 3), _print_layout),
@@ -618,12 +619,13 @@ def main() -> None:
                              _print_train_memory)}
     t0 = time.perf_counter()
     part_seconds = {}
-    for part, (measure, show) in runs.items():
-        if part in parts and (device.type == "cpu" or part not in cpu_only):
+    for part in PARTS:
+        if part in parts and (device.type == "cpu" or part not in CPU_ONLY):
+            measure, show = runs[part]
             start = time.perf_counter()
-            result[part.replace("-", "_")] = measure()
+            result[part.replace("-", "_")] = r = measure()
             part_seconds[part] = time.perf_counter() - start
-            show(result[part.replace("-", "_")])
+            show(r)
     result["part_seconds"] = part_seconds  # what each part took, data made on first use included
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
