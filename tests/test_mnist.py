@@ -185,7 +185,7 @@ def test_assignment_accuracy_and_counts_by_hand():
 
 
 #: each method's test mIoU in the tiny noisy-MNIST run (two runs agreed to the last digit)
-MNIST_IOU = {"PaSeR": 0.0431, "PaSeR (paper)": 0.0431, "PaSeR (f2's IoU - 0.005)": 0.1723,
+MNIST_IOU = {"PaSeR": 0.0431, "PaSeR (paper)": 0.0431, "PaSeR (best model's IoU - 0.005)": 0.1723,
              "PaSeR-RandPol": 0.1654, "IDK-Cascade": 0.2127, "IDK-Cascade (IoU match)": 0.0431,
              "Oracle": 0.2804, "DeepLabV3+": 0.4569, "SegFormer": 0.2568, "EfficientViT": 0.4569,
              "f0": 0.0431, "f0 (MC)": 0.0431, "f1": 0.2804, "f2": 0.1723}
@@ -207,7 +207,7 @@ def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root
     # the oracle sends every image to f1, the best pool model here; PaSeR stays on f0
     assert methods["Oracle"]["iou"] >= methods["PaSeR"]["iou"]
     assert single_model_routes(methods) == ["PaSeR", "PaSeR (paper)",
-                                            "PaSeR (f2's IoU - 0.005)",
+                                            "PaSeR (best model's IoU - 0.005)",
                                             "IDK-Cascade (IoU match)", "Oracle"]
     a = results["assignment"]
     assert a["groups"] == list(mn.BLURS) and a["models"] == ["f0", "f1", "f2"]

@@ -82,7 +82,7 @@ baselines:
 """
 
 #: each method's test mIoU of `paser run` with POOL3 (alone and after its module: the same digits)
-POOL3_IOU = {"PaSeR": 0.2482, "PaSeR (f3's IoU - 0.005)": 0.3093, "PaSeR-RandPol": 0.2338,
+POOL3_IOU = {"PaSeR": 0.2482, "PaSeR (best model's IoU - 0.005)": 0.3093, "PaSeR-RandPol": 0.2338,
              "IDK-Cascade": 0.2556, "IDK-Cascade (IoU match)": 0.2552, "Oracle": 0.3135,
              "MatPhase": 0.2271, "f0": 0.0788, "f0 (MC)": 0.0701, "f1": 0.0311, "f2": 0.2830,
              "f3": 0.2969}

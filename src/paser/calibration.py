@@ -12,7 +12,9 @@ predicted gain pays for the extra GFLOP.
 
 Targets on quality score every ``t`` of a dense sweep on the validation split exactly, from
 every model's outcome on every validation patch (:class:`~paser.outcomes.PatchOutcomes`):
-``iou_within_top=d`` takes the least GFLOP whose mIoU is within ``d`` of fK's alone, and
+``iou_within_top=d`` takes the least GFLOP whose mIoU is within ``d`` of the best single
+model's alone (f0, f1, ... or fK on every patch: on some data a dearer model scores less, and
+the target must not then fall to a cheaper, worse one's), and
 ``budget_gflops`` with ``best_iou`` the best mIoU within the budget.
 
 The logits are computed once on the validation split, batch by batch with the same
@@ -47,7 +49,8 @@ class Calibration:
     ``bias`` [K+1] is added to the policy's logits; ``strength`` is ``t``; ``target`` is
     ``{"budget_gflops": x}`` (``"best_iou": true`` when the best validation mIoU within it
     was asked for), ``{"max_frac_large": f}`` (the share of patches on the most expensive
-    model, fK) or ``{"iou_within_top": d, "top_miou": m}`` (fK's validation mIoU);
+    model, fK) or ``{"iou_within_top": d, "top_miou": m, "top_model": "f1"}`` (the best
+    single model's validation mIoU, and which model that is);
     ``gflops`` (mean per image,
     :data:`paser.cost.FLOP_CONVENTION`), ``fractions`` (share of patches per model),
     ``miou`` are measured on ``images`` validation images of ``height x width`` with the
@@ -69,6 +72,11 @@ class Calibration:
 
     def tensor(self) -> torch.Tensor:
         return torch.tensor(self.bias, dtype=torch.float32)
+
+    def describe_target(self) -> dict[str, str]:
+        """The target's entries as text for a line of output (numbers as ``%g``)."""
+        return {k: f"{v:g}" if isinstance(v, (int, float)) else str(v)
+                for k, v in self.target.items()}
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / FILE
@@ -133,7 +141,8 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
               outcomes: PatchOutcomes | None = None) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
     ``data``), ``max_frac_large`` (share of patches on the largest model),
-    ``iou_within_top`` (mIoU on ``data`` within this of fK's alone, at the least GFLOP) or
+    ``iou_within_top`` (mIoU on ``data`` within this of the best single model's alone, at
+    the least GFLOP) or
     ``max_tvd`` (the least GFLOP whose assignment distribution is within this total
     variation of the policy's own).
 
@@ -232,9 +241,13 @@ def _by_quality(outcomes: PatchOutcomes, logits: torch.Tensor, rel: torch.Tensor
     miou = outcomes.miou_many(actions)
     gflops = costs.gflops(actions).mean(-1)
     if iou_within_top is not None:
-        top = outcomes.miou(torch.full(logits.shape[:2], logits.shape[-1] - 1))
+        singles = outcomes.miou_many(torch.arange(logits.shape[-1])[:, None, None]
+                                     .expand(-1, *logits.shape[:2]))  # [K+1] each model alone
+        best = int(singles.argmax())
+        top = float(singles[best])
         ok = miou >= top - iou_within_top - 1e-12
-        target = {"iou_within_top": float(iou_within_top), "top_miou": top}
+        target = {"iou_within_top": float(iou_within_top), "top_miou": top,
+                  "top_model": f"f{best}"}
         # the least GFLOP that is close enough; else the best mIoU there is
         pick = (torch.where(ok, gflops, torch.inf).argmin() if ok.any() else miou.argmax())
     else:

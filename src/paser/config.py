@@ -190,6 +190,11 @@ class Stage2Config(_Strict):
     train_on: Literal["rl", "rl+ft"] = Field(
         "rl", description="what the policy trains on: D_rl (the paper), or D_rl and D_ft "
         "together when stage 3 is off (stage3.epochs 0) and D_ft would be unused")
+    views: int = Field(1, ge=1, le=8, description="the router learns from its training "
+                       "images in this many dihedral views (mirrored, turned; 1: as they are, "
+                       "the paper): the pool is not equivariant, so each view is a new draw of "
+                       "every model's outcome on every patch; quarter turns only for square "
+                       "images and grids, and none when the grid does not divide the image")
     hidden: int = Field(64, ge=1, description="pooled policy: width of its MLP")
     members: int = Field(1, ge=1, description="pooled policy: MLPs from different initial "
                          "weights whose outputs are averaged (an ensemble; full-information "
@@ -268,7 +273,7 @@ class BaselinesConfig(_Strict):
         False, description="the report's ablation: objective x state x uncertainty, each "
         "policy trained on the run's outcomes, with its curve area against the frontier")
     operating_points: bool = Field(
-        True, description="the report also gives PaSeR calibrated to fK's IoU within 0.005 "
+        True, description="the report also gives PaSeR calibrated to the best single model's IoU within 0.005 "
         "and to f1's GFLOP")
     timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
 
@@ -279,7 +284,8 @@ class OperatingPointConfig(_Strict):
 
     iou_within_top: float | None = Field(
         None, ge=0, le=1, description="the least GFLOP whose validation mIoU is within this "
-        "of fK's alone (0.005: as good as the largest model, for less)")
+        "of the best single model's alone, whichever of f0..fK that is (0.005: as good as "
+        "the best model of the pool, for less)")
     budget_gflops: float | None = Field(
         None, gt=0, description="the best validation mIoU within this many GFLOP per image")
     max_tvd: float | None = Field(

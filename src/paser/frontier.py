@@ -128,14 +128,40 @@ def share_above(curve: dict, frontier: dict, lo: float, hi: float, count: int = 
     return float(np.mean(mine >= theirs - tol))
 
 
+def curve_saving(curve: dict, frontier: dict) -> tuple[float, Point, float] | None:
+    """The largest share of GFLOP any point of a routed ``curve`` saves against the frontier
+    at equal IoU: ``(saving, (GFLOP, IoU) of that point, the frontier's GFLOP for that
+    IoU)``, or ``None`` when no point is cheaper than the frontier at its IoU. A point above
+    every single model is compared with the best one's GFLOP."""
+    vertices = list(zip(frontier["gflops"], frontier["iou"], strict=True))
+    best = None
+    for g, iou in zip(curve["gflops"], curve["iou"], strict=True):
+        need = frontier_cost(vertices, iou)
+        need = vertices[-1][0] if need is None else need
+        if g < need * (1 - 1e-6) and (best is None or 1 - g / need > best[0]):
+            best = (1 - g / need, (float(g), float(iou)), float(need))
+    return best
+
+
+def headroom_captured(area: float, frontier_area: float, oracle_area: float) -> float | None:
+    """The share of the oracle's headroom over the frontier that a curve captures:
+    ``(area - frontier) / (oracle - frontier)`` (``None`` when the oracle has none)."""
+    room = oracle_area - frontier_area
+    return None if room <= 1e-12 else (area - frontier_area) / room
+
+
 def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
-            fixed_gflops: float | None = None) -> str:
+            fixed_gflops: float | None = None, curve: dict | None = None,
+            lo: float | None = None, hi: float | None = None) -> str:
     """The one line a user decides from: what routing saves against the best single model
     at equal IoU, or why it does not pay on this data.
 
     ``point`` is PaSeR's ``(GFLOP, IoU)``; ``frontier`` a :func:`frontier_curve`;
     ``oracle_curve`` (perfect routing of the same pool) and ``fixed_gflops`` (what every
     routed image pays before any patch is routed) say which part holds a miss back.
+    ``curve`` (PaSeR's whole curve, every operating point calibration reaches) with the
+    budget range ``lo``, ``hi``: the line reads it too, so an operating point that misses
+    (a degenerate target) is not taken for routing that does not pay.
     """
     g, iou = point
     vertices = list(zip(frontier["gflops"], frontier["iou"], strict=True))
@@ -143,15 +169,34 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     at = frontier_at(vertices, g)
     top_g, top_iou = vertices[-1]
     need = frontier_cost(vertices, iou)
+    along = ""
+    pays_along = False
+    saving = None
+    if curve is not None and lo is not None and hi is not None:
+        share = share_above(curve, frontier, lo, hi)
+        margin = areas({"c": curve, "f": frontier}, lo, hi)
+        margin = margin["c"] - margin["f"]
+        saving = curve_saving(curve, frontier)
+        pays_along = margin > 0 and share >= 0.5
+        along = (f"; along its curve it is at or above the frontier on {100 * share:.0f} % of "
+                 f"budgets (curve area {margin:+.4f})")
     if need is None:
         return (f"routing pays: IoU {iou:.4f} at {g:.3f} GFLOP is above every single model "
                 f"(the best, {names[-1]}, scores {top_iou:.4f} at {top_g:.3f} GFLOP: "
-                f"{100 * g / top_g:.0f} % of its GFLOP for {iou - top_iou:+.4f} IoU)")
+                f"{100 * g / top_g:.0f} % of its GFLOP for {iou - top_iou:+.4f} IoU){along}")
     if need > g * (1 + 1e-6):
         return (f"routing saves {100 * (1 - g / need):.1f} % of GFLOP against the best single "
                 f"model at equal IoU: {iou:.4f} at {g:.3f} GFLOP, where the single models need "
-                f"{need:.3f} ({frontier_mix(vertices, names, need)})")
+                f"{need:.3f} ({frontier_mix(vertices, names, need)}){along}")
     below = max((at or 0.0) - iou, 0.0)
+    if pays_along and saving is not None:
+        s, (sg, si), sneed = saving
+        return (f"routing pays on this data, but not at this operating point{along}, and "
+                f"saves up to {100 * s:.1f} % of GFLOP at equal IoU ({si:.4f} at {sg:.3f} "
+                f"GFLOP, where the single models need {sneed:.3f}); the operating point, IoU "
+                f"{iou:.4f} at {g:.3f} GFLOP, is {below:.4f} below the single models at that "
+                f"cost: calibrate to another target (paser calibrate --budget-gflops or "
+                f"--iou-within-top)")
     why = []
     if oracle_curve is not None:
         best = best_within(oracle_curve, g)
@@ -167,7 +212,7 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     where = "" if at is None else f" ({frontier_mix(vertices, names, g)}: {at:.4f})"
     return (f"routing does not pay on this data: IoU {iou:.4f} at {g:.3f} GFLOP is {below:.4f} "
             f"below what the single models give for that cost{where}, which reach it with "
-            f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else ""))
+            f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else "") + along)
 
 
 def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
@@ -186,5 +231,6 @@ def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
             "met": True if need is None else ms <= need * (1 + 1e-9)}
 
 
-__all__ = ["areas", "best_within", "budgets", "curve_values", "frontier_at", "frontier_cost",
-           "frontier_curve", "frontier_mix", "hull", "share_above", "verdict", "wall_clock"]
+__all__ = ["areas", "best_within", "budgets", "curve_saving", "curve_values", "frontier_at",
+           "frontier_cost", "frontier_curve", "frontier_mix", "headroom_captured", "hull",
+           "share_above", "verdict", "wall_clock"]

@@ -17,8 +17,45 @@ import torch
 
 from paser.data import Tensors
 from paser.metrics import confusion_counts, predicted_classes
+from paser.patches import PatchGrid
 from paser.routing import Router
 from paser.uncertainty import entropy
+
+#: the dihedral views of an image, as (quarter turns, mirrored); the first four keep its shape
+VIEWS = [(0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False),
+         (3, True)]
+
+
+def view(x: torch.Tensor, v: int) -> torch.Tensor:
+    """Dihedral view ``v`` (:data:`VIEWS`) of ``x [..., H, W]``: mirrored left-right, then
+    turned by quarter turns."""
+    turns, mirrored = VIEWS[v]
+    return torch.rot90(x.flip(-1) if mirrored else x, turns, (-2, -1))
+
+
+def usable_views(grid: PatchGrid, height: int, width: int, count: int) -> list[int]:
+    """The first ``count`` views (0, the image itself, first) that map the patch grid of a
+    ``height x width`` image onto itself: the grid must divide the image exactly (padding
+    would move), and quarter turns need a square image and grid."""
+    if height % grid.rows or width % grid.cols:
+        return [0]
+    square = height == width and grid.rows == grid.cols
+    return [v for v, (turns, _) in enumerate(VIEWS) if square or turns % 2 == 0][:count]
+
+
+def patch_order(grid: PatchGrid, v: int) -> torch.Tensor:
+    """``[P]``: position ``p`` of view ``v``'s patch grid holds the image's patch
+    ``order[p]`` (row-major patch numbers)."""
+    return view(torch.arange(grid.num_patches).view(grid.rows, grid.cols), v).flatten()
+
+
+def viewed(data: Tensors, v: int) -> Tensors:
+    """A split seen in view ``v`` (in memory)."""
+    if v == 0:
+        return data
+    data = data.in_memory()
+    return Tensors(view(data.images, v).contiguous(), view(data.masks, v).contiguous(),
+                   list(data.ids), data.groups, data.group_names)
 
 
 @dataclass
@@ -129,6 +166,14 @@ class PatchOutcomes:
             return self.dataset_gain()
         iou = self.patch_iou()
         return iou - iou[..., :1]
+
+    def to_image_order(self, grid: PatchGrid, v: int) -> PatchOutcomes:
+        """Outcomes built on view ``v`` of a split with their patches put back in the
+        image's own order (the state stays as the view saw it)."""
+        back = torch.empty_like(patch_order(grid, v))
+        back[patch_order(grid, v)] = torch.arange(grid.num_patches)
+        return PatchOutcomes(self.state, *(getattr(self, k)[:, back]
+                                           for k in ("inter", "union", "entropy", "nll")))
 
     def miou(self, actions: torch.Tensor) -> float:
         """Dataset-level mIoU of the routed predictions for ``actions`` [N, P]."""

@@ -115,7 +115,7 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
 
     model = PaSeR.load(run_dir, calibrated=False)
     cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
-    echo(f"[calibrate] {', '.join(f'{k} {v:g}' for k, v in cal.target.items())}: validation "
+    echo(f"[calibrate] {', '.join(f'{k} {v}' for k, v in cal.describe_target().items())}: validation "
          f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image (uncalibrated "
          f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
 

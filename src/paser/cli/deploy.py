@@ -245,8 +245,8 @@ def calibrate(
     max_frac_large: float = typer.Option(None, "--max-frac-large",
                                          help="largest share of patches on the largest model"),
     iou_within_top: float = typer.Option(
-        None, "--iou-within-top", help="validation mIoU within this of the largest model's "
-        "alone, at the least GFLOP"),
+        None, "--iou-within-top", help="validation mIoU within this of the best single "
+        "model's alone (whichever of f0..fK scores best), at the least GFLOP"),
     best_iou: bool = typer.Option(False, "--best-iou", help="with --budget-gflops: the best "
                                   "validation mIoU within the budget, not the most generous "
                                   "routing"),
@@ -265,7 +265,7 @@ def calibrate(
                           iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd)
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
                f"image ({FLOP_CONVENTION})")
-    target = ", ".join(f"{k} = {v:g}" for k, v in cal.target.items())
+    target = ", ".join(f"{k} = {v}" for k, v in cal.describe_target().items())
     typer.echo(f"target {target}; bias on the logits {[round(b, 4) for b in cal.bias]}")
     typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8}  patches per model")
     for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):

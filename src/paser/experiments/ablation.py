@@ -24,7 +24,13 @@ import torch
 from paser import frontier as FR
 from paser.checkpoints import make_policy
 from paser.config import ExperimentConfig, apply_override, validate
-from paser.experiments.curves import policy_curve
+from paser.experiments.curves import (
+    escalation,
+    logits_on,
+    oracle_curve,
+    policy_curve,
+    rank_correlation,
+)
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.runtime import progress
@@ -37,7 +43,10 @@ DESCRIPTION = (
     "best IoU within the budget minus the single-model frontier's (below a variant's fixed "
     "cost it counts as f0 alone), on validation (what chooses) and on test. Test IoU and "
     "GFLOP: the variant at its own lam, uncalibrated. Train s: the policy's training alone "
-    "(the outcomes are shared).")
+    "(the outcomes are shared). Headroom: the test margin as a share of the oracle's (perfect "
+    "routing of the same pool, knowing the labels); rank: Spearman's correlation, over the "
+    "test patches, between the variant's preference to move a patch off f0 and the best pool "
+    "model's true gain there.")
 
 #: uncertainty steps: (label, T, dropout, signal)
 UNCERTAINTY = [("T=5 all entropy (paper)", 5, "all", "entropy"),
@@ -116,7 +125,7 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
 
     deterministic = Router(router.f0, router.policy, list(router.pool), router.grid, 1,
                            router.in_channels, "none", "entropy", "paper", ncls)
-    singles = {}
+    singles, oracle_margin = {}, {}
     for name in ("validation", "test"):
         o = outcomes(_with(cfg, ["mc_samples=1", "mc_dropout=none", "uncertainty=entropy",
                                  "stage2.state=paper"]), deterministic)[name]
@@ -126,6 +135,9 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
         for k in range(1, nmod):
             points[f"f{k}"] = (costs.patch[k] * p, o.miou(torch.full((n, p), k)))
         singles[name] = points
+        oracle = oracle_curve(o, costs, costs.model_cost(cfg.stage2.cost), 41)
+        oracle_margin[name] = _margin(oracle, FR.frontier_curve(points), points["f0"],
+                                      points["f0"][0], points[f"f{nmod - 1}"][0])
     rows = []
     todo = variants(cfg)
     with progress(show_progress) as bar:
@@ -156,10 +168,14 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
                 lo, hi = singles[which]["f0"][0], singles[which][f"f{nmod - 1}"][0]
                 row["val_margin" if which == "validation" else "test_margin"] = _margin(
                     curve, frontier, singles[which]["f0"], lo, hi)
+            row["test_headroom"] = (row["test_margin"] / oracle_margin["test"]
+                                    if oracle_margin["test"] > 1e-12 else None)
+            row["test_rank"] = rank_correlation(
+                escalation(logits_on(probe, split["test"].state, batch)), split["test"])
             actions = greedy_actions(policy, split["test"].state, batch)
             row["test_iou"] = split["test"].miou(actions.cpu())
             row["test_gflops"] = float(costs.gflops(actions.cpu()).mean())
             rows.append(row)
             bar.advance(task)
-    return {"description": DESCRIPTION,
+    return {"description": DESCRIPTION, "oracle_margin": oracle_margin,
             "rows": rows, "best_on_validation": max(rows, key=lambda r: r["val_margin"])["name"]}

@@ -9,6 +9,9 @@ from paser.baselines.routed import oracle_actions, pareto
 from paser.calibration import price_sweep, sweep_actions
 from paser.outcomes import PatchOutcomes
 
+#: the curve of :func:`reachable_curve` in the report
+REACHABLE = "Oracle (other views)"
+
 
 def logits_on(router, states: torch.Tensor, batch: int) -> torch.Tensor:
     """The policy's logits ``[N, P, K+1]`` on cached states, batch by batch."""
@@ -43,6 +46,56 @@ def oracle_curve(test: PatchOutcomes, costs, cost: torch.Tensor, points: int) ->
     priced = sweep_actions(gain, patch / patch.max(), price_sweep(gain, patch / patch.max()))
     acts = torch.cat([acts, priced])
     return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
+
+
+def priced_curve(scores: torch.Tensor, test: PatchOutcomes, costs, policy: bool = False) -> dict:
+    """The curve of scores ``[N, P, K+1]`` read as gains over f0, each priced per GFLOP at
+    a dense sweep of prices (the router did not run when ``policy`` is false)."""
+    patch = torch.tensor(costs.patch, dtype=torch.float64)
+    rel = patch / patch.max()
+    acts = sweep_actions(scores, rel, price_sweep(scores, rel))
+    return curve(test.miou_many(acts), costs.gflops(acts, policy=policy).mean(-1))
+
+
+def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> dict | None:
+    """An estimate of what any router can reach on this split: routing each patch by its
+    true gains (labels known) measured on the *other* dihedral views of its image
+    (mirrored, turned; :func:`paser.outcomes.usable_views`), averaged. What a patch's gain
+    owes to its image's content survives a mirror; what it owes to one draw of the models'
+    errors on that exact arrangement of pixels does not, and no router can see it. The
+    oracle keeps both; this keeps the first. ``None`` when the image has no other view."""
+    from paser.outcomes import usable_views, viewed
+
+    h, w = test.state.shape[-2:]
+    views = usable_views(router.grid, h, w, 8)[1:]
+    if not views:
+        return None
+    ncls = test.inter.shape[-1]
+    gains = torch.stack([
+        PatchOutcomes.build(router, viewed(data, v), ncls, batch, device, mc_seed=0)
+        .to_image_order(router.grid, v).dataset_gain() for v in views]).mean(0)
+    return priced_curve(gains.double(), test, router.costs(h, w))
+
+
+def escalation(scores: torch.Tensor) -> torch.Tensor:
+    """How strongly a router wants each patch off f0 ``[N, P]``, from its scores ``[N, P,
+    K+1]`` (logits or predicted rewards): the best pool model's score minus f0's."""
+    return scores[..., 1:].amax(-1) - scores[..., 0]
+
+
+def rank_correlation(preference: torch.Tensor, outcomes: PatchOutcomes) -> float:
+    """Spearman's rank correlation, over every patch of a split, between a router's
+    preference to move a patch off f0 ``[N, P]`` (:func:`escalation`; the cascade: f0's
+    entropy on the patch) and what moving it is truly worth: the best pool model's
+    first-order gain of the split's mIoU (:meth:`PatchOutcomes.dataset_gain`). 1: the
+    router ranks patches as the labels do; 0: no better than chance."""
+    from scipy.stats import spearmanr
+
+    truth = outcomes.dataset_gain()[..., 1:].amax(-1).double().flatten()
+    preference = preference.double().flatten()
+    if bool((preference == preference[0]).all() or (truth == truth[0]).all()):
+        return 0.0  # a constant ranks nothing
+    return float(spearmanr(preference.numpy(), truth.numpy()).statistic)
 
 
 def curve(miou: torch.Tensor, gflops: torch.Tensor) -> dict:

@@ -31,7 +31,16 @@ from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
 from paser.experiments import methods as M
 from paser.experiments.ablation import run_ablation
-from paser.experiments.curves import curve, oracle_curve, policy_curve
+from paser.experiments.curves import (
+    REACHABLE,
+    curve,
+    escalation,
+    logits_on,
+    oracle_curve,
+    policy_curve,
+    rank_correlation,
+    reachable_curve,
+)
 from paser.experiments.report import (
     add_honest_view,
     assignment_summary,
@@ -48,6 +57,9 @@ from paser.outcomes import PatchOutcomes
 from paser.runtime import progress
 from paser.train.finetune import sweep_dir
 from paser.train.paper import paper_config, paper_dir
+
+#: the report's row for PaSeR calibrated to the best single model's IoU within 0.005
+BEST_IOU_POINT = "PaSeR (best model's IoU - 0.005)"
 
 
 def single_models(methods: dict[str, dict], num_models: int) -> dict[str, tuple[float, float]]:
@@ -95,7 +107,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     if paper is not None:
         preds["PaSeR (paper)"] = M.paser_predictor(paper.router)
     # operating points users ask for, calibrated on validation (not saved in the run)
-    points = {f"PaSeR ({top}'s IoU - 0.005)": {"iou_within_top": 0.005},
+    points = {BEST_IOU_POINT: {"iou_within_top": 0.005},
               "PaSeR (f1's GFLOP)": {"budget_gflops": costs.num_patches * costs.patch[1],
                                      "best_iou": True}}
     calibrations = {}
@@ -140,9 +152,18 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         curves = {"PaSeR": policy_curve(router, test_out, tb),
                   "IDK-Cascade": curve(c_miou, c_gflops),
                   "Oracle": oracle_curve(test_out, costs, cost, b.curve_points)}
+        reach_curve = reachable_curve(router, data.test, test_out, tb, device)
+        if reach_curve is not None:
+            curves[REACHABLE] = reach_curve
+        # how each router ranks the test patches against what moving them is worth
+        ranks = {"PaSeR": rank_correlation(escalation(logits_on(router, test_out.state, tb)),
+                                           test_out),
+                 "IDK-Cascade": rank_correlation(test_out.entropy[..., 0], test_out)}
         if paper is not None:
             paper_out = PatchOutcomes.build(paper.router, data.test, ncls, tb, device, mc_seed=0)
             curves["PaSeR (paper)"] = policy_curve(paper.router, paper_out, tb)
+            ranks["PaSeR (paper)"] = rank_correlation(
+                escalation(logits_on(paper.router, paper_out.state, tb)), test_out)
         bar.advance(task)
 
     sweep = _tvd_sweep(cfg, run_dir, data, device, show_progress)
@@ -160,14 +181,21 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                                strict=True) if x <= pg]
     on_or_above = pi >= (max(reach) if reach else 0.0) - 1e-9
     paser_rows = [m for m in methods if m.startswith("PaSeR") and m != "PaSeR-RandPol"]
-    verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed)
+    verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed,
+                         curves["PaSeR"], lo, hi)
+    routers = [name for name in curves if name not in ("Frontier", "Oracle", REACHABLE)]
+    captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
+                for name in routers}
+    captured_reachable = ({name: FR.headroom_captured(areas[name], areas["Frontier"],
+                                                      areas[REACHABLE]) for name in routers}
+                          if REACHABLE in areas else {})
     notes.append("The single-model frontier is what a user gets without routing: one model "
                  "of the pool on every image, or whole images split between two of them (the "
                  "upper hull of the points of " + ", ".join(singles) + ", linear in GFLOP). "
                  f"Curve areas are the mean IoU over 64 budgets spaced evenly in log GFLOP from "
                  f"the fixed cost ({lo:.3f}) to {top}'s GFLOP ({hi:.3f}).")
     if paser.calibration is not None:
-        target = ", ".join(f"{k} {v:g}" for k, v in paser.calibration.target.items())
+        target = ", ".join(f"{k} {v}" for k, v in paser.calibration.describe_target().items())
         notes.append(f"PaSeR runs at the run's calibrated operating point ({target}; "
                      "calibrated on the validation split).")
     for name, cal in calibrations.items():
@@ -219,6 +247,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                              / oracle.numel()).tolist(),
         "costs": costs.to_dict(), "curves": curves, "curve_areas": areas,
         "curve_range": [lo, hi], "curve_budgets": "log", "share_above_frontier": above,
+        "headroom_captured": captured, "rank_correlation": ranks,
+        "reachable_captured": captured_reachable,
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
         "wall_clock": FR.wall_clock(
             (methods["PaSeR"]["ms_per_image"], pi),

@@ -109,6 +109,8 @@ def markdown(results: dict) -> str:
              if need is not None else "no single model reaches its IoU")
           + " (ms measured one method after another in this run, batches of "
           f"{results.get('timing_batch')}; `make bench` times them side by side).\n\n")
+    if "headroom_captured" in results:
+        _routers_md(w, results)
     if "pool" in results:
         _pool_md(w, results["pool"], methods)
     w("## Table 1: every method on the test split\n\n")
@@ -193,6 +195,45 @@ def markdown(results: dict) -> str:
     return out.getvalue()
 
 
+def _routers_md(w, results: dict) -> None:
+    """What each router captures of what routing this pool could give."""
+    areas, captured = results["curve_areas"], results["headroom_captured"]
+    ranks = results.get("rank_correlation", {})
+    reach = results.get("reachable_captured", {})
+    reach_name = next((n for n in areas if n.startswith("Oracle (")), None)
+    w("## The routers against the frontier and the oracle\n\n")
+    w("Headroom captured: (curve area - frontier area) / (oracle area - frontier area), the "
+      "share of what perfect routing of this pool adds over the best single models that a "
+      "router gets (1: all of it; 0: none; below 0: under the frontier). Rank correlation: "
+      "Spearman's, over the test patches, between the router's preference to move a patch "
+      "off f0 and the best pool model's true gain there (the cascade: f0's entropy on the "
+      "patch).\n\n")
+    w(f"Frontier area {areas['Frontier']:.4f}; oracle {areas['Oracle']:.4f} "
+      f"({areas['Oracle'] - areas['Frontier']:+.4f} over the frontier)")
+    if reach_name is not None:
+        room = areas["Oracle"] - areas["Frontier"]
+        part = (areas[reach_name] - areas["Frontier"]) / room if room > 1e-12 else float("nan")
+        w(f"; {reach_name} {areas[reach_name]:.4f}, {100 * part:.0f} % of the oracle's "
+          "headroom. That curve routes each patch by its true gains measured on the other "
+          "mirrored and turned views of its image: what a patch's gain owes to its content "
+          "survives a mirror, what it owes to one draw of the models' errors on that exact "
+          "arrangement of pixels does not, and no router can see the second. Its share is "
+          "an estimate of the reachable part; the last column is each router's share of it")
+    w(".\n\n")
+    w("| router | curve area | above the frontier | headroom captured | rank correlation |"
+      + (" of the reachable part |" if reach else "") + "\n|---|---|---|---|---|"
+      + ("---|" if reach else "") + "\n")
+    for name, share in captured.items():
+        w(f"| {name} | {areas[name]:.4f} | {areas[name] - areas['Frontier']:+.4f} | "
+          f"{_pct(share)} | {_fmt(ranks.get(name), 3)} |"
+          + (f" {_pct(reach.get(name))} |" if reach else "") + "\n")
+    w("\n")
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f} %"
+
+
 def _pool_md(w, pool: dict, methods: dict[str, dict]) -> None:
     w("## The pool\n\n")
     w("| model | test IoU | GFLOP | stage-1 epochs | best epoch | converged |\n"
@@ -226,11 +267,14 @@ def _ablation_md(w, a: dict) -> None:
     w("\n## Ablation: objective x state x uncertainty\n\n")
     w(a["description"] + "\n\n")
     w("| variant | objective | state | uncertainty | fixed GFLOP | val area - frontier | "
-      "test area - frontier | test IoU | test GFLOP | train s |\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n")
+      "test area - frontier | headroom | rank | test IoU | test GFLOP | train s |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in a["rows"]:
+        head = r.get("test_headroom")
         w(f"| {r['name']} | {r['objective']} | {r['state']} | {r['uncertainty']} | "
           f"{r['fixed_gflops']:.3f} | {_signed(r['val_margin'])} | {_signed(r['test_margin'])} | "
+          f"{'n/a' if head is None else f'{100 * head:.0f} %'} | "
+          f"{_fmt(r.get('test_rank'), 3)} | "
           f"{_fmt(r['test_iou'])} | {_fmt(r['test_gflops'], 3)} | {r['seconds']:.1f} |\n")
 
 

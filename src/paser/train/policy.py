@@ -41,7 +41,7 @@ from paser.config import ExperimentConfig
 from paser.data import load_stage_data
 from paser.metrics import reward as action_reward
 from paser.models import PooledPolicy
-from paser.outcomes import PatchOutcomes
+from paser.outcomes import PatchOutcomes, usable_views, viewed
 from paser.routing import Router
 from paser.runtime import atomic_save, atomic_write_text, progress
 from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
@@ -190,18 +190,24 @@ def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch
                       mc_seed: int | None = None,
                       pool_from: PatchOutcomes | None = None) -> PatchOutcomes:
     """What the policy trains on: D_rl's outcomes, with D_ft's after them when
-    ``stage2.train_on`` is ``rl+ft``."""
+    ``stage2.train_on`` is ``rl+ft``, each split seen in ``stage2.views`` dihedral views
+    (mirrored, turned: :func:`paser.outcomes.usable_views`), one after another. The pool
+    models are not equivariant, so a view is a new draw of every model's outcome on every
+    patch, and a router that learns from more draws learns less of one draw's noise."""
     splits = [data.rl] + ([data.ft] if cfg.stage2.train_on == "rl+ft" else [])
+    h, w = data.rl.images.shape[-2:]
+    views = usable_views(router.grid, h, w, cfg.stage2.views)
     parts, start = [], 0
     for split in splits:
-        base = None
-        if pool_from is not None:
-            n = len(split)
-            base = PatchOutcomes(*(getattr(pool_from, k)[start:start + n] for k in
-                                   ("state", "inter", "union", "entropy", "nll")))
-            start += n
-        parts.append(PatchOutcomes.build(router, split, cfg.models.num_classes,
-                                         cfg.stage2.batch_size, device, mc_seed, base))
+        for v in views:
+            base = None
+            if pool_from is not None:
+                n = len(split)
+                base = PatchOutcomes(*(getattr(pool_from, k)[start:start + n] for k in
+                                       ("state", "inter", "union", "entropy", "nll")))
+                start += n
+            parts.append(PatchOutcomes.build(router, viewed(split, v), cfg.models.num_classes,
+                                             cfg.stage2.batch_size, device, mc_seed, base))
     return parts[0] if len(parts) == 1 else PatchOutcomes.concat(parts)
 
 

@@ -1,0 +1,156 @@
+"""What users decide from: the oracle's headroom a router captures, its rank correlation,
+the dihedral views the router learns from, the best-model target and a verdict that reads
+the curve. Small hand-built cases where the right answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from paser import frontier as FR
+from paser.calibration import calibrate
+from paser.data import Tensors
+from paser.experiments.curves import escalation, rank_correlation
+from paser.models import PooledPolicy, create_model
+from paser.outcomes import PatchOutcomes, patch_order, usable_views, view, viewed
+from paser.patches import PatchGrid
+from paser.routing import Router
+
+
+def test_headroom_captured_is_the_share_of_the_oracles_margin():
+    assert FR.headroom_captured(0.83, 0.82, 0.84) == pytest.approx(0.5)
+    assert FR.headroom_captured(0.81, 0.82, 0.84) == pytest.approx(-0.5)
+    assert FR.headroom_captured(0.83, 0.82, 0.82) is None  # no headroom to capture
+
+
+def _outcomes(gain_f1: list[float]) -> PatchOutcomes:
+    """One class, 1 image of len(gain_f1) patches: f0 has intersection 0 of union 10, f1 has
+    10 * gain of 10 (its patch IoU gain is ``gain``)."""
+    p = len(gain_f1)
+    inter = torch.zeros(1, p, 2, 1)
+    inter[0, :, 1, 0] = torch.tensor(gain_f1) * 10
+    union = torch.full((1, p, 2, 1), 10.0)
+    return PatchOutcomes(torch.zeros(1, 1, 2, 2), inter, union, torch.zeros(1, p, 2),
+                         torch.zeros(1, p, 2))
+
+
+def test_rank_correlation_is_one_for_the_labels_order_and_minus_one_reversed():
+    out = _outcomes([0.1, 0.4, 0.2, 0.3])
+    truth = torch.tensor([[[0.0, 0.1], [0.0, 0.4], [0.0, 0.2], [0.0, 0.3]]])
+    assert rank_correlation(escalation(truth), out) == pytest.approx(1.0)
+    assert rank_correlation(-escalation(truth), out) == pytest.approx(-1.0)
+    # f0's score is subtracted: a router that prefers f0 everywhere by the same margin
+    # ranks as the one that does not
+    shifted = truth + torch.tensor([5.0, 0.0])
+    assert rank_correlation(escalation(shifted), out) == pytest.approx(1.0)
+    assert rank_correlation(torch.zeros(1, 4), out) == 0.0  # a constant ranks nothing
+
+
+def test_views_map_the_patch_grid_onto_itself():
+    grid = PatchGrid(2, 2)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    patches = grid.split(x)
+    for v in range(8):
+        seen, order = grid.split(view(x, v)), patch_order(grid, v)
+        for p in range(4):  # position p of the view holds the view of patch order[p]
+            assert torch.equal(seen[p], view(patches[order[p]], v))
+    assert usable_views(grid, 4, 4, 8) == list(range(8))
+    assert usable_views(grid, 4, 6, 8) == [0, 1, 2, 3]  # no quarter turn of a 4 x 6 image
+    assert usable_views(grid, 5, 4, 8) == [0]  # padding would move
+    assert usable_views(PatchGrid(1, 2), 4, 4, 8) == [0, 1, 2, 3]
+
+
+def test_an_equivariant_pool_has_the_same_outcomes_in_every_view():
+    """Models of 1 x 1 convolutions commute with mirrors and turns, so every view's outcomes,
+    put back in the image's patch order, are the image's own: views add draws only where
+    the models are not equivariant."""
+    torch.manual_seed(0)
+    grid = PatchGrid(2, 2)
+    pool = [nn.Conv2d(1, 3, 1), nn.Conv2d(1, 3, 1)]
+    router = Router(nn.Conv2d(1, 3, 1), nn.Identity(), pool, grid, 1, mc_dropout="none").eval()
+    gen = torch.Generator().manual_seed(1)
+    data = Tensors(torch.rand(3, 1, 8, 8, generator=gen),
+                   torch.randint(0, 3, (3, 8, 8), generator=gen).byte(), ["a", "b", "c"])
+    base = PatchOutcomes.build(router, data, 3, 2, torch.device("cpu"), mc_seed=0)
+    for v in range(1, 8):
+        other = PatchOutcomes.build(router, viewed(data, v), 3, 2, torch.device("cpu"),
+                                    mc_seed=0).to_image_order(grid, v)
+        assert torch.equal(other.inter, base.inter) and torch.equal(other.union, base.union)
+        assert torch.allclose(other.entropy, base.entropy, atol=1e-6)
+
+
+def test_training_outcomes_hold_every_view_of_every_image(tmp_path):
+    from paser.config import load_config
+    from paser.data import StageData
+    from paser.train.policy import training_outcomes
+
+    torch.manual_seed(0)
+    grid = PatchGrid(2, 2)
+    router = Router(create_model("unet_tiny", 1, 3), PooledPolicy((2, 2), 3, 2), [
+        create_model("unet_tiny", 1, 3), create_model("unet_tiny", 1, 3)], grid, 1,
+        mc_dropout="none").eval()
+    gen = torch.Generator().manual_seed(2)
+    split = Tensors(torch.rand(2, 1, 16, 16, generator=gen),
+                    torch.randint(0, 3, (2, 16, 16), generator=gen).byte(), ["a", "b"])
+    data = StageData(split, split, split, split, split)
+    cfg = load_config("battery-quick", overrides=["stage2.views=4", "stage2.train_on=rl"])
+    out = training_outcomes(cfg, router, data, torch.device("cpu"), mc_seed=0)
+    assert out.inter.shape[:3] == (8, 4, 3)  # 2 images x 4 views, 4 patches, 3 models
+    first = PatchOutcomes.build(router, split, 3, 16, torch.device("cpu"), mc_seed=0)
+    assert torch.equal(out.inter[:2], first.inter)  # the images themselves come first
+    mirrored = PatchOutcomes.build(router, viewed(split, 1), 3, 16, torch.device("cpu"),
+                                   mc_seed=0)
+    assert torch.equal(out.inter[2:4], mirrored.inter)
+
+
+def test_the_quality_target_is_the_best_single_model_not_the_last():
+    """A pool whose last model is its worst: f2 predicts a class that is never there, f1
+    reads the label off the input. The target must be f1's IoU, not f2's (which f0 alone
+    beats, so "f2's IoU" would send every patch to f0)."""
+
+    right = nn.Conv2d(1, 3, 1)  # reads the class from the input's value (0 or 0.5)
+    wrong = nn.Conv2d(1, 3, 3, padding=1)  # class 2 everywhere, and 9 x the FLOPs
+    with torch.no_grad():
+        right.weight.copy_(torch.tensor([0.0, 20.0, 0.0]).view(3, 1, 1, 1))
+        right.bias.copy_(torch.tensor([0.0, -5.0, -100.0]))
+        wrong.weight.zero_()
+        wrong.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    grid = PatchGrid(2, 2)
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 2, (6, 8, 8), generator=gen)
+    images = masks[:, None].float() / 2
+    data = Tensors(images, masks.byte(), [str(i) for i in range(6)])
+    f0 = nn.Conv2d(1, 3, 1)
+    with torch.no_grad():  # f0: right on class 0, noisy elsewhere
+        f0.weight.zero_()
+        f0.bias.copy_(torch.tensor([0.1, 0.0, 0.0]))
+    policy = PooledPolicy((2, 2), 3, 2, gain_head=True)
+    with torch.no_grad():  # predicted gains: f1 +0.5, f2 +0.2 on every patch
+        last = policy.mlp[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([[0.5, 0.2]]))
+    router = Router(f0, policy, [right, wrong], grid, 1, mc_dropout="none").eval()
+    cal = calibrate(router, data, 3, iou_within_top=0.005, batch_size=6)
+    assert cal.target["top_model"] == "f1"
+    assert cal.target["top_miou"] == pytest.approx(1.0)
+    assert cal.miou >= 1.0 - 0.005 and cal.fractions[1] == pytest.approx(1.0)
+
+
+def test_verdict_reads_the_curve_when_the_point_misses():
+    """The nano-CT case: the operating point sits on a degenerate target (f0 alone), yet
+    the curve is above the frontier almost everywhere; the line must say routing pays."""
+    frontier = FR.frontier_curve({"f0": (1.0, 0.55), "f1": (3.0, 0.57), "f2": (9.0, 0.54)})
+    curve = {"gflops": [1.0, 1.1, 1.3, 1.5, 2.0, 3.0],
+             "iou": [0.55, 0.553, 0.558, 0.562, 0.568, 0.5705]}
+    line = FR.verdict((1.0, 0.548), frontier, None, 1.0, curve, 1.0, 9.0)
+    assert line.startswith("routing pays on this data, but not at this operating point")
+    share = FR.share_above(curve, frontier, 1.0, 9.0)
+    assert share > 0.9 and f"on {100 * share:.0f} % of budgets" in line
+    # 0.562 at 1.5 GFLOP where the frontier needs 1 + 2 * 0.6 = 2.2: 31.8 % saved, the most
+    assert "saves up to 31.8 % of GFLOP at equal IoU (0.5620 at 1.500 GFLOP" in line
+    # a curve under the frontier leaves the plain verdict
+    under = {"gflops": [1.0, 3.0], "iou": [0.55, 0.56]}
+    miss = FR.verdict((1.0, 0.548), frontier, None, 1.0, under, 1.0, 9.0)
+    assert miss.startswith("routing does not pay on this data")
+    assert FR.curve_saving(under, frontier) is None
