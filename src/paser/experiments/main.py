@@ -184,9 +184,14 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed,
                          curves["PaSeR"], lo, hi)
     routers = [name for name in curves if name not in ("Frontier", "Oracle", REACHABLE)]
-    captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
+    # below a router's fixed cost (PaSeR (paper)'s T passes and its policy) a user runs f0
+    # alone: its point starts every router's curve here, as in the ablation's margins
+    f0_point = {"gflops": [singles["f0"][0]], "iou": [singles["f0"][1]]}
+    with_f0 = FR.areas({name: {k: f0_point[k] + list(curves[name][k]) for k in f0_point}
+                        for name in routers}, lo, hi)
+    captured = {name: FR.headroom_captured(with_f0[name], areas["Frontier"], areas["Oracle"])
                 for name in routers}
-    captured_reachable = ({name: FR.headroom_captured(areas[name], areas["Frontier"],
+    captured_reachable = ({name: FR.headroom_captured(with_f0[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
     notes.append("The single-model frontier is what a user gets without routing: one model "

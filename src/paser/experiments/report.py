@@ -207,11 +207,11 @@ def _routers_md(w, results: dict) -> None:
       "router gets (1: all of it; 0: none; below 0: under the frontier). Rank correlation: "
       "Spearman's, over the test patches, between the router's preference to move a patch "
       "off f0 and the best pool model's true gain there (the cascade: f0's entropy on the "
-      "patch).\n\n")
+      "patch). A router's curve counts as f0 alone below its fixed cost.\n\n")
     w(f"Frontier area {areas['Frontier']:.4f}; oracle {areas['Oracle']:.4f} "
       f"({areas['Oracle'] - areas['Frontier']:+.4f} over the frontier)")
+    room = areas["Oracle"] - areas["Frontier"]
     if reach_name is not None:
-        room = areas["Oracle"] - areas["Frontier"]
         part = (areas[reach_name] - areas["Frontier"]) / room if room > 1e-12 else float("nan")
         w(f"; {reach_name} {areas[reach_name]:.4f}, {100 * part:.0f} % of the oracle's "
           "headroom. That curve routes each patch by its true gains measured on the other "
@@ -224,7 +224,8 @@ def _routers_md(w, results: dict) -> None:
       + (" of the reachable part |" if reach else "") + "\n|---|---|---|---|---|"
       + ("---|" if reach else "") + "\n")
     for name, share in captured.items():
-        w(f"| {name} | {areas[name]:.4f} | {areas[name] - areas['Frontier']:+.4f} | "
+        area = areas["Frontier"] + share * room if share is not None else areas[name]
+        w(f"| {name} | {area:.4f} | {area - areas['Frontier']:+.4f} | "
           f"{_pct(share)} | {_fmt(ranks.get(name), 3)} |"
           + (f" {_pct(reach.get(name))} |" if reach else "") + "\n")
     w("\n")
