@@ -104,7 +104,12 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert lo == pytest.approx(results["costs"]["fixed"]) and hi == pytest.approx(m["f2"]["gflops"])
     assert results["curve_areas"] == pytest.approx(FR.areas(results["curves"], lo, hi))
     assert set(results["share_above_frontier"]) == {"PaSeR", "PaSeR (paper)", "IDK-Cascade",
-                                                    "Oracle"}
+                                                    "Oracle", "Oracle (other views)"}
+    # every router's share of the oracle's headroom and its rank correlation with the gains
+    routers = {"PaSeR", "PaSeR (paper)", "IDK-Cascade"}
+    assert set(results["headroom_captured"]) == routers == set(results["rank_correlation"])
+    assert set(results["reachable_captured"]) == routers
+    assert all(-1 <= v <= 1 for v in results["rank_correlation"].values())
     # the regret rows: at each PaSeR point, the frontier, cascade and oracle there
     rows = {r["method"]: r for r in results["regret"]}
     assert set(rows) == {"PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)"}
@@ -117,6 +122,7 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert results["verdict"].startswith("routing ")
     assert f"**Verdict: {results['verdict']}.**" in text
     assert "## Against the single-model frontier" in text and "## The pool" in text
+    assert "## The routers against the frontier and the oracle" in text
     # PaSeR runs at its calibrated operating point; the paper's method beside it
     cal = json.loads((run_dir / "calibration.json").read_text())
     assert cal["target"]["iou_within_top"] == 0.005
