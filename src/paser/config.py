@@ -273,8 +273,8 @@ class BaselinesConfig(_Strict):
         False, description="the report's ablation: objective x state x uncertainty, each "
         "policy trained on the run's outcomes, with its curve area against the frontier")
     operating_points: bool = Field(
-        True, description="the report also gives PaSeR calibrated to the best single model's IoU within 0.005 "
-        "and to f1's GFLOP")
+        True, description="the report also gives PaSeR calibrated to the best single model's "
+        "IoU within 0.005 and to f1's GFLOP")
     timing_batch: int = Field(8, ge=1, description="images per batch when measuring ms/image")
 
 
