@@ -170,8 +170,7 @@ class PatchOutcomes:
     def to_image_order(self, grid: PatchGrid, v: int) -> PatchOutcomes:
         """Outcomes built on view ``v`` of a split with their patches put back in the
         image's own order (the state stays as the view saw it)."""
-        back = torch.empty_like(patch_order(grid, v))
-        back[patch_order(grid, v)] = torch.arange(grid.num_patches)
+        back = patch_order(grid, v).argsort()  # the inverse permutation
         return PatchOutcomes(self.state, *(getattr(self, k)[:, back]
                                            for k in ("inter", "union", "entropy", "nll")))
 

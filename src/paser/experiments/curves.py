@@ -22,6 +22,15 @@ def logits_on(router, states: torch.Tensor, batch: int) -> torch.Tensor:
                           for i in range(0, len(states), batch)])
 
 
+def priced_actions(scores: torch.Tensor, costs) -> torch.Tensor:
+    """Actions ``[S, N, P]`` of scores ``[N, P, K+1]`` (logits, or gains over f0) with the
+    calibration's price ``t * GFLOP(k) / GFLOP(fK)`` taken off, for a dense sweep of ``t``
+    (:func:`paser.calibration.price_sweep`)."""
+    patch = torch.tensor(costs.patch, dtype=torch.float64)
+    rel = patch / patch.max()
+    return sweep_actions(scores, rel, price_sweep(scores, rel))
+
+
 def policy_curve(router, test: PatchOutcomes, batch: int) -> dict:
     """PaSeR's IoU-vs-GFLOP curve: the calibration's bias ``-t * GFLOP(k) / GFLOP(fK)`` on
     the policy's logits for a dense sweep of ``t``, from "everything on fK" to "everything
@@ -29,9 +38,7 @@ def policy_curve(router, test: PatchOutcomes, batch: int) -> dict:
     ``paser calibrate`` can reach."""
     logits = logits_on(router, test.state, batch)
     costs = router.costs(*test.state.shape[-2:])
-    patch = torch.tensor(costs.patch, dtype=torch.float64)
-    rel = patch / patch.max()
-    actions = sweep_actions(logits, rel, price_sweep(logits, rel))  # [S, N, P]
+    actions = priced_actions(logits, costs)  # [S, N, P]
     return curve(test.miou_many(actions), costs.gflops(actions).mean(-1))
 
 
@@ -41,20 +48,11 @@ def oracle_curve(test: PatchOutcomes, costs, cost: torch.Tensor, points: int) ->
     patch_iou = test.patch_iou()
     acts = torch.stack([oracle_actions(patch_iou, cost, lam)
                         for lam in torch.linspace(0, 1, points).tolist()])
-    gain = test.dataset_gain()
-    patch = torch.tensor(costs.patch, dtype=torch.float64)
-    priced = sweep_actions(gain, patch / patch.max(), price_sweep(gain, patch / patch.max()))
-    acts = torch.cat([acts, priced])
+    acts = torch.cat([acts, priced_actions(test.dataset_gain(), costs)])
     return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
 
 
-def priced_curve(scores: torch.Tensor, test: PatchOutcomes, costs, policy: bool = False) -> dict:
-    """The curve of scores ``[N, P, K+1]`` read as gains over f0, each priced per GFLOP at
-    a dense sweep of prices (the router did not run when ``policy`` is false)."""
-    patch = torch.tensor(costs.patch, dtype=torch.float64)
-    rel = patch / patch.max()
-    acts = sweep_actions(scores, rel, price_sweep(scores, rel))
-    return curve(test.miou_many(acts), costs.gflops(acts, policy=policy).mean(-1))
+
 
 
 def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> dict | None:
@@ -74,7 +72,9 @@ def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> di
     gains = torch.stack([
         PatchOutcomes.build(router, viewed(data, v), ncls, batch, device, mc_seed=0)
         .to_image_order(router.grid, v).dataset_gain() for v in views]).mean(0)
-    return priced_curve(gains.double(), test, router.costs(h, w))
+    costs = router.costs(h, w)
+    acts = priced_actions(gains.double(), costs)
+    return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
 
 
 def escalation(scores: torch.Tensor) -> torch.Tensor:
