@@ -310,9 +310,11 @@ class DistributedConfig(_Strict):
     num_nodes: int = Field(1, ge=1, description="machines")
     strategy: Literal["auto", "ddp"] = Field("auto", description="auto: ddp when more than one "
                                                "process")
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
-        "32-true", description="bf16-mixed or 16-mixed: autocast on CUDA in stages 1 and 2 "
-        "and the baselines; stage 3 trains in 32-bit")
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = Field(
+        "32-true", description="bf16-mixed or 16-mixed: autocast in stage 1 and the "
+        "baselines (and stage 2 on CUDA; 16-mixed on CUDA only); stage 3 trains in 32-bit; "
+        "auto: bf16-mixed where the device computes bf16 natively (a CUDA GPU that supports "
+        "it, a CPU with AVX512-BF16 or AMX), else 32-true")
 
 
 class ExperimentConfig(_Strict):
@@ -510,7 +512,8 @@ def with_distributed(cfg: ExperimentConfig | None, run_dir: str | Path, devices:
     try:
         dist = DistributedConfig(**d)
     except ValueError as err:
-        raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed or 16-mixed") \
+        raise ConfigError(f"--precision {precision}: use 32-true, bf16-mixed, 16-mixed or "
+                          "auto") \
             from err
     return cfg.model_copy(update={"distributed": dist})
 

@@ -164,7 +164,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo("paser run trains in one process (distributed settings ignored): for "
              "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
              "`baselines` with --devices N first; paser run then skips them")
-        cfg = cfg.model_copy(update={"distributed": DistributedConfig()})
+        cfg = cfg.model_copy(update={"distributed": DistributedConfig(
+            precision=cfg.distributed.precision)})
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     fps = fingerprints(cfg)
     steps = Steps(run_dir)

@@ -26,7 +26,7 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.runtime import atomic_save, place
+from paser.runtime import atomic_save
 from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, setup
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import class_weight, fit, masked_ce, model_epochs, weighted_ce
@@ -83,7 +83,7 @@ def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec
                 device: torch.device, resume: bool, show_progress: bool, label: str,
                 dist: Dist | None = None) -> nn.Module:
     """Train one whole-image model on D_pre (class-weighted CE) and return its best weights."""
-    model = place(build_model(cfg, spec), device)
+    model = (dist or Dist(device)).place(build_model(cfg, spec))
     fit(role, model, whole_padded, weighted_ce(cfg, device), data.pre, data.validation,
         cfg=cfg, epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr,
         run_dir=run_dir, log=MetricLog(run_dir / "metrics" / "baselines.jsonl"), resume=resume,

@@ -28,7 +28,8 @@ DEVICES = typer.Option(None, "--devices", min=1, help="processes per node for da
                        "distributed.devices (1)")
 NUM_NODES = typer.Option(None, "--num-nodes", min=1, help="machines (launch the same command "
                          "on each; see docs/training.md)")
-PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed or 16-mixed (CUDA)")
+PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixed (CUDA) or auto "
+                         "(bf16-mixed where the device computes bf16 natively)")
 
 
 

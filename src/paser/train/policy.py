@@ -114,7 +114,7 @@ def policy_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: to
             continue
         rows = dist.shard(torch.arange(len(idx)))
         mine = idx[rows]
-        with dist.autocast():
+        with dist.autocast(convolutional=False):
             logits = policy(states[mine].to(device)).float()  # [b, P, K+1]
         actions = explore(logits.detach(), alpha, rows, len(idx))
         r, gain, paid = reward(patch_iou[mine.to(device)], actions, cost, lam)
@@ -153,7 +153,7 @@ def full_information_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer,
         if len(idx) < dist.world:
             continue
         mine = idx[dist.shard(torch.arange(len(idx)))]
-        with dist.autocast():
+        with dist.autocast(convolutional=False):
             out = policy(states[mine].to(device)).float()  # [b, P, K+1] (or [M, b, P, K+1])
         target = mine.to(device)
         if objective == "expected":

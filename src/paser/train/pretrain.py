@@ -35,7 +35,7 @@ from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
 from paser.patches import PatchGrid
 from paser.routing import patchwise_logits
-from paser.runtime import atomic_save, atomic_write_text, place, progress
+from paser.runtime import atomic_save, atomic_write_text, progress
 from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 
@@ -218,7 +218,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
-        model = place(build_model(cfg, spec), device)
+        model = dist.place(build_model(cfg, spec))
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
         fit(role, model, forwards[role], ce, train, val,
             epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
@@ -239,13 +239,13 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         return (1 - a_kd) * masked_ce(logits, y, weight) + a_kd * F.mse_loss(
             logits, target)
 
-    f0 = place(build_model(cfg, f0_spec), device)
+    f0 = dist.place(build_model(cfg, f0_spec))
     fit("f0", f0, whole_image, ce_kd, f0_train, f0_val,
         epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
     if dist.is_main:
         targets.unlink()
 
-    summary = summarize(cfg, run_dir, data, forwards, device)
+    summary = summarize(cfg, run_dir, data, forwards, device) | {"precision": dist.precision}
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary

@@ -1,0 +1,54 @@
+"""Training precision: ``distributed.precision auto`` resolves to bf16 only where the device
+computes it natively, one process autocasts its convolutions itself, the policy's MLPs stay
+32-bit on the CPU, and stage 1 in bf16 keeps 32-bit weights and says what it used."""
+
+import pytest
+import torch
+from tests.test_pretrain import TINY
+from torch import nn
+
+from paser.config import load_config
+from paser.train import distributed as D
+from paser.train.pretrain import pretrain
+
+
+@pytest.mark.parametrize("forced, expected", [("1", "bf16-mixed"), ("0", "32-true")])
+def test_auto_follows_whether_the_cpu_computes_bf16(monkeypatch, forced, expected):
+    monkeypatch.setenv("PASER_BF16", forced)
+    assert D.resolve_precision("auto", torch.device("cpu")) == expected
+    for explicit in ("32-true", "bf16-mixed"):  # an explicit choice is kept as it is
+        assert D.resolve_precision(explicit, torch.device("cpu")) == explicit
+
+
+def test_one_process_autocasts_convolutions_and_keeps_the_policy_32_bit(monkeypatch):
+    monkeypatch.setenv("PASER_BF16", "1")
+    cfg = load_config(preset="battery-quick", overrides=["device=cpu"])
+    dist = D.launch(cfg)
+    assert dist.fabric is None and dist.precision == "bf16-mixed"  # no Fabric for one process
+    conv, x = nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8)
+    with dist.autocast():
+        assert conv(x).dtype == torch.bfloat16
+    with dist.autocast(convolutional=False):
+        assert conv(x).dtype == torch.float32
+    monkeypatch.setenv("PASER_BF16", "0")
+    with D.launch(cfg).autocast():
+        assert conv(x).dtype == torch.float32
+
+
+def test_stage1_in_bf16_keeps_float32_weights_and_records_its_precision(tmp_path):
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY, "distributed.precision=bf16-mixed", f"data.cache_dir={tmp_path / 'cache'}"])
+    summary = pretrain(cfg, tmp_path / "run", show_progress=False)
+    assert summary["precision"] == "bf16-mixed"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "f2.pt", weights_only=False)["model"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    for role, m in summary["models"].items():
+        assert 0.0 < m["test_miou"] <= 1.0, role
+
+
+def test_training_layout_is_channels_last_in_32_bit_and_the_default_in_bf16():
+    conv = nn.Conv2d(4, 4, 3)
+    cpu = torch.device("cpu")
+    cl = D.Dist(cpu, precision="32-true").place(conv).weight
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert D.Dist(cpu, precision="bf16-mixed").place(nn.Conv2d(4, 4, 3)).weight.is_contiguous()
