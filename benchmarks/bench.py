@@ -12,8 +12,13 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
 1a. the layout (CPU): each reference UNet on whole images with torch's ``instance_norm``
    in NCHW (what paser ran before), with paser's group-norm instance norm in NCHW, and with
    that in channels-last (``paser.runtime.place``, what paser runs).
-1b. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
-   at equal IoU. 1c. `paser segment` end to end on 200 (up to 1,000) images: images per second.
+1b. stage-1 training on the CPU at the demo's shapes (battery-quick's f0, f1 and f2; 128 x 128
+   images, batch 2, f1 and f2 on 2 x 2 patches with their 8-pixel halo): images per second
+   of a training step (forward, class-weighted loss, backward, Adam) in 32-bit channels-last
+   (stage 1 before `distributed.precision auto`) against bf16 autocast in the default
+   layout (what `auto` picks on a CPU with AVX512-BF16 or AMX).
+1c. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
+   at equal IoU. 1d. `paser segment` end to end on 200 (up to 1,000) images: images per second.
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
    stage by `PatchOutcomes`; the task models are frozen) against the loop of the paper's
    published code (f0's T passes, the policy and every pool model on each batch, then
@@ -71,8 +76,8 @@ MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
 EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
 RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
 #: the parts, in the order they run (``--only``); those in CPU_ONLY are skipped on CUDA
-PARTS = ("inference", "layout", "demo", "segment", "stage2", "memory", "train-memory")
-CPU_ONLY = {"layout", "demo", "segment", "memory", "train-memory"}
+PARTS = ("inference", "layout", "train", "demo", "segment", "stage2", "memory", "train-memory")
+CPU_ONLY = {"layout", "train", "demo", "segment", "memory", "train-memory"}
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 
@@ -267,6 +272,51 @@ def bench_layout(batch: int, repeats: int) -> dict:
                 "ratio_to_instance_norm_nchw": seconds[role, layout] / seconds[role, base],
                 "max_abs_logit_difference": diffs[role, layout]} for layout in LAYOUTS}
                 for role in ("f0", "f1", "f2")}}
+
+
+#: stage 1's two ways to train on the CPU: (precision, channels-last)
+TRAIN_MODES = {"32-bit, channels-last": ("32-true", True), "bf16, NCHW": ("bf16-mixed", False)}
+
+
+def bench_train(batch: int, repeats: int, steps: int = 5) -> dict:
+    """Images per second of ``steps`` stage-1 training steps of each battery-quick model in
+    each of :data:`TRAIN_MODES`, in interleaved rounds (medians)."""
+    from paser.checkpoints import build_model, model_roles
+    from paser.config import load_config
+    from paser.train.distributed import Dist, native_bf16
+    from paser.train.pretrain import masked_ce, patchwise, whole_image
+
+    cfg = load_config(preset="battery-quick")
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, 128, 128, generator=gen)
+    y = torch.randint(0, CLASSES, (batch, 128, 128), generator=gen)
+    weight = torch.tensor(cfg.stage1.class_weights)
+    cpu = torch.device("cpu")
+    runs = {}
+    for role, spec in model_roles(cfg):
+        forward = whole_image if role == "f0" else patchwise(grid)
+        for mode, (precision, channels_last) in TRAIN_MODES.items():
+            torch.manual_seed(0)
+            model = place(build_model(cfg, spec), cpu, channels_last=channels_last).train()
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.stage1.lr)
+            dist = Dist(cpu, precision=precision)
+
+            def train(model=model, opt=opt, dist=dist, forward=forward):
+                for _ in range(steps):
+                    with dist.autocast():
+                        loss = masked_ce(forward(model, x).float(), y, weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            runs[role, mode] = train
+    seconds = timed(runs, cpu, repeats)
+    return {"batch_size": batch, "steps": steps, "repeats": repeats, "image_size": [128, 128],
+            "native_bf16": native_bf16(cpu),
+            "models": {role: {mode: {"images_per_s": batch * steps / seconds[role, mode]}
+                              for mode in TRAIN_MODES} for role, _ in model_roles(cfg)},
+            "note": "without native bf16 (AVX512-BF16 or AMX) the CPU emulates it, and "
+                    "`auto` keeps 32-bit"}
 
 
 def _inference(fn):
@@ -609,6 +659,7 @@ def main() -> None:
     runs = {"inference": (lambda: bench_inference(device, args.batch, args.repeats),
                           _print_inference),
             "layout": (lambda: bench_layout(2, 3), _print_layout),
+            "train": (lambda: bench_train(2, args.repeats), _print_train),
             "demo": (lambda: bench_demo(args.demo_run, args.repeats), _print_demo),
             "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
                         _print_segment),
@@ -673,8 +724,18 @@ def _print_layout(r: dict) -> None:
             f"{m['max_abs_logit_difference']:.0e})".rjust(28) for m in layouts.values()))
 
 
+def _print_train(r: dict) -> None:
+    print(f"\n1b. Stage-1 training steps, demo models, batch {r['batch_size']} of "
+          f"{r['image_size'][0]} x {r['image_size'][1]}; images per second (native bf16: "
+          f"{r['native_bf16']})")
+    print(f"{'model':<6}" + "".join(f"{mode:>24}" for mode in TRAIN_MODES) + f"{'ratio':>8}")
+    for role, modes in r["models"].items():
+        ips = [m["images_per_s"] for m in modes.values()]
+        print(f"{role:<6}" + "".join(f"{v:24.1f}" for v in ips) + f"{ips[-1] / ips[0]:8.2f}")
+
+
 def _print_demo(r: dict) -> None:
-    print(f"\n1b. The demo's test split ({r['run_dir']})")
+    print(f"\n1c. The demo's test split ({r['run_dir']})")
     if "skipped" in r:
         print(f"skipped: {r['skipped']}")
         return
@@ -690,7 +751,7 @@ def _print_demo(r: dict) -> None:
 
 
 def _print_segment(r: dict) -> None:
-    print(f"\n1c. `paser segment` on {r['images']} images of {H} x {W} ({r['run_dir']})")
+    print(f"\n1d. `paser segment` on {r['images']} images of {H} x {W} ({r['run_dir']})")
     if "skipped" in r:
         print(f"skipped: {r['skipped']}")
         return
