@@ -28,8 +28,13 @@ bench-gpu: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# One worker process per core (at most 4), each test on one thread (tests/conftest.py); a
+# test file stays on one worker, so its module fixtures (a finished run, an export) are
+# built once. `pytest` alone runs them in one process.
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 # the tests a developer runs between edits (under a minute): no process of its own, no ONNX
 # export, no full run; `make test` (and CI) runs those too

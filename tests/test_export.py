@@ -12,19 +12,27 @@ from tests.helpers import paser
 
 from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError
-from paser.export import MonteCarloF0, export_run, load_onnx_router, validation_size
+from paser.export import MonteCarloF0, load_onnx_router
 
-# every test reads an ONNX export of the finished run (15 s), one runs `paser export`
+# every test reads one ONNX export of the finished run, made by `paser export` (15 s)
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(mnist_run, tmp_path_factory):
+def exported_by_cli(mnist_run, tmp_path_factory):
+    """`paser export` of the finished run, in a process of its own, and what it printed."""
+    out = tmp_path_factory.mktemp("onnx")
+    res = paser("export", "--run-dir", str(mnist_run), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out, res.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(mnist_run, exported_by_cli):
     from paser import PaSeR
 
-    model = PaSeR.load(mnist_run, device="cpu")
-    out = tmp_path_factory.mktemp("onnx")
-    return model, out, export_run(model, out, *validation_size(model.config))
+    out, _ = exported_by_cli
+    return PaSeR.load(mnist_run, device="cpu"), out, json.loads((out / "manifest.json").read_text())
 
 
 def test_deterministic_parts_match_torch_within_1e_4(exported):
@@ -72,18 +80,17 @@ def test_routing_on_onnxruntime_agrees_with_torch(exported, mnist_run):
         onnx.router.f0.mc_probs(images[:1], 7)
 
 
-def test_cli_export_and_segment_on_onnxruntime(mnist_run, tmp_path):
+def test_cli_export_and_segment_on_onnxruntime(mnist_run, exported_by_cli, tmp_path):
     from PIL import Image
 
-    res = paser("export", "--run-dir", str(mnist_run), "--out", str(tmp_path / "onnx"))
-    assert res.returncode == 0, res.stderr
-    assert "largest |onnxruntime - PyTorch|" in res.stdout
-    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    onnx, stdout = exported_by_cli
+    assert "largest |onnxruntime - PyTorch|" in stdout
+    manifest = json.loads((onnx / "manifest.json").read_text())
     assert manifest["flop_convention"].startswith("torch.utils")
     size = (manifest["height"], manifest["width"])
     Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "a.png")
     res = paser("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
-                str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx", str(tmp_path / "onnx"))
+                str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx", str(onnx))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "a_labels.png").is_file()
     res = paser("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
