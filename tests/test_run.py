@@ -128,6 +128,9 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert cal["target"]["iou_within_top"] == 0.005
     assert (run_dir / "paper" / "checkpoints" / "stage3.pt").is_file()
     assert results["pool"]["models"]["f2"]["epochs"] == 1
+    # battery-quick's precision auto, with the tests' PASER_BF16=0: 32-bit, and no note of bf16
+    assert results["pool"]["precision"] == "32-true"
+    assert not any("autocast" in note for note in results["notes"])
     # every ablation row trained a policy and was scored on validation and test
     ablation = results["ablation"]
     names = [r["name"] for r in ablation["rows"]]

@@ -194,6 +194,11 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     captured_reachable = ({name: FR.headroom_captured(with_f0[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
+    pool = pool_summary(run_dir, methods, nmod)
+    if pool["precision"] not in (None, "32-true"):
+        notes.append(f"Stage 1 and the baselines trained with {pool['precision']} autocast "
+                     f"(distributed.precision {cfg.distributed.precision}); their weights, "
+                     "optimizer and every evaluation are 32-bit.")
     notes.append("The single-model frontier is what a user gets without routing: one model "
                  "of the pool on every image, or whole images split between two of them (the "
                  "upper hull of the points of " + ", ".join(singles) + ", linear in GFLOP). "
@@ -259,7 +264,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
             (methods["PaSeR"]["ms_per_image"], pi),
             {n: (methods[n]["ms_per_image"], methods[n]["iou"]) for n in singles}),
         "operating_points": {name: asdict(cal) for name, cal in calibrations.items()},
-        "pool": pool_summary(run_dir, methods, nmod),
+        "pool": pool,
         "paser_on_or_above_cascade": bool(on_or_above),
         "notes": notes,
     }
@@ -285,13 +290,15 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
     """Each model's stage-1 training (epochs, whether it converged) from ``stage1.json``,
     and ``inverted``: pairs where a dearer model scores below a cheaper one on test."""
     path = run_dir / "stage1.json"
-    stage1 = json.loads(path.read_text())["models"] if path.is_file() else {}
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    stage1 = summary.get("models", {})
     keys = ("epochs", "epoch_cap", "patience", "best_epoch", "converged", "validation_miou")
     models = {role: {k: info.get(k) for k in keys} for role, info in stage1.items()}
     names = ["f0", *(f"f{k}" for k in range(1, num_models))]
     inverted = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]
                 if methods[b]["iou"] < methods[a]["iou"]]
-    return {"models": models, "inverted": inverted}
+    # stage 1's arithmetic (32-true, bf16-mixed: distributed.precision; older runs: unsaid)
+    return {"models": models, "inverted": inverted, "precision": summary.get("precision")}
 
 
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
