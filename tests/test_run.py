@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import IOU_ABS, TINY, TINY_DATA, single_model_routes
 
 from paser.config import load_config
-from paser.run import fingerprints, run
+from paser.run import fingerprints, in_one_process, run
 
 BASELINES = [
     "baselines.matphase.members=[{name: unet_tiny}, {name: unet_tiny}]",
@@ -144,6 +144,23 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
         res = subprocess.run([sys.executable, str(tool), str(run_dir)], capture_output=True,
                              text=True, timeout=60)
         assert f"PaSeR {m['PaSeR']['iou']:.4f}" in res.stdout
+
+
+def test_paser_run_trains_in_one_process_with_the_configs_precision():
+    cfg = load_config(preset="battery-quick", overrides=[
+        "distributed.devices=2", "distributed.num_nodes=2", "distributed.precision=bf16-mixed"])
+    one = in_one_process(cfg).distributed
+    assert (one.devices, one.num_nodes, one.precision) == (1, 1, "bf16-mixed")
+
+
+def test_the_pool_summary_carries_stage1s_precision(tmp_path):
+    from paser.experiments.main import pool_summary
+
+    methods = {"f0": {"iou": 0.8}, "f1": {"iou": 0.7}}
+    assert pool_summary(tmp_path, methods, 2)["precision"] is None  # no stage1.json: unsaid
+    (tmp_path / "stage1.json").write_text(json.dumps({"precision": "bf16-mixed", "models": {}}))
+    summary = pool_summary(tmp_path, methods, 2)
+    assert summary["precision"] == "bf16-mixed" and summary["inverted"] == [["f0", "f1"]]
 
 
 def test_a_bad_baseline_name_fails_before_any_training(tmp_path):

@@ -146,6 +146,15 @@ class Steps:
         atomic_write_text(json.dumps(self.done, indent=2), self.path)
 
 
+def in_one_process(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` trained in one process, as `paser run` trains: the default devices, nodes and
+    strategy, the config's precision kept (how each process computes, not how many)."""
+    from paser.config import DistributedConfig
+
+    return cfg.model_copy(update={"distributed": DistributedConfig(
+        precision=cfg.distributed.precision)})
+
+
 def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         show_progress: bool = True, echo=print) -> dict:
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
@@ -159,13 +168,11 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     build_every_model(cfg)
     if cfg.distributed.devices * cfg.distributed.num_nodes > 1:
-        from paser.config import DistributedConfig
-
-        echo("paser run trains in one process (distributed settings ignored): for "
+        echo("paser run trains in one process (devices, nodes and strategy ignored; the "
+             "precision kept): for "
              "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
              "`baselines` with --devices N first; paser run then skips them")
-        cfg = cfg.model_copy(update={"distributed": DistributedConfig(
-            precision=cfg.distributed.precision)})
+        cfg = in_one_process(cfg)
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     fps = fingerprints(cfg)
     steps = Steps(run_dir)

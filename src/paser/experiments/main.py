@@ -196,9 +196,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                           if REACHABLE in areas else {})
     pool = pool_summary(run_dir, methods, nmod)
     if pool["precision"] not in (None, "32-true"):
-        notes.append(f"Stage 1 and the baselines trained with {pool['precision']} autocast "
-                     f"(distributed.precision {cfg.distributed.precision}); their weights, "
-                     "optimizer and every evaluation are 32-bit.")
+        notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
+                     f"(distributed.precision {cfg.distributed.precision}, stage1.json); its "
+                     "weights, optimizer and every evaluation are 32-bit.")
     notes.append("The single-model frontier is what a user gets without routing: one model "
                  "of the pool on every image, or whole images split between two of them (the "
                  "upper hull of the points of " + ", ".join(singles) + ", linear in GFLOP). "
