@@ -136,9 +136,12 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     if pool_states is not None:
         for model, state in zip(pool, pool_states, strict=True):
             model.load_state_dict(state)
-    return Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
-                  cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
-                  cfg.models.num_classes).to(device)
+    router = Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
+                    cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
+                    cfg.models.num_classes).to(device)
+    # stage 2, calibration and the report score the same frozen pool on the same splits
+    router.outcome_cache = Path(run_dir) / "cache" / "outcomes"
+    return router
 
 
 #: Where a run keeps its label codec: the class map of its training data, as written.

@@ -11,7 +11,9 @@ disjoint, so dataset intersections and unions are sums over patches.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,7 +21,11 @@ from paser.data import Tensors
 from paser.metrics import confusion_counts, predicted_classes
 from paser.patches import PatchGrid
 from paser.routing import Router
+from paser.runtime import atomic_save
 from paser.uncertainty import entropy
+
+#: the outcomes of the pool models (entries 1..K), which a cache can keep
+POOL_KEYS = ("inter", "union", "entropy", "nll")
 
 #: the dihedral views of an image, as (quarter turns, mirrored); the first four keep its shape
 VIEWS = [(0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False),
@@ -58,6 +64,30 @@ def viewed(data: Tensors, v: int) -> Tensors:
                    list(data.ids), data.groups, data.group_names)
 
 
+def _digest(h, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{t.dtype}{tuple(tensor.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def _cache_path(router: Router, data: Tensors, num_classes: int) -> Path | None:
+    """Where the pool's outcomes on ``data`` are kept (``router.outcome_cache``), named by
+    what they depend on: the pool's weights, the patch grid and halo, the images and labels,
+    the class count. Stage 2, calibration and the report ask for the same ones; computed
+    once, they are read after. ``None``: not cached (no cache set, a remote pool, or a split
+    streamed from disk, which would have to be read to be named)."""
+    if router.outcome_cache is None or router.remote is not None or data.streamed:
+        return None
+    h = hashlib.sha1(f"{router.grid.rows} {router.grid.cols} {router.grid.halo} "
+                     f"{num_classes}".encode())
+    for name, t in router.pool.state_dict().items():
+        h.update(name.encode())
+        _digest(h, t)
+    _digest(h, data.images)
+    _digest(h, data.masks)
+    return Path(router.outcome_cache) / f"pool_{h.hexdigest()[:20]}.pt"
+
+
 @dataclass
 class PatchOutcomes:
     """Frozen-model outcomes for every (image, patch, action) of a split.
@@ -85,18 +115,23 @@ class PatchOutcomes:
         ``mc_seed`` fixes f0's dropout masks per batch (as at inference); ``None`` draws
         them from the global generator (training). ``pool_from``: outcomes of the same
         split and pool under another f0 setting (T, dropout, state); the pool's entries are
-        taken from it and only f0 runs.
+        taken from it and only f0 runs. Without it, the pool's entries come from the
+        router's ``outcome_cache`` when they were computed before (:func:`_cache_path`).
         """
         grid = router.grid
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("state", "inter", "union",
-                                                                 "entropy", "nll")}
+        pool_part = None if pool_from is None else {k: getattr(pool_from, k)[:, :, 1:]
+                                                    for k in POOL_KEYS}
+        cached = None if pool_part is not None else _cache_path(router, data, num_classes)
+        if cached is not None and cached.is_file():
+            pool_part = torch.load(cached, map_location="cpu", weights_only=True)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("state", *POOL_KEYS)}
         for images, masks in data.batches(batch_size):
             x = grid.pad(images.to(device))
             y = grid.pad(masks.to(device), mode="constant", value=-1)
             mc = router.observe(x, mc_seed)
             patches, labels = grid.context(x), grid.split(y)  # [B*P, C, h', w'], [B*P, h, w]
             probs = [grid.split(mc.probs)]
-            if pool_from is None:
+            if pool_part is None:
                 probs += [router.run_local(k, patches) for k in range(1, router.num_models)]
             b, p = x.shape[0], grid.num_patches
             labelled = labels >= 0
@@ -116,9 +151,15 @@ class PatchOutcomes:
             parts["nll"].append(torch.stack(nll, 1).view(shape).float().cpu())
             parts["state"].append(router.state(x, mc).cpu())
         out = {k: torch.cat(v) for k, v in parts.items()}
-        if pool_from is not None:
-            for key in ("inter", "union", "entropy", "nll"):
-                out[key] = torch.cat([out[key], getattr(pool_from, key)[:, :, 1:]], 2)
+        if pool_part is None:
+            if cached is not None:
+                try:
+                    atomic_save({k: out[k][:, :, 1:].clone() for k in POOL_KEYS}, cached)
+                except OSError:  # a run folder one may not write to: computed, not kept
+                    pass
+        else:
+            for key in POOL_KEYS:
+                out[key] = torch.cat([out[key], pool_part[key]], 2)
         return cls(**out)
 
     @classmethod

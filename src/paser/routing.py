@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -195,6 +196,9 @@ class Router(nn.Module):
         self._costs: dict[tuple[int, int], CostTable] = {}
         #: where f1..fK run when set: a :class:`paser.serve.RemotePool` (the edge/cloud split)
         self.remote = None
+        #: a folder where :meth:`paser.outcomes.PatchOutcomes.build` keeps the pool's
+        #: outcomes on a split, named by the pool's weights and the data (``None``: not kept)
+        self.outcome_cache: str | Path | None = None
 
     def costs(self, height: int, width: int) -> CostTable:
         """The cost table for ``height x width`` images (counted once per size)."""

@@ -1,0 +1,67 @@
+"""PatchOutcomes' cache of the pool's outcomes: stage 2, calibration and the report score
+the same frozen pool on the same splits, and compute it once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from paser.data import Tensors
+from paser.outcomes import PatchOutcomes, viewed
+from paser.patches import PatchGrid
+from paser.routing import Router
+
+CPU = torch.device("cpu")
+
+
+def _router(cache) -> Router:
+    torch.manual_seed(0)
+    pool = [nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)]
+    router = Router(nn.Conv2d(1, 3, 1), nn.Identity(), pool, PatchGrid(2, 2), 1,
+                    mc_dropout="none").eval()
+    router.outcome_cache = cache
+    return router
+
+
+def _split() -> Tensors:
+    gen = torch.Generator().manual_seed(1)
+    return Tensors(torch.rand(3, 1, 8, 8, generator=gen),
+                   torch.randint(0, 3, (3, 8, 8), generator=gen).byte(), ["a", "b", "c"])
+
+
+def _fields(o: PatchOutcomes) -> list[torch.Tensor]:
+    return [o.state, o.inter, o.union, o.entropy, o.nll]
+
+
+def test_the_pool_runs_once_per_pool_and_split(tmp_path, monkeypatch):
+    router, split = _router(tmp_path), _split()
+    uncached = _fields(PatchOutcomes.build(_router(None), split, 3, 2, CPU, mc_seed=0))
+    first = PatchOutcomes.build(router, split, 3, 2, CPU, mc_seed=0)
+    assert len(list(tmp_path.iterdir())) == 1
+    for a, b in zip(_fields(first), uncached, strict=True):
+        assert torch.equal(a, b)
+
+    def refuse(*_):
+        raise AssertionError("the pool ran although its outcomes were kept")
+
+    monkeypatch.setattr(router, "run_local", refuse)
+    again = PatchOutcomes.build(router, split, 3, 2, CPU, mc_seed=0)
+    for a, b in zip(_fields(again), uncached, strict=True):
+        assert torch.equal(a, b)  # f0 still runs: its entries (and the state) are its own
+    monkeypatch.undo()
+
+    # another view of the images, or other weights, are other outcomes: computed, kept apart
+    PatchOutcomes.build(router, viewed(split, 1), 3, 2, CPU, mc_seed=0)
+    with torch.no_grad():
+        router.pool[0].bias.add_(1.0)
+    changed = PatchOutcomes.build(router, split, 3, 2, CPU, mc_seed=0)
+    assert len(list(tmp_path.iterdir())) == 3
+    assert not torch.equal(changed.nll[:, :, 1], first.nll[:, :, 1])
+    assert torch.equal(changed.nll[:, :, 2], first.nll[:, :, 2])
+
+
+def test_a_folder_one_cannot_write_to_only_costs_time(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    out = PatchOutcomes.build(_router(blocked / "cache"), _split(), 3, 2, CPU, mc_seed=0)
+    assert out.inter.shape == (3, 4, 3, 3)
