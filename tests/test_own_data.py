@@ -381,7 +381,10 @@ def test_a_pool_model_that_cannot_take_its_patch_fails_before_training(tmp_path)
 
 
 def test_palette_and_grayscale_inputs_read_as_their_colours(tmp_path):
-    from paser.data.battery import read_rgb
+    from paser.data.images import read_image
+
+    def read_rgb(path):
+        return read_image(path, 3)
 
     img = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
     img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)

@@ -47,6 +47,8 @@ def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path):
     assert json.loads((run / "stage1.json").read_text()) == summary
     assert "multiply-add counts as 2" in summary["flop_convention"]
     assert (run / "config.yaml").is_file()
+    # what inference reads the run's inputs with: 8-bit synthetic data needs no window
+    assert json.loads((run / "intensity.json").read_text())["window"] is None
 
 
 def test_resume_after_interruption_ends_like_an_uninterrupted_run(tiny_cfg, tmp_path,

@@ -13,6 +13,7 @@ from paser.checkpoints import build_router, label_codec, load_checkpoint, run_co
 from paser.config import ExperimentConfig
 from paser.data import Tensors
 from paser.data.folders import ClassMap
+from paser.data.images import Intensity
 from paser.errors import DataError
 from paser.evaluation import evaluate_router
 from paser.routing import Router, RoutingOutput
@@ -33,6 +34,7 @@ class PaSeR:
         #: the budget bias used by :meth:`segment` and :meth:`evaluate` (``None``: none)
         self.calibration = calibration
         self._codec: ClassMap | None = None
+        self._intensity: Intensity | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto",
@@ -81,6 +83,14 @@ class PaSeR:
         if self._codec is None:
             self._codec = label_codec(self.run_dir, self.config)
         return self._codec
+
+    @property
+    def intensity(self) -> Intensity:
+        """How the run scales its inputs to [0, 1]: its ``intensity.json`` (the window stage
+        1 fitted on the training images; :class:`paser.data.images.Intensity`)."""
+        if self._intensity is None:
+            self._intensity = Intensity.load(self.run_dir)
+        return self._intensity
 
     @property
     def device(self) -> torch.device:

@@ -86,6 +86,21 @@ class DataConfig(_Strict):
     stream_above_mb: float = Field(256.0, ge=0, description="data.stream=auto streams above this")
     workers: int = Field(2, ge=0, description="reader processes for streamed splits (0: read "
                          "in the training process)")
+    intensity: Literal["window", "per_image"] = Field(
+        "window", description="how float and signed-integer images (CT reconstructions) become "
+        "[0, 1]: by one intensity window fitted on the training images (data.window, else their "
+        "0.5 / 99.5 percentiles) and kept in the run, or min-max per image (per_image); 8- and "
+        "16-bit images always scale by their type's range")
+    window: tuple[float, float] | None = Field(
+        None, description="the intensity window [lo, hi] (lo -> 0, hi -> 1, clipped); null = "
+        "fitted on the training images")
+
+    @field_validator("window")
+    @classmethod
+    def _window_order(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"must be [lo, hi] with lo < hi, got {list(v)}")
+        return v
 
     @field_validator("holdout")
     @classmethod

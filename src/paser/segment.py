@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from paser.cost import FLOP_CONVENTION
 from paser.data.folders import ClassMap
+from paser.data.images import Intensity, read_image
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import worker_context
@@ -72,103 +73,13 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _read_tiff(path: Path, notes: list[str]) -> np.ndarray:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        arr, axes = series.asarray(), series.axes
-    while arr.ndim > 2 and axes[0] != "S" and len(axes.replace("S", "")) > 2:
-        notes.append(f"a stack of {arr.shape[0]} images (TIFF axis {axes[0]}); the first one "
-                     "segmented")
-        arr, axes = arr[0], axes[1:]
-    if axes[0] == "S":  # planar channels first
-        arr = np.moveaxis(arr, 0, -1)
-    return arr
-
-
-def _read_pillow(path: Path, notes: list[str]) -> np.ndarray:
-    with Image.open(path) as img:
-        if getattr(img, "n_frames", 1) > 1:
-            notes.append(f"a stack of {img.n_frames} frames; the first one segmented")
-        img.load()
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        elif img.mode in ("1", "CMYK", "YCbCr", "HSV", "LAB"):
-            img = img.convert("L" if img.mode == "1" else "RGB")
-        return np.asarray(img)
-
-
-def read_input(path: str | Path, channels: int) -> tuple[np.ndarray, list[str]]:
-    """An image file as float32 ``[channels, H, W]`` in [0, 1], and notes on what was done.
-
-    PNG, TIFF (tifffile: 16-bit colour, stacks, planar) and JPEG; 8- or 16-bit integers
-    are scaled by their range, floats already in [0, 1] kept, other values min-max scaled.
-    Colour becomes grayscale by luminance (scikit-image ``rgb2gray``) when the models take
-    one channel; a grayscale image is repeated when they take three; alpha is dropped.
-    """
-    path = Path(path)
+def read_input(path: str | Path, channels: int, intensity: Intensity = Intensity()
+               ) -> tuple[np.ndarray, list[str]]:
+    """An image file as float32 ``[channels, H, W]`` in [0, 1], and notes on what was done:
+    the one reader of training and inference (:func:`paser.data.images.read_image`, scaled
+    by the run's ``intensity``)."""
     notes: list[str] = []
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = _read_tiff(path, notes)
-        else:
-            arr = _read_pillow(path, notes)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError) as err:
-        raise DataError(f"{path}: cannot read the image ({err})") from None
-    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
-    arr = to_unit(arr, path, notes)
-    return to_channels(arr, channels, path, notes), notes
-
-
-def to_unit(arr: np.ndarray, path: Path | str, notes: list[str]) -> np.ndarray:
-    """Integers scaled by their range (8- or 16-bit), floats in [0, 1] kept, other values
-    min-max scaled (with a note); ``path`` names the source in errors."""
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.min() >= 0
-                                  and arr.max() <= 65535):
-        return arr.astype(np.float32) / 65535.0
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise DataError(f"{path}: the image contains NaN or Inf values")
-    lo, hi = float(arr.min()), float(arr.max())
-    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return arr
-    notes.append(f"values in [{lo:g}, {hi:g}] min-max scaled to [0, 1]")
-    return (arr - lo) / max(hi - lo, 1e-12)
-
-
-def to_channels(arr: np.ndarray, channels: int, path: Path | str, notes: list[str]
-                ) -> np.ndarray:
-    """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: alpha dropped, colour to
-    luminance or gray repeated (with a note), any other mismatch an error."""
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    have = arr.shape[-1]
-    if have in (2, 4):  # gray + alpha, RGB + alpha
-        arr, have = arr[..., :have - 1], have - 1
-        notes.append("alpha channel dropped")
-    if have == channels:
-        pass
-    elif channels == 1 and have == 3:
-        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
-            arr = arr[..., :1]
-        else:
-            from skimage.color import rgb2gray
-
-            arr = rgb2gray(arr).astype(np.float32)[..., None]
-            notes.append("RGB converted to grayscale (luminance) for 1-channel models")
-    elif channels == 3 and have == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-        notes.append("grayscale repeated to 3 channels for RGB models")
-    else:
-        raise DataError(f"{path}: {have} channels, and the models take {channels}; give "
-                        f"{'grayscale' if channels == 1 else f'{channels}-channel'} images")
-    return np.ascontiguousarray(np.moveaxis(arr, -1, 0), dtype=np.float32)
+    return read_image(path, channels, intensity, notes), notes
 
 
 @dataclass
@@ -225,22 +136,22 @@ class _Inputs(torch.utils.data.Dataset):
     """The input files, read by :func:`read_input` (in reader processes when asked for): an
     item is ``(image, notes)``, or the :class:`DataError` that reading raised."""
 
-    def __init__(self, files: Sequence[Path], channels: int):
-        self.files, self.channels = list(files), channels
+    def __init__(self, files: Sequence[Path], channels: int, intensity: Intensity):
+        self.files, self.channels, self.intensity = list(files), channels, intensity
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         try:
-            return read_input(self.files[i], self.channels)
+            return read_input(self.files[i], self.channels, self.intensity)
         except DataError as err:  # handed back whole: the loader would wrap it in a traceback
             return err
 
 
-def _inputs(files: Sequence[Path], channels: int, workers: int):
+def _inputs(files: Sequence[Path], channels: int, intensity: Intensity, workers: int):
     """The files' ``(image, notes)`` in order, read ahead by ``workers`` processes."""
-    data = _Inputs(files, channels)
+    data = _Inputs(files, channels, intensity)
     if not workers:
         return (data[i] for i in range(len(data)))
     ctx = worker_context(workers, ["paser.segment"])
@@ -285,7 +196,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     pending: list = []
     results = []
     try:
-        for path, item in zip(files, _inputs(files, cfg.models.in_channels, workers),
+        for path, item in zip(files, _inputs(files, cfg.models.in_channels, model.intensity, workers),
                               strict=True):
             res = Segmented(str(path), path.stem, ok=False)
             results.append(res)

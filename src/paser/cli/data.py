@@ -25,6 +25,23 @@ def data_check(
     for split, s in r["splits"].items():
         typer.echo(f"  {split:<11} {s['images']:>6} images of {s['size'][0]} x {s['size'][1]}, "
                    f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}")
+    typer.echo("image files, and how they become [0, 1]:")
+    kinds: dict[str, int] = {}
+    for files in r["files"].values():
+        for k, n in files.items():
+            kinds[k] = kinds.get(k, 0) + n
+    for k, n in sorted(kinds.items()):
+        dtype = k.split()[0]
+        how = ("by the type's range" if dtype in ("uint8", "uint16", "bool") else
+               "by the intensity window below" if r["intensity"]["mode"] == "window" else
+               "min-max per image")
+        if k.endswith(" stack"):
+            how += "; its first page only (a stack of pages is one image here)"
+        typer.echo(f"  {n:>6} {k:<16} {how}")
+    typer.echo(f"intensity: {r['intensity']['says']}"
+               + (" (0.5 / 99.5 percentiles of the training images; kept in the run as "
+                  "intensity.json, applied unchanged by segment and evaluate)"
+                  if r["intensity"]["window"] is not None else ""))
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):

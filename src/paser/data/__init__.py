@@ -12,11 +12,12 @@ from paser.data.battery import (
     SegmentationFiles,
     decode_label,
     encode_label,
-    read_image,
     read_label,
     split_three,
 )
+from paser.data.images import Intensity, read_image
 from paser.data.registry import (
+    data_intensity,
     describe,
     ensure_dataset,
     label_codec,
@@ -27,8 +28,8 @@ from paser.data.stages import load_stage_data, streams, validation_split
 from paser.data.tensors import IGNORE, OnDisk, StageData, Tensors, labels, on_disk, to_tensors
 
 __all__ = [
-    "CLASS_NAMES", "IGNORE", "MASK_IGNORE", "SPLITS", "BatteryDataset", "OnDisk",
-    "SegmentationFiles", "StageData", "Tensors", "decode_label", "describe", "encode_label",
+    "CLASS_NAMES", "IGNORE", "Intensity", "MASK_IGNORE", "SPLITS", "BatteryDataset", "OnDisk",
+    "SegmentationFiles", "StageData", "Tensors", "data_intensity", "decode_label", "describe", "encode_label",
     "ensure_dataset", "label_codec", "labels", "load_stage_data", "on_disk", "open_split",
     "read_image", "read_label", "split_three", "streams", "synthetic_root", "to_tensors",
     "validation_split",

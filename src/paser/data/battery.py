@@ -2,8 +2,9 @@
 
 ``<root>/{train,validation,test}_images/*.png`` with labels of the same file
 names in ``<root>/{split}_label/``. Labels are 8-bit grayscale: 0 -> pore (0),
-255 -> carbon (1), any other value -> nickel (2). Inputs are 8- or 16-bit
-grayscale scaled to [0, 1]. The synthetic generator writes the same layout.
+255 -> carbon (1), any other value -> nickel (2). Inputs are read by
+:mod:`paser.data.images` (8/16-bit by their range, floats by the run's intensity window).
+The synthetic generator writes the same layout.
 
 Every problem a user can cause (missing folder, image without label, corrupt
 PNG, mismatched sizes, empty split) is a :class:`DataError` naming the file.
@@ -11,6 +12,7 @@ PNG, mismatched sizes, empty split) is a :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, random_split
 
+from paser.data.images import Intensity, probe, read_image
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -57,17 +60,6 @@ def _first_channel(arr: np.ndarray) -> np.ndarray:
 CODEC = "8-bit grayscale: pore 0, carbon 255, nickel any other value"
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An input image as float32 [1, H, W] in [0, 1] (8- or 16-bit)."""
-    arr = _first_channel(_open(Path(path)))
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else None
-    if scale is None:
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        return ((arr - lo) / max(hi - lo, 1e-12))[None]
-    return (arr.astype(np.float32) / scale)[None]
-
-
 def read_label(path: str | Path) -> np.ndarray:
     """A label PNG as class indices int64 [H, W]; a label outside the codec (16-bit, colour
     with unequal channels) is a :class:`DataError`."""
@@ -87,32 +79,15 @@ def read_label(path: str | Path) -> np.ndarray:
 MASK_IGNORE = 255
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An input image as float32 [3, H, W] in [0, 1]: RGB(A) 8- or 16-bit, grayscale
-    repeated on the three channels."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            # palette, CMYK, ...: their colours; 8- and 16-bit grayscale and RGB as stored
-            keep = img.mode in ("L", "I;16", "I;16B", "RGB", "RGBA")
-            arr = np.asarray(img if keep else img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    arr = arr[..., :3]
-    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return np.ascontiguousarray((arr.astype(np.float32) / scale).transpose(2, 0, 1))
-
-
 class SegmentationFiles(Dataset):
     """Image and mask files of one split. Item: ``{"image": [C, H, W], "mask": [H, W],
     "id": str}``; masks are uint8 class indices, :data:`MASK_IGNORE` where unlabelled.
 
     File pairs and sizes are checked when the dataset is built (headers only); pixels are
-    read on access, or all at once with ``in_memory=True`` (small sets). Subclasses give
-    the files and :meth:`decode` (a mask file -> class indices); ``channels`` is 3 when
-    any image is colour, else 1.
+    read on access (:func:`paser.data.images.read_image`, scaled by ``intensity``), or all
+    at once with ``in_memory=True`` (small sets). Subclasses give the files and
+    :meth:`decode` (a mask file -> class indices); ``channels`` is 3 when any image is
+    colour, else 1. ``dtypes`` counts the images by file type and stored dtype.
     """
 
     class_names: list[str] = []
@@ -129,6 +104,8 @@ class SegmentationFiles(Dataset):
                 f"{missing[0]}: label not found for image {self.images[i]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
+        self.intensity = Intensity()
+        self.dtypes: Counter[str] = Counter()
         self.size, self.channels = self._check_sizes()
         self._cache: list[dict] | None = None
         if in_memory:
@@ -137,8 +114,11 @@ class SegmentationFiles(Dataset):
     def _check_sizes(self) -> tuple[tuple[int, int], int]:
         size, colour = None, False
         for img, lbl in zip(self.images, self.labels, strict=True):
-            (s_img, mode), (s_lbl, _) = _header(img), _header(lbl)
-            colour = colour or mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr")
+            head, label = probe(img), probe(lbl)
+            s_img, s_lbl = (head.width, head.height), (label.width, label.height)
+            colour = colour or head.colour
+            self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"
+                        + (" stack" if head.pages > 1 else "")] += 1
             if s_img != s_lbl:
                 raise DataError(f"{img}: image is {s_img[1]}x{s_img[0]} but its label {lbl} is "
                                 f"{s_lbl[1]}x{s_lbl[0]} (HxW); they must match")
@@ -157,10 +137,7 @@ class SegmentationFiles(Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """Image ``i`` as float32 [C, H, W] in [0, 1]."""
-        image = read_rgb(self.images[i]) if self.channels == 3 else read_image(self.images[i])
-        if not np.isfinite(image).all():
-            raise DataError(f"{self.images[i]}: image has NaN or Inf values")
-        return torch.from_numpy(image)
+        return torch.from_numpy(read_image(self.images[i], self.channels, self.intensity))
 
     def decode(self, path: Path) -> np.ndarray:
         raise NotImplementedError
@@ -203,15 +180,6 @@ class BatteryDataset(SegmentationFiles):
 
     def decode(self, path: Path) -> np.ndarray:
         return read_label(path)
-
-
-def _header(path: Path) -> tuple[tuple[int, int], str]:
-    """((W, H), mode) from the file header, without decoding pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.size, img.mode
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
 
 
 def split_three(

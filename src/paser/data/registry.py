@@ -8,6 +8,8 @@ cache), ``folder`` (your own data with ``classes.yaml``), ``cityscapes`` and
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
 )
+from paser.data.images import Intensity, fit_window
 from paser.data.tensors import StageData, Tensors, on_disk
 from paser.errors import DataError
 from paser.runtime import progress as progress_bar
@@ -159,14 +162,42 @@ def describe(cfg: DataConfig, progress: bool = True) -> str:
 
 
 def open_split(cfg: DataConfig, split: str, progress: bool = True) -> SegmentationFiles:
-    """One split (train, validation, test) of the configured file dataset, nothing read."""
+    """One split (train, validation, test) of the configured file dataset, nothing read;
+    its images scaled by the dataset's :func:`data_intensity`."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    dataset = _open(cfg, split, progress)
+    dataset.intensity = data_intensity(cfg, progress)
+    return dataset
+
+
+def _open(cfg: DataConfig, split: str, progress: bool) -> SegmentationFiles:
     entry = kind(cfg)
     if entry.open is None:
         raise DataError(f"{cfg.dataset} is built in memory, not read from files: use "
                         "load_stage_data")
     return entry.open(cfg, ensure_dataset(cfg, progress=progress), split)
+
+
+def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
+    """How the dataset's images become [0, 1] (:class:`paser.data.images.Intensity`): the
+    same for every split, fitted on the training images (``data.window`` when set), so
+    that training, evaluation and the run's ``intensity.json`` agree. Built-in datasets
+    (noisy MNIST) need none."""
+    if kind(cfg).open is None:
+        return Intensity(mode=cfg.intensity)
+    if cfg.window is not None or cfg.intensity == "per_image":
+        return Intensity(cfg.window, cfg.intensity)
+    root = ensure_dataset(cfg, progress=progress)
+    return _fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
+        "holdout", "split_seed", "cityscapes_splits"}))
+
+
+@functools.lru_cache(maxsize=8)
+def _fitted(dataset: str, root: str, settings: str) -> Intensity:
+    """Keyed by what chooses the training files (a run's stages ask again and again)."""
+    cfg = DataConfig(dataset=dataset, root=Path(root), **json.loads(settings))
+    return Intensity(fit_window(_open(cfg, "train", False).images))
 
 
 #: The datasets read from a folder (the others are built in memory).
@@ -192,7 +223,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     """Read every image and mask of a dataset folder (each problem is a DataError naming
     the file) and count the classes of the training masks.
 
-    Returns per split its images, size and channels; the class names, each class's share
+    Returns per split its images, size and channels, and its files by kind (stored dtype
+    and type: what the reader does with each depends on it); the intensity window fitted on
+    the training images (:func:`data_intensity`); the class names, each class's share
     of the labelled training pixels, the unlabelled share, and suggested class weights by
     median frequency balancing (``median(f) / f_c``; 0 for a class absent from train).
     """
@@ -223,4 +256,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "suggested_class_weights": [round(w, 4) for w in weights.tolist()],
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
+        "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
+        "intensity": {**splits["train"].intensity.to_dict(),
+                      "says": splits["train"].intensity.describe()},
     }

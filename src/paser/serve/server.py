@@ -39,11 +39,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.data.images import Intensity, to_channels
 from paser.errors import PaserError
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
 from paser.routing import weights_digest
-from paser.segment import to_channels, to_unit
 from paser.serve import codec
 from paser.serve.codec import NPZ, PNG, SCALES, PayloadError
 
@@ -330,7 +330,7 @@ def _png_patches(body: bytes, count: int, channels: int, max_values: int
                            "patches stacked vertically")
     notes: list[str] = []
     try:
-        x = to_channels(to_unit(arr, "the PNG", notes), channels, "the PNG", notes)
+        x = to_channels(Intensity().scale(arr, "the PNG", notes), channels, "the PNG", notes)
     except PaserError as err:
         raise PayloadError(422, str(err)) from None
     c, h, w = x.shape

@@ -29,7 +29,7 @@ from paser.checkpoints import (
 )
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
-from paser.data import IGNORE, Tensors, load_stage_data
+from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.errors import ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
@@ -207,8 +207,9 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     device = dist.device
-    if dist.is_main:
+    if dist.is_main:  # what inference needs to read the run's data as it trained on it
         save_label_codec(run_dir, cfg)
+        data_intensity(cfg.data, progress=False).save(run_dir)
     weight = class_weight(cfg, device)
     ce = weighted_ce(cfg, device)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")

@@ -1,0 +1,270 @@
+"""One image reader: every input image of training, evaluation, ``paser segment``, the
+server and ``paser data check`` is decoded here, so the same file gives the same tensor
+everywhere.
+
+- TIFF (also BigTIFF, OME-TIFF, planar, 16-bit colour) through tifffile; PNG, JPEG and the
+  rest through Pillow. A stack of pages or frames gives its first image, with a note
+  (volumes: :mod:`paser.volumes`).
+- A palette image is its colours (what it shows), not its indices; 1-bit is 0 or 1.
+- Values become [0, 1] by :class:`Intensity`: 8- and 16-bit unsigned integers (and
+  booleans) by their type's range; floats and every other integer type (signed: CT
+  reconstructions) by an intensity window the run fits on its training images and keeps
+  (``intensity.json``), or per image (min-max) only when asked for.
+- Colour becomes grayscale by luminance (scikit-image ``rgb2gray``) for one-channel models,
+  unless its channels are equal (a gray scan saved as RGB: one is kept); grayscale is
+  repeated for three-channel models; alpha is dropped.
+
+Every problem is a :class:`~paser.errors.DataError` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from paser.errors import DataError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+#: what a run keeps of how its inputs were scaled (:meth:`Intensity.save`)
+INTENSITY_FILE = "intensity.json"
+#: percentiles of the training pixels that bound the fitted window
+WINDOW_PERCENTILES = (0.5, 99.5)
+#: pixels sampled per image, and images read, to fit the window (a bounded pass)
+_FIT_PIXELS, _FIT_IMAGES = 1 << 16, 64
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError,
+                KeyError, TypeError)
+
+
+def by_type_range(dtype: np.dtype) -> bool:
+    """Whether values of ``dtype`` scale by the type's range (uint8, uint16, bool); the rest
+    (floats, signed and wider integers) need an intensity window."""
+    return np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
+
+
+def read_array(path: str | Path, notes: list[str] | None = None) -> np.ndarray:
+    """The first image of a file as stored: ``[H, W]`` or ``[H, W, C]``, its own dtype
+    (palette: its colours). ``notes`` gets what was done beyond decoding."""
+    path = Path(path)
+    notes = [] if notes is None else notes
+    try:
+        arr = _tiff(path, notes) if path.suffix.lower() in TIFF_SUFFIXES else _pillow(path, notes)
+    except DataError:
+        raise
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
+                        "file") from None
+    if arr.ndim not in (2, 3) or 0 in arr.shape[:2]:
+        raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
+    return arr
+
+
+def _tiff(path: Path, notes: list[str]) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series, first = tif.series[0], tif.pages[0]
+        axes = series.axes
+        if len(series.pages) > 1:
+            notes.append(f"a stack of {len(series.pages)} pages (TIFF axes {axes}); the first "
+                         "one read (volumes: paser segment reads every page)")
+            arr, axes = series.pages[0].asarray(), series.pages[0].axes
+        else:
+            arr = series.asarray()
+        if first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
+            cmap = first.colormap  # [3, 2**bits]
+            if cmap.max() > 255:
+                cmap = cmap >> 8
+            return cmap.astype(np.uint8)[:, arr].transpose(1, 2, 0)
+    while arr.ndim > 2 and len(axes.replace("S", "")) > 2:  # leading axes of one image
+        arr, axes = arr[0], axes[1:]
+    if axes and axes[0] == "S":  # planar channels first
+        arr = np.moveaxis(arr, 0, -1)
+    return arr
+
+
+def _pillow(path: Path, notes: list[str]) -> np.ndarray:
+    with Image.open(path) as img:
+        if getattr(img, "n_frames", 1) > 1:
+            notes.append(f"a stack of {img.n_frames} frames; the first one read")
+        img.load()
+        if img.mode == "P" or img.mode == "PA":
+            img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA"
+                              else "RGB")
+        elif img.mode == "1":
+            return np.asarray(img).astype(np.uint8)
+        elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
+            img = img.convert("RGB")
+        return np.asarray(img)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a file's header says: its size, whether it is colour, its dtype, its pages."""
+
+    height: int
+    width: int
+    colour: bool
+    dtype: str
+    pages: int = 1
+
+
+def probe(path: str | Path) -> Probe:
+    """The header of an image file, no pixels decoded (:class:`DataError` if unreadable)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series, page = tif.series[0], tif.pages[0]
+                axes, shape = page.axes, page.shape
+                palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                h, w = shape[axes.index("Y")], shape[axes.index("X")]
+                samples = shape[axes.index("S")] if "S" in axes else 1
+                return Probe(h, w, palette or samples >= 3,
+                             "uint8" if palette else str(page.dtype), len(series.pages))
+        with Image.open(path) as img:
+            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            w, h = img.size
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
+                        "file") from None
+    dtype = {"F": "float32", "I": "int32", "1": "bool"}.get(mode, "uint8")
+    if mode.startswith("I;16"):
+        dtype = "uint16" if not mode.endswith("S") else "int16"
+    return Probe(h, w, mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"),
+                 dtype, frames)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How stored values become [0, 1]. 8- and 16-bit unsigned integers (and booleans) by
+    their type's range, always. Floats and other integers: by ``window`` (``lo`` -> 0,
+    ``hi`` -> 1, clipped) when ``mode`` is ``window``, per image (min-max) when it is
+    ``per_image``. Without a window (a run trained on 8-bit images, given a float one),
+    floats already in [0, 1] are kept and the rest scaled per image, with a note."""
+
+    window: tuple[float, float] | None = None
+    mode: Literal["window", "per_image"] = "window"
+
+    def scale(self, arr: np.ndarray, source: Path | str = "the image",
+              notes: list[str] | None = None) -> np.ndarray:
+        """``arr`` as float32 in [0, 1] (same shape)."""
+        notes = [] if notes is None else notes
+        if arr.dtype == np.bool_:
+            return arr.astype(np.float32)
+        if arr.dtype == np.uint8:
+            return arr.astype(np.float32) / 255.0
+        if arr.dtype == np.uint16:
+            return arr.astype(np.float32) / 65535.0
+        if arr.dtype.kind not in "iuf":
+            raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "
+                            "images")
+        x = arr.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{source}: the image contains NaN or Inf values")
+        if self.mode == "window" and self.window is not None:
+            lo, hi = self.window
+            return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        lo, hi = float(x.min()), float(x.max())
+        if self.mode == "window" and arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+            return x
+        notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to [0, 1] "
+                     + ("(data.intensity per_image)" if self.mode == "per_image" else
+                        "(the run has no intensity window: it trained on 8/16-bit images)"))
+        return (x - lo) / max(hi - lo, 1e-12)
+
+    def describe(self) -> str:
+        if self.mode == "per_image":
+            return "floats and other integers min-max scaled per image"
+        if self.window is None:
+            return "no window (8/16-bit images only: scaled by their type's range)"
+        return (f"floats and other integers scaled by the window [{self.window[0]:.6g}, "
+                f"{self.window[1]:.6g}]")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "window": None if self.window is None else list(self.window),
+                "percentiles": list(WINDOW_PERCENTILES)}
+
+    def save(self, run_dir: str | Path) -> None:
+        from paser.runtime import atomic_write_text
+
+        atomic_write_text(json.dumps(self.to_dict(), indent=2), Path(run_dir) / INTENSITY_FILE)
+
+    @classmethod
+    def load(cls, run_dir: str | Path | None) -> Intensity:
+        """A run's intensity scaling (a run older than it: none, 8/16-bit by type)."""
+        path = None if run_dir is None else Path(run_dir) / INTENSITY_FILE
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text())
+            return cls(None if d["window"] is None else tuple(map(float, d["window"])),
+                       d["mode"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: not an intensity file ({err}); delete it and re-run "
+                            "stage 1, or copy it from the run") from None
+
+
+def fit_window(paths: list[Path], percentiles: tuple[float, float] = WINDOW_PERCENTILES
+               ) -> tuple[float, float] | None:
+    """The intensity window of a training set: the ``percentiles`` of the pixels of its
+    images that need one (floats, signed integers), sampled evenly (at most 64 images,
+    65,536 pixels each). ``None`` when every image is 8/16-bit unsigned."""
+    need = [p for p in paths if not by_type_range(probe(p).dtype)]
+    if not need:
+        return None
+    step = max(1, len(need) // _FIT_IMAGES)
+    samples = []
+    for p in need[::step][:_FIT_IMAGES]:
+        flat = read_array(p).astype(np.float32).reshape(-1)
+        if not np.isfinite(flat).all():
+            raise DataError(f"{p}: the image contains NaN or Inf values")
+        samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])
+    lo, hi = np.percentile(np.concatenate(samples), percentiles)
+    if hi <= lo:  # constant images: any window keeps them constant
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
+                notes: list[str] | None = None) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: alpha dropped, colour to
+    luminance or gray repeated (with a note), any other mismatch an error."""
+    notes = [] if notes is None else notes
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    have = arr.shape[-1]
+    if have in (2, 4):  # gray + alpha, RGB + alpha
+        arr, have = arr[..., :have - 1], have - 1
+        notes.append("alpha channel dropped")
+    if have == channels:
+        pass
+    elif channels == 1 and have == 3:
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            arr = arr[..., :1]
+        else:
+            from skimage.color import rgb2gray
+
+            arr = rgb2gray(arr).astype(np.float32)[..., None]
+            notes.append("RGB converted to grayscale (luminance) for 1-channel models")
+    elif channels == 3 and have == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+        notes.append("grayscale repeated to 3 channels for RGB models")
+    else:
+        raise DataError(f"{source}: {have} channels, and the models take {channels}; give "
+                        f"{'grayscale' if channels == 1 else f'{channels}-channel'} images")
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0), dtype=np.float32)
+
+
+def read_image(path: str | Path, channels: int, intensity: Intensity = Intensity(),
+               notes: list[str] | None = None) -> np.ndarray:
+    """An image file as the models see it: float32 ``[channels, H, W]`` in [0, 1]."""
+    notes = [] if notes is None else notes
+    arr = read_array(path, notes)
+    return to_channels(intensity.scale(arr, path, notes), channels, path, notes)

@@ -1,0 +1,164 @@
+"""One image reader: the same file gives the same tensor in training, evaluation, data check
+and ``paser segment``; floats and signed integers scale by one window fitted on the
+training images and kept in the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from paser.config import DataConfig
+from paser.data import data_intensity, on_disk, open_split
+from paser.data.images import Intensity, fit_window, probe, read_array, read_image
+from paser.data.registry import check_dataset
+from paser.errors import DataError
+from paser.segment import read_input
+
+RNG = np.random.default_rng(0)
+H, W = 6, 8
+
+
+def _kinds(folder, gray: np.ndarray) -> dict[str, str]:
+    """The same scene as every kind of file a user has; returns name -> kind."""
+    folder.mkdir(parents=True)
+    Image.fromarray(gray).save(folder / "u8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "u16.png")
+    tifffile.imwrite(folder / "u16.tif", gray.astype(np.uint16) * 257)
+    Image.fromarray(np.dstack([gray] * 3)).save(folder / "rgb.png")
+    pal = Image.fromarray(gray // 64, mode="L").convert("P")  # indices 0..3
+    pal.putpalette([0, 0, 0, 90, 90, 90, 170, 170, 170, 255, 255, 255] + [0] * 756)
+    pal.save(folder / "palette.png")
+    tifffile.imwrite(folder / "f32.tif", gray.astype(np.float32) * 10.0 - 500.0)  # a recon
+    tifffile.imwrite(folder / "i16.tif", gray.astype(np.int16) * 8 - 1000)
+    tifffile.imwrite(folder / "pages.tif", np.stack([gray, 255 - gray, gray]),
+                     photometric="minisblack")
+    return {p.name: p.suffix for p in folder.iterdir()}
+
+
+def _folder_dataset(root, gray):
+    (root / "classes.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    names = {}
+    for split in ("train", "validation", "test"):
+        names[split] = _kinds(root / split / "images", gray)
+        (root / split / "masks").mkdir()
+        for name in names[split]:
+            Image.fromarray((gray > 127).astype(np.uint8)).save(
+                root / split / "masks" / f"{name.split('.')[0]}.png")
+    return names
+
+
+def test_every_kind_of_file_gives_the_same_tensor_on_every_path(tmp_path):
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    _folder_dataset(tmp_path / "d", gray)
+    cfg = DataConfig(dataset="folder", root=tmp_path / "d")
+    window = data_intensity(cfg)
+    # fitted on the training floats and signed integers only: their 0.5 / 99.5 percentiles
+    both = np.concatenate([gray.astype(np.float32).ravel() * 10 - 500,
+                           gray.astype(np.float32).ravel() * 8 - 1000])
+    assert window.window == pytest.approx(tuple(np.percentile(both, [0.5, 99.5])), rel=1e-6)
+    window.save(tmp_path / "run")
+    kept = Intensity.load(tmp_path / "run")
+    assert kept == window
+    for split in ("train", "test"):
+        ds = open_split(cfg, split)
+        assert ds.channels == 3 and ds.intensity == window  # a palette and an RGB image
+        streamed = dict(zip(ds.ids, on_disk(ds, 0).images[:], strict=True))
+        for i, path in enumerate(ds.images):
+            trained = ds.image(i)  # stage 1 to the report, evaluate, data check
+            segmented = torch.from_numpy(read_input(path, 3, kept)[0])  # segment
+            assert torch.equal(trained, segmented), path.name
+            assert torch.equal(streamed[path.stem], segmented), path.name
+    # what each kind became, on one channel
+    for name, want in [("u8.png", gray / 255), ("u16.png", gray / 255), ("u16.tif", gray / 255),
+                       ("rgb.png", gray / 255), ("pages.tif", gray / 255),
+                       ("palette.png", np.array([0, 90, 170, 255])[gray // 64] / 255)]:
+        x = read_image(tmp_path / "d" / "train" / "images" / name, 1, kept)
+        assert np.allclose(x[0], want, atol=1e-6), name
+    lo, hi = window.window
+    x = read_image(tmp_path / "d" / "train" / "images" / "f32.tif", 1, kept)
+    assert np.allclose(x[0], np.clip((gray * 10.0 - 500 - lo) / (hi - lo), 0, 1), atol=1e-6)
+    report = check_dataset(tmp_path / "d", show_progress=False)
+    assert report["intensity"]["window"] == pytest.approx(list(window.window))
+    assert report["files"]["train"] == {"uint8 PNG": 3, "uint16 PNG": 1, "uint16 TIF": 1,
+                                        "float32 TIF": 1, "int16 TIF": 1, "uint8 TIF stack": 1}
+
+
+def test_the_same_scene_in_five_formats_is_one_tensor(tmp_path):
+    """8-bit PNG, 16-bit PNG, RGB PNG, float32 TIFF in [0, 1] and 16-bit TIFF: a run trained
+    on 8-bit images (no window) sees one tensor, so it gives one label map."""
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    _kinds(tmp_path / "k", gray)
+    tifffile.imwrite(tmp_path / "k" / "unit.tif", gray.astype(np.float32) / 255)
+    ref = read_image(tmp_path / "k" / "u8.png", 1)
+    for name in ("u16.png", "rgb.png", "unit.tif", "u16.tif"):
+        assert np.array_equal(read_image(tmp_path / "k" / name, 1), ref), name
+
+
+def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
+    f = np.array([[-2.0, 0.0], [2.0, 6.0]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", f)
+    notes: list[str] = []
+    assert np.allclose(Intensity((0.0, 4.0)).scale(f), [[0, 0], [0.5, 1]])  # clipped
+    x = Intensity(mode="per_image").scale(read_array(tmp_path / "f.tif"), "f.tif", notes)
+    assert np.allclose(x, [[0, 0.25], [0.5, 1]]) and "per_image" in notes[0]
+    notes = []
+    Intensity().scale(f, "f.tif", notes)  # a run with no window, given a float image
+    assert "no intensity window" in notes[0]
+    with pytest.raises(DataError, match="NaN or Inf"):
+        Intensity((0.0, 1.0)).scale(np.array([[np.nan]], np.float32), "n.tif")
+    with pytest.raises(ValueError, match="lo < hi"):
+        DataConfig(window=(3.0, 1.0))
+    assert DataConfig(window=(0.0, 1.0), intensity="window").window == (0.0, 1.0)
+    assert fit_window([tmp_path / "f.tif"]) == pytest.approx(
+        tuple(np.percentile(f.ravel(), [0.5, 99.5])))
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "u8.png")
+    assert fit_window([tmp_path / "u8.png"]) is None  # nothing needs a window
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "intensity.json").write_text("{")
+    with pytest.raises(DataError, match="intensity.json: not an intensity file"):
+        Intensity.load(tmp_path / "kept")
+    assert Intensity.load(tmp_path / "none") == Intensity()  # a run older than the window
+
+
+def test_probe_reads_headers_of_every_kind(tmp_path):
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    _kinds(tmp_path / "k", gray)
+    got = {p.name: (probe(p).height, probe(p).width, probe(p).colour, probe(p).dtype,
+                    probe(p).pages) for p in sorted((tmp_path / "k").iterdir())}
+    assert got == {"f32.tif": (H, W, False, "float32", 1), "i16.tif": (H, W, False, "int16", 1),
+                   "pages.tif": (H, W, False, "uint8", 3), "palette.png": (H, W, True, "uint8", 1),
+                   "rgb.png": (H, W, True, "uint8", 1), "u16.png": (H, W, False, "uint16", 1),
+                   "u16.tif": (H, W, False, "uint16", 1), "u8.png": (H, W, False, "uint8", 1)}
+    (tmp_path / "bad.tif").write_bytes(b"II*\0garbage")
+    with pytest.raises(DataError, match="bad.tif: cannot read the image"):
+        probe(tmp_path / "bad.tif")
+
+
+def test_segment_scales_by_the_runs_window_not_by_each_images_range(tmp_path):
+    """A reconstruction in Hounsfield-like units: the run's window [-1000, 1000] maps -1000,
+    0 to 0, 0.5 (classes 0, 1 of the intensity bands); each image's own min-max would map
+    this image's 0 to 1 (class 2)."""
+    from PIL import Image as PILImage
+
+    from paser.config import load_config
+    from paser.segment import segment_files
+    from tests.test_label_codec import folder, model
+
+    root = folder(tmp_path / "data")
+    cfg = load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
+    run_dir = tmp_path / "run"
+    Intensity((-1000.0, 1000.0)).save(run_dir)
+    scan = np.full((16, 16), -1000.0, np.float32)
+    scan[:, 8:] = 0.0
+    tifffile.imwrite(tmp_path / "scan.tif", scan)
+    m = model(cfg, run_dir)
+    assert m.intensity == Intensity((-1000.0, 1000.0))
+    [res] = segment_files(m, [tmp_path / "scan.tif"], tmp_path / "out")
+    assert res.ok, res.error
+    written = np.asarray(PILImage.open(tmp_path / "out" / "scan_labels.png"))
+    assert np.array_equal(written, np.where(scan < 0, 0, 40))  # classes 0, 1 as 0, 40
