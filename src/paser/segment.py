@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from paser.data.folders import ClassMap
 from paser.data.images import Intensity, read_image
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
-from paser.runtime import worker_context
+from paser.runtime import atomic_write_text, worker_context
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -99,6 +100,7 @@ class Segmented:
     degraded: int = 0
     bytes_sent: int | None = None
     bytes_whole: int | None = None
+    resumed: bool = False  # segmented by an earlier call into the same folder
 
 
 def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
@@ -126,10 +128,16 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
     routing[:, np.arange(pw, w, pw)] = 255
     names = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
              "routing": f"{stem}_routing.png"}
-    Image.fromarray(labels).save(out_dir / names["labels"])
-    Image.fromarray(overlay).save(out_dir / names["overlay"])
-    Image.fromarray(routing).save(out_dir / names["routing"])
+    for key, pixels in (("labels", labels), ("overlay", overlay), ("routing", routing)):
+        save_png(pixels, out_dir / names[key])
     return names
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    """A PNG written whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -169,12 +177,13 @@ def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, action
            grid: PatchGrid, codec: ClassMap, degraded: np.ndarray | None, record: dict) -> None:
     """One image's PNGs and JSON (in a writer process when there are any)."""
     record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec, degraded)
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    # the record last: an image is done when its JSON is there (resume reads it)
+    atomic_write_text(json.dumps(record, indent=2), out_dir / f"{stem}.json")
 
 
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                   on_done: Callable[[Segmented], None] | None = None, workers: int = 0,
-                  only: int | None = None) -> list[Segmented]:
+                  only: int | None = None, overwrite: bool = False) -> list[Segmented]:
     """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
     the outputs and ``summary.csv`` into ``out_dir``. A file that cannot be read or
     segmented is recorded with its error and the rest go on; a remote tier that refuses
@@ -183,23 +192,36 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     ``workers`` processes read the next images and others write the finished ones while
     the models run (0: all in this process). ``only=k`` runs model k alone on every image
     instead of routing (:meth:`paser.PaSeR.segment`), to compare on your own data.
+
+    Nothing is lost on interruption: each image's files are written whole (renamed into
+    place, its JSON last) and its row is appended to ``summary.csv`` as it finishes. Run
+    again on the same ``out_dir``, it skips the images whose JSON is there and segments
+    the rest (failed ones again); the folder's ``.paser-segment.json`` says which run and
+    settings made it, and other ones are refused (:func:`claim_output`). ``overwrite``
+    starts over.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg, router = model.config, model.router
-    names = [f"f0 ({cfg.models.f0.name})"] + [f"f{k} ({m.name})"
-                                              for k, m in enumerate(cfg.models.pool, start=1)]
+    names = record_names(model)
     calibration = None if model.calibration is None or only is not None else \
         model.calibration.target
     codec = model.label_codec
+    claim_output(out_dir, output_settings(model, only), overwrite,
+                 [out_dir / f"{f.stem}.json" for f in files])
+    results: list[Segmented | None] = [finished(out_dir, f) for f in files]
+    todo = [f for f, r in zip(files, results, strict=True) if r is None]
+    for r in results:
+        if r is not None and on_done is not None:
+            on_done(r)
+    summary = SummaryLog(out_dir / SUMMARY, names)
     writer = _writer(workers)
     pending: list = []
-    results = []
+    slots = iter([i for i, r in enumerate(results) if r is None])
     try:
-        for path, item in zip(files, _inputs(files, cfg.models.in_channels, model.intensity, workers),
-                              strict=True):
+        for path, item in zip(todo, _inputs(todo, cfg.models.in_channels, model.intensity,
+                                            workers), strict=True):
             res = Segmented(str(path), path.stem, ok=False)
-            results.append(res)
+            results[next(slots)] = res
             try:
                 if isinstance(item, DataError):
                     raise item
@@ -243,14 +265,87 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
             # report in order, as soon as the first pending image is written
             while pending and (len(pending) > 4 * workers or pending[0][1] is None
                                or pending[0][1].done()):
-                _finish(*pending.pop(0), on_done)
+                _finish(*pending.pop(0), on_done, summary)
         for res, future in pending:
-            _finish(res, future, on_done)
+            _finish(res, future, on_done, summary)
     finally:
         if writer is not None:
             writer.shutdown(wait=True, cancel_futures=True)
-    write_summary(out_dir / "summary.csv", results, names)
+    write_summary(out_dir / SUMMARY, results, names)  # whole, in the inputs' order
     return results
+
+
+def record_names(model) -> list[str]:
+    """``f0 (unet_tiny)``, ``f1 (unet)``, ...: the run's models as records name them."""
+    cfg = model.config
+    return [f"f0 ({cfg.models.f0.name})"] + [f"f{k} ({m.name})"
+                                             for k, m in enumerate(cfg.models.pool, start=1)]
+
+
+#: what an output folder of ``paser segment`` was made by (:func:`claim_output`)
+MANIFEST = ".paser-segment.json"
+SUMMARY = "summary.csv"
+
+
+def output_settings(model, only: int | None) -> dict:
+    """What decides an output folder's labels: the run, its policy, the calibration in
+    use, a single model instead of routing, how inputs are scaled."""
+    calibration = model.calibration
+    return {"run": str(Path(model.run_dir).resolve()), "policy": model.router.policy_digest,
+            "calibration_bias": None if calibration is None or only is not None
+            else [round(float(b), 8) for b in calibration.bias],
+            "only": None if only is None else record_names(model)[only],
+            "intensity": model.intensity.to_dict(), "mc_samples": model.config.mc_samples}
+
+
+def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
+                 ) -> None:
+    """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
+    (resume). Another run's or other settings' is refused with what differs; ``overwrite``
+    removes the ``markers`` (the records that mark an input done) and the summary first,
+    so that an interrupted overwrite never resumes on the old outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MANIFEST
+    if path.is_file() and not overwrite:
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = {}
+        differ = [k for k in settings if before.get(k) != settings[k]]
+        if differ:
+            raise DataError(
+                f"{out_dir} holds the outputs of {'another run' if 'run' in differ else 'other settings'} "
+                f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
+                "); give another --out, or --overwrite to start over")
+        return
+    if overwrite:
+        for marker in (*markers, out_dir / SUMMARY):
+            marker.unlink(missing_ok=True)
+    atomic_write_text(json.dumps(settings, indent=2), path)
+
+
+def finished(out_dir: Path, path: Path) -> Segmented | None:
+    """An input segmented before into ``out_dir`` (its JSON is there and names it), as its
+    record says; ``None`` when it is still to do."""
+    record_path = out_dir / f"{path.stem}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        rec = json.loads(record_path.read_text())
+        if rec.get("input") != str(path):
+            return None
+        counts = rec["patches_per_model"]
+        res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
+                        gflops=rec["gflops"], ms=rec["ms"],
+                        fractions=[c / max(sum(counts), 1) for c in counts], notes=rec["notes"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a record of something else: segmented again
+    remote = rec.get("remote")
+    if remote is not None:
+        res.degraded, res.bytes_sent = remote["degraded_patches"], remote["bytes_sent"]
+        res.bytes_whole = remote["bytes_whole_image"]
+    res.resumed = True
+    return res
 
 
 def _writer(workers: int):
@@ -262,8 +357,10 @@ def _writer(workers: int):
     return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]))
 
 
-def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None) -> None:
-    """An image done: its outputs written (a failed write is its error), then reported."""
+def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
+            summary: SummaryLog) -> None:
+    """An image done: its outputs written (a failed write is its error), then its summary
+    row appended, then reported."""
     if future is not None:
         try:
             future.result()
@@ -272,6 +369,7 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None)
             res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
     elif not res.error:
         res.ok = True
+    summary.append(res)
     if on_done is not None:
         on_done(res)
 
@@ -299,20 +397,48 @@ def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
             "edge_gflops": costs.fixed, "cloud_gflops": res.gflops - costs.fixed}
 
 
+def _header(names: Sequence[str]) -> list[str]:
+    return ["input", "status", "height", "width", "gflops", "ms",
+            *[f"share {n}" for n in names], "degraded patches", "bytes sent",
+            "bytes whole image", "notes", "error"]
+
+
+def _row(r: Segmented, names: Sequence[str]) -> list:
+    shares = [f"{f:.4f}" for f in r.fractions] or [""] * len(names)
+    return [r.input, "ok" if r.ok else "failed", r.height or "", r.width or "",
+            f"{r.gflops:.4f}" if r.ok else "", f"{r.ms:.1f}" if r.ok else "",
+            *shares, r.degraded if r.ok else "",
+            "" if r.bytes_sent is None else r.bytes_sent,
+            "" if r.bytes_whole is None else r.bytes_whole,
+            "; ".join(r.notes), r.error]
+
+
 def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:
     """One CSV row per input: status, size, GFLOP, ms, share of patches per model, the
-    degraded patches and bytes sent (``--remote``), error."""
-    with open(path, "w", newline="") as fh:
+    degraded patches and bytes sent (``--remote``), error. Written whole (renamed into
+    place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["input", "status", "height", "width", "gflops", "ms",
-                      *[f"share {n}" for n in names], "degraded patches", "bytes sent",
-                      "bytes whole image", "notes", "error"])
-        for r in results:
-            shares = [f"{f:.4f}" for f in r.fractions] or [""] * len(names)
-            out.writerow([r.input, "ok" if r.ok else "failed", r.height or "", r.width or "",
-                          f"{r.gflops:.4f}" if r.ok else "", f"{r.ms:.1f}" if r.ok else "",
-                          *shares, r.degraded if r.ok else "",
-                          "" if r.bytes_sent is None else r.bytes_sent,
-                          "" if r.bytes_whole is None else r.bytes_whole,
-                          "; ".join(r.notes), r.error])
+        out.writerow(_header(names))
+        out.writerows(_row(r, names) for r in results)
+    os.replace(tmp, path)
+
+
+class SummaryLog:
+    """``summary.csv`` as it goes: a row appended (and flushed) as each input finishes, so
+    an interrupted call leaves the rows of what it did; the header once. The end of the
+    call rewrites it whole, in the inputs' order (:func:`write_summary`)."""
+
+    def __init__(self, path: Path, names: Sequence[str]):
+        self.path, self.names = path, names
+        if not path.is_file() or path.stat().st_size == 0:
+            with open(path, "w", newline="") as fh:
+                csv.writer(fh).writerow(_header(names))
+
+    def append(self, r: Segmented) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow(_row(r, self.names))
+            fh.flush()
+            os.fsync(fh.fileno())
 

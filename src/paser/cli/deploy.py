@@ -71,11 +71,15 @@ def segment(
                                     "holding the server's token (default: $PASER_TOKEN)"),
     ca_file: Path = typer.Option(None, "--ca-file", help="with an https:// --remote: the "
                                  "private CA's certificate (PEM) that signed the server's"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="segment every input again; "
+                                   "without it, a call on the same --out (same run and "
+                                   "settings) skips what an earlier one finished"),
 ) -> None:
     """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
     image and summary.csv. A file that fails is reported and skipped; the exit status is
     then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
-    are marked degraded; the run finishes."""
+    are marked degraded; the run finishes. Interrupted, the same command continues where it
+    stopped."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.runtime import progress
@@ -116,9 +120,14 @@ def segment(
             bar.update(task, advance=1, info=f"{rate / (time.perf_counter() - start):.1f} "
                        f"images/s  {r.stem if r.ok else r.stem + ' failed'}")
 
-        results = segment_files(model, files, out, on_done=done, workers=workers, only=k)
+        results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
+                                overwrite=overwrite)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
+    resumed = sum(r.resumed for r in results)
+    if resumed:
+        typer.echo(f"{resumed} of {len(results)} images were segmented before into {out} "
+                   "(same run and settings): skipped; --overwrite does them again")
     for r in results:
         if not r.ok:
             typer.echo(f"failed: {r.error}", err=True)

@@ -1,0 +1,84 @@
+"""paser segment loses nothing on interruption: the same command continues where it
+stopped, with the same result as an uninterrupted call, and refuses a folder made by
+another run or other settings."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paser.config import load_config
+from paser.errors import DataError
+from paser.segment import MANIFEST, segment_files
+from tests.test_label_codec import folder, model
+
+
+class Interrupted(BaseException):
+    """Stands for Ctrl-C (pytest takes a real KeyboardInterrupt for its own)."""
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    root = folder(tmp_path / "data")
+    cfg = load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
+    (tmp_path / "run").mkdir()
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(5):
+        files.append(tmp_path / "in" / f"s{i}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(files[-1])
+    return model(cfg, tmp_path / "run"), files, tmp_path
+
+
+def _outputs(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix == ".png"}
+
+
+def test_an_interrupted_call_continues_and_equals_an_uninterrupted_one(setup, monkeypatch):
+    m, files, tmp = setup
+    whole = segment_files(m, files, tmp / "whole")
+    seen: list[int] = []
+    stop = [3]
+    segment = type(m).segment
+
+    def stop_at_third(self, x, *a, **k):
+        seen.append(1)
+        if len(seen) == stop[0]:
+            raise Interrupted  # the user's Ctrl-C, or a killed process, mid-way
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", stop_at_third)
+    with pytest.raises(Interrupted):
+        segment_files(m, files, tmp / "out")
+    rows = list(csv.reader(open(tmp / "out" / "summary.csv")))
+    assert [r[0] for r in rows[1:]] == [str(f) for f in files[:2]]  # kept as it went
+    seen.clear()
+    stop[0] = 0
+    again = segment_files(m, files, tmp / "out")
+    assert len(seen) == 3  # s2, s3, s4 only
+    assert [r.resumed for r in again] == [True, True, False, False, False]
+    assert _outputs(tmp / "out") == _outputs(tmp / "whole")
+    rows = list(csv.reader(open(tmp / "out" / "summary.csv")))
+    assert [r[0] for r in rows[1:]] == [str(f) for f in files]
+    assert [(r.gflops, r.fractions) for r in again] == [(r.gflops, r.fractions) for r in whole]
+    seen.clear()
+    segment_files(m, files, tmp / "out")
+    assert seen == []  # all done: nothing runs
+
+
+def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(setup):
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+    with pytest.raises(DataError, match=r"other settings \(only: None there, f1 \(unet\) now"):
+        segment_files(m, files[:2], tmp / "out", only=1)
+    alone = segment_files(m, files[:2], tmp / "out", only=1, overwrite=True)
+    assert not any(r.resumed for r in alone)
+    assert '"only": "f1 (unet)"' in (tmp / "out" / MANIFEST).read_text()
+    m.run_dir = tmp / "elsewhere"
+    with pytest.raises(DataError, match="holds the outputs of another run"):
+        segment_files(m, files[:2], tmp / "out", only=1)
