@@ -130,11 +130,18 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
 @pytest.mark.slow  # `paser segment` in processes
 def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     inputs = _inputs(tmp_path / "in")
+    tifffile.imwrite(inputs / "v.tif", RNG.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+                     photometric="minisblack")  # a stack of 20 slices: a volume
     res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert res.returncode == 1
     assert "failed:" in res.stderr and "d.png" in res.stderr
     assert "segmented 3 of 4 images" in res.stdout
+    assert "v.tif: 20 x 28 x 28 (0.0 megavoxels)" in res.stdout
     assert (tmp_path / "o" / "c_labels.png").is_file()
+    assert tifffile.imread(tmp_path / "o" / "v_labels.tif").shape == (20, 28, 28)
+    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    assert "3 of 4 images were segmented before" in res.stdout  # the failed one again
+    assert "segmented before (skipped)" in res.stdout
     res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o2"))
     assert res.returncode == 2 and "no such file or folder" in res.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
         model.calibration.target
     codec = model.label_codec
     claim_output(out_dir, output_settings(model, only), overwrite,
-                 [out_dir / f"{f.stem}.json" for f in files])
+                 [*(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY])
     results: list[Segmented | None] = [finished(out_dir, f) for f in files]
     todo = [f for f, r in zip(files, results, strict=True) if r is None]
     for r in results:
@@ -302,8 +303,9 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                  ) -> None:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
     (resume). Another run's or other settings' is refused with what differs; ``overwrite``
-    removes the ``markers`` (the records that mark an input done) and the summary first,
-    so that an interrupted overwrite never resumes on the old outputs."""
+    removes the ``markers`` (files and folders: the records that mark an input or a chunk
+    done, the summary) first, so that an interrupted overwrite never resumes on the old
+    outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
@@ -319,8 +321,11 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                 "); give another --out, or --overwrite to start over")
         return
     if overwrite:
-        for marker in (*markers, out_dir / SUMMARY):
-            marker.unlink(missing_ok=True)
+        for marker in markers:
+            if marker.is_dir():
+                shutil.rmtree(marker)
+            else:
+                marker.unlink(missing_ok=True)
     atomic_write_text(json.dumps(settings, indent=2), path)
 
 

@@ -74,18 +74,22 @@ def segment(
     overwrite: bool = typer.Option(False, "--overwrite", help="segment every input again; "
                                    "without it, a call on the same --out (same run and "
                                    "settings) skips what an earlier one finished"),
+    stack: bool = typer.Option(False, "--stack", help="each folder given is one volume of "
+                               "slices (natural sort), not a set of images"),
 ) -> None:
-    """Segment images with a trained run: label maps, overlays, routing maps, a JSON per
-    image and summary.csv. A file that fails is reported and skipped; the exit status is
+    """Segment images and volumes with a trained run: label maps, overlays, routing maps, a
+    JSON per image and summary.csv; per volume (multi-page TIFF, .zarr, file.h5:/key,
+    --stack folder) a label volume and a JSON, slice by slice. A file that fails is reported and skipped; the exit status is
     then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
     are marked degraded; the run finishes. Interrupted, the same command continues where it
     stopped."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.runtime import progress
-    from paser.segment import find_images, segment_files
+    from paser.segment import segment_files
+    from paser.volumes import split_inputs
 
-    files = find_images(inputs)
+    files, volumes = split_inputs([str(i) for i in inputs], stack)
     if only is not None and remote is not None:
         raise ConfigError(f"--model {only} runs one model here; drop --remote (or --model)")
     if remote is not None and not remote.startswith(("http://", "https://")):
@@ -111,6 +115,11 @@ def segment(
     if remote is not None:
         _connect_remote(model, remote, timeout, retries, token, ca_file)
     k = None if only is None else _model_index(only, model.router.num_models)
+    results, vol_results = [], []
+    start = time.perf_counter()
+    if volumes:
+        vol_results = _segment_volumes(model, volumes, out, k, overwrite)
+        overwrite = False  # done: the images keep the folder the volumes claimed
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         start = time.perf_counter()
@@ -120,8 +129,9 @@ def segment(
             bar.update(task, advance=1, info=f"{rate / (time.perf_counter() - start):.1f} "
                        f"images/s  {r.stem if r.ok else r.stem + ' failed'}")
 
-        results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
-                                overwrite=overwrite)
+        if files:
+            results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
+                                    overwrite=overwrite)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
@@ -143,10 +153,48 @@ def segment(
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
                    f"{whole / len(done):,.0f} for the whole image ({sent / whole:.1%}); "
                    f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)")
+    failed_volumes = [r for r in vol_results if r.record is None]
     if len(done) < len(results):
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
                    f"{out / 'summary.csv'}", err=True)
+    if failed_volumes:
+        typer.echo(f"{len(failed_volumes)} of {len(vol_results)} volumes failed; listed in "
+                   f"{out / 'volumes.csv'}", err=True)
+    if len(done) < len(results) or failed_volumes:
         raise typer.Exit(1)
+
+
+def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool) -> list:
+    """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
+    a line each."""
+    from paser.cost import FLOP_CONVENTION
+    from paser.runtime import progress
+    from paser.volumes import segment_volumes
+
+    total = sum(v.depth for v in volumes)
+    with progress() as bar:
+        task = bar.add_task("volumes", total=total, info="")
+        start, voxels = time.perf_counter(), [0]
+
+        def advance(n: int, v: int) -> None:
+            voxels[0] += v
+            dt = max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=n, info=f"{(bar.tasks[0].completed + n) / dt:.1f} "
+                       f"slices/s  {voxels[0] / 1e6 / dt:.2f} megavoxels/s")
+
+        results = segment_volumes(model, volumes, out, only=k, on_slices=advance,
+                                  overwrite=overwrite)
+    for r in results:
+        if r.record is None:
+            typer.echo(f"failed: {r.error}", err=True)
+            continue
+        rec = r.record
+        typer.echo(f"{r.source}: {' x '.join(map(str, rec['shape']))} "
+                   f"({rec['megavoxels']:.1f} megavoxels)"
+                   + (", segmented before (skipped)" if r.resumed else "")
+                   + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
+                   f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
+    return results
 
 
 def model_names(model) -> list[str]:

@@ -1,0 +1,432 @@
+"""Volumes in and out: what ``paser segment`` does with a stack of slices.
+
+A volume is a multi-page TIFF (BigTIFF, OME-TIFF; tifffile), a zarr array (a path ending
+in ``.zarr``), an HDF5 dataset (``file.h5:/path/in/file``; h5py) or a folder of slices
+(``--stack``, natural sort). Its first axis is the slice axis. It is segmented slice by
+slice with the run's 2D models, each slice alone (the same labels as the slice segmented
+as an image), and read and written a chunk of slices at a time: memory does not grow with
+the number of slices. Per input volume ``<stem>``, the output folder gets:
+
+- ``<stem>_labels.tif`` (BigTIFF, one page per slice, the run's label codec) for TIFF
+  stacks and folders of slices, or ``<stem>_labels.zarr`` (uint8, chunked by slices) for
+  zarr and HDF5 inputs;
+- ``<stem>.json``: per slice and for the whole volume, the volume fraction of every
+  class, GFLOP, the share of patches per model, seconds;
+
+and ``volumes.csv`` one row per volume. Every finished chunk is durable (its labels, then
+its record, under ``.<stem>.parts/``): the same command again continues with the chunks
+still to do and gives the same bytes; the parts are removed once the volume is whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paser.cost import FLOP_CONVENTION
+from paser.data.images import (
+    TIFF_SUFFIXES,
+    probe,
+    read_array,
+    to_channels,
+)
+from paser.errors import DataError, PaserError
+from paser.runtime import atomic_write_text
+
+#: slices read, segmented and written together (the zarr output's chunk along the slices)
+CHUNK = 16
+#: the zarr output's chunk across a slice, at most
+PLANE_CHUNK = 1024
+VOLUMES_CSV = "volumes.csv"
+_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs)):(?P<key>/.*)$", re.IGNORECASE)
+
+
+def natural_key(path: Path) -> list:
+    """``slice_2`` before ``slice_10``: digits compared as numbers."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+@dataclass
+class Volume:
+    """A stack of slices to segment, read ``read(z0, z1)`` a chunk at a time:
+    ``[z1 - z0, H, W]`` or ``[z1 - z0, H, W, C]`` as stored."""
+
+    source: str
+    stem: str
+    kind: str  # tiff, zarr, hdf5, stack
+    shape: tuple[int, ...]
+    dtype: str
+    read: Callable[[int, int], np.ndarray] = field(repr=False)
+
+    @property
+    def depth(self) -> int:
+        return self.shape[0]
+
+    @property
+    def plane(self) -> tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+    @property
+    def label_format(self) -> str:
+        """``zarr`` for zarr and HDF5 inputs, ``tiff`` for TIFF stacks and folders."""
+        return "zarr" if self.kind in ("zarr", "hdf5") else "tiff"
+
+
+def is_volume(spec: str | Path, stack: bool = False) -> bool:
+    """Whether ``spec`` names a volume: an HDF5 ``file:/key``, a ``.zarr`` path, a TIFF of
+    more than one page, or a folder with ``stack``."""
+    text = str(spec)
+    if _H5.match(text) or text.rstrip("/").lower().endswith(".zarr"):
+        return True
+    path = Path(text)
+    if path.is_dir():
+        return stack
+    if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            return probe(path).pages > 1
+        except DataError:
+            return False  # reported when read as an image
+    return False
+
+
+def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None) -> Volume:
+    """The volume ``spec`` names (:func:`is_volume`); nothing but headers read. A folder is
+    a stack of its image files (``stack_suffixes``, default those ``paser segment``
+    reads), natural sort; every problem is a :class:`DataError` naming the input."""
+    if stack_suffixes is None:
+        from paser.segment import SUFFIXES as stack_suffixes
+    text = str(spec)
+    h5 = _H5.match(text)
+    if h5:
+        return _hdf5(Path(h5["file"]), h5["key"], text)
+    path = Path(text)
+    if text.rstrip("/").lower().endswith(".zarr"):
+        return _zarr(path)
+    if path.is_dir():
+        return _stack(path, stack_suffixes)
+    return _tiff(path)
+
+
+def _check(source: str, shape: tuple, dtype) -> None:
+    if len(shape) not in (3, 4) or 0 in shape:
+        raise DataError(f"{source}: an array of shape {tuple(shape)}; a volume is slices x "
+                        "height x width (x channels)")
+    if np.dtype(dtype).kind not in "biuf":
+        raise DataError(f"{source}: values of type {dtype}; give integer or float voxels")
+
+
+def _tiff(path: Path) -> Volume:
+    import tifffile
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            pages, page = len(series.pages), series.pages[0]
+            shape, dtype = (pages, *page.shape), page.dtype
+            planar = page.axes.startswith("S")
+    except (OSError, ValueError, IndexError, KeyError) as err:
+        raise DataError(f"{path}: cannot read the TIFF ({err})") from None
+    if planar:
+        shape = (pages, *shape[2:], shape[1])
+    _check(str(path), shape, dtype)
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        with tifffile.TiffFile(path) as tif:
+            pages = tif.series[0].pages
+            out = np.stack([pages[z].asarray() for z in range(z0, z1)])
+        return np.moveaxis(out, 1, -1) if planar else out
+
+    return Volume(str(path), path.stem, "tiff", shape, str(dtype), read)
+
+
+def _zarr(path: Path) -> Volume:
+    try:
+        import zarr
+    except ImportError:
+        raise DataError(f"{path}: reading zarr needs the zarr package: pip install "
+                        "'paser[volumes]'") from None
+    if not path.exists():
+        raise DataError(f"{path}: no such zarr array")
+    try:
+        arr = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises many kinds for a folder that is not one
+        raise DataError(f"{path}: not a zarr array ({err})") from None
+    if not hasattr(arr, "shape"):
+        names = sorted(getattr(arr, "array_keys", lambda: [])())
+        raise DataError(f"{path}: a zarr group, not an array; give one of its arrays "
+                        f"({', '.join(f'{path}/{n}' for n in names) or 'it has none'})")
+    _check(str(path), arr.shape, arr.dtype)
+    return Volume(str(path), path.stem, "zarr", tuple(arr.shape), str(arr.dtype),
+                  lambda z0, z1: np.asarray(arr[z0:z1]))
+
+
+def _hdf5(file: Path, key: str, source: str) -> Volume:
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"{source}: reading HDF5 needs the h5py package: pip install "
+                        "'paser[volumes]'") from None
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    try:
+        with h5py.File(file, "r") as fh:
+            if key not in fh or not isinstance(fh[key], h5py.Dataset):
+                found: list[str] = []
+                fh.visititems(lambda n, o: found.append("/" + n)
+                              if isinstance(o, h5py.Dataset) else None)
+                raise DataError(f"{source}: no dataset {key} in {file}; it has "
+                                f"{', '.join(found[:10]) or 'none'}")
+            shape, dtype = fh[key].shape, fh[key].dtype
+    except OSError as err:
+        raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
+    _check(source, shape, dtype)
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        with h5py.File(file, "r") as fh:
+            return fh[key][z0:z1]
+
+    stem = f"{file.stem}_{key.strip('/').replace('/', '_')}" if key.strip("/") else file.stem
+    return Volume(source, stem, "hdf5", tuple(shape), str(dtype), read)
+
+
+def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes),
+                   key=natural_key)
+    if not files:
+        raise DataError(f"{folder}: --stack, but no image file in it ({', '.join(suffixes)})")
+    first = probe(files[0])
+    for f in files[1:]:
+        head = probe(f)
+        if (head.height, head.width, head.dtype) != (first.height, first.width, first.dtype):
+            raise DataError(f"{f}: {head.height} x {head.width} {head.dtype}, but {files[0]} "
+                            f"is {first.height} x {first.width} {first.dtype}; the slices of "
+                            "a stack share one size and type")
+    arr = read_array(files[0])
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        return np.stack([read_array(f) for f in files[z0:z1]])
+
+    return Volume(str(folder), folder.name, "stack", (len(files), *arr.shape), str(arr.dtype),
+                  read)
+
+
+def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes]
+
+
+def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None = None,
+                   chunk: int = CHUNK, on_slices: Callable[[int, int], None] | None = None
+                   ) -> dict:
+    """Segment ``volume`` with ``model`` (a :class:`paser.PaSeR`) into ``out_dir`` (module
+    doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels)`` after each
+    chunk. Chunks finished by an earlier call into the same folder are not done again."""
+    out_dir = Path(out_dir)
+    from paser.segment import record_names
+
+    router, codec, intensity = model.router, model.label_codec, model.intensity
+    channels, ncls = model.config.models.in_channels, model.config.models.num_classes
+    h, w = volume.plane
+    parts = out_dir / f".{volume.stem}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    labels_zarr = None
+    if volume.label_format == "zarr":
+        labels_zarr = _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts)
+    start = time.perf_counter()
+    for z0 in range(0, volume.depth, chunk):
+        z1 = min(z0 + chunk, volume.depth)
+        marker = parts / f"{z0:08d}.json"
+        if marker.is_file():
+            continue
+        raw = volume.read(z0, z1)
+        masks, records = np.empty((z1 - z0, h, w), np.uint8), []
+        for i in range(z1 - z0):
+            notes: list[str] = []
+            x = to_channels(intensity.scale(raw[i], f"{volume.source} slice {z0 + i}", notes),
+                            channels, volume.source, notes)
+            tick = time.perf_counter()
+            out = model.segment(torch.from_numpy(x)[None], only=only)
+            ms = 1000 * (time.perf_counter() - tick)
+            mask = out.mask[0].cpu().numpy()
+            actions = out.actions[0].cpu().numpy()
+            masks[i] = codec.encode(mask)
+            records.append({"slice": z0 + i, "gflops": float(out.gflops[0]), "ms": ms,
+                            "patches_per_model": np.bincount(
+                                actions, minlength=router.num_models).tolist(),
+                            "class_voxels": _class_counts(mask, ncls).tolist(),
+                            **({"notes": notes} if notes else {})})
+        if labels_zarr is not None:
+            labels_zarr[z0:z1] = masks
+        else:
+            tmp = parts / f".{z0:08d}.npy.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, masks)
+            os.replace(tmp, parts / f"{z0:08d}.npy")
+        atomic_write_text(json.dumps(records), marker)  # the chunk is done
+        if on_slices is not None:
+            on_slices(z1 - z0, (z1 - z0) * h * w)
+    records = [r for z0 in range(0, volume.depth, chunk)
+               for r in json.loads((parts / f"{z0:08d}.json").read_text())]
+    if labels_zarr is None:
+        output = f"{volume.stem}_labels.tif"
+        _assemble_tiff(parts, volume.depth, chunk, out_dir / output)
+    else:
+        output = f"{volume.stem}_labels.zarr"
+    names = record_names(model)
+    voxels = np.sum([r["class_voxels"] for r in records], 0)
+    patches = np.sum([r["patches_per_model"] for r in records], 0)
+    record = {
+        "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
+        "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
+        "models": names, "only": None if only is None else names[only],
+        "class_fractions": dict(zip(codec.names, (voxels / max(voxels.sum(), 1)).tolist(),
+                                    strict=True)),
+        "gflops": float(sum(r["gflops"] for r in records)),
+        "gflops_per_slice": float(np.mean([r["gflops"] for r in records])),
+        "flop_convention": FLOP_CONVENTION,
+        "patch_share": dict(zip(names, (patches / max(patches.sum(), 1)).tolist(), strict=True)),
+        "ms_per_slice": float(np.mean([r["ms"] for r in records])),
+        "seconds_this_call": time.perf_counter() - start,
+        "megavoxels": volume.depth * h * w / 1e6, "intensity": intensity.to_dict(),
+        "device": str(model.device), "slices": records,
+    }
+    atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
+    shutil.rmtree(parts, ignore_errors=True)  # the volume is whole: its record says so
+    return record
+
+
+def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
+    """The zarr label array, created when no chunk of it is done yet (else reopened)."""
+    import zarr
+
+    h, w = volume.plane
+    shape = (volume.depth, h, w)
+    if path.exists() and any(parts.glob("*.json")):
+        arr = zarr.open_array(str(path), mode="r+")
+        if tuple(arr.shape) == shape:
+            return arr
+    if path.exists():
+        shutil.rmtree(path)
+    return zarr.open_array(str(path), mode="w", shape=shape, dtype="uint8",
+                           chunks=(chunk, min(h, PLANE_CHUNK), min(w, PLANE_CHUNK)))
+
+
+def _assemble_tiff(parts: Path, depth: int, chunk: int, path: Path) -> None:
+    """The label slices, a chunk in memory at a time, as one BigTIFF of one page per slice
+    (written to a temporary name, then renamed)."""
+    import tifffile
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        for z0 in range(0, depth, chunk):
+            for page in np.load(parts / f"{z0:08d}.npy", mmap_mode="r"):
+                tif.write(np.ascontiguousarray(page), photometric="minisblack",
+                          contiguous=True)
+    os.replace(tmp, path)
+
+
+@dataclass
+class VolumeResult:
+    """One volume's outcome for ``volumes.csv``: its record, or its error."""
+
+    source: str
+    stem: str
+    record: dict | None = None
+    error: str = ""
+    resumed: bool = False
+
+
+def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
+                    only: int | None = None, chunk: int = CHUNK,
+                    on_slices: Callable[[int, int], None] | None = None,
+                    overwrite: bool = False) -> list[VolumeResult]:
+    """Each volume in turn (:func:`segment_volume`); one that fails is recorded with its
+    error and the rest go on. A volume whose ``<stem>.json`` is there (an earlier call
+    into the same folder, same run and settings: :func:`paser.segment.claim_output`) is
+    skipped, and one interrupted continues with its missing chunks; ``overwrite`` starts
+    over. ``volumes.csv`` gets one row per volume."""
+    from paser.segment import claim_output, output_settings
+
+    out_dir = Path(out_dir)
+    claim_output(out_dir, output_settings(model, only), overwrite, [
+        *(m for v in volumes for m in (out_dir / f"{v.stem}.json", out_dir / f".{v.stem}.parts")),
+        out_dir / VOLUMES_CSV])
+    results = []
+    for vol in volumes:
+        res = VolumeResult(vol.source, vol.stem)
+        results.append(res)
+        done = out_dir / f"{vol.stem}.json"
+        if done.is_file():
+            try:
+                rec = json.loads(done.read_text())
+                if rec.get("input") == vol.source:
+                    res.record, res.resumed = rec, True
+                    if on_slices is not None:
+                        on_slices(vol.depth, vol.depth * vol.plane[0] * vol.plane[1])
+                    continue
+            except ValueError:
+                pass
+        try:
+            res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
+        except (PaserError, OSError, RuntimeError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+    _write_csv(out_dir / VOLUMES_CSV, results)
+    return results
+
+
+def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
+    rows = []
+    for r in results:
+        rec = r.record or {}
+        rows.append([r.source, "ok" if r.record else "failed",
+                     "x".join(map(str, rec.get("shape", []))),
+                     f"{rec['megavoxels']:.3f}" if rec else "",
+                     f"{rec['gflops']:.3f}" if rec else "",
+                     f"{rec['ms_per_slice']:.1f}" if rec else "",
+                     json.dumps(rec.get("patch_share", {})),
+                     json.dumps(rec.get("class_fractions", {})), rec.get("output", ""),
+                     r.error])
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
+                      "patch share", "class fractions", "output", "error"])
+        out.writerows(rows)
+    os.replace(tmp, path)
+
+
+def split_inputs(inputs: Sequence[str | Path], stack: bool = False
+                 ) -> tuple[list[Path], list[Volume]]:
+    """``paser segment``'s inputs as image files and volumes: HDF5 ``file:/key``, ``.zarr``
+    paths, TIFFs of more than one page (named or found in a folder) and, with ``stack``,
+    folders (:func:`is_volume`); the rest are images (:func:`paser.segment.find_images`).
+    Two outputs with one stem are a :class:`DataError`."""
+    from paser.segment import find_images
+
+    volumes = [open_volume(i) for i in inputs if is_volume(i, stack)]
+    rest = [i for i in inputs if not is_volume(i, stack)]
+    files = []
+    for f in find_images(rest) if rest else []:
+        if f.suffix.lower() in TIFF_SUFFIXES and is_volume(f):
+            volumes.append(open_volume(f))
+        else:
+            files.append(f)
+    seen: dict[str, str] = {}
+    for stem, source in [(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes]:
+        if stem in seen and seen[stem] != source:
+            raise DataError(f"{seen[stem]} and {source} have the same stem '{stem}': their "
+                            "outputs would overwrite each other; rename one or segment them "
+                            "separately")
+        seen[stem] = source
+    return files, volumes

@@ -1,0 +1,131 @@
+"""Volumes in and out: multi-page TIFF, zarr, HDF5 and folders of slices segmented slice by
+slice, equal to the slices segmented alone; resumed chunk by chunk after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from PIL import Image
+
+from paser.config import load_config
+from paser.errors import DataError
+from paser.volumes import open_volume, segment_volumes, split_inputs
+from tests.test_label_codec import folder, model
+
+DEPTH, SIDE = 24, 16
+
+
+class Interrupted(BaseException):
+    """Stands for Ctrl-C or a killed process."""
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    root = folder(tmp_path / "data")
+    cfg = load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"pool": cfg.models.pool[:1]})})  # f0 and f1, as the model's router
+    (tmp_path / "run").mkdir()
+    vol = np.random.default_rng(0).integers(0, 256, (DEPTH, SIDE, SIDE), dtype=np.uint8)
+    return model(cfg, tmp_path / "run"), vol, tmp_path
+
+
+def _alone(m, vol: np.ndarray) -> np.ndarray:
+    """Each slice segmented as an image on its own, in the run's codec."""
+    return np.stack([m.label_codec.encode(m.segment(torch.from_numpy(s / 255.0)[None, None]
+                                                    .float()).mask[0].numpy()) for s in vol])
+
+
+def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(5, 8, 8),
+                    dtype="uint8")[:] = vol
+    with h5py.File(tmp / "f.h5", "w") as fh:
+        fh.create_dataset("/entry/data", data=vol, chunks=(1, SIDE, SIDE))
+    (tmp / "slices").mkdir()
+    for z in range(DEPTH):  # natural order: s2 before s10
+        Image.fromarray(vol[z]).save(tmp / "slices" / f"s{z}.png")
+    files, volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr", f"{tmp / 'f.h5'}:/entry/data",
+                                   tmp / "slices"], stack=True)
+    assert files == [] and [v.kind for v in volumes] == ["tiff", "zarr", "hdf5", "stack"]
+    results = segment_volumes(m, volumes, tmp / "out", chunk=5)
+    want = _alone(m, vol)
+    assert all(r.record is not None for r in results), [r.error for r in results]
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), want)
+    assert np.array_equal(tifffile.imread(tmp / "out" / "slices_labels.tif"), want)
+    assert np.array_equal(zarr.open(str(tmp / "out" / "z_labels.zarr"), mode="r")[:], want)
+    assert np.array_equal(zarr.open(str(tmp / "out" / "f_entry_data_labels.zarr"),
+                                    mode="r")[:], want)
+    with tifffile.TiffFile(tmp / "out" / "scan_labels.tif") as tif:
+        assert tif.is_bigtiff and len(tif.pages) == DEPTH
+    rec = json.loads((tmp / "out" / "scan.json").read_text())
+    assert len(rec["slices"]) == DEPTH and [s["slice"] for s in rec["slices"]] == list(range(DEPTH))
+    codes = np.array(m.label_codec.values)
+    fractions = [(want == v).mean() for v in codes]
+    assert list(rec["class_fractions"].values()) == pytest.approx(fractions)
+    assert sum(rec["patch_share"].values()) == pytest.approx(1.0)
+    assert rec["gflops"] == pytest.approx(DEPTH * rec["gflops_per_slice"])
+    assert not list((tmp / "out").glob(".*.parts"))  # whole volumes: the parts are gone
+    assert (tmp / "out" / "volumes.csv").read_text().count("\n") == 5
+
+
+def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypatch):
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
+                    dtype="uint8")[:] = vol
+    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    segment_volumes(m, volumes, tmp / "whole", chunk=4)
+    calls, stop = [0], [13]
+    segment = type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        if calls[0] == stop[0]:
+            raise Interrupted
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(Interrupted):  # in the first volume's fourth chunk
+        segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert len(list((tmp / "out" / ".scan.parts").glob("*.json"))) == 3
+    calls[0], stop[0] = 0, 0
+    segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert calls[0] == 2 * DEPTH - 12  # the 12 slices of the 3 finished chunks not redone
+    assert (tmp / "out" / "scan_labels.tif").read_bytes() == (
+        tmp / "whole" / "scan_labels.tif").read_bytes()
+    assert np.array_equal(zarr.open(str(tmp / "out" / "z_labels.zarr"), mode="r")[:],
+                          zarr.open(str(tmp / "whole" / "z_labels.zarr"), mode="r")[:])
+    calls[0] = 0
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert calls[0] == 0 and all(r.resumed for r in again)
+
+
+def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as fh:
+        fh.create_dataset("/a/b", data=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match="no dataset /c in .*f.h5; it has /a/b"):
+        open_volume(f"{tmp_path / 'f.h5'}:/c")
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    zarr.open_array(str(tmp_path / "g.zarr" / "x"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    with pytest.raises(DataError, match="a zarr group, not an array; give one of its arrays "
+                                        r"\(.*g.zarr/x\)"):
+        open_volume(tmp_path / "g.zarr")
+    (tmp_path / "s").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "s" / "a1.png")
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(tmp_path / "s" / "a2.png")
+    with pytest.raises(DataError, match="a2.png: 4 x 5 uint8, but .*a1.png is 4 x 4 uint8"):
+        open_volume(tmp_path / "s")
+    tifffile.imwrite(tmp_path / "s" / "v.tif", np.zeros((3, 4, 4), np.uint8),
+                     photometric="minisblack")
+    files, volumes = split_inputs([tmp_path / "s"])  # not --stack: images, and a stack
+    assert [f.name for f in files] == ["a1.png", "a2.png"]
+    assert [(v.stem, v.depth) for v in volumes] == [("v", 3)]
