@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from paser.config import DataConfig
 from paser.data import BatteryDataset, decode_label, encode_label, split_three
+from paser.data.stages import as_tiles
 from paser.errors import DataError
 
 
@@ -62,7 +64,7 @@ def test_three_way_split_is_seeded_disjoint_and_complete():
         ("corrupt", "cannot read the image"),
         ("truncated", "cannot read the image"),
         ("label_size", "but its label"),
-        ("mixed_sizes", "all images of a split must have one size"),
+        ("mixed_sizes", "set data.tile=[H,W]"),
         ("empty", "no images"),
     ],
 )
@@ -88,6 +90,7 @@ def test_bad_data_gets_one_clear_error_naming_the_file(tmp_path, breakage, fragm
     with pytest.raises(DataError) as err:
         ds = BatteryDataset(root, "train")
         [ds[i] for i in range(len(ds))]
+        as_tiles(DataConfig(), ds)  # what a run does with a split (mixed sizes: tiles or this)
     msg = str(err.value)
     assert fragment in msg
     if breakage not in ("no_folder", "empty"):

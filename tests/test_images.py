@@ -143,10 +143,10 @@ def test_segment_scales_by_the_runs_window_not_by_each_images_range(tmp_path):
     0 to 0, 0.5 (classes 0, 1 of the intensity bands); each image's own min-max would map
     this image's 0 to 1 (class 2)."""
     from PIL import Image as PILImage
+    from tests.test_label_codec import folder, model
 
     from paser.config import load_config
     from paser.segment import segment_files
-    from tests.test_label_codec import folder, model
 
     root = folder(tmp_path / "data")
     cfg = load_config(preset="battery-quick", overrides=[

@@ -171,7 +171,7 @@ def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
 def test_data_check_counts_classes_and_suggests_weights(folder):
     r = check_dataset(folder, workers=0, show_progress=False)  # read here: no reader processes
     assert r["layout"] == "folder" and r["splits"]["train"] == {
-        "images": 12, "size": [32, 32], "channels": 3}
+        "images": 12, "size": [32, 32], "sizes": "32 x 32", "channels": 3}
     masks = np.stack([np.asarray(Image.open(p)) for p in
                       sorted((folder / "train" / "masks").iterdir())])
     labelled = masks[masks != 255]

@@ -9,11 +9,11 @@ import csv
 import numpy as np
 import pytest
 from PIL import Image
+from tests.test_label_codec import folder, model
 
 from paser.config import load_config
 from paser.errors import DataError
 from paser.segment import MANIFEST, segment_files
-from tests.test_label_codec import folder, model
 
 
 class Interrupted(BaseException):

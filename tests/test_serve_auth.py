@@ -253,7 +253,8 @@ def test_an_edge_whose_token_is_refused_mid_run_stops_instead_of_degrading(
             tmp_path / f"img{i}.png")
     with pytest.raises(RemoteAccessError):
         segment_files(edge, find_images([tmp_path]), tmp_path / "out")
-    assert not list((tmp_path / "out").glob("*.json"))  # stopped at the first image
+    assert [p.name for p in (tmp_path / "out").glob("*.json")] == [
+        ".paser-segment.json"]  # stopped at the first image: no image's record
 
 
 # ---- HTTPS with a throwaway CA, and `paser serve` / `paser segment --remote` end to end -------

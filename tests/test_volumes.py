@@ -12,11 +12,11 @@ import tifffile
 import torch
 import zarr
 from PIL import Image
+from tests.test_label_codec import folder, model
 
 from paser.config import load_config
 from paser.errors import DataError
 from paser.volumes import open_volume, segment_volumes, split_inputs
-from tests.test_label_codec import folder, model
 
 DEPTH, SIDE = 24, 16
 

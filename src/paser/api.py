@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from paser.config import ExperimentConfig
 from paser.data import Tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity
+from paser.data.tiles import route_tiled
 from paser.errors import DataError
 from paser.evaluation import evaluate_router
+from paser.patches import PatchGrid
 from paser.routing import Router, RoutingOutput
 from paser.runtime import keep_freed_memory, resolve_device
 
@@ -35,6 +38,7 @@ class PaSeR:
         self.calibration = calibration
         self._codec: ClassMap | None = None
         self._intensity: Intensity | None = None
+        self._trained_size: tuple | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto",
@@ -119,9 +123,42 @@ class PaSeR:
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")
         self.router.eval()
-        if only is not None:
-            return self.router.alone(only, x.to(self.device), mc_seed)
-        return self.router(x.to(self.device), mode=mode, bias=self._bias(bias), mc_seed=mc_seed)
+        bias = self._bias(bias)
+
+        def route(t: torch.Tensor) -> RoutingOutput:
+            if only is not None:
+                return self.router.alone(only, t, mc_seed)
+            return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed)
+
+        x = x.to(self.device)
+        if self.tile is None or tuple(x.shape[-2:]) == self.tile:
+            return route(x)
+        return route_tiled(route, x, self.tile, self.router.grid)
+
+    @property
+    def tile(self) -> tuple[int, int] | None:
+        """The image size the run trained and routes at (``data.tile``; ``auto``: stage 1's
+        image size, from ``stage1.json``), or ``None``: images are routed whole, in the
+        grid's patches of whatever size."""
+        tile = self.config.data.tile
+        if tile == "auto":  # the size stage 1 trained at
+            if self._trained_size is None:
+                summary = Path(self.run_dir) / "stage1.json"
+                self._trained_size = (tuple(json.loads(summary.read_text())["image_size"])
+                                      if summary.is_file() else ())
+            tile = self._trained_size or None
+        return None if tile is None else tuple(tile)
+
+    def grid_for(self, height: int, width: int) -> PatchGrid:
+        """The patches a ``height x width`` image is routed in: the run's grid, or, when it
+        is cut into tiles (:attr:`tile`), the tiles' patches as one grid of fixed-size
+        patches (a 1024 x 1024 image, 128 x 128 tiles of 2 x 2: 16 x 16 of 64 x 64)."""
+        grid = self.router.grid
+        if self.tile is None or (height, width) == self.tile:
+            return grid
+        (th, tw), (r, c) = self.tile, (grid.rows, grid.cols)
+        return PatchGrid(-(-height // th) * r, -(-width // tw) * c, grid.halo,
+                         patch=(th // r, tw // c))
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         if bias is None and self.calibration is not None:

@@ -86,6 +86,13 @@ class DataConfig(_Strict):
     stream_above_mb: float = Field(256.0, ge=0, description="data.stream=auto streams above this")
     workers: int = Field(2, ge=0, description="reader processes for streamed splits (0: read "
                          "in the training process)")
+    tile: tuple[int, int] | Literal["auto"] | None = Field(
+        None, description="[H, W]: the image size the run trains and routes at; training, "
+        "validation and test images of another size are cut into tiles of it (the last ones "
+        "mirrored past the image, unlabelled there), and paser segment cuts any image into "
+        "tiles of it, each routed as trained (a multiple of the grid). auto: the training "
+        "images' own size (they must share one). null: images are routed whole, in the "
+        "grid's patches of whatever size (the paper)")
     intensity: Literal["window", "per_image"] = Field(
         "window", description="how float and signed-integer images (CT reconstructions) become "
         "[0, 1]: by one intensity window fitted on the training images (data.window, else their "
@@ -94,6 +101,13 @@ class DataConfig(_Strict):
     window: tuple[float, float] | None = Field(
         None, description="the intensity window [lo, hi] (lo -> 0, hi -> 1, clipped); null = "
         "fitted on the training images")
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_positive(cls, v):
+        if isinstance(v, tuple) and min(v) < 1:
+            raise ValueError(f"must be [H, W] in pixels, both >= 1, got {list(v)}")
+        return v
 
     @field_validator("window")
     @classmethod

@@ -48,6 +48,10 @@ class PatchGrid:
     rows: int
     cols: int
     halo: int = 0
+    #: ``(h, w)`` of every patch, in pixels: a grid of fixed-size patches (an image cut into
+    #: tiles, :mod:`paser.data.tiles`), padded to ``rows * h x cols * w``; ``None``: the
+    #: image padded to the least size the grid divides
+    patch: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.halo, bool) or not isinstance(self.halo, int) or self.halo < 0:
@@ -86,6 +90,12 @@ class PatchGrid:
             ConfigError: the grid has more rows (cols) than the image has pixels.
         """
         self._check_fits(height, width)
+        if self.patch is not None:
+            hp, wp = self.rows * self.patch[0], self.cols * self.patch[1]
+            if hp < height or wp < width:
+                raise ConfigError(f"a {self} grid of {self.patch[0]} x {self.patch[1]} patches "
+                                  f"covers {hp}x{wp}, less than the {height}x{width} image")
+            return hp, wp
         return _ceil_to(height, self.rows), _ceil_to(width, self.cols)
 
     def patch_size(self, height: int, width: int) -> tuple[int, int]:
@@ -260,6 +270,22 @@ def _spatial(x: Tensor, op: str, min_dim: int = 3) -> tuple[int, int]:
         expected = "[B, C, H, W] or [B, H, W]" if min_dim == 3 else "[..., H, W]"
         raise ConfigError(f"PatchGrid.{op}: expected {expected}, got shape {tuple(x.shape)}")
     return int(x.shape[-2]), int(x.shape[-1])
+
+
+def pad_to(x: Tensor, height: int, width: int, mode: str = "reflect", value: float = 0
+           ) -> Tensor:
+    """``x [..., H, W]`` padded at the bottom and right to ``height x width`` (at least its
+    size): mirrored (``reflect``, periodically when the pad is longer than the side),
+    ``replicate`` or ``constant`` (``value``); any dtype."""
+    h, w = x.shape[-2:]
+    if (height, width) == (h, w):
+        return x
+    if mode == "constant":
+        out = x.new_full((*x.shape[:-2], height, width), value)
+        out[..., :h, :w] = x
+        return out
+    return (x.index_select(-2, _pad_index(h, height, mode, x.device))
+            .index_select(-1, _pad_index(w, width, mode, x.device)))
 
 
 def _pad_index(size: int, padded: int, mode: str, device: torch.device) -> Tensor:

@@ -228,6 +228,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                     raise item
                 image, res.notes = item
                 res.height, res.width = image.shape[-2:]
+                grid = model.grid_for(res.height, res.width)  # the patches it is routed in
                 if router.remote is not None:
                     router.remote.take()  # this image's transfers only
                 start = time.perf_counter()
@@ -242,9 +243,10 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                 res.fractions = (np.bincount(actions, minlength=router.num_models)
                                  / actions.size).tolist()
                 record = {"input": str(path), "height": res.height, "width": res.width,
-                          "notes": res.notes, "grid": [router.grid.rows, router.grid.cols],
+                          "notes": res.notes, "grid": [grid.rows, grid.cols],
+                          "patch": list(grid.patch_size(res.height, res.width)),
                           "models": names, "only": None if only is None else names[only],
-                          "actions": actions.reshape(router.grid.rows, router.grid.cols
+                          "actions": actions.reshape(grid.rows, grid.cols
                                                      ).tolist(),
                           "patches_per_model": np.bincount(actions, minlength=router.num_models
                                                            ).tolist(),
@@ -252,9 +254,9 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                           "ms": res.ms, "device": str(model.device),
                           "mc_samples": cfg.mc_samples, "calibration": calibration}
                 if router.remote is not None:
-                    record["remote"] = _remote_record(router, image, out, degraded, res)
+                    record["remote"] = _remote_record(model, grid, image, out, degraded, res)
                 args = (out_dir, path.stem, image, out.mask[0].cpu().numpy(), actions,
-                        router.grid, codec, degraded, record)
+                        grid, codec, degraded, record)
                 if writer is None:
                     _write(*args)
                 pending.append((res, None if writer is None else writer.submit(_write, *args)))
@@ -379,17 +381,20 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
         on_done(res)
 
 
-def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
-                   res: Segmented) -> dict:
+def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
+                   degraded: np.ndarray | None, res: Segmented) -> dict:
     """The edge/cloud figures of one image: bytes sent against sending the whole image in
     the same codec (:func:`paser.serve.codec.quantise`, compressed numpy), requests,
     retries, degraded patches."""
     from paser.serve.codec import encode_npz, quantise
 
+    router = model.router
     transfer = router.remote.take()
     res.bytes_sent = transfer.bytes_sent
     res.bytes_whole = len(encode_npz(patches=quantise(image[None])))
-    costs = router.costs(res.height, res.width)
+    tiles = grid.num_patches // router.grid.num_patches  # 1 unless cut into tiles
+    size = (res.height, res.width) if tiles == 1 else model.tile
+    edge = router.costs(*size).fixed * tiles
     return {"url": router.remote.url, **transfer.to_dict(),
             "bytes_whole_image": res.bytes_whole,
             "sent_vs_whole_image": transfer.bytes_sent / res.bytes_whole,
@@ -398,8 +403,8 @@ def _remote_record(router, image: np.ndarray, out, degraded: np.ndarray | None,
             "degraded_patches": res.degraded,
             "degraded": (np.zeros_like(out.actions[0].cpu().numpy(), dtype=bool)
                          if degraded is None else degraded).reshape(
-                router.grid.rows, router.grid.cols).tolist(),
-            "edge_gflops": costs.fixed, "cloud_gflops": res.gflops - costs.fixed}
+                grid.rows, grid.cols).tolist(),
+            "edge_gflops": edge, "cloud_gflops": res.gflops - edge}
 
 
 def _header(names: Sequence[str]) -> list[str]:

@@ -23,7 +23,7 @@ def data_check(
     r = check_dataset(root, layout, workers)
     typer.echo(f"{r['root']}: {r['layout']} layout")
     for split, s in r["splits"].items():
-        typer.echo(f"  {split:<11} {s['images']:>6} images of {s['size'][0]} x {s['size'][1]}, "
+        typer.echo(f"  {split:<11} {s['images']:>6} images of {s['sizes']}, "
                    f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}")
     typer.echo("image files, and how they become [0, 1]:")
     kinds: dict[str, int] = {}
@@ -47,6 +47,9 @@ def data_check(
                             strict=True):
         typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}")
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
+    if any(s["size"] is None for s in r["splits"].values()):
+        typer.echo("images of several sizes: training and paser segment cut them into tiles "
+                   "of data.tile (battery-quick: [128, 128], 2 x 2 patches of 64 x 64)")
     typer.echo(f"suggested (median frequency balancing): stage1.class_weights="
                f"[{', '.join(f'{w:g}' for w in r['suggested_class_weights'])}] "
                f"models.num_classes={len(r['class_names'])} "

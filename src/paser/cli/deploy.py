@@ -25,9 +25,12 @@ def evaluate(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
+    from paser.data.stages import as_tiles
 
     model = PaSeR.load(run_dir)
-    data = open_split(model.config.data, split)
+    files = open_split(model.config.data, split)
+    files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
+    data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
     rows = [(name, model.evaluate(data, batch_size, num_workers=workers))]
     rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",

@@ -106,28 +106,37 @@ class SegmentationFiles(Dataset):
             )
         self.intensity = Intensity()
         self.dtypes: Counter[str] = Counter()
-        self.size, self.channels = self._check_sizes()
+        self.sizes, self.channels = self._check_sizes()
         self._cache: list[dict] | None = None
         if in_memory:
             self._cache = [self._load(i) for i in range(len(self))]
 
-    def _check_sizes(self) -> tuple[tuple[int, int], int]:
-        size, colour = None, False
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """``(H, W)`` of every image, or ``None`` when they differ (``sizes``: each one's;
+        such a split is read as tiles of ``data.tile``: :mod:`paser.data.tiles`)."""
+        first = self.sizes[0]
+        return first if all(s == first for s in self.sizes) else None
+
+    def size_range(self) -> str:
+        """``128 x 128``, or ``400 x 400 to 500 x 601`` (smallest to largest area)."""
+        small = min(self.sizes, key=lambda s: (s[0] * s[1], s))
+        large = max(self.sizes, key=lambda s: (s[0] * s[1], s))
+        text = f"{small[0]} x {small[1]}"
+        return text if self.size is not None else f"{text} to {large[0]} x {large[1]}"
+
+    def _check_sizes(self) -> tuple[list[tuple[int, int]], int]:
+        sizes, colour = [], False
         for img, lbl in zip(self.images, self.labels, strict=True):
             head, label = probe(img), probe(lbl)
-            s_img, s_lbl = (head.width, head.height), (label.width, label.height)
             colour = colour or head.colour
             self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"
                         + (" stack" if head.pages > 1 else "")] += 1
-            if s_img != s_lbl:
-                raise DataError(f"{img}: image is {s_img[1]}x{s_img[0]} but its label {lbl} is "
-                                f"{s_lbl[1]}x{s_lbl[0]} (HxW); they must match")
-            if size is None:
-                size, first = s_img, img
-            elif s_img != size:
-                raise DataError(f"{img}: size {s_img[1]}x{s_img[0]} differs from {first} "
-                                f"({size[1]}x{size[0]}); all images of a split must have one size")
-        return (size[1], size[0]), 3 if colour and self.colour_ok else 1  # (H, W)
+            if (head.height, head.width) != (label.height, label.width):
+                raise DataError(f"{img}: image is {head.height}x{head.width} but its label {lbl} "
+                                f"is {label.height}x{label.width} (HxW); they must match")
+            sizes.append((head.height, head.width))
+        return sizes, 3 if colour and self.colour_ok else 1
 
     #: whether colour images are read as RGB (else their first channel, a grayscale scan)
     colour_ok = True

@@ -250,7 +250,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
     return {
         "layout": layout, "root": str(root), "class_names": list(names),
-        "splits": {s: {"images": len(ds), "size": list(ds.size), "channels": ds.channels}
+        "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),
+                       "sizes": ds.size_range(), "channels": ds.channels}
                    for s, ds in splits.items()},
         "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),

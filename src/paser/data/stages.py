@@ -9,6 +9,7 @@ from paser.config import DataConfig, ExperimentConfig
 from paser.data.battery import SPLITS, SegmentationFiles, split_three
 from paser.data.registry import kind, open_split
 from paser.data.tensors import StageData, Tensors, on_disk, to_tensors
+from paser.data.tiles import Tiles
 from paser.errors import ConfigError, DataError
 
 
@@ -20,13 +21,14 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
     built = kind(data).build
     if built is not None:
         return built(data)
-    sets = {s: open_split(data, s, progress) for s in SPLITS}
+    sets = {s: as_tiles(data, open_split(data, s, progress), cfg.grid) for s in SPLITS}
     train = sets["train"]
     for name in ("validation", "test"):
         if sets[name].size != train.size:
             raise DataError(
-                f"{sets[name].images[0].parent}: size {sets[name].size} differs from train "
-                f"{train.size}; all splits must share one image size"
+                f"{name}: images of {sets[name].size_range()}, train {train.size_range()}; "
+                f"all splits must share one image size, or set data.tile=[H,W] to cut every "
+                "image into tiles of that size"
             )
     check_fits_models(cfg, train)
     stream = streams(data, sets.values())
@@ -34,6 +36,31 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
+
+
+def as_tiles(cfg: DataConfig, split: SegmentationFiles, grid: tuple[int, int] | None = None
+             ) -> SegmentationFiles | Tiles:
+    """The split as the run sees it: itself when its images are all ``data.tile`` (or no
+    tile is set and they share one size), else its tiles (:class:`Tiles`). Images of
+    several sizes without ``data.tile`` are a :class:`DataError` that says what to set; a
+    tile the patch ``grid`` does not divide, a :class:`ConfigError`."""
+    tile = cfg.tile
+    if not isinstance(tile, tuple):  # null or auto: the images as they are
+        if split.size is None:
+            i = next(i for i, size in enumerate(split.sizes) if size != split.sizes[0])
+            raise DataError(f"{split.images[i]}: {split.sizes[i][0]} x {split.sizes[i][1]}, but "
+                            f"{split.images[0].name} is {split.sizes[0][0]} x "
+                            f"{split.sizes[0][1]} (this split's images are "
+                            f"{split.size_range()}); set data.tile=[H,W] (a multiple of the "
+                            "grid, e.g. [128,128]) to cut every image into tiles of that "
+                            "size, or give images of one size")
+        return split
+    rows, cols = grid or (1, 1)
+    if tile[0] % rows or tile[1] % cols:
+        raise ConfigError(f"key 'data.tile': {list(tile)} does not divide into the grid "
+                          f"{rows} x {cols}; use a multiple of it (e.g. [{64 * rows}, "
+                          f"{64 * cols}])")
+    return split if split.size == tuple(tile) else Tiles(split, tile)
 
 
 def check_fits_models(cfg: ExperimentConfig, dataset: SegmentationFiles) -> None:
@@ -72,4 +99,4 @@ def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors:
     built = kind(cfg).build
     if built is not None:
         return built(cfg).validation
-    return on_disk(open_split(cfg, "validation", progress), cfg.workers)
+    return on_disk(as_tiles(cfg, open_split(cfg, "validation", progress)), cfg.workers)

@@ -1,0 +1,118 @@
+"""Images of any size as tiles of one size (``data.tile``): what a run trains, validates
+and routes at.
+
+A split whose images are not all ``data.tile`` is cut into tiles of that size, row-major
+from the top-left of each image; the last row and column of tiles reach past the image,
+mirrored there, with those pixels unlabelled, so each labelled pixel counts once (in the
+losses, the metrics and the mIoU). ``paser segment`` cuts any image the same way
+(:func:`route_tiled`), so a 1024 x 1024 image under a run trained on 128 x 128 tiles with
+a 2 x 2 grid is routed in 16 x 16 patches of 64 x 64, as trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from paser.data.battery import MASK_IGNORE, SegmentationFiles
+from paser.patches import pad_to
+
+
+def tile_origins(height: int, width: int, tile: tuple[int, int]) -> list[tuple[int, int]]:
+    """Top-left corners of the tiles of a ``height x width`` image, row-major."""
+    th, tw = tile
+    return [(y * th, x * tw) for y in range(math.ceil(height / th))
+            for x in range(math.ceil(width / tw))]
+
+
+class Tiles:
+    """A split of :class:`SegmentationFiles` as tiles of ``tile`` (``(H, W)``); item ``j`` is
+    tile ``j`` of the row-major tiles of every image in turn. It reads like the split it
+    wraps (``image``, ``mask``, ``ids``, ``size``, ``channels``), so it is held in memory
+    or streamed the same way. A reader keeps the last image it read: tiles of one image
+    come one after another."""
+
+    def __init__(self, files: SegmentationFiles, tile: tuple[int, int]):
+        self.files, self.tile = files, tuple(tile)
+        self.index = [(i, y, x) for i, (h, w) in enumerate(files.sizes)
+                      for y, x in tile_origins(h, w, self.tile)]
+        stems = files.ids
+        #: ``<stem>@<y>,<x>``: the tile's image and its top-left corner
+        self.ids = [f"{stems[i]}@{y},{x}" for i, y, x in self.index]
+        self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    size = property(lambda self: self.tile)
+    channels = property(lambda self: self.files.channels)
+    class_names = property(lambda self: self.files.class_names)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+    def _source(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.files.image(i), self.files.mask(i))
+        return self._last[1], self._last[2]
+
+    def _crop(self, x: torch.Tensor, y0: int, x0: int, fill: int | None) -> torch.Tensor:
+        th, tw = self.tile
+        h, w = x.shape[-2:]
+        hp, wp = max(h, y0 + th), max(w, x0 + tw)
+        if (hp, wp) != (h, w):
+            x = pad_to(x, hp, wp, "reflect" if fill is None else "constant", fill or 0)
+        return x[..., y0:y0 + th, x0:x0 + tw].contiguous()
+
+    def image(self, j: int) -> torch.Tensor:
+        i, y, x = self.index[j]
+        return self._crop(self._source(i)[0], y, x, None)
+
+    def mask(self, j: int) -> torch.Tensor:
+        i, y, x = self.index[j]
+        return self._crop(self._source(i)[1][None], y, x, MASK_IGNORE)[0]
+
+    def __getitem__(self, j: int) -> dict:
+        return {"image": self.image(j), "mask": self.mask(j), "id": self.ids[j]}
+
+    def __getstate__(self) -> dict:  # reader processes start without the cached image
+        return {**self.__dict__, "_last": None}
+
+
+def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
+                batch: int = 64):
+    """``route`` (a batch of ``tile``-sized images -> :class:`paser.routing.RoutingOutput`)
+    on every tile of ``x [B, C, H, W]``, ``batch`` tiles at a time, stitched back: the
+    labels and probabilities cropped to ``H x W``, the actions (and logits, degraded
+    patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
+    summed over each image's tiles. ``grid`` is the run's patch grid of one tile."""
+    from paser.metrics import predicted_classes
+    from paser.routing import RoutingOutput
+
+    b, _, h, w = x.shape
+    th, tw = tile
+    rows, cols = math.ceil(h / th), math.ceil(w / tw)
+    xp = pad_to(x, rows * th, cols * tw, "reflect")
+    tiles = (xp.unfold(2, th, th).unfold(3, tw, tw)  # B C R K th tw
+             .permute(0, 2, 3, 1, 4, 5).reshape(b * rows * cols, x.shape[1], th, tw))
+    outs = [route(tiles[i:i + batch]) for i in range(0, len(tiles), batch)]
+
+    def cat(name):
+        parts = [getattr(o, name) for o in outs]
+        return None if parts[0] is None else torch.cat(parts)
+
+    probs = cat("probs")
+    k = probs.shape[1]
+    probs = (probs.reshape(b, rows, cols, k, th, tw).permute(0, 3, 1, 4, 2, 5)
+             .reshape(b, k, rows * th, cols * tw)[..., :h, :w])
+
+    def patches(t):  # [B*R*K, P, ...] -> [B, (R * gr) * (K * gc), ...], row-major
+        if t is None:
+            return None
+        rest = t.shape[2:]
+        t = t.reshape(b, rows, cols, grid.rows, grid.cols, *rest).transpose(2, 3)
+        return t.reshape(b, rows * grid.rows * cols * grid.cols, *rest)
+
+    gflops = cat("gflops").reshape(b, rows * cols).sum(1)
+    return RoutingOutput(predicted_classes(probs), probs, patches(cat("actions")), gflops,
+                         patches(cat("logits")), None, patches(cat("degraded")))

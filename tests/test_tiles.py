@@ -1,0 +1,110 @@
+"""Images of any size as tiles of the size a run trains and routes at (data.tile): every
+labelled pixel once in training; any image routed in the trained patches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tests.test_label_codec import model
+
+from paser.config import load_config
+from paser.data import load_stage_data
+from paser.data.folders import FolderDataset
+from paser.data.tiles import Tiles, route_tiled, tile_origins
+from paser.errors import DataError
+from paser.segment import segment_files
+
+SIZES = [(40, 40), (50, 61), (32, 32), (45, 33)]
+
+
+def mixed_folder(root):
+    """A 2-class folder dataset of images of several sizes (labels: the image > 127)."""
+    rng = np.random.default_rng(0)
+    (root / "classes.yaml").parent.mkdir(parents=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": {0: "a", 200: "b"}}))
+    for split in ("train", "validation", "test"):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True)
+        for i, (h, w) in enumerate(SIZES):
+            img = rng.integers(0, 256, (h, w), dtype=np.uint8)
+            Image.fromarray(img).save(root / split / "images" / f"i{i}.png")
+            Image.fromarray(np.where(img > 127, 200, 0).astype(np.uint8)).save(
+                root / split / "masks" / f"i{i}.png")
+    return root
+
+
+def test_tiles_hold_every_labelled_pixel_once(tmp_path):
+    root = mixed_folder(tmp_path / "d")
+    files = FolderDataset(root, "train")
+    assert files.size is None and files.size_range() == "32 x 32 to 50 x 61"
+    tiles = Tiles(files, (16, 16))
+    assert len(tiles) == sum(len(tile_origins(h, w, (16, 16))) for h, w in SIZES) == 9 + 16 + 4 + 9
+    labelled = sum(int((tiles.mask(j) != 255).sum()) for j in range(len(tiles)))
+    assert labelled == sum(h * w for h, w in SIZES)
+    j = tiles.ids.index("i1@48,48")  # the last tile of the 50 x 61 image
+    assert tiles.ids[j] == "i1@48,48" and tiles.image(j).shape == (1, 16, 16)
+    assert torch.equal(tiles.image(j)[0, :2, :13], files.image(1)[0, 48:, 48:])
+    assert (tiles.mask(j)[2:] == 255).all() and (tiles.mask(j)[:, 13:] == 255).all()
+
+
+def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
+    root = mixed_folder(tmp_path / "d")
+    base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
+            "grid=[2, 2]", "stage1.class_weights=null"]
+    with pytest.raises(DataError, match=r"i1.png: 50 x 61, but i0.png is 40 x 40 \(this "
+                       r"split.s images are 32 x 32 to 50 x 61\); set data.tile=\[H,W\]"):
+        load_stage_data(load_config(preset="battery-quick", overrides=[*base, "data.tile=null"]))
+    data = load_stage_data(load_config(preset="battery-quick",
+                                       overrides=[*base, "data.tile=[16, 16]"]))
+    assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
+    with pytest.raises(Exception, match=r"data.tile.*does not divide into the grid 2 x 2"):
+        load_stage_data(load_config(preset="battery-quick", overrides=[*base, "data.tile=[15, 16]"]))
+
+
+def test_any_image_is_routed_in_the_trained_patches(tmp_path):
+    """A run trained on 128 x 128 tiles of 2 x 2 patches routes a 1024 x 1024 image in 16 x
+    16 patches of 64 x 64, and gives what its 64 tiles give segmented one by one."""
+    cfg = load_config(preset="battery-quick", overrides=["data.tile=[128, 128]",
+                                                         "models.num_classes=3"])
+    m = model(cfg, tmp_path / "run")
+    assert m.tile == (128, 128)
+    x = torch.rand(1, 1, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    out = m.segment(x)
+    grid = m.grid_for(1024, 1024)
+    assert (grid.rows, grid.cols, grid.patch_size(1024, 1024)) == (16, 16, (64, 64))
+    assert out.actions.shape == (1, 256) and out.mask.shape == (1, 1024, 1024)
+    alone = [m.segment(x[..., y:y + 128, c:c + 128]) for y in range(0, 1024, 128)
+             for c in range(0, 1024, 128)]
+    mask = torch.cat([torch.cat([alone[8 * r + c].mask for c in range(8)], -1)
+                      for r in range(8)], -2)
+    assert torch.equal(out.mask, mask)
+    assert float(out.gflops[0]) == pytest.approx(sum(float(a.gflops[0]) for a in alone))
+    tile_actions = torch.stack([a.actions[0].view(2, 2) for a in alone]).view(8, 8, 2, 2)
+    assert torch.equal(out.actions.view(16, 16), tile_actions.permute(0, 2, 1, 3).reshape(16, 16))
+    # a size that is not a multiple of the tile: padded, cropped back, paid per tile
+    odd = m.segment(x[..., :200, :300])
+    assert odd.mask.shape == (1, 200, 300) and odd.actions.shape == (1, 2 * 2 * 3 * 2)
+    # batching tiles does not change them
+    same = route_tiled(lambda t: m.router(t, bias=m._bias(None), mc_seed=0), x, (128, 128),
+                       m.router.grid, batch=5)
+    assert torch.equal(same.mask, out.mask)
+
+
+def test_segment_records_and_draws_the_patches_an_image_was_routed_in(tmp_path):
+    cfg = load_config(preset="battery-quick", overrides=["data.tile=[16, 16]",
+                                                         "models.num_classes=3"])
+    m = model(cfg, tmp_path / "run")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 24), dtype=np.uint8)).save(
+        tmp_path / "a.png")
+    [res] = segment_files(m, [tmp_path / "a.png"], tmp_path / "out")
+    assert res.ok, res.error
+    rec = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert rec["grid"] == [6, 4] and rec["patch"] == [8, 8]
+    assert np.array(rec["actions"]).shape == (6, 4)
+    routing = np.asarray(Image.open(tmp_path / "out" / "a_routing.png"))
+    assert routing.shape == (40, 24, 3) and (routing[8] == 255).all()  # a patch border
