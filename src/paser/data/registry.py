@@ -28,7 +28,7 @@ from paser.data.folders import (
     FolderDataset,
 )
 from paser.data.images import Intensity, fit_window
-from paser.data.tensors import StageData, Tensors, on_disk
+from paser.data.tensors import StageData, Tensors, labels, on_disk
 from paser.errors import DataError
 from paser.runtime import progress as progress_bar
 
@@ -239,7 +239,10 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     with progress_bar(show_progress) as bar:
         for split, ds in splits.items():
             task = bar.add_task(f"reading {split}", total=len(ds), info="")
-            for _, y in on_disk(ds, workers).batches(8):
+            # images of one size in batches by reader processes; of several, one by one here
+            batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
+                       ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
+            for _, y in batches:
                 if split == "train":
                     counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
                                              minlength=len(names) + 1)
