@@ -19,6 +19,12 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    layout (what `auto` picks on a CPU with AVX512-BF16 or AMX).
 1c. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
    at equal IoU. 1d. `paser segment` end to end on 200 (up to 1,000) images: images per second.
+1e. volumes (runs/demo): `paser segment` on a synthetic 16-bit TIFF volume of 1,024 x 1,024
+   slices (each cut into the run's 128 x 128 tiles), at 64 and at 256 slices, for PaSeR,
+   f1 alone and f2 alone, each in a fresh process: megavoxels per second with reading and
+   writing, peak memory, mIoU against the generator's labels, and PaSeR's seconds per
+   megavoxel against the single models' frontier at equal IoU (targets: peak under 2 GiB
+   and the same at 64 and 256 slices; PaSeR at most the frontier's time).
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
    stage by `PatchOutcomes`; the task models are frozen) against the loop of the paper's
    published code (f0's T passes, the policy and every pool model on each batch, then
@@ -76,8 +82,9 @@ MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
 EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
 RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
 #: the parts, in the order they run (``--only``); those in CPU_ONLY are skipped on CUDA
-PARTS = ("inference", "layout", "train", "demo", "segment", "stage2", "memory", "train-memory")
-CPU_ONLY = {"layout", "train", "demo", "segment", "memory", "train-memory"}
+PARTS = ("inference", "layout", "train", "demo", "segment", "volume", "stage2", "memory",
+         "train-memory")
+CPU_ONLY = {"layout", "train", "demo", "segment", "volume", "memory", "train-memory"}
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 
@@ -527,6 +534,107 @@ def bench_segment(run_dir: Path, images: int, workers: int) -> dict:
                     "routing, writing three PNGs and a JSON per image, summary.csv)"}
 
 
+VOLUME_SIDE = 1024
+
+
+def ensure_volume(depth: int) -> tuple[Path, Path]:
+    """A 16-bit TIFF volume of ``depth`` synthetic 1,024 x 1,024 slices and its labels (class
+    indices, uint8): 16 generated slices, repeated mirrored and turned (made once)."""
+    import numpy as np
+    import tifffile
+
+    from paser.data.battery import read_label
+    from paser.data.synthetic import generate_dataset
+    from paser.outcomes import view
+
+    path = DATA / f"volume_{depth}x{VOLUME_SIDE}.tif"
+    labels = path.with_name(path.stem + "_labels.npy")
+    if path.is_file() and labels.is_file():
+        return path, labels
+    root = DATA / f"battery_{VOLUME_SIDE}_16"
+    if not (root / "stats.json").is_file():
+        generate_dataset(root, n_train=1, n_val=1, n_test=16, height=VOLUME_SIDE,
+                         width=VOLUME_SIDE, seed=0, progress=False)
+    files = sorted((root / "test_images").glob("*.png"))
+    from PIL import Image
+
+    base = [np.asarray(Image.open(f)) for f in files]
+    lab = [read_label(root / "test_label" / f.name).astype(np.uint8) for f in files]
+    out = np.lib.format.open_memmap(labels, "w+", np.uint8, (depth, VOLUME_SIDE, VOLUME_SIDE))
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for z in range(depth):
+            v = (z // len(files)) % 8
+            img = view(torch.from_numpy(base[z % len(files)]), v).numpy()
+            tif.write(img.astype(np.uint16) * 257, photometric="minisblack", contiguous=True)
+            out[z] = view(torch.from_numpy(lab[z % len(files)]), v).numpy()
+    out.flush()
+    return path, labels
+
+
+def volume_child(run_dir: str, path: str, out: str, only: str) -> None:
+    """In a fresh process: what `paser segment VOLUME` does (one volume, its labels written);
+    print JSON."""
+    from paser import PaSeR
+    from paser.volumes import segment_volumes, split_inputs
+
+    model = PaSeR.load(run_dir, device="cpu")
+    k = None if only == "routed" else int(only[1:])
+    start = time.perf_counter()
+    [res] = segment_volumes(model, split_inputs([path])[1], out, only=k)
+    if res.record is None:
+        raise RuntimeError(res.error)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_kib() / 1024,
+                      "gflops_per_slice": res.record["gflops_per_slice"],
+                      "patch_share": res.record["patch_share"], "output": res.record["output"]}))
+
+
+def bench_volume(run_dir: Path, depths: list[int]) -> dict:
+    import numpy as np
+    import tifffile
+
+    from paser import PaSeR
+    from paser.frontier import wall_clock
+    from paser.metrics import IoUAccumulator
+
+    if not (run_dir / "results.json").is_file():
+        return {"run_dir": str(run_dir), "skipped": "no finished run there: `make demo` first"}
+    model = PaSeR.load(run_dir, device="cpu")
+    codec, ncls = model.label_codec, model.config.models.num_classes
+    rows: dict = {}
+    for depth in depths:
+        path, labels = ensure_volume(depth)
+        truth = np.load(labels, mmap_mode="r")
+        for name, only in (("PaSeR", "routed"), ("f1 alone", "f1"), ("f2 alone", "f2")):
+            with tempfile.TemporaryDirectory() as out:
+                res = subprocess.run([sys.executable, __file__, "--volume-child", str(run_dir),
+                                      str(path), out, only], capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"volume {name}: {res.stderr[-2000:]}")
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                acc = IoUAccumulator(ncls)
+                with tifffile.TiffFile(Path(out) / r["output"]) as tif:
+                    for z, page in enumerate(tif.pages):
+                        pred = codec.decode(page.asarray(), "labels")
+                        acc.update(torch.from_numpy(pred), torch.from_numpy(
+                            truth[z].astype(np.int64)))
+            mvox = depth * VOLUME_SIDE ** 2 / 1e6
+            rows.setdefault(str(depth), {})[name] = {
+                **r, "megavoxels": mvox, "megavoxels_per_s": mvox / r["seconds"],
+                "s_per_megavoxel": r["seconds"] / mvox, "miou": acc.compute()["miou"]}
+    result: dict = {"run_dir": str(run_dir), "slice": [VOLUME_SIDE, VOLUME_SIDE],
+                    "tile": list(model.tile or []), "depths": depths, "rows": rows}
+    for depth, m in rows.items():
+        result.setdefault("frontier", {})[depth] = wall_clock(
+            (m["PaSeR"]["s_per_megavoxel"], m["PaSeR"]["miou"]),
+            {n: (v["s_per_megavoxel"], v["miou"]) for n, v in m.items() if n != "PaSeR"})
+    peaks = [rows[str(d)]["PaSeR"]["peak_rss_mib"] for d in depths]
+    result["peak_rss_mib_paser"] = peaks
+    result["target"] = ("peak under 2 GiB and the same at every depth; PaSeR's seconds per "
+                        "megavoxel at most the frontier's at equal IoU")
+    result["met_memory"] = max(peaks) < 2048 and max(peaks) < 1.1 * min(peaks)
+    return result
+
+
 def ensure_test_data(images: int) -> Path:
     """1,000 synthetic test images of 224 x 256 on disk (made once, kept in .data)."""
     from paser.data.synthetic import generate_dataset
@@ -637,12 +745,18 @@ def main() -> None:
                     "`make bench` under 10 minutes)")
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"),
                     help="the finished `make demo` run whose test split part 2 times")
+    ap.add_argument("--volume-slices", type=int, nargs="+", default=[64, 256],
+                    help="depths of the volume part's synthetic 1,024 x 1,024 volumes")
+    ap.add_argument("--volume-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     freed_memory_kept = keep_freed_memory()  # what `paser` does in every stage and load
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.workers)
+        return
+    if args.volume_child:
+        volume_child(*args.volume_child)
         return
     if args.train_memory_child:
         train_memory_child(*args.train_memory_child, args.workers)
@@ -663,6 +777,7 @@ def main() -> None:
             "demo": (lambda: bench_demo(args.demo_run, args.repeats), _print_demo),
             "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
                         _print_segment),
+            "volume": (lambda: bench_volume(args.demo_run, args.volume_slices), _print_volume),
             "stage2": (lambda: bench_stage2(device, 32, args.rounds, 16, 3), _print_stage2),
             "memory": (lambda: bench_memory(args.images, args.batch, args.workers),
                        _print_memory),
@@ -759,6 +874,28 @@ def _print_segment(r: dict) -> None:
     for name, m in r["methods"].items():
         print(f"{name:<10}{m['images_per_s']:10.1f}{m['seconds']:8.1f}"
               f"{m['compute_ms_per_image']:12.1f}{m['gflops_per_image']:9.3f}")
+
+
+def _print_volume(r: dict) -> None:
+    if "skipped" in r:
+        print(f"\n1e. volumes: skipped ({r['skipped']})")
+        return
+    print(f"\n1e. `paser segment` on 16-bit TIFF volumes of {r['slice'][0]} x {r['slice'][1]} "
+          f"slices (tiles {r['tile']}), reading and writing included")
+    print(f"{'slices':>7} {'method':<10}{'Mvox/s':>8}{'s':>8}{'peak MiB':>10}{'mIoU':>8}"
+          f"{'GFLOP/slice':>12}")
+    for depth, m in r["rows"].items():
+        for name, v in m.items():
+            print(f"{depth:>7} {name:<10}{v['megavoxels_per_s']:8.2f}{v['seconds']:8.1f}"
+                  f"{v['peak_rss_mib']:10.0f}{v['miou']:8.4f}{v['gflops_per_slice']:12.2f}")
+        f = r["frontier"][depth]
+        need = f["frontier_ms_at_equal_iou"]
+        print(f"        PaSeR {f['paser_ms']:.3f} s/Mvox against the frontier's "
+              + ("(none reaches its IoU)" if need is None else f"{need:.3f} at equal IoU")
+              + f": {'met' if f['met'] else 'missed'}")
+    print(f"        peak memory {' / '.join(f'{p:.0f}' for p in r['peak_rss_mib_paser'])} MiB "
+          f"at {' / '.join(map(str, r['depths']))} slices: "
+          f"{'met' if r['met_memory'] else 'missed'}")
 
 
 def _print_stage2(r: dict) -> None:

@@ -51,8 +51,11 @@ def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path):
     assert json.loads((run / "intensity.json").read_text())["window"] is None
 
 
+@pytest.mark.parametrize("augment", ["off", "on"])
 def test_resume_after_interruption_ends_like_an_uninterrupted_run(tiny_cfg, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, augment):
+    tiny_cfg = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
+        update={"augment": augment})})  # augmented: the same draws again on resume
     straight = stage1.pretrain(tiny_cfg, tmp_path / "a", show_progress=False)
 
     calls = {"n": 0}
@@ -86,3 +89,33 @@ def test_distillation_target_is_the_stitched_large_model(tiny_cfg, tmp_path):
     x = torch.rand(2, 1, 8, 8)
     stitched = stage1.patchwise(grid)(model, x)
     assert torch.allclose(stitched, model(x), atol=1e-6)  # a 1x1 conv: patches change nothing
+
+
+def test_augmentation_views_are_inverted_and_on_where_the_data_allows(tiny_cfg):
+    from paser.outcomes import unview, view
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    for v in range(8):
+        assert torch.equal(unview(view(x, v), v), x)
+    assert stage1.augmentations(tiny_cfg, 32, 32) == []  # the synthetic set: off (auto)
+    folder = load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", "data.root=/data", "grid=[2, 2]"])
+    assert stage1.augmentations(folder, 32, 32) == list(range(8))  # mirrors and turns
+    assert stage1.augmentations(folder, 32, 48) == [0, 1, 2, 3]  # not square: no quarter turn
+    on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
+        update={"augment": "on"})})
+    assert stage1.augmentations(on, 32, 32) == list(range(8))
+    gen = torch.Generator().manual_seed(0)
+    y = stage1.jitter(torch.ones(64, 1, 2, 2), 0.1, gen)
+    assert y.shape == (64, 1, 2, 2) and (y - 1).abs().max() <= 0.15 and y.std() > 0.02
+    assert torch.equal(y[:, :, 0, 0], y[:, :, 1, 1])  # one gain and offset per image
+
+
+def test_augmented_training_learns_from_other_views(tiny_cfg, tmp_path):
+    on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
+        update={"augment": "on"})})
+    stage1.pretrain(tiny_cfg, tmp_path / "off", show_progress=False)
+    stage1.pretrain(on, tmp_path / "on", show_progress=False)
+    off_log = MetricLog(tmp_path / "off" / "metrics" / "stage1.jsonl").read()
+    on_log = MetricLog(tmp_path / "on" / "metrics" / "stage1.jsonl").read()
+    assert [r["loss"] for r in off_log] != [r["loss"] for r in on_log]

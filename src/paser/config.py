@@ -187,6 +187,14 @@ class Stage1Config(_Strict):
         None, ge=1, description="stop a model when its validation mIoU has not improved for "
         "this many epochs (its best checkpoint is kept); null = train every epoch")
     a_kd: float = Field(0.01, ge=0, le=1, description="weight of the MSE to fK's stitched logits")
+    augment: Literal["auto", "on", "off"] = Field(
+        "auto", description="augment each training batch: a random mirror or quarter turn "
+        "(turns only where image and grid are square), the models' outputs turned back "
+        "before the loss, and intensity jitter (stage1.jitter); auto = on for folder data and "
+        "a battery layout on disk, off for the synthetic set, Cityscapes and noisy MNIST")
+    jitter: float = Field(0.1, ge=0, le=0.5, description="augment: each image's intensities "
+                          "x * (1 + g) + o, g and o drawn in [-jitter, jitter] and "
+                          "[-jitter / 2, jitter / 2]")
     class_weights: list[float] | None = Field(
         default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
         description="cross-entropy weight per class; null = unweighted",

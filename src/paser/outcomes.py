@@ -39,6 +39,13 @@ def view(x: torch.Tensor, v: int) -> torch.Tensor:
     return torch.rot90(x.flip(-1) if mirrored else x, turns, (-2, -1))
 
 
+def unview(x: torch.Tensor, v: int) -> torch.Tensor:
+    """The inverse of :func:`view`: ``unview(view(x, v), v)`` is ``x``."""
+    turns, mirrored = VIEWS[v]
+    x = torch.rot90(x, -turns, (-2, -1))
+    return x.flip(-1) if mirrored else x
+
+
 def usable_views(grid: PatchGrid, height: int, width: int, count: int) -> list[int]:
     """The first ``count`` views (0, the image itself, first) that map the patch grid of a
     ``height x width`` image onto itself: the grid must divide the image exactly (padding

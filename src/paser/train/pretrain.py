@@ -33,6 +33,7 @@ from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.errors import ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
+from paser.outcomes import unview, usable_views, view
 from paser.patches import PatchGrid
 from paser.routing import patchwise_logits
 from paser.runtime import atomic_save, atomic_write_text, progress
@@ -100,6 +101,31 @@ def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes
     return acc.compute()["miou"]
 
 
+def augmentations(cfg: ExperimentConfig, height: int, width: int) -> list[int]:
+    """The views (:data:`paser.outcomes.VIEWS`) a training batch is drawn from: none when
+    ``stage1.augment`` is off, else mirrors, and quarter turns where the image and the
+    patch grid are square (:func:`paser.outcomes.usable_views`)."""
+    mode = cfg.stage1.augment
+    if mode == "auto":
+        data = cfg.data
+        mode = "on" if data.dataset == "folder" or (data.dataset == "battery"
+                                                    and data.root is not None) else "off"
+    if mode == "off":
+        return []
+    return usable_views(PatchGrid(*cfg.grid, halo=cfg.halo), height, width, 8)
+
+
+def jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image's intensities ``x * (1 + g) + o``, ``g ~ U(-amount, amount)``, ``o ~
+    U(-amount / 2, amount / 2)`` (drawn from ``gen``: seeded, replayed on resume)."""
+    if amount <= 0:
+        return x
+    g = (torch.rand(x.shape[0], generator=gen) * 2 - 1) * amount
+    o = (torch.rand(x.shape[0], generator=gen) - 0.5) * amount
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return x * (1 + g.to(x).view(shape)) + o.to(x).view(shape)
+
+
 def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train: Tensors,
         val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
         log: MetricLog, resume: bool, device: torch.device, show_progress: bool,
@@ -111,6 +137,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
     ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
     A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
+    With ``stage1.augment`` each batch is seen in a random mirror or quarter turn (the
+    model's output turned back before the loss, so the labels and fK's targets stay as
+    they are) with intensity jitter (:func:`augmentations`, :func:`jitter`).
     With ``stage1.patience`` the model stops once its validation mIoU has not improved for
     that many epochs (``epochs`` is then the most it trains); the metric line of its last
     epoch says ``"stopped": true``.
@@ -134,6 +163,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     plain = dist.unwrap(model)
     spec = (spec or dict(model_roles(cfg))[role]).model_dump()
     n = len(train)
+    views = augmentations(cfg, *train.images.shape[-2:])
     with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task(label or f"stage 1 {role}", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
@@ -153,8 +183,15 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             for idx, (x, y) in zip(batches, loaded, strict=True):
                 mine = dist.shard(idx)
                 x, y = x.to(device), y.to(device)
+                view_index = 0
+                if views:  # the same draws on every process and on resume: (gen's) order
+                    view_index = views[int(torch.randint(len(views), (), generator=gen))]
+                    x = jitter(x, s1.jitter, gen)
                 with dist.autocast():
-                    logits = forward(model, x)
+                    if view_index:  # seen mirrored or turned, its output turned back
+                        logits = unview(forward(model, view(x, view_index)), view_index)
+                    else:
+                        logits = forward(model, x)
                     # DDP averages the processes' gradients: weighting each share by its size
                     # makes that the batch mean, as in one process, when shares are unequal
                     loss = loss_fn(logits.float(), y, mine) * (len(mine) * dist.world / len(idx))
