@@ -129,3 +129,42 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     files, volumes = split_inputs([tmp_path / "s"])  # not --stack: images, and a stack
     assert [f.name for f in files] == ["a1.png", "a2.png"]
     assert [(v.stem, v.depth) for v in volumes] == [("v", 3)]
+
+
+def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
+    """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
+    the splits are the labelled slices of their ranges, in tiles, with the window fitted
+    on the training slices; streamed from reader processes, the same tensors."""
+    import pickle
+
+    from paser.data import data_intensity, load_stage_data, open_split
+
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0.3, 0.1, (30, 20, 20)).astype(np.float32)
+    labels = np.full((30, 20, 20), 255, np.uint8)
+    labels[::3] = (vol[::3] > 0.3) * 40  # classes 0 and 40
+    zarr.open_array(str(tmp_path / "recon.zarr"), mode="w", shape=vol.shape,
+                    chunks=(4, 20, 20), dtype="float32")[:] = vol
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 40: solid}\n")
+    over = ["data.dataset=volume", f"data.root={tmp_path}", "data.volume=recon.zarr",
+            "data.labels=labels.tif",
+            "data.slices={train: [0, 18], validation: [18, 24], test: [24, 30]}",
+            "data.tile=[16, 16]", "models.num_classes=2", "stage1.class_weights=null"]
+    cfg = load_config(preset="battery-quick", overrides=over)
+    train = open_split(cfg.data, "train")
+    assert train.z == [0, 3, 6, 9, 12, 15] and train.ids[1] == "recon_z00003"
+    window = data_intensity(cfg.data).window
+    assert window == pytest.approx(tuple(np.percentile(vol[:18:3].ravel(), [0.5, 99.5])),
+                                   rel=1e-5)
+    assert torch.equal(train.mask(1), torch.from_numpy((vol[3] > 0.3).astype(np.uint8)))
+    data = load_stage_data(cfg, progress=False)
+    assert len(data.validation) == 2 * 4 and data.validation.images.shape[1:] == (1, 16, 16)
+    streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
+        *over, "data.stream=always", "data.workers=1"]), progress=False)
+    assert torch.equal(next(streamed.test.batches(8))[0], next(data.test.batches(8))[0])
+    pickle.dumps(train)  # what reader processes receive
+    with pytest.raises(DataError, match=r"no labelled slice in test's range \[25, 26\)"):
+        open_split(load_config(preset="battery-quick", overrides=[
+            *over[:4], "data.slices={train: [0, 18], validation: [18, 24], test: [25, 26]}"]
+        ).data, "test")

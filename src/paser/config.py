@@ -58,10 +58,11 @@ class MnistConfig(_Strict):
 class DataConfig(_Strict):
     """Where the images come from and how the training set is cut into three stages."""
 
-    dataset: Literal["battery", "folder", "cityscapes", "mnist-noisy"] = Field(
+    dataset: Literal["battery", "folder", "cityscapes", "volume", "mnist-noisy"] = Field(
         "battery", description="battery (data.root or synthetic), folder (images/, masks/ and "
-        "classes.yaml under data.root), cityscapes (the Cityscapes layout under data.root) or "
-        "mnist-noisy (data.mnist)")
+        "classes.yaml under data.root), cityscapes (the Cityscapes layout under data.root), "
+        "volume (data.volume and data.labels cut by data.slices, classes.yaml under "
+        "data.root) or mnist-noisy (data.mnist)")
     mnist: MnistConfig = MnistConfig()
     root: Path | None = Field(None, description="the dataset's folder (battery layout, your "
                               "folder data, Cityscapes); null = the synthetic battery set")
@@ -86,6 +87,14 @@ class DataConfig(_Strict):
     stream_above_mb: float = Field(256.0, ge=0, description="data.stream=auto streams above this")
     workers: int = Field(2, ge=0, description="reader processes for streamed splits (0: read "
                          "in the training process)")
+    volume: str | None = Field(None, description="volume data: the image volume (a TIFF "
+                               "stack, a .zarr array or file.h5:/path; relative to data.root)")
+    labels: str | None = Field(None, description="volume data: the label volume, the same "
+                               "shape, the values of classes.yaml (all ignore: an unlabelled "
+                               "slice, skipped)")
+    slices: dict[str, tuple[int, int]] | None = Field(
+        None, description="volume data: the slice range [first, last) of train, validation and "
+        "test, e.g. {train: [0, 400], validation: [400, 450], test: [450, 500]}")
     tile: tuple[int, int] | Literal["auto"] | None = Field(
         None, description="[H, W]: the image size the run trains and routes at; training, "
         "validation and test images of another size are cut into tiles of it (the last ones "

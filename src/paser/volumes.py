@@ -59,14 +59,18 @@ def natural_key(path: Path) -> list:
 @dataclass
 class Volume:
     """A stack of slices to segment, read ``read(z0, z1)`` a chunk at a time:
-    ``[z1 - z0, H, W]`` or ``[z1 - z0, H, W, C]`` as stored."""
+    ``[z1 - z0, H, W]`` or ``[z1 - z0, H, W, C]`` as stored. Only where it is is kept
+    (it pickles: reader processes reopen it)."""
 
     source: str
     stem: str
     kind: str  # tiff, zarr, hdf5, stack
     shape: tuple[int, ...]
     dtype: str
-    read: Callable[[int, int], np.ndarray] = field(repr=False)
+    path: str = ""
+    key: str = ""  # hdf5: the dataset
+    files: list[str] = field(default_factory=list, repr=False)  # stack: its slices, in order
+    planar: bool = False  # tiff: channels stored first
 
     @property
     def depth(self) -> int:
@@ -80,6 +84,26 @@ class Volume:
     def label_format(self) -> str:
         """``zarr`` for zarr and HDF5 inputs, ``tiff`` for TIFF stacks and folders."""
         return "zarr" if self.kind in ("zarr", "hdf5") else "tiff"
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0 .. z1 - 1`` as stored."""
+        if self.kind == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(self.path) as tif:
+                pages = tif.series[0].pages
+                out = np.stack([pages[z].asarray() for z in range(z0, z1)])
+            return np.moveaxis(out, 1, -1) if self.planar else out
+        if self.kind == "zarr":
+            import zarr
+
+            return np.asarray(zarr.open(self.path, mode="r")[z0:z1])
+        if self.kind == "hdf5":
+            import h5py
+
+            with h5py.File(self.path, "r") as fh:
+                return fh[self.key][z0:z1]
+        return np.stack([read_array(f) for f in self.files[z0:z1]])
 
 
 def is_volume(spec: str | Path, stack: bool = False) -> bool:
@@ -141,14 +165,8 @@ def _tiff(path: Path) -> Volume:
     if planar:
         shape = (pages, *shape[2:], shape[1])
     _check(str(path), shape, dtype)
-
-    def read(z0: int, z1: int) -> np.ndarray:
-        with tifffile.TiffFile(path) as tif:
-            pages = tif.series[0].pages
-            out = np.stack([pages[z].asarray() for z in range(z0, z1)])
-        return np.moveaxis(out, 1, -1) if planar else out
-
-    return Volume(str(path), path.stem, "tiff", shape, str(dtype), read)
+    return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
+                  planar=planar)
 
 
 def _zarr(path: Path) -> Volume:
@@ -169,7 +187,7 @@ def _zarr(path: Path) -> Volume:
                         f"({', '.join(f'{path}/{n}' for n in names) or 'it has none'})")
     _check(str(path), arr.shape, arr.dtype)
     return Volume(str(path), path.stem, "zarr", tuple(arr.shape), str(arr.dtype),
-                  lambda z0, z1: np.asarray(arr[z0:z1]))
+                  path=str(path))
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
@@ -192,13 +210,8 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
     except OSError as err:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
     _check(source, shape, dtype)
-
-    def read(z0: int, z1: int) -> np.ndarray:
-        with h5py.File(file, "r") as fh:
-            return fh[key][z0:z1]
-
     stem = f"{file.stem}_{key.strip('/').replace('/', '_')}" if key.strip("/") else file.stem
-    return Volume(source, stem, "hdf5", tuple(shape), str(dtype), read)
+    return Volume(source, stem, "hdf5", tuple(shape), str(dtype), path=str(file), key=key)
 
 
 def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
@@ -214,12 +227,8 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
                             f"is {first.height} x {first.width} {first.dtype}; the slices of "
                             "a stack share one size and type")
     arr = read_array(files[0])
-
-    def read(z0: int, z1: int) -> np.ndarray:
-        return np.stack([read_array(f) for f in files[z0:z1]])
-
     return Volume(str(folder), folder.name, "stack", (len(files), *arr.shape), str(arr.dtype),
-                  read)
+                  path=str(folder), files=[str(f) for f in files])
 
 
 def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, random_split
 
-from paser.data.images import Intensity, probe, read_image
+from paser.data.images import Intensity, fit_window, probe, read_image
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -137,6 +137,10 @@ class SegmentationFiles(Dataset):
                                 f"is {label.height}x{label.width} (HxW); they must match")
             sizes.append((head.height, head.width))
         return sizes, 3 if colour and self.colour_ok else 1
+
+    def fit_window(self) -> tuple[float, float] | None:
+        """The intensity window of these images (:func:`paser.data.images.fit_window`)."""
+        return fit_window(self.images)
 
     #: whether colour images are read as RGB (else their first channel, a grayscale scan)
     colour_ok = True

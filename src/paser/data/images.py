@@ -213,18 +213,24 @@ class Intensity:
 
 def fit_window(paths: list[Path], percentiles: tuple[float, float] = WINDOW_PERCENTILES
                ) -> tuple[float, float] | None:
-    """The intensity window of a training set: the ``percentiles`` of the pixels of its
-    images that need one (floats, signed integers), sampled evenly (at most 64 images,
-    65,536 pixels each). ``None`` when every image is 8/16-bit unsigned."""
+    """The intensity window of a training set of files: :func:`window_of` their images that
+    need one (floats, signed integers). ``None`` when every image is 8/16-bit unsigned."""
     need = [p for p in paths if not by_type_range(probe(p).dtype)]
     if not need:
         return None
     step = max(1, len(need) // _FIT_IMAGES)
+    return window_of(((read_array(p), p) for p in need[::step][:_FIT_IMAGES]), percentiles)
+
+
+def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
+              ) -> tuple[float, float]:
+    """The ``percentiles`` of the pixels of ``images`` (``(array, source)`` pairs, at most
+    64 of them; 65,536 pixels of each, sampled evenly)."""
     samples = []
-    for p in need[::step][:_FIT_IMAGES]:
-        flat = read_array(p).astype(np.float32).reshape(-1)
+    for arr, source in images:
+        flat = arr.astype(np.float32).reshape(-1)
         if not np.isfinite(flat).all():
-            raise DataError(f"{p}: the image contains NaN or Inf values")
+            raise DataError(f"{source}: the image contains NaN or Inf values")
         samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])
     lo, hi = np.percentile(np.concatenate(samples), percentiles)
     if hi <= lo:  # constant images: any window keeps them constant

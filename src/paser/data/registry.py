@@ -27,7 +27,8 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
 )
-from paser.data.images import Intensity, fit_window
+from paser.data.images import Intensity
+from paser.data.slices import VolumeSlices
 from paser.data.tensors import StageData, Tensors, labels, on_disk
 from paser.errors import DataError
 from paser.runtime import progress as progress_bar
@@ -114,6 +115,10 @@ KINDS: dict[str, DatasetKind] = {k.name: k for k in (
                 open=lambda cfg, root, split: CityscapesDataset(root,
                                                                 cfg.cityscapes_splits[split]),
                 needs_root=True),
+    DatasetKind("volume", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
+                open=lambda cfg, root, split: VolumeSlices(root, cfg.volume, cfg.labels,
+                                                           cfg.slices, split),
+                needs_root=True),
     DatasetKind("mnist-noisy", lambda cfg: MNIST_CODEC, build=_mnist_stage_data),
 )}
 assert list(CITYSCAPES_CODEC.values) == list(CITYSCAPES_TRAIN_IDS)
@@ -190,14 +195,14 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
         return Intensity(cfg.window, cfg.intensity)
     root = ensure_dataset(cfg, progress=progress)
     return _fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
-        "holdout", "split_seed", "cityscapes_splits"}))
+        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}))
 
 
 @functools.lru_cache(maxsize=8)
 def _fitted(dataset: str, root: str, settings: str) -> Intensity:
     """Keyed by what chooses the training files (a run's stages ask again and again)."""
     cfg = DataConfig(dataset=dataset, root=Path(root), **json.loads(settings))
-    return Intensity(fit_window(_open(cfg, "train", False).images))
+    return Intensity(_open(cfg, "train", False).fit_window())
 
 
 #: The datasets read from a folder (the others are built in memory).

@@ -1,0 +1,133 @@
+"""Training from volumes (``data.dataset: volume``): an image volume and a label volume
+(TIFF stack, zarr array or HDF5 dataset, as ``paser segment`` reads them:
+:mod:`paser.volumes`), cut into splits by slice ranges. Each labelled slice is an image
+of its split; a slice whose labels are all unlabelled (the class map's ``ignore``) is
+skipped, so a volume labelled on a few slices trains on those.
+
+::
+
+    <root>/classes.yaml                        # the label volume's values, as for folders
+    data.volume: scan.tif                      # or recon.zarr, beamline.h5:/entry/data
+    data.labels: scan_labels.tif               # the same shape, uint8 values
+    data.slices: {train: [0, 400], validation: [400, 450], test: [450, 500]}
+
+Relative paths are under ``data.root``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paser.data.battery import MASK_IGNORE
+from paser.data.folders import ClassMap
+from paser.data.images import Intensity, by_type_range, to_channels, window_of
+from paser.errors import DataError
+
+#: label slices read at a time when finding the labelled ones
+_CHUNK = 16
+
+
+def _spec(root: Path, spec: str | None, key: str) -> str:
+    if not spec:
+        raise DataError(f"data.dataset=volume needs {key}: the {key.split('.')[1]} volume "
+                        "(a TIFF stack, a .zarr array or file.h5:/path; docs/volumes.md)")
+    path = Path(spec.split(":/")[0]) if ":/" in spec else Path(spec)
+    return spec if path.is_absolute() else str(root / spec)
+
+
+class VolumeSlices:
+    """One split of a volume dataset: the labelled slices of its slice range. Reads like a
+    folder split (``image``, ``mask``, ``ids``, ``sizes``, ``channels``, ``intensity``)."""
+
+    colour_ok = False
+
+    def __init__(self, root: str | Path, volume: str | None, labels: str | None,
+                 slices: dict[str, tuple[int, int]] | None, split: str):
+        from paser.volumes import open_volume
+
+        root = Path(root)
+        self.classmap = ClassMap.read(root / "classes.yaml")
+        self.volume = open_volume(_spec(root, volume, "data.volume"))
+        self.labels = open_volume(_spec(root, labels, "data.labels"))
+        if self.labels.shape[:3] != self.volume.shape[:3]:
+            raise DataError(f"{self.labels.source}: labels of shape {self.labels.shape}, the "
+                            f"volume {self.volume.source} is {self.volume.shape}; they must "
+                            "match slice for slice")
+        if not slices or split not in slices:
+            raise DataError(f"data.slices: give the slice range of {split}, e.g. "
+                            "{train: [0, 400], validation: [400, 450], test: [450, 500]}")
+        z0, z1 = slices[split]
+        if not 0 <= z0 < z1 <= self.volume.depth:
+            raise DataError(f"data.slices.{split}: [{z0}, {z1}) is not a range of the "
+                            f"{self.volume.depth} slices of {self.volume.source}")
+        self.z = self._labelled(z0, z1)
+        if not self.z:
+            raise DataError(f"{self.labels.source}: no labelled slice in {split}'s range "
+                            f"[{z0}, {z1}) (every voxel is the ignore value "
+                            f"{self.classmap.ignore}); label some, or move the range")
+        h, w = self.volume.plane
+        self.sizes = [(h, w)] * len(self.z)
+        self.channels = 3 if len(self.volume.shape) == 4 and self.volume.shape[3] >= 3 else 1
+        self.dtypes = Counter({f"{self.volume.dtype} {self.volume.kind} slices": len(self.z)})
+        self.intensity = Intensity()
+        self.images = [Path(f"{self.volume.source}#{z}") for z in self.z]  # for messages
+        self.ids = [f"{self.volume.stem}_z{z:05d}" for z in self.z]
+
+    def _labelled(self, z0: int, z1: int) -> list[int]:
+        out = []
+        for start in range(z0, z1, _CHUNK):
+            lab = self.labels.read(start, min(start + _CHUNK, z1))
+            for i, plane in enumerate(lab):
+                if (self.classmap.decode(self._values(plane, start + i), self.labels.source)
+                        != MASK_IGNORE).any():
+                    out.append(start + i)
+        return out
+
+    def _values(self, plane: np.ndarray, z: int) -> np.ndarray:
+        if plane.ndim != 2 or plane.dtype.kind not in "iu" or (
+                plane.size and (plane.min() < 0 or plane.max() > 255)):
+            raise DataError(f"{self.labels.source}: slice {z} is not 8-bit labels "
+                            f"({plane.dtype}, shape {plane.shape}); store the classes as the "
+                            "values of classes.yaml, 0..255")
+        return plane.astype(np.uint8, copy=False)
+
+    class_names = property(lambda self: self.classmap.names)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.sizes[0]
+
+    def size_range(self) -> str:
+        return f"{self.size[0]} x {self.size[1]}"
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def raw(self, i: int) -> np.ndarray:
+        """Slice ``i`` of the split as stored."""
+        return self.volume.read(self.z[i], self.z[i] + 1)[0]
+
+    def image(self, i: int) -> torch.Tensor:
+        source = f"{self.volume.source} slice {self.z[i]}"
+        x = self.intensity.scale(self.raw(i), source)
+        return torch.from_numpy(to_channels(x, self.channels, source))
+
+    def mask(self, i: int) -> torch.Tensor:
+        plane = self._values(self.labels.read(self.z[i], self.z[i] + 1)[0], self.z[i])
+        return torch.from_numpy(np.ascontiguousarray(
+            self.classmap.decode(plane, self.labels.source), dtype=np.uint8))
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.image(i), "mask": self.mask(i), "id": self.ids[i]}
+
+    def fit_window(self) -> tuple[float, float] | None:
+        """The intensity window of the split's slices (at most 64, evenly spaced)."""
+        if by_type_range(np.dtype(self.volume.dtype)):
+            return None
+        step = max(1, len(self) // 64)
+        return window_of((self.raw(i), f"{self.volume.source} slice {self.z[i]}")
+                         for i in range(0, len(self), step))
