@@ -122,7 +122,6 @@ def segment(
     start = time.perf_counter()
     if volumes:
         vol_results = _segment_volumes(model, volumes, out, k, overwrite)
-        overwrite = False  # done: the images keep the folder the volumes claimed
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         start = time.perf_counter()
