@@ -107,3 +107,24 @@ def idx_folder(folder, n_train=40, n_test=20, compress=False):
                      ("train_labels", np.zeros(n_train)), ("test_labels", np.zeros(n_test))):
         write_idx(folder / mn.IDX_FILES[key], arr, compress)
     return train, test
+
+
+class Interrupted(BaseException):
+    """Stands for Ctrl-C or a killed process in tests of resuming (pytest takes a real
+    KeyboardInterrupt for its own)."""
+
+
+def bands_run(tmp_path, pool: int = 2):
+    """A :class:`paser.PaSeR` of intensity-band models (no training; tests.test_label_codec)
+    on a 3-class folder dataset's codec, with ``pool`` pool models in its config."""
+    from tests.test_label_codec import folder, model
+
+    from paser.config import load_config
+
+    root = folder(tmp_path / "data")
+    cfg = load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"pool": cfg.models.pool[:pool]})})
+    (tmp_path / "run").mkdir()
+    return model(cfg, tmp_path / "run")

@@ -9,30 +9,21 @@ import csv
 import numpy as np
 import pytest
 from PIL import Image
-from tests.test_label_codec import folder, model
+from tests.helpers import Interrupted, bands_run
 
-from paser.config import load_config
 from paser.errors import DataError
 from paser.segment import MANIFEST, segment_files
 
 
-class Interrupted(BaseException):
-    """Stands for Ctrl-C (pytest takes a real KeyboardInterrupt for its own)."""
-
-
 @pytest.fixture()
 def setup(tmp_path):
-    root = folder(tmp_path / "data")
-    cfg = load_config(preset="battery-quick", overrides=[
-        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
-    (tmp_path / "run").mkdir()
     rng = np.random.default_rng(0)
     files = []
     for i in range(5):
         files.append(tmp_path / "in" / f"s{i}.png")
         files[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(files[-1])
-    return model(cfg, tmp_path / "run"), files, tmp_path
+    return bands_run(tmp_path), files, tmp_path
 
 
 def _outputs(out):

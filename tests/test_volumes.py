@@ -12,29 +12,18 @@ import tifffile
 import torch
 import zarr
 from PIL import Image
-from tests.test_label_codec import folder, model
+from tests.helpers import Interrupted, bands_run
 
-from paser.config import load_config
 from paser.errors import DataError
 from paser.volumes import open_volume, segment_volumes, split_inputs
 
 DEPTH, SIDE = 24, 16
 
 
-class Interrupted(BaseException):
-    """Stands for Ctrl-C or a killed process."""
-
-
 @pytest.fixture()
 def setup(tmp_path):
-    root = folder(tmp_path / "data")
-    cfg = load_config(preset="battery-quick", overrides=[
-        "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3"])
-    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
-        update={"pool": cfg.models.pool[:1]})})  # f0 and f1, as the model's router
-    (tmp_path / "run").mkdir()
     vol = np.random.default_rng(0).integers(0, 256, (DEPTH, SIDE, SIDE), dtype=np.uint8)
-    return model(cfg, tmp_path / "run"), vol, tmp_path
+    return bands_run(tmp_path, pool=1), vol, tmp_path  # f0 and f1, as the model's router
 
 
 def _alone(m, vol: np.ndarray) -> np.ndarray:
@@ -137,6 +126,7 @@ def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
     on the training slices; streamed from reader processes, the same tensors."""
     import pickle
 
+    from paser.config import load_config
     from paser.data import data_intensity, load_stage_data, open_split
 
     rng = np.random.default_rng(0)

@@ -124,18 +124,7 @@ class PatchGrid:
         if mode not in PAD_MODES:
             raise ConfigError(f"pad mode {mode!r}: use one of {', '.join(PAD_MODES)}")
         height, width = _spatial(x, "pad")
-        hp, wp = self.padded_size(height, width)
-        if (hp, wp) == (height, width):
-            return x
-        if mode == "constant":
-            out = x.new_full((*x.shape[:-2], hp, wp), value)
-            out[..., :height, :width] = x
-            return out
-        # A gather along each axis works for every dtype (F.pad's reflect and replicate modes
-        # refuse integer label maps).
-        rows = _pad_index(height, hp, mode, x.device)
-        cols = _pad_index(width, wp, mode, x.device)
-        return x.index_select(-2, rows).index_select(-1, cols)
+        return pad_to(x, *self.padded_size(height, width), mode, value)
 
     def crop(self, x: Tensor, height: int, width: int) -> Tensor:
         """Undo :meth:`pad`: keep the top-left ``height x width`` of ``x [..., Hp, Wp]``."""
@@ -284,6 +273,8 @@ def pad_to(x: Tensor, height: int, width: int, mode: str = "reflect", value: flo
         out = x.new_full((*x.shape[:-2], height, width), value)
         out[..., :h, :w] = x
         return out
+    # A gather along each axis works for every dtype (F.pad's reflect and replicate modes
+    # refuse integer label maps).
     return (x.index_select(-2, _pad_index(h, height, mode, x.device))
             .index_select(-1, _pad_index(w, width, mode, x.device)))
 
