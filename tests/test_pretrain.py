@@ -102,8 +102,8 @@ def test_augmentation_views_are_inverted_and_on_where_the_data_allows(tiny_cfg):
         "data.dataset=folder", "data.root=/data", "grid=[2, 2]"])
     assert stage1.augmentations(folder, 32, 32) == list(range(8))  # mirrors and turns
     assert stage1.augmentations(folder, 32, 48) == [0, 1, 2, 3]  # not square: no quarter turn
-    on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
-        update={"augment": "on"})})
+    on = load_config(preset="battery-quick", overrides=[*TINY, "stage1.augment=on"])
+    assert on.stage1.augment == "on"  # YAML's on (a boolean) taken as meant
     assert stage1.augmentations(on, 32, 32) == list(range(8))
     gen = torch.Generator().manual_seed(0)
     y = stage1.jitter(torch.ones(64, 1, 2, 2), 0.1, gen)

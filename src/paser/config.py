@@ -209,6 +209,12 @@ class Stage1Config(_Strict):
         description="cross-entropy weight per class; null = unweighted",
     )
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML reads on / off as booleans: stage1.augment=on means "on"
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class Stage2Config(_Strict):
     """Policy training on D_rl: by REINFORCE (the paper) or with full information (every
