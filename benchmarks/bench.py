@@ -564,7 +564,7 @@ def ensure_volume(depth: int) -> tuple[Path, Path]:
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for z in range(depth):
             v = (z // len(files)) % 8
-            img = view(torch.from_numpy(base[z % len(files)]), v).numpy()
+            img = view(torch.from_numpy(base[z % len(files)].copy()), v).numpy()
             tif.write(img.astype(np.uint16) * 257, photometric="minisblack", contiguous=True)
             out[z] = view(torch.from_numpy(lab[z % len(files)]), v).numpy()
     out.flush()

@@ -66,6 +66,19 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def release_freed_memory() -> None:
+    """Give the pages glibc holds free back to the system (``malloc_trim``): with
+    :func:`keep_freed_memory` the heap only grows, and a long loop of varying allocations
+    (a volume's routed patches) fragments it; called between chunks, it keeps memory
+    bounded at the cost of faulting those pages in again once. A no-op elsewhere."""
+    if not _applied:
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; otherwise the named device, checked."""
     if name == "auto":

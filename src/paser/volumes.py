@@ -41,7 +41,7 @@ from paser.data.images import (
     to_channels,
 )
 from paser.errors import DataError, PaserError
-from paser.runtime import atomic_write_text
+from paser.runtime import atomic_write_text, release_freed_memory
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
@@ -270,6 +270,7 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
             mask = out.mask[0].cpu().numpy()
             actions = out.actions[0].cpu().numpy()
             masks[i] = codec.encode(mask)
+            release_freed_memory()  # bounded memory over any number of slices
             records.append({"slice": z0 + i, "gflops": float(out.gflops[0]), "ms": ms,
                             "patches_per_model": np.bincount(
                                 actions, minlength=router.num_models).tolist(),
