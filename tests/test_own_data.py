@@ -70,7 +70,7 @@ models:
     - {name: "tests.test_own_data:conv_net", kwargs: {width: 4}}
     - {name: unet, kwargs: {c0: 4, widths: [8, 8]}, weights: WEIGHTS}
     - {name: unet, kwargs: {c0: 8, widths: [16, 16]}}
-stage1: {epochs: 2, batch_size: 4, lr: 0.01, class_weights: null}
+stage1: {epochs: 2, batch_size: 4, lr: 0.01, class_weights: null, augment: 'off'}  # pinned unaugmented
 stage2: {epochs: 2, batch_size: 4, lr: 0.001}
 stage3: {epochs: 1, batch_size: 4}
 baselines:
