@@ -19,6 +19,7 @@ to the peak.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -141,12 +142,25 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
+@contextlib.contextmanager
+def replaced(path: str | Path):
+    """Write a file whole or not at all: yields a temporary path beside ``path`` (its
+    folder made) to write, renamed onto ``path`` when the block ends, removed if it
+    raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    with replaced(path) as tmp:
+        tmp.write_text(text)
 
 
 def progress(enabled: bool = True) -> Progress:

@@ -35,7 +35,7 @@ from paser.data.folders import ClassMap
 from paser.data.images import Intensity, read_image
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
-from paser.runtime import atomic_write_text, worker_context
+from paser.runtime import atomic_write_text, replaced, worker_context
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -136,9 +136,8 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
     """A PNG written whole or not at all (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -427,12 +426,10 @@ def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]
     """One CSV row per input: status, size, GFLOP, ms, share of patches per model, the
     degraded patches and bytes sent (``--remote``), error. Written whole (renamed into
     place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(_header(names))
         out.writerows(_row(r, names) for r in results)
-    os.replace(tmp, path)
 
 
 class SummaryLog:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import time
@@ -36,12 +35,12 @@ import torch
 from paser.cost import FLOP_CONVENTION
 from paser.data.images import (
     TIFF_SUFFIXES,
+    as_input,
     probe,
     read_array,
-    to_channels,
 )
 from paser.errors import DataError, PaserError
-from paser.runtime import atomic_write_text, release_freed_memory
+from paser.runtime import atomic_write_text, release_freed_memory, replaced
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
@@ -169,12 +168,19 @@ def _tiff(path: Path) -> Volume:
                   planar=planar)
 
 
-def _zarr(path: Path) -> Volume:
+def _optional(module: str, source: str | Path):
+    """zarr or h5py (the ``volumes`` extra), or a :class:`DataError` that says to install it."""
+    import importlib
+
     try:
-        import zarr
+        return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"{path}: reading zarr needs the zarr package: pip install "
+        raise DataError(f"{source}: reading it needs the {module} package: pip install "
                         "'paser[volumes]'") from None
+
+
+def _zarr(path: Path) -> Volume:
+    zarr = _optional("zarr", path)
     if not path.exists():
         raise DataError(f"{path}: no such zarr array")
     try:
@@ -191,11 +197,7 @@ def _zarr(path: Path) -> Volume:
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
-    try:
-        import h5py
-    except ImportError:
-        raise DataError(f"{source}: reading HDF5 needs the h5py package: pip install "
-                        "'paser[volumes]'") from None
+    h5py = _optional("h5py", source)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
     try:
@@ -262,8 +264,8 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
         masks, records = np.empty((z1 - z0, h, w), np.uint8), []
         for i in range(z1 - z0):
             notes: list[str] = []
-            x = to_channels(intensity.scale(raw[i], f"{volume.source} slice {z0 + i}", notes),
-                            channels, volume.source, notes)
+            x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}",
+                         notes)
             tick = time.perf_counter()
             out = model.segment(torch.from_numpy(x)[None], only=only)
             ms = 1000 * (time.perf_counter() - tick)
@@ -279,10 +281,8 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
         if labels_zarr is not None:
             labels_zarr[z0:z1] = masks
         else:
-            tmp = parts / f".{z0:08d}.npy.tmp"
-            with open(tmp, "wb") as fh:
+            with replaced(parts / f"{z0:08d}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, masks)
-            os.replace(tmp, parts / f"{z0:08d}.npy")
         atomic_write_text(json.dumps(records), marker)  # the chunk is done
         if on_slices is not None:
             on_slices(z1 - z0, (z1 - z0) * h * w)
@@ -337,13 +337,11 @@ def _assemble_tiff(parts: Path, depth: int, chunk: int, path: Path) -> None:
     (written to a temporary name, then renamed)."""
     import tifffile
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+    with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for z0 in range(0, depth, chunk):
             for page in np.load(parts / f"{z0:08d}.npy", mmap_mode="r"):
                 tif.write(np.ascontiguousarray(page), photometric="minisblack",
                           contiguous=True)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -407,13 +405,11 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
                      json.dumps(rec.get("patch_share", {})),
                      json.dumps(rec.get("class_fractions", {})), rec.get("output", ""),
                      r.error])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
                       "patch share", "class fractions", "output", "error"])
         out.writerows(rows)
-    os.replace(tmp, path)
 
 
 def split_inputs(inputs: Sequence[str | Path], stack: bool = False

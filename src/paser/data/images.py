@@ -272,5 +272,13 @@ def read_image(path: str | Path, channels: int, intensity: Intensity = Intensity
                notes: list[str] | None = None) -> np.ndarray:
     """An image file as the models see it: float32 ``[channels, H, W]`` in [0, 1]."""
     notes = [] if notes is None else notes
-    arr = read_array(path, notes)
-    return to_channels(intensity.scale(arr, path, notes), channels, path, notes)
+    return as_input(read_array(path, notes), channels, intensity, path, notes)
+
+
+def as_input(arr: np.ndarray, channels: int, intensity: Intensity,
+             source: Path | str = "the image", notes: list[str] | None = None) -> np.ndarray:
+    """A stored image ``[H, W]`` or ``[H, W, C]`` as the models see it: scaled by
+    ``intensity``, then :func:`to_channels`; what every reader (files, volume slices) ends
+    with."""
+    notes = [] if notes is None else notes
+    return to_channels(intensity.scale(arr, source, notes), channels, source, notes)

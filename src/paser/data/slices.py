@@ -24,7 +24,7 @@ import torch
 
 from paser.data.battery import MASK_IGNORE
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity, by_type_range, to_channels, window_of
+from paser.data.images import Intensity, as_input, by_type_range, window_of
 from paser.errors import DataError
 
 #: label slices read at a time when finding the labelled ones
@@ -112,9 +112,8 @@ class VolumeSlices:
         return self.volume.read(self.z[i], self.z[i] + 1)[0]
 
     def image(self, i: int) -> torch.Tensor:
-        source = f"{self.volume.source} slice {self.z[i]}"
-        x = self.intensity.scale(self.raw(i), source)
-        return torch.from_numpy(to_channels(x, self.channels, source))
+        return torch.from_numpy(as_input(self.raw(i), self.channels, self.intensity,
+                                         f"{self.volume.source} slice {self.z[i]}"))
 
     def mask(self, i: int) -> torch.Tensor:
         plane = self._values(self.labels.read(self.z[i], self.z[i] + 1)[0], self.z[i])
