@@ -49,3 +49,17 @@ def test_opt_out_keeps_glibc_defaults(name):
     res = run_child(**{name: "1"})
     assert not res["applied"] and not res["again"]
     assert res["kept_mib"] < 50  # glibc unmapped the block on free
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from paser.runtime import atomic_write_text, replaced
+
+    target = tmp_path / "sub" / "out.csv"
+    atomic_write_text("old", target)
+    with pytest.raises(RuntimeError), replaced(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and list(target.parent.iterdir()) == [target]
+    with replaced(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and list(target.parent.iterdir()) == [target]

@@ -56,6 +56,11 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
             "grid=[2, 2]", "stage1.class_weights=null"]
+    from paser.data.registry import check_dataset
+
+    report = check_dataset(root, workers=0, show_progress=False)  # read image by image
+    assert report["splits"]["test"]["size"] is None
+    assert report["splits"]["test"]["sizes"] == "32 x 32 to 50 x 61"
     with pytest.raises(DataError, match=r"i1.png: 50 x 61, but i0.png is 40 x 40 \(this "
                        r"split.s images are 32 x 32 to 50 x 61\); set data.tile=\[H,W\]"):
         load_stage_data(load_config(preset="battery-quick", overrides=[*base, "data.tile=null"]))
