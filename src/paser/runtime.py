@@ -43,18 +43,19 @@ OPT_OUT = ("PASER_SYSTEM_MALLOC", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
 _applied: bool | None = None
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(ignore: tuple[str, ...] = ()) -> bool:
     """Make glibc reuse freed memory for large tensors instead of unmapping it.
 
     Called by every training stage, the CLI and :meth:`paser.PaSeR.load`; idempotent.
     Returns whether it is in effect: not on a C library other than glibc (macOS, musl,
     Windows), nor when any of :data:`OPT_OUT` is set in the environment
-    (``PASER_SYSTEM_MALLOC=1`` keeps glibc's defaults).
+    (``PASER_SYSTEM_MALLOC=1`` keeps glibc's defaults), except those in ``ignore``: set by
+    a launcher, not by the user (:func:`paser.cluster.worker_model`).
     """
     global _applied
     if _applied is None:
         _applied = False
-        if not any(os.environ.get(name) for name in OPT_OUT) and \
+        if not any(os.environ.get(name) for name in OPT_OUT if name not in ignore) and \
                 platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             try:
                 mallopt = ctypes.CDLL(None).mallopt

@@ -102,6 +102,7 @@ class Segmented:
     bytes_sent: int | None = None
     bytes_whole: int | None = None
     resumed: bool = False  # segmented by an earlier call into the same folder
+    worker: str = ""  # the Dask worker that segmented it (paser.cluster)
 
 
 def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
@@ -201,11 +202,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     starts over.
     """
     out_dir = Path(out_dir)
-    cfg, router = model.config, model.router
     names = record_names(model)
-    calibration = None if model.calibration is None or only is not None else \
-        model.calibration.target
-    codec = model.label_codec
     claim_output(out_dir, output_settings(model, only), overwrite,
                  [*(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY])
     results: list[Segmented | None] = [finished(out_dir, f) for f in files]
@@ -218,52 +215,14 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     pending: list = []
     slots = iter([i for i, r in enumerate(results) if r is None])
     try:
-        for path, item in zip(todo, _inputs(todo, cfg.models.in_channels, model.intensity,
-                                            workers), strict=True):
-            res = Segmented(str(path), path.stem, ok=False)
+        for path, item in zip(todo, _inputs(todo, model.config.models.in_channels,
+                                            model.intensity, workers), strict=True):
+            res, args = segment_image(model, path, item, out_dir, only)
             results[next(slots)] = res
-            try:
-                if isinstance(item, DataError):
-                    raise item
-                image, res.notes = item
-                res.height, res.width = image.shape[-2:]
-                grid = model.grid_for(res.height, res.width)  # the patches it is routed in
-                if router.remote is not None:
-                    router.remote.take()  # this image's transfers only
-                start = time.perf_counter()
-                out = model.segment(torch.from_numpy(image)[None], only=only)
-                if out.mask.device.type == "cuda":
-                    torch.cuda.synchronize()
-                res.ms = 1000 * (time.perf_counter() - start)
-                actions = out.actions[0].cpu().numpy()
-                degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
-                res.degraded = 0 if degraded is None else int(degraded.sum())
-                res.gflops = float(out.gflops[0])
-                res.fractions = (np.bincount(actions, minlength=router.num_models)
-                                 / actions.size).tolist()
-                record = {"input": str(path), "height": res.height, "width": res.width,
-                          "notes": res.notes, "grid": [grid.rows, grid.cols],
-                          "patch": list(grid.patch_size(res.height, res.width)),
-                          "models": names, "only": None if only is None else names[only],
-                          "actions": actions.reshape(grid.rows, grid.cols
-                                                     ).tolist(),
-                          "patches_per_model": np.bincount(actions, minlength=router.num_models
-                                                           ).tolist(),
-                          "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
-                          "ms": res.ms, "device": str(model.device),
-                          "mc_samples": cfg.mc_samples, "calibration": calibration}
-                if router.remote is not None:
-                    record["remote"] = _remote_record(model, grid, image, out, degraded, res)
-                args = (out_dir, path.stem, image, out.mask[0].cpu().numpy(), actions,
-                        grid, codec, degraded, record)
-                if writer is None:
-                    _write(*args)
-                pending.append((res, None if writer is None else writer.submit(_write, *args)))
-            except RemoteAccessError:  # the same for every image: stop, and say it once
-                raise
-            except (PaserError, OSError, RuntimeError, ValueError) as err:
-                res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
-                pending.append((res, None))
+            if args is not None and writer is None:
+                write_here(res, args)
+            pending.append((res, None if args is None or writer is None
+                            else writer.submit(_write, *args)))
             # report in order, as soon as the first pending image is written
             while pending and (len(pending) > 4 * workers or pending[0][1] is None
                                or pending[0][1].done()):
@@ -276,6 +235,60 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     write_summary(out_dir / SUMMARY, results, names)  # whole, in the inputs' order
     return results
 
+
+
+def segment_image(model, path: Path, item, out_dir: Path, only: int | None = None,
+                  worker: str | None = None) -> tuple[Segmented, tuple | None]:
+    """One input read as ``item`` (``(image, notes)``, or the :class:`DataError` of its
+    reading) segmented with ``model``: its :class:`Segmented`, and the arguments of
+    :func:`_write` for its outputs (``None`` when it failed; ``res.error`` says why). A
+    remote tier that refuses this edge (:class:`RemoteAccessError`) is raised: it is the
+    same for every image. ``worker`` names the Dask worker in the record."""
+    router, cfg = model.router, model.config
+    names = record_names(model)
+    calibration = None if model.calibration is None or only is not None else \
+        model.calibration.target
+    res = Segmented(str(path), path.stem, ok=False, worker=worker or "")
+    try:
+        if isinstance(item, DataError):
+            raise item
+        image, res.notes = item
+        res.height, res.width = image.shape[-2:]
+        grid = model.grid_for(res.height, res.width)  # the patches it is routed in
+        if router.remote is not None:
+            router.remote.take()  # this image's transfers only
+        start = time.perf_counter()
+        out = model.segment(torch.from_numpy(image)[None], only=only)
+        if out.mask.device.type == "cuda":
+            torch.cuda.synchronize()
+        res.ms = 1000 * (time.perf_counter() - start)
+        actions = out.actions[0].cpu().numpy()
+        degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
+        res.degraded = 0 if degraded is None else int(degraded.sum())
+        res.gflops = float(out.gflops[0])
+        res.fractions = (np.bincount(actions, minlength=router.num_models)
+                         / actions.size).tolist()
+        record = {"input": str(path), "height": res.height, "width": res.width,
+                  "notes": res.notes, "grid": [grid.rows, grid.cols],
+                  "patch": list(grid.patch_size(res.height, res.width)),
+                  "models": names, "only": None if only is None else names[only],
+                  "actions": actions.reshape(grid.rows, grid.cols).tolist(),
+                  "patches_per_model": np.bincount(actions, minlength=router.num_models
+                                                   ).tolist(),
+                  "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
+                  "ms": res.ms, "device": str(model.device),
+                  "mc_samples": cfg.mc_samples, "calibration": calibration,
+                  **({"worker": worker} if worker is not None else {})}
+        if router.remote is not None:
+            record["remote"] = _remote_record(model, grid, image, out, degraded, res)
+        return res, (out_dir, path.stem, image,
+                     out.mask[0].cpu().numpy(), actions, grid, model.label_codec, degraded,
+                     record)
+    except RemoteAccessError:  # the same for every image: stop, and say it once
+        raise
+    except (PaserError, OSError, RuntimeError, ValueError) as err:
+        res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
+        return res, None
 
 def record_names(model) -> list[str]:
     """``f0 (unet_tiny)``, ``f1 (unet)``, ...: the run's models as records name them."""
@@ -343,7 +356,8 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],
-                        fractions=[c / max(sum(counts), 1) for c in counts], notes=rec["notes"])
+                        fractions=[c / max(sum(counts), 1) for c in counts], notes=rec["notes"],
+                        worker=rec.get("worker", ""))
     except (ValueError, KeyError, TypeError):
         return None  # a record of something else: segmented again
     remote = rec.get("remote")
@@ -352,6 +366,14 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         res.bytes_whole = remote["bytes_whole_image"]
     res.resumed = True
     return res
+
+
+def write_here(res: Segmented, args: tuple) -> None:
+    """:func:`_write` in this process; a failed write is the input's error."""
+    try:
+        _write(*args)
+    except (PaserError, OSError, ValueError) as err:
+        res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
 
 
 def _writer(workers: int):
@@ -409,7 +431,7 @@ def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
 def _header(names: Sequence[str]) -> list[str]:
     return ["input", "status", "height", "width", "gflops", "ms",
             *[f"share {n}" for n in names], "degraded patches", "bytes sent",
-            "bytes whole image", "notes", "error"]
+            "bytes whole image", "notes", "error", "worker"]
 
 
 def _row(r: Segmented, names: Sequence[str]) -> list:
@@ -419,7 +441,7 @@ def _row(r: Segmented, names: Sequence[str]) -> list:
             *shares, r.degraded if r.ok else "",
             "" if r.bytes_sent is None else r.bytes_sent,
             "" if r.bytes_whole is None else r.bytes_whole,
-            "; ".join(r.notes), r.error]
+            "; ".join(r.notes), r.error, r.worker]
 
 
 def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:

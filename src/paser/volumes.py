@@ -244,58 +244,102 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
     doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels)`` after each
     chunk. Chunks finished by an earlier call into the same folder are not done again."""
     out_dir = Path(out_dir)
-    from paser.segment import record_names
+    start = time.perf_counter()
+    labels, chunk = prepare_volume(volume, out_dir, chunk)
+    for z0, z1 in chunks_to_do(volume, out_dir, chunk):
+        segment_chunk(model, volume, z0, z1, out_dir, labels, only)
+        if on_slices is not None:
+            on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1])
+    return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
 
+
+def _parts(volume: Volume, out_dir: Path) -> Path:
+    return out_dir / f".{volume.stem}.parts"
+
+
+def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> tuple[object, int]:
+    """The folder of ``volume``'s finished chunks, and its zarr label array (``None`` for a
+    TIFF output), both kept when an earlier call left chunks done; and the slices per
+    chunk: ``chunk``, or the one that call started with (its parts are chunks of it)."""
+    parts = _parts(volume, out_dir)
+    parts.mkdir(parents=True, exist_ok=True)
+    size = parts / "chunk"
+    if any(parts.glob("*.json")) and size.is_file():
+        chunk = int(size.read_text())
+    else:
+        atomic_write_text(str(chunk), size)
+    if volume.label_format == "zarr":
+        return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
+    return None, chunk
+
+
+def chunks_to_do(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """``(z0, z1)`` of the chunks of slices not finished yet (no record under the parts)."""
+    parts = _parts(volume, out_dir)
+    return [(z0, min(z0 + chunk, volume.depth)) for z0 in range(0, volume.depth, chunk)
+            if not (parts / f"{z0:08d}.json").is_file()]
+
+
+def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels=None,
+                  only: int | None = None, worker: str | None = None) -> list[dict]:
+    """Slices ``z0 .. z1 - 1`` of ``volume``, each alone: their labels written (into the
+    zarr array ``labels``, or a part file for the TIFF), then their records (the chunk's
+    done marker). Returns the records; a chunk already done is read, not done again.
+    ``worker`` names who did it (a Dask worker) in each record."""
+    marker = _parts(volume, out_dir) / f"{z0:08d}.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
     router, codec, intensity = model.router, model.label_codec, model.intensity
     channels, ncls = model.config.models.in_channels, model.config.models.num_classes
+    raw = volume.read(z0, z1)
+    masks, records = np.empty((z1 - z0, *volume.plane), np.uint8), []
+    for i in range(z1 - z0):
+        notes: list[str] = []
+        x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
+        tick = time.perf_counter()
+        out = model.segment(torch.from_numpy(x)[None], only=only)
+        ms = 1000 * (time.perf_counter() - tick)
+        mask = out.mask[0].cpu().numpy()
+        actions = out.actions[0].cpu().numpy()
+        masks[i] = codec.encode(mask)
+        release_freed_memory()  # bounded memory over any number of slices
+        records.append({"slice": z0 + i, "gflops": float(out.gflops[0]), "ms": ms,
+                        "patches_per_model": np.bincount(
+                            actions, minlength=router.num_models).tolist(),
+                        "class_voxels": _class_counts(mask, ncls).tolist(),
+                        **({"worker": worker, "device": str(model.device)}
+                           if worker is not None else {}),
+                        **({"notes": notes} if notes else {})})
+    if labels is not None:
+        labels[z0:z1] = masks
+    else:
+        with replaced(marker.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, masks)
+    atomic_write_text(json.dumps(records), marker)  # the chunk is done
+    return records
+
+
+def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
+                  only: int | None = None, seconds: float = 0.0) -> dict:
+    """Once every chunk is done: the TIFF assembled from the parts (zarr outputs are whole
+    already), the volume's record written (``<stem>.json``), the parts removed."""
+    parts = _parts(volume, out_dir)
+    codec, intensity = model.label_codec, model.intensity
     h, w = volume.plane
-    parts = out_dir / f".{volume.stem}.parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    labels_zarr = None
-    if volume.label_format == "zarr":
-        labels_zarr = _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts)
-    start = time.perf_counter()
-    for z0 in range(0, volume.depth, chunk):
-        z1 = min(z0 + chunk, volume.depth)
-        marker = parts / f"{z0:08d}.json"
-        if marker.is_file():
-            continue
-        raw = volume.read(z0, z1)
-        masks, records = np.empty((z1 - z0, h, w), np.uint8), []
-        for i in range(z1 - z0):
-            notes: list[str] = []
-            x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}",
-                         notes)
-            tick = time.perf_counter()
-            out = model.segment(torch.from_numpy(x)[None], only=only)
-            ms = 1000 * (time.perf_counter() - tick)
-            mask = out.mask[0].cpu().numpy()
-            actions = out.actions[0].cpu().numpy()
-            masks[i] = codec.encode(mask)
-            release_freed_memory()  # bounded memory over any number of slices
-            records.append({"slice": z0 + i, "gflops": float(out.gflops[0]), "ms": ms,
-                            "patches_per_model": np.bincount(
-                                actions, minlength=router.num_models).tolist(),
-                            "class_voxels": _class_counts(mask, ncls).tolist(),
-                            **({"notes": notes} if notes else {})})
-        if labels_zarr is not None:
-            labels_zarr[z0:z1] = masks
-        else:
-            with replaced(parts / f"{z0:08d}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, masks)
-        atomic_write_text(json.dumps(records), marker)  # the chunk is done
-        if on_slices is not None:
-            on_slices(z1 - z0, (z1 - z0) * h * w)
     records = [r for z0 in range(0, volume.depth, chunk)
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
-    if labels_zarr is None:
+    if volume.label_format == "tiff":
         output = f"{volume.stem}_labels.tif"
         _assemble_tiff(parts, volume.depth, chunk, out_dir / output)
     else:
         output = f"{volume.stem}_labels.zarr"
+    from paser.segment import record_names
+
     names = record_names(model)
     voxels = np.sum([r["class_voxels"] for r in records], 0)
     patches = np.sum([r["patches_per_model"] for r in records], 0)
+    workers = sorted({r["worker"] for r in records if "worker" in r})
+    devices = sorted({r["device"] for r in records if "device" in r}) or [str(model.device)]
     record = {
         "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
@@ -307,9 +351,10 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
         "flop_convention": FLOP_CONVENTION,
         "patch_share": dict(zip(names, (patches / max(patches.sum(), 1)).tolist(), strict=True)),
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
-        "seconds_this_call": time.perf_counter() - start,
+        "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6, "intensity": intensity.to_dict(),
-        "device": str(model.device), "slices": records,
+        "device": ", ".join(devices), **({"workers": workers} if workers else {}),
+        "slices": records,
     }
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
     shutil.rmtree(parts, ignore_errors=True)  # the volume is whole: its record says so
@@ -374,23 +419,30 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
         results.append(res)
-        done = out_dir / f"{vol.stem}.json"
-        if done.is_file():
-            try:
-                rec = json.loads(done.read_text())
-                if rec.get("input") == vol.source:
-                    res.record, res.resumed = rec, True
-                    if on_slices is not None:
-                        on_slices(vol.depth, vol.depth * vol.plane[0] * vol.plane[1])
-                    continue
-            except ValueError:
-                pass
+        res.record = read_done(vol, out_dir)
+        if res.record is not None:
+            res.resumed = True
+            if on_slices is not None:
+                on_slices(vol.depth, vol.depth * vol.plane[0] * vol.plane[1])
+            continue
         try:
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
         except (PaserError, OSError, RuntimeError, ValueError) as err:
             res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
+
+
+def read_done(volume: Volume, out_dir: Path) -> dict | None:
+    """The record of ``volume`` when an earlier call into ``out_dir`` finished it."""
+    done = out_dir / f"{volume.stem}.json"
+    if not done.is_file():
+        return None
+    try:
+        rec = json.loads(done.read_text())
+    except ValueError:
+        return None
+    return rec if rec.get("input") == volume.source else None
 
 
 def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
