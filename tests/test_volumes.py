@@ -87,7 +87,7 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
         segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert len(list((tmp / "out" / ".scan.parts").glob("*.json"))) == 3
     calls[0], stop[0] = 0, 0
-    segment_volumes(m, volumes, tmp / "out", chunk=4)
+    segment_volumes(m, volumes, tmp / "out", chunk=16)  # goes on in the chunks it began
     assert calls[0] == 2 * DEPTH - 12  # the 12 slices of the 3 finished chunks not redone
     assert (tmp / "out" / "scan_labels.tif").read_bytes() == (
         tmp / "whole" / "scan_labels.tif").read_bytes()

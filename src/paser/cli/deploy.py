@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,13 +80,25 @@ def segment(
                                    "settings) skips what an earlier one finished"),
     stack: bool = typer.Option(False, "--stack", help="each folder given is one volume of "
                                "slices (natural sort), not a set of images"),
+    chunk: int = typer.Option(16, "--chunk", min=1, help="slices of a volume read, "
+                              "segmented and written together: the zarr output's chunk "
+                              "along the slices, and one task with --scheduler"),
+    threads: int = typer.Option(None, "--threads", min=1, help="threads of each model call, "
+                                "here and on every --scheduler worker (default: all cores "
+                                "here, a worker's own threads there); runs with equal threads "
+                                "give byte-identical labels"),
+    scheduler: str = typer.Option(None, "--scheduler", help="run on a Dask cluster: "
+                                  "tcp://host:8786 (a running scheduler) or local:N (N "
+                                  "worker processes here); needs paser[dask]"),
 ) -> None:
     """Segment images and volumes with a trained run: label maps, overlays, routing maps, a
     JSON per image and summary.csv; per volume (multi-page TIFF, .zarr, file.h5:/key,
     --stack folder) a label volume and a JSON, slice by slice. A file that fails is reported and skipped; the exit status is
     then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
     are marked degraded; the run finishes. Interrupted, the same command continues where it
-    stopped."""
+    stopped. With --scheduler, chunks of slices and batches of images run on the Dask
+    cluster's workers (each loads the run once; they need the same paths), with the same
+    outputs."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.runtime import progress
@@ -93,6 +106,13 @@ def segment(
     from paser.volumes import split_inputs
 
     files, volumes = split_inputs([str(i) for i in inputs], stack)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if scheduler is not None and remote is not None:
+        raise ConfigError("--remote splits each image between this machine and a server; "
+                          "--scheduler spreads whole chunks over a cluster: use one of them")
     if only is not None and remote is not None:
         raise ConfigError(f"--model {only} runs one model here; drop --remote (or --model)")
     if remote is not None and not remote.startswith(("http://", "https://")):
@@ -109,8 +129,9 @@ def segment(
         token = read_token(token_file)
     if engine == "onnxruntime":
         model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
-    elif engine == "torch":
-        model = PaSeR.load(run_dir, device=device, calibrated=budget_gflops is None)
+    elif engine == "torch":  # with a cluster, the workers segment: this one only reads
+        model = PaSeR.load(run_dir, device="cpu" if scheduler else device,
+                           calibrated=budget_gflops is None)
     else:
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budget_gflops is not None:
@@ -120,11 +141,21 @@ def segment(
     k = None if only is None else _model_index(only, model.router.num_models)
     results, vol_results = [], []
     start = time.perf_counter()
-    if volumes:
-        vol_results = _segment_volumes(model, volumes, out, k, overwrite)
+    if scheduler is not None:
+        from paser.cluster import RunSpec
+
+        spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
+                       None if onnx is None else str(Path(onnx).resolve()), budget_gflops,
+                       threads)
+        results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
+                                           overwrite, chunk)
+        files = []  # done there
+    elif volumes:
+        vol_results = _segment_volumes(model, volumes, out, k, overwrite, chunk)
     with progress(len(files) > 1) as bar:
         task = bar.add_task("segment", total=len(files), info="")
-        start = time.perf_counter()
+        if scheduler is None:
+            start = time.perf_counter()
 
         def done(r):
             rate = bar.tasks[0].completed + 1
@@ -166,26 +197,69 @@ def segment(
         raise typer.Exit(1)
 
 
-def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool) -> list:
-    """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
-    a line each."""
-    from paser.cost import FLOP_CONVENTION
+@contextmanager
+def _slices_bar(total: int, name: str):
+    """One progress bar over ``total`` slices (an image is one): slices/s and megavoxels/s;
+    yields ``advance(slices, voxels, what)``."""
     from paser.runtime import progress
-    from paser.volumes import segment_volumes
 
-    total = sum(v.depth for v in volumes)
     with progress() as bar:
-        task = bar.add_task("volumes", total=total, info="")
+        task = bar.add_task(name, total=total, info="")
         start, voxels = time.perf_counter(), [0]
 
-        def advance(n: int, v: int) -> None:
+        def advance(n: int, v: int, what: str = "") -> None:
             voxels[0] += v
             dt = max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=n, info=f"{(bar.tasks[0].completed + n) / dt:.1f} "
-                       f"slices/s  {voxels[0] / 1e6 / dt:.2f} megavoxels/s")
+                       f"slices/s  {voxels[0] / 1e6 / dt:.2f} megavoxels/s  {what}")
 
-        results = segment_volumes(model, volumes, out, only=k, on_slices=advance,
-                                  overwrite=overwrite)
+        yield advance
+
+
+def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int | None,
+                overwrite: bool, chunk: int) -> tuple[list, list]:
+    """The images and volumes on a Dask cluster (:mod:`paser.cluster`), one progress bar
+    over all slices and images; a line per volume, and the workers that took part."""
+    import torch
+
+    from paser.cluster import connect, segment_on_cluster
+
+    total = sum(v.depth for v in volumes) + len(files)
+    with connect(scheduler) as client:
+        info = client.scheduler_info()["workers"].values()
+        typer.echo(f"Dask cluster {scheduler}: {len(info)} workers; {len(volumes)} volumes, "
+                   f"{len(files)} images")
+        used = {spec.threads} if spec.threads else {w["nthreads"] for w in info}
+        if used != {torch.get_num_threads()}:
+            typer.echo(f"model calls run on {'/'.join(map(str, sorted(used)))} threads there, "
+                       f"{torch.get_num_threads()} in a local run here: labels can differ in "
+                       f"a few voxels per slice (oneDNN's kernels); --threads "
+                       f"{torch.get_num_threads()} makes them byte-identical")
+        with _slices_bar(total, "cluster") as advance:
+            res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
+                                     overwrite=overwrite, chunk=chunk, on_progress=advance)
+    _volume_lines(res.volumes, out)
+    typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
+               "(each record names its worker)")
+    return res.images, res.volumes
+
+
+def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool,
+                     chunk: int) -> list:
+    """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
+    a line each."""
+    from paser.volumes import segment_volumes
+
+    with _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
+        results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
+                                  on_slices=advance, overwrite=overwrite)
+    _volume_lines(results, out)
+    return results
+
+
+def _volume_lines(results, out: Path) -> None:
+    from paser.cost import FLOP_CONVENTION
+
     for r in results:
         if r.record is None:
             typer.echo(f"failed: {r.error}", err=True)
@@ -196,7 +270,6 @@ def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool) 
                    + (", segmented before (skipped)" if r.resumed else "")
                    + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
-    return results
 
 
 def model_names(model) -> list[str]:

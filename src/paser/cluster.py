@@ -1,0 +1,394 @@
+"""``paser segment --scheduler``: the same work as a local ``paser segment``, on a Dask
+cluster (the ``dask`` extra: ``pip install 'paser[dask]'``).
+
+- ``local:N`` starts a :class:`distributed.LocalCluster` of N worker processes of one
+  thread each on this machine; any other address (``tcp://host:8786``) is a running
+  scheduler (``dask scheduler``, ``dask-jobqueue``'s ``SLURMCluster``, ``dask-cuda``'s
+  ``LocalCUDACluster``).
+- Volumes go out as chunks of :data:`paser.volumes.CHUNK` slices, the output zarr's own
+  chunks along the slices, so each task writes its chunk and nothing else; folders of
+  images go out as batches of files. Each task writes what a local run writes, the same
+  bytes, and its records name the worker (``worker`` per slice or image, ``workers`` per
+  volume, a ``worker`` column in ``summary.csv``).
+- Each worker process loads the run once (:func:`worker_model`, a per-process cache keyed by
+  :class:`RunSpec`) and runs one model call at a time, on its threads (or
+  ``RunSpec.threads``); its other threads read and write meanwhile.
+- The labels are byte-identical to a local run's whose model calls use as many threads:
+  oneDNN picks other kernels for other thread counts, which can move a few voxels (23 of a
+  1,024 x 1,024 demo slice between 1 and 2 threads). ``paser segment --threads N`` fixes
+  them here and on the workers.
+- A task is done when its records are written (a chunk's marker, an image's JSON, both
+  last), so a worker that dies mid-task leaves nothing half-done that counts: the scheduler
+  runs the task again elsewhere, which first looks whether it was finished. The same
+  command run again does only what is missing, as locally.
+
+The workers read the inputs and write the outputs at the paths the client gives: they need
+one file system (NFS, Lustre, GPFS on a cluster). A worker that cannot read an input fails
+that input with a one-line error naming the worker; the other inputs go on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from paser.errors import ConfigError, DataError, PaserError
+from paser.runtime import keep_freed_memory
+from paser.segment import (
+    SUMMARY,
+    Segmented,
+    SummaryLog,
+    _Inputs,
+    claim_output,
+    finished,
+    output_settings,
+    record_names,
+    segment_image,
+    write_here,
+    write_summary,
+)
+from paser.volumes import (
+    CHUNK,
+    VOLUMES_CSV,
+    Volume,
+    VolumeResult,
+    _write_csv,
+    chunks_to_do,
+    finish_volume,
+    prepare_volume,
+    read_done,
+    segment_chunk,
+)
+
+#: image files per task
+BATCH = 8
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise ConfigError("--scheduler needs Dask distributed: pip install 'paser[dask]'"
+                          ) from None
+    return distributed
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a worker loads: a run (``paser.PaSeR.load`` or ``load_onnx``), on ``device``
+    (``auto``: this worker's GPU when it has one), calibrated as the client asked."""
+
+    run_dir: str
+    device: str = "auto"
+    engine: str = "torch"
+    onnx: str | None = None
+    budget_gflops: float | None = None
+    threads: int | None = None  # of each model call; None: the worker's threads
+
+    def load(self):
+        from paser import PaSeR
+
+        calibrated = self.budget_gflops is None
+        if self.engine == "onnxruntime":
+            model = PaSeR.load_onnx(self.run_dir, self.onnx, calibrated=calibrated)
+        else:
+            model = PaSeR.load(self.run_dir, device=self.worker_device(), calibrated=calibrated)
+        if self.budget_gflops is not None:
+            model.calibrate(budget_gflops=self.budget_gflops, save=False)
+        return model
+
+
+    def worker_device(self, index: int | None = None, gpus: int | None = None) -> str:
+        """``auto`` on a worker that sees several GPUs (``local:N`` on a machine of N GPUs)
+        is GPU ``index mod gpus``, ``index`` the worker's number (``local:N`` names them 0 ..
+        N-1): one worker per GPU. A worker that sees one (``dask-cuda`` gives each its own)
+        takes it; anything else is as asked."""
+        if self.device != "auto":
+            return self.device
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if gpus <= 1:
+            return "auto"
+        if index is None:
+            from distributed import get_worker
+
+            name = get_worker().name
+            index = name if isinstance(name, int) else sum(map(ord, str(name)))
+        return f"cuda:{index % gpus}"
+
+
+_MODELS: dict[RunSpec, tuple] = {}
+_LOADING = threading.Lock()
+
+
+def worker_model(spec: RunSpec):
+    """The run ``spec`` names, loaded once per process (the first task on a worker loads
+    it, the others reuse it), and the lock its calls take: one model call at a time per
+    worker (f0's Monte Carlo masks are drawn from a seeded global generator), on all of the
+    worker's threads."""
+    with _LOADING:
+        if spec not in _MODELS:
+            keep_freed_memory(ignore=_dask_malloc())
+            _MODELS[spec] = (spec.load(), threading.Lock())
+        return _MODELS[spec]
+
+
+def _dask_malloc() -> tuple[str, ...]:
+    """``MALLOC_TRIM_THRESHOLD_`` when it is what Dask's nanny sets for every worker
+    (``distributed.nanny.pre-spawn-environ``), not the user's choice: paser keeps freed
+    memory on its workers as it does everywhere (glibc trimming at each free made a worker
+    2 x slower on the demo's 1,024 x 1,024 slices) and gives it back between slices
+    (:func:`paser.runtime.release_freed_memory`). ``PASER_SYSTEM_MALLOC=1`` opts out."""
+    import dask
+
+    value = dask.config.get("distributed.nanny.pre-spawn-environ", {}).get(
+        "MALLOC_TRIM_THRESHOLD_")
+    if value is not None and os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(value):
+        return ("MALLOC_TRIM_THRESHOLD_",)
+    return ()
+
+
+def _worker_threads() -> int:
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
+def worker_name() -> str:
+    """This Dask worker's name (``local:N`` workers are 0 .. N-1) and address."""
+    from distributed import get_worker
+
+    w = get_worker()
+    return f"{w.name} ({w.address})"
+
+
+class _Locked:
+    """A model whose ``segment`` takes the worker's lock and runs on ``threads`` (torch's
+    intra-op threads are set per calling thread, and Dask calls from several); all else as
+    the model."""
+
+    def __init__(self, model, lock: threading.Lock, threads: int | None):
+        self._model, self._lock = model, lock
+        self._threads = threads or max(1, _worker_threads())
+
+    def segment(self, *args, **kwargs):
+        import torch
+
+        with self._lock:
+            torch.set_num_threads(self._threads)
+            return self._model.segment(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
+                  only: int | None) -> list[dict]:
+    """A task: slices ``z0 .. z1 - 1`` of ``volume`` segmented on this worker."""
+    model, lock = worker_model(spec)
+    name = worker_name()
+    labels = None
+    try:
+        if volume.label_format == "zarr":
+            import zarr
+
+            labels = zarr.open_array(str(Path(out_dir) / f"{volume.stem}_labels.zarr"),
+                                     mode="r+")
+        return segment_chunk(_Locked(model, lock, spec.threads), volume, z0, z1,
+                             Path(out_dir), labels, only, worker=name)
+    except OSError as err:
+        raise DataError(f"{volume.source}: worker {name} cannot read or write slices "
+                        f"{z0}..{z1 - 1} ({err}); the workers need the inputs and --out at "
+                        "the same paths as the client") from None
+
+
+def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None
+                 ) -> list[Segmented]:
+    """A task: image files segmented on this worker, their outputs written as locally."""
+    model, lock = worker_model(spec)
+    name = worker_name()
+    data = _Inputs([Path(f) for f in files], model.config.models.in_channels,
+                   model.intensity)
+    out = []
+    for i, f in enumerate(files):
+        item = data[i]
+        if isinstance(item, DataError) and not Path(f).exists():
+            item = DataError(f"{f}: worker {name} cannot see this file; the workers need "
+                             "the inputs at the same paths as the client")
+        res, args = segment_image(_Locked(model, lock, spec.threads), Path(f), item,
+                                  Path(out_dir), only, worker=name)
+        if args is not None:
+            write_here(res, args)
+        res.ok = not res.error
+        out.append(res)
+    return out
+
+
+@contextmanager
+def connect(scheduler: str, timeout: float = 30.0) -> Iterator:
+    """A :class:`distributed.Client` on ``scheduler``: ``local:N`` starts (and at the end
+    stops) a local cluster of N processes of one thread; else the address of a running
+    scheduler, which must answer within ``timeout`` seconds."""
+    distributed = _distributed()
+    if scheduler.startswith("local:"):
+        n = scheduler.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--scheduler {scheduler}: give local:N with N >= 1 workers")
+        with distributed.LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = distributed.Client(scheduler, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ConfigError(f"--scheduler {scheduler}: no Dask scheduler answered ({err}); "
+                          "start one (`dask scheduler`), or use local:N") from None
+    with client:
+        yield client
+
+
+@dataclass
+class ClusterResults:
+    """What a cluster call gives back: the images' and the volumes' outcomes, and the
+    workers that took part."""
+
+    images: list[Segmented]
+    volumes: list[VolumeResult]
+    workers: list[str]
+
+
+def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
+                       volumes: Sequence[Volume], out_dir: str | Path,
+                       only: int | None = None, overwrite: bool = False, chunk: int = CHUNK,
+                       batch: int = BATCH,
+                       on_progress: Callable[[int, int, str], None] | None = None
+                       ) -> ClusterResults:
+    """Segment ``files`` and ``volumes`` into ``out_dir`` on the cluster of ``client``, as
+    :func:`paser.segment.segment_files` and :func:`paser.volumes.segment_volumes` do here:
+    the same outputs, records and resume (module doc). ``model`` is the run loaded here
+    (for the folder's settings and the volumes' records; it segments nothing).
+    ``on_progress(slices, voxels, what)`` as each task finishes (an image is one slice)."""
+    distributed = _distributed()
+    out_dir = Path(out_dir)
+    names = record_names(model)
+    claim_output(out_dir, output_settings(model, only), overwrite, [
+        *(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY,
+        *(m for v in volumes for m in (out_dir / f"{v.stem}.json", out_dir / f".{v.stem}.parts")),
+        out_dir / VOLUMES_CSV])
+    start = time.perf_counter()
+    futures: dict = {}
+    # images: those finished before are reported, the rest go out in batches
+    images: list[Segmented | None] = [finished(out_dir, f) for f in files]
+    slot = {str(f): i for i, f in enumerate(files)}
+    for r in images:
+        if r is not None and on_progress is not None:
+            on_progress(1, r.height * r.width, r.stem)
+    todo = [str(f) for f, r in zip(files, images, strict=True) if r is None]
+    summary = SummaryLog(out_dir / SUMMARY, names) if files else None
+    for i in range(0, len(todo), batch):
+        part = todo[i:i + batch]
+        fut = client.submit(_image_batch, spec, part, str(out_dir), only, pure=False)
+        futures[fut] = ("images", part)
+    # volumes: the finished ones are read, the chunks still to do go out
+    vols: list[VolumeResult] = []
+    sizes: list[int] = []  # slices per chunk of each volume
+    waiting: dict[str, set] = {}
+    for vol in volumes:
+        res = VolumeResult(vol.source, vol.stem)
+        vols.append(res)
+        sizes.append(chunk)
+        res.record = read_done(vol, out_dir)
+        if res.record is not None:
+            res.resumed = True
+            if on_progress is not None:
+                on_progress(vol.depth, vol.depth * vol.plane[0] * vol.plane[1], vol.stem)
+            continue
+        try:
+            size = prepare_volume(vol, out_dir, chunk)[1]
+        except (PaserError, OSError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+            continue
+        sizes[-1] = size
+        todo_chunks = chunks_to_do(vol, out_dir, size)
+        done_slices = vol.depth - sum(z1 - z0 for z0, z1 in todo_chunks)
+        if done_slices and on_progress is not None:
+            on_progress(done_slices, done_slices * vol.plane[0] * vol.plane[1], vol.stem)
+        waiting[vol.stem] = set()
+        for z0, z1 in todo_chunks:
+            fut = client.submit(_volume_chunk, spec, vol, z0, z1, str(out_dir), only,
+                                pure=False)
+            futures[fut] = ("chunk", (len(vols) - 1, z0, z1))
+            waiting[vol.stem].add(fut)
+    workers: set[str] = set()
+
+    def volume_done(index: int) -> None:
+        vol, res = volumes[index], vols[index]
+        if res.error:
+            return
+        try:
+            res.record = finish_volume(model, vol, out_dir, sizes[index], only,
+                                       time.perf_counter() - start)
+            workers.update(res.record.get("workers", []))
+        except (PaserError, OSError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+
+    try:
+        for fut in distributed.as_completed(list(futures)):
+            kind, what = futures.pop(fut)
+            error = _error(fut)
+            if kind == "images":
+                done = fut.result() if error is None else [
+                    Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}") for f in what]
+                for res in done:
+                    images[slot[res.input]] = res
+                    workers.add(res.worker) if res.worker else None
+                    summary.append(res)
+                    if on_progress is not None:
+                        on_progress(1, res.height * res.width, res.stem)
+                continue
+            index, z0, z1 = what
+            vol, res = volumes[index], vols[index]
+            if error is not None and not res.error:
+                res.error = error if error.startswith(vol.source) else f"{vol.source}: {error}"
+            waiting[vol.stem].discard(fut)
+            if on_progress is not None:
+                on_progress(z1 - z0, (z1 - z0) * vol.plane[0] * vol.plane[1], vol.stem)
+            if not waiting[vol.stem]:
+                volume_done(index)
+    finally:
+        for fut in futures:
+            fut.cancel()
+    if files:
+        write_summary(out_dir / SUMMARY, images, names)
+    if volumes:
+        _write_csv(out_dir / VOLUMES_CSV, vols)
+    return ClusterResults(images, vols, sorted(workers))
+
+
+def _error(fut) -> str | None:
+    """A finished future's failure as one line (``None``: it succeeded). A task whose
+    workers died too often (``KilledWorker``) says so."""
+    if fut.status == "finished":
+        return None
+    try:
+        fut.result()
+    except PaserError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - anything a task raised, reported as its input's
+        kind = type(err).__name__
+        if kind == "KilledWorker":
+            return ("its worker died each time it ran (KilledWorker); see the workers' logs, "
+                    "for example for memory")
+        return f"{kind}: {err}".splitlines()[0]
+    return f"task {fut.status}"

@@ -1,0 +1,199 @@
+"""``paser segment --scheduler``: volumes and folders on a Dask cluster started outside
+paser (a scheduler and two worker processes on loopback), the same bytes as a local run,
+records that name the workers, a worker killed mid-run, resume, and an input only the
+client sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from paser.cluster import RunSpec, connect, segment_on_cluster
+from paser.errors import ConfigError
+from paser.segment import find_images, segment_files
+from paser.volumes import segment_volumes, split_inputs
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # processes of their own
+
+DEPTH, SIDE = 48, 28
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """``dask scheduler`` and two ``dask worker`` processes of one thread (with nannies, which
+    replace a worker that dies), all on loopback; the scheduler's address."""
+    tmp = tmp_path_factory.mktemp("dask")
+    file = tmp / "scheduler.json"
+    bin_dir = Path(sys.executable).parent
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for name in ("w0", "w1"):
+            procs.append(subprocess.Popen(
+                [bin_dir / "dask", "worker", "--scheduler-file", str(file), "--nthreads", "1",
+                 "--nworkers", "1", "--name", name, "--host", "127.0.0.1", "--no-dashboard",
+                 "--local-directory", str(tmp / name)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = json.loads(file.read_text())["address"]
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=90)
+        yield address
+    finally:
+        for p in procs[::-1]:
+            p.send_signal(signal.SIGINT)
+        for p in procs[::-1]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def model(mnist_run):
+    from paser import PaSeR
+
+    return PaSeR.load(mnist_run, device="cpu")
+
+
+def _volume(tmp: Path) -> Path:
+    vol = RNG.integers(0, 256, (DEPTH, SIDE, SIDE), dtype=np.uint8)
+    path = tmp / "scan.zarr"
+    zarr.open_array(str(path), mode="w", shape=vol.shape, chunks=(8, SIDE, SIDE),
+                    dtype="uint8")[:] = vol
+    return path
+
+
+def _records(out: Path, stem: str) -> dict:
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def test_a_zarr_volume_and_images_on_two_workers_equal_the_local_run(scheduler, model,
+                                                                     mnist_run, tmp_path):
+    path = _volume(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE + i), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"im{i}.png")
+    tifffile.imwrite(tmp_path / "stack.tif", RNG.integers(0, 256, (12, SIDE, SIDE),
+                                                          dtype=np.uint8))
+    files, volumes = split_inputs([str(path), str(tmp_path / "stack.tif")])
+    images = find_images([tmp_path / "imgs"])
+    segment_volumes(model, volumes, tmp_path / "local", chunk=8)
+    segment_files(model, images, tmp_path / "local")
+    seen = []
+    with connect(scheduler) as client:
+        res = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, images,
+                                 volumes, tmp_path / "dask", chunk=8, batch=2,
+                                 on_progress=lambda n, v, what: seen.append(n))
+    assert [r.error for r in res.volumes] == ["", ""] and all(r.ok for r in res.images)
+    local = zarr.open(str(tmp_path / "local" / "scan_labels.zarr"), mode="r")
+    dask = zarr.open(str(tmp_path / "dask" / "scan_labels.zarr"), mode="r")
+    assert dask.chunks == local.chunks == (8, SIDE, SIDE)
+    assert np.array_equal(dask[:], local[:])
+    for name in ["stack_labels.tif", *(f"im{i}_{k}.png" for i in range(6)
+                                       for k in ("labels", "overlay", "routing"))]:
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name
+                                                           ).read_bytes(), name
+    rec = _records(tmp_path / "dask", "scan")
+    assert [w.split()[0] for w in rec["workers"]] == ["w0", "w1"]  # both took chunks
+    assert {s["worker"] for s in rec["slices"]} == set(rec["workers"])
+    assert rec["class_fractions"] == _records(tmp_path / "local", "scan")["class_fractions"]
+    assert sum(seen) == DEPTH + 12 + 6  # one bar: every slice and image once
+    rows = (tmp_path / "dask" / "summary.csv").read_text().splitlines()
+    assert rows[0].endswith(",worker") and len(rows) == 7
+    assert {r.worker.split()[0] for r in res.images} <= {"w0", "w1"}
+    assert [w.split()[0] for w in res.workers] == ["w0", "w1"]
+    # the same call again does nothing: everything is there
+    with connect(scheduler) as client:
+        again = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, images,
+                                   volumes, tmp_path / "dask", chunk=8)
+    assert all(r.resumed for r in again.volumes) and all(r.resumed for r in again.images)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(scheduler, model, mnist_run, tmp_path):
+    path = _volume(tmp_path)
+    volumes = split_inputs([str(path)])[1]
+    segment_volumes(model, volumes, tmp_path / "local", chunk=4)
+    killed: list[int] = []
+    with connect(scheduler) as client:
+        pids = client.run(os.getpid)  # the worker processes, not their nannies
+
+        def kill_once(n, voxels, what):
+            if not killed:  # the first chunk is in: one worker dies with work in hand
+                pid = pids[sorted(pids)[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        res = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, [], volumes,
+                                 tmp_path / "dask", chunk=4, on_progress=kill_once)
+        client.wait_for_workers(2, timeout=90)  # the nanny brings it back for the next test
+    assert killed and res.volumes[0].error == ""
+    assert np.array_equal(zarr.open(str(tmp_path / "dask" / "scan_labels.zarr"), mode="r")[:],
+                          zarr.open(str(tmp_path / "local" / "scan_labels.zarr"), mode="r")[:])
+    assert len(_records(tmp_path / "dask", "scan")["slices"]) == DEPTH  # each slice once
+
+
+def test_an_input_the_workers_cannot_read_fails_alone_with_one_line(scheduler, model,
+                                                                    mnist_run, tmp_path):
+    path = _volume(tmp_path)
+    volumes = split_inputs([str(path)])[1]
+    volumes[0].path = str(tmp_path / "only-on-the-client.zarr")  # as a worker would see it
+    Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(tmp_path / "a.png")
+    gone = tmp_path / "b.png"
+    Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(gone)
+    images = find_images([tmp_path / "a.png", gone])
+    gone.unlink()
+    start = time.monotonic()
+    with connect(scheduler) as client:
+        res = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, images,
+                                 volumes, tmp_path / "out", chunk=16)
+    assert time.monotonic() - start < 60  # failed, not hung
+    err = res.volumes[0].error
+    assert err.startswith(str(path)) and "worker" in err and "\n" not in err, err
+    assert [r.ok for r in res.images] == [True, False]
+    assert "cannot see this file" in res.images[1].error
+    assert "failed" in (tmp_path / "out" / "volumes.csv").read_text()
+
+
+def test_local_n_and_a_scheduler_that_does_not_answer():
+    with pytest.raises(ConfigError, match="local:N with N >= 1"), connect("local:0"):
+        pass
+    with pytest.raises(ConfigError, match="no Dask scheduler answered"), \
+            connect("tcp://127.0.0.1:9", timeout=2):
+        pass
+
+
+def test_one_worker_per_gpu():
+    spec = RunSpec("run")
+    assert [spec.worker_device(i, 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2",
+                                                            "cuda:3", "cuda:0"]
+    assert spec.worker_device(3, 1) == "auto"  # dask-cuda: each worker sees its own GPU
+    assert RunSpec("run", "cpu").worker_device(3, 4) == "cpu"
+
+
+def test_paser_keeps_freed_memory_on_dask_workers_unless_the_user_said_otherwise(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ for every worker; that is not the user's
+    opt-out (PASER_SYSTEM_MALLOC, or another value) and does not turn paser's off."""
+    from paser.cluster import _dask_malloc
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert _dask_malloc() == ("MALLOC_TRIM_THRESHOLD_",)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert _dask_malloc() == ()
