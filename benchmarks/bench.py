@@ -25,6 +25,11 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    writing, peak memory, mIoU against the generator's labels, and PaSeR's seconds per
    megavoxel against the single models' frontier at equal IoU (targets: peak under 2 GiB
    and the same at 64 and 256 slices; PaSeR at most the frontier's time).
+1f. the Dask engine (runs/demo, `paser segment --scheduler`): the same 16-bit volume (32
+   slices by default) segmented here in one process, on a LocalCluster of one worker of 2
+   threads and on one of 2 workers of 1 thread, on the same cores: megavoxels per second
+   (cluster start and the workers' model loads apart), and whether the label volumes are
+   byte-identical.
 2. one stage-2 epoch: ours (REINFORCE on the states and per-patch IoUs cached once per
    stage by `PatchOutcomes`; the task models are frozen) against the loop of the paper's
    published code (f0's T passes, the policy and every pool model on each batch, then
@@ -82,9 +87,10 @@ MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
 EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
 RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
 #: the parts, in the order they run (``--only``); those in CPU_ONLY are skipped on CUDA
-PARTS = ("inference", "layout", "train", "demo", "segment", "volume", "stage2", "memory",
-         "train-memory")
-CPU_ONLY = {"layout", "train", "demo", "segment", "volume", "memory", "train-memory"}
+PARTS = ("inference", "layout", "train", "demo", "segment", "volume", "cluster", "stage2",
+         "memory", "train-memory")
+CPU_ONLY = {"layout", "train", "demo", "segment", "volume", "cluster", "memory",
+            "train-memory"}
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 
@@ -635,6 +641,67 @@ def bench_volume(run_dir: Path, depths: list[int]) -> dict:
     return result
 
 
+def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> dict:
+    """Part 1f (module doc)."""
+    import tifffile
+
+    from paser import PaSeR
+    from paser.cluster import RunSpec, segment_on_cluster
+    from paser.volumes import split_inputs
+
+    try:
+        import distributed
+    except ImportError:
+        return {"skipped": "Dask distributed is not installed: pip install 'paser[dask]'"}
+    if not (run_dir / "results.json").is_file():
+        return {"run_dir": str(run_dir), "skipped": "no finished run there: `make demo` first"}
+    path, _ = ensure_volume(depth)
+    mvox = depth * VOLUME_SIDE ** 2 / 1e6
+    model = PaSeR.load(run_dir, device="cpu")
+    rows: dict = {}
+    with tempfile.TemporaryDirectory() as out:
+        res = subprocess.run([sys.executable, __file__, "--volume-child", str(run_dir),
+                              str(path), out, "routed"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"volume: {res.stderr[-2000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        here = tifffile.imread(Path(out) / r["output"])
+        rows["here: 1 process"] = {"seconds": r["seconds"], "megavoxels_per_s": mvox / r["seconds"],
+                                   "threads": torch.get_num_threads(), "voxels_differing": 0}
+    for workers, threads in (map(int, layout.split("x")) for layout in layouts):
+        start = time.perf_counter()
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
+                                      processes=True, dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client, tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter() - start
+            spec = RunSpec(str(run_dir.resolve()), "cpu")
+            client.run(_load_on_worker, spec)  # model loads apart, as for the process above
+            tick = time.perf_counter()
+            done = segment_on_cluster(client, spec, model, [], split_inputs([path])[1], out,
+                                      chunk=chunk)
+            seconds = time.perf_counter() - tick
+            if done.volumes[0].record is None:
+                raise RuntimeError(done.volumes[0].error)
+            differ = int((tifffile.imread(Path(out) / done.volumes[0].record["output"])
+                          != here).sum())
+        rows[f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"] = {
+            "seconds": seconds, "megavoxels_per_s": mvox / seconds, "cluster_start_s": started,
+            "workers": done.workers, "threads": threads, "voxels_differing": differ}
+    return {"run_dir": str(run_dir), "slices": depth, "slice": [VOLUME_SIDE, VOLUME_SIDE],
+            "chunk": chunk, "megavoxels": mvox, "cores": os.cpu_count(), "rows": rows,
+            "note": "the process row is `paser segment` here (its torch threads); cluster "
+                    "rows from the first task to the last label written, after the cluster "
+                    "started and each worker loaded the run, each model call on the worker's "
+                    "threads; voxels_differing: against the process row (other thread "
+                    "counts pick other oneDNN kernels; equal ones give identical labels)"}
+
+
+def _load_on_worker(spec) -> None:
+    from paser.cluster import worker_model
+
+    worker_model(spec)
+
+
 def ensure_test_data(images: int) -> Path:
     """1,000 synthetic test images of 224 x 256 on disk (made once, kept in .data)."""
     from paser.data.synthetic import generate_dataset
@@ -747,6 +814,12 @@ def main() -> None:
                     help="the finished `make demo` run whose test split part 2 times")
     ap.add_argument("--volume-slices", type=int, nargs="+", default=[64, 256],
                     help="depths of the volume part's synthetic 1,024 x 1,024 volumes")
+    ap.add_argument("--cluster-slices", type=int, default=32,
+                    help="depth of the Dask part's synthetic 1,024 x 1,024 volume")
+    ap.add_argument("--cluster-chunk", type=int, default=16,
+                    help="slices per task of the Dask part (paser segment --chunk)")
+    ap.add_argument("--cluster-layouts", nargs="+", default=["1x2", "2x1"],
+                    help="the Dask part's LocalClusters, WORKERSxTHREADS")
     ap.add_argument("--volume-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -778,6 +851,9 @@ def main() -> None:
             "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
                         _print_segment),
             "volume": (lambda: bench_volume(args.demo_run, args.volume_slices), _print_volume),
+            "cluster": (lambda: bench_cluster(args.demo_run, args.cluster_slices,
+                                              args.cluster_layouts, args.cluster_chunk),
+                        _print_cluster),
             "stage2": (lambda: bench_stage2(device, 32, args.rounds, 16, 3), _print_stage2),
             "memory": (lambda: bench_memory(args.images, args.batch, args.workers),
                        _print_memory),
@@ -896,6 +972,20 @@ def _print_volume(r: dict) -> None:
     print(f"        peak memory {' / '.join(f'{p:.0f}' for p in r['peak_rss_mib_paser'])} MiB "
           f"at {' / '.join(map(str, r['depths']))} slices: "
           f"{'met' if r['met_memory'] else 'missed'}")
+
+
+def _print_cluster(r: dict) -> None:
+    if "skipped" in r:
+        print(f"\n1f. Dask: skipped ({r['skipped']})")
+        return
+    print(f"\n1f. `paser segment` on a 16-bit volume of {r['slices']} x {r['slice'][0]} x "
+          f"{r['slice'][1]} ({r['megavoxels']:.0f} megavoxels) on {r['cores']} cores")
+    print(f"{'':<24}{'Mvox/s':>8}{'s':>8}{'start s':>9}  voxels differing from 1 process")
+    for name, v in r["rows"].items():
+        start = v.get("cluster_start_s")
+        print(f"{name:<24}{v['megavoxels_per_s']:8.2f}{v['seconds']:8.1f}"
+              f"{'' if start is None else f'{start:.1f}':>9}  {v['voxels_differing']:,} of "
+              f"{r['megavoxels'] * 1e6:,.0f}")
 
 
 def _print_stage2(r: dict) -> None:
