@@ -693,7 +693,7 @@ def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> 
                     "rows from the first task to the last label written, after the cluster "
                     "started and each worker loaded the run, each model call on the worker's "
                     "threads; voxels_differing: against the process row (other thread "
-                    "counts pick other oneDNN kernels; equal ones give identical labels)"}
+                    "counts add in another order; equal ones give identical labels)"}
 
 
 def _load_on_worker(spec) -> None:

@@ -14,9 +14,10 @@ cluster (the ``dask`` extra: ``pip install 'paser[dask]'``).
   :class:`RunSpec`) and runs one model call at a time, on its threads (or
   ``RunSpec.threads``); its other threads read and write meanwhile.
 - The labels are byte-identical to a local run's whose model calls use as many threads:
-  oneDNN picks other kernels for other thread counts, which can move a few voxels (23 of a
-  1,024 x 1,024 demo slice between 1 and 2 threads). ``paser segment --threads N`` fixes
-  them here and on the workers.
+  on other thread counts PyTorch's CPU kernels add in another order (its group norm splits
+  a channel's sum over threads; a 1 x 1 convolution of a small batch takes another kernel
+  on one thread), which can move a few voxels (23 of a 1,024 x 1,024 demo slice between 1
+  and 2 threads). ``paser segment --threads N`` fixes them here and on the workers.
 - A task is done when its records are written (a chunk's marker, an image's JSON, both
   last), so a worker that dies mid-task leaves nothing half-done that counts: the scheduler
   runs the task again elsewhere, which first looks whether it was finished. The same
@@ -165,11 +166,12 @@ def _worker_threads() -> int:
 
 
 def worker_name() -> str:
-    """This Dask worker's name (``local:N`` workers are 0 .. N-1) and address."""
+    """This Dask worker's name (``local:N`` workers are 0 .. N-1) and address, or its
+    address alone when it has no other name."""
     from distributed import get_worker
 
     w = get_worker()
-    return f"{w.name} ({w.address})"
+    return w.address if str(w.name) == w.address else f"{w.name} ({w.address})"
 
 
 class _Locked:

@@ -231,9 +231,9 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
                    f"{len(files)} images")
         used = {spec.threads} if spec.threads else {w["nthreads"] for w in info}
         if used != {torch.get_num_threads()}:
-            typer.echo(f"model calls run on {'/'.join(map(str, sorted(used)))} threads there, "
+            typer.echo(f"model calls run on {'/'.join(map(str, sorted(used)))} thread(s) there, "
                        f"{torch.get_num_threads()} in a local run here: labels can differ in "
-                       f"a few voxels per slice (oneDNN's kernels); --threads "
+                       f"a few voxels per slice (PyTorch adds in another order); --threads "
                        f"{torch.get_num_threads()} makes them byte-identical")
         with _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
