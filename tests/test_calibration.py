@@ -105,6 +105,9 @@ def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_p
     assert model.calibration is None
     cal = model.calibrate(max_frac_large=0.0)
     assert (run / "calibration.json").is_file()
+    saved = json.loads((run / "calibration.json").read_text())  # per megapixel beside
+    assert saved["gflops_per_megapixel"] == pytest.approx(
+        cal.gflops / (cal.height * cal.width / 1e6))
     again = PaSeR.load(run)
     assert again.calibration == cal
     validation = load_stage_data(again.config, progress=False).validation

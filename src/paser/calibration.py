@@ -54,7 +54,8 @@ class Calibration:
     ``gflops`` (mean per image,
     :data:`paser.cost.FLOP_CONVENTION`), ``fractions`` (share of patches per model),
     ``miou`` are measured on ``images`` validation images of ``height x width`` with the
-    bias; ``uncalibrated`` holds the same three without it.
+    bias; ``uncalibrated`` holds the same three without it. ``calibration.json`` gives
+    GFLOP per megapixel beside (:meth:`per_megapixel`).
     """
 
     bias: list[float]
@@ -73,6 +74,17 @@ class Calibration:
     def tensor(self) -> torch.Tensor:
         return torch.tensor(self.bias, dtype=torch.float32)
 
+    @property
+    def megapixels(self) -> float:
+        """Megapixels of one validation image (``height x width``)."""
+        return self.height * self.width / 1e6
+
+    def per_megapixel(self, gflops: float) -> float | None:
+        """``gflops`` per image as GFLOP per megapixel of these images: comparable across
+        image sizes (a 1,024 x 1,024 slice costs 64 of the demo's 128 x 128 images);
+        ``None`` when their size is not known."""
+        return gflops / self.megapixels if self.megapixels > 0 else None
+
     def describe_target(self) -> dict[str, str]:
         """The target's entries as text for a line of output (numbers as ``%g``)."""
         return {k: f"{v:g}" if isinstance(v, (int, float)) else str(v)
@@ -80,7 +92,8 @@ class Calibration:
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / FILE
-        atomic_write_text(json.dumps(asdict(self), indent=2), path)
+        record = {**asdict(self), "gflops_per_megapixel": self.per_megapixel(self.gflops)}
+        atomic_write_text(json.dumps(record, indent=2), path)
         return path
 
     @classmethod
@@ -92,7 +105,9 @@ class Calibration:
         if not path.is_file():
             return None
         try:
-            cal = cls(**json.loads(path.read_text()))
+            record = json.loads(path.read_text())
+            record.pop("gflops_per_megapixel", None)  # written beside, not a field
+            cal = cls(**record)
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"{path}: not a calibration written by `paser calibrate` "
                                   f"({err}); delete it or run `paser calibrate` again") from None

@@ -116,7 +116,8 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
     model = PaSeR.load(run_dir, calibrated=False)
     cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
     echo(f"[calibrate] {', '.join(f'{k} {v}' for k, v in cal.describe_target().items())}: validation "
-         f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image (uncalibrated "
+         f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image, "
+         f"{cal.per_megapixel(cal.gflops) or 0:.2f} per megapixel (uncalibrated "
          f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
 
 

@@ -399,9 +399,11 @@ def calibrate(
                f"image ({FLOP_CONVENTION})")
     target = ", ".join(f"{k} = {v}" for k, v in cal.describe_target().items())
     typer.echo(f"target {target}; bias on the logits {[round(b, 4) for b in cal.bias]}")
-    typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8}  patches per model")
+    typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8} {'GFLOP/MP':>9}  patches per model")
     for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):
-        typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f}  "
+        per_mp = cal.per_megapixel(r["gflops"])
+        typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f} "
+                   f"{'-' if per_mp is None else f'{per_mp:.2f}':>9}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
     typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
                "use it")

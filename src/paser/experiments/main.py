@@ -246,7 +246,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
-        "image_size": [h, w], "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,
+        "image_size": [h, w], "megapixels_per_image": h * w / 1e6,
+        "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,
         "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,
         "objective": cfg.stage2.objective,
         "timing_batch": tb, "models": ["f0", *(f"f{k}" for k in range(1, nmod))],

@@ -114,10 +114,15 @@ def markdown(results: dict) -> str:
     if "pool" in results:
         _pool_md(w, results["pool"], methods)
     w("## Table 1: every method on the test split\n\n")
-    w("| method | IoU | GFLOP | IoU/GFLOP | ms/image | gap recovered | GFLOP / "
-      f"{results['top_model']} |\n|---|---|---|---|---|---|---|\n")
+    mp = results["image_size"][0] * results["image_size"][1] / 1e6
+    w(f"GFLOP per image of {results['image_size'][0]} x {results['image_size'][1]}, and per "
+      "megapixel (GFLOP/MP: comparable across image sizes).\n\n")
+    w("| method | IoU | GFLOP | GFLOP/MP | IoU/GFLOP | ms/image | gap recovered | GFLOP / "
+      f"{results['top_model']} |\n|---|---|---|---|---|---|---|---|\n")
     for name, m in methods.items():
-        w(f"| {name} | {_fmt(m['iou'])} | {_fmt(m['gflops'], 3)} | {_fmt(m['iou_per_gflop'])} | "
+        w(f"| {name} | {_fmt(m['iou'])} | {_fmt(m['gflops'], 3)} | "
+          f"{_fmt(None if m['gflops'] is None else m['gflops'] / mp, 2)} | "
+          f"{_fmt(m['iou_per_gflop'])} | "
           f"{_fmt(m['ms_per_image'], 2)} | {_fmt(m.get('gap_recovered'), 3)} | "
           f"{_fmt(m.get('gflops_frac_of_top'), 3)} |\n")
     t2 = results["table2"]
