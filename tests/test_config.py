@@ -49,6 +49,22 @@ def test_bad_values_name_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+def test_a_patch_in_pixels_sets_the_tile_the_run_routes_at(tmp_path):
+    cfg = load_config(preset="battery-quick", overrides=["patch=[64, 48]", "grid=[4, 2]"])
+    assert cfg.data.tile == (256, 96) and cfg.patch == (64, 48)
+    save_config(cfg, tmp_path / "c.yaml")  # the saved run config has both, and agrees
+    assert load_config(config_file=tmp_path / "c.yaml") == cfg
+    same = load_config(preset="battery-quick", overrides=["patch=[64, 64]",
+                                                          "data.tile=[128, 128]"])
+    assert same.data.tile == (128, 128)
+    with pytest.raises(ConfigError, match=r"^preset battery-quick with overrides: patch "
+                       r"\[64, 64\] with grid \[2, 2\] is a tile of \[128, 128\], but "
+                       r"data.tile is \[256, 256\]: give one of them$"):
+        load_config(preset="battery-quick", overrides=["patch=[64, 64]", "data.tile=[256, 256]"])
+    with pytest.raises(ConfigError, match=r"patch must be \[H, W\] in pixels, both >= 1"):
+        load_config(preset="battery-quick", overrides=["patch=[0, 64]"])
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*battery-quick"):
         load_config(preset="nope")

@@ -377,6 +377,10 @@ class ExperimentConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = default")
     grid: tuple[int, int] = Field((4, 4), description="patch grid rows, cols (paper: 4 x 4)")
+    patch: tuple[int, int] | None = Field(
+        None, description="[H, W]: the routing patch in pixels; sets data.tile to grid x "
+        "patch, so images of any size are routed in patches of this size (a 1024 x 1024 image "
+        "in 16 x 16 patches of [64, 64]). null: data.tile (or the images) and the grid decide")
     halo: int = Field(
         0, ge=0, description="pixels of neighbouring context each pool model sees around its "
         "patch (its prediction is kept for the patch only; FLOPs include the halo); paper: 0")
@@ -411,6 +415,29 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"mc_dropout none runs one deterministic pass of f0, but "
                              f"mc_samples is {self.mc_samples}: set mc_samples=1")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _patch_sets_tile(cls, raw: Any) -> Any:
+        """``patch`` [H, W] in pixels: ``data.tile`` becomes grid x patch (resolved here, so
+        the run's saved config has both)."""
+        if not isinstance(raw, dict) or raw.get("patch") is None:
+            return raw
+        patch, grid = raw["patch"], raw.get("grid", (4, 4))
+        try:
+            ph, pw = (int(v) for v in patch)
+            rows, cols = (int(v) for v in grid)
+        except (TypeError, ValueError):
+            return raw  # the fields' own validation says what is wrong
+        if min(ph, pw) < 1:
+            raise ValueError(f"patch must be [H, W] in pixels, both >= 1, got {list(patch)}")
+        tile = [rows * ph, cols * pw]
+        data = dict(raw.get("data") or {})
+        given = data.get("tile")
+        if isinstance(given, (list, tuple)) and list(given) != tile:
+            raise ValueError(f"patch {list(patch)} with grid {[rows, cols]} is a tile of {tile}, "
+                             f"but data.tile is {list(given)}: give one of them")
+        return {**raw, "data": {**data, "tile": tile}}
 
     @field_validator("grid")
     @classmethod
@@ -491,6 +518,8 @@ def validate(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"{where}: unknown key '{key}'; check its spelling") from None
+        if not first["loc"]:  # a check across keys: its message names them
+            raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})") from None
 
 
