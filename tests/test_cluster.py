@@ -31,6 +31,17 @@ DEPTH, SIDE = 48, 28
 RNG = np.random.default_rng(7)
 
 
+@pytest.fixture(autouse=True)
+def _bounded():
+    """A test that hangs on the cluster ends the process (traceback printed) after 4
+    minutes instead of holding CI: each takes seconds."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
     """``dask scheduler`` and two ``dask worker`` processes of one thread (with nannies, which
