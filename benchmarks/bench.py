@@ -1009,7 +1009,6 @@ def _print_memory(r: dict) -> None:
           f"{'met' if r['met'] else 'NOT met'}")
 
 
-
 def _print_train_memory(r: dict) -> None:
     print(f"\n4. Stage 1 on {r['images']['train']} training images of {H} x {W} ({r['models']})")
     for stream, what in (("never", "in memory"), ("always", f"streamed, {r['workers']} readers")):

@@ -208,3 +208,24 @@ def test_paser_keeps_freed_memory_on_dask_workers_unless_the_user_said_otherwise
     assert _dask_malloc() == ("MALLOC_TRIM_THRESHOLD_",)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
     assert _dask_malloc() == ()
+
+
+def test_cli_segment_on_local_n(mnist_run, tmp_path):
+    """`paser segment --scheduler local:2`: one line per volume, the workers named, the
+    same labels as `paser segment` here at one thread per model call."""
+    from tests.helpers import paser
+
+    path = _volume(tmp_path)
+    res = paser("segment", str(path), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "dask"), "--scheduler", "local:2", "--chunk", "8")
+    assert res.returncode == 0, res.stderr
+    assert "Dask cluster local:2: 2 workers; 1 volumes, 0 images" in res.stdout
+    assert "segmented by 2 workers: 0 (tcp://127.0.0.1:" in res.stdout
+    res = paser("segment", str(path), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "here"), "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(zarr.open(str(tmp_path / "dask" / "scan_labels.zarr"), mode="r")[:],
+                          zarr.open(str(tmp_path / "here" / "scan_labels.zarr"), mode="r")[:])
+    res = paser("segment", str(path), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "x"), "--scheduler", "local:2", "--remote", "http://h:1")
+    assert res.returncode == 2 and "use one of them" in res.stderr

@@ -103,7 +103,6 @@ class RunSpec:
             model.calibrate(budget_gflops=self.budget_gflops, save=False)
         return model
 
-
     def worker_device(self, index: int | None = None, gpus: int | None = None) -> str:
         """``auto`` on a worker that sees several GPUs (``local:N`` on a machine of N GPUs)
         is GPU ``index mod gpus``, ``index`` the worker's number (``local:N`` names them 0 ..

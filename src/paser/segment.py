@@ -236,7 +236,6 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     return results
 
 
-
 def segment_image(model, path: Path, item, out_dir: Path, only: int | None = None,
                   worker: str | None = None) -> tuple[Segmented, tuple | None]:
     """One input read as ``item`` (``(image, notes)``, or the :class:`DataError` of its
@@ -281,14 +280,14 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   **({"worker": worker} if worker is not None else {})}
         if router.remote is not None:
             record["remote"] = _remote_record(model, grid, image, out, degraded, res)
-        return res, (out_dir, path.stem, image,
-                     out.mask[0].cpu().numpy(), actions, grid, model.label_codec, degraded,
-                     record)
+        return res, (out_dir, path.stem, image, out.mask[0].cpu().numpy(), actions, grid,
+                     model.label_codec, degraded, record)
     except RemoteAccessError:  # the same for every image: stop, and say it once
         raise
     except (PaserError, OSError, RuntimeError, ValueError) as err:
         res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
         return res, None
+
 
 def record_names(model) -> list[str]:
     """``f0 (unet_tiny)``, ``f1 (unet)``, ...: the run's models as records name them."""
