@@ -58,7 +58,24 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
             "grid=[2, 2]", "stage1.class_weights=null"]
     from paser.data.registry import check_dataset
 
-    report = check_dataset(root, workers=0, show_progress=False)  # read image by image
+    import contextlib
+
+    import paser.data.registry as registry
+
+    seen = {}
+
+    class Bar:  # what the progress bar is told: a split's images, counted once each
+        def add_task(self, name, total, info):
+            seen[name] = [total, 0]
+            return name
+
+        def update(self, task, advance):
+            seen[task][1] += advance
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "progress_bar", lambda show: contextlib.nullcontext(Bar()))
+        report = check_dataset(root, workers=0)  # read image by image
+    assert all(done == total for total, done in seen.values()) and len(seen) == 3
     assert report["splits"]["test"]["size"] is None
     assert report["splits"]["test"]["sizes"] == "32 x 32 to 50 x 61"
     with pytest.raises(DataError, match=r"i1.png: 50 x 61, but i0.png is 40 x 40 \(this "

@@ -251,7 +251,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                 if split == "train":
                     counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
                                              minlength=len(names) + 1)
-                bar.update(task, advance=len(y))
+                bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
     labelled = counts[:-1].sum().clamp_min(1)
     freq = counts[:-1].double() / labelled
     med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
