@@ -102,6 +102,10 @@ def test_augmentation_views_are_inverted_and_on_where_the_data_allows(tiny_cfg):
         "data.dataset=folder", "data.root=/data", "grid=[2, 2]"])
     assert stage1.augmentations(folder, 32, 32) == list(range(8))  # mirrors and turns
     assert stage1.augmentations(folder, 32, 48) == [0, 1, 2, 3]  # not square: no quarter turn
+    volume = load_config(preset="battery-quick", overrides=[
+        "data.dataset=volume", "data.root=/data", "data.volume=v.tif", "data.labels=l.tif",
+        "data.slices={train: [0, 8], validation: [8, 10], test: [10, 12]}", "grid=[2, 2]"])
+    assert stage1.augmentations(volume, 32, 32) == list(range(8))  # slices of a volume: on
     on = load_config(preset="battery-quick", overrides=[*TINY, "stage1.augment=on"])
     assert on.stage1.augment == "on"  # YAML's on (a boolean) taken as meant
     assert stage1.augmentations(on, 32, 32) == list(range(8))

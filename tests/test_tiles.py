@@ -56,11 +56,10 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
             "grid=[2, 2]", "stage1.class_weights=null"]
-    from paser.data.registry import check_dataset
-
     import contextlib
 
     import paser.data.registry as registry
+    from paser.data.registry import check_dataset
 
     seen = {}
 
@@ -130,3 +129,82 @@ def test_segment_records_and_draws_the_patches_an_image_was_routed_in(tmp_path):
     assert np.array(rec["actions"]).shape == (6, 4)
     routing = np.asarray(Image.open(tmp_path / "out" / "a_routing.png"))
     assert routing.shape == (40, 24, 3) and (routing[8] == 255).all()  # a patch border
+
+
+def test_windows_around_tiles_hold_the_tile_at_their_centre_and_the_image_around_it(tmp_path):
+    root = mixed_folder(tmp_path / "d")
+    files = FolderDataset(root, "train")
+    tiles = Tiles(files, (16, 16))
+    around = tiles.around(4)
+    assert around.size == (24, 24) and around.ids == tiles.ids and len(around) == len(tiles)
+    for j in range(len(tiles)):  # the centre is the tile, exactly
+        assert torch.equal(around.image(j)[:, 4:20, 4:20], tiles.image(j))
+        assert torch.equal(around.mask(j)[4:20, 4:20], tiles.mask(j))
+    img, mask = files.image(1), files.mask(1)  # 50 x 61
+    j = tiles.ids.index("i1@16,16")  # inside the image: its neighbours' pixels
+    assert torch.equal(around.image(j), img[:, 12:36, 12:36])
+    assert torch.equal(around.mask(j), mask[12:36, 12:36])
+    j = tiles.ids.index("i1@0,0")  # above and left of the image: mirrored, unlabelled
+    assert torch.equal(around.image(j)[:, :4, 4:], img[:, 1:5, :20].flip(-2))
+    assert (around.mask(j)[:4] == 255).all() and (around.mask(j)[:, :4] == 255).all()
+    assert torch.equal(around.mask(j)[4:, 4:], mask[:20, :20])
+
+
+def test_a_crop_at_offset_margin_is_the_tile_and_each_image_moves_by_its_own_offset():
+    from paser.train.pretrain import crop
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = torch.arange(2 * 8 * 8).reshape(2, 8, 8)
+    xs, ys = crop(x, y, 2, torch.tensor([[2, 2], [0, 4]]))
+    assert xs.shape == (2, 3, 4, 4) and ys.shape == (2, 4, 4)
+    assert torch.equal(xs[0], x[0, :, 2:6, 2:6]) and torch.equal(ys[0], y[0, 2:6, 2:6])
+    assert torch.equal(xs[1], x[1, :, 0:4, 4:8]) and torch.equal(ys[1], y[1, 0:4, 4:8])
+
+
+def test_stage1_crops_tiles_of_folder_data_and_only_where_it_augments(tmp_path):
+    from paser.data.stages import crop_margin
+
+    root = mixed_folder(tmp_path / "d")
+    base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2", "grid=[2, 2]",
+            "stage1.class_weights=null", "data.tile=[16, 16]"]
+    data = load_stage_data(load_config(preset="battery-quick", overrides=base))
+    assert data.margin == 4  # half a patch of 8 x 8
+    assert data.pre_around.images.shape == (len(data.pre), 1, 24, 24)
+    assert data.pre_around.ids == data.pre.ids
+    assert torch.equal(data.pre_around.images[:, :, 4:20, 4:20], data.pre.images)
+    streamed = load_stage_data(load_config(preset="battery-quick",
+                                           overrides=[*base, "data.stream=always"]))
+    assert streamed.pre_around.streamed
+    assert torch.equal(streamed.pre_around.images[:], data.pre_around.images)
+    for extra, margin in ((["stage1.crop_margin=0"], 0), (["stage1.augment=off"], 0),
+                          (["stage1.crop_margin=6"], 6)):
+        cfg = load_config(preset="battery-quick", overrides=[*base, *extra])
+        assert crop_margin(cfg, Tiles(FolderDataset(root, "train"), (16, 16))) == margin
+    cfg = load_config(preset="battery-quick", overrides=[*base, "stage1.crop_margin=0"])
+    assert load_stage_data(cfg).pre_around is None
+    demo = load_config(preset="battery-quick")  # whole images, not tiles: no crops
+    assert crop_margin(demo, FolderDataset(root, "train")) == 0
+
+
+def test_stage1_on_random_crops_trains_otherwise_and_the_same_again(tmp_path):
+    """The pool models learn from crops (their losses move), seeded: a second run from
+    scratch gives the same weights; f0 keeps the fixed tiles."""
+    from paser.train.pretrain import pretrain
+
+    root = mixed_folder(tmp_path / "d")
+    base = ["num_threads=1", "data.dataset=folder", f"data.root={root}",
+            "models.num_classes=2", "grid=[2, 2]", "stage1.class_weights=null",
+            "data.tile=[16, 16]", "stage1.epochs=2", "stage1.batch_size=2",
+            "models.f0.epochs=1", "models.pool.0.epochs=null", "models.pool.1.epochs=null",
+            "models.pool.0.kwargs={c0: 2, widths: [4, 4]}",
+            "models.pool.1.kwargs={c0: 4, widths: [8, 8]}", "stage1.jitter=0"]
+    runs = {}
+    for name, extra in (("fixed", ["stage1.crop_margin=0"]), ("crops", []), ("again", [])):
+        pretrain(load_config(preset="battery-quick", overrides=[*base, *extra]),
+                 tmp_path / name, show_progress=False)
+        runs[name] = {r: torch.load(tmp_path / name / "checkpoints" / f"{r}.pt")["model"]
+                      for r in ("f1", "f2")}
+    for role in ("f1", "f2"):
+        assert all(torch.equal(v, runs["again"][role][k]) for k, v in runs["crops"][role].items())
+        assert not all(torch.equal(v, runs["fixed"][role][k])
+                       for k, v in runs["crops"][role].items())

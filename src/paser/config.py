@@ -199,11 +199,17 @@ class Stage1Config(_Strict):
     augment: Literal["auto", "on", "off"] = Field(
         "auto", description="augment each training batch: a random mirror or quarter turn "
         "(turns only where image and grid are square), the models' outputs turned back "
-        "before the loss, and intensity jitter (stage1.jitter); auto = on for folder data and "
-        "a battery layout on disk, off for the synthetic set, Cityscapes and noisy MNIST")
+        "before the loss, and intensity jitter (stage1.jitter); auto = on for folder and "
+        "volume data and a battery layout on disk, off for the synthetic set, Cityscapes and noisy MNIST")
     jitter: float = Field(0.1, ge=0, le=0.5, description="augment: each image's intensities "
                           "x * (1 + g) + o, g and o drawn in [-jitter, jitter] and "
                           "[-jitter / 2, jitter / 2]")
+    crop_margin: int | None = Field(
+        None, ge=0, description="augment, on images cut into tiles (data.tile): the pool "
+        "models f1..fK train on tiles cropped at a random offset of up to this many pixels "
+        "each way, from their image (mirrored past its edges, unlabelled there), new each "
+        "batch; f0 keeps the fixed tiles (its distillation targets are fK's logits on them); "
+        "null = half a patch; 0 = fixed tiles")
     class_weights: list[float] | None = Field(
         default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
         description="cross-entropy weight per class; null = unweighted",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from torch.utils.data import Subset
+
 from paser.config import DataConfig, ExperimentConfig
 from paser.data.battery import SPLITS, SegmentationFiles, split_three
 from paser.data.registry import kind, open_split
@@ -35,7 +37,38 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)
-    return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test)
+    margin = crop_margin(cfg, sets["train"])
+    around = None
+    if margin:  # D_pre's windows alone: read, or held, for nothing else
+        windows = sets["train"].around(margin)
+        around = (on_disk(windows, data.workers).subset(pre) if stream
+                  else to_tensors(Subset(windows, pre)))
+    return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test,
+                     around, margin)
+
+
+def augments(cfg: ExperimentConfig) -> bool:
+    """``stage1.augment``, ``auto`` resolved: on for folder and volume data and a battery
+    layout on disk."""
+    mode = cfg.stage1.augment
+    if mode == "auto":
+        data = cfg.data
+        mode = "on" if data.dataset in ("folder", "volume") or (
+            data.dataset == "battery" and data.root is not None) else "off"
+    return mode == "on"
+
+
+def crop_margin(cfg: ExperimentConfig, train: SegmentationFiles | Tiles) -> int:
+    """How far stage 1 moves its crops of the training tiles (``stage1.crop_margin``; null:
+    half a patch): 0 unless stage 1 augments (``stage1.augment``) and the training images
+    are cut into tiles."""
+    if not isinstance(train, Tiles) or not augments(cfg):
+        return 0
+    margin = cfg.stage1.crop_margin
+    if margin is None:
+        rows, cols = cfg.grid
+        margin = min(train.tile[0] // rows, train.tile[1] // cols) // 2
+    return margin
 
 
 def as_tiles(cfg: DataConfig, split: SegmentationFiles, grid: tuple[int, int] | None = None

@@ -179,12 +179,16 @@ def on_disk(dataset: SegmentationFiles, workers: int = 2) -> Tensors:
 
 @dataclass
 class StageData:
-    """D_pre, D_rl, D_ft (three cuts of the training split), validation and test."""
+    """D_pre, D_rl, D_ft (three cuts of the training split), validation and test; and,
+    where stage 1 crops its tiles at random (``stage1.crop_margin``), D_pre's tiles with
+    ``margin`` pixels of their image around them (``pre_around``)."""
 
     pre: Tensors
     rl: Tensors
     ft: Tensors
     validation: Tensors
     test: Tensors
+    pre_around: Tensors | None = None
+    margin: int = 0
 
 

@@ -34,8 +34,8 @@ class Tiles:
     or streamed the same way. A reader keeps the last image it read: tiles of one image
     come one after another."""
 
-    def __init__(self, files: SegmentationFiles, tile: tuple[int, int]):
-        self.files, self.tile = files, tuple(tile)
+    def __init__(self, files: SegmentationFiles, tile: tuple[int, int], margin: int = 0):
+        self.files, self.tile, self.margin = files, tuple(tile), margin
         self.index = [(i, y, x) for i, (h, w) in enumerate(files.sizes)
                       for y, x in tile_origins(h, w, self.tile)]
         stems = files.ids
@@ -43,13 +43,21 @@ class Tiles:
         self.ids = [f"{stems[i]}@{y},{x}" for i, y, x in self.index]
         self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
-    size = property(lambda self: self.tile)
+    size = property(lambda self: (self.tile[0] + 2 * self.margin, self.tile[1] + 2 * self.margin))
     channels = property(lambda self: self.files.channels)
     class_names = property(lambda self: self.files.class_names)
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def around(self, margin: int) -> Tiles:
+        """The same tiles, each with ``margin`` pixels of its image on every side (mirrored
+        past the image's edges, those pixels unlabelled): the windows stage 1 crops a tile
+        from at a random offset (:func:`paser.train.pretrain.crop`); a window's centre is
+        the tile, exactly."""
+        out = Tiles(self.files, self.tile, margin)
+        out.index, out.ids = self.index, self.ids
+        return out
 
     def _source(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._last is None or self._last[0] != i:
@@ -57,7 +65,12 @@ class Tiles:
         return self._last[1], self._last[2]
 
     def _crop(self, x: torch.Tensor, y0: int, x0: int, fill: int | None) -> torch.Tensor:
-        th, tw = self.tile
+        th, tw = self.size
+        m = self.margin
+        if m:  # mirrored (or unlabelled) above and left, as pad_to does below and right
+            h, w = x.shape[-2:]
+            x = pad_to(x.flip(-2, -1), h + m, w + m, "reflect" if fill is None else "constant",
+                       fill or 0).flip(-2, -1)  # the window's origin moves to (y0, x0)
         h, w = x.shape[-2:]
         hp, wp = max(h, y0 + th), max(w, x0 + tw)
         if (hp, wp) != (h, w):

@@ -30,6 +30,7 @@ from paser.checkpoints import (
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
+from paser.data.stages import augments
 from paser.errors import ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
@@ -105,14 +106,23 @@ def augmentations(cfg: ExperimentConfig, height: int, width: int) -> list[int]:
     """The views (:data:`paser.outcomes.VIEWS`) a training batch is drawn from: none when
     ``stage1.augment`` is off, else mirrors, and quarter turns where the image and the
     patch grid are square (:func:`paser.outcomes.usable_views`)."""
-    mode = cfg.stage1.augment
-    if mode == "auto":
-        data = cfg.data
-        mode = "on" if data.dataset == "folder" or (data.dataset == "battery"
-                                                    and data.root is not None) else "off"
-    if mode == "off":
+    if not augments(cfg):
         return []
     return usable_views(PatchGrid(*cfg.grid, halo=cfg.halo), height, width, 8)
+
+
+def crop(x: torch.Tensor, y: torch.Tensor, margin: int, offsets: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows ``x [B, C, H + 2m, W + 2m]`` and their labels ``y`` cropped to ``H x W``,
+    image ``b`` at ``offsets[b] = (dy, dx)``, each in ``0 .. 2 margin`` (``margin``: the
+    tile itself)."""
+    h, w = x.shape[-2] - 2 * margin, x.shape[-1] - 2 * margin
+    rows = torch.arange(h, device=x.device) + offsets[:, :1].to(x.device)  # [B, H]
+    cols = torch.arange(w, device=x.device) + offsets[:, 1:].to(x.device)  # [B, W]
+    b = torch.arange(len(x), device=x.device)[:, None, None]
+    ys = y[b, rows[:, :, None], cols[:, None, :]]
+    xs = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return xs.contiguous(), ys
 
 
 def jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
@@ -130,7 +140,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
         val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
         log: MetricLog, resume: bool, device: torch.device, show_progress: bool,
         spec: ModelSpec | None = None, label: str | None = None, min_batch: int = 1,
-        dist: Dist | None = None) -> float:
+        dist: Dist | None = None, around: Tensors | None = None, margin: int = 0) -> float:
     """Train one model, keep the best-on-validation checkpoint; return its validation mIoU.
 
     ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
@@ -139,7 +149,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
     With ``stage1.augment`` each batch is seen in a random mirror or quarter turn (the
     model's output turned back before the loss, so the labels and fK's targets stay as
-    they are) with intensity jitter (:func:`augmentations`, :func:`jitter`).
+    they are) with intensity jitter (:func:`augmentations`, :func:`jitter`). With
+    ``around`` (``train``'s tiles with ``margin`` pixels of their image around them) each
+    image of a batch is a crop of its window at a random offset (:func:`crop`).
     With ``stage1.patience`` the model stops once its validation mIoU has not improved for
     that many epochs (``epochs`` is then the most it trains); the metric line of its last
     epoch says ``"stopped": true``.
@@ -179,10 +191,13 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                 cfg.models.num_classes)
             batches = [idx for idx in order.split(s1.batch_size)
                        if len(idx) >= min(min_batch, n) * dist.world]
-            loaded = train.gather(dist.shard(idx) for idx in batches)
+            loaded = (around or train).gather(dist.shard(idx) for idx in batches)
             for idx, (x, y) in zip(batches, loaded, strict=True):
                 mine = dist.shard(idx)
                 x, y = x.to(device), y.to(device)
+                if around is not None:  # drawn for the whole batch: the same on every process
+                    offsets = torch.randint(2 * margin + 1, (len(idx), 2), generator=gen)
+                    x, y = crop(x, y, margin, dist.shard(offsets))
                 view_index = 0
                 if views:  # the same draws on every process and on resume: (gen's) order
                     view_index = views[int(torch.randint(len(views), (), generator=gen))]
@@ -258,7 +273,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
         model = dist.place(build_model(cfg, spec))
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
-        fit(role, model, forwards[role], ce, train, val,
+        around = None if data.pre_around is None else data.pre_around.in_groups(spec.groups, key)
+        fit(role, model, forwards[role], ce, train, val, around=around, margin=data.margin,
             epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
 
     # fK is frozen while f0 learns: its stitched logits on f0's data are computed once.

@@ -1,0 +1,132 @@
+"""Stage 1 with and without its augmentations (``stage1.augment``: views and intensity
+jitter; ``stage1.crop_margin``: random crops of tiled images), on a folder built to look
+like a user's few labelled tomography slices, and on the demo's synthetic set.
+
+The folder (issue 35, item 6): 4 "scans" of 400 x 400 to 500 x 601 slices, 8 training, 3
+validation and 4 test slices in all (about 150 training tiles of 128 x 128, 50 per stage),
+float32 reconstructions (an attenuation-like scale with noise and blur, not [0, 1]) and
+palette TIFF labels of 3 phases: the shape of the held-back nano-CT set, drawn by paser's
+own battery generator. Each setting runs ``paser pretrain --preset battery-quick`` with the
+overrides ``paser data check`` prints, for each seed, in a process of its own, and reads
+each pool model's test mIoU and epochs from ``stage1.json``.
+
+    .venv/bin/python benchmarks/augment.py                      # folder, seeds 0 1 2
+    .venv/bin/python benchmarks/augment.py --data demo --seeds 0
+
+Writes ``benchmarks/results/augment.json`` (the rows of each data set it ran are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+HERE = Path(__file__).parent
+DATA = HERE / ".data"
+RESULTS = HERE / "results" / "augment.json"
+#: (height, width, train, validation, test) slices of each scan
+SCANS = [(400, 400, 2, 1, 1), (500, 572, 2, 1, 1), (499, 601, 2, 1, 1), (480, 480, 2, 0, 1)]
+PALETTE = [30, 30, 30, 200, 60, 40, 60, 160, 220]  # pore, carbon, nickel
+
+
+def build_folder(root: Path) -> Path:
+    """The folder described in the module doc (made once)."""
+    from paser.data.battery import read_label
+    from paser.data.synthetic import generate_dataset
+
+    if (root / "classes.yaml").is_file():
+        return root
+    rng = np.random.default_rng(0)
+    for s, (h, w, *counts) in enumerate(SCANS):
+        src = DATA / f"scan{s}_{h}x{w}"
+        if not (src / "stats.json").is_file():
+            generate_dataset(src, n_train=sum(counts), n_val=1, n_test=1, height=h, width=w,
+                             seed=100 + s, workers=1, progress=False)
+        files = sorted((src / "train_images").glob("*.png"))
+        split_of = ["train"] * counts[0] + ["validation"] * counts[1] + ["test"] * counts[2]
+        for i, (f, split) in enumerate(zip(files, split_of, strict=False)):
+            img = np.asarray(Image.open(f), np.float32) / 255
+            img = ndimage.gaussian_filter(img, 1.2) + rng.normal(0, 0.08, img.shape)
+            recon = (0.004 + 0.03 * img).astype(np.float32)  # attenuation-like, 1/um
+            lab = read_label(src / "train_label" / f.name).astype(np.uint8)
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            name = f"scan{s}_{i:02d}.tif"
+            tifffile.imwrite(root / split / "images" / name, recon)
+            mask = Image.fromarray(lab, "P")
+            mask.putpalette(PALETTE + [0] * (768 - len(PALETTE)))
+            mask.save(root / split / "masks" / name)
+    (root / "classes.yaml").write_text("classes: {0: pore, 1: carbon, 2: nickel}\nignore: null\n")
+    return root
+
+
+def overrides_from_check(root: Path) -> list[str]:
+    """What `paser data check` tells a user to add."""
+    out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(root)],
+                         capture_output=True, text=True, check=True).stdout
+    print(out)
+    found = re.findall(r"(models\.\w+=\S+|\"?stage1\.class_weights=\[[^\]]*\]\"?|data\.tile=\S+)",
+                       out)
+    return [o.strip('"') for o in found]
+
+
+def pretrain(run_dir: Path, args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "paser", "pretrain", "--preset", "battery-quick",
+           "--run-dir", str(run_dir), *args]
+    start = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
+    s = json.loads((run_dir / "stage1.json").read_text())
+    return {"seconds": time.perf_counter() - start,
+            "models": {k: {"test_miou": v["test_miou"], "epochs": v["epochs"],
+                           "best_epoch": v.get("best_epoch")}
+                       for k, v in s["models"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=["folder", "demo"], default="folder")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    runs = DATA / "augment_runs"
+    if args.data == "folder":
+        root = build_folder(DATA / "realish")
+        base = ["data.dataset=folder", f"data.root={root}", *overrides_from_check(root)]
+        if not any(o.startswith("data.tile") for o in base):
+            base.append("data.tile=[128,128]")
+    else:
+        base = [f"data.cache_dir={DATA / 'demo_data'}"]
+    print("overrides:", " ".join(base))
+    settings = {"off": ["stage1.augment=off"],
+                "views+jitter": ["stage1.augment=on", "stage1.crop_margin=0"]}
+    if args.data == "folder":  # crops where images are cut into tiles
+        settings["views+jitter+crops"] = ["stage1.augment=on"]
+    rows = []
+    for seed in args.seeds:
+        for mode, extra in settings.items():
+            run_dir = runs / f"{args.data}_{mode}_{seed}"
+            r = pretrain(run_dir, [*base, f"seed={seed}", *extra])
+            rows.append({"seed": seed, "augment": mode, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    result[args.data] = {"overrides": base, "rows": rows}
+    RESULTS.write_text(json.dumps(result, indent=1))
+    print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))
+    for r in rows:
+        print(f"{r['seed']:>4} {r['augment']:>18} " + " ".join(
+            f"{v['test_miou']:.4f} ({v['epochs']:>2} ep)" for v in r["models"].values()))
+
+
+if __name__ == "__main__":
+    main()
