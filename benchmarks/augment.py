@@ -98,6 +98,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", choices=["folder", "demo"], default="folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", nargs="+", help="these settings alone (default: all)")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every "
+                    "setting (e.g. stage1.patience=10); the results are kept under their own key")
     args = ap.parse_args()
     runs = DATA / "augment_runs"
     if args.data == "folder":
@@ -112,15 +115,18 @@ def main() -> None:
                 "views+jitter": ["stage1.augment=on", "stage1.crop_margin=0"]}
     if args.data == "folder":  # crops where images are cut into tiles
         settings["views+jitter+crops"] = ["stage1.augment=on"]
+    settings = {k: [*v, *args.extra] for k, v in settings.items()
+                if not args.only or k in args.only}
+    key = " ".join([args.data, *args.extra])
     rows = []
     for seed in args.seeds:
         for mode, extra in settings.items():
-            run_dir = runs / f"{args.data}_{mode}_{seed}"
+            run_dir = runs / f"{key.replace(' ', '_')}_{mode}_{seed}"
             r = pretrain(run_dir, [*base, f"seed={seed}", *extra])
             rows.append({"seed": seed, "augment": mode, **r})
             print(json.dumps(rows[-1]), flush=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    result[args.data] = {"overrides": base, "rows": rows}
+    result[key] = {"overrides": base + args.extra, "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))
     for r in rows:
