@@ -53,7 +53,7 @@ def test_the_pool_runs_once_per_pool_and_split(tmp_path, monkeypatch):
     # another view of the images, or other weights, are other outcomes: computed, kept apart
     PatchOutcomes.build(router, viewed(split, 1), 3, 2, CPU, mc_seed=0)
     with torch.no_grad():
-        router.pool[0].bias.add_(1.0)
+        router.pool[0].bias[0].add_(1.0)  # one class's logit: the same on all would cancel
     changed = PatchOutcomes.build(router, split, 3, 2, CPU, mc_seed=0)
     assert len(list(tmp_path.iterdir())) == 3
     assert not torch.equal(changed.nll[:, :, 1], first.nll[:, :, 1])
