@@ -200,7 +200,8 @@ class Stage1Config(_Strict):
         "auto", description="augment each training batch: a random mirror or quarter turn "
         "(turns only where image and grid are square), the models' outputs turned back "
         "before the loss, and intensity jitter (stage1.jitter); auto = on for folder and "
-        "volume data and a battery layout on disk, off for the synthetic set, Cityscapes and noisy MNIST")
+        "volume data and a battery layout on disk, off for the synthetic set, Cityscapes "
+        "and noisy MNIST")
     jitter: float = Field(0.1, ge=0, le=0.5, description="augment: each image's intensities "
                           "x * (1 + g) + o, g and o drawn in [-jitter, jitter] and "
                           "[-jitter / 2, jitter / 2]")
