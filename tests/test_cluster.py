@@ -161,6 +161,29 @@ def test_a_worker_killed_mid_run_changes_nothing(scheduler, model, mnist_run, tm
     assert len(_records(tmp_path / "dask", "scan")["slices"]) == DEPTH  # each slice once
 
 
+def test_a_volume_stopped_after_its_last_chunk_is_finished_by_the_next_call(
+        scheduler, model, mnist_run, tmp_path):
+    """Every chunk done, the volume not yet assembled (stopped in between): the next call
+    sends nothing and finishes it, the same bytes as a run never stopped."""
+    from paser.volumes import prepare_volume, segment_chunk
+
+    path = _volume(tmp_path)
+    [vol] = split_inputs([str(path)])[1]
+    segment_volumes(model, [vol], tmp_path / "local", chunk=8)
+    out = tmp_path / "dask"
+    out.mkdir()
+    labels, size = prepare_volume(vol, out, 8)
+    for z0 in range(0, DEPTH, size):
+        segment_chunk(model, vol, z0, min(z0 + size, DEPTH), out, labels)
+    with connect(scheduler) as client:
+        res = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, [], [vol],
+                                 out, chunk=8)
+    assert res.volumes[0].error == "" and res.volumes[0].record is not None
+    assert np.array_equal(zarr.open(str(out / "scan_labels.zarr"), mode="r")[:],
+                          zarr.open(str(tmp_path / "local" / "scan_labels.zarr"), mode="r")[:])
+    assert len(_records(out, "scan")["slices"]) == DEPTH
+
+
 def test_an_input_the_workers_cannot_read_fails_alone_with_one_line(scheduler, model,
                                                                     mnist_run, tmp_path):
     path = _volume(tmp_path)

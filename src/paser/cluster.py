@@ -301,6 +301,19 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         part = todo[i:i + batch]
         fut = client.submit(_image_batch, spec, part, str(out_dir), only, pure=False)
         futures[fut] = ("images", part)
+    workers: set[str] = set()
+
+    def volume_done(index: int) -> None:
+        vol, res = volumes[index], vols[index]
+        if res.error:
+            return
+        try:
+            res.record = finish_volume(model, vol, out_dir, sizes[index], only,
+                                       time.perf_counter() - start)
+            workers.update(res.record.get("workers", []))
+        except (PaserError, OSError, ValueError) as err:
+            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+
     # volumes: the finished ones are read, the chunks still to do go out
     vols: list[VolumeResult] = []
     sizes: list[int] = []  # slices per chunk of each volume
@@ -331,19 +344,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                                 pure=False)
             futures[fut] = ("chunk", (len(vols) - 1, z0, z1))
             waiting[vol.stem].add(fut)
-    workers: set[str] = set()
-
-    def volume_done(index: int) -> None:
-        vol, res = volumes[index], vols[index]
-        if res.error:
-            return
-        try:
-            res.record = finish_volume(model, vol, out_dir, sizes[index], only,
-                                       time.perf_counter() - start)
-            workers.update(res.record.get("workers", []))
-        except (PaserError, OSError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
-
+        if not todo_chunks:  # stopped after its last chunk: only the assembly is left
+            volume_done(len(vols) - 1)
     try:
         for fut in distributed.as_completed(list(futures)):
             kind, what = futures.pop(fut)
@@ -353,7 +355,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                     Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}") for f in what]
                 for res in done:
                     images[slot[res.input]] = res
-                    workers.add(res.worker) if res.worker else None
+                    if res.worker:
+                        workers.add(res.worker)
                     summary.append(res)
                     if on_progress is not None:
                         on_progress(1, res.height * res.width, res.stem)
