@@ -1,0 +1,280 @@
+"""What a router could reach on a finished run, measured offline on its test split (issue 33):
+
+1. **A dense target.** Every pixel's first-order effect on the split's mIoU when pool model
+   k replaces f0 there (:func:`pixel_gain`; summed over a patch it is exactly
+   :meth:`paser.outcomes.PatchOutcomes.dataset_gain`). A small convolutional network on
+   f0's probabilities and entropy (and optionally the image) learns it on D_rl and D_ft,
+   pixel by pixel: 2.6 million targets instead of 640 patch gains. Its prediction, summed
+   over a patch, routes the patch.
+2. **Finer and coarser decisions.** The oracle, the dense router and a one-feature entropy
+   rule, each routing blocks of 16, 32, 64 and 128 pixels: each model's per-pixel
+   predictions are the run's (made on its own patches with their halo), a block's cost is
+   the run's patch cost scaled by its area with the halo, ``((b + 2 halo) / (p + 2
+   halo))^2``. Finer blocks there keep the context of the run's patches, which real
+   patches of that size would not have: an upper bound for finer grids.
+
+Curve areas are the report's (its budgets, its single-model frontier); "captured" is the
+share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_captured`).
+
+    .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2
+
+Writes ``benchmarks/results/router_probe.json`` (one entry per run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paser.api import PaSeR
+from paser.calibration import price_sweep, sweep_actions
+from paser.experiments.curves import curve, escalation, rank_correlation
+from paser.experiments.finished import open_finished
+from paser.frontier import areas, headroom_captured
+from paser.metrics import confusion_counts
+from paser.outcomes import PatchOutcomes
+from paser.patches import PatchGrid
+from paser.uncertainty import entropy
+
+RESULTS = Path(__file__).parent / "results" / "router_probe.json"
+SPLITS = ("rl", "ft", "validation", "test")
+
+
+@torch.inference_mode()
+def dense_outcomes(router, split, batch: int = 16) -> dict[str, torch.Tensor]:
+    """The padded images, f0's probabilities, the labels (-1 unlabelled) and every model's
+    predicted classes ``[N, K+1, H, W]`` (the pool's stitched from its patches)."""
+    grid = router.grid
+    out: dict[str, list] = {"image": [], "probs": [], "label": [], "pred": []}
+    for images, masks in split.batches(batch):
+        x = grid.pad(images)
+        mc = router.observe(x, 0)
+        preds = [mc.probs.argmax(1)]
+        preds += [grid.merge(router.run_local(k, grid.context(x))).argmax(1)
+                  for k in range(1, router.num_models)]
+        out["image"].append(x)
+        out["probs"].append(mc.probs)
+        out["label"].append(grid.pad(masks, mode="constant", value=-1))
+        out["pred"].append(torch.stack(preds, 1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def pixel_gain(label: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[N, K, H, W]``: each pixel's first-order effect on the split's mIoU when model k
+    (1..K) replaces f0 there, ``sum_c dI_c / U_c - I_c dU_c / U_c^2`` with ``I``, ``U`` the
+    split's totals with every pixel on f0 (unscaled: a patch's sum times ``N P / classes
+    present`` is its :meth:`~paser.outcomes.PatchOutcomes.dataset_gain`)."""
+    labelled = (label >= 0)[:, None]
+
+    def onehot(z: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(z.clamp_min(0), num_classes).permute(0, 3, 1, 2).double() * labelled
+
+    truth, base = onehot(label), onehot(pred[:, 0])
+    inter, union = (truth * base).sum((0, 2, 3)), ((truth + base) > 0).double().sum((0, 2, 3))
+    present = union > 0
+    w_i = torch.where(present, 1 / union.clamp_min(1), 0.0)[None, :, None, None]
+    w_u = torch.where(present, -inter / union.clamp_min(1).square(), 0.0)[None, :, None, None]
+    gains = []
+    for k in range(1, pred.shape[1]):
+        other = onehot(pred[:, k])
+        d_i = truth * other - truth * base
+        d_u = ((truth + other) > 0).double() - ((truth + base) > 0).double()
+        gains.append((d_i * w_i + d_u * w_u).sum(1))
+    return torch.stack(gains, 1).float()
+
+
+def features(d: dict, image: bool) -> torch.Tensor:
+    """The dense router's input: f0's probabilities and entropy, and the image if asked."""
+    parts = [d["probs"], entropy(d["probs"])[:, None]]
+    return torch.cat(parts + ([d["image"]] if image else []), 1)
+
+
+class DenseRouter(nn.Module):
+    """Three 3 x 3 convolutions of ``width`` channels at half resolution, then one gain per
+    pool model and pixel (of the half-resolution map)."""
+
+    def __init__(self, in_channels: int, num_pool: int, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, num_pool, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(F.avg_pool2d(x, 2))
+
+
+def block_sums(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """``[N, P, ...]`` sums of ``[N, ..., H, W]`` over square blocks of ``side`` pixels
+    (row-major, the patch order)."""
+    n, lead = maps.shape[0], maps.shape[1:-2]
+    h, w = maps.shape[-2:]
+    grid = PatchGrid(h // side, w // side)
+    flat = maps.reshape(n, -1, h, w)
+    sums = grid.split(flat).sum((-2, -1))  # [N * P, prod(lead)]
+    return sums.view(n, grid.num_patches, *lead)
+
+
+def train_dense(data: dict, num_classes: int, seed: int, image: bool, epochs: int = 60
+                ) -> tuple[DenseRouter, torch.Tensor, torch.Tensor]:
+    """A :class:`DenseRouter` fit to the pixel gains of D_rl and D_ft, the epoch of least
+    patch-level error on validation kept; with its input's mean and deviation."""
+    torch.manual_seed(seed)
+    x = torch.cat([features(data[s], image) for s in ("rl", "ft")])
+    g = torch.cat([pixel_gain(data[s]["label"], data[s]["pred"], num_classes)
+                   for s in ("rl", "ft")])
+    scale = g.abs().mean()
+    target = F.avg_pool2d(g / scale, 2)
+    mu, sd = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-6
+    xv = (features(data["validation"], image) - mu) / sd
+    dv = data["validation"]
+    gv = F.avg_pool2d(pixel_gain(dv["label"], dv["pred"], num_classes) / scale, 2)
+    net = DenseRouter(x.shape[1], g.shape[1])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    best, best_state = float("inf"), None
+    side = x.shape[-1] // 2 // 2  # a 2 x 2 block of the half-resolution map: one patch
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 16):
+            idx = order[i:i + 16]
+            loss = F.mse_loss(net((x[idx] - mu) / sd), target[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            err = F.mse_loss(block_sums(net(xv), side), block_sums(gv, side)).item()
+        if err < best:
+            best, best_state = err, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return net.eval(), mu, sd
+
+
+def block_outcomes(d: dict, side: int, num_classes: int, state: torch.Tensor) -> PatchOutcomes:
+    """Outcomes of every model on blocks of ``side`` pixels, from per-pixel predictions."""
+    n, models = d["pred"].shape[:2]
+    h, w = d["label"].shape[-2:]
+    grid = PatchGrid(h // side, w // side)
+    labels = grid.split(d["label"])
+    counts = [confusion_counts(grid.split(d["pred"][:, k]), labels, num_classes,
+                               ignore_index=-1) for k in range(models)]
+    inter, union = [c[0] for c in counts], [c[1] for c in counts]
+    shape = (n, grid.num_patches, models, num_classes)
+    zeros = torch.zeros(shape[:3])
+    return PatchOutcomes(state, torch.stack(inter, 1).view(shape),
+                         torch.stack(union, 1).view(shape), zeros, zeros)
+
+
+def routed_curve(out: PatchOutcomes, scores: torch.Tensor, patch_cost: torch.Tensor,
+                 fixed: float) -> dict:
+    """The IoU-vs-GFLOP curve of routing by ``scores`` [N, P, K+1] priced per GFLOP."""
+    rel = patch_cost / patch_cost.max()
+    scores = scores.double()
+    acts = sweep_actions(scores, rel, price_sweep(scores, rel))
+    return curve(out.miou_many(acts), fixed + patch_cost[acts].sum(-1).mean(-1))
+
+
+def with_f0(gains: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(gains[..., :1]), gains], -1)
+
+
+def probe(run_dir: Path, seeds: list[int], blocks: list[int]) -> dict:
+    run = open_finished(run_dir, show_progress=False)
+    router = PaSeR.load(run_dir, device="cpu").router.eval()
+    ncls = run.cfg.models.num_classes
+    results = json.loads((run_dir / "results.json").read_text())
+    lo, hi = results["curve_range"]
+    frontier = results["curves"]["Frontier"]
+    data = {s: dense_outcomes(router, getattr(run.data, s)) for s in SPLITS}
+    test = data["test"]
+    test_out = PatchOutcomes.build(router, run.data.test, ncls, 16, torch.device("cpu"),
+                                   mc_seed=0)
+    costs = router.costs(*test["label"].shape[-2:])
+    patch = test["label"].shape[-1] // router.grid.cols
+    halo = router.grid.halo
+
+    # the pixel gains add up to the report's patch gains
+    per_patch = block_sums(pixel_gain(test["label"], test["pred"], ncls), patch)
+    present = (test_out.union[:, :, 0].sum((0, 1)) > 0).sum()
+    scale = test_out.inter.shape[0] * test_out.inter.shape[1] / present
+    assert torch.allclose(per_patch * scale, test_out.dataset_gain()[..., 1:], atol=1e-4)
+
+    def area_and_capture(c: dict, oracle: dict) -> tuple[float, float]:
+        a = areas({"Frontier": frontier, "c": c, "oracle": oracle}, lo, hi)
+        return a["c"] - a["Frontier"], headroom_captured(a["c"], a["Frontier"], a["oracle"])
+
+    out: dict = {"run_dir": str(run_dir), "report": {
+        k: results["headroom_captured"].get(k) for k in ("PaSeR", "IDK-Cascade")}}
+    out["report"]["rank_PaSeR"] = results["rank_correlation"]["PaSeR"]
+    dense_rows, dense_maps = [], []
+    for seed in seeds:
+        for image in (False, True):
+            start = time.perf_counter()
+            net, mu, sd = train_dense(data, ncls, seed, image)
+            with torch.no_grad():
+                maps = F.interpolate(net((features(test, image) - mu) / sd),
+                                     scale_factor=2, mode="nearest") / 4
+            scores = with_f0(block_sums(maps, patch))
+            c = routed_curve(test_out, scores, torch.tensor(costs.patch, dtype=torch.float64),
+                             costs.fixed)
+            margin, captured = area_and_capture(c, results["curves"]["Oracle"])
+            row = {"seed": seed, "input": "probs+entropy" + ("+image" if image else ""),
+                   "margin": margin, "captured": captured,
+                   "rank": rank_correlation(escalation(scores), test_out),
+                   "seconds": time.perf_counter() - start}
+            dense_rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not image:
+                dense_maps.append(maps)
+    out["dense"] = dense_rows
+
+    maps = torch.stack(dense_maps).mean(0)  # the seeds' dense routers, averaged
+    ent = entropy(test["probs"])
+    train_ent = torch.cat([entropy(data[s]["probs"]) for s in ("rl", "ft")])
+    train_gain = torch.cat([pixel_gain(data[s]["label"], data[s]["pred"], ncls)
+                            for s in ("rl", "ft")])
+    # one feature: each pool model's gain as a multiple of f0's entropy, fit on D_rl + D_ft
+    slope = (train_gain * train_ent[:, None]).sum((0, 2, 3)) / train_ent.square().sum()
+    rows = []
+    for side in blocks:
+        blk = block_outcomes(test, side, ncls, test_out.state)
+        cost = torch.tensor(costs.patch, dtype=torch.float64) * (
+            (side + 2 * halo) / (patch + 2 * halo)) ** 2
+        oracle = routed_curve(blk, blk.dataset_gain(), cost, costs.fixed)
+        row = {"block": side, "per_image": blk.inter.shape[1]}
+        for name, scores in (("dense router", with_f0(block_sums(maps, side))),
+                             ("entropy rule", with_f0(block_sums(ent[:, None] * slope[None, :, None, None], side)))):
+            row[name] = dict(zip(("margin", "captured"),
+                                 area_and_capture(routed_curve(blk, scores, cost, costs.fixed),
+                                                  oracle), strict=True))
+        a = areas({"Frontier": frontier, "oracle": oracle}, lo, hi)
+        row["oracle margin"] = a["oracle"] - a["Frontier"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out["blocks"] = rows
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for run_dir in args.run_dirs:
+        saved[str(run_dir)] = probe(run_dir, args.seeds, args.blocks)
+        RESULTS.write_text(json.dumps(saved, indent=1))
+
+
+if __name__ == "__main__":
+    main()
