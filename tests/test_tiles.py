@@ -208,3 +208,52 @@ def test_stage1_on_random_crops_trains_otherwise_and_the_same_again(tmp_path):
         assert all(torch.equal(v, runs["again"][role][k]) for k, v in runs["crops"][role].items())
         assert not all(torch.equal(v, runs["fixed"][role][k])
                        for k, v in runs["crops"][role].items())
+
+
+def test_the_router_learns_from_random_crops_of_its_tiles_when_asked(tmp_path):
+    """stage2.crops: D_rl's and D_ft's windows are loaded with half a patch around them,
+    the router's outcomes add one part per crop after the tiles themselves, each a crop of
+    the window at its own seeded offsets (the same on every call), labels moved with it."""
+    from paser.models import PooledPolicy, create_model
+    from paser.outcomes import PatchOutcomes
+    from paser.patches import PatchGrid
+    from paser.routing import Router
+    from paser.train.policy import random_crops, training_outcomes
+    from paser.train.pretrain import crop
+
+    root = mixed_folder(tmp_path / "d")
+    base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2", "grid=[2, 2]",
+            "stage1.class_weights=null", "data.tile=[16, 16]", "models.in_channels=1"]
+    plain = load_stage_data(load_config(preset="battery-quick", overrides=base))
+    assert plain.rl_around is None and plain.router_margin == 0  # off by default
+    cfg = load_config(preset="battery-quick", overrides=[*base, "stage2.crops=2"])
+    data = load_stage_data(cfg)
+    assert data.router_margin == 4  # half a patch of 8 x 8
+    for split, around in ((data.rl, data.rl_around), (data.ft, data.ft_around)):
+        assert around.ids == split.ids
+        assert torch.equal(around.images[:, :, 4:20, 4:20], split.images)
+    first = random_crops(data.rl_around, 4, cfg.seed, 0, 0)
+    again = random_crops(data.rl_around, 4, cfg.seed, 0, 0)
+    other = random_crops(data.rl_around, 4, cfg.seed, 0, 1)
+    assert torch.equal(first.images, again.images) and torch.equal(first.masks, again.masks)
+    assert not torch.equal(first.images, other.images)
+    assert first.images.shape == data.rl.images.shape
+    offsets = torch.randint(9, (len(data.rl), 2),
+                            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003))
+    xs, ys = crop(data.rl_around.images, data.rl_around.masks, 4, offsets)
+    assert torch.equal(first.images, xs) and torch.equal(first.masks, ys)
+
+    torch.manual_seed(0)
+    router = Router(create_model("unet_tiny", 1, 2), PooledPolicy((2, 2), 3, 2), [
+        create_model("unet_tiny", 1, 2), create_model("unet_tiny", 1, 2)], PatchGrid(2, 2), 1,
+        mc_dropout="none").eval()
+    out = training_outcomes(cfg, router, data, torch.device("cpu"), mc_seed=0)
+    n_rl, n_ft = len(data.rl), len(data.ft)
+    assert out.inter.shape[0] == 3 * (n_rl + n_ft)  # each split: its tiles, then 2 crops
+    tiles = PatchOutcomes.build(router, data.rl, 2, 16, torch.device("cpu"), mc_seed=0)
+    crops = PatchOutcomes.build(router, first, 2, 16, torch.device("cpu"), mc_seed=0)
+    assert torch.equal(out.inter[:n_rl], tiles.inter)
+    assert torch.equal(out.inter[n_rl:2 * n_rl], crops.inter)
+    # built again on these outcomes (only f0 runs), the pool's part is taken as it is
+    again = training_outcomes(cfg, router, data, torch.device("cpu"), mc_seed=0, pool_from=out)
+    assert torch.equal(again.inter, out.inter)

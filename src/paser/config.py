@@ -254,6 +254,12 @@ class Stage2Config(_Strict):
                        "the paper): the pool is not equivariant, so each view is a new draw of "
                        "every model's outcome on every patch; quarter turns only for square "
                        "images and grids, and none when the grid does not divide the image")
+    crops: int = Field(0, ge=0, le=8, description="where the training images are cut into "
+                       "tiles (data.tile: folder and volume data): the router also learns from "
+                       "this many random crops of each of its training tiles, moved by up to "
+                       "stage1.crop_margin (null: half a patch) each way, the image around "
+                       "them filling in: each a new draw of every model's outcome on every "
+                       "patch, at other places on the image; 0: the tiles alone (the paper)")
     hidden: int = Field(64, ge=1, description="pooled policy: width of its MLP")
     members: int = Field(1, ge=1, description="pooled policy: MLPs from different initial "
                          "weights whose outputs are averaged (an ensemble; full-information "

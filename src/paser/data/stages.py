@@ -37,14 +37,20 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)
+    def windows(margin: int, rows: list[int]) -> Tensors | None:
+        """The tiles ``rows`` with ``margin`` pixels of their image around them, read or
+        held for nothing else; None without a margin."""
+        if not margin:
+            return None
+        around = sets["train"].around(margin)
+        return (on_disk(around, data.workers).subset(rows) if stream
+                else to_tensors(Subset(around, rows)))
+
     margin = crop_margin(cfg, sets["train"])
-    around = None
-    if margin:  # D_pre's windows alone: read, or held, for nothing else
-        windows = sets["train"].around(margin)
-        around = (on_disk(windows, data.workers).subset(pre) if stream
-                  else to_tensors(Subset(windows, pre)))
+    router_margin = half_patch(cfg, sets["train"]) if cfg.stage2.crops else 0
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test,
-                     around, margin)
+                     windows(margin, pre), margin, windows(router_margin, rl),
+                     windows(router_margin, ft), router_margin)
 
 
 def augments(cfg: ExperimentConfig) -> bool:
@@ -62,7 +68,13 @@ def crop_margin(cfg: ExperimentConfig, train: SegmentationFiles | Tiles) -> int:
     """How far stage 1 moves its crops of the training tiles (``stage1.crop_margin``; null:
     half a patch): 0 unless stage 1 augments (``stage1.augment``) and the training images
     are cut into tiles."""
-    if not isinstance(train, Tiles) or not augments(cfg):
+    return half_patch(cfg, train) if augments(cfg) else 0
+
+
+def half_patch(cfg: ExperimentConfig, train: SegmentationFiles | Tiles) -> int:
+    """``stage1.crop_margin`` (null: half a patch) where the training images are cut into
+    tiles, else 0: how far a random crop of a tile moves each way."""
+    if not isinstance(train, Tiles):
         return 0
     margin = cfg.stage1.crop_margin
     if margin is None:

@@ -181,7 +181,8 @@ def on_disk(dataset: SegmentationFiles, workers: int = 2) -> Tensors:
 class StageData:
     """D_pre, D_rl, D_ft (three cuts of the training split), validation and test; and,
     where stage 1 crops its tiles at random (``stage1.crop_margin``), D_pre's tiles with
-    ``margin`` pixels of their image around them (``pre_around``)."""
+    ``margin`` pixels of their image around them (``pre_around``); where the router learns
+    from random crops too (``stage2.crops``), D_rl's and D_ft's with ``router_margin``."""
 
     pre: Tensors
     rl: Tensors
@@ -190,5 +191,8 @@ class StageData:
     test: Tensors
     pre_around: Tensors | None = None
     margin: int = 0
+    rl_around: Tensors | None = None
+    ft_around: Tensors | None = None
+    router_margin: int = 0
 
 

@@ -38,7 +38,7 @@ import torch
 
 from paser.checkpoints import build_router, load_checkpoint
 from paser.config import ExperimentConfig
-from paser.data import load_stage_data
+from paser.data import Tensors, load_stage_data
 from paser.metrics import reward as action_reward
 from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes, usable_views, viewed
@@ -46,6 +46,7 @@ from paser.routing import Router
 from paser.runtime import atomic_save, atomic_write_text, progress
 from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
+from paser.train.pretrain import crop
 
 
 def reward(patch_iou: torch.Tensor, actions: torch.Tensor, cost: torch.Tensor, lam: float
@@ -191,24 +192,44 @@ def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch
                       pool_from: PatchOutcomes | None = None) -> PatchOutcomes:
     """What the policy trains on: D_rl's outcomes, with D_ft's after them when
     ``stage2.train_on`` is ``rl+ft``, each split seen in ``stage2.views`` dihedral views
-    (mirrored, turned: :func:`paser.outcomes.usable_views`), one after another. The pool
-    models are not equivariant, so a view is a new draw of every model's outcome on every
-    patch, and a router that learns from more draws learns less of one draw's noise."""
-    splits = [data.rl] + ([data.ft] if cfg.stage2.train_on == "rl+ft" else [])
+    (mirrored, turned: :func:`paser.outcomes.usable_views`), one after another, then in
+    ``stage2.crops`` random crops of its tiles (:func:`random_crops`). The pool models are
+    not equivariant, so a view or a crop is a new draw of every model's outcome on every
+    patch, and a router that learns from more draws learns less of one draw's noise.
+    ``pool_from``: outcomes built by this function before, in the same order."""
+    splits = [(data.rl, getattr(data, "rl_around", None))]
+    if cfg.stage2.train_on == "rl+ft":
+        splits.append((data.ft, getattr(data, "ft_around", None)))
     h, w = data.rl.images.shape[-2:]
     views = usable_views(router.grid, h, w, cfg.stage2.views)
-    parts, start = [], 0
-    for split in splits:
+    parts: list[PatchOutcomes] = []
+
+    def build(split) -> None:
+        base, start = None, sum(len(p.state) for p in parts)
+        if pool_from is not None:
+            base = PatchOutcomes(*(getattr(pool_from, k)[start:start + len(split)] for k in
+                                   ("state", "inter", "union", "entropy", "nll")))
+        parts.append(PatchOutcomes.build(router, split, cfg.models.num_classes,
+                                         cfg.stage2.batch_size, device, mc_seed, base))
+
+    for s, (split, around) in enumerate(splits):
         for v in views:
-            base = None
-            if pool_from is not None:
-                n = len(split)
-                base = PatchOutcomes(*(getattr(pool_from, k)[start:start + n] for k in
-                                       ("state", "inter", "union", "entropy", "nll")))
-                start += n
-            parts.append(PatchOutcomes.build(router, viewed(split, v), cfg.models.num_classes,
-                                             cfg.stage2.batch_size, device, mc_seed, base))
+            build(viewed(split, v))
+        for c in range(cfg.stage2.crops if around is not None else 0):
+            build(random_crops(around, data.router_margin, cfg.seed, s, c))
     return parts[0] if len(parts) == 1 else PatchOutcomes.concat(parts)
+
+
+def random_crops(around: Tensors, margin: int, seed: int, split: int, draw: int) -> Tensors:
+    """Tiles cut from their windows ``around`` (each tile with ``margin`` pixels of its
+    image about it, :meth:`paser.data.tiles.Tiles.around`) at random offsets of up to
+    ``margin`` each way: draw ``draw`` of training split ``split`` for run seed ``seed``,
+    the same on every call."""
+    around = around.in_memory()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + split * 1009 + draw)
+    offsets = torch.randint(2 * margin + 1, (len(around), 2), generator=gen)
+    images, masks = crop(around.images, around.masks, margin, offsets)
+    return Tensors(images, masks, list(around.ids), around.groups, around.group_names)
 
 
 def prepare(policy: torch.nn.Module, train_states: torch.Tensor) -> None:
