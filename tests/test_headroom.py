@@ -154,3 +154,14 @@ def test_verdict_reads_the_curve_when_the_point_misses():
     miss = FR.verdict((1.0, 0.548), frontier, None, 1.0, under, 1.0, 9.0)
     assert miss.startswith("routing does not pay on this data")
     assert FR.curve_saving(under, frontier) is None
+
+
+def test_the_papers_method_learns_from_its_images_as_they_are():
+    """PaSeR (paper) keeps the paper's training data when the run's router learns from
+    more draws (views, crops)."""
+    from paser.config import load_config
+    from paser.train.paper import paper_config
+
+    paper = paper_config(load_config("battery-quick",
+                                     overrides=["stage2.views=4", "stage2.crops=3"]))
+    assert (paper.stage2.views, paper.stage2.crops, paper.stage2.objective) == (1, 0, "reinforce")

@@ -26,7 +26,7 @@ PAPER_METHOD: dict[str, Any] = {
     "stage2": {"objective": "reinforce", "gain": "patch", "policy": "cnn", "state": "paper",
                "head": "global", "stride": 1, "lam": 0.5, "cost": "params",
                "alpha": [0.7, 0.95], "weight_decay": 0.0, "train_on": "rl", "members": 1,
-               "views": 1},
+               "views": 1, "crops": 0},
     "operating_point": {"iou_within_top": None, "budget_gflops": None, "max_tvd": None},
 }
 
