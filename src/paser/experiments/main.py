@@ -57,6 +57,7 @@ from paser.outcomes import PatchOutcomes
 from paser.runtime import progress
 from paser.train.finetune import sweep_dir
 from paser.train.paper import paper_config, paper_dir
+from paser.train.pretrain import augmentations
 
 #: the report's row for PaSeR calibrated to the best single model's IoU within 0.005
 BEST_IOU_POINT = "PaSeR (best model's IoU - 0.005)"
@@ -237,6 +238,11 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                  "(finding them needs every model on every patch and the label). The Oracle "
                  "curve is the best of that oracle at every lam and of the true dataset-mIoU "
                  "gains priced per GFLOP.")
+    if REACHABLE in curves and augmentations(cfg, h, w):
+        notes.append(f"{REACHABLE} overstates what a router can reach on this run: the pool "
+                     "trained on mirrored and turned images (stage1.augment), so its models "
+                     "answer nearly alike on every view of a patch, and a view is not a new "
+                     "draw of their errors; read the reachable part as an upper bound.")
     notes.append("PaSeR-RandPol and Oracle do not run the policy and are not charged for it.")
     if monolithic or b.matphase is not None:
         notes.append(f"Monolithic models{' and MatPhase' if b.matphase is not None else ''} "
