@@ -11,6 +11,7 @@ from torch import nn
 from paser import frontier as FR
 from paser.calibration import calibrate
 from paser.data import Tensors
+from paser.errors import ConfigError
 from paser.experiments.curves import escalation, rank_correlation
 from paser.models import PooledPolicy, create_model
 from paser.outcomes import PatchOutcomes, patch_order, usable_views, view, viewed
@@ -102,6 +103,10 @@ def test_training_outcomes_hold_every_view_of_every_image(tmp_path):
     mirrored = PatchOutcomes.build(router, viewed(split, 1), 3, 16, torch.device("cpu"),
                                    mc_seed=0)
     assert torch.equal(out.inter[2:4], mirrored.inter)
+    # whole images have nothing around them to crop from: said, not ignored
+    cropped = load_config("battery-quick", overrides=["stage2.crops=2"])
+    with pytest.raises(ConfigError, match="stage2.crops=2: the router's training images"):
+        training_outcomes(cropped, router, data, torch.device("cpu"), mc_seed=0)
 
 
 def test_the_quality_target_is_the_best_single_model_not_the_last():

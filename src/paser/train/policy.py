@@ -39,6 +39,7 @@ import torch
 from paser.checkpoints import build_router, load_checkpoint
 from paser.config import ExperimentConfig
 from paser.data import Tensors, load_stage_data
+from paser.errors import ConfigError
 from paser.metrics import reward as action_reward
 from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes, usable_views, viewed
@@ -200,6 +201,11 @@ def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch
     splits = [(data.rl, getattr(data, "rl_around", None))]
     if cfg.stage2.train_on == "rl+ft":
         splits.append((data.ft, getattr(data, "ft_around", None)))
+    if cfg.stage2.crops and any(around is None for _, around in splits):
+        raise ConfigError(
+            f"stage2.crops={cfg.stage2.crops}: the router's training images are whole images, "
+            "not tiles cut from larger ones (data.tile), so there is no image around them to "
+            "crop from; set stage2.crops=0 (stage2.views adds mirrored and turned copies)")
     h, w = data.rl.images.shape[-2:]
     views = usable_views(router.grid, h, w, cfg.stage2.views)
     parts: list[PatchOutcomes] = []
