@@ -37,6 +37,7 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)
+
     def windows(margin: int, rows: list[int]) -> Tensors | None:
         """The tiles ``rows`` with ``margin`` pixels of their image around them, read or
         held for nothing else; None without a margin."""

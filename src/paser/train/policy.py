@@ -221,7 +221,9 @@ def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch
     for s, (split, around) in enumerate(splits):
         for v in views:
             build(viewed(split, v))
-        for c in range(cfg.stage2.crops if around is not None else 0):
+        if cfg.stage2.crops:  # streamed windows are read once for all the draws
+            around = around.in_memory()
+        for c in range(cfg.stage2.crops):
             build(random_crops(around, data.router_margin, cfg.seed, s, c))
     return parts[0] if len(parts) == 1 else PatchOutcomes.concat(parts)
 
