@@ -12,13 +12,21 @@
    the run's patch cost scaled by its area with the halo, ``((b + 2 halo) / (p + 2
    halo))^2``. Finer blocks there keep the context of the run's patches, which real
    patches of that size would not have: an upper bound for finer grids.
+3. **A look at f1 before f2.** A learned two-step cascade: a router on f0's output sends
+   each patch to f0, f1 or f2 (:func:`patch_features`, a small MLP fit to the patch gains);
+   on the patches sent to f1, a second one that also sees f1's output (its entropy, where
+   it changes f0's answer) moves those where f2 should beat f1 on to f2, which then costs
+   f1 and f2 (:func:`cascade_actions`). Beside it, the same first router alone (one step)
+   and the cascade with a perfect second step (the true gain of f2 over f1): how much
+   seeing f1 could add, and how much it does.
 
 Curve areas are the report's (its budgets, its single-model frontier); "captured" is the
 share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_captured`).
 
-    .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2
+    .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2 [--parts cascade]
 
-Writes ``benchmarks/results/router_probe.json`` (one entry per run directory).
+Writes ``benchmarks/results/router_probe.json`` (one entry per run directory; ``--parts``
+replaces only those parts of an entry).
 """
 
 from __future__ import annotations
@@ -48,20 +56,21 @@ SPLITS = ("rl", "ft", "validation", "test")
 
 @torch.inference_mode()
 def dense_outcomes(router, split, batch: int = 16) -> dict[str, torch.Tensor]:
-    """The padded images, f0's probabilities, the labels (-1 unlabelled) and every model's
-    predicted classes ``[N, K+1, H, W]`` (the pool's stitched from its patches)."""
+    """The padded images, f0's probabilities, the labels (-1 unlabelled), every model's
+    predicted classes ``[N, K+1, H, W]`` and the pool's probabilities ``[N, K, C, H, W]``
+    (stitched from its patches)."""
     grid = router.grid
-    out: dict[str, list] = {"image": [], "probs": [], "label": [], "pred": []}
+    out: dict[str, list] = {"image": [], "probs": [], "label": [], "pred": [], "pool": []}
     for images, masks in split.batches(batch):
         x = grid.pad(images)
         mc = router.observe(x, 0)
-        preds = [mc.probs.argmax(1)]
-        preds += [grid.merge(router.run_local(k, grid.context(x))).argmax(1)
-                  for k in range(1, router.num_models)]
+        pool = torch.stack([grid.merge(router.run_local(k, grid.context(x)))
+                            for k in range(1, router.num_models)], 1)
         out["image"].append(x)
         out["probs"].append(mc.probs)
         out["label"].append(grid.pad(masks, mode="constant", value=-1))
-        out["pred"].append(torch.stack(preds, 1))
+        out["pred"].append(torch.cat([mc.probs.argmax(1)[:, None], pool.argmax(2)], 1))
+        out["pool"].append(pool)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -186,7 +195,76 @@ def with_f0(gains: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(gains[..., :1]), gains], -1)
 
 
-def probe(run_dir: Path, seeds: list[int], blocks: list[int]) -> dict:
+def patch_features(d: dict, patch: int, second: bool) -> torch.Tensor:
+    """Per patch ``[N * P, F]``: f0's entropy (mean, max, std), mean top probability and
+    share of each predicted class, the image's mean and std; with ``second`` also f1's
+    entropy and top probability, the share of pixels where f1 changes f0's answer, the mean
+    L1 distance of their probabilities and the change of each class's share."""
+    h, w = d["label"].shape[-2:]
+    grid = PatchGrid(h // patch, w // patch)
+    ncls = d["probs"].shape[1]
+
+    def stats(probs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        p = grid.split(probs)  # [N * P, C, h, w]
+        e = entropy(p)
+        share = F.one_hot(p.argmax(1), ncls).float().mean((1, 2))
+        return [e.mean((1, 2)), e.amax((1, 2)), e.std((1, 2)), p.amax(1).mean((1, 2))], share
+
+    first, share0 = stats(d["probs"])
+    image = grid.split(d["image"])
+    cols = first + [image.mean((1, 2, 3)), image.std((1, 2, 3)), *share0.T]
+    if second:
+        more, share1 = stats(d["pool"][:, 0])
+        p0, p1 = grid.split(d["probs"]), grid.split(d["pool"][:, 0])
+        cols += more + [(p0.argmax(1) != p1.argmax(1)).float().mean((1, 2)),
+                        (p1 - p0).abs().sum(1).mean((1, 2)), *(share1 - share0).T]
+    return torch.stack(cols, 1)
+
+
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, seed: int,
+            epochs: int = 300) -> nn.Module:
+    """A two-layer MLP (32 wide) from standardised ``x`` to ``y`` [n, k] (squared error),
+    the epoch of least error on ``(xv, yv)`` kept; returns the predictor of ``y``."""
+    torch.manual_seed(seed)
+    mu, sd, scale = x.mean(0), x.std(0) + 1e-6, y.abs().mean()
+    net = nn.Sequential(nn.Linear(x.shape[1], 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, y.shape[1]))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
+    best, best_state = float("inf"), None
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = order[i:i + 64]
+            loss = F.mse_loss(net((x[idx] - mu) / sd), y[idx] / scale)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            err = F.mse_loss(net((xv - mu) / sd), yv / scale).item()
+        if err < best:
+            best, best_state = err, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    net.eval()
+    return lambda z: net((z - mu) / sd).detach() * scale
+
+
+def cascade_actions(gains: torch.Tensor, upgrade: torch.Tensor, rel: torch.Tensor,
+                    ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A two-step cascade over a pool f0, f1, f2 at each price of ``ts`` [S]: predicted
+    gains ``[..., 2]`` of f1 and f2 over f0 choose f0, f1 or f2 (``argmax(gain - t rel)``);
+    a patch on f1 moves on to f2 where ``upgrade`` [...] (f2's predicted gain over f1, f1's
+    output seen) beats ``t * rel[2]``, and then pays both. Returns the actions ``[S, ...]``
+    and their relative costs ``[S, ...]``."""
+    t = ts.view(-1, *([1] * gains[..., 0].dim())).double()
+    first = (with_f0(gains.double())[None] - t[..., None] * rel.double()).argmax(-1)
+    up = (first == 1) & (upgrade.double()[None] > t * rel[2])
+    cost = rel.double()[first] + up * rel[2].double()
+    return torch.where(up, 2, first), cost
+
+
+def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) -> dict:
     run = open_finished(run_dir, show_progress=False)
     router = PaSeR.load(run_dir, device="cpu").router.eval()
     ncls = run.cfg.models.num_classes
@@ -214,6 +292,11 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int]) -> dict:
     out: dict = {"run_dir": str(run_dir), "report": {
         k: results["headroom_captured"].get(k) for k in ("PaSeR", "IDK-Cascade")}}
     out["report"]["rank_PaSeR"] = results["rank_correlation"]["PaSeR"]
+    if "cascade" in parts:
+        out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds,
+                                       lambda c: area_and_capture(c, results["curves"]["Oracle"]))
+    if "dense" not in parts:
+        return out
     dense_rows, dense_maps = [], []
     for seed in seeds:
         for image in (False, True):
@@ -263,16 +346,68 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int]) -> dict:
     return out
 
 
+def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: int, costs,
+                  seeds: list[int], capture) -> list[dict]:
+    """Part 3 of the module's docstring: one step, a learned two-step cascade, and the
+    cascade with a perfect second step, for each seed of the MLPs."""
+    from scipy.stats import spearmanr
+
+    if test_out.inter.shape[2] != 3:
+        raise SystemExit("the cascade probe needs a pool of two models (f1, f2)")
+    feats = {s: (patch_features(data[s], patch, False), patch_features(data[s], patch, True))
+             for s in SPLITS}
+    gains = {s: block_outcomes(data[s], patch, num_classes, torch.zeros(0)).dataset_gain()
+             [..., 1:].flatten(0, 1).float() for s in SPLITS}
+
+    x1 = torch.cat([feats[s][0] for s in ("rl", "ft")])
+    x2 = torch.cat([torch.cat(feats[s], 1) for s in ("rl", "ft")])
+    g = torch.cat([gains[s] for s in ("rl", "ft")])
+    v1, v2, gv = feats["validation"][0], torch.cat(feats["validation"], 1), gains["validation"]
+    t1, t2, gt = feats["test"][0], torch.cat(feats["test"], 1), gains["test"]
+    cost = torch.tensor(costs.patch, dtype=torch.float64)
+    rel = cost / cost.max()
+    n, p = test_out.inter.shape[:2]
+    true_up = gt[:, 1] - gt[:, 0]
+
+    def routed(pred: torch.Tensor, upgrade: torch.Tensor | None) -> dict:
+        scores = with_f0(pred.view(n, p, 2)).double()
+        if upgrade is None:
+            return routed_curve(test_out, scores, cost, costs.fixed)
+        acts, rel_cost = cascade_actions(pred.view(n, p, 2), upgrade.view(n, p), rel,
+                                         price_sweep(scores, rel))
+        return curve(test_out.miou_many(acts), costs.fixed + rel_cost.sum(-1).mean(-1) * cost.max())
+
+    rows = []
+    for seed in seeds:
+        pred = fit_mlp(x1, g, v1, gv, seed)(t1)  # f1's and f2's gains over f0, from f0
+        up = fit_mlp(x2, (g[:, 1] - g[:, 0])[:, None], v2, (gv[:, 1] - gv[:, 0])[:, None],
+                     seed)(t2)[:, 0]
+        row = {"seed": seed,
+               "rank f2 over f1, f0 seen": float(spearmanr(pred[:, 1] - pred[:, 0], true_up).statistic),
+               "rank f2 over f1, f0 and f1 seen": float(spearmanr(up, true_up).statistic)}
+        for name, upgrade in (("one step", None), ("two steps", up),
+                              ("two steps, perfect second", true_up)):
+            row[name] = dict(zip(("margin", "captured"), capture(routed(pred, upgrade)),
+                                 strict=True))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--parts", nargs="+", choices=("dense", "cascade"),
+                    default=["dense", "cascade"],
+                    help="dense: the dense router and the block sizes; cascade: part 3")
     args = ap.parse_args()
     torch.set_num_threads(2)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for run_dir in args.run_dirs:
-        saved[str(run_dir)] = probe(run_dir, args.seeds, args.blocks)
+        saved[str(run_dir)] = {**saved.get(str(run_dir), {}),
+                               **probe(run_dir, args.seeds, args.blocks, args.parts)}
         RESULTS.write_text(json.dumps(saved, indent=1))
 
 

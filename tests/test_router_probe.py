@@ -54,3 +54,37 @@ def test_pixel_gains_add_up_to_the_patch_gains(probe):
     scale = n * 4 / present
     expected = PatchOutcomes.dataset_gain(outcomes)[..., 1:]
     assert torch.allclose(per_patch * scale, expected, atol=1e-5)
+
+
+def test_a_two_step_cascade_pays_f1_and_f2_for_a_patch_it_moves_on(probe):
+    # two patches; predicted gains of f1, f2 over f0, and of f2 over f1 once f1 is seen
+    gains = torch.tensor([[0.5, 0.6], [0.1, 1.0]])
+    upgrade = torch.tensor([0.3, 0.0])
+    rel = torch.tensor([0.0, 0.25, 1.0])
+    actions, cost = probe.cascade_actions(gains, upgrade, rel, torch.tensor([0.0, 0.2, 0.5]))
+    # free: both straight to f2. At 0.2 the first patch goes to f1 (0.45 > 0.4) and on to
+    # f2 (0.3 > 0.2), paying both; at 0.5 it stays on f1 (0.3 < 0.5)
+    assert actions.tolist() == [[2, 2], [2, 2], [1, 2]]
+    assert cost.tolist() == [[1.0, 1.0], [1.25, 1.0], [0.25, 1.0]]
+
+
+def test_patch_features_by_hand(probe):
+    # one 4 x 4 image in 2 x 2 patches; f0 sure of class 0 everywhere, f1 says class 1 on
+    # the top-left patch
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[:, 0] = 1.0
+    pool = probs.clone()[:, None].repeat(1, 2, 1, 1, 1)
+    pool[0, 0, :, :2, :2] = torch.tensor([0.0, 1.0])[:, None, None]
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    d = {"probs": probs, "pool": pool, "image": image, "label": torch.zeros(1, 4, 4)}
+    first = probe.patch_features(d, 2, second=False)
+    assert first.shape == (4, 4 + 2 + 2)
+    assert first[:, :3].abs().sum() == 0  # no entropy anywhere
+    assert first[:, 3].tolist() == [1.0] * 4  # top probability
+    assert first[0, 4].item() == pytest.approx(image[0, 0, :2, :2].mean().item())
+    assert first[:, 6:].tolist() == [[1.0, 0.0]] * 4  # every pixel class 0
+    both = probe.patch_features(d, 2, second=True)
+    assert both.shape == (4, 8 + 4 + 2 + 2)
+    assert both[:, 12].tolist() == [1.0, 0.0, 0.0, 0.0]  # where f1 changes f0's answer
+    assert both[:, 13].tolist() == [2.0, 0.0, 0.0, 0.0]  # L1 distance of probabilities
+    assert both[0, 14:].tolist() == [-1.0, 1.0]  # class shares moved from 0 to 1
