@@ -54,8 +54,9 @@ def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("augment", ["off", "on"])
 def test_resume_after_interruption_ends_like_an_uninterrupted_run(tiny_cfg, tmp_path,
                                                                    monkeypatch, augment):
+    # augmented: the same draws again on resume, each epoch 2 passes over D_pre's 4 images
     tiny_cfg = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
-        update={"augment": augment})})  # augmented: the same draws again on resume
+        update={"augment": augment, "min_epoch_images": 8})})
     straight = stage1.pretrain(tiny_cfg, tmp_path / "a", show_progress=False)
 
     calls = {"n": 0}
@@ -115,9 +116,26 @@ def test_augmentation_views_are_inverted_and_on_where_the_data_allows(tiny_cfg):
     assert torch.equal(y[:, :, 0, 0], y[:, :, 1, 1])  # one gain and offset per image
 
 
+def test_an_epoch_draws_at_least_min_epoch_images_where_stage1_augments(tiny_cfg):
+    assert tiny_cfg.stage1.min_epoch_images == 100  # battery-quick's
+    assert stage1.epoch_draws(tiny_cfg, 3) == 3  # the synthetic set: not augmented, one pass
+    on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
+        update={"augment": "on", "min_epoch_images": 7})})
+    assert stage1.epoch_draws(on, 3) == 7 and stage1.epoch_draws(on, 9) == 9
+    # one pass is the permutation an epoch always drew (the demo's runs do not move)
+    order = stage1.epoch_order(5, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(order, torch.randperm(5, generator=torch.Generator().manual_seed(3)))
+    # more: whole permutations one after the other, cut; every image as often as the rest
+    order = stage1.epoch_order(3, 7, torch.Generator().manual_seed(3))
+    assert len(order) == 7 and sorted(order[:6].tolist()) == [0, 0, 1, 1, 2, 2]
+    g = torch.Generator().manual_seed(3)
+    first = torch.randperm(3, generator=g)
+    assert torch.equal(order[:3], first)
+
+
 def test_augmented_training_learns_from_other_views(tiny_cfg, tmp_path):
     on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
-        update={"augment": "on"})})
+        update={"augment": "on", "min_epoch_images": None})})
     stage1.pretrain(tiny_cfg, tmp_path / "off", show_progress=False)
     stage1.pretrain(on, tmp_path / "on", show_progress=False)
     off_log = MetricLog(tmp_path / "off" / "metrics" / "stage1.jsonl").read()

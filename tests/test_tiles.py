@@ -55,7 +55,7 @@ def test_tiles_hold_every_labelled_pixel_once(tmp_path):
 def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
-            "grid=[2, 2]", "stage1.class_weights=null"]
+            "grid=[2, 2]", "stage1.class_weights=null", "stage1.min_epoch_images=null"]
     import contextlib
 
     import paser.data.registry as registry
@@ -194,6 +194,7 @@ def test_stage1_on_random_crops_trains_otherwise_and_the_same_again(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["num_threads=1", "data.dataset=folder", f"data.root={root}",
             "models.num_classes=2", "grid=[2, 2]", "stage1.class_weights=null",
+            "stage1.min_epoch_images=null",
             "data.tile=[16, 16]", "stage1.epochs=2", "stage1.batch_size=2",
             "models.f0.epochs=1", "models.pool.0.epochs=null", "models.pool.1.epochs=null",
             "models.pool.0.kwargs={c0: 2, widths: [4, 4]}",

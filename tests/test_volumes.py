@@ -140,7 +140,8 @@ def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
     over = ["data.dataset=volume", f"data.root={tmp_path}", "data.volume=recon.zarr",
             "data.labels=labels.tif",
             "data.slices={train: [0, 18], validation: [18, 24], test: [24, 30]}",
-            "data.tile=[16, 16]", "models.num_classes=2", "stage1.class_weights=null"]
+            "data.tile=[16, 16]", "models.num_classes=2", "stage1.class_weights=null",
+            "stage1.min_epoch_images=null"]
     cfg = load_config(preset="battery-quick", overrides=over)
     train = open_split(cfg.data, "train")
     assert train.z == [0, 3, 6, 9, 12, 15] and train.ids[1] == "recon_z00003"

@@ -205,6 +205,11 @@ class Stage1Config(_Strict):
     jitter: float = Field(0.1, ge=0, le=0.5, description="augment: each image's intensities "
                           "x * (1 + g) + o, g and o drawn in [-jitter, jitter] and "
                           "[-jitter / 2, jitter / 2]")
+    min_epoch_images: int | None = Field(
+        None, ge=1, description="where stage1.augment is on, an epoch draws at least this "
+        "many training images: a split with fewer repeats them (each draw a new view, jitter "
+        "and crop), so a few labelled slices train as many steps per epoch as a larger set "
+        "(nnU-Net counts its epochs in iterations for the same reason); null = one pass")
     crop_margin: int | None = Field(
         None, ge=0, description="augment, on images cut into tiles (data.tile): the pool "
         "models f1..fK train on tiles cropped at a random offset of up to this many pixels "

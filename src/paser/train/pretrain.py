@@ -111,6 +111,21 @@ def augmentations(cfg: ExperimentConfig, height: int, width: int) -> list[int]:
     return usable_views(PatchGrid(*cfg.grid, halo=cfg.halo), height, width, 8)
 
 
+def epoch_draws(cfg: ExperimentConfig, n: int) -> int:
+    """Images an epoch over ``n`` draws: ``n``, or ``stage1.min_epoch_images`` where that is
+    more and stage 1 augments (a repeat is then a new view, jitter and crop)."""
+    return max(n, cfg.stage1.min_epoch_images or 0) if augments(cfg) else n
+
+
+def epoch_order(n: int, draws: int, gen: torch.Generator) -> torch.Tensor:
+    """The ``draws`` (at least ``n``) indices of one epoch over ``n`` images: a random
+    permutation, and further ones after it, cut at ``draws``, where an epoch draws more
+    images than there are (``stage1.min_epoch_images``)."""
+    if draws <= n:
+        return torch.randperm(n, generator=gen)
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-draws // n))])[:draws]
+
+
 def crop(x: torch.Tensor, y: torch.Tensor, margin: int, offsets: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows ``x [B, C, H + 2m, W + 2m]`` and their labels ``y`` cropped to ``H x W``,
@@ -176,6 +191,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     spec = (spec or dict(model_roles(cfg))[role]).model_dump()
     n = len(train)
     views = augmentations(cfg, *train.images.shape[-2:])
+    draws = epoch_draws(cfg, n)
     with progress(show_progress and dist.is_main) as bar:
         task = bar.add_task(label or f"stage 1 {role}", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
@@ -186,7 +202,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             # The batch order depends only on (seed, role, epoch): resuming replays it exactly.
             gen = torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + zlib.crc32(role.encode()) * 1009 + epoch)
-            order = torch.randperm(n, generator=gen)
+            order = epoch_order(n, draws, gen)
             total, acc = torch.zeros((), dtype=torch.float64), IoUAccumulator(
                 cfg.models.num_classes)
             batches = [idx for idx in order.split(s1.batch_size)
@@ -226,7 +242,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                     atomic_save({"model": plain.state_dict(), "spec": spec, "role": role,
                                  "epoch": epoch, "val_miou": val_miou}, best_path)
             stop = patience is not None and epoch - best_epoch >= patience
-            record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / n,
+            record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / len(order),
                       "train_miou": acc.compute()["miou"], "val_miou": val_miou,
                       "best_epoch": best_epoch, "stopped": stop,
                       "seconds": time.perf_counter() - t0}
