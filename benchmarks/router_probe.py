@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -222,7 +223,7 @@ def patch_features(d: dict, patch: int, second: bool) -> torch.Tensor:
 
 
 def fit_mlp(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, seed: int,
-            epochs: int = 300) -> nn.Module:
+            epochs: int = 300) -> Callable[[torch.Tensor], torch.Tensor]:
     """A two-layer MLP (32 wide) from standardised ``x`` to ``y`` [n, k] (squared error),
     the epoch of least error on ``(xv, yv)`` kept; returns the predictor of ``y``."""
     torch.manual_seed(seed)
