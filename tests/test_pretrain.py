@@ -122,6 +122,7 @@ def test_an_epoch_draws_at_least_min_epoch_images_where_stage1_augments(tiny_cfg
     on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
         update={"augment": "on", "min_epoch_images": 7})})
     assert stage1.epoch_draws(on, 3) == 7 and stage1.epoch_draws(on, 9) == 9
+    assert stage1.epoch_draws(on, 0) == 0  # nothing to repeat
     # one pass is the permutation an epoch always drew (the demo's runs do not move)
     order = stage1.epoch_order(5, 5, torch.Generator().manual_seed(3))
     assert torch.equal(order, torch.randperm(5, generator=torch.Generator().manual_seed(3)))

@@ -114,7 +114,7 @@ def augmentations(cfg: ExperimentConfig, height: int, width: int) -> list[int]:
 def epoch_draws(cfg: ExperimentConfig, n: int) -> int:
     """Images an epoch over ``n`` draws: ``n``, or ``stage1.min_epoch_images`` where that is
     more and stage 1 augments (a repeat is then a new view, jitter and crop)."""
-    return max(n, cfg.stage1.min_epoch_images or 0) if augments(cfg) else n
+    return max(n, cfg.stage1.min_epoch_images or 0) if n and augments(cfg) else n
 
 
 def epoch_order(n: int, draws: int, gen: torch.Generator) -> torch.Tensor:
