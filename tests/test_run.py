@@ -161,6 +161,29 @@ def test_the_pool_summary_carries_stage1s_precision(tmp_path):
     (tmp_path / "stage1.json").write_text(json.dumps({"precision": "bf16-mixed", "models": {}}))
     summary = pool_summary(tmp_path, methods, 2)
     assert summary["precision"] == "bf16-mixed" and summary["inverted"] == [["f0", "f1"]]
+    assert summary["improving"] == []
+
+
+def test_the_report_says_which_models_were_still_improving_at_their_cap(tmp_path):
+    from paser.experiments.main import pool_summary
+    from paser.experiments.report import _pool_md
+
+    methods = {"f0": {"iou": 0.8, "gflops": 0.2}, "f1": {"iou": 0.82, "gflops": 1.0},
+               "f2": {"iou": 0.83, "gflops": 3.0}}
+    models = {  # best epochs count from 0: of 40, the last tenth is 36 to 39; of 30, 27 to 29
+        "f0": {"epochs": 40, "epoch_cap": 40, "best_epoch": 36, "converged": False},
+        "f1": {"epochs": 40, "epoch_cap": 40, "best_epoch": 35, "converged": False},
+        "f2": {"epochs": 30, "epoch_cap": 30, "best_epoch": 27, "converged": False}}
+    (tmp_path / "stage1.json").write_text(json.dumps({"models": models}))
+    pool = pool_summary(tmp_path, methods, 3)
+    assert pool["improving"] == ["f0", "f2"]  # f1's best lies 5 epochs back
+    models["f2"].update(epochs=20, best_epoch=19, converged=True)  # stopped early: a plateau
+    (tmp_path / "stage1.json").write_text(json.dumps({"models": models}))
+    assert pool_summary(tmp_path, methods, 3)["improving"] == ["f0"]
+    parts: list[str] = []
+    _pool_md(parts.append, pool, methods)
+    text = "".join(parts)
+    assert "Still improving at the epoch cap: f0, f2 (" in text and "min_epoch_images" in text
 
 
 def test_a_bad_baseline_name_fails_before_any_training(tmp_path):

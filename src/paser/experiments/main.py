@@ -294,8 +294,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
 
 
 def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> dict:
-    """Each model's stage-1 training (epochs, whether it converged) from ``stage1.json``,
-    and ``inverted``: pairs where a dearer model scores below a cheaper one on test."""
+    """Each model's stage-1 training (epochs, whether it converged) from ``stage1.json``;
+    ``inverted``: pairs where a dearer model scores below a cheaper one on test;
+    ``improving``: models that ran to their epoch cap with their best epoch among the last
+    tenth of it (at least the last 3), which more training may lift."""
     path = run_dir / "stage1.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     stage1 = summary.get("models", {})
@@ -304,8 +306,12 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
     names = ["f0", *(f"f{k}" for k in range(1, num_models))]
     inverted = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]
                 if methods[b]["iou"] < methods[a]["iou"]]
+    improving = [role for role, m in models.items()
+                 if m["epochs"] and m["epochs"] == m["epoch_cap"] and m["best_epoch"] is not None
+                 and m["best_epoch"] >= m["epochs"] - max(3, m["epochs"] // 10)]
     # stage 1's arithmetic (32-true, bf16-mixed: distributed.precision; older runs: unsaid)
-    return {"models": models, "inverted": inverted, "precision": summary.get("precision")}
+    return {"models": models, "inverted": inverted, "improving": improving,
+            "precision": summary.get("precision")}
 
 
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,

@@ -255,6 +255,12 @@ def _pool_md(w, pool: dict, methods: dict[str, dict]) -> None:
         w(f"\nWarning: {b} scores below {a} on test ({methods[b]['iou']:.4f} < "
           f"{methods[a]['iou']:.4f}) although it costs more: the pool is not ordered by "
           "quality (a model under-trained, or too large for the data).\n")
+    if pool.get("improving"):
+        names = ", ".join(pool["improving"])
+        w(f"\nStill improving at the epoch cap: {names} (best epoch among the last tenth of "
+          "the epochs, or the last 3). More training may lift them: `models.f0.epochs`, "
+          "`models.pool.<i>.epochs`, or, on few labelled slices, "
+          "`stage1.min_epoch_images`.\n")
     w("\n")
 
 
