@@ -3,9 +3,11 @@
 Each sample is a label map (0 = pore, 1 = carbon-binder, 2 = nickel active material)
 and an 8-bit grayscale image that imitates a low-resolution tomography slice of it.
 
-Geometry scales with the image: particle radii are fractions of ``min(H, W)``, so a
-112 x 128 sample is a downscaled 224 x 256 one. Imaging (blur, binder texture, noise)
-is in pixels, as a detector's resolution is.
+Geometry and imaging (particle radii, binder film and clumps, blur, texture, noise) are in
+pixels, as a detector's resolution is: a larger image is a larger field of view, not a
+finer one. Two smooth fields scale with ``min(H, W)`` instead: the easy and hard regions
+(``difficulty_scale``) and the domains of the binder streaks' direction, so a 128 x 128
+tile of a 1,024 x 1,024 slice is more often all easy or all hard than a 128 x 128 sample.
 
 - Labels: overlapping ellipses of log-normal radius (nickel, about 76 % of pixels);
   binder (about 12 %): a quarter of it is a film on particle surfaces that thickens into
