@@ -20,7 +20,9 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
 1c. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
    at equal IoU. 1d. `paser segment` end to end on 200 (up to 1,000) images: images per second.
 1e. volumes (runs/demo): `paser segment` on a synthetic 16-bit TIFF volume of 1,024 x 1,024
-   slices (each cut into the run's 128 x 128 tiles), at 64 and at 256 slices, for PaSeR,
+   slices (each cut into the run's 128 x 128 tiles; by default each slice a mosaic of 8 x 8
+   samples of 128 x 128, the data the demo trains on, `--volume-data generated` for one
+   1,024 x 1,024 sample per slice), at 64 and at 256 slices, for PaSeR,
    f1 alone and f2 alone, each in a fresh process: megavoxels per second with reading and
    writing, peak memory, mIoU against the generator's labels, and PaSeR's seconds per
    megavoxel against the single models' frontier at equal IoU (targets: peak under 2 GiB
@@ -543,36 +545,57 @@ def bench_segment(run_dir: Path, images: int, workers: int) -> dict:
 VOLUME_SIDE = 1024
 
 
-def ensure_volume(depth: int) -> tuple[Path, Path]:
+VOLUME_DATA = ("mosaic", "generated")
+
+
+def ensure_volume(depth: int, data: str = "mosaic") -> tuple[Path, Path]:
     """A 16-bit TIFF volume of ``depth`` synthetic 1,024 x 1,024 slices and its labels (class
-    indices, uint8): 16 generated slices, repeated mirrored and turned (made once)."""
+    indices, uint8): 16 slices, repeated mirrored and turned (made once).
+
+    ``mosaic``: each slice 8 x 8 samples of 128 x 128, the size the demo trains on, one per
+    tile the demo's run routes, drawn from seeds none of its splits use: the kind of data
+    the run was trained on. ``generated``: each slice one 1,024 x 1,024 sample; its
+    128 x 128 tiles vary in composition far more than whole 128 x 128 samples (the generator
+    fits the class fractions per image), so a run trained on the demo's images sees them as
+    shifted data (docs/volumes.md)."""
     import numpy as np
     import tifffile
 
     from paser.data.battery import read_label
-    from paser.data.synthetic import generate_dataset
+    from paser.data.synthetic import generate_dataset, generate_sample, sample_seed
     from paser.outcomes import view
 
-    path = DATA / f"volume_{depth}x{VOLUME_SIDE}.tif"
+    suffix = "" if data == "generated" else f"_{data}"
+    path = DATA / f"volume_{depth}x{VOLUME_SIDE}{suffix}.tif"
     labels = path.with_name(path.stem + "_labels.npy")
     if path.is_file() and labels.is_file():
         return path, labels
-    root = DATA / f"battery_{VOLUME_SIDE}_16"
-    if not (root / "stats.json").is_file():
-        generate_dataset(root, n_train=1, n_val=1, n_test=16, height=VOLUME_SIDE,
-                         width=VOLUME_SIDE, seed=0, progress=False)
-    files = sorted((root / "test_images").glob("*.png"))
-    from PIL import Image
+    if data == "generated":
+        root = DATA / f"battery_{VOLUME_SIDE}_16"
+        if not (root / "stats.json").is_file():
+            generate_dataset(root, n_train=1, n_val=1, n_test=16, height=VOLUME_SIDE,
+                             width=VOLUME_SIDE, seed=0, progress=False)
+        files = sorted((root / "test_images").glob("*.png"))
+        from PIL import Image
 
-    base = [np.asarray(Image.open(f)) for f in files]
-    lab = [read_label(root / "test_label" / f.name).astype(np.uint8) for f in files]
+        base = [np.asarray(Image.open(f)) for f in files]
+        lab = [read_label(root / "test_label" / f.name).astype(np.uint8) for f in files]
+    else:
+        side, n = 128, VOLUME_SIDE // 128
+        base, lab = [], []
+        for s in range(16):  # split index 3: the demo's splits are 0, 1 and 2
+            pairs = [generate_sample(side, side, sample_seed(0, 3, s * n * n + j))
+                     for j in range(n * n)]
+            for k, out in enumerate((base, lab)):
+                out.append(np.stack([p[k] for p in pairs]).reshape(n, n, side, side)
+                           .transpose(0, 2, 1, 3).reshape(VOLUME_SIDE, VOLUME_SIDE))
     out = np.lib.format.open_memmap(labels, "w+", np.uint8, (depth, VOLUME_SIDE, VOLUME_SIDE))
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for z in range(depth):
-            v = (z // len(files)) % 8
-            img = view(torch.from_numpy(base[z % len(files)].copy()), v).numpy()
+            v = (z // len(base)) % 8
+            img = view(torch.from_numpy(base[z % len(base)].copy()), v).numpy()
             tif.write(img.astype(np.uint16) * 257, photometric="minisblack", contiguous=True)
-            out[z] = view(torch.from_numpy(lab[z % len(files)]), v).numpy()
+            out[z] = view(torch.from_numpy(lab[z % len(base)]), v).numpy()
     out.flush()
     return path, labels
 
@@ -594,7 +617,7 @@ def volume_child(run_dir: str, path: str, out: str, only: str) -> None:
                       "patch_share": res.record["patch_share"], "output": res.record["output"]}))
 
 
-def bench_volume(run_dir: Path, depths: list[int]) -> dict:
+def bench_volume(run_dir: Path, depths: list[int], data: str = "mosaic") -> dict:
     import numpy as np
     import tifffile
 
@@ -608,7 +631,7 @@ def bench_volume(run_dir: Path, depths: list[int]) -> dict:
     codec, ncls = model.label_codec, model.config.models.num_classes
     rows: dict = {}
     for depth in depths:
-        path, labels = ensure_volume(depth)
+        path, labels = ensure_volume(depth, data)
         truth = np.load(labels, mmap_mode="r")
         for name, only in (("PaSeR", "routed"), ("f1 alone", "f1"), ("f2 alone", "f2")):
             with tempfile.TemporaryDirectory() as out:
@@ -627,7 +650,7 @@ def bench_volume(run_dir: Path, depths: list[int]) -> dict:
             rows.setdefault(str(depth), {})[name] = {
                 **r, "megavoxels": mvox, "megavoxels_per_s": mvox / r["seconds"],
                 "s_per_megavoxel": r["seconds"] / mvox, "miou": acc.compute()["miou"]}
-    result: dict = {"run_dir": str(run_dir), "slice": [VOLUME_SIDE, VOLUME_SIDE],
+    result: dict = {"run_dir": str(run_dir), "data": data, "slice": [VOLUME_SIDE, VOLUME_SIDE],
                     "tile": list(model.tile or []), "depths": depths, "rows": rows}
     for depth, m in rows.items():
         result.setdefault("frontier", {})[depth] = wall_clock(
@@ -655,7 +678,7 @@ def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> 
         return {"skipped": "Dask distributed is not installed: pip install 'paser[dask]'"}
     if not (run_dir / "results.json").is_file():
         return {"run_dir": str(run_dir), "skipped": "no finished run there: `make demo` first"}
-    path, _ = ensure_volume(depth)
+    path, _ = ensure_volume(depth, "generated")
     mvox = depth * VOLUME_SIDE ** 2 / 1e6
     model = PaSeR.load(run_dir, device="cpu")
     rows: dict = {}
@@ -814,6 +837,10 @@ def main() -> None:
                     help="the finished `make demo` run whose test split part 2 times")
     ap.add_argument("--volume-slices", type=int, nargs="+", default=[64, 256],
                     help="depths of the volume part's synthetic 1,024 x 1,024 volumes")
+    ap.add_argument("--volume-data", choices=VOLUME_DATA, default="mosaic",
+                    help="the volume part's slices: mosaic (8 x 8 samples of the demo's "
+                         "128 x 128 size, the data its run trained on) or generated (one "
+                         "1,024 x 1,024 sample each: shifted data for that run)")
     ap.add_argument("--cluster-slices", type=int, default=32,
                     help="depth of the Dask part's synthetic 1,024 x 1,024 volume")
     ap.add_argument("--cluster-chunk", type=int, default=16,
@@ -850,7 +877,8 @@ def main() -> None:
             "demo": (lambda: bench_demo(args.demo_run, args.repeats), _print_demo),
             "segment": (lambda: bench_segment(args.demo_run, args.segment_images, 2),
                         _print_segment),
-            "volume": (lambda: bench_volume(args.demo_run, args.volume_slices), _print_volume),
+            "volume": (lambda: bench_volume(args.demo_run, args.volume_slices, args.volume_data),
+                       _print_volume),
             "cluster": (lambda: bench_cluster(args.demo_run, args.cluster_slices,
                                               args.cluster_layouts, args.cluster_chunk),
                         _print_cluster),
@@ -957,7 +985,8 @@ def _print_volume(r: dict) -> None:
         print(f"\n1e. volumes: skipped ({r['skipped']})")
         return
     print(f"\n1e. `paser segment` on 16-bit TIFF volumes of {r['slice'][0]} x {r['slice'][1]} "
-          f"slices (tiles {r['tile']}), reading and writing included")
+          f"slices ({r.get('data', 'generated')}; tiles {r['tile']}), reading and writing "
+          "included")
     print(f"{'slices':>7} {'method':<10}{'Mvox/s':>8}{'s':>8}{'peak MiB':>10}{'mIoU':>8}"
           f"{'GFLOP/slice':>12}")
     for depth, m in r["rows"].items():

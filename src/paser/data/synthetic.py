@@ -95,6 +95,7 @@ PARAMS: dict[str, float] = {
     "noise_easy": 0.025,
     "noise_hard": 0.03,
     "difficulty_scale": 0.18,  # smoothing of the difficulty field, relative to min(H, W)
+    "domain_scale": 0.08,  # smoothing of the binder streaks' direction domains, the same way
     "difficulty_gain": 3.0,  # sigmoid gain: larger gives cleaner easy/hard regions
     "gain_jitter": 0.05,  # per-image multiplicative brightness jitter
 }
@@ -221,7 +222,8 @@ def _textures(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.
     iso = np.fft.irfft2(spec2 * np.exp(-0.5 * ((radius - k1) / bw) ** 2), s=(h, w))
     angle = np.arctan2(fy, fx)
     phi = rng.uniform(0.0, np.pi)
-    domains = np.stack([_smooth_noise(rng, (h, w), 0.08 * min(h, w)) for _ in range(3)])
+    domains = np.stack([_smooth_noise(rng, (h, w), p["domain_scale"] * min(h, w))
+                        for _ in range(3)])
     which = domains.argmax(0)
     oriented = np.zeros((h, w), np.float32)
     for k in range(3):
