@@ -23,7 +23,7 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    slices (each cut into the run's 128 x 128 tiles; by default each slice a mosaic of 8 x 8
    samples of 128 x 128, the data the demo trains on, `--volume-data generated` for one
    1,024 x 1,024 sample per slice), at 64 and at 256 slices, for PaSeR,
-   f1 alone and f2 alone, each in a fresh process: megavoxels per second with reading and
+   f0, f1 and f2 alone, each in a fresh process: megavoxels per second with reading and
    writing, peak memory, mIoU against the generator's labels, and PaSeR's seconds per
    megavoxel against the single models' frontier at equal IoU (targets: peak under 2 GiB
    and the same at 64 and 256 slices; PaSeR at most the frontier's time).
@@ -633,7 +633,8 @@ def bench_volume(run_dir: Path, depths: list[int], data: str = "mosaic") -> dict
     for depth in depths:
         path, labels = ensure_volume(depth, data)
         truth = np.load(labels, mmap_mode="r")
-        for name, only in (("PaSeR", "routed"), ("f1 alone", "f1"), ("f2 alone", "f2")):
+        for name, only in (("PaSeR", "routed"), ("f0 alone", "f0"), ("f1 alone", "f1"),
+                           ("f2 alone", "f2")):
             with tempfile.TemporaryDirectory() as out:
                 res = subprocess.run([sys.executable, __file__, "--volume-child", str(run_dir),
                                       str(path), out, only], capture_output=True, text=True)
