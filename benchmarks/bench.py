@@ -27,7 +27,7 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
    writing, peak memory, mIoU against the generator's labels, and PaSeR's seconds per
    megavoxel against the single models' frontier at equal IoU (targets: peak under 2 GiB
    and the same at 64 and 256 slices; PaSeR at most the frontier's time).
-1f. the Dask engine (runs/demo, `paser segment --scheduler`): the same 16-bit volume (32
+1f. the Dask engine (runs/demo, `paser segment --scheduler`): a 16-bit volume generated at 1,024 x 1,024 (32
    slices by default) segmented here in one process, on a LocalCluster of one worker of 2
    threads and on one of 2 workers of 1 thread, on the same cores: megavoxels per second
    (cluster start and the workers' model loads apart), and whether the label volumes are
