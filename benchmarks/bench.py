@@ -586,8 +586,8 @@ def ensure_volume(depth: int, data: str = "mosaic") -> tuple[Path, Path]:
         for s in range(16):  # split index 3: the demo's splits are 0, 1 and 2
             pairs = [generate_sample(side, side, sample_seed(0, 3, s * n * n + j))
                      for j in range(n * n)]
-            for k, out in enumerate((base, lab)):
-                out.append(np.stack([p[k] for p in pairs]).reshape(n, n, side, side)
+            for k, dest in enumerate((base, lab)):
+                dest.append(np.stack([p[k] for p in pairs]).reshape(n, n, side, side)
                            .transpose(0, 2, 1, 3).reshape(VOLUME_SIDE, VOLUME_SIDE))
     out = np.lib.format.open_memmap(labels, "w+", np.uint8, (depth, VOLUME_SIDE, VOLUME_SIDE))
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
