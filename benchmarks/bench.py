@@ -589,14 +589,22 @@ def ensure_volume(depth: int, data: str = "mosaic") -> tuple[Path, Path]:
             for k, dest in enumerate((base, lab)):
                 dest.append(np.stack([p[k] for p in pairs]).reshape(n, n, side, side)
                            .transpose(0, 2, 1, 3).reshape(VOLUME_SIDE, VOLUME_SIDE))
-    out = np.lib.format.open_memmap(labels, "w+", np.uint8, (depth, VOLUME_SIDE, VOLUME_SIDE))
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+    # written under temporary names and renamed when whole: an interrupted bench leaves no
+    # half volume that the next one would take for finished
+    DATA.mkdir(parents=True, exist_ok=True)
+    part, labels_part = (p.with_name(p.name + ".part") for p in (path, labels))
+    out = np.lib.format.open_memmap(labels_part, "w+", np.uint8,
+                                    (depth, VOLUME_SIDE, VOLUME_SIDE))
+    with tifffile.TiffWriter(part, bigtiff=True) as tif:
         for z in range(depth):
             v = (z // len(base)) % 8
             img = view(torch.from_numpy(base[z % len(base)].copy()), v).numpy()
             tif.write(img.astype(np.uint16) * 257, photometric="minisblack", contiguous=True)
             out[z] = view(torch.from_numpy(lab[z % len(base)]), v).numpy()
     out.flush()
+    del out
+    labels_part.replace(labels)
+    part.replace(path)
     return path, labels
 
 
