@@ -122,3 +122,20 @@ def test_any_image_size_is_padded_and_cropped_back():
     router = _router()
     out = router(torch.rand(1, 1, 30, 31))
     assert out.mask.shape == (1, 30, 31) and out.actions.shape == (1, 4)
+
+
+def test_pool_models_run_in_chunks_of_pixels_on_the_cpu(monkeypatch):
+    import paser.routing as routing
+
+    router = _router(PatchGrid(2, 2, halo=4))
+    patches = torch.rand(7, 1, 24, 24)  # 16 x 16 patches with a halo of 4: 576 pixels each
+    sizes = []
+    router.pool[1].register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    with torch.inference_mode():
+        whole = router.run_local(2, patches)
+        assert sizes == [7]  # 2 ** 16 pixels hold 113 such patches
+        monkeypatch.setattr(routing, "CPU_CHUNK_PIXELS", 3 * 576)
+        chunked = router.run_local(2, patches)
+    assert sizes == [7, 3, 3, 1] and chunked.shape == (7, 3, 16, 16)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert torch.equal(chunked.argmax(1), whole.argmax(1))

@@ -32,6 +32,13 @@ from paser.uncertainty import (
 
 Mode = Literal["greedy", "sample"]
 
+#: On the CPU a pool model runs on at most this many pixels (its patches with their halo)
+#: at a time (:meth:`Router.run_local`), so that the memory a batch takes does not grow with
+#: the number of its patches routed to one model. On the demo's 1,024 x 1,024 volume slices
+#: (8 tiles at a time, 32 patches of 80 x 80) the peak fell by 118 to 204 MiB, at the same
+#: speed within the bench's noise (docs/volumes.md).
+CPU_CHUNK_PIXELS = 2 ** 16
+
 
 @dataclass
 class CostTable:
@@ -255,8 +262,11 @@ class Router(nn.Module):
     def run_local(self, k: int, patches: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[N, Kc, h, w]`` of pool model ``k`` on patches with their
         halo (:meth:`pool_logits`, softmax): what routing, the outcomes, the cascade and
-        ``paser serve`` run."""
-        return self.pool_logits(k, patches).float().softmax(1)
+        ``paser serve`` run; on the CPU, :data:`CPU_CHUNK_PIXELS` at a time."""
+        n, _, h, w = patches.shape
+        step = n if patches.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (h * w))
+        return torch.cat([self.pool_logits(k, part).float().softmax(1)
+                          for part in patches.split(step)])
 
     def dispatch(self, x: torch.Tensor, base_probs: torch.Tensor, actions: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
