@@ -73,6 +73,21 @@ def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
     assert "even perfect routing of this pool stays 0.0200 under it" in headroomless
 
 
+def test_versus_cascade_says_which_of_the_trained_router_and_the_cascade_is_ahead():
+    ahead = FR.versus_cascade(0.0013, 0.37, 0.28, -1.24)
+    assert ahead == ("the trained router is above the training-free entropy cascade "
+                     "(IDK-Cascade): PaSeR's curve area +0.0013 against the cascade's; of "
+                     "the oracle's headroom PaSeR "
+                     "captures 37 %, the cascade 28 %; at PaSeR's IoU, the cascade uses 1.2 % "
+                     "fewer GFLOP than PaSeR (Table 2)")
+    tie = FR.versus_cascade(-0.0001, 0.17, 0.18, 6.9)
+    assert tie.startswith("the training-free entropy cascade (IDK-Cascade), which needs no "
+                          "policy, does as well on this data or better: PaSeR's curve area "
+                          "-0.0001 against it")
+    assert tie.endswith("at PaSeR's IoU, PaSeR uses 6.9 % fewer GFLOP than the cascade (Table 2)")
+    assert "headroom" not in FR.versus_cascade(0.0, None, None, 0.0)  # no headroom: no shares
+
+
 def test_wall_clock_compares_milliseconds_at_equal_iou():
     singles = {"f0": (3.0, 0.79), "f1": (20.0, 0.85), "f2": (60.0, 0.84)}
     wc = FR.wall_clock((10.0, 0.83), singles)  # f0 and f1 split 1:2 reach 0.83: 3 + 17 * 2/3

@@ -121,6 +121,12 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     text = (run_dir / "report.md").read_text()
     assert results["verdict"].startswith("routing ")
     assert f"**Verdict: {results['verdict']}.**" in text
+    # and beside it, the trained router against the training-free cascade, from the same figures
+    areas = results["curve_areas"]
+    assert results["versus_cascade"] == FR.versus_cascade(
+        areas["PaSeR"] - areas["IDK-Cascade"], results["headroom_captured"]["PaSeR"],
+        results["headroom_captured"]["IDK-Cascade"], results["table2"]["flops_saved_pct"])
+    assert f"Against the cascade: {results['versus_cascade']}." in text
     assert "## Against the single-model frontier" in text and "## The pool" in text
     assert "## The routers against the frontier and the oracle" in text
     # PaSeR runs at its calibrated operating point; the paper's method beside it

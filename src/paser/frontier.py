@@ -215,6 +215,27 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else "") + along)
 
 
+def versus_cascade(area_margin: float, captured: float | None, cascade_captured: float | None,
+                   flops_saved_pct: float) -> str:
+    """The verdict's second line: the trained router against the training-free entropy
+    cascade, the simplest alternative a user has. ``area_margin`` is PaSeR's curve area minus
+    the cascade's (the same budgets as the frontier's), ``captured`` and ``cascade_captured``
+    their shares of the oracle's headroom (:func:`headroom_captured`, ``None`` without
+    headroom), ``flops_saved_pct`` Table 2's: PaSeR's GFLOP saved against the cascade
+    matched to its IoU (negative: the cascade is cheaper there)."""
+    shares = ("" if captured is None or cascade_captured is None else
+              f"; of the oracle's headroom PaSeR captures {100 * captured:.0f} %, the cascade "
+              f"{100 * cascade_captured:.0f} %")
+    head = ("the trained router is above the training-free entropy cascade (IDK-Cascade): "
+            f"PaSeR's curve area {area_margin:+.4f} against the cascade's" if area_margin > 0 else
+            "the training-free entropy cascade (IDK-Cascade), which needs no policy, does as "
+            f"well on this data or better: PaSeR's curve area {area_margin:+.4f} against it")
+    point = (f"at PaSeR's IoU, PaSeR uses {flops_saved_pct:.1f} % fewer GFLOP than the cascade"
+             if flops_saved_pct >= 0 else
+             f"at PaSeR's IoU, the cascade uses {-flops_saved_pct:.1f} % fewer GFLOP than PaSeR")
+    return f"{head}{shares}; {point} (Table 2)"
+
+
 def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
     """PaSeR's measured milliseconds per image against the single models' at equal IoU.
 
@@ -233,4 +254,4 @@ def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
 
 __all__ = ["areas", "best_within", "budgets", "curve_saving", "curve_values", "frontier_at",
            "frontier_cost", "frontier_curve", "frontier_mix", "headroom_captured", "hull",
-           "share_above", "verdict", "wall_clock"]
+           "share_above", "verdict", "versus_cascade", "wall_clock"]

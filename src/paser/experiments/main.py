@@ -267,6 +267,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "headroom_captured": captured, "rank_correlation": ranks,
         "reachable_captured": captured_reachable,
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
+        "versus_cascade": FR.versus_cascade(
+            with_f0["PaSeR"] - with_f0["IDK-Cascade"], captured["PaSeR"],
+            captured["IDK-Cascade"], table2(methods)["flops_saved_pct"]),
         "wall_clock": FR.wall_clock(
             (methods["PaSeR"]["ms_per_image"], pi),
             {n: (methods[n]["ms_per_image"], methods[n]["iou"]) for n in singles}),

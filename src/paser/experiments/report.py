@@ -101,6 +101,8 @@ def markdown(results: dict) -> str:
       f"{results['timing_batch']} images, after one warm-up batch.\n\n")
     if "verdict" in results:
         w(f"**Verdict: {results['verdict']}.**\n\n")
+    if results.get("versus_cascade"):
+        w(f"Against the cascade: {results['versus_cascade']}.\n\n")
     if results.get("wall_clock"):
         wc = results["wall_clock"]
         need = wc["frontier_ms_at_equal_iou"]
