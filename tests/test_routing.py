@@ -139,3 +139,5 @@ def test_pool_models_run_in_chunks_of_pixels_on_the_cpu(monkeypatch):
     assert sizes == [7, 3, 3, 1] and chunked.shape == (7, 3, 16, 16)
     assert torch.allclose(chunked, whole, atol=1e-6)
     assert torch.equal(chunked.argmax(1), whole.argmax(1))
+    with torch.inference_mode():  # no patch routed to a model: an empty answer, not an error
+        assert router.run_local(2, patches[:0]).shape == (0, 3, 16, 16)

@@ -265,6 +265,8 @@ class Router(nn.Module):
         ``paser serve`` run; on the CPU, :data:`CPU_CHUNK_PIXELS` at a time."""
         n, _, h, w = patches.shape
         step = n if patches.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (h * w))
+        if n <= step:  # one chunk (or none): no split, no copy by torch.cat
+            return self.pool_logits(k, patches).float().softmax(1)
         return torch.cat([self.pool_logits(k, part).float().softmax(1)
                           for part in patches.split(step)])
 

@@ -195,6 +195,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     captured_reachable = ({name: FR.headroom_captured(with_f0[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
+    t2 = table2(methods)
     pool = pool_summary(run_dir, methods, nmod)
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
@@ -257,7 +258,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,
         "objective": cfg.stage2.objective,
         "timing_batch": tb, "models": ["f0", *(f"f{k}" for k in range(1, nmod))],
-        "top_model": top, "methods": methods, "table2": table2(methods),
+        "top_model": top, "methods": methods, "table2": t2,
         "cascade": {"fit": vars(cascade), "iou_match": vars(match),
                     "tolerance": b.iou_match_tol},
         "oracle_fractions": (torch.bincount(oracle.reshape(-1), minlength=nmod).double()
@@ -269,7 +270,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
         "versus_cascade": FR.versus_cascade(
             with_f0["PaSeR"] - with_f0["IDK-Cascade"], captured["PaSeR"],
-            captured["IDK-Cascade"], table2(methods)["flops_saved_pct"]),
+            captured["IDK-Cascade"], t2["flops_saved_pct"]),
         "wall_clock": FR.wall_clock(
             (methods["PaSeR"]["ms_per_image"], pi),
             {n: (methods[n]["ms_per_image"], methods[n]["iou"]) for n in singles}),
