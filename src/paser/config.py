@@ -216,6 +216,11 @@ class Stage1Config(_Strict):
         "each way, from their image (mirrored past its edges, unlabelled there), new each "
         "batch; f0 keeps the fixed tiles (its distillation targets are fK's logits on them); "
         "null = half a patch; 0 = fixed tiles")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of each model's "
+        "weights, with this decay per optimizer step (warmed up: min(ema, (1 + t) / (10 + t)) "
+        "at step t): validation, the early stop and the kept checkpoint use the average; "
+        "null = the weights as trained")
     class_weights: list[float] | None = Field(
         default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
         description="cross-entropy weight per class; null = unweighted",

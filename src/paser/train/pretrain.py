@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from paser.checkpoints import (
     build_model,
@@ -151,6 +152,23 @@ def jitter(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor
     return x * (1 + g.to(x).view(shape)) + o.to(x).view(shape)
 
 
+def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights (``stage1.ema``), or None.
+
+    Its decay at optimizer step t is ``min(decay, (1 + t) / (10 + t))``, the warm-up of
+    TensorFlow's ``ExponentialMovingAverage``: the first steps are followed closely, so a
+    short training is not averaged with its initial weights.
+    """
+    if decay is None:
+        return None
+
+    def lerp(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        t = int(n)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + t) / (10 + t)))
+
+    return AveragedModel(model, multi_avg_fn=lerp, use_buffers=True)
+
+
 def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train: Tensors,
         val: Tensors, *, cfg: ExperimentConfig, epochs: int, lr: float, run_dir: Path,
         log: MetricLog, resume: bool, device: torch.device, show_progress: bool,
@@ -167,6 +185,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     they are) with intensity jitter (:func:`augmentations`, :func:`jitter`). With
     ``around`` (``train``'s tiles with ``margin`` pixels of their image around them) each
     image of a batch is a crop of its window at a random offset (:func:`crop`).
+    With ``stage1.ema`` validation, the early stop and the best checkpoint use an average of
+    the weights over the steps (:func:`weight_average`); the last checkpoint keeps both.
     With ``stage1.patience`` the model stops once its validation mIoU has not improved for
     that many epochs (``epochs`` is then the most it trains); the metric line of its last
     epoch says ``"stopped": true``.
@@ -176,10 +196,12 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     s1 = cfg.stage1
     dist = dist or Dist(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ema = weight_average(model, s1.ema)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / f"{role}_last.pt", ckpt_dir / f"{role}.pt"
     start, best, best_epoch = 0, -1.0, -1
-    state = resume_state(last_path, resume, device, {"model": model, "optimizer": opt})
+    state = resume_state(last_path, resume, device, {"model": model, "optimizer": opt} | (
+        {} if ema is None else {"ema": ema}))
     if state is not None:
         start, best = state["epoch"] + 1, state["best"]
         best_epoch = state.get("best_epoch", state["epoch"])
@@ -188,6 +210,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     patience = s1.patience
     model, opt = dist.setup(model, opt)
     plain = dist.unwrap(model)
+    kept = plain if ema is None else ema.module  # what is validated and kept
     spec = (spec or dict(model_roles(cfg))[role]).model_dump()
     n = len(train)
     views = augmentations(cfg, *train.images.shape[-2:])
@@ -229,17 +252,19 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                 opt.zero_grad(set_to_none=True)
                 dist.backward(loss)
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(plain)
                 total += loss.item() * len(idx) / dist.world  # this share's summed loss
                 acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
             dist.sync_buffers(model)
-            val_miou = evaluate_miou(plain, forward, val, cfg.models.num_classes,
+            val_miou = evaluate_miou(kept, forward, val, cfg.models.num_classes,
                                      s1.batch_size, device)
             if val_miou > best:
                 best, best_epoch = val_miou, epoch
                 if dist.is_main:
-                    atomic_save({"model": plain.state_dict(), "spec": spec, "role": role,
+                    atomic_save({"model": kept.state_dict(), "spec": spec, "role": role,
                                  "epoch": epoch, "val_miou": val_miou}, best_path)
             stop = patience is not None and epoch - best_epoch >= patience
             record = {"stage": 1, "model": role, "epoch": epoch, "loss": total / len(order),
@@ -250,7 +275,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                 log.end_epoch(record, {"model": plain.state_dict(), "optimizer": opt.state_dict(),
                                        "rng": torch.get_rng_state(), "epoch": epoch,
                                        "best": best, "best_epoch": best_epoch, "spec": spec,
-                                       "role": role}, last_path)
+                                       "role": role} | ({} if ema is None else {
+                                           "ema": ema.state_dict()}), last_path)
             bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
             if stop:
                 bar.update(task, total=epoch + 1)
