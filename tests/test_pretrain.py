@@ -166,7 +166,7 @@ def test_weight_average_warms_up_to_its_decay_and_is_what_stage1_keeps(tiny_cfg,
     ckpt = tmp_path / "run" / "checkpoints"
     last = torch.load(ckpt / "f1_last.pt", weights_only=False)
     best = torch.load(ckpt / "f1.pt", weights_only=False)
-    assert int(last["ema"]["n_averaged"]) == 4  # 2 epochs of 2 batches of D_pre's 3-4 images
+    assert int(last["ema"]["n_averaged"]) == 4  # 2 epochs of 2 batches of D_pre's 4 images
     assert best["epoch"] == last["epoch"] == 1  # best on validation at the last epoch, and
     for k, v in best["model"].items():  # what it keeps is the average, not the last step's
         assert torch.equal(v, last["ema"][f"module.{k}"])
