@@ -19,11 +19,16 @@
    f1 and f2 (:func:`cascade_actions`). Beside it, the same first router alone (one step)
    and the cascade with a perfect second step (the true gain of f2 over f1): how much
    seeing f1 could add, and how much it does.
+4. **More images of the same kind.** The shipped router (the run's own stage-2 config),
+   retrained on a random quarter, half, three quarters and all of D_rl and D_ft's images,
+   several draws of the images and of the initial weights at each share: whether the
+   captured share still rises with the number of training images (so that more labelled
+   images, or cross-fitted outcomes on D_pre's, would pay) or has levelled off.
 
 Curve areas are the report's (its budgets, its single-model frontier); "captured" is the
 share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_captured`).
 
-    .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2 [--parts cascade]
+    .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2 [--parts cascade images]
 
 Writes ``benchmarks/results/router_probe.json`` (one entry per run directory; ``--parts``
 replaces only those parts of an entry).
@@ -35,6 +40,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,12 +49,15 @@ from torch import nn
 
 from paser.api import PaSeR
 from paser.calibration import price_sweep, sweep_actions
-from paser.experiments.curves import curve, escalation, rank_correlation
+from paser.checkpoints import make_policy
+from paser.experiments.curves import curve, escalation, logits_on, policy_curve, rank_correlation
 from paser.experiments.finished import open_finished
 from paser.frontier import areas, headroom_captured
 from paser.metrics import confusion_counts
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
+from paser.routing import Router
+from paser.train.policy import fit_policy, training_outcomes
 from paser.uncertainty import entropy
 
 RESULTS = Path(__file__).parent / "results" / "router_probe.json"
@@ -293,9 +302,11 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     out: dict = {"run_dir": str(run_dir), "report": {
         k: results["headroom_captured"].get(k) for k in ("PaSeR", "IDK-Cascade")}}
     out["report"]["rank_PaSeR"] = results["rank_correlation"]["PaSeR"]
+    capture = partial(area_and_capture, oracle=results["curves"]["Oracle"])
     if "cascade" in parts:
-        out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds,
-                                       lambda c: area_and_capture(c, results["curves"]["Oracle"]))
+        out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds, capture)
+    if "images" in parts:
+        out["images"] = images_probe(run, router, test_out, capture)
     if "dense" not in parts:
         return out
     dense_rows, dense_maps = [], []
@@ -395,14 +406,48 @@ def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: 
     return rows
 
 
+def images_probe(run, router, test_out: PatchOutcomes, capture,
+                 shares=(0.25, 0.5, 0.75, 1.0), draws: int = 6) -> list[dict]:
+    """Part 4 of the module's docstring: the shipped router retrained on a share of its
+    training images (``draws`` draws of the images and of the initial weights per share),
+    its test curve's margin over the frontier and captured share."""
+    cfg, device = run.cfg, torch.device("cpu")
+    nmod, batch = router.num_models, cfg.baselines.timing_batch
+    train = training_outcomes(cfg, router, run.data, device, mc_seed=0)
+    val = PatchOutcomes.build(router, run.data.validation, cfg.models.num_classes, batch,
+                              device, mc_seed=0)
+    cost = router.costs(*test_out.state.shape[-2:]).model_cost(cfg.stage2.cost)
+    rows = []
+    for share in shares:
+        for draw in range(draws):
+            gen = torch.Generator().manual_seed(1000 * draw + round(100 * share))
+            keep = torch.randperm(len(train.state), generator=gen)[
+                :round(share * len(train.state))].sort().values
+            torch.manual_seed(draw)
+            policy = make_policy(cfg, nmod)
+            with torch.inference_mode(False):
+                state, _ = fit_policy(cfg, policy, train.rows(keep), val, cost)
+            policy.load_state_dict(state)
+            probe = Router(router.f0, policy, list(router.pool), router.grid, cfg.mc_samples,
+                           router.in_channels, cfg.mc_dropout, cfg.uncertainty,
+                           cfg.stage2.state, cfg.models.num_classes)
+            margin, captured = capture(policy_curve(probe, test_out, batch))
+            rank = rank_correlation(escalation(logits_on(probe, test_out.state, batch)), test_out)
+            rows.append({"share": share, "images": len(keep), "draw": draw, "margin": margin,
+                         "captured": captured, "rank": rank})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
-    ap.add_argument("--parts", nargs="+", choices=("dense", "cascade"),
-                    default=["dense", "cascade"],
-                    help="dense: the dense router and the block sizes; cascade: part 3")
+    ap.add_argument("--parts", nargs="+", choices=("dense", "cascade", "images"),
+                    default=["dense", "cascade", "images"],
+                    help="dense: the dense router and the block sizes (parts 1, 2); "
+                         "cascade: part 3; images: part 4")
     args = ap.parse_args()
     torch.set_num_threads(2)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

@@ -32,6 +32,17 @@ def test_tvd_fractions_and_schedule_hand_values():
     assert [linear(0.7, 0.95, e, 3) for e in range(3)] == pytest.approx([0.7, 0.825, 0.95])
 
 
+def test_rows_and_concat_are_exact_inverses():
+    gen = torch.Generator().manual_seed(0)
+    out = PatchOutcomes(*(torch.rand(5, 4, *shape, generator=gen)
+                          for shape in ((2, 2), (3, 2), (3, 2), (3,), (3,))))
+    back = PatchOutcomes.concat([out.rows(slice(0, 2)), out.rows(torch.tensor([2, 3, 4]))])
+    for name in ("state", "inter", "union", "entropy", "nll"):
+        assert torch.equal(getattr(back, name), getattr(out, name))
+    picked = out.rows(torch.tensor([4, 1]))
+    assert torch.equal(picked.inter, out.inter[[4, 1]]) and picked.nll.shape == (2, 4, 3)
+
+
 def test_cache_gives_exact_dataset_miou_and_patch_iou():
     # one image, two patches, two actions, two classes: counts chosen by hand
     inter = torch.tensor([[[[3, 1], [4, 0]], [[2, 2], [2, 2]]]])  # [N, P, K+1, C]

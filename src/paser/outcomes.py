@@ -12,7 +12,7 @@ disjoint, so dataset intersections and unions are sums over patches.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -172,8 +172,11 @@ class PatchOutcomes:
     @classmethod
     def concat(cls, parts: list[PatchOutcomes]) -> PatchOutcomes:
         """The outcomes of several splits of the same size as one."""
-        return cls(*(torch.cat([getattr(p, k) for p in parts])
-                     for k in ("state", "inter", "union", "entropy", "nll")))
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def rows(self, index: slice | torch.Tensor) -> PatchOutcomes:
+        """The outcomes of some of the images (``index`` into the first dimension)."""
+        return PatchOutcomes(*(getattr(self, f.name)[index] for f in fields(self)))
 
     @property
     def num_models(self) -> int:

@@ -213,8 +213,7 @@ def training_outcomes(cfg: ExperimentConfig, router: Router, data, device: torch
     def build(split) -> None:
         base, start = None, sum(len(p.state) for p in parts)
         if pool_from is not None:
-            base = PatchOutcomes(*(getattr(pool_from, k)[start:start + len(split)] for k in
-                                   ("state", "inter", "union", "entropy", "nll")))
+            base = pool_from.rows(slice(start, start + len(split)))
         parts.append(PatchOutcomes.build(router, split, cfg.models.num_classes,
                                          cfg.stage2.batch_size, device, mc_seed, base))
 
