@@ -180,7 +180,21 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
     assert r["unlabelled_fraction"] == pytest.approx(2 / 32)
     med = float(np.median(expect))
     assert r["suggested_class_weights"] == pytest.approx([med / f for f in expect], abs=1e-4)
+    assert r["tile_advice"] is None and r["suggested_overrides"] == [
+        f"stage1.class_weights=[{','.join(f'{w:g}' for w in r['suggested_class_weights'])}]",
+        "models.num_classes=5", "models.in_channels=3"]
 
+
+def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_path):
+    big = make_folder(tmp_path / "big", counts=(3, 1, 1), size=(160, 256))
+    r = check_dataset(big, workers=0, show_progress=False)
+    assert r["suggested_overrides"][-1] == "data.tile=[128,128]"
+    assert "images of 160 x 256" in r["tile_advice"] and "patches of 80 x 128" in r["tile_advice"]
+    # the suggestion is one shell word each, and the run's config takes it as printed
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={big}",
+                                 *r["suggested_overrides"]])
+    assert cfg.data.tile == (128, 128) and cfg.models.num_classes == 5
+    assert cfg.stage1.class_weights == pytest.approx(r["suggested_class_weights"])
 
 @pytest.mark.slow  # `paser data check` in processes
 def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(folder):

@@ -47,15 +47,9 @@ def data_check(
                             strict=True):
         typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}")
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
-    mixed = any(s["size"] is None for s in r["splits"].values())
-    if mixed:
-        typer.echo("images of several sizes: a run cuts them into tiles of data.tile; "
-                   "[128,128] is battery-quick's 2 x 2 patches of 64 x 64")
-    typer.echo(f"suggested (median frequency balancing): stage1.class_weights="
-               f"[{', '.join(f'{w:g}' for w in r['suggested_class_weights'])}] "
-               f"models.num_classes={len(r['class_names'])} "
-               f"models.in_channels={r['splits']['train']['channels']}"
-               + (" data.tile=[128,128]" if mixed else ""))
+    if r["tile_advice"]:
+        typer.echo(r["tile_advice"])
+    typer.echo("suggested (median frequency balancing): " + " ".join(r["suggested_overrides"]))
 
 
 @data_app.command("synth")

@@ -223,6 +223,28 @@ def detect_layout(root: str | Path) -> str:
                     "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
 
 
+#: the tile `paser data check` suggests: battery-quick's 2 x 2 patches of 64 x 64
+TILE = (128, 128)
+
+
+def tile_advice(splits) -> str | None:
+    """Why a run on these splits should cut their images into tiles of :data:`TILE`, or
+    None: images of several sizes (a run needs one), or larger than a tile (as they are,
+    battery-quick's 2 x 2 grid would route patches larger than the 64 x 64 it was set for,
+    at their square's cost in compute, on CPU-sized epoch caps)."""
+    sizes = [ds.size for ds in splits]
+    if any(size is None for size in sizes) or len(set(sizes)) > 1:
+        return (f"images of several sizes: a run cuts them into tiles of data.tile; "
+                f"[{TILE[0]},{TILE[1]}] is battery-quick's 2 x 2 patches of 64 x 64")
+    h, w = sizes[0]
+    if h > TILE[0] or w > TILE[1]:
+        return (f"images of {h} x {w}: as they are, battery-quick's 2 x 2 grid routes patches "
+                f"of {-(-h // 2)} x {-(-w // 2)}, {h * w / (TILE[0] * TILE[1]):.0f} x the "
+                f"pixels of the 64 x 64 it was set for; data.tile=[{TILE[0]},{TILE[1]}] cuts "
+                "them into tiles of its size (segment routes any size in those tiles)")
+    return None
+
+
 def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
                   show_progress: bool = True) -> dict:
     """Read every image and mask of a dataset folder (each problem is a DataError naming
@@ -232,7 +254,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     and type: what the reader does with each depends on it); the intensity window fitted on
     the training images (:func:`data_intensity`); the class names, each class's share
     of the labelled training pixels, the unlabelled share, and suggested class weights by
-    median frequency balancing (``median(f) / f_c``; 0 for a class absent from train).
+    median frequency balancing (``median(f) / f_c``; 0 for a class absent from train);
+    ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
+    (``suggested_overrides``).
     """
     layout = dataset or detect_layout(root)
     if layout not in LAYOUTS:
@@ -256,14 +280,21 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     freq = counts[:-1].double() / labelled
     med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
     weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
+    weights_list = [round(w, 4) for w in weights.tolist()]
+    tile = tile_advice(splits.values())
     return {
         "layout": layout, "root": str(root), "class_names": list(names),
         "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),
                        "sizes": ds.size_range(), "channels": ds.channels}
                    for s, ds in splits.items()},
+        "tile_advice": tile,
+        "suggested_overrides": [
+            f"stage1.class_weights=[{','.join(f'{w:g}' for w in weights_list)}]",
+            f"models.num_classes={len(names)}", f"models.in_channels={splits['train'].channels}",
+            *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else [])],
         "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
-        "suggested_class_weights": [round(w, 4) for w in weights.tolist()],
+        "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
         "intensity": {**splits["train"].intensity.to_dict(),
