@@ -13,6 +13,7 @@ from paser.calibration import calibrate
 from paser.data import Tensors
 from paser.errors import ConfigError
 from paser.experiments.curves import escalation, rank_correlation
+from paser.experiments.main import router_areas
 from paser.models import PooledPolicy, create_model
 from paser.outcomes import PatchOutcomes, patch_order, usable_views, view, viewed
 from paser.patches import PatchGrid
@@ -23,6 +24,23 @@ def test_headroom_captured_is_the_share_of_the_oracles_margin():
     assert FR.headroom_captured(0.83, 0.82, 0.84) == pytest.approx(0.5)
     assert FR.headroom_captured(0.81, 0.82, 0.84) == pytest.approx(-0.5)
     assert FR.headroom_captured(0.83, 0.82, 0.82) is None  # no headroom to capture
+
+
+def test_a_router_above_the_fixed_cost_reads_as_f0_alone_below_it():
+    # f0 (1 GFLOP, 0.5) and f1 (4, 0.9); a router whose cheapest point (2 GFLOP, 0.8) costs
+    # more than the range's start: below it a user runs f0, which gives 0.5, not 0
+    curves = {"Frontier": {"gflops": [1.0, 4.0], "iou": [0.5, 0.9], "interpolate": True},
+              "R": {"gflops": [2.0, 4.0], "iou": [0.8, 0.9]}}
+    areas, above = router_areas(curves, ["R"], (1.0, 0.5), 1.0, 4.0)
+    grid = FR.budgets(1.0, 4.0)
+    expect = [0.5 if g < 2.0 else (0.8 if g < 4.0 else 0.9) for g in grid]
+    assert areas["R"] == pytest.approx(sum(expect) / len(expect))
+    assert areas["Frontier"] == pytest.approx(FR.areas(curves, 1.0, 4.0)["Frontier"])
+    assert FR.areas(curves, 1.0, 4.0)["R"] < areas["R"] - 0.1  # the raw curve: 0 below 2
+    # at or above the frontier from its first point on, and at f0's own budget
+    frontier = [0.5 + 0.4 * (g - 1) / 3 for g in grid]
+    share = sum(e >= f - 1e-9 for e, f in zip(expect, frontier, strict=True)) / len(grid)
+    assert above["R"] == pytest.approx(share) and set(above) == {"R"}
 
 
 def _outcomes(gain_f1: list[float]) -> PatchOutcomes:

@@ -93,6 +93,7 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     from pathlib import Path
 
     from paser import frontier as FR
+    from paser.experiments.main import router_areas
 
     run_dir, cfg, results, _ = job
     m = results["methods"]
@@ -102,11 +103,18 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
                                           for k in ("f0", "f1", "f2")})
     lo, hi = results["curve_range"]
     assert lo == pytest.approx(results["costs"]["fixed"]) and hi == pytest.approx(m["f2"]["gflops"])
-    assert results["curve_areas"] == pytest.approx(FR.areas(results["curves"], lo, hi))
-    assert set(results["share_above_frontier"]) == {"PaSeR", "PaSeR (paper)", "IDK-Cascade",
-                                                    "Oracle", "Oracle (other views)"}
-    # every router's share of the oracle's headroom and its rank correlation with the gains
+    # a router's curve starts from f0's point: below its fixed cost a user runs f0 alone
     routers = {"PaSeR", "PaSeR (paper)", "IDK-Cascade"}
+    areas, above = router_areas(results["curves"], sorted(routers),
+                                (m["f0"]["gflops"], m["f0"]["iou"]), lo, hi)
+    assert results["curve_areas"] == pytest.approx(areas)
+    assert results["share_above_frontier"] == pytest.approx(above)
+    assert set(above) == routers | {"Oracle", "Oracle (other views)"}
+    # the report gives each router one area, in the routers' table and in the curves' list
+    text = (run_dir / "report.md").read_text()
+    for name in routers:
+        assert f"| {name} | {areas[name]:.4f} |" in text and f"- {name}: {areas[name]:.4f}" in text
+    # every router's share of the oracle's headroom and its rank correlation with the gains
     assert set(results["headroom_captured"]) == routers == set(results["rank_correlation"])
     assert set(results["reachable_captured"]) == routers
     assert all(-1 <= v <= 1 for v in results["rank_correlation"].values())
@@ -118,7 +126,6 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
         list(zip(frontier["gflops"], frontier["iou"], strict=True)), m["PaSeR"]["gflops"]))
     assert p["above_frontier"] == pytest.approx(m["PaSeR"]["iou"] - p["frontier"])
     # the verdict users decide from, in the report and the printed summary
-    text = (run_dir / "report.md").read_text()
     assert results["verdict"].startswith("routing ")
     assert f"**Verdict: {results['verdict']}.**" in text
     # and beside it, the trained router against the training-free cascade, from the same figures

@@ -32,7 +32,6 @@ PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixe
                          "(bf16-mixed where the device computes bf16 natively)")
 
 
-
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
     state["debug"] = debug

@@ -52,9 +52,6 @@ def oracle_curve(test: PatchOutcomes, costs, cost: torch.Tensor, points: int) ->
     return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
 
 
-
-
-
 def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> dict | None:
     """An estimate of what any router can reach on this split: routing each patch by its
     true gains (labels known) measured on the *other* dihedral views of its image

@@ -84,6 +84,19 @@ def regret_table(methods: dict[str, dict], curves: dict[str, dict], names: list[
     return rows
 
 
+def router_areas(curves: dict[str, dict], routers: list[str], f0: tuple[float, float],
+                 lo: float, hi: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Each curve's area over ``[lo, hi]`` and its share of budgets at or above the
+    frontier, a router's (``routers``) read with f0's point ``(GFLOP, IoU)`` before its
+    own: below its fixed cost a user runs f0 alone."""
+    started = {name: {"gflops": [f0[0], *curves[name]["gflops"]],
+                      "iou": [f0[1], *curves[name]["iou"]]} for name in routers}
+    read = {**curves, **started}  # the curves' order, routers started from f0
+    above = {name: FR.share_above(c, curves["Frontier"], lo, hi)
+             for name, c in read.items() if name != "Frontier"}
+    return FR.areas(read, lo, hi), above
+
+
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
                  show_progress: bool = True) -> tuple[dict, str]:
     """Measure every method, write results and figures into ``run_dir``; return the
@@ -174,9 +187,11 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     singles = single_models(methods, nmod)
     curves["Frontier"] = FR.frontier_curve(singles)
     lo, hi = costs.fixed, methods[top]["gflops"]
-    areas = FR.areas(curves, lo, hi)
-    above = {name: FR.share_above(c, curves["Frontier"], lo, hi)
-             for name, c in curves.items() if name != "Frontier"}
+    routers = [name for name in curves if name not in ("Frontier", "Oracle", REACHABLE)]
+    # below a router's fixed cost (PaSeR (paper)'s T passes and its policy) a user runs f0
+    # alone: its point starts every router's curve here, as in the ablation's margins, for
+    # its area, its share of budgets above the frontier and its share of the headroom
+    areas, above = router_areas(curves, routers, singles["f0"], lo, hi)
     pg, pi = methods["PaSeR"]["gflops"], methods["PaSeR"]["iou"]
     reach = [y for x, y in zip(curves["IDK-Cascade"]["gflops"], curves["IDK-Cascade"]["iou"],
                                strict=True) if x <= pg]
@@ -184,15 +199,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     paser_rows = [m for m in methods if m.startswith("PaSeR") and m != "PaSeR-RandPol"]
     verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed,
                          curves["PaSeR"], lo, hi)
-    routers = [name for name in curves if name not in ("Frontier", "Oracle", REACHABLE)]
-    # below a router's fixed cost (PaSeR (paper)'s T passes and its policy) a user runs f0
-    # alone: its point starts every router's curve here, as in the ablation's margins
-    f0_point = {"gflops": [singles["f0"][0]], "iou": [singles["f0"][1]]}
-    with_f0 = FR.areas({name: {k: f0_point[k] + list(curves[name][k]) for k in f0_point}
-                        for name in routers}, lo, hi)
-    captured = {name: FR.headroom_captured(with_f0[name], areas["Frontier"], areas["Oracle"])
+    captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
                 for name in routers}
-    captured_reachable = ({name: FR.headroom_captured(with_f0[name], areas["Frontier"],
+    captured_reachable = ({name: FR.headroom_captured(areas[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
     t2 = table2(methods)
@@ -269,7 +278,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "reachable_captured": captured_reachable,
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
         "versus_cascade": FR.versus_cascade(
-            with_f0["PaSeR"] - with_f0["IDK-Cascade"], captured["PaSeR"],
+            areas["PaSeR"] - areas["IDK-Cascade"], captured["PaSeR"],
             captured["IDK-Cascade"], t2["flops_saved_pct"]),
         "wall_clock": FR.wall_clock(
             (methods["PaSeR"]["ms_per_image"], pi),

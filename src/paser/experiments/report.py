@@ -231,7 +231,7 @@ def _routers_md(w, results: dict) -> None:
       + (" of the reachable part |" if reach else "") + "\n|---|---|---|---|---|"
       + ("---|" if reach else "") + "\n")
     for name, share in captured.items():
-        area = areas["Frontier"] + share * room if share is not None else areas[name]
+        area = areas[name]  # started from f0's point, as its share of the headroom
         w(f"| {name} | {area:.4f} | {area - areas['Frontier']:+.4f} | "
           f"{_pct(share)} | {_fmt(ranks.get(name), 3)} |"
           + (f" {_pct(reach.get(name))} |" if reach else "") + "\n")
