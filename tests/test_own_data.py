@@ -196,6 +196,18 @@ def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_pat
     assert cfg.data.tile == (128, 128) and cfg.models.num_classes == 5
     assert cfg.stage1.class_weights == pytest.approx(r["suggested_class_weights"])
 
+
+def test_a_folder_without_classes_yaml_is_told_the_values_its_masks_hold(folder, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(folder / "train", bare / "train")  # masks, and no classes.yaml
+    with pytest.raises(DataError) as err:
+        check_dataset(bare, workers=0, show_progress=False)
+    message = str(err.value)
+    assert "its masks hold the values 0, 40, 80, 120, 160, 255" in message  # 255: the stripe
+    assert str(bare / "classes.yaml") in message and "'ignore: null'" in message
+    assert "{0: class0, 40: class1, 80: class2, 120: class3, 160: class4, 255: class5}" in message
+    with pytest.raises(DataError, match="not a dataset folder"):  # nothing to read there
+        check_dataset(tmp_path / "bare" / "train" / "images", workers=0, show_progress=False)
 @pytest.mark.slow  # `paser data check` in processes
 def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(folder):
     out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(folder)],

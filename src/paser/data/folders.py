@@ -121,6 +121,18 @@ def _read_mask_values(path: Path) -> np.ndarray:
     return arr
 
 
+def mask_values(root: Path, limit: int = 16) -> list[int]:
+    """The values in the first ``limit`` masks of a folder (``train/masks/`` or ``masks/``):
+    what its ``classes.yaml`` must name; empty where there are none or they are unreadable."""
+    dirs = [root / "train" / "masks", root / "masks"]
+    files = next((sorted(p for p in d.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES)
+                  for d in dirs if d.is_dir()), [])[:limit]
+    try:
+        return sorted({int(v) for f in files for v in np.unique(_read_mask_values(f))})
+    except (DataError, OSError, ValueError):
+        return []
+
+
 class _ClassMapped(SegmentationFiles):
     """Masks decoded by a :class:`ClassMap` (``self.classmap``)."""
 

@@ -219,6 +219,15 @@ def detect_layout(root: str | Path) -> str:
                            ("train_images", "battery")):
         if (root / marker).exists():
             return layout
+    from paser.data.folders import mask_values
+
+    values = mask_values(root)
+    if values:
+        example = ", ".join(f"{v}: class{i}" for i, v in enumerate(values))
+        raise DataError(f"{root}: no classes.yaml; its masks hold the values "
+                        f"{', '.join(map(str, values))}: write {root / 'classes.yaml'} naming "
+                        f"each, e.g. 'classes: {{{example}}}' and, on a second line, "
+                        "'ignore: null' (or the value of unlabelled pixels; docs/data.md)")
     raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
                     "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
 
