@@ -187,6 +187,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     image of a batch is a crop of its window at a random offset (:func:`crop`).
     With ``stage1.ema`` validation, the early stop and the best checkpoint use an average of
     the weights over the steps (:func:`weight_average`); the last checkpoint keeps both.
+    Validation runs under the training's autocast (``dist``'s precision).
     With ``stage1.patience`` the model stops once its validation mIoU has not improved for
     that many epochs (``epochs`` is then the most it trains); the metric line of its last
     epoch says ``"stopped": true``.
@@ -259,8 +260,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
             dist.sync_buffers(model)
-            val_miou = evaluate_miou(kept, forward, val, cfg.models.num_classes,
-                                     s1.batch_size, device)
+            with dist.autocast():  # the early stop's reading, in training's precision
+                val_miou = evaluate_miou(kept, forward, val, cfg.models.num_classes,
+                                         s1.batch_size, device)
             if val_miou > best:
                 best, best_epoch = val_miou, epoch
                 if dist.is_main:
