@@ -52,7 +52,7 @@ from paser.calibration import price_sweep, sweep_actions
 from paser.checkpoints import make_policy
 from paser.experiments.curves import curve, escalation, logits_on, policy_curve, rank_correlation
 from paser.experiments.finished import open_finished
-from paser.frontier import areas, headroom_captured
+from paser.frontier import areas, from_point, headroom_captured
 from paser.metrics import confusion_counts
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -298,7 +298,7 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     def area_and_capture(c: dict, oracle: dict) -> tuple[float, float]:
         # below a router's fixed cost a user runs f0 alone (the frontier's first vertex),
         # as in the report: a router with a costlier policy starts from there too
-        c = {k: [frontier[k][0], *c[k]] for k in ("gflops", "iou")}
+        c = from_point(c, (frontier["gflops"][0], frontier["iou"][0]))
         a = areas({"Frontier": frontier, "c": c, "oracle": oracle}, lo, hi)
         return a["c"] - a["Frontier"], headroom_captured(a["c"], a["Frontier"], a["oracle"])
 

@@ -88,6 +88,12 @@ def best_within(curve: dict, gflops: float) -> float | None:
     return float(ys[ok].max()) if ok.any() else None
 
 
+def from_point(curve: dict, point: Point) -> dict:
+    """A router's step curve read with ``point`` (f0 alone) before its own points: below
+    the router's fixed cost (its policy, its f0 passes) a user runs f0 alone."""
+    return {"gflops": [point[0], *curve["gflops"]], "iou": [point[1], *curve["iou"]]}
+
+
 def budgets(lo: float, hi: float, count: int = 64) -> np.ndarray:
     """``count`` budgets spaced evenly in log GFLOP from ``lo`` to ``hi``."""
     return np.geomspace(lo, max(hi, lo * (1 + 1e-9)), count)

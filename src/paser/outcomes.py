@@ -176,7 +176,7 @@ class PatchOutcomes:
 
     def rows(self, index: slice | torch.Tensor) -> PatchOutcomes:
         """The outcomes of some of the images (``index`` into the first dimension)."""
-        return PatchOutcomes(*(getattr(self, f.name)[index] for f in fields(self)))
+        return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))
 
     @property
     def num_models(self) -> int:

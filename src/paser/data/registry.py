@@ -26,6 +26,7 @@ from paser.data.folders import (
     CityscapesDataset,
     ClassMap,
     FolderDataset,
+    mask_values,
 )
 from paser.data.images import Intensity
 from paser.data.slices import VolumeSlices
@@ -219,8 +220,6 @@ def detect_layout(root: str | Path) -> str:
                            ("train_images", "battery")):
         if (root / marker).exists():
             return layout
-    from paser.data.folders import mask_values
-
     values = mask_values(root)
     if values:
         example = ", ".join(f"{v}: class{i}" for i, v in enumerate(values))

@@ -95,9 +95,8 @@ def _uncertainty_label(cfg: ExperimentConfig) -> str:
 
 def _margin(curve: dict, frontier: dict, f0: tuple[float, float], lo: float, hi: float) -> float:
     """Mean of curve minus frontier over log-spaced budgets; f0 alone below the curve."""
-    with_f0 = {"gflops": [f0[0], *curve["gflops"]], "iou": [f0[1], *curve["iou"]]}
     grid = FR.budgets(lo, hi)
-    mine = FR.curve_values(with_f0, grid)
+    mine = FR.curve_values(FR.from_point(curve, f0), grid)
     theirs = FR.curve_values(frontier, grid, interpolate=True)
     return float((mine - theirs).mean())
 

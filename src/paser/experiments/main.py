@@ -89,9 +89,7 @@ def router_areas(curves: dict[str, dict], routers: list[str], f0: tuple[float, f
     """Each curve's area over ``[lo, hi]`` and its share of budgets at or above the
     frontier, a router's (``routers``) read with f0's point ``(GFLOP, IoU)`` before its
     own: below its fixed cost a user runs f0 alone."""
-    started = {name: {"gflops": [f0[0], *curves[name]["gflops"]],
-                      "iou": [f0[1], *curves[name]["iou"]]} for name in routers}
-    read = {**curves, **started}  # the curves' order, routers started from f0
+    read = {**curves, **{name: FR.from_point(curves[name], f0) for name in routers}}
     above = {name: FR.share_above(c, curves["Frontier"], lo, hi)
              for name, c in read.items() if name != "Frontier"}
     return FR.areas(read, lo, hi), above
