@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -77,16 +76,6 @@ def build_folder(root: Path, blur: float = 1.2, noise: float = 0.08) -> Path:
     return root
 
 
-def overrides_from_check(root: Path) -> list[str]:
-    """What `paser data check` tells a user to add."""
-    out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(root)],
-                         capture_output=True, text=True, check=True).stdout
-    print(out)
-    found = re.findall(r"(models\.\w+=\S+|\"?stage1\.class_weights=\[[^\]]*\]\"?|data\.tile=\S+)",
-                       out)
-    return [o.strip('"') for o in found]
-
-
 def pretrain(run_dir: Path, args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "paser", "pretrain", "--preset", "battery-quick",
            "--run-dir", str(run_dir), *args]
@@ -102,6 +91,8 @@ def pretrain(run_dir: Path, args: list[str]) -> dict:
 
 
 def main() -> None:
+    from paser.data.registry import check_dataset
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", choices=[*FOLDERS, "demo"], default="folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -113,9 +104,9 @@ def main() -> None:
     if args.data in FOLDERS:
         root = build_folder(DATA / ("realish" if args.data == "folder" else "realish_clear"),
                             *FOLDERS[args.data])
-        base = ["data.dataset=folder", f"data.root={root}", *overrides_from_check(root)]
-        if not any(o.startswith("data.tile") for o in base):
-            base.append("data.tile=[128,128]")
+        # what `paser data check` prints (its images come in several sizes: data.tile too)
+        base = ["data.dataset=folder", f"data.root={root}",
+                *check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]]
     else:
         base = [f"data.cache_dir={DATA / 'demo_data'}"]
     print("overrides:", " ".join(base))
