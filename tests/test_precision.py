@@ -2,6 +2,8 @@
 computes it natively, one process autocasts its convolutions itself, the policy's MLPs stay
 32-bit on the CPU, and stage 1 in bf16 keeps 32-bit weights and says what it used."""
 
+import inspect
+
 import pytest
 import torch
 from tests.test_pretrain import TINY
@@ -9,6 +11,7 @@ from torch import nn
 
 from paser.config import load_config
 from paser.train import distributed as D
+from paser.train import pretrain as stage1
 from paser.train.pretrain import pretrain
 
 
@@ -35,11 +38,22 @@ def test_one_process_autocasts_convolutions_and_keeps_the_policy_32_bit(monkeypa
         assert conv(x).dtype == torch.float32
 
 
-def test_stage1_in_bf16_keeps_float32_weights_and_records_its_precision(tmp_path):
+def test_stage1_in_bf16_keeps_float32_weights_and_records_its_precision(tmp_path, monkeypatch):
     cfg = load_config(preset="battery-quick", overrides=[
         *TINY, "distributed.precision=bf16-mixed", f"data.cache_dir={tmp_path / 'cache'}"])
+    # the per-epoch validation runs in training's precision; the reported figures in 32-bit
+    seen = {"fit": [], "summary": []}
+    evaluate = stage1.evaluate_miou
+
+    def recording(*args, **kwargs):
+        caller = "fit" if inspect.stack()[1].function == "fit" else "summary"
+        seen[caller].append(torch.is_autocast_enabled("cpu"))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "evaluate_miou", recording)
     summary = pretrain(cfg, tmp_path / "run", show_progress=False)
     assert summary["precision"] == "bf16-mixed"
+    assert seen["fit"] and all(seen["fit"]) and seen["summary"] and not any(seen["summary"])
     state = torch.load(tmp_path / "run" / "checkpoints" / "f2.pt", weights_only=False)["model"]
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
     for role, m in summary["models"].items():
