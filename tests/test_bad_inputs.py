@@ -194,7 +194,7 @@ def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
         assert any(name in line and message in line for line in failed), (name, err)
     # no image at all, a missing path
     (tmp_path / "empty").mkdir()
-    for path, message in [(tmp_path / "empty", "no PNG, TIFF or JPEG image"),
+    for path, message in [(tmp_path / "empty", "no image (.png, .tif"),
                           (tmp_path / "absent", "no such file or folder")]:
         code, err = cli(capsys, monkeypatch, "segment", path, *run_dir)
         assert code == 2 and message in _one_line(err)
@@ -202,7 +202,9 @@ def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
                                                        "onnxruntime"),
                             (["--remote", "ftp://x"], "--remote ftp://x: give an http:// or "
                                                      "https:// URL"),
-                            (["--budget-gflops", "0.0001"], "below the")]:
+                            (["--budget-gflops", "0.0001"], "below the"),
+                            (["--budget-gflops", "nan"], "--budget-gflops nan: give a number"),
+                            (["--out", folder / "good.png"], "a file, not a folder")]:
         code, err = cli(capsys, monkeypatch, "segment", folder / "good.png", *run_dir, *option)
         assert code == 2 and message in _one_line(err), err
 

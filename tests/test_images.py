@@ -96,6 +96,13 @@ def test_the_same_scene_in_five_formats_is_one_tensor(tmp_path):
     ref = read_image(tmp_path / "k" / "u8.png", 1)
     for name in ("u16.png", "rgb.png", "unit.tif", "u16.tif"):
         assert np.array_equal(read_image(tmp_path / "k" / name, 1), ref), name
+    # a bilevel (1-bit) PNG is its 0/255 8-bit twin, not 0 and 1/255
+    binary = gray > 127
+    Image.fromarray(binary).save(tmp_path / "k" / "bits.png")
+    Image.fromarray(binary.astype(np.uint8) * 255).save(tmp_path / "k" / "bytes.png")
+    assert Image.open(tmp_path / "k" / "bits.png").mode == "1"
+    assert np.array_equal(read_image(tmp_path / "k" / "bits.png", 1),
+                          read_image(tmp_path / "k" / "bytes.png", 1))
 
 
 def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):

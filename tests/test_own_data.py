@@ -208,6 +208,66 @@ def test_a_folder_without_classes_yaml_is_told_the_values_its_masks_hold(folder,
     assert "{0: class0, 40: class1, 80: class2, 120: class3, 160: class4, 255: class5}" in message
     with pytest.raises(DataError, match="not a dataset folder"):  # nothing to read there
         check_dataset(tmp_path / "bare" / "train" / "images", workers=0, show_progress=False)
+def test_folders_as_users_have_them(folder, tmp_path):
+    """Hidden files, bilevel masks, and the class maps and masks check refuses, each with
+    what to do."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    for split in ("train", "validation", "test"):  # macOS resource forks and checkpoints
+        for d in ("images", "masks"):
+            (root / split / d / "._img00.png").write_bytes(b"\0\5\26\7junk")
+    assert check_dataset(root, workers=0, show_progress=False)["splits"]["train"]["images"] == 12
+
+    def refused(classes: dict, message: str, where=root) -> None:
+        (where / "classes.yaml").write_text(yaml.safe_dump(classes))
+        with pytest.raises(DataError, match=message):
+            check_dataset(where, workers=0, show_progress=False)
+
+    names = {v: f"class{i}" for i, v in enumerate(VALUES)}
+    refused({"classes": {**names, 40: "class0"}, "ignore": 255},
+            "class name 'class0' is given to more than one mask value")
+    refused({"classes": {**names, 40: None}, "ignore": 255}, "mask value 40 has no class name")
+    refused({"classes": {**names, 255: "edge"}}, r"unlabelled pixels are 255 unless the file "
+            r"says otherwise\); add 'ignore: null'")
+    # every training pixel unlabelled: no class weight could be right
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": names, "ignore": 255}))
+    for mask in (root / "train" / "masks").glob("img*.png"):
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
+    with pytest.raises(DataError, match="no labelled pixel in the training masks"):
+        check_dataset(root, workers=0, show_progress=False)
+    # a palette mask is read by its indices, and the refusal says so
+    pal = Image.fromarray(np.full((32, 32), 7, np.uint8), mode="P")
+    pal.putpalette([0, 0, 0] * 256)
+    pal.save(root / "train" / "masks" / "img00.png")
+    with pytest.raises(DataError, match=r"mask values \[7\] \(palette indices, not the colours"):
+        check_dataset(root, workers=0, show_progress=False)
+    # bilevel masks: values 0 and 1
+    two = tmp_path / "two"
+    for split in ("train", "validation", "test"):
+        for d in ("images", "masks"):
+            (two / split / d).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(two / split / "images" / f"{i}.png")
+            Image.fromarray(np.eye(16, dtype=bool)).save(two / split / "masks" / f"{i}.png")
+    (two / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
+    r = check_dataset(two, workers=0, show_progress=False)
+    assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "line": 1 / 16})
+
+
+def test_one_folder_refuses_an_image_stored_twice(folder, tmp_path):
+    root = tmp_path / "one"
+    (root / "masks").mkdir(parents=True)
+    shutil.copytree(folder / "train" / "images", root / "images")
+    for f in (folder / "train" / "masks").iterdir():
+        shutil.copy(f, root / "masks" / f.name)
+    shutil.copy(folder / "classes.yaml", root)
+    Image.open(root / "images" / "img03.png").save(root / "images" / "img03.tif")
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"])
+    with pytest.raises(DataError, match=r"img03.png and .*img03.tif have the same name 'img03' "
+                       r"\(one mask, .*\): the holdout could put one in training"):
+        open_split(cfg.data, "train")
+
+
 @pytest.mark.slow  # `paser data check` in processes
 def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(folder):
     out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(folder)],

@@ -151,6 +151,9 @@ def test_grid_larger_than_image_is_a_clear_error():
         grid.pad(torch.zeros(1, 1, 5, 20))
     with pytest.raises(ConfigError, match="larger than"):
         grid.split(torch.zeros(1, 4, 4))
+    # patches of a fixed size (a run's tiles) cover a sliver of an image, padded
+    tiles = PatchGrid(2, 2, patch=(64, 64))
+    assert tiles.padded_size(64, 1) == (128, 128) and tiles.patch_size(1, 1) == (64, 64)
 
 
 def test_split_non_divisible_names_shape_rule_and_padded_size():

@@ -74,15 +74,19 @@ def test_unreadable_and_mismatched_inputs_name_the_file(tmp_path):
 
 
 def test_find_images_in_folders_files_and_errors(tmp_path):
-    (tmp_path / "d" / "sub").mkdir(parents=True)
-    for name in ("d/b.png", "d/sub/a.TIF", "d/notes.txt", "c.jpeg"):
+    for sub in ("sub", ".ipynb_checkpoints", "out"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+    for name in ("d/b.png", "d/sub/a.TIF", "d/notes.txt", "c.jpeg", "d/s.bmp",
+                 "d/._b.png", "d/.ipynb_checkpoints/b.png", "d/out/b_labels.png"):
         (tmp_path / name).write_bytes(b"x")
-    found = find_images([tmp_path / "d", tmp_path / "c.jpeg"])
-    assert [f.name for f in found] == ["b.png", "a.TIF", "c.jpeg"]
+    # hidden files and folders (macOS resource forks, notebooks' copies) and the output
+    # folder inside the input are not inputs
+    found = find_images([tmp_path / "d", tmp_path / "c.jpeg"], exclude=tmp_path / "d" / "out")
+    assert [f.name for f in found] == ["b.png", "s.bmp", "a.TIF", "c.jpeg"]
     with pytest.raises(DataError, match="d/x: no such file or folder"):
         find_images([tmp_path / "d" / "x"])
     (tmp_path / "e").mkdir()
-    with pytest.raises(DataError, match="no PNG, TIFF or JPEG image in"):
+    with pytest.raises(DataError, match=r"no image \(.png, .tif, .tiff, .jpg, .jpeg, .bmp\) in"):
         find_images([tmp_path / "e"])
     (tmp_path / "e" / "b.png").write_bytes(b"x")
     with pytest.raises(DataError, match="same stem 'b'"):

@@ -176,6 +176,9 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     patch = torch.tensor(costs.patch, dtype=torch.float32)
     rel = patch / patch.max()
     if budget_gflops is not None:
+        if not math.isfinite(budget_gflops):
+            raise ConfigError(f"--budget-gflops {budget_gflops:g}: give a number of GFLOP "
+                              "per image")
         if budget_gflops < costs.fixed:
             raise ConfigError(
                 f"--budget-gflops {budget_gflops:g} is below the {costs.fixed:.3f} GFLOP every "
@@ -187,7 +190,7 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     for option, value, what in (("max-frac-large", max_frac_large, "a share of patches"),
                                 ("max-tvd", max_tvd, "a total variation distance"),
                                 ("iou-within-top", iou_within_top, "an mIoU difference")):
-        if value is not None and not 0.0 <= value <= 1.0:
+        if value is not None and not 0.0 <= value <= 1.0:  # NaN too
             raise ConfigError(f"--{option} {value:g}: {what}, give a value in [0, 1]")
     if max_frac_large is not None:
         target = {"max_frac_large": float(max_frac_large)}

@@ -75,7 +75,8 @@ class PatchGrid:
     # -- sizes ---------------------------------------------------------------------------------
 
     def _check_fits(self, height: int, width: int) -> None:
-        if height < self.rows or width < self.cols:
+        # patches of a fixed size cover any image they reach past (padded)
+        if self.patch is None and (height < self.rows or width < self.cols):
             raise ConfigError(
                 f"patch grid {self} is larger than the {height}x{width} image: a patch would be "
                 f"less than one pixel {'high' if height < self.rows else 'wide'}; use at most "

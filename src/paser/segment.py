@@ -32,12 +32,12 @@ from PIL import Image
 
 from paser.cost import FLOP_CONVENTION
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity, read_image
+from paser.data.images import READABLE_SUFFIXES, Intensity, image_files, read_image
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import atomic_write_text, replaced, worker_context
 
-SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+SUFFIXES = READABLE_SUFFIXES
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
                           [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127]],
                          dtype=np.float32)  # pore blue, carbon yellow, nickel red, ...
@@ -46,24 +46,25 @@ MODEL_COLOURS = np.array([[44, 160, 44], [255, 127, 14], [214, 39, 40], [148, 10
 DEGRADED_COLOUR = np.array([0, 0, 0], dtype=np.float32)  # a remote patch that kept f0's
 
 
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively) in folders, in order.
+def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
+    """Image files named directly or found (recursively) in folders, in order; hidden
+    files and folders, and what lies under ``exclude`` (the output folder), left out.
 
     Raises :class:`DataError` for a path that does not exist, for no image at all, and for
     two inputs with the same file stem (their outputs would overwrite each other).
     """
     files: list[Path] = []
+    skip = None if exclude is None else Path(exclude)
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*")
-                            if f.is_file() and f.suffix.lower() in SUFFIXES)
+            files += image_files(path, SUFFIXES, recursive=True, exclude=skip)
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"{path}: no such file or folder")
     if not files:
-        raise DataError(f"no PNG, TIFF or JPEG image in {', '.join(map(str, inputs))}; give "
+        raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; give "
                         "image files or folders that contain them")
     seen: dict[str, Path] = {}
     for f in files:

@@ -34,8 +34,10 @@ import torch
 
 from paser.cost import FLOP_CONVENTION
 from paser.data.images import (
+    READABLE_SUFFIXES,
     TIFF_SUFFIXES,
     as_input,
+    image_files,
     probe,
     read_array,
 )
@@ -126,8 +128,7 @@ def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None) -
     """The volume ``spec`` names (:func:`is_volume`); nothing but headers read. A folder is
     a stack of its image files (``stack_suffixes``, default those ``paser segment``
     reads), natural sort; every problem is a :class:`DataError` naming the input."""
-    if stack_suffixes is None:
-        from paser.segment import SUFFIXES as stack_suffixes
+    stack_suffixes = READABLE_SUFFIXES if stack_suffixes is None else stack_suffixes
     text = str(spec)
     h5 = _H5.match(text)
     if h5:
@@ -217,8 +218,7 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
 
 
 def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes),
-                   key=natural_key)
+    files = sorted(image_files(folder, tuple(suffixes)), key=natural_key)
     if not files:
         raise DataError(f"{folder}: --stack, but no image file in it ({', '.join(suffixes)})")
     first = probe(files[0])
@@ -464,18 +464,19 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
         out.writerows(rows)
 
 
-def split_inputs(inputs: Sequence[str | Path], stack: bool = False
-                 ) -> tuple[list[Path], list[Volume]]:
+def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
+                 exclude: str | Path | None = None) -> tuple[list[Path], list[Volume]]:
     """``paser segment``'s inputs as image files and volumes: HDF5 ``file:/key``, ``.zarr``
     paths, TIFFs of more than one page (named or found in a folder) and, with ``stack``,
     folders (:func:`is_volume`); the rest are images (:func:`paser.segment.find_images`).
-    Two outputs with one stem are a :class:`DataError`."""
+    Two outputs with one stem are a :class:`DataError`; ``exclude`` (the output folder) is
+    not searched."""
     from paser.segment import find_images
 
     volumes = [open_volume(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
-    for f in find_images(rest) if rest else []:
+    for f in find_images(rest, exclude) if rest else []:
         if f.suffix.lower() in TIFF_SUFFIXES and is_volume(f):
             volumes.append(open_volume(f))
         else:

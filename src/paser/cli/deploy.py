@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from paser.cli.common import RUN_DIR, app
-from paser.errors import ConfigError
+from paser.errors import ConfigError, DataError
 
 
 @app.command()
@@ -105,7 +105,9 @@ def segment(
     from paser.segment import segment_files
     from paser.volumes import split_inputs
 
-    files, volumes = split_inputs([str(i) for i in inputs], stack)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file, not a folder; give a folder for the outputs")
+    files, volumes = split_inputs([str(i) for i in inputs], stack, exclude=out)
     if threads is not None:
         import torch
 

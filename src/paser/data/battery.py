@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, random_split
 
-from paser.data.images import Intensity, fit_window, probe, read_image
+from paser.data.images import Intensity, fit_window, image_files, probe, read_image
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -91,12 +91,14 @@ class SegmentationFiles(Dataset):
     """
 
     class_names: list[str] = []
+    #: the image files a split of this layout takes
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES
 
     def __init__(self, images: list[Path], labels: list[Path], where: str,
                  in_memory: bool = False):
         self.images, self.labels = images, labels
         if not self.images:
-            raise DataError(f"{where}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{where}: no images ({', '.join(self.suffixes)})")
         missing = [p for p in self.labels if not p.is_file()]
         if missing:
             i = self.labels.index(missing[0])
@@ -187,7 +189,7 @@ class BatteryDataset(SegmentationFiles):
                     f"{d}: folder not found; a dataset root needs "
                     f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
                 )
-        images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = image_files(img_dir, IMAGE_SUFFIXES)
         super().__init__(images, [lbl_dir / p.name for p in images],
                          f"{img_dir} (split '{split}')", in_memory)
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from paser.data.battery import IMAGE_SUFFIXES, MASK_IGNORE, SegmentationFiles
+from paser.data.battery import MASK_IGNORE, SegmentationFiles
+from paser.data.images import READABLE_SUFFIXES, image_files
 from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
 _UNKNOWN = 254
-FOLDER_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg", ".bmp")
+FOLDER_SUFFIXES = READABLE_SUFFIXES
 
 #: Cityscapes' 19 evaluation classes (train ids 0..18), and label id -> train id for the
 #: labelled ids (every other id, "unlabeled" to "license plate", is ignored).
@@ -76,7 +77,20 @@ class ClassMap:
         if bad:
             raise DataError(f"{path}: mask values must be integers 0..255 (8-bit masks), got {bad}")
         if ignore in values:
-            raise DataError(f"{path}: value {ignore} is both a class and the ignore value")
+            raise DataError(
+                f"{path}: value {ignore} is both a class and the ignore value"
+                + ("" if "ignore" in doc else f" (unlabelled pixels are {MASK_IGNORE} unless "
+                   "the file says otherwise); add 'ignore: null' if no pixel is unlabelled, "
+                   "or 'ignore: <value>' for the value that marks them"))
+        names = [classes[v] for v in values]
+        empty = [v for v, n in zip(values, names, strict=True) if n is None or not str(n).strip()]
+        if empty:
+            raise DataError(f"{path}: mask value {empty[0]} has no class name; write "
+                            f"'{empty[0]}: <name>'")
+        twice = sorted({str(n) for n in names if [str(m) for m in names].count(str(n)) > 1})
+        if twice:
+            raise DataError(f"{path}: class name {twice[0]!r} is given to more than one mask "
+                            "value; a class has one value (relabel the masks to merge them)")
         if len(values) > 254:
             raise DataError(f"{path}: {len(values)} classes; at most 254 are supported")
         return cls(values, [str(classes[v]) for v in values], ignore, str(path))
@@ -100,10 +114,23 @@ class ClassMap:
         if (out == _UNKNOWN).any():
             vals = sorted(int(v) for v in np.unique(arr[out == _UNKNOWN]))
             raise DataError(
-                f"{path}: mask values {vals[:8]}{' ...' if len(vals) > 8 else ''} are not in "
+                f"{path}: mask values {vals[:8]}{_palette_note(path)}{' ...' if len(vals) > 8 else ''} are not in "
                 f"{self.where} (classes {self.values}, ignore {self.ignore}); add them there or "
                 "set those pixels to the ignore value")
         return out
+
+
+def _palette_note(path: Path) -> str:
+    """`` (palette indices, ...)`` for a palette mask: its values are the indices, not the
+    colours it shows."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return (" (palette indices, not the colours the palette shows: classes.yaml names "
+                    "the indices)") if img.mode in ("P", "PA") else ""
+    except OSError:
+        return ""
 
 
 def _read_mask_values(path: Path) -> np.ndarray:
@@ -116,6 +143,8 @@ def _read_mask_values(path: Path) -> np.ndarray:
             raise DataError(f"{path}: a colour mask; save it as 8-bit grayscale or palette PNG "
                             "whose values are the class map's keys")
         arr = arr[..., 0]
+    if arr.dtype == np.bool_:  # bilevel: values 0 and 1
+        arr = arr.astype(np.uint8)
     if arr.dtype != np.uint8:
         raise DataError(f"{path}: a {arr.dtype} mask; masks must be 8-bit (grayscale or palette)")
     return arr
@@ -125,8 +154,7 @@ def mask_values(root: Path, limit: int = 16) -> list[int]:
     """The values in the first ``limit`` masks of a folder (``train/masks/`` or ``masks/``):
     what its ``classes.yaml`` must name; empty where there are none or they are unreadable."""
     dirs = [root / "train" / "masks", root / "masks"]
-    files = next((sorted(p for p in d.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES)
-                  for d in dirs if d.is_dir()), [])[:limit]
+    files = next((image_files(d) for d in dirs if d.is_dir()), [])[:limit]
     try:
         return sorted({int(v) for f in files for v in np.unique(_read_mask_values(f))})
     except (DataError, OSError, ValueError):
@@ -137,6 +165,7 @@ class _ClassMapped(SegmentationFiles):
     """Masks decoded by a :class:`ClassMap` (``self.classmap``)."""
 
     classmap: ClassMap
+    suffixes = READABLE_SUFFIXES
 
     @property
     def class_names(self) -> list[str]:
@@ -161,6 +190,7 @@ class FolderDataset(_ClassMapped):
             pairs = _pairs(root / split / "images", root / split / "masks")
         elif (root / "images").is_dir():
             pairs = _pairs(root / "images", root / "masks")
+            _one_file_per_image([p for p, _ in pairs], root / "masks")
             pairs = [pairs[i] for i in _holdout(len(pairs), holdout, seed, root)[split]]
         else:
             raise DataError(f"{root}: neither {split}/images/ nor images/ found; a folder dataset "
@@ -193,10 +223,22 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     if not mask_dir.is_dir():
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
                         "file names")
-    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES}
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES)
+    masks = {p.stem: p for p in image_files(mask_dir)}
+    images = image_files(img_dir)
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+
+
+def _one_file_per_image(images: list[Path], mask_dir: Path) -> None:
+    """Two files of one stem (``scan1.png``, ``scan1.tif``) would share one mask and could
+    land in two splits: the test would hold a training image."""
+    stems: dict[str, Path] = {}
+    for p in images:
+        if p.stem in stems:
+            raise DataError(f"{stems[p.stem]} and {p} have the same name '{p.stem}' (one "
+                            f"mask, {mask_dir}/{p.stem}.*): the holdout could put one in "
+                            "training and the other in test; keep one file per image")
+        stems[p.stem] = p
 
 
 def _holdout(n: int, holdout: tuple[float, float], seed: int, root: Path) -> dict[str, list[int]]:

@@ -30,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from paser.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: every image file the reader takes, for training folders, ``paser segment`` and stacks
+READABLE_SUFFIXES = (".png", *TIFF_SUFFIXES, ".jpg", ".jpeg", ".bmp")
 #: what a run keeps of how its inputs were scaled (:meth:`Intensity.save`)
 INTENSITY_FILE = "intensity.json"
 #: percentiles of the training pixels that bound the fitted window
@@ -44,6 +46,25 @@ def by_type_range(dtype: np.dtype) -> bool:
     """Whether values of ``dtype`` scale by the type's range (uint8, uint16, bool); the rest
     (floats, signed and wider integers) need an intensity window."""
     return np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
+
+
+def hidden(path: Path, below: Path | None = None) -> bool:
+    """Whether ``path`` (or a folder between ``below`` and it) is hidden: a name starting
+    with a dot (``.DS_Store``, macOS ``._scan.png`` resource forks, ``.ipynb_checkpoints``)."""
+    parts = path.relative_to(below).parts if below is not None else (path.name,)
+    return any(part.startswith(".") for part in parts)
+
+
+def image_files(folder: Path, suffixes: tuple[str, ...] = READABLE_SUFFIXES,
+                recursive: bool = False, exclude: Path | None = None) -> list[Path]:
+    """The image files of ``folder`` (with ``recursive``, of its subfolders too), sorted;
+    hidden files and folders left out, and everything under ``exclude`` (an output folder
+    inside the input)."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    skip = None if exclude is None else exclude.resolve()
+    return sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file()
+                  and not hidden(f, folder)
+                  and not (skip is not None and f.resolve().is_relative_to(skip)))
 
 
 def read_array(path: str | Path, notes: list[str] | None = None) -> np.ndarray:
@@ -95,8 +116,8 @@ def _pillow(path: Path, notes: list[str]) -> np.ndarray:
         if img.mode == "P" or img.mode == "PA":
             img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA"
                               else "RGB")
-        elif img.mode == "1":
-            return np.asarray(img).astype(np.uint8)
+        elif img.mode == "1":  # bilevel: booleans, scaled by their range (0 and 1)
+            return np.asarray(img, dtype=bool)
         elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
             img = img.convert("RGB")
         return np.asarray(img)

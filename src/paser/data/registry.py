@@ -284,7 +284,11 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                     counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
                                              minlength=len(names) + 1)
                 bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
-    labelled = counts[:-1].sum().clamp_min(1)
+    if counts[:-1].sum() == 0:
+        raise DataError(f"{root}: no labelled pixel in the training masks (every pixel is "
+                        "the ignore value or outside the classes); check classes.yaml's "
+                        "'ignore' and the masks")
+    labelled = counts[:-1].sum()
     freq = counts[:-1].double() / labelled
     med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
     weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
