@@ -110,9 +110,27 @@ def test_any_image_is_routed_in_the_trained_patches(tmp_path):
     # a size that is not a multiple of the tile: padded, cropped back, paid per tile
     odd = m.segment(x[..., :200, :300])
     assert odd.mask.shape == (1, 200, 300) and odd.actions.shape == (1, 2 * 2 * 3 * 2)
+    # ... where the last column of patches (x from 320) is padding only: f0, no pool model
+    # paid; the policy's choice there, and its cost, is what routing without that knowledge
+    # spends for nothing
+    top = m.router.num_models - 1
+    to_f2 = torch.zeros(top + 1)
+    to_f2[top] = 1e3  # a bias that sends every patch to the last model
+    odd = m.segment(x[..., :200, :300], bias=to_f2)
+    blind = route_tiled(lambda t, inside: m.router(t, bias=to_f2, mc_seed=0),
+                        x[..., :200, :300], (128, 128), m.router.grid)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[:, 5] = True
+    assert (blind.actions == top).all() and (odd.actions.view(4, 6)[padding] == 0).all()
+    assert (odd.actions.view(4, 6)[~padding] == top).all()
+    assert torch.equal(odd.mask, blind.mask)  # padding is cropped away
+    patch = torch.tensor(m.router.costs(128, 128).patch, dtype=torch.float64)
+    saved = float(patch[blind.actions.view(4, 6)[padding]].sum())
+    assert float(odd.gflops[0]) == pytest.approx(float(blind.gflops[0]) - saved)
     # batching tiles does not change them
-    same = route_tiled(lambda t: m.router(t, bias=m._bias(None), mc_seed=0), x, (128, 128),
-                       m.router.grid, batch=5)
+    same = route_tiled(lambda t, inside: m.router(t, bias=m._bias(None), mc_seed=0,
+                                                  inside=inside),
+                       x, (128, 128), m.router.grid, batch=5)
     assert torch.equal(same.mask, out.mask)
 
 

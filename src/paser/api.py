@@ -125,10 +125,10 @@ class PaSeR:
         self.router.eval()
         bias = self._bias(bias)
 
-        def route(t: torch.Tensor) -> RoutingOutput:
+        def route(t: torch.Tensor, inside: torch.Tensor | None = None) -> RoutingOutput:
             if only is not None:
                 return self.router.alone(only, t, mc_seed)
-            return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed)
+            return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed, inside=inside)
 
         x = x.to(self.device)
         if self.tile is None or tuple(x.shape[-2:]) == self.tile:

@@ -99,6 +99,16 @@ class PatchGrid:
             return hp, wp
         return _ceil_to(height, self.rows), _ceil_to(width, self.cols)
 
+    def inside(self, height: int, width: int, top: int = 0, left: int = 0) -> Tensor:
+        """``[P]`` bool, row-major: whether each patch holds a pixel of a ``height x width``
+        image, the grid's first patch at ``(top, left)`` of it (a tile's origin). Only
+        patches of a fixed size reach wholly past an image (the last tiles of a side that is
+        not a multiple of the tile); those are padding and need no model of the pool."""
+        ph, pw = self.patch if self.patch is not None else self.patch_size(height, width)
+        rows = top + ph * torch.arange(self.rows) < height
+        cols = left + pw * torch.arange(self.cols) < width
+        return (rows[:, None] & cols[None, :]).reshape(-1)
+
     def patch_size(self, height: int, width: int) -> tuple[int, int]:
         """``(h, w)`` of one patch of the padded image, in pixels (see :meth:`padded_size`)."""
         hp, wp = self.padded_size(height, width)

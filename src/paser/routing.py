@@ -321,7 +321,8 @@ class Router(nn.Module):
                              torch.full((x.shape[0],), gflops, dtype=torch.float64), None, mc)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, mc_seed: int | None = None) -> RoutingOutput:
+                bias: torch.Tensor | None = None, mc_seed: int | None = None,
+                inside: torch.Tensor | None = None) -> RoutingOutput:
         """Route a batch ``[B, C, H, W]`` (any size: padded to the grid, cropped back).
 
         ``actions`` [B, P] overrides the policy, which then does not run and is not paid for
@@ -329,6 +330,9 @@ class Router(nn.Module):
         to the policy's logits (budget calibration). ``mc_seed`` fixes f0's dropout masks
         (without touching the global random state), so the same batch always gets the same
         answer; ``None`` draws them from the global generator (training).
+        ``inside`` [B, P] bool: the patches that hold image pixels (default: those of ``x``
+        itself, :meth:`PatchGrid.inside`); the policy's choice for the others, padding past
+        the image (the last tiles of :func:`paser.data.tiles.route_tiled`), is f0.
         """
         h, w = x.shape[-2:]
         xp, mc = self.look(x, mc_seed)
@@ -338,6 +342,9 @@ class Router(nn.Module):
             if bias is not None:
                 logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)
+            if inside is None:
+                inside = self.grid.inside(h, w)
+            actions = actions.masked_fill(~inside.to(actions.device).expand_as(actions), 0)
         probs, degraded = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
         ran = actions if degraded is None else actions.masked_fill(degraded, 0)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
-from paser.patches import pad_to
+from paser.patches import PatchGrid, pad_to
 
 
 def tile_origins(height: int, width: int, tile: tuple[int, int]) -> list[tuple[int, int]]:
@@ -94,8 +94,8 @@ class Tiles:
 
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
                 batch: int = 8):
-    """``route`` (a batch of ``tile``-sized images -> :class:`paser.routing.RoutingOutput`)
-    on every tile of ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice
+    """``route`` (a batch of ``tile``-sized images and which of their patches hold image
+    pixels ``[n, P]`` -> :class:`paser.routing.RoutingOutput`) on every tile of ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice
     peaks under 1.7 GB with the demo's models), stitched back: the
     labels and probabilities cropped to ``H x W``, the actions (and logits, degraded
     patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
@@ -109,7 +109,11 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     xp = pad_to(x, rows * th, cols * tw, "reflect")
     tiles = (xp.unfold(2, th, th).unfold(3, tw, tw)  # B C R K th tw
              .permute(0, 2, 3, 1, 4, 5).reshape(b * rows * cols, x.shape[1], th, tw))
-    outs = [route(tiles[i:i + batch]) for i in range(0, len(tiles), batch)]
+    # the patches of each tile that hold pixels of the image, not only its mirrored padding
+    fixed = PatchGrid(grid.rows, grid.cols, patch=(th // grid.rows, tw // grid.cols))
+    inside = torch.stack([fixed.inside(h, w, y, x0) for y, x0 in tile_origins(h, w, tile)])
+    inside = inside.repeat(b, 1)  # [B * R * K, P]
+    outs = [route(tiles[i:i + batch], inside[i:i + batch]) for i in range(0, len(tiles), batch)]
 
     def cat(name):
         parts = [getattr(o, name) for o in outs]
