@@ -491,3 +491,17 @@ def test_stream_auto_streams_above_its_size(folder):
         assert streams(cfg, sets) is expect
     for mode, expect in (("always", True), ("never", False)):
         assert streams(load_config(overrides=[f"data.stream={mode}"]).data, sets) is expect
+
+
+def test_a_run_keeps_its_data_folder_as_an_absolute_path(folder, tmp_path, monkeypatch):
+    """A run made with data.root=mydata (relative, as the README shows) is read later from
+    other folders: evaluate, calibrate and segment --budget-gflops find its data."""
+    from paser.train.common import prepare_run_dir
+
+    monkeypatch.chdir(folder.parent)
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={folder.name}"])
+    run_dir, used = prepare_run_dir(tmp_path / "run", cfg, resume=False)
+    assert used.data.root == folder and used.data.root.is_absolute()
+    monkeypatch.chdir(tmp_path)
+    saved = load_config(config_file=run_dir / "config.yaml")
+    assert saved.data.root == folder and len(open_split(saved.data, "test")) == 3

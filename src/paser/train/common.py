@@ -117,12 +117,16 @@ def prepare_run_dir(
 ) -> tuple[Path, ExperimentConfig]:
     """Create or reopen a run directory and return it with the config to use.
 
-    A new run saves ``config.yaml``. On resume, the saved config is used; a config
+    A new run saves ``config.yaml``, ``data.root`` made absolute. On resume, the saved config is used; a config
     given as well must equal it (a changed config is a new run). The temporary files of a
     process killed mid-save (:func:`atomic_save`) are removed, whatever the case.
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
+    if cfg is not None and cfg.data.root is not None and not cfg.data.root.is_absolute():
+        # the run is read from other folders later (evaluate, calibrate, segment)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"root": cfg.data.root.absolute()})})
     if is_main_process() and run_dir.is_dir():  # not distributed training's other processes
         for stale in run_dir.rglob(".*.tmp"):
             stale.unlink(missing_ok=True)
