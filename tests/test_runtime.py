@@ -63,3 +63,38 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
     with replaced(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and list(target.parent.iterdir()) == [target]
+
+
+# A parent with a writer pool: its worker ignores Ctrl-C, then the parent dies by SIGKILL.
+POOL_PARENT = """
+import os, signal, time
+from paser.segment import _writer
+if __name__ == "__main__":
+    pool = _writer(1)
+    pid = pool.submit(os.getpid).result()
+    os.kill(pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
+    time.sleep(0.5)
+    print(pid, pool.submit(os.getpid).result() == pid, flush=True)  # still serving
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="signals and /proc as on Linux")
+def test_pool_workers_leave_ctrl_c_to_the_parent_and_exit_when_it_is_killed():
+    import time
+
+    out = subprocess.run([sys.executable, "-c", POOL_PARENT], capture_output=True, text=True,
+                         timeout=120)
+    pid, serving = out.stdout.split()
+    assert serving == "True" and "KeyboardInterrupt" not in out.stderr, out.stderr
+
+    def alive(p: int) -> bool:  # a zombie has exited
+        try:
+            return open(f"/proc/{p}/stat").read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(int(pid)), "the worker outlived its killed parent"

@@ -176,6 +176,37 @@ def progress(enabled: bool = True) -> Progress:
     )
 
 
+def detached_worker(parent: int) -> None:
+    """Initializer of a pool's worker processes (``initargs=(os.getpid(),)``): Ctrl-C is the
+    parent's to handle (it stops the pool; the workers printed a traceback each), and a
+    worker whose parent is gone exits within a second (a parent killed with SIGKILL cannot
+    stop its pool, whose workers were left running)."""
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def gone() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's (the pid was reused)
+            return False
+        try:  # a killed parent that its own parent has not reaped yet is a zombie
+            return Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="paser-parent-watch", daemon=True).start()
+
+
 def worker_context(workers: int, preload: list[str]):
     """How worker processes start: from a fork server where the platform has one (``None``:
     the platform's default; also with no workers). The server imports ``preload`` once, so

@@ -35,7 +35,7 @@ from paser.data.folders import ClassMap
 from paser.data.images import READABLE_SUFFIXES, Intensity, image_files, read_image
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
-from paser.runtime import atomic_write_text, replaced, worker_context
+from paser.runtime import atomic_write_text, detached_worker, replaced, worker_context
 
 SUFFIXES = READABLE_SUFFIXES
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -382,7 +382,8 @@ def _writer(workers: int):
         return None
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]))
+    return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]),
+                               initializer=detached_worker, initargs=(os.getpid(),))
 
 
 def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,

@@ -373,7 +373,10 @@ def generate_dataset(
                 counts[task[4]] += _write_chunk(*task)
                 bar.advance(len(task[5]))
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            from paser.runtime import detached_worker
+
+            with ProcessPoolExecutor(workers, initializer=detached_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_write_chunk, *task): task for task in tasks}
                 for fut in as_completed(futures):
                     task = futures[fut]
