@@ -85,7 +85,7 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     monkeypatch.setattr(type(m), "segment", counted)
     with pytest.raises(Interrupted):  # in the first volume's fourth chunk
         segment_volumes(m, volumes, tmp / "out", chunk=4)
-    assert len(list((tmp / "out" / ".scan.parts").glob("*.json"))) == 3
+    assert len(list((tmp / "out" / ".scan.parts").glob("0*.json"))) == 3
     calls[0], stop[0] = 0, 0
     segment_volumes(m, volumes, tmp / "out", chunk=16)  # goes on in the chunks it began
     assert calls[0] == 2 * DEPTH - 12  # the 12 slices of the 3 finished chunks not redone
@@ -96,6 +96,31 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     calls[0] = 0
     again = segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert calls[0] == 0 and all(r.resumed for r in again)
+
+
+def test_chunks_left_by_another_input_of_the_same_name_are_not_taken(setup, monkeypatch):
+    """An interrupted scan.tif, then another scan.tif into the same folder: its labels are
+    its own, not the first one's chunks and its own after them."""
+    m, vol, tmp = setup
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    tifffile.imwrite(tmp / "a" / "scan.tif", vol, photometric="minisblack")
+    tifffile.imwrite(tmp / "b" / "scan.tif", 255 - vol, photometric="minisblack")
+    calls, segment = [0], type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        if calls[0] == 9:
+            raise Interrupted
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(Interrupted):  # two chunks of a/scan.tif done
+        segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4)
+    monkeypatch.setattr(type(m), "segment", segment)
+    [res] = segment_volumes(m, split_inputs([tmp / "b" / "scan.tif"])[1], tmp / "out", chunk=4)
+    assert res.record["input"] == str(tmp / "b" / "scan.tif") and not res.resumed
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, 255 - vol))
 
 
 def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):

@@ -262,12 +262,21 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> tuple[o
     TIFF output), both kept when an earlier call left chunks done; and the slices per
     chunk: ``chunk``, or the one that call started with (its parts are chunks of it)."""
     parts = _parts(volume, out_dir)
+    made = parts / "volume.json"  # what the parts are of, and their chunk
+    mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype}
+    try:
+        before = json.loads(made.read_text()) if made.is_file() else None
+    except ValueError:
+        before = None
+    if parts.is_dir() and (before is None or before.get("volume") != mine):
+        # chunks of another input of this stem (or of unknown origin): not this volume's
+        shutil.rmtree(parts)
+        before = None
     parts.mkdir(parents=True, exist_ok=True)
-    size = parts / "chunk"
-    if any(parts.glob("*.json")) and size.is_file():
-        chunk = int(size.read_text())
+    if before is not None and any(parts.glob("0*.json")):
+        chunk = int(before["chunk"])
     else:
-        atomic_write_text(str(chunk), size)
+        atomic_write_text(json.dumps({"volume": mine, "chunk": chunk}), made)
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
     return None, chunk
@@ -367,7 +376,7 @@ def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
 
     h, w = volume.plane
     shape = (volume.depth, h, w)
-    if path.exists() and any(parts.glob("*.json")):
+    if path.exists() and any(parts.glob("0*.json")):
         arr = zarr.open_array(str(path), mode="r+")
         if tuple(arr.shape) == shape:
             return arr
