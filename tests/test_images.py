@@ -96,6 +96,9 @@ def test_the_same_scene_in_five_formats_is_one_tensor(tmp_path):
     ref = read_image(tmp_path / "k" / "u8.png", 1)
     for name in ("u16.png", "rgb.png", "unit.tif", "u16.tif"):
         assert np.array_equal(read_image(tmp_path / "k" / name, 1), ref), name
+    # big-endian 16-bit (HDF5, zarr) is scaled by its type's range as little-endian is
+    u16 = gray.astype(np.uint16) * 257
+    assert np.array_equal(Intensity().scale(u16.astype(">u2")), Intensity().scale(u16))
     # a bilevel (1-bit) PNG is its 0/255 8-bit twin, not 0 and 1/255
     binary = gray > 127
     Image.fromarray(binary).save(tmp_path / "k" / "bits.png")

@@ -123,6 +123,29 @@ def test_chunks_left_by_another_input_of_the_same_name_are_not_taken(setup, monk
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, 255 - vol))
 
 
+def test_a_float_volume_under_a_run_of_8_bit_images_is_scaled_by_one_window(setup):
+    """The run has no intensity window: the volume's own, fitted once, scales every slice
+    (per slice, one hot voxel rescaled its whole slice)."""
+    m, vol, tmp = setup
+    assert m.intensity.window is None
+    recon = vol.astype(np.float32) * 4.0 - 100.0
+    recon[1] = recon[0]
+    recon[1, 0, 0] = 5000.0  # slice 1: slice 0 and one hot voxel
+    tifffile.imwrite(tmp / "recon.tif", recon, photometric="minisblack")
+    [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "out", chunk=5)
+    window = res.record["intensity"]["window"]
+    assert "this volume" in res.record["intensity"]["fitted_on"]
+    picks = sorted({round(z) for z in np.linspace(0, DEPTH - 1, 16)})
+    lo, hi = np.percentile(recon[picks].reshape(-1), (0.5, 99.5))
+    assert window == pytest.approx([lo, hi], rel=1e-5)
+    scaled = np.clip((recon - window[0]) / (window[1] - window[0]), 0, 1)
+    want = np.stack([m.label_codec.encode(m.segment(torch.from_numpy(s)[None, None]).mask[0]
+                                          .numpy()) for s in scaled])
+    labels = tifffile.imread(tmp / "out" / "recon_labels.tif")
+    assert np.array_equal(labels, want)
+    assert (labels[1] != labels[0]).mean() < 0.05  # the hot voxel changes its surroundings only
+
+
 def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as fh:
         fh.create_dataset("/a/b", data=np.zeros((2, 4, 4), np.uint8))
@@ -143,6 +166,21 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     files, volumes = split_inputs([tmp_path / "s"])  # not --stack: images, and a stack
     assert [f.name for f in files] == ["a1.png", "a2.png"]
     assert [(v.stem, v.depth) for v in volumes] == [("v", 3)]
+    # channels as pages, and two stacks in one file, are not slices of one volume
+    zc = np.zeros((4, 3, 8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "zc.ome.tif", zc, ome=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(DataError, match=r"its pages hold 3 channels \(TIFF axes ZCYX, shape "
+                                        r"4 x 3 x 8 x 8\)"):
+        open_volume(tmp_path / "zc.ome.tif")
+    tifffile.imwrite(tmp_path / "tz.ome.tif", np.zeros((2, 3, 8, 8), np.uint8), ome=True,
+                     metadata={"axes": "TZYX"})
+    assert open_volume(tmp_path / "tz.ome.tif").shape == (6, 8, 8)  # time points in turn
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        for side in (8, 8, 6, 6):
+            tif.write(np.zeros((side, side), np.uint8), metadata=None)
+    with pytest.raises(DataError, match=r"more than one stack of pages \(2 x 8 x 8, then "
+                                        r"2 x 6 x 6\)"):
+        open_volume(tmp_path / "two.tif")
 
 
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):

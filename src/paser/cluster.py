@@ -329,7 +329,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 on_progress(vol.depth, vol.depth * vol.plane[0] * vol.plane[1], vol.stem)
             continue
         try:
-            size = prepare_volume(vol, out_dir, chunk)[1]
+            size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]
         except (PaserError, OSError, ValueError) as err:
             res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
             continue

@@ -36,10 +36,13 @@ from paser.cost import FLOP_CONVENTION
 from paser.data.images import (
     READABLE_SUFFIXES,
     TIFF_SUFFIXES,
+    Intensity,
     as_input,
+    by_type_range,
     image_files,
     probe,
     read_array,
+    window_of,
 )
 from paser.errors import DataError, PaserError
 from paser.runtime import atomic_write_text, release_freed_memory, replaced
@@ -160,8 +163,23 @@ def _tiff(path: Path) -> Volume:
             pages, page = len(series.pages), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
             planar = page.axes.startswith("S")
+            # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
+            lead = dict(zip(series.axes[:len(series.axes) - len(page.axes)], series.shape,
+                            strict=False))
+            others = [f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))}"
+                      for s in tif.series[1:] if len(s.pages)]
     except (OSError, ValueError, IndexError, KeyError) as err:
         raise DataError(f"{path}: cannot read the TIFF ({err})") from None
+    if lead.get("C", 1) > 1:
+        raise DataError(f"{path}: its pages hold {lead['C']} channels (TIFF axes "
+                        f"{series.axes}, shape {' x '.join(map(str, series.shape))}), which "
+                        "would be segmented as slices; save the channel to segment as a stack "
+                        "of its own (tifffile.imwrite(out, data[..., c, :, :]))")
+    if others:
+        raise DataError(f"{path}: holds more than one stack of pages ({pages} x "
+                        f"{' x '.join(map(str, page.shape))}, then {', '.join(others)}); "
+                        "paser segments one stack of equal pages per file: save each as its "
+                        "own TIFF")
     if planar:
         shape = (pages, *shape[2:], shape[1])
     _check(str(path), shape, dtype)
@@ -245,7 +263,7 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
     chunk. Chunks finished by an earlier call into the same folder are not done again."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    labels, chunk = prepare_volume(volume, out_dir, chunk)
+    labels, chunk = prepare_volume(volume, out_dir, chunk, model.intensity)
     for z0, z1 in chunks_to_do(volume, out_dir, chunk):
         segment_chunk(model, volume, z0, z1, out_dir, labels, only)
         if on_slices is not None:
@@ -257,10 +275,14 @@ def _parts(volume: Volume, out_dir: Path) -> Path:
     return out_dir / f".{volume.stem}.parts"
 
 
-def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> tuple[object, int]:
+def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
+                   intensity: Intensity = Intensity()) -> tuple[object, int]:
     """The folder of ``volume``'s finished chunks, and its zarr label array (``None`` for a
     TIFF output), both kept when an earlier call left chunks done; and the slices per
-    chunk: ``chunk``, or the one that call started with (its parts are chunks of it)."""
+    chunk: ``chunk``, or the one that call started with (its parts are chunks of it).
+    A float or signed volume under a run without an intensity window (``intensity``, the
+    run's: it trained on 8/16-bit images) gets one window fitted on the volume itself
+    (:func:`volume_window`), kept with the parts, so no slice is scaled by its own range."""
     parts = _parts(volume, out_dir)
     made = parts / "volume.json"  # what the parts are of, and their chunk
     mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype}
@@ -276,10 +298,28 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> tuple[o
     if before is not None and any(parts.glob("0*.json")):
         chunk = int(before["chunk"])
     else:
-        atomic_write_text(json.dumps({"volume": mine, "chunk": chunk}), made)
+        window = (volume_window(volume) if intensity.mode == "window"
+                  and intensity.window is None and not by_type_range(volume.dtype) else None)
+        atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window}), made)
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
     return None, chunk
+
+
+def volume_window(volume: Volume, slices: int = 16) -> list[float]:
+    """The intensity window (:data:`paser.data.images.WINDOW_PERCENTILES`) of ``slices``
+    slices spread over ``volume``, read one at a time."""
+    picks = sorted({round(z) for z in np.linspace(0, volume.depth - 1, min(slices, volume.depth))})
+    return list(window_of((volume.read(z, z + 1)[0], f"{volume.source} slice {z}")
+                          for z in picks))
+
+
+def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:
+    """How ``volume``'s voxels are scaled: the run's intensity, or the window fitted on the
+    volume that :func:`prepare_volume` kept with its parts."""
+    made = _parts(volume, out_dir) / "volume.json"
+    window = json.loads(made.read_text()).get("window") if made.is_file() else None
+    return model.intensity if window is None else Intensity(tuple(window))
 
 
 def chunks_to_do(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> list[tuple[int, int]]:
@@ -298,7 +338,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     marker = _parts(volume, out_dir) / f"{z0:08d}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    router, codec, intensity = model.router, model.label_codec, model.intensity
+    router, codec = model.router, model.label_codec
+    intensity = volume_intensity(model, volume, out_dir)
     channels, ncls = model.config.models.in_channels, model.config.models.num_classes
     raw = volume.read(z0, z1)
     masks, records = np.empty((z1 - z0, *volume.plane), np.uint8), []
@@ -333,7 +374,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     """Once every chunk is done: the TIFF assembled from the parts (zarr outputs are whole
     already), the volume's record written (``<stem>.json``), the parts removed."""
     parts = _parts(volume, out_dir)
-    codec, intensity = model.label_codec, model.intensity
+    codec, intensity = model.label_codec, volume_intensity(model, volume, out_dir)
     h, w = volume.plane
     records = [r for z0 in range(0, volume.depth, chunk)
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
@@ -361,7 +402,10 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "patch_share": dict(zip(names, (patches / max(patches.sum(), 1)).tolist(), strict=True)),
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
         "seconds_this_call": seconds,
-        "megavoxels": volume.depth * h * w / 1e6, "intensity": intensity.to_dict(),
+        "megavoxels": volume.depth * h * w / 1e6,
+        "intensity": {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
+                      "window: it trained on 8/16-bit images)"}
+                      if intensity is not model.intensity else {})},
         "device": ", ".join(devices), **({"workers": workers} if workers else {}),
         "slices": records,
     }

@@ -45,7 +45,8 @@ _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexE
 def by_type_range(dtype: np.dtype) -> bool:
     """Whether values of ``dtype`` scale by the type's range (uint8, uint16, bool); the rest
     (floats, signed and wider integers) need an intensity window."""
-    return np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
+    native = np.dtype(dtype).newbyteorder("=")  # big-endian HDF5 or zarr: the same values
+    return native in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
 
 
 def hidden(path: Path, below: Path | None = None) -> bool:
@@ -177,6 +178,8 @@ class Intensity:
               notes: list[str] | None = None) -> np.ndarray:
         """``arr`` as float32 in [0, 1] (same shape)."""
         notes = [] if notes is None else notes
+        if not arr.dtype.isnative:  # big-endian (HDF5, zarr): the same values, native order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.bool_:
             return arr.astype(np.float32)
         if arr.dtype == np.uint8:
