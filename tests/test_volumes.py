@@ -156,11 +156,38 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match="a zarr group, not an array; give one of its arrays "
                                         r"\(.*g.zarr/x\)"):
         open_volume(tmp_path / "g.zarr")
+    x = open_volume(tmp_path / "g.zarr" / "x")  # as the refusal says (OME-Zarr's levels)
+    assert (x.stem, x.shape) == ("g_x", (2, 4, 4))
+    zarr.open_array(str(tmp_path / "t.zarr"), mode="w", shape=(1, 1, 2, 4, 4), dtype="uint8")
+    t = open_volume(tmp_path / "t.zarr")  # one time point, one channel
+    assert t.shape == (2, 4, 4) and t.read(0, 2).shape == (2, 4, 4)
+    zarr.open_array(str(tmp_path / "zc.zarr"), mode="w", shape=(2, 3, 8, 8), dtype="uint8")
+    with pytest.raises(DataError, match=r"shape \(2, 3, 8, 8\); a volume is slices x height x "
+                                        "width"):
+        open_volume(tmp_path / "zc.zarr")
+    for spec, message in ((f"{tmp_path / 'f.h5'}", r"an HDF5 file: name its dataset as "
+                           r".*f.h5:/path/in/file; it has /a/b"),
+                          (f"{tmp_path / 'f.h5'}:/", "name its dataset"),
+                          (f"{tmp_path / 'f.h5'}:/gone", "no dataset /gone")):
+        with pytest.raises(DataError, match=message):
+            open_volume(spec)
+    with h5py.File(tmp_path / "f.h5", "a") as fh:
+        fh["link"] = h5py.SoftLink("/nowhere")  # dangling
+    with pytest.raises(DataError, match="no dataset /link"):
+        open_volume(f"{tmp_path / 'f.h5'}:/link")
+    assert open_volume(f"{tmp_path / 'f.h5'}:a/b").shape == (2, 4, 4)  # no leading slash
     (tmp_path / "s").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "s" / "a1.png")
     Image.fromarray(np.zeros((4, 5), np.uint8)).save(tmp_path / "s" / "a2.png")
     with pytest.raises(DataError, match="a2.png: 4 x 5 uint8, but .*a1.png is 4 x 4 uint8"):
         open_volume(tmp_path / "s")
+    (tmp_path / "c").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "c" / "a1.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "a2.png")
+    with pytest.raises(DataError, match="a2.png: 4 x 4 uint8 colour, but .*a1.png is 4 x 4 "
+                                        "uint8; the slices of a stack share one size, type "
+                                        "and colour"):
+        open_volume(tmp_path / "c")
     tifffile.imwrite(tmp_path / "s" / "v.tif", np.zeros((3, 4, 4), np.uint8),
                      photometric="minisblack")
     files, volumes = split_inputs([tmp_path / "s"])  # not --stack: images, and a stack

@@ -52,7 +52,9 @@ CHUNK = 16
 #: the zarr output's chunk across a slice, at most
 PLANE_CHUNK = 1024
 VOLUMES_CSV = "volumes.csv"
-_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs)):(?P<key>/.*)$", re.IGNORECASE)
+#: a zarr array: ``scan.zarr``, or one inside a group (``scan.zarr/0``, OME-Zarr's levels)
+_ZARR = re.compile(r"\.zarr(?:/|$)", re.IGNORECASE)
+_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs))(?::(?P<key>.*))?$", re.IGNORECASE)
 
 
 def natural_key(path: Path) -> list:
@@ -75,6 +77,7 @@ class Volume:
     key: str = ""  # hdf5: the dataset
     files: list[str] = field(default_factory=list, repr=False)  # stack: its slices, in order
     planar: bool = False  # tiff: channels stored first
+    lead: int = 0  # zarr, hdf5: leading axes of length 1 before the slices
 
     @property
     def depth(self) -> int:
@@ -98,15 +101,16 @@ class Volume:
                 pages = tif.series[0].pages
                 out = np.stack([pages[z].asarray() for z in range(z0, z1)])
             return np.moveaxis(out, 1, -1) if self.planar else out
+        at = (0,) * self.lead + (slice(z0, z1),)
         if self.kind == "zarr":
             import zarr
 
-            return np.asarray(zarr.open(self.path, mode="r")[z0:z1])
+            return np.asarray(zarr.open(self.path, mode="r")[at])
         if self.kind == "hdf5":
             import h5py
 
             with h5py.File(self.path, "r") as fh:
-                return fh[self.key][z0:z1]
+                return fh[self.key][at]
         return np.stack([read_array(f) for f in self.files[z0:z1]])
 
 
@@ -114,8 +118,8 @@ def is_volume(spec: str | Path, stack: bool = False) -> bool:
     """Whether ``spec`` names a volume: an HDF5 ``file:/key``, a ``.zarr`` path, a TIFF of
     more than one page, or a folder with ``stack``."""
     text = str(spec)
-    if _H5.match(text) or text.rstrip("/").lower().endswith(".zarr"):
-        return True
+    if _H5.match(text) or _ZARR.search(text):
+        return True  # an HDF5 file without its dataset is refused, naming them
     path = Path(text)
     if path.is_dir():
         return stack
@@ -135,13 +139,29 @@ def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None) -
     text = str(spec)
     h5 = _H5.match(text)
     if h5:
-        return _hdf5(Path(h5["file"]), h5["key"], text)
+        key = (h5["key"] or "").strip()
+        return _hdf5(Path(h5["file"]), "/" + key.lstrip("/") if key.strip("/") else "", text)
     path = Path(text)
-    if text.rstrip("/").lower().endswith(".zarr"):
+    if _ZARR.search(text):
         return _zarr(path)
     if path.is_dir():
         return _stack(path, stack_suffixes)
     return _tiff(path)
+
+
+def _leading_ones(source: str, shape: tuple) -> int:
+    """Leading axes of length 1 (OME-Zarr's t and c of one time point and channel) before
+    a volume's slices x height x width; any other array of more than 3 axes whose last is
+    not a few channels is refused, naming its shape."""
+    lead = 0
+    while len(shape) - lead > 3 and shape[lead] == 1:
+        lead += 1
+    rest = shape[lead:]
+    if len(rest) == 4 and rest[-1] > 4:
+        raise DataError(f"{source}: an array of shape {tuple(shape)}; a volume is slices x "
+                        "height x width (x up to 4 channels last): give one channel's 3-D "
+                        "array (e.g. save data[:, c] or data[t, c] as its own array)")
+    return lead
 
 
 def _check(source: str, shape: tuple, dtype) -> None:
@@ -210,9 +230,12 @@ def _zarr(path: Path) -> Volume:
         names = sorted(getattr(arr, "array_keys", lambda: [])())
         raise DataError(f"{path}: a zarr group, not an array; give one of its arrays "
                         f"({', '.join(f'{path}/{n}' for n in names) or 'it has none'})")
-    _check(str(path), arr.shape, arr.dtype)
-    return Volume(str(path), path.stem, "zarr", tuple(arr.shape), str(arr.dtype),
-                  path=str(path))
+    lead = _leading_ones(str(path), arr.shape)
+    _check(str(path), arr.shape[lead:], arr.dtype)
+    store, inner = re.split(r"\.zarr", str(path).rstrip("/"), maxsplit=1, flags=re.IGNORECASE)
+    stem = "_".join([Path(store).name, *Path(inner.strip("/")).parts])
+    return Volume(str(path), stem, "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
+                  path=str(path), lead=lead)
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
@@ -221,33 +244,46 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
         raise DataError(f"{file}: no such file")
     try:
         with h5py.File(file, "r") as fh:
-            if key not in fh or not isinstance(fh[key], h5py.Dataset):
+            try:
+                data = fh[key] if key else None
+            except KeyError:  # not there, or a link to nothing
+                data = None
+            if not isinstance(data, h5py.Dataset):
                 found: list[str] = []
                 fh.visititems(lambda n, o: found.append("/" + n)
                               if isinstance(o, h5py.Dataset) else None)
-                raise DataError(f"{source}: no dataset {key} in {file}; it has "
-                                f"{', '.join(found[:10]) or 'none'}")
-            shape, dtype = fh[key].shape, fh[key].dtype
+                what = (f"no dataset {key} in {file}" if key else
+                        f"an HDF5 file: name its dataset as {file}:/path/in/file")
+                raise DataError(f"{source}: {what}; it has {', '.join(found[:10]) or 'none'}")
+            shape, dtype = data.shape, data.dtype
     except OSError as err:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
-    _check(source, shape, dtype)
+    lead = _leading_ones(source, shape)
+    _check(source, shape[lead:], dtype)
     stem = f"{file.stem}_{key.strip('/').replace('/', '_')}" if key.strip("/") else file.stem
-    return Volume(source, stem, "hdf5", tuple(shape), str(dtype), path=str(file), key=key)
+    return Volume(source, stem, "hdf5", tuple(shape[lead:]), str(dtype), path=str(file),
+                  key=key, lead=lead)
 
 
 def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
     files = sorted(image_files(folder, tuple(suffixes)), key=natural_key)
     if not files:
         raise DataError(f"{folder}: --stack, but no image file in it ({', '.join(suffixes)})")
+
+    def kind(head) -> str:
+        return (f"{head.height} x {head.width} {head.dtype}"
+                + (" colour" if head.colour else ""))
+
     first = probe(files[0])
     for f in files[1:]:
         head = probe(f)
-        if (head.height, head.width, head.dtype) != (first.height, first.width, first.dtype):
-            raise DataError(f"{f}: {head.height} x {head.width} {head.dtype}, but {files[0]} "
-                            f"is {first.height} x {first.width} {first.dtype}; the slices of "
-                            "a stack share one size and type")
+        if (head.height, head.width, head.dtype, head.colour) != (
+                first.height, first.width, first.dtype, first.colour):
+            raise DataError(f"{f}: {kind(head)}, but {files[0]} is {kind(first)}; the slices "
+                            "of a stack share one size, type and colour")
     arr = read_array(files[0])
-    return Volume(str(folder), folder.name, "stack", (len(files), *arr.shape), str(arr.dtype),
+    name = folder.resolve().name  # `paser segment . --stack`: the folder's own name
+    return Volume(str(folder), name, "stack", (len(files), *arr.shape), str(arr.dtype),
                   path=str(folder), files=[str(f) for f in files])
 
 
