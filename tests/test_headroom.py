@@ -26,6 +26,19 @@ def test_headroom_captured_is_the_share_of_the_oracles_margin():
     assert FR.headroom_captured(0.83, 0.82, 0.82) is None  # no headroom to capture
 
 
+def test_the_routers_table_says_so_where_the_oracle_has_no_headroom():
+    from paser.experiments.report import _routers_md
+
+    areas = {"Frontier": 0.8289, "Oracle": 0.8220, "Oracle (other views)": 0.8192,
+             "PaSeR": 0.8250}
+    lines: list[str] = []
+    _routers_md(lines.append, {"curve_areas": areas, "headroom_captured": {"PaSeR": None},
+                               "reachable_captured": {"PaSeR": None}})
+    text = "".join(lines)
+    assert "nan" not in text and "the oracle has no headroom over the frontier here" in text
+    assert "| PaSeR | 0.8250 | -0.0039 | n/a |" in text
+
+
 def test_a_router_above_the_fixed_cost_reads_as_f0_alone_below_it():
     # f0 (1 GFLOP, 0.5) and f1 (4, 0.9); a router whose cheapest point (2 GFLOP, 0.8) costs
     # more than the range's start: below it a user runs f0, which gives 0.5, not 0

@@ -277,7 +277,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
         "versus_cascade": FR.versus_cascade(
             areas["PaSeR"] - areas["IDK-Cascade"], captured["PaSeR"],
-            captured["IDK-Cascade"], t2["flops_saved_pct"]),
+            captured["IDK-Cascade"], t2["flops_saved_pct"],
+            methods["IDK-Cascade (IoU match)"]["iou"] >= pi),
         "wall_clock": FR.wall_clock(
             (methods["PaSeR"]["ms_per_image"], pi),
             {n: (methods[n]["ms_per_image"], methods[n]["iou"]) for n in singles}),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paser import frontier as FR
 from paser.cost import FLOP_CONVENTION
 from paser.runtime import atomic_write_text
 
@@ -217,11 +218,12 @@ def _routers_md(w, results: dict) -> None:
       "patch). A router's curve counts as f0 alone below its fixed cost.\n\n")
     w(f"Frontier area {areas['Frontier']:.4f}; oracle {areas['Oracle']:.4f} "
       f"({areas['Oracle'] - areas['Frontier']:+.4f} over the frontier)")
-    room = areas["Oracle"] - areas["Frontier"]
     if reach_name is not None:
-        part = (areas[reach_name] - areas["Frontier"]) / room if room > 1e-12 else float("nan")
-        w(f"; {reach_name} {areas[reach_name]:.4f}, {100 * part:.0f} % of the oracle's "
-          "headroom. That curve routes each patch by its true gains measured on the other "
+        part = FR.headroom_captured(areas[reach_name], areas["Frontier"], areas["Oracle"])
+        w(f"; {reach_name} {areas[reach_name]:.4f}, "
+          + ("the oracle has no headroom over the frontier here" if part is None else
+             f"{_pct(part)} of the oracle's headroom")
+          + ". That curve routes each patch by its true gains measured on the other "
           "mirrored and turned views of its image: what a patch's gain owes to its content "
           "survives a mirror, what it owes to one draw of the models' errors on that exact "
           "arrangement of pixels does not, and no router can see the second. Its share is "
