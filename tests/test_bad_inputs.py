@@ -79,6 +79,10 @@ CONFIG_CASES = {
     "grid of 0": (["config", "--preset", "battery-quick", "grid=[0,4]"], "grid"),
     "not a number": (["config", "--preset", "battery-quick", "stage2.lam=lots"], "stage2.lam"),
     "missing config file": (["config", "--config", "{tmp}/absent.yaml"], "absent.yaml"),
+    "overlapping slice ranges": (["config", "--preset", "battery-quick",
+                                  "data.slices={{train: [0, 40], validation: [30, 48], "
+                                  "test: [51, 60]}}"],
+                                 "train [0, 40) and validation [30, 48) share slices 30..39"),
 }
 
 

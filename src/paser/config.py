@@ -118,6 +118,18 @@ class DataConfig(_Strict):
             raise ValueError(f"must be [H, W] in pixels, both >= 1, got {list(v)}")
         return v
 
+    @field_validator("slices")
+    @classmethod
+    def _slices_apart(cls, v: dict[str, tuple[int, int]] | None
+                      ) -> dict[str, tuple[int, int]] | None:
+        ranges = sorted((tuple(r), name) for name, r in (v or {}).items())
+        for ((a0, a1), a), ((b0, b1), b) in zip(ranges, ranges[1:], strict=False):
+            if b0 < a1:  # sorted by start: only neighbours can overlap first
+                raise ValueError(f"{a} [{a0}, {a1}) and {b} [{b0}, {b1}) share slices "
+                                 f"{b0}..{min(a1, b1) - 1}: a slice in two splits would be "
+                                 "tested on what trained; keep the ranges apart")
+        return v
+
     @field_validator("window")
     @classmethod
     def _window_order(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
