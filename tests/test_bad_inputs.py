@@ -227,3 +227,20 @@ def test_python_api_rejects_bad_tensors_and_paths(mnist_run, tmp_path):
         from paser.segment import find_images
 
         find_images([tmp_path / "absent"])
+
+
+def test_ctrl_c_says_how_the_command_goes_on(capsys, monkeypatch):
+    """typer turns Ctrl-C into its exit status 130; the line says what to run next."""
+    import paser.config
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paser.config, "load_config", interrupt)
+    code, err = cli(capsys, monkeypatch, "config", "--preset", "battery-quick")
+    assert code == 130
+    assert _one_line(err) == ("interrupted; what finished is kept: run the same command "
+                              "again to continue where it stopped")
+    from paser.cli import interrupted
+
+    assert "--resume" in interrupted(["--debug", "pretrain", "--run-dir", "r"])

@@ -24,6 +24,19 @@ for _module in ("train", "deploy", "experiments", "data"):
     importlib.import_module(f"paser.cli.{_module}")
 
 
+#: the commands that continue an interrupted stage with --resume
+RESUMED_WITH_FLAG = ("pretrain", "train-policy", "finetune", "baselines")
+
+
+def interrupted(args: list[str]) -> str:
+    """What Ctrl-C leaves, and how the interrupted command goes on."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in RESUMED_WITH_FLAG:
+        return "interrupted; re-run with --resume to continue from the last epoch"
+    return ("interrupted; what finished is kept: run the same command again to continue "
+            "where it stopped")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     from paser.runtime import is_main_process
@@ -32,6 +45,8 @@ def main() -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        if code == 130:  # typer's Exit(130) for Ctrl-C (no command exits so itself)
+            typer.echo(interrupted(sys.argv[1:]), err=True)
         if isinstance(code, int) and code:
             sys.exit(code)
     except PaserError as err:
@@ -40,7 +55,7 @@ def main() -> None:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; re-run with --resume to continue from the last epoch", err=True)
+        typer.echo(interrupted(sys.argv[1:]), err=True)
         sys.exit(130)
     except (typer.Exit, typer.Abort) as err:
         sys.exit(getattr(err, "exit_code", 1))
