@@ -254,6 +254,13 @@ def test_folders_as_users_have_them(folder, tmp_path):
     assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "line": 1 / 16})
 
 
+def test_data_check_refuses_fewer_than_three_training_images(tmp_path):
+    few = make_folder(tmp_path / "few", counts=(2, 1, 1))
+    with pytest.raises(DataError, match=r"the training split has 2 images \(tiles\); training "
+                       r"cuts it into D_pre, D_rl and D_ft \(data.split"):
+        check_dataset(few, workers=0, show_progress=False)
+
+
 def test_one_folder_refuses_an_image_stored_twice(folder, tmp_path):
     root = tmp_path / "one"
     (root / "masks").mkdir(parents=True)

@@ -226,6 +226,14 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     after = fingerprints(lam)
     assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "tvd",
                                                             "calibrate", "paper", "report"]
+    # and a rerun says what changed and what runs again
+    from paser.run import config_changes
+
+    assert config_changes(cfg, lam) == [
+        f"stage2.lam: {json.dumps(cfg.stage2.lam)} -> 0.3",
+        "changed since this run was made: stage2, stage3, tvd, calibrate, paper, report (and "
+        "what reads them) run again"]
+    assert config_changes(cfg, cfg) == [] and config_changes(None, cfg) == []
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from paser.config import ExperimentConfig
+from paser.config import ExperimentConfig, load_config
 from paser.runtime import atomic_write_text
 from paser.train.common import prepare_run_dir, setup
 
@@ -59,6 +59,34 @@ def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
     for later in readers(step):
         steps.done.pop(later, None)
     steps.mark(step, fingerprints(cfg)[step])
+
+
+def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
+                   limit: int = 8) -> list[str]:
+    """What changed since the run in this folder was made (``key: old -> new``), and which
+    of its finished steps that makes stale: they run again."""
+    if before is None:
+        return []
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items()
+                    for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    old, new = (flat(c.model_dump(mode="json", exclude={"distributed"})) for c in (before, cfg))
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if not keys:
+        return []
+    lines = [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"and {len(keys) - limit} more keys")
+    a, b = fingerprints(before), fingerprints(cfg)
+    stale = [step for step in DEPS if a[step] != b[step]]
+    lines.append("changed since this run was made: "
+                 + (f"{', '.join(stale)} (and what reads them) run again" if stale else
+                    "no step depends on it"))
+    return lines
 
 
 def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
@@ -174,7 +202,11 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
              "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
              "`baselines` with --devices N first; paser run then skips them")
         cfg = in_one_process(cfg)
+    saved = Path(run_dir) / "config.yaml"
+    before = load_config(config_file=saved) if saved.is_file() else None
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
+    for line in config_changes(before, cfg):
+        echo(f"[config] {line}")
     fps = fingerprints(cfg)
     steps = Steps(run_dir)
     device = setup(cfg)

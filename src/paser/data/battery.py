@@ -206,6 +206,9 @@ def split_three(
     as the reference does (proportions 0.34 / 0.33 / 0.33, seed 42).
     """
     if n < 3:
-        raise DataError(f"the training split has {n} images; the three-way split needs at least 3")
+        raise DataError(f"the training split has {n} image{'s' if n != 1 else ''} (tiles); "
+                        "training cuts it into D_pre, D_rl and D_ft (data.split: stage 1, the "
+                        "policy and fine-tuning), so it needs at least 3: add training images, "
+                        "or cut them into tiles (data.tile)")
     parts = random_split(range(n), list(proportions), generator=torch.Generator().manual_seed(seed))
     return tuple(sorted(p.indices) for p in parts)  # type: ignore[return-value]

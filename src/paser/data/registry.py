@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from paser.config import DataConfig
-from paser.data.battery import CLASS_NAMES, SPLITS, BatteryDataset, SegmentationFiles
+from paser.data.battery import (
+    CLASS_NAMES,
+    SPLITS,
+    BatteryDataset,
+    SegmentationFiles,
+    split_three,
+)
 from paser.data.folders import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_TRAIN_IDS,
@@ -294,6 +300,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
     weights_list = [round(w, 4) for w in weights.tolist()]
     tile = tile_advice(splits.values())
+    if tile is None and len(splits["train"]) < 3:
+        split_three(len(splits["train"]))  # its error: training needs three parts
     return {
         "layout": layout, "root": str(root), "class_names": list(names),
         "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),
