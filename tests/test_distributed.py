@@ -117,6 +117,8 @@ def test_stage2_on_two_processes_matches_one(single):
     assert set(steps) == {"stage2", "stage3"}  # stage 1 was trained in-process
     from paser.run import fingerprints, record_stage
 
+    record_stage(tmp / "s2two", saved, "stage2", changed=False)  # a resume with nothing to do
+    assert set(json.loads((tmp / "s2two" / "steps.json").read_text())) == {"stage2", "stage3"}
     record_stage(tmp / "s2two", saved, "stage1")  # as `paser pretrain` does
     steps = json.loads((tmp / "s2two" / "steps.json").read_text())
     assert set(steps) == {"stage1"}  # a new stage 1 strikes off the stage 2 that read it

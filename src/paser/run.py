@@ -51,12 +51,14 @@ def readers(step: str) -> set[str]:
     return out
 
 
-def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
+def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str,
+                 changed: bool = True) -> None:
     """Record a stage trained by its own command (``paser pretrain``, ``train-policy``,
     ``finetune``) in the run's ledger, so ``paser run`` skips it; the steps that read its
-    outputs are struck off, to be redone."""
+    outputs are struck off, to be redone, unless it ``changed`` nothing (a ``--resume`` of a
+    finished stage)."""
     steps = Steps(Path(run_dir))
-    for later in readers(step):
+    for later in readers(step) if changed else ():
         steps.done.pop(later, None)
     steps.mark(step, fingerprints(cfg)[step])
 

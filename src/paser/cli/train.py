@@ -30,10 +30,19 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
+    before = _checkpoints(run_dir)
     out = fn(cfg, run_dir, resume=resume)
-    if is_main_process():
-        record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step)
+    if is_main_process():  # a resume that found the stage finished changed nothing
+        record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step,
+                     changed=not (resume and before and _checkpoints(run_dir) == before))
     return out
+
+
+def _checkpoints(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """The run's checkpoint files, each by size and modification time."""
+    folder = Path(run_dir) / "checkpoints"
+    return ({str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
+             for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
 
 
 def _training_command(name: str, step: str, train: str, doc: str, **settings):
