@@ -146,6 +146,9 @@ BAD = {
                        "more than the server's 200000"),
     "decompression bomb": (dict(body=_zip_with_header((1000, 1, 1000, 1000))), 413,
                            "more than the server's 50000 values"),
+    "patch too large": (dict(body=encode_npz(patches=np.zeros((1, 1, 1030, 40), np.uint8))),
+                        413, "patches of 1030 x 40: larger than the 1024 x 1024 (halo "
+                        "included) this run routes"),
     "png probs": (dict(body=b"x", format="png"), 422, "format=png answers labels only"),
     "bad query": (dict(body=b"x", output="masks"), 422, "query.output"),
 }

@@ -17,6 +17,7 @@ token.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import ipaddress
@@ -87,13 +88,16 @@ def describe_models(model, image_size: tuple[int, int] | None = None) -> list[di
 
 def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * MiB,
                max_patches: int = 4096, max_concurrency: int = 1,
-               queue_timeout: float = 30.0, token: str | None = None) -> FastAPI:
+               queue_timeout: float = 30.0, token: str | None = None,
+               max_patch_side: int = 1024) -> FastAPI:
     """The HTTP app serving the pool models of ``model`` (a :class:`paser.PaSeR`).
 
     Limits: a body over ``max_request_bytes`` or an array over ``max_values`` values (shape
     read from the header, before decompressing) is a 413; more than ``max_patches`` patches
-    a 413; at most ``max_concurrency`` inferences run at once, and a request that waits
-    more than ``queue_timeout`` seconds for its turn is a 503 with ``Retry-After``.
+    a 413, as is a patch larger than the run's (halo included; ``max_patch_side`` pixels a
+    side for a run that routes images whole); at most ``max_concurrency`` inferences run at
+    once, and a request that waits more than ``queue_timeout`` seconds for its turn is a 503
+    with ``Retry-After``.
     ``token``: the shared secret every path but ``/healthz`` requires (``None``: open).
     """
     router, cfg = model.router.eval(), model.config
@@ -111,6 +115,12 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
               "queue_timeout_s": queue_timeout}
 
     expected = None if token is None else token.encode()
+    # the largest patch, halo included, a request may hold: the run's own where it routes
+    # tiles of one size (a 4,000-pixel patch took 14 GB), else max_patch_side
+    tile = model.tile
+    largest = ((tile[0] // router.grid.rows + 2 * halo, tile[1] // router.grid.cols + 2 * halo)
+               if tile is not None else (max_patch_side, max_patch_side))
+    limits["max_patch"] = list(largest)
 
     app = FastAPI(title="paser cloud tier", version="1",
                   description="The pool models f1..fK of a PaSeR run, patch by patch.")
@@ -154,13 +164,13 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     async def _http(request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
-    @app.get("/healthz")
-    def healthz() -> dict:
+    @app.get("/healthz")  # on the event loop: it answers while every thread is busy
+    async def healthz() -> dict:
         return {"status": "ok", "models": names, "device": str(device),
                 "running": busy["running"], "served": busy["served"]}
 
     @app.get("/v1/models")
-    def list_models() -> dict:
+    async def list_models() -> dict:
         patch = None if image_size is None else router.grid.patch_size(*image_size)
         return {"run": str(model.run_dir), "in_channels": channels, "num_classes": classes,
                 "halo": halo, "grid": [router.grid.rows, router.grid.cols],
@@ -219,7 +229,11 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         if min(x.shape[-2:]) <= 2 * halo:
             raise PayloadError(422, f"patches of {x.shape[-2]} x {x.shape[-1]}: they must "
                                f"carry the run's halo of {halo} pixels on each side")
-        if not await run_in_threadpool(gate.acquire, timeout=queue_timeout):
+        if largest is not None and (x.shape[-2] > largest[0] or x.shape[-1] > largest[1]):
+            raise PayloadError(413, f"patches of {x.shape[-2]} x {x.shape[-1]}: larger than "
+                               f"the {largest[0]} x {largest[1]} (halo included) this run "
+                               "routes; cut them as the routing path does")
+        if not await _acquire(gate, queue_timeout):  # waits here, holding no thread
             raise PayloadError(503, f"busy: no inference slot within {queue_timeout:g} s; "
                                "retry later")
         busy["running"] += 1
@@ -242,6 +256,17 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         return Response(codec.encode_npz(**{output: answer}), media_type=NPZ, headers=headers)
 
     return app
+
+
+async def _acquire(gate: threading.BoundedSemaphore, timeout: float) -> bool:
+    """An inference slot within ``timeout`` seconds, polled on the event loop (a thread
+    blocked on it per queued request took the pool's threads, and /healthz with them)."""
+    deadline = time.monotonic() + timeout
+    while not gate.acquire(blocking=False):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
 
 
 def _token_problem(header: str | None, expected: bytes) -> str | None:
