@@ -208,6 +208,8 @@ def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
                                                      "https:// URL"),
                             (["--budget-gflops", "0.0001"], "below the"),
                             (["--budget-gflops", "nan"], "--budget-gflops nan: give a number"),
+                            (["--remote", "http://127.0.0.1:99999"], "port 99999 is not a port"),
+                            (["--remote", "http://[::1"], "--remote http://[::1: not a URL"),
                             (["--out", folder / "good.png"], "a file, not a folder")]:
         code, err = cli(capsys, monkeypatch, "segment", folder / "good.png", *run_dir, *option)
         assert code == 2 and message in _one_line(err), err

@@ -262,6 +262,17 @@ def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mni
     assert pool.take().requests == 0
 
 
+def test_a_url_that_is_not_a_paser_server_is_an_error_not_a_server_down(mnist_run):
+    from fastapi import FastAPI
+
+    from paser.serve.client import RemoteError
+
+    edge = _load(mnist_run)
+    pool = edge.use_remote("http://testserver/v1", http=TestClient(FastAPI()))
+    with pytest.raises(RemoteError, match="HTTP 404: not a paser server, or not its root URL"):
+        pool.connect()
+
+
 def test_a_server_with_other_weights_is_refused(mnist_run):
     server_model = _load(mnist_run)
     with torch.no_grad():

@@ -63,10 +63,11 @@ def segment(
     remote: str = typer.Option(None, "--remote", help="URL of a `paser serve` process: f0 "
                                "and the policy run here, only patches routed to f1..fK are "
                                "sent there"),
-    timeout: float = typer.Option(10.0, "--timeout", min=0.01,
+    timeout: float = typer.Option(10.0, "--timeout", min=0.01, max=3600.0,
                                   help="seconds per remote request"),
-    retries: int = typer.Option(2, "--retries", min=0, help="further attempts per remote "
-                                "request before its patches keep f0's prediction"),
+    retries: int = typer.Option(2, "--retries", min=0, max=10, help="further attempts per "
+                                "remote request before its patches keep f0's prediction "
+                                "(0.25 s, then twice as long each time, at most 8 s)"),
     only: str = typer.Option(None, "--model", help="run one model alone on every image "
                              "instead of routing (f0, f1, ...), to compare on your images"),
     workers: int = typer.Option(2, "--workers", min=0, help="processes reading and writing "

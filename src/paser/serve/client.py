@@ -18,12 +18,14 @@ import httpx
 import numpy as np
 import torch
 
-from paser.errors import PaserError, RemoteAccessError
+from paser.errors import ConfigError, PaserError, RemoteAccessError
 from paser.models import count_parameters
 from paser.routing import weights_digest
 from paser.serve.codec import NPZ, PayloadError, decode_npz, encode_npz, quantise
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+#: the longest wait between two attempts of one request, seconds
+MAX_BACKOFF = 8.0
 
 
 class RemoteError(PaserError):
@@ -50,7 +52,8 @@ class RemotePool:
     """f1..fK on a ``paser serve`` server at ``url``.
 
     ``timeout`` seconds per request (connect and read), ``retries`` further attempts on a
-    network error, a timeout or a 408/429/5xx (``backoff * 2**attempt`` seconds apart);
+    network error, a timeout or a 408/429/5xx (``backoff * 2**attempt`` seconds apart, at
+    most :data:`MAX_BACKOFF`);
     after the last one the server counts as down for ``down_for`` seconds, during which
     patches keep f0's prediction at once instead of waiting on timeouts image after image.
     ``output="labels"`` (default) receives class labels, about 1/(2 x classes) of the
@@ -68,6 +71,12 @@ class RemotePool:
                  token: str | None = None, ca_file: str | Path | None = None):
         if output not in ("labels", "probs"):
             raise PaserError(f"output '{output}': use labels or probs")
+        try:
+            port = httpx.URL(url).port
+        except (httpx.InvalidURL, ValueError) as err:
+            raise ConfigError(f"--remote {url}: not a URL ({err})") from None
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"--remote {url}: port {port} is not a port (1 to 65535)")
         self.url, self.output = url.rstrip("/"), output
         self.retries, self.backoff, self.down_for = retries, backoff, down_for
         self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
@@ -90,14 +99,26 @@ class RemotePool:
         try:
             res = self.http.get("/v1/models", headers=self.headers)
         except httpx.ConnectError as err:
+            if "WRONG_VERSION_NUMBER" in str(err):  # TLS to a plain-HTTP server
+                raise RemoteError(f"{self.url}: the server speaks plain HTTP, not TLS; use "
+                                  "http://") from None
             reason = _untrusted(err)
             if reason is None:
                 raise
             raise RemoteAccessError(f"{self.url}: its certificate is not trusted here ({reason})"
                                     "; pass --ca-file with the CA that signed it (Python: "
                                     "use_remote(url, ca_file=...))") from None
+        except httpx.RemoteProtocolError:
+            if self.url.startswith("http://"):  # plain HTTP to a TLS server
+                raise RemoteError(f"{self.url}: the server does not speak plain HTTP (TLS?); "
+                                  "use https://") from None
+            raise
         if res.status_code == 401:
             raise self._refused()
+        if res.status_code in (404, 405):
+            raise RemoteError(f"{self.url} answered /v1/models with HTTP {res.status_code}: "
+                              "not a paser server, or not its root URL (give "
+                              "http://host:port, as `paser serve` prints)")
         res.raise_for_status()
         try:
             info = res.json()
@@ -202,7 +223,7 @@ class RemotePool:
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF))
             self.stats.requests += 1
             self.stats.bytes_sent += len(body)
             try:
