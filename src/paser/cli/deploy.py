@@ -49,7 +49,7 @@ def evaluate(
 
 @app.command()
 def segment(
-    inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG)"),
+    inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG, BMP), volumes"),
     run_dir: Path = RUN_DIR,
     out: Path = typer.Option(..., "--out", help="the output folder"),
     budget_gflops: float = typer.Option(
