@@ -98,6 +98,24 @@ def test_cli_export_and_segment_on_onnxruntime(mnist_run, exported_by_cli, tmp_p
     assert res.returncode == 2 and "run `paser export` into it first" in res.stderr
 
 
+def test_an_export_of_other_weights_is_refused(exported, mnist_run, tmp_path):
+    """The manifest keeps each model's digest: an export of another run (or of this one
+    before it was trained again) is not used with this run's calibration and codec."""
+    import shutil
+
+    from paser import PaSeR
+
+    _, out, manifest = exported
+    assert set(manifest["digests"]) == {"f0", "f1", "f2"}
+    other = tmp_path / "onnx"
+    shutil.copytree(out, other)
+    manifest["digests"]["f1"] = "0" * 64  # as if f1 had been trained again since
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="exported from other weights than .*; export "
+                                              "again: paser export --run-dir"):
+        PaSeR.load_onnx(mnist_run, other)
+
+
 def test_missing_file_is_a_clear_error(exported, tmp_path):
     _, out, manifest = exported
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

@@ -16,10 +16,10 @@ from paser.data import Tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity
 from paser.data.tiles import route_tiled
-from paser.errors import DataError
+from paser.errors import CheckpointError, DataError
 from paser.evaluation import evaluate_router
 from paser.patches import PatchGrid
-from paser.routing import Router, RoutingOutput
+from paser.routing import Router, RoutingOutput, weights_digest
 from paser.runtime import keep_freed_memory, resolve_device
 
 
@@ -76,7 +76,18 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
-        router = load_onnx_router(export_dir if export_dir is not None else run_dir / "onnx")
+        export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"
+        router = load_onnx_router(export_dir)
+        exported = router.manifest.get("digests")
+        if exported is not None:  # the export is of this run's weights, as they are now
+            here = cls.load(run_dir, device="cpu", calibrated=False).router
+            ours = {"f0": weights_digest(here.f0), **{f"f{k}": weights_digest(m)
+                                                      for k, m in enumerate(here.pool, 1)}}
+            if ours != exported or here.policy_digest != router.policy_digest:
+                raise CheckpointError(f"{export_dir}: exported from other weights than "
+                                      f"{run_dir}'s (another run, or before it was trained "
+                                      f"again); export again: paser export --run-dir "
+                                      f"{run_dir} --out {export_dir}")
         calibration = Calibration.load(run_dir, router.policy_digest) if calibrated else None
         return cls(router.eval(), cfg, run_dir, calibration)
 

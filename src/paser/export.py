@@ -35,7 +35,7 @@ from torch import nn
 from paser.cost import FLOP_CONVENTION
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
-from paser.routing import CostTable, Router
+from paser.routing import CostTable, Router, weights_digest
 
 MANIFEST = "manifest.json"
 
@@ -142,6 +142,9 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
         "costs": {k: v for k, v in costs.to_dict().items() if k not in ("f0_mc", "fixed",
                                                                        "flop_convention")},
         "flop_convention": FLOP_CONVENTION, "policy": router.policy_digest,
+        # each model's weights, as the run had them: a later load checks they are the run's
+        "digests": {name: weights_digest(m) for name, m in
+                    [("f0", router.f0), *((f"f{k}", m) for k, m in enumerate(router.pool, 1))]},
         "max_abs_error_vs_torch": parity, "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }

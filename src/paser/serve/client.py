@@ -300,12 +300,14 @@ def _untrusted(err: BaseException | None) -> str | None:
 
 
 def _local_models(model) -> list[dict]:
-    """What the server must serve: this run's f1..fK (digests only where the weights are
-    here in PyTorch; an ONNX engine checks names alone)."""
+    """What the server must serve: this run's f1..fK, each with its weights' digest (an ONNX
+    engine's from its export's manifest; names alone for an export made before it kept
+    them)."""
     router = model.router
+    exported = getattr(router, "manifest", {}).get("digests", {})
     return [{"name": f"f{k}", "arch": spec.name,
              "digest": weights_digest(router.pool[k - 1])
-             if count_parameters(router.pool[k - 1]) else ""}
+             if count_parameters(router.pool[k - 1]) else exported.get(f"f{k}", "")}
             for k, spec in enumerate(model.config.models.pool, start=1)]
 
 
