@@ -246,7 +246,7 @@ def test_folders_as_users_have_them(folder, tmp_path):
     for split in ("train", "validation", "test"):
         for d in ("images", "masks"):
             (two / split / d).mkdir(parents=True)
-        for i in range(2):
+        for i in range(3):
             Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(two / split / "images" / f"{i}.png")
             Image.fromarray(np.eye(16, dtype=bool)).save(two / split / "masks" / f"{i}.png")
     (two / "classes.yaml").write_text("classes: {0: background, 1: line}\n")

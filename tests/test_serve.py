@@ -343,3 +343,18 @@ def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"warning: remote tier {url} does not answer" in res.stderr
     assert "segmented 6 of 6 images" in res.stdout and "patches degraded" in res.stdout
+
+
+def test_a_port_in_use_is_one_line_before_the_run_loads():
+    import socket
+
+    from paser.errors import PaserError
+    from paser.serve.server import _check_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(PaserError, match=f"--port {port} on 127.0.0.1: cannot listen there"):
+            _check_port("127.0.0.1", port)
+    _check_port("127.0.0.1", port)  # free again

@@ -171,6 +171,9 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                                    max_tvd)) != 1:
         raise ConfigError("give exactly one budget: --budget-gflops X, --max-frac-large F, "
                           "--iou-within-top D or --max-tvd T")
+    if best_iou and budget_gflops is None:
+        raise ConfigError("--best-iou goes with --budget-gflops (the best mIoU within that "
+                          "budget); the other targets fix the point themselves")
     h, w = data.images.shape[-2:]
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)

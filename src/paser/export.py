@@ -219,8 +219,9 @@ class OnnxRouter(Router):
         if self.grid.padded_size(height, width) != tuple(self.manifest["padded"]):
             m = self.manifest
             raise DataError(f"the ONNX export runs {m['height']} x {m['width']} images (padded "
-                            f"to {m['padded'][0]} x {m['padded'][1]}); this one is {height} x "
-                            f"{width}: export again with --height {height} --width {width}")
+                            f"to {m['padded'][0]} x {m['padded'][1]}); this one is routed at "
+                            f"{height} x {width} (its own size, or the run's tiles): export "
+                            f"again with --height {height} --width {width}")
         return super().costs(height, width)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):

@@ -286,7 +286,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
     except RemoteAccessError:  # the same for every image: stop, and say it once
         raise
     except (PaserError, OSError, RuntimeError, ValueError) as err:
-        res.error = str(err) if isinstance(err, PaserError) else f"{path}: {err}"
+        res.error = str(err) if str(path) in str(err) else f"{path}: {err}"  # name the file
         return res, None
 
 

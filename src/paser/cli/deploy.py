@@ -355,9 +355,9 @@ def export(
     run_dir: Path = RUN_DIR,
     out: Path = typer.Option(None, "--out", help="the export folder; default <run-dir>/onnx"),
     height: int = typer.Option(None, "--height", min=1, help="image height; default the "
-                               "validation images'"),
+                               "run's tile (data.tile), else the validation images'"),
     width: int = typer.Option(None, "--width", min=1, help="image width; default the "
-                              "validation images'"),
+                              "run's tile (data.tile), else the validation images'"),
 ) -> None:
     """Export f0 (Monte Carlo and deterministic), the policy and each pool model to ONNX
     with a dynamic batch size, and check onnxruntime against PyTorch."""
@@ -365,6 +365,13 @@ def export(
     from paser.export import export_run, validation_size
 
     model = PaSeR.load(run_dir, device="cpu", calibrated=False)
+    tile = model.tile
+    if tile is not None:  # every image is routed in tiles of this size: the export's
+        if (height or tile[0], width or tile[1]) != tile:
+            raise ConfigError(f"--height {height} --width {width}: this run routes every "
+                              f"image in tiles of {tile[0]} x {tile[1]} (data.tile), so its "
+                              "export runs at that size; leave --height and --width out")
+        height, width = tile
     if height is None or width is None:
         h, w = validation_size(model.config)
         height, width = height or h, width or w

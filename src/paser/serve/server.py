@@ -386,6 +386,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port another process holds is one line, before the run loads (uvicorn's own
+    message came after it, with exit status 3)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise PaserError(f"--host {host}: not an address here ({err})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise PaserError(f"--port {port} on {host}: cannot listen there ({err.strerror}); "
+                             "pick another --port, or stop what holds it") from None
+
+
 def _check_tls(certfile: str | Path | None, keyfile: str | Path | None) -> None:
     """Load the certificate and key here, so that a wrong file is one line, not a traceback
     from uvicorn (and an encrypted key an error, not a password prompt)."""
@@ -417,6 +436,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     from paser import PaSeR
 
     _check_tls(ssl_certfile, ssl_keyfile)
+    _check_port(host, port)
     model = PaSeR.load(run_dir, device=device, calibrated=False)
     logging_config = copy.deepcopy(LOGGING_CONFIG)  # our lines formatted as uvicorn's
     logging_config["loggers"]["paser.serve"] = {"handlers": ["default"], "level": "INFO",
