@@ -73,3 +73,22 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     m.run_dir = tmp / "elsewhere"
     with pytest.raises(DataError, match="holds the outputs of another run"):
         segment_files(m, files[:2], tmp / "out", only=1)
+
+
+def test_an_image_with_degraded_patches_is_segmented_again(tmp_path):
+    """Its degraded patches kept f0's answer while the remote tier was down: a rerun tries
+    them again; an image whose patches all came back is done."""
+    import json
+
+    from paser.segment import finished
+
+    image = tmp_path / "a.png"
+    record = {"input": str(image), "height": 8, "width": 8, "gflops": 1.0, "ms": 2.0,
+              "patches_per_model": [1, 2, 1], "notes": [],
+              "remote": {"degraded_patches": 2, "bytes_sent": 10, "bytes_whole_image": 20}}
+    (tmp_path / "a.json").write_text(json.dumps(record))
+    assert finished(tmp_path, image) is None
+    record["remote"]["degraded_patches"] = 0
+    (tmp_path / "a.json").write_text(json.dumps(record))
+    done = finished(tmp_path, image)
+    assert done is not None and done.resumed and done.bytes_sent == 10

@@ -345,7 +345,8 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
 
 def finished(out_dir: Path, path: Path) -> Segmented | None:
     """An input segmented before into ``out_dir`` (its JSON is there and names it), as its
-    record says; ``None`` when it is still to do."""
+    record says; ``None`` when it is still to do (also when some of its patches were
+    degraded: the remote tier did not answer for them)."""
     record_path = out_dir / f"{path.stem}.json"
     if not record_path.is_file():
         return None
@@ -361,6 +362,8 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
     except (ValueError, KeyError, TypeError):
         return None  # a record of something else: segmented again
     remote = rec.get("remote")
+    if remote is not None and remote.get("degraded_patches"):
+        return None  # patches kept f0's answer while the remote tier was down: try again
     if remote is not None:
         res.degraded, res.bytes_sent = remote["degraded_patches"], remote["bytes_sent"]
         res.bytes_whole = remote["bytes_whole_image"]
