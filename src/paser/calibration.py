@@ -226,6 +226,10 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
             for _ in range(iterations):  # invariant: spent(lo) > limit >= spent(hi)
                 mid = (lo + hi) / 2
                 lo, hi = (lo, mid) if spent(mid) <= limit else (mid, hi)
+            # hi lies on a tie, where logits computed in batches of another size (last-bit
+            # differences) flip a patch back over the budget; a little past it they do not,
+            # and spending never grows with t
+            hi += TIE_MARGIN * (1.0 + abs(hi))
         strength = hi
     bias = (-strength * rel + 0.0).tolist()  # + 0.0: no -0.0 for f0
     res = evaluate_router(router, data, num_classes, batch_size, bias=torch.tensor(bias))
@@ -235,6 +239,10 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
                        images=res["images"], height=int(h), width=int(w),
                        policy=router.policy_digest)
+
+
+#: how far past the bisection's tie a budget's strength is set (relative)
+TIE_MARGIN = 1e-4
 
 
 def _by_tvd(logits: torch.Tensor, rel: torch.Tensor, costs, max_tvd: float
