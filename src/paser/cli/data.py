@@ -45,7 +45,9 @@ def data_check(
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):
-        typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}")
+        typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}"
+                   + ("   (no training pixel: the models cannot learn it, and its test IoU "
+                      "will be 0)" if f == 0 else ""))
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
