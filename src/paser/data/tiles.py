@@ -95,8 +95,9 @@ class Tiles:
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
                 batch: int = 8):
     """``route`` (a batch of ``tile``-sized images and which of their patches hold image
-    pixels ``[n, P]`` -> :class:`paser.routing.RoutingOutput`) on every tile of ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice
-    peaks under 1.7 GB with the demo's models), stitched back: the
+    pixels ``[n, P]`` -> :class:`paser.routing.RoutingOutput`) on every tile of
+    ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice peaks under
+    1.7 GB with the demo's models), stitched back: the
     labels and probabilities cropped to ``H x W``, the actions (and logits, degraded
     patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
     summed over each image's tiles. ``grid`` is the run's patch grid of one tile."""

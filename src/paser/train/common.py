@@ -117,8 +117,8 @@ def prepare_run_dir(
 ) -> tuple[Path, ExperimentConfig]:
     """Create or reopen a run directory and return it with the config to use.
 
-    A new run saves ``config.yaml``, ``data.root`` made absolute. On resume, the saved config is used; a config
-    given as well must equal it (a changed config is a new run). The temporary files of a
+    A new run saves ``config.yaml``, ``data.root`` made absolute. On resume, the saved
+    config is used; a config given as well must equal it (a changed config is a new run). The temporary files of a
     process killed mid-save (:func:`atomic_save`) are removed, whatever the case.
     """
     run_dir = Path(run_dir)
