@@ -19,7 +19,7 @@ from paser.data.tiles import route_tiled
 from paser.errors import CheckpointError, DataError
 from paser.evaluation import evaluate_router
 from paser.patches import PatchGrid
-from paser.routing import Router, RoutingOutput, weights_digest
+from paser.routing import Router, RoutingOutput
 from paser.runtime import keep_freed_memory, resolve_device
 
 
@@ -71,7 +71,7 @@ class PaSeR:
         """The run's ONNX export (``paser export``; default ``<run_dir>/onnx``) on
         onnxruntime: the same routing path, no PyTorch models. Its calibration applies when
         it was made for the exported policy."""
-        from paser.export import load_onnx_router
+        from paser.export import load_onnx_router, model_digests
 
         keep_freed_memory()
         run_dir = Path(run_dir)
@@ -81,9 +81,7 @@ class PaSeR:
         exported = router.manifest.get("digests")
         if exported is not None:  # the export is of this run's weights, as they are now
             here = cls.load(run_dir, device="cpu", calibrated=False).router
-            ours = {"f0": weights_digest(here.f0), **{f"f{k}": weights_digest(m)
-                                                      for k, m in enumerate(here.pool, 1)}}
-            if ours != exported or here.policy_digest != router.policy_digest:
+            if model_digests(here) != exported or here.policy_digest != router.policy_digest:
                 raise CheckpointError(f"{export_dir}: exported from other weights than "
                                       f"{run_dir}'s (another run, or before it was trained "
                                       f"again); export again: paser export --run-dir "

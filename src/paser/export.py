@@ -143,8 +143,7 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
                                                                        "flop_convention")},
         "flop_convention": FLOP_CONVENTION, "policy": router.policy_digest,
         # each model's weights, as the run had them: a later load checks they are the run's
-        "digests": {name: weights_digest(m) for name, m in
-                    [("f0", router.f0), *((f"f{k}", m) for k, m in enumerate(router.pool, 1))]},
+        "digests": model_digests(router),
         "max_abs_error_vs_torch": parity, "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
@@ -227,6 +226,13 @@ class OnnxRouter(Router):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         self.costs(*x.shape[-2:])
         return super().forward(x, *args, **kwargs)
+
+
+def model_digests(router: Router) -> dict[str, str]:
+    """Each model's :func:`~paser.routing.weights_digest`, f0 and f1..fK: what an export
+    was made from, checked when it is loaded with a run."""
+    return {"f0": weights_digest(router.f0),
+            **{f"f{k}": weights_digest(m) for k, m in enumerate(router.pool, start=1)}}
 
 
 def load_onnx_router(export_dir: str | Path) -> OnnxRouter:

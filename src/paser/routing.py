@@ -342,9 +342,10 @@ class Router(nn.Module):
             if bias is not None:
                 logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)
-            if inside is None:
-                inside = self.grid.inside(h, w)
-            actions = actions.masked_fill(~inside.to(actions.device).expand_as(actions), 0)
+            if inside is None and self.grid.patch is not None:  # only fixed patches reach
+                inside = self.grid.inside(h, w)                   # wholly past an image
+            if inside is not None:
+                actions = actions.masked_fill(~inside.to(actions.device).expand_as(actions), 0)
         probs, degraded = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
         ran = actions if degraded is None else actions.masked_fill(degraded, 0)

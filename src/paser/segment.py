@@ -32,7 +32,13 @@ from PIL import Image
 
 from paser.cost import FLOP_CONVENTION
 from paser.data.folders import ClassMap
-from paser.data.images import READABLE_SUFFIXES, Intensity, image_files, read_image
+from paser.data.images import (
+    READABLE_SUFFIXES,
+    Intensity,
+    image_files,
+    read_image,
+    shared_stem,
+)
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import atomic_write_text, detached_worker, replaced, worker_context
@@ -66,14 +72,18 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
     if not files:
         raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; give "
                         "image files or folders that contain them")
-    seen: dict[str, Path] = {}
-    for f in files:
-        if f.stem in seen and seen[f.stem] != f:
-            raise DataError(f"{seen[f.stem]} and {f} have the same stem '{f.stem}': their "
-                            "outputs would overwrite each other; rename one or segment them "
-                            "separately")
-        seen[f.stem] = f
+    one_output_each((f.stem, str(f)) for f in files)
     return list(dict.fromkeys(files))
+
+
+def one_output_each(named) -> None:
+    """Inputs as ``(stem, source)``: two sources of one stem are a :class:`DataError` (their
+    outputs, named by the stem, would overwrite each other)."""
+    twice = shared_stem(named)
+    if twice is not None:
+        stem, first, second = twice
+        raise DataError(f"{first} and {second} have the same stem '{stem}': their outputs "
+                        "would overwrite each other; rename one or segment them separately")
 
 
 def read_input(path: str | Path, channels: int, intensity: Intensity = Intensity()

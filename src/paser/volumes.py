@@ -560,7 +560,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
     folders (:func:`is_volume`); the rest are images (:func:`paser.segment.find_images`).
     Two outputs with one stem are a :class:`DataError`; ``exclude`` (the output folder) is
     not searched."""
-    from paser.segment import find_images
+    from paser.segment import find_images, one_output_each
 
     volumes = [open_volume(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
@@ -570,11 +570,5 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
             volumes.append(open_volume(f))
         else:
             files.append(f)
-    seen: dict[str, str] = {}
-    for stem, source in [(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes]:
-        if stem in seen and seen[stem] != source:
-            raise DataError(f"{seen[stem]} and {source} have the same stem '{stem}': their "
-                            "outputs would overwrite each other; rename one or segment them "
-                            "separately")
-        seen[stem] = source
+    one_output_each([(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes])
     return files, volumes

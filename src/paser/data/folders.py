@@ -19,18 +19,18 @@ the benchmark, every other id is unlabelled.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
-from paser.data.images import READABLE_SUFFIXES, image_files
+from paser.data.images import READABLE_SUFFIXES, image_files, shared_stem
 from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
 _UNKNOWN = 254
-FOLDER_SUFFIXES = READABLE_SUFFIXES
 
 #: Cityscapes' 19 evaluation classes (train ids 0..18), and label id -> train id for the
 #: labelled ids (every other id, "unlabeled" to "license plate", is ignored).
@@ -87,13 +87,14 @@ class ClassMap:
         if empty:
             raise DataError(f"{path}: mask value {empty[0]} has no class name; write "
                             f"'{empty[0]}: <name>'")
-        twice = sorted({str(n) for n in names if [str(m) for m in names].count(str(n)) > 1})
+        names = [str(n) for n in names]
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)
         if twice:
             raise DataError(f"{path}: class name {twice[0]!r} is given to more than one mask "
                             "value; a class has one value (relabel the masks to merge them)")
         if len(values) > 254:
             raise DataError(f"{path}: {len(values)} classes; at most 254 are supported")
-        return cls(values, [str(classes[v]) for v in values], ignore, str(path))
+        return cls(values, names, ignore, str(path))
 
     def encode(self, classes: np.ndarray) -> np.ndarray:
         """Class indices ``[H, W]`` as the mask values they are stored as: uint8, class k
@@ -114,7 +115,8 @@ class ClassMap:
         if (out == _UNKNOWN).any():
             vals = sorted(int(v) for v in np.unique(arr[out == _UNKNOWN]))
             raise DataError(
-                f"{path}: mask values {vals[:8]}{_palette_note(path)}{' ...' if len(vals) > 8 else ''} are not in "
+                f"{path}: mask values {vals[:8]}{' ...' if len(vals) > 8 else ''}"
+                f"{_palette_note(path)} are not in "
                 f"{self.where} (classes {self.values}, ignore {self.ignore}); add them there or "
                 "set those pixels to the ignore value")
         return out
@@ -232,13 +234,12 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
 def _one_file_per_image(images: list[Path], mask_dir: Path) -> None:
     """Two files of one stem (``scan1.png``, ``scan1.tif``) would share one mask and could
     land in two splits: the test would hold a training image."""
-    stems: dict[str, Path] = {}
-    for p in images:
-        if p.stem in stems:
-            raise DataError(f"{stems[p.stem]} and {p} have the same name '{p.stem}' (one "
-                            f"mask, {mask_dir}/{p.stem}.*): the holdout could put one in "
-                            "training and the other in test; keep one file per image")
-        stems[p.stem] = p
+    twice = shared_stem((p.stem, str(p)) for p in images)
+    if twice is not None:
+        stem, first, second = twice
+        raise DataError(f"{first} and {second} have the same name '{stem}' (one mask, "
+                        f"{mask_dir}/{stem}.*): the holdout could put one in training and the "
+                        "other in test; keep one file per image")
 
 
 def _holdout(n: int, holdout: tuple[float, float], seed: int, root: Path) -> dict[str, list[int]]:

@@ -68,6 +68,16 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = READABLE_SUFFIXES,
                   and not (skip is not None and f.resolve().is_relative_to(skip)))
 
 
+def shared_stem(named) -> tuple[str, str, str] | None:
+    """The first file stem two different sources share, ``(stem, first, second)``, or
+    ``None``; ``named`` gives ``(stem, source)`` pairs (one source twice is one input)."""
+    seen: dict[str, str] = {}
+    for stem, source in named:
+        if seen.setdefault(stem, source) != source:
+            return stem, seen[stem], source
+    return None
+
+
 def read_array(path: str | Path, notes: list[str] | None = None) -> np.ndarray:
     """The first image of a file as stored: ``[H, W]`` or ``[H, W, C]``, its own dtype
     (palette: its colours). ``notes`` gets what was done beyond decoding."""
