@@ -71,6 +71,9 @@ def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
     assert "60 % of its GFLOP" in miss
     headroomless = FR.verdict((2.0, 0.55), frontier, {"gflops": [2.0], "iou": [0.58]})
     assert "even perfect routing of this pool stays 0.0200 under it" in headroomless
+    # on the frontier, and the oracle no better: no regret to blame
+    on = FR.verdict((2.0, 0.59999), frontier, {"gflops": [2.0], "iou": [0.6]})
+    assert "regret" not in on and "perfect routing of this pool gives no more there" in on
 
 
 def test_versus_cascade_says_which_of_the_trained_router_and_the_cascade_is_ahead():

@@ -151,6 +151,9 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert names[0] == "this run" and "objective reinforce" in names
     assert "uncertainty T=5 all entropy (paper)" in names and "state image" in names
     assert all(r["seconds"] >= 0 and r["fixed_gflops"] > 0 for r in ablation["rows"])
+    # battery-quick's router learns from D_rl and D_ft; the variant on D_rl alone from fewer
+    rows = {r["name"]: r for r in ablation["rows"]}
+    assert rows["trained on D_rl only"]["train_patches"] < rows["this run"]["train_patches"]
     assert "## Ablation" in text
     # the independent check of the shared tools reads the same results
     tool = Path(__file__).resolve().parents[2] / "shared" / "tools" / "frontier.py"
@@ -170,12 +173,30 @@ def test_paser_run_trains_in_one_process_with_the_configs_precision():
 def test_the_pool_summary_carries_stage1s_precision(tmp_path):
     from paser.experiments.main import pool_summary
 
-    methods = {"f0": {"iou": 0.8}, "f1": {"iou": 0.7}}
+    methods = {"f0": {"iou": 0.8, "gflops": 0.2}, "f1": {"iou": 0.7, "gflops": 1.0}}
     assert pool_summary(tmp_path, methods, 2)["precision"] is None  # no stage1.json: unsaid
     (tmp_path / "stage1.json").write_text(json.dumps({"precision": "bf16-mixed", "models": {}}))
     summary = pool_summary(tmp_path, methods, 2)
     assert summary["precision"] == "bf16-mixed" and summary["inverted"] == [["f0", "f1"]]
     assert summary["improving"] == []
+
+
+def test_a_model_that_scores_below_another_is_inverted_only_if_it_costs_more(tmp_path):
+    from paser.experiments.main import pool_summary
+
+    # a user's pool listed out of order of cost: f2 is the cheapest of the pool
+    methods = {"f0": {"iou": 0.80, "gflops": 0.2}, "f1": {"iou": 0.85, "gflops": 1.0},
+               "f2": {"iou": 0.60, "gflops": 0.1}}
+    assert pool_summary(tmp_path, methods, 3)["inverted"] == []
+    methods["f2"]["gflops"] = 3.0  # the dearest and the worst: below both
+    assert pool_summary(tmp_path, methods, 3)["inverted"] == [["f0", "f2"], ["f1", "f2"]]
+
+
+def test_the_curves_run_to_the_dearest_model_not_the_last():
+    from paser.experiments.main import curve_range
+
+    singles = {"f0": (0.011, 0.24), "f1": (0.024, 0.30), "f2": (0.0004, 0.10)}
+    assert curve_range(0.012, singles) == (0.012, 0.024, "f1")
 
 
 def test_the_report_says_which_models_were_still_improving_at_their_cap(tmp_path):

@@ -9,8 +9,8 @@ in IoU, is the **frontier**. Routing is worth running only where it stands above
 Routed curves (PaSeR, the cascade, the oracle) are step curves: at a budget ``g`` a curve
 gives the best IoU of its points with GFLOP ``<= g``. The frontier is interpolated linearly
 in GFLOP, as its definition says. Areas are means over budgets spaced evenly in log GFLOP,
-from the fixed cost every routed image pays to fK's GFLOP: a linear grid would weight the
-expensive end, where users operate least.
+from the fixed cost every routed image pays to the dearest single model's GFLOP: a linear
+grid would weight the expensive end, where users operate least.
 
 GFLOP follow :data:`paser.cost.FLOP_CONVENTION` (a multiply-add counts 2).
 """
@@ -209,9 +209,12 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
         if best is not None and at is not None and best < at:
             why.append(f"even perfect routing of this pool stays {at - best:.4f} under it at "
                        "that cost, so the pool's spread or the fixed cost is what holds it back")
-        elif best is not None:
+        elif best is not None and best - iou >= 5e-5:
             why.append(f"perfect routing of this pool would give {best:.4f} there: the policy's "
                        f"regret ({best - iou:.4f}) is what holds it back")
+        elif best is not None:
+            why.append(f"perfect routing of this pool gives no more there ({best:.4f}): the "
+                       "pool has nothing better to offer at that cost")
     if fixed_gflops is not None and g > 0:
         why.append(f"the fixed cost (f0 and the policy, {fixed_gflops:.3f} GFLOP) is "
                    f"{100 * fixed_gflops / g:.0f} % of its GFLOP")

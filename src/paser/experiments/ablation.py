@@ -2,17 +2,22 @@
 
 From the run's own configuration, one setting at a time changes: the stage-2 objective
 (REINFORCE, the exact expected reward, gain regression), the gain (the patch's mIoU or its
-effect on the split's mIoU), the state the policy sees, and f0's uncertainty step (T, where
-its dropout stays on, entropy or margin). Each variant trains a fresh policy on D_rl's
-outcomes of the run's frozen stage-1 pool (pooled or reference policy as the run's config
-says) and is scored by its curve against the single-model frontier:
+effect on the split's mIoU), the state the policy sees, which images it learns from, and
+f0's uncertainty step (T, where its dropout stays on, entropy or margin). Each variant trains
+a fresh policy on the outcomes of the run's frozen stage-1 pool on the images stage 2 learns
+from (D_rl, and D_ft with ``stage2.train_on: rl+ft``; pooled or reference policy as the
+run's config says) and is scored by its curve against the single-model frontier. "this
+run" is the run's own configuration trained afresh in the same way (its own draw of initial
+weights), so that every row is one training of one procedure: it differs from the shipped
+router (the report's routers table) by that draw.
 
 - ``val_margin`` / ``test_margin``: the mean over 64 budgets spaced evenly in log GFLOP,
-  from f0's GFLOP to fK's, of the curve's best IoU within the budget minus the frontier's;
-  below a variant's fixed cost (f0's passes and its policy) it counts as f0 alone. The
-  shipped configuration is the one with the best validation margin;
+  from f0's GFLOP to the dearest model's, of the curve's best IoU within the budget minus
+  the frontier's; below a variant's fixed cost (f0's passes and its policy) it counts as f0 alone.
+  ``best_on_validation`` names the variant with the best validation margin;
 - the operating point at the variant's own lam (test IoU and GFLOP);
-- its training seconds (the policy only: the outcomes are shared).
+- the patches it learnt from and its training seconds (the policy only: the outcomes are
+  shared).
 """
 
 from __future__ import annotations
@@ -38,13 +43,16 @@ from paser.train.policy import fit_policy, greedy_actions, training_outcomes
 
 DESCRIPTION = (
     "From the run's own configuration, one setting changes at a time; each variant trains a "
-    "fresh policy on D_rl's outcomes of the run's frozen stage-1 pool. Area - frontier: the "
-    "mean over 64 budgets spaced evenly in log GFLOP, from f0's GFLOP to fK's, of the curve's "
+    "fresh policy on the outcomes of the run's frozen stage-1 pool on the images its stage 2 "
+    "learns from. 'this run' is the run's own configuration trained afresh in the same way "
+    "(another draw of its initial weights than the shipped router's). Area - frontier: the "
+    "mean over 64 budgets spaced evenly in log GFLOP, from f0's GFLOP to the dearest model's, "
+    "of the curve's "
     "best IoU within the budget minus the single-model frontier's (below a variant's fixed "
-    "cost it counts as f0 alone), on validation (what chooses) and on test. Test IoU and "
-    "GFLOP: the variant at its own lam, uncalibrated. Train s: the policy's training alone "
-    "(the outcomes are shared). Headroom: the test margin as a share of the oracle's (perfect "
-    "routing of the same pool, knowing the labels); rank: Spearman's correlation, over the "
+    "cost it counts as f0 alone), on validation and on test. Test IoU and GFLOP: the variant "
+    "at its own lam, uncalibrated. Train patches: how many it learnt from; train s: the "
+    "policy's training alone (the outcomes are shared). Headroom: the test margin as a share "
+    "of the oracle's (perfect routing of the same pool, knowing the labels); rank: Spearman's correlation, over the "
     "test patches, between the variant's preference to move a patch off f0 and the best pool "
     "model's true gain there.")
 
@@ -112,15 +120,22 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
     pool = {"rl": training_outcomes(cfg, router, data, device, mc_seed=0),
             "validation": val_out, "test": test_out}
     built: dict[tuple, dict[str, PatchOutcomes]] = {}
+    built_rl: dict[tuple, PatchOutcomes] = {}
 
     def outcomes(vcfg: ExperimentConfig, probe: Router) -> dict[str, PatchOutcomes]:
+        """The splits' outcomes as ``probe`` sees them (f0's state); the pool's outputs are
+        the run's, computed once. What the policy trains on also depends on which images
+        and views stage 2 takes."""
         key = (vcfg.mc_samples, vcfg.mc_dropout, vcfg.uncertainty, vcfg.stage2.state)
         if key not in built:
             built[key] = {name: PatchOutcomes.build(probe, getattr(data, name), ncls, batch,
                                                     device, mc_seed=0, pool_from=base)
                           for name, base in pool.items() if name != "rl"}
-            built[key]["rl"] = training_outcomes(vcfg, probe, data, device, 0, pool["rl"])
-        return built[key]
+        s2 = vcfg.stage2
+        rl_key = (*key, s2.train_on, s2.views, s2.crops)
+        if rl_key not in built_rl:
+            built_rl[rl_key] = training_outcomes(vcfg, probe, data, device, 0, pool["rl"])
+        return built[key] | {"rl": built_rl[rl_key]}
 
     deterministic = Router(router.f0, router.policy, list(router.pool), router.grid, 1,
                            router.in_channels, "none", "entropy", "paper", ncls)
@@ -136,7 +151,7 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
         singles[name] = points
         oracle = oracle_curve(o, costs, costs.model_cost(cfg.stage2.cost), 41)
         oracle_margin[name] = _margin(oracle, FR.frontier_curve(points), points["f0"],
-                                      points["f0"][0], points[f"f{nmod - 1}"][0])
+                                      points["f0"][0], max(g for g, _ in points.values()))
     rows = []
     todo = variants(cfg)
     with progress(show_progress) as bar:
@@ -159,12 +174,13 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
             row = {"name": name, "objective": vcfg.stage2.objective, "gain": vcfg.stage2.gain,
                    "policy": vcfg.stage2.policy, "state": vcfg.stage2.state,
                    "uncertainty": _uncertainty_label(vcfg), "fixed_gflops": costs.fixed,
+                   "train_patches": int(split["rl"].inter.shape[:2].numel()),
                    "seconds": seconds}
             for which in ("validation", "test"):
                 o = split[which]
                 curve = policy_curve(probe, o, batch)
                 frontier = FR.frontier_curve(singles[which])
-                lo, hi = singles[which]["f0"][0], singles[which][f"f{nmod - 1}"][0]
+                lo, hi = singles[which]["f0"][0], max(g for g, _ in singles[which].values())
                 row["val_margin" if which == "validation" else "test_margin"] = _margin(
                     curve, frontier, singles[which]["f0"], lo, hi)
             row["test_headroom"] = (row["test_margin"] / oracle_margin["test"]

@@ -283,15 +283,17 @@ def _ablation_md(w, a: dict) -> None:
     w("\n## Ablation: objective x state x uncertainty\n\n")
     w(a["description"] + "\n\n")
     w("| variant | objective | state | uncertainty | fixed GFLOP | val area - frontier | "
-      "test area - frontier | headroom | rank | test IoU | test GFLOP | train s |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+      "test area - frontier | headroom | rank | test IoU | test GFLOP | train patches | "
+      "train s |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in a["rows"]:
         head = r.get("test_headroom")
         w(f"| {r['name']} | {r['objective']} | {r['state']} | {r['uncertainty']} | "
           f"{r['fixed_gflops']:.3f} | {_signed(r['val_margin'])} | {_signed(r['test_margin'])} | "
           f"{'n/a' if head is None else f'{100 * head:.0f} %'} | "
           f"{_fmt(r.get('test_rank'), 3)} | "
-          f"{_fmt(r['test_iou'])} | {_fmt(r['test_gflops'], 3)} | {r['seconds']:.1f} |\n")
+          f"{_fmt(r['test_iou'])} | {_fmt(r['test_gflops'], 3)} | "
+          f"{r.get('train_patches', 'n/a')} | {r['seconds']:.1f} |\n")
 
 
 def _signed(v) -> str:
@@ -371,12 +373,14 @@ def write_report(run_dir: Path, results: dict) -> str:
 
 def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     styles = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2", "PaSeR (paper)": "C4"}
     for name, c in curves.items():
-        if c.get("interpolate"):  # the single-model frontier: straight lines between models
-            ax.plot(c["gflops"], c["iou"], "--", color="black", lw=1.6, zorder=2,
-                    label="single-model frontier")
+        if c.get("interpolate"):  # the single-model frontier: linear in GFLOP between models,
+            # so drawn through many points: on the log axis a straight line would bow above it
+            g = np.geomspace(min(c["gflops"]), max(c["gflops"]), 400)
+            ax.plot(g, np.interp(g, c["gflops"], c["iou"]), "--", color="black", lw=1.6,
+                    zorder=2, label="single-model frontier")
             continue
         ax.step(c["gflops"], c["iou"], where="post", color=styles.get(name, "C7"), alpha=0.75,
                 label=f"{name} curve")
@@ -387,7 +391,7 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
     ax.set_xlabel(f"GFLOP per image ({FLOP_CONVENTION})", fontsize=8)
     ax.set_ylabel("test mIoU")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     save_figure(fig, path, dpi=120)
 
 
