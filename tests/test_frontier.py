@@ -103,3 +103,36 @@ def test_wall_clock_compares_milliseconds_at_equal_iou():
     assert not FR.wall_clock((15.0, 0.83), singles)["met"]
     above = FR.wall_clock((30.0, 0.86), singles)  # no single model reaches it
     assert above["frontier_ms_at_equal_iou"] is None and above["met"]
+
+
+def _counts(inter, union, gflops):
+    return {"intersection": np.asarray(inter), "union": np.asarray(union),
+            "gflops": np.asarray(gflops, dtype=float)}
+
+
+def test_the_bootstrap_reads_every_method_on_the_same_resample_of_the_images():
+    # four images, one class: f0 right on 5 of 10 pixels of each, f1 on 8 at 3 x the cost
+    f0 = _counts([[5]] * 4, [[10]] * 4, [1.0] * 4)
+    f1 = _counts([[8]] * 4, [[10]] * 4, [3.0] * 4)
+    # PaSeR is f1 on every image: on the frontier in every resample, no margin
+    same = FR.bootstrap(f1, {"f0": f0, "f1": f1}, draws=200)
+    assert same["images"] == 4 and same["draws"] == 200
+    assert same["margin"] == pytest.approx({"value": 0.0, "low": 0.0, "high": 0.0}, abs=1e-12)
+    assert same["share_above"] == 0.0
+    # PaSeR: f1's IoU at 2 GFLOP on every image; the frontier gives 0.5 + 0.3 / 2 there
+    better = _counts([[8]] * 4, [[10]] * 4, [2.0] * 4)
+    cascade = _counts([[8]] * 4, [[10]] * 4, [2.5] * 4)
+    up = FR.bootstrap(better, {"f0": f0, "f1": f1}, cascade, draws=200)
+    assert up["margin"]["value"] == pytest.approx(0.8 - 0.65)
+    assert up["margin"]["low"] == pytest.approx(0.15) and up["share_above"] == 1.0
+    assert up["table2"] == pytest.approx({"value": 20.0, "low": 20.0, "high": 20.0})
+    line = FR.noise_line(up)
+    assert line.startswith("over 200 bootstrap resamples of the 4 test images (95 % intervals)")
+    assert "within the noise" not in line and "Table 2's GFLOP saved" in line
+    # PaSeR ahead on two images and behind on two: the sign is the draw's
+    mixed = _counts([[10], [10], [3], [3]], [[10]] * 4, [2.0] * 4)
+    noisy = FR.bootstrap(mixed, {"f0": f0, "f1": f1}, draws=500)
+    assert noisy["margin"]["low"] < 0 < noisy["margin"]["high"]
+    assert "the verdict's sign is within the noise of this test split" in FR.noise_line(noisy)
+    with pytest.raises(ValueError, match="same images"):
+        FR.bootstrap(better, {"f0": _counts([[5]] * 3, [[10]] * 3, [1.0] * 3)})

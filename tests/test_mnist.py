@@ -236,3 +236,21 @@ def test_paser_run_on_noisy_mnist_reports_assignments_and_the_tvd_sweep(idx_root
     assert "assignment accuracy" in text and "TVD" in text
     for fig in ("assignment.png", "tvd.png"):
         assert (run_dir / "figures" / fig).stat().st_size > 1000
+
+
+def test_measure_keeps_each_images_counts_on_request():
+    from paser.experiments.methods import Prediction, measure
+
+    masks = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    masks[1, :2] = 1  # image 1: 8 pixels of class 1
+    data = Tensors(torch.zeros(3, 1, 4, 4), masks, list("abc"))
+
+    def predict(x, idx):  # class 0 everywhere, image i costs i + 1
+        return Prediction(torch.zeros(len(idx), 4, 4, dtype=torch.long), idx.double() + 1)
+
+    res = measure(predict, data, 2, 2, torch.device("cpu"), timed=False, per_image=True)
+    counts = res["per_image"]
+    assert counts["intersection"].tolist() == [[16, 0], [8, 0], [16, 0]]
+    assert counts["union"].tolist() == [[16, 0], [16, 8], [16, 0]]
+    assert counts["gflops"].tolist() == [1.0, 2.0, 3.0]
+    assert "per_image" not in measure(predict, data, 2, 2, torch.device("cpu"), timed=False)

@@ -92,3 +92,17 @@ def test_an_image_with_degraded_patches_is_segmented_again(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(record))
     done = finished(tmp_path, image)
     assert done is not None and done.resumed and done.bytes_sent == 10
+
+
+def test_after_an_overwrite_no_record_of_before_counts_as_done(setup, monkeypatch):
+    """--overwrite with other inputs, then the first inputs again: their records are of the
+    folder before the overwrite (another run's labels), so they are segmented again; and a
+    relative spelling of an input resumes it."""
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+    segment_files(m, files[2:4], tmp / "out", only=1, overwrite=True)
+    again = segment_files(m, files[:2], tmp / "out", only=1)
+    assert [r.resumed for r in again] == [False, False]
+    monkeypatch.chdir(tmp)
+    relative = segment_files(m, [files[0].relative_to(tmp)], tmp / "out", only=1)
+    assert [r.resumed for r in relative] == [True]

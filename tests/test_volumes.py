@@ -249,3 +249,109 @@ def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
         open_split(load_config(preset="battery-quick", overrides=[
             *over[:4], "data.slices={train: [0, 18], validation: [18, 24], test: [25, 26]}"]
         ).data, "test")
+
+
+def test_a_tiff_written_a_page_at_a_time_is_one_volume(setup):
+    """tifffile.TiffWriter.write in a loop stores each page as a series of its own: the
+    file is still one stack, segmented whole (it gave page 0 alone before)."""
+    m, vol, tmp = setup
+    with tifffile.TiffWriter(tmp / "loop.tif") as tif:
+        for page in vol:
+            tif.write(page, photometric="minisblack")
+    volume = open_volume(tmp / "loop.tif")
+    assert volume.shape == vol.shape and np.array_equal(volume.read(3, 7), vol[3:7])
+    files, volumes = split_inputs([tmp / "loop.tif"])
+    assert files == [] and [v.depth for v in volumes] == [DEPTH]
+    [res] = segment_volumes(m, volumes, tmp / "out", chunk=10)
+    assert np.array_equal(tifffile.imread(tmp / "out" / "loop_labels.tif"), _alone(m, vol))
+    assert res.record["intensity"]["mode"] == "type range"  # uint8: by its type, as trained
+
+
+def test_a_volume_with_bad_voxels_leaves_no_half_output(setup):
+    m, vol, tmp = setup
+    recon = vol.astype(np.float32)
+    recon[-1, 0, 0] = np.nan  # outside the field of view, in the last chunk
+    zarr.open_array(str(tmp / "nan.zarr"), mode="w", shape=recon.shape,
+                    dtype="float32")[:] = recon
+    [res] = segment_volumes(m, split_inputs([tmp / "nan.zarr"])[1], tmp / "out", chunk=8)
+    assert "NaN" in res.error and res.record is None
+    assert not (tmp / "out" / "nan_labels.zarr").exists()
+    assert not (tmp / "out" / ".nan.parts").exists()
+
+
+def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
+    from paser.config import load_config
+    from paser.data import open_split
+    from paser.data import slices as S
+
+    rng = np.random.default_rng(1)
+    vol = rng.random((9, 12, 12)).astype(np.float32)
+    truth = vol > 0.5
+    zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=vol.shape,
+                    dtype="float32")[:] = vol
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: solid}\nignore: null\n")
+    for name, labels in (("bool", truth), ("last1", truth.astype(np.uint8)[..., None])):
+        zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="w", shape=labels.shape,
+                        dtype=labels.dtype)[:] = labels
+        cfg = load_config(preset="battery-quick", overrides=[
+            "data.dataset=volume", f"data.root={tmp_path}", "data.volume=v.zarr",
+            f"data.labels={name}.zarr", "models.num_classes=2", "stage1.class_weights=null",
+            "data.slices={train: [0, 5], validation: [5, 7], test: [7, 9]}"])
+        train = open_split(cfg.data, "train")
+        assert torch.equal(train.mask(2), torch.from_numpy(truth[2].astype(np.uint8)))
+    scans = []
+    monkey = S.VolumeSlices._scan
+
+    def counted(self, z0, z1):
+        scans.append((z0, z1))
+        return monkey(self, z0, z1)
+
+    S.VolumeSlices._scan = counted
+    try:
+        for _ in range(3):  # every stage of a run opens its splits: the labels read once
+            open_split(cfg.data, "validation")
+    finally:
+        S.VolumeSlices._scan = monkey
+    assert scans == [(5, 7)]
+
+
+def test_an_intensity_window_is_fitted_on_at_most_64_images_spread_over_all():
+    from paser.data.images import spread
+
+    assert spread(0) == [] and spread(3) == [0, 1, 2]
+    picks = spread(100)
+    assert len(picks) == 64 and picks[0] == 0 and picks[-1] == 99
+    assert spread(127)[-1] == 126 and len(spread(127)) == 64
+
+
+def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_path):
+    from paser.config import load_config
+    from paser.data import load_stage_data
+    from paser.data.registry import check_dataset
+    from paser.errors import ConfigError
+
+    vol = np.random.default_rng(2).random((16, 16, 16)).astype(np.float32)
+    labels = np.full(vol.shape, 255, np.uint8)
+    labels[::2] = np.digitize(vol[::2], [0.4, 0.8]) * 10  # classes 0, 10 and 20
+    with h5py.File(tmp_path / "scan.h5", "w") as fh:
+        fh["data"], fh["labels"] = vol, labels
+    (tmp_path / "classes.yaml").write_text(
+        "classes: {0: pore, 10: matrix, 20: particle}\nignore: 255\n")
+    data = ["data.volume=scan.h5:/data", "data.labels=scan.h5:/labels",
+            "data.slices={train: [0, 10], validation: [10, 13], test: [13, 16]}"]
+    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    assert r["layout"] == "volume"
+    assert {s: v["images"] for s, v in r["splits"].items()} == {
+        "train": 5, "validation": 2, "test": 1}  # the labelled slices: 0..8, 10 12, 14
+    share = float((vol[0:10:2] >= 0.8).mean())
+    assert r["class_fractions"]["particle"] == pytest.approx(share)
+    assert r["suggested_overrides"][:4] == ["data.dataset=volume", *data]
+    with pytest.raises(ConfigError, match="takes data.. keys"):
+        check_dataset(tmp_path, overrides=["stage1.epochs=2"], show_progress=False)
+    run = ["data.dataset=volume", f"data.root={tmp_path}", *data, "models.num_classes=3"]
+    # three classes, and the config's default weights (the battery set's three phases)
+    with pytest.raises(ConfigError, match="weights of the synthetic battery set's phases"):
+        load_stage_data(load_config(preset="battery-quick", overrides=run), progress=False)
+    weights = "stage1.class_weights=[" + ",".join(map(str, r["suggested_class_weights"])) + "]"
+    load_stage_data(load_config(preset="battery-quick", overrides=[*run, weights]),
+                    progress=False)

@@ -62,17 +62,22 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch_size: int,
             device: torch.device, num_models: int | None = None, timed: bool = True,
-            rewards: RewardSpec | None = None, num_workers: int = 0) -> dict:
+            rewards: RewardSpec | None = None, num_workers: int = 0,
+            per_image: bool = False) -> dict:
     """Stream ``data`` through ``predict``; see the module docstring for what is returned.
 
     ``data`` is a split (:class:`paser.data.Tensors`) or a dataset, read by
     ``num_workers`` processes. ``num_models`` (K + 1) turns on ``fractions`` and, with
     sample groups, ``assignment``; ``timed`` the milliseconds; ``rewards`` the
-    ``reward``. ``f0_iou`` comes back when the predictions carry f0's.
+    ``reward``. ``f0_iou`` comes back when the predictions carry f0's. ``per_image`` adds
+    ``per_image``: each image's ``intersection``, ``union`` ``[N, C]`` and ``gflops``
+    ``[N]`` as arrays (for :func:`paser.frontier.bootstrap`; not JSON).
     """
     if not isinstance(data, Tensors):
         data = on_disk(data, num_workers)
-    acc, f0_acc = IoUAccumulator(num_classes), IoUAccumulator(num_classes)
+    acc = IoUAccumulator(num_classes, keep_images=per_image)
+    f0_acc = IoUAccumulator(num_classes)
+    image_gflops = []
     counts = torch.zeros(num_models or 1, dtype=torch.float64)
     groups = len(data.group_names) if data.groups is not None and num_models else 0
     confusion = torch.zeros(groups, num_models or 1, dtype=torch.long)
@@ -91,6 +96,8 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
             f0_acc.update(out.f0_mask.cpu(), y)
             f0_seen = True
         gflops += float(out.gflops.sum())
+        if per_image:
+            image_gflops.append(out.gflops.detach().double().cpu().reshape(-1))
         actions = None if out.actions is None else out.actions.cpu()
         if actions is not None and num_models:
             counts += torch.bincount(actions.reshape(-1), minlength=num_models)
@@ -113,6 +120,10 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
         result["assignment"] = confusion.tolist()
     if paid:
         result["reward"] = float(torch.cat(paid).mean())
+    if per_image:
+        inter, union = acc.image_counts()
+        result["per_image"] = {"intersection": inter.numpy(), "union": union.numpy(),
+                               "gflops": torch.cat(image_gflops).numpy()}
     return result
 
 

@@ -266,6 +266,80 @@ def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
             "met": True if need is None else ms <= need * (1 + 1e-9)}
 
 
-__all__ = ["areas", "best_within", "budgets", "curve_saving", "curve_values", "frontier_at",
-           "frontier_cost", "frontier_curve", "frontier_mix", "headroom_captured", "hull",
-           "share_above", "verdict", "versus_cascade", "wall_clock"]
+def _resampled_miou(weights: np.ndarray, counts: dict) -> np.ndarray:
+    """Dataset-level mIoU ``[B]`` of a method on ``B`` resamples of its images, each
+    resample the images' multiplicities ``weights`` ``[B, N]``."""
+    inter = weights @ np.asarray(counts["intersection"], dtype=np.float64)
+    union = weights @ np.asarray(counts["union"], dtype=np.float64)
+    present = union > 0
+    ratio = np.where(present, inter / np.maximum(union, 1), 0.0)
+    return ratio.sum(1) / np.maximum(present.sum(1), 1)
+
+
+def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None,
+              draws: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """How much of the verdict is the draw of the test images: the same figures on
+    ``draws`` resamples of the images (with replacement), as intervals at ``level``.
+
+    Each argument holds a method's per-image counts (:func:`paser.evaluation.measure` with
+    ``per_image``): ``point`` PaSeR's, ``singles`` f0's and each pool model's alone,
+    ``matched`` the IoU-matched cascade's. Every method is read on the same resample, so the
+    intervals are of differences. Returns ``images``, ``draws``, ``level`` and intervals
+    ``{"value", "low", "high"}`` of ``margin`` (PaSeR's IoU minus the frontier's at its
+    GFLOP, the verdict's sign: positive where routing saves GFLOP at equal IoU) and, with
+    ``matched``, ``table2`` (Table 2's GFLOP saved against the cascade, in %) and
+    ``cascade_iou_difference``. ``share_above``: the share of resamples with a positive
+    margin. The cascade's thresholds stay those chosen on the whole split.
+    """
+    n = len(point["gflops"])
+    if n == 0 or any(len(c["gflops"]) != n for c in singles.values()):
+        raise ValueError("bootstrap: every method needs the same images' counts")
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=draws)])
+
+    def mean_gflops(c: dict) -> np.ndarray:
+        return weights @ np.asarray(c["gflops"], dtype=np.float64) / n
+
+    pg, pi = mean_gflops(point), _resampled_miou(weights, point)
+    models = [(mean_gflops(c), _resampled_miou(weights, c)) for c in singles.values()]
+    margin = np.full(len(weights), np.nan)
+    for b in range(len(weights)):  # a hull of a handful of points per resample
+        at = frontier_at(hull([(g[b], i[b]) for g, i in models]), pg[b])
+        if at is not None:
+            margin[b] = pi[b] - at
+    tail = 100 * (1 - level) / 2
+
+    def interval(values: np.ndarray) -> dict:
+        rest = values[1:][np.isfinite(values[1:])]
+        low, high = (np.percentile(rest, [tail, 100 - tail]) if rest.size else (np.nan,) * 2)
+        return {"value": float(values[0]), "low": float(low), "high": float(high)}
+
+    out = {"images": n, "draws": draws, "level": level, "margin": interval(margin),
+           "share_above": float(np.mean(margin[1:] > 0))}
+    if matched is not None:
+        cg, ci = mean_gflops(matched), _resampled_miou(weights, matched)
+        out["table2"] = interval(100 * (1 - pg / cg))
+        out["cascade_iou_difference"] = interval(pi - ci)
+    return out
+
+
+def noise_line(noise: dict) -> str:
+    """The report's line under the verdict: how far the test split's draw moves it."""
+    m = noise["margin"]
+    pct = f"{100 * noise['level']:.0f} %"
+    within = m["low"] <= 0 <= m["high"]
+    line = (f"over {noise['draws']:,} bootstrap resamples of the {noise['images']} test "
+            f"images ({pct} intervals), PaSeR's IoU minus the single-model frontier's at its "
+            f"GFLOP is {m['value']:+.4f} ({m['low']:+.4f} to {m['high']:+.4f}; positive in "
+            f"{100 * noise['share_above']:.0f} % of resamples)"
+            + (": the verdict's sign is within the noise of this test split" if within else ""))
+    if "table2" in noise:
+        t = noise["table2"]
+        line += (f"; Table 2's GFLOP saved against the IoU-matched cascade {t['value']:.1f} % "
+                 f"({t['low']:.1f} to {t['high']:.1f} %, the cascade's thresholds fixed)")
+    return line
+
+
+__all__ = ["areas", "best_within", "bootstrap", "budgets", "curve_saving", "curve_values",
+           "frontier_at", "frontier_cost", "frontier_curve", "frontier_mix", "headroom_captured",
+           "hull", "noise_line", "share_above", "verdict", "versus_cascade", "wall_clock"]

@@ -186,13 +186,17 @@ class IoUAccumulator:
     Args:
         num_classes, ignore_index: as :func:`confusion_counts`; by default -1, the label
             of unlabelled pixels (:data:`paser.data.IGNORE`).
+        keep_images: also keep each image's counts (:meth:`image_counts`), ``[N, C]``
+            integers, for resampling the images (:func:`paser.frontier.bootstrap`).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = -1):
+    def __init__(self, num_classes: int, ignore_index: int | None = -1,
+                 keep_images: bool = False):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes={num_classes!r}: must be an integer >= 1")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.keep_images = keep_images
         self.reset()
 
     def reset(self) -> None:
@@ -202,12 +206,15 @@ class IoUAccumulator:
         self.images = 0
         self._image_iou_sum = 0.0
         self._image_iou_count = 0
+        self._per_image: list[tuple[Tensor, Tensor]] = []
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add a batch: ``pred``, ``target`` ``[N, H, W]`` class indices."""
         inter, union, _ = confusion_counts(pred, target, self.num_classes, self.ignore_index)
         self.intersection += inter.sum(dim=0).cpu()
         self.union += union.sum(dim=0).cpu()
+        if self.keep_images:
+            self._per_image.append((inter.cpu(), union.cpu()))
         per_image = _region_iou(inter, union)
         finite = ~per_image.isnan()
         self._image_iou_sum += float(per_image[finite].double().sum())
@@ -239,6 +246,17 @@ class IoUAccumulator:
             "union": self.union.tolist(),
             "images": self.images,
         }
+
+
+    def image_counts(self) -> tuple[Tensor, Tensor]:
+        """Each image's intersection and union counts ``[N, C]`` (``keep_images``)."""
+        if not self.keep_images:
+            raise RuntimeError("image_counts needs IoUAccumulator(keep_images=True)")
+        if not self._per_image:
+            empty = torch.zeros(0, self.num_classes, dtype=torch.int64)
+            return empty, empty.clone()
+        inter, union = zip(*self._per_image, strict=True)
+        return torch.cat(inter), torch.cat(union)
 
 
 def iou_per_gflop(iou: float, gflops: float) -> float:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
                   "ms": res.ms, "device": str(model.device),
                   "mc_samples": cfg.mc_samples, "calibration": calibration,
+                  "claim": claim_of(out_dir),
                   **({"worker": worker} if worker is not None else {})}
         if router.remote is not None:
             record["remote"] = _remote_record(model, grid, image, out, degraded, res)
@@ -324,12 +326,14 @@ def output_settings(model, only: int | None) -> dict:
 
 
 def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
-                 ) -> None:
+                 ) -> str:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
     (resume). Another run's or other settings' is refused with what differs; ``overwrite``
     removes the ``markers`` (files and folders: the records that mark an input or a chunk
     done, the summary) first, so that an interrupted overwrite never resumes on the old
-    outputs."""
+    outputs. Returns the folder's claim (:func:`claim_of`): a new one for a new folder and
+    for ``overwrite``, so that no record of before (of inputs this call was not given
+    either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
@@ -343,14 +347,38 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                 f"{out_dir} holds the outputs of {'another run' if 'run' in differ else 'other settings'} "
                 f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
                 "); give another --out, or --overwrite to start over")
-        return
+        return str(before.get("claim", ""))
     if overwrite:
         for marker in markers:
             if marker.is_dir():
                 shutil.rmtree(marker)
             else:
                 marker.unlink(missing_ok=True)
-    atomic_write_text(json.dumps(settings, indent=2), path)
+    claim = uuid.uuid4().hex
+    atomic_write_text(json.dumps({**settings, "claim": claim}, indent=2), path)
+    return claim
+
+
+def claim_of(out_dir: Path) -> str:
+    """The claim of the call that made ``out_dir`` this run's and settings' (its manifest's;
+    ``""`` for a folder made before claims). Every record written into the folder carries
+    it, and only records of the folder's claim count as done."""
+    try:
+        return str(json.loads((out_dir / MANIFEST).read_text()).get("claim", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def same_input(a: str, b: str) -> bool:
+    """Whether two spellings of an input (``file``, ``file.h5:/key``) name the same one:
+    relative or absolute, from any working folder."""
+    def canonical(source: str) -> str:
+        path, sep, key = source.partition(":/")
+        try:
+            return str(Path(path).resolve()) + sep + key
+        except (OSError, RuntimeError):
+            return source
+    return a == b or canonical(a) == canonical(b)
 
 
 def finished(out_dir: Path, path: Path) -> Segmented | None:
@@ -362,8 +390,9 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         return None
     try:
         rec = json.loads(record_path.read_text())
-        if rec.get("input") != str(path):
-            return None
+        if not same_input(str(rec.get("input")), str(path)) or (
+                rec.get("claim", "") != claim_of(out_dir)):
+            return None  # of another input, or of the folder before an --overwrite
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],

@@ -40,8 +40,10 @@ from paser.data.images import (
     as_input,
     by_type_range,
     image_files,
+    page_by_page,
     probe,
     read_array,
+    stack_pages,
     window_of,
 )
 from paser.errors import DataError, PaserError
@@ -98,7 +100,7 @@ class Volume:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tif:
-                pages = tif.series[0].pages
+                pages = stack_pages(tif)
                 out = np.stack([pages[z].asarray() for z in range(z0, z1)])
             return np.moveaxis(out, 1, -1) if self.planar else out
         at = (0,) * self.lead + (slice(z0, z1),)
@@ -180,14 +182,16 @@ def _tiff(path: Path) -> Volume:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            pages, page = len(series.pages), series.pages[0]
+            loose = page_by_page(tif)  # written a page at a time: one series a page
+            pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
             planar = page.axes.startswith("S")
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
-            lead = dict(zip(series.axes[:len(series.axes) - len(page.axes)], series.shape,
-                            strict=False))
-            others = [f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))}"
-                      for s in tif.series[1:] if len(s.pages)]
+            lead = {} if loose else dict(zip(series.axes[:len(series.axes) - len(page.axes)],
+                                             series.shape, strict=False))
+            others = [] if loose else [
+                f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))}"
+                for s in tif.series[1:] if len(s.pages)]
     except (OSError, ValueError, IndexError, KeyError) as err:
         raise DataError(f"{path}: cannot read the TIFF ({err})") from None
     if lead.get("C", 1) > 1:
@@ -196,8 +200,10 @@ def _tiff(path: Path) -> Volume:
                         "would be segmented as slices; save the channel to segment as a stack "
                         "of its own (tifffile.imwrite(out, data[..., c, :, :]))")
     if others:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
+                                          else "")
         raise DataError(f"{path}: holds more than one stack of pages ({pages} x "
-                        f"{' x '.join(map(str, page.shape))}, then {', '.join(others)}); "
+                        f"{' x '.join(map(str, page.shape))}, then {listed}); "
                         "paser segments one stack of equal pages per file: save each as its "
                         "own TIFF")
     if planar:
@@ -300,7 +306,11 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
     out_dir = Path(out_dir)
     start = time.perf_counter()
     labels, chunk = prepare_volume(volume, out_dir, chunk, model.intensity)
-    for z0, z1 in chunks_to_do(volume, out_dir, chunk):
+    todo = chunks_to_do(volume, out_dir, chunk)
+    done = volume.depth - sum(z1 - z0 for z0, z1 in todo)  # by an earlier call
+    if done and on_slices is not None:
+        on_slices(done, done * volume.plane[0] * volume.plane[1])
+    for z0, z1 in todo:
         segment_chunk(model, volume, z0, z1, out_dir, labels, only)
         if on_slices is not None:
             on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1])
@@ -319,14 +329,21 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     A float or signed volume under a run without an intensity window (``intensity``, the
     run's: it trained on 8/16-bit images) gets one window fitted on the volume itself
     (:func:`volume_window`), kept with the parts, so no slice is scaled by its own range."""
+    from paser.segment import claim_of, same_input
+
     parts = _parts(volume, out_dir)
     made = parts / "volume.json"  # what the parts are of, and their chunk
-    mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype}
+    mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype,
+            "claim": claim_of(out_dir)}
     try:
         before = json.loads(made.read_text()) if made.is_file() else None
     except ValueError:
         before = None
-    if parts.is_dir() and (before is None or before.get("volume") != mine):
+    theirs = (before or {}).get("volume") or {}
+    same = ({k: v for k, v in theirs.items() if k != "input"} == {
+        k: v for k, v in mine.items() if k != "input"}
+        and same_input(str(theirs.get("input")), volume.source))
+    if parts.is_dir() and not same:
         # chunks of another input of this stem (or of unknown origin): not this volume's
         shutil.rmtree(parts)
         before = None
@@ -426,6 +443,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     patches = np.sum([r["patches_per_model"] for r in records], 0)
     workers = sorted({r["worker"] for r in records if "worker" in r})
     devices = sorted({r["device"] for r in records if "device" in r}) or [str(model.device)]
+    from paser.segment import claim_of
+
     record = {
         "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
@@ -439,10 +458,14 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
         "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6,
-        "intensity": {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
-                      "window: it trained on 8/16-bit images)"}
-                      if intensity is not model.intensity else {})},
+        "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
+                       "their type's range (0 to its largest value), as in training"}
+                      if by_type_range(volume.dtype) else
+                      {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
+                       "window: it trained on 8/16-bit images)"}
+                          if intensity is not model.intensity else {})}),
         "device": ", ".join(devices), **({"workers": workers} if workers else {}),
+        "claim": claim_of(out_dir),
         "slices": records,
     }
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
@@ -518,8 +541,19 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
         except (PaserError, OSError, RuntimeError, ValueError) as err:
             res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+            # the data's fault: a rerun fails the same way, so leave no half label volume
+            if isinstance(err, DataError):
+                discard(vol, out_dir)
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
+
+
+def discard(volume: Volume, out_dir: Path) -> None:
+    """Remove what a failed ``volume`` left in ``out_dir``: its finished chunks and its
+    label output."""
+    for path in (_parts(volume, out_dir), out_dir / f"{volume.stem}_labels.zarr"):
+        shutil.rmtree(path, ignore_errors=True)
+    (out_dir / f"{volume.stem}_labels.tif").unlink(missing_ok=True)
 
 
 def read_done(volume: Volume, out_dir: Path) -> dict | None:
@@ -527,11 +561,15 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
     done = out_dir / f"{volume.stem}.json"
     if not done.is_file():
         return None
+    from paser.segment import claim_of, same_input
+
     try:
         rec = json.loads(done.read_text())
     except ValueError:
         return None
-    return rec if rec.get("input") == volume.source else None
+    if not isinstance(rec, dict) or rec.get("claim", "") != claim_of(out_dir):
+        return None  # of the folder before an --overwrite
+    return rec if same_input(str(rec.get("input")), volume.source) else None
 
 
 def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:

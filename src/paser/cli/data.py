@@ -12,15 +12,23 @@ from paser.cli.common import data_app
 @data_app.command("check")
 def data_check(
     root: Path = typer.Argument(..., help="dataset folder"),
-    layout: str = typer.Option(None, "--layout", help="folder, cityscapes or battery (default: "
-                               "detected from what is in the folder)"),
+    overrides: list[str] = typer.Argument(
+        None, help="data.* keys as paser run takes them; a volume dataset: data.volume=... "
+        "data.labels=... data.slices={train: [0, 400], validation: [400, 450], test: "
+        "[460, 500]} (docs/volumes.md)"),
+    layout: str = typer.Option(None, "--layout", help="folder, cityscapes, battery or volume "
+                               "(default: volume with data.volume, else detected from what is "
+                               "in the folder)"),
     workers: int = typer.Option(2, "--workers", min=0, help="reader processes"),
 ) -> None:
-    """Read every image and mask of a dataset folder; print the splits, the class
-    frequencies and suggested class weights (a bad file is one error naming it)."""
+    """Read every image and mask of a dataset folder (or the labelled slices of a volume);
+    print the splits, the class frequencies and suggested class weights (a bad file is one
+    error naming it)."""
+    import shlex
+
     from paser.data.registry import check_dataset
 
-    r = check_dataset(root, layout, workers)
+    r = check_dataset(root, layout, workers, overrides=overrides or ())
     typer.echo(f"{r['root']}: {r['layout']} layout")
     for split, s in r["splits"].items():
         typer.echo(f"  {split:<11} {s['images']:>6} images of {s['sizes']}, "
@@ -51,7 +59,8 @@ def data_check(
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
-    typer.echo("suggested (median frequency balancing): " + " ".join(r["suggested_overrides"]))
+    typer.echo("suggested (median frequency balancing): " + " ".join(
+        shlex.quote(o) if any(c.isspace() for c in o) else o for o in r["suggested_overrides"]))
 
 
 @data_app.command("synth")

@@ -59,7 +59,7 @@ class ClassMap:
     def read(cls, path: Path) -> ClassMap:
         if not path.is_file():
             raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
-                            "1: object}}' and optionally 'ignore: 255' (see docs/data.md)")
+                            "1: object}' and optionally 'ignore: 255' (see docs/data.md)")
         try:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -196,7 +196,10 @@ class FolderDataset(_ClassMapped):
             pairs = [pairs[i] for i in _holdout(len(pairs), holdout, seed, root)[split]]
         else:
             raise DataError(f"{root}: neither {split}/images/ nor images/ found; a folder dataset "
-                            "has images/ and masks/ (optionally under train/, validation/, test/)")
+                            "has images/ and masks/ (optionally under train/, validation/, test/)"
+                            "; an image volume with a label volume is data.dataset=volume "
+                            "(docs/volumes.md: paser data check DIR data.volume=... "
+                            "data.labels=... data.slices=...)")
         super().__init__([p for p, _ in pairs], [m for _, m in pairs], f"{root} ({split})")
 
 

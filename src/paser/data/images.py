@@ -145,6 +145,20 @@ class Probe:
     pages: int = 1
 
 
+def page_by_page(tif) -> bool:
+    """Whether a TIFF holds one stack written a page at a time (``TiffWriter.write`` in a
+    loop): every page its own series, all of one shape and type."""
+    series = tif.series
+    return (len(series) > 1 and all(len(s.pages) == 1 for s in series)
+            and len({(s.pages[0].shape, str(s.pages[0].dtype)) for s in series}) == 1)
+
+
+def stack_pages(tif) -> list:
+    """The pages of a TIFF's stack: its first series', or every page where the stack was
+    written a page at a time (:func:`page_by_page`)."""
+    return tif.pages if page_by_page(tif) else tif.series[0].pages
+
+
 def probe(path: str | Path) -> Probe:
     """The header of an image file, no pixels decoded (:class:`DataError` if unreadable)."""
     path = Path(path)
@@ -153,13 +167,13 @@ def probe(path: str | Path) -> Probe:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                series, page = tif.series[0], tif.pages[0]
+                pages, page = stack_pages(tif), tif.pages[0]
                 axes, shape = page.axes, page.shape
                 palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 return Probe(h, w, palette or samples >= 3,
-                             "uint8" if palette else str(page.dtype), len(series.pages))
+                             "uint8" if palette else str(page.dtype), len(pages))
         with Image.open(path) as img:
             mode, frames = img.mode, getattr(img, "n_frames", 1)
             w, h = img.size
@@ -252,8 +266,13 @@ def fit_window(paths: list[Path], percentiles: tuple[float, float] = WINDOW_PERC
     need = [p for p in paths if not by_type_range(probe(p).dtype)]
     if not need:
         return None
-    step = max(1, len(need) // _FIT_IMAGES)
-    return window_of(((read_array(p), p) for p in need[::step][:_FIT_IMAGES]), percentiles)
+    return window_of(((read_array(need[i]), need[i]) for i in spread(len(need))), percentiles)
+
+
+def spread(n: int, most: int = _FIT_IMAGES) -> list[int]:
+    """At most ``most`` of the indices ``0 .. n - 1``, evenly spaced from the first to the
+    last (the images an intensity window is fitted on)."""
+    return sorted({round(i) for i in np.linspace(0, n - 1, min(n, most))}) if n else []
 
 
 def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES

@@ -12,13 +12,13 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from paser.config import DataConfig
+from paser.config import DataConfig, load_config
 from paser.data.battery import (
     CLASS_NAMES,
     SPLITS,
@@ -37,7 +37,7 @@ from paser.data.folders import (
 from paser.data.images import Intensity
 from paser.data.slices import VolumeSlices
 from paser.data.tensors import StageData, Tensors, labels, on_disk
-from paser.errors import DataError
+from paser.errors import ConfigError, DataError
 from paser.runtime import progress as progress_bar
 
 
@@ -260,9 +260,11 @@ def tile_advice(splits) -> str | None:
 
 
 def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Read every image and mask of a dataset folder (each problem is a DataError naming
-    the file) and count the classes of the training masks.
+    the file) and count the classes of the training masks. ``overrides``: ``data.*`` keys
+    as ``paser run`` takes them (a volume dataset needs ``data.volume``, ``data.labels`` and
+    ``data.slices``; giving ``data.volume`` makes the layout ``volume``).
 
     Returns per split its images, size and channels, and its files by kind (stored dtype
     and type: what the reader does with each depends on it); the intensity window fitted on
@@ -272,10 +274,16 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``).
     """
-    layout = dataset or detect_layout(root)
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    other = [k for k in keys if not k.startswith("data.") or k in ("data.dataset", "data.root")]
+    if other:
+        raise ConfigError(f"paser data check takes data.* keys (not data.dataset or data.root: "
+                          f"--layout and the folder say those); got {', '.join(other)}")
+    layout = dataset or ("volume" if "data.volume" in keys else detect_layout(root))
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
-    cfg = DataConfig(dataset=layout, root=Path(root))
+    cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
+                                 *overrides]).data
     splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
     names = splits["train"].class_names
     counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
@@ -309,6 +317,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                    for s, ds in splits.items()},
         "tile_advice": tile,
         "suggested_overrides": [
+            *([f"data.dataset={layout}"] if layout == "volume" else []), *overrides,
             f"stage1.class_weights=[{','.join(f'{w:g}' for w in weights_list)}]",
             f"models.num_classes={len(names)}", f"models.in_channels={splits['train'].channels}",
             *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else [])],

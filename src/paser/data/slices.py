@@ -24,17 +24,30 @@ import torch
 
 from paser.data.battery import MASK_IGNORE
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity, as_input, by_type_range, window_of
+from paser.data.images import Intensity, as_input, by_type_range, spread, window_of
 from paser.errors import DataError
 
 #: label slices read at a time when finding the labelled ones
 _CHUNK = 16
+#: the labelled slices found, by label volume, its modification, class map and range
+_LABELLED: dict[tuple, list[int]] = {}
+
+
+def _stamp(source: str) -> tuple[int, int] | None:
+    """The modification time and size of the file (or folder) a volume is read from."""
+    path = Path(source.split(":/")[0]) if ":/" in source else Path(source)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _spec(root: Path, spec: str | None, key: str) -> str:
     if not spec:
-        raise DataError(f"data.dataset=volume needs {key}: the {key.split('.')[1]} volume "
-                        "(a TIFF stack, a .zarr array or file.h5:/path; docs/volumes.md)")
+        what = "image" if key == "data.volume" else "label"
+        raise DataError(f"data.dataset=volume needs {key}: the {what} volume (a TIFF stack, a "
+                        ".zarr array or file.h5:/path; docs/volumes.md)")
     path = Path(spec.split(":/")[0]) if ":/" in spec else Path(spec)
     return spec if path.is_absolute() else str(root / spec)
 
@@ -78,6 +91,15 @@ class VolumeSlices:
         self.ids = [f"{self.volume.stem}_z{z:05d}" for z in self.z]
 
     def _labelled(self, z0: int, z1: int) -> list[int]:
+        """The slices of ``[z0, z1)`` with a labelled voxel; found once per process for the
+        same label volume, class map and range (every stage of a run opens its splits)."""
+        key = (self.labels.source, _stamp(self.labels.source), z0, z1,
+               self.classmap.lut.tobytes())
+        if key not in _LABELLED:
+            _LABELLED[key] = self._scan(z0, z1)
+        return list(_LABELLED[key])
+
+    def _scan(self, z0: int, z1: int) -> list[int]:
         out = []
         for start in range(z0, z1, _CHUNK):
             lab = self.labels.read(start, min(start + _CHUNK, z1))
@@ -88,6 +110,10 @@ class VolumeSlices:
         return out
 
     def _values(self, plane: np.ndarray, z: int) -> np.ndarray:
+        if plane.ndim == 3 and plane.shape[-1] == 1:  # (Z, Y, X, 1): one value a voxel
+            plane = plane[..., 0]
+        if plane.dtype == bool:  # a binary mask: 0 and 1
+            plane = plane.view(np.uint8)
         if plane.ndim != 2 or plane.dtype.kind not in "iu" or (
                 plane.size and (plane.min() < 0 or plane.max() > 255)):
             raise DataError(f"{self.labels.source}: slice {z} is not 8-bit labels "
@@ -127,6 +153,5 @@ class VolumeSlices:
         """The intensity window of the split's slices (at most 64, evenly spaced)."""
         if by_type_range(np.dtype(self.volume.dtype)):
             return None
-        step = max(1, len(self) // 64)
         return window_of((self.raw(i), f"{self.volume.source} slice {self.z[i]}")
-                         for i in range(0, len(self), step))
+                         for i in spread(len(self)))

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch.utils.data import Subset
 
-from paser.config import DataConfig, ExperimentConfig
+from paser.config import REFERENCE_CLASS_WEIGHTS, DataConfig, ExperimentConfig
 from paser.data.battery import SPLITS, SegmentationFiles, split_three
 from paser.data.registry import kind, open_split
 from paser.data.tensors import StageData, Tensors, on_disk, to_tensors
@@ -123,6 +123,12 @@ def check_fits_models(cfg: ExperimentConfig, dataset: SegmentationFiles) -> None
                           f"classes ({', '.join(dataset.class_names)}) but the models predict "
                           f"{m.num_classes}; set models.num_classes={len(dataset.class_names)}")
     weights = cfg.stage1.class_weights
+    if cfg.data.dataset in ("folder", "volume") and weights == REFERENCE_CLASS_WEIGHTS:
+        raise ConfigError(
+            f"key 'stage1.class_weights': {weights} are the weights of the synthetic battery "
+            f"set's phases (the config's default), not of your classes "
+            f"({', '.join(dataset.class_names)}); give your own ('paser data check' prints "
+            "some from your training masks), or stage1.class_weights=null for none")
     if weights and len(weights) != m.num_classes:
         raise ConfigError(f"key 'stage1.class_weights': {len(weights)} weights for "
                           f"{m.num_classes} classes; give one per class, or null ('paser data "

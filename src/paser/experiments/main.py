@@ -156,18 +156,24 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         preds[f"f{k}"] = M.patch_model_predictor(router, k)
 
     results: dict[str, dict] = {}
+    # each image's counts of these, for the verdict's bootstrap over the test images
+    resampled = {"PaSeR", "f0", *(f"f{k}" for k in range(1, nmod))}
     with progress(show_progress) as bar:
         task = bar.add_task("evaluation", total=len(preds) + 1, info="")
         for name, predict in preds.items():
             bar.update(task, info=name)
             results[name] = M.measure(predict, data.test, ncls, tb, device,
-                                      nmod if is_routed(name) else None)
+                                      nmod if is_routed(name) else None,
+                                      per_image=name in resampled)
             bar.advance(task)
             if name == "IDK-Cascade":  # the IoU match needs PaSeR's test IoU
                 match = match_cascade(test_out, costs, results["PaSeR"]["iou"], b.iou_match_tol,
                                       b.curve_points)
                 results["IDK-Cascade (IoU match)"] = M.measure(
-                    M.cascade_predictor(router, match), data.test, ncls, tb, device, nmod)
+                    M.cascade_predictor(router, match), data.test, ncls, tb, device, nmod,
+                    per_image=True)
+        per_image = {name: results[name].pop("per_image") for name in list(results)
+                     if "per_image" in results[name]}
         bar.update(task, info="curves")
         _, c_miou, c_gflops = cascade_sweep(test_out, costs, b.curve_points)
         curves = {"PaSeR": policy_curve(router, test_out, tb),
@@ -212,6 +218,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
     t2 = table2(methods)
+    noise = FR.bootstrap(per_image["PaSeR"], {name: per_image[name] for name in singles},
+                         per_image["IDK-Cascade (IoU match)"], seed=cfg.seed)
     pool = pool_summary(run_dir, methods, nmod)
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
@@ -285,6 +293,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "headroom_captured": captured, "rank_correlation": ranks,
         "reachable_captured": captured_reachable,
         "regret": regret_table(methods, curves, paser_rows), "verdict": verdict,
+        "noise": noise,
         "versus_cascade": FR.versus_cascade(
             areas["PaSeR"] - areas["IDK-Cascade"], captured["PaSeR"],
             captured["IDK-Cascade"], t2["flops_saved_pct"],

@@ -104,6 +104,8 @@ def markdown(results: dict) -> str:
         w(f"**Verdict: {results['verdict']}.**\n\n")
     if results.get("versus_cascade"):
         w(f"Against the cascade: {results['versus_cascade']}.\n\n")
+    if results.get("noise"):
+        w(f"Noise: {FR.noise_line(results['noise'])}.\n\n")
     if results.get("wall_clock"):
         wc = results["wall_clock"]
         need = wc["frontier_ms_at_equal_iou"]
