@@ -245,14 +245,20 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     assert [k for k in before if before[k] != after[k]] == ["report"]
     lam = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lam": 0.3})})
     after = fingerprints(lam)
+    # PaSeR (paper) fixes its own lam: not trained again
     assert [k for k in before if before[k] != after[k]] == ["stage2", "stage3", "tvd",
-                                                            "calibrate", "paper", "report"]
+                                                            "calibrate", "report"]
+    # how the data is read changes nothing it learns
+    read = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "workers": 0, "cache_dir": run_dir / "elsewhere", "stream": "always"})})
+    assert fingerprints(read) == before
+    assert fingerprints(read, legacy=True) != fingerprints(cfg, legacy=True)
     # and a rerun says what changed and what runs again
     from paser.run import config_changes
 
     assert config_changes(cfg, lam) == [
         f"stage2.lam: {json.dumps(cfg.stage2.lam)} -> 0.3",
-        "changed since this run was made: stage2, stage3, tvd, calibrate, paper, report (and "
+        "changed since this run was made: stage2, stage3, tvd, calibrate, report (and "
         "what reads them) run again"]
     assert config_changes(cfg, cfg) == [] and config_changes(None, cfg) == []
 
@@ -290,3 +296,40 @@ def test_the_same_seed_gives_identical_metrics(job, tmp_path):
         strip = [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in a]
         assert strip == [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
                          for line in b], stage
+
+
+def test_a_stage_started_over_removes_what_was_built_on_it(tmp_path):
+    from paser.train.common import drop_downstream
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    names = ["f1.pt", "policy.pt", "policy_last.pt", "stage3.pt"]
+    for name in names:
+        (ckpt / name).write_text("x")
+    drop_downstream(tmp_path, "stage2")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["f1.pt", "policy.pt", "policy_last.pt"]
+    drop_downstream(tmp_path, "stage1")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["f1.pt"]
+
+
+def test_a_finished_step_is_done_only_with_all_its_files(job):
+    from paser.run import outputs
+
+    run_dir, cfg, _, _ = job
+    assert outputs(cfg, "stage1") == ["stage1.json", "checkpoints/f0.pt", "checkpoints/f1.pt",
+                                      "checkpoints/f2.pt"]
+    assert "report.md" in outputs(cfg, "report")
+    assert all((run_dir / f).exists() for step in ("stage1", "stage2", "baselines", "report")
+               for f in outputs(cfg, step))
+
+
+def test_a_calibration_no_longer_asked_for_is_removed_and_said(tmp_path):
+    from paser.run import Steps, drop_calibration
+
+    (tmp_path / "calibration.json").write_text("{}")
+    steps = Steps(tmp_path)
+    steps.mark("calibrate", "abc")
+    lines: list[str] = []
+    drop_calibration(tmp_path, steps, lines.append)
+    assert not (tmp_path / "calibration.json").exists() and "calibrate" not in Steps(tmp_path).done
+    assert lines and "removed (made by an earlier paser run" in lines[0]

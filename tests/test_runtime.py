@@ -98,3 +98,39 @@ def test_pool_workers_leave_ctrl_c_to_the_parent_and_exit_when_it_is_killed():
     while alive(int(pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(int(pid)), "the worker outlived its killed parent"
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    import fcntl
+
+    from paser.errors import ConfigError
+    from paser.runtime import hold_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".paser.lock").write_text("4242")
+    with open(run_dir / ".paser.lock", "a+") as other:  # another process's hold
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match=r"in use by another paser process \(pid 4242\)"):
+            hold_run_dir(run_dir)
+    hold_run_dir(run_dir)  # free now: this process's, and again at no cost
+    hold_run_dir(run_dir)
+    assert (run_dir / ".paser.lock").read_text() == str(os.getpid())
+
+
+def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path):
+    from paser.config import load_config
+    from paser.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("\n")
+    with pytest.raises(ConfigError, match="config.yaml is empty"):
+        load_config(config_file=tmp_path / "config.yaml")
+
+
+def test_ctrl_c_says_how_to_go_on():
+    from paser.cli import interrupted
+
+    assert "again to continue" in interrupted(["run", "--run-dir", "r"])
+    assert "without --force" in interrupted(["run", "--run-dir", "r", "--force"])
+    assert "without --overwrite" in interrupted(["segment", "x", "--overwrite"])
+    assert "--resume" in interrupted(["pretrain", "--run-dir", "r"])

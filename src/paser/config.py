@@ -573,7 +573,11 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw, where = _read_yaml(path.read_text(), str(path)), str(path)
+        text = path.read_text()
+        if not text.strip():  # a run's config.yaml cut short, or nothing written yet
+            raise ConfigError(f"config file {path} is empty; give a preset (--preset) or write "
+                              "the keys to change in it (`paser config` prints them all)")
+        raw, where = _read_yaml(text, str(path)), str(path)
     else:
         raw = {}
     if not overrides:
@@ -586,8 +590,11 @@ def load_config(
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (readable by ``load_config(config_file=...)``)."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config as YAML (readable by ``load_config(config_file=...)``),
+    whole or not at all."""
+    from paser.runtime import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), path)
 
 
 def resolve_config(preset: str | None, config_file: str | Path | None,

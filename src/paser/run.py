@@ -36,6 +36,25 @@ DEPS: dict[str, tuple[str, ...]] = {
 OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
            "baselines": "checkpoints", "tvd": "tvd", "calibrate": "calibration.json",
            "paper": "paper", "report": "results.json"}
+
+
+def outputs(cfg: ExperimentConfig, step: str) -> list[str]:
+    """The files a finished ``step`` leaves, all of which must be there for a rerun to
+    skip it (a checkpoint deleted by hand makes it run again)."""
+    out = [OUTPUTS[step]]
+    if step == "stage1":
+        out += [f"checkpoints/f{k}.pt" for k in range(len(cfg.models.pool) + 1)]
+    elif step == "stage2":
+        out.append("checkpoints/policy.pt")
+    elif step == "baselines":
+        from paser.baselines.monolithic import role_name
+
+        out += [f"checkpoints/{role_name(name)}.pt" for name in cfg.baselines.monolithic]
+        if cfg.baselines.matphase is not None:
+            out.append("checkpoints/base_matphase.pt")
+    elif step == "report":
+        out.append("report.md")
+    return out
 #: the steps whose outputs each step reads: rebuilt inputs make a step stale
 INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
           "calibrate": ("stage2", "stage3"), "paper": ("stage1",),
@@ -61,6 +80,14 @@ def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str,
     for later in readers(step) if changed else ():
         steps.done.pop(later, None)
     steps.mark(step, fingerprints(cfg)[step])
+
+
+def start_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
+    """Record a stage begun by its own command, so that ``paser run`` resumes it where an
+    interruption left it instead of starting it over."""
+    from paser.train.common import absolute_root
+
+    Steps(Path(run_dir)).start(step, fingerprints(absolute_root(cfg))[step])
 
 
 def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
@@ -91,18 +118,34 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
     return lines
 
 
-def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
-    """A short hash per step of the config keys it depends on."""
-    raw = cfg.model_dump(mode="json")
-    out = {}
-    for step, keys in DEPS.items():
+#: keys of the sections in DEPS that change how a step reads its data, not what it learns
+NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
+
+
+def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
+    """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
+    ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
+    is of its own config (:func:`paser.train.paper.paper_config`): keys its method fixes,
+    such as ``stage2.lam``, do not retrain it. ``legacy``: as paser 2026-12-05 hashed them
+    (every key of a section), so that runs finished before are not trained again."""
+    from paser.train.paper import paper_config
+
+    def digest(raw: dict, keys: tuple[str, ...]) -> str:
         values = []
         for key in keys:
             node = raw
             for part in key.split("."):
                 node = node[part]
+            if key in NEUTRAL and not legacy:
+                node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
             values.append([key, node])
-        out[step] = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    raw = cfg.model_dump(mode="json")
+    out = {step: digest(raw, keys) for step, keys in DEPS.items()}
+    paper = None if legacy else paper_config(cfg)
+    if paper is not None:
+        out["paper"] = digest(paper.model_dump(mode="json"), _STAGE3)
     return out
 
 
@@ -151,6 +194,33 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
          f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
 
 
+def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
+    """Without an operating point in the config, PaSeR runs at its policy's own choices: a
+    calibration an earlier ``paser run`` made (for a target no longer asked for), or one
+    made by ``paser calibrate`` for a policy trained again since, is removed, and said."""
+    from paser.api import PaSeR
+    from paser.calibration import FILE
+    from paser.errors import CheckpointError
+
+    path = run_dir / FILE
+    if not path.is_file():
+        return
+    why = None
+    if "calibrate" in steps.done:
+        why = "made by an earlier paser run for an operating point no longer configured"
+    else:
+        try:
+            PaSeR.load(run_dir)
+        except CheckpointError as err:
+            if "another policy" in str(err):
+                why = "made by paser calibrate for a policy trained again since"
+    if why is not None:
+        path.unlink()
+        steps.drop("calibrate")
+        echo(f"[calibrate] {FILE} removed ({why}): PaSeR runs at its policy's own choices "
+             "(operating_point, or paser calibrate, sets one)")
+
+
 class Steps:
     """The ``steps.json`` ledger of finished steps."""
 
@@ -171,6 +241,11 @@ class Steps:
     def start(self, step: str, fingerprint: str) -> None:
         """Record a step as begun: if it is cut short, the next run resumes it."""
         self._write(step, {"started": fingerprint})
+
+    def drop(self, step: str) -> None:
+        """Forget a step (its outputs are gone)."""
+        if self.done.pop(step, None) is not None:
+            atomic_write_text(json.dumps(self.done, indent=2), self.path)
 
     def _write(self, step: str, record: dict) -> None:
         self.done[step] = record
@@ -209,7 +284,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     for line in config_changes(before, cfg):
         echo(f"[config] {line}")
-    fps = fingerprints(cfg)
+    fps, legacy = fingerprints(cfg), fingerprints(cfg, legacy=True)
     steps = Steps(run_dir)
     device = setup(cfg)
     timings: dict[str, float] = {}
@@ -217,11 +292,13 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     def step(name: str, fn) -> None:
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
-        if (not force and not stale and steps.finished(name, fps[name])
-                and (run_dir / OUTPUTS[name]).exists()):
+        if (not force and not stale and (steps.finished(name, fps[name])
+                                         or steps.finished(name, legacy[name]))
+                and all((run_dir / out).exists() for out in outputs(cfg, name))):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
-        resume = not force and steps.started(name, fps[name])
+        resume = not force and (steps.started(name, fps[name])
+                                or steps.started(name, legacy[name]))
         echo(f"[{name}] {'resuming' if resume else 'running'}")
         steps.start(name, fps[name])
         t0 = time.perf_counter()
@@ -240,6 +317,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
                                              show_progress=show_progress))
     if target_of(cfg) is not None:
         step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo))
+    else:
+        drop_calibration(run_dir, steps, echo)
     if paper_config(cfg) is not None:
         step("paper", lambda resume: train_paper(cfg, run_dir, resume=resume,
                                                  show_progress=show_progress))

@@ -164,6 +164,64 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         tmp.write_text(text)
 
 
+#: the run folders this process holds (:func:`hold_run_dir`), by resolved path
+_HELD: dict[str, Any] = {}
+
+
+def _lock(path: Path, blocking: bool):
+    """An exclusive lock on ``path`` (created), held while the returned file stays open;
+    ``None`` where another process holds it (``blocking=False``) or where the platform has
+    no ``fcntl`` (then nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return open(os.devnull, "a")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError:  # a read-only folder: nothing can write there to race with
+        return open(os.devnull, "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
+def hold_run_dir(run_dir: str | Path) -> None:
+    """Make ``run_dir`` this process's until it exits: a second process training into it
+    (a second ``paser run``, a stage command) is refused with who holds it, instead of the
+    two overwriting each other's checkpoints and temporary files."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return
+    path = run_dir / ".paser.lock"
+    fh = _lock(path, blocking=False)
+    if fh is None:
+        holder = path.read_text().strip() if path.is_file() else ""
+        raise ConfigError(f"{run_dir} is in use by another paser process"
+                          + (f" (pid {holder})" if holder else "")
+                          + ": wait for it to finish, or give another --run-dir")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD[key] = fh
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """Hold an exclusive lock on ``path`` for the block, waiting for another process that
+    holds it (one process generates a shared cache, the others wait and read it)."""
+    fh = _lock(Path(path), blocking=True)
+    try:
+        yield
+    finally:
+        fh.close()
+
+
 def progress(enabled: bool = True) -> Progress:
     """A rich progress bar group; disabled bars cost nothing."""
     return Progress(

@@ -33,6 +33,10 @@ def interrupted(args: list[str]) -> str:
     command = next((a for a in args if not a.startswith("-")), "")
     if command in RESUMED_WITH_FLAG:
         return "interrupted; re-run with --resume to continue from the last epoch"
+    if "--force" in args or "--overwrite" in args:  # run again as it was, it starts over
+        flag = "--force" if "--force" in args else "--overwrite"
+        return (f"interrupted; what finished is kept: run the same command again without "
+                f"{flag} to continue where it stopped")
     return ("interrupted; what finished is kept: run the same command again to continue "
             "where it stopped")
 

@@ -25,12 +25,15 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
     """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
     resume=...)``, then the step in the run's ledger for `paser run` to skip."""
     from paser.config import load_config, resolve_config, with_distributed
-    from paser.run import record_stage
+    from paser.run import record_stage, start_stage
     from paser.runtime import is_main_process
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
     before = _checkpoints(run_dir)
+    saved = Path(run_dir) / "config.yaml"
+    if is_main_process() and (cfg is not None or saved.is_file()):
+        start_stage(run_dir, cfg or load_config(config_file=saved), step)
     out = fn(cfg, run_dir, resume=resume)
     if is_main_process():  # a resume that found the stage finished changed nothing
         record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step,

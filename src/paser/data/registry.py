@@ -66,14 +66,18 @@ def _battery_root(cfg: DataConfig, progress: bool) -> Path:
     if (root / "stats.json").is_file():
         return root
     from paser.data.synthetic import generate_dataset
+    from paser.runtime import locked
 
     s = cfg.synthetic
     tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    generate_dataset(tmp, s.n_train, s.n_val, s.n_test, s.height, s.width, seed=s.seed,
-                     progress=progress)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
+    # runs started together (several seeds) generate it once: the others wait, then read it
+    with locked(root.with_name(root.name + ".lock")):
+        if (root / "stats.json").is_file():
+            return root
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_dataset(tmp, s.n_train, s.n_val, s.n_test, s.height, s.width, seed=s.seed,
+                         progress=progress)
+        tmp.rename(root)
     return root
 
 

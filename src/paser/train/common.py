@@ -18,6 +18,7 @@ from paser.errors import ConfigError, DataError
 from paser.runtime import (
     atomic_save,
     atomic_write_text,
+    hold_run_dir,
     is_main_process,
     keep_freed_memory,
     resolve_device,
@@ -112,6 +113,15 @@ def _is_later(record: dict, model: str, epoch: int) -> bool:
     return record.get("model") == model and record.get("epoch", -1) > epoch
 
 
+def absolute_root(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``data.root`` absolute, as a run saves it: the run is read from other
+    folders later (evaluate, calibrate, segment)."""
+    if cfg.data.root is None or cfg.data.root.is_absolute():
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"root": cfg.data.root.absolute()})})
+
+
 def prepare_run_dir(
     run_dir: str | Path, cfg: ExperimentConfig | None, resume: bool
 ) -> tuple[Path, ExperimentConfig]:
@@ -123,13 +133,14 @@ def prepare_run_dir(
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
-    if cfg is not None and cfg.data.root is not None and not cfg.data.root.is_absolute():
-        # the run is read from other folders later (evaluate, calibrate, segment)
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"root": cfg.data.root.absolute()})})
+    if is_main_process() and (cfg is not None or saved.is_file()):
+        hold_run_dir(run_dir)  # before its temporary files are touched
+    if cfg is not None:
+        cfg = absolute_root(cfg)
     if is_main_process() and run_dir.is_dir():  # not distributed training's other processes
         for stale in run_dir.rglob(".*.tmp"):
             stale.unlink(missing_ok=True)
+    stored = None
     if saved.is_file():
         stored = load_config(config_file=saved)
         if cfg is None:
@@ -143,9 +154,24 @@ def prepare_run_dir(
     elif cfg is None:
         raise ConfigError(f"{run_dir}: no config.yaml here; give --preset or --config")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, saved)
+    if is_main_process() and stored != cfg:
+        save_config(cfg, saved)  # unchanged: not rewritten (a finished run may be read-only)
     return run_dir, cfg
+
+
+#: the checkpoints built on a stage's outputs: gone stale when the stage starts over
+DOWNSTREAM = {"stage1": ("policy.pt", "policy_last.pt", "stage3.pt", "stage3_last.pt"),
+              "stage2": ("stage3.pt", "stage3_last.pt")}
+
+
+def drop_downstream(run_dir: Path, stage: str) -> None:
+    """Remove the checkpoints of the stages after ``stage`` (which starts from scratch), so
+    that nothing loads a policy trained on the models it replaces: until those stages run
+    again, ``paser evaluate`` and ``segment`` say which stage to run instead of mixing old
+    and new models."""
+    if is_main_process():
+        for name in DOWNSTREAM.get(stage, ()):
+            (run_dir / "checkpoints" / name).unlink(missing_ok=True)
 
 
 def resume_state(last_path: Path, resume: bool, device: torch.device,

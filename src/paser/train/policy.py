@@ -45,7 +45,7 @@ from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes, usable_views, viewed
 from paser.routing import Router
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
+from paser.train.common import MetricLog, drop_downstream, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import crop
 
@@ -350,6 +350,8 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                  show_progress: bool = True) -> dict:
     """Run stage 2 into ``run_dir``; return the summary written to ``stage2.json``."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    if not resume:
+        drop_downstream(run_dir, "stage2")
     setup(cfg)
     s2 = cfg.stage2
     data = load_stage_data(cfg, progress=show_progress)

@@ -32,14 +32,21 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.data.stages import augments
-from paser.errors import ConfigError
+from paser.errors import CheckpointError, ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
 from paser.outcomes import unview, usable_views, view
 from paser.patches import PatchGrid
 from paser.routing import patchwise_logits
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, resume_state, setup
+from paser.train.common import (
+    MetricLog,
+    cache_predictions,
+    drop_downstream,
+    prepare_run_dir,
+    resume_state,
+    setup,
+)
 from paser.train.distributed import Dist, launch
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -206,6 +213,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     if state is not None:
         start, best = state["epoch"] + 1, state["best"]
         best_epoch = state.get("best_epoch", state["epoch"])
+    elif dist.is_main:  # from scratch: a model of an earlier config is not this one
+        best_path.unlink(missing_ok=True)
     if dist.is_main:
         log.truncate_after(role, start - 1)
     patience = s1.patience
@@ -283,7 +292,11 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             if stop:
                 bar.update(task, total=epoch + 1)
                 break
-    if dist.is_main and not best_path.is_file():  # zero epochs: keep the untrained weights
+    if dist.is_main and not best_path.is_file():
+        if epochs > 0:  # trained before this call, and its best checkpoint removed since
+            raise CheckpointError(f"{best_path}: missing, though {role} trained; run stage 1 "
+                                  "again without --resume (paser run: --force)")
+        # zero epochs: keep the untrained weights (or the spec's own weights file)
         atomic_save({"model": plain.state_dict(), "spec": spec, "role": role, "epoch": -1,
                      "val_miou": best}, best_path)
     dist.barrier()  # the others read what rank 0 wrote
@@ -297,6 +310,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     ``cfg=None`` reopens the config saved in ``run_dir`` (for ``--resume``).
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    if not resume:
+        drop_downstream(run_dir, "stage1")
     device = setup(cfg)
     data = load_stage_data(cfg, progress=show_progress)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
