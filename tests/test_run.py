@@ -333,3 +333,19 @@ def test_a_calibration_no_longer_asked_for_is_removed_and_said(tmp_path):
     drop_calibration(tmp_path, steps, lines.append)
     assert not (tmp_path / "calibration.json").exists() and "calibrate" not in Steps(tmp_path).done
     assert lines and "removed (made by an earlier paser run" in lines[0]
+
+
+def test_a_rewritten_report_keeps_the_experiments_made_on_its_models(tmp_path):
+    from paser.experiments.finished import kept_experiments, models_state
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "policy.pt").write_text("a")
+    now = models_state(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"experiments": {
+        "sensitivity": {"rows": [1], "measured_on": now},
+        "robustness": {"measured_on": "0ld"}}}))
+    kept, dropped = kept_experiments(tmp_path)
+    assert kept == {"sensitivity": {"rows": [1], "measured_on": now}}
+    assert dropped == ["robustness"]
+    (tmp_path / "checkpoints" / "policy.pt").write_text("bb")  # trained again
+    assert kept_experiments(tmp_path) == ({}, ["sensitivity", "robustness"])

@@ -51,7 +51,8 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
     assert out["entropy"]["2"]["mean"] == pytest.approx(0.6026, abs=0.005)
     assert out["entropy"]["6"]["mean"] == pytest.approx(0.6043, abs=0.005)
     assert out["p_value"] == pytest.approx(0.377, abs=0.05)  # far from significant (0.641 trained NCHW)
-    assert results["experiments"]["sensitivity"] == json.loads(json.dumps(out))
+    stored = dict(results["experiments"]["sensitivity"])
+    assert stored.pop("measured_on") and stored == json.loads(json.dumps(out))
     text = (mnist_run / "report.md").read_text()
     assert "Sensitivity to lam" in text and f"p = {out['p_value']:.4f}" in text
     for fig in ("sensitivity_lam.png", "mc_entropy.png"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,37 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
     return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress))
 
 
+def models_state(run_dir: Path) -> str:
+    """A digest of the run's trained models and calibration as files (names, sizes,
+    modification times): what an experiment on the finished run measured."""
+    files = sorted([*(run_dir / "checkpoints").glob("f*.pt"),
+                    *(run_dir / "checkpoints" / n for n in ("policy.pt", "stage3.pt")),
+                    run_dir / "calibration.json"])
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+
+
 def record_experiment(run_dir: Path, name: str, entry: dict) -> None:
-    """Store ``entry`` as ``results.json["experiments"][name]`` and rewrite the report.
+    """Store ``entry`` as ``results.json["experiments"][name]`` (with the
+    :func:`models_state` it measured, ``measured_on``) and rewrite the report.
 
     results.json is read again here, so experiments that ran one after another on the same
     run keep each other's entries."""
     results = json.loads((run_dir / "results.json").read_text())
+    entry = {**entry, "measured_on": models_state(run_dir)}
     results.setdefault("experiments", {})[name] = entry
     write_report(run_dir, results)
+
+
+def kept_experiments(run_dir: Path) -> tuple[dict, list[str]]:
+    """The experiments of the run's report before it is written again: those measured on
+    the models as they are now (kept), and the names of those whose models changed since
+    (dropped: their figures would be of other models)."""
+    try:
+        before = json.loads((run_dir / "results.json").read_text()).get("experiments", {})
+    except (OSError, ValueError, AttributeError):
+        return {}, []
+    now = models_state(run_dir)
+    kept = {k: v for k, v in before.items()
+            if isinstance(v, dict) and v.get("measured_on") == now}
+    return kept, [k for k in before if k not in kept]

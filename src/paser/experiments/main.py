@@ -321,6 +321,14 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         plot_tvd(figures / "tvd.png", sweep)
     plot_curves(figures / "iou_vs_gflop.png", methods, curves)
     _qualitative(figures / "qualitative.png", router, data, nmod, bias)
+    from paser.experiments.finished import kept_experiments
+
+    kept, dropped = kept_experiments(run_dir)  # `paser experiment` entries, on these models
+    if kept:
+        summary["experiments"] = kept
+    if dropped:
+        notes.append(f"Experiments of an earlier report dropped, their models changed since: "
+                     f"{', '.join(dropped)} (run `paser experiment` again).")
     return summary, write_report(run_dir, summary)
 
 
