@@ -51,3 +51,65 @@ def test_data_synth_writes_the_layout_and_stats(tmp_path):
     for split, n in (("train", 3), ("validation", 1), ("test", 1)):
         assert len(list((out / f"{split}_images").glob("*.png"))) == n
         assert len(list((out / f"{split}_label").glob("*.png"))) == n
+
+
+def test_a_command_that_fails_on_its_config_leaves_the_run_as_it_was(tmp_path):
+    from paser.cli.common import config_kept_on_error
+    from paser.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError), config_kept_on_error(run_dir):
+        (run_dir / "config.yaml").write_text("seed: 2\nmodels: {pool: [{name: nosuch}]}\n")
+        raise ConfigError("unknown model nosuch")
+    assert (run_dir / "config.yaml").read_text() == "seed: 1\n"
+    with pytest.raises(ConfigError), config_kept_on_error(run_dir):  # trained, then failed
+        (run_dir / "config.yaml").write_text("seed: 3\n")
+        (run_dir / "checkpoints" / "f1.pt").write_text("w")
+        raise ConfigError("later")
+    assert (run_dir / "config.yaml").read_text() == "seed: 3\n"  # the new models' config
+    typo = tmp_path / "nonexist"
+    with pytest.raises(ConfigError), config_kept_on_error(typo):
+        typo.mkdir()
+        (typo / "config.yaml").write_text("seed: 1\n")
+        raise ConfigError("checkpoint not found")
+    assert not typo.exists()
+
+
+def test_more_bad_inputs_are_one_clear_error(tmp_path):
+    from PIL import Image
+
+    from paser.config import load_config
+    from paser.data.images import probe
+    from paser.data.synthetic import generate_dataset
+    from paser.errors import ConfigError, DataError
+    from paser.segment import find_images
+
+    (tmp_path / "latin1.yaml").write_bytes(b"seed: 3\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(config_file=tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(config_file=tmp_path)
+    (tmp_path / "scans").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "scans" / "a.png")
+    with pytest.raises(DataError, match="the input folder is --out"):
+        find_images([tmp_path / "scans"], exclude=tmp_path)
+    assert find_images([tmp_path / "scans"], exclude=tmp_path / "scans" / "out")
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_dataset(tmp_path / "scans", 3, 1, 1, 32, 32, workers=1, progress=False)
+    assert Image.MAX_IMAGE_PIXELS == 1 << 30  # scans are large: a gigapixel
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 16  # Pillow refuses over twice it
+    try:
+        with pytest.raises(DataError, match="a.png: cannot read the image"):
+            probe(tmp_path / "scans" / "a.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = paser("data", "synth", "--out", str(tmp_path / "afile" / "sub"), "--n-train", "3",
+                "--n-val", "1", "--n-test", "1", "--height", "32", "--width", "32")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: ") and "afile" in res.stderr

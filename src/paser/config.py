@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,8 +21,12 @@ from paser.errors import ConfigError
 REFERENCE_CLASS_WEIGHTS = [0.96275112, 0.8969029, 0.14034598]
 
 
+#: a share in [0, 1]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Strict):
@@ -33,7 +37,7 @@ class SyntheticConfig(_Strict):
     n_test: int = Field(40, ge=1, description="test images")
     height: int = Field(224, ge=32, description="image height in pixels")
     width: int = Field(256, ge=32, description="image width in pixels")
-    seed: int = Field(0, description="generator seed: same seed, same bytes")
+    seed: int = Field(0, ge=0, lt=2**32, description="generator seed: same seed, same bytes")
 
 
 class MnistConfig(_Strict):
@@ -52,7 +56,7 @@ class MnistConfig(_Strict):
         0.5, gt=0, lt=1, description="label: a pixel is foreground where the clean digit is "
         "above this fraction of white")
     box_radius: int = Field(2, ge=1, description="box blur: a (2r+1) x (2r+1) mean kernel")
-    seed: int = Field(0, description="which digits are drawn and which blur each gets")
+    seed: int = Field(0, ge=0, lt=2**32, description="which digits are drawn and which blur each gets")
 
 
 class DataConfig(_Strict):
@@ -73,7 +77,7 @@ class DataConfig(_Strict):
     split: tuple[float, float, float] = Field(
         (0.34, 0.33, 0.33), description="D_pre / D_rl / D_ft proportions of the training set"
     )
-    split_seed: int = Field(42, description="seed of the three-way split (reference: 42)")
+    split_seed: int = Field(42, ge=0, lt=2**32, description="seed of the three-way split (reference: 42)")
     holdout: tuple[float, float] = Field(
         (0.1, 0.1), description="folder data without train/validation/test subfolders: the "
         "shares of validation and test images, cut with split_seed")
@@ -233,10 +237,18 @@ class Stage1Config(_Strict):
         "weights, with this decay per optimizer step (warmed up: min(ema, (1 + t) / (10 + t)) "
         "at step t): validation, the early stop and the kept checkpoint use the average; "
         "null = the weights as trained")
-    class_weights: list[float] | None = Field(
+    class_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
         default_factory=lambda: list(REFERENCE_CLASS_WEIGHTS),
-        description="cross-entropy weight per class; null = unweighted",
+        description="cross-entropy weight per class (>= 0, not all 0); null = unweighted",
     )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _some_weight(cls, v):
+        if v is not None and v and not any(w > 0 for w in v):
+            raise ValueError(f"every class weighs 0, so nothing would be learnt (got {v}); "
+                             "give weights > 0, or null for none")
+        return v
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -291,8 +303,8 @@ class Stage2Config(_Strict):
         "global", description="cnn policy head: global (the reference) or local (patch-aware)")
     stride: int = Field(1, ge=1, le=4, description="stride of the cnn policy's first "
                         "convolution: 1 as the reference; 2 for about a quarter of its FLOPs")
-    alpha: tuple[float, float] = Field((0.7, 0.95), description="reinforce: exploration, "
-                                       "start, end")
+    alpha: tuple[Probability, Probability] = Field(
+        (0.7, 0.95), description="reinforce: exploration, start, end (each in [0, 1])")
 
 
 class Stage3Config(_Strict):
@@ -301,7 +313,8 @@ class Stage3Config(_Strict):
     epochs: int = Field(200, ge=0, description="fine-tuning epochs")
     batch_size: int = Field(32, ge=1, description="images per batch")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate (policy and f1..fK)")
-    alpha: tuple[float, float] = Field((0.95, 1.0), description="exploration: start, end")
+    alpha: tuple[Probability, Probability] = Field(
+        (0.95, 1.0), description="exploration: start, end (each in [0, 1])")
     lam: float | None = Field(None, ge=0, le=1, description="cost weight; null = stage2.lam")
     tvd_threshold: float | None = Field(
         None, ge=0, le=1,
@@ -408,7 +421,7 @@ class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved copy is saved in the run directory."""
 
     preset: str | None = Field(None, description="the preset this config came from, if any")
-    seed: int = Field(0, description="seed for weights, batches and dropout")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for weights, batches and dropout")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = default")
     grid: tuple[int, int] = Field((4, 4), description="patch grid rows, cols (paper: 4 x 4)")
@@ -553,9 +566,16 @@ def validate(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"{where}: unknown key '{key}'; check its spelling") from None
+        msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if not first["loc"]:  # a check across keys: its message names them
-            raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-        raise ConfigError(f"{where}: key '{key}': {first['msg']} (got {first.get('input')!r})") from None
+            raise ConfigError(f"{where}: {msg}") from None
+        if first["type"] == "missing" and isinstance(first["loc"][-1], int):
+            # a list shorter than it must be (grid=[2]): name the list, not its missing item
+            key = ".".join(str(p) for p in first["loc"][:-1])
+            raise ConfigError(f"{where}: key '{key}': too few values; `paser config --doc` "
+                              "says what it takes") from None
+        got = f" (got {first.get('input')!r})" if "got" not in msg else ""
+        raise ConfigError(f"{where}: key '{key}': {msg}{got}") from None
 
 
 def load_config(
@@ -572,8 +592,15 @@ def load_config(
     elif config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+            raise ConfigError(f"config file {path} " + (
+                "is a folder; give the YAML file in it" if path.is_dir() else
+                "is not a regular file; give a YAML file" if path.exists() else
+                "does not exist"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a YAML file of keys); "
+                              "save it as UTF-8") from None
         if not text.strip():  # a run's config.yaml cut short, or nothing written yet
             raise ConfigError(f"config file {path} is empty; give a preset (--preset) or write "
                               "the keys to change in it (`paser config` prints them all)")

@@ -65,6 +65,10 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            if skip is not None and (path.resolve() == skip.resolve()
+                                     or skip.resolve() in path.resolve().parents):
+                raise DataError(f"{path}: the input folder is --out ({skip}) or inside it, where "
+                                "the outputs are written; give an --out outside the inputs")
             files += image_files(path, SUFFIXES, recursive=True, exclude=skip)
         elif path.is_file():
             files.append(path)
@@ -215,6 +219,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     names = record_names(model)
+    model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
     claim_output(out_dir, output_settings(model, only), overwrite,
                  [*(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY])
     results: list[Segmented | None] = [finished(out_dir, f) for f in files]

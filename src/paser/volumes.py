@@ -524,6 +524,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     from paser.segment import claim_output, output_settings
 
     out_dir = Path(out_dir)
+    model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
     claim_output(out_dir, output_settings(model, only), overwrite, [
         *(m for v in volumes for m in (out_dir / f"{v.stem}.json", out_dir / f".{v.stem}.parts")),
         out_dir / VOLUMES_CSV])

@@ -61,6 +61,16 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo(interrupted(sys.argv[1:]), err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say
+        sys.stderr.close()
+        sys.exit(0)
+    except OSError as err:  # the file system refused: which path, and why
+        if state["debug"]:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        typer.echo(f"error: {where}{err.strerror or err}; check the path and its permissions "
+                   "(and free space)", err=True)
+        sys.exit(2)
     except (typer.Exit, typer.Abort) as err:
         sys.exit(getattr(err, "exit_code", 1))
     except Exception as err:  # a usage error: typer's own copy of click's, or click's

@@ -3,6 +3,10 @@ command resolves its config (:func:`paser.config.resolve_config`)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from pathlib import Path
+
 import typer
 
 from paser.config import list_presets
@@ -35,3 +39,36 @@ PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixe
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
     state["debug"] = debug
+
+
+def checkpoint_files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """The run's checkpoint files, each by size and modification time."""
+    folder = Path(run_dir) / "checkpoints"
+    return ({str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
+             for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
+
+
+@contextlib.contextmanager
+def config_kept_on_error(run_dir: Path):
+    """A training command that fails on its config or data before any checkpoint changed
+    leaves the run as it was: its ``config.yaml`` is put back (an override the command
+    refused is not kept for evaluate and segment to read), and a run folder the command
+    made is removed (a mistyped --run-dir is not left as a run)."""
+    from paser.errors import PaserError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    existed = run_dir.exists()
+    before = path.read_bytes() if path.is_file() else None
+    ckpts = checkpoint_files(run_dir)
+    try:
+        yield
+    except PaserError:
+        if checkpoint_files(run_dir) == ckpts:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif before is not None and path.is_file() and path.read_bytes() != before:
+                from paser.runtime import atomic_write_text
+
+                atomic_write_text(before.decode(), path)
+        raise

@@ -71,7 +71,7 @@ def data_synth(
     n_test: int = typer.Option(40, "--n-test", min=1),
     height: int = typer.Option(224, "--height", min=32),
     width: int = typer.Option(256, "--width", min=32),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1),
     workers: int = typer.Option(None, "--workers", min=1, help="processes (default: all cores)"),
 ) -> None:
     """Generate the synthetic battery micro-structure dataset (same seed, same bytes)."""

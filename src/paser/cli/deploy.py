@@ -16,7 +16,7 @@ from paser.errors import ConfigError, DataError
 @app.command()
 def evaluate(
     run_dir: Path = RUN_DIR,
-    split: str = typer.Option("test", "--split", help="validation or test"),
+    split: str = typer.Option("test", "--split", help="test, validation or train"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0, help="processes reading images from "
                                 "disk while the models run (0: read in this process)"),
@@ -75,7 +75,8 @@ def segment(
     token_file: Path = typer.Option(None, "--token-file", help="with --remote: the file "
                                     "holding the server's token (default: $PASER_TOKEN)"),
     ca_file: Path = typer.Option(None, "--ca-file", help="with an https:// --remote: the "
-                                 "private CA's certificate (PEM) that signed the server's"),
+                                 "private CA's certificate (PEM) that signed the server's "
+                                 "certificate"),
     overwrite: bool = typer.Option(False, "--overwrite", help="segment every input again; "
                                    "without it, a call on the same --out (same run and "
                                    "settings) skips what an earlier one finished"),
@@ -90,7 +91,7 @@ def segment(
                                 "give byte-identical labels"),
     scheduler: str = typer.Option(None, "--scheduler", help="run on a Dask cluster: "
                                   "tcp://host:8786 (a running scheduler) or local:N (N "
-                                  "worker processes here); needs paser[dask]"),
+                                  "worker processes here); needs the dask extra: pip install 'paser\\[dask]'"),
 ) -> None:
     """Segment images and volumes with a trained run: label maps, overlays, routing maps, a
     JSON per image and summary.csv; per volume (multi-page TIFF, .zarr, file.h5:/key,
@@ -118,6 +119,12 @@ def segment(
                           "--scheduler spreads whole chunks over a cluster: use one of them")
     if only is not None and remote is not None:
         raise ConfigError(f"--model {only} runs one model here; drop --remote (or --model)")
+    if only is not None and budget_gflops is not None:
+        raise ConfigError(f"--model {only} runs one model on every patch, at its own cost: "
+                          "drop --budget-gflops (which sets the router's), or --model")
+    if onnx is not None and engine != "onnxruntime":
+        raise ConfigError(f"--onnx {onnx} is the export --engine onnxruntime reads; add "
+                          "--engine onnxruntime, or drop --onnx")
     if remote is not None and not remote.startswith(("http://", "https://")):
         raise ConfigError(f"--remote {remote}: give an http:// or https:// URL of a `paser "
                           "serve` process")

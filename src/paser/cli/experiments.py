@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from paser.cli.common import CONFIG, OVERRIDES, PRESET, RUN_DIR, app, experiment_app
+from paser.cli.common import (
+    CONFIG,
+    OVERRIDES,
+    PRESET,
+    RUN_DIR,
+    app,
+    config_kept_on_error,
+    experiment_app,
+)
 
 
 @app.command("run")
@@ -25,8 +33,9 @@ def run_all(
     from paser.config import resolve_config
     from paser.run import run
 
-    run(resolve_config(preset, config, overrides, run_dir), run_dir, force=force,
-        echo=typer.echo)
+    with config_kept_on_error(run_dir):
+        run(resolve_config(preset, config, overrides, run_dir), run_dir, force=force,
+            echo=typer.echo)
     typer.echo(f"report: {run_dir / 'report.md'}; figures in {run_dir / 'figures'}")
 
 
@@ -65,7 +74,8 @@ def experiment_robustness(
     run_dir: Path = RUN_DIR,
     amount: float = typer.Option(0.01, "--amount", help="share of pixels hit by salt-and-pepper "
                                  "noise"),
-    seed: int = typer.Option(None, "--seed", help="seed of the noise; default the run's seed"),
+    seed: int = typer.Option(None, "--seed", min=0, max=2**32 - 1,
+                             help="seed of the noise; default the run's seed"),
     epochs: int = typer.Option(None, "--epochs", min=0, help="epochs of each noisy pool model; "
                                "default its stage-1 epochs"),
 ) -> None:

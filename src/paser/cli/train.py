@@ -17,6 +17,8 @@ from paser.cli.common import (
     RESUME,
     RUN_DIR,
     app,
+    checkpoint_files,
+    config_kept_on_error,
 )
 
 
@@ -25,27 +27,25 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
     """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
     resume=...)``, then the step in the run's ledger for `paser run` to skip."""
     from paser.config import load_config, resolve_config, with_distributed
+    from paser.errors import ConfigError
     from paser.run import record_stage, start_stage
     from paser.runtime import is_main_process
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
-    before = _checkpoints(run_dir)
+    before = checkpoint_files(run_dir)
     saved = Path(run_dir) / "config.yaml"
-    if is_main_process() and (cfg is not None or saved.is_file()):
-        start_stage(run_dir, cfg or load_config(config_file=saved), step)
-    out = fn(cfg, run_dir, resume=resume)
+    if step != "stage1" and not saved.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); train stage 1 "
+                          f"into it first: paser pretrain --run-dir {run_dir}, or paser run")
+    with config_kept_on_error(run_dir):
+        if is_main_process() and (cfg is not None or saved.is_file()):
+            start_stage(run_dir, cfg or load_config(config_file=saved), step)
+        out = fn(cfg, run_dir, resume=resume)
     if is_main_process():  # a resume that found the stage finished changed nothing
         record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step,
-                     changed=not (resume and before and _checkpoints(run_dir) == before))
+                     changed=not (resume and before and checkpoint_files(run_dir) == before))
     return out
-
-
-def _checkpoints(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The run's checkpoint files, each by size and modification time."""
-    folder = Path(run_dir) / "checkpoints"
-    return ({str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
-             for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
 
 
 def _training_command(name: str, step: str, train: str, doc: str, **settings):
@@ -101,6 +101,10 @@ def _report_policy(summary: dict, run_dir: Path) -> None:
                    "Stage 3: joint fine-tuning of f1..fK and the policy on D_ft (needs stage 2).")
 def _report_finetune(summary: dict, run_dir: Path) -> None:
     best = summary["best"]
+    if summary.get("epochs") == 0:
+        typer.echo("stage 3 is off in this config (stage3.epochs: 0): the policy and the pool "
+                   "stay as stage 2 left them")
+        return
     if best is None:
         typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
         return

@@ -61,9 +61,11 @@ class ClassMap:
             raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
                             "1: object}' and optionally 'ignore: 255' (see docs/data.md)")
         try:
-            doc = yaml.safe_load(path.read_text())
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save the class map as UTF-8") from None
         classes = doc.get("classes") if isinstance(doc, dict) else None
         unknown = set(doc) - {"classes", "ignore"} if isinstance(doc, dict) else set()
         if not isinstance(classes, dict) or not classes or unknown:

@@ -39,7 +39,10 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 #: pixels sampled per image, and images read, to fit the window (a bounded pass)
 _FIT_PIXELS, _FIT_IMAGES = 1 << 16, 64
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError,
-                KeyError, TypeError)
+                KeyError, TypeError, Image.DecompressionBombError)
+#: scans are large: Pillow's guard against decompression bombs (89 megapixels) is raised to
+#: a gigapixel (4 GiB as float32); a larger image is one file's error, not a crash
+Image.MAX_IMAGE_PIXELS = 1 << 30
 
 
 def by_type_range(dtype: np.dtype) -> bool:

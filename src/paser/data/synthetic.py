@@ -355,6 +355,10 @@ def generate_dataset(
         raise ConfigError(f"synthetic dataset {height}x{width}: height and width must be >= 32")
     start = time.perf_counter()
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: not empty; the synthetic set is written into a new or empty "
+                          "folder (another set's images would mix with it): give another --out, "
+                          "or empty it")
     sizes = (n_train, n_val, n_test)
     for name in SPLITS:
         (out / f"{name}_images").mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,14 @@ def prepare_run_dir(
     return run_dir, cfg
 
 
+def check_finite(module: torch.nn.Module, where: str, lr_key: str) -> None:
+    """A :class:`ConfigError` once ``module``'s weights hold NaN or infinity (the training
+    diverged): said after the epoch it happened, not as a crash stages later."""
+    if not all(torch.isfinite(p).all() for p in module.parameters()):
+        raise ConfigError(f"{where}: the weights became NaN or infinite (the training "
+                          f"diverged); lower {lr_key} and train again")
+
+
 #: the checkpoints built on a stage's outputs: gone stale when the stage starts over
 DOWNSTREAM = {"stage1": ("policy.pt", "policy_last.pt", "stage3.pt", "stage3_last.pt"),
               "stage2": ("stage3.pt", "stage3_last.pt")}

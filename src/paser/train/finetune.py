@@ -30,7 +30,7 @@ from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image, predicted_classes
 from paser.outcomes import PatchOutcomes
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, prepare_run_dir, resume_state, setup
+from paser.train.common import MetricLog, check_finite, prepare_run_dir, resume_state, setup
 from paser.train.distributed import Dist, launch
 from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
@@ -104,6 +104,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                                                        objective)
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
             dist.sync_buffers(policy)
+            check_finite(router, f"stage 3, epoch {epoch}", "stage3.lr")
             val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
             distance = tvd(val["fractions"], reference)
             kept = val | {"tvd": distance, "epoch": epoch, "lam": lam}
@@ -142,7 +143,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             _save_best(best_path, router, state["epoch"], (state["val"] or {}) | val
                        | {"refit": True})
         dist.barrier()
-    summary = {"stage": 3, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
+    summary = {"stage": 3, "epochs": s3.epochs, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
                "reference_fractions": reference, "stopped_by_tvd": stopped,
                "best": load_checkpoint(best_path)["val"]}
     if dist.is_main:

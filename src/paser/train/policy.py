@@ -45,7 +45,14 @@ from paser.models import PooledPolicy
 from paser.outcomes import PatchOutcomes, usable_views, viewed
 from paser.routing import Router
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, drop_downstream, prepare_run_dir, resume_state, setup
+from paser.train.common import (
+    MetricLog,
+    check_finite,
+    drop_downstream,
+    prepare_run_dir,
+    resume_state,
+    setup,
+)
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import crop
 
@@ -337,6 +344,7 @@ def fit_policy(cfg: ExperimentConfig, policy: torch.nn.Module, train: PatchOutco
     for epoch in range(epochs):
         run_epoch(policy, opt, train_in, gain, cost, lam, s2.objective,
                   linear(*s2.alpha, epoch, epochs), s2.batch_size)
+        check_finite(policy, f"stage 2 policy, epoch {epoch}", "stage2.lr")
         result = validate(policy, val_states, val_gain, val, cost, lam, s2.batch_size,
                           s2.objective)
         if result["score"] > best:
@@ -390,6 +398,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
             sums, counts = run_epoch(wrapped, opt, train_in, train_gain, cost, s2.lam,
                                      s2.objective, alpha, batch, dist)
             dist.sync_buffers(policy)
+            check_finite(policy, f"stage 2 policy, epoch {epoch}", "stage2.lr")
             val = validate(policy, val_states, val_gain, val_cache, cost, s2.lam, batch,
                            s2.objective)
             if val["score"] > best:

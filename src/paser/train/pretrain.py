@@ -42,6 +42,7 @@ from paser.runtime import atomic_save, atomic_write_text, progress
 from paser.train.common import (
     MetricLog,
     cache_predictions,
+    check_finite,
     drop_downstream,
     prepare_run_dir,
     resume_state,
@@ -266,6 +267,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                     ema.update_parameters(plain)
                 total += loss.item() * len(idx) / dist.world  # this share's summed loss
                 acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
+            check_finite(plain, f"stage 1 {role}, epoch {epoch}", "stage1.lr (or the model's lr)")
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
             dist.sync_buffers(model)
