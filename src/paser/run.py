@@ -36,6 +36,19 @@ DEPS: dict[str, tuple[str, ...]] = {
 OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.json",
            "baselines": "checkpoints", "tvd": "tvd", "calibrate": "calibration.json",
            "paper": "paper", "report": "results.json"}
+#: the steps whose outputs each step reads: rebuilt inputs make a step stale
+INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
+          "calibrate": ("stage2", "stage3"), "paper": ("stage1",),
+          "report": ("stage1", "stage2", "stage3", "baselines", "tvd", "calibrate", "paper")}
+
+
+def readers(step: str) -> set[str]:
+    """Every step that reads ``step``'s outputs, directly or through others."""
+    out: set[str] = set()
+    for later, inputs in INPUTS.items():
+        if step in inputs:
+            out |= {later} | readers(later)
+    return out
 
 
 def outputs(cfg: ExperimentConfig, step: str) -> list[str]:
@@ -54,19 +67,6 @@ def outputs(cfg: ExperimentConfig, step: str) -> list[str]:
             out.append("checkpoints/base_matphase.pt")
     elif step == "report":
         out.append("report.md")
-    return out
-#: the steps whose outputs each step reads: rebuilt inputs make a step stale
-INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
-          "calibrate": ("stage2", "stage3"), "paper": ("stage1",),
-          "report": ("stage1", "stage2", "stage3", "baselines", "tvd", "calibrate", "paper")}
-
-
-def readers(step: str) -> set[str]:
-    """Every step that reads ``step``'s outputs, directly or through others."""
-    out: set[str] = set()
-    for later, inputs in INPUTS.items():
-        if step in inputs:
-            out |= {later} | readers(later)
     return out
 
 

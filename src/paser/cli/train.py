@@ -35,7 +35,7 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
                            devices, num_nodes, precision)
     before = checkpoint_files(run_dir)
     saved = Path(run_dir) / "config.yaml"
-    if step != "stage1" and not saved.is_file():
+    if step in ("stage2", "stage3") and not saved.is_file():  # they read stage 1's models
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); train stage 1 "
                           f"into it first: paser pretrain --run-dir {run_dir}, or paser run")
     with config_kept_on_error(run_dir):
