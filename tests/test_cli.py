@@ -113,3 +113,16 @@ def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path):
                 "--n-val", "1", "--n-test", "1", "--height", "32", "--width", "32")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: ") and "afile" in res.stderr
+
+
+def test_options_that_do_nothing_together_are_refused(tmp_path):
+    from paser.config import load_config
+    from paser.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset ''"):
+        load_config(preset="")
+    res = paser("config", "--doc", "--preset", "battery-quick")
+    assert res.returncode == 2 and "--doc prints the reference" in res.stderr
+    res = paser("run", "--run-dir", str(tmp_path / "r"), "--resume")
+    assert res.returncode == 2 and "paser run resumes by itself" in res.stderr
+    assert not (tmp_path / "r").exists()

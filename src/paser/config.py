@@ -584,10 +584,10 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> ExperimentConfig:
     """Preset or YAML file (not both; neither = defaults), then overrides, validated."""
-    if preset and config_file:
+    if preset is not None and config_file:
         raise ConfigError("give either a preset or a config file, not both")
     where = "config"
-    if preset:
+    if preset is not None:  # "" is no preset's name: said, not taken for the defaults
         raw, where = preset_dict(preset), f"preset {preset}"
     elif config_file:
         path = Path(config_file)

@@ -122,6 +122,9 @@ def segment(
     if only is not None and budget_gflops is not None:
         raise ConfigError(f"--model {only} runs one model on every patch, at its own cost: "
                           "drop --budget-gflops (which sets the router's), or --model")
+    if engine == "onnxruntime" and device not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device}: --engine onnxruntime runs on the CPU "
+                          "(onnxruntime's CPU provider); drop --device, or use --engine torch")
     if onnx is not None and engine != "onnxruntime":
         raise ConfigError(f"--onnx {onnx} is the export --engine onnxruntime reads; add "
                           "--engine onnxruntime, or drop --onnx")

@@ -25,13 +25,19 @@ def run_all(
     preset: str = PRESET,
     config: Path = CONFIG,
     force: bool = typer.Option(False, "--force", help="redo every step, even those done before"),
+    resume: bool = typer.Option(False, "--resume", hidden=True),
 ) -> None:
     """The main job: data, stages 1-3, baselines, evaluation and the report, in one go.
 
     Steps already done with the same config are skipped; an interrupted step resumes.
     """
     from paser.config import resolve_config
+    from paser.errors import ConfigError
     from paser.run import run
+
+    if resume:  # the stage commands' flag: paser run needs none
+        raise ConfigError("paser run resumes by itself: run the same command again (without "
+                          "--resume); it skips the steps done and resumes the interrupted one")
 
     with config_kept_on_error(run_dir):
         run(resolve_config(preset, config, overrides, run_dir), run_dir, force=force,
@@ -118,6 +124,11 @@ def show_config(
     from paser.config import load_config, reference
 
     if doc:
+        if preset or config or overrides:
+            from paser.errors import ConfigError
+
+            raise ConfigError("--doc prints the reference of every key, whatever the config: "
+                              "drop --preset, --config and the overrides (or --doc)")
         typer.echo(reference(), nl=False)
         return
     cfg = load_config(preset=preset, config_file=config, overrides=overrides or [])
