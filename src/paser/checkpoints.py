@@ -34,6 +34,14 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     return load_config(config_file=run_dir / "config.yaml")
 
 
+def checkpoint_files(run_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """The run's checkpoint files (paths under ``checkpoints/``), each by size and
+    modification time: what tells whether a command trained anything."""
+    folder = Path(run_dir) / "checkpoints"
+    return ({str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
+             for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint's dict; a missing or unreadable file is a :class:`CheckpointError`
     that says which stage writes it."""

@@ -170,8 +170,8 @@ _HELD: dict[str, Any] = {}
 
 def _lock(path: Path, blocking: bool):
     """An exclusive lock on ``path`` (created), held while the returned file stays open;
-    ``None`` where another process holds it (``blocking=False``) or where the platform has
-    no ``fcntl`` (then nothing is locked)."""
+    ``None`` where another process holds it (``blocking=False``). Where the platform has no
+    ``fcntl``, or the folder is read-only, an open ``os.devnull``: nothing is locked."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock

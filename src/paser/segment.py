@@ -331,14 +331,13 @@ def output_settings(model, only: int | None) -> dict:
 
 
 def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
-                 ) -> str:
+                 ) -> None:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
     (resume). Another run's or other settings' is refused with what differs; ``overwrite``
     removes the ``markers`` (files and folders: the records that mark an input or a chunk
     done, the summary) first, so that an interrupted overwrite never resumes on the old
-    outputs. Returns the folder's claim (:func:`claim_of`): a new one for a new folder and
-    for ``overwrite``, so that no record of before (of inputs this call was not given
-    either) counts as done after it."""
+    outputs. A new folder and ``overwrite`` get a new claim (:func:`claim_of`), so that no
+    record of before (of inputs this call was not given either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
@@ -352,16 +351,14 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                 f"{out_dir} holds the outputs of {'another run' if 'run' in differ else 'other settings'} "
                 f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
                 "); give another --out, or --overwrite to start over")
-        return str(before.get("claim", ""))
+        return
     if overwrite:
         for marker in markers:
             if marker.is_dir():
                 shutil.rmtree(marker)
             else:
                 marker.unlink(missing_ok=True)
-    claim = uuid.uuid4().hex
-    atomic_write_text(json.dumps({**settings, "claim": claim}, indent=2), path)
-    return claim
+    atomic_write_text(json.dumps({**settings, "claim": uuid.uuid4().hex}, indent=2), path)
 
 
 def claim_of(out_dir: Path) -> str:

@@ -43,6 +43,7 @@ from paser.data.images import (
     page_by_page,
     probe,
     read_array,
+    spread,
     stack_pages,
     window_of,
 )
@@ -362,9 +363,8 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
 def volume_window(volume: Volume, slices: int = 16) -> list[float]:
     """The intensity window (:data:`paser.data.images.WINDOW_PERCENTILES`) of ``slices``
     slices spread over ``volume``, read one at a time."""
-    picks = sorted({round(z) for z in np.linspace(0, volume.depth - 1, min(slices, volume.depth))})
     return list(window_of((volume.read(z, z + 1)[0], f"{volume.source} slice {z}")
-                          for z in picks))
+                          for z in spread(volume.depth, slices)))
 
 
 def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:

@@ -41,19 +41,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on 
     state["debug"] = debug
 
 
-def checkpoint_files(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The run's checkpoint files, each by size and modification time."""
-    folder = Path(run_dir) / "checkpoints"
-    return ({str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
-             for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
-
-
 @contextlib.contextmanager
 def config_kept_on_error(run_dir: Path):
     """A training command that fails on its config or data before any checkpoint changed
     leaves the run as it was: its ``config.yaml`` is put back (an override the command
     refused is not kept for evaluate and segment to read), and a run folder the command
     made is removed (a mistyped --run-dir is not left as a run)."""
+    from paser.checkpoints import checkpoint_files
     from paser.errors import PaserError
 
     run_dir = Path(run_dir)

@@ -91,7 +91,8 @@ def segment(
                                 "give byte-identical labels"),
     scheduler: str = typer.Option(None, "--scheduler", help="run on a Dask cluster: "
                                   "tcp://host:8786 (a running scheduler) or local:N (N "
-                                  "worker processes here); needs the dask extra: pip install 'paser\\[dask]'"),
+                                  "worker processes here); needs the dask extra: pip "
+                                  "install 'paser\\[dask]'"),
 ) -> None:
     """Segment images and volumes with a trained run: label maps, overlays, routing maps, a
     JSON per image and summary.csv; per volume (multi-page TIFF, .zarr, file.h5:/key,

@@ -17,7 +17,6 @@ from paser.cli.common import (
     RESUME,
     RUN_DIR,
     app,
-    checkpoint_files,
     config_kept_on_error,
 )
 
@@ -26,6 +25,7 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
            devices, num_nodes, precision):
     """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
     resume=...)``, then the step in the run's ledger for `paser run` to skip."""
+    from paser.checkpoints import checkpoint_files
     from paser.config import load_config, resolve_config, with_distributed
     from paser.errors import ConfigError
     from paser.run import record_stage, start_stage

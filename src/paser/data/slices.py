@@ -33,11 +33,15 @@ _CHUNK = 16
 _LABELLED: dict[tuple, list[int]] = {}
 
 
+def _file_of(spec: str) -> Path:
+    """The file (or folder) a volume is read from: ``file.h5:/key`` without its key."""
+    return Path(spec.partition(":/")[0])
+
+
 def _stamp(source: str) -> tuple[int, int] | None:
     """The modification time and size of the file (or folder) a volume is read from."""
-    path = Path(source.split(":/")[0]) if ":/" in source else Path(source)
     try:
-        st = path.stat()
+        st = _file_of(source).stat()
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
@@ -48,8 +52,7 @@ def _spec(root: Path, spec: str | None, key: str) -> str:
         what = "image" if key == "data.volume" else "label"
         raise DataError(f"data.dataset=volume needs {key}: the {what} volume (a TIFF stack, a "
                         ".zarr array or file.h5:/path; docs/volumes.md)")
-    path = Path(spec.split(":/")[0]) if ":/" in spec else Path(spec)
-    return spec if path.is_absolute() else str(root / spec)
+    return spec if _file_of(spec).is_absolute() else str(root / spec)
 
 
 class VolumeSlices:

@@ -13,8 +13,8 @@ router (the report's routers table) by that draw.
 
 - ``val_margin`` / ``test_margin``: the mean over 64 budgets spaced evenly in log GFLOP,
   from f0's GFLOP to the dearest model's, of the curve's best IoU within the budget minus
-  the frontier's; below a variant's fixed cost (f0's passes and its policy) it counts as f0 alone.
-  ``best_on_validation`` names the variant with the best validation margin;
+  the frontier's; below a variant's fixed cost (f0's passes and its policy) it counts as f0
+  alone. ``best_on_validation`` names the variant with the best validation margin;
 - the operating point at the variant's own lam (test IoU and GFLOP);
 - the patches it learnt from and its training seconds (the policy only: the outcomes are
   shared).
@@ -47,12 +47,12 @@ DESCRIPTION = (
     "learns from. 'this run' is the run's own configuration trained afresh in the same way "
     "(another draw of its initial weights than the shipped router's). Area - frontier: the "
     "mean over 64 budgets spaced evenly in log GFLOP, from f0's GFLOP to the dearest model's, "
-    "of the curve's "
-    "best IoU within the budget minus the single-model frontier's (below a variant's fixed "
-    "cost it counts as f0 alone), on validation and on test. Test IoU and GFLOP: the variant "
-    "at its own lam, uncalibrated. Train patches: how many it learnt from; train s: the "
-    "policy's training alone (the outcomes are shared). Headroom: the test margin as a share "
-    "of the oracle's (perfect routing of the same pool, knowing the labels); rank: Spearman's correlation, over the "
+    "of the curve's best IoU within the budget minus the single-model frontier's (below a "
+    "variant's fixed cost it counts as f0 alone), on validation and on test. Test IoU and "
+    "GFLOP: the variant at its own lam, uncalibrated. Train patches: how many it learnt from; "
+    "train s: the policy's training alone (the outcomes are shared). Headroom: the test "
+    "margin as a share of the oracle's (perfect routing of the same pool, knowing the "
+    "labels); rank: Spearman's correlation, over the "
     "test patches, between the variant's preference to move a patch off f0 and the best pool "
     "model's true gain there.")
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from paser.checkpoints import checkpoint_files
 from paser.config import ExperimentConfig, load_config
 from paser.data import StageData, load_stage_data
 from paser.errors import CheckpointError
@@ -40,11 +42,12 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
 def models_state(run_dir: Path) -> str:
     """A digest of the run's trained models and calibration as files (names, sizes,
     modification times): what an experiment on the finished run measured."""
-    files = sorted([*(run_dir / "checkpoints").glob("f*.pt"),
-                    *(run_dir / "checkpoints" / n for n in ("policy.pt", "stage3.pt")),
-                    run_dir / "calibration.json"])
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+    models = {name: stamp for name, stamp in checkpoint_files(run_dir).items()
+              if re.fullmatch(r"f\d+\.pt|policy\.pt|stage3\.pt", name)}
+    calibration = run_dir / "calibration.json"
+    if calibration.is_file():
+        models["calibration.json"] = (calibration.stat().st_size, calibration.stat().st_mtime_ns)
+    return hashlib.sha1(json.dumps(sorted(models.items())).encode()).hexdigest()[:12]
 
 
 def record_experiment(run_dir: Path, name: str, entry: dict) -> None:

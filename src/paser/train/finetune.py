@@ -143,7 +143,8 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             _save_best(best_path, router, state["epoch"], (state["val"] or {}) | val
                        | {"refit": True})
         dist.barrier()
-    summary = {"stage": 3, "epochs": s3.epochs, "lam": lam_fixed, "tvd_threshold": s3.tvd_threshold,
+    summary = {"stage": 3, "epochs": s3.epochs, "lam": lam_fixed,
+               "tvd_threshold": s3.tvd_threshold,
                "reference_fractions": reference, "stopped_by_tvd": stopped,
                "best": load_checkpoint(best_path)["val"]}
     if dist.is_main:
