@@ -10,6 +10,7 @@ from tests.test_pretrain import TINY
 from torch import nn
 
 from paser.config import load_config
+from paser.errors import ConfigError
 from paser.train import distributed as D
 from paser.train import pretrain as stage1
 from paser.train.pretrain import pretrain
@@ -21,6 +22,12 @@ def test_auto_follows_whether_the_cpu_computes_bf16(monkeypatch, forced, expecte
     assert D.resolve_precision("auto", torch.device("cpu")) == expected
     for explicit in ("32-true", "bf16-mixed"):  # an explicit choice is kept as it is
         assert D.resolve_precision(explicit, torch.device("cpu")) == explicit
+
+
+def test_a_forced_answer_other_than_0_or_1_is_refused(monkeypatch):
+    monkeypatch.setenv("PASER_BF16", "yes")
+    with pytest.raises(ConfigError, match="PASER_BF16='yes': give 0"):
+        D.resolve_precision("auto", torch.device("cpu"))
 
 
 def test_one_process_autocasts_convolutions_and_keeps_the_policy_32_bit(monkeypatch):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from paser.config import ExperimentConfig
+from paser.errors import ConfigError
 from paser.runtime import place, resolve_device, seed_everything
 
 
@@ -119,10 +120,14 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU with
     AVX512-BF16 or AMX (Linux's ``/proc/cpuinfo``; elsewhere the CPU counts as without),
     where bf16 autocast makes convolutions faster; elsewhere it emulates bf16, slower.
-    The environment variable ``PASER_BF16`` (0 or 1), when set, answers instead."""
+    The environment variable ``PASER_BF16`` (0 or 1), when set, answers instead; any other
+    value is refused rather than read as the CPU's answer."""
     forced = os.environ.get("PASER_BF16")
     if forced in ("0", "1"):
         return forced == "1"
+    if forced is not None:
+        raise ConfigError(f"environment variable PASER_BF16={forced!r}: give 0 (32-bit) or "
+                          "1 (bf16), or unset it to follow the device")
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
