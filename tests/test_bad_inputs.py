@@ -246,3 +246,17 @@ def test_ctrl_c_says_how_the_command_goes_on(capsys, monkeypatch):
     from paser.cli import interrupted
 
     assert "--resume" in interrupted(["--debug", "pretrain", "--run-dir", "r"])
+
+
+def test_out_of_memory_is_one_line_with_what_to_do(capsys, monkeypatch, tmp_path):
+    """``paser data synth --height 100000 ...`` and its kind end in a MemoryError from numpy."""
+    import paser.data.synthetic
+
+    def too_large(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(paser.data.synthetic, "generate_dataset", too_large)
+    code, err = cli(capsys, monkeypatch, "data", "synth", "--out", tmp_path / "synth")
+    assert code == 2
+    assert _one_line(err).startswith("error: out of memory: ")
+    assert "data.stream=always" in err

@@ -71,6 +71,13 @@ def main() -> None:
         typer.echo(f"error: {where}{err.strerror or err}; check the path and its permissions "
                    "(and free space)", err=True)
         sys.exit(2)
+    except MemoryError:  # numpy or torch could not allocate: say so, not a bare traceback
+        if state["debug"]:
+            raise
+        typer.echo("error: out of memory: the command asked for more memory than this machine "
+                   "could give; use smaller images, batches or sizes, fewer workers, or read "
+                   "the data from disk as it goes (data.stream=always)", err=True)
+        sys.exit(2)
     except (typer.Exit, typer.Abort) as err:
         sys.exit(getattr(err, "exit_code", 1))
     except Exception as err:  # a usage error: typer's own copy of click's, or click's
