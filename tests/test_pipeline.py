@@ -9,7 +9,7 @@ from tests.helpers import TINY
 from paser import PaSeR
 from paser.config import load_config
 from paser.data import load_stage_data
-from paser.errors import DataError
+from paser.errors import ConfigError, DataError
 from paser.train.finetune import finetune
 from paser.train.policy import train_policy
 from paser.train.pretrain import pretrain
@@ -64,6 +64,62 @@ def test_api_refuses_bad_images(run):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         model.segment(bad)
+
+
+def test_an_image_gets_the_same_answer_alone_and_in_any_batch(run):
+    """f0 has Monte Carlo dropout here (T = 2): each image's masks come from the seed alone."""
+    model = PaSeR.load(run[0])
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch, flipped = model.segment(x), model.segment(x.flip(0))
+    for i in range(3):
+        alone = model.segment(x[i:i + 1])
+        assert torch.equal(batch.mask[i], alone.mask[0])
+        assert torch.equal(batch.actions[i], alone.actions[0])
+        assert torch.allclose(flipped.probs[2 - i], alone.probs[0], atol=1e-5)  # batched convs
+    batch.mask[batch.mask == 2] = 0  # ordinary tensors, not inference tensors
+    assert not batch.probs.requires_grad and not batch.probs.is_inference()
+
+
+def test_integer_images_are_scaled_as_a_file_holding_them(run):
+    """An 8-bit, a 16-bit and a float image of the same picture give the same labels; a
+    stored [H, W] array through prepare() gives paser segment's tensor."""
+    model = PaSeR.load(run[0])
+    u8 = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8,
+                       generator=torch.Generator().manual_seed(1))
+    as_float = model.segment(u8.float() / 255)
+    for same in (u8, u8.numpy(), (u8.numpy().astype("uint16") * 257)):
+        assert torch.equal(model.segment(same).mask, as_float.mask)
+    stored = u8[0, 0].numpy()
+    assert torch.equal(model.prepare(stored), u8[0].float() / 255)
+    assert torch.equal(model.prepare(stored[..., None]), u8[0].float() / 255)  # [H, W, 1]
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.full((1, 1, 32, 32), 255.0), r"values in \[255, 255\], outside \[0, 1\]"),
+    (torch.zeros(0, 1, 32, 32), "at least one pixel"),
+    (torch.zeros(1, 1, 1, 32, 32), "shape"),
+    ("image.png", "of type str"),
+    (torch.zeros(1, 1, 32, 32, dtype=torch.complex64), "complex64"),
+    (torch.rand(32, 32, 1).numpy(), r"model.prepare\(image\)"),
+])
+def test_api_refuses_images_it_would_misread(run, images, match):
+    with pytest.raises(DataError, match=match):
+        PaSeR.load(run[0]).segment(images)
+
+
+def test_api_refuses_a_bias_or_mode_it_cannot_use_and_keeps_the_callers_rng(run):
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    model = PaSeR.load(run[0], device="cpu:0")  # the CPU, said another way
+    assert torch.equal(torch.rand(1), expected)  # building the models drew from a fork
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(model.segment(x, bias=[0.0, 0.0, 0.0]).actions,
+                       model.segment(x, bias=torch.zeros(3)).actions)
+    with pytest.raises(DataError, match="one number per model, 3"):
+        model.segment(x, bias=[0.0, 1.0])
+    with pytest.raises(ConfigError, match="routing mode 'gready'"):
+        model.segment(x, mode="gready")
 
 
 def test_tvd_mode_stops_once_the_assignment_moves(run, tmp_path):
@@ -124,3 +180,20 @@ def test_training_streamed_from_disk_by_reader_processes_equals_training_in_memo
 
 def _untimed(record: dict) -> dict:
     return {k: v for k, v in record.items() if "seconds" not in k}
+
+
+def test_a_run_whose_config_changed_its_class_count_is_refused_clearly(run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from paser.errors import CheckpointError
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw["models"]["num_classes"] = 4
+    raw["stage1"]["class_weights"] = None
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(CheckpointError, match="f0.pt: its weights do not fit .*num_classes 4"):
+        PaSeR.load(copy)

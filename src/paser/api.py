@@ -14,7 +14,7 @@ from paser.checkpoints import build_router, label_codec, load_checkpoint, run_co
 from paser.config import ExperimentConfig
 from paser.data import Tensors
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity
+from paser.data.images import Intensity, as_input
 from paser.data.tiles import route_tiled
 from paser.errors import CheckpointError, DataError
 from paser.evaluation import evaluate_router
@@ -22,12 +22,16 @@ from paser.patches import PatchGrid
 from paser.routing import Router, RoutingOutput
 from paser.runtime import keep_freed_memory, resolve_device
 
+#: float images may stray this far outside [0, 1] (resampling overshoot) and are taken as they are
+OUT_OF_RANGE = 1e-3
+
 
 class PaSeR:
     """A trained PaSeR pipeline: f0 with Monte Carlo dropout, the policy and f1..fK.
 
     >>> model = PaSeR.load("runs/demo")
-    >>> out = model.segment(images)           # images [B, C, H, W] in [0, 1]
+    >>> out = model.segment(images)           # images [B, C, H, W] in [0, 1], or integers
+    >>> out = model.segment(model.prepare(np.asarray(PIL.Image.open("scan.tif"))))
     >>> out.mask, out.probs, out.actions, out.gflops
     """
 
@@ -61,7 +65,8 @@ class PaSeR:
         else:
             policy_state = load_checkpoint(ckpt_dir / "policy.pt", dev)["policy"]
             pool_states = None
-        router = build_router(cfg, run_dir, dev, policy_state, pool_states)  # checks the fit
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights: not the caller's
+            router = build_router(cfg, run_dir, dev, policy_state, pool_states)  # checks the fit
         return cls(router.eval(), cfg, run_dir,
                    Calibration.load(run_dir, router.policy_digest) if calibrated else None)
 
@@ -109,28 +114,24 @@ class PaSeR:
     def device(self) -> torch.device:
         return next(self.router.parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: the outputs are ordinary tensors to edit or train on
     def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
                 bias: torch.Tensor | None = None, mc_seed: int | None = 0,
                 only: int | None = None) -> RoutingOutput:
-        """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image) in [0, 1].
+        """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image).
 
+        Floats are taken as scaled to [0, 1]; integer (and boolean) images are scaled as
+        ``paser segment`` scales a file holding them (the run's :attr:`intensity`: 8/16-bit
+        by their type's range, others by the run's window), image by image. A stored image
+        ``[H, W]`` / ``[H, W, C]`` of any type, raw floats included: :meth:`prepare`.
         Greedy actions and a fixed seed for f0's Monte Carlo dropout by default, so the same
-        batch always gets the same answer (``mc_seed=None`` samples fresh masks). ``bias``
-        defaults to the run's calibration (``paser calibrate``), if it has one.
-        ``only=k`` runs model k alone instead (:meth:`paser.routing.Router.alone`: f0 for 0,
-        pool model k on every patch), to compare with routing on the same images.
+        image always gets the same answer, in any batch (``mc_seed=None`` samples fresh
+        masks). ``bias`` defaults to the run's calibration (``paser calibrate``), if it has
+        one. ``only=k`` runs model k alone instead (:meth:`paser.routing.Router.alone`: f0
+        for 0, pool model k on every patch), to compare with routing on the same images.
         ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`.
         """
-        x = torch.as_tensor(images, dtype=torch.float32)
-        while x.dim() < 4:
-            x = x.unsqueeze(0)
-        channels = self.config.models.in_channels
-        if x.shape[1] != channels:
-            raise DataError(f"images have {x.shape[1]} channels, the models expect {channels}: "
-                            f"shape {tuple(x.shape)}, expected [B, {channels}, H, W]")
-        if not torch.isfinite(x).all():
-            raise DataError("images contain NaN or Inf values")
+        x = self._batch(images)
         self.router.eval()
         bias = self._bias(bias)
 
@@ -143,6 +144,54 @@ class PaSeR:
         if self.tile is None or tuple(x.shape[-2:]) == self.tile:
             return route(x)
         return route_tiled(route, x, self.tile, self.router.grid)
+
+    def prepare(self, image: np.ndarray, source: str = "the image") -> torch.Tensor:
+        """A stored image ``[H, W]`` or ``[H, W, C]`` (as Pillow, tifffile or scikit-image
+        give it; any dtype) as the models see it: ``[C, H, W]`` float32 in [0, 1], scaled and
+        converted exactly as ``paser segment`` reads a file holding it
+        (:func:`paser.data.images.as_input` with the run's :attr:`intensity`)."""
+        arr = np.asarray(image)
+        if arr.ndim not in (2, 3) or arr.size == 0:
+            raise DataError(f"{source}: shape {arr.shape}; prepare takes one stored image "
+                            "[H, W] or [H, W, C]")
+        return torch.from_numpy(as_input(arr, self.config.models.in_channels, self.intensity,
+                                         source))
+
+    def _batch(self, images) -> torch.Tensor:
+        """``images`` as a float32 batch ``[B, C, H, W]`` in [0, 1], checked."""
+        if not isinstance(images, (torch.Tensor, np.ndarray)):
+            raise DataError(f"images of type {type(images).__name__}: give a torch tensor or "
+                            "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
+        try:
+            x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray)
+                                else images)
+        except TypeError as err:  # numpy object or string arrays
+            raise DataError(f"images: {err}; give integer or float images") from None
+        if x.is_complex():
+            raise DataError(f"images of type {x.dtype}; give integer or float images")
+        if x.dim() > 4 or x.numel() == 0:
+            raise DataError(f"images of shape {tuple(x.shape)}: give [B, C, H, W], [C, H, W] "
+                            "or [H, W] with at least one pixel")
+        while x.dim() < 4:
+            x = x.unsqueeze(0)
+        channels = self.config.models.in_channels
+        if x.shape[1] != channels:
+            hint = (" (an [H, W, C] image, as Pillow and scikit-image give it: "
+                    "model.prepare(image))" if len(images.shape) == 3 else "")
+            raise DataError(f"images have {x.shape[1]} channels, the models expect {channels}: "
+                            f"shape {tuple(x.shape)}, expected [B, {channels}, H, W]{hint}")
+        if not x.is_floating_point():  # stored values: scaled as a file holding them is
+            x = torch.stack([torch.from_numpy(self.intensity.scale(
+                i.cpu().numpy(), f"image {n}")) for n, i in enumerate(x)])
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise DataError("images contain NaN or Inf values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -OUT_OF_RANGE or hi > 1 + OUT_OF_RANGE:
+            raise DataError(f"float images with values in [{lo:g}, {hi:g}], outside [0, 1]: "
+                            "scale them to [0, 1], or give each stored image to "
+                            "model.prepare(image), which scales it as paser segment does")
+        return x
 
     @property
     def tile(self) -> tuple[int, int] | None:
@@ -170,8 +219,16 @@ class PaSeR:
                          patch=(th // r, tw // c))
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if bias is None and self.calibration is not None:
-            return self.calibration.tensor()
+        if bias is None:
+            return None if self.calibration is None else self.calibration.tensor()
+        try:
+            bias = torch.as_tensor(bias, dtype=torch.float32, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"bias: {err}; give one number per model (f0..f"
+                            f"{self.router.num_models - 1})") from None
+        if bias.shape != (self.router.num_models,):
+            raise DataError(f"bias of shape {tuple(bias.shape)}: give one number per model, "
+                            f"{self.router.num_models} (f0..f{self.router.num_models - 1})")
         return bias
 
     def calibrate(self, budget_gflops: float | None = None, max_frac_large: float | None = None,

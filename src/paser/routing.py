@@ -234,7 +234,13 @@ class Router(nn.Module):
 
     def observe(self, x: torch.Tensor, mc_seed: int | None = None) -> MCOutput:
         """f0's Monte Carlo output on a padded batch ``[B, C, Hp, Wp]``; ``mc_seed`` fixes
-        the dropout masks (see :meth:`forward`)."""
+        the dropout masks (see :meth:`forward`), each image's from the seed alone, so that
+        an image gets the same answer in any batch (one image at a time, as ``paser
+        segment`` runs, or with others, as evaluation and the API do)."""
+        if mc_seed is not None and self.mc_dropout != "none" and len(x) > 1:
+            each = [self.observe(x[i:i + 1], mc_seed) for i in range(len(x))]
+            return MCOutput(*(torch.cat(part) for part in
+                              zip(*((o.probs, o.pred, o.entropy) for o in each), strict=True)))
         with seeded(mc_seed, x.device):
             return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
 
@@ -251,6 +257,8 @@ class Router(nn.Module):
         """Actions ``[B, P]`` from logits ``[B, P, K+1]``: argmax, or a sample."""
         if mode == "greedy":
             return logits.argmax(-1)
+        if mode != "sample":
+            raise ConfigError(f"routing mode '{mode}': use greedy or sample")
         return torch.distributions.Categorical(logits=logits).sample()
 
     def pool_logits(self, k: int, patches: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"key 'device': unknown device '{name}'; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"key 'device': '{name}' asked for but CUDA is not available; use auto or cpu")
+    if device.type == "cpu":  # "cpu:0" is the CPU; torch.load cannot map storages to it
+        return torch.device("cpu")
+    if device.type not in ("cuda",):
+        raise ConfigError(f"key 'device': '{name}' is not supported; use auto, cpu or cuda")
     return device
 
 
