@@ -97,8 +97,21 @@ def load_trained(run_dir: str | Path, cfg: ExperimentConfig, role: str, device="
             "config or re-run stage 1"
         )
     model = place(build_model(cfg, spec, initial=False), device, channels_last)
-    model.load_state_dict(ckpt["model"])
+    _load_weights(model, ckpt["model"], f"{run_dir}/checkpoints/{role}.pt", cfg)
     return model.eval()
+
+
+def _load_weights(model: nn.Module, state: dict, where: str, cfg: ExperimentConfig) -> None:
+    """``state`` into ``model``; weights of another shape (the config's class or channel
+    count changed since they were trained) are a :class:`CheckpointError` that says so."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{where}: its weights do not fit the config's model (models.num_classes "
+            f"{cfg.models.num_classes}, models.in_channels {cfg.models.in_channels}: one of "
+            "them, or the architecture, changed since it was trained); use the run's own "
+            "config or re-run stage 1") from None
 
 
 def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy | PooledPolicy:
@@ -142,8 +155,8 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
     f0 = load_trained(run_dir, cfg, "f0", device)
     pool = [load_trained(run_dir, cfg, role, device, channels_last=False) for role in roles[1:]]
     if pool_states is not None:
-        for model, state in zip(pool, pool_states, strict=True):
-            model.load_state_dict(state)
+        for role, model, state in zip(roles[1:], pool, pool_states, strict=True):
+            _load_weights(model, state, f"{run_dir}: the fine-tuned {role}", cfg)
     router = Router(f0, policy, pool, grid, cfg.mc_samples, cfg.models.in_channels,
                     cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
                     cfg.models.num_classes).to(device)
