@@ -105,6 +105,10 @@ class RemotePool:
             reason = _untrusted(err)
             if reason is None:
                 raise
+            if "hostname mismatch" in reason.lower() or "ip address mismatch" in reason.lower():
+                raise RemoteAccessError(f"{self.url}: its certificate is for another host name "
+                                        f"({reason}); connect by a name or address the "
+                                        "certificate names") from None
             raise RemoteAccessError(f"{self.url}: its certificate is not trusted here ({reason})"
                                     "; pass --ca-file with the CA that signed it (Python: "
                                     "use_remote(url, ca_file=...))") from None
@@ -155,28 +159,29 @@ class RemotePool:
         patches itself, so overlapping halos travel once.
         """
         n = idx.numel()
-        self.stats.patches_sent += n
         if time.monotonic() < self.down_until:
-            return self._failed(n, None)
+            return self._failed(n, f"{self.url}: not asked: it failed less than "
+                                f"{self.down_for:g} s ago (down_for)")
         if self.server is None:
             try:
                 self.connect()
             except (httpx.HTTPError, RemoteError) as err:
                 self._mark_down()
                 return self._failed(n, f"{self.url}: {describe_error(err)}")
+        self.stats.patches_sent += n
         image = quantise((x * self._needed(idx, x.shape)).cpu().numpy())
         idx = idx.cpu().numpy()
         parts = []
-        per_image = self.grid.num_patches
+        per_image, most = self.grid.num_patches, self.server["limits"]["max_patches"]
         for lo, hi in self._image_chunks(image.shape):
             sel = idx[(idx >= lo * per_image) & (idx < hi * per_image)]
-            if not sel.size:
-                continue
-            answer = self._post(k, {"image": image[lo:hi], "index": sel - lo * per_image},
-                                sel.size, image.shape[-2:])
-            if answer is None:
-                return self._failed(n, None)
-            parts.append(answer)
+            for start in range(0, sel.size, most):  # one image's patches past the limit too
+                part = sel[start:start + most]
+                answer = self._post(k, {"image": image[lo:hi], "index": part - lo * per_image},
+                                    part.size, image.shape[-2:])
+                if answer is None:
+                    return self._failed(n, None)
+                parts.append(answer)
         out = torch.from_numpy(np.concatenate(parts))
         if self.output == "labels":
             return torch.nn.functional.one_hot(out.long(), self.classes).permute(0, 3, 1, 2
@@ -219,6 +224,9 @@ class RemotePool:
     def _post(self, k: int, arrays: dict, n: int, size: tuple[int, int]) -> np.ndarray | None:
         body = encode_npz(**arrays)
         params = {"model": f"f{k}", "output": self.output, "dtype": "float16"}
+        digest = next(m["digest"] for m in self.expected if m["name"] == f"f{k}")
+        if digest:  # the server refuses (409) once it serves other weights than connect saw
+            params["digest"] = digest
         error = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -234,6 +242,9 @@ class RemotePool:
                 continue
             if res.status_code == 401:  # the server was restarted with another token
                 raise self._refused()
+            if res.status_code == 409:  # ... or with another run's weights
+                self.server = None
+                raise RemoteError(f"{self.url}: {_server_error(res)}")
             self.stats.bytes_received += len(res.content)
             if res.status_code == 200:
                 return self._answer(res, n, size)
@@ -252,8 +263,12 @@ class RemotePool:
             out = decode_npz(res.content, self.output, max_values=int(np.prod(want)))
         except PayloadError as err:
             out = err
-        if isinstance(out, PayloadError) or out.shape != want:
-            got = out if isinstance(out, PayloadError) else f"shape {list(out.shape)}"
+        bad_labels = (not isinstance(out, PayloadError) and self.output == "labels"
+                      and out.size and int(out.max()) >= self.classes)
+        if isinstance(out, PayloadError) or out.shape != want or bad_labels:
+            got = out if isinstance(out, PayloadError) else (
+                f"class {int(out.max())} of {self.classes}" if bad_labels
+                else f"shape {list(out.shape)}")
             self.stats.errors.append(f"{self.url}: an answer that is not {list(want)} "
                                      f"{self.output} ({got})")
             return None

@@ -106,6 +106,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     image_size = run_image_size(model)
     models = describe_models(model, image_size)
     names = [m["name"] for m in models]
+    digests = {m["name"]: m["digest"] for m in models}
     gate = threading.BoundedSemaphore(max_concurrency)  # not asyncio's: one per event loop
     busy = {"running": 0, "served": 0}
     flops: dict[tuple[int, int, int], float] = {}
@@ -207,10 +208,17 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                       output: Literal["probs", "labels"] = "probs",
                       format: Literal["npz", "png"] = "npz",
                       dtype: Literal["float32", "float16"] = "float32",
-                      count: int = Query(1, ge=1, description="patches stacked in a PNG")
+                      count: int = Query(1, ge=1, description="patches stacked in a PNG"),
+                      digest: str | None = Query(None, description="the weights the client "
+                                                 "expects (GET /v1/models): refused with 409 "
+                                                 "when this server's differ")
                       ) -> Response:
         if model not in names:
             raise PayloadError(404, f"no model '{model}'; this server has {', '.join(names)}")
+        if digest is not None and digest != digests[model]:
+            raise PayloadError(409, f"{model} here has other weights than the client expects "
+                               "(the server was restarted with another run?); connect again "
+                               "to the server of the client's run")
         request.state.model = model  # for the log line: a name of ours, never the client's text
         if format == "png" and output != "labels":
             raise PayloadError(422, "format=png answers labels only; use output=labels, or "
