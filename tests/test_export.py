@@ -123,6 +123,27 @@ def test_missing_file_is_a_clear_error(exported, tmp_path):
         load_onnx_router(tmp_path)
 
 
+def test_files_of_another_export_or_a_damaged_file_are_refused(exported, tmp_path):
+    """An export cut short, or files copied in from another export, under this manifest."""
+    import shutil
+
+    _, out, manifest = exported
+    assert set(manifest["sha256"]) >= {"f0.onnx", "f1.onnx", "f2.onnx", "policy.onnx"}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    (mixed / "f2.onnx").write_bytes((out / "f1.onnx").read_bytes())
+    with pytest.raises(CheckpointError, match="f2.onnx not as `paser export` wrote them"):
+        load_onnx_router(mixed)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "f2.onnx").write_bytes(b"not onnx")
+    manifest = dict(manifest, sha256={})  # an export made before the files' digests
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="f2.onnx: onnxruntime cannot load it .*; export "
+                                              "again"):
+        load_onnx_router(damaged)
+
+
 def test_one_deterministic_pass_routes_on_f0_alone(exported):
     """With mc_dropout none the ONNX router's f0 is f0.onnx (logits, no dropout), and routing
     matches PyTorch up to float rounding: no dropout masks to differ."""

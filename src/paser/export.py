@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -146,6 +147,8 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
         "digests": model_digests(router),
         "max_abs_error_vs_torch": parity, "torch": torch.__version__,
         "onnxruntime": ort.__version__,
+        # the files as written: a load refuses files of another export mixed in
+        "sha256": {f.name: _sha256(f) for name in parts for f in _part_files(out_dir, name)},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -164,7 +167,13 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path):
         super().__init__()
-        self.session = _onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = _onnxruntime().InferenceSession(str(path),
+                                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own Fail / InvalidProtobuf: a damaged file
+            raise CheckpointError(f"{path}: onnxruntime cannot load it "
+                                  f"({str(err).strip().splitlines()[0][:200]}); export "
+                                  "again") from None
         # no weights of its own; one empty parameter tells callers the device (CPU)
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -245,4 +254,24 @@ def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
     missing = [f for f in manifest["files"].values() if not (export_dir / f).is_file()]
     if missing:
         raise CheckpointError(f"{export_dir}: {', '.join(missing)} missing; export again")
+    changed = [name for name, digest in manifest.get("sha256", {}).items()
+               if not (export_dir / name).is_file() or _sha256(export_dir / name) != digest]
+    if changed:
+        raise CheckpointError(f"{export_dir}: {', '.join(changed)} not as `paser export` wrote "
+                              f"them with this {MANIFEST} (files of another export, or an "
+                              "export cut short?); export again")
     return OnnxRouter(export_dir, manifest)
+
+
+def _part_files(export_dir: Path, name: str) -> list[Path]:
+    """A part's model file and the external-data file onnx may write beside it."""
+    return [f for f in (export_dir / f"{name}.onnx", export_dir / f"{name}.onnx.data")
+            if f.is_file()]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
