@@ -167,13 +167,13 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     targets need them). Raises :class:`ConfigError` for a budget below the fixed cost every
     image pays (f0's T passes and the policy) or a share outside [0, 1].
     """
+    if best_iou and budget_gflops is None:
+        raise ConfigError("--best-iou goes with --budget-gflops (the best mIoU within that "
+                          "budget); the other targets fix the point themselves")
     if sum(v is not None for v in (budget_gflops, max_frac_large, iou_within_top,
                                    max_tvd)) != 1:
         raise ConfigError("give exactly one budget: --budget-gflops X, --max-frac-large F, "
                           "--iou-within-top D or --max-tvd T")
-    if best_iou and budget_gflops is None:
-        raise ConfigError("--best-iou goes with --budget-gflops (the best mIoU within that "
-                          "budget); the other targets fix the point themselves")
     h, w = data.images.shape[-2:]
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)
@@ -184,7 +184,7 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                               "per image")
         if budget_gflops < costs.fixed:
             raise ConfigError(
-                f"--budget-gflops {budget_gflops:g} is below the {costs.fixed:.3f} GFLOP every "
+                f"--budget-gflops {budget_gflops:g} is below the {costs.fixed:.6g} GFLOP every "
                 f"{h} x {w} image pays before any patch is routed (f0's {costs.mc_samples} "
                 f"Monte Carlo passes {costs.f0_mc:.3f} + the policy {costs.policy:.3f}; "
                 f"{FLOP_CONVENTION}); give at least that")
