@@ -150,6 +150,9 @@ BAD = {
                         413, "patches of 1030 x 40: larger than the 1024 x 1024 (halo "
                         "included) this run routes"),
     "png probs": (dict(body=b"x", format="png"), 422, "format=png answers labels only"),
+    "npz sent as png": (dict(body=encode_npz(patches=np.zeros((1, 1, 8, 8), np.uint8)),
+                             kind=PNG, output="labels"), 400,
+                        "not an image at all; an npz body goes with Content-Type"),
     "bad query": (dict(body=b"x", output="masks"), 422, "query.output"),
 }
 

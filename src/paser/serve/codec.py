@@ -105,6 +105,9 @@ def decode_png(body: bytes, max_values: int) -> np.ndarray:
             return np.asarray(img)
     except PayloadError:
         raise
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object
+        raise PayloadError(400, "the body is not a readable PNG (not an image at all; an npz "
+                           f"body goes with Content-Type {NPZ})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise PayloadError(400, f"the body is not a readable PNG ({err})") from None
 
