@@ -309,3 +309,101 @@ def test_labels_outside_the_runs_classes_are_a_failed_answer(mnist_run, monkeypa
     out = edge.segment(torch.rand(1, 1, 28, 28))
     assert out.degraded.all()
     assert "an answer that is not [1, 28, 28] labels (class 12 of 2)" in pool.take().errors[0]
+
+
+def test_a_url_that_is_not_a_paser_server_is_an_error_not_a_server_down(mnist_run):
+    from fastapi import FastAPI
+
+    from paser.serve.client import RemoteError
+
+    edge = _load(mnist_run)
+    pool = edge.use_remote("http://testserver/v1", http=TestClient(FastAPI()))
+    with pytest.raises(RemoteError, match="HTTP 404: not a paser server, or not its root URL"):
+        pool.connect()
+
+
+def test_a_server_with_other_weights_is_refused(mnist_run):
+    server_model = _load(mnist_run)
+    with torch.no_grad():
+        next(server_model.router.pool[0].parameters()).add_(1.0)
+    edge = _load(mnist_run)
+    pool = edge.use_remote("http://testserver", http=TestClient(create_app(server_model)))
+    with pytest.raises(RemoteError, match="f1 has other weights than this run's"):
+        pool.connect()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("paser serve did not come up")
+
+
+@pytest.mark.slow  # `paser serve` (uvicorn) and `paser segment` in processes
+def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "paser", "serve", "--run-dir",
+                             str(mnist_run), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_healthy(url, proc)
+        folder = tmp_path / "in"
+        folder.mkdir()
+        for i in range(6):
+            Image.fromarray(RNG.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+                folder / f"img{i}.png")
+        edge = _forced(_load(mnist_run), [0.0, 100.0, 0.0])  # every image to f1
+        pool = edge.use_remote(url, timeout=2.0, retries=1, backoff=0.0)
+        pool.connect()
+
+        def stop_after_two(res):
+            if res.stem == "img1":
+                proc.terminate()
+                proc.wait(30)
+
+        results = segment_files(edge, find_images([folder]), tmp_path / "out",
+                                on_done=stop_after_two)
+    finally:
+        proc.kill()
+    assert [r.ok for r in results] == [True] * 6  # nothing lost
+    assert [r.degraded for r in results] == [0, 0, 1, 1, 1, 1]
+    records = [json.loads((tmp_path / "out" / f"img{i}.json").read_text()) for i in range(6)]
+    for i, rec in enumerate(records):
+        remote = rec["remote"]
+        assert rec["actions"] == [[1]] and remote["degraded"] == [[i >= 2]]
+        assert remote["bytes_whole_image"] > 0
+        if i < 2:
+            assert remote["requests"] == 1 and remote["errors"] == []
+            assert 0 < remote["bytes_sent"] and remote["cloud_gflops"] > 0
+        else:
+            assert remote["cloud_gflops"] == 0 and remote["patches_failed"] == 1
+    assert remote["requests"] == 0  # marked down after the first failure: no more waiting
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["degraded patches"] for r in rows] == ["0", "0", "1", "1", "1", "1"]
+    # the CLI against the stopped server: a warning, every image written, exit status 0
+    res = paser("segment", str(folder), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "cli"), "--remote", url, "--timeout", "1", "--retries", "0")
+    assert res.returncode == 0, res.stderr
+    assert f"warning: remote tier {url} does not answer" in res.stderr
+    assert "segmented 6 of 6 images" in res.stdout and "patches degraded" in res.stdout
+
+
+def test_a_port_in_use_is_one_line_before_the_run_loads():
+    import socket
+
+    from paser.errors import PaserError
+    from paser.serve.server import _check_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(PaserError, match=f"--port {port} on 127.0.0.1: cannot listen there"):
+            _check_port("127.0.0.1", port)
+    _check_port("127.0.0.1", port)  # free again
