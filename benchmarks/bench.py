@@ -46,7 +46,10 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
 
 Weights are untrained: time and memory do not depend on them, and the action mix is
 fixed. The process runs as `paser` does, with glibc keeping freed memory for reuse
-(`paser.runtime.keep_freed_memory`; PASER_SYSTEM_MALLOC=1 measures glibc's defaults). Results: printed, and written to benchmarks/results/<device>.json.
+(`paser.runtime.keep_freed_memory`; PASER_SYSTEM_MALLOC=1 measures glibc's defaults).
+Results: printed, and written to benchmarks/results/cpu.json. With CUDA present (or
+``--device cuda``) only the inference and stage-2 parts run, on CUDA, into
+cuda-bench.json (cuda.json holds ``make bench-gpu``'s measurements).
 """
 
 from __future__ import annotations
@@ -908,7 +911,8 @@ def main() -> None:
     result["part_seconds"] = part_seconds  # what each part took, data made on first use included
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{device.type}.json"
+    # cuda.json is benchmarks/gpu.py's (make bench-gpu), another set of measurements
+    path = RESULTS / ("cpu.json" if device.type == "cpu" else f"{device.type}-bench.json")
     if args.only and path.is_file():  # one part re-measured: keep the others' last results
         last = json.loads(path.read_text())
         result = {**last, **result,

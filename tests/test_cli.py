@@ -64,6 +64,19 @@ def test_a_command_that_fails_on_its_config_leaves_the_run_as_it_was(tmp_path):
         (run_dir / "config.yaml").write_text("seed: 2\nmodels: {pool: [{name: nosuch}]}\n")
         raise ConfigError("unknown model nosuch")
     assert (run_dir / "config.yaml").read_text() == "seed: 1\n"
+    # a finished stage marked as begun by a command that then failed before training: the
+    # ledger is put back, so that paser run does not resume it and redo every later step
+    ledger = '{"stage1": {"fingerprint": "abc"}}'
+    (run_dir / "steps.json").write_text(ledger)
+    with pytest.raises(ConfigError), config_kept_on_error(run_dir):
+        (run_dir / "steps.json").write_text('{"stage1": {"started": "abc"}}')
+        raise ConfigError("environment variable PASER_BF16='yes'")
+    assert (run_dir / "steps.json").read_text() == ledger
+    (run_dir / "steps.json").unlink()
+    with pytest.raises(ConfigError), config_kept_on_error(run_dir):  # no ledger before
+        (run_dir / "steps.json").write_text('{"stage1": {"started": "abc"}}')
+        raise ConfigError("later")
+    assert not (run_dir / "steps.json").exists()
     with pytest.raises(ConfigError), config_kept_on_error(run_dir):  # trained, then failed
         (run_dir / "config.yaml").write_text("seed: 3\n")
         (run_dir / "checkpoints" / "f1.pt").write_text("w")

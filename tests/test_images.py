@@ -83,6 +83,9 @@ def test_every_kind_of_file_gives_the_same_tensor_on_every_path(tmp_path):
     assert np.allclose(x[0], np.clip((gray * 10.0 - 500 - lo) / (hi - lo), 0, 1), atol=1e-6)
     report = check_dataset(tmp_path / "d", show_progress=False)
     assert report["intensity"]["window"] == pytest.approx(list(window.window))
+    assert not report["intensity"]["given"]  # fitted: data check says so
+    given = check_dataset(tmp_path / "d", show_progress=False, overrides=["data.window=[0,500]"])
+    assert given["intensity"]["window"] == [0, 500] and given["intensity"]["given"]
     assert report["files"]["train"] == {"uint8 PNG": 3, "uint16 PNG": 1, "uint16 TIF": 1,
                                         "float32 TIF": 1, "int16 TIF": 1, "uint8 TIF stack": 1}
 

@@ -197,3 +197,19 @@ def test_a_run_whose_config_changed_its_class_count_is_refused_clearly(run, tmp_
     (copy / "config.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(CheckpointError, match="f0.pt: its weights do not fit .*num_classes 4"):
         PaSeR.load(copy)
+
+
+def test_a_script_without_a_main_guard_is_told_how_to_fix_it(run, tmp_path):
+    """Reader processes start from a fork server, which imports the calling script: without
+    `if __name__ == "__main__":` each reader runs the script again and stops."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "calibrate_it.py"
+    script.write_text("from paser import PaSeR\n"
+                      f"PaSeR.load({str(run[0])!r}).calibrate(iou_within_top=0.005)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("paser.errors.DataError") and "__name__" in last, done.stderr[-2000:]

@@ -44,16 +44,19 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on 
 @contextlib.contextmanager
 def config_kept_on_error(run_dir: Path):
     """A training command that fails on its config or data before any checkpoint changed
-    leaves the run as it was: its ``config.yaml`` is put back (an override the command
-    refused is not kept for evaluate and segment to read), and a run folder the command
-    made is removed (a mistyped --run-dir is not left as a run)."""
+    leaves the run as it was: its ``config.yaml`` and its ledger ``steps.json`` are put
+    back (an override the command refused is not kept for evaluate and segment to read,
+    and a finished stage is not left marked as begun, which `paser run` would resume and
+    redo every later step for), and a run folder the command made is removed (a mistyped
+    --run-dir is not left as a run)."""
     from paser.checkpoints import checkpoint_files
     from paser.errors import PaserError
+    from paser.runtime import atomic_write_text
 
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
     existed = run_dir.exists()
-    before = path.read_bytes() if path.is_file() else None
+    kept = {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
+            for name in ("config.yaml", "steps.json")}
     ckpts = checkpoint_files(run_dir)
     try:
         yield
@@ -61,8 +64,10 @@ def config_kept_on_error(run_dir: Path):
         if checkpoint_files(run_dir) == ckpts:
             if not existed:
                 shutil.rmtree(run_dir, ignore_errors=True)
-            elif before is not None and path.is_file() and path.read_bytes() != before:
-                from paser.runtime import atomic_write_text
-
-                atomic_write_text(before.decode(), path)
+            for name, before in kept.items():
+                path = run_dir / name
+                if before is not None and path.is_file() and path.read_bytes() != before:
+                    atomic_write_text(before.decode(), path)
+                elif before is None and name == "steps.json" and existed:
+                    path.unlink(missing_ok=True)
         raise

@@ -46,10 +46,11 @@ def data_check(
         if k.endswith(" stack"):
             how += "; its first page only (a stack of pages is one image here)"
         typer.echo(f"  {n:>6} {k:<16} {how}")
+    source = ("data.window as given" if r["intensity"].get("given")
+              else "0.5 / 99.5 percentiles of the training images")
     typer.echo(f"intensity: {r['intensity']['says']}"
-               + (" (0.5 / 99.5 percentiles of the training images; kept in the run as "
-                  "intensity.json, applied unchanged by segment and evaluate)"
-                  if r["intensity"]["window"] is not None else ""))
+               + (f" ({source}; kept in the run as intensity.json, applied unchanged by "
+                  "segment and evaluate)" if r["intensity"]["window"] is not None else ""))
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):

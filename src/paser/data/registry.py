@@ -331,5 +331,6 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
         "intensity": {**splits["train"].intensity.to_dict(),
-                      "says": splits["train"].intensity.describe()},
+                      "says": splits["train"].intensity.describe(),
+                      "given": cfg.window is not None},
     }

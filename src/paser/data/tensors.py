@@ -126,11 +126,25 @@ class Tensors:
         # Readers start from a fork server, not a fork of this process: a fork taken
         # while another thread (gloo's, under multi-process training) holds a lock can
         # leave the reader waiting on that lock forever (seen: stage 1 on 2 processes hung).
-        for batch in DataLoader(_Columns(self.images, self.masks),
-                                batch_sampler=[idx.tolist() for idx in index_batches],
-                                num_workers=self.workers, collate_fn=_as_is,
-                                generator=torch.Generator(),
-                                multiprocessing_context=worker_context(self.workers, ["paser.data"])):
+        loader = iter(DataLoader(_Columns(self.images, self.masks),
+                                 batch_sampler=[idx.tolist() for idx in index_batches],
+                                 num_workers=self.workers, collate_fn=_as_is,
+                                 generator=torch.Generator(),
+                                 multiprocessing_context=worker_context(self.workers,
+                                                                        ["paser.data"])))
+        while True:
+            try:
+                batch = next(loader)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if "exited unexpectedly" not in str(err):
+                    raise
+                raise DataError(
+                    f"the {self.workers} reader processes stopped ({err}). In a Python script, "
+                    "call paser under `if __name__ == \"__main__\":` (each reader starts by "
+                    "importing the script, and must not run it); otherwise a reader ran out of "
+                    "memory or was killed. data.workers=0 reads in this process") from None
             if isinstance(batch, DataError):  # a bad file, found by a reader process
                 raise batch
             yield batch[0], labels(batch[1])

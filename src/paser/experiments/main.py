@@ -134,6 +134,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     calibrations = {}
     for name, target in (points.items() if b.operating_points else ()):
         if target.get("budget_gflops", costs.fixed) < costs.fixed:
+            notes.append(f"{name}: left out; f1 alone ({target['budget_gflops']:.3g} GFLOP) "
+                         f"costs less than PaSeR's fixed cost ({costs.fixed:.3g}: f0 and "
+                         "the policy), so no routing fits that budget.")
             continue
         calibrations[name] = calibrate(router, data.validation, ncls, batch_size=tb,
                                        outcomes=val_out, **target)
