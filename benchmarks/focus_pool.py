@@ -30,7 +30,7 @@ from paser.data import IGNORE, load_stage_data
 from paser.patches import PatchGrid
 from paser.run import run
 from paser.train import pretrain as stage1
-from paser.train.common import MetricLog, setup
+from paser.train.common import MetricLog, seed_role, setup
 from paser.train.distributed import launch
 
 RESULTS = Path(__file__).parent / "results" / "focus_pool.json"
@@ -65,7 +65,7 @@ def retrain_pool(run_dir: Path, beta: float) -> dict:
         raise SystemExit("focus_pool: the pixel weights follow D_pre's tiles as they are; "
                          "run it on a run without augmentation or crops (the demo)")
     focus = 1 + beta * f0_error(run_dir, cfg, data.pre)
-    device = setup(cfg)  # seeded as stage 1 is: f1..fK start from the run's initial weights
+    device = setup(cfg)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     stage1.probe_models(cfg, grid, *data.pre.images.shape[-2:])
     dist = launch(cfg)
@@ -88,6 +88,7 @@ def retrain_pool(run_dir: Path, beta: float) -> dict:
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
         if len(train) != len(data.pre):
             raise SystemExit("focus_pool: pool models trained on groups of D_pre are not covered")
+        seed_role(cfg, role)  # seeded as stage 1 is: the run's initial weights
         stage1.fit(role, dist.place(build_model(cfg, spec)), forwards[role], focused_ce, train,
                    val, cfg=cfg, epochs=stage1.model_epochs(cfg, spec),
                    lr=spec.lr or cfg.stage1.lr, run_dir=run_dir, log=log, resume=False,

@@ -421,7 +421,8 @@ class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved copy is saved in the run directory."""
 
     preset: str | None = Field(None, description="the preset this config came from, if any")
-    seed: int = Field(0, ge=0, lt=2**32, description="seed for weights, batches and dropout")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for weights, batches and dropout; each model's "
+                      "initial weights and dropout come from it and the model's role alone")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = default")
     grid: tuple[int, int] = Field((4, 4), description="patch grid rows, cols (paper: 4 x 4)")

@@ -173,7 +173,8 @@ def f0_predictor(router: Router, monte_carlo: bool, mc_seed: int | None = 0) -> 
         router.f0.eval()
         pred = grid.crop(predicted_classes(router.f0(grid.pad(x))), h, w)
         actions = torch.zeros(x.shape[0], grid.num_patches, dtype=torch.long)
-        return Prediction(pred, torch.full((x.shape[0],), router.costs(h, w).f0_pass), actions)
+        return Prediction(pred, torch.full((x.shape[0],), router.costs(h, w).f0_pass,
+                                           dtype=torch.float64), actions)
     return predict
 
 

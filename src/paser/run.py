@@ -112,9 +112,11 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
         lines.append(f"and {len(keys) - limit} more keys")
     a, b = fingerprints(before), fingerprints(cfg)
     stale = [step for step in DEPS if a[step] != b[step]]
+    threads = ("; num_threads changes the order PyTorch sums in on the CPU, so a fresh run "
+               "with it can differ in the last digits" if "num_threads" in keys else "")
     lines.append("changed since this run was made: "
                  + (f"{', '.join(stale)} (and what reads them) run again" if stale else
-                    "no step depends on it"))
+                    "no step depends on it (nothing is redone)") + threads)
     return lines
 
 

@@ -27,7 +27,7 @@ from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.runtime import atomic_save
-from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, setup
+from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, seed_role, setup
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import class_weight, fit, masked_ce, model_epochs, weighted_ce
 from paser.uncertainty import entropy
@@ -82,7 +82,9 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
 def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec, data: StageData,
                 device: torch.device, resume: bool, show_progress: bool, label: str,
                 dist: Dist | None = None) -> nn.Module:
-    """Train one whole-image model on D_pre (class-weighted CE) and return its best weights."""
+    """Train one whole-image model on D_pre (class-weighted CE) and return its best weights
+    (its weights and dropout seeded from the run's seed and ``role`` alone)."""
+    seed_role(cfg, role)
     model = (dist or Dist(device)).place(build_model(cfg, spec))
     fit(role, model, whole_padded, weighted_ce(cfg, device), data.pre, data.validation,
         cfg=cfg, epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr,
@@ -143,6 +145,7 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
     members = [train_whole(cfg, run_dir, member_role(i), spec, data, device, resume,
                            show_progress, f"MatPhase member {i + 1}/{len(mp.members)}", dist)
                for i, spec in enumerate(mp.members)]
+    seed_role(cfg, "matphase")  # the fusion CNN's weights: not the members' training's draws
     model = MatPhase(members, cfg.models.in_channels, cfg.models.num_classes,
                      mp.fusion_channels).to(device)
     path = run_dir / "checkpoints" / "base_matphase.pt"

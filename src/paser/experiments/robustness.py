@@ -39,7 +39,7 @@ from paser.experiments.report import pyplot, save_figure
 from paser.patches import PatchGrid
 from paser.routing import Router
 from paser.runtime import atomic_write_text, progress
-from paser.train.common import MetricLog
+from paser.train.common import MetricLog, seed_role
 from paser.train.pretrain import fit, model_epochs, patchwise, weighted_ce
 
 NOISY_DIR = "noisy"  # under checkpoints/: the noisy pool, noisy/f1.pt ...
@@ -112,6 +112,7 @@ def train_noisy_pool(run: FinishedRun, router: Router, amount: float, seed: int,
                       for i, d in ((1, data.pre), (2, data.validation)))
         role = f"{NOISY_DIR}/f{k}"
         n_epochs = model_epochs(cfg, spec) if epochs is None else epochs
+        seed_role(cfg, role)  # its dropout draws: not the previous model's training's
         best = fit(role, copy.deepcopy(model).to(device), patchwise(grid), ce, train, val,
                    cfg=cfg, epochs=n_epochs, lr=spec.lr or cfg.stage1.lr, run_dir=run.run_dir,
                    log=log, resume=resume, device=device, show_progress=show_progress,

@@ -3,6 +3,7 @@ predictions (device, seeds, progress and atomic writes are :mod:`paser.runtime`'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -38,6 +39,15 @@ def setup(cfg: ExperimentConfig) -> torch.device:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     return resolve_device(cfg.device)
+
+
+def seed_role(cfg: ExperimentConfig, role: str) -> None:
+    """Seed the global generators for one model from the run's seed and the model's role
+    (``f0``, ``f1``, a baseline's), before it is built: its initial weights and the
+    dropout draws of its training then depend on nothing else, so that changing one model
+    (its epochs, its width, where its early stop falls) leaves the others as they were."""
+    digest = hashlib.sha256(f"paser {cfg.seed} {role}".encode()).digest()
+    seed_everything(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def cache_predictions(predict: Callable[[torch.Tensor], torch.Tensor], data: Tensors,

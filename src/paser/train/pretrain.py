@@ -46,6 +46,7 @@ from paser.train.common import (
     drop_downstream,
     prepare_run_dir,
     resume_state,
+    seed_role,
     setup,
 )
 from paser.train.distributed import Dist, launch
@@ -332,6 +333,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
+        seed_role(cfg, role)  # each model's weights and dropout from (seed, role) alone
         model = dist.place(build_model(cfg, spec))
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
         around = None if data.pre_around is None else data.pre_around.in_groups(spec.groups, key)
@@ -354,6 +356,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         return (1 - a_kd) * masked_ce(logits, y, weight) + a_kd * F.mse_loss(
             logits, target)
 
+    seed_role(cfg, "f0")
     f0 = dist.place(build_model(cfg, f0_spec))
     fit("f0", f0, whole_image, ce_kd, f0_train, f0_val,
         epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
