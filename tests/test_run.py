@@ -53,6 +53,7 @@ def test_results_hold_every_method_with_the_same_fields(job):
             assert sum(m["fractions"]) == pytest.approx(1.0)
     for key in ("flop_convention", "device", "preset", "lam", "seed"):
         assert key in results
+    assert results["data_seeds"] == {"split": 42, "synthetic": 0}  # what drew the data
     costs = results["costs"]
     # f0's one pass in 64-bit as the table holds it (in 32-bit it moved with the batch size)
     assert results["methods"]["f0"]["gflops"] == pytest.approx(costs["f0_pass"], rel=1e-12)
@@ -83,6 +84,7 @@ def test_report_files(job):
     assert float(rows[0]["iou"]) == pytest.approx(results["methods"]["PaSeR"]["iou"])
     text = (run_dir / "report.md").read_text()
     assert "Table 1" in text and "Table 2" in text and "| IDK-Cascade (IoU match) |" in text
+    assert "; seed 0 (data: split seed 42, synthetic seed 0);" in text
     assert any("Table 1" in line for line in lines)  # printed as well
     for fig in ("iou_vs_gflop.png", "qualitative.png"):
         assert (run_dir / "figures" / fig).stat().st_size > 1000

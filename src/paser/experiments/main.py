@@ -280,6 +280,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"{cfg.stage1.batch_size}); nothing is downloaded.")
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
+        # what drew the data: the split's seed, and the generator's where paser made the set
+        "data_seeds": {"split": cfg.data.split_seed} | (
+            {"synthetic": cfg.data.synthetic.seed}
+            if cfg.data.dataset == "battery" and cfg.data.root is None else {}),
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
         "image_size": [h, w], "megapixels_per_image": h * w / 1e6,
         "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,

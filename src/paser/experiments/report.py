@@ -92,7 +92,9 @@ def markdown(results: dict) -> str:
     out = io.StringIO()
     w = out.write
     w(f"# PaSeR report: {results.get('preset') or 'custom config'}\n\n")
-    w(f"- device: {results['device']}; seed {results['seed']}; lam {results['lam']}; "
+    data_seeds = ", ".join(f"{k} seed {v}" for k, v in results.get("data_seeds", {}).items())
+    w(f"- device: {results['device']}; seed {results['seed']}"
+      f"{f' (data: {data_seeds})' if data_seeds else ''}; lam {results['lam']}; "
       f"test images {results['test_images']} of {results['image_size'][0]} x "
       f"{results['image_size'][1]}; grid {results['grid'][0]} x {results['grid'][1]}; "
       f"T = {results['mc_samples']}\n")
