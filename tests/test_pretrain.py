@@ -190,3 +190,37 @@ def test_each_model_is_seeded_on_its_own(tmp_path):
     same = {role: all(torch.equal(a, weights[1][role][k]) for k, a in weights[0][role].items())
             for role in ("f0", "f1", "f2")}
     assert same == {"f0": True, "f1": False, "f2": True}
+
+
+def test_paser_run_keeps_the_models_whose_own_settings_did_not_change(tmp_path):
+    """Stage 1 again after one model's settings changed (reuse, as paser run does): the
+    others are kept, byte for byte, and every model equals a fresh run's."""
+    def cfg_with(*extra):
+        return load_config(preset="battery-quick", overrides=[
+            *TINY, "stage1.epochs=1", *extra, f"data.cache_dir={tmp_path / 'cache'}"])
+
+    def files(run):
+        return {role: (run / "checkpoints" / f"{role}.pt").read_bytes()
+                for role in ("f0", "f1", "f2")}
+
+    run = tmp_path / "run"
+    stage1.pretrain(cfg_with(), run, show_progress=False, reuse=True)
+    first = files(run)
+    changed = cfg_with("models.f0.epochs=3")  # f0 only (TINY: 2): f1 and f2 are kept
+    stage1.pretrain(changed, run, show_progress=False, reuse=True)
+    second = files(run)
+    assert {r: second[r] == first[r] for r in first} == {"f0": False, "f1": True, "f2": True}
+    lines = [(r["model"], r["epoch"]) for r in MetricLog(run / "metrics" / "stage1.jsonl").read()]
+    assert lines == [("f1", 0), ("f2", 0), ("f0", 0), ("f0", 1), ("f0", 2)]
+    changed = cfg_with("models.f0.epochs=3", "models.pool.0.epochs=2")  # f1: f2 and f0 kept
+    stage1.pretrain(changed, run, show_progress=False, reuse=True)
+    third = files(run)
+    assert {r: third[r] == second[r] for r in first} == {"f0": True, "f1": False, "f2": True}
+    fresh = tmp_path / "fresh"
+    stage1.pretrain(changed, fresh, show_progress=False)
+    for role in ("f0", "f1", "f2"):
+        a = torch.load(run / "checkpoints" / f"{role}.pt", weights_only=False)["model"]
+        b = torch.load(fresh / "checkpoints" / f"{role}.pt", weights_only=False)["model"]
+        assert all(torch.equal(v, b[k]) for k, v in a.items()), role
+    stage1.pretrain(changed, run, show_progress=False)  # no reuse (--force): all again
+    assert (run / "checkpoints" / "f1.trained.json").is_file()

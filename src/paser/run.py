@@ -310,7 +310,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo(f"[{name}] finished in {timings[name]:.1f} s")
 
     echo(f"[data] {describe(cfg.data, progress=show_progress)}")
-    step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume, show_progress=show_progress))
+    # a model trained before with its own settings unchanged is kept (not with --force)
+    step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume,
+                                           show_progress=show_progress, reuse=not force))
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
                                                show_progress=show_progress))
     step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))

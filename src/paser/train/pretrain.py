@@ -10,6 +10,7 @@ epoch; the summary (validation and test mIoU, parameters, GFLOP) to ``stage1.jso
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import zlib
@@ -306,11 +307,39 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     return best
 
 
+def model_fingerprint(cfg: ExperimentConfig, role: str) -> str:
+    """What a stage-1 model's training depends on, hashed: its role (its seed, through
+    :func:`paser.train.common.seed_role`), its own spec, the data (not how it is read),
+    the run's seed, grid and halo, the class and channel counts and stage 1's settings; and
+    for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it."""
+    from paser.run import NEUTRAL
+
+    raw = cfg.model_dump(mode="json")
+    models = raw["models"]
+    parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
+             "data": {k: v for k, v in raw["data"].items() if k not in NEUTRAL["data"]},
+             "channels": models["in_channels"], "classes": models["num_classes"],
+             "stage1": raw["stage1"],
+             "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
+    if role == "f0":
+        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}")
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _trained_file(run_dir: Path, role: str) -> Path:
+    """Where a model that finished its stage-1 training records its fingerprint."""
+    return run_dir / "checkpoints" / f"{role}.trained.json"
+
+
 def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, reuse: bool = False) -> dict:
     """Run stage 1 into ``run_dir``; return the summary written to ``stage1.json``.
 
-    ``cfg=None`` reopens the config saved in ``run_dir`` (for ``--resume``).
+    ``cfg=None`` reopens the config saved in ``run_dir`` (for ``--resume``). ``reuse``
+    (``paser run`` without ``--force``): a model whose training finished before with the
+    same :func:`model_fingerprint` is kept, not trained again; each model is seeded on its
+    own, so it is the model a fresh run would train (changing f0 keeps f1..fK; changing f1
+    keeps the others, f0 included, since it distils from fK).
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     if not resume:
@@ -332,14 +361,52 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
+
+    def kept(role: str) -> bool:
+        """Trained before with the same fingerprint (and ``reuse``): shown, not trained."""
+        path = _trained_file(run_dir, role)
+        same = (reuse and not resume and path.is_file()
+                and (run_dir / "checkpoints" / f"{role}.pt").is_file()
+                and json.loads(path.read_text()).get("fingerprint") == model_fingerprint(cfg, role))
+        if same:
+            with progress(show_progress and dist.is_main) as bar:
+                bar.add_task(f"stage 1 {role}", total=1, completed=1,
+                             info="kept: trained before with these settings")
+        elif dist.is_main:
+            path.unlink(missing_ok=True)  # trained again: finished only once it is
+        return same
+
+    def finished(role: str) -> None:
+        if dist.is_main:
+            atomic_write_text(json.dumps({"fingerprint": model_fingerprint(cfg, role)}),
+                              _trained_file(run_dir, role))
+
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
+        if kept(role):
+            continue
         seed_role(cfg, role)  # each model's weights and dropout from (seed, role) alone
         model = dist.place(build_model(cfg, spec))
         train, val = (d.in_groups(spec.groups, key) for d in (data.pre, data.validation))
         around = None if data.pre_around is None else data.pre_around.in_groups(spec.groups, key)
         fit(role, model, forwards[role], ce, train, val, around=around, margin=data.margin,
             epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr, **common)
+        finished(role)
 
+    if not kept("f0"):
+        _train_f0(cfg, run_dir, data, forwards, weight, dist, common)
+        finished("f0")
+
+    summary = summarize(cfg, run_dir, data, forwards, device) | {"precision": dist.precision}
+    if dist.is_main:
+        atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
+    return summary
+
+
+def _train_f0(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Forward],
+              weight: torch.Tensor | None, dist: Dist, common: dict) -> None:
+    """f0 on whole images, distilled from fK (frozen)."""
+    device = dist.device
+    roles = model_roles(cfg)
     # fK is frozen while f0 learns: its stitched logits on f0's data are computed once.
     f0_spec = cfg.models.f0
     f0_train, f0_val = (d.in_groups(f0_spec.groups, _keys(cfg)[0])
@@ -362,11 +429,6 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         epochs=model_epochs(cfg, f0_spec), lr=f0_spec.lr or cfg.stage1.lr, **common)
     if dist.is_main:
         targets.unlink()
-
-    summary = summarize(cfg, run_dir, data, forwards, device) | {"precision": dist.precision}
-    if dist.is_main:
-        atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
-    return summary
 
 
 @torch.inference_mode()
