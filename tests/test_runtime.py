@@ -134,3 +134,24 @@ def test_ctrl_c_says_how_to_go_on():
     assert "without --force" in interrupted(["run", "--run-dir", "r", "--force"])
     assert "without --overwrite" in interrupted(["segment", "x", "--overwrite"])
     assert "--resume" in interrupted(["pretrain", "--run-dir", "r"])
+
+
+def test_a_reader_that_died_is_a_data_error_that_says_what_to_do():
+    """Both reader loaders (a split streamed from disk, paser segment's inputs) go through
+    from_readers: a script without a __main__ guard kills every reader at its start."""
+    from paser.errors import DataError
+    from paser.runtime import from_readers
+
+    def loader(error):
+        yield 1
+        raise error
+
+    items = from_readers(loader(RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")),
+                         2, without="--workers 0")
+    assert next(items) == 1
+    with pytest.raises(DataError, match=r'2 reader processes stopped .*__name__ == "__main__".*'
+                                        r"--workers 0 reads in this process"):
+        next(items)
+    with pytest.raises(RuntimeError, match="other"):  # any other error is left as it is
+        list(from_readers(loader(RuntimeError("other")), 2))
+    assert list(from_readers(iter([1, 2]), 2)) == [1, 2]

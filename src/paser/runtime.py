@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from paser.errors import ConfigError
+from paser.errors import ConfigError, DataError
 
 # glibc's mallopt(3) parameters and the largest value an int can carry.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _INT_MAX = -1, -4, 2**31 - 1
@@ -267,6 +267,28 @@ def detached_worker(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="paser-parent-watch", daemon=True).start()
+
+
+def from_readers(loader, workers: int, without: str = "data.workers=0"):
+    """The items of ``loader`` (a DataLoader whose ``workers`` reader processes start from
+    :func:`worker_context`); a reader that died is a :class:`DataError` that says what to
+    do, not "DataLoader worker exited unexpectedly". ``without``: the setting that reads
+    in this process instead."""
+    items = iter(loader)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "exited unexpectedly" not in str(err):
+                raise
+            raise DataError(
+                f"the {workers} reader processes stopped ({err}). In a Python script, call "
+                "paser under `if __name__ == \"__main__\":` (each reader starts by importing "
+                "the script, and must not run it); otherwise a reader ran out of memory or was "
+                f"killed. {without} reads in this process") from None
+        yield item
 
 
 def worker_context(workers: int, preload: list[str]):

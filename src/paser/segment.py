@@ -42,7 +42,13 @@ from paser.data.images import (
 )
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
-from paser.runtime import atomic_write_text, detached_worker, replaced, worker_context
+from paser.runtime import (
+    atomic_write_text,
+    detached_worker,
+    from_readers,
+    replaced,
+    worker_context,
+)
 
 SUFFIXES = READABLE_SUFFIXES
 CLASS_COLOURS = np.array([[31, 119, 180], [255, 200, 40], [214, 39, 40], [44, 160, 44],
@@ -180,9 +186,10 @@ def _inputs(files: Sequence[Path], channels: int, intensity: Intensity, workers:
     if not workers:
         return (data[i] for i in range(len(data)))
     ctx = worker_context(workers, ["paser.segment"])
-    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
-                                            prefetch_factor=4, multiprocessing_context=ctx,
-                                            collate_fn=_as_is, generator=torch.Generator()))
+    return from_readers(torch.utils.data.DataLoader(
+        data, batch_size=None, num_workers=workers, prefetch_factor=4,
+        multiprocessing_context=ctx, collate_fn=_as_is, generator=torch.Generator()), workers,
+        without="--workers 0 (workers=0 in Python)")
 
 
 def _as_is(item):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.errors import DataError
-from paser.runtime import worker_context
+from paser.runtime import from_readers, worker_context
 
 #: Unlabelled pixels: stored as MASK_IGNORE (255) in uint8 masks, IGNORE (-1) in the int64
 #: labels that losses (``ignore_index=-1``) and metrics (:class:`paser.metrics.IoUAccumulator`)
@@ -126,25 +126,12 @@ class Tensors:
         # Readers start from a fork server, not a fork of this process: a fork taken
         # while another thread (gloo's, under multi-process training) holds a lock can
         # leave the reader waiting on that lock forever (seen: stage 1 on 2 processes hung).
-        loader = iter(DataLoader(_Columns(self.images, self.masks),
-                                 batch_sampler=[idx.tolist() for idx in index_batches],
-                                 num_workers=self.workers, collate_fn=_as_is,
-                                 generator=torch.Generator(),
-                                 multiprocessing_context=worker_context(self.workers,
-                                                                        ["paser.data"])))
-        while True:
-            try:
-                batch = next(loader)
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                if "exited unexpectedly" not in str(err):
-                    raise
-                raise DataError(
-                    f"the {self.workers} reader processes stopped ({err}). In a Python script, "
-                    "call paser under `if __name__ == \"__main__\":` (each reader starts by "
-                    "importing the script, and must not run it); otherwise a reader ran out of "
-                    "memory or was killed. data.workers=0 reads in this process") from None
+        loader = DataLoader(_Columns(self.images, self.masks),
+                            batch_sampler=[idx.tolist() for idx in index_batches],
+                            num_workers=self.workers, collate_fn=_as_is,
+                            generator=torch.Generator(),
+                            multiprocessing_context=worker_context(self.workers, ["paser.data"]))
+        for batch in from_readers(loader, self.workers):
             if isinstance(batch, DataError):  # a bad file, found by a reader process
                 raise batch
             yield batch[0], labels(batch[1])
