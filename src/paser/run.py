@@ -124,6 +124,17 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
 NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
 
 
+def hashed_part(raw: dict, key: str, legacy: bool = False):
+    """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes: without
+    its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed)."""
+    node = raw
+    for part in key.split("."):
+        node = node[part]
+    if key in NEUTRAL and not legacy:
+        node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
+    return node
+
+
 def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
     """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
     ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
@@ -133,14 +144,7 @@ def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
     from paser.train.paper import paper_config
 
     def digest(raw: dict, keys: tuple[str, ...]) -> str:
-        values = []
-        for key in keys:
-            node = raw
-            for part in key.split("."):
-                node = node[part]
-            if key in NEUTRAL and not legacy:
-                node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
-            values.append([key, node])
+        values = [[key, hashed_part(raw, key, legacy)] for key in keys]
         return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     raw = cfg.model_dump(mode="json")

@@ -312,12 +312,12 @@ def model_fingerprint(cfg: ExperimentConfig, role: str) -> str:
     :func:`paser.train.common.seed_role`), its own spec, the data (not how it is read),
     the run's seed, grid and halo, the class and channel counts and stage 1's settings; and
     for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it."""
-    from paser.run import NEUTRAL
+    from paser.run import hashed_part
 
     raw = cfg.model_dump(mode="json")
     models = raw["models"]
     parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
-             "data": {k: v for k, v in raw["data"].items() if k not in NEUTRAL["data"]},
+             "data": hashed_part(raw, "data"),
              "channels": models["in_channels"], "classes": models["num_classes"],
              "stage1": raw["stage1"],
              "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
