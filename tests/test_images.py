@@ -12,7 +12,14 @@ from PIL import Image
 
 from paser.config import DataConfig
 from paser.data import data_intensity, on_disk, open_split
-from paser.data.images import Intensity, fit_window, probe, read_array, read_image
+from paser.data.images import (
+    Intensity,
+    fit_window,
+    probe,
+    read_array,
+    read_image,
+    read_mask,
+)
 from paser.data.registry import check_dataset
 from paser.errors import DataError
 from paser.segment import read_input
@@ -96,8 +103,13 @@ def test_the_same_scene_in_five_formats_is_one_tensor(tmp_path):
     gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
     _kinds(tmp_path / "k", gray)
     tifffile.imwrite(tmp_path / "k" / "unit.tif", gray.astype(np.float32) / 255)
+    # compressed as instruments, Fiji and Pillow write them (tifffile decodes LZW and
+    # PackBits only with imagecodecs)
+    tifffile.imwrite(tmp_path / "k" / "lzw.tif", gray.astype(np.uint16) * 257,
+                     compression="lzw")
+    Image.fromarray(gray).save(tmp_path / "k" / "packbits.tif", compression="packbits")
     ref = read_image(tmp_path / "k" / "u8.png", 1)
-    for name in ("u16.png", "rgb.png", "unit.tif", "u16.tif"):
+    for name in ("u16.png", "rgb.png", "unit.tif", "u16.tif", "lzw.tif", "packbits.tif"):
         assert np.array_equal(read_image(tmp_path / "k" / name, 1), ref), name
     # big-endian 16-bit (HDF5, zarr) is scaled by its type's range as little-endian is
     u16 = gray.astype(np.uint16) * 257
@@ -135,6 +147,68 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     with pytest.raises(DataError, match="intensity.json: not an intensity file"):
         Intensity.load(tmp_path / "kept")
     assert Intensity.load(tmp_path / "none") == Intensity()  # a run older than the window
+    # 12-bit camera data in 16-bit files: a window the user gives scales 16-bit (and 8-bit)
+    # images too, and the run keeps that it was given
+    twelve = np.array([[0, 1000], [4095, 65535]], np.uint16)
+    given = Intensity((0.0, 4095.0), given=True)
+    assert np.allclose(given.scale(twelve), [[0, 1000 / 4095], [1, 1]])
+    assert np.allclose(Intensity((0.0, 4095.0)).scale(twelve), twelve / 65535)  # fitted
+    given.save(tmp_path / "kept")
+    assert Intensity.load(tmp_path / "kept") == given
+    assert given.describe() == "every image scaled by the window [0, 4095]"
+
+
+def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
+    """Masks give their stored values: a WhiteIsZero TIFF (ImageJ's inverting LUT) is not
+    inverted, palette TIFFs and PNGs give indices, wider integers in 0..255 and an alpha
+    channel are fine; JPEG, colours and values past 255 are errors that say what to do."""
+    m = RNG.integers(0, 3, (H, W)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "white.tif", m * 255 // 2, photometric="miniswhite")
+    assert np.array_equal(read_mask(tmp_path / "white.tif"), m * 255 // 2)
+    pal = Image.fromarray(m, mode="L").convert("P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    pal.save(tmp_path / "pal.tif", compression="tiff_lzw")
+    tifffile.imwrite(tmp_path / "u16.tif", m.astype(np.uint16))  # numpy labels as saved
+    Image.fromarray(np.dstack([m, np.full_like(m, 255)]), mode="LA").save(tmp_path / "la.png")
+    for name in ("pal.png", "pal.tif", "u16.tif", "la.png"):
+        assert read_mask(tmp_path / name).dtype == np.uint8
+        assert np.array_equal(read_mask(tmp_path / name), m), name
+    Image.fromarray(m * 100).save(tmp_path / "m.jpg")
+    tifffile.imwrite(tmp_path / "inst.tif", m.astype(np.uint16) * 300)
+    Image.fromarray(np.dstack([m * 100, m * 0, m * 50])).save(tmp_path / "rgb.png")
+    for name, message in [("m.jpg", "JPEG's lossy compression .* save masks as PNG or TIFF"),
+                          ("inst.tif", "values 0..600; a class map takes the values 0..255"),
+                          ("rgb.png", r"colour mask \(3 colours: \(0, 0, 0\), \(100, 0, 50\)")]:
+        with pytest.raises(DataError, match=message):
+            read_mask(tmp_path / name)
+    # without a classes.yaml, data check names what is wrong with the masks
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    Image.fromarray(m).save(tmp_path / "d" / "images" / "a.png")
+    (tmp_path / "rgb.png").rename(tmp_path / "d" / "masks" / "a.png")
+    with pytest.raises(DataError, match="a.png: a colour mask"):
+        check_dataset(tmp_path / "d")
+
+
+def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    for i in range(5):
+        tifffile.imwrite(root / "images" / f"{i}.tif",
+                         RNG.integers(0, 4096, (H, W)).astype(np.uint16))
+        Image.fromarray((RNG.random((H, W)) > 0.5).astype(np.uint8)).save(
+            root / "masks" / f"{i}.png")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["intensity"]["window"] is None and r["intensity"]["peak"] <= 4095 / 65535
+    r = check_dataset(root, workers=0, show_progress=False, overrides=["data.window=[0,4095]"])
+    assert r["intensity"]["given"] and r["intensity"]["peak"] == pytest.approx(1.0, abs=0.01)
+    cfg = DataConfig(dataset="folder", root=root, window=(0.0, 4095.0))
+    x = open_split(cfg, "train").image(0)
+    raw = tifffile.imread(open_split(cfg, "train").images[0])
+    assert np.allclose(x.numpy()[0], raw / 4095)
 
 
 def test_probe_reads_headers_of_every_kind(tmp_path):

@@ -252,6 +252,17 @@ def test_folders_as_users_have_them(folder, tmp_path):
     (two / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
     r = check_dataset(two, workers=0, show_progress=False)
     assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "line": 1 / 16})
+    assert r["absent_classes"] == []
+    # 0 / 255 masks (ImageJ's) named {0: background, 1: line}: 255 is the default ignore
+    # value, so no pixel is a line and half of them are unlabelled; check says how to name it
+    for mask in two.glob("*/masks/*.png"):
+        Image.fromarray(np.tri(16, dtype=np.uint8) * 255).save(mask)
+    with pytest.raises(DataError, match=r"no mask holds 'line' \(value 1\), while 53 % of the "
+                       r"pixels hold 255, the ignore value: if 255 marks a class, name it"):
+        check_dataset(two, workers=0, show_progress=False)
+    (two / "classes.yaml").write_text("classes: {0: background, 255: line}\nignore: null\n")
+    r = check_dataset(two, workers=0, show_progress=False)
+    assert r["class_fractions"] == pytest.approx({"background": 120 / 256, "line": 136 / 256})
 
 
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):

@@ -40,7 +40,9 @@ def data_check(
             kinds[k] = kinds.get(k, 0) + n
     for k, n in sorted(kinds.items()):
         dtype = k.split()[0]
-        how = ("by the type's range" if dtype in ("uint8", "uint16", "bool") else
+        by_range = dtype == "bool" or (dtype in ("uint8", "uint16")
+                                       and not r["intensity"].get("given"))
+        how = ("by the type's range" if by_range else
                "by the intensity window below" if r["intensity"]["mode"] == "window" else
                "min-max per image")
         if k.endswith(" stack"):
@@ -51,13 +53,26 @@ def data_check(
     typer.echo(f"intensity: {r['intensity']['says']}"
                + (f" ({source}; kept in the run as intensity.json, applied unchanged by "
                   "segment and evaluate)" if r["intensity"]["window"] is not None else ""))
+    if r["intensity"]["window"] is None and 0 < r["intensity"]["peak"] < 0.125:
+        typer.echo(f"the brightest training pixel is {r['intensity']['peak']:.4f} of its "
+                   "type's range (12-bit camera data in 16-bit files, say): data.window="
+                   "[LOW,HIGH] with the stored values of black and white scales them to "
+                   "[0, 1]")
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):
         typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}"
-                   + ("   (no training pixel: the models cannot learn it, and its test IoU "
+                   + ("   (in no mask of any split: check classes.yaml and the masks, or "
+                      "remove it)" if name in r["absent_classes"] else
+                      "   (no training pixel: the models cannot learn it, and its test IoU "
                       "will be 0)" if f == 0 else ""))
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
+    if r["absent_classes"] and r["layout"] == "battery":
+        from paser.data.battery import CODEC
+
+        typer.echo(f"the battery layout reads its labels by one codec ({CODEC}); labels "
+                   "that hold class indices (0, 1, 2) need a folder with a classes.yaml "
+                   "(docs/data.md)")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
     typer.echo("suggested (median frequency balancing): " + " ".join(

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, random_split
 
-from paser.data.images import Intensity, fit_window, image_files, probe, read_image
+from paser.data.images import (
+    Intensity,
+    fit_window,
+    image_files,
+    probe,
+    read_image,
+    read_mask,
+)
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -42,37 +48,17 @@ def encode_label(mask: np.ndarray) -> np.ndarray:
     return lut[np.asarray(mask, dtype=np.int64)]
 
 
-def _open(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the file") from None
-    return arr
-
-
-def _first_channel(arr: np.ndarray) -> np.ndarray:
-    """RGB(A) of a grayscale scan: the channels are equal, keep one."""
-    return arr[..., 0] if arr.ndim == 3 else arr
-
-
 CODEC = "8-bit grayscale: pore 0, carbon 255, nickel any other value"
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """A label PNG as class indices int64 [H, W]; a label outside the codec (16-bit, colour
-    with unequal channels) is a :class:`DataError`."""
-    arr = _open(Path(path))
-    if arr.ndim == 3 and arr.shape[-1] >= 3 and not (
-            np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-        raise DataError(f"{path}: a colour label, outside the label codec ({CODEC}); save the "
-                        "classes as those gray values")
-    arr = _first_channel(arr)
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: a {arr.dtype} label, outside the label codec ({CODEC}); save "
-                        "it as an 8-bit grayscale PNG")
-    return decode_label(arr)
+    """A label file as class indices int64 [H, W] (read by
+    :func:`paser.data.images.read_mask`: a colour, lossy or 16-bit label outside 0..255 is a
+    :class:`DataError`)."""
+    try:
+        return decode_label(read_mask(path))
+    except DataError as err:
+        raise DataError(f"{err} (outside the label codec: {CODEC})") from None
 
 
 #: Stored value of unlabelled pixels in uint8 class-index masks (losses and metrics see -1).

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
-from paser.data.images import READABLE_SUFFIXES, image_files, shared_stem
+from paser.data.images import READABLE_SUFFIXES, image_files, read_mask, shared_stem
 from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
@@ -137,32 +137,13 @@ def _palette_note(path: Path) -> str:
         return ""
 
 
-def _read_mask_values(path: Path) -> np.ndarray:
-    """A mask's raw 8-bit values [H, W] (grayscale, palette indices, or equal RGB channels)."""
-    from paser.data.battery import _open
-
-    arr = _open(path)
-    if arr.ndim == 3:
-        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(3, arr.shape[-1]))):
-            raise DataError(f"{path}: a colour mask; save it as 8-bit grayscale or palette PNG "
-                            "whose values are the class map's keys")
-        arr = arr[..., 0]
-    if arr.dtype == np.bool_:  # bilevel: values 0 and 1
-        arr = arr.astype(np.uint8)
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: a {arr.dtype} mask; masks must be 8-bit (grayscale or palette)")
-    return arr
-
-
 def mask_values(root: Path, limit: int = 16) -> list[int]:
     """The values in the first ``limit`` masks of a folder (``train/masks/`` or ``masks/``):
-    what its ``classes.yaml`` must name; empty where there are none or they are unreadable."""
+    what its ``classes.yaml`` must name; empty where there are none. A mask that is no
+    class-value mask (colour, JPEG) is its :class:`DataError`: what is wrong with it."""
     dirs = [root / "train" / "masks", root / "masks"]
     files = next((image_files(d) for d in dirs if d.is_dir()), [])[:limit]
-    try:
-        return sorted({int(v) for f in files for v in np.unique(_read_mask_values(f))})
-    except (DataError, OSError, ValueError):
-        return []
+    return sorted({int(v) for f in files for v in np.unique(read_mask(f))})
 
 
 class _ClassMapped(SegmentationFiles):
@@ -176,7 +157,7 @@ class _ClassMapped(SegmentationFiles):
         return self.classmap.names
 
     def decode(self, path: Path) -> np.ndarray:
-        return self.classmap.decode(_read_mask_values(path), path)
+        return self.classmap.decode(read_mask(path), path)
 
 
 class FolderDataset(_ClassMapped):

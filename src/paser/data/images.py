@@ -81,24 +81,38 @@ def shared_stem(named) -> tuple[str, str, str] | None:
     return None
 
 
-def read_array(path: str | Path, notes: list[str] | None = None) -> np.ndarray:
-    """The first image of a file as stored: ``[H, W]`` or ``[H, W, C]``, its own dtype
-    (palette: its colours). ``notes`` gets what was done beyond decoding."""
+def read_array(path: str | Path, notes: list[str] | None = None,
+               palette: Literal["colours", "indices"] = "colours") -> np.ndarray:
+    """The first image of a file as stored: ``[H, W]`` or ``[H, W, C]``, its own dtype.
+    A palette image gives its colours, or with ``palette="indices"`` its stored indices (a
+    mask: they are its classes). TIFF values are as stored (a WhiteIsZero mask is not
+    inverted as Pillow would). ``notes`` gets what was done beyond decoding."""
     path = Path(path)
     notes = [] if notes is None else notes
+    colours = palette == "colours"
     try:
-        arr = _tiff(path, notes) if path.suffix.lower() in TIFF_SUFFIXES else _pillow(path, notes)
+        arr = (_tiff(path, notes, colours) if path.suffix.lower() in TIFF_SUFFIXES
+               else _pillow(path, notes, colours))
     except DataError:
         raise
     except _READ_ERRORS as err:
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
-                        "file") from None
+        raise DataError(f"{path}: cannot read the image ({err}); "
+                        + _missing_codec_advice(err)) from None
     if arr.ndim not in (2, 3) or 0 in arr.shape[:2]:
         raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
     return arr
 
 
-def _tiff(path: Path, notes: list[str]) -> np.ndarray:
+def _missing_codec_advice(err: Exception) -> str:
+    """What to do about a file that does not decode: install the codec tifffile names, or
+    replace the file."""
+    if "imagecodecs" in str(err):
+        return ("install tifffile's codecs (pip install imagecodecs) or save the file "
+                "uncompressed")
+    return "replace or remove the file"
+
+
+def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -110,7 +124,7 @@ def _tiff(path: Path, notes: list[str]) -> np.ndarray:
             arr, axes = series.pages[0].asarray(), series.pages[0].axes
         else:
             arr = series.asarray()
-        if first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
+        if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
             cmap = first.colormap  # [3, 2**bits]
             if cmap.max() > 255:
                 cmap = cmap >> 8
@@ -122,12 +136,14 @@ def _tiff(path: Path, notes: list[str]) -> np.ndarray:
     return arr
 
 
-def _pillow(path: Path, notes: list[str]) -> np.ndarray:
+def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     with Image.open(path) as img:
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"a stack of {img.n_frames} frames; the first one read")
         img.load()
-        if img.mode == "P" or img.mode == "PA":
+        if img.mode in ("P", "PA"):
+            if not colours:  # the indices (PA: without its alpha)
+                return np.asarray(img)[..., 0] if img.mode == "PA" else np.asarray(img)
             img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA"
                               else "RGB")
         elif img.mode == "1":  # bilevel: booleans, scaled by their range (0 and 1)
@@ -135,6 +151,48 @@ def _pillow(path: Path, notes: list[str]) -> np.ndarray:
         elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
             img = img.convert("RGB")
         return np.asarray(img)
+
+
+#: lossy formats: their compression moves a mask's values at every edge
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask file's stored values as uint8 ``[H, W]``: grayscale (any integer type whose
+    values lie in 0..255, or bilevel 0 / 1), palette indices, or equal colour channels; an
+    alpha channel is left out. A lossy file (JPEG), colours that differ, and values past 255
+    are :class:`DataError` s that say what to do."""
+    path = Path(path)
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        raise DataError(f"{path}: a JPEG mask; JPEG's lossy compression changes mask values "
+                        "along every edge, so they no longer name classes: save masks as "
+                        "PNG or TIFF (lossless)")
+    arr = read_array(path, palette="indices")
+    if arr.ndim == 3:
+        colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]  # alpha left out
+        if not all(np.array_equal(colour[..., 0], colour[..., c])
+                   for c in range(1, colour.shape[-1])):
+            found = np.unique(colour.reshape(-1, colour.shape[-1]), axis=0)
+            shown = ", ".join(str(tuple(int(v) for v in c)) for c in found[:8])
+            raise DataError(
+                f"{path}: a colour mask ({len(found)} colours: {shown}"
+                f"{' ...' if len(found) > 8 else ''}); masks store classes as values: save it "
+                "as 8-bit grayscale or as a palette PNG (each colour an index, e.g. Pillow's "
+                "Image.quantize), whose values classes.yaml then names")
+        arr = colour[..., 0]
+    if arr.dtype == np.bool_:  # bilevel: values 0 and 1
+        return arr.astype(np.uint8)
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{path}: a {arr.dtype} mask; masks hold integer class values "
+                        "(8-bit grayscale or palette)")
+    if arr.dtype != np.uint8:
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > 255:
+            raise DataError(f"{path}: a {arr.dtype} mask with values {low}..{high}; a class "
+                            "map takes the values 0..255 (an instance label image numbers "
+                            "objects, not classes: give one value per class)")
+        arr = arr.astype(np.uint8)
+    return arr
 
 
 @dataclass(frozen=True)
@@ -193,13 +251,16 @@ def probe(path: str | Path) -> Probe:
 @dataclass(frozen=True)
 class Intensity:
     """How stored values become [0, 1]. 8- and 16-bit unsigned integers (and booleans) by
-    their type's range, always. Floats and other integers: by ``window`` (``lo`` -> 0,
-    ``hi`` -> 1, clipped) when ``mode`` is ``window``, per image (min-max) when it is
-    ``per_image``. Without a window (a run trained on 8-bit images, given a float one),
-    floats already in [0, 1] are kept and the rest scaled per image, with a note."""
+    their type's range, unless the user ``given`` the window (``data.window``: 12-bit
+    camera data in 16-bit files, say), which then scales every type but booleans. Floats
+    and other integers: by ``window`` (``lo`` -> 0, ``hi`` -> 1, clipped) when ``mode`` is
+    ``window``, per image (min-max) when it is ``per_image``. Without a window (a run
+    trained on 8-bit images, given a float one), floats already in [0, 1] are kept and the
+    rest scaled per image, with a note."""
 
     window: tuple[float, float] | None = None
     mode: Literal["window", "per_image"] = "window"
+    given: bool = False
 
     def scale(self, arr: np.ndarray, source: Path | str = "the image",
               notes: list[str] | None = None) -> np.ndarray:
@@ -209,16 +270,16 @@ class Intensity:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.bool_:
             return arr.astype(np.float32)
-        if arr.dtype == np.uint8:
+        by_window = self.given and self.window is not None and self.mode == "window"
+        if arr.dtype == np.uint8 and not by_window:
             return arr.astype(np.float32) / 255.0
-        if arr.dtype == np.uint16:
+        if arr.dtype == np.uint16 and not by_window:
             return arr.astype(np.float32) / 65535.0
         if arr.dtype.kind not in "iuf":
             raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "
                             "images")
         x = arr.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise DataError(f"{source}: the image contains NaN or Inf values")
+        _finite(x, source)
         if self.mode == "window" and self.window is not None:
             lo, hi = self.window
             return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
@@ -235,12 +296,12 @@ class Intensity:
             return "floats and other integers min-max scaled per image"
         if self.window is None:
             return "no window (8/16-bit images only: scaled by their type's range)"
-        return (f"floats and other integers scaled by the window [{self.window[0]:.6g}, "
-                f"{self.window[1]:.6g}]")
+        return (f"{'every image' if self.given else 'floats and other integers'} scaled by "
+                f"the window [{self.window[0]:.6g}, {self.window[1]:.6g}]")
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "window": None if self.window is None else list(self.window),
-                "percentiles": list(WINDOW_PERCENTILES)}
+                "percentiles": list(WINDOW_PERCENTILES), "given": self.given}
 
     def save(self, run_dir: str | Path) -> None:
         from paser.runtime import atomic_write_text
@@ -256,10 +317,21 @@ class Intensity:
         try:
             d = json.loads(path.read_text())
             return cls(None if d["window"] is None else tuple(map(float, d["window"])),
-                       d["mode"])
+                       d["mode"], bool(d.get("given", False)))
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path}: not an intensity file ({err}); delete it and re-run "
                             "stage 1, or copy it from the run") from None
+
+
+def _finite(x: np.ndarray, source: Path | str) -> None:
+    """A :class:`DataError` where ``x`` holds NaN or Inf: how many, and what to do."""
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise DataError(f"{source}: the image contains NaN or Inf values ({bad} of {x.size} "
+                        f"pixels, {100 * bad / x.size:.1f} %; outside a reconstruction's "
+                        "field of view, say): replace them with a value the scan's background "
+                        "has (numpy.nan_to_num(image, nan=..., posinf=..., neginf=...)) and "
+                        "label those pixels with the ignore value")
 
 
 def fit_window(paths: list[Path], percentiles: tuple[float, float] = WINDOW_PERCENTILES
@@ -285,8 +357,7 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
     samples = []
     for arr, source in images:
         flat = arr.astype(np.float32).reshape(-1)
-        if not np.isfinite(flat).all():
-            raise DataError(f"{source}: the image contains NaN or Inf values")
+        _finite(flat, source)
         samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])
     lo, hi = np.percentile(np.concatenate(samples), percentiles)
     if hi <= lo:  # constant images: any window keeps them constant

@@ -203,7 +203,7 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
     if kind(cfg).open is None:
         return Intensity(mode=cfg.intensity)
     if cfg.window is not None or cfg.intensity == "per_image":
-        return Intensity(cfg.window, cfg.intensity)
+        return Intensity(cfg.window, cfg.intensity, given=cfg.window is not None)
     root = ensure_dataset(cfg, progress=progress)
     return _fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
         "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}))
@@ -239,6 +239,28 @@ def detect_layout(root: str | Path) -> str:
                         "'ignore: null' (or the value of unlabelled pixels; docs/data.md)")
     raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
                     "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
+
+
+def _absent_classes(root, train, counts: torch.Tensor) -> list[str]:
+    """The classes no mask of any split holds (``counts``: pixels per class over the three
+    splits, the last unlabelled). Where most pixels are unlabelled as well, the class map
+    misreads the masks (0 / 255 masks named ``{0: background, 1: particle}``, 255 the
+    default ignore value): a :class:`DataError` saying how to name them."""
+    names = train.class_names
+    absent = [names[c] for c in range(len(names)) if counts[c] == 0]
+    unlabelled = float(counts[-1] / counts.sum().clamp_min(1))
+    classmap = getattr(train, "classmap", None)
+    ignore = getattr(classmap, "ignore", None)
+    if absent and ignore is not None and unlabelled > 0.25:
+        raise DataError(
+            f"{root}: no mask holds "
+            f"{', '.join(repr(n) for n in absent)} (value "
+            f"{', '.join(str(classmap.values[names.index(n)]) for n in absent)}), while "
+            f"{100 * unlabelled:.0f} % of the pixels hold {ignore}, the ignore value: if "
+            f"{ignore} marks a class, name it in classes.yaml (e.g. 'classes: {{0: background, "
+            f"{ignore}: particle}}') and write 'ignore: null'; if those pixels are unlabelled, "
+            "remove the classes this data does not have")
+    return absent
 
 
 #: the tile `paser data check` suggests: battery-quick's 2 x 2 patches of 64 x 64
@@ -291,21 +313,27 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
     names = splits["train"].class_names
     counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
+    every = counts.clone()  # over the three splits
+    peak = 0.0  # the brightest training pixel as the models see it
     with progress_bar(show_progress) as bar:
         for split, ds in splits.items():
             task = bar.add_task(f"reading {split}", total=len(ds), info="")
             # images of one size in batches by reader processes; of several, one by one here
             batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
                        ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
-            for _, y in batches:
+            for x, y in batches:
                 if split == "train":
-                    counts += torch.bincount(y.reshape(-1) % (len(names) + 1),
-                                             minlength=len(names) + 1)
+                    peak = max(peak, float(x.max()))
+                got = torch.bincount(y.reshape(-1) % (len(names) + 1), minlength=len(names) + 1)
+                every += got
+                if split == "train":
+                    counts += got
                 bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
     if counts[:-1].sum() == 0:
         raise DataError(f"{root}: no labelled pixel in the training masks (every pixel is "
                         "the ignore value or outside the classes); check classes.yaml's "
                         "'ignore' and the masks")
+    absent = _absent_classes(root, splits["train"], every)
     labelled = counts[:-1].sum()
     freq = counts[:-1].double() / labelled
     med = freq[freq > 0].median() if (freq > 0).any() else torch.tensor(1.0)
@@ -327,10 +355,11 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else [])],
         "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
+        "absent_classes": absent,
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
         "intensity": {**splits["train"].intensity.to_dict(),
                       "says": splits["train"].intensity.describe(),
-                      "given": cfg.window is not None},
+                      "given": cfg.window is not None, "peak": peak},
     }

@@ -114,9 +114,10 @@ def check_fits_models(cfg: ExperimentConfig, dataset: SegmentationFiles) -> None
     which key to set."""
     m = cfg.models
     if dataset.channels != m.in_channels:
-        kind = "RGB" if dataset.channels == 3 else "grayscale"
-        raise ConfigError(f"key 'models.in_channels': the data is {kind} ({dataset.channels} "
-                          f"channels) but the models take {m.in_channels}; set "
+        kind = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}.get(
+            dataset.channels, f"{dataset.channels} channels")
+        raise ConfigError(f"key 'models.in_channels': the data is {kind} but the models take "
+                          f"{m.in_channels}; set "
                           f"models.in_channels={dataset.channels}")
     if len(dataset.class_names) != m.num_classes:
         raise ConfigError(f"key 'models.num_classes': the data has {len(dataset.class_names)} "
