@@ -5,6 +5,8 @@ another run or other settings."""
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -106,3 +108,24 @@ def test_after_an_overwrite_no_record_of_before_counts_as_done(setup, monkeypatc
     monkeypatch.chdir(tmp)
     relative = segment_files(m, [files[0].relative_to(tmp)], tmp / "out", only=1)
     assert [r.resumed for r in relative] == [True]
+
+
+def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_redone(setup):
+    """A later call with in2/s0.png into the folder holding in/s0.png's outputs: refused
+    (one input's outputs would silently replace the other's), the rest go on; an input
+    written again in place is segmented again, not skipped."""
+    m, files, tmp = setup
+    first = segment_files(m, files[:2], tmp / "out")
+    (tmp / "in2").mkdir()
+    shutil.copy(files[1], tmp / "in2" / "s0.png")  # another picture, the same name
+    later = segment_files(m, [tmp / "in2" / "s0.png", files[2]], tmp / "out")
+    assert [r.ok for r in later] == [False, True]
+    assert later[0].error.startswith(f"{tmp / 'in2' / 's0.png'}: {tmp / 'out' / 's0.json'} "
+                                     f"holds the outputs of {files[0]}")
+    assert json.loads((tmp / "out" / "s0.json").read_text())["input"] == str(files[0])
+    shutil.copy(files[1], files[0])  # s0.png written again: its labels are s1's now
+    again = segment_files(m, files[:2], tmp / "out")
+    assert [r.resumed for r in again] == [False, True]
+    assert (tmp / "out" / "s0_labels.png").read_bytes() == (tmp / "out" / "s1_labels.png"
+                                                            ).read_bytes()
+    assert first[0].ok

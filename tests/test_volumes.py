@@ -98,9 +98,11 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
-def test_chunks_left_by_another_input_of_the_same_name_are_not_taken(setup, monkeypatch):
-    """An interrupted scan.tif, then another scan.tif into the same folder: its labels are
-    its own, not the first one's chunks and its own after them."""
+def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch):
+    """An interrupted a/scan.tif, then b/scan.tif into the same folder: b is refused (it
+    would take or destroy a's chunks); a resumes as its own; b goes into another folder.
+    A finished volume keeps its outputs against a later call's namesake too, and a volume
+    written again in place (reconstructed anew) is segmented again, not skipped."""
     m, vol, tmp = setup
     (tmp / "a").mkdir()
     (tmp / "b").mkdir()
@@ -118,9 +120,35 @@ def test_chunks_left_by_another_input_of_the_same_name_are_not_taken(setup, monk
     with pytest.raises(Interrupted):  # two chunks of a/scan.tif done
         segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4)
     monkeypatch.setattr(type(m), "segment", segment)
-    [res] = segment_volumes(m, split_inputs([tmp / "b" / "scan.tif"])[1], tmp / "out", chunk=4)
-    assert res.record["input"] == str(tmp / "b" / "scan.tif") and not res.resumed
-    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, 255 - vol))
+    b = split_inputs([tmp / "b" / "scan.tif"])[1]
+    [res] = segment_volumes(m, b, tmp / "out", chunk=4)
+    assert res.record is None and res.error == (
+        f"{tmp / 'b' / 'scan.tif'}: {tmp / 'out' / 'scan.json'} holds the outputs of "
+        f"{tmp / 'a' / 'scan.tif'}, another input named 'scan'; segment this one into another "
+        "--out (or rename it), or start the folder over with --overwrite")
+    [res] = segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4)
+    assert res.record["input"] == str(tmp / "a" / "scan.tif")
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, vol))
+    [res] = segment_volumes(m, b, tmp / "out", chunk=4)  # a finished one keeps its outputs
+    assert "holds the outputs of" in res.error
+    [res] = segment_volumes(m, b, tmp / "other", chunk=4)
+    assert np.array_equal(tifffile.imread(tmp / "other" / "scan_labels.tif"),
+                          _alone(m, 255 - vol))
+    # a/scan.tif reconstructed again, same shape and type: not skipped, its new labels
+    tifffile.imwrite(tmp / "a" / "scan.tif", 255 - vol, photometric="minisblack")
+    [res] = segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4)
+    assert not res.resumed
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"),
+                          _alone(m, 255 - vol))
+    # interrupted, then written again: the chunks of its old content are not taken
+    calls[0] = 0
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(Interrupted):
+        segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "new", chunk=4)
+    monkeypatch.setattr(type(m), "segment", segment)
+    tifffile.imwrite(tmp / "a" / "scan.tif", vol, photometric="minisblack")
+    segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "new", chunk=4)
+    assert np.array_equal(tifffile.imread(tmp / "new" / "scan_labels.tif"), _alone(m, vol))
 
 
 def test_a_float_volume_under_a_run_of_8_bit_images_is_scaled_by_one_window(setup):

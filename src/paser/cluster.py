@@ -60,9 +60,9 @@ from paser.volumes import (
     VolumeResult,
     _write_csv,
     chunks_to_do,
+    earlier,
     finish_volume,
     prepare_volume,
-    read_done,
     segment_chunk,
 )
 
@@ -322,7 +322,9 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         res = VolumeResult(vol.source, vol.stem)
         vols.append(res)
         sizes.append(chunk)
-        res.record = read_done(vol, out_dir)
+        res.record, res.error = earlier(vol, out_dir)
+        if res.error:
+            continue
         if res.record is not None:
             res.resumed = True
             if on_progress is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -37,6 +36,7 @@ from paser.cost import FLOP_CONVENTION
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router, weights_digest
+from paser.runtime import file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -148,7 +148,7 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
         "max_abs_error_vs_torch": parity, "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         # the files as written: a load refuses files of another export mixed in
-        "sha256": {f.name: _sha256(f) for name in parts for f in _part_files(out_dir, name)},
+        "sha256": {f.name: file_sha256(f) for name in parts for f in _part_files(out_dir, name)},
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -255,7 +255,7 @@ def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
     if missing:
         raise CheckpointError(f"{export_dir}: {', '.join(missing)} missing; export again")
     changed = [name for name, digest in manifest.get("sha256", {}).items()
-               if not (export_dir / name).is_file() or _sha256(export_dir / name) != digest]
+               if not (export_dir / name).is_file() or file_sha256(export_dir / name) != digest]
     if changed:
         raise CheckpointError(f"{export_dir}: {', '.join(changed)} not as `paser export` wrote "
                               f"them with this {MANIFEST} (files of another export, or an "
@@ -269,9 +269,3 @@ def _part_files(export_dir: Path, name: str) -> list[Path]:
             if f.is_file()]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

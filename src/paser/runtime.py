@@ -163,6 +163,17 @@ def replaced(path: str | Path):
         raise
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read a MiB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
     with replaced(path) as tmp:
         tmp.write_text(text)

@@ -45,6 +45,7 @@ from paser.patches import PatchGrid
 from paser.runtime import (
     atomic_write_text,
     detached_worker,
+    file_sha256,
     from_readers,
     replaced,
     worker_context,
@@ -291,7 +292,8 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         res.gflops = float(out.gflops[0])
         res.fractions = (np.bincount(actions, minlength=router.num_models)
                          / actions.size).tolist()
-        record = {"input": str(path), "height": res.height, "width": res.width,
+        record = {"input": str(path), "input_sha256": file_sha256(path),
+                  "height": res.height, "width": res.width,
                   "notes": res.notes, "grid": [grid.rows, grid.cols],
                   "patch": list(grid.patch_size(res.height, res.width)),
                   "models": names, "only": None if only is None else names[only],
@@ -378,6 +380,14 @@ def claim_of(out_dir: Path) -> str:
         return ""
 
 
+def taken(record: Path, theirs: str, mine: str) -> str:
+    """Why input ``mine`` is not segmented into the folder of ``record``: another input of
+    its stem, ``theirs``, has its outputs there (each is kept, not overwritten)."""
+    return (f"{mine}: {record} holds the outputs of {theirs}, another input named "
+            f"'{Path(record).stem}'; segment this one into another --out (or rename it), "
+            "or start the folder over with --overwrite")
+
+
 def same_input(a: str, b: str) -> bool:
     """Whether two spellings of an input (``file``, ``file.h5:/key``) name the same one:
     relative or absolute, from any working folder."""
@@ -399,16 +409,21 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         return None
     try:
         rec = json.loads(record_path.read_text())
-        if not same_input(str(rec.get("input")), str(path)) or (
-                rec.get("claim", "") != claim_of(out_dir)):
-            return None  # of another input, or of the folder before an --overwrite
+        if rec.get("claim", "") != claim_of(out_dir):
+            return None  # of the folder before an --overwrite
+        if not same_input(str(rec.get("input")), str(path)):
+            return Segmented(str(path), path.stem, ok=False, error=taken(
+                record_path, str(rec.get("input")), str(path)))
+        digest = rec.get("input_sha256")
+        if digest is not None and digest != file_sha256(path):
+            return None  # the file changed since: segmented again
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],
                         fractions=[c / max(sum(counts), 1) for c in counts], notes=rec["notes"],
                         worker=rec.get("worker", ""))
-    except (ValueError, KeyError, TypeError):
-        return None  # a record of something else: segmented again
+    except (ValueError, KeyError, TypeError, OSError):
+        return None  # a record of something else (or an input gone): segmented again
     remote = rec.get("remote")
     if remote is not None and remote.get("degraded_patches"):
         return None  # patches kept f0's answer while the remote tier was down: try again

@@ -117,6 +117,18 @@ class Volume:
         return np.stack([read_array(f) for f in self.files[z0:z1]])
 
 
+def signature(volume: Volume) -> str:
+    """A digest of ``volume``'s content: its shape, type and first, middle and last slices
+    as stored (three slices read). A volume written again in place (reconstructed anew)
+    gets another; its finished chunks and labels are then not taken for this one's."""
+    import hashlib
+
+    h = hashlib.sha256(f"{volume.shape} {volume.dtype}".encode())
+    for z in sorted({0, volume.depth // 2, volume.depth - 1}):
+        h.update(np.ascontiguousarray(volume.read(z, z + 1)).tobytes())
+    return h.hexdigest()
+
+
 def is_volume(spec: str | Path, stack: bool = False) -> bool:
     """Whether ``spec`` names a volume: an HDF5 ``file:/key``, a ``.zarr`` path, a TIFF of
     more than one page, or a folder with ``stack``."""
@@ -335,7 +347,7 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     parts = _parts(volume, out_dir)
     made = parts / "volume.json"  # what the parts are of, and their chunk
     mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype,
-            "claim": claim_of(out_dir)}
+            "claim": claim_of(out_dir), "signature": signature(volume)}
     try:
         before = json.loads(made.read_text()) if made.is_file() else None
     except ValueError:
@@ -446,7 +458,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     from paser.segment import claim_of
 
     record = {
-        "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
+        "input": volume.source, "signature": signature(volume), "kind": volume.kind,
+        "shape": list(volume.shape),
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
         "models": names, "only": None if only is None else names[only],
         "class_fractions": dict(zip(codec.names, (voxels / max(voxels.sum(), 1)).tolist(),
@@ -532,7 +545,9 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
         results.append(res)
-        res.record = read_done(vol, out_dir)
+        res.record, res.error = earlier(vol, out_dir)
+        if res.error:
+            continue
         if res.record is not None:
             res.resumed = True
             if on_slices is not None:
@@ -570,7 +585,39 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("claim", "") != claim_of(out_dir):
         return None  # of the folder before an --overwrite
+    if rec.get("signature") is not None and rec["signature"] != signature(volume):
+        return None  # written again since: segmented again
     return rec if same_input(str(rec.get("input")), volume.source) else None
+
+
+def earlier(volume: Volume, out_dir: Path) -> tuple[dict | None, str]:
+    """What an earlier call into ``out_dir`` left of ``volume``: ``(record, "")`` when it
+    finished it (:func:`read_done`), ``(None, why)`` when another input of its stem holds
+    the outputs there (:func:`owner`: this one is not segmented), ``(None, "")`` to do."""
+    theirs = owner(volume, out_dir)
+    if theirs is not None:
+        from paser.segment import taken
+
+        return None, taken(out_dir / f"{volume.stem}.json", theirs, volume.source)
+    return read_done(volume, out_dir), ""
+
+
+def owner(volume: Volume, out_dir: Path) -> str | None:
+    """The input whose outputs (finished, or chunks of an interrupted call) ``out_dir``
+    holds under ``volume``'s stem, when it is another one than ``volume``: each input
+    keeps its own; ``None`` when they are free or this volume's."""
+    from paser.segment import claim_of, same_input
+
+    for made in (out_dir / f"{volume.stem}.json", _parts(volume, out_dir) / "volume.json"):
+        try:
+            rec = json.loads(made.read_text()) if made.is_file() else None
+        except ValueError:
+            continue
+        rec = (rec.get("volume") or rec) if isinstance(rec, dict) else None
+        if (isinstance(rec, dict) and rec.get("claim", "") == claim_of(out_dir)
+                and not same_input(str(rec.get("input")), volume.source)):
+            return str(rec.get("input"))
+    return None
 
 
 def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
