@@ -236,6 +236,18 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"more than one stack of pages \(2 x 8 x 8, then "
                                         r"2 x 6 x 6\)"):
         open_volume(tmp_path / "two.tif")
+    # paser segment: one input that cannot be opened fails alone, the others go on
+    (tmp_path / "scans").mkdir()
+    for name in ("a.tif", "b.ome.tif", "c.tif"):
+        tifffile.imwrite(tmp_path / "scans" / name, zc if name == "b.ome.tif" else
+                         np.zeros((3, 4, 4), np.uint8), photometric="minisblack",
+                         **({"ome": True, "metadata": {"axes": "ZCYX"}}
+                            if name == "b.ome.tif" else {}))
+    _, volumes = split_inputs([tmp_path / "scans", f"{tmp_path / 'f.h5'}:/gone/x"],
+                              keep_failed=True)
+    assert [(v.stem, v.depth, "3 channels" in v.error or "no dataset" in v.error)
+            for v in volumes] == [("f_gone_x", 0, True), ("a", 3, False),
+                                  ("b.ome", 0, True), ("c", 3, False)]
 
 
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):

@@ -322,7 +322,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         res = VolumeResult(vol.source, vol.stem)
         vols.append(res)
         sizes.append(chunk)
-        res.record, res.error = earlier(vol, out_dir)
+        res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
         if res.error:
             continue
         if res.record is not None:

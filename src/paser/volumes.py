@@ -81,6 +81,7 @@ class Volume:
     files: list[str] = field(default_factory=list, repr=False)  # stack: its slices, in order
     planar: bool = False  # tiff: channels stored first
     lead: int = 0  # zarr, hdf5: leading axes of length 1 before the slices
+    error: str = ""  # why it could not be opened (split_inputs(keep_failed=True)): not read
 
     @property
     def depth(self) -> int:
@@ -545,7 +546,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
         results.append(res)
-        res.record, res.error = earlier(vol, out_dir)
+        res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
         if res.error:
             continue
         if res.record is not None:
@@ -640,20 +641,35 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
 
 
 def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
-                 exclude: str | Path | None = None) -> tuple[list[Path], list[Volume]]:
+                 exclude: str | Path | None = None, keep_failed: bool = False
+                 ) -> tuple[list[Path], list[Volume]]:
     """``paser segment``'s inputs as image files and volumes: HDF5 ``file:/key``, ``.zarr``
     paths, TIFFs of more than one page (named or found in a folder) and, with ``stack``,
     folders (:func:`is_volume`); the rest are images (:func:`paser.segment.find_images`).
     Two outputs with one stem are a :class:`DataError`; ``exclude`` (the output folder) is
-    not searched."""
+    not searched. A volume that cannot be opened is its :class:`DataError`, or with
+    ``keep_failed`` a :class:`Volume` whose ``error`` says why (the others go on, as a file
+    that cannot be read does)."""
     from paser.segment import find_images, one_output_each
 
-    volumes = [open_volume(i) for i in inputs if is_volume(i, stack)]
+    def opened(spec) -> Volume:
+        try:
+            return open_volume(spec)
+        except DataError as err:
+            if not keep_failed:
+                raise
+            name, key = _H5.match(str(spec)), ""
+            if name:  # as _hdf5 names it: file_key
+                key = "_" + (name["key"] or "").strip().strip("/").replace("/", "_")
+            stem = Path(name["file"] if name else str(spec).rstrip("/\\")).stem + key.rstrip("_")
+            return Volume(str(spec), stem, "failed", (0, 0, 0), "", error=str(err))
+
+    volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
     for f in find_images(rest, exclude) if rest else []:
         if f.suffix.lower() in TIFF_SUFFIXES and is_volume(f):
-            volumes.append(open_volume(f))
+            volumes.append(opened(f))
         else:
             files.append(f)
     one_output_each([(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes])

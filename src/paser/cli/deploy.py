@@ -110,7 +110,8 @@ def segment(
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; give a folder for the outputs")
-    files, volumes = split_inputs([str(i) for i in inputs], stack, exclude=out)
+    files, volumes = split_inputs([str(i) for i in inputs], stack, exclude=out,
+                                  keep_failed=True)
     if threads is not None:
         import torch
 
