@@ -156,6 +156,25 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     given.save(tmp_path / "kept")
     assert Intensity.load(tmp_path / "kept") == given
     assert given.describe() == "every image scaled by the window [0, 4095]"
+    # NaN outside a reconstruction's field of view: refused, or 0 with data.nonfinite fill
+    fov = np.array([[np.nan, 1.0], [3.0, -np.inf]], np.float32)
+    with pytest.raises(DataError, match=r"NaN or Inf values \(2 of 4 pixels, 50.0 %.*"
+                                        "data.nonfinite=fill"):
+        Intensity((1.0, 3.0)).scale(fov, "fov.tif")
+    notes = []
+    filled = Intensity((1.0, 3.0), nonfinite="fill")
+    assert np.array_equal(filled.scale(fov, "fov.tif", notes), [[0, 0], [1, 0]])
+    assert notes == ["2 NaN or Inf pixels set to 0 (data.nonfinite fill)"]
+    assert np.array_equal(Intensity(mode="per_image", nonfinite="fill").scale(fov),
+                          [[0, 0], [1, 0]])  # min-max of the finite pixels
+    filled.save(tmp_path / "kept")
+    assert Intensity.load(tmp_path / "kept") == filled
+    tifffile.imwrite(tmp_path / "fov.tif", fov)
+    assert fit_window([tmp_path / "fov.tif"]) == pytest.approx(
+        tuple(np.percentile([1.0, 3.0], [0.5, 99.5])))  # fitted on the finite pixels
+    # a window of extreme values (a float32 fill of -3.4e38) does not overflow to Inf
+    huge = np.array([[-3e38, 0.0], [3e38, 1.0]], np.float32)
+    assert np.allclose(Intensity((-3e38, 3e38)).scale(huge), [[0, 0.5], [1, 0.5]])
 
 
 def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):

@@ -257,6 +257,15 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
         "workers": 0, "cache_dir": run_dir / "elsewhere", "stream": "always"})})
     assert fingerprints(read) == before
     assert fingerprints(read, legacy=True) != fingerprints(cfg, legacy=True)
+    # a key added since runs were made hashes nothing at the value that does what they did
+    # (a run of the day before data.nonfinite is not trained again), and retrains set to
+    # another
+    from paser.run import hashed_part
+
+    raw = cfg.model_dump(mode="json")
+    assert "nonfinite" not in hashed_part(raw, "data")
+    fill = cfg.model_copy(update={"data": cfg.data.model_copy(update={"nonfinite": "fill"})})
+    assert fingerprints(fill)["stage1"] != before["stage1"]
     # and a rerun says what changed and what runs again
     from paser.run import config_changes
 

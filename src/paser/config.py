@@ -110,10 +110,16 @@ class DataConfig(_Strict):
         "window", description="how float and signed-integer images (CT reconstructions) become "
         "[0, 1]: by one intensity window fitted on the training images (data.window, else their "
         "0.5 / 99.5 percentiles) and kept in the run, or min-max per image (per_image); 8- and "
-        "16-bit images always scale by their type's range")
+        "16-bit images scale by their type's range unless data.window is given")
     window: tuple[float, float] | None = Field(
-        None, description="the intensity window [lo, hi] (lo -> 0, hi -> 1, clipped); null = "
-        "fitted on the training images")
+        None, description="the intensity window [lo, hi] (lo -> 0, hi -> 1, clipped); given, "
+        "it scales every image, 8/16-bit ones too (12-bit data in 16-bit files: [0, 4095]); "
+        "null = fitted on the training images")
+    nonfinite: Literal["error", "fill"] = Field(
+        "error", description="NaN and Inf pixels (outside a reconstruction's field of view, "
+        "say): error = refuse the image, saying how many; fill = they become 0 after scaling "
+        "(the window's low end), are left out of the window's fit, and the run keeps the "
+        "choice for paser segment")
 
     @field_validator("tile")
     @classmethod

@@ -122,6 +122,9 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
 
 #: keys of the sections in DEPS that change how a step reads its data, not what it learns
 NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
+#: keys added to a section after runs were made, with the value that does what those runs
+#: did: at it, a key is not hashed, so a run made before it is not trained again
+ADDED = {"data": {"nonfinite": "error"}}
 
 
 def hashed_part(raw: dict, key: str, legacy: bool = False):
@@ -132,6 +135,9 @@ def hashed_part(raw: dict, key: str, legacy: bool = False):
         node = node[part]
     if key in NEUTRAL and not legacy:
         node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
+    if key in ADDED:
+        node = {k: v for k, v in node.items()
+                if k not in ADDED[key] or v != ADDED[key][k]}
     return node
 
 

@@ -385,7 +385,8 @@ def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:
     volume that :func:`prepare_volume` kept with its parts."""
     made = _parts(volume, out_dir) / "volume.json"
     window = json.loads(made.read_text()).get("window") if made.is_file() else None
-    return model.intensity if window is None else Intensity(tuple(window))
+    return model.intensity if window is None else Intensity(
+        tuple(window), nonfinite=model.intensity.nonfinite)
 
 
 def chunks_to_do(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> list[tuple[int, int]]:

@@ -261,6 +261,7 @@ class Intensity:
     window: tuple[float, float] | None = None
     mode: Literal["window", "per_image"] = "window"
     given: bool = False
+    nonfinite: Literal["error", "fill"] = "error"  # NaN / Inf: refused, or 0 after scaling
 
     def scale(self, arr: np.ndarray, source: Path | str = "the image",
               notes: list[str] | None = None) -> np.ndarray:
@@ -279,17 +280,32 @@ class Intensity:
             raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "
                             "images")
         x = arr.astype(np.float32)
-        _finite(x, source)
+        finite = np.isfinite(x)
+        bad = x.size - int(np.count_nonzero(finite))
+        if bad:
+            if self.nonfinite != "fill":
+                _finite(x, source)
+            if bad == x.size:
+                raise DataError(f"{source}: every pixel is NaN or Inf")
+            notes.append(f"{bad} NaN or Inf pixels set to 0 (data.nonfinite fill)")
         if self.mode == "window" and self.window is not None:
             lo, hi = self.window
-            return np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-        lo, hi = float(x.min()), float(x.max())
-        if self.mode == "window" and arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-            return x
-        notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to [0, 1] "
-                     + ("(data.intensity per_image)" if self.mode == "per_image" else
-                        "(the run has no intensity window: it trained on 8/16-bit images)"))
-        return (x - lo) / max(hi - lo, 1e-12)
+        else:
+            values = x[finite] if bad else x
+            lo, hi = float(values.min()), float(values.max())
+            if self.mode == "window" and arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+                lo, hi = 0.0, 1.0  # floats in [0, 1] are kept as they are
+            else:
+                notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to "
+                             "[0, 1] " + ("(data.intensity per_image)" if self.mode ==
+                                          "per_image" else "(the run has no intensity "
+                                          "window: it trained on 8/16-bit images)"))
+        if max(abs(lo), abs(hi)) > 1e37:  # in float64: x - lo would overflow float32
+            x = x.astype(np.float64)
+        out = np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+        if bad:
+            out[~finite] = 0.0
+        return out
 
     def describe(self) -> str:
         if self.mode == "per_image":
@@ -301,7 +317,8 @@ class Intensity:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "window": None if self.window is None else list(self.window),
-                "percentiles": list(WINDOW_PERCENTILES), "given": self.given}
+                "percentiles": list(WINDOW_PERCENTILES), "given": self.given,
+                "nonfinite": self.nonfinite}
 
     def save(self, run_dir: str | Path) -> None:
         from paser.runtime import atomic_write_text
@@ -317,7 +334,8 @@ class Intensity:
         try:
             d = json.loads(path.read_text())
             return cls(None if d["window"] is None else tuple(map(float, d["window"])),
-                       d["mode"], bool(d.get("given", False)))
+                       d["mode"], bool(d.get("given", False)),
+                       "fill" if d.get("nonfinite") == "fill" else "error")
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path}: not an intensity file ({err}); delete it and re-run "
                             "stage 1, or copy it from the run") from None
@@ -331,7 +349,9 @@ def _finite(x: np.ndarray, source: Path | str) -> None:
                         f"pixels, {100 * bad / x.size:.1f} %; outside a reconstruction's "
                         "field of view, say): replace them with a value the scan's background "
                         "has (numpy.nan_to_num(image, nan=..., posinf=..., neginf=...)) and "
-                        "label those pixels with the ignore value")
+                        "label those pixels with the ignore value, or train the run with "
+                        "data.nonfinite=fill (they become 0 after scaling, in paser segment "
+                        "too)")
 
 
 def fit_window(paths: list[Path], percentiles: tuple[float, float] = WINDOW_PERCENTILES
@@ -355,11 +375,15 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
     """The ``percentiles`` of the pixels of ``images`` (``(array, source)`` pairs, at most
     64 of them; 65,536 pixels of each, sampled evenly)."""
     samples = []
-    for arr, source in images:
+    for arr, _ in images:
         flat = arr.astype(np.float32).reshape(-1)
-        _finite(flat, source)
+        flat = flat[np.isfinite(flat)]  # NaN / Inf: refused or filled when images are read
         samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])
-    lo, hi = np.percentile(np.concatenate(samples), percentiles)
+    pixels = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+    if not pixels.size:
+        raise DataError("no finite pixel to fit an intensity window on (every pixel NaN or "
+                        "Inf); give data.window=[lo,hi]")
+    lo, hi = np.percentile(pixels, percentiles)
     if hi <= lo:  # constant images: any window keeps them constant
         hi = lo + 1.0
     return float(lo), float(hi)

@@ -8,6 +8,7 @@ cache), ``folder`` (your own data with ``classes.yaml``), ``cityscapes`` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -203,10 +204,12 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
     if kind(cfg).open is None:
         return Intensity(mode=cfg.intensity)
     if cfg.window is not None or cfg.intensity == "per_image":
-        return Intensity(cfg.window, cfg.intensity, given=cfg.window is not None)
+        return Intensity(cfg.window, cfg.intensity, given=cfg.window is not None,
+                         nonfinite=cfg.nonfinite)
     root = ensure_dataset(cfg, progress=progress)
-    return _fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
-        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}))
+    return dataclasses.replace(_fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
+        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"})),
+        nonfinite=cfg.nonfinite)
 
 
 @functools.lru_cache(maxsize=8)
