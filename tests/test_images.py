@@ -230,6 +230,43 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path):
     assert np.allclose(x.numpy()[0], raw / 4095)
 
 
+def test_alpha_is_dropped_where_the_format_says_so_and_two_channels_stay_two(tmp_path):
+    """An LA PNG and an RGBA TIFF lose their alpha (their format marks it); a TIFF of two
+    samples that are not alpha (two detectors, SE + BSE) is two channels, and a folder of
+    them trains models of in_channels 2 instead of losing its second channel."""
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    pair = np.dstack([gray, 255 - gray])
+    Image.fromarray(pair, mode="LA").save(tmp_path / "la.png")
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([gray] * 3 + [gray * 0]),
+                     photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "two.tif", pair, photometric="minisblack",
+                     extrasamples=["unspecified"])
+    for name, channels in (("la.png", 1), ("rgba.tif", 3), ("two.tif", 2)):
+        notes: list[str] = []
+        arr = read_array(tmp_path / name, notes)
+        assert (arr.shape[-1] if arr.ndim == 3 else 1) == channels == probe(
+            tmp_path / name).channels, name
+        assert ("alpha channel dropped" in notes) == (name != "two.tif"), name
+    assert np.array_equal(read_image(tmp_path / "two.tif", 2)[1],
+                          (255 - gray).astype(np.float32) / 255.0)
+    with pytest.raises(DataError, match="two.tif: 2 channels, and the models take 1"):
+        read_image(tmp_path / "two.tif", 1)
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    for i in range(6):
+        tifffile.imwrite(root / "images" / f"{i}.tif", pair, photometric="minisblack",
+                         extrasamples=["unspecified"])
+        Image.fromarray((gray > 127).astype(np.uint8)).save(root / "masks" / f"{i}.png")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["splits"]["train"]["channels"] == 2 and "models.in_channels=2" in r[
+        "suggested_overrides"]
+    Image.fromarray(gray).save(root / "images" / "3.tif")  # one of one channel among them
+    with pytest.raises(DataError, match="2 channels.*1 channel|1 channel.*2 channels"):
+        check_dataset(root, workers=0, show_progress=False)
+
+
 def test_probe_reads_headers_of_every_kind(tmp_path):
     gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
     _kinds(tmp_path / "k", gray)

@@ -114,16 +114,23 @@ class SegmentationFiles(Dataset):
         return text if self.size is not None else f"{text} to {large[0]} x {large[1]}"
 
     def _check_sizes(self) -> tuple[list[tuple[int, int]], int]:
-        sizes, colour = [], False
+        sizes, colour, kinds = [], False, {}
         for img, lbl in zip(self.images, self.labels, strict=True):
             head, label = probe(img), probe(lbl)
             colour = colour or head.colour
+            kinds.setdefault(head.channels, img)
             self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"
                         + (" stack" if head.pages > 1 else "")] += 1
             if (head.height, head.width) != (label.height, label.width):
                 raise DataError(f"{img}: image is {head.height}x{head.width} but its label {lbl} "
                                 f"is {label.height}x{label.width} (HxW); they must match")
             sizes.append((head.height, head.width))
+        if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones
+            other = next(c for c in kinds if c != 2)
+            raise DataError(f"{kinds[2]} has 2 channels but {kinds[other]} has {other}; "
+                            "images of 2 channels (two detectors) train together only")
+        if 2 in kinds:
+            return sizes, 2
         return sizes, 3 if colour and self.colour_ok else 1
 
     def fit_window(self) -> tuple[float, float] | None:

@@ -133,7 +133,17 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         arr, axes = arr[0], axes[1:]
     if axes and axes[0] == "S":  # planar channels first
         arr = np.moveaxis(arr, 0, -1)
+    alpha = _tiff_alpha(first)
+    if alpha and arr.ndim == 3 and arr.shape[-1] > alpha:
+        arr = arr[..., :-alpha]
+        notes.append("alpha channel dropped")
     return arr
+
+
+def _tiff_alpha(page) -> int:
+    """How many of a TIFF page's last samples are alpha (its ExtraSamples tag says so; an
+    unspecified extra sample is a channel of its own: a second detector, say)."""
+    return sum(int(e) in (1, 2) for e in (page.extrasamples or ()))
 
 
 def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
@@ -144,13 +154,16 @@ def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         if img.mode in ("P", "PA"):
             if not colours:  # the indices (PA: without its alpha)
                 return np.asarray(img)[..., 0] if img.mode == "PA" else np.asarray(img)
-            img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA"
-                              else "RGB")
+            img = img.convert("RGB")  # its colours; transparency is alpha, dropped
         elif img.mode == "1":  # bilevel: booleans, scaled by their range (0 and 1)
             return np.asarray(img, dtype=bool)
         elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
             img = img.convert("RGB")
-        return np.asarray(img)
+        arr = np.asarray(img)
+        if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
+            arr = arr[..., :-1]
+            notes.append("alpha channel dropped")
+        return arr
 
 
 #: lossy formats: their compression moves a mask's values at every edge
@@ -167,9 +180,12 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: a JPEG mask; JPEG's lossy compression changes mask values "
                         "along every edge, so they no longer name classes: save masks as "
                         "PNG or TIFF (lossless)")
-    arr = read_array(path, palette="indices")
+    arr = read_array(path, palette="indices")  # alpha left out, as the format says
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{path}: a mask of {arr.shape[-1]} channels; save it as one "
+                        "channel of class values (8-bit grayscale or palette)")
     if arr.ndim == 3:
-        colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]  # alpha left out
+        colour = arr[..., :3]
         if not all(np.array_equal(colour[..., 0], colour[..., c])
                    for c in range(1, colour.shape[-1])):
             found = np.unique(colour.reshape(-1, colour.shape[-1]), axis=0)
@@ -204,6 +220,7 @@ class Probe:
     colour: bool
     dtype: str
     pages: int = 1
+    channels: int = 1  # alpha not counted; a palette image has 3 (its colours)
 
 
 def page_by_page(tif) -> bool:
@@ -233,8 +250,9 @@ def probe(path: str | Path) -> Probe:
                 palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
-                return Probe(h, w, palette or samples >= 3,
-                             "uint8" if palette else str(page.dtype), len(pages))
+                channels = 3 if palette else max(1, samples - _tiff_alpha(page))
+                return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
+                             len(pages), channels)
         with Image.open(path) as img:
             mode, frames = img.mode, getattr(img, "n_frames", 1)
             w, h = img.size
@@ -244,8 +262,8 @@ def probe(path: str | Path) -> Probe:
     dtype = {"F": "float32", "I": "int32", "1": "bool"}.get(mode, "uint8")
     if mode.startswith("I;16"):
         dtype = "uint16" if not mode.endswith("S") else "int16"
-    return Probe(h, w, mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"),
-                 dtype, frames)
+    colour = mode in ("RGB", "RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+    return Probe(h, w, colour, dtype, frames, 3 if colour else 1)
 
 
 @dataclass(frozen=True)
@@ -391,14 +409,15 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
 
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
                 notes: list[str] | None = None) -> np.ndarray:
-    """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: alpha dropped, colour to
-    luminance or gray repeated (with a note), any other mismatch an error."""
+    """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: a fourth channel taken
+    for alpha and dropped, colour to luminance or gray repeated (with a note), any other
+    mismatch an error (two channels are two channels: models of ``in_channels=2``)."""
     notes = [] if notes is None else notes
     if arr.ndim == 2:
         arr = arr[..., None]
     have = arr.shape[-1]
-    if have in (2, 4):  # gray + alpha, RGB + alpha
-        arr, have = arr[..., :have - 1], have - 1
+    if have == 4 and channels != 4:  # an RGBA array (files drop alpha as their format says)
+        arr, have = arr[..., :3], 3
         notes.append("alpha channel dropped")
     if have == channels:
         pass

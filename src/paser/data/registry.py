@@ -314,6 +314,11 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
                                  *overrides]).data
     splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
+    channels = {s: ds.channels for s, ds in splits.items()}
+    if 2 in channels.values() and len(set(channels.values())) > 1:
+        raise DataError(f"{root}: the splits' images have " + ", ".join(
+            f"{c} channel{'s' if c > 1 else ''} ({s})" for s, c in channels.items())
+                        + "; images of 2 channels (two detectors) train together only")
     names = splits["train"].class_names
     counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
     every = counts.clone()  # over the three splits
