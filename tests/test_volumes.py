@@ -236,6 +236,23 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"more than one stack of pages \(2 x 8 x 8, then "
                                         r"2 x 6 x 6\)"):
         open_volume(tmp_path / "two.tif")
+    # nested groups, an HDF5 group as the key, a page stack inside a --stack folder, none
+    inner = zarr.open_group(str(tmp_path / "nested.zarr"), mode="w").require_group("0")
+    zarr.open_array(str(tmp_path / "nested.zarr" / "0" / "0"), mode="w", shape=(2, 4, 4),
+                    dtype="uint8")
+    assert inner is not None
+    with pytest.raises(DataError, match=r"give one of its arrays \(.*nested.zarr/0/0\)"):
+        open_volume(tmp_path / "nested.zarr")
+    with pytest.raises(DataError, match=r"/a in .*f.h5 is a group, not a dataset; it has /a/b"):
+        open_volume(f"{tmp_path / 'f.h5'}:a")
+    tifffile.imwrite(tmp_path / "c" / "a3.tif", np.zeros((2, 4, 4), np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "c" / "a2.png").unlink()
+    with pytest.raises(DataError, match="a3.tif: 2 pages in one file of a --stack folder"):
+        open_volume(tmp_path / "c")
+    zarr.open_array(str(tmp_path / "none.zarr"), mode="w", shape=(0, 4, 4), dtype="uint8")
+    with pytest.raises(DataError, match=r"none.zarr: no slices \(an array of shape"):
+        open_volume(tmp_path / "none.zarr")
     # paser segment: one input that cannot be opened fails alone, the others go on
     (tmp_path / "scans").mkdir()
     for name in ("a.tif", "b.ome.tif", "c.tif"):

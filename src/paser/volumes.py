@@ -57,7 +57,7 @@ PLANE_CHUNK = 1024
 VOLUMES_CSV = "volumes.csv"
 #: a zarr array: ``scan.zarr``, or one inside a group (``scan.zarr/0``, OME-Zarr's levels)
 _ZARR = re.compile(r"\.zarr(?:/|$)", re.IGNORECASE)
-_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs))(?::(?P<key>.*))?$", re.IGNORECASE)
+_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs|nx5|cxi))(?::(?P<key>.*))?$", re.IGNORECASE)
 
 
 def natural_key(path: Path) -> list:
@@ -181,6 +181,9 @@ def _leading_ones(source: str, shape: tuple) -> int:
 
 
 def _check(source: str, shape: tuple, dtype) -> None:
+    if len(shape) in (3, 4) and shape[0] == 0:
+        raise DataError(f"{source}: no slices (an array of shape {tuple(shape)}); nothing to "
+                        "segment")
     if len(shape) not in (3, 4) or 0 in shape:
         raise DataError(f"{source}: an array of shape {tuple(shape)}; a volume is slices x "
                         "height x width (x channels)")
@@ -212,7 +215,8 @@ def _tiff(path: Path) -> Volume:
         raise DataError(f"{path}: its pages hold {lead['C']} channels (TIFF axes "
                         f"{series.axes}, shape {' x '.join(map(str, series.shape))}), which "
                         "would be segmented as slices; save the channel to segment as a stack "
-                        "of its own (tifffile.imwrite(out, data[..., c, :, :]))")
+                        "of its own (tifffile.imwrite(out, data[" + ", ".join(
+                            "c" if a == "C" else ":" for a in series.axes) + "]))")
     if others:
         listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
                                           else "")
@@ -247,9 +251,18 @@ def _zarr(path: Path) -> Volume:
     except Exception as err:  # zarr raises many kinds for a folder that is not one
         raise DataError(f"{path}: not a zarr array ({err})") from None
     if not hasattr(arr, "shape"):
-        names = sorted(getattr(arr, "array_keys", lambda: [])())
+        names: list[str] = []
+
+        def arrays(group, prefix: str) -> None:  # nested (bioformats2raw: scan.zarr/0/0)
+            for name in sorted(getattr(group, "array_keys", lambda: [])()):
+                names.append(f"{prefix}{name}")
+            for name in sorted(getattr(group, "group_keys", lambda: [])()):
+                if len(names) < 10:
+                    arrays(group[name], f"{prefix}{name}/")
+
+        arrays(arr, "")
         raise DataError(f"{path}: a zarr group, not an array; give one of its arrays "
-                        f"({', '.join(f'{path}/{n}' for n in names) or 'it has none'})")
+                        f"({', '.join(f'{path}/{n}' for n in names[:10]) or 'it has none'})")
     lead = _leading_ones(str(path), arr.shape)
     _check(str(path), arr.shape[lead:], arr.dtype)
     store, inner = re.split(r"\.zarr", str(path).rstrip("/"), maxsplit=1, flags=re.IGNORECASE)
@@ -272,9 +285,16 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                 found: list[str] = []
                 fh.visititems(lambda n, o: found.append("/" + n)
                               if isinstance(o, h5py.Dataset) else None)
-                what = (f"no dataset {key} in {file}" if key else
+                group = key and isinstance(data, h5py.Group)
+                what = (f"{key} in {file} is a group, not a dataset" if group else
+                        f"no dataset {key} in {file}" if key else
                         f"an HDF5 file: name its dataset as {file}:/path/in/file")
-                raise DataError(f"{source}: {what}; it has {', '.join(found[:10]) or 'none'}")
+                if group:  # the datasets under it first
+                    found = [n for n in found if n.startswith(key.rstrip("/") + "/")] + [
+                        n for n in found if not n.startswith(key.rstrip("/") + "/")]
+                more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+                raise DataError(f"{source}: {what}; it has "
+                                f"{', '.join(found[:10]) or 'none'}{more}")
             shape, dtype = data.shape, data.dtype
     except OSError as err:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
@@ -295,8 +315,12 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
                 + (" colour" if head.colour else ""))
 
     first = probe(files[0])
-    for f in files[1:]:
-        head = probe(f)
+    for f in files:
+        head = first if f == files[0] else probe(f)
+        if head.pages > 1:
+            raise DataError(f"{f}: {head.pages} pages in one file of a --stack folder, whose "
+                            "files are one slice each; segment that file as a volume of its "
+                            "own, or save its pages as files of the folder")
         if (head.height, head.width, head.dtype, head.colour) != (
                 first.height, first.width, first.dtype, first.colour):
             raise DataError(f"{f}: {kind(head)}, but {files[0]} is {kind(first)}; the slices "
