@@ -263,6 +263,20 @@ def test_folders_as_users_have_them(folder, tmp_path):
     (two / "classes.yaml").write_text("classes: {0: background, 255: line}\nignore: null\n")
     r = check_dataset(two, workers=0, show_progress=False)
     assert r["class_fractions"] == pytest.approx({"background": 120 / 256, "line": 136 / 256})
+    # other tools' names: val/ is validation/; labels/ and img_mask.png are named in the error
+    (two / "validation").rename(two / "val")
+    assert check_dataset(two, workers=0, show_progress=False)["splits"]["validation"][
+        "images"] == 3
+    for mask in (two / "test" / "masks").iterdir():
+        mask.rename(mask.with_name(f"{mask.stem}_mask.png"))
+    with pytest.raises(DataError, match=r"label not found .*0_mask.png looks like its label: a "
+                       r"label has its image's file name \(stem '0'\), so rename the labels "
+                       r"\(e.g. strip '_mask'\)"):
+        check_dataset(two, workers=0, show_progress=False)
+    (two / "test" / "masks").rename(two / "test" / "labels")
+    with pytest.raises(DataError, match=r"masks: folder not found; .*labels is there: rename it "
+                       "masks/"):
+        check_dataset(two, workers=0, show_progress=False)
 
 
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):

@@ -61,6 +61,19 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"{err} (outside the label codec: {CODEC})") from None
 
 
+def _near_name(label: Path, stem: str) -> str:
+    """``; ...img_000_mask.png looks like its label: ...`` where a file beside the missing
+    label names the image's stem inside its own (another tool's suffix or prefix)."""
+    if not label.parent.is_dir():
+        return ""
+    near = sorted(p for p in label.parent.iterdir() if p.is_file() and p.stem != stem
+                  and stem in p.stem)
+    if not near:
+        return ""
+    return (f"; {near[0]} looks like its label: a label has its image's file name (stem "
+            f"'{stem}'), so rename the labels (e.g. strip '{near[0].stem.replace(stem, '', 1)}')")
+
+
 #: Stored value of unlabelled pixels in uint8 class-index masks (losses and metrics see -1).
 MASK_IGNORE = 255
 
@@ -91,7 +104,7 @@ class SegmentationFiles(Dataset):
             raise DataError(
                 f"{missing[0]}: label not found for image {self.images[i]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
+                + _near_name(missing[0], self.images[i].stem))
         self.intensity = Intensity()
         self.dtypes: Counter[str] = Counter()
         self.sizes, self.channels = self._check_sizes()

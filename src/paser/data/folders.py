@@ -168,11 +168,15 @@ class FolderDataset(_ClassMapped):
         root = Path(root)
         self.classmap = ClassMap.read(root / "classes.yaml")
         if (root / "train" / "images").is_dir():  # split folders: all three
-            if not (root / split / "images").is_dir():
-                raise DataError(f"{root / split / 'images'}: folder not found; with train/ "
-                                "there must be validation/ and test/ too, each with images/ "
-                                "and masks/")
-            pairs = _pairs(root / split / "images", root / split / "masks")
+            where = root / split
+            if split == "validation" and not (where / "images").is_dir() and (
+                    root / "val" / "images").is_dir():
+                where = root / "val"  # as many tools name it
+            if not (where / "images").is_dir():
+                raise DataError(f"{where / 'images'}: folder not found; with train/ "
+                                "there must be validation/ (or val/) and test/ too, each with "
+                                "images/ and masks/")
+            pairs = _pairs(where / "images", where / "masks")
         elif (root / "images").is_dir():
             pairs = _pairs(root / "images", root / "masks")
             _one_file_per_image([p for p, _ in pairs], root / "masks")
@@ -207,10 +211,18 @@ class CityscapesDataset(_ClassMapped):
         super().__init__(images, labels, f"{img_dir}")
 
 
+#: folder names other tools give masks
+_MASK_FOLDERS = ("labels", "label", "annotations", "gt", "ground_truth", "groundtruth",
+                 "segmentations", "targets")
+
+
 def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     if not mask_dir.is_dir():
+        other = next((mask_dir.parent / n for n in _MASK_FOLDERS
+                      if (mask_dir.parent / n).is_dir()), None)
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
-                        "file names")
+                        "file names" + (f" ({other} is there: rename it masks/)"
+                                        if other is not None else ""))
     masks = {p.stem: p for p in image_files(mask_dir)}
     images = image_files(img_dir)
     # a missing mask is reported by SegmentationFiles, naming the image
