@@ -326,12 +326,13 @@ class Intensity:
         return out
 
     def describe(self) -> str:
+        fill = "; NaN and Inf pixels become 0" if self.nonfinite == "fill" else ""
         if self.mode == "per_image":
-            return "floats and other integers min-max scaled per image"
+            return "floats and other integers min-max scaled per image" + fill
         if self.window is None:
-            return "no window (8/16-bit images only: scaled by their type's range)"
+            return "no window (8/16-bit images only: scaled by their type's range)" + fill
         return (f"{'every image' if self.given else 'floats and other integers'} scaled by "
-                f"the window [{self.window[0]:.6g}, {self.window[1]:.6g}]")
+                f"the window [{self.window[0]:.6g}, {self.window[1]:.6g}]" + fill)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "window": None if self.window is None else list(self.window),
