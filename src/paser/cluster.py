@@ -279,7 +279,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     :func:`paser.segment.segment_files` and :func:`paser.volumes.segment_volumes` do here:
     the same outputs, records and resume (module doc). ``model`` is the run loaded here
     (for the folder's settings and the volumes' records; it segments nothing).
-    ``on_progress(slices, voxels, what)`` as each task finishes (an image is one slice)."""
+    ``on_progress(slices, voxels, what)`` as each task finishes (an image is one slice;
+    ``voxels`` 0 for what an earlier call did)."""
     distributed = _distributed()
     out_dir = Path(out_dir)
     names = record_names(model)
@@ -294,7 +295,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     slot = {str(f): i for i, f in enumerate(files)}
     for r in images:
         if r is not None and on_progress is not None:
-            on_progress(1, r.height * r.width, r.stem)
+            on_progress(1, 0, r.stem)  # done before
     todo = [str(f) for f, r in zip(files, images, strict=True) if r is None]
     summary = SummaryLog(out_dir / SUMMARY, names) if files else None
     for i in range(0, len(todo), batch):
@@ -328,7 +329,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         if res.record is not None:
             res.resumed = True
             if on_progress is not None:
-                on_progress(vol.depth, vol.depth * vol.plane[0] * vol.plane[1], vol.stem)
+                on_progress(vol.depth, 0, vol.stem)  # done before
             continue
         try:
             size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]
@@ -339,7 +340,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         todo_chunks = chunks_to_do(vol, out_dir, size)
         done_slices = vol.depth - sum(z1 - z0 for z0, z1 in todo_chunks)
         if done_slices and on_progress is not None:
-            on_progress(done_slices, done_slices * vol.plane[0] * vol.plane[1], vol.stem)
+            on_progress(done_slices, 0, vol.stem)  # done before
         waiting[vol.stem] = set()
         for z0, z1 in todo_chunks:
             fut = client.submit(_volume_chunk, spec, vol, z0, z1, str(out_dir), only,

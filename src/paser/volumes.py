@@ -340,14 +340,15 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
                    ) -> dict:
     """Segment ``volume`` with ``model`` (a :class:`paser.PaSeR`) into ``out_dir`` (module
     doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels)`` after each
-    chunk. Chunks finished by an earlier call into the same folder are not done again."""
+    chunk (``voxels`` 0 for the chunks an earlier call into the same folder finished: they
+    are not done again)."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     labels, chunk = prepare_volume(volume, out_dir, chunk, model.intensity)
     todo = chunks_to_do(volume, out_dir, chunk)
     done = volume.depth - sum(z1 - z0 for z0, z1 in todo)  # by an earlier call
     if done and on_slices is not None:
-        on_slices(done, done * volume.plane[0] * volume.plane[1])
+        on_slices(done, 0)  # by an earlier call: the bar moves, its rates do not
     for z0, z1 in todo:
         segment_chunk(model, volume, z0, z1, out_dir, labels, only)
         if on_slices is not None:
@@ -577,7 +578,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
         if res.record is not None:
             res.resumed = True
             if on_slices is not None:
-                on_slices(vol.depth, vol.depth * vol.plane[0] * vol.plane[1])
+                on_slices(vol.depth, 0)  # done before
             continue
         try:
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)

@@ -214,19 +214,21 @@ def segment(
 
 @contextmanager
 def _slices_bar(total: int, name: str):
-    """One progress bar over ``total`` slices (an image is one): slices/s and megavoxels/s;
-    yields ``advance(slices, voxels, what)``."""
+    """One progress bar over ``total`` slices (an image is one): slices/s and megavoxels/s
+    of this call's work; yields ``advance(slices, voxels, what)``, ``voxels`` 0 for slices
+    an earlier call did (they move the bar, not the rates)."""
     from paser.runtime import progress
 
     with progress() as bar:
         task = bar.add_task(name, total=total, info="")
-        start, voxels = time.perf_counter(), [0]
+        start, voxels, slices = time.perf_counter(), [0], [0]
 
         def advance(n: int, v: int, what: str = "") -> None:
             voxels[0] += v
+            slices[0] += n if v else 0
             dt = max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=n, info=f"{(bar.tasks[0].completed + n) / dt:.1f} "
-                       f"slices/s  {voxels[0] / 1e6 / dt:.2f} megavoxels/s  {what}")
+            bar.update(task, advance=n, info=f"{slices[0] / dt:.1f} slices/s  "
+                       f"{voxels[0] / 1e6 / dt:.2f} megavoxels/s  {what}")
 
         yield advance
 
