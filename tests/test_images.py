@@ -19,6 +19,7 @@ from paser.data.images import (
     read_array,
     read_image,
     read_mask,
+    window_of,
 )
 from paser.data.registry import check_dataset
 from paser.errors import DataError
@@ -172,6 +173,14 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     tifffile.imwrite(tmp_path / "fov.tif", fov)
     assert fit_window([tmp_path / "fov.tif"]) == pytest.approx(
         tuple(np.percentile([1.0, 3.0], [0.5, 99.5])))  # fitted on the finite pixels
+    # a fill outside the field of view (40 % of the pixels at -1000, or at float32's least
+    # value) is left out of the fit: the window is the scan's own
+    scan = np.random.default_rng(0).normal(0.01, 0.003, (64, 64)).astype(np.float32)
+    outside = np.hypot(*np.mgrid[-32:32, -32:32]) > 28
+    for fill in (-1000.0, float(np.finfo(np.float32).min)):
+        filled_scan = np.where(outside, np.float32(fill), scan)
+        assert window_of([(filled_scan, "s")]) == pytest.approx(
+            window_of([(scan[~outside], "s")]))
     # a window of extreme values (a float32 fill of -3.4e38) does not overflow to Inf
     huge = np.array([[-3e38, 0.0], [3e38, 1.0]], np.float32)
     assert np.allclose(Intensity((-3e38, 3e38)).scale(huge), [[0, 0.5], [1, 0.5]])

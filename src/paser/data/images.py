@@ -402,10 +402,30 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
     if not pixels.size:
         raise DataError("no finite pixel to fit an intensity window on (every pixel NaN or "
                         "Inf); give data.window=[lo,hi]")
+    pixels = _without_fill(pixels)
     lo, hi = np.percentile(pixels, percentiles)
     if hi <= lo:  # constant images: any window keeps them constant
         hi = lo + 1.0
     return float(lo), float(hi)
+
+
+#: a value that many of the fitted pixels hold, at their least or most, is a fill
+_FILL_SHARE = 0.05
+
+
+def _without_fill(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` without a fill value: the least or the greatest value when it alone holds
+    more than :data:`_FILL_SHARE` of them and ten times as many as any other value (a
+    reconstruction's outside of its field of view, written as 0, -1000 or float32's least
+    value). Left in, it would be the window's end, and the scan's own contrast would be
+    squeezed into a sliver of [0, 1]; left out, it is clipped to 0 (or 1) as the window's
+    end would be."""
+    values, counts = np.unique(pixels, return_counts=True)
+    if len(values) < 3:
+        return pixels
+    fills = [i for i in (0, len(values) - 1) if counts[i] > _FILL_SHARE * pixels.size
+             and counts[i] >= 10 * np.delete(counts, [0, len(values) - 1]).max()]
+    return pixels[~np.isin(pixels, values[fills])] if fills else pixels
 
 
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
