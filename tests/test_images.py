@@ -177,7 +177,7 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     # value) is left out of the fit: the window is the scan's own
     scan = np.random.default_rng(0).normal(0.01, 0.003, (64, 64)).astype(np.float32)
     outside = np.hypot(*np.mgrid[-32:32, -32:32]) > 28
-    for fill in (-1000.0, float(np.finfo(np.float32).min)):
+    for fill in (0.0, -1000.0, float(np.finfo(np.float32).min)):
         filled_scan = np.where(outside, np.float32(fill), scan)
         assert window_of([(filled_scan, "s")]) == pytest.approx(
             window_of([(scan[~outside], "s")]))

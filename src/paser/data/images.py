@@ -320,7 +320,8 @@ class Intensity:
                                           "window: it trained on 8/16-bit images)"))
         if max(abs(lo), abs(hi)) > 1e37:  # in float64: x - lo would overflow float32
             x = x.astype(np.float64)
-        out = np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+        with np.errstate(over="ignore"):  # a fill far outside the window: +-inf, clipped
+            out = np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
         if bad:
             out[~finite] = 0.0
         return out
@@ -414,18 +415,20 @@ _FILL_SHARE = 0.05
 
 
 def _without_fill(pixels: np.ndarray) -> np.ndarray:
-    """``pixels`` without a fill value: the least or the greatest value when it alone holds
-    more than :data:`_FILL_SHARE` of them and ten times as many as any other value (a
-    reconstruction's outside of its field of view, written as 0, -1000 or float32's least
-    value). Left in, it would be the window's end, and the scan's own contrast would be
-    squeezed into a sliver of [0, 1]; left out, it is clipped to 0 (or 1) as the window's
-    end would be."""
+    """``pixels`` without a fill value: one value that holds more than :data:`_FILL_SHARE`
+    of them and ten times as many as any other (a reconstruction's outside of its field of
+    view, written as 0, -1000 or float32's least value). Left in, a fill below the scan's
+    values would be the window's end and squeeze its contrast into a sliver of [0, 1], and
+    one among them would move the window with the size of the field of view; left out, it
+    is scaled as any value is."""
     values, counts = np.unique(pixels, return_counts=True)
     if len(values) < 3:
         return pixels
-    fills = [i for i in (0, len(values) - 1) if counts[i] > _FILL_SHARE * pixels.size
-             and counts[i] >= 10 * np.delete(counts, [0, len(values) - 1]).max()]
-    return pixels[~np.isin(pixels, values[fills])] if fills else pixels
+    top = int(counts.argmax())
+    if counts[top] > _FILL_SHARE * pixels.size and counts[top] >= 10 * np.delete(
+            counts, top).max():
+        return pixels[pixels != values[top]]
+    return pixels
 
 
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
