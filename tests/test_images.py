@@ -148,6 +148,9 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     with pytest.raises(DataError, match="intensity.json: not an intensity file"):
         Intensity.load(tmp_path / "kept")
     assert Intensity.load(tmp_path / "none") == Intensity()  # a run older than the window
+    # what older runs and paser segment folders keep: the keys added since only off default
+    assert Intensity((0.0, 1.0)).to_dict() == {"mode": "window", "window": [0.0, 1.0],
+                                               "percentiles": [0.5, 99.5]}
     # 12-bit camera data in 16-bit files: a window the user gives scales 16-bit (and 8-bit)
     # images too, and the run keeps that it was given
     twelve = np.array([[0, 1000], [4095, 65535]], np.uint16)

@@ -108,6 +108,10 @@ def test_after_an_overwrite_no_record_of_before_counts_as_done(setup, monkeypatc
     monkeypatch.chdir(tmp)
     relative = segment_files(m, [files[0].relative_to(tmp)], tmp / "out", only=1)
     assert [r.resumed for r in relative] == [True]
+    monkeypatch.chdir(files[0].parent)  # and from another folder, spelt from there
+    relative = segment_files(m, [files[0].relative_to(files[0].parent)], tmp / "out",
+                             only=1)
+    assert [r.resumed for r in relative] == [True]
 
 
 def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_redone(setup):

@@ -86,6 +86,13 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     with pytest.raises(Interrupted):  # in the first volume's fourth chunk
         segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert len(list((tmp / "out" / ".scan.parts").glob("0*.json"))) == 3
+    # chunks left by paser before their input's identity was kept are taken as they are
+    made = tmp / "out" / ".scan.parts" / "volume.json"
+    kept = json.loads(made.read_text())
+    assert {"input_path", "stat", "signature"} <= set(kept["volume"])
+    for key in ("input_path", "stat", "signature"):
+        del kept["volume"][key]
+    made.write_text(json.dumps(kept))
     calls[0], stop[0] = 0, 0
     segment_volumes(m, volumes, tmp / "out", chunk=16)  # goes on in the chunks it began
     assert calls[0] == 2 * DEPTH - 12  # the 12 slices of the 3 finished chunks not redone
@@ -94,6 +101,10 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert np.array_equal(zarr.open(str(tmp / "out" / "z_labels.zarr"), mode="r")[:],
                           zarr.open(str(tmp / "whole" / "z_labels.zarr"), mode="r")[:])
     calls[0] = 0
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert calls[0] == 0 and all(r.resumed for r in again)
+    # a copy (or a touch) changes the file's times, not its content: still done
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
     again = segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert calls[0] == 0 and all(r.resumed for r in again)
 
@@ -253,6 +264,12 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     zarr.open_array(str(tmp_path / "none.zarr"), mode="w", shape=(0, 4, 4), dtype="uint8")
     with pytest.raises(DataError, match=r"none.zarr: no slices \(an array of shape"):
         open_volume(tmp_path / "none.zarr")
+    # a gray + alpha stack (ExtraSamples alpha) is gray: alpha dropped, as from an image
+    la = np.random.default_rng(0).integers(0, 255, (3, 8, 9, 2), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "la.tif", la, photometric="minisblack",
+                     extrasamples=["unassalpha"])
+    gray = open_volume(tmp_path / "la.tif")
+    assert gray.shape == (3, 8, 9, 1) and np.array_equal(gray.read(0, 3)[..., 0], la[..., 0])
     # paser segment: one input that cannot be opened fails alone, the others go on
     (tmp_path / "scans").mkdir()
     for name in ("a.tif", "b.ome.tif", "c.tif"):

@@ -138,6 +138,8 @@ def hashed_part(raw: dict, key: str, legacy: bool = False):
     if key in ADDED:
         node = {k: v for k, v in node.items()
                 if k not in ADDED[key] or v != ADDED[key][k]}
+    if key == "data" and node.get("window") is not None:  # since 2026-12-05 it scales
+        node = {**node, "window_scales": "every image"}  # 8/16-bit images too: retrain
     return node
 
 

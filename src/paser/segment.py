@@ -292,7 +292,8 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         res.gflops = float(out.gflops[0])
         res.fractions = (np.bincount(actions, minlength=router.num_models)
                          / actions.size).tolist()
-        record = {"input": str(path), "input_sha256": file_sha256(path),
+        record = {"input": str(path), "input_path": canonical(str(path)),
+                  "input_stat": file_stat(path), "input_sha256": file_sha256(path),
                   "height": res.height, "width": res.width,
                   "notes": res.notes, "grid": [grid.rows, grid.cols],
                   "patch": list(grid.patch_size(res.height, res.width)),
@@ -388,16 +389,36 @@ def taken(record: Path, theirs: str, mine: str) -> str:
             "or start the folder over with --overwrite")
 
 
+def canonical(source: str) -> str:
+    """An input's spelling (``file``, ``file.h5:/key``) as an absolute path from here: what
+    records keep (``input_path``), so a later call from another folder knows it."""
+    path, sep, key = str(source).partition(":/")
+    try:
+        return str(Path(path).resolve()) + sep + key
+    except (OSError, RuntimeError):
+        return str(source)
+
+
 def same_input(a: str, b: str) -> bool:
     """Whether two spellings of an input (``file``, ``file.h5:/key``) name the same one:
-    relative or absolute, from any working folder."""
-    def canonical(source: str) -> str:
-        path, sep, key = source.partition(":/")
-        try:
-            return str(Path(path).resolve()) + sep + key
-        except (OSError, RuntimeError):
-            return source
+    relative or absolute (relative ones from this working folder)."""
     return a == b or canonical(a) == canonical(b)
+
+
+def recorded_as(rec: dict, source: str) -> bool | None:
+    """Whether record ``rec`` is of input ``source``: by the absolute path it keeps, from
+    any working folder; a record older than that (``None`` when its relative path does not
+    resolve to ``source`` from here: then it is not known, and is done again)."""
+    if rec.get("input_path") is not None:
+        return rec["input_path"] == canonical(source)
+    return True if same_input(str(rec.get("input")), str(source)) else None
+
+
+def file_stat(path: str | Path) -> list[int]:
+    """``[size, mtime_ns]`` of a file: a changed input, cheaply (its content digest is read
+    only when this differs)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def finished(out_dir: Path, path: Path) -> Segmented | None:
@@ -411,11 +432,15 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         rec = json.loads(record_path.read_text())
         if rec.get("claim", "") != claim_of(out_dir):
             return None  # of the folder before an --overwrite
-        if not same_input(str(rec.get("input")), str(path)):
+        mine = recorded_as(rec, str(path))
+        if mine is None:
+            return None  # an older record of another spelling: segmented again
+        if not mine:
             return Segmented(str(path), path.stem, ok=False, error=taken(
                 record_path, str(rec.get("input")), str(path)))
         digest = rec.get("input_sha256")
-        if digest is not None and digest != file_sha256(path):
+        if digest is not None and rec.get("input_stat") != file_stat(path) and (
+                digest != file_sha256(path)):
             return None  # the file changed since: segmented again
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],

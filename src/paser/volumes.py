@@ -45,6 +45,7 @@ from paser.data.images import (
     read_array,
     spread,
     stack_pages,
+    tiff_alpha,
     window_of,
 )
 from paser.errors import DataError, PaserError
@@ -82,6 +83,7 @@ class Volume:
     planar: bool = False  # tiff: channels stored first
     lead: int = 0  # zarr, hdf5: leading axes of length 1 before the slices
     error: str = ""  # why it could not be opened (split_inputs(keep_failed=True)): not read
+    alpha: int = 0  # tiff: its last samples that are alpha (ExtraSamples), dropped on read
 
     @property
     def depth(self) -> int:
@@ -104,7 +106,8 @@ class Volume:
             with tifffile.TiffFile(self.path) as tif:
                 pages = stack_pages(tif)
                 out = np.stack([pages[z].asarray() for z in range(z0, z1)])
-            return np.moveaxis(out, 1, -1) if self.planar else out
+            out = np.moveaxis(out, 1, -1) if self.planar else out
+            return out[..., :-self.alpha] if self.alpha else out
         at = (0,) * self.lead + (slice(z0, z1),)
         if self.kind == "zarr":
             import zarr
@@ -128,6 +131,32 @@ def signature(volume: Volume) -> str:
     for z in sorted({0, volume.depth // 2, volume.depth - 1}):
         h.update(np.ascontiguousarray(volume.read(z, z + 1)).tobytes())
     return h.hexdigest()
+
+
+def stat_of(volume: Volume) -> list[int]:
+    """``[files, bytes, newest mtime_ns]`` of what holds ``volume`` (its file, its stack's
+    files, its zarr array's folder): whether it was written since, without reading it (its
+    :func:`signature` is read only when this differs: a copy or a touch)."""
+    import os
+
+    if volume.kind == "stack":
+        paths = [Path(f) for f in volume.files]
+    elif volume.kind == "zarr" and Path(volume.path).is_dir():
+        paths = [Path(d) / f for d, _, fs in os.walk(volume.path) for f in fs]
+    else:
+        paths = [Path(volume.path)]
+    stats = [p.stat() for p in paths]
+    return [len(stats), sum(st.st_size for st in stats),
+            max((st.st_mtime_ns for st in stats), default=0)]
+
+
+def unchanged(volume: Volume, kept: dict) -> bool:
+    """Whether ``volume`` is what ``kept`` (a record, or its chunks' ``volume.json``) was
+    made of: the same :func:`stat_of`, or else the same :func:`signature`; a record older
+    than both is taken as it is."""
+    if kept.get("stat") is None or kept["stat"] == stat_of(volume):
+        return True
+    return kept.get("signature") is not None and kept["signature"] == signature(volume)
 
 
 def is_volume(spec: str | Path, stack: bool = False) -> bool:
@@ -226,9 +255,11 @@ def _tiff(path: Path) -> Volume:
                         "own TIFF")
     if planar:
         shape = (pages, *shape[2:], shape[1])
+    alpha = tiff_alpha(page) if len(shape) == 4 and shape[-1] > 1 else 0
+    shape = (*shape[:3], shape[3] - alpha) if alpha else shape
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
-                  planar=planar)
+                  planar=planar, alpha=alpha)
 
 
 def _optional(module: str, source: str | Path):
@@ -265,9 +296,7 @@ def _zarr(path: Path) -> Volume:
                         f"({', '.join(f'{path}/{n}' for n in names[:10]) or 'it has none'})")
     lead = _leading_ones(str(path), arr.shape)
     _check(str(path), arr.shape[lead:], arr.dtype)
-    store, inner = re.split(r"\.zarr", str(path).rstrip("/"), maxsplit=1, flags=re.IGNORECASE)
-    stem = "_".join([Path(store).name, *Path(inner.strip("/")).parts])
-    return Volume(str(path), stem, "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
+    return Volume(str(path), stem_of(path), "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
                   path=str(path), lead=lead)
 
 
@@ -300,8 +329,7 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
     lead = _leading_ones(source, shape)
     _check(source, shape[lead:], dtype)
-    stem = f"{file.stem}_{key.strip('/').replace('/', '_')}" if key.strip("/") else file.stem
-    return Volume(source, stem, "hdf5", tuple(shape[lead:]), str(dtype), path=str(file),
+    return Volume(source, stem_of(source), "hdf5", tuple(shape[lead:]), str(dtype), path=str(file),
                   key=key, lead=lead)
 
 
@@ -326,9 +354,9 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
             raise DataError(f"{f}: {kind(head)}, but {files[0]} is {kind(first)}; the slices "
                             "of a stack share one size, type and colour")
     arr = read_array(files[0])
-    name = folder.resolve().name  # `paser segment . --stack`: the folder's own name
-    return Volume(str(folder), name, "stack", (len(files), *arr.shape), str(arr.dtype),
-                  path=str(folder), files=[str(f) for f in files])
+    # `paser segment . --stack`: the folder's own name
+    return Volume(str(folder), stem_of(folder), "stack", (len(files), *arr.shape),
+                  str(arr.dtype), path=str(folder), files=[str(f) for f in files])
 
 
 def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -368,20 +396,20 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     A float or signed volume under a run without an intensity window (``intensity``, the
     run's: it trained on 8/16-bit images) gets one window fitted on the volume itself
     (:func:`volume_window`), kept with the parts, so no slice is scaled by its own range."""
-    from paser.segment import claim_of, same_input
+    from paser.segment import canonical, claim_of, recorded_as
 
     parts = _parts(volume, out_dir)
     made = parts / "volume.json"  # what the parts are of, and their chunk
     mine = {"input": volume.source, "shape": list(volume.shape), "dtype": volume.dtype,
-            "claim": claim_of(out_dir), "signature": signature(volume)}
+            "claim": claim_of(out_dir)}
     try:
         before = json.loads(made.read_text()) if made.is_file() else None
     except ValueError:
         before = None
     theirs = (before or {}).get("volume") or {}
-    same = ({k: v for k, v in theirs.items() if k != "input"} == {
+    same = ({k: theirs.get(k) for k in mine if k != "input"} == {
         k: v for k, v in mine.items() if k != "input"}
-        and same_input(str(theirs.get("input")), volume.source))
+        and recorded_as(theirs, volume.source) and unchanged(volume, theirs))
     if parts.is_dir() and not same:
         # chunks of another input of this stem (or of unknown origin): not this volume's
         shutil.rmtree(parts)
@@ -392,6 +420,8 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     else:
         window = (volume_window(volume) if intensity.mode == "window"
                   and intensity.window is None and not by_type_range(volume.dtype) else None)
+        mine.update(input_path=canonical(volume.source), stat=stat_of(volume),
+                    signature=signature(volume))
         atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window}), made)
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
@@ -467,6 +497,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     already), the volume's record written (``<stem>.json``), the parts removed."""
     parts = _parts(volume, out_dir)
     codec, intensity = model.label_codec, volume_intensity(model, volume, out_dir)
+    kept = json.loads((parts / "volume.json").read_text()).get("volume", {})
     h, w = volume.plane
     records = [r for z0 in range(0, volume.depth, chunk)
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
@@ -485,8 +516,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     from paser.segment import claim_of
 
     record = {
-        "input": volume.source, "signature": signature(volume), "kind": volume.kind,
-        "shape": list(volume.shape),
+        "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
+        **{k: kept[k] for k in ("input_path", "stat", "signature") if k in kept},
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
         "models": names, "only": None if only is None else names[only],
         "class_fractions": dict(zip(codec.names, (voxels / max(voxels.sum(), 1)).tolist(),
@@ -500,7 +531,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "megavoxels": volume.depth * h * w / 1e6,
         "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
                        "their type's range (0 to its largest value), as in training"}
-                      if by_type_range(volume.dtype) else
+                      if by_type_range(volume.dtype) and not (
+                          intensity.given and intensity.mode == "window") else
                       {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
                        "window: it trained on 8/16-bit images)"}
                           if intensity is not model.intensity else {})}),
@@ -572,7 +604,10 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
         results.append(res)
-        res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
+        try:
+            res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
+        except (PaserError, OSError, ValueError) as err:  # it cannot be read now: it alone
+            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
         if res.error:
             continue
         if res.record is not None:
@@ -604,7 +639,7 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
     done = out_dir / f"{volume.stem}.json"
     if not done.is_file():
         return None
-    from paser.segment import claim_of, same_input
+    from paser.segment import claim_of, recorded_as
 
     try:
         rec = json.loads(done.read_text())
@@ -612,9 +647,9 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("claim", "") != claim_of(out_dir):
         return None  # of the folder before an --overwrite
-    if rec.get("signature") is not None and rec["signature"] != signature(volume):
-        return None  # written again since: segmented again
-    return rec if same_input(str(rec.get("input")), volume.source) else None
+    if not recorded_as(rec, volume.source) or not unchanged(volume, rec):
+        return None  # written again since (or an older record's other spelling): again
+    return rec
 
 
 def earlier(volume: Volume, out_dir: Path) -> tuple[dict | None, str]:
@@ -633,7 +668,7 @@ def owner(volume: Volume, out_dir: Path) -> str | None:
     """The input whose outputs (finished, or chunks of an interrupted call) ``out_dir``
     holds under ``volume``'s stem, when it is another one than ``volume``: each input
     keeps its own; ``None`` when they are free or this volume's."""
-    from paser.segment import claim_of, same_input
+    from paser.segment import claim_of, recorded_as
 
     for made in (out_dir / f"{volume.stem}.json", _parts(volume, out_dir) / "volume.json"):
         try:
@@ -642,7 +677,7 @@ def owner(volume: Volume, out_dir: Path) -> str | None:
             continue
         rec = (rec.get("volume") or rec) if isinstance(rec, dict) else None
         if (isinstance(rec, dict) and rec.get("claim", "") == claim_of(out_dir)
-                and not same_input(str(rec.get("input")), volume.source)):
+                and recorded_as(rec, volume.source) is False):
             return str(rec.get("input"))
     return None
 
@@ -666,6 +701,22 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
         out.writerows(rows)
 
 
+def stem_of(spec: str | Path) -> str:
+    """The stem of the outputs of the volume ``spec`` names, as :func:`open_volume` gives
+    it (HDF5 ``file_key``, zarr ``store_inner``, a folder its own name), without opening it."""
+    text = str(spec)
+    h5 = _H5.match(text)
+    if h5:
+        key = (h5["key"] or "").strip().strip("/")
+        return f"{Path(h5['file']).stem}_{key.replace('/', '_')}" if key else Path(
+            h5["file"]).stem
+    if _ZARR.search(text):
+        store, inner = re.split(r"\.zarr", text.rstrip("/"), maxsplit=1, flags=re.IGNORECASE)
+        return "_".join([Path(store).name, *Path(inner.strip("/")).parts])
+    path = Path(text)
+    return path.resolve().name if path.is_dir() else path.stem
+
+
 def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
                  exclude: str | Path | None = None, keep_failed: bool = False
                  ) -> tuple[list[Path], list[Volume]]:
@@ -684,11 +735,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
         except DataError as err:
             if not keep_failed:
                 raise
-            name, key = _H5.match(str(spec)), ""
-            if name:  # as _hdf5 names it: file_key
-                key = "_" + (name["key"] or "").strip().strip("/").replace("/", "_")
-            stem = Path(name["file"] if name else str(spec).rstrip("/\\")).stem + key.rstrip("_")
-            return Volume(str(spec), stem, "failed", (0, 0, 0), "", error=str(err))
+            return Volume(str(spec), stem_of(spec), "failed", (0, 0, 0), "", error=str(err))
 
     volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]

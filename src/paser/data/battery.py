@@ -66,8 +66,11 @@ def _near_name(label: Path, stem: str) -> str:
     label names the image's stem inside its own (another tool's suffix or prefix)."""
     if not label.parent.is_dir():
         return ""
-    near = sorted(p for p in label.parent.iterdir() if p.is_file() and p.stem != stem
-                  and stem in p.stem)
+    def names_it(other: str) -> bool:  # img_000_mask, mask_img_000, img_000.mask
+        return any(other.startswith(stem + sep) or other.endswith(sep + stem)
+                   for sep in "_-. ")
+
+    near = sorted(p for p in label.parent.iterdir() if p.is_file() and names_it(p.stem))
     if not near:
         return ""
     return (f"; {near[0]} looks like its label: a label has its image's file name (stem "

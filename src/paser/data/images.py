@@ -133,14 +133,14 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         arr, axes = arr[0], axes[1:]
     if axes and axes[0] == "S":  # planar channels first
         arr = np.moveaxis(arr, 0, -1)
-    alpha = _tiff_alpha(first)
+    alpha = tiff_alpha(first)
     if alpha and arr.ndim == 3 and arr.shape[-1] > alpha:
         arr = arr[..., :-alpha]
         notes.append("alpha channel dropped")
     return arr
 
 
-def _tiff_alpha(page) -> int:
+def tiff_alpha(page) -> int:
     """How many of a TIFF page's last samples are alpha (its ExtraSamples tag says so; an
     unspecified extra sample is a channel of its own: a second detector, say)."""
     return sum(int(e) in (1, 2) for e in (page.extrasamples or ()))
@@ -250,7 +250,7 @@ def probe(path: str | Path) -> Probe:
                 palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
-                channels = 3 if palette else max(1, samples - _tiff_alpha(page))
+                channels = 3 if palette else max(1, samples - tiff_alpha(page))
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels)
         with Image.open(path) as img:
@@ -336,9 +336,13 @@ class Intensity:
                 f"the window [{self.window[0]:.6g}, {self.window[1]:.6g}]" + fill)
 
     def to_dict(self) -> dict:
+        """As ``intensity.json`` and a ``paser segment`` folder's settings keep it; the keys
+        added later only where they differ from what older runs did (their folders and
+        runs read as they were)."""
         return {"mode": self.mode, "window": None if self.window is None else list(self.window),
-                "percentiles": list(WINDOW_PERCENTILES), "given": self.given,
-                "nonfinite": self.nonfinite}
+                "percentiles": list(WINDOW_PERCENTILES),
+                **({"given": True} if self.given else {}),
+                **({"nonfinite": self.nonfinite} if self.nonfinite != "error" else {})}
 
     def save(self, run_dir: str | Path) -> None:
         from paser.runtime import atomic_write_text

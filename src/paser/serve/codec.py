@@ -100,9 +100,11 @@ def decode_png(body: bytes, max_values: int) -> np.ndarray:
                 raise PayloadError(413, f"a {w} x {h} PNG: more than the server's "
                                    f"{max_values} values per request")
             img.load()
-            if img.mode == "P":
+            if img.mode in ("P", "PA"):
                 img = img.convert("RGB")
-            return np.asarray(img)
+            arr = np.asarray(img)
+            # alpha where the PNG marks it, as paser's image reader drops it
+            return arr[..., :-1] if img.mode in ("LA", "RGBA") else arr
     except PayloadError:
         raise
     except Image.UnidentifiedImageError:  # its message names a BytesIO object
