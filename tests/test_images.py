@@ -4,6 +4,8 @@ training images and kept in the run."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -222,7 +224,8 @@ def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
         check_dataset(tmp_path / "d")
 
 
-def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path):
+def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, capsys,
+                                                                   monkeypatch):
     root = tmp_path / "d"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -234,6 +237,15 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path):
             root / "masks" / f"{i}.png")
     r = check_dataset(root, workers=0, show_progress=False)
     assert r["intensity"]["window"] is None and r["intensity"]["peak"] <= 4095 / 65535
+    from paser.cli import main  # what paser data check prints about it
+
+    monkeypatch.setattr("sys.argv", ["paser", "data", "check", str(root), "--workers", "0"])
+    with _no_exit():
+        main()
+    printed = capsys.readouterr().out
+    assert re.search(r"the brightest training pixel is 0\.06\d\d of its type's range",
+                     printed), printed
+    assert "data.window=[LOW,HIGH]" in printed
     r = check_dataset(root, workers=0, show_progress=False, overrides=["data.window=[0,4095]"])
     assert r["intensity"]["given"] and r["intensity"]["peak"] == pytest.approx(1.0, abs=0.01)
     cfg = DataConfig(dataset="folder", root=root, window=(0.0, 4095.0))
@@ -277,6 +289,13 @@ def test_alpha_is_dropped_where_the_format_says_so_and_two_channels_stay_two(tmp
     Image.fromarray(gray).save(root / "images" / "3.tif")  # one of one channel among them
     with pytest.raises(DataError, match="2 channels.*1 channel|1 channel.*2 channels"):
         check_dataset(root, workers=0, show_progress=False)
+
+
+def _no_exit():
+    """A CLI call that succeeds: typer may end it with SystemExit(0)."""
+    import contextlib
+
+    return contextlib.suppress(SystemExit)
 
 
 def test_probe_reads_headers_of_every_kind(tmp_path):
