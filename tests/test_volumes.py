@@ -429,3 +429,31 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
     weights = "stage1.class_weights=[" + ",".join(map(str, r["suggested_class_weights"])) + "]"
     load_stage_data(load_config(preset="battery-quick", overrides=[*run, weights]),
                     progress=False)
+
+
+def test_a_finished_volume_that_cannot_be_read_now_fails_alone(setup, monkeypatch):
+    """A --stack folder segmented, then one of its slices broken: a rerun with it and
+    another volume (as paser segment opens them) reports the folder and segments the
+    other; so does a finished volume whose content cannot be read to compare."""
+    m, vol, tmp = setup
+    (tmp / "st").mkdir()
+    for z in range(3):
+        Image.fromarray(vol[z]).save(tmp / "st" / f"s{z}.png")
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    segment_volumes(m, split_inputs([tmp / "st"], stack=True)[1], tmp / "out")
+    (tmp / "st" / "s1.png").write_bytes(b"\x89PNG broken")
+    stack, scan = split_inputs([tmp / "st", tmp / "scan.tif"], stack=True,
+                               keep_failed=True)[1]
+    res = segment_volumes(m, [stack, scan], tmp / "out")
+    assert "s1.png: cannot read the image" in res[0].error and res[0].record is None
+    assert res[1].record is not None and not res[1].error
+    Image.fromarray(vol[1]).save(tmp / "st" / "s1.png")  # written again: its time moved
+
+    def unreadable(volume):
+        raise OSError("the file is locked by the writer")
+
+    monkeypatch.setattr("paser.volumes.signature", unreadable)
+    stack, scan = split_inputs([tmp / "st", tmp / "scan.tif"], stack=True)[1]
+    res = segment_volumes(m, [stack, scan], tmp / "out")
+    assert res[0].error == f"{tmp / 'st'}: the file is locked by the writer"
+    assert res[1].resumed

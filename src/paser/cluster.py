@@ -323,10 +323,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         res = VolumeResult(vol.source, vol.stem)
         vols.append(res)
         sizes.append(chunk)
-        try:
-            res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
-        except (PaserError, OSError, ValueError) as err:  # it cannot be read now: it alone
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+        res.record, res.error = earlier(vol, out_dir)
         if res.error:
             continue
         if res.record is not None:

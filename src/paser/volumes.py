@@ -604,10 +604,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
         results.append(res)
-        try:
-            res.record, res.error = (None, vol.error) if vol.error else earlier(vol, out_dir)
-        except (PaserError, OSError, ValueError) as err:  # it cannot be read now: it alone
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+        res.record, res.error = earlier(vol, out_dir)
         if res.error:
             continue
         if res.record is not None:
@@ -655,13 +652,19 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
 def earlier(volume: Volume, out_dir: Path) -> tuple[dict | None, str]:
     """What an earlier call into ``out_dir`` left of ``volume``: ``(record, "")`` when it
     finished it (:func:`read_done`), ``(None, why)`` when another input of its stem holds
-    the outputs there (:func:`owner`: this one is not segmented), ``(None, "")`` to do."""
+    the outputs there (:func:`owner`: this one is not segmented), or it could not be
+    opened or read now (it alone fails), ``(None, "")`` to do."""
+    if volume.error:
+        return None, volume.error
     theirs = owner(volume, out_dir)
     if theirs is not None:
         from paser.segment import taken
 
         return None, taken(out_dir / f"{volume.stem}.json", theirs, volume.source)
-    return read_done(volume, out_dir), ""
+    try:
+        return read_done(volume, out_dir), ""
+    except (PaserError, OSError, ValueError) as err:
+        return None, str(err) if isinstance(err, PaserError) else f"{volume.source}: {err}"
 
 
 def owner(volume: Volume, out_dir: Path) -> str | None:
