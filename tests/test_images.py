@@ -246,8 +246,10 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, cap
     assert re.search(r"the brightest training pixel is 0\.06\d\d of its type's range",
                      printed), printed
     assert "data.window=[LOW,HIGH]" in printed
+    assert r["intensity"]["by_type_range"] == ["bool", "uint16", "uint8"]
     r = check_dataset(root, workers=0, show_progress=False, overrides=["data.window=[0,4095]"])
     assert r["intensity"]["given"] and r["intensity"]["peak"] == pytest.approx(1.0, abs=0.01)
+    assert r["intensity"]["by_type_range"] == ["bool"]  # the window scales 8/16-bit too
     cfg = DataConfig(dataset="folder", root=root, window=(0.0, 4095.0))
     x = open_split(cfg, "train").image(0)
     raw = tifffile.imread(open_split(cfg, "train").images[0])

@@ -531,8 +531,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "megavoxels": volume.depth * h * w / 1e6,
         "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
                        "their type's range (0 to its largest value), as in training"}
-                      if by_type_range(volume.dtype) and not (
-                          intensity.given and intensity.mode == "window") else
+                      if intensity.by_type_range(volume.dtype) else
                       {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
                        "window: it trained on 8/16-bit images)"}
                           if intensity is not model.intensity else {})}),

@@ -40,9 +40,7 @@ def data_check(
             kinds[k] = kinds.get(k, 0) + n
     for k, n in sorted(kinds.items()):
         dtype = k.split()[0]
-        by_range = dtype == "bool" or (dtype in ("uint8", "uint16") and not (
-            r["intensity"].get("given") and r["intensity"]["mode"] == "window"))
-        how = ("by the type's range" if by_range else
+        how = ("by the type's range" if dtype in r["intensity"]["by_type_range"] else
                "by the intensity window below" if r["intensity"]["mode"] == "window" else
                "min-max per image")
         if k.endswith(" stack"):

@@ -281,6 +281,14 @@ class Intensity:
     given: bool = False
     nonfinite: Literal["error", "fill"] = "error"  # NaN / Inf: refused, or 0 after scaling
 
+    def by_type_range(self, dtype) -> bool:
+        """Whether images of ``dtype`` scale by their type's range here: 8/16-bit unsigned
+        and booleans, unless a window the user gave scales them (booleans always)."""
+        if np.dtype(dtype) == np.bool_:
+            return True
+        given = self.given and self.window is not None and self.mode == "window"
+        return by_type_range(dtype) and not given
+
     def scale(self, arr: np.ndarray, source: Path | str = "the image",
               notes: list[str] | None = None) -> np.ndarray:
         """``arr`` as float32 in [0, 1] (same shape)."""
@@ -289,10 +297,9 @@ class Intensity:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.bool_:
             return arr.astype(np.float32)
-        by_window = self.given and self.window is not None and self.mode == "window"
-        if arr.dtype == np.uint8 and not by_window:
+        if arr.dtype == np.uint8 and self.by_type_range(arr.dtype):
             return arr.astype(np.float32) / 255.0
-        if arr.dtype == np.uint16 and not by_window:
+        if arr.dtype == np.uint16 and self.by_type_range(arr.dtype):
             return arr.astype(np.float32) / 65535.0
         if arr.dtype.kind not in "iuf":
             raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "

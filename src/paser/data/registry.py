@@ -332,12 +332,11 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
                        ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
             for x, y in batches:
-                if split == "train":
-                    peak = max(peak, float(x.max()))
                 got = torch.bincount(y.reshape(-1) % (len(names) + 1), minlength=len(names) + 1)
                 every += got
                 if split == "train":
                     counts += got
+                    peak = max(peak, float(x.max()))
                 bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
     if counts[:-1].sum() == 0:
         raise DataError(f"{root}: no labelled pixel in the training masks (every pixel is "
@@ -372,5 +371,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "intensity": {**splits["train"].intensity.to_dict(),
                       "says": splits["train"].intensity.describe(),
                       "given": cfg.window is not None, "peak": peak,
-                      "nonfinite": cfg.nonfinite},
+                      "nonfinite": cfg.nonfinite,
+                      "by_type_range": sorted(d for d in ("bool", "uint8", "uint16")
+                                              if splits["train"].intensity.by_type_range(d))},
     }
