@@ -253,4 +253,10 @@ def test_measure_keeps_each_images_counts_on_request():
     assert counts["intersection"].tolist() == [[16, 0], [8, 0], [16, 0]]
     assert counts["union"].tolist() == [[16, 0], [16, 8], [16, 0]]
     assert counts["gflops"].tolist() == [1.0, 2.0, 3.0]
+    # each class over the split: background 40 of 48 pixels right, class 1 never found
+    assert res["per_class"] == [pytest.approx(40 / 48), 0.0]
+    assert res["iou"] == pytest.approx((40 / 48 + 0.0) / 2)
+    # a class neither labelled nor predicted has no IoU (None: results.json has no NaN)
+    data.masks[1, :2] = 0
+    assert measure(predict, data, 2, 2, torch.device("cpu"), timed=False)["per_class"] == [1.0, None]
     assert "per_image" not in measure(predict, data, 2, 2, torch.device("cpu"), timed=False)

@@ -85,6 +85,15 @@ def test_report_files(job):
     text = (run_dir / "report.md").read_text()
     assert "Table 1" in text and "Table 2" in text and "| IDK-Cascade (IoU match) |" in text
     assert "; seed 0 (data: split seed 42, synthetic seed 0);" in text
+    # each class's IoU: the run's class names, and the mIoU is their mean
+    assert results["classes"] == ["pore", "carbon", "nickel"]
+    for name in ("PaSeR", "IDK-Cascade", "Oracle", "f0", "f1", "f2"):
+        m = results["methods"][name]
+        present = [v for v in m["per_class"] if v is not None]
+        assert m["iou"] == pytest.approx(sum(present) / len(present))
+    row = results["methods"]["PaSeR"]["per_class"]
+    assert "| class | PaSeR | PaSeR (paper) | IDK-Cascade | Oracle |" in text
+    assert f"| carbon | {row[1]:.4f} |" in text
     assert any("Table 1" in line for line in lines)  # printed as well
     for fig in ("iou_vs_gflop.png", "qualitative.png"):
         assert (run_dir / "figures" / fig).stat().st_size > 1000

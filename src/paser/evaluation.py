@@ -2,7 +2,7 @@
 
 A method is a predictor ``(images [B, C, H, W], positions [B]) -> Prediction``.
 :func:`measure` streams a split (in memory, on disk, or a dataset read by worker
-processes) through it and returns IoU (dataset-level mIoU), GFLOP per image
+processes) through it and returns IoU (dataset-level mIoU) and each class's IoU, GFLOP per image
 (:data:`paser.cost.FLOP_CONVENTION`), IoU/GFLOP and, on request, wall-clock milliseconds
 per image (one untimed warm-up batch first), the share of patches per model, the
 ``assignment`` counts ``[G, K+1]`` of a dataset with sample groups (patches of each group
@@ -16,6 +16,7 @@ the report adds the baselines' (:mod:`paser.experiments.methods`). ``paser evalu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
                                             ).view(groups, num_models)
         if rewards is not None and actions is not None and out.f0_mask is not None:
             paid.append(_patch_rewards(out, actions, y, num_classes, rewards))
-    miou, mean_gflops = acc.compute()["miou"], gflops / n
-    result = {"iou": miou, "gflops": mean_gflops, "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
+    scores = acc.compute()
+    miou, mean_gflops = scores["miou"], gflops / n
+    result = {"iou": miou, "per_class": per_class(scores), "gflops": mean_gflops, "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
               "ms_per_image": 1000 * seconds / n if timed else None, "batch_size": batch_size,
               "images": n}
     if f0_seen:
@@ -125,6 +127,12 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
         result["per_image"] = {"intersection": inter.numpy(), "union": union.numpy(),
                                "gflops": torch.cat(image_gflops).numpy()}
     return result
+
+
+def per_class(scores: dict) -> list[float | None]:
+    """Each class's IoU over the split (:meth:`IoUAccumulator.compute`'s ``per_class``),
+    None for a class neither predicted nor labelled anywhere (JSON has no NaN)."""
+    return [None if math.isnan(v) else v for v in scores["per_class"]]
 
 
 def _patch_rewards(out: Prediction, actions: torch.Tensor, y: torch.Tensor, num_classes: int,
@@ -195,7 +203,8 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
                     model: int | None = None, num_workers: int = 0) -> dict:
     """The routing path on every image of ``data``, through :func:`measure`.
 
-    Returns ``miou`` (routed), ``f0_miou`` (f0's Monte Carlo prediction, which routing
+    Returns ``miou`` (routed), ``per_class`` (each class's IoU, None where a class
+    is neither labelled nor predicted), ``f0_miou`` (f0's Monte Carlo prediction, which routing
     starts from), ``gflops`` (mean per image, :data:`paser.cost.FLOP_CONVENTION`),
     ``iou_per_gflop``, ``fractions`` (share of patches per model, ``[K+1]``), ``images``
     and, when ``lam`` and ``cost`` are given, ``reward`` (mean per-patch reward of the
@@ -214,7 +223,7 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     spec = None if lam is None or cost is None else RewardSpec(router.grid, lam, cost)
     r = measure(predict, data, num_classes, batch_size, device, router.num_models,
                 timed=False, rewards=spec, num_workers=num_workers)
-    out = {"miou": r["iou"], "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
+    out = {"miou": r["iou"], "per_class": r["per_class"], "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
            "gflops": r["gflops"], "iou_per_gflop": r["iou_per_gflop"],
            "fractions": r["fractions"], "images": r["images"]}
     if "reward" in r:

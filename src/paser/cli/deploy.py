@@ -45,6 +45,16 @@ def evaluate(
     for name, r in rows:
         typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+    typer.echo("\nIoU of each class (n/a: neither labelled nor predicted in the split)")
+    heads = [name.split(" ")[0] for name, _ in rows]
+    typer.echo(f"{'class':<20} " + " ".join(f"{h:>8}" for h in heads))
+    names = list(model.label_codec.names)
+    if len(names) != len(rows[0][1]["per_class"]):
+        names = [f"class {c}" for c in range(len(rows[0][1]["per_class"]))]
+    for c, cls in enumerate(names):
+        typer.echo(f"{cls[:20]:<20} " + " ".join(
+            "     n/a" if r["per_class"][c] is None else f"{r['per_class'][c]:8.4f}"
+            for _, r in rows))
 
 
 @app.command()

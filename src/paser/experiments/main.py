@@ -29,6 +29,7 @@ from paser.calibration import calibrate
 from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
+from paser.errors import DataError
 from paser.experiments import methods as M
 from paser.experiments.ablation import run_ablation
 from paser.experiments.curves import (
@@ -102,6 +103,16 @@ def router_areas(curves: dict[str, dict], routers: list[str], f0: tuple[float, f
     above = {name: FR.share_above(c, curves["Frontier"], lo, hi)
              for name, c in read.items() if name != "Frontier"}
     return FR.areas(read, lo, hi), above
+
+
+def class_names(paser: PaSeR) -> list[str] | None:
+    """The run's class names in class order (its ``classes.yaml``), for the report's IoU of
+    each class; None where the run has no codec and its data is not here."""
+    try:
+        names = list(paser.label_codec.names)
+    except DataError:
+        return None
+    return names if len(names) == paser.config.models.num_classes else None
 
 
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
@@ -290,7 +301,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,
         "objective": cfg.stage2.objective,
         "timing_batch": tb, "models": ["f0", *(f"f{k}" for k in range(1, nmod))],
-        "top_model": top, "methods": methods, "table2": t2,
+        "top_model": top, "classes": class_names(paser), "methods": methods, "table2": t2,
         "cascade": {"fit": vars(cascade), "iou_match": vars(match),
                     "tolerance": b.iou_match_tol},
         "oracle_fractions": (torch.bincount(oracle.reshape(-1), minlength=nmod).double()

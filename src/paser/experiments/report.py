@@ -132,6 +132,7 @@ def markdown(results: dict) -> str:
           f"{_fmt(m['iou_per_gflop'])} | "
           f"{_fmt(m['ms_per_image'], 2)} | {_fmt(m.get('gap_recovered'), 3)} | "
           f"{_fmt(m.get('gflops_frac_of_top'), 3)} |\n")
+    _per_class_md(w, results)
     t2 = results["table2"]
     w("\n## Table 2: PaSeR against IDK-Cascade (IoU match)\n\n")
     match, tol = results["cascade"]["iou_match"], results["cascade"]["tolerance"]
@@ -205,6 +206,28 @@ def markdown(results: dict) -> str:
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+#: the methods whose IoU of each class the report gives (those of them the run has)
+PER_CLASS_METHODS = ("PaSeR", "PaSeR (paper)", "IDK-Cascade", "Oracle", "MatPhase")
+
+
+def _per_class_md(w, results: dict) -> None:
+    """Each class's test IoU under the routers and every single model: where routing's
+    savings cost a rare class, it shows here, not in the mean."""
+    methods = results["methods"]
+    shown = [m for m in (*PER_CLASS_METHODS, *results["models"])
+             if m in methods and methods[m].get("per_class") is not None]
+    if not shown:
+        return
+    count = len(methods[shown[0]]["per_class"])
+    names = results.get("classes") or [f"class {c}" for c in range(count)]
+    w("\n### IoU of each class (test)\n\n")
+    w("Over the whole split, as the mIoU above is their mean (a class neither labelled nor "
+      "predicted anywhere: n/a).\n\n")
+    w("| class | " + " | ".join(shown) + " |\n|---|" + "---|" * len(shown) + "\n")
+    for c, name in enumerate(names):
+        w(f"| {name} | " + " | ".join(_fmt(methods[m]["per_class"][c]) for m in shown) + " |\n")
 
 
 def _routers_md(w, results: dict) -> None:
