@@ -185,6 +185,24 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
         "models.num_classes=5", "models.in_channels=3"]
 
 
+def test_data_check_names_masks_without_an_image(folder, tmp_path):
+    from paser.data.folders import unpaired_masks
+
+    assert unpaired_masks(folder) == []
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    ghost = root / "validation" / "masks" / "scan_99.png"
+    shutil.copy(root / "validation" / "masks" / sorted(
+        p.name for p in (root / "validation" / "masks").iterdir())[0], ghost)
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["unpaired_masks"] == [str(ghost)]
+    assert r["splits"]["validation"]["images"] == len(
+        list((folder / "validation" / "images").iterdir()))  # trained without it
+    out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(root)],
+                         capture_output=True, text=True, timeout=120)
+    assert f"1 mask has no image of the same name and is not used: {ghost}" in out.stdout
+
+
 def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_path):
     big = make_folder(tmp_path / "big", counts=(3, 1, 1), size=(160, 256))
     r = check_dataset(big, workers=0, show_progress=False)

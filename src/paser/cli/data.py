@@ -71,6 +71,14 @@ def data_check(
         typer.echo(f"the battery layout reads its labels by one codec ({CODEC}); labels "
                    "that hold class indices (0, 1, 2) need a folder with a classes.yaml "
                    "(docs/data.md)")
+    lost = r["unpaired_masks"]
+    if lost:
+        typer.echo(f"{len(lost)} mask{'s have' if len(lost) > 1 else ' has'} no image of "
+                   f"the same name and {'are' if len(lost) > 1 else 'is'} not used: "
+                   + ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3
+                                            else "")
+                   + " (an image missing, or named otherwise: images/NAME.* pairs with "
+                   "masks/NAME.*)")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
     typer.echo("suggested (median frequency balancing): " + " ".join(

@@ -229,6 +229,23 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
 
 
+def unpaired_masks(root: str | Path) -> list[Path]:
+    """The masks of a folder dataset with no image of their name beside them: training goes
+    on without them, so ``paser data check`` names them (an image missing, or named
+    otherwise)."""
+    root = Path(root)
+    if (root / "train" / "images").is_dir():
+        parts = [root / s for s in ("train", "validation", "val", "test")]
+    else:
+        parts = [root]
+    lost = []
+    for where in parts:
+        if (where / "images").is_dir() and (where / "masks").is_dir():
+            stems = {p.stem for p in image_files(where / "images")}
+            lost += [m for m in image_files(where / "masks") if m.stem not in stems]
+    return lost
+
+
 def _one_file_per_image(images: list[Path], mask_dir: Path) -> None:
     """Two files of one stem (``scan1.png``, ``scan1.tif``) would share one mask and could
     land in two splits: the test would hold a training image."""

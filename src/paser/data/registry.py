@@ -34,6 +34,7 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
     mask_values,
+    unpaired_masks,
 )
 from paser.data.images import Intensity
 from paser.data.slices import VolumeSlices
@@ -302,6 +303,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     the training images (:func:`data_intensity`); the class names, each class's share
     of the labelled training pixels, the unlabelled share, and suggested class weights by
     median frequency balancing (``median(f) / f_c``; 0 for a class absent from train);
+    ``unpaired_masks`` (a folder's masks with no image of their name, not used);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``).
     """
@@ -365,6 +367,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "absent_classes": absent,
+        "unpaired_masks": [str(p) for p in unpaired_masks(root)] if layout == "folder" else [],
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
