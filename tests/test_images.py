@@ -204,13 +204,16 @@ def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
     pal.save(tmp_path / "pal.tif", compression="tiff_lzw")
     tifffile.imwrite(tmp_path / "u16.tif", m.astype(np.uint16))  # numpy labels as saved
     Image.fromarray(np.dstack([m, np.full_like(m, 255)]), mode="LA").save(tmp_path / "la.png")
-    for name in ("pal.png", "pal.tif", "u16.tif", "la.png"):
+    tifffile.imwrite(tmp_path / "f32.tif", m.astype(np.float32))  # whole numbers as floats
+    for name in ("pal.png", "pal.tif", "u16.tif", "la.png", "f32.tif"):
         assert read_mask(tmp_path / name).dtype == np.uint8
         assert np.array_equal(read_mask(tmp_path / name), m), name
     Image.fromarray(m * 100).save(tmp_path / "m.jpg")
     tifffile.imwrite(tmp_path / "inst.tif", m.astype(np.uint16) * 300)
     Image.fromarray(np.dstack([m * 100, m * 0, m * 50])).save(tmp_path / "rgb.png")
-    for name, message in [("m.jpg", "JPEG's lossy compression .* save masks as PNG or TIFF"),
+    tifffile.imwrite(tmp_path / "soft.tif", m.astype(np.float32) / 2)  # interpolated labels
+    for name, message in [("soft.tif", "float32 labels holding 0.5 .* resample them by "
+                           "nearest neighbour"),("m.jpg", "JPEG's lossy compression .* save masks as PNG or TIFF"),
                           ("inst.tif", "values 0..600; a class map takes the values 0..255"),
                           ("rgb.png", r"colour mask \(3 colours: \(0, 0, 0\), \(100, 0, 50\)")]:
         with pytest.raises(DataError, match=message):
@@ -243,10 +246,23 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, cap
     with _no_exit():
         main()
     printed = capsys.readouterr().out
-    assert re.search(r"the brightest training pixel is 0\.06\d\d of its type's range",
-                     printed), printed
-    assert "data.window=[LOW,HIGH]" in printed
+    assert re.search(r"the training pixels span 0\.000\d to 0\.06\d\d of their type's range "
+                     r"\(6\.2 % of it", printed), printed
+    assert re.search(r"data.window=\[\d+,40\d\d\] \(the darkest and brightest training pixels "
+                     r"as stored\) scales them", printed), printed
+    assert r["intensity"]["stored_range"][0] < 100
     assert r["intensity"]["by_type_range"] == ["bool", "uint16", "uint8"]
+    # as narrow a band higher up (a reconstruction saved with a loose range): the same hint
+    for i in range(5):
+        tifffile.imwrite(root / "images" / f"{i}.tif",
+                         RNG.integers(30000, 32775, (H, W)).astype(np.uint16))
+    narrow = check_dataset(root, workers=0, show_progress=False)["intensity"]
+    assert 30000 <= narrow["stored_range"][0] < narrow["stored_range"][1] <= 32774
+    assert narrow["peak"] - narrow["floor"] == pytest.approx(
+        (narrow["stored_range"][1] - narrow["stored_range"][0]) / 65535, abs=1e-4)
+    for i in range(5):
+        tifffile.imwrite(root / "images" / f"{i}.tif",
+                         RNG.integers(0, 4096, (H, W)).astype(np.uint16))
     r = check_dataset(root, workers=0, show_progress=False, overrides=["data.window=[0,4095]"])
     assert r["intensity"]["given"] and r["intensity"]["peak"] == pytest.approx(1.0, abs=0.01)
     assert r["intensity"]["by_type_range"] == ["bool"]  # the window scales 8/16-bit too

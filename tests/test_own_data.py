@@ -181,6 +181,7 @@ def test_data_check_counts_classes_and_suggests_weights(folder):
     med = float(np.median(expect))
     assert r["suggested_class_weights"] == pytest.approx([med / f for f in expect], abs=1e-4)
     assert r["tile_advice"] is None and r["suggested_overrides"] == [
+        "data.dataset=folder", f"data.root={folder.resolve()}",
         f"stage1.class_weights=[{','.join(f'{w:g}' for w in r['suggested_class_weights'])}]",
         "models.num_classes=5", "models.in_channels=3"]
 

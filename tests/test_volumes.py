@@ -419,7 +419,9 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
         "train": 5, "validation": 2, "test": 1}  # the labelled slices: 0..8, 10 12, 14
     share = float((vol[0:10:2] >= 0.8).mean())
     assert r["class_fractions"]["particle"] == pytest.approx(share)
-    assert r["suggested_overrides"][:4] == ["data.dataset=volume", *data]
+    assert r["suggested_overrides"][:5] == ["data.dataset=volume", f"data.root={tmp_path}",
+                                            *data]
+    assert r["splits"]["validation"]["slices"] == [10, 12] and r["uniform_slices"] is None
     with pytest.raises(ConfigError, match="takes data.. keys"):
         check_dataset(tmp_path, overrides=["stage1.epochs=2"], show_progress=False)
     run = ["data.dataset=volume", f"data.root={tmp_path}", *data, "models.num_classes=3"]
@@ -429,6 +431,49 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
     weights = "stage1.class_weights=[" + ",".join(map(str, r["suggested_class_weights"])) + "]"
     load_stage_data(load_config(preset="battery-quick", overrides=[*run, weights]),
                     progress=False)
+
+
+def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
+    """A label volume begun with zeros and labelled on every fourth slice: the slices between
+    are all class 0, which data check names; labels as whole floats read; a wrong value
+    names its slice; labels of the labelled slices alone say how to write them."""
+    from paser.config import load_config
+    from paser.data.registry import check_dataset
+    from paser.errors import ConfigError
+
+    vol = np.random.default_rng(3).random((20, 16, 16)).astype(np.float32)
+    labels = np.zeros(vol.shape, np.float32)  # unlabelled slices left at 0: class 'pore'
+    labels[::4] = np.digitize(vol[::4], [0.4, 0.8])
+    tifffile.imwrite(tmp_path / "scan.tif", vol)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: matrix, 2: particle}\n")
+    data = ["data.volume=scan.tif", "data.labels=labels.tif",
+            "data.slices={train: [0, 12], validation: [12, 16], test: [16, 20]}"]
+    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    assert r["splits"]["train"]["slices"] == list(range(12))  # every slice "labelled"
+    u = r["uniform_slices"]
+    assert u["class"] == "pore" and u["value"] == 0 and u["labelled"] == 20
+    assert u["slices"] == [z for z in range(20) if z % 4] and u["between"] == 12
+    # stored as the ignore value, they are unlabelled: only every fourth slice trains
+    labels[np.arange(20) % 4 != 0] = 255
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    assert r["splits"]["train"]["slices"] == [0, 4, 8] and r["uniform_slices"] is None
+    assert r["missing_in"] == {"validation": [], "test": []}
+    labels[8, :2, :2] = 3
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    with pytest.raises(DataError, match=r"labels.tif slice 8: mask values \[3\] are not in"):
+        check_dataset(tmp_path, overrides=data, show_progress=False)
+    tifffile.imwrite(tmp_path / "labels.tif", labels[::4])
+    with pytest.raises(DataError, match="write one of the volume's 20 slices, each labelled "
+                       "slice at its place and the others all the ignore value 255"):
+        check_dataset(tmp_path, overrides=data, show_progress=False)
+    for bad, message in (("{train: [0, 12], val: [12, 16], test: [16, 20]}",
+                          r"val: not a split; .* \(validation is spelt out\)"),
+                         ("{train: [0, 12], validation: [12, 12], test: [16, 20]}",
+                          r"validation \[12, 12\) holds no slice")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=["data.dataset=volume", f"data.slices={bad}"])
 
 
 def test_a_finished_volume_that_cannot_be_read_now_fails_alone(setup, monkeypatch):

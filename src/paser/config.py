@@ -132,6 +132,16 @@ class DataConfig(_Strict):
     @classmethod
     def _slices_apart(cls, v: dict[str, tuple[int, int]] | None
                       ) -> dict[str, tuple[int, int]] | None:
+        names = {"train", "validation", "test"}
+        unknown = sorted(set(v or {}) - names)
+        if unknown:
+            also = " (validation is spelt out)" if "val" in unknown else ""
+            raise ValueError(f"{', '.join(unknown)}: not a split; give the slice ranges of "
+                             f"train, validation and test{also}")
+        for name, (z0, z1) in (v or {}).items():
+            if not 0 <= z0 < z1:
+                raise ValueError(f"{name} [{z0}, {z1}) holds no slice: a range is [first, "
+                                 "last + 1), the first at least 0")
         ranges = sorted((tuple(r), name) for name, r in (v or {}).items())
         for ((a0, a1), a), ((b0, b1), b) in zip(ranges, ranges[1:], strict=False):
             if b0 < a1:  # sorted by start: only neighbours can overlap first

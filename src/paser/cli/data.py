@@ -32,7 +32,8 @@ def data_check(
     typer.echo(f"{r['root']}: {r['layout']} layout")
     for split, s in r["splits"].items():
         typer.echo(f"  {split:<11} {s['images']:>6} images of {s['sizes']}, "
-                   f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}")
+                   f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}"
+                   + (f": the labelled slices {_listed(s['slices'])}" if "slices" in s else ""))
     typer.echo("image files, and how they become [0, 1]:")
     kinds: dict[str, int] = {}
     for files in r["files"].values():
@@ -51,11 +52,16 @@ def data_check(
     typer.echo(f"intensity: {r['intensity']['says']}"
                + (f" ({source}; kept in the run as intensity.json, applied unchanged by "
                   "segment and evaluate)" if r["intensity"]["window"] is not None else ""))
-    if r["intensity"]["window"] is None and 0 < r["intensity"]["peak"] < 0.125:
-        typer.echo(f"the brightest training pixel is {r['intensity']['peak']:.4f} of its "
-                   "type's range (12-bit camera data in 16-bit files, say): data.window="
-                   "[LOW,HIGH] with the stored values of black and white scales them to "
-                   "[0, 1]")
+    low, high = r["intensity"]["floor"], r["intensity"]["peak"]
+    if r["intensity"]["window"] is None and 0 < high - low < 0.125:
+        stored = r["intensity"]["stored_range"]
+        window = (f"data.window=[{stored[0]},{stored[1]}] (the darkest and brightest "
+                  "training pixels as stored)" if stored else "data.window=[LOW,HIGH] with "
+                  "the stored values of black and white")
+        typer.echo(f"the training pixels span {low:.4f} to {high:.4f} of their type's range "
+                   f"({100 * (high - low):.1f} % of it: 12-bit camera data in 16-bit files, "
+                   "or a reconstruction saved with a loose range, say): the models see "
+                   f"little contrast; {window} scales them to [0, 1]")
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):
@@ -71,6 +77,21 @@ def data_check(
         typer.echo(f"the battery layout reads its labels by one codec ({CODEC}); labels "
                    "that hold class indices (0, 1, 2) need a folder with a classes.yaml "
                    "(docs/data.md)")
+    for split, missing in r["missing_in"].items():
+        if missing:
+            typer.echo(f"{split} holds no pixel of {', '.join(missing)}: "
+                       + ("the early stop and calibration cannot see how the models do on "
+                          "it" if split == "validation" else "the report's test IoU says "
+                          "nothing about it") + "; give the split images that show it")
+    uniform = r["uniform_slices"]
+    if uniform:
+        between = (f", {uniform['between']} of them between slices that hold several classes"
+                   if uniform["between"] else "")
+        typer.echo(f"warning: {len(uniform['slices'])} of the {uniform['labelled']} labelled "
+                   f"slices are all {uniform['class']} (value {uniform['value']}){between}: "
+                   f"{_listed(uniform['slices'])}. If they are unlabelled slices, store them as "
+                   "the ignore value (classes.yaml's 'ignore'): as they are, they train and "
+                   f"score as {uniform['class']} everywhere")
     lost = r["unpaired_masks"]
     if lost:
         typer.echo(f"{len(lost)} mask{'s have' if len(lost) > 1 else ' has'} no image of "
@@ -83,6 +104,14 @@ def data_check(
         typer.echo(r["tile_advice"])
     typer.echo("suggested (median frequency balancing): " + " ".join(
         shlex.quote(o) if any(c.isspace() for c in o) else o for o in r["suggested_overrides"]))
+
+
+def _listed(slices: list[int]) -> str:
+    """Slice indices for a line of text: all of a few, else the first and last few."""
+    if len(slices) <= 12:
+        return ", ".join(map(str, slices))
+    return (", ".join(map(str, slices[:5])) + ", ..., " + ", ".join(map(str, slices[-3:]))
+            + f" ({len(slices)})")
 
 
 @data_app.command("synth")

@@ -196,19 +196,36 @@ def read_mask(path: str | Path) -> np.ndarray:
                 "as 8-bit grayscale or as a palette PNG (each colour an index, e.g. Pillow's "
                 "Image.quantize), whose values classes.yaml then names")
         arr = colour[..., 0]
+    return label_values(arr, str(path))
+
+
+def label_values(arr: np.ndarray, where: str) -> np.ndarray:
+    """Stored labels as uint8 class values: bilevel (0 / 1), any integer type whose values
+    lie in 0..255, or floats that hold whole numbers there (as many tools save a label
+    volume). Fractions (labels resampled by interpolation), NaN and values past 255 are
+    :class:`DataError` s naming ``where`` and what to do."""
     if arr.dtype == np.bool_:  # bilevel: values 0 and 1
         return arr.astype(np.uint8)
-    if arr.dtype.kind not in "iu":
-        raise DataError(f"{path}: a {arr.dtype} mask; masks hold integer class values "
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{where}: {arr.dtype} labels; labels hold integer class values "
                         "(8-bit grayscale or palette)")
-    if arr.dtype != np.uint8:
-        low, high = int(arr.min()), int(arr.max())
-        if low < 0 or high > 255:
-            raise DataError(f"{path}: a {arr.dtype} mask with values {low}..{high}; a class "
-                            "map takes the values 0..255 (an instance label image numbers "
-                            "objects, not classes: give one value per class)")
-        arr = arr.astype(np.uint8)
-    return arr
+    if arr.dtype == np.uint8 or not arr.size:
+        return arr.astype(np.uint8, copy=False)
+    if arr.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            shown = arr[bad][0]
+            raise DataError(f"{where}: {arr.dtype} labels holding {shown:g} ({int(bad.sum())} "
+                            "voxels or pixels are not whole numbers): labels resampled by "
+                            "interpolation, or a probability map? Class labels are whole "
+                            "values; resample them by nearest neighbour")
+    low, high = arr.min(), arr.max()
+    if low < 0 or high > 255:
+        raise DataError(f"{where}: {arr.dtype} labels with values {low:g}..{high:g}; a class "
+                        "map takes the values 0..255 (an instance label image numbers "
+                        "objects, not classes: give one value per class)")
+    return arr.astype(np.uint8)
 
 
 @dataclass(frozen=True)

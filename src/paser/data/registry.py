@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,34 @@ def tile_advice(splits) -> str | None:
     return None
 
 
+def _stored_range(train, floor: float, peak: float) -> list[int] | None:
+    """The darkest and brightest training pixels as stored, where every training image is
+    of one integer type scaled by its range (what ``data.window`` would take); else None."""
+    types = {k.split()[0] for k in train.dtypes}
+    if len(types) != 1 or next(iter(types)) not in ("uint8", "uint16"):
+        return None
+    top = 255 if types == {"uint8"} else 65535
+    return [round(floor * top), round(peak * top)]
+
+
+def _uniform_slices(splits: dict) -> dict | None:
+    """Labelled slices of a volume that hold one class alone while others hold several:
+    often unlabelled slices stored as a class's value (a label volume begun with zeros)
+    rather than the ignore value. The most common such class, its slices and how many
+    lie between slices of several classes; None where there are none."""
+    uniform = {z: c for ds in splits.values() for z, c in ds.uniform.items()}
+    labelled = sorted(z for ds in splits.values() for z in ds.z)
+    several = [z for z in labelled if z not in uniform]
+    if not uniform or not several:
+        return None
+    cls = Counter(uniform.values()).most_common(1)[0][0]
+    slices = sorted(z for z, c in uniform.items() if c == cls)
+    train = splits["train"]
+    return {"class": train.class_names[cls], "value": int(train.classmap.values[cls]),
+            "slices": slices, "labelled": len(labelled),
+            "between": sum(several[0] < z < several[-1] for z in slices)}
+
+
 def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
                   show_progress: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Read every image and mask of a dataset folder (each problem is a DataError naming
@@ -324,9 +353,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             f"{c} channel{'s' if c > 1 else ''} ({s})" for s, c in channels.items())
                         + "; images of 2 channels (two detectors) train together only")
     names = splits["train"].class_names
-    counts = torch.zeros(len(names) + 1, dtype=torch.long)  # the last: unlabelled
-    every = counts.clone()  # over the three splits
-    peak = 0.0  # the brightest training pixel as the models see it
+    # per split, each class's pixels and (the last) the unlabelled ones
+    by_split = {s: torch.zeros(len(names) + 1, dtype=torch.long) for s in splits}
+    floor, peak = 1.0, 0.0  # the darkest and brightest training pixels as the models see them
     with progress_bar(show_progress) as bar:
         for split, ds in splits.items():
             task = bar.add_task(f"reading {split}", total=len(ds), info="")
@@ -334,12 +363,12 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
                        ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
             for x, y in batches:
-                got = torch.bincount(y.reshape(-1) % (len(names) + 1), minlength=len(names) + 1)
-                every += got
+                by_split[split] += torch.bincount(y.reshape(-1) % (len(names) + 1),
+                                                  minlength=len(names) + 1)
                 if split == "train":
-                    counts += got
-                    peak = max(peak, float(x.max()))
+                    floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
                 bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
+    counts, every = by_split["train"], sum(by_split.values())
     if counts[:-1].sum() == 0:
         raise DataError(f"{root}: no labelled pixel in the training masks (every pixel is "
                         "the ignore value or outside the classes); check classes.yaml's "
@@ -357,10 +386,11 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "layout": layout, "root": str(root), "class_names": list(names),
         "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),
                        "sizes": ds.size_range(), "channels": ds.channels}
+                   | ({"slices": list(ds.z)} if layout == "volume" else {})
                    for s, ds in splits.items()},
         "tile_advice": tile,
         "suggested_overrides": [
-            *([f"data.dataset={layout}"] if layout == "volume" else []), *overrides,
+            f"data.dataset={layout}", f"data.root={Path(root).resolve()}", *overrides,
             f"stage1.class_weights=[{','.join(f'{w:g}' for w in weights_list)}]",
             f"models.num_classes={len(names)}", f"models.in_channels={splits['train'].channels}",
             *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else [])],
@@ -368,12 +398,18 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "absent_classes": absent,
         "unpaired_masks": [str(p) for p in unpaired_masks(root)] if layout == "folder" else [],
+        # classes that train, but that validation (the early stop, calibration) or test
+        # (the report) never shows
+        "missing_in": {s: [n for c, n in enumerate(names) if counts[c] and not by_split[s][c]]
+                       for s in ("validation", "test")},
+        "uniform_slices": _uniform_slices(splits) if layout == "volume" else None,
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
         "intensity": {**splits["train"].intensity.to_dict(),
                       "says": splits["train"].intensity.describe(),
-                      "given": cfg.window is not None, "peak": peak,
+                      "given": cfg.window is not None, "peak": peak, "floor": floor,
+                      "stored_range": _stored_range(splits["train"], floor, peak),
                       "nonfinite": cfg.nonfinite,
                       "by_type_range": sorted(d for d in ("bool", "uint8", "uint16")
                                               if splits["train"].intensity.by_type_range(d))},

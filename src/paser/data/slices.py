@@ -24,7 +24,14 @@ import torch
 
 from paser.data.battery import MASK_IGNORE
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity, as_input, by_type_range, spread, window_of
+from paser.data.images import (
+    Intensity,
+    as_input,
+    by_type_range,
+    label_values,
+    spread,
+    window_of,
+)
 from paser.errors import DataError
 
 #: label slices read at a time when finding the labelled ones
@@ -70,9 +77,16 @@ class VolumeSlices:
         self.volume = open_volume(_spec(root, volume, "data.volume"))
         self.labels = open_volume(_spec(root, labels, "data.labels"))
         if self.labels.shape[:3] != self.volume.shape[:3]:
+            fewer = (self.labels.shape[1:3] == self.volume.shape[1:3]
+                     and self.labels.depth < self.volume.depth)
             raise DataError(f"{self.labels.source}: labels of shape {self.labels.shape}, the "
                             f"volume {self.volume.source} is {self.volume.shape}; they must "
-                            "match slice for slice")
+                            "match slice for slice" + (
+                                f" (a label volume of the labelled slices alone: write one "
+                                f"of the volume's {self.volume.depth} slices, each labelled "
+                                "slice at its place and the others all the ignore value "
+                                f"{self.classmap.ignore}, classes.yaml's 'ignore')"
+                                if fewer else ""))
         if not slices or split not in slices:
             raise DataError(f"data.slices: give the slice range of {split}, e.g. "
                             "{train: [0, 400], validation: [400, 450], test: [450, 500]}")
@@ -80,7 +94,7 @@ class VolumeSlices:
         if not 0 <= z0 < z1 <= self.volume.depth:
             raise DataError(f"data.slices.{split}: [{z0}, {z1}) is not a range of the "
                             f"{self.volume.depth} slices of {self.volume.source}")
-        self.z = self._labelled(z0, z1)
+        self.z, self.uniform = self._labelled(z0, z1)
         if not self.z:
             raise DataError(f"{self.labels.source}: no labelled slice in {split}'s range "
                             f"[{z0}, {z1}) (every voxel is the ignore value "
@@ -93,36 +107,39 @@ class VolumeSlices:
         self.images = [Path(f"{self.volume.source}#{z}") for z in self.z]  # for messages
         self.ids = [f"{self.volume.stem}_z{z:05d}" for z in self.z]
 
-    def _labelled(self, z0: int, z1: int) -> list[int]:
-        """The slices of ``[z0, z1)`` with a labelled voxel; found once per process for the
-        same label volume, class map and range (every stage of a run opens its splits)."""
+    def _labelled(self, z0: int, z1: int) -> tuple[list[int], dict[int, int]]:
+        """The slices of ``[z0, z1)`` with a labelled voxel, and those of them whose every
+        labelled voxel is one class (slice -> class); found once per process for the same
+        label volume, class map and range (every stage of a run opens its splits)."""
         key = (self.labels.source, _stamp(self.labels.source), z0, z1,
                self.classmap.lut.tobytes())
         if key not in _LABELLED:
             _LABELLED[key] = self._scan(z0, z1)
-        return list(_LABELLED[key])
+        found, uniform = _LABELLED[key]
+        return list(found), dict(uniform)
 
-    def _scan(self, z0: int, z1: int) -> list[int]:
-        out = []
+    def _scan(self, z0: int, z1: int) -> tuple[list[int], dict[int, int]]:
+        out, uniform = [], {}
         for start in range(z0, z1, _CHUNK):
             lab = self.labels.read(start, min(start + _CHUNK, z1))
             for i, plane in enumerate(lab):
-                if (self.classmap.decode(self._values(plane, start + i), self.labels.source)
-                        != MASK_IGNORE).any():
+                classes = self._decoded(plane, start + i)
+                present = np.flatnonzero(np.bincount(classes.reshape(-1), minlength=256)[:255])
+                if len(present):
                     out.append(start + i)
-        return out
+                if len(present) == 1:
+                    uniform[start + i] = int(present[0])
+        return out, uniform
 
-    def _values(self, plane: np.ndarray, z: int) -> np.ndarray:
+    def _decoded(self, plane: np.ndarray, z: int) -> np.ndarray:
+        """Slice ``z``'s labels as class indices (the ignore value :data:`MASK_IGNORE`)."""
+        where = f"{self.labels.source} slice {z}"
         if plane.ndim == 3 and plane.shape[-1] == 1:  # (Z, Y, X, 1): one value a voxel
             plane = plane[..., 0]
-        if plane.dtype == bool:  # a binary mask: 0 and 1
-            plane = plane.view(np.uint8)
-        if plane.ndim != 2 or plane.dtype.kind not in "iu" or (
-                plane.size and (plane.min() < 0 or plane.max() > 255)):
-            raise DataError(f"{self.labels.source}: slice {z} is not 8-bit labels "
-                            f"({plane.dtype}, shape {plane.shape}); store the classes as the "
-                            "values of classes.yaml, 0..255")
-        return plane.astype(np.uint8, copy=False)
+        if plane.ndim != 2:
+            raise DataError(f"{where}: labels of shape {plane.shape}; store one class value "
+                            "a voxel, the values of classes.yaml")
+        return self.classmap.decode(label_values(plane, where), where)
 
     class_names = property(lambda self: self.classmap.names)
 
@@ -145,9 +162,9 @@ class VolumeSlices:
                                          f"{self.volume.source} slice {self.z[i]}"))
 
     def mask(self, i: int) -> torch.Tensor:
-        plane = self._values(self.labels.read(self.z[i], self.z[i] + 1)[0], self.z[i])
         return torch.from_numpy(np.ascontiguousarray(
-            self.classmap.decode(plane, self.labels.source), dtype=np.uint8))
+            self._decoded(self.labels.read(self.z[i], self.z[i] + 1)[0], self.z[i]),
+            dtype=np.uint8))
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self.image(i), "mask": self.mask(i), "id": self.ids[i]}
