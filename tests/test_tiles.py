@@ -166,6 +166,19 @@ def test_windows_around_tiles_hold_the_tile_at_their_centre_and_the_image_around
     assert torch.equal(around.image(j)[:, :4, 4:], img[:, 1:5, :20].flip(-2))
     assert (around.mask(j)[:4] == 255).all() and (around.mask(j)[:, :4] == 255).all()
     assert torch.equal(around.mask(j)[4:, 4:], mask[:20, :20])
+    # only the window is gathered: along an axis of 5 pixels with a margin of 2, the
+    # windows from the top and past the end, mirrored (images) or unlabelled (masks)
+    from paser.data.tiles import _window_index
+
+    assert _window_index(5, 2, 0, 6, True).tolist() == [2, 1, 0, 1, 2, 3]
+    assert _window_index(5, 2, 4, 6, True).tolist() == [2, 3, 4, 3, 2, 1]
+    assert _window_index(5, 2, 0, 6, False).tolist() == [-1, -1, 0, 1, 2, 3]
+    assert _window_index(5, 2, 4, 6, False).tolist() == [2, 3, 4, -1, -1, -1]
+    j = tiles.ids.index("i1@48,48")  # the last tile: past the image's bottom and right
+    assert torch.equal(around.image(j)[:, :6, :6], img[:, 44:50, 44:50])
+    assert torch.equal(around.image(j)[:, 6:8, :6], img[:, 47:49, 44:50].flip(-2))
+    assert (around.mask(j)[6:] == 255).all() and torch.equal(around.mask(j)[:6, :6],
+                                                              mask[44:50, 44:50])
 
 
 def test_a_crop_at_offset_margin_is_the_tile_and_each_image_moves_by_its_own_offset():

@@ -65,17 +65,21 @@ class Tiles:
         return self._last[1], self._last[2]
 
     def _crop(self, x: torch.Tensor, y0: int, x0: int, fill: int | None) -> torch.Tensor:
+        """The window of tile ``(y0, x0)`` with its margin: ``x`` padded by the margin
+        above and left (mirrored, or ``fill``), then below and right as far as the window
+        reaches (:func:`pad_to`), and cut there; only the window's pixels are gathered,
+        so a tile of a large image costs its own size, not the image's."""
         th, tw = self.size
-        m = self.margin
-        if m:  # mirrored (or unlabelled) above and left, as pad_to does below and right
-            h, w = x.shape[-2:]
-            x = pad_to(x.flip(-2, -1), h + m, w + m, "reflect" if fill is None else "constant",
-                       fill or 0).flip(-2, -1)  # the window's origin moves to (y0, x0)
         h, w = x.shape[-2:]
-        hp, wp = max(h, y0 + th), max(w, x0 + tw)
-        if (hp, wp) != (h, w):
-            x = pad_to(x, hp, wp, "reflect" if fill is None else "constant", fill or 0)
-        return x[..., y0:y0 + th, x0:x0 + tw].contiguous()
+        rows = _window_index(h, self.margin, y0, th, fill is None)
+        cols = _window_index(w, self.margin, x0, tw, fill is None)
+        if fill is None:
+            return x.index_select(-2, rows).index_select(-1, cols)
+        out = x.new_full((*x.shape[:-2], th, tw), fill)
+        r, c = rows >= 0, cols >= 0  # outside the image: unlabelled
+        out[..., r.nonzero()[:, 0][:, None], c.nonzero()[:, 0]] = x[..., rows[r][:, None],
+                                                                      cols[c]]
+        return out
 
     def image(self, j: int) -> torch.Tensor:
         i, y, x = self.index[j]
@@ -90,6 +94,25 @@ class Tiles:
 
     def __getstate__(self) -> dict:  # reader processes start without the cached image
         return {**self.__dict__, "_last": None}
+
+
+def _window_index(size: int, margin: int, start: int, length: int, mirror: bool
+                  ) -> torch.Tensor:
+    """Along one axis of ``size`` pixels: the source pixel of each of a window's ``length``
+    positions from ``start``, in the axis padded by ``margin`` before it (mirrored, as the
+    axis flipped and padded at its end by :func:`pad_to`) and after it as far as needed (by
+    :func:`pad_to` again, mirrored across the whole padded axis); -1 where ``mirror`` is
+    False and the position lies outside the axis (a constant fill)."""
+    from paser.patches import _pad_index
+
+    if not mirror:
+        idx = torch.arange(start - margin, start - margin + length)
+        return torch.where((idx >= 0) & (idx < size), idx, -1)
+    # the axis with the margin before it: position p holds pixel size - 1 - I[size + m - 1 - p]
+    before = size - 1 - _pad_index(size, size + margin, "reflect", torch.device("cpu")).flip(0)
+    padded = max(size + margin, start + length)
+    after = _pad_index(size + margin, padded, "reflect", torch.device("cpu"))
+    return before[after[start:start + length]]
 
 
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
