@@ -73,6 +73,27 @@ def test_budget_at_the_fixed_cost_routes_nothing_and_above_everything_routes_all
     assert low.fractions[0] == 1.0 and low.gflops == pytest.approx(costs.fixed)
     high = calibrate(router, data, 3, budget_gflops=1e6, batch_size=8)
     assert high.fractions[-1] == 1.0
+    # a budget over every patch on the largest model bounds nothing, and says so
+    dearest = costs.fixed + costs.num_patches * max(costs.patch)
+    assert high.target["above_dearest"] == pytest.approx(dearest)
+    assert "above_dearest" not in low.target
+
+
+def test_a_budget_per_megapixel_is_the_budget_of_the_validation_images_size(setup):
+    router, data = setup
+    costs = router.costs(32, 32)
+    per_image = costs.fixed + 0.4 * costs.num_patches * max(costs.patch)
+    mp = 32 * 32 / 1e6
+    by_image = calibrate(router, data, 3, budget_gflops=per_image, batch_size=8)
+    by_area = calibrate(router, data, 3, budget_gflops_per_mp=per_image / mp, batch_size=8)
+    assert by_area.bias == by_image.bias and by_area.gflops == by_image.gflops
+    assert by_area.target == {"budget_gflops": pytest.approx(per_image),
+                              "budget_gflops_per_mp": pytest.approx(per_image / mp)}
+    with pytest.raises(ConfigError, match=r"--budget-gflops-per-mp .* is below .* GFLOP per "
+                       "megapixel"):
+        calibrate(router, data, 3, budget_gflops_per_mp=0.5 * costs.fixed / mp)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        calibrate(router, data, 3, budget_gflops=1.0, budget_gflops_per_mp=1.0)
 
 
 def test_unreachable_or_ambiguous_budgets_are_clear_errors(setup):

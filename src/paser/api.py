@@ -234,7 +234,8 @@ class PaSeR:
     def calibrate(self, budget_gflops: float | None = None, max_frac_large: float | None = None,
                   batch_size: int = 16, save: bool = True, iou_within_top: float | None = None,
                   best_iou: bool = False, data: Tensors | None = None,
-                  max_tvd: float | None = None) -> Calibration:
+                  max_tvd: float | None = None,
+                  budget_gflops_per_mp: float | None = None) -> Calibration:
         """Find the bias that meets the target on the run's validation split (or ``data``;
         see :func:`paser.calibration.calibrate`), use it from now on and, with ``save``,
         keep it in the run (``calibration.json``) for later loads."""
@@ -244,7 +245,8 @@ class PaSeR:
         data = data if data is not None else validation_split(cfg.data)
         self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,
                                      max_frac_large, batch_size, iou_within_top=iou_within_top,
-                                     best_iou=best_iou, max_tvd=max_tvd)
+                                     best_iou=best_iou, max_tvd=max_tvd,
+                                     budget_gflops_per_mp=budget_gflops_per_mp)
         if save and self.run_dir is not None:
             self.calibration.save(self.run_dir)
         return self.calibration

@@ -48,7 +48,9 @@ class Calibration:
 
     ``bias`` [K+1] is added to the policy's logits; ``strength`` is ``t``; ``target`` is
     ``{"budget_gflops": x}`` (``"best_iou": true`` when the best validation mIoU within it
-    was asked for), ``{"max_frac_large": f}`` (the share of patches on the most expensive
+    was asked for, ``"budget_gflops_per_mp"`` when it was given per megapixel,
+    ``"above_dearest"``: the GFLOP of every patch on fK, where the budget is more than
+    that and bounds nothing), ``{"max_frac_large": f}`` (the share of patches on the most expensive
     model, fK) or ``{"iou_within_top": d, "top_miou": m, "top_model": "f1"}`` (the best
     single model's validation mIoU, and which model that is);
     ``gflops`` (mean per image,
@@ -153,9 +155,11 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops: float | None = None, max_frac_large: float | None = None,
               batch_size: int = 16, iterations: int = 60, iou_within_top: float | None = None,
               best_iou: bool = False, max_tvd: float | None = None,
-              outcomes: PatchOutcomes | None = None) -> Calibration:
+              outcomes: PatchOutcomes | None = None,
+              budget_gflops_per_mp: float | None = None) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
-    ``data``), ``max_frac_large`` (share of patches on the largest model),
+    ``data``), ``budget_gflops_per_mp`` (the same per megapixel: it carries to images of any
+    size, which pay in proportion to their pixels), ``max_frac_large`` (share of patches on the largest model),
     ``iou_within_top`` (mIoU on ``data`` within this of the best single model's alone, at
     the least GFLOP) or
     ``max_tvd`` (the least GFLOP whose assignment distribution is within this total
@@ -167,27 +171,38 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     targets need them). Raises :class:`ConfigError` for a budget below the fixed cost every
     image pays (f0's T passes and the policy) or a share outside [0, 1].
     """
-    if best_iou and budget_gflops is None:
+    if best_iou and budget_gflops is None and budget_gflops_per_mp is None:
         raise ConfigError("--best-iou goes with --budget-gflops (the best mIoU within that "
                           "budget); the other targets fix the point themselves")
     if sum(v is not None for v in (budget_gflops, max_frac_large, iou_within_top,
-                                   max_tvd)) != 1:
-        raise ConfigError("give exactly one budget: --budget-gflops X, --max-frac-large F, "
-                          "--iou-within-top D or --max-tvd T")
+                                   max_tvd, budget_gflops_per_mp)) != 1:
+        raise ConfigError("give exactly one budget: --budget-gflops X, --budget-gflops-per-mp "
+                          "Y, --max-frac-large F, --iou-within-top D or --max-tvd T")
     h, w = data.images.shape[-2:]
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)
     rel = patch / patch.max()
+    per_mp = budget_gflops_per_mp
+    if per_mp is not None:
+        if not math.isfinite(per_mp):
+            raise ConfigError(f"--budget-gflops-per-mp {per_mp:g}: give a number of GFLOP "
+                              "per megapixel")
+        budget_gflops = per_mp * h * w / 1e6
     if budget_gflops is not None:
+        option, given = (("--budget-gflops", f"{budget_gflops:g}") if per_mp is None else
+                         ("--budget-gflops-per-mp", f"{per_mp:g} ({budget_gflops:.6g} GFLOP "
+                          f"per validation image)"))
         if not math.isfinite(budget_gflops):
             raise ConfigError(f"--budget-gflops {budget_gflops:g}: give a number of GFLOP "
                               "per image")
         if budget_gflops < costs.fixed:
             raise ConfigError(
-                f"--budget-gflops {budget_gflops:g} is below the {costs.fixed:.6g} GFLOP every "
+                f"{option} {given} is below the {costs.fixed:.6g} GFLOP every "
                 f"{h} x {w} image pays before any patch is routed (f0's {costs.mc_samples} "
                 f"Monte Carlo passes {costs.f0_mc:.3f} + the policy {costs.policy:.3f}; "
-                f"{FLOP_CONVENTION}); give at least that")
+                f"{FLOP_CONVENTION}"
+                + (f"; {costs.fixed / (h * w / 1e6):.6g} GFLOP per megapixel"
+                   if per_mp is not None else "") + "); give at least that")
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)
     for option, value, what in (("max-frac-large", max_frac_large, "a share of patches"),
@@ -231,6 +246,12 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
             # and spending never grows with t
             hi += TIE_MARGIN * (1.0 + abs(hi))
         strength = hi
+    if budget_gflops is not None:
+        if per_mp is not None:
+            target["budget_gflops_per_mp"] = float(per_mp)
+        dearest = costs.fixed + costs.num_patches * float(patch.max())
+        if budget_gflops >= dearest:  # every patch on fK fits: the budget says nothing
+            target["above_dearest"] = dearest
     bias = (-strength * rel + 0.0).tolist()  # + 0.0: no -0.0 for f0
     res = evaluate_router(router, data, num_classes, batch_size, bias=torch.tensor(bias))
     base = evaluate_router(router, data, num_classes, batch_size)

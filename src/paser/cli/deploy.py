@@ -63,8 +63,11 @@ def segment(
     run_dir: Path = RUN_DIR,
     out: Path = typer.Option(..., "--out", help="the output folder"),
     budget_gflops: float = typer.Option(
-        None, "--budget-gflops", help="calibrate to this mean GFLOP per image for this call, "
-        "instead of the run's saved calibration (not saved)"),
+        None, "--budget-gflops", help="calibrate to this mean GFLOP per validation image (the "
+        "run's tile size) for this call, instead of the run's saved calibration (not saved)"),
+    budget_per_mp: float = typer.Option(
+        None, "--budget-gflops-per-mp", help="the same budget per megapixel: images of any "
+        "size pay in proportion to their pixels"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
                                "`paser export`; CPU)"),
@@ -131,7 +134,11 @@ def segment(
                           "--scheduler spreads whole chunks over a cluster: use one of them")
     if only is not None and remote is not None:
         raise ConfigError(f"--model {only} runs one model here; drop --remote (or --model)")
-    if only is not None and budget_gflops is not None:
+    if budget_gflops is not None and budget_per_mp is not None:
+        raise ConfigError("give one budget: --budget-gflops (per validation image) or "
+                          "--budget-gflops-per-mp")
+    budgeted = budget_gflops is not None or budget_per_mp is not None
+    if only is not None and budgeted:
         raise ConfigError(f"--model {only} runs one model on every patch, at its own cost: "
                           "drop --budget-gflops (which sets the router's), or --model")
     if engine == "onnxruntime" and device not in ("auto", "cpu"):
@@ -153,14 +160,21 @@ def segment(
 
         token = read_token(token_file)
     if engine == "onnxruntime":
-        model = PaSeR.load_onnx(run_dir, onnx, calibrated=budget_gflops is None)
+        model = PaSeR.load_onnx(run_dir, onnx, calibrated=not budgeted)
     elif engine == "torch":  # with a cluster, the workers segment: this one only reads
         model = PaSeR.load(run_dir, device="cpu" if scheduler else device,
-                           calibrated=budget_gflops is None)
+                           calibrated=not budgeted)
     else:
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
-    if budget_gflops is not None:
-        model.calibrate(budget_gflops=budget_gflops, save=False)
+    if budgeted:
+        cal = model.calibrate(budget_gflops=budget_gflops, save=False,
+                              budget_gflops_per_mp=budget_per_mp)
+        budget_gflops = cal.target["budget_gflops"]  # per validation image, as workers take it
+        typer.echo(f"calibrated for this call on {cal.images} validation images of "
+                   f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
+                   f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
+                   f"{cal.miou:.4f}; images of other sizes pay in proportion to their pixels")
+        _above_dearest(cal)
     if remote is not None:
         _connect_remote(model, remote, timeout, retries, token, ca_file)
     k = None if only is None else _model_index(only, model.router.num_models)
@@ -200,12 +214,16 @@ def segment(
         if not r.ok:
             typer.echo(f"failed: {r.error}", err=True)
     if done:
+        gflops = sum(r.gflops for r in done)
+        megapixels = sum(r.height * r.width for r in done) / 1e6
+        rate = len(results) / seconds
         typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
-                   f"{sum(r.gflops for r in done) / len(done):.3f} GFLOP ({FLOP_CONVENTION}), "
-                   f"{sum(r.ms for r in done) / len(done):.1f} ms per image"
-                   + ("" if k is None else f", {model_names(model)[k]} alone")
-                   + f"; {len(results) / seconds:.1f} images/s with reading and writing; see "
-                   f"{out / 'summary.csv'}")
+                   f"{gflops / len(done):.3f} GFLOP per image"
+                   + (f", {gflops / megapixels:.2f} GFLOP/MP" if megapixels > 0 else "")
+                   + f" ({FLOP_CONVENTION}), {sum(r.ms for r in done) / len(done):.1f} ms per "
+                   "image" + ("" if k is None else f", {model_names(model)[k]} alone")
+                   + (f"; {rate:.1f} images/s" if rate >= 1 else f"; {1 / rate:.1f} s per image")
+                   + f" with reading and writing; see {out / 'summary.csv'}")
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
@@ -412,6 +430,8 @@ def calibrate(
     run_dir: Path = RUN_DIR,
     budget_gflops: float = typer.Option(None, "--budget-gflops",
                                         help="mean GFLOP per validation image to spend"),
+    budget_per_mp: float = typer.Option(None, "--budget-gflops-per-mp", help="the same per "
+                                        "megapixel (carries to images of any size)"),
     max_frac_large: float = typer.Option(None, "--max-frac-large",
                                          help="largest share of patches on the largest model"),
     iou_within_top: float = typer.Option(
@@ -432,7 +452,8 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
-                          iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd)
+                          iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd,
+                          budget_gflops_per_mp=budget_per_mp)
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
                f"image ({FLOP_CONVENTION})")
     target = ", ".join(f"{k} = {v}" for k, v in cal.describe_target().items())
@@ -443,5 +464,17 @@ def calibrate(
         typer.echo(f"{label:<14} {r['miou']:7.4f} {r['gflops']:8.3f} "
                    f"{'-' if per_mp is None else f'{per_mp:.2f}':>9}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+    _above_dearest(cal)
     typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
                "use it")
+
+
+def _above_dearest(cal) -> None:
+    """Say so where a budget is more than every patch on the largest model costs."""
+    dearest = cal.target.get("above_dearest")
+    if dearest is not None:
+        typer.echo(f"note: the budget ({cal.target['budget_gflops']:.4g} GFLOP per "
+                   f"{cal.height} x {cal.width} validation image) is more than every patch on "
+                   f"the largest model costs ({dearest:.4g}): it bounds nothing, and routing "
+                   "runs at its most generous. A budget is per validation image; for "
+                   "images of another size give --budget-gflops-per-mp")
