@@ -79,12 +79,32 @@ if __name__ == "__main__":
 """
 
 
+# A parent reading images by a reader process, as paser segment does, then killed.
+READER_PARENT = """
+import os, signal, sys, numpy as np, torch
+from PIL import Image
+from paser.data.images import Intensity
+from paser.runtime import detached_readers, worker_context
+from paser.segment import _Inputs, _as_is
+if __name__ == "__main__":
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(sys.argv[1])
+    items = iter(torch.utils.data.DataLoader(
+        _Inputs([sys.argv[1]] * 50, 1, Intensity()), batch_size=None, num_workers=1,
+        collate_fn=_as_is, multiprocessing_context=worker_context(1, ["paser.segment"]),
+        worker_init_fn=detached_readers()))
+    next(items)
+    print(items._workers[0].pid, True, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="signals and /proc as on Linux")
-def test_pool_workers_leave_ctrl_c_to_the_parent_and_exit_when_it_is_killed():
+@pytest.mark.parametrize("parent", [POOL_PARENT, READER_PARENT], ids=["writers", "readers"])
+def test_pool_workers_leave_ctrl_c_to_the_parent_and_exit_when_it_is_killed(parent, tmp_path):
     import time
 
-    out = subprocess.run([sys.executable, "-c", POOL_PARENT], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", parent, str(tmp_path / "a.png")],
+                         capture_output=True, text=True, timeout=120)
     pid, serving = out.stdout.split()
     assert serving == "True" and "KeyboardInterrupt" not in out.stderr, out.stderr
 

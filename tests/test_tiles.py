@@ -105,6 +105,11 @@ def test_any_image_is_routed_in_the_trained_patches(tmp_path):
                       for r in range(8)], -2)
     assert torch.equal(out.mask, mask)
     assert float(out.gflops[0]) == pytest.approx(sum(float(a.gflops[0]) for a in alone))
+    # the labels alone (what paser segment keeps): the same labels, routing and GFLOP
+    lean = m.segment(x, probs=False)
+    assert lean.probs is None and torch.equal(lean.mask, out.mask)
+    assert torch.equal(lean.actions, out.actions) and torch.equal(lean.gflops, out.gflops)
+    assert torch.equal(out.probs[..., 128:256, 256:384], alone[8 * 1 + 2].probs)
     tile_actions = torch.stack([a.actions[0].view(2, 2) for a in alone]).view(8, 8, 2, 2)
     assert torch.equal(out.actions.view(16, 16), tile_actions.permute(0, 2, 1, 3).reshape(16, 16))
     # a size that is not a multiple of the tile: padded, cropped back, paid per tile

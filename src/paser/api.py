@@ -117,7 +117,7 @@ class PaSeR:
     @torch.no_grad()  # not inference mode: the outputs are ordinary tensors to edit or train on
     def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
                 bias: torch.Tensor | None = None, mc_seed: int | None = 0,
-                only: int | None = None) -> RoutingOutput:
+                only: int | None = None, probs: bool = True) -> RoutingOutput:
         """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image).
 
         Floats are taken as scaled to [0, 1]; integer (and boolean) images are scaled as
@@ -129,7 +129,9 @@ class PaSeR:
         masks). ``bias`` defaults to the run's calibration (``paser calibrate``), if it has
         one. ``only=k`` runs model k alone instead (:meth:`paser.routing.Router.alone`: f0
         for 0, pool model k on every patch), to compare with routing on the same images.
-        ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`.
+        ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`. ``probs=False``
+        leaves out the class probabilities of an image larger than a tile (``out.probs``
+        None): far less memory for a large image whose labels alone are wanted.
         """
         x = self._batch(images)
         self.router.eval()
@@ -143,7 +145,7 @@ class PaSeR:
         x = x.to(self.device)
         if self.tile is None or tuple(x.shape[-2:]) == self.tile:
             return route(x)
-        return route_tiled(route, x, self.tile, self.router.grid)
+        return route_tiled(route, x, self.tile, self.router.grid, probs=probs)
 
     def prepare(self, image: np.ndarray, source: str = "the image") -> torch.Tensor:
         """A stored image ``[H, W]`` or ``[H, W, C]`` (as Pillow, tifffile or scikit-image

@@ -44,6 +44,7 @@ from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import (
     atomic_write_text,
+    detached_readers,
     detached_worker,
     file_sha256,
     from_readers,
@@ -128,9 +129,21 @@ class Segmented:
     worker: str = ""  # the Dask worker that segmented it (paser.cluster)
 
 
-def _blend(gray: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
-    base = np.repeat(gray[..., None] * 255.0, 3, axis=-1)
-    return np.clip((1 - alpha) * base + alpha * colours, 0, 255).astype(np.uint8)
+#: rows of an overlay blended at a time: a large image's previews hold a few rows of
+#: floats at once, not three of the image's planes
+_BLEND_ROWS = 256
+
+
+def _blend(gray: np.ndarray, palette: np.ndarray, index, alpha: float) -> np.ndarray:
+    """``gray`` [H, W] in [0, 1] under the colours ``palette[index(r0, r1)]`` of each block
+    of rows (``index`` gives ``[r1 - r0, W]`` indices into ``palette`` [n, 3]), as uint8 RGB."""
+    h, w = gray.shape
+    out = np.empty((h, w, 3), np.uint8)
+    for r0 in range(0, h, _BLEND_ROWS):
+        r1 = min(h, r0 + _BLEND_ROWS)
+        base = gray[r0:r1, :, None] * 255.0
+        out[r0:r1] = np.clip((1 - alpha) * base + alpha * palette[index(r0, r1)], 0, 255)
+    return out
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
@@ -142,13 +155,15 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
     h, w = mask.shape
     labels = codec.encode(mask)
     gray = image.mean(0)
-    overlay = _blend(gray, CLASS_COLOURS[mask % len(CLASS_COLOURS)], 0.45)
+    overlay = _blend(gray, CLASS_COLOURS, lambda r0, r1: mask[r0:r1] % len(CLASS_COLOURS),
+                     0.45)
     ph, pw = grid.patch_size(h, w)  # of the padded image, as routing placed them
     colours = MODEL_COLOURS[actions % len(MODEL_COLOURS)]
     if degraded is not None:
         colours[degraded] = DEGRADED_COLOUR
-    per_pixel = grid.patch_map(torch.arange(actions.size)[None], h, w)[0].numpy()
-    routing = _blend(gray, colours[per_pixel], 0.4)
+    columns = np.arange(w) // pw  # each pixel's patch, row-major as grid.patch_map puts it
+    routing = _blend(gray, colours, lambda r0, r1: (np.arange(r0, r1) // ph)[:, None]
+                     * grid.cols + columns, 0.4)
     routing[np.arange(ph, h, ph)] = 255  # patch borders
     routing[:, np.arange(pw, w, pw)] = 255
     names = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png",
@@ -189,7 +204,8 @@ def _inputs(files: Sequence[Path], channels: int, intensity: Intensity, workers:
     ctx = worker_context(workers, ["paser.segment"])
     return from_readers(torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=workers, prefetch_factor=4,
-        multiprocessing_context=ctx, collate_fn=_as_is, generator=torch.Generator()), workers,
+        multiprocessing_context=ctx, collate_fn=_as_is, generator=torch.Generator(),
+        worker_init_fn=detached_readers()), workers,
         without="--workers 0 (workers=0 in Python)")
 
 
@@ -236,6 +252,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
         if r is not None and on_done is not None:
             on_done(r)
     summary = SummaryLog(out_dir / SUMMARY, names)
+    # one image to do has nothing to overlap with: processes would only cost their memory
+    workers = min(workers, len(todo) - 1) if todo else 0
     writer = _writer(workers)
     pending: list = []
     slots = iter([i for i, r in enumerate(results) if r is None])
@@ -282,7 +300,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         if router.remote is not None:
             router.remote.take()  # this image's transfers only
         start = time.perf_counter()
-        out = model.segment(torch.from_numpy(image)[None], only=only)
+        out = model.segment(torch.from_numpy(image)[None], only=only, probs=False)
         if out.mask.device.type == "cuda":
             torch.cuda.synchronize()
         res.ms = 1000 * (time.perf_counter() - start)

@@ -469,7 +469,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
         tick = time.perf_counter()
-        out = model.segment(torch.from_numpy(x)[None], only=only)
+        out = model.segment(torch.from_numpy(x)[None], only=only, probs=False)
         ms = 1000 * (time.perf_counter() - tick)
         mask = out.mask[0].cpu().numpy()
         actions = out.actions[0].cpu().numpy()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.errors import DataError
-from paser.runtime import from_readers, worker_context
+from paser.runtime import detached_readers, from_readers, worker_context
 
 #: Unlabelled pixels: stored as MASK_IGNORE (255) in uint8 masks, IGNORE (-1) in the int64
 #: labels that losses (``ignore_index=-1``) and metrics (:class:`paser.metrics.IoUAccumulator`)
@@ -129,7 +129,7 @@ class Tensors:
         loader = DataLoader(_Columns(self.images, self.masks),
                             batch_sampler=[idx.tolist() for idx in index_batches],
                             num_workers=self.workers, collate_fn=_as_is,
-                            generator=torch.Generator(),
+                            generator=torch.Generator(), worker_init_fn=detached_readers(),
                             multiprocessing_context=worker_context(self.workers, ["paser.data"]))
         for batch in from_readers(loader, self.workers):
             if isinstance(batch, DataError):  # a bad file, found by a reader process

@@ -116,14 +116,17 @@ def _window_index(size: int, margin: int, start: int, length: int, mirror: bool
 
 
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
-                batch: int = 8):
+                batch: int = 8, probs: bool = True):
     """``route`` (a batch of ``tile``-sized images and which of their patches hold image
     pixels ``[n, P]`` -> :class:`paser.routing.RoutingOutput`) on every tile of
     ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice peaks under
     1.7 GB with the demo's models), stitched back: the
     labels and probabilities cropped to ``H x W``, the actions (and logits, degraded
     patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
-    summed over each image's tiles. ``grid`` is the run's patch grid of one tile."""
+    summed over each image's tiles. ``grid`` is the run's patch grid of one tile.
+    ``probs=False`` keeps each tile's labels only (``probs`` is then None): what is held
+    beside the image is 8 bytes a pixel, not the class probabilities and their stitching
+    (about 110 bytes a pixel with the demo's three classes)."""
     from paser.metrics import predicted_classes
     from paser.routing import RoutingOutput
 
@@ -137,16 +140,23 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     fixed = PatchGrid(grid.rows, grid.cols, patch=(th // grid.rows, tw // grid.cols))
     inside = torch.stack([fixed.inside(h, w, y, x0) for y, x0 in tile_origins(h, w, tile)])
     inside = inside.repeat(b, 1)  # [B * R * K, P]
-    outs = [route(tiles[i:i + batch], inside[i:i + batch]) for i in range(0, len(tiles), batch)]
+    kept = ("probs" if probs else "mask", "actions", "gflops", "logits", "degraded")
+    outs = []  # each batch's fields that are stitched, nothing else (f0's passes, ...)
+    for i in range(0, len(tiles), batch):
+        out = route(tiles[i:i + batch], inside[i:i + batch])
+        outs.append({name: getattr(out, name) for name in kept})
+        del out
 
     def cat(name):
-        parts = [getattr(o, name) for o in outs]
+        parts = [o[name] for o in outs]
         return None if parts[0] is None else torch.cat(parts)
 
-    probs = cat("probs")
-    k = probs.shape[1]
-    probs = (probs.reshape(b, rows, cols, k, th, tw).permute(0, 3, 1, 4, 2, 5)
-             .reshape(b, k, rows * th, cols * tw)[..., :h, :w])
+    def image(t):  # [B*R*K, ..., th, tw] -> [B, ..., H, W]: the tiles put back, cropped
+        rest = t.shape[1:-2]
+        d = len(rest)
+        t = t.reshape(b, rows, cols, *rest, th, tw).permute(
+            0, *range(3, 3 + d), 1, 3 + d, 2, 4 + d)
+        return t.reshape(b, *rest, rows * th, cols * tw)[..., :h, :w]
 
     def patches(t):  # [B*R*K, P, ...] -> [B, (R * gr) * (K * gc), ...], row-major
         if t is None:
@@ -156,5 +166,10 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
         return t.reshape(b, rows * grid.rows * cols * grid.cols, *rest)
 
     gflops = cat("gflops").reshape(b, rows * cols).sum(1)
-    return RoutingOutput(predicted_classes(probs), probs, patches(cat("actions")), gflops,
+    if probs:
+        stitched = image(cat("probs"))
+        mask = predicted_classes(stitched)
+    else:
+        stitched, mask = None, image(cat("mask")).contiguous()
+    return RoutingOutput(mask, stitched, patches(cat("actions")), gflops,
                          patches(cat("logits")), None, patches(cat("degraded")))
