@@ -129,6 +129,14 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
     assert "cannot read" in rows[3]["error"]
+    # the labels alone: the same label PNG, no previews, and the record says what it wrote
+    lean = segment_files(model, files[:1], tmp_path / "lean", previews=False)
+    assert lean[0].ok and sorted(p.name for p in (tmp_path / "lean").glob("*.png")) == [
+        f"{lean[0].stem}_labels.png"]
+    assert (tmp_path / "lean" / f"{lean[0].stem}_labels.png").read_bytes() == (
+        tmp_path / "out" / f"{lean[0].stem}_labels.png").read_bytes()
+    assert json.loads((tmp_path / "lean" / f"{lean[0].stem}.json").read_text())["outputs"] == {
+        "labels": f"{lean[0].stem}_labels.png"}
 
 
 @pytest.mark.slow  # `paser segment` in processes

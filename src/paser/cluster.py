@@ -213,8 +213,8 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
                         "the same paths as the client") from None
 
 
-def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None
-                 ) -> list[Segmented]:
+def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None,
+                 previews: bool = True) -> list[Segmented]:
     """A task: image files segmented on this worker, their outputs written as locally."""
     model, lock = worker_model(spec)
     name = worker_name()
@@ -227,7 +227,7 @@ def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None
             item = DataError(f"{f}: worker {name} cannot see this file; the workers need "
                              "the inputs at the same paths as the client")
         res, args = segment_image(_Locked(model, lock, spec.threads), Path(f), item,
-                                  Path(out_dir), only, worker=name)
+                                  Path(out_dir), only, worker=name, previews=previews)
         if args is not None:
             write_here(res, args)
         res.ok = not res.error
@@ -273,8 +273,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                        volumes: Sequence[Volume], out_dir: str | Path,
                        only: int | None = None, overwrite: bool = False, chunk: int = CHUNK,
                        batch: int = BATCH,
-                       on_progress: Callable[[int, int, str], None] | None = None
-                       ) -> ClusterResults:
+                       on_progress: Callable[[int, int, str], None] | None = None,
+                       previews: bool = True) -> ClusterResults:
     """Segment ``files`` and ``volumes`` into ``out_dir`` on the cluster of ``client``, as
     :func:`paser.segment.segment_files` and :func:`paser.volumes.segment_volumes` do here:
     the same outputs, records and resume (module doc). ``model`` is the run loaded here
@@ -300,7 +300,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     summary = SummaryLog(out_dir / SUMMARY, names) if files else None
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
-        fut = client.submit(_image_batch, spec, part, str(out_dir), only, pure=False)
+        fut = client.submit(_image_batch, spec, part, str(out_dir), only, previews,
+                            pure=False)
         futures[fut] = ("images", part)
     workers: set[str] = set()
 

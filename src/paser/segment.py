@@ -148,12 +148,15 @@ def _blend(gray: np.ndarray, palette: np.ndarray, index, alpha: float) -> np.nda
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
                   actions: np.ndarray, grid: PatchGrid, codec: ClassMap,
-                  degraded: np.ndarray | None = None) -> dict:
+                  degraded: np.ndarray | None = None, previews: bool = True) -> dict:
     """The label PNG (class indices ``mask`` written in ``codec``), the overlay and the
-    routing map of one image; their file names. Degraded patches (``degraded``, bool per
-    patch) are dark in the routing map."""
+    routing map of one image (not with ``previews`` False); their file names. Degraded
+    patches (``degraded``, bool per patch) are dark in the routing map."""
     h, w = mask.shape
     labels = codec.encode(mask)
+    if not previews:
+        save_png(labels, out_dir / f"{stem}_labels.png")
+        return {"labels": f"{stem}_labels.png"}
     gray = image.mean(0)
     overlay = _blend(gray, CLASS_COLOURS, lambda r0, r1: mask[r0:r1] % len(CLASS_COLOURS),
                      0.45)
@@ -215,18 +218,22 @@ def _as_is(item):
 
 
 def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, actions: np.ndarray,
-           grid: PatchGrid, codec: ClassMap, degraded: np.ndarray | None, record: dict) -> None:
+           grid: PatchGrid, codec: ClassMap, degraded: np.ndarray | None, record: dict,
+           previews: bool = True) -> None:
     """One image's PNGs and JSON (in a writer process when there are any)."""
-    record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec, degraded)
+    record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec, degraded,
+                                      previews)
     # the record last: an image is done when its JSON is there (resume reads it)
     atomic_write_text(json.dumps(record, indent=2), out_dir / f"{stem}.json")
 
 
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                   on_done: Callable[[Segmented], None] | None = None, workers: int = 0,
-                  only: int | None = None, overwrite: bool = False) -> list[Segmented]:
+                  only: int | None = None, overwrite: bool = False,
+                  previews: bool = True) -> list[Segmented]:
     """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
-    the outputs and ``summary.csv`` into ``out_dir``. A file that cannot be read or
+    the outputs (the label PNGs and JSONs alone without ``previews``) and ``summary.csv``
+    into ``out_dir``. A file that cannot be read or
     segmented is recorded with its error and the rest go on; a remote tier that refuses
     this edge (:class:`paser.errors.RemoteAccessError`) stops them all.
 
@@ -260,7 +267,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     try:
         for path, item in zip(todo, _inputs(todo, model.config.models.in_channels,
                                             model.intensity, workers), strict=True):
-            res, args = segment_image(model, path, item, out_dir, only)
+            res, args = segment_image(model, path, item, out_dir, only, previews=previews)
             results[next(slots)] = res
             if args is not None and writer is None:
                 write_here(res, args)
@@ -280,7 +287,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
 
 
 def segment_image(model, path: Path, item, out_dir: Path, only: int | None = None,
-                  worker: str | None = None) -> tuple[Segmented, tuple | None]:
+                  worker: str | None = None, previews: bool = True
+                  ) -> tuple[Segmented, tuple | None]:
     """One input read as ``item`` (``(image, notes)``, or the :class:`DataError` of its
     reading) segmented with ``model``: its :class:`Segmented`, and the arguments of
     :func:`_write` for its outputs (``None`` when it failed; ``res.error`` says why). A
@@ -327,7 +335,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         if router.remote is not None:
             record["remote"] = _remote_record(model, grid, image, out, degraded, res)
         return res, (out_dir, path.stem, image, out.mask[0].cpu().numpy(), actions, grid,
-                     model.label_codec, degraded, record)
+                     model.label_codec, degraded, record, previews)
     except RemoteAccessError:  # the same for every image: stop, and say it once
         raise
     except (PaserError, OSError, RuntimeError, ValueError) as err:

@@ -95,6 +95,9 @@ def segment(
                                    "settings) skips what an earlier one finished"),
     stack: bool = typer.Option(False, "--stack", help="each folder given is one volume of "
                                "slices (natural sort), not a set of images"),
+    previews: bool = typer.Option(True, "--previews/--no-previews", help="an image's overlay "
+                                  "and routing map beside its labels (a third of the time "
+                                  "of a large image on the CPU)"),
     chunk: int = typer.Option(16, "--chunk", min=1, help="slices of a volume read, "
                               "segmented and written together: the zarr output's chunk "
                               "along the slices, and one task with --scheduler"),
@@ -187,7 +190,7 @@ def segment(
                        None if onnx is None else str(Path(onnx).resolve()), budget_gflops,
                        threads)
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
-                                           overwrite, chunk)
+                                           overwrite, chunk, previews)
         files = []  # done there
     elif volumes:
         vol_results = _segment_volumes(model, volumes, out, k, overwrite, chunk)
@@ -203,7 +206,7 @@ def segment(
 
         if files:
             results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, previews=previews)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
@@ -262,7 +265,7 @@ def _slices_bar(total: int, name: str):
 
 
 def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int | None,
-                overwrite: bool, chunk: int) -> tuple[list, list]:
+                overwrite: bool, chunk: int, previews: bool) -> tuple[list, list]:
     """The images and volumes on a Dask cluster (:mod:`paser.cluster`), one progress bar
     over all slices and images; a line per volume, and the workers that took part."""
     import torch
@@ -282,7 +285,8 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
                        f"{torch.get_num_threads()} makes them byte-identical")
         with _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
-                                     overwrite=overwrite, chunk=chunk, on_progress=advance)
+                                     overwrite=overwrite, chunk=chunk, on_progress=advance,
+                                     previews=previews)
     _volume_lines(res.volumes, out)
     typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
                "(each record names its worker)")
