@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,8 @@ class PaSeR:
     @torch.no_grad()  # not inference mode: the outputs are ordinary tensors to edit or train on
     def segment(self, images: torch.Tensor | np.ndarray, mode: str = "greedy",
                 bias: torch.Tensor | None = None, mc_seed: int | None = 0,
-                only: int | None = None, probs: bool = True) -> RoutingOutput:
+                only: int | None = None, probs: bool = True,
+                on_tiles: Callable[[int, int], None] | None = None) -> RoutingOutput:
         """Segment a batch ``[B, C, H, W]`` (or one ``[C, H, W]`` / ``[H, W]`` image).
 
         Floats are taken as scaled to [0, 1]; integer (and boolean) images are scaled as
@@ -132,6 +134,8 @@ class PaSeR:
         ``out.gflops`` is per image, :data:`paser.cost.FLOP_CONVENTION`. ``probs=False``
         leaves out the class probabilities of an image larger than a tile (``out.probs``
         None): far less memory for a large image whose labels alone are wanted.
+        ``on_tiles(done, total)``: the tiles of an image larger than a tile routed so far,
+        after each batch of them.
         """
         x = self._batch(images)
         self.router.eval()
@@ -145,7 +149,8 @@ class PaSeR:
         x = x.to(self.device)
         if self.tile is None or tuple(x.shape[-2:]) == self.tile:
             return route(x)
-        return route_tiled(route, x, self.tile, self.router.grid, probs=probs)
+        return route_tiled(route, x, self.tile, self.router.grid, probs=probs,
+                           on_batch=on_tiles)
 
     def prepare(self, image: np.ndarray, source: str = "the image") -> torch.Tensor:
         """A stored image ``[H, W]`` or ``[H, W, C]`` (as Pillow, tifffile or scikit-image

@@ -230,7 +230,8 @@ def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, action
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                   on_done: Callable[[Segmented], None] | None = None, workers: int = 0,
                   only: int | None = None, overwrite: bool = False,
-                  previews: bool = True) -> list[Segmented]:
+                  previews: bool = True,
+                  on_tiles: Callable[[str, int, int], None] | None = None) -> list[Segmented]:
     """Segment each file with ``model`` (a :class:`paser.PaSeR`), one image at a time; write
     the outputs (the label PNGs and JSONs alone without ``previews``) and ``summary.csv``
     into ``out_dir``. A file that cannot be read or
@@ -267,7 +268,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     try:
         for path, item in zip(todo, _inputs(todo, model.config.models.in_channels,
                                             model.intensity, workers), strict=True):
-            res, args = segment_image(model, path, item, out_dir, only, previews=previews)
+            res, args = segment_image(model, path, item, out_dir, only, previews=previews,
+                                      on_tiles=on_tiles)
             results[next(slots)] = res
             if args is not None and writer is None:
                 write_here(res, args)
@@ -287,7 +289,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
 
 
 def segment_image(model, path: Path, item, out_dir: Path, only: int | None = None,
-                  worker: str | None = None, previews: bool = True
+                  worker: str | None = None, previews: bool = True,
+                  on_tiles: Callable[[str, int, int], None] | None = None
                   ) -> tuple[Segmented, tuple | None]:
     """One input read as ``item`` (``(image, notes)``, or the :class:`DataError` of its
     reading) segmented with ``model``: its :class:`Segmented`, and the arguments of
@@ -308,7 +311,9 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         if router.remote is not None:
             router.remote.take()  # this image's transfers only
         start = time.perf_counter()
-        out = model.segment(torch.from_numpy(image)[None], only=only, probs=False)
+        out = model.segment(torch.from_numpy(image)[None], only=only, probs=False,
+                            on_tiles=None if on_tiles is None else
+                            lambda done, total: on_tiles(path.stem, done, total))
         if out.mask.device.type == "cuda":
             torch.cuda.synchronize()
         res.ms = 1000 * (time.perf_counter() - start)

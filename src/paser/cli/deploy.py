@@ -57,6 +57,11 @@ def evaluate(
             for _, r in rows))
 
 
+#: tiles of one image from which `paser segment` shows their progress too (a 512 x 512
+#: image under the demo's 128 x 128 tiles)
+TILE_BAR = 16
+
+
 @app.command()
 def segment(
     inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG, BMP), volumes"),
@@ -194,19 +199,30 @@ def segment(
         files = []  # done there
     elif volumes:
         vol_results = _segment_volumes(model, volumes, out, k, overwrite, chunk)
-    with progress(len(files) > 1) as bar:
+    with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")
+        tiles: dict = {}  # a large image's own bar, over its tiles
         if scheduler is None:
             start = time.perf_counter()
 
         def done(r):
-            rate = bar.tasks[0].completed + 1
-            bar.update(task, advance=1, info=f"{rate / (time.perf_counter() - start):.1f} "
-                       f"images/s  {r.stem if r.ok else r.stem + ' failed'}")
+            rate = (bar.tasks[0].completed + 1) / (time.perf_counter() - start)
+            bar.update(task, advance=1, info=(f"{rate:.1f} images/s" if rate >= 1 else
+                                              f"{1 / rate:.1f} s per image")
+                       + f"  {r.stem if r.ok else r.stem + ' failed'}")
+
+        def on_tiles(stem: str, finished: int, total: int) -> None:
+            if total < TILE_BAR:
+                return
+            if stem not in tiles:
+                tiles[stem] = bar.add_task(f"  {stem}: tiles", total=total, info="")
+            bar.update(tiles[stem], completed=finished)
+            if finished == total:
+                bar.remove_task(tiles.pop(stem))
 
         if files:
             results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
-                                    overwrite=overwrite, previews=previews)
+                                    overwrite=overwrite, previews=previews, on_tiles=on_tiles)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)

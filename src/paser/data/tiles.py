@@ -116,7 +116,8 @@ def _window_index(size: int, margin: int, start: int, length: int, mirror: bool
 
 
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
-                batch: int = 8, probs: bool = True):
+                batch: int = 8, probs: bool = True,
+                on_batch: Callable[[int, int], None] | None = None):
     """``route`` (a batch of ``tile``-sized images and which of their patches hold image
     pixels ``[n, P]`` -> :class:`paser.routing.RoutingOutput`) on every tile of
     ``x [B, C, H, W]``, ``batch`` tiles at a time (8: a 1024 x 1024 slice peaks under
@@ -126,7 +127,8 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     summed over each image's tiles. ``grid`` is the run's patch grid of one tile.
     ``probs=False`` keeps each tile's labels only (``probs`` is then None): what is held
     beside the image is 8 bytes a pixel, not the class probabilities and their stitching
-    (about 110 bytes a pixel with the demo's three classes)."""
+    (about 110 bytes a pixel with the demo's three classes). ``on_batch(done, total)``
+    is called with the tiles done after each batch (a progress bar's)."""
     from paser.metrics import predicted_classes
     from paser.routing import RoutingOutput
 
@@ -146,6 +148,8 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
         out = route(tiles[i:i + batch], inside[i:i + batch])
         outs.append({name: getattr(out, name) for name in kept})
         del out
+        if on_batch is not None:
+            on_batch(min(i + batch, len(tiles)), len(tiles))
 
     def cat(name):
         parts = [o[name] for o in outs]
