@@ -3,6 +3,7 @@ a pool of three models, `paser data check`, and `paser run --config` end to end.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -205,8 +206,20 @@ def test_data_check_names_masks_without_an_image(folder, tmp_path):
 
 
 def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_path):
+    from paser.run import large_patches
+
     big = make_folder(tmp_path / "big", counts=(3, 1, 1), size=(160, 256))
     r = check_dataset(big, workers=0, show_progress=False)
+    # paser run warns only where patches grow past 256 x 256 pixels
+    data = ["data.dataset=folder", "models.num_classes=5", "models.in_channels=3"]
+    quick = functools.partial(load_config, preset="battery-quick")
+    assert large_patches(quick(overrides=[*data, f"data.root={big}"])) is None
+    huge = make_folder(tmp_path / "huge", counts=(3, 1, 1), size=(520, 600))
+    said = large_patches(quick(overrides=[*data, f"data.root={huge}"]))
+    assert said.startswith("images of 520 x 600 trained whole (data.tile auto): the 2 x 2 grid routes "
+                           "patches of 260 x 300")
+    assert large_patches(quick(overrides=[*data, f"data.root={huge}",
+                                          "data.tile=[128,128]"])) is None
     assert r["suggested_overrides"][-1] == "data.tile=[128,128]"
     assert "images of 160 x 256" in r["tile_advice"] and "patches of 80 x 128" in r["tile_advice"]
     # the suggestion is one shell word each, and the run's config takes it as printed

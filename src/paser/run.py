@@ -275,6 +275,33 @@ def in_one_process(cfg: ExperimentConfig) -> ExperimentConfig:
         precision=cfg.distributed.precision)})
 
 
+#: pixels of a routing patch above which `paser run` warns that the images want tiles
+LARGE_PATCH = 256 * 256
+
+
+def large_patches(cfg: ExperimentConfig) -> str | None:
+    """Why training on the images as they are would be slow, or None: a training image
+    of one size trained whole (``data.tile`` null or auto), cut by the grid into patches of more than
+    :data:`LARGE_PATCH` pixels (a 2048 x 2048 slice on battery-quick's 2 x 2 grid: stage 1
+    took minutes an epoch, each pool model call on a 1024 x 1024 patch)."""
+    from paser.data.registry import kind, open_split
+
+    if cfg.data.tile not in (None, "auto") or kind(cfg.data).open is None:
+        return None  # tiles of a given size, or data built in memory
+    size = open_split(cfg.data, "train", progress=False).size
+    if size is None:
+        return None
+    rows, cols = cfg.grid
+    ph, pw = -(-size[0] // rows), -(-size[1] // cols)
+    if ph * pw <= LARGE_PATCH:
+        return None
+    return (f"images of {size[0]} x {size[1]} trained whole (data.tile {cfg.data.tile}): the "
+            f"{rows} x {cols} grid routes "
+            f"patches of {ph} x {pw}, and every training step and pool model call pays for "
+            f"them; data.tile=[128,128] (or the tile `paser data check` suggests) trains and "
+            "routes tiles of that size, and segment routes any size in them")
+
+
 def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         show_progress: bool = True, echo=print) -> dict:
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
@@ -322,6 +349,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo(f"[{name}] finished in {timings[name]:.1f} s")
 
     echo(f"[data] {describe(cfg.data, progress=show_progress)}")
+    large = large_patches(cfg)
+    if large:
+        echo(f"[data] warning: {large}")
     # a model trained before with its own settings unchanged is kept (not with --force)
     step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume,
                                            show_progress=show_progress, reuse=not force))

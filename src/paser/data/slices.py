@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paser.data.battery import MASK_IGNORE
 from paser.data.folders import ClassMap
 from paser.data.images import (
     Intensity,
