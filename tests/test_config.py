@@ -41,6 +41,8 @@ def test_overrides_are_typed_and_nested():
         ("grid=[0, 4]", "key 'grid'"),
         ("data.split=[0.5, 0.5, 0.5]", "key 'data.split'"),
         ("noequals", "expected key=value"),
+        ("models.pool.0.kwargs={c0:2,widths:[4,4]}", "'c0:2' reads as one key with no value; "
+         "in YAML a colon needs a space after it"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

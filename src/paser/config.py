@@ -541,6 +541,21 @@ def preset_dict(name: str) -> dict[str, Any]:
     return raw
 
 
+def _glued_keys(value: Any) -> str | None:
+    """A mapping's key like ``c0:2`` with no value, at any depth: YAML's reading of a flow
+    mapping written without a space after its colons (``{c0:2,widths:[4,4]}``)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                return k
+            found = _glued_keys(v)
+            if found:
+                return found
+    if isinstance(value, list):
+        return next((f for f in map(_glued_keys, value) if f), None)
+    return None
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` to a raw mapping (value parsed as YAML).
 
@@ -553,6 +568,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         parsed = value
+    glued = _glued_keys(parsed)
+    if glued:
+        raise ConfigError(f"override '{item}': '{glued}' reads as one key with no value; in "
+                          "YAML a colon needs a space after it: {c0: 2, widths: [4, 4]}")
     node: Any = raw
     parts = key.strip().split(".")
     for depth, part in enumerate(parts):
