@@ -213,7 +213,8 @@ def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
     Image.fromarray(np.dstack([m * 100, m * 0, m * 50])).save(tmp_path / "rgb.png")
     tifffile.imwrite(tmp_path / "soft.tif", m.astype(np.float32) / 2)  # interpolated labels
     for name, message in [("soft.tif", "float32 labels holding 0.5 .* resample them by "
-                           "nearest neighbour"),("m.jpg", "JPEG's lossy compression .* save masks as PNG or TIFF"),
+                           "nearest neighbour"),
+                          ("m.jpg", "JPEG's lossy compression .* save masks as PNG or TIFF"),
                           ("inst.tif", "values 0..600; a class map takes the values 0..255"),
                           ("rgb.png", r"colour mask \(3 colours: \(0, 0, 0\), \(100, 0, 50\)")]:
         with pytest.raises(DataError, match=message):

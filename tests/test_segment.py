@@ -137,6 +137,10 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
         tmp_path / "out" / f"{lean[0].stem}_labels.png").read_bytes()
     assert json.loads((tmp_path / "lean" / f"{lean[0].stem}.json").read_text())["outputs"] == {
         "labels": f"{lean[0].stem}_labels.png"}
+    # over a folder with previews, an overwrite without them leaves none of the old ones
+    segment_files(model, files[:1], tmp_path / "out", previews=False, overwrite=True)
+    assert not (tmp_path / "out" / f"{lean[0].stem}_overlay.png").exists()
+    assert not (tmp_path / "out" / f"{lean[0].stem}_routing.png").exists()
 
 
 @pytest.mark.slow  # `paser segment` in processes
@@ -157,3 +161,12 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o2"))
     assert res.returncode == 2 and "no such file or folder" in res.stderr
+    # a budget per megapixel, above every patch on the largest model: said so, and used
+    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o3"), "--budget-gflops-per-mp", "1e6", "--no-previews")
+    assert res.returncode == 0, res.stderr
+    assert "calibrated for this call on" in res.stdout and "bounds nothing" in res.stdout
+    assert "GFLOP/MP" in res.stdout and not (tmp_path / "o3" / "a_overlay.png").exists()
+    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")
+    assert res.returncode == 2 and "drop --budget-gflops-per-mp" in res.stderr

@@ -139,6 +139,29 @@ def test_any_image_is_routed_in_the_trained_patches(tmp_path):
     assert torch.equal(same.mask, out.mask)
 
 
+def test_stitched_tiles_keep_the_degraded_patches_of_any_batch():
+    """A remote tier that failed on some batches of tiles only: the patches it left on f0
+    are kept wherever they lie, whichever batch came first."""
+    from paser.patches import PatchGrid
+    from paser.routing import RoutingOutput
+
+    grid = PatchGrid(1, 1)
+
+    def route(t, inside, failing):
+        n = t.shape[0]
+        fail = None if not failing(int(t[0, 0, 0, 0])) else torch.ones(n, 1, dtype=torch.bool)
+        return RoutingOutput(torch.zeros(n, 4, 4, dtype=torch.long), None,
+                             torch.ones(n, 1, dtype=torch.long), torch.ones(n), None, None, fail)
+
+    # a 4 x 16 image: four tiles of 4 x 4, tile j all j
+    x = torch.arange(4.0).repeat_interleave(4).view(1, 1, 1, 16).expand(1, 1, 4, 16).contiguous()
+    for failing, expect in ((lambda v: v >= 2, [False, False, True, True]),
+                            (lambda v: v < 2, [True, True, False, False])):
+        out = route_tiled(lambda t, i, failing=failing: route(t, i, failing), x, (4, 4), grid, batch=2,
+                          probs=False)
+        assert out.degraded.view(-1).tolist() == expect
+
+
 def test_segment_records_and_draws_the_patches_an_image_was_routed_in(tmp_path):
     cfg = load_config(preset="battery-quick", overrides=["data.tile=[16, 16]",
                                                          "models.num_classes=3"])

@@ -460,6 +460,10 @@ def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
     r = check_dataset(tmp_path, overrides=data, show_progress=False)
     assert r["splits"]["train"]["slices"] == [0, 4, 8] and r["uniform_slices"] is None
     assert r["missing_in"] == {"validation": [], "test": []}
+    labels[12][labels[12] == 2] = 1  # the one validation slice without particle
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    assert r["missing_in"] == {"validation": ["particle"], "test": []}
     labels[8, :2, :2] = 3
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     with pytest.raises(DataError, match=r"labels.tif slice 8: mask values \[3\] are not in"):

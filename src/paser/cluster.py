@@ -90,17 +90,19 @@ class RunSpec:
     onnx: str | None = None
     budget_gflops: float | None = None
     threads: int | None = None  # of each model call; None: the worker's threads
+    budget_gflops_per_mp: float | None = None
 
     def load(self):
         from paser import PaSeR
 
-        calibrated = self.budget_gflops is None
+        calibrated = self.budget_gflops is None and self.budget_gflops_per_mp is None
         if self.engine == "onnxruntime":
             model = PaSeR.load_onnx(self.run_dir, self.onnx, calibrated=calibrated)
         else:
             model = PaSeR.load(self.run_dir, device=self.worker_device(), calibrated=calibrated)
-        if self.budget_gflops is not None:
-            model.calibrate(budget_gflops=self.budget_gflops, save=False)
+        if not calibrated:
+            model.calibrate(budget_gflops=self.budget_gflops, save=False,
+                            budget_gflops_per_mp=self.budget_gflops_per_mp)
         return model
 
     def worker_device(self, index: int | None = None, gpus: int | None = None) -> str:

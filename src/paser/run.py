@@ -296,10 +296,9 @@ def large_patches(cfg: ExperimentConfig) -> str | None:
     if ph * pw <= LARGE_PATCH:
         return None
     return (f"images of {size[0]} x {size[1]} trained whole (data.tile {cfg.data.tile}): the "
-            f"{rows} x {cols} grid routes "
-            f"patches of {ph} x {pw}, and every training step and pool model call pays for "
-            f"them; data.tile=[128,128] (or the tile `paser data check` suggests) trains and "
-            "routes tiles of that size, and segment routes any size in them")
+            f"{rows} x {cols} grid routes patches of {ph} x {pw}, and every training step and "
+            f"pool model call pays for them; patch=[64,64] (data.tile=[{64 * rows},{64 * cols}]"
+            ") trains and routes tiles of that size, and segment routes any size in them")
 
 
 def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,

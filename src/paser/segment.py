@@ -156,6 +156,8 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
     labels = codec.encode(mask)
     if not previews:
         save_png(labels, out_dir / f"{stem}_labels.png")
+        for kind in ("overlay", "routing"):  # an earlier call's, which no longer match
+            (out_dir / f"{stem}_{kind}.png").unlink(missing_ok=True)
         return {"labels": f"{stem}_labels.png"}
     gray = image.mean(0)
     overlay = _blend(gray, CLASS_COLOURS, lambda r0, r1: mask[r0:r1] % len(CLASS_COLOURS),

@@ -48,9 +48,9 @@ def evaluate(
     typer.echo("\nIoU of each class (n/a: neither labelled nor predicted in the split)")
     heads = [name.split(" ")[0] for name, _ in rows]
     typer.echo(f"{'class':<20} " + " ".join(f"{h:>8}" for h in heads))
-    names = list(model.label_codec.names)
-    if len(names) != len(rows[0][1]["per_class"]):
-        names = [f"class {c}" for c in range(len(rows[0][1]["per_class"]))]
+    from paser.experiments.main import class_names
+
+    names = class_names(model) or [f"class {c}" for c in range(len(rows[0][1]["per_class"]))]
     for c, cls in enumerate(names):
         typer.echo(f"{cls[:20]:<20} " + " ".join(
             "     n/a" if r["per_class"][c] is None else f"{r['per_class'][c]:8.4f}"
@@ -68,8 +68,8 @@ def segment(
     run_dir: Path = RUN_DIR,
     out: Path = typer.Option(..., "--out", help="the output folder"),
     budget_gflops: float = typer.Option(
-        None, "--budget-gflops", help="calibrate to this mean GFLOP per validation image (the "
-        "run's tile size) for this call, instead of the run's saved calibration (not saved)"),
+        None, "--budget-gflops", help="calibrate to this mean GFLOP per validation image for "
+        "this call, instead of the run's saved calibration (not saved)"),
     budget_per_mp: float = typer.Option(
         None, "--budget-gflops-per-mp", help="the same budget per megapixel: images of any "
         "size pay in proportion to their pixels"),
@@ -147,8 +147,9 @@ def segment(
                           "--budget-gflops-per-mp")
     budgeted = budget_gflops is not None or budget_per_mp is not None
     if only is not None and budgeted:
+        option = "--budget-gflops" if budget_per_mp is None else "--budget-gflops-per-mp"
         raise ConfigError(f"--model {only} runs one model on every patch, at its own cost: "
-                          "drop --budget-gflops (which sets the router's), or --model")
+                          f"drop {option} (which sets the router's), or --model")
     if engine == "onnxruntime" and device not in ("auto", "cpu"):
         raise ConfigError(f"--device {device}: --engine onnxruntime runs on the CPU "
                           "(onnxruntime's CPU provider); drop --device, or use --engine torch")
@@ -177,7 +178,6 @@ def segment(
     if budgeted:
         cal = model.calibrate(budget_gflops=budget_gflops, save=False,
                               budget_gflops_per_mp=budget_per_mp)
-        budget_gflops = cal.target["budget_gflops"]  # per validation image, as workers take it
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
                    f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
@@ -193,7 +193,7 @@ def segment(
 
         spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
                        None if onnx is None else str(Path(onnx).resolve()), budget_gflops,
-                       threads)
+                       threads, budget_per_mp)
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
                                            overwrite, chunk, previews)
         files = []  # done there
@@ -206,10 +206,10 @@ def segment(
             start = time.perf_counter()
 
         def done(r):
-            rate = (bar.tasks[0].completed + 1) / (time.perf_counter() - start)
-            bar.update(task, advance=1, info=(f"{rate:.1f} images/s" if rate >= 1 else
-                                              f"{1 / rate:.1f} s per image")
-                       + f"  {r.stem if r.ok else r.stem + ' failed'}")
+            if r.stem in tiles:  # an image that failed part of the way through its tiles
+                bar.remove_task(tiles.pop(r.stem))
+            rate = _rate(bar.tasks[0].completed + 1, time.perf_counter() - start)
+            bar.update(task, advance=1, info=f"{rate}  {r.stem if r.ok else r.stem + ' failed'}")
 
         def on_tiles(stem: str, finished: int, total: int) -> None:
             if total < TILE_BAR:
@@ -235,14 +235,13 @@ def segment(
     if done:
         gflops = sum(r.gflops for r in done)
         megapixels = sum(r.height * r.width for r in done) / 1e6
-        rate = len(results) / seconds
         typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
                    f"{gflops / len(done):.3f} GFLOP per image"
                    + (f", {gflops / megapixels:.2f} GFLOP/MP" if megapixels > 0 else "")
                    + f" ({FLOP_CONVENTION}), {sum(r.ms for r in done) / len(done):.1f} ms per "
                    "image" + ("" if k is None else f", {model_names(model)[k]} alone")
-                   + (f"; {rate:.1f} images/s" if rate >= 1 else f"; {1 / rate:.1f} s per image")
-                   + f" with reading and writing; see {out / 'summary.csv'}")
+                   + f"; {_rate(len(results), seconds)} with reading and writing; see "
+                   f"{out / 'summary.csv'}")
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
@@ -493,8 +492,16 @@ def _above_dearest(cal) -> None:
     """Say so where a budget is more than every patch on the largest model costs."""
     dearest = cal.target.get("above_dearest")
     if dearest is not None:
+        per_mp = "budget_gflops_per_mp" in cal.target
         typer.echo(f"note: the budget ({cal.target['budget_gflops']:.4g} GFLOP per "
                    f"{cal.height} x {cal.width} validation image) is more than every patch on "
                    f"the largest model costs ({dearest:.4g}): it bounds nothing, and routing "
-                   "runs at its most generous. A budget is per validation image; for "
-                   "images of another size give --budget-gflops-per-mp")
+                   "runs at its most generous"
+                   + ("" if per_mp else ". --budget-gflops is per validation image; for images "
+                      "of another size give --budget-gflops-per-mp"))
+
+
+def _rate(images: int, seconds: float) -> str:
+    """``n images/s``, or ``s per image`` where an image takes longer than a second."""
+    rate = images / seconds if seconds > 0 else float("inf")
+    return f"{rate:.1f} images/s" if rate >= 1 else f"{1 / rate:.1f} s per image"

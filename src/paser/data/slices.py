@@ -35,8 +35,9 @@ from paser.errors import DataError
 
 #: label slices read at a time when finding the labelled ones
 _CHUNK = 16
-#: the labelled slices found, by label volume, its modification, class map and range
-_LABELLED: dict[tuple, list[int]] = {}
+#: the labelled slices found, and those of one class alone, by label volume, its
+#: modification, class map and range
+_LABELLED: dict[tuple, tuple[list[int], dict[int, int]]] = {}
 
 
 def _file_of(spec: str) -> Path:

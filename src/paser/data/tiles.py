@@ -71,8 +71,8 @@ class Tiles:
         so a tile of a large image costs its own size, not the image's."""
         th, tw = self.size
         h, w = x.shape[-2:]
-        rows = _window_index(h, self.margin, y0, th, fill is None)
-        cols = _window_index(w, self.margin, x0, tw, fill is None)
+        rows = _window_index(h, self.margin, y0, th, fill is None).to(x.device)
+        cols = _window_index(w, self.margin, x0, tw, fill is None).to(x.device)
         if fill is None:
             return x.index_select(-2, rows).index_select(-1, cols)
         out = x.new_full((*x.shape[:-2], th, tw), fill)
@@ -153,7 +153,12 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
 
     def cat(name):
         parts = [o[name] for o in outs]
-        return None if parts[0] is None else torch.cat(parts)
+        if all(p is None for p in parts):
+            return None
+        if name == "degraded":  # a batch whose every model ran has none: no patch failed
+            parts = [torch.zeros_like(o["actions"], dtype=torch.bool) if p is None else p
+                     for p, o in zip(parts, outs, strict=True)]
+        return torch.cat(parts)
 
     def image(t):  # [B*R*K, ..., th, tw] -> [B, ..., H, W]: the tiles put back, cropped
         rest = t.shape[1:-2]

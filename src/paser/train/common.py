@@ -124,15 +124,12 @@ def _is_later(record: dict, model: str, epoch: int) -> bool:
 
 
 def absolute_root(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with ``data.root`` and ``data.cache_dir`` absolute, as a run saves them: the
-    run is read from other folders later (evaluate, calibrate, segment), which would not
-    find its data, or would draw the synthetic set again into a cache of their own."""
-    update = {key: path.absolute() for key, path in (("root", cfg.data.root),
-                                                     ("cache_dir", cfg.data.cache_dir))
-              if path is not None and not path.is_absolute()}
-    if not update:
+    """``cfg`` with ``data.root`` absolute, as a run saves it: the run is read from other
+    folders later (evaluate, calibrate, segment)."""
+    if cfg.data.root is None or cfg.data.root.is_absolute():
         return cfg
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"root": cfg.data.root.absolute()})})
 
 
 def prepare_run_dir(
@@ -159,9 +156,6 @@ def prepare_run_dir(
         if cfg is None:
             return run_dir, stored
         how = {"distributed"}  # how it is trained may change on resume, not what
-        # a run saved before its cache's path was made absolute: the same path from here
-        if stored.data.cache_dir is not None and not stored.data.cache_dir.is_absolute():
-            stored = absolute_root(stored)
         if stored.model_dump(exclude=how) != cfg.model_dump(exclude=how) and resume:
             raise ConfigError(
                 f"{saved}: the run was made with a different config; drop --resume to start "
