@@ -82,6 +82,7 @@ def test_report_files(job):
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert [r["method"] for r in rows] == KEYS
     assert float(rows[0]["iou"]) == pytest.approx(results["methods"]["PaSeR"]["iou"])
+    assert float(rows[0]["iou_carbon"]) == pytest.approx(results["methods"]["PaSeR"]["per_class"][1])
     text = (run_dir / "report.md").read_text()
     assert "Table 1" in text and "Table 2" in text and "| IDK-Cascade (IoU match) |" in text
     assert "; seed 0 (data: split seed 42, synthetic seed 0);" in text

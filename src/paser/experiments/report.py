@@ -387,11 +387,14 @@ def write_report(run_dir: Path, results: dict) -> str:
     buf = io.StringIO()
     cols = ["method", "iou", "gflops", "iou_per_gflop", "ms_per_image", "batch_size",
             "gap_recovered", "gflops_frac_of_top", "fractions"]
+    classes = results.get("classes") or []  # each class's IoU, last: iou_<class name>
     writer = csv.writer(buf)
-    writer.writerow(cols)
+    writer.writerow(cols + [f"iou_{c}" for c in classes])
     for name, m in results["methods"].items():
+        per_class = m.get("per_class") or [None] * len(classes)
         writer.writerow([name] + [" ".join(f"{f:.4f}" for f in m[c]) if c == "fractions" and c in m
-                                  else m.get(c, "") for c in cols[1:]])
+                                  else m.get(c, "") for c in cols[1:]]
+                        + ["" if v is None else v for v in per_class[:len(classes)]])
     atomic_write_text(buf.getvalue(), run_dir / "results.csv")
     text = markdown(results)
     atomic_write_text(text, run_dir / "report.md")
