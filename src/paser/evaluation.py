@@ -2,8 +2,8 @@
 
 A method is a predictor ``(images [B, C, H, W], positions [B]) -> Prediction``.
 :func:`measure` streams a split (in memory, on disk, or a dataset read by worker
-processes) through it and returns IoU (dataset-level mIoU) and each class's IoU, GFLOP per image
-(:data:`paser.cost.FLOP_CONVENTION`), IoU/GFLOP and, on request, wall-clock milliseconds
+processes) through it and returns IoU (dataset-level mIoU) and each class's IoU, GFLOP
+per image (:data:`paser.cost.FLOP_CONVENTION`), IoU/GFLOP and, on request, wall-clock milliseconds
 per image (one untimed warm-up batch first), the share of patches per model, the
 ``assignment`` counts ``[G, K+1]`` of a dataset with sample groups (patches of each group
 sent to each model), f0's own IoU and the mean per-patch reward.
@@ -111,7 +111,8 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
             paid.append(_patch_rewards(out, actions, y, num_classes, rewards))
     scores = acc.compute()
     miou, mean_gflops = scores["miou"], gflops / n
-    result = {"iou": miou, "per_class": per_class(scores), "gflops": mean_gflops, "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
+    result = {"iou": miou, "per_class": per_class(scores), "gflops": mean_gflops,
+              "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
               "ms_per_image": 1000 * seconds / n if timed else None, "batch_size": batch_size,
               "images": n}
     if f0_seen:
@@ -223,7 +224,8 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     spec = None if lam is None or cost is None else RewardSpec(router.grid, lam, cost)
     r = measure(predict, data, num_classes, batch_size, device, router.num_models,
                 timed=False, rewards=spec, num_workers=num_workers)
-    out = {"miou": r["iou"], "per_class": r["per_class"], "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
+    out = {"miou": r["iou"], "per_class": r["per_class"],
+           "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
            "gflops": r["gflops"], "iou_per_gflop": r["iou_per_gflop"],
            "fractions": r["fractions"], "images": r["images"]}
     if "reward" in r:

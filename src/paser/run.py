@@ -348,12 +348,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo(f"[{name}] finished in {timings[name]:.1f} s")
 
     echo(f"[data] {describe(cfg.data, progress=show_progress)}")
-    large = large_patches(cfg)
-    if large:
-        echo(f"[data] warning: {large}")
-    # a model trained before with its own settings unchanged is kept (not with --force)
-    step("stage1", lambda resume: pretrain(cfg, run_dir, resume=resume,
-                                           show_progress=show_progress, reuse=not force))
+
+    def stage1(resume: bool) -> None:
+        large = large_patches(cfg)  # said where stage 1 trains, which opens the split anyway
+        if large:
+            echo(f"[stage1] warning: {large}")
+        # a model trained before with its own settings unchanged is kept (not with --force)
+        pretrain(cfg, run_dir, resume=resume, show_progress=show_progress, reuse=not force)
+
+    step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
                                                show_progress=show_progress))
     step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))

@@ -73,12 +73,10 @@ class Tiles:
         h, w = x.shape[-2:]
         rows = _window_index(h, self.margin, y0, th, fill is None).to(x.device)
         cols = _window_index(w, self.margin, x0, tw, fill is None).to(x.device)
-        if fill is None:
-            return x.index_select(-2, rows).index_select(-1, cols)
-        out = x.new_full((*x.shape[:-2], th, tw), fill)
-        r, c = rows >= 0, cols >= 0  # outside the image: unlabelled
-        out[..., r.nonzero()[:, 0][:, None], c.nonzero()[:, 0]] = x[..., rows[r][:, None],
-                                                                      cols[c]]
+        out = x.index_select(-2, rows.clamp(min=0)).index_select(-1, cols.clamp(min=0))
+        if fill is not None:  # outside the image: unlabelled
+            out[..., rows < 0, :] = fill
+            out[..., cols < 0] = fill
         return out
 
     def image(self, j: int) -> torch.Tensor:
