@@ -133,3 +133,30 @@ def test_a_file_broken_after_the_split_was_opened_fails_with_one_line_from_a_rea
         list(on_disk(ds, workers=2).batches(2))
     assert str(info.value).startswith(f"{path}: cannot read the image")
     assert "Traceback" not in str(info.value)
+
+
+def test_a_finished_run_finds_its_relative_synthetic_set_from_another_folder(tmp_path,
+                                                                              monkeypatch):
+    # make demo's runs/demo with data.cache_dir=runs/data, used by paser segment --budget
+    # (which calibrates on validation) from another folder: the set is read where the run
+    # made it, not generated again under the folder the command started in
+    from pathlib import Path
+
+    from paser.checkpoints import run_config
+    from paser.config import load_config, save_config
+    from paser.data.registry import synthetic_root
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    cfg = load_config(preset="battery-quick", overrides=["data.cache_dir=runs/data"])
+    save_config(cfg, work / "runs" / "demo" / "config.yaml")
+    name = synthetic_root(cfg.data).name
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run_config(work / "runs" / "demo").data.cache_dir == Path("runs/data")  # nowhere
+    (work / "runs" / "data" / name).mkdir(parents=True)
+    (work / "runs" / "data" / name / "stats.json").write_text("{}")
+    found = run_config(Path("..") / "work" / "runs" / "demo").data
+    assert found.cache_dir == work / "runs" / "data"
+    assert synthetic_root(found) == work / "runs" / "data" / name
+    monkeypatch.chdir(work)  # where it was made: as saved
+    assert run_config(Path("runs/demo")).data.cache_dir == Path("runs/data")

@@ -16,6 +16,7 @@ from torch import nn
 from paser import data
 from paser.config import ExperimentConfig, ModelSpec, load_config
 from paser.data.folders import ClassMap
+from paser.data.registry import found_from
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.models import PooledPolicy, RoutingPolicy, create_model
 from paser.models.registry import Resized, load_weights
@@ -31,7 +32,8 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
                               "`paser pretrain` and `paser train-policy` into it first")
-    return load_config(config_file=run_dir / "config.yaml")
+    cfg = load_config(config_file=run_dir / "config.yaml")
+    return cfg.model_copy(update={"data": found_from(cfg.data, run_dir)})
 
 
 def checkpoint_files(run_dir: str | Path) -> dict[str, tuple[int, int]]:

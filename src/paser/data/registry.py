@@ -97,6 +97,24 @@ def synthetic_root(cfg: DataConfig) -> Path:
     return Path(base).expanduser() / name
 
 
+def found_from(cfg: DataConfig, run_dir: str | Path) -> DataConfig:
+    """``cfg`` of the run in ``run_dir`` with a relative ``data.cache_dir`` that names
+    another folder than the one it was made from (``make demo``'s ``runs/data``, read by
+    ``paser segment`` started elsewhere) pointed at the folder above the run that holds its
+    synthetic set, so that the set is read, not generated again where the command was
+    started; unchanged when the set is where the path says or nowhere above the run."""
+    base = cfg.cache_dir
+    if cfg.dataset != "battery" or cfg.root is not None or base is None or base.is_absolute():
+        return cfg
+    name = synthetic_root(cfg).name
+    if (base.expanduser() / name / "stats.json").is_file():
+        return cfg
+    for above in Path(run_dir).resolve().parents:
+        if (above / base / name / "stats.json").is_file():
+            return cfg.model_copy(update={"cache_dir": above / base})
+    return cfg
+
+
 def _mnist_stage_data(cfg: DataConfig) -> StageData:
     from paser.data.battery import split_three
     from paser.data.mnist import BLURS, build_splits

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from paser.checkpoints import checkpoint_files
-from paser.config import ExperimentConfig, load_config
+from paser.checkpoints import checkpoint_files, run_config
+from paser.config import ExperimentConfig
 from paser.data import StageData, load_stage_data
 from paser.errors import CheckpointError
 from paser.experiments.report import write_report
@@ -34,7 +34,7 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
     if not (run_dir / "results.json").is_file():
         raise CheckpointError(f"{run_dir}: no results.json; finish `paser run` into this folder "
                               "first (the experiment reuses its models and report)")
-    cfg = load_config(config_file=run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     device = setup(cfg)
     return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress))
 
