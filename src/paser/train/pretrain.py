@@ -244,7 +244,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             batches = [idx for idx in order.split(s1.batch_size)
                        if len(idx) >= min(min_batch, n) * dist.world]
             loaded = (around or train).gather(dist.shard(idx) for idx in batches)
-            for idx, (x, y) in zip(batches, loaded, strict=True):
+            for step, (idx, (x, y)) in enumerate(zip(batches, loaded, strict=True)):
                 mine = dist.shard(idx)
                 x, y = x.to(device), y.to(device)
                 if around is not None:  # drawn for the whole batch: the same on every process
@@ -269,6 +269,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                     ema.update_parameters(plain)
                 total += loss.item() * len(idx) / dist.world  # this share's summed loss
                 acc.update(predicted_classes(logits.detach()).cpu(), y.cpu())
+                # the bar moves within an epoch (minutes on a folder of large slices); the
+                # last share of it is the epoch's validation
+                bar.update(task, completed=epoch + (step + 1) / (len(batches) + 1))
             check_finite(plain, f"stage 1 {role}, epoch {epoch}", "stage1.lr (or the model's lr)")
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
@@ -292,7 +295,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                                        "best": best, "best_epoch": best_epoch, "spec": spec,
                                        "role": role} | ({} if ema is None else {
                                            "ema": ema.state_dict()}), last_path)
-            bar.update(task, advance=1, info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
+            bar.update(task, completed=epoch + 1,
+                       info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
             if stop:
                 bar.update(task, total=epoch + 1)
                 break
