@@ -167,6 +167,11 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "calibrated for this call on" in res.stdout and "bounds nothing" in res.stdout
     assert "GFLOP/MP" in res.stdout and not (tmp_path / "o3" / "a_overlay.png").exists()
+    assert "with reading and writing" in res.stdout
+    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+                str(tmp_path / "o3"), "--budget-gflops-per-mp", "1e6", "--no-previews")
+    assert "1 of 1 images were segmented before" in res.stdout  # no rate of what took no time
+    assert "with reading and writing" not in res.stdout
     res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")
     assert res.returncode == 2 and "drop --budget-gflops-per-mp" in res.stderr

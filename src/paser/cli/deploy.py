@@ -202,14 +202,16 @@ def segment(
     with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         tiles: dict = {}  # a large image's own bar, over its tiles
+        fresh = [0]  # images this call segmented: those of an earlier call cost no time
         if scheduler is None:
             start = time.perf_counter()
 
         def done(r):
             if r.stem in tiles:  # an image that failed part of the way through its tiles
                 bar.remove_task(tiles.pop(r.stem))
-            rate = _rate(bar.tasks[0].completed + 1, time.perf_counter() - start)
-            bar.update(task, advance=1, info=f"{rate}  {r.stem if r.ok else r.stem + ' failed'}")
+            fresh[0] += not r.resumed
+            rate = (_rate(fresh[0], time.perf_counter() - start) + "  ") if fresh[0] else ""
+            bar.update(task, advance=1, info=f"{rate}{r.stem if r.ok else r.stem + ' failed'}")
 
         def on_tiles(stem: str, finished: int, total: int) -> None:
             if total < TILE_BAR:
@@ -226,6 +228,7 @@ def segment(
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
+    new = len(results) - resumed
     if resumed:
         typer.echo(f"{resumed} of {len(results)} images were segmented before into {out} "
                    "(same run and settings): skipped; --overwrite does them again")
@@ -240,8 +243,8 @@ def segment(
                    + (f", {gflops / megapixels:.2f} GFLOP/MP" if megapixels > 0 else "")
                    + f" ({FLOP_CONVENTION}), {sum(r.ms for r in done) / len(done):.1f} ms per "
                    "image" + ("" if k is None else f", {model_names(model)[k]} alone")
-                   + f"; {_rate(len(results), seconds)} with reading and writing; see "
-                   f"{out / 'summary.csv'}")
+                   + (f"; {_rate(new, seconds)} with reading and writing" if new else "")
+                   + f"; see {out / 'summary.csv'}")
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
