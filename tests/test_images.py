@@ -355,3 +355,95 @@ def test_segment_scales_by_the_runs_window_not_by_each_images_range(tmp_path):
     assert res.ok, res.error
     written = np.asarray(PILImage.open(tmp_path / "out" / "scan_labels.png"))
     assert np.array_equal(written, np.where(scan < 0, 0, 40))  # classes 0, 1 as 0, 40
+
+
+@pytest.mark.parametrize("turn", range(1, 9))
+def test_an_exif_orientation_is_read_upright_as_viewers_show_it(tmp_path, turn):
+    from PIL import ImageOps
+
+    stored = RNG.integers(0, 256, (5, 7), dtype=np.uint8)  # not square: a turn shows
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = turn
+    img.save(tmp_path / "a.png", exif=exif)
+    notes: list[str] = []
+    got = read_array(tmp_path / "a.png", notes)
+    with Image.open(tmp_path / "a.png") as shown:
+        assert np.array_equal(got, np.asarray(ImageOps.exif_transpose(shown)))
+    assert (probe(tmp_path / "a.png").height, probe(tmp_path / "a.png").width) == got.shape
+    assert got.shape == ((7, 5) if turn >= 5 else (5, 7))
+    assert any("EXIF orientation" in n for n in notes) == (turn != 1)
+
+
+def _png16(arr: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG of ``arr`` [H, W, C] written by hand (no filter, one IDAT)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+    header = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_colour_and_gray_alpha_pngs_keep_their_sixteen_bits(tmp_path):
+    rgba = RNG.integers(0, 65536, (H, W, 4), dtype=np.uint16)
+    for name, arr, want, kind, channels in (("rgb", rgba[..., :3], rgba[..., :3], 2, 3),
+                                            ("rgba", rgba, rgba[..., :3], 6, 3),
+                                            ("la", rgba[..., :2], rgba[..., 0], 4, 1)):
+        (tmp_path / f"{name}.png").write_bytes(_png16(arr, kind))
+        got = read_array(tmp_path / f"{name}.png")  # Pillow gives 8 bits (and LA as RGBA)
+        assert got.dtype == np.uint16 and np.array_equal(got, want), name
+        p = probe(tmp_path / f"{name}.png")
+        assert (p.dtype, p.channels, p.colour) == ("uint16", channels, channels == 3), name
+
+
+def test_channels_stored_as_pages_are_one_image_of_channels(tmp_path):
+    from paser.volumes import is_volume
+
+    arr = RNG.integers(0, 256, (2, H, W), dtype=np.uint8)  # ImageJ's C x Y x X
+    tifffile.imwrite(tmp_path / "c.tif", arr, imagej=True, metadata={"axes": "CYX"})
+    notes: list[str] = []
+    got = read_array(tmp_path / "c.tif", notes)
+    assert np.array_equal(got, np.moveaxis(arr, 0, -1)) and "channels stored as pages" in notes[0]
+    p = probe(tmp_path / "c.tif")
+    assert (p.pages, p.channels) == (1, 2) and not is_volume(tmp_path / "c.tif")
+    tifffile.imwrite(tmp_path / "z.tif", arr, imagej=True, metadata={"axes": "ZYX"})
+    assert is_volume(tmp_path / "z.tif")  # slices stay a volume
+
+
+def test_a_file_is_read_by_what_it_holds_not_by_its_name(tmp_path):
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    (tmp_path / "png.tif").write_bytes((tmp_path / "a.png").read_bytes())
+    tifffile.imwrite(tmp_path / "b.tif", gray.astype(np.uint16))
+    (tmp_path / "tiff.png").write_bytes((tmp_path / "b.tif").read_bytes())
+    assert np.array_equal(read_array(tmp_path / "png.tif"), gray)
+    assert read_array(tmp_path / "tiff.png").dtype == np.uint16
+    assert probe(tmp_path / "tiff.png").dtype == "uint16"
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.png: an empty file"):
+        read_array(tmp_path / "empty.png")
+    with pytest.raises(DataError, match="values of type complex64"):
+        window_of([(np.ones((2, 2), np.complex64), "c.tif")])
+
+
+def test_files_in_formats_paser_does_not_read_are_named_not_passed_over(tmp_path):
+    from paser.data.images import READABLE_SUFFIXES, skipped_note, unread_files
+
+    assert ".webp" in READABLE_SUFFIXES and ".gif" in READABLE_SUFFIXES
+    (tmp_path / "images").mkdir()
+    for name in ("a.jp2", "b.jp2", "c.dcm", "notes.txt"):
+        (tmp_path / "images" / name).write_bytes(b"x")
+    unread = unread_files(tmp_path / "images")
+    assert [f.name for f in unread] == ["a.jp2", "b.jp2", "c.dcm"]  # not the text file
+    assert skipped_note(unread).startswith("skipped 3 files in a format paser does not read "
+                                           "(2 .jp2, 1 .dcm;")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    with pytest.raises(DataError, match="no image paser reads; skipped 3 files"):
+        open_split(DataConfig(dataset="folder", root=tmp_path), "train")

@@ -86,8 +86,14 @@ def test_find_images_in_folders_files_and_errors(tmp_path):
     with pytest.raises(DataError, match="d/x: no such file or folder"):
         find_images([tmp_path / "d" / "x"])
     (tmp_path / "e").mkdir()
-    with pytest.raises(DataError, match=r"no image \(.png, .tif, .tiff, .jpg, .jpeg, .bmp\) in"):
+    with pytest.raises(DataError, match=r"no image \(.png, .tif, .tiff, .jpg, .jpeg, .jpe, .jfif, "
+                       r".bmp, .webp, .gif, .pgm, .ppm\) in .*give image files"):
         find_images([tmp_path / "e"])
+    (tmp_path / "e" / "scan.jp2").write_bytes(b"x")  # a format it does not read: named
+    with pytest.raises(DataError, match=r"e; skipped 1 file in a format paser does not read "
+                       r"\(1 .jp2; e.g. .*scan.jp2\): convert them to TIFF or PNG"):
+        find_images([tmp_path / "e"])
+    (tmp_path / "e" / "scan.jp2").unlink()
     (tmp_path / "e" / "b.png").write_bytes(b"x")
     with pytest.raises(DataError, match="same stem 'b'"):
         find_images([tmp_path / "d", tmp_path / "e"])

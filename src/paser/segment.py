@@ -39,6 +39,8 @@ from paser.data.images import (
     image_files,
     read_image,
     shared_stem,
+    skipped_note,
+    unread_files,
 )
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
@@ -83,8 +85,10 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
         else:
             raise DataError(f"{path}: no such file or folder")
     if not files:
-        raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; give "
-                        "image files or folders that contain them")
+        unread = skipped_note([f for i in inputs if Path(i).is_dir()
+                               for f in unread_files(Path(i), recursive=True)])
+        raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; "
+                        + (unread or "give image files or folders that contain them"))
     one_output_each((f.stem, str(f)) for f in files)
     return list(dict.fromkeys(files))
 

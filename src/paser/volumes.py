@@ -35,11 +35,11 @@ import torch
 from paser.cost import FLOP_CONVENTION
 from paser.data.images import (
     READABLE_SUFFIXES,
-    TIFF_SUFFIXES,
     Intensity,
     as_input,
     by_type_range,
     image_files,
+    is_tiff,
     page_by_page,
     probe,
     read_array,
@@ -168,7 +168,7 @@ def is_volume(spec: str | Path, stack: bool = False) -> bool:
     path = Path(text)
     if path.is_dir():
         return stack
-    if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
+    if path.is_file() and is_tiff(path):
         try:
             return probe(path).pages > 1
         except DataError:
@@ -743,7 +743,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
     for f in find_images(rest, exclude) if rest else []:
-        if f.suffix.lower() in TIFF_SUFFIXES and is_volume(f):
+        if is_volume(f):
             volumes.append(opened(f))
         else:
             files.append(f)

@@ -26,6 +26,7 @@ def data_check(
     error naming it)."""
     import shlex
 
+    from paser.data.images import skipped_note
     from paser.data.registry import check_dataset
 
     r = check_dataset(root, layout, workers, overrides=overrides or ())
@@ -100,6 +101,9 @@ def data_check(
                                             else "")
                    + " (an image missing, or named otherwise: images/NAME.* pairs with "
                    "masks/NAME.*)")
+    skipped = skipped_note([Path(f) for f in r["unread_images"]])
+    if skipped:
+        typer.echo(f"{skipped}; training goes on without them")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
     typer.echo("suggested (median frequency balancing): " + " ".join(

@@ -125,6 +125,7 @@ def segment(
     outputs."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
+    from paser.data.images import skipped_note, unread_files
     from paser.runtime import progress
     from paser.segment import segment_files
     from paser.volumes import split_inputs
@@ -133,6 +134,10 @@ def segment(
         raise DataError(f"--out {out}: a file, not a folder; give a folder for the outputs")
     files, volumes = split_inputs([str(i) for i in inputs], stack, exclude=out,
                                   keep_failed=True)
+    skipped = skipped_note([f for i in inputs if Path(i).is_dir()
+                            for f in unread_files(Path(i), recursive=not stack)])
+    if skipped:
+        typer.echo(skipped)
     if threads is not None:
         import torch
 

@@ -26,7 +26,14 @@ import numpy as np
 import yaml
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
-from paser.data.images import READABLE_SUFFIXES, image_files, read_mask, shared_stem
+from paser.data.images import (
+    READABLE_SUFFIXES,
+    image_files,
+    read_mask,
+    shared_stem,
+    skipped_note,
+    unread_files,
+)
 from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
@@ -225,8 +232,20 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                                         if other is not None else ""))
     masks = {p.stem: p for p in image_files(mask_dir)}
     images = image_files(img_dir)
+    unread = skipped_note(unread_files(img_dir))
+    if not images and unread:
+        raise DataError(f"{img_dir}: no image paser reads; {unread}")
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+
+
+def unread_images(root: str | Path) -> list[Path]:
+    """The files of a folder dataset's image folders in a format paser does not read
+    (:func:`paser.data.images.unread_files`): training goes on without them, so ``paser
+    data check`` names them."""
+    root = Path(root)
+    return [f for d in sorted(root.glob("*/images")) + [root / "images"] if d.is_dir()
+            for f in unread_files(d)]
 
 
 def unpaired_masks(root: str | Path) -> list[Path]:

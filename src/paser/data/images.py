@@ -31,7 +31,17 @@ from paser.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: every image file the reader takes, for training folders, ``paser segment`` and stacks
-READABLE_SUFFIXES = (".png", *TIFF_SUFFIXES, ".jpg", ".jpeg", ".bmp")
+READABLE_SUFFIXES = (".png", *TIFF_SUFFIXES, ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp",
+                     ".gif", ".pgm", ".ppm")
+#: image formats an instrument or a tool writes that the reader does not take: a folder's
+#: files of these are named as skipped (:func:`unread_files`), not passed over in silence
+UNREAD_SUFFIXES = (".jp2", ".j2k", ".heic", ".heif", ".avif", ".dcm", ".dicom", ".nii", ".mrc",
+                   ".rec", ".raw", ".czi", ".nd2", ".lif", ".ims", ".svs", ".ndpi", ".vsi",
+                   ".tga", ".psd", ".dng", ".cr2", ".nef")
+#: the first bytes of a TIFF (classic and BigTIFF, either byte order) and of a PNG: a file
+#: is read by what it holds, not by its name (PNG bytes saved as .tif)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: what a run keeps of how its inputs were scaled (:meth:`Intensity.save`)
 INTENSITY_FILE = "intensity.json"
 #: percentiles of the training pixels that bound the fitted window
@@ -71,6 +81,63 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = READABLE_SUFFIXES,
                   and not (skip is not None and f.resolve().is_relative_to(skip)))
 
 
+def unread_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The files of ``folder`` in an image format the reader does not take
+    (:data:`UNREAD_SUFFIXES`), sorted, hidden ones left out: what a folder's listing
+    skips, to be named."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(f for f in found if f.suffix.lower() in UNREAD_SUFFIXES and f.is_file()
+                  and not hidden(f, folder))
+
+
+def skipped_note(files: list[Path]) -> str | None:
+    """One line naming the unread files of a folder by format, or ``None``."""
+    if not files:
+        return None
+    counts: dict[str, int] = {}
+    for f in files:
+        counts[f.suffix.lower()] = counts.get(f.suffix.lower(), 0) + 1
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in counts.items())
+    return (f"skipped {len(files)} file{'s' if len(files) > 1 else ''} in a format paser does "
+            f"not read ({kinds}; e.g. {files[0]}): convert them to TIFF or PNG")
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether ``path`` holds a TIFF, by its first bytes (by its name where it cannot be
+    opened: a folder, a missing file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return path.suffix.lower() in TIFF_SUFFIXES
+
+
+def _png16(path: Path) -> int | None:
+    """The colour type of a 16-bit colour or gray + alpha PNG (2 RGB, 4 gray + alpha, 6
+    RGBA), which Pillow decodes to 8 bits; ``None`` for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] == _PNG_MAGIC and len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6):
+        return head[25]
+    return None
+
+
+#: EXIF orientation (tag 0x0112) -> the array turned upright, as viewers show the image
+#: (ImageOps.exif_transpose's transposes; tests/test_images.py checks each against it)
+_UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
+
+
+def _orientation(img: Image.Image) -> int:
+    """An image's EXIF orientation (1: stored upright; anything unknown counts as 1)."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
 def shared_stem(named) -> tuple[str, str, str] | None:
     """The first file stem two different sources share, ``(stem, first, second)``, or
     ``None``; ``named`` gives ``(stem, source)`` pairs (one source twice is one input)."""
@@ -90,9 +157,9 @@ def read_array(path: str | Path, notes: list[str] | None = None,
     path = Path(path)
     notes = [] if notes is None else notes
     colours = palette == "colours"
+    _not_empty(path)
     try:
-        arr = (_tiff(path, notes, colours) if path.suffix.lower() in TIFF_SUFFIXES
-               else _pillow(path, notes, colours))
+        arr = _tiff(path, notes, colours) if is_tiff(path) else _pillow(path, notes, colours)
     except DataError:
         raise
     except _READ_ERRORS as err:
@@ -101,6 +168,11 @@ def read_array(path: str | Path, notes: list[str] | None = None,
     if arr.ndim not in (2, 3) or 0 in arr.shape[:2]:
         raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
     return arr
+
+
+def _not_empty(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: an empty file (0 bytes); replace or remove it")
 
 
 def _missing_codec_advice(err: Exception) -> str:
@@ -118,12 +190,18 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series, first = tif.series[0], tif.pages[0]
         axes = series.axes
+        if _channel_pages(series):  # ImageJ / OME: one image, a page per channel
+            notes.append(f"{series.shape[0]} channels stored as pages (TIFF axes {axes}), "
+                         "read as the image's channels")
+            return np.moveaxis(series.asarray(), 0, -1)
         if len(series.pages) > 1:
             notes.append(f"a stack of {len(series.pages)} pages (TIFF axes {axes}); the first "
                          "one read (volumes: paser segment reads every page)")
             arr, axes = series.pages[0].asarray(), series.pages[0].axes
         else:
             arr = series.asarray()
+        if colours and first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            notes.append("stored WhiteIsZero (viewers show it inverted): read as stored")
         if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
             cmap = first.colormap  # [3, 2**bits]
             if cmap.max() > 255:
@@ -140,6 +218,14 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     return arr
 
 
+def _channel_pages(series) -> bool:
+    """Whether a TIFF series is one gray image of several channels stored a page each (axes
+    CYX, as ImageJ and OME-TIFF write them): read as ``[H, W, C]``, not as a stack."""
+    page = series.pages[0]
+    return (page is not None and series.axes == "C" + page.axes and page.axes == "YX"
+            and series.shape[0] > 1)
+
+
 def tiff_alpha(page) -> int:
     """How many of a TIFF page's last samples are alpha (its ExtraSamples tag says so; an
     unspecified extra sample is a channel of its own: a second detector, say)."""
@@ -151,23 +237,46 @@ def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"a stack of {img.n_frames} frames; the first one read")
         img.load()
-        if img.mode in ("P", "PA"):
-            if not colours:  # the indices (PA: without its alpha)
-                return np.asarray(img)[..., 0] if img.mode == "PA" else np.asarray(img)
-            img = img.convert("RGB")  # its colours; transparency is alpha, dropped
-        elif img.mode == "1":  # bilevel: booleans, scaled by their range (0 and 1)
-            return np.asarray(img, dtype=bool)
-        elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
-            img = img.convert("RGB")
-        arr = np.asarray(img)
-        if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
-            arr = arr[..., :-1]
-            notes.append("alpha channel dropped")
-        return arr
+        deep = _png16(path)
+        arr = _png16_array(path, deep, notes) if deep else _pillow_array(img, notes, colours)
+        turn = _orientation(img)
+    if turn != 1:  # a camera's or phone's JPEG: as every viewer (and its annotator) sees it
+        arr = np.ascontiguousarray(_UPRIGHT[turn](arr))
+        notes.append(f"turned upright by its EXIF orientation ({turn})")
+    return arr
+
+
+def _png16_array(path: Path, colour_type: int, notes: list[str]) -> np.ndarray:
+    """A 16-bit colour or gray + alpha PNG at its 16 bits (Pillow gives 8), alpha dropped."""
+    import imagecodecs
+
+    arr = imagecodecs.png_decode(path.read_bytes())
+    if colour_type in (4, 6):
+        arr = arr[..., :-1] if colour_type == 6 else arr[..., 0]
+        notes.append("alpha channel dropped")
+    return arr
+
+
+def _pillow_array(img: Image.Image, notes: list[str], colours: bool) -> np.ndarray:
+    """One Pillow image's pixels as stored: palette colours (or indices), bilevel as
+    booleans, other colour models as RGB, alpha dropped."""
+    if img.mode in ("P", "PA"):
+        if not colours:  # the indices (PA: without its alpha)
+            return np.asarray(img)[..., 0] if img.mode == "PA" else np.asarray(img)
+        img = img.convert("RGB")  # its colours; transparency is alpha, dropped
+    elif img.mode == "1":  # bilevel: booleans, scaled by their range (0 and 1)
+        return np.asarray(img, dtype=bool)
+    elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
+        arr = arr[..., :-1]
+        notes.append("alpha channel dropped")
+    return arr
 
 
 #: lossy formats: their compression moves a mask's values at every edge
-LOSSY_SUFFIXES = (".jpg", ".jpeg")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -257,8 +366,9 @@ def stack_pages(tif) -> list:
 def probe(path: str | Path) -> Probe:
     """The header of an image file, no pixels decoded (:class:`DataError` if unreadable)."""
     path = Path(path)
+    _not_empty(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -268,14 +378,21 @@ def probe(path: str | Path) -> Probe:
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 channels = 3 if palette else max(1, samples - tiff_alpha(page))
+                if _channel_pages(tif.series[0]):
+                    pages, channels = [page], tif.series[0].shape[0]
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels)
         with Image.open(path) as img:
             mode, frames = img.mode, getattr(img, "n_frames", 1)
             w, h = img.size
+            if _orientation(img) in (5, 6, 7, 8):  # shown turned a quarter
+                h, w = w, h
+        deep = _png16(path)
     except _READ_ERRORS as err:
         raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
                         "file") from None
+    if deep:  # Pillow's mode says 8 bits
+        return Probe(h, w, deep != 4, "uint16", frames, 1 if deep == 4 else 3)
     dtype = {"F": "float32", "I": "int32", "1": "bool"}.get(mode, "uint8")
     if mode.startswith("I;16"):
         dtype = "uint16" if not mode.endswith("S") else "int16"
@@ -423,7 +540,10 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
     """The ``percentiles`` of the pixels of ``images`` (``(array, source)`` pairs, at most
     64 of them; 65,536 pixels of each, sampled evenly)."""
     samples = []
-    for arr, _ in images:
+    for arr, source in images:
+        if arr.dtype.kind not in "biuf":  # complex (a reconstruction's raw FFT), strings
+            raise DataError(f"{source}: values of type {arr.dtype}; give integer or float "
+                            "pixels")
         flat = arr.astype(np.float32).reshape(-1)
         flat = flat[np.isfinite(flat)]  # NaN / Inf: refused or filled when images are read
         samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])

@@ -36,6 +36,7 @@ from paser.data.folders import (
     FolderDataset,
     mask_values,
     unpaired_masks,
+    unread_images,
 )
 from paser.data.images import Intensity
 from paser.data.slices import VolumeSlices
@@ -416,6 +417,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "absent_classes": absent,
         "unpaired_masks": [str(p) for p in unpaired_masks(root)] if layout == "folder" else [],
+        "unread_images": [str(p) for p in unread_images(root)] if layout == "folder" else [],
         # classes that train, but that validation (the early stop, calibration) or test
         # (the report) never shows
         "missing_in": {s: [n for c, n in enumerate(names) if counts[c] and not by_split[s][c]]
