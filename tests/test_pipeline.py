@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tests.helpers import TINY
@@ -92,6 +93,8 @@ def test_integer_images_are_scaled_as_a_file_holding_them(run):
     stored = u8[0, 0].numpy()
     assert torch.equal(model.prepare(stored), u8[0].float() / 255)
     assert torch.equal(model.prepare(stored[..., None]), u8[0].float() / 255)  # [H, W, 1]
+    with pytest.raises(DataError, match=r"gray and alpha.*give image\[\.\.\., 0\]"):
+        model.prepare(np.stack([stored, np.full_like(stored, 255)], -1))  # a Pillow 'LA'
 
 
 @pytest.mark.parametrize("images, match", [

@@ -161,8 +161,12 @@ class PaSeR:
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise DataError(f"{source}: shape {arr.shape}; prepare takes one stored image "
                             "[H, W] or [H, W, C]")
-        return torch.from_numpy(as_input(arr, self.config.models.in_channels, self.intensity,
-                                         source))
+        channels = self.config.models.in_channels
+        if arr.ndim == 3 and arr.shape[-1] == 2 and channels != 2:
+            raise DataError(f"{source}: 2 channels, and the models take {channels}: gray and "
+                            "alpha, as np.asarray gives a Pillow 'LA' image? give image[..., 0] "
+                            "(paser segment reads such a file without its alpha)")
+        return torch.from_numpy(as_input(arr, channels, self.intensity, source))
 
     def _batch(self, images) -> torch.Tensor:
         """``images`` as a float32 batch ``[B, C, H, W]`` in [0, 1], checked."""
