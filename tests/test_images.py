@@ -447,3 +447,23 @@ def test_files_in_formats_paser_does_not_read_are_named_not_passed_over(tmp_path
     (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
     with pytest.raises(DataError, match="no image paser reads; skipped 3 files"):
         open_split(DataConfig(dataset="folder", root=tmp_path), "train")
+
+
+def test_data_check_says_which_images_are_turned_by_exif_and_why_sizes_differ(tmp_path):
+    for split in ("train", "validation", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for i in range(3):
+            img = Image.fromarray(RNG.integers(0, 256, (8, 12), dtype=np.uint8))
+            exif = img.getexif()
+            exif[0x0112] = 6
+            img.save(tmp_path / split / "images" / f"s{i}.png", exif=exif)
+            Image.fromarray(RNG.integers(0, 2, (12, 8), dtype=np.uint8)).save(
+                tmp_path / split / "masks" / f"s{i}.png")  # drawn on the picture as shown
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    r = check_dataset(tmp_path, show_progress=False)
+    assert r["files"]["train"] == {"uint8 PNG turned upright by EXIF": 3}
+    Image.fromarray(np.zeros((8, 12), np.uint8)).save(tmp_path / "test" / "masks" / "s0.png")
+    with pytest.raises(DataError, match=r"s0.png: image is 12x8 but its label .* is 8x12 .*"
+                       r"EXIF orientation \(6\).*without the orientation tag"):
+        check_dataset(tmp_path, show_progress=False)

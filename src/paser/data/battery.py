@@ -136,10 +136,17 @@ class SegmentationFiles(Dataset):
             colour = colour or head.colour
             kinds.setdefault(head.channels, img)
             self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"
-                        + (" stack" if head.pages > 1 else "")] += 1
+                        + (" stack" if head.pages > 1 else "")
+                        + (" turned upright by EXIF" if head.orientation != 1 else "")] += 1
             if (head.height, head.width) != (label.height, label.width):
+                turned = (head.orientation in (5, 6, 7, 8) and label.orientation == 1
+                          and (head.width, head.height) == (label.height, label.width))
                 raise DataError(f"{img}: image is {head.height}x{head.width} but its label {lbl} "
-                                f"is {label.height}x{label.width} (HxW); they must match")
+                                f"is {label.height}x{label.width} (HxW); they must match"
+                                + ("; the image is read turned upright by its EXIF "
+                                   f"orientation ({head.orientation}), as viewers show it; "
+                                   "if the mask follows its stored pixels, save the image "
+                                   "without the orientation tag" if turned else ""))
             sizes.append((head.height, head.width))
         if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones
             other = next(c for c in kinds if c != 2)

@@ -347,6 +347,7 @@ class Probe:
     dtype: str
     pages: int = 1
     channels: int = 1  # alpha not counted; a palette image has 3 (its colours)
+    orientation: int = 1  # EXIF: not 1, the image is read turned upright (height, width too)
 
 
 def page_by_page(tif) -> bool:
@@ -385,19 +386,20 @@ def probe(path: str | Path) -> Probe:
         with Image.open(path) as img:
             mode, frames = img.mode, getattr(img, "n_frames", 1)
             w, h = img.size
-            if _orientation(img) in (5, 6, 7, 8):  # shown turned a quarter
+            turn = _orientation(img)
+            if turn in (5, 6, 7, 8):  # shown turned a quarter
                 h, w = w, h
         deep = _png16(path)
     except _READ_ERRORS as err:
         raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
                         "file") from None
     if deep:  # Pillow's mode says 8 bits
-        return Probe(h, w, deep != 4, "uint16", frames, 1 if deep == 4 else 3)
+        return Probe(h, w, deep != 4, "uint16", frames, 1 if deep == 4 else 3, turn)
     dtype = {"F": "float32", "I": "int32", "1": "bool"}.get(mode, "uint8")
     if mode.startswith("I;16"):
         dtype = "uint16" if not mode.endswith("S") else "int16"
     colour = mode in ("RGB", "RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
-    return Probe(h, w, colour, dtype, frames, 3 if colour else 1)
+    return Probe(h, w, colour, dtype, frames, 3 if colour else 1, turn)
 
 
 @dataclass(frozen=True)
