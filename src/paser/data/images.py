@@ -251,8 +251,9 @@ def _png16_array(path: Path, colour_type: int, notes: list[str]) -> np.ndarray:
     import imagecodecs
 
     arr = imagecodecs.png_decode(path.read_bytes())
-    if colour_type in (4, 6):
-        arr = arr[..., :-1] if colour_type == 6 else arr[..., 0]
+    keep = 1 if colour_type == 4 else 3
+    if arr.ndim == 3 and arr.shape[-1] > keep:  # alpha, or a transparent colour (tRNS) as one
+        arr = arr[..., 0] if keep == 1 else arr[..., :3]
         notes.append("alpha channel dropped")
     return arr
 
