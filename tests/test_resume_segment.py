@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tests.helpers import Interrupted, bands_run
 
@@ -72,7 +73,9 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     alone = segment_files(m, files[:2], tmp / "out", only=1, overwrite=True)
     assert not any(r.resumed for r in alone)
     assert '"only": "f1 (unet)"' in (tmp / "out" / MANIFEST).read_text()
-    m.run_dir = tmp / "elsewhere"
+    m.run_dir = tmp / "elsewhere"  # the run copied or moved: the same weights, resumed
+    assert all(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1))
+    m.router.pool[0].register_buffer("w", torch.ones(1))  # other weights: another run
     with pytest.raises(DataError, match="holds the outputs of another run"):
         segment_files(m, files[:2], tmp / "out", only=1)
 
@@ -133,3 +136,6 @@ def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_
     assert (tmp / "out" / "s0_labels.png").read_bytes() == (tmp / "out" / "s1_labels.png"
                                                             ).read_bytes()
     assert first[0].ok
+    shutil.move(tmp / "in", tmp / "moved")  # the inputs' folder moved: the same bytes, done
+    moved = segment_files(m, [tmp / "moved" / f.name for f in files[:2]], tmp / "out")
+    assert [(r.ok, r.resumed) for r in moved] == [(True, True), (True, True)]

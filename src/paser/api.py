@@ -77,7 +77,8 @@ class PaSeR:
         """The run's ONNX export (``paser export``; default ``<run_dir>/onnx``) on
         onnxruntime: the same routing path, no PyTorch models. Its calibration applies when
         it was made for the exported policy."""
-        from paser.export import load_onnx_router, model_digests
+        from paser.export import load_onnx_router
+        from paser.routing import model_digests
 
         keep_freed_memory()
         run_dir = Path(run_dir)

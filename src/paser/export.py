@@ -35,7 +35,7 @@ from torch import nn
 from paser.cost import FLOP_CONVENTION
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
-from paser.routing import CostTable, Router, weights_digest
+from paser.routing import CostTable, Router, model_digests
 from paser.runtime import file_sha256
 
 MANIFEST = "manifest.json"
@@ -235,13 +235,6 @@ class OnnxRouter(Router):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         self.costs(*x.shape[-2:])
         return super().forward(x, *args, **kwargs)
-
-
-def model_digests(router: Router) -> dict[str, str]:
-    """Each model's :func:`~paser.routing.weights_digest`, f0 and f1..fK: what an export
-    was made from, checked when it is loaded with a run."""
-    return {"f0": weights_digest(router.f0),
-            **{f"f{k}": weights_digest(m) for k, m in enumerate(router.pool, start=1)}}
 
 
 def load_onnx_router(export_dir: str | Path) -> OnnxRouter:

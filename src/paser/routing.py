@@ -137,6 +137,13 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_digests(router: Router) -> dict[str, str]:
+    """Each model's :func:`weights_digest`, f0 and f1..fK: what an export was made from,
+    checked when it is loaded with a run, and what made a ``paser segment`` output folder."""
+    return {"f0": weights_digest(router.f0),
+            **{f"f{k}": weights_digest(m) for k, m in enumerate(router.pool, start=1)}}
+
+
 class _Shared(nn.Module):
     """What a UNet's Monte Carlo passes share (``UNet.shared``) as a module, to count its
     FLOPs."""

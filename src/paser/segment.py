@@ -18,6 +18,7 @@ and ``summary.csv`` with one row per input, failures included.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -367,10 +368,18 @@ SUMMARY = "summary.csv"
 
 
 def output_settings(model, only: int | None) -> dict:
-    """What decides an output folder's labels: the run, its policy, the calibration in
-    use, a single model instead of routing, how inputs are scaled."""
+    """What decides an output folder's labels: the run's models and policy (their weights,
+    wherever the run folder lies now; ``run`` is its path, kept for the reader), the
+    calibration in use, a single model instead of routing, how inputs are scaled."""
+    from paser.routing import model_digests
+
     calibration = model.calibration
-    return {"run": str(Path(model.run_dir).resolve()), "policy": model.router.policy_digest,
+    manifest = getattr(model.router, "manifest", None)  # an export: its record of them
+    digests = model_digests(model.router) if manifest is None else manifest.get("digests")
+    models = None if digests is None else hashlib.sha256(
+        json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    return {"run": str(Path(model.run_dir).resolve()), "models": models,
+            "policy": model.router.policy_digest,
             "calibration_bias": None if calibration is None or only is not None
             else [round(float(b), 8) for b in calibration.bias],
             "only": None if only is None else record_names(model)[only],
@@ -392,10 +401,16 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
             before = json.loads(path.read_text())
         except ValueError:
             before = {}
-        differ = [k for k in settings if before.get(k) != settings[k]]
+        # a run is known by its weights (a run folder copied or moved is the same run); a
+        # folder made before they were recorded, or by an export that does not record
+        # them, by the run's path
+        by_weights = settings.get("models") is not None and before.get("models") is not None
+        differ = [k for k in settings if k != ("run" if by_weights else "models")
+                  and before.get(k) != settings[k]]
         if differ:
+            other = "another run" if {"run", "models"} & set(differ) else "other settings"
             raise DataError(
-                f"{out_dir} holds the outputs of {'another run' if 'run' in differ else 'other settings'} "
+                f"{out_dir} holds the outputs of {other} "
                 f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
                 "); give another --out, or --overwrite to start over")
         return
@@ -472,11 +487,12 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         mine = recorded_as(rec, str(path))
         if mine is None:
             return None  # an older record of another spelling: segmented again
-        if not mine:
+        digest = rec.get("input_sha256")
+        if not mine and (digest is None or digest != file_sha256(path)):
             return Segmented(str(path), path.stem, ok=False, error=taken(
                 record_path, str(rec.get("input")), str(path)))
-        digest = rec.get("input_sha256")
-        if digest is not None and rec.get("input_stat") != file_stat(path) and (
+        # (another path with the same bytes: the inputs' folder moved, and this is done)
+        if mine and digest is not None and rec.get("input_stat") != file_stat(path) and (
                 digest != file_sha256(path)):
             return None  # the file changed since: segmented again
         counts = rec["patches_per_model"]
