@@ -138,6 +138,27 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
     assert (run_dir / ".paser.lock").read_text() == str(os.getpid())
 
 
+def test_an_output_folder_in_use_is_refused_and_a_read_only_one_held_by_no_one(tmp_path):
+    import fcntl
+
+    from tests.helpers import bands_run
+
+    from paser.errors import ConfigError
+    from paser.runtime import hold_folder
+    from paser.segment import segment_files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".paser-segment.lock").write_text("4242")
+    with open(out / ".paser-segment.lock", "a+") as other:  # another paser segment's
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match=r"out is in use by another paser process "
+                           r"\(pid 4242\): wait for it to finish, or give another --out"):
+            segment_files(bands_run(tmp_path), [], out)
+    (tmp_path / "file").write_text("")  # a folder paser cannot write a lock into
+    hold_folder(tmp_path / "file", ".lock", "--out")  # (it said: Invalid argument)
+
+
 def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path):
     from paser.config import load_config
     from paser.errors import ConfigError

@@ -208,21 +208,29 @@ def hold_run_dir(run_dir: str | Path) -> None:
     """Make ``run_dir`` this process's until it exits: a second process training into it
     (a second ``paser run``, a stage command) is refused with who holds it, instead of the
     two overwriting each other's checkpoints and temporary files."""
-    run_dir = Path(run_dir)
-    key = str(run_dir.resolve())
+    hold_folder(run_dir, ".paser.lock", "--run-dir")
+
+
+def hold_folder(folder: str | Path, name: str, option: str) -> None:
+    """Make ``folder`` this process's until it exits, by the lock file ``name`` in it: a
+    second process that would write there is refused with who holds it (``option``: what
+    to give instead). A read-only folder is held by no one: nothing can write there."""
+    folder = Path(folder)
+    key = str((folder / name).resolve())
     if key in _HELD:
         return
-    path = run_dir / ".paser.lock"
+    path = folder / name
     fh = _lock(path, blocking=False)
     if fh is None:
         holder = path.read_text().strip() if path.is_file() else ""
-        raise ConfigError(f"{run_dir} is in use by another paser process"
+        raise ConfigError(f"{folder} is in use by another paser process"
                           + (f" (pid {holder})" if holder else "")
-                          + ": wait for it to finish, or give another --run-dir")
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
+                          + f": wait for it to finish, or give another {option}")
+    if fh.name != os.devnull:  # (a read-only folder's: no pid to write)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
     _HELD[key] = fh
 
 

@@ -51,6 +51,7 @@ from paser.runtime import (
     detached_worker,
     file_sha256,
     from_readers,
+    hold_folder,
     replaced,
     worker_context,
 )
@@ -395,6 +396,8 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     outputs. A new folder and ``overwrite`` get a new claim (:func:`claim_of`), so that no
     record of before (of inputs this call was not given either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # two calls writing into one folder race on its files and summary: the second refused
+    hold_folder(out_dir, ".paser-segment.lock", "--out")
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
         try:
