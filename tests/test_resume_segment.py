@@ -139,3 +139,30 @@ def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_
     shutil.move(tmp / "in", tmp / "moved")  # the inputs' folder moved: the same bytes, done
     moved = segment_files(m, [tmp / "moved" / f.name for f in files[:2]], tmp / "out")
     assert [(r.ok, r.resumed) for r in moved] == [(True, True), (True, True)]
+
+
+def test_a_full_disk_stops_the_call_at_the_first_image_and_names_the_folder(setup, monkeypatch):
+    import errno
+
+    import paser.segment as seg
+
+    m, files, tmp = setup
+    write = seg._write
+    calls = []
+
+    def full_after_two(out_dir, stem, *args):
+        calls.append(stem)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(out_dir, stem, *args)
+
+    monkeypatch.setattr(seg, "_write", full_after_two)
+    with pytest.raises(OSError, match=r"No space left on device \(writing the outputs of "
+                       r".*s2.png; what finished is kept") as err:
+        segment_files(m, files, tmp / "out")
+    assert err.value.filename == str(tmp / "out") and calls == ["s0", "s1", "s2"]  # no more
+    monkeypatch.setattr(seg, "_write", write)  # room again: the rest, as one call would
+    again = segment_files(m, files, tmp / "out")
+    assert [r.resumed for r in again] == [True, True, False, False, False]
+    segment_files(m, files, tmp / "whole")
+    assert _outputs(tmp / "out") == _outputs(tmp / "whole")

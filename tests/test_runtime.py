@@ -196,3 +196,41 @@ def test_a_reader_that_died_is_a_data_error_that_says_what_to_do():
     with pytest.raises(RuntimeError, match="other"):  # any other error is left as it is
         list(from_readers(loader(RuntimeError("other")), 2))
     assert list(from_readers(iter([1, 2]), 2)) == [1, 2]
+
+
+def test_a_checkpoint_on_a_full_disk_is_an_os_error_naming_it(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from paser.runtime import atomic_save
+
+    def full(obj, fh):  # as torch's zip writer fails on a full disk
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "1326272 vs 1326160") from None
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        atomic_save({"w": 1}, tmp_path / "f1.pt")
+    assert err.value.filename == str(tmp_path / "f1.pt") and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a process of its own
+def test_sigterm_is_handled_as_ctrl_c_with_its_own_status(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys, threading\n"
+              "from paser.cli import main\n"
+              f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / 'd')!r}, "
+              "'--n-train', '100000', '--workers', '1']\n"
+              "threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+              "main()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 143, res.stderr
+    assert "terminated (SIGTERM); what finished is kept" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -138,7 +138,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            try:
+                torch.save(obj, fh)
+            except RuntimeError as err:  # torch's writer wraps the file system's refusal
+                cause = err.__context__ or err.__cause__
+                if isinstance(cause, OSError):  # a full disk: said as one, naming the file
+                    raise OSError(cause.errno, cause.strerror, str(path)) from err
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -18,6 +18,7 @@ and ``summary.csv`` with one row per input, failures included.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -515,12 +516,27 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
     return res
 
 
+#: write errors every later image would meet too (a full disk, a quota, a folder made
+#: read-only): the call stops at the first, naming the output folder
+FATAL_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def write_failed(res: Segmented, err: Exception, out_dir: Path) -> None:
+    """A failed write of ``res``'s outputs: its error, or the call's when no later image
+    could be written either (:data:`FATAL_WRITES`)."""
+    if isinstance(err, OSError) and err.errno in FATAL_WRITES:
+        raise OSError(err.errno, f"{err.strerror} (writing the outputs of {res.input}; what "
+                      "finished is kept, run the same command again once there is room)",
+                      str(out_dir)) from err
+    res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
+
+
 def write_here(res: Segmented, args: tuple) -> None:
     """:func:`_write` in this process; a failed write is the input's error."""
     try:
         _write(*args)
     except (PaserError, OSError, ValueError) as err:
-        res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
+        write_failed(res, err, args[0])
 
 
 def _writer(workers: int):
@@ -542,7 +558,7 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
             future.result()
             res.ok = True
         except (PaserError, OSError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
+            write_failed(res, err, summary.path.parent)
     elif not res.error:
         res.ok = True
     summary.append(res)

@@ -41,16 +41,39 @@ def interrupted(args: list[str]) -> str:
             "where it stopped")
 
 
+#: whether SIGTERM stopped the command (systemd, Docker, a batch scheduler stopping the
+#: job): handled as Ctrl-C is, what finished kept, and said so; the exit status is 143
+_TERMINATED: list[bool] = []
+
+
+def _terminate(signum, frame) -> None:
+    _TERMINATED.append(True)
+    raise KeyboardInterrupt
+
+
+def _stopped() -> int:
+    """Say how a stopped command goes on; its exit status."""
+    how = interrupted(sys.argv[1:])
+    if _TERMINATED:
+        how = how.replace("interrupted", "terminated (SIGTERM)", 1)
+    typer.echo(how, err=True)
+    return 143 if _TERMINATED else 130
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    import signal
+
     from paser.runtime import is_main_process
 
     if not is_main_process():  # a worker of distributed training: rank 0 reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    else:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
         if code == 130:  # typer's Exit(130) for Ctrl-C (no command exits so itself)
-            typer.echo(interrupted(sys.argv[1:]), err=True)
+            code = _stopped()
         if isinstance(code, int) and code:
             sys.exit(code)
     except PaserError as err:
@@ -59,8 +82,7 @@ def main() -> None:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo(interrupted(sys.argv[1:]), err=True)
-        sys.exit(130)
+        sys.exit(_stopped())
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say
         sys.stderr.close()
         sys.exit(0)
