@@ -181,3 +181,21 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")
     assert res.returncode == 2 and "drop --budget-gflops-per-mp" in res.stderr
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "in" / "locked").mkdir(parents=True)
+    (tmp_path / "in" / "a.png").write_bytes(b"x")
+    scandir = os.scandir
+
+    def refuse(path="."):  # as a folder of mode 000 does to a user who is not its owner
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(DataError, match=r"in/locked: cannot list the folder \(Permission "
+                       r"denied\); make it readable, or move it out of the inputs"):
+        find_images([tmp_path / "in"])
