@@ -234,3 +234,12 @@ def test_sigterm_is_handled_as_ctrl_c_with_its_own_status(tmp_path):
     assert res.returncode == 143, res.stderr
     assert "terminated (SIGTERM); what finished is kept" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_an_os_error_names_the_file_paser_was_writing_not_its_temporary_name():
+    from paser.cli import _written
+
+    assert _written("RUN/.calibration.json.tmp") == "RUN/calibration.json"
+    assert _written("out/.a_labels.png.tmp") == "out/a_labels.png"
+    assert _written("RUN/checkpoints/.f1.pt.k3j_a9zq.tmp") == "RUN/checkpoints/f1.pt"
+    assert _written("in/.hidden.png") == "in/.hidden.png"  # not one of paser's

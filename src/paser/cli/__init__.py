@@ -60,6 +60,17 @@ def _stopped() -> int:
     return 143 if _TERMINATED else 130
 
 
+def _written(filename) -> str:
+    """The file an error names, as the user knows it: the temporary file paser writes a
+    file through (``.name.tmp``, ``.name.XXXX.tmp``: whole or not at all) is that file."""
+    import re
+    from pathlib import Path
+
+    path = Path(str(filename))
+    match = re.fullmatch(r"\.(.+?)(\.[a-z0-9_]{8})?\.tmp", path.name)
+    return str(path.with_name(match[1])) if match else str(filename)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     import signal
@@ -89,7 +100,7 @@ def main() -> None:
     except OSError as err:  # the file system refused: which path, and why
         if state["debug"]:
             raise
-        where = f"{err.filename}: " if err.filename else ""
+        where = f"{_written(err.filename)}: " if err.filename else ""
         typer.echo(f"error: {where}{err.strerror or err}; check the path and its permissions "
                    "(and free space)", err=True)
         sys.exit(2)
