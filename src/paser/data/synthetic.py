@@ -371,7 +371,7 @@ def generate_dataset(
         for i in range(0, n, chunk)
     ]
     counts = np.zeros((3, 3), np.int64)  # [split, class]
-    with _Progress(progress, sum(sizes)) as bar:
+    with _Progress(progress, sum(sizes), Path(out)) as bar:
         if workers == 1:
             for task in tasks:
                 counts[task[4]] += _write_chunk(*task)
@@ -403,13 +403,14 @@ def generate_dataset(
 class _Progress:
     """A rich progress bar over images, or nothing when ``enabled`` is false."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int, where: Path | None = None):
         self._bar = self._task = None
         if enabled:
             from rich.progress import Progress
 
             self._bar = Progress(transient=True)
-            self._task = self._bar.add_task("synthetic images", total=total)
+            self._task = self._bar.add_task(
+                "synthetic images" + ("" if where is None else f" into {where}"), total=total)
 
     def __enter__(self) -> _Progress:
         if self._bar is not None:
