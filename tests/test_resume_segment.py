@@ -147,20 +147,28 @@ def test_a_full_disk_stops_the_call_at_the_first_image_and_names_the_folder(setu
     import paser.segment as seg
 
     m, files, tmp = setup
-    write = seg._write
+    write, atomic = seg._write, seg.atomic_write_text
     calls = []
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     def full_after_two(out_dir, stem, *args):
         calls.append(stem)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        write(out_dir, stem, *args)
+        if len(calls) > 2:  # the disk full once its labels were written: its record fails
+            seg.atomic_write_text = full
+        try:
+            write(out_dir, stem, *args)
+        finally:
+            seg.atomic_write_text = atomic
 
     monkeypatch.setattr(seg, "_write", full_after_two)
     with pytest.raises(OSError, match=r"No space left on device \(writing the outputs of "
                        r".*s2.png; what finished is kept") as err:
         segment_files(m, files, tmp / "out")
     assert err.value.filename == str(tmp / "out") and calls == ["s0", "s1", "s2"]  # no more
+    assert sorted(p.name for p in (tmp / "out").glob("*_labels.png")) == [
+        "s0_labels.png", "s1_labels.png"]  # none of the failed image's files is left
     monkeypatch.setattr(seg, "_write", write)  # room again: the rest, as one call would
     again = segment_files(m, files, tmp / "out")
     assert [r.resumed for r in again] == [True, True, False, False, False]

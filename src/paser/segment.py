@@ -229,11 +229,18 @@ def _as_is(item):
 def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, actions: np.ndarray,
            grid: PatchGrid, codec: ClassMap, degraded: np.ndarray | None, record: dict,
            previews: bool = True) -> None:
-    """One image's PNGs and JSON (in a writer process when there are any)."""
-    record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec, degraded,
-                                      previews)
-    # the record last: an image is done when its JSON is there (resume reads it)
-    atomic_write_text(json.dumps(record, indent=2), out_dir / f"{stem}.json")
+    """One image's PNGs and JSON (in a writer process when there are any); where a write
+    fails, none of its files is left (a tool that globs ``*_labels.png`` would take a
+    failed image's for done)."""
+    try:
+        record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec,
+                                          degraded, previews)
+        # the record last: an image is done when its JSON is there (resume reads it)
+        atomic_write_text(json.dumps(record, indent=2), out_dir / f"{stem}.json")
+    except BaseException:
+        for kind in ("labels", "overlay", "routing"):
+            (out_dir / f"{stem}_{kind}.png").unlink(missing_ok=True)
+        raise
 
 
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
