@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from paser.config import ExperimentConfig, load_config
-from paser.data.registry import data_identity
 from paser.runtime import atomic_write_text
 from paser.train.common import prepare_run_dir, setup
 
@@ -80,7 +79,7 @@ def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str,
     steps = Steps(Path(run_dir))
     for later in readers(step) if changed else ():
         steps.done.pop(later, None)
-    steps.mark(step, fingerprints(cfg, identity=data_identity(cfg.data))[step])
+    steps.mark(step, fingerprints(cfg)[step])
 
 
 def start_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
@@ -88,21 +87,15 @@ def start_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
     interruption left it instead of starting it over."""
     from paser.train.common import absolute_root
 
-    cfg = absolute_root(cfg)
-    Steps(Path(run_dir)).start(step, fingerprints(cfg, identity=data_identity(cfg.data))[step])
+    Steps(Path(run_dir)).start(step, fingerprints(absolute_root(cfg))[step])
 
 
-def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig, steps: Steps,
-                   versions: dict[str, dict[str, str]], limit: int = 8) -> list[str]:
+def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
+                   limit: int = 8) -> list[str]:
     """What changed since the run in this folder was made (``key: old -> new``), and which
-    of its finished steps (in the ledger ``steps``, against their fingerprints
-    ``versions``) that makes stale: they run again. The data's files alone changed (other
-    names or sizes under ``data.root``) are said too."""
+    of its finished steps that makes stale: they run again."""
     if before is None:
         return []
-    stale = [step for step in DEPS if "fingerprint" in steps.done.get(step, {})
-             and not any(steps.done[step]["fingerprint"] == versions[v][step]
-                         for v in VERSIONS)]
 
     def flat(node, prefix=""):
         if isinstance(node, dict):
@@ -113,12 +106,12 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig, steps
     old, new = (flat(c.model_dump(mode="json", exclude={"distributed"})) for c in (before, cfg))
     keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if not keys:
-        return [] if not stale else [
-            "the files under data.root are not those this run was made on (other names or "
-            f"sizes): {', '.join(stale)} (and what reads them) run again"]
+        return []
     lines = [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in keys[:limit]]
     if len(keys) > limit:
         lines.append(f"and {len(keys) - limit} more keys")
+    a, b = fingerprints(before), fingerprints(cfg)
+    stale = [step for step in DEPS if a[step] != b[step]]
     threads = ("; num_threads changes the order PyTorch sums in on the CPU, so a fresh run "
                "with it can differ in the last digits" if "num_threads" in keys else "")
     lines.append("changed since this run was made: "
@@ -129,35 +122,19 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig, steps
 
 #: keys of the sections in DEPS that change how a step reads its data, not what it learns
 NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
-#: keys that name where the data lie: since 2026-12-06 a run is known by what the files
-#: there are (:func:`paser.data.registry.data_identity`), so a dataset moved to another
-#: folder (another disk, another machine) trains nothing again, and other files at the same
-#: path train again
-WHERE = {"data": ("root",)}
-#: the fingerprints of each step, newest first: a step recorded under an older one is
-#: finished (and recorded again under the newest), so a run made before is not retrained.
-#: ``legacy``: every key of a section (before 2026-12-05); ``rooted``: the path of the data,
-#: not what it holds (before 2026-12-06)
-VERSIONS = ("current", "rooted", "legacy")
 #: keys added to a section after runs were made, with the value that does what those runs
 #: did: at it, a key is not hashed, so a run made before it is not trained again
 ADDED = {"data": {"nonfinite": "error"}}
 
 
-def hashed_part(raw: dict, key: str, version: str = "current", identity: str | None = None):
-    """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes (:data:`VERSIONS`):
-    without its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05
-    hashed) and, ``current``, without its :data:`WHERE` keys, the data's ``identity`` in
-    their place."""
+def hashed_part(raw: dict, key: str, legacy: bool = False):
+    """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes: without
+    its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed)."""
     node = raw
     for part in key.split("."):
         node = node[part]
-    if key in NEUTRAL and version != "legacy":
+    if key in NEUTRAL and not legacy:
         node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
-    if key in WHERE and version == "current":
-        node = {k: v for k, v in node.items() if k not in WHERE[key]}
-        if identity is not None:
-            node["identity"] = identity
     if key in ADDED:
         node = {k: v for k, v in node.items()
                 if k not in ADDED[key] or v != ADDED[key][k]}
@@ -166,23 +143,21 @@ def hashed_part(raw: dict, key: str, version: str = "current", identity: str | N
     return node
 
 
-def fingerprints(cfg: ExperimentConfig, version: str = "current",
-                 identity: str | None = None) -> dict[str, str]:
+def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
     """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
-    ones: reader processes, where the synthetic set is cached, streaming; not where the
-    data lie, but what they are: ``identity``, :func:`paser.data.registry.data_identity`).
-    PaSeR (paper)'s is of its own config (:func:`paser.train.paper.paper_config`): keys its
-    method fixes, such as ``stage2.lam``, do not retrain it. ``version``: as paser hashed
-    them before (:data:`VERSIONS`), so that runs finished before are not trained again."""
+    ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
+    is of its own config (:func:`paser.train.paper.paper_config`): keys its method fixes,
+    such as ``stage2.lam``, do not retrain it. ``legacy``: as paser 2026-12-05 hashed them
+    (every key of a section), so that runs finished before are not trained again."""
     from paser.train.paper import paper_config
 
     def digest(raw: dict, keys: tuple[str, ...]) -> str:
-        values = [[key, hashed_part(raw, key, version, identity)] for key in keys]
+        values = [[key, hashed_part(raw, key, legacy)] for key in keys]
         return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     raw = cfg.model_dump(mode="json")
     out = {step: digest(raw, keys) for step, keys in DEPS.items()}
-    paper = None if version == "legacy" else paper_config(cfg)
+    paper = None if legacy else paper_config(cfg)
     if paper is not None:
         out["paper"] = digest(paper.model_dump(mode="json"), _STAGE3)
     return out
@@ -267,22 +242,11 @@ class Steps:
         self.path = run_dir / "steps.json"
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def finished(self, step: str, versions: dict[str, dict[str, str]]) -> bool:
-        """Whether ``step`` finished under one of its fingerprints (``versions``: each
-        :data:`VERSIONS`' of every step); under an older one it is recorded again under the
-        newest, where the run folder can be written."""
-        record = self.done.get(step, {})
-        found = [v for v in VERSIONS if record.get("fingerprint") == versions[v][step]]
-        if found and found[0] != VERSIONS[0]:
-            try:
-                self._write(step, {**record, "fingerprint": versions[VERSIONS[0]][step]})
-            except OSError:  # a read-only finished run: known as it is
-                pass
-        return bool(found)
+    def finished(self, step: str, fingerprint: str) -> bool:
+        return self.done.get(step, {}).get("fingerprint") == fingerprint
 
-    def started(self, step: str, versions: dict[str, dict[str, str]]) -> bool:
-        started = self.done.get(step, {}).get("started")
-        return any(started == versions[v][step] for v in VERSIONS)
+    def started(self, step: str, fingerprint: str) -> bool:
+        return self.done.get(step, {}).get("started") == fingerprint
 
     def mark(self, step: str, fingerprint: str, **info) -> None:
         """Record a finished step (with ``info`` such as its seconds)."""
@@ -358,23 +322,23 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     saved = Path(run_dir) / "config.yaml"
     before = load_config(config_file=saved) if saved.is_file() else None
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
-    identity = data_identity(cfg.data)
-    versions = {v: fingerprints(cfg, v, identity) for v in VERSIONS}
-    fps = versions[VERSIONS[0]]
-    steps = Steps(run_dir)
-    for line in config_changes(before, cfg, steps, versions):
+    for line in config_changes(before, cfg):
         echo(f"[config] {line}")
+    fps, legacy = fingerprints(cfg), fingerprints(cfg, legacy=True)
+    steps = Steps(run_dir)
     device = setup(cfg)
     timings: dict[str, float] = {}
 
     def step(name: str, fn) -> None:
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
-        if (not force and not stale and steps.finished(name, versions)
+        if (not force and not stale and (steps.finished(name, fps[name])
+                                         or steps.finished(name, legacy[name]))
                 and all((run_dir / out).exists() for out in outputs(cfg, name))):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
-        resume = not force and steps.started(name, versions)
+        resume = not force and (steps.started(name, fps[name])
+                                or steps.started(name, legacy[name]))
         echo(f"[{name}] {'resuming' if resume else 'running'}")
         steps.start(name, fps[name])
         t0 = time.perf_counter()

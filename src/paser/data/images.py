@@ -75,31 +75,31 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = READABLE_SUFFIXES,
     """The image files of ``folder`` (with ``recursive``, of its subfolders too), sorted;
     hidden files and folders left out, and everything under ``exclude`` (an output folder
     inside the input)."""
-    found = files_under(folder) if recursive else folder.iterdir()
+    found = _walk(folder) if recursive else folder.iterdir()
     skip = None if exclude is None else exclude.resolve()
     return sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file()
                   and not hidden(f, folder)
                   and not (skip is not None and f.resolve().is_relative_to(skip)))
 
 
-def files_under(folder: Path):
-    """Every file under ``folder`` but hidden ones (hidden folders and linked ones not
-    entered); a folder that cannot be listed is a :class:`DataError` naming it
-    (``Path.rglob`` passed over it in silence, and its images with it)."""
+def _walk(folder: Path):
+    """Every file under ``folder`` (hidden folders and linked ones not entered); a folder
+    that cannot be listed is a :class:`DataError` naming it (``Path.rglob`` passed over it
+    in silence, and its images with it)."""
     def refused(err: OSError) -> None:
         raise DataError(f"{err.filename}: cannot list the folder ({err.strerror}); make it "
                         "readable, or move it out of the inputs")
 
     for top, dirs, names in os.walk(folder, onerror=refused):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield from (Path(top) / n for n in names if not n.startswith("."))
+        yield from (Path(top) / n for n in names)
 
 
 def unread_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The files of ``folder`` in an image format the reader does not take
     (:data:`UNREAD_SUFFIXES`), sorted, hidden ones left out: what a folder's listing
     skips, to be named."""
-    found = files_under(folder) if recursive else folder.iterdir()
+    found = _walk(folder) if recursive else folder.iterdir()
     return sorted(f for f in found if f.suffix.lower() in UNREAD_SUFFIXES and f.is_file()
                   and not hidden(f, folder))
 

@@ -116,24 +116,6 @@ def found_from(cfg: DataConfig, run_dir: str | Path) -> DataConfig:
     return cfg
 
 
-def data_identity(cfg: DataConfig) -> str | None:
-    """What the files of ``data.root`` are, wherever they lie: a digest of the image files
-    and ``classes.yaml`` under it, by their paths relative to it and their sizes (hidden
-    files and folders left out), so that a run fingerprints its data, not their folder;
-    ``None`` without a root (the synthetic set, named by its own settings; built-in data).
-    Listing and sizes only: a file rewritten at the same size is not seen."""
-    import hashlib
-
-    from paser.data.images import READABLE_SUFFIXES, files_under
-
-    if cfg.root is None or cfg.dataset == "mnist-noisy":
-        return None
-    root = _root(cfg)
-    files = sorted((f.relative_to(root).as_posix(), f.stat().st_size) for f in files_under(root)
-                   if f.suffix.lower() in READABLE_SUFFIXES or f.name == "classes.yaml")
-    return hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]
-
-
 def _mnist_stage_data(cfg: DataConfig) -> StageData:
     from paser.data.battery import split_three
     from paser.data.mnist import BLURS, build_splits
@@ -190,10 +172,7 @@ def _root(cfg: DataConfig) -> Path:
         raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder of your dataset")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist; point it at a dataset folder (a "
-                        "finished run whose data moved: paser run --run-dir RUN "
-                        "data.root=NEW_FOLDER records where they are now, and trains nothing "
-                        "again)")
+        raise DataError(f"data.root {root} does not exist; point it at a dataset folder")
     return root
 
 

@@ -32,7 +32,6 @@ from paser.checkpoints import (
 from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
-from paser.data.registry import data_identity
 from paser.data.stages import augments
 from paser.errors import CheckpointError, ConfigError
 from paser.metrics import IoUAccumulator, predicted_classes
@@ -312,25 +311,22 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     return best
 
 
-def model_fingerprint(cfg: ExperimentConfig, role: str, identity: str | None = None,
-                      version: str = "current") -> str:
+def model_fingerprint(cfg: ExperimentConfig, role: str) -> str:
     """What a stage-1 model's training depends on, hashed: its role (its seed, through
-    :func:`paser.train.common.seed_role`), its own spec, the data (what they are,
-    ``identity``: :func:`paser.data.registry.data_identity`, not where they lie or how they
-    are read), the run's seed, grid and halo, the class and channel counts and stage 1's
-    settings; and for f0 the fingerprint of fK, which it distils from. Another model's spec
-    is not in it. ``version``: as :func:`paser.run.fingerprints`."""
+    :func:`paser.train.common.seed_role`), its own spec, the data (not how it is read),
+    the run's seed, grid and halo, the class and channel counts and stage 1's settings; and
+    for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it."""
     from paser.run import hashed_part
 
     raw = cfg.model_dump(mode="json")
     models = raw["models"]
     parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
-             "data": hashed_part(raw, "data", version, identity),
+             "data": hashed_part(raw, "data"),
              "channels": models["in_channels"], "classes": models["num_classes"],
              "stage1": raw["stage1"],
              "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
     if role == "f0":
-        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}", identity, version)
+        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}")
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -370,15 +366,12 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
 
-    identity = data_identity(cfg.data)
-
     def kept(role: str) -> bool:
         """Trained before with the same fingerprint (and ``reuse``): shown, not trained."""
         path = _trained_file(run_dir, role)
         same = (reuse and not resume and path.is_file()
                 and (run_dir / "checkpoints" / f"{role}.pt").is_file()
-                and json.loads(path.read_text()).get("fingerprint") in {
-                    model_fingerprint(cfg, role, identity, v) for v in ("current", "rooted")})
+                and json.loads(path.read_text()).get("fingerprint") == model_fingerprint(cfg, role))
         if same:
             with progress(show_progress and dist.is_main) as bar:
                 bar.add_task(f"stage 1 {role}", total=1, completed=1,
@@ -389,8 +382,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     def finished(role: str) -> None:
         if dist.is_main:
-            atomic_write_text(json.dumps({"fingerprint": model_fingerprint(
-                cfg, role, identity)}), _trained_file(run_dir, role))
+            atomic_write_text(json.dumps({"fingerprint": model_fingerprint(cfg, role)}),
+                              _trained_file(run_dir, role))
 
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
         if kept(role):
