@@ -172,7 +172,9 @@ def _root(cfg: DataConfig) -> Path:
         raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder of your dataset")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist; point it at a dataset folder")
+        raise DataError(f"data.root {root} does not exist; point it at a dataset folder (a "
+                        "finished run whose data moved reads them where a link at that path "
+                        "points: ln -s NEW_FOLDER OLD_PATH)")
     return root
 
 
