@@ -467,3 +467,20 @@ def test_data_check_says_which_images_are_turned_by_exif_and_why_sizes_differ(tm
     with pytest.raises(DataError, match=r"s0.png: image is 12x8 but its label .* is 8x12 .*"
                        r"EXIF orientation \(6\).*without the orientation tag"):
         check_dataset(tmp_path, show_progress=False)
+
+
+def test_a_broken_sixteen_bit_png_is_one_line_and_a_probe_decodes_no_pixels(tmp_path,
+                                                                              monkeypatch):
+    data = bytearray(_png16(RNG.integers(0, 65536, (H, W, 3), dtype=np.uint16), 2))
+    data[-20] ^= 0xFF  # the IDAT's checksum broken
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="bad.png: cannot read the image"):
+        read_array(tmp_path / "bad.png")
+    Image.fromarray(RNG.integers(0, 256, (H, W), dtype=np.uint8)).save(tmp_path / "a.png")
+
+    def decoded(self, *args, **kwargs):
+        raise AssertionError("a probe decoded the pixels")
+
+    monkeypatch.setattr(Image.Image, "load", decoded)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", decoded)
+    assert (probe(tmp_path / "a.png").height, probe(tmp_path / "a.png").width) == (H, W)

@@ -144,10 +144,17 @@ _UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[
 
 
 def _orientation(img: Image.Image) -> int:
-    """An image's EXIF orientation (1: stored upright; anything unknown counts as 1)."""
+    """An image's EXIF orientation (1: stored upright; anything unknown counts as 1), from
+    the EXIF block its header holds (``getexif()`` decodes a PNG's pixels to look for one
+    after them: 60 ms a probe of 16 megapixels)."""
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
     try:
-        value = int(img.getexif().get(0x0112, 1))
-    except (TypeError, ValueError, OSError, SyntaxError):
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(0x0112, 1))
+    except (TypeError, ValueError, OSError, SyntaxError, KeyError):
         return 1
     return value if value in _UPRIGHT else 1
 
@@ -247,13 +254,16 @@ def tiff_alpha(page) -> int:
 
 
 def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
+    deep = _png16(path)
     with Image.open(path) as img:
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"a stack of {img.n_frames} frames; the first one read")
-        img.load()
-        deep = _png16(path)
-        arr = _png16_array(path, deep, notes) if deep else _pillow_array(img, notes, colours)
         turn = _orientation(img)
+        if deep:  # not decoded by Pillow too
+            arr = _png16_array(path, deep, notes)
+        else:
+            img.load()
+            arr = _pillow_array(img, notes, colours)
     if turn != 1:  # a camera's or phone's JPEG: as every viewer (and its annotator) sees it
         arr = np.ascontiguousarray(_UPRIGHT[turn](arr))
         notes.append(f"turned upright by its EXIF orientation ({turn})")
@@ -264,7 +274,11 @@ def _png16_array(path: Path, colour_type: int, notes: list[str]) -> np.ndarray:
     """A 16-bit colour or gray + alpha PNG at its 16 bits (Pillow gives 8), alpha dropped."""
     import imagecodecs
 
-    arr = imagecodecs.png_decode(path.read_bytes())
+    try:
+        arr = imagecodecs.png_decode(path.read_bytes())
+    except (imagecodecs.PngError, RuntimeError, ValueError) as err:  # a broken file
+        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
+                        "file") from None
     keep = 1 if colour_type == 4 else 3
     if arr.ndim == 3 and arr.shape[-1] > keep:  # alpha, or a transparent colour (tRNS) as one
         arr = arr[..., 0] if keep == 1 else arr[..., :3]
