@@ -402,14 +402,14 @@ def test_sixteen_bit_colour_and_gray_alpha_pngs_keep_their_sixteen_bits(tmp_path
         assert (p.dtype, p.channels, p.colour) == ("uint16", channels, channels == 3), name
 
 
-def test_channels_stored_as_pages_are_one_image_of_channels(tmp_path):
+def test_channels_stored_as_pages_are_one_image_refused_alike_everywhere(tmp_path):
     from paser.volumes import is_volume
 
     arr = RNG.integers(0, 256, (2, H, W), dtype=np.uint8)  # ImageJ's C x Y x X
     tifffile.imwrite(tmp_path / "c.tif", arr, imagej=True, metadata={"axes": "CYX"})
-    notes: list[str] = []
-    got = read_array(tmp_path / "c.tif", notes)
-    assert np.array_equal(got, np.moveaxis(arr, 0, -1)) and "channels stored as pages" in notes[0]
+    with pytest.raises(DataError, match=r"c.tif: its pages hold 2 channels \(TIFF axes CYX\)"
+                       r".*save the channel to train and segment on as its own file"):
+        read_array(tmp_path / "c.tif")  # training read channel 0 alone; segment refused it
     p = probe(tmp_path / "c.tif")
     assert (p.pages, p.channels) == (1, 2) and not is_volume(tmp_path / "c.tif")
     tifffile.imwrite(tmp_path / "z.tif", arr, imagej=True, metadata={"axes": "ZYX"})

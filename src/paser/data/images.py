@@ -212,9 +212,11 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         series, first = tif.series[0], tif.pages[0]
         axes = series.axes
         if _channel_pages(series):  # ImageJ / OME: one image, a page per channel
-            notes.append(f"{series.shape[0]} channels stored as pages (TIFF axes {axes}), "
-                         "read as the image's channels")
-            return np.moveaxis(series.asarray(), 0, -1)
+            raise DataError(
+                f"{path}: its pages hold {series.shape[0]} channels (TIFF axes {axes}); paser "
+                "reads images of one channel, colour, or two samples of one page: save the "
+                "channel to train and segment on as its own file (tifffile.imwrite(out, "
+                "data[c]))")
         if len(series.pages) > 1:
             notes.append(f"a stack of {len(series.pages)} pages (TIFF axes {axes}); the first "
                          "one read (volumes: paser segment reads every page)")
@@ -241,7 +243,9 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
 
 def _channel_pages(series) -> bool:
     """Whether a TIFF series is one gray image of several channels stored a page each (axes
-    CYX, as ImageJ and OME-TIFF write them): read as ``[H, W, C]``, not as a stack."""
+    CYX, as ImageJ and OME-TIFF write them): one image, not a stack of slices, which the
+    reader refuses (training read its first channel alone, and ``paser segment`` refused
+    it; read as channels, three or four would be taken for colour and alpha)."""
     page = series.pages[0]
     return (page is not None and series.axes == "C" + page.axes and page.axes == "YX"
             and series.shape[0] > 1)
