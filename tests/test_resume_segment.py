@@ -73,6 +73,11 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     alone = segment_files(m, files[:2], tmp / "out", only=1, overwrite=True)
     assert not any(r.resumed for r in alone)
     assert '"only": "f1 (unet)"' in (tmp / "out" / MANIFEST).read_text()
+    manifest = json.loads((tmp / "out" / MANIFEST).read_text())
+    old = {k: v for k, v in manifest.items() if k != "models"}  # as a folder made before
+    (tmp / "out" / MANIFEST).write_text(json.dumps(old))
+    assert all(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1))
+    assert json.loads((tmp / "out" / MANIFEST).read_text()) == manifest  # known by them now
     m.run_dir = tmp / "elsewhere"  # the run copied or moved: the same weights, resumed
     assert all(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1))
     m.router.pool[0].register_buffer("w", torch.ones(1))  # other weights: another run

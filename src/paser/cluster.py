@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paser.errors import ConfigError, DataError, PaserError
-from paser.runtime import keep_freed_memory
+from paser.runtime import holding_out, keep_freed_memory
 from paser.segment import (
     SUMMARY,
     Segmented,
@@ -271,6 +271,7 @@ class ClusterResults:
     workers: list[str]
 
 
+@holding_out
 def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                        volumes: Sequence[Volume], out_dir: str | Path,
                        only: int | None = None, overwrite: bool = False, chunk: int = CHUNK,

@@ -241,6 +241,41 @@ def hold_folder(folder: str | Path, name: str, option: str) -> None:
 
 
 @contextlib.contextmanager
+def holding(folder: str | Path, name: str):
+    """The block in which ``folder`` may be held (:func:`hold_folder`, by the lock file
+    ``name``), let go at its end unless it was held before: a library call holds its
+    output folder while it writes, not for the rest of the process (a notebook)."""
+    key = str((Path(folder) / name).resolve())
+    before = key in _HELD
+    try:
+        yield
+    finally:
+        if not before and key in _HELD:
+            _HELD.pop(key).close()
+
+
+#: the lock of a ``paser segment`` output folder, held while a call writes into it
+OUT_LOCK = ".paser-segment.lock"
+
+
+def holding_out(fn):
+    """A call that claims its ``out_dir`` (:func:`paser.segment.claim_output`) holds the
+    folder while it runs, and lets it go when it returns or fails."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        out_dir = signature.bind(*args, **kwargs).arguments["out_dir"]
+        with holding(out_dir, OUT_LOCK):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
 def locked(path: str | Path):
     """Hold an exclusive lock on ``path`` for the block, waiting for another process that
     holds it (one process generates a shared cache, the others wait and read it)."""

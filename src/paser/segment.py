@@ -47,12 +47,14 @@ from paser.data.images import (
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import (
+    OUT_LOCK,
     atomic_write_text,
     detached_readers,
     detached_worker,
     file_sha256,
     from_readers,
     hold_folder,
+    holding_out,
     replaced,
     worker_context,
 )
@@ -243,6 +245,7 @@ def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, action
         raise
 
 
+@holding_out
 def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                   on_done: Callable[[Segmented], None] | None = None, workers: int = 0,
                   only: int | None = None, overwrite: bool = False,
@@ -288,7 +291,9 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                                       on_tiles=on_tiles)
             results[next(slots)] = res
             if args is not None and writer is None:
-                write_here(res, args)
+                fatal = write_here(res, args)
+                if fatal is not None:
+                    raise stop_writing(fatal, res, out_dir) from fatal
             pending.append((res, None if args is None or writer is None
                             else writer.submit(_write, *args)))
             # report in order, as soon as the first pending image is written
@@ -373,6 +378,7 @@ def record_names(model) -> list[str]:
 
 #: what an output folder of ``paser segment`` was made by (:func:`claim_output`)
 MANIFEST = ".paser-segment.json"
+
 SUMMARY = "summary.csv"
 
 
@@ -405,7 +411,7 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     record of before (of inputs this call was not given either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # two calls writing into one folder race on its files and summary: the second refused
-    hold_folder(out_dir, ".paser-segment.lock", "--out")
+    hold_folder(out_dir, OUT_LOCK, "--out")
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
         try:
@@ -424,6 +430,9 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                 f"{out_dir} holds the outputs of {other} "
                 f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
                 "); give another --out, or --overwrite to start over")
+        if not by_weights and settings.get("models") is not None:  # made before they were
+            atomic_write_text(json.dumps({**before, "models": settings["models"]}, indent=2),
+                              path)  # recorded: known by them from now on (its claim kept)
         return
     if overwrite:
         for marker in markers:
@@ -524,26 +533,32 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
 
 
 #: write errors every later image would meet too (a full disk, a quota, a folder made
-#: read-only): the call stops at the first, naming the output folder
-FATAL_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: read-only): :func:`segment_files` stops at the first, naming the output folder
+FATAL_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
-def write_failed(res: Segmented, err: Exception, out_dir: Path) -> None:
-    """A failed write of ``res``'s outputs: its error, or the call's when no later image
-    could be written either (:data:`FATAL_WRITES`)."""
-    if isinstance(err, OSError) and err.errno in FATAL_WRITES:
-        raise OSError(err.errno, f"{err.strerror} (writing the outputs of {res.input}; what "
-                      "finished is kept, run the same command again once there is room)",
-                      str(out_dir)) from err
+def write_error(res: Segmented, err: Exception) -> OSError | None:
+    """A failed write of ``res``'s outputs recorded as its error; returned where no later
+    image could be written either (:data:`FATAL_WRITES`)."""
     res.error = str(err) if isinstance(err, PaserError) else f"{res.input}: {err}"
+    return err if isinstance(err, OSError) and err.errno in FATAL_WRITES else None
 
 
-def write_here(res: Segmented, args: tuple) -> None:
-    """:func:`_write` in this process; a failed write is the input's error."""
+def stop_writing(err: OSError, res: Segmented, out_dir: Path) -> OSError:
+    """The error that stops a call whose outputs cannot be written (:data:`FATAL_WRITES`)."""
+    return OSError(err.errno, f"{err.strerror} (writing the outputs of {res.input}; what "
+                   "finished is kept: run the same command again once the folder can be "
+                   "written)", str(out_dir))
+
+
+def write_here(res: Segmented, args: tuple) -> OSError | None:
+    """:func:`_write` in this process; a failed write is the input's error, returned where
+    it would be every later input's too (:func:`write_error`)."""
     try:
         _write(*args)
     except (PaserError, OSError, ValueError) as err:
-        write_failed(res, err, args[0])
+        return write_error(res, err)
+    return None
 
 
 def _writer(workers: int):
@@ -565,7 +580,9 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
             future.result()
             res.ok = True
         except (PaserError, OSError, ValueError) as err:
-            write_failed(res, err, summary.path.parent)
+            fatal = write_error(res, err)
+            if fatal is not None:
+                raise stop_writing(fatal, res, summary.path.parent) from fatal
     elif not res.error:
         res.ok = True
     summary.append(res)

@@ -49,7 +49,7 @@ from paser.data.images import (
     window_of,
 )
 from paser.errors import DataError, PaserError
-from paser.runtime import atomic_write_text, release_freed_memory, replaced
+from paser.runtime import atomic_write_text, holding_out, release_freed_memory, replaced
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
@@ -583,6 +583,7 @@ class VolumeResult:
     resumed: bool = False
 
 
+@holding_out
 def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
                     only: int | None = None, chunk: int = CHUNK,
                     on_slices: Callable[[int, int], None] | None = None,
