@@ -223,21 +223,25 @@ def test_a_checkpoint_on_a_full_disk_is_an_os_error_naming_it(tmp_path, monkeypa
 
 
 @pytest.mark.slow  # a process of its own
-def test_sigterm_is_handled_as_ctrl_c_with_its_own_status(tmp_path):
+def test_sigterm_is_handled_as_ctrl_c_and_ends_the_process_by_it(tmp_path):
+    import signal
     import subprocess
     import sys
 
-    script = ("import os, signal, sys, threading\n"
-              "from paser.cli import main\n"
-              f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / 'd')!r}, "
-              "'--n-train', '100000', '--workers', '1']\n"
-              "threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
-              "main()\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 143, res.stderr
-    assert "terminated (SIGTERM); what finished is kept" in res.stderr
-    assert "Traceback" not in res.stderr
+    for workers in ("1", "2"):  # signalled alone; with its pool, as systemd signals a group
+        script = ("import os, signal, sys, threading\n"
+                  "from paser.cli import main\n"
+                  f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / workers)!r}, "
+                  f"'--n-train', '100000', '--workers', '{workers}']\n"
+                  f"stop = os.kill if {workers} == 1 else os.killpg\n"
+                  "threading.Timer(2.0, stop, (os.getpid(), signal.SIGTERM)).start()\n"
+                  "main()\n")
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120, start_new_session=True)
+        # ended by the signal once it said so, as a service manager expects
+        assert res.returncode == -signal.SIGTERM, res.stderr
+        assert "terminated (SIGTERM); what finished is kept" in res.stderr
+        assert "Traceback" not in res.stderr
 
 
 def test_an_os_error_names_the_file_paser_was_writing_not_its_temporary_name():

@@ -137,16 +137,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            try:
+        try:
+            with os.fdopen(fd, "wb") as fh:
                 torch.save(obj, fh)
-            except RuntimeError as err:  # torch's writer wraps the file system's refusal
-                cause = err.__context__ or err.__cause__
-                if isinstance(cause, OSError):  # a full disk: said as one, naming the file
-                    raise OSError(cause.errno, cause.strerror, str(path)) from err
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
+                fh.flush()
+                os.fsync(fh.fileno())
+        except (RuntimeError, OSError) as err:  # a full disk: said as one, naming the file
+            cause = err if isinstance(err, OSError) else err.__context__ or err.__cause__
+            if isinstance(cause, OSError) and cause.filename is None:  # (torch wraps it)
+                raise OSError(cause.errno, cause.strerror, str(path)) from err
+            raise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -308,6 +308,9 @@ def detached_worker(parent: int) -> None:
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent's SIGTERM handler (paser.cli) is for the parent: a worker signalled with
+    # its process group stops as a worker does, the parent says what finished
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def gone() -> bool:
         try:

@@ -234,14 +234,21 @@ def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, action
     """One image's PNGs and JSON (in a writer process when there are any); where a write
     fails, none of its files is left (a tool that globs ``*_labels.png`` would take a
     failed image's for done)."""
+    done, text = out_dir / f"{stem}.json", None
     try:
         record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec,
                                           degraded, previews)
         # the record last: an image is done when its JSON is there (resume reads it)
-        atomic_write_text(json.dumps(record, indent=2), out_dir / f"{stem}.json")
+        text = json.dumps(record, indent=2)
+        atomic_write_text(text, done)
     except BaseException:
-        for kind in ("labels", "overlay", "routing"):
-            (out_dir / f"{stem}_{kind}.png").unlink(missing_ok=True)
+        try:  # stopped after its record was in place (Ctrl-C): done, kept
+            finished_here = text is not None and done.read_text() == text
+        except OSError:
+            finished_here = False
+        if not finished_here:
+            for kind in ("labels", "overlay", "routing"):
+                (out_dir / f"{stem}_{kind}.png").unlink(missing_ok=True)
         raise
 
 

@@ -28,9 +28,14 @@ for _module in ("train", "deploy", "experiments", "data"):
 RESUMED_WITH_FLAG = ("pretrain", "train-policy", "finetune", "baselines")
 
 
+def _command(args: list[str]) -> str:
+    """The command of a command line (``run``, ``segment``), options before it skipped."""
+    return next((a for a in args if not a.startswith("-")), "")
+
+
 def interrupted(args: list[str]) -> str:
     """What Ctrl-C leaves, and how the interrupted command goes on."""
-    command = next((a for a in args if not a.startswith("-")), "")
+    command = _command(args)
     if command in RESUMED_WITH_FLAG:
         return "interrupted; re-run with --resume to continue from the last epoch"
     if "--force" in args or "--overwrite" in args:  # run again as it was, it starts over
@@ -52,12 +57,20 @@ def _terminate(signum, frame) -> None:
 
 
 def _stopped() -> int:
-    """Say how a stopped command goes on; its exit status."""
+    """Say how a stopped command goes on; its exit status (130 for Ctrl-C). After SIGTERM
+    the process ends by that signal once it has said so, as a service manager expects of a
+    process it stopped (an exit status of 143 reads as a failure to systemd)."""
+    import signal
+
     how = interrupted(sys.argv[1:])
-    if _TERMINATED:
-        how = how.replace("interrupted", "terminated (SIGTERM)", 1)
-    typer.echo(how, err=True)
-    return 143 if _TERMINATED else 130
+    if not _TERMINATED:
+        typer.echo(how, err=True)
+        return 130
+    typer.echo(how.replace("interrupted", "terminated (SIGTERM)", 1), err=True)
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return 143  # (where the signal is blocked)
 
 
 def _written(filename) -> str:
@@ -79,7 +92,7 @@ def main() -> None:
 
     if not is_main_process():  # a worker of distributed training: rank 0 reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    else:
+    elif _command(sys.argv[1:]) != "serve":  # uvicorn stops the server on SIGTERM itself
         signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n

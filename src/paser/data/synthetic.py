@@ -371,7 +371,7 @@ def generate_dataset(
         for i in range(0, n, chunk)
     ]
     counts = np.zeros((3, 3), np.int64)  # [split, class]
-    with _Progress(progress, sum(sizes), Path(out)) as bar:
+    with _Progress(progress, sum(sizes), _final(Path(out))) as bar:
         if workers == 1:
             for task in tasks:
                 counts[task[4]] += _write_chunk(*task)
@@ -382,10 +382,14 @@ def generate_dataset(
             with ProcessPoolExecutor(workers, initializer=detached_worker,
                                      initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_write_chunk, *task): task for task in tasks}
-                for fut in as_completed(futures):
-                    task = futures[fut]
-                    counts[task[4]] += fut.result()
-                    bar.advance(len(task[5]))
+                try:
+                    for fut in as_completed(futures):
+                        task = futures[fut]
+                        counts[task[4]] += fut.result()
+                        bar.advance(len(task[5]))
+                except BaseException:  # Ctrl-C, SIGTERM: the chunks not begun are dropped
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     stats = {
         "fractions": _fractions(counts.sum(0)),
         "split_fractions": {name: _fractions(counts[s]) for s, name in enumerate(SPLITS)},
@@ -398,6 +402,12 @@ def generate_dataset(
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _final(out: Path) -> Path:
+    """The folder a set is generated for: the cache's is written as ``NAME.partial`` and
+    renamed when complete (:func:`paser.data.registry.ensure_dataset`)."""
+    return out.with_name(out.name.removesuffix(".partial"))
 
 
 class _Progress:
