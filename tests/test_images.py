@@ -390,6 +390,20 @@ def _png16(arr: np.ndarray, colour_type: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def test_an_orientation_in_xmp_turns_the_image_too(tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()  # as photo tools write it, in place of an EXIF block
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:'
+                  'rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:'
+                  'tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+                  '</x:xmpmeta>')
+    Image.fromarray(RNG.integers(0, 256, (5, 7), dtype=np.uint8)).save(tmp_path / "x.png",
+                                                                        pnginfo=info)
+    assert read_array(tmp_path / "x.png").shape == (7, 5)
+    assert probe(tmp_path / "x.png").orientation == 6
+
+
 def test_sixteen_bit_colour_and_gray_alpha_pngs_keep_their_sixteen_bits(tmp_path):
     rgba = RNG.integers(0, 65536, (H, W, 4), dtype=np.uint16)
     for name, arr, want, kind, channels in (("rgb", rgba[..., :3], rgba[..., :3], 2, 3),
@@ -402,16 +416,23 @@ def test_sixteen_bit_colour_and_gray_alpha_pngs_keep_their_sixteen_bits(tmp_path
         assert (p.dtype, p.channels, p.colour) == ("uint16", channels, channels == 3), name
 
 
-def test_channels_stored_as_pages_are_one_image_refused_alike_everywhere(tmp_path):
+def test_channels_stored_as_pages_are_one_image_of_two_or_refused(tmp_path):
     from paser.volumes import is_volume
 
-    arr = RNG.integers(0, 256, (2, H, W), dtype=np.uint8)  # ImageJ's C x Y x X
+    arr = RNG.integers(0, 256, (2, H, W), dtype=np.uint8)  # ImageJ's C x Y x X: SE and BSE
     tifffile.imwrite(tmp_path / "c.tif", arr, imagej=True, metadata={"axes": "CYX"})
-    with pytest.raises(DataError, match=r"c.tif: its pages hold 2 channels \(TIFF axes CYX\)"
-                       r".*save the channel to train and segment on as its own file"):
-        read_array(tmp_path / "c.tif")  # training read channel 0 alone; segment refused it
+    notes: list[str] = []
+    got = read_array(tmp_path / "c.tif", notes)
+    assert np.array_equal(got, np.moveaxis(arr, 0, -1)) and "channels stored as pages" in notes[0]
     p = probe(tmp_path / "c.tif")
     assert (p.pages, p.channels) == (1, 2) and not is_volume(tmp_path / "c.tif")
+    # three or four would pass for colour and alpha: refused, by the reader and the probe
+    tifffile.imwrite(tmp_path / "c3.tif", RNG.integers(0, 256, (3, H, W), dtype=np.uint8),
+                     imagej=True, metadata={"axes": "CYX"})
+    for read in (read_array, probe):
+        with pytest.raises(DataError, match=r"c3.tif: its pages hold 3 channels \(TIFF axes "
+                           r"CYX\).*save the channel to use as its own file"):
+            read(tmp_path / "c3.tif")
     tifffile.imwrite(tmp_path / "z.tif", arr, imagej=True, metadata={"axes": "ZYX"})
     assert is_volume(tmp_path / "z.tif")  # slices stay a volume
 

@@ -145,15 +145,11 @@ _UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[
 
 def _orientation(img: Image.Image) -> int:
     """An image's EXIF orientation (1: stored upright; anything unknown counts as 1), from
-    the EXIF block its header holds (``getexif()`` decodes a PNG's pixels to look for one
-    after them: 60 ms a probe of 16 megapixels)."""
-    raw = img.info.get("exif")
-    if not raw:
-        return 1
+    what its header holds: an EXIF block, ImageMagick's raw profile, XMP. (Pillow's base
+    ``getexif``: a PNG's own decodes the pixels to look for a block after them, 56 ms a
+    probe of 16 megapixels.)"""
     try:
-        exif = Image.Exif()
-        exif.load(raw)
-        value = int(exif.get(0x0112, 1))
+        value = int(Image.Image.getexif(img).get(0x0112, 1))
     except (TypeError, ValueError, OSError, SyntaxError, KeyError):
         return 1
     return value if value in _UPRIGHT else 1
@@ -212,11 +208,11 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         series, first = tif.series[0], tif.pages[0]
         axes = series.axes
         if _channel_pages(series):  # ImageJ / OME: one image, a page per channel
-            raise DataError(
-                f"{path}: its pages hold {series.shape[0]} channels (TIFF axes {axes}); paser "
-                "reads images of one channel, colour, or two samples of one page: save the "
-                "channel to train and segment on as its own file (tifffile.imwrite(out, "
-                "data[c]))")
+            if series.shape[0] > 2:
+                raise _many_channel_pages(path, series)
+            notes.append(f"2 channels stored as pages (TIFF axes {axes}), read as the "
+                         "image's two channels")
+            return np.moveaxis(series.asarray(), 0, -1)
         if len(series.pages) > 1:
             notes.append(f"a stack of {len(series.pages)} pages (TIFF axes {axes}); the first "
                          "one read (volumes: paser segment reads every page)")
@@ -241,11 +237,19 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     return arr
 
 
+def _many_channel_pages(path: Path, series) -> DataError:
+    """Why a TIFF of 3 or more channels stored as pages is refused: read as channels, three
+    or four would be taken for colour (mixed by luminance) and alpha (dropped)."""
+    return DataError(
+        f"{path}: its pages hold {series.shape[0]} channels (TIFF axes {series.axes}); paser "
+        "reads images of one channel, two (two detectors) or colour: save the channel to use "
+        "as its own file (data = tifffile.imread(path); tifffile.imwrite(out, data[c]))")
+
+
 def _channel_pages(series) -> bool:
     """Whether a TIFF series is one gray image of several channels stored a page each (axes
-    CYX, as ImageJ and OME-TIFF write them): one image, not a stack of slices, which the
-    reader refuses (training read its first channel alone, and ``paser segment`` refused
-    it; read as channels, three or four would be taken for colour and alpha)."""
+    CYX, as ImageJ and OME-TIFF write them): one image, not a stack of slices; two are read
+    as its channels, more refused (:func:`_many_channel_pages`)."""
     page = series.pages[0]
     return (page is not None and series.axes == "C" + page.axes and page.axes == "YX"
             and series.shape[0] > 1)
@@ -413,7 +417,9 @@ def probe(path: str | Path) -> Probe:
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 channels = 3 if palette else max(1, samples - tiff_alpha(page))
                 if _channel_pages(tif.series[0]):
-                    pages, channels = [page], tif.series[0].shape[0]
+                    if tif.series[0].shape[0] > 2:
+                        raise _many_channel_pages(path, tif.series[0])
+                    pages, channels = [page], 2
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels)
         with Image.open(path) as img:
