@@ -230,18 +230,29 @@ def test_sigterm_is_handled_as_ctrl_c_and_ends_the_process_by_it(tmp_path):
 
     for workers in ("1", "2"):  # signalled alone; with its pool, as systemd signals a group
         script = ("import os, signal, sys, threading\n"
-                  "from paser.cli import main\n"
+                  "from paser.cli import entry\n"
                   f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / workers)!r}, "
                   f"'--n-train', '100000', '--workers', '{workers}']\n"
                   f"stop = os.kill if {workers} == 1 else os.killpg\n"
                   "threading.Timer(2.0, stop, (os.getpid(), signal.SIGTERM)).start()\n"
-                  "main()\n")
+                  "entry()\n")
         res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              timeout=120, start_new_session=True)
         # ended by the signal once it said so, as a service manager expects
         assert res.returncode == -signal.SIGTERM, res.stderr
         assert "terminated (SIGTERM); what finished is kept" in res.stderr
         assert "Traceback" not in res.stderr
+    # main() in a caller's own process (benchmarks/gpu.py): its status, and its finally runs
+    script = ("import os, signal, sys, threading\n"
+              "from paser.cli import main\n"
+              f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / 'm')!r}, "
+              "'--n-train', '100000', '--workers', '1']\n"
+              "threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+              "try:\n    main()\n"
+              f"finally:\n    open({str(tmp_path / 'finally')!r}, 'w').write('ran')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, start_new_session=True)
+    assert res.returncode == 143 and (tmp_path / "finally").read_text() == "ran", res.stderr
 
 
 def test_an_os_error_names_the_file_paser_was_writing_not_its_temporary_name():

@@ -164,6 +164,13 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert "3 of 4 images were segmented before" in res.stdout  # the failed one again
     assert "segmented before (skipped)" in res.stdout
+    # --overwrite starts the volume and the images over under one claim: the next call
+    # finds both done (the images' claim had replaced the volume's)
+    paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"),
+          "--overwrite")
+    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    assert "3 of 4 images were segmented before" in res.stdout
+    assert "segmented before (skipped)" in res.stdout
     res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o2"))
     assert res.returncode == 2 and "no such file or folder" in res.stderr

@@ -1,3 +1,3 @@
-from paser.cli import main
+from paser.cli import entry
 
-main()
+entry()

@@ -17,7 +17,7 @@ import typer
 from paser.cli.common import app, state
 from paser.errors import PaserError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "entry", "main"]
 
 # Each module registers its commands; in this order, `paser --help` lists them by task.
 for _module in ("train", "deploy", "experiments", "data"):
@@ -57,20 +57,14 @@ def _terminate(signum, frame) -> None:
 
 
 def _stopped() -> int:
-    """Say how a stopped command goes on; its exit status (130 for Ctrl-C). After SIGTERM
-    the process ends by that signal once it has said so, as a service manager expects of a
-    process it stopped (an exit status of 143 reads as a failure to systemd)."""
-    import signal
-
+    """Say how a stopped command goes on; its exit status (130 for Ctrl-C, 143 for SIGTERM:
+    the ``paser`` command then ends by the signal itself, :func:`entry`)."""
     how = interrupted(sys.argv[1:])
     if not _TERMINATED:
         typer.echo(how, err=True)
         return 130
     typer.echo(how.replace("interrupted", "terminated (SIGTERM)", 1), err=True)
-    sys.stderr.flush()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return 143  # (where the signal is blocked)
+    return 143
 
 
 def _written(filename) -> str:
@@ -82,6 +76,23 @@ def _written(filename) -> str:
     path = Path(str(filename))
     match = re.fullmatch(r"\.(.+?)(\.[a-z0-9_]{8})?\.tmp", path.name)
     return str(path.with_name(match[1])) if match else str(filename)
+
+
+def entry() -> None:
+    """The ``paser`` command (and ``python -m paser``): :func:`main`; a command stopped by
+    SIGTERM ends by that signal once it has said what finished, as a service manager
+    expects of a process it stopped (an exit status of 143 reads as a failure to systemd).
+    A caller of :func:`main` in its own process gets the status, and its ``finally`` runs."""
+    import signal
+
+    try:
+        main()
+    except SystemExit as err:
+        if _TERMINATED and err.code == 143:
+            sys.stderr.flush()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise
 
 
 def main() -> None:

@@ -126,7 +126,7 @@ def segment(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
-    from paser.runtime import progress
+    from paser.runtime import OUT_LOCK, hold_folder, progress
     from paser.segment import segment_files
     from paser.volumes import split_inputs
 
@@ -193,6 +193,9 @@ def segment(
     k = None if only is None else _model_index(only, model.router.num_models)
     results, vol_results = [], []
     start = time.perf_counter()
+    # this call's folder from its volumes to its images (a second call started between them
+    # would take it)
+    hold_folder(out, OUT_LOCK, "--out")
     if scheduler is not None:
         from paser.cluster import RunSpec
 
@@ -227,9 +230,10 @@ def segment(
             if finished == total:
                 bar.remove_task(tiles.pop(stem))
 
-        if files:
+        if files:  # the volumes' call (if any) started the folder over: one claim for both
             results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
-                                    overwrite=overwrite, previews=previews, on_tiles=on_tiles)
+                                    overwrite=overwrite and not volumes, previews=previews,
+                                    on_tiles=on_tiles)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
