@@ -99,9 +99,7 @@ def unread_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The files of ``folder`` in an image format the reader does not take
     (:data:`UNREAD_SUFFIXES`), sorted, hidden ones left out: what a folder's listing
     skips, to be named."""
-    found = _walk(folder) if recursive else folder.iterdir()
-    return sorted(f for f in found if f.suffix.lower() in UNREAD_SUFFIXES and f.is_file()
-                  and not hidden(f, folder))
+    return image_files(folder, UNREAD_SUFFIXES, recursive)
 
 
 def skipped_note(files: list[Path]) -> str | None:
