@@ -468,6 +468,11 @@ def test_files_in_formats_paser_does_not_read_are_named_not_passed_over(tmp_path
     (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
     with pytest.raises(DataError, match="no image paser reads; skipped 3 files"):
         open_split(DataConfig(dataset="folder", root=tmp_path), "train")
+    from paser.data.folders import unread_images
+
+    (tmp_path / "other" / "images").mkdir(parents=True)  # not a split: training reads none
+    (tmp_path / "other" / "images" / "d.jp2").write_bytes(b"x")
+    assert [f.name for f in unread_images(tmp_path)] == ["a.jp2", "b.jp2", "c.dcm"]
 
 
 def test_data_check_says_which_images_are_turned_by_exif_and_why_sizes_differ(tmp_path):

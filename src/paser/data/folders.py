@@ -232,33 +232,35 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                                         if other is not None else ""))
     masks = {p.stem: p for p in image_files(mask_dir)}
     images = image_files(img_dir)
-    unread = skipped_note(unread_files(img_dir))
-    if not images and unread:
+    unread = None if images else skipped_note(unread_files(img_dir))
+    if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+
+
+def _parts(root: Path) -> list[Path]:
+    """The folders of a folder dataset that hold its ``images/`` and ``masks/``: its split
+    folders, or itself."""
+    if (root / "train" / "images").is_dir():
+        return [root / s for s in ("train", "validation", "val", "test")]
+    return [root]
 
 
 def unread_images(root: str | Path) -> list[Path]:
     """The files of a folder dataset's image folders in a format paser does not read
     (:func:`paser.data.images.unread_files`): training goes on without them, so ``paser
     data check`` names them."""
-    root = Path(root)
-    return [f for d in sorted(root.glob("*/images")) + [root / "images"] if d.is_dir()
-            for f in unread_files(d)]
+    return [f for where in _parts(Path(root)) if (where / "images").is_dir()
+            for f in unread_files(where / "images")]
 
 
 def unpaired_masks(root: str | Path) -> list[Path]:
     """The masks of a folder dataset with no image of their name beside them: training goes
     on without them, so ``paser data check`` names them (an image missing, or named
     otherwise)."""
-    root = Path(root)
-    if (root / "train" / "images").is_dir():
-        parts = [root / s for s in ("train", "validation", "val", "test")]
-    else:
-        parts = [root]
     lost = []
-    for where in parts:
+    for where in _parts(Path(root)):
         if (where / "images").is_dir() and (where / "masks").is_dir():
             stems = {p.stem for p in image_files(where / "images")}
             lost += [m for m in image_files(where / "masks") if m.stem not in stems]
