@@ -241,12 +241,13 @@ def hold_folder(folder: str | Path, name: str, option: str) -> None:
 
 
 @contextlib.contextmanager
-def holding(folder: str | Path, name: str):
-    """The block in which ``folder`` may be held (:func:`hold_folder`, by the lock file
-    ``name``), let go at its end unless it was held before: a library call holds its
-    output folder while it writes, not for the rest of the process (a notebook)."""
+def holding(folder: str | Path, name: str, option: str):
+    """:func:`hold_folder` for the block, let go at its end unless it was held before: a
+    library call holds its output folder while it writes, not for the rest of the process
+    (a notebook)."""
     key = str((Path(folder) / name).resolve())
     before = key in _HELD
+    hold_folder(folder, name, option)
     try:
         yield
     finally:
@@ -259,8 +260,9 @@ OUT_LOCK = ".paser-segment.lock"
 
 
 def holding_out(fn):
-    """A call that claims its ``out_dir`` (:func:`paser.segment.claim_output`) holds the
-    folder while it runs, and lets it go when it returns or fails."""
+    """A call that writes into its ``out_dir`` (``paser segment``'s) holds the folder while
+    it runs, and lets it go when it returns or fails: two calls writing into one folder
+    race on its files and summary, so the second is refused."""
     import functools
     import inspect
 
@@ -269,7 +271,7 @@ def holding_out(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         out_dir = signature.bind(*args, **kwargs).arguments["out_dir"]
-        with holding(out_dir, OUT_LOCK):
+        with holding(out_dir, OUT_LOCK, "--out"):
             return fn(*args, **kwargs)
 
     return call

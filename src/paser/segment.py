@@ -47,13 +47,11 @@ from paser.data.images import (
 from paser.errors import DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import (
-    OUT_LOCK,
     atomic_write_text,
     detached_readers,
     detached_worker,
     file_sha256,
     from_readers,
-    hold_folder,
     holding_out,
     replaced,
     worker_context,
@@ -417,8 +415,6 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     outputs. A new folder and ``overwrite`` get a new claim (:func:`claim_of`), so that no
     record of before (of inputs this call was not given either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # two calls writing into one folder race on its files and summary: the second refused
-    hold_folder(out_dir, OUT_LOCK, "--out")
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
         try:
