@@ -114,22 +114,29 @@ def skipped_note(files: list[Path]) -> str | None:
             f"not read ({kinds}; e.g. {files[0]}): convert them to TIFF or PNG")
 
 
-def is_tiff(path: Path) -> bool:
-    """Whether ``path`` holds a TIFF, by its first bytes (by its name where it cannot be
-    opened: a folder, a missing file)."""
+def _head(path: Path) -> bytes | None:
+    """A file's first bytes (a PNG's header to its colour type), ``None`` where it cannot
+    be opened (a folder, a missing file): what :func:`is_tiff` and :func:`_png16` read."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) in _TIFF_MAGIC
+            return f.read(26)
     except OSError:
-        return path.suffix.lower() in TIFF_SUFFIXES
+        return None
 
 
-def _png16(path: Path) -> int | None:
+def is_tiff(path: Path, head: bytes | None = None) -> bool:
+    """Whether ``path`` holds a TIFF, by its first bytes (``head``: :func:`_head`, read here
+    when not given; by its name where it cannot be opened)."""
+    head = _head(path) if head is None else head
+    return path.suffix.lower() in TIFF_SUFFIXES if head is None else head[:4] in _TIFF_MAGIC
+
+
+def _png16(head: bytes | None) -> int | None:
     """The colour type of a 16-bit colour or gray + alpha PNG (2 RGB, 4 gray + alpha, 6
-    RGBA), which Pillow decodes to 8 bits; ``None`` for any other file."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if head[:8] == _PNG_MAGIC and len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6):
+    RGBA), which Pillow decodes to 8 bits, from its first bytes (:func:`_head`); ``None``
+    for any other file."""
+    if (head is not None and head[:8] == _PNG_MAGIC and len(head) == 26 and head[24] == 16
+            and head[25] in (2, 4, 6)):
         return head[25]
     return None
 
@@ -174,7 +181,9 @@ def read_array(path: str | Path, notes: list[str] | None = None,
     colours = palette == "colours"
     _not_empty(path)
     try:
-        arr = _tiff(path, notes, colours) if is_tiff(path) else _pillow(path, notes, colours)
+        head = _head(path)
+        arr = (_tiff(path, notes, colours) if is_tiff(path, head)
+               else _pillow(path, notes, colours, _png16(head)))
     except DataError:
         raise
     except _READ_ERRORS as err:
@@ -259,8 +268,10 @@ def tiff_alpha(page) -> int:
     return sum(int(e) in (1, 2) for e in (page.extrasamples or ()))
 
 
-def _pillow(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
-    deep = _png16(path)
+def _pillow(path: Path, notes: list[str], colours: bool = True,
+            deep: int | None = None) -> np.ndarray:
+    """A file Pillow reads (``deep``: a 16-bit PNG's colour type, :func:`_png16`, decoded
+    by imagecodecs instead), turned upright by its EXIF orientation."""
     with Image.open(path) as img:
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"a stack of {img.n_frames} frames; the first one read")
@@ -404,7 +415,8 @@ def probe(path: str | Path) -> Probe:
     path = Path(path)
     _not_empty(path)
     try:
-        if is_tiff(path):
+        head = _head(path)
+        if is_tiff(path, head):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -426,7 +438,7 @@ def probe(path: str | Path) -> Probe:
             turn = _orientation(img)
             if turn in (5, 6, 7, 8):  # shown turned a quarter
                 h, w = w, h
-        deep = _png16(path)
+        deep = _png16(head)
     except _READ_ERRORS as err:
         raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
                         "file") from None
