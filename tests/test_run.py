@@ -302,6 +302,44 @@ def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
     assert "skipped" in status["stage1"] and "skipped" in status["baselines"]
     for name in ("stage2", "stage3", "report"):
         assert "running" in status[name], name
+    assert status["stage2"] == "[stage2] running (finished before, but stage2.json is missing)"
+    assert status["stage3"] == "[stage3] running (a step it reads was redone in this run)"
+
+
+@pytest.mark.slow
+def test_a_step_recorded_by_another_version_of_paser_runs_again_and_says_why(job):
+    run_dir, cfg, _, _ = job
+    ledger = json.loads((run_dir / "steps.json").read_text())
+    ledger["report"]["fingerprint"] = "0123456789ab"  # hashed as no version of paser here does
+    (run_dir / "steps.json").write_text(json.dumps(ledger))
+    lines: list[str] = []
+    run(cfg, run_dir, show_progress=False, echo=lines.append)
+    assert "[report] running (finished before by a version of paser that recorded its " \
+           "settings differently; trained again to be sure it matches this config)" in lines
+    assert sum("skipped" in line for line in lines) == 6
+
+
+def test_a_run_made_before_a_key_was_added_is_not_trained_again():
+    from paser.run import fingerprint_variants
+    from paser.train.pretrain import model_fingerprint
+
+    # stage1.ema came on 2026-12-05: runs before it hashed stage 1 without it, runs since
+    # with it at null; a config at null matches both, one with a decay neither
+    cfg = load_config(preset="battery-paper")
+    assert cfg.stage1.ema is None
+    before, since = fingerprint_variants(cfg)[0], fingerprint_variants(cfg)[1]
+    assert before["stage1"] != since["stage1"] and before["stage2"] != since["stage2"]
+    from paser.run import hashed_part
+
+    raw = cfg.model_dump(mode="json")
+    old = json.loads(json.dumps(raw))
+    del old["stage1"]["ema"]  # the config as a run before the key saved it
+    assert hashed_part(raw, "stage1") == hashed_part(old, "stage1", added=False)
+    decay = cfg.model_copy(update={"stage1": cfg.stage1.model_copy(update={"ema": 0.99})})
+    assert not {v["stage1"] for v in fingerprint_variants(decay)} & {
+        v["stage1"] for v in fingerprint_variants(cfg)}
+    assert model_fingerprint(cfg, "f2") != model_fingerprint(cfg, "f2", added=True)
+    assert model_fingerprint(decay, "f2") == model_fingerprint(decay, "f2", added=True)
 
 
 @pytest.mark.slow

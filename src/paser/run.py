@@ -123,19 +123,23 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
 #: keys of the sections in DEPS that change how a step reads its data, not what it learns
 NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
 #: keys added to a section after runs were made, with the value that does what those runs
-#: did: at it, a key is not hashed, so a run made before it is not trained again
-ADDED = {"data": {"nonfinite": "error"}}
+#: did: at it, a key is not hashed, so a run made before it is not trained again (a run
+#: made after it, before it was listed here, hashed it: both are accepted,
+#: :func:`fingerprint_variants`)
+ADDED = {"data": {"nonfinite": "error"}, "stage1": {"ema": None}}
 
 
-def hashed_part(raw: dict, key: str, legacy: bool = False):
+def hashed_part(raw: dict, key: str, legacy: bool = False, added: bool = True):
     """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes: without
-    its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed)."""
+    its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed), and
+    without its :data:`ADDED` keys at the value runs before them had (``added=False``: with
+    them)."""
     node = raw
     for part in key.split("."):
         node = node[part]
     if key in NEUTRAL and not legacy:
         node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
-    if key in ADDED:
+    if key in ADDED and added:
         node = {k: v for k, v in node.items()
                 if k not in ADDED[key] or v != ADDED[key][k]}
     if key == "data" and node.get("window") is not None:  # since 2026-12-05 it scales
@@ -143,16 +147,18 @@ def hashed_part(raw: dict, key: str, legacy: bool = False):
     return node
 
 
-def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
+def fingerprints(cfg: ExperimentConfig, legacy: bool = False, added: bool = True
+                 ) -> dict[str, str]:
     """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
     ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
     is of its own config (:func:`paser.train.paper.paper_config`): keys its method fixes,
     such as ``stage2.lam``, do not retrain it. ``legacy``: as paser 2026-12-05 hashed them
-    (every key of a section), so that runs finished before are not trained again."""
+    (every key of a section), so that runs finished before are not trained again;
+    ``added``: :func:`hashed_part`'s."""
     from paser.train.paper import paper_config
 
     def digest(raw: dict, keys: tuple[str, ...]) -> str:
-        values = [[key, hashed_part(raw, key, legacy)] for key in keys]
+        values = [[key, hashed_part(raw, key, legacy, added)] for key in keys]
         return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     raw = cfg.model_dump(mode="json")
@@ -161,6 +167,12 @@ def fingerprints(cfg: ExperimentConfig, legacy: bool = False) -> dict[str, str]:
     if paper is not None:
         out["paper"] = digest(paper.model_dump(mode="json"), _STAGE3)
     return out
+
+
+def fingerprint_variants(cfg: ExperimentConfig) -> list[dict[str, str]]:
+    """Every way a version of paser hashed ``cfg``'s steps (:func:`fingerprints`, the one it
+    writes first): a step finished under any of them is done with this config."""
+    return [fingerprints(cfg, legacy, added) for legacy in (False, True) for added in (True, False)]
 
 
 def build_every_model(cfg: ExperimentConfig) -> None:
@@ -324,22 +336,38 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     for line in config_changes(before, cfg):
         echo(f"[config] {line}")
-    fps, legacy = fingerprints(cfg), fingerprints(cfg, legacy=True)
+    variants = fingerprint_variants(cfg)
+    fps = variants[0]
     steps = Steps(run_dir)
     device = setup(cfg)
     timings: dict[str, float] = {}
 
+    before_fps = fingerprints(before) if before is not None else {}
+
+    def why_again(name: str, stale: bool) -> str:
+        """Why a step finished before runs again, where the [config] lines do not say."""
+        record = steps.done.get(name, {}).get("fingerprint")
+        if force or record is None:
+            return ""
+        if stale:
+            return " (a step it reads was redone in this run)"
+        if any(record == v[name] for v in variants):
+            missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
+            return f" (finished before, but {', '.join(missing)} is missing)" if missing else ""
+        if before_fps.get(name) == fps[name]:  # the settings did not change: their hash did
+            return (" (finished before by a version of paser that recorded its settings "
+                    "differently; trained again to be sure it matches this config)")
+        return ""
+
     def step(name: str, fn) -> None:
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
-        if (not force and not stale and (steps.finished(name, fps[name])
-                                         or steps.finished(name, legacy[name]))
+        if (not force and not stale and any(steps.finished(name, v[name]) for v in variants)
                 and all((run_dir / out).exists() for out in outputs(cfg, name))):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
-        resume = not force and (steps.started(name, fps[name])
-                                or steps.started(name, legacy[name]))
-        echo(f"[{name}] {'resuming' if resume else 'running'}")
+        resume = not force and any(steps.started(name, v[name]) for v in variants)
+        echo(f"[{name}] {'resuming' if resume else 'running'}{why_again(name, stale)}")
         steps.start(name, fps[name])
         t0 = time.perf_counter()
         fn(resume)

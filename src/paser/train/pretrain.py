@@ -311,11 +311,13 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     return best
 
 
-def model_fingerprint(cfg: ExperimentConfig, role: str) -> str:
+def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False) -> str:
     """What a stage-1 model's training depends on, hashed: its role (its seed, through
     :func:`paser.train.common.seed_role`), its own spec, the data (not how it is read),
     the run's seed, grid and halo, the class and channel counts and stage 1's settings; and
-    for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it."""
+    for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it.
+    ``added``: stage 1's keys added since (:data:`paser.run.ADDED`) left out at the value
+    models trained before them had, as those models were fingerprinted."""
     from paser.run import hashed_part
 
     raw = cfg.model_dump(mode="json")
@@ -323,10 +325,10 @@ def model_fingerprint(cfg: ExperimentConfig, role: str) -> str:
     parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
              "data": hashed_part(raw, "data"),
              "channels": models["in_channels"], "classes": models["num_classes"],
-             "stage1": raw["stage1"],
+             "stage1": hashed_part(raw, "stage1", added=added),
              "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
     if role == "f0":
-        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}")
+        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}", added)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -371,7 +373,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         path = _trained_file(run_dir, role)
         same = (reuse and not resume and path.is_file()
                 and (run_dir / "checkpoints" / f"{role}.pt").is_file()
-                and json.loads(path.read_text()).get("fingerprint") == model_fingerprint(cfg, role))
+                and json.loads(path.read_text()).get("fingerprint") in {
+                    model_fingerprint(cfg, role, added) for added in (False, True)})
         if same:
             with progress(show_progress and dist.is_main) as bar:
                 bar.add_task(f"stage 1 {role}", total=1, completed=1,
