@@ -437,6 +437,16 @@ def test_channels_stored_as_pages_are_one_image_of_two_or_refused(tmp_path):
     assert is_volume(tmp_path / "z.tif")  # slices stay a volume
 
 
+def test_an_axis_of_one_is_dropped_wherever_tifffile_puts_it(tmp_path):
+    # tifffile writes H x W x 1 as axes YXQ and 1 x H x W x 1 as QYXQ: one gray image each
+    arr = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    for name, stored in {"yxq": arr[..., None], "qyx": arr[None], "qyxq": arr[None, ..., None],
+                         "rgb1": np.stack([arr] * 3, -1)[None]}.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", stored)
+        got = read_array(tmp_path / f"{name}.tif")
+        assert got.shape[:2] == (H, W) and np.array_equal(got.reshape(H, W, -1)[..., 0], arr), name
+
+
 def test_a_file_is_read_by_what_it_holds_not_by_its_name(tmp_path):
     gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "a.png")

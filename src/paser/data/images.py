@@ -233,6 +233,10 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
             if cmap.max() > 255:
                 cmap = cmap >> 8
             return cmap.astype(np.uint8)[:, arr].transpose(1, 2, 0)
+    if arr.ndim > 2:  # an axis of one that is not Y or X (H x W x 1 written as YXQ): gone
+        keep = [i for i, (a, n) in enumerate(zip(axes, arr.shape, strict=True))
+                if a in "YX" or n > 1]
+        arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
     while arr.ndim > 2 and len(axes.replace("S", "")) > 2:  # leading axes of one image
         arr, axes = arr[0], axes[1:]
     if axes and axes[0] == "S":  # planar channels first
