@@ -191,6 +191,35 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     assert np.allclose(Intensity((-3e38, 3e38)).scale(huge), [[0, 0.5], [1, 0.5]])
 
 
+def test_a_window_is_fitted_without_constant_frames_and_keeps_every_level():
+    scan = np.random.default_rng(0).normal(100.0, 10.0, (32, 32)).astype(np.float32)
+    alone = window_of([(scan, "scan")])
+    # a saturated and a dark frame beside it would have been the window's ends
+    frames = [(scan, "scan"), (np.full((32, 32), 1e6, np.float32), "white"),
+              (np.full((32, 32), -1e6, np.float32), "black")]
+    assert window_of(frames) == pytest.approx(alone)
+    assert window_of([(np.full((4, 4), 7.0), "c")]) == (7.0, 8.0)  # only constant ones: kept
+    # integers past float32's 2^24 levels, and float64 with an offset, keep every level
+    big = (10**10 + np.arange(1000)).astype(np.int64).reshape(20, 50)
+    assert window_of([(big, "big")]) == pytest.approx(tuple(np.percentile(big, [0.5, 99.5])))
+    x = Intensity((1e10, 1e10 + 999)).scale(big)
+    assert len(np.unique(x)) == 1000 and x.min() == 0 and x.max() == 1
+    fine = 1e6 + np.linspace(0, 1, 100).reshape(10, 10)
+    assert len(np.unique(Intensity((1e6, 1e6 + 1)).scale(fine))) == 100
+    # a finite float64 past float32's range is a value, clipped, not "NaN or Inf"
+    wide = np.array([[1e300, 0.0], [0.5, 1.0]])
+    assert np.array_equal(Intensity((0.0, 1.0)).scale(wide), [[1, 0], [0.5, 1]])
+    # most pixels outside the run's window: a note says so
+    notes: list[str] = []
+    Intensity((0.0, 1.0)).scale(np.full((4, 4), -5.0), "dark.tif", notes)
+    assert notes == ["100 % of the pixels lie outside the run's intensity window [0, 1] "
+                     "(100 % below, 0 % above) and were clipped: an image of another kind "
+                     "or scale than the run trained on?"]
+    notes = []
+    Intensity((0.0, 1.0)).scale(np.array([[-1.0, 2.0], [0.5, 0.5]]), "half.tif", notes)
+    assert notes == []  # half is not most
+
+
 def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
     """Masks give their stored values: a WhiteIsZero TIFF (ImageJ's inverting LUT) is not
     inverted, palette TIFFs and PNGs give indices, wider integers in 0..255 and an alpha

@@ -493,7 +493,10 @@ class Intensity:
         if arr.dtype.kind not in "iuf":
             raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "
                             "images")
-        x = arr.astype(np.float32)
+        # in float64 where float32 would lose levels (integers past 2^24, float64 with an
+        # offset) or turn finite values into Inf (float64 past 3.4e38)
+        x = arr.astype(np.float32 if arr.dtype.itemsize <= 2 or arr.dtype == np.float32
+                       else np.float64)
         finite = np.isfinite(x)
         bad = x.size - int(np.count_nonzero(finite))
         if bad:
@@ -517,7 +520,10 @@ class Intensity:
         if max(abs(lo), abs(hi)) > 1e37:  # in float64: x - lo would overflow float32
             x = x.astype(np.float64)
         with np.errstate(over="ignore"):  # a fill far outside the window: +-inf, clipped
-            out = np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+            out = (x - lo) / max(hi - lo, 1e-12)
+        if self.mode == "window" and self.window is not None:
+            _clipped_note(out[finite] if bad else out, self.window, notes)
+        out = np.clip(out, 0.0, 1.0).astype(np.float32)
         if bad:
             out[~finite] = 0.0
         return out
@@ -561,6 +567,24 @@ class Intensity:
                             "stage 1, or copy it from the run") from None
 
 
+#: the share of an image's pixels outside the run's window above which a note says so
+CLIPPED_SHARE = 0.5
+
+
+def _clipped_note(scaled: np.ndarray, window: tuple[float, float], notes: list[str]) -> None:
+    """A note where most of an image's pixels (``scaled`` by the window, before clipping)
+    lie outside the run's window: clipped, they reach the models as one value."""
+    if not scaled.size:
+        return
+    low, high = (int(np.count_nonzero(scaled < 0)), int(np.count_nonzero(scaled > 1)))
+    if low + high > CLIPPED_SHARE * scaled.size:
+        notes.append(f"{100 * (low + high) / scaled.size:.0f} % of the pixels lie outside the "
+                     f"run's intensity window [{window[0]:.6g}, {window[1]:.6g}] ("
+                     f"{100 * low / scaled.size:.0f} % below, {100 * high / scaled.size:.0f} "
+                     "% above) and were clipped: an image of another kind or scale than the "
+                     "run trained on?")
+
+
 def _finite(x: np.ndarray, source: Path | str) -> None:
     """A :class:`DataError` where ``x`` holds NaN or Inf: how many, and what to do."""
     bad = int(x.size - np.count_nonzero(np.isfinite(x)))
@@ -593,16 +617,21 @@ def spread(n: int, most: int = _FIT_IMAGES) -> list[int]:
 def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
               ) -> tuple[float, float]:
     """The ``percentiles`` of the pixels of ``images`` (``(array, source)`` pairs, at most
-    64 of them; 65,536 pixels of each, sampled evenly)."""
-    samples = []
+    64 of them; 65,536 pixels of each, sampled evenly). Constant images (a saturated or a
+    dark frame, a slice outside the sample) are left out where any image is not: two such
+    frames at the type's ends would otherwise be the window's ends and squeeze every other
+    image into a sliver of [0, 1]."""
+    samples, flat_ones = [], []
     for arr, source in images:
         if arr.dtype.kind not in "biuf":  # complex (a reconstruction's raw FFT), strings
             raise DataError(f"{source}: values of type {arr.dtype}; give integer or float "
                             "pixels")
-        flat = arr.astype(np.float32).reshape(-1)
+        flat = arr.astype(np.float64).reshape(-1)  # int64, uint32: every level kept
         flat = flat[np.isfinite(flat)]  # NaN / Inf: refused or filled when images are read
-        samples.append(flat[::max(1, flat.size // _FIT_PIXELS)])
-    pixels = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+        flat = flat[::max(1, flat.size // _FIT_PIXELS)]
+        (flat_ones if flat.size and flat.min() == flat.max() else samples).append(flat)
+    samples = samples or flat_ones
+    pixels = np.concatenate(samples) if samples else np.zeros(0, np.float64)
     if not pixels.size:
         raise DataError("no finite pixel to fit an intensity window on (every pixel NaN or "
                         "Inf); give data.window=[lo,hi]")
