@@ -146,6 +146,27 @@ def test_augmented_training_learns_from_other_views(tiny_cfg, tmp_path):
     assert [r["loss"] for r in off_log] != [r["loss"] for r in on_log]
 
 
+def test_a_validation_split_without_a_labelled_pixel_stops_stage1_saying_so(
+        tiny_cfg, tmp_path, monkeypatch):
+    import dataclasses
+
+    from paser.data import IGNORE
+    from paser.errors import DataError
+
+    real = stage1.load_stage_data
+
+    def unlabelled(*args, **kwargs):  # a copy: the loaded splits may be cached
+        data = real(*args, **kwargs)
+        val = data.validation
+        return dataclasses.replace(data, validation=dataclasses.replace(
+            val, masks=torch.full_like(val.masks, IGNORE)))
+
+    monkeypatch.setattr(stage1, "load_stage_data", unlabelled)
+    with pytest.raises(DataError, match=r"stage 1 f1: the validation split \(2 images\) has "
+                                        r"no labelled pixel .*label part of its images"):
+        stage1.pretrain(tiny_cfg, tmp_path / "run", show_progress=False)
+
+
 def test_weight_average_warms_up_to_its_decay_and_is_what_stage1_keeps(tiny_cfg, tmp_path):
     model = torch.nn.Linear(1, 1, bias=False)
     ema = stage1.weight_average(model, 0.5)

@@ -33,7 +33,7 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.data.stages import augments
-from paser.errors import CheckpointError, ConfigError
+from paser.errors import CheckpointError, ConfigError, DataError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models import count_parameters
 from paser.outcomes import unview, usable_views, view
@@ -279,6 +279,12 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             with dist.autocast():  # the early stop's reading, in training's precision
                 val_miou = evaluate_miou(kept, forward, val, cfg.models.num_classes,
                                          s1.batch_size, device)
+            if val_miou != val_miou:  # NaN: no class has a pixel in any validation mask
+                raise DataError(
+                    f"stage 1 {role}: the validation split ({len(val)} images) has no "
+                    f"labelled pixel (every mask pixel is the ignore value {IGNORE}), so no "
+                    "epoch can be scored and none kept; label part of its images, or give "
+                    "the split other ones (paser data check shows what each split holds)")
             if val_miou > best:
                 best, best_epoch = val_miou, epoch
                 if dist.is_main:
