@@ -85,10 +85,11 @@ class PaSeR:
         cfg = run_config(run_dir)
         export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"
         router = load_onnx_router(export_dir)
-        exported = router.manifest.get("digests")
-        if exported is not None:  # the export is of this run's weights, as they are now
+        exported, policy = router.manifest.get("digests"), router.manifest.get("policy")
+        if exported is not None or policy is not None:  # of this run's weights, as they are
             here = cls.load(run_dir, device="cpu", calibrated=False).router
-            if model_digests(here) != exported or here.policy_digest != router.policy_digest:
+            # an export before the models' digests were kept has its policy's digest
+            if here.policy_digest != policy or exported not in (None, model_digests(here)):
                 raise CheckpointError(f"{export_dir}: exported from other weights than "
                                       f"{run_dir}'s (another run, or before it was trained "
                                       f"again); export again: paser export --run-dir "
