@@ -165,13 +165,14 @@ def test_a_volume_stopped_after_its_last_chunk_is_finished_by_the_next_call(
         scheduler, model, mnist_run, tmp_path):
     """Every chunk done, the volume not yet assembled (stopped in between): the next call
     sends nothing and finishes it, the same bytes as a run never stopped."""
+    from paser.segment import claim_output, output_settings
     from paser.volumes import prepare_volume, segment_chunk
 
     path = _volume(tmp_path)
     [vol] = split_inputs([str(path)])[1]
     segment_volumes(model, [vol], tmp_path / "local", chunk=8)
     out = tmp_path / "dask"
-    out.mkdir()
+    claim_output(out, output_settings(model, None), False, [])  # as the stopped call did
     labels, size = prepare_volume(vol, out, 8)
     for z0 in range(0, DEPTH, size):
         segment_chunk(model, vol, z0, min(z0 + size, DEPTH), out, labels)

@@ -83,6 +83,13 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     m.router.pool[0].register_buffer("w", torch.ones(1))  # other weights: another run
     with pytest.raises(DataError, match="holds the outputs of another run"):
         segment_files(m, files[:2], tmp / "out", only=1)
+    # outputs with no manifest (an older paser's folder): not taken over, not resumed
+    (tmp / "out" / MANIFEST).unlink()
+    with pytest.raises(DataError, match=r"holds outputs \(.*\.json and more\) but no "
+                                        r"\.paser-segment\.json .* --overwrite to start over"):
+        segment_files(m, files[:2], tmp / "out", only=1)
+    assert not any(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1,
+                                                    overwrite=True))
 
 
 def test_an_image_with_degraded_patches_is_segmented_again(tmp_path):

@@ -437,6 +437,13 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
             atomic_write_text(json.dumps({**before, "models": settings["models"]}, indent=2),
                               path)  # recorded: known by them from now on (its claim kept)
         return
+    found = [m for m in markers if m.exists()]
+    if found and not overwrite:  # outputs, and no record of what made them
+        raise DataError(
+            f"{out_dir} holds outputs ({found[0].name}{' and more' if len(found) > 1 else ''}) "
+            f"but no {MANIFEST} saying which run and settings made them (an older paser, or "
+            "another tool), so they cannot be resumed; give another --out, or --overwrite "
+            "to start over")
     if overwrite:
         for marker in markers:
             if marker.is_dir():
