@@ -100,6 +100,7 @@ def test_an_image_with_degraded_patches_is_segmented_again(tmp_path):
     from paser.segment import finished
 
     image = tmp_path / "a.png"
+    image.write_bytes(b"")  # an input older than its record
     record = {"input": str(image), "height": 8, "width": 8, "gflops": 1.0, "ms": 2.0,
               "patches_per_model": [1, 2, 1], "notes": [],
               "remote": {"degraded_patches": 2, "bytes_sent": 10, "bytes_whole_image": 20}}
@@ -151,6 +152,24 @@ def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_
     shutil.move(tmp / "in", tmp / "moved")  # the inputs' folder moved: the same bytes, done
     moved = segment_files(m, [tmp / "moved" / f.name for f in files[:2]], tmp / "out")
     assert [(r.ok, r.resumed) for r in moved] == [(True, True), (True, True)]
+
+
+def test_an_older_record_without_a_digest_is_redone_where_its_input_changed_since(setup):
+    import os
+
+    from paser.segment import finished
+
+    m, files, tmp = setup
+    segment_files(m, files[:1], tmp / "out")
+    record = tmp / "out" / "s0.json"
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in rec.items()
+                                  if k not in ("input_sha256", "input_stat")}))
+    written = record.stat().st_mtime
+    os.utime(files[0], (written - 60, written - 60))  # older than its record: done
+    assert finished(tmp / "out", files[0]).resumed
+    os.utime(files[0], (written + 60, written + 60))  # written again since: redone
+    assert finished(tmp / "out", files[0]) is None
 
 
 def test_a_full_disk_stops_the_call_at_the_first_image_and_names_the_folder(setup, monkeypatch):

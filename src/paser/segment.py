@@ -525,6 +525,8 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
         if mine and digest is not None and rec.get("input_stat") != file_stat(path) and (
                 digest != file_sha256(path)):
             return None  # the file changed since: segmented again
+        if mine and digest is None and path.stat().st_mtime > record_path.stat().st_mtime:
+            return None  # an older paser's record (no digest) of a file changed since
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],
