@@ -157,7 +157,7 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert res.returncode == 1
     assert "failed:" in res.stderr and "d.png" in res.stderr
-    assert "segmented 3 of 4 images" in res.stdout
+    assert "3 of 4 images segmented in" in res.stdout
     assert "v.tif: 20 x 28 x 28 (0.0 megavoxels)" in res.stdout
     assert (tmp_path / "o" / "c_labels.png").is_file()
     assert tifffile.imread(tmp_path / "o" / "v_labels.tif").shape == (20, 28, 28)
@@ -184,6 +184,7 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o3"), "--budget-gflops-per-mp", "1e6", "--no-previews")
     assert "1 of 1 images were segmented before" in res.stdout  # no rate of what took no time
+    assert "1 of 1 images segmented in " in res.stdout and "(0 now, 1 before)" in res.stdout
     assert "with reading and writing" not in res.stdout
     res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")

@@ -391,7 +391,7 @@ def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
                 str(tmp_path / "cli"), "--remote", url, "--timeout", "1", "--retries", "0")
     assert res.returncode == 0, res.stderr
     assert f"warning: remote tier {url} does not answer" in res.stderr
-    assert "segmented 6 of 6 images" in res.stdout and "patches degraded" in res.stdout
+    assert "6 of 6 images segmented in" in res.stdout and "patches degraded" in res.stdout
 
 
 def test_a_port_in_use_is_one_line_before_the_run_loads():

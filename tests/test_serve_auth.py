@@ -335,7 +335,7 @@ def test_segment_remote_over_https_with_a_test_ca(mnist_run, https_server, tmp_p
                  https_server.token_file, "--ca-file", https_server.ca, "--workers", "0")
     assert res.returncode == 0, res.stderr
     assert f"remote tier {https_server.url}: f1" in res.stderr
-    assert "segmented 2 of 2 images" in res.stdout and " 0 patches degraded" in res.stdout
+    assert "2 of 2 images segmented in" in res.stdout and " 0 patches degraded" in res.stdout
     for i in range(2):
         remote = json.loads((tmp_path / "out" / f"img{i}.json").read_text())["remote"]
         assert remote["requests"] == 1 and remote["errors"] == [] and remote["cloud_gflops"] > 0

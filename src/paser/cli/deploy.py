@@ -247,7 +247,9 @@ def segment(
     if done:
         gflops = sum(r.gflops for r in done)
         megapixels = sum(r.height * r.width for r in done) / 1e6
-        typer.echo(f"segmented {len(done)} of {len(results)} images into {out}: mean "
+        now = len(done) - resumed
+        typer.echo(f"{len(done)} of {len(results)} images segmented in {out} ("
+                   + (f"{now} now, {resumed} before" if resumed else "all now") + "): mean "
                    f"{gflops / len(done):.3f} GFLOP per image"
                    + (f", {gflops / megapixels:.2f} GFLOP/MP" if megapixels > 0 else "")
                    + f" ({FLOP_CONVENTION}), {sum(r.ms for r in done) / len(done):.1f} ms per "

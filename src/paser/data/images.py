@@ -516,7 +516,8 @@ class Intensity:
                 notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to "
                              "[0, 1] " + ("(data.intensity per_image)" if self.mode ==
                                           "per_image" else "(the run has no intensity "
-                                          "window: it trained on 8/16-bit images)"))
+                                          "window: it trained on 8/16-bit images, or "
+                                          "before 2026-12-04, when runs kept none)"))
         if max(abs(lo), abs(hi)) > 1e37:  # in float64: x - lo would overflow float32
             x = x.astype(np.float64)
         with np.errstate(over="ignore"):  # a fill far outside the window: +-inf, clipped
