@@ -183,6 +183,15 @@ def test_a_float_volume_under_a_run_of_8_bit_images_is_scaled_by_one_window(setu
     labels = tifffile.imread(tmp / "out" / "recon_labels.tif")
     assert np.array_equal(labels, want)
     assert (labels[1] != labels[0]).mean() < 0.05  # the hot voxel changes its surroundings only
+    # a record of a paser that scaled such a volume slice by slice: done again, not kept
+    from paser.volumes import read_done
+
+    [again] = split_inputs([tmp / "recon.tif"])[1]
+    assert read_done(again, tmp / "out") is not None
+    record = json.loads((tmp / "out" / "recon.json").read_text())
+    record["intensity"] = {"mode": "window", "window": None, "percentiles": [0.5, 99.5]}
+    (tmp / "out" / "recon.json").write_text(json.dumps(record))
+    assert read_done(again, tmp / "out") is None
 
 
 def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):

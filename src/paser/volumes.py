@@ -647,6 +647,9 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None  # of the folder before an --overwrite
     if not recorded_as(rec, volume.source) or not unchanged(volume, rec):
         return None  # written again since (or an older record's other spelling): again
+    scaled = rec.get("intensity") or {}
+    if scaled.get("mode") == "window" and scaled.get("window") is None:
+        return None  # a float volume scaled slice by slice (paser before 2026-12-05): again
     return rec
 
 
