@@ -428,7 +428,9 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
         differ = [k for k in settings if k != ("run" if by_weights else "models")
                   and before.get(k) != settings[k]]
         if differ:
-            other = "another run" if {"run", "models"} & set(differ) else "other settings"
+            other = ("another run" if {"run", "models"} & set(differ) else
+                     "this run before its policy was trained again" if "policy" in differ else
+                     "other settings")
             raise DataError(
                 f"{out_dir} holds the outputs of {other} "
                 f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
