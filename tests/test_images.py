@@ -171,6 +171,9 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     filled = Intensity((1.0, 3.0), nonfinite="fill")
     assert np.array_equal(filled.scale(fov, "fov.tif", notes), [[0, 0], [1, 0]])
     assert notes == ["2 NaN or Inf pixels set to 0 (data.nonfinite fill)"]
+    notes = []  # a slice outside the scan, all NaN: 0 as asked, not a failed volume
+    assert np.array_equal(filled.scale(np.full((2, 2), np.nan), "z.tif", notes), np.zeros((2, 2)))
+    assert notes == ["every pixel NaN or Inf: all set to 0 (data.nonfinite fill)"]
     assert np.array_equal(Intensity(mode="per_image", nonfinite="fill").scale(fov),
                           [[0, 0], [1, 0]])  # min-max of the finite pixels
     filled.save(tmp_path / "kept")

@@ -502,8 +502,9 @@ class Intensity:
         if bad:
             if self.nonfinite != "fill":
                 _finite(x, source)
-            if bad == x.size:
-                raise DataError(f"{source}: every pixel is NaN or Inf")
+            if bad == x.size:  # nothing to scale (a slice outside the scan): 0, as asked
+                notes.append("every pixel NaN or Inf: all set to 0 (data.nonfinite fill)")
+                return np.zeros(arr.shape, np.float32)
             notes.append(f"{bad} NaN or Inf pixels set to 0 (data.nonfinite fill)")
         if self.mode == "window" and self.window is not None:
             lo, hi = self.window
