@@ -223,6 +223,13 @@ def test_python_api_rejects_bad_tensors_and_paths(mnist_run, tmp_path):
         model.segment(torch.full((1, 1, 28, 28), float("nan")))
     with pytest.raises(DataError, match=r"images have 3 channels, the models expect 1"):
         model.segment(torch.zeros(1, 3, 28, 28))
+    with pytest.raises(DataError, match=r"\(an \[H, W, C\] image, as Pillow"):
+        model.segment(np.zeros((28, 28, 3), np.uint8))
+    model.config = model.config.model_copy(update={"models": model.config.models.model_copy(
+        update={"in_channels": 3})})  # as a run of colour images
+    with pytest.raises(DataError, match=r"\(a gray \[1, H, W\] image for models of 3 channels: "
+                                        r"model.prepare\(image\[0\]\) repeats it\)"):
+        model.segment(np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(CheckpointError, match="not a run directory"):
         PaSeR.load(tmp_path)
     with pytest.raises(DataError, match="no such file or folder"):

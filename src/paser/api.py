@@ -190,7 +190,11 @@ class PaSeR:
         channels = self.config.models.in_channels
         if x.shape[1] != channels:
             hint = (" (an [H, W, C] image, as Pillow and scikit-image give it: "
-                    "model.prepare(image))" if len(images.shape) == 3 else "")
+                    "model.prepare(image))" if len(images.shape) == 3
+                    and images.shape[-1] in (1, 2, 3, 4) else
+                    f" (a gray [1, H, W] image for models of {channels} channels: model.prepare("
+                    "image[0]) repeats it)" if len(images.shape) == 3 and images.shape[0] == 1
+                    else "")
             raise DataError(f"images have {x.shape[1]} channels, the models expect {channels}: "
                             f"shape {tuple(x.shape)}, expected [B, {channels}, H, W]{hint}")
         if not x.is_floating_point():  # stored values: scaled as a file holding them is
