@@ -121,6 +121,32 @@ def test_robustness_trains_a_noisy_pool_and_reports_table_3(mnist_run):
     assert json.loads((ckpt / "noisy" / "settings.json").read_text())["amount"] == 0.1
 
 
+def test_robustness_routes_paser_at_the_runs_calibrated_operating_point(mnist_run, tmp_path):
+    import shutil
+
+    from paser.calibration import Calibration
+    from paser.data import load_stage_data
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(mnist_run, run_dir)  # the shared run keeps no calibration
+    router = PaSeR.load(run_dir, device="cpu").router
+    # a bias no logit outweighs: every patch on f2, as segment would route it
+    Calibration(bias=[-1e6, -1e6, 0.0], strength=1.0, target={"budget_gflops": 9.0},
+                gflops=0.0, fractions=[0.0, 0.0, 1.0], miou=0.0, uncalibrated={}, images=1,
+                height=32, width=32, policy=router.policy_digest).save(run_dir)
+    out = rob.run_robustness(run_dir, amount=0.05, epochs=0, show_progress=False)
+    paser = out["table"]["PaSeR"]
+    assert paser["fractions_clean"] == [0.0, 0.0, 1.0]
+    assert paser["fractions_noisy"] == [0.0, 0.0, 1.0]  # the same bias with the noisy pool
+    deployed = PaSeR.load(run_dir, device="cpu")
+    test = load_stage_data(deployed.config, progress=False).test
+    assert paser["iou_clean"] == pytest.approx(deployed.evaluate(test, 4)["miou"], abs=1e-9)
+    assert paser["iou_clean"] == pytest.approx(out["table"]["f2"]["iou_clean"], abs=1e-9)
+    assert out["paser_operating_point"] == {"budget_gflops": "9"}
+    text = (run_dir / "report.md").read_text()
+    assert "calibrated operating point (budget_gflops 9)" in text
+
+
 def test_no_finished_run_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no results.json"):
         rob.run_robustness(tmp_path)

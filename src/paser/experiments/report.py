@@ -335,7 +335,8 @@ def _robustness_md(w, r: dict) -> None:
       f"the pool ({pool}) trained from {r['trained_from']} on {r['training_data']}; f0 and "
       "the policy untouched. IoU clean: clean test split, deployed pool (Table 1). IoU "
       "noisy: noisy test split, noisy pool. The last two columns cross them: the noisy "
-      "split with the deployed pool, and the clean split with the noisy pool.\n\n")
+      "split with the deployed pool, and the clean split with the noisy pool. "
+      + _operating_point(r) + "\n\n")
     w("| method | IoU clean | IoU noisy | degradation | GFLOP clean / noisy | "
       "IoU noisy, deployed pool | IoU clean, noisy pool |\n|---|---|---|---|---|---|---|\n")
     for name, row in r["table"].items():
@@ -350,6 +351,19 @@ def _robustness_md(w, r: dict) -> None:
               f"{_shares(row['fractions_noisy'])} (above f0: "
               f"{100 * row['share_above_f0_clean']:.1f} % -> "
               f"{100 * row['share_above_f0_noisy']:.1f} %)\n")
+
+
+def _operating_point(r: dict) -> str:
+    """Where the robustness study's PaSeR routes (an entry without the key predates it)."""
+    if "paser_operating_point" not in r:
+        return ("PaSeR: the policy's own choices, without the run's calibration if it has "
+                "one (measured before the study applied it; run it again to match Table 1).")
+    target = r["paser_operating_point"]
+    if target is None:
+        return "PaSeR routes at its policy's own choices (the run has no calibration)."
+    return ("PaSeR routes at the run's calibrated operating point ("
+            + ", ".join(f"{k} {v}" for k, v in target.items())
+            + "), as in Table 1 and `paser segment`, with the noisy pool too.")
 
 
 def _sensitivity_md(w, s: dict) -> None:

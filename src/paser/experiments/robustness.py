@@ -7,8 +7,9 @@ white or black with equal odds, in every channel at once.
 Noisy variants of f1..fK are trained on D_pre clean plus one noisy copy of it (best
 checkpoint on validation clean plus noisy), starting from the pool weights the run
 deployed (stage 3), with stage 1's loss, learning rate and batch size. They are swapped
-into the trained PaSeR; f0 and the policy are not touched. PaSeR and PaSeR-RandPol (the
-run's random actions) are measured on the clean test split with the deployed pool and on
+into the trained PaSeR; f0 and the policy are not touched. PaSeR (at the run's calibrated
+operating point, as Table 1 and ``paser segment`` run it) and PaSeR-RandPol (the run's
+random actions) are measured on the clean test split with the deployed pool and on
 the noisy test split with the noisy pool, by the same code as Table 1
 (:func:`paser.experiments.methods.measure`). f0 and fK alone are shown for context, and
 each system also on the noisy split without the swap (what retraining the pool bought) and
@@ -136,14 +137,18 @@ def run_robustness(run_dir: str | Path, amount: float = 0.01, seed: int | None =
     run = open_finished(run_dir, show_progress)
     cfg, data = run.cfg, run.data
     seed = cfg.seed if seed is None else seed
-    clean = PaSeR.load(run.run_dir, device=str(run.device)).router
+    paser = PaSeR.load(run.run_dir, device=str(run.device))
+    clean = paser.router
+    # the bias segment deploys and Table 1 measures; kept with the noisy pool too, whose
+    # policy it was calibrated for
+    bias = paser.calibration.tensor() if paser.calibration is not None else None
     pool, info = train_noisy_pool(run, clean, amount, seed, epochs, show_progress)
     noisy = swap_pool(clean, pool)
     test = data.test.in_memory()
     noisy_test = noisy_split(test, amount, seed)
     nmod, top = clean.num_models, f"f{clean.num_models - 1}"
     rand = random_actions(len(test), clean.grid.num_patches, nmod, cfg.seed)
-    systems = {"PaSeR": M.paser_predictor, "PaSeR-RandPol":
+    systems = {"PaSeR": lambda r: M.paser_predictor(r, bias=bias), "PaSeR-RandPol":
                lambda r: M.fixed_actions_predictor(r, rand),
                "f0": lambda r: M.f0_predictor(r, monte_carlo=False),
                top: lambda r: M.patch_model_predictor(r, nmod - 1)}
@@ -179,6 +184,8 @@ def run_robustness(run_dir: str | Path, amount: float = 0.01, seed: int | None =
            "noisy_pool": info, "models": ["f0", *(f"f{k}" for k in range(1, nmod))],
            "trained_from": "the deployed pool weights (stage 3 when it ran)",
            "training_data": "D_pre clean + one noisy copy; best on validation clean + noisy",
+           "paser_operating_point": (None if paser.calibration is None
+                                     else paser.calibration.describe_target()),
            "table": table}
     _plot_shares(run.run_dir / "figures" / "robustness_routing.png", table["PaSeR"],
                  out["models"])
