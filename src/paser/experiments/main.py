@@ -26,7 +26,7 @@ from paser.baselines.routed import (
     random_actions,
 )
 from paser.calibration import calibrate
-from paser.config import ExperimentConfig
+from paser.config import DataConfig, ExperimentConfig
 from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
 from paser.errors import DataError
@@ -113,6 +113,37 @@ def class_names(paser: PaSeR) -> list[str] | None:
     except DataError:
         return None
     return names if len(names) == paser.config.models.num_classes else None
+
+
+def same_images_note(data: DataConfig) -> str | None:
+    """The report's warning where two splits read the same images (Cityscapes withholds its
+    test labels, so ``data.cityscapes_splits`` reads ``val`` as validation and test), saying
+    which figures that makes optimistic; None where every split has images of its own."""
+    if data.dataset != "cityscapes":
+        return None  # the other datasets cut their splits apart (config.py validates slices)
+    folders, said = data.cityscapes_splits, []
+    if folders["validation"] == folders["test"]:
+        said.append(
+            f"Validation and test are the same images (Cityscapes folder `{folders['test']}` "
+            "for both, data.cityscapes_splits): every model's kept checkpoint (stage 1, the "
+            "policy, the baselines), the run's calibration, the operating points and "
+            "IDK-Cascade's thresholds were chosen on the images Table 1 scores. Every test "
+            "figure is optimistic, PaSeR's, its operating points' and the cascade's most "
+            "(their bias and thresholds were fit to these images), and so are the verdict, "
+            "Table 2 and the routers' shares of the headroom; give validation images of its "
+            "own (data.cityscapes_splits.validation: a folder of some of train's cities) for "
+            "figures that are not.")
+    if folders["test"] == folders["train"]:
+        said.append(f"Test is read from the training folder (Cityscapes `{folders['train']}`, "
+                    "data.cityscapes_splits): the models are scored on images they trained "
+                    "on, so every test figure is optimistic.")
+    elif folders["validation"] == folders["train"]:
+        said.append(f"Validation is read from the training folder (Cityscapes "
+                    f"`{folders['train']}`, data.cityscapes_splits): the kept checkpoints, "
+                    "the calibration and the cascade's thresholds were chosen on images the "
+                    "models trained on, so the operating points may miss their targets on "
+                    "new images (the test figures are of other images).")
+    return " ".join(said) or None
 
 
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
@@ -235,6 +266,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     noise = FR.bootstrap(per_image["PaSeR"], {name: per_image[name] for name in singles},
                          per_image["IDK-Cascade (IoU match)"], seed=cfg.seed)
     pool = pool_summary(run_dir, methods, nmod)
+    if (same := same_images_note(cfg.data)) is not None:
+        notes.insert(0, same)  # first: it qualifies every figure after it
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
                      f"(distributed.precision {cfg.distributed.precision}, stage1.json); its "

@@ -1,0 +1,28 @@
+"""The report's caveats: what a run's setting makes optimistic or hard to read, said where
+the figures are. Small hand-built results, no run."""
+
+from paser.config import load_config
+from paser.experiments.main import same_images_note
+
+
+def test_cityscapes_validation_read_as_test_is_said_to_make_the_figures_optimistic():
+    data = load_config(preset="cityscapes-segformer").data  # val as validation and test
+    note = same_images_note(data)
+    assert note.startswith("Validation and test are the same images (Cityscapes folder `val` "
+                           "for both, data.cityscapes_splits)")
+    assert "IDK-Cascade's thresholds were chosen on the images Table 1 scores" in note
+    assert "the verdict, Table 2 and the routers' shares of the headroom" in note
+
+
+def test_splits_of_their_own_need_no_note():
+    own = load_config(preset="cityscapes-segformer", overrides=[
+        "data.cityscapes_splits={train: train, validation: holdout, test: val}"]).data
+    assert same_images_note(own) is None
+    assert same_images_note(load_config(preset="battery-quick").data) is None
+
+
+def test_test_read_from_the_training_folder_is_said_too():
+    data = load_config(preset="cityscapes-segformer", overrides=[
+        "data.cityscapes_splits={train: train, validation: val, test: train}"]).data
+    assert same_images_note(data).startswith("Test is read from the training folder "
+                                             "(Cityscapes `train`")
