@@ -26,3 +26,19 @@ def test_test_read_from_the_training_folder_is_said_too():
         "data.cityscapes_splits={train: train, validation: val, test: train}"]).data
     assert same_images_note(data).startswith("Test is read from the training folder "
                                              "(Cityscapes `train`")
+
+
+def test_the_flop_line_gives_f0s_passes_as_counted_and_as_the_paper_counts_them():
+    from paser.experiments.report import mc_counting
+
+    # the demo's f0 at T = 5, dropout all: 0.1708 a pass, 0.0662 before the first dropout
+    costs = {"mc_samples": 5, "f0_pass": 0.1708, "f0_shared": 0.0662,
+             "f0_mc": 0.1708 * 5 - 0.0662 * 4}
+    line = mc_counting(costs)
+    assert "run once for its 5 Monte Carlo passes and are counted once" in line
+    assert "f0 with 5 passes 0.589 GFLOP; every pass counted in full, as the paper counts " \
+           "them, 0.854 (0.265 more per image" in line
+    assert mc_counting({**costs, "f0_shared": 0.0, "f0_mc": 0.854}) == (
+        "f0's 5 Monte Carlo passes are each counted in full")
+    assert mc_counting({"mc_samples": 1, "f0_pass": 0.1708, "f0_shared": 0.0,
+                        "f0_mc": 0.1708}) == "f0 runs one pass"

@@ -46,6 +46,7 @@ from paser.experiments.report import (
     add_honest_view,
     assignment_summary,
     is_routed,
+    mc_counting,
     method_order,
     plot_assignment,
     plot_curves,
@@ -291,7 +292,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"dropout {paper.config.mc_dropout}, state {paper.config.stage2.state}, "
                      f"{paper.config.stage2.policy} policy, lam {paper.config.stage2.lam}, "
                      f"cost {paper.config.stage2.cost}) trained on the same stage-1 pool "
-                     "(stages 2 and 3 in paper/).")
+                     "(stages 2 and 3 in paper/); "
+                     f"{mc_counting(paper.router.costs(h, w).to_dict())}.")
     if b.matphase is not None:
         notes.append("MatPhase is re-implemented from its published description (ensemble of "
                      "whole-image UNets, a pixel-level IDK gate on the first member's entropy, "

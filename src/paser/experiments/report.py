@@ -99,7 +99,8 @@ def markdown(results: dict) -> str:
       f"{results['image_size'][1]}; grid {results['grid'][0]} x {results['grid'][1]}; "
       f"T = {results['mc_samples']}\n")
     w(f"- FLOPs: {results['flop_convention']}; GFLOP per image at inference, all Monte Carlo "
-      "passes, the policy and every routed model included.\n")
+      "passes, the policy and every routed model included"
+      + (f"; {mc_counting(results['costs'])}" if "costs" in results else "") + ".\n")
     w(f"- ms/image: wall-clock on this device in this run, batches of "
       f"{results['timing_batch']} images, after one warm-up batch.\n\n")
     if "verdict" in results:
@@ -206,6 +207,22 @@ def markdown(results: dict) -> str:
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+def mc_counting(costs: dict) -> str:
+    """How f0's Monte Carlo passes are counted, with the paper's count beside ours where the
+    two differ (``costs``: :meth:`paser.routing.CostTable.to_dict`)."""
+    t, shared = costs["mc_samples"], costs.get("f0_shared", 0.0)
+    if t <= 1:
+        return "f0 runs one pass"
+    if shared <= 0:
+        return f"f0's {t} Monte Carlo passes are each counted in full"
+    full = t * costs["f0_pass"]
+    return (f"f0's layers before its first active dropout run once for its {t} Monte Carlo "
+            f"passes and are counted once ({shared:.3f} of its {costs['f0_pass']:.3f} GFLOP "
+            f"a pass): f0 with {t} passes {costs['f0_mc']:.3f} GFLOP; every pass counted in "
+            f"full, as the paper counts them, {full:.3f} ({full - costs['f0_mc']:.3f} more "
+            "per image for each method that runs them: the routers and f0 (MC))")
 
 
 #: the methods whose IoU of each class the report gives (those of them the run has)
