@@ -39,6 +39,42 @@ def test_the_routers_table_says_so_where_the_oracle_has_no_headroom():
     assert "| PaSeR | 0.8250 | -0.0039 | n/a |" in text
 
 
+def test_the_headroom_floor_is_the_noise_of_an_iou_difference_on_the_test_split():
+    noise = {"margin": {"value": 0.0014, "low": -0.0003, "high": 0.0039}}
+    assert FR.headroom_floor(noise) == pytest.approx(0.0021)
+    assert FR.headroom_floor(None) == FR.MIN_HEADROOM == 0.005  # no bootstrap: fixed
+    flat = {"margin": {"value": 0.0, "low": 0.0, "high": 0.0}}  # PaSeR one model throughout
+    assert FR.headroom_floor(flat) == FR.MIN_HEADROOM
+    assert FR.headroom_caveat(0.0038, 0.0120).startswith(
+        "the oracle's headroom over the frontier (+0.0038 of curve area) is under the noise "
+        "of an IoU difference on this test split (0.0120)")
+    assert FR.headroom_caveat(0.0150, 0.0120) is None  # above the noise: read the shares
+    assert FR.headroom_caveat(-0.0010, 0.0120) is None  # none: no shares to caveat
+
+
+def test_shares_of_a_headroom_under_the_noise_are_printed_with_a_caveat():
+    from paser.experiments.report import _routers_md
+
+    # the audited run: the oracle 0.0038 over the frontier, PaSeR 0.0395 under it
+    areas = {"Frontier": 0.8000, "Oracle": 0.8038, "PaSeR": 0.7605}
+    share = FR.headroom_captured(areas["PaSeR"], areas["Frontier"], areas["Oracle"])
+    assert f"{100 * share:.0f}" == "-1039"
+    lines: list[str] = []
+    _routers_md(lines.append, {"curve_areas": areas, "headroom_captured": {"PaSeR": share},
+                               "headroom_floor": 0.0120})
+    text = "".join(lines)
+    assert "| PaSeR | 0.7605 | -0.0395 | -1039 % |" in text  # still printed, and qualified:
+    assert "**The shares of the headroom are not meaningful on this run**: the oracle's " \
+           "headroom over the frontier (+0.0038 of curve area)" in text
+    assert "not the dataset's mIoU: it is no ceiling at every budget" in text
+    lines.clear()
+    _routers_md(lines.append, {"curve_areas": areas, "headroom_captured": {"PaSeR": share},
+                               "headroom_floor": 0.0020})
+    assert "not meaningful" not in "".join(lines)
+    line = FR.versus_cascade(0.001, share, -2.0, 5.0, caveat=FR.headroom_caveat(0.0038, 0.012))
+    assert "the cascade -200 % (the oracle's headroom over the frontier (+0.0038" in line
+
+
 def test_a_router_above_the_fixed_cost_reads_as_f0_alone_below_it():
     # f0 (1 GFLOP, 0.5) and f1 (4, 0.9); a router whose cheapest point (2 GFLOP, 0.8) costs
     # more than the range's start: below it a user runs f0, which gives 0.5, not 0

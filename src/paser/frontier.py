@@ -156,6 +156,37 @@ def headroom_captured(area: float, frontier_area: float, oracle_area: float) -> 
     return None if room <= 1e-12 else (area - frontier_area) / room
 
 
+#: the oracle's least margin over the frontier (curve area, IoU) whose shares are read,
+#: where the test split's bootstrap gives no noise scale: the report's IoU-match tolerance
+#: (baselines.iou_match_tol's default), a difference it already treats as none
+MIN_HEADROOM = 0.005
+
+
+def headroom_floor(noise: dict | None) -> float:
+    """The oracle's least margin over the frontier (curve area, IoU) whose shares
+    (:func:`headroom_captured`) mean something: the noise of an IoU difference on this
+    test split, half the width of :func:`bootstrap`'s interval of PaSeR's margin over the
+    frontier (``noise``), or :data:`MIN_HEADROOM` where that interval is missing or has no
+    width (PaSeR on one model in every resample)."""
+    if noise is None:
+        return MIN_HEADROOM
+    m = noise["margin"]
+    half = (m["high"] - m["low"]) / 2
+    return float(half) if np.isfinite(half) and half > 0 else MIN_HEADROOM
+
+
+def headroom_caveat(room: float, floor: float | None) -> str | None:
+    """Why shares of the oracle's headroom ``room`` (its curve area minus the frontier's)
+    are not to be read, where ``room`` is positive but under ``floor``
+    (:func:`headroom_floor`): a share of a margin that small is mostly its noise, and runs
+    into hundreds of percent. None where the shares can be read (or there are none)."""
+    if floor is None or room <= 1e-12 or room >= floor:
+        return None
+    return (f"the oracle's headroom over the frontier ({room:+.4f} of curve area) is under "
+            f"the noise of an IoU difference on this test split ({floor:.4f}), so shares of "
+            "it are not meaningful here")
+
+
 def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             fixed_gflops: float | None = None, curve: dict | None = None,
             lo: float | None = None, hi: float | None = None) -> str:
@@ -225,17 +256,19 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
 
 
 def versus_cascade(area_margin: float, captured: float | None, cascade_captured: float | None,
-                   flops_saved_pct: float, equal_iou: bool = True) -> str:
+                   flops_saved_pct: float, equal_iou: bool = True,
+                   caveat: str | None = None) -> str:
     """The verdict's second line: the trained router against the training-free entropy
     cascade, the simplest alternative a user has. ``area_margin`` is PaSeR's curve area minus
     the cascade's (the same budgets as the frontier's), ``captured`` and ``cascade_captured``
     their shares of the oracle's headroom (:func:`headroom_captured`, ``None`` without
     headroom), ``flops_saved_pct`` Table 2's: PaSeR's GFLOP saved against the cascade
     matched to its IoU (negative: the cascade is cheaper there), ``equal_iou`` whether the
-    matched cascade reaches PaSeR's IoU (else it is the closest it comes, Table 2 says)."""
+    matched cascade reaches PaSeR's IoU (else it is the closest it comes, Table 2 says),
+    ``caveat`` why the shares are not to be read (:func:`headroom_caveat`)."""
     shares = ("" if captured is None or cascade_captured is None else
               f"; of the oracle's headroom PaSeR captures {100 * captured:.0f} %, the cascade "
-              f"{100 * cascade_captured:.0f} %")
+              f"{100 * cascade_captured:.0f} %" + (f" ({caveat})" if caveat else ""))
     head = ("the trained router is above the training-free entropy cascade (IDK-Cascade): "
             f"PaSeR's curve area {area_margin:+.4f} against the cascade's" if area_margin > 0 else
             "the training-free entropy cascade (IDK-Cascade), which needs no policy, does as "
@@ -340,6 +373,7 @@ def noise_line(noise: dict) -> str:
     return line
 
 
-__all__ = ["areas", "best_within", "bootstrap", "budgets", "curve_saving", "curve_values",
-           "frontier_at", "frontier_cost", "frontier_curve", "frontier_mix", "headroom_captured",
-           "hull", "noise_line", "share_above", "verdict", "versus_cascade", "wall_clock"]
+__all__ = ["MIN_HEADROOM", "areas", "best_within", "bootstrap", "budgets", "curve_saving",
+           "curve_values", "frontier_at", "frontier_cost", "frontier_curve", "frontier_mix",
+           "headroom_captured", "headroom_caveat", "headroom_floor", "hull", "noise_line",
+           "share_above", "verdict", "versus_cascade", "wall_clock"]
