@@ -42,3 +42,40 @@ def test_the_flop_line_gives_f0s_passes_as_counted_and_as_the_paper_counts_them(
         "f0's 5 Monte Carlo passes are each counted in full")
     assert mc_counting({"mc_samples": 1, "f0_pass": 0.1708, "f0_shared": 0.0,
                         "f0_mc": 0.1708}) == "f0 runs one pass"
+
+
+def test_a_methods_point_has_its_curves_colour_and_no_other_method_takes_one():
+    from paser.experiments.report import CURVE_COLOURS, point_colours
+
+    names = ["PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)", "PaSeR-RandPol",
+             "IDK-Cascade", "IDK-Cascade (IoU match)", "Oracle", "f0", "f0 (MC)", "f1", "f2"]
+    colours = point_colours(names)
+    assert colours["Oracle"] == "C2" and colours["PaSeR (paper)"] == "C4"
+    assert colours["PaSeR (best model's IoU - 0.005)"] == colours["PaSeR"] == "C0"
+    assert colours["IDK-Cascade (IoU match)"] == colours["IDK-Cascade"] == "C1"
+    rest = [colours[n] for n in ("PaSeR-RandPol", "f0", "f0 (MC)", "f1", "f2")]
+    assert len(set(rest)) == 5 and not set(rest) & set(CURVE_COLOURS.values())
+
+
+def test_lams_that_land_on_one_point_share_one_label():
+    from paser.experiments.sensitivity import lam_labels
+
+    rows = [{"lam": 0.0, "mean_cost": 0.20, "iou": 0.80},
+            {"lam": 0.1, "mean_cost": 0.20, "iou": 0.80},  # the same policy as lam 0
+            {"lam": 0.2, "mean_cost": 0.1999, "iou": 0.8001},  # within 2 % of each axis
+            {"lam": 0.5, "mean_cost": 0.05, "iou": 0.70}]
+    assert lam_labels(rows) == [(0.20, 0.80, "0, 0.1, 0.2"), (0.05, 0.70, "0.5")]
+
+
+def test_label_and_prediction_share_class_colours_with_a_legend(tmp_path):
+    import torch
+
+    from paser.experiments.report import plot_qualitative
+    from paser.patches import PatchGrid
+
+    labels = torch.tensor([[[0, 1], [2, 255]]]).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    path = tmp_path / "q.png"
+    plot_qualitative(path, torch.rand(1, 1, 16, 16), labels, labels.clamp(max=2),
+                     torch.tensor([[0, 1, 2, 0]]), torch.rand(1, 16, 16), PatchGrid(2, 2),
+                     ["f0", "f1", "f2"], ["pore", "carbon", "nickel"])
+    assert path.stat().st_size > 1000

@@ -384,7 +384,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         summary["tvd_sweep"] = sweep
         plot_tvd(figures / "tvd.png", sweep)
     plot_curves(figures / "iou_vs_gflop.png", methods, curves)
-    _qualitative(figures / "qualitative.png", router, data, nmod, bias)
+    _qualitative(figures / "qualitative.png", router, data, nmod, bias,
+                 summary["classes"] or [f"class {c}" for c in range(ncls)])
     from paser.experiments.finished import kept_experiments
 
     kept, dropped = kept_experiments(run_dir)  # `paser experiment` entries, on these models
@@ -443,14 +444,15 @@ def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: to
 
 @torch.inference_mode()
 def _qualitative(path: Path, router, data: StageData, nmod: int,
-                 bias: torch.Tensor | None, count: int = 4) -> None:
+                 bias: torch.Tensor | None, names: list[str], count: int = 4) -> None:
     """The first test images routed as the report's PaSeR routes them (at the run's
-    calibrated operating point, ``bias``)."""
+    calibrated operating point, ``bias``); ``names``: the classes, in class order."""
     device = next(router.parameters()).device
     x = data.test.images[:count].to(device)
     out = router(x, bias=bias, mc_seed=0)
     plot_qualitative(path, x.cpu(), data.test.masks[:count], out.mask.cpu(), out.actions.cpu(),
-                     out.mc.entropy.cpu(), router.grid, ["f0", *(f"f{k}" for k in range(1, nmod))])
+                     out.mc.entropy.cpu(), router.grid, ["f0", *(f"f{k}" for k in range(1, nmod))],
+                     names)
 
 
 __all__ = ["evaluate_all"]

@@ -442,10 +442,39 @@ def write_report(run_dir: Path, results: dict) -> str:
     return text
 
 
+#: the colour of each curve in iou_vs_gflop.png; a method's point takes its curve's
+CURVE_COLOURS = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2", "PaSeR (paper)": "C4"}
+
+
+def curve_of(name: str) -> str | None:
+    """The curve a method's point lies on (its operating points are PaSeR's: calibrated
+    biases; the IoU-matched cascade is a point of the cascade's curve); None for the rest."""
+    if name in CURVE_COLOURS:
+        return name
+    if name.startswith("IDK-Cascade"):
+        return "IDK-Cascade"
+    if name.startswith("PaSeR (") and name != "PaSeR (paper)":
+        return "PaSeR"
+    return None
+
+
+def point_colours(names) -> dict[str, object]:
+    """Each method's colour: its curve's, or else one of tab20's that no curve uses."""
+    plt = pyplot()
+    free = [plt.cm.tab20(i) for i in (6, 10, 12, 16, 18, 7, 11, 13, 17, 19)]  # no grey
+    out, i = {}, 0
+    for name in names:
+        if (on := curve_of(name)) is not None:
+            out[name] = CURVE_COLOURS[on]
+        else:
+            out[name], i = free[i % len(free)], i + 1
+    return out
+
+
 def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 5))
-    styles = {"PaSeR": "C0", "IDK-Cascade": "C1", "Oracle": "C2", "PaSeR (paper)": "C4"}
+    styles = CURVE_COLOURS
     for name, c in curves.items():
         if c.get("interpolate"):  # the single-model frontier: linear in GFLOP between models,
             # so drawn through many points: on the log axis a straight line would bow above it
@@ -455,9 +484,10 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
             continue
         ax.step(c["gflops"], c["iou"], where="post", color=styles.get(name, "C7"), alpha=0.75,
                 label=f"{name} curve")
+    colours = point_colours(methods)
     for i, (name, m) in enumerate(methods.items()):
         ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>phX8d"[i % 13], s=60, zorder=3,
-                   color=plt.cm.tab20(i % 20), label=name)
+                   color=colours[name], edgecolor="black", linewidth=0.5, label=name)
     ax.set_xscale("log")
     ax.set_xlabel(f"GFLOP per image ({FLOP_CONVENTION})", fontsize=8)
     ax.set_ylabel("test mIoU")
@@ -467,27 +497,40 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
 
 
 def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid,
-                     model_names: list[str]) -> None:
-    """Rows of test images: input, label, PaSeR prediction, routing map, entropy map."""
+                     model_names: list[str], class_names: list[str]) -> None:
+    """Rows of test images: input, label, PaSeR prediction, routing map, entropy map.
+
+    Label and prediction share one colour per class (``class_names``, in class order;
+    unlabelled pixels white), with a legend for them and one for the routing map."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     plt = pyplot()
 
-    n = len(images)
+    n, ncls = len(images), len(class_names)
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)
     cmap = ListedColormap(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"][:len(model_names)])
+    palette = plt.cm.Set2 if ncls <= 8 else plt.cm.tab20  # not the routing map's colours
+    classes = ListedColormap([palette(c % palette.N) for c in range(ncls)]
+                             ).with_extremes(bad="white")
+
+    def by_class(mask):  # values outside 0..C-1 (unlabelled, 255) are masked: white
+        a = np.asarray(mask)
+        return np.ma.masked_where((a < 0) | (a >= ncls), a)
+
     for r in range(n):
         h, w = labels[r].shape
         rmap = np.kron(actions[r].reshape(grid.rows, grid.cols).numpy(),
                        np.ones((math.ceil(h / grid.rows), math.ceil(w / grid.cols))))[:h, :w]
-        panels = [(images[r][0], "gray", "input"), (labels[r], "viridis", "label"),
-                  (preds[r], "viridis", "PaSeR"), (rmap, cmap, "routing"),
+        panels = [(images[r][0], "gray", "input"), (by_class(labels[r]), classes, "label"),
+                  (by_class(preds[r]), classes, "PaSeR"), (rmap, cmap, "routing"),
                   (entropies[r][:h, :w], "magma", "f0 entropy")]
         for c, (img, cm, title) in enumerate(panels):
             ax = axes[r, c]
-            kw = {"vmin": 0, "vmax": len(model_names) - 1} if title == "routing" else {}
-            ax.imshow(np.asarray(img), cmap=cm, interpolation="nearest", **kw)
+            kw = ({"vmin": 0, "vmax": len(model_names) - 1} if title == "routing" else
+                  {"vmin": 0, "vmax": ncls - 1} if cm is classes else {})
+            ax.imshow(img if cm is classes else np.asarray(img), cmap=cm,
+                      interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if title == "routing":  # the patch borders
@@ -497,11 +540,22 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
                     ax.axvline(k * w / grid.cols - 0.5, color="white", lw=0.8)
             if r == 0:
                 ax.set_title(title, fontsize=8)
-    legend = [Patch(facecolor=cmap(i), edgecolor="none", label=f"routed to {m}")
-              for i, m in enumerate(model_names)]
-    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8,
-               title="routing map", title_fontsize=8, frameon=False)
-    save_figure(fig, path, dpi=100, rect=(0, 0.6 / (2.5 * n), 1, 1))  # room for the legend
+    routing = [Patch(facecolor=cmap(i), edgecolor="none", label=f"routed to {m}")
+               for i, m in enumerate(model_names)]
+    unlabelled = any(bool((np.asarray(m) >= ncls).any() or (np.asarray(m) < 0).any())
+                     for m in labels)
+    legend = [Patch(facecolor=classes(c), edgecolor="none", label=name)
+              for c, name in enumerate(class_names)]
+    if unlabelled:
+        legend.append(Patch(facecolor="white", edgecolor="grey", label="unlabelled"))
+    cols = min(len(legend), 7)
+    rows = math.ceil(len(legend) / cols)
+    fig.legend(handles=legend, loc="lower left", ncol=cols, fontsize=8, frameon=False,
+               title="label and prediction", title_fontsize=8, bbox_to_anchor=(0.0, 0.0))
+    fig.legend(handles=routing, loc="lower right", ncol=len(routing), fontsize=8,
+               title="routing map", title_fontsize=8, frameon=False, bbox_to_anchor=(1.0, 0.0))
+    room = 0.35 + 0.25 * rows  # inches: the legends' titles and rows
+    save_figure(fig, path, dpi=100, rect=(0, room / (2.5 * n), 1, 1))
 
 
 def pyplot():
@@ -548,6 +602,7 @@ def plot_tvd(path: Path, sweep: list[dict]) -> None:
                     label="IoU / GFLOP (left)")
     ax.set_xlabel("TVD threshold (%)")
     ax.set_ylabel("IoU / GFLOP", color="C0")
+    ax.set_title(f"GFLOP per image: {FLOP_CONVENTION}", fontsize=7)
     twin = ax.twinx()
     lines += twin.plot(x, [r["iou"] for r in sweep], "s--", color="C3", markersize=5,
                        label="test mIoU (right)")

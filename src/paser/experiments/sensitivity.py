@@ -104,21 +104,51 @@ def run_sensitivity(run_dir: str | Path, lams=DEFAULT_LAMS, samples=(5, 20),
                                 "n": int(v.numel())} for t, v in ent.items()},
            **welch(a, b)}
     figures = run.run_dir / "figures"
-    _plot_lam(figures / "sensitivity_lam.png", sweep)
+    _plot_lam(figures / "sensitivity_lam.png", sweep, cfg.stage2.cost)
     _plot_entropy(figures / "mc_entropy.png", ent, out["p_value"])
     record_experiment(run.run_dir, "sensitivity", out)
     return out
 
 
-def _plot_lam(path: Path, rows: list[dict]) -> None:
-    """Mean cost against test mIoU, one point per lam (paper Fig. 5b)."""
+#: what c(a) is under each stage2.cost, for the lam figure's axis
+COST_AXIS = {"params": "share of f0..fK's parameters",
+             "flops": "share of f0..fK's GFLOP on a patch"}
+
+
+def lam_labels(rows: list[dict], close: float = 0.02) -> list[tuple[float, float, str]]:
+    """One label per point of the lam figure, ``(mean cost, mIoU, "0, 0.1")``: lams whose
+    points lie within ``close`` of each other (a share of each axis's span) share one, as
+    lams that train the same policy do, so their labels do not print over each other."""
+    xs, ys = [r["mean_cost"] for r in rows], [r["iou"] for r in rows]
+    dx, dy = (max(max(v) - min(v), 1e-12) for v in (xs, ys))
+    groups: list[list[dict]] = []
+    for r in rows:
+        for g in groups:
+            if (abs(r["mean_cost"] - g[0]["mean_cost"]) <= close * dx
+                    and abs(r["iou"] - g[0]["iou"]) <= close * dy):
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return [(g[0]["mean_cost"], g[0]["iou"], ", ".join(f"{r['lam']:g}" for r in g))
+            for g in groups]
+
+
+def _plot_lam(path: Path, rows: list[dict], cost: str) -> None:
+    """Mean cost against test mIoU, one point per lam (paper Fig. 5b); ``cost`` is
+    stage2.cost, what c(a) measures."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([r["mean_cost"] for r in rows], [r["iou"] for r in rows], "o-", color="C0")
-    for r in rows:
-        ax.annotate(f"{r['lam']:g}", (r["mean_cost"], r["iou"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 3))
-    ax.set_xlabel("mean cost per patch c(a)")
+    xs = [r["mean_cost"] for r in rows]
+    middle = (min(xs) + max(xs)) / 2
+    for x, y, text in lam_labels(rows):
+        right = x > middle  # written towards the middle, inside the axes
+        ax.annotate(f"lam {text}", (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(-4 if right else 4, 3), ha="right" if right else "left")
+    ax.margins(0.08)
+    ax.set_xlabel(f"mean cost per patch c(a): {COST_AXIS.get(cost, cost)} "
+                  f"(stage2.cost {cost})", fontsize=8)
     ax.set_ylabel("test mIoU")
     ax.set_title("policy trained at each lam", fontsize=9)
     ax.grid(alpha=0.3)
