@@ -57,8 +57,22 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
     assert stored.pop("measured_on") and stored == json.loads(json.dumps(out))
     text = (mnist_run / "report.md").read_text()
     assert "Sensitivity to lam" in text and f"p = {out['p_value']:.4f}" in text
+    # the run routes with every dropout on: the T study measures that, and says so
+    assert out["dropout"] == out["run_dropout"] == "all"
+    assert "T = 2 against T = 6, dropout all as the run routes: " in text
     for fig in ("sensitivity_lam.png", "mc_entropy.png"):
         assert (mnist_run / "figures" / fig).stat().st_size > 1000
+
+
+def test_a_run_without_monte_carlo_is_studied_with_every_dropout_on_and_told_so():
+    from paser.experiments.report import dropout_said
+
+    assert sens.entropy_dropout("none") == "all"  # T passes of none would all be alike
+    assert sens.entropy_dropout("last") == "last" and sens.entropy_dropout("all") == "all"
+    said = dropout_said({"dropout": "all", "run_dropout": "none"})
+    assert said == (", dropout all: the run's f0 routes with mc_dropout none (one "
+                    "deterministic pass), so this measures the paper's Monte Carlo dropout, "
+                    "not what the run uses")
 
 
 def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):

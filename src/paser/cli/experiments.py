@@ -70,7 +70,8 @@ def experiment_sensitivity(
     typer.echo(f"{'lam':>5} {'mIoU':>7} {'mean cost':>10} {'GFLOP':>8}")
     for r in out["lam_sweep"]:
         typer.echo(f"{r['lam']:5g} {r['iou']:7.4f} {r['mean_cost']:10.4f} {r['gflops']:8.3f}")
-    typer.echo(f"entropy T={samples[0]} vs T={samples[1]}: Welch p = {out['p_value']:.4f}")
+    typer.echo(f"entropy T={samples[0]} vs T={samples[1]} (dropout {out['dropout']}; the run "
+               f"routes with {out['run_dropout']}): Welch p = {out['p_value']:.4f}")
     typer.echo(f"written to {run_dir / 'results.json'} (experiments.sensitivity), "
                f"{run_dir / 'report.md'} and {run_dir / 'figures'}")
 

@@ -403,11 +403,23 @@ def _sensitivity_md(w, s: dict) -> None:
           f"{_fmt(r['gflops'], 3)} | {_shares(r['fractions'])} |\n")
     t = s["mc_samples"]
     w(f"\n## Sensitivity to the number of Monte Carlo samples\n\n"
-      f"f0's {s['entropy_unit']} on the test split, T = {t[0]} against T = {t[1]}: ")
+      f"f0's {s['entropy_unit']} on the test split, T = {t[0]} against T = {t[1]}"
+      f"{dropout_said(s)}: ")
     w(", ".join(f"T = {k}: {v['mean']:.4f} +/- {v['std']:.4f} (n = {v['n']})"
                 for k, v in s["entropy"].items()))
     w(f". Welch t-test: t = {s['t_statistic']:.3f}, p = {s['p_value']:.4f} "
       "(the paper: p = 0.6986).\n")
+
+
+def dropout_said(s: dict) -> str:
+    """Which dropouts the T study kept on, and where that is not how the run routes."""
+    if "dropout" not in s:  # an entry from before the study recorded it: every dropout
+        return ", every dropout on (mc_dropout all)"
+    if s["dropout"] == s["run_dropout"]:
+        return f", dropout {s['dropout']} as the run routes"
+    return (f", dropout {s['dropout']}: the run's f0 routes with mc_dropout "
+            f"{s['run_dropout']} (one deterministic pass), so this measures the paper's Monte "
+            "Carlo dropout, not what the run uses")
 
 
 def _assignment_md(w, a: dict) -> None:

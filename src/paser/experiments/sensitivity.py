@@ -10,7 +10,10 @@ Each point is the greedy policy on the test split: mIoU, mean cost ``c(a)`` per 
 
 (b) Monte Carlo samples: f0's entropy map from T = 5 and T = 20 passes over the test
 split, summarised as the mean entropy of each patch; a Welch t-test (SciPy, unequal
-variances) asks whether the two distributions differ (the paper: p = 0.6986).
+variances) asks whether the two distributions differ (the paper: p = 0.6986). The passes
+keep the run's dropouts on (mc_dropout all or last); a run whose f0 routes with one
+deterministic pass (none) is measured with every dropout on, the paper's setting, and the
+output says so.
 """
 
 from __future__ import annotations
@@ -41,16 +44,23 @@ def welch(a, b) -> dict:
     return {"t_statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
+def entropy_dropout(run_dropout: str) -> str:
+    """The dropouts on in the T study: the run's, or every one (the paper's) where the run
+    has none on (one deterministic pass, for which T means nothing)."""
+    return "all" if run_dropout == "none" else run_dropout
+
+
 @torch.inference_mode()
 def patch_entropies(router: Router, data: Tensors, samples: int, batch_size: int,
-                    seed: int = 0) -> torch.Tensor:
-    """Mean entropy of f0's ``samples``-pass Monte Carlo output per patch ``[N * P]``."""
+                    seed: int = 0, dropout: str = "all") -> torch.Tensor:
+    """Mean entropy of f0's ``samples``-pass Monte Carlo output per patch ``[N * P]``, with
+    ``dropout``'s dropouts on (:func:`paser.uncertainty.mc_predict`)."""
     device = next(router.parameters()).device
     grid, out = router.grid, []
     with seeded(seed, device):
         for x, _ in data.batches(batch_size):
             x = grid.pad(x.to(device))
-            ent = mc_predict(router.f0, x, samples).entropy  # [B, Hp, Wp]
+            ent = mc_predict(router.f0, x, samples, dropout).entropy  # [B, Hp, Wp]
             out.append(grid.split(ent).mean(dim=(-2, -1)).cpu())
     return torch.cat(out)
 
@@ -94,18 +104,20 @@ def run_sensitivity(run_dir: str | Path, lams=DEFAULT_LAMS, samples=(5, 20),
     cfg, data = run.cfg, run.data
     router = build_router(cfg, run.run_dir, run.device).eval()
     sweep = lam_sweep(cfg, router, data, list(lams), epochs, show_progress)
-    ent = {t: patch_entropies(router, data.test, t, cfg.stage2.batch_size, cfg.seed)
+    dropout = entropy_dropout(router.mc_dropout)
+    ent = {t: patch_entropies(router, data.test, t, cfg.stage2.batch_size, cfg.seed, dropout)
            for t in samples}
     a, b = (ent[t].numpy() for t in samples[:2])
     out = {"lam_sweep": sweep, "cost": cfg.stage2.cost,
            "epochs": cfg.stage2.epochs if epochs is None else epochs,
-           "mc_samples": list(samples), "entropy_unit": "mean entropy per patch (nats)",
+           "mc_samples": list(samples), "dropout": dropout, "run_dropout": router.mc_dropout,
+           "entropy_unit": "mean entropy per patch (nats)",
            "entropy": {str(t): {"mean": float(v.mean()), "std": float(v.std()),
                                 "n": int(v.numel())} for t, v in ent.items()},
            **welch(a, b)}
     figures = run.run_dir / "figures"
     _plot_lam(figures / "sensitivity_lam.png", sweep, cfg.stage2.cost)
-    _plot_entropy(figures / "mc_entropy.png", ent, out["p_value"])
+    _plot_entropy(figures / "mc_entropy.png", ent, out["p_value"], dropout)
     record_experiment(run.run_dir, "sensitivity", out)
     return out
 
@@ -155,13 +167,14 @@ def _plot_lam(path: Path, rows: list[dict], cost: str) -> None:
     save_figure(fig, path)
 
 
-def _plot_entropy(path: Path, ent: dict[int, torch.Tensor], p_value: float) -> None:
+def _plot_entropy(path: Path, ent: dict[int, torch.Tensor], p_value: float,
+                  dropout: str) -> None:
     """Box plot of the patch entropies for each number of Monte Carlo samples."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.8))
     ax.boxplot([v.numpy() for v in ent.values()], showfliers=False)
     ax.set_xticks(range(1, len(ent) + 1), [f"T = {t}" for t in ent])
     ax.set_ylabel("mean entropy per patch (nats)")
-    ax.set_title(f"Welch t-test p = {p_value:.4f}", fontsize=9)
+    ax.set_title(f"dropout {dropout}; Welch t-test p = {p_value:.4f}", fontsize=9)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
