@@ -37,7 +37,7 @@ def test_the_flop_line_gives_f0s_passes_as_counted_and_as_the_paper_counts_them(
     line = mc_counting(costs)
     assert "run once for its 5 Monte Carlo passes and are counted once" in line
     assert "f0 with 5 passes 0.589 GFLOP; every pass counted in full, as the paper counts " \
-           "them, 0.854 (0.265 more per image" in line
+           "them, 0.854 (0.265 more per image for the routers and f0 (MC))" in line
     assert mc_counting({**costs, "f0_shared": 0.0, "f0_mc": 0.854}) == (
         "f0's 5 Monte Carlo passes are each counted in full")
     assert mc_counting({"mc_samples": 1, "f0_pass": 0.1708, "f0_shared": 0.0,

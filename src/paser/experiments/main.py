@@ -295,7 +295,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"{paper.config.stage2.policy} policy, lam {paper.config.stage2.lam}, "
                      f"cost {paper.config.stage2.cost}) trained on the same stage-1 pool "
                      "(stages 2 and 3 in paper/); "
-                     f"{mc_counting(paper.router.costs(h, w).to_dict())}.")
+                     f"{mc_counting(paper.router.costs(h, w).to_dict(), 'PaSeR (paper)')}.")
     if b.matphase is not None:
         notes.append("MatPhase is re-implemented from its published description (ensemble of "
                      "whole-image UNets, a pixel-level IDK gate on the first member's entropy, "

@@ -209,9 +209,10 @@ def markdown(results: dict) -> str:
     return out.getvalue()
 
 
-def mc_counting(costs: dict) -> str:
+def mc_counting(costs: dict, runs_them: str = "the routers and f0 (MC)") -> str:
     """How f0's Monte Carlo passes are counted, with the paper's count beside ours where the
-    two differ (``costs``: :meth:`paser.routing.CostTable.to_dict`)."""
+    two differ (``costs``: :meth:`paser.routing.CostTable.to_dict`; ``runs_them``: the
+    methods whose GFLOP hold the passes)."""
     t, shared = costs["mc_samples"], costs.get("f0_shared", 0.0)
     if t <= 1:
         return "f0 runs one pass"
@@ -222,7 +223,7 @@ def mc_counting(costs: dict) -> str:
             f"passes and are counted once ({shared:.3f} of its {costs['f0_pass']:.3f} GFLOP "
             f"a pass): f0 with {t} passes {costs['f0_mc']:.3f} GFLOP; every pass counted in "
             f"full, as the paper counts them, {full:.3f} ({full - costs['f0_mc']:.3f} more "
-            "per image for each method that runs them: the routers and f0 (MC))")
+            f"per image for {runs_them})")
 
 
 #: the methods whose IoU of each class the report gives (those of them the run has)
@@ -255,8 +256,8 @@ def _routers_md(w, results: dict) -> None:
     reach_name = next((n for n in areas if n.startswith("Oracle (")), None)
     w("## The routers against the frontier and the oracle\n\n")
     w("Headroom captured: (curve area - frontier area) / (oracle area - frontier area), the "
-      "share of what perfect routing of this pool adds over the best single models that a "
-      "router gets (1: all of it; 0: none; below 0: under the frontier). Rank correlation: "
+      "share of what the oracle's routing of this pool (labels known) adds over the best "
+      "single models that a router gets (1: all of it; 0: none; below 0: under the frontier). Rank correlation: "
       "Spearman's, over the test patches, between the router's preference to move a patch "
       "off f0 and the best pool model's true gain there (the cascade: f0's entropy on the "
       "patch). A router's curve counts as f0 alone below its fixed cost. The oracle "
