@@ -105,6 +105,20 @@ def test_wall_clock_compares_milliseconds_at_equal_iou():
     assert above["frontier_ms_at_equal_iou"] is None and above["met"]
 
 
+def test_the_wall_clock_headline_reads_the_medians_of_rounds_in_turns():
+    ious = {"PaSeR": 0.83, "f0": 0.79, "f1": 0.85}
+    # round 2 is a slow spell on PaSeR alone; the median leaves it out
+    ms = {"PaSeR": [10.0, 40.0, 11.0], "f0": [3.0, 3.0, 3.0], "f1": [21.0, 20.0, 19.0]}
+    wc = FR.wall_clock_in_turns(ms, ious)
+    assert wc["rounds"] == 3 and wc["ms_per_image"] == {"PaSeR": 11.0, "f0": 3.0, "f1": 20.0}
+    # the frontier at 0.83: f0 and f1 split 1:2, 3 + 17 * 2/3 ms
+    assert wc["frontier_ms_at_equal_iou"] == pytest.approx(3 + 17 * 2 / 3)
+    assert wc["ratio"] == pytest.approx(11 / (3 + 17 * 2 / 3))
+    lows = [10 / (3 + 18 * 2 / 3), 40 / (3 + 17 * 2 / 3), 11 / (3 + 16 * 2 / 3)]
+    assert wc["ratio_range"] == pytest.approx([min(lows), max(lows)])
+    assert FR.wall_clock_in_turns(ms, {**ious, "PaSeR": 0.9})["ratio_range"] is None
+
+
 def _counts(inter, union, gflops):
     return {"intersection": np.asarray(inter), "union": np.asarray(union),
             "gflops": np.asarray(gflops, dtype=float)}

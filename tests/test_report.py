@@ -79,3 +79,50 @@ def test_label_and_prediction_share_class_colours_with_a_legend(tmp_path):
                      torch.tensor([[0, 1, 2, 0]]), torch.rand(1, 16, 16), PatchGrid(2, 2),
                      ["f0", "f1", "f2"], ["pore", "carbon", "nickel"])
     assert path.stat().st_size > 1000
+
+
+def test_predictors_are_timed_in_turns_each_round_starting_with_the_next():
+    import torch
+
+    from paser.evaluation import Prediction, time_in_turns
+
+    calls: list[tuple[str, int]] = []
+
+    def predictor(name):
+        def predict(x, idx):
+            calls.append((name, int(x[0, 0, 0, 0])))  # which batch it was given
+            return Prediction(x[:, 0].long(), torch.zeros(len(x)))
+        return predict
+
+    names = ["PaSeR", "f0", "f1"]
+    batches = [torch.full((2, 1, 4, 4), float(b)) for b in range(2)]
+    ms = time_in_turns({n: predictor(n) for n in names}, batches, torch.device("cpu"),
+                       rounds=3, budget_s=60.0)
+    assert calls == [("PaSeR", 0), ("f0", 0), ("f1", 0), ("f0", 1), ("f1", 1), ("PaSeR", 1),
+                     ("f1", 0), ("PaSeR", 0), ("f0", 0)]
+    assert {n: len(v) for n, v in ms.items()} == {"PaSeR": 3, "f0": 3, "f1": 3}
+    assert all(v >= 0 for times in ms.values() for v in times)
+    calls.clear()  # over its budget it stops after the least rounds
+    ms = time_in_turns({n: predictor(n) for n in names}, batches, torch.device("cpu"),
+                       rounds=5, least=2, budget_s=0.0)
+    assert len(calls) == 6 and len(ms["f1"]) == 2
+
+
+def test_the_wall_clock_line_says_how_it_was_timed_and_how_far_rounds_spread():
+    from paser.experiments.report import wall_clock_line
+
+    wc = {"paser_ms": 14.6, "frontier_ms_at_equal_iou": 14.2, "ratio": 1.028, "rounds": 5,
+          "ratio_range": [0.95, 1.31], "batches": 5}
+    assert wall_clock_line(wc, 8) == (
+        "Wall clock on this device: PaSeR 14.6 ms per image; the single models need 14.2 ms "
+        "for its IoU (1.03 x) (medians of 5 rounds in which PaSeR and the single models each "
+        "timed the same batch of 8 test images in turn, the first 5 batches of the split by "
+        "turns; single rounds gave 0.95 to 1.31 x). A few batches on a machine that may be "
+        "shared give a rough figure; `make bench` (benchmarks/bench.py) times whole splits "
+        "in turns.")
+    # the rounds of a loaded machine (2 threads on 2 busy cores): said to be unreadable
+    unsteady = wall_clock_line({**wc, "ratio_range": [0.03, 35.8]}, 8)
+    assert "The rounds disagree by more than 2 x: this machine's timing was too unsteady" \
+        in unsteady
+    old = {k: wc[k] for k in ("paser_ms", "frontier_ms_at_equal_iou", "ratio")}
+    assert "one method after another in this run, batches of 8" in wall_clock_line(old, 8)

@@ -130,6 +130,35 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
     return result
 
 
+@torch.inference_mode()
+def time_in_turns(predictors: dict[str, Predictor], batches: list[torch.Tensor],
+                  device: torch.device, rounds: int = 5, least: int = 3,
+                  budget_s: float = 3.0) -> dict[str, list[float]]:
+    """Milliseconds per image of each predictor, in rounds in which the predictors take
+    turns on the same batch (round ``r``: ``batches[r % len(batches)]``, each [B, C, H, W];
+    each round starting with the next predictor), so a slow spell of a shared machine hits
+    all of them alike instead of one, and a routed method is timed on more than one mix.
+
+    At most ``rounds``; after ``least`` it stops once ``budget_s`` seconds have gone. The
+    predictors should be warm (measured before): nothing runs untimed here. Returns each
+    predictor's ms per image, one per round."""
+    names = list(predictors)
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    began = time.perf_counter()
+    for r in range(rounds):
+        if r >= least and time.perf_counter() - began > budget_s:
+            break
+        x = batches[r % len(batches)].to(device)
+        idx = torch.arange(x.shape[0])
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            predictors[name](x, idx)
+            _sync(device)
+            ms[name].append(1000 * (time.perf_counter() - start) / x.shape[0])
+    return ms
+
+
 def per_class(scores: dict) -> list[float | None]:
     """Each class's IoU over the split (:meth:`IoUAccumulator.compute`'s ``per_class``),
     None for a class neither predicted nor labelled anywhere (JSON has no NaN)."""

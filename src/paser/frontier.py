@@ -299,6 +299,24 @@ def wall_clock(point: Point, singles: dict[str, Point]) -> dict:
             "met": True if need is None else ms <= need * (1 + 1e-9)}
 
 
+def wall_clock_in_turns(ms: dict[str, list[float]], ious: dict[str, float]) -> dict:
+    """:func:`wall_clock` on milliseconds timed in turns
+    (:func:`paser.evaluation.time_in_turns`): ``ms`` holds PaSeR's and each single model's
+    ms per image, one per round, ``ious`` their IoU. The figures are of the medians over
+    rounds; beside them ``rounds``, ``ms_per_image`` (each method's median) and
+    ``ratio_range``, the least and the most ratio of a single round (None where no single
+    model reaches PaSeR's IoU)."""
+    med = {name: float(np.median(v)) for name, v in ms.items()}
+    singles = [name for name in ms if name != "PaSeR"]
+    out = wall_clock((med["PaSeR"], ious["PaSeR"]), {n: (med[n], ious[n]) for n in singles})
+    count = len(ms["PaSeR"])
+    ratios = [wall_clock((ms["PaSeR"][r], ious["PaSeR"]),
+                         {n: (ms[n][r], ious[n]) for n in singles})["ratio"]
+              for r in range(count)]
+    return {**out, "rounds": count, "ms_per_image": med,
+            "ratio_range": None if None in ratios else [min(ratios), max(ratios)]}
+
+
 def _resampled_miou(weights: np.ndarray, counts: dict) -> np.ndarray:
     """Dataset-level mIoU ``[B]`` of a method on ``B`` resamples of its images, each
     resample the images' multiplicities ``weights`` ``[B, N]``."""
@@ -376,4 +394,4 @@ def noise_line(noise: dict) -> str:
 __all__ = ["MIN_HEADROOM", "areas", "best_within", "bootstrap", "budgets", "curve_saving",
            "curve_values", "frontier_at", "frontier_cost", "frontier_curve", "frontier_mix",
            "headroom_captured", "headroom_caveat", "headroom_floor", "hull", "noise_line",
-           "share_above", "verdict", "versus_cascade", "wall_clock"]
+           "share_above", "verdict", "versus_cascade", "wall_clock", "wall_clock_in_turns"]

@@ -21,6 +21,7 @@ from paser.evaluation import (
     measure,
     paser_predictor,
     patch_model_predictor,
+    time_in_turns,
 )
 from paser.metrics import predicted_classes
 from paser.routing import Router
@@ -61,4 +62,5 @@ def matphase_predictor(model: MatPhase, in_channels: int) -> Predictor:
 
 __all__ = ["Prediction", "Predictor", "cascade_predictor", "f0_predictor",
            "fixed_actions_predictor", "matphase_predictor", "measure",
-           "paser_predictor", "patch_model_predictor", "whole_image_predictor"]
+           "paser_predictor", "patch_model_predictor", "time_in_turns",
+           "whole_image_predictor"]

@@ -102,7 +102,9 @@ def markdown(results: dict) -> str:
       "passes, the policy and every routed model included"
       + (f"; {mc_counting(results['costs'])}" if "costs" in results else "") + ".\n")
     w(f"- ms/image: wall-clock on this device in this run, batches of "
-      f"{results['timing_batch']} images, after one warm-up batch.\n\n")
+      f"{results['timing_batch']} images, after one warm-up batch; one pass per method, one "
+      "method after another, so on a shared machine a slow spell lands on whichever ran "
+      "then (the wall-clock line below times PaSeR and the single models in turns).\n\n")
     if "verdict" in results:
         w(f"**Verdict: {results['verdict']}.**\n\n")
     if results.get("versus_cascade"):
@@ -111,12 +113,7 @@ def markdown(results: dict) -> str:
         w(f"Noise: {FR.noise_line(results['noise'])}.\n\n")
     if results.get("wall_clock"):
         wc = results["wall_clock"]
-        need = wc["frontier_ms_at_equal_iou"]
-        w(f"Wall clock on this device: PaSeR {wc['paser_ms']:.1f} ms per image; "
-          + (f"the single models need {need:.1f} ms for its IoU ({wc['ratio']:.2f} x)"
-             if need is not None else "no single model reaches its IoU")
-          + " (ms measured one method after another in this run, batches of "
-          f"{results.get('timing_batch')}; `make bench` times them side by side).\n\n")
+        w(wall_clock_line(wc, wc.get("images", results.get("timing_batch"))) + "\n\n")
     if "headroom_captured" in results:
         _routers_md(w, results)
     if "pool" in results:
@@ -207,6 +204,37 @@ def markdown(results: dict) -> str:
     for note in results["notes"]:
         w(f"- {note}\n")
     return out.getvalue()
+
+
+#: single rounds of the wall-clock timing whose ratios differ more than this many times
+#: over: the machine was too unsteady to read a ratio from them
+UNSTEADY = 2.0
+
+
+def wall_clock_line(wc: dict, batch: int | None) -> str:
+    """The report's wall-clock line: PaSeR's ms against the single models' at its IoU, how
+    they were timed and how far single rounds of the timing spread."""
+    need = wc["frontier_ms_at_equal_iou"]
+    head = (f"Wall clock on this device: PaSeR {wc['paser_ms']:.1f} ms per image; "
+            + (f"the single models need {need:.1f} ms for its IoU ({wc['ratio']:.2f} x)"
+               if need is not None else "no single model reaches its IoU"))
+    if "rounds" not in wc:  # results from before the timing in turns
+        return (head + " (ms measured one method after another in this run, batches of "
+                f"{batch}; `make bench` times them side by side).")
+    spread = wc.get("ratio_range")
+    batches = wc.get("batches", 1)
+    line = (head + f" (medians of {wc['rounds']} rounds in which PaSeR and the single models "
+            f"each timed the same batch of {batch} test images in turn, "
+            + (f"the first {batches} batches of the split by turns" if batches > 1 else
+               "one batch")
+            + (f"; single rounds gave {spread[0]:.2f} to {spread[1]:.2f} x" if spread else "")
+            + ").")
+    if spread and spread[0] > 0 and spread[1] / spread[0] > UNSTEADY:
+        line += (f" The rounds disagree by more than {UNSTEADY:g} x: this machine's timing "
+                 "was too unsteady here to read a ratio from (shared cores; fewer "
+                 "num_threads steady it).")
+    return (line + " A few batches on a machine that may be shared give a rough figure; "
+            "`make bench` (benchmarks/bench.py) times whole splits in turns.")
 
 
 def mc_counting(costs: dict, runs_them: str = "the routers and f0 (MC)") -> str:
