@@ -124,31 +124,34 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
 NEUTRAL = {"data": ("workers", "cache_dir", "stream", "stream_above_mb")}
 #: keys added to a section after runs were made, with the value that does what those runs
 #: did: at it, a key is not hashed, so a run made before it is not trained again (a run
-#: made after it, before it was listed here, hashed it: both are accepted,
+#: made after it, before it was listed here, hashed it: every mix is accepted,
 #: :func:`fingerprint_variants`)
 ADDED = {"data": {"nonfinite": "error"}, "stage1": {"ema": None}}
+#: every :data:`ADDED` key, as ``section.key``
+ADDED_KEYS = frozenset(f"{section}.{key}" for section, keys in ADDED.items() for key in keys)
 
 
-def hashed_part(raw: dict, key: str, legacy: bool = False, added: bool = True):
+def hashed_part(raw: dict, key: str, legacy: bool = False,
+                added: frozenset[str] = ADDED_KEYS):
     """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes: without
     its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed), and
-    without its :data:`ADDED` keys at the value runs before them had (``added=False``: with
-    them)."""
+    without those of its :data:`ADDED` keys named in ``added`` (``section.key``) at the
+    value runs before them had."""
     node = raw
     for part in key.split("."):
         node = node[part]
     if key in NEUTRAL and not legacy:
         node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
-    if key in ADDED and added:
+    if key in ADDED:
         node = {k: v for k, v in node.items()
-                if k not in ADDED[key] or v != ADDED[key][k]}
+                if f"{key}.{k}" not in added or k not in ADDED[key] or v != ADDED[key][k]}
     if key == "data" and node.get("window") is not None:  # since 2026-12-05 it scales
         node = {**node, "window_scales": "every image"}  # 8/16-bit images too: retrain
     return node
 
 
-def fingerprints(cfg: ExperimentConfig, legacy: bool = False, added: bool = True
-                 ) -> dict[str, str]:
+def fingerprints(cfg: ExperimentConfig, legacy: bool = False,
+                 added: frozenset[str] = ADDED_KEYS) -> dict[str, str]:
     """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
     ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
     is of its own config (:func:`paser.train.paper.paper_config`): keys its method fixes,
@@ -170,9 +173,15 @@ def fingerprints(cfg: ExperimentConfig, legacy: bool = False, added: bool = True
 
 
 def fingerprint_variants(cfg: ExperimentConfig) -> list[dict[str, str]]:
-    """Every way a version of paser hashed ``cfg``'s steps (:func:`fingerprints`, the one it
-    writes first): a step finished under any of them is done with this config."""
-    return [fingerprints(cfg, legacy, added) for legacy in (False, True) for added in (True, False)]
+    """Every way a version of paser hashed ``cfg``'s steps (:func:`fingerprints`; the one it
+    writes first): with and without the :data:`NEUTRAL` keys, and without any subset of
+    the :data:`ADDED` ones (each was hashed from when it came until it was listed). A step
+    finished under any of them is done with this config: each drops a key only at the
+    value that does what runs before it did."""
+    keys = sorted(ADDED_KEYS)
+    subsets = [frozenset(k for i, k in enumerate(keys) if n >> i & 1)
+               for n in range(2 ** len(keys) - 1, -1, -1)]  # all of them first
+    return [fingerprints(cfg, legacy, added) for legacy in (False, True) for added in subsets]
 
 
 def build_every_model(cfg: ExperimentConfig) -> None:
@@ -356,7 +365,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
             return f" (finished before, but {', '.join(missing)} is missing)" if missing else ""
         if before_fps.get(name) == fps[name]:  # the settings did not change: their hash did
             return (" (finished before by a version of paser that recorded its settings "
-                    "differently; trained again to be sure it matches this config)")
+                    "differently; run again to be sure it matches this config)")
         return ""
 
     def step(name: str, fn) -> None:

@@ -324,14 +324,14 @@ def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False) -> 
     for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it.
     ``added``: stage 1's keys added since (:data:`paser.run.ADDED`) left out at the value
     models trained before them had, as those models were fingerprinted."""
-    from paser.run import hashed_part
+    from paser.run import ADDED_KEYS, hashed_part
 
     raw = cfg.model_dump(mode="json")
     models = raw["models"]
     parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
              "data": hashed_part(raw, "data"),
              "channels": models["in_channels"], "classes": models["num_classes"],
-             "stage1": hashed_part(raw, "stage1", added=added),
+             "stage1": hashed_part(raw, "stage1", added=ADDED_KEYS if added else frozenset()),
              "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
     if role == "f0":
         parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}", added)
