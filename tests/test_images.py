@@ -212,15 +212,21 @@ def test_a_window_is_fitted_without_constant_frames_and_keeps_every_level():
     # a finite float64 past float32's range is a value, clipped, not "NaN or Inf"
     wide = np.array([[1e300, 0.0], [0.5, 1.0]])
     assert np.array_equal(Intensity((0.0, 1.0)).scale(wide), [[1, 0], [0.5, 1]])
-    # most pixels outside the run's window: a note says so
+    # every pixel on one side of the window: the models see one value, and a note says so
     notes: list[str] = []
     Intensity((0.0, 1.0)).scale(np.full((4, 4), -5.0), "dark.tif", notes)
-    assert notes == ["100 % of the pixels lie outside the run's intensity window [0, 1] "
-                     "(100 % below, 0 % above) and were clipped: an image of another kind "
-                     "or scale than the run trained on?"]
+    assert notes == ["every pixel lies below the intensity window [0, 1], so the image reaches "
+                     "the models as one value (an image of another kind or scale than the "
+                     "window was fitted on, or a slice of fill only)"]
     notes = []
-    Intensity((0.0, 1.0)).scale(np.array([[-1.0, 2.0], [0.5, 0.5]]), "half.tif", notes)
-    assert notes == []  # half is not most
+    fill = np.array([[np.nan, 7.0], [9.0, 8.0]], np.float32)  # NaN aside, all above
+    Intensity((0.0, 1.0), nonfinite="fill").scale(fill, "f.tif", notes)
+    assert "every pixel lies above" in notes[-1]
+    notes = []  # mostly air under a CT window: clipping it is the window's point
+    Intensity((0.0, 1.0)).scale(np.array([[-9.0, -9.0], [-9.0, 0.5]]), "air.tif", notes)
+    assert notes == []
+    # an empty (all-NaN) image leaves the constant frames in the fit
+    assert window_of([(np.full((2, 2), np.nan), "a"), (np.full((2, 2), 5.0), "b")]) == (5.0, 6.0)
 
 
 def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):

@@ -519,16 +519,17 @@ class Intensity:
                                           "per_image" else "(the run has no intensity "
                                           "window: it trained on 8/16-bit images, or "
                                           "before 2026-12-04, when runs kept none)"))
-        if max(abs(lo), abs(hi)) > 1e37:  # in float64: x - lo would overflow float32
+        if max(abs(lo), abs(hi)) > 1e37 and x.dtype == np.float32:  # x - lo would overflow
             x = x.astype(np.float64)
-        with np.errstate(over="ignore"):  # a fill far outside the window: +-inf, clipped
-            out = (x - lo) / max(hi - lo, 1e-12)
+        with np.errstate(over="ignore", invalid="ignore"):  # a fill far outside: +-inf
+            x -= lo  # in place: x is astype's copy
+            x /= max(hi - lo, 1e-12)
         if self.mode == "window" and self.window is not None:
-            _clipped_note(out[finite] if bad else out, self.window, notes)
-        out = np.clip(out, 0.0, 1.0).astype(np.float32)
+            _one_value_note(x, finite if bad else True, self.window, notes)
+        np.clip(x, 0.0, 1.0, out=x)
         if bad:
-            out[~finite] = 0.0
-        return out
+            x[~finite] = 0.0
+        return x.astype(np.float32, copy=False)
 
     def describe(self) -> str:
         fill = "; NaN and Inf pixels become 0" if self.nonfinite == "fill" else ""
@@ -569,22 +570,21 @@ class Intensity:
                             "stage 1, or copy it from the run") from None
 
 
-#: the share of an image's pixels outside the run's window above which a note says so
-CLIPPED_SHARE = 0.5
-
-
-def _clipped_note(scaled: np.ndarray, window: tuple[float, float], notes: list[str]) -> None:
-    """A note where most of an image's pixels (``scaled`` by the window, before clipping)
-    lie outside the run's window: clipped, they reach the models as one value."""
-    if not scaled.size:
+def _one_value_note(scaled: np.ndarray, finite, window: tuple[float, float],
+                    notes: list[str]) -> None:
+    """A note where every pixel of an image (``scaled`` by ``window``, before clipping; its
+    ``finite`` ones) lies on one side of the window: clipped, it reaches the models as one
+    value."""
+    if np.min(scaled, where=finite, initial=np.inf) > 1:
+        side = "above"
+    elif np.max(scaled, where=finite, initial=-np.inf) < 0:
+        side = "below"
+    else:
         return
-    low, high = (int(np.count_nonzero(scaled < 0)), int(np.count_nonzero(scaled > 1)))
-    if low + high > CLIPPED_SHARE * scaled.size:
-        notes.append(f"{100 * (low + high) / scaled.size:.0f} % of the pixels lie outside the "
-                     f"run's intensity window [{window[0]:.6g}, {window[1]:.6g}] ("
-                     f"{100 * low / scaled.size:.0f} % below, {100 * high / scaled.size:.0f} "
-                     "% above) and were clipped: an image of another kind or scale than the "
-                     "run trained on?")
+    notes.append(f"every pixel lies {side} the intensity window [{window[0]:.6g}, "
+                 f"{window[1]:.6g}], so the image reaches the models as one value (an image "
+                 "of another kind or scale than the window was fitted on, or a slice of fill "
+                 "only)")
 
 
 def _finite(x: np.ndarray, source: Path | str) -> None:
@@ -628,10 +628,11 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
         if arr.dtype.kind not in "biuf":  # complex (a reconstruction's raw FFT), strings
             raise DataError(f"{source}: values of type {arr.dtype}; give integer or float "
                             "pixels")
-        flat = arr.astype(np.float64).reshape(-1)  # int64, uint32: every level kept
+        flat = arr.reshape(-1)
+        flat = flat[::max(1, flat.size // _FIT_PIXELS)].astype(np.float64)  # every level kept
         flat = flat[np.isfinite(flat)]  # NaN / Inf: refused or filled when images are read
-        flat = flat[::max(1, flat.size // _FIT_PIXELS)]
-        (flat_ones if flat.size and flat.min() == flat.max() else samples).append(flat)
+        if flat.size:
+            (flat_ones if flat.min() == flat.max() else samples).append(flat)
     samples = samples or flat_ones
     pixels = np.concatenate(samples) if samples else np.zeros(0, np.float64)
     if not pixels.size:
