@@ -85,9 +85,18 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
         segment_files(m, files[:2], tmp / "out", only=1)
     # outputs with no manifest (an older paser's folder): not taken over, not resumed
     (tmp / "out" / MANIFEST).unlink()
-    with pytest.raises(DataError, match=r"holds outputs \(.*\.json and more\) but no "
-                                        r"\.paser-segment\.json .* --overwrite to start over"):
+    with pytest.raises(DataError, match=r"holds paser's outputs \(.*\.json and more\) but "
+                                        r"no \.paser-segment\.json .* --overwrite to start "
+                                        "over"):
         segment_files(m, files[:2], tmp / "out", only=1)
+    # a file of the same name from another tool (an annotation beside its image): never
+    # offered to --overwrite
+    (tmp / "ann").mkdir()
+    (tmp / "ann" / "s0.json").write_text('{"shapes": []}')
+    with pytest.raises(DataError, match=r"s0.json is not paser's \(another tool's file of the "
+                                        r"name paser gives an input's record\); give another "
+                                        r"--out$"):
+        segment_files(m, files[:1], tmp / "ann")
     assert not any(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1,
                                                     overwrite=True))
 

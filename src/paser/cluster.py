@@ -47,6 +47,7 @@ from paser.segment import (
     _Inputs,
     claim_output,
     finished,
+    image_markers,
     output_settings,
     record_names,
     segment_image,
@@ -64,6 +65,7 @@ from paser.volumes import (
     finish_volume,
     prepare_volume,
     segment_chunk,
+    volume_markers,
 )
 
 #: image files per task
@@ -287,10 +289,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     distributed = _distributed()
     out_dir = Path(out_dir)
     names = record_names(model)
-    claim_output(out_dir, output_settings(model, only), overwrite, [
-        *(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY,
-        *(m for v in volumes for m in (out_dir / f"{v.stem}.json", out_dir / f".{v.stem}.parts")),
-        out_dir / VOLUMES_CSV])
+    claim_output(out_dir, output_settings(model, only), overwrite,
+                 image_markers(out_dir, files) + volume_markers(out_dir, volumes))
     start = time.perf_counter()
     futures: dict = {}
     # images: those finished before are reported, the rest go out in batches

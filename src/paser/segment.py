@@ -276,8 +276,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     out_dir = Path(out_dir)
     names = record_names(model)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
-    claim_output(out_dir, output_settings(model, only), overwrite,
-                 [*(out_dir / f"{f.stem}.json" for f in files), out_dir / SUMMARY])
+    claim_output(out_dir, output_settings(model, only), overwrite, image_markers(out_dir, files))
     results: list[Segmented | None] = [finished(out_dir, f) for f in files]
     todo = [f for f, r in zip(files, results, strict=True) if r is None]
     for r in results:
@@ -406,6 +405,12 @@ def output_settings(model, only: int | None) -> dict:
             "intensity": model.intensity.to_dict(), "mc_samples": model.config.mc_samples}
 
 
+def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
+    """What marks ``files`` done in ``out_dir`` (:func:`claim_output`'s markers): their
+    records and the summary."""
+    return [*(out_dir / f"{Path(f).stem}.json" for f in files), out_dir / SUMMARY]
+
+
 def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
                  ) -> None:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
@@ -441,11 +446,16 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
         return
     found = [m for m in markers if m.exists()]
     if found and not overwrite:  # outputs, and no record of what made them
+        ours = [m for m in found if m.suffix != ".json" or _a_record(m)]
+        if len(ours) < len(found):  # a file of another tool where paser writes a record
+            other = next(m for m in found if m not in ours)
+            raise DataError(f"{other} is not paser's (another tool's file of the name paser "
+                            f"gives an input's record); give another --out")
         raise DataError(
-            f"{out_dir} holds outputs ({found[0].name}{' and more' if len(found) > 1 else ''}) "
-            f"but no {MANIFEST} saying which run and settings made them (an older paser, or "
-            "another tool), so they cannot be resumed; give another --out, or --overwrite "
-            "to start over")
+            f"{out_dir} holds paser's outputs ({found[0].name}"
+            f"{' and more' if len(found) > 1 else ''}) but no {MANIFEST} saying which run and "
+            "settings made them (an older paser), so they cannot be resumed; give another "
+            "--out, or --overwrite to start over")
     if overwrite:
         for marker in markers:
             if marker.is_dir():
@@ -453,6 +463,14 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
             else:
                 marker.unlink(missing_ok=True)
     atomic_write_text(json.dumps({**settings, "claim": uuid.uuid4().hex}, indent=2), path)
+
+
+def _a_record(path: Path) -> bool:
+    """Whether ``path`` is a record paser segment writes (of an image or a volume)."""
+    try:
+        return "flop_convention" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def claim_of(out_dir: Path) -> str:

@@ -598,9 +598,8 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
 
     out_dir = Path(out_dir)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
-    claim_output(out_dir, output_settings(model, only), overwrite, [
-        *(m for v in volumes for m in (out_dir / f"{v.stem}.json", out_dir / f".{v.stem}.parts")),
-        out_dir / VOLUMES_CSV])
+    claim_output(out_dir, output_settings(model, only), overwrite,
+                 volume_markers(out_dir, volumes))
     results = []
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)
@@ -630,6 +629,14 @@ def discard(volume: Volume, out_dir: Path) -> None:
     for path in (_parts(volume, out_dir), out_dir / f"{volume.stem}_labels.zarr"):
         shutil.rmtree(path, ignore_errors=True)
     (out_dir / f"{volume.stem}_labels.tif").unlink(missing_ok=True)
+
+
+def volume_markers(out_dir: Path, volumes: Sequence[Volume]) -> list[Path]:
+    """What marks ``volumes`` done or begun in ``out_dir`` (the markers of
+    :func:`paser.segment.claim_output`): their records, their parts and the summary."""
+    return [*(m for v in volumes for m in (out_dir / f"{v.stem}.json",
+                                           out_dir / f".{v.stem}.parts")),
+            out_dir / VOLUMES_CSV]
 
 
 def read_done(volume: Volume, out_dir: Path) -> dict | None:

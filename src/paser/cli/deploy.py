@@ -206,7 +206,13 @@ def segment(
                                            overwrite, chunk, previews)
         files = []  # done there
     elif volumes:
-        vol_results = _segment_volumes(model, volumes, out, k, overwrite, chunk)
+        if files:  # one claim for both, as on a cluster: each one's records count in it
+            from paser.segment import claim_output, image_markers, output_settings
+            from paser.volumes import volume_markers
+
+            claim_output(out, output_settings(model, k), overwrite,
+                         image_markers(out, files) + volume_markers(out, volumes))
+        vol_results = _segment_volumes(model, volumes, out, k, overwrite and not files, chunk)
     with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         tiles: dict = {}  # a large image's own bar, over its tiles
@@ -230,7 +236,7 @@ def segment(
             if finished == total:
                 bar.remove_task(tiles.pop(stem))
 
-        if files:  # the volumes' call (if any) started the folder over: one claim for both
+        if files:  # with volumes, the folder was claimed for both (and started over) above
             results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
                                     overwrite=overwrite and not volumes, previews=previews,
                                     on_tiles=on_tiles)
