@@ -119,6 +119,9 @@ def test_an_export_of_other_weights_is_refused(exported, mnist_run, tmp_path):
     (other / "manifest.json").write_text(json.dumps(older))
     with pytest.raises(CheckpointError, match="exported from other weights than"):
         PaSeR.load_onnx(mnist_run, other)
+    older["policy"] = manifest["policy"]  # of this run's policy: used
+    (other / "manifest.json").write_text(json.dumps(older))
+    assert PaSeR.load_onnx(mnist_run, other).router.policy_digest == manifest["policy"]
 
 
 def test_missing_file_is_a_clear_error(exported, tmp_path):

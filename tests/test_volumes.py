@@ -192,6 +192,22 @@ def test_a_float_volume_under_a_run_of_8_bit_images_is_scaled_by_one_window(setu
     record["intensity"] = {"mode": "window", "window": None, "percentiles": [0.5, 99.5]}
     (tmp / "out" / "recon.json").write_text(json.dumps(record))
     assert read_done(again, tmp / "out") is None
+    # chunks a paser began that way (its parts keep no window): started over, not finished
+    # slice by slice under the window fitted now
+    from paser.volumes import prepare_volume
+
+    prepare_volume(again, tmp / "part", 5, m.intensity)
+    parts = tmp / "part" / ".recon.parts"
+    (parts / "00000.json").write_text("{}")  # a chunk done
+    made = json.loads((parts / "volume.json").read_text())
+    assert made["window"] == pytest.approx(window)
+    prepare_volume(again, tmp / "part", 5, m.intensity)
+    assert (parts / "00000.json").is_file()  # its own parts: kept
+    del made["window"]
+    (parts / "volume.json").write_text(json.dumps(made))
+    prepare_volume(again, tmp / "part", 5, m.intensity)
+    assert not (parts / "00000.json").exists()
+    assert json.loads((parts / "volume.json").read_text())["window"] == pytest.approx(window)
 
 
 def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):

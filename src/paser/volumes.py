@@ -407,9 +407,13 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     except ValueError:
         before = None
     theirs = (before or {}).get("volume") or {}
+    own_window = (intensity.mode == "window" and intensity.window is None
+                  and not by_type_range(volume.dtype))  # fitted on the volume, kept here
     same = ({k: theirs.get(k) for k in mine if k != "input"} == {
         k: v for k, v in mine.items() if k != "input"}
-        and recorded_as(theirs, volume.source) and unchanged(volume, theirs))
+        and recorded_as(theirs, volume.source) and unchanged(volume, theirs)
+        # parts of a paser that scaled such a volume slice by slice (no window kept)
+        and not (own_window and "window" not in (before or {})))
     if parts.is_dir() and not same:
         # chunks of another input of this stem (or of unknown origin): not this volume's
         shutil.rmtree(parts)
@@ -418,8 +422,7 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     if before is not None and any(parts.glob("0*.json")):
         chunk = int(before["chunk"])
     else:
-        window = (volume_window(volume) if intensity.mode == "window"
-                  and intensity.window is None and not by_type_range(volume.dtype) else None)
+        window = volume_window(volume) if own_window else None
         mine.update(input_path=canonical(volume.source), stat=stat_of(volume),
                     signature=signature(volume))
         atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window}), made)

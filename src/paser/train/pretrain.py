@@ -281,10 +281,10 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                                          s1.batch_size, device)
             if val_miou != val_miou:  # NaN: no class has a pixel in any validation mask
                 raise DataError(
-                    f"stage 1 {role}: the validation split ({len(val)} images) has no "
-                    f"labelled pixel (every mask pixel is the ignore value {IGNORE}), so no "
-                    "epoch can be scored and none kept; label part of its images, or give "
-                    "the split other ones (paser data check shows what each split holds)")
+                    f"{label or f'stage 1 {role}'}: the validation split ({len(val)} images) "
+                    f"has no labelled pixel (every mask pixel is the ignore value {IGNORE}), "
+                    "so no epoch can be scored and none kept; label part of its images, or "
+                    "give the split other ones (paser data check shows what each split holds)")
             if val_miou > best:
                 best, best_epoch = val_miou, epoch
                 if dist.is_main:
