@@ -67,13 +67,13 @@ def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
     miss = FR.verdict((2.0, 0.55), frontier, oracle, fixed_gflops=1.2)
     assert miss.startswith("routing does not pay on this data: IoU 0.5500 at 2.000 GFLOP is "
                            "0.0500 below")
-    assert "perfect routing of this pool would give 0.6400 there" in miss
+    assert "the oracle's routing of this pool (the labels known) would give 0.6400 there" in miss
     assert "60 % of its GFLOP" in miss
     headroomless = FR.verdict((2.0, 0.55), frontier, {"gflops": [2.0], "iou": [0.58]})
-    assert "even perfect routing of this pool stays 0.0200 under it" in headroomless
+    assert "even the oracle's routing of this pool (the labels known) stays 0.0200 under it" in headroomless
     # on the frontier, and the oracle no better: no regret to blame
     on = FR.verdict((2.0, 0.59999), frontier, {"gflops": [2.0], "iou": [0.6]})
-    assert "regret" not in on and "perfect routing of this pool gives no more there" in on
+    assert "regret" not in on and "the oracle's routing of this pool gives no more there" in on
 
 
 def test_versus_cascade_says_which_of_the_trained_router_and_the_cascade_is_ahead():

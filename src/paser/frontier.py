@@ -194,7 +194,7 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     at equal IoU, or why it does not pay on this data.
 
     ``point`` is PaSeR's ``(GFLOP, IoU)``; ``frontier`` a :func:`frontier_curve`;
-    ``oracle_curve`` (perfect routing of the same pool) and ``fixed_gflops`` (what every
+    ``oracle_curve`` (the oracle's routing of the same pool, the labels known) and ``fixed_gflops`` (what every
     routed image pays before any patch is routed) say which part holds a miss back.
     ``curve`` (PaSeR's whole curve, every operating point calibration reaches) with the
     budget range ``lo``, ``hi``: the line reads it too, so an operating point that misses
@@ -238,14 +238,16 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     if oracle_curve is not None:
         best = best_within(oracle_curve, g)
         if best is not None and at is not None and best < at:
-            why.append(f"even perfect routing of this pool stays {at - best:.4f} under it at "
+            why.append(f"even the oracle's routing of this pool (the labels known) stays "
+                       f"{at - best:.4f} under it at "
                        "that cost, so the pool's spread or the fixed cost is what holds it back")
         elif best is not None and best - iou >= 5e-5:
-            why.append(f"perfect routing of this pool would give {best:.4f} there: the policy's "
+            why.append(f"the oracle's routing of this pool (the labels known) would give "
+                       f"{best:.4f} there: the policy's "
                        f"regret ({best - iou:.4f}) is what holds it back")
         elif best is not None:
-            why.append(f"perfect routing of this pool gives no more there ({best:.4f}): the "
-                       "pool has nothing better to offer at that cost")
+            why.append(f"the oracle's routing of this pool gives no more there ({best:.4f}): "
+                       "the pool has little better to offer at that cost")
     if fixed_gflops is not None and g > 0:
         why.append(f"the fixed cost (f0 and the policy, {fixed_gflops:.3f} GFLOP) is "
                    f"{100 * fixed_gflops / g:.0f} % of its GFLOP")

@@ -51,7 +51,7 @@ DESCRIPTION = (
     "variant's fixed cost it counts as f0 alone), on validation and on test. Test IoU and "
     "GFLOP: the variant at its own lam, uncalibrated. Train patches: how many it learnt from; "
     "train s: the policy's training alone (the outcomes are shared). Headroom: the test "
-    "margin as a share of the oracle's (perfect routing of the same pool, knowing the "
+    "margin as a share of the oracle's (the same pool routed patch by patch knowing the "
     "labels); rank: Spearman's correlation, over the "
     "test patches, between the variant's preference to move a patch off f0 and the best pool "
     "model's true gain there.")
