@@ -106,20 +106,36 @@ def test_predictors_are_timed_in_turns_each_round_starting_with_the_next():
     ms = time_in_turns({n: predictor(n) for n in names}, batches, torch.device("cpu"),
                        rounds=5, least=2, budget_s=0.0)
     assert len(calls) == 6 and len(ms["f1"]) == 2
+    # batches read as the rounds reach them; the images of each timed are kept
+    from paser.data import Tensors
+    from paser.evaluation import FirstBatches
+
+    split = Tensors(torch.zeros(20, 1, 4, 4), torch.zeros(20, 4, 4, dtype=torch.uint8),
+                    [str(i) for i in range(20)])
+    firsts = FirstBatches(split, 8, 5)
+    assert len(firsts) == 3 and firsts.used == []
+    time_in_turns({n: predictor(n) for n in names}, firsts, torch.device("cpu"), rounds=2,
+                  budget_s=60.0)
+    assert firsts.used == [8, 8]
+    time_in_turns({n: predictor(n) for n in names}, firsts, torch.device("cpu"), rounds=4,
+                  budget_s=60.0)
+    assert firsts.used == [8, 8, 4]
 
 
 def test_the_wall_clock_line_says_how_it_was_timed_and_how_far_rounds_spread():
     from paser.experiments.report import wall_clock_line
 
     wc = {"paser_ms": 14.6, "frontier_ms_at_equal_iou": 14.2, "ratio": 1.028, "rounds": 5,
-          "ratio_range": [0.95, 1.31], "batches": 5}
+          "ratio_range": [0.95, 1.31], "batches": 3, "images": [8, 8, 4]}
     assert wall_clock_line(wc, 8) == (
         "Wall clock on this device: PaSeR 14.6 ms per image; the single models need 14.2 ms "
         "for its IoU (1.03 x) (medians of 5 rounds in which PaSeR and the single models each "
-        "timed the same batch of 8 test images in turn, the first 5 batches of the split by "
-        "turns; single rounds gave 0.95 to 1.31 x). A few batches on a machine that may be "
+        "timed the same batch in turn, over the split's first 20 test images in 3 batches; "
+        "single rounds gave 0.95 to 1.31 x). A few batches on a machine that may be "
         "shared give a rough figure; `make bench` (benchmarks/bench.py) times whole splits "
         "in turns.")
+    one = wall_clock_line({**wc, "batches": 1, "images": [6]}, 8)
+    assert "one batch of 6 test images;" in one
     # the rounds of a loaded machine (2 threads on 2 busy cores): said to be unreadable
     unsteady = wall_clock_line({**wc, "ratio_range": [0.03, 35.8]}, 8)
     assert "The rounds disagree by more than 2 x: this machine's timing was too unsteady" \

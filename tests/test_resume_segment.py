@@ -93,10 +93,20 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     # offered to --overwrite
     (tmp / "ann").mkdir()
     (tmp / "ann" / "s0.json").write_text('{"shapes": []}')
-    with pytest.raises(DataError, match=r"s0.json is not paser's \(another tool's file of the "
-                                        r"name paser gives an input's record\); give another "
-                                        r"--out$"):
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match=r"s0.json is not paser's \(another tool's file of "
+                                            r"a name paser writes its outputs under\); give "
+                                            r"another --out$"):
+            segment_files(m, files[:1], tmp / "ann", overwrite=overwrite)
+    assert (tmp / "ann" / "s0.json").read_text() == '{"shapes": []}'  # never removed
+    (tmp / "ann" / "s0.json").unlink()
+    (tmp / "ann" / "summary.csv").write_text("name,area\n")  # a summary of another tool
+    with pytest.raises(DataError, match=r"summary.csv is not paser's"):
         segment_files(m, files[:1], tmp / "ann")
+    # and in a folder of paser's own: not written over on resume
+    (tmp / "out" / "s2.json").write_text("[]")
+    with pytest.raises(DataError, match=r"s2.json is not paser's"):
+        segment_files(m, files[:3], tmp / "out")
     assert not any(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1,
                                                     overwrite=True))
 

@@ -171,6 +171,13 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert "3 of 4 images were segmented before" in res.stdout
     assert "segmented before (skipped)" in res.stdout
+    # the images' records with no manifest (an older paser's folder): refused for both,
+    # not taken over by the volume's claim
+    (tmp_path / "o" / ".paser-segment.json").unlink()
+    for name in ("v.json", "volumes.csv"):  # the volume's own markers gone
+        (tmp_path / "o" / name).unlink()
+    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "holds paser's outputs" in res.stderr
     res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o2"))
     assert res.returncode == 2 and "no such file or folder" in res.stderr

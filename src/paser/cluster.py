@@ -45,10 +45,8 @@ from paser.segment import (
     Segmented,
     SummaryLog,
     _Inputs,
-    claim_output,
+    claim_for,
     finished,
-    image_markers,
-    output_settings,
     record_names,
     segment_image,
     write_here,
@@ -65,7 +63,6 @@ from paser.volumes import (
     finish_volume,
     prepare_volume,
     segment_chunk,
-    volume_markers,
 )
 
 #: image files per task
@@ -289,8 +286,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     distributed = _distributed()
     out_dir = Path(out_dir)
     names = record_names(model)
-    claim_output(out_dir, output_settings(model, only), overwrite,
-                 image_markers(out_dir, files) + volume_markers(out_dir, volumes))
+    claim_for(out_dir, model, only, overwrite, files, volumes)
     start = time.perf_counter()
     futures: dict = {}
     # images: those finished before are reported, the rest go out in batches

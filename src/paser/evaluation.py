@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +130,28 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
     return result
 
 
+class FirstBatches:
+    """The first ``most`` batches of ``batch`` images of a split, each read when a round of
+    :func:`time_in_turns` first asks for it (a streamed split holds no more in memory);
+    ``used`` lists the images of each batch read so far."""
+
+    def __init__(self, data: Tensors, batch: int, most: int):
+        self.data, self.batch = data, batch
+        self.count = min(most, -(-len(data) // batch))
+        self.used: list[int] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.data.images[i * self.batch:(i + 1) * self.batch]
+        if i == len(self.used):
+            self.used.append(int(x.shape[0]))
+        return x
+
+
 @torch.inference_mode()
-def time_in_turns(predictors: dict[str, Predictor], batches: list[torch.Tensor],
+def time_in_turns(predictors: dict[str, Predictor], batches: Sequence[torch.Tensor],
                   device: torch.device, rounds: int = 5, least: int = 3,
                   budget_s: float = 3.0) -> dict[str, list[float]]:
     """Milliseconds per image of each predictor, in rounds in which the predictors take

@@ -175,16 +175,24 @@ def headroom_floor(noise: dict | None) -> float:
     return float(half) if np.isfinite(half) and half > 0 else MIN_HEADROOM
 
 
-def headroom_caveat(room: float, floor: float | None) -> str | None:
+def headroom_caveat(room: float, floor: float | None, shares=()) -> str | None:
     """Why shares of the oracle's headroom ``room`` (its curve area minus the frontier's)
-    are not to be read, where ``room`` is positive but under ``floor``
-    (:func:`headroom_floor`): a share of a margin that small is mostly its noise, and runs
-    into hundreds of percent. None where the shares can be read (or there are none)."""
-    if floor is None or room <= 1e-12 or room >= floor:
+    are not to be read: ``room`` positive but under ``floor`` (:func:`headroom_floor`),
+    where a share is mostly noise; or one of ``shares`` past +-100 % (a router's margin
+    larger than the oracle's: the oracle maximises per-patch reward, not dataset mIoU, so
+    its headroom is no ceiling). None where the shares can be read (or there are none)."""
+    if floor is None or room <= 1e-12:
         return None
-    return (f"the oracle's headroom over the frontier ({room:+.4f} of curve area) is under "
-            f"the noise of an IoU difference on this test split ({floor:.4f}), so shares of "
-            "it are not meaningful here")
+    if room < floor:
+        return (f"the oracle's headroom over the frontier ({room:+.4f} of curve area) is under "
+                f"{floor:.4f} (half the width of the bootstrap interval of PaSeR's margin "
+                f"over the frontier, or {MIN_HEADROOM} without one), so a share of it is "
+                "mostly noise and can run to hundreds of percent")
+    if any(s is not None and abs(s) > 1 for s in shares):
+        return (f"a margin over the frontier is larger than the oracle's ({room:+.4f} of "
+                "curve area), so its share runs past 100 %: the oracle maximises per-patch "
+                "reward, not the dataset's mIoU, and its headroom is no ceiling here")
+    return None
 
 
 def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,

@@ -276,7 +276,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     out_dir = Path(out_dir)
     names = record_names(model)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
-    claim_output(out_dir, output_settings(model, only), overwrite, image_markers(out_dir, files))
+    claim_for(out_dir, model, only, overwrite, files=files)
     results: list[Segmented | None] = [finished(out_dir, f) for f in files]
     todo = [f for f, r in zip(files, results, strict=True) if r is None]
     for r in results:
@@ -411,6 +411,16 @@ def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
     return [*(out_dir / f"{Path(f).stem}.json" for f in files), out_dir / SUMMARY]
 
 
+def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
+              files: Sequence[Path] = (), volumes: Sequence = ()) -> None:
+    """:func:`claim_output` of ``out_dir`` for a call that writes the outputs of ``files``
+    and ``volumes`` (one claim over both's markers) with ``model`` (``only``: one model)."""
+    from paser.volumes import volume_markers
+
+    claim_output(out_dir, output_settings(model, only), overwrite,
+                 image_markers(out_dir, files) + volume_markers(out_dir, volumes))
+
+
 def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
                  ) -> None:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
@@ -420,6 +430,10 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     outputs. A new folder and ``overwrite`` get a new claim (:func:`claim_of`), so that no
     record of before (of inputs this call was not given either) counts as done after it."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    foreign = next((m for m in markers if m.exists() and not _ours(m)), None)
+    if foreign is not None:  # resumed over, written over or removed, it would be lost
+        raise DataError(f"{foreign} is not paser's (another tool's file of a name paser "
+                        "writes its outputs under); give another --out")
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
         try:
@@ -445,12 +459,7 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                               path)  # recorded: known by them from now on (its claim kept)
         return
     found = [m for m in markers if m.exists()]
-    if found and not overwrite:  # outputs, and no record of what made them
-        ours = [m for m in found if m.suffix != ".json" or _a_record(m)]
-        if len(ours) < len(found):  # a file of another tool where paser writes a record
-            other = next(m for m in found if m not in ours)
-            raise DataError(f"{other} is not paser's (another tool's file of the name paser "
-                            f"gives an input's record); give another --out")
+    if found and not overwrite:  # paser's outputs, and no record of what made them
         raise DataError(
             f"{out_dir} holds paser's outputs ({found[0].name}"
             f"{' and more' if len(found) > 1 else ''}) but no {MANIFEST} saying which run and "
@@ -465,12 +474,18 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     atomic_write_text(json.dumps({**settings, "claim": uuid.uuid4().hex}, indent=2), path)
 
 
-def _a_record(path: Path) -> bool:
-    """Whether ``path`` is a record paser segment writes (of an image or a volume)."""
+def _ours(path: Path) -> bool:
+    """Whether ``path``, where paser segment writes an output, holds one of paser's: a
+    record (of an image or a volume), a summary, a volume's parts."""
     try:
-        return "flop_convention" in json.loads(path.read_text())
+        if path.suffix == ".json":
+            return "flop_convention" in json.loads(path.read_text())
+        if path.suffix == ".csv":
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().startswith("input,status,")
     except (OSError, ValueError, TypeError):
         return False
+    return True
 
 
 def claim_of(out_dir: Path) -> str:

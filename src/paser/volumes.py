@@ -597,12 +597,11 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     into the same folder, same run and settings: :func:`paser.segment.claim_output`) is
     skipped, and one interrupted continues with its missing chunks; ``overwrite`` starts
     over. ``volumes.csv`` gets one row per volume."""
-    from paser.segment import claim_output, output_settings
+    from paser.segment import claim_for
 
     out_dir = Path(out_dir)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
-    claim_output(out_dir, output_settings(model, only), overwrite,
-                 volume_markers(out_dir, volumes))
+    claim_for(out_dir, model, only, overwrite, volumes=volumes)
     results = []
     for vol in volumes:
         res = VolumeResult(vol.source, vol.stem)

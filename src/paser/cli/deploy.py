@@ -207,11 +207,9 @@ def segment(
         files = []  # done there
     elif volumes:
         if files:  # one claim for both, as on a cluster: each one's records count in it
-            from paser.segment import claim_output, image_markers, output_settings
-            from paser.volumes import volume_markers
+            from paser.segment import claim_for
 
-            claim_output(out, output_settings(model, k), overwrite,
-                         image_markers(out, files) + volume_markers(out, volumes))
+            claim_for(out, model, k, overwrite, files, volumes)
         vol_results = _segment_volumes(model, volumes, out, k, overwrite and not files, chunk)
     with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")

@@ -629,8 +629,9 @@ def window_of(images, percentiles: tuple[float, float] = WINDOW_PERCENTILES
             raise DataError(f"{source}: values of type {arr.dtype}; give integer or float "
                             "pixels")
         flat = arr.reshape(-1)
+        if flat.dtype.kind == "f":  # NaN / Inf: refused or filled when images are read
+            flat = flat[np.isfinite(flat)]
         flat = flat[::max(1, flat.size // _FIT_PIXELS)].astype(np.float64)  # every level kept
-        flat = flat[np.isfinite(flat)]  # NaN / Inf: refused or filled when images are read
         if flat.size:
             (flat_ones if flat.min() == flat.max() else samples).append(flat)
     samples = samples or flat_ones

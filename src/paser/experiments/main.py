@@ -224,9 +224,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         # the headline's ms: PaSeR and the single models in turns on the first batches
         # (each pass above ran alone, and a shared machine's slow spell can hit one)
         bar.update(task, info="wall clock in turns")
-        firsts = [data.test.images[i:i + tb] for i in range(0, min(len(data.test), 5 * tb), tb)]
+        firsts = M.FirstBatches(data.test, tb, 5)  # read as the rounds reach them
         turns = M.time_in_turns({name: preds[name] for name in ["PaSeR", *single_names]},
                                 firsts, device)
+        timed_on = firsts.used  # the images of each batch timed
         bar.update(task, info="curves")
         _, c_miou, c_gflops = cascade_sweep(test_out, costs, b.curve_points)
         curves = {"PaSeR": policy_curve(router, test_out, tb),
@@ -274,7 +275,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     noise = FR.bootstrap(per_image["PaSeR"], {name: per_image[name] for name in singles},
                          per_image["IDK-Cascade (IoU match)"], seed=cfg.seed)
     floor = FR.headroom_floor(noise)
-    caveat = FR.headroom_caveat(areas["Oracle"] - areas["Frontier"], floor)
+    caveat = FR.headroom_caveat(areas["Oracle"] - areas["Frontier"], floor,
+                                list(captured.values()))
     pool = pool_summary(run_dir, methods, nmod)
     if (same := same_images_note(cfg.data)) is not None:
         notes.insert(0, same)  # first: it qualifies every figure after it
@@ -327,10 +329,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                  "frontier (here its curve area minus the frontier's: "
                  f"{areas['Oracle'] - areas['Frontier']:+.4f}).")
     if caveat is not None:
-        notes.append(f"Headroom captured: {caveat}; shares of a margin that small are mostly "
-                     f"its noise (the threshold, {floor:.4f}, is half the width of the "
-                     "bootstrap interval of PaSeR's margin over the frontier, or "
-                     f"{FR.MIN_HEADROOM} where that has none).")
+        notes.append(f"Headroom captured: {caveat}.")
     if REACHABLE in curves and augmentations(cfg, h, w):
         notes.append(f"{REACHABLE} overstates what a router can reach on this run: the pool "
                      "trained on mirrored and turned images (stage1.augment), so its models "
@@ -370,7 +369,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
             captured["IDK-Cascade"], t2["flops_saved_pct"],
             methods["IDK-Cascade (IoU match)"]["iou"] >= pi, caveat),
         "wall_clock": {**FR.wall_clock_in_turns(turns, {n: methods[n]["iou"] for n in turns}),
-                       "batches": len(firsts), "images": min(tb, len(data.test))},
+                       "batches": len(timed_on), "images": timed_on},
         "operating_points": {name: asdict(cal) for name, cal in calibrations.items()},
         "pool": pool,
         "paser_on_or_above_cascade": bool(on_or_above),

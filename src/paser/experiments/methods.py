@@ -14,6 +14,7 @@ from torch import nn
 from paser.baselines.monolithic import MatPhase, padded_gflops, whole_padded
 from paser.baselines.routed import CascadeFit, cascade_forward
 from paser.evaluation import (
+    FirstBatches,
     Prediction,
     Predictor,
     f0_predictor,
@@ -60,7 +61,7 @@ def matphase_predictor(model: MatPhase, in_channels: int) -> Predictor:
     return _whole(model, lambda h, w: model.gflops(in_channels, h, w))
 
 
-__all__ = ["Prediction", "Predictor", "cascade_predictor", "f0_predictor",
+__all__ = ["FirstBatches", "Prediction", "Predictor", "cascade_predictor", "f0_predictor",
            "fixed_actions_predictor", "matphase_predictor", "measure",
            "paser_predictor", "patch_model_predictor", "time_in_turns",
            "whole_image_predictor"]

@@ -104,7 +104,8 @@ def markdown(results: dict) -> str:
     w(f"- ms/image: wall-clock on this device in this run, batches of "
       f"{results['timing_batch']} images, after one warm-up batch; one pass per method, one "
       "method after another, so on a shared machine a slow spell lands on whichever ran "
-      "then (the wall-clock line below times PaSeR and the single models in turns).\n\n")
+      "then" + (" (the wall-clock line below times PaSeR and the single models in turns)"
+                if "rounds" in results.get("wall_clock", {}) else "") + ".\n\n")
     if "verdict" in results:
         w(f"**Verdict: {results['verdict']}.**\n\n")
     if results.get("versus_cascade"):
@@ -222,11 +223,13 @@ def wall_clock_line(wc: dict, batch: int | None) -> str:
         return (head + " (ms measured one method after another in this run, batches of "
                 f"{batch}; `make bench` times them side by side).")
     spread = wc.get("ratio_range")
-    batches = wc.get("batches", 1)
+    batches, images = wc.get("batches", 1), wc.get("images", batch)
+    # the images of each batch timed (an int: the results of a day that kept one size)
+    total = sum(images) if isinstance(images, list) else (images or 0) * batches
     line = (head + f" (medians of {wc['rounds']} rounds in which PaSeR and the single models "
-            f"each timed the same batch of {batch} test images in turn, "
-            + (f"the first {batches} batches of the split by turns" if batches > 1 else
-               "one batch")
+            "each timed the same batch in turn, "
+            + (f"over the split's first {total} test images in {batches} batches"
+               if batches > 1 else f"one batch of {total} test images")
             + (f"; single rounds gave {spread[0]:.2f} to {spread[1]:.2f} x" if spread else "")
             + ").")
     if spread and spread[0] > 0 and spread[1] / spread[0] > UNSTEADY:
@@ -305,10 +308,10 @@ def _routers_md(w, results: dict) -> None:
           "arrangement of pixels does not, and no router can see the second. Its share is "
           "an estimate of the reachable part; the last column is each router's share of it")
     w(".\n\n")
-    caveat = FR.headroom_caveat(room, results.get("headroom_floor"))
+    caveat = FR.headroom_caveat(room, results.get("headroom_floor"),
+                                list(results.get("headroom_captured", {}).values()))
     if caveat is not None:
-        w(f"**The shares of the headroom are not meaningful on this run**: {caveat} (a share "
-          "of so small a margin is mostly its noise, and runs to hundreds of percent).\n\n")
+        w(f"**The shares of the headroom are not meaningful on this run**: {caveat}.\n\n")
     w("| router | curve area | above the frontier | headroom captured | rank correlation |"
       + (" of the reachable part |" if reach else "") + "\n|---|---|---|---|---|"
       + ("---|" if reach else "") + "\n")
@@ -362,7 +365,8 @@ def _regret_md(w, results: dict) -> None:
 def _ablation_md(w, a: dict, floor: float | None = None) -> None:
     w("\n## Ablation: objective x state x uncertainty\n\n")
     w(a["description"] + "\n\n")
-    caveat = FR.headroom_caveat(a.get("oracle_margin", {}).get("test", 0.0), floor)
+    caveat = FR.headroom_caveat(a.get("oracle_margin", {}).get("test", 0.0), floor,
+                                [r.get("test_headroom") for r in a.get("rows", [])])
     if caveat is not None:
         w(f"The headroom column is not meaningful: {caveat}.\n\n")
     w("| variant | objective | state | uncertainty | fixed GFLOP | val area - frontier | "
