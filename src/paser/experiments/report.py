@@ -555,7 +555,7 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
     n, ncls = len(images), len(class_names)
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)
     cmap = ListedColormap(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"][:len(model_names)])
-    palette = plt.cm.Set2 if ncls <= 8 else plt.cm.tab20  # not the routing map's colours
+    palette = plt.cm.Set2 if ncls <= 8 else plt.cm.tab20b  # neither has the routing map's colours
     classes = ListedColormap([palette(c % palette.N) for c in range(ncls)]
                              ).with_extremes(bad="white")
 
