@@ -178,9 +178,10 @@ def headroom_floor(noise: dict | None) -> float:
 def headroom_caveat(room: float, floor: float | None, shares=()) -> str | None:
     """Why shares of the oracle's headroom ``room`` (its curve area minus the frontier's)
     are not to be read: ``room`` positive but under ``floor`` (:func:`headroom_floor`),
-    where a share is mostly noise; or one of ``shares`` past +-100 % (a router's margin
-    larger than the oracle's: the oracle maximises per-patch reward, not dataset mIoU, so
-    its headroom is no ceiling). None where the shares can be read (or there are none)."""
+    where a share is mostly noise; or one of ``shares`` over 100 % (a router above the
+    oracle: the oracle maximises per-patch reward, not dataset mIoU, so its headroom is no
+    ceiling). A share under -100 % is read as it is: a router under the frontier by more than
+    the oracle's headroom. None where the shares can be read (or there are none)."""
     if floor is None or room <= 1e-12:
         return None
     if room < floor:
@@ -188,9 +189,9 @@ def headroom_caveat(room: float, floor: float | None, shares=()) -> str | None:
                 f"{floor:.4f} (half the width of the bootstrap interval of PaSeR's margin "
                 f"over the frontier, or {MIN_HEADROOM} without one), so a share of it is "
                 "mostly noise and can run to hundreds of percent")
-    if any(s is not None and abs(s) > 1 for s in shares):
-        return (f"a margin over the frontier is larger than the oracle's ({room:+.4f} of "
-                "curve area), so its share runs past 100 %: the oracle maximises per-patch "
+    if any(s is not None and s > 1 for s in shares):
+        return (f"a router's curve lies above the oracle's ({room:+.4f} of curve area over "
+                "the frontier), so its share runs past 100 %: the oracle maximises per-patch "
                 "reward, not the dataset's mIoU, and its headroom is no ceiling here")
     return None
 
