@@ -407,8 +407,8 @@ def output_settings(model, only: int | None) -> dict:
 
 def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
     """What marks ``files`` done in ``out_dir`` (:func:`claim_output`'s markers): their
-    records and the summary."""
-    return [*(out_dir / f"{Path(f).stem}.json" for f in files), out_dir / SUMMARY]
+    records and the summary (none without files: a call of volumes alone keeps it)."""
+    return [*(out_dir / f"{Path(f).stem}.json" for f in files), out_dir / SUMMARY] if files else []
 
 
 def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
