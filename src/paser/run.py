@@ -353,7 +353,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     before_fps = fingerprints(before) if before is not None else {}
 
-    def why_again(name: str, stale: bool) -> str:
+    def why_again(name: str, stale: bool, missing: list[str]) -> str:
         """Why a step finished before runs again, where the [config] lines do not say."""
         record = steps.done.get(name, {}).get("fingerprint")
         if force or record is None:
@@ -361,7 +361,6 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         if stale:
             return " (a step it reads was redone in this run)"
         if any(record == v[name] for v in variants):
-            missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
             return f" (finished before, but {', '.join(missing)} is missing)" if missing else ""
         if before_fps.get(name) == fps[name]:  # the settings did not change: their hash did
             return (" (finished before by a version of paser that recorded its settings "
@@ -371,12 +370,13 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     def step(name: str, fn) -> None:
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
+        missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
         if (not force and not stale and any(steps.finished(name, v[name]) for v in variants)
-                and all((run_dir / out).exists() for out in outputs(cfg, name))):
+                and not missing):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
         resume = not force and any(steps.started(name, v[name]) for v in variants)
-        echo(f"[{name}] {'resuming' if resume else 'running'}{why_again(name, stale)}")
+        echo(f"[{name}] {'resuming' if resume else 'running'}{why_again(name, stale, missing)}")
         steps.start(name, fps[name])
         t0 = time.perf_counter()
         fn(resume)
