@@ -420,3 +420,89 @@ def test_a_rewritten_report_keeps_the_experiments_made_on_its_models(tmp_path):
     assert dropped == ["robustness"]
     (tmp_path / "checkpoints" / "policy.pt").write_text("bb")  # trained again
     assert kept_experiments(tmp_path) == ({}, ["sensitivity", "robustness"])
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from paser.data.identity import data_identity, read_identity
+    from paser.train.pretrain import pretrain
+
+    run_dir, cfg, _, _ = job
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copytree(cfg.data.cache_dir, tmp_path / "c")
+    moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "cache_dir": tmp_path / "c"})})
+    run_dir = tmp_path / "run"
+    # the same bytes elsewhere (copied: other modification times): nothing is redone
+    lines: list[str] = []
+    run(moved, run_dir, show_progress=False, echo=lines.append)
+    assert sum("skipped" in line for line in lines) == 7
+    before = read_identity(run_dir)
+    assert json.loads((run_dir / "steps.json").read_text())["stage1"]["data"] == before.digest
+    # a run made before paser knew its data says so, and keeps its steps
+    ledger = json.loads((run_dir / "steps.json").read_text())
+    old = {k: {f: v for f, v in r.items() if f != "data"} for k, r in ledger.items()}
+    (run_dir / "steps.json").write_text(json.dumps(old))
+    (run_dir / "data.json").rename(tmp_path / "data.json")
+    lines = []
+    run(moved, run_dir, show_progress=False, echo=lines.append)
+    assert sum("skipped" in line for line in lines) == 7
+    assert any(line.startswith("[data] this run's steps were finished by a version of "
+                               "paser that did not record") for line in lines)
+    # once the run knows what its last steps read, the others are taken to have read it
+    # (here: every step; below, the data change makes them run again)
+    (tmp_path / "data.json").rename(run_dir / "data.json")
+    # a mask corrected in place at the same size: the run says what changed, and every
+    # step that read it runs again
+    mask = next((tmp_path / "c").glob("*/train_label/*.png"))
+    pixels = np.array(Image.open(mask))
+    pixels[0, 0] = 0 if pixels[0, 0] else 255
+    Image.fromarray(pixels).save(mask)
+    lines = []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[stage1] running"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(moved, run_dir, show_progress=False, echo=echo)
+    assert lines[-2:] == [
+        "[data] the files the run reads changed since its steps read them: 1 file rewritten "
+        f"(train_label/{mask.name}); the steps that read them run again",
+        "[stage1] running (the data's files changed since it ran)"]
+    # a model trained on the files before is not kept; trained on these, it is
+    now = data_identity(moved.data, run_dir)
+    assert now.changes(before).startswith("1 file rewritten")
+    weights = (run_dir / "checkpoints" / "f1.pt").read_bytes()
+    pretrain(moved, run_dir, show_progress=False, reuse=True, files=(now.digest, before.digest))
+    trained = json.loads((run_dir / "checkpoints" / "f1.trained.json").read_text())
+    assert trained["data"] == now.digest != before.digest
+    retrained = (run_dir / "checkpoints" / "f1.pt").read_bytes()
+    assert retrained != weights
+    pretrain(moved, run_dir, show_progress=False, reuse=True, files=(now.digest, before.digest))
+    assert (run_dir / "checkpoints" / "f1.pt").read_bytes() == retrained
+
+
+def test_what_changed_in_a_datasets_files_is_said_by_kind():
+    from paser.data.identity import Identity
+
+    before = Identity({"train": {"a.png": "1", "b.png": "2", "c.png": "3"},
+                       "test": {"d.png": "4"}})
+    after = Identity({"train": {"a.png": "1", "b.png": "9", "e.png": "5"},
+                      "test": {"c.png": "3"}})
+    assert after.changes(before) == (
+        "1 file added (e.png); 1 file removed (d.png); 1 file rewritten (b.png); "
+        "1 file moved to another split (c.png)")
+    assert before.changes(before) == "the same files"
+    assert before.digest == Identity(dict(reversed(before.files.items()))).digest
+    assert after.digest != before.digest

@@ -344,6 +344,19 @@ def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
         *over, "data.stream=always", "data.workers=1"]), progress=False)
     assert torch.equal(next(streamed.test.batches(8))[0], next(data.test.batches(8))[0])
     pickle.dumps(train)  # what reader processes receive
+    # the run knows the data by the files it reads: the zarr store's (its metadata too),
+    # the label volume and the class map; slices labelled since train again
+    from paser.data.identity import data_identity
+
+    ident = data_identity(cfg.data, tmp_path / "run")
+    assert ident.files["train"].keys() == ident.files["test"].keys()
+    names = {n.rsplit("/", 1)[-1] for n in ident.files["train"]}
+    assert "labels.tif" in names and names & {".zarray", "zarr.json"}  # zarr 2 or 3
+    assert list(ident.files["class map"]) == ["classes.yaml"]
+    labels[1] = 0
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    assert data_identity(cfg.data, tmp_path / "run").changes(ident) == (
+        "1 file rewritten (labels.tif)")
     with pytest.raises(DataError, match=r"no labelled slice in test's range \[25, 26\)"):
         open_split(load_config(preset="battery-quick", overrides=[
             *over[:4], "data.slices={train: [0, 18], validation: [18, 24], test: [25, 26]}"]

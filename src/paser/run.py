@@ -76,10 +76,15 @@ def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str,
     ``finetune``) in the run's ledger, so ``paser run`` skips it; the steps that read its
     outputs are struck off, to be redone, unless it ``changed`` nothing (a ``--resume`` of a
     finished stage)."""
+    from paser.data.identity import data_identity, record_identity
+
     steps = Steps(Path(run_dir))
     for later in readers(step) if changed else ():
         steps.done.pop(later, None)
-    steps.mark(step, fingerprints(cfg)[step])
+    ident = data_identity(cfg.data, run_dir)
+    if ident is not None:
+        record_identity(run_dir, ident)
+    steps.mark(step, fingerprints(cfg)[step], **({} if ident is None else {"data": ident.digest}))
 
 
 def start_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
@@ -273,9 +278,9 @@ class Steps:
         """Record a finished step (with ``info`` such as its seconds)."""
         self._write(step, {"fingerprint": fingerprint, **info})
 
-    def start(self, step: str, fingerprint: str) -> None:
+    def start(self, step: str, fingerprint: str, **info) -> None:
         """Record a step as begun: if it is cut short, the next run resumes it."""
-        self._write(step, {"started": fingerprint})
+        self._write(step, {"started": fingerprint, **info})
 
     def drop(self, step: str) -> None:
         """Forget a step (its outputs are gone)."""
@@ -327,6 +332,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
     from paser.baselines.monolithic import train_baselines
     from paser.data import describe, load_stage_data
+    from paser.data.identity import data_identity, read_identity, record_identity
     from paser.experiments.main import evaluate_all
     from paser.train.finetune import finetune, tvd_sweep
     from paser.train.paper import paper_config, train_paper
@@ -353,10 +359,32 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     before_fps = fingerprints(before) if before is not None else {}
 
+    echo(f"[data] {describe(cfg.data, progress=show_progress)}")
+    ident = data_identity(cfg.data, run_dir, progress=show_progress)
+    seen = read_identity(run_dir)
+    if ident is not None and seen is not None and seen.digest != ident.digest:
+        echo(f"[data] the files the run reads changed since its steps read them: "
+             f"{ident.changes(seen)}; the steps that read them run again")
+    elif ident is not None and seen is None and not force and any(
+            "fingerprint" in r and "data" not in r for r in steps.done.values()):
+        echo("[data] this run's steps were finished by a version of paser that did not "
+             "record what its data's files were: a change to them since is not seen, and "
+             "those steps are kept (--force trains them again on the files as they are)")
+
+    def data_changed(name: str) -> bool:
+        """Whether ``name`` finished on other files than the dataset's now (one recorded
+        without them, by a paser before 2026-12-06, read those the run's last steps did)."""
+        record = steps.done.get(name, {}).get("data") or (seen and seen.digest)
+        return ident is not None and record is not None and record != ident.digest
+
     def why_again(name: str, stale: bool, missing: list[str]) -> str:
         """Why a step finished before runs again, where the [config] lines do not say."""
         record = steps.done.get(name, {}).get("fingerprint")
-        if force or record is None:
+        if force:
+            return ""
+        if data_changed(name):
+            return " (the data's files changed since it ran)"
+        if record is None:
             return ""
         if stale:
             return " (a step it reads was redone in this run)"
@@ -371,27 +399,30 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
         missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
-        if (not force and not stale and any(steps.finished(name, v[name]) for v in variants)
-                and not missing):
+        if (not force and not stale and not data_changed(name) and not missing
+                and any(steps.finished(name, v[name]) for v in variants)):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
-        resume = not force and any(steps.started(name, v[name]) for v in variants)
+        resume = (not force and not data_changed(name)
+                  and any(steps.started(name, v[name]) for v in variants))
         echo(f"[{name}] {'resuming' if resume else 'running'}{why_again(name, stale, missing)}")
-        steps.start(name, fps[name])
+        steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
         fn(resume)
         timings[name] = round(time.perf_counter() - t0, 1)
-        steps.mark(name, fps[name], seconds=timings[name])
+        if ident is not None:
+            record_identity(run_dir, ident)
+        steps.mark(name, fps[name], seconds=timings[name],
+                   **({} if ident is None else {"data": ident.digest}))
         echo(f"[{name}] finished in {timings[name]:.1f} s")
-
-    echo(f"[data] {describe(cfg.data, progress=show_progress)}")
 
     def stage1(resume: bool) -> None:
         large = large_patches(cfg)  # said where stage 1 trains, which opens the split anyway
         if large:
             echo(f"[stage1] warning: {large}")
         # a model trained before with its own settings unchanged is kept (not with --force)
-        pretrain(cfg, run_dir, resume=resume, show_progress=show_progress, reuse=not force)
+        pretrain(cfg, run_dir, resume=resume, show_progress=show_progress, reuse=not force,
+                 files=None if ident is None else (ident.digest, seen.digest if seen else None))
 
     step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,

@@ -206,12 +206,14 @@ def open_split(cfg: DataConfig, split: str, progress: bool = True) -> Segmentati
     its images scaled by the dataset's :func:`data_intensity`."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
-    dataset = _open(cfg, split, progress)
+    dataset = open_unscaled(cfg, split, progress)
     dataset.intensity = data_intensity(cfg, progress)
     return dataset
 
 
-def _open(cfg: DataConfig, split: str, progress: bool) -> SegmentationFiles:
+def open_unscaled(cfg: DataConfig, split: str, progress: bool = True) -> SegmentationFiles:
+    """One split as :func:`open_split` gives it, without fitting the intensity window
+    (its files, to list or hash)."""
     entry = kind(cfg)
     if entry.open is None:
         raise DataError(f"{cfg.dataset} is built in memory, not read from files: use "
@@ -239,7 +241,7 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
 def _fitted(dataset: str, root: str, settings: str) -> Intensity:
     """Keyed by what chooses the training files (a run's stages ask again and again)."""
     cfg = DataConfig(dataset=dataset, root=Path(root), **json.loads(settings))
-    return Intensity(_open(cfg, "train", False).fit_window())
+    return Intensity(open_unscaled(cfg, "train", False).fit_window())
 
 
 #: The datasets read from a folder (the others are built in memory).

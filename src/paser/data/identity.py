@@ -1,0 +1,138 @@
+"""What a run's data are: the content of every file its splits read (the images, their
+labels and the class map; a training volume and its label volume), so that ``paser run``
+trains again when they change and says what changed. A file is known by its bytes, not
+by when it was written: data copied, moved, touched or regenerated alike train nothing
+again; slices labelled since, a mask corrected in place (at any size) or images added
+to the folder do.
+
+Hashing reads every file once; the run keeps each file's digest beside its size and
+modification time (``data.json``), so that a rerun reads again only the files that
+changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from paser.config import DataConfig
+from paser.runtime import atomic_write_text, file_sha256
+from paser.runtime import progress as progress_bar
+
+#: in the run folder: the data its steps last read, and each file's digest by its stat
+FILE = "data.json"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The data's files by split (``{split: {name: sha256}}``; names relative to
+    ``data.root`` where they lie under it) and their digest."""
+
+    files: dict[str, dict[str, str]]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:12]
+
+    def changes(self, before: Identity, limit: int = 3) -> str:
+        """What changed since ``before``, in a line: files added, removed, rewritten and
+        moved to another split, a few named."""
+        def where(ident: Identity) -> dict[str, tuple[str, str]]:
+            return {name: (split, sha) for split, files in ident.files.items()
+                    for name, sha in files.items()}
+
+        old, new = where(before), where(self)
+        kinds = {
+            "added": sorted(new.keys() - old.keys()),
+            "removed": sorted(old.keys() - new.keys()),
+            "rewritten": sorted(n for n in new.keys() & old.keys() if new[n][1] != old[n][1]),
+            "moved to another split": sorted(n for n in new.keys() & old.keys()
+                                             if new[n] != old[n] and new[n][1] == old[n][1]),
+        }
+        parts = []
+        for what, names in kinds.items():
+            if names:
+                shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+                parts.append(f"{len(names)} {'file' if len(names) == 1 else 'files'} "
+                             f"{what} ({shown})")
+        return "; ".join(parts) or "the same files"
+
+
+def split_files(split) -> list[Path]:
+    """The files one opened split reads: its images and labels, or its volumes' files."""
+    volumes = [getattr(split, name) for name in ("volume", "labels")
+               if hasattr(getattr(split, name, None), "source")]
+    if not volumes:
+        return [Path(p) for p in (*split.images, *split.labels)]
+    out: list[Path] = []
+    for volume in volumes:
+        if volume.files:  # a folder of slices
+            out += [Path(f) for f in volume.files]
+        elif Path(volume.path).is_dir():  # zarr: every file of the store, its metadata too
+            out += sorted(p for p in Path(volume.path).rglob("*") if p.is_file())
+        else:
+            out.append(Path(volume.path))
+    return out
+
+
+def _name(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False
+                  ) -> Identity | None:
+    """The identity of the dataset ``cfg`` reads (None for data built in memory, noisy
+    MNIST); each file hashed unless ``run_dir``'s :data:`FILE` knows it at its size and
+    modification time (the digests found are kept there)."""
+    from paser.data.registry import SPLITS, ensure_dataset, kind, open_unscaled
+
+    if kind(cfg).open is None:
+        return None
+    root = ensure_dataset(cfg, progress=False)
+    path = Path(run_dir) / FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    known: dict[str, list] = saved.get("stat", {})
+    lists = {split: split_files(open_unscaled(cfg, split, False)) for split in SPLITS}  # no window
+    classes = root / "classes.yaml"
+    if classes.is_file():
+        lists["class map"] = [classes]
+    stat: dict[str, list] = {}
+    files: dict[str, dict[str, str]] = {}
+    total = sum(len(v) for v in lists.values())
+    with progress_bar(progress and total > 200) as bar:
+        task = bar.add_task("data: what the files are", total=total, info="")
+        for split, paths in lists.items():
+            files[split] = {}
+            for p in paths:
+                key = str(p.resolve())
+                st = os.stat(key)
+                seen = known.get(key)
+                sha = (seen[2] if seen is not None and seen[:2] == [st.st_size, st.st_mtime_ns]
+                       else file_sha256(key))
+                stat[key] = [st.st_size, st.st_mtime_ns, sha]
+                files[split][_name(p, root)] = sha
+                bar.advance(task)
+    if stat != known:
+        atomic_write_text(json.dumps({**saved, "stat": stat}), path)
+    return Identity(files)
+
+
+def read_identity(run_dir: str | Path) -> Identity | None:
+    """The data the run's steps last read (:func:`record_identity`), or None."""
+    path = Path(run_dir) / FILE
+    read = json.loads(path.read_text()).get("read") if path.is_file() else None
+    return None if read is None else Identity(read)
+
+
+def record_identity(run_dir: str | Path, ident: Identity) -> None:
+    """Record ``ident`` as the data the run's steps read."""
+    path = Path(run_dir) / FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("read") != ident.files:
+        atomic_write_text(json.dumps({**saved, "read": ident.files}), path)
