@@ -169,6 +169,42 @@ def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
     assert sorted(sum(ids.values(), [])) == [f"img{i:02d}" for i in range(20)]
 
 
+def test_images_added_to_a_held_out_folder_are_said_to_leak_into_its_test_split(tmp_path):
+    """A flat folder split by data.holdout: images added since a run trained re-draw the
+    splits, so its test split now holds images it trained on; `paser evaluate` says how
+    many (by name and bytes), and nothing for the same files copied elsewhere."""
+    from paser.data.identity import data_identity, record_identity, since_trained
+
+    root = make_folder(tmp_path / "flat", counts=(20, 1, 1))
+    for d in ("images", "masks"):
+        (root / "train" / d).rename(root / d)
+    for d in ("train", "validation", "test"):
+        shutil.rmtree(root / d)
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}",
+                                 "data.holdout=[0.2, 0.2]"]).data
+    run_dir = tmp_path / "run"
+    before = data_identity(cfg, run_dir)
+    record_identity(run_dir, before)
+    assert since_trained(cfg, run_dir, "test") is None
+    assert len(before.files["test"]) == 2 * 4 and "classes.yaml" in before.files["class map"]
+    shutil.copytree(root, tmp_path / "copy")  # the same bytes elsewhere: the same data
+    moved = cfg.model_copy(update={"root": tmp_path / "copy"})
+    assert data_identity(moved, run_dir, keep=False).digest == before.digest
+    extra = make_folder(tmp_path / "more", counts=(10, 1, 1), seed=1)
+    for i, image in enumerate(sorted((extra / "train" / "images").iterdir())):
+        shutil.copy(image, root / "images" / f"new{i:02d}.png")
+        shutil.copy(extra / "train" / "masks" / image.name, root / "masks" / f"new{i:02d}.png")
+    now = data_identity(cfg, run_dir, keep=False)
+    trained = before.files["train"]
+    leaked = sum(trained.get(n) == sha for n, sha in now.files["test"].items())
+    assert leaked > 0  # 30 images re-drawn: some of the 6 test images were trained on
+    assert since_trained(cfg, run_dir, "test") == (
+        f"the data's files changed since this run trained on them: {now.changes(before)}; "
+        f"{leaked} of the test split's 12 files (images and masks) were training files "
+        "then, so its figures overstate how the models do on images they did not see")
+    assert now.changes(before).startswith("20 files added (images/new00.png")
+
+
 def test_data_check_counts_classes_and_suggests_weights(folder):
     r = check_dataset(folder, workers=0, show_progress=False)  # read here: no reader processes
     assert r["layout"] == "folder" and r["splits"]["train"] == {

@@ -26,10 +26,14 @@ def evaluate(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
+    from paser.data.identity import since_trained
     from paser.data.stages import as_tiles
 
     model = PaSeR.load(run_dir)
     files = open_split(model.config.data, split)
+    note = since_trained(model.config.data, run_dir, split)
+    if note:
+        typer.echo(f"note: {note}", err=True)
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"

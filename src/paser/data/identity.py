@@ -85,11 +85,11 @@ def _name(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False
-                  ) -> Identity | None:
+def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
+                  keep: bool = True) -> Identity | None:
     """The identity of the dataset ``cfg`` reads (None for data built in memory, noisy
     MNIST); each file hashed unless ``run_dir``'s :data:`FILE` knows it at its size and
-    modification time (the digests found are kept there)."""
+    modification time (the digests found are kept there, unless not ``keep``)."""
     from paser.data.registry import SPLITS, ensure_dataset, kind, open_unscaled
 
     if kind(cfg).open is None:
@@ -118,7 +118,7 @@ def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False
                 stat[key] = [st.st_size, st.st_mtime_ns, sha]
                 files[split][_name(p, root)] = sha
                 bar.advance(task)
-    if stat != known:
+    if keep and stat != known:
         atomic_write_text(json.dumps({**saved, "stat": stat}), path)
     return Identity(files)
 
@@ -136,3 +136,25 @@ def record_identity(run_dir: str | Path, ident: Identity) -> None:
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("read") != ident.files:
         atomic_write_text(json.dumps({**saved, "read": ident.files}), path)
+
+
+def since_trained(cfg: DataConfig, run_dir: str | Path, split: str) -> str | None:
+    """What changed in the data since the run's steps read them, as a note for a command
+    that measures the run on ``split`` now (``paser evaluate``), or None: the same files,
+    or a run that recorded none. Files of ``split`` that were training files then are
+    counted: the split's figures overstate what the models do on unseen images."""
+    seen = read_identity(run_dir)
+    if seen is None:
+        return None
+    now = data_identity(cfg, run_dir, keep=False)
+    if now is None or now.digest == seen.digest:
+        return None
+    trained, then = seen.files.get("train", {}), seen.files.get(split, {})
+    disjoint = split != "train" and not trained.keys() & then.keys()  # not one volume's
+    leaked = disjoint and sum(trained.get(name) == sha
+                              for name, sha in now.files.get(split, {}).items())
+    return ("the data's files changed since this run trained on them: "
+            f"{now.changes(seen)}"
+            + (f"; {leaked} of the {split} split's {len(now.files.get(split, {}))} files "
+               "(images and masks) were training files then, so its figures overstate "
+               "how the models do on images they did not see" if leaked else ""))
