@@ -205,6 +205,39 @@ def test_images_added_to_a_held_out_folder_are_said_to_leak_into_its_test_split(
     assert now.changes(before).startswith("20 files added (images/new00.png")
 
 
+def test_a_dataset_is_known_by_the_names_the_loader_reads_links_not_followed(tmp_path):
+    """Folders linked into data.root keep their names when the link moves or becomes a
+    copy; a link to an image added as another image is another image; a run folder that
+    cannot be written keeps no digests and still answers."""
+    import paser.data.identity as identity
+
+    store = make_folder(tmp_path / "store", counts=(4, 1, 1))
+    root = tmp_path / "linked"
+    root.mkdir()
+    shutil.copy(store / "classes.yaml", root)
+    for split in ("train", "validation", "test"):
+        (root / split).symlink_to(store / split)
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"]).data
+    first = identity.data_identity(cfg, tmp_path / "run")
+    assert "train/images/img00.png" in first.files["train"]
+    (root / "train").unlink()
+    shutil.copytree(store / "train", root / "train")
+    assert identity.data_identity(cfg, tmp_path / "run").digest == first.digest
+    for d in ("images", "masks"):
+        (root / "train" / d / "dup.png").symlink_to(root / "train" / d / "img00.png")
+    assert identity.data_identity(cfg, tmp_path / "run").changes(first) == (
+        "2 files added (train/images/dup.png, train/masks/dup.png)")
+
+    def read_only(*_):
+        raise OSError(30, "Read-only file system")
+
+    (tmp_path / "run" / "data.json").unlink()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(identity, "atomic_write_text", read_only)
+        assert identity.data_identity(cfg, tmp_path / "run").digest != first.digest
+    assert not (tmp_path / "run" / "data.json").exists()
+
+
 def test_data_check_counts_classes_and_suggests_weights(folder):
     r = check_dataset(folder, workers=0, show_progress=False)  # read here: no reader processes
     assert r["layout"] == "folder" and r["splits"]["train"] == {

@@ -434,6 +434,7 @@ def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_p
     from PIL import Image
 
     from paser.data.identity import data_identity, read_identity
+    from paser.run import record_stage, start_stage
     from paser.train.pretrain import pretrain
 
     run_dir, cfg, _, _ = job
@@ -442,31 +443,47 @@ def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_p
     moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={
         "cache_dir": tmp_path / "c"})})
     run_dir = tmp_path / "run"
+
+    def ledger() -> dict:
+        return json.loads((run_dir / "steps.json").read_text())
+
+    def trained(role: str) -> dict:
+        return json.loads((run_dir / "checkpoints" / f"{role}.trained.json").read_text())
+
     # the same bytes elsewhere (copied: other modification times): nothing is redone
     lines: list[str] = []
     run(moved, run_dir, show_progress=False, echo=lines.append)
     assert sum("skipped" in line for line in lines) == 7
     before = read_identity(run_dir)
-    assert json.loads((run_dir / "steps.json").read_text())["stage1"]["data"] == before.digest
-    # a run made before paser knew its data says so, and keeps its steps
-    ledger = json.loads((run_dir / "steps.json").read_text())
-    old = {k: {f: v for f, v in r.items() if f != "data"} for k, r in ledger.items()}
-    (run_dir / "steps.json").write_text(json.dumps(old))
-    (run_dir / "data.json").rename(tmp_path / "data.json")
+    assert ledger()["stage1"]["data"] == trained("f1")["data"] == before.digest
+    # a run made before paser knew its data says so, takes the files as they are, and
+    # from then on knows them (in steps.json and for each stage-1 model)
+    (run_dir / "steps.json").write_text(json.dumps(
+        {k: {f: v for f, v in r.items() if f != "data"} for k, r in ledger().items()}))
+    for role in ("f0", "f1", "f2"):
+        (run_dir / "checkpoints" / f"{role}.trained.json").write_text(json.dumps(
+            {"fingerprint": trained(role)["fingerprint"]}))
+    (run_dir / "data.json").unlink()
     lines = []
     run(moved, run_dir, show_progress=False, echo=lines.append)
     assert sum("skipped" in line for line in lines) == 7
     assert any(line.startswith("[data] this run's steps were finished by a version of "
                                "paser that did not record") for line in lines)
-    # once the run knows what its last steps read, the others are taken to have read it
-    # (here: every step; below, the data change makes them run again)
-    (tmp_path / "data.json").rename(run_dir / "data.json")
-    # a mask corrected in place at the same size: the run says what changed, and every
-    # step that read it runs again
+    assert ledger()["report"]["data"] == trained("f0")["data"] == before.digest
+    assert read_identity(run_dir) == before
+    # a mask corrected in place at the same size
     mask = next((tmp_path / "c").glob("*/train_label/*.png"))
     pixels = np.array(Image.open(mask))
     pixels[0, 0] = 0 if pixels[0, 0] else 255
     Image.fromarray(pixels).save(mask)
+    now = data_identity(moved.data, run_dir)
+    assert now.changes(before) == f"1 file rewritten (train_label/{mask.name})"
+    # `paser pretrain --resume` of the finished stage trains nothing: it still read the
+    # files of before (the ledger and the run's record keep them)
+    start_stage(run_dir, moved, "stage1")
+    record_stage(run_dir, moved, "stage1", changed=False)
+    assert ledger()["stage1"]["data"] == before.digest and read_identity(run_dir) == before
+    # the run says what changed, and every step that read it runs again
     lines = []
 
     def echo(line: str) -> None:
@@ -481,15 +498,12 @@ def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_p
         f"(train_label/{mask.name}); the steps that read them run again",
         "[stage1] running (the data's files changed since it ran)"]
     # a model trained on the files before is not kept; trained on these, it is
-    now = data_identity(moved.data, run_dir)
-    assert now.changes(before).startswith("1 file rewritten")
     weights = (run_dir / "checkpoints" / "f1.pt").read_bytes()
-    pretrain(moved, run_dir, show_progress=False, reuse=True, files=(now.digest, before.digest))
-    trained = json.loads((run_dir / "checkpoints" / "f1.trained.json").read_text())
-    assert trained["data"] == now.digest != before.digest
+    pretrain(moved, run_dir, show_progress=False, reuse=True, files=now.digest)
+    assert trained("f1")["data"] == now.digest
     retrained = (run_dir / "checkpoints" / "f1.pt").read_bytes()
     assert retrained != weights
-    pretrain(moved, run_dir, show_progress=False, reuse=True, files=(now.digest, before.digest))
+    pretrain(moved, run_dir, show_progress=False, reuse=True)  # finds the digest itself
     assert (run_dir / "checkpoints" / "f1.pt").read_bytes() == retrained
 
 

@@ -309,7 +309,7 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
                                   ("b.ome", 0, True), ("c", 3, False)]
 
 
-def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
+def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):
     """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
     the splits are the labelled slices of their ranges, in tiles, with the window fitted
     on the training slices; streamed from reader processes, the same tensors."""
@@ -355,8 +355,16 @@ def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path):
     assert list(ident.files["class map"]) == ["classes.yaml"]
     labels[1] = 0
     tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    (tmp_path / "recon.zarr" / ".DS_Store").write_bytes(b"x")  # not part of the array
+    hashed: list[str] = []
+    import paser.data.identity as identity
+
+    monkeypatch.setattr(identity, "file_sha256",
+                        lambda f, h=identity.file_sha256: hashed.append(f) or h(f))
+    (tmp_path / "run" / "data.json").unlink()  # nothing known: each file read once
     assert data_identity(cfg.data, tmp_path / "run").changes(ident) == (
         "1 file rewritten (labels.tif)")
+    assert len(hashed) == len(set(hashed)) == len(ident.files["train"]) + 1
     with pytest.raises(DataError, match=r"no labelled slice in test's range \[25, 26\)"):
         open_split(load_config(preset="battery-quick", overrides=[
             *over[:4], "data.slices={train: [0, 18], validation: [18, 24], test: [25, 26]}"]

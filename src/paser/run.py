@@ -79,20 +79,31 @@ def record_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str,
     from paser.data.identity import data_identity, record_identity
 
     steps = Steps(Path(run_dir))
+    started = steps.done.get(step, {})
+    # the files the stage read (:func:`start_stage` hashed them before it trained), or for
+    # a resume that trained nothing, those it read when it finished before
+    data = started.get("data") if changed else started.get("before")
     for later in readers(step) if changed else ():
         steps.done.pop(later, None)
-    ident = data_identity(cfg.data, run_dir)
-    if ident is not None:
+    ident = data_identity(cfg.data, run_dir) if changed and data else None
+    if ident is not None and ident.digest == data:
         record_identity(run_dir, ident)
-    steps.mark(step, fingerprints(cfg)[step], **({} if ident is None else {"data": ident.digest}))
+    steps.mark(step, fingerprints(cfg)[step], **({} if data is None else {"data": data}))
 
 
 def start_stage(run_dir: str | Path, cfg: ExperimentConfig, step: str) -> None:
     """Record a stage begun by its own command, so that ``paser run`` resumes it where an
     interruption left it instead of starting it over."""
+    from paser.data.identity import data_identity
     from paser.train.common import absolute_root
 
-    Steps(Path(run_dir)).start(step, fingerprints(absolute_root(cfg))[step])
+    cfg = absolute_root(cfg)
+    steps = Steps(Path(run_dir))
+    ident = data_identity(cfg.data, run_dir)
+    before = steps.done.get(step, {}).get("data")  # what it read when it finished before
+    steps.start(step, fingerprints(cfg)[step],
+                **({} if ident is None else {"data": ident.digest}),
+                **({} if before is None else {"before": before}))
 
 
 def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
@@ -261,6 +272,37 @@ def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
              "(operating_point, or paser calibrate, sets one)")
 
 
+def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> None:
+    """Give the steps and stage-1 models that a paser before 2026-12-06 finished (no record
+    of their data's files) the files they read: those the run's later steps read
+    (``seen``), or where none did, the files as they are now, which is said. A run
+    folder that cannot be written to keeps them as they are (and says so again)."""
+    from paser.data.identity import record_identity
+
+    old = [name for name, r in steps.done.items() if "data" not in r]
+    models = [p for p in sorted((run_dir / "checkpoints").glob("*.trained.json"))
+              if "data" not in json.loads(p.read_text())]
+    if not old and not models:
+        return
+    stamp = ident.digest if seen is None else seen.digest
+    if seen is None and any("fingerprint" in steps.done[name] for name in old):
+        echo("[data] this run's steps were finished by a version of paser that did not "
+             "record what its data's files were: they are taken to be the files as they are "
+             "now, and a change from here on trains again (--force trains them on these "
+             "files now)")
+    try:
+        for p in models:
+            atomic_write_text(json.dumps({**json.loads(p.read_text()), "data": stamp}), p)
+        for name in old:
+            steps.done[name]["data"] = stamp
+        atomic_write_text(json.dumps(steps.done, indent=2), steps.path)
+        if seen is None:
+            record_identity(run_dir, ident)
+    except OSError:
+        for name in old:
+            steps.done[name].pop("data", None)
+
+
 class Steps:
     """The ``steps.json`` ledger of finished steps."""
 
@@ -365,16 +407,12 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     if ident is not None and seen is not None and seen.digest != ident.digest:
         echo(f"[data] the files the run reads changed since its steps read them: "
              f"{ident.changes(seen)}; the steps that read them run again")
-    elif ident is not None and seen is None and not force and any(
-            "fingerprint" in r and "data" not in r for r in steps.done.values()):
-        echo("[data] this run's steps were finished by a version of paser that did not "
-             "record what its data's files were: a change to them since is not seen, and "
-             "those steps are kept (--force trains them again on the files as they are)")
+    if ident is not None and not force:
+        stamp_unrecorded(run_dir, steps, ident, seen, echo)
 
     def data_changed(name: str) -> bool:
-        """Whether ``name`` finished on other files than the dataset's now (one recorded
-        without them, by a paser before 2026-12-06, read those the run's last steps did)."""
-        record = steps.done.get(name, {}).get("data") or (seen and seen.digest)
+        """Whether ``name`` finished on other files than the dataset's now."""
+        record = steps.done.get(name, {}).get("data")
         return ident is not None and record is not None and record != ident.digest
 
     def why_again(name: str, stale: bool, missing: list[str]) -> str:
@@ -422,7 +460,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
             echo(f"[stage1] warning: {large}")
         # a model trained before with its own settings unchanged is kept (not with --force)
         pretrain(cfg, run_dir, resume=resume, show_progress=show_progress, reuse=not force,
-                 files=None if ident is None else (ident.digest, seen.digest if seen else None))
+                 files=None if ident is None else ident.digest)
 
     step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,

@@ -61,8 +61,14 @@ class Identity:
         return "; ".join(parts) or "the same files"
 
 
+#: the hidden files of a zarr store that are part of its array (other hidden files, such
+#: as .DS_Store, are not read)
+ZARR_METADATA = {".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+
 def split_files(split) -> list[Path]:
-    """The files one opened split reads: its images and labels, or its volumes' files."""
+    """The files one opened split reads: its images and labels, or its volumes' files (a
+    zarr store's chunks and metadata, its linked folders entered)."""
     volumes = [getattr(split, name) for name in ("volume", "labels")
                if hasattr(getattr(split, name, None), "source")]
     if not volumes:
@@ -71,26 +77,44 @@ def split_files(split) -> list[Path]:
     for volume in volumes:
         if volume.files:  # a folder of slices
             out += [Path(f) for f in volume.files]
-        elif Path(volume.path).is_dir():  # zarr: every file of the store, its metadata too
-            out += sorted(p for p in Path(volume.path).rglob("*") if p.is_file())
+        elif Path(volume.path).is_dir():  # zarr
+            out += sorted(Path(folder) / name
+                          for folder, _, names in os.walk(volume.path, followlinks=True)
+                          for name in names
+                          if not name.startswith(".") or name in ZARR_METADATA)
         else:
             out.append(Path(volume.path))
     return out
 
 
 def _name(path: Path, root: Path) -> str:
+    """``path`` as the loader reached it, relative to ``data.root`` where it lies under it
+    (links not followed: a file and a link to it are two images, and a folder reached
+    through a link keeps its name when the link moves)."""
+    for a, b in ((path, root), (path.absolute(), root.absolute())):
+        try:
+            return a.relative_to(b).as_posix()
+        except ValueError:
+            pass
+    return str(path.absolute())
+
+
+def _write(path: Path, saved: dict) -> None:
+    """Write ``data.json``; a run folder that cannot be written to (read-only, as a finished
+    run may be) keeps what it had: its digests are found again next time."""
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
+        atomic_write_text(json.dumps(saved), path)
+    except OSError:
+        pass
 
 
 def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
                   keep: bool = True) -> Identity | None:
     """The identity of the dataset ``cfg`` reads (None for data built in memory, noisy
-    MNIST); each file hashed unless ``run_dir``'s :data:`FILE` knows it at its size and
-    modification time (the digests found are kept there, unless not ``keep``)."""
+    MNIST); each file hashed once, unless ``run_dir``'s :data:`FILE` knows it at its size
+    and modification time (the digests found are kept there, unless not ``keep``)."""
     from paser.data.registry import SPLITS, ensure_dataset, kind, open_unscaled
+    from paser.errors import DataError
 
     if kind(cfg).open is None:
         return None
@@ -111,15 +135,20 @@ def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
             files[split] = {}
             for p in paths:
                 key = str(p.resolve())
-                st = os.stat(key)
-                seen = known.get(key)
-                sha = (seen[2] if seen is not None and seen[:2] == [st.st_size, st.st_mtime_ns]
-                       else file_sha256(key))
-                stat[key] = [st.st_size, st.st_mtime_ns, sha]
-                files[split][_name(p, root)] = sha
+                if key not in stat:  # a file of several splits (a volume's) is read once
+                    try:
+                        st = os.stat(key)
+                        was = known.get(key)
+                        sha = (was[2] if was is not None
+                               and was[:2] == [st.st_size, st.st_mtime_ns] else file_sha256(key))
+                    except OSError as err:
+                        raise DataError(f"{p}: {err.strerror} while paser read the data's "
+                                        "files (did it change meanwhile?); run again") from None
+                    stat[key] = [st.st_size, st.st_mtime_ns, sha]
+                files[split][_name(p, root)] = stat[key][2]
                 bar.advance(task)
     if keep and stat != known:
-        atomic_write_text(json.dumps({**saved, "stat": stat}), path)
+        _write(path, {**saved, "stat": stat})
     return Identity(files)
 
 
@@ -135,7 +164,7 @@ def record_identity(run_dir: str | Path, ident: Identity) -> None:
     path = Path(run_dir) / FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("read") != ident.files:
-        atomic_write_text(json.dumps({**saved, "read": ident.files}), path)
+        _write(path, {**saved, "read": ident.files})
 
 
 def since_trained(cfg: DataConfig, run_dir: str | Path, split: str) -> str | None:

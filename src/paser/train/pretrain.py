@@ -345,7 +345,7 @@ def _trained_file(run_dir: Path, role: str) -> Path:
 
 def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
              show_progress: bool = True, reuse: bool = False,
-             files: tuple[str, str | None] | None = None) -> dict:
+             files: str | None = None) -> dict:
     """Run stage 1 into ``run_dir``; return the summary written to ``stage1.json``.
 
     ``cfg=None`` reopens the config saved in ``run_dir`` (for ``--resume``). ``reuse``
@@ -353,9 +353,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     same :func:`model_fingerprint` is kept, not trained again; each model is seeded on its
     own, so it is the model a fresh run would train (changing f0 keeps f1..fK; changing f1
     keeps the others, f0 included, since it distils from fK). ``files``: the digest of the
-    data's files (:mod:`paser.data.identity`) and the one the run's steps read before (or
-    None): a model trained on other files is not kept; one recorded without a digest is
-    taken as trained on the files the run read before.
+    data's files (:mod:`paser.data.identity`; found here when not given): recorded with
+    each model trained, and a model trained on other files is not kept.
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     if not resume:
@@ -365,6 +364,11 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
+    if files is None:
+        from paser.data.identity import data_identity
+
+        ident = data_identity(cfg.data, run_dir, keep=dist.is_main)
+        files = None if ident is None else ident.digest
     device = dist.device
     if dist.is_main:  # what inference needs to read the run's data as it trained on it
         save_label_codec(run_dir, cfg)
@@ -382,13 +386,10 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         """Trained before with the same fingerprint (and ``reuse``): shown, not trained."""
         path = _trained_file(run_dir, role)
         record = json.loads(path.read_text()) if path.is_file() else {}
-        now, before = files or (None, None)
         same = (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
                 and record.get("fingerprint") in {
                     model_fingerprint(cfg, role, added) for added in (False, True)}
-                and record.get("data", before or now) == now)
-        if same and files is not None and "data" not in record and dist.is_main:
-            atomic_write_text(json.dumps({**record, "data": now}), path)  # as it now knows
+                and record.get("data") == files)
         if same:
             with progress(show_progress and dist.is_main) as bar:
                 bar.add_task(f"stage 1 {role}", total=1, completed=1,
@@ -401,7 +402,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         if dist.is_main:
             record = {"fingerprint": model_fingerprint(cfg, role)}
             if files is not None:
-                record["data"] = files[0]
+                record["data"] = files
             atomic_write_text(json.dumps(record), _trained_file(run_dir, role))
 
     for (role, spec), key in zip(roles[1:], _keys(cfg)[1:], strict=True):
