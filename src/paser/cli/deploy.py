@@ -13,6 +13,16 @@ from paser.cli.common import RUN_DIR, app
 from paser.errors import ConfigError, DataError
 
 
+def data_note(model, run_dir: Path, split: str) -> None:
+    """Say (on stderr) when the data's files changed since the run trained on them, and
+    how many of ``split``'s it trained on (:func:`paser.data.identity.since_trained`)."""
+    from paser.data.identity import since_trained
+
+    note = since_trained(model.config.data, run_dir, split)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+
+
 @app.command()
 def evaluate(
     run_dir: Path = RUN_DIR,
@@ -26,14 +36,11 @@ def evaluate(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
-    from paser.data.identity import since_trained
     from paser.data.stages import as_tiles
 
     model = PaSeR.load(run_dir)
     files = open_split(model.config.data, split)
-    note = since_trained(model.config.data, run_dir, split)
-    if note:
-        typer.echo(f"note: {note}", err=True)
+    data_note(model, run_dir, split)
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
@@ -185,6 +192,7 @@ def segment(
     else:
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budgeted:
+        data_note(model, run_dir, "validation")
         cal = model.calibrate(budget_gflops=budget_gflops, save=False,
                               budget_gflops_per_mp=budget_per_mp)
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
@@ -492,6 +500,7 @@ def calibrate(
     from paser.cost import FLOP_CONVENTION
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
+    data_note(model, run_dir, "validation")
     cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
                           iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd,
                           budget_gflops_per_mp=budget_per_mp)
