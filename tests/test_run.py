@@ -520,3 +520,65 @@ def test_what_changed_in_a_datasets_files_is_said_by_kind():
     assert before.changes(before) == "the same files"
     assert before.digest == Identity(dict(reversed(before.files.items()))).digest
     assert after.digest != before.digest
+
+
+@pytest.mark.slow
+def test_a_run_being_trained_again_or_calibrated_elsewhere_is_not_used_as_it_was(job, tmp_path):
+    import shutil
+
+    from paser.api import PaSeR
+    from paser.errors import CheckpointError
+
+    run_dir, cfg, _, _ = job
+    shutil.copytree(run_dir, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    ledger = json.loads((run_dir / "steps.json").read_text())
+    # stopped while stage 2 trained again: its settings are in config.yaml, its policy is
+    # the one before; nothing loads it as if it were done
+    (run_dir / "steps.json").write_text(json.dumps({**ledger, "stage2": {"started": "x"}}))
+    with pytest.raises(CheckpointError, match=r"stage2 is being trained again, or was "
+                       r"stopped while it was .* paser run --run-dir .* \(it resumes\)"):
+        PaSeR.load(run_dir)
+    # a calibration begun and not finished keeps the run loadable uncalibrated (paser run
+    # calibrates so)
+    (run_dir / "steps.json").write_text(json.dumps({**ledger, "calibrate": {"started": "x"}}))
+    PaSeR.load(run_dir, calibrated=False)
+    with pytest.raises(CheckpointError, match="calibrate is being trained again"):
+        PaSeR.load(run_dir)
+    (run_dir / "steps.json").write_text(json.dumps(ledger))
+    # stage 3 ran: its checkpoint gone is not replaced by stage 2's policy in silence
+    (run_dir / "checkpoints" / "stage3.pt").rename(tmp_path / "stage3.pt")
+    with pytest.raises(CheckpointError, match=r"stage3.pt: checkpoint not found; .*paser run "
+                       r"--run-dir .* \(it skips what is done\), or paser finetune"):
+        PaSeR.load(run_dir)
+    (tmp_path / "stage3.pt").rename(run_dir / "checkpoints" / "stage3.pt")
+    # paser calibrate made another target since: paser run calibrates to its own again,
+    # and says so (the report then matches what segment uses)
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    cal["target"] = {"budget_gflops": 0.05}
+    (run_dir / "calibration.json").write_text(json.dumps(cal))
+    lines: list[str] = []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[calibrate] running"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(cfg, run_dir, show_progress=False, echo=echo)
+    assert lines[-1] == (
+        "[calibrate] running (calibration.json holds another target (budget_gflops 0.05), "
+        "made by paser calibrate since: calibrated again to this config's operating_point, "
+        "which paser segment then uses; set operating_point to keep the other)")
+    assert sum("skipped" in line for line in lines) == 3  # stages 1 to 3
+
+
+def test_a_changed_pool_model_key_is_named_alone():
+    from paser.run import config_changes
+
+    cfg = load_config(preset="battery-quick")
+    pool = [m.model_copy() for m in cfg.models.pool]
+    pool[1] = pool[1].model_copy(update={"epochs": 7})
+    other = cfg.model_copy(update={"models": cfg.models.model_copy(update={"pool": pool})})
+    assert config_changes(cfg, other)[0] == (
+        f"models.pool.1.epochs: {json.dumps(cfg.models.pool[1].epochs)} -> 7")

@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import Dataset
 
 from paser.calibration import Calibration, calibrate
-from paser.checkpoints import build_router, label_codec, load_checkpoint, run_config
+from paser.checkpoints import (
+    LOADED_STEPS,
+    build_router,
+    label_codec,
+    load_checkpoint,
+    run_config,
+    unfinished_steps,
+)
 from paser.config import ExperimentConfig
 from paser.data import Tensors
 from paser.data.folders import ClassMap
@@ -57,9 +64,19 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
+        begun = unfinished_steps(run_dir, LOADED_STEPS + (("calibrate",) if calibrated else ()))
+        if begun:
+            raise CheckpointError(
+                f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
+                "trained again, or was stopped while it was (its settings are in config.yaml, "
+                "its checkpoints may still be those of the settings before); finish it first: "
+                f"paser run --run-dir {run_dir} (it resumes)")
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
         stage3 = Path(stage3) if stage3 is not None else ckpt_dir / "stage3.pt"
+        if (stage3 == ckpt_dir / "stage3.pt" and not stage3.is_file()
+                and (run_dir / "stage3.json").is_file()):
+            load_checkpoint(ckpt_dir / "stage3.pt")  # stage 3 ran: not stage 2's policy instead
         if stage3.is_file() or stage3 != ckpt_dir / "stage3.pt":
             state = load_checkpoint(stage3, dev)
             policy_state, pool_states = state["policy"], state["pool"]
@@ -83,6 +100,13 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
+        begun = unfinished_steps(run_dir, LOADED_STEPS + (("calibrate",) if calibrated else ()))
+        if begun:
+            raise CheckpointError(
+                f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
+                "trained again, or was stopped while it was (its settings are in config.yaml, "
+                "its checkpoints may still be those of the settings before); finish it first: "
+                f"paser run --run-dir {run_dir} (it resumes)")
         export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"
         router = load_onnx_router(export_dir)
         exported, policy = router.manifest.get("digests"), router.manifest.get("policy")

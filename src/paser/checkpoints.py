@@ -8,6 +8,7 @@ build what they train.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,12 +45,22 @@ def checkpoint_files(run_dir: str | Path) -> dict[str, tuple[int, int]]:
              for f in folder.rglob("*") if f.is_file()} if folder.is_dir() else {})
 
 
+#: the command that writes a checkpoint, by the start of its name
+WRITERS = {"policy": "paser train-policy", "stage3": "paser finetune",
+           "base_": "paser baselines", "f": "paser pretrain"}
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint's dict; a missing or unreadable file is a :class:`CheckpointError`
     that says which stage writes it."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it first")
+        writer = next((c for start, c in WRITERS.items() if path.name.startswith(start)), None)
+        run = path.parent.parent
+        raise CheckpointError(
+            f"{path}: checkpoint not found; run the stage that writes it first: paser run "
+            f"--run-dir {run} (it skips what is done)"
+            + (f", or {writer} --run-dir {run}" if writer else ""))
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # a truncated or foreign file: torch raises many kinds
@@ -169,6 +180,22 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
 
 #: Where a run keeps its label codec: the class map of its training data, as written.
 CODEC_FILE = "classes.yaml"
+
+
+#: the steps whose checkpoints (or calibration) a loaded run uses
+LOADED_STEPS = ("stage1", "stage2", "stage3")
+
+
+def unfinished_steps(run_dir: str | Path, steps: tuple[str, ...] = LOADED_STEPS) -> list[str]:
+    """Those of ``steps`` that ``steps.json`` shows begun and not finished: a ``paser run``
+    or stage command training them (again) now, or stopped while it did."""
+    path = Path(run_dir) / "steps.json"
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    return [s for s in steps if "started" in done.get(s, {})
+            and "fingerprint" not in done.get(s, {})]
 
 
 def save_label_codec(run_dir: str | Path, cfg: ExperimentConfig) -> None:

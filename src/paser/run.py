@@ -59,6 +59,8 @@ def outputs(cfg: ExperimentConfig, step: str) -> list[str]:
         out += [f"checkpoints/f{k}.pt" for k in range(len(cfg.models.pool) + 1)]
     elif step == "stage2":
         out.append("checkpoints/policy.pt")
+    elif step == "stage3":
+        out.append("checkpoints/stage3.pt")
     elif step == "baselines":
         from paser.baselines.monolithic import role_name
 
@@ -114,6 +116,8 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
         return []
 
     def flat(node, prefix=""):
+        if isinstance(node, list) and any(isinstance(v, dict) for v in node):
+            node = dict(enumerate(node))  # models.pool.1.epochs, not the whole pool
         if isinstance(node, dict):
             return {k: v for key, value in node.items()
                     for k, v in flat(value, f"{prefix}{key}.").items()}
@@ -243,6 +247,28 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
          f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image, "
          f"{cal.per_megapixel(cal.gflops) or 0:.2f} per megapixel (uncalibrated "
          f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
+
+
+def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
+    """Why the run's ``calibration.json`` is not the config's operating point (made by
+    ``paser calibrate`` for another target since), or None."""
+    from paser.calibration import FILE
+
+    path = run_dir / FILE
+    try:
+        saved = json.loads(path.read_text()).get("target", {}) if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: paser segment says so where it reads it
+    want = target_of(cfg) or {}
+    if saved is None or all(saved.get(k) == v for k, v in want.items()):
+        return None
+    held = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in saved.items() if k in ("iou_within_top", "budget_gflops",
+                                                        "budget_gflops_per_mp", "max_tvd",
+                                                        "max_frac_large"))
+    return (f"{FILE} holds another target ({held or 'its own'}), made by paser calibrate "
+            "since: calibrated again to this config's operating_point, which paser segment "
+            "then uses; set operating_point to keep the other")
 
 
 def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
@@ -433,17 +459,20 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
                     "differently; run again to be sure it matches this config)")
         return ""
 
-    def step(name: str, fn) -> None:
+    def step(name: str, fn, again: str | None = None) -> None:
+        """Run ``name`` unless it finished before on this config and data (``again``: why
+        it runs all the same)."""
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
         missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
-        if (not force and not stale and not data_changed(name) and not missing
+        if (not force and not stale and not data_changed(name) and not missing and not again
                 and any(steps.finished(name, v[name]) for v in variants)):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
         resume = (not force and not data_changed(name)
                   and any(steps.started(name, v[name]) for v in variants))
-        echo(f"[{name}] {'resuming' if resume else 'running'}{why_again(name, stale, missing)}")
+        why = f" ({again})" if again and not force else why_again(name, stale, missing)
+        echo(f"[{name}] {'resuming' if resume else 'running'}{why}")
         steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
         fn(resume)
@@ -470,7 +499,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,
                                              show_progress=show_progress))
     if target_of(cfg) is not None:
-        step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo))
+        step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo),
+             again=other_calibration(cfg, run_dir))
     else:
         drop_calibration(run_dir, steps, echo)
     if paper_config(cfg) is not None:
