@@ -134,6 +134,17 @@ def test_robustness_routes_paser_at_the_runs_calibrated_operating_point(mnist_ru
     Calibration(bias=[-1e6, -1e6, 0.0], strength=1.0, target={"budget_gflops": 9.0},
                 gflops=0.0, fractions=[0.0, 0.0, 1.0], miou=0.0, uncalibrated={}, images=1,
                 height=32, width=32, policy=router.policy_digest).save(run_dir)
+    # the report was of the run uncalibrated: an experiment waits for it to be written again
+    with pytest.raises(CheckpointError, match=r"its report \(results.json\) was made on "
+                       "other models or another calibration"):
+        rob.run_robustness(run_dir, amount=0.05, epochs=0, show_progress=False)
+    from paser.checkpoints import run_config
+    from paser.run import run
+
+    lines: list[str] = []
+    run(run_config(run_dir), run_dir, show_progress=False, echo=lines.append)
+    assert "[report] running (the run's models or calibration changed since the report was " \
+           "written: a stage command or paser calibrate ran)" in lines
     out = rob.run_robustness(run_dir, amount=0.05, epochs=0, show_progress=False)
     paser = out["table"]["PaSeR"]
     assert paser["fractions_clean"] == [0.0, 0.0, 1.0]

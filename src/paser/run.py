@@ -271,6 +271,21 @@ def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
             "then uses; set operating_point to keep the other")
 
 
+def report_outdated(run_dir: Path) -> str | None:
+    """Why the run's report is not of its models and calibration as they are now (a stage
+    command or ``paser calibrate`` ran since it was written), or None."""
+    from paser.experiments.finished import models_state
+
+    try:
+        measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if measured is None or measured == models_state(run_dir):
+        return None
+    return ("the run's models or calibration changed since the report was written: a stage "
+            "command or paser calibrate ran")
+
+
 def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
     """Without an operating point in the config, PaSeR runs at its policy's own choices: a
     calibration an earlier ``paser run`` made (for a target no longer asked for), or one
@@ -522,7 +537,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         results, text = evaluate_all(cfg, run_dir, data, device, show_progress)
         echo(text)
 
-    step("report", report)
+    step("report", report, again=report_outdated(run_dir))
     if not results:
         results = json.loads((run_dir / "results.json").read_text())
         echo((run_dir / "report.md").read_text())

@@ -35,6 +35,19 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
         raise CheckpointError(f"{run_dir}: no results.json; finish `paser run` into this folder "
                               "first (the experiment reuses its models and report)")
     cfg = run_config(run_dir)
+    measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
+    if measured is not None and measured != models_state(run_dir):
+        raise CheckpointError(
+            f"{run_dir}: its report (results.json) was made on other models or another "
+            "calibration than the run has now (a stage command or paser calibrate ran since); "
+            f"write the report again first: paser run --run-dir {run_dir}")
+    from paser.data.identity import since_trained
+
+    changed = since_trained(cfg.data, run_dir, "test")
+    if changed:
+        raise CheckpointError(f"{run_dir}: {changed}; the experiment's figures would not "
+                              f"match its report: paser run --run-dir {run_dir} trains on "
+                              "them first")
     device = setup(cfg)
     return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress))
 
@@ -58,7 +71,8 @@ def record_experiment(run_dir: Path, name: str, entry: dict) -> None:
     run keep each other's entries."""
     results = json.loads((run_dir / "results.json").read_text())
     entry = {**entry, "measured_on": models_state(run_dir)}
-    results.setdefault("experiments", {})[name] = entry
+    kept, _ = kept_experiments(run_dir)  # none measured on other models than this one
+    results["experiments"] = {**kept, name: entry}
     write_report(run_dir, results)
 
 
