@@ -147,6 +147,14 @@ def same_images_note(data: DataConfig) -> str | None:
     return " ".join(said) or None
 
 
+def _data_files(run_dir: Path) -> str | None:
+    """The digest of the data files the run's steps read (:mod:`paser.data.identity`)."""
+    from paser.data.identity import read_identity
+
+    ident = read_identity(run_dir)
+    return None if ident is None else ident.digest
+
+
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
                  show_progress: bool = True) -> tuple[dict, str]:
     """Measure every method, write results and figures into ``run_dir``; return the
@@ -348,6 +356,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
             {"synthetic": cfg.data.synthetic.seed}
             if cfg.data.dataset == "battery" and cfg.data.root is None else {}),
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
+        "train_images": len(data.pre) + len(data.rl) + len(data.ft),
+        "validation_images": len(data.validation), "data_files": _data_files(run_dir),
         "image_size": [h, w], "megapixels_per_image": h * w / 1e6,
         "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,
         "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,

@@ -96,7 +96,11 @@ def markdown(results: dict) -> str:
     w(f"- device: {results['device']}; seed {results['seed']}"
       f"{f' (data: {data_seeds})' if data_seeds else ''}; lam {results['lam']}; "
       f"test images {results['test_images']} of {results['image_size'][0]} x "
-      f"{results['image_size'][1]}; grid {results['grid'][0]} x {results['grid'][1]}; "
+      f"{results['image_size'][1]}" + (
+          f" (train {results['train_images']}, validation {results['validation_images']})"
+          if "train_images" in results else "")
+      + (f"; data files {results['data_files']}" if results.get("data_files") else "")
+      + f"; grid {results['grid'][0]} x {results['grid'][1]}; "
       f"T = {results['mc_samples']}\n")
     w(f"- FLOPs: {results['flop_convention']}; GFLOP per image at inference, all Monte Carlo "
       "passes, the policy and every routed model included"
