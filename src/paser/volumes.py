@@ -535,9 +535,9 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
                        "their type's range (0 to its largest value), as in training"}
                       if intensity.by_type_range(volume.dtype) else
-                      {**intensity.to_dict(), **({"fitted_on": "this volume (the run has no "
-                       "window: it trained on 8/16-bit images, or before 2026-12-04, when runs "
-                       "kept none)"}
+                      {**intensity.to_dict(), **({"fitted_on": "this volume (the run keeps no "
+                       "window: it trained on 8/16-bit images, was made before 2026-12-04, "
+                       "when runs kept none, or its intensity.json was removed)"}
                           if intensity is not model.intensity else {})}),
         "device": ", ".join(devices), **({"workers": workers} if workers else {}),
         "claim": claim_of(out_dir),

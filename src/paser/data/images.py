@@ -516,9 +516,10 @@ class Intensity:
             else:
                 notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to "
                              "[0, 1] " + ("(data.intensity per_image)" if self.mode ==
-                                          "per_image" else "(the run has no intensity "
-                                          "window: it trained on 8/16-bit images, or "
-                                          "before 2026-12-04, when runs kept none)"))
+                                          "per_image" else "(the run keeps no intensity "
+                                          "window: it trained on 8/16-bit images, was made "
+                                          "before 2026-12-04, when runs kept none, or its "
+                                          "intensity.json was removed)"))
         if max(abs(lo), abs(hi)) > 1e37 and x.dtype == np.float32:  # x - lo would overflow
             x = x.astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):  # a fill far outside: +-inf
