@@ -420,6 +420,14 @@ def test_a_rewritten_report_keeps_the_experiments_made_on_its_models(tmp_path):
     assert dropped == ["robustness"]
     (tmp_path / "checkpoints" / "policy.pt").write_text("bb")  # trained again
     assert kept_experiments(tmp_path) == ({}, ["sensitivity", "robustness"])
+    from paser.experiments.finished import drop_figures
+
+    (tmp_path / "figures").mkdir()
+    for name in ("robustness_routing.png", "mc_entropy.png", "iou_vs_gflop.png"):
+        (tmp_path / "figures" / name).write_bytes(b"png")
+    drop_figures(tmp_path, ["robustness"])  # its figures would be of other models
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "iou_vs_gflop.png", "mc_entropy.png"]
 
 
 class _Stop(Exception):

@@ -68,7 +68,7 @@ def outputs(cfg: ExperimentConfig, step: str) -> list[str]:
         if cfg.baselines.matphase is not None:
             out.append("checkpoints/base_matphase.pt")
     elif step == "report":
-        out.append("report.md")
+        out += ["report.md", "figures/iou_vs_gflop.png"]
     return out
 
 

@@ -71,9 +71,22 @@ def record_experiment(run_dir: Path, name: str, entry: dict) -> None:
     run keep each other's entries."""
     results = json.loads((run_dir / "results.json").read_text())
     entry = {**entry, "measured_on": models_state(run_dir)}
-    kept, _ = kept_experiments(run_dir)  # none measured on other models than this one
+    kept, dropped = kept_experiments(run_dir)  # none measured on other models than this one
+    drop_figures(run_dir, [d for d in dropped if d != name])  # its own: just drawn
     results["experiments"] = {**kept, name: entry}
     write_report(run_dir, results)
+
+
+#: the figures each experiment writes into the run's ``figures/``
+FIGURES = {"robustness": ("robustness_routing.png",),
+           "sensitivity": ("sensitivity_lam.png", "mc_entropy.png")}
+
+
+def drop_figures(run_dir: Path, names: list[str]) -> None:
+    """Remove the figures of the experiments ``names`` (dropped: of other models)."""
+    for name in names:
+        for figure in FIGURES.get(name, ()):
+            (run_dir / "figures" / figure).unlink(missing_ok=True)
 
 
 def kept_experiments(run_dir: Path) -> tuple[dict, list[str]]:

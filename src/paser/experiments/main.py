@@ -401,9 +401,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     plot_curves(figures / "iou_vs_gflop.png", methods, curves)
     _qualitative(figures / "qualitative.png", router, data, nmod, bias,
                  summary["classes"] or [f"class {c}" for c in range(ncls)])
-    from paser.experiments.finished import kept_experiments, models_state
+    from paser.experiments.finished import drop_figures, kept_experiments, models_state
 
     kept, dropped = kept_experiments(run_dir)  # `paser experiment` entries, on these models
+    drop_figures(run_dir, dropped)
     summary["measured_on"] = models_state(run_dir)  # what `paser experiment` checks
     if kept:
         summary["experiments"] = kept
