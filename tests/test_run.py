@@ -267,6 +267,12 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
         "workers": 0, "cache_dir": run_dir / "elsewhere", "stream": "always"})})
     assert fingerprints(read) == before
     assert fingerprints(read, legacy=True) != fingerprints(cfg, legacy=True)
+    # nor where its folder lies (the files' digest says whether they are the same data),
+    # only whether one is given (the generated set is not a folder of one's own)
+    at = [cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": run_dir / p})})
+          for p in ("a", "b")]
+    assert fingerprints(at[0]) == fingerprints(at[1]) != before
+    assert fingerprints(at[0], root=True) != fingerprints(at[1], root=True)  # as before
     # a key added since runs were made hashes nothing at the value that does what they did
     # (a run of the day before data.nonfinite is not trained again), and retrains set to
     # another

@@ -134,8 +134,11 @@ def config_changes(before: ExperimentConfig | None, cfg: ExperimentConfig,
     stale = [step for step in DEPS if a[step] != b[step]]
     threads = ("; num_threads changes the order PyTorch sums in on the CPU, so a fresh run "
                "with it can differ in the last digits" if "num_threads" in keys else "")
+    moved = "data.root" in keys and old.get("data.root") and new.get("data.root")
     lines.append("changed since this run was made: "
                  + (f"{', '.join(stale)} (and what reads them) run again" if stale else
+                    "data.root moved: steps run again only where its files hold other data "
+                    "(the [data] lines)" if moved else
                     "no step depends on it (nothing is redone)") + threads)
     return lines
 
@@ -152,16 +155,21 @@ ADDED_KEYS = frozenset(f"{section}.{key}" for section, keys in ADDED.items() for
 
 
 def hashed_part(raw: dict, key: str, legacy: bool = False,
-                added: frozenset[str] = ADDED_KEYS):
+                added: frozenset[str] = ADDED_KEYS, root: bool = False):
     """The part of a dumped config at ``key`` (dotted) that a fingerprint hashes: without
     its :data:`NEUTRAL` keys (``legacy``: with them, as runs before 2026-12-05 hashed), and
     without those of its :data:`ADDED` keys named in ``added`` (``section.key``) at the
-    value runs before them had."""
+    value runs before them had. ``data.root`` counts only as given or not: the run knows
+    its data by what the files hold (:mod:`paser.data.identity`), so a dataset moved to
+    another folder trains nothing again (``root`` or ``legacy``: its path hashed, as runs
+    before 2026-12-06 did)."""
     node = raw
     for part in key.split("."):
         node = node[part]
     if key in NEUTRAL and not legacy:
         node = {k: v for k, v in node.items() if k not in NEUTRAL[key]}
+    if key == "data" and not legacy and not root:
+        node = {**node, "root": None if node.get("root") is None else "given"}
     if key in ADDED:
         node = {k: v for k, v in node.items()
                 if f"{key}.{k}" not in added or k not in ADDED[key] or v != ADDED[key][k]}
@@ -171,17 +179,17 @@ def hashed_part(raw: dict, key: str, legacy: bool = False,
 
 
 def fingerprints(cfg: ExperimentConfig, legacy: bool = False,
-                 added: frozenset[str] = ADDED_KEYS) -> dict[str, str]:
+                 added: frozenset[str] = ADDED_KEYS, root: bool = False) -> dict[str, str]:
     """A short hash per step of the config keys it depends on (not the :data:`NEUTRAL`
     ones: reader processes, where the synthetic set is cached, streaming). PaSeR (paper)'s
     is of its own config (:func:`paser.train.paper.paper_config`): keys its method fixes,
     such as ``stage2.lam``, do not retrain it. ``legacy``: as paser 2026-12-05 hashed them
     (every key of a section), so that runs finished before are not trained again;
-    ``added``: :func:`hashed_part`'s."""
+    ``added``, ``root``: :func:`hashed_part`'s."""
     from paser.train.paper import paper_config
 
     def digest(raw: dict, keys: tuple[str, ...]) -> str:
-        values = [[key, hashed_part(raw, key, legacy, added)] for key in keys]
+        values = [[key, hashed_part(raw, key, legacy, added, root)] for key in keys]
         return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     raw = cfg.model_dump(mode="json")
@@ -194,14 +202,17 @@ def fingerprints(cfg: ExperimentConfig, legacy: bool = False,
 
 def fingerprint_variants(cfg: ExperimentConfig) -> list[dict[str, str]]:
     """Every way a version of paser hashed ``cfg``'s steps (:func:`fingerprints`; the one it
-    writes first): with and without the :data:`NEUTRAL` keys, and without any subset of
-    the :data:`ADDED` ones (each was hashed from when it came until it was listed). A step
-    finished under any of them is done with this config: each drops a key only at the
-    value that does what runs before it did."""
+    writes first): with and without the :data:`NEUTRAL` keys and ``data.root``'s path,
+    and without any subset of the :data:`ADDED` ones (each was hashed from when it came
+    until it was listed). A step finished under any of them is done with this config: each
+    drops a key only at the value that does what runs before it did (``data.root``: the
+    data files' digest says whether they are the same)."""
     keys = sorted(ADDED_KEYS)
     subsets = [frozenset(k for i, k in enumerate(keys) if n >> i & 1)
                for n in range(2 ** len(keys) - 1, -1, -1)]  # all of them first
-    return [fingerprints(cfg, legacy, added) for legacy in (False, True) for added in subsets]
+    return [fingerprints(cfg, legacy, added, root)
+            for legacy, root in ((False, False), (False, True), (True, True))
+            for added in subsets]
 
 
 def build_every_model(cfg: ExperimentConfig) -> None:

@@ -173,8 +173,9 @@ def _root(cfg: DataConfig) -> Path:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist; point it at a dataset folder (a "
-                        "finished run whose data moved reads them where a link at that path "
-                        "points: ln -s NEW_FOLDER OLD_PATH)")
+                        "run whose data moved: paser run --run-dir RUN data.root=NEW_FOLDER "
+                        "records the new place, and trains nothing again if the files hold "
+                        "the same data)")
     return root
 
 

@@ -317,24 +317,26 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     return best
 
 
-def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False) -> str:
+def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False,
+                      root: bool = False) -> str:
     """What a stage-1 model's training depends on, hashed: its role (its seed, through
     :func:`paser.train.common.seed_role`), its own spec, the data (not how it is read),
     the run's seed, grid and halo, the class and channel counts and stage 1's settings; and
     for f0 the fingerprint of fK, which it distils from. Another model's spec is not in it.
     ``added``: stage 1's keys added since (:data:`paser.run.ADDED`) left out at the value
-    models trained before them had, as those models were fingerprinted."""
+    models trained before them had, as those models were fingerprinted; ``root``: the
+    data's folder hashed as a path, as before 2026-12-06 (:func:`paser.run.hashed_part`)."""
     from paser.run import ADDED_KEYS, hashed_part
 
     raw = cfg.model_dump(mode="json")
     models = raw["models"]
     parts = {"role": role, "seed": raw["seed"], "grid": raw["grid"], "halo": raw["halo"],
-             "data": hashed_part(raw, "data"),
+             "data": hashed_part(raw, "data", root=root),
              "channels": models["in_channels"], "classes": models["num_classes"],
              "stage1": hashed_part(raw, "stage1", added=ADDED_KEYS if added else frozenset()),
              "model": models["f0"] if role == "f0" else models["pool"][int(role[1:]) - 1]}
     if role == "f0":
-        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}", added)
+        parts["teacher"] = model_fingerprint(cfg, f"f{len(cfg.models.pool)}", added, root)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -388,7 +390,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         record = json.loads(path.read_text()) if path.is_file() else {}
         same = (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
                 and record.get("fingerprint") in {
-                    model_fingerprint(cfg, role, added) for added in (False, True)}
+                    model_fingerprint(cfg, role, added, root)
+                    for added in (False, True) for root in (False, True)}
                 and record.get("data") == files)
         if same:
             with progress(show_progress and dist.is_main) as bar:
