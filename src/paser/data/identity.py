@@ -99,6 +99,16 @@ def _name(path: Path, root: Path) -> str:
     return str(path.absolute())
 
 
+def _saved(path: Path) -> dict:
+    """``data.json``'s content; one that cannot be read (cut short) is as none: its files
+    are hashed again, and a run whose record of them is lost says so."""
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _write(path: Path, saved: dict) -> None:
     """Write ``data.json``; a run folder that cannot be written to (read-only, as a finished
     run may be) keeps what it had: its digests are found again next time."""
@@ -120,7 +130,7 @@ def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
         return None
     root = ensure_dataset(cfg, progress=False)
     path = Path(run_dir) / FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved = _saved(path)
     known: dict[str, list] = saved.get("stat", {})
     lists = {split: split_files(open_unscaled(cfg, split, False)) for split in SPLITS}  # no window
     classes = root / "classes.yaml"
@@ -154,15 +164,14 @@ def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
 
 def read_identity(run_dir: str | Path) -> Identity | None:
     """The data the run's steps last read (:func:`record_identity`), or None."""
-    path = Path(run_dir) / FILE
-    read = json.loads(path.read_text()).get("read") if path.is_file() else None
+    read = _saved(Path(run_dir) / FILE).get("read")
     return None if read is None else Identity(read)
 
 
 def record_identity(run_dir: str | Path, ident: Identity) -> None:
     """Record ``ident`` as the data the run's steps read."""
     path = Path(run_dir) / FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved = _saved(path)
     if saved.get("read") != ident.files:
         _write(path, {**saved, "read": ident.files})
 
