@@ -229,12 +229,21 @@ def test_sigterm_is_handled_as_ctrl_c_and_ends_the_process_by_it(tmp_path):
     import sys
 
     for workers in ("1", "2"):  # signalled alone; with its pool, as systemd signals a group
-        script = ("import os, signal, sys, threading\n"
+        # signalled once the command writes (its handler is in place by then: a fixed 2 s
+        # ran out before it on a loaded machine, and the process died unhandled)
+        script = ("import os, signal, sys, threading, time\n"
+                  "from pathlib import Path\n"
                   "from paser.cli import entry\n"
-                  f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / workers)!r}, "
+                  f"out = Path({str(tmp_path / workers)!r})\n"
+                  "sys.argv = ['paser', 'data', 'synth', '--out', str(out), "
                   f"'--n-train', '100000', '--workers', '{workers}']\n"
                   f"stop = os.kill if {workers} == 1 else os.killpg\n"
-                  "threading.Timer(2.0, stop, (os.getpid(), signal.SIGTERM)).start()\n"
+                  "def later():\n"
+                  "    end = time.monotonic() + 60\n"
+                  "    while time.monotonic() < end and not any(out.rglob('*.png')):\n"
+                  "        time.sleep(0.05)\n"
+                  "    stop(os.getpid(), signal.SIGTERM)\n"
+                  "threading.Thread(target=later, daemon=True).start()\n"
                   "entry()\n")
         res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              timeout=120, start_new_session=True)
