@@ -424,8 +424,18 @@ def test_a_rewritten_report_keeps_the_experiments_made_on_its_models(tmp_path):
     kept, dropped = kept_experiments(tmp_path)
     assert kept == {"sensitivity": {"rows": [1], "measured_on": now}}
     assert dropped == ["robustness"]
+    # by what the files hold: a run folder copied or unpacked (new times) keeps them, and
+    # an entry recorded by time, as before 2026-12-06, still counts
+    import os
+
+    os.utime(tmp_path / "checkpoints" / "policy.pt", ns=(1, 1))
+    assert models_state(tmp_path) == now
+    old = models_state(tmp_path, by_time=True)
+    (tmp_path / "results.json").write_text(json.dumps({"experiments": {
+        "sensitivity": {"measured_on": old}}}))
+    assert kept_experiments(tmp_path) == ({"sensitivity": {"measured_on": old}}, [])
     (tmp_path / "checkpoints" / "policy.pt").write_text("bb")  # trained again
-    assert kept_experiments(tmp_path) == ({}, ["sensitivity", "robustness"])
+    assert kept_experiments(tmp_path) == ({}, ["sensitivity"])
     from paser.experiments.finished import drop_figures
 
     (tmp_path / "figures").mkdir()
@@ -495,8 +505,10 @@ def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_p
     # `paser pretrain --resume` of the finished stage trains nothing: it still read the
     # files of before (the ledger and the run's record keep them)
     start_stage(run_dir, moved, "stage1")
+    pretrain(moved, run_dir, show_progress=False, resume=True)  # every model finished
     record_stage(run_dir, moved, "stage1", changed=False)
     assert ledger()["stage1"]["data"] == before.digest and read_identity(run_dir) == before
+    assert trained("f1")["data"] == trained("f0")["data"] == before.digest
     # the run says what changed, and every step that read it runs again
     lines = []
 
@@ -596,3 +608,32 @@ def test_a_changed_pool_model_key_is_named_alone():
     other = cfg.model_copy(update={"models": cfg.models.model_copy(update={"pool": pool})})
     assert config_changes(cfg, other)[0] == (
         f"models.pool.1.epochs: {json.dumps(cfg.models.pool[1].epochs)} -> 7")
+
+
+def test_records_hashed_with_the_datas_path_are_kept_when_the_data_move(tmp_path):
+    """Steps and stage-1 models recorded by a paser that hashed data.root's path are
+    recorded again under today's fingerprint at the next run, so a later move of the data
+    finds them done; a calibrate step begun and stopped, with no calibration, is dropped."""
+    from paser.run import Steps, drop_calibration, fingerprint_variants, rehash_records
+    from paser.train.pretrain import _trained_file, model_fingerprint
+
+    a, b = (load_config(preset="battery-quick", overrides=[
+        "data.dataset=folder", f"data.root={tmp_path / p}"]) for p in ("a", "b"))
+    old = fingerprints(a, root=True)
+    assert old != fingerprints(a) and fingerprints(a) == fingerprints(b)
+    steps = Steps(tmp_path)
+    steps.mark("stage1", old["stage1"], data="d")
+    steps.mark("report", "0123456789ab", data="d")  # no version's: left as it is
+    (tmp_path / "checkpoints").mkdir()
+    _trained_file(tmp_path, "f1").write_text(json.dumps(
+        {"fingerprint": model_fingerprint(a, "f1", root=True), "data": "d"}))
+    rehash_records(a, tmp_path, steps, fingerprint_variants(a))
+    again = Steps(tmp_path)
+    assert again.finished("stage1", fingerprints(b)["stage1"])
+    assert again.done["stage1"]["data"] == "d" and again.done["report"]["fingerprint"] == (
+        "0123456789ab")
+    assert json.loads(_trained_file(tmp_path, "f1").read_text()) == {
+        "fingerprint": model_fingerprint(b, "f1"), "data": "d"}
+    steps.start("calibrate", "x")
+    drop_calibration(tmp_path, steps, print)
+    assert "calibrate" not in Steps(tmp_path).done

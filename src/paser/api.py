@@ -64,7 +64,9 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
-        begun = unfinished_steps(run_dir, LOADED_STEPS + (("calibrate",) if calibrated else ()))
+        uses = LOADED_STEPS + (("calibrate",) if calibrated and (run_dir / "calibration.json")
+                               .is_file() else ())  # a calibration of before, half replaced
+        begun = unfinished_steps(run_dir, uses)
         if begun:
             raise CheckpointError(
                 f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
@@ -100,7 +102,9 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
-        begun = unfinished_steps(run_dir, LOADED_STEPS + (("calibrate",) if calibrated else ()))
+        uses = LOADED_STEPS + (("calibrate",) if calibrated and (run_dir / "calibration.json")
+                               .is_file() else ())  # a calibration of before, half replaced
+        begun = unfinished_steps(run_dir, uses)
         if begun:
             raise CheckpointError(
                 f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "

@@ -285,13 +285,13 @@ def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
 def report_outdated(run_dir: Path) -> str | None:
     """Why the run's report is not of its models and calibration as they are now (a stage
     command or ``paser calibrate`` ran since it was written), or None."""
-    from paser.experiments.finished import models_state
+    from paser.experiments.finished import measured_now
 
     try:
         measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
     except (OSError, ValueError, AttributeError):
         return None
-    if measured is None or measured == models_state(run_dir):
+    if measured is None or measured_now(run_dir, measured):
         return None
     return ("the run's models or calibration changed since the report was written: a stage "
             "command or paser calibrate ran")
@@ -307,6 +307,7 @@ def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
 
     path = run_dir / FILE
     if not path.is_file():
+        steps.drop("calibrate")  # one begun and stopped, or for an operating point gone
         return
     why = None
     if "calibrate" in steps.done:
@@ -353,6 +354,29 @@ def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> No
     except OSError:
         for name in old:
             steps.done[name].pop("data", None)
+
+
+def rehash_records(cfg: ExperimentConfig, run_dir: Path, steps: Steps,
+                   variants: list[dict[str, str]]) -> None:
+    """Record the steps and stage-1 models that an earlier version of paser hashed in
+    another way (:func:`fingerprint_variants`) under today's fingerprint of the same
+    config: a later change that only today's hashing leaves out (``data.root`` moved)
+    then finds them done. A run folder that cannot be written to keeps them as they are."""
+    from paser.train.pretrain import rehash_models
+
+    now = variants[0]
+    old = {name: r["fingerprint"] for name, r in steps.done.items()
+           if "fingerprint" in r and name in now and r["fingerprint"] != now[name]
+           and any(r["fingerprint"] == v[name] for v in variants)}
+    try:
+        rehash_models(cfg, run_dir)
+        if old:
+            for name in old:
+                steps.done[name]["fingerprint"] = now[name]
+            atomic_write_text(json.dumps(steps.done, indent=2), steps.path)
+    except OSError:
+        for name, fingerprint in old.items():
+            steps.done[name]["fingerprint"] = fingerprint
 
 
 class Steps:
@@ -461,6 +485,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
              f"{ident.changes(seen)}; the steps that read them run again")
     if ident is not None and not force:
         stamp_unrecorded(run_dir, steps, ident, seen, echo)
+    if not force:
+        rehash_records(cfg, run_dir, steps, variants)
 
     def data_changed(name: str) -> bool:
         """Whether ``name`` finished on other files than the dataset's now."""
@@ -497,7 +523,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
             return
         resume = (not force and not data_changed(name)
                   and any(steps.started(name, v[name]) for v in variants))
-        why = f" ({again})" if again and not force else why_again(name, stale, missing)
+        why = why_again(name, stale, missing)
+        if again and not force and not stale and not data_changed(name):
+            why = f" ({again})"  # only where nothing of this run's own makes it run
         echo(f"[{name}] {'resuming' if resume else 'running'}{why}")
         steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
@@ -508,6 +536,10 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         steps.mark(name, fps[name], seconds=timings[name],
                    **({} if ident is None else {"data": ident.digest}))
         echo(f"[{name}] finished in {timings[name]:.1f} s")
+
+    # what commands of their own changed since the last paser run (said where nothing this
+    # run redoes explains a step running again)
+    other_cal, outdated = other_calibration(cfg, run_dir), report_outdated(run_dir)
 
     def stage1(resume: bool) -> None:
         large = large_patches(cfg)  # said where stage 1 trains, which opens the split anyway
@@ -525,8 +557,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,
                                              show_progress=show_progress))
     if target_of(cfg) is not None:
-        step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo),
-             again=other_calibration(cfg, run_dir))
+        step("calibrate", lambda resume: calibrate_run(cfg, run_dir, echo), again=other_cal)
     else:
         drop_calibration(run_dir, steps, echo)
     if paper_config(cfg) is not None:
@@ -548,7 +579,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         results, text = evaluate_all(cfg, run_dir, data, device, show_progress)
         echo(text)
 
-    step("report", report, again=report_outdated(run_dir))
+    step("report", report, again=outdated)
     if not results:
         results = json.loads((run_dir / "results.json").read_text())
         echo((run_dir / "report.md").read_text())

@@ -504,6 +504,11 @@ def calibrate(
     cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
                           iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd,
                           budget_gflops_per_mp=budget_per_mp)
+    from paser.checkpoints import unfinished_steps
+    from paser.run import Steps
+
+    if unfinished_steps(run_dir, ("calibrate",)):  # paser run's, stopped: this one replaces it
+        Steps(run_dir).drop("calibrate")
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
                f"image ({FLOP_CONVENTION})")
     target = ", ".join(f"{k} = {v}" for k, v in cal.describe_target().items())

@@ -33,7 +33,10 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
-    before = checkpoint_files(run_dir)
+    def weights() -> dict:  # the models' files (not the records beside them)
+        return {k: v for k, v in checkpoint_files(run_dir).items() if k.endswith(".pt")}
+
+    before = weights()
     saved = Path(run_dir) / "config.yaml"
     if step in ("stage2", "stage3") and not saved.is_file():  # they read stage 1's models
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); train stage 1 "
@@ -44,7 +47,7 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
         out = fn(cfg, run_dir, resume=resume)
     if is_main_process():  # a resume that found the stage finished changed nothing
         record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step,
-                     changed=not (resume and before and checkpoint_files(run_dir) == before))
+                     changed=not (resume and before and weights() == before))
     return out
 
 

@@ -134,7 +134,7 @@ def data_identity(cfg: DataConfig, run_dir: str | Path, progress: bool = False,
     known: dict[str, list] = saved.get("stat", {})
     lists = {split: split_files(open_unscaled(cfg, split, False)) for split in SPLITS}  # no window
     classes = root / "classes.yaml"
-    if classes.is_file():
+    if cfg.dataset in ("folder", "volume") and classes.is_file():  # the layouts that read it
         lists["class map"] = [classes]
     stat: dict[str, list] = {}
     files: dict[str, dict[str, str]] = {}

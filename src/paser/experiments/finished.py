@@ -36,7 +36,7 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
                               "first (the experiment reuses its models and report)")
     cfg = run_config(run_dir)
     measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
-    if measured is not None and measured != models_state(run_dir):
+    if measured is not None and not measured_now(run_dir, measured):
         raise CheckpointError(
             f"{run_dir}: its report (results.json) was made on other models or another "
             "calibration than the run has now (a stage command or paser calibrate ran since); "
@@ -52,15 +52,28 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
     return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress))
 
 
-def models_state(run_dir: Path) -> str:
-    """A digest of the run's trained models and calibration as files (names, sizes,
-    modification times): what an experiment on the finished run measured."""
-    models = {name: stamp for name, stamp in checkpoint_files(run_dir).items()
-              if re.fullmatch(r"f\d+\.pt|policy\.pt|stage3\.pt", name)}
-    calibration = run_dir / "calibration.json"
-    if calibration.is_file():
-        models["calibration.json"] = (calibration.stat().st_size, calibration.stat().st_mtime_ns)
+def models_state(run_dir: Path, by_time: bool = False) -> str:
+    """A digest of the run's trained models and calibration (f0..fK, the policy, stage 3,
+    ``calibration.json``) by what the files hold: what an experiment on the finished run,
+    or its report, measured; the same for a run folder copied or archived. ``by_time``: by
+    their sizes and modification times, as runs before 2026-12-06 recorded it."""
+    from paser.runtime import file_sha256
+
+    names = [name for name in checkpoint_files(run_dir)
+             if re.fullmatch(r"f\d+\.pt|policy\.pt|stage3\.pt", name)]
+    files = [(name, run_dir / "checkpoints" / name) for name in names]
+    if (run_dir / "calibration.json").is_file():
+        files.append(("calibration.json", run_dir / "calibration.json"))
+    models = {name: ((path.stat().st_size, path.stat().st_mtime_ns) if by_time
+                     else file_sha256(path)) for name, path in files}
     return hashlib.sha1(json.dumps(sorted(models.items())).encode()).hexdigest()[:12]
+
+
+def measured_now(run_dir: Path, measured: str | None) -> bool:
+    """Whether a ``measured_on`` digest (:func:`models_state`, either kind) is of the
+    run's models and calibration as they are now."""
+    return measured is not None and measured in (models_state(run_dir),
+                                                 models_state(run_dir, by_time=True))
 
 
 def record_experiment(run_dir: Path, name: str, entry: dict) -> None:
@@ -97,7 +110,6 @@ def kept_experiments(run_dir: Path) -> tuple[dict, list[str]]:
         before = json.loads((run_dir / "results.json").read_text()).get("experiments", {})
     except (OSError, ValueError, AttributeError):
         return {}, []
-    now = models_state(run_dir)
     kept = {k: v for k, v in before.items()
-            if isinstance(v, dict) and v.get("measured_on") == now}
+            if isinstance(v, dict) and measured_now(run_dir, v.get("measured_on"))}
     return kept, [k for k in before if k not in kept]

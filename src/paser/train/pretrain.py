@@ -340,6 +340,19 @@ def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False,
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def rehash_models(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Record each stage-1 model that an earlier version of paser fingerprinted in another
+    way (:func:`model_fingerprint`'s ``added`` and ``root``) under today's fingerprint."""
+    for role, _ in model_roles(cfg):
+        path = _trained_file(run_dir, role)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        now = model_fingerprint(cfg, role)
+        if record.get("fingerprint") not in (None, now) and record["fingerprint"] in {
+                model_fingerprint(cfg, role, added, root)
+                for added in (False, True) for root in (False, True)}:
+            atomic_write_text(json.dumps({**record, "fingerprint": now}), path)
+
+
 def _trained_file(run_dir: Path, role: str) -> Path:
     """Where a model that finished its stage-1 training records its fingerprint."""
     return run_dir / "checkpoints" / f"{role}.trained.json"
@@ -366,11 +379,14 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
-    if files is None:
+    if files is None and dist.is_main:  # only the main process records them
         from paser.data.identity import data_identity
 
-        ident = data_identity(cfg.data, run_dir, keep=dist.is_main)
+        ident = data_identity(cfg.data, run_dir)
         files = None if ident is None else ident.digest
+    # a model finished before keeps the files it was trained on through a --resume
+    records = {role: json.loads(_trained_file(run_dir, role).read_text())
+               for role, _ in model_roles(cfg) if _trained_file(run_dir, role).is_file()}
     device = dist.device
     if dist.is_main:  # what inference needs to read the run's data as it trained on it
         save_label_codec(run_dir, cfg)
@@ -404,7 +420,10 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     def finished(role: str) -> None:
         if dist.is_main:
             record = {"fingerprint": model_fingerprint(cfg, role)}
-            if files is not None:
+            had = records.get(role, {})
+            if resume and had.get("fingerprint") == record["fingerprint"] and "data" in had:
+                record["data"] = had["data"]  # finished before: nothing trained now
+            elif files is not None:
                 record["data"] = files
             atomic_write_text(json.dumps(record), _trained_file(run_dir, role))
 
