@@ -450,6 +450,16 @@ class _Stop(Exception):
     pass
 
 
+def _stop_at(start: str, lines: list[str]):
+    """An echo for `run` that keeps its lines and stops the run at the first that begins
+    with ``start`` (what the test reads is said by then)."""
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith(start):
+            raise _Stop
+    return echo
+
+
 @pytest.mark.slow
 def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_path):
     import shutil
@@ -511,14 +521,8 @@ def test_a_run_knows_its_data_by_their_files_bytes_not_where_they_lie(job, tmp_p
     assert trained("f1")["data"] == trained("f0")["data"] == before.digest
     # the run says what changed, and every step that read it runs again
     lines = []
-
-    def echo(line: str) -> None:
-        lines.append(line)
-        if line.startswith("[stage1] running"):
-            raise _Stop
-
     with pytest.raises(_Stop):
-        run(moved, run_dir, show_progress=False, echo=echo)
+        run(moved, run_dir, show_progress=False, echo=_stop_at("[stage1] running", lines))
     assert lines[-2:] == [
         "[data] the files the run reads changed since its steps read them: 1 file rewritten "
         f"(train_label/{mask.name}); the steps that read them run again",
@@ -584,14 +588,8 @@ def test_a_run_being_trained_again_or_calibrated_elsewhere_is_not_used_as_it_was
     cal["target"] = {"budget_gflops": 0.05}
     (run_dir / "calibration.json").write_text(json.dumps(cal))
     lines: list[str] = []
-
-    def echo(line: str) -> None:
-        lines.append(line)
-        if line.startswith("[calibrate] running"):
-            raise _Stop
-
     with pytest.raises(_Stop):
-        run(cfg, run_dir, show_progress=False, echo=echo)
+        run(cfg, run_dir, show_progress=False, echo=_stop_at("[calibrate] running", lines))
     assert lines[-1] == (
         "[calibrate] running (calibration.json holds another target (budget_gflops 0.05), "
         "made by paser calibrate since: calibrated again to this config's operating_point, "

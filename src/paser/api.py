@@ -34,6 +34,20 @@ from paser.runtime import keep_freed_memory, resolve_device
 OUT_OF_RANGE = 1e-3
 
 
+def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
+    """A run whose stages (or calibration, when it is used) ``steps.json`` shows begun and
+    not finished is refused: its settings may be new and its checkpoints of before."""
+    uses = LOADED_STEPS + (("calibrate",) if calibrated and (run_dir / "calibration.json")
+                           .is_file() else ())  # a calibration of before, half replaced
+    begun = unfinished_steps(run_dir, uses)
+    if begun:
+        raise CheckpointError(
+            f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
+            "trained again, or was stopped while it was (its settings are in config.yaml, "
+            "its checkpoints may still be those of the settings before); finish it first: "
+            f"paser run --run-dir {run_dir} (it resumes)")
+
+
 class PaSeR:
     """A trained PaSeR pipeline: f0 with Monte Carlo dropout, the policy and f1..fK.
 
@@ -64,15 +78,7 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
-        uses = LOADED_STEPS + (("calibrate",) if calibrated and (run_dir / "calibration.json")
-                               .is_file() else ())  # a calibration of before, half replaced
-        begun = unfinished_steps(run_dir, uses)
-        if begun:
-            raise CheckpointError(
-                f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
-                "trained again, or was stopped while it was (its settings are in config.yaml, "
-                "its checkpoints may still be those of the settings before); finish it first: "
-                f"paser run --run-dir {run_dir} (it resumes)")
+        _refuse_unfinished(run_dir, calibrated)
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
         stage3 = Path(stage3) if stage3 is not None else ckpt_dir / "stage3.pt"
@@ -102,15 +108,7 @@ class PaSeR:
         keep_freed_memory()
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
-        uses = LOADED_STEPS + (("calibrate",) if calibrated and (run_dir / "calibration.json")
-                               .is_file() else ())  # a calibration of before, half replaced
-        begun = unfinished_steps(run_dir, uses)
-        if begun:
-            raise CheckpointError(
-                f"{run_dir}: {', '.join(begun)} {'is' if len(begun) == 1 else 'are'} being "
-                "trained again, or was stopped while it was (its settings are in config.yaml, "
-                "its checkpoints may still be those of the settings before); finish it first: "
-                f"paser run --run-dir {run_dir} (it resumes)")
+        _refuse_unfinished(run_dir, calibrated)
         export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"
         router = load_onnx_router(export_dir)
         exported, policy = router.manifest.get("digests"), router.manifest.get("policy")
