@@ -348,7 +348,7 @@ def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> No
             atomic_write_text(json.dumps({**json.loads(p.read_text()), "data": stamp}), p)
         for name in old:
             steps.done[name]["data"] = stamp
-        atomic_write_text(json.dumps(steps.done, indent=2), steps.path)
+        steps.save()
         if seen is None:
             record_identity(run_dir, ident)
     except OSError:
@@ -373,7 +373,7 @@ def rehash_records(cfg: ExperimentConfig, run_dir: Path, steps: Steps,
         if old:
             for name in old:
                 steps.done[name]["fingerprint"] = now[name]
-            atomic_write_text(json.dumps(steps.done, indent=2), steps.path)
+            steps.save()
     except OSError:
         for name, fingerprint in old.items():
             steps.done[name]["fingerprint"] = fingerprint
@@ -403,11 +403,15 @@ class Steps:
     def drop(self, step: str) -> None:
         """Forget a step (its outputs are gone)."""
         if self.done.pop(step, None) is not None:
-            atomic_write_text(json.dumps(self.done, indent=2), self.path)
+            self.save()
+
+    def save(self) -> None:
+        """Write the ledger as it is in memory."""
+        atomic_write_text(json.dumps(self.done, indent=2), self.path)
 
     def _write(self, step: str, record: dict) -> None:
         self.done[step] = record
-        atomic_write_text(json.dumps(self.done, indent=2), self.path)
+        self.save()
 
 
 def in_one_process(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -340,6 +340,14 @@ def model_fingerprint(cfg: ExperimentConfig, role: str, added: bool = False,
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def model_fingerprints(cfg: ExperimentConfig, role: str) -> set[str]:
+    """Every way a version of paser fingerprinted this model (:func:`model_fingerprint`'s
+    ``added`` and ``root``): one trained under any of them is the model this config
+    trains."""
+    return {model_fingerprint(cfg, role, added, root)
+            for added in (False, True) for root in (False, True)}
+
+
 def rehash_models(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Record each stage-1 model that an earlier version of paser fingerprinted in another
     way (:func:`model_fingerprint`'s ``added`` and ``root``) under today's fingerprint."""
@@ -347,9 +355,8 @@ def rehash_models(cfg: ExperimentConfig, run_dir: Path) -> None:
         path = _trained_file(run_dir, role)
         record = json.loads(path.read_text()) if path.is_file() else {}
         now = model_fingerprint(cfg, role)
-        if record.get("fingerprint") not in (None, now) and record["fingerprint"] in {
-                model_fingerprint(cfg, role, added, root)
-                for added in (False, True) for root in (False, True)}:
+        if record.get("fingerprint") not in (None, now) and record["fingerprint"] in (
+                model_fingerprints(cfg, role)):
             atomic_write_text(json.dumps({**record, "fingerprint": now}), path)
 
 
@@ -405,9 +412,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         path = _trained_file(run_dir, role)
         record = json.loads(path.read_text()) if path.is_file() else {}
         same = (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
-                and record.get("fingerprint") in {
-                    model_fingerprint(cfg, role, added, root)
-                    for added in (False, True) for root in (False, True)}
+                and record.get("fingerprint") in model_fingerprints(cfg, role)
                 and record.get("data") == files)
         if same:
             with progress(show_progress and dist.is_main) as bar:
