@@ -164,9 +164,17 @@ def test_cli_calibrate(mnist_run, tmp_path):
     (run / "calibration.json").write_text(json.dumps(saved))
     res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "made for another policy" in res.stderr
+    # a paser run stopped while it calibrated: segment and evaluate refuse the calibration
+    # of before until `paser calibrate` (or paser run) makes one
+    steps = run / "steps.json"
+    ledger = json.loads(steps.read_text()) if steps.is_file() else {}
+    steps.write_text(json.dumps({**ledger, "calibrate": {"started": "x"}}))
+    with pytest.raises(CheckpointError, match="calibrate is being trained again"):
+        PaSeR.load(run)
     res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.3")
     assert res.returncode == 0, res.stderr
     assert PaSeR.load(run).calibration.target == {"max_frac_large": 0.3}
+    assert "calibrate" not in json.loads(steps.read_text())
     (run / "calibration.json").write_text("{")
     res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr

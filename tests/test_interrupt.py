@@ -81,6 +81,14 @@ def test_sigkill_in_stage1_then_resume(straight, tmp_path, lines):
     assert json.loads((run / "stage1.json").read_text())["models"] == s1["models"]
     assert _strip(MetricLog(run / "metrics" / "stage1.jsonl").read()) == _strip(
         MetricLog(tmp / "run" / "metrics" / "stage1.jsonl").read())
+    # a --resume of the finished stage trains nothing (the models' records written again do
+    # not count): what was built on it stays, and so do the files it was trained on
+    ledger = json.loads((run / "steps.json").read_text())
+    (run / "steps.json").write_text(json.dumps({**ledger, "stage2": {"fingerprint": "x"}}))
+    _resume(["pretrain"], run)
+    again = json.loads((run / "steps.json").read_text())
+    assert again["stage2"] == {"fingerprint": "x"}
+    assert again["stage1"]["data"] == ledger["stage1"]["data"]
 
 
 @pytest.mark.slow  # `paser train-policy` in a process, killed and resumed
