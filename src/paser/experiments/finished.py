@@ -69,11 +69,16 @@ def models_state(run_dir: Path, by_time: bool = False) -> str:
     return hashlib.sha1(json.dumps(sorted(models.items())).encode()).hexdigest()[:12]
 
 
+def states_now(run_dir: Path) -> tuple[str, str]:
+    """The run's :func:`models_state` both ways (by content, as recorded now; by time, as
+    before 2026-12-06): a ``measured_on`` that is either is of the models as they are."""
+    return models_state(run_dir), models_state(run_dir, by_time=True)
+
+
 def measured_now(run_dir: Path, measured: str | None) -> bool:
-    """Whether a ``measured_on`` digest (:func:`models_state`, either kind) is of the
-    run's models and calibration as they are now."""
-    return measured is not None and measured in (models_state(run_dir),
-                                                 models_state(run_dir, by_time=True))
+    """Whether a ``measured_on`` digest is of the run's models and calibration as they
+    are now (:func:`states_now`)."""
+    return measured is not None and measured in states_now(run_dir)
 
 
 def record_experiment(run_dir: Path, name: str, entry: dict) -> None:
@@ -110,6 +115,7 @@ def kept_experiments(run_dir: Path) -> tuple[dict, list[str]]:
         before = json.loads((run_dir / "results.json").read_text()).get("experiments", {})
     except (OSError, ValueError, AttributeError):
         return {}, []
+    now = states_now(run_dir)  # the checkpoints read once for every entry
     kept = {k: v for k, v in before.items()
-            if isinstance(v, dict) and measured_now(run_dir, v.get("measured_on"))}
+            if isinstance(v, dict) and v.get("measured_on") in now}
     return kept, [k for k in before if k not in kept]
