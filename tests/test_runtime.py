@@ -228,39 +228,38 @@ def test_sigterm_is_handled_as_ctrl_c_and_ends_the_process_by_it(tmp_path):
     import subprocess
     import sys
 
-    for workers in ("1", "2"):  # signalled alone; with its pool, as systemd signals a group
+    def signalled_once_it_writes(out, stop, call):
         # signalled once the command writes (its handler is in place by then: a fixed 2 s
         # ran out before it on a loaded machine, and the process died unhandled)
-        script = ("import os, signal, sys, threading, time\n"
-                  "from pathlib import Path\n"
-                  "from paser.cli import entry\n"
-                  f"out = Path({str(tmp_path / workers)!r})\n"
-                  "sys.argv = ['paser', 'data', 'synth', '--out', str(out), "
-                  f"'--n-train', '100000', '--workers', '{workers}']\n"
-                  f"stop = os.kill if {workers} == 1 else os.killpg\n"
-                  "def later():\n"
-                  "    end = time.monotonic() + 60\n"
-                  "    while time.monotonic() < end and not any(out.rglob('*.png')):\n"
-                  "        time.sleep(0.05)\n"
-                  "    stop(os.getpid(), signal.SIGTERM)\n"
-                  "threading.Thread(target=later, daemon=True).start()\n"
-                  "entry()\n")
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=120, start_new_session=True)
+        return ("import os, signal, sys, threading, time\n"
+                "from pathlib import Path\n"
+                "from paser.cli import entry, main\n"
+                f"out = Path({str(out)!r})\n"
+                "sys.argv = ['paser', 'data', 'synth', '--out', str(out), "
+                f"'--n-train', '100000', '--workers', '{1 if stop == 'kill' else 2}']\n"
+                "def later():\n"
+                "    end = time.monotonic() + 60\n"
+                "    while time.monotonic() < end and not any(out.rglob('*.png')):\n"
+                "        time.sleep(0.05)\n"
+                f"    os.{stop}(os.getpid(), signal.SIGTERM)\n"
+                "threading.Thread(target=later, daemon=True).start()\n"
+                f"{call}\n")
+
+    def run(script):
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120, start_new_session=True)
+
+    # signalled alone; with its pool, as systemd signals a group
+    for stop in ("kill", "killpg"):
+        res = run(signalled_once_it_writes(tmp_path / stop, stop, "entry()"))
         # ended by the signal once it said so, as a service manager expects
         assert res.returncode == -signal.SIGTERM, res.stderr
         assert "terminated (SIGTERM); what finished is kept" in res.stderr
         assert "Traceback" not in res.stderr
     # main() in a caller's own process (benchmarks/gpu.py): its status, and its finally runs
-    script = ("import os, signal, sys, threading\n"
-              "from paser.cli import main\n"
-              f"sys.argv = ['paser', 'data', 'synth', '--out', {str(tmp_path / 'm')!r}, "
-              "'--n-train', '100000', '--workers', '1']\n"
-              "threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
-              "try:\n    main()\n"
-              f"finally:\n    open({str(tmp_path / 'finally')!r}, 'w').write('ran')\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, start_new_session=True)
+    res = run(signalled_once_it_writes(
+        tmp_path / "m", "kill",
+        f"try:\n    main()\nfinally:\n    open({str(tmp_path / 'finally')!r}, 'w').write('ran')"))
     assert res.returncode == 143 and (tmp_path / "finally").read_text() == "ran", res.stderr
 
 
