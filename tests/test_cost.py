@@ -101,3 +101,21 @@ def test_convention_and_bad_shape():
     assert "2 FLOPs" in cost.FLOP_CONVENTION
     with pytest.raises(ConfigError, match="positive integers"):
         cost.count_flops(nn.Conv2d(1, 1, 1), (1, 0, 4, 4))
+
+
+def test_gflops_per_sample_counts_a_module_once_per_shape(monkeypatch):
+    counted = []
+    count = cost.count_flops
+    monkeypatch.setattr(cost, "count_flops", lambda m, s: counted.append(s) or count(m, s))
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    first = cost.gflops_per_sample(conv, 3, 10, 12)
+    torch.nn.init.zeros_(conv.weight)  # other weights: the same count, not counted again
+    assert cost.gflops_per_sample(conv, 3, 10, 12) == first == 51840 / 1e9
+    assert cost.gflops_per_sample(conv, 3, 20, 12) == 2 * first  # another shape: counted
+    # replaced by a wider one: counted
+    conv.weight, conv.bias = nn.Parameter(torch.zeros(16, 3, 3, 3)), nn.Parameter(torch.zeros(16))
+    assert cost.gflops_per_sample(conv, 3, 10, 12) == 2 * first
+    assert counted == [(1, 3, 10, 12), (1, 3, 20, 12), (1, 3, 10, 12)]
+    # another module of the same structure has its own count
+    assert cost.gflops_per_sample(nn.Conv2d(3, 8, 3, padding=1), 3, 10, 12) == first
+    assert len(counted) == 4

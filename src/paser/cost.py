@@ -10,6 +10,7 @@ operation count, and match the usual "2 x MACs" figures of papers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -97,4 +98,17 @@ def gflops_per_sample(model: nn.Module, in_channels: int, height: int, width: in
     ``unet_tiny`` on 224x256 ~ 0.598, ``unet_small`` on 56x64 ~ 0.280, ``unet_large`` on
     56x64 ~ 4.475.
     """
-    return count_flops(model, (1, in_channels, height, width)) / 1e9
+    # a module's FLOPs depend on its structure and the input's shape, not on its weights:
+    # counted once per module (and per shape of its parameters, should they be replaced)
+    key = (in_channels, height, width, tuple(tuple(p.shape) for p in model.parameters()))
+    try:
+        counted = _COUNTED.setdefault(model, {})
+    except TypeError:  # a module that cannot be weakly referenced: counted each time
+        counted = {}
+    if key not in counted:
+        counted[key] = count_flops(model, (1, in_channels, height, width)) / 1e9
+    return counted[key]
+
+
+#: :func:`gflops_per_sample`'s counts, per module while it lives
+_COUNTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
