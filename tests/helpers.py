@@ -26,6 +26,34 @@ def paser(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
+def paser_here(*args) -> subprocess.CompletedProcess:
+    """``paser ARGS`` through the command's own entry point (its one-line errors and exit
+    statuses) in this process: for a test of many calls, each of which would pay a second
+    or more of imports in a process of its own. What a call sets process-wide (the SIGTERM
+    handler, torch's threads) is put back; :func:`paser` runs the command as a user does."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    from paser.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, handler, threads = sys.argv, signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    sys.argv, code = ["paser", *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, handler)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+
+
 def single_model_routes(methods: dict) -> list[str]:
     """Check that a routed method sending every patch to one model scores that model's IoU
     (f0's Monte Carlo mean for action 0); return the names of the methods that did."""

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.helpers import paser
+from tests.helpers import paser_here
 
 from paser.calibration import Calibration, calibrate, validation_logits
 from paser.data import Tensors, load_stage_data
@@ -144,12 +144,12 @@ def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_p
 def test_cli_calibrate(mnist_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(mnist_run, run)
-    res = paser("calibrate", "--run-dir", str(run), "--budget-gflops", "0")
+    res = paser_here("calibrate", "--run-dir", str(run), "--budget-gflops", "0")
     assert res.returncode == 2 and "below the" in res.stderr and "give at least" in res.stderr
     for alone in ([], ["--max-frac-large", "0.5"]):  # --best-iou alone: what it needs
-        res = paser("calibrate", "--run-dir", str(run), *alone, "--best-iou")
+        res = paser_here("calibrate", "--run-dir", str(run), *alone, "--best-iou")
         assert res.returncode == 2 and "--best-iou goes with --budget-gflops" in res.stderr
-    res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
     assert res.returncode == 0, res.stderr
     assert "calibrated" in res.stdout and "uncalibrated" in res.stdout
     from paser import PaSeR
@@ -162,7 +162,7 @@ def test_cli_calibrate(mnist_run, tmp_path):
     saved = json.loads((run / "calibration.json").read_text())
     saved["policy"] = "0" * 64  # made for another policy: `paser calibrate` replaces it
     (run / "calibration.json").write_text(json.dumps(saved))
-    res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
+    res = paser_here("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "made for another policy" in res.stderr
     # a paser run stopped while it calibrated: segment and evaluate refuse the calibration
     # of before until `paser calibrate` (or paser run) makes one
@@ -171,12 +171,12 @@ def test_cli_calibrate(mnist_run, tmp_path):
     steps.write_text(json.dumps({**ledger, "calibrate": {"started": "x"}}))
     with pytest.raises(CheckpointError, match="calibrate is being trained again"):
         PaSeR.load(run)
-    res = paser("calibrate", "--run-dir", str(run), "--max-frac-large", "0.3")
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.3")
     assert res.returncode == 0, res.stderr
     assert PaSeR.load(run).calibration.target == {"max_frac_large": 0.3}
     assert "calibrate" not in json.loads(steps.read_text())
     (run / "calibration.json").write_text("{")
-    res = paser("evaluate", "--run-dir", str(run), "--split", "validation")
+    res = paser_here("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr
 
 

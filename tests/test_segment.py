@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from tests.helpers import paser
+from tests.helpers import paser_here
 
 from paser.data.battery import decode_label
 from paser.errors import DataError
@@ -154,21 +154,21 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     inputs = _inputs(tmp_path / "in")
     tifffile.imwrite(inputs / "v.tif", RNG.integers(0, 256, (20, 28, 28), dtype=np.uint8),
                      photometric="minisblack")  # a stack of 20 slices: a volume
-    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert res.returncode == 1
     assert "failed:" in res.stderr and "d.png" in res.stderr
     assert "3 of 4 images segmented in" in res.stdout
     assert "v.tif: 20 x 28 x 28 (0.0 megavoxels)" in res.stdout
     assert (tmp_path / "o" / "c_labels.png").is_file()
     assert tifffile.imread(tmp_path / "o" / "v_labels.tif").shape == (20, 28, 28)
-    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert "3 of 4 images were segmented before" in res.stdout  # the failed one again
     assert "segmented before (skipped)" in res.stdout
     # --overwrite starts the volume and the images over under one claim: the next call
     # finds both done (the images' claim had replaced the volume's)
-    paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"),
+    paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"),
           "--overwrite")
-    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert "3 of 4 images were segmented before" in res.stdout
     assert "segmented before (skipped)" in res.stdout
     # the images' records with no manifest (an older paser's folder): refused for both,
@@ -176,24 +176,24 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     (tmp_path / "o" / ".paser-segment.json").unlink()
     for name in ("v.json", "volumes.csv"):  # the volume's own markers gone
         (tmp_path / "o" / name).unlink()
-    res = paser("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
+    res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "holds paser's outputs" in res.stderr
-    res = paser("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
+    res = paser_here("segment", str(tmp_path / "nothing"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o2"))
     assert res.returncode == 2 and "no such file or folder" in res.stderr
     # a budget per megapixel, above every patch on the largest model: said so, and used
-    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+    res = paser_here("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o3"), "--budget-gflops-per-mp", "1e6", "--no-previews")
     assert res.returncode == 0, res.stderr
     assert "calibrated for this call on" in res.stdout and "bounds nothing" in res.stdout
     assert "GFLOP/MP" in res.stdout and not (tmp_path / "o3" / "a_overlay.png").exists()
     assert "with reading and writing" in res.stdout
-    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+    res = paser_here("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o3"), "--budget-gflops-per-mp", "1e6", "--no-previews")
     assert "1 of 1 images were segmented before" in res.stdout  # no rate of what took no time
     assert "1 of 1 images segmented in " in res.stdout and "(0 now, 1 before)" in res.stdout
     assert "with reading and writing" not in res.stdout
-    res = paser("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
+    res = paser_here("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")
     assert res.returncode == 2 and "drop --budget-gflops-per-mp" in res.stderr
 
