@@ -152,6 +152,24 @@ def test_files_of_another_export_or_a_damaged_file_are_refused(exported, tmp_pat
         load_onnx_router(damaged)
 
 
+def test_an_export_on_a_machine_without_onnxruntime_says_what_to_install(exported,
+                                                                           monkeypatch):
+    """An export copied to a machine without the ONNX packages: the missing package is
+    named, not the files (which are fine); running it needs onnxruntime alone."""
+    import sys
+
+    from paser.export import OnnxModel
+
+    _, out, _ = exported
+    monkeypatch.setitem(sys.modules, "onnx", None)  # neither exporter package: still loads
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert OnnxModel(out / "f1.onnx").session is not None
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    with pytest.raises(ConfigError, match=r"running an ONNX export needs onnxruntime .*"
+                                          r"pip install onnxruntime"):
+        load_onnx_router(out)
+
+
 def test_one_deterministic_pass_routes_on_f0_alone(exported):
     """With mc_dropout none the ONNX router's f0 is f0.onnx (logits, no dropout), and routing
     matches PyTorch up to float rounding: no dropout masks to differ."""

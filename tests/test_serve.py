@@ -395,6 +395,19 @@ def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
     assert "6 of 6 images segmented in" in res.stdout and "patches degraded" in res.stdout
 
 
+def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, monkeypatch):
+    """httpx often comes with other packages; without the serve extra the user is told to
+    install it, before any import of httpx fails with a traceback."""
+    from paser.cli.deploy import _connect_remote
+    from paser.errors import PaserError
+
+    for module in ("fastapi", "httpx"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails
+    with pytest.raises(PaserError, match=r"the edge/cloud split needs FastAPI, uvicorn and "
+                                         r"httpx .*pip install 'paser\[serve\]'"):
+        _connect_remote(_load(mnist_run), "http://127.0.0.1:9", 1.0, 0, None, None)
+
+
 def test_a_port_in_use_is_one_line_before_the_run_loads():
     import socket
 

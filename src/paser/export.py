@@ -80,13 +80,19 @@ class MonteCarloF0(nn.Module):
         return probs.reshape(t, x.shape[0], *probs.shape[1:]).mean(0)
 
 
-def _onnxruntime():
-    """onnxruntime, or a clear error when the ``export`` extra is not installed."""
+def _onnxruntime(exporting: bool = True):
+    """onnxruntime, or a clear error when the ``export`` extra is not installed; running an
+    export needs onnxruntime alone (``exporting=False``), making one onnx and onnxscript
+    too."""
     try:
-        import onnx  # noqa: F401
+        if exporting:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401  (torch.onnx's exporter)
         import onnxruntime
-        import onnxscript  # noqa: F401  (torch.onnx's exporter)
     except ImportError as err:
+        if not exporting:
+            raise ConfigError(f"running an ONNX export needs onnxruntime ({err}); install it "
+                              "with: pip install onnxruntime (or 'paser[export]')") from None
         raise ConfigError(f"ONNX needs onnx, onnxruntime and onnxscript ({err}); install them "
                           "with: pip install 'paser[export]'") from None
     return onnxruntime
@@ -167,9 +173,9 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path):
         super().__init__()
+        ort = _onnxruntime(exporting=False)  # not installed: its own error, not the file's
         try:
-            self.session = _onnxruntime().InferenceSession(str(path),
-                                                           providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own Fail / InvalidProtobuf: a damaged file
             raise CheckpointError(f"{path}: onnxruntime cannot load it "
                                   f"({str(err).strip().splitlines()[0][:200]}); export "

@@ -389,10 +389,11 @@ def _connect_remote(model, url: str, timeout: float, retries: int, token: str | 
     """Attach the remote tier; a server that does not answer yet is a warning (its patches
     fall back to f0 until it does), one serving other models, refusing the token or with an
     untrusted certificate an error."""
-    import httpx
-
+    # first: it says which extra is missing where httpx is (pip install 'paser[serve]')
     pool = model.use_remote(url, timeout=timeout, retries=retries, token=token,
                             ca_file=ca_file)
+    import httpx
+
     try:
         info = pool.connect()
         typer.echo(f"remote tier {url}: " + ", ".join(
