@@ -41,7 +41,8 @@ def paser_here(*args) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     argv, handler, threads = sys.argv, signal.getsignal(signal.SIGTERM), torch.get_num_threads()
-    sys.argv, code = ["paser", *map(str, args)], 0
+    command = ["paser", *map(str, args)]
+    sys.argv, code = command, 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             main()
@@ -51,7 +52,7 @@ def paser_here(*args) -> subprocess.CompletedProcess:
         sys.argv = argv
         signal.signal(signal.SIGTERM, handler)
         torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
 def single_model_routes(methods: dict) -> list[str]:

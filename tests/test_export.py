@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.helpers import paser
+from tests.helpers import paser, paser_here
 
 from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError
@@ -39,6 +39,7 @@ def test_deterministic_parts_match_torch_within_1e_4(exported):
     model, out, manifest = exported
     assert set(manifest["max_abs_error_vs_torch"]) == {"f0", "policy", "f1", "f2"}
     assert max(manifest["max_abs_error_vs_torch"].values()) < 1e-4
+    assert max(manifest["max_scaled_error_vs_torch"].values()) < 1e-4
     router = load_onnx_router(out)
     x = torch.rand(5, 1, *manifest["patch_input"], generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -168,6 +169,18 @@ def test_an_export_on_a_machine_without_onnxruntime_says_what_to_install(exporte
     with pytest.raises(ConfigError, match=r"running an ONNX export needs onnxruntime .*"
                                           r"pip install onnxruntime"):
         load_onnx_router(out)
+
+
+def test_an_export_off_by_more_than_float32_rounding_is_a_warning(mnist_run, tmp_path,
+                                                                   monkeypatch):
+    import paser.export
+
+    manifest = {"files": {"f1": "f1.onnx"}, "max_abs_error_vs_torch": {"f1": 0.5, "f2": 1e-5},
+                "max_scaled_error_vs_torch": {"f1": 0.01, "f2": 1e-5}}
+    monkeypatch.setattr(paser.export, "export_run", lambda *a: manifest)
+    res = paser_here("export", "--run-dir", mnist_run, "--out", tmp_path)
+    assert res.returncode == 0 and "f1 5.00e-01 (1.0e-02), f2 1.00e-05\n" in res.stdout
+    assert "warning: f1 on onnxruntime differ from PyTorch" in res.stderr
 
 
 def test_one_deterministic_pass_routes_on_f0_alone(exported):
