@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from tests.helpers import paser
+from tests.helpers import paser, paser_here
 
 # every test runs `python -m paser` in a process of its own
 pytestmark = pytest.mark.slow
@@ -139,3 +139,13 @@ def test_options_that_do_nothing_together_are_refused(tmp_path):
     res = paser("run", "--run-dir", str(tmp_path / "r"), "--resume")
     assert res.returncode == 2 and "paser run resumes by itself" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_version_names_paser_and_torch():
+    import torch
+
+    from paser import __version__
+
+    res = paser_here("--version")
+    assert res.returncode == 0
+    assert res.stdout.startswith(f"paser {__version__} (torch {torch.__version__}, Python ")

@@ -36,8 +36,24 @@ PRECISION = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixe
                          "(bf16-mixed where the device computes bf16 natively)")
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        import platform
+
+        import torch
+
+        from paser import __version__
+
+        typer.echo(f"paser {__version__} (torch {torch.__version__}, Python "
+                   f"{platform.python_version()})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print paser's version (and torch's) and exit")
+          ) -> None:
     state["debug"] = debug
 
 
