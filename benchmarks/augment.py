@@ -16,7 +16,16 @@ each pool model's test mIoU and epochs from ``stage1.json``.
     .venv/bin/python benchmarks/augment.py                      # folder, seeds 0 1 2
     .venv/bin/python benchmarks/augment.py --data demo --seeds 0
 
-Writes ``benchmarks/results/augment.json`` (the rows of each data set it ran are replaced).
+Writes ``benchmarks/results/augment.json``, one entry per data set and ``--extra``: each
+row records the stage-1 settings it trained with (``settings``). An entry measured with
+other settings (battery-quick has changed since the first rows: its patience, its epoch
+draws, its weight average) is kept under a key that says it was replaced. The first
+entries were recorded before the settings were, each with battery-quick as it was then
+(docs/experiments.md, "Stage 1 on few labelled slices"): ``folder`` at a patience of 4,
+``folder-clear`` at a patience of 10 and one pass per epoch, neither with the weight
+average; today's preset reproduces them with ``--extra stage1.patience=4
+stage1.min_epoch_images=null stage1.ema=null`` (``folder``) and ``--extra
+stage1.min_epoch_images=null stage1.ema=null`` (``folder-clear``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import yaml
 from PIL import Image
 from scipy import ndimage
 
@@ -84,7 +94,12 @@ def pretrain(run_dir: Path, args: list[str]) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
     s = json.loads((run_dir / "stage1.json").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {"seconds": time.perf_counter() - start,
+            # what the preset and the overrides made of stage 1: the preset moves on
+            "settings": {"stage1": cfg["stage1"],
+                         "epochs": [cfg["models"]["f0"].get("epochs"),
+                                    *(m.get("epochs") for m in cfg["models"]["pool"])]},
             "models": {k: {"test_miou": v["test_miou"], "epochs": v["epochs"],
                            "best_epoch": v.get("best_epoch")}
                        for k, v in s["models"].items()}}
@@ -93,7 +108,8 @@ def pretrain(run_dir: Path, args: list[str]) -> dict:
 def main() -> None:
     from paser.data.registry import check_dataset
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=[*FOLDERS, "demo"], default="folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="+", help="these settings alone (default: all)")
@@ -125,6 +141,11 @@ def main() -> None:
             rows.append({"seed": seed, "augment": mode, **r})
             print(json.dumps(rows[-1]), flush=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    before = result.get(key)
+    settings_now = rows[0]["settings"]
+    if before is not None and before["rows"][0].get("settings") != settings_now:
+        # measured under other stage-1 settings (battery-quick as it was then): kept beside
+        result[f"{key} (an earlier battery-quick, replaced {time.strftime('%Y-%m-%d')})"] = before
     result[key] = {"overrides": base + args.extra, "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))

@@ -832,23 +832,26 @@ def bench_train_memory(workers: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8, help="images per batch (inference)")
     ap.add_argument("--repeats", type=int, default=5,
-                    help="timed rounds of the inference and demo parts (medians)")
+                    help="timed rounds of the inference, train and demo parts (medians)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--only", choices=PARTS, action="append")
     ap.add_argument("--segment-images", type=int, default=200,
-                    help="images of the `paser segment` part (at most 1,000; 200 keep "
-                    "`make bench` under 10 minutes)")
+                    help="images of the `paser segment` part (at most 1,000; 200 take "
+                    "about 2 minutes)")
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"),
-                    help="the finished `make demo` run whose test split part 2 times")
+                    help="the finished `make demo` run that parts demo, segment, volume "
+                         "and cluster use (skipped without one)")
     ap.add_argument("--volume-slices", type=int, nargs="+", default=[64, 256],
-                    help="depths of the volume part's synthetic 1,024 x 1,024 volumes")
+                    help="depths of the volume part's synthetic 1,024 x 1,024 volumes (at "
+                         "least 2 each: one page is an image, not a volume)")
     ap.add_argument("--volume-data", choices=VOLUME_DATA, default="mosaic",
                     help="the volume part's slices: mosaic (8 x 8 samples of the demo's "
                          "128 x 128 size, the data its run trained on) or generated (one "
@@ -862,7 +865,12 @@ def main() -> None:
     ap.add_argument("--volume-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-memory-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the results file; default benchmarks/results/cpu.json (checked "
+                         "in), or <device>-bench.json on another device")
     args = ap.parse_args()
+    if min(args.volume_slices) < 2:
+        ap.error(f"--volume-slices {min(args.volume_slices)}: a volume has at least 2 slices")
     freed_memory_kept = keep_freed_memory()  # what `paser` does in every stage and load
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.workers)
@@ -899,27 +907,41 @@ def main() -> None:
                        _print_memory),
             "train-memory": (lambda: bench_train_memory(max(args.workers, 2)),
                              _print_train_memory)}
+    # cuda.json is benchmarks/gpu.py's (make bench-gpu), another set of measurements
+    path = args.out or RESULTS / ("cpu.json" if device.type == "cpu"
+                                  else f"{device.type}-bench.json")
+    last = json.loads(path.read_text()) if path.is_file() else {}
+    # each part's figures stand with the settings of the run that measured them: a part
+    # re-measured now replaces its entry, the others keep theirs (a part skipped now, as the
+    # demo's parts are without a finished demo run, does not wipe its last measurement)
+    when = {key: result[key] for key in ("machine", "torch", "threads", "device")}
+    when["date"] = time.strftime("%Y-%m-%d")
+    measured_with = dict(last.get("measured_with", {}))
     t0 = time.perf_counter()
-    part_seconds = {}
+    part_seconds, kept = {}, []
     for part in PARTS:
         if part in parts and (device.type == "cpu" or part not in CPU_ONLY):
             measure, show = runs[part]
             start = time.perf_counter()
-            result[part.replace("-", "_")] = r = measure()
-            part_seconds[part] = time.perf_counter() - start
+            r = measure()
             show(r)
-    result["part_seconds"] = part_seconds  # what each part took, data made on first use included
-    result["seconds"] = time.perf_counter() - t0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # cuda.json is benchmarks/gpu.py's (make bench-gpu), another set of measurements
-    path = RESULTS / ("cpu.json" if device.type == "cpu" else f"{device.type}-bench.json")
-    if args.only and path.is_file():  # one part re-measured: keep the others' last results
-        last = json.loads(path.read_text())
-        result = {**last, **result,
-                  "part_seconds": {**last.get("part_seconds", {}), **part_seconds}}
+            key = part.replace("-", "_")
+            if "skipped" in r and key in last and "skipped" not in last[key]:
+                kept.append(part)
+                continue
+            result[key] = r
+            part_seconds[part] = time.perf_counter() - start
+            measured_with[part] = when
+    seconds = time.perf_counter() - t0
+    result = {**last, **result, "measured_with": measured_with,
+              # what each part took, data made on first use included, as last measured
+              "part_seconds": {**last.get("part_seconds", {}), **part_seconds}}
+    result["seconds"] = sum(result["part_seconds"].values())  # every part, as last measured
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n{result['seconds']:.0f} s ("
-          + ", ".join(f"{p} {t:.0f}" for p, t in part_seconds.items()) + f"); written to {path}")
+    print(f"\n{seconds:.0f} s ("
+          + ", ".join(f"{p} {t:.0f}" for p, t in part_seconds.items()) + f"); written to {path}"
+          + (f"; skipped now, their last results kept: {', '.join(kept)}" if kept else ""))
 
 
 def _print_inference(r: dict) -> None:

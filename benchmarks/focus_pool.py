@@ -113,7 +113,8 @@ def figures(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path, help="a finished run (without augmentation)")
     ap.add_argument("out", type=Path, help="the run folder to write (replaced)")
     ap.add_argument("--beta", type=float, default=4.0)

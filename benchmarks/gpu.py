@@ -506,7 +506,8 @@ def environment(device: torch.device, s: Setting, smoke: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: does it still run")
     ap.add_argument("--out", type=Path, help="the JSON to write; default "
                     "benchmarks/results/cuda.json, with --smoke a temporary file")

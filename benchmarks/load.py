@@ -281,7 +281,8 @@ def stand_in(preset: str = "battery-quick"):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", help="a trained run; default an untrained stand-in at the "
                     "battery-quick shapes")
     ap.add_argument("--requests", type=int, default=400)

@@ -9,7 +9,10 @@ comes from paser's battery generator, so a setting tuned to that generator shows
 The script writes ``classes.yaml`` (``{0: membrane, 255: cell}``, ``ignore: null``), asks
 :func:`paser.data.registry.check_dataset` for the overrides ``paser data check`` prints
 (with ``data.tile=[128,128]``: 16 tiles a slice), and runs
-``paser run --preset battery-quick`` with them for each seed, each in a process of its own.
+``paser run --preset battery-quick`` with them for each seed, each in a process of its own,
+with ``--force``: a run folder left by an earlier call is trained again on today's code
+(paser skips steps whose config did not change, and would report their old figures).
+``--extra KEY=VALUE ...`` adds overrides to every run (they key the results with the seed).
 
     .venv/bin/python benchmarks/membranes.py --seeds 0 1 2
 
@@ -80,26 +83,30 @@ def summary(run_dir: Path, seconds: float) -> dict:
 def main() -> None:
     from paser.data.registry import check_dataset
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides added to every run, e.g. stage1.epochs=5")
     args = ap.parse_args()
     root = build_folder(DATA / "membranes")
     overrides = check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]
     print("overrides:", " ".join(overrides), flush=True)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for seed in args.seeds:
+        key = " ".join([str(seed), *args.extra])  # the committed entries: the seed alone
         run_dir = DATA / "membranes_runs" / f"seed{seed}"
         cmd = [sys.executable, "-m", "paser", "run", "--preset", "battery-quick",
-               "--run-dir", str(run_dir), "data.dataset=folder", f"data.root={root}",
-               *overrides, f"seed={seed}"]
+               "--run-dir", str(run_dir), "--force", "data.dataset=folder",
+               f"data.root={root}", *overrides, f"seed={seed}", *args.extra]
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
-        saved[str(seed)] = {"overrides": overrides,
-                            **summary(run_dir, time.perf_counter() - start)}
+        saved[key] = {"overrides": [*overrides, *args.extra],
+                      **summary(run_dir, time.perf_counter() - start)}
         RESULTS.write_text(json.dumps(saved, indent=1))
-        print(json.dumps(saved[str(seed)]), flush=True)
+        print(json.dumps(saved[key]), flush=True)
 
 
 if __name__ == "__main__":
