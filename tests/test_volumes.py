@@ -307,6 +307,16 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     assert [(v.stem, v.depth, "3 channels" in v.error or "no dataset" in v.error)
             for v in volumes] == [("f_gone_x", 0, True), ("a", 3, False),
                                   ("b.ome", 0, True), ("c", 3, False)]
+    # without h5py every HDF5 input would fail alike: the command stops before it loads
+    import sys
+
+    from paser.volumes import MissingPackage
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "h5py", None)
+        with pytest.raises(MissingPackage, match=r"f.h5:/gone/x: reading it needs the h5py package: "
+                                                 r"pip install 'paser\[volumes\]'"):
+            split_inputs([tmp_path / "scans", f"{tmp_path / 'f.h5'}:/gone/x"], keep_failed=True)
 
 
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):

@@ -262,15 +262,21 @@ def _tiff(path: Path) -> Volume:
                   planar=planar, alpha=alpha)
 
 
+class MissingPackage(DataError):
+    """A volume whose format needs a package that is not installed: every volume of its
+    format fails alike, so it stops the command before anything loads, not file by file."""
+
+
 def _optional(module: str, source: str | Path):
-    """zarr or h5py (the ``volumes`` extra), or a :class:`DataError` that says to install it."""
+    """zarr or h5py (the ``volumes`` extra), or a :class:`MissingPackage` that says to
+    install it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"{source}: reading it needs the {module} package: pip install "
-                        "'paser[volumes]'") from None
+        raise MissingPackage(f"{source}: reading it needs the {module} package: pip install "
+                             "'paser[volumes]'") from None
 
 
 def _zarr(path: Path) -> Volume:
@@ -750,7 +756,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
         try:
             return open_volume(spec)
         except DataError as err:
-            if not keep_failed:
+            if not keep_failed or isinstance(err, MissingPackage):
                 raise
             return Volume(str(spec), stem_of(spec), "failed", (0, 0, 0), "", error=str(err))
 
