@@ -166,9 +166,10 @@ def test_an_export_on_a_machine_without_onnxruntime_says_what_to_install(exporte
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     assert OnnxModel(out / "f1.onnx").session is not None
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
-    with pytest.raises(ConfigError, match=r"running an ONNX export needs onnxruntime .*"
-                                          r"pip install onnxruntime"):
-        load_onnx_router(out)
+    for folder in (out, out / "not exported yet"):  # said before "run paser export"
+        with pytest.raises(ConfigError, match=r"running an ONNX export needs onnxruntime .*"
+                                              r"pip install onnxruntime"):
+            load_onnx_router(folder)
 
 
 def test_an_export_off_by_more_than_float32_rounding_is_a_warning(mnist_run, tmp_path,

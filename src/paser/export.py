@@ -250,6 +250,7 @@ class OnnxRouter(Router):
 def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
     """The exported run as a :class:`~paser.routing.Router` on onnxruntime."""
     export_dir = Path(export_dir)
+    _onnxruntime(exporting=False)  # first: without it, an export made now would not run here
     path = export_dir / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{export_dir}: no {MANIFEST}; run `paser export` into it first")
