@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
-from tests.helpers import IOU_ABS
+from tests.helpers import IOU_ABS, paser_here
 
 from paser.checkpoints import build_model
 from paser.config import load_config
@@ -402,18 +402,16 @@ def test_one_folder_refuses_an_image_stored_twice(folder, tmp_path):
         open_split(cfg.data, "train")
 
 
-@pytest.mark.slow  # `paser data check` in processes
+@pytest.mark.slow  # `paser data check` reads by reader processes
 def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(folder):
-    out = subprocess.run([sys.executable, "-m", "paser", "data", "check", str(folder)],
-                         capture_output=True, text=True, timeout=120)
+    out = paser_here("data", "check", folder)
     assert out.returncode == 0, out.stderr
     assert "folder layout" in out.stdout and "models.num_classes=5" in out.stdout
     for args, message in (([str(folder.parent / "nowhere")], "nowhere: folder not found"),
                           ([str(folder), "--layout", "foo"], "unknown layout 'foo'; use one of"),
                           ([str(folder), "--layout", "cityscapes"], "leftImg8bit/train: folder "
                            "not found")):
-        bad = subprocess.run([sys.executable, "-m", "paser", "data", "check", *args],
-                             capture_output=True, text=True, timeout=120)
+        bad = paser_here("data", "check", *args)
         assert bad.returncode != 0 and bad.stderr.count("\n") == 1, bad.stderr
         assert message in bad.stderr
 

@@ -165,9 +165,9 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow  # `paser experiment` in processes
 def test_cli_refuses_a_bad_amount(tmp_path):
-    from tests.helpers import paser
+    from tests.helpers import paser_here
 
-    res = paser("experiment", "robustness", "--run-dir", str(tmp_path), "--amount", "0")
+    res = paser_here("experiment", "robustness", "--run-dir", str(tmp_path), "--amount", "0")
     assert res.returncode == 2 and "share of noisy pixels in (0, 1]" in res.stderr
-    res = paser("experiment", "robustness", "--run-dir", str(tmp_path))
+    res = paser_here("experiment", "robustness", "--run-dir", str(tmp_path))
     assert res.returncode == 2 and "no results.json" in res.stderr

@@ -94,10 +94,10 @@ def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
 
 @pytest.mark.slow  # `paser experiment` in processes
 def test_cli_refuses_a_lam_outside_0_1_and_a_folder_without_a_run(tmp_path):
-    from tests.helpers import paser
+    from tests.helpers import paser_here
 
-    res = paser("experiment", "sensitivity", "--run-dir", str(tmp_path), "--lam", "1.5")
+    res = paser_here("experiment", "sensitivity", "--run-dir", str(tmp_path), "--lam", "1.5")
     assert res.returncode == 2 and "every lam must lie in [0, 1]" in res.stderr
-    res = paser("experiment", "sensitivity", "--run-dir", str(tmp_path))
+    res = paser_here("experiment", "sensitivity", "--run-dir", str(tmp_path))
     assert res.returncode == 2 and "no results.json" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
