@@ -65,3 +65,19 @@ def test_a_folder_one_cannot_write_to_only_costs_time(tmp_path):
     blocked.write_text("not a folder")
     out = PatchOutcomes.build(_router(blocked / "cache"), _split(), 3, 2, CPU, mc_seed=0)
     assert out.inter.shape == (3, 4, 3, 3)
+
+
+def test_the_papers_run_in_a_run_shares_its_outcome_cache(tmp_path):
+    """PaSeR (paper) trains on the run's own stage-1 pool in ``<run>/paper``: it reads the
+    pool's outcomes the run computed (named by the pool's weights and the images, so a
+    pool fine-tuned there names others); a folder called paper that is not in a run keeps
+    its own."""
+    from paser.checkpoints import outcome_cache
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    assert outcome_cache(run) == run / "cache" / "outcomes"
+    assert outcome_cache(run / "paper") == run / "cache" / "outcomes"
+    assert outcome_cache(tmp_path / "paper") == tmp_path / "paper" / "cache" / "outcomes"
+    assert outcome_cache(run / "other") == run / "other" / "cache" / "outcomes"

@@ -174,8 +174,26 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
                     cfg.mc_dropout, cfg.uncertainty, cfg.stage2.state,
                     cfg.models.num_classes).to(device)
     # stage 2, calibration and the report score the same frozen pool on the same splits
-    router.outcome_cache = Path(run_dir) / "cache" / "outcomes"
+    router.outcome_cache = outcome_cache(run_dir)
     return router
+
+
+#: the folder of a run in which ``paser run`` trains PaSeR (paper) (:mod:`paser.train.paper`)
+PAPER_DIR = "paper"
+
+
+def outcome_cache(run_dir: str | Path) -> Path:
+    """Where a run keeps its pool's outcomes on each split (:mod:`paser.outcomes`):
+    ``cache/outcomes`` in the run; in a run's ``paper/`` folder (PaSeR (paper), trained on
+    the run's own stage-1 pool) the run's, so that the pool is not run again on the splits
+    the run scored it on. The entries are named by the pool's weights, the grid and the
+    images, so sharing them cannot mix two pools."""
+    run_dir = Path(run_dir)
+    parent = run_dir.parent
+    if run_dir.name == PAPER_DIR and (parent / "config.yaml").is_file() \
+            and (parent / "checkpoints").is_dir():
+        return parent / "cache" / "outcomes"
+    return run_dir / "cache" / "outcomes"
 
 
 #: Where a run keeps its label codec: the class map of its training data, as written.

@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from paser.checkpoints import PAPER_DIR
 from paser.config import ExperimentConfig, validate
 from paser.train.common import prepare_run_dir
 
-DIR = "paper"
+DIR = PAPER_DIR
 
 #: the method settings of the paper (Srikishan et al., AAAI 2024), laid over a run's config
 PAPER_METHOD: dict[str, Any] = {
