@@ -142,10 +142,17 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     before = result.get(key)
-    settings_now = rows[0]["settings"]
-    if before is not None and before["rows"][0].get("settings") != settings_now:
+
+    def preset(row: dict) -> dict | None:
+        """A row's stage-1 settings but the ones this script varies between its rows."""
+        s = row.get("settings")
+        return s and {**s, "stage1": {k: v for k, v in s["stage1"].items()
+                                      if k not in ("augment", "crop_margin")}}
+
+    if before is not None and preset(before["rows"][0]) != preset(rows[0]):
         # measured under other stage-1 settings (battery-quick as it was then): kept beside
-        result[f"{key} (an earlier battery-quick, replaced {time.strftime('%Y-%m-%d')})"] = before
+        when = time.strftime("%Y-%m-%d %H:%M")
+        result[f"{key} (an earlier battery-quick, replaced {when})"] = before
     result[key] = {"overrides": base + args.extra, "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))

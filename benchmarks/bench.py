@@ -914,11 +914,16 @@ def main() -> None:
     # each part's figures stand with the settings of the run that measured them: a part
     # re-measured now replaces its entry, the others keep theirs (a part skipped now, as the
     # demo's parts are without a finished demo run, does not wipe its last measurement)
-    when = {key: result[key] for key in ("machine", "torch", "threads", "device")}
-    when["date"] = time.strftime("%Y-%m-%d")
-    measured_with = dict(last.get("measured_with", {}))
+    context = ("machine", "processor", "cpu_count", "torch", "threads", "device",
+               "glibc_keeps_freed_memory")
+    when = {key: result[key] for key in context} | {"date": time.strftime("%Y-%m-%d")}
+    measured_with = {part: last.get("measured_with", {}).get(part)
+                     # a file written before parts kept their own: its run's settings
+                     or {key: last[key] for key in context if key in last}
+                     for part in last.get("part_seconds", {}) if part in PARTS}
+    seconds = {p: t for p, t in last.get("part_seconds", {}).items() if p in PARTS}
     t0 = time.perf_counter()
-    part_seconds, kept = {}, []
+    measured, kept = {}, []
     for part in PARTS:
         if part in parts and (device.type == "cpu" or part not in CPU_ONLY):
             measure, show = runs[part]
@@ -929,18 +934,21 @@ def main() -> None:
             if "skipped" in r and key in last and "skipped" not in last[key]:
                 kept.append(part)
                 continue
-            result[key] = r
-            part_seconds[part] = time.perf_counter() - start
+            measured[key] = r
+            seconds[part] = measured_now = time.perf_counter() - start
             measured_with[part] = when
-    seconds = time.perf_counter() - t0
-    result = {**last, **result, "measured_with": measured_with,
-              # what each part took, data made on first use included, as last measured
-              "part_seconds": {**last.get("part_seconds", {}), **part_seconds}}
-    result["seconds"] = sum(result["part_seconds"].values())  # every part, as last measured
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\n{seconds:.0f} s ("
-          + ", ".join(f"{p} {t:.0f}" for p, t in part_seconds.items()) + f"); written to {path}"
+            # written after each part: a run stopped half way keeps what it measured
+            out = {**{k: v for k, v in last.items() if k not in measured}, **result,
+                   **measured, "measured_with": measured_with, "part_seconds": seconds,
+                   # the whole bench at these figures: every part, as last measured
+                   "seconds": sum(seconds.values())}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=2))
+            print(f"[{part}: {measured_now:.0f} s, written to {path}]", flush=True)
+    print(f"\n{time.perf_counter() - t0:.0f} s ("
+          + ", ".join(f"{p} {seconds[p]:.0f}" for p in PARTS
+                      if p.replace("-", "_") in measured)
+          + (f"); written to {path}" if measured else "); nothing new to write")
           + (f"; skipped now, their last results kept: {', '.join(kept)}" if kept else ""))
 
 

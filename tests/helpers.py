@@ -29,29 +29,42 @@ def paser(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 def paser_here(*args) -> subprocess.CompletedProcess:
     """``paser ARGS`` through the command's own entry point (its one-line errors and exit
     statuses) in this process: for a test of many calls, each of which would pay a second
-    or more of imports in a process of its own. What a call sets process-wide (the SIGTERM
-    handler, torch's threads) is put back; :func:`paser` runs the command as a user does."""
+    or more of imports in a process of its own. What a call sets for the process is put
+    back: the signal handlers, torch's threads, the folders it held (a process holds its
+    ``--out`` until it exits) and whether a SIGTERM came, which then goes on to stop this
+    process. Not put back: the global random seed and the allocator setting of
+    :func:`paser.train.common.setup`. :func:`paser` runs the command as a user does."""
     import contextlib
     import io
+    import os
     import signal
 
     import torch
 
-    from paser.cli import main
+    from paser import cli, runtime
 
     out, err = io.StringIO(), io.StringIO()
-    argv, handler, threads = sys.argv, signal.getsignal(signal.SIGTERM), torch.get_num_threads()
     command = ["paser", *map(str, args)]
+    argv, threads, held = sys.argv, torch.get_num_threads(), set(runtime._HELD)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    terminated = len(cli._TERMINATED)
     sys.argv, code = command, 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
+            cli.main()
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     finally:
         sys.argv = argv
-        signal.signal(signal.SIGTERM, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         torch.set_num_threads(threads)
+        for key in set(runtime._HELD) - held:
+            runtime._HELD.pop(key).close()
+        came = len(cli._TERMINATED) > terminated
+        del cli._TERMINATED[terminated:]
+    if came:  # the SIGTERM was for this process (a cancelled CI job): it stops it
+        os.kill(os.getpid(), signal.SIGTERM)
     return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 

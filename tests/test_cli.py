@@ -5,7 +5,7 @@ import json
 import pytest
 from tests.helpers import paser, paser_here
 
-# every test runs `python -m paser` in a process of its own
+# every test but the version's runs `python -m paser` in a process of its own
 pytestmark = pytest.mark.slow
 
 
@@ -142,10 +142,13 @@ def test_options_that_do_nothing_together_are_refused(tmp_path):
 
 
 def test_version_names_paser_and_torch():
+    from importlib.metadata import version
+
     import torch
 
     from paser import __version__
 
+    assert __version__ == version("paser")  # the package's own, as installed
     res = paser_here("--version")
     assert res.returncode == 0
     assert res.stdout.startswith(f"paser {__version__} (torch {torch.__version__}, Python ")

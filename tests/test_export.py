@@ -23,7 +23,7 @@ def exported_by_cli(mnist_run, tmp_path_factory):
     """`paser export` of the finished run, in a process of its own, and what it printed."""
     out = tmp_path_factory.mktemp("onnx")
     res = paser("export", "--run-dir", str(mnist_run), "--out", str(out))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     return out, res.stdout
 
 
@@ -39,7 +39,9 @@ def test_deterministic_parts_match_torch_within_1e_4(exported):
     model, out, manifest = exported
     assert set(manifest["max_abs_error_vs_torch"]) == {"f0", "policy", "f1", "f2"}
     assert max(manifest["max_abs_error_vs_torch"].values()) < 1e-4
-    assert max(manifest["max_scaled_error_vs_torch"].values()) < 1e-4
+    # relative to each output's size where above 1: never more than the difference itself
+    scaled = manifest["max_scaled_error_vs_torch"]
+    assert all(0 <= scaled[k] <= v for k, v in manifest["max_abs_error_vs_torch"].items())
     router = load_onnx_router(out)
     x = torch.rand(5, 1, *manifest["patch_input"], generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -176,12 +178,15 @@ def test_an_export_off_by_more_than_float32_rounding_is_a_warning(mnist_run, tmp
                                                                    monkeypatch):
     import paser.export
 
-    manifest = {"files": {"f1": "f1.onnx"}, "max_abs_error_vs_torch": {"f1": 0.5, "f2": 1e-5},
-                "max_scaled_error_vs_torch": {"f1": 0.01, "f2": 1e-5}}
+    nan = float("nan")
+    manifest = {"files": {"f1": "f1.onnx"}, "onnxruntime": "1.0", "torch": "2.0",
+                "max_abs_error_vs_torch": {"f0": nan, "f1": 0.5, "f2": 1e-5},
+                "max_scaled_error_vs_torch": {"f0": nan, "f1": 0.01, "f2": 1e-5}}
     monkeypatch.setattr(paser.export, "export_run", lambda *a: manifest)
     res = paser_here("export", "--run-dir", mnist_run, "--out", tmp_path)
     assert res.returncode == 0 and "f1 5.00e-01 (1.0e-02), f2 1.00e-05\n" in res.stdout
-    assert "warning: f1 on onnxruntime differ from PyTorch" in res.stderr
+    assert ("warning: f0 and f1 on onnxruntime differ from PyTorch by more than float32 "
+            "rounding explains (onnxruntime 1.0, torch 2.0)") in res.stderr
 
 
 def test_one_deterministic_pass_routes_on_f0_alone(exported):

@@ -196,6 +196,9 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     res = paser_here("segment", str(inputs / "a.png"), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "o4"), "--model", "f1", "--budget-gflops-per-mp", "50")
     assert res.returncode == 2 and "drop --budget-gflops-per-mp" in res.stderr
+    from paser import runtime
+
+    assert not [k for k in runtime._HELD if str(tmp_path) in k]  # the calls let go of --out
 
 
 def test_a_subfolder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch):

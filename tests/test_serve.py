@@ -23,7 +23,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from tests.helpers import paser
+from tests.helpers import paser, paser_here
 
 from paser.calibration import Calibration
 from paser.models import count_parameters
@@ -395,7 +395,8 @@ def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
     assert "6 of 6 images segmented in" in res.stdout and "patches degraded" in res.stdout
 
 
-def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, monkeypatch):
+def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, monkeypatch,
+                                                                      tmp_path):
     """httpx often comes with other packages; without the serve extra the user is told to
     install it, before any import of httpx fails with a traceback."""
     from paser.cli.deploy import _connect_remote
@@ -406,6 +407,11 @@ def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, 
     with pytest.raises(PaserError, match=r"the edge/cloud split needs FastAPI, uvicorn and "
                                          r"httpx .*pip install 'paser\[serve\]'"):
         _connect_remote(_load(mnist_run), "http://127.0.0.1:9", 1.0, 0, None, None)
+    # the command says so before it loads the run (a folder that is no run: not reached)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    res = paser_here("segment", tmp_path / "a.png", "--run-dir", tmp_path / "no-run-here",
+                     "--out", tmp_path / "o", "--remote", "http://127.0.0.1:9")
+    assert res.returncode == 2 and "pip install 'paser[serve]'" in res.stderr, res.stderr
 
 
 def test_a_port_in_use_is_one_line_before_the_run_loads():

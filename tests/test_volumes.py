@@ -12,7 +12,7 @@ import tifffile
 import torch
 import zarr
 from PIL import Image
-from tests.helpers import Interrupted, bands_run
+from tests.helpers import Interrupted, bands_run, paser_here
 
 from paser.errors import DataError
 from paser.volumes import open_volume, segment_volumes, split_inputs
@@ -317,6 +317,10 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
         with pytest.raises(MissingPackage, match=r"f.h5:/gone/x: reading it needs the h5py package: "
                                                  r"pip install 'paser\[volumes\]'"):
             split_inputs([tmp_path / "scans", f"{tmp_path / 'f.h5'}:/gone/x"], keep_failed=True)
+        # paser segment: said before the run loads (a folder that is no run: not reached)
+        res = paser_here("segment", f"{tmp_path / 'f.h5'}:/gone/x", "--run-dir",
+                         tmp_path / "no-run", "--out", tmp_path / "o")
+        assert res.returncode == 2 and "needs the h5py package" in res.stderr, res.stderr
 
 
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):

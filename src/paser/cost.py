@@ -97,6 +97,10 @@ def gflops_per_sample(model: nn.Module, in_channels: int, height: int, width: in
     Same convention as :func:`count_flops`. Reference values (1 input channel, 3 classes):
     ``unet_tiny`` on 224x256 ~ 0.598, ``unet_small`` on 56x64 ~ 0.280, ``unet_large`` on
     56x64 ~ 4.475.
+
+    Counted once per module, input size and shapes of its parameters: a module whose cost
+    changes with a plain attribute (not a parameter) set after its first count is counted
+    with :func:`count_flops` instead.
     """
     # a module's FLOPs depend on its structure and the input's shape, not on its weights:
     # counted once per module (and per shape of its parameters, should they be replaced)

@@ -181,8 +181,9 @@ def segment(
         raise ConfigError(f"--ca-file is for an https:// --remote; {remote} is plain HTTP")
     token = None
     if remote is not None:
-        from paser.serve import read_token
+        from paser.serve import read_token, require_serve_extra
 
+        require_serve_extra()  # before the run loads
         token = read_token(token_file)
     if engine == "onnxruntime":
         model = PaSeR.load_onnx(run_dir, onnx, calibrated=not budgeted)
@@ -389,7 +390,7 @@ def _connect_remote(model, url: str, timeout: float, retries: int, token: str | 
     """Attach the remote tier; a server that does not answer yet is a warning (its patches
     fall back to f0 until it does), one serving other models, refusing the token or with an
     untrusted certificate an error."""
-    # first: it says which extra is missing where httpx is (pip install 'paser[serve]')
+    # before httpx is imported: without the serve extra, it says what to install
     pool = model.use_remote(url, timeout=timeout, retries=retries, token=token,
                             ca_file=ca_file)
     import httpx
@@ -473,15 +474,18 @@ def export(
                + ", ".join(manifest["files"].values()))
     scaled = manifest["max_scaled_error_vs_torch"]
     typer.echo("largest |onnxruntime - PyTorch| on the deterministic parts (random inputs; "
-               "as a share of the largest output where that is above 1): " + ", ".join(
+               "relative to each output's size where that is above 1): " + ", ".join(
                    f"{k} {v:.2e}" + (f" ({scaled[k]:.1e})" if scaled[k] != v else "")
                    for k, v in manifest["max_abs_error_vs_torch"].items()))
-    off = [k for k, v in scaled.items() if v > 1e-3]  # float32 rounding stays near 1e-6
+    # float32 rounding stays near 1e-6; not below the bound also catches NaN
+    off = [k for k, v in scaled.items() if not v <= 1e-3]
     if off:
-        typer.echo(f"warning: {', '.join(off)} on onnxruntime differ from PyTorch by more than "
-                   "float32 rounding explains; check that onnxruntime and torch are the "
-                   "versions paser tests (pyproject.toml) before relying on --engine "
-                   "onnxruntime", err=True)
+        typer.echo(f"warning: {' and '.join(off)} on onnxruntime "
+                   f"{'differs' if len(off) == 1 else 'differ'} from PyTorch by more than float32 "
+                   f"rounding explains (onnxruntime {manifest.get('onnxruntime')}, torch "
+                   f"{manifest.get('torch')}); compare `paser segment --engine onnxruntime` "
+                   "with the default engine on a few of your images before relying on it",
+                   err=True)
 
 
 @app.command()
