@@ -19,8 +19,6 @@ from paser.checkpoints import PAPER_DIR
 from paser.config import ExperimentConfig, validate
 from paser.train.common import prepare_run_dir
 
-DIR = PAPER_DIR
-
 #: the method settings of the paper (Srikishan et al., AAAI 2024), laid over a run's config
 PAPER_METHOD: dict[str, Any] = {
     "mc_samples": 5, "mc_dropout": "all", "uncertainty": "entropy",
@@ -59,7 +57,7 @@ def paper_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
 
 
 def paper_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / DIR
+    return Path(run_dir) / PAPER_DIR
 
 
 def train_paper(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
