@@ -45,3 +45,17 @@ def test_a_mistyped_command_is_a_usage_error(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "No such command 'segmnt'" in err
     assert "Traceback" not in err
+
+
+def test_help_paragraphs_wrap_at_the_terminal_not_at_the_docstring():
+    """At 80 columns, `paser --help` had lines of one word ('a', 'and', 'where it'): typer
+    kept each docstring's line breaks and the terminal wrapped them again."""
+    r = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80", "TERM": "dumb"},
+                           terminal_width=80, prog_name="paser")
+    rows = [line.strip("│ ").split() for line in r.output.splitlines() if line.startswith("│")]
+    # a wrapped row continues its sentence: short ones are only the ends of sentences
+    assert all(len(" ".join(w)) > 20 or w[-1].endswith((".", ")")) for w in rows if w)
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        for paragraph in (cmd.help or "").split("\n\n"):
+            assert "\n" not in paragraph, name

@@ -9,6 +9,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -22,6 +23,21 @@ __all__ = ["app", "entry", "main"]
 # Each module registers its commands; in this order, `paser --help` lists them by task.
 for _module in ("train", "deploy", "experiments", "data"):
     importlib.import_module(f"paser.cli.{_module}")
+
+
+def _reflow(group: typer.Typer) -> None:
+    """Each paragraph of a command's help as one line, for the terminal to wrap: typer keeps
+    a docstring's line breaks, which cut `paser --help` into ragged lines at 80 columns."""
+    for info in group.registered_commands:
+        text = info.help or (info.callback.__doc__ if info.callback else None)
+        if text:
+            info.help = "\n\n".join(" ".join(p.split())
+                                     for p in inspect.cleandoc(text).split("\n\n"))
+    for sub in group.registered_groups:
+        _reflow(sub.typer_instance)
+
+
+_reflow(app)
 
 
 #: the commands that continue an interrupted stage with --resume

@@ -32,6 +32,7 @@ def evaluate(
                                 "disk while the models run (0: read in this process)"),
 ) -> None:
     """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone.
+
     Images are streamed from disk; only counts are kept, never the predictions."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
@@ -126,12 +127,13 @@ def segment(
                                   "worker processes here); needs the dask extra: pip "
                                   "install 'paser\\[dask]'"),
 ) -> None:
-    """Segment images and volumes with a trained run: label maps, overlays, routing maps, a
-    JSON per image and summary.csv; per volume (multi-page TIFF, .zarr, file.h5:/key,
-    --stack folder) a label volume and a JSON, slice by slice. A file that fails is reported and skipped; the exit status is
-    then 1. With --remote, patches the remote tier cannot segment keep f0's prediction and
-    are marked degraded; the run finishes. Interrupted, the same command continues where it
-    stopped. With --scheduler, chunks of slices and batches of images run on the Dask
+    """Segment images and volumes with a trained run; interrupted, the same command resumes.
+
+    Per image: a label map, an overlay, a routing map, a JSON and a line of summary.csv; per
+    volume (multi-page TIFF, .zarr, file.h5:/key, --stack folder) a label volume and a JSON,
+    slice by slice. A file that fails is reported and skipped; the exit status is then 1.
+    With --remote, patches the remote tier cannot segment keep f0's prediction and are
+    marked degraded; the run finishes. --overwrite starts over. With --scheduler, chunks of slices and batches of images run on the Dask
     cluster's workers (each loads the run once; they need the same paths), with the same
     outputs."""
     from paser import PaSeR
@@ -508,8 +510,10 @@ def calibrate(
                                   "policy's own (the paper's budget)"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
 ) -> None:
-    """Find the bias on the policy's logits that meets a compute budget or a quality target
-    on the validation split; save it in the run for `segment` and `evaluate`."""
+    """Calibrate the policy to a compute budget or a quality target on validation.
+
+    Finds the bias on the policy's logits that meets it on the validation split and saves it
+    in the run for `segment` and `evaluate`."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
 
