@@ -120,9 +120,9 @@ def main() -> None:
     if args.data in FOLDERS:
         root = build_folder(DATA / ("realish" if args.data == "folder" else "realish_clear"),
                             *FOLDERS[args.data])
-        # what `paser data check` prints (its images come in several sizes: data.tile too)
-        base = ["data.dataset=folder", f"data.root={root}",
-                *check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]]
+        # what `paser data check` prints, data.dataset and data.root included (its images
+        # come in several sizes: data.tile too)
+        base = check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]
     else:
         base = [f"data.cache_dir={DATA / 'demo_data'}"]
     print("overrides:", " ".join(base))

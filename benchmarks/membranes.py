@@ -97,8 +97,7 @@ def main() -> None:
         key = " ".join([str(seed), *args.extra])  # the committed entries: the seed alone
         run_dir = DATA / "membranes_runs" / f"seed{seed}"
         cmd = [sys.executable, "-m", "paser", "run", "--preset", "battery-quick",
-               "--run-dir", str(run_dir), "--force", "data.dataset=folder",
-               f"data.root={root}", *overrides, f"seed={seed}", *args.extra]
+               "--run-dir", str(run_dir), "--force", *overrides, f"seed={seed}", *args.extra]
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
