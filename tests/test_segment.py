@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,12 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
     assert "cannot read" in rows[3]["error"]
+    # a later call with one more image (and one done: skipped) keeps the rows of the others
+    Image.fromarray(RNG.integers(0, 256, (20, 24), dtype=np.uint8)).save(tmp_path / "e.png")
+    segment_files(model, [files[1], tmp_path / "e.png"], tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [Path(r["input"]).name for r in rows] == ["a.png", "c.jpg", "d.png", "b.png", "e.png"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok", "ok"]
     # the labels alone: the same label PNG, no previews, and the record says what it wrote
     lean = segment_files(model, files[:1], tmp_path / "lean", previews=False)
     assert lean[0].ok and sorted(p.name for p in (tmp_path / "lean").glob("*.png")) == [

@@ -3,6 +3,7 @@ slice, equal to the slices segmented alone; resumed chunk by chunk after an inte
 
 from __future__ import annotations
 
+import csv
 import json
 
 import h5py
@@ -64,6 +65,15 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert rec["gflops"] == pytest.approx(DEPTH * rec["gflops_per_slice"])
     assert not list((tmp / "out").glob(".*.parts"))  # whole volumes: the parts are gone
     assert (tmp / "out" / "volumes.csv").read_text().count("\n") == 5
+    # a later call into the folder with one of them (done: skipped) and a new one lists
+    # all five, each once, the earlier calls' rows first
+    tifffile.imwrite(tmp / "more.tif", vol, photometric="minisblack")
+    segment_volumes(m, split_inputs([tmp / "z.zarr", tmp / "more.tif"])[1], tmp / "out")
+    rows = list(csv.DictReader(open(tmp / "out" / "volumes.csv")))
+    assert [r["input"] for r in rows] == [str(tmp / "scan.tif"), f"{tmp / 'f.h5'}:/entry/data",
+                                         str(tmp / "slices"), str(tmp / "z.zarr"),
+                                         str(tmp / "more.tif")]
+    assert [r["status"] for r in rows] == ["ok"] * 5
 
 
 def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypatch):

@@ -682,11 +682,33 @@ def _row(r: Segmented, names: Sequence[str]) -> list:
 def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:
     """One CSV row per input: status, size, GFLOP, ms, share of patches per model, the
     degraded patches and bytes sent (``--remote``), error. Written whole (renamed into
-    place)."""
+    place), after the rows of the folder's other inputs (:func:`write_rows`)."""
+    write_rows(path, _header(names), [_row(r, names) for r in results])
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
+    """A summary CSV (its first column the input) written whole: ``rows`` after the rows
+    that earlier calls into the folder wrote for other inputs, so a folder filled over
+    several calls lists every input it holds, each once (its latest row; inputs matched
+    as :func:`same_input` does, columns by name; ``--overwrite`` removed the file)."""
+    kept: dict[str, list] = {}
+    try:
+        with open(path, newline="") as fh:
+            old = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        old = []
+    if old and old[0] and old[0][0] == header[0]:
+        mine = {canonical(str(r[0])) for r in rows}
+        for line in old[1:]:
+            row = dict(zip(old[0], line, strict=False))
+            key = canonical(row.get(header[0], ""))
+            if row.get(header[0]) and key not in mine:
+                kept.pop(key, None)  # the latest row last: an interrupted call appended it
+                kept[key] = [row.get(h, "") for h in header]
     with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(_header(names))
-        out.writerows(_row(r, names) for r in results)
+        out.writerow(header)
+        out.writerows([*kept.values(), *rows])
 
 
 class SummaryLog:

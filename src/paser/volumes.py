@@ -20,7 +20,6 @@ still to do and gives the same bytes; the parts are removed once the volume is w
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -602,7 +601,8 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     error and the rest go on. A volume whose ``<stem>.json`` is there (an earlier call
     into the same folder, same run and settings: :func:`paser.segment.claim_output`) is
     skipped, and one interrupted continues with its missing chunks; ``overwrite`` starts
-    over. ``volumes.csv`` gets one row per volume."""
+    over. ``volumes.csv`` gets one row per volume (beside the rows of the folder's other
+    volumes: :func:`paser.segment.write_rows`)."""
     from paser.segment import claim_for
 
     out_dir = Path(out_dir)
@@ -717,11 +717,10 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
                      json.dumps(rec.get("patch_share", {})),
                      json.dumps(rec.get("class_fractions", {})), rec.get("output", ""),
                      r.error])
-    with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
-                      "patch share", "class fractions", "output", "error"])
-        out.writerows(rows)
+    from paser.segment import write_rows
+
+    write_rows(path, ["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
+                      "patch share", "class fractions", "output", "error"], rows)
 
 
 def stem_of(spec: str | Path) -> str:
