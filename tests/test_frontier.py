@@ -59,7 +59,7 @@ def test_verdict_says_what_routing_saves_or_why_it_does_not_pay():
     frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (3.0, 0.7)})
     saves = FR.verdict((2.0, 0.65), frontier)
     # the single models need 2.5 GFLOP for 0.65: 20 % saved
-    assert saves.startswith("routing saves 20.0 % of GFLOP against the best single model")
+    assert saves.startswith("routing saves 20.0 % of GFLOP against the single models at equal")
     assert "f0 on 25 % of images, f1 on 75 %" in saves
     above = FR.verdict((2.0, 0.75), frontier)
     assert above.startswith("routing pays: IoU 0.7500 at 2.000 GFLOP is above every single")

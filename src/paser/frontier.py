@@ -199,8 +199,9 @@ def headroom_caveat(room: float, floor: float | None, shares=()) -> str | None:
 def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             fixed_gflops: float | None = None, curve: dict | None = None,
             lo: float | None = None, hi: float | None = None) -> str:
-    """The one line a user decides from: what routing saves against the best single model
-    at equal IoU, or why it does not pay on this data.
+    """The one line a user decides from: what routing saves against the single models at
+    equal IoU (their frontier: each image segmented whole by one of them, in the cheapest
+    mix that reaches the IoU), or why it does not pay on this data.
 
     ``point`` is PaSeR's ``(GFLOP, IoU)``; ``frontier`` a :func:`frontier_curve`;
     ``oracle_curve`` (the oracle's routing of the same pool, the labels known) and ``fixed_gflops`` (what every
@@ -231,8 +232,8 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
                 f"(the best, {names[-1]}, scores {top_iou:.4f} at {top_g:.3f} GFLOP: "
                 f"{100 * g / top_g:.0f} % of its GFLOP for {iou - top_iou:+.4f} IoU){along}")
     if need > g * (1 + 1e-6):
-        return (f"routing saves {100 * (1 - g / need):.1f} % of GFLOP against the best single "
-                f"model at equal IoU: {iou:.4f} at {g:.3f} GFLOP, where the single models need "
+        return (f"routing saves {100 * (1 - g / need):.1f} % of GFLOP against the single "
+                f"models at equal IoU: {iou:.4f} at {g:.3f} GFLOP, where the single models need "
                 f"{need:.3f} ({frontier_mix(vertices, names, need)}){along}")
     below = max((at or 0.0) - iou, 0.0)
     if pays_along and saving is not None:
