@@ -288,8 +288,12 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, cap
     assert re.search(r"the training pixels span 0\.000\d to 0\.06\d\d of their type's range "
                      r"\(6\.2 % of it", printed), printed
     assert re.search(r"data.window=\[\d+,40\d\d\] \(the darkest and brightest training pixels "
-                     r"as stored\) scales them", printed), printed
-    assert r["intensity"]["stored_range"][0] < 100
+                     r"as stored; in the suggested line below\) scales them", printed), printed
+    assert r["intensity"]["stored_range"][0] < 100 and r["intensity"]["low_contrast"]
+    # the line to paste carries it (it printed the advice and then left it out)
+    lo, hi = r["intensity"]["stored_range"]
+    assert r["suggested_overrides"][-1] == f"data.window=[{lo},{hi}]"
+    assert re.search(r"suggested .*data\.window=\[\d+,40\d\d\]", printed), printed
     assert r["intensity"]["by_type_range"] == ["bool", "uint16", "uint8"]
     # as narrow a band higher up (a reconstruction saved with a loose range): the same hint
     for i in range(5):
@@ -304,6 +308,9 @@ def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, cap
                          RNG.integers(0, 4096, (H, W)).astype(np.uint16))
     r = check_dataset(root, workers=0, show_progress=False, overrides=["data.window=[0,4095]"])
     assert r["intensity"]["given"] and r["intensity"]["peak"] == pytest.approx(1.0, abs=0.01)
+    assert not r["intensity"]["low_contrast"]
+    assert [o for o in r["suggested_overrides"] if o.startswith("data.window")] == [
+        "data.window=[0,4095]"]  # the one given, not a second
     assert r["intensity"]["by_type_range"] == ["bool"]  # the window scales 8/16-bit too
     cfg = DataConfig(dataset="folder", root=root, window=(0.0, 4095.0))
     x = open_split(cfg, "train").image(0)

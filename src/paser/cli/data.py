@@ -54,11 +54,11 @@ def data_check(
                + (f" ({source}; kept in the run as intensity.json, applied unchanged by "
                   "segment and evaluate)" if r["intensity"]["window"] is not None else ""))
     low, high = r["intensity"]["floor"], r["intensity"]["peak"]
-    if r["intensity"]["window"] is None and 0 < high - low < 0.125:
+    if r["intensity"]["low_contrast"]:
         stored = r["intensity"]["stored_range"]
         window = (f"data.window=[{stored[0]},{stored[1]}] (the darkest and brightest "
-                  "training pixels as stored)" if stored else "data.window=[LOW,HIGH] with "
-                  "the stored values of black and white")
+                  "training pixels as stored; in the suggested line below)" if stored else
+                  "data.window=[LOW,HIGH] with the stored values of black and white")
         typer.echo(f"the training pixels span {low:.4f} to {high:.4f} of their type's range "
                    f"({100 * (high - low):.1f} % of it: 12-bit camera data in 16-bit files, "
                    "or a reconstruction saved with a loose range, say): the models see "

@@ -344,6 +344,11 @@ def _uniform_slices(splits: dict) -> dict | None:
             "between": sum(several[0] < z < several[-1] for z in slices)}
 
 
+#: training pixels spanning less than this share of their type's range are called dim, and
+#: ``paser data check`` suggests a ``data.window`` of their stored range
+LOW_CONTRAST = 0.125
+
+
 def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
                   show_progress: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Read every image and mask of a dataset folder (each problem is a DataError naming
@@ -404,6 +409,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     weights = torch.where(freq > 0, med / freq.clamp_min(1e-12), 0.0)
     weights_list = [round(w, 4) for w in weights.tolist()]
     tile = tile_advice(splits.values())
+    stored = _stored_range(splits["train"], floor, peak)
+    # 12-bit data in 16-bit files, say: the models would see little contrast
+    dim = splits["train"].intensity.window is None and 0 < peak - floor < LOW_CONTRAST
     if tile is None and len(splits["train"]) < 3:
         split_three(len(splits["train"]))  # its error: training needs three parts
     return {
@@ -417,7 +425,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             f"data.dataset={layout}", f"data.root={Path(root).resolve()}", *overrides,
             f"stage1.class_weights=[{','.join(f'{w:g}' for w in weights_list)}]",
             f"models.num_classes={len(names)}", f"models.in_channels={splits['train'].channels}",
-            *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else [])],
+            *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else []),
+            *([f"data.window=[{stored[0]},{stored[1]}]"] if dim and stored else [])],
         "class_fractions": dict(zip(names, freq.tolist(), strict=True)),
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "absent_classes": absent,
@@ -434,7 +443,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "intensity": {**splits["train"].intensity.to_dict(),
                       "says": splits["train"].intensity.describe(),
                       "given": cfg.window is not None, "peak": peak, "floor": floor,
-                      "stored_range": _stored_range(splits["train"], floor, peak),
+                      "stored_range": stored, "low_contrast": dim,
                       "nonfinite": cfg.nonfinite,
                       "by_type_range": sorted(d for d in ("bool", "uint8", "uint16")
                                               if splits["train"].intensity.by_type_range(d))},
