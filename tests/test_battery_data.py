@@ -160,3 +160,13 @@ def test_a_finished_run_finds_its_relative_synthetic_set_from_another_folder(tmp
     assert synthetic_root(found) == work / "runs" / "data" / name
     monkeypatch.chdir(work)  # where it was made: as saved
     assert run_config(Path("runs/demo")).data.cache_dir == Path("runs/data")
+    # the run copied elsewhere (nothing above it holds the set): where data.json says it read it
+    import json
+    import shutil
+
+    shutil.copytree(work / "runs" / "demo", tmp_path / "copy")
+    monkeypatch.chdir(elsewhere)
+    assert run_config(tmp_path / "copy").data.cache_dir == Path("runs/data")  # no data.json
+    image = work / "runs" / "data" / name / "train_images" / "train_00000.png"
+    (tmp_path / "copy" / "data.json").write_text(json.dumps({"stat": {str(image): [1, 2, "x"]}}))
+    assert run_config(tmp_path / "copy").data.cache_dir == work / "runs" / "data"

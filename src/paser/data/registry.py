@@ -103,7 +103,8 @@ def found_from(cfg: DataConfig, run_dir: str | Path) -> DataConfig:
     another folder than the one it was made from (``make demo``'s ``runs/data``, read by
     ``paser segment`` started elsewhere) pointed at the folder above the run that holds its
     synthetic set, so that the set is read, not generated again where the command was
-    started; unchanged when the set is where the path says or nowhere above the run."""
+    started. A run copied or moved away from it finds it where its ``data.json`` says it
+    read it. Unchanged when the set is where the path says, or found in neither place."""
     base = cfg.cache_dir
     if cfg.dataset != "battery" or cfg.root is not None or base is None or base.is_absolute():
         return cfg
@@ -113,7 +114,26 @@ def found_from(cfg: DataConfig, run_dir: str | Path) -> DataConfig:
     for above in Path(run_dir).resolve().parents:
         if (above / base / name / "stats.json").is_file():
             return cfg.model_copy(update={"cache_dir": above / base})
-    return cfg
+    read = _read_from(Path(run_dir), name)
+    return cfg if read is None else cfg.model_copy(update={"cache_dir": read})
+
+
+def _read_from(run_dir: Path, name: str) -> Path | None:
+    """The folder holding the synthetic set ``name`` that the run in ``run_dir`` read its
+    images from (its ``data.json`` keeps their absolute paths), where it still holds it."""
+    from paser.data.identity import FILE
+
+    try:
+        paths = json.loads((run_dir / FILE).read_text()).get("stat", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    for path in list(paths)[:1]:
+        parts = Path(path).parts
+        if name in parts:
+            root = Path(*parts[:parts.index(name) + 1])
+            if (root / "stats.json").is_file():
+                return root.parent
+    return None
 
 
 def _mnist_stage_data(cfg: DataConfig) -> StageData:
