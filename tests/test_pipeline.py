@@ -51,7 +51,9 @@ def test_api_segments_and_evaluates(run):
     assert torch.allclose(out.gflops, costs.gflops(out.actions))
     again = model.segment(data.test.images)  # greedy, fixed Monte Carlo seed: same answer
     assert torch.equal(again.mask, out.mask) and torch.equal(again.actions, out.actions)
-    result = model.evaluate(data.test)
+    seen: list[int] = []  # paser evaluate's progress bar
+    result = model.evaluate(data.test, batch_size=1, on_batch=seen.append)
+    assert seen == [1] * len(data.test) and result == model.evaluate(data.test)
     assert set(result) >= {"miou", "gflops", "iou_per_gflop", "fractions", "f0_miou"}
     assert result["iou_per_gflop"] == pytest.approx(result["miou"] / result["gflops"])
     assert result["gflops"] >= costs.fixed

@@ -312,15 +312,17 @@ class PaSeR:
         return self.router.remote
 
     def evaluate(self, data: Tensors | Dataset, batch_size: int = 16,
-                 model: int | None = None, num_workers: int = 0) -> dict:
+                 model: int | None = None, num_workers: int = 0,
+                 on_batch: Callable[[int], None] | None = None) -> dict:
         """mIoU, GFLOP per image, IoU per GFLOP and the share of patches per model.
 
         ``model=k`` evaluates one model alone as the report does
         (:func:`paser.evaluation.evaluate_router`): f0 with its Monte Carlo passes for 0,
         pool model k on every patch otherwise. A dataset (e.g.
         :class:`paser.data.BatteryDataset`) is streamed from disk, read by ``num_workers``
-        processes; only counts are kept, never the predictions.
+        processes; only counts are kept, never the predictions. ``on_batch`` is called with
+        each batch's number of images as it is done (a progress bar).
         """
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
                                bias=None if model is not None else self._bias(None),
-                               model=model, num_workers=num_workers)
+                               model=model, num_workers=num_workers, on_batch=on_batch)

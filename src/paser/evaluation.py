@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
 def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch_size: int,
             device: torch.device, num_models: int | None = None, timed: bool = True,
             rewards: RewardSpec | None = None, num_workers: int = 0,
-            per_image: bool = False) -> dict:
+            per_image: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
     """Stream ``data`` through ``predict``; see the module docstring for what is returned.
 
     ``data`` is a split (:class:`paser.data.Tensors`) or a dataset, read by
@@ -72,7 +72,8 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
     sample groups, ``assignment``; ``timed`` the milliseconds; ``rewards`` the
     ``reward``. ``f0_iou`` comes back when the predictions carry f0's. ``per_image`` adds
     ``per_image``: each image's ``intersection``, ``union`` ``[N, C]`` and ``gflops``
-    ``[N]`` as arrays (for :func:`paser.frontier.bootstrap`; not JSON).
+    ``[N]`` as arrays (for :func:`paser.frontier.bootstrap`; not JSON). ``on_batch`` is
+    called with each batch's number of images once it is measured (a progress bar).
     """
     if not isinstance(data, Tensors):
         data = on_disk(data, num_workers)
@@ -109,6 +110,8 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
                                             ).view(groups, num_models)
         if rewards is not None and actions is not None and out.f0_mask is not None:
             paid.append(_patch_rewards(out, actions, y, num_classes, rewards))
+        if on_batch is not None:
+            on_batch(int(x.shape[0]))
     scores = acc.compute()
     miou, mean_gflops = scores["miou"], gflops / n
     result = {"iou": miou, "per_class": per_class(scores), "gflops": mean_gflops,
@@ -250,7 +253,8 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
                     batch_size: int = 16, lam: float | None = None,
                     cost: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     mode: str = "greedy", mc_seed: int | None = 0,
-                    model: int | None = None, num_workers: int = 0) -> dict:
+                    model: int | None = None, num_workers: int = 0,
+                    on_batch: Callable[[int], None] | None = None) -> dict:
     """The routing path on every image of ``data``, through :func:`measure`.
 
     Returns ``miou`` (routed), ``per_class`` (each class's IoU, None where a class
@@ -260,7 +264,7 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     and, when ``lam`` and ``cost`` are given, ``reward`` (mean per-patch reward of the
     routed actions). ``model=k`` measures one model alone instead, as the report does:
     f0 with its Monte Carlo passes for 0, pool model k on every patch otherwise (no f0, no
-    policy).
+    policy). ``on_batch``: :func:`measure`'s.
     """
     router.eval()
     device = next(router.parameters()).device
@@ -272,7 +276,7 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
         predict = patch_model_predictor(router, model)
     spec = None if lam is None or cost is None else RewardSpec(router.grid, lam, cost)
     r = measure(predict, data, num_classes, batch_size, device, router.num_models,
-                timed=False, rewards=spec, num_workers=num_workers)
+                timed=False, rewards=spec, num_workers=num_workers, on_batch=on_batch)
     out = {"miou": r["iou"], "per_class": r["per_class"],
            "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
            "gflops": r["gflops"], "iou_per_gflop": r["iou_per_gflop"],

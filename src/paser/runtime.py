@@ -288,8 +288,11 @@ def locked(path: str | Path):
         fh.close()
 
 
-def progress(enabled: bool = True) -> Progress:
-    """A rich progress bar group; disabled bars cost nothing."""
+def progress(enabled: bool = True, stderr: bool = False) -> Progress:
+    """A rich progress bar group; disabled bars cost nothing. ``stderr``: drawn there,
+    leaving stdout to a command's results."""
+    from rich.console import Console
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -297,6 +300,7 @@ def progress(enabled: bool = True) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
+        **({"console": Console(stderr=True)} if stderr else {}),
     )
 
 

@@ -87,3 +87,17 @@ def config_kept_on_error(run_dir: Path):
                 elif before is None and name == "steps.json" and existed:
                     path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def working(what: str):
+    """Say what a slow step with no bar of its own is doing: a spinner on a terminal (gone
+    when it ends), nothing in a log."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(f"{what}..."):
+        yield

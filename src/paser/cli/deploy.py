@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from paser.cli.common import RUN_DIR, app
+from paser.cli.common import RUN_DIR, app, working
 from paser.errors import ConfigError, DataError
 
 
@@ -38,6 +38,7 @@ def evaluate(
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
     from paser.data.stages import as_tiles
+    from paser.runtime import progress
 
     model = PaSeR.load(run_dir)
     files = open_split(model.config.data, split)
@@ -45,10 +46,15 @@ def evaluate(
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
-    rows = [(name, model.evaluate(data, batch_size, num_workers=workers))]
-    rows += [(f"f{k} on all patches" if k else "f0 (MC) alone",
-              model.evaluate(data, batch_size, model=k, num_workers=workers))
-             for k in range(model.router.num_models)]
+    methods = [(name, None), *((f"f{k} on all patches" if k else "f0 (MC) alone", k)
+                               for k in range(model.router.num_models))]
+    rows = []
+    with progress(stderr=True) as bar:
+        for label, k in methods:
+            task = bar.add_task(label, total=len(data), info="")
+            rows.append((label, model.evaluate(
+                data, batch_size, model=k, num_workers=workers,
+                on_batch=lambda n, task=task: bar.advance(task, n))))
     typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
                f"{model.config.mc_samples} Monte Carlo passes in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
@@ -196,8 +202,9 @@ def segment(
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budgeted:
         data_note(model, run_dir, "validation")
-        cal = model.calibrate(budget_gflops=budget_gflops, save=False,
-                              budget_gflops_per_mp=budget_per_mp)
+        with working("calibrating to the budget on the validation split"):
+            cal = model.calibrate(budget_gflops=budget_gflops, save=False,
+                                  budget_gflops_per_mp=budget_per_mp)
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
                    f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
@@ -519,9 +526,10 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     data_note(model, run_dir, "validation")
-    cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
-                          iou_within_top=iou_within_top, best_iou=best_iou, max_tvd=max_tvd,
-                          budget_gflops_per_mp=budget_per_mp)
+    with working("calibrating on the validation split"):
+        cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
+                              iou_within_top=iou_within_top, best_iou=best_iou,
+                              max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
     from paser.checkpoints import unfinished_steps
     from paser.run import Steps
 
