@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,26 @@ def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
     cfg = load_config(overrides=["data.dataset=folder", f"data.root={other}"])
     with pytest.raises(DataError, match=r"img01.png: mask values \[77\] are not in .*classes.yaml"):
         check_dataset(other, workers=0, show_progress=False)
+    # every bad file of every split in one pass, not the first alone (one run per mistake)
+    arr[6, 6] = 78
+    Image.fromarray(arr).save(other / "test" / "masks" / "img00.png")
+    Image.fromarray(arr[:, :-1]).save(other / "validation" / "masks" / "img00.png")
+    with pytest.raises(DataError) as err:
+        check_dataset(other, workers=0, show_progress=False)
+    lines = str(err.value).splitlines()  # the split that cannot open, the others read
+    assert lines[0] == "3 problems; fix each and check again:", lines
+    assert re.search(r"validation/images/img00\.png: image is .* its label .* they must match",
+                     lines[1]), lines
+    assert [re.search(r"/(\w+)/masks/(\w+)\.png: mask values", line).groups()
+            for line in lines[2:]] == [("train", "img01"), ("test", "img00")], lines
+    Image.fromarray(arr).save(other / "validation" / "masks" / "img00.png")
+    with pytest.raises(DataError) as err:
+        check_dataset(other, workers=2, show_progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems; fix each and check again:", lines
+    assert [re.search(r"/(\w+)/masks/(\w+)\.png: mask values \[(\d+)", line).groups()
+            for line in lines[1:]] == [("train", "img01", "77"), ("validation", "img00", "77"),
+                                       ("test", "img00", "77")], lines
     (other / "classes.yaml").write_text("classes: {0: a, 300: b}\n")
     with pytest.raises(DataError, match=r"integers 0..255.*\[300\]"):
         open_split(cfg.data, "train")

@@ -1,5 +1,7 @@
 """Errors a user can fix. Each message says what is wrong, where, and what to do."""
 
+from __future__ import annotations
+
 
 class PaserError(Exception):
     """Base class: the CLI prints these as one line on stderr and exits non-zero."""
@@ -11,6 +13,17 @@ class ConfigError(PaserError):
 
 class DataError(PaserError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
+
+    @classmethod
+    def of_every(cls, problems: list[str], shown: int = 20) -> DataError:
+        """One error for every problem found (one file each), so that one pass over a
+        folder shows all of them: the message alone for one, else a list."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        more = len(problems) - shown
+        return cls(f"{len(problems)} problems; fix each and check again:\n"
+                   + "\n".join(f"  - {p}" for p in problems[:shown])
+                   + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
 class CheckpointError(PaserError):

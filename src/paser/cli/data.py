@@ -22,8 +22,8 @@ def data_check(
     workers: int = typer.Option(2, "--workers", min=0, help="reader processes"),
 ) -> None:
     """Read every image and mask of a dataset folder (or the labelled slices of a volume);
-    print the splits, the class frequencies and suggested class weights (a bad file is one
-    error naming it)."""
+    print the splits, the class frequencies and suggested class weights (or every bad file,
+    each named with what is wrong)."""
     import shlex
 
     from paser.data.images import skipped_note

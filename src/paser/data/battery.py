@@ -130,7 +130,7 @@ class SegmentationFiles(Dataset):
         return text if self.size is not None else f"{text} to {large[0]} x {large[1]}"
 
     def _check_sizes(self) -> tuple[list[tuple[int, int]], int]:
-        sizes, colour, kinds = [], False, {}
+        sizes, colour, kinds, unmatched = [], False, {}, []
         for img, lbl in zip(self.images, self.labels, strict=True):
             head, label = probe(img), probe(lbl)
             colour = colour or head.colour
@@ -141,13 +141,16 @@ class SegmentationFiles(Dataset):
             if (head.height, head.width) != (label.height, label.width):
                 turned = (head.orientation in (5, 6, 7, 8) and label.orientation == 1
                           and (head.width, head.height) == (label.height, label.width))
-                raise DataError(f"{img}: image is {head.height}x{head.width} but its label {lbl} "
-                                f"is {label.height}x{label.width} (HxW); they must match"
-                                + ("; the image is read turned upright by its EXIF "
-                                   f"orientation ({head.orientation}), as viewers show it; "
-                                   "if the mask follows its stored pixels, save the image "
-                                   "without the orientation tag" if turned else ""))
+                unmatched.append(
+                    f"{img}: image is {head.height}x{head.width} but its label {lbl} is "
+                    f"{label.height}x{label.width} (HxW); they must match"
+                    + ("; the image is read turned upright by its EXIF orientation "
+                       f"({head.orientation}), as viewers show it; if the mask follows its "
+                       "stored pixels, save the image without the orientation tag"
+                       if turned else ""))
             sizes.append((head.height, head.width))
+        if unmatched:  # every one, not the first alone
+            raise DataError.of_every(unmatched)
         if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones
             other = next(c for c in kinds if c != 2)
             raise DataError(f"{kinds[2]} has 2 channels but {kinds[other]} has {other}; "

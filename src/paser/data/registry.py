@@ -364,6 +364,19 @@ def _uniform_slices(splits: dict) -> dict | None:
             "between": sum(several[0] < z < several[-1] for z in slices)}
 
 
+def _unreadable(ds) -> list[str]:
+    """What is wrong with each file of dataset ``ds`` that cannot be read (its image, its
+    mask or the mask's values)."""
+    problems = []
+    for i in range(len(ds)):
+        try:
+            ds.image(i)
+            labels(ds.mask(i))
+        except DataError as err:
+            problems.append(str(err))
+    return problems
+
+
 #: training pixels spanning less than this share of their type's range are called dim, and
 #: ``paser data check`` suggests a ``data.window`` of their stored range
 LOW_CONTRAST = 0.125
@@ -395,7 +408,14 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         raise DataError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
     cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
                                  *overrides]).data
-    splits = {s: open_split(cfg, s, progress=False) for s in ("train", "validation", "test")}
+    splits, problems = {}, []
+    for s in ("train", "validation", "test"):  # every split's problems, not the first alone
+        try:
+            splits[s] = open_split(cfg, s, progress=False)
+        except DataError as err:
+            problems.append(str(err))
+    if "train" not in splits:  # the folder is not what the layout reads, or its files are
+        raise DataError(problems[0])  # the others are read for their problems too
     channels = {s: ds.channels for s, ds in splits.items()}
     if 2 in channels.values() and len(set(channels.values())) > 1:
         raise DataError(f"{root}: the splits' images have " + ", ".join(
@@ -403,7 +423,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                         + "; images of 2 channels (two detectors) train together only")
     names = splits["train"].class_names
     # per split, each class's pixels and (the last) the unlabelled ones
-    by_split = {s: torch.zeros(len(names) + 1, dtype=torch.long) for s in splits}
+    by_split = {s: torch.zeros(len(names) + 1, dtype=torch.long)
+                for s in ("train", "validation", "test")}
     floor, peak = 1.0, 0.0  # the darkest and brightest training pixels as the models see them
     with progress_bar(show_progress) as bar:
         for split, ds in splits.items():
@@ -411,12 +432,17 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             # images of one size in batches by reader processes; of several, one by one here
             batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
                        ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
-            for x, y in batches:
-                by_split[split] += torch.bincount(y.reshape(-1) % (len(names) + 1),
-                                                  minlength=len(names) + 1)
-                if split == "train":
-                    floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
-                bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
+            try:
+                for x, y in batches:
+                    by_split[split] += torch.bincount(y.reshape(-1) % (len(names) + 1),
+                                                      minlength=len(names) + 1)
+                    if split == "train":
+                        floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
+                    bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
+            except DataError:  # then each file alone, to name every bad one
+                problems += _unreadable(ds)
+    if problems:
+        raise DataError.of_every(list(dict.fromkeys(problems)))
     counts, every = by_split["train"], sum(by_split.values())
     if counts[:-1].sum() == 0:
         raise DataError(f"{root}: no labelled pixel in the training masks (every pixel is "
