@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +90,8 @@ class Calibration:
 
     def describe_target(self) -> dict[str, str]:
         """The target's entries as text for a line of output (numbers as ``%g``)."""
-        return {k: f"{v:g}" if isinstance(v, (int, float)) else str(v)
+        return {k: str(v).lower() if isinstance(v, bool) else
+                f"{v:g}" if isinstance(v, (int, float)) else str(v)
                 for k, v in self.target.items()}
 
     def save(self, run_dir: str | Path) -> Path:
@@ -216,14 +218,9 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
 
     logits = validation_logits(router, data, batch_size)
     largest = int(patch.argmax())  # fK, the most expensive model per patch
-    if max_tvd is not None:
-        strength, target = _by_tvd(logits, rel, costs, max_tvd)
-    elif iou_within_top is not None or best_iou:
-        outcomes = outcomes or PatchOutcomes.build(router, data, num_classes, batch_size,
-                                                   next(router.parameters()).device, mc_seed=0)
-        strength, target = _by_quality(outcomes, logits, rel, costs, iou_within_top,
-                                       budget_gflops)
-    else:
+
+    def most_generous() -> float:
+        """The least strength that meets the limit: the most generous routing within it."""
         def spent(t: float) -> float:
             actions = (logits + (-t * rel)).argmax(-1)
             if budget_gflops is not None:
@@ -245,7 +242,20 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
             # differences) flip a patch back over the budget; a little past it they do not,
             # and spending never grows with t
             hi += TIE_MARGIN * (1.0 + abs(hi))
-        strength = hi
+        return hi
+
+    if max_tvd is not None:
+        strength, target = _by_tvd(logits, rel, costs, max_tvd)
+    elif iou_within_top is not None or best_iou:
+        outcomes = outcomes or PatchOutcomes.build(router, data, num_classes, batch_size,
+                                                   next(router.parameters()).device, mc_seed=0)
+        # with a budget, the plain call's routing is a candidate too: the best mIoU within
+        # it is never below what the call without --best-iou gives
+        strength, target = _by_quality(outcomes, logits, rel, costs, iou_within_top,
+                                       budget_gflops, also=() if iou_within_top is not None
+                                       else (most_generous(),))
+    else:
+        strength = most_generous()
     if budget_gflops is not None:
         if per_mp is not None:
             target["budget_gflops_per_mp"] = float(per_mp)
@@ -283,10 +293,11 @@ def _by_tvd(logits: torch.Tensor, rel: torch.Tensor, costs, max_tvd: float
 
 
 def _by_quality(outcomes: PatchOutcomes, logits: torch.Tensor, rel: torch.Tensor, costs,
-                iou_within_top: float | None, budget_gflops: float | None
-                ) -> tuple[float, dict]:
-    """The strength of a quality target, from an exact score of every swept strength."""
-    ts = price_sweep(logits, rel)
+                iou_within_top: float | None, budget_gflops: float | None,
+                also: Sequence[float] = ()) -> tuple[float, dict]:
+    """The strength of a quality target, from an exact score of every swept strength and
+    of the strengths ``also``."""
+    ts = torch.cat([price_sweep(logits, rel), torch.tensor(also, dtype=torch.float64)])
     actions = sweep_actions(logits, rel, ts)
     miou = outcomes.miou_many(actions)
     gflops = costs.gflops(actions).mean(-1)
