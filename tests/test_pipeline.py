@@ -1,6 +1,7 @@
 """Stages 1 -> 2 -> 3 and the API on a tiny synthetic set (seconds, not minutes)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -67,6 +68,13 @@ def test_api_refuses_bad_images(run):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         model.segment(bad)
+    # an array Pillow gives is read-only: taken without torch's warning, the same answer
+    frozen = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    fine = model.segment(frozen.copy()).mask
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.segment(frozen).mask, fine)
 
 
 def test_an_image_gets_the_same_answer_alone_and_in_any_batch(run):

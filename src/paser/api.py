@@ -201,9 +201,12 @@ class PaSeR:
         if not isinstance(images, (torch.Tensor, np.ndarray)):
             raise DataError(f"images of type {type(images).__name__}: give a torch tensor or "
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
+        if isinstance(images, np.ndarray):
+            images = np.ascontiguousarray(images)
+            if not images.flags.writeable:  # Pillow's arrays: torch would warn
+                images = images.copy()
         try:
-            x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray)
-                                else images)
+            x = torch.as_tensor(images)
         except TypeError as err:  # numpy object or string arrays
             raise DataError(f"images: {err}; give integer or float images") from None
         if x.is_complex():
