@@ -153,8 +153,11 @@ def test_bad_runs_and_checkpoints(mnist_run, capsys, monkeypatch, tmp_path):
     # not a run
     code, err = cli(capsys, monkeypatch, *seg, tmp_path)
     assert code == 2 and "not a run directory (no config.yaml)" in _one_line(err)
+    assert f"`paser run --run-dir {tmp_path}`" in err
     # a truncated checkpoint
     run = _copy_run(mnist_run, tmp_path)
+    code, err = cli(capsys, monkeypatch, *seg, tmp_path / "quick")  # the runs beside it named
+    assert code == 2 and err.strip().endswith(f"or give a run: {run}"), err
     ckpt = run / "checkpoints" / "stage3.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     code, err = cli(capsys, monkeypatch, *seg, run)

@@ -31,8 +31,12 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); run "
-                              "`paser pretrain` and `paser train-policy` into it first")
+        near = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.yaml"))[:3] \
+            if run_dir.parent.is_dir() else []
+        raise CheckpointError(
+            f"{run_dir}: not a run directory (no config.yaml); train one into it first "
+            f"(`paser run --run-dir {run_dir}`, or `paser pretrain` and `paser train-policy`)"
+            + (f", or give a run: {', '.join(near)}" if near else ""))
     cfg = load_config(config_file=run_dir / "config.yaml")
     return cfg.model_copy(update={"data": found_from(cfg.data, run_dir)})
 
