@@ -32,7 +32,8 @@ def data_check(
     r = check_dataset(root, layout, workers, overrides=overrides or ())
     typer.echo(f"{r['root']}: {r['layout']} layout")
     for split, s in r["splits"].items():
-        typer.echo(f"  {split:<11} {s['images']:>6} images of {s['sizes']}, "
+        typer.echo(f"  {split:<11} {s['images']:>6} image{'s' if s['images'] != 1 else ''} "
+                   f"of {s['sizes']}, "
                    f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}"
                    + (f": the labelled slices {_listed(s['slices'])}" if "slices" in s else ""))
     typer.echo("image files, and how they become [0, 1]:")
