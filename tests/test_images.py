@@ -136,6 +136,15 @@ def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     notes = []
     Intensity().scale(f, "f.tif", notes)  # a run with no window, given a float image
     assert "no intensity window" in notes[0]
+    gone = Intensity.load(tmp_path)  # a run without its intensity.json: says so alone
+    assert gone == Intensity() and "it has no intensity.json" in gone.why_none
+    notes = []
+    gone.scale(f, "f.tif", notes)
+    assert notes[0].endswith("(the run keeps no intensity window: it has no intensity.json: "
+                             "made before 2026-12-04, when runs kept none, or the file was "
+                             "removed)")
+    Intensity().save(tmp_path)  # as a run trained on 8/16-bit images writes it
+    assert Intensity.load(tmp_path).why_none == "it trained on 8/16-bit images alone, which need none"
     with pytest.raises(DataError, match="NaN or Inf"):
         Intensity((0.0, 1.0)).scale(np.array([[np.nan]], np.float32), "n.tif")
     with pytest.raises(ValueError, match="lo < hi"):

@@ -184,6 +184,10 @@ def test_a_float_volume_under_a_run_of_8_bit_images_is_scaled_by_one_window(setu
     [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "out", chunk=5)
     window = res.record["intensity"]["window"]
     assert "this volume" in res.record["intensity"]["fitted_on"]
+    # why the run keeps none, not three guesses (this hand-made run has no intensity.json)
+    assert res.record["intensity"]["fitted_on"].endswith(
+        "(the run keeps no window: it has no intensity.json: made before 2026-12-04, when "
+        "runs kept none, or the file was removed)")
     picks = sorted({round(z) for z in np.linspace(0, DEPTH - 1, 16)})
     lo, hi = np.percentile(recon[picks].reshape(-1), (0.5, 99.5))
     assert window == pytest.approx([lo, hi], rel=1e-5)

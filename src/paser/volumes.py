@@ -541,8 +541,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                        "their type's range (0 to its largest value), as in training"}
                       if intensity.by_type_range(volume.dtype) else
                       {**intensity.to_dict(), **({"fitted_on": "this volume (the run keeps no "
-                       "window: it trained on 8/16-bit images, was made before 2026-12-04, "
-                       "when runs kept none, or its intensity.json was removed)"}
+                       f"window: {model.intensity.why_none})"}
                           if intensity is not model.intensity else {})}),
         "device": ", ".join(devices), **({"workers": workers} if workers else {}),
         "claim": claim_of(out_dir),

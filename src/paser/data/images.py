@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +45,9 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: what a run keeps of how its inputs were scaled (:meth:`Intensity.save`)
 INTENSITY_FILE = "intensity.json"
+#: why a scaling has no window, where nothing says more
+NO_WINDOW = ("it trained on 8/16-bit images, was made before 2026-12-04, when runs kept "
+             "none, or its intensity.json was removed")
 #: percentiles of the training pixels that bound the fitted window
 WINDOW_PERCENTILES = (0.5, 99.5)
 #: pixels sampled per image, and images read, to fit the window (a bounded pass)
@@ -469,6 +472,8 @@ class Intensity:
     mode: Literal["window", "per_image"] = "window"
     given: bool = False
     nonfinite: Literal["error", "fill"] = "error"  # NaN / Inf: refused, or 0 after scaling
+    #: why a run's scaling has no window (:meth:`load` knows), for the note on a float image
+    why_none: str = field(default=NO_WINDOW, compare=False)
 
     def by_type_range(self, dtype) -> bool:
         """Whether images of ``dtype`` scale by their type's range here: 8/16-bit unsigned
@@ -516,10 +521,8 @@ class Intensity:
             else:
                 notes.append(f"{arr.dtype} values in [{lo:g}, {hi:g}] min-max scaled to "
                              "[0, 1] " + ("(data.intensity per_image)" if self.mode ==
-                                          "per_image" else "(the run keeps no intensity "
-                                          "window: it trained on 8/16-bit images, was made "
-                                          "before 2026-12-04, when runs kept none, or its "
-                                          "intensity.json was removed)"))
+                                          "per_image" else f"(the run keeps no intensity "
+                                          f"window: {self.why_none})"))
         if max(abs(lo), abs(hi)) > 1e37 and x.dtype == np.float32:  # x - lo would overflow
             x = x.astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):  # a fill far outside: +-inf
@@ -560,12 +563,14 @@ class Intensity:
         """A run's intensity scaling (a run older than it: none, 8/16-bit by type)."""
         path = None if run_dir is None else Path(run_dir) / INTENSITY_FILE
         if path is None or not path.is_file():
-            return cls()
+            return cls(why_none=f"it has no {INTENSITY_FILE}: made before 2026-12-04, when "
+                       "runs kept none, or the file was removed")
         try:
             d = json.loads(path.read_text())
             return cls(None if d["window"] is None else tuple(map(float, d["window"])),
                        d["mode"], bool(d.get("given", False)),
-                       "fill" if d.get("nonfinite") == "fill" else "error")
+                       "fill" if d.get("nonfinite") == "fill" else "error",
+                       why_none="it trained on 8/16-bit images alone, which need none")
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path}: not an intensity file ({err}); delete it and re-run "
                             "stage 1, or copy it from the run") from None
