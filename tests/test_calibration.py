@@ -175,6 +175,9 @@ def test_cli_calibrate(mnist_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert PaSeR.load(run).calibration.target == {"max_frac_large": 0.3}
     assert "calibrate" not in json.loads(steps.read_text())
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-tvd", "0.1")
+    lam = PaSeR.load(run).config.stage2.lam
+    assert res.returncode == 0 and ("was trained at lam" in res.stdout) == (lam != 0), lam
     (run / "calibration.json").write_text("{")
     res = paser_here("evaluate", "--run-dir", str(run), "--split", "validation")
     assert res.returncode == 2 and "calibration.json" in res.stderr

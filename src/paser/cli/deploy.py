@@ -546,6 +546,12 @@ def calibrate(
                    f"{'-' if per_mp is None else f'{per_mp:.2f}':>9}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
     _above_dearest(cal)
+    lam = model.config.stage2.lam
+    if max_tvd is not None and lam:
+        typer.echo(f"note: --max-tvd keeps the assignment within {max_tvd:g} of this "
+                   "policy's own: the paper's budget, for a policy trained at lam 0; this one "
+                   f"was trained at lam {lam:g} and already trades mIoU for GFLOP, so "
+                   "--budget-gflops or --iou-within-top say more directly what you get")
     typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
                "use it")
 
