@@ -128,7 +128,7 @@ def test_a_zarr_volume_and_images_on_two_workers_equal_the_local_run(scheduler, 
     assert rec["class_fractions"] == _records(tmp_path / "local", "scan")["class_fractions"]
     assert sum(seen) == DEPTH + 12 + 6  # one bar: every slice and image once
     rows = (tmp_path / "dask" / "summary.csv").read_text().splitlines()
-    assert rows[0].endswith(",worker") and len(rows) == 7
+    assert rows[0].endswith(",worker,input path") and len(rows) == 7
     assert {r.worker.split()[0] for r in res.images} <= {"w0", "w1"}
     assert [w.split()[0] for w in res.workers] == ["w0", "w1"]
     # the same call again does nothing: everything is there

@@ -224,3 +224,37 @@ def test_a_subfolder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, mo
     with pytest.raises(DataError, match=r"in/locked: cannot list the folder \(Permission "
                        r"denied\); make it readable, or move it out of the inputs"):
         find_images([tmp_path / "in"])
+
+
+def test_summary_rows_of_earlier_calls_are_kept_once_by_absolute_path(tmp_path, monkeypatch):
+    """write_rows, as every call into a folder ends: one row per input the folder holds,
+    matched by absolute path from any working folder; a line a crash cut off and an older
+    version's columns (no 'input path') are read as they can be."""
+    from paser.segment import INPUT_PATH, canonical, write_rows
+
+    header = ["input", "status", "gflops", INPUT_PATH]
+    out, a, b = tmp_path / "summary.csv", tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+
+    def row(spelling: str, status: str = "ok") -> list:
+        return [spelling, status, "1.0", canonical(spelling)]
+
+    def read() -> list[list[str]]:
+        return list(csv.reader(open(out, newline="")))
+
+    monkeypatch.chdir(a)
+    write_rows(out, header, [row("a.png"), row("b.png", "failed")])
+    monkeypatch.chdir(b)  # the same file spelled from elsewhere: replaced, not twice
+    write_rows(out, header, [row(str(a / "b.png"))])
+    assert [r[0] for r in read()[1:]] == ["a.png", str(a / "b.png")]
+    write_rows(out, header, [row("a.png")])  # B's own a.png: another input, both kept
+    assert [r[3] for r in read()[1:]] == [str(a / "a.png"), str(a / "b.png"), str(b / "a.png")]
+    with open(out, "a", newline="") as fh:
+        fh.write('"/x/cut.p')  # a crash mid-line
+    write_rows(out, header, [])
+    assert len(read()) == 4 and all(len(r) == 4 for r in read())
+    # a file of a version before the 'input path' column: its inputs resolved from here
+    out.write_text("input,status,gflops\nc.png,ok,2.0\n")
+    write_rows(out, header, [row("d.png")])
+    assert read() == [header, ["c.png", "ok", "2.0", str(b / "c.png")],
+                      ["d.png", "ok", "1.0", str(b / "d.png")]]

@@ -509,7 +509,11 @@ def taken(record: Path, theirs: str, mine: str) -> str:
 def canonical(source: str) -> str:
     """An input's spelling (``file``, ``file.h5:/key``) as an absolute path from here: what
     records keep (``input_path``), so a later call from another folder knows it."""
-    path, sep, key = str(source).partition(":/")
+    text = str(source)
+    drive = 2 if len(text) > 2 and text[0].isalpha() and text[1] == ":" and text[2] in "/\\" \
+        else 0  # C:/data/f.h5:/entry: the key's ':/' is not the drive's
+    at = text.find(":/", drive)
+    path, sep, key = (text, "", "") if at < 0 else (text[:at], ":/", text[at + 2:])
     try:
         return str(Path(path).resolve()) + sep + key
     except (OSError, RuntimeError):
@@ -666,7 +670,7 @@ def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
 def _header(names: Sequence[str]) -> list[str]:
     return ["input", "status", "height", "width", "gflops", "ms",
             *[f"share {n}" for n in names], "degraded patches", "bytes sent",
-            "bytes whole image", "notes", "error", "worker"]
+            "bytes whole image", "notes", "error", "worker", INPUT_PATH]
 
 
 def _row(r: Segmented, names: Sequence[str]) -> list:
@@ -676,7 +680,7 @@ def _row(r: Segmented, names: Sequence[str]) -> list:
             *shares, r.degraded if r.ok else "",
             "" if r.bytes_sent is None else r.bytes_sent,
             "" if r.bytes_whole is None else r.bytes_whole,
-            "; ".join(r.notes), r.error, r.worker]
+            "; ".join(r.notes), r.error, r.worker, canonical(r.input)]
 
 
 def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]) -> None:
@@ -687,28 +691,51 @@ def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]
 
 
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
-    """A summary CSV (its first column the input) written whole: ``rows`` after the rows
-    that earlier calls into the folder wrote for other inputs, so a folder filled over
-    several calls lists every input it holds, each once (its latest row; inputs matched
-    as :func:`same_input` does, columns by name; ``--overwrite`` removed the file)."""
+    """A summary CSV (first column the input as given, last :data:`INPUT_PATH`) written
+    whole: ``rows`` after the rows that earlier calls into the folder wrote for other
+    inputs, so a folder filled over several calls lists every input it holds, each once
+    (its latest row). Inputs match by their absolute path, columns by name (a file of an
+    older version: its inputs resolved from here); a line cut off by a crash is dropped;
+    ``--overwrite`` removed the file."""
     kept: dict[str, list] = {}
-    try:
-        with open(path, newline="") as fh:
-            old = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        old = []
-    if old and old[0] and old[0][0] == header[0]:
-        mine = {canonical(str(r[0])) for r in rows}
-        for line in old[1:]:
-            row = dict(zip(old[0], line, strict=False))
-            key = canonical(row.get(header[0], ""))
-            if row.get(header[0]) and key not in mine:
-                kept.pop(key, None)  # the latest row last: an interrupted call appended it
-                kept[key] = [row.get(h, "") for h in header]
+    old = _read_rows(path)
+    mine = {row[-1] for row in rows}
+    for row in old:
+        key = row.get(INPUT_PATH) or canonical(row.get(header[0], ""))
+        if row.get(header[0]) and key not in mine:
+            kept.pop(key, None)  # the latest row last: an interrupted call appended it
+            kept[key] = [row.get(h, "") for h in header[:-1]] + [key]
     with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(header)
         out.writerows([*kept.values(), *rows])
+
+
+#: the last column of summary.csv and volumes.csv: the input's absolute path, by which a
+#: later call from another working folder knows it (:func:`canonical`)
+INPUT_PATH = "input path"
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a summary CSV as dicts by column name; none when there is no such file
+    (or it is not one); lines of another length than its header (cut off) left out."""
+    try:
+        with open(path, newline="") as fh:
+            lines = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    if not lines or not lines[0] or lines[0][0] != "input":
+        return []
+    return [dict(zip(lines[0], line, strict=True)) for line in lines[1:]
+            if len(line) == len(lines[0])]
+
+
+def _first_line(path: Path) -> list[str]:
+    try:
+        with open(path, newline="") as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 class SummaryLog:
@@ -721,6 +748,8 @@ class SummaryLog:
         if not path.is_file() or path.stat().st_size == 0:
             with open(path, "w", newline="") as fh:
                 csv.writer(fh).writerow(_header(names))
+        elif _first_line(path) != _header(names):  # an older version's columns: ours first
+            write_rows(path, _header(names), [])
 
     def append(self, r: Segmented) -> None:
         with open(self.path, "a", newline="") as fh:

@@ -705,6 +705,8 @@ def owner(volume: Volume, out_dir: Path) -> str | None:
 
 
 def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
+    from paser.segment import INPUT_PATH, canonical, write_rows
+
     rows = []
     for r in results:
         rec = r.record or {}
@@ -715,11 +717,9 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
                      f"{rec['ms_per_slice']:.1f}" if rec else "",
                      json.dumps(rec.get("patch_share", {})),
                      json.dumps(rec.get("class_fractions", {})), rec.get("output", ""),
-                     r.error])
-    from paser.segment import write_rows
-
+                     r.error, canonical(r.source)])
     write_rows(path, ["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
-                      "patch share", "class fractions", "output", "error"], rows)
+                      "patch share", "class fractions", "output", "error", INPUT_PATH], rows)
 
 
 def stem_of(spec: str | Path) -> str:
