@@ -145,14 +145,17 @@ def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
     arr[6, 6] = 78
     Image.fromarray(arr).save(other / "test" / "masks" / "img00.png")
     Image.fromarray(arr[:, :-1]).save(other / "validation" / "masks" / "img00.png")
+    kept = (other / "validation" / "masks" / "img01.png").read_bytes()
+    Image.fromarray(arr[:-2]).save(other / "validation" / "masks" / "img01.png")
     with pytest.raises(DataError) as err:
         check_dataset(other, workers=0, show_progress=False)
     lines = str(err.value).splitlines()  # the split that cannot open, the others read
-    assert lines[0] == "3 problems; fix each and check again:", lines
-    assert re.search(r"validation/images/img00\.png: image is .* its label .* they must match",
-                     lines[1]), lines
+    assert lines[0] == "4 problems; fix each and check again:", lines  # one list, not nested
+    assert [re.search(r"validation/images/(img0\d)\.png: image is .* its label .* they must "
+                      r"match", line).group(1) for line in lines[1:3]] == ["img00", "img01"]
     assert [re.search(r"/(\w+)/masks/(\w+)\.png: mask values", line).groups()
-            for line in lines[2:]] == [("train", "img01"), ("test", "img00")], lines
+            for line in lines[3:]] == [("train", "img01"), ("test", "img00")], lines
+    (other / "validation" / "masks" / "img01.png").write_bytes(kept)
     Image.fromarray(arr).save(other / "validation" / "masks" / "img00.png")
     with pytest.raises(DataError) as err:
         check_dataset(other, workers=2, show_progress=False)

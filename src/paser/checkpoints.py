@@ -31,8 +31,9 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        near = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.yaml"))[:3] \
-            if run_dir.parent.is_dir() else []
+        near = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.yaml")
+                      if (p.parent / "checkpoints").is_dir())[:3] if run_dir.parent.is_dir() \
+            else []
         raise CheckpointError(
             f"{run_dir}: not a run directory (no config.yaml); train one into it first "
             f"(`paser run --run-dir {run_dir}`, or `paser pretrain` and `paser train-policy`)"

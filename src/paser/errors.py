@@ -14,6 +14,9 @@ class ConfigError(PaserError):
 class DataError(PaserError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
 
+    #: each problem of an error that lists several (:meth:`of_every`), else none
+    problems: list[str] = []
+
     @classmethod
     def of_every(cls, problems: list[str], shown: int = 20) -> DataError:
         """One error for every problem found (one file each), so that one pass over a
@@ -21,9 +24,15 @@ class DataError(PaserError):
         if len(problems) == 1:
             return cls(problems[0])
         more = len(problems) - shown
-        return cls(f"{len(problems)} problems; fix each and check again:\n"
-                   + "\n".join(f"  - {p}" for p in problems[:shown])
-                   + (f"\n  ... and {more} more" if more > 0 else ""))
+        err = cls(f"{len(problems)} problems; fix each and check again:\n"
+                  + "\n".join(f"  - {p}" for p in problems[:shown])
+                  + (f"\n  ... and {more} more" if more > 0 else ""))
+        err.problems = list(problems)
+        return err
+
+    def each(self) -> list[str]:
+        """Its problems one by one: those it lists, or itself."""
+        return self.problems or [str(self)]
 
 
 class CheckpointError(PaserError):

@@ -202,8 +202,11 @@ def segment(
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budgeted:
         data_note(model, run_dir, "validation")
+        from paser.data import validation_split
+
+        data = validation_split(model.config.data)  # with its own bar where it is made
         with working("calibrating to the budget on the validation split"):
-            cal = model.calibrate(budget_gflops=budget_gflops, save=False,
+            cal = model.calibrate(budget_gflops=budget_gflops, save=False, data=data,
                                   budget_gflops_per_mp=budget_per_mp)
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
                    f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
@@ -526,9 +529,12 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     data_note(model, run_dir, "validation")
+    from paser.data import validation_split
+
+    data = validation_split(model.config.data)  # with its own bar where it is made
     with working("calibrating on the validation split"):
         cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
-                              iou_within_top=iou_within_top, best_iou=best_iou,
+                              iou_within_top=iou_within_top, best_iou=best_iou, data=data,
                               max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
     from paser.checkpoints import unfinished_steps
     from paser.run import Steps
@@ -546,7 +552,8 @@ def calibrate(
                    f"{'-' if per_mp is None else f'{per_mp:.2f}':>9}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
     _above_dearest(cal)
-    lam = model.config.stage2.lam
+    cfg = model.config  # the policy's lam: stage 3's where it fine-tuned it
+    lam = cfg.stage3.lam if cfg.stage3.epochs and cfg.stage3.lam is not None else cfg.stage2.lam
     if max_tvd is not None and lam:
         typer.echo(f"note: --max-tvd keeps the assignment within {max_tvd:g} of this "
                    "policy's own: the paper's budget, for a policy trained at lam 0; this one "

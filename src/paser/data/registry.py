@@ -373,7 +373,7 @@ def _unreadable(ds) -> list[str]:
             ds.image(i)
             labels(ds.mask(i))
         except DataError as err:
-            problems.append(str(err))
+            problems += err.each()
     return problems
 
 
@@ -408,14 +408,14 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         raise DataError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
     cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
                                  *overrides]).data
-    splits, problems = {}, []
-    for s in ("train", "validation", "test"):  # every split's problems, not the first alone
+    # the training split opens, or its error is the answer (the folder is not what the
+    # layout reads, say); then every other problem, not the first alone
+    splits, problems = {"train": open_split(cfg, "train", progress=False)}, []
+    for s in ("validation", "test"):
         try:
             splits[s] = open_split(cfg, s, progress=False)
         except DataError as err:
-            problems.append(str(err))
-    if "train" not in splits:  # the folder is not what the layout reads, or its files are
-        raise DataError(problems[0])  # the others are read for their problems too
+            problems += err.each()
     channels = {s: ds.channels for s, ds in splits.items()}
     if 2 in channels.values() and len(set(channels.values())) > 1:
         raise DataError(f"{root}: the splits' images have " + ", ".join(
@@ -439,8 +439,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                     if split == "train":
                         floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
                     bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
-            except DataError:  # then each file alone, to name every bad one
-                problems += _unreadable(ds)
+            except DataError as err:  # then each file alone, to name every bad one
+                problems += _unreadable(ds) or err.each()
     if problems:
         raise DataError.of_every(list(dict.fromkeys(problems)))
     counts, every = by_split["train"], sum(by_split.values())
