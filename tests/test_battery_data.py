@@ -54,6 +54,22 @@ def test_three_way_split_is_seeded_disjoint_and_complete():
     assert sorted(a[0] + a[1] + a[2]) == list(range(1270))
     assert a == split_three(1270, (0.34, 0.33, 0.33), seed=42)
     assert a != split_three(1270, (0.34, 0.33, 0.33), seed=43)
+    # the reference's cut (random_split by proportions) for every n but 3, where it left D_ft
+    # empty with a warning on stderr (a test's one-line error check then failed by order)
+    import warnings
+
+    import torch
+    from torch.utils.data import random_split
+
+    for n in (4, 5, 7, 80, 241):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = random_split(range(n), [0.34, 0.33, 0.33],
+                               generator=torch.Generator().manual_seed(42))
+        assert split_three(n) == tuple(sorted(p.indices) for p in ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(len(p) for p in split_three(3)) == [1, 1, 1]
 
 
 @pytest.mark.parametrize(

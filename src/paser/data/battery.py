@@ -12,6 +12,7 @@ PNG, mismatched sizes, empty split) is a :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -229,5 +230,13 @@ def split_three(
                         "training cuts it into D_pre, D_rl and D_ft (data.split: stage 1, the "
                         "policy and fine-tuning), so it needs at least 3: add training images, "
                         "or cut them into tiles (data.tile)")
-    parts = random_split(range(n), list(proportions), generator=torch.Generator().manual_seed(seed))
+    # random_split's own lengths (floors, the rest one by one from the first), where none
+    # is empty: 3 images gave 2 / 1 / 0 and torch's warning; then one each
+    lengths = [math.floor(n * p) for p in proportions]
+    for i in range(n - sum(lengths)):
+        lengths[i % 3] += 1
+    while 0 in lengths:
+        lengths[lengths.index(max(lengths))] -= 1
+        lengths[lengths.index(0)] += 1
+    parts = random_split(range(n), lengths, generator=torch.Generator().manual_seed(seed))
     return tuple(sorted(p.indices) for p in parts)  # type: ignore[return-value]
