@@ -139,9 +139,9 @@ def segment(
     volume (multi-page TIFF, .zarr, file.h5:/key, --stack folder) a label volume and a JSON,
     slice by slice. A file that fails is reported and skipped; the exit status is then 1.
     With --remote, patches the remote tier cannot segment keep f0's prediction and are
-    marked degraded; the run finishes. --overwrite starts over. With --scheduler, chunks of slices and batches of images run on the Dask
-    cluster's workers (each loads the run once; they need the same paths), with the same
-    outputs."""
+    marked degraded; the run finishes. --overwrite starts over. With --scheduler, chunks of
+    slices and batches of images run on the Dask cluster's workers (each loads the run once;
+    they need the same paths), with the same outputs."""
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
