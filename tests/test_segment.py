@@ -258,3 +258,22 @@ def test_summary_rows_of_earlier_calls_are_kept_once_by_absolute_path(tmp_path, 
     write_rows(out, header, [row("d.png")])
     assert read() == [header, ["c.png", "ok", "2.0", str(b / "c.png")],
                       ["d.png", "ok", "1.0", str(b / "d.png")]]
+
+
+def test_rows_appended_after_an_older_versions_header_go_under_todays(tmp_path):
+    """SummaryLog appends as images finish: under a summary.csv of an older version (other
+    columns), its header and rows are first rewritten in today's columns, so an interrupted
+    call's rows do not land under other names."""
+    from paser.segment import INPUT_PATH, Segmented, SummaryLog, _header
+
+    out = tmp_path / "summary.csv"
+    out.write_text("input,status,gflops\nold.png,ok,2.0\n")
+    log = SummaryLog(out, ["f0", "f1"])
+    log.append(Segmented(str(tmp_path / "new.png"), "new", ok=False, error="x"))
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert list(rows[0]) == _header(["f0", "f1"])
+    assert [(r["input"], r["status"], r["gflops"], r["error"]) for r in rows] == [
+        ("old.png", "ok", "2.0", ""), (str(tmp_path / "new.png"), "failed", "", "x")]
+    assert rows[1][INPUT_PATH] == str(tmp_path / "new.png")
+    SummaryLog(out, ["f0", "f1"])  # today's header: left as it is
+    assert len(list(csv.DictReader(open(out, newline="")))) == 2

@@ -31,9 +31,7 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        near = sorted(str(p.parent) for p in run_dir.parent.glob("*/config.yaml")
-                      if (p.parent / "checkpoints").is_dir())[:3] if run_dir.parent.is_dir() \
-            else []
+        near = sorted(str(p) for p in run_dir.parent.glob("*/") if is_run(p))[:3]
         raise CheckpointError(
             f"{run_dir}: not a run directory (no config.yaml); train one into it first "
             f"(`paser run --run-dir {run_dir}`, or `paser pretrain` and `paser train-policy`)"
@@ -194,11 +192,14 @@ def outcome_cache(run_dir: str | Path) -> Path:
     the run scored it on. The entries are named by the pool's weights, the grid and the
     images, so sharing them cannot mix two pools."""
     run_dir = Path(run_dir)
-    parent = run_dir.parent
-    if run_dir.name == PAPER_DIR and (parent / "config.yaml").is_file() \
-            and (parent / "checkpoints").is_dir():
-        return parent / "cache" / "outcomes"
+    if run_dir.name == PAPER_DIR and is_run(run_dir.parent):
+        return run_dir.parent / "cache" / "outcomes"
     return run_dir / "cache" / "outcomes"
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` holds a run: its config and its checkpoints' folder."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
 #: Where a run keeps its label codec: the class map of its training data, as written.

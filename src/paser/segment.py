@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -716,26 +717,24 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
 INPUT_PATH = "input path"
 
 
+def _lines(path: Path, limit: int | None = None) -> list[list[str]]:
+    """The first ``limit`` lines of a CSV file (all without it); none where it cannot be
+    read as one."""
+    try:
+        with open(path, newline="") as fh:
+            return list(itertools.islice(csv.reader(fh), limit))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
 def _read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a summary CSV as dicts by column name; none when there is no such file
     (or it is not one); lines of another length than its header (cut off) left out."""
-    try:
-        with open(path, newline="") as fh:
-            lines = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
+    lines = _lines(path)
     if not lines or not lines[0] or lines[0][0] != "input":
         return []
     return [dict(zip(lines[0], line, strict=True)) for line in lines[1:]
             if len(line) == len(lines[0])]
-
-
-def _first_line(path: Path) -> list[str]:
-    try:
-        with open(path, newline="") as fh:
-            return next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
 
 
 class SummaryLog:
@@ -745,10 +744,8 @@ class SummaryLog:
 
     def __init__(self, path: Path, names: Sequence[str]):
         self.path, self.names = path, names
-        if not path.is_file() or path.stat().st_size == 0:
-            with open(path, "w", newline="") as fh:
-                csv.writer(fh).writerow(_header(names))
-        elif _first_line(path) != _header(names):  # an older version's columns: ours first
+        # a new file gets the header; an older version's, its rows under our columns
+        if _lines(path, 1) != [_header(names)]:
             write_rows(path, _header(names), [])
 
     def append(self, r: Segmented) -> None:

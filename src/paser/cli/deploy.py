@@ -202,12 +202,9 @@ def segment(
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budgeted:
         data_note(model, run_dir, "validation")
-        from paser.data import validation_split
-
-        data = validation_split(model.config.data)  # with its own bar where it is made
-        with working("calibrating to the budget on the validation split"):
-            cal = model.calibrate(budget_gflops=budget_gflops, save=False, data=data,
-                                  budget_gflops_per_mp=budget_per_mp)
+        cal = _calibrated(model, "calibrating to the budget on the validation split",
+                          budget_gflops=budget_gflops, save=False,
+                          budget_gflops_per_mp=budget_per_mp)
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
                    f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
@@ -529,13 +526,10 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     data_note(model, run_dir, "validation")
-    from paser.data import validation_split
-
-    data = validation_split(model.config.data)  # with its own bar where it is made
-    with working("calibrating on the validation split"):
-        cal = model.calibrate(budget_gflops, max_frac_large, batch_size,
-                              iou_within_top=iou_within_top, best_iou=best_iou, data=data,
-                              max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
+    cal = _calibrated(model, "calibrating on the validation split",
+                      budget_gflops=budget_gflops, max_frac_large=max_frac_large,
+                      batch_size=batch_size, iou_within_top=iou_within_top, best_iou=best_iou,
+                      max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
     from paser.checkpoints import unfinished_steps
     from paser.run import Steps
 
@@ -561,6 +555,17 @@ def calibrate(
                    "--budget-gflops or --iou-within-top say more directly what you get")
     typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
                "use it")
+
+
+def _calibrated(model, what: str, **target):
+    """``model.calibrate(**target)`` on the run's validation split, saying ``what`` it does
+    meanwhile; the split is loaded first, so the bar of a synthetic set generated now does
+    not fight the spinner."""
+    from paser.data import validation_split
+
+    data = validation_split(model.config.data)
+    with working(what):
+        return model.calibrate(data=data, **target)
 
 
 def _above_dearest(cal) -> None:
