@@ -24,6 +24,13 @@
    several draws of the images and of the initial weights at each share: whether the
    captured share still rises with the number of training images (so that more labelled
    images, or cross-fitted outcomes on D_pre's, would pay) or has levelled off.
+5. **Settings chosen on validation.** The report draws each routed method's curve as the
+   upper envelope of all its settings' test points: the cascade's 43 x 43 thresholds,
+   PaSeR's price sweep. A user chooses a setting on validation and gets its test figure;
+   the larger a family, the more its envelope owes to choices only the test labels could
+   make. PaSeR (also with a second knob, an offset on fK's score) and the cascade, each as
+   the envelope and chosen on validation (:func:`chosen_on_validation`), and Table 2 with
+   both calibrated by the run's own rule on validation.
 
 Curve areas are the report's (its budgets, its single-model frontier); "captured" is the
 share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_captured`).
@@ -49,6 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from paser.api import PaSeR
+from paser.baselines.routed import cascade_actions as cascade_actions_on
+from paser.baselines.routed import cascade_gflops, threshold_grid
 from paser.calibration import price_sweep, sweep_actions
 from paser.checkpoints import make_policy
 from paser.experiments.curves import curve, escalation, logits_on, policy_curve, rank_correlation
@@ -282,19 +291,9 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     results = json.loads((run_dir / "results.json").read_text())
     lo, hi = results["curve_range"]
     frontier = results["curves"]["Frontier"]
-    data = {s: dense_outcomes(router, getattr(run.data, s)) for s in SPLITS}
-    test = data["test"]
     test_out = PatchOutcomes.build(router, run.data.test, ncls, 16, torch.device("cpu"),
                                    mc_seed=0)
-    costs = router.costs(*test["label"].shape[-2:])
-    patch = test["label"].shape[-1] // router.grid.cols
-    halo = router.grid.halo
-
-    # the pixel gains add up to the report's patch gains
-    per_patch = block_sums(pixel_gain(test["label"], test["pred"], ncls), patch)
-    present = (test_out.union[:, :, 0].sum((0, 1)) > 0).sum()
-    scale = test_out.inter.shape[0] * test_out.inter.shape[1] / present
-    assert torch.allclose(per_patch * scale, test_out.dataset_gain()[..., 1:], atol=1e-4)
+    costs = router.costs(*test_out.state.shape[-2:])
 
     def area_and_capture(c: dict, oracle: dict) -> tuple[float, float]:
         # below a router's fixed cost a user runs f0 alone (the frontier's first vertex),
@@ -307,10 +306,23 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
         k: results["headroom_captured"].get(k) for k in ("PaSeR", "IDK-Cascade")}}
     out["report"]["rank_PaSeR"] = results["rank_correlation"]["PaSeR"]
     capture = partial(area_and_capture, oracle=results["curves"]["Oracle"])
-    if "cascade" in parts:
-        out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds, capture)
     if "images" in parts:
         out["images"] = images_probe(run, router, test_out, capture)
+    if "protocol" in parts:
+        out["protocol"] = protocol_probe(run, router, test_out, capture)
+    if not {"dense", "cascade"} & set(parts):
+        return out
+    data = {s: dense_outcomes(router, getattr(run.data, s)) for s in SPLITS}
+    test = data["test"]
+    patch = test["label"].shape[-1] // router.grid.cols
+    halo = router.grid.halo
+    # the pixel gains add up to the report's patch gains
+    per_patch = block_sums(pixel_gain(test["label"], test["pred"], ncls), patch)
+    present = (test_out.union[:, :, 0].sum((0, 1)) > 0).sum()
+    scale = test_out.inter.shape[0] * test_out.inter.shape[1] / present
+    assert torch.allclose(per_patch * scale, test_out.dataset_gain()[..., 1:], atol=1e-4)
+    if "cascade" in parts:
+        out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds, capture)
     if "dense" not in parts:
         return out
     dense_rows, dense_maps = [], []
@@ -410,6 +422,77 @@ def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: 
     return rows
 
 
+def chosen_on_validation(val: tuple[torch.Tensor, torch.Tensor],
+                         test: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """A family of settings' curve when each point is chosen as a user must: at every GFLOP
+    a setting spends on validation, the setting of best validation mIoU within it, then
+    measured on test. ``val`` and ``test``: (mIoU, GFLOP) of every setting ``[S]`` on each
+    split. The report's curves are instead the upper envelope of every setting's test
+    point, which credits a family with a choice made on the test labels: the larger the
+    family (the cascade's 43 x 43 thresholds), the more."""
+    vm, vg = (t.flatten().double() for t in val)
+    tm, tg = (t.flatten().double() for t in test)
+    picks = {int(torch.where(vg <= g + 1e-12, vm, -torch.inf).argmax()) for g in vg.unique()}
+    keep = torch.tensor(sorted(picks))
+    return curve(tm[keep], tg[keep])
+
+
+def protocol_probe(run, router, test_out: PatchOutcomes, capture, offsets: int = 41) -> dict:
+    """Part 5 of the module's docstring: PaSeR (its price sweep, and with a second knob, an
+    offset on fK's score) and the IDK cascade (its threshold grid), each as the report draws
+    it (the test envelope) and chosen on validation (:func:`chosen_on_validation`); and
+    Table 2 with both methods calibrated by one rule on validation (the cheapest setting
+    within ``operating_point.iou_within_top`` of the best single model's validation mIoU)."""
+    cfg, device = run.cfg, torch.device("cpu")
+    ncls, batch = cfg.models.num_classes, cfg.baselines.timing_batch
+    outs = {"validation": PatchOutcomes.build(router, run.data.validation, ncls, batch, device,
+                                              mc_seed=0), "test": test_out}
+    costs = router.costs(*test_out.state.shape[-2:])
+    patch = torch.tensor(costs.patch, dtype=torch.float64)
+    rel = patch / patch.max()
+    logits = {s: logits_on(router, o.state, batch).double() for s, o in outs.items()}
+    ts = price_sweep(logits["validation"], rel)
+    gap = float((logits["validation"].amax(-1) - logits["validation"].amin(-1)).max())
+    knob = torch.linspace(-gap, gap, offsets, dtype=torch.float64)
+    knob = torch.cat([knob, torch.zeros(1, dtype=torch.float64)]).unique()
+
+    def priced(split: str, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits[split].clone()
+        scores[..., -1] += offset
+        acts = sweep_actions(scores, rel, ts)
+        return outs[split].miou_many(acts), costs.gflops(acts).mean(-1)
+
+    def cascade(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = cascade_actions_on(outs[split].entropy, taus)
+        return outs[split].miou_many(acts), cascade_gflops(acts, costs).mean(-1)
+
+    taus = threshold_grid(outs["validation"].entropy, 41, extremes=True, quantiles=True)
+    families = {
+        "PaSeR": {s: priced(s, 0.0) for s in outs},
+        "PaSeR, offset on fK": {s: tuple(torch.stack(t) for t in zip(
+            *(priced(s, float(b)) for b in knob), strict=True)) for s in outs},
+        "IDK-Cascade": {s: cascade(s) for s in outs},
+    }
+    singles = outs["validation"].miou_many(torch.arange(router.num_models)[:, None, None]
+                                           .expand(-1, *logits["validation"].shape[:2]))
+    target = float(singles.max()) - cfg.operating_point.iou_within_top
+    out: dict = {"table2_target": target}
+    for name, fam in families.items():
+        envelope = capture(curve(*(t.flatten() for t in fam["test"])))
+        chosen = capture(chosen_on_validation(fam["validation"], fam["test"]))
+        vm, vg = (t.flatten() for t in fam["validation"])
+        ok = vm >= target - 1e-12
+        i = int(torch.where(ok, vg, torch.inf).argmin()) if ok.any() else int(vm.argmax())
+        tm, tg = (t.flatten() for t in fam["test"])
+        out[name] = {"envelope": dict(zip(("margin", "captured"), envelope, strict=True)),
+                     "chosen on validation": dict(zip(("margin", "captured"), chosen,
+                                                      strict=True)),
+                     "settings": int(vm.numel()),
+                     "point": {"miou": float(tm[i]), "gflops": float(tg[i])}}
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
 def images_probe(run, router, test_out: PatchOutcomes, capture,
                  shares=(0.25, 0.5, 0.75, 1.0), draws: int = 6) -> list[dict]:
     """Part 4 of the module's docstring: the shipped router retrained on a share of its
@@ -449,10 +532,10 @@ def main() -> None:
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
-    ap.add_argument("--parts", nargs="+", choices=("dense", "cascade", "images"),
-                    default=["dense", "cascade", "images"],
+    ap.add_argument("--parts", nargs="+", choices=("dense", "cascade", "images", "protocol"),
+                    default=["dense", "cascade", "images", "protocol"],
                     help="dense: the dense router and the block sizes (parts 1, 2); "
-                         "cascade: part 3; images: part 4")
+                         "cascade: part 3; images: part 4; protocol: part 5")
     args = ap.parse_args()
     if "OMP_NUM_THREADS" not in os.environ:  # the machine it was measured on: 2 cores
         torch.set_num_threads(2)
