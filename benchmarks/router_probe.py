@@ -60,7 +60,14 @@ from paser.baselines.routed import cascade_actions as cascade_actions_on
 from paser.baselines.routed import cascade_gflops, threshold_grid
 from paser.calibration import price_sweep, sweep_actions
 from paser.checkpoints import make_policy
-from paser.experiments.curves import curve, escalation, logits_on, policy_curve, rank_correlation
+from paser.experiments.curves import (
+    chosen_on_validation,
+    curve,
+    escalation,
+    logits_on,
+    policy_curve,
+    rank_correlation,
+)
 from paser.experiments.finished import open_finished
 from paser.frontier import areas, from_point, headroom_captured
 from paser.metrics import confusion_counts
@@ -420,21 +427,6 @@ def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: 
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def chosen_on_validation(val: tuple[torch.Tensor, torch.Tensor],
-                         test: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """A family of settings' curve when each point is chosen as a user must: at every GFLOP
-    a setting spends on validation, the setting of best validation mIoU within it, then
-    measured on test. ``val`` and ``test``: (mIoU, GFLOP) of every setting ``[S]`` on each
-    split. The report's curves are instead the upper envelope of every setting's test
-    point, which credits a family with a choice made on the test labels: the larger the
-    family (the cascade's 43 x 43 thresholds), the more."""
-    vm, vg = (t.flatten().double() for t in val)
-    tm, tg = (t.flatten().double() for t in test)
-    picks = {int(torch.where(vg <= g + 1e-12, vm, -torch.inf).argmax()) for g in vg.unique()}
-    keep = torch.tensor(sorted(picks))
-    return curve(tm[keep], tg[keep])
 
 
 def protocol_probe(run, router, test_out: PatchOutcomes, capture, offsets: int = 41) -> dict:

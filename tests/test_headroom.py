@@ -12,7 +12,7 @@ from paser import frontier as FR
 from paser.calibration import calibrate
 from paser.data import Tensors
 from paser.errors import ConfigError
-from paser.experiments.curves import escalation, rank_correlation
+from paser.experiments.curves import chosen_on_validation, curve, escalation, rank_correlation
 from paser.experiments.main import router_areas
 from paser.models import PooledPolicy, create_model
 from paser.outcomes import PatchOutcomes, patch_order, usable_views, view, viewed
@@ -250,3 +250,14 @@ def test_the_papers_method_learns_from_its_images_as_they_are():
     paper = paper_config(load_config("battery-quick",
                                      overrides=["stage2.views=4", "stage2.crops=3"]))
     assert (paper.stage2.views, paper.stage2.crops, paper.stage2.objective) == (1, 0, "reinforce")
+
+
+def test_chosen_on_validation_by_hand():
+    # three settings: on validation B looks best at 1 GFLOP, on test A is; C spends 2
+    val = (torch.tensor([0.70, 0.80, 0.90]), torch.tensor([1.0, 1.0, 2.0]))
+    test = (torch.tensor([0.85, 0.75, 0.875], dtype=torch.float64),
+            torch.tensor([1.0, 1.25, 2.5], dtype=torch.float64))
+    # a user gets B at 1 GFLOP (its test point) and C at 2, never A
+    assert chosen_on_validation(val, test) == {"gflops": [1.25, 2.5], "iou": [0.75, 0.875]}
+    # the report's test envelope takes A
+    assert curve(test[0], test[1]) == {"gflops": [1.0, 2.5], "iou": [0.85, 0.875]}

@@ -88,14 +88,3 @@ def test_patch_features_by_hand(probe):
     assert both[:, 12].tolist() == [1.0, 0.0, 0.0, 0.0]  # where f1 changes f0's answer
     assert both[:, 13].tolist() == [2.0, 0.0, 0.0, 0.0]  # L1 distance of probabilities
     assert both[0, 14:].tolist() == [-1.0, 1.0]  # class shares moved from 0 to 1
-
-
-def test_chosen_on_validation_by_hand(probe):
-    # three settings: on validation B looks best at 1 GFLOP, on test A is; C spends 2
-    val = (torch.tensor([0.70, 0.80, 0.90]), torch.tensor([1.0, 1.0, 2.0]))
-    test = (torch.tensor([0.85, 0.75, 0.875], dtype=torch.float64),
-            torch.tensor([1.0, 1.25, 2.5], dtype=torch.float64))
-    # a user gets B at 1 GFLOP (its test point) and C at 2, never A
-    assert probe.chosen_on_validation(val, test) == {"gflops": [1.25, 2.5], "iou": [0.75, 0.875]}
-    # the report's test envelope takes A
-    assert probe.curve(test[0], test[1]) == {"gflops": [1.0, 2.5], "iou": [0.85, 0.875]}

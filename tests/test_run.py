@@ -147,7 +147,10 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert results["versus_cascade"] == FR.versus_cascade(
         areas["PaSeR"] - areas["IDK-Cascade"], results["headroom_captured"]["PaSeR"],
         results["headroom_captured"]["IDK-Cascade"], results["table2"]["flops_saved_pct"],
-        m["IDK-Cascade (IoU match)"]["iou"] >= m["PaSeR"]["iou"])
+        m["IDK-Cascade (IoU match)"]["iou"] >= m["PaSeR"]["iou"], None,
+        results["curve_areas_chosen_on_validation"]["PaSeR"]
+        - results["curve_areas_chosen_on_validation"]["IDK-Cascade"])
+    assert set(results["curve_areas_chosen_on_validation"]) == {"PaSeR", "IDK-Cascade"}
     assert f"Against the cascade: {results['versus_cascade']}." in text
     assert "## Against the single-model frontier" in text and "## The pool" in text
     assert "## The routers against the frontier and the oracle" in text

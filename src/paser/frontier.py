@@ -269,7 +269,7 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
 
 def versus_cascade(area_margin: float, captured: float | None, cascade_captured: float | None,
                    flops_saved_pct: float, equal_iou: bool = True,
-                   caveat: str | None = None) -> str:
+                   caveat: str | None = None, chosen_margin: float | None = None) -> str:
     """The verdict's second line: the trained router against the training-free entropy
     cascade, the simplest alternative a user has. ``area_margin`` is PaSeR's curve area minus
     the cascade's (the same budgets as the frontier's), ``captured`` and ``cascade_captured``
@@ -277,7 +277,9 @@ def versus_cascade(area_margin: float, captured: float | None, cascade_captured:
     headroom), ``flops_saved_pct`` Table 2's: PaSeR's GFLOP saved against the cascade
     matched to its IoU (negative: the cascade is cheaper there), ``equal_iou`` whether the
     matched cascade reaches PaSeR's IoU (else it is the closest it comes, Table 2 says),
-    ``caveat`` why the shares are not to be read (:func:`headroom_caveat`)."""
+    ``caveat`` why the shares are not to be read (:func:`headroom_caveat`),
+    ``chosen_margin`` the same area margin with each method's settings chosen on
+    validation (:func:`paser.experiments.curves.chosen_on_validation`)."""
     shares = ("" if captured is None or cascade_captured is None else
               f"; of the oracle's headroom PaSeR captures {100 * captured:.0f} %, the cascade "
               f"{100 * cascade_captured:.0f} %" + (f" ({caveat})" if caveat else ""))
@@ -292,7 +294,11 @@ def versus_cascade(area_margin: float, captured: float | None, cascade_captured:
              if flops_saved_pct >= 0 else
              f"{where}, the cascade uses {100 * (1 - 1 / (1 - flops_saved_pct / 100)):.1f} % "
              "fewer GFLOP than PaSeR")
-    return f"{head}{shares}; {point} (Table 2)"
+    chosen = ("" if chosen_margin is None else
+              f"; with each point's setting chosen on validation, as a user chooses it (the "
+              f"curves take every setting's test figure), PaSeR's area is {chosen_margin:+.4f} "
+              "against the cascade's")
+    return f"{head}{shares}{chosen}; {point} (Table 2)"
 
 
 def wall_clock(point: Point, singles: dict[str, Point]) -> dict:

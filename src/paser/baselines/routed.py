@@ -120,10 +120,12 @@ _SWEEP_CHUNK = 20_000_000  # action entries scored at once: bounds the sweep's m
 
 
 def cascade_sweep(split: PatchOutcomes, costs: CostTable, points: int = 41,
-                  max_settings: int = 50_000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  max_settings: int = 50_000, grid_on: PatchOutcomes | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholds ``[S, K]`` with their mIoU ``[S]`` and mean GFLOP ``[S]`` on ``split``:
-    ``points`` quantiles of each model's patch entropies and the two extremes, so the
-    cascade's curve has a point for every 1 / (points - 1) of patches escalated.
+    ``points`` quantiles of each model's patch entropies (on ``grid_on``, by default
+    ``split`` itself) and the two extremes, so the cascade's curve has a point for every
+    1 / (points - 1) of patches escalated.
 
     With many pool models the grid grows as (points + 2) ** K: ``points`` is lowered
     until it has at most ``max_settings`` settings, which are scored in chunks.
@@ -131,7 +133,7 @@ def cascade_sweep(split: PatchOutcomes, costs: CostTable, points: int = 41,
     k = split.entropy.shape[-1] - 1
     while points > 2 and (points + 2) ** k > max_settings:
         points -= 1
-    taus = threshold_grid(split.entropy, points, extremes=True, quantiles=True)
+    taus = threshold_grid((split if grid_on is None else grid_on).entropy, points, extremes=True, quantiles=True)
     per_setting = max(1, split.entropy[..., 0].numel() * (k + 1))
     chunk = max(1, _SWEEP_CHUNK // per_setting)
     miou, gflops = [], []

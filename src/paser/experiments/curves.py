@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from paser.baselines.routed import oracle_actions, pareto
+from paser.baselines.routed import cascade_sweep, oracle_actions, pareto
 from paser.calibration import price_sweep, sweep_actions
 from paser.outcomes import PatchOutcomes
 
@@ -72,6 +72,41 @@ def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> di
     costs = router.costs(h, w)
     acts = priced_actions(gains.double(), costs)
     return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
+
+
+def chosen_on_validation(val: tuple[torch.Tensor, torch.Tensor],
+                         test: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """A family of settings' curve when each point is chosen as a user must: at every GFLOP
+    a setting spends on validation, the setting of best validation mIoU within it, then
+    measured on test. ``val`` and ``test``: (mIoU, GFLOP) of every setting ``[S]`` on each
+    split. The report's curves are instead the upper envelope of every setting's test
+    point, which credits a family with choices made on the test labels: the larger the
+    family (the cascade's pairs of thresholds), the more."""
+    vm, vg = (t.flatten().double() for t in val)
+    tm, tg = (t.flatten().double() for t in test)
+    picks = {int(torch.where(vg <= g + 1e-12, vm, -torch.inf).argmax()) for g in vg.unique()}
+    keep = torch.tensor(sorted(picks))
+    return curve(tm[keep], tg[keep])
+
+
+def chosen_curves(router, val: PatchOutcomes, test: PatchOutcomes, batch: int,
+                  points: int) -> dict[str, dict]:
+    """PaSeR's and the IDK cascade's curves with every setting chosen on validation
+    (:func:`chosen_on_validation`): PaSeR's prices swept over its validation logits, the
+    cascade's ``points`` quantiles of validation's patch entropies for each threshold."""
+    def priced(split: PatchOutcomes, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        costs = router.costs(*split.state.shape[-2:])
+        patch = torch.tensor(costs.patch, dtype=torch.float64)
+        actions = sweep_actions(logits_on(router, split.state, batch), patch / patch.max(), ts)
+        return split.miou_many(actions), costs.gflops(actions).mean(-1)
+
+    patch = torch.tensor(router.costs(*val.state.shape[-2:]).patch, dtype=torch.float64)
+    ts = price_sweep(logits_on(router, val.state, batch), patch / patch.max())
+    cascade = {name: cascade_sweep(split, router.costs(*split.state.shape[-2:]), points,
+                                   grid_on=val)[1:] for name, split in (("val", val),
+                                                                        ("test", test))}
+    return {"PaSeR": chosen_on_validation(priced(val, ts), priced(test, ts)),
+            "IDK-Cascade": chosen_on_validation(cascade["val"], cascade["test"])}
 
 
 def escalation(scores: torch.Tensor) -> torch.Tensor:
