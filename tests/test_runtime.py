@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,42 @@ def test_an_output_folder_in_use_is_refused_and_a_read_only_one_held_by_no_one(t
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     (tmp_path / "file").write_text("")  # a folder paser cannot write a lock into
     hold_folder(tmp_path / "file", ".lock", "--out")  # (it said: Invalid argument)
+
+
+def test_a_lock_file_this_process_cannot_write_still_locks_or_is_refused(tmp_path,
+                                                                        monkeypatch):
+    """Another user's lock file (mode 644 in a shared folder): flock needs no write access,
+    so it still keeps two processes out; one that cannot be opened at all is refused, not
+    passed over (two paser segment calls then raced and deleted each other's labels)."""
+    import builtins
+    import fcntl
+
+    from paser.errors import ConfigError
+    from paser.runtime import hold_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".paser-segment.lock"
+    lock.write_text("4242")
+    opened = builtins.open
+    readable = [True]
+
+    def guarded(file, mode="r", *args, **kwargs):
+        if Path(file) == lock and (mode != "r" or not readable[0]):
+            raise PermissionError(13, "Permission denied", str(file))
+        return opened(file, mode, *args, **kwargs)
+
+    with opened(lock) as other:  # the other user's paser segment holds it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        monkeypatch.setattr(builtins, "open", guarded)
+        with pytest.raises(ConfigError, match=r"in use by another paser process \(pid 4242\)"):
+            hold_folder(out, lock.name, "--out")
+        readable[0] = False
+        with pytest.raises(ConfigError, match=r"cannot open the lock file .*Permission denied.*"
+                           r"remove the file, or give another folder"):
+            hold_folder(out, lock.name, "--out")
+    monkeypatch.setattr(builtins, "open", opened)
+    assert lock.read_text() == "4242"
 
 
 def test_an_empty_config_file_is_an_error_not_the_defaults(tmp_path):

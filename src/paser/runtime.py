@@ -192,7 +192,10 @@ _HELD: dict[str, Any] = {}
 def _lock(path: Path, blocking: bool):
     """An exclusive lock on ``path`` (created), held while the returned file stays open;
     ``None`` where another process holds it (``blocking=False``). Where the platform has no
-    ``fcntl``, or the folder is read-only, an open ``os.devnull``: nothing is locked."""
+    ``fcntl``, or the folder is read-only, an open ``os.devnull``: nothing is locked. A lock
+    file this process may read but not write (another user's) is locked all the same;
+    one it cannot open in a folder it can write to is a :class:`ConfigError`: unlocked,
+    two processes would write there at once."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -200,8 +203,15 @@ def _lock(path: Path, blocking: bool):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
-    except OSError:  # a read-only folder: nothing can write there to race with
-        return open(os.devnull, "a")
+    except OSError as err:
+        try:  # flock needs no write access: another user's lock file still locks
+            fh = open(path)
+        except OSError:
+            if path.parent.is_dir() and os.access(path.parent, os.W_OK):
+                raise ConfigError(f"cannot open the lock file {path} ({err.strerror or err}), "
+                                  "so another process could write into the folder at the "
+                                  "same time: remove the file, or give another folder") from err
+            return open(os.devnull, "a")  # a read-only folder: nothing can write to race
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -232,7 +242,7 @@ def hold_folder(folder: str | Path, name: str, option: str) -> None:
         raise ConfigError(f"{folder} is in use by another paser process"
                           + (f" (pid {holder})" if holder else "")
                           + f": wait for it to finish, or give another {option}")
-    if fh.name != os.devnull:  # (a read-only folder's: no pid to write)
+    if fh.name != os.devnull and fh.writable():  # (a read-only folder's: no pid to write)
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
