@@ -580,3 +580,45 @@ def test_a_finished_volume_that_cannot_be_read_now_fails_alone(setup, monkeypatc
     res = segment_volumes(m, [stack, scan], tmp / "out")
     assert res[0].error == f"{tmp / 'st'}: the file is locked by the writer"
     assert res[1].resumed
+
+
+def test_a_damaged_chunk_is_done_again_and_a_full_disk_stops_at_the_first_volume(
+        setup, monkeypatch):
+    """A part cut short (a disk that filled, a copy) or a record cut off is done again, not
+    assembled into every later call's failure; a full disk stops the call at once, naming
+    the folder, with the finished chunks kept (a helper's audit: it failed every volume in
+    turn, and a bad part failed every rerun)."""
+    import errno
+
+    import paser.volumes as V
+
+    m, vol, tmp = setup
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp / f"{name}.tif", vol, photometric="minisblack")
+    volumes = split_inputs([tmp / "a.tif", tmp / "b.tif"])[1]
+    segment_volumes(m, volumes, tmp / "whole", chunk=4)
+    calls = [0]
+    chunk = V.segment_chunk
+
+    def full_at_the_fourth(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return chunk(*args, **kwargs)
+
+    monkeypatch.setattr(V, "segment_chunk", full_at_the_fourth)
+    with pytest.raises(OSError, match=r"No space left on device \(writing the outputs of "
+                       r".*a.tif; what finished is kept") as err:
+        segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert err.value.filename == str(tmp / "out") and calls[0] == 4  # b was not begun
+    parts = tmp / "out" / ".a.parts"
+    assert len(list(parts.glob("0*.json"))) == 3 and not (tmp / "out" / ".b.parts").exists()
+    monkeypatch.setattr(V, "segment_chunk", chunk)
+    (parts / "00000004.npy").write_bytes((parts / "00000004.npy").read_bytes()[:100])
+    (parts / "00000008.json").write_text('[{"slice": 8, "gfl')
+    assert V.chunks_to_do(volumes[0], tmp / "out", 4) == [(4, 8), (8, 12), (12, 16),
+                                                           (16, 20), (20, 24)]
+    segment_volumes(m, volumes, tmp / "out", chunk=4)
+    for name in ("a", "b"):
+        assert (tmp / "out" / f"{name}_labels.tif").read_bytes() == (
+            tmp / "whole" / f"{name}_labels.tif").read_bytes()

@@ -298,7 +298,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
             if args is not None and writer is None:
                 fatal = write_here(res, args)
                 if fatal is not None:
-                    raise stop_writing(fatal, res, out_dir) from fatal
+                    raise stop_writing(fatal, res.input, out_dir) from fatal
             pending.append((res, None if args is None or writer is None
                             else writer.submit(_write, *args)))
             # report in order, as soon as the first pending image is written
@@ -596,9 +596,10 @@ def write_error(res: Segmented, err: Exception) -> OSError | None:
     return err if isinstance(err, OSError) and err.errno in FATAL_WRITES else None
 
 
-def stop_writing(err: OSError, res: Segmented, out_dir: Path) -> OSError:
-    """The error that stops a call whose outputs cannot be written (:data:`FATAL_WRITES`)."""
-    return OSError(err.errno, f"{err.strerror} (writing the outputs of {res.input}; what "
+def stop_writing(err: OSError, source: str, out_dir: Path) -> OSError:
+    """The error that stops a call whose outputs cannot be written (:data:`FATAL_WRITES`),
+    ``source`` the input it was writing."""
+    return OSError(err.errno, f"{err.strerror} (writing the outputs of {source}; what "
                    "finished is kept: run the same command again once the folder can be "
                    "written)", str(out_dir))
 
@@ -634,7 +635,7 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
         except (PaserError, OSError, ValueError) as err:
             fatal = write_error(res, err)
             if fatal is not None:
-                raise stop_writing(fatal, res, summary.path.parent) from fatal
+                raise stop_writing(fatal, res.input, summary.path.parent) from fatal
     elif not res.error:
         res.ok = True
     summary.append(res)

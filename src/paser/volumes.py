@@ -20,6 +20,8 @@ still to do and gives the same bytes; the parts are removed once the volume is w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -453,10 +455,32 @@ def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:
 
 
 def chunks_to_do(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> list[tuple[int, int]]:
-    """``(z0, z1)`` of the chunks of slices not finished yet (no record under the parts)."""
-    parts = _parts(volume, out_dir)
+    """``(z0, z1)`` of the chunks of slices not finished yet (:func:`chunk_done`)."""
     return [(z0, min(z0 + chunk, volume.depth)) for z0 in range(0, volume.depth, chunk)
-            if not (parts / f"{z0:08d}.json").is_file()]
+            if chunk_done(volume, out_dir, z0, min(z0 + chunk, volume.depth)) is None]
+
+
+def chunk_done(volume: Volume, out_dir: Path, z0: int, z1: int) -> list[dict] | None:
+    """The records of the chunk of slices ``z0 .. z1 - 1`` when an earlier call finished
+    it: its record under the parts is whole, and for a TIFF output so is its part file of
+    labels. ``None`` otherwise, a damaged record or part included (a disk that filled up,
+    a copy cut short): the chunk is done again, not assembled into every later call's
+    failure."""
+    marker = _parts(volume, out_dir) / f"{z0:08d}.json"
+    try:
+        records = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(records, list) or len(records) != z1 - z0:
+        return None
+    if volume.label_format == "tiff":
+        try:
+            part = np.load(marker.with_suffix(".npy"), mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return None
+        if part.shape != (z1 - z0, *volume.plane) or part.dtype != np.uint8:
+            return None
+    return records
 
 
 def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels=None,
@@ -466,8 +490,9 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     done marker). Returns the records; a chunk already done is read, not done again.
     ``worker`` names who did it (a Dask worker) in each record."""
     marker = _parts(volume, out_dir) / f"{z0:08d}.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())
+    done = chunk_done(volume, out_dir, z0, z1)
+    if done is not None:
+        return done
     router, codec = model.router, model.label_codec
     intensity = volume_intensity(model, volume, out_dir)
     channels, ncls = model.config.models.in_channels, model.config.models.num_classes
@@ -493,8 +518,12 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     if labels is not None:
         labels[z0:z1] = masks
     else:
+        buffer = io.BytesIO()
+        np.save(buffer, masks)
+        # written by Python, not numpy: a full disk is ENOSPC (numpy's write said only
+        # "N requested and M written"), which stops the call (paser.segment.FATAL_WRITES)
         with replaced(marker.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, masks)
+            fh.write(buffer.getbuffer())
     atomic_write_text(json.dumps(records), marker)  # the chunk is done
     return records
 
@@ -602,7 +631,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     skipped, and one interrupted continues with its missing chunks; ``overwrite`` starts
     over. ``volumes.csv`` gets one row per volume (beside the rows of the folder's other
     volumes: :func:`paser.segment.write_rows`)."""
-    from paser.segment import claim_for
+    from paser.segment import FATAL_WRITES, claim_for, stop_writing
 
     out_dir = Path(out_dir)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
@@ -626,6 +655,12 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             # the data's fault: a rerun fails the same way, so leave no half label volume
             if isinstance(err, DataError):
                 discard(vol, out_dir)
+            if isinstance(err, OSError) and err.errno in FATAL_WRITES:
+                # a full disk, a quota, a folder made read-only: every later volume would
+                # meet it too; its finished chunks are kept for the same command again
+                with contextlib.suppress(OSError):  # (where the disk has room for it)
+                    _write_csv(out_dir / VOLUMES_CSV, results)
+                raise stop_writing(err, vol.source, out_dir) from err
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
 
