@@ -277,3 +277,21 @@ def test_rows_appended_after_an_older_versions_header_go_under_todays(tmp_path):
     assert rows[1][INPUT_PATH] == str(tmp_path / "new.png")
     SummaryLog(out, ["f0", "f1"])  # today's header: left as it is
     assert len(list(csv.DictReader(open(out, newline="")))) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_in_the_summary_as_its_bytes(tmp_path):
+    """A name in another encoding (Python keeps its bytes as surrogates) crashed the summary
+    (UnicodeEncodeError), and every call again; it is written, read back and matched as its
+    own bytes (a helper's audit)."""
+    import os
+
+    from paser.segment import INPUT_PATH, _ours, canonical, write_rows
+
+    name = os.fsdecode(b"latin\xe9.png")
+    header = ["input", "status", INPUT_PATH]
+    out = tmp_path / "summary.csv"
+    write_rows(out, header, [[name, "ok", canonical(name)], ["b.png", "ok", canonical("b.png")]])
+    assert b"latin\xe9.png,ok," in out.read_bytes() and _ours(out)
+    write_rows(out, header, [[name, "failed", canonical(name)]])  # the same input: replaced
+    assert out.read_bytes().count(b"latin\xe9.png,") == 1
+    assert b"latin\xe9.png,failed," in out.read_bytes()

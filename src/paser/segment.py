@@ -482,7 +482,7 @@ def _ours(path: Path) -> bool:
         if path.suffix == ".json":
             return "flop_convention" in json.loads(path.read_text())
         if path.suffix == ".csv":
-            with open(path, encoding="utf-8") as fh:
+            with open(path, **CSV_TEXT) as fh:
                 return fh.readline().startswith("input,status,")
     except (OSError, ValueError, TypeError):
         return False
@@ -692,6 +692,11 @@ def write_summary(path: Path, results: Sequence[Segmented], names: Sequence[str]
     write_rows(path, _header(names), [_row(r, names) for r in results])
 
 
+#: how summary.csv and volumes.csv are read and written: UTF-8, and a file name that is
+#: not (bytes of another encoding, which Python keeps as surrogates) as its own bytes
+CSV_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
     """A summary CSV (first column the input as given, last :data:`INPUT_PATH`) written
     whole: ``rows`` after the rows that earlier calls into the folder wrote for other
@@ -707,7 +712,7 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
         if row.get(header[0]) and key not in mine:
             kept.pop(key, None)  # the latest row last: an interrupted call appended it
             kept[key] = [row.get(h, "") for h in header[:-1]] + [key]
-    with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
+    with replaced(path) as tmp, open(tmp, "w", newline="", **CSV_TEXT) as fh:
         out = csv.writer(fh)
         out.writerow(header)
         out.writerows([*kept.values(), *rows])
@@ -722,7 +727,7 @@ def _lines(path: Path, limit: int | None = None) -> list[list[str]]:
     """The first ``limit`` lines of a CSV file (all without it); none where it cannot be
     read as one."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", **CSV_TEXT) as fh:
             return list(itertools.islice(csv.reader(fh), limit))
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
@@ -750,7 +755,7 @@ class SummaryLog:
             write_rows(path, _header(names), [])
 
     def append(self, r: Segmented) -> None:
-        with open(self.path, "a", newline="") as fh:
+        with open(self.path, "a", newline="", **CSV_TEXT) as fh:
             csv.writer(fh).writerow(_row(r, self.names))
             fh.flush()
             os.fsync(fh.fileno())
