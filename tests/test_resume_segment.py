@@ -224,3 +224,21 @@ def test_a_full_disk_stops_the_call_at_the_first_image_and_names_the_folder(setu
     assert [r.resumed for r in again] == [True, True, False, False, False]
     segment_files(m, files, tmp / "whole")
     assert _outputs(tmp / "out") == _outputs(tmp / "whole")
+
+
+def test_an_output_cut_short_or_gone_since_is_done_again(setup):
+    """A record counts as done only with its outputs whole: a label PNG truncated (a copy
+    cut short, a disk) or removed since is segmented again; the record keeps each output's
+    size (a helper's audit: the truncated file stayed, reported as done)."""
+    m, files, tmp = setup
+    segment_files(m, files, tmp / "out")
+    rec = json.loads((tmp / "out" / "s1.json").read_text())
+    assert rec["output_bytes"] == {name: (tmp / "out" / name).stat().st_size
+                                   for name in rec["outputs"].values()}
+    whole = _outputs(tmp / "out")
+    labels = tmp / "out" / "s1_labels.png"
+    labels.write_bytes(labels.read_bytes()[:40])
+    (tmp / "out" / "s3_routing.png").unlink()
+    again = segment_files(m, files, tmp / "out")
+    assert [r.resumed for r in again] == [True, False, True, False, True]
+    assert _outputs(tmp / "out") == whole

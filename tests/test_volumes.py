@@ -622,3 +622,26 @@ def test_a_damaged_chunk_is_done_again_and_a_full_disk_stops_at_the_first_volume
     for name in ("a", "b"):
         assert (tmp / "out" / f"{name}_labels.tif").read_bytes() == (
             tmp / "whole" / f"{name}_labels.tif").read_bytes()
+
+
+def test_a_label_volume_cut_short_since_is_done_again(setup):
+    """A finished volume's record counts only with its label volume at the size it was
+    written (a TIFF cut short, a zarr chunk lost): otherwise it is segmented again."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
+                    dtype="uint8")[:] = vol
+    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    first = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    whole = (tmp / "out" / "scan_labels.tif").read_bytes()
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, vol))
+    assert first[0].record["output_bytes"] == {"scan_labels.tif": len(whole)}
+    (tmp / "out" / "scan_labels.tif").write_bytes(whole[:1000])
+    chunk = next(p for p in (tmp / "out" / "z_labels.zarr").rglob("*")
+                 if p.is_file() and not p.name.startswith("zarr"))
+    chunk.unlink()
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert [r.resumed for r in again] == [False, False]
+    assert (tmp / "out" / "scan_labels.tif").read_bytes() == whole
+    assert np.array_equal(zarr.open(str(tmp / "out" / "z_labels.zarr"), mode="r")[:],
+                          _alone(m, vol))

@@ -237,6 +237,8 @@ def _write(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray, action
     try:
         record["outputs"] = write_outputs(out_dir, stem, image, mask, actions, grid, codec,
                                           degraded, previews)
+        record["output_bytes"] = {name: output_bytes(out_dir / name)
+                                  for name in record["outputs"].values()}
         # the record last: an image is done when its JSON is there (resume reads it)
         text = json.dumps(record, indent=2)
         atomic_write_text(text, done)
@@ -543,6 +545,26 @@ def file_stat(path: str | Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def output_bytes(path: Path) -> int:
+    """The bytes of an output: a file's size, a folder's (a zarr array) sum of its files'."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def outputs_whole(out_dir: Path, record: dict) -> bool:
+    """Whether the outputs a record lists (``output_bytes``, name to size) are in
+    ``out_dir`` at the size they were written: a record is taken for done only then. A
+    record of a paser before it kept sizes is taken as it is."""
+    for name, size in (record.get("output_bytes") or {}).items():
+        try:
+            if output_bytes(out_dir / name) != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def finished(out_dir: Path, path: Path) -> Segmented | None:
     """An input segmented before into ``out_dir`` (its JSON is there and names it), as its
     record says; ``None`` when it is still to do (also when some of its patches were
@@ -567,6 +589,8 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
             return None  # the file changed since: segmented again
         if mine and digest is None and path.stat().st_mtime > record_path.stat().st_mtime:
             return None  # an older paser's record (no digest) of a file changed since
+        if not outputs_whole(out_dir, rec):
+            return None  # an output gone or cut short since (a copy, a disk): again
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],

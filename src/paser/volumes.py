@@ -550,7 +550,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     patches = np.sum([r["patches_per_model"] for r in records], 0)
     workers = sorted({r["worker"] for r in records if "worker" in r})
     devices = sorted({r["device"] for r in records if "device" in r}) or [str(model.device)]
-    from paser.segment import claim_of
+    from paser.segment import claim_of, output_bytes
 
     record = {
         "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
@@ -574,6 +574,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                           if intensity is not model.intensity else {})}),
         "device": ", ".join(devices), **({"workers": workers} if workers else {}),
         "claim": claim_of(out_dir),
+        "output_bytes": {output: output_bytes(out_dir / output)},
         "slices": records,
     }
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
@@ -687,7 +688,7 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
     done = out_dir / f"{volume.stem}.json"
     if not done.is_file():
         return None
-    from paser.segment import claim_of, recorded_as
+    from paser.segment import claim_of, outputs_whole, recorded_as
 
     try:
         rec = json.loads(done.read_text())
@@ -697,6 +698,8 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None  # of the folder before an --overwrite
     if not recorded_as(rec, volume.source) or not unchanged(volume, rec):
         return None  # written again since (or an older record's other spelling): again
+    if not outputs_whole(out_dir, rec):
+        return None  # its label volume gone or cut short since: again
     scaled = rec.get("intensity") or {}
     if scaled.get("mode") == "window" and scaled.get("window") is None:
         return None  # a float volume scaled slice by slice (paser before 2026-12-05): again
