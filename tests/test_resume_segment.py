@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tests.helpers import Interrupted, bands_run
 
-from paser.errors import DataError
+from paser.errors import ConfigError, DataError
 from paser.segment import MANIFEST, segment_files
 
 
@@ -242,3 +242,11 @@ def test_an_output_cut_short_or_gone_since_is_done_again(setup):
     again = segment_files(m, files, tmp / "out")
     assert [r.resumed for r in again] == [True, False, True, False, True]
     assert _outputs(tmp / "out") == whole
+
+
+def test_an_output_folder_that_links_to_nothing_says_so(setup):
+    m, files, tmp = setup
+    (tmp / "out").symlink_to(tmp / "gone")
+    with pytest.raises(ConfigError, match=r"out is a link to .*gone, which does not exist: "
+                       r"create that folder, or give another --out"):
+        segment_files(m, files, tmp / "out")

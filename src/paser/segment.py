@@ -45,7 +45,7 @@ from paser.data.images import (
     skipped_note,
     unread_files,
 )
-from paser.errors import DataError, PaserError, RemoteAccessError
+from paser.errors import ConfigError, DataError, PaserError, RemoteAccessError
 from paser.patches import PatchGrid
 from paser.runtime import (
     atomic_write_text,
@@ -432,6 +432,9 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     done, the summary) first, so that an interrupted overwrite never resumes on the old
     outputs. A new folder and ``overwrite`` get a new claim (:func:`claim_of`), so that no
     record of before (of inputs this call was not given either) counts as done after it."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ConfigError(f"--out {out_dir} is a link to {os.readlink(out_dir)}, which does "
+                          "not exist: create that folder, or give another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     foreign = next((m for m in markers if m.exists() and not _ours(m)), None)
     if foreign is not None:  # resumed over, written over or removed, it would be lost
