@@ -645,3 +645,21 @@ def test_a_label_volume_cut_short_since_is_done_again(setup):
     assert (tmp / "out" / "scan_labels.tif").read_bytes() == whole
     assert np.array_equal(zarr.open(str(tmp / "out" / "z_labels.zarr"), mode="r")[:],
                           _alone(m, vol))
+
+
+def test_a_volume_written_again_in_part_is_segmented_again(setup):
+    """Two slices rewritten in place keep the file's size and its first, middle and last
+    slices: each slice's digest in the records tells it, for a finished volume and for the
+    chunks of an interrupted one (a helper's audit: both were taken as they were)."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    volumes = split_inputs([tmp / "scan.tif"])[1]
+    segment_volumes(m, volumes, tmp / "out", chunk=4)
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")  # a touch: still done
+    assert segment_volumes(m, volumes, tmp / "out", chunk=4)[0].resumed
+    edited = vol.copy()
+    edited[[5, 17]] = 255 - edited[[5, 17]]
+    tifffile.imwrite(tmp / "scan.tif", edited, photometric="minisblack")
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert not again[0].resumed
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, edited))

@@ -151,13 +151,38 @@ def stat_of(volume: Volume) -> list[int]:
             max((st.st_mtime_ns for st in stats), default=0)]
 
 
-def unchanged(volume: Volume, kept: dict) -> bool:
+def slice_digest(pixels: np.ndarray) -> str:
+    """A digest of one slice as stored, kept in its record (:func:`same_slices`)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+
+
+def unchanged(volume: Volume, kept: dict, records: Sequence[dict] = ()) -> bool:
     """Whether ``volume`` is what ``kept`` (a record, or its chunks' ``volume.json``) was
-    made of: the same :func:`stat_of`, or else the same :func:`signature`; a record older
-    than both is taken as it is."""
+    made of: the same :func:`stat_of`; or else the same :func:`signature` and every slice
+    of ``records`` (the slices segmented from it) the same (:func:`same_slices`: the
+    volume read once, a chunk at a time). A record older than both is taken as it is."""
     if kept.get("stat") is None or kept["stat"] == stat_of(volume):
         return True
-    return kept.get("signature") is not None and kept["signature"] == signature(volume)
+    return (kept.get("signature") is not None and kept["signature"] == signature(volume)
+            and same_slices(volume, records))
+
+
+def same_slices(volume: Volume, records: Sequence[dict], chunk: int = 16) -> bool:
+    """Whether every slice of ``records`` that keeps a digest (:func:`slice_digest`) still
+    holds what it was segmented from: a volume written again in part, in place, keeps its
+    size, its first, middle and last slices, and changes its time alone."""
+    digests = {int(r["slice"]): r["digest"] for r in records if "digest" in r}
+    for z0 in range(0, volume.depth, chunk):
+        z1 = min(z0 + chunk, volume.depth)
+        if not any(z in digests for z in range(z0, z1)):
+            continue
+        raw = volume.read(z0, z1)
+        if any(z0 + i in digests and slice_digest(raw[i]) != digests[z0 + i]
+               for i in range(z1 - z0)):
+            return False
+    return True
 
 
 def is_volume(spec: str | Path, stack: bool = False) -> bool:
@@ -418,7 +443,8 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
                   and not by_type_range(volume.dtype))  # fitted on the volume, kept here
     same = ({k: theirs.get(k) for k in mine if k != "input"} == {
         k: v for k, v in mine.items() if k != "input"}
-        and recorded_as(theirs, volume.source) and unchanged(volume, theirs)
+        and recorded_as(theirs, volume.source)
+        and unchanged(volume, theirs, _done_records(parts))
         # parts of a paser that scaled such a volume slice by slice (no window kept)
         and not (own_window and "window" not in (before or {})))
     if parts.is_dir() and not same:
@@ -428,6 +454,9 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     parts.mkdir(parents=True, exist_ok=True)
     if before is not None and any(parts.glob("0*.json")):
         chunk = int(before["chunk"])
+        if theirs.get("stat") is not None and theirs["stat"] != (now := stat_of(volume)):
+            theirs["stat"] = now  # copied or touched, its slices as they were: read once
+            atomic_write_text(json.dumps(before), made)
     else:
         window = volume_window(volume) if own_window else None
         mine.update(input_path=canonical(volume.source), stat=stat_of(volume),
@@ -436,6 +465,18 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
     return None, chunk
+
+
+def _done_records(parts: Path) -> list[dict]:
+    """The slice records of the chunks finished under ``parts`` (the readable ones)."""
+    records = []
+    for marker in sorted(parts.glob("0*.json")):
+        try:
+            chunk = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        records += [r for r in chunk if isinstance(r, dict)] if isinstance(chunk, list) else []
+    return records
 
 
 def volume_window(volume: Volume, slices: int = 16) -> list[float]:
@@ -508,7 +549,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         actions = out.actions[0].cpu().numpy()
         masks[i] = codec.encode(mask)
         release_freed_memory()  # bounded memory over any number of slices
-        records.append({"slice": z0 + i, "gflops": float(out.gflops[0]), "ms": ms,
+        records.append({"slice": z0 + i, "digest": slice_digest(raw[i]),
+                        "gflops": float(out.gflops[0]), "ms": ms,
                         "patches_per_model": np.bincount(
                             actions, minlength=router.num_models).tolist(),
                         "class_voxels": _class_counts(mask, ncls).tolist(),
@@ -696,8 +738,13 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("claim", "") != claim_of(out_dir):
         return None  # of the folder before an --overwrite
-    if not recorded_as(rec, volume.source) or not unchanged(volume, rec):
+    if not recorded_as(rec, volume.source) or not unchanged(volume, rec, rec.get("slices", ())):
         return None  # written again since (or an older record's other spelling): again
+    if rec.get("stat") is not None and rec["stat"] != (now := stat_of(volume)):
+        # copied or touched, every slice as it was: its time kept, so it is read once
+        rec["stat"] = now
+        with contextlib.suppress(OSError):  # (a folder only read now: read again next time)
+            atomic_write_text(json.dumps(rec, indent=1), done)
     if not outputs_whole(out_dir, rec):
         return None  # its label volume gone or cut short since: again
     scaled = rec.get("intensity") or {}
