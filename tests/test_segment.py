@@ -295,3 +295,24 @@ def test_a_file_name_that_is_not_utf8_is_kept_in_the_summary_as_its_bytes(tmp_pa
     write_rows(out, header, [[name, "failed", canonical(name)]])  # the same input: replaced
     assert out.read_bytes().count(b"latin\xe9.png,") == 1
     assert b"latin\xe9.png,failed," in out.read_bytes()
+
+
+def test_a_per_megapixel_budget_says_where_padded_tiles_spent_past_it(capsys):
+    """Images whose sides are not multiples of the run's tile pay for their padded last
+    tiles: a per-megapixel budget then says why the call spent past it (a helper's audit:
+    130 x 130 images spent 2.5 x the budget, and the call said they pay per pixel)."""
+    from types import SimpleNamespace
+
+    from paser.cli.deploy import _padding_note, sizes_pay
+
+    tiled = SimpleNamespace(tile=(128, 128))
+    odd = [SimpleNamespace(height=130, width=130)] * 2
+    _padding_note(tiled, odd, 221.4, 90)
+    note = capsys.readouterr().out
+    assert "221.40 GFLOP/MP spent against the budget of 90" in note
+    assert "their tiles hold 3.88 x their pixels" in note
+    _padding_note(tiled, [SimpleNamespace(height=256, width=384)], 120.0, 90)  # no padding
+    _padding_note(tiled, odd, 92.0, 90)  # within 5 % of it
+    _padding_note(SimpleNamespace(tile=None), odd, 221.4, 90)  # routed whole
+    assert capsys.readouterr().out == ""
+    assert "128 x 128 tiles they are cut into" in sizes_pay(tiled)

@@ -132,6 +132,16 @@ def test_any_image_is_routed_in_the_trained_patches(tmp_path):
     patch = torch.tensor(m.router.costs(128, 128).patch, dtype=torch.float64)
     saved = float(patch[blind.actions.view(4, 6)[padding]].sum())
     assert float(odd.gflops[0]) == pytest.approx(float(blind.gflops[0]) - saved)
+    # one model alone, to compare with routing, leaves the padding out as routing does
+    # (a helper's audit: f2 alone spent 75 % of a 64 x 64 image's GFLOP on it)
+    for k in range(1, top + 1):
+        alone_k = m.segment(x[..., :200, :300], only=k)
+        assert (alone_k.actions.view(4, 6)[padding] == 0).all()
+        assert (alone_k.actions.view(4, 6)[~padding] == k).all()
+        assert float(alone_k.gflops[0]) == pytest.approx(float(patch[k]) * int((~padding).sum()))
+        every = route_tiled(lambda t, inside, k=k: m.router.alone(k, t),
+                            x[..., :200, :300], (128, 128), m.router.grid)
+        assert torch.equal(alone_k.mask, every.mask)  # the padding's labels are cropped away
     # batching tiles does not change them
     same = route_tiled(lambda t, inside: m.router(t, bias=m._bias(None), mc_seed=0,
                                                   inside=inside),
@@ -173,6 +183,8 @@ def test_segment_records_and_draws_the_patches_an_image_was_routed_in(tmp_path):
     rec = json.loads((tmp_path / "out" / "a.json").read_text())
     assert rec["grid"] == [6, 4] and rec["patch"] == [8, 8]
     assert np.array(rec["actions"]).shape == (6, 4)
+    # the shares count the 5 x 3 patches that hold its 40 x 24 pixels, not the padding
+    assert sum(rec["patches_per_model"]) == 15 and sum(res.fractions) == pytest.approx(1)
     routing = np.asarray(Image.open(tmp_path / "out" / "a_routing.png"))
     assert routing.shape == (40, 24, 3) and (routing[8] == 255).all()  # a patch border
 

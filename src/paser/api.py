@@ -171,7 +171,7 @@ class PaSeR:
 
         def route(t: torch.Tensor, inside: torch.Tensor | None = None) -> RoutingOutput:
             if only is not None:
-                return self.router.alone(only, t, mc_seed)
+                return self.router.alone(only, t, mc_seed, inside=inside)
             return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed, inside=inside)
 
         x = x.to(self.device)

@@ -161,7 +161,7 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops_per_mp: float | None = None) -> Calibration:
     """The bias that meets exactly one of ``budget_gflops`` (mean GFLOP per image on
     ``data``), ``budget_gflops_per_mp`` (the same per megapixel: it carries to images of any
-    size, which pay in proportion to their pixels), ``max_frac_large`` (share of patches on the largest model),
+    size, which pay for the tiles they are cut into, padding included), ``max_frac_large`` (share of patches on the largest model),
     ``iou_within_top`` (mIoU on ``data`` within this of the best single model's alone, at
     the least GFLOP) or
     ``max_tvd`` (the least GFLOP whose assignment distribution is within this total

@@ -315,25 +315,38 @@ class Router(nn.Module):
                 out.index_copy_(0, idx, probs.to(out))
         return self.grid.merge(out), None if degraded is None else degraded.view_as(actions)
 
-    def alone(self, k: int, x: torch.Tensor, mc_seed: int | None = 0) -> RoutingOutput:
+    def alone(self, k: int, x: torch.Tensor, mc_seed: int | None = 0,
+              inside: torch.Tensor | None = None) -> RoutingOutput:
         """One model alone on a batch ``[B, C, H, W]``, no policy: f0 as routing sees it
-        (its T passes) for ``k = 0``, pool model ``k`` on every patch otherwise (f0 does not
-        run, ``mc`` is ``None``). GFLOP are what that model alone costs."""
+        (its T passes) for ``k = 0``, pool model ``k`` on every patch that holds image
+        pixels otherwise (``inside``, as :meth:`forward` takes it; padding past the image
+        is left out and not paid for, as routing leaves it; f0 does not run, ``mc`` is
+        ``None``). GFLOP are what that model alone costs."""
         if not 0 <= k < self.num_models:
             raise ConfigError(f"model f{k}: this run has f0..f{self.num_models - 1}")
         h, w = x.shape[-2:]
         costs = self.costs(h, w)
-        actions = torch.full((x.shape[0], self.grid.num_patches), k, dtype=torch.long,
-                             device=x.device)
+        b, num = x.shape[0], self.grid.num_patches
+        if inside is None and self.grid.patch is not None:
+            inside = self.grid.inside(h, w)
+        run = (torch.ones(b, num, dtype=torch.bool) if inside is None
+               else inside.cpu().expand(b, num))
+        actions = torch.zeros(b, num, dtype=torch.long).masked_fill(run, k).to(x.device)
         if k == 0:
             xp, mc = self.look(x, mc_seed)
-            probs, gflops = mc.probs, costs.f0_mc
+            probs, gflops = mc.probs, torch.full((b,), costs.f0_mc, dtype=torch.float64)
         else:
-            mc, gflops = None, costs.patch[k] * self.grid.num_patches
-            probs = self.grid.merge(self.run_local(k, self.grid.context(self.grid.pad(x))))
+            mc, gflops = None, costs.patch[k] * run.sum(-1).double()
+            patches = self.grid.context(self.grid.pad(x))  # [B*P, C, ...]
+            idx = run.reshape(-1).nonzero(as_tuple=True)[0].to(x.device)
+            if len(idx) == len(patches):
+                out = self.run_local(k, patches)
+            else:  # the patches of padding alone: none of the model's pixels is seen
+                done = self.run_local(k, patches.index_select(0, idx))
+                out = done.new_zeros(len(patches), *done.shape[1:]).index_copy_(0, idx, done)
+            probs = self.grid.merge(out)
         probs = self.grid.crop(probs, h, w)
-        return RoutingOutput(predicted_classes(probs), probs, actions,
-                             torch.full((x.shape[0],), gflops, dtype=torch.float64), None, mc)
+        return RoutingOutput(predicted_classes(probs), probs, actions, gflops, None, mc)
 
     def forward(self, x: torch.Tensor, mode: Mode = "greedy", actions: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, mc_seed: int | None = None,

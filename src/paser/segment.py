@@ -349,8 +349,10 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
         degraded = None if out.degraded is None else out.degraded[0].cpu().numpy()
         res.degraded = 0 if degraded is None else int(degraded.sum())
         res.gflops = float(out.gflops[0])
-        res.fractions = (np.bincount(actions, minlength=router.num_models)
-                         / actions.size).tolist()
+        # shares of the patches that hold image pixels (padding past it runs no model)
+        counts = np.bincount(actions[grid.inside(res.height, res.width).numpy()],
+                             minlength=router.num_models)
+        res.fractions = (counts / max(counts.sum(), 1)).tolist()
         record = {"input": str(path), "input_path": canonical(str(path)),
                   "input_stat": file_stat(path), "input_sha256": file_sha256(path),
                   "height": res.height, "width": res.width,
@@ -358,8 +360,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   "patch": list(grid.patch_size(res.height, res.width)),
                   "models": names, "only": None if only is None else names[only],
                   "actions": actions.reshape(grid.rows, grid.cols).tolist(),
-                  "patches_per_model": np.bincount(actions, minlength=router.num_models
-                                                   ).tolist(),
+                  "patches_per_model": counts.tolist(),
                   "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
                   "ms": res.ms, "device": str(model.device),
                   "mc_samples": cfg.mc_samples, "calibration": calibration,

@@ -539,6 +539,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     channels, ncls = model.config.models.in_channels, model.config.models.num_classes
     raw = volume.read(z0, z1)
     masks, records = np.empty((z1 - z0, *volume.plane), np.uint8), []
+    # the patches that hold slice pixels (padding past the slice runs no model)
+    inside = model.grid_for(*volume.plane).inside(*volume.plane).numpy()
     for i in range(z1 - z0):
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
@@ -552,7 +554,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         records.append({"slice": z0 + i, "digest": slice_digest(raw[i]),
                         "gflops": float(out.gflops[0]), "ms": ms,
                         "patches_per_model": np.bincount(
-                            actions, minlength=router.num_models).tolist(),
+                            actions[inside], minlength=router.num_models).tolist(),
                         "class_voxels": _class_counts(mask, ncls).tolist(),
                         **({"worker": worker, "device": str(model.device)}
                            if worker is not None else {}),

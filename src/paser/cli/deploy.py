@@ -89,8 +89,9 @@ def segment(
         None, "--budget-gflops", help="calibrate to this mean GFLOP per validation image for "
         "this call, instead of the run's saved calibration (not saved)"),
     budget_per_mp: float = typer.Option(
-        None, "--budget-gflops-per-mp", help="the same budget per megapixel: images of any "
-        "size pay in proportion to their pixels"),
+        None, "--budget-gflops-per-mp", help="the same budget per megapixel, for images of "
+        "any size (they pay for the run's tiles they are cut into: a size that is not a "
+        "multiple of the tile pays for its padding too)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
                                "`paser export`; CPU)"),
@@ -208,7 +209,7 @@ def segment(
         typer.echo(f"calibrated for this call on {cal.images} validation images of "
                    f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
-                   f"{cal.miou:.4f}; images of other sizes pay in proportion to their pixels")
+                   f"{cal.miou:.4f}; {sizes_pay(model)}")
         _above_dearest(cal)
     if remote is not None:
         _connect_remote(model, remote, timeout, retries, token, ca_file)
@@ -282,6 +283,8 @@ def segment(
                    "image" + ("" if k is None else f", {model_names(model)[k]} alone")
                    + (f"; {_rate(new, seconds)} with reading and writing" if new else "")
                    + f"; see {out / 'summary.csv'}")
+        if budget_per_mp is not None and megapixels > 0:
+            _padding_note(model, done, gflops / megapixels, budget_per_mp)
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
@@ -579,6 +582,31 @@ def _above_dearest(cal) -> None:
                    "runs at its most generous"
                    + ("" if per_mp else ". --budget-gflops is per validation image; for images "
                       "of another size give --budget-gflops-per-mp"))
+
+
+def sizes_pay(model) -> str:
+    """How images of another size than the validation split's are paid for."""
+    if model.tile is None:
+        return "images of other sizes pay for their pixels, padded to the patch grid"
+    th, tw = model.tile
+    return (f"images of other sizes pay for the {th} x {tw} tiles they are cut into (a size "
+            "that is not a multiple of it pays for its padding too)")
+
+
+def _padding_note(model, done, spent: float, budget: float) -> None:
+    """Say so where images cut into tiles spent past a per-megapixel budget by paying for
+    the padding of their last tiles."""
+    if model.tile is None or spent <= budget * 1.05:
+        return
+    th, tw = model.tile
+    pixels = sum(r.height * r.width for r in done)
+    padded = sum(-(-r.height // th) * th * -(-r.width // tw) * tw for r in done)
+    if padded > 1.05 * pixels:
+        typer.echo(f"note: {spent:.2f} GFLOP/MP spent against the budget of {budget:g}: these "
+                   f"images are cut into {th} x {tw} tiles, and their tiles hold "
+                   f"{padded / pixels:.2f} x their pixels (the last tiles padded past the "
+                   "image); f0 and the policy run on whole tiles. Images whose sides are "
+                   f"multiples of {th} x {tw} pay per megapixel as the budget says")
 
 
 def _rate(images: int, seconds: float) -> str:
