@@ -69,7 +69,7 @@ from paser.experiments.curves import (
     rank_correlation,
 )
 from paser.experiments.finished import open_finished
-from paser.frontier import areas, from_point, headroom_captured
+from paser.frontier import areas, budgets, from_point, headroom_captured
 from paser.metrics import confusion_counts
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
@@ -316,7 +316,7 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     if "images" in parts:
         out["images"] = images_probe(run, router, test_out, capture)
     if "protocol" in parts:
-        out["protocol"] = protocol_probe(run, router, test_out, capture)
+        out["protocol"] = protocol_probe(run, router, test_out, capture, results)
     if not {"dense", "cascade"} & set(parts):
         return out
     data = {s: dense_outcomes(router, getattr(run.data, s)) for s in SPLITS}
@@ -429,7 +429,8 @@ def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: 
     return rows
 
 
-def protocol_probe(run, router, test_out: PatchOutcomes, capture, offsets: int = 41) -> dict:
+def protocol_probe(run, router, test_out: PatchOutcomes, capture, results: dict,
+                   offsets: int = 41) -> dict:
     """Part 5 of the module's docstring: PaSeR (its price sweep, and with a second knob, an
     offset on fK's score) and the IDK cascade (its threshold grid), each as the report draws
     it (the test envelope) and chosen on validation (:func:`chosen_on_validation`); and
@@ -468,10 +469,22 @@ def protocol_probe(run, router, test_out: PatchOutcomes, capture, offsets: int =
     singles = outs["validation"].miou_many(torch.arange(router.num_models)[:, None, None]
                                            .expand(-1, *logits["validation"].shape[:2]))
     target = float(singles.max()) - cfg.operating_point.iou_within_top
+    grid = budgets(*results["curve_range"])
+    front, oracle = (results["curve_areas"][k] for k in ("Frontier", "Oracle"))
+    f0 = {s: (float(o.miou_many(torch.zeros(1, *o.entropy.shape[:2], dtype=torch.long))),
+              costs.f0_mc) for s, o in outs.items()}  # f0 alone: a candidate below all
+
+    def chosen_capture(fam: dict) -> tuple[float, float | None]:
+        vm = torch.cat([torch.tensor([f0["validation"][0]]), fam["validation"][0].flatten()])
+        test = (torch.cat([torch.tensor([f0["test"][0]]), fam["test"][0].flatten()]),
+                torch.cat([torch.tensor([f0["test"][1]]), fam["test"][1].flatten()]))
+        area = sum(chosen_on_validation(vm, test, grid)) / len(grid)
+        return area - front, headroom_captured(area, front, oracle)
+
     out: dict = {"table2_target": target}
     for name, fam in families.items():
         envelope = capture(curve(*(t.flatten() for t in fam["test"])))
-        chosen = capture(chosen_on_validation(fam["validation"], fam["test"]))
+        chosen = chosen_capture(fam)
         vm, vg = (t.flatten() for t in fam["validation"])
         ok = vm >= target - 1e-12
         i = int(torch.where(ok, vg, torch.inf).argmin()) if ok.any() else int(vm.argmax())

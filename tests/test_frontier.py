@@ -91,9 +91,9 @@ def test_versus_cascade_says_which_of_the_trained_router_and_the_cascade_is_ahea
     assert "headroom" not in FR.versus_cascade(0.0, None, None, 0.0)  # no headroom: no shares
     # the margin with each method's settings chosen on validation, where the report has it
     chosen = FR.versus_cascade(0.0013, 0.37, 0.28, -1.24, chosen_margin=0.003)
-    assert chosen == ahead.replace("the cascade 28 %;", "the cascade 28 %; with each point's "
-                                   "setting chosen on validation, as a user chooses it (the "
-                                   "curves take every setting's test figure), PaSeR's area is "
+    assert chosen == ahead.replace("the cascade 28 %;", "the cascade 28 %; with each budget's "
+                                   "setting chosen on validation, as a user must choose it (the "
+                                   "curves read the best on test), PaSeR's area is "
                                    "+0.0030 against the cascade's;")
     # Table 2's -96.8 %: PaSeR spends 1.968 x the cascade's GFLOP, the cascade 49.2 % fewer
     double = FR.versus_cascade(-0.0010, 0.1, 0.2, -96.8, equal_iou=False)

@@ -253,11 +253,17 @@ def test_the_papers_method_learns_from_its_images_as_they_are():
 
 
 def test_chosen_on_validation_by_hand():
-    # three settings: on validation B looks best at 1 GFLOP, on test A is; C spends 2
-    val = (torch.tensor([0.70, 0.80, 0.90]), torch.tensor([1.0, 1.0, 2.0]))
+    """Each budget's setting chosen without the test labels: of those whose test GFLOP fit,
+    the best on validation, read at its test mIoU; the report's reading takes the best on
+    test."""
+    # A and B spend 1, C spends 2 on test; validation prefers B to A, test A to B
+    val = torch.tensor([0.70, 0.80, 0.90])
     test = (torch.tensor([0.85, 0.75, 0.875], dtype=torch.float64),
-            torch.tensor([1.0, 1.25, 2.5], dtype=torch.float64))
-    # a user gets B at 1 GFLOP (its test point) and C at 2, never A
-    assert chosen_on_validation(val, test) == {"gflops": [1.25, 2.5], "iou": [0.75, 0.875]}
-    # the report's test envelope takes A
-    assert curve(test[0], test[1]) == {"gflops": [1.0, 2.5], "iou": [0.85, 0.875]}
+            torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    assert chosen_on_validation(val, test, [0.5, 1.0, 2.0]) == [0.0, 0.75, 0.875]
+    # a dearer setting that validation prefers and test does not is still what a user gets
+    val, test = torch.tensor([0.70, 0.80]), (torch.tensor([0.85, 0.80]), torch.tensor([1.0, 2.0]))
+    assert chosen_on_validation(val, test, [1.0, 2.0]) == pytest.approx([0.85, 0.80])
+    # the report's curves read the best of every setting on test
+    c = curve(*test)
+    assert [FR.best_within(c, g) for g in (1.0, 2.0)] == pytest.approx([0.85, 0.85])

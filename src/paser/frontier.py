@@ -295,8 +295,8 @@ def versus_cascade(area_margin: float, captured: float | None, cascade_captured:
              f"{where}, the cascade uses {100 * (1 - 1 / (1 - flops_saved_pct / 100)):.1f} % "
              "fewer GFLOP than PaSeR")
     chosen = ("" if chosen_margin is None else
-              f"; with each point's setting chosen on validation, as a user chooses it (the "
-              f"curves take every setting's test figure), PaSeR's area is {chosen_margin:+.4f} "
+              f"; with each budget's setting chosen on validation, as a user must choose it "
+              f"(the curves read the best on test), PaSeR's area is {chosen_margin:+.4f} "
               "against the cascade's")
     return f"{head}{shares}{chosen}; {point} (Table 2)"
 

@@ -74,39 +74,56 @@ def reachable_curve(router, data, test: PatchOutcomes, batch: int, device) -> di
     return curve(test.miou_many(acts), costs.gflops(acts, policy=False).mean(-1))
 
 
-def chosen_on_validation(val: tuple[torch.Tensor, torch.Tensor],
-                         test: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """A family of settings' curve when each point is chosen as a user must: at every GFLOP
-    a setting spends on validation, the setting of best validation mIoU within it, then
-    measured on test. ``val`` and ``test``: (mIoU, GFLOP) of every setting ``[S]`` on each
-    split. The report's curves are instead the upper envelope of every setting's test
-    point, which credits a family with choices made on the test labels: the larger the
-    family (the cascade's pairs of thresholds), the more."""
-    vm, vg = (t.flatten().double() for t in val)
+def chosen_on_validation(val_miou: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
+                         budgets) -> list[float]:
+    """A family of settings read as a user can choose among them, without the test labels:
+    at each budget, of the settings whose GFLOP on test is within it (what they spend can
+    be measured without labels), the one of best validation mIoU, and its test mIoU (0
+    where none fits). ``val_miou`` ``[S]``; ``test``: (mIoU, GFLOP) ``[S]`` on test. The
+    report's curves are instead read at each budget as the best test mIoU of any setting
+    within it, which credits a family with a choice made on the test labels: the larger
+    the family (the cascade's pairs of thresholds), the more."""
+    vm = val_miou.flatten().double()
     tm, tg = (t.flatten().double() for t in test)
-    picks = {int(torch.where(vg <= g + 1e-12, vm, -torch.inf).argmax()) for g in vg.unique()}
-    keep = torch.tensor(sorted(picks))
-    return curve(tm[keep], tg[keep])
+    values = []
+    for g in budgets:
+        ok = tg <= float(g) + 1e-12
+        values.append(float(tm[int(torch.where(ok, vm, -torch.inf).argmax())])
+                      if ok.any() else 0.0)
+    return values
 
 
-def chosen_curves(router, val: PatchOutcomes, test: PatchOutcomes, batch: int,
-                  points: int) -> dict[str, dict]:
-    """PaSeR's and the IDK cascade's curves with every setting chosen on validation
-    (:func:`chosen_on_validation`): PaSeR's prices swept over its validation logits, the
-    cascade's ``points`` quantiles of validation's patch entropies for each threshold."""
+def chosen_areas(router, val: PatchOutcomes, test: PatchOutcomes, batch: int, points: int,
+                 budgets) -> dict[str, float]:
+    """PaSeR's and the IDK cascade's mean test mIoU over ``budgets`` with each budget's
+    setting chosen by validation mIoU (:func:`chosen_on_validation`): PaSeR's prices swept over
+    its validation logits, the cascade's ``points`` quantiles of validation's patch
+    entropies for each threshold; f0 alone a candidate of both (below a router's fixed
+    cost a user runs it, as the report's curves read)."""
+    def f0_alone(split: PatchOutcomes) -> torch.Tensor:
+        return split.miou_many(torch.zeros(1, *split.entropy.shape[:2], dtype=torch.long))
+
     def priced(split: PatchOutcomes, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         costs = router.costs(*split.state.shape[-2:])
         patch = torch.tensor(costs.patch, dtype=torch.float64)
         actions = sweep_actions(logits_on(router, split.state, batch), patch / patch.max(), ts)
         return split.miou_many(actions), costs.gflops(actions).mean(-1)
 
+    f0_cost = torch.tensor([router.costs(*test.state.shape[-2:]).f0_mc], dtype=torch.float64)
     patch = torch.tensor(router.costs(*val.state.shape[-2:]).patch, dtype=torch.float64)
     ts = price_sweep(logits_on(router, val.state, batch), patch / patch.max())
-    cascade = {name: cascade_sweep(split, router.costs(*split.state.shape[-2:]), points,
-                                   grid_on=val)[1:] for name, split in (("val", val),
-                                                                        ("test", test))}
-    return {"PaSeR": chosen_on_validation(priced(val, ts), priced(test, ts)),
-            "IDK-Cascade": chosen_on_validation(cascade["val"], cascade["test"])}
+    families = {
+        "PaSeR": {name: priced(split, ts) for name, split in (("val", val), ("test", test))},
+        "IDK-Cascade": {name: cascade_sweep(split, router.costs(*split.state.shape[-2:]),
+                                            points, grid_on=val)[1:]
+                        for name, split in (("val", val), ("test", test))}}
+    out = {}
+    for method, fam in families.items():
+        vm = torch.cat([f0_alone(val), fam["val"][0].double()])
+        test_points = (torch.cat([f0_alone(test), fam["test"][0].double()]),
+                       torch.cat([f0_cost, fam["test"][1].double()]))
+        out[method] = sum(chosen_on_validation(vm, test_points, budgets)) / len(budgets)
+    return out
 
 
 def escalation(scores: torch.Tensor) -> torch.Tensor:

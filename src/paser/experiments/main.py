@@ -34,7 +34,7 @@ from paser.experiments import methods as M
 from paser.experiments.ablation import run_ablation
 from paser.experiments.curves import (
     REACHABLE,
-    chosen_curves,
+    chosen_areas,
     curve,
     escalation,
     logits_on,
@@ -242,7 +242,6 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         curves = {"PaSeR": policy_curve(router, test_out, tb),
                   "IDK-Cascade": curve(c_miou, c_gflops),
                   "Oracle": oracle_curve(test_out, costs, cost, b.curve_points)}
-        chosen = chosen_curves(router, val_out, test_out, tb, b.curve_points)
         reach_curve = reachable_curve(router, data.test, test_out, tb, device)
         if reach_curve is not None:
             curves[REACHABLE] = reach_curve
@@ -278,10 +277,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                          curves["PaSeR"], lo, hi)
     captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
                 for name in routers}
-    # the same two routers with each point's setting chosen on validation, as a user must
-    chosen_areas, _ = router_areas({**chosen, "Frontier": curves["Frontier"]}, list(chosen),
-                                   singles["f0"], lo, hi)
-    chosen_areas.pop("Frontier")
+    # the same two routers with each budget's setting chosen on validation, as a user must
+    chosen = chosen_areas(router, val_out, test_out, tb, b.curve_points, FR.budgets(lo, hi))
     captured_reachable = ({name: FR.headroom_captured(areas[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
@@ -384,8 +381,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
             areas["PaSeR"] - areas["IDK-Cascade"], captured["PaSeR"],
             captured["IDK-Cascade"], t2["flops_saved_pct"],
             methods["IDK-Cascade (IoU match)"]["iou"] >= pi, caveat,
-            chosen_areas["PaSeR"] - chosen_areas["IDK-Cascade"]),
-        "curve_areas_chosen_on_validation": chosen_areas,
+            chosen["PaSeR"] - chosen["IDK-Cascade"]),
+        "curve_areas_chosen_on_validation": chosen,
         "wall_clock": {**FR.wall_clock_in_turns(turns, {n: methods[n]["iou"] for n in turns}),
                        "batches": len(timed_on), "images": timed_on},
         "operating_points": {name: asdict(cal) for name, cal in calibrations.items()},
