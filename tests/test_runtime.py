@@ -307,3 +307,20 @@ def test_an_os_error_names_the_file_paser_was_writing_not_its_temporary_name():
     assert _written("out/.a_labels.png.tmp") == "out/a_labels.png"
     assert _written("RUN/checkpoints/.f1.pt.k3j_a9zq.tmp") == "RUN/checkpoints/f1.pt"
     assert _written("in/.hidden.png") == "in/.hidden.png"  # not one of paser's
+
+
+def test_a_lock_the_file_system_refuses_is_a_clear_error(tmp_path, monkeypatch):
+    """flock on NFS wants a writable handle, and some file systems lock nothing: that is a
+    ConfigError saying what to do, not a raw OSError (a reviewer's find)."""
+    import errno
+    import fcntl
+
+    from paser.errors import ConfigError
+    from paser.runtime import hold_folder
+
+    def refused(fh, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    with pytest.raises(ConfigError, match=r"cannot lock .*Bad file descriptor.*a local disk"):
+        hold_folder(tmp_path, ".lock", "--out")

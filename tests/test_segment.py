@@ -310,7 +310,7 @@ def test_a_per_megapixel_budget_says_where_padded_tiles_spent_past_it(capsys):
     _padding_note(tiled, odd, 221.4, 90)
     note = capsys.readouterr().out
     assert "221.40 GFLOP/MP spent against the budget of 90" in note
-    assert "their tiles hold 3.88 x their pixels" in note
+    assert "their tiles hold 3.88 x their pixels" in note and "up to 349.01 GFLOP/MP" in note
     _padding_note(tiled, [SimpleNamespace(height=256, width=384)], 120.0, 90)  # no padding
     _padding_note(tiled, odd, 92.0, 90)  # within 5 % of it
     _padding_note(SimpleNamespace(tile=None), odd, 221.4, 90)  # routed whole

@@ -663,3 +663,53 @@ def test_a_volume_written_again_in_part_is_segmented_again(setup):
     again = segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert not again[0].resumed
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, edited))
+
+
+def test_an_input_that_cannot_be_read_fails_alone_and_zarr_attributes_keep_a_volume_done(
+        setup, monkeypatch):
+    """Permission denied on reading an input is that volume's failure, not a write that
+    stops the call; attributes a user adds to a label zarr (or a .DS_Store) do not make a
+    finished volume look damaged; and a slice rewritten in place under an interrupted
+    volume's finished chunks is segmented again (a reviewer's finds)."""
+    import errno
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "a.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
+                    dtype="uint8")[:] = vol
+    volumes = split_inputs([tmp / "a.tif", tmp / "z.zarr"])[1]
+    read = type(volumes[0]).read
+
+    def denied(self, z0, z1):
+        if self.source.endswith("a.tif"):
+            raise PermissionError(errno.EACCES, "Permission denied", self.source)
+        return read(self, z0, z1)
+
+    monkeypatch.setattr(type(volumes[0]), "read", denied)
+    first = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert first[0].record is None and "Permission denied" in first[0].error
+    assert first[1].record is not None  # the next volume went on
+    monkeypatch.setattr(type(volumes[0]), "read", read)
+    labels = zarr.open_array(str(tmp / "out" / "z_labels.zarr"), mode="r+")
+    labels.attrs["note"] = "checked by hand"
+    (tmp / "out" / "z_labels.zarr" / ".DS_Store").write_bytes(b"x")
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert again[1].resumed and again[0].record is not None
+    # interrupted after two chunks, then slice 5 rewritten in place: redone with it
+    calls, segment = [0], type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        if calls[0] == 9:
+            raise Interrupted
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(Interrupted):
+        segment_volumes(m, volumes[:1], tmp / "part", chunk=4)
+    monkeypatch.setattr(type(m), "segment", segment)
+    edited = vol.copy()
+    edited[5] = 255 - edited[5]
+    tifffile.imwrite(tmp / "a.tif", edited, photometric="minisblack")
+    segment_volumes(m, volumes[:1], tmp / "part", chunk=4)
+    assert np.array_equal(tifffile.imread(tmp / "part" / "a_labels.tif"), _alone(m, edited))

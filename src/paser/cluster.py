@@ -41,6 +41,7 @@ from pathlib import Path
 from paser.errors import ConfigError, DataError, PaserError
 from paser.runtime import holding_out, keep_freed_memory
 from paser.segment import (
+    FATAL_WRITES,
     SUMMARY,
     Segmented,
     SummaryLog,
@@ -61,6 +62,7 @@ from paser.volumes import (
     chunks_to_do,
     earlier,
     finish_volume,
+    is_write_error,
     prepare_volume,
     segment_chunk,
 )
@@ -209,6 +211,11 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
         return segment_chunk(_Locked(model, lock, spec.threads), volume, z0, z1,
                              Path(out_dir), labels, only, worker=name)
     except OSError as err:
+        if err.errno in FATAL_WRITES and is_write_error(err, Path(out_dir)):
+            raise DataError(f"{volume.source}: worker {name} could not write slices "
+                            f"{z0}..{z1 - 1} into {out_dir} ({err.strerror or err}); the "
+                            "chunks finished are kept: run the same command again once the "
+                            "folder can be written") from None
         raise DataError(f"{volume.source}: worker {name} cannot read or write slices "
                         f"{z0}..{z1 - 1} ({err}); the workers need the inputs and --out at "
                         "the same paths as the client") from None

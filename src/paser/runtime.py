@@ -204,7 +204,7 @@ def _lock(path: Path, blocking: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")
     except OSError as err:
-        try:  # flock needs no write access: another user's lock file still locks
+        try:  # flock needs no write access (locally): another user's lock file still locks
             fh = open(path)
         except OSError:
             if path.parent.is_dir() and os.access(path.parent, os.W_OK):
@@ -217,6 +217,11 @@ def _lock(path: Path, blocking: bool):
     except BlockingIOError:
         fh.close()
         return None
+    except OSError as err:  # NFS wants a writable handle; a file system without locks
+        fh.close()
+        raise ConfigError(f"cannot lock {path} ({err.strerror or err}), so another process "
+                          "could write into the folder at the same time: remove the file "
+                          "if it is another user's, or give a folder on a local disk") from err
     return fh
 
 

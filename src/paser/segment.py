@@ -550,9 +550,11 @@ def file_stat(path: str | Path) -> list[int]:
 
 
 def output_bytes(path: Path) -> int:
-    """The bytes of an output: a file's size, a folder's (a zarr array) sum of its files'."""
+    """The bytes of an output: a file's size, a folder's (a zarr array) sum of its chunk
+    files' (not its metadata, attributes a user added, or a file the system left there)."""
     if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
+                   and not f.name.startswith(".") and f.name != "zarr.json")
     return path.stat().st_size
 
 

@@ -700,7 +700,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             # the data's fault: a rerun fails the same way, so leave no half label volume
             if isinstance(err, DataError):
                 discard(vol, out_dir)
-            if isinstance(err, OSError) and err.errno in FATAL_WRITES:
+            if isinstance(err, OSError) and err.errno in FATAL_WRITES and is_write_error(err, out_dir):
                 # a full disk, a quota, a folder made read-only: every later volume would
                 # meet it too; its finished chunks are kept for the same command again
                 with contextlib.suppress(OSError):  # (where the disk has room for it)
@@ -708,6 +708,18 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
                 raise stop_writing(err, vol.source, out_dir) from err
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
+
+
+def is_write_error(err: OSError, out_dir: Path) -> bool:
+    """Whether ``err`` came from writing into ``out_dir`` (a full disk there stops the call),
+    not from reading an input (a file of the volume this process may not read fails that
+    volume alone): an error that names no file is paser's own write of a part."""
+    if not err.filename:
+        return True
+    try:
+        return Path(err.filename).resolve().is_relative_to(out_dir.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def discard(volume: Volume, out_dir: Path) -> None:

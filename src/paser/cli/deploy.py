@@ -173,7 +173,7 @@ def segment(
     budgeted = budget_gflops is not None or budget_per_mp is not None
     if only is not None and budgeted:
         option = "--budget-gflops" if budget_per_mp is None else "--budget-gflops-per-mp"
-        raise ConfigError(f"--model {only} runs one model on every patch, at its own cost: "
+        raise ConfigError(f"--model {only} runs one model alone, at its own cost: "
                           f"drop {option} (which sets the router's), or --model")
     if engine == "onnxruntime" and device not in ("auto", "cpu"):
         raise ConfigError(f"--device {device}: --engine onnxruntime runs on the CPU "
@@ -605,7 +605,8 @@ def _padding_note(model, done, spent: float, budget: float) -> None:
         typer.echo(f"note: {spent:.2f} GFLOP/MP spent against the budget of {budget:g}: these "
                    f"images are cut into {th} x {tw} tiles, and their tiles hold "
                    f"{padded / pixels:.2f} x their pixels (the last tiles padded past the "
-                   "image); f0 and the policy run on whole tiles. Images whose sides are "
+                   "image; f0 and the policy run on whole tiles), which explains up to "
+                   f"{budget * padded / pixels:.2f} GFLOP/MP. Images whose sides are "
                    f"multiples of {th} x {tw} pay per megapixel as the budget says")
 
 
