@@ -700,7 +700,8 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             # the data's fault: a rerun fails the same way, so leave no half label volume
             if isinstance(err, DataError):
                 discard(vol, out_dir)
-            if isinstance(err, OSError) and err.errno in FATAL_WRITES and is_write_error(err, out_dir):
+            if (isinstance(err, OSError) and err.errno in FATAL_WRITES
+                    and is_write_error(err, out_dir)):
                 # a full disk, a quota, a folder made read-only: every later volume would
                 # meet it too; its finished chunks are kept for the same command again
                 with contextlib.suppress(OSError):  # (where the disk has room for it)
@@ -752,7 +753,7 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("claim", "") != claim_of(out_dir):
         return None  # of the folder before an --overwrite
-    if not recorded_as(rec, volume.source) or not unchanged(volume, rec, rec.get("slices", ())):
+    if not (recorded_as(rec, volume.source) and unchanged(volume, rec, rec.get("slices", ()))):
         return None  # written again since (or an older record's other spelling): again
     if rec.get("stat") is not None and rec["stat"] != (now := stat_of(volume)):
         # copied or touched, every slice as it was: its time kept, so it is read once
