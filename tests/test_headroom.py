@@ -267,3 +267,17 @@ def test_chosen_on_validation_by_hand():
     # the report's curves read the best of every setting on test
     c = curve(*test)
     assert [FR.best_within(c, g) for g in (1.0, 2.0)] == pytest.approx([0.85, 0.85])
+
+
+def test_chosen_by_the_test_labels_is_the_reports_reading_and_bounds_any_other_choice():
+    """Choosing each budget's setting by its test mIoU gives back the report's curve as it
+    is read (the best within each budget); choosing by any other split gives at most that."""
+    gen = torch.Generator().manual_seed(0)
+    grid = FR.budgets(0.5, 4.0)
+    for _ in range(20):
+        tm, tg = torch.rand(30, generator=gen).double(), 0.5 + 3.5 * torch.rand(30, generator=gen).double()
+        other = torch.rand(30, generator=gen)
+        by_test = chosen_on_validation(tm, (tm, tg), grid)
+        assert by_test == pytest.approx(FR.curve_values(curve(tm, tg), grid).tolist())
+        by_other = chosen_on_validation(other, (tm, tg), grid)
+        assert all(o <= t + 1e-12 for o, t in zip(by_other, by_test, strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -713,3 +714,28 @@ def test_an_input_that_cannot_be_read_fails_alone_and_zarr_attributes_keep_a_vol
     tifffile.imwrite(tmp / "a.tif", edited, photometric="minisblack")
     segment_volumes(m, volumes[:1], tmp / "part", chunk=4)
     assert np.array_equal(tifffile.imread(tmp / "part" / "a_labels.tif"), _alone(m, edited))
+
+
+def test_which_errors_stop_the_call_as_writes(tmp_path, monkeypatch):
+    """A full disk, a quota or a read-only file system always; permission denied only on a
+    file in --out that is not the volume's own (an input may lie in --out), from a relative
+    --out too (a reviewer's find: an unreadable input in --out stopped the call)."""
+    import errno
+
+    from paser.volumes import Volume, is_write_error
+
+    out = tmp_path / "out"
+    out.mkdir()
+    vol = Volume(source=str(out / "a.tif"), stem="a", kind="tiff", shape=(2, 4, 4),
+                 dtype="uint8", path=str(out / "a.tif"))
+    stack = Volume(source=str(tmp_path / "slices"), stem="s", kind="stack", shape=(1, 4, 4),
+                   dtype="uint8", path=str(tmp_path / "slices"), files=[str(out / "s0.png")])
+    monkeypatch.chdir(tmp_path)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        assert is_write_error(OSError(code, "x", str(out / "a.tif")), out, vol)
+    denied = errno.EACCES
+    assert not is_write_error(OSError(denied, "x", str(out / "a.tif")), out, vol)
+    assert not is_write_error(OSError(denied, "x", "out/s0.png"), Path("out"), stack)
+    assert is_write_error(OSError(denied, "x", "out/a_labels.zarr/c/0/0/0"), Path("out"), vol)
+    assert is_write_error(OSError(denied, "x"), out, vol)  # paser's own part: no file named
+    assert not is_write_error(OSError(denied, "x", str(tmp_path / "elsewhere")), out, vol)

@@ -194,8 +194,9 @@ def _lock(path: Path, blocking: bool):
     ``None`` where another process holds it (``blocking=False``). Where the platform has no
     ``fcntl``, or the folder is read-only, an open ``os.devnull``: nothing is locked. A lock
     file this process may read but not write (another user's) is locked all the same;
-    one it cannot open in a folder it can write to is a :class:`ConfigError`: unlocked,
-    two processes would write there at once."""
+    one it cannot open in a folder it can write to, or that the file system will not lock
+    (NFS wants a writable handle; some file systems lock nothing), is a
+    :class:`ConfigError`: unlocked, two processes would write there at once."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -551,10 +552,15 @@ def file_stat(path: str | Path) -> list[int]:
 
 def output_bytes(path: Path) -> int:
     """The bytes of an output: a file's size, a folder's (a zarr array) sum of its chunk
-    files' (not its metadata, attributes a user added, or a file the system left there)."""
+    files' (``c/0/1/2`` in zarr 3's layout, ``0.1.2`` in zarr 2's), not its metadata,
+    attributes a user added or any other file left there."""
     if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()
-                   and not f.name.startswith(".") and f.name != "zarr.json")
+        def chunk(f: Path) -> bool:
+            parts = f.relative_to(path).parts
+            parts = parts[1:] if parts[0] == "c" and len(parts) > 1 else parts
+            return all(re.fullmatch(r"\d+(\.\d+)*", part) for part in parts)
+
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and chunk(f))
     return path.stat().st_size
 
 

@@ -21,6 +21,7 @@ still to do and gives the same bytes; the parts are removed once the volume is w
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import re
@@ -701,7 +702,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             if isinstance(err, DataError):
                 discard(vol, out_dir)
             if (isinstance(err, OSError) and err.errno in FATAL_WRITES
-                    and is_write_error(err, out_dir)):
+                    and is_write_error(err, out_dir, vol)):
                 # a full disk, a quota, a folder made read-only: every later volume would
                 # meet it too; its finished chunks are kept for the same command again
                 with contextlib.suppress(OSError):  # (where the disk has room for it)
@@ -711,14 +712,21 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     return results
 
 
-def is_write_error(err: OSError, out_dir: Path) -> bool:
-    """Whether ``err`` came from writing into ``out_dir`` (a full disk there stops the call),
-    not from reading an input (a file of the volume this process may not read fails that
-    volume alone): an error that names no file is paser's own write of a part."""
-    if not err.filename:
+def is_write_error(err: OSError, out_dir: Path, volume: Volume | None = None) -> bool:
+    """Whether ``err`` (one of :data:`paser.segment.FATAL_WRITES`) came from writing into
+    ``out_dir``, which stops the call: a full disk, a quota and a read-only file system
+    always do; permission denied only on a file in ``out_dir`` that is not ``volume``'s own
+    (an input this process may not read, wherever it lies, fails its volume alone). An
+    error that names no file is paser's own write of a part."""
+    if err.errno != errno.EACCES or not err.filename:
         return True
     try:
-        return Path(err.filename).resolve().is_relative_to(out_dir.resolve())
+        name = Path(err.filename).resolve()
+        inputs = [] if volume is None else [Path(volume.path or volume.source).resolve(),
+                                            *(Path(f).resolve() for f in volume.files)]
+        if any(name == f or name.is_relative_to(f) for f in inputs):
+            return False
+        return name.is_relative_to(out_dir.resolve())
     except (OSError, ValueError):
         return False
 

@@ -94,14 +94,15 @@ def chosen_on_validation(val_miou: torch.Tensor, test: tuple[torch.Tensor, torch
 
 
 def chosen_areas(router, val: PatchOutcomes, test: PatchOutcomes, batch: int, points: int,
-                 budgets) -> dict[str, float]:
+                 budgets, f0: tuple[float, float, float]) -> dict[str, float]:
     """PaSeR's and the IDK cascade's mean test mIoU over ``budgets`` with each budget's
     setting chosen by validation mIoU (:func:`chosen_on_validation`): PaSeR's prices swept over
     its validation logits, the cascade's ``points`` quantiles of validation's patch
     entropies for each threshold; f0 alone a candidate of both (below a router's fixed
-    cost a user runs it, as the report's curves read)."""
+    cost a user runs it, as the report's curves read), ``f0`` its validation mIoU, test
+    mIoU and GFLOP (the report's single f0, one pass)."""
     def f0_alone(split: PatchOutcomes) -> torch.Tensor:
-        return split.miou_many(torch.zeros(1, *split.entropy.shape[:2], dtype=torch.long))
+        return torch.tensor([f0[0] if split is val else f0[1]], dtype=torch.float64)
 
     def priced(split: PatchOutcomes, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         costs = router.costs(*split.state.shape[-2:])
@@ -109,7 +110,7 @@ def chosen_areas(router, val: PatchOutcomes, test: PatchOutcomes, batch: int, po
         actions = sweep_actions(logits_on(router, split.state, batch), patch / patch.max(), ts)
         return split.miou_many(actions), costs.gflops(actions).mean(-1)
 
-    f0_cost = torch.tensor([router.costs(*test.state.shape[-2:]).f0_mc], dtype=torch.float64)
+    f0_cost = torch.tensor([f0[2]], dtype=torch.float64)
     patch = torch.tensor(router.costs(*val.state.shape[-2:]).patch, dtype=torch.float64)
     ts = price_sweep(logits_on(router, val.state, batch), patch / patch.max())
     families = {

@@ -278,7 +278,9 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
                 for name in routers}
     # the same two routers with each budget's setting chosen on validation, as a user must
-    chosen = chosen_areas(router, val_out, test_out, tb, b.curve_points, FR.budgets(lo, hi))
+    f0_val = M.measure(preds["f0"], data.validation, ncls, tb, device, timed=False)["iou"]
+    chosen = chosen_areas(router, val_out, test_out, tb, b.curve_points, FR.budgets(lo, hi),
+                          (f0_val, singles["f0"][1], singles["f0"][0]))
     captured_reachable = ({name: FR.headroom_captured(areas[name], areas["Frontier"],
                                                       areas[REACHABLE]) for name in routers}
                           if REACHABLE in areas else {})
