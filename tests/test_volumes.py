@@ -739,3 +739,21 @@ def test_which_errors_stop_the_call_as_writes(tmp_path, monkeypatch):
     assert is_write_error(OSError(denied, "x", "out/a_labels.zarr/c/0/0/0"), Path("out"), vol)
     assert is_write_error(OSError(denied, "x"), out, vol)  # paser's own part: no file named
     assert not is_write_error(OSError(denied, "x", str(tmp_path / "elsewhere")), out, vol)
+
+
+def test_a_tiff_read_as_an_image_while_copied_keeps_no_failed_row_once_a_volume(setup):
+    """A multi-page TIFF still being copied reads as one page and fails as an image; once
+    whole it is segmented as a volume, and summary.csv no longer lists it as failed (a
+    helper's audit), while the rows of other images stay."""
+    from paser.segment import canonical, segment_files
+
+    m, vol, tmp = setup
+    Image.fromarray(vol[0]).save(tmp / "other.png")
+    (tmp / "scan.tif").write_bytes(b"II*\x00 cut short")
+    segment_files(m, [tmp / "scan.tif", tmp / "other.png"], tmp / "out")
+    rows = list(csv.DictReader(open(tmp / "out" / "summary.csv", newline="")))
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "out", chunk=8)
+    rows = list(csv.DictReader(open(tmp / "out" / "summary.csv", newline="")))
+    assert [r["input path"] for r in rows] == [canonical(str(tmp / "other.png"))]

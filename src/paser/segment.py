@@ -754,6 +754,20 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
         out.writerows([*kept.values(), *rows])
 
 
+def forget_rows(path: Path, inputs: set[str]) -> None:
+    """Drop the rows of ``inputs`` (absolute paths, :data:`INPUT_PATH`) from a summary CSV:
+    a volume's input keeps no row in ``summary.csv`` from an earlier call that read it as
+    an image (a multi-page TIFF still being copied, then read as one page and failed)."""
+    lines = _lines(path)
+    if not lines or lines[0][-1:] != [INPUT_PATH]:
+        return
+    keep = [line for line in lines[1:] if len(line) == len(lines[0])
+            and line[-1] not in inputs]
+    if len(keep) < len(lines) - 1:
+        with replaced(path) as tmp, open(tmp, "w", newline="", **CSV_TEXT) as fh:
+            csv.writer(fh).writerows([lines[0], *keep])
+
+
 #: the last column of summary.csv and volumes.csv: the input's absolute path, by which a
 #: later call from another working folder knows it (:func:`canonical`)
 INPUT_PATH = "input path"

@@ -813,7 +813,7 @@ def owner(volume: Volume, out_dir: Path) -> str | None:
 
 
 def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
-    from paser.segment import INPUT_PATH, canonical, write_rows
+    from paser.segment import INPUT_PATH, SUMMARY, canonical, forget_rows, write_rows
 
     rows = []
     for r in results:
@@ -828,6 +828,7 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
                      r.error, canonical(r.source)])
     write_rows(path, ["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
                       "patch share", "class fractions", "output", "error", INPUT_PATH], rows)
+    forget_rows(path.parent / SUMMARY, {row[-1] for row in rows})  # read as images before
 
 
 def stem_of(spec: str | Path) -> str:
