@@ -34,6 +34,23 @@ def _alone(m, vol: np.ndarray) -> np.ndarray:
                                                     .float()).mask[0].numpy()) for s in vol])
 
 
+def _stopped_at(monkeypatch, m, n: int, run) -> None:
+    """``run()`` with the model's ``n``-th slice interrupted (Ctrl-C), the model then as it
+    was."""
+    calls, segment = [0], type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Interrupted
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(Interrupted):
+        run()
+    monkeypatch.setattr(type(m), "segment", segment)
+
+
 def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     m, vol, tmp = setup
     tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
@@ -130,18 +147,8 @@ def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch)
     (tmp / "b").mkdir()
     tifffile.imwrite(tmp / "a" / "scan.tif", vol, photometric="minisblack")
     tifffile.imwrite(tmp / "b" / "scan.tif", 255 - vol, photometric="minisblack")
-    calls, segment = [0], type(m).segment
-
-    def counted(self, x, *a, **k):
-        calls[0] += 1
-        if calls[0] == 9:
-            raise Interrupted
-        return segment(self, x, *a, **k)
-
-    monkeypatch.setattr(type(m), "segment", counted)
-    with pytest.raises(Interrupted):  # two chunks of a/scan.tif done
-        segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4)
-    monkeypatch.setattr(type(m), "segment", segment)
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(  # two chunks of a/scan.tif done
+        m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "out", chunk=4))
     b = split_inputs([tmp / "b" / "scan.tif"])[1]
     [res] = segment_volumes(m, b, tmp / "out", chunk=4)
     assert res.record is None and res.error == (
@@ -163,11 +170,8 @@ def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch)
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"),
                           _alone(m, 255 - vol))
     # interrupted, then written again: the chunks of its old content are not taken
-    calls[0] = 0
-    monkeypatch.setattr(type(m), "segment", counted)
-    with pytest.raises(Interrupted):
-        segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "new", chunk=4)
-    monkeypatch.setattr(type(m), "segment", segment)
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(
+        m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "new", chunk=4))
     tifffile.imwrite(tmp / "a" / "scan.tif", vol, photometric="minisblack")
     segment_volumes(m, split_inputs([tmp / "a" / "scan.tif"])[1], tmp / "new", chunk=4)
     assert np.array_equal(tifffile.imread(tmp / "new" / "scan_labels.tif"), _alone(m, vol))
@@ -697,18 +701,8 @@ def test_an_input_that_cannot_be_read_fails_alone_and_zarr_attributes_keep_a_vol
     again = segment_volumes(m, volumes, tmp / "out", chunk=4)
     assert again[1].resumed and again[0].record is not None
     # interrupted after two chunks, then slice 5 rewritten in place: redone with it
-    calls, segment = [0], type(m).segment
-
-    def counted(self, x, *a, **k):
-        calls[0] += 1
-        if calls[0] == 9:
-            raise Interrupted
-        return segment(self, x, *a, **k)
-
-    monkeypatch.setattr(type(m), "segment", counted)
-    with pytest.raises(Interrupted):
-        segment_volumes(m, volumes[:1], tmp / "part", chunk=4)
-    monkeypatch.setattr(type(m), "segment", segment)
+    _stopped_at(monkeypatch, m, 9,
+                lambda: segment_volumes(m, volumes[:1], tmp / "part", chunk=4))
     edited = vol.copy()
     edited[5] = 255 - edited[5]
     tifffile.imwrite(tmp / "a.tif", edited, photometric="minisblack")
