@@ -733,6 +733,9 @@ def test_which_errors_stop_the_call_as_writes(tmp_path, monkeypatch):
     assert is_write_error(OSError(denied, "x", "out/a_labels.zarr/c/0/0/0"), Path("out"), vol)
     assert is_write_error(OSError(denied, "x"), out, vol)  # paser's own part: no file named
     assert not is_write_error(OSError(denied, "x", str(tmp_path / "elsewhere")), out, vol)
+    # an error no later volume would meet (a damaged input, a bad value) fails its own
+    assert not is_write_error(OSError(errno.EIO, "x", str(out / "a_labels.tif")), out, vol)
+    assert not is_write_error(ValueError("bad"), out, vol)
 
 
 def test_a_tiff_read_as_an_image_while_copied_keeps_no_failed_row_once_a_volume(setup):

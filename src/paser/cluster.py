@@ -41,7 +41,6 @@ from pathlib import Path
 from paser.errors import ConfigError, DataError, PaserError
 from paser.runtime import holding_out, keep_freed_memory
 from paser.segment import (
-    FATAL_WRITES,
     SUMMARY,
     Segmented,
     SummaryLog,
@@ -211,7 +210,7 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
         return segment_chunk(_Locked(model, lock, spec.threads), volume, z0, z1,
                              Path(out_dir), labels, only, worker=name)
     except OSError as err:
-        if err.errno in FATAL_WRITES and is_write_error(err, Path(out_dir), volume):
+        if is_write_error(err, Path(out_dir), volume):
             raise DataError(f"{volume.source}: worker {name} could not write slices "
                             f"{z0}..{z1 - 1} into {out_dir} ({err.strerror or err}); the "
                             "chunks finished are kept: run the same command again once the "

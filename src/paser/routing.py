@@ -315,6 +315,13 @@ class Router(nn.Module):
                 out.index_copy_(0, idx, probs.to(out))
         return self.grid.merge(out), None if degraded is None else degraded.view_as(actions)
 
+    def _inside(self, h: int, w: int, inside: torch.Tensor | None) -> torch.Tensor | None:
+        """``inside`` as given, else the patches of an ``h x w`` image that hold its pixels;
+        ``None``: all of them (only fixed-size patches reach wholly past an image)."""
+        if inside is None and self.grid.patch is not None:
+            return self.grid.inside(h, w)
+        return inside
+
     def alone(self, k: int, x: torch.Tensor, mc_seed: int | None = 0,
               inside: torch.Tensor | None = None) -> RoutingOutput:
         """One model alone on a batch ``[B, C, H, W]``, no policy: f0 as routing sees it
@@ -327,8 +334,7 @@ class Router(nn.Module):
         h, w = x.shape[-2:]
         costs = self.costs(h, w)
         b, num = x.shape[0], self.grid.num_patches
-        if inside is None and self.grid.patch is not None:
-            inside = self.grid.inside(h, w)
+        inside = self._inside(h, w, inside)
         run = (torch.ones(b, num, dtype=torch.bool) if inside is None
                else inside.cpu().expand(b, num))
         actions = torch.zeros(b, num, dtype=torch.long).masked_fill(run, k).to(x.device)
@@ -370,8 +376,7 @@ class Router(nn.Module):
             if bias is not None:
                 logits = logits + bias.to(logits)
             actions = self.choose(logits, mode)
-            if inside is None and self.grid.patch is not None:  # only fixed patches reach
-                inside = self.grid.inside(h, w)                   # wholly past an image
+            inside = self._inside(h, w, inside)
             if inside is not None:
                 actions = actions.masked_fill(~inside.to(actions.device).expand_as(actions), 0)
         probs, degraded = self.dispatch(xp, mc.probs, actions)

@@ -748,10 +748,13 @@ def write_rows(path: Path, header: list[str], rows: list[list]) -> None:
         if row.get(header[0]) and key not in mine:
             kept.pop(key, None)  # the latest row last: an interrupted call appended it
             kept[key] = [row.get(h, "") for h in header[:-1]] + [key]
+    _write_lines(path, [header, *kept.values(), *rows])
+
+
+def _write_lines(path: Path, lines: list[list]) -> None:
+    """A summary CSV written whole (renamed into place)."""
     with replaced(path) as tmp, open(tmp, "w", newline="", **CSV_TEXT) as fh:
-        out = csv.writer(fh)
-        out.writerow(header)
-        out.writerows([*kept.values(), *rows])
+        csv.writer(fh).writerows(lines)
 
 
 def forget_rows(path: Path, inputs: set[str]) -> None:
@@ -764,8 +767,7 @@ def forget_rows(path: Path, inputs: set[str]) -> None:
     keep = [line for line in lines[1:] if len(line) == len(lines[0])
             and line[-1] not in inputs]
     if len(keep) < len(lines) - 1:
-        with replaced(path) as tmp, open(tmp, "w", newline="", **CSV_TEXT) as fh:
-            csv.writer(fh).writerows([lines[0], *keep])
+        _write_lines(path, [lines[0], *keep])
 
 
 #: the last column of summary.csv and volumes.csv: the input's absolute path, by which a

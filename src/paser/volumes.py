@@ -677,7 +677,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     skipped, and one interrupted continues with its missing chunks; ``overwrite`` starts
     over. ``volumes.csv`` gets one row per volume (beside the rows of the folder's other
     volumes: :func:`paser.segment.write_rows`)."""
-    from paser.segment import FATAL_WRITES, claim_for, stop_writing
+    from paser.segment import claim_for, stop_writing
 
     out_dir = Path(out_dir)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
@@ -701,8 +701,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
             # the data's fault: a rerun fails the same way, so leave no half label volume
             if isinstance(err, DataError):
                 discard(vol, out_dir)
-            if (isinstance(err, OSError) and err.errno in FATAL_WRITES
-                    and is_write_error(err, out_dir, vol)):
+            if is_write_error(err, out_dir, vol):
                 # a full disk, a quota, a folder made read-only: every later volume would
                 # meet it too; its finished chunks are kept for the same command again
                 with contextlib.suppress(OSError):  # (where the disk has room for it)
@@ -712,12 +711,16 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     return results
 
 
-def is_write_error(err: OSError, out_dir: Path, volume: Volume | None = None) -> bool:
-    """Whether ``err`` (one of :data:`paser.segment.FATAL_WRITES`) came from writing into
-    ``out_dir``, which stops the call: a full disk, a quota and a read-only file system
-    always do; permission denied only on a file in ``out_dir`` that is not ``volume``'s own
-    (an input this process may not read, wherever it lies, fails its volume alone). An
-    error that names no file is paser's own write of a part."""
+def is_write_error(err: Exception, out_dir: Path, volume: Volume | None = None) -> bool:
+    """Whether ``err`` is a write into ``out_dir`` that every later volume would meet too
+    (:data:`paser.segment.FATAL_WRITES`), which stops the call: a full disk, a quota and a
+    read-only file system always; permission denied only on a file in ``out_dir`` that is
+    not ``volume``'s own (an input this process may not read, wherever it lies, fails its
+    volume alone). An error that names no file is paser's own write of a part."""
+    from paser.segment import FATAL_WRITES
+
+    if not isinstance(err, OSError) or err.errno not in FATAL_WRITES:
+        return False
     if err.errno != errno.EACCES or not err.filename:
         return True
     try:

@@ -133,7 +133,8 @@ def cascade_sweep(split: PatchOutcomes, costs: CostTable, points: int = 41,
     k = split.entropy.shape[-1] - 1
     while points > 2 and (points + 2) ** k > max_settings:
         points -= 1
-    taus = threshold_grid((split if grid_on is None else grid_on).entropy, points, extremes=True, quantiles=True)
+    taus = threshold_grid((split if grid_on is None else grid_on).entropy, points,
+                          extremes=True, quantiles=True)
     per_setting = max(1, split.entropy[..., 0].numel() * (k + 1))
     chunk = max(1, _SWEEP_CHUNK // per_setting)
     miou, gflops = [], []

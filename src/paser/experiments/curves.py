@@ -101,29 +101,27 @@ def chosen_areas(router, val: PatchOutcomes, test: PatchOutcomes, batch: int, po
     entropies for each threshold; f0 alone a candidate of both (below a router's fixed
     cost a user runs it, as the report's curves read), ``f0`` its validation mIoU, test
     mIoU and GFLOP (the report's single f0, one pass)."""
-    def f0_alone(split: PatchOutcomes) -> torch.Tensor:
-        return torch.tensor([f0[0] if split is val else f0[1]], dtype=torch.float64)
-
-    def priced(split: PatchOutcomes, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def priced(split: PatchOutcomes, logits: torch.Tensor, ts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         costs = router.costs(*split.state.shape[-2:])
         patch = torch.tensor(costs.patch, dtype=torch.float64)
-        actions = sweep_actions(logits_on(router, split.state, batch), patch / patch.max(), ts)
+        actions = sweep_actions(logits, patch / patch.max(), ts)
         return split.miou_many(actions), costs.gflops(actions).mean(-1)
 
-    f0_cost = torch.tensor([f0[2]], dtype=torch.float64)
+    val_logits = logits_on(router, val.state, batch)
     patch = torch.tensor(router.costs(*val.state.shape[-2:]).patch, dtype=torch.float64)
-    ts = price_sweep(logits_on(router, val.state, batch), patch / patch.max())
+    ts = price_sweep(val_logits, patch / patch.max())
     families = {
-        "PaSeR": {name: priced(split, ts) for name, split in (("val", val), ("test", test))},
-        "IDK-Cascade": {name: cascade_sweep(split, router.costs(*split.state.shape[-2:]),
-                                            points, grid_on=val)[1:]
-                        for name, split in (("val", val), ("test", test))}}
+        "PaSeR": (priced(val, val_logits, ts),
+                  priced(test, logits_on(router, test.state, batch), ts)),
+        "IDK-Cascade": tuple(cascade_sweep(split, router.costs(*split.state.shape[-2:]), points,
+                                           grid_on=val)[1:] for split in (val, test))}
+    head = torch.tensor(f0, dtype=torch.float64)  # f0 alone: validation, test mIoU, GFLOP
     out = {}
-    for method, fam in families.items():
-        vm = torch.cat([f0_alone(val), fam["val"][0].double()])
-        test_points = (torch.cat([f0_alone(test), fam["test"][0].double()]),
-                       torch.cat([f0_cost, fam["test"][1].double()]))
-        out[method] = sum(chosen_on_validation(vm, test_points, budgets)) / len(budgets)
+    for method, ((vm, _), (tm, tg)) in families.items():
+        test_points = (torch.cat([head[1:2], tm.double()]), torch.cat([head[2:], tg.double()]))
+        out[method] = sum(chosen_on_validation(torch.cat([head[:1], vm.double()]), test_points,
+                                               budgets)) / len(budgets)
     return out
 
 
