@@ -659,3 +659,23 @@ def test_a_run_keeps_its_data_folder_as_an_absolute_path(folder, tmp_path, monke
     saved = load_config(config_file=run_dir / "config.yaml")
     assert saved.data.root == folder and len(open_split(saved.data, "test")) == 3
 
+
+
+def test_data_check_warns_of_validation_and_test_splits_of_one_or_two_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from paser.cli import app
+
+    few = make_folder(tmp_path / "few", counts=(4, 1, 2))
+    r = check_dataset(few, workers=0, show_progress=False)
+    assert r["few_images"] == {"validation": 1, "test": 2}
+    out = CliRunner().invoke(app, ["data", "check", str(few), "--workers", "0"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert ("warning: validation holds 1 image: the early stop, the kept checkpoints and "
+            "PaSeR's calibration read it") in out.output
+    assert ("warning: test holds 2 images: the report's figures rest on it, and its "
+            "bootstrap intervals will be wide; give it more images (one folder of images: a "
+            "larger share in data.holdout)") in out.output
+    assert check_dataset(make_folder(tmp_path / "enough", counts=(4, 3, 3)), workers=0,
+                         show_progress=False)["few_images"] == {}

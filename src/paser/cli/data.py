@@ -85,6 +85,17 @@ def data_check(
                        + ("the early stop and calibration cannot see how the models do on "
                           "it" if split == "validation" else "the report's test IoU says "
                           "nothing about it") + "; give the split images that show it")
+    unit = "slice" if r["layout"] == "volume" else "image"
+    for split, n in r["few_images"].items():
+        typer.echo(f"warning: {split} holds {n} {unit}{'s' if n > 1 else ''}: "
+                   + ("the early stop, the kept checkpoints and PaSeR's calibration read it, "
+                      "and on so few they follow one draw of the data" if split == "validation"
+                      else "the report's figures rest on it, and its bootstrap intervals will "
+                      "be wide")
+                   + {"folder": "; give it more images (one folder of images: a larger "
+                                 "share in data.holdout)",
+                      "volume": "; give it more labelled slices (data.slices)"}.get(
+                       r["layout"], "; give it more images"))
     uniform = r["uniform_slices"]
     if uniform:
         between = (f", {uniform['between']} of them between slices that hold several classes"

@@ -382,6 +382,10 @@ def _unreadable(ds) -> list[str]:
 LOW_CONTRAST = 0.125
 
 
+#: fewer validation or test images (slices) than this, and `paser data check` warns
+FEW_IMAGES = 3
+
+
 def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2,
                   show_progress: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Read every image and mask of a dataset folder (each problem is a DataError naming
@@ -396,7 +400,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     median frequency balancing (``median(f) / f_c``; 0 for a class absent from train);
     ``unpaired_masks`` (a folder's masks with no image of their name, not used);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
-    (``suggested_overrides``).
+    (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
+    :data:`FEW_IMAGES` images (slices), and how many they hold.
     """
     keys = [o.partition("=")[0].strip() for o in overrides]
     other = [k for k in keys if not k.startswith("data.") or k in ("data.dataset", "data.root")]
@@ -482,6 +487,10 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         # (the report) never shows
         "missing_in": {s: [n for c, n in enumerate(names) if counts[c] and not by_split[s][c]]
                        for s in ("validation", "test")},
+        # a validation or test split of one or two images (slices): what reads it follows
+        # one draw of them
+        "few_images": {s: len(splits[s]) for s in ("validation", "test")
+                       if len(splits[s]) < FEW_IMAGES},
         "uniform_slices": _uniform_slices(splits) if layout == "volume" else None,
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
