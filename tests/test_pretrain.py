@@ -181,6 +181,17 @@ def test_weight_average_warms_up_to_its_decay_and_is_what_stage1_keeps(tiny_cfg,
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert stage1.weight_average(model, None) is None
 
+    # BatchNorm's running statistics are averaged as the weights are; its count of batches
+    # (an integer) follows the model
+    bn = torch.nn.BatchNorm1d(1, affine=False)
+    ema = stage1.weight_average(bn, 0.5)
+    for t, m in enumerate([2.0, 6.0]):
+        bn.running_mean.fill_(m)
+        bn.num_batches_tracked.fill_(t + 1)
+        ema.update_parameters(bn)
+    assert ema.module.running_mean.item() == pytest.approx(2 / 11 * 2.0 + 9 / 11 * 6.0)
+    assert ema.module.num_batches_tracked.item() == 2
+
     cfg = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
         update={"ema": 0.9, "epochs": 1}), "models": tiny_cfg.models.model_copy(update={"pool": [
             tiny_cfg.models.pool[0]]})})

@@ -167,12 +167,18 @@ def weight_average(model: nn.Module, decay: float | None) -> AveragedModel | Non
 
     Its decay at optimizer step t is ``min(decay, (1 + t) / (10 + t))``, the warm-up of
     TensorFlow's ``ExponentialMovingAverage``: the first steps are followed closely, so a
-    short training is not averaged with its initial weights.
+    short training is not averaged with its initial weights. Buffers are averaged too
+    (BatchNorm's running statistics, for a model with ``norm: batch``); integer ones (its
+    count of batches) are not averages: they follow the model.
     """
     if decay is None:
         return None
 
     def lerp(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        # called once per dtype and device: a group is all floating point, or all integer
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
         t = int(n)
         torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + t) / (10 + t)))
 
