@@ -43,6 +43,8 @@ def test_overrides_are_typed_and_nested():
         ("noequals", "expected key=value"),
         ("models.pool.0.kwargs={c0:2,widths:[4,4]}", "'c0:2' reads as one key with no value; "
          "in YAML a colon needs a space after it"),
+        ("models.pool.2={name: unet_small}", "'2' is not an index of a 2-item list (0..1); to "
+         "add or remove items, give the whole list: models.pool=[...]"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

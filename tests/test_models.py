@@ -51,6 +51,14 @@ def test_smp_models_build_without_download():
         ("smp:NoSuchArch:resnet18", {}, "segmentation-models-pytorch refused"),
         ("unet", {"c0": 4}, "needs ['widths']"),
         ("unet", {"c0": 4, "widths": [8, 16, 32]}, "last two equal"),
+        ("unet", {"c0": 8, "width_mult": 0.5}, "needs ['widths']"),
+        # smp would download these, or drop the misspelt key, or raise timm's RuntimeError
+        ("smp:Unet:resnet18", {"encoder_weights": "imagenet"},
+         "kwargs encoder_weights='imagenet' would download weights"),
+        ("smp:Unet:resnet18", {"decoder_chanels": [8]}, "Unet takes no decoder_chanels; its "
+         "keyword arguments are activation, aux_params, decoder_attention_type, "
+         "decoder_channels"),
+        ("smp:Unet:tu-notamodel", {}, "refused it: Unknown model (notamodel)"),
     ],
 )
 def test_bad_model_specs_are_clear(name, kwargs, fragment):

@@ -514,6 +514,37 @@ def test_models_from_an_import_path_and_from_local_weights(tmp_path):
         build_model(cfg, cfg.models.f0.model_copy(update={"encoder_weights": enc}))
 
 
+def test_encoder_files_as_classification_networks_save_them_fit_a_grayscale_encoder(tmp_path):
+    """torchvision's and timm's RGB resnet18 files (classifier heads, timm's keys without
+    smp's ``model.``) load into 1-channel smp encoders, as smp loads what it downloads: the
+    head left out, the first convolution's RGB filters summed."""
+    import timm
+    import torchvision
+
+    from paser.checkpoints import build_model
+
+    cfg = load_config(overrides=["models.in_channels=1", "models.num_classes=3"])
+    torch.manual_seed(0)
+    for name, source in (("smp:Unet:resnet18", torchvision.models.resnet18()),
+                         ("smp:Unet:tu-resnet18", timm.create_model("resnet18"))):
+        path = tmp_path / f"{name.rsplit(':', 1)[1]}.pth"
+        state = source.state_dict()
+        torch.save(state, path)
+        spec = cfg.models.f0.model_copy(update={"name": name, "encoder_weights": path})
+        encoder = build_model(cfg, spec).encoder
+        conv1 = encoder.model.conv1 if name.endswith("tu-resnet18") else encoder.conv1
+        assert torch.allclose(conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+        loaded = encoder.state_dict()
+        assert all(torch.equal(loaded[k if k in loaded else f"model.{k}"], v)
+                   for k, v in state.items() if k != "conv1.weight" and not k.startswith("fc."))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), wrong)
+    with pytest.raises(ConfigError, match=r"wrong.pth: the weights do not fit the encoder: "
+                                          r"0 missing .*, 96 unexpected \(e.g. \[.layer1.2.bn1.bias"):
+        build_model(cfg, cfg.models.f0.model_copy(update={"name": "smp:Unet:resnet18",
+                                                          "encoder_weights": wrong}))
+
+
 def make_cityscapes(root, size=(64, 128), seed=0):
     """The Cityscapes layout, two cities in train, one in val; label ids of every kind."""
     rng = np.random.default_rng(seed)
@@ -617,6 +648,29 @@ def test_a_pool_model_that_cannot_take_its_patch_fails_before_training(tmp_path)
                                           r"with its halo of 2 x 2 \(.*\); choose a grid"):
         pretrain(cfg, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_a_model_of_the_wrong_output_shape_fails_before_training(tmp_path, monkeypatch):
+    from tests.helpers import TINY
+
+    from paser.train.pretrain import pretrain
+
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def halved(in_channels, num_classes):\n"
+        "    return torch.nn.Conv2d(in_channels, num_classes, 3, stride=2, padding=1)\n"
+        "def one_more(in_channels, num_classes):\n"
+        "    return torch.nn.Conv2d(in_channels, num_classes + 1, 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for factory, got in (("halved", r"\(1, 3, 16, 16\)"), ("one_more", r"\(1, 4, 32, 32\)")):
+        cfg = load_config(preset="battery-quick", overrides=[
+            *TINY, f"data.cache_dir={tmp_path / 'c'}", f"models.pool.0.name=mynets:{factory}",
+            "models.pool.0.kwargs={}"])
+        with pytest.raises(ConfigError, match=rf"key 'models.pool.0': mynets:{factory} gave "
+                           rf"{got} on a patch with its halo of 32 x 32; a model must give "
+                           r"logits \[B, models.num_classes, H, W\]"):
+            pretrain(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_palette_and_grayscale_inputs_read_as_their_colours(tmp_path):

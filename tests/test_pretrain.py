@@ -256,3 +256,65 @@ def test_paser_run_keeps_the_models_whose_own_settings_did_not_change(tmp_path):
         assert all(torch.equal(v, b[k]) for k, v in a.items()), role
     stage1.pretrain(changed, run, show_progress=False)  # no reuse (--force): all again
     assert (run / "checkpoints" / "f1.trained.json").is_file()
+
+
+BN_NET = """
+import torch
+from torch import nn
+
+class Pooled(nn.Module):
+    # a 3x3 conv beside an image-pooling branch with BatchNorm, as DeepLabV3+'s ASPP has:
+    # one value per channel on a batch of one image
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1),
+                                    nn.Conv2d(in_channels, num_classes, 1),
+                                    nn.BatchNorm2d(num_classes))
+
+    def forward(self, x):
+        return self.conv(x) + self.pooled(x)
+
+def pooled(in_channels, num_classes):
+    return Pooled(in_channels, num_classes)
+"""
+
+
+def test_models_with_batchnorm_skip_what_a_batch_of_one_cannot_train(tmp_path, monkeypatch):
+    """f0 on a last batch of one image, and a pool model given one patch in stage 3."""
+    from tests.helpers import TINY as PIPELINE
+
+    from paser.train.finetune import finetune
+    from paser.train.policy import train_policy
+
+    (tmp_path / "bnnets.py").write_text(BN_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(preset="battery-quick", overrides=[
+        *PIPELINE, f"data.cache_dir={tmp_path / 'cache'}", "stage1.batch_size=3",
+        "models.f0={name: 'bnnets:pooled', epochs: 2}", "stage3.batch_size=1",
+        "models.pool.1={name: 'bnnets:pooled'}"])
+    run = tmp_path / "run"
+    stage1.pretrain(cfg, run, show_progress=False)
+    pre = len(stage1.load_stage_data(cfg, progress=False).pre)
+    assert pre % 3 == 1  # so the last batch of every epoch holds one image
+    last = torch.load(run / "checkpoints" / "f0_last.pt", weights_only=False)
+    assert int(last["ema"]["n_averaged"]) == 2 * (pre // 3)  # that batch was skipped
+    train_policy(None, run, show_progress=False)
+    assert finetune(None, run, show_progress=False)["epochs"] == 2
+
+
+def test_a_checkpoint_of_a_model_started_from_weights_serves_as_weights(tiny_cfg, tmp_path):
+    """Its spec holds the weights' path: stored as text, the checkpoint stays readable with
+    weights_only, so one run's f1 can start another's."""
+    from paser.checkpoints import build_model
+    from paser.models.registry import read_state_dict
+
+    start = tmp_path / "f1_start.pt"
+    torch.save(build_model(tiny_cfg, tiny_cfg.models.pool[0]).state_dict(), start)
+    pool = [tiny_cfg.models.pool[0].model_copy(update={"weights": start}),
+            tiny_cfg.models.pool[1]]
+    cfg = tiny_cfg.model_copy(update={"models": tiny_cfg.models.model_copy(update={"pool": pool})})
+    stage1.pretrain(cfg, tmp_path / "run", show_progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "f1.pt"
+    assert torch.load(ckpt, weights_only=True)["spec"]["weights"] == str(start)
+    assert read_state_dict(ckpt).keys() == torch.load(start).keys()

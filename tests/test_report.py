@@ -142,3 +142,23 @@ def test_the_wall_clock_line_says_how_it_was_timed_and_how_far_rounds_spread():
         in unsteady
     old = {k: wc[k] for k in ("paser_ms", "frontier_ms_at_equal_iou", "ratio")}
     assert "one method after another in this run, batches of 8" in wall_clock_line(old, 8)
+
+
+def test_monte_carlo_passes_of_an_f0_without_dropout_are_said_to_be_one_answer_paid_t_times():
+    import torch
+
+    from types import SimpleNamespace
+
+    from paser.experiments.main import passes_without_dropout
+    from paser.models import create_model
+
+    cfg = load_config(preset="battery-quick")
+    plain = torch.nn.Conv2d(1, 3, 3, padding=1)  # no dropout
+    routers = {"PaSeR": SimpleNamespace(f0=plain, mc_samples=1, mc_dropout="none"),
+               "PaSeR (paper)": SimpleNamespace(f0=plain, mc_samples=5, mc_dropout="all"),
+               "with dropout": SimpleNamespace(f0=create_model("unet_tiny"), mc_samples=5,
+                                               mc_dropout="all")}
+    assert passes_without_dropout(cfg, routers) == [
+        "PaSeR (paper): f0 (unet_tiny) has no dropout, so its T = 5 Monte Carlo passes are "
+        "one answer computed 5 times, and its GFLOP count them all; use an f0 with dropout, "
+        "or mc_samples=1 mc_dropout=none"]

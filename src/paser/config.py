@@ -577,8 +577,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     for depth, part in enumerate(parts):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
+                whole = ".".join(parts[:depth])
                 raise ConfigError(f"override '{item}': '{part}' is not an index of a "
-                                  f"{len(node)}-item list (0..{len(node) - 1})")
+                                  f"{len(node)}-item list (0..{len(node) - 1})"
+                                  + (f"; to add or remove items, give the whole list: "
+                                     f"{whole}=[...]" if part.isdigit() else ""))
             index: Any = int(part)
         elif isinstance(node, dict):
             index = part

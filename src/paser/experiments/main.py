@@ -61,6 +61,7 @@ from paser.runtime import progress
 from paser.train.finetune import sweep_dir
 from paser.train.paper import paper_config, paper_dir
 from paser.train.pretrain import augmentations
+from paser.uncertainty import has_dropout
 
 #: the report's row for PaSeR calibrated to the best single model's IoU within 0.005
 BEST_IOU_POINT = "PaSeR (best model's IoU - 0.005)"
@@ -154,6 +155,16 @@ def _data_files(run_dir: Path) -> str | None:
 
     ident = read_identity(run_dir)
     return None if ident is None else ident.digest
+
+
+def passes_without_dropout(cfg: ExperimentConfig, routers: dict) -> list[str]:
+    """A note for each router whose f0 runs T > 1 Monte Carlo passes without a dropout
+    layer to draw them: T equal answers, each paid for."""
+    return [f"{name}: f0 ({cfg.models.f0.name}) has no dropout, so its T = {r.mc_samples} "
+            f"Monte Carlo passes are one answer computed {r.mc_samples} times, and its GFLOP "
+            "count them all; use an f0 with dropout, or mc_samples=1 mc_dropout=none"
+            for name, r in routers.items()
+            if r.mc_samples > 1 and r.mc_dropout != "none" and not has_dropout(r.f0)]
 
 
 def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
@@ -293,6 +304,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     pool = pool_summary(run_dir, methods, nmod)
     if (same := same_images_note(cfg.data)) is not None:
         notes.insert(0, same)  # first: it qualifies every figure after it
+    notes[:0] = passes_without_dropout(
+        cfg, {"PaSeR": router} | ({} if paper is None else {"PaSeR (paper)": paper.router}))
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
                      f"(distributed.precision {cfg.distributed.precision}, stage1.json); its "

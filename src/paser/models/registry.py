@@ -41,12 +41,12 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 3, **kwargs
         spec = dict(UNET_SIZES[name.removeprefix("unet_")]) if name != "unet" else {}
         mult = kwargs.pop("width_mult", None)
         spec.update(kwargs)
+        missing = {"c0", "widths"} - spec.keys()
+        if missing:  # width_mult scales them: they are needed first
+            raise ConfigError(f"model 'unet' needs {sorted(missing)}; e.g. c0=8, widths=[16, 32, 32]")
         if mult is not None:
             spec["c0"] = max(1, round(spec["c0"] * mult))
             spec["widths"] = [max(1, round(w * mult)) for w in spec["widths"]]
-        missing = {"c0", "widths"} - spec.keys()
-        if missing:
-            raise ConfigError(f"model 'unet' needs {sorted(missing)}; e.g. c0=8, widths=[16, 32, 32]")
         try:
             return UNet(in_channels=in_channels, num_classes=num_classes, **spec)
         except TypeError as err:
@@ -101,15 +101,46 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+#: the classifier heads of classification networks (torchvision, timm, the MiT files),
+#: which an encoder file carries and an encoder has no use for
+HEADS = ("fc", "head", "classifier", "conv_head", "last_linear", "head_drop", "pre_logits")
+
+
+def fit_encoder_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An encoder's weights as a classification network's file holds them, made to fit an
+    smp encoder whose own state dict is ``own`` (what smp does when it downloads them):
+    timm's keys under ``model.`` (smp's ``tu-`` encoders), the classifier head left out
+    (:data:`HEADS`), and a first convolution of another number of input channels adapted by
+    timm's ``adapt_input_conv`` (an RGB encoder on grayscale data: its filters summed)."""
+    from timm.models import adapt_input_conv
+
+    if own and all(k.startswith("model.") for k in own) and \
+            not any(k.startswith("model.") for k in state):
+        state = {f"model.{k}": v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        mine = own.get(k)
+        if mine is None and k.removeprefix("model.").split(".")[0] in HEADS:
+            continue
+        if mine is not None and v.dim() == mine.dim() == 4 and v.shape[1] != mine.shape[1] \
+                and (v.shape[0], *v.shape[2:]) == (mine.shape[0], *mine.shape[2:]):
+            v = adapt_input_conv(mine.shape[1], v, base_chans=v.shape[1])
+        out[k] = v
+    return out
+
+
 def load_weights(model: nn.Module, path: str | Path, part: str | None = None) -> None:
     """Load a local weights file into ``model`` (or its submodule ``part``, e.g. an smp
-    model's ``encoder``); every tensor must fit, or a ConfigError lists what does not."""
+    model's ``encoder``, the file then read as :func:`fit_encoder_state` makes it fit);
+    every tensor must fit, or a ConfigError lists what does not."""
     target = model if part is None else getattr(model, part, None)
     if target is None:
         raise ConfigError(f"{path}: encoder weights given, but the model has no '{part}' "
                           "(only segmentation-models-pytorch models have one)")
     state = read_state_dict(path)
     own = target.state_dict()
+    if part == "encoder":
+        state = fit_encoder_state(state, own)
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -129,13 +160,37 @@ def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
     import segmentation_models_pytorch as smp
 
     _, arch, encoder = parts
-    kwargs.setdefault("encoder_weights", None)
+    weights = kwargs.pop("encoder_weights", None)
+    if weights is not None and weights is not False:
+        raise ConfigError(
+            f"model '{name}': kwargs encoder_weights={weights!r} would download weights, and "
+            "paser downloads nothing at run time; give a local file as the model's own key, "
+            "encoder_weights: /path/to/encoder.pth (docs/models.md)")
+    if not encoder.startswith(("tu-", "timm-")):  # smp passes unknown keys to its own
+        _known_kwargs(name, arch, kwargs)  # encoders, which drop them (timm's refuse them)
     try:
-        return smp.create_model(
-            arch, encoder_name=encoder, in_channels=in_channels, classes=num_classes, **kwargs
-        )
-    except (KeyError, ValueError, TypeError) as err:
+        return smp.create_model(arch, encoder_name=encoder, in_channels=in_channels,
+                                classes=num_classes, encoder_weights=None, **kwargs)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:  # timm: RuntimeError
         raise ConfigError(f"model '{name}': segmentation-models-pytorch refused it: {err}") from None
+
+
+def _known_kwargs(name: str, arch: str, kwargs: dict) -> None:
+    """Refuse keyword arguments that the smp architecture ``arch`` does not name."""
+    import inspect
+
+    import segmentation_models_pytorch as smp
+
+    cls = getattr(smp, "MODEL_ARCHITECTURES_MAPPING", {}).get(arch.lower())
+    if cls is None:  # an unknown architecture: create_model says so
+        return
+    named = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    unknown = sorted(kwargs.keys() - named)
+    if unknown:
+        given = {"encoder_name", "in_channels", "classes", "encoder_weights"}  # paser's own
+        raise ConfigError(f"model '{name}': {arch} takes no {', '.join(unknown)}; its keyword "
+                          f"arguments are {', '.join(sorted(named - given))}")
 
 
 class Resized(nn.Module):
@@ -151,6 +206,13 @@ class Resized(nn.Module):
         h, w = x.shape[-2:]
         up = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return F.interpolate(self.model(up), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises by batch statistics in training (BatchNorm of any
+    dimension, SyncBatchNorm): then a batch of one image may not train it (one value per
+    channel, as in DeepLabV3+'s pooling branch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def count_parameters(model: nn.Module) -> int:

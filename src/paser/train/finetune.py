@@ -28,6 +28,7 @@ from paser.data import StageData, load_stage_data
 from paser.errors import ConfigError
 from paser.evaluation import evaluate_router
 from paser.metrics import iou_per_image, predicted_classes
+from paser.models.registry import has_batchnorm
 from paser.outcomes import PatchOutcomes
 from paser.runtime import atomic_save, atomic_write_text, progress
 from paser.train.common import MetricLog, check_finite, prepare_run_dir, resume_state, setup
@@ -212,7 +213,9 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
         total = float(dist.sum(torch.as_tensor(mass, dtype=torch.float64).cpu()))
         if total == 0:  # no labelled pixel routed to f_k in the whole batch
             continue
-        model.train()
+        # one patch routed to a model with BatchNorm: its statistics as they stand (batch
+        # statistics of one value per channel cannot train it)
+        model.train(idx.numel() > 1 or not has_batchnorm(model))
         opt.zero_grad(set_to_none=True)
         local = torch.zeros((), dtype=torch.float64)
         if idx.numel():

@@ -35,7 +35,7 @@ from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.data.stages import augments
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.metrics import IoUAccumulator, predicted_classes
-from paser.models import count_parameters
+from paser.models.registry import count_parameters, has_batchnorm
 from paser.outcomes import unview, usable_views, view
 from paser.patches import PatchGrid
 from paser.routing import patchwise_logits
@@ -195,7 +195,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
     ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
-    A last batch smaller than ``min_batch`` is skipped (BatchNorm cannot train on one image).
+    A last batch smaller than ``min_batch`` is skipped, and one of a single image always is
+    for a model with BatchNorm (it cannot train on one value per channel).
     With ``stage1.augment`` each batch is seen in a random mirror or quarter turn (the
     model's output turned back before the loss, so the labels and fK's targets stay as
     they are) with intensity jitter (:func:`augmentations`, :func:`jitter`). With
@@ -227,10 +228,13 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     if dist.is_main:
         log.truncate_after(role, start - 1)
     patience = s1.patience
+    if has_batchnorm(model):
+        min_batch = max(min_batch, 2)
     model, opt = dist.setup(model, opt)
     plain = dist.unwrap(model)
     kept = plain if ema is None else ema.module  # what is validated and kept
-    spec = (spec or dict(model_roles(cfg))[role]).model_dump()
+    # as JSON: a path in it (weights:) would make the checkpoint unreadable with weights_only
+    spec = (spec or dict(model_roles(cfg))[role]).model_dump(mode="json")
     n = len(train)
     views = augmentations(cfg, *train.images.shape[-2:])
     draws = epoch_draws(cfg, n)
@@ -496,16 +500,25 @@ def probe_models(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None
     ph, pw = (s + 2 * grid.halo for s in grid.patch_size(h, w))
     for (role, spec), key in zip(model_roles(cfg), _keys(cfg), strict=True):
         size = (h, w) if role == "f0" else (ph, pw)
+        where = "the whole image" if role == "f0" else "a patch with its halo"
         try:
-            build_model(cfg, spec, initial=False).eval()(
+            out = build_model(cfg, spec, initial=False).eval()(
                 torch.zeros(1, cfg.models.in_channels, *size))
         except (RuntimeError, ValueError, AssertionError) as err:
             first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-            where = "the whole image" if role == "f0" else "a patch with its halo"
             raise ConfigError(
                 f"key '{key.removesuffix('.groups')}': {spec.name} cannot run on {where} of "
                 f"{size[0]} x {size[1]} ({first}); choose a grid (or halo) whose patches suit "
-                "it, or another model") from None
+                "it, or another model" + (" (or give it an input_size it runs at, e.g. "
+                                          "input_size: [96, 96])" if spec.input_size is None
+                                          else "")) from None
+        want = (1, cfg.models.num_classes, *size)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"key '{key.removesuffix('.groups')}': {spec.name} gave {got} on {where} of "
+                f"{size[0]} x {size[1]}; a model must give logits [B, models.num_classes, H, W] "
+                f"for an input [B, C, H, W], here {want}")
 
 
 def _keys(cfg: ExperimentConfig) -> list[str]:
