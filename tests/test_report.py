@@ -145,9 +145,9 @@ def test_the_wall_clock_line_says_how_it_was_timed_and_how_far_rounds_spread():
 
 
 def test_monte_carlo_passes_of_an_f0_without_dropout_are_said_to_be_one_answer_paid_t_times():
-    import torch
-
     from types import SimpleNamespace
+
+    import torch
 
     from paser.experiments.main import passes_without_dropout
     from paser.models import create_model

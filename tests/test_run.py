@@ -205,8 +205,10 @@ def test_a_model_that_scores_below_another_is_inverted_only_if_it_costs_more(tmp
     methods = {"f0": {"iou": 0.80, "gflops": 0.2}, "f1": {"iou": 0.85, "gflops": 1.0},
                "f2": {"iou": 0.60, "gflops": 0.1}}
     assert pool_summary(tmp_path, methods, 3)["inverted"] == []
+    assert pool_summary(tmp_path, methods, 3)["cost_order"] == [["f1", "f2"]]
     methods["f2"]["gflops"] = 3.0  # the dearest and the worst: below both
     assert pool_summary(tmp_path, methods, 3)["inverted"] == [["f0", "f2"], ["f1", "f2"]]
+    assert pool_summary(tmp_path, methods, 3)["cost_order"] == []
 
 
 def test_the_curves_run_to_the_dearest_model_not_the_last():

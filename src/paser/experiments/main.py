@@ -438,13 +438,16 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
     """Each model's stage-1 training (epochs, whether it converged) from ``stage1.json``;
     ``inverted``: pairs where a dearer model scores below a cheaper one on test;
     ``improving``: models that ran to their epoch cap with their best epoch among the last
-    tenth of it (at least the last 3), which more training may lift."""
+    tenth of it (at least the last 3), which more training may lift; ``cost_order``: pairs
+    of pool models listed dearer first (the cascade escalates in the listed order)."""
     path = run_dir / "stage1.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     stage1 = summary.get("models", {})
     keys = ("epochs", "epoch_cap", "patience", "best_epoch", "converged", "validation_miou")
     models = {role: {k: info.get(k) for k in keys} for role, info in stage1.items()}
     names = ["f0", *(f"f{k}" for k in range(1, num_models))]
+    cost_order = [[a, b] for i, a in enumerate(names[1:], 1) for b in names[i + 1:]
+                  if methods[a]["gflops"] > methods[b]["gflops"]]
     # cheapest first: a user's pool need not be listed in order of cost
     names.sort(key=lambda name: methods[name]["gflops"])
     inverted = [[a, b] for i, a in enumerate(names) for b in names[i + 1:]
@@ -455,7 +458,7 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
                  and m["best_epoch"] >= m["epochs"] - max(3, m["epochs"] // 10)]
     # stage 1's arithmetic (32-true, bf16-mixed: distributed.precision; older runs: unsaid)
     return {"models": models, "inverted": inverted, "improving": improving,
-            "precision": summary.get("precision")}
+            "cost_order": cost_order, "precision": summary.get("precision")}
 
 
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,

@@ -346,6 +346,12 @@ def _pool_md(w, pool: dict, methods: dict[str, dict]) -> None:
         w(f"\nWarning: {b} scores below {a} on test ({methods[b]['iou']:.4f} < "
           f"{methods[a]['iou']:.4f}) although it costs more: the pool is not ordered by "
           "quality (a model under-trained, or too large for the data).\n")
+    for a, b in pool.get("cost_order", []):
+        w(f"\nWarning: {a} costs more than {b} ({methods[a]['gflops']:.3f} > "
+          f"{methods[b]['gflops']:.3f} GFLOP) but comes first in models.pool: the IDK cascade "
+          f"escalates in the listed order (to {a} before {b})"
+          + (", and 'PaSeR (f1's GFLOP)' is not the cheapest pool model's point" if a == "f1"
+             else "") + "; list models.pool cheapest first.\n")
     if pool.get("improving"):
         names = ", ".join(pool["improving"])
         w(f"\nStill improving at the epoch cap: {names} (best epoch among the last tenth of "
