@@ -301,6 +301,17 @@ def test_models_with_batchnorm_skip_what_a_batch_of_one_cannot_train(tmp_path, m
     assert int(last["ema"]["n_averaged"]) == 2 * (pre // 3)  # that batch was skipped
     train_policy(None, run, show_progress=False)
     assert finetune(None, run, show_progress=False)["epochs"] == 2
+    # batches of one image by choice (stage1.batch_size=1) all train: a BatchNorm UNet
+    # normalises over each image's pixels
+    ones = load_config(preset="battery-quick", overrides=[
+        *PIPELINE, f"data.cache_dir={tmp_path / 'cache'}", "stage1.batch_size=1",
+        "models.f0.kwargs={norm: batch}", "models.pool.0.kwargs={c0: 2, widths: [4, 4], "
+        "norm: batch}"])
+    stage1.pretrain(ones, tmp_path / "ones", show_progress=False)
+    for role in ("f0", "f1"):
+        last = torch.load(tmp_path / "ones" / "checkpoints" / f"{role}_last.pt",
+                          weights_only=False)
+        assert int(last["ema"]["n_averaged"]) == pre * ones.models.f0.epochs
 
 
 def test_a_checkpoint_of_a_model_started_from_weights_serves_as_weights(tiny_cfg, tmp_path):

@@ -160,5 +160,5 @@ def test_monte_carlo_passes_of_an_f0_without_dropout_are_said_to_be_one_answer_p
                                                mc_dropout="all")}
     assert passes_without_dropout(cfg, routers) == [
         "PaSeR (paper): f0 (unet_tiny) has no dropout, so its T = 5 Monte Carlo passes are "
-        "one answer computed 5 times, and its GFLOP count them all; use an f0 with dropout, "
-        "or mc_samples=1 mc_dropout=none"]
+        "one answer computed 5 times, each paid for; use an f0 with dropout, or "
+        "mc_samples=1 mc_dropout=none"]

@@ -161,8 +161,8 @@ def passes_without_dropout(cfg: ExperimentConfig, routers: dict) -> list[str]:
     """A note for each router whose f0 runs T > 1 Monte Carlo passes without a dropout
     layer to draw them: T equal answers, each paid for."""
     return [f"{name}: f0 ({cfg.models.f0.name}) has no dropout, so its T = {r.mc_samples} "
-            f"Monte Carlo passes are one answer computed {r.mc_samples} times, and its GFLOP "
-            "count them all; use an f0 with dropout, or mc_samples=1 mc_dropout=none"
+            f"Monte Carlo passes are one answer computed {r.mc_samples} times, each paid for; "
+            "use an f0 with dropout, or mc_samples=1 mc_dropout=none"
             for name, r in routers.items()
             if r.mc_samples > 1 and r.mc_dropout != "none" and not has_dropout(r.f0)]
 
@@ -302,10 +302,10 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     caveat = FR.headroom_caveat(areas["Oracle"] - areas["Frontier"], floor,
                                 list(captured.values()))
     pool = pool_summary(run_dir, methods, nmod)
-    if (same := same_images_note(cfg.data)) is not None:
-        notes.insert(0, same)  # first: it qualifies every figure after it
     notes[:0] = passes_without_dropout(
         cfg, {"PaSeR": router} | ({} if paper is None else {"PaSeR (paper)": paper.router}))
+    if (same := same_images_note(cfg.data)) is not None:
+        notes.insert(0, same)  # first: it qualifies every figure after it
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
                      f"(distributed.precision {cfg.distributed.precision}, stage1.json); its "

@@ -102,8 +102,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 #: the classifier heads of classification networks (torchvision, timm, the MiT files),
-#: which an encoder file carries and an encoder has no use for
-HEADS = ("fc", "head", "classifier", "conv_head", "last_linear", "head_drop", "pre_logits")
+#: which an encoder file carries and an encoder has no use for (EfficientNet's conv_head
+#: has its own norm, bn2, at the top level)
+HEADS = ("fc", "head", "classifier", "conv_head", "bn2", "last_linear", "head_drop", "pre_logits")
 
 
 def fit_encoder_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -122,9 +123,12 @@ def fit_encoder_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[
         mine = own.get(k)
         if mine is None and k.removeprefix("model.").split(".")[0] in HEADS:
             continue
-        if mine is not None and v.dim() == mine.dim() == 4 and v.shape[1] != mine.shape[1] \
+        # an RGB first convolution only (a stem of another width, a space-to-depth one, is
+        # left to the fit check): timm's adaptation, as every timm version calls it
+        if mine is not None and v.dim() == mine.dim() == 4 and v.shape[1] == 3 \
+                and mine.shape[1] != 3 \
                 and (v.shape[0], *v.shape[2:]) == (mine.shape[0], *mine.shape[2:]):
-            v = adapt_input_conv(mine.shape[1], v, base_chans=v.shape[1])
+            v = adapt_input_conv(mine.shape[1], v)
         out[k] = v
     return out
 
@@ -166,8 +170,8 @@ def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
             f"model '{name}': kwargs encoder_weights={weights!r} would download weights, and "
             "paser downloads nothing at run time; give a local file as the model's own key, "
             "encoder_weights: /path/to/encoder.pth (docs/models.md)")
-    if not encoder.startswith(("tu-", "timm-")):  # smp passes unknown keys to its own
-        _known_kwargs(name, arch, kwargs)  # encoders, which drop them (timm's refuse them)
+    if not _timm_universal(encoder):  # smp passes unknown keys to its own encoders, which
+        _known_kwargs(name, arch, kwargs)  # drop them (timm's models refuse them)
     try:
         return smp.create_model(arch, encoder_name=encoder, in_channels=in_channels,
                                 classes=num_classes, encoder_weights=None, **kwargs)
@@ -175,17 +179,34 @@ def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
         raise ConfigError(f"model '{name}': segmentation-models-pytorch refused it: {err}") from None
 
 
+def _timm_universal(encoder: str) -> bool:
+    """Whether smp builds ``encoder`` through timm (``tu-``, and the ``timm-`` names it
+    converts), which takes further keyword arguments of its own."""
+    if encoder.startswith("tu-"):
+        return True
+    from segmentation_models_pytorch import encoders
+
+    same = getattr(encoders, "is_equivalent_to_timm_universal", None)
+    return encoder.startswith("timm-") if same is None else bool(same(encoder))
+
+
 def _known_kwargs(name: str, arch: str, kwargs: dict) -> None:
-    """Refuse keyword arguments that the smp architecture ``arch`` does not name."""
+    """Refuse keyword arguments that the smp architecture ``arch`` neither names nor takes
+    from its ``**kwargs`` (the deprecated keys it still reads, e.g. ``decoder_use_batchnorm``)."""
     import inspect
+    import re
 
     import segmentation_models_pytorch as smp
 
     cls = getattr(smp, "MODEL_ARCHITECTURES_MAPPING", {}).get(arch.lower())
-    if cls is None:  # an unknown architecture: create_model says so
+    if cls is None:  # an unknown architecture (create_model says so), or another smp
         return
     named = {p.name for p in inspect.signature(cls.__init__).parameters.values()
              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+    try:
+        named |= set(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)", inspect.getsource(cls.__init__)))
+    except (OSError, TypeError):  # no source at hand: the named keys alone
+        pass
     unknown = sorted(kwargs.keys() - named)
     if unknown:
         given = {"encoder_name", "in_channels", "classes", "encoder_weights"}  # paser's own

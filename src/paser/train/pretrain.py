@@ -195,8 +195,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
     ``loss_fn(logits [B, K, H, W], masks [B, H, W], index [B]) -> scalar``; ``index``
     are the batch's positions in ``train`` (for per-image targets such as fK's logits).
     ``spec`` defaults to the role's entry in the pool; ``label`` names the progress bar.
-    A last batch smaller than ``min_batch`` is skipped, and one of a single image always is
-    for a model with BatchNorm (it cannot train on one value per channel).
+    A short last batch of fewer than ``min_batch`` images (per process) is skipped, and one
+    of a single image always is for a model with BatchNorm (it may give one value per
+    channel, which BatchNorm cannot train on); full batches always train.
     With ``stage1.augment`` each batch is seen in a random mirror or quarter turn (the
     model's output turned back before the loss, so the labels and fK's targets stay as
     they are) with intensity jitter (:func:`augmentations`, :func:`jitter`). With
@@ -251,8 +252,11 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             order = epoch_order(n, draws, gen)
             total, acc = torch.zeros((), dtype=torch.float64), IoUAccumulator(
                 cfg.models.num_classes)
+            # a full batch always trains; a short last one only with min_batch images for
+            # every process (BatchNorm: 2; one image may give one value per channel)
             batches = [idx for idx in order.split(s1.batch_size)
-                       if len(idx) >= min(min_batch, n) * dist.world]
+                       if len(idx) >= dist.world and (len(idx) == s1.batch_size
+                                                      or len(idx) >= min(min_batch, n) * dist.world)]
             loaded = (around or train).gather(dist.shard(idx) for idx in batches)
             for step, (idx, (x, y)) in enumerate(zip(batches, loaded, strict=True)):
                 mine = dist.shard(idx)
