@@ -543,6 +543,18 @@ def test_encoder_files_as_classification_networks_save_them_fit_a_grayscale_enco
                                           r"0 missing .*, 96 unexpected \(e.g. \[.layer1.2.bn1.bias"):
         build_model(cfg, cfg.models.f0.model_copy(update={"name": "smp:Unet:resnet18",
                                                           "encoder_weights": wrong}))
+    # a timm network whose feature extractor renames its layers (stem.0 -> stem_0): timm's
+    # own loader reads the file (our key-by-key fit could not)
+    source = timm.create_model("convnext_atto")
+    path = tmp_path / "convnext_atto.pth"
+    torch.save(source.state_dict(), path)
+    spec = cfg.models.f0.model_copy(update={"name": "smp:Unet:tu-convnext_atto",
+                                            "encoder_weights": path})
+    stem = build_model(cfg, spec).encoder.model.stem_0.weight
+    assert torch.allclose(stem, source.stem[0].weight.sum(1, keepdim=True))
+    with pytest.raises(ConfigError, match=r"wrong.pth: timm cannot load it as convnext_atto's "
+                                          r"weights \(.*\); give a file of that network's"):
+        build_model(cfg, spec.model_copy(update={"encoder_weights": wrong}))
 
 
 def make_cityscapes(root, size=(64, 128), seed=0):

@@ -20,7 +20,7 @@ from paser.data.folders import ClassMap
 from paser.data.registry import found_from
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.models import PooledPolicy, RoutingPolicy, create_model
-from paser.models.registry import Resized, load_weights
+from paser.models.registry import Resized, load_weights, timm_encoder
 from paser.patches import PatchGrid
 from paser.routing import Router
 from paser.runtime import atomic_write_text, place
@@ -76,8 +76,11 @@ def build_model(cfg: ExperimentConfig, spec: ModelSpec, initial: bool = True) ->
     """The model of a spec (wrapped to run at ``spec.input_size`` if set), with the spec's
     initial ``weights`` and ``encoder_weights`` when ``initial`` (training starts from
     them; trained weights come from the run's checkpoints)."""
-    model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes, **spec.kwargs)
-    if initial and spec.encoder_weights:
+    # an encoder timm builds takes its file through timm's own loader; smp's, through ours
+    by_timm = bool(initial and spec.encoder_weights and timm_encoder(spec.name))
+    model = create_model(spec.name, cfg.models.in_channels, cfg.models.num_classes,
+                         encoder_file=spec.encoder_weights if by_timm else None, **spec.kwargs)
+    if initial and spec.encoder_weights and not by_timm:
         load_weights(model, spec.encoder_weights, "encoder")
     if initial and spec.weights:
         load_weights(model, spec.weights)

@@ -31,10 +31,19 @@ from paser.models.unet import UNET_SIZES, UNet
 UNET_NAMES = tuple(f"unet_{size}" for size in UNET_SIZES)
 
 
-def create_model(name: str, in_channels: int = 1, num_classes: int = 3, **kwargs: Any) -> nn.Module:
-    """Return an untrained model ``[B, in_channels, H, W] -> logits [B, num_classes, H, W]``."""
+def create_model(name: str, in_channels: int = 1, num_classes: int = 3,
+                 encoder_file: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """Return an untrained model ``[B, in_channels, H, W] -> logits [B, num_classes, H, W]``.
+
+    ``encoder_file``: for an smp model whose encoder timm builds (:func:`timm_encoder`), a
+    local file of the timm network's weights, which timm loads into it as it loads what it
+    downloads (its feature extractor's names, its first convolution adapted to
+    ``in_channels``)."""
     if name.startswith("smp:"):
-        return _create_smp(name, in_channels, num_classes, **kwargs)
+        return _create_smp(name, in_channels, num_classes, encoder_file, **kwargs)
+    if encoder_file is not None:
+        raise ConfigError(f"model '{name}': an encoder file is for segmentation-models-pytorch "
+                          "models, whose encoder timm builds")
     if ":" in name:
         return _create_imported(name, in_channels, num_classes, **kwargs)
     if name == "unet" or name in UNET_NAMES:
@@ -110,7 +119,8 @@ HEADS = ("fc", "head", "classifier", "conv_head", "bn2", "last_linear", "head_dr
 def fit_encoder_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
     """An encoder's weights as a classification network's file holds them, made to fit an
     smp encoder whose own state dict is ``own`` (what smp does when it downloads them):
-    timm's keys under ``model.`` (smp's ``tu-`` encoders), the classifier head left out
+    timm's keys under ``model.`` (smp's ``tu-`` encoders, where :func:`create_model`'s
+    ``encoder_file`` lets timm load the file itself), the classifier head left out
     (:data:`HEADS`), and a first convolution of another number of input channels adapted by
     timm's ``adapt_input_conv`` (an RGB encoder on grayscale data: its filters summed)."""
     from timm.models import adapt_input_conv
@@ -157,7 +167,15 @@ def load_weights(model: nn.Module, path: str | Path, part: str | None = None) ->
     target.load_state_dict(state)
 
 
-def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+def timm_encoder(name: str) -> bool:
+    """Whether the model ``name`` is an smp model whose encoder timm builds (``tu-``, and
+    the ``timm-`` names smp converts to it)."""
+    parts = name.split(":")
+    return len(parts) == 3 and parts[0] == "smp" and _timm_universal(parts[2])
+
+
+def _create_smp(name: str, in_channels: int, num_classes: int,
+                encoder_file: str | Path | None = None, **kwargs: Any) -> nn.Module:
     parts = name.split(":")
     if len(parts) != 3 or not all(parts[1:]):
         raise ConfigError(f"model '{name}': expected 'smp:<Arch>:<encoder>', e.g. smp:Unet:resnet18")
@@ -172,6 +190,22 @@ def _create_smp(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
             "encoder_weights: /path/to/encoder.pth (docs/models.md)")
     if not _timm_universal(encoder):  # smp passes unknown keys to its own encoders, which
         _known_kwargs(name, arch, kwargs)  # drop them (timm's models refuse them)
+    if encoder_file is not None:
+        path = Path(encoder_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: weights file not found")
+        if not _timm_universal(encoder):
+            raise ConfigError(f"model '{name}': its encoder is smp's own; load its file with "
+                              "load_weights(model, path, 'encoder')")
+        try:  # timm reads the local file (pretrained_cfg's 'file'): nothing is downloaded
+            return smp.create_model(arch, encoder_name=encoder, in_channels=in_channels,
+                                    classes=num_classes, encoder_weights=True,
+                                    pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError) as err:
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise ConfigError(f"{path}: timm cannot load it as {encoder.removeprefix('tu-')}'s "
+                              f"weights ({first}); give a file of that network's "
+                              "weights") from None
     try:
         return smp.create_model(arch, encoder_name=encoder, in_channels=in_channels,
                                 classes=num_classes, encoder_weights=None, **kwargs)
