@@ -515,9 +515,9 @@ def test_models_from_an_import_path_and_from_local_weights(tmp_path):
 
 
 def test_encoder_files_as_classification_networks_save_them_fit_a_grayscale_encoder(tmp_path):
-    """torchvision's and timm's RGB resnet18 files (classifier heads, timm's keys without
-    smp's ``model.``) load into 1-channel smp encoders, as smp loads what it downloads: the
-    head left out, the first convolution's RGB filters summed."""
+    """torchvision's and timm's RGB resnet18 files (classifier heads; timm's read by timm's
+    own loader, its keys without smp's ``model.``) load into 1-channel smp encoders, as smp
+    loads what it downloads: the head left out, the first convolution's RGB filters summed."""
     import timm
     import torchvision
 

@@ -118,20 +118,17 @@ HEADS = ("fc", "head", "classifier", "conv_head", "bn2", "last_linear", "head_dr
 
 def fit_encoder_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
     """An encoder's weights as a classification network's file holds them, made to fit an
-    smp encoder whose own state dict is ``own`` (what smp does when it downloads them):
-    timm's keys under ``model.`` (smp's ``tu-`` encoders, where :func:`create_model`'s
-    ``encoder_file`` lets timm load the file itself), the classifier head left out
-    (:data:`HEADS`), and a first convolution of another number of input channels adapted by
-    timm's ``adapt_input_conv`` (an RGB encoder on grayscale data: its filters summed)."""
+    smp encoder of smp's own whose state dict is ``own`` (what smp does when it downloads
+    them): the classifier head left out (:data:`HEADS`), and an RGB first convolution adapted
+    by timm's ``adapt_input_conv`` (on grayscale data: its filters summed). An encoder that
+    timm builds (``tu-``) takes its file through timm's own loader instead
+    (:func:`create_model`'s ``encoder_file``)."""
     from timm.models import adapt_input_conv
 
-    if own and all(k.startswith("model.") for k in own) and \
-            not any(k.startswith("model.") for k in state):
-        state = {f"model.{k}": v for k, v in state.items()}
     out = {}
     for k, v in state.items():
         mine = own.get(k)
-        if mine is None and k.removeprefix("model.").split(".")[0] in HEADS:
+        if mine is None and k.split(".")[0] in HEADS:
             continue
         # an RGB first convolution only (a stem of another width, a space-to-depth one, is
         # left to the fit check): timm's adaptation, as every timm version calls it
