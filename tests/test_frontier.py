@@ -89,6 +89,10 @@ def test_versus_cascade_says_which_of_the_trained_router_and_the_cascade_is_ahea
                           "-0.0001 against it")
     assert tie.endswith("at PaSeR's IoU, PaSeR uses 6.9 % fewer GFLOP than the cascade (Table 2)")
     assert "headroom" not in FR.versus_cascade(0.0, None, None, 0.0)  # no headroom: no shares
+    # a margin that rounds to nothing reads as nothing, never as a -0.0 loss
+    even = FR.versus_cascade(-0.00003, None, None, -0.04)
+    assert "curve area +0.0000 against it" in even and "-0.0" not in even
+    assert even.endswith("PaSeR and the cascade use the same GFLOP (within 0.1 %) (Table 2)")
     # the margin with each method's settings chosen on validation, where the report has it
     chosen = FR.versus_cascade(0.0013, 0.37, 0.28, -1.24, chosen_margin=0.003)
     assert chosen == ahead.replace("the cascade 28 %;", "the cascade 28 %; with each budget's "

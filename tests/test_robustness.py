@@ -155,7 +155,7 @@ def test_robustness_routes_paser_at_the_runs_calibrated_operating_point(mnist_ru
     assert paser["iou_clean"] == pytest.approx(out["table"]["f2"]["iou_clean"], abs=1e-9)
     assert out["paser_operating_point"] == {"budget_gflops": "9"}
     text = (run_dir / "report.md").read_text()
-    assert "calibrated operating point (budget_gflops 9)" in text
+    assert "calibrated operating point (a budget of 9 GFLOP per image" in text
 
 
 def test_no_finished_run_is_a_clear_error(tmp_path):

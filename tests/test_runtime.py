@@ -121,6 +121,48 @@ def test_pool_workers_leave_ctrl_c_to_the_parent_and_exit_when_it_is_killed(pare
     assert not alive(int(pid)), "the worker outlived its killed parent"
 
 
+# Ctrl-C (to the whole process group) while the fork server imports its preload.
+FORKSERVER_PARENT = """
+import os, signal, threading, time
+from paser.runtime import worker_context
+if __name__ == "__main__":
+    ctx = worker_context(1, ["paser.data"])
+    threading.Timer(0.3, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
+    try:
+        ctx.Process(target=time.sleep, args=(0,)).start()
+        time.sleep(10)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="a fork server, process groups")
+def test_ctrl_c_while_the_fork_server_starts_prints_no_traceback_of_it():
+    out = subprocess.run([sys.executable, "-c", FORKSERVER_PARENT], capture_output=True,
+                         text=True, timeout=120, start_new_session=True)
+    assert out.stdout == "interrupted\n" and "Traceback" not in out.stderr, out.stderr
+
+
+def test_progress_bars_print_a_line_now_and_then_where_they_cannot_redraw(monkeypatch, capsys):
+    """In a pipe or a CI log rich draws a bar only when it stops: paser's print the bar that
+    moved every LOG_EVERY_S seconds, on stderr (stdout is a command's results)."""
+    import paser.runtime as R
+
+    monkeypatch.setattr(R, "LOG_EVERY_S", 0.0)
+    with R.progress() as bar:
+        task = bar.add_task("segment", total=3, info="1.0 images/s")
+        bar.advance(task)
+        bar.update(task, advance=1)
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert out.out == "" and [line.split()[2] for line in lines] == ["1/3", "2/3", "2/3"]
+    assert all(line.startswith("segment") and "1.0 images/s" in line for line in lines)
+    monkeypatch.setattr(R, "LOG_EVERY_S", 3600.0)  # the default's spacing: the end only
+    with R.progress() as bar:
+        bar.advance(bar.add_task("segment", total=3, info=""))
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
     import fcntl
 
@@ -216,6 +258,12 @@ def test_ctrl_c_says_how_to_go_on():
     assert "without --force" in interrupted(["run", "--run-dir", "r", "--force"])
     assert "without --overwrite" in interrupted(["segment", "x", "--overwrite"])
     assert "--resume" in interrupted(["pretrain", "--run-dir", "r"])
+    # nothing to continue: a server stopped, a command that only reads
+    assert interrupted(["serve", "--run-dir", "r"]) == "paser serve stopped"
+    assert interrupted(["evaluate", "--run-dir", "r"]) == "interrupted"
+    assert interrupted(["data", "check", "folder"]) == "interrupted"
+    assert "again to continue" in interrupted(["data", "synth", "--out", "d"])
+    assert "again to continue" in interrupted([])
 
 
 def test_a_reader_that_died_is_a_data_error_that_says_what_to_do():

@@ -94,6 +94,25 @@ class Calibration:
                 f"{v:g}" if isinstance(v, (int, float)) else str(v)
                 for k, v in self.target.items()}
 
+    def target_text(self) -> str:
+        """The target in words, for a line of output (:meth:`describe_target`'s keys; a
+        budget above every patch on fK is a note of its own)."""
+        t = self.target
+        if "iou_within_top" in t:
+            return (f"the least GFLOP within {t['iou_within_top']:g} mIoU of the best single "
+                    f"model ({t['top_model']}, validation mIoU {t['top_miou']:.4f})")
+        if "budget_gflops" in t:
+            per_mp = t.get("budget_gflops_per_mp")
+            return (f"a budget of {t['budget_gflops']:.4g} GFLOP per image"
+                    + ("" if per_mp is None else f" ({per_mp:g} GFLOP per megapixel)")
+                    + (", the best mIoU within it" if t.get("best_iou") else ""))
+        if "max_frac_large" in t:
+            return f"at most {t['max_frac_large']:.1%} of patches on the largest model"
+        if "max_tvd" in t:
+            return (f"routing within a total variation distance of {t['max_tvd']:g} of the "
+                    f"policy's own ({t['tvd']:.3f} reached)")
+        return ", ".join(f"{k} {v}" for k, v in self.describe_target().items())
+
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / FILE
         record = {**asdict(self), "gflops_per_megapixel": self.per_megapixel(self.gflops)}

@@ -267,6 +267,12 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             f"{need:.3f} GFLOP" + ("; " + "; ".join(why) if why else "") + along)
 
 
+def nz(x: float, digits: int) -> float:
+    """``x`` rounded to ``digits`` for printing, without a negative zero (-0.0 % read as a
+    loss where there is none)."""
+    return round(float(x), digits) + 0.0
+
+
 def versus_cascade(area_margin: float, captured: float | None, cascade_captured: float | None,
                    flops_saved_pct: float, equal_iou: bool = True,
                    caveat: str | None = None, chosen_margin: float | None = None) -> str:
@@ -284,19 +290,22 @@ def versus_cascade(area_margin: float, captured: float | None, cascade_captured:
               f"; of the oracle's headroom PaSeR captures {100 * captured:.0f} %, the cascade "
               f"{100 * cascade_captured:.0f} %" + (f" ({caveat})" if caveat else ""))
     head = ("the trained router is above the training-free entropy cascade (IDK-Cascade): "
-            f"PaSeR's curve area {area_margin:+.4f} against the cascade's" if area_margin > 0 else
+            f"PaSeR's curve area {nz(area_margin, 4):+.4f} against the cascade's"
+            if nz(area_margin, 4) > 0 else
             "the training-free entropy cascade (IDK-Cascade), which needs no policy, does as "
-            f"well on this data or better: PaSeR's curve area {area_margin:+.4f} against it")
+            f"well on this data or better: PaSeR's curve area {nz(area_margin, 4):+.4f} against it")
     where = ("at PaSeR's IoU" if equal_iou else
              "where the cascade comes closest to PaSeR's IoU (it never reaches it)")
     # Table 2's figure is PaSeR's saving, 1 - P / C; the cascade's is 1 - C / P
-    point = (f"{where}, PaSeR uses {flops_saved_pct:.1f} % fewer GFLOP than the cascade"
-             if flops_saved_pct >= 0 else
+    point = (f"{where}, PaSeR and the cascade use the same GFLOP (within 0.1 %)"
+             if nz(flops_saved_pct, 1) == 0 else
+             f"{where}, PaSeR uses {flops_saved_pct:.1f} % fewer GFLOP than the cascade"
+             if flops_saved_pct > 0 else
              f"{where}, the cascade uses {100 * (1 - 1 / (1 - flops_saved_pct / 100)):.1f} % "
              "fewer GFLOP than PaSeR")
     chosen = ("" if chosen_margin is None else
               f"; with each budget's setting chosen on validation, as a user must choose it "
-              f"(the curves read the best on test), PaSeR's area is {chosen_margin:+.4f} "
+              f"(the curves read the best on test), PaSeR's area is {nz(chosen_margin, 4):+.4f} "
               "against the cascade's")
     return f"{head}{shares}{chosen}; {point} (Table 2)"
 
@@ -399,17 +408,19 @@ def noise_line(noise: dict) -> str:
     within = m["low"] <= 0 <= m["high"]
     line = (f"over {noise['draws']:,} bootstrap resamples of the {noise['images']} test "
             f"images ({pct} intervals), PaSeR's IoU minus the single-model frontier's at its "
-            f"GFLOP is {m['value']:+.4f} ({m['low']:+.4f} to {m['high']:+.4f}; positive in "
+            f"GFLOP is {nz(m['value'], 4):+.4f} ({nz(m['low'], 4):+.4f} to "
+            f"{nz(m['high'], 4):+.4f}; positive in "
             f"{100 * noise['share_above']:.0f} % of resamples)"
             + (": the verdict's sign is within the noise of this test split" if within else ""))
     if "table2" in noise:
         t = noise["table2"]
-        line += (f"; Table 2's GFLOP saved against the IoU-matched cascade {t['value']:.1f} % "
-                 f"({t['low']:.1f} to {t['high']:.1f} %, the cascade's thresholds fixed)")
+        line += (f"; Table 2's GFLOP saved against the IoU-matched cascade "
+                 f"{nz(t['value'], 1):.1f} % ({nz(t['low'], 1):.1f} to {nz(t['high'], 1):.1f} "
+                 "%, the cascade's thresholds fixed)")
     return line
 
 
 __all__ = ["MIN_HEADROOM", "areas", "best_within", "bootstrap", "budgets", "curve_saving",
            "curve_values", "frontier_at", "frontier_cost", "frontier_curve", "frontier_mix",
-           "headroom_captured", "headroom_caveat", "headroom_floor", "hull", "noise_line",
+           "headroom_captured", "headroom_caveat", "headroom_floor", "hull", "noise_line", "nz",
            "share_above", "verdict", "versus_cascade", "wall_clock", "wall_clock_in_turns"]

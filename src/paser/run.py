@@ -251,13 +251,14 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
     """Calibrate the trained run to its operating point on the validation split; saved as
     ``calibration.json``, which ``PaSeR.load`` (segment, evaluate, the report) applies."""
     from paser.api import PaSeR
+    from paser.cost import FLOP_CONVENTION
 
     model = PaSeR.load(run_dir, calibrated=False)
     cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
-    echo(f"[calibrate] {', '.join(f'{k} {v}' for k, v in cal.describe_target().items())}: validation "
-         f"mIoU {cal.miou:.4f} at {cal.gflops:.3f} GFLOP per image, "
-         f"{cal.per_megapixel(cal.gflops) or 0:.2f} per megapixel (uncalibrated "
-         f"{cal.uncalibrated['miou']:.4f} at {cal.uncalibrated['gflops']:.3f})")
+    echo(f"[calibrate] {cal.target_text()}: validation mIoU {cal.miou:.4f} at "
+         f"{cal.gflops:.3f} GFLOP per image, {cal.per_megapixel(cal.gflops) or 0:.2f} GFLOP per "
+         f"megapixel (uncalibrated {cal.uncalibrated['miou']:.4f} at "
+         f"{cal.uncalibrated['gflops']:.3f}; {FLOP_CONVENTION})")
 
 
 def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
@@ -556,6 +557,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
                                                show_progress=show_progress))
+    if cfg.stage3.epochs == 0:  # the step still keeps stage 2's router as the deployed one
+        echo("[stage3] off in this config (stage3.epochs: 0): the policy and the pool stay as "
+             "stage 2 left them")
     step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))
     if cfg.stage3.tvd_sweep:
         step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,

@@ -304,19 +304,59 @@ def locked(path: str | Path):
         fh.close()
 
 
-def progress(enabled: bool = True, stderr: bool = False) -> Progress:
-    """A rich progress bar group; disabled bars cost nothing. ``stderr``: drawn there,
-    leaving stdout to a command's results."""
+#: seconds between the lines a progress bar prints where it cannot redraw itself (a pipe, a
+#: file, a CI log): rich draws such a bar once, when it stops, which left a log without a
+#: line for as long as a model trained or a folder was segmented
+LOG_EVERY_S = 30.0
+
+
+class _Progress(Progress):
+    """rich's bars, which print the bar that moved as one line at most every
+    :data:`LOG_EVERY_S` seconds where the console cannot redraw them."""
+
+    def __init__(self, *columns, **kwargs):
+        import time
+
+        super().__init__(*columns, **kwargs)
+        self._logged = time.monotonic()
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        import time
+
+        if self.disable or self.console.is_interactive or not self.live.is_started:
+            return
+        now = time.monotonic()
+        if now - self._logged < LOG_EVERY_S:
+            return
+        self._logged = now
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is not None and task.visible:
+            self.console.print(self.make_tasks_table([task]))
+
+
+def progress(enabled: bool = True) -> Progress:
+    """A rich progress bar group on stderr (stdout is a command's results); disabled bars
+    cost nothing. Where stderr is not a terminal, a bar that moves prints a line every
+    :data:`LOG_EVERY_S` seconds."""
     from rich.console import Console
 
-    return Progress(
+    return _Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
-        **({"console": Console(stderr=True)} if stderr else {}),
+        console=Console(stderr=True),
     )
 
 
@@ -389,6 +429,24 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
         yield item
 
 
+def _start_forkserver() -> None:
+    """Start the fork server with Ctrl-C ignored: the server shares the terminal's process
+    group, and it ignores SIGINT itself only once its preload (torch: seconds) is imported,
+    so a Ctrl-C in those seconds printed its traceback after paser's own message. An
+    ignored signal stays ignored in the new process."""
+    import signal
+    import threading
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals are the main thread's; the server starts when first used
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def worker_context(workers: int, preload: list[str]):
     """How worker processes start: from a fork server where the platform has one (``None``:
     the platform's default; also with no workers). The server imports ``preload`` once, so
@@ -399,5 +457,6 @@ def worker_context(workers: int, preload: list[str]):
     if workers and "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(preload)  # no effect once the server runs
+        _start_forkserver()
         return ctx
     return None

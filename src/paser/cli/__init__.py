@@ -49,9 +49,17 @@ def _command(args: list[str]) -> str:
     return next((a for a in args if not a.startswith("-")), "")
 
 
+#: commands that write nothing to continue from: stopped, they are simply run again
+STARTED_OVER = ("evaluate", "export", "calibrate", "config", "presets")
+
+
 def interrupted(args: list[str]) -> str:
     """What Ctrl-C leaves, and how the interrupted command goes on."""
     command = _command(args)
+    if command == "serve":
+        return "paser serve stopped"
+    if command in STARTED_OVER or (command == "data" and "check" in args):
+        return "interrupted"
     if command in RESUMED_WITH_FLAG:
         return "interrupted; re-run with --resume to continue from the last epoch"
     if "--force" in args or "--overwrite" in args:  # run again as it was, it starts over

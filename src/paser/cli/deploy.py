@@ -46,17 +46,21 @@ def evaluate(
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
-    methods = [(name, None), *((f"f{k} on all patches" if k else "f0 (MC) alone", k)
+    cfg = model.config
+    once = cfg.mc_samples == 1  # f0 runs one pass (mc_dropout none: always)
+    methods = [(name, None), *((f"f{k} on all patches" if k else
+                                "f0 alone" if once else "f0 (MC) alone", k)
                                for k in range(model.router.num_models))]
     rows = []
-    with progress(stderr=True) as bar:
+    with progress() as bar:
         for label, k in methods:
             task = bar.add_task(label, total=len(data), info="")
             rows.append((label, model.evaluate(
                 data, batch_size, model=k, num_workers=workers,
                 on_batch=lambda n, task=task: bar.advance(task, n))))
+    passes = "one pass" if once else f"{cfg.mc_samples} Monte Carlo passes"
     typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
-               f"{model.config.mc_samples} Monte Carlo passes in the PaSeR and f0 rows, the "
+               f"{passes} in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
                "the report)")
     typer.echo(f"{'method':<20} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
@@ -373,7 +377,7 @@ def _volume_lines(results, out: Path) -> None:
             continue
         rec = r.record
         typer.echo(f"{r.source}: {' x '.join(map(str, rec['shape']))} "
-                   f"({rec['megavoxels']:.1f} megavoxels)"
+                   f"({rec['megavoxels']:.3g} megavoxels)"
                    + (", segmented before (skipped)" if r.resumed else "")
                    + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
@@ -540,8 +544,8 @@ def calibrate(
         Steps(run_dir).drop("calibrate")
     typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
                f"image ({FLOP_CONVENTION})")
-    target = ", ".join(f"{k} = {v}" for k, v in cal.describe_target().items())
-    typer.echo(f"target {target}; bias on the logits {[round(b, 4) for b in cal.bias]}")
+    typer.echo(f"target: {cal.target_text()}; bias on the logits "
+               f"{[round(b, 4) for b in cal.bias]}")
     typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8} {'GFLOP/MP':>9}  patches per model")
     for label, r in (("uncalibrated", cal.uncalibrated), ("calibrated", asdict(cal))):
         per_mp = cal.per_megapixel(r["gflops"])

@@ -133,7 +133,11 @@ class SegmentationFiles(Dataset):
     def _check_sizes(self) -> tuple[list[tuple[int, int]], int]:
         sizes, colour, kinds, unmatched = [], False, {}, []
         for img, lbl in zip(self.images, self.labels, strict=True):
-            head, label = probe(img), probe(lbl)
+            try:
+                head, label = probe(img), probe(lbl)
+            except DataError as err:  # an unreadable file: every one named, not the first
+                unmatched.extend(err.each())
+                continue
             colour = colour or head.colour
             kinds.setdefault(head.channels, img)
             self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"

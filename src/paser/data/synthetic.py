@@ -416,9 +416,10 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, where: Path | None = None):
         self._bar = self._task = None
         if enabled:
+            from rich.console import Console
             from rich.progress import Progress
 
-            self._bar = Progress(transient=True)
+            self._bar = Progress(transient=True, console=Console(stderr=True))
             self._task = self._bar.add_task(
                 "synthetic images" + ("" if where is None else f" into {where}"), total=total)
 

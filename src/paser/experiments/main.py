@@ -317,8 +317,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                  f"the fixed cost ({lo:.3f}) to the dearest single model's GFLOP ({dearest}, "
                  f"{hi:.3f}).")
     if paser.calibration is not None:
-        target = ", ".join(f"{k} {v}" for k, v in paser.calibration.describe_target().items())
-        notes.append(f"PaSeR runs at the run's calibrated operating point ({target}; "
+        notes.append(f"PaSeR runs at the run's calibrated operating point "
+                     f"({paser.calibration.target_text()}; "
                      "calibrated on the validation split).")
     for name, cal in calibrations.items():
         notes.append(f"{name}: calibrated on the validation split (validation mIoU "

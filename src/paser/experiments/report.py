@@ -150,8 +150,8 @@ def markdown(results: dict) -> str:
         w(f"The cascade never comes within {tol} of PaSeR's IoU: its most accurate "
           "thresholds are shown.\n\n")
     w("| FLOPs saved | IoU/GFLOP gain | IoU difference |\n|---|---|---|\n")
-    w(f"| {t2['flops_saved_pct']:.1f} % | {t2['iou_per_gflop_gain_pct']:+.1f} % | "
-      f"{t2['iou_difference']:+.4f} |\n")
+    w(f"| {FR.nz(t2['flops_saved_pct'], 1):.1f} % | {FR.nz(t2['iou_per_gflop_gain_pct'], 1):+.1f} % | "
+      f"{FR.nz(t2['iou_difference'], 4):+.4f} |\n")
     w("\n## Routing: share of patches per model\n\n")
     names = results["models"]
     w("| method | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")

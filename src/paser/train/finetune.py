@@ -81,7 +81,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             _save_best(best_path, router, -1, None)
         log.truncate_after("stage3", start - 1)
     n = len(data.ft)
-    with progress(show_progress and dist.is_main) as bar:
+    with progress(show_progress and dist.is_main and s3.epochs > 0) as bar:
         name = "stage 3 joint" if variant is None else f"stage 3 variant (TVD {s3.tvd_threshold})"
         task = bar.add_task(name, total=s3.epochs, completed=start, info="")
         for epoch in range(start, s3.epochs):

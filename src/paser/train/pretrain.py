@@ -315,8 +315,9 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                                        "best": best, "best_epoch": best_epoch, "spec": spec,
                                        "role": role} | ({} if ema is None else {
                                            "ema": ema.state_dict()}), last_path)
-            bar.update(task, completed=epoch + 1,
-                       info=f"loss {record['loss']:.3f}  val mIoU {val_miou:.3f}")
+            low = "" if dist.precision == "32-true" else f" ({dist.precision.split('-')[0]})"
+            bar.update(task, completed=epoch + 1,  # the summary's figures are 32-bit
+                       info=f"loss {record['loss']:.3f}  val mIoU{low} {val_miou:.3f}")
             if stop:
                 bar.update(task, total=epoch + 1)
                 break
