@@ -173,6 +173,33 @@ def test_an_image_of_another_folder_with_the_same_name_is_refused_a_changed_one_
     assert [(r.ok, r.resumed) for r in moved] == [(True, True), (True, True)]
 
 
+def test_an_input_written_again_while_it_is_read_is_recorded_as_it_was_and_redone(
+        setup, monkeypatch):
+    """The record's digest is of the bytes read, taken before the pixels: a file rewritten
+    between its reading and its record is not skipped later with labels of the old."""
+    import paser.segment as S
+
+    m, files, tmp = setup
+    read, new = S.read_input, files[1].read_bytes()
+
+    def rewritten(path, *args):  # the scanner writes s0.png again as it is read
+        out = read(path, *args)
+        if path == files[0] and path.read_bytes() != new:
+            path.write_bytes(new)
+        return out
+
+    monkeypatch.setattr(S, "read_input", rewritten)
+    [first] = segment_files(m, files[:1], tmp / "out", workers=0)
+    monkeypatch.setattr(S, "read_input", read)
+    assert first.ok and json.loads((tmp / "out" / "s0.json").read_text())[
+        "input_sha256"] != S.file_sha256(files[0])
+    [again] = segment_files(m, files[:1], tmp / "out", workers=0)
+    assert again.ok and not again.resumed  # done again, now with what the file holds
+    segment_files(m, [files[1]], tmp / "s1")
+    assert (tmp / "out" / "s0_labels.png").read_bytes() == (tmp / "s1" / "s1_labels.png"
+                                                            ).read_bytes()
+
+
 def test_an_older_record_without_a_digest_is_redone_where_its_input_changed_since(setup):
     import os
 

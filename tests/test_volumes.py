@@ -413,6 +413,9 @@ def test_a_tiff_written_a_page_at_a_time_is_one_volume(setup):
             tif.write(page, photometric="minisblack")
     volume = open_volume(tmp / "loop.tif")
     assert volume.shape == vol.shape and np.array_equal(volume.read(3, 7), vol[3:7])
+    # its chunks are read by page index: tifffile's series would parse every page each time
+    tifffile.imwrite(tmp / "whole.tif", vol)
+    assert volume.paged and not open_volume(tmp / "whole.tif").paged
     files, volumes = split_inputs([tmp / "loop.tif"])
     assert files == [] and [v.depth for v in volumes] == [DEPTH]
     [res] = segment_volumes(m, volumes, tmp / "out", chunk=10)

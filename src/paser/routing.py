@@ -248,7 +248,8 @@ class Router(nn.Module):
             each = [self.observe(x[i:i + 1], mc_seed) for i in range(len(x))]
             return MCOutput(*(torch.cat(part) for part in
                               zip(*((o.probs, o.pred, o.entropy) for o in each), strict=True)))
-        with seeded(mc_seed, x.device):
+        # without dropout nothing is drawn: no generator to fork and seed (0.5 ms a call)
+        with seeded(None if self.mc_dropout == "none" else mc_seed, x.device):
             return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
 
     def state(self, xp: torch.Tensor, mc: MCOutput) -> torch.Tensor:

@@ -86,6 +86,10 @@ class Volume:
     lead: int = 0  # zarr, hdf5: leading axes of length 1 before the slices
     error: str = ""  # why it could not be opened (split_inputs(keep_failed=True)): not read
     alpha: int = 0  # tiff: its last samples that are alpha (ExtraSamples), dropped on read
+    #: tiff: written a page at a time (one series a page): its pages are read by index, as
+    #: tifffile's series would parse every page of the file for each chunk (2,048 pages:
+    #: 0.5 s a chunk, a volume's reading quadratic in its depth)
+    paged: bool = False
 
     @property
     def depth(self) -> int:
@@ -106,7 +110,7 @@ class Volume:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tif:
-                pages = stack_pages(tif)
+                pages = tif.pages if self.paged else tif.series[0].pages
                 out = np.stack([pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
             return out[..., :-self.alpha] if self.alpha else out
@@ -286,7 +290,7 @@ def _tiff(path: Path) -> Volume:
     shape = (*shape[:3], shape[3] - alpha) if alpha else shape
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
-                  planar=planar, alpha=alpha)
+                  planar=planar, alpha=alpha, paged=loose)
 
 
 class MissingPackage(DataError):

@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from paser.metrics import reward
 
@@ -67,6 +66,10 @@ class RoutingPolicy(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
+        # imported here: torchvision (with torch._dynamo) adds about 0.9 s to the start of
+        # every command and reader process, and the pooled router has no such block
+        from torchvision.models.resnet import BasicBlock
+
         project = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16))
         self.block = BasicBlock(64, 16, downsample=project)
         self.head = nn.Linear(16, num_patches * num_models)
