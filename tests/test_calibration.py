@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -216,6 +217,15 @@ def test_quality_targets_pick_from_an_exact_sweep(setup):
         assert best.miou >= float(miou[gflops <= budget + 1e-9].max()) - 1e-9
         assert best.miou >= plain.miou - 1e-9
     assert best.describe_target() == {"budget_gflops": f"{budget:g}", "best_iou": "true"}
+    assert best.target_text() == (f"a budget of {budget:.4g} GFLOP per image, the best mIoU "
+                                  "within it")
+    # in words for a line of output; a calibration of before 2026-12-03 names no top model
+    words = dataclasses.replace(cal, target={"iou_within_top": 0.01, "top_miou": 0.8})
+    assert words.target_text() == ("the least GFLOP within 0.01 mIoU of the best single model "
+                                   "(validation mIoU 0.8000)")
+    dear = dataclasses.replace(cal, target={"budget_gflops": 12345.6, "above_dearest": 2.5})
+    assert dear.target_text() == ("a budget of 12,346 GFLOP per image; more than every patch "
+                                  "on the largest model costs (2.5): it bounds nothing")
 
 
 def test_the_tvd_target_moves_the_assignment_at_most_that_far(setup):

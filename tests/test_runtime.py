@@ -157,10 +157,18 @@ def test_progress_bars_print_a_line_now_and_then_where_they_cannot_redraw(monkey
     lines = out.err.splitlines()
     assert out.out == "" and [line.split()[2] for line in lines] == ["1/3", "2/3", "2/3"]
     assert all(line.startswith("segment") and "1.0 images/s" in line for line in lines)
+    with R.progress() as bar:  # a sub-bar that moves prints the whole with it
+        bar.add_task("segment", total=2, info="")
+        tiles = bar.add_task("  a: tiles", total=4, info="")
+        bar.advance(tiles)
+    first, second = capsys.readouterr().err.splitlines()[:2]
+    assert first.startswith("segment") and "0/2" in first and "a: tiles" in second
     monkeypatch.setattr(R, "LOG_EVERY_S", 3600.0)  # the default's spacing: the end only
     with R.progress() as bar:
         bar.advance(bar.add_task("segment", total=3, info=""))
     assert len(capsys.readouterr().err.splitlines()) == 1
+    assert [R.figure(x) for x in (0.0157, 2.5708, 150.4, 1070.4, 12345.6)] == [
+        "0.0157", "2.571", "150.4", "1,070", "12,346"]  # never 1.07e+03
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
@@ -262,7 +270,9 @@ def test_ctrl_c_says_how_to_go_on():
     assert interrupted(["serve", "--run-dir", "r"]) == "paser serve stopped"
     assert interrupted(["evaluate", "--run-dir", "r"]) == "interrupted"
     assert interrupted(["data", "check", "folder"]) == "interrupted"
-    assert "again to continue" in interrupted(["data", "synth", "--out", "d"])
+    assert interrupted(["data", "synth", "--out", "check"]).startswith(
+        "interrupted; --out holds part of the set")
+    assert "incomplete" in interrupted(["export", "--run-dir", "r"])
     assert "again to continue" in interrupted([])
 
 
@@ -339,7 +349,7 @@ def test_sigterm_is_handled_as_ctrl_c_and_ends_the_process_by_it(tmp_path):
         res = run(signalled_once_it_writes(tmp_path / stop, stop, "entry()"))
         # ended by the signal once it said so, as a service manager expects
         assert res.returncode == -signal.SIGTERM, res.stderr
-        assert "terminated (SIGTERM); what finished is kept" in res.stderr
+        assert "terminated (SIGTERM); --out holds part of the set" in res.stderr
         assert "Traceback" not in res.stderr
     # main() in a caller's own process (benchmarks/gpu.py): its status, and its finally runs
     res = run(signalled_once_it_writes(

@@ -38,7 +38,7 @@ from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
-from paser.runtime import atomic_write_text
+from paser.runtime import atomic_write_text, figure
 
 FILE = "calibration.json"
 
@@ -98,14 +98,20 @@ class Calibration:
         """The target in words, for a line of output (:meth:`describe_target`'s keys; a
         budget above every patch on fK is a note of its own)."""
         t = self.target
-        if "iou_within_top" in t:
+        if "iou_within_top" in t:  # (a calibration of before 2026-12-03 names no model)
+            best = ", ".join(([t["top_model"]] if "top_model" in t else [])
+                             + ([f"validation mIoU {t['top_miou']:.4f}"] if "top_miou" in t
+                                else []))
             return (f"the least GFLOP within {t['iou_within_top']:g} mIoU of the best single "
-                    f"model ({t['top_model']}, validation mIoU {t['top_miou']:.4f})")
+                    "model" + (f" ({best})" if best else ""))
         if "budget_gflops" in t:
             per_mp = t.get("budget_gflops_per_mp")
-            return (f"a budget of {t['budget_gflops']:.4g} GFLOP per image"
-                    + ("" if per_mp is None else f" ({per_mp:g} GFLOP per megapixel)")
-                    + (", the best mIoU within it" if t.get("best_iou") else ""))
+            return (f"a budget of {figure(t['budget_gflops'])} GFLOP per image"
+                    + ("" if per_mp is None else f" ({figure(per_mp)} GFLOP per megapixel)")
+                    + (", the best mIoU within it" if t.get("best_iou") else "")
+                    + ("; more than every patch on the largest model costs "
+                       f"({figure(t['above_dearest'])}): it bounds nothing"
+                       if "above_dearest" in t else ""))
         if "max_frac_large" in t:
             return f"at most {t['max_frac_large']:.1%} of patches on the largest model"
         if "max_tvd" in t:

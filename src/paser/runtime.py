@@ -117,6 +117,12 @@ def place(model: torch.nn.Module, device: torch.device | str,
     return model
 
 
+def figure(x: float) -> str:
+    """A figure for a line of output: 4 significant digits, whole and with thousands
+    separators from 1,000 on (never ``1.07e+03``)."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -311,8 +317,9 @@ LOG_EVERY_S = 30.0
 
 
 class _Progress(Progress):
-    """rich's bars, which print the bar that moved as one line at most every
-    :data:`LOG_EVERY_S` seconds where the console cannot redraw them."""
+    """rich's bars, which print their unfinished bars, one line each, at most every
+    :data:`LOG_EVERY_S` seconds where the console cannot redraw them (not in Jupyter,
+    whose widget shows them)."""
 
     def __init__(self, *columns, **kwargs):
         import time
@@ -331,22 +338,25 @@ class _Progress(Progress):
     def _log(self, task_id) -> None:
         import time
 
-        if self.disable or self.console.is_interactive or not self.live.is_started:
+        if (self.disable or self.console.is_interactive or self.console.is_jupyter
+                or not self.live.is_started):
             return
         now = time.monotonic()
         if now - self._logged < LOG_EVERY_S:
             return
         self._logged = now
-        with self._lock:
-            task = self._tasks.get(task_id)
-        if task is not None and task.visible:
-            self.console.print(self.make_tasks_table([task]))
+        with self._lock:  # the whole, not the sub-bar that moved (an image's tiles)
+            tasks = [t for t in self._tasks.values() if t.visible and not t.finished]
+        if tasks:
+            self.console.print(self.make_tasks_table(tasks))
 
 
 def progress(enabled: bool = True) -> Progress:
     """A rich progress bar group on stderr (stdout is a command's results); disabled bars
-    cost nothing. Where stderr is not a terminal, a bar that moves prints a line every
+    cost nothing. Where stderr is not a terminal, the unfinished bars print a line every
     :data:`LOG_EVERY_S` seconds."""
+    import sys
+
     from rich.console import Console
 
     return _Progress(
@@ -357,6 +367,9 @@ def progress(enabled: bool = True) -> Progress:
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
         console=Console(stderr=True),
+        # what is printed to stdout meanwhile goes above the bars on a terminal, and where
+        # stdout is a pipe or a file (the bars on a terminal), to stdout still
+        redirect_stdout=sys.stdout.isatty(),
     )
 
 
@@ -433,7 +446,9 @@ def _start_forkserver() -> None:
     """Start the fork server with Ctrl-C ignored: the server shares the terminal's process
     group, and it ignores SIGINT itself only once its preload (torch: seconds) is imported,
     so a Ctrl-C in those seconds printed its traceback after paser's own message. An
-    ignored signal stays ignored in the new process."""
+    ignored signal stays ignored in the new process, and in the processes it forks:
+    paser's readers and writers ignore it anyway (:func:`detached_worker`), Ctrl-C is the
+    parent's to handle; another pool on this process's fork server inherits it too."""
     import signal
     import threading
     from multiprocessing import forkserver
@@ -443,8 +458,8 @@ def _start_forkserver() -> None:
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, before)
+    finally:  # (None: a handler not set from Python, as in an embedding program)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)
 
 
 def worker_context(workers: int, preload: list[str]):

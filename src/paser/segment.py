@@ -222,7 +222,12 @@ class _Inputs(torch.utils.data.Dataset):
             except OSError:  # the reader says what is wrong with it
                 seen = None
             image, notes = read_input(path, self.channels, self.intensity)
-            return image, notes, seen or (file_stat(path), file_sha256(path))
+            if seen is None:
+                try:
+                    seen = (file_stat(path), file_sha256(path))
+                except OSError as err:  # gone as it was read: this file fails alone
+                    raise DataError(f"{path}: cannot read the file ({err})") from None
+            return image, notes, seen
         except DataError as err:  # handed back whole: the loader would wrap it in a traceback
             return err
 

@@ -50,16 +50,22 @@ def _command(args: list[str]) -> str:
 
 
 #: commands that write nothing to continue from: stopped, they are simply run again
-STARTED_OVER = ("evaluate", "export", "calibrate", "config", "presets")
+STARTED_OVER = ("evaluate", "calibrate", "config", "presets")
 
 
 def interrupted(args: list[str]) -> str:
     """What Ctrl-C leaves, and how the interrupted command goes on."""
     command = _command(args)
+    after = args[args.index(command) + 1:] if command else []
+    sub = _command(after) if command == "data" else ""
     if command == "serve":
         return "paser serve stopped"
-    if command in STARTED_OVER or (command == "data" and "check" in args):
+    if command in STARTED_OVER or sub == "check":
         return "interrupted"
+    if command == "export":
+        return "interrupted; the export folder is incomplete: run the same command again"
+    if sub == "synth":  # it writes into an empty folder only
+        return "interrupted; --out holds part of the set: empty it, or give another --out"
     if command in RESUMED_WITH_FLAG:
         return "interrupted; re-run with --resume to continue from the last epoch"
     if "--force" in args or "--overwrite" in args:  # run again as it was, it starts over

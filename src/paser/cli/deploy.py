@@ -47,7 +47,7 @@ def evaluate(
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
     cfg = model.config
-    once = cfg.mc_samples == 1  # f0 runs one pass (mc_dropout none: always)
+    once = cfg.mc_dropout == "none"  # f0 runs one deterministic pass
     methods = [(name, None), *((f"f{k} on all patches" if k else
                                 "f0 alone" if once else "f0 (MC) alone", k)
                                for k in range(model.router.num_models))]
@@ -58,7 +58,8 @@ def evaluate(
             rows.append((label, model.evaluate(
                 data, batch_size, model=k, num_workers=workers,
                 on_batch=lambda n, task=task: bar.advance(task, n))))
-    passes = "one pass" if once else f"{cfg.mc_samples} Monte Carlo passes"
+    passes = ("one deterministic pass" if once else f"{cfg.mc_samples} Monte Carlo pass"
+              + ("es" if cfg.mc_samples > 1 else ""))
     typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
                f"{passes} in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
@@ -370,6 +371,7 @@ def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool,
 
 def _volume_lines(results, out: Path) -> None:
     from paser.cost import FLOP_CONVENTION
+    from paser.runtime import figure
 
     for r in results:
         if r.record is None:
@@ -377,7 +379,7 @@ def _volume_lines(results, out: Path) -> None:
             continue
         rec = r.record
         typer.echo(f"{r.source}: {' x '.join(map(str, rec['shape']))} "
-                   f"({rec['megavoxels']:.3g} megavoxels)"
+                   f"({figure(rec['megavoxels'])} megavoxels)"
                    + (", segmented before (skipped)" if r.resumed else "")
                    + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")

@@ -417,9 +417,10 @@ class _Progress:
         self._bar = self._task = None
         if enabled:
             from rich.console import Console
-            from rich.progress import Progress
 
-            self._bar = Progress(transient=True, console=Console(stderr=True))
+            from paser.runtime import _Progress  # a line now and then in a log, as any bar
+
+            self._bar = _Progress(transient=True, console=Console(stderr=True))
             self._task = self._bar.add_task(
                 "synthetic images" + ("" if where is None else f" into {where}"), total=total)
 
