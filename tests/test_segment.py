@@ -165,7 +165,7 @@ def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     assert res.returncode == 1
     assert "failed:" in res.stderr and "d.png" in res.stderr
     assert "3 of 4 images segmented in" in res.stdout
-    assert "v.tif: 20 x 28 x 28 (0.0157 megavoxels)" in res.stdout
+    assert "v.tif: 20 x 28 x 28 (0.01568 megavoxels)" in res.stdout
     assert (tmp_path / "o" / "c_labels.png").is_file()
     assert tifffile.imread(tmp_path / "o" / "v_labels.tif").shape == (20, 28, 28)
     res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out", str(tmp_path / "o"))
