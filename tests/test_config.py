@@ -30,6 +30,18 @@ def test_overrides_are_typed_and_nested():
     assert cfg.models.pool[0].name == "unet_large"
 
 
+def test_an_override_that_every_model_shadows_is_named_with_the_keys_that_do_it():
+    from paser.config import unread_overrides
+
+    given = ["stage1.epochs=5", "stage1.lr=1e-3", "grid=[2, 2]"]
+    cfg = load_config(preset="battery-quick", overrides=given)  # each model has its epochs
+    assert unread_overrides(cfg, given) == [
+        "stage1.epochs=5 changes nothing: every model of this config sets its own epochs, "
+        "which wins; give models.f0.epochs=5 models.pool.0.epochs=5 models.pool.1.epochs=5"]
+    given = [*given, "models.pool.1.epochs=null"]  # one model reads it: it does something
+    assert unread_overrides(load_config(preset="battery-quick", overrides=given), given) == []
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

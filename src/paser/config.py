@@ -563,7 +563,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override '{item}': expected key=value, e.g. stage1.epochs=5")
+        raise ConfigError(f"override '{item}': expected key=value, e.g. stage2.epochs=5")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -655,6 +655,25 @@ def load_config(
     return validate(full, where + " with overrides")
 
 
+def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...]
+                     ) -> list[str]:
+    """What to say of overrides that change nothing: ``stage1.epochs`` or ``stage1.lr``
+    where every model sets its own (a model's own wins; ``battery-quick`` gives each its
+    epochs), with the overrides that would do it."""
+    given = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+    given = {k.strip(): v.strip() for k, v in given.items()}
+    models = {"models.f0": cfg.models.f0,
+              **{f"models.pool.{i}": m for i, m in enumerate(cfg.models.pool)}}
+    notes = []
+    for key in ("epochs", "lr"):
+        if f"stage1.{key}" in given and all(getattr(m, key) is not None
+                                             for m in models.values()):
+            notes.append(f"stage1.{key}={given[f'stage1.{key}']} changes nothing: every model "
+                         f"of this config sets its own {key}, which wins; give "
+                         + " ".join(f"{name}.{key}={given[f'stage1.{key}']}" for name in models))
+    return notes
+
+
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (readable by ``load_config(config_file=...)``),
     whole or not at all."""
@@ -727,7 +746,7 @@ def reference() -> str:
            "Generated from the field descriptions in `paser.config` by "
            "`paser.config.reference()` (`paser config --doc` prints it); edit those, not this "
            "file. Keys are dotted paths, as overrides take them (`paser run ... "
-           "stage1.epochs=5 grid=[2,2]`); values are YAML. A config file or preset sets the "
+           "stage2.epochs=5 grid=[2,2]`); values are YAML. A config file or preset sets the "
            "same keys as nested mappings; `paser config --preset NAME` prints a resolved "
            "config.\n"]
     _ref_section(out, ExperimentConfig, "", "Top level", shared)

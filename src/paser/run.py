@@ -516,9 +516,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
                     "differently; run again to be sure it matches this config)")
         return ""
 
-    def step(name: str, fn, again: str | None = None) -> None:
+    def step(name: str, fn, again: str | None = None, note: str | None = None) -> None:
         """Run ``name`` unless it finished before on this config and data (``again``: why
-        it runs all the same)."""
+        it runs all the same; ``note``: what it does instead of its usual work)."""
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
         stale = any(before in timings for before in INPUTS.get(name, ()))
         missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
@@ -531,7 +531,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         why = why_again(name, stale, missing)
         if again and not force and not stale and not data_changed(name):
             why = f" ({again})"  # only where nothing of this run's own makes it run
-        echo(f"[{name}] {'resuming' if resume else 'running'}{why}")
+        echo(f"[{name}] {note or ('resuming' if resume else 'running')}{why}")
         steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
         fn(resume)
@@ -557,10 +557,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,
                                                show_progress=show_progress))
-    if cfg.stage3.epochs == 0:  # the step still keeps stage 2's router as the deployed one
-        echo("[stage3] off in this config (stage3.epochs: 0): the policy and the pool stay as "
-             "stage 2 left them")
-    step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress))
+    step("stage3", lambda resume: finetune(cfg, run_dir, resume=resume, show_progress=show_progress),
+         note=None if cfg.stage3.epochs else "off in this config (stage3.epochs: 0): keeping "
+         "stage 2's policy and the pool as the deployed router")
     if cfg.stage3.tvd_sweep:
         step("tvd", lambda resume: tvd_sweep(cfg, run_dir, resume=resume,
                                              show_progress=show_progress))

@@ -25,7 +25,7 @@ PRESET = typer.Option(None, "--preset", help="a shipped preset: " + ", ".join(li
                       + " (`paser presets`)")
 CONFIG = typer.Option(None, "--config", help="a YAML config file", exists=False)
 RUN_DIR = typer.Option(..., "--run-dir", help="the run directory (config, checkpoints, metrics)")
-OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. stage1.epochs=5 data.root=/data")
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. stage2.epochs=5 data.root=/data")
 RESUME = typer.Option(False, "--resume", help="continue from the last completed epoch")
 DEVICES = typer.Option(None, "--devices", min=1, help="processes per node for data-parallel "
                        "training (GPUs; on CPU, processes over gloo); default the config's "

@@ -31,7 +31,7 @@ def run_all(
 
     Steps already done with the same config are skipped; an interrupted step resumes.
     """
-    from paser.config import resolve_config
+    from paser.config import resolve_config, unread_overrides
     from paser.errors import ConfigError
     from paser.run import run
 
@@ -40,8 +40,10 @@ def run_all(
                           "--resume); it skips the steps done and resumes the interrupted one")
 
     with config_kept_on_error(run_dir):
-        run(resolve_config(preset, config, overrides, run_dir), run_dir, force=force,
-            echo=typer.echo)
+        cfg = resolve_config(preset, config, overrides, run_dir)
+        for note in unread_overrides(cfg, overrides or []):
+            typer.echo(f"warning: {note}", err=True)
+        run(cfg, run_dir, force=force, echo=typer.echo)
     typer.echo(f"report: {run_dir / 'report.md'}; figures in {run_dir / 'figures'}")
 
 

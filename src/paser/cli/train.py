@@ -26,13 +26,16 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
     """A training command: its config (with the distributed options), ``fn(cfg, run_dir,
     resume=...)``, then the step in the run's ledger for `paser run` to skip."""
     from paser.checkpoints import checkpoint_files
-    from paser.config import load_config, resolve_config, with_distributed
+    from paser.config import load_config, resolve_config, unread_overrides, with_distributed
     from paser.errors import ConfigError
     from paser.run import record_stage, start_stage
     from paser.runtime import is_main_process
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
+    if cfg is not None:
+        for note in unread_overrides(cfg, overrides or []):
+            typer.echo(f"warning: {note}", err=True)
     def weights() -> dict:  # the models' files (not the records beside them)
         return {k: v for k, v in checkpoint_files(run_dir).items() if k.endswith(".pt")}
 
