@@ -46,7 +46,7 @@ test: $(STAMP) lint
 # the tests a developer runs between edits (under a minute): no process of its own, no ONNX
 # export, no full run; `make test` (and CI) runs those too
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" $(XDIST)
 
 clean:
 	rm -rf $(VENV) runs
