@@ -148,13 +148,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if native_bf16(device) else "32-true"
 
 
-def launch(cfg: ExperimentConfig) -> Dist:
+def launch(cfg: ExperimentConfig, precision: str | None = None) -> Dist:
     """Launch the processes ``cfg.distributed`` asks for (none for one process, which
     autocasts itself, except with 16-mixed, which needs Fabric's gradient scaler) and
-    seed them all with ``cfg.seed``, so the models about to be built start alike."""
+    seed them all with ``cfg.seed``, so the models about to be built start alike.
+    ``precision``: the stage's own instead of ``distributed.precision`` (a stage that
+    trains in 32-bit says so: Fabric autocasts the forward of every module it sets up)."""
     d = cfg.distributed
     device = resolve_device(cfg.device)
-    precision = resolve_precision(d.precision, device)
+    precision = precision or resolve_precision(d.precision, device)
     if d.devices * d.num_nodes == 1 and precision != "16-mixed":
         seed_everything(cfg.seed)  # as the processes below do: one process starts alike
         return Dist(device, precision=precision)

@@ -50,7 +50,8 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
     out_dir = Path(out_dir)
     data = data or load_stage_data(cfg, progress=show_progress)
-    dist = launch(cfg)  # after the data is in place: the other processes only read it
+    # after the data is in place: the other processes only read it; stage 3 is 32-bit
+    dist = launch(cfg, "32-true")
     device = dist.device
     policy_state = load_checkpoint(run_dir / "checkpoints" / "policy.pt", device)["policy"]
     ckpt_dir = out_dir / "checkpoints"
