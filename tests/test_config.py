@@ -34,10 +34,19 @@ def test_an_override_that_every_model_shadows_is_named_with_the_keys_that_do_it(
     from paser.config import unread_overrides
 
     given = ["stage1.epochs=5", "stage1.lr=1e-3", "grid=[2, 2]"]
-    cfg = load_config(preset="battery-quick", overrides=given)  # each model has its epochs
+    cfg = load_config(preset="battery-quick", overrides=given)  # each pool model has epochs
+    keys = "models.f0.epochs=5 models.pool.0.epochs=5 models.pool.1.epochs=5"
+    # paser pretrain: no model reads it; paser run: MatPhase's do (its lr: everyone)
+    assert unread_overrides(cfg, given, baselines=False) == [
+        "stage1.epochs=5 changes nothing in this command: every model it trains sets its "
+        f"own epochs (a model's own wins); for theirs give {keys}"]
     assert unread_overrides(cfg, given) == [
-        "stage1.epochs=5 changes nothing: every model of this config sets its own epochs, "
-        "which wins; give models.f0.epochs=5 models.pool.0.epochs=5 models.pool.1.epochs=5"]
+        "stage1.epochs=5 reaches the baselines alone: f0 and every pool model set their own "
+        f"epochs (a model's own wins); for theirs give {keys}"]
+    assert unread_overrides(cfg, given, pool=False) == []  # paser baselines
+    gone = [*given, "baselines.matphase=null", "baselines.monolithic={}"]  # no baselines
+    assert unread_overrides(load_config(preset="battery-quick", overrides=gone), gone) == [
+        unread_overrides(cfg, given, baselines=False)[0]]
     given = [*given, "models.pool.1.epochs=null"]  # one model reads it: it does something
     assert unread_overrides(load_config(preset="battery-quick", overrides=given), given) == []
 

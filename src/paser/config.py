@@ -655,22 +655,44 @@ def load_config(
     return validate(full, where + " with overrides")
 
 
-def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...]
-                     ) -> list[str]:
-    """What to say of overrides that change nothing: ``stage1.epochs`` or ``stage1.lr``
-    where every model sets its own (a model's own wins; ``battery-quick`` gives each its
-    epochs), with the overrides that would do it."""
+def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...],
+                     pool: bool = True, baselines: bool = True) -> list[str]:
+    """What to say of ``stage1.epochs`` or ``stage1.lr`` overrides that do not reach the
+    models a command trains (``pool``: f0 and f1..fK; ``baselines``: MatPhase's members
+    and fusion, the monolithic models), each setting its own (a model's own wins;
+    ``battery-quick`` gives each pool model its epochs), with the overrides that would."""
     given = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
     given = {k.strip(): v.strip() for k, v in given.items()}
-    models = {"models.f0": cfg.models.f0,
-              **{f"models.pool.{i}": m for i, m in enumerate(cfg.models.pool)}}
+    specs: dict[str, dict[str, ModelSpec]] = {}
+    fusion = {"epochs": False, "lr": False}  # whether MatPhase's fusion reads the key
+    if pool:
+        specs["pool"] = {"models.f0": cfg.models.f0,
+                         **{f"models.pool.{i}": m for i, m in enumerate(cfg.models.pool)}}
+    if baselines:
+        specs["baselines"] = {f"baselines.monolithic.{k}": m
+                              for k, m in cfg.baselines.monolithic.items()}
+        mp = cfg.baselines.matphase
+        if mp is not None:
+            specs["baselines"] |= {f"baselines.matphase.members.{i}": m
+                                   for i, m in enumerate(mp.members)}
+            fusion = {"epochs": mp.fusion_epochs is None, "lr": True}
+    specs = {group: models for group, models in specs.items() if models}  # (none: no baselines)
     notes = []
     for key in ("epochs", "lr"):
-        if f"stage1.{key}" in given and all(getattr(m, key) is not None
-                                             for m in models.values()):
-            notes.append(f"stage1.{key}={given[f'stage1.{key}']} changes nothing: every model "
-                         f"of this config sets its own {key}, which wins; give "
-                         + " ".join(f"{name}.{key}={given[f'stage1.{key}']}" for name in models))
+        value = given.get(f"stage1.{key}")
+        reads = {group: any(getattr(m, key) is None for m in models.values())
+                 or (group == "baselines" and fusion[key]) for group, models in specs.items()}
+        ignored = [group for group in specs if not reads[group]]
+        if value is None or not ignored:
+            continue  # not given, or every group of models this command trains reads it
+        if len(ignored) == len(specs):
+            head = f"changes nothing in this command: every model it trains sets its own {key}"
+        else:  # (paser run: the pool sets its own, the baselines read it)
+            head = (f"reaches the {' and '.join(g for g in specs if reads[g])} alone: "
+                    + ("f0 and every pool model set their" if "pool" in ignored else
+                       "every baseline model sets its") + f" own {key}")
+        notes.append(f"stage1.{key}={value} {head} (a model's own wins); for theirs give "
+                     + " ".join(f"{name}.{key}={value}" for g in ignored for name in specs[g]))
     return notes
 
 

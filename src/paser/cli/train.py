@@ -33,9 +33,11 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
-    if cfg is not None:
-        for note in unread_overrides(cfg, overrides or []):
+    if cfg is not None and step in ("stage1", "baselines") and is_main_process():
+        for note in unread_overrides(cfg, overrides or [], pool=step == "stage1",
+                                     baselines=step == "baselines"):
             typer.echo(f"warning: {note}", err=True)
+
     def weights() -> dict:  # the models' files (not the records beside them)
         return {k: v for k, v in checkpoint_files(run_dir).items() if k.endswith(".pt")}
 
