@@ -219,15 +219,10 @@ class _Inputs(torch.utils.data.Dataset):
         try:
             try:
                 seen = (file_stat(path), file_sha256(path))
-            except OSError:  # the reader says what is wrong with it
-                seen = None
-            image, notes = read_input(path, self.channels, self.intensity)
-            if seen is None:
-                try:
-                    seen = (file_stat(path), file_sha256(path))
-                except OSError as err:  # gone as it was read: this file fails alone
-                    raise DataError(f"{path}: cannot read the file ({err})") from None
-            return image, notes, seen
+            except OSError as err:  # the reader says what is wrong with it; else this does
+                read_input(path, self.channels, self.intensity)
+                raise DataError(f"{path}: cannot read the file ({err})") from None
+            return (*read_input(path, self.channels, self.intensity), seen)
         except DataError as err:  # handed back whole: the loader would wrap it in a traceback
             return err
 
@@ -344,8 +339,8 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   on_tiles: Callable[[str, int, int], None] | None = None
                   ) -> tuple[Segmented, tuple | None]:
     """One input read as ``item`` (``(image, notes, seen)`` from :class:`_Inputs`, or the
-    :class:`DataError` of its reading) segmented with ``model``: its :class:`Segmented`, and the arguments of
-    :func:`_write` for its outputs (``None`` when it failed; ``res.error`` says why). A
+    :class:`DataError` of its reading) segmented with ``model``: its :class:`Segmented`,
+    and the arguments of :func:`_write` for its outputs (``None`` when it failed; ``res.error`` says why). A
     remote tier that refuses this edge (:class:`RemoteAccessError`) is raised: it is the
     same for every image. ``worker`` names the Dask worker in the record."""
     router, cfg = model.router, model.config

@@ -110,7 +110,7 @@ class Volume:
             import tifffile
 
             with tifffile.TiffFile(self.path) as tif:
-                pages = tif.pages if self.paged else tif.series[0].pages
+                pages = stack_pages(tif, self.paged)
                 out = np.stack([pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
             return out[..., :-self.alpha] if self.alpha else out

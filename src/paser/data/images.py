@@ -411,10 +411,11 @@ def page_by_page(tif) -> bool:
             and len({(s.pages[0].shape, str(s.pages[0].dtype)) for s in series}) == 1)
 
 
-def stack_pages(tif) -> list:
+def stack_pages(tif, paged: bool | None = None) -> list:
     """The pages of a TIFF's stack: its first series', or every page where the stack was
-    written a page at a time (:func:`page_by_page`)."""
-    return tif.pages if page_by_page(tif) else tif.series[0].pages
+    written a page at a time (:func:`page_by_page`; ``paged``: that answer kept from an
+    earlier look, for tifffile's series parse every page of such a file)."""
+    return tif.pages if (page_by_page(tif) if paged is None else paged) else tif.series[0].pages
 
 
 def probe(path: str | Path) -> Probe:
