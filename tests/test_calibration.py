@@ -153,6 +153,7 @@ def test_cli_calibrate(mnist_run, tmp_path):
     res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
     assert res.returncode == 0, res.stderr
     assert "calibrated" in res.stdout and "uncalibrated" in res.stdout
+    assert "target: at most 50.0% of patches on the largest model;" in res.stdout
     from paser import PaSeR
 
     model = PaSeR.load(run)
