@@ -50,7 +50,7 @@ def _command(args: list[str]) -> str:
 
 
 #: commands that write nothing to continue from: stopped, they are simply run again
-STARTED_OVER = ("evaluate", "calibrate", "config", "presets")
+STARTED_OVER = ("evaluate", "calibrate", "config", "presets", "compare")
 
 
 def interrupted(args: list[str]) -> str:

@@ -47,6 +47,26 @@ def run_all(
     typer.echo(f"report: {run_dir / 'report.md'}; figures in {run_dir / 'figures'}")
 
 
+@app.command("compare")
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="the folders of finished runs (each with "
+                                          "the results.json its report wrote)"),
+    as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON instead "
+                                 "of markdown"),
+) -> None:
+    """Finished runs side by side (seeds of one setting, or settings): each headline figure
+    per run, its mean, sd and range, and what the runs' configs differ in.
+
+    Example: for s in 0 1 2; do paser run --preset battery-quick --run-dir runs/s$s seed=$s;
+    done; paser compare runs/s0 runs/s1 runs/s2
+    """
+    from paser.experiments.compare import compare_runs, format_comparison
+
+    result = compare_runs(run_dirs)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_comparison(result),
+               nl=as_json)
+
+
 @experiment_app.command("sensitivity")
 def experiment_sensitivity(
     run_dir: Path = RUN_DIR,

@@ -1,0 +1,118 @@
+"""`paser compare`: finished runs side by side, with hand-computed figures and spreads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from tests.helpers import paser_here
+
+from paser.errors import CheckpointError
+from paser.experiments.compare import compare_runs, format_comparison, saved_vs_singles
+
+#: single models at (GFLOP, mIoU): f0 (0.1, 0.70), f1 (1.0, 0.80), f2 (3.0, 0.85)
+FRONTIER = {"gflops": [0.1, 1.0, 3.0], "iou": [0.70, 0.80, 0.85],
+            "models": ["f0", "f1", "f2"], "interpolate": True}
+
+
+def results(paser_iou: float, paser_gflops: float, captured: float, **extra) -> dict:
+    methods = {"f0": {"iou": 0.70, "gflops": 0.1}, "f1": {"iou": 0.80, "gflops": 1.0},
+               "f2": {"iou": 0.85, "gflops": 3.0},
+               "PaSeR": {"iou": paser_iou, "gflops": paser_gflops}}
+    return {"seed": 0, "preset": "battery-quick", "models": ["f0", "f1", "f2"],
+            "methods": methods, "curves": {"Frontier": FRONTIER},
+            "curve_areas": {"Frontier": 0.80, "PaSeR": 0.81, "IDK-Cascade": 0.805,
+                            "Oracle": 0.82},
+            "headroom_captured": {"PaSeR": captured, "IDK-Cascade": 0.25},
+            "table2": {"flops_saved_pct": 12.0}, "data_files": "abc",
+            "data_seeds": {"split": 42}} | extra
+
+
+def run(tmp_path, name: str, seed: int, res: dict, **config) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(res | {"seed": seed}))
+    cfg = {"seed": seed, "stage2": {"lam": 0.1},
+           "models": {"pool": [{"epochs": 40}, {"epochs": 40}]}}
+    for key, value in config.items():  # models__pool__1__epochs=30 -> models.pool[1].epochs
+        *path, last = key.split("__")
+        node = cfg
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return str(folder)
+
+
+def test_saved_against_the_single_models_at_equal_iou():
+    # 0.825 lies halfway from f1 to f2: the frontier needs 2.0 GFLOP, PaSeR spends 1.5
+    assert saved_vs_singles(results(0.825, 1.5, 0.5)) == pytest.approx(25.0)
+    # above every single model: compared with the best one's GFLOP (3.0)
+    assert saved_vs_singles(results(0.86, 2.4, 0.5)) == pytest.approx(20.0)
+    # under the frontier: 0.75 needs 0.55 GFLOP, PaSeR spends 1.1 (100 % more)
+    assert saved_vs_singles(results(0.75, 1.1, 0.5)) == pytest.approx(-100.0)
+
+
+def test_seeds_side_by_side_with_their_spread(tmp_path):
+    dirs = [run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5)),
+            run(tmp_path, "s1", 1, results(0.825, 1.5, 0.3)),
+            run(tmp_path, "s2", 2, results(0.825, 1.5, 0.4, table2={"flops_saved_pct": -3.0}))]
+    out = compare_runs(dirs)
+    assert [r["seed"] for r in out["runs"]] == [0, 1, 2]
+    assert out["differ"] == {"seed": [0, 1, 2]} and not out["data_differ"]
+    cap = out["figures"]["captured %"]
+    assert cap["mean"] == pytest.approx(40.0) and cap["sd"] == pytest.approx(10.0)
+    assert (cap["min"], cap["max"]) == pytest.approx((30.0, 50.0))
+    assert out["figures"]["PaSeR - frontier"]["mean"] == pytest.approx(0.01)
+    assert out["figures"]["PaSeR - cascade"]["mean"] == pytest.approx(0.005)
+    assert out["figures"]["f2"]["sd"] == pytest.approx(0.0)
+    assert out["holds"]["fewer GFLOP than the IoU-matched cascade (Table 2)"] == [2, 3]
+    text = format_comparison(out)
+    assert "They differ only in their seed: the spread is the draw's." in text
+    assert "| 1 | 0.7000 | 0.8000 | 0.8500 | 0.8250 | 1.500 | 25.0 |" in text
+    assert "| sd | | 0.0000 |" in text
+    assert "- fewer GFLOP than the IoU-matched cascade (Table 2): 2 of 3 runs" in text
+
+
+def test_what_the_runs_differ_in_and_what_a_report_lacks(tmp_path):
+    old = results(0.825, 1.5, 0.5)
+    del old["table2"]  # an older report
+    dirs = [run(tmp_path, "a", 0, old),
+            run(tmp_path, "b", 0, results(0.825, 1.5, 0.3, data_files="def"),
+                models__pool__1__epochs=30)]
+    out = compare_runs(dirs)
+    assert out["differ"] == {"models.pool.1.epochs": [40, 30]} and out["data_differ"]
+    assert out["runs"][0]["figures"]["Table 2 %"] is None
+    t2 = out["figures"]["Table 2 %"]
+    assert t2["runs"] == 1 and t2["mean"] == pytest.approx(12.0) and t2["sd"] is None
+    text = format_comparison(out)
+    assert ("They differ in `models.pool.1.epochs` (40 / 30): the spread mixes these "
+            "settings with the draw.") in text
+    assert "Their data differ" in text
+    assert math.isclose(out["figures"]["captured %"]["mean"], 40.0)
+
+
+def test_what_is_not_a_finished_run_is_refused(tmp_path):
+    good = run(tmp_path, "good", 0, results(0.825, 1.5, 0.5))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no results.json; finish `paser run`"):
+        compare_runs([good, tmp_path / "empty"])
+    with pytest.raises(CheckpointError, match="is given twice"):
+        compare_runs([good, good + "/"])
+    (tmp_path / "empty" / "results.json").write_text("{not json")
+    (tmp_path / "empty" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(CheckpointError, match="cannot read its report or config"):
+        compare_runs([tmp_path / "empty"])
+
+
+def test_the_command_prints_markdown_or_json(tmp_path):
+    dirs = [run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5)),
+            run(tmp_path, "s1", 1, results(0.825, 1.5, 0.3))]
+    md = paser_here("compare", *dirs)
+    assert md.returncode == 0 and md.stdout.startswith("# 2 runs compared\n")
+    js = paser_here("compare", "--json", *dirs)
+    assert json.loads(js.stdout)["figures"]["captured %"]["mean"] == pytest.approx(40.0)
+    missing = paser_here("compare", dirs[0], str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "nowhere: no results.json" in missing.stderr
