@@ -70,7 +70,8 @@ def test_seeds_side_by_side_with_their_spread(tmp_path):
     assert out["figures"]["f2"]["sd"] == pytest.approx(0.0)
     assert out["holds"]["fewer GFLOP than the IoU-matched cascade (Table 2)"] == [2, 3]
     text = format_comparison(out)
-    assert "They differ only in their seed: the spread is the draw's." in text
+    assert ("They differ only in their seed: the spread is the training's draw on the same "
+            "data") in text
     assert "| 1 | 0.7000 | 0.8000 | 0.8500 | 0.8250 | 1.500 | 25.0 |" in text
     assert "| sd | | 0.0000 |" in text
     assert "- fewer GFLOP than the IoU-matched cascade (Table 2): 2 of 3 runs" in text

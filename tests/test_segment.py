@@ -316,3 +316,21 @@ def test_a_per_megapixel_budget_says_where_padded_tiles_spent_past_it(capsys):
     _padding_note(SimpleNamespace(tile=None), odd, 221.4, 90)  # routed whole
     assert capsys.readouterr().out == ""
     assert "128 x 128 tiles they are cut into" in sizes_pay(tiled)
+
+
+def test_an_images_ms_leaves_out_counting_the_flops_of_a_new_size(mnist_run, tmp_path,
+                                                                  monkeypatch):
+    from paser import PaSeR
+
+    model = PaSeR.load(mnist_run)
+    files = find_images([_inputs(tmp_path / "in")])[:3]  # three sizes
+    segment, counted_before = model.segment, []
+
+    def timed(x, **kwargs):  # what `ms` times: the cost table of this size is there already
+        size = model.router.grid.padded_size(*model.routed_size(*x.shape[-2:]))
+        counted_before.append(size in model.router._costs)
+        return segment(x, **kwargs)
+
+    monkeypatch.setattr(model, "segment", timed)
+    assert all(r.ok for r in segment_files(model, files, tmp_path / "out", previews=False))
+    assert counted_before == [True, True, True]

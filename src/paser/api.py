@@ -253,6 +253,13 @@ class PaSeR:
             tile = self._trained_size or None
         return None if tile is None else tuple(tile)
 
+    def routed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size each routed call sees for a ``height x width`` image: its own, or the
+        run's tile (:attr:`tile`) when it is cut into tiles; :meth:`Router.costs` of it is
+        the cost table the image is charged by."""
+        return (height, width) if self.tile is None or (height, width) == self.tile \
+            else self.tile
+
     def grid_for(self, height: int, width: int) -> PatchGrid:
         """The patches a ``height x width`` image is routed in: the run's grid, or, when it
         is cut into tiles (:attr:`tile`), the tiles' patches as one grid of fixed-size

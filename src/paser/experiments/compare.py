@@ -1,8 +1,11 @@
 """Finished runs side by side: each headline figure of their reports, run by run, with its
 mean, standard deviation and range, and what the runs' configurations differ in.
 
-One run is one draw (of the data split, the initial weights, the dropout masks): a figure
-holds only if it holds on fresh runs of other seeds. ``paser compare runs/s0 runs/s1 runs/s2``
+One run is one draw (of the models' initial weights, the order of their batches, the
+dropout masks): a figure holds only if it holds on fresh runs of other seeds. ``seed``
+leaves the data alone (the split has ``data.split_seed``, the synthetic set
+``data.synthetic.seed``), so the spread of seeds is the training's; the report's noise line
+gives the test split's. ``paser compare runs/s0 runs/s1 runs/s2``
 reads the runs' ``results.json`` and ``config.yaml`` and trains nothing. Where the runs
 differ in more than their seed, the spread mixes the settings with the draw, and it says so.
 
@@ -201,7 +204,9 @@ def format_comparison(result: dict) -> str:
         out.append("Their configurations are identical (the seed too): the spread is the "
                    "machine's and the code's, not a draw of the seed.")
     elif set(differ) == {"seed"}:
-        out.append("They differ only in their seed: the spread is the draw's.")
+        out.append("They differ only in their seed: the spread is the training's draw "
+                   + ("(the data differ too)." if result["data_differ"] else
+                      "on the same data (each report's noise line gives its test split's)."))
     else:
         out.append("They differ in " + ", ".join(
             f"`{k}` ({' / '.join(str(v) for v in vals)})" for k, vals in differ.items())
