@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +64,32 @@ def test_an_interrupted_call_continues_and_equals_an_uninterrupted_one(setup, mo
     seen.clear()
     segment_files(m, files, tmp / "out")
     assert seen == []  # all done: nothing runs
+
+
+@pytest.mark.slow  # writer processes
+def test_stopped_with_writer_processes_every_image_on_disk_is_in_the_summary(setup,
+                                                                           monkeypatch):
+    m, files, tmp = setup
+    seen: list[int] = []
+    segment = type(m).segment
+
+    def stop_at_fourth(self, x, *a, **k):
+        seen.append(1)
+        if len(seen) == 4:  # once the writer has written the first three, before this
+            deadline = time.monotonic() + 60  # process has seen the third one done
+            while len(list((tmp / "out").glob("s*.json"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            raise Interrupted
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", stop_at_fourth)
+    with pytest.raises(Interrupted):
+        segment_files(m, files, tmp / "out", workers=1)
+    rows = list(csv.DictReader(open(tmp / "out" / "summary.csv")))
+    on_disk = sorted(p.stem for p in (tmp / "out").glob("s*.json"))
+    assert on_disk == ["s0", "s1", "s2"]  # the writers finish what they were given
+    assert sorted(r["input"] for r in rows) == [str(f) for f in files[:3]]
+    assert {r["status"] for r in rows} == {"ok"}
 
 
 def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(setup):

@@ -172,6 +172,28 @@ def test_stitched_tiles_keep_the_degraded_patches_of_any_batch():
         assert out.degraded.view(-1).tolist() == expect
 
 
+def test_stitched_labels_are_class_indices_whatever_their_count():
+    """The tiles' labels are stitched as bytes where they fit, and come back as int64 class
+    indices either way, a batch of tiles past class 255 included."""
+    from paser.patches import PatchGrid
+    from paser.routing import RoutingOutput
+
+    def route(t, inside):  # each tile labelled with 100 times its value
+        n = t.shape[0]
+        mask = (t[:, 0] * 100).long()
+        return RoutingOutput(mask, None, torch.zeros(n, 1, dtype=torch.long), torch.ones(n),
+                             None, None, None)
+
+    # a 4 x 16 image: four tiles of 4 x 4, tile j all j; batches of two: classes 0 and 100,
+    # then 200 and 300 (past a byte)
+    x = torch.arange(4.0).repeat_interleave(4).view(1, 1, 1, 16).expand(1, 1, 4, 16).contiguous()
+    out = route_tiled(route, x, (4, 4), PatchGrid(1, 1), batch=2, probs=False)
+    assert out.mask.dtype == torch.long
+    assert torch.equal(out.mask, (x[:, 0] * 100).long())
+    out = route_tiled(route, x[..., :8], (4, 4), PatchGrid(1, 1), batch=2, probs=False)
+    assert out.mask.dtype == torch.long and out.mask.unique().tolist() == [0, 100]
+
+
 def test_segment_records_and_draws_the_patches_an_image_was_routed_in(tmp_path):
     cfg = load_config(preset="battery-quick", overrides=["data.tile=[16, 16]",
                                                          "models.num_classes=3"])

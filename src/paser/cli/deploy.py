@@ -112,8 +112,9 @@ def segment(
                                 "(0.25 s, then twice as long each time, at most 8 s)"),
     only: str = typer.Option(None, "--model", help="run one model alone on every image "
                              "instead of routing (f0, f1, ...), to compare on your images"),
-    workers: int = typer.Option(2, "--workers", min=0, help="processes reading and writing "
-                                "images while the models run (0: all in this process)"),
+    workers: int = typer.Option(None, "--workers", min=0, help="processes reading and "
+                                "writing images while the models run (0: all in this "
+                                "process); default 0 on 2 cores or fewer, else 2"),
     token_file: Path = typer.Option(None, "--token-file", help="with --remote: the file "
                                     "holding the server's token (default: $PASER_TOKEN)"),
     ca_file: Path = typer.Option(None, "--ca-file", help="with an https:// --remote: the "
@@ -152,7 +153,7 @@ def segment(
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
     from paser.runtime import OUT_LOCK, hold_folder, progress
-    from paser.segment import segment_files
+    from paser.segment import default_workers, segment_files
     from paser.volumes import split_inputs
 
     if out.exists() and not out.is_dir():
@@ -263,7 +264,8 @@ def segment(
                 bar.remove_task(tiles.pop(stem))
 
         if files:  # with volumes, the folder was claimed for both (and started over) above
-            results = segment_files(model, files, out, on_done=done, workers=workers, only=k,
+            results = segment_files(model, files, out, on_done=done, only=k,
+                                    workers=default_workers() if workers is None else workers,
                                     overwrite=overwrite and not volumes, previews=previews,
                                     on_tiles=on_tiles)
     seconds = time.perf_counter() - start

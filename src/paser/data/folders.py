@@ -108,7 +108,9 @@ class ClassMap:
     def encode(self, classes: np.ndarray) -> np.ndarray:
         """Class indices ``[H, W]`` as the mask values they are stored as: uint8, class k
         written as ``values[k]``; the inverse of :meth:`decode` on those values."""
-        classes = np.asarray(classes, dtype=np.int64)
+        classes = np.asarray(classes)
+        if classes.dtype.kind not in "iu":
+            classes = classes.astype(np.int64)
         if classes.size and not 0 <= int(classes.min()) <= int(classes.max()) < len(self.values):
             raise DataError(f"class indices {int(classes.min())}..{int(classes.max())} outside "
                             f"{self.where}'s {len(self.values)} classes")

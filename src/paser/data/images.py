@@ -492,10 +492,10 @@ class Intensity:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype == np.bool_:
             return arr.astype(np.float32)
-        if arr.dtype == np.uint8 and self.by_type_range(arr.dtype):
-            return arr.astype(np.float32) / 255.0
-        if arr.dtype == np.uint16 and self.by_type_range(arr.dtype):
-            return arr.astype(np.float32) / 65535.0
+        for dtype, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):
+            if arr.dtype == dtype and self.by_type_range(arr.dtype):
+                x = arr.astype(np.float32)
+                return np.divide(x, top, out=x)  # in place: a 4096^2 16-bit image, 64 MB less
         if arr.dtype.kind not in "iuf":
             raise DataError(f"{source}: pixels of type {arr.dtype}; give integer or float "
                             "images")

@@ -113,6 +113,11 @@ def _window_index(size: int, margin: int, start: int, length: int, mirror: bool
     return before[after[start:start + length]]
 
 
+def narrow(mask: torch.Tensor) -> torch.Tensor:
+    """Class indices as bytes where they fit (every index under 256), else as they are."""
+    return mask.to(torch.uint8) if mask.numel() and int(mask.max()) < 256 else mask
+
+
 def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
                 batch: int = 8, probs: bool = True,
                 on_batch: Callable[[int, int], None] | None = None):
@@ -124,7 +129,7 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
     summed over each image's tiles. ``grid`` is the run's patch grid of one tile.
     ``probs=False`` keeps each tile's labels only (``probs`` is then None): what is held
-    beside the image is 8 bytes a pixel, not the class probabilities and their stitching
+    beside the image is a byte a pixel, not the class probabilities and their stitching
     (about 110 bytes a pixel with the demo's three classes). ``on_batch(done, total)``
     is called with the tiles done after each batch (a progress bar's)."""
     from paser.metrics import predicted_classes
@@ -144,7 +149,8 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     outs = []  # each batch's fields that are stitched, nothing else (f0's passes, ...)
     for i in range(0, len(tiles), batch):
         out = route(tiles[i:i + batch], inside[i:i + batch])
-        outs.append({name: getattr(out, name) for name in kept})
+        outs.append({name: narrow(getattr(out, name)) if name == "mask" else getattr(out, name)
+                     for name in kept})
         del out
         if on_batch is not None:
             on_batch(min(i + batch, len(tiles)), len(tiles))
@@ -153,6 +159,8 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
         parts = [o[name] for o in outs]
         if all(p is None for p in parts):
             return None
+        if name == "mask" and len({p.dtype for p in parts}) > 1:  # a batch past 255
+            parts = [p.long() for p in parts]
         if name == "degraded":  # a batch whose every model ran has none: no patch failed
             parts = [torch.zeros_like(o["actions"], dtype=torch.bool) if p is None else p
                      for p, o in zip(parts, outs, strict=True)]
@@ -176,7 +184,7 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     if probs:
         stitched = image(cat("probs"))
         mask = predicted_classes(stitched)
-    else:
-        stitched, mask = None, image(cat("mask")).contiguous()
+    else:  # stitched in bytes (three copies of a 4096^2 image's labels: 48 MB, not 384)
+        stitched, mask = None, image(cat("mask")).contiguous().long()
     return RoutingOutput(mask, stitched, patches(cat("actions")), gflops,
                          patches(cat("logits")), None, patches(cat("degraded")))
