@@ -141,3 +141,55 @@ def test_pool_models_run_in_chunks_of_pixels_on_the_cpu(monkeypatch):
     assert torch.equal(chunked.argmax(1), whole.argmax(1))
     with torch.inference_mode():  # no patch routed to a model: an empty answer, not an error
         assert router.run_local(2, patches[:0]).shape == (0, 3, 16, 16)
+
+
+class _Elementwise(torch.nn.Module):
+    """A model of element-wise operations only (its numbers do not depend on the batch):
+    dropout, then three class scores per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        d = self.dropout(x)
+        return torch.cat([d, 1 - d, 0.5 * x], 1)
+
+
+@pytest.mark.parametrize("model", ["unet", "elementwise"])
+def test_seeded_dropout_gives_an_image_its_own_masks_in_a_batch_of_any_size(model):
+    from paser.uncertainty import one_mask_per_image, seeded
+
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 8, 8)
+    f0 = (create_model("unet_tiny", in_channels=1, num_classes=3) if model == "unet"
+          else _Elementwise())
+    # before: an image at a time, plain F.dropout; now: the whole batch in one go
+    alone = []
+    for i in range(len(x)):
+        with seeded(3, x.device):
+            alone.append(mc_predict(f0, x[i:i + 1], 4, "all").probs)
+    alone = torch.cat(alone)
+    with seeded(3, x.device), one_mask_per_image(f0, 1):
+        assert torch.equal(mc_predict(f0, x[:1], 4, "all").probs, alone[:1])  # as before
+    with seeded(3, x.device), one_mask_per_image(f0, len(x)):
+        batch = mc_predict(f0, x, 4, "all").probs
+    if model == "elementwise":  # the same numbers
+        assert torch.equal(batch, alone)
+    else:  # the same masks; the convolutions of a batch add up in another order
+        assert torch.allclose(batch, alone, atol=1e-4)
+    with seeded(3, x.device):
+        one_pass = mc_predict(f0, x[:1], 1, "all").probs
+    assert not torch.allclose(alone[:1], one_pass)  # the passes drew masks of their own
+    assert type(f0.dropout).forward is torch.nn.Dropout.forward  # put back
+
+
+def test_a_router_batch_equals_its_images_one_at_a_time_with_monte_carlo_dropout():
+    torch.manual_seed(0)
+    grid = PatchGrid(2, 2)
+    f0 = _Elementwise()
+    pool = [create_model("unet_tiny", in_channels=1, num_classes=3)]
+    router = Router(f0, RoutingPolicy(4, 2), pool, grid, 3, 1, "all", "entropy", "paper", 3)
+    x = torch.rand(4, 1, 16, 16)
+    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(4)])
+    assert torch.equal(router.observe(x, mc_seed=7).probs, each)

@@ -8,6 +8,7 @@ vectorised over images and patches: the only Python loop is over the K pool mode
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,9 @@ from paser.uncertainty import (
     Signal,
     StateKind,
     mc_predict,
+    one_mask_per_image,
     seeded,
+    shares_masks,
     state_channels,
 )
 
@@ -244,12 +247,14 @@ class Router(nn.Module):
         the dropout masks (see :meth:`forward`), each image's from the seed alone, so that
         an image gets the same answer in any batch (one image at a time, as ``paser
         segment`` runs, or with others, as evaluation and the API do)."""
-        if mc_seed is not None and self.mc_dropout != "none" and len(x) > 1:
+        drawn = mc_seed is not None and self.mc_dropout != "none"
+        if drawn and len(x) > 1 and not shares_masks(self.f0):  # a dropout of another kind
             each = [self.observe(x[i:i + 1], mc_seed) for i in range(len(x))]
             return MCOutput(*(torch.cat(part) for part in
                               zip(*((o.probs, o.pred, o.entropy) for o in each), strict=True)))
         # without dropout nothing is drawn: no generator to fork and seed (0.5 ms a call)
-        with seeded(None if self.mc_dropout == "none" else mc_seed, x.device):
+        with seeded(mc_seed if drawn else None, x.device), \
+                (one_mask_per_image(self.f0, len(x)) if drawn else nullcontext()):
             return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
 
     def state(self, xp: torch.Tensor, mc: MCOutput) -> torch.Tensor:

@@ -45,6 +45,46 @@ def mc_dropout(model: nn.Module, active: bool = True, last_only: bool = False
             m.training = mode
 
 
+def shares_masks(model: nn.Module) -> bool:
+    """Whether :func:`one_mask_per_image` can run ``model``: its dropouts are all
+    element-wise (``nn.Dropout``)."""
+    return all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, _DROPOUT))
+
+
+@contextmanager
+def one_mask_per_image(model: nn.Module, batch: int) -> Iterator[None]:
+    """Each active dropout of ``model`` (all ``nn.Dropout``: :func:`shares_masks`) draws,
+    at each call on ``[T * B, ...]`` (T Monte Carlo passes of a batch of ``batch`` images,
+    pass-major, or one pass, T = 1), the masks of one image and applies them to every image
+    of the batch: from one seed, every image of a batch gets the masks it gets alone
+    (:meth:`paser.routing.Router.observe`), in one pass over the batch. They are drawn as
+    ``F.dropout`` draws them for the image alone on the CPU (``empty_like(x)
+    .bernoulli_(1 - p)``, divided by ``1 - p``), so an image alone gets the masks it got
+    before."""
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+
+    def shared(m: nn.Dropout):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not m.training or m.p == 0:
+                return x
+            if m.p == 1:
+                return x * 0
+            passes = x.unflatten(0, (x.shape[0] // batch, batch))  # [T, B, ...], pass-major
+            # one image's masks drawn as F.dropout draws them for it alone (empty_like: its
+            # shape and memory layout)
+            noise = torch.empty_like(passes[:, 0]).bernoulli_(1 - m.p).div_(1 - m.p)
+            return (passes * noise[:, None]).flatten(0, 1)
+        return forward
+
+    for m in drops:
+        m.forward = shared(m)
+    try:
+        yield
+    finally:
+        for m in drops:
+            del m.forward
+
+
 @contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Draw random numbers (dropout masks) from ``seed`` without touching the global
