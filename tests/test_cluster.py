@@ -253,3 +253,24 @@ def test_cli_segment_on_local_n(mnist_run, tmp_path):
     res = paser("segment", str(path), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "x"), "--scheduler", "local:2", "--remote", "http://h:1")
     assert res.returncode == 2 and "use one of them" in res.stderr
+
+
+def test_a_worker_counts_an_image_size_s_flops_under_its_lock():
+    """Counting runs the models (their modes, hooks): on a worker of several threads it must
+    not overlap another thread's segmenting, which holds the same lock."""
+    from paser.cluster import _Locked
+
+    class Lock:
+        held = 0
+
+        def __enter__(self):
+            Lock.held += 1
+
+        def __exit__(self, *exc):
+            Lock.held -= 1
+
+    class Model:
+        def cost_table(self, h, w):
+            return (Lock.held, h, w)
+
+    assert _Locked(Model(), Lock(), 1).cost_table(64, 32) == (1, 64, 32)

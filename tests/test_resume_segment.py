@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,28 @@ def test_stopped_with_writer_processes_every_image_on_disk_is_in_the_summary(set
     assert on_disk == ["s0", "s1", "s2"]  # the writers finish what they were given
     assert sorted(r["input"] for r in rows) == [str(f) for f in files[:3]]
     assert {r["status"] for r in rows} == {"ok"}
+
+
+@pytest.mark.slow  # writer processes
+def test_stopped_while_waiting_for_a_write_that_image_is_in_the_summary(setup, monkeypatch):
+    import paser.segment as S
+
+    m, files, tmp = setup
+    finish = S._finish
+
+    def stop_once_written(res, future, *a):  # Ctrl-C as segmenting waits for the writer
+        if future is not None:
+            future.result()
+            raise Interrupted
+        return finish(res, future, *a)
+
+    monkeypatch.setattr(S, "_finish", stop_once_written)
+    with pytest.raises(Interrupted):
+        segment_files(m, files, tmp / "out", workers=1)
+    rows = list(csv.DictReader(open(tmp / "out" / "summary.csv")))
+    on_disk = {p.stem for p in (tmp / "out").glob("s*.json")}
+    assert "s0" in on_disk and {Path(r["input"]).stem for r in rows} == on_disk
+    assert len(rows) == len(on_disk) and {r["status"] for r in rows} == {"ok"}
 
 
 def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(setup):

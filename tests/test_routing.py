@@ -170,9 +170,9 @@ def test_seeded_dropout_gives_an_image_its_own_masks_in_a_batch_of_any_size(mode
         with seeded(3, x.device):
             alone.append(mc_predict(f0, x[i:i + 1], 4, "all").probs)
     alone = torch.cat(alone)
-    with seeded(3, x.device), one_mask_per_image(f0, 1):
+    with seeded(3, x.device), one_mask_per_image(f0, 1, 4):
         assert torch.equal(mc_predict(f0, x[:1], 4, "all").probs, alone[:1])  # as before
-    with seeded(3, x.device), one_mask_per_image(f0, len(x)):
+    with seeded(3, x.device), one_mask_per_image(f0, len(x), 4):
         batch = mc_predict(f0, x, 4, "all").probs
     if model == "elementwise":  # the same numbers
         assert torch.equal(batch, alone)
@@ -193,3 +193,27 @@ def test_a_router_batch_equals_its_images_one_at_a_time_with_monte_carlo_dropout
     x = torch.rand(4, 1, 16, 16)
     each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(4)])
     assert torch.equal(router.observe(x, mc_seed=7).probs, each)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """A dropout on a tensor whose first dimension is not the batch's (as a sequence-first
+    layer's): its masks cannot be drawn per image in one pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        d = self.dropout(x.transpose(0, 1)).transpose(0, 1)
+        return torch.cat([d, 1 - d, 0.5 * x], 1)
+
+
+def test_a_dropout_off_the_batch_dimension_is_run_an_image_at_a_time():
+    torch.manual_seed(0)
+    router = Router(_SequenceFirst(), RoutingPolicy(4, 2), [create_model("unet_tiny")],
+                    PatchGrid(2, 2), 3, 1, "all", "entropy", "paper", 3)
+    x = torch.rand(4, 1, 16, 16)
+    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(4)])
+    assert torch.equal(router.observe(x, mc_seed=7).probs, each)
+    assert type(router.f0.dropout).forward is torch.nn.Dropout.forward  # put back
+    assert "forward" not in vars(router.f0.dropout)

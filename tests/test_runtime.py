@@ -126,6 +126,8 @@ FORKSERVER_PARENT = """
 import os, signal, threading, time
 from paser.runtime import worker_context
 if __name__ == "__main__":
+    # as a terminal starts it: a background job of a script (`cmd &`) inherits Ctrl-C ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctx = worker_context(1, ["paser.data"])
     threading.Timer(0.3, os.killpg, (os.getpgrp(), signal.SIGINT)).start()
     try:

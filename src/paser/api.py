@@ -260,6 +260,11 @@ class PaSeR:
         return (height, width) if self.tile is None or (height, width) == self.tile \
             else self.tile
 
+    def cost_table(self, height: int, width: int):
+        """The :class:`paser.routing.CostTable` a ``height x width`` image is charged by
+        (its tiles' size where it is cut into tiles), counted once per size."""
+        return self.router.costs(*self.routed_size(height, width))
+
     def grid_for(self, height: int, width: int) -> PatchGrid:
         """The patches a ``height x width`` image is routed in: the run's grid, or, when it
         is cut into tiles (:attr:`tile`), the tiles' patches as one grid of fixed-size

@@ -176,9 +176,9 @@ def worker_name() -> str:
 
 
 class _Locked:
-    """A model whose ``segment`` takes the worker's lock and runs on ``threads`` (torch's
-    intra-op threads are set per calling thread, and Dask calls from several); all else as
-    the model."""
+    """A model whose ``segment`` and ``cost_table`` take the worker's lock, ``segment``
+    on ``threads`` (torch's intra-op threads are set per calling thread, and Dask calls
+    from several); all else as the model."""
 
     def __init__(self, model, lock: threading.Lock, threads: int | None):
         self._model, self._lock = model, lock
@@ -190,6 +190,10 @@ class _Locked:
         with self._lock:
             torch.set_num_threads(self._threads)
             return self._model.segment(*args, **kwargs)
+
+    def cost_table(self, *args):  # counting runs the models too (their modes, hooks)
+        with self._lock:
+            return self._model.cost_table(*args)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

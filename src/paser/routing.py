@@ -8,6 +8,7 @@ vectorised over images and patches: the only Python loop is over the K pool mode
 from __future__ import annotations
 
 import hashlib
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from paser.patches import PatchGrid
 from paser.uncertainty import (
     Dropout,
     MCOutput,
+    NotBatchFirst,
     Signal,
     StateKind,
     mc_predict,
@@ -41,6 +43,10 @@ Mode = Literal["greedy", "sample"]
 #: (8 tiles at a time, 32 patches of 80 x 80) the peak fell by 118 to 204 MiB, at the same
 #: speed within the bench's noise (docs/volumes.md).
 CPU_CHUNK_PIXELS = 2 ** 16
+
+#: seeded draws use the process's generators (forked and seeded, then put back) and change
+#: f0's dropout modules while they last: one at a time, from whichever thread
+_SEEDED = threading.Lock()
 
 
 @dataclass
@@ -248,13 +254,20 @@ class Router(nn.Module):
         an image gets the same answer in any batch (one image at a time, as ``paser
         segment`` runs, or with others, as evaluation and the API do)."""
         drawn = mc_seed is not None and self.mc_dropout != "none"
-        if drawn and len(x) > 1 and not shares_masks(self.f0):  # a dropout of another kind
+        if drawn and len(x) > 1:
+            if shares_masks(self.f0):
+                try:
+                    with _SEEDED, seeded(mc_seed, x.device), \
+                            one_mask_per_image(self.f0, len(x), self.mc_samples):
+                        return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
+                except NotBatchFirst:
+                    pass
+            # a dropout of another kind, or on other than the batch: an image at a time
             each = [self.observe(x[i:i + 1], mc_seed) for i in range(len(x))]
             return MCOutput(*(torch.cat(part) for part in
                               zip(*((o.probs, o.pred, o.entropy) for o in each), strict=True)))
         # without dropout nothing is drawn: no generator to fork and seed (0.5 ms a call)
-        with seeded(mc_seed if drawn else None, x.device), \
-                (one_mask_per_image(self.f0, len(x)) if drawn else nullcontext()):
+        with _SEEDED if drawn else nullcontext(), seeded(mc_seed if drawn else None, x.device):
             return mc_predict(self.f0, x, self.mc_samples, self.mc_dropout)
 
     def state(self, xp: torch.Tensor, mc: MCOutput) -> torch.Tensor:

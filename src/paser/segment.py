@@ -339,19 +339,25 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
             # report in order, as soon as the first pending image is written; wait for it
             # where more than 4 per writer, or PENDING_BYTES of images, wait to be written
             while pending and (len(pending) > 4 * workers or pending[0][1] is None
-                               or pending[0][1].done()
-                               or sum(p[2] for p in pending) > PENDING_BYTES):
-                _finish(*pending.pop(0)[:2], on_done, summary)
+                               or pending[0][1].done() or (
+                                   len(pending) > 1
+                                   and sum(p[2] for p in pending) > PENDING_BYTES)):
+                _finish(*pending[0][:2], on_done, summary)  # (kept while it waits)
+                pending.pop(0)
         while pending:
-            _finish(*pending.pop(0)[:2], on_done, summary)
+            _finish(*pending[0][:2], on_done, summary)
+            pending.pop(0)
     finally:
         if writer is not None:
             writer.shutdown(wait=True, cancel_futures=True)
-            for res, future, _ in pending:  # stopped: what the writers finished meanwhile
-                if future is None or (future.done() and not future.cancelled()
-                                      and future.exception() is None):
-                    res.ok = future is not None  # (None: it failed before, and says why)
-                    summary.append(res)  # is in the summary as well as on disk
+            try:  # stopped: what the writers finished meanwhile is in the summary too
+                for res, future, _ in pending:
+                    if future is None or (future.done() and not future.cancelled()
+                                          and future.exception() is None):
+                        res.ok = future is not None  # (None: it failed, and says why)
+                        summary.append(res)
+            except OSError:  # a full or read-only disk: the error that stopped it says so
+                pass
     write_summary(out_dir / SUMMARY, results, names)  # whole, in the inputs' order
     return results
 
@@ -380,7 +386,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
             router.remote.take()  # this image's transfers only
         # the FLOP table of a new size is counted once (0.7 s on 2 cores), before the timer:
         # `ms` is the image's own compute, not the first image's share of the set-up
-        router.costs(*model.routed_size(res.height, res.width))
+        model.cost_table(res.height, res.width)
         start = time.perf_counter()
         out = model.segment(torch.from_numpy(image)[None], only=only, probs=False,
                             on_tiles=None if on_tiles is None else
@@ -738,7 +744,7 @@ def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
     res.bytes_sent = transfer.bytes_sent
     res.bytes_whole = len(encode_npz(patches=quantise(image[None])))
     tiles = grid.num_patches // router.grid.num_patches  # 1 unless cut into tiles
-    edge = router.costs(*model.routed_size(res.height, res.width)).fixed * tiles
+    edge = model.cost_table(res.height, res.width).fixed * tiles
     return {"url": router.remote.url, **transfer.to_dict(),
             "bytes_whole_image": res.bytes_whole,
             "sent_vs_whole_image": transfer.bytes_sent / res.bytes_whole,
@@ -848,11 +854,15 @@ class SummaryLog:
 
     def __init__(self, path: Path, names: Sequence[str]):
         self.path, self.names = path, names
+        self.appended: set[str] = set()  # each input's row once, however it is stopped
         # a new file gets the header; an older version's, its rows under our columns
         if _lines(path, 1) != [_header(names)]:
             write_rows(path, _header(names), [])
 
     def append(self, r: Segmented) -> None:
+        if r.input in self.appended:
+            return
+        self.appended.add(r.input)
         with open(self.path, "a", newline="", **CSV_TEXT) as fh:
             csv.writer(fh).writerow(_row(r, self.names))
             fh.flush()

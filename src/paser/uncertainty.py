@@ -51,16 +51,23 @@ def shares_masks(model: nn.Module) -> bool:
     return all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, _DROPOUT))
 
 
+class NotBatchFirst(Exception):  # noqa: N818  a signal to fall back, not an error
+    """A dropout of the model saw a tensor whose first dimension is not the batch's (a
+    sequence-first layer): :func:`one_mask_per_image` cannot run it."""
+
+
 @contextmanager
-def one_mask_per_image(model: nn.Module, batch: int) -> Iterator[None]:
+def one_mask_per_image(model: nn.Module, batch: int, samples: int = 1) -> Iterator[None]:
     """Each active dropout of ``model`` (all ``nn.Dropout``: :func:`shares_masks`) draws,
     at each call on ``[T * B, ...]`` (T Monte Carlo passes of a batch of ``batch`` images,
     pass-major, or one pass, T = 1), the masks of one image and applies them to every image
     of the batch: from one seed, every image of a batch gets the masks it gets alone
     (:meth:`paser.routing.Router.observe`), in one pass over the batch. They are drawn as
     ``F.dropout`` draws them for the image alone on the CPU (``empty_like(x)
-    .bernoulli_(1 - p)``, divided by ``1 - p``), so an image alone gets the masks it got
-    before."""
+    .bernoulli_(1 - p)``, divided by ``1 - p``): the masks an image gets alone. A dropout
+    that sees another first dimension than ``batch`` or ``samples * batch`` raises
+    :class:`NotBatchFirst`. The modules are changed while it lasts: one call at a time
+    (the caller holds a lock)."""
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
 
     def shared(m: nn.Dropout):
@@ -69,6 +76,8 @@ def one_mask_per_image(model: nn.Module, batch: int) -> Iterator[None]:
                 return x
             if m.p == 1:
                 return x * 0
+            if x.shape[0] not in (batch, samples * batch):
+                raise NotBatchFirst(f"a dropout saw {tuple(x.shape)} in a batch of {batch}")
             passes = x.unflatten(0, (x.shape[0] // batch, batch))  # [T, B, ...], pass-major
             # one image's masks drawn as F.dropout draws them for it alone (empty_like: its
             # shape and memory layout)

@@ -546,7 +546,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     masks, records = np.empty((z1 - z0, *volume.plane), np.uint8), []
     # the patches that hold slice pixels (padding past the slice runs no model)
     inside = model.grid_for(*volume.plane).inside(*volume.plane).numpy()
-    router.costs(*model.routed_size(*volume.plane))  # counted once, outside the slices' ms
+    model.cost_table(*volume.plane)  # counted once, outside the slices' ms
     for i in range(z1 - z0):
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)

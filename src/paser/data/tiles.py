@@ -129,7 +129,8 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     patches) of the tiles' patches as one row-major grid of the image's patches, GFLOP
     summed over each image's tiles. ``grid`` is the run's patch grid of one tile.
     ``probs=False`` keeps each tile's labels only (``probs`` is then None): what is held
-    beside the image is a byte a pixel, not the class probabilities and their stitching
+    beside the image is a byte a pixel while stitched (then the int64 labels returned),
+    not the class probabilities and their stitching
     (about 110 bytes a pixel with the demo's three classes). ``on_batch(done, total)``
     is called with the tiles done after each batch (a progress bar's)."""
     from paser.metrics import predicted_classes
@@ -184,7 +185,7 @@ def route_tiled(route: Callable, x: torch.Tensor, tile: tuple[int, int], grid,
     if probs:
         stitched = image(cat("probs"))
         mask = predicted_classes(stitched)
-    else:  # stitched in bytes (three copies of a 4096^2 image's labels: 48 MB, not 384)
-        stitched, mask = None, image(cat("mask")).contiguous().long()
+    else:  # stitched in bytes, then class indices (int64) once: 16 MB a copy at 4096^2
+        stitched, mask = None, image(cat("mask")).long()
     return RoutingOutput(mask, stitched, patches(cat("actions")), gflops,
                          patches(cat("logits")), None, patches(cat("degraded")))

@@ -204,9 +204,9 @@ def format_comparison(result: dict) -> str:
         out.append("Their configurations are identical (the seed too): the spread is the "
                    "machine's and the code's, not a draw of the seed.")
     elif set(differ) == {"seed"}:
-        out.append("They differ only in their seed: the spread is the training's draw "
-                   + ("(the data differ too)." if result["data_differ"] else
-                      "on the same data (each report's noise line gives its test split's)."))
+        out.append("They differ only in their seed: the spread is the training's draw"
+                   + ("." if result["data_differ"] else
+                      " on the same data (each report's noise line gives its test split's)."))
     else:
         out.append("They differ in " + ", ".join(
             f"`{k}` ({' / '.join(str(v) for v in vals)})" for k, vals in differ.items())
