@@ -48,5 +48,16 @@ def test_loading_them_loads_nothing_of_training():
 
 def test_the_runtime_leaf_imports_only_the_errors():
     ours = {m for m in imported(SRC / "runtime.py") if m.startswith("paser")}
-    assert ours == {"paser.errors"}
+    assert ours == {"paser.errors", "paser.ranks"}
+    assert not {m for m in imported(SRC / "ranks.py") if m.startswith("paser")}
     assert not {m for m in imported(SRC / "errors.py") if m.startswith("paser")}
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_the_command_line_loads_torch_only_for_a_command_that_needs_it():
+    code = ("import sys\nfrom paser import cli\nsys.argv = ['paser', 'presets']\n"
+            "cli.entry()\nprint('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "False"  # `paser presets` in 0.2 s, not 1.3

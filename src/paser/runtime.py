@@ -33,6 +33,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from paser.errors import ConfigError, DataError
+from paser.ranks import is_main_process  # noqa: F401  (where it was; torch-free)
 
 # glibc's mallopt(3) parameters and the largest value an int can carry.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _INT_MAX = -1, -4, 2**31 - 1
@@ -127,12 +128,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    """False in the worker processes launched for distributed training (before Fabric is
-    set up, only the launcher's environment tells)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -146,7 +146,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     import signal
 
-    from paser.runtime import is_main_process
+    from paser.ranks import is_main_process  # (no torch: --help, presets, errors)
 
     if not is_main_process():  # a worker of distributed training: rank 0 reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
