@@ -343,3 +343,17 @@ def test_segment_reads_and_writes_in_its_own_process_on_two_cores(monkeypatch):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)),
                             raising=False)
         assert default_workers() == workers
+
+
+def test_the_writer_is_sent_labels_as_bytes_and_the_image_only_for_previews(mnist_run,
+                                                                          tmp_path):
+    from paser import PaSeR
+    from paser.segment import _Inputs, segment_image
+
+    model = PaSeR.load(mnist_run)
+    files = find_images([_inputs(tmp_path / "in")])[:1]
+    item = _Inputs(files, 1, model.intensity)[0]
+    _, lean = segment_image(model, files[0], item, tmp_path, previews=False)
+    _, full = segment_image(model, files[0], item, tmp_path, previews=True)
+    assert lean[2] is None and full[2].shape == item[0].shape
+    assert lean[3].dtype == full[3].dtype == np.uint8

@@ -156,11 +156,12 @@ def _blend(gray: np.ndarray, palette: np.ndarray, index, alpha: float) -> np.nda
     return out
 
 
-def write_outputs(out_dir: Path, stem: str, image: np.ndarray, mask: np.ndarray,
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray | None, mask: np.ndarray,
                   actions: np.ndarray, grid: PatchGrid, codec: ClassMap,
                   degraded: np.ndarray | None = None, previews: bool = True) -> dict:
     """The label PNG (class indices ``mask`` written in ``codec``), the overlay and the
-    routing map of one image (not with ``previews`` False); their file names. Degraded
+    routing map of one image (not with ``previews`` False, when ``image`` may be None:
+    only the previews draw it); their file names. Degraded
     patches (``degraded``, bool per patch) are dark in the routing map."""
     h, w = mask.shape
     labels = codec.encode(mask)
@@ -333,7 +334,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                 fatal = write_here(res, args)
                 if fatal is not None:
                     raise stop_writing(fatal, res.input, out_dir) from fatal
-            held = 0 if args is None or writer is None else args[2].nbytes + args[3].nbytes
+            held = 0 if args is None or writer is None else sum(
+                a.nbytes for a in args[2:4] if a is not None)
             pending.append((res, None if args is None or writer is None
                             else writer.submit(_write, *args), held))
             # report in order, as soon as the first pending image is written; wait for it
@@ -417,9 +419,11 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   **({"worker": worker} if worker is not None else {})}
         if router.remote is not None:
             record["remote"] = _remote_record(model, grid, image, out, degraded, res)
-        # the labels as bytes to the writer process (8 times less to copy and hold)
-        return res, (out_dir, path.stem, image, narrow(out.mask[0]).cpu().numpy(), actions, grid,
-                     model.label_codec, degraded, record, previews)
+        # to the writer process: the labels as bytes (8 times less to copy and hold), the
+        # image only where the previews draw it
+        return res, (out_dir, path.stem, image if previews else None,
+                     narrow(out.mask[0]).cpu().numpy(), actions, grid, model.label_codec,
+                     degraded, record, previews)
     except RemoteAccessError:  # the same for every image: stop, and say it once
         raise
     except (PaserError, OSError, RuntimeError, ValueError) as err:
