@@ -337,7 +337,7 @@ def test_an_images_ms_leaves_out_counting_the_flops_of_a_new_size(mnist_run, tmp
 
 
 def test_segment_reads_and_writes_in_its_own_process_on_two_cores(monkeypatch):
-    from paser.segment import default_workers
+    from paser.runtime import default_workers
 
     for cores, workers in ((1, 0), (2, 0), (4, 2), (64, 2)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)),

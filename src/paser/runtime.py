@@ -457,6 +457,20 @@ def _start_forkserver() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)
 
 
+def default_workers() -> int:
+    """The reader (and writer) processes of ``paser segment`` and ``paser evaluate`` where
+    ``--workers`` is not given: 0 on a machine of 2 cores or fewer, else 2. On 2 cores they
+    share the cores with the models: ``segment`` took 19.8 s for 200 images of 224 x 256 in
+    one process against 20.5 s with 2 readers and 2 writers, and 66.8 against 66.1 s for
+    three of 4096 x 4096, its processes holding 0.9 and 1.4 GiB between them against 2.3 and
+    3.2 GiB; ``evaluate`` on the demo's test split took 6.2 against 7.2 s."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else 2
+
+
 def worker_context(workers: int, preload: list[str]):
     """How worker processes start: from a fork server where the platform has one (``None``:
     the platform's default; also with no workers). The server imports ``preload`` once, so

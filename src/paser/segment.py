@@ -229,19 +229,6 @@ class _Inputs(torch.utils.data.Dataset):
             return err
 
 
-def default_workers() -> int:
-    """``paser segment``'s reader and writer processes where ``--workers`` is not given: 0
-    on a machine of 2 cores or fewer, else 2. On 2 cores they share the cores with the
-    models: 200 images of 224 x 256 took 19.8 s in one process against 20.5 s with 2
-    readers and 2 writers, three of 4096 x 4096 66.8 against 66.1 s, and the processes held
-    2.3 and 3.2 GiB between them against 0.9 and 1.4 GiB."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else 2
-
-
 def _inputs(files: Sequence[Path], channels: int, intensity: Intensity, workers: int):
     """The files' ``(image, notes)`` in order, read ahead by ``workers`` processes."""
     data = _Inputs(files, channels, intensity)

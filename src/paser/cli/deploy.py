@@ -28,8 +28,9 @@ def evaluate(
     run_dir: Path = RUN_DIR,
     split: str = typer.Option("test", "--split", help="test, validation or train"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    workers: int = typer.Option(2, "--workers", min=0, help="processes reading images from "
-                                "disk while the models run (0: read in this process)"),
+    workers: int = typer.Option(None, "--workers", min=0, help="processes reading images "
+                                "from disk while the models run (0: read in this process); "
+                                "default 0 on 2 cores or fewer, else 2"),
 ) -> None:
     """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone.
 
@@ -38,8 +39,9 @@ def evaluate(
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
     from paser.data.stages import as_tiles
-    from paser.runtime import progress
+    from paser.runtime import default_workers, progress
 
+    workers = default_workers() if workers is None else workers
     model = PaSeR.load(run_dir)
     files = open_split(model.config.data, split)
     data_note(model, run_dir, split)
@@ -152,8 +154,8 @@ def segment(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
-    from paser.runtime import OUT_LOCK, hold_folder, progress
-    from paser.segment import default_workers, segment_files
+    from paser.runtime import OUT_LOCK, default_workers, hold_folder, progress
+    from paser.segment import segment_files
     from paser.volumes import split_inputs
 
     if out.exists() and not out.is_dir():
