@@ -175,7 +175,7 @@ class PaSeR:
             return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed, inside=inside)
 
         x = x.to(self.device)
-        if self.tile is None or tuple(x.shape[-2:]) == self.tile:
+        if self._whole(*x.shape[-2:]):
             return route(x)
         return route_tiled(route, x, self.tile, self.router.grid, probs=probs,
                            on_batch=on_tiles)
@@ -253,12 +253,15 @@ class PaSeR:
             tile = self._trained_size or None
         return None if tile is None else tuple(tile)
 
+    def _whole(self, height: int, width: int) -> bool:
+        """Whether a ``height x width`` image is routed whole, not cut into tiles."""
+        return self.tile is None or (height, width) == self.tile
+
     def routed_size(self, height: int, width: int) -> tuple[int, int]:
         """The size each routed call sees for a ``height x width`` image: its own, or the
         run's tile (:attr:`tile`) when it is cut into tiles; :meth:`Router.costs` of it is
         the cost table the image is charged by."""
-        return (height, width) if self.tile is None or (height, width) == self.tile \
-            else self.tile
+        return (height, width) if self._whole(height, width) else self.tile
 
     def cost_table(self, height: int, width: int):
         """The :class:`paser.routing.CostTable` a ``height x width`` image is charged by
@@ -270,7 +273,7 @@ class PaSeR:
         is cut into tiles (:attr:`tile`), the tiles' patches as one grid of fixed-size
         patches (a 1024 x 1024 image, 128 x 128 tiles of 2 x 2: 16 x 16 of 64 x 64)."""
         grid = self.router.grid
-        if self.tile is None or (height, width) == self.tile:
+        if self._whole(height, width):
             return grid
         (th, tw), (r, c) = self.tile, (grid.rows, grid.cols)
         return PatchGrid(-(-height // th) * r, -(-width // tw) * c, grid.halo,
