@@ -327,3 +327,20 @@ def test_an_output_folder_that_links_to_nothing_says_so(setup):
     with pytest.raises(ConfigError, match=r"out is a link to .*gone, which does not exist: "
                        r"create that folder, or give another --out"):
         segment_files(m, files, tmp / "out")
+
+
+def test_segmenting_waits_for_the_writers_past_four_images_each_or_256_mb():
+    from concurrent.futures import Future
+
+    from paser.segment import PENDING_BYTES, _first_now
+
+    written, busy = Future(), Future()
+    written.set_result(None)
+    small, big = 2**20, PENDING_BYTES // 2 + 1
+    assert _first_now([("a", written, small), ("b", busy, small)], 1)  # written: reported
+    assert _first_now([("a", None, 0), ("b", busy, small)], 1)  # failed: nothing to write
+    assert not _first_now([("a", busy, small)] * 4, 1)
+    assert _first_now([("a", busy, small)] * 5, 1)  # more than 4 per writer
+    assert not _first_now([("a", busy, small)] * 8, 2)
+    assert not _first_now([("a", busy, big)], 1)  # alone, past the bound: not its own write
+    assert _first_now([("a", busy, big), ("b", busy, big)], 1)  # the two past the bound

@@ -325,12 +325,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                 a.nbytes for a in args[2:4] if a is not None)
             pending.append((res, None if args is None or writer is None
                             else writer.submit(_write, *args), held))
-            # report in order, as soon as the first pending image is written; wait for it
-            # where more than 4 per writer, or PENDING_BYTES of images, wait to be written
-            while pending and (len(pending) > 4 * workers or pending[0][1] is None
-                               or pending[0][1].done() or (
-                                   len(pending) > 1
-                                   and sum(p[2] for p in pending) > PENDING_BYTES)):
+            while pending and _first_now(pending, workers):  # reported in order
                 _finish(*pending[0][:2], on_done, summary)  # (kept while it waits)
                 pending.pop(0)
         while pending:
@@ -702,6 +697,16 @@ def _writer(workers: int):
 
     return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]),
                                initializer=detached_worker, initargs=(os.getpid(),))
+
+
+def _first_now(pending: list, workers: int) -> bool:
+    """Whether the first of the ``pending`` images ``(result, future of its write or None,
+    bytes it holds)`` is reported now: it is written (or had nothing to write), or more than
+    4 per writer process, or more than :data:`PENDING_BYTES` of images, wait to be written,
+    so that segmenting waits for it (one image alone never waits for its own write)."""
+    future = pending[0][1]
+    return (future is None or future.done() or len(pending) > 4 * workers
+            or (len(pending) > 1 and sum(p[2] for p in pending) > PENDING_BYTES))
 
 
 def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
