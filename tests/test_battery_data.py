@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from paser.config import DataConfig
-from paser.data import BatteryDataset, decode_label, encode_label, split_three
+from paser.data import BatteryDataset, decode_label, split_three
+from paser.data.registry import BATTERY_CODEC
 from paser.data.stages import as_tiles
 from paser.errors import DataError
 
@@ -25,7 +26,8 @@ def _layout(root, n=2, size=(8, 10), split="train"):
 def test_label_codec_is_the_reference_one():
     raw = np.array([[0, 255, 128], [1, 254, 7]], dtype=np.uint8)
     assert decode_label(raw).tolist() == [[0, 1, 2], [2, 2, 2]]
-    assert encode_label(np.array([0, 1, 2])).tolist() == [0, 255, 128]
+    assert BATTERY_CODEC.encode(np.array([0, 1, 2])).tolist() == [0, 255, 128]
+    assert decode_label(BATTERY_CODEC.encode(np.array([0, 1, 2]))).tolist() == [0, 1, 2]
 
 
 def test_loader_reads_images_and_labels(tmp_path):

@@ -508,7 +508,7 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
         check_dataset(tmp_path, overrides=["stage1.epochs=2"], show_progress=False)
     run = ["data.dataset=volume", f"data.root={tmp_path}", *data, "models.num_classes=3"]
     # three classes, and the config's default weights (the battery set's three phases)
-    with pytest.raises(ConfigError, match="weights of the synthetic battery set's phases"):
+    with pytest.raises(ConfigError, match="reference implementation's weights for its battery phases"):
         load_stage_data(load_config(preset="battery-quick", overrides=run), progress=False)
     weights = "stage1.class_weights=[" + ",".join(map(str, r["suggested_class_weights"])) + "]"
     load_stage_data(load_config(preset="battery-quick", overrides=[*run, weights]),

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from paser.errors import ConfigError
 
-# Reference cross-entropy weights for (pore, carbon, nickel): about 11 % / 12 % / 76 % of pixels.
+# The reference implementation's cross-entropy weights for (pore, carbon, nickel): 1 - each
+# class's share of its data's pixels (3.7 / 10.3 / 86.0 %).
 REFERENCE_CLASS_WEIGHTS = [0.96275112, 0.8969029, 0.14034598]
 
 

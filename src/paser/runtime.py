@@ -33,7 +33,6 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from paser.errors import ConfigError, DataError
-from paser.ranks import is_main_process  # noqa: F401  (where it was; torch-free)
 
 # glibc's mallopt(3) parameters and the largest value an int can carry.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _INT_MAX = -1, -4, 2**31 - 1

@@ -28,8 +28,8 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
     from paser.checkpoints import checkpoint_files
     from paser.config import load_config, resolve_config, unread_overrides, with_distributed
     from paser.errors import ConfigError
+    from paser.ranks import is_main_process
     from paser.run import record_stage, start_stage
-    from paser.runtime import is_main_process
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)

@@ -11,7 +11,6 @@ from paser.data.battery import (
     BatteryDataset,
     SegmentationFiles,
     decode_label,
-    encode_label,
     read_label,
     split_three,
 )
@@ -29,7 +28,7 @@ from paser.data.tensors import IGNORE, OnDisk, StageData, Tensors, labels, on_di
 
 __all__ = [
     "CLASS_NAMES", "IGNORE", "Intensity", "MASK_IGNORE", "SPLITS", "BatteryDataset", "OnDisk",
-    "SegmentationFiles", "StageData", "Tensors", "data_intensity", "decode_label", "describe", "encode_label",
+    "SegmentationFiles", "StageData", "Tensors", "data_intensity", "decode_label", "describe",
     "ensure_dataset", "label_codec", "labels", "load_stage_data", "on_disk", "open_split",
     "read_image", "read_label", "split_three", "streams", "synthetic_root", "to_tensors",
     "validation_split",

@@ -43,13 +43,6 @@ def decode_label(label: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_label(mask: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`decode_label` with nickel written as 128: uint8 [H, W]."""
-    lut = np.array([0, 255, 128], dtype=np.uint8)
-    mask = np.asarray(mask)
-    return lut[mask if mask.dtype.kind in "iu" else mask.astype(np.int64)]
-
-
 CODEC = "8-bit grayscale: pore 0, carbon 255, nickel any other value"
 
 

