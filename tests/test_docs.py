@@ -115,6 +115,37 @@ def check_paser(argv: list[str]) -> None:
         assert done.exit_code == 0
 
 
+def inline_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """``(file:line, argv)`` of each `paser ...` in a code span of the prose (outside
+    fenced blocks), such as "run `paser segment --budget-gflops`"."""
+    out, fenced = [], False
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            out += [(f"{path.relative_to(ROOT)}:{n}", ["paser", *m.group(1).split()])
+                    for m in re.finditer(r"`(?:\.venv/bin/)?paser ([^`]+)`", line)]
+    return out
+
+
+INLINE = [c for p in DOCS for c in inline_commands(p)]
+
+
+def options_exist(argv: list[str]) -> list[str]:
+    """The ``--options`` of an inline command that its (sub)command does not have; a
+    placeholder command (``paser COMMAND --help``) has none to check."""
+    cmd, args = typer.main.get_command(app), argv[1:]
+    while hasattr(cmd, "list_commands") and args and not args[0].startswith("-"):
+        if args[0].isupper() or args[0].startswith("<"):
+            return []
+        sub = cmd.get_command(None, args[0])
+        if sub is None:
+            return [f"(no command {args[0]})"]
+        cmd, args = sub, args[1:]
+    opts = {o for p in cmd.params for o in p.opts} | {"--help"}
+    return [a.split("=")[0] for a in args if a.startswith("--") and a.split("=")[0] not in opts]
+
+
 def make_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text()
     return set(re.findall(r"^([A-Za-z0-9_-]+)\s*:(?!=)", text, flags=re.M))
@@ -141,6 +172,19 @@ def test_paser_command_parses(where, argv):
         check_paser(argv)
     except UsageError as err:
         pytest.fail(f"{where}: {shlex.join(argv)}\n  {err.format_message()}")
+
+
+def test_the_inline_checker_finds_what_paser_lacks():
+    assert len(INLINE) > 100
+    assert options_exist(["paser", "segment", "--budget"]) == ["--budget"]
+    assert options_exist(["paser", "segmnt"]) == ["(no command segmnt)"]
+    assert options_exist(["paser", "segment", "--budget-gflops", "--overwrite"]) == []
+    assert options_exist(["paser", "data", "check", "--help"]) == []
+
+
+@pytest.mark.parametrize("where, argv", INLINE, ids=[w for w, _ in INLINE])
+def test_inline_command_options_exist(where, argv):
+    assert not options_exist(argv), f"{where}: `{' '.join(argv)}` has no {options_exist(argv)}"
 
 
 @pytest.mark.parametrize("where, argv", MAKE_COMMANDS, ids=[w for w, _ in MAKE_COMMANDS])
