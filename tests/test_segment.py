@@ -357,3 +357,25 @@ def test_the_writer_is_sent_labels_as_bytes_and_the_image_only_for_previews(mnis
     _, full = segment_image(model, files[0], item, tmp_path, previews=True)
     assert lean[2] is None and full[2].shape == item[0].shape
     assert lean[3].dtype == full[3].dtype == np.uint8
+
+
+def test_the_previews_show_each_pixels_class_and_each_patchs_model(tmp_path):
+    from paser.data.registry import BATTERY_CODEC
+    from paser.patches import PatchGrid
+    from paser.segment import CLASS_COLOURS, DEGRADED_COLOUR, MODEL_COLOURS, write_outputs
+
+    # a black image: each preview pixel is its colour alone, times the blend's alpha
+    mask = np.random.default_rng(0).integers(0, 3, (12, 16))
+    actions, degraded = np.array([0, 2, 1, 2]), np.array([False, False, False, True])
+    names = write_outputs(tmp_path, "x", np.zeros((1, 12, 16), np.float32), mask, actions,
+                          PatchGrid(2, 2), BATTERY_CODEC, degraded)
+    overlay = np.asarray(Image.open(tmp_path / names["overlay"]))
+    assert np.array_equal(overlay, (0.45 * CLASS_COLOURS[mask]).astype(np.uint8))
+    routing = np.asarray(Image.open(tmp_path / names["routing"]))
+    for p, (r, c) in enumerate([(0, 0), (0, 8), (6, 0), (6, 8)]):  # patches of 6 x 8
+        colour = DEGRADED_COLOUR if degraded[p] else MODEL_COLOURS[actions[p]]
+        inside = routing[r + 1:r + 6, c + 1:c + 8].reshape(-1, 3)  # its borders are white
+        assert (inside == (0.4 * colour).astype(np.uint8)).all(), p
+    assert (routing[6] == 255).all() and (routing[:, 8] == 255).all()
+    labels = np.asarray(Image.open(tmp_path / names["labels"]))
+    assert np.array_equal(decode_label(labels), mask)
