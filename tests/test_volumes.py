@@ -81,6 +81,19 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert list(rec["class_fractions"].values()) == pytest.approx(fractions)
     assert sum(rec["patch_share"].values()) == pytest.approx(1.0)
     assert rec["gflops"] == pytest.approx(DEPTH * rec["gflops_per_slice"])
+    alone = [m.segment(torch.from_numpy(s / 255.0)[None, None].float()) for s in vol]
+    assert [s["gflops"] for s in rec["slices"]] == pytest.approx([float(o.gflops[0]) for o in alone])
+    counts = np.sum([np.bincount(o.actions.flatten().numpy(), minlength=2) for o in alone], 0)
+    assert list(rec["patch_share"].values()) == pytest.approx((counts / counts.sum()).tolist())
+    # an untrained policy: it may send every patch to one model; the other forced, alone
+    other = int(np.argmin(counts))
+    forced = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "other", only=other)
+    rec = forced[0].record
+    assert list(rec["patch_share"].values()) == [float(k == other) for k in range(2)]
+    assert rec["only"].startswith(f"f{other}")
+    assert [s["gflops"] for s in rec["slices"]] == pytest.approx(
+        [float(m.segment(torch.from_numpy(s / 255.0)[None, None].float(), only=other)
+               .gflops[0]) for s in vol])
     assert not list((tmp / "out").glob(".*.parts"))  # whole volumes: the parts are gone
     assert (tmp / "out" / "volumes.csv").read_text().count("\n") == 5
     # a later call into the folder with one of them (done: skipped) and a new one lists
