@@ -32,9 +32,18 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
         sens.run_sensitivity(tmp_path)
 
 
-def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run):
+def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run, monkeypatch):
+    trained_at, fit = [], sens.fit_policy
+
+    def spy(cfg, policy, rl, val, cost, lam, *args, **kwargs):
+        trained_at.append(lam)
+        return fit(cfg, policy, rl, val, cost, lam, *args, **kwargs)
+
+    monkeypatch.setattr(sens, "fit_policy", spy)
     out = sens.run_sensitivity(mnist_run, lams=[0.0, 1.0], samples=(2, 6), epochs=2,
                                show_progress=False)
+    assert trained_at == [0.0, 1.0]  # each policy trained at its own price (the routing
+    # below cannot show it: this tiny run keeps f0 at any price)
     results = json.loads((mnist_run / "results.json").read_text())
     free, dear = out["lam_sweep"]
     assert (free["lam"], dear["lam"]) == (0.0, 1.0)
