@@ -48,6 +48,8 @@ def test_budget_is_met_within_5_percent(setup, share):
     # what evaluation measures with the bias is what the calibration reported
     res = evaluate_router(router, data, 3, 8, bias=cal.tensor())
     assert res["gflops"] == pytest.approx(cal.gflops)
+    # and in batches of another size, whose logits differ in the last bits: still within
+    assert evaluate_router(router, data, 3, 5, bias=cal.tensor())["gflops"] <= budget
     assert cal.bias[0] == 0.0 and cal.target == {"budget_gflops": budget}
 
 
@@ -242,3 +244,34 @@ def test_the_tvd_target_moves_the_assignment_at_most_that_far(setup):
     assert wide.gflops < own["gflops"]  # the budget buys cheaper routing
     with pytest.raises(ConfigError, match="total variation"):
         calibrate(router, data, 3, max_tvd=1.5)
+
+
+def test_the_best_iou_within_a_budget_is_the_cheaper_of_tied_settings():
+    import copy
+
+    from paser.calibration import price_sweep, sweep_actions
+
+    # pointwise models that compute one function: f1 a copy of f0, f2 the same followed by
+    # an identity convolution (dearer, and exactly equal), so every routing ties in mIoU
+    torch.manual_seed(0)
+    f0 = torch.nn.Conv2d(1, 3, 1)
+    identity = torch.nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(3)[:, :, None, None])
+    pool = [copy.deepcopy(f0), torch.nn.Sequential(copy.deepcopy(f0), identity)]
+    policy = RoutingPolicy(16, 3, head="local", grid=(4, 4))
+    torch.nn.init.normal_(policy.local.weight, std=3.0)
+    router = Router(f0, policy, pool, PatchGrid(4, 4), 1, mc_dropout="none").eval()
+    gen = torch.Generator().manual_seed(1)
+    data = Tensors(torch.rand(12, 1, 32, 32, generator=gen),
+                   torch.randint(0, 3, (12, 32, 32), generator=gen).byte(),
+                   [str(i) for i in range(12)])
+    costs = router.costs(32, 32)
+    logits = validation_logits(router, data, 8)
+    rel = torch.tensor(costs.patch) / max(costs.patch)
+    gflops = costs.gflops(sweep_actions(logits, rel, price_sweep(logits, rel))).mean(-1)
+    assert costs.patch[0] == 0 < costs.patch[1] < costs.patch[2]
+    assert len(set(gflops.tolist())) > 3  # the sweep's settings cost differently
+    best = calibrate(router, data, 3, budget_gflops=float(gflops.max()), best_iou=True,
+                     batch_size=8)
+    assert best.gflops == pytest.approx(costs.fixed) and best.fractions[0] == 1.0
