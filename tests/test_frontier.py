@@ -13,6 +13,8 @@ def test_hull_drops_models_under_a_chord_and_dearer_models_that_score_no_better(
     assert FR.hull(list(POINTS.values())) == [(1.0, 0.5), (3.0, 0.7)]
     # a model above the chord stays on the hull
     assert FR.hull([(1, 0.5), (2, 0.65), (3, 0.7)]) == [(1, 0.5), (2, 0.65), (3, 0.7)]
+    # one on the chord adds nothing a mix of its neighbours does not give: not a vertex
+    assert FR.hull([(1, 0.5), (2, 0.625), (3, 0.75)]) == [(1, 0.5), (3, 0.75)]
     curve = FR.frontier_curve(POINTS)
     assert curve["models"] == ["f0", "f2"] and curve["interpolate"] is True
 

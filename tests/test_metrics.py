@@ -189,6 +189,11 @@ def test_accumulator_hand_example_and_reset():
     assert result["miou"] == pytest.approx(41 / 56)
     assert result["per_class"] == pytest.approx([6 / 7, 5 / 8, 5 / 7])
     assert result["image_miou"] == pytest.approx((71 / 105 + 15 / 32) / 2)
+    # an image with no labelled pixel adds to no count, and its NaN IoU is skipped
+    acc.update(pred[:1], torch.full_like(target[:1], -1))
+    again = acc.compute()
+    assert again["union"] == [21, 8, 7] and again["images"] == 3
+    assert again["image_miou"] == pytest.approx((71 / 105 + 15 / 32) / 2)
     assert dataset_miou(torch.tensor([18, 5, 5]), torch.tensor([21, 8, 7])) == pytest.approx(
         41 / 56
     )
