@@ -1,4 +1,6 @@
+import ipaddress
 import os
+import socket
 
 import pytest
 import torch
@@ -19,6 +21,40 @@ def _one_thread():
     """Every test starts on one thread, whatever the test before it set (a run sets its
     config's num_threads): the same numbers in any order, and no test slowed by another."""
     torch.set_num_threads(1)
+    yield
+
+
+def _loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else None
+    if host is None or host == "localhost":
+        return True  # a Unix socket, or this machine by name
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: resolving it would reach out too
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Tests never reach the network (no data or weights downloaded): a connection from this
+    process to anything but this machine's loopback fails the test. Servers and clusters the
+    tests start listen on 127.0.0.1."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(address):
+        if not _loopback(address):
+            raise AssertionError(f"a test tried to reach the network: {address!r}")
+
+    def guarded(self, address):
+        refuse(address)
+        return connect(self, address)
+
+    def guarded_ex(self, address):
+        refuse(address)
+        return connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_ex)
     yield
 
 

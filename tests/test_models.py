@@ -95,3 +95,18 @@ def test_unet_shares_its_deterministic_encoder_across_monte_carlo_passes(size):
     assert torch.allclose(shared, by_hand, atol=1e-6)
     with torch.inference_mode(), mc_dropout(model, active=False):  # dropout off: one pass
         assert torch.allclose(model.mc_probs(x, 3), model(x).softmax(1), atol=1e-6)
+
+
+def test_the_tests_cannot_reach_the_network():
+    """conftest's guard: a download any code under test tries fails its test at once."""
+    import socket
+
+    with pytest.raises(AssertionError, match="reach the network"):
+        socket.create_connection(("203.0.113.1", 443), timeout=0.5)  # TEST-NET-3
+    with socket.socket() as sock, pytest.raises(AssertionError, match="reach the network"):
+        sock.connect_ex(("download.pytorch.org", 443))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    socket.create_connection(server.getsockname(), timeout=1).close()  # loopback: allowed
+    server.close()
