@@ -24,6 +24,34 @@ def test_auto_follows_whether_the_cpu_computes_bf16(monkeypatch, forced, expecte
         assert D.resolve_precision(explicit, torch.device("cpu")) == explicit
 
 
+@pytest.mark.parametrize("flags, native", [("fpu sse2 avx512f avx512_bf16", True),
+                                           ("fpu sse2 amx_bf16 amx_tile", True),
+                                           ("fpu sse2 avx2 avx512f", False)])
+def test_without_the_variable_the_cpus_flags_decide(monkeypatch, tmp_path, flags, native):
+    import builtins
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n")
+    real = builtins.open
+
+    def cpuinfo(text_file):  # open() with /proc/cpuinfo read from text_file (None: absent)
+        def fake(path, *args, **kwargs):
+            if str(path) != "/proc/cpuinfo":
+                return real(path, *args, **kwargs)
+            if text_file is None:
+                raise FileNotFoundError(path)
+            return real(text_file, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(builtins, "open", cpuinfo(info))
+    monkeypatch.delenv("PASER_BF16")
+    assert D.native_bf16(torch.device("cpu")) is native
+    assert D.resolve_precision("auto", torch.device("cpu")) == ("bf16-mixed" if native
+                                                                else "32-true")
+    monkeypatch.setattr(builtins, "open", cpuinfo(None))
+    assert D.native_bf16(torch.device("cpu")) is False  # no /proc (macOS, Windows): 32-bit
+
+
 def test_a_forced_answer_other_than_0_or_1_is_refused(monkeypatch):
     monkeypatch.setenv("PASER_BF16", "yes")
     with pytest.raises(ConfigError, match="PASER_BF16='yes': give 0"):
