@@ -191,3 +191,11 @@ def test_matphase_gate_and_cost():
     assert mp.gflops(1, 32, 32) == pytest.approx(counter.get_total_flops() / 1e9, rel=0.01)
     assert role_name("DeepLabV3+") == "base_deeplabv3plus"
     assert role_name("IDK-Cascade (IoU match)") == "base_idk_cascade_iou_match"
+
+
+def test_a_cascade_stops_where_the_entropy_is_at_most_its_threshold():
+    entropy = torch.tensor([[[0.5, 0.3, 0.0]]])  # one patch: f0's 0.5, f1's 0.3
+    assert cascade_actions(entropy, torch.tensor([0.5, 0.5])).tolist() == [[0]]  # 0.5 <= 0.5
+    # several settings at once: each row of thresholds is one cascade
+    taus = torch.tensor([[0.5, 0.5], [0.4, 0.3], [0.4, 0.2]])
+    assert cascade_actions(entropy, taus).tolist() == [[[0]], [[1]], [[2]]]

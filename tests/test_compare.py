@@ -117,3 +117,15 @@ def test_the_command_prints_markdown_or_json(tmp_path):
     assert json.loads(js.stdout)["figures"]["captured %"]["mean"] == pytest.approx(40.0)
     missing = paser_here("compare", dirs[0], str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "nowhere: no results.json" in missing.stderr
+
+
+def test_a_figure_at_zero_does_not_hold(tmp_path):
+    # run 1: Table 2 exactly 0 %, PaSeR's area equal to the cascade's and under the frontier's
+    tied = results(0.825, 1.5, 0.5, table2={"flops_saved_pct": 0.0},
+                   curve_areas={"Frontier": 0.81, "PaSeR": 0.805, "IDK-Cascade": 0.805,
+                                "Oracle": 0.82})
+    out = compare_runs([run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5)),
+                        run(tmp_path, "s1", 1, tied)])
+    assert out["holds"] == {"PaSeR's curve area above the frontier's": [1, 2],
+                            "PaSeR's curve area above the cascade's": [1, 2],
+                            "fewer GFLOP than the IoU-matched cascade (Table 2)": [1, 2]}

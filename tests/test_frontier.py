@@ -162,3 +162,24 @@ def test_the_bootstrap_reads_every_method_on_the_same_resample_of_the_images():
     assert "the verdict's sign is within the noise of this test split" in FR.noise_line(noisy)
     with pytest.raises(ValueError, match="same images"):
         FR.bootstrap(better, {"f0": _counts([[5]] * 3, [[10]] * 3, [1.0] * 3)})
+
+
+def test_the_frontier_is_read_linearly_between_models_and_a_curve_as_steps():
+    frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (4.0, 0.8)})
+    # budgets 1, 2, 4 (log-spaced): the frontier mixes f0 and f1 in proportion, 0.6 at 2
+    assert FR.areas({"f": frontier}, 1.0, 4.0, count=3)["f"] == pytest.approx((0.5 + 0.6 + 0.8) / 3)
+    routed = {"gflops": [1.0, 3.0], "iou": [0.5, 0.7]}  # a router's settings: the best within
+    assert FR.areas({"r": routed}, 1.0, 4.0, count=3)["r"] == pytest.approx((0.5 + 0.5 + 0.7) / 3)
+
+
+def test_the_verdict_reads_the_curve_and_a_curve_above_every_model_saves_against_the_best():
+    frontier = FR.frontier_curve({"f0": (1, 0.5), "f1": (4, 0.8)})
+    # a curve above the frontier in area (+0.024) but on under half the budgets (48 %) does
+    # not pay along its curve, and its point under the frontier does not either
+    curve = {"gflops": [1.0, 2.1], "iou": [0.5, 0.8]}
+    line = FR.verdict((2.0, 0.55), frontier, None, 1.0, curve, 1.0, 4.0)
+    assert line.startswith("routing does not pay on this data") and "48 % of budgets" in line
+    # a setting above every model: compared with the best model's GFLOP
+    best = FR.frontier_curve({"f0": (1, 0.5), "f1": (3, 0.7)})
+    assert FR.curve_saving({"gflops": [2.0], "iou": [0.75]}, best) == (
+        pytest.approx(1 / 3), (2.0, 0.75), 3.0)

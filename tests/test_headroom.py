@@ -281,3 +281,50 @@ def test_chosen_by_the_test_labels_is_the_reports_reading_and_bounds_any_other_c
         assert by_test == pytest.approx(FR.curve_values(curve(tm, tg), grid).tolist())
         by_other = chosen_on_validation(other, (tm, tg), grid)
         assert all(o <= t + 1e-12 for o, t in zip(by_other, by_test, strict=True))
+
+
+def _two_pool_outcomes() -> PatchOutcomes:
+    """One image of 4 patches, one class, a union of 10 pixels under every action: patch IoU
+    gains over f0 of f1 ``[0.4, 0.1, 0.3, 0.0]`` and of f2 ``[0.0, 0.2, 0.1, 0.05]`` (the
+    best pool model is not the last on every patch)."""
+    f0 = torch.full((4,), 2.0)
+    inter = torch.stack([f0, f0 + 10 * torch.tensor([0.4, 0.1, 0.3, 0.0]),
+                         f0 + 10 * torch.tensor([0.0, 0.2, 0.1, 0.05])], -1)[None, :, :, None]
+    zeros = torch.zeros(1, 4, 3)
+    return PatchOutcomes(torch.zeros(1, 2, 4, 4), inter, torch.full_like(inter, 10.0), zeros,
+                         zeros)
+
+
+def test_escalation_and_rank_correlation_take_the_best_pool_model():
+    from paser.experiments.curves import oracle_curve
+    from paser.routing import CostTable
+
+    assert escalation(torch.tensor([[[0.0, 0.5, 0.2], [0.0, 0.1, 0.3]]])).tolist() == [
+        [pytest.approx(0.5), pytest.approx(0.3)]]
+    out = _two_pool_outcomes()
+    # the truth is each patch's best gain, 0.4 / 0.2 / 0.3 / 0.05: this order ranks it exactly
+    assert rank_correlation(torch.tensor([[0.4, 0.2, 0.3, 0.05]]), out) == pytest.approx(1.0)
+    assert rank_correlation(torch.tensor([[0.0, 0.2, 0.1, 0.05]]), out) == pytest.approx(-0.4)
+    # the oracle routes without the policy: its cheapest point is f0's T passes alone
+    costs = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
+                      params=[10, 30, 60], num_patches=4)
+    oracle = oracle_curve(out, costs, costs.model_cost("params"), 5)
+    assert oracle["gflops"][0] == pytest.approx(2.0) and oracle["iou"][0] == pytest.approx(0.2)
+    assert oracle["iou"][-1] == pytest.approx(0.2 + (0.4 + 0.2 + 0.3 + 0.05) / 4)
+
+
+def test_the_ablation_reads_each_variant_against_the_single_models():
+    from paser.experiments.ablation import _margin, single_points
+    from paser.routing import CostTable
+
+    costs = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
+                      params=[10, 30, 60], num_patches=4)
+    points = single_points(_two_pool_outcomes(), costs)  # a pool model pays all 4 patches
+    assert points == {"f0": (1.0, pytest.approx(0.2)), "f1": (1.0, pytest.approx(0.4)),
+                      "f2": (8.0, pytest.approx(0.2875))}
+    # a variant's curve starts from f0's point: below its first setting it is f0 alone
+    frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (4.0, 0.9)})
+    margin = _margin({"gflops": [2, 4], "iou": [0.8, 0.9]}, frontier, (1.0, 0.5), 1.0, 4.0)
+    budgets = FR.budgets(1.0, 4.0)
+    mine = [0.5 if b < 2 else 0.8 if b < 4 else 0.9 for b in budgets]
+    assert margin == pytest.approx(float((mine - (0.5 + 0.4 * (budgets - 1) / 3)).mean()))

@@ -1,5 +1,7 @@
-"""The report's caveats: what a run's setting makes optimistic or hard to read, said where
-the figures are. Small hand-built results, no run."""
+"""The report's figures and caveats: Table 2, and what a run's setting makes optimistic or hard
+to read, said where the figures are. Small hand-built results, no run."""
+
+import pytest
 
 from paser.config import load_config
 from paser.experiments.main import same_images_note
@@ -162,3 +164,15 @@ def test_monte_carlo_passes_of_an_f0_without_dropout_are_said_to_be_one_answer_p
         "PaSeR (paper): f0 (unet_tiny) has no dropout, so its T = 5 Monte Carlo passes are "
         "one answer computed 5 times, each paid for; use an f0 with dropout, or "
         "mc_samples=1 mc_dropout=none"]
+
+
+def test_table2_compares_paser_with_the_iou_matched_cascade():
+    from paser.experiments.report import table2
+
+    methods = {"PaSeR": {"gflops": 1.0, "iou": 0.8, "iou_per_gflop": 0.8},
+               "IDK-Cascade (IoU match)": {"gflops": 2.0, "iou": 0.8, "iou_per_gflop": 0.4}}
+    assert table2(methods) == {"flops_saved_pct": pytest.approx(50.0),
+                               "iou_per_gflop_gain_pct": pytest.approx(100.0),
+                               "iou_difference": 0.0}
+    methods["PaSeR"] = {"gflops": 2.5, "iou": 0.81, "iou_per_gflop": 0.324}  # dearer
+    assert table2(methods)["flops_saved_pct"] == pytest.approx(-25.0)

@@ -132,6 +132,25 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     assert set(results["headroom_captured"]) == routers == set(results["rank_correlation"])
     assert set(results["reachable_captured"]) == routers
     assert all(-1 <= v <= 1 for v in results["rank_correlation"].values())
+    every = results["curve_areas"]  # each share of (router - frontier) / (oracle - frontier)
+    for name in routers:
+        assert results["headroom_captured"][name] == FR.headroom_captured(
+            every[name], every["Frontier"], every["Oracle"])
+        assert results["reachable_captured"][name] == FR.headroom_captured(
+            every[name], every["Frontier"], every["Oracle (other views)"])
+    # the cascade ranks the test patches by f0's entropy on them
+    import torch
+
+    from paser.api import PaSeR
+    from paser.experiments.curves import rank_correlation
+    from paser.experiments.finished import open_finished
+    from paser.outcomes import PatchOutcomes
+
+    test_out = PatchOutcomes.build(PaSeR.load(run_dir, device="cpu").router,
+                                   open_finished(run_dir, show_progress=False).data.test,
+                                   cfg.models.num_classes, 2, torch.device("cpu"), mc_seed=0)
+    assert results["rank_correlation"]["IDK-Cascade"] == pytest.approx(
+        rank_correlation(test_out.entropy[..., 0], test_out))
     # the regret rows: at each PaSeR point, the frontier, cascade and oracle there
     rows = {r["method"]: r for r in results["regret"]}
     assert set(rows) == {"PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)"}

@@ -109,6 +109,14 @@ def _margin(curve: dict, frontier: dict, f0: tuple[float, float], lo: float, hi:
     return float((mine - theirs).mean())
 
 
+def single_points(outcomes: PatchOutcomes, costs) -> dict[str, tuple[float, float]]:
+    """Each model alone on every patch of a split, ``{"f0": (GFLOP, mIoU), ...}``: f0 at one
+    pass on the whole image, fk at its cost on each of the image's patches."""
+    n, p, k1 = outcomes.inter.shape[:3]
+    return {f"f{k}": (costs.f0_pass if k == 0 else costs.patch[k] * p,
+                      outcomes.miou(torch.full((n, p), k))) for k in range(k1)}
+
+
 def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutcomes,
                  test_out: PatchOutcomes, show_progress: bool = True) -> dict:
     """Train and score every variant (see the module doc); the ``ablation`` entry of
@@ -143,12 +151,8 @@ def run_ablation(cfg: ExperimentConfig, router: Router, data, val_out: PatchOutc
     for name in ("validation", "test"):
         o = outcomes(_with(cfg, ["mc_samples=1", "mc_dropout=none", "uncertainty=entropy",
                                  "stage2.state=paper"]), deterministic)[name]
-        n, p = o.inter.shape[:2]
         costs = router.costs(h, w)  # f0's one pass and the pool's patches: the same tables
-        points = {"f0": (costs.f0_pass, o.miou(torch.zeros(n, p, dtype=torch.long)))}
-        for k in range(1, nmod):
-            points[f"f{k}"] = (costs.patch[k] * p, o.miou(torch.full((n, p), k)))
-        singles[name] = points
+        singles[name] = points = single_points(o, costs)
         oracle = oracle_curve(o, costs, costs.model_cost(cfg.stage2.cost), 41)
         oracle_margin[name] = _margin(oracle, FR.frontier_curve(points), points["f0"],
                                       points["f0"][0], max(g for g, _ in points.values()))
