@@ -207,3 +207,17 @@ def test_context_patches_carry_their_neighbours_and_centre_inverts():
     assert torch.equal(PatchGrid(2, 2).context(x), PatchGrid(2, 2).split(x))
     with pytest.raises(ConfigError, match="halo"):
         PatchGrid(2, 2, halo=-1)
+
+
+def test_halo_edges_on_rectangles_and_images_no_larger_than_the_halo():
+    grid = PatchGrid(1, 1, halo=2)
+    assert grid.centre(torch.zeros(1, 1, 8, 12)).shape == (1, 1, 4, 8)  # rows and columns
+    # a halo as large as the image: mirrored padding cannot reach, it repeats the edge
+    small = PatchGrid(2, 2, halo=4)
+    x = torch.rand(1, 1, 4, 4)
+    ctx = small.context(x)
+    assert ctx.shape == (4, 1, 10, 10)
+    assert torch.equal(small.centre(ctx), small.split(x))
+    # a grid wider than the image is said to be so, whatever its rows
+    with pytest.raises(ConfigError, match="wide"):
+        PatchGrid(1, 4).padded_size(8, 2)

@@ -109,6 +109,8 @@ def test_integer_images_are_scaled_as_a_file_holding_them(run):
 
 @pytest.mark.parametrize("images, match", [
     (torch.full((1, 1, 32, 32), 255.0), r"values in \[255, 255\], outside \[0, 1\]"),
+    (torch.full((1, 1, 32, 32), 1.002), r"values in \[1.002, 1.002\], outside \[0, 1\]"),
+    (torch.full((1, 1, 32, 32), -0.002), r"values in \[-0.002, -0.002\], outside \[0, 1\]"),
     (torch.zeros(0, 1, 32, 32), "at least one pixel"),
     (torch.zeros(1, 1, 1, 32, 32), "shape"),
     ("image.png", "of type str"),
@@ -118,6 +120,12 @@ def test_integer_images_are_scaled_as_a_file_holding_them(run):
 def test_api_refuses_images_it_would_misread(run, images, match):
     with pytest.raises(DataError, match=match):
         PaSeR.load(run[0]).segment(images)
+
+
+def test_api_takes_resampling_overshoot_as_it_is(run):
+    model = PaSeR.load(run[0])
+    for value in (1.0005, -0.0005):  # within paser.api.OUT_OF_RANGE (1e-3) of [0, 1]
+        assert model.segment(torch.full((1, 1, 32, 32), value)).mask.shape == (1, 32, 32)
 
 
 def test_api_refuses_a_bias_or_mode_it_cannot_use_and_keeps_the_callers_rng(run):

@@ -319,6 +319,25 @@ def test_an_output_cut_short_or_gone_since_is_done_again(setup):
     again = segment_files(m, files, tmp / "out")
     assert [r.resumed for r in again] == [True, False, True, False, True]
     assert _outputs(tmp / "out") == whole
+    # an output longer than its record says is not the one written either
+    (tmp / "out" / "s2_labels.png").write_bytes(whole["s2_labels.png"] + b"\0")
+    assert [r.resumed for r in segment_files(m, files, tmp / "out")] == [True, True, False,
+                                                                           True, True]
+
+
+def test_an_overwrite_keeps_no_row_of_before_and_a_row_is_written_once(setup):
+    from paser.segment import SummaryLog, record_names
+
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+    segment_files(m, files[2:3], tmp / "out", overwrite=True)
+    rows = list(csv.DictReader(open(tmp / "out" / "summary.csv")))
+    assert [Path(r["input"]).name for r in rows] == ["s2.png"]
+    log = SummaryLog(tmp / "log.csv", record_names(m))
+    first = segment_files(m, files[:1], tmp / "one")[0]
+    log.append(first)
+    log.append(first)  # stopped while its writer finished: appended by both paths
+    assert len((tmp / "log.csv").read_text().splitlines()) == 2  # the header and one row
 
 
 def test_an_output_folder_that_links_to_nothing_says_so(setup):

@@ -217,3 +217,19 @@ def test_a_dropout_off_the_batch_dimension_is_run_an_image_at_a_time():
     assert torch.equal(router.observe(x, mc_seed=7).probs, each)
     assert type(router.f0.dropout).forward is torch.nn.Dropout.forward  # put back
     assert "forward" not in vars(router.f0.dropout)
+
+
+def test_given_actions_alone_and_large_patches_are_paid_for_what_runs():
+    router = _router()
+    x = torch.rand(2, 1, 32, 32)
+    actions = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    costs = router.costs(32, 32)
+    out = router(x, actions=actions)  # given actions: the policy did not run
+    assert torch.allclose(out.gflops, costs.gflops(actions, policy=False))
+    assert not torch.allclose(out.gflops, costs.gflops(actions))
+    # one pool model alone on two of the four patches pays those two
+    alone = router.alone(1, x[:1], inside=torch.tensor([[True, False, True, False]]))
+    assert alone.gflops.tolist() == [pytest.approx(2 * costs.patch[1])]
+    # a patch larger than the CPU's chunk of pixels runs whole (one patch per chunk)
+    big = Router(router.f0, router.policy, list(router.pool), PatchGrid(1, 1), 1).eval()
+    assert big.run_local(1, torch.rand(2, 1, 300, 300)).shape == (2, 3, 300, 300)

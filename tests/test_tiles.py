@@ -351,3 +351,34 @@ def test_the_router_learns_from_random_crops_of_its_tiles_when_asked(tmp_path):
     # built again on these outcomes (only f0 runs), the pool's part is taken as it is
     again = training_outcomes(cfg, router, data, torch.device("cpu"), mc_seed=0, pool_from=out)
     assert torch.equal(again.inter, out.inter)
+
+
+def test_tiles_and_patches_of_rectangles_go_where_rows_and_columns_say(tmp_path):
+    from paser.patches import PatchGrid
+    from paser.routing import RoutingOutput
+
+    cfg = load_config(preset="battery-quick", overrides=["data.tile=[128, 128]",
+                                                         "models.num_classes=3"])
+    m = model(cfg, tmp_path / "run")
+    # an image of two tiles side by side is cut, not routed whole
+    assert m.segment(torch.rand(1, 1, 128, 256)).actions.shape == (1, 8)
+    # a 1 x 2 grid: patches of 128 rows and 64 columns, none of a 200 x 200 image taken for
+    # padding (its last tiles reach x = 256, their patches start at 128 and 192 < 200)
+    wide = model(cfg.model_copy(update={"grid": [1, 2]}), tmp_path / "wide")
+    assert wide.grid_for(256, 256).patch_size(256, 256) == (128, 64)
+    out = wide.segment(torch.rand(1, 1, 200, 200), bias=torch.tensor([0.0, 1e3]))
+    assert out.actions.shape == (1, 8) and (out.actions == 1).all()
+    # the progress of tiles done, and GFLOP summed over each image's own tiles
+    def route(t, inside):  # label 0 everywhere; a tile's GFLOP: its mean intensity
+        n = len(t)
+        return RoutingOutput(torch.zeros(n, 32, 32, dtype=torch.long), None,
+                             torch.zeros(n, 1, dtype=torch.long), t.mean((1, 2, 3)).double(),
+                             None, None, None)
+
+    calls = []
+    route_tiled(route, torch.rand(1, 1, 50, 70), (32, 32), PatchGrid(1, 1), batch=4,
+                probs=False, on_batch=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 6), (6, 6)]  # 50 x 70 in tiles of 32 x 32: 2 x 3, in batches of 4
+    x = torch.stack([torch.ones(1, 64, 96), torch.zeros(1, 64, 96)])  # 2 x 3 tiles each
+    both = route_tiled(route, x, (32, 32), PatchGrid(1, 1), probs=False)
+    assert both.gflops.tolist() == [6.0, 0.0]

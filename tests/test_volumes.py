@@ -25,7 +25,7 @@ DEPTH, SIDE = 24, 16
 @pytest.fixture()
 def setup(tmp_path):
     vol = np.random.default_rng(0).integers(0, 256, (DEPTH, SIDE, SIDE), dtype=np.uint8)
-    return bands_run(tmp_path, pool=1), vol, tmp_path  # f0 and f1, as the model's router
+    return bands_run(tmp_path), vol, tmp_path  # f0 and f1
 
 
 def _alone(m, vol: np.ndarray) -> np.ndarray:
@@ -770,3 +770,41 @@ def test_a_tiff_read_as_an_image_while_copied_keeps_no_failed_row_once_a_volume(
     segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "out", chunk=8)
     rows = list(csv.DictReader(open(tmp / "out" / "summary.csv", newline="")))
     assert [r["input path"] for r in rows] == [canonical(str(tmp / "other.png"))]
+
+
+def test_a_chunk_counts_as_done_only_whole_and_the_last_short_one_too(setup):
+    from paser import volumes as V
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol[:5], photometric="minisblack")
+    [volume] = split_inputs([tmp / "scan.tif"])[1]
+    out = tmp / "out"
+    labels, chunk = V.prepare_volume(volume, out, 2, m.intensity)
+    assert V.chunks_to_do(volume, out, chunk) == [(0, 2), (2, 4), (4, 5)]
+    for z0, z1 in V.chunks_to_do(volume, out, chunk):
+        V.segment_chunk(m, volume, z0, z1, out, labels)
+    assert V.chunks_to_do(volume, out, chunk) == []  # the short last chunk is done as well
+    parts = out / ".scan.parts"
+    records = json.loads((parts / "00000000.json").read_text())
+    (parts / "00000000.json").write_text(json.dumps(records[:1]))  # a record of one slice
+    assert V.chunk_done(volume, out, 0, 2) is None
+    np.save(parts / "00000002.npy", np.zeros((1, SIDE, SIDE), np.uint8))  # a part cut short
+    assert V.chunk_done(volume, out, 2, 4) is None
+    assert V.chunks_to_do(volume, out, chunk) == [(0, 2), (2, 4)]
+
+
+def test_a_run_that_fills_nonfinite_voxels_fills_them_in_volumes_too(setup):
+    import dataclasses
+
+    m, _, tmp = setup
+    recon = np.random.default_rng(1).normal(0.5, 0.1, (4, SIDE, SIDE)).astype(np.float32)
+    recon[1, 3, 4] = np.nan
+    tifffile.imwrite(tmp / "recon.tif", recon, photometric="minisblack")
+    # a run trained on 8-bit images: a window fitted on the volume, the run's fill kept
+    assert m.intensity.window is None
+    m._intensity = dataclasses.replace(m.intensity, nonfinite="fill")
+    [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "out", chunk=2)
+    assert res.error == "" and res.record["shape"] == [4, SIDE, SIDE]
+    m._intensity = dataclasses.replace(m.intensity, nonfinite="error")  # the default refuses
+    [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "refused", chunk=2)
+    assert "NaN" in res.error
