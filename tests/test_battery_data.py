@@ -188,3 +188,16 @@ def test_a_finished_run_finds_its_relative_synthetic_set_from_another_folder(tmp
     image = work / "runs" / "data" / name / "train_images" / "train_00000.png"
     (tmp_path / "copy" / "data.json").write_text(json.dumps({"stat": {str(image): [1, 2, "x"]}}))
     assert run_config(tmp_path / "copy").data.cache_dir == work / "runs" / "data"
+
+
+def test_a_group_past_the_last_is_refused():
+    import torch
+
+    from paser.data.tensors import Tensors
+    from paser.errors import DataError
+
+    t = Tensors(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8), ["a", "b"],
+                torch.tensor([0, 1]), ("blur", "noise"))
+    assert t.in_groups([1]).ids == ["b"]
+    with pytest.raises(DataError, match=r"groups \[2\] do not exist"):
+        t.in_groups([2])

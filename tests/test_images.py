@@ -574,3 +574,35 @@ def test_a_broken_sixteen_bit_png_is_one_line_and_a_probe_decodes_no_pixels(tmp_
     monkeypatch.setattr(Image.Image, "load", decoded)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", decoded)
     assert (probe(tmp_path / "a.png").height, probe(tmp_path / "a.png").width) == (H, W)
+
+
+def test_a_fill_is_left_out_of_the_fit_and_an_image_of_65536_pixels_fits_every_pixel():
+    fill = np.array([0.0] * 50 + [1.0] * 5 + [2.0] * 5).reshape(6, 10)  # 50 = 10 x 5: a fill
+    assert window_of([(fill, "f")]) == (1.0, 2.0)
+    binary = np.array([0.0] * 95 + [1.0] * 5).reshape(10, 10)  # two values: no fill to drop
+    assert window_of([(binary, "b")]) == (0.0, 1.0)
+    arr = np.arange(65536, dtype=np.float64)
+    arr[1::2] += 1e5  # a sample of every other pixel would miss the bright ones
+    assert window_of([(arr.reshape(256, 256), "a")]) == pytest.approx(
+        tuple(np.percentile(arr, [0.5, 99.5])))
+
+
+def test_colour_with_two_equal_channels_is_still_colour_and_a_given_window_per_image():
+    from skimage.color import rgb2gray
+
+    from paser.data.images import to_channels
+
+    rgb = np.zeros((2, 2, 3), np.float32)
+    rgb[..., 0] = rgb[..., 1] = 0.5  # yellow: R == G, B differs
+    notes: list[str] = []
+    out = to_channels(rgb, 1, "y.png", notes)
+    assert np.allclose(out[0], rgb2gray(rgb)) and not np.allclose(out[0], 0.5)
+    assert notes == ["RGB converted to grayscale (luminance) for 1-channel models"]
+    per_image = Intensity((0.0, 4095.0), mode="per_image", given=True)  # 8-bit: by its range
+    assert np.allclose(per_image.scale(np.array([[0, 51]], np.uint8)), [[0, 0.2]])
+
+
+def test_a_signed_mask_with_negative_values_is_refused_not_wrapped_to_255(tmp_path):
+    tifffile.imwrite(tmp_path / "m.tif", np.array([[-1, 0], [1, 2]], np.int16))
+    with pytest.raises(DataError, match=r"int16 labels with values -1\.\.2"):
+        read_mask(tmp_path / "m.tif")

@@ -745,3 +745,58 @@ def test_data_check_warns_of_validation_and_test_splits_of_one_or_two_images(tmp
             "larger share in data.holdout)") in out.output
     assert check_dataset(make_folder(tmp_path / "enough", counts=(4, 3, 3)), workers=0,
                          show_progress=False)["few_images"] == {}
+
+
+def test_class_map_limit_holdout_rounding_and_validation_before_val(tmp_path):
+    from paser.data.folders import ClassMap, FolderDataset, _holdout
+
+    (tmp_path / "classes.yaml").write_text(yaml.safe_dump(
+        {"classes": {v: f"c{v}" for v in range(255)}, "ignore": 255}))
+    with pytest.raises(DataError, match="255 classes; at most 254 are supported"):
+        ClassMap.read(tmp_path / "classes.yaml")
+    cut = _holdout(17, (0.1, 0.1), 0, tmp_path)  # 1.7 images each: 2
+    assert [len(cut[s]) for s in ("train", "validation", "test")] == [13, 2, 2]
+    assert sorted(sum(cut.values(), [])) == list(range(17))
+    with pytest.raises(DataError, match="2 images are too few for data.holdout"):
+        _holdout(2, (0.1, 0.1), 0, tmp_path)
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    for split in ("train", "validation", "val", "test"):
+        for d in ("images", "masks"):
+            (tmp_path / split / d).mkdir(parents=True)
+            Image.fromarray(np.eye(4, dtype=np.uint8)).save(tmp_path / split / d / f"{split}.png")
+    assert FolderDataset(tmp_path, "validation").ids == ["validation"]
+
+
+def test_data_check_weights_by_the_median_of_present_classes_and_keeps_the_stored_range(
+        tmp_path):
+    import tifffile
+
+    root = tmp_path / "d"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b, 2: c, 3: d}\nignore: 255\n")
+    mask = np.array([0] * 32 + [1] * 24 + [2] * 8, np.uint8).reshape(8, 8)  # no class 3
+    img = np.linspace(60000, 62000, 64).round().astype(np.uint16).reshape(8, 8)
+    for i in range(5):
+        tifffile.imwrite(root / "images" / f"{i}.tif", img)
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["suggested_class_weights"] == pytest.approx([0.75, 1.0, 3.0, 0.0])
+    assert r["intensity"]["stored_range"] == [60000, 62000]
+    assert r["suggested_overrides"][-1] == "data.window=[60000,62000]"
+
+
+def test_tile_advice_either_side_and_a_file_moved_and_rewritten_is_rewritten_only():
+    from types import SimpleNamespace
+
+    from paser.data.identity import Identity
+    from paser.data.registry import tile_advice
+
+    for size in ((256, 128), (128, 256)):
+        assert tile_advice([SimpleNamespace(size=size)]).startswith(f"images of {size[0]} x")
+    assert tile_advice([SimpleNamespace(size=(128, 128))]) is None
+    before = Identity({"train": {"a.png": "1", "b.png": "5"}})
+    after = Identity({"test": {"a.png": "2"}, "train": {"b.png": "5"}})
+    assert after.changes(before) == "1 file rewritten (a.png)"
+    moved = Identity({"test": {"a.png": "1"}, "train": {"b.png": "5"}})
+    assert moved.changes(before) == "1 file moved to another split (a.png)"
