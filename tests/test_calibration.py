@@ -275,3 +275,12 @@ def test_the_best_iou_within_a_budget_is_the_cheaper_of_tied_settings():
     best = calibrate(router, data, 3, budget_gflops=float(gflops.max()), best_iou=True,
                      batch_size=8)
     assert best.gflops == pytest.approx(costs.fixed) and best.fractions[0] == 1.0
+
+
+def test_max_frac_large_bounds_the_dearest_model_wherever_it_lies_in_the_pool(setup):
+    router, data = setup
+    flipped = Router(router.f0, router.policy, list(reversed(router.pool)), router.grid, 2).eval()
+    assert flipped.costs(32, 32).patch[1] > flipped.costs(32, 32).patch[2]  # f1 the dearest
+    assert (
+        0.20 <= calibrate(flipped, data, 3, max_frac_large=0.25, batch_size=8).fractions[1] <= 0.25
+    )

@@ -234,3 +234,95 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(run, tmp_path):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("paser.errors.DataError") and "__name__" in last, done.stderr[-2000:]
+
+
+def test_stage2s_gain_target_is_the_one_configured(tmp_path):
+    import shutil
+
+    from tests.helpers import TINY_DATA  # battery-quick's gain router
+
+    cfg = load_config(
+        preset="battery-quick",
+        overrides=[*TINY_DATA, f"data.cache_dir={tmp_path / 'c'}", "stage2.members=1"],
+    )
+    pretrain(cfg, tmp_path / "pre", show_progress=False)
+    states = {}
+    for gain in ("dataset", "patch"):
+        shutil.copytree(tmp_path / "pre", tmp_path / gain)
+        train_policy(
+            cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"gain": gain})}),
+            tmp_path / gain,
+            show_progress=False,
+        )
+        states[gain] = torch.load(
+            tmp_path / gain / "checkpoints" / "policy_last.pt", weights_only=False
+        )["policy"]
+    assert any(not torch.equal(v, states["patch"][k]) for k, v in states["dataset"].items())
+
+
+def test_a_checkpoint_of_a_model_run_at_another_input_size_is_refused(tmp_path):
+    from paser.checkpoints import build_model, load_trained
+    from paser.errors import CheckpointError
+
+    cfg = load_config(preset="battery-quick")
+    spec = cfg.models.pool[0].model_copy(update={"input_size": (64, 64)})
+    (tmp_path / "checkpoints").mkdir()  # Resized at either size: the same weights' names
+    torch.save(
+        {
+            "model": build_model(cfg, spec, initial=False).state_dict(),
+            "spec": spec.model_dump(mode="json"),
+        },
+        tmp_path / "checkpoints" / "f1.pt",
+    )
+    with pytest.raises(CheckpointError, match=r"holds model .*\[64, 64\], but the config asks"):
+        load_trained(tmp_path, cfg, "f1", spec=spec.model_copy(update={"input_size": (32, 32)}))
+
+
+def test_stage3s_task_loss_is_the_class_weighted_mean_over_the_routed_pixels():
+    import torch.nn.functional as F
+
+    from paser.models import create_model
+    from paser.patches import PatchGrid
+    from paser.routing import Router
+    from paser.train.distributed import Dist
+    from paser.train.finetune import _joint_step
+
+    class ToF1(torch.nn.Module):  # every patch to f1
+        def forward(self, state):
+            return torch.tensor([0.0, 1.0, 0.0]).expand(state.shape[0], 4, 3)
+
+    torch.manual_seed(0)
+    pool, grid = (
+        [create_model("unet_tiny", 1, 3, dropout=0.0) for _ in range(2)],
+        PatchGrid(2, 2),
+    )  # trains: no draws
+    router = Router(
+        create_model("unet_tiny", 1, 3), ToF1(), pool, grid, 1, mc_dropout="none"
+    ).eval()
+    x, y, weight = (
+        torch.rand(2, 1, 16, 16),
+        torch.randint(0, 3, (2, 16, 16)),
+        torch.tensor([0.9, 0.5, 0.1]),
+    )
+    y[:, :3] = -1  # some unlabelled pixels
+    with torch.no_grad():
+        want = F.cross_entropy(
+            router.pool_logits(1, grid.context(x)), grid.split(y), weight=weight, ignore_index=-1
+        )
+    opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (router.f0, *pool)]
+    *_, task_loss = _joint_step(
+        router,
+        opts,
+        x,
+        y,
+        1.0,
+        0.5,
+        torch.tensor([0, 0.2, 1]),
+        weight,
+        3,
+        Dist(torch.device("cpu")),
+        torch.arange(2),
+        2,
+        "gain",
+    )
+    assert task_loss == pytest.approx(want.item(), rel=1e-5)

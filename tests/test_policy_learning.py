@@ -219,3 +219,58 @@ def test_pooled_statistics_members_and_their_mean():
     assert torch.allclose(policy(state)[..., 1:], members.mean(0))
     policy.train()
     assert policy(state).shape == (3, 1, 4, 3)  # training: each member on its own
+
+
+def test_a_gain_ensemble_routes_by_its_members_mean_at_the_price_and_keeps_least_error():
+    from paser.models import PooledPolicy
+    from paser.train.policy import full_information_epoch, validate
+
+    def const(gains):  # members predicting fixed gains of f1, f2 everywhere
+        p = PooledPolicy((1, 1), 3, 2, hidden=4, gain_head=True, members=len(gains))
+        torch.nn.init.zeros_(p.mlp[-1].weight)
+        p.mlp[-1].bias.data.copy_(torch.tensor(gains))
+        return p
+
+    states = torch.zeros(4, 2, 4, 4)
+    ens = const([[0.3, 0.0], [0.0, 0.4]])  # member 0 alone: f1; their mean: f2
+    _, counts = full_information_epoch(ens, torch.optim.SGD(ens.parameters(), lr=0.0), states,
+                                       torch.zeros(4, 1, 3), torch.zeros(3), 0.0, 4, "gain")
+    assert counts.tolist() == [0.0, 0.0, 4.0]
+    u, z = torch.tensor([[[[4, 2], [4, 1], [4, 4]]]]), torch.zeros(1, 1, 3)
+    val = (states[:1], torch.tensor([[[0.0, 0.1, 0.3]]]), PatchOutcomes(states[:1], u, u, z, z),
+           torch.tensor([0.0, 0.05, 0.5]), 0.5, 1, "gain")
+    exact, off = validate(const([[0.1, 0.3]]), *val), validate(const([[0.3, 0.0]]), *val)
+    assert exact["fractions"] == [0.0, 1.0, 0.0]  # priced at lam 0.5: (0, 0.025, -0.1)
+    assert off["loss"] == pytest.approx(0.13) and exact["score"] > off["score"]
+
+
+def test_train_on_rl_ft_trains_the_router_on_d_rl_then_d_ft(monkeypatch):
+    from types import SimpleNamespace
+
+    from paser.config import load_config
+    from paser.data import Tensors
+    from paser.patches import PatchGrid
+    from paser.train import policy as stage2
+
+    def build(router, split, *args, **kwargs):  # each image's id as its state
+        z = torch.zeros(len(split), 4, 3, 3)
+        return PatchOutcomes(
+            torch.tensor([float(i) for i in split.ids]).view(-1, 1, 1, 1),
+            z,
+            z,
+            z[..., 0],
+            z[..., 0],
+        )
+
+    monkeypatch.setattr(stage2.PatchOutcomes, "build", build)
+    cfg = load_config(
+        preset="battery-quick",
+        overrides=["stage2.train_on=rl+ft", "stage2.views=1", "stage2.crops=0"],
+    )
+    rl, ft = (
+        Tensors(torch.zeros(len(i), 1, 8, 8), torch.zeros(len(i), 8, 8).byte(), i)
+        for i in (["1", "2"], ["7", "8", "9"])
+    )
+    data = SimpleNamespace(rl=rl, ft=ft, rl_around=None, ft_around=None)
+    out = stage2.training_outcomes(cfg, SimpleNamespace(grid=PatchGrid(2, 2)), data, "cpu")
+    assert out.state.flatten().tolist() == [1, 2, 7, 8, 9]

@@ -329,3 +329,74 @@ def test_a_checkpoint_of_a_model_started_from_weights_serves_as_weights(tiny_cfg
     ckpt = tmp_path / "run" / "checkpoints" / "f1.pt"
     assert torch.load(ckpt, weights_only=True)["spec"]["weights"] == str(start)
     assert read_state_dict(ckpt).keys() == torch.load(start).keys()
+
+
+def test_patience_and_ties_decide_the_epoch_kept(tiny_cfg, tmp_path, monkeypatch):
+    from paser.data import Tensors
+
+    cfg = tiny_cfg.model_copy(
+        update={"stage1": tiny_cfg.stage1.model_copy(update={"patience": 2, "ema": None})}
+    )
+    scores = iter([0.5, 0.6, 0.6, 0.58, 0.9])  # best at 1; a tie at 2 does not move it
+    monkeypatch.setattr(stage1, "evaluate_miou", lambda *a, **k: next(scores))
+    data = Tensors(torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4, 8, 8)).byte(), list("abcd"))
+    (tmp_path / "checkpoints").mkdir()
+    log, cpu = MetricLog(tmp_path / "metrics" / "stage1.jsonl"), torch.device("cpu")
+    stage1.fit(
+        "f1",
+        torch.nn.Conv2d(1, 3, 1),
+        stage1.whole_image,
+        stage1.weighted_ce(cfg, cpu),
+        data,
+        data,
+        cfg=cfg,
+        epochs=5,
+        lr=1e-3,
+        run_dir=tmp_path,
+        log=log,
+        resume=False,
+        device=cpu,
+        show_progress=False,
+    )
+    assert [(r["epoch"], r["best_epoch"], r["stopped"]) for r in log.read()] == [
+        (0, 0, False),
+        (1, 1, False),
+        (2, 1, False),
+        (3, 1, True),
+    ]  # 2 epochs without a gain: stop
+    assert torch.load(tmp_path / "checkpoints" / "f1.pt", weights_only=False)["epoch"] == 1
+
+
+def test_f0_distils_fks_stitched_logits_with_weight_a_kd(tiny_cfg, tmp_path, monkeypatch):
+    from paser.checkpoints import load_trained
+    from paser.data import IGNORE
+    from paser.patches import PatchGrid
+
+    f0 = tiny_cfg.models.f0.model_copy(update={"epochs": 1})
+    cfg = tiny_cfg.model_copy(
+        update={
+            "models": tiny_cfg.models.model_copy(update={"f0": f0}),
+            "stage1": tiny_cfg.stage1.model_copy(update={"a_kd": 0.25, "epochs": 1}),
+        }
+    )
+    seen, fit = {}, stage1.fit
+
+    def spy(role, model, forward, loss_fn, train, *args, **kwargs):
+        seen[role] = (loss_fn, train)
+        return fit(role, model, forward, loss_fn, train, *args, **kwargs)
+
+    monkeypatch.setattr(stage1, "fit", spy)
+    stage1.pretrain(cfg, tmp_path / "run", show_progress=False)
+    loss, train = seen["f0"]
+    with torch.inference_mode():
+        fk = stage1.patchwise(PatchGrid(*cfg.grid, halo=cfg.halo))(
+            load_trained(tmp_path / "run", cfg, "f2"), train.images[:2]
+        ).float()
+    none, idx = (
+        torch.full((2, *fk.shape[2:]), IGNORE),
+        torch.arange(2),
+    )  # no labelled pixel: the MSE term alone
+    assert loss(0 * fk, none, idx).item() == pytest.approx(
+        0.25 * fk.square().mean().item(), rel=1e-2
+    )
+    assert loss(fk, none, idx).item() == pytest.approx(0.0, abs=1e-4)

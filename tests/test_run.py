@@ -661,3 +661,20 @@ def test_records_hashed_with_the_datas_path_are_kept_when_the_data_move(tmp_path
     steps.start("calibrate", "x")
     drop_calibration(tmp_path, steps, print)
     assert "calibrate" not in Steps(tmp_path).done
+
+
+def test_a_key_a_step_depends_on_trains_it_again_and_those_after_it():
+    cfg = load_config(preset="battery-quick")
+    before = fingerprints(cfg)
+
+    def changed(*overrides: str) -> list[str]:
+        after = fingerprints(load_config(preset="battery-quick", overrides=list(overrides)))
+        return [step for step in before if before[step] != after[step]]
+
+    # the halo: what every pool model sees, so stage 1 and all after it
+    assert {"stage1", "stage2", "calibrate", "report"} <= set(changed("halo=16"))
+    # the uncertainty the router reads: not stage 1, but the router and after it
+    uncertainty = changed("uncertainty=margin")
+    assert "stage1" not in uncertainty and {"stage2", "report"} <= set(uncertainty)
+    # the last pool model: f0 distils from it, so stage 1 again
+    assert "stage1" in changed("models.pool.1.epochs=41")
