@@ -110,3 +110,47 @@ def test_the_tests_cannot_reach_the_network():
     server.listen(1)
     socket.create_connection(server.getsockname(), timeout=1).close()  # loopback: allowed
     server.close()
+
+
+def test_mc_dropout_last_runs_only_the_last_dropout_on_a_deterministic_trunk():
+    from paser.uncertainty import mc_dropout, mc_predict
+
+    torch.manual_seed(0)
+    model, x, seen = create_model("unet_small", 1, 3), torch.rand(1, 1, 32, 32), []
+    model.dropout.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.inference_mode(), mc_dropout(model, active=False):
+        model(x)
+    assert len(seen) == 4  # after down blocks 2, 3, 4 and the first up block
+    off = seen.pop()
+    seen.clear()
+    with torch.inference_mode():
+        mc_predict(model, x, samples=3, dropout="last")
+    assert len(seen) == 3  # once a pass, on what the others give when off
+    assert all(torch.allclose(s, off, atol=1e-6) for s in seen)
+
+
+def test_an_up_block_puts_the_skip_first_and_pads_the_upsampled_map_right_and_below():
+    from paser.models.unet import Up
+
+    up, seen = Up(4, 2), []
+    up.conv.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    skip = torch.full((1, 2, 5, 5), 3.0)
+    up(torch.ones(1, 2, 2, 2), skip)
+    assert torch.equal(seen[0][:, :2], skip)  # the skip's channels first
+    upsampled = seen[0][0, 2]  # 4 x 4 ones, then a zero row and column (dx // 2 = 0 before)
+    assert torch.allclose(upsampled[:4, :4], torch.ones(4, 4))
+    assert upsampled[4].eq(0).all() and upsampled[:, 4].eq(0).all()
+
+
+def test_the_skip_of_a_dropped_map_carries_its_mask():
+    from paser.uncertainty import mc_dropout
+
+    torch.manual_seed(0)
+    model, x, seen = create_model("unet_small", 1, 3), torch.rand(1, 1, 32, 32), []
+    model.ups[1].register_forward_hook(lambda m, inp, out: seen.append(inp[1]))  # its skip
+    with torch.inference_mode(), mc_dropout(model):
+        below = model.encode(x)[-1]  # the map the first dropout drops
+        model(x)
+    kept = seen[0] != 0
+    assert torch.allclose(seen[0][kept], 2 * below[kept])  # p = 0.5: kept ones doubled
+    assert (below[~kept] != 0).any()  # and some dropped

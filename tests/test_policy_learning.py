@@ -274,3 +274,19 @@ def test_train_on_rl_ft_trains_the_router_on_d_rl_then_d_ft(monkeypatch):
     data = SimpleNamespace(rl=rl, ft=ft, rl_around=None, ft_around=None)
     out = stage2.training_outcomes(cfg, SimpleNamespace(grid=PatchGrid(2, 2)), data, "cpu")
     assert out.state.flatten().tolist() == [1, 2, 7, 8, 9]
+
+
+def test_the_pooled_mlp_sees_standardised_statistics_and_their_patch_mean():
+    from paser.models import PooledPolicy
+
+    torch.manual_seed(0)
+    policy, seen = PooledPolicy((2, 2), 3, 2, hidden=8), []
+    states = torch.rand(5, 2, 4, 4) * torch.tensor([3.0, 0.1]).view(1, 2, 1, 1)
+    policy.standardise_on(states)
+    f = (policy.all_statistics(states) - policy.shift) / policy.scale  # [N, P, 6]
+    assert torch.allclose(f.flatten(0, 1).mean(0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(f.flatten(0, 1).std(0), torch.ones(6), atol=1e-5)
+    policy.mlp[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    policy(states[:1])
+    context = f[0].mean(0).expand(4, 6)  # the image's mean over its 4 patches
+    assert torch.allclose(seen[0][0, 0], torch.cat([f[0], context], -1), atol=1e-5)

@@ -233,3 +233,54 @@ def test_given_actions_alone_and_large_patches_are_paid_for_what_runs():
     # a patch larger than the CPU's chunk of pixels runs whole (one patch per chunk)
     big = Router(router.f0, router.policy, list(router.pool), PatchGrid(1, 1), 1).eval()
     assert big.run_local(1, torch.rand(2, 1, 300, 300)).shape == (2, 3, 300, 300)
+
+
+def test_margin_and_the_policy_states_hand_values():
+    from paser.uncertainty import MCOutput
+
+    probs = torch.tensor([0.2, 0.7, 0.1]).view(1, 3, 1, 1)
+    mc = MCOutput(probs, probs.argmax(1), entropy(probs))
+    assert mc.uncertainty("margin").item() == pytest.approx(0.5)  # 1 - (0.7 - 0.2)
+    # paper: the prediction, then the uncertainty; image: the image first, then the probs
+    assert mc.state("paper", signal="margin").flatten().tolist() == pytest.approx([1.0, 0.5])
+    image = torch.full((1, 1, 1, 1), 9.0)
+    assert mc.state("image", image).flatten().tolist() == pytest.approx(
+        [9.0, 0.2, 0.7, 0.1, entropy(probs).item()])
+
+
+class _TwoDropouts(torch.nn.Module):
+    """Two element-wise dropouts in a row, then three class scores per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        d = self.last(self.first(x))
+        return torch.cat([d, 1 - d, 0.5 * x], 1)
+
+
+def test_mc_dropout_last_keeps_the_other_dropouts_off_and_one_mask_leaves_them_so():
+    from paser.uncertainty import mc_dropout, one_mask_per_image, shares_masks
+
+    torch.manual_seed(0)
+    model, x = _TwoDropouts(), torch.ones(2, 1, 4, 4)
+    with mc_dropout(model, last_only=True):
+        assert [model.first.training, model.last.training] == [False, True]
+        with one_mask_per_image(model, 2):
+            assert torch.equal(model.first(x), x)  # off: no mask drawn
+            assert not torch.equal(model.last(x), x)
+    assert shares_masks(model)
+    model.first = torch.nn.Dropout2d(0.5)  # channel masks: one element-wise dropout is not enough
+    assert not shares_masks(model)
+
+
+def test_a_router_batch_of_two_is_its_images_and_the_state_reads_its_signal():
+    torch.manual_seed(0)
+    router = Router(_Elementwise(), RoutingPolicy(4, 2), [create_model("unet_tiny")],
+                    PatchGrid(2, 2), 3, 1, "all", "margin", "paper", 3)
+    x = torch.rand(2, 1, 16, 16)
+    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(2)])
+    mc = router.observe(x, mc_seed=7)
+    assert torch.equal(mc.probs, each)
+    assert torch.equal(router.state(x, mc)[:, 1], mc.uncertainty("margin"))
