@@ -279,3 +279,20 @@ def test_out_of_memory_is_one_line_with_what_to_do(capsys, monkeypatch, tmp_path
     assert code == 2
     assert _one_line(err).startswith("error: out of memory: ")
     assert "data.stream=always" in err
+
+
+def test_a_failed_volume_is_exit_status_1_and_a_model_past_the_last_a_usage_error(
+        mnist_run, capsys, monkeypatch, tmp_path):
+    import tifffile
+
+    from paser.cli.deploy import _model_index
+    from paser.errors import ConfigError
+
+    recon = np.full((4, 28, 28), 0.5, np.float32)
+    recon[1, 3, 4] = np.nan  # refused: the run does not fill NaN
+    tifffile.imwrite(tmp_path / "recon.tif", recon, photometric="minisblack")
+    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "recon.tif", "--run-dir",
+                    mnist_run, "--out", tmp_path / "out")
+    assert code == 1 and "1 of 1 volumes failed" in err, err
+    with pytest.raises(ConfigError, match="--model f3: this run has f0, f1, f2"):
+        _model_index("f3", 3)

@@ -274,3 +274,43 @@ def test_a_worker_counts_an_image_size_s_flops_under_its_lock():
             return (Lock.held, h, w)
 
     assert _Locked(Model(), Lock(), 1).cost_table(64, 32) == (1, 64, 32)
+
+
+def test_a_worker_says_cannot_see_only_of_a_missing_file(mnist_run, tmp_path, monkeypatch):
+    """A file the worker sees but cannot decode is a bad image, not a path problem."""
+    import paser.cluster
+
+    monkeypatch.setattr(paser.cluster, "worker_name", lambda: "w9")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    [res] = paser.cluster._image_batch(RunSpec(str(mnist_run), "cpu"),
+                                       [str(tmp_path / "bad.png")], str(tmp_path / "out"), None)
+    assert not res.ok and "cannot read the image" in res.error
+    assert "cannot see this file" not in res.error
+
+
+def test_a_volume_keeps_the_first_failed_chunks_error(model, mnist_run, tmp_path, monkeypatch):
+    """Every chunk fails (a fake client; tasks finish in order): the volume's error is the
+    first one's, not the last one's."""
+    import types
+
+    import paser.cluster
+    from paser.errors import DataError
+
+    class Failed:  # a finished task that raised, as distributed's future
+        status = "error"
+
+        def __init__(self, fn, spec, vol, z0, z1, *rest, pure):
+            self.err = DataError(f"{vol.source}: slices {z0}..{z1 - 1} failed")
+
+        def result(self):
+            raise self.err
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(paser.cluster, "_distributed",
+                        lambda: types.SimpleNamespace(as_completed=iter))
+    path = _volume(tmp_path)
+    res = segment_on_cluster(types.SimpleNamespace(submit=Failed), RunSpec(str(mnist_run)),
+                             model, [], split_inputs([str(path)])[1], tmp_path / "out", chunk=16)
+    assert res.volumes[0].error == f"{path}: slices 0..15 failed"

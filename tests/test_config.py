@@ -62,6 +62,10 @@ def test_an_override_that_every_model_shadows_is_named_with_the_keys_that_do_it(
         ("grid=[0, 4]", "key 'grid'"),
         ("data.split=[0.5, 0.5, 0.5]", "key 'data.split'"),
         ("noequals", "expected key=value"),
+        ("=5", "expected key=value"),
+        ("data.split=[0.34, 0.33, 0.335]", "key 'data.split'"),  # sums to 1.005
+        ("data.holdout=[0.5, 0.5]", "key 'data.holdout'"),  # nothing left to train on
+        ("operating_point={budget_gflops: 1, max_tvd: 0.1}", "give at most one of"),
         ("models.pool.0.kwargs={c0:2,widths:[4,4]}", "'c0:2' reads as one key with no value; "
          "in YAML a colon needs a space after it"),
         ("models.pool.2={name: unet_small}", "'2' is not an index of a 2-item list (0..1); to "

@@ -4,6 +4,7 @@ runs on onnxruntime models end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,54 @@ def test_one_deterministic_pass_routes_on_f0_alone(exported):
     with torch.inference_mode():
         a, b = torch_router(images, mc_seed=0), router(images)
     assert torch.allclose(a.probs, b.probs, atol=1e-4) and torch.equal(a.actions, b.actions)
+
+
+def test_a_large_output_off_by_float32_rounding_is_no_warning(mnist_run, tmp_path,
+                                                              monkeypatch):
+    """Logits of 1e4 off by 8e-3 are a few ulp: their scaled error decides, not the raw one."""
+    import paser.export
+
+    manifest = {"files": {"policy": "policy.onnx"}, "onnxruntime": "1.0", "torch": "2.0",
+                "max_abs_error_vs_torch": {"policy": 8e-3, "f1": 1e-6},
+                "max_scaled_error_vs_torch": {"policy": 8e-7, "f1": 1e-6}}
+    monkeypatch.setattr(paser.export, "export_run", lambda *a: manifest)
+    res = paser_here("export", "--run-dir", mnist_run, "--out", tmp_path)
+    assert res.returncode == 0 and "policy 8.00e-03 (8.0e-07), f1 1.00e-06\n" in res.stdout
+    assert "warning" not in res.stderr
+
+
+def test_each_outputs_error_is_scaled_by_its_own_size(mnist_run, tmp_path, monkeypatch):
+    """f1's logits are 1000 and 0.25 and onnxruntime (a fake) puts the 0.25 off by 0.5:
+    scaled 0.5, not hidden as 0.5 / 1000 by the large logit beside it."""
+    import types
+
+    import paser.export
+    from paser import PaSeR
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :1] * 0 + 1000.0, x[:, :1] * 0 + 0.25], 1)
+
+    model = PaSeR.load(mnist_run, device="cpu", calibrated=False)
+    router = model.router.eval()
+    router.pool[0] = Fixed()
+    parts = {"f0": router.f0, "policy": router.policy, "f1": router.pool[0],
+             "f2": router.pool[1]}
+
+    def session(path, providers):  # onnxruntime as PyTorch, but f1's class 1 off by 0.5
+        module = parts[Path(path).stem]
+
+        def run(names, feed):
+            with torch.inference_mode():
+                out = module(torch.from_numpy(feed["input"])).float().numpy()
+            out[:, 1:] += 0.5 if module is parts["f1"] else 0.0
+            return [out]
+        return types.SimpleNamespace(run=run)
+
+    monkeypatch.setattr(paser.export, "_onnx", lambda m, x, path: path.write_bytes(b"onnx"))
+    monkeypatch.setattr(paser.export, "_onnxruntime", lambda *a: types.SimpleNamespace(
+        InferenceSession=session, __version__="fake"))
+    manifest = paser.export.export_run(model, tmp_path, 28, 28)
+    assert manifest["max_abs_error_vs_torch"]["f1"] == pytest.approx(0.5)
+    assert manifest["max_scaled_error_vs_torch"]["f1"] == pytest.approx(0.5)
+    assert manifest["max_abs_error_vs_torch"]["f2"] == 0.0

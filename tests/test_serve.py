@@ -427,3 +427,86 @@ def test_a_port_in_use_is_one_line_before_the_run_loads():
         with pytest.raises(PaserError, match=f"--port {port} on 127.0.0.1: cannot listen there"):
             _check_port("127.0.0.1", port)
     _check_port("127.0.0.1", port)  # free again
+
+
+class _Flaky:
+    """The server behind a proxy whose posts answer ``answers`` in turn (``None``: the
+    server's own answer); what each post sent and received, in bytes."""
+
+    def __init__(self, client, answers):
+        self.client, self.answers, self.sent, self.got = client, list(answers), [], []
+
+    def get(self, *args, **kwargs):
+        return self.client.get(*args, **kwargs)
+
+    def post(self, url, **kwargs):
+        self.sent.append(len(kwargs["content"]))
+        answer = self.answers.pop(0) if self.answers else None
+        res = self.client.post(url, **kwargs) if answer is None else answer
+        self.got.append(len(res.content))
+        return res
+
+
+def test_a_busy_answer_is_retried_with_capped_backoff_and_every_byte_counted(mnist_run,
+                                                                           monkeypatch):
+    import types
+
+    import paser.serve.client as client_module
+
+    slept = []
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=slept.append))
+    busy = httpx.Response(503, json={"error": "busy"})
+    proxy = _Flaky(TestClient(create_app(_load(mnist_run))), [busy, busy])
+    edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])  # every image to f2
+    pool = edge.use_remote("http://testserver", http=proxy, retries=2, backoff=5.0)
+    assert edge.segment(torch.rand(1, 1, 28, 28)).degraded is None  # the third attempt
+    t = pool.take()
+    assert (t.requests, t.retries, t.patches_failed, slept) == (3, 2, 0, [5.0, 8.0])  # 10 capped
+    assert t.bytes_sent == sum(proxy.sent) == 3 * proxy.sent[0]  # each attempt sent it all
+    assert t.bytes_received == sum(proxy.got) > 2 * len(busy.content)  # the 503s' too
+
+
+def test_a_bad_answer_to_one_request_fails_every_patch_of_the_call(mnist_run):
+    """One image's 3 patches in 3 requests (max_patches 1): the second answers class 2 of 2
+    classes, so all 3 keep f0's prediction and count as failed, not the one request's."""
+    server_model, edge = _load(mnist_run), _load(mnist_run)
+    for m in (server_model, edge):
+        m.router.grid = PatchGrid(2, 2, halo=4)
+    wrong = httpx.Response(200, content=encode_npz(labels=np.full((1, 16, 16), 2, np.uint8)))
+    proxy = _Flaky(TestClient(create_app(server_model, max_patches=1)), [None, wrong])
+    pool = edge.use_remote("http://testserver", http=proxy)
+    x = torch.randint(0, 256, (1, 1, 32, 32)) / 255.0
+    with torch.inference_mode():
+        out = edge.router(x, actions=torch.tensor([[2, 2, 2, 0]]), mc_seed=0)
+    t = pool.take()
+    assert out.degraded.tolist() == [[True, True, True, False]] and t.patches_failed == 3
+    assert t.errors == ["http://testserver: an answer that is not [1, 16, 16] labels "
+                        "(class 2 of 2)"]
+
+
+def test_the_edge_splits_by_the_servers_byte_limit_and_refuses_port_0(mnist_run):
+    from paser.errors import ConfigError
+    from paser.serve.client import RemotePool
+
+    edge = _load(mnist_run)
+    pool = RemotePool("http://testserver", edge)
+    # two 28 x 28 images fit at 2 bytes a value (16-bit) and the 4096 bytes kept for the zip
+    pool.server = {"limits": {"max_values": 10**6, "max_patches": 10**6,
+                              "max_request_bytes": 4096 + 2 * 2 * 28 * 28}}
+    assert pool._image_chunks((5, 1, 28, 28)) == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ConfigError, match="port 0 is not a port"):
+        RemotePool("http://127.0.0.1:0", edge)
+
+
+def test_the_servers_limits_hold_at_their_bounds(server, mnist_run):
+    _, client = server  # max_request_bytes 200,000; patches up to 1024 x 1024
+    res = _post(client, RNG.integers(0, 255, 200_000, np.uint8).tobytes())
+    assert res.status_code == 400  # read (junk), not refused as too large
+    res = _post(client, encode_npz(patches=np.zeros((1, 1, 40, 1030), np.uint8)))
+    assert res.status_code == 413 and "patches of 40 x 1030: larger" in res.json()["error"]
+    halo = _load(mnist_run)
+    halo.router.grid = PatchGrid(2, 2, halo=4)
+    res = _post(TestClient(create_app(halo)), encode_npz(patches=np.zeros((1, 1, 8, 8),
+                                                                          np.uint8)))
+    assert res.status_code == 422 and "the run's halo of 4 pixels" in res.json()["error"]

@@ -115,6 +115,13 @@ def test_with_the_token_the_models_answer(guarded, model_calls):
     assert model_calls == [1]
 
 
+def test_the_scheme_is_case_insensitive_as_http_says(guarded):
+    _, client = guarded
+    for scheme in ("bearer", "BEARER"):
+        res = client.get("/v1/models", headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert res.status_code == 200, res.text
+
+
 def test_a_refused_request_is_not_read(guarded, model_calls):
     """A body over the size limit, or junk, is a 401 without the token, not the 413 or 400
     that reading it would give."""
