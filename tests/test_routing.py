@@ -184,14 +184,19 @@ def test_seeded_dropout_gives_an_image_its_own_masks_in_a_batch_of_any_size(mode
     assert type(f0.dropout).forward is torch.nn.Dropout.forward  # put back
 
 
-def test_a_router_batch_equals_its_images_one_at_a_time_with_monte_carlo_dropout():
+def _batch_and_each(f0: torch.nn.Module, n: int, signal: str = "entropy"):
+    """A router on ``f0`` (T = 3, every dropout on), ``n`` images, and f0's probabilities on
+    each image observed alone with the same seed."""
     torch.manual_seed(0)
-    grid = PatchGrid(2, 2)
-    f0 = _Elementwise()
-    pool = [create_model("unet_tiny", in_channels=1, num_classes=3)]
-    router = Router(f0, RoutingPolicy(4, 2), pool, grid, 3, 1, "all", "entropy", "paper", 3)
-    x = torch.rand(4, 1, 16, 16)
-    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(4)])
+    router = Router(f0, RoutingPolicy(4, 2), [create_model("unet_tiny")], PatchGrid(2, 2), 3,
+                    1, "all", signal, "paper", 3)
+    x = torch.rand(n, 1, 16, 16)
+    return router, x, torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs
+                                 for i in range(n)])
+
+
+def test_a_router_batch_equals_its_images_one_at_a_time_with_monte_carlo_dropout():
+    router, x, each = _batch_and_each(_Elementwise(), 4)
     assert torch.equal(router.observe(x, mc_seed=7).probs, each)
 
 
@@ -209,11 +214,7 @@ class _SequenceFirst(torch.nn.Module):
 
 
 def test_a_dropout_off_the_batch_dimension_is_run_an_image_at_a_time():
-    torch.manual_seed(0)
-    router = Router(_SequenceFirst(), RoutingPolicy(4, 2), [create_model("unet_tiny")],
-                    PatchGrid(2, 2), 3, 1, "all", "entropy", "paper", 3)
-    x = torch.rand(4, 1, 16, 16)
-    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(4)])
+    router, x, each = _batch_and_each(_SequenceFirst(), 4)
     assert torch.equal(router.observe(x, mc_seed=7).probs, each)
     assert type(router.f0.dropout).forward is torch.nn.Dropout.forward  # put back
     assert "forward" not in vars(router.f0.dropout)
@@ -276,11 +277,7 @@ def test_mc_dropout_last_keeps_the_other_dropouts_off_and_one_mask_leaves_them_s
 
 
 def test_a_router_batch_of_two_is_its_images_and_the_state_reads_its_signal():
-    torch.manual_seed(0)
-    router = Router(_Elementwise(), RoutingPolicy(4, 2), [create_model("unet_tiny")],
-                    PatchGrid(2, 2), 3, 1, "all", "margin", "paper", 3)
-    x = torch.rand(2, 1, 16, 16)
-    each = torch.cat([router.observe(x[i:i + 1], mc_seed=7).probs for i in range(2)])
+    router, x, each = _batch_and_each(_Elementwise(), 2, "margin")
     mc = router.observe(x, mc_seed=7)
     assert torch.equal(mc.probs, each)
     assert torch.equal(router.state(x, mc)[:, 1], mc.uncertainty("margin"))
