@@ -217,7 +217,8 @@ class Router(nn.Module):
         self.mc_dropout, self.signal, self.state_kind = mc_dropout, signal, state
         self.num_classes = num_classes
         self._costs: dict[tuple[int, int], CostTable] = {}
-        #: where f1..fK run when set: a :class:`paser.serve.client.RemotePool` (the edge/cloud split)
+        #: where f1..fK run when set: a :class:`paser.serve.client.RemotePool` (the edge /
+        #: cloud split)
         self.remote = None
         #: a folder where :meth:`paser.outcomes.PatchOutcomes.build` keeps the pool's
         #: outcomes on a split, named by the pool's weights and the data (``None``: not kept)
