@@ -4,8 +4,11 @@ the curve. Small hand-built cases where the right answer is known."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from tests.test_baselines import COSTS
 from torch import nn
 
 from paser import frontier as FR
@@ -283,6 +286,11 @@ def test_chosen_by_the_test_labels_is_the_reports_reading_and_bounds_any_other_c
         assert all(o <= t + 1e-12 for o, t in zip(by_other, by_test, strict=True))
 
 
+#: test_baselines' cost table (f0 1 GFLOP a pass, T = 2, policy 0.5, patches 0 / 0.25 / 2)
+#: for the 4 patches of :func:`_two_pool_outcomes`
+_FOUR_PATCHES = dataclasses.replace(COSTS, num_patches=4)
+
+
 def _two_pool_outcomes() -> PatchOutcomes:
     """One image of 4 patches, one class, a union of 10 pixels under every action: patch IoU
     gains over f0 of f1 ``[0.4, 0.1, 0.3, 0.0]`` and of f2 ``[0.0, 0.2, 0.1, 0.05]`` (the
@@ -297,7 +305,6 @@ def _two_pool_outcomes() -> PatchOutcomes:
 
 def test_escalation_and_rank_correlation_take_the_best_pool_model():
     from paser.experiments.curves import oracle_curve
-    from paser.routing import CostTable
 
     assert escalation(torch.tensor([[[0.0, 0.5, 0.2], [0.0, 0.1, 0.3]]])).tolist() == [
         [pytest.approx(0.5), pytest.approx(0.3)]]
@@ -306,20 +313,16 @@ def test_escalation_and_rank_correlation_take_the_best_pool_model():
     assert rank_correlation(torch.tensor([[0.4, 0.2, 0.3, 0.05]]), out) == pytest.approx(1.0)
     assert rank_correlation(torch.tensor([[0.0, 0.2, 0.1, 0.05]]), out) == pytest.approx(-0.4)
     # the oracle routes without the policy: its cheapest point is f0's T passes alone
-    costs = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
-                      params=[10, 30, 60], num_patches=4)
-    oracle = oracle_curve(out, costs, costs.model_cost("params"), 5)
+    oracle = oracle_curve(out, _FOUR_PATCHES, _FOUR_PATCHES.model_cost("params"), 5)
     assert oracle["gflops"][0] == pytest.approx(2.0) and oracle["iou"][0] == pytest.approx(0.2)
     assert oracle["iou"][-1] == pytest.approx(0.2 + (0.4 + 0.2 + 0.3 + 0.05) / 4)
 
 
 def test_the_ablation_reads_each_variant_against_the_single_models():
     from paser.experiments.ablation import _margin, single_points
-    from paser.routing import CostTable
 
-    costs = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
-                      params=[10, 30, 60], num_patches=4)
-    points = single_points(_two_pool_outcomes(), costs)  # a pool model pays all 4 patches
+    # a pool model alone pays all 4 patches
+    points = single_points(_two_pool_outcomes(), _FOUR_PATCHES)
     assert points == {"f0": (1.0, pytest.approx(0.2)), "f1": (1.0, pytest.approx(0.4)),
                       "f2": (8.0, pytest.approx(0.2875))}
     # a variant's curve starts from f0's point: below its first setting it is f0 alone

@@ -28,10 +28,19 @@ def setup(tmp_path):
     return bands_run(tmp_path), vol, tmp_path  # f0 and f1
 
 
+def _each_slice(m, vol: np.ndarray, only: int | None = None) -> list:
+    """Each slice segmented as an image on its own (its routing output)."""
+    return [m.segment(torch.from_numpy(s / 255.0)[None, None].float(), only=only) for s in vol]
+
+
+def _labels(m, outs: list) -> np.ndarray:
+    """The slices' labels in the run's codec, stacked."""
+    return np.stack([m.label_codec.encode(o.mask[0].numpy()) for o in outs])
+
+
 def _alone(m, vol: np.ndarray) -> np.ndarray:
     """Each slice segmented as an image on its own, in the run's codec."""
-    return np.stack([m.label_codec.encode(m.segment(torch.from_numpy(s / 255.0)[None, None]
-                                                    .float()).mask[0].numpy()) for s in vol])
+    return _labels(m, _each_slice(m, vol))
 
 
 def _stopped_at(monkeypatch, m, n: int, run) -> None:
@@ -65,7 +74,8 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
                                    tmp / "slices"], stack=True)
     assert files == [] and [v.kind for v in volumes] == ["tiff", "zarr", "hdf5", "stack"]
     results = segment_volumes(m, volumes, tmp / "out", chunk=5)
-    want = _alone(m, vol)
+    alone = _each_slice(m, vol)
+    want = _labels(m, alone)
     assert all(r.record is not None for r in results), [r.error for r in results]
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), want)
     assert np.array_equal(tifffile.imread(tmp / "out" / "slices_labels.tif"), want)
@@ -81,7 +91,6 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert list(rec["class_fractions"].values()) == pytest.approx(fractions)
     assert sum(rec["patch_share"].values()) == pytest.approx(1.0)
     assert rec["gflops"] == pytest.approx(DEPTH * rec["gflops_per_slice"])
-    alone = [m.segment(torch.from_numpy(s / 255.0)[None, None].float()) for s in vol]
     assert [s["gflops"] for s in rec["slices"]] == pytest.approx([float(o.gflops[0]) for o in alone])
     counts = np.sum([np.bincount(o.actions.flatten().numpy(), minlength=2) for o in alone], 0)
     assert list(rec["patch_share"].values()) == pytest.approx((counts / counts.sum()).tolist())
@@ -92,8 +101,7 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert list(rec["patch_share"].values()) == [float(k == other) for k in range(2)]
     assert rec["only"].startswith(f"f{other}")
     assert [s["gflops"] for s in rec["slices"]] == pytest.approx(
-        [float(m.segment(torch.from_numpy(s / 255.0)[None, None].float(), only=other)
-               .gflops[0]) for s in vol])
+        [float(o.gflops[0]) for o in _each_slice(m, vol, only=other)])
     assert not list((tmp / "out").glob(".*.parts"))  # whole volumes: the parts are gone
     assert (tmp / "out" / "volumes.csv").read_text().count("\n") == 5
     # a later call into the folder with one of them (done: skipped) and a new one lists
