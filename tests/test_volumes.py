@@ -269,9 +269,19 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"shape \(2, 3, 8, 8\); a volume is slices x height x "
                                         "width"):
         open_volume(tmp_path / "zc.zarr")
-    for spec, message in ((f"{tmp_path / 'f.h5'}", r"an HDF5 file: name its dataset as "
-                           r".*f.h5:/path/in/file; it has /a/b"),
-                          (f"{tmp_path / 'f.h5'}:/", "name its dataset"),
+    for spec in (f"{tmp_path / 'f.h5'}", f"{tmp_path / 'f.h5'}:/"):  # its only dataset
+        only = open_volume(spec)
+        assert (only.key, only.shape, only.stem) == ("/a/b", (2, 4, 4), "f")
+        assert only.read(0, 2).shape == (2, 4, 4)
+    with h5py.File(tmp_path / "e.h5", "w"):
+        pass
+    with pytest.raises(DataError, match="an HDF5 file with no dataset; it has none"):
+        open_volume(f"{tmp_path / 'e.h5'}")
+    with h5py.File(tmp_path / "f.h5", "a") as fh:
+        fh.create_dataset("/z", data=np.zeros((2, 4, 4), np.uint8))
+    for spec, message in ((f"{tmp_path / 'f.h5'}", r"an HDF5 file of 2 datasets: name one as "
+                           r".*f.h5:/path/in/file; it has /a/b, /z"),
+                          (f"{tmp_path / 'f.h5'}:/", "name one as"),
                           (f"{tmp_path / 'f.h5'}:/gone", "no dataset /gone")):
         with pytest.raises(DataError, match=message):
             open_volume(spec)

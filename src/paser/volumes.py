@@ -195,7 +195,7 @@ def is_volume(spec: str | Path, stack: bool = False) -> bool:
     more than one page, or a folder with ``stack``."""
     text = str(spec)
     if _H5.match(text) or _ZARR.search(text):
-        return True  # an HDF5 file without its dataset is refused, naming them
+        return True  # an HDF5 file alone is its only dataset (more are refused, named)
     path = Path(text)
     if path.is_dir():
         return stack
@@ -347,14 +347,19 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                 data = fh[key] if key else None
             except KeyError:  # not there, or a link to nothing
                 data = None
+            found: list[str] = []
             if not isinstance(data, h5py.Dataset):
-                found: list[str] = []
                 fh.visititems(lambda n, o: found.append("/" + n)
                               if isinstance(o, h5py.Dataset) else None)
+            if not key and len(found) == 1:  # a file of one dataset: that one
+                key = found[0]
+                data = fh[key]
+            if not isinstance(data, h5py.Dataset):
                 group = key and isinstance(data, h5py.Group)
                 what = (f"{key} in {file} is a group, not a dataset" if group else
                         f"no dataset {key} in {file}" if key else
-                        f"an HDF5 file: name its dataset as {file}:/path/in/file")
+                        f"an HDF5 file of {len(found)} datasets: name one as "
+                        f"{file}:/path/in/file" if found else "an HDF5 file with no dataset")
                 if group:  # the datasets under it first
                     found = [n for n in found if n.startswith(key.rstrip("/") + "/")] + [
                         n for n in found if not n.startswith(key.rstrip("/") + "/")]
