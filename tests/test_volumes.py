@@ -84,7 +84,12 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
                                     mode="r")[:], want)
     with tifffile.TiffFile(tmp / "out" / "scan_labels.tif") as tif:
         assert tif.is_bigtiff and len(tif.pages) == DEPTH
+    assert json.loads((tmp / "out" / "f_entry_data.json").read_text())["dataset"] == "/entry/data"
+    only = segment_volumes(m, split_inputs([tmp / "f.h5"])[1], tmp / "h5")  # its one dataset
+    assert only[0].record["dataset"] == "/entry/data" and only[0].record["input"].endswith("f.h5")
+    assert np.array_equal(zarr.open(str(tmp / "h5" / "f_labels.zarr"), mode="r")[:], want)
     rec = json.loads((tmp / "out" / "scan.json").read_text())
+    assert "dataset" not in rec
     assert len(rec["slices"]) == DEPTH and [s["slice"] for s in rec["slices"]] == list(range(DEPTH))
     codes = np.array(m.label_codec.values)
     fractions = [(want == v).mean() for v in codes]

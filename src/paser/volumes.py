@@ -608,7 +608,9 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     from paser.segment import claim_of, output_bytes
 
     record = {
-        "input": volume.source, "kind": volume.kind, "shape": list(volume.shape),
+        "input": volume.source, "kind": volume.kind, **({"dataset": volume.key} if volume.key
+                                                         else {}),
+        "shape": list(volume.shape),
         **{k: kept[k] for k in ("input_path", "stat", "signature") if k in kept},
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
         "models": names, "only": None if only is None else names[only],
