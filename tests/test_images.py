@@ -606,3 +606,34 @@ def test_a_signed_mask_with_negative_values_is_refused_not_wrapped_to_255(tmp_pa
     tifffile.imwrite(tmp_path / "m.tif", np.array([[-1, 0], [1, 2]], np.int16))
     with pytest.raises(DataError, match=r"int16 labels with values -1\.\.2"):
         read_mask(tmp_path / "m.tif")
+
+
+def test_data_check_names_every_bad_file_when_a_float_training_image_cannot_be_read(
+        tmp_path):
+    # the window is fitted on the training floats: a truncated one there stopped the check
+    # at the fit, hiding every other bad file (one run per mistake)
+    root = tmp_path / "d"
+    (root / "classes.yaml").parent.mkdir(parents=True)
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    for split in ("train", "validation", "test"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(3):
+            img = RNG.normal(500, 100, (H, W)).astype(np.float32)
+            tifffile.imwrite(root / split / "images" / f"s{i}.tif", img)
+            Image.fromarray((img > 500).astype(np.uint8)).save(
+                root / split / "masks" / f"s{i}.png")
+    for split in ("train", "test"):
+        path = root / split / "images" / "s1.tif"
+        path.write_bytes(path.read_bytes()[:-60])  # cut short by a copy: its pixels
+    mask = np.zeros((H, W), np.uint8)
+    mask[0, 0] = 7
+    Image.fromarray(mask).save(root / "validation" / "masks" / "s2.png")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems; fix each and check again:", lines
+    assert [re.search(r"/(\w+)/(images|masks)/(s\d)\.(tif|png): (cannot read|mask values "
+                      r"\[7\])", line).group(1, 3, 5) for line in lines[1:]] == [
+        ("train", "s1", "cannot read"), ("validation", "s2", "mask values [7]"),
+        ("test", "s1", "cannot read")], lines

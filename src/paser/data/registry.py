@@ -415,12 +415,19 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                                  *overrides]).data
     # the training split opens, or its error is the answer (the folder is not what the
     # layout reads, say); then every other problem, not the first alone
-    splits, problems = {"train": open_split(cfg, "train", progress=False)}, []
-    for s in ("validation", "test"):
+    splits, problems = {}, []
+    for s in SPLITS:
         try:
             splits[s] = open_split(cfg, s, progress=False)
         except DataError as err:
             problems += err.each()
+            try:  # the split opens, but the intensity window cannot be fitted (a training
+                # float image that cannot be read): its files are read below all the same,
+                # to name every bad one
+                splits[s] = open_unscaled(cfg, s, progress=False)
+            except DataError:
+                if s == "train":  # the answer: the folder is not what the layout reads
+                    raise err from None
     channels = {s: ds.channels for s, ds in splits.items()}
     if 2 in channels.values() and len(set(channels.values())) > 1:
         raise DataError(f"{root}: the splits' images have " + ", ".join(
