@@ -363,3 +363,20 @@ def test_segmenting_waits_for_the_writers_past_four_images_each_or_256_mb():
     assert not _first_now([("a", busy, small)] * 8, 2)
     assert not _first_now([("a", busy, big)], 1)  # alone, past the bound: not its own write
     assert _first_now([("a", busy, big), ("b", busy, big)], 1)  # the two past the bound
+
+
+def test_previews_asked_for_over_a_folder_made_without_them_are_made(setup):
+    m, files, tmp = setup
+    whole = segment_files(m, files, tmp / "whole")
+    lean = segment_files(m, files, tmp / "out", previews=False)
+    assert [p.name for p in (tmp / "out").glob("*_overlay.png")] == []
+    # the same folder with previews: each image again (not skipped as done without them)
+    again = segment_files(m, files, tmp / "out")
+    assert [r.resumed for r in again] == [False] * 5
+    assert _outputs(tmp / "out") == _outputs(tmp / "whole")
+    assert len(_outputs(tmp / "out")) == 15  # labels, overlay and routing map of each
+    assert [r.gflops for r in again] == [r.gflops for r in whole] == [r.gflops for r in lean]
+    # done with previews: both a call with them and one without skip every image
+    assert [r.resumed for r in segment_files(m, files, tmp / "out")] == [True] * 5
+    assert [r.resumed for r in segment_files(m, files, tmp / "out", previews=False)] == [True] * 5
+    assert _outputs(tmp / "out") == _outputs(tmp / "whole")

@@ -300,7 +300,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     start = time.perf_counter()
     futures: dict = {}
     # images: those finished before are reported, the rest go out in batches
-    images: list[Segmented | None] = [finished(out_dir, f) for f in files]
+    images: list[Segmented | None] = [finished(out_dir, f, previews) for f in files]
     slot = {str(f): i for i, f in enumerate(files)}
     for r in images:
         if r is not None and on_progress is not None:

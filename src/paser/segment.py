@@ -300,7 +300,7 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     names = record_names(model)
     model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
     claim_for(out_dir, model, only, overwrite, files=files)
-    results: list[Segmented | None] = [finished(out_dir, f) for f in files]
+    results: list[Segmented | None] = [finished(out_dir, f, previews) for f in files]
     todo = [f for f, r in zip(files, results, strict=True) if r is None]
     for r in results:
         if r is not None and on_done is not None:
@@ -616,10 +616,11 @@ def outputs_whole(out_dir: Path, record: dict) -> bool:
     return True
 
 
-def finished(out_dir: Path, path: Path) -> Segmented | None:
+def finished(out_dir: Path, path: Path, previews: bool = False) -> Segmented | None:
     """An input segmented before into ``out_dir`` (its JSON is there and names it), as its
     record says; ``None`` when it is still to do (also when some of its patches were
-    degraded: the remote tier did not answer for them)."""
+    degraded: the remote tier did not answer for them, and, asked for ``previews``, when
+    an earlier call wrote its labels without them)."""
     record_path = out_dir / f"{path.stem}.json"
     if not record_path.is_file():
         return None
@@ -642,6 +643,8 @@ def finished(out_dir: Path, path: Path) -> Segmented | None:
             return None  # an older paser's record (no digest) of a file changed since
         if not outputs_whole(out_dir, rec):
             return None  # an output gone or cut short since (a copy, a disk): again
+        if previews and "overlay" not in rec.get("outputs", {"overlay": None}):
+            return None  # written with --no-previews: the previews asked for now are made
         counts = rec["patches_per_model"]
         res = Segmented(str(path), path.stem, ok=True, height=rec["height"], width=rec["width"],
                         gflops=rec["gflops"], ms=rec["ms"],
