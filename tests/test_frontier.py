@@ -164,6 +164,33 @@ def test_the_bootstrap_reads_every_method_on_the_same_resample_of_the_images():
         FR.bootstrap(better, {"f0": _counts([[5]] * 3, [[10]] * 3, [1.0] * 3)})
 
 
+def test_the_bootstrap_of_tiles_resamples_their_images_each_with_all_its_tiles():
+    # two images of two tiles each, f0 and f1 as above on every tile; PaSeR at 2 GFLOP
+    # right on every pixel of image a's tiles and on 6 of 10 of b's: a resample of the
+    # images gives margins +0.35 (a, a), +0.15 (a, b) or -0.05 (b, b), above 0 in 3 of 4
+    f0 = _counts([[5]] * 4, [[10]] * 4, [1.0] * 4)
+    f1 = _counts([[8]] * 4, [[10]] * 4, [3.0] * 4)
+    paser = _counts([[10], [10], [6], [6]], [[10]] * 4, [2.0] * 4)
+    images = FR.bootstrap(paser, {"f0": f0, "f1": f1}, draws=2000, groups=np.array([0, 0, 1, 1]))
+    assert (images["images"], images["tiles"]) == (2, 4)
+    assert images["margin"] == pytest.approx({"value": 0.15, "low": -0.05, "high": 0.35})
+    assert 0.72 < images["share_above"] < 0.78
+    tiles = FR.bootstrap(paser, {"f0": f0, "f1": f1}, draws=2000)  # the tiles as if images
+    assert "tiles" not in tiles and tiles["share_above"] > 0.9  # 15 of 16: too sure
+    assert FR.noise_line(images).startswith(
+        "over 2,000 bootstrap resamples of the 2 test images its 4 test tiles were cut from, "
+        "each image with all its tiles (95 % intervals)")
+    # GFLOP are a mean over the tiles a resample holds: image a has one tile at 1 GFLOP, b
+    # three at 3, the cascade 4 on each: Table 2 75 % (a, a), 37.5 % (a, b), 25 % (b, b)
+    cheap = _counts([[8]] * 4, [[10]] * 4, [1.0, 3.0, 3.0, 3.0])
+    cascade = _counts([[8]] * 4, [[10]] * 4, [4.0] * 4)
+    t2 = FR.bootstrap(cheap, {"f0": f0, "f1": f1}, cascade, draws=2000,
+                      groups=np.array([7, 3, 3, 3]))["table2"]
+    assert t2 == pytest.approx({"value": 37.5, "low": 25.0, "high": 75.0})
+    with pytest.raises(ValueError, match=r"\(3,\) groups for 4 items"):
+        FR.bootstrap(paser, {"f0": f0, "f1": f1}, groups=np.array([0, 0, 1]))
+
+
 def test_the_frontier_is_read_linearly_between_models_and_a_curve_as_steps():
     frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (4.0, 0.8)})
     # budgets 1, 2, 4 (log-spaced): the frontier mixes f0 and f1 in proportion, 0.6 at 2

@@ -5,6 +5,7 @@ import pytest
 
 from paser.config import load_config
 from paser.experiments.main import same_images_note
+from paser.experiments.report import setting_line
 
 
 def test_cityscapes_validation_read_as_test_is_said_to_make_the_figures_optimistic():
@@ -176,3 +177,13 @@ def test_table2_compares_paser_with_the_iou_matched_cascade():
                                "iou_difference": 0.0}
     methods["PaSeR"] = {"gflops": 2.5, "iou": 0.81, "iou_per_gflop": 0.324}  # dearer
     assert table2(methods)["flops_saved_pct"] == pytest.approx(-25.0)
+
+
+def test_the_setting_line_counts_tiles_and_the_images_they_came_from():
+    base = {"device": "cpu", "seed": 0, "lam": 0.1, "image_size": [128, 128], "grid": [2, 2],
+            "mc_samples": 1, "test_images": 40, "train_images": 240, "validation_images": 40}
+    assert setting_line(base) == ("- device: cpu; seed 0; lam 0.1; test images 40 of 128 x 128 "
+                                  "(train 240, validation 40); grid 2 x 2; T = 1\n")
+    tiled = setting_line(base | {"tiled_from": {"train": 10, "validation": 2, "test": 3}})
+    assert ("; test tiles 40 of 128 x 128 from 3 images (train 240 tiles from 10 images, "
+            "validation 40 from 2; below, an image is one of these tiles); grid") in tiled

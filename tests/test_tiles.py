@@ -15,8 +15,9 @@ from tests.test_label_codec import model
 from paser.config import load_config
 from paser.data import load_stage_data
 from paser.data.folders import FolderDataset
-from paser.data.tiles import Tiles, route_tiled, tile_origins
+from paser.data.tiles import Tiles, counted, route_tiled, source_images, tile_origins
 from paser.errors import DataError
+from paser.experiments.main import _tiled_from
 from paser.segment import segment_files
 
 SIZES = [(40, 40), (50, 61), (32, 32), (45, 33)]
@@ -83,6 +84,15 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     data = load_stage_data(load_config(preset="battery-quick",
                                        overrides=[*base, "data.tile=[16, 16]"]))
     assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
+    # what a user can match to their files: the tiles' images, counted
+    assert counted(data.test.ids, (16, 16)) == ("38 tiles of 16 x 16 from 4 images", "tile")
+    assert source_images(data.test.ids).tolist() == [0] * 9 + [1] * 16 + [2] * 4 + [3] * 9
+    assert _tiled_from(data) == {"tiled_from": {"train": 4, "validation": 4, "test": 4}}
+    whole = load_stage_data(load_config(preset="battery-quick", overrides=[
+        "data.synthetic.n_train=6", "data.synthetic.n_val=3", "data.synthetic.n_test=3",
+        f"data.cache_dir={tmp_path / 'syn'}", "data.synthetic.height=32", "data.synthetic.width=32"]), progress=False)
+    assert counted(whole.test.ids, (32, 32)) == ("3 images of 32 x 32", "image")
+    assert source_images(whole.test.ids) is None and _tiled_from(whole) == {}
     with pytest.raises(Exception, match=r"data.tile.*does not divide into the grid 2 x 2"):
         load_stage_data(load_config(preset="battery-quick", overrides=[*base, "data.tile=[15, 16]"]))
 

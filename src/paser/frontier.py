@@ -355,7 +355,8 @@ def _resampled_miou(weights: np.ndarray, counts: dict) -> np.ndarray:
 
 
 def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None,
-              draws: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+              draws: int = 1000, level: float = 0.95, seed: int = 0,
+              groups: np.ndarray | None = None) -> dict:
     """How much of the verdict is the draw of the test images: the same figures on
     ``draws`` resamples of the images (with replacement), as intervals at ``level``.
 
@@ -368,15 +369,26 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
     ``matched``, ``table2`` (Table 2's GFLOP saved against the cascade, in %) and
     ``cascade_iou_difference``. ``share_above``: the share of resamples with a positive
     margin. The cascade's thresholds stay those chosen on the whole split.
+
+    ``groups`` ``[N]``: the image each item was cut from, where the items are tiles
+    (:func:`paser.data.tiles.source_images`): the images are resampled, each with all its
+    tiles, since tiles of one image do not vary apart; ``images`` is then their count and
+    ``tiles`` the items'.
     """
     n = len(point["gflops"])
     if n == 0 or any(len(c["gflops"]) != n for c in singles.values()):
         raise ValueError("bootstrap: every method needs the same images' counts")
     rng = np.random.default_rng(seed)
-    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=draws)])
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"bootstrap: {groups.shape} groups for {n} items")
+    _, groups = np.unique(groups, return_inverse=True)
+    g = int(groups.max()) + 1
+    weights = np.vstack([np.ones(g), rng.multinomial(g, np.full(g, 1 / g), size=draws)])
+    weights = weights[:, groups]  # each item as often as its image
 
     def mean_gflops(c: dict) -> np.ndarray:
-        return weights @ np.asarray(c["gflops"], dtype=np.float64) / n
+        return weights @ np.asarray(c["gflops"], dtype=np.float64) / weights.sum(1)
 
     pg, pi = mean_gflops(point), _resampled_miou(weights, point)
     models = [(mean_gflops(c), _resampled_miou(weights, c)) for c in singles.values()]
@@ -392,7 +404,8 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
         low, high = (np.percentile(rest, [tail, 100 - tail]) if rest.size else (np.nan,) * 2)
         return {"value": float(values[0]), "low": float(low), "high": float(high)}
 
-    out = {"images": n, "draws": draws, "level": level, "margin": interval(margin),
+    out = {"images": g, **({"tiles": n} if g < n else {}), "draws": draws, "level": level,
+           "margin": interval(margin),
            "share_above": float(np.mean(margin[1:] > 0))}
     if matched is not None:
         cg, ci = mean_gflops(matched), _resampled_miou(weights, matched)
@@ -406,8 +419,11 @@ def noise_line(noise: dict) -> str:
     m = noise["margin"]
     pct = f"{100 * noise['level']:.0f} %"
     within = m["low"] <= 0 <= m["high"]
-    line = (f"over {noise['draws']:,} bootstrap resamples of the {noise['images']} test "
-            f"images ({pct} intervals), PaSeR's IoU minus the single-model frontier's at its "
+    what = (f"{noise['images']} test images its {noise['tiles']} test tiles were cut from, "
+            "each image with all its tiles" if "tiles" in noise
+            else f"{noise['images']} test images")
+    line = (f"over {noise['draws']:,} bootstrap resamples of the {what} "
+            f"({pct} intervals), PaSeR's IoU minus the single-model frontier's at its "
             f"GFLOP is {nz(m['value'], 4):+.4f} ({nz(m['low'], 4):+.4f} to "
             f"{nz(m['high'], 4):+.4f}; positive in "
             f"{100 * noise['share_above']:.0f} % of resamples)"

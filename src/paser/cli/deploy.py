@@ -39,6 +39,7 @@ def evaluate(
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
     from paser.data.stages import as_tiles
+    from paser.data.tiles import counted
     from paser.runtime import default_workers, progress
 
     workers = default_workers() if workers is None else workers
@@ -62,7 +63,9 @@ def evaluate(
                 on_batch=lambda n, task=task: bar.advance(task, n))))
     passes = ("one deterministic pass" if once else f"{cfg.mc_samples} Monte Carlo pass"
               + ("es" if cfg.mc_samples > 1 else ""))
-    typer.echo(f"{split} split, {len(data)} images; GFLOP per image ({FLOP_CONVENTION}; f0's "
+    held, unit = counted(data.ids, data.size)
+    typer.echo(f"{split} split, {held}; GFLOP per {unit} "
+               f"({FLOP_CONVENTION}; f0's "
                f"{passes} in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
                "the report)")
@@ -211,11 +214,11 @@ def segment(
         raise ConfigError(f"--engine {engine}: use torch or onnxruntime")
     if budgeted:
         data_note(model, run_dir, "validation")
-        cal = _calibrated(model, "calibrating to the budget on the validation split",
-                          budget_gflops=budget_gflops, save=False,
-                          budget_gflops_per_mp=budget_per_mp)
-        typer.echo(f"calibrated for this call on {cal.images} validation images of "
-                   f"{cal.height} x {cal.width}: {cal.gflops:.3f} GFLOP per image "
+        cal, (held, unit) = _calibrated(
+            model, "calibrating to the budget on the validation split",
+            budget_gflops=budget_gflops, save=False, budget_gflops_per_mp=budget_per_mp)
+        typer.echo(f"calibrated for this call on the validation split's {held}: "
+                   f"{cal.gflops:.3f} GFLOP per {unit} "
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
                    f"{cal.miou:.4f}; {sizes_pay(model)}")
         _above_dearest(cal)
@@ -539,17 +542,17 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     data_note(model, run_dir, "validation")
-    cal = _calibrated(model, "calibrating on the validation split",
-                      budget_gflops=budget_gflops, max_frac_large=max_frac_large,
-                      batch_size=batch_size, iou_within_top=iou_within_top, best_iou=best_iou,
-                      max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
+    cal, (held, unit) = _calibrated(
+        model, "calibrating on the validation split", budget_gflops=budget_gflops,
+        max_frac_large=max_frac_large, batch_size=batch_size, iou_within_top=iou_within_top,
+        best_iou=best_iou, max_tvd=max_tvd, budget_gflops_per_mp=budget_per_mp)
     from paser.checkpoints import unfinished_steps
     from paser.run import Steps
 
     if unfinished_steps(run_dir, ("calibrate",)):  # paser run's, stopped: this one replaces it
         Steps(run_dir).drop("calibrate")
-    typer.echo(f"validation split, {cal.images} images of {cal.height} x {cal.width}; GFLOP per "
-               f"image ({FLOP_CONVENTION})")
+    typer.echo(f"validation split, {held}; GFLOP per {unit} "
+               f"({FLOP_CONVENTION})")
     typer.echo(f"target: {cal.target_text()}; bias on the logits "
                f"{[round(b, 4) for b in cal.bias]}")
     typer.echo(f"{'':<14} {'mIoU':>7} {'GFLOP':>8} {'GFLOP/MP':>9}  patches per model")
@@ -572,13 +575,15 @@ def calibrate(
 
 def _calibrated(model, what: str, **target):
     """``model.calibrate(**target)`` on the run's validation split, saying ``what`` it does
-    meanwhile; the split is loaded first, so the bar of a synthetic set generated now does
-    not fight the spinner."""
+    meanwhile, and what the split holds (:func:`paser.data.tiles.counted`); the split is
+    loaded first, so the bar of a synthetic set generated now does not fight the spinner."""
     from paser.data import validation_split
+    from paser.data.tiles import counted
 
     data = validation_split(model.config.data)
     with working(what):
-        return model.calibrate(data=data, **target)
+        cal = model.calibrate(data=data, **target)
+    return cal, counted(data.ids, (cal.height, cal.width))
 
 
 def _above_dearest(cal) -> None:

@@ -12,8 +12,10 @@ a 2 x 2 grid is routed in 16 x 16 patches of 64 x 64, as trained.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
@@ -25,6 +27,32 @@ def tile_origins(height: int, width: int, tile: tuple[int, int]) -> list[tuple[i
     th, tw = tile
     return [(y * th, x * tw) for y in range(math.ceil(height / th))
             for x in range(math.ceil(width / tw))]
+
+
+#: a tile's id: its image's stem, ``@``, its top-left corner (:class:`Tiles`)
+TILE_ID = re.compile(r"^(?P<stem>.*)@(?P<y>\d+),(?P<x>\d+)$")
+
+
+def source_images(ids: Sequence[str]) -> np.ndarray | None:
+    """The image each of ``ids`` was cut from, as an index ``[N]`` (in order of first
+    appearance), where every id is a tile's (:class:`Tiles`); None for whole images."""
+    stems = [TILE_ID.match(i) for i in ids]
+    if not ids or not all(stems):
+        return None
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(m["stem"], len(index)) for m in stems], dtype=np.int64)
+
+
+def counted(ids: Sequence[str], size: tuple[int, int]) -> tuple[str, str]:
+    """What a split holds, as a user can match it to their files, and what one item of it
+    is: ``('40 images of 128 x 128', 'image')``, or for tiles ``('52 tiles of 128 x 128 from
+    10 images', 'tile')``."""
+    n, (h, w) = len(ids), size
+    sources = source_images(ids)
+    if sources is None:
+        return f"{n} image{'s' * (n != 1)} of {h} x {w}", "image"
+    m = int(sources.max()) + 1
+    return f"{n} tile{'s' * (n != 1)} of {h} x {w} from {m} image{'s' * (m != 1)}", "tile"
 
 
 class Tiles:

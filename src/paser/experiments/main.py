@@ -29,6 +29,7 @@ from paser.calibration import calibrate
 from paser.config import DataConfig, ExperimentConfig
 from paser.cost import FLOP_CONVENTION
 from paser.data import StageData
+from paser.data.tiles import source_images
 from paser.errors import DataError
 from paser.experiments import methods as M
 from paser.experiments.ablation import run_ablation
@@ -147,6 +148,18 @@ def same_images_note(data: DataConfig) -> str | None:
                     "models trained on, so the operating points may miss their targets on "
                     "new images (the test figures are of other images).")
     return " ".join(said) or None
+
+
+def _tiled_from(data: StageData) -> dict:
+    """``tiled_from``: how many images each split's tiles were cut from (train: D_pre, D_rl
+    and D_ft together), where the run cut its images into tiles (``data.tile``); the
+    ``*_images`` counts are then of tiles."""
+    splits = {"train": data.pre.ids + data.rl.ids + data.ft.ids,
+              "validation": data.validation.ids, "test": data.test.ids}
+    sources = {s: source_images(ids) for s, ids in splits.items()}
+    if any(v is None for v in sources.values()):
+        return {}
+    return {"tiled_from": {s: int(v.max()) + 1 for s, v in sources.items()}}
 
 
 def _data_files(run_dir: Path) -> str | None:
@@ -297,7 +310,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                           if REACHABLE in areas else {})
     t2 = table2(methods)
     noise = FR.bootstrap(per_image["PaSeR"], {name: per_image[name] for name in singles},
-                         per_image["IDK-Cascade (IoU match)"], seed=cfg.seed)
+                         per_image["IDK-Cascade (IoU match)"], seed=cfg.seed,
+                         groups=source_images(data.test.ids))
     floor = FR.headroom_floor(noise)
     caveat = FR.headroom_caveat(areas["Oracle"] - areas["Frontier"], floor,
                                 list(captured.values()))
@@ -376,6 +390,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "flop_convention": FLOP_CONVENTION, "test_images": len(data.test),
         "train_images": len(data.pre) + len(data.rl) + len(data.ft),
         "validation_images": len(data.validation), "data_files": _data_files(run_dir),
+        **_tiled_from(data),
         "image_size": [h, w], "megapixels_per_image": h * w / 1e6,
         "grid": list(cfg.grid), "mc_samples": cfg.mc_samples,
         "mc_dropout": cfg.mc_dropout, "uncertainty": cfg.uncertainty,

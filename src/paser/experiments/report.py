@@ -86,22 +86,36 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def setting_line(results: dict) -> str:
+    """The report's first line: device, seeds, lam, what the splits hold (tiles, where the
+    run cut its images into them, and how many images they came from), grid and T."""
+    data_seeds = ", ".join(f"{k} seed {v}" for k, v in results.get("data_seeds", {}).items())
+    h, wd = results["image_size"]
+    tiled = results.get("tiled_from")
+    if tiled:
+        splits = (f"test tiles {results['test_images']} of {h} x {wd} from {tiled['test']} "
+                  f"images (train {results['train_images']} tiles from {tiled['train']} "
+                  f"images, validation {results['validation_images']} from "
+                  f"{tiled['validation']}; below, an image is one of these tiles)")
+    else:
+        splits = f"test images {results['test_images']} of {h} x {wd}" + (
+            f" (train {results['train_images']}, validation {results['validation_images']})"
+            if "train_images" in results else "")
+    return (f"- device: {results['device']}; seed {results['seed']}"
+            f"{f' (data: {data_seeds})' if data_seeds else ''}; lam {results['lam']}; "
+            + splits
+            + (f"; data files {results['data_files']}" if results.get("data_files") else "")
+            + f"; grid {results['grid'][0]} x {results['grid'][1]}; "
+            f"T = {results['mc_samples']}\n")
+
+
 def markdown(results: dict) -> str:
     """``report.md``: setting, Table 1, Table 2, routing fractions, curves, notes."""
     methods = results["methods"]
     out = io.StringIO()
     w = out.write
     w(f"# PaSeR report: {results.get('preset') or 'custom config'}\n\n")
-    data_seeds = ", ".join(f"{k} seed {v}" for k, v in results.get("data_seeds", {}).items())
-    w(f"- device: {results['device']}; seed {results['seed']}"
-      f"{f' (data: {data_seeds})' if data_seeds else ''}; lam {results['lam']}; "
-      f"test images {results['test_images']} of {results['image_size'][0]} x "
-      f"{results['image_size'][1]}" + (
-          f" (train {results['train_images']}, validation {results['validation_images']})"
-          if "train_images" in results else "")
-      + (f"; data files {results['data_files']}" if results.get("data_files") else "")
-      + f"; grid {results['grid'][0]} x {results['grid'][1]}; "
-      f"T = {results['mc_samples']}\n")
+    w(setting_line(results))
     w(f"- FLOPs: {results['flop_convention']}; GFLOP per image at inference, all Monte Carlo "
       "passes, the policy and every routed model included"
       + (f"; {mc_counting(results['costs'])}" if "costs" in results else "") + ".\n")
