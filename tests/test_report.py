@@ -4,7 +4,7 @@ to read, said where the figures are. Small hand-built results, no run."""
 import pytest
 
 from paser.config import load_config
-from paser.experiments.main import same_images_note
+from paser.experiments.main import one_volume_note, same_images_note
 from paser.experiments.report import setting_line
 
 
@@ -187,3 +187,11 @@ def test_the_setting_line_counts_tiles_and_the_images_they_came_from():
     tiled = setting_line(base | {"tiled_from": {"train": 10, "validation": 2, "test": 3}})
     assert ("; test tiles 40 of 128 x 128 from 3 images (train 240 tiles from 10 images, "
             "validation 40 from 2; below, an image is one of these tiles); grid") in tiled
+
+
+def test_a_run_on_slices_of_one_volume_is_told_its_bootstrap_is_too_sure():
+    volume = load_config(preset="battery-quick", overrides=[
+        "data.dataset=volume", "data.root=/data", "data.volume=scan.tif",
+        "data.labels=labels.tif"]).data
+    assert "neighbouring slices look alike" in one_volume_note(volume)
+    assert one_volume_note(load_config(preset="battery-quick").data) is None

@@ -119,6 +119,18 @@ def class_names(paser: PaSeR) -> list[str] | None:
     return names if len(names) == paser.config.models.num_classes else None
 
 
+def one_volume_note(data: DataConfig) -> str | None:
+    """The report's caveat where every split is a range of slices of one volume: its
+    bootstrap resamples test slices as if independent, but neighbouring slices look alike,
+    so its intervals are narrower than another scan's figures would spread. None for other
+    data."""
+    if data.dataset != "volume":
+        return None
+    return ("Every split is a range of slices of one volume: the Noise line resamples the "
+            "test slices as if independent, but neighbouring slices look alike, so its "
+            "intervals understate how far the figures would move on another scan.")
+
+
 def same_images_note(data: DataConfig) -> str | None:
     """The report's warning where two splits read the same images (Cityscapes withholds its
     test labels, so ``data.cityscapes_splits`` reads ``val`` as validation and test), saying
@@ -320,6 +332,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         cfg, {"PaSeR": router} | ({} if paper is None else {"PaSeR (paper)": paper.router}))
     if (same := same_images_note(cfg.data)) is not None:
         notes.insert(0, same)  # first: it qualifies every figure after it
+    if (one := one_volume_note(cfg.data)) is not None:
+        notes.insert(0, one)
     if pool["precision"] not in (None, "32-true"):
         notes.append(f"Stage 1 (f0 and the pool) trained with {pool['precision']} autocast "
                      f"(distributed.precision {cfg.distributed.precision}, stage1.json); its "
