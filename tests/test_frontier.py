@@ -187,6 +187,18 @@ def test_the_bootstrap_of_tiles_resamples_their_images_each_with_all_its_tiles()
     t2 = FR.bootstrap(cheap, {"f0": f0, "f1": f1}, cascade, draws=2000,
                       groups=np.array([7, 3, 3, 3]))["table2"]
     assert t2 == pytest.approx({"value": 37.5, "low": 25.0, "high": 75.0})
+    # one image: nothing to resample, no interval (not one of zero width, which would
+    # read as certainty), and the line says so
+    one = FR.bootstrap(paser, {"f0": f0, "f1": f1}, draws=200, groups=np.zeros(4, int))
+    assert (one["images"], one["tiles"], one["draws"]) == (1, 4, 0)
+    assert one["margin"]["value"] == pytest.approx(0.15)
+    assert np.isnan([one["margin"]["low"], one["margin"]["high"], one["share_above"]]).all()
+    assert FR.noise_line(one).startswith("the test split is one image (4 tiles): too few to "
+                                         "resample, so there is no interval; PaSeR's IoU minus "
+                                         "the single-model frontier's at its GFLOP is +0.1500")
+    assert FR.headroom_floor(one) == FR.MIN_HEADROOM
+    alone = FR.bootstrap(_counts([[8]], [[10]], [2.0]), {"f0": _counts([[5]], [[10]], [1.0])})
+    assert alone["draws"] == 0 and "tiles" not in alone
     with pytest.raises(ValueError, match=r"\(3,\) groups for 4 items"):
         FR.bootstrap(paser, {"f0": f0, "f1": f1}, groups=np.array([0, 0, 1]))
 

@@ -743,6 +743,10 @@ def test_data_check_warns_of_validation_and_test_splits_of_one_or_two_images(tmp
     assert ("warning: test holds 2 images: the report's figures rest on it, and its "
             "bootstrap intervals will be wide; give it more images (one folder of images: a "
             "larger share in data.holdout)") in out.output
+    one = CliRunner().invoke(app, ["data", "check", str(make_folder(
+        tmp_path / "one", counts=(4, 3, 1))), "--workers", "0"], env={"COLUMNS": "200"})
+    assert ("warning: test holds 1 image: the report's figures rest on it alone, and its "
+            "bootstrap has nothing to resample; give it more images") in one.output
     assert check_dataset(make_folder(tmp_path / "enough", counts=(4, 3, 3)), workers=0,
                          show_progress=False)["few_images"] == {}
 

@@ -187,6 +187,8 @@ def test_the_setting_line_counts_tiles_and_the_images_they_came_from():
     tiled = setting_line(base | {"tiled_from": {"train": 10, "validation": 2, "test": 3}})
     assert ("; test tiles 40 of 128 x 128 from 3 images (train 240 tiles from 10 images, "
             "validation 40 from 2; below, an image is one of these tiles); grid") in tiled
+    one = setting_line(base | {"tiled_from": {"train": 10, "validation": 1, "test": 1}})
+    assert "test tiles 40 of 128 x 128 from 1 image (train 240 tiles from 10 images, " in one
 
 
 def test_a_run_on_slices_of_one_volume_is_told_its_bootstrap_is_too_sure():

@@ -383,8 +383,10 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
     if groups.shape != (n,):
         raise ValueError(f"bootstrap: {groups.shape} groups for {n} items")
     _, groups = np.unique(groups, return_inverse=True)
-    g = int(groups.max()) + 1
-    weights = np.vstack([np.ones(g), rng.multinomial(g, np.full(g, 1 / g), size=draws)])
+    count = int(groups.max()) + 1
+    draws = draws if count > 1 else 0  # one image: every resample is the split itself
+    weights = np.vstack([np.ones(count),
+                         rng.multinomial(count, np.full(count, 1 / count), size=draws)])
     weights = weights[:, groups]  # each item as often as its image
 
     def mean_gflops(c: dict) -> np.ndarray:
@@ -404,9 +406,9 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
         low, high = (np.percentile(rest, [tail, 100 - tail]) if rest.size else (np.nan,) * 2)
         return {"value": float(values[0]), "low": float(low), "high": float(high)}
 
-    out = {"images": g, **({"tiles": n} if g < n else {}), "draws": draws, "level": level,
-           "margin": interval(margin),
-           "share_above": float(np.mean(margin[1:] > 0))}
+    out = {"images": count, **({"tiles": n} if count < n else {}), "draws": draws,
+           "level": level, "margin": interval(margin),
+           "share_above": float(np.mean(margin[1:] > 0)) if draws else float("nan")}
     if matched is not None:
         cg, ci = mean_gflops(matched), _resampled_miou(weights, matched)
         out["table2"] = interval(100 * (1 - pg / cg))
@@ -417,6 +419,11 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
 def noise_line(noise: dict) -> str:
     """The report's line under the verdict: how far the test split's draw moves it."""
     m = noise["margin"]
+    if not noise["draws"]:
+        tiles = f" ({noise['tiles']} tiles)" if "tiles" in noise else ""
+        return (f"the test split is one image{tiles}: too few to resample, so there is no "
+                f"interval; PaSeR's IoU minus the single-model frontier's at its GFLOP is "
+                f"{nz(m['value'], 4):+.4f} on it, one draw; give the test split more images")
     pct = f"{100 * noise['level']:.0f} %"
     within = m["low"] <= 0 <= m["high"]
     what = (f"{noise['images']} test images its {noise['tiles']} test tiles were cut from, "

@@ -91,7 +91,8 @@ def data_check(
                    + ("the early stop, the kept checkpoints and PaSeR's calibration read it, "
                       "and on so few they follow one draw of the data" if split == "validation"
                       else "the report's figures rest on it, and its bootstrap intervals will "
-                      "be wide")
+                      "be wide" if n > 1 else "the report's figures rest on it alone, and "
+                      "its bootstrap has nothing to resample")
                    + {"folder": "; give it more images (one folder of images: a larger "
                                  "share in data.holdout)",
                       "volume": "; give it more labelled slices (data.slices)"}.get(

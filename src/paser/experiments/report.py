@@ -93,9 +93,12 @@ def setting_line(results: dict) -> str:
     h, wd = results["image_size"]
     tiled = results.get("tiled_from")
     if tiled:
-        splits = (f"test tiles {results['test_images']} of {h} x {wd} from {tiled['test']} "
-                  f"images (train {results['train_images']} tiles from {tiled['train']} "
-                  f"images, validation {results['validation_images']} from "
+        def images(n: int) -> str:
+            return f"{n} image{'s' * (n != 1)}"
+
+        splits = (f"test tiles {results['test_images']} of {h} x {wd} from "
+                  f"{images(tiled['test'])} (train {results['train_images']} tiles from "
+                  f"{images(tiled['train'])}, validation {results['validation_images']} from "
                   f"{tiled['validation']}; below, an image is one of these tiles)")
     else:
         splits = f"test images {results['test_images']} of {h} x {wd}" + (
