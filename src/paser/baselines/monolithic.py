@@ -157,7 +157,8 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
     weight = class_weight(cfg, device)
     bs = cfg.stage1.batch_size
     cache = run_dir / "cache" / "matphase_member_probs.npy"
-    cached = cache_predictions(model.member_probs, data.pre, bs, cache, dist)
+    cached = cache_predictions(model.member_probs, data.pre, bs, cache, dist,
+                               "MatPhase: its members on D_pre", show_progress)
     opt = torch.optim.Adam(model.fusion.parameters(), lr=cfg.stage1.lr)
     epochs = cfg.stage1.epochs if mp.fusion_epochs is None else mp.fusion_epochs
     gen = torch.Generator().manual_seed(cfg.seed + 7)

@@ -22,6 +22,7 @@ from paser.runtime import (
     atomic_write_text,
     hold_run_dir,
     keep_freed_memory,
+    progress,
     resolve_device,
     seed_everything,
 )
@@ -51,18 +52,21 @@ def seed_role(cfg: ExperimentConfig, role: str) -> None:
 
 
 def cache_predictions(predict: Callable[[torch.Tensor], torch.Tensor], data: Tensors,
-                      batch_size: int, path: Path, dist: Dist) -> np.ndarray:
+                      batch_size: int, path: Path, dist: Dist, label: str = "",
+                      show_progress: bool = False) -> np.ndarray:
     """``predict(images)`` for every image of ``data``, as a read-only float16 memory map of
     the ``.npy`` file ``path``: however large, it need not fit in memory.
 
     Rank 0 computes it (no gradients; the caller puts the model in eval mode) and renames
-    it into place when complete; every process then opens it.
+    it into place when complete; every process then opens it. ``label`` names its progress
+    bar (a pass over a training split: minutes on a folder of large slices).
     """
     if dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")  # removed at the next start if killed
         out, pos = None, 0
-        with torch.inference_mode():
+        with torch.inference_mode(), progress(show_progress) as bar:
+            task = bar.add_task(label or f"predicting {path.stem}", total=len(data), info="")
             for x, _ in data.batches(batch_size):
                 y = predict(x.to(dist.device)).float().cpu().numpy()
                 if out is None:
@@ -70,6 +74,7 @@ def cache_predictions(predict: Callable[[torch.Tensor], torch.Tensor], data: Ten
                                                     (len(data), *y.shape[1:]))
                 out[pos:pos + len(y)] = y
                 pos += len(y)
+                bar.update(task, completed=pos)
         if out is None:
             raise DataError(f"no images to predict for {path.name}")
         out.flush()

@@ -481,7 +481,9 @@ def _train_f0(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Fo
     teacher = load_trained(run_dir, cfg, teacher_role, device).eval()
     targets = run_dir / "cache" / "teacher_logits.npy"
     teacher_logits = cache_predictions(partial(forwards[teacher_role], teacher), f0_train,
-                                       cfg.stage1.batch_size, targets, dist)
+                                       cfg.stage1.batch_size, targets, dist,
+                                       f"stage 1 f0: {teacher_role}'s targets",
+                                       common["show_progress"])
     a_kd = cfg.stage1.a_kd
 
     def ce_kd(logits, y, idx):
