@@ -3,6 +3,7 @@ labelled pixel once in training; any image routed in the trained patches."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -53,6 +54,48 @@ def test_tiles_hold_every_labelled_pixel_once(tmp_path):
     assert (tiles.mask(j)[2:] == 255).all() and (tiles.mask(j)[:, 13:] == 255).all()
 
 
+def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monkeypatch):
+    import pickle
+    from types import SimpleNamespace
+
+    import paser.data.tiles as tiles_module
+
+    files = FolderDataset(mixed_folder(tmp_path / "d"), "train")
+    plain = Tiles(files, (16, 16))
+    kept = Tiles(files, (16, 16))
+    stale = tmp_path / "cache" / "decoded-999999999-dead"  # a killed process's
+    stale.mkdir(parents=True)
+    decoded = tiles_module.decode_into(tmp_path / "cache", [kept, plain.files])
+    folder = decoded.path
+    assert not stale.exists() and folder.parent == tmp_path / "cache" and kept.decoded is decoded
+    reads = []
+    image = type(files).image
+    monkeypatch.setattr(type(files), "image", lambda self, i: reads.append(i) or image(self, i))
+    order = np.random.default_rng(1).permutation(len(kept))  # as training draws them
+    around = kept.around(3)  # shares the folder
+    got = [(kept.image(j), kept.mask(j), around.image(j)) for j in [*order, *order]]
+    assert sorted(reads) == [0, 1, 2, 3]  # each image decoded once, in random order
+    wide = Tiles(files, (16, 16), 3)
+    for j, (x, y, a) in zip([*order, *order], got, strict=True):
+        assert torch.equal(x, plain.image(j)) and torch.equal(y, plain.mask(j))
+        assert torch.equal(a, wide.image(j)) and y.dtype == torch.uint8
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{i}.{part}.npy" for i in range(4) for part in ("image", "mask"))
+    copy = pickle.loads(pickle.dumps(kept))  # a reader process's: the folder, not its removal
+    assert copy.decoded.path == folder
+    del copy
+    gc.collect()
+    assert folder.is_dir()
+    del kept, around, decoded
+    gc.collect()
+    assert not folder.exists()  # gone with the tiles that used it
+    # where the disk has no room for them, nothing is kept
+    monkeypatch.setattr(tiles_module.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(free=2**30))  # a gibibyte, no more
+    assert tiles_module.decode_into(tmp_path / "cache", [Tiles(files, (16, 16))]) is None
+    assert tiles_module.decode_into(tmp_path / "cache", [files]) is None  # none tiled
+
+
 def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
@@ -84,6 +127,17 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     data = load_stage_data(load_config(preset="battery-quick",
                                        overrides=[*base, "data.tile=[16, 16]"]))
     assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
+    # streamed, the tiles keep their images decoded under the run's cache while in use
+    streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
+        *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),
+        progress=False, cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("decoded-*"))) == 1
+    rows = torch.tensor([0, 5, 2])
+    x, y = next(streamed.pre.gather([rows]))
+    assert torch.equal(x, data.pre.images[rows]) and torch.equal(y, next(data.pre.gather([rows]))[1])
+    del streamed, x, y
+    gc.collect()
+    assert not list((tmp_path / "cache").glob("decoded-*"))
     # what a user can match to their files: the tiles' images, counted
     assert counted(data.test.ids, (16, 16)) == ("38 tiles of 16 x 16 from 4 images", "tile")
     assert source_images(data.test.ids).tolist() == [0] * 9 + [1] * 16 + [2] * 4 + [3] * 9

@@ -4,6 +4,7 @@ training split, validation and test, in memory or streamed from disk."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from torch.utils.data import Subset
 
@@ -11,14 +12,18 @@ from paser.config import REFERENCE_CLASS_WEIGHTS, DataConfig, ExperimentConfig
 from paser.data.battery import SPLITS, SegmentationFiles, split_three
 from paser.data.registry import kind, open_split
 from paser.data.tensors import StageData, Tensors, on_disk, to_tensors
-from paser.data.tiles import Tiles
+from paser.data.tiles import Tiles, decode_into
 from paser.errors import ConfigError, DataError
 
 
-def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
+def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
+                    cache: Path | None = None) -> StageData:
     """D_pre / D_rl / D_ft, validation and test of the configured dataset: in memory, or
     read from disk as batches are asked for (``data.stream``). The data's channels and
-    classes must be the models' (``models.in_channels``, ``models.num_classes``)."""
+    classes must be the models' (``models.in_channels``, ``models.num_classes``). Streamed
+    tiles keep each image they read decoded in a folder under ``cache`` (a run's, while
+    the splits are in use: :func:`paser.data.tiles.decode_into`), so that a tile drawn
+    at random does not decode its whole image again."""
     data = cfg.data
     built = kind(data).build
     if built is not None:
@@ -34,6 +39,8 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True) -> StageData:
             )
     check_fits_models(cfg, train)
     stream = streams(data, sets.values())
+    if stream and cache is not None:
+        decode_into(cache, sets.values())
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)

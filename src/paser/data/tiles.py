@@ -12,8 +12,13 @@ a 2 x 2 grid is routed in 16 x 16 patches of 64 x 64, as trained.
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Callable, Sequence
+import shutil
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,6 +60,62 @@ def counted(ids: Sequence[str], size: tuple[int, int]) -> tuple[str, str]:
     return f"{n} tile{'s' * (n != 1)} of {h} x {w} from {m} image{'s' * (m != 1)}", "tile"
 
 
+class Decoded:
+    """A folder, for as long as this object lives in the process that made it (and at its
+    exit), where streamed tiles keep each image they read decoded (:meth:`Tiles.decode_into`):
+    training draws tiles in random order, so without it each tile decodes its whole image
+    again (a 2,048 x 2,048 slice read for each of its 256 tiles of 128 x 128, every epoch).
+    A copy in a reader process shares the folder and leaves its removal to the original."""
+
+    def __init__(self, parent: Path):
+        parent.mkdir(parents=True, exist_ok=True)
+        for old in parent.glob("decoded-*"):  # left by a process killed before it cleaned up
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.path = parent / f"decoded-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def __reduce__(self):  # a reader's copy: the folder alone, no finalizer of its own
+        return (_shared, (self.path,))
+
+
+def _shared(path: Path) -> Decoded:
+    out = Decoded.__new__(Decoded)
+    out.path = path
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
+def decode_into(parent: Path, splits: Iterable, spare: float = 2.0) -> Decoded | None:
+    """Let the :class:`Tiles` among ``splits`` keep the images they read decoded in a
+    :class:`Decoded` folder under ``parent`` (a run's cache); None, and nothing kept, where
+    none is tiled or the disk has less room than ``spare`` times their decoded size
+    (float32 images, byte masks) and a gibibyte."""
+    tiled = [s for s in splits if isinstance(s, Tiles)]
+    if not tiled:
+        return None
+    need = sum(h * w * (4 * t.files.channels + 1) for t in {id(t.files): t for t in tiled}.values()
+               for h, w in t.files.sizes)
+    parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(parent).free < spare * need + 2**30:
+        return None
+    decoded = Decoded(parent)
+    for t in tiled:
+        t.decoded = decoded
+    return decoded
+
+
 class Tiles:
     """A split of :class:`SegmentationFiles` as tiles of ``tile`` (``(H, W)``); item ``j`` is
     tile ``j`` of the row-major tiles of every image in turn. It reads like the split it
@@ -62,8 +123,11 @@ class Tiles:
     or streamed the same way. A reader keeps the last image it read: tiles of one image
     come one after another."""
 
-    def __init__(self, files: SegmentationFiles, tile: tuple[int, int], margin: int = 0):
+    def __init__(self, files: SegmentationFiles, tile: tuple[int, int], margin: int = 0,
+                 decoded: Decoded | None = None):
         self.files, self.tile, self.margin = files, tuple(tile), margin
+        #: where each image read is kept decoded (:func:`decode_into`; streamed splits)
+        self.decoded = decoded
         self.index = [(i, y, x) for i, (h, w) in enumerate(files.sizes)
                       for y, x in tile_origins(h, w, self.tile)]
         stems = files.ids
@@ -83,14 +147,34 @@ class Tiles:
         past the image's edges, those pixels unlabelled): the windows stage 1 crops a tile
         from at a random offset (:func:`paser.train.pretrain.crop`); a window's centre is
         the tile, exactly."""
-        out = Tiles(self.files, self.tile, margin)
+        out = Tiles(self.files, self.tile, margin, self.decoded)
         out.index, out.ids = self.index, self.ids
         return out
 
-    def _source(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _source(self, i: int) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
         if self._last is None or self._last[0] != i:
-            self._last = (i, self.files.image(i), self.files.mask(i))
+            self._last = (i, *self._read(i))
         return self._last[1], self._last[2]
+
+    def _read(self, i: int) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+        """Image ``i`` and its mask, decoded; with :attr:`decoded`, memory-mapped from the
+        copies kept there, which the first reading writes (the mask after the image: a mask
+        there means both are whole)."""
+        if self.decoded is not None:
+            image, mask = (self.decoded.path / f"{i}.{part}.npy" for part in ("image", "mask"))
+            if mask.is_file():
+                return np.load(image, mmap_mode="r"), np.load(mask, mmap_mode="r")
+        x, y = self.files.image(i), self.files.mask(i)
+        if self.decoded is not None:
+            try:
+                for path, arr in ((image, x), (mask, y)):
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, arr.numpy())
+                    os.replace(tmp, path)  # another reader may have written it: the same
+            except OSError:  # no room after all, or the folder gone: read as without it
+                self.decoded = None
+        return x, y
 
     def _crop(self, x: torch.Tensor, y0: int, x0: int, fill: int | None) -> torch.Tensor:
         """The window of tile ``(y0, x0)`` with its margin: ``x`` padded by the margin
@@ -99,9 +183,14 @@ class Tiles:
         so a tile of a large image costs its own size, not the image's."""
         th, tw = self.size
         h, w = x.shape[-2:]
-        rows = _window_index(h, self.margin, y0, th, fill is None).to(x.device)
-        cols = _window_index(w, self.margin, x0, tw, fill is None).to(x.device)
-        out = x.index_select(-2, rows.clamp(min=0)).index_select(-1, cols.clamp(min=0))
+        rows = _window_index(h, self.margin, y0, th, fill is None)
+        cols = _window_index(w, self.margin, x0, tw, fill is None)
+        if isinstance(x, np.ndarray):  # memory-mapped: only the window's rows are read
+            out = torch.from_numpy(np.ascontiguousarray(
+                x[..., rows.clamp(min=0).numpy(), :][..., cols.clamp(min=0).numpy()]))
+        else:
+            rows, cols = rows.to(x.device), cols.to(x.device)
+            out = x.index_select(-2, rows.clamp(min=0)).index_select(-1, cols.clamp(min=0))
         if fill is not None:  # outside the image: unlabelled
             out[..., rows < 0, :] = fill
             out[..., cols < 0] = fill
