@@ -31,9 +31,17 @@ def tiny_cfg(tmp_path):
                        overrides=[*TINY, f"data.cache_dir={tmp_path / 'cache'}"])
 
 
-def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path):
+def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import paser.runtime as R
+
+    monkeypatch.setattr(R, "LOG_EVERY_S", 0.0)  # every move of a bar, as a line in a log
     run = tmp_path / "run"
-    summary = stage1.pretrain(tiny_cfg, run, show_progress=False)
+    summary = stage1.pretrain(tiny_cfg, run, show_progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    # a bar moves through the pool's last reading of both splits (minutes on large slices)
+    last = [line.split()[-2] for line in lines if line.startswith("stage 1: each model")]
+    n = len(tiny_cfg.models.pool) + 1
+    assert last == [f"{2 * k}/{n * 4}" for k in range(1, 2 * n + 1)]  # 2 images a batch
     for role in ("f0", "f1", "f2"):
         best = torch.load(run / "checkpoints" / f"{role}.pt", weights_only=False)
         last = torch.load(run / "checkpoints" / f"{role}_last.pt", weights_only=False)
@@ -422,3 +430,20 @@ def test_cached_predictions_move_a_progress_bar(tmp_path, monkeypatch, capsys):
     assert all(line.startswith("stage 1 f0: f2's targets") for line in lines)
     cache_predictions(lambda x: x, data, 2, tmp_path / "u.npy", Dist(torch.device("cpu")))
     assert capsys.readouterr().err == ""  # no bar unless asked
+
+
+def test_validation_passes_move_their_bars():
+    """A validation pass on a folder of large slices runs minutes (seen: 77 s with f2's bar
+    still at 83 %): evaluate_miou says how many images it has done after each batch."""
+    from paser.data.tensors import Tensors
+    from paser.train.pretrain import evaluate_miou
+
+    y = torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8).expand(5, 2, 2).clone()
+    data = Tensors(torch.zeros(5, 1, 2, 2), y, [f"i{i}" for i in range(5)])
+    seen = []
+
+    def right(model, x):  # the true classes as logits: mIoU 1
+        return torch.nn.functional.one_hot(y[: len(x)].long(), 2).permute(0, 3, 1, 2).float()
+
+    miou = evaluate_miou(torch.nn.Identity(), right, data, 2, 2, torch.device("cpu"), seen.append)
+    assert miou == 1.0 and seen == [2, 4, 5]

@@ -104,12 +104,18 @@ def _patchwise(model: nn.Module, x: torch.Tensor, grid: PatchGrid) -> torch.Tens
 
 @torch.inference_mode()
 def evaluate_miou(model: nn.Module, forward: Forward, data: Tensors, num_classes: int,
-                  batch_size: int, device: torch.device) -> float:
-    """Dataset-level mIoU (intersection and union summed over the split, mean over classes)."""
+                  batch_size: int, device: torch.device,
+                  on_batch: Callable[[int], None] | None = None) -> float:
+    """Dataset-level mIoU (intersection and union summed over the split, mean over classes).
+    ``on_batch(n)`` after each batch, ``n`` images done (a progress bar's)."""
     model.eval()
     acc = IoUAccumulator(num_classes)
+    done = 0
     for x, y in data.batches(batch_size):
         acc.update(predicted_classes(forward(model, x.to(device))).cpu(), y)
+        done += len(x)
+        if on_batch is not None:
+            on_batch(done)
     return acc.compute()["miou"]
 
 
@@ -290,9 +296,12 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
             dist.sync_buffers(model)
+            def validated(k: int, epoch=epoch, steps=len(batches)) -> None:  # the last share
+                bar.update(task, completed=epoch + (steps + k / len(val)) / (steps + 1))
+
             with dist.autocast():  # the early stop's reading, in training's precision
                 val_miou = evaluate_miou(kept, forward, val, cfg.models.num_classes,
-                                         s1.batch_size, device)
+                                         s1.batch_size, device, validated)
             if val_miou != val_miou:  # NaN: no class has a pixel in any validation mask
                 raise DataError(
                     f"{label or f'stage 1 {role}'}: the validation split ({len(val)} images) "
@@ -462,7 +471,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         _train_f0(cfg, run_dir, data, forwards, weight, dist, common)
         finished("f0")
 
-    summary = summarize(cfg, run_dir, data, forwards, device) | {"precision": dist.precision}
+    summary = summarize(cfg, run_dir, data, forwards, device,
+                        show_progress and dist.is_main) | {"precision": dist.precision}
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
@@ -551,32 +561,43 @@ def training_record(log: list[dict], role: str, cap: int, patience: int | None) 
 
 
 def summarize(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Forward],
-              device: torch.device) -> dict:
+              device: torch.device, show_progress: bool = False) -> dict:
     """Validation and test mIoU (dropout off, one pass), parameters and GFLOP per image."""
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     h, w = data.test.images.shape[-2:]
     ph, pw = (s + 2 * grid.halo for s in grid.patch_size(h, w))
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl").read()
     models = {}
-    for role, spec in model_roles(cfg):
-        model = load_trained(run_dir, cfg, role, device)
-        # GFLOP per image: f0 once on the whole image, a task model on all P patches.
-        gflops = (gflops_per_sample(model, cfg.models.in_channels, h, w) if role == "f0"
-                  else grid.num_patches * gflops_per_sample(model, cfg.models.in_channels, ph, pw))
-        models[role] = {
-            "name": spec.name,
-            "parameters": count_parameters(model),
-            "gflops_per_image": gflops,
-            **training_record(log, role, model_epochs(cfg, spec), cfg.stage1.patience),
-            **{f"{split}_miou": evaluate_miou(model, forwards[role], getattr(data, split),
-                                              cfg.models.num_classes, cfg.stage1.batch_size,
-                                              device)
-               for split in ("validation", "test")},
-        }
-        if data.test.groups is not None:  # each model on each kind of sample (noisy MNIST)
-            models[role]["test_miou_by_group"] = {
-                name: evaluate_miou(model, forwards[role], data.test.in_groups([g]),
-                                    cfg.models.num_classes, cfg.stage1.batch_size, device)
-                for g, name in enumerate(data.test.group_names)}
+    roles = model_roles(cfg)
+    per_model = len(data.validation) + len(data.test)
+    with progress(show_progress) as bar:
+        task = bar.add_task("stage 1: each model on validation and test",
+                            total=len(roles) * per_model, info="")
+        for r, (role, spec) in enumerate(roles):
+            model = load_trained(run_dir, cfg, role, device)
+            # GFLOP per image: f0 once on the whole image, a task model on all P patches.
+            gflops = (gflops_per_sample(model, cfg.models.in_channels, h, w) if role == "f0"
+                      else grid.num_patches * gflops_per_sample(model, cfg.models.in_channels,
+                                                                ph, pw))
+            miou = {}
+            for split, before in (("validation", 0), ("test", len(data.validation))):
+                def seen(k: int, at=r * per_model + before) -> None:
+                    bar.update(task, completed=at + k)
+
+                miou[f"{split}_miou"] = evaluate_miou(
+                    model, forwards[role], getattr(data, split), cfg.models.num_classes,
+                    cfg.stage1.batch_size, device, seen)
+            models[role] = {
+                "name": spec.name,
+                "parameters": count_parameters(model),
+                "gflops_per_image": gflops,
+                **training_record(log, role, model_epochs(cfg, spec), cfg.stage1.patience),
+                **miou,
+            }
+            if data.test.groups is not None:  # each model on each kind of sample (noisy MNIST)
+                models[role]["test_miou_by_group"] = {
+                    name: evaluate_miou(model, forwards[role], data.test.in_groups([g]),
+                                        cfg.models.num_classes, cfg.stage1.batch_size, device)
+                    for g, name in enumerate(data.test.group_names)}
     return {"stage": 1, "flop_convention": FLOP_CONVENTION, "device": str(device),
             "image_size": [h, w], "grid": list(cfg.grid), "models": models}
