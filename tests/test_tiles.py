@@ -67,7 +67,8 @@ def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monke
     stale.mkdir(parents=True)
     decoded = tiles_module.decode_into(tmp_path / "cache", [kept, plain.files])
     folder = decoded.path
-    assert not stale.exists() and folder.parent == tmp_path / "cache" and kept.decoded is decoded
+    assert not stale.exists() and folder.parent == tmp_path / "cache"
+    assert kept.decoded.path.parent == folder  # the split's own folder in it
     reads = []
     image = type(files).image
     monkeypatch.setattr(type(files), "image", lambda self, i: reads.append(i) or image(self, i))
@@ -79,10 +80,10 @@ def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monke
     for j, (x, y, a) in zip([*order, *order], got, strict=True):
         assert torch.equal(x, plain.image(j)) and torch.equal(y, plain.mask(j))
         assert torch.equal(a, wide.image(j)) and y.dtype == torch.uint8
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
+    assert sorted(p.name for p in kept.decoded.path.iterdir()) == sorted(
         f"{i}.{part}.npy" for i in range(4) for part in ("image", "mask"))
     copy = pickle.loads(pickle.dumps(kept))  # a reader process's: the folder, not its removal
-    assert copy.decoded.path == folder
+    assert copy.decoded.path == kept.decoded.path
     del copy
     gc.collect()
     assert folder.is_dir()
@@ -135,6 +136,12 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     rows = torch.tensor([0, 5, 2])
     x, y = next(streamed.pre.gather([rows]))
     assert torch.equal(x, data.pre.images[rows]) and torch.equal(y, next(data.pre.gather([rows]))[1])
+    # the other splits' images, numbered from 0 too, are their own, not train's kept ones
+    for split in ("validation", "test"):
+        every = torch.arange(len(getattr(data, split)))
+        x, y = next(getattr(streamed, split).gather([every]))
+        assert torch.equal(x, getattr(data, split).images), split
+        assert torch.equal(y, next(getattr(data, split).gather([every]))[1]), split
     del streamed, x, y
     gc.collect()
     assert not list((tmp_path / "cache").glob("decoded-*"))

@@ -80,6 +80,14 @@ class Decoded:
     def __reduce__(self):  # a reader's copy: the folder alone, no finalizer of its own
         return (_shared, (self.path,))
 
+    def within(self, name: str) -> Decoded:
+        """A folder in this one, for one split's images (each split numbers its images from
+        0): removed with this one, which it keeps alive."""
+        out = _shared(self.path / name)
+        out.path.mkdir(exist_ok=True)
+        out.owner = self
+        return out
+
 
 def _shared(path: Path) -> Decoded:
     out = Decoded.__new__(Decoded)
@@ -111,8 +119,11 @@ def decode_into(parent: Path, splits: Iterable, spare: float = 2.0) -> Decoded |
     if shutil.disk_usage(parent).free < spare * need + 2**30:
         return None
     decoded = Decoded(parent)
+    each: dict[int, Decoded] = {}  # a folder per split: image i of one is not image i of another
     for t in tiled:
-        t.decoded = decoded
+        if id(t.files) not in each:
+            each[id(t.files)] = decoded.within(str(len(each)))
+        t.decoded = each[id(t.files)]
     return decoded
 
 
