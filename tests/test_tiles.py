@@ -90,6 +90,21 @@ def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monke
     del kept, around, decoded
     gc.collect()
     assert not folder.exists()  # gone with the tiles that used it
+    # a killed run's folder of this very pid (a container's first process has the same one
+    # each time) is stale; another machine's (a cache shared by nodes) is not this one's
+    # to judge by its pid, even one that no process here has
+    import os
+    import socket
+
+    again = tmp_path / "cache" / f"decoded-{os.getpid()}-0badcafe-{socket.gethostname()}"
+    other = tmp_path / "cache" / "decoded-999999999-0badcafe-another-node"
+    again.mkdir()
+    other.mkdir()
+    first = tiles_module.Decoded(tmp_path / "cache")
+    assert not again.exists() and other.is_dir() and first.path.is_dir()
+    second = tiles_module.Decoded(tmp_path / "cache")  # two stages in one process: both kept
+    assert first.path.is_dir() and second.path.is_dir()
+    del first, second
     # where the disk has no room for them, nothing is kept
     monkeypatch.setattr(tiles_module.shutil, "disk_usage",
                         lambda path: SimpleNamespace(free=2**30))  # a gibibyte, no more

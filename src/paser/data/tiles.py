@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -60,6 +61,10 @@ def counted(ids: Sequence[str], size: tuple[int, int]) -> tuple[str, str]:
     return f"{n} tile{'s' * (n != 1)} of {h} x {w} from {m} image{'s' * (m != 1)}", "tile"
 
 
+#: the names of the :class:`Decoded` folders this process made
+_MADE: set[str] = set()
+
+
 class Decoded:
     """A folder, for as long as this object lives in the process that made it (and at its
     exit), where streamed tiles keep each image they read decoded (:meth:`Tiles.decode_into`):
@@ -69,12 +74,19 @@ class Decoded:
 
     def __init__(self, parent: Path):
         parent.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
         for old in parent.glob("decoded-*"):  # left by a process killed before it cleaned up
-            pid = old.name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            _, pid, *rest = old.name.split("-", 3)
+            if len(rest) == 2 and rest[1] != host:
+                continue  # another machine's (a run's cache shared by nodes): its pid is not ours
+            # the pid of a killed run is this process's again where pids repeat (a container's
+            # first process): a folder of this pid that this process did not make is stale
+            if pid.isdigit() and (not _alive(int(pid)) or (
+                    int(pid) == os.getpid() and old.name not in _MADE)):
                 shutil.rmtree(old, ignore_errors=True)
-        self.path = parent / f"decoded-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = parent / f"decoded-{os.getpid()}-{uuid.uuid4().hex[:8]}-{host}"
         self.path.mkdir()
+        _MADE.add(self.path.name)
         weakref.finalize(self, shutil.rmtree, self.path, True)
 
     def __reduce__(self):  # a reader's copy: the folder alone, no finalizer of its own
