@@ -203,6 +203,27 @@ def test_the_bootstrap_of_tiles_resamples_their_images_each_with_all_its_tiles()
         FR.bootstrap(paser, {"f0": f0, "f1": f1}, groups=np.array([0, 0, 1]))
 
 
+def test_the_bootstrap_of_whole_images_reads_as_before_to_the_last_bit():
+    # the resamples of whole images and their mean GFLOP as before tiles were grouped
+    # (weights @ gflops / n on C-ordered weights): results.json of such a run must not move
+    rng = np.random.default_rng(4)
+    n = 40
+
+    def some():
+        return _counts(rng.integers(0, 5, (n, 3)), rng.integers(5, 20, (n, 3)),
+                       rng.uniform(1, 5, n))
+
+    paser, f0, f1, cascade = some(), some(), some(), some()
+    got = FR.bootstrap(paser, {"f0": f0, "f1": f1}, cascade, draws=500, seed=3)
+    draw = np.random.default_rng(3)
+    weights = np.vstack([np.ones(n), draw.multinomial(n, np.full(n, 1 / n), size=500)])
+    saved = 100 * (1 - (weights @ paser["gflops"] / n) / (weights @ cascade["gflops"] / n))
+    tail = 100 * (1 - 0.95) / 2
+    assert got["table2"]["value"] == saved[0]
+    assert [got["table2"]["low"], got["table2"]["high"]] == list(
+        np.percentile(saved[1:], [tail, 100 - tail]))
+
+
 def test_the_frontier_is_read_linearly_between_models_and_a_curve_as_steps():
     frontier = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (4.0, 0.8)})
     # budgets 1, 2, 4 (log-spaced): the frontier mixes f0 and f1 in proportion, 0.6 at 2

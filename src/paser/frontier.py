@@ -387,7 +387,9 @@ def bootstrap(point: dict, singles: dict[str, dict], matched: dict | None = None
     draws = draws if count > 1 else 0  # one image: every resample is the split itself
     weights = np.vstack([np.ones(count),
                          rng.multinomial(count, np.full(count, 1 / count), size=draws)])
-    weights = weights[:, groups]  # each item as often as its image
+    # each item as often as its image; C order, as the weights were: the same BLAS path, so
+    # runs on whole images read the same figures as before to the last bit
+    weights = np.ascontiguousarray(weights[:, groups])
 
     def mean_gflops(c: dict) -> np.ndarray:
         return weights @ np.asarray(c["gflops"], dtype=np.float64) / weights.sum(1)
