@@ -1,6 +1,7 @@
 """Stage 1 on a tiny synthetic set: checkpoints, metrics, distillation and exact resume."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -25,6 +26,11 @@ TINY = [
 TEST_MIOU = {"f0": 0.2651, "f1": 0.0568, "f2": 0.0553}
 
 
+def _done(line: str) -> str:
+    """A progress line's ``done/total``."""
+    return next(t for t in line.split() if re.fullmatch(r"\d+/\d+", t))
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return load_config(preset="battery-quick",
@@ -39,7 +45,7 @@ def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path, monke
     summary = stage1.pretrain(tiny_cfg, run, show_progress=True)
     lines = capsys.readouterr().err.splitlines()
     # a bar moves through the pool's last reading of both splits (minutes on large slices)
-    last = [line.split()[-2] for line in lines if line.startswith("stage 1: each model")]
+    last = [_done(line) for line in lines if line.startswith("stage 1: each model")]
     n = len(tiny_cfg.models.pool) + 1
     assert last == [f"{2 * k}/{n * 4}" for k in range(1, 2 * n + 1)]  # 2 images a batch
     for role in ("f0", "f1", "f2"):
@@ -426,7 +432,7 @@ def test_cached_predictions_move_a_progress_bar(tmp_path, monkeypatch, capsys):
                             Dist(torch.device("cpu")), "stage 1 f0: f2's targets", True)
     assert out.shape == (5, 1, 2, 2) and out[:, 0, 0, 0].tolist() == [0, 2, 4, 6, 8]
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split()[-2] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert [_done(line) for line in lines] == ["2/5", "4/5", "5/5"]
     assert all(line.startswith("stage 1 f0: f2's targets") for line in lines)
     cache_predictions(lambda x: x, data, 2, tmp_path / "u.npy", Dist(torch.device("cpu")))
     assert capsys.readouterr().err == ""  # no bar unless asked

@@ -384,3 +384,15 @@ def test_a_lock_the_file_system_refuses_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", refused)
     with pytest.raises(ConfigError, match=r"cannot lock .*Bad file descriptor.*a local disk"):
         hold_folder(tmp_path, ".lock", "--out")
+
+
+def test_a_bar_says_how_long_is_left_while_it_knows():
+    from types import SimpleNamespace
+
+    import paser.runtime as R
+
+    column = R.TimeLeftColumn()
+    task = SimpleNamespace(time_remaining=3725.9, finished=False, total=40)
+    assert column.render(task).plain == "~1:02:05 left"
+    for done in ({"finished": True}, {"time_remaining": None}, {"total": None}):
+        assert column.render(SimpleNamespace(**{**vars(task), **done})).plain == ""

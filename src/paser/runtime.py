@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from paser.errors import ConfigError, DataError
 
@@ -345,6 +353,20 @@ class _Progress(Progress):
             self.console.print(self.make_tasks_table(tasks))
 
 
+class TimeLeftColumn(ProgressColumn):
+    """``~0:12:30 left``: rich's estimate from the bar's recent speed, while it has one and
+    the task runs (a model's epochs on large slices run for hours; an early stop may end
+    them sooner); nothing before the first estimate or once done."""
+
+    def render(self, task) -> Text:
+        left = task.time_remaining
+        if task.finished or left is None or not task.total:
+            return Text("")
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return Text(f"~{hours}:{minutes:02d}:{seconds:02d} left", style="progress.remaining")
+
+
 def progress(enabled: bool = True) -> Progress:
     """A rich progress bar group on stderr (stdout is a command's results); disabled bars
     cost nothing. Where stderr is not a terminal, the unfinished bars print a line every
@@ -358,6 +380,7 @@ def progress(enabled: bool = True) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeLeftColumn(),
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
         console=Console(stderr=True),
