@@ -20,6 +20,7 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
+import tifffile
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -33,6 +34,7 @@ from paser.segment import find_images, segment_files
 from paser.serve.client import RemoteError
 from paser.serve.codec import NPZ, PNG, decode_npz, encode_npz, quantise
 from paser.serve.server import create_app
+from paser.volumes import open_volume, segment_volumes
 
 RNG = np.random.default_rng(0)
 
@@ -265,6 +267,27 @@ def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mni
     skipped = pool.take()
     assert skipped.requests == 0 and skipped.patches_sent == 0 and skipped.patches_failed == 4
     assert "not asked: it failed less than 30 s ago" in skipped.errors[0]
+
+
+def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_path):
+    """A volume segmented while the remote tier is down says so, and is not skipped as done
+    by the next call, which segments it as if the tier had answered the first time."""
+    vol = np.random.default_rng(3).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "scan.tif", vol, photometric="minisblack")
+    edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])  # every slice to f2
+    here = np.stack([edge.label_codec.encode(edge.segment(
+        torch.from_numpy(s / 255.0)[None, None].float()).mask[0].numpy()) for s in vol])
+    edge.use_remote(f"http://127.0.0.1:{_free_port()}", timeout=0.5, retries=0, backoff=0.0)
+    out = tmp_path / "out"
+    segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
+    rec = json.loads((out / "scan.json").read_text())
+    assert rec["degraded_patches"] == 4 and [s["degraded"] for s in rec["slices"]] == [1] * 4
+    edge.use_remote("http://testserver", http=TestClient(create_app(_load(mnist_run))))
+    [res] = segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
+    assert not res.resumed
+    rec = json.loads((out / "scan.json").read_text())
+    assert "degraded_patches" not in rec and all("degraded" not in s for s in rec["slices"])
+    assert np.array_equal(tifffile.imread(out / "scan_labels.tif"), here)
 
 
 def test_one_images_patches_past_the_servers_limit_go_in_several_requests(mnist_run):

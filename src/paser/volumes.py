@@ -524,6 +524,8 @@ def chunk_done(volume: Volume, out_dir: Path, z0: int, z1: int) -> list[dict] | 
         return None
     if not isinstance(records, list) or len(records) != z1 - z0:
         return None
+    if any(isinstance(r, dict) and r.get("degraded") for r in records):
+        return None  # patches kept f0's answer while the remote tier was down: try again
     if volume.label_format == "tiff":
         try:
             part = np.load(marker.with_suffix(".npy"), mmap_mode="r")
@@ -560,6 +562,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         ms = 1000 * (time.perf_counter() - tick)
         mask = out.mask[0].cpu().numpy()
         actions = out.actions[0].cpu().numpy()
+        # patches the remote tier did not answer for: f0's prediction, done again next call
+        degraded = 0 if out.degraded is None else int(out.degraded[0].sum())
         masks[i] = codec.encode(mask)
         release_freed_memory()  # bounded memory over any number of slices
         records.append({"slice": z0 + i, "digest": slice_digest(raw[i]),
@@ -567,6 +571,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                         "patches_per_model": np.bincount(
                             actions[inside], minlength=router.num_models).tolist(),
                         "class_voxels": _class_counts(mask, ncls).tolist(),
+                        **({"degraded": degraded} if degraded else {}),
                         **({"worker": worker, "device": str(model.device)}
                            if worker is not None else {}),
                         **({"notes": notes} if notes else {})})
@@ -603,6 +608,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     names = record_names(model)
     voxels = np.sum([r["class_voxels"] for r in records], 0)
     patches = np.sum([r["patches_per_model"] for r in records], 0)
+    degraded = sum(r.get("degraded", 0) for r in records)
     workers = sorted({r["worker"] for r in records if "worker" in r})
     devices = sorted({r["device"] for r in records if "device" in r}) or [str(model.device)]
     from paser.segment import claim_of, output_bytes
@@ -620,6 +626,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "gflops_per_slice": float(np.mean([r["gflops"] for r in records])),
         "flop_convention": FLOP_CONVENTION,
         "patch_share": dict(zip(names, (patches / max(patches.sum(), 1)).tolist(), strict=True)),
+        **({"degraded_patches": degraded} if degraded else {}),
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
         "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6,
@@ -785,6 +792,8 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
             atomic_write_text(json.dumps(rec, indent=1), done)
     if not outputs_whole(out_dir, rec):
         return None  # its label volume gone or cut short since: again
+    if rec.get("degraded_patches"):
+        return None  # patches kept f0's answer while the remote tier was down: again
     scaled = rec.get("intensity") or {}
     if scaled.get("mode") == "window" and scaled.get("window") is None:
         return None  # a float volume scaled slice by slice (paser before 2026-12-05): again

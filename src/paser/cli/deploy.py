@@ -390,6 +390,9 @@ def _volume_lines(results, out: Path) -> None:
                    + (", segmented before (skipped)" if r.resumed else "")
                    + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
+        if rec.get("degraded_patches"):
+            typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
+                       "answer: f0's prediction kept); the same command again redoes them")
         if "fitted_on" in rec.get("intensity", {}):
             lo, hi = rec["intensity"]["window"]
             typer.echo(f"  {rec['dtype']} voxels scaled by the window [{lo:.6g}, {hi:.6g}] "
