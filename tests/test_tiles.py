@@ -235,6 +235,39 @@ def test_any_image_is_routed_in_the_trained_patches(tmp_path):
     assert torch.equal(same.mask, out.mask)
 
 
+def test_the_cloud_tier_of_a_tiled_run_takes_its_tiles_and_says_so_of_other_images(tmp_path):
+    """An image the server would cut into patches larger than the run's is refused with
+    the tile to send, not with advice (pad it to the grid) that meets the next refusal."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from paser.serve.server import create_app
+
+    cfg = load_config(preset="battery-quick", overrides=["data.tile=[128, 128]",
+                                                         "models.num_classes=3"])
+    # the helper's pool is one model: f1
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"pool": cfg.models.pool[:1]})})
+    client = TestClient(create_app(model(cfg, tmp_path / "run")))
+
+    def post(h, w):
+        buf = io.BytesIO()
+        np.savez_compressed(buf, image=np.zeros((1, 1, h, w), np.uint8), index=np.array([0]))
+        return client.post("/v1/segment", params={"model": "f1", "output": "labels"},
+                           content=buf.getvalue(), headers={"Content-Type": "application/x-npz"})
+
+    for h, w in ((300, 517), (256, 256)):
+        r = post(h, w)
+        assert r.status_code == 422
+        assert r.json()["error"] == (f"an image of {h} x {w}: this run routes tiles of 128 x "
+                                     "128 (data.tile); send its tiles as 'image' [B, C, 128, "
+                                     "128] (the last ones padded), or 'patches'")
+    r = post(128, 128)
+    assert r.status_code == 200
+    assert np.load(io.BytesIO(r.content))["labels"].shape == (1, 64, 64)
+
+
 def test_stitched_tiles_keep_the_degraded_patches_of_any_batch():
     """A remote tier that failed on some batches of tiles only: the patches it left on f0
     are kept wherever they lie, whichever batch came first."""

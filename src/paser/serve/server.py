@@ -229,7 +229,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                                f"'patches' [N, C, h, w]) or {PNG}")
         body = await _read_body(request, max_request_bytes)
         x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
-                    else _npz_patches(body, router.grid, channels, max_values))
+                    else _npz_patches(body, router.grid, channels, max_values, tile))
         request.state.patches = x.shape[0]
         if x.shape[0] > max_patches:
             raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
@@ -310,11 +310,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _npz_patches(body: bytes, grid, channels: int, max_values: int
-                 ) -> tuple[torch.Tensor, list]:
+def _npz_patches(body: bytes, grid, channels: int, max_values: int,
+                 tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, list]:
     """Patches with their halo from an ``.npz``: array ``patches`` ``[N, C, h, w]`` as they
-    are, or ``image`` ``[B, C, H, W]`` (divisible by the run's grid) with ``index`` ``[N]``
-    (patches in the routing path's order, image by image), cut here with the halo."""
+    are, or ``image`` ``[B, C, H, W]`` (divisible by the run's grid; of its ``tile`` size
+    where it routes tiles) with ``index`` ``[N]`` (patches in the routing path's order,
+    image by image), cut here with the halo."""
     arrays = codec.read_npz(body, max_values)
     if "patches" in arrays:
         return torch.from_numpy(_unit(arrays["patches"], "patches", channels)), []
@@ -323,6 +324,11 @@ def _npz_patches(body: bytes, grid, channels: int, max_values: int
                            f"[B, C, H, W] with 'index' [N] (it has: {', '.join(arrays) or 'none'})")
     image, index = _unit(arrays["image"], "image", channels), arrays["index"]
     b, _, h, w = image.shape
+    if tile is not None and (h, w) != tuple(tile):
+        # padding it to the grid would make patches larger than the run's: refused next
+        raise PayloadError(422, f"an image of {h} x {w}: this run routes tiles of {tile[0]} "
+                           f"x {tile[1]} (data.tile); send its tiles as 'image' [B, C, "
+                           f"{tile[0]}, {tile[1]}] (the last ones padded), or 'patches'")
     try:
         fits = grid.padded_size(h, w) == (h, w)
     except PaserError:
