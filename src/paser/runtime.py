@@ -38,6 +38,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 from paser.errors import ConfigError, DataError
@@ -356,7 +357,11 @@ class _Progress(Progress):
 class TimeLeftColumn(ProgressColumn):
     """``~0:12:30 left``: rich's estimate from the bar's recent speed, while it has one and
     the task runs (a model's epochs on large slices run for hours; an early stop may end
-    them sooner); nothing before the first estimate or once done."""
+    them sooner); nothing before the first estimate or once done. Never wrapped: in an
+    80-column log the text beside it wraps instead."""
+
+    def __init__(self):
+        super().__init__(table_column=Column(no_wrap=True))
 
     def render(self, task) -> Text:
         left = task.time_remaining
