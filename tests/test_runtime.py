@@ -394,5 +394,6 @@ def test_a_bar_says_how_long_is_left_while_it_knows():
     column = R.TimeLeftColumn()
     task = SimpleNamespace(time_remaining=3725.9, finished=False, total=40)
     assert column.render(task).plain == "~1:02:05 left"
+    assert column.get_table_column().no_wrap  # one line in an 80-column log, not two
     for done in ({"finished": True}, {"time_remaining": None}, {"total": None}):
         assert column.render(SimpleNamespace(**{**vars(task), **done})).plain == ""
