@@ -186,7 +186,8 @@ def test_the_setting_line_counts_tiles_and_the_images_they_came_from():
                                   "(train 240, validation 40); grid 2 x 2; T = 1\n")
     tiled = setting_line(base | {"tiled_from": {"train": 10, "validation": 2, "test": 3}})
     assert ("; test tiles 40 of 128 x 128 from 3 images (train 240 tiles from 10 images, "
-            "validation 40 from 2; below, an image is one of these tiles); grid") in tiled
+            "validation 40 tiles from 2 images; below, an image is one of these tiles); "
+            "grid") in tiled
     one = setting_line(base | {"tiled_from": {"train": 10, "validation": 1, "test": 1}})
     assert "test tiles 40 of 128 x 128 from 1 image (train 240 tiles from 10 images, " in one
 

@@ -67,7 +67,7 @@ _MADE: set[str] = set()
 
 class Decoded:
     """A folder, for as long as this object lives in the process that made it (and at its
-    exit), where streamed tiles keep each image they read decoded (:meth:`Tiles.decode_into`):
+    exit), where streamed tiles keep each image they read decoded (:func:`decode_into`):
     training draws tiles in random order, so without it each tile decodes its whole image
     again (a 2,048 x 2,048 slice read for each of its 256 tiles of 128 x 128, every epoch).
     A copy in a reader process shares the folder and leaves its removal to the original."""

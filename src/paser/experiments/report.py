@@ -98,8 +98,8 @@ def setting_line(results: dict) -> str:
 
         splits = (f"test tiles {results['test_images']} of {h} x {wd} from "
                   f"{images(tiled['test'])} (train {results['train_images']} tiles from "
-                  f"{images(tiled['train'])}, validation {results['validation_images']} from "
-                  f"{tiled['validation']}; below, an image is one of these tiles)")
+                  f"{images(tiled['train'])}, validation {results['validation_images']} tiles "
+                  f"from {images(tiled['validation'])}; below, an image is one of these tiles)")
     else:
         splits = f"test images {results['test_images']} of {h} x {wd}" + (
             f" (train {results['train_images']}, validation {results['validation_images']})"
