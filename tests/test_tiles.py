@@ -146,7 +146,7 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     # streamed, the tiles keep their images decoded under the run's cache while in use
     streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
         *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),
-        progress=False, cache=tmp_path / "cache")
+        progress=False, run_dir=tmp_path)
     assert len(list((tmp_path / "cache").glob("decoded-*"))) == 1
     rows = torch.tensor([0, 5, 2])
     x, y = next(streamed.pre.gather([rows]))

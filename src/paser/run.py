@@ -574,7 +574,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     def baselines(resume: bool) -> None:
         nonlocal data
-        data = data or load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+        data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
         train_baselines(cfg, run_dir, resume, show_progress, data)
 
     step("baselines", baselines)
@@ -582,7 +582,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     def report(resume: bool) -> None:
         nonlocal data, results
-        data = data or load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+        data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
         results, text = evaluate_all(cfg, run_dir, data, device, show_progress)
         echo(text)
 

@@ -66,7 +66,7 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
     ``cfg.distributed`` asks, like stage 1); return the roles trained."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     setup(cfg)
-    data = data or load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+    data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     roles = []
     for name, spec in cfg.baselines.monolithic.items():

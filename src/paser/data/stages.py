@@ -17,11 +17,11 @@ from paser.errors import ConfigError, DataError
 
 
 def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
-                    cache: Path | None = None) -> StageData:
+                    run_dir: str | Path | None = None) -> StageData:
     """D_pre / D_rl / D_ft, validation and test of the configured dataset: in memory, or
     read from disk as batches are asked for (``data.stream``). The data's channels and
     classes must be the models' (``models.in_channels``, ``models.num_classes``). Streamed
-    tiles keep each image they read decoded in a folder under ``cache`` (a run's, while
+    tiles keep each image they read decoded in the ``cache`` folder of ``run_dir`` (while
     the splits are in use: :func:`paser.data.tiles.decode_into`), so that a tile drawn
     at random does not decode its whole image again."""
     data = cfg.data
@@ -39,8 +39,8 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
             )
     check_fits_models(cfg, train)
     stream = streams(data, sets.values())
-    if stream and cache is not None:
-        decode_into(cache, sets.values())
+    if stream and run_dir is not None:
+        decode_into(Path(run_dir) / "cache", sets.values())
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)

@@ -49,7 +49,8 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
                               f"match its report: paser run --run-dir {run_dir} trains on "
                               "them first")
     device = setup(cfg)
-    return FinishedRun(run_dir, cfg, device, load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache"))
+    return FinishedRun(run_dir, cfg, device,
+                       load_stage_data(cfg, progress=show_progress, run_dir=run_dir))
 
 
 def models_state(run_dir: Path, by_time: bool = False) -> str:

@@ -49,7 +49,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     setup(cfg)
     out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
     out_dir = Path(out_dir)
-    data = data or load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+    data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     # after the data is in place: the other processes only read it; stage 3 is 32-bit
     dist = launch(cfg, "32-true")
     device = dist.device
@@ -168,7 +168,7 @@ def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
     """Fine-tune one variant per ``stage3.tvd_sweep`` threshold, each from the run's stage-2
     policy and stage-1 models (paper Fig. 12); return their ``stage3.json`` summaries. The
     run's own threshold is its stage 3 (run first) and is read, not trained again."""
-    data = load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+    data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     (Path(run_dir) / "tvd").mkdir(parents=True, exist_ok=True)  # the step's output marker
     out = []
     for threshold in cfg.stage3.tvd_sweep:

@@ -362,7 +362,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
         drop_downstream(run_dir, "stage2")
     setup(cfg)
     s2 = cfg.stage2
-    data = load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+    data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     # after the data is in place: the other processes only read it; the policy's MLPs
     # regress gains of 1e-3 in 32-bit on the CPU, where bf16 pays for convolutions only
     dist = launch(cfg, "32-true" if resolve_device(cfg.device).type == "cpu" else None)

@@ -406,7 +406,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     if not resume:
         drop_downstream(run_dir, "stage1")
     device = setup(cfg)
-    data = load_stage_data(cfg, progress=show_progress, cache=Path(run_dir) / "cache")
+    data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
     dist = launch(cfg)  # after the data is in place: the other processes only read it
