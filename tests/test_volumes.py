@@ -831,3 +831,74 @@ def test_a_run_that_fills_nonfinite_voxels_fills_them_in_volumes_too(setup):
     m._intensity = dataclasses.replace(m.intensity, nonfinite="error")  # the default refuses
     [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "refused", chunk=2)
     assert "NaN" in res.error
+
+
+def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
+    """The voxel size each format states is read in micrometres, never guessed, and the
+    labels carry it: an OME-TIFF (and X and Y resolution) for TIFF outputs, zarr attributes,
+    and the record, with each class's volume where the depth is known."""
+    from paser.data.voxels import of_tiff
+
+    m, vol, tmp = setup
+    ome = {"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 2.0,
+           "PhysicalSizeZUnit": "nm"}
+    tifffile.imwrite(tmp / "ome.tif", vol, ome=True, metadata=ome)
+    tifffile.imwrite(tmp / "ij.tif", vol, imagej=True, resolution=(2.0, 4.0),
+                     metadata={"spacing": 0.003, "unit": "mm", "axes": "ZYX"})
+    tifffile.imwrite(tmp / "cm.tif", vol, resolution=(1e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp / "dpi.tif", vol, resolution=(300, 300), resolutionunit="INCH")
+    tifffile.imwrite(tmp / "bare.tif", vol)
+    group = zarr.open_group(str(tmp / "scan.zarr"), mode="w")
+    group.create_array("0", shape=(1, *vol.shape), dtype="uint8", chunks=(1, 8, 16, 16))[:] = (
+        vol[None])
+    group.attrs["multiscales"] = [{
+        "axes": [{"name": "c", "type": "channel"}] + [
+            {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 3.0, 0.5, 0.5]}]}]}]
+    with h5py.File(tmp / "scan.h5", "w") as fh:
+        fh["raw"] = vol
+        fh["raw"].attrs["element_size_um"] = [1.5, 0.75, 0.75]
+    (tmp / "slices").mkdir()
+    for z, s in enumerate(vol[:3]):
+        tifffile.imwrite(tmp / "slices" / f"s{z}.tif", s, resolution=(1e4, 1e4),
+                         resolutionunit="CENTIMETER")
+    sizes = {name: (v.z, v.y, v.x) if (v := open_volume(tmp / name).voxel) else None
+             for name in ("ome.tif", "ij.tif", "cm.tif", "dpi.tif", "bare.tif", "scan.zarr/0",
+                          "scan.h5", "slices")}
+    assert sizes == {"ome.tif": (0.002, 0.25, 0.5), "ij.tif": (3.0, 250.0, 500.0),
+                     "cm.tif": (None, 0.5, 1.0), "dpi.tif": None, "bare.tif": None,
+                     "scan.zarr/0": (3.0, 0.5, 0.5), "scan.h5": (1.5, 0.75, 0.75),
+                     "slices": (None, 1.0, 1.0)}
+
+    volumes = split_inputs([tmp / "ome.tif", tmp / "cm.tif", tmp / "bare.tif",
+                            tmp / "scan.zarr/0", tmp / "scan.h5"])[1]
+    segment_volumes(m, volumes, tmp / "out", chunk=8)
+    segment_volumes(m, volumes, tmp / "again", chunk=8)
+    out = tmp / "out"
+    alone = _alone(m, vol)
+    for name in ("ome", "cm", "bare"):
+        assert np.array_equal(tifffile.imread(out / f"{name}_labels.tif"), alone)
+        assert (out / f"{name}_labels.tif").read_bytes() == (
+            tmp / "again" / f"{name}_labels.tif").read_bytes()  # the OME UUID too
+    with tifffile.TiffFile(out / "ome_labels.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "ZYX"
+        back = of_tiff(tif)
+        assert (back.z, back.y, back.x) == (0.002, 0.25, 0.5)
+        assert tif.pages[0].resolution == (2e4, 4e4)  # pixels per centimetre
+    with tifffile.TiffFile(out / "bare_labels.tif") as tif:
+        assert not tif.is_ome and of_tiff(tif) is None
+    record = json.loads((out / "ome.json").read_text())
+    assert record["voxel_size"] == {"z": 0.002, "y": 0.25, "x": 0.5, "unit": "micrometre",
+                                    "from": "OME-XML"}
+    fractions, volumes_um3 = record["class_fractions"], record["class_volume_um3"]
+    total = DEPTH * SIDE * SIDE * 0.002 * 0.25 * 0.5
+    assert sum(volumes_um3.values()) == pytest.approx(total)
+    assert all(volumes_um3[k] == pytest.approx(fractions[k] * total) for k in fractions)
+    assert "class_volume_um3" not in json.loads((out / "cm.json").read_text())
+    assert "voxel_size" not in json.loads((out / "bare.json").read_text())
+    attrs = dict(zarr.open(str(out / "scan_labels.zarr"), mode="r").attrs)
+    assert attrs["element_size_um"] == [1.5, 0.75, 0.75]
+    assert attrs["voxel_size"]["from"] == "HDF5 element_size_um"
+    zattrs = dict(zarr.open(str(out / "scan_0_labels.zarr"), mode="r").attrs)
+    assert zattrs["element_size_um"] == [3.0, 0.5, 0.5]

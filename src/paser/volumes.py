@@ -13,6 +13,8 @@ the number of slices. Per input volume ``<stem>``, the output folder gets:
 - ``<stem>.json``: per slice and for the whole volume, the volume fraction of every
   class, GFLOP, the share of patches per model, seconds;
 
+both with the input's voxel size where it states one (:mod:`paser.data.voxels`),
+
 and ``volumes.csv`` one row per volume. Every finished chunk is durable (its labels, then
 its record, under ``.<stem>.parts/``): the same command again continues with the chunks
 still to do and gives the same bytes; the parts are removed once the volume is whole.
@@ -50,6 +52,7 @@ from paser.data.images import (
     tiff_alpha,
     window_of,
 )
+from paser.data.voxels import VoxelSize, of_hdf5, of_tiff, of_zarr
 from paser.errors import DataError, PaserError
 from paser.runtime import atomic_write_text, holding_out, release_freed_memory, replaced
 
@@ -90,6 +93,9 @@ class Volume:
     #: tifffile's series would parse every page of the file for each chunk (2,048 pages:
     #: 0.5 s a chunk, a volume's reading quadratic in its depth)
     paged: bool = False
+    #: micrometres a voxel, as the file states it (:mod:`paser.data.voxels`); written with
+    #: the labels
+    voxel: VoxelSize | None = None
 
     @property
     def depth(self) -> int:
@@ -269,6 +275,7 @@ def _tiff(path: Path) -> Volume:
             others = [] if loose else [
                 f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))}"
                 for s in tif.series[1:] if len(s.pages)]
+            voxel = of_tiff(tif)
     except (OSError, ValueError, IndexError, KeyError) as err:
         raise DataError(f"{path}: cannot read the TIFF ({err})") from None
     if lead.get("C", 1) > 1:
@@ -290,7 +297,7 @@ def _tiff(path: Path) -> Volume:
     shape = (*shape[:3], shape[3] - alpha) if alpha else shape
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
-                  planar=planar, alpha=alpha, paged=loose)
+                  planar=planar, alpha=alpha, paged=loose, voxel=voxel)
 
 
 class MissingPackage(DataError):
@@ -334,7 +341,7 @@ def _zarr(path: Path) -> Volume:
     lead = _leading_ones(str(path), arr.shape)
     _check(str(path), arr.shape[lead:], arr.dtype)
     return Volume(str(path), stem_of(path), "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
-                  path=str(path), lead=lead)
+                  path=str(path), lead=lead, voxel=of_zarr(path))
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
@@ -366,13 +373,13 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                 more = f" and {len(found) - 10} more" if len(found) > 10 else ""
                 raise DataError(f"{source}: {what}; it has "
                                 f"{', '.join(found[:10]) or 'none'}{more}")
-            shape, dtype = data.shape, data.dtype
+            shape, dtype, voxel = data.shape, data.dtype, of_hdf5(data)
     except OSError as err:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
     lead = _leading_ones(source, shape)
     _check(source, shape[lead:], dtype)
     return Volume(source, stem_of(source), "hdf5", tuple(shape[lead:]), str(dtype), path=str(file),
-                  key=key, lead=lead)
+                  key=key, lead=lead, voxel=voxel)
 
 
 def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
@@ -398,7 +405,20 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
     arr = read_array(files[0])
     # `paser segment . --stack`: the folder's own name
     return Volume(str(folder), stem_of(folder), "stack", (len(files), *arr.shape),
-                  str(arr.dtype), path=str(folder), files=[str(f) for f in files])
+                  str(arr.dtype), path=str(folder), files=[str(f) for f in files],
+                  voxel=_slice_voxel(files[0]))
+
+
+def _slice_voxel(path: Path) -> VoxelSize | None:
+    """The plane's voxel size of a stack's first slice, where it is a TIFF that states it;
+    the distance between slices is not a slice's to say."""
+    if not is_tiff(path):
+        return None
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        found = of_tiff(tif)
+    return None if found is None else VoxelSize(None, found.y, found.x, found.source)
 
 
 def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -600,7 +620,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
     if volume.label_format == "tiff":
         output = f"{volume.stem}_labels.tif"
-        _assemble_tiff(parts, volume.depth, chunk, out_dir / output)
+        _assemble_tiff(parts, volume, chunk, out_dir / output,
+                       kept.get("signature", volume.source))
     else:
         output = f"{volume.stem}_labels.zarr"
     from paser.segment import record_names
@@ -630,6 +651,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
         "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6,
+        **voxel_record(volume, codec.names, voxels),
         "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
                        "their type's range (0 to its largest value), as in training"}
                       if intensity.by_type_range(volume.dtype) else
@@ -646,6 +668,16 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     return record
 
 
+def voxel_record(volume: Volume, names: Sequence[str], voxels: np.ndarray) -> dict:
+    """The volume's voxel size as its input states it, and each class's volume in cubic
+    micrometres where the size is known along all three axes; nothing where it is not."""
+    v = volume.voxel
+    if v is None:
+        return {}
+    return {"voxel_size": v.to_dict(), **({} if v.um3 is None else {
+        "class_volume_um3": dict(zip(names, (voxels * v.um3).tolist(), strict=True))})}
+
+
 def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
     """The zarr label array, created when no chunk of it is done yet (else reopened)."""
     import zarr
@@ -658,20 +690,45 @@ def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
             return arr
     if path.exists():
         shutil.rmtree(path)
-    return zarr.open_array(str(path), mode="w", shape=shape, dtype="uint8",
-                           chunks=(chunk, min(h, PLANE_CHUNK), min(w, PLANE_CHUNK)))
+    arr = zarr.open_array(str(path), mode="w", shape=shape, dtype="uint8",
+                          chunks=(chunk, min(h, PLANE_CHUNK), min(w, PLANE_CHUNK)))
+    v = volume.voxel
+    if v is not None:
+        arr.attrs["voxel_size"] = v.to_dict()
+        if v.z is not None:  # as Fiji's HDF5 plugin and ilastik name it: z, y, x
+            arr.attrs["element_size_um"] = [v.z, v.y, v.x]
+    return arr
 
 
-def _assemble_tiff(parts: Path, depth: int, chunk: int, path: Path) -> None:
+def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity: str) -> None:
     """The label slices, a chunk in memory at a time, as one BigTIFF of one page per slice
-    (written to a temporary name, then renamed)."""
+    (written to a temporary name, then renamed). Where the input states its voxel size, the
+    labels carry it: an OME-TIFF of axes ZYX with its physical sizes (Fiji's Bio-Formats,
+    napari, tifffile) and the X and Y resolution in pixels per centimetre (what plain TIFF
+    readers take); its OME UUID is drawn from the volume's content, so the same labels
+    give the same bytes (``identity``: the volume's :func:`signature`)."""
     import tifffile
 
-    with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
-        for z0 in range(0, depth, chunk):
-            for page in np.load(parts / f"{z0:08d}.npy", mmap_mode="r"):
-                tif.write(np.ascontiguousarray(page), photometric="minisblack",
-                          contiguous=True)
+    voxel, (h, w) = volume.voxel, volume.plane
+    extra: dict = {}
+    if voxel is not None:
+        import uuid
+
+        sizes = {f"PhysicalSize{a}": v for a, v in zip("ZYX", (voxel.z, voxel.y, voxel.x),
+                                                        strict=True) if v is not None}
+        extra = {"resolution": (1e4 / voxel.x, 1e4 / voxel.y), "resolutionunit": "CENTIMETER",
+                 "metadata": {"axes": "ZYX", **sizes, **{f"{k}Unit": "µm" for k in sizes},
+                              "UUID": str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                     f"paser:{identity}"))}}
+
+    def pages():
+        for z0 in range(0, volume.depth, chunk):
+            yield from np.load(parts / f"{z0:08d}.npy", mmap_mode="r")
+
+    with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
+                                                   ome=voxel is not None) as tif:
+        tif.write(pages(), shape=(volume.depth, h, w), dtype=np.uint8,
+                  photometric="minisblack", **extra)
 
 
 @dataclass

@@ -393,6 +393,12 @@ def _volume_lines(results, out: Path) -> None:
         if rec.get("degraded_patches"):
             typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
                        "answer: f0's prediction kept); the same command again redoes them")
+        if "voxel_size" in rec:
+            v = rec["voxel_size"]
+            typer.echo(f"  voxel {v['x']:.6g} x {v['y']:.6g}"
+                       + (f" x {v['z']:.6g}" if v["z"] is not None else "")
+                       + f" µm (x, y{', z' if v['z'] is not None else ''}; {v['from']}), "
+                       "carried by the labels")
         if "fitted_on" in rec.get("intensity", {}):
             lo, hi = rec["intensity"]["window"]
             typer.echo(f"  {rec['dtype']} voxels scaled by the window [{lo:.6g}, {hi:.6g}] "
