@@ -888,6 +888,7 @@ def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
         assert tif.pages[0].resolution == (2e4, 4e4)  # pixels per centimetre
     with tifffile.TiffFile(out / "bare_labels.tif") as tif:
         assert not tif.is_ome and of_tiff(tif) is None
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
     record = json.loads((out / "ome.json").read_text())
     assert record["voxel_size"] == {"z": 0.002, "y": 0.25, "x": 0.5, "unit": "micrometre",
                                     "from": "OME-XML"}

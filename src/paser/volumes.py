@@ -58,6 +58,11 @@ from paser.runtime import atomic_write_text, holding_out, release_freed_memory, 
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
+#: zlib's level for TIFF label volumes. Labels of a few classes deflate 12 to 20 times (a
+#: thousand slices of 2,048 x 2,048: 4.2 GB as they are, 0.33 GB), at 25 to 40 ms a slice
+#: of 4 megapixels on 2 cores; level 6 saves a third more for twice the time. Deflate is
+#: read by libtiff and every tool on it (Fiji, napari, Avizo, Dragonfly, tifffile).
+LABEL_DEFLATE = 1
 #: the zarr output's chunk across a slice, at most
 PLANE_CHUNK = 1024
 VOLUMES_CSV = "volumes.csv"
@@ -701,8 +706,8 @@ def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
 
 
 def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity: str) -> None:
-    """The label slices, a chunk in memory at a time, as one BigTIFF of one page per slice
-    (written to a temporary name, then renamed). Where the input states its voxel size, the
+    """The label slices, a chunk in memory at a time, as one BigTIFF of one page per slice,
+    deflated (:data:`LABEL_DEFLATE`; written to a temporary name, then renamed). Where the input states its voxel size, the
     labels carry it: an OME-TIFF of axes ZYX with its physical sizes (Fiji's Bio-Formats,
     napari, tifffile) and the X and Y resolution in pixels per centimetre (what plain TIFF
     readers take); its OME UUID is drawn from the volume's content, so the same labels
@@ -728,7 +733,8 @@ def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity
     with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
                                                    ome=voxel is not None) as tif:
         tif.write(pages(), shape=(volume.depth, h, w), dtype=np.uint8,
-                  photometric="minisblack", **extra)
+                  photometric="minisblack", compression="zlib",
+                  compressionargs={"level": LABEL_DEFLATE}, **extra)
 
 
 @dataclass
