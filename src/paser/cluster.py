@@ -318,6 +318,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         vol, res = volumes[index], vols[index]
         if res.error:
             return
+        if on_progress is not None and vol.label_format == "tiff":
+            on_progress(0, 0, f"writing {vol.stem}_labels.tif")
         try:
             res.record = finish_volume(model, vol, out_dir, sizes[index], only,
                                        time.perf_counter() - start)

@@ -431,23 +431,26 @@ def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None = None,
-                   chunk: int = CHUNK, on_slices: Callable[[int, int], None] | None = None
-                   ) -> dict:
+                   chunk: int = CHUNK,
+                   on_slices: Callable[[int, int, str], None] | None = None) -> dict:
     """Segment ``volume`` with ``model`` (a :class:`paser.PaSeR`) into ``out_dir`` (module
-    doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels)`` after each
-    chunk (``voxels`` 0 for the chunks an earlier call into the same folder finished: they
-    are not done again)."""
+    doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels, what)`` after
+    each chunk (``voxels`` 0 for the chunks an earlier call into the same folder finished:
+    they are not done again; ``what``: the volume's stem), and ``(0, 0, what)`` before a
+    TIFF's slices are put together (a minute for a thousand slices of 2,048 x 2,048)."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     labels, chunk = prepare_volume(volume, out_dir, chunk, model.intensity)
     todo = chunks_to_do(volume, out_dir, chunk)
     done = volume.depth - sum(z1 - z0 for z0, z1 in todo)  # by an earlier call
     if done and on_slices is not None:
-        on_slices(done, 0)  # by an earlier call: the bar moves, its rates do not
+        on_slices(done, 0, volume.stem)  # by an earlier call: the bar moves, its rates do not
     for z0, z1 in todo:
         segment_chunk(model, volume, z0, z1, out_dir, labels, only)
         if on_slices is not None:
-            on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1])
+            on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1], volume.stem)
+    if on_slices is not None and volume.label_format == "tiff":
+        on_slices(0, 0, f"writing {volume.stem}_labels.tif")
     return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
 
 
@@ -751,7 +754,7 @@ class VolumeResult:
 @holding_out
 def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
                     only: int | None = None, chunk: int = CHUNK,
-                    on_slices: Callable[[int, int], None] | None = None,
+                    on_slices: Callable[[int, int, str], None] | None = None,
                     overwrite: bool = False) -> list[VolumeResult]:
     """Each volume in turn (:func:`segment_volume`); one that fails is recorded with its
     error and the rest go on. A volume whose ``<stem>.json`` is there (an earlier call
@@ -774,7 +777,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
         if res.record is not None:
             res.resumed = True
             if on_slices is not None:
-                on_slices(vol.depth, 0)  # done before
+                on_slices(vol.depth, 0, vol.stem)  # done before
             continue
         try:
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
