@@ -866,6 +866,10 @@ def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     sizes = {name: (v.z, v.y, v.x) if (v := open_volume(tmp / name).voxel) else None
              for name in ("ome.tif", "ij.tif", "cm.tif", "dpi.tif", "bare.tif", "scan.zarr/0",
                           "scan.h5", "slices")}
+    bad = zarr.open_group(str(tmp / "bad.zarr"), mode="w")  # not as OME-Zarr writes it
+    bad.create_array("0", shape=vol.shape, dtype="uint8")[:] = vol
+    bad.attrs["multiscales"] = [{"datasets": "0", "axes": "zyx"}]
+    assert open_volume(tmp / "bad.zarr/0").voxel is None
     assert sizes == {"ome.tif": (0.002, 0.25, 0.5), "ij.tif": (3.0, 250.0, 500.0),
                      "cm.tif": (None, 0.5, 1.0), "dpi.tif": None, "bare.tif": None,
                      "scan.zarr/0": (3.0, 0.5, 0.5), "scan.h5": (1.5, 0.75, 0.75),

@@ -133,8 +133,11 @@ def of_zarr(path: str | Path) -> VoxelSize | None:
         multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
         if multiscales:
             level = path.relative_to(group_path).as_posix()
-            return next((found for ms in multiscales
-                         if (found := _level(ms, level)) is not None), None)
+            try:
+                return next((found for ms in multiscales
+                             if (found := _level(ms, level)) is not None), None)
+            except (AttributeError, TypeError, ValueError):  # not as OME-Zarr writes it
+                return None
     return None
 
 
