@@ -284,3 +284,30 @@ def test_max_frac_large_bounds_the_dearest_model_wherever_it_lies_in_the_pool(se
     assert (
         0.20 <= calibrate(flipped, data, 3, max_frac_large=0.25, batch_size=8).fractions[1] <= 0.25
     )
+
+
+def test_a_configs_budget_below_the_fixed_cost_names_the_config_key(setup, monkeypatch,
+                                                                     tmp_path):
+    """`paser run` with operating_point.budget_gflops below f0's and the policy's cost
+    failed after training with '--budget-gflops 0.1 is below ...': an option the user had
+    not given."""
+    from paser.api import PaSeR
+    from paser.config import load_config
+    from paser.run import calibrate_run
+
+    router, data = setup
+
+    class Trained:  # the run's model, on the fixture's router and images
+        def calibrate(self, batch_size, **target):
+            return calibrate(router, data, 3, batch_size=batch_size, **target)
+
+    monkeypatch.setattr(PaSeR, "load", lambda *args, **kwargs: Trained())
+    cfg = load_config(preset="battery-quick", overrides=[
+        "operating_point.iou_within_top=null", "operating_point.budget_gflops=0.001"])
+    with pytest.raises(ConfigError) as err:
+        calibrate_run(cfg, tmp_path, echo=lambda line: None)
+    fixed = router.costs(32, 32).fixed
+    assert str(err.value).startswith(f"operating_point.budget_gflops 0.001 is below the "
+                                     f"{fixed:.6g} GFLOP every 32 x 32 image pays")
+    assert "--budget-gflops" not in str(err.value)
+    assert str(err.value).endswith("run the same command again with it set")

@@ -252,9 +252,17 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
     ``calibration.json``, which ``PaSeR.load`` (segment, evaluate, the report) applies."""
     from paser.api import PaSeR
     from paser.cost import FLOP_CONVENTION
+    from paser.errors import ConfigError
 
     model = PaSeR.load(run_dir, calibrated=False)
-    cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
+    try:
+        cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
+    except ConfigError as err:  # said of paser calibrate's option, not of the config's key
+        if cfg.operating_point.budget_gflops is None:
+            raise
+        raise ConfigError(str(err).replace("--budget-gflops", "operating_point.budget_gflops", 1)
+                          + "; the trained stages are kept: run the same command again "
+                          "with it set") from None
     echo(f"[calibrate] {cal.target_text()}: validation mIoU {cal.miou:.4f} at "
          f"{cal.gflops:.3f} GFLOP per image, {cal.per_megapixel(cal.gflops) or 0:.2f} GFLOP per "
          f"megapixel (uncalibrated {cal.uncalibrated['miou']:.4f} at "
