@@ -296,3 +296,19 @@ def test_a_failed_volume_is_exit_status_1_and_a_model_past_the_last_a_usage_erro
     assert code == 1 and "1 of 1 volumes failed" in err, err
     with pytest.raises(ConfigError, match="--model f3: this run has f0, f1, f2"):
         _model_index("f3", 3)
+
+
+@pytest.mark.parametrize("command", ["run", "pretrain", "baselines", "train-policy", "evaluate",
+                                     "segment"])
+def test_a_run_dir_that_is_a_file_is_named_as_one(command, capsys, monkeypatch, tmp_path):
+    """A --run-dir that names a file (a report, a checkpoint) was 'File exists' or
+    'Not a directory' from the file system, naming steps.json inside it."""
+    (tmp_path / "report.md").write_text("# a report\n")
+    args = [command, "--run-dir", tmp_path / "report.md"]
+    if command == "segment":
+        _png(tmp_path / "a.png", np.zeros((28, 28), np.uint8))
+        args += [tmp_path / "a.png", "--out", tmp_path / "out"]
+    code, err = cli(capsys, monkeypatch, *args)
+    line = _one_line(err)
+    assert code == 2 and f"{tmp_path / 'report.md'}: a file, not a" in line, line
+    assert (tmp_path / "report.md").read_text() == "# a report\n"

@@ -30,6 +30,9 @@ from paser.uncertainty import state_channels
 def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise CheckpointError(f"{run_dir}: a file, not a run directory; give the folder a "
+                              "run was trained into (the one that holds its config.yaml)")
     if not (run_dir / "config.yaml").is_file():
         near = sorted(str(p) for p in run_dir.parent.glob("*/") if is_run(p))[:3]
         raise CheckpointError(

@@ -715,6 +715,9 @@ def resolve_config(preset: str | None, config_file: str | Path | None,
     ``resume`` and nothing else, ``None``: the stage reopens the saved config as it is.
     """
     overrides = overrides or []
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: a file, not a folder; give a new folder for "
+                          "the run, or a run's folder")
     if preset or config_file:
         return load_config(preset=preset, config_file=config_file, overrides=overrides)
     if resume and not overrides:

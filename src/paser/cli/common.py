@@ -77,7 +77,7 @@ def config_kept_on_error(run_dir: Path):
     try:
         yield
     except PaserError:
-        if checkpoint_files(run_dir) == ckpts:
+        if run_dir.is_dir() and checkpoint_files(run_dir) == ckpts:  # (not a --run-dir file)
             if not existed:
                 shutil.rmtree(run_dir, ignore_errors=True)
             for name, before in kept.items():
