@@ -312,3 +312,29 @@ def test_a_run_dir_that_is_a_file_is_named_as_one(command, capsys, monkeypatch, 
     line = _one_line(err)
     assert code == 2 and f"{tmp_path / 'report.md'}: a file, not a" in line, line
     assert (tmp_path / "report.md").read_text() == "# a report\n"
+
+
+def test_python_api_evaluate_checks_its_data_as_segment_checks_images(mnist_run):
+    """A column of the wrong kind, count or size was a bare AttributeError, IndexError or
+    RuntimeError from deep in the models; NaN or 0..255 float images gave an mIoU."""
+    from paser import PaSeR
+    from paser.data import Tensors
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    images, masks = torch.rand(4, 1, 28, 28), torch.zeros(4, 28, 28, dtype=torch.uint8)
+    for data, message in [
+            ((images, masks), r"data of type tuple: give paser.data.Tensors\(images, masks, "),
+            (Tensors(images, masks[:2], list("abcd")), "4 images, 2 masks and 4 ids"),
+            (Tensors(images, masks[:, :20], list("abcd")), r"masks of shape \(4, 20, 28\)"),
+            (Tensors(images[:0], masks[:0], []), r"images of shape \(0, 1, 28, 28\)"),
+            (Tensors(images.expand(4, 3, 28, 28), masks, list("abcd")),
+             "images have 3 channels, the models expect 1"),
+            (Tensors(images * 255, masks, list("abcd")), r"outside \[0, 1\]"),
+            (Tensors(torch.full_like(images, float("nan")), masks, list("abcd")), "NaN")]:
+        with pytest.raises(DataError, match=message):
+            model.evaluate(data)
+    with pytest.raises(DataError, match="batch_size 0: give a whole number, 1 or more"):
+        model.evaluate(Tensors(images, masks, list("abcd")), batch_size=0)
+    stored = Tensors((images * 255).to(torch.uint8), masks, list("abcd"))  # scaled as segment's
+    assert model.evaluate(stored)["miou"] == model.evaluate(
+        Tensors(stored.images / 255, masks, list("abcd")))["miou"]

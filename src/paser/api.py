@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,32 @@ class PaSeR:
         return PatchGrid(-(-height // th) * r, -(-width // tw) * c, grid.halo,
                          patch=(th // r, tw // c))
 
+    def _data(self, data: Tensors | Dataset, batch_size: int) -> Tensors | Dataset:
+        """``data`` to evaluate or calibrate on, its images in memory checked as
+        :meth:`segment` checks (and scales) images, and their masks against them: deep in
+        the models, a wrong column was a bare RuntimeError or IndexError, or, for NaN or
+        0..255 floats, a wrong mIoU."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size {batch_size!r}: give a whole number, 1 or more")
+        if isinstance(data, Dataset):
+            return data
+        if not isinstance(data, Tensors):
+            raise DataError(f"data of type {type(data).__name__}: give paser.data.Tensors("
+                            "images, masks, ids) or a Dataset of {'image', 'mask', 'id'} samples")
+        if not isinstance(data.images, torch.Tensor):  # columns on disk: checked as read
+            return data
+        images, masks = data.images, torch.as_tensor(data.masks)
+        if images.dim() != 4 or len(images) == 0:
+            raise DataError(f"data: images of shape {tuple(images.shape)}; give [N, C, H, W], "
+                            "N 1 or more")
+        if len(masks) != len(images) or len(data.ids) != len(images):
+            raise DataError(f"data: {len(images)} images, {len(masks)} masks and "
+                            f"{len(data.ids)} ids; give one mask and one id per image")
+        if masks.dim() != 3 or masks.shape[-2:] != images.shape[-2:]:
+            raise DataError(f"data: masks of shape {tuple(masks.shape)} for images of shape "
+                            f"{tuple(images.shape)}; give masks [N, H, W] of the images' size")
+        return replace(data, images=self._batch(images), masks=masks)
+
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         if bias is None:
             return None if self.calibration is None else self.calibration.tensor()
@@ -303,7 +330,7 @@ class PaSeR:
         from paser.data import validation_split
 
         cfg = self.config
-        data = data if data is not None else validation_split(cfg.data)
+        data = self._data(data, batch_size) if data is not None else validation_split(cfg.data)
         self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,
                                      max_frac_large, batch_size, iou_within_top=iou_within_top,
                                      best_iou=best_iou, max_tvd=max_tvd,
@@ -341,6 +368,7 @@ class PaSeR:
         processes; only counts are kept, never the predictions. ``on_batch`` is called with
         each batch's number of images as it is done (a progress bar).
         """
+        data = self._data(data, batch_size)
         return evaluate_router(self.router, data, self.config.models.num_classes, batch_size,
                                bias=None if model is not None else self._bias(None),
                                model=model, num_workers=num_workers, on_batch=on_batch)
