@@ -338,3 +338,15 @@ def test_python_api_evaluate_checks_its_data_as_segment_checks_images(mnist_run)
     stored = Tensors((images * 255).to(torch.uint8), masks, list("abcd"))  # scaled as segment's
     assert model.evaluate(stored)["miou"] == model.evaluate(
         Tensors(stored.images / 255, masks, list("abcd")))["miou"]
+
+
+def test_python_api_load_names_a_stage3_checkpoint_that_is_not_one(mnist_run, tmp_path):
+    """A missing one was told to run `paser run --run-dir` on its grandparent folder, and
+    the policy's checkpoint a bare KeyError: 'pool'."""
+    from paser import PaSeR
+
+    with pytest.raises(CheckpointError, match=r"stage3=.*absent.pt: not a file; give a "
+                                              r"checkpoint paser finetune wrote: .*stage3.pt"):
+        PaSeR.load(mnist_run, device="cpu", stage3=tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match=r"policy.pt: not a stage-3 checkpoint"):
+        PaSeR.load(mnist_run, device="cpu", stage3=mnist_run / "checkpoints" / "policy.pt")

@@ -87,7 +87,16 @@ class PaSeR:
                 and (run_dir / "stage3.json").is_file()):
             load_checkpoint(ckpt_dir / "stage3.pt")  # stage 3 ran: not stage 2's policy instead
         if stage3.is_file() or stage3 != ckpt_dir / "stage3.pt":
+            if not stage3.is_file():  # one the caller named: not the stage's to write
+                raise CheckpointError(f"stage3={stage3}: not a file; give a checkpoint "
+                                      f"paser finetune wrote: {ckpt_dir / 'stage3.pt'}, or a "
+                                      f"TVD variant's, {run_dir}/tvd/<threshold>/checkpoints/"
+                                      "stage3.pt")
             state = load_checkpoint(stage3, dev)
+            if not isinstance(state, dict) or not {"policy", "pool"} <= state.keys():
+                raise CheckpointError(f"stage3={stage3}: not a stage-3 checkpoint (one holds "
+                                      "the policy and the pool); give one paser finetune wrote, "
+                                      f"{ckpt_dir / 'stage3.pt'} or a TVD variant's")
             policy_state, pool_states = state["policy"], state["pool"]
         else:
             policy_state = load_checkpoint(ckpt_dir / "policy.pt", dev)["policy"]
