@@ -350,3 +350,16 @@ def test_python_api_load_names_a_stage3_checkpoint_that_is_not_one(mnist_run, tm
         PaSeR.load(mnist_run, device="cpu", stage3=tmp_path / "absent.pt")
     with pytest.raises(CheckpointError, match=r"policy.pt: not a stage-3 checkpoint"):
         PaSeR.load(mnist_run, device="cpu", stage3=mnist_run / "checkpoints" / "policy.pt")
+
+
+def test_python_api_refuses_a_remote_url_it_cannot_reach(mnist_run):
+    """``use_remote("ftp://...")`` was taken, and every patch then fell back to f0 as if the
+    server were down: a silent loss of quality."""
+    pytest.importorskip("httpx")
+    from paser import PaSeR
+    from paser.errors import ConfigError
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    with pytest.raises(ConfigError, match="--remote ftp://x: give an http:// or https:// URL"):
+        model.use_remote("ftp://x")
+    assert model.router.remote is None

@@ -71,6 +71,9 @@ class RemotePool:
                  token: str | None = None, ca_file: str | Path | None = None):
         if output not in ("labels", "probs"):
             raise PaserError(f"output '{output}': use labels or probs")
+        if not str(url).startswith(("http://", "https://")):  # else every call "fails": f0 alone
+            raise ConfigError(f"--remote {url}: give an http:// or https:// URL of a `paser "
+                              "serve` process")
         try:
             port = httpx.URL(url).port
         except (httpx.InvalidURL, ValueError) as err:
