@@ -363,3 +363,17 @@ def test_python_api_refuses_a_remote_url_it_cannot_reach(mnist_run):
     with pytest.raises(ConfigError, match="--remote ftp://x: give an http:// or https:// URL"):
         model.use_remote("ftp://x")
     assert model.router.remote is None
+
+
+def test_an_image_too_small_for_the_models_says_so(mnist_run, capsys, monkeypatch, tmp_path):
+    """A thumbnail left the models' deepest norm layer one pixel: torch's 'Expected more than
+    1 value per channel when training', naming neither the image nor what to do."""
+    from paser import PaSeR
+
+    with pytest.raises(DataError, match=r"a 3 x 2 image is too small for the run's models .* "
+                                        r"nearer the one the run trained on \(32 x 32\)"):
+        PaSeR.load(mnist_run, device="cpu").segment(torch.rand(1, 1, 3, 2))
+    _png(tmp_path / "in" / "thumb.png", np.zeros((2, 3), np.uint8))
+    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "thumb.png", "--run-dir",
+                    mnist_run, "--out", tmp_path / "out", "--workers", "0")
+    assert code == 1 and "thumb.png: a 2 x 3 image is too small" in err, err

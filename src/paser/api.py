@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -185,10 +186,30 @@ class PaSeR:
             return self.router(t, mode=mode, bias=bias, mc_seed=mc_seed, inside=inside)
 
         x = x.to(self.device)
-        if self._whole(*x.shape[-2:]):
-            return route(x)
-        return route_tiled(route, x, self.tile, self.router.grid, probs=probs,
-                           on_batch=on_tiles)
+        with self._sized(*x.shape[-2:]):
+            if self._whole(*x.shape[-2:]):
+                return route(x)
+            return route_tiled(route, x, self.tile, self.router.grid, probs=probs,
+                               on_batch=on_tiles)
+
+    @contextmanager
+    def _sized(self, height: int, width: int):
+        """Run the models on a ``height x width`` image; one their deepest layers shrink to
+        a pixel is a :class:`DataError` that says so: torch's words ('Expected more than 1
+        value per channel') name neither the image nor what to do."""
+        try:
+            yield
+        except ValueError as err:  # a norm layer's, where pooling left one pixel
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            try:  # the size stage 1 trained at, where its summary says
+                size = json.loads((Path(self.run_dir) / "stage1.json").read_text())["image_size"]
+            except (TypeError, OSError, ValueError, KeyError):
+                size = None
+            raise DataError(f"a {height} x {width} image is too small for the run's models "
+                            "(their deepest layers would see one pixel of it); give it at a "
+                            "size nearer the one the run trained on"
+                            + (f" ({size[0]} x {size[1]})" if size else "")) from None
 
     def prepare(self, image: np.ndarray, source: str = "the image") -> torch.Tensor:
         """A stored image ``[H, W]`` or ``[H, W, C]`` (as Pillow, tifffile or scikit-image
@@ -276,7 +297,8 @@ class PaSeR:
     def cost_table(self, height: int, width: int):
         """The :class:`paser.routing.CostTable` a ``height x width`` image is charged by
         (its tiles' size where it is cut into tiles), counted once per size."""
-        return self.router.costs(*self.routed_size(height, width))
+        with self._sized(height, width):
+            return self.router.costs(*self.routed_size(height, width))
 
     def grid_for(self, height: int, width: int) -> PatchGrid:
         """The patches a ``height x width`` image is routed in: the run's grid, or, when it
