@@ -377,3 +377,17 @@ def test_an_image_too_small_for_the_models_says_so(mnist_run, capsys, monkeypatc
     code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "thumb.png", "--run-dir",
                     mnist_run, "--out", tmp_path / "out", "--workers", "0")
     assert code == 1 and "thumb.png: a 2 x 3 image is too small" in err, err
+
+
+def test_a_folder_dataset_with_no_image_says_so(capsys, monkeypatch, tmp_path):
+    """An empty images/ was '0 images are too few for data.holdout [0.1, 0.1]', as if a larger
+    share would help."""
+    root = tmp_path / "mydata"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "images" / "notes.txt").write_text("scans to come\n")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: particle}\n")
+    code, err = cli(capsys, monkeypatch, "data", "check", root)
+    line = _one_line(err)
+    assert code == 2 and f"{root / 'images'}: no image (.png, .tif" in line, line
+    assert f"each with its mask of the same name in {root / 'masks'}" in line

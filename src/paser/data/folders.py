@@ -237,6 +237,9 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     unread = None if images else skipped_note(unread_files(img_dir))
     if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
+    if not images:  # not "0 images are too few for data.holdout", which asks for a share
+        raise DataError(f"{img_dir}: no image ({', '.join(READABLE_SUFFIXES)}) in it; put "
+                        f"the images there, each with its mask of the same name in {mask_dir}")
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
 
