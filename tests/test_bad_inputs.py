@@ -7,6 +7,7 @@ The CLI runs in this process (``paser.cli.main``), so the sweep costs millisecon
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -391,3 +392,27 @@ def test_a_folder_dataset_with_no_image_says_so(capsys, monkeypatch, tmp_path):
     line = _one_line(err)
     assert code == 2 and f"{root / 'images'}: no image (.png, .tif" in line, line
     assert f"each with its mask of the same name in {root / 'masks'}" in line
+
+
+def test_a_results_json_cut_short_is_written_again_or_named(mnist_run, capsys, monkeypatch,
+                                                            tmp_path):
+    """A report cut short (a full disk, a copy stopped) was a JSONDecodeError traceback from
+    paser run, paser serve and the experiments."""
+    from paser import PaSeR
+    from paser.serve.server import run_image_size
+
+    run = _copy_run(mnist_run, tmp_path)
+    (run / "results.json").write_text('{"methods": {')
+    code, err = cli(capsys, monkeypatch, "experiment", "sensitivity", "--run-dir", run)
+    line = _one_line(err)
+    assert code == 2 and f"{run / 'results.json'}: cannot read it (" in line, line
+    assert f"write the report again first: paser run --run-dir {run}" in line
+    assert run_image_size(PaSeR.load(run, device="cpu")) == (32, 32)  # from the split
+    from paser.config import load_config
+    from paser.run import run as paser_run
+
+    said = []
+    paser_run(load_config(config_file=run / "config.yaml"), run, show_progress=False,
+              echo=said.append)
+    assert "[report] running (its results.json cannot be read: Expecting" in "\n".join(said)
+    assert "methods" in json.loads((run / "results.json").read_text())

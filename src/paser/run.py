@@ -297,9 +297,14 @@ def report_outdated(run_dir: Path) -> str | None:
     from paser.experiments.finished import measured_now
 
     try:
-        measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
-    except (OSError, ValueError, AttributeError):
+        results = json.loads((run_dir / "results.json").read_text())
+    except FileNotFoundError:  # a missing report is written as a missing output
         return None
+    except (OSError, ValueError) as err:  # cut short (a full disk, a copy stopped)
+        return f"its results.json cannot be read: {str(err).splitlines()[0]}"
+    if not isinstance(results, dict):
+        return "its results.json is not a report"
+    measured = results.get("measured_on")
     if measured is None or measured_now(run_dir, measured):
         return None
     return ("the run's models or calibration changed since the report was written: a stage "

@@ -35,7 +35,15 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
         raise CheckpointError(f"{run_dir}: no results.json; finish `paser run` into this folder "
                               "first (the experiment reuses its models and report)")
     cfg = run_config(run_dir)
-    measured = json.loads((run_dir / "results.json").read_text()).get("measured_on")
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError) as err:
+        results = err
+    if not isinstance(results, dict):
+        why = results if isinstance(results, Exception) else "not a report"
+        raise CheckpointError(f"{run_dir / 'results.json'}: cannot read it ({why}); write the "
+                              f"report again first: paser run --run-dir {run_dir}")
+    measured = results.get("measured_on")
     if measured is not None and not measured_now(run_dir, measured):
         raise CheckpointError(
             f"{run_dir}: its report (results.json) was made on other models or another "

@@ -61,7 +61,10 @@ def run_image_size(model) -> tuple[int, int] | None:
     ``None`` (the data is not on this machine)."""
     results = None if model.run_dir is None else Path(model.run_dir) / "results.json"
     if results is not None and results.is_file():
-        size = json.loads(results.read_text()).get("image_size")
+        try:  # a report cut short (a full disk, a copy stopped) is as none: the split says
+            size = json.loads(results.read_text()).get("image_size")
+        except (OSError, ValueError, AttributeError):
+            size = None
         if size:
             return int(size[0]), int(size[1])
     try:
