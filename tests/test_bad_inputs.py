@@ -416,3 +416,14 @@ def test_a_results_json_cut_short_is_written_again_or_named(mnist_run, capsys, m
               echo=said.append)
     assert "[report] running (its results.json cannot be read: Expecting" in "\n".join(said)
     assert "methods" in json.loads((run / "results.json").read_text())
+
+
+def test_export_to_a_file_says_so(mnist_run, capsys, monkeypatch, tmp_path):
+    """It was the file system's 'File exists', as for segment --out before."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    code, err = cli(capsys, monkeypatch, "export", "--run-dir", mnist_run, "--out",
+                    tmp_path / "model.onnx")
+    line = _one_line(err)
+    assert code == 2 and line.endswith("model.onnx: a file, not a folder; give a folder for "
+                                       "the export"), line

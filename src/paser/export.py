@@ -111,6 +111,8 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
     ort = _onnxruntime()
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # not the file system's 'File exists'
+        raise DataError(f"--out {out_dir}: a file, not a folder; give a folder for the export")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     router = copy.deepcopy(model.router).cpu().eval()
