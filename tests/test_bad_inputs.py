@@ -427,3 +427,15 @@ def test_export_to_a_file_says_so(mnist_run, capsys, monkeypatch, tmp_path):
     line = _one_line(err)
     assert code == 2 and line.endswith("model.onnx: a file, not a folder; give a folder for "
                                        "the export"), line
+
+
+def test_a_run_dir_or_data_folder_that_is_missing_or_a_file_says_which(capsys, monkeypatch,
+                                                                         tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "a.png").write_bytes(b"")
+    seg = ["segment", tmp_path / "a.png", "--out", tmp_path / "out", "--run-dir"]
+    code, err = cli(capsys, monkeypatch, *seg, tmp_path / "absent")
+    assert code == 2 and "absent: no such folder; train one into it first" in _one_line(err)
+    code, err = cli(capsys, monkeypatch, "data", "check", tmp_path / "notes.txt")
+    assert code == 2 and "notes.txt: a file, not a dataset folder; give the folder" in (
+        _one_line(err))

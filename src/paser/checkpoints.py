@@ -36,7 +36,8 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     if not (run_dir / "config.yaml").is_file():
         near = sorted(str(p) for p in run_dir.parent.glob("*/") if is_run(p))[:3]
         raise CheckpointError(
-            f"{run_dir}: not a run directory (no config.yaml); train one into it first "
+            f"{run_dir}: " + ("not a run directory (no config.yaml)" if run_dir.is_dir() else
+                              "no such folder") + "; train one into it first "
             f"(`paser run --run-dir {run_dir}`, or `paser pretrain` and `paser train-policy`)"
             + (f", or give a run: {', '.join(near)}" if near else ""))
     cfg = load_config(config_file=run_dir / "config.yaml")

@@ -274,7 +274,9 @@ def detect_layout(root: str | Path) -> str:
     (train_images/), from what is in ``root``."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: folder not found")
+        raise DataError(f"{root}: " + ("a file, not a dataset folder; give the folder that "
+                                       "holds its classes.yaml, images/ and masks/"
+                                       if root.is_file() else "folder not found"))
     for marker, layout in (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
                            ("train_images", "battery")):
         if (root / marker).exists():
