@@ -129,3 +129,25 @@ def test_a_figure_at_zero_does_not_hold(tmp_path):
     assert out["holds"] == {"PaSeR's curve area above the frontier's": [1, 2],
                             "PaSeR's curve area above the cascade's": [1, 2],
                             "fewer GFLOP than the IoU-matched cascade (Table 2)": [1, 2]}
+
+
+def test_pools_trained_on_other_kinds_of_machine_are_named(tmp_path):
+    from paser.experiments.report import setting_line
+
+    amd = {"cpu": "AMD EPYC", "bf16": "AVX512-BF16", "threads": 2, "torch": "2.14.1"}
+    intel = amd | {"cpu": "Intel Xeon", "bf16": "AMX"}
+    dirs = [run(tmp_path, "a", 0, results(0.825, 1.5, 0.5, stage1_machine=amd)),
+            run(tmp_path, "b", 1, results(0.825, 1.5, 0.5, stage1_machine=intel)),
+            run(tmp_path, "c", 2, results(0.825, 1.5, 0.5))]  # a run from before
+    text = format_comparison(compare_runs(dirs))
+    assert ("Their pools trained on different kinds of machine (AMD EPYC, AVX512-BF16, 2 "
+            "threads, torch 2.14.1 / Intel Xeon, AMX, 2 threads, torch 2.14.1)") in text
+    assert "different kinds of machine" not in format_comparison(compare_runs(dirs[::2]))
+    base = {"device": "cpu", "seed": 0, "lam": 0.1, "image_size": [128, 128],
+            "test_images": 80, "grid": [2, 2], "mc_samples": 1}
+    assert setting_line(base).startswith("- device: cpu; seed 0")  # a report from before
+    assert setting_line(base | {"machine": amd, "stage1_machine": amd}).startswith(
+        "- device: cpu (AMD EPYC, AVX512-BF16, 2 threads, torch 2.14.1; stage 1 on the same "
+        "kind); seed 0")
+    assert "; stage 1 trained on Intel Xeon, AMX, 2 threads" in setting_line(
+        base | {"machine": amd, "stage1_machine": intel})

@@ -167,6 +167,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     differ = {k: [f.get(k) for f in flat] for k in keys
               if any(f.get(k) != flat[0].get(k) for f in flat)}
     data = {json.dumps([r.get("data_files"), r.get("data_seeds")]) for r, _ in read}
+    trained = [r.get("stage1_machine") for r, _ in read]  # runs from before: not recorded
 
     def count(name: str, ok: Callable[[float], bool]) -> list[int]:
         values = [run["figures"][name] for run in runs if run["figures"][name] is not None]
@@ -180,6 +181,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
         "formats": {name: fmt for name, fmt, _ in table},
         "differ": differ,
         "data_differ": len(data) > 1,
+        "machines": trained,
         "holds": {"PaSeR's curve area above the frontier's": count("PaSeR - frontier",
                                                                    lambda v: v > 0),
                   "PaSeR's curve area above the cascade's": count("PaSeR - cascade",
@@ -214,6 +216,14 @@ def format_comparison(result: dict) -> str:
     if result["data_differ"]:
         out.append("Their data differ (the reports' data files or data seeds): figures of "
                    "different data are compared.")
+    kinds = {json.dumps(m, sort_keys=True): m for m in result.get("machines", []) if m}
+    if len(kinds) > 1:
+        from paser.train.distributed import machine_text
+
+        out.append("Their pools trained on different kinds of machine (" + " / ".join(
+            machine_text(m) for m in kinds.values()) + "): one seed trains other pools on "
+            "each (their bf16 and threaded kernels add in other orders), so the spread "
+            "mixes the machines with the draw.")
     if len(runs) == 1:
         out.append("One run is one draw: compare runs of other seeds for a spread.")
     names = list(fmts)

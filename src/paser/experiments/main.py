@@ -59,6 +59,7 @@ from paser.experiments.report import (
 )
 from paser.outcomes import PatchOutcomes
 from paser.runtime import progress
+from paser.train.distributed import machine
 from paser.train.finetune import sweep_dir
 from paser.train.paper import paper_config, paper_dir
 from paser.train.pretrain import augmentations
@@ -397,6 +398,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"{cfg.stage1.batch_size}); nothing is downloaded.")
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
+        # where these figures were measured, and where stage 1 trained the pool they measure
+        "machine": machine(device), "stage1_machine": pool["machine"],
         # what drew the data: the split's seed, and the generator's where paser made the set
         "data_seeds": {"split": cfg.data.split_seed} | (
             {"synthetic": cfg.data.synthetic.seed}
@@ -487,7 +490,8 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
                  and m["best_epoch"] >= m["epochs"] - max(3, m["epochs"] // 10)]
     # stage 1's arithmetic (32-true, bf16-mixed: distributed.precision; older runs: unsaid)
     return {"models": models, "inverted": inverted, "improving": improving,
-            "cost_order": cost_order, "precision": summary.get("precision")}
+            "cost_order": cost_order, "precision": summary.get("precision"),
+            "machine": summary.get("machine")}
 
 
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,

@@ -86,6 +86,21 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _machines(results: dict) -> str:
+    """`` (AMD EPYC, AVX512-BF16, 2 threads, torch 2.14.1; stage 1 on the same kind)``: where the
+    figures were measured, and where the pool they measure trained, if elsewhere. One seed
+    repeats to the last digit on one kind of machine, not across kinds (their bf16
+    kernels differ). Runs from before these were recorded: nothing."""
+    from paser.train.distributed import machine_text
+
+    here, trained = results.get("machine"), results.get("stage1_machine")
+    if not here:
+        return ""
+    where = ("" if not trained else "; stage 1 on the same kind" if trained == here else
+             f"; stage 1 trained on {machine_text(trained)}")
+    return f" ({machine_text(here)}{where})"
+
+
 def setting_line(results: dict) -> str:
     """The report's first line: device, seeds, lam, what the splits hold (tiles, where the
     run cut its images into them, and how many images they came from), grid and T."""
@@ -104,7 +119,7 @@ def setting_line(results: dict) -> str:
         splits = f"test images {results['test_images']} of {h} x {wd}" + (
             f" (train {results['train_images']}, validation {results['validation_images']})"
             if "train_images" in results else "")
-    return (f"- device: {results['device']}; seed {results['seed']}"
+    return (f"- device: {results['device']}{_machines(results)}; seed {results['seed']}"
             f"{f' (data: {data_seeds})' if data_seeds else ''}; lam {results['lam']}; "
             + splits
             + (f"; data files {results['data_files']}" if results.get("data_files") else "")

@@ -141,6 +141,44 @@ def native_bf16(device: torch.device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's ``/proc/cpuinfo`` (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in
+                                                  head.splitlines()) if k.strip()}
+
+
+def machine(device: torch.device) -> dict:
+    """What computed on ``device``, for the records: the processor (or GPU), how it does
+    bf16 (``AMX``, ``AVX512-BF16``, or none: emulated), the threads and torch's version.
+    Runs of one seed repeat to the last digit on one kind of machine; another CPU's bf16
+    kernels give other pools (DESIGN's noise: one run is one draw), and the report says
+    which machine made which figures."""
+    import platform
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    out = {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+           "bf16": "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+           else None,
+           "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+    if device.type == "cuda" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def machine_text(m: dict) -> str:
+    """``AMD EPYC, AVX512-BF16, 2 threads, torch 2.14.1`` (a GPU first where there is one)."""
+    return ", ".join([*([m["gpu"]] if m.get("gpu") else []), m.get("cpu") or "unknown CPU",
+                      *([m["bf16"]] if m.get("bf16") else []),
+                      f"{m.get('threads')} thread{'s' * (m.get('threads') != 1)}",
+                      f"torch {m.get('torch')}"])
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``distributed.precision`` with ``auto`` resolved for ``device``."""
     if precision != "auto":

@@ -50,7 +50,7 @@ from paser.train.common import (
     seed_role,
     setup,
 )
-from paser.train.distributed import Dist, launch
+from paser.train.distributed import Dist, launch, machine
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -472,7 +472,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         finished("f0")
 
     summary = summarize(cfg, run_dir, data, forwards, device,
-                        show_progress and dist.is_main) | {"precision": dist.precision}
+                        show_progress and dist.is_main) | {"precision": dist.precision,
+                                                           "machine": machine(device)}
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
