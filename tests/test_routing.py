@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from paser.errors import DataError
 from paser.models import RoutingPolicy, count_parameters, create_model
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router
@@ -281,3 +282,52 @@ def test_a_router_batch_of_two_is_its_images_and_the_state_reads_its_signal():
     mc = router.observe(x, mc_seed=7)
     assert torch.equal(mc.probs, each)
     assert torch.equal(router.state(x, mc)[:, 1], mc.uncertainty("margin"))
+
+
+def test_a_cap_holds_each_image_and_moves_only_the_dearest_patches_down():
+    class Drawn(torch.nn.Module):  # logits of its own per image and patch, f2 favoured
+        def forward(self, state):
+            gen = torch.Generator().manual_seed(3)
+            return torch.randn(len(state), 16, 3, generator=gen) + torch.tensor(
+                [0.0, 0.3, 0.6]) * torch.rand(len(state), 1, 1, generator=gen) * 4
+
+    router = _router(PatchGrid(4, 4), t=1)
+    router.policy = Drawn()
+    x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        free = router(x, mc_seed=0)
+        costs = router.costs(64, 64)
+        patch = torch.tensor(costs.patch, dtype=torch.float64)
+        spent = free.gflops - costs.fixed
+        room = float(spent.median())  # a cap some images are over
+        router.cap_per_mp = (costs.fixed + room) / (64 * 64 / 1e6)
+        capped = router(x, mc_seed=0)
+    assert (capped.gflops <= costs.fixed + room + 1e-9).all()
+    under = spent <= room
+    assert under.any() and (~under).any()
+    assert torch.equal(capped.actions[under], free.actions[under])  # within it: unchanged
+    # over it: no patch moves to a dearer model, and the image spends as much as fits
+    assert (patch[capped.actions] <= patch[free.actions]).all()
+    assert (capped.gflops[~under] > costs.fixed + room - max(costs.patch)).all()
+    router.cap_per_mp = costs.fixed / (64 * 64 / 1e6) / 2  # under what f0 and the policy cost
+    with pytest.raises(DataError, match=r"under the .* it pays before any patch is routed"):
+        router(x, mc_seed=0)
+    router.cap_per_mp = None
+
+
+def test_a_cap_keeps_the_dear_model_where_the_policy_values_it_most():
+    class Fixed(torch.nn.Module):  # f2 over f0 by 4, 3, 2, 1 on the four patches; f1 as f0
+        def forward(self, state):
+            return torch.tensor([[0.0, 0.0, m] for m in (1.0, 4.0, 2.0, 3.0)]).expand(
+                len(state), 4, 3)
+
+    router = _router(PatchGrid(2, 2), t=1)
+    router.policy = Fixed()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    costs = router.costs(32, 32)
+    with torch.no_grad():
+        assert router(x, mc_seed=0).actions.tolist() == [[2, 2, 2, 2]] * 2
+        router.cap_per_mp = (costs.fixed + 2 * costs.patch[2]) / (32 * 32 / 1e6)
+        out = router(x, mc_seed=0)
+    assert out.actions.tolist() == [[0, 2, 0, 2]] * 2  # the margins 4 and 3 keep f2
+    assert out.gflops.tolist() == pytest.approx([costs.fixed + 2 * costs.patch[2]] * 2)

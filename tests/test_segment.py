@@ -379,3 +379,54 @@ def test_the_previews_show_each_pixels_class_and_each_patchs_model(tmp_path):
     assert (routing[6] == 255).all() and (routing[:, 8] == 255).all()
     labels = np.asarray(Image.open(tmp_path / names["labels"]))
     assert np.array_equal(decode_label(labels), mask)
+
+
+def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, tmp_path,
+                                                                      capsys, monkeypatch):
+    from tests.test_bad_inputs import cli
+
+    from paser import PaSeR
+    from paser.errors import ConfigError
+
+    model = PaSeR.load(mnist_run)
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    costs = model.router.costs(32, 32)
+    fixed_per_mp = costs.fixed / (32 * 32 / 1e6)
+    dear = torch.tensor([0.0] + [50.0] * (model.router.num_models - 1))  # f0 never chosen
+    free = model.segment(x, bias=dear)
+    assert (free.actions > 0).all()
+    model.cap(fixed_per_mp)  # room for f0 and the policy only: every patch stays on f0
+    held = model.segment(x, bias=dear)
+    assert (held.actions == 0).all() and held.gflops.tolist() == pytest.approx(
+        [costs.fixed] * 6)
+    with pytest.raises(ConfigError, match=r"max_gflops_per_mp 1: give a number of GFLOP per "
+                                          r"megapixel of at least"):
+        model.cap(1)
+    from paser.data import Tensors
+
+    data = Tensors(x, torch.zeros(6, 32, 32, dtype=torch.long), [str(i) for i in range(6)])
+    model.calibration = None  # evaluate routes with the run's own choices: some patches dear
+    assert model.evaluate(data)["fractions"][0] == 1.0  # capped: f0 everywhere
+    model.cap(None)
+    assert torch.equal(model.segment(x, bias=dear).actions, free.actions)
+
+    inputs = _inputs(tmp_path / "in")
+    (inputs / "d.png").unlink()
+    cap = 2 * fixed_per_mp
+    code, _ = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
+                  tmp_path / "o", "--max-gflops-per-mp", cap)
+    assert code == 0
+    for row in csv.DictReader(open(tmp_path / "o" / "summary.csv")):
+        record = json.loads((tmp_path / "o" / f"{Path(row['input']).stem}.json").read_text())
+        per_mp = record["gflops"] / (record["height"] * record["width"] / 1e6)
+        assert per_mp <= cap * (1 + 1e-9) or record["height"] * record["width"] < 32 * 32
+    # another cap is another folder's settings, not a resume of this one
+    code, err = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
+                    tmp_path / "o", "--max-gflops-per-mp", 3 * fixed_per_mp)
+    assert code == 2 and "cap_gflops_per_mp" in err
+    code, err = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
+                    tmp_path / "o2", "--max-gflops-per-mp", "1")
+    assert code == 2 and "--max-gflops-per-mp 1.0: give a number of GFLOP per megapixel" in err
+    code, err = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
+                    tmp_path / "o3", "--model", "f1", "--max-gflops-per-mp", cap)
+    assert code == 2 and "drop --max-gflops-per-mp" in err

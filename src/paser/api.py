@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,11 +23,12 @@ from paser.checkpoints import (
     unfinished_steps,
 )
 from paser.config import ExperimentConfig
+from paser.cost import FLOP_CONVENTION
 from paser.data import Tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity, as_input
 from paser.data.tiles import route_tiled
-from paser.errors import CheckpointError, DataError
+from paser.errors import CheckpointError, ConfigError, DataError
 from paser.evaluation import evaluate_router
 from paser.patches import PatchGrid
 from paser.routing import Router, RoutingOutput
@@ -369,6 +371,35 @@ class PaSeR:
         if save and self.run_dir is not None:
             self.calibration.save(self.run_dir)
         return self.calibration
+
+    def cap(self, max_gflops_per_mp: float | None, option: str = "max_gflops_per_mp") -> None:
+        """Hold every image routed from now on (each tile of an image larger than a tile)
+        to ``max_gflops_per_mp`` GFLOP per megapixel (``None``: no cap), in
+        :meth:`segment`, :meth:`evaluate`, the server and the cluster alike
+        (:meth:`paser.routing.Router.capped`). A budget (``calibrate``) is a mean over
+        images: some spend more, some less; the cap is a limit no image passes, the
+        patches the policy values least per GFLOP leaving the dearer models first. It must
+        leave room for what every image pays before routing, f0 and the policy (``option``:
+        the name an error gives it)."""
+        if max_gflops_per_mp is None:
+            self.router.cap_per_mp = None
+            return
+        try:
+            cap = float(max_gflops_per_mp)
+        except (TypeError, ValueError):
+            cap = math.nan
+        summary = None if self.run_dir is None else Path(self.run_dir) / "stage1.json"
+        size = self.tile or (tuple(json.loads(summary.read_text())["image_size"])
+                             if summary is not None and summary.is_file() else None)
+        fixed = 0.0 if size is None else self.router.costs(*size).fixed / (
+            size[0] * size[1] / 1e6)
+        if not math.isfinite(cap) or cap <= 0 or cap < fixed:
+            at = "" if size is None else (
+                f" of at least {fixed:.6g}, what every {size[0]} x {size[1]} image pays before "
+                f"any patch is routed (f0 and the policy; {FLOP_CONVENTION})")
+            raise ConfigError(f"{option} {max_gflops_per_mp!r}: give a number of "
+                              f"GFLOP per megapixel{at}")
+        self.router.cap_per_mp = cap
 
     def use_remote(self, url: str | None, **options):
         """Run f1..fK on a ``paser serve`` server at ``url`` from now on (``None``: here

@@ -91,6 +91,7 @@ class RunSpec:
     budget_gflops: float | None = None
     threads: int | None = None  # of each model call; None: the worker's threads
     budget_gflops_per_mp: float | None = None
+    max_gflops_per_mp: float | None = None  # the cap (:meth:`paser.PaSeR.cap`)
 
     def load(self):
         from paser import PaSeR
@@ -103,6 +104,7 @@ class RunSpec:
         if not calibrated:
             model.calibrate(budget_gflops=self.budget_gflops, save=False,
                             budget_gflops_per_mp=self.budget_gflops_per_mp)
+        model.cap(self.max_gflops_per_mp)
         return model
 
     def worker_device(self, index: int | None = None, gpus: int | None = None) -> str:

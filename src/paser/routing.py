@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
-from paser.errors import ConfigError
+from paser.errors import ConfigError, DataError
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
 from paser.patches import PatchGrid
@@ -223,6 +223,9 @@ class Router(nn.Module):
         #: a folder where :meth:`paser.outcomes.PatchOutcomes.build` keeps the pool's
         #: outcomes on a split, named by the pool's weights and the data (``None``: not kept)
         self.outcome_cache: str | Path | None = None
+        #: GFLOP per megapixel no image (or tile) routed by the policy may exceed
+        #: (:meth:`capped`; ``None``: no cap)
+        self.cap_per_mp: float | None = None
 
     def costs(self, height: int, width: int) -> CostTable:
         """The cost table for ``height x width`` images (counted once per size)."""
@@ -287,6 +290,49 @@ class Router(nn.Module):
         if mode != "sample":
             raise ConfigError(f"routing mode '{mode}': use greedy or sample")
         return torch.distributions.Categorical(logits=logits).sample()
+
+    def capped(self, logits: torch.Tensor, actions: torch.Tensor, height: int, width: int,
+               inside: torch.Tensor | None = None) -> torch.Tensor:
+        """``actions`` [B, P] with every image held to :attr:`cap_per_mp` GFLOP per
+        megapixel of its ``height x width``: an image over it is routed again with a price
+        of its own on each model's GFLOP, ``argmax(logits - price * GFLOP(k) / GFLOP(fK))``,
+        the least price (bisection, 40 steps) that fits. A higher price never picks a
+        dearer model, so the patches that leave a dear model are those the policy valued
+        least per GFLOP; images within the cap keep their actions. ``inside`` [B, P]: the
+        patches that hold image pixels (the others stay on f0). A cap under what every
+        image pays before routing (f0 and the policy) is a :class:`DataError`."""
+        costs = self.costs(height, width)
+        limit = self.cap_per_mp * height * width / 1e6
+        room = limit - costs.fixed  # what the patches may spend
+        if room < -1e-9:
+            raise DataError(
+                f"a cap of {self.cap_per_mp:g} GFLOP per megapixel is {limit:.6g} GFLOP for a "
+                f"{height} x {width} image, under the {costs.fixed:.6g} it pays before any "
+                f"patch is routed (f0 and the policy; {costs.fixed / (height * width / 1e6):.6g}"
+                " per megapixel at this size); give at least that")
+        patch = torch.tensor(costs.patch, dtype=torch.float64, device=actions.device)
+        over = patch[actions].sum(-1) > room + 1e-9
+        if not over.any():
+            return actions
+        scores = logits[over].double()
+        rel = (patch / patch.max()).to(scores)
+        outside = None if inside is None else ~inside.to(actions.device).expand_as(actions)[over]
+        # at this price every model but f0 loses to f0 on every patch
+        lo = torch.zeros(len(scores), dtype=torch.float64, device=scores.device)
+        hi = torch.full_like(lo, float(scores.max() - scores.min()) / float(
+            rel[1:].min().clamp_min(1e-12)) + 1.0)
+
+        def route(price: torch.Tensor) -> torch.Tensor:
+            chosen = (scores - price[:, None, None] * rel).argmax(-1)
+            return chosen if outside is None else chosen.masked_fill(outside, 0)
+
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            fits = patch[route(mid)].sum(-1) <= room + 1e-9
+            hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+        actions = actions.clone()
+        actions[over] = route(hi)
+        return actions
 
     def pool_logits(self, k: int, patches: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, Kc, h, w]`` of pool model ``k`` (1..K) on patches with their halo
@@ -399,6 +445,8 @@ class Router(nn.Module):
             inside = self._inside(h, w, inside)
             if inside is not None:
                 actions = actions.masked_fill(~inside.to(actions.device).expand_as(actions), 0)
+            if self.cap_per_mp is not None:
+                actions = self.capped(logits, actions, h, w, inside)
         probs, degraded = self.dispatch(xp, mc.probs, actions)
         probs = self.grid.crop(probs, h, w)
         ran = actions if degraded is None else actions.masked_fill(degraded, 0)

@@ -433,7 +433,8 @@ PENDING_BYTES = 256 * 2**20
 def output_settings(model, only: int | None) -> dict:
     """What decides an output folder's labels: the run's models and policy (their weights,
     wherever the run folder lies now; ``run`` is its path, kept for the reader), the
-    calibration in use, a single model instead of routing, how inputs are scaled."""
+    calibration in use and the cap, a single model instead of routing, how inputs are
+    scaled."""
     from paser.routing import model_digests
 
     calibration = model.calibration
@@ -446,7 +447,10 @@ def output_settings(model, only: int | None) -> dict:
             "calibration_bias": None if calibration is None or only is not None
             else [round(float(b), 8) for b in calibration.bias],
             "only": None if only is None else record_names(model)[only],
-            "intensity": model.intensity.to_dict(), "mc_samples": model.config.mc_samples}
+            "intensity": model.intensity.to_dict(), "mc_samples": model.config.mc_samples,
+            # only where set: a folder of before, made without a cap, is still this one's
+            **({"cap_gflops_per_mp": model.router.cap_per_mp}
+               if model.router.cap_per_mp is not None and only is None else {})}
 
 
 def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:

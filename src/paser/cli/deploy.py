@@ -31,6 +31,9 @@ def evaluate(
     workers: int = typer.Option(None, "--workers", min=0, help="processes reading images "
                                 "from disk while the models run (0: read in this process); "
                                 "default 0 on 2 cores or fewer, else 2"),
+    cap_per_mp: float = typer.Option(
+        None, "--max-gflops-per-mp", help="hold every image to this cap, as `paser segment "
+        "--max-gflops-per-mp` does: what it costs in mIoU"),
 ) -> None:
     """Evaluate the trained pipeline on a split, beside f0 alone and each pool model alone.
 
@@ -44,11 +47,15 @@ def evaluate(
 
     workers = default_workers() if workers is None else workers
     model = PaSeR.load(run_dir)
+    if cap_per_mp is not None:
+        model.cap(cap_per_mp, option="--max-gflops-per-mp")
     files = open_split(model.config.data, split)
     data_note(model, run_dir, split)
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
     data = as_tiles(model.config.data, files, model.config.grid)
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
+    if cap_per_mp is not None:
+        name += f", capped at {cap_per_mp:g} GFLOP/MP"
     cfg = model.config
     once = cfg.mc_dropout == "none"  # f0 runs one deterministic pass
     methods = [(name, None), *((f"f{k} on all patches" if k else
@@ -69,9 +76,10 @@ def evaluate(
                f"{passes} in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
                "the report)")
-    typer.echo(f"{'method':<20} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
+    wide = max(20, *(len(label) for label, _ in rows))
+    typer.echo(f"{'method':<{wide}} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
     for name, r in rows:
-        typer.echo(f"{name:<20} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
+        typer.echo(f"{name:<{wide}} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
     typer.echo("\nIoU of each class (n/a: neither labelled nor predicted in the split)")
     heads = [name.split(" ")[0] for name, _ in rows]
@@ -102,6 +110,10 @@ def segment(
         None, "--budget-gflops-per-mp", help="the same budget per megapixel, for images of "
         "any size (they pay for the run's tiles they are cut into: a size that is not a "
         "multiple of the tile pays for its padding too)"),
+    cap_per_mp: float = typer.Option(
+        None, "--max-gflops-per-mp", help="a cap no image passes, in GFLOP per megapixel "
+        "(each tile of a large image held to it): the patches the policy values least per "
+        "GFLOP leave the dearer models first; a budget is a mean, some images spend more"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
                                "`paser export`; CPU)"),
@@ -182,8 +194,9 @@ def segment(
         raise ConfigError("give one budget: --budget-gflops (per validation image) or "
                           "--budget-gflops-per-mp")
     budgeted = budget_gflops is not None or budget_per_mp is not None
-    if only is not None and budgeted:
-        option = "--budget-gflops" if budget_per_mp is None else "--budget-gflops-per-mp"
+    if only is not None and (budgeted or cap_per_mp is not None):
+        option = ("--max-gflops-per-mp" if not budgeted else "--budget-gflops"
+                  if budget_per_mp is None else "--budget-gflops-per-mp")
         raise ConfigError(f"--model {only} runs one model alone, at its own cost: "
                           f"drop {option} (which sets the router's), or --model")
     if engine == "onnxruntime" and device not in ("auto", "cpu"):
@@ -222,6 +235,8 @@ def segment(
                    f"({cal.per_megapixel(cal.gflops):.2f} GFLOP/MP), validation mIoU "
                    f"{cal.miou:.4f}; {sizes_pay(model)}")
         _above_dearest(cal)
+    if cap_per_mp is not None:
+        model.cap(cap_per_mp, option="--max-gflops-per-mp")
     if remote is not None:
         _connect_remote(model, remote, timeout, retries, token, ca_file)
     k = None if only is None else _model_index(only, model.router.num_models)
@@ -235,7 +250,7 @@ def segment(
 
         spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
                        None if onnx is None else str(Path(onnx).resolve()), budget_gflops,
-                       threads, budget_per_mp)
+                       threads, budget_per_mp, cap_per_mp)
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
                                            overwrite, chunk, previews)
         files = []  # done there
