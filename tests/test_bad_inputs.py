@@ -439,3 +439,24 @@ def test_a_run_dir_or_data_folder_that_is_missing_or_a_file_says_which(capsys, m
     code, err = cli(capsys, monkeypatch, "data", "check", tmp_path / "notes.txt")
     assert code == 2 and "notes.txt: a file, not a dataset folder; give the folder" in (
         _one_line(err))
+
+
+def test_python_api_evaluates_noisy_float_images_a_little_outside_0_1(tmp_path):
+    """Images with noise added (a robustness test) stray a little past [0, 1]: they were
+    evaluated before evaluate checked its data, and must still be, to the same mIoU;
+    0..255 floats are still refused."""
+    from tests.helpers import bands_run
+
+    from paser.data import Tensors
+    from paser.evaluation import evaluate_router
+
+    model = bands_run(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, model.config.models.in_channels, 16, 16, generator=g)
+    masks = torch.randint(0, 3, (4, 16, 16), generator=g, dtype=torch.uint8)
+    noisy = Tensors(images + 0.05 * torch.randn(images.shape, generator=g), masks, list("abcd"))
+    assert float(noisy.images.min()) < -0.05 and float(noisy.images.max()) > 1.05
+    direct = evaluate_router(model.router, noisy, 3, 16, bias=model._bias(None))
+    assert model.evaluate(noisy)["miou"] == direct["miou"]
+    with pytest.raises(DataError, match=r"outside \[0, 1\]"):
+        model.evaluate(Tensors(images * 255, masks, list("abcd")))

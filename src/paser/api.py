@@ -36,6 +36,9 @@ from paser.runtime import keep_freed_memory, resolve_device
 
 #: float images may stray this far outside [0, 1] (resampling overshoot) and are taken as they are
 OUT_OF_RANGE = 1e-3
+#: data to evaluate or calibrate on may stray this far: noise or contrast augmentation puts
+#: float images a little past [0, 1] (a robustness test); 0..255 or 0..65535 floats lie far past
+AUGMENTED = 0.5
 
 
 def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
@@ -229,8 +232,9 @@ class PaSeR:
                             "(paser segment reads such a file without its alpha)")
         return torch.from_numpy(as_input(arr, channels, self.intensity, source))
 
-    def _batch(self, images) -> torch.Tensor:
-        """``images`` as a float32 batch ``[B, C, H, W]`` in [0, 1], checked."""
+    def _batch(self, images, slack: float = OUT_OF_RANGE) -> torch.Tensor:
+        """``images`` as a float32 batch ``[B, C, H, W]`` in [0, 1] (floats within ``slack``
+        of it taken as they are), checked."""
         if not isinstance(images, (torch.Tensor, np.ndarray)):
             raise DataError(f"images of type {type(images).__name__}: give a torch tensor or "
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
@@ -266,7 +270,7 @@ class PaSeR:
         if not torch.isfinite(x).all():
             raise DataError("images contain NaN or Inf values")
         lo, hi = float(x.min()), float(x.max())
-        if lo < -OUT_OF_RANGE or hi > 1 + OUT_OF_RANGE:
+        if lo < -slack or hi > 1 + slack:
             raise DataError(f"float images with values in [{lo:g}, {hi:g}], outside [0, 1]: "
                             "scale them to [0, 1], or give each stored image to "
                             "model.prepare(image), which scales it as paser segment does")
@@ -317,7 +321,8 @@ class PaSeR:
         """``data`` to evaluate or calibrate on, its images in memory checked as
         :meth:`segment` checks (and scales) images, and their masks against them: deep in
         the models, a wrong column was a bare RuntimeError or IndexError, or, for NaN or
-        0..255 floats, a wrong mIoU."""
+        0..255 floats, a wrong mIoU. Floats a little past [0, 1] (:data:`AUGMENTED`: noise or
+        augmentation) are evaluated as they are, as before these checks."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size {batch_size!r}: give a whole number, 1 or more")
         if isinstance(data, Dataset):
@@ -337,7 +342,7 @@ class PaSeR:
         if masks.dim() != 3 or masks.shape[-2:] != images.shape[-2:]:
             raise DataError(f"data: masks of shape {tuple(masks.shape)} for images of shape "
                             f"{tuple(images.shape)}; give masks [N, H, W] of the images' size")
-        return replace(data, images=self._batch(images), masks=masks)
+        return replace(data, images=self._batch(images, AUGMENTED), masks=masks)
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         if bias is None:
