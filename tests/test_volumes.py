@@ -907,3 +907,25 @@ def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     assert attrs["voxel_size"]["from"] == "HDF5 element_size_um"
     zattrs = dict(zarr.open(str(out / "scan_0_labels.zarr"), mode="r").attrs)
     assert zattrs["element_size_um"] == [3.0, 0.5, 0.5]
+
+
+def test_labels_resumed_from_parts_without_a_signature_are_the_same_bytes(setup, monkeypatch):
+    """Parts left by a paser before signatures were kept drew the OME UUID from the input's
+    path, an uninterrupted run from its content: one input, two files. A label TIFF with no
+    voxel size is a ZYX stack too, not tifffile's unknown QYX."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "ome.tif", vol, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.0})
+    tifffile.imwrite(tmp / "bare.tif", vol, photometric="minisblack")
+    volumes = split_inputs([tmp / "ome.tif", tmp / "bare.tif"])[1]
+    segment_volumes(m, volumes, tmp / "whole", chunk=4)
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volumes[:1], tmp / "out", chunk=4))
+    made = tmp / "out" / ".ome.parts" / "volume.json"
+    kept = json.loads(made.read_text())
+    del kept["volume"]["signature"]
+    made.write_text(json.dumps(kept))
+    segment_volumes(m, volumes[:1], tmp / "out", chunk=4)
+    assert (tmp / "out" / "ome_labels.tif").read_bytes() == (
+        tmp / "whole" / "ome_labels.tif").read_bytes()
+    with tifffile.TiffFile(tmp / "whole" / "bare_labels.tif") as tif:
+        assert (tif.series[0].axes, tif.series[0].shape) == ("ZYX", vol.shape)

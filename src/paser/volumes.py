@@ -628,8 +628,9 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
     if volume.label_format == "tiff":
         output = f"{volume.stem}_labels.tif"
+        # parts of a paser before signatures were kept: the one an uninterrupted run uses
         _assemble_tiff(parts, volume, chunk, out_dir / output,
-                       kept.get("signature", volume.source))
+                       kept.get("signature") or signature(volume))
     else:
         output = f"{volume.stem}_labels.zarr"
     from paser.segment import record_names
@@ -718,7 +719,8 @@ def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity
     import tifffile
 
     voxel, (h, w) = volume.voxel, volume.plane
-    extra: dict = {}
+    # the axes, or tifffile's readers (napari's among them) see a stack of axes QYX
+    extra: dict = {"metadata": {"axes": "ZYX"}}
     if voxel is not None:
         import uuid
 
