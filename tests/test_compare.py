@@ -151,3 +151,29 @@ def test_pools_trained_on_other_kinds_of_machine_are_named(tmp_path):
         "kind); seed 0")
     assert "; stage 1 trained on Intel Xeon, AMX, 2 threads" in setting_line(
         base | {"machine": amd, "stage1_machine": intel})
+
+
+def test_a_pool_whose_models_trained_on_several_machines_says_so(tmp_path):
+    from paser.config import load_config
+    from paser.experiments.report import setting_line
+    from paser.train.pretrain import trained_on
+
+    amd = {"cpu": "AMD EPYC", "bf16": "AVX512-BF16", "threads": 2, "torch": "2.14.1"}
+    intel = amd | {"cpu": "Intel Xeon", "bf16": "AMX"}
+    cfg = load_config(preset="battery-quick")
+    (tmp_path / "checkpoints").mkdir()
+
+    def record(**machines):
+        for role, m in machines.items():
+            (tmp_path / "checkpoints" / f"{role}.trained.json").write_text(
+                json.dumps({"fingerprint": "x", **({"machine": m} if m else {})}))
+        return trained_on(cfg, tmp_path)
+
+    assert record(f0=amd, f1=amd, f2=amd) == {"machine": amd}
+    kept = record(f1=intel)  # f1 kept from a call on another machine
+    assert kept == {"machine": None, "machines": {"f0": amd, "f1": intel, "f2": amd}}
+    assert record(f1=None)["machines"]["f1"] is None  # recorded before machines were
+    base = {"device": "cpu", "seed": 0, "lam": 0.1, "image_size": [128, 128],
+            "test_images": 80, "grid": [2, 2], "mc_samples": 1, "machine": amd}
+    assert "; stage 1's models on several kinds of machine (stage1.json)" in setting_line(
+        base | {"stage1_machine": None, "stage1_machines": kept["machines"]})

@@ -870,6 +870,9 @@ def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     bad.create_array("0", shape=vol.shape, dtype="uint8")[:] = vol
     bad.attrs["multiscales"] = [{"datasets": "0", "axes": "zyx"}]
     assert open_volume(tmp / "bad.zarr/0").voxel is None
+    bad.attrs.clear()
+    bad.attrs["ome"] = "0.5"
+    assert open_volume(tmp / "bad.zarr/0").voxel is None
     assert sizes == {"ome.tif": (0.002, 0.25, 0.5), "ij.tif": (3.0, 250.0, 500.0),
                      "cm.tif": (None, 0.5, 1.0), "dpi.tif": None, "bare.tif": None,
                      "scan.zarr/0": (3.0, 0.5, 0.5), "scan.h5": (1.5, 0.75, 0.75),

@@ -130,14 +130,14 @@ def of_zarr(path: str | Path) -> VoxelSize | None:
             attrs = dict(zarr.open_group(str(group_path), mode="r").attrs)
         except Exception:  # zarr raises many kinds for what is not a group
             continue
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-        if multiscales:
-            level = path.relative_to(group_path).as_posix()
-            try:
+        try:
+            multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+            if multiscales:
+                level = path.relative_to(group_path).as_posix()
                 return next((found for ms in multiscales
                              if (found := _level(ms, level)) is not None), None)
-            except (AttributeError, TypeError, ValueError):  # not as OME-Zarr writes it
-                return None
+        except (AttributeError, TypeError, ValueError):  # not as OME-Zarr writes it
+            return None
     return None
 
 

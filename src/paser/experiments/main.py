@@ -400,6 +400,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
         # where these figures were measured, and where stage 1 trained the pool they measure
         "machine": machine(device), "stage1_machine": pool["machine"],
+        **({"stage1_machines": pool["machines"]} if pool["machines"] else {}),
         # what drew the data: the split's seed, and the generator's where paser made the set
         "data_seeds": {"split": cfg.data.split_seed} | (
             {"synthetic": cfg.data.synthetic.seed}
@@ -491,7 +492,7 @@ def pool_summary(run_dir: Path, methods: dict[str, dict], num_models: int) -> di
     # stage 1's arithmetic (32-true, bf16-mixed: distributed.precision; older runs: unsaid)
     return {"models": models, "inverted": inverted, "improving": improving,
             "cost_order": cost_order, "precision": summary.get("precision"),
-            "machine": summary.get("machine")}
+            "machine": summary.get("machine"), "machines": summary.get("machines")}
 
 
 def _tvd_sweep(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,

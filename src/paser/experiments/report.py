@@ -96,8 +96,10 @@ def _machines(results: dict) -> str:
     here, trained = results.get("machine"), results.get("stage1_machine")
     if not here:
         return ""
-    where = ("" if not trained else "; stage 1 on the same kind" if trained == here else
-             f"; stage 1 trained on {machine_text(trained)}")
+    several = [m for m in (results.get("stage1_machines") or {}).values() if m]
+    where = ("; stage 1's models on several kinds of machine (stage1.json)" if several and
+             not trained else "" if not trained else "; stage 1 on the same kind"
+             if trained == here else f"; stage 1 trained on {machine_text(trained)}")
     return f" ({machine_text(here)}{where})"
 
 

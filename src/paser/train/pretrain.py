@@ -389,6 +389,21 @@ def _trained_file(run_dir: Path, role: str) -> Path:
     return run_dir / "checkpoints" / f"{role}.trained.json"
 
 
+def trained_on(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Where the pool trained, from each model's record: ``machine`` where every model
+    trained on one kind (:func:`paser.train.distributed.machine`), else ``None`` and
+    ``machines`` by model (a model kept from an earlier call, or resumed elsewhere, keeps
+    its own; one recorded before machines were is ``None``)."""
+    machines = {}
+    for role, _ in model_roles(cfg):
+        path = _trained_file(run_dir, role)
+        machines[role] = json.loads(path.read_text()).get("machine") if path.is_file() else None
+    kinds = {json.dumps(m, sort_keys=True) for m in machines.values()}
+    if len(kinds) == 1 and None not in machines.values():
+        return {"machine": next(iter(machines.values()))}
+    return {"machine": None, "machines": machines}
+
+
 def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
              show_progress: bool = True, reuse: bool = False,
              files: str | None = None) -> dict:
@@ -448,10 +463,11 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     def finished(role: str) -> None:
         if dist.is_main:
-            record = {"fingerprint": model_fingerprint(cfg, role)}
+            record = {"fingerprint": model_fingerprint(cfg, role), "machine": machine(device)}
             had = records.get(role, {})
             if resume and had.get("fingerprint") == record["fingerprint"] and "data" in had:
                 record["data"] = had["data"]  # finished before: nothing trained now
+                record["machine"] = had.get("machine")
             elif files is not None:
                 record["data"] = files
             atomic_write_text(json.dumps(record), _trained_file(run_dir, role))
@@ -473,7 +489,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     summary = summarize(cfg, run_dir, data, forwards, device,
                         show_progress and dist.is_main) | {"precision": dist.precision,
-                                                           "machine": machine(device)}
+                                                           **trained_on(cfg, run_dir)}
     if dist.is_main:
         atomic_write_text(json.dumps(summary, indent=2), run_dir / "stage1.json")
     return summary
