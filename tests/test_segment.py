@@ -413,13 +413,33 @@ def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, 
     inputs = _inputs(tmp_path / "in")
     (inputs / "d.png").unlink()
     cap = 2 * fixed_per_mp
-    code, _ = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
-                  tmp_path / "o", "--max-gflops-per-mp", cap)
-    assert code == 0
-    for row in csv.DictReader(open(tmp_path / "o" / "summary.csv")):
+    import sys
+
+    from paser.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["paser", "segment", str(inputs), "--run-dir",
+                                      str(mnist_run), "--out", str(tmp_path / "o"),
+                                      "--max-gflops-per-mp", str(cap)])
+    capsys.readouterr()
+    main()
+    printed = capsys.readouterr().out
+    assert "3 of 3 images segmented" in printed and "past the cap" not in printed
+    for row in csv.DictReader(open(tmp_path / "o" / "summary.csv")):  # routed whole: each
         record = json.loads((tmp_path / "o" / f"{Path(row['input']).stem}.json").read_text())
-        per_mp = record["gflops"] / (record["height"] * record["width"] / 1e6)
-        assert per_mp <= cap * (1 + 1e-9) or record["height"] * record["width"] < 32 * 32
+        assert record["gflops"] <= cap * record["height"] * record["width"] / 1e6 * (1 + 1e-9)
+    # a run that cuts images into tiles holds each tile: a 40 x 33 image pays for 4 tiles
+    from types import SimpleNamespace
+
+    from paser.cli.deploy import _cap_note
+
+    tiled = SimpleNamespace(tile=(32, 32))
+    _cap_note(tiled, [SimpleNamespace(gflops=cap * 4 * 32 * 32 / 1e6, height=40, width=33),
+                      SimpleNamespace(gflops=cap * 32 * 32 / 1e6, height=32, width=32)], cap)
+    assert capsys.readouterr().out == (
+        f"note: 1 image spent past the cap of {cap:g} GFLOP/MP per their own pixels (up to "
+        f"{cap * 4 * 32 * 32 / (40 * 33):.2f}): the cap holds each 32 x 32 tile they are cut "
+        "into, and their last tiles are padded past the image (f0 and the policy run on whole "
+        "tiles); images whose sides are multiples of 32 x 32 stay within it\n")
     # another cap is another folder's settings, not a resume of this one
     code, err = cli(capsys, monkeypatch, "segment", inputs, "--run-dir", mnist_run, "--out",
                     tmp_path / "o", "--max-gflops-per-mp", 3 * fixed_per_mp)

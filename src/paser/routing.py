@@ -306,9 +306,9 @@ class Router(nn.Module):
         room = limit - costs.fixed  # what the patches may spend
         if room < -1e-9:
             raise DataError(
-                f"a cap of {self.cap_per_mp:g} GFLOP per megapixel is {limit:.6g} GFLOP for a "
-                f"{height} x {width} image, under the {costs.fixed:.6g} it pays before any "
-                f"patch is routed (f0 and the policy; {costs.fixed / (height * width / 1e6):.6g}"
+                f"a cap of {self.cap_per_mp:.8g} GFLOP per megapixel is {limit:.8g} GFLOP for a "
+                f"{height} x {width} image, under the {costs.fixed:.8g} it pays before any "
+                f"patch is routed (f0 and the policy; {costs.fixed / (height * width / 1e6):.8g}"
                 " per megapixel at this size); give at least that")
         patch = torch.tensor(costs.patch, dtype=torch.float64, device=actions.device)
         over = patch[actions].sum(-1) > room + 1e-9

@@ -312,6 +312,8 @@ def segment(
                    + f"; see {out / 'summary.csv'}")
         if budget_per_mp is not None and megapixels > 0:
             _padding_note(model, done, gflops / megapixels, budget_per_mp)
+        if cap_per_mp is not None:
+            _cap_note(model, done, cap_per_mp)
     if remote is not None and done:
         sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
         typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
@@ -647,6 +649,20 @@ def _padding_note(model, done, spent: float, budget: float) -> None:
                    "image; f0 and the policy run on whole tiles), which explains up to "
                    f"{budget * padded / pixels:.2f} GFLOP/MP. Images whose sides are "
                    f"multiples of {th} x {tw} pay per megapixel as the budget says")
+
+
+def _cap_note(model, done, cap: float) -> None:
+    """Say so where images spent past the cap per their own pixels: the cap holds each tile
+    an image is cut into, and a last tile padded past the image pays for its padding."""
+    over = [r.gflops / (r.height * r.width / 1e6) for r in done
+            if r.gflops > cap * r.height * r.width / 1e6 * (1 + 1e-9)]
+    if over and model.tile is not None:
+        th, tw = model.tile
+        typer.echo(f"note: {len(over)} image{'s' * (len(over) != 1)} spent past the cap of "
+                   f"{cap:g} GFLOP/MP per their own pixels (up to {max(over):.2f}): the cap "
+                   f"holds each {th} x {tw} tile they are cut into, and their last tiles are "
+                   "padded past the image (f0 and the policy run on whole tiles); images "
+                   f"whose sides are multiples of {th} x {tw} stay within it")
 
 
 def _rate(images: int, seconds: float) -> str:
