@@ -161,6 +161,24 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
                                                     overwrite=True))
 
 
+def test_a_folder_made_under_a_cap_is_not_resumed_without_it_nor_one_made_without(setup):
+    m, files, tmp = setup
+    m.cap(1e6)
+    segment_files(m, files[:2], tmp / "capped")
+    m.cap(None)  # the rest uncapped would mix two routings in one folder
+    with pytest.raises(DataError, match=r"other settings \(cap_gflops_per_mp: 1000000.0 there, "
+                                        r"None now\); .* \(--max-gflops-per-mp 1e\+06 goes on "
+                                        r"with this folder's cap\)$"):
+        segment_files(m, files, tmp / "capped")
+    segment_files(m, files[:2], tmp / "free")
+    m.cap(1e6)
+    with pytest.raises(DataError, match=r"cap_gflops_per_mp: None there, 1000000.0 now\); "
+                                        r"give another --out, or --overwrite to start over$"):
+        segment_files(m, files, tmp / "free")
+    assert [r.resumed for r in segment_files(m, files[:3], tmp / "capped")] == [
+        True, True, False]
+
+
 def test_an_image_with_degraded_patches_is_segmented_again(tmp_path):
     """Its degraded patches kept f0's answer while the remote tier was down: a rerun tries
     them again; an image whose patches all came back is done."""

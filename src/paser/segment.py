@@ -430,6 +430,11 @@ SUMMARY = "summary.csv"
 PENDING_BYTES = 256 * 2**20
 
 
+#: settings :func:`output_settings` gives only where set, so that a folder made before they
+#: existed is still resumed: one made with them is not resumed without them
+OPTIONAL_SETTINGS = ("cap_gflops_per_mp",)
+
+
 def output_settings(model, only: int | None) -> dict:
     """What decides an output folder's labels: the run's models and policy (their weights,
     wherever the run folder lies now; ``run`` is its path, kept for the reader), the
@@ -495,16 +500,21 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
         # folder made before they were recorded, or by an export that does not record
         # them, by the run's path
         by_weights = settings.get("models") is not None and before.get("models") is not None
-        differ = [k for k in settings if k != ("run" if by_weights else "models")
-                  and before.get(k) != settings[k]]
+        # a setting recorded only where set (the cap) differs where it was set before too
+        keys = [*settings, *(k for k in OPTIONAL_SETTINGS if k in before and k not in settings)]
+        differ = [k for k in keys if k != ("run" if by_weights else "models")
+                  and before.get(k) != settings.get(k)]
         if differ:
             other = ("another run" if {"run", "models"} & set(differ) else
                      "this run before its policy was trained again" if "policy" in differ else
                      "other settings")
             raise DataError(
                 f"{out_dir} holds the outputs of {other} "
-                f"({', '.join(f'{k}: {before.get(k)} there, {settings[k]} now' for k in differ)}"
-                "); give another --out, or --overwrite to start over")
+                f"({', '.join(f'{k}: {before.get(k)} there, {settings.get(k)} now' for k in differ)}"
+                "); give another --out, or --overwrite to start over"
+                + (f" (--max-gflops-per-mp {before['cap_gflops_per_mp']:g} goes on with this "
+                   "folder's cap)" if differ == ["cap_gflops_per_mp"]
+                   and before.get("cap_gflops_per_mp") is not None else ""))
         if not by_weights and settings.get("models") is not None:  # made before they were
             atomic_write_text(json.dumps({**before, "models": settings["models"]}, indent=2),
                               path)  # recorded: known by them from now on (its claim kept)
