@@ -932,3 +932,27 @@ def test_labels_resumed_from_parts_without_a_signature_are_the_same_bytes(setup,
         tmp / "whole" / "ome_labels.tif").read_bytes()
     with tifffile.TiffFile(tmp / "whole" / "bare_labels.tif") as tif:
         assert (tif.series[0].axes, tif.series[0].shape) == ("ZYX", vol.shape)
+
+
+def test_a_volume_s_record_and_line_name_its_cap_and_gflops_per_megapixel(setup, capsys):
+    """A capped call's records say so (a volume's and an image's), and the volume's line
+    gives GFLOP per megapixel, the cap's unit, beside GFLOP per slice."""
+    from paser.cli.deploy import _volume_lines
+    from paser.segment import segment_files
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol)
+    Image.fromarray(vol[0]).save(tmp / "one.png")
+    m.cap(1e6)
+    [res] = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "out", chunk=8)
+    segment_files(m, [tmp / "one.png"], tmp / "out")
+    record = res.record
+    assert (record["cap_gflops_per_mp"], record["calibration"]) == (1e6, None)
+    assert json.loads((tmp / "out" / "one.json").read_text())["cap_gflops_per_mp"] == 1e6
+    _volume_lines([res], tmp / "out")
+    per_mp = record["gflops"] / (DEPTH * SIDE * SIDE / 1e6)
+    assert (f"{record['gflops_per_slice']:.3f} GFLOP per slice ({per_mp:.2f} GFLOP/MP, "
+            "capped at 1e+06; torch.utils.flop_counter") in capsys.readouterr().out
+    m.cap(None)
+    [res] = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "free", chunk=8)
+    assert res.record["cap_gflops_per_mp"] is None

@@ -346,6 +346,16 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     return results
 
 
+def routed_by(model, only: int | None) -> dict:
+    """What an output's record says routed it: the calibration's target (the run's saved
+    one, or this call's budget) and the cap in GFLOP per megapixel (``None`` where there
+    is none, and both with one model alone)."""
+    routed = only is None
+    return {"calibration": model.calibration.target if routed and model.calibration
+            is not None else None,
+            "cap_gflops_per_mp": model.router.cap_per_mp if routed else None}
+
+
 def segment_image(model, path: Path, item, out_dir: Path, only: int | None = None,
                   worker: str | None = None, previews: bool = True,
                   on_tiles: Callable[[str, int, int], None] | None = None
@@ -357,8 +367,6 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
     same for every image. ``worker`` names the Dask worker in the record."""
     router, cfg = model.router, model.config
     names = record_names(model)
-    calibration = None if model.calibration is None or only is not None else \
-        model.calibration.target
     res = Segmented(str(path), path.stem, ok=False, worker=worker or "")
     try:
         if isinstance(item, DataError):
@@ -396,7 +404,7 @@ def segment_image(model, path: Path, item, out_dir: Path, only: int | None = Non
                   "patches_per_model": counts.tolist(),
                   "gflops": res.gflops, "flop_convention": FLOP_CONVENTION,
                   "ms": res.ms, "device": str(model.device),
-                  "mc_samples": cfg.mc_samples, "calibration": calibration,
+                  "mc_samples": cfg.mc_samples, **routed_by(model, only),
                   "claim": claim_of(out_dir),
                   **({"worker": worker} if worker is not None else {})}
         if router.remote is not None:

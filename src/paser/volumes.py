@@ -633,7 +633,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                        kept.get("signature") or signature(volume))
     else:
         output = f"{volume.stem}_labels.zarr"
-    from paser.segment import record_names
+    from paser.segment import record_names, routed_by
 
     names = record_names(model)
     voxels = np.sum([r["class_voxels"] for r in records], 0)
@@ -650,6 +650,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         **{k: kept[k] for k in ("input_path", "stat", "signature") if k in kept},
         "dtype": volume.dtype, "output": output, "label_codec": list(codec.values),
         "models": names, "only": None if only is None else names[only],
+        **routed_by(model, only),
         "class_fractions": dict(zip(codec.names, (voxels / max(voxels.sum(), 1)).tolist(),
                                     strict=True)),
         "gflops": float(sum(r["gflops"] for r in records)),

@@ -306,6 +306,7 @@ def segment(
                    + (f"{now} now, {resumed} before" if resumed else "all now") + "): mean "
                    f"{gflops / len(done):.3f} GFLOP per image"
                    + (f", {gflops / megapixels:.2f} GFLOP/MP" if megapixels > 0 else "")
+                   + (f", capped at {cap_per_mp:g}" if cap_per_mp is not None else "")
                    + f" ({FLOP_CONVENTION}), {sum(r.ms for r in done) / len(done):.1f} ms per "
                    "image" + ("" if k is None else f", {model_names(model)[k]} alone")
                    + (f"; {_rate(new, seconds)} with reading and writing" if new else "")
@@ -405,7 +406,12 @@ def _volume_lines(results, out: Path) -> None:
         typer.echo(f"{r.source}: {' x '.join(map(str, rec['shape']))} "
                    f"({figure(rec['megavoxels'])} megavoxels)"
                    + (", segmented before (skipped)" if r.resumed else "")
-                   + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ({FLOP_CONVENTION}), "
+                   + f": {rec['gflops_per_slice']:.3f} GFLOP per slice ("
+                   + (f"{rec['gflops'] / rec['megavoxels']:.2f} GFLOP/MP"
+                      + (f", capped at {rec['cap_gflops_per_mp']:g}"
+                         if rec.get("cap_gflops_per_mp") is not None else "")
+                      + "; " if rec["megavoxels"] > 0 else "")
+                   + f"{FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
         if rec.get("degraded_patches"):
             typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
