@@ -119,3 +119,12 @@ def test_gflops_per_sample_counts_a_module_once_per_shape(monkeypatch):
     # another module of the same structure has its own count
     assert cost.gflops_per_sample(nn.Conv2d(3, 8, 3, padding=1), 3, 10, 12) == first
     assert len(counted) == 4
+
+
+def test_the_least_a_message_asks_for_is_rounded_up_so_that_figure_is_taken():
+    # 10.43612 to 6 digits is 10.4361, which a cap or budget of 'at least 10.4361' refuses
+    assert cost.at_least(10.43612) == "10.4362" and float("10.4362") >= 10.43612
+    assert cost.at_least(10.4361875) == "10.4362"
+    assert cost.at_least(0.171) == "0.171"  # exact in 6 digits: as it is
+    assert cost.at_least(99.99995) == "100"
+    assert cost.at_least(0.17099839) == "0.170999"

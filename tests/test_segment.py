@@ -402,6 +402,8 @@ def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, 
     with pytest.raises(ConfigError, match=r"max_gflops_per_mp 1: give a number of GFLOP per "
                                           r"megapixel of at least"):
         model.cap(1)
+    with pytest.raises(ConfigError, match=r"max_gflops_per_mp inf: give a finite number"):
+        model.cap(float("inf"))
     from paser.data import Tensors
 
     data = Tensors(x, torch.zeros(6, 32, 32, dtype=torch.long), [str(i) for i in range(6)])

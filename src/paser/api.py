@@ -23,7 +23,7 @@ from paser.checkpoints import (
     unfinished_steps,
 )
 from paser.config import ExperimentConfig
-from paser.cost import FLOP_CONVENTION
+from paser.cost import FLOP_CONVENTION, at_least
 from paser.data import Tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity, as_input
@@ -400,9 +400,10 @@ class PaSeR:
             size[0] * size[1] / 1e6)
         if not math.isfinite(cap) or cap <= 0 or cap < fixed:
             at = "" if size is None else (
-                f" of at least {fixed:.6g}, what every {size[0]} x {size[1]} image pays before "
+                f" of at least {at_least(fixed)}, what every {size[0]} x {size[1]} image pays before "
                 f"any patch is routed (f0 and the policy; {FLOP_CONVENTION})")
-            raise ConfigError(f"{option} {max_gflops_per_mp!r}: give a number of "
+            raise ConfigError(f"{option} {max_gflops_per_mp!r}: give a "
+                              f"{'finite ' if math.isinf(cap) else ''}number of "
                               f"GFLOP per megapixel{at}")
         self.router.cap_per_mp = cap
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from paser.cost import FLOP_CONVENTION
+from paser.cost import FLOP_CONVENTION, at_least
 from paser.data import Tensors
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
@@ -224,11 +224,11 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                               "per image")
         if budget_gflops < costs.fixed:
             raise ConfigError(
-                f"{option} {given} is below the {costs.fixed:.6g} GFLOP every "
+                f"{option} {given} is below the {at_least(costs.fixed)} GFLOP every "
                 f"{h} x {w} image pays before any patch is routed (f0's {costs.mc_samples} "
                 f"Monte Carlo passes {costs.f0_mc:.3f} + the policy {costs.policy:.3f}; "
                 f"{FLOP_CONVENTION}"
-                + (f"; {costs.fixed / (h * w / 1e6):.6g} GFLOP per megapixel"
+                + (f"; {at_least(costs.fixed / (h * w / 1e6))} GFLOP per megapixel"
                    if per_mp is not None else "") + "); give at least that")
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)

@@ -10,6 +10,7 @@ operation count, and match the usual "2 x MACs" figures of papers.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -21,9 +22,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from paser.errors import ConfigError
 from paser.models.registry import count_parameters
 
-__all__ = ["FLOP_CONVENTION", "count_flops", "count_parameters", "gflops_per_sample"]
+__all__ = ["FLOP_CONVENTION", "at_least", "count_flops", "count_parameters", "gflops_per_sample"]
 
 FLOP_CONVENTION = "torch.utils.flop_counter; one multiply-add counts as 2 FLOPs"
+
+
+def at_least(x: float) -> str:
+    """``x`` in 6 significant digits, rounded up: the least a message can ask for (an error
+    that says 'give at least 10.4361' for 10.43612 refuses that figure too)."""
+    if not math.isfinite(x) or x <= 0 or float(f"{x:.6g}") >= x:
+        return f"{x:.6g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - 5)
+    up = f"{math.ceil(x / step) * step:.6g}"
+    return up if float(up) >= x else f"{float(up) + step:.6g}"
 
 
 def _example_input(model: nn.Module, inputs: Tensor | Sequence[int]) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from paser.cost import FLOP_CONVENTION, gflops_per_sample
+from paser.cost import FLOP_CONVENTION, at_least, gflops_per_sample
 from paser.errors import ConfigError, DataError
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
@@ -308,8 +308,9 @@ class Router(nn.Module):
             raise DataError(
                 f"a cap of {self.cap_per_mp:.8g} GFLOP per megapixel is {limit:.8g} GFLOP for a "
                 f"{height} x {width} image, under the {costs.fixed:.8g} it pays before any "
-                f"patch is routed (f0 and the policy; {costs.fixed / (height * width / 1e6):.8g}"
-                " per megapixel at this size); give at least that")
+                f"patch is routed (f0 and the policy; "
+                f"{at_least(costs.fixed / (height * width / 1e6))} per megapixel at this "
+                "size); give at least that")
         patch = torch.tensor(costs.patch, dtype=torch.float64, device=actions.device)
         over = patch[actions].sum(-1) > room + 1e-9
         if not over.any():

@@ -112,8 +112,9 @@ def segment(
         "multiple of the tile pays for its padding too)"),
     cap_per_mp: float = typer.Option(
         None, "--max-gflops-per-mp", help="a cap no image passes, in GFLOP per megapixel "
-        "(each tile of a large image held to it): the patches the policy values least per "
-        "GFLOP leave the dearer models first; a budget is a mean, some images spend more"),
+        "(each tile of a large image held to it; a size that is not a multiple of the tile "
+        "pays for its padding too): the patches the policy values least per GFLOP leave the "
+        "dearer models first; a budget is a mean, some images spend more"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     engine: str = typer.Option("torch", "--engine", help="torch, or onnxruntime (the run's "
                                "`paser export`; CPU)"),
