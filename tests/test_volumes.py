@@ -843,6 +843,10 @@ def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     ome = {"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 2.0,
            "PhysicalSizeZUnit": "nm"}
     tifffile.imwrite(tmp / "ome.tif", vol, ome=True, metadata=ome)
+    tifffile.imwrite(tmp / "ij65.tif", vol, imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"spacing": 0.65, "unit": "micron", "axes": "ZYX"})
+    v = open_volume(tmp / "ij65.tif").voxel
+    assert (v.z, v.y, v.x) == (0.65, 0.65, 0.65)  # not 0.6499999999999999 read back
     tifffile.imwrite(tmp / "ij.tif", vol, imagej=True, resolution=(2.0, 4.0),
                      metadata={"spacing": 0.003, "unit": "mm", "axes": "ZYX"})
     tifffile.imwrite(tmp / "cm.tif", vol, resolution=(1e4, 2e4), resolutionunit="CENTIMETER")

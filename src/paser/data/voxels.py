@@ -71,7 +71,13 @@ class VoxelSize:
 
 
 def _made(z, y, x, source: str) -> VoxelSize | None:
-    return VoxelSize(z, y, x, source) if y is not None and x is not None else None
+    """The size, each figure to 10 significant digits: ImageJ keeps 0.65 um as 1 / (1 /
+    0.65) pixels per unit, 0.6499999999999999 read back."""
+    def tidy(v: float | None) -> float | None:
+        return None if v is None else float(f"{v:.10g}")
+
+    return (VoxelSize(tidy(z), tidy(y), tidy(x), source) if y is not None and x is not None
+            else None)
 
 
 def of_tiff(tif) -> VoxelSize | None:
