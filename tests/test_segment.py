@@ -411,6 +411,17 @@ def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, 
     assert model.evaluate(data)["fractions"][0] == 1.0  # capped: f0 everywhere
     model.cap(None)
     assert torch.equal(model.segment(x, bias=dear).actions, free.actions)
+    from paser.cli.deploy import _capped
+
+    dearest = (costs.fixed + max(costs.patch) * costs.num_patches) / (32 * 32 / 1e6)
+    assert model.cap(dearest) == pytest.approx(dearest)
+    capsys.readouterr()
+    _capped(model, dearest)  # every patch on the dearest model fits: it bounds nothing
+    assert capsys.readouterr().out.startswith(f"note: the cap of {dearest:g} GFLOP/MP bounds "
+                                              "nothing")
+    _capped(model, (fixed_per_mp + dearest) / 2)
+    assert capsys.readouterr().out == ""
+    model.cap(None)
 
     inputs = _inputs(tmp_path / "in")
     (inputs / "d.png").unlink()

@@ -377,7 +377,8 @@ class PaSeR:
             self.calibration.save(self.run_dir)
         return self.calibration
 
-    def cap(self, max_gflops_per_mp: float | None, option: str = "max_gflops_per_mp") -> None:
+    def cap(self, max_gflops_per_mp: float | None, option: str = "max_gflops_per_mp"
+            ) -> float | None:
         """Hold every image routed from now on (each tile of an image larger than a tile)
         to ``max_gflops_per_mp`` GFLOP per megapixel (``None``: no cap), in
         :meth:`segment`, :meth:`evaluate`, the server and the cluster alike
@@ -385,10 +386,12 @@ class PaSeR:
         images: some spend more, some less; the cap is a limit no image passes, the
         patches the policy values least per GFLOP leaving the dearer models first. It must
         leave room for what every image pays before routing, f0 and the policy (``option``:
-        the name an error gives it)."""
+        the name an error gives it). Returns what every patch on the dearest model costs per
+        megapixel at the run's image size (a cap at or above it bounds nothing), or
+        ``None`` where the run does not say its size."""
         if max_gflops_per_mp is None:
             self.router.cap_per_mp = None
-            return
+            return None
         try:
             cap = float(max_gflops_per_mp)
         except (TypeError, ValueError):
@@ -406,6 +409,10 @@ class PaSeR:
                               f"{'finite ' if math.isinf(cap) else ''}number of "
                               f"GFLOP per megapixel{at}")
         self.router.cap_per_mp = cap
+        if size is None:
+            return None
+        costs = self.router.costs(*size)
+        return (costs.fixed + max(costs.patch) * costs.num_patches) / (size[0] * size[1] / 1e6)
 
     def use_remote(self, url: str | None, **options):
         """Run f1..fK on a ``paser serve`` server at ``url`` from now on (``None``: here

@@ -48,7 +48,7 @@ def evaluate(
     workers = default_workers() if workers is None else workers
     model = PaSeR.load(run_dir)
     if cap_per_mp is not None:
-        model.cap(cap_per_mp, option="--max-gflops-per-mp")
+        _capped(model, cap_per_mp)
     files = open_split(model.config.data, split)
     data_note(model, run_dir, split)
     files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
@@ -237,7 +237,7 @@ def segment(
                    f"{cal.miou:.4f}; {sizes_pay(model)}")
         _above_dearest(cal)
     if cap_per_mp is not None:
-        model.cap(cap_per_mp, option="--max-gflops-per-mp")
+        _capped(model, cap_per_mp)
     if remote is not None:
         _connect_remote(model, remote, timeout, retries, token, ca_file)
     k = None if only is None else _model_index(only, model.router.num_models)
@@ -656,6 +656,14 @@ def _padding_note(model, done, spent: float, budget: float) -> None:
                    "image; f0 and the policy run on whole tiles), which explains up to "
                    f"{budget * padded / pixels:.2f} GFLOP/MP. Images whose sides are "
                    f"multiples of {th} x {tw} pay per megapixel as the budget says")
+
+
+def _capped(model, cap: float) -> None:
+    """``model.cap(cap)``, and a note where it bounds nothing."""
+    dearest = model.cap(cap, option="--max-gflops-per-mp")
+    if dearest is not None and cap >= dearest:
+        typer.echo(f"note: the cap of {cap:g} GFLOP/MP bounds nothing: every patch on the "
+                   f"dearest model costs {dearest:.2f} GFLOP/MP at the run's image size")
 
 
 def _cap_note(model, done, cap: float) -> None:
