@@ -220,6 +220,7 @@ def test_a_run_whose_config_changed_its_class_count_is_refused_clearly(run, tmp_
         PaSeR.load(copy)
 
 
+@pytest.mark.slow  # a script in a process of its own, with reader processes (11 s)
 def test_a_script_without_a_main_guard_is_told_how_to_fix_it(run, tmp_path):
     """Reader processes start from a fork server, which imports the calling script: without
     `if __name__ == "__main__":` each reader runs the script again and stops."""
