@@ -408,7 +408,9 @@ def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, 
 
     data = Tensors(x, torch.zeros(6, 32, 32, dtype=torch.long), [str(i) for i in range(6)])
     model.calibration = None  # evaluate routes with the run's own choices: some patches dear
-    assert model.evaluate(data)["fractions"][0] == 1.0  # capped: f0 everywhere
+    capped = model.evaluate(data)
+    assert capped["fractions"][0] == 1.0  # capped: f0 everywhere
+    assert capped["gflops_max"] == pytest.approx(costs.fixed)  # the dearest image too
     model.cap(None)
     assert torch.equal(model.segment(x, bias=dear).actions, free.actions)
     from paser.cli.deploy import _capped

@@ -84,6 +84,7 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
     groups = len(data.group_names) if data.groups is not None and num_models else 0
     confusion = torch.zeros(groups, num_models or 1, dtype=torch.long)
     gflops, seconds, n, paid, f0_seen = 0.0, 0.0, len(data), [], False
+    dearest = 0.0  # the most any one image spent
     if timed:  # warm-up: first-call allocations and lazy initialisation are not timed
         predict(data.images[:batch_size].to(device), torch.arange(min(batch_size, n)))
     for i, (x, y) in zip(range(0, n, batch_size), data.batches(batch_size), strict=True):
@@ -98,6 +99,7 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
             f0_acc.update(out.f0_mask.cpu(), y)
             f0_seen = True
         gflops += float(out.gflops.sum())
+        dearest = max(dearest, float(out.gflops.max()))
         if per_image:
             image_gflops.append(out.gflops.detach().double().cpu().reshape(-1))
         actions = None if out.actions is None else out.actions.cpu()
@@ -115,6 +117,7 @@ def measure(predict: Predictor, data: Tensors | Dataset, num_classes: int, batch
     scores = acc.compute()
     miou, mean_gflops = scores["miou"], gflops / n
     result = {"iou": miou, "per_class": per_class(scores), "gflops": mean_gflops,
+              "gflops_max": dearest,
               "iou_per_gflop": iou_per_gflop(miou, mean_gflops),
               "ms_per_image": 1000 * seconds / n if timed else None, "batch_size": batch_size,
               "images": n}
@@ -260,7 +263,7 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
     Returns ``miou`` (routed), ``per_class`` (each class's IoU, None where a class
     is neither labelled nor predicted), ``f0_miou`` (f0's Monte Carlo prediction, which routing
     starts from), ``gflops`` (mean per image, :data:`paser.cost.FLOP_CONVENTION`),
-    ``iou_per_gflop``, ``fractions`` (share of patches per model, ``[K+1]``), ``images``
+    ``gflops_max`` (the most one image spent), ``iou_per_gflop``, ``fractions`` (share of patches per model, ``[K+1]``), ``images``
     and, when ``lam`` and ``cost`` are given, ``reward`` (mean per-patch reward of the
     routed actions). ``model=k`` measures one model alone instead, as the report does:
     f0 with its Monte Carlo passes for 0, pool model k on every patch otherwise (no f0, no
@@ -279,7 +282,8 @@ def evaluate_router(router: Router, data: Tensors | Dataset, num_classes: int,
                 timed=False, rewards=spec, num_workers=num_workers, on_batch=on_batch)
     out = {"miou": r["iou"], "per_class": r["per_class"],
            "f0_miou": r.get("f0_iou", r["iou"] if model == 0 else None),
-           "gflops": r["gflops"], "iou_per_gflop": r["iou_per_gflop"],
+           "gflops": r["gflops"], "gflops_max": r["gflops_max"],
+           "iou_per_gflop": r["iou_per_gflop"],
            "fractions": r["fractions"], "images": r["images"]}
     if "reward" in r:
         out["reward"] = r["reward"]

@@ -81,6 +81,11 @@ def evaluate(
     for name, r in rows:
         typer.echo(f"{name:<{wide}} {r['miou']:7.4f} {r['gflops']:8.3f} {r['iou_per_gflop']:10.4f}  "
                    + " ".join(f"{f:6.1%}" for f in r["fractions"]))
+    if cap_per_mp is not None:
+        most = rows[0][1]["gflops_max"]
+        typer.echo(f"the dearest {unit} under PaSeR spent {most:.3f} GFLOP" + (
+            f" ({most / (data.size[0] * data.size[1] / 1e6):.2f} GFLOP/MP; the cap "
+            f"{cap_per_mp:g})" if data.size else f" (the cap {cap_per_mp:g} GFLOP/MP)"))
     typer.echo("\nIoU of each class (n/a: neither labelled nor predicted in the split)")
     heads = [name.split(" ")[0] for name, _ in rows]
     typer.echo(f"{'class':<20} " + " ".join(f"{h:>8}" for h in heads))
