@@ -208,8 +208,8 @@ class PaSeR:
             if "Expected more than 1 value per channel" not in str(err):
                 raise
             try:  # the size stage 1 trained at, where its summary says
-                size = json.loads((Path(self.run_dir) / "stage1.json").read_text())["image_size"]
-            except (TypeError, OSError, ValueError, KeyError):
+                size = self.trained_size
+            except (OSError, ValueError, KeyError):
                 size = None
             raise DataError(f"a {height} x {width} image is too small for the run's models "
                             "(their deepest layers would see one pixel of it); give it at a "
@@ -283,12 +283,18 @@ class PaSeR:
         grid's patches of whatever size."""
         tile = self.config.data.tile
         if tile == "auto":  # the size stage 1 trained at
-            if self._trained_size is None:
-                summary = Path(self.run_dir) / "stage1.json"
-                self._trained_size = (tuple(json.loads(summary.read_text())["image_size"])
-                                      if summary.is_file() else ())
-            tile = self._trained_size or None
+            tile = self.trained_size
         return None if tile is None else tuple(tile)
+
+    @property
+    def trained_size(self) -> tuple[int, int] | None:
+        """The image size stage 1 trained at (``stage1.json``), read once; ``None`` where the
+        run does not say (no run folder, or no summary)."""
+        if self._trained_size is None:
+            summary = None if self.run_dir is None else Path(self.run_dir) / "stage1.json"
+            self._trained_size = (tuple(json.loads(summary.read_text())["image_size"])
+                                  if summary is not None and summary.is_file() else ())
+        return self._trained_size or None
 
     def _whole(self, height: int, width: int) -> bool:
         """Whether a ``height x width`` image is routed whole, not cut into tiles."""
@@ -396,11 +402,10 @@ class PaSeR:
             cap = float(max_gflops_per_mp)
         except (TypeError, ValueError):
             cap = math.nan
-        summary = None if self.run_dir is None else Path(self.run_dir) / "stage1.json"
-        size = self.tile or (tuple(json.loads(summary.read_text())["image_size"])
-                             if summary is not None and summary.is_file() else None)
-        fixed = 0.0 if size is None else self.router.costs(*size).fixed / (
-            size[0] * size[1] / 1e6)
+        size = self.tile or self.trained_size
+        costs = None if size is None else self.router.costs(*size)
+        megapixels = None if size is None else size[0] * size[1] / 1e6
+        fixed = 0.0 if costs is None else costs.fixed / megapixels
         if not math.isfinite(cap) or cap <= 0 or cap < fixed:
             at = "" if size is None else (
                 f" of at least {at_least(fixed)}, what every {size[0]} x {size[1]} image pays before "
@@ -409,10 +414,8 @@ class PaSeR:
                               f"{'finite ' if math.isinf(cap) else ''}number of "
                               f"GFLOP per megapixel{at}")
         self.router.cap_per_mp = cap
-        if size is None:
-            return None
-        costs = self.router.costs(*size)
-        return (costs.fixed + max(costs.patch) * costs.num_patches) / (size[0] * size[1] / 1e6)
+        return (None if costs is None else
+                (costs.fixed + max(costs.patch) * costs.num_patches) / megapixels)
 
     def use_remote(self, url: str | None, **options):
         """Run f1..fK on a ``paser serve`` server at ``url`` from now on (``None``: here
