@@ -960,3 +960,16 @@ def test_a_volume_s_record_and_line_name_its_cap_and_gflops_per_megapixel(setup,
     m.cap(None)
     [res] = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "free", chunk=8)
     assert res.record["cap_gflops_per_mp"] is None
+
+
+def test_the_bar_hears_each_chunk_of_its_volume_and_when_the_labels_are_written(setup):
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(8, 16, 16),
+                    dtype="uint8")[:] = vol
+    heard = []
+    segment_volumes(m, split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1], tmp / "out",
+                    chunk=8, on_slices=lambda n, v, what: heard.append((n, v, what)))
+    plane = SIDE * SIDE
+    assert heard == [(8, 8 * plane, "scan")] * 3 + [(0, 0, "writing scan_labels.tif")] + [
+        (8, 8 * plane, "z")] * 3  # zarr labels are whole as the chunks go: nothing to put together
