@@ -311,3 +311,29 @@ def test_a_configs_budget_below_the_fixed_cost_names_the_config_key(setup, monke
                                      f"{fixed:.6g} GFLOP every 32 x 32 image pays")
     assert "--budget-gflops" not in str(err.value)
     assert str(err.value).endswith("run the same command again with it set")
+
+
+def test_a_configs_budget_below_the_fixed_cost_is_refused_before_training(tmp_path):
+    """The same budget, refused by stage 1 before it trains anything: the models' FLOPs do
+    not depend on their weights, and calibrating after hours of training to learn that the
+    budget cannot be met wasted them."""
+    from tests.helpers import TINY_DATA
+
+    from paser.config import load_config
+    from paser.patches import PatchGrid
+    from paser.train.pretrain import pretrain, probe_budget
+
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY_DATA, f"data.cache_dir={tmp_path / 'data'}",
+        "operating_point.iou_within_top=null", "operating_point.budget_gflops=0.0001"])
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg, tmp_path / "run", show_progress=False)
+    message = str(err.value)
+    assert message.startswith("key 'operating_point.budget_gflops': 0.0001 is below the ")
+    assert "GFLOP every 32 x 32 image pays" in message and "(f0's one pass " in message
+    assert message.endswith("give at least that; nothing was trained")
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+    # a budget f0 and the policy fit in trains as before (nothing refused up front)
+    fits = load_config(preset="battery-quick", overrides=[
+        *TINY_DATA, "operating_point.iou_within_top=null", "operating_point.budget_gflops=1"])
+    probe_budget(fits, PatchGrid(2, 2, halo=8), 32, 32)

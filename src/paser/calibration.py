@@ -37,7 +37,7 @@ from paser.data import Tensors
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.outcomes import PatchOutcomes
-from paser.routing import Router
+from paser.routing import CostTable, Router
 from paser.runtime import atomic_write_text, figure
 
 FILE = "calibration.json"
@@ -178,6 +178,23 @@ def sweep_actions(logits: torch.Tensor, rel: torch.Tensor, ts: torch.Tensor) -> 
     return (logits[None].double() - ts[:, None, None, None] * rel.double()).argmax(-1)
 
 
+def check_budget(budget_gflops: float, costs: CostTable, height: int, width: int,
+                 option: str, given: str, per_mp: bool = False) -> None:
+    """Raise :class:`ConfigError` where ``budget_gflops`` is below what every ``height x
+    width`` image pays before any patch is routed (f0 and the policy: ``costs.fixed``);
+    ``option`` names the setting as the user gave it, ``given`` its value as they gave it."""
+    if budget_gflops >= costs.fixed:
+        return
+    passes = ("one pass" if costs.mc_samples == 1
+              else f"{costs.mc_samples} Monte Carlo passes")
+    raise ConfigError(
+        f"{option} {given} is below the {at_least(costs.fixed)} GFLOP every "
+        f"{height} x {width} image pays before any patch is routed (f0's {passes} "
+        f"{costs.f0_mc:.3f} + the policy {costs.policy:.3f}; {FLOP_CONVENTION}"
+        + (f"; {at_least(costs.fixed / (height * width / 1e6))} GFLOP per megapixel"
+           if per_mp else "") + "); give at least that")
+
+
 def calibrate(router: Router, data: Tensors, num_classes: int,
               budget_gflops: float | None = None, max_frac_large: float | None = None,
               batch_size: int = 16, iterations: int = 60, iou_within_top: float | None = None,
@@ -222,14 +239,7 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
         if not math.isfinite(budget_gflops):
             raise ConfigError(f"--budget-gflops {budget_gflops:g}: give a number of GFLOP "
                               "per image")
-        if budget_gflops < costs.fixed:
-            raise ConfigError(
-                f"{option} {given} is below the {at_least(costs.fixed)} GFLOP every "
-                f"{h} x {w} image pays before any patch is routed (f0's {costs.mc_samples} "
-                f"Monte Carlo passes {costs.f0_mc:.3f} + the policy {costs.policy:.3f}; "
-                f"{FLOP_CONVENTION}"
-                + (f"; {at_least(costs.fixed / (h * w / 1e6))} GFLOP per megapixel"
-                   if per_mp is not None else "") + "); give at least that")
+        check_budget(budget_gflops, costs, h, w, option, given, per_mp=per_mp is not None)
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)
     for option, value, what in (("max-frac-large", max_frac_large, "a share of patches"),

@@ -424,6 +424,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
+    probe_budget(cfg, grid, *data.validation.images.shape[-2:])
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     if files is None and dist.is_main:  # only the main process records them
         from paser.data.identity import data_identity
@@ -553,6 +554,29 @@ def probe_models(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None
                 f"key '{key.removesuffix('.groups')}': {spec.name} gave {got} on {where} of "
                 f"{size[0]} x {size[1]}; a model must give logits [B, models.num_classes, H, W] "
                 f"for an input [B, C, H, W], here {want}")
+
+
+def probe_budget(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None:
+    """Refuse ``operating_point.budget_gflops`` below what f0 and the policy cost on the
+    ``h x w`` validation images it is calibrated on, before any training, not once the
+    run reaches its calibration (the models' FLOPs do not depend on their weights)."""
+    budget = cfg.operating_point.budget_gflops
+    if budget is None:
+        return
+    from paser.calibration import check_budget
+    from paser.checkpoints import make_policy
+    from paser.routing import CostTable
+    from paser.uncertainty import state_channels
+
+    models = [build_model(cfg, spec, initial=False) for _, spec in model_roles(cfg)]
+    costs = CostTable.measure(models[0], make_policy(cfg, len(models)), models[1:], grid,
+                              cfg.models.in_channels, h, w, cfg.mc_samples,
+                              state_channels(cfg.stage2.state, cfg.models.in_channels,
+                                             cfg.models.num_classes), cfg.mc_dropout)
+    try:
+        check_budget(budget, costs, h, w, "key 'operating_point.budget_gflops':", f"{budget:g}")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; nothing was trained") from None
 
 
 def _keys(cfg: ExperimentConfig) -> list[str]:
