@@ -99,6 +99,18 @@ def test_a_budget_per_megapixel_is_the_budget_of_the_validation_images_size(setu
         calibrate(router, data, 3, budget_gflops=1.0, budget_gflops_per_mp=1.0)
 
 
+def test_a_budget_below_one_deterministic_pass_says_one_pass(setup):
+    """f0 run once (mc_dropout none) was reported as "f0's 1 Monte Carlo passes"."""
+    router, data = setup
+    once = Router(router.f0, router.policy, list(router.pool), router.grid, 1,
+                  mc_dropout="none").eval()
+    with pytest.raises(ConfigError, match=r"\(f0's one pass \d") as err:
+        calibrate(once, data, 3, budget_gflops=0.5 * once.costs(32, 32).fixed)
+    assert "Monte Carlo" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"\(f0's 2 Monte Carlo passes \d"):
+        calibrate(router, data, 3, budget_gflops=0.5 * router.costs(32, 32).fixed)
+
+
 def test_unreachable_or_ambiguous_budgets_are_clear_errors(setup):
     router, data = setup
     fixed = router.costs(32, 32).fixed

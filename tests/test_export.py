@@ -13,7 +13,7 @@ from tests.helpers import paser, paser_here
 
 from paser.data import load_stage_data
 from paser.errors import CheckpointError, ConfigError, DataError
-from paser.export import MonteCarloF0, load_onnx_router
+from paser.export import MonteCarloF0, OnnxMonteCarlo, load_onnx_router
 
 # every test reads one ONNX export of the finished run, made by `paser export` (15 s)
 pytestmark = pytest.mark.slow
@@ -82,6 +82,14 @@ def test_routing_on_onnxruntime_agrees_with_torch(exported, mnist_run):
         onnx.segment(torch.rand(1, 1, h + 2, w))
     with pytest.raises(ConfigError, match="runs 2 Monte Carlo passes, not 7"):
         onnx.router.f0.mc_probs(images[:1], 7)
+
+
+def test_an_onnx_f0_run_once_says_one_pass_when_asked_for_more():
+    f0 = OnnxMonteCarlo.__new__(OnnxMonteCarlo)  # the check runs before any session
+    f0.samples, f0.last_only = 1, False
+    with pytest.raises(ConfigError, match="^the ONNX f0 runs one pass, not 5; export again "
+                       "with mc_samples=5$"):
+        f0.mc_probs(torch.zeros(1, 1, 8, 8), 5)
 
 
 def test_cli_export_and_segment_on_onnxruntime(mnist_run, exported_by_cli, tmp_path):

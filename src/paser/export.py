@@ -205,8 +205,10 @@ class OnnxMonteCarlo(OnnxModel):
 
     def mc_probs(self, x: torch.Tensor, samples: int, last_only: bool = False) -> torch.Tensor:
         if samples != self.samples:
-            raise ConfigError(f"the ONNX f0 runs {self.samples} Monte Carlo passes, not "
-                              f"{samples}; export again with mc_samples={samples}")
+            runs = ("one pass" if self.samples == 1
+                    else f"{self.samples} Monte Carlo passes")
+            raise ConfigError(f"the ONNX f0 runs {runs}, not {samples}; export again with "
+                              f"mc_samples={samples}")
         if last_only != self.last_only:
             on = {True: "only its last dropout", False: "every dropout"}
             raise ConfigError(f"the ONNX f0 keeps {on[self.last_only]} on, not "
