@@ -252,6 +252,16 @@ def test_python_api_rejects_bad_tensors_and_paths(mnist_run, tmp_path):
         find_images([tmp_path / "absent"])
 
 
+def test_loading_no_run_dir_says_one_is_needed():
+    """PaSeR.load(None) raised Path's TypeError ("got NoneType")."""
+    from paser import PaSeR
+
+    for load in (PaSeR.load, PaSeR.load_onnx):
+        with pytest.raises(CheckpointError, match=r"^run_dir=None: a run directory is needed; "
+                           r"give the folder a run was trained into .*config\.yaml"):
+            load(None)
+
+
 def test_ctrl_c_says_how_the_command_goes_on(capsys, monkeypatch):
     """typer turns Ctrl-C into its exit status 130; the line says what to run next."""
     import paser.config

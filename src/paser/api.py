@@ -83,8 +83,8 @@ class PaSeR:
         Sets glibc to keep freed memory for reuse (:func:`paser.runtime.keep_freed_memory`):
         large CPU tensors are not page-faulted in afresh on every call."""
         keep_freed_memory()
+        cfg = run_config(run_dir)  # first: a clear error for a run_dir that is not a path
         run_dir = Path(run_dir)
-        cfg = run_config(run_dir)
         _refuse_unfinished(run_dir, calibrated)
         dev = resolve_device(device)
         ckpt_dir = run_dir / "checkpoints"
@@ -122,8 +122,8 @@ class PaSeR:
         from paser.routing import model_digests
 
         keep_freed_memory()
+        cfg = run_config(run_dir)  # first: a clear error for a run_dir that is not a path
         run_dir = Path(run_dir)
-        cfg = run_config(run_dir)
         _refuse_unfinished(run_dir, calibrated)
         export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"
         router = load_onnx_router(export_dir)

@@ -9,6 +9,7 @@ build what they train.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,10 @@ from paser.uncertainty import state_channels
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
+    if not isinstance(run_dir, (str, os.PathLike)):  # Path(None) says only "got NoneType"
+        raise CheckpointError(f"run_dir={run_dir!r}: a run directory is needed; give the "
+                              "folder a run was trained into (the one that holds its "
+                              "config.yaml), e.g. PaSeR.load('runs/demo')")
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise CheckpointError(f"{run_dir}: a file, not a run directory; give the folder a "
