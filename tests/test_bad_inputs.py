@@ -325,6 +325,24 @@ def test_a_run_dir_that_is_a_file_is_named_as_one(command, capsys, monkeypatch, 
     assert (tmp_path / "report.md").read_text() == "# a report\n"
 
 
+@pytest.mark.parametrize("ledger", ['{"stage1": {"fingerpr', '["stage1"]'])
+def test_an_unreadable_steps_json_is_refused_by_name(ledger, capsys, monkeypatch, tmp_path):
+    """A truncated steps.json stopped `paser run` with a JSONDecodeError traceback, and
+    loading the run ignored it: a stage stopped mid-way loaded as if finished."""
+    from paser.checkpoints import unfinished_steps
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "steps.json").write_text(ledger)
+    code, err = cli(capsys, monkeypatch, "run", "--run-dir", tmp_path / "run")
+    line = _one_line(err)
+    assert code == 2 and f"{tmp_path / 'run' / 'steps.json'}: cannot read it (" in line, line
+    assert line.endswith(f"delete it and `paser run --run-dir {tmp_path / 'run'}` runs every "
+                         "step again")
+    assert (tmp_path / "run" / "steps.json").read_text() == ledger
+    with pytest.raises(CheckpointError, match="steps.json: cannot read it"):
+        unfinished_steps(tmp_path / "run")
+
+
 def test_python_api_evaluate_checks_its_data_as_segment_checks_images(mnist_run):
     """A column of the wrong kind, count or size was a bare AttributeError, IndexError or
     RuntimeError from deep in the models; NaN or 0..255 float images gave an mIoU."""

@@ -222,14 +222,31 @@ CODEC_FILE = "classes.yaml"
 LOADED_STEPS = ("stage1", "stage2", "stage3")
 
 
+def read_steps(run_dir: str | Path) -> dict:
+    """The run's ledger ``steps.json`` (each step's record by its name; empty when there is
+    none). An unreadable one is refused, as a truncated checkpoint or results.json is: read
+    as empty, every finished step would train again, and a stage stopped mid-way would
+    load as if it had finished."""
+    path = Path(run_dir) / "steps.json"
+    if not path.is_file():
+        return {}
+    try:
+        done = json.loads(path.read_text())
+    except ValueError as err:  # truncated or not JSON (OSError: the CLI names the path)
+        done = err
+    if not isinstance(done, dict) or not all(isinstance(r, dict) for r in done.values()):
+        why = done if isinstance(done, Exception) else "not a record of steps"
+        raise CheckpointError(
+            f"{path}: cannot read it ({why}); it records which steps of the run finished. "
+            f"Put back a copy of it, or delete it and `paser run --run-dir {run_dir}` runs "
+            "every step again")
+    return done
+
+
 def unfinished_steps(run_dir: str | Path, steps: tuple[str, ...] = LOADED_STEPS) -> list[str]:
     """Those of ``steps`` that ``steps.json`` shows begun and not finished: a ``paser run``
     or stage command training them (again) now, or stopped while it did."""
-    path = Path(run_dir) / "steps.json"
-    try:
-        done = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return []
+    done = read_steps(run_dir)
     return [s for s in steps if "started" in done.get(s, {})
             and "fingerprint" not in done.get(s, {})]
 

@@ -397,8 +397,10 @@ class Steps:
     """The ``steps.json`` ledger of finished steps."""
 
     def __init__(self, run_dir: Path):
+        from paser.checkpoints import read_steps
+
         self.path = run_dir / "steps.json"
-        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.done = read_steps(run_dir)
 
     def finished(self, step: str, fingerprint: str) -> bool:
         return self.done.get(step, {}).get("fingerprint") == fingerprint
