@@ -292,6 +292,31 @@ def test_out_of_memory_is_one_line_with_what_to_do(capsys, monkeypatch, tmp_path
     assert "data.stream=always" in err
 
 
+def test_synth_into_a_file_says_to_give_a_folder(capsys, monkeypatch, tmp_path):
+    """--out naming a file was the file system's 'File exists' on <file>/train_images."""
+    (tmp_path / "synth.png").write_bytes(b"x")
+    code, err = cli(capsys, monkeypatch, "data", "synth", "--out", tmp_path / "synth.png")
+    assert code == 2 and _one_line(err) == (
+        f"error: {tmp_path / 'synth.png'}: a file, not a folder; the synthetic set is written "
+        "into a new or empty folder: give --out a folder")
+    assert (tmp_path / "synth.png").read_bytes() == b"x"
+
+
+def test_a_file_system_refusal_is_one_line_with_the_path(capsys, monkeypatch, tmp_path):
+    import errno
+
+    import paser.data.synthetic
+
+    def refused(out, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(out / "train_images"))
+
+    monkeypatch.setattr(paser.data.synthetic, "generate_dataset", refused)
+    code, err = cli(capsys, monkeypatch, "data", "synth", "--out", tmp_path / "synth")
+    assert code == 2 and _one_line(err) == (
+        f"error: {tmp_path / 'synth' / 'train_images'}: Permission denied; check the path "
+        "and its permissions (and free space)")
+
+
 def test_a_failed_volume_is_exit_status_1_and_a_model_past_the_last_a_usage_error(
         mnist_run, capsys, monkeypatch, tmp_path):
     import tifffile

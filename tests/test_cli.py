@@ -120,12 +120,14 @@ def test_more_bad_inputs_are_one_clear_error(tmp_path):
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path):
+def test_a_synth_out_inside_a_file_is_one_line_not_a_traceback(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = paser("data", "synth", "--out", str(tmp_path / "afile" / "sub"), "--n-train", "3",
                 "--n-val", "1", "--n-test", "1", "--height", "32", "--width", "32")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: ") and "afile" in res.stderr
+    assert res.stderr == (f"error: {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a "
+                          "file, not a folder; the synthetic set is written into a new or "
+                          "empty folder: give --out a folder\n")
 
 
 def test_options_that_do_nothing_together_are_refused(tmp_path):

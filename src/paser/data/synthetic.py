@@ -355,6 +355,12 @@ def generate_dataset(
         raise ConfigError(f"synthetic dataset {height}x{width}: height and width must be >= 32")
     start = time.perf_counter()
     out = Path(out)
+    # a file (or a path inside one) was the file system's bare 'File exists' on a split folder
+    taken = next((p for p in (out, *out.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise ConfigError(f"{out}: " + ("a file" if taken == out else f"{taken} is a file")
+                          + ", not a folder; the synthetic set is written into a new or empty "
+                          "folder: give --out a folder")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out}: not empty; the synthetic set is written into a new or empty "
                           "folder (another set's images would mix with it): give another --out, "
