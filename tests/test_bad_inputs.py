@@ -334,6 +334,22 @@ def test_a_failed_volume_is_exit_status_1_and_a_model_past_the_last_a_usage_erro
         _model_index("f3", 3)
 
 
+@pytest.mark.parametrize("made", [False, True])
+def test_baselines_without_a_config_name_the_options_that_give_one(made, capsys, monkeypatch,
+                                                                   tmp_path):
+    """`paser baselines` on a missing or empty run folder trained with battery-quick
+    silently, as train-policy and finetune there do not."""
+    run = tmp_path / "run"
+    if made:
+        run.mkdir()
+    code, err = cli(capsys, monkeypatch, "baselines", "--run-dir", run)
+    assert code == 2 and _one_line(err) == (
+        f"error: {run}: not a run directory (no config.yaml), so no config to train the "
+        f"baselines with; give one: paser baselines --run-dir {run} --preset NAME (or --config "
+        f"FILE), or train stage 1 into it first: paser pretrain --run-dir {run} --preset NAME")
+    assert (list(run.iterdir()) == []) if made else not run.exists()
+
+
 @pytest.mark.parametrize("command", ["run", "pretrain", "baselines", "train-policy", "evaluate",
                                      "segment"])
 def test_a_run_dir_that_is_a_file_is_named_as_one(command, capsys, monkeypatch, tmp_path):

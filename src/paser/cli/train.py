@@ -33,6 +33,14 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
 
     cfg = with_distributed(resolve_config(preset, config, overrides, run_dir, resume), run_dir,
                            devices, num_nodes, precision)
+    saved = Path(run_dir) / "config.yaml"
+    if step == "baselines" and not (preset or config or saved.is_file()):
+        # the baselines are measured beside the run's own models: a config of their own
+        # (the default preset, taken silently) would not be the one stage 1 later trains with
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml), so no config to "
+                          "train the baselines with; give one: paser baselines --run-dir "
+                          f"{run_dir} --preset NAME (or --config FILE), or train stage 1 into "
+                          f"it first: paser pretrain --run-dir {run_dir} --preset NAME")
     if cfg is not None and step in ("stage1", "baselines") and is_main_process():
         for note in unread_overrides(cfg, overrides or [], pool=step == "stage1",
                                      baselines=step == "baselines"):
@@ -42,7 +50,6 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
         return {k: v for k, v in checkpoint_files(run_dir).items() if k.endswith(".pt")}
 
     before = weights()
-    saved = Path(run_dir) / "config.yaml"
     if step in ("stage2", "stage3") and not saved.is_file():  # they read stage 1's models
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); train stage 1 "
                           f"into it first: paser pretrain --run-dir {run_dir}, or paser run")
