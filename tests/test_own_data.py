@@ -751,6 +751,26 @@ def test_data_check_warns_of_validation_and_test_splits_of_one_or_two_images(tmp
                          show_progress=False)["few_images"] == {}
 
 
+@pytest.mark.parametrize("text, where, problem", [
+    ("classes: {0: a, 1: b\n", "line 2, column 1", "expected ',' or '}', but got '<stream end>'"),
+    ("classes:\n  0: a\n 1: b\n", "line 3, column 2",
+     "expected <block end>, but found '<block mapping start>'"),
+    ("classes:\n\t0: a\n", "line 2, column 1",
+     "found character '\\t' that cannot start any token"),
+])
+def test_a_class_map_that_is_not_yaml_says_where(text, where, problem, tmp_path):
+    """A parser's error gave its first line alone ('while parsing a flow mapping'): no line,
+    no column, not what was wrong."""
+    from paser.data.folders import ClassMap
+
+    (tmp_path / "classes.yaml").write_text(text)
+    with pytest.raises(DataError) as err:
+        ClassMap.read(tmp_path / "classes.yaml")
+    assert str(err.value) == (f"{tmp_path / 'classes.yaml'}: not valid YAML at {where}: "
+                              f"{problem}; fix the file, e.g. 'classes: {{0: background, "
+                              "1: object}'")
+
+
 def test_class_map_limit_holdout_rounding_and_validation_before_val(tmp_path):
     from paser.data.folders import ClassMap, FolderDataset, _holdout
 

@@ -69,8 +69,12 @@ class ClassMap:
                             "1: object}' and optionally 'ignore: 255' (see docs/data.md)")
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except yaml.YAMLError as err:  # where, as config files say it: the first line alone
+            mark = getattr(err, "problem_mark", None)  # was 'while parsing a flow mapping'
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise DataError(f"{path}: not valid YAML{at}: {problem}; fix the file, e.g. "
+                            "'classes: {0: background, 1: object}'") from None
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text; save the class map as UTF-8") from None
         classes = doc.get("classes") if isinstance(doc, dict) else None
