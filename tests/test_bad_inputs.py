@@ -317,6 +317,36 @@ def test_a_file_system_refusal_is_one_line_with_the_path(capsys, monkeypatch, tm
         "and its permissions (and free space)")
 
 
+def test_ctrl_c_in_a_volume_says_how_many_of_its_slices_are_kept(mnist_run, capsys,
+                                                                 monkeypatch, tmp_path):
+    """Stopped in its third chunk of two slices, scan.tif keeps four of its six slices: the
+    line said only 'what finished is kept'."""
+    import tifffile
+
+    from paser import PaSeR
+
+    tifffile.imwrite(tmp_path / "scan.tif", np.zeros((6, 28, 28), np.uint8),
+                     photometric="minisblack")
+    calls, stop, segment = [0], [5], PaSeR.segment
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == stop[0]:
+            raise KeyboardInterrupt
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(PaSeR, "segment", counted)
+    args = ["segment", tmp_path / "scan.tif", "--run-dir", mnist_run, "--out", tmp_path / "out",
+            "--chunk", "2"]
+    code, err = cli(capsys, monkeypatch, *args)
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        "interrupted; what finished is kept (4 of 6 slices of scan): run the same command "
+        "again to continue where it stopped"), err
+    calls[0], stop[0] = 0, 0
+    code, err = cli(capsys, monkeypatch, *args)
+    assert code == 0 and calls[0] == 2, err  # the two slices not kept, and no more
+
+
 def test_a_failed_volume_is_exit_status_1_and_a_model_past_the_last_a_usage_error(
         mnist_run, capsys, monkeypatch, tmp_path):
     import tifffile

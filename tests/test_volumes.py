@@ -163,6 +163,28 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
+def test_a_volume_stopped_says_how_many_of_its_slices_are_kept(setup, monkeypatch):
+    from paser.volumes import VolumeInterrupted
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    volumes = split_inputs([tmp / "scan.tif"])[1]
+    calls, segment = [0], type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        if calls[0] == 11:  # in the third chunk of 5 slices
+            raise KeyboardInterrupt
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(VolumeInterrupted, match=f"^10 of {DEPTH} slices of scan$"):
+        segment_volumes(m, volumes, tmp / "out", chunk=5)
+    calls[0] = 0
+    with pytest.raises(VolumeInterrupted, match=f"^20 of {DEPTH} slices of scan$"):
+        segment_volumes(m, volumes, tmp / "out", chunk=5)  # the 10 kept, and 2 chunks more
+
+
 def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch):
     """An interrupted a/scan.tif, then b/scan.tif into the same folder: b is refused (it
     would take or destroy a's chunks); a resumes as its own; b goes into another folder.

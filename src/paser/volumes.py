@@ -430,6 +430,11 @@ def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(mask.reshape(-1), minlength=num_classes)[:num_classes]
 
 
+class VolumeInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) while a volume was segmented: its finished chunks are kept for the
+    same call again; the message says how many of its slices ("12 of 40 slices of scan")."""
+
+
 def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None = None,
                    chunk: int = CHUNK,
                    on_slices: Callable[[int, int, str], None] | None = None) -> dict:
@@ -445,13 +450,17 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
     done = volume.depth - sum(z1 - z0 for z0, z1 in todo)  # by an earlier call
     if done and on_slices is not None:
         on_slices(done, 0, volume.stem)  # by an earlier call: the bar moves, its rates do not
-    for z0, z1 in todo:
-        segment_chunk(model, volume, z0, z1, out_dir, labels, only)
-        if on_slices is not None:
-            on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1], volume.stem)
-    if on_slices is not None and volume.label_format == "tiff":
-        on_slices(0, 0, f"writing {volume.stem}_labels.tif")
-    return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
+    try:
+        for z0, z1 in todo:
+            segment_chunk(model, volume, z0, z1, out_dir, labels, only)
+            done += z1 - z0
+            if on_slices is not None:
+                on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1], volume.stem)
+        if on_slices is not None and volume.label_format == "tiff":
+            on_slices(0, 0, f"writing {volume.stem}_labels.tif")
+        return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
+    except KeyboardInterrupt as err:  # the chunk under way is lost, those before it are kept
+        raise VolumeInterrupted(f"{done} of {volume.depth} slices of {volume.stem}") from err
 
 
 def _parts(volume: Volume, out_dir: Path) -> Path:

@@ -90,6 +90,9 @@ def _stopped() -> int:
     """Say how a stopped command goes on; its exit status (130 for Ctrl-C, 143 for SIGTERM:
     the ``paser`` command then ends by the signal itself, :func:`entry`)."""
     how = interrupted(sys.argv[1:])
+    kept = state.pop("kept", None)  # what of the volume under way is kept (paser segment)
+    if kept is not None:
+        how = how.replace("what finished is kept", f"what finished is kept ({kept})", 1)
     if not _TERMINATED:
         typer.echo(how, err=True)
         return 130

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from paser.cli.common import RUN_DIR, app, working
+from paser.cli.common import RUN_DIR, app, state, working
 from paser.errors import ConfigError, DataError
 
 
@@ -391,11 +391,15 @@ def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool,
                      chunk: int) -> list:
     """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
     a line each."""
-    from paser.volumes import segment_volumes
+    from paser.volumes import VolumeInterrupted, segment_volumes
 
-    with _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
-        results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
-                                  on_slices=advance, overwrite=overwrite)
+    try:
+        with _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
+            results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
+                                      on_slices=advance, overwrite=overwrite)
+    except VolumeInterrupted as err:  # typer makes it exit status 130: the line names it
+        state["kept"] = str(err)
+        raise
     _volume_lines(results, out)
     return results
 
