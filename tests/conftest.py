@@ -58,6 +58,17 @@ def _no_network(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def server_port():
+    """A port on 127.0.0.1 for the module's `paser serve`, held by this process from before
+    the server starts until after it stops (tests.helpers.reserved_port): no other process
+    takes it first, and nothing else answers there once the server is stopped."""
+    from tests.helpers import reserved_port
+
+    with reserved_port(server=True) as port:
+        yield port
+
+
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory):
     """A finished tiny noisy-MNIST run (no monolithic baselines, no TVD sweep) for the

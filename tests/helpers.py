@@ -4,7 +4,9 @@ Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import socket
 import subprocess
 import sys
 
@@ -24,6 +26,21 @@ def paser(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m paser ARGS`` as a user runs it: a fresh process, output captured."""
     return subprocess.run([sys.executable, "-m", "paser", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@contextlib.contextmanager
+def reserved_port(server: bool = False):
+    """A port on 127.0.0.1 that is this test's until the block ends: bound here, never
+    listened on, so a connection to it is refused, and the kernel gives it to no other
+    process's bind to port 0 (a port found free and let go could be taken before the test
+    used it, by a server of the other test worker or a Dask cluster). ``server``: the test
+    starts a server on it, which binds it with SO_REUSEADDR as uvicorn does; without, no
+    other socket can bind it at all."""
+    with socket.socket() as held:
+        if server:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 def paser_here(*args) -> subprocess.CompletedProcess:

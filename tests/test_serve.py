@@ -24,7 +24,7 @@ import tifffile
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from tests.helpers import paser, paser_here
+from tests.helpers import paser, paser_here, reserved_port
 
 from paser.calibration import Calibration
 from paser.models import count_parameters
@@ -245,26 +245,21 @@ def test_routing_on_the_remote_tier_equals_routing_here(mnist_run):
     assert torch.allclose(probs, here.probs, atol=1e-3)  # float16 on the wire
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mnist_run):
     edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])  # every image to f2
-    pool = edge.use_remote(f"http://127.0.0.1:{_free_port()}", timeout=0.5, retries=1,
-                           backoff=0.0)
     x = torch.rand(4, 1, 28, 28)
-    out = edge.segment(x)
-    transfer = pool.take()
+    with reserved_port() as port:  # nothing listens there
+        pool = edge.use_remote(f"http://127.0.0.1:{port}", timeout=0.5, retries=1,
+                               backoff=0.0)
+        out = edge.segment(x)
+        transfer = pool.take()
+        edge.segment(x)  # within down_for: no waiting on timeouts again
+        skipped = pool.take()
     assert out.degraded.all() and torch.equal(out.actions, torch.full((4, 1), 2))
     assert torch.equal(out.mask, out.mc.pred)  # f0's prediction
     costs = edge.router.costs(28, 28)
     assert torch.allclose(out.gflops, torch.full((4,), costs.fixed, dtype=torch.float64))
     assert transfer.patches_failed == 4 and "ConnectError" in transfer.errors[0]
-    edge.segment(x)  # within down_for: no waiting on timeouts again
-    skipped = pool.take()
     assert skipped.requests == 0 and skipped.patches_sent == 0 and skipped.patches_failed == 4
     assert "not asked: it failed less than 30 s ago" in skipped.errors[0]
 
@@ -277,9 +272,10 @@ def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_p
     edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])  # every slice to f2
     here = np.stack([edge.label_codec.encode(edge.segment(
         torch.from_numpy(s / 255.0)[None, None].float()).mask[0].numpy()) for s in vol])
-    edge.use_remote(f"http://127.0.0.1:{_free_port()}", timeout=0.5, retries=0, backoff=0.0)
     out = tmp_path / "out"
-    segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
+    with reserved_port() as port:  # nothing listens there
+        edge.use_remote(f"http://127.0.0.1:{port}", timeout=0.5, retries=0, backoff=0.0)
+        segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
     rec = json.loads((out / "scan.json").read_text())
     assert rec["degraded_patches"] == 4 and [s["degraded"] for s in rec["slices"]] == [1] * 4
     edge.use_remote("http://testserver", http=TestClient(create_app(_load(mnist_run))))
@@ -368,8 +364,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> Non
 
 
 @pytest.mark.slow  # `paser serve` (uvicorn) and `paser segment` in processes
-def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path):
-    port = _free_port()
+def test_end_to_end_with_uvicorn_stopped_mid_run(mnist_run, tmp_path, server_port):
+    port = server_port
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "paser", "serve", "--run-dir",
                              str(mnist_run), "--port", str(port)],
@@ -438,18 +434,18 @@ def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, 
 
 
 def test_a_port_in_use_is_one_line_before_the_run_loads():
-    import socket
-
     from paser.errors import PaserError
     from paser.serve.server import _check_port
 
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        with pytest.raises(PaserError, match=f"--port {port} on 127.0.0.1: cannot listen there"):
-            _check_port("127.0.0.1", port)
-    _check_port("127.0.0.1", port)  # free again
+    with reserved_port(server=True) as port:  # no other process takes it once it is free
+        with socket.socket() as held:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind(("127.0.0.1", port))
+            held.listen()
+            with pytest.raises(PaserError,
+                               match=f"--port {port} on 127.0.0.1: cannot listen there"):
+                _check_port("127.0.0.1", port)
+        _check_port("127.0.0.1", port)  # free again
 
 
 class _Flaky:

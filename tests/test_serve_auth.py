@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -284,14 +283,8 @@ def _paser(*args):
                           capture_output=True, text=True, timeout=300, env=_env())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def https_server(mnist_run, tmp_path_factory):
+def https_server(mnist_run, tmp_path_factory, server_port):
     """`paser serve` with --token-file and a certificate for 127.0.0.1 from a test CA."""
     tmp = tmp_path_factory.mktemp("https")
     ca = trustme.CA()
@@ -301,7 +294,7 @@ def https_server(mnist_run, tmp_path_factory):
     for pem in cert.cert_chain_pems:
         pem.write_to_path(tmp / "cert.pem", append=True)
     (tmp / "token").write_text(TOKEN + "\n")
-    port = _free_port()
+    port = server_port
     url = f"https://127.0.0.1:{port}"
     with open(tmp / "serve.log", "w") as log:
         proc = subprocess.Popen(
