@@ -77,8 +77,9 @@ def test_stopped_with_writer_processes_every_image_on_disk_is_in_the_summary(set
     def stop_at_fourth(self, x, *a, **k):
         seen.append(1)
         if len(seen) == 4:  # once the writer has written the first three, before this
-            deadline = time.monotonic() + 60  # process has seen the third one done
-            while len(list((tmp / "out").glob("s*.json"))) < 3 and time.monotonic() < deadline:
+            deadline = time.monotonic() + 300  # process has seen the third one done
+            while len(list((tmp / "out").glob("s*.json"))) < 3:
+                assert time.monotonic() < deadline, "the writer did not write three images"
                 time.sleep(0.02)
             raise Interrupted
         return segment(self, x, *a, **k)
