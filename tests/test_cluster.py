@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,44 @@ def _records(out: Path, stem: str) -> dict:
     return json.loads((out / f"{stem}.json").read_text())
 
 
+@contextmanager
+def _both_take_chunks_of(client, stem: str):
+    """Each worker's first chunk of volume ``stem`` waits (at most 2 minutes) until the
+    other worker has begun one too: both take chunks of it however the cores are shared (on
+    a busy runner a worker starved of CPU left the other all of them, and the record one
+    name)."""
+    key = uuid.uuid4().hex
+
+    def hold(dask_worker):  # on each worker; nested, so sent by value, not imported there
+        from distributed import Event
+
+        import paser.cluster as C
+
+        segment_chunk, first = C.segment_chunk, [True]
+        other = {"w0": "w1", "w1": "w0"}[dask_worker.name]
+
+        def held(model, volume, *args, **kwargs):
+            if volume.stem == stem and first:
+                first.clear()
+                Event(f"{key} {dask_worker.name}").set()
+                Event(f"{key} {other}").wait(timeout=120)
+            return segment_chunk(model, volume, *args, **kwargs)
+
+        held.unheld = segment_chunk
+        C.segment_chunk = held
+
+    def let_go(dask_worker):
+        import paser.cluster as C
+
+        C.segment_chunk = getattr(C.segment_chunk, "unheld", C.segment_chunk)
+
+    client.run(hold)
+    try:
+        yield
+    finally:
+        client.run(let_go)
+
+
 def test_a_zarr_volume_and_images_on_two_workers_equal_the_local_run(scheduler, model,
                                                                      mnist_run, tmp_path):
     path = _volume(tmp_path)
@@ -113,7 +153,7 @@ def test_a_zarr_volume_and_images_on_two_workers_equal_the_local_run(scheduler, 
     segment_volumes(model, volumes, tmp_path / "local", chunk=8)
     segment_files(model, images, tmp_path / "local")
     seen = []
-    with connect(scheduler) as client:
+    with connect(scheduler) as client, _both_take_chunks_of(client, "scan"):
         res = segment_on_cluster(client, RunSpec(str(mnist_run), "cpu"), model, images,
                                  volumes, tmp_path / "dask", chunk=8, batch=2,
                                  on_progress=lambda n, v, what: seen.append(n))
