@@ -349,3 +349,37 @@ def test_a_configs_budget_below_the_fixed_cost_is_refused_before_training(tmp_pa
     fits = load_config(preset="battery-quick", overrides=[
         *TINY_DATA, "operating_point.iou_within_top=null", "operating_point.budget_gflops=1"])
     probe_budget(fits, PatchGrid(2, 2, halo=8), 32, 32)
+
+
+def test_the_budget_probe_builds_f0_and_the_policy_alone_and_refuses_as_calibration(
+        monkeypatch):
+    """It built and counted every pool model too, which the fixed cost leaves out: 2.5 s
+    of its 2.6 s on cityscapes-segformer's SegFormer pool, in every training process."""
+    from tests.helpers import TINY_DATA
+
+    import paser.train.pretrain as P
+    from paser.checkpoints import build_model, make_policy, model_roles
+    from paser.config import load_config
+
+    overrides = [*TINY_DATA, "operating_point.iou_within_top=null", "mc_dropout=last"]
+    cfg = load_config(preset="battery-quick", overrides=overrides)
+    grid = PatchGrid(*cfg.grid, halo=cfg.halo)
+    # what calibration measures: the router of every model, as a trained run loads it
+    models = [build_model(cfg, spec, initial=False) for _, spec in model_roles(cfg)]
+    router = Router(models[0], make_policy(cfg, len(models)), models[1:], grid,
+                    cfg.mc_samples, cfg.models.in_channels, cfg.mc_dropout,
+                    state=cfg.stage2.state, num_classes=cfg.models.num_classes)
+    fixed = router.costs(32, 32).fixed
+    built = []
+    monkeypatch.setattr(P, "build_model", lambda cfg, spec, **kw: built.append(spec)
+                        or build_model(cfg, spec, **kw))
+
+    def probe(budget: float) -> None:
+        P.probe_budget(load_config(preset="battery-quick", overrides=[
+            *overrides, f"operating_point.budget_gflops={budget!r}"]), grid, 32, 32)
+
+    probe(fixed)  # what calibration accepts
+    with pytest.raises(ConfigError, match="budget_gflops': .* is below the .* GFLOP every "
+                       "32 x 32 image pays"):
+        probe(fixed * (1 - 1e-6))
+    assert built == [cfg.models.f0, cfg.models.f0]
