@@ -222,6 +222,20 @@ CODEC_FILE = "classes.yaml"
 LOADED_STEPS = ("stage1", "stage2", "stage3")
 
 
+def read_record(path: Path, what: str, fix: str) -> dict:
+    """``path``'s JSON object: one cut short, not JSON, not an object or not readable is a
+    :class:`CheckpointError` that names the file, says why (``what`` the file should be,
+    where it is JSON but not one) and what to do (``fix``)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # truncated, not JSON, or not readable
+        record = err
+    if not isinstance(record, dict):
+        why = record if isinstance(record, Exception) else f"not {what}"
+        raise CheckpointError(f"{path}: cannot read it ({why}); {fix}")
+    return record
+
+
 def read_steps(run_dir: str | Path) -> dict:
     """The run's ledger ``steps.json`` (each step's record by its name; empty when there is
     none). An unreadable one is refused, as a truncated checkpoint or results.json is: read
@@ -230,16 +244,11 @@ def read_steps(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "steps.json"
     if not path.is_file():
         return {}
-    try:
-        done = json.loads(path.read_text())
-    except ValueError as err:  # truncated or not JSON (OSError: the CLI names the path)
-        done = err
-    if not isinstance(done, dict) or not all(isinstance(r, dict) for r in done.values()):
-        why = done if isinstance(done, Exception) else "not a record of steps"
-        raise CheckpointError(
-            f"{path}: cannot read it ({why}); it records which steps of the run finished. "
-            f"Put back a copy of it, or delete it and `paser run --run-dir {run_dir}` runs "
-            "every step again")
+    fix = ("it records which steps of the run finished. Put back a copy of it, or delete it "
+           f"and `paser run --run-dir {run_dir}` runs every step again")
+    done = read_record(path, "a record of steps", fix)
+    if not all(isinstance(r, dict) for r in done.values()):
+        raise CheckpointError(f"{path}: cannot read it (not a record of steps); {fix}")
     return done
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from paser.checkpoints import checkpoint_files, run_config
+from paser.checkpoints import checkpoint_files, read_record, run_config
 from paser.config import ExperimentConfig
 from paser.data import StageData, load_stage_data
 from paser.errors import CheckpointError
@@ -35,14 +35,8 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
         raise CheckpointError(f"{run_dir}: no results.json; finish `paser run` into this folder "
                               "first (the experiment reuses its models and report)")
     cfg = run_config(run_dir)
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError) as err:
-        results = err
-    if not isinstance(results, dict):
-        why = results if isinstance(results, Exception) else "not a report"
-        raise CheckpointError(f"{run_dir / 'results.json'}: cannot read it ({why}); write the "
-                              f"report again first: paser run --run-dir {run_dir}")
+    results = read_record(run_dir / "results.json", "a report", "write the report again "
+                          f"first: paser run --run-dir {run_dir}")
     measured = results.get("measured_on")
     if measured is not None and not measured_now(run_dir, measured):
         raise CheckpointError(
