@@ -405,6 +405,9 @@ def test_an_unreadable_steps_json_is_refused_by_name(ledger, capsys, monkeypatch
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "steps.json").write_text(ledger)
     code, err = cli(capsys, monkeypatch, "run", "--run-dir", tmp_path / "run")
+    # the refused run leaves the folder as it found it: no config.yaml of its own
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()
+                  if p.name != ".paser.lock") == ["steps.json"]
     line = _one_line(err)
     assert code == 2 and f"{tmp_path / 'run' / 'steps.json'}: cannot read it (" in line, line
     assert line.endswith(f"delete it and `paser run --run-dir {tmp_path / 'run'}` runs every "

@@ -61,7 +61,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on 
 def config_kept_on_error(run_dir: Path):
     """A training command that fails on its config or data before any checkpoint changed
     leaves the run as it was: its ``config.yaml`` and its ledger ``steps.json`` are put
-    back (an override the command refused is not kept for evaluate and segment to read,
+    back, or removed where it had none (an override the command refused is not kept for
+    evaluate and segment to read, a folder with no config is not left looking like a run,
     and a finished stage is not left marked as begun, which `paser run` would resume and
     redo every later step for), and a run folder the command made is removed (a mistyped
     --run-dir is not left as a run)."""
@@ -84,7 +85,7 @@ def config_kept_on_error(run_dir: Path):
                 path = run_dir / name
                 if before is not None and path.is_file() and path.read_bytes() != before:
                     atomic_write_text(before.decode(), path)
-                elif before is None and name == "steps.json" and existed:
+                elif before is None and existed:  # (one it made: gone with the folder)
                     path.unlink(missing_ok=True)
         raise
 
