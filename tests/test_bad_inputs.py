@@ -256,9 +256,10 @@ def test_loading_no_run_dir_says_one_is_needed():
     """PaSeR.load(None) raised Path's TypeError ("got NoneType")."""
     from paser import PaSeR
 
-    for load in (PaSeR.load, PaSeR.load_onnx):
+    for load, name in ((PaSeR.load, "PaSeR.load"), (PaSeR.load_onnx, "PaSeR.load_onnx")):
         with pytest.raises(CheckpointError, match=r"^run_dir=None: a run directory is needed; "
-                           r"give the folder a run was trained into .*config\.yaml"):
+                           r"give the folder a run was trained into .*config\.yaml\), "
+                           rf"e\.g\. {name}\('runs/demo'\)$"):  # the call that was made
             load(None)
 
 

@@ -122,7 +122,8 @@ class PaSeR:
         from paser.routing import model_digests
 
         keep_freed_memory()
-        cfg = run_config(run_dir)  # first: a clear error for a run_dir that is not a path
+        # first: a clear error for a run_dir that is not a path, its example this call
+        cfg = run_config(run_dir, "PaSeR.load_onnx")
         run_dir = Path(run_dir)
         _refuse_unfinished(run_dir, calibrated)
         export_dir = Path(export_dir) if export_dir is not None else run_dir / "onnx"

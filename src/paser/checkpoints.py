@@ -28,12 +28,13 @@ from paser.runtime import atomic_write_text, place
 from paser.uncertainty import state_channels
 
 
-def run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The config a run was trained with; a clear error when ``run_dir`` is not a run."""
+def run_config(run_dir: str | Path, loader: str = "PaSeR.load") -> ExperimentConfig:
+    """The config a run was trained with; a clear error when ``run_dir`` is not a run
+    (``loader``: the call its example names, the one that was given ``run_dir``)."""
     if not isinstance(run_dir, (str, os.PathLike)):  # Path(None) says only "got NoneType"
         raise CheckpointError(f"run_dir={run_dir!r}: a run directory is needed; give the "
                               "folder a run was trained into (the one that holds its "
-                              "config.yaml), e.g. PaSeR.load('runs/demo')")
+                              f"config.yaml), e.g. {loader}('runs/demo')")
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise CheckpointError(f"{run_dir}: a file, not a run directory; give the folder a "
