@@ -57,7 +57,9 @@ def scheduler(tmp_path_factory):
                                "--port", "0", "--no-dashboard", "--scheduler-file", str(file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        deadline = time.monotonic() + 180  # seconds, as the workers' 90 + 90 below
+        # seconds: a bound on a hang, at least the room the connection and the workers
+        # get below (the client's 60 + wait_for_workers' 90)
+        deadline = time.monotonic() + 180
         while not file.is_file():  # written once it listens (its own port: no race)
             assert procs[0].poll() is None, "dask scheduler exited"
             assert time.monotonic() < deadline, "dask scheduler did not start"
