@@ -85,6 +85,65 @@ def paser_here(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
+class InlineClient:
+    """A Dask client stand-in for :func:`paser.cluster.segment_on_cluster`: each task runs
+    in this process when its outcome is first asked for, in the order submitted (with
+    :func:`inline_cluster`'s ``as_completed``), so a test of the cluster path is
+    deterministic, and a KeyboardInterrupt in a task reaches the client as Ctrl-C would."""
+
+    class Task:
+        def __init__(self, fn, args):
+            self.fn, self.args, self.outcome = fn, args, None
+
+        def _run(self):
+            if self.outcome is None:
+                try:
+                    self.outcome = ("finished", self.fn(*self.args))
+                except Exception as err:  # noqa: BLE001 - a failed task, as Dask keeps it
+                    self.outcome = ("error", err)
+            return self.outcome
+
+        @property
+        def status(self) -> str:
+            return self._run()[0]
+
+        def result(self):
+            status, value = self._run()
+            if status == "error":
+                raise value
+            return value
+
+        def cancel(self):
+            pass
+
+    def submit(self, fn, *args, pure=True):
+        return self.Task(fn, args)
+
+    def scheduler_info(self) -> dict:
+        import torch
+
+        return {"workers": {"inline": {"nthreads": torch.get_num_threads()}}}
+
+
+def inline_cluster(monkeypatch) -> None:
+    """``paser segment --scheduler ANY`` and :func:`paser.cluster.segment_on_cluster` on an
+    :class:`InlineClient`: no Dask, its tasks run here (their worker named ``inline``, the
+    run loaded afresh)."""
+    import types
+
+    import paser.cluster
+
+    @contextlib.contextmanager
+    def connect(scheduler, timeout=30.0):
+        yield InlineClient()
+
+    monkeypatch.setattr(paser.cluster, "connect", connect)
+    monkeypatch.setattr(paser.cluster, "_distributed",
+                        lambda: types.SimpleNamespace(as_completed=iter))
+    monkeypatch.setattr(paser.cluster, "worker_name", lambda: "inline")
+    monkeypatch.setattr(paser.cluster, "_MODELS", {})
+
+
 def single_model_routes(methods: dict) -> list[str]:
     """Check that a routed method sending every patch to one model scores that model's IoU
     (f0's Monte Carlo mean for action 0); return the names of the methods that did."""

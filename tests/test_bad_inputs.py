@@ -318,13 +318,19 @@ def test_a_file_system_refusal_is_one_line_with_the_path(capsys, monkeypatch, tm
         "and its permissions (and free space)")
 
 
-def test_ctrl_c_in_a_volume_says_how_many_of_its_slices_are_kept(mnist_run, capsys,
+@pytest.mark.parametrize("where", ["here", "on a cluster"])
+def test_ctrl_c_in_a_volume_says_how_many_of_its_slices_are_kept(where, mnist_run, capsys,
                                                                  monkeypatch, tmp_path):
     """Stopped in its third chunk of two slices, scan.tif keeps four of its six slices: the
-    line said only 'what finished is kept'."""
+    line said only 'what finished is kept', and with --scheduler still did after the local
+    line gave the count (the cluster's tasks run here in order: tests.helpers.InlineClient)."""
     import tifffile
+    from tests.helpers import inline_cluster
 
     from paser import PaSeR
+
+    if where == "on a cluster":
+        inline_cluster(monkeypatch)
 
     tifffile.imwrite(tmp_path / "scan.tif", np.zeros((6, 28, 28), np.uint8),
                      photometric="minisblack")
@@ -338,7 +344,7 @@ def test_ctrl_c_in_a_volume_says_how_many_of_its_slices_are_kept(mnist_run, caps
 
     monkeypatch.setattr(PaSeR, "segment", counted)
     args = ["segment", tmp_path / "scan.tif", "--run-dir", mnist_run, "--out", tmp_path / "out",
-            "--chunk", "2"]
+            "--chunk", "2", *(["--scheduler", "inline"] if where == "on a cluster" else [])]
     code, err = cli(capsys, monkeypatch, *args)
     assert code == 130 and err.strip().splitlines()[-1] == (
         "interrupted; what finished is kept (4 of 6 slices of scan): run the same command "

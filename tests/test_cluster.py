@@ -364,3 +364,33 @@ def test_a_volume_keeps_the_first_failed_chunks_error(model, mnist_run, tmp_path
     res = segment_on_cluster(types.SimpleNamespace(submit=Failed), RunSpec(str(mnist_run)),
                              model, [], split_inputs([str(path)])[1], tmp_path / "out", chunk=16)
     assert res.volumes[0].error == f"{path}: slices 0..15 failed"
+
+
+def test_ctrl_c_says_how_many_slices_of_each_volume_under_way_are_kept(model, mnist_run,
+                                                                      tmp_path, monkeypatch):
+    """Every volume's chunks go out at once: stopped in a's third chunk of 4 slices, a keeps
+    8 and b, sent but not begun, none (tasks run here in order: InlineClient)."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    from paser import PaSeR
+    from paser.volumes import VolumeInterrupted
+
+    inline_cluster(monkeypatch)
+    for stem in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{stem}.tif", RNG.integers(0, 256, (12, SIDE, SIDE),
+                                                                  dtype=np.uint8))
+    volumes = split_inputs([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])[1]
+    calls, segment = [0], PaSeR.segment
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 9:  # a's slice 8, the first of its third chunk
+            raise KeyboardInterrupt
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(PaSeR, "segment", counted)
+    with pytest.raises(KeyboardInterrupt) as stopped:  # (not one that stops pytest itself)
+        segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], volumes,
+                           tmp_path / "out", chunk=4)
+    assert isinstance(stopped.value, VolumeInterrupted)
+    assert str(stopped.value) == "8 of 12 slices of a, 0 of 12 slices of b"

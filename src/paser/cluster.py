@@ -56,6 +56,7 @@ from paser.volumes import (
     CHUNK,
     VOLUMES_CSV,
     Volume,
+    VolumeInterrupted,
     VolumeResult,
     _write_csv,
     chunks_to_do,
@@ -387,6 +388,13 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 on_progress(z1 - z0, (z1 - z0) * vol.plane[0] * vol.plane[1], vol.stem)
             if not waiting[vol.stem]:
                 volume_done(index)
+    except KeyboardInterrupt as err:  # Ctrl-C here: the chunks the workers finished are kept
+        kept = [(vol, vol.depth - sum(z1 - z0 for z0, z1 in chunks_to_do(vol, out_dir, size)))
+                for vol, res, size in zip(volumes, vols, sizes, strict=False)
+                if vol.stem in waiting and res.record is None]  # (their records, on disk)
+        if kept:
+            raise VolumeInterrupted.keeping(kept) from err
+        raise
     finally:
         for fut in futures:
             fut.cancel()

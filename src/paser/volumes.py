@@ -432,7 +432,13 @@ def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 class VolumeInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) while a volume was segmented: its finished chunks are kept for the
-    same call again; the message says how many of its slices ("12 of 40 slices of scan")."""
+    same call again; the message says how many of its slices ("12 of 40 slices of scan"; on
+    a cluster, of each volume under way, comma-separated)."""
+
+    @classmethod
+    def keeping(cls, kept: Sequence[tuple[Volume, int]]) -> VolumeInterrupted:
+        """The interruption of the volumes under way, each with its slices finished."""
+        return cls(", ".join(f"{done} of {vol.depth} slices of {vol.stem}" for vol, done in kept))
 
 
 def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None = None,
@@ -460,7 +466,7 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
             on_slices(0, 0, f"writing {volume.stem}_labels.tif")
         return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
     except KeyboardInterrupt as err:  # the chunk under way is lost, those before it are kept
-        raise VolumeInterrupted(f"{done} of {volume.depth} slices of {volume.stem}") from err
+        raise VolumeInterrupted.keeping([(volume, done)]) from err
 
 
 def _parts(volume: Volume, out_dir: Path) -> Path:

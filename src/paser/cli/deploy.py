@@ -377,7 +377,7 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
                        f"{torch.get_num_threads()} in a local run here: labels can differ in "
                        f"a few voxels per slice (PyTorch adds in another order); --threads "
                        f"{torch.get_num_threads()} makes them byte-identical")
-        with _slices_bar(total, "cluster") as advance:
+        with _saying_kept(), _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
                                      overwrite=overwrite, chunk=chunk, on_progress=advance,
                                      previews=previews)
@@ -391,17 +391,27 @@ def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool,
                      chunk: int) -> list:
     """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
     a line each."""
-    from paser.volumes import VolumeInterrupted, segment_volumes
+    from paser.volumes import segment_volumes
 
-    try:
-        with _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
-            results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
-                                      on_slices=advance, overwrite=overwrite)
-    except VolumeInterrupted as err:  # typer makes it exit status 130: the line names it
-        state["kept"] = str(err)
-        raise
+    with _saying_kept(), _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
+        results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
+                                  on_slices=advance, overwrite=overwrite)
     _volume_lines(results, out)
     return results
+
+
+@contextmanager
+def _saying_kept():
+    """A volume stopped part-way (:class:`paser.volumes.VolumeInterrupted`, here or on a
+    cluster): the line Ctrl-C prints says how many of its slices are kept. Typer makes the
+    interruption exit status 130, which drops the exception: its message goes by ``state``."""
+    from paser.volumes import VolumeInterrupted
+
+    try:
+        yield
+    except VolumeInterrupted as err:
+        state["kept"] = str(err)
+        raise
 
 
 def _volume_lines(results, out: Path) -> None:
