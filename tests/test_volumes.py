@@ -185,6 +185,27 @@ def test_a_volume_stopped_says_how_many_of_its_slices_are_kept(setup, monkeypatc
         segment_volumes(m, volumes, tmp / "out", chunk=5)  # the 10 kept, and 2 chunks more
 
 
+def test_finishing_a_tiff_volume_says_it_writes_the_labels(setup):
+    """Putting a TIFF's slices together takes a minute for a thousand large ones: the bar
+    says so, from finish_volume, which both a local run and a cluster's client call (zarr
+    labels are whole already: nothing to say)."""
+    from paser.volumes import finish_volume, prepare_volume, segment_chunk
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol[:4], photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=(4, SIDE, SIDE),
+                    dtype="uint8")[:] = vol[:4]
+    said = {}
+    for volume in split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]:
+        labels, size = prepare_volume(volume, tmp / "out", 4)
+        segment_chunk(m, volume, 0, 4, tmp / "out", labels)
+        said[volume.stem] = []
+        finish_volume(m, volume, tmp / "out", size,
+                      on_slices=lambda *call, stem=volume.stem: said[stem].append(call))
+    assert said == {"scan": [(0, 0, "writing scan_labels.tif")], "z": []}
+    assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, vol[:4]))
+
+
 def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch):
     """An interrupted a/scan.tif, then b/scan.tif into the same folder: b is refused (it
     would take or destroy a's chunks); a resumes as its own; b goes into another folder.

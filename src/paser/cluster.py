@@ -321,11 +321,9 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         vol, res = volumes[index], vols[index]
         if res.error:
             return
-        if on_progress is not None and vol.label_format == "tiff":
-            on_progress(0, 0, f"writing {vol.stem}_labels.tif")
         try:
             res.record = finish_volume(model, vol, out_dir, sizes[index], only,
-                                       time.perf_counter() - start)
+                                       time.perf_counter() - start, on_progress)
             workers.update(res.record.get("workers", []))
         except (PaserError, OSError, ValueError) as err:
             res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"

@@ -448,7 +448,7 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
     doc); return its record (also ``<stem>.json``). ``on_slices(n, voxels, what)`` after
     each chunk (``voxels`` 0 for the chunks an earlier call into the same folder finished:
     they are not done again; ``what``: the volume's stem), and ``(0, 0, what)`` before a
-    TIFF's slices are put together (a minute for a thousand slices of 2,048 x 2,048)."""
+    TIFF's slices are put together (:func:`finish_volume`)."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     labels, chunk = prepare_volume(volume, out_dir, chunk, model.intensity)
@@ -462,9 +462,8 @@ def segment_volume(model, volume: Volume, out_dir: str | Path, only: int | None 
             done += z1 - z0
             if on_slices is not None:
                 on_slices(z1 - z0, (z1 - z0) * volume.plane[0] * volume.plane[1], volume.stem)
-        if on_slices is not None and volume.label_format == "tiff":
-            on_slices(0, 0, f"writing {volume.stem}_labels.tif")
-        return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start)
+        return finish_volume(model, volume, out_dir, chunk, only, time.perf_counter() - start,
+                             on_slices)
     except KeyboardInterrupt as err:  # the chunk under way is lost, those before it are kept
         raise VolumeInterrupted.keeping([(volume, done)]) from err
 
@@ -632,9 +631,12 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
 
 
 def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
-                  only: int | None = None, seconds: float = 0.0) -> dict:
+                  only: int | None = None, seconds: float = 0.0,
+                  on_slices: Callable[[int, int, str], None] | None = None) -> dict:
     """Once every chunk is done: the TIFF assembled from the parts (zarr outputs are whole
-    already), the volume's record written (``<stem>.json``), the parts removed."""
+    already; ``on_slices(0, 0, "writing <stem>_labels.tif")`` before, a minute for a
+    thousand slices of 2,048 x 2,048), the volume's record written (``<stem>.json``), the
+    parts removed."""
     parts = _parts(volume, out_dir)
     codec, intensity = model.label_codec, volume_intensity(model, volume, out_dir)
     kept = json.loads((parts / "volume.json").read_text()).get("volume", {})
@@ -643,6 +645,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
     if volume.label_format == "tiff":
         output = f"{volume.stem}_labels.tif"
+        if on_slices is not None:
+            on_slices(0, 0, f"writing {output}")
         # parts of a paser before signatures were kept: the one an uninterrupted run uses
         _assemble_tiff(parts, volume, chunk, out_dir / output,
                        kept.get("signature") or signature(volume))
