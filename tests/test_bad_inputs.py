@@ -569,3 +569,28 @@ def test_python_api_evaluates_noisy_float_images_a_little_outside_0_1(tmp_path):
     assert model.evaluate(noisy)["miou"] == direct["miou"]
     with pytest.raises(DataError, match=r"outside \[0, 1\]"):
         model.evaluate(Tensors(images * 255, masks, list("abcd")))
+
+
+@pytest.mark.parametrize("inputs", ["image", "volume", "both", "both on a cluster"])
+def test_a_refused_out_folder_prints_the_error_alone(inputs, mnist_run, capsys, monkeypatch,
+                                                      tmp_path):
+    """--out made with other settings is refused before anything runs: the refusal printed
+    after an empty progress bar ('segment 0/1 0:00:00'), which read as a start."""
+    import tifffile
+    from tests.helpers import inline_cluster
+
+    cluster = ["--scheduler", "inline"] if inputs.endswith("on a cluster") else []
+    if cluster:
+        inline_cluster(monkeypatch)
+    _png(tmp_path / "in" / "a.png", np.zeros((28, 28), np.uint8))
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", np.zeros((4, 28, 28), np.uint8),
+                     photometric="minisblack")
+    given = {"image": ["a.png"], "volume": ["scan.tif"]}.get(inputs, ["a.png", "scan.tif"])
+    args = ["segment", *(tmp_path / "in" / name for name in given), "--run-dir", mnist_run,
+            "--out", tmp_path / "out", "--workers", "0", *cluster]
+    code, err = cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    code, err = cli(capsys, monkeypatch, *args, "--model", "f0")
+    assert code == 2 and _one_line(err) == (
+        f"error: {tmp_path / 'out'} holds the outputs of other settings (only: None there, "
+        "f0 (unet_tiny) now); give another --out, or --overwrite to start over"), err

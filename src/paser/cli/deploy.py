@@ -260,12 +260,10 @@ def segment(
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
                                            overwrite, chunk, previews)
         files = []  # done there
-    elif volumes:
-        if files:  # one claim for both, as on a cluster: each one's records count in it
-            from paser.segment import claim_for
-
-            claim_for(out, model, k, overwrite, files, volumes)
-        vol_results = _segment_volumes(model, volumes, out, k, overwrite and not files, chunk)
+    else:
+        _claim(out, model, k, overwrite, files, volumes)
+        if volumes:
+            vol_results = _segment_volumes(model, volumes, out, k, False, chunk)
     with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         tiles: dict = {}  # a large image's own bar, over its tiles
@@ -289,11 +287,10 @@ def segment(
             if finished == total:
                 bar.remove_task(tiles.pop(stem))
 
-        if files:  # with volumes, the folder was claimed for both (and started over) above
+        if files:  # the folder was claimed (and started over) above
             results = segment_files(model, files, out, on_done=done, only=k,
                                     workers=default_workers() if workers is None else workers,
-                                    overwrite=overwrite and not volumes, previews=previews,
-                                    on_tiles=on_tiles)
+                                    previews=previews, on_tiles=on_tiles)
     seconds = time.perf_counter() - start
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
@@ -337,6 +334,17 @@ def segment(
         raise typer.Exit(1)
 
 
+def _claim(out: Path, model, k: int | None, overwrite: bool, files, volumes) -> None:
+    """Make ``out`` this call's before any progress bar opens (:func:`paser.segment.claim_for`,
+    one claim over the images and the volumes: each one's records count in it): a run whose
+    classes.yaml is bad, or a folder of another run or other settings, is refused with its
+    error alone, not after an empty bar. The calls that segment then find it claimed."""
+    from paser.segment import claim_for
+
+    model.label_codec  # noqa: B018  the run's classes.yaml, read now (before the claim)
+    claim_for(out, model, k, overwrite, files, volumes)
+
+
 @contextmanager
 def _slices_bar(total: int, name: str):
     """One progress bar over ``total`` slices (an image is one): slices/s and megavoxels/s
@@ -377,10 +385,11 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
                        f"{torch.get_num_threads()} in a local run here: labels can differ in "
                        f"a few voxels per slice (PyTorch adds in another order); --threads "
                        f"{torch.get_num_threads()} makes them byte-identical")
+        # claimed once the scheduler answered: one that does not leaves the folder free
+        _claim(out, model, k, overwrite, files, volumes)
         with _saying_kept(), _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
-                                     overwrite=overwrite, chunk=chunk, on_progress=advance,
-                                     previews=previews)
+                                     chunk=chunk, on_progress=advance, previews=previews)
     _volume_lines(res.volumes, out)
     typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
                "(each record names its worker)")
