@@ -27,13 +27,18 @@ for _module in ("train", "deploy", "experiments", "data"):
 
 def _reflow(group: typer.Typer) -> None:
     """Each paragraph of a command's help as one line, for the terminal to wrap: typer keeps
-    a docstring's line breaks, which cut `paser --help` into ragged lines at 80 columns."""
+    a docstring's line breaks, which cut `paser --help` into ragged lines at 80 columns. A
+    command's first paragraph is its summary in the list of commands, whole: click would cut
+    it at the first sentence's end or the line's ("Segment images and volumes with a trained
+    run;...")."""
     for info in group.registered_commands:
         text = info.help or (info.callback.__doc__ if info.callback else None)
         if text:
             info.help = "\n\n".join(" ".join(p.split())
                                      for p in inspect.cleandoc(text).split("\n\n"))
+            info.short_help = info.short_help or info.help.split("\n\n")[0]
     for sub in group.registered_groups:
+        sub.short_help = sub.short_help or sub.typer_instance.info.help
         _reflow(sub.typer_instance)
 
 

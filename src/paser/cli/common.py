@@ -11,12 +11,18 @@ import typer
 
 from paser.config import list_presets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Help is click's plain two-column list, not typer's rich table: at 80 columns the table's
+# seven columns shrink together, cutting option names ("--budget-gflops…") and leaving the
+# help 19 columns; the list never cuts a name and gives the help 46.
+PLAIN_HELP = {"rich_markup_mode": None}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, **PLAIN_HELP,
                   help="Parsimonious segmentation: route each patch to the cheapest good model.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic battery set, check a dataset folder.")
+data_app = typer.Typer(no_args_is_help=True, **PLAIN_HELP,
+                       help="Datasets: generate the synthetic battery set, check a dataset folder.")
 app.add_typer(data_app, name="data")
 experiment_app = typer.Typer(help="The paper's further experiments on a finished run.",
-                             no_args_is_help=True)
+                             no_args_is_help=True, **PLAIN_HELP)
 app.add_typer(experiment_app, name="experiment")
 
 state = {"debug": False}

@@ -161,7 +161,7 @@ def segment(
     scheduler: str = typer.Option(None, "--scheduler", help="run on a Dask cluster: "
                                   "tcp://host:8786 (a running scheduler) or local:N (N "
                                   "worker processes here); needs the dask extra: pip "
-                                  "install 'paser\\[dask]'"),
+                                  "install 'paser[dask]'"),
 ) -> None:
     """Segment images and volumes with a trained run; interrupted, the same command resumes.
 
