@@ -278,12 +278,42 @@ def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_p
         segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
     rec = json.loads((out / "scan.json").read_text())
     assert rec["degraded_patches"] == 4 and [s["degraded"] for s in rec["slices"]] == [1] * 4
+    assert rec["remote"]["degraded_patches"] == 4 and rec["remote"]["patches_failed"] == 4
+    [row] = csv.DictReader(open(out / "volumes.csv"))
+    assert row["degraded patches"] == "4"
     edge.use_remote("http://testserver", http=TestClient(create_app(_load(mnist_run))))
     [res] = segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], out)
     assert not res.resumed
     rec = json.loads((out / "scan.json").read_text())
     assert "degraded_patches" not in rec and all("degraded" not in s for s in rec["slices"])
     assert np.array_equal(tifffile.imread(out / "scan_labels.tif"), here)
+
+
+def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, tmp_path):
+    """volumes.csv and a volume's JSON had no bytes sent (summary.csv and an image's JSON
+    have them): a volume's are its slices' as images, summed."""
+    vol = np.random.default_rng(5).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "scan.tif", vol, photometric="minisblack")
+    (tmp_path / "in").mkdir()
+    for z, s in enumerate(vol):
+        Image.fromarray(s).save(tmp_path / "in" / f"s{z}.png")
+    edge = _forced(_load(mnist_run), [0.0, 100.0, 0.0])  # every patch to f1, remote
+    edge.use_remote("http://testserver", http=TestClient(create_app(_load(mnist_run))))
+    segment_files(edge, find_images([tmp_path / "in"]), tmp_path / "images")
+    images = [json.loads((tmp_path / "images" / f"s{z}.json").read_text())["remote"]
+              for z in range(2)]
+    segment_volumes(edge, [open_volume(tmp_path / "scan.tif")], tmp_path / "vol")
+    remote = json.loads((tmp_path / "vol" / "scan.json").read_text())["remote"]
+    for key in ("bytes_sent", "bytes_received", "requests", "patches_sent", "degraded_patches"):
+        assert remote[key] == sum(i[key] for i in images), key
+    assert remote["bytes_sent"] > 0 and remote["requests"] == 2 and remote["slices"] == 2
+    assert remote["bytes_whole_volume"] == sum(i["bytes_whole_image"] for i in images)
+    assert remote["edge_gflops"] == pytest.approx(sum(i["edge_gflops"] for i in images))
+    assert remote["cloud_gflops"] == pytest.approx(sum(i["cloud_gflops"] for i in images))
+    assert remote["url"] == "http://testserver" and remote["errors"] == []
+    [row] = csv.DictReader(open(tmp_path / "vol" / "volumes.csv"))
+    assert (row["degraded patches"], row["bytes sent"], row["bytes whole volume"]) == (
+        "0", str(remote["bytes_sent"]), str(remote["bytes_whole_volume"]))
 
 
 def test_one_images_patches_past_the_servers_limit_go_in_several_requests(mnist_run):

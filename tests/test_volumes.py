@@ -120,6 +120,28 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert [r["status"] for r in rows] == ["ok"] * 5
 
 
+def test_a_volumes_csv_of_an_older_paser_is_rewritten_under_the_new_columns(setup):
+    """volumes.csv gained the remote figures' columns: a folder written before keeps its
+    rows, under the new header, the new columns blank; without --remote no bytes are sent."""
+    m, vol, tmp = setup
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(tmp / name, vol[:2], photometric="minisblack")
+    segment_volumes(m, split_inputs([tmp / "a.tif"])[1], tmp / "out")
+    old = ["input", "status", "shape", "megavoxels", "gflops", "ms per slice", "patch share",
+           "class fractions", "output", "error", "input path"]  # before the remote figures
+    [row] = csv.DictReader(open(tmp / "out" / "volumes.csv"))
+    with open(tmp / "out" / "volumes.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([old, [row[k] for k in old]])
+    segment_volumes(m, split_inputs([tmp / "b.tif"])[1], tmp / "out")
+    lines = list(csv.reader(open(tmp / "out" / "volumes.csv")))
+    assert lines[0][8:11] == ["degraded patches", "bytes sent", "bytes whole volume"]
+    rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
+    assert [r["input"] for r in rows] == [str(tmp / "a.tif"), str(tmp / "b.tif")]
+    assert rows[0]["output"] == "a_labels.tif" and rows[0]["degraded patches"] == ""
+    assert (rows[1]["degraded patches"], rows[1]["bytes sent"]) == ("0", "")
+    assert "remote" not in json.loads((tmp / "out" / "b.json").read_text())
+
+
 def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypatch):
     m, vol, tmp = setup
     tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")

@@ -753,24 +753,39 @@ def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
         on_done(res)
 
 
+#: how the remote tier is sent pixels, as the records of ``--remote`` outputs say
+REMOTE_CODEC = ("npz (numpy savez_compressed), pixels as uint8 = x * 255 when that is exact "
+                "(8-bit sources), else uint16 = round(x * 65535)")
+
+
+def bytes_whole(image: np.ndarray) -> int:
+    """Bytes of sending the whole ``image`` [C, H, W] to the remote tier in its codec
+    (:data:`REMOTE_CODEC`): what a ``--remote`` record weighs its bytes sent against."""
+    from paser.serve.codec import encode_npz, quantise
+
+    return len(encode_npz(patches=quantise(image[None])))
+
+
+def edge_gflops(model, height: int, width: int) -> float:
+    """GFLOP an image of ``height x width`` spends here whatever the routing (f0 and the
+    policy, on every tile of it); the rest of its GFLOP ran on the remote tier."""
+    tiles = model.grid_for(height, width).num_patches // model.router.grid.num_patches
+    return model.cost_table(height, width).fixed * tiles
+
+
 def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
                    degraded: np.ndarray | None, res: Segmented) -> dict:
     """The edge/cloud figures of one image: bytes sent against sending the whole image in
-    the same codec (:func:`paser.serve.codec.quantise`, compressed numpy), requests,
-    retries, degraded patches."""
-    from paser.serve.codec import encode_npz, quantise
-
+    the same codec (:func:`bytes_whole`), requests, retries, degraded patches."""
     router = model.router
     transfer = router.remote.take()
     res.bytes_sent = transfer.bytes_sent
-    res.bytes_whole = len(encode_npz(patches=quantise(image[None])))
-    tiles = grid.num_patches // router.grid.num_patches  # 1 unless cut into tiles
-    edge = model.cost_table(res.height, res.width).fixed * tiles
+    res.bytes_whole = bytes_whole(image)
+    edge = edge_gflops(model, res.height, res.width)
     return {"url": router.remote.url, **transfer.to_dict(),
             "bytes_whole_image": res.bytes_whole,
             "sent_vs_whole_image": transfer.bytes_sent / res.bytes_whole,
-            "codec": "npz (numpy savez_compressed), pixels as uint8 = x * 255 when that is "
-                     "exact (8-bit sources), else uint16 = round(x * 65535)",
+            "codec": REMOTE_CODEC,
             "degraded_patches": res.degraded,
             "degraded": (np.zeros_like(out.actions[0].cpu().numpy(), dtype=bool)
                          if degraded is None else degraded).reshape(

@@ -11,7 +11,8 @@ the number of slices. Per input volume ``<stem>``, the output folder gets:
   stacks and folders of slices, or ``<stem>_labels.zarr`` (uint8, chunked by slices) for
   zarr and HDF5 inputs;
 - ``<stem>.json``: per slice and for the whole volume, the volume fraction of every
-  class, GFLOP, the share of patches per model, seconds;
+  class, GFLOP, the share of patches per model, seconds, and with a remote tier
+  (``--remote``) the bytes sent against every slice's whole and the degraded patches;
 
 both with the input's voxel size where it states one (:mod:`paser.data.voxels`),
 
@@ -588,6 +589,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     done = chunk_done(volume, out_dir, z0, z1)
     if done is not None:
         return done
+    from paser.segment import bytes_whole
+
     router, codec = model.router, model.label_codec
     intensity = volume_intensity(model, volume, out_dir)
     channels, ncls = model.config.models.in_channels, model.config.models.num_classes
@@ -599,9 +602,14 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     for i in range(z1 - z0):
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
+        if router.remote is not None:
+            router.remote.take()  # this slice's transfers only
         tick = time.perf_counter()
         out = model.segment(torch.from_numpy(x)[None], only=only, probs=False)
         ms = 1000 * (time.perf_counter() - tick)
+        # what this slice cost the link, as an image's record says (paser.segment)
+        remote = None if router.remote is None else {
+            **router.remote.take().to_dict(), "bytes_whole_slice": bytes_whole(x)}
         mask = out.mask[0].cpu().numpy()
         actions = out.actions[0].cpu().numpy()
         # patches the remote tier did not answer for: f0's prediction, done again next call
@@ -614,6 +622,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                             actions[inside], minlength=router.num_models).tolist(),
                         "class_voxels": _class_counts(mask, ncls).tolist(),
                         **({"degraded": degraded} if degraded else {}),
+                        **({"remote": remote} if remote is not None else {}),
                         **({"worker": worker, "device": str(model.device)}
                            if worker is not None else {}),
                         **({"notes": notes} if notes else {})})
@@ -677,6 +686,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "flop_convention": FLOP_CONVENTION,
         "patch_share": dict(zip(names, (patches / max(patches.sum(), 1)).tolist(), strict=True)),
         **({"degraded_patches": degraded} if degraded else {}),
+        **remote_record(model, volume, records),
         "ms_per_slice": float(np.mean([r["ms"] for r in records])),
         "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6,
@@ -695,6 +705,32 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
     shutil.rmtree(parts, ignore_errors=True)  # the volume is whole: its record says so
     return record
+
+
+def remote_record(model, volume: Volume, records: Sequence[dict]) -> dict:
+    """``{"remote": ...}``: the edge/cloud figures of a volume whose slices went to a remote
+    tier, as an image's record has them (:func:`paser.segment._remote_record`), summed over
+    its slices: bytes sent against sending every slice whole, requests, retries, degraded
+    patches. ``slices`` counts the slices that kept figures (all but those of a paser
+    before volumes kept them); nothing without a remote tier."""
+    from paser.segment import REMOTE_CODEC, edge_gflops
+
+    sent = [r for r in records if isinstance(r.get("remote"), dict)]
+    if not sent:
+        return {}
+    figures = [r["remote"] for r in sent]
+    counts = {k: sum(f.get(k, 0) for f in figures) for k, v in figures[0].items()
+              if isinstance(v, int) and k != "bytes_whole_slice"}
+    whole = sum(f["bytes_whole_slice"] for f in figures)
+    edge = edge_gflops(model, *volume.plane) * len(sent)
+    remote = model.router.remote
+    return {"remote": {
+        "url": None if remote is None else remote.url, **counts,
+        "errors": list(dict.fromkeys(e for f in figures for e in f.get("errors", []))),
+        "slices": len(sent), "bytes_whole_volume": whole,
+        "sent_vs_whole_volume": counts.get("bytes_sent", 0) / max(whole, 1),
+        "codec": REMOTE_CODEC, "degraded_patches": sum(r.get("degraded", 0) for r in sent),
+        "edge_gflops": edge, "cloud_gflops": sum(r["gflops"] for r in sent) - edge}}
 
 
 def voxel_record(volume: Volume, names: Sequence[str], voxels: np.ndarray) -> dict:
@@ -930,16 +966,21 @@ def _write_csv(path: Path, results: Sequence[VolumeResult]) -> None:
     rows = []
     for r in results:
         rec = r.record or {}
+        remote = rec.get("remote") or {}  # (--remote; as summary.csv has them for images)
         rows.append([r.source, "ok" if r.record else "failed",
                      "x".join(map(str, rec.get("shape", []))),
                      f"{rec['megavoxels']:.3f}" if rec else "",
                      f"{rec['gflops']:.3f}" if rec else "",
                      f"{rec['ms_per_slice']:.1f}" if rec else "",
                      json.dumps(rec.get("patch_share", {})),
-                     json.dumps(rec.get("class_fractions", {})), rec.get("output", ""),
-                     r.error, canonical(r.source)])
+                     json.dumps(rec.get("class_fractions", {})),
+                     rec.get("degraded_patches", 0) if rec else "",
+                     remote.get("bytes_sent", ""), remote.get("bytes_whole_volume", ""),
+                     rec.get("output", ""), r.error, canonical(r.source)])
+    # a volumes.csv of an older paser: its rows are kept under these columns (write_rows)
     write_rows(path, ["input", "status", "shape", "megavoxels", "gflops", "ms per slice",
-                      "patch share", "class fractions", "output", "error", INPUT_PATH], rows)
+                      "patch share", "class fractions", "degraded patches", "bytes sent",
+                      "bytes whole volume", "output", "error", INPUT_PATH], rows)
     forget_rows(path.parent / SUMMARY, {row[-1] for row in rows})  # read as images before
 
 

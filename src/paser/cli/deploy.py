@@ -442,6 +442,10 @@ def _volume_lines(results, out: Path) -> None:
                       + "; " if rec["megavoxels"] > 0 else "")
                    + f"{FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
+        if "remote" in rec:  # (as the images' line says it)
+            sent, whole = rec["remote"]["bytes_sent"], rec["remote"]["bytes_whole_volume"]
+            typer.echo(f"  remote {rec['remote']['url']}: sent {sent:,} bytes against "
+                       f"{whole:,} for every slice whole ({sent / max(whole, 1):.1%})")
         if rec.get("degraded_patches"):
             typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
                        "answer: f0's prediction kept); the same command again redoes them")
