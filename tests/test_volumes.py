@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -1001,6 +1002,28 @@ def test_labels_resumed_from_parts_without_a_signature_are_the_same_bytes(setup,
         tmp / "whole" / "ome_labels.tif").read_bytes()
     with tifffile.TiffFile(tmp / "whole" / "bare_labels.tif") as tif:
         assert (tif.series[0].axes, tif.series[0].shape) == ("ZYX", vol.shape)
+
+
+def _ome_uuid(path: Path) -> str:
+    with tifffile.TiffFile(path) as tif:
+        return re.search(r'UUID="urn:uuid:([0-9a-f-]+)"', tif.ome_metadata)[1]
+
+
+def test_the_ome_uuid_names_the_input_and_the_settings_that_segmented_it(setup):
+    """One input under two caps got one OME UUID: two files of other labels claimed to be
+    the same. The same input and settings, in another folder, give the same bytes."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "ome.tif", vol[:4], ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.0})
+    volume = split_inputs([tmp / "ome.tif"])[1]
+    for out in ("a", "b"):
+        segment_volumes(m, volume, tmp / out)
+    m.cap(1e6)  # bounds nothing here: the same labels, under other settings
+    segment_volumes(m, volume, tmp / "capped")
+    assert np.array_equal(tifffile.imread(tmp / "capped" / "ome_labels.tif"),
+                          tifffile.imread(tmp / "a" / "ome_labels.tif"))
+    assert _ome_uuid(tmp / "capped" / "ome_labels.tif") != _ome_uuid(tmp / "a" / "ome_labels.tif")
+    assert (tmp / "a" / "ome_labels.tif").read_bytes() == (tmp / "b" / "ome_labels.tif").read_bytes()
 
 
 def test_a_volume_s_record_and_line_name_its_cap_and_gflops_per_megapixel(setup, capsys):

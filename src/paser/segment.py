@@ -466,6 +466,15 @@ def output_settings(model, only: int | None) -> dict:
                if model.router.cap_per_mp is not None and only is None else {})}
 
 
+def settings_digest(settings: dict) -> str:
+    """SHA-256 of :func:`output_settings`: what made an output, the run known by its
+    weights where they are recorded (wherever its folder lies), else by its path, as
+    :func:`claim_output` knows it; two folders of the same run and settings get the same."""
+    kept = {k: v for k, v in settings.items()
+            if k != "run" or settings.get("models") is None}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
     """What marks ``files`` done in ``out_dir`` (:func:`claim_output`'s markers): their
     records and the summary (none without files: a call of volumes alone keeps it)."""

@@ -652,16 +652,18 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     h, w = volume.plane
     records = [r for z0 in range(0, volume.depth, chunk)
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
+    from paser.segment import output_settings, record_names, routed_by, settings_digest
+
     if volume.label_format == "tiff":
         output = f"{volume.stem}_labels.tif"
         if on_slices is not None:
             on_slices(0, 0, f"writing {output}")
         # parts of a paser before signatures were kept: the one an uninterrupted run uses
+        content = kept.get("signature") or signature(volume)
         _assemble_tiff(parts, volume, chunk, out_dir / output,
-                       kept.get("signature") or signature(volume))
+                       f"{content} {settings_digest(output_settings(model, only))}")
     else:
         output = f"{volume.stem}_labels.zarr"
-    from paser.segment import record_names, routed_by
 
     names = record_names(model)
     voxels = np.sum([r["class_voxels"] for r in records], 0)
@@ -770,8 +772,11 @@ def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity
     deflated (:data:`LABEL_DEFLATE`; written to a temporary name, then renamed). Where the input states its voxel size, the
     labels carry it: an OME-TIFF of axes ZYX with its physical sizes (Fiji's Bio-Formats,
     napari, tifffile) and the X and Y resolution in pixels per centimetre (what plain TIFF
-    readers take); its OME UUID is drawn from the volume's content, so the same labels
-    give the same bytes (``identity``: the volume's :func:`signature`)."""
+    readers take); its OME UUID is drawn from ``identity``, the volume's :func:`signature`
+    and the digest of the run and settings that segmented it
+    (:func:`paser.segment.settings_digest`): one input under two runs, caps or calibrations
+    gives two files of two UUIDs, and the same input and settings the same bytes (resumed,
+    or into another folder)."""
     import tifffile
 
     voxel, (h, w) = volume.voxel, volume.plane
