@@ -153,6 +153,46 @@ def test_pools_trained_on_other_kinds_of_machine_are_named(tmp_path):
         base | {"machine": amd, "stage1_machine": intel})
 
 
+def test_the_cpus_bf16_is_recorded_only_where_the_cpu_computed(monkeypatch):
+    """A GPU run's record carried the CPU's bf16 (AMX), which says nothing of the GPU's."""
+    import torch
+
+    from paser.train import distributed as D
+
+    monkeypatch.setattr(D, "_cpuinfo", lambda: {"model name": "Intel Xeon",
+                                               "flags": "fpu avx512f amx_bf16 amx_tile"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    on_cpu, on_gpu = D.machine(torch.device("cpu")), D.machine(torch.device("cuda"))
+    assert on_cpu["bf16"] == "AMX" and "gpu" not in on_cpu
+    assert on_gpu["gpu"] == "NVIDIA H100" and "bf16" not in on_gpu
+    assert D.machine_text(on_gpu).startswith("NVIDIA H100, Intel Xeon, ")
+    assert "AMX" not in D.machine_text(on_gpu)
+
+
+def test_a_gpu_runs_record_from_before_reads_as_one_written_now(tmp_path):
+    """Records of GPU runs written before kept the CPU's bf16: they read and compare as
+    today's (the same kind of machine, no CPU's bf16 in the report's line)."""
+    from paser.config import load_config
+    from paser.experiments.report import setting_line
+    from paser.train.pretrain import trained_on
+
+    now = {"gpu": "NVIDIA H100", "cpu": "AMD EPYC", "threads": 2, "torch": "2.14.1"}
+    before = now | {"bf16": "AVX512-BF16"}
+    (tmp_path / "checkpoints").mkdir()
+    for role, m in (("f0", now), ("f1", before), ("f2", now)):  # f1 kept from before
+        (tmp_path / "checkpoints" / f"{role}.trained.json").write_text(
+            json.dumps({"fingerprint": "x", "machine": m}))
+    assert trained_on(load_config(preset="battery-quick"), tmp_path) == {"machine": now}
+    base = {"device": "cuda", "seed": 0, "lam": 0.1, "image_size": [128, 128],
+            "test_images": 80, "grid": [2, 2], "mc_samples": 1}
+    assert setting_line(base | {"machine": now, "stage1_machine": before}).startswith(
+        "- device: cuda (NVIDIA H100, AMD EPYC, 2 threads, torch 2.14.1; stage 1 on the same "
+        "kind); seed 0")
+    cpu = {"cpu": "AMD EPYC", "bf16": "AVX512-BF16", "threads": 2, "torch": "2.14.1"}
+    assert "AVX512-BF16" in setting_line(base | {"machine": cpu})  # the CPU's own: kept
+
+
 def test_a_pool_whose_models_trained_on_several_machines_says_so(tmp_path):
     from paser.config import load_config
     from paser.experiments.report import setting_line

@@ -216,9 +216,11 @@ def format_comparison(result: dict) -> str:
     if result["data_differ"]:
         out.append("Their data differ (the reports' data files or data seeds): figures of "
                    "different data are compared.")
-    kinds = {json.dumps(m, sort_keys=True): m for m in result.get("machines", []) if m}
+    from paser.train.distributed import machine_kind, machine_text
+
+    kinds = {json.dumps(machine_kind(m), sort_keys=True): m
+             for m in result.get("machines", []) if m}
     if len(kinds) > 1:
-        from paser.train.distributed import machine_text
 
         out.append("Their pools trained on different kinds of machine (" + " / ".join(
             machine_text(m) for m in kinds.values()) + "): one seed trains other pools on "

@@ -91,9 +91,10 @@ def _machines(results: dict) -> str:
     figures were measured, and where the pool they measure trained, if elsewhere. One seed
     repeats to the last digit on one kind of machine, not across kinds (their bf16
     kernels differ). Runs from before these were recorded: nothing."""
-    from paser.train.distributed import machine_text
+    from paser.train.distributed import machine_kind, machine_text
 
-    here, trained = results.get("machine"), results.get("stage1_machine")
+    here, trained = machine_kind(results.get("machine")), machine_kind(
+        results.get("stage1_machine"))
     if not here:
         return ""
     several = [m for m in (results.get("stage1_machines") or {}).values() if m]

@@ -153,8 +153,9 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def machine(device: torch.device) -> dict:
-    """What computed on ``device``, for the records: the processor (or GPU), how it does
-    bf16 (``AMX``, ``AVX512-BF16``, or none: emulated), the threads and torch's version.
+    """What computed on ``device``, for the records: the processor (or GPU), the threads,
+    torch's version and, where the CPU computed, how it does bf16 (``bf16``: ``AMX``,
+    ``AVX512-BF16``, or ``None``: emulated; a GPU's bf16 is its own, which its name says).
     Runs of one seed repeat to the last digit on one kind of machine; another CPU's bf16
     kernels give other pools (DESIGN's noise: one run is one draw), and the report says
     which machine made which figures."""
@@ -163,16 +164,28 @@ def machine(device: torch.device) -> dict:
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     out = {"cpu": info.get("model name") or platform.processor() or platform.machine(),
-           "bf16": "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
-           else None,
            "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+    if device.type == "cpu":
+        out["bf16"] = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in
+                       flags else None)
     if device.type == "cuda" and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
 
 
+def machine_kind(m: dict | None) -> dict | None:
+    """A machine record (:func:`machine`) as one written now: records of GPU runs from
+    before kept the CPU's ``bf16`` too, which says nothing of how the GPU computed; without
+    it they read, and compare with today's, as the same kind of machine."""
+    if not m or not m.get("gpu"):
+        return m
+    return {k: v for k, v in m.items() if k != "bf16"}
+
+
 def machine_text(m: dict) -> str:
-    """``AMD EPYC, AVX512-BF16, 2 threads, torch 2.14.1`` (a GPU first where there is one)."""
+    """``AMD EPYC, AVX512-BF16, 2 threads, torch 2.14.1`` (a GPU first where there is one,
+    and then no CPU's bf16: :func:`machine_kind`)."""
+    m = machine_kind(m)
     return ", ".join([*([m["gpu"]] if m.get("gpu") else []), m.get("cpu") or "unknown CPU",
                       *([m["bf16"]] if m.get("bf16") else []),
                       f"{m.get('threads')} thread{'s' * (m.get('threads') != 1)}",

@@ -50,7 +50,7 @@ from paser.train.common import (
     seed_role,
     setup,
 )
-from paser.train.distributed import Dist, launch, machine
+from paser.train.distributed import Dist, launch, machine, machine_kind
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -397,7 +397,8 @@ def trained_on(cfg: ExperimentConfig, run_dir: Path) -> dict:
     machines = {}
     for role, _ in model_roles(cfg):
         path = _trained_file(run_dir, role)
-        machines[role] = json.loads(path.read_text()).get("machine") if path.is_file() else None
+        machines[role] = machine_kind(json.loads(path.read_text()).get("machine")
+                                      if path.is_file() else None)
     kinds = {json.dumps(m, sort_keys=True) for m in machines.values()}
     if len(kinds) == 1 and None not in machines.values():
         return {"machine": next(iter(machines.values()))}
