@@ -592,5 +592,5 @@ def test_a_refused_out_folder_prints_the_error_alone(inputs, mnist_run, capsys, 
     assert code == 0, err
     code, err = cli(capsys, monkeypatch, *args, "--model", "f0")
     assert code == 2 and _one_line(err) == (
-        f"error: {tmp_path / 'out'} holds the outputs of other settings (only: None there, "
+        f"error: {tmp_path / 'out'} holds the outputs of other settings (--model: routed there, "
         "f0 (unet_tiny) now); give another --out, or --overwrite to start over"), err

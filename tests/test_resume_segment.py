@@ -119,7 +119,7 @@ def test_stopped_while_waiting_for_a_write_that_image_is_in_the_summary(setup, m
 def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(setup):
     m, files, tmp = setup
     segment_files(m, files[:2], tmp / "out")
-    with pytest.raises(DataError, match=r"other settings \(only: None there, f1 \(unet\) now"):
+    with pytest.raises(DataError, match=r"other settings \(--model: routed there, f1 \(unet\) now"):
         segment_files(m, files[:2], tmp / "out", only=1)
     alone = segment_files(m, files[:2], tmp / "out", only=1, overwrite=True)
     assert not any(r.resumed for r in alone)
@@ -167,13 +167,13 @@ def test_a_folder_made_under_a_cap_is_not_resumed_without_it_nor_one_made_withou
     m.cap(1e6)
     segment_files(m, files[:2], tmp / "capped")
     m.cap(None)  # the rest uncapped would mix two routings in one folder
-    with pytest.raises(DataError, match=r"other settings \(cap_gflops_per_mp: 1000000.0 there, "
-                                        r"None now\); .* \(--max-gflops-per-mp 1e\+06 goes on "
+    with pytest.raises(DataError, match=r"other settings \(--max-gflops-per-mp: 1000000.0 there, "
+                                        r"none now\); .* \(--max-gflops-per-mp 1e\+06 goes on "
                                         r"with this folder's cap\)$"):
         segment_files(m, files, tmp / "capped")
     segment_files(m, files[:2], tmp / "free")
     m.cap(1e6)
-    with pytest.raises(DataError, match=r"cap_gflops_per_mp: None there, 1000000.0 now\); "
+    with pytest.raises(DataError, match=r"--max-gflops-per-mp: none there, 1000000.0 now\); "
                                         r"give another --out, or --overwrite to start over$"):
         segment_files(m, files, tmp / "free")
     assert [r.resumed for r in segment_files(m, files[:3], tmp / "capped")] == [

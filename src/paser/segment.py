@@ -491,6 +491,20 @@ def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
                  image_markers(out_dir, files) + volume_markers(out_dir, volumes))
 
 
+#: a folder's settings by the names a user gives them (``paser segment``'s options), and
+#: what an unset one means, for the refusal of a folder made with other settings
+SETTING_NAMES = {"only": ("--model", "routed"), "cap_gflops_per_mp": ("--max-gflops-per-mp", "none"),
+                 "calibration_bias": ("calibration", "none"), "mc_samples": ("Monte Carlo samples", None),
+                 "intensity": ("intensity window", None)}
+
+
+def _differs(key: str, before, now) -> str:
+    """``key: <before> there, <now> now``, in the user's words (:data:`SETTING_NAMES`)."""
+    name, unset = SETTING_NAMES.get(key, (key, None))
+    shown = [unset if v is None and unset is not None else v for v in (before, now)]
+    return f"{name}: {shown[0]} there, {shown[1]} now"
+
+
 def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequence[Path]
                  ) -> None:
     """Make ``out_dir`` this call's: a new folder, or one made with the same ``settings``
@@ -527,7 +541,7 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                      "other settings")
             raise DataError(
                 f"{out_dir} holds the outputs of {other} "
-                f"({', '.join(f'{k}: {before.get(k)} there, {settings.get(k)} now' for k in differ)}"
+                f"({', '.join(_differs(k, before.get(k), settings.get(k)) for k in differ)}"
                 "); give another --out, or --overwrite to start over"
                 + (f" (--max-gflops-per-mp {before['cap_gflops_per_mp']:g} goes on with this "
                    "folder's cap)" if differ == ["cap_gflops_per_mp"]
