@@ -22,8 +22,9 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
     read from disk as batches are asked for (``data.stream``). The data's channels and
     classes must be the models' (``models.in_channels``, ``models.num_classes``). Streamed
     tiles keep each image they read decoded in the ``cache`` folder of ``run_dir`` (while
-    the splits are in use: :func:`paser.data.tiles.decode_into`), so that a tile drawn
-    at random does not decode its whole image again."""
+    the splits are in use: :func:`paser.data.tiles.decode_into`; one folder for the
+    ``distributed.devices`` processes of a machine), so that a tile drawn at random does
+    not decode its whole image again."""
     data = cfg.data
     built = kind(data).build
     if built is not None:
@@ -40,7 +41,7 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
     check_fits_models(cfg, train)
     stream = streams(data, sets.values())
     if stream and run_dir is not None:
-        decode_into(Path(run_dir) / "cache", sets.values())
+        decode_into(Path(run_dir) / "cache", sets.values(), ranks=cfg.distributed.devices)
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
     pre, rl, ft = split_three(len(train), data.split, data.split_seed)
