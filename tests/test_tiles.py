@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 
 import numpy as np
 import pytest
@@ -110,6 +111,31 @@ def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monke
                         lambda path: SimpleNamespace(free=2**30))  # a gibibyte, no more
     assert tiles_module.decode_into(tmp_path / "cache", [Tiles(files, (16, 16))]) is None
     assert tiles_module.decode_into(tmp_path / "cache", [files]) is None  # none tiled
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/stat"),
+                    reason="a process's start is read from Linux's /proc")
+def test_a_killed_runs_folder_is_reclaimed_where_another_process_holds_its_pid_now(tmp_path):
+    import socket
+
+    import paser.data.tiles as tiles_module
+
+    started = tiles_module._started
+    with open("/proc/uptime") as f:  # clock ticks since boot, now
+        now = float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK")
+    assert int(started(os.getppid())) <= int(started(os.getpid())) <= now + 1
+    host, cache = socket.gethostname(), tmp_path / "cache"
+    holder = os.getppid()  # alive, and not this process (whose pid is judged by more)
+    killed = cache / f"decoded-{holder}.{int(started(holder)) - 1}-0badcafe-{host}"
+    live = cache / f"decoded-{holder}.{started(holder)}-0badcafe-{host}"
+    ours = cache / f"decoded-{os.getpid()}.{int(started(os.getpid())) - 1}-0badcafe-{host}"
+    for folder in (killed, live, ours):
+        folder.mkdir(parents=True)
+    decoded = tiles_module.Decoded(cache)
+    assert not killed.exists() and not ours.exists() and live.is_dir()
+    assert decoded.path.name.startswith(f"decoded-{os.getpid()}.{started(os.getpid())}-")
+    del decoded
+    gc.collect()
 
 
 def _launched_by_fabric(monkeypatch):

@@ -78,15 +78,20 @@ class Decoded:
         parent.mkdir(parents=True, exist_ok=True)
         host = socket.gethostname()
         for old in parent.glob("decoded-*"):  # left by a process killed before it cleaned up
-            _, pid, *rest = old.name.split("-", 3)
+            _, owner, *rest = old.name.split("-", 3)
             if len(rest) == 2 and rest[1] != host:
                 continue  # another machine's (a run's cache shared by nodes): its pid is not ours
-            # the pid of a killed run is this process's again where pids repeat (a container's
-            # first process): a folder of this pid that this process did not make is stale
+            pid, _, started = owner.partition(".")  # no start: made before they were recorded
+            # a killed run's pid may be another process's now: one started at another time
+            # is not the owner; and a folder of this process's pid that it did not make is
+            # stale (a container's first process has the same pid each time)
             if pid.isdigit() and (not _alive(int(pid)) or (
+                    started and _started(int(pid)) not in (None, started)) or (
                     int(pid) == os.getpid() and old.name not in _MADE)):
                 shutil.rmtree(old, ignore_errors=True)
-        self.path = parent / f"decoded-{os.getpid()}-{uuid.uuid4().hex[:8]}-{host}"
+        started = _started(os.getpid())
+        owner = f"{os.getpid()}" if started is None else f"{os.getpid()}.{started}"
+        self.path = parent / f"decoded-{owner}-{uuid.uuid4().hex[:8]}-{host}"
         self.path.mkdir()
         _MADE.add(self.path.name)
         weakref.finalize(self, shutil.rmtree, self.path, True)
@@ -117,6 +122,19 @@ def _alive(pid: int) -> bool:
     except OSError:  # another user's: alive
         return True
     return True
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started, as Linux's ``/proc/<pid>/stat`` writes it (field 22:
+    clock ticks after the machine booted): with the pid, it names one process, where the
+    pid alone may name a later one. None where unknown (no such process; not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 3 on: after the command's name, which may hold spaces and parentheses
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
 
 
 def decode_into(parent: Path, splits: Iterable, spare: float = 2.0, ranks: int = 1
