@@ -394,3 +394,69 @@ def test_ctrl_c_says_how_many_slices_of_each_volume_under_way_are_kept(model, mn
                            tmp_path / "out", chunk=4)
     assert isinstance(stopped.value, VolumeInterrupted)
     assert str(stopped.value) == "8 of 12 slices of a, 0 of 12 slices of b"
+
+
+def test_a_budget_is_calibrated_once_by_the_client_and_the_workers_route_with_it(
+        mnist_run, tmp_path, monkeypatch):
+    """`--budget-gflops` with --scheduler: the client calibrates, the workers route with its
+    bias (they do not calibrate: on another device or process they could find another), the
+    folder's claim names that bias, and the labels are a local run's with the same budget
+    (tasks run here: tests.helpers.inline_cluster)."""
+    from tests.helpers import inline_cluster, paser_here
+
+    import paser.api
+    import paser.cluster
+
+    inline_cluster(monkeypatch)
+    in_worker, load, calibrate = [], RunSpec.load, paser.api.calibrate
+
+    def worker_load(spec):
+        in_worker.append(spec)
+        try:
+            return load(spec)
+        finally:
+            in_worker.pop()
+
+    def client_only(*args, **kwargs):
+        assert not in_worker, "a worker calibrated"
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(RunSpec, "load", worker_load)
+    monkeypatch.setattr(paser.api, "calibrate", client_only)
+    for i in range(4):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(
+            tmp_path / f"im{i}.png")
+    images = [tmp_path / f"im{i}.png" for i in range(4)]
+    budget = ["--budget-gflops", "0.0312", "--workers", "0", "--no-previews"]  # f0 alone: 0.0283
+    res = paser_here("segment", *images, "--run-dir", mnist_run, "--out", tmp_path / "dask",
+                     "--scheduler", "inline", *budget)
+    assert res.returncode == 0, res.stderr
+    [(worker, _lock)] = paser.cluster._MODELS.values()
+    claim = json.loads((tmp_path / "dask" / ".paser-segment.json").read_text())
+    assert claim["calibration_bias"] == [round(b, 8) for b in worker.calibration.bias]
+    assert claim["calibration_bias"][2] > 0  # the budget sends patches to f2 (not uncalibrated)
+    res = paser_here("segment", *images, "--run-dir", mnist_run, "--out", tmp_path / "here",
+                     *budget)
+    assert res.returncode == 0, res.stderr
+    local = json.loads((tmp_path / "here" / ".paser-segment.json").read_text())
+    assert local["calibration_bias"] == claim["calibration_bias"]
+    for i in range(4):
+        assert (tmp_path / "dask" / f"im{i}_labels.png").read_bytes() == (
+            tmp_path / "here" / f"im{i}_labels.png").read_bytes()
+    assert sum(_records(tmp_path / "dask", f"im{i}")["patches_per_model"][2]
+               for i in range(4)) > 0
+
+
+def test_a_worker_refuses_a_calibration_made_for_another_policy(mnist_run):
+    """The client's calibration is for the policy it read: a worker that reads another run
+    at that path (trained again, another copy) says so instead of routing with it."""
+    import dataclasses
+
+    from paser import PaSeR
+
+    cal = PaSeR.load(mnist_run, device="cpu", calibrated=False).calibrate(
+        budget_gflops=0.0312, save=False)
+    assert RunSpec(str(mnist_run), "cpu", calibration=cal).load().calibration == cal
+    other = dataclasses.replace(cal, policy="0" * 16)
+    with pytest.raises(ConfigError, match="has another policy than the client's"):
+        RunSpec(str(mnist_run), "cpu", calibration=other).load()

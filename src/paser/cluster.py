@@ -12,7 +12,9 @@ cluster (the ``dask`` extra: ``pip install 'paser[dask]'``).
   volume, a ``worker`` column in ``summary.csv``).
 - Each worker process loads the run once (:func:`worker_model`, a per-process cache keyed by
   :class:`RunSpec`) and runs one model call at a time, on its threads (or
-  ``RunSpec.threads``); its other threads read and write meanwhile.
+  ``RunSpec.threads``); its other threads read and write meanwhile. It routes with the
+  client's calibration (``RunSpec.calibration``: a budget calibrated once, by the client),
+  the one the output folder's claim names.
 - The labels are byte-identical to a local run's whose model calls use as many threads:
   on other thread counts PyTorch's CPU kernels add in another order (its group norm splits
   a channel's sum over threads; a 1 x 1 convolution of a small batch takes another kernel
@@ -35,8 +37,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paser.errors import ConfigError, DataError, PaserError
 from paser.runtime import holding_out, keep_freed_memory
@@ -67,6 +70,9 @@ from paser.volumes import (
     segment_chunk,
 )
 
+if TYPE_CHECKING:
+    from paser.calibration import Calibration
+
 #: image files per task
 BATCH = 8
 
@@ -83,28 +89,36 @@ def _distributed():
 @dataclass(frozen=True)
 class RunSpec:
     """What a worker loads: a run (``paser.PaSeR.load`` or ``load_onnx``), on ``device``
-    (``auto``: this worker's GPU when it has one), calibrated as the client asked."""
+    (``auto``: this worker's GPU when it has one), routed with ``calibration`` and capped at
+    ``max_gflops_per_mp`` (:meth:`paser.PaSeR.cap`).
+
+    ``calibration`` is the client's, computed there once (a budget of this call) or read
+    there (the run's saved one): :func:`segment_on_cluster` puts its model's here, so every
+    worker routes with the bias the output folder's claim names, whatever its device, and
+    no worker calibrates or reads ``calibration.json`` (``None``: no calibration)."""
 
     run_dir: str
     device: str = "auto"
     engine: str = "torch"
     onnx: str | None = None
-    budget_gflops: float | None = None
     threads: int | None = None  # of each model call; None: the worker's threads
-    budget_gflops_per_mp: float | None = None
     max_gflops_per_mp: float | None = None  # the cap (:meth:`paser.PaSeR.cap`)
+    # (a Calibration holds lists: compared, not hashed, as a key of the workers' cache)
+    calibration: Calibration | None = field(default=None, hash=False)
 
     def load(self):
         from paser import PaSeR
 
-        calibrated = self.budget_gflops is None and self.budget_gflops_per_mp is None
         if self.engine == "onnxruntime":
-            model = PaSeR.load_onnx(self.run_dir, self.onnx, calibrated=calibrated)
+            model = PaSeR.load_onnx(self.run_dir, self.onnx, calibrated=False)
         else:
-            model = PaSeR.load(self.run_dir, device=self.worker_device(), calibrated=calibrated)
-        if not calibrated:
-            model.calibrate(budget_gflops=self.budget_gflops, save=False,
-                            budget_gflops_per_mp=self.budget_gflops_per_mp)
+            model = PaSeR.load(self.run_dir, device=self.worker_device(), calibrated=False)
+        if self.calibration is not None and self.calibration.policy not in (
+                "", model.router.policy_digest):
+            raise ConfigError(f"{self.run_dir}: the run this worker reads has another policy "
+                              "than the client's (trained again, or another copy): give the "
+                              "workers the client's run folder at the same path")
+        model.calibration = self.calibration
         model.cap(self.max_gflops_per_mp)
         return model
 
@@ -293,11 +307,13 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     """Segment ``files`` and ``volumes`` into ``out_dir`` on the cluster of ``client``, as
     :func:`paser.segment.segment_files` and :func:`paser.volumes.segment_volumes` do here:
     the same outputs, records and resume (module doc). ``model`` is the run loaded here
-    (for the folder's settings and the volumes' records; it segments nothing).
-    ``on_progress(slices, voxels, what)`` as each task finishes (an image is one slice;
-    ``voxels`` 0 for what an earlier call did)."""
+    (for the folder's settings and the volumes' records; it segments nothing): its
+    calibration goes to the workers in ``spec`` (:class:`RunSpec`), so they route as the
+    folder's claim says. ``on_progress(slices, voxels, what)`` as each task finishes (an
+    image is one slice; ``voxels`` 0 for what an earlier call did)."""
     distributed = _distributed()
     out_dir = Path(out_dir)
+    spec = replace(spec, calibration=model.calibration)
     names = record_names(model)
     claim_for(out_dir, model, only, overwrite, files, volumes)
     start = time.perf_counter()

@@ -254,9 +254,10 @@ def segment(
     if scheduler is not None:
         from paser.cluster import RunSpec
 
+        # calibrated here (above), once: the workers route with this model's calibration
         spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
-                       None if onnx is None else str(Path(onnx).resolve()), budget_gflops,
-                       threads, budget_per_mp, cap_per_mp)
+                       None if onnx is None else str(Path(onnx).resolve()), threads=threads,
+                       max_gflops_per_mp=cap_per_mp)
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
                                            overwrite, chunk, previews)
         files = []  # done there
