@@ -325,12 +325,8 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                 a.nbytes for a in args[2:4] if a is not None)
             pending.append((res, None if args is None or writer is None
                             else writer.submit(_write, *args), held))
-            while pending and _first_now(pending, workers):  # reported in order
-                _finish(*pending[0][:2], on_done, summary)  # (kept while it waits)
-                pending.pop(0)
-        while pending:
-            _finish(*pending[0][:2], on_done, summary)
-            pending.pop(0)
+            _report(pending, on_done, summary, workers)  # those written, in order
+        _report(pending, on_done, summary)  # the rest, once written
     finally:
         if writer is not None:
             writer.shutdown(wait=True, cancel_futures=True)
@@ -755,6 +751,18 @@ def _first_now(pending: list, workers: int) -> bool:
     future = pending[0][1]
     return (future is None or future.done() or len(pending) > 4 * workers
             or (len(pending) > 1 and sum(p[2] for p in pending) > PENDING_BYTES))
+
+
+def _report(pending: list, on_done: Callable[[Segmented], None] | None,
+            summary: SummaryLog, workers: int | None = None) -> None:
+    """The ``pending`` images finished (:func:`_finish`) in the inputs' order: while the
+    first is reported now (:func:`_first_now` with ``workers`` writer processes), or all
+    of them (``workers`` None: the last ones, each waited for). An image leaves ``pending``
+    once reported: one stopped while it waits for its write (Ctrl-C) is still there for
+    :func:`segment_files` to put in the summary if the writer finished it."""
+    while pending and (workers is None or _first_now(pending, workers)):
+        _finish(*pending[0][:2], on_done, summary)
+        pending.pop(0)
 
 
 def _finish(res: Segmented, future, on_done: Callable[[Segmented], None] | None,
