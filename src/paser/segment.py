@@ -915,9 +915,12 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 
 class SummaryLog:
-    """``summary.csv`` as it goes: a row appended (and flushed) as each input finishes, so
-    an interrupted call leaves the rows of what it did; the header once. The end of the
-    call rewrites it whole, in the inputs' order (:func:`write_summary`)."""
+    """``summary.csv`` as it goes: a row appended as each input finishes, so an interrupted
+    call leaves the rows of what it did; the header once. The end of the call rewrites it
+    whole, in the inputs' order (:func:`write_summary`). Not fsynced, as the images'
+    outputs are not (:func:`paser.runtime.replaced`): a killed process's rows are in the
+    file, and a resume reads each image's record, not these rows; the fsync cost 6.6 ms of
+    a 128 x 128 image's 50.6 ms (13 %)."""
 
     def __init__(self, path: Path, names: Sequence[str]):
         self.path, self.names = path, names
@@ -932,6 +935,4 @@ class SummaryLog:
         self.appended.add(r.input)
         with open(self.path, "a", newline="", **CSV_TEXT) as fh:
             csv.writer(fh).writerow(_row(r, self.names))
-            fh.flush()
-            os.fsync(fh.fileno())
 
