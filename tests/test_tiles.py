@@ -138,87 +138,27 @@ def test_a_killed_runs_folder_is_reclaimed_where_another_process_holds_its_pid_n
     gc.collect()
 
 
-def _launched_by_fabric(monkeypatch):
-    """The environment of a process that Fabric's launch makes the first of its machine,
-    whatever launcher runs the tests."""
-    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def test_the_processes_fabric_launches_share_the_first_ones_decoded_folder(tmp_path,
-                                                                             monkeypatch):
-    import os
-    import subprocess
-    import sys
-
-    import paser.data.tiles as tiles_module
-    from paser.ranks import DECODED_FOLDER
-
-    root, cache = mixed_folder(tmp_path / "d"), tmp_path / "cache"
-    _launched_by_fabric(monkeypatch)  # the first process, before its launch
-    monkeypatch.setenv(DECODED_FOLDER, "")  # restored after the test
-    tiles = Tiles(FolderDataset(root, "train"), (16, 16))
-    decoded = tiles_module.decode_into(cache, [tiles], ranks=2)
-    assert os.environ[DECODED_FOLDER] == str(decoded.path)
-    # the second process, started as Fabric starts it: this environment and LOCAL_RANK=1
-    second = f"""
-from pathlib import Path
-from paser.data.folders import FolderDataset
-from paser.data.tiles import Tiles, decode_into
-tiles = Tiles(FolderDataset(Path({str(root)!r}), "train"), (16, 16))
-decoded = decode_into(Path({str(cache)!r}), [tiles], ranks=2)
-tiles.image(len(tiles) - 1)  # of the last image: kept where the first process reads it
-print(decoded.path)
-"""
-    res = subprocess.run([sys.executable, "-c", second], env={**os.environ, "LOCAL_RANK": "1"},
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [str(decoded.path)]
-    assert list(cache.glob("decoded-*")) == [decoded.path]  # one copy, kept after it ended
-    assert sorted(p.name for p in tiles.decoded.path.iterdir()) == ["3.image.npy", "3.mask.npy"]
-    reads = []
-    image = FolderDataset.image
-    monkeypatch.setattr(FolderDataset, "image", lambda self, i: reads.append(i) or image(self, i))
-    plain = Tiles(FolderDataset(root, "train"), (16, 16))
-    assert torch.equal(tiles.image(len(tiles) - 1), plain.image(len(tiles) - 1))
-    assert reads == [3]  # the plain tiles' own read: the kept one was the second process's
-    # where the first keeps none (no room), neither does the second
-    monkeypatch.setenv(DECODED_FOLDER, "")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert tiles_module.decode_into(cache, [Tiles(FolderDataset(root, "train"), (16, 16))],
-                                    ranks=2) is None
-
-
-def test_processes_started_apart_check_room_for_a_copy_each(tmp_path, monkeypatch):
+def test_the_processes_of_a_machine_check_room_for_a_copy_each(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     import paser.data.tiles as tiles_module
-    from paser.ranks import DECODED_FOLDER
 
     root, cache = mixed_folder(tmp_path / "d"), tmp_path / "cache"
     # three splits of these images: float32 images of 1 channel, byte masks
     need = 3 * sum(h * w * (4 + 1) for h, w in SIZES)
-    free = 2 * need + 2**30 + 1  # room for one copy, at spare=2, not for two
-    monkeypatch.setattr(tiles_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
-    monkeypatch.delenv(DECODED_FOLDER, raising=False)
-    cfg = load_config(preset="battery-quick", overrides=[
-        "data.dataset=folder", f"data.root={root}", "models.num_classes=2", "grid=[2, 2]",
-        "stage1.class_weights=null", "data.tile=[16, 16]", "data.stream=always",
-        "data.workers=0", "distributed.devices=2"])
-    for apart in ({"LOCAL_RANK": "1"},  # torchrun's second process
-                  {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}):  # srun's first
-        with monkeypatch.context() as env:
-            _launched_by_fabric(env)
-            for k, v in apart.items():
-                env.setenv(k, v)
-            data = load_stage_data(cfg, progress=False, run_dir=tmp_path)  # kept while in use
-            assert not list(cache.glob("decoded-*")), apart  # two copies would not fit
-            del data
-    _launched_by_fabric(monkeypatch)
-    kept = load_stage_data(cfg, progress=False, run_dir=tmp_path)  # Fabric's launch: one copy
-    assert len(list(cache.glob("decoded-*"))) == 1
-    del kept
-    gc.collect()
+    base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2", "grid=[2, 2]",
+            "stage1.class_weights=null", "data.tile=[16, 16]", "data.stream=always",
+            "data.workers=0"]
+    for devices, copies, kept in ((2, 1, 0), (2, 2, 1), (1, 1, 1)):
+        free = copies * 2 * need + 2**30 + 1  # room for this many copies, at spare=2
+        monkeypatch.setattr(tiles_module.shutil, "disk_usage",
+                            lambda path, free=free: SimpleNamespace(free=free))
+        cfg = load_config(preset="battery-quick",
+                          overrides=[*base, f"distributed.devices={devices}"])
+        data = load_stage_data(cfg, progress=False, run_dir=tmp_path)  # kept while in use
+        assert len(list(cache.glob("decoded-*"))) == kept, (devices, copies)
+        del data
+        gc.collect()
 
 
 def test_a_reader_whose_kept_image_was_removed_reads_it_again(tmp_path):

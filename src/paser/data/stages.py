@@ -22,7 +22,7 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
     read from disk as batches are asked for (``data.stream``). The data's channels and
     classes must be the models' (``models.in_channels``, ``models.num_classes``). Streamed
     tiles keep each image they read decoded in the ``cache`` folder of ``run_dir`` (while
-    the splits are in use: :func:`paser.data.tiles.decode_into`; one folder for the
+    the splits are in use: :func:`paser.data.tiles.decode_into`; a folder for each of the
     ``distributed.devices`` processes of a machine), so that a tile drawn at random does
     not decode its whole image again."""
     data = cfg.data

@@ -26,7 +26,6 @@ import torch
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.patches import PatchGrid, pad_to
-from paser.ranks import DECODED_FOLDER, launches_local_ranks, local_rank
 
 
 def tile_origins(height: int, width: int, tile: tuple[int, int]) -> list[tuple[int, int]]:
@@ -71,8 +70,7 @@ class Decoded:
     exit), where streamed tiles keep each image they read decoded (:func:`decode_into`):
     training draws tiles in random order, so without it each tile decodes its whole image
     again (a 2,048 x 2,048 slice read for each of its 256 tiles of 128 x 128, every epoch).
-    A copy in a reader process, or in another training process of the machine, shares the
-    folder and leaves its removal to the original."""
+    A copy in a reader process shares the folder and leaves its removal to the original."""
 
     def __init__(self, parent: Path):
         parent.mkdir(parents=True, exist_ok=True)
@@ -144,30 +142,18 @@ def decode_into(parent: Path, splits: Iterable, spare: float = 2.0, ranks: int =
     none is tiled or the disk has less room than ``spare`` times their decoded size
     (float32 images, byte masks) and a gibibyte.
 
-    ``ranks``: the training processes on this machine (``distributed.devices``). They share
-    one folder where the first launches the others (Fabric's own launch: it names its folder,
-    or none, in the environment they inherit, :data:`paser.ranks.DECODED_FOLDER`); where a
-    launcher started each apart (torchrun, srun), each keeps its own, so each checks the
-    room for ``ranks`` copies: every process checks before any writes."""
+    ``ranks``: the training processes on this machine (``distributed.devices``). Each keeps
+    a copy of its own and checks before any writes, so each checks the room for ``ranks``
+    copies."""
     tiled = [s for s in splits if isinstance(s, Tiles)]
     if not tiled:
         return None
-    named = os.environ.get(DECODED_FOLDER) if ranks > 1 and local_rank() > 0 else None
-    if named and not (Path(named).is_dir() and Path(named).parent.resolve() == parent.resolve()):
-        named = None  # removed with the process that made it (a later stage of one script)
-    if named is not None:  # started by the machine's first process: its folder, or none
-        decoded = _shared(Path(named)) if named else None
-    else:  # a folder of its own, which the processes it launches share
-        shares = ranks == 1 or launches_local_ranks()
-        need = sum(h * w * (4 * t.files.channels + 1)
-                   for t in {id(t.files): t for t in tiled}.values() for h, w in t.files.sizes)
-        parent.mkdir(parents=True, exist_ok=True)
-        room = shutil.disk_usage(parent).free >= (1 if shares else ranks) * spare * need + 2**30
-        decoded = Decoded(parent) if room else None
-        if ranks > 1 and shares:
-            os.environ[DECODED_FOLDER] = "" if decoded is None else str(decoded.path)
-    if decoded is None:
+    need = sum(h * w * (4 * t.files.channels + 1) for t in {id(t.files): t for t in tiled}.values()
+               for h, w in t.files.sizes)
+    parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(parent).free < ranks * spare * need + 2**30:
         return None
+    decoded = Decoded(parent)
     each: dict[int, Decoded] = {}  # a folder per split: image i of one is not image i of another
     for t in tiled:
         if id(t.files) not in each:
