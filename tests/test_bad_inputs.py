@@ -424,6 +424,29 @@ def test_an_unreadable_steps_json_is_refused_by_name(ledger, capsys, monkeypatch
         unfinished_steps(tmp_path / "run")
 
 
+def test_a_run_refused_for_a_folder_in_use_leaves_the_other_process_files(capsys, monkeypatch,
+                                                                          tmp_path):
+    """A refused command put back or removed config.yaml and steps.json as they were when
+    it started, even where it was refused because another process held the folder: the
+    config.yaml that process wrote meanwhile was deleted under it."""
+    import paser.runtime as runtime
+
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = {"config.yaml": "seed: 3\n", "steps.json": "{}"}
+
+    def held_elsewhere(path, blocking):  # the other process locked it and wrote its files
+        for name, text in theirs.items():
+            (run / name).write_text(text)
+        path.write_text("4242")
+        return None
+
+    monkeypatch.setattr(runtime, "_lock", held_elsewhere)
+    code, err = cli(capsys, monkeypatch, "run", "--preset", "battery-quick", "--run-dir", run)
+    assert code == 2 and "is in use by another paser process (pid 4242)" in err, err
+    assert {p.name: p.read_text() for p in run.iterdir()} == {**theirs, ".paser.lock": "4242"}
+
+
 def test_python_api_evaluate_checks_its_data_as_segment_checks_images(mnist_run):
     """A column of the wrong kind, count or size was a bare AttributeError, IndexError or
     RuntimeError from deep in the models; NaN or 0..255 float images gave an mIoU."""

@@ -243,6 +243,11 @@ def hold_run_dir(run_dir: str | Path) -> None:
     hold_folder(run_dir, ".paser.lock", "--run-dir")
 
 
+def holds_run_dir(run_dir: str | Path) -> bool:
+    """Whether this process holds ``run_dir`` (:func:`hold_run_dir`)."""
+    return str((Path(run_dir) / ".paser.lock").resolve()) in _HELD
+
+
 def hold_folder(folder: str | Path, name: str, option: str) -> None:
     """Make ``folder`` this process's until it exits, by the lock file ``name`` in it: a
     second process that would write there is refused with who holds it (``option``: what

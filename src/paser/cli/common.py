@@ -71,10 +71,11 @@ def config_kept_on_error(run_dir: Path):
     evaluate and segment to read, a folder with no config is not left looking like a run,
     and a finished stage is not left marked as begun, which `paser run` would resume and
     redo every later step for), and a run folder the command made is removed (a mistyped
-    --run-dir is not left as a run)."""
+    --run-dir is not left as a run). Only what this process wrote: refused because another
+    process holds the folder, it leaves that process's files (and folder) alone."""
     from paser.checkpoints import checkpoint_files
     from paser.errors import PaserError
-    from paser.runtime import atomic_write_text
+    from paser.runtime import atomic_write_text, holds_run_dir
 
     run_dir = Path(run_dir)
     existed = run_dir.exists()
@@ -84,7 +85,10 @@ def config_kept_on_error(run_dir: Path):
     try:
         yield
     except PaserError:
-        if run_dir.is_dir() and checkpoint_files(run_dir) == ckpts:  # (not a --run-dir file)
+        # a process writes a run's files only once it holds the folder; one that never took
+        # it either wrote nothing or wrote before any process locked it (none did: no lock)
+        mine = holds_run_dir(run_dir) or not (run_dir / ".paser.lock").exists()
+        if mine and run_dir.is_dir() and checkpoint_files(run_dir) == ckpts:  # (not a file)
             if not existed:
                 shutil.rmtree(run_dir, ignore_errors=True)
             for name, before in kept.items():
