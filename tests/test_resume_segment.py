@@ -166,6 +166,11 @@ def test_a_folder_made_under_a_cap_is_not_resumed_without_it_nor_one_made_withou
     m, files, tmp = setup
     m.cap(1e6)
     segment_files(m, files[:2], tmp / "capped")
+    # one model alone has no cap: the refusal names --model, not the cap it drops
+    with pytest.raises(DataError, match=r"other settings \(--model: routed there, f1 \(unet\) "
+                                        r"now\); give another --out, or --overwrite to start "
+                                        r"over$"):
+        segment_files(m, files, tmp / "capped", only=1)
     m.cap(None)  # the rest uncapped would mix two routings in one folder
     with pytest.raises(DataError, match=r"other settings \(--max-gflops-per-mp: 1000000.0 there, "
                                         r"none now\); .* \(--max-gflops-per-mp 1e\+06 goes on "
