@@ -447,6 +447,26 @@ def test_a_budget_is_calibrated_once_by_the_client_and_the_workers_route_with_it
                for i in range(4)) > 0
 
 
+def test_the_workers_route_with_the_client_models_cap(mnist_run, tmp_path, monkeypatch):
+    """From Python, a capped model with a RunSpec that names no cap: the folder's claim
+    names the model's cap, and so do the workers (they ran uncapped under a capped claim)."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+    from paser import PaSeR
+
+    inline_cluster(monkeypatch)
+    model = PaSeR.load(mnist_run, device="cpu")
+    model.cap(1e6)
+    Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(tmp_path / "a.png")
+    res = segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model,
+                             [tmp_path / "a.png"], [], tmp_path / "out", previews=False)
+    assert [r.ok for r in res.images] == [True]
+    [(worker, _lock)] = paser.cluster._MODELS.values()
+    claim = json.loads((tmp_path / "out" / ".paser-segment.json").read_text())
+    assert worker.router.cap_per_mp == claim["cap_gflops_per_mp"] == 1e6
+
+
 def test_a_worker_refuses_a_calibration_made_for_another_policy(mnist_run):
     """The client's calibration is for the policy it read: a worker that reads another run
     at that path (trained again, another copy) says so instead of routing with it."""

@@ -308,12 +308,12 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     :func:`paser.segment.segment_files` and :func:`paser.volumes.segment_volumes` do here:
     the same outputs, records and resume (module doc). ``model`` is the run loaded here
     (for the folder's settings and the volumes' records; it segments nothing): its
-    calibration goes to the workers in ``spec`` (:class:`RunSpec`), so they route as the
-    folder's claim says. ``on_progress(slices, voxels, what)`` as each task finishes (an
+    calibration and cap go to the workers in ``spec`` (:class:`RunSpec`, whose own are
+    replaced), so they route as the folder's claim says. ``on_progress(slices, voxels, what)`` as each task finishes (an
     image is one slice; ``voxels`` 0 for what an earlier call did)."""
     distributed = _distributed()
     out_dir = Path(out_dir)
-    spec = replace(spec, calibration=model.calibration)
+    spec = replace(spec, calibration=model.calibration, max_gflops_per_mp=model.router.cap_per_mp)
     names = record_names(model)
     claim_for(out_dir, model, only, overwrite, files, volumes)
     start = time.perf_counter()
