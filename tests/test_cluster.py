@@ -396,6 +396,31 @@ def test_ctrl_c_says_how_many_slices_of_each_volume_under_way_are_kept(model, mn
     assert str(stopped.value) == "8 of 12 slices of a, 0 of 12 slices of b"
 
 
+def test_ctrl_c_in_the_assembly_of_a_volume_done_before_says_its_slices_are_kept(
+        model, mnist_run, tmp_path, monkeypatch):
+    """A volume whose chunks an earlier call finished is assembled before any task goes out:
+    Ctrl-C there got the bare message, without the slices kept."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+    from paser.volumes import VolumeInterrupted
+
+    inline_cluster(monkeypatch)
+    tifffile.imwrite(tmp_path / "a.tif", RNG.integers(0, 256, (6, SIDE, SIDE), dtype=np.uint8))
+    volumes = split_inputs([str(tmp_path / "a.tif")])[1]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paser.cluster, "finish_volume", stopped)
+    for call in ("its chunks run", "its chunks done before"):
+        with pytest.raises(KeyboardInterrupt) as caught:
+            segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [],
+                               volumes, tmp_path / "out", chunk=4)
+        assert isinstance(caught.value, VolumeInterrupted), call
+        assert str(caught.value) == "6 of 6 slices of a", call
+
+
 def test_a_budget_is_calibrated_once_by_the_client_and_the_workers_route_with_it(
         mnist_run, tmp_path, monkeypatch):
     """`--budget-gflops` with --scheduler: the client calibrates, the workers route with its

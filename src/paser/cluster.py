@@ -297,6 +297,13 @@ class ClusterResults:
     workers: list[str]
 
 
+def _slices_done(vol: Volume, out_dir: Path, size: int, todo: list | None = None) -> int:
+    """How many of ``vol``'s slices are done in ``out_dir`` (chunks of ``size``): those of
+    the chunks whose records are on disk (``todo``: the chunks still to do, if known)."""
+    todo = chunks_to_do(vol, out_dir, size) if todo is None else todo
+    return vol.depth - sum(z1 - z0 for z0, z1 in todo)
+
+
 @holding_out
 def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                        volumes: Sequence[Volume], out_dir: str | Path,
@@ -318,67 +325,69 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     claim_for(out_dir, model, only, overwrite, files, volumes)
     start = time.perf_counter()
     futures: dict = {}
-    # images: those finished before are reported, the rest go out in batches
-    images: list[Segmented | None] = [finished(out_dir, f, previews) for f in files]
-    slot = {str(f): i for i, f in enumerate(files)}
-    for r in images:
-        if r is not None and on_progress is not None:
-            on_progress(1, 0, r.stem)  # done before
-    todo = [str(f) for f, r in zip(files, images, strict=True) if r is None]
-    summary = SummaryLog(out_dir / SUMMARY, names) if files else None
-    for i in range(0, len(todo), batch):
-        part = todo[i:i + batch]
-        fut = client.submit(_image_batch, spec, part, str(out_dir), only, previews,
-                            pure=False)
-        futures[fut] = ("images", part)
-    workers: set[str] = set()
-
-    def volume_done(index: int) -> None:
-        vol, res = volumes[index], vols[index]
-        if res.error:
-            return
-        try:
-            res.record = finish_volume(model, vol, out_dir, sizes[index], only,
-                                       time.perf_counter() - start, on_progress)
-            workers.update(res.record.get("workers", []))
-        except (PaserError, OSError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
-
-    # volumes: the finished ones are read, the chunks still to do go out
     vols: list[VolumeResult] = []
     sizes: list[int] = []  # slices per chunk of each volume
     waiting: dict[str, set] = {}
-    for vol in volumes:
-        res = VolumeResult(vol.source, vol.stem)
-        vols.append(res)
-        sizes.append(chunk)
-        res.record, res.error = earlier(vol, out_dir)
-        if res.error:
-            continue
-        if res.record is not None:
-            res.resumed = True
-            if on_progress is not None:
-                on_progress(vol.depth, 0, vol.stem)  # done before
-            continue
-        try:
-            size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]
-        except (PaserError, OSError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
-            continue
-        sizes[-1] = size
-        todo_chunks = chunks_to_do(vol, out_dir, size)
-        done_slices = vol.depth - sum(z1 - z0 for z0, z1 in todo_chunks)
-        if done_slices and on_progress is not None:
-            on_progress(done_slices, 0, vol.stem)  # done before
-        waiting[vol.stem] = set()
-        for z0, z1 in todo_chunks:
-            fut = client.submit(_volume_chunk, spec, vol, z0, z1, str(out_dir), only,
-                                pure=False)
-            futures[fut] = ("chunk", (len(vols) - 1, z0, z1))
-            waiting[vol.stem].add(fut)
-        if not todo_chunks:  # stopped after its last chunk: only the assembly is left
-            volume_done(len(vols) - 1)
+    workers: set[str] = set()
+    # Ctrl-C from here on (a volume's preparation or assembly as well): what finished is
+    # kept, said with its slices, and what went out is cancelled
     try:
+        # images: those finished before are reported, the rest go out in batches
+        images: list[Segmented | None] = [finished(out_dir, f, previews) for f in files]
+        slot = {str(f): i for i, f in enumerate(files)}
+        for r in images:
+            if r is not None and on_progress is not None:
+                on_progress(1, 0, r.stem)  # done before
+        todo = [str(f) for f, r in zip(files, images, strict=True) if r is None]
+        summary = SummaryLog(out_dir / SUMMARY, names) if files else None
+        for i in range(0, len(todo), batch):
+            part = todo[i:i + batch]
+            fut = client.submit(_image_batch, spec, part, str(out_dir), only, previews,
+                                pure=False)
+            futures[fut] = ("images", part)
+
+        def volume_done(index: int) -> None:
+            vol, res = volumes[index], vols[index]
+            if res.error:
+                return
+            try:
+                res.record = finish_volume(model, vol, out_dir, sizes[index], only,
+                                           time.perf_counter() - start, on_progress)
+                workers.update(res.record.get("workers", []))
+            except (PaserError, OSError, ValueError) as err:
+                res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+
+        # volumes: the finished ones are read, the chunks still to do go out
+        for vol in volumes:
+            res = VolumeResult(vol.source, vol.stem)
+            vols.append(res)
+            sizes.append(chunk)
+            res.record, res.error = earlier(vol, out_dir)
+            if res.error:
+                continue
+            if res.record is not None:
+                res.resumed = True
+                if on_progress is not None:
+                    on_progress(vol.depth, 0, vol.stem)  # done before
+                continue
+            try:
+                size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]
+            except (PaserError, OSError, ValueError) as err:
+                res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+                continue
+            sizes[-1] = size
+            todo_chunks = chunks_to_do(vol, out_dir, size)
+            done_slices = _slices_done(vol, out_dir, size, todo_chunks)
+            if done_slices and on_progress is not None:
+                on_progress(done_slices, 0, vol.stem)  # done before
+            waiting[vol.stem] = set()
+            for z0, z1 in todo_chunks:
+                fut = client.submit(_volume_chunk, spec, vol, z0, z1, str(out_dir), only,
+                                    pure=False)
+                futures[fut] = ("chunk", (len(vols) - 1, z0, z1))
+                waiting[vol.stem].add(fut)
+            if not todo_chunks:  # stopped after its last chunk: only the assembly is left
+                volume_done(len(vols) - 1)
         for fut in distributed.as_completed(list(futures)):
             kind, what = futures.pop(fut)
             error = _error(fut)
@@ -403,7 +412,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             if not waiting[vol.stem]:
                 volume_done(index)
     except KeyboardInterrupt as err:  # Ctrl-C here: the chunks the workers finished are kept
-        kept = [(vol, vol.depth - sum(z1 - z0 for z0, z1 in chunks_to_do(vol, out_dir, size)))
+        kept = [(vol, _slices_done(vol, out_dir, size))
                 for vol, res, size in zip(volumes, vols, sizes, strict=False)
                 if vol.stem in waiting and res.record is None]  # (their records, on disk)
         if kept:
