@@ -289,7 +289,8 @@ def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_p
     assert np.array_equal(tifffile.imread(out / "scan_labels.tif"), here)
 
 
-def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, tmp_path):
+def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, tmp_path,
+                                                                     capsys):
     """volumes.csv and a volume's JSON had no bytes sent (summary.csv and an image's JSON
     have them): a volume's are its slices' as images, summed."""
     vol = np.random.default_rng(5).integers(0, 256, (2, 28, 28), dtype=np.uint8)
@@ -314,6 +315,19 @@ def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, 
     [row] = csv.DictReader(open(tmp_path / "vol" / "volumes.csv"))
     assert (row["degraded patches"], row["bytes sent"], row["bytes whole volume"]) == (
         "0", str(remote["bytes_sent"]), str(remote["bytes_whole_volume"]))
+    # the volume's line, and where a call without --remote finished it (no URL then)
+    from types import SimpleNamespace
+
+    from paser.cli.deploy import _volume_lines
+
+    rec = json.loads((tmp_path / "vol" / "scan.json").read_text())
+    for url, shown in (("http://testserver", "  remote http://testserver: sent "),
+                       (None, "  remote: sent ")):
+        rec["remote"]["url"] = url
+        _volume_lines([SimpleNamespace(record=rec, source="scan.tif", resumed=False)],
+                      tmp_path / "vol")
+        line = capsys.readouterr().out.splitlines()[1]
+        assert line.startswith(f"{shown}{remote['bytes_sent']:,} bytes against "), line
 
 
 def test_one_images_patches_past_the_servers_limit_go_in_several_requests(mnist_run):

@@ -445,7 +445,8 @@ def _volume_lines(results, out: Path) -> None:
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
         if "remote" in rec:  # (as the images' line says it)
             sent, whole = rec["remote"]["bytes_sent"], rec["remote"]["bytes_whole_volume"]
-            typer.echo(f"  remote {rec['remote']['url']}: sent {sent:,} bytes against "
+            url = rec["remote"]["url"]  # none where a call without --remote finished it
+            typer.echo(f"  remote{f' {url}' if url else ''}: sent {sent:,} bytes against "
                        f"{whole:,} for every slice whole ({sent / max(whole, 1):.1%})")
         if rec.get("degraded_patches"):
             typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
