@@ -298,7 +298,6 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     names = record_names(model)
-    model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
     claim_for(out_dir, model, only, overwrite, files=files)
     results: list[Segmented | None] = [finished(out_dir, f, previews) for f in files]
     todo = [f for f, r in zip(files, results, strict=True) if r is None]
@@ -480,8 +479,11 @@ def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
 def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
               files: Sequence[Path] = (), volumes: Sequence = ()) -> None:
     """:func:`claim_output` of ``out_dir`` for a call that writes the outputs of ``files``
-    and ``volumes`` (one claim over both's markers) with ``model`` (``only``: one model)."""
+    and ``volumes`` (one claim over both's markers) with ``model`` (``only``: one model).
+    The run's classes.yaml is read first: a bad one is refused once, before anything."""
     from paser.volumes import volume_markers
+
+    model.label_codec  # noqa: B018  (read once, kept)
 
     claim_output(out_dir, output_settings(model, only), overwrite,
                  image_markers(out_dir, files) + volume_markers(out_dir, volumes))

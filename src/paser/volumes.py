@@ -828,7 +828,6 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     from paser.segment import claim_for, stop_writing
 
     out_dir = Path(out_dir)
-    model.label_codec  # noqa: B018  the run's classes.yaml, read now: a bad one fails once
     claim_for(out_dir, model, only, overwrite, volumes=volumes)
     results = []
     for vol in volumes:

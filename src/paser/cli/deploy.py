@@ -176,7 +176,7 @@ def segment(
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
     from paser.runtime import OUT_LOCK, default_workers, hold_folder, progress
-    from paser.segment import segment_files
+    from paser.segment import claim_for, segment_files
     from paser.volumes import split_inputs
 
     if out.exists() and not out.is_dir():
@@ -262,9 +262,11 @@ def segment(
                                            overwrite, chunk, previews)
         files = []  # done there
     else:
-        _claim(out, model, k, overwrite, files, volumes)
+        # claimed before any bar opens: a refusal is its error alone (claim_for reads the
+        # run's classes.yaml first); the calls that segment then find it claimed
+        claim_for(out, model, k, overwrite, files, volumes)
         if volumes:
-            vol_results = _segment_volumes(model, volumes, out, k, False, chunk)
+            vol_results = _segment_volumes(model, volumes, out, k, chunk)
     with progress(bool(files)) as bar:
         task = bar.add_task("segment", total=len(files), info="")
         tiles: dict = {}  # a large image's own bar, over its tiles
@@ -335,17 +337,6 @@ def segment(
         raise typer.Exit(1)
 
 
-def _claim(out: Path, model, k: int | None, overwrite: bool, files, volumes) -> None:
-    """Make ``out`` this call's before any progress bar opens (:func:`paser.segment.claim_for`,
-    one claim over the images and the volumes: each one's records count in it): a run whose
-    classes.yaml is bad, or a folder of another run or other settings, is refused with its
-    error alone, not after an empty bar. The calls that segment then find it claimed."""
-    from paser.segment import claim_for
-
-    model.label_codec  # noqa: B018  the run's classes.yaml, read now (before the claim)
-    claim_for(out, model, k, overwrite, files, volumes)
-
-
 @contextmanager
 def _slices_bar(total: int, name: str):
     """One progress bar over ``total`` slices (an image is one): slices/s and megavoxels/s
@@ -374,6 +365,7 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
     import torch
 
     from paser.cluster import connect, segment_on_cluster
+    from paser.segment import claim_for
 
     total = sum(v.depth for v in volumes) + len(files)
     with connect(scheduler) as client:
@@ -386,8 +378,9 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
                        f"{torch.get_num_threads()} in a local run here: labels can differ in "
                        f"a few voxels per slice (PyTorch adds in another order); --threads "
                        f"{torch.get_num_threads()} makes them byte-identical")
-        # claimed once the scheduler answered: one that does not leaves the folder free
-        _claim(out, model, k, overwrite, files, volumes)
+        # claimed once the scheduler answered (one that does not leaves the folder free),
+        # before the bar opens
+        claim_for(out, model, k, overwrite, files, volumes)
         with _saying_kept(), _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
                                      chunk=chunk, on_progress=advance, previews=previews)
@@ -397,15 +390,14 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
     return res.images, res.volumes
 
 
-def _segment_volumes(model, volumes, out: Path, k: int | None, overwrite: bool,
-                     chunk: int) -> list:
+def _segment_volumes(model, volumes, out: Path, k: int | None, chunk: int) -> list:
     """The volumes, one progress bar over all their slices (slices/s, megavoxels/s), and
     a line each."""
     from paser.volumes import segment_volumes
 
     with _saying_kept(), _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
         results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
-                                  on_slices=advance, overwrite=overwrite)
+                                  on_slices=advance)
     _volume_lines(results, out)
     return results
 
