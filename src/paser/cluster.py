@@ -63,11 +63,11 @@ from paser.volumes import (
     VolumeResult,
     _write_csv,
     chunks_to_do,
-    earlier,
     finish_volume,
     is_write_error,
     prepare_volume,
     segment_chunk,
+    started,
 )
 
 if TYPE_CHECKING:
@@ -359,16 +359,10 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
 
         # volumes: the finished ones are read, the chunks still to do go out
         for vol in volumes:
-            res = VolumeResult(vol.source, vol.stem)
+            res = started(vol, out_dir, on_progress)
             vols.append(res)
             sizes.append(chunk)
-            res.record, res.error = earlier(vol, out_dir)
-            if res.error:
-                continue
-            if res.record is not None:
-                res.resumed = True
-                if on_progress is not None:
-                    on_progress(vol.depth, 0, vol.stem)  # done before
+            if res.error or res.record is not None:
                 continue
             try:
                 size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]

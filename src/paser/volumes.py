@@ -831,15 +831,9 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
     claim_for(out_dir, model, only, overwrite, volumes=volumes)
     results = []
     for vol in volumes:
-        res = VolumeResult(vol.source, vol.stem)
+        res = started(vol, out_dir, on_slices)
         results.append(res)
-        res.record, res.error = earlier(vol, out_dir)
-        if res.error:
-            continue
-        if res.record is not None:
-            res.resumed = True
-            if on_slices is not None:
-                on_slices(vol.depth, 0, vol.stem)  # done before
+        if res.error or res.record is not None:
             continue
         try:
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
@@ -926,6 +920,20 @@ def read_done(volume: Volume, out_dir: Path) -> dict | None:
     if scaled.get("mode") == "window" and scaled.get("window") is None:
         return None  # a float volume scaled slice by slice (paser before 2026-12-05): again
     return rec
+
+
+def started(volume: Volume, out_dir: Path,
+            on_slices: Callable[[int, int, str], None] | None = None) -> VolumeResult:
+    """``volume``'s result as an earlier call into ``out_dir`` left it (:func:`earlier`):
+    finished (``resumed``, its slices reported done to ``on_slices``), failed (``error``),
+    or neither: to do."""
+    res = VolumeResult(volume.source, volume.stem)
+    res.record, res.error = earlier(volume, out_dir)
+    if res.record is not None and not res.error:
+        res.resumed = True
+        if on_slices is not None:
+            on_slices(volume.depth, 0, volume.stem)  # done before
+    return res
 
 
 def earlier(volume: Volume, out_dir: Path) -> tuple[dict | None, str]:
