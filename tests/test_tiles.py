@@ -168,7 +168,7 @@ def test_a_reader_whose_kept_image_was_removed_reads_it_again(tmp_path):
     tiles, plain = Tiles(files, (16, 16)), Tiles(files, (16, 16))
     decoded = tiles_module.decode_into(tmp_path / "cache", [tiles])
     tiles.image(0)
-    # the folder's owner (another training process, ending) removing it: the image gone first
+    # the folder's owner (the process that made it, ending) removing it: the image gone first
     (tiles.decoded.path / "0.image.npy").unlink()
     tiles._last = None
     assert torch.equal(tiles.image(0), plain.image(0))

@@ -297,10 +297,9 @@ class ClusterResults:
     workers: list[str]
 
 
-def _slices_done(vol: Volume, out_dir: Path, size: int, todo: list | None = None) -> int:
-    """How many of ``vol``'s slices are done in ``out_dir`` (chunks of ``size``): those of
-    the chunks whose records are on disk (``todo``: the chunks still to do, if known)."""
-    todo = chunks_to_do(vol, out_dir, size) if todo is None else todo
+def _slices_done(vol: Volume, todo: Sequence[tuple[int, int]]) -> int:
+    """How many of ``vol``'s slices are done: those outside the chunks ``todo``
+    (:func:`paser.volumes.chunks_to_do`: the chunks whose records are not on disk)."""
     return vol.depth - sum(z1 - z0 for z0, z1 in todo)
 
 
@@ -316,8 +315,9 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     the same outputs, records and resume (module doc). ``model`` is the run loaded here
     (for the folder's settings and the volumes' records; it segments nothing): its
     calibration and cap go to the workers in ``spec`` (:class:`RunSpec`, whose own are
-    replaced), so they route as the folder's claim says. ``on_progress(slices, voxels, what)`` as each task finishes (an
-    image is one slice; ``voxels`` 0 for what an earlier call did)."""
+    replaced), so they route as the folder's claim says. ``on_progress(slices, voxels,
+    what)`` as each task finishes (an image is one slice; ``voxels`` 0 for what an earlier
+    call did)."""
     distributed = _distributed()
     out_dir = Path(out_dir)
     spec = replace(spec, calibration=model.calibration, max_gflops_per_mp=model.router.cap_per_mp)
@@ -371,7 +371,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 continue
             sizes[-1] = size
             todo_chunks = chunks_to_do(vol, out_dir, size)
-            done_slices = _slices_done(vol, out_dir, size, todo_chunks)
+            done_slices = _slices_done(vol, todo_chunks)
             if done_slices and on_progress is not None:
                 on_progress(done_slices, 0, vol.stem)  # done before
             waiting[vol.stem] = set()
@@ -406,7 +406,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             if not waiting[vol.stem]:
                 volume_done(index)
     except KeyboardInterrupt as err:  # Ctrl-C here: the chunks the workers finished are kept
-        kept = [(vol, _slices_done(vol, out_dir, size))
+        kept = [(vol, _slices_done(vol, chunks_to_do(vol, out_dir, size)))
                 for vol, res, size in zip(volumes, vols, sizes, strict=False)
                 if vol.stem in waiting and res.record is None]  # (their records, on disk)
         if kept:

@@ -254,10 +254,10 @@ def segment(
     if scheduler is not None:
         from paser.cluster import RunSpec
 
-        # calibrated here (above), once: the workers route with this model's calibration
+        # calibrated and capped here (above), once: the workers route with this model's
+        # calibration and cap (segment_on_cluster puts them in the spec)
         spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
-                       None if onnx is None else str(Path(onnx).resolve()), threads=threads,
-                       max_gflops_per_mp=cap_per_mp)
+                       None if onnx is None else str(Path(onnx).resolve()), threads=threads)
         results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
                                            overwrite, chunk, previews)
         files = []  # done there

@@ -211,7 +211,7 @@ class Tiles:
             try:  # the mask first: where it is, the image is whole
                 y = np.load(mask, mmap_mode="r")
                 return np.load(image, mmap_mode="r"), y
-            except OSError:  # not written yet, or removed meanwhile by the rank that owns it
+            except OSError:  # not written yet, or removed meanwhile by the process that owns it
                 pass
         x, y = self.files.image(i), self.files.mask(i)
         if self.decoded is not None:

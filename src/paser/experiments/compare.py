@@ -221,7 +221,6 @@ def format_comparison(result: dict) -> str:
     kinds = {json.dumps(machine_kind(m), sort_keys=True): m
              for m in result.get("machines", []) if m}
     if len(kinds) > 1:
-
         out.append("Their pools trained on different kinds of machine (" + " / ".join(
             machine_text(m) for m in kinds.values()) + "): one seed trains other pools on "
             "each (their bf16 and threaded kernels add in other orders), so the spread "
