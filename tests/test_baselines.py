@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from paser.baselines.monolithic import MatPhase, role_name
 from paser.baselines.routed import (
@@ -155,6 +154,8 @@ def _router(halo=0):
 
 @pytest.mark.parametrize("halo", [0, 4])
 def test_cascade_forward_matches_the_tables_and_a_direct_flop_count(halo):
+    from torch.utils.flop_counter import FlopCounterMode
+
     router = _router(halo)
     data = Tensors(torch.rand(3, 1, 32, 32), torch.randint(0, 3, (3, 32, 32), dtype=torch.uint8),
                    ["a", "b", "c"])
@@ -178,6 +179,8 @@ def test_cascade_forward_matches_the_tables_and_a_direct_flop_count(halo):
 
 
 def test_matphase_gate_and_cost():
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(0)
     members = [create_model("unet_tiny"), create_model("unet_tiny")]
     mp = MatPhase(members, 1, 3, channels=4).eval()

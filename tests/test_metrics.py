@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from torchmetrics.classification import MulticlassJaccardIndex
-from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from paser.errors import ConfigError, DataError
 from paser.metrics import (
@@ -19,6 +17,10 @@ from paser.metrics import (
     predicted_classes,
 )
 from paser.patches import PatchGrid
+
+# torchmetrics is imported in the three tests that compare with it: importing it loads
+# torchvision, scipy.signal and its audio metrics (about 2.5 s), which every pytest worker
+# paid while collecting, whichever tests it went on to run.
 
 # Image A, 3 classes. Per class (target count, pred count, intersection, union):
 #   0: 4, 4, 3, 5 -> 3/5;  1: 6, 6, 5, 7 -> 5/7;  2: 6, 6, 5, 7 -> 5/7.
@@ -109,6 +111,8 @@ def test_ignore_index_out_of_range():
 
 
 def test_ignore_index_that_is_a_class():
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
     # ignore_index=0 on A: target-0 pixels are dropped and class 0 leaves the mean;
     #   1: 5/6;  2: 5/7 (the valid pixel (3,3) predicted 0 still misses class 2) -> 65/84.
     pred, target = torch.tensor([PRED_A]), torch.tensor([TARGET_A])
@@ -142,6 +146,8 @@ def _random_batch(gen, n, c, size=(16, 20), ignore_index=None):
 @pytest.mark.parametrize(("num_classes", "ignore_index"), [(3, None), (5, None), (4, 255), (4, 1)])
 def test_per_image_matches_torchmetrics_macro(num_classes, ignore_index):
     """``iou_per_image`` == multiclass_jaccard_index(average="macro") on each image."""
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
     gen = torch.Generator().manual_seed(num_classes)
     pred, target = _random_batch(gen, 8, num_classes, ignore_index=ignore_index)
     ours = iou_per_image(pred, target, num_classes, ignore_index=ignore_index)
@@ -158,6 +164,8 @@ def test_per_image_matches_torchmetrics_macro(num_classes, ignore_index):
 def test_accumulator_matches_torchmetrics_streaming(num_classes, ignore_index):
     """Dataset mIoU == MulticlassJaccardIndex(average="macro") over the stream; per class ==
     average="none" on the classes seen (torchmetrics gives 0 where we give NaN)."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
     gen = torch.Generator().manual_seed(10 + num_classes)
     acc = IoUAccumulator(num_classes, ignore_index=ignore_index)
     macro = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from paser.errors import DataError
 from paser.models import RoutingPolicy, count_parameters, create_model
@@ -17,6 +16,8 @@ def test_policy_matches_the_reference_size():
 
 
 def test_policy_stride_two_keeps_the_parameters_and_quarters_the_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
     flops = {}
     for stride in (1, 2):
         policy = RoutingPolicy(16, 3, head="local", grid=(4, 4), stride=stride).eval()
@@ -88,6 +89,8 @@ def test_greedy_is_deterministic_in_actions_and_sample_varies():
 
 @pytest.mark.parametrize("halo", [0, 4])
 def test_gflops_from_tables_match_a_direct_count(halo):
+    from torch.utils.flop_counter import FlopCounterMode
+
     router = _router(grid=PatchGrid(2, 2, halo=halo), t=5)
     x = torch.rand(2, 1, 32, 32)
     actions = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 0]])

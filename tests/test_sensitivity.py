@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from tests.helpers import IOU_ABS
 
 from paser.config import load_config
@@ -15,6 +14,8 @@ from paser.experiments import sensitivity as sens
 
 
 def test_welch_is_scipys_unequal_variance_test_and_finds_a_shift():
+    from scipy import stats
+
     rng = np.random.default_rng(0)
     a, b = rng.normal(0, 1, 200), rng.normal(0, 3, 150)
     res = sens.welch(a, b)

@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import trustme
 from benchmarks.load import Answer, Job, load_test, violations
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -286,6 +285,8 @@ def _paser(*args):
 @pytest.fixture(scope="module")
 def https_server(mnist_run, tmp_path_factory, server_port):
     """`paser serve` with --token-file and a certificate for 127.0.0.1 from a test CA."""
+    import trustme  # here: cryptography's import (0.3 s) is paid by the test that uses it
+
     tmp = tmp_path_factory.mktemp("https")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")

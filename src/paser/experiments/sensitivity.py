@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from paser.checkpoints import build_router, make_policy
 from paser.data import Tensors
@@ -39,6 +38,8 @@ DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(10))
 
 def welch(a, b) -> dict:
     """Welch's t-test of two samples (SciPy ``ttest_ind(equal_var=False)``)."""
+    from scipy import stats  # here: scipy.stats takes about 0.5 s to import
+
     res = stats.ttest_ind(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
                           equal_var=False)
     return {"t_statistic": float(res.statistic), "p_value": float(res.pvalue)}
