@@ -564,3 +564,22 @@ def test_tiles_and_patches_of_rectangles_go_where_rows_and_columns_say(tmp_path)
     x = torch.stack([torch.ones(1, 64, 96), torch.zeros(1, 64, 96)])  # 2 x 3 tiles each
     both = route_tiled(route, x, (32, 32), PatchGrid(1, 1), probs=False)
     assert both.gflops.tolist() == [6.0, 0.0]
+
+
+def test_a_split_of_tiles_evaluates_as_the_same_tiles_held_in_memory(tmp_path):
+    """`paser evaluate` on a run with data.tile hands PaSeR.evaluate the split's Tiles (a
+    folder of mixed sizes): it was refused as neither Tensors nor a Dataset."""
+    from paser.data import Tensors
+
+    root = mixed_folder(tmp_path / "d")
+    cfg = load_config(preset="battery-quick", overrides=["data.tile=[16, 16]",
+                                                         "models.num_classes=3"])
+    m = model(cfg, tmp_path / "run")
+    tiles = Tiles(FolderDataset(root, "test"), (16, 16))
+    held = Tensors(torch.stack([tiles.image(j) for j in range(len(tiles))]),
+                   torch.stack([tiles.mask(j) for j in range(len(tiles))]), tiles.ids)
+    got, want = m.evaluate(tiles, batch_size=8), m.evaluate(held, batch_size=8)
+    assert got["images"] == want["images"] == 38
+    assert got["miou"] == pytest.approx(want["miou"], abs=1e-12)
+    assert got["gflops"] == pytest.approx(want["gflops"], rel=1e-12)
+    assert got["fractions"] == pytest.approx(want["fractions"], abs=1e-12)

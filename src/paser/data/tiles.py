@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.patches import PatchGrid, pad_to
@@ -162,11 +163,12 @@ def decode_into(parent: Path, splits: Iterable, spare: float = 2.0, ranks: int =
     return decoded
 
 
-class Tiles:
+class Tiles(Dataset):
     """A split of :class:`SegmentationFiles` as tiles of ``tile`` (``(H, W)``); item ``j`` is
     tile ``j`` of the row-major tiles of every image in turn. It reads like the split it
     wraps (``image``, ``mask``, ``ids``, ``size``, ``channels``), so it is held in memory
-    or streamed the same way. A reader keeps the last image it read: tiles of one image
+    or streamed the same way, and is a Dataset as that split is (``PaSeR.evaluate`` and
+    ``paser evaluate`` take it). A reader keeps the last image it read: tiles of one image
     come one after another."""
 
     def __init__(self, files: SegmentationFiles, tile: tuple[int, int], margin: int = 0,
