@@ -405,6 +405,56 @@ def test_folders_as_users_have_them(folder, tmp_path):
         check_dataset(two, workers=0, show_progress=False)
 
 
+def as_palette(mask: np.ndarray, colour_of: dict[int, tuple], index_of: dict[int, int],
+               path) -> None:
+    """``mask``'s values saved as a palette mask: value v at index ``index_of[v]``, which
+    the palette shows as ``colour_of[v]``."""
+    lut = np.zeros(256, np.uint8)
+    palette = [0] * 768
+    for v, i in index_of.items():
+        lut[v] = i
+        palette[3 * i:3 * i + 3] = colour_of[v]
+    img = Image.fromarray(lut[mask]).convert("L")
+    img = Image.frombytes("P", img.size, img.tobytes())  # the indices as they are
+    img.putpalette(palette)
+    img.save(path)
+
+
+def test_palette_masks_that_number_their_colours_otherwise_are_named(folder, tmp_path):
+    """Palette masks are read by their indices: where one mask shows a class's colour at
+    another index than the rest (colour masks converted one by one, each numbering the
+    colours it holds), check names it, not the mixed class frequencies it gave."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    colour_of = {v: tuple(int(c) for c in COLOURS[k]) for k, v in enumerate(VALUES)}
+    colour_of[255] = (255, 255, 255)
+    same = {v: v for v in colour_of}
+    for mask in sorted(root.glob("*/masks/*.png")):
+        as_palette(np.asarray(Image.open(mask)), colour_of, same, mask)
+    # palettes that differ where no mask uses them agree on every colour shown
+    bad = root / "train" / "masks" / "img03.png"
+    held = np.asarray(Image.open(bad))
+    as_palette(held, {**colour_of, 200: (9, 9, 9)}, {**same, 200: 200}, bad)
+    r = check_dataset(root, workers=0, show_progress=False)
+    fractions = r["class_fractions"]
+    # class0's colour at index 40 and class1's at 0 in one training mask (it holds class0
+    # and not class1)
+    assert 0 in held and 40 not in held
+    as_palette(held, colour_of, {**same, 0: 40, 40: 0}, bad)
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: palette index 40 shows the colour (20, 20, 20) here "
+                              f"but (200, 30, 30) in {root / 'train' / 'masks' / 'img00.png'}")
+    assert "read by their palette indices" in message and "one palette" in message
+    as_palette(held, colour_of, {**same, 0: 7}, bad)  # class0's colour at an index of its own
+    with pytest.raises(DataError, match=r"img03.png: the colour \(20, 20, 20\) is palette "
+                       r"index 7 here but 0 in \S*train/masks/img00.png"):
+        check_dataset(root, workers=0, show_progress=False)
+    as_palette(held, colour_of, same, bad)  # the same colours at the same indices again
+    assert check_dataset(root, workers=0, show_progress=False)["class_fractions"] == fractions
+
+
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):
     few = make_folder(tmp_path / "few", counts=(2, 1, 1))
     with pytest.raises(DataError, match=r"the training split has 2 images \(tiles\); training "

@@ -20,6 +20,7 @@ the benchmark, every other id is unlabelled.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ import yaml
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.data.images import (
+    _READ_ERRORS,
     READABLE_SUFFIXES,
     image_files,
+    read_array,
     read_mask,
     shared_stem,
     skipped_note,
@@ -148,6 +151,58 @@ def _palette_note(path: Path) -> str:
                     "the indices)") if img.mode in ("P", "PA") else ""
     except OSError:
         return ""
+
+
+def palette_conflicts(masks: Iterable[Path]) -> list[str]:
+    """The palette masks that show a palette index in another colour than an earlier mask
+    does, or a colour at another index, one problem each. Masks are read by their indices,
+    so there one colour would be two classes, and two colours one: colour masks converted
+    file by file number the colours each file holds (Pillow's ``Image.quantize``, an
+    indexed export). Only the indices a mask holds count, and masks of one palette (most
+    tools write one) are not read."""
+    from PIL import Image
+
+    palettes = {}
+    for path in masks:
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("P", "PA"):
+                    palettes[path] = bytes(img.getpalette() or ())
+        except _READ_ERRORS:  # not for Pillow: the masks are read (and named) by paser
+            continue
+    if len(set(palettes.values())) < 2:
+        return []
+    colour_at: dict[int, tuple[tuple[int, ...], Path]] = {}
+    index_of: dict[tuple[int, ...], tuple[int, Path]] = {}
+    problems = []
+    for path in palettes:
+        try:
+            indices = read_array(path, palette="indices")
+            colours = read_array(path, palette="colours")
+        except DataError:
+            continue
+        if indices.ndim == 3:  # gray and alpha: the indices are the first channel
+            indices = indices[..., 0]
+        held, first = np.unique(indices.reshape(-1), return_index=True)
+        shown = colours.reshape(indices.size, -1)[first, :3]  # each index's colour
+        for v, colour in zip(held.tolist(), (tuple(c) for c in shown.tolist()), strict=True):
+            seen, where = colour_at.setdefault(v, (colour, path))
+            at, there = index_of.setdefault(colour, (v, path))
+            if seen != colour:
+                problem = (f"palette index {v} shows the colour {colour} here but {seen} in "
+                           f"{where}")
+            elif at != v:
+                problem = f"the colour {colour} is palette index {v} here but {at} in {there}"
+            else:
+                continue
+            problems.append(
+                f"{path}: {problem}; masks are read by their palette indices (classes.yaml "
+                "names indices, not colours), so a colour would name one class here and "
+                "another there: save every mask with one palette, each colour at one index "
+                "(Pillow: rgb.quantize(palette=ref, dither=Image.Dither.NONE), ref a palette "
+                "image of the class colours)")
+            break
+    return problems
 
 
 def mask_values(root: Path, limit: int = 16) -> list[int]:

@@ -355,8 +355,10 @@ def read_mask(path: str | Path) -> np.ndarray:
             raise DataError(
                 f"{path}: a colour mask ({len(found)} colours: {shown}"
                 f"{' ...' if len(found) > 8 else ''}); masks store classes as values: save it "
-                "as 8-bit grayscale or as a palette PNG (each colour an index, e.g. Pillow's "
-                "Image.quantize), whose values classes.yaml then names")
+                "as 8-bit grayscale or as a palette PNG, every mask with one palette (Pillow: "
+                "rgb.quantize(palette=ref, dither=Image.Dither.NONE), ref a palette image of "
+                "the class colours; quantize alone numbers each file's colours its own way), "
+                "whose indices classes.yaml then names")
         arr = colour[..., 0]
     return label_values(arr, str(path))
 

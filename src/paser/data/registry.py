@@ -35,6 +35,7 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
     mask_values,
+    palette_conflicts,
     unpaired_masks,
     unread_images,
 )
@@ -455,6 +456,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                     bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
             except DataError as err:  # then each file alone, to name every bad one
                 problems += _unreadable(ds) or err.each()
+    if layout == "folder":  # palette masks: one colour one index, in every split
+        problems += palette_conflicts(p for ds in splits.values() for p in ds.labels)
     if problems:
         raise DataError.of_every(list(dict.fromkeys(problems)))
     counts, every = by_split["train"], sum(by_split.values())
