@@ -455,6 +455,28 @@ def test_palette_masks_that_number_their_colours_otherwise_are_named(folder, tmp
     assert check_dataset(root, workers=0, show_progress=False)["class_fractions"] == fractions
 
 
+def test_a_thin_class_at_the_ignore_value_is_no_class_of_the_map(tmp_path):
+    """EM membranes as 0 / 255 masks, 255 a sixteenth of the pixels, named {0: background,
+    1: membrane}: 255 is the default ignore value, so no pixel is a membrane and a run
+    would learn background alone. Check stopped only where the ignore value held more than
+    a quarter of the pixels, and passed these with weights [1, 0]."""
+    root = tmp_path / "em"
+    for split in ("train", "validation", "test"):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(root / split / "masks" / f"{i}.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    with pytest.raises(DataError, match=r"no mask holds 'membrane' \(value 1\), while 6 % of "
+                       r"the pixels hold 255, the ignore value: if 255 marks a class, name it"):
+        check_dataset(root, workers=0, show_progress=False)
+    (root / "classes.yaml").write_text("classes: {0: background, 255: membrane}\nignore: null\n")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "membrane": 1 / 16})
+    assert r["suggested_class_weights"] == [pytest.approx(1 / 15, abs=1e-4), 1.0]
+
+
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):
     few = make_folder(tmp_path / "few", counts=(2, 1, 1))
     with pytest.raises(DataError, match=r"the training split has 2 images \(tiles\); training "

@@ -295,17 +295,18 @@ def detect_layout(root: str | Path) -> str:
 
 def _absent_classes(root, train, counts: torch.Tensor) -> list[str]:
     """The classes no mask of any split holds (``counts``: pixels per class over the three
-    splits, the last unlabelled). Where one class is all the masks hold and over a quarter
-    of the pixels are unlabelled, the class map misreads them (0 / 255 masks named
-    ``{0: background, 1: particle}``, 255 the default ignore value; a run would learn one
-    class): a :class:`DataError` saying how to name them."""
+    splits, the last unlabelled). Where one class is all the masks hold and other pixels
+    are unlabelled, the class map misreads them (0 / 255 masks named ``{0: background, 1:
+    particle}``, 255 the default ignore value; a run would learn one class), however few
+    they are (EM membranes, a sixth of the pixels): a :class:`DataError` saying how to name
+    them."""
     names = train.class_names
     absent = [names[c] for c in range(len(names)) if counts[c] == 0]
     unlabelled = float(counts[-1] / counts.sum().clamp_min(1))
     classmap = getattr(train, "classmap", None)
     ignore = getattr(classmap, "ignore", None)
     present = len(names) - len(absent)
-    if absent and present == 1 and ignore is not None and unlabelled > 0.25:
+    if absent and present == 1 and ignore is not None and unlabelled > 0:
         raise DataError(
             f"{root}: no mask holds "
             f"{', '.join(repr(n) for n in absent)} (value "
