@@ -477,6 +477,27 @@ def test_a_thin_class_at_the_ignore_value_is_no_class_of_the_map(tmp_path):
     assert r["suggested_class_weights"] == [pytest.approx(1 / 15, abs=1e-4), 1.0]
 
 
+def test_a_label_named_in_another_case_is_named_in_the_error(tmp_path):
+    """A mask whose name differs from its image's in case alone (``Slice 07.png`` beside
+    ``slice 07.tif``: one file to macOS and Windows, which show them alike) is named, with
+    the name to give it, not left at 'label not found'."""
+    root = tmp_path / "em"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / "images" / f"slice {i}.tif")
+        Image.fromarray(np.eye(16, dtype=np.uint8)).save(
+            root / "masks" / (f"Slice {i}.PNG" if i == 2 else f"slice {i}.png"))
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    assert str(err.value) == (
+        f"{root / 'masks' / 'slice 2.png'}: label not found for image "
+        f"{root / 'images' / 'slice 2.tif'}; {root / 'masks' / 'Slice 2.PNG'} differs from "
+        "the image's name in case alone: a label has its image's file name (stem 'slice 2'), "
+        "letter for letter, so rename it 'slice 2.PNG'")
+
+
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):
     few = make_folder(tmp_path / "few", counts=(2, 1, 1))
     with pytest.raises(DataError, match=r"the training split has 2 images \(tiles\); training "

@@ -58,9 +58,16 @@ def read_label(path: str | Path) -> np.ndarray:
 
 def _near_name(label: Path, stem: str) -> str:
     """``; ...img_000_mask.png looks like its label: ...`` where a file beside the missing
-    label names the image's stem inside its own (another tool's suffix or prefix)."""
+    label names the image's stem inside its own (another tool's suffix or prefix), or
+    ``; ...Img_000.png differs ... in case alone`` (one file to macOS and Windows)."""
     if not label.parent.is_dir():
         return ""
+    cased = sorted(p for p in label.parent.iterdir()
+                   if p.is_file() and p.stem != stem and p.stem.lower() == stem.lower())
+    if cased:
+        return (f"; {cased[0]} differs from the image's name in case alone: a label has its "
+                f"image's file name (stem '{stem}'), letter for letter, so rename it "
+                f"'{stem}{cased[0].suffix}'")
     def names_it(other: str) -> bool:  # img_000_mask, mask_img_000, img_000.mask
         return any(other.startswith(stem + sep) or other.endswith(sep + stem)
                    for sep in "_-. ")
