@@ -323,6 +323,24 @@ def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_pat
     assert cfg.stage1.class_weights == pytest.approx(r["suggested_class_weights"])
 
 
+def test_the_suggested_line_pastes_into_zsh_and_bash_as_printed(folder, tmp_path):
+    """zsh, macOS's shell, globs an unquoted ``stage1.class_weights=[0.872,...]`` and stops
+    at 'no matches found' before paser runs: each word with [ ] { } * ? (or a space, a
+    quote) is quoted, and a shell splits the line into the overrides check returned."""
+    import shlex
+
+    root = tmp_path / "my data"
+    shutil.copytree(folder, root)
+    out = paser_here("data", "check", root)
+    assert out.returncode == 0, out.stderr
+    line = next(t for t in out.stdout.splitlines() if t.startswith("suggested ("))
+    words = shlex.split(line.partition("): ")[2])
+    assert words == check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]
+    assert line.endswith(f"data.dataset=folder 'data.root={root}' "
+                         "'stage1.class_weights=[0.872,1.0593,0.9862,1,1.0752]' "
+                         "models.num_classes=5 models.in_channels=3")
+
+
 def test_a_folder_without_classes_yaml_is_told_the_values_its_masks_hold(folder, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(folder / "train", bare / "train")  # masks, and no classes.yaml

@@ -119,8 +119,10 @@ def data_check(
         typer.echo(f"{skipped}; training goes on without them")
     if r["tile_advice"]:
         typer.echo(r["tile_advice"])
+    # quoted as a shell needs: zsh (macOS's) globs an unquoted [...] and stops at "no
+    # matches found"; a plain word stays as it is
     typer.echo("suggested (median frequency balancing): " + " ".join(
-        shlex.quote(o) if any(c.isspace() for c in o) else o for o in r["suggested_overrides"]))
+        map(shlex.quote, r["suggested_overrides"])))
 
 
 def _listed(slices: list[int]) -> str:
