@@ -1,6 +1,7 @@
 import ipaddress
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,20 +70,53 @@ def server_port():
         yield port
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` makes, made once for the session's pytest-xdist workers
+    where they can share it: the first to ask builds it in their shared base folder, under
+    a lock, and each worker gets its own copy, which its tests may write into. A worker
+    that asks while another builds it builds its own (waiting would leave its core idle as
+    long), and so does one without xdist (or fcntl)."""
+    import shutil
+
+    mine = tmp_path_factory.mktemp(name)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is None or os.environ.get("PYTEST_XDIST_WORKER") is None:
+        build(mine)
+        return mine
+    shared = tmp_path_factory.getbasetemp().parent / f"{name}-shared"
+    with open(f"{shared}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            build(mine)
+            return mine
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            build(shared)
+            (shared / ".built").touch()
+    shutil.copytree(shared, mine, dirs_exist_ok=True)
+    return mine
+
+
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory):
     """A finished tiny noisy-MNIST run (no monolithic baselines, no TVD sweep) for the
-    further experiments, which add their entries to its results.json and report."""
+    further experiments, which add their entries to its results.json and report (built
+    once for every worker: about 3 s each)."""
     from tests.helpers import MNIST_TINY, idx_folder
 
     from paser.config import load_config
     from paser.run import run
 
-    tmp = tmp_path_factory.mktemp("finished")
-    idx_folder(tmp / "idx")
-    cfg = load_config(preset="mnist-noisy", overrides=[
-        *MNIST_TINY, f"data.mnist.root={tmp / 'idx'}", "stage3.tvd_sweep=[]",
-        "baselines.monolithic={}", "baselines.paper=null", "operating_point.max_tvd=null",
-        "mc_samples=2", "mc_dropout=all"])  # Monte Carlo on: the export tests check its graph
-    run(cfg, tmp / "run", show_progress=False, echo=lambda line: None)
-    return tmp / "run"
+    def build(tmp):
+        idx_folder(tmp / "idx")
+        cfg = load_config(preset="mnist-noisy", overrides=[
+            *MNIST_TINY, f"data.mnist.root={tmp / 'idx'}", "stage3.tvd_sweep=[]",
+            "baselines.monolithic={}", "baselines.paper=null", "operating_point.max_tvd=null",
+            "mc_samples=2", "mc_dropout=all"])  # Monte Carlo on: the export tests check its graph
+        run(cfg, tmp / "run", show_progress=False, echo=lambda line: None)
+
+    return built_once(tmp_path_factory, "finished", build) / "run"

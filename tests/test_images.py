@@ -91,10 +91,10 @@ def test_every_kind_of_file_gives_the_same_tensor_on_every_path(tmp_path):
     lo, hi = window.window
     x = read_image(tmp_path / "d" / "train" / "images" / "f32.tif", 1, kept)
     assert np.allclose(x[0], np.clip((gray * 10.0 - 500 - lo) / (hi - lo), 0, 1), atol=1e-6)
-    report = check_dataset(tmp_path / "d", show_progress=False)
+    report = check_dataset(tmp_path / "d", workers=0, show_progress=False)
     assert report["intensity"]["window"] == pytest.approx(list(window.window))
     assert not report["intensity"]["given"]  # fitted: data check says so
-    given = check_dataset(tmp_path / "d", show_progress=False, overrides=["data.window=[0,500]"])
+    given = check_dataset(tmp_path / "d", workers=0, show_progress=False, overrides=["data.window=[0,500]"])
     assert given["intensity"]["window"] == [0, 500] and given["intensity"]["given"]
     assert report["files"]["train"] == {"uint8 PNG": 3, "uint16 PNG": 1, "uint16 TIF": 1,
                                         "float32 TIF": 1, "int16 TIF": 1, "uint8 TIF stack": 1}
@@ -272,7 +272,7 @@ def test_masks_are_read_as_stored_and_bad_ones_say_what_to_do(tmp_path):
     Image.fromarray(m).save(tmp_path / "d" / "images" / "a.png")
     (tmp_path / "rgb.png").rename(tmp_path / "d" / "masks" / "a.png")
     with pytest.raises(DataError, match="a.png: a colour mask"):
-        check_dataset(tmp_path / "d")
+        check_dataset(tmp_path / "d", workers=0)
 
 
 def test_data_check_spots_12_bit_data_and_a_given_window_scales_it(tmp_path, capsys,
@@ -551,12 +551,12 @@ def test_data_check_says_which_images_are_turned_by_exif_and_why_sizes_differ(tm
             Image.fromarray(RNG.integers(0, 2, (12, 8), dtype=np.uint8)).save(
                 tmp_path / split / "masks" / f"s{i}.png")  # drawn on the picture as shown
     (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
-    r = check_dataset(tmp_path, show_progress=False)
+    r = check_dataset(tmp_path, workers=0, show_progress=False)
     assert r["files"]["train"] == {"uint8 PNG turned upright by EXIF": 3}
     Image.fromarray(np.zeros((8, 12), np.uint8)).save(tmp_path / "test" / "masks" / "s0.png")
     with pytest.raises(DataError, match=r"s0.png: image is 12x8 but its label .* is 8x12 .*"
                        r"EXIF orientation \(6\).*without the orientation tag"):
-        check_dataset(tmp_path, show_progress=False)
+        check_dataset(tmp_path, workers=0, show_progress=False)
 
 
 def test_a_broken_sixteen_bit_png_is_one_line_and_a_probe_decodes_no_pixels(tmp_path,

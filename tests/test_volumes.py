@@ -597,7 +597,7 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
         "classes: {0: pore, 10: matrix, 20: particle}\nignore: 255\n")
     data = ["data.volume=scan.h5:/data", "data.labels=scan.h5:/labels",
             "data.slices={train: [0, 10], validation: [10, 13], test: [13, 16]}"]
-    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    r = check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     assert r["layout"] == "volume"
     assert {s: v["images"] for s, v in r["splits"].items()} == {
         "train": 5, "validation": 2, "test": 1}  # the labelled slices: 0..8, 10 12, 14
@@ -607,7 +607,7 @@ def test_data_check_reads_a_volume_and_a_run_without_its_weights_is_refused(tmp_
                                             *data]
     assert r["splits"]["validation"]["slices"] == [10, 12] and r["uniform_slices"] is None
     with pytest.raises(ConfigError, match="takes data.. keys"):
-        check_dataset(tmp_path, overrides=["stage1.epochs=2"], show_progress=False)
+        check_dataset(tmp_path, overrides=["stage1.epochs=2"], workers=0, show_progress=False)
     run = ["data.dataset=volume", f"data.root={tmp_path}", *data, "models.num_classes=3"]
     # three classes, and the config's default weights (the battery set's three phases)
     with pytest.raises(ConfigError, match="reference implementation's weights for its battery phases"):
@@ -633,7 +633,7 @@ def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
     (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: matrix, 2: particle}\n")
     data = ["data.volume=scan.tif", "data.labels=labels.tif",
             "data.slices={train: [0, 12], validation: [12, 16], test: [16, 20]}"]
-    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    r = check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     assert r["splits"]["train"]["slices"] == list(range(12))  # every slice "labelled"
     u = r["uniform_slices"]
     assert u["class"] == "pore" and u["value"] == 0 and u["labelled"] == 20
@@ -641,21 +641,21 @@ def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
     # stored as the ignore value, they are unlabelled: only every fourth slice trains
     labels[np.arange(20) % 4 != 0] = 255
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    r = check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     assert r["splits"]["train"]["slices"] == [0, 4, 8] and r["uniform_slices"] is None
     assert r["missing_in"] == {"validation": [], "test": []}
     labels[12][labels[12] == 2] = 1  # the one validation slice without particle
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    r = check_dataset(tmp_path, overrides=data, show_progress=False)
+    r = check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     assert r["missing_in"] == {"validation": ["particle"], "test": []}
     labels[8, :2, :2] = 3
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     with pytest.raises(DataError, match=r"labels.tif slice 8: mask values \[3\] are not in"):
-        check_dataset(tmp_path, overrides=data, show_progress=False)
+        check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     tifffile.imwrite(tmp_path / "labels.tif", labels[::4])
     with pytest.raises(DataError, match="write one of the volume's 20 slices, each labelled "
                        "slice at its place and the others all the ignore value 255"):
-        check_dataset(tmp_path, overrides=data, show_progress=False)
+        check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
     for bad, message in (("{train: [0, 12], val: [12, 16], test: [16, 20]}",
                           r"val: not a split; .* \(validation is spelt out\)"),
                          ("{train: [0, 12], validation: [12, 12], test: [16, 20]}",
