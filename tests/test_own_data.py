@@ -180,6 +180,31 @@ def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
         load_stage_data(rgb, progress=False)
 
 
+def test_data_check_names_every_problem_of_a_training_split_in_one_pass(tmp_path):
+    """A missing mask, a mask of another size and a colour mask in train, a value outside
+    classes.yaml in validation: one check names all four (it stopped at the first, three
+    reruns before the colour mask was named)."""
+    root = make_folder(tmp_path / "d", counts=(4, 3, 3))
+    train, val = root / "train" / "masks", root / "validation" / "masks"
+    (train / "img00.png").unlink()
+    Image.fromarray(np.zeros((32, 30), np.uint8)).save(train / "img01.png")
+    Image.fromarray(COLOURS[np.kron(np.eye(2, dtype=int), np.ones((16, 16), int))]
+                    .astype(np.uint8)).save(train / "img02.png")
+    arr = np.asarray(Image.open(val / "img01.png")).copy()
+    arr[5, 5] = 77
+    Image.fromarray(arr).save(val / "img01.png")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "4 problems; fix each and check again:", lines
+    assert [re.search(r"/(train|validation)/(images|masks)/(img\d\d)\.png: ([a-z ]+)",
+                      line).groups() for line in lines[1:]] == [
+        ("train", "masks", "img00", "label not found for image "),
+        ("train", "images", "img01", "image is "),
+        ("train", "masks", "img02", "a colour mask "),
+        ("validation", "masks", "img01", "mask values ")], lines
+
+
 def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
     root = make_folder(tmp_path / "flat", counts=(20, 1, 1))
     for d in ("images", "masks"):  # one folder, no splits

@@ -16,6 +16,9 @@ class DataError(PaserError):
 
     #: each problem of an error that lists several (:meth:`of_every`), else none
     problems: list[str] = []
+    #: the split whose files it names, without them, where the split opened all the same
+    #: (:class:`paser.data.battery.SegmentationFiles`): ``paser data check`` reads the rest
+    opened = None
 
     @classmethod
     def of_every(cls, problems: list[str], shown: int = 20) -> DataError:

@@ -87,7 +87,9 @@ class SegmentationFiles(Dataset):
     """Image and mask files of one split. Item: ``{"image": [C, H, W], "mask": [H, W],
     "id": str}``; masks are uint8 class indices, :data:`MASK_IGNORE` where unlabelled.
 
-    File pairs and sizes are checked when the dataset is built (headers only); pixels are
+    File pairs and sizes are checked when the dataset is built (headers only): every bad
+    pair of the split is named in one :class:`DataError`, whose ``opened`` is the split
+    without them (``paser data check`` reads those for what else is wrong); pixels are
     read on access (:func:`paser.data.images.read_image`, scaled by ``intensity``), or all
     at once with ``in_memory=True`` (small sets). Subclasses give the files and
     :meth:`decode` (a mask file -> class indices); ``channels`` is 3 when any image is
@@ -100,19 +102,26 @@ class SegmentationFiles(Dataset):
 
     def __init__(self, images: list[Path], labels: list[Path], where: str,
                  in_memory: bool = False):
-        self.images, self.labels = images, labels
-        if not self.images:
+        if not images:
             raise DataError(f"{where}: no images ({', '.join(self.suffixes)})")
-        missing = [p for p in self.labels if not p.is_file()]
+        found = [p.is_file() for p in labels]
+        missing = [i for i, ok in enumerate(found) if not ok]
+        problems = []
         if missing:
-            i = self.labels.index(missing[0])
-            raise DataError(
-                f"{missing[0]}: label not found for image {self.images[i]}"
+            i = missing[0]
+            problems.append(
+                f"{labels[i]}: label not found for image {images[i]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + _near_name(missing[0], self.images[i].stem))
+                + _near_name(labels[i], images[i].stem))
+        self.images = [p for p, ok in zip(images, found, strict=True) if ok]
+        self.labels = [p for p, ok in zip(labels, found, strict=True) if ok]
         self.intensity = Intensity()
         self.dtypes: Counter[str] = Counter()
-        self.sizes, self.channels = self._check_sizes()
+        self.sizes, self.channels = self._check_sizes(problems)
+        if problems:  # every one, not the first alone
+            err = DataError.of_every(problems)
+            err.opened = self
+            raise err
         self._cache: list[dict] | None = None
         if in_memory:
             self._cache = [self._load(i) for i in range(len(self))]
@@ -131,13 +140,15 @@ class SegmentationFiles(Dataset):
         text = f"{small[0]} x {small[1]}"
         return text if self.size is not None else f"{text} to {large[0]} x {large[1]}"
 
-    def _check_sizes(self) -> tuple[list[tuple[int, int]], int]:
-        sizes, colour, kinds, unmatched = [], False, {}, []
+    def _check_sizes(self, problems: list[str]) -> tuple[list[tuple[int, int]], int]:
+        """Each image's size and the split's channels, from the headers. A pair that cannot
+        be read or whose sizes differ is added to ``problems`` and left out of the split."""
+        sizes, colour, kinds, kept = [], False, {}, []
         for img, lbl in zip(self.images, self.labels, strict=True):
             try:
                 head, label = probe(img), probe(lbl)
             except DataError as err:  # an unreadable file: every one named, not the first
-                unmatched.extend(err.each())
+                problems.extend(err.each())
                 continue
             colour = colour or head.colour
             kinds.setdefault(head.channels, img)
@@ -147,20 +158,22 @@ class SegmentationFiles(Dataset):
             if (head.height, head.width) != (label.height, label.width):
                 turned = (head.orientation in (5, 6, 7, 8) and label.orientation == 1
                           and (head.width, head.height) == (label.height, label.width))
-                unmatched.append(
+                problems.append(
                     f"{img}: image is {head.height}x{head.width} but its label {lbl} is "
                     f"{label.height}x{label.width} (HxW); they must match"
                     + ("; the image is read turned upright by its EXIF orientation "
                        f"({head.orientation}), as viewers show it; if the mask follows its "
                        "stored pixels, save the image without the orientation tag"
                        if turned else ""))
+                continue
             sizes.append((head.height, head.width))
-        if unmatched:  # every one, not the first alone
-            raise DataError.of_every(unmatched)
-        if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones
-            other = next(c for c in kinds if c != 2)
-            raise DataError(f"{kinds[2]} has 2 channels but {kinds[other]} has {other}; "
-                            "images of 2 channels (two detectors) train together only")
+            kept.append((img, lbl))
+        self.images, self.labels = [p for p, _ in kept], [m for _, m in kept]
+        if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones: the
+            other = next(c for c in kinds if c != 2)  # split has no one channel count to read
+            raise DataError.of_every([*problems, (
+                f"{kinds[2]} has 2 channels but {kinds[other]} has {other}; images of 2 "
+                "channels (two detectors) train together only")])
         if 2 in kinds:
             return sizes, 2
         return sizes, 3 if colour and self.colour_ok else 1

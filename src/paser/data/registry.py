@@ -418,26 +418,39 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
                                  *overrides]).data
     # the training split opens, or its error is the answer (the folder is not what the
-    # layout reads, say); then every other problem, not the first alone
-    splits, problems = {}, []
+    # layout reads, the class map is invalid); then every other problem, not the first
+    # alone: a split whose files pair wrongly (a mask missing, of another size) is read
+    # without them, for the colour masks and values outside the classes of the others
+    splits, problems, partial = {}, [], set()
     for s in SPLITS:
         try:
-            splits[s] = open_split(cfg, s, progress=False)
+            splits[s] = open_unscaled(cfg, s, progress=False)
+        except DataError as err:
+            if s == "train" and err.opened is None:
+                raise err from None
+            problems += err.each()
+            partial.add(s)
+            if err.opened is not None and len(err.opened):
+                splits[s] = err.opened
+    if not splits:  # not a file left to read
+        raise DataError.of_every(problems)
+    # the window is fitted on the whole training split (one read without some files is
+    # checked, not scaled for training): the configured scaling where it cannot be
+    intensity = Intensity(cfg.window, cfg.intensity, given=cfg.window is not None,
+                          nonfinite=cfg.nonfinite)
+    if "train" not in partial:
+        try:  # a training float image that cannot be read: every other file read all the same
+            intensity = data_intensity(cfg, progress=False)
         except DataError as err:
             problems += err.each()
-            try:  # the split opens, but the intensity window cannot be fitted (a training
-                # float image that cannot be read): its files are read below all the same,
-                # to name every bad one
-                splits[s] = open_unscaled(cfg, s, progress=False)
-            except DataError:
-                if s == "train":  # the answer: the folder is not what the layout reads
-                    raise err from None
+    for ds in splits.values():
+        ds.intensity = intensity
     channels = {s: ds.channels for s, ds in splits.items()}
     if 2 in channels.values() and len(set(channels.values())) > 1:
         raise DataError(f"{root}: the splits' images have " + ", ".join(
             f"{c} channel{'s' if c > 1 else ''} ({s})" for s, c in channels.items())
                         + "; images of 2 channels (two detectors) train together only")
-    names = splits["train"].class_names
+    names = next(iter(splits.values())).class_names
     # per split, each class's pixels and (the last) the unlabelled ones
     by_split = {s: torch.zeros(len(names) + 1, dtype=torch.long)
                 for s in ("train", "validation", "test")}
