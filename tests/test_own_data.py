@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tests.helpers import IOU_ABS, paser_here
 from paser.checkpoints import build_model
 from paser.config import load_config
 from paser.data import IGNORE, labels, load_stage_data, open_split
+from paser.data.folders import palette_conflicts
 from paser.data.registry import check_dataset
 from paser.errors import ConfigError, DataError
 from paser.metrics import IoUAccumulator
@@ -500,6 +502,68 @@ def test_palette_masks_that_number_their_colours_otherwise_are_named(folder, tmp
         check_dataset(root, workers=0, show_progress=False)
     as_palette(held, colour_of, same, bad)  # the same colours at the same indices again
     assert check_dataset(root, workers=0, show_progress=False)["class_fractions"] == fractions
+
+
+def palette_tiff(indices: np.ndarray, palette: list[int], path, kind: str) -> None:
+    """``indices`` saved as a palette TIFF: by Pillow (``P``), by Pillow with an alpha sample
+    (``PA``: palette masks with transparency), or by tifffile with the colour map in 8-bit
+    values (``8-bit map``: Pillow shows every entry black, paser's reader as written)."""
+    if kind == "8-bit map":
+        import tifffile
+
+        cmap = np.zeros((3, 256), np.uint16)
+        cmap[:, :len(palette) // 3] = np.reshape(palette, (-1, 3)).T
+        tifffile.imwrite(path, indices, photometric="palette", colormap=cmap)
+        return
+    img = Image.frombytes("P", indices.shape[::-1], indices.astype(np.uint8).tobytes())
+    img.putpalette(palette)
+    img.convert(kind).save(path)
+
+
+@pytest.mark.parametrize("kind", ["P", "PA", "8-bit map"])
+def test_palette_tiffs_are_compared_by_the_colours_paser_reads(tmp_path, kind):
+    """A palette TIFF with an alpha sample (Pillow saves mode PA so), or with a colour map
+    Pillow reads otherwise than paser, is compared as any palette mask: a colour at another
+    index there is named, not passed unread (PA's colours did not decode; 8-bit maps were
+    one all-black palette to Pillow, so never read)."""
+    indices = np.repeat(np.arange(3, dtype=np.uint8), 4)[None].repeat(4, 0)  # 0, 1 and 2
+    red, green = [200, 30, 30], [30, 200, 30]
+    masks = [tmp_path / f"m{i}.tif" for i in range(3)]
+    for path in masks[:2]:
+        palette_tiff(indices, [0, 0, 0, *red, *green], path, kind)
+    palette_tiff(indices, [0, 0, 0, *green, *red], masks[2], kind)  # 1 and 2 swapped
+    problems = palette_conflicts(masks)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{masks[2]}: palette index 1 shows the colour (30, 200, 30) here but (200, 30, 30) "
+        f"in {masks[0]}")
+
+
+def test_palette_masks_are_read_once_each_where_their_palettes_differ(folder, tmp_path,
+                                                                       monkeypatch):
+    """Palettes that differ anywhere (an unused entry, another length) have every palette
+    mask read for the indices it holds: once, each index's colour taken from its palette,
+    not a second decoding into colours (with the sort of its pixels, about 10 times the
+    cost of check's own reading of the masks)."""
+    from paser.data import folders
+
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    colour_of = {v: tuple(int(c) for c in COLOURS[k]) for k, v in enumerate(VALUES)}
+    colour_of[255] = (255, 255, 255)
+    masks = sorted(root.glob("*/masks/*.png"))
+    for i, mask in enumerate(masks):  # each palette another colour at an unused entry
+        as_palette(np.asarray(Image.open(mask)), {**colour_of, 200: (i, i, i)},
+                   {v: v for v in [*colour_of, 200]}, mask)
+    read = Counter()
+    real = folders.read_array
+
+    def counted(path, *args, **kwargs):
+        read[path] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(folders, "read_array", counted)
+    assert palette_conflicts(masks) == []
+    assert read == dict.fromkeys(masks, 1)
 
 
 def test_a_thin_class_at_the_ignore_value_is_no_class_of_the_map(tmp_path):

@@ -24,13 +24,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.data.images import (
-    _READ_ERRORS,
     READABLE_SUFFIXES,
     image_files,
+    palette_of,
     read_array,
     read_mask,
     shared_stem,
@@ -158,34 +159,34 @@ def palette_conflicts(masks: Iterable[Path]) -> list[str]:
     does, or a colour at another index, one problem each. Masks are read by their indices,
     so there one colour would be two classes, and two colours one: colour masks converted
     file by file number the colours each file holds (Pillow's ``Image.quantize``, an
-    indexed export). Only the indices a mask holds count, and masks of one palette (most
-    tools write one) are not read."""
-    from PIL import Image
-
+    indexed export). Only the indices a mask holds count, each shown in its palette's
+    colour; masks of one palette (most tools write one) are not read, and masks of several
+    are read once each."""
     palettes = {}
     for path in masks:
-        try:
-            with Image.open(path) as img:
-                if img.mode in ("P", "PA"):
-                    palettes[path] = bytes(img.getpalette() or ())
-        except _READ_ERRORS:  # not for Pillow: the masks are read (and named) by paser
-            continue
-    if len(set(palettes.values())) < 2:
+        palette = palette_of(path)
+        if palette is not None:
+            palettes[path] = palette
+    if len({p.tobytes() for p in palettes.values()}) < 2:
         return []
     colour_at: dict[int, tuple[tuple[int, ...], Path]] = {}
     index_of: dict[tuple[int, ...], tuple[int, Path]] = {}
     problems = []
-    for path in palettes:
+    for path, palette in palettes.items():
         try:
             indices = read_array(path, palette="indices")
-            colours = read_array(path, palette="colours")
-        except DataError:
+        except DataError:  # named by check's own reading of the masks
             continue
-        if indices.ndim == 3:  # gray and alpha: the indices are the first channel
+        if indices.ndim == 3:  # an alpha sample left as an axis of one (a PA TIFF)
             indices = indices[..., 0]
-        held, first = np.unique(indices.reshape(-1), return_index=True)
-        shown = colours.reshape(indices.size, -1)[first, :3]  # each index's colour
-        for v, colour in zip(held.tolist(), (tuple(c) for c in shown.tolist()), strict=True):
+        flat = torch.from_numpy(np.require(indices.reshape(-1), requirements="CW"))
+        # torch counts bytes as they are (numpy widens them first: 4 times as long)
+        held = torch.bincount(flat if flat.dtype == torch.uint8 else flat.long()
+                              ).nonzero()[:, 0].numpy()
+        shown = np.zeros((max(len(palette), int(held[-1]) + 1), 3), np.uint8)
+        shown[:len(palette)] = palette  # an index past the palette: black, as Pillow shows it
+        for v, colour in zip(held.tolist(), (tuple(c) for c in shown[held].tolist()),
+                             strict=True):
             seen, where = colour_at.setdefault(v, (colour, path))
             at, there = index_of.setdefault(colour, (v, path))
             if seen != colour:

@@ -232,10 +232,7 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         if colours and first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             notes.append("stored WhiteIsZero (viewers show it inverted): read as stored")
         if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
-            cmap = first.colormap  # [3, 2**bits]
-            if cmap.max() > 255:
-                cmap = cmap >> 8
-            return cmap.astype(np.uint8)[:, arr].transpose(1, 2, 0)
+            return _colour_map(first)[arr]
     if arr.ndim > 2:  # an axis of one that is not Y or X (H x W x 1 written as YXQ): gone
         keep = [i for i, (a, n) in enumerate(zip(axes, arr.shape, strict=True))
                 if a in "YX" or n > 1]
@@ -249,6 +246,36 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         arr = arr[..., :-alpha]
         notes.append("alpha channel dropped")
     return arr
+
+
+def _colour_map(page) -> np.ndarray:
+    """A palette TIFF page's colour of each index, ``[2**bits, 3]`` uint8: a 16-bit colour
+    map's high bytes (one written in 8-bit values as it is)."""
+    cmap = page.colormap  # [3, 2**bits]
+    if cmap.max() > 255:
+        cmap = cmap >> 8
+    return np.ascontiguousarray(cmap.astype(np.uint8).T)
+
+
+def palette_of(path: str | Path) -> np.ndarray | None:
+    """The colour of each index of a palette image, ``[N, 3]`` uint8, as :func:`read_array`
+    shows its pixels; None for an image without a palette, or a file neither reader opens.
+    The header alone is read, no pixel."""
+    import tifffile
+
+    path = Path(path)
+    try:
+        if is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return (_colour_map(page) if page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                        else None)
+        with Image.open(path) as img:
+            if img.mode not in ("P", "PA"):
+                return None
+            return np.frombuffer(bytes(img.getpalette() or ()), np.uint8).reshape(-1, 3)
+    except _READ_ERRORS:  # not an image: its reading names it
+        return None
 
 
 def _many_channel_pages(path: Path, series) -> DataError:
