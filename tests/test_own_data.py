@@ -504,6 +504,30 @@ def test_palette_masks_that_number_their_colours_otherwise_are_named(folder, tmp
     assert check_dataset(root, workers=0, show_progress=False)["class_fractions"] == fractions
 
 
+def test_a_palette_that_shows_two_indices_in_one_colour_is_no_conflict(folder, tmp_path):
+    """A palette may show two classes alike (unlabelled pixels in the background's colour,
+    Cityscapes' several black ids): where every mask numbers them so, one colour at two
+    indices is the palette's, not another numbering, even where palettes differ elsewhere
+    (an unused entry). Every mask was refused, named against itself."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    colour_of = {v: tuple(int(c) for c in COLOURS[k]) for k, v in enumerate(VALUES)}
+    colour_of[255] = colour_of[0]  # unlabelled shown as class0
+    same = {v: v for v in colour_of}
+    for mask in sorted(root.glob("*/masks/*.png")):
+        as_palette(np.asarray(Image.open(mask)), colour_of, same, mask)
+    fractions = check_dataset(root, workers=0, show_progress=False)["class_fractions"]
+    bad = root / "train" / "masks" / "img03.png"
+    held = np.asarray(Image.open(bad))
+    as_palette(held, {**colour_of, 200: (9, 9, 9)}, {**same, 200: 200}, bad)
+    assert check_dataset(root, workers=0, show_progress=False)["class_fractions"] == fractions
+    assert 0 in held and 40 not in held
+    as_palette(held, colour_of, {**same, 0: 40, 40: 0}, bad)  # another numbering: named
+    with pytest.raises(DataError, match=r"^\S*img03.png: palette index 40 shows the colour "
+                       r"\(20, 20, 20\) here but \(200, 30, 30\)"):
+        check_dataset(root, workers=0, show_progress=False)
+
+
 def palette_tiff(indices: np.ndarray, palette: list[int], path, kind: str) -> None:
     """``indices`` saved as a palette TIFF: by Pillow (``P``), by Pillow with an alpha sample
     (``PA``: palette masks with transparency), or by tifffile with the colour map in 8-bit

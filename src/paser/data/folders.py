@@ -156,12 +156,12 @@ def _palette_note(path: Path) -> str:
 
 def palette_conflicts(masks: Iterable[Path]) -> list[str]:
     """The palette masks that show a palette index in another colour than an earlier mask
-    does, or a colour at another index, one problem each. Masks are read by their indices,
-    so there one colour would be two classes, and two colours one: colour masks converted
-    file by file number the colours each file holds (Pillow's ``Image.quantize``, an
-    indexed export). Only the indices a mask holds count, each shown in its palette's
-    colour; masks of one palette (most tools write one) are not read, and masks of several
-    are read once each."""
+    does, or a colour at another index (one their own palette shows in another colour),
+    one problem each. Masks are read by their indices, so there one colour would be two
+    classes, and two colours one: colour masks converted file by file number the colours
+    each file holds (Pillow's ``Image.quantize``, an indexed export). Only the indices a
+    mask holds count, each shown in its palette's colour; masks of one palette (most tools
+    write one) are not read, and masks of several are read once each."""
     palettes = {}
     for path in masks:
         palette = palette_of(path)
@@ -192,7 +192,8 @@ def palette_conflicts(masks: Iterable[Path]) -> list[str]:
             if seen != colour:
                 problem = (f"palette index {v} shows the colour {colour} here but {seen} in "
                            f"{where}")
-            elif at != v:
+            elif at != v and not (at < len(shown) and tuple(shown[at].tolist()) == colour):
+                # (a palette that shows two indices alike, here as there, numbers them alike)
                 problem = f"the colour {colour} is palette index {v} here but {at} in {there}"
             else:
                 continue
