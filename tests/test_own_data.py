@@ -528,6 +528,28 @@ def test_a_palette_that_shows_two_indices_in_one_colour_is_no_conflict(folder, t
         check_dataset(root, workers=0, show_progress=False)
 
 
+def test_the_one_mask_numbered_otherwise_is_named_wherever_it_sorts(folder, tmp_path):
+    """Each index's colour is the one most masks show it in: one mask of another numbering
+    that sorts first is named, not the 17 others against it (they were, each 'here but ...
+    in img00.png', and img00.png itself never)."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    colour_of = {v: tuple(int(c) for c in COLOURS[k]) for k, v in enumerate(VALUES)}
+    colour_of[255] = (255, 255, 255)
+    same = {v: v for v in colour_of}
+    masks = sorted(root.glob("*/masks/*.png"))
+    for mask in masks:
+        as_palette(np.asarray(Image.open(mask)), colour_of, same, mask)
+    first = root / "train" / "masks" / "img00.png"
+    as_palette(np.asarray(Image.open(first)), colour_of, {**same, 0: 40, 40: 0}, first)
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    assert re.match(rf"{re.escape(str(first))}: palette index 0 shows the colour "
+                    r"\(200, 30, 30\) here but \(20, 20, 20\) in \S*masks/img\d\d.png and "
+                    r"1\d other masks; ", str(err.value))
+    assert str(err.value).count(" here but ") == 1
+
+
 def palette_tiff(indices: np.ndarray, palette: list[int], path, kind: str) -> None:
     """``indices`` saved as a palette TIFF: by Pillow (``P``), by Pillow with an alpha sample
     (``PA``: palette masks with transparency), or by tifffile with the colour map in 8-bit

@@ -155,13 +155,14 @@ def _palette_note(path: Path) -> str:
 
 
 def palette_conflicts(masks: Iterable[Path]) -> list[str]:
-    """The palette masks that show a palette index in another colour than an earlier mask
-    does, or a colour at another index (one their own palette shows in another colour),
-    one problem each. Masks are read by their indices, so there one colour would be two
+    """The palette masks that show a palette index in another colour than most masks do,
+    or a colour at another index (one their own palette shows in another colour), one
+    problem each. Masks are read by their indices, so there one colour would be two
     classes, and two colours one: colour masks converted file by file number the colours
     each file holds (Pillow's ``Image.quantize``, an indexed export). Only the indices a
-    mask holds count, each shown in its palette's colour; masks of one palette (most tools
-    write one) are not read, and masks of several are read once each."""
+    mask holds count, each shown in its palette's colour (ties: the earlier masks' way);
+    masks of one palette (most tools write one) are not read, and masks of several are
+    read once each."""
     palettes = {}
     for path in masks:
         palette = palette_of(path)
@@ -169,9 +170,7 @@ def palette_conflicts(masks: Iterable[Path]) -> list[str]:
             palettes[path] = palette
     if len({p.tobytes() for p in palettes.values()}) < 2:
         return []
-    colour_at: dict[int, tuple[tuple[int, ...], Path]] = {}
-    index_of: dict[tuple[int, ...], tuple[int, Path]] = {}
-    problems = []
+    shown: dict[Path, tuple[list[tuple[int, tuple[int, ...]]], np.ndarray]] = {}
     for path, palette in palettes.items():
         try:
             indices = read_array(path, palette="indices")
@@ -183,18 +182,38 @@ def palette_conflicts(masks: Iterable[Path]) -> list[str]:
         # torch counts bytes as they are (numpy widens them first: 4 times as long)
         held = torch.bincount(flat if flat.dtype == torch.uint8 else flat.long()
                               ).nonzero()[:, 0].numpy()
-        shown = np.zeros((max(len(palette), int(held[-1]) + 1), 3), np.uint8)
-        shown[:len(palette)] = palette  # an index past the palette: black, as Pillow shows it
-        for v, colour in zip(held.tolist(), (tuple(c) for c in shown[held].tolist()),
-                             strict=True):
-            seen, where = colour_at.setdefault(v, (colour, path))
-            at, there = index_of.setdefault(colour, (v, path))
-            if seen != colour:
-                problem = (f"palette index {v} shows the colour {colour} here but {seen} in "
-                           f"{where}")
-            elif at != v and not (at < len(shown) and tuple(shown[at].tolist()) == colour):
+        table = np.zeros((max(len(palette), int(held[-1]) + 1), 3), np.uint8)
+        table[:len(palette)] = palette  # an index past the palette: black, as Pillow shows it
+        shown[path] = (list(zip(held.tolist(), map(tuple, table[held].tolist()), strict=True)),
+                       table)
+    # (index, colour) -> the masks that show it; the most shown colour of each index, and
+    # index of each colour, is the reference (one mask numbered otherwise is named, wherever
+    # it sorts, not every other mask against it)
+    showing: dict[tuple[int, tuple[int, ...]], list[Path]] = {}
+    for path, (pairs, _) in shown.items():
+        for pair in pairs:
+            showing.setdefault(pair, []).append(path)
+    colour_at: dict[int, tuple[int, ...]] = {}
+    index_of: dict[tuple[int, ...], int] = {}
+    for v, colour in sorted(showing, key=lambda pair: -len(showing[pair])):  # stable: ties
+        colour_at.setdefault(v, colour)  # keep the earlier masks' way
+        index_of.setdefault(colour, v)
+
+    def where(pair) -> str:
+        first, more = showing[pair][0], len(showing[pair]) - 1
+        return f"{first}" + (f" and {more} other mask{'s' * (more > 1)}" if more else "")
+
+    problems = []
+    for path, (pairs, table) in shown.items():
+        for v, colour in pairs:
+            at = index_of[colour]
+            if colour_at[v] != colour:
+                problem = (f"palette index {v} shows the colour {colour} here but "
+                           f"{colour_at[v]} in {where((v, colour_at[v]))}")
+            elif at != v and not (at < len(table) and tuple(table[at].tolist()) == colour):
                 # (a palette that shows two indices alike, here as there, numbers them alike)
-                problem = f"the colour {colour} is palette index {v} here but {at} in {there}"
+                problem = (f"the colour {colour} is palette index {v} here but {at} in "
+                           f"{where((at, colour))}")
             else:
                 continue
             problems.append(
