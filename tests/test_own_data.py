@@ -634,6 +634,24 @@ def test_a_thin_class_at_the_ignore_value_is_no_class_of_the_map(tmp_path):
     assert r["suggested_class_weights"] == [pytest.approx(1 / 15, abs=1e-4), 1.0]
 
 
+def test_the_share_at_the_ignore_value_is_never_said_to_be_none(tmp_path):
+    """Check stops at any pixel of the ignore value beside one class: under half a percent
+    the share was printed '0 % of the pixels hold 255', refuting the reason it stopped."""
+    root = tmp_path / "em"
+    for split in ("train", "validation", "test"):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / split / "images" / f"{i}.png")
+            mask = np.zeros((16, 16), np.uint8)
+            mask[3, 4] = 255  # 9 of 2304 pixels
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: defect}\n")
+    with pytest.raises(DataError, match=r"no mask holds 'defect' \(value 1\), while 0.39 % of "
+                       r"the pixels hold 255, the ignore value"):
+        check_dataset(root, workers=0, show_progress=False)
+
+
 def test_a_label_named_in_another_case_is_named_in_the_error(tmp_path):
     """A mask whose name differs from its image's in case alone (``Slice 07.png`` beside
     ``slice 07.tif``: one file to macOS and Windows, which show them alike) is named, with

@@ -307,11 +307,14 @@ def _absent_classes(root, train, counts: torch.Tensor) -> list[str]:
     ignore = getattr(classmap, "ignore", None)
     present = len(names) - len(absent)
     if absent and present == 1 and ignore is not None and unlabelled > 0:
+        share = 100 * unlabelled  # never "0 %": any share stops here
+        said = (f"{share:.0f}" if share >= 1 else f"{share:.2f}" if share >= 0.01
+                else "under 0.01")
         raise DataError(
             f"{root}: no mask holds "
             f"{', '.join(repr(n) for n in absent)} (value "
             f"{', '.join(str(classmap.values[names.index(n)]) for n in absent)}), while "
-            f"{100 * unlabelled:.0f} % of the pixels hold {ignore}, the ignore value: if "
+            f"{said} % of the pixels hold {ignore}, the ignore value: if "
             f"{ignore} marks a class, name it in classes.yaml (e.g. 'classes: {{0: background, "
             f"{ignore}: particle}}') and write 'ignore: null'; if those pixels are unlabelled, "
             "remove the classes this data does not have")
