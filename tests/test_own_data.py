@@ -673,6 +673,24 @@ def test_a_label_named_in_another_case_is_named_in_the_error(tmp_path):
         "letter for letter, so rename it 'slice 2.PNG'")
 
 
+def test_a_mask_of_another_image_is_not_offered_as_the_missing_one(tmp_path):
+    """Where images A.png and a.png both are (a case-sensitive file system) and A.png has no
+    mask, a.png's own mask is not the one to rename: the error said to, which would leave
+    a.png without one."""
+    root = tmp_path / "d"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for name in ("a", "A", "b", "c", "d", "e"):
+        Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / "images" / f"{name}.png")
+        if name != "A":
+            Image.fromarray(np.eye(16, dtype=np.uint8)).save(root / "masks" / f"{name}.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    assert str(err.value) == (f"{root / 'masks' / 'A.png'}: label not found for image "
+                              f"{root / 'images' / 'A.png'}")
+
+
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):
     few = make_folder(tmp_path / "few", counts=(2, 1, 1))
     with pytest.raises(DataError, match=r"the training split has 2 images \(tiles\); training "

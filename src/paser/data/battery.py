@@ -56,14 +56,18 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DataError(f"{err} (outside the label codec: {CODEC})") from None
 
 
-def _near_name(label: Path, stem: str) -> str:
+def _near_name(label: Path, image: Path) -> str:
     """``; ...img_000_mask.png looks like its label: ...`` where a file beside the missing
     label names the image's stem inside its own (another tool's suffix or prefix), or
-    ``; ...Img_000.png differs ... in case alone`` (one file to macOS and Windows)."""
+    ``; ...Img_000.png differs ... in case alone`` (one file to macOS and Windows); never
+    the label of another image beside it (a.png's, beside A.png)."""
     if not label.parent.is_dir():
         return ""
+    stem = image.stem
+    taken = {p.stem for p in image.parent.iterdir()} - {stem} if image.parent.is_dir() else set()
     cased = sorted(p for p in label.parent.iterdir()
-                   if p.is_file() and p.stem != stem and p.stem.lower() == stem.lower())
+                   if p.is_file() and p.stem != stem and p.stem.lower() == stem.lower()
+                   and p.stem not in taken)
     if cased:
         return (f"; {cased[0]} differs from the image's name in case alone: a label has its "
                 f"image's file name (stem '{stem}'), letter for letter, so rename it "
@@ -72,7 +76,8 @@ def _near_name(label: Path, stem: str) -> str:
         return any(other.startswith(stem + sep) or other.endswith(sep + stem)
                    for sep in "_-. ")
 
-    near = sorted(p for p in label.parent.iterdir() if p.is_file() and names_it(p.stem))
+    near = sorted(p for p in label.parent.iterdir()
+                  if p.is_file() and names_it(p.stem) and p.stem not in taken)
     if not near:
         return ""
     return (f"; {near[0]} looks like its label: a label has its image's file name (stem "
@@ -112,7 +117,7 @@ class SegmentationFiles(Dataset):
             problems.append(
                 f"{labels[i]}: label not found for image {images[i]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + _near_name(labels[i], images[i].stem))
+                + _near_name(labels[i], images[i]))
         self.images = [p for p, ok in zip(images, found, strict=True) if ok]
         self.labels = [p for p, ok in zip(labels, found, strict=True) if ok]
         self.intensity = Intensity()
