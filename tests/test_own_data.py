@@ -97,6 +97,18 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("own") / "data")
 
 
+def three_splits(root, mask: np.ndarray):
+    """A folder of train, validation and test, each three 16 x 16 images (a diagonal line)
+    with ``mask`` as every image's mask."""
+    for split in ("train", "validation", "test"):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    return root
+
+
 def test_folder_split_reads_rgb_classes_and_the_ignore_value(folder):
     cfg = load_config(overrides=["data.dataset=folder", f"data.root={folder}",
                                  "models.in_channels=3", "models.num_classes=5",
@@ -417,27 +429,27 @@ def test_folders_as_users_have_them(folder, tmp_path):
     with pytest.raises(DataError, match=r"mask values \[7\] \(palette indices, not the colours"):
         check_dataset(root, workers=0, show_progress=False)
     # bilevel masks: values 0 and 1
-    two = tmp_path / "two"
-    for split in ("train", "validation", "test"):
-        for d in ("images", "masks"):
-            (two / split / d).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(two / split / "images" / f"{i}.png")
-            Image.fromarray(np.eye(16, dtype=bool)).save(two / split / "masks" / f"{i}.png")
+    two = three_splits(tmp_path / "two", np.eye(16, dtype=bool))
     (two / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
     r = check_dataset(two, workers=0, show_progress=False)
     assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "line": 1 / 16})
     assert r["absent_classes"] == []
-    # 0 / 255 masks (ImageJ's) named {0: background, 1: line}: 255 is the default ignore
-    # value, so no pixel is a line and half of them are unlabelled; check says how to name it
-    for mask in two.glob("*/masks/*.png"):
-        Image.fromarray(np.tri(16, dtype=np.uint8) * 255).save(mask)
-    with pytest.raises(DataError, match=r"no mask holds 'line' \(value 1\), while 53 % of the "
-                       r"pixels hold 255, the ignore value: if 255 marks a class, name it"):
-        check_dataset(two, workers=0, show_progress=False)
-    (two / "classes.yaml").write_text("classes: {0: background, 255: line}\nignore: null\n")
-    r = check_dataset(two, workers=0, show_progress=False)
-    assert r["class_fractions"] == pytest.approx({"background": 120 / 256, "line": 136 / 256})
+    # 0 / 255 masks (ImageJ's, or EM membranes) named {0: background, 1: line}: 255 is the
+    # default ignore value, so no pixel is a line and a run would learn background alone;
+    # check says how to name it, whether 255 is half of the pixels or a sixteenth (it
+    # stopped only over a quarter, and passed thin classes with weights [1, 0])
+    for drawn, share, line in ((np.tri(16, dtype=np.uint8), 53, 136 / 256),
+                               (np.eye(16, dtype=np.uint8), 6, 1 / 16)):
+        for mask in two.glob("*/masks/*.png"):
+            Image.fromarray(drawn * 255).save(mask)
+        (two / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
+        with pytest.raises(DataError, match=rf"no mask holds 'line' \(value 1\), while {share} % "
+                           r"of the pixels hold 255, the ignore value: if 255 marks a class, name"):
+            check_dataset(two, workers=0, show_progress=False)
+        (two / "classes.yaml").write_text("classes: {0: background, 255: line}\nignore: null\n")
+        r = check_dataset(two, workers=0, show_progress=False)
+        assert r["class_fractions"] == pytest.approx({"background": 1 - line, "line": line})
+    assert r["suggested_class_weights"] == [pytest.approx(1 / 15, abs=1e-4), 1.0]
     # other tools' names: val/ is validation/; labels/ and img_mask.png are named in the error
     (two / "validation").rename(two / "val")
     assert check_dataset(two, workers=0, show_progress=False)["splits"]["validation"][
@@ -612,40 +624,12 @@ def test_palette_masks_are_read_once_each_where_their_palettes_differ(folder, tm
     assert read == dict.fromkeys(masks, 1)
 
 
-def test_a_thin_class_at_the_ignore_value_is_no_class_of_the_map(tmp_path):
-    """EM membranes as 0 / 255 masks, 255 a sixteenth of the pixels, named {0: background,
-    1: membrane}: 255 is the default ignore value, so no pixel is a membrane and a run
-    would learn background alone. Check stopped only where the ignore value held more than
-    a quarter of the pixels, and passed these with weights [1, 0]."""
-    root = tmp_path / "em"
-    for split in ("train", "validation", "test"):
-        for d in ("images", "masks"):
-            (root / split / d).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / split / "images" / f"{i}.png")
-            Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(root / split / "masks" / f"{i}.png")
-    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
-    with pytest.raises(DataError, match=r"no mask holds 'membrane' \(value 1\), while 6 % of "
-                       r"the pixels hold 255, the ignore value: if 255 marks a class, name it"):
-        check_dataset(root, workers=0, show_progress=False)
-    (root / "classes.yaml").write_text("classes: {0: background, 255: membrane}\nignore: null\n")
-    r = check_dataset(root, workers=0, show_progress=False)
-    assert r["class_fractions"] == pytest.approx({"background": 15 / 16, "membrane": 1 / 16})
-    assert r["suggested_class_weights"] == [pytest.approx(1 / 15, abs=1e-4), 1.0]
-
-
 def test_the_share_at_the_ignore_value_is_never_said_to_be_none(tmp_path):
     """Check stops at any pixel of the ignore value beside one class: under half a percent
     the share was printed '0 % of the pixels hold 255', refuting the reason it stopped."""
-    root = tmp_path / "em"
-    for split in ("train", "validation", "test"):
-        for d in ("images", "masks"):
-            (root / split / d).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / split / "images" / f"{i}.png")
-            mask = np.zeros((16, 16), np.uint8)
-            mask[3, 4] = 255  # 9 of 2304 pixels
-            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[3, 4] = 255  # 9 of 2304 pixels
+    root = three_splits(tmp_path / "em", mask)
     (root / "classes.yaml").write_text("classes: {0: background, 1: defect}\n")
     with pytest.raises(DataError, match=r"no mask holds 'defect' \(value 1\), while 0.39 % of "
                        r"the pixels hold 255, the ignore value"):
