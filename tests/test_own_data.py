@@ -219,6 +219,20 @@ def test_data_check_names_every_problem_of_a_training_split_in_one_pass(tmp_path
         ("validation", "masks", "img01", "mask values ")], lines
 
 
+def test_a_split_without_its_bad_pairs_reads_its_other_items(tmp_path):
+    """DataError.opened is the split without the image that lacks its mask: its items
+    read as any split's (indexing it raised AttributeError: no '_cache')."""
+    root = make_folder(tmp_path / "d", counts=(4, 3, 3))
+    (root / "train" / "masks" / "img00.png").unlink()
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"]).data
+    with pytest.raises(DataError, match="img00.png: label not found") as err:
+        open_split(cfg, "train", progress=False)
+    opened = err.value.opened
+    assert opened.ids == ["img01", "img02", "img03"]
+    item = opened[0]
+    assert item["id"] == "img01" and item["mask"].shape == (32, 32)
+
+
 def test_one_folder_is_cut_into_three_splits_by_holdout(tmp_path):
     root = make_folder(tmp_path / "flat", counts=(20, 1, 1))
     for d in ("images", "masks"):  # one folder, no splits

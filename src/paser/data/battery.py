@@ -123,11 +123,11 @@ class SegmentationFiles(Dataset):
         self.intensity = Intensity()
         self.dtypes: Counter[str] = Counter()
         self.sizes, self.channels = self._check_sizes(problems)
+        self._cache: list[dict] | None = None  # set before the error: ``opened`` is read too
         if problems:  # every one, not the first alone
             err = DataError.of_every(problems)
             err.opened = self
             raise err
-        self._cache: list[dict] | None = None
         if in_memory:
             self._cache = [self._load(i) for i in range(len(self))]
 
