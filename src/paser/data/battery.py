@@ -65,19 +65,19 @@ def _near_name(label: Path, image: Path) -> str:
         return ""
     stem = image.stem
     taken = {p.stem for p in image.parent.iterdir()} - {stem} if image.parent.is_dir() else set()
-    cased = sorted(p for p in label.parent.iterdir()
-                   if p.is_file() and p.stem != stem and p.stem.lower() == stem.lower()
-                   and p.stem not in taken)
+    # the files beside the label that no other image claims, listed once
+    free = sorted(p for p in label.parent.iterdir() if p.is_file() and p.stem not in taken)
+    cased = [p for p in free if p.stem != stem and p.stem.lower() == stem.lower()]
     if cased:
         return (f"; {cased[0]} differs from the image's name in case alone: a label has its "
                 f"image's file name (stem '{stem}'), letter for letter, so rename it "
                 f"'{stem}{cased[0].suffix}'")
+
     def names_it(other: str) -> bool:  # img_000_mask, mask_img_000, img_000.mask
         return any(other.startswith(stem + sep) or other.endswith(sep + stem)
                    for sep in "_-. ")
 
-    near = sorted(p for p in label.parent.iterdir()
-                  if p.is_file() and names_it(p.stem) and p.stem not in taken)
+    near = [p for p in free if names_it(p.stem)]
     if not near:
         return ""
     return (f"; {near[0]} looks like its label: a label has its image's file name (stem "

@@ -251,12 +251,18 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
     if kind(cfg).open is None:
         return Intensity(mode=cfg.intensity)
     if cfg.window is not None or cfg.intensity == "per_image":
-        return Intensity(cfg.window, cfg.intensity, given=cfg.window is not None,
-                         nonfinite=cfg.nonfinite)
+        return configured_intensity(cfg)
     root = ensure_dataset(cfg, progress=progress)
     return dataclasses.replace(_fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
         "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"})),
         nonfinite=cfg.nonfinite)
+
+
+def configured_intensity(cfg: DataConfig) -> Intensity:
+    """The scaling the config gives without a fit: ``data.window`` (or none), the mode and
+    what non-finite pixels become."""
+    return Intensity(cfg.window, cfg.intensity, given=cfg.window is not None,
+                     nonfinite=cfg.nonfinite)
 
 
 @functools.lru_cache(maxsize=8)
@@ -439,8 +445,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         raise DataError.of_every(problems)
     # the window is fitted on the whole training split (one read without some files is
     # checked, not scaled for training): the configured scaling where it cannot be
-    intensity = Intensity(cfg.window, cfg.intensity, given=cfg.window is not None,
-                          nonfinite=cfg.nonfinite)
+    intensity = configured_intensity(cfg)
     if "train" not in partial:
         try:  # a training float image that cannot be read: every other file read all the same
             intensity = data_intensity(cfg, progress=False)
