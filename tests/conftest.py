@@ -104,8 +104,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory):
     """A finished tiny noisy-MNIST run (no monolithic baselines, no TVD sweep) for the
-    further experiments, which add their entries to its results.json and report (built
-    once for every worker: about 3 s each)."""
+    further experiments, which add their entries to its results.json and report (about
+    3 s to build; a worker copies one another worker built where it can, built_once)."""
     from tests.helpers import MNIST_TINY, idx_folder
 
     from paser.config import load_config
