@@ -5,6 +5,7 @@ training images and kept in the run."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -362,6 +363,30 @@ def test_alpha_is_dropped_where_the_format_says_so_and_two_channels_stay_two(tmp
     Image.fromarray(gray).save(root / "images" / "3.tif")  # one of one channel among them
     with pytest.raises(DataError, match="2 channels.*1 channel|1 channel.*2 channels"):
         check_dataset(root, workers=0, show_progress=False)
+
+
+def test_three_planes_apart_are_read_as_colour_with_a_note_that_names_the_stack_reading(
+        tmp_path):
+    """tifffile.imwrite stores a (3, H, W) array without `photometric` as one RGB page of
+    planes apart (SYX), warning only with a hidden DeprecationWarning: the file says colour,
+    and paser reads it so, but the note says what a stack of three slices saved that way
+    looks like and how to save it as slices; a contiguous RGB page gets no such note."""
+    stack = RNG.integers(0, 256, (3, H, W), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(tmp_path / "planes.tif", stack)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(stack, 0, -1), photometric="rgb")
+    tifffile.imwrite(tmp_path / "slices.tif", stack, photometric="minisblack")
+    notes: list[str] = []
+    assert np.array_equal(read_array(tmp_path / "planes.tif", notes), np.moveaxis(stack, 0, -1))
+    assert notes == ["3 planes stored apart (TIFF axes SYX), read as one colour image; a "
+                     "stack of 3 slices written by tifffile.imwrite without "
+                     "photometric='minisblack' is stored so: if these are slices, write them "
+                     "again with that argument"]
+    read_array(tmp_path / "rgb.tif", rgb_notes := [])
+    assert rgb_notes == []
+    read_array(tmp_path / "slices.tif", slice_notes := [])
+    assert slice_notes[0].startswith("a stack of 3 pages")
 
 
 def _no_exit():

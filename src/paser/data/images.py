@@ -216,7 +216,7 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tif:
         series, first = tif.series[0], tif.pages[0]
-        axes = series.axes
+        axes, pages = series.axes, len(series.pages)
         if _channel_pages(series):  # ImageJ / OME: one image, a page per channel
             if series.shape[0] > 2:
                 raise _many_channel_pages(path, series)
@@ -241,6 +241,12 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         arr, axes = arr[0], axes[1:]
     if axes and axes[0] == "S":  # planar channels first
         arr = np.moveaxis(arr, 0, -1)
+        if pages == 1 and arr.shape[-1] in (3, 4):  # tifffile's way with a (3|4, H, W) stack
+            notes.append(f"{arr.shape[-1]} planes stored apart (TIFF axes "
+                         f"{series.axes}), read as one colour image; a stack of "
+                         f"{arr.shape[-1]} slices written by tifffile.imwrite without "
+                         "photometric='minisblack' is stored so: if these are slices, write "
+                         "them again with that argument")
     alpha = tiff_alpha(first)
     if alpha and arr.ndim == 3 and arr.shape[-1] > alpha:
         arr = arr[..., :-alpha]
