@@ -477,6 +477,28 @@ def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, 
     assert res.returncode == 2 and "pip install 'paser[serve]'" in res.stderr, res.stderr
 
 
+def test_remote_on_a_folder_an_earlier_call_segmented_without_it_sums_what_was_sent(
+        mnist_run, tmp_path):
+    """Images an earlier call segmented without --remote have no bytes sent: the line of
+    bytes is over the others (it was a TypeError on their None)."""
+    for i in range(3):
+        Image.fromarray(RNG.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+            tmp_path / f"img{i}.png")
+    first = [tmp_path / "img0.png", tmp_path / "img1.png"]
+    out = tmp_path / "out"
+    assert paser_here("segment", *first, "--run-dir", mnist_run, "--out", out).returncode == 0
+    with reserved_port() as port:  # nothing listens there: a warning, patches kept on f0
+        url = f"http://127.0.0.1:{port}"
+        res = paser_here("segment", *first, tmp_path / "img2.png", "--run-dir", mnist_run,
+                         "--out", out, "--remote", url, "--timeout", "0.5", "--retries", "0")
+    assert res.returncode == 0, res.stderr
+    whole = json.loads((out / "img2.json").read_text())["remote"]["bytes_whole_image"]
+    assert "2 of 3 images were segmented before" in res.stdout
+    assert f"remote {url}: sent 0 bytes per image against {whole:,} for the whole image " \
+           "(0.0%)" in res.stdout, res.stdout
+    assert "(2 segmented before without --remote)" in res.stdout, res.stdout
+
+
 def test_a_port_in_use_is_one_line_before_the_run_loads():
     from paser.errors import PaserError
     from paser.serve.server import _check_port

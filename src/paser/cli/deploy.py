@@ -321,11 +321,15 @@ def segment(
             _padding_note(model, done, gflops / megapixels, budget_per_mp)
         if cap_per_mp is not None:
             _cap_note(model, done, cap_per_mp)
-    if remote is not None and done:
-        sent, whole = sum(r.bytes_sent for r in done), sum(r.bytes_whole for r in done)
-        typer.echo(f"remote {remote}: sent {sent / len(done):,.0f} bytes per image against "
-                   f"{whole / len(done):,.0f} for the whole image ({sent / whole:.1%}); "
-                   f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)")
+    # (an image an earlier call segmented without --remote sent nothing, and says so)
+    sent_by = [r for r in done if r.bytes_sent is not None]
+    if remote is not None and sent_by:
+        sent, whole = sum(r.bytes_sent for r in sent_by), sum(r.bytes_whole for r in sent_by)
+        typer.echo(f"remote {remote}: sent {sent / len(sent_by):,.0f} bytes per image against "
+                   f"{whole / len(sent_by):,.0f} for the whole image ({sent / whole:.1%}); "
+                   f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)"
+                   + (f" ({len(done) - len(sent_by)} segmented before without --remote)"
+                      if len(sent_by) < len(done) else ""))
     failed_volumes = [r for r in vol_results if r.record is None]
     if len(done) < len(results):
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
