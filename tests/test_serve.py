@@ -212,6 +212,34 @@ def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
     assert (health["running"], health["served"]) == (0, 1)
 
 
+def test_counting_a_new_patch_size_leaves_a_concurrent_inference_its_weights(mnist_run):
+    """With --max-concurrency above 1, a request of a patch size not counted yet counts
+    f_k's FLOPs while another request may be running f_k: the count swapped f_k's weights
+    for shape-only (meta) ones while it ran, and the other request's answer was made of
+    them (garbage, without an error). The count's forward here runs another inference."""
+    model = _load(mnist_run)
+    f1 = model.router.pool[0]
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = f1(x)
+    meanwhile = []
+
+    def another_request(module, args):
+        if args[0].device.type == "meta":  # the count's forward
+            def run():
+                with torch.inference_mode():
+                    meanwhile.append(f1(x))
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join()
+
+    client = TestClient(create_app(model, max_concurrency=2))  # (counts the run's size)
+    f1.register_forward_pre_hook(another_request)
+    res = _post(client, encode_npz(patches=_patches(1, size=24)), output="labels")
+    assert res.status_code == 200, res.text
+    assert len(meanwhile) >= 1 and all(torch.equal(m, want) for m in meanwhile)
+
+
 def _forced(model, bias):
     """The run with a calibration that routes by ``bias`` (to reach the remote tier)."""
     base = Calibration([0.0, 0.0, 0.0], 0.0, {"budget_gflops": 1.0}, 0.0, [], 0.0, {}, 0, 0, 0)

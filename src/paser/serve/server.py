@@ -191,8 +191,10 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         """Pool model k on patches through the routing path; the answer and its GFLOP."""
         n, _, h, w = x.shape
         with flops_lock:
-            if (k, h, w) not in flops:
-                flops[(k, h, w)] = gflops_per_sample(router.pool[k - 1], channels, h, w)
+            if (k, h, w) not in flops:  # on a copy: the count swaps a module's weights for
+                # shape-only ones while it runs, and another request may be running f_k
+                flops[(k, h, w)] = gflops_per_sample(copy.deepcopy(router.pool[k - 1]),
+                                                     channels, h, w)
         try:
             with torch.inference_mode():
                 probs = router.run_local(k, x.to(device))
