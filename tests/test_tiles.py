@@ -18,7 +18,7 @@ from paser.config import load_config
 from paser.data import load_stage_data
 from paser.data.folders import FolderDataset
 from paser.data.tiles import Tiles, counted, route_tiled, source_images, tile_origins
-from paser.errors import DataError
+from paser.errors import ConfigError, DataError
 from paser.experiments.main import _tiled_from
 from paser.segment import segment_files
 
@@ -329,6 +329,48 @@ def test_the_cloud_tier_of_a_tiled_run_takes_its_tiles_and_says_so_of_other_imag
     r = post(128, 128)
     assert r.status_code == 200
     assert np.load(io.BytesIO(r.content))["labels"].shape == (1, 64, 64)
+
+
+def test_a_run_trained_at_a_size_the_grid_does_not_divide_routes_tiles_padded_to_it(tmp_path):
+    """data.tile auto, trained on 15 x 15 images with a 2 x 2 grid: the models saw them
+    padded to 16 x 16 (patches of 8 x 8). Tiles of 15 x 15 made patches of 7 x 7 of the
+    fixed grid: a 30 x 30 image failed ('covers 28x28'), and the cloud tier refused the
+    edge's padded tiles (16 x 16, not 15 x 15). Tiles are the padded size."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from paser.serve.server import create_app
+
+    cfg = load_config(preset="battery-quick", overrides=["models.num_classes=3"])
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"pool": cfg.models.pool[:1]})})  # the helper's pool is one model: f1
+    assert cfg.data.tile == "auto" and tuple(cfg.grid) == (2, 2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stage1.json").write_text(json.dumps({"image_size": [15, 15]}))
+    m = model(cfg, tmp_path / "run")
+    assert m.tile == (16, 16)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (1, 1, 15, 15)) / 255.0).float()
+    whole = m.router(x, bias=m._bias(None), mc_seed=0)  # as the run saw its images
+    same = m.segment(x)
+    assert torch.equal(same.mask, whole.mask) and same.mc is not None  # routed whole
+    # a cap is checked against what the trained size's pixels pay, not the padded tile's
+    fixed = m.router.costs(15, 15).fixed
+    with pytest.raises(ConfigError, match="GFLOP per megapixel of at least"):
+        m.cap(fixed / (16 * 16 / 1e6) * 1.01)
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(tmp_path / "a.png")
+    [res] = segment_files(m, [tmp_path / "a.png"], tmp_path / "out")
+    assert res.ok, res.error
+    rec = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert rec["grid"] == [4, 4] and rec["patch"] == [8, 8]
+    buf = io.BytesIO()  # a tile as the edge sends it: padded to the grid
+    np.savez_compressed(buf, image=np.zeros((1, 1, 16, 16), np.uint8), index=np.array([0]))
+    r = TestClient(create_app(m)).post(
+        "/v1/segment", params={"model": "f1", "output": "labels"}, content=buf.getvalue(),
+        headers={"Content-Type": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    assert np.load(io.BytesIO(r.content))["labels"].shape == (1, 8, 8)
 
 
 def test_stitched_tiles_keep_the_degraded_patches_of_any_batch():

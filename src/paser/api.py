@@ -280,11 +280,15 @@ class PaSeR:
     @property
     def tile(self) -> tuple[int, int] | None:
         """The image size the run trained and routes at (``data.tile``; ``auto``: stage 1's
-        image size, from ``stage1.json``), or ``None``: images are routed whole, in the
-        grid's patches of whatever size."""
+        image size, from ``stage1.json``, padded to the grid as the models saw it), or
+        ``None``: images are routed whole, in the grid's patches of whatever size."""
         tile = self.config.data.tile
-        if tile == "auto":  # the size stage 1 trained at
-            tile = self.trained_size
+        if tile == "auto" and self.trained_size is not None:  # the size stage 1 trained at:
+            # padded, its patches are those of the fixed grid of tiles (grid_for) and the
+            # cloud tier's (a 15 x 15 tile's 7 x 7 did not cover it, nor the 8 x 8 sent)
+            tile = self.router.grid.padded_size(*self.trained_size)
+        elif tile == "auto":
+            tile = None
         return None if tile is None else tuple(tile)
 
     @property
@@ -298,8 +302,10 @@ class PaSeR:
         return self._trained_size or None
 
     def _whole(self, height: int, width: int) -> bool:
-        """Whether a ``height x width`` image is routed whole, not cut into tiles."""
-        return self.tile is None or (height, width) == self.tile
+        """Whether a ``height x width`` image is routed whole, not cut into tiles (one of
+        the size stage 1 trained at too, where the tile is that size padded: as it was)."""
+        return self.tile is None or (height, width) == self.tile or (
+            self.config.data.tile == "auto" and (height, width) == self.trained_size)
 
     def routed_size(self, height: int, width: int) -> tuple[int, int]:
         """The size each routed call sees for a ``height x width`` image: its own, or the
@@ -403,7 +409,7 @@ class PaSeR:
             cap = float(max_gflops_per_mp)
         except (TypeError, ValueError):
             cap = math.nan
-        size = self.tile or self.trained_size
+        size = self.trained_size or self.tile  # (auto: the unpadded size, whose pixels pay most)
         costs = None if size is None else self.router.costs(*size)
         megapixels = None if size is None else size[0] * size[1] / 1e6
         fixed = 0.0 if costs is None else costs.fixed / megapixels
