@@ -143,6 +143,16 @@ def test_missing_file_is_a_clear_error(exported, tmp_path):
         load_onnx_router(tmp_path)
 
 
+def test_a_manifest_cut_short_or_of_another_tool_is_a_clear_error(tmp_path):
+    """A manifest.json cut short (a full disk while export wrote it) or not paser's was a
+    JSONDecodeError or KeyError traceback."""
+    for text in ('{"height": 28, "width": 28, "padded": [28', '{"models": ["a"]}', "[1, 2]"):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(CheckpointError, match="manifest.json: not a manifest `paser "
+                                                  "export` wrote .*; export again"):
+            load_onnx_router(tmp_path)
+
+
 def test_files_of_another_export_or_a_damaged_file_are_refused(exported, tmp_path):
     """An export cut short, or files copied in from another export, under this manifest."""
     import shutil

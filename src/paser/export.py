@@ -36,7 +36,7 @@ from paser.cost import FLOP_CONVENTION
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router, model_digests
-from paser.runtime import file_sha256
+from paser.runtime import atomic_write_text, file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -164,7 +164,8 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
         # the files as written: a load refuses files of another export mixed in
         "sha256": {f.name: file_sha256(f) for name in parts for f in _part_files(out_dir, name)},
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    # whole or not at all: a manifest cut short would name no file of this export
+    atomic_write_text(json.dumps(manifest, indent=2), out_dir / MANIFEST)
     return manifest
 
 
@@ -260,8 +261,12 @@ def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
     path = export_dir / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{export_dir}: no {MANIFEST}; run `paser export` into it first")
-    manifest = json.loads(path.read_text())
-    missing = [f for f in manifest["files"].values() if not (export_dir / f).is_file()]
+    try:
+        manifest = json.loads(path.read_text())
+        missing = [f for f in manifest["files"].values() if not (export_dir / f).is_file()]
+    except (ValueError, KeyError, TypeError, AttributeError):  # cut short, or not paser's
+        raise CheckpointError(f"{path}: not a manifest `paser export` wrote (cut short, or "
+                              "another tool's); export again") from None
     if missing:
         raise CheckpointError(f"{export_dir}: {', '.join(missing)} missing; export again")
     changed = [name for name, digest in manifest.get("sha256", {}).items()
