@@ -116,6 +116,33 @@ def test_stopped_while_waiting_for_a_write_that_image_is_in_the_summary(setup, m
     assert len(rows) == len(on_disk) and {r["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.slow  # writer processes
+def test_a_killed_writer_process_is_an_error_that_says_what_to_do(setup, monkeypatch):
+    """A writer process killed (the OOM killer) breaks the pool: the call ended in a bare
+    BrokenProcessPool traceback ('A child process terminated abruptly'), where a reader's
+    death says what to do. What was written is kept, and the same call goes on."""
+    import os
+    import signal
+
+    import paser.segment as S
+
+    m, files, tmp = setup
+    pools, writer = [], S._writer
+    monkeypatch.setattr(S, "_writer", lambda workers: pools.append(writer(workers)) or pools[-1])
+
+    def kill_the_writer(res):
+        if res.stem == "s0":  # written and reported: the others are still to write
+            for process in list(pools[0]._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+
+    with pytest.raises(DataError, match=r"the writer processes stopped \(.*\): one ran out of "
+                                        r"memory or was killed; what finished is kept"):
+        segment_files(m, files, tmp / "out", workers=1, on_done=kill_the_writer)
+    assert (tmp / "out" / "s0.json").is_file()
+    again = segment_files(m, files, tmp / "out")
+    assert again[0].resumed and all(r.ok for r in again)
+
+
 def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(setup):
     m, files, tmp = setup
     segment_files(m, files[:2], tmp / "out")

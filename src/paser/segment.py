@@ -28,6 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,6 +327,10 @@ def segment_files(model, files: Sequence[Path], out_dir: str | Path,
                             else writer.submit(_write, *args), held))
             _report(pending, on_done, summary, workers)  # those written, in order
         _report(pending, on_done, summary)  # the rest, once written
+    except BrokenProcessPool as err:  # a writer killed (the OOM killer): said as a reader's is
+        raise DataError(f"the writer processes stopped ({err}): one ran out of memory or was "
+                        "killed; what finished is kept: run the same command again (with "
+                        "--workers 0, workers=0 in Python, this process writes)") from None
     finally:
         if writer is not None:
             writer.shutdown(wait=True, cancel_futures=True)
