@@ -51,6 +51,23 @@ def test_an_override_that_every_model_shadows_is_named_with_the_keys_that_do_it(
     assert unread_overrides(load_config(preset="battery-quick", overrides=given), given) == []
 
 
+def test_an_override_given_to_every_model_as_well_is_not_named_again():
+    from paser.config import unread_overrides
+
+    # what the note asks for, given with stage1.epochs: nothing is left unread
+    given = ["stage1.epochs=2", "models.f0.epochs=2", "models.pool.0.epochs=2",
+             "models.pool.1.epochs=2"]
+    cfg = load_config(preset="battery-quick", overrides=given)
+    assert unread_overrides(cfg, given) == []
+    assert unread_overrides(cfg, given, baselines=False) == []
+    # one model left at its own: it alone is named
+    given = given[:-1]
+    cfg = load_config(preset="battery-quick", overrides=given)
+    assert unread_overrides(cfg, given) == [
+        "stage1.epochs=2 reaches the baselines alone: f0 and every pool model set their own "
+        "epochs (a model's own wins); for theirs give models.pool.1.epochs=2"]
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

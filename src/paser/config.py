@@ -686,6 +686,17 @@ def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ..
         ignored = [group for group in specs if not reads[group]]
         if value is None or not ignored:
             continue  # not given, or every group of models this command trains reads it
+        try:
+            wanted = float(value)
+        except ValueError:
+            wanted = None
+        # A model already set to the same value (models.f0.epochs=2 given beside
+        # stage1.epochs=2) has nothing to be told: only the others are named.
+        ignored = [g for g in ignored
+                   if any(wanted is None or float(getattr(m, key)) != wanted
+                          for m in specs[g].values())]
+        if not ignored:
+            continue
         if len(ignored) == len(specs):
             head = f"changes nothing in this command: every model it trains sets its own {key}"
         else:  # (paser run: the pool sets its own, the baselines read it)
@@ -693,7 +704,9 @@ def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ..
                     + ("f0 and every pool model set their" if "pool" in ignored else
                        "every baseline model sets its") + f" own {key}")
         notes.append(f"stage1.{key}={value} {head} (a model's own wins); for theirs give "
-                     + " ".join(f"{name}.{key}={value}" for g in ignored for name in specs[g]))
+                     + " ".join(f"{name}.{key}={value}" for g in ignored
+                                for name, m in specs[g].items()
+                                if wanted is None or float(getattr(m, key)) != wanted))
     return notes
 
 
