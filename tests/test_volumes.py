@@ -659,7 +659,10 @@ def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
     for bad, message in (("{train: [0, 12], val: [12, 16], test: [16, 20]}",
                           r"val: not a split; .* \(validation is spelt out\)"),
                          ("{train: [0, 12], validation: [12, 12], test: [16, 20]}",
-                          r"validation \[12, 12\) holds no slice")):
+                          r"validation \[12, 12\) holds no slice"),
+                         ("{train: [-4, 12], validation: [12, 16], test: [16, 20]}",
+                          r"train \[-4, 12\) starts before slice 0: slices are numbered "
+                          "from 0")):
         with pytest.raises(ConfigError, match=message):
             load_config(overrides=["data.dataset=volume", f"data.slices={bad}"])
 

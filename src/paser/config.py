@@ -140,7 +140,10 @@ class DataConfig(_Strict):
             raise ValueError(f"{', '.join(unknown)}: not a split; give the slice ranges of "
                              f"train, validation and test{also}")
         for name, (z0, z1) in (v or {}).items():
-            if not 0 <= z0 < z1:
+            if z0 < 0:  # (not Python's count from the end: a range is of slice numbers)
+                raise ValueError(f"{name} [{z0}, {z1}) starts before slice 0: slices are "
+                                 "numbered from 0, the first slice of the volume")
+            if not z0 < z1:
                 raise ValueError(f"{name} [{z0}, {z1}) holds no slice: a range is [first, "
                                  "last + 1), the first at least 0")
         ranges = sorted((tuple(r), name) for name, r in (v or {}).items())
