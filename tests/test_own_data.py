@@ -745,7 +745,10 @@ def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path)
     costs = results["costs"]
     assert costs["patch"][1] < costs["patch"][2] < costs["patch"][3]
     assert methods["f3"]["gflops"] == pytest.approx(costs["patch"][3] * costs["num_patches"])
-    assert methods["f3"]["gap_recovered"] == pytest.approx(1.0)
+    # fK recovers its whole gap over f0 where it has one; none to recover where it is below
+    gap = methods["f3"]["gap_recovered"]
+    assert (gap == pytest.approx(1.0) if methods["f3"]["iou"] > methods["f0"]["iou"]
+            else gap is None)
     # two epochs: which model leads is the draw of the initial weights (f0 here; with seeds
     # 1 to 4, f3 or f0), so only the pinned figures say the run did what it did before
     assert {k: m["iou"] for k, m in methods.items()} == pytest.approx(POOL3_IOU, abs=IOU_ABS)
@@ -922,7 +925,9 @@ def test_a_pool_of_one_model_runs_end_to_end(folder, tmp_path):
     results = run(cfg, tmp_path / "run", show_progress=False, echo=lambda line: None)
     methods = results["methods"]
     assert "f1" in methods and "f2" not in methods
-    assert methods["f1"]["gap_recovered"] == pytest.approx(1.0)
+    gap = methods["f1"]["gap_recovered"]  # (none where f1 scores below f0)
+    assert (gap == pytest.approx(1.0) if methods["f1"]["iou"] > methods["f0"]["iou"]
+            else gap is None)
     for name in ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "Oracle"):
         assert len(methods[name]["fractions"]) == 2
 

@@ -198,3 +198,17 @@ def test_a_run_on_slices_of_one_volume_is_told_its_bootstrap_is_too_sure():
         "data.labels=labels.tif"]).data
     assert "neighbouring slices look alike" in one_volume_note(volume)
     assert one_volume_note(load_config(preset="battery-quick").data) is None
+
+
+def test_gap_recovered_is_none_where_the_largest_model_is_no_better_than_f0():
+    from paser.experiments.report import add_honest_view
+
+    methods = {"PaSeR": {"iou": 0.78, "gflops": 0.23}, "f0": {"iou": 0.74, "gflops": 0.17},
+               "f1": {"iou": 0.75, "gflops": 1.0}, "f2": {"iou": 0.65, "gflops": 3.5}}
+    add_honest_view(methods, "f2")  # f2 below f0: no gap, not a negative one
+    assert [m["gap_recovered"] for m in methods.values()] == [None] * 4
+    assert methods["PaSeR"]["gflops_frac_of_top"] == pytest.approx(0.23 / 3.5)
+    methods["f2"]["iou"] = 0.84
+    add_honest_view(methods, "f2")
+    assert methods["PaSeR"]["gap_recovered"] == pytest.approx(0.4)
+    assert methods["f0"]["gap_recovered"] == 0 and methods["f2"]["gap_recovered"] == 1
