@@ -902,6 +902,25 @@ def test_a_run_that_fills_nonfinite_voxels_fills_them_in_volumes_too(setup):
     assert "NaN" in res.error
 
 
+def test_an_8_bit_volume_under_a_run_with_a_window_is_not_said_scaled_as_in_training(setup):
+    import dataclasses
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    [res] = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "plain", chunk=4)
+    assert res.record["intensity"] == {  # a run of 8-bit images: scaled as it trained
+        "mode": "type range",
+        "says": "uint8 voxels scaled by their type's range (0 to its largest value), as in "
+                "training"}
+    # a run whose window was fitted on float reconstructions scaled those by it, not these
+    m._intensity = dataclasses.replace(m.intensity, window=(0.04, 1.04))
+    [res] = segment_volumes(m, split_inputs([tmp / "scan.tif"])[1], tmp / "float_run", chunk=4)
+    said = res.record["intensity"]
+    assert said["mode"] == "type range" and said["run_window"] == [0.04, 1.04]
+    assert "as in training" not in said["says"]
+    assert "not by the window [0.04, 1.04] the run fitted" in said["says"]
+
+
 def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     """The voxel size each format states is read in micrometres, never guessed, and the
     labels carry it: an OME-TIFF (and X and Y resolution) for TIFF outputs, zarr attributes,

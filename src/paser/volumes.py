@@ -693,8 +693,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         "seconds_this_call": seconds,
         "megavoxels": volume.depth * h * w / 1e6,
         **voxel_record(volume, codec.names, voxels),
-        "intensity": ({"mode": "type range", "says": f"{volume.dtype} voxels scaled by "
-                       "their type's range (0 to its largest value), as in training"}
+        "intensity": (type_range_record(model, volume.dtype)
                       if intensity.by_type_range(volume.dtype) else
                       {**intensity.to_dict(), **({"fitted_on": "this volume (the run keeps no "
                        f"window: {model.intensity.why_none})"}
@@ -707,6 +706,22 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     atomic_write_text(json.dumps(record, indent=1), out_dir / f"{volume.stem}.json")
     shutil.rmtree(parts, ignore_errors=True)  # the volume is whole: its record says so
     return record
+
+
+def type_range_record(model, dtype: str) -> dict:
+    """The record's ``intensity`` of 8/16-bit voxels, scaled by their type's range. A run
+    with a window fitted it on float or signed training images, which were scaled by it:
+    such voxels are not scaled as those were (``run_window``), and the record says so
+    rather than "as in training"."""
+    says = f"{dtype} voxels scaled by their type's range (0 to its largest value)"
+    window = model.intensity.window
+    if window is None or model.intensity.mode != "window":
+        return {"mode": "type range", "says": says + ", as in training"}
+    return {"mode": "type range", "run_window": list(window),
+            "says": f"{says}, not by the window [{window[0]:.6g}, {window[1]:.6g}] the run "
+                    "fitted on its float or signed-integer training images: where it trained "
+                    "on those, these voxels reach the models at another contrast than "
+                    "training; segment the volume in the type and units the run trained on"}
 
 
 def remote_record(model, volume: Volume, records: Sequence[dict]) -> dict:

@@ -453,6 +453,8 @@ def _volume_lines(results, out: Path) -> None:
                        + (f" x {v['z']:.6g}" if v["z"] is not None else "")
                        + f" µm (x, y{', z' if v['z'] is not None else ''}; {v['from']}), "
                        "carried by the labels")
+        if "run_window" in rec.get("intensity", {}):
+            typer.echo(f"  note: {rec['intensity']['says']}")
         if "fitted_on" in rec.get("intensity", {}):
             lo, hi = rec["intensity"]["window"]
             typer.echo(f"  {rec['dtype']} voxels scaled by the window [{lo:.6g}, {hi:.6g}] "
