@@ -667,6 +667,27 @@ def test_data_check_flags_unlabelled_slices_stored_as_a_class(tmp_path):
             load_config(overrides=["data.dataset=volume", f"data.slices={bad}"])
 
 
+def test_data_check_names_every_slice_whose_labels_are_not_classes(tmp_path):
+    """Values outside classes.yaml on two training slices and a test slice: one check
+    names the three, not the first alone; the other slices are read all the same."""
+    from paser.data.registry import check_dataset
+
+    vol = np.random.default_rng(4).random((20, 16, 16)).astype(np.float32)
+    labels = np.full(vol.shape, 255, np.uint8)
+    labels[::2] = np.digitize(vol[::2], [0.4, 0.8])
+    labels[2, 0, 0], labels[6, :2, :2], labels[18, 5, 5] = 7, 9, 7
+    tifffile.imwrite(tmp_path / "scan.tif", vol)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: matrix, 2: particle}\n")
+    data = ["data.volume=scan.tif", "data.labels=labels.tif",
+            "data.slices={train: [0, 12], validation: [12, 16], test: [16, 20]}"]
+    with pytest.raises(DataError) as caught:
+        check_dataset(tmp_path, overrides=data, workers=0, show_progress=False)
+    assert str(caught.value).startswith("3 problems; fix each and check again:")
+    assert [re.search(r"slice (\d+): mask values \[(\d+)\]", p).groups()
+            for p in caught.value.problems] == [("2", "7"), ("6", "9"), ("18", "7")]
+
+
 def test_a_finished_volume_that_cannot_be_read_now_fails_alone(setup, monkeypatch):
     """A --stack folder segmented, then one of its slices broken: a rerun with it and
     another volume (as paser segment opens them) reports the folder and segments the

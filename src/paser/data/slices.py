@@ -37,7 +37,7 @@ from paser.errors import DataError
 _CHUNK = 16
 #: the labelled slices found, and those of one class alone, by label volume, its
 #: modification, class map and range
-_LABELLED: dict[tuple, tuple[list[int], dict[int, int]]] = {}
+_LABELLED: dict[tuple, tuple[list[int], dict[int, int], list[str]]] = {}
 
 
 def _file_of(spec: str) -> Path:
@@ -94,8 +94,8 @@ class VolumeSlices:
         if not 0 <= z0 < z1 <= self.volume.depth:
             raise DataError(f"data.slices.{split}: [{z0}, {z1}) is not a range of the "
                             f"{self.volume.depth} slices of {self.volume.source}")
-        self.z, self.uniform = self._labelled(z0, z1)
-        if not self.z:
+        self.z, self.uniform, problems = self._labelled(z0, z1)
+        if not self.z and not problems:
             raise DataError(f"{self.labels.source}: no labelled slice in {split}'s range "
                             f"[{z0}, {z1}) (every voxel is the ignore value "
                             f"{self.classmap.ignore}); label some, or move the range")
@@ -106,40 +106,55 @@ class VolumeSlices:
         self.intensity = Intensity()
         self.images = [Path(f"{self.volume.source}#{z}") for z in self.z]  # for messages
         self.ids = [f"{self.volume.stem}_z{z:05d}" for z in self.z]
+        if problems:  # every bad slice, not the first alone; the split opened without them
+            err = DataError.of_every(problems)
+            err.opened = self
+            raise err
 
-    def _labelled(self, z0: int, z1: int) -> tuple[list[int], dict[int, int]]:
-        """The slices of ``[z0, z1)`` with a labelled voxel, and those of them whose every
-        labelled voxel is one class (slice -> class); found once per process for the same
-        label volume, class map and range (every stage of a run opens its splits)."""
+    def _labelled(self, z0: int, z1: int) -> tuple[list[int], dict[int, int], list[str]]:
+        """The slices of ``[z0, z1)`` with a labelled voxel, those of them whose every
+        labelled voxel is one class (slice -> class), and what is wrong with each slice
+        whose labels cannot be read as classes (left out of the first two); found once per
+        process for the same label volume, class map and range (every stage of a run opens
+        its splits)."""
         key = (self.labels.source, _stamp(self.labels.source), z0, z1,
                self.classmap.lut.tobytes())
         if key not in _LABELLED:
             _LABELLED[key] = self._scan(z0, z1)
-        found, uniform = _LABELLED[key]
-        return list(found), dict(uniform)
+        found, uniform, problems = _LABELLED[key]
+        return list(found), dict(uniform), list(problems)
 
-    def _scan(self, z0: int, z1: int) -> tuple[list[int], dict[int, int]]:
-        out, uniform = [], {}
+    def _scan(self, z0: int, z1: int) -> tuple[list[int], dict[int, int], list[str]]:
+        out, uniform, problems = [], {}, []
         for start in range(z0, z1, _CHUNK):
             lab = self.labels.read(start, min(start + _CHUNK, z1))
             for i, plane in enumerate(lab):
-                classes = self._decoded(plane, start + i)
+                self._plane(plane, start + i)  # a layout of the whole volume: stops at once
+                try:
+                    classes = self._decoded(plane, start + i)
+                except DataError as err:  # a value not in classes.yaml, a fraction: each
+                    problems += err.each()
+                    continue
                 present = np.flatnonzero(np.bincount(classes.reshape(-1), minlength=256)[:255])
                 if len(present):
                     out.append(start + i)
                 if len(present) == 1:
                     uniform[start + i] = int(present[0])
-        return out, uniform
+        return out, uniform, problems
+
+    def _plane(self, plane: np.ndarray, z: int) -> np.ndarray:
+        """Slice ``z``'s labels as one value a pixel."""
+        if plane.ndim == 3 and plane.shape[-1] == 1:  # (Z, Y, X, 1): one value a voxel
+            plane = plane[..., 0]
+        if plane.ndim != 2:
+            raise DataError(f"{self.labels.source} slice {z}: labels of shape {plane.shape}; "
+                            "store one class value a voxel, the values of classes.yaml")
+        return plane
 
     def _decoded(self, plane: np.ndarray, z: int) -> np.ndarray:
         """Slice ``z``'s labels as class indices (the ignore value :data:`MASK_IGNORE`)."""
         where = f"{self.labels.source} slice {z}"
-        if plane.ndim == 3 and plane.shape[-1] == 1:  # (Z, Y, X, 1): one value a voxel
-            plane = plane[..., 0]
-        if plane.ndim != 2:
-            raise DataError(f"{where}: labels of shape {plane.shape}; store one class value "
-                            "a voxel, the values of classes.yaml")
-        return self.classmap.decode(label_values(plane, where), where)
+        return self.classmap.decode(label_values(self._plane(plane, z), where), where)
 
     class_names = property(lambda self: self.classmap.names)
 
