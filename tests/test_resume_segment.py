@@ -159,8 +159,12 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
     m.run_dir = tmp / "elsewhere"  # the run copied or moved: the same weights, resumed
     assert all(r.resumed for r in segment_files(m, files[:2], tmp / "out", only=1))
     m.router.pool[0].register_buffer("w", torch.ones(1))  # other weights: another run
-    with pytest.raises(DataError, match="holds the outputs of another run"):
+    with pytest.raises(DataError) as caught:  # named by the run folder that made it
         segment_files(m, files[:2], tmp / "out", only=1)
+    assert str(caught.value) == (
+        f"{tmp / 'out'} holds the outputs of another run (--run-dir {tmp / 'run'} there, "
+        f"{tmp / 'elsewhere'} now; they differ in weights); give another --out, or "
+        "--overwrite to start over")
     # outputs with no manifest (an older paser's folder): not taken over, not resumed
     (tmp / "out" / MANIFEST).unlink()
     with pytest.raises(DataError, match=r"holds paser's outputs \(.*\.json and more\) but "

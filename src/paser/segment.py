@@ -544,9 +544,15 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
             other = ("another run" if {"run", "models"} & set(differ) else
                      "this run before its policy was trained again" if "policy" in differ else
                      "other settings")
+            if other == "another run":  # its path says which; digests of weights do not
+                what = [SETTING_NAMES.get(k, ({"models": "weights"}.get(k, k),))[0]
+                        for k in differ if k != "run"]
+                said = (f"--run-dir {before.get('run')} there, {settings.get('run')} now"
+                        + (f"; they differ in {', '.join(what)}" if what else ""))
+            else:
+                said = ", ".join(_differs(k, before.get(k), settings.get(k)) for k in differ)
             raise DataError(
-                f"{out_dir} holds the outputs of {other} "
-                f"({', '.join(_differs(k, before.get(k), settings.get(k)) for k in differ)}"
+                f"{out_dir} holds the outputs of {other} ({said}"
                 "); give another --out, or --overwrite to start over"
                 + (f" (--max-gflops-per-mp {before['cap_gflops_per_mp']:g} goes on with this "
                    "folder's cap)" if differ == ["cap_gflops_per_mp"]
