@@ -940,6 +940,14 @@ def test_an_8_bit_volume_under_a_run_with_a_window_is_not_said_scaled_as_in_trai
     assert said["mode"] == "type range" and said["run_window"] == [0.04, 1.04]
     assert "as in training" not in said["says"]
     assert "not by the window [0.04, 1.04] the run fitted" in said["says"]
+    # a slice of it segmented as an image gets the same note
+    from paser.segment import read_input
+
+    Image.fromarray(vol[0]).save(tmp / "slice.png")
+    image, notes = read_input(tmp / "slice.png", 1, m.intensity)
+    assert notes == [said["says"]] and np.array_equal(image[0], vol[0] / np.float32(255))
+    assert read_input(tmp / "slice.png", 1, dataclasses.replace(m.intensity, window=None)
+                      )[1] == []
 
 
 def test_a_volume_s_voxel_size_goes_with_its_labels(setup):

@@ -41,8 +41,9 @@ from paser.data.folders import ClassMap
 from paser.data.images import (
     READABLE_SUFFIXES,
     Intensity,
+    as_input,
     image_files,
-    read_image,
+    read_array,
     shared_stem,
     skipped_note,
     unread_files,
@@ -114,9 +115,14 @@ def read_input(path: str | Path, channels: int, intensity: Intensity = Intensity
                ) -> tuple[np.ndarray, list[str]]:
     """An image file as float32 ``[channels, H, W]`` in [0, 1], and notes on what was done:
     the one reader of training and inference (:func:`paser.data.images.read_image`, scaled
-    by the run's ``intensity``)."""
+    by the run's ``intensity``), and a note where 8/16-bit pixels are not scaled as a
+    run's float training images were (:meth:`Intensity.unlike_training`)."""
     notes: list[str] = []
-    return read_image(path, channels, intensity, notes), notes
+    arr = read_array(path, notes)
+    unlike = intensity.unlike_training(arr.dtype)
+    if unlike is not None:
+        notes.append(unlike)
+    return as_input(arr, channels, intensity, path, notes), notes
 
 
 @dataclass

@@ -713,15 +713,11 @@ def type_range_record(model, dtype: str) -> dict:
     with a window fitted it on float or signed training images, which were scaled by it:
     such voxels are not scaled as those were (``run_window``), and the record says so
     rather than "as in training"."""
-    says = f"{dtype} voxels scaled by their type's range (0 to its largest value)"
-    window = model.intensity.window
-    if window is None or model.intensity.mode != "window":
-        return {"mode": "type range", "says": says + ", as in training"}
-    return {"mode": "type range", "run_window": list(window),
-            "says": f"{says}, not by the window [{window[0]:.6g}, {window[1]:.6g}] the run "
-                    "fitted on its float or signed-integer training images: where it trained "
-                    "on those, these voxels reach the models at another contrast than "
-                    "training; segment the volume in the type and units the run trained on"}
+    unlike = model.intensity.unlike_training(dtype)
+    if unlike is None:
+        return {"mode": "type range", "says": f"{dtype} voxels scaled by their type's range "
+                "(0 to its largest value), as in training"}
+    return {"mode": "type range", "run_window": list(model.intensity.window), "says": unlike}
 
 
 def remote_record(model, volume: Volume, records: Sequence[dict]) -> dict:

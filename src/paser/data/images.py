@@ -519,6 +519,18 @@ class Intensity:
         given = self.given and self.window is not None and self.mode == "window"
         return by_type_range(dtype) and not given
 
+    def unlike_training(self, dtype) -> str | None:
+        """What to say of 8/16-bit ``dtype`` scaled by its type's range where the run's
+        window was fitted on float or signed-integer training images, which it scaled:
+        those pixels are not scaled as the training images were. None elsewhere."""
+        if self.window is None or self.mode != "window" or not self.by_type_range(dtype):
+            return None
+        return (f"{np.dtype(dtype)} pixels scaled by their type's range (0 to its largest "
+                f"value), not by the window [{self.window[0]:.6g}, {self.window[1]:.6g}] the "
+                "run fitted on its float or signed-integer training images: where it trained "
+                "on those, they reach the models at another contrast than training; segment "
+                "the data in the type and units the run trained on")
+
     def scale(self, arr: np.ndarray, source: Path | str = "the image",
               notes: list[str] | None = None) -> np.ndarray:
         """``arr`` as float32 in [0, 1] (same shape)."""
