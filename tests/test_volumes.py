@@ -1112,3 +1112,35 @@ def test_the_bar_hears_each_chunk_of_its_volume_and_when_the_labels_are_written(
     plane = SIDE * SIDE
     assert heard == [(8, 8 * plane, "scan")] * 3 + [(0, 0, "writing scan_labels.tif")] + [
         (8, 8 * plane, "z")] * 3  # zarr labels are whole as the chunks go: nothing to put together
+
+
+def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup):
+    """A reconstruction written as -1000 outside its circle: the fill, found at the corners
+    of slices spread through it, is kept with the parts; each slice's fill joined to its
+    border is left out of the class counts (a pore inside at the same value stays in), and
+    the record says how many voxels lie outside. A scan with data in its corners has none."""
+    m, vol, tmp = setup
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    outside = (yy - 7.5) ** 2 + (xx - 7.5) ** 2 > 7.5 ** 2
+    recon = vol.astype(np.float32) / 255
+    recon[:, outside] = -1000.0
+    recon[:, 7:9, 7:9] = -1000.0  # a pore inside the circle at the fill's value
+    tifffile.imwrite(tmp / "recon.tif", recon, photometric="minisblack")
+    [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "out", chunk=10)
+    labels = tifffile.imread(tmp / "out" / "recon_labels.tif")
+    codec = m.label_codec
+    inside = [int(np.count_nonzero(labels[:, ~outside] == v)) for v in codec.values]
+    assert sum(inside) == DEPTH * int((~outside).sum())
+    fov = res.record["field_of_view"]
+    assert fov["fill"] == -1000.0 and fov["outside_voxels"] == DEPTH * int(outside.sum())
+    assert fov["share_outside"] == pytest.approx(outside.mean())
+    assert list(res.record["class_fractions"].values()) == pytest.approx(
+        [n / sum(inside) for n in inside])
+    assert res.record["slices"][3]["outside_voxels"] == int(outside.sum())
+    # the same voxels with data in a corner of one slice: no fill, every voxel counted
+    recon[0, 0, 0] = 0.5
+    tifffile.imwrite(tmp / "corner.tif", recon, photometric="minisblack")
+    [res] = segment_volumes(m, split_inputs([tmp / "corner.tif"])[1], tmp / "out", chunk=10)
+    assert "field_of_view" not in res.record and "outside_voxels" not in res.record[
+        "slices"][0]
+    assert sum(sum(r["class_voxels"]) for r in res.record["slices"]) == recon.size

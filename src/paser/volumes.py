@@ -43,6 +43,7 @@ from paser.data.images import (
     Intensity,
     as_input,
     by_type_range,
+    field_of_view_fill,
     image_files,
     is_tiff,
     page_by_page,
@@ -498,8 +499,10 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
         k: v for k, v in mine.items() if k != "input"}
         and recorded_as(theirs, volume.source)
         and unchanged(volume, theirs, _done_records(parts))
-        # parts of a paser that scaled such a volume slice by slice (no window kept)
-        and not (own_window and "window" not in (before or {})))
+        # parts of a paser that scaled such a volume slice by slice (no window kept), or
+        # that counted the classes outside the field of view (no fill kept)
+        and not (own_window and "window" not in (before or {}))
+        and "fill" in (before or {}))
     if parts.is_dir() and not same:
         # chunks of another input of this stem (or of unknown origin): not this volume's
         shutil.rmtree(parts)
@@ -512,9 +515,11 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
             atomic_write_text(json.dumps(before), made)
     else:
         window = volume_window(volume) if own_window else None
+        planes = (volume.read(z, z + 1)[0] for z in spread(volume.depth, 16))  # one at a time
         mine.update(input_path=canonical(volume.source), stat=stat_of(volume),
                     signature=signature(volume))
-        atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window}), made)
+        atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window,
+                                      "fill": field_of_view_fill(planes)}), made)
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
     return None, chunk
@@ -537,6 +542,27 @@ def volume_window(volume: Volume, slices: int = 16) -> list[float]:
     slices spread over ``volume``, read one at a time."""
     return list(window_of((volume.read(z, z + 1)[0], f"{volume.source} slice {z}")
                           for z in spread(volume.depth, slices)))
+
+
+def volume_fill(volume: Volume, out_dir: Path) -> float | None:
+    """The value ``volume`` is written as outside its field of view, as
+    :func:`prepare_volume` found it on slices spread through it and kept with its parts
+    (:func:`paser.data.images.field_of_view_fill`), or ``None``."""
+    made = _parts(volume, out_dir) / "volume.json"
+    return json.loads(made.read_text()).get("fill") if made.is_file() else None
+
+
+def outside_view(plane: np.ndarray, fill: float | None) -> np.ndarray | None:
+    """Where ``plane`` (a slice) lies outside the scan's field of view: its pixels at
+    ``fill`` joined to its border (a pore inside the scan at the same value stays in), or
+    ``None`` where there is no fill."""
+    if fill is None or plane.ndim != 2:
+        return None
+    from scipy import ndimage
+
+    regions, _ = ndimage.label(plane == fill)
+    edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+    return np.isin(regions, edge[edge > 0])
 
 
 def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:
@@ -599,9 +625,11 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     # the patches that hold slice pixels (padding past the slice runs no model)
     inside = model.grid_for(*volume.plane).inside(*volume.plane).numpy()
     model.cost_table(*volume.plane)  # counted once, outside the slices' ms
+    fill = volume_fill(volume, out_dir)
     for i in range(z1 - z0):
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
+        outside = outside_view(raw[i], fill)
         if router.remote is not None:
             router.remote.take()  # this slice's transfers only
         tick = time.perf_counter()
@@ -620,7 +648,11 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                         "gflops": float(out.gflops[0]), "ms": ms,
                         "patches_per_model": np.bincount(
                             actions[inside], minlength=router.num_models).tolist(),
-                        "class_voxels": _class_counts(mask, ncls).tolist(),
+                        # the classes inside the field of view; its outside apart
+                        "class_voxels": _class_counts(
+                            mask if outside is None else mask[~outside], ncls).tolist(),
+                        **({"outside_voxels": int(outside.sum())}
+                           if outside is not None else {}),
                         **({"degraded": degraded} if degraded else {}),
                         **({"remote": remote} if remote is not None else {}),
                         **({"worker": worker, "device": str(model.device)}
@@ -683,6 +715,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
         **routed_by(model, only),
         "class_fractions": dict(zip(codec.names, (voxels / max(voxels.sum(), 1)).tolist(),
                                     strict=True)),
+        **field_of_view_record(volume_fill(volume, out_dir), records),
         "gflops": float(sum(r["gflops"] for r in records)),
         "gflops_per_slice": float(np.mean([r["gflops"] for r in records])),
         "flop_convention": FLOP_CONVENTION,
@@ -718,6 +751,22 @@ def type_range_record(model, dtype: str) -> dict:
         return {"mode": "type range", "says": f"{dtype} voxels scaled by their type's range "
                 "(0 to its largest value), as in training"}
     return {"mode": "type range", "run_window": list(model.intensity.window), "says": unlike}
+
+
+def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
+    """``{"field_of_view": ...}``: the value the scan is written as outside its field of
+    view and how many voxels lie there, which the class fractions and volumes leave out;
+    nothing for a scan without such a fill."""
+    if fill is None:
+        return {}
+    outside = sum(r.get("outside_voxels", 0) for r in records)
+    inside = sum(sum(r["class_voxels"]) for r in records)
+    return {"field_of_view": {
+        "fill": fill, "outside_voxels": outside, "share_outside": outside / max(
+            outside + inside, 1),
+        "says": "voxels at this value joined to a slice's border lie outside the scan's "
+                "field of view: the class fractions and volumes count the voxels inside it "
+                "(the labels there are the models' answer on the fill)"}}
 
 
 def remote_record(model, volume: Volume, records: Sequence[dict]) -> dict:

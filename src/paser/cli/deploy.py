@@ -453,6 +453,12 @@ def _volume_lines(results, out: Path) -> None:
                        + (f" x {v['z']:.6g}" if v["z"] is not None else "")
                        + f" µm (x, y{', z' if v['z'] is not None else ''}; {v['from']}), "
                        "carried by the labels")
+        if "field_of_view" in rec:
+            fov = rec["field_of_view"]
+            typer.echo(f"  {fov['share_outside']:.1%} of the voxels lie outside the field of "
+                       f"view (the fill {fov['fill']:g} joined to a slice's border), left out "
+                       "of the class fractions: " + ", ".join(
+                           f"{k} {v:.3f}" for k, v in rec["class_fractions"].items()))
         if "run_window" in rec.get("intensity", {}):
             typer.echo(f"  note: {rec['intensity']['says']}")
         if "fitted_on" in rec.get("intensity", {}):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -711,14 +712,38 @@ def _without_fill(pixels: np.ndarray) -> np.ndarray:
     values would be the window's end and squeeze its contrast into a sliver of [0, 1], and
     one among them would move the window with the size of the field of view; left out, it
     is scaled as any value is."""
+    fill = fill_value(pixels)
+    return pixels if fill is None else pixels[pixels != fill]
+
+
+def fill_value(pixels: np.ndarray) -> float | None:
+    """The value that more than :data:`_FILL_SHARE` of ``pixels`` hold, ten times as many as
+    any other, or ``None`` (:func:`_without_fill`)."""
     values, counts = np.unique(pixels, return_counts=True)
     if len(values) < 3:
-        return pixels
+        return None
     top = int(counts.argmax())
     if counts[top] > _FILL_SHARE * pixels.size and counts[top] >= 10 * np.delete(
             counts, top).max():
-        return pixels[pixels != values[top]]
-    return pixels
+        return values[top].item()
+    return None
+
+
+def field_of_view_fill(planes: Iterable[np.ndarray]) -> float | None:
+    """The value a scan is written as outside its field of view, or ``None``: the four
+    corners of every one of ``planes`` (slices spread through it, taken one at a time) hold
+    it, and so does a fill's share of their pixels (:func:`fill_value`). A reconstruction's
+    circle leaves its corners out; a scan cropped inside the sample has data there, which
+    the four corners of every slice rarely share to the last bit."""
+    corners, pixels = set(), []
+    for plane in planes:
+        if plane.ndim != 2:  # channels: no field of view is looked for
+            return None
+        corners |= {plane[i, j].item() for i in (0, -1) for j in (0, -1)}
+        pixels.append(plane.reshape(-1)[::max(1, plane.size >> 16)])  # np.unique sorts them
+    if len(corners) != 1 or not np.isfinite(fill := corners.pop()):
+        return None
+    return fill if fill_value(np.concatenate(pixels)) == fill else None
 
 
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
