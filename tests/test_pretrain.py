@@ -272,6 +272,40 @@ def test_paser_run_keeps_the_models_whose_own_settings_did_not_change(tmp_path):
     assert (run / "checkpoints" / "f1.trained.json").is_file()
 
 
+def test_resume_trains_again_the_models_a_new_config_was_cut_short_before(tmp_path,
+                                                                           monkeypatch):
+    """A run whose settings changed (every model trains again) cut short in f1: f2 and f0
+    still hold the last checkpoints of the config before, and --resume must not take
+    them for finished. Every model ends as a fresh run's."""
+    def cfg_with(*extra):
+        return load_config(preset="battery-quick", overrides=[
+            *TINY, "stage1.epochs=1", "models.f0.epochs=1", *extra,
+            f"data.cache_dir={tmp_path / 'cache'}"])
+
+    run = tmp_path / "run"
+    stage1.pretrain(cfg_with(), run, show_progress=False)
+    changed = cfg_with("stage1.lr=0.01")
+    real_write = MetricLog.write
+
+    def dying_write(self, record):
+        real_write(self, record)
+        raise KeyboardInterrupt  # f1 finished its only epoch
+
+    monkeypatch.setattr(MetricLog, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        stage1.pretrain(changed, run, show_progress=False)
+    monkeypatch.setattr(MetricLog, "write", real_write)
+    stage1.pretrain(None, run, resume=True, show_progress=False)
+    fresh = tmp_path / "fresh"
+    stage1.pretrain(changed, fresh, show_progress=False)
+    same = {}
+    for role in ("f0", "f1", "f2"):
+        a = torch.load(run / "checkpoints" / f"{role}.pt", weights_only=False)["model"]
+        b = torch.load(fresh / "checkpoints" / f"{role}.pt", weights_only=False)["model"]
+        same[role] = all(torch.equal(v, b[k]) for k, v in a.items())
+    assert same == {"f0": True, "f1": True, "f2": True}
+
+
 BN_NET = """
 import torch
 from torch import nn

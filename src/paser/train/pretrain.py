@@ -448,20 +448,31 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     roles = model_roles(cfg)
     forwards = {role: whole_image if role == "f0" else patchwise(grid) for role, _ in roles}
 
+    def same(role: str) -> bool:
+        """Trained before with the same fingerprint (and ``reuse``)."""
+        path = _trained_file(run_dir, role)
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        return (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
+                and record.get("fingerprint") in model_fingerprints(cfg, role)
+                and record.get("data") == files)
+
+    if not resume and dist.is_main:
+        # a model this call trains again starts over: cut short before it is reached, its
+        # last checkpoint of an earlier config would be what --resume finishes it from
+        for role in (role for role, _ in roles if not same(role)):
+            (run_dir / "checkpoints" / f"{role}_last.pt").unlink(missing_ok=True)
+
     def kept(role: str) -> bool:
         """Trained before with the same fingerprint (and ``reuse``): shown, not trained."""
         path = _trained_file(run_dir, role)
-        record = json.loads(path.read_text()) if path.is_file() else {}
-        same = (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
-                and record.get("fingerprint") in model_fingerprints(cfg, role)
-                and record.get("data") == files)
-        if same:
+        if same(role):
             with progress(show_progress and dist.is_main) as bar:
                 bar.add_task(f"stage 1 {role}", total=1, completed=1,
                              info="kept: trained before with these settings")
-        elif dist.is_main:
+            return True
+        if dist.is_main:
             path.unlink(missing_ok=True)  # trained again: finished only once it is
-        return same
+        return False
 
     def finished(role: str) -> None:
         if dist.is_main:
