@@ -16,6 +16,7 @@ import torch
 from tests.helpers import TINY
 
 from paser.config import load_config
+from paser.train import policy as policy_stage
 from paser.train.common import MetricLog
 from paser.train.policy import train_policy
 from paser.train.pretrain import pretrain
@@ -137,3 +138,35 @@ def test_a_kill_between_an_epochs_line_and_its_checkpoint_loses_no_line(tmp_path
     resumed = torch.load(last)["epoch"] + 1  # what --resume starts from
     log.truncate_after("policy", resumed - 1)
     assert (resumed, [r["epoch"] for r in log.read()]) == (1, [0])
+
+
+def test_stage2_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_path,
+                                                                           monkeypatch):
+    """Stage 2 again with another lam, cut short before its first epoch ended, then
+    --resume: the policy of the lam before (its last checkpoint at its last epoch) must not
+    be taken for the new one's; it ends as a fresh stage 2 with the new lam."""
+    def cfg_with(*extra):
+        return load_config(preset="battery-quick", overrides=[
+            *TINY, *extra, f"data.cache_dir={tmp_path / 'cache'}"])
+
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    pretrain(cfg_with(), run, show_progress=False)
+    shutil.copytree(run, fresh)
+    train_policy(None, run, show_progress=False)
+    changed = cfg_with("stage2.lam=0.1")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # in the first epoch of the new settings
+
+    monkeypatch.setattr(policy_stage, "validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(changed, run, show_progress=False)
+    monkeypatch.undo()
+    resumed = train_policy(None, run, resume=True, show_progress=False)
+    straight = train_policy(changed, fresh, show_progress=False)
+    assert resumed["lam"] == straight["lam"] == 0.1
+    assert resumed["best_val"] == straight["best_val"]
+    a = torch.load(run / "checkpoints" / "policy.pt", weights_only=False)["policy"]
+    b = torch.load(fresh / "checkpoints" / "policy.pt", weights_only=False)["policy"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
+

@@ -197,6 +197,15 @@ def drop_downstream(run_dir: Path, stage: str) -> None:
             (run_dir / "checkpoints" / name).unlink(missing_ok=True)
 
 
+def forget_progress(*paths: Path) -> None:
+    """Remove the last-epoch checkpoints ``paths`` of what a call trains from scratch (in
+    the main process): one an earlier config left, not yet overwritten when the call is cut
+    short, would be what ``--resume`` goes on from, its last epoch taken for this one's."""
+    if is_main_process():
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+
+
 def resume_state(last_path: Path, resume: bool, device: torch.device,
                  restore: dict[str, Any]) -> dict | None:
     """The last-epoch checkpoint a stage resumes from, or ``None`` to start afresh (no

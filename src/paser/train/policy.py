@@ -49,6 +49,7 @@ from paser.train.common import (
     MetricLog,
     check_finite,
     drop_downstream,
+    forget_progress,
     prepare_run_dir,
     resume_state,
     setup,
@@ -360,6 +361,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
     if not resume:
         drop_downstream(run_dir, "stage2")
+        forget_progress(run_dir / "checkpoints" / "policy_last.pt")
     setup(cfg)
     s2 = cfg.stage2
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
