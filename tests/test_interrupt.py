@@ -170,3 +170,36 @@ def test_stage2_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_
     b = torch.load(fresh / "checkpoints" / "policy.pt", weights_only=False)["policy"]
     assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
 
+
+def test_stage3_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_path,
+                                                                           monkeypatch):
+    """Stage 3 again with another learning rate, cut short in its first epoch, then
+    --resume: the fine-tuning of the settings before must not be taken for the new one's."""
+    from paser.train import finetune as stage3
+
+    def cfg_with(*extra):
+        return load_config(preset="battery-quick", overrides=[
+            *TINY, *extra, f"data.cache_dir={tmp_path / 'cache'}"])
+
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    pretrain(cfg_with(), run, show_progress=False)
+    train_policy(None, run, show_progress=False)
+    shutil.copytree(run, fresh)
+    stage3.finetune(None, run, show_progress=False)
+    changed = cfg_with("stage3.lr=0.01")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # in the first batch of the new settings
+
+    monkeypatch.setattr(stage3, "_joint_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage3.finetune(changed, run, show_progress=False)
+    monkeypatch.undo()
+    resumed = stage3.finetune(None, run, resume=True, show_progress=False)
+    straight = stage3.finetune(changed, fresh, show_progress=False)
+    assert resumed["best"] == straight["best"]
+    a = torch.load(run / "checkpoints" / "stage3.pt", weights_only=False)
+    b = torch.load(fresh / "checkpoints" / "stage3.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"]
+    assert all(torch.equal(v, b["policy"][k]) for k, v in a["policy"].items()
+               if isinstance(v, torch.Tensor))

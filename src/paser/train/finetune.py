@@ -31,7 +31,14 @@ from paser.metrics import iou_per_image, predicted_classes
 from paser.models.registry import has_batchnorm
 from paser.outcomes import PatchOutcomes
 from paser.runtime import atomic_save, atomic_write_text, progress
-from paser.train.common import MetricLog, check_finite, prepare_run_dir, resume_state, setup
+from paser.train.common import (
+    MetricLog,
+    check_finite,
+    forget_progress,
+    prepare_run_dir,
+    resume_state,
+    setup,
+)
 from paser.train.distributed import Dist, launch
 from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
@@ -49,6 +56,8 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     setup(cfg)
     out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
     out_dir = Path(out_dir)
+    if not resume:
+        forget_progress(out_dir / "checkpoints" / "stage3_last.pt")
     data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     # after the data is in place: the other processes only read it; stage 3 is 32-bit
     dist = launch(cfg, "32-true")
@@ -170,6 +179,9 @@ def tvd_sweep(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False,
     run's own threshold is its stage 3 (run first) and is read, not trained again."""
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     (Path(run_dir) / "tvd").mkdir(parents=True, exist_ok=True)  # the step's output marker
+    if not resume:  # the variants it has not reached when cut short start over too
+        forget_progress(*(where / "checkpoints" / "stage3_last.pt" for where in (
+            sweep_dir(run_dir, t, cfg) for t in cfg.stage3.tvd_sweep) if where != Path(run_dir)))
     out = []
     for threshold in cfg.stage3.tvd_sweep:
         where = sweep_dir(run_dir, threshold, cfg)
