@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from tests.helpers import TINY
 
-from paser.baselines.monolithic import MatPhase, role_name
+from paser.baselines.monolithic import MatPhase, role_name, train_baselines
 from paser.baselines.routed import (
     cascade_actions,
     cascade_forward,
@@ -15,12 +16,14 @@ from paser.baselines.routed import (
     random_actions,
     threshold_grid,
 )
+from paser.config import load_config
 from paser.data import Tensors
 from paser.frontier import areas
 from paser.models import RoutingPolicy, create_model
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router
+from paser.train.common import MetricLog
 
 COSTS = CostTable(f0_pass=1.0, mc_samples=2, policy=0.5, patch=[0.0, 0.25, 2.0],
                   params=[10, 30, 60], num_patches=2)
@@ -202,3 +205,37 @@ def test_a_cascade_stops_where_the_entropy_is_at_most_its_threshold():
     # several settings at once: each row of thresholds is one cascade
     taus = torch.tensor([[0.5, 0.5], [0.4, 0.3], [0.4, 0.2]])
     assert cascade_actions(entropy, taus).tolist() == [[[0]], [[1]], [[2]]]
+
+
+def test_baselines_resumed_after_a_new_config_was_cut_short_train_that_config(tmp_path,
+                                                                              monkeypatch):
+    """The baselines again with another learning rate, cut short in MatPhase's first
+    member: --resume must not take the second member, nor MatPhase's fusion, of the
+    settings before for the new one's; they end as a fresh call's."""
+    def cfg_with(*extra):
+        return load_config(preset="battery-quick", overrides=[
+            *TINY, "baselines.matphase.members=[{name: unet, kwargs: {c0: 2, widths: [4, 4]}}, "
+            "{name: unet, kwargs: {c0: 2, widths: [4, 4, 4]}}]", *extra,
+            f"data.cache_dir={tmp_path / 'cache'}"])
+
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    train_baselines(cfg_with(), run, show_progress=False)
+    changed = cfg_with("stage1.lr=0.01")
+    real_write = MetricLog.write
+
+    def dying_write(self, record):
+        real_write(self, record)
+        raise KeyboardInterrupt  # the first member finished its only epoch
+
+    monkeypatch.setattr(MetricLog, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_baselines(changed, run, show_progress=False)
+    monkeypatch.undo()
+    train_baselines(None, run, resume=True, show_progress=False)
+    train_baselines(changed, fresh, show_progress=False)
+    same = {}
+    for name in ("base_matphase_m0", "base_matphase_m1", "base_matphase"):
+        a = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=False)["model"]
+        b = torch.load(fresh / "checkpoints" / f"{name}.pt", weights_only=False)["model"]
+        same[name] = all(torch.equal(v, b[k]) for k, v in a.items())
+    assert same == dict.fromkeys(same, True)

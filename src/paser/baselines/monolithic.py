@@ -27,7 +27,14 @@ from paser.cost import gflops_per_sample
 from paser.data import StageData, Tensors, load_stage_data
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.runtime import atomic_save
-from paser.train.common import MetricLog, cache_predictions, prepare_run_dir, seed_role, setup
+from paser.train.common import (
+    MetricLog,
+    cache_predictions,
+    forget_progress,
+    prepare_run_dir,
+    seed_role,
+    setup,
+)
 from paser.train.distributed import Dist, launch
 from paser.train.pretrain import class_weight, fit, masked_ce, model_epochs, weighted_ce
 from paser.uncertainty import entropy
@@ -65,6 +72,12 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
     """Train every monolithic baseline and MatPhase into ``run_dir`` (data-parallel when
     ``cfg.distributed`` asks, like stage 1); return the roles trained."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    if not resume:  # every model starts over: what an earlier config left is no resume
+        mp = cfg.baselines.matphase
+        fitted = [role_name(name) for name in cfg.baselines.monolithic]
+        fitted += [] if mp is None else [member_role(i) for i in range(len(mp.members))]
+        forget_progress(*(run_dir / "checkpoints" / f"{role}_last.pt" for role in fitted),
+                        *([] if mp is None else [run_dir / "checkpoints" / "base_matphase.pt"]))
     setup(cfg)
     data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     dist = launch(cfg)  # after the data is in place: the other processes only read it
