@@ -14,9 +14,10 @@ import yaml
 from PIL import Image
 from tests.test_label_codec import model
 
-from paser.config import load_config
-from paser.data import load_stage_data
+from paser.config import DataConfig, load_config
+from paser.data import load_stage_data, split_three
 from paser.data.folders import FolderDataset
+from paser.data.stages import stage_rows
 from paser.data.tiles import Tiles, counted, route_tiled, source_images, tile_origins
 from paser.errors import ConfigError, DataError
 from paser.experiments.main import _tiled_from
@@ -206,6 +207,15 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     data = load_stage_data(load_config(preset="battery-quick",
                                        overrides=[*base, "data.tile=[16, 16]"]))
     assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
+    # every tile of an image in one stage: stage 1's crops reach into the neighbouring
+    # tiles, labels and all, so tiles of one image in D_pre and D_rl trained the pool on
+    # pixels the router's outcomes are measured on
+    images = [{i.split("@")[0] for i in part.ids} for part in (data.pre, data.rl, data.ft)]
+    assert sorted(map(len, images)) == [1, 1, 2] and set.union(*images) == {
+        "i0", "i1", "i2", "i3"} and sum(len(p) for p in (data.pre, data.rl, data.ft)) == 38
+    two = Tiles(FolderDataset(root, "train"), (16, 16))
+    two.index = [t for t in two.index if t[0] < 2]  # two images: cut by tiles, as before
+    assert stage_rows(two, DataConfig()) == split_three(25, (0.34, 0.33, 0.33), 42)
     # streamed, the tiles keep their images decoded under the run's cache while in use
     streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
         *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),

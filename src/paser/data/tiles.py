@@ -184,6 +184,8 @@ class Tiles(Dataset):
         self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     size = property(lambda self: (self.tile[0] + 2 * self.margin, self.tile[1] + 2 * self.margin))
+    #: the image of each tile, by its index in the split
+    sources = property(lambda self: [i for i, _, _ in self.index])
     channels = property(lambda self: self.files.channels)
     class_names = property(lambda self: self.files.class_names)
 
