@@ -216,6 +216,12 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     two = Tiles(FolderDataset(root, "train"), (16, 16))
     two.index = [t for t in two.index if t[0] < 2]  # two images: cut by tiles, as before
     assert stage_rows(two, DataConfig()) == split_three(25, (0.34, 0.33, 0.33), 42)
+    # a tiled run made before (stages cut by tiles) trains again; one of whole images not
+    from paser.run import hashed_part
+
+    for tile, marked in (([16, 16], True), ("auto", False), (None, False)):
+        raw = {"data": {"tile": tile, "root": None}}
+        assert ("stages_split" in hashed_part(raw, "data")) == marked, tile
     # streamed, the tiles keep their images decoded under the run's cache while in use
     streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
         *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),
