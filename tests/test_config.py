@@ -66,6 +66,14 @@ def test_an_override_given_to_every_model_as_well_is_not_named_again():
     assert unread_overrides(cfg, given) == [
         "stage1.epochs=2 reaches the baselines alone: f0 and every pool model set their own "
         "epochs (a model's own wins); for theirs give models.pool.1.epochs=2"]
+    # the pool at the value given, the baselines at their own: no model reads it, and
+    # the note says so (it said 'reaches the  alone', naming no group)
+    given = ["stage1.epochs=40", "baselines.matphase=null",
+             "baselines.monolithic={unet: {name: unet, epochs: 3}}"]
+    cfg = load_config(preset="battery-quick", overrides=given)
+    assert unread_overrides(cfg, given) == [
+        "stage1.epochs=40 changes nothing in this command: every model it trains sets its own "
+        "epochs (a model's own wins); for theirs give baselines.monolithic.unet.epochs=40"]
 
 
 @pytest.mark.parametrize(

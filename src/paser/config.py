@@ -700,7 +700,7 @@ def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ..
                           for m in specs[g].values())]
         if not ignored:
             continue
-        if len(ignored) == len(specs):
+        if not any(reads.values()):  # (models at the value given set their own too)
             head = f"changes nothing in this command: every model it trains sets its own {key}"
         else:  # (paser run: the pool sets its own, the baselines read it)
             head = (f"reaches the {' and '.join(g for g in specs if reads[g])} alone: "
