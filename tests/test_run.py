@@ -416,6 +416,13 @@ def test_a_stage_started_over_removes_what_was_built_on_it(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["f1.pt", "policy.pt", "policy_last.pt"]
     drop_downstream(tmp_path, "stage1")
     assert sorted(p.name for p in ckpt.iterdir()) == ["f1.pt"]
+    # a TVD variant's fine-tuning under way was built on them too: not resumed from
+    variant = tmp_path / "tvd" / "0.1" / "checkpoints"
+    variant.mkdir(parents=True)
+    for name in ("stage3.pt", "stage3_last.pt"):
+        (variant / name).write_text("x")
+    drop_downstream(tmp_path, "stage2")
+    assert sorted(p.name for p in variant.iterdir()) == ["stage3.pt"]
 
 
 def test_a_finished_step_is_done_only_with_all_its_files():

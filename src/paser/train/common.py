@@ -195,6 +195,12 @@ def drop_downstream(run_dir: Path, stage: str) -> None:
     if is_main_process():
         for name in DOWNSTREAM.get(stage, ()):
             (run_dir / "checkpoints" / name).unlink(missing_ok=True)
+        # the TVD sweep's variants (tvd/<threshold>/) are fine-tuned from these outputs
+        # too: cut short before the sweep starts them over (PaSeR (paper) runs stages 2, 3
+        # and its sweep under one resume), --resume would finish them from the last
+        # checkpoints of the models or policy replaced
+        for last in (run_dir / "tvd").glob("*/checkpoints/stage3_last.pt"):
+            last.unlink(missing_ok=True)
 
 
 def forget_progress(*paths: Path) -> None:
