@@ -1116,15 +1116,20 @@ def test_the_bar_hears_each_chunk_of_its_volume_and_when_the_labels_are_written(
 
 def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup):
     """A reconstruction written as -1000 outside its circle: the fill, found at the corners
-    of slices spread through it, is kept with the parts; each slice's fill joined to its
-    border is left out of the class counts (a pore inside at the same value stays in), and
-    the record says how many voxels lie outside. A scan with data in its corners has none."""
+    of slices spread through it, and the pixels at it on every one of them joined to the
+    border are kept with the parts and left out of the class counts (a pore inside at the
+    same value stays in, and so does one on the circle's edge on one slice), and the record
+    says how many voxels lie outside. A scan with data in its corners has none."""
     m, vol, tmp = setup
     yy, xx = np.mgrid[:SIDE, :SIDE]
     outside = (yy - 7.5) ** 2 + (xx - 7.5) ** 2 > 7.5 ** 2
     recon = vol.astype(np.float32) / 255
     recon[:, outside] = -1000.0
     recon[:, 7:9, 7:9] = -1000.0  # a pore inside the circle at the fill's value
+    edge = np.zeros((SIDE, SIDE), bool)
+    edge[1:3, 6:10] = True  # inside the circle, on its edge (row 0 is outside)
+    assert not (edge & outside).any()
+    recon[3, edge] = -1000.0  # a pore there on one slice (clipped to the fill): it stays in
     tifffile.imwrite(tmp / "recon.tif", recon, photometric="minisblack")
     [res] = segment_volumes(m, split_inputs([tmp / "recon.tif"])[1], tmp / "out", chunk=10)
     labels = tifffile.imread(tmp / "out" / "recon_labels.tif")

@@ -43,7 +43,7 @@ from paser.data.images import (
     Intensity,
     as_input,
     by_type_range,
-    field_of_view_fill,
+    field_of_view,
     image_files,
     is_tiff,
     page_by_page,
@@ -60,6 +60,8 @@ from paser.runtime import atomic_write_text, holding_out, release_freed_memory, 
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
+#: the pixels of a slice outside the field of view, packed bits, kept with a volume's parts
+OUTSIDE = "outside.npy"
 #: zlib's level for TIFF label volumes. Labels of a few classes deflate 12 to 20 times (a
 #: thousand slices of 2,048 x 2,048: 4.2 GB as they are, 0.33 GB), at 25 to 40 ms a slice
 #: of 4 megapixels on 2 cores; level 6 saves a third more for twice the time. Deflate is
@@ -502,7 +504,8 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
         # parts of a paser that scaled such a volume slice by slice (no window kept), or
         # that counted the classes outside the field of view (no fill kept)
         and not (own_window and "window" not in (before or {}))
-        and "fill" in (before or {}))
+        and "fill" in (before or {})
+        and ((before or {}).get("fill") is None or (parts / OUTSIDE).is_file()))
     if parts.is_dir() and not same:
         # chunks of another input of this stem (or of unknown origin): not this volume's
         shutil.rmtree(parts)
@@ -515,11 +518,14 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
             atomic_write_text(json.dumps(before), made)
     else:
         window = volume_window(volume) if own_window else None
-        planes = (volume.read(z, z + 1)[0] for z in spread(volume.depth, 16))  # one at a time
+        view = field_of_view(volume.read(z, z + 1)[0] for z in spread(volume.depth, 16))
+        if view is not None:  # before the record that says the parts are of this volume
+            with replaced(parts / OUTSIDE) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.packbits(view[1], axis=-1))
         mine.update(input_path=canonical(volume.source), stat=stat_of(volume),
                     signature=signature(volume))
         atomic_write_text(json.dumps({"volume": mine, "chunk": chunk, "window": window,
-                                      "fill": field_of_view_fill(planes)}), made)
+                                      "fill": None if view is None else view[0]}), made)
     if volume.label_format == "zarr":
         return _labels_zarr(out_dir / f"{volume.stem}_labels.zarr", volume, chunk, parts), chunk
     return None, chunk
@@ -547,22 +553,19 @@ def volume_window(volume: Volume, slices: int = 16) -> list[float]:
 def volume_fill(volume: Volume, out_dir: Path) -> float | None:
     """The value ``volume`` is written as outside its field of view, as
     :func:`prepare_volume` found it on slices spread through it and kept with its parts
-    (:func:`paser.data.images.field_of_view_fill`), or ``None``."""
+    (:func:`paser.data.images.field_of_view`), or ``None``."""
     made = _parts(volume, out_dir) / "volume.json"
     return json.loads(made.read_text()).get("fill") if made.is_file() else None
 
 
-def outside_view(plane: np.ndarray, fill: float | None) -> np.ndarray | None:
-    """Where ``plane`` (a slice) lies outside the scan's field of view: its pixels at
-    ``fill`` joined to its border (a pore inside the scan at the same value stays in), or
-    ``None`` where there is no fill."""
-    if fill is None or plane.ndim != 2:
+def outside_view(volume: Volume, out_dir: Path) -> tuple[float, np.ndarray] | None:
+    """The fill and the pixels of a slice outside ``volume``'s field of view (``[H, W]``
+    bool) that :func:`prepare_volume` kept with its parts, or ``None``."""
+    fill = volume_fill(volume, out_dir)
+    if fill is None:
         return None
-    from scipy import ndimage
-
-    regions, _ = ndimage.label(plane == fill)
-    edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
-    return np.isin(regions, edge[edge > 0])
+    packed = np.load(_parts(volume, out_dir) / OUTSIDE)
+    return fill, np.unpackbits(packed, axis=-1, count=volume.plane[1]).astype(bool)
 
 
 def volume_intensity(model, volume: Volume, out_dir: Path) -> Intensity:
@@ -625,11 +628,12 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
     # the patches that hold slice pixels (padding past the slice runs no model)
     inside = model.grid_for(*volume.plane).inside(*volume.plane).numpy()
     model.cost_table(*volume.plane)  # counted once, outside the slices' ms
-    fill = volume_fill(volume, out_dir)
+    view = outside_view(volume, out_dir)
     for i in range(z1 - z0):
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
-        outside = outside_view(raw[i], fill)
+        # outside the field of view: its pixels of every slice, at the fill on this one too
+        outside = None if view is None else view[1] & (raw[i] == view[0])
         if router.remote is not None:
             router.remote.take()  # this slice's transfers only
         tick = time.perf_counter()
@@ -764,9 +768,10 @@ def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
     return {"field_of_view": {
         "fill": fill, "outside_voxels": outside, "share_outside": outside / max(
             outside + inside, 1),
-        "says": "voxels at this value joined to a slice's border lie outside the scan's "
-                "field of view: the class fractions and volumes count the voxels inside it "
-                "(the labels there are the models' answer on the fill)"}}
+        "says": "voxels at this value where 16 slices spread through the volume all hold "
+                "it, joined to the border, lie outside the scan's field of view: the class "
+                "fractions and volumes count the voxels inside it (the labels outside are "
+                "the models' answer on the fill)"}}
 
 
 def remote_record(model, volume: Volume, records: Sequence[dict]) -> dict:

@@ -729,21 +729,34 @@ def fill_value(pixels: np.ndarray) -> float | None:
     return None
 
 
-def field_of_view_fill(planes: Iterable[np.ndarray]) -> float | None:
-    """The value a scan is written as outside its field of view, or ``None``: the four
-    corners of every one of ``planes`` (slices spread through it, taken one at a time) hold
-    it, and so does a fill's share of their pixels (:func:`fill_value`). A reconstruction's
-    circle leaves its corners out; a scan cropped inside the sample has data there, which
-    the four corners of every slice rarely share to the last bit."""
-    corners, pixels = set(), []
+def field_of_view(planes: Iterable[np.ndarray]) -> tuple[float, np.ndarray] | None:
+    """Where a scan lies outside its field of view, from ``planes`` (slices spread through
+    it, taken one at a time): the value it is written as there, and the pixels at that value
+    in every one of them that are joined to the border (``[H, W]`` bool); or ``None``. The
+    four corners of every plane must hold the value, and so must a fill's share of their
+    pixels (:func:`fill_value`). A reconstruction's circle is the same on every slice and
+    leaves its corners out; a pore at the fill's value (clipped to 0) moves from slice to
+    slice and stays in; a scan cropped inside the sample has data in its corners, which
+    every slice rarely shares to the last bit."""
+    from scipy import ndimage
+
+    fill, every, pixels = None, None, []
     for plane in planes:
-        if plane.ndim != 2:  # channels: no field of view is looked for
+        corners = {plane[i, j].item() for i in (0, -1) for j in (0, -1)} if plane.ndim == 2 \
+            else {None}  # channels: no field of view is looked for
+        if len(corners) != 1 or (fill is not None and corners != {fill}):
             return None
-        corners |= {plane[i, j].item() for i in (0, -1) for j in (0, -1)}
+        fill = corners.pop()
+        if fill is None or not np.isfinite(fill):
+            return None
+        every = plane == fill if every is None else np.logical_and(every, plane == fill,
+                                                                    out=every)
         pixels.append(plane.reshape(-1)[::max(1, plane.size >> 16)])  # np.unique sorts them
-    if len(corners) != 1 or not np.isfinite(fill := corners.pop()):
+    if every is None or fill_value(np.concatenate(pixels)) != fill:
         return None
-    return fill if fill_value(np.concatenate(pixels)) == fill else None
+    regions, _ = ndimage.label(every)
+    edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+    return fill, np.isin(regions, edge[edge > 0])
 
 
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
