@@ -14,10 +14,9 @@ import yaml
 from PIL import Image
 from tests.test_label_codec import model
 
-from paser.config import DataConfig, load_config
-from paser.data import load_stage_data, split_three
+from paser.config import load_config
+from paser.data import load_stage_data
 from paser.data.folders import FolderDataset
-from paser.data.stages import stage_rows
 from paser.data.tiles import Tiles, counted, route_tiled, source_images, tile_origins
 from paser.errors import ConfigError, DataError
 from paser.experiments.main import _tiled_from
@@ -207,21 +206,13 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     data = load_stage_data(load_config(preset="battery-quick",
                                        overrides=[*base, "data.tile=[16, 16]"]))
     assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
-    # every tile of an image in one stage: stage 1's crops reach into the neighbouring
-    # tiles, labels and all, so tiles of one image in D_pre and D_rl trained the pool on
-    # pixels the router's outcomes are measured on
-    images = [{i.split("@")[0] for i in part.ids} for part in (data.pre, data.rl, data.ft)]
-    assert sorted(map(len, images)) == [1, 1, 2] and set.union(*images) == {
-        "i0", "i1", "i2", "i3"} and sum(len(p) for p in (data.pre, data.rl, data.ft)) == 38
-    two = Tiles(FolderDataset(root, "train"), (16, 16))
-    two.index = [t for t in two.index if t[0] < 2]  # two images: cut by tiles, as before
-    assert stage_rows(two, DataConfig()) == split_three(25, (0.34, 0.33, 0.33), 42)
-    # a tiled run made before (stages cut by tiles) trains again; one of whole images not
+    # a tiled run made before (its crops showed the other stages' labels) trains again;
+    # one of whole images does not
     from paser.run import hashed_part
 
     for tile, marked in (([16, 16], True), ("auto", False), (None, False)):
         raw = {"data": {"tile": tile, "root": None}}
-        assert ("stages_split" in hashed_part(raw, "data")) == marked, tile
+        assert ("crops_show" in hashed_part(raw, "data")) == marked, tile
     # streamed, the tiles keep their images decoded under the run's cache while in use
     streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
         *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),
@@ -481,6 +472,17 @@ def test_windows_around_tiles_hold_the_tile_at_their_centre_and_the_image_around
     assert torch.equal(around.image(j)[:, 6:8, :6], img[:, 47:49, 44:50].flip(-2))
     assert (around.mask(j)[6:] == 255).all() and torch.equal(around.mask(j)[:6, :6],
                                                               mask[44:50, 44:50])
+    # a stage's windows show its own tiles' labels alone: the other stages' are hidden
+    own = [tiles.ids.index(f"i1@{y},{x}") for y, x in ((16, 16), (0, 16), (16, 32))]
+    shown = tiles.around(4, labelled=own)
+    j = own[0]  # its neighbours above and to the right are its stage's, the others not
+    expected = torch.full((24, 24), 255, dtype=mask.dtype)
+    expected[4:20, 4:20] = mask[16:32, 16:32]
+    expected[:4, 4:20] = mask[12:16, 16:32]  # (0, 16): shown
+    expected[4:20, 20:] = mask[16:32, 32:36]  # (16, 32): shown
+    assert torch.equal(shown.mask(j), expected)
+    assert torch.equal(shown.image(j), around.image(j))  # the pixels stay, unlabelled
+    assert torch.equal(shown.mask(own[1])[4:20, 4:20], tiles.mask(own[1]))
 
 
 def test_a_crop_at_offset_margin_is_the_tile_and_each_image_moves_by_its_own_offset():

@@ -176,9 +176,9 @@ def hashed_part(raw: dict, key: str, legacy: bool = False,
     if key == "data" and node.get("window") is not None:  # since 2026-12-05 it scales
         node = {**node, "window_scales": "every image"}  # 8/16-bit images too: retrain
     if key == "data" and isinstance(node.get("tile"), list | tuple):  # since 2026-12-07
-        # D_pre, D_rl and D_ft take whole images' tiles (paser.data.stages.stage_rows): a
-        # run made before split them tile by tile, and its stages overlap the new ones
-        node = {**node, "stages_split": "by image"}
+        # stage 1's crops of tiles hide the other stages' labels (paser.data.stages): a run
+        # made before trained its pool on part of D_rl's and D_ft's labels
+        node = {**node, "crops_show": "their stage's labels"}
     return node
 
 

@@ -44,14 +44,18 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
         decode_into(Path(run_dir) / "cache", sets.values(), ranks=cfg.distributed.devices)
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
-    pre, rl, ft = stage_rows(sets["train"], data)
+    pre, rl, ft = split_three(len(train), data.split, data.split_seed)
 
     def windows(margin: int, rows: list[int]) -> Tensors | None:
         """The tiles ``rows`` with ``margin`` pixels of their image around them, read or
-        held for nothing else; None without a margin."""
+        held for nothing else; None without a margin. The labels of the other stages'
+        tiles in a window are hidden: stage 1's crops reached half a patch into the
+        neighbouring tiles with their labels, and trained the pool on 26 to 31 % of the
+        labelled pixels of D_rl and D_ft (data.md), where the router's outcomes are
+        measured and which f0, on the tiles alone, never saw."""
         if not margin:
             return None
-        around = sets["train"].around(margin)
+        around = sets["train"].around(margin, labelled=rows)
         return (on_disk(around, data.workers).subset(rows) if stream
                 else to_tensors(Subset(around, rows)))
 
@@ -60,25 +64,6 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
     return StageData(train.subset(pre), train.subset(rl), train.subset(ft), val, test,
                      windows(margin, pre), margin, windows(router_margin, rl),
                      windows(router_margin, ft), router_margin)
-
-
-def stage_rows(train: SegmentationFiles | Tiles, data: DataConfig
-               ) -> tuple[list[int], list[int], list[int]]:
-    """The rows of the training split that go to D_pre, D_rl and D_ft (:func:`split_three`,
-    ``data.split``, ``data.split_seed``). Tiles go by their image: every tile of an image
-    to one stage, so that stage 1's random crops, which reach half a patch into the
-    neighbouring tiles, labels and all, never train the pool on the policy's or stage 3's
-    pixels, and the router's outcomes are measured on images no model trained on. Fewer
-    than three training images are cut by tiles."""
-    if not isinstance(train, Tiles) or len(set(train.sources)) < 3:
-        return split_three(len(train), data.split, data.split_seed)
-    images = sorted(set(train.sources))
-    parts = split_three(len(images), data.split, data.split_seed)
-    stage_of = {images[j]: stage for stage, part in enumerate(parts) for j in part}
-    rows: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for row, image in enumerate(train.sources):
-        rows[stage_of[image]].append(row)
-    return rows
 
 
 def augments(cfg: ExperimentConfig) -> bool:
