@@ -206,13 +206,6 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     data = load_stage_data(load_config(preset="battery-quick",
                                        overrides=[*base, "data.tile=[16, 16]"]))
     assert data.test.images.shape[1:] == (1, 16, 16) and len(data.test) == 38
-    # a tiled run made before (its crops showed the other stages' labels) trains again;
-    # one of whole images does not
-    from paser.run import hashed_part
-
-    for tile, marked in (([16, 16], True), ("auto", False), (None, False)):
-        raw = {"data": {"tile": tile, "root": None}}
-        assert ("crops_show" in hashed_part(raw, "data")) == marked, tile
     # streamed, the tiles keep their images decoded under the run's cache while in use
     streamed = load_stage_data(load_config(preset="battery-quick", overrides=[
         *base, "data.tile=[16, 16]", "data.stream=always", "data.workers=0"]),
@@ -472,17 +465,6 @@ def test_windows_around_tiles_hold_the_tile_at_their_centre_and_the_image_around
     assert torch.equal(around.image(j)[:, 6:8, :6], img[:, 47:49, 44:50].flip(-2))
     assert (around.mask(j)[6:] == 255).all() and torch.equal(around.mask(j)[:6, :6],
                                                               mask[44:50, 44:50])
-    # a stage's windows show its own tiles' labels alone: the other stages' are hidden
-    own = [tiles.ids.index(f"i1@{y},{x}") for y, x in ((16, 16), (0, 16), (16, 32))]
-    shown = tiles.around(4, labelled=own)
-    j = own[0]  # its neighbours above and to the right are its stage's, the others not
-    expected = torch.full((24, 24), 255, dtype=mask.dtype)
-    expected[4:20, 4:20] = mask[16:32, 16:32]
-    expected[:4, 4:20] = mask[12:16, 16:32]  # (0, 16): shown
-    expected[4:20, 20:] = mask[16:32, 32:36]  # (16, 32): shown
-    assert torch.equal(shown.mask(j), expected)
-    assert torch.equal(shown.image(j), around.image(j))  # the pixels stay, unlabelled
-    assert torch.equal(shown.mask(own[1])[4:20, 4:20], tiles.mask(own[1]))
 
 
 def test_a_crop_at_offset_margin_is_the_tile_and_each_image_moves_by_its_own_offset():

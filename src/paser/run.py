@@ -175,10 +175,6 @@ def hashed_part(raw: dict, key: str, legacy: bool = False,
                 if f"{key}.{k}" not in added or k not in ADDED[key] or v != ADDED[key][k]}
     if key == "data" and node.get("window") is not None:  # since 2026-12-05 it scales
         node = {**node, "window_scales": "every image"}  # 8/16-bit images too: retrain
-    if key == "data" and isinstance(node.get("tile"), list | tuple):  # since 2026-12-07
-        # stage 1's crops of tiles hide the other stages' labels (paser.data.stages): a run
-        # made before trained its pool on part of D_rl's and D_ft's labels
-        node = {**node, "crops_show": "their stage's labels"}
     return node
 
 

@@ -48,14 +48,10 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
 
     def windows(margin: int, rows: list[int]) -> Tensors | None:
         """The tiles ``rows`` with ``margin`` pixels of their image around them, read or
-        held for nothing else; None without a margin. The labels of the other stages'
-        tiles in a window are hidden: stage 1's crops reached half a patch into the
-        neighbouring tiles with their labels, and trained the pool on 26 to 31 % of the
-        labelled pixels of D_rl and D_ft (data.md), where the router's outcomes are
-        measured and which f0, on the tiles alone, never saw."""
+        held for nothing else; None without a margin."""
         if not margin:
             return None
-        around = sets["train"].around(margin, labelled=rows)
+        around = sets["train"].around(margin)
         return (on_disk(around, data.workers).subset(rows) if stream
                 else to_tensors(Subset(around, rows)))
 

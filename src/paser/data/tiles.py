@@ -182,34 +182,21 @@ class Tiles(Dataset):
         #: ``<stem>@<y>,<x>``: the tile's image and its top-left corner
         self.ids = [f"{stems[i]}@{y},{x}" for i, y, x in self.index]
         self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        #: each image's grid of tiles whose labels the windows show (:meth:`around`)
-        self.shown: dict[int, np.ndarray] | None = None
 
     size = property(lambda self: (self.tile[0] + 2 * self.margin, self.tile[1] + 2 * self.margin))
-    #: the image of each tile, by its index in the split
-    sources = property(lambda self: [i for i, _, _ in self.index])
     channels = property(lambda self: self.files.channels)
     class_names = property(lambda self: self.files.class_names)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def around(self, margin: int, labelled: Sequence[int] | None = None) -> Tiles:
+    def around(self, margin: int) -> Tiles:
         """The same tiles, each with ``margin`` pixels of its image on every side (mirrored
         past the image's edges, those pixels unlabelled): the windows stage 1 crops a tile
         from at a random offset (:func:`paser.train.pretrain.crop`); a window's centre is
-        the tile, exactly. ``labelled``: the rows of the tiles whose labels a window shows
-        (a stage's own); the pixels of any other tile in it are unlabelled, so that one
-        stage's crops never train on another stage's labels."""
+        the tile, exactly."""
         out = Tiles(self.files, self.tile, margin, self.decoded)
         out.index, out.ids = self.index, self.ids
-        if labelled is not None:
-            th, tw = self.tile
-            out.shown = {i: np.zeros((-(-h // th), -(-w // tw)), bool)
-                         for i, (h, w) in enumerate(self.files.sizes)}
-            for j in labelled:
-                i, y, x = self.index[j]
-                out.shown[i][y // th, x // tw] = True
         return out
 
     def _source(self, i: int) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
@@ -266,14 +253,7 @@ class Tiles(Dataset):
 
     def mask(self, j: int) -> torch.Tensor:
         i, y, x = self.index[j]
-        out = self._crop(self._source(i)[1][None], y, x, MASK_IGNORE)[0]
-        if self.shown is not None and self.margin:  # other tiles' labels hidden (around)
-            (h, w), (th, tw), m = self.files.sizes[i], self.tile, self.margin
-            rows = _window_index(h, m, y, th + 2 * m, False).clamp(min=0) // th
-            cols = _window_index(w, m, x, tw + 2 * m, False).clamp(min=0) // tw
-            hidden = ~torch.from_numpy(self.shown[i][rows.numpy()][:, cols.numpy()])
-            out[hidden] = MASK_IGNORE
-        return out
+        return self._crop(self._source(i)[1][None], y, x, MASK_IGNORE)[0]
 
     def __getitem__(self, j: int) -> dict:
         return {"image": self.image(j), "mask": self.mask(j), "id": self.ids[j]}
