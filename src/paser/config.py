@@ -695,9 +695,9 @@ def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ..
             wanted = None
         # A model already set to the same value (models.f0.epochs=2 given beside
         # stage1.epochs=2) has nothing to be told: only the others are named.
-        ignored = [g for g in ignored
-                   if any(wanted is None or float(getattr(m, key)) != wanted
-                          for m in specs[g].values())]
+        told = {g: [name for name, m in specs[g].items()
+                    if wanted is None or float(getattr(m, key)) != wanted] for g in ignored}
+        ignored = [g for g in ignored if told[g]]
         if not ignored:
             continue
         if not any(reads.values()):  # (models at the value given set their own too)
@@ -707,9 +707,7 @@ def unread_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ..
                     + ("f0 and every pool model set their" if "pool" in ignored else
                        "every baseline model sets its") + f" own {key}")
         notes.append(f"stage1.{key}={value} {head} (a model's own wins); for theirs give "
-                     + " ".join(f"{name}.{key}={value}" for g in ignored
-                                for name, m in specs[g].items()
-                                if wanted is None or float(getattr(m, key)) != wanted))
+                     + " ".join(f"{name}.{key}={value}" for g in ignored for name in told[g]))
     return notes
 
 

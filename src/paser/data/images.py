@@ -742,12 +742,13 @@ def field_of_view(planes: Iterable[np.ndarray]) -> tuple[float, np.ndarray] | No
 
     fill, every, pixels = None, None, []
     for plane in planes:
-        corners = {plane[i, j].item() for i in (0, -1) for j in (0, -1)} if plane.ndim == 2 \
-            else {None}  # channels: no field of view is looked for
+        if plane.ndim != 2:  # channels: no field of view is looked for
+            return None
+        corners = {plane[i, j].item() for i in (0, -1) for j in (0, -1)}
         if len(corners) != 1 or (fill is not None and corners != {fill}):
             return None
         fill = corners.pop()
-        if fill is None or not np.isfinite(fill):
+        if not np.isfinite(fill):
             return None
         every = plane == fill if every is None else np.logical_and(every, plane == fill,
                                                                     out=every)

@@ -45,6 +45,7 @@ from paser.train.common import (
     cache_predictions,
     check_finite,
     drop_downstream,
+    forget_progress,
     prepare_run_dir,
     resume_state,
     seed_role,
@@ -456,11 +457,11 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                 and record.get("fingerprint") in model_fingerprints(cfg, role)
                 and record.get("data") == files)
 
-    if not resume and dist.is_main:
+    if not resume:
         # a model this call trains again starts over: cut short before it is reached, its
         # last checkpoint of an earlier config would be what --resume finishes it from
-        for role in (role for role, _ in roles if not same(role)):
-            (run_dir / "checkpoints" / f"{role}_last.pt").unlink(missing_ok=True)
+        forget_progress(*(run_dir / "checkpoints" / f"{role}_last.pt"
+                          for role, _ in roles if not same(role)))
 
     def kept(role: str) -> bool:
         """Trained before with the same fingerprint (and ``reuse``): shown, not trained."""
