@@ -243,3 +243,16 @@ def test_the_verdict_reads_the_curve_and_a_curve_above_every_model_saves_against
     best = FR.frontier_curve({"f0": (1, 0.5), "f1": (3, 0.7)})
     assert FR.curve_saving({"gflops": [2.0], "iou": [0.75]}, best) == (
         pytest.approx(1 / 3), (2.0, 0.75), 3.0)
+
+
+def test_of_two_models_at_the_same_cost_the_hull_keeps_the_better_even_the_cheapest_two():
+    # f1 the same architecture as f0: 4 patches of a quarter of the image cost what f0 does
+    # on the whole. f0 is then dominated and no vertex, whether the pair is first or not
+    curve = FR.frontier_curve({"f0": (1.0, 0.5), "f1": (1.0, 0.7), "f2": (3.0, 0.9)})
+    assert curve["models"] == ["f1", "f2"] and curve["gflops"] == [1.0, 3.0]
+    assert FR.hull([(0.5, 0.3), (1.0, 0.5), (1.0, 0.7)]) == [(0.5, 0.3), (1.0, 0.7)]
+    v = FR.hull([(1.0, 0.5), (1.0, 0.7), (3.0, 0.9)])
+    # 0.6 is what f1 alone gives at 1 GFLOP: f1 on every image, not f0 (which gives 0.5)
+    assert FR.frontier_cost(v, 0.6) == pytest.approx(1.0)
+    assert FR.frontier_mix(v, curve["models"], 1.0) == "f1 on every image"
+    assert FR.frontier_mix(v, curve["models"], 2.0) == "f1 on 50 % of images, f2 on 50 %"

@@ -29,10 +29,13 @@ def hull(points: Sequence[Point]) -> list[Point]:
 
     The upper concave hull of ``points`` (sorted by GFLOP, a point under the chord of its
     neighbours dropped), cut where IoU stops rising: a dearer model that scores no better
-    is never worth picking.
+    is never worth picking. Of models at the same GFLOP only the best is kept (the chord
+    test cannot drop the worse one where the two are the cheapest).
     """
     out: list[Point] = []
     for p in sorted((float(x), float(y)) for x, y in points):
+        if out and out[-1][0] == p[0]:  # sorted: p scores at least as well for the same GFLOP
+            out.pop()
         while len(out) >= 2:
             (x1, y1), (x2, y2) = out[-2], out[-1]
             if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) >= 0:  # out[-1] not above
