@@ -331,3 +331,17 @@ def test_the_ablation_reads_each_variant_against_the_single_models():
     budgets = FR.budgets(1.0, 4.0)
     mine = [0.5 if b < 2 else 0.8 if b < 4 else 0.9 for b in budgets]
     assert margin == pytest.approx(float((mine - (0.5 + 0.4 * (budgets - 1) / 3)).mean()))
+
+
+def test_the_verdict_reads_the_curve_as_the_routers_table_does_from_f0s_point():
+    """T > 1: PaSeR's cheapest setting (every patch on f0, its Monte Carlo mean, 1.5 GFLOP
+    with the policy) scores 0.55, under f0's one pass (0.6 at 1 GFLOP). The routers' table
+    reads the curve from f0's point; the verdict's curve area must be the table's."""
+    frontier = FR.frontier_curve({"f0": (1.0, 0.6), "f1": (4.0, 0.9)})
+    curve = {"gflops": [1.5, 2.0, 3.0], "iou": [0.55, 0.75, 0.85]}
+    areas, above = router_areas({"Frontier": frontier, "PaSeR": curve}, ["PaSeR"],
+                                (1.0, 0.6), 1.5, 4.0)
+    margin = areas["PaSeR"] - areas["Frontier"]
+    assert f"{margin:+.4f}" == "-0.0200"  # raw, the curve gives -0.0349: 0.55 below 2 GFLOP
+    line = FR.verdict((2.0, 0.75), frontier, None, 1.5, curve, 1.5, 4.0, f0=(1.0, 0.6))
+    assert line.endswith(f"on {100 * above['PaSeR']:.0f} % of budgets (curve area -0.0200)")

@@ -201,7 +201,8 @@ def headroom_caveat(room: float, floor: float | None, shares=()) -> str | None:
 
 def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
             fixed_gflops: float | None = None, curve: dict | None = None,
-            lo: float | None = None, hi: float | None = None) -> str:
+            lo: float | None = None, hi: float | None = None,
+            f0: Point | None = None) -> str:
     """The one line a user decides from: what routing saves against the single models at
     equal IoU (their frontier: each image segmented whole by one of them, in the cheapest
     mix that reaches the IoU), or why it does not pay on this data.
@@ -211,7 +212,9 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     routed image pays before any patch is routed) say which part holds a miss back.
     ``curve`` (PaSeR's whole curve, every operating point calibration reaches) with the
     budget range ``lo``, ``hi``: the line reads it too, so an operating point that misses
-    (a degenerate target) is not taken for routing that does not pay.
+    (a degenerate target) is not taken for routing that does not pay. ``f0``: f0's own
+    ``(GFLOP, IoU)``, read before the curve (:func:`from_point`), as the report's table of
+    the routers reads it: below the fixed cost a user runs f0 alone.
     """
     g, iou = point
     vertices = list(zip(frontier["gflops"], frontier["iou"], strict=True))
@@ -223,6 +226,7 @@ def verdict(point: Point, frontier: dict, oracle_curve: dict | None = None,
     pays_along = False
     saving = None
     if curve is not None and lo is not None and hi is not None:
+        curve = curve if f0 is None else from_point(curve, f0)
         share = share_above(curve, frontier, lo, hi)
         margin = areas({"c": curve, "f": frontier}, lo, hi)
         margin = margin["c"] - margin["f"]

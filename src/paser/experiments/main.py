@@ -311,7 +311,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
     on_or_above = pi >= (max(reach) if reach else 0.0) - 1e-9
     paser_rows = [m for m in methods if m.startswith("PaSeR") and m != "PaSeR-RandPol"]
     verdict = FR.verdict((pg, pi), curves["Frontier"], curves["Oracle"], costs.fixed,
-                         curves["PaSeR"], lo, hi)
+                         curves["PaSeR"], lo, hi, f0=singles["f0"])
     captured = {name: FR.headroom_captured(areas[name], areas["Frontier"], areas["Oracle"])
                 for name in routers}
     # the same two routers with each budget's setting chosen on validation, as a user must
