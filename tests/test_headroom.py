@@ -345,3 +345,42 @@ def test_the_verdict_reads_the_curve_as_the_routers_table_does_from_f0s_point():
     assert f"{margin:+.4f}" == "-0.0200"  # raw, the curve gives -0.0349: 0.55 below 2 GFLOP
     line = FR.verdict((2.0, 0.75), frontier, None, 1.5, curve, 1.5, 4.0, f0=(1.0, 0.6))
     assert line.endswith(f"on {100 * above['PaSeR']:.0f} % of budgets (curve area -0.0200)")
+
+
+def test_a_quality_target_the_policys_routing_cannot_meet_says_so_and_what_to_ask():
+    """The best single model is f1, but the policy ranks f1 under f0 and f2 at every price:
+    its sweep goes from every patch on f2 (mIoU 0: it predicts a class never there) to every
+    patch on f0, never by f1 (mIoU 1). Within 0.005 of 1 is out of reach; the best the
+    routing gives is kept, and the target must say it was not met, by how much, and what to
+    ask for instead."""
+    right = nn.Conv2d(1, 3, 1)  # reads the class from the input's value (0 or 0.5)
+    wrong = nn.Conv2d(1, 3, 3, padding=1)  # class 2 everywhere, and 9 x the FLOPs
+    with torch.no_grad():
+        right.weight.copy_(torch.tensor([0.0, 20.0, 0.0]).view(3, 1, 1, 1))
+        right.bias.copy_(torch.tensor([0.0, -5.0, -100.0]))
+        wrong.weight.zero_()
+        wrong.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[:, :, 4:] = 1  # half class 0, half class 1, in every patch
+    data = Tensors(masks[:, None].float() / 2, masks.byte(), ["a", "b"])
+    f0 = nn.Conv2d(1, 3, 1)
+    with torch.no_grad():  # f0: class 0 everywhere, IoU 0.5 on class 0, 0 on class 1
+        f0.weight.zero_()
+        f0.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    policy = PooledPolicy((2, 2), 3, 2, gain_head=True)
+    with torch.no_grad():  # predicted gains: f1 -10, f2 +5 on every patch
+        policy.mlp[-1].weight.zero_()
+        policy.mlp[-1].bias.copy_(torch.tensor([[-10.0, 5.0]]))
+    router = Router(f0, policy, [right, wrong], PatchGrid(2, 2), 1, mc_dropout="none").eval()
+    cal = calibrate(router, data, 3, iou_within_top=0.005, batch_size=2)
+    assert cal.target["top_model"] == "f1" and cal.target["top_miou"] == pytest.approx(1.0)
+    # f0 on every patch: class 0 IoU 0.5, class 1 IoU 0 -> 0.25, above f2's 0
+    assert cal.fractions == pytest.approx([1.0, 0.0, 0.0]) and cal.miou == pytest.approx(0.25)
+    assert cal.target["reached"] is False
+    assert cal.target_text() == (
+        "the least GFLOP within 0.005 mIoU of the best single model (f1, validation mIoU "
+        "1.0000); not met: the policy's routing comes within 0.7500 of it at best "
+        "(validation mIoU 0.2500, kept), so ask for --iou-within-top 0.75 or more, or a "
+        "budget (--budget-gflops)")
+    met = calibrate(router, data, 3, iou_within_top=0.75, batch_size=2)
+    assert "reached" not in met.target and "not met" not in met.target_text()

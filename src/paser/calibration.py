@@ -53,7 +53,8 @@ class Calibration:
     ``"above_dearest"``: the GFLOP of every patch on fK, where the budget is more than
     that and bounds nothing), ``{"max_frac_large": f}`` (the share of patches on the most expensive
     model, fK) or ``{"iou_within_top": d, "top_miou": m, "top_model": "f1"}`` (the best
-    single model's validation mIoU, and which model that is);
+    single model's validation mIoU, and which model that is; ``"reached": false`` where no
+    routing of the policy's comes that close, and the one of best mIoU is kept);
     ``gflops`` (mean per image,
     :data:`paser.cost.FLOP_CONVENTION`), ``fractions`` (share of patches per model),
     ``miou`` are measured on ``images`` validation images of ``height x width`` with the
@@ -102,8 +103,15 @@ class Calibration:
             best = ", ".join(([t["top_model"]] if "top_model" in t else [])
                              + ([f"validation mIoU {t['top_miou']:.4f}"] if "top_miou" in t
                                 else []))
-            return (f"the least GFLOP within {t['iou_within_top']:g} mIoU of the best single "
+            text = (f"the least GFLOP within {t['iou_within_top']:g} mIoU of the best single "
                     "model" + (f" ({best})" if best else ""))
+            if t.get("reached", True) or "top_miou" not in t:
+                return text
+            short = t["top_miou"] - self.miou
+            return (text + f"; not met: the policy's routing comes within {short:.4f} of it at "
+                    f"best (validation mIoU {self.miou:.4f}, kept), so ask for "
+                    f"--iou-within-top {math.ceil(short * 1e4 - 1e-6) / 1e4:g} or more, or a "
+                    "budget (--budget-gflops)")
         if "budget_gflops" in t:
             per_mp = t.get("budget_gflops_per_mp")
             return (f"a budget of {figure(t['budget_gflops'])} GFLOP per image"
@@ -344,8 +352,13 @@ def _by_quality(outcomes: PatchOutcomes, logits: torch.Tensor, rel: torch.Tensor
         ok = miou >= top - iou_within_top - 1e-12
         target = {"iou_within_top": float(iou_within_top), "top_miou": top,
                   "top_model": f"f{best}"}
-        # the least GFLOP that is close enough; else the best mIoU there is
-        pick = (torch.where(ok, gflops, torch.inf).argmin() if ok.any() else miou.argmax())
+        # the least GFLOP that is close enough; else the best mIoU there is, and the target
+        # says it was not met (the best model may be one the policy never routes to alone)
+        if ok.any():
+            pick = torch.where(ok, gflops, torch.inf).argmin()
+        else:
+            pick = miou.argmax()
+            target["reached"] = False
     else:
         ok = gflops <= budget_gflops + 1e-9
         target = {"budget_gflops": float(budget_gflops), "best_iou": True}
