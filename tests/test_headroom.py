@@ -384,3 +384,21 @@ def test_a_quality_target_the_policys_routing_cannot_meet_says_so_and_what_to_as
         "budget (--budget-gflops)")
     met = calibrate(router, data, 3, iou_within_top=0.75, batch_size=2)
     assert "reached" not in met.target and "not met" not in met.target_text()
+
+
+def test_the_report_says_where_an_operating_points_quality_target_was_not_met():
+    from paser.calibration import Calibration
+    from paser.experiments.main import operating_point_note
+
+    cal = Calibration(bias=[0.0, -1.0, -9.0], strength=9.0,
+                      target={"iou_within_top": 0.005, "top_miou": 0.8612, "top_model": "f1"},
+                      gflops=1.234, fractions=[0.5, 0.2, 0.3], miou=0.8421, uncalibrated={},
+                      images=40, height=128, width=128)
+    met = "P: calibrated on the validation split (validation mIoU 0.8421 at 1.234 GFLOP), " \
+          "measured on test."
+    assert operating_point_note("P", cal) == met
+    missed = dataclasses.replace(cal, target={**cal.target, "reached": False})
+    assert operating_point_note("P", missed) == met + (
+        " Its target was not met: on validation the policy's routing comes no closer than "
+        "0.0191 to the best single model's mIoU (f1, 0.8612), so this row is its routing of "
+        "best mIoU.")
