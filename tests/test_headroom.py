@@ -402,3 +402,26 @@ def test_the_report_says_where_an_operating_points_quality_target_was_not_met():
         " Its target was not met: on validation the policy's routing comes no closer than "
         "0.0191 to the best single model's mIoU (f1, 0.8612), so this row is its routing of "
         "best mIoU.")
+
+
+def test_shares_of_a_reachable_part_under_the_noise_are_printed_with_a_caveat():
+    from paser.experiments.report import _routers_md
+
+    # the oracle well over the frontier (+0.0150), its other views barely (+0.0005): PaSeR's
+    # +0.0060 is 40 % of the oracle's headroom but 1200 % of the reachable part, mostly noise
+    areas = {"Frontier": 0.8000, "Oracle": 0.8150, "Oracle (other views)": 0.8005,
+             "PaSeR": 0.8060}
+    share = FR.headroom_captured(areas["PaSeR"], areas["Frontier"], areas["Oracle (other views)"])
+    results = {"curve_areas": areas, "headroom_floor": 0.0020,
+               "headroom_captured": {"PaSeR": FR.headroom_captured(0.8060, 0.8000, 0.8150)},
+               "reachable_captured": {"PaSeR": share}}
+    lines: list[str] = []
+    _routers_md(lines.append, results)
+    text = "".join(lines)
+    assert "| PaSeR | 0.8060 | +0.0060 | 40 % | n/a | 1200 % |" in text
+    assert "**The shares of the reachable part are not meaningful on this run**: Oracle (other " \
+           "views) is +0.0005 of curve area over the frontier, under 0.0020" in text
+    assert "The shares of the headroom are not meaningful" not in text  # the oracle's are
+    lines.clear()
+    _routers_md(lines.append, {**results, "curve_areas": {**areas, "Oracle (other views)": 0.8100}})
+    assert "not meaningful" not in "".join(lines)

@@ -354,6 +354,15 @@ def _routers_md(w, results: dict) -> None:
                                 list(results.get("headroom_captured", {}).values()))
     if caveat is not None:
         w(f"**The shares of the headroom are not meaningful on this run**: {caveat}.\n\n")
+    floor = results.get("headroom_floor")
+    if reach and reach_name is not None and floor is not None:
+        # the last column divides by this curve's margin: under the noise, as the oracle's
+        reach_room = areas[reach_name] - areas["Frontier"]
+        if 1e-12 < reach_room < floor:
+            w(f"**The shares of the reachable part are not meaningful on this run**: "
+              f"{reach_name} is {reach_room:+.4f} of curve area over the frontier, under "
+              f"{floor:.4f} (the noise of an IoU difference on this test split), so a share "
+              "of it is mostly noise and can run to hundreds of percent.\n\n")
     w("| router | curve area | above the frontier | headroom captured | rank correlation |"
       + (" of the reachable part |" if reach else "") + "\n|---|---|---|---|---|"
       + ("---|" if reach else "") + "\n")
