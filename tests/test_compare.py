@@ -217,3 +217,41 @@ def test_a_pool_whose_models_trained_on_several_machines_says_so(tmp_path):
             "test_images": 80, "grid": [2, 2], "mc_samples": 1, "machine": amd}
     assert "; stage 1's models on several kinds of machine (stage1.json)" in setting_line(
         base | {"stage1_machine": None, "stage1_machines": kept["machines"]})
+
+
+def test_a_report_older_than_the_runs_models_or_config_is_refused(tmp_path):
+    """After `paser train-policy stage2.lam=0.3` (or a paser run of it stopped before its
+    report), config.yaml says lam 0.3 while results.json is still the lam 0.1 report: read
+    together, the runs "differ in stage2.lam" with the same figures."""
+    from paser.config import load_config, save_config
+    from paser.experiments.finished import models_state
+    from paser.run import fingerprints
+
+    cfg = load_config(preset="battery-quick")
+    folder = tmp_path / "r"
+    folder.mkdir()
+    save_config(cfg, folder / "config.yaml")
+    (folder / "steps.json").write_text(json.dumps(
+        {"report": {"fingerprint": fingerprints(cfg)["report"]}}))
+    (folder / "results.json").write_text(json.dumps(
+        results(0.825, 1.5, 0.5, measured_on=models_state(folder))))
+    assert compare_runs([folder])["figures"]["PaSeR IoU"]["mean"] == pytest.approx(0.825)
+
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "policy.pt").write_bytes(b"a policy trained since")
+    with pytest.raises(CheckpointError, match="made on other models or another calibration"
+                       ".*paser run --run-dir"):
+        compare_runs([folder])
+    (folder / "checkpoints" / "policy.pt").unlink()
+
+    save_config(cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lam": 0.3})}),
+                folder / "config.yaml")
+    with pytest.raises(CheckpointError, match="not written for the config in its config.yaml"):
+        compare_runs([folder])
+    res = paser_here("compare", str(folder))
+    assert res.returncode == 2 and "r/results.json: it was not written" in res.stderr
+
+    # how the data is read changes no figure: the report is still the run's
+    save_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={"workers": 0})}),
+                folder / "config.yaml")
+    assert compare_runs([folder])["figures"]["PaSeR GFLOP"]["mean"] == pytest.approx(1.5)

@@ -110,7 +110,44 @@ def _read(run_dir: Path) -> tuple[dict, dict]:
     if not isinstance(results, dict) or "methods" not in results:
         raise CheckpointError(f"{path}: not a report of `paser run` (no 'methods'); give a "
                               "finished run's folder")
+    why = _report_stale(run_dir, results)
+    if why:
+        raise CheckpointError(f"{path}: {why}, so its figures are not of the run as its "
+                              "config.yaml and checkpoints now stand; write the report again "
+                              f"first: paser run --run-dir {run_dir}")
     return results, config
+
+
+def _report_stale(run_dir: Path, results: dict) -> str | None:
+    """Why a run's report is not of its config and models as they are now, or None: the
+    figures compared would be of other models, or of another config than the one whose
+    keys the comparison says the runs differ in (a stage command, ``paser calibrate``, or a
+    ``paser run`` of another config stopped before its report). Runs from before these
+    records (no ``measured_on``, no ``steps.json``) are taken as they are."""
+    from paser.checkpoints import read_steps
+    from paser.experiments.finished import measured_now
+
+    measured = results.get("measured_on")
+    if measured is not None and not measured_now(run_dir, measured):
+        return ("it was made on other models or another calibration than the run has now "
+                "(a stage command or paser calibrate ran since)")
+    done = read_steps(run_dir)
+    if not done:
+        return None
+    from paser.config import load_config
+    from paser.errors import ConfigError
+    from paser.run import fingerprint_variants
+
+    try:
+        cfg = load_config(config_file=run_dir / "config.yaml")
+    except ConfigError:  # a config of an older paser: its report is read as it is
+        return None
+    record = done.get("report", {}).get("fingerprint")
+    if record is None or not any(record == v["report"] for v in fingerprint_variants(cfg)):
+        return ("it was not written for the config in its config.yaml (steps.json has no "
+                "finished report step of it: a stage command or a paser run of another "
+                "config began since)")
+    return None
 
 
 def _flat(node: object, prefix: str = "") -> dict[str, object]:
