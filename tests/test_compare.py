@@ -219,6 +219,34 @@ def test_a_pool_whose_models_trained_on_several_machines_says_so(tmp_path):
         base | {"stage1_machine": None, "stage1_machines": kept["machines"]})
 
 
+def test_identical_configs_on_other_data_are_not_called_the_machines_spread(tmp_path):
+    dirs = [run(tmp_path, "a", 0, results(0.825, 1.5, 0.5)),
+            run(tmp_path, "b", 0, results(0.825, 1.5, 0.5, data_files="def"))]
+    out = compare_runs(dirs)
+    assert out["differ"] == {} and out["data_differ"]
+    text = format_comparison(out)
+    assert "Their configurations are identical (the seed too).\nTheir data differ" in text
+    assert "the spread is the machine's and the code's" not in text
+
+
+def test_how_the_data_is_read_is_not_a_setting_of_the_spread(tmp_path):
+    """`make demo`'s data.cache_dir=runs/data beside a run without it: only the seed differs
+    in what the runs learn (paser run retrains nothing for these keys)."""
+    dirs = [run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5)),
+            run(tmp_path, "s1", 1, results(0.825, 1.5, 0.3))]
+    config = yaml.safe_load((tmp_path / "s1" / "config.yaml").read_text())
+    config["data"] = {"cache_dir": "runs/data", "workers": 0}
+    (tmp_path / "s1" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = compare_runs(dirs)
+    assert out["differ"] == {"seed": [0, 1]}
+    assert out["differ_neutral"] == {"data.cache_dir": [None, "runs/data"],
+                                     "data.workers": [None, 0]}
+    text = format_comparison(out)
+    assert "They differ only in their seed: the spread is the training's draw on the same" in text
+    assert ("How they read their data differs (`data.cache_dir` (None / runs/data), "
+            "`data.workers` (None / 0)): that changes no figure.") in text
+
+
 def test_a_report_older_than_the_runs_models_or_config_is_refused(tmp_path):
     """After `paser train-policy stage2.lam=0.3` (or a paser run of it stopped before its
     report), config.yaml says lam 0.3 while results.json is still the lam 0.1 report: read

@@ -177,7 +177,8 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
 
     Returns ``{"runs": [{"run", "seed", "preset", "figures": {name: value}}],
     "figures": {name: {"runs", "mean", "sd", "min", "max"}}, "formats": {name: fmt},
-    "differ": {config key: [value per run]}, "data_differ": bool, "holds": {claim: count}}``:
+    "differ": {config key: [value per run]}, "differ_neutral": the same for the keys that
+    change no figure (how the data is read), "data_differ": bool, "holds": {claim: count}}``:
     ``sd`` is the sample standard deviation (``None`` for one run); a figure a run's report
     lacks is ``None`` there and left out of its statistics.
     """
@@ -201,8 +202,15 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
             for d, (r, _) in zip(dirs, read, strict=True)]
     flat = [_flat(c) for _, c in read]
     keys = sorted(set().union(*flat))
-    differ = {k: [f.get(k) for f in flat] for k in keys
-              if any(f.get(k) != flat[0].get(k) for f in flat)}
+    every = {k: [f.get(k) for f in flat] for k in keys
+             if any(f.get(k) != flat[0].get(k) for f in flat)}
+    # how the data is read (reader processes, where the synthetic set is cached, streaming)
+    # changes no figure: paser run retrains nothing for them, nor is a spread of them one
+    # of settings
+    from paser.run import NEUTRAL
+
+    neutral = {f"{section}.{key}" for section, names in NEUTRAL.items() for key in names}
+    differ = {k: v for k, v in every.items() if k not in neutral}
     data = {json.dumps([r.get("data_files"), r.get("data_seeds")]) for r, _ in read}
     trained = [r.get("stage1_machine") for r, _ in read]  # runs from before: not recorded
 
@@ -217,6 +225,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
                     for name, _, _ in table},
         "formats": {name: fmt for name, fmt, _ in table},
         "differ": differ,
+        "differ_neutral": {k: v for k, v in every.items() if k not in differ},
         "data_differ": len(data) > 1,
         "machines": trained,
         "holds": {"PaSeR's curve area above the frontier's": count("PaSeR - frontier",
@@ -239,9 +248,12 @@ def format_comparison(result: dict) -> str:
     runs, stats, fmts = result["runs"], result["figures"], result["formats"]
     differ = result["differ"]
     out = [f"# {len(runs)} run{'s' if len(runs) != 1 else ''} compared", ""]
+    neutral = result.get("differ_neutral") or {}
     if not differ:
-        out.append("Their configurations are identical (the seed too): the spread is the "
-                   "machine's and the code's, not a draw of the seed.")
+        out.append("Their configurations are identical (the seed too"
+                   + ("; how their data is read aside" if neutral else "") + ")" + (
+                       "." if result["data_differ"] else
+                       ": the spread is the machine's and the code's, not a draw of the seed."))
     elif set(differ) == {"seed"}:
         out.append("They differ only in their seed: the spread is the training's draw"
                    + ("." if result["data_differ"] else
@@ -250,6 +262,10 @@ def format_comparison(result: dict) -> str:
         out.append("They differ in " + ", ".join(
             f"`{k}` ({' / '.join(str(v) for v in vals)})" for k, vals in differ.items())
             + ": the spread mixes these settings with the draw.")
+    if neutral:
+        out.append("How they read their data differs (" + ", ".join(
+            f"`{k}` ({' / '.join(str(v) for v in vals)})" for k, vals in neutral.items())
+            + "): that changes no figure.")
     if result["data_differ"]:
         out.append("Their data differ (the reports' data files or data seeds): figures of "
                    "different data are compared.")
