@@ -111,3 +111,25 @@ def test_cli_refuses_a_lam_outside_0_1_and_a_folder_without_a_run(tmp_path):
     res = paser_here("experiment", "sensitivity", "--run-dir", str(tmp_path))
     assert res.returncode == 2 and "no results.json" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_states_the_split_the_flop_convention_and_the_cost_of_its_table(monkeypatch, tmp_path):
+    """evaluate and calibrate name the FLOP convention beside every GFLOP; the lam sweep's
+    table printed GFLOP and a mean cost with no split, convention or unit."""
+    from tests.helpers import paser_here
+
+    out = {"lam_sweep": [{"lam": 0.0, "iou": 0.8638, "mean_cost": 0.6812, "gflops": 3.366},
+                         {"lam": 0.5, "iou": 0.8003, "mean_cost": 0.0, "gflops": 0.171}],
+           "cost": "flops", "dropout": "all", "run_dropout": "none", "p_value": 0.9155}
+    monkeypatch.setattr(sens, "run_sensitivity", lambda *args: out)
+    res = paser_here("experiment", "sensitivity", "--run-dir", str(tmp_path), "--lam", "0",
+                     "--lam", "0.5")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == ("a policy per lam, greedy on the test split; GFLOP per image "
+                        "(torch.utils.flop_counter; one multiply-add counts as 2 FLOPs; f0's "
+                        "passes and the policy included); mean cost: the reward's c(a) per "
+                        "patch (flops)")
+    assert lines[1:4] == ["  lam    mIoU  mean cost    GFLOP",
+                          "    0  0.8638     0.6812    3.366",
+                          "  0.5  0.8003     0.0000    0.171"]

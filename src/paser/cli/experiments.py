@@ -89,6 +89,11 @@ def experiment_sensitivity(
         raise ConfigError(f"--samples {samples}: give two numbers of passes, each at least 1 "
                           "(e.g. --samples 5 --samples 20)")
     out = run_sensitivity(run_dir, lams, tuple(samples), epochs)
+    from paser.cost import FLOP_CONVENTION
+
+    typer.echo(f"a policy per lam, greedy on the test split; GFLOP per image ({FLOP_CONVENTION}; "
+               "f0's passes and the policy included); mean cost: the reward's c(a) per patch "
+               f"({out['cost']})")
     typer.echo(f"{'lam':>5} {'mIoU':>7} {'mean cost':>10} {'GFLOP':>8}")
     for r in out["lam_sweep"]:
         typer.echo(f"{r['lam']:5g} {r['iou']:7.4f} {r['mean_cost']:10.4f} {r['gflops']:8.3f}")
