@@ -383,3 +383,25 @@ def test_the_budget_probe_builds_f0_and_the_policy_alone_and_refuses_as_calibrat
                        "32 x 32 image pays"):
         probe(fixed * (1 - 1e-6))
     assert built == [cfg.models.f0, cfg.models.f0]
+
+
+@pytest.mark.slow  # `paser evaluate` in this process, on a finished noisy-MNIST run
+def test_cli_evaluate_runs_on_a_dataset_built_in_memory_and_agrees_with_the_report(mnist_run):
+    """`paser evaluate` on a `--preset mnist-noisy` run (the paper's R4) stopped with "built
+    in memory, not read from files: use load_stage_data": it opened every split as files."""
+    results = json.loads((mnist_run / "results.json").read_text())
+    res = paser_here("evaluate", "--run-dir", str(mnist_run))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("test split, 12 images of 32 x 32; GFLOP per image "
+                               "(torch.utils.flop_counter; one multiply-add counts as 2 FLOPs;")
+    rows = {line[:20].strip(): line[20:].split() for line in lines[2:6]}
+    for row, method in (("PaSeR", "PaSeR"), ("f1 on all patches", "f1")):
+        assert rows[row][:2] == [f"{results['methods'][method]['iou']:.4f}",
+                                 f"{results['methods'][method]['gflops']:.3f}"], (row, rows)
+    train = paser_here("evaluate", "--run-dir", str(mnist_run), "--split", "train")
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.startswith("train split, 24 images of 32 x 32;")
+    bad = paser_here("evaluate", "--run-dir", str(mnist_run), "--split", "val")
+    assert bad.returncode == 2
+    assert bad.stderr == "error: unknown split 'val'; use one of train, validation, test\n"

@@ -41,6 +41,7 @@ def evaluate(
     from paser import PaSeR
     from paser.cost import FLOP_CONVENTION
     from paser.data import open_split
+    from paser.data.registry import kind
     from paser.data.stages import as_tiles
     from paser.data.tiles import counted
     from paser.runtime import default_workers, progress
@@ -49,10 +50,15 @@ def evaluate(
     model = PaSeR.load(run_dir)
     if cap_per_mp is not None:
         _capped(model, cap_per_mp)
-    files = open_split(model.config.data, split)
-    data_note(model, run_dir, split)
-    files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
-    data = as_tiles(model.config.data, files, model.config.grid)
+    if kind(model.config.data).build is not None:  # noisy MNIST: built in memory, no files
+        data = built_split(model.config.data, split)
+        size = tuple(data.images.shape[-2:])
+    else:
+        files = open_split(model.config.data, split)
+        data_note(model, run_dir, split)
+        files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
+        data = as_tiles(model.config.data, files, model.config.grid)
+        size = data.size
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
     if cap_per_mp is not None:
         name += f", capped at {cap_per_mp:g} GFLOP/MP"
@@ -70,7 +76,7 @@ def evaluate(
                 on_batch=lambda n, task=task: bar.advance(task, n))))
     passes = ("one deterministic pass" if once else f"{cfg.mc_samples} Monte Carlo pass"
               + ("es" if cfg.mc_samples > 1 else ""))
-    held, unit = counted(data.ids, data.size)
+    held, unit = counted(data.ids, size)
     typer.echo(f"{split} split, {held}; GFLOP per {unit} "
                f"({FLOP_CONVENTION}; f0's "
                f"{passes} in the PaSeR and f0 rows, the "
@@ -84,8 +90,8 @@ def evaluate(
     if cap_per_mp is not None:
         most = rows[0][1]["gflops_max"]
         typer.echo(f"the dearest {unit} under PaSeR spent {most:.3f} GFLOP" + (
-            f" ({most / (data.size[0] * data.size[1] / 1e6):.2f} GFLOP/MP; the cap "
-            f"{cap_per_mp:g})" if data.size else f" (the cap {cap_per_mp:g} GFLOP/MP)"))
+            f" ({most / (size[0] * size[1] / 1e6):.2f} GFLOP/MP; the cap "
+            f"{cap_per_mp:g})" if size else f" (the cap {cap_per_mp:g} GFLOP/MP)"))
     typer.echo("\nIoU of each class (n/a: neither labelled nor predicted in the split)")
     heads = [name.split(" ")[0] for name, _ in rows]
     typer.echo(f"{'class':<20} " + " ".join(f"{h:>8}" for h in heads))
@@ -96,6 +102,29 @@ def evaluate(
         typer.echo(f"{cls[:20]:<20} " + " ".join(
             "     n/a" if r["per_class"][c] is None else f"{r['per_class'][c]:8.4f}"
             for _, r in rows))
+
+
+def built_split(cfg, split: str):
+    """``split`` of a dataset built in memory (noisy MNIST), as the run trained and
+    measured it: its test or validation split, or for train D_pre, D_rl and D_ft together
+    (:class:`paser.data.Tensors`)."""
+    import torch
+
+    from paser.data import Tensors
+    from paser.data.registry import SPLITS, kind
+    from paser.errors import DataError
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    built = kind(cfg).build(cfg)
+    if split != "train":
+        return getattr(built, split)
+    parts = (built.pre, built.rl, built.ft)
+    groups = [p.groups for p in parts]
+    return Tensors(torch.cat([p.images for p in parts]), torch.cat([p.masks for p in parts]),
+                   [i for p in parts for i in p.ids],
+                   None if any(g is None for g in groups) else torch.cat(groups),
+                   parts[0].group_names)
 
 
 #: tiles of one image from which `paser segment` shows their progress too (a 512 x 512
