@@ -385,6 +385,36 @@ def test_the_budget_probe_builds_f0_and_the_policy_alone_and_refuses_as_calibrat
     assert built == [cfg.models.f0, cfg.models.f0]
 
 
+@pytest.mark.slow  # `paser calibrate` in this process, on a copy of a finished run
+def test_cli_calibrate_says_it_replaces_the_calibration_the_report_measured(mnist_run, tmp_path):
+    """The report measured PaSeR at the run's calibration; `paser calibrate` to another
+    target replaced it with only "saved to ...", and evaluate's "PaSeR (calibrated)" row then
+    no longer matched the report's PaSeR."""
+    from paser.experiments.finished import models_state
+
+    run = tmp_path / "run"
+    shutil.copytree(mnist_run, run)
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "note: this replaces" not in res.stdout  # the run had none: nothing replaced
+    results = json.loads((run / "results.json").read_text())  # as paser run writes it again
+    (run / "results.json").write_text(json.dumps(results | {"measured_on": models_state(run)}))
+    saved = json.loads((run / "calibration.json").read_text())
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.25")
+    assert res.returncode == 0, res.stderr
+    assert (f"note: this replaces the calibration at which report.md and results.json measured "
+            f"PaSeR (at most 50.0% of patches on the largest model: validation mIoU "
+            f"{saved['miou']:.4f} at {saved['gflops']:.3f} GFLOP per image): their PaSeR rows "
+            "are not what `paser segment` and `paser evaluate` now route at; the next `paser "
+            "run` writes the report again at this one") in res.stdout
+    res = paser_here("calibrate", "--run-dir", str(run), "--max-frac-large", "0.2")
+    assert "note: this replaces" not in res.stdout  # the report was of neither
+    res = paser_here("evaluate", "--run-dir", str(run), "--split", "validation")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[1] == ("PaSeR calibrated on validation to at most 20.0% of "
+                                          "patches on the largest model (calibration.json)")
+
+
 @pytest.mark.slow  # `paser evaluate` in this process, on a finished noisy-MNIST run
 def test_cli_evaluate_runs_on_a_dataset_built_in_memory_and_agrees_with_the_report(mnist_run):
     """`paser evaluate` on a `--preset mnist-noisy` run (the paper's R4) stopped with "built

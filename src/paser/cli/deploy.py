@@ -82,6 +82,9 @@ def evaluate(
                f"{passes} in the PaSeR and f0 rows, the "
                "policy in the PaSeR row; a pool model alone on every patch otherwise, as in "
                "the report)")
+    if model.calibration is not None:
+        typer.echo(f"PaSeR calibrated on validation to {model.calibration.target_text()} "
+                   "(calibration.json)")
     wide = max(20, *(len(label) for label, _ in rows))
     typer.echo(f"{'method':<{wide}} {'mIoU':>7} {'GFLOP':>8} {'IoU/GFLOP':>10}  patches per model")
     for name, r in rows:
@@ -642,6 +645,7 @@ def calibrate(
 
     model = PaSeR.load(run_dir, calibrated=False)  # a stale calibration is what gets replaced
     data_note(model, run_dir, "validation")
+    before = _reported_calibration(run_dir, model)
     cal, (held, unit) = _calibrated(
         model, "calibrating on the validation split", budget_gflops=budget_gflops,
         max_frac_large=max_frac_large, batch_size=batch_size, iou_within_top=iou_within_top,
@@ -671,6 +675,39 @@ def calibrate(
                    "--budget-gflops or --iou-within-top say more directly what you get")
     typer.echo(f"saved to {run_dir / 'calibration.json'}; `paser segment` and `paser evaluate` "
                "use it")
+    if before is not None and (before.target != cal.target or before.bias != cal.bias):
+        typer.echo(replaced_note(before, cfg, run_dir))
+
+
+def _reported_calibration(run_dir: Path, model):
+    """The run's calibration where its report measured PaSeR at it (the report is of the
+    run's models and calibration as they are), else None: what ``paser calibrate`` is about
+    to replace under the report."""
+    from paser.calibration import Calibration
+    from paser.errors import CheckpointError
+    from paser.run import report_outdated
+
+    if not (run_dir / "results.json").is_file() or report_outdated(run_dir) is not None:
+        return None
+    try:
+        return Calibration.load(run_dir, model.router.policy_digest)
+    except CheckpointError:  # of another policy: replaced, and the report is of neither
+        return None
+
+
+def replaced_note(before, cfg, run_dir: Path) -> str:
+    """What a new calibration leaves behind: the report's PaSeR rows are of ``before``, and
+    what the next ``paser run`` does with either."""
+    from paser.run import other_calibration, target_of
+
+    again = ("the next `paser run` calibrates to the config's operating_point again and "
+             "writes the report at it (set operating_point to keep this target)"
+             if target_of(cfg) is not None and other_calibration(cfg, run_dir) else
+             "the next `paser run` writes the report again at this one")
+    return (f"note: this replaces the calibration at which report.md and results.json measured "
+            f"PaSeR ({before.target_text()}: validation mIoU {before.miou:.4f} at "
+            f"{before.gflops:.3f} GFLOP per image): their PaSeR rows are not what `paser "
+            f"segment` and `paser evaluate` now route at; {again}")
 
 
 def _calibrated(model, what: str, **target):
