@@ -724,6 +724,24 @@ def test_cli_data_check_names_the_layout_and_refuses_bad_folders_in_one_line(fol
         assert message in bad.stderr
 
 
+def test_two_masks_of_one_image_are_refused_naming_both(tmp_path):
+    """masks/1.png and masks/1.tif: one was taken in silence (the later in sort order), the
+    other image's labels, say, paired with the image."""
+    root = three_splits(tmp_path / "two", np.eye(16, dtype=np.uint8))
+    (root / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "train" / "masks" / "1.tif")
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"])
+    with pytest.raises(DataError, match=r"train/masks/1.png and .*train/masks/1.tif are both "
+                       r"masks of .*train/images/1.png \(an image's mask is the one file of "
+                       r"its name in masks/\): keep one"):
+        open_split(cfg.data, "train")
+    (root / "train" / "masks" / "1.tif").unlink()  # a mask of no image is not one of these
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "train" / "masks" / "7.tif")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "train" / "masks" / "7.png")
+    assert open_split(cfg.data, "train").labels == [root / "train" / "masks" / f"{i}.png"
+                                                    for i in range(3)]
+
+
 @pytest.mark.slow  # `paser run` and `paser segment` in processes
 def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path):
     weights = tmp_path / "f2.safetensors"  # f2 starts from local weights

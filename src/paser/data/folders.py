@@ -312,8 +312,13 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
                         "file names" + (f" ({other} is there: rename it masks/)"
                                         if other is not None else ""))
-    masks = {p.stem: p for p in image_files(mask_dir)}
+    masks: dict[str, Path] = {}
     images = image_files(img_dir)
+    named = {p.stem: p for p in images}
+    for m in image_files(mask_dir):  # two masks of one image: which is its label is not known
+        if m.stem in named and masks.setdefault(m.stem, m) != m:
+            raise DataError(f"{masks[m.stem]} and {m} are both masks of {named[m.stem]} (an "
+                            "image's mask is the one file of its name in masks/): keep one")
     unread = None if images else skipped_note(unread_files(img_dir))
     if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
