@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -572,6 +573,32 @@ def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
         S.VolumeSlices._scan = monkey
     assert scans == [(5, 7)]
 
+
+
+def test_a_slice_labelled_since_in_a_folder_of_label_slices_is_found_in_the_same_process(
+        tmp_path):
+    """The labelled slices are found once per process and label volume as its files are: a
+    slice file written again in place leaves its folder's time and size as they were (a
+    notebook that checks, labels a slice and checks again was told the old slices)."""
+    from paser.data.slices import VolumeSlices
+
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: solid}\nignore: 255\n")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    for z in range(6):
+        Image.fromarray(np.full((8, 8), 40 * z, np.uint8)).save(tmp_path / "img" / f"s{z}.png")
+        labelled = np.eye(8, dtype=np.uint8) if z in (0, 3) else np.full((8, 8), 255, np.uint8)
+        Image.fromarray(labelled).save(tmp_path / "lab" / f"s{z}.png")
+    slices = {"train": (0, 6)}
+    assert VolumeSlices(tmp_path, "img", "lab", slices, "train").z == [0, 3]
+    folder = (tmp_path / "lab").stat()
+    newest = max(p.stat().st_mtime_ns for p in (tmp_path / "lab").iterdir())
+    Image.fromarray(np.eye(8, dtype=np.uint8)[::-1]).save(tmp_path / "lab" / "s2.png")
+    os.utime(tmp_path / "lab" / "s2.png", ns=(newest + 10**9, newest + 10**9))
+    os.utime(tmp_path / "lab", ns=(folder.st_atime_ns, folder.st_mtime_ns))
+    again = VolumeSlices(tmp_path, "img", "lab", slices, "train")
+    assert again.z == [0, 2, 3]
+    assert torch.equal(again.mask(1), torch.from_numpy(np.eye(8, dtype=np.uint8)[::-1].copy()))
 
 def test_an_intensity_window_is_fitted_on_at_most_64_images_spread_over_all():
     from paser.data.images import spread

@@ -45,13 +45,16 @@ def _file_of(spec: str) -> Path:
     return Path(spec.partition(":/")[0])
 
 
-def _stamp(source: str) -> tuple[int, int] | None:
-    """The modification time and size of the file (or folder) a volume is read from."""
+def _stamp(volume) -> tuple[int, ...] | None:
+    """The files, bytes and newest modification time of what holds ``volume``
+    (:func:`paser.volumes.stat_of`): a slice file of a folder, or a chunk of a zarr array,
+    written again in place changes them, where the folder's own time and size stay."""
+    from paser.volumes import stat_of
+
     try:
-        st = _file_of(source).stat()
+        return tuple(stat_of(volume))
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
 
 
 def _spec(root: Path, spec: str | None, key: str) -> str:
@@ -117,7 +120,7 @@ class VolumeSlices:
         whose labels cannot be read as classes (left out of the first two); found once per
         process for the same label volume, class map and range (every stage of a run opens
         its splits)."""
-        key = (self.labels.source, _stamp(self.labels.source), z0, z1,
+        key = (self.labels.source, _stamp(self.labels), z0, z1,
                self.classmap.lut.tobytes())
         if key not in _LABELLED:
             _LABELLED[key] = self._scan(z0, z1)
