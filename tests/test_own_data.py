@@ -351,6 +351,31 @@ def test_data_check_names_masks_without_an_image(folder, tmp_path):
     assert f"1 mask has no image of the same name and is not used: {ghost}" in out.stdout
 
 
+
+def test_data_check_names_images_in_sub_folders_of_images(tmp_path):
+    """images/more/3.png is not read (pairs are by name in images/ and masks/): it was
+    left out of training without a word."""
+    root = three_splits(tmp_path / "own", np.eye(16, dtype=np.uint8))
+    (root / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
+    nested = root / "train" / "images" / "more" / "3.png"
+    nested.parent.mkdir()
+    shutil.copy(root / "train" / "images" / "0.png", nested)
+    (root / "train" / "images" / ".ipynb_checkpoints").mkdir()  # hidden: never read
+    shutil.copy(root / "train" / "images" / "0.png", root / "train" / "images" /
+                ".ipynb_checkpoints" / "0.png")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["nested_images"] == [str(nested)] and r["splits"]["train"]["images"] == 3
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert (f"1 image in sub-folders of images/ is not read: {nested} (a folder dataset "
+            "reads the files of images/ itself") in out.stdout
+    (root / "test" / "images" / "a").mkdir()
+    for f in (root / "test" / "images").glob("*.png"):  # all of a split below: the error says
+        f.rename(f.parent / "a" / f.name)
+    with pytest.raises(DataError, match=r"test/images: no image .* in it \(its sub-folders "
+                       r"hold 3, e.g. .*test/images/a/0.png, which are not read\)"):
+        check_dataset(root, workers=0, show_progress=False)
+
 def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_path):
     from paser.run import large_patches
 

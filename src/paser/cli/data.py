@@ -114,6 +114,14 @@ def data_check(
                                             else "")
                    + " (an image missing, or named otherwise: images/NAME.* pairs with "
                    "masks/NAME.*)")
+    nested = r["nested_images"]
+    if nested:
+        typer.echo(f"{len(nested)} image{'s' if len(nested) > 1 else ''} in sub-folders of "
+                   f"images/ {'are' if len(nested) > 1 else 'is'} not read: "
+                   + ", ".join(nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3
+                                              else "")
+                   + " (a folder dataset reads the files of images/ itself, each with the "
+                   "mask of its name in masks/: move them there to train on them)")
     skipped = skipped_note([Path(f) for f in r["unread_images"]])
     if skipped:
         typer.echo(f"{skipped}; training goes on without them")

@@ -30,6 +30,7 @@ import yaml
 from paser.data.battery import MASK_IGNORE, SegmentationFiles
 from paser.data.images import (
     READABLE_SUFFIXES,
+    hidden,
     image_files,
     palette_of,
     read_array,
@@ -323,7 +324,10 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
     if not images:  # not "0 images are too few for data.holdout", which asks for a share
-        raise DataError(f"{img_dir}: no image ({', '.join(READABLE_SUFFIXES)}) in it; put "
+        below = _below(img_dir)
+        raise DataError(f"{img_dir}: no image ({', '.join(READABLE_SUFFIXES)}) in it"
+                        + (f" (its sub-folders hold {len(below)}, e.g. {below[0]}, which are "
+                           "not read)" if below else "") + "; put "
                         f"the images there, each with its mask of the same name in {mask_dir}")
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
@@ -343,6 +347,20 @@ def unread_images(root: str | Path) -> list[Path]:
     data check`` names them."""
     return [f for where in _parts(Path(root)) if (where / "images").is_dir()
             for f in unread_files(where / "images")]
+
+
+def nested_images(root: str | Path) -> list[Path]:
+    """The image files in sub-folders of a folder dataset's image folders: training reads
+    the files of ``images/`` itself (each paired by name with one in ``masks/``) and goes on
+    without them, so ``paser data check`` names them."""
+    return [f for where in _parts(Path(root)) if (where / "images").is_dir()
+            for f in _below(where / "images")]
+
+
+def _below(folder: Path) -> list[Path]:
+    """The image files in the sub-folders of ``folder`` (hidden ones left out)."""
+    return [f for sub in sorted(folder.iterdir()) if sub.is_dir() and not hidden(sub)
+            for f in image_files(sub, recursive=True)]
 
 
 def unpaired_masks(root: str | Path) -> list[Path]:

@@ -35,6 +35,7 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
     mask_values,
+    nested_images,
     palette_conflicts,
     unpaired_masks,
     unread_images,
@@ -412,6 +413,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     of the labelled training pixels, the unlabelled share, and suggested class weights by
     median frequency balancing (``median(f) / f_c``; 0 for a class absent from train);
     ``unpaired_masks`` (a folder's masks with no image of their name, not used);
+    ``nested_images`` (a folder's images in sub-folders of its ``images/``, not read);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
     :data:`FEW_IMAGES` images (slices), and how many they hold.
@@ -517,6 +519,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "absent_classes": absent,
         "unpaired_masks": [str(p) for p in unpaired_masks(root)] if layout == "folder" else [],
         "unread_images": [str(p) for p in unread_images(root)] if layout == "folder" else [],
+        "nested_images": [str(p) for p in nested_images(root)] if layout == "folder" else [],
         # classes that train, but that validation (the early stop, calibration) or test
         # (the report) never shows
         "missing_in": {s: [n for c, n in enumerate(names) if counts[c] and not by_split[s][c]]
