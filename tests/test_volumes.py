@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import h5py
@@ -599,6 +600,35 @@ def test_a_slice_labelled_since_in_a_folder_of_label_slices_is_found_in_the_same
     again = VolumeSlices(tmp_path, "img", "lab", slices, "train")
     assert again.z == [0, 2, 3]
     assert torch.equal(again.mask(1), torch.from_numpy(np.eye(8, dtype=np.uint8)[::-1].copy()))
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_a_label_volume_of_three_or_four_slices_saved_as_one_colour_page_is_named(tmp_path,
+                                                                                 depth):
+    """tifffile.imwrite of a (3 | 4, H, W) stack without photometric stores one colour page
+    of planes apart: the error said 'store one class value a voxel', which the user had."""
+    from paser.data.slices import VolumeSlices
+
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: solid}\nignore: 255\n")
+    stack = np.zeros((depth, 16, 16), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(tmp_path / "v.tif", stack)
+        tifffile.imwrite(tmp_path / "l.tif", stack)
+    tifffile.imwrite(tmp_path / "slices.tif", stack, photometric="minisblack")
+    note = (f"is one page of {depth} planes stored apart, read as one colour slice: "
+            "tifffile.imwrite of 3 or 4 slices without photometric='minisblack' stores them "
+            "so; if they are slices, write them again with that argument")
+    with pytest.raises(DataError, match=rf"l.tif slice 0: labels of shape \(16, 16, 3\); .*"
+                       rf"\(.*l.tif {re.escape(note)}\)"):
+        VolumeSlices(tmp_path, "v.tif", "l.tif", {"train": (0, 1)}, "train")
+    with pytest.raises(DataError, match=rf"slices.tif: labels of shape \({depth}, 16, 16\), "
+                       r"the volume .*v.tif is \(1, 16, 16, 3\); they must match slice for "
+                       rf"slice \(.*v.tif {re.escape(note)}\)"):
+        VolumeSlices(tmp_path, "v.tif", "slices.tif", {"train": (0, 1)}, "train")
+    with pytest.raises(DataError, match=rf"\[1, 2\) is not a range of the 1 slices of "
+                       rf".*v.tif \(.*v.tif {re.escape(note)}\)"):
+        VolumeSlices(tmp_path, "v.tif", "l.tif", {"train": (0, 1), "test": (1, 2)}, "test")
 
 def test_an_intensity_window_is_fitted_on_at_most_64_images_spread_over_all():
     from paser.data.images import spread

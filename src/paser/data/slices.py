@@ -57,6 +57,20 @@ def _stamp(volume) -> tuple[int, ...] | None:
         return None
 
 
+def _planes_note(*volumes) -> str:
+    """`` (...)`` where a volume is a TIFF of one page of 3 or 4 planes stored apart (axes
+    SYX): what tifffile writes for 3 or 4 slices without ``photometric='minisblack'``, read
+    as one colour slice, not as the slices they are; else ``""``."""
+    for v in volumes:
+        if (v.kind == "tiff" and v.planar and v.depth == 1 and len(v.shape) == 4
+                and v.shape[3] + v.alpha in (3, 4)):
+            return (f" ({v.source} is one page of {v.shape[3] + v.alpha} planes stored "
+                    "apart, read as one colour slice: tifffile.imwrite of 3 or 4 slices "
+                    "without photometric='minisblack' stores them so; if they are slices, "
+                    "write them again with that argument)")
+    return ""
+
+
 def _spec(root: Path, spec: str | None, key: str) -> str:
     if not spec:
         what = "image" if key == "data.volume" else "label"
@@ -89,14 +103,15 @@ class VolumeSlices:
                                 f"of the volume's {self.volume.depth} slices, each labelled "
                                 "slice at its place and the others all the ignore value "
                                 f"{self.classmap.ignore}, classes.yaml's 'ignore')"
-                                if fewer else ""))
+                                if fewer else _planes_note(self.volume, self.labels)))
         if not slices or split not in slices:
             raise DataError(f"data.slices: give the slice range of {split}, e.g. "
                             "{train: [0, 400], validation: [400, 450], test: [450, 500]}")
         z0, z1 = slices[split]
         if not 0 <= z0 < z1 <= self.volume.depth:
             raise DataError(f"data.slices.{split}: [{z0}, {z1}) is not a range of the "
-                            f"{self.volume.depth} slices of {self.volume.source}")
+                            f"{self.volume.depth} slices of {self.volume.source}"
+                            + _planes_note(self.volume))
         self.z, self.uniform, problems = self._labelled(z0, z1)
         if not self.z and not problems:
             raise DataError(f"{self.labels.source}: no labelled slice in {split}'s range "
@@ -151,7 +166,8 @@ class VolumeSlices:
             plane = plane[..., 0]
         if plane.ndim != 2:
             raise DataError(f"{self.labels.source} slice {z}: labels of shape {plane.shape}; "
-                            "store one class value a voxel, the values of classes.yaml")
+                            "store one class value a voxel, the values of classes.yaml"
+                            + _planes_note(self.labels))
         return plane
 
     def _decoded(self, plane: np.ndarray, z: int) -> np.ndarray:
