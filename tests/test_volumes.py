@@ -539,6 +539,31 @@ def test_a_volume_with_bad_voxels_leaves_no_half_output(setup):
     assert not (tmp / "out" / ".nan.parts").exists()
 
 
+def test_a_reconstruction_written_as_nan_outside_its_circle_has_that_field_of_view(setup):
+    """NaN outside the circle, read by a run that fills non-finite voxels (data.nonfinite
+    fill): the outside is found as for a finite fill, left out of the class counts, and the
+    record says NaN as text (JSON has no NaN)."""
+    from paser.data.images import Intensity
+
+    m, vol, tmp = setup
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    outside = (yy - 7.5) ** 2 + (xx - 7.5) ** 2 > 7.5 ** 2
+    recon = vol.astype(np.float32) / 255
+    recon[:, outside] = np.nan
+    tifffile.imwrite(tmp / "nanfov.tif", recon, photometric="minisblack")
+    m._intensity = Intensity((0.0, 1.0), nonfinite="fill")
+    [res] = segment_volumes(m, split_inputs([tmp / "nanfov.tif"])[1], tmp / "out", chunk=10)
+    assert not res.error, res.error
+    fov = res.record["field_of_view"]
+    assert fov["fill"] == "nan" and fov["outside_voxels"] == DEPTH * int(outside.sum())
+    labels = tifffile.imread(tmp / "out" / "nanfov_labels.tif")
+    inside = [int(np.count_nonzero(labels[:, ~outside] == v)) for v in m.label_codec.values]
+    assert list(res.record["class_fractions"].values()) == pytest.approx(
+        [n / sum(inside) for n in inside])
+    json.loads((tmp / "out" / "nanfov.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in the record"))
+
+
 def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
     from paser.config import load_config
     from paser.data import open_split

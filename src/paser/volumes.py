@@ -42,6 +42,7 @@ from paser.data.images import (
     READABLE_SUFFIXES,
     Intensity,
     as_input,
+    at_fill,
     by_type_range,
     field_of_view,
     image_files,
@@ -633,7 +634,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         notes: list[str] = []
         x = as_input(raw[i], channels, intensity, f"{volume.source} slice {z0 + i}", notes)
         # outside the field of view: its pixels of every slice, at the fill on this one too
-        outside = None if view is None else view[1] & (raw[i] == view[0])
+        outside = None if view is None else view[1] & at_fill(raw[i], view[0])
         if router.remote is not None:
             router.remote.take()  # this slice's transfers only
         tick = time.perf_counter()
@@ -766,7 +767,8 @@ def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
     outside = sum(r.get("outside_voxels", 0) for r in records)
     inside = sum(sum(r["class_voxels"]) for r in records)
     return {"field_of_view": {
-        "fill": fill, "outside_voxels": outside, "share_outside": outside / max(
+        # NaN as text: JSON has no NaN, and a reader other than Python's refuses the file
+        "fill": fill if np.isfinite(fill) else str(fill), "outside_voxels": outside, "share_outside": outside / max(
             outside + inside, 1),
         "says": "voxels at this value where 16 slices spread through the volume all hold "
                 "it, joined to the border, lie outside the scan's field of view: the class "

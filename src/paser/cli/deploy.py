@@ -488,7 +488,7 @@ def _volume_lines(results, out: Path) -> None:
         if "field_of_view" in rec:
             fov = rec["field_of_view"]
             typer.echo(f"  {fov['share_outside']:.1%} of the voxels lie outside the field of "
-                       f"view (at the fill {fov['fill']:g} on every slice, joined to the border), "
+                       f"view (at the fill {fov['fill']:{'' if isinstance(fov['fill'], str) else 'g'}} on every slice, joined to the border), "
                        "left out of the class fractions: " + ", ".join(
                            f"{k} {v:.3f}" for k, v in rec["class_fractions"].items()))
         if "run_window" in rec.get("intensity", {}):

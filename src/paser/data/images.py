@@ -729,6 +729,19 @@ def fill_value(pixels: np.ndarray) -> float | None:
     return None
 
 
+def at_fill(x: np.ndarray, fill: float) -> np.ndarray:
+    """Where ``x`` holds the value ``fill``; NaN where ``fill`` is NaN (a reconstruction
+    written as NaN outside its field of view, read with ``data.nonfinite fill``)."""
+    return np.isnan(x) if isinstance(fill, float) and np.isnan(fill) else x == fill
+
+
+def same_fill(a: float | None, b: float | None) -> bool:
+    """Whether two fills are one value, NaN the same as NaN."""
+    if a is None or b is None:
+        return a is b
+    return a == b or bool(np.isnan(a) and np.isnan(b))
+
+
 def field_of_view(planes: Iterable[np.ndarray]) -> tuple[float, np.ndarray] | None:
     """Where a scan lies outside its field of view, from ``planes`` (slices spread through
     it, taken one at a time): the value it is written as there, and the pixels at that value
@@ -744,16 +757,15 @@ def field_of_view(planes: Iterable[np.ndarray]) -> tuple[float, np.ndarray] | No
     for plane in planes:
         if plane.ndim != 2:  # channels: no field of view is looked for
             return None
-        corners = {plane[i, j].item() for i in (0, -1) for j in (0, -1)}
-        if len(corners) != 1 or (fill is not None and corners != {fill}):
+        corner = plane[0, 0].item()
+        if not at_fill(plane[[0, 0, -1, -1], [0, -1, 0, -1]], corner).all() or (
+                fill is not None and not same_fill(corner, fill)):
             return None
-        fill = corners.pop()
-        if not np.isfinite(fill):
-            return None
-        every = plane == fill if every is None else np.logical_and(every, plane == fill,
-                                                                    out=every)
+        fill = corner
+        at = at_fill(plane, fill)
+        every = at if every is None else np.logical_and(every, at, out=every)
         pixels.append(plane.reshape(-1)[::max(1, plane.size >> 16)])  # np.unique sorts them
-    if every is None or fill_value(np.concatenate(pixels)) != fill:
+    if every is None or not same_fill(fill_value(np.concatenate(pixels)), fill):
         return None
     regions, _ = ndimage.label(every)
     edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
