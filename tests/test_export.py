@@ -105,6 +105,11 @@ def test_cli_export_and_segment_on_onnxruntime(mnist_run, exported_by_cli, tmp_p
                 str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx", str(onnx))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "a_labels.png").is_file()
+    # onnxruntime's labels may differ from PyTorch's in a pixel: one folder is not both's
+    res = paser_here("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
+                     str(tmp_path / "o"))
+    assert res.returncode == 2 and "(--engine: onnxruntime there, torch now)" in res.stderr, (
+        res.stderr)
     res = paser_here("segment", str(tmp_path / "a.png"), "--run-dir", str(mnist_run), "--out",
                      str(tmp_path / "o"), "--engine", "onnxruntime", "--onnx",
                      str(tmp_path / "no"))

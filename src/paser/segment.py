@@ -446,14 +446,14 @@ PENDING_BYTES = 256 * 2**20
 
 #: settings :func:`output_settings` gives only where set, so that a folder made before they
 #: existed is still resumed: one made with them is not resumed without them
-OPTIONAL_SETTINGS = ("cap_gflops_per_mp",)
+OPTIONAL_SETTINGS = ("cap_gflops_per_mp", "engine")
 
 
 def output_settings(model, only: int | None) -> dict:
     """What decides an output folder's labels: the run's models and policy (their weights,
     wherever the run folder lies now; ``run`` is its path, kept for the reader), the
     calibration in use and the cap, a single model instead of routing, how inputs are
-    scaled."""
+    scaled, and the engine where it is not PyTorch."""
     from paser.routing import model_digests
 
     calibration = model.calibration
@@ -469,7 +469,10 @@ def output_settings(model, only: int | None) -> dict:
             "intensity": model.intensity.to_dict(), "mc_samples": model.config.mc_samples,
             # only where set: a folder of before, made without a cap, is still this one's
             **({"cap_gflops_per_mp": model.router.cap_per_mp}
-               if model.router.cap_per_mp is not None and only is None else {})}
+               if model.router.cap_per_mp is not None and only is None else {}),
+            # only where not PyTorch: onnxruntime's outputs differ from it in the last bits
+            # (a pixel's class can), so one folder is not made by both
+            **({"engine": "onnxruntime"} if manifest is not None else {})}
 
 
 def settings_digest(settings: dict) -> str:
@@ -504,7 +507,7 @@ def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
 #: what an unset one means, for the refusal of a folder made with other settings
 SETTING_NAMES = {"only": ("--model", "routed"), "cap_gflops_per_mp": ("--max-gflops-per-mp", "none"),
                  "calibration_bias": ("calibration", "none"), "mc_samples": ("Monte Carlo samples", None),
-                 "intensity": ("intensity window", None)}
+                 "intensity": ("intensity window", None), "engine": ("--engine", "torch")}
 
 
 def _differs(key: str, before, now) -> str:
