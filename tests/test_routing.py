@@ -122,6 +122,20 @@ def test_cost_table_hand_values():
         [0.0, 0.28 / (f0_share + 4.75), 4.47 / (f0_share + 4.75)])
 
 
+def test_the_parameter_cost_of_a_router_frozen_for_inference_is_paper_eq_3():
+    """c(m) = params(f_m) / sum over f0..fK counts every parameter: a router frozen with
+    requires_grad_(False) counted none, and its costs were 0 / 0 = NaN."""
+    torch.manual_seed(0)
+    router = Router(create_model("unet_tiny"), RoutingPolicy(16, 3),
+                    [create_model("unet_small"), create_model("unet_small", width_mult=2)],
+                    PatchGrid(4, 4), mc_samples=1, mc_dropout="none").requires_grad_(False)
+    costs = router.costs(224, 256)  # the paper's 56 x 64 patches
+    wide = 4_320_035  # unet_small at twice its widths
+    assert costs.params == [16_571, 1_080_595, wide]
+    total = 16_571 + 1_080_595 + wide
+    assert costs.model_cost("params").tolist() == pytest.approx(
+        [0.0, 1_080_595 / total, wide / total])
+
 def test_any_image_size_is_padded_and_cropped_back():
     router = _router()
     out = router(torch.rand(1, 1, 30, 31))

@@ -20,7 +20,6 @@ from torch import nn
 from paser.cost import FLOP_CONVENTION, at_least, gflops_per_sample
 from paser.errors import ConfigError, DataError
 from paser.metrics import predicted_classes
-from paser.models import count_parameters
 from paser.patches import PatchGrid
 from paser.uncertainty import (
     Dropout,
@@ -91,7 +90,10 @@ class CostTable:
             mc_samples=mc_samples,
             policy=gflops_per_sample(policy, state_channels, hp, wp),
             patch=[0.0] + [gflops_per_sample(m, in_channels, ph, pw) for m in pool],
-            params=[count_parameters(m) for m in (f0, *pool)],
+            # every parameter, frozen or not: paper Eq. 3's params(f_m) is the model's size,
+            # and a router frozen for inference (requires_grad_(False)) counted 0 for every
+            # model, so c(m) = 0 / 0 = NaN in every reward, cascade fit and evaluation
+            params=[sum(p.numel() for p in m.parameters()) for m in (f0, *pool)],
             num_patches=grid.num_patches,
             f0_shared=(gflops_per_sample(_Shared(f0, mc_dropout == "last"), in_channels, hp, wp)
                        if shares else 0.0),
