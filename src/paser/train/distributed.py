@@ -88,6 +88,27 @@ class Dist:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def same_draws(self):
+        """The block draws from the global generator as rank 0 does, in every process: for
+        what the processes must draw alike (stage 3's batch order, the exploration of
+        stages 2 and 3). Their own draws (dropout, Monte Carlo passes over a share of its
+        size, a pool model run on the patches routed to it there) take different amounts
+        from it, so after one batch of stage 3 the generators were no longer alike: the
+        processes walked different orders (an image taken twice in an epoch, another not
+        at all) and explored with different coins. Rank 0's generator goes on as drawn;
+        the others' are left as they were, for their own draws."""
+        if self.world == 1:
+            yield
+            return
+        own = torch.get_rng_state()
+        torch.set_rng_state(self.fabric.broadcast(own, src=0))
+        try:
+            yield
+        finally:
+            if not self.is_main:
+                torch.set_rng_state(own)
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the processes."""
         if self.world == 1:

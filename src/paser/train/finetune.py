@@ -101,7 +101,8 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
             alpha = linear(*s3.alpha, epoch, s3.epochs)
             lam = (linear(s3.lam_start, s3.lam_end, epoch, s3.epochs)
                    if s3.tvd_threshold is not None else lam_fixed)
-            order = torch.randperm(n)
+            with dist.same_draws():  # dropout took unlike amounts in each process
+                order = torch.randperm(n)
             sums = torch.zeros(4, dtype=torch.float64)
             # every process needs a share of a batch
             batches = [idx for idx in order.split(batch) if len(idx) >= dist.world]
@@ -211,8 +212,8 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
     policy.train(reinforce)  # a full-information policy stays as stage 2 trained it
     with torch.set_grad_enabled(reinforce):
         logits = policy(router.state(x, mc))  # [b, P, K+1]
-    actions = (explore(logits.detach(), alpha, rows, batch) if reinforce
-               else explore_greedy(logits.detach(), alpha, rows, batch))
+    actions = (explore(logits.detach(), alpha, rows, batch, dist) if reinforce
+               else explore_greedy(logits.detach(), alpha, rows, batch, dist))
     patches, labels = grid.context(x), grid.split(y)  # [b*P, C, h', w'], [b*P, h, w]
     f0_pred = grid.split(mc.pred)
     routed = f0_pred.clone()
@@ -261,12 +262,13 @@ def _joint_step(router, opts, x, y, alpha, lam, cost, weight, ncls, dist: Dist,
     return (*(means / count).tolist(), task_loss)
 
 
-def explore_greedy(scores: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int
-                   ) -> torch.Tensor:
+def explore_greedy(scores: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int,
+                   dist: Dist | None = None) -> torch.Tensor:
     """With probability alpha the policy's greedy actions for the batch, else uniform ones
     (drawn for the whole batch, identically in every process, as :func:`explore`)."""
-    coin = torch.rand(())
-    uniform = torch.randint(0, scores.shape[-1], (batch, *scores.shape[1:-1]))
+    with (dist or Dist(scores.device)).same_draws():
+        coin = torch.rand(())
+        uniform = torch.randint(0, scores.shape[-1], (batch, *scores.shape[1:-1]))
     if coin < alpha:
         return scores.argmax(-1)
     return uniform[rows].to(scores.device)

@@ -86,18 +86,20 @@ def linear(start: float, end: float, epoch: int, epochs: int) -> float:
     return start if epochs <= 1 else start + (end - start) * epoch / (epochs - 1)
 
 
-def explore(logits: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int
-            ) -> torch.Tensor:
+def explore(logits: torch.Tensor, alpha: float, rows: torch.Tensor, batch: int,
+            dist: Dist | None = None) -> torch.Tensor:
     """With probability alpha sample the batch's actions from the policy, else uniformly.
 
     ``logits`` are the ``rows`` of a batch of ``batch`` states (all of them in one process;
-    its share in data-parallel training): the random numbers are drawn for the whole
-    batch, identically in every process, and the rows taken (Gumbel-max sampling), so the
-    processes together explore exactly as one process does on the whole batch.
+    its share in data-parallel training, ``dist``): the random numbers are drawn for the
+    whole batch, identically in every process (:meth:`Dist.same_draws`), and the rows taken
+    (Gumbel-max sampling), so the processes together explore exactly as one process does
+    on the whole batch.
     """
-    coin = torch.rand(())
-    gumbel = -torch.log(-torch.log(torch.rand(batch, *logits.shape[1:]).clamp_min(1e-20)))
-    uniform = torch.randint(0, logits.shape[-1], (batch, *logits.shape[1:-1]))
+    with (dist or Dist(logits.device)).same_draws():
+        coin = torch.rand(())
+        gumbel = -torch.log(-torch.log(torch.rand(batch, *logits.shape[1:]).clamp_min(1e-20)))
+        uniform = torch.randint(0, logits.shape[-1], (batch, *logits.shape[1:-1]))
     if coin < alpha:
         return (logits + gumbel[rows].to(logits.device)).argmax(-1)
     return uniform[rows].to(logits.device)
@@ -126,7 +128,7 @@ def policy_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: to
         mine = idx[rows]
         with dist.autocast(convolutional=False):
             logits = policy(states[mine].to(device)).float()  # [b, P, K+1]
-        actions = explore(logits.detach(), alpha, rows, len(idx))
+        actions = explore(logits.detach(), alpha, rows, len(idx), dist)
         r, gain, paid = reward(patch_iou[mine.to(device)], actions, cost, lam)
         log_prob = torch.distributions.Categorical(logits=logits).log_prob(actions)
         loss = -(log_prob * r).mean() * (len(mine) * dist.world / len(idx))  # the batch mean
