@@ -4,6 +4,8 @@ process must draw, weigh or keep alike."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from paser.train.distributed import Dist
@@ -54,3 +56,64 @@ def test_exploration_on_another_process_is_its_rows_of_rank_0s():
     share = explore_greedy(logits[1:], 0.0, torch.tensor([1]), 2,
                            Dist(torch.device("cpu"), OtherRank(rank0)))
     assert share.tolist() == whole[1:].tolist()
+
+
+class Rank1Fabric(OtherRank):
+    """Rank 1's Fabric for a training loop: no DDP wrapper, its own gradients, sums and
+    barriers as one process's (what crosses processes is what the test looks at)."""
+
+    def __init__(self):
+        super().__init__(_rank0_state(0))
+
+    def setup(self, model, opt):
+        return model, opt
+
+    def backward(self, loss):
+        loss.backward()
+
+    def all_reduce(self, value, reduce_op="sum"):
+        return value
+
+    def barrier(self):
+        pass
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def test_stage1_validates_rank_0s_batchnorm_statistics_of_the_weight_average(tmp_path,
+                                                                             monkeypatch):
+    from paser.checkpoints import build_model
+    from paser.config import load_config
+    from paser.data import Tensors
+    from paser.patches import PatchGrid
+    from paser.train import pretrain
+    from paser.train.common import MetricLog
+
+    cfg = load_config(preset="battery-quick", overrides=[
+        "grid=[2, 2]", "halo=0", "stage1.ema=0.9", "stage1.class_weights=null",
+        "models.pool.0.kwargs={c0: 2, widths: [4, 4], norm: batch}"])
+    spec = cfg.models.pool[0]
+    gen = torch.Generator().manual_seed(0)
+    data = Tensors(torch.rand(4, cfg.models.in_channels, 16, 16, generator=gen),
+                   torch.randint(cfg.models.num_classes, (4, 16, 16), generator=gen,
+                                 dtype=torch.uint8), [str(i) for i in range(4)])
+    # rank 0's buffers, as a broadcast from it brings them: every value 0.25
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: t.fill_(0.25))
+    validated = []
+
+    def evaluate(model, *args, **kwargs):
+        validated.append([b.clone() for b in model.buffers() if b.is_floating_point()])
+        return 0.5
+
+    monkeypatch.setattr(pretrain, "evaluate_miou", evaluate)
+    pretrain.fit("f1", build_model(cfg, spec), pretrain.patchwise(PatchGrid(2, 2)),
+                 pretrain.weighted_ce(cfg, torch.device("cpu")), data, data, cfg=cfg, epochs=1,
+                 lr=1e-3, run_dir=tmp_path, log=MetricLog(tmp_path / "m.jsonl"), resume=False,
+                 device=torch.device("cpu"), show_progress=False, spec=spec,
+                 dist=Dist(torch.device("cpu"), Rank1Fabric()))
+    # the early stop and the best checkpoint read the model rank 0 keeps, in every process
+    # (an average of this process's own statistics could stop one process and not another)
+    assert len(validated) == 1 and validated[0]
+    assert all(bool((b == 0.25).all()) for b in validated[0])
+

@@ -115,7 +115,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                                                        weight, ncls, dist, rows, len(idx),
                                                        objective)
                 sums += torch.tensor([r, gain, paid, task_loss], dtype=torch.float64) * len(idx)
-            dist.sync_buffers(policy)
+            dist.sync_buffers(router)  # the pool's BatchNorm saw the patches routed here
             check_finite(router, f"stage 3, epoch {epoch}", "stage3.lr")
             val = evaluate_router(router, data.validation, ncls, batch, lam=lam, cost=cost)
             distance = tvd(val["fractions"], reference)

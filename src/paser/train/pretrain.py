@@ -297,6 +297,8 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
             total = float(dist.sum(total))
             acc.intersection, acc.union = dist.sum(acc.intersection), dist.sum(acc.union)
             dist.sync_buffers(model)
+            if ema is not None:  # its BatchNorm statistics averaged each process's own
+                dist.sync_buffers(ema)
             def validated(k: int, epoch=epoch, steps=len(batches)) -> None:  # the last share
                 bar.update(task, completed=epoch + (steps + k / len(val)) / (steps + 1))
 
