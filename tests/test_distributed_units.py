@@ -117,3 +117,44 @@ def test_stage1_validates_rank_0s_batchnorm_statistics_of_the_weight_average(tmp
     assert len(validated) == 1 and validated[0]
     assert all(bool((b == 0.25).all()) for b in validated[0])
 
+
+class Summing(OtherRank):
+    """Fabric whose sums over the processes add ``others``, what the other processes hold."""
+
+    def __init__(self, others: torch.Tensor):
+        super().__init__(_rank0_state(0))
+        self.others = others
+
+    def all_reduce(self, value, reduce_op="sum"):
+        return value + self.others
+
+
+def test_class_weighted_loss_of_unequal_shares_averages_to_the_batch_loss():
+    from paser.train.pretrain import masked_ce
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.tensor([0.2, 1.0, 3.0])
+    logits = torch.randn(3, 3, 4, 4, generator=gen)
+    y = torch.randint(3, (3, 4, 4), generator=gen)
+    y[0, :2] = 2  # the shares' class mix differs, and
+    y[2, 1:] = -1  # one share's image is mostly unlabelled
+    shares = [torch.tensor([0, 2]), torch.tensor([1])]  # a batch of 3 on 2 processes
+
+    def grad(fn) -> torch.Tensor:
+        x = logits.clone().requires_grad_(True)
+        fn(x).backward()
+        return x.grad
+
+    whole = grad(lambda x: masked_ce(x, y, weight))  # one process
+    mass = [float(weight[y[s][y[s] >= 0]].sum()) for s in shares]
+
+    def averaged(x):  # as DDP averages fit's share losses, each weighed by its share's images
+        loss = 0
+        for r, s in enumerate(shares):
+            others = torch.tensor([mass[1 - r], float(len(shares[1 - r]))], dtype=torch.float64)
+            dist = Dist(torch.device("cpu"), Summing(others))
+            loss = loss + masked_ce(x[s], y[s], weight, dist) * (len(s) * 2 / 3) / 2
+        return loss
+
+    assert torch.allclose(grad(averaged), whole, atol=1e-7)
+    assert masked_ce(logits, y, weight, Dist(torch.device("cpu"))) == masked_ce(logits, y, weight)

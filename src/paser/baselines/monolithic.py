@@ -99,7 +99,7 @@ def train_whole(cfg: ExperimentConfig, run_dir: Path, role: str, spec: ModelSpec
     (its weights and dropout seeded from the run's seed and ``role`` alone)."""
     seed_role(cfg, role)
     model = (dist or Dist(device)).place(build_model(cfg, spec))
-    fit(role, model, whole_padded, weighted_ce(cfg, device), data.pre, data.validation,
+    fit(role, model, whole_padded, weighted_ce(cfg, device, dist), data.pre, data.validation,
         cfg=cfg, epochs=model_epochs(cfg, spec), lr=spec.lr or cfg.stage1.lr,
         run_dir=run_dir, log=MetricLog(run_dir / "metrics" / "baselines.jsonl"), resume=resume,
         device=device, show_progress=show_progress, spec=spec, label=label, min_batch=2,

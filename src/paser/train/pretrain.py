@@ -66,24 +66,38 @@ def class_weight(cfg: ExperimentConfig, device: torch.device) -> torch.Tensor | 
     return torch.tensor(cfg.stage1.class_weights, dtype=torch.float32, device=device)
 
 
-def weighted_ce(cfg: ExperimentConfig, device: torch.device) -> Callable:
-    """Stage 1's loss, class-weighted cross entropy, in :func:`fit`'s ``loss_fn`` form."""
+def weighted_ce(cfg: ExperimentConfig, device: torch.device, dist: Dist | None = None
+                ) -> Callable:
+    """Stage 1's loss, class-weighted cross entropy, in :func:`fit`'s ``loss_fn`` form
+    (``dist``: the processes whose shares of a batch it weighs, :func:`masked_ce`)."""
     weight = class_weight(cfg, device)
 
     def ce(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return masked_ce(logits, y, weight)
+        return masked_ce(logits, y, weight, dist)
 
     return ce
 
 
-def masked_ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
-              ) -> torch.Tensor:
+def masked_ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+              dist: Dist | None = None) -> torch.Tensor:
     """Class-weighted cross entropy, the weighted mean over labelled pixels (``y`` =
-    :data:`paser.data.IGNORE` skipped), as ``F.cross_entropy``'s mean; 0 with none."""
+    :data:`paser.data.IGNORE` skipped), as ``F.cross_entropy``'s mean; 0 with none.
+
+    With ``dist`` of several processes, ``y`` is this process's share of a batch, and
+    :func:`fit` weighs its loss by its share of the batch's images: the mean is then taken
+    over the batch's labelled weight per image times the share's images, so that the
+    processes' averaged gradient is the batch's weighted mean, as in one process. The
+    share's own weight would weigh its pixels unlike the other shares' wherever the
+    shares' class mix or unlabelled pixels differ (class weights: the presets' default).
+    """
     total = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum")
     valid = y[y != IGNORE]
     mass = valid.new_tensor(valid.numel(), dtype=total.dtype) if weight is None else \
         weight[valid].sum()
+    if dist is not None and dist.world > 1:
+        batch_mass, images = dist.sum(torch.tensor([float(mass), float(len(y))],
+                                                   dtype=torch.float64)).tolist()
+        mass = mass.new_tensor(batch_mass / images * len(y))
     return total / mass.clamp_min(1e-12)  # no labelled pixel: total is 0, so is the loss
 
 
@@ -443,7 +457,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         save_label_codec(run_dir, cfg)
         data_intensity(cfg.data, progress=False).save(run_dir)
     weight = class_weight(cfg, device)
-    ce = weighted_ce(cfg, device)
+    ce = weighted_ce(cfg, device, dist)
     log = MetricLog(run_dir / "metrics" / "stage1.jsonl")
     common = dict(cfg=cfg, run_dir=run_dir, log=log, resume=resume, device=device,
                   show_progress=show_progress, dist=dist)
@@ -531,7 +545,7 @@ def _train_f0(cfg: ExperimentConfig, run_dir: Path, data, forwards: dict[str, Fo
 
     def ce_kd(logits, y, idx):
         target = torch.from_numpy(teacher_logits[idx.numpy()]).to(logits.device).float()
-        return (1 - a_kd) * masked_ce(logits, y, weight) + a_kd * F.mse_loss(
+        return (1 - a_kd) * masked_ce(logits, y, weight, dist) + a_kd * F.mse_loss(
             logits, target)
 
     seed_role(cfg, "f0")
