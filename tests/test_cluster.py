@@ -506,3 +506,41 @@ def test_a_worker_refuses_a_calibration_made_for_another_policy(mnist_run):
     other = dataclasses.replace(cal, policy="0" * 16)
     with pytest.raises(ConfigError, match="has another policy than the client's"):
         RunSpec(str(mnist_run), "cpu", calibration=other).load()
+
+
+def test_a_volume_that_fails_on_its_data_leaves_no_half_label_volume_as_locally(
+        model, mnist_run, tmp_path, monkeypatch):
+    """NaN voxels in one chunk fail the volume, and, as a local run, nothing of it is left
+    (a rerun fails the same way); a chunk a worker could not read is not the data's fault:
+    the chunks finished are kept (tasks run here in order: InlineClient)."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+
+    inline_cluster(monkeypatch)
+    nan = RNG.random((24, SIDE, SIDE)).astype(np.float32)
+    nan[20, 3, 3] = np.nan
+    zarr.open_array(str(tmp_path / "nan.zarr"), mode="w", shape=nan.shape, chunks=(8, SIDE, SIDE),
+                    dtype="float32")[:] = nan
+    tifffile.imwrite(tmp_path / "gone.tif", RNG.integers(0, 256, (24, SIDE, SIDE),
+                                                         dtype=np.uint8))
+    segment_chunk = paser.cluster.segment_chunk
+
+    def unseen_after_8(model, volume, z0, *args, **kwargs):  # as a worker without the file
+        if volume.stem == "gone" and z0 >= 8:
+            raise FileNotFoundError(2, "No such file or directory", volume.path)
+        return segment_chunk(model, volume, z0, *args, **kwargs)
+
+    monkeypatch.setattr(paser.cluster, "segment_chunk", unseen_after_8)
+    volumes = split_inputs([str(tmp_path / "nan.zarr"), str(tmp_path / "gone.tif")])[1]
+    res = segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], volumes,
+                             tmp_path / "dask", chunk=8)
+    assert "slice 20: the image contains NaN" in res.volumes[0].error
+    assert "worker inline cannot read or write slices 8..15" in res.volumes[1].error
+    local = segment_volumes(model, volumes[:1], tmp_path / "local", chunk=8)
+    assert local[0].error == res.volumes[0].error
+    for out in ("local", "dask"):
+        assert not (tmp_path / out / ".nan.parts").exists(), out
+        assert not (tmp_path / out / "nan_labels.zarr").exists(), out
+    assert sorted(p.name for p in (tmp_path / "dask" / ".gone.parts").glob("0*")) == [
+        "00000000.json", "00000000.npy"]

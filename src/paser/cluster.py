@@ -63,6 +63,7 @@ from paser.volumes import (
     VolumeResult,
     _write_csv,
     chunks_to_do,
+    discard,
     finish_volume,
     is_write_error,
     prepare_volume,
@@ -216,6 +217,12 @@ class _Locked:
         return getattr(self._model, name)
 
 
+class _NotReached(DataError):
+    """A worker could not read or write a chunk's files (a path it does not see, a full
+    disk): not the data's fault, so the volume's finished chunks are kept, as a local run
+    keeps them on such an ``OSError``."""
+
+
 def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
                   only: int | None) -> list[dict]:
     """A task: slices ``z0 .. z1 - 1`` of ``volume`` segmented on this worker."""
@@ -232,11 +239,11 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
                              Path(out_dir), labels, only, worker=name)
     except OSError as err:
         if is_write_error(err, Path(out_dir), volume):
-            raise DataError(f"{volume.source}: worker {name} could not write slices "
+            raise _NotReached(f"{volume.source}: worker {name} could not write slices "
                             f"{z0}..{z1 - 1} into {out_dir} ({err.strerror or err}); the "
                             "chunks finished are kept: run the same command again once the "
                             "folder can be written") from None
-        raise DataError(f"{volume.source}: worker {name} cannot read or write slices "
+        raise _NotReached(f"{volume.source}: worker {name} cannot read or write slices "
                         f"{z0}..{z1 - 1} ({err}); the workers need the inputs and --out at "
                         "the same paths as the client") from None
 
@@ -328,6 +335,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     vols: list[VolumeResult] = []
     sizes: list[int] = []  # slices per chunk of each volume
     waiting: dict[str, set] = {}
+    spoilt: set[int] = set()  # volumes a chunk of which failed on its data
     workers: set[str] = set()
     # Ctrl-C from here on (a volume's preparation or assembly as well): what finished is
     # kept, said with its slices, and what went out is cancelled
@@ -356,6 +364,8 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 workers.update(res.record.get("workers", []))
             except (PaserError, OSError, ValueError) as err:
                 res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+                if isinstance(err, DataError):
+                    discard(vol, out_dir)  # as segment_volumes: no half label volume
 
         # volumes: the finished ones are read, the chunks still to do go out
         for vol in volumes:
@@ -384,7 +394,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 volume_done(len(vols) - 1)
         for fut in distributed.as_completed(list(futures)):
             kind, what = futures.pop(fut)
-            error = _error(fut)
+            error, raised = _error(fut)
             if kind == "images":
                 done = fut.result() if error is None else [
                     Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}") for f in what]
@@ -400,10 +410,16 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             vol, res = volumes[index], vols[index]
             if error is not None and not res.error:
                 res.error = error if error.startswith(vol.source) else f"{vol.source}: {error}"
+            if isinstance(raised, DataError) and not isinstance(raised, _NotReached):
+                spoilt.add(index)
             waiting[vol.stem].discard(fut)
             if on_progress is not None:
                 on_progress(z1 - z0, (z1 - z0) * vol.plane[0] * vol.plane[1], vol.stem)
             if not waiting[vol.stem]:
+                if index in spoilt:  # its data's fault (NaN voxels, say): a rerun fails the
+                    # same way, so, as segment_volumes, no half label volume is left (once
+                    # every chunk is back: none of them writes after this)
+                    discard(vol, out_dir)
                 volume_done(index)
     except KeyboardInterrupt as err:  # Ctrl-C here: the chunks the workers finished are kept
         kept = [(vol, _slices_done(vol, chunks_to_do(vol, out_dir, size)))
@@ -422,19 +438,19 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     return ClusterResults(images, vols, sorted(workers))
 
 
-def _error(fut) -> str | None:
-    """A finished future's failure as one line (``None``: it succeeded). A task whose
-    workers died too often (``KilledWorker``) says so."""
+def _error(fut) -> tuple[str | None, Exception | None]:
+    """A finished future's failure as one line (``None``: it succeeded), and what it raised.
+    A task whose workers died too often (``KilledWorker``) says so."""
     if fut.status == "finished":
-        return None
+        return None, None
     try:
         fut.result()
     except PaserError as err:
-        return str(err)
+        return str(err), err
     except Exception as err:  # noqa: BLE001 - anything a task raised, reported as its input's
         kind = type(err).__name__
         if kind == "KilledWorker":
             return ("its worker died each time it ran (KilledWorker); see the workers' logs, "
-                    "for example for memory")
-        return f"{kind}: {err}".splitlines()[0]
-    return f"task {fut.status}"
+                    "for example for memory"), err
+        return f"{kind}: {err}".splitlines()[0], err
+    return f"task {fut.status}", None
