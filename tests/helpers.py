@@ -125,6 +125,21 @@ class InlineClient:
         return {"workers": {"inline": {"nthreads": torch.get_num_threads()}}}
 
 
+class InOrder:
+    """``distributed.as_completed`` for :class:`InlineClient`'s tasks: in the order given,
+    those ``add``-ed later after them."""
+
+    def __init__(self, futures):
+        self.queue = list(futures)
+
+    def __iter__(self):
+        while self.queue:
+            yield self.queue.pop(0)
+
+    def add(self, future) -> None:
+        self.queue.append(future)
+
+
 def inline_cluster(monkeypatch) -> None:
     """``paser segment --scheduler ANY`` and :func:`paser.cluster.segment_on_cluster` on an
     :class:`InlineClient`: no Dask, its tasks run here (their worker named ``inline``, the
@@ -139,7 +154,7 @@ def inline_cluster(monkeypatch) -> None:
 
     monkeypatch.setattr(paser.cluster, "connect", connect)
     monkeypatch.setattr(paser.cluster, "_distributed",
-                        lambda: types.SimpleNamespace(as_completed=iter))
+                        lambda: types.SimpleNamespace(as_completed=InOrder))
     monkeypatch.setattr(paser.cluster, "worker_name", lambda: "inline")
     monkeypatch.setattr(paser.cluster, "_MODELS", {})
 

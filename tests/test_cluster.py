@@ -544,3 +544,69 @@ def test_a_volume_that_fails_on_its_data_leaves_no_half_label_volume_as_locally(
         assert not (tmp_path / out / "nan_labels.zarr").exists(), out
     assert sorted(p.name for p in (tmp_path / "dask" / ".gone.parts").glob("0*")) == [
         "00000000.json", "00000000.npy"]
+
+
+def test_an_image_that_kills_its_workers_fails_alone_and_its_batch_goes_on(
+        model, mnist_run, tmp_path, monkeypatch):
+    """A batch whose workers die on one of its images (KilledWorker): the images it finished
+    are kept, not failed, and the rest go out one at a time, so only that image fails, named,
+    and no image is segmented twice (before, the batch's images after it failed on every
+    call into the folder). Tasks run here in order: InlineClient."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+
+    class KilledWorker(Exception):  # as distributed names it
+        pass
+
+    inline_cluster(monkeypatch)
+    segment_image, calls = paser.cluster.segment_image, []
+
+    def dies_on_bad(model, path, *args, **kwargs):
+        calls.append(path.stem)
+        if path.stem == "bad":
+            raise KilledWorker("attempted to run task 3 times and all workers died")
+        return segment_image(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(paser.cluster, "segment_image", dies_on_bad)
+    for stem in ("a", "b", "bad", "c", "d"):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(
+            tmp_path / f"{stem}.png")
+    images = [tmp_path / f"{stem}.png" for stem in ("a", "b", "bad", "c", "d")]
+    res = segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, images, [],
+                             tmp_path / "out", batch=4, previews=False)
+    assert [r.ok for r in res.images] == [True, True, False, True, True]
+    assert res.images[2].error == (f"{images[2]}: its worker died each time it ran "
+                                   "(KilledWorker); see the workers' logs, for example for "
+                                   "memory")
+    assert not any(r.resumed for r in res.images)
+    assert sorted(calls) == ["a", "b", "bad", "bad", "c", "d"]  # the batch, then bad and c
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["ok", "ok", "failed", "ok", "ok"]
+
+
+def test_a_batch_that_fails_for_every_image_is_not_sent_again_one_by_one(
+        model, mnist_run, tmp_path, monkeypatch):
+    """A PaserError of the task itself (the run cannot be loaded there) is every image's:
+    its images fail with it, and no task is sent per image."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+
+    inline_cluster(monkeypatch)
+    loads = []
+
+    def unloadable(spec):
+        loads.append(spec)
+        raise ConfigError("the run this worker reads has another policy")
+
+    monkeypatch.setattr(paser.cluster, "worker_model", unloadable)
+    for i in range(3):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(
+            tmp_path / f"im{i}.png")
+    images = [tmp_path / f"im{i}.png" for i in range(3)]
+    res = segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, images, [],
+                             tmp_path / "out", batch=2, previews=False)
+    assert [r.error for r in res.images] == [
+        f"{f}: the run this worker reads has another policy" for f in images]
+    assert len(loads) == 2  # one per batch

@@ -257,6 +257,11 @@ def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None
                    model.intensity)
     out = []
     for i, f in enumerate(files):
+        before = finished(Path(out_dir), Path(f), previews)
+        if before is not None:  # this task run again (a worker died in it): done already
+            before.resumed = False  # (by this call)
+            out.append(before)
+            continue
         item = data[i]
         if isinstance(item, DataError) and not Path(f).exists():
             item = DataError(f"{f}: worker {name} cannot see this file; the workers need "
@@ -392,12 +397,27 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 waiting[vol.stem].add(fut)
             if not todo_chunks:  # stopped after its last chunk: only the assembly is left
                 volume_done(len(vols) - 1)
-        for fut in distributed.as_completed(list(futures)):
+        running = distributed.as_completed(list(futures))
+        for fut in running:
             kind, what = futures.pop(fut)
             error, raised = _error(fut)
             if kind == "images":
-                done = fut.result() if error is None else [
-                    Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}") for f in what]
+                done = fut.result() if error is None else []
+                for f in what if error is not None else ():
+                    # a task that failed whole (its workers killed by one of its images, say):
+                    # what it finished is kept, and the rest go out one by one, so that only
+                    # the image at fault fails, named (a PaserError is every image's: the run)
+                    res = finished(out_dir, Path(f), previews)
+                    if res is not None:
+                        res.resumed = False  # (by this call)
+                        done.append(res)
+                    elif len(what) > 1 and not isinstance(raised, PaserError):
+                        alone = client.submit(_image_batch, spec, [f], str(out_dir), only,
+                                              previews, pure=False)
+                        futures[alone] = ("images", [f])
+                        running.add(alone)
+                    else:
+                        done.append(Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}"))
                 for res in done:
                     images[slot[res.input]] = res
                     if res.worker:
