@@ -610,3 +610,42 @@ def test_a_batch_that_fails_for_every_image_is_not_sent_again_one_by_one(
     assert [r.error for r in res.images] == [
         f"{f}: the run this worker reads has another policy" for f in images]
     assert len(loads) == 2  # one per batch
+
+
+def test_the_images_rate_is_of_the_images_not_of_the_volumes_beside_them(
+        mnist_run, tmp_path, monkeypatch):
+    """`paser segment --scheduler` on images and a volume: the images' line gives their rate
+    over their own time on the cluster (they go out first), not over the whole call's, its
+    cluster's start and the volume's chunks included (a clock here: each task of images
+    takes 1 s, each chunk 50 s; tasks run here in order: InlineClient)."""
+    import types
+
+    from tests.helpers import inline_cluster, paser_here
+
+    import paser.cluster
+
+    inline_cluster(monkeypatch)
+    clock = [0.0]
+    monkeypatch.setattr(paser.cluster, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock[0]))
+    image_batch, segment_chunk = paser.cluster._image_batch, paser.cluster.segment_chunk
+
+    def timed(seconds, task):
+        def run(*args, **kwargs):
+            clock[0] += seconds
+            return task(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(paser.cluster, "_image_batch", timed(1.0, image_batch))
+    monkeypatch.setattr(paser.cluster, "segment_chunk", timed(50.0, segment_chunk))
+    for i in range(4):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(
+            tmp_path / f"im{i}.png")
+    tifffile.imwrite(tmp_path / "vol.tif", RNG.integers(0, 256, (16, SIDE, SIDE),
+                                                        dtype=np.uint8))
+    res = paser_here("segment", *(tmp_path / f"im{i}.png" for i in range(4)), tmp_path / "vol.tif",
+                     "--run-dir", mnist_run, "--out", tmp_path / "out", "--scheduler", "inline",
+                     "--chunk", "8", "--no-previews")
+    assert res.returncode == 0, res.stderr
+    assert clock[0] == 101.0  # one task of 4 images, two chunks
+    assert "; 4.0 images/s with reading and writing;" in res.stdout, res.stdout

@@ -307,6 +307,10 @@ class ClusterResults:
     images: list[Segmented]
     volumes: list[VolumeResult]
     workers: list[str]
+    #: seconds from the first task sent to the last image back: the images' time, the
+    #: workers' loading of the run included (the cluster's start and the volumes' chunks,
+    #: sent after them, are not theirs)
+    image_seconds: float = 0.0
 
 
 def _slices_done(vol: Volume, todo: Sequence[tuple[int, int]]) -> int:
@@ -342,6 +346,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     waiting: dict[str, set] = {}
     spoilt: set[int] = set()  # volumes a chunk of which failed on its data
     workers: set[str] = set()
+    last_image = start
     # Ctrl-C from here on (a volume's preparation or assembly as well): what finished is
     # kept, said with its slices, and what went out is cancelled
     try:
@@ -418,6 +423,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                         running.add(alone)
                     else:
                         done.append(Segmented(f, Path(f).stem, ok=False, error=f"{f}: {error}"))
+                last_image = time.perf_counter()
                 for res in done:
                     images[slot[res.input]] = res
                     if res.worker:
@@ -455,7 +461,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         write_summary(out_dir / SUMMARY, images, names)
     if volumes:
         _write_csv(out_dir / VOLUMES_CSV, vols)
-    return ClusterResults(images, vols, sorted(workers))
+    return ClusterResults(images, vols, sorted(workers), last_image - start)
 
 
 def _error(fut) -> tuple[str | None, Exception | None]:

@@ -290,8 +290,8 @@ def segment(
         # calibration and cap (segment_on_cluster puts them in the spec)
         spec = RunSpec(str(Path(run_dir).resolve()), device, engine,
                        None if onnx is None else str(Path(onnx).resolve()), threads=threads)
-        results, vol_results = _on_cluster(scheduler, spec, model, files, volumes, out, k,
-                                           overwrite, chunk, previews)
+        results, vol_results, image_seconds = _on_cluster(
+            scheduler, spec, model, files, volumes, out, k, overwrite, chunk, previews)
         files = []  # done there
     else:
         # claimed before any bar opens: a refusal is its error alone (claim_for reads the
@@ -326,7 +326,8 @@ def segment(
             results = segment_files(model, files, out, on_done=done, only=k,
                                     workers=default_workers() if workers is None else workers,
                                     previews=previews, on_tiles=on_tiles)
-    seconds = time.perf_counter() - start
+    # the images' own time: on a cluster, not its start nor the volumes sent after them
+    seconds = time.perf_counter() - start if scheduler is None else image_seconds
     done = [r for r in results if r.ok]
     resumed = sum(r.resumed for r in results)
     new = len(results) - resumed
@@ -395,9 +396,10 @@ def _slices_bar(total: int, name: str):
 
 
 def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int | None,
-                overwrite: bool, chunk: int, previews: bool) -> tuple[list, list]:
+                overwrite: bool, chunk: int, previews: bool) -> tuple[list, list, float]:
     """The images and volumes on a Dask cluster (:mod:`paser.cluster`), one progress bar
-    over all slices and images; a line per volume, and the workers that took part."""
+    over all slices and images; a line per volume, and the workers that took part. Returns
+    the images' and the volumes' outcomes and the images' seconds."""
     import torch
 
     from paser.cluster import connect, segment_on_cluster
@@ -423,7 +425,7 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
     _volume_lines(res.volumes, out)
     typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
                "(each record names its worker)")
-    return res.images, res.volumes
+    return res.images, res.volumes, res.image_seconds
 
 
 def _segment_volumes(model, volumes, out: Path, k: int | None, chunk: int) -> list:
