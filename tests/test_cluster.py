@@ -649,3 +649,24 @@ def test_the_images_rate_is_of_the_images_not_of_the_volumes_beside_them(
     assert res.returncode == 0, res.stderr
     assert clock[0] == 101.0  # one task of 4 images, two chunks
     assert "; 4.0 images/s with reading and writing;" in res.stdout, res.stdout
+
+
+def test_a_scheduler_without_workers_is_said_to_wait_for_them(mnist_run, tmp_path,
+                                                               monkeypatch):
+    """A scheduler whose workers have not joined yet: the command says the tasks wait for
+    them, and no thread note of no threads ('run on  thread(s) there')."""
+    from tests.helpers import InlineClient, inline_cluster, paser_here
+
+    inline_cluster(monkeypatch)
+    monkeypatch.setattr(InlineClient, "scheduler_info", lambda self: {"workers": {}})
+    Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(tmp_path / "a.png")
+    res = paser_here("segment", tmp_path / "a.png", "--run-dir", mnist_run, "--out",
+                     tmp_path / "out", "--scheduler", "tcp://127.0.0.1:8786", "--no-previews")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:2] == [
+        "Dask cluster tcp://127.0.0.1:8786: 0 workers; 0 volumes, 1 images",
+        "the scheduler has no workers yet: the tasks wait for them (`dask worker "
+        "tcp://127.0.0.1:8786`, or scale the cluster); Ctrl-C stops, and the same command "
+        "goes on from there"]
+    assert "thread(s) there" not in res.stdout

@@ -410,8 +410,12 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
         info = client.scheduler_info()["workers"].values()
         typer.echo(f"Dask cluster {scheduler}: {len(info)} workers; {len(volumes)} volumes, "
                    f"{len(files)} images")
+        if not info:  # (dask-jobqueue's workers, say, still queued): not hung, waiting
+            typer.echo(f"the scheduler has no workers yet: the tasks wait for them (`dask "
+                       f"worker {scheduler}`, or scale the cluster); Ctrl-C stops, and the "
+                       "same command goes on from there")
         used = {spec.threads} if spec.threads else {w["nthreads"] for w in info}
-        if used != {torch.get_num_threads()}:
+        if used and used != {torch.get_num_threads()}:
             typer.echo(f"model calls run on {'/'.join(map(str, sorted(used)))} thread(s) there, "
                        f"{torch.get_num_threads()} in a local run here: labels can differ in "
                        f"a few voxels per slice (PyTorch adds in another order); --threads "
