@@ -670,3 +670,39 @@ def test_a_scheduler_without_workers_is_said_to_wait_for_them(mnist_run, tmp_pat
         "tcp://127.0.0.1:8786`, or scale the cluster); Ctrl-C stops, and the same command "
         "goes on from there"]
     assert "thread(s) there" not in res.stdout
+
+
+def test_a_stack_slice_a_worker_does_not_see_is_named_and_keeps_the_chunks_done(
+        model, mnist_run, tmp_path, monkeypatch):
+    """A --stack folder whose second chunk's slices a worker does not see (mounted
+    elsewhere): the error names the worker and the path, not 'replace or remove the file'
+    (the file is fine), and the first chunk is kept, as for any input a worker cannot read
+    (tasks run here in order: InlineClient)."""
+    import dataclasses
+
+    from tests.helpers import InlineClient, inline_cluster
+
+    import paser.cluster
+
+    inline_cluster(monkeypatch)
+    (tmp_path / "slices").mkdir()
+    for i in range(16):
+        Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(
+            tmp_path / "slices" / f"s{i}.png")
+    [vol] = split_inputs([str(tmp_path / "slices")], stack=True)[1]
+    volume_chunk = paser.cluster._volume_chunk
+
+    def elsewhere(spec, volume, z0, *rest):  # this worker mounts the slices elsewhere
+        if z0 >= 8:
+            volume = dataclasses.replace(volume, files=[
+                f.replace(str(tmp_path), "/not/mounted") for f in volume.files])
+        return volume_chunk(spec, volume, z0, *rest)
+
+    monkeypatch.setattr(paser.cluster, "_volume_chunk", elsewhere)
+    res = segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], [vol],
+                             tmp_path / "out", chunk=8)
+    assert res.volumes[0].error == (
+        f"{vol.source}: worker inline cannot see /not/mounted/slices/s8.png; the workers "
+        "need the inputs at the same paths as the client")
+    assert sorted(p.name for p in (tmp_path / "out" / ".slices.parts").glob("0*")) == [
+        "00000000.json", "00000000.npy"]

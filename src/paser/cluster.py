@@ -237,15 +237,22 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
                                      mode="r+")
         return segment_chunk(_Locked(model, lock, spec.threads), volume, z0, z1,
                              Path(out_dir), labels, only, worker=name)
+    except DataError:
+        unseen = [f for f in volume.files[z0:z1] if not Path(f).exists()]
+        if unseen:  # a --stack slice this worker does not see: not the data's fault
+            raise _NotReached(f"{volume.source}: worker {name} cannot see {unseen[0]}; the "
+                              "workers need the inputs at the same paths as the client"
+                              ) from None
+        raise
     except OSError as err:
         if is_write_error(err, Path(out_dir), volume):
             raise _NotReached(f"{volume.source}: worker {name} could not write slices "
-                            f"{z0}..{z1 - 1} into {out_dir} ({err.strerror or err}); the "
-                            "chunks finished are kept: run the same command again once the "
-                            "folder can be written") from None
+                              f"{z0}..{z1 - 1} into {out_dir} ({err.strerror or err}); the "
+                              "chunks finished are kept: run the same command again once the "
+                              "folder can be written") from None
         raise _NotReached(f"{volume.source}: worker {name} cannot read or write slices "
-                        f"{z0}..{z1 - 1} ({err}); the workers need the inputs and --out at "
-                        "the same paths as the client") from None
+                          f"{z0}..{z1 - 1} ({err}); the workers need the inputs and --out at "
+                          "the same paths as the client") from None
 
 
 def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None,
