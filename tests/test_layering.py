@@ -61,3 +61,15 @@ def test_the_command_line_loads_torch_only_for_a_command_that_needs_it():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "False"  # `paser presets` in 0.2 s, not 1.3
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_naming_the_synthetic_set_loads_no_scipy():
+    # every run loaded names its synthetic set (registry.synthetic_root): scipy.ndimage,
+    # which only generating it needs, took 0.3 s of each `paser segment` start
+    code = ("import sys\nfrom paser.data.synthetic import generator_fingerprint\n"
+            "generator_fingerprint()\nprint('scipy.ndimage' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "False"

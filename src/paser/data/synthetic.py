@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 
 from paser.errors import ConfigError
 
@@ -197,6 +196,8 @@ def _difficulty(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _partial_volume(img: np.ndarray, factor: float) -> np.ndarray:
     """Box-average down-sampling by ``factor`` then linear up-sampling to the same shape."""
+    from scipy import ndimage as ndi
+
     h, w = img.shape
     small = ndi.zoom(ndi.uniform_filter(img, int(round(factor))), 1.0 / factor, order=1)
     return ndi.zoom(small, (h / small.shape[0], w / small.shape[1]), order=1)[:h, :w]
@@ -268,6 +269,10 @@ def _motif_textures(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarra
 
 def _render(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
     """Tomography-like uint8 image ``[H, W]`` of a label map, difficulty varying in space."""
+    # here, not at the top: every run loaded names its synthetic set by this module's
+    # generator_fingerprint, and scipy.ndimage took 0.3 s of each `paser segment` start
+    from scipy import ndimage as ndi
+
     p = PARAMS
     h, w = label.shape
     diff = _difficulty(rng, h, w)
