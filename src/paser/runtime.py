@@ -80,8 +80,8 @@ def keep_freed_memory(ignore: tuple[str, ...] = ()) -> bool:
 def release_freed_memory() -> None:
     """Give the pages glibc holds free back to the system (``malloc_trim``): with
     :func:`keep_freed_memory` the heap only grows, and a long loop of varying allocations
-    (a volume's routed patches) fragments it; called between chunks, it keeps memory
-    bounded at the cost of faulting those pages in again once. A no-op elsewhere."""
+    (a volume's routed patches) fragments it; called after each slice of a volume, it
+    keeps memory bounded at the cost of faulting those pages in again. A no-op elsewhere."""
     if not _applied:
         return
     try:
