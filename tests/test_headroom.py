@@ -192,18 +192,25 @@ def test_training_outcomes_hold_every_view_of_every_image(tmp_path):
         training_outcomes(cropped, router, data, torch.device("cpu"), mc_seed=0)
 
 
-def test_the_quality_target_is_the_best_single_model_not_the_last():
-    """A pool whose last model is its worst: f2 predicts a class that is never there, f1
-    reads the label off the input. The target must be f1's IoU, not f2's (which f0 alone
-    beats, so "f2's IoU" would send every patch to f0)."""
-
-    right = nn.Conv2d(1, 3, 1)  # reads the class from the input's value (0 or 0.5)
-    wrong = nn.Conv2d(1, 3, 3, padding=1)  # class 2 everywhere, and 9 x the FLOPs
+def _right_and_wrong() -> tuple[nn.Module, nn.Module]:
+    """A pool model that reads the class off the input's value (0 or 0.5), and one that
+    answers class 2 everywhere at 9 x its FLOPs."""
+    right = nn.Conv2d(1, 3, 1)
+    wrong = nn.Conv2d(1, 3, 3, padding=1)
     with torch.no_grad():
         right.weight.copy_(torch.tensor([0.0, 20.0, 0.0]).view(3, 1, 1, 1))
         right.bias.copy_(torch.tensor([0.0, -5.0, -100.0]))
         wrong.weight.zero_()
         wrong.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    return right, wrong
+
+
+def test_the_quality_target_is_the_best_single_model_not_the_last():
+    """A pool whose last model is its worst: f2 predicts a class that is never there, f1
+    reads the label off the input. The target must be f1's IoU, not f2's (which f0 alone
+    beats, so "f2's IoU" would send every patch to f0)."""
+
+    right, wrong = _right_and_wrong()
     grid = PatchGrid(2, 2)
     gen = torch.Generator().manual_seed(0)
     masks = torch.randint(0, 2, (6, 8, 8), generator=gen)
@@ -353,13 +360,7 @@ def test_a_quality_target_the_policys_routing_cannot_meet_says_so_and_what_to_as
     patch on f0, never by f1 (mIoU 1). Within 0.005 of 1 is out of reach; the best the
     routing gives is kept, and the target must say it was not met, by how much, and what to
     ask for instead."""
-    right = nn.Conv2d(1, 3, 1)  # reads the class from the input's value (0 or 0.5)
-    wrong = nn.Conv2d(1, 3, 3, padding=1)  # class 2 everywhere, and 9 x the FLOPs
-    with torch.no_grad():
-        right.weight.copy_(torch.tensor([0.0, 20.0, 0.0]).view(3, 1, 1, 1))
-        right.bias.copy_(torch.tensor([0.0, -5.0, -100.0]))
-        wrong.weight.zero_()
-        wrong.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    right, wrong = _right_and_wrong()
     masks = torch.zeros(2, 8, 8, dtype=torch.long)
     masks[:, :, 4:] = 1  # half class 0, half class 1, in every patch
     data = Tensors(masks[:, None].float() / 2, masks.byte(), ["a", "b"])

@@ -40,10 +40,7 @@ def test_loading_them_loads_nothing_of_training():
     code = ("import sys\n" + "".join(f"import {m}\n" for m in INFERENCE)
             + "print(sorted(m for m in sys.modules if m.startswith('paser.train')"
             + " or m == 'torchvision'))")  # (torchvision: 0.9 s of every start)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]"
+    assert _last_line(code) == "[]"
 
 
 def test_the_runtime_leaf_imports_only_the_errors():
@@ -53,14 +50,19 @@ def test_the_runtime_leaf_imports_only_the_errors():
     assert not {m for m in imported(SRC / "errors.py") if m.startswith("paser")}
 
 
+def _last_line(code: str) -> str:
+    """The last line ``code`` prints in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()[-1]
+
+
 @pytest.mark.slow  # a fresh interpreter
 def test_the_command_line_loads_torch_only_for_a_command_that_needs_it():
     code = ("import sys\nfrom paser import cli\nsys.argv = ['paser', 'presets']\n"
             "cli.entry()\nprint('torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[-1] == "False"  # `paser presets` in 0.2 s, not 1.3
+    assert _last_line(code) == "False"  # `paser presets` in 0.2 s, not 1.3
 
 
 @pytest.mark.slow  # a fresh interpreter
@@ -69,7 +71,4 @@ def test_naming_the_synthetic_set_loads_no_scipy():
     # which only generating it needs, took 0.3 s of each `paser segment` start
     code = ("import sys\nfrom paser.data.synthetic import generator_fingerprint\n"
             "generator_fingerprint()\nprint('scipy.ndimage' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[-1] == "False"
+    assert _last_line(code) == "False"

@@ -110,17 +110,13 @@ def data_check(
     if lost:
         typer.echo(f"{len(lost)} mask{'s have' if len(lost) > 1 else ' has'} no image of "
                    f"the same name and {'are' if len(lost) > 1 else 'is'} not used: "
-                   + ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3
-                                            else "")
-                   + " (an image missing, or named otherwise: images/NAME.* pairs with "
+                   + _first_files(lost) + " (an image missing, or named otherwise: images/NAME.* pairs with "
                    "masks/NAME.*)")
     nested = r["nested_images"]
     if nested:
         typer.echo(f"{len(nested)} image{'s' if len(nested) > 1 else ''} in sub-folders of "
                    f"images/ {'are' if len(nested) > 1 else 'is'} not read: "
-                   + ", ".join(nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3
-                                              else "")
-                   + " (a folder dataset reads the files of images/ itself, each with the "
+                   + _first_files(nested) + " (a folder dataset reads the files of images/ itself, each with the "
                    "mask of its name in masks/: move them there to train on them)")
     skipped = skipped_note([Path(f) for f in r["unread_images"]])
     if skipped:
@@ -131,6 +127,11 @@ def data_check(
     # matches found"; a plain word stays as it is
     typer.echo("suggested (median frequency balancing): " + " ".join(
         map(shlex.quote, r["suggested_overrides"])))
+
+
+def _first_files(paths: list[str]) -> str:
+    """Files for a line of text: the first three, and how many more."""
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _listed(slices: list[int]) -> str:
