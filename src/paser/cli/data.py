@@ -110,14 +110,15 @@ def data_check(
     if lost:
         typer.echo(f"{len(lost)} mask{'s have' if len(lost) > 1 else ' has'} no image of "
                    f"the same name and {'are' if len(lost) > 1 else 'is'} not used: "
-                   + _first_files(lost) + " (an image missing, or named otherwise: images/NAME.* pairs with "
-                   "masks/NAME.*)")
+                   + _first_files(lost) + " (an image missing, or named otherwise: "
+                   "images/NAME.* pairs with masks/NAME.*)")
     nested = r["nested_images"]
     if nested:
         typer.echo(f"{len(nested)} image{'s' if len(nested) > 1 else ''} in sub-folders of "
                    f"images/ {'are' if len(nested) > 1 else 'is'} not read: "
-                   + _first_files(nested) + " (a folder dataset reads the files of images/ itself, each with the "
-                   "mask of its name in masks/: move them there to train on them)")
+                   + _first_files(nested) + " (a folder dataset reads the files of images/ "
+                   "itself, each with the mask of its name in masks/: move them there to "
+                   "train on them)")
     skipped = skipped_note([Path(f) for f in r["unread_images"]])
     if skipped:
         typer.echo(f"{skipped}; training goes on without them")
