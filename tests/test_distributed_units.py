@@ -158,3 +158,66 @@ def test_class_weighted_loss_of_unequal_shares_averages_to_the_batch_loss():
 
     assert torch.allclose(grad(averaged), whole, atol=1e-7)
     assert masked_ce(logits, y, weight, Dist(torch.device("cpu"))) == masked_ce(logits, y, weight)
+
+
+class Recording:
+    """Fabric as rank ``rank`` of 2 sees it in stage 2's loop: rank 0 records the generator
+    states it broadcasts, rank 1 gets them back in the same order; sums and gradients are
+    the process's own (what crosses processes here is the generator)."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, sent: list[torch.Tensor]):
+        self.global_rank, self.sent = rank, sent
+
+    def broadcast(self, obj, src=0):
+        if self.global_rank == 0:
+            self.sent.append(obj.clone())
+            return obj
+        return self.sent.pop(0)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def all_reduce(self, value, reduce_op="sum"):
+        return value
+
+
+def test_stage2_walks_one_batch_order_in_every_process_epoch_after_epoch():
+    """Stage 2's exploration draws rank 0's numbers in every process (Dist.same_draws), which
+    moves rank 0's generator on and leaves the others' where they were: the next epoch's
+    batch order, drawn outside it, then differed (an image trained twice, another not at all)."""
+    from torch import nn
+
+    from paser.train.policy import policy_epoch
+
+    n, patches, actions = 6, 4, 3
+    states = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2)
+    patch_iou = torch.rand(n, patches, actions, generator=torch.Generator().manual_seed(0))
+
+    class Policy(nn.Module):  # logits [b, P, K+1]; records the images each process trains
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, patches * actions)
+            self.seen: list[int] = []
+
+        def forward(self, x):
+            self.seen += x[:, 0, 0, 0].long().tolist()
+            return self.head(x.flatten(1)).view(len(x), patches, actions)
+
+    sent: list[torch.Tensor] = []
+    seen = []
+    for rank in (0, 1):  # each process seeded alike, as Fabric's processes are
+        torch.manual_seed(0)
+        policy = Policy()
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        dist = Dist(torch.device("cpu"), Recording(rank, sent))
+        epochs = []
+        for _ in range(3):
+            policy.seen = []
+            policy_epoch(policy, opt, states, patch_iou, torch.tensor([0.0, 0.3, 0.7]), 0.1,
+                         0.5, 2, dist)
+            epochs.append(policy.seen)
+        seen.append(epochs)
+    for epoch in range(3):  # each batch of 2 split 1 + 1: every image once an epoch
+        assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(n)), epoch

@@ -97,7 +97,9 @@ class Dist:
         from it, so after one batch of stage 3 the generators were no longer alike: the
         processes walked different orders (an image taken twice in an epoch, another not
         at all) and explored with different coins. Rank 0's generator goes on as drawn;
-        the others' are left as they were, for their own draws."""
+        the others' are left as they were, for their own draws: after a block the
+        generators differ, so every later draw that must be alike is in one too (stage 2's
+        batch order after its exploration)."""
         if self.world == 1:
             yield
             return

@@ -117,7 +117,9 @@ def policy_epoch(policy: torch.nn.Module, opt: torch.optim.Optimizer, states: to
     device = patch_iou.device
     dist = dist or Dist(device)
     policy.train()
-    order = torch.randperm(len(states))
+    # as rank 0 draws it: explore's draws moved rank 0's generator on and no other's
+    with dist.same_draws():
+        order = torch.randperm(len(states))
     sums = torch.zeros(3, dtype=torch.float64)
     counts = torch.zeros(patch_iou.shape[-1], dtype=torch.float64)
     for i in range(0, len(states), batch_size):
