@@ -435,3 +435,20 @@ def test_previews_asked_for_over_a_folder_made_without_them_are_made(setup):
     assert [r.resumed for r in segment_files(m, files, tmp / "out")] == [True] * 5
     assert [r.resumed for r in segment_files(m, files, tmp / "out", previews=False)] == [True] * 5
     assert _outputs(tmp / "out") == _outputs(tmp / "whole")
+
+
+def test_a_folder_that_recorded_no_engine_is_not_said_to_be_torchs(tmp_path):
+    """A folder made before the engine was recorded may be onnxruntime's: resumed with
+    --engine onnxruntime, it is refused (which engine made it is not known), but not with
+    'torch there', which its user knows to be wrong."""
+    from paser.segment import claim_output
+
+    settings = {"run": "/runs/demo", "models": "m", "policy": "p", "calibration_bias": None,
+                "only": None, "intensity": {}, "mc_samples": 1}
+    claim_output(tmp_path, settings, False, [])  # as a paser of before made it, either engine
+    with pytest.raises(DataError, match=r"\(--engine: torch or not recorded \(a paser before "
+                       r"2026-12-07\) there, onnxruntime now\)"):
+        claim_output(tmp_path, {**settings, "engine": "onnxruntime"}, False, [])
+    claim_output(tmp_path, {**settings, "engine": "onnxruntime"}, True, [])  # recorded now
+    with pytest.raises(DataError, match=r"\(--engine: onnxruntime there, torch now\)"):
+        claim_output(tmp_path, settings, False, [])

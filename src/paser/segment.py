@@ -504,16 +504,22 @@ def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
 
 
 #: a folder's settings by the names a user gives them (``paser segment``'s options), and
-#: what an unset one means, for the refusal of a folder made with other settings
+#: what an unset one means (and, third, what one unset there may also be), for the refusal
+#: of a folder made with other settings
 SETTING_NAMES = {"only": ("--model", "routed"), "cap_gflops_per_mp": ("--max-gflops-per-mp", "none"),
                  "calibration_bias": ("calibration", "none"), "mc_samples": ("Monte Carlo samples", None),
-                 "intensity": ("intensity window", None), "engine": ("--engine", "torch")}
+                 "intensity": ("intensity window", None),
+                 # a folder of before 2026-12-07 recorded no engine, onnxruntime's neither
+                 "engine": ("--engine", "torch", "torch or not recorded (a paser before "
+                            "2026-12-07)")}
 
 
 def _differs(key: str, before, now) -> str:
     """``key: <before> there, <now> now``, in the user's words (:data:`SETTING_NAMES`)."""
-    name, unset = SETTING_NAMES.get(key, (key, None))
+    name, unset, *there = SETTING_NAMES.get(key, (key, None))
     shown = [unset if v is None and unset is not None else v for v in (before, now)]
+    if before is None and there:  # what an unset value there may also be
+        shown[0] = there[0]
     return f"{name}: {shown[0]} there, {shown[1]} now"
 
 
