@@ -655,6 +655,18 @@ def test_a_label_volume_of_three_or_four_slices_saved_as_one_colour_page_is_name
                        rf".*v.tif \(.*v.tif {re.escape(note)}\)"):
         VolumeSlices(tmp_path, "v.tif", "l.tif", {"train": (0, 1), "test": (1, 2)}, "test")
 
+
+def test_a_slice_range_past_the_end_says_where_ranges_may_end(tmp_path):
+    from paser.data.slices import VolumeSlices
+
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\nignore: null\n")
+    stack = np.zeros((5, 16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "v.tif", stack, photometric="minisblack")
+    with pytest.raises(DataError, match=r"^data.slices.test: \[4, 9\) is not a range of the 5 "
+                       r"slices of .*v.tif \(a range \[start, end\) runs from 0 to at most 5, "
+                       r"start before end\)$"):
+        VolumeSlices(tmp_path, "v.tif", "v.tif", {"train": (0, 4), "test": (4, 9)}, "test")
+
 def test_an_intensity_window_is_fitted_on_at_most_64_images_spread_over_all():
     from paser.data.images import spread
 

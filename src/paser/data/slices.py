@@ -111,7 +111,9 @@ class VolumeSlices:
         if not 0 <= z0 < z1 <= self.volume.depth:
             raise DataError(f"data.slices.{split}: [{z0}, {z1}) is not a range of the "
                             f"{self.volume.depth} slices of {self.volume.source}"
-                            + _planes_note(self.volume))
+                            + (_planes_note(self.volume) or (
+                                f" (a range [start, end) runs from 0 to at most "
+                                f"{self.volume.depth}, start before end)")))
         self.z, self.uniform, problems = self._labelled(z0, z1)
         if not self.z and not problems:
             raise DataError(f"{self.labels.source}: no labelled slice in {split}'s range "
