@@ -165,6 +165,13 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
         f"{tmp / 'out'} holds the outputs of another run (--run-dir {tmp / 'run'} there, "
         f"{tmp / 'elsewhere'} now; they differ in weights); give another --out, or "
         "--overwrite to start over")
+    m.run_dir = tmp / "run"  # the folder that made it, trained again: not 'another run'
+    with pytest.raises(DataError) as caught:
+        segment_files(m, files[:2], tmp / "out", only=1)
+    assert str(caught.value) == (
+        f"{tmp / 'out'} holds the outputs of this run before it was trained again (--run-dir "
+        f"{tmp / 'run'}; it differs in weights); give another --out, or --overwrite to start "
+        "over")
     # outputs with no manifest (an older paser's folder): not taken over, not resumed
     (tmp / "out" / MANIFEST).unlink()
     with pytest.raises(DataError, match=r"holds paser's outputs \(.*\.json and more\) but "
