@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from paser.train.distributed import Dist
@@ -221,3 +222,47 @@ def test_stage2_walks_one_batch_order_in_every_process_epoch_after_epoch():
         seen.append(epochs)
     for epoch in range(3):  # each batch of 2 split 1 + 1: every image once an epoch
         assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(n)), epoch
+
+
+def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
+    """Rank 1 fails (its own error, one line); rank 0's next collective then fails with
+    gloo's "Connection closed by peer": that is one line too, pointing at the error above,
+    not a traceback of 150 lines. Outside a process group of several, a RuntimeError is
+    not taken for it."""
+    import signal
+    import sys
+    import types
+
+    import paser.cli
+
+    class Backend(RuntimeError):
+        pass
+
+    group = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
+                                  get_world_size=lambda: 2, DistBackendError=Backend)
+    monkeypatch.setitem(sys.modules, "torch.distributed", group)
+    gone = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:59527. This is "
+                        "typically caused by a remote worker crashing.\nmore")
+    assert paser.cli._peer_stopped(gone) and paser.cli._peer_stopped(Backend("NCCL aborted"))
+    assert not paser.cli._peer_stopped(RuntimeError("shapes do not match"))
+    group.get_world_size = lambda: 1
+    assert not paser.cli._peer_stopped(gone)
+    group.get_world_size = lambda: 2
+
+    def app(**_):
+        raise gone
+
+    monkeypatch.setattr(paser.cli, "app", app)
+    monkeypatch.setattr(sys, "argv", ["paser", "pretrain"])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            paser.cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: another process of this distributed training stopped, so this one stops too; "
+        "its error is above (the connection to it: [pair.cc:561] Connection closed by peer "
+        "[127.0.0.1]:59527. This is typically caused by a remote worker crashing.; --debug "
+        "shows this process's traceback)\n")

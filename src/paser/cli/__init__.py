@@ -197,4 +197,26 @@ def main() -> None:
         if callable(show) and isinstance(code, int):
             show()
             sys.exit(code)
+        if _peer_stopped(err) and not state["debug"]:
+            typer.echo("error: another process of this distributed training stopped, so this "
+                       "one stops too; its error is above (the connection to it: "
+                       f"{str(err).splitlines()[0][:200]}; --debug shows this process's "
+                       "traceback)", err=True)
+            sys.exit(1)
         raise
+
+
+def _peer_stopped(err: Exception) -> bool:
+    """Whether ``err`` is this process's collective failing because another process of its
+    distributed training ended (its own error, one line, is what the user needs): gloo's
+    "Connection closed by peer", or a backend error (NCCL), in an initialised process group
+    of several processes."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    if dist.get_world_size() < 2:
+        return False
+    backend = getattr(dist, "DistBackendError", ())
+    text = str(err)
+    return isinstance(err, backend) or (isinstance(err, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer")))
