@@ -539,7 +539,8 @@ def test_a_volume_with_bad_voxels_leaves_no_half_output(setup):
     assert not (tmp / "out" / ".nan.parts").exists()
 
 
-def test_a_reconstruction_written_as_nan_outside_its_circle_has_that_field_of_view(setup):
+def test_a_reconstruction_written_as_nan_outside_its_circle_has_that_field_of_view(setup,
+                                                                                 capsys):
     """NaN outside the circle, read by a run that fills non-finite voxels (data.nonfinite
     fill): the outside is found as for a finite fill, left out of the class counts, and the
     record says NaN as text (JSON has no NaN)."""
@@ -562,6 +563,12 @@ def test_a_reconstruction_written_as_nan_outside_its_circle_has_that_field_of_vi
         [n / sum(inside) for n in inside])
     json.loads((tmp / "out" / "nanfov.json").read_text(),
                parse_constant=lambda c: pytest.fail(f"{c} in the record"))
+    from paser.cli.deploy import _volume_lines
+
+    capsys.readouterr()
+    _volume_lines([res], tmp / "out")
+    assert (f"{fov['share_outside']:.1%} of the voxels lie outside the field of view (at the "
+            "fill nan on every slice, joined to the border)") in capsys.readouterr().out
 
 
 def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
@@ -1208,7 +1215,7 @@ def test_the_bar_hears_each_chunk_of_its_volume_and_when_the_labels_are_written(
         (8, 8 * plane, "z")] * 3  # zarr labels are whole as the chunks go: nothing to put together
 
 
-def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup):
+def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup, capsys):
     """A reconstruction written as -1000 outside its circle: the fill, found at the corners
     of slices spread through it, and the pixels at it on every one of them joined to the
     border are kept with the parts and left out of the class counts (a pore inside at the
@@ -1236,6 +1243,11 @@ def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup):
     assert list(res.record["class_fractions"].values()) == pytest.approx(
         [n / sum(inside) for n in inside])
     assert res.record["slices"][3]["outside_voxels"] == int(outside.sum())
+    from paser.cli.deploy import _volume_lines
+
+    capsys.readouterr()
+    _volume_lines([res], tmp / "out")
+    assert "(at the fill -1000 on every slice, joined to the border)" in capsys.readouterr().out
     # the same voxels with data in a corner of one slice: no fill, every voxel counted
     recon[0, 0, 0] = 0.5
     tifffile.imwrite(tmp / "corner.tif", recon, photometric="minisblack")

@@ -562,13 +562,13 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
             if other == "another run":  # its path says which; digests of weights do not
                 what = [SETTING_NAMES.get(k, ({"models": "weights"}.get(k, k),))[0]
                         for k in differ if k != "run"]
-                if before.get("run") == settings.get("run"):  # one folder, trained again
+                again = before.get("run") == settings.get("run")  # one folder, retrained
+                if again:
                     other = "this run before it was trained again"
-                    said = (f"--run-dir {before.get('run')}"
-                            + (f"; it differs in {', '.join(what)}" if what else ""))
-                else:
-                    said = (f"--run-dir {before.get('run')} there, {settings.get('run')} now"
-                            + (f"; they differ in {', '.join(what)}" if what else ""))
+                said = (f"--run-dir {before.get('run')}"
+                        + ("" if again else f" there, {settings.get('run')} now")
+                        + (f"; {'it differs' if again else 'they differ'} in "
+                           f"{', '.join(what)}" if what else ""))
             else:
                 said = ", ".join(_differs(k, before.get(k), settings.get(k)) for k in differ)
             raise DataError(

@@ -768,8 +768,8 @@ def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
     inside = sum(sum(r["class_voxels"]) for r in records)
     return {"field_of_view": {
         # NaN as text: JSON has no NaN, and a reader other than Python's refuses the file
-        "fill": fill if np.isfinite(fill) else str(fill), "outside_voxels": outside, "share_outside": outside / max(
-            outside + inside, 1),
+        "fill": fill if np.isfinite(fill) else str(fill), "outside_voxels": outside,
+        "share_outside": outside / max(outside + inside, 1),
         "says": "voxels at this value where 16 slices spread through the volume all hold "
                 "it, joined to the border, lie outside the scan's field of view: the class "
                 "fractions and volumes count the voxels inside it (the labels outside are "

@@ -493,8 +493,9 @@ def _volume_lines(results, out: Path) -> None:
                        "carried by the labels")
         if "field_of_view" in rec:
             fov = rec["field_of_view"]
+            fill = fov["fill"] if isinstance(fov["fill"], str) else f"{fov['fill']:g}"  # "nan"
             typer.echo(f"  {fov['share_outside']:.1%} of the voxels lie outside the field of "
-                       f"view (at the fill {fov['fill']:{'' if isinstance(fov['fill'], str) else 'g'}} on every slice, joined to the border), "
+                       f"view (at the fill {fill} on every slice, joined to the border), "
                        "left out of the class fractions: " + ", ".join(
                            f"{k} {v:.3f}" for k, v in rec["class_fractions"].items()))
         if "run_window" in rec.get("intensity", {}):
