@@ -136,3 +136,15 @@ def test_synthetic_root_depends_on_the_spec(tmp_path):
     a = synthetic_root(load_config(overrides=[f"data.cache_dir={tmp_path}"]).data)
     b = load_config(overrides=[f"data.cache_dir={tmp_path}", "data.synthetic.seed=1"])
     assert a.parent == tmp_path and a != synthetic_root(b.data)
+
+
+def test_reference_names_the_type_and_limits_of_constrained_items():
+    """A constrained item type (a class weight >= 0, an alpha in [0, 1]) reads as a YAML
+    writer would give it, not as Python's `Annotated`."""
+    from paser.config import reference
+
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1]
+            for line in reference().splitlines() if line.startswith("| `")}
+    assert rows["stage1.class_weights"] == "list of float (>= 0) or null"
+    assert rows["stage2.alpha"] == "[float (>= 0, <= 1), float (>= 0, <= 1)]"
+    assert "Annotated" not in reference()

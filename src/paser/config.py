@@ -854,6 +854,9 @@ def _ref_type(annotation: Any, shared: dict) -> str:
     import typing
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # a constrained item (a class weight, an alpha): its type and limits
+        limits = _ref_limits([c for a in args[1:] for c in getattr(a, "metadata", [a])])
+        return _ref_type(args[0], shared) + (f" ({', '.join(limits)})" if limits else "")
     if origin is Literal:
         return " / ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -879,14 +882,19 @@ def _ref_type(annotation: Any, shared: dict) -> str:
 
 def _ref_bounds(field: Any) -> str:
     """A field's limits (``ge=1``, ``min_length=1``) as ``, >= 1``, ``, at least 1 item``."""
+    return "".join(f", {s}" for s in _ref_limits(field.metadata))
+
+
+def _ref_limits(metadata: list) -> list[str]:
+    """Constraints (``Ge(ge=1)``, ``MinLen(min_length=1)``) as ``>= 1``, ``at least 1 item``."""
     said = []
-    for c in field.metadata:
+    for c in metadata:
         for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if getattr(c, attr, None) is not None:
                 said.append(f"{sign} {getattr(c, attr)}")
         if getattr(c, "min_length", None):
             said.append(f"at least {c.min_length} item{'s' if c.min_length > 1 else ''}")
-    return "".join(f", {s}" for s in said)
+    return said
 
 
 def _ref_yaml(value: Any) -> str:
