@@ -14,7 +14,8 @@ def test_unknown_key_is_one_line_naming_the_key(tmp_path):
                 "stage1.epoch=3")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "error: preset battery-quick with overrides: unknown key 'stage1.epoch'; check its spelling"]
+        "error: preset battery-quick with overrides: unknown key 'stage1.epoch'; did you mean "
+        "'stage1.epochs'?"]
     assert "Traceback" not in res.stderr
 
 

@@ -103,6 +103,30 @@ def test_bad_values_name_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("stage1.epoch=3", "unknown key 'stage1.epoch'; did you mean 'stage1.epochs'?"),
+        ("stag1.epochs=3", "unknown key 'stag1'; did you mean 'stage1'?"),
+        ("stage2.lamda=0.3", "unknown key 'stage2.lamda'; did you mean 'stage2.lam'?"),
+        ("models.pool.1.nme=unet", "unknown key 'models.pool.1.nme'; did you mean "
+         "'models.pool.1.name'?"),
+        ("data.mnist.sorce=idx", "unknown key 'data.mnist.sorce'; did you mean "
+         "'data.mnist.source'?"),
+        ("stage1.lam=0.2", "unknown key 'stage1.lam'; did you mean 'stage2.lam' or "
+         "'stage3.lam'?"),
+        ("epochs=3", "unknown key 'epochs'; did you mean 'models.f0.epochs', 'stage1.epochs', "
+         "'stage2.epochs' or 'stage3.epochs'?"),
+        ("training.epochs=3", "unknown key 'training'; check its spelling (`paser config "
+         "--doc` lists every key)"),
+    ],
+)
+def test_an_unknown_key_names_the_key_it_is_a_typo_of(override, said):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="battery-quick", overrides=[override])
+    assert str(err.value) == f"preset battery-quick with overrides: {said}"
+
+
 def test_a_patch_in_pixels_sets_the_tile_the_run_routes_at(tmp_path):
     cfg = load_config(preset="battery-quick", overrides=["patch=[64, 48]", "grid=[4, 2]"])
     assert cfg.data.tile == (256, 96) and cfg.patch == (64, 48)

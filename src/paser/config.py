@@ -601,6 +601,54 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node[index]
 
 
+def _section_keys(loc: tuple) -> list[str]:
+    """The keys of the section that holds the key at ``loc`` (a validation error's path:
+    ``("models", "pool", 0, "nme")`` is in a model spec); ``[]`` where it is not in one."""
+    model: type[BaseModel] = ExperimentConfig
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(parts.pop(0))
+        inner = [] if field is None else _ref_models(field.annotation)
+        if not inner:
+            return []
+        model = inner[0]
+        if not _ref_is_section(field.annotation) and parts:  # a list's index, a mapping's key
+            parts.pop(0)
+    return list(model.model_fields)
+
+
+def _dotted_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every key of the config's sections, dotted (``stage2.lam``, ``models.f0.epochs``);
+    not those inside lists and mappings (``models.pool.0.epochs``)."""
+    model = model or ExperimentConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        inner = _ref_models(field.annotation)
+        if len(inner) == 1 and _ref_is_section(field.annotation):
+            keys += _dotted_keys(inner[0], f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    """What to say of an unknown key: the key of its section that it is a misspelling of
+    (``stage1.epoch``: ``epochs``), else the keys of that name in other sections
+    (``stage1.lam``: ``stage2.lam`` or ``stage3.lam``), else where the keys are listed."""
+    import difflib
+
+    name, parent = str(loc[-1]), ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(name, _section_keys(loc), n=1, cutoff=0.7)
+    if close:
+        return f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+    elsewhere = [k for k in _dotted_keys() if k.rsplit(".", 1)[-1] == name]
+    if elsewhere:
+        quoted = [f"'{k}'" for k in elsewhere]
+        return ("did you mean " + (" or ".join(quoted) if len(quoted) < 3 else
+                                   ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?")
+    return "check its spelling (`paser config --doc` lists every key)"
+
+
 def validate(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
     """Build the typed config; the first problem is reported with its dotted key."""
     try:
@@ -609,7 +657,8 @@ def validate(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] == "extra_forbidden":
-            raise ConfigError(f"{where}: unknown key '{key}'; check its spelling") from None
+            raise ConfigError(f"{where}: unknown key '{key}'; "
+                              f"{_unknown_key_hint(first['loc'])}") from None
         msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if not first["loc"]:  # a check across keys: its message names them
             raise ConfigError(f"{where}: {msg}") from None
