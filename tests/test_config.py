@@ -172,3 +172,20 @@ def test_reference_names_the_type_and_limits_of_constrained_items():
     assert rows["stage1.class_weights"] == "list of float (>= 0) or null"
     assert rows["stage2.alpha"] == "[float (>= 0, <= 1), float (>= 0, <= 1)]"
     assert "Annotated" not in reference()
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_not_dropped(tmp_path):
+    # PyYAML keeps the last of two equal keys: the second stage1 section dropped epochs 3
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1:\n  epochs: 3\nstage2:\n  lam: 0.2\nstage1:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file=path)
+    assert str(err.value) == (
+        f"{path}: not valid YAML at line 5, column 1: key 'stage1' is given a second time in "
+        "its mapping (first at line 1), which would replace the first; fix the file")
+    path.write_text("stage1: {epochs: 3, lr: 0.001, epochs: 4}\n")  # in a flow mapping too
+    with pytest.raises(ConfigError, match="line 1, column 32: key 'epochs' is given a second "
+                       r"time in its mapping \(first at line 1\)"):
+        load_config(config_file=path)
+    path.write_text("stage1: {epochs: 3}\nstage2: {epochs: 3}\n")  # equal keys, two mappings
+    assert load_config(config_file=path).stage2.epochs == 3

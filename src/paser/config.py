@@ -523,9 +523,34 @@ def list_presets() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping, which PyYAML takes
+    silently, the last one winning: a second ``stage1:`` section would drop every key of
+    the first (YAML itself asks mapping keys to be unique)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # (<<: keys a mapping's own keys may override)
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line
+                try:
+                    first = lines.get(key)
+                except TypeError:
+                    continue  # an unhashable key: the loader's own error says so
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given a second time in its mapping "
+                        f"(first at line {first + 1}), which would replace the first",
+                        key_node.start_mark)
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
