@@ -189,3 +189,19 @@ def test_a_key_given_twice_in_a_config_file_is_refused_not_dropped(tmp_path):
         load_config(config_file=path)
     path.write_text("stage1: {epochs: 3}\nstage2: {epochs: 3}\n")  # equal keys, two mappings
     assert load_config(config_file=path).stage2.epochs == 3
+
+
+def test_an_ensemble_policy_with_reinforce_is_refused_before_stage_1_trains():
+    # battery-quick's pooled router averages 5 members; REINFORCE samples from one policy,
+    # which stage 2 refused once the whole of stage 1 had trained
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="battery-quick", overrides=["stage2.objective=reinforce"])
+    assert str(err.value) == (
+        "preset battery-quick with overrides: stage2.members 5: an ensemble trains with full "
+        "information (stage2.objective gain or expected); set stage2.members=1 for reinforce")
+    one = load_config(preset="battery-quick", overrides=["stage2.objective=reinforce",
+                                                         "stage2.members=1"])
+    assert (one.stage2.policy, one.stage2.members) == ("pooled", 1)
+    cnn = load_config(preset="battery-quick", overrides=["stage2.objective=reinforce",
+                                                         "stage2.policy=cnn"])
+    assert cnn.stage2.members == 5  # (the cnn policy has no members: nothing to refuse)

@@ -19,7 +19,7 @@ from paser import data
 from paser.config import ExperimentConfig, ModelSpec, load_config
 from paser.data.folders import ClassMap
 from paser.data.registry import found_from
-from paser.errors import CheckpointError, ConfigError, DataError
+from paser.errors import CheckpointError, DataError
 from paser.models import PooledPolicy, RoutingPolicy, create_model
 from paser.models.registry import Resized, load_weights, timm_encoder
 from paser.patches import PatchGrid
@@ -148,11 +148,7 @@ def make_policy(cfg: ExperimentConfig, num_models: int) -> RoutingPolicy | Poole
     rows, cols = cfg.grid
     s2 = cfg.stage2
     channels = state_channels(s2.state, cfg.models.in_channels, cfg.models.num_classes)
-    if s2.policy == "pooled":
-        if s2.members > 1 and s2.objective == "reinforce":
-            raise ConfigError("key 'stage2.members': an ensemble trains with full information "
-                              "(stage2.objective gain or expected); set members=1 for "
-                              "reinforce")
+    if s2.policy == "pooled":  # (members > 1 with reinforce: refused by the config)
         return PooledPolicy(cfg.grid, num_models, channels, s2.hidden,
                             gain_head=s2.objective == "gain", members=s2.members)
     return RoutingPolicy(rows * cols, num_models, in_channels=channels, head=s2.head,

@@ -481,6 +481,16 @@ class ExperimentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _ensemble_with_full_information(self) -> ExperimentConfig:
+        # (checked here, not when stage 2 builds the policy: that is after all of stage 1)
+        s2 = self.stage2
+        if s2.policy == "pooled" and s2.members > 1 and s2.objective == "reinforce":
+            raise ValueError(f"stage2.members {s2.members}: an ensemble trains with full "
+                             "information (stage2.objective gain or expected); set "
+                             "stage2.members=1 for reinforce")
+        return self
+
+    @model_validator(mode="after")
     def _one_deterministic_pass(self) -> ExperimentConfig:
         if self.mc_dropout == "none" and self.mc_samples != 1:
             raise ValueError(f"mc_dropout none runs one deterministic pass of f0, but "
