@@ -273,6 +273,23 @@ def test_a_bad_baseline_name_fails_before_any_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key", ["stage3.tvd_threshold=0.05", "stage3.tvd_sweep=[0, 0.05]"])
+def test_a_tvd_budget_on_a_full_information_policy_fails_before_any_training(key, tmp_path):
+    from paser.errors import ConfigError
+
+    # battery-quick's router regresses gains: stage 3 refused the budget after stages 1, 2
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY_DATA, f"data.cache_dir={tmp_path / 'c'}", "stage2.train_on=rl",
+        "stage3.epochs=1", key])
+    with pytest.raises(ConfigError) as err:
+        run(cfg, tmp_path / "run", show_progress=False, echo=lambda line: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert str(err.value) == (
+        f"key '{key.split('=')[0]}': the TVD budget fine-tunes a REINFORCE policy "
+        "(stage2.objective=reinforce); a full-information policy meets a budget by "
+        "calibration (operating_point.max_tvd)")
+
+
 @pytest.mark.slow
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(job):
     run_dir, cfg, results, _ = job

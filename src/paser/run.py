@@ -472,12 +472,13 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.data import describe, load_stage_data
     from paser.data.identity import data_identity, read_identity, record_identity
     from paser.experiments.main import evaluate_all
-    from paser.train.finetune import finetune, tvd_sweep
+    from paser.train.finetune import finetune, refuse_tvd_without_reinforce, tvd_sweep
     from paser.train.paper import paper_config, train_paper
     from paser.train.policy import train_policy
     from paser.train.pretrain import pretrain
 
     build_every_model(cfg)
+    refuse_tvd_without_reinforce(cfg, cfg.stage3)  # (stage 3 would, after stages 1 and 2)
     if cfg.distributed.devices * cfg.distributed.num_nodes > 1:
         echo("paser run trains in one process (devices, nodes and strategy ignored; the "
              "precision kept): for "

@@ -43,6 +43,21 @@ from paser.train.distributed import Dist, launch
 from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
 
+def refuse_tvd_without_reinforce(cfg: ExperimentConfig, s3: Stage3Config) -> None:
+    """A TVD budget (``stage3.tvd_threshold``, or the thresholds of ``stage3.tvd_sweep``)
+    fine-tunes a REINFORCE policy: refused for a full-information one (by ``paser run``
+    before stage 1 trains; not by the config, whose full-information variants in the
+    ablation keep a REINFORCE run's stage-3 keys)."""
+    if cfg.stage2.objective == "reinforce":
+        return
+    key = ("stage3.tvd_threshold" if s3.tvd_threshold is not None else
+           "stage3.tvd_sweep" if s3.tvd_sweep else None)
+    if key is not None:
+        raise ConfigError(f"key '{key}': the TVD budget fine-tunes a REINFORCE policy "
+                          "(stage2.objective=reinforce); a full-information policy meets a "
+                          "budget by calibration (operating_point.max_tvd)")
+
+
 def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = False,
              show_progress: bool = True, variant: tuple[Path, Stage3Config] | None = None,
              data: StageData | None = None) -> dict:
@@ -75,10 +90,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     start, best, stopped = 0, -float("inf"), False
     lam_fixed = cfg.stage2.lam if s3.lam is None else s3.lam
     objective = cfg.stage2.objective
-    if objective != "reinforce" and s3.tvd_threshold is not None:
-        raise ConfigError("key 'stage3.tvd_threshold': the TVD budget fine-tunes a REINFORCE "
-                          "policy (stage2.objective=reinforce); a full-information policy "
-                          "meets a budget by calibration (operating_point)")
+    refuse_tvd_without_reinforce(cfg, s3)
     reference = evaluate_router(router, data.validation, ncls, batch)["fractions"]
     state = resume_state(last_path, resume, device,
                          {"policy": policy, "pool": list(pool), "optimizers": list(opts)})
