@@ -205,3 +205,19 @@ def test_an_ensemble_policy_with_reinforce_is_refused_before_stage_1_trains():
     cnn = load_config(preset="battery-quick", overrides=["stage2.objective=reinforce",
                                                          "stage2.policy=cnn"])
     assert cnn.stage2.members == 5  # (the cnn policy has no members: nothing to refuse)
+
+
+def test_an_override_into_a_section_the_config_leaves_null_says_it_is_null():
+    # mnist-noisy has no MatPhase: the override was 'inside a value, not a section'
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="mnist-noisy", overrides=["baselines.matphase.fusion_channels=4"])
+    assert str(err.value) == (
+        "override 'baselines.matphase.fusion_channels=4': baselines.matphase is null in this "
+        "config, so it has no 'fusion_channels' to set; give it whole: baselines.matphase={...}"
+        " (`paser config --doc` lists its keys)")
+    with pytest.raises(ConfigError, match=r"^override 'data.synthetic.n_train.x=3': "
+                       r"data.synthetic.n_train is a value \(240\), not a section with a 'x'$"):
+        load_config(preset="battery-quick", overrides=["data.synthetic.n_train.x=3"])
+    given = load_config(preset="mnist-noisy", overrides=[
+        "baselines.matphase={members: [{name: unet_tiny}]}", "baselines.matphase.fusion_channels=4"])
+    assert given.baselines.matphase.fusion_channels == 4

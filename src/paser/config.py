@@ -626,8 +626,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             index: Any = int(part)
         elif isinstance(node, dict):
             index = part
+        elif node is None:  # a section the config leaves out (baselines.matphase: null)
+            whole = ".".join(parts[:depth])
+            raise ConfigError(f"override '{item}': {whole} is null in this config, so it "
+                              f"has no '{part}' to set; give it whole: {whole}={{...}} "
+                              "(`paser config --doc` lists its keys)")
         else:
-            raise ConfigError(f"override '{item}': '{part}' is inside a value, not a section")
+            raise ConfigError(f"override '{item}': {'.'.join(parts[:depth])} is a value "
+                              f"({node!r}), not a section with a '{part}'")
         if depth == len(parts) - 1:
             node[index] = parsed
             return
