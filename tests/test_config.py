@@ -88,6 +88,10 @@ def test_an_override_given_to_every_model_as_well_is_not_named_again():
         ("data.split=[0.5, 0.5, 0.5]", "key 'data.split'"),
         ("noequals", "expected key=value"),
         ("=5", "expected key=value"),
+        ("stage1..epochs=5", "override 'stage1..epochs=5': 'stage1..epochs' has an empty name "
+         "between its dots; a key is dotted names, e.g. stage2.epochs=5"),
+        (".=5", "'.' has an empty name between its dots"),  # was: unknown key '(top level)'
+        ("stage1.epochs.=5", "'stage1.epochs.' has an empty name between its dots"),
         ("data.split=[0.34, 0.33, 0.335]", "key 'data.split'"),  # sums to 1.005
         ("data.holdout=[0.5, 0.5]", "key 'data.holdout'"),  # nothing left to train on
         ("operating_point={budget_gflops: 1, max_tvd: 0.1}", "give at most one of"),

@@ -615,6 +615,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
                           "YAML a colon needs a space after it: {c0: 2, widths: [4, 4]}")
     node: Any = raw
     parts = key.strip().split(".")
+    if not all(parts):  # (stage1..epochs: not a key '' of stage1, nor the top level's '.')
+        raise ConfigError(f"override '{item}': '{key.strip()}' has an empty name between "
+                          "its dots; a key is dotted names, e.g. stage2.epochs=5")
     for depth, part in enumerate(parts):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
