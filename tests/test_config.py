@@ -131,6 +131,20 @@ def test_an_unknown_key_names_the_key_it_is_a_typo_of(override, said):
     assert str(err.value) == f"preset battery-quick with overrides: {said}"
 
 
+def test_a_second_operating_point_beside_a_presets_names_the_key_to_clear():
+    # battery-quick calibrates to iou_within_top 0.005: a budget given beside it was
+    # refused with 'give at most one of ...', though the user had given one
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="battery-quick", overrides=["operating_point.budget_gflops=0.5"])
+    assert str(err.value) == (
+        "preset battery-quick with overrides: key 'operating_point': give at most one of "
+        "iou_within_top, budget_gflops and max_tvd, got iou_within_top 0.005 and "
+        "budget_gflops 0.5; set all but one to null, e.g. operating_point.iou_within_top=null")
+    cfg = load_config(preset="battery-quick", overrides=[
+        "operating_point.budget_gflops=0.5", "operating_point.iou_within_top=null"])
+    assert (cfg.operating_point.budget_gflops, cfg.operating_point.iou_within_top) == (0.5, None)
+
+
 def test_a_patch_in_pixels_sets_the_tile_the_run_routes_at(tmp_path):
     cfg = load_config(preset="battery-quick", overrides=["patch=[64, 48]", "grid=[4, 2]"])
     assert cfg.data.tile == (256, 96) and cfg.patch == (64, 48)

@@ -417,9 +417,14 @@ class OperatingPointConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> OperatingPointConfig:
-        if sum(v is not None for v in (self.iou_within_top, self.budget_gflops,
-                                       self.max_tvd)) > 1:
-            raise ValueError("give at most one of iou_within_top, budget_gflops and max_tvd")
+        given = {k: v for k, v in (("iou_within_top", self.iou_within_top),
+                                   ("budget_gflops", self.budget_gflops),
+                                   ("max_tvd", self.max_tvd)) if v is not None}
+        if len(given) > 1:  # (a preset's target and one given beside it: battery-quick's)
+            said = " and ".join(f"{k} {v:g}" for k, v in given.items())
+            raise ValueError(f"give at most one of iou_within_top, budget_gflops and max_tvd, "
+                             f"got {said}; set all but one to null, e.g. "
+                             f"operating_point.{next(iter(given))}=null")
         return self
 
 
