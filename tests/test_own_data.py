@@ -994,6 +994,24 @@ def test_a_pool_model_that_cannot_take_its_patch_fails_before_training(tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
+def test_a_model_that_cannot_run_at_its_input_size_names_that_key(tmp_path):
+    from tests.helpers import TINY
+
+    from paser.train.pretrain import pretrain
+
+    # the model ran at 3 x 3, its input_size; the refusal named the 16 x 16 patch and grid
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY, f"data.cache_dir={tmp_path / 'c'}", "models.pool.0.input_size=[3, 3]"])
+    with pytest.raises(ConfigError, match=r"^key 'models.pool.0.input_size': unet cannot run "
+                       r"at 3 x 3, the size its input is resized to \(.*\); give a size it "
+                       r"runs at, or null$"):
+        pretrain(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    with pytest.raises(ConfigError, match=r"key 'models.pool.0.input_size': must be \[H, W\] "
+                       r"in pixels, both >= 1, got \[0, 32\]"):
+        load_config(preset="battery-quick", overrides=["models.pool.0.input_size=[0, 32]"])
+
+
 def test_a_model_of_the_wrong_output_shape_fails_before_training(tmp_path, monkeypatch):
     from tests.helpers import TINY
 

@@ -207,6 +207,13 @@ class ModelSpec(_Strict):
         None, description="run the model at this height, width: inputs are resized to it and "
         "the logits back (EfficientViT on 32 x 32 digits: [256, 256]); null = as given")
 
+    @field_validator("input_size")
+    @classmethod
+    def _size_positive(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError(f"must be [H, W] in pixels, both >= 1, got {list(v)}")
+        return v
+
 
 class ModelsConfig(_Strict):
     """f0 runs on whole images; f1..fK (``pool``) on patches, cheapest first."""

@@ -570,6 +570,11 @@ def probe_models(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None
                 torch.zeros(1, cfg.models.in_channels, *size))
         except (RuntimeError, ValueError, AssertionError) as err:
             first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            if spec.input_size is not None:  # it ran at its own size, not the patch's
+                raise ConfigError(
+                    f"key '{key.removesuffix('.groups')}.input_size': {spec.name} cannot run "
+                    f"at {spec.input_size[0]} x {spec.input_size[1]}, the size its input is "
+                    f"resized to ({first}); give a size it runs at, or null") from None
             raise ConfigError(
                 f"key '{key.removesuffix('.groups')}': {spec.name} cannot run on {where} of "
                 f"{size[0]} x {size[1]} ({first}); choose a grid (or halo) whose patches suit "
