@@ -92,6 +92,37 @@ def test_an_onnx_f0_run_once_says_one_pass_when_asked_for_more():
         f0.mc_probs(torch.zeros(1, 1, 8, 8), 5)
 
 
+def test_the_monte_carlo_graph_keeps_on_the_dropouts_routing_keeps_on():
+    """mc_dropout last keeps f0's last dropout alone on, and channel dropout drops whole
+    channels, in the export as in PyTorch: the export turned every nn.Dropout of an f0 that
+    is not paser's UNet on (0.49 off PyTorch's probabilities here) and left Dropout2d off
+    (the same output at every call)."""
+    from torch import nn
+
+    from paser.export import MaskDropout
+    from paser.uncertainty import mc_predict
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8)
+    # the first dropout would change every pass; the last one (p = 0) changes none
+    f0 = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Dropout(0.9), nn.Conv2d(4, 3, 1),
+                       nn.Dropout(0.0)).eval()
+    with torch.no_grad():
+        want = mc_predict(f0, x, 3, "last").probs
+        assert torch.allclose(MonteCarloF0(f0, 3, last_only=True)(x), want, atol=1e-6)
+        channel = MonteCarloF0(nn.Sequential(nn.Conv2d(1, 4, 1), nn.Dropout2d(0.5),
+                                             nn.Conv2d(4, 3, 1)).eval(), 3)
+        assert not torch.equal(channel(x), channel(x))
+        kept = MaskDropout(0.5, channels=True)(torch.ones(2, 6, 4, 4))
+    # each channel of each image kept whole (x 2) or dropped whole
+    assert torch.equal(kept, kept[..., :1, :1].expand_as(kept))
+    assert set(kept.unique().tolist()) <= {0.0, 2.0}
+    alpha = nn.Sequential(nn.Conv2d(1, 3, 1), nn.AlphaDropout(0.5))
+    with pytest.raises(ConfigError, match="f0's 1 is an AlphaDropout, which the ONNX export "
+                                          "cannot keep on"):
+        MonteCarloF0(alpha, 3)
+
+
 def test_cli_export_and_segment_on_onnxruntime(mnist_run, exported_by_cli, tmp_path):
     from PIL import Image
 

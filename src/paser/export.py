@@ -37,19 +37,25 @@ from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router, model_digests
 from paser.runtime import atomic_write_text, file_sha256
+from paser.uncertainty import _DROPOUT
 
 MANIFEST = "manifest.json"
 
 
 class MaskDropout(nn.Module):
-    """Inverted dropout with an explicit uniform mask, always on: what ONNX keeps."""
+    """Inverted dropout with an explicit uniform mask, always on: what ONNX keeps.
+    ``channels``: one draw per channel of each image (``nn.Dropout1d/2d/3d``: a mask of
+    ``[B, C, 1, ...]``), else one per element (``nn.Dropout``)."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, channels: bool = False):
         super().__init__()
-        self.p = float(p)
+        self.p, self.channels = float(p), channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        # the first element of each channel: a uniform draw shaped [B, C, 1, ...]
+        like = x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)] \
+            if self.channels else x
+        return x * (torch.rand_like(like) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
 class MonteCarloF0(nn.Module):
@@ -61,10 +67,18 @@ class MonteCarloF0(nn.Module):
     def __init__(self, f0: nn.Module, samples: int, last_only: bool = False):
         super().__init__()
         self.f0, self.samples, self.last_only = copy.deepcopy(f0).eval(), samples, last_only
-        for name, module in list(self.f0.named_modules()):
-            if isinstance(module, nn.Dropout):
-                parent = self.f0.get_submodule(name.rpartition(".")[0]) if "." in name else self.f0
-                setattr(parent, name.rpartition(".")[2], MaskDropout(module.p))
+        # the dropouts mc_predict keeps on (paser.uncertainty.mc_dropout): every one, or the
+        # last in module order alone; the others stay off, as in eval mode
+        drops = [(name, m) for name, m in self.f0.named_modules() if isinstance(m, _DROPOUT)]
+        for name, module in drops[-1:] if last_only else drops:
+            if isinstance(module, nn.AlphaDropout):
+                raise ConfigError(f"f0's {name} is an AlphaDropout, which the ONNX export "
+                                  "cannot keep on for Monte Carlo passes (it keeps "
+                                  "nn.Dropout and nn.Dropout1d/2d/3d); export a run with "
+                                  "mc_dropout none, or use those dropouts in f0")
+            parent = self.f0.get_submodule(name.rpartition(".")[0]) if "." in name else self.f0
+            setattr(parent, name.rpartition(".")[2],
+                    MaskDropout(module.p, channels=not isinstance(module, nn.Dropout)))
         self.eval()  # MaskDropout is on in any mode; eval keeps norms and the rest deterministic
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
