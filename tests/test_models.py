@@ -52,6 +52,15 @@ def test_smp_models_build_without_download():
         ("unet", {"c0": 4}, "needs ['widths']"),
         ("unet", {"c0": 4, "widths": [8, 16, 32]}, "last two equal"),
         ("unet", {"c0": 8, "width_mult": 0.5}, "needs ['widths']"),
+        # built before, as UNets of empty or one-channel layers, or a raw ValueError
+        ("unet", {"c0": 0, "widths": [16, 32, 32]}, "UNet c0=0, widths=[16, 32, 32]: channel "
+         "counts must be integers >= 1"),
+        ("unet", {"c0": 8, "widths": [8, 0, 0]}, "channel counts must be integers >= 1"),
+        ("unet", {"c0": 2.5, "widths": [8, 16, 16]}, "channel counts must be integers >= 1"),
+        ("unet", {"c0": 8, "widths": "16,32,32"}, "widths='16,32,32': channel counts"),
+        ("unet", {"c0": 8, "widths": 16}, "widths=16: channel counts"),
+        ("unet_large", {"width_mult": 0}, "width_mult=0 must be a number > 0"),
+        ("unet_large", {"width_mult": -0.5}, "width_mult=-0.5 must be a number > 0"),
         # smp would download these, or drop the misspelt key, or raise timm's RuntimeError
         ("smp:Unet:resnet18", {"encoder_weights": "imagenet"},
          "kwargs encoder_weights='imagenet' would download weights"),

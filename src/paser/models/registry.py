@@ -54,6 +54,9 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 3,
         if missing:  # width_mult scales them: they are needed first
             raise ConfigError(f"model 'unet' needs {sorted(missing)}; e.g. c0=8, widths=[16, 32, 32]")
         if mult is not None:
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
+                raise ConfigError(f"model '{name}': width_mult={mult!r} must be a number > 0 "
+                                  "(0.25: a quarter of every width)")
             spec["c0"] = max(1, round(spec["c0"] * mult))
             spec["widths"] = [max(1, round(w * mult)) for w in spec["widths"]]
         try:

@@ -17,6 +17,7 @@ With only the last dropout on (``mc_dropout: last``), the decoder up to it is sh
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -123,6 +124,15 @@ class UNet(nn.Module):
         norm: str = "instance",
     ):
         super().__init__()
+        # a string is a sequence too: "16,32,32" would be read as its characters
+        iterable = hasattr(widths, "__iter__") and not isinstance(widths, (str, bytes))
+        counts = [c0, *widths] if iterable else []
+        if not counts or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                                 and n >= 1 for n in counts):
+            raise ConfigError(
+                f"UNet c0={c0!r}, widths={widths!r}: channel counts must be integers >= 1, "
+                "e.g. c0=8, widths=[16, 32, 32]"
+            )
         widths = list(widths)
         if len(widths) < 2 or widths[-1] != widths[-2]:
             raise ConfigError(
