@@ -61,6 +61,10 @@ def test_smp_models_build_without_download():
         ("unet", {"c0": 8, "widths": 16}, "widths=16: channel counts"),
         ("unet_large", {"width_mult": 0}, "width_mult=0 must be a number > 0"),
         ("unet_large", {"width_mult": -0.5}, "width_mult=-0.5 must be a number > 0"),
+        # importlib's own ValueError and TypeError before
+        (":small_net", {}, "model ':small_net': an import path is 'package.module:factory'"),
+        (".nets:small_net", {}, "an import path is 'package.module:factory'"),
+        ("mylab.nets:", {}, "an import path is 'package.module:factory'"),
         # smp would download these, or drop the misspelt key, or raise timm's RuntimeError
         ("smp:Unet:resnet18", {"encoder_weights": "imagenet"},
          "kwargs encoder_weights='imagenet' would download weights"),

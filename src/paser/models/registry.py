@@ -72,6 +72,12 @@ def create_model(name: str, in_channels: int = 1, num_classes: int = 3,
 
 def _create_imported(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     module_name, _, attr = name.partition(":")
+    # importlib takes neither an empty nor a relative module name (its own ValueError,
+    # TypeError)
+    if not module_name or module_name.startswith(".") or not attr or ":" in attr:
+        raise ConfigError(f"model '{name}': an import path is 'package.module:factory' (a "
+                          "module on PYTHONPATH, a function or class of it), e.g. "
+                          "mylab.nets:small_net")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except ImportError as err:
