@@ -167,3 +167,24 @@ def test_the_skip_of_a_dropped_map_carries_its_mask():
     kept = seen[0] != 0
     assert torch.allclose(seen[0][kept], 2 * below[kept])  # p = 0.5: kept ones doubled
     assert (below[~kept] != 0).any()  # and some dropped
+
+
+def test_a_weights_file_of_a_pickled_model_says_to_save_its_state_dict(tmp_path):
+    """torch's refusal advised weights_only=False, which paser does not do (it ran code from
+    the file), and printed terminal escapes; a file that is no pickle at all was advised the
+    same."""
+    from paser.models.registry import load_weights
+
+    model = create_model("unet_tiny")
+    whole, junk = tmp_path / "whole.pt", tmp_path / "junk.pt"
+    torch.save(model, whole)
+    junk.write_bytes(b"xx")
+    with pytest.raises(ConfigError) as err:
+        load_weights(model, whole)
+    assert str(err.value) == (
+        f"{whole}: cannot read weights: it holds a pickled paser.models.unet.UNet, not "
+        "tensors alone, and paser loads no pickled code; save the weights alone, "
+        "torch.save(model.state_dict(), path), or as a .safetensors file")
+    with pytest.raises(ConfigError, match=r"junk.pt: cannot read weights: not a PyTorch file "
+                                          r"of tensors alone \(a whole model"):
+        load_weights(model, junk)

@@ -18,6 +18,7 @@ Names:
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,17 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign files: many kinds
-        raise ConfigError(f"{path}: cannot read weights ({str(err).splitlines()[0][:200]})") from None
+        text = str(err)
+        if "Weights only load failed" in text:  # torch's advice (weights_only=False) is no
+            # option here: paser unpickles no code from a weights file
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            held = (f"it holds a pickled {found.group(1)}, not tensors alone" if found else
+                    "not a PyTorch file of tensors alone (a whole model, other Python "
+                    "objects, or another format)")
+            raise ConfigError(f"{path}: cannot read weights: {held}, and paser loads no "
+                              "pickled code; save the weights alone, torch.save("
+                              "model.state_dict(), path), or as a .safetensors file") from None
+        raise ConfigError(f"{path}: cannot read weights ({text.splitlines()[0][:200]})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -234,7 +245,6 @@ def _known_kwargs(name: str, arch: str, kwargs: dict) -> None:
     """Refuse keyword arguments that the smp architecture ``arch`` neither names nor takes
     from its ``**kwargs`` (the deprecated keys it still reads, e.g. ``decoder_use_batchnorm``)."""
     import inspect
-    import re
 
     import segmentation_models_pytorch as smp
 
