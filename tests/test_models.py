@@ -188,3 +188,18 @@ def test_a_weights_file_of_a_pickled_model_says_to_save_its_state_dict(tmp_path)
     with pytest.raises(ConfigError, match=r"junk.pt: cannot read weights: not a PyTorch file "
                                           r"of tensors alone \(a whole model"):
         load_weights(model, junk)
+
+
+def test_weights_of_another_class_count_name_both_shapes(tmp_path):
+    """A file trained for 3 classes, loaded into a model of 2: the error named the tensors
+    of another shape, not their shapes, which are what tell the class count apart."""
+    from paser.models.registry import load_weights
+
+    path = tmp_path / "three.pt"
+    torch.save(create_model("unet_tiny", num_classes=3).state_dict(), path)
+    with pytest.raises(ConfigError) as err:
+        load_weights(create_model("unet_tiny", num_classes=2), path)
+    assert str(err.value) == (
+        f"{path}: the weights do not fit the model: 0 missing (e.g. []), 0 unexpected (e.g. "
+        "[]), 2 of another shape (e.g. ['outconv.weight', 'outconv.bias']); outconv.weight "
+        "is [3, 8, 1, 1] in the file, [2, 8, 1, 1] in the model")

@@ -176,11 +176,15 @@ def load_weights(model: nn.Module, path: str | Path, part: str | None = None) ->
     unexpected = sorted(state.keys() - own.keys())
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or wrong:
+        # the first tensor of another shape, both shapes: a class or channel count that
+        # differs (models.num_classes, models.in_channels) shows in them
+        first = (f"; {wrong[0]} is {list(state[wrong[0]].shape)} in the file, "
+                 f"{list(own[wrong[0]].shape)} in the {part or 'model'}" if wrong else "")
         raise ConfigError(
             f"{path}: the weights do not fit the {part or 'model'}: "
             f"{len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-            + (f", {len(wrong)} of another shape (e.g. {wrong[:2]})" if wrong else ""))
+            + (f", {len(wrong)} of another shape (e.g. {wrong[:2]}){first}" if wrong else ""))
     target.load_state_dict(state)
 
 
