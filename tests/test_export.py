@@ -312,3 +312,19 @@ def test_each_outputs_error_is_scaled_by_its_own_size(mnist_run, tmp_path, monke
     assert manifest["max_abs_error_vs_torch"]["f1"] == pytest.approx(0.5)
     assert manifest["max_scaled_error_vs_torch"]["f1"] == pytest.approx(0.5)
     assert manifest["max_abs_error_vs_torch"]["f2"] == 0.0
+
+
+def test_a_size_given_to_a_run_routed_in_tiles_is_refused_naming_what_was_given(
+        tmp_path, monkeypatch):
+    """`paser export --height 64` of a run routed in 32 x 32 tiles said '--height 64 --width
+    None', an option the user did not give."""
+    from types import SimpleNamespace
+
+    from paser import PaSeR
+
+    monkeypatch.setattr(PaSeR, "load", lambda *a, **k: SimpleNamespace(tile=(32, 32)))
+    res = paser_here("export", "--run-dir", str(tmp_path), "--height", "64")
+    assert res.returncode == 2
+    assert ("--height 64: this run routes every image in tiles of 32 x 32 (data.tile), so its "
+            "export runs at that size; leave --height and --width out") in res.stderr, res.stderr
+    assert "None" not in res.stderr

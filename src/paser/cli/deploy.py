@@ -596,9 +596,11 @@ def export(
     tile = model.tile
     if tile is not None:  # every image is routed in tiles of this size: the export's
         if (height or tile[0], width or tile[1]) != tile:
-            raise ConfigError(f"--height {height} --width {width}: this run routes every "
-                              f"image in tiles of {tile[0]} x {tile[1]} (data.tile), so its "
-                              "export runs at that size; leave --height and --width out")
+            given = " ".join(f"--{name} {value}" for name, value in
+                             (("height", height), ("width", width)) if value is not None)
+            raise ConfigError(f"{given}: this run routes every image in tiles of {tile[0]} x "
+                              f"{tile[1]} (data.tile), so its export runs at that size; leave "
+                              "--height and --width out")
         height, width = tile
     if height is None or width is None:
         h, w = validation_size(model.config)
