@@ -37,7 +37,7 @@ from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router, model_digests
 from paser.runtime import atomic_write_text, file_sha256
-from paser.uncertainty import _DROPOUT
+from paser.uncertainty import DROPOUTS
 
 MANIFEST = "manifest.json"
 
@@ -69,7 +69,7 @@ class MonteCarloF0(nn.Module):
         self.f0, self.samples, self.last_only = copy.deepcopy(f0).eval(), samples, last_only
         # the dropouts mc_predict keeps on (paser.uncertainty.mc_dropout): every one, or the
         # last in module order alone; the others stay off, as in eval mode
-        drops = [(name, m) for name, m in self.f0.named_modules() if isinstance(m, _DROPOUT)]
+        drops = [(name, m) for name, m in self.f0.named_modules() if isinstance(m, DROPOUTS)]
         for name, module in drops[-1:] if last_only else drops:
             if isinstance(module, nn.AlphaDropout):
                 raise ConfigError(f"f0's {name} is an AlphaDropout, which the ONNX export "
