@@ -513,6 +513,23 @@ def test_an_image_too_small_for_the_models_says_so(mnist_run, capsys, monkeypatc
     assert code == 1 and "thumb.png: a 2 x 3 image is too small" in err, err
 
 
+def test_a_strip_too_thin_for_the_models_says_so(mnist_run, capsys, monkeypatch, tmp_path):
+    """A strip a few pixels high, pooled, left a convolution a side narrower than its kernel:
+    torch's 'Calculated padded input size per channel: (2 x 52). Kernel size: (3 x 3).
+    Kernel size can't be greater than actual input size', from PaSeR.segment and paser
+    segment alike."""
+    from paser import PaSeR
+
+    with pytest.raises(DataError, match=r"a 3 x 200 image is too small for the run's models "
+                                        r"\(pooled, a side of it is narrower than their deeper "
+                                        r"layers' kernels\); .* \(32 x 32\)"):
+        PaSeR.load(mnist_run, device="cpu").segment(torch.rand(1, 1, 3, 200))
+    _png(tmp_path / "in" / "strip.png", np.zeros((200, 2), np.uint8))
+    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "strip.png", "--run-dir",
+                    mnist_run, "--out", tmp_path / "out", "--workers", "0")
+    assert code == 1 and "strip.png: a 200 x 2 image is too small" in err, err
+
+
 def test_a_folder_dataset_with_no_image_says_so(capsys, monkeypatch, tmp_path):
     """An empty images/ was '0 images are too few for data.holdout [0.1, 0.1]', as if a larger
     share would help."""

@@ -39,6 +39,15 @@ OUT_OF_RANGE = 1e-3
 #: data to evaluate or calibrate on may stray this far: noise or contrast augmentation puts
 #: float images a little past [0, 1] (a robustness test); 0..255 or 0..65535 floats lie far past
 AUGMENTED = 0.5
+#: torch's words where an image is too small for a model's layers, and what they mean: a
+#: norm layer's where pooling left one pixel; a convolution's or a pooling's where it left
+#: a side narrower than the kernel (a strip a few pixels high)
+TOO_SMALL = {
+    "Expected more than 1 value per channel": "their deepest layers would see one pixel of it",
+    "Kernel size can't be greater than actual input size":
+        "pooled, a side of it is narrower than their deeper layers' kernels",
+    "Output size is too small": "pooled, a side of it would vanish",
+}
 
 
 def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
@@ -200,21 +209,22 @@ class PaSeR:
 
     @contextmanager
     def _sized(self, height: int, width: int):
-        """Run the models on a ``height x width`` image; one their deepest layers shrink to
-        a pixel is a :class:`DataError` that says so: torch's words ('Expected more than 1
-        value per channel') name neither the image nor what to do."""
+        """Run the models on a ``height x width`` image; one too small for their layers is
+        a :class:`DataError` that says so: torch's words ('Expected more than 1 value per
+        channel', 'Kernel size can't be greater than actual input size') name neither the
+        image nor what to do."""
         try:
             yield
-        except ValueError as err:  # a norm layer's, where pooling left one pixel
-            if "Expected more than 1 value per channel" not in str(err):
+        except (ValueError, RuntimeError) as err:
+            why = next((why for words, why in TOO_SMALL.items() if words in str(err)), None)
+            if why is None:
                 raise
             try:  # the size stage 1 trained at, where its summary says
                 size = self.trained_size
             except (OSError, ValueError, KeyError):
                 size = None
             raise DataError(f"a {height} x {width} image is too small for the run's models "
-                            "(their deepest layers would see one pixel of it); give it at a "
-                            "size nearer the one the run trained on"
+                            f"({why}); give it at a size nearer the one the run trained on"
                             + (f" ({size[0]} x {size[1]})" if size else "")) from None
 
     def prepare(self, image: np.ndarray, source: str = "the image") -> torch.Tensor:
