@@ -107,6 +107,20 @@ def test_integer_images_are_scaled_as_a_file_holding_them(run):
         model.prepare(np.stack([stored, np.full_like(stored, 255)], -1))  # a Pillow 'LA'
 
 
+def test_big_endian_arrays_are_taken_as_their_values(run):
+    """A big-endian array (astropy's FITS data, h5py on a big-endian dataset) was torch's
+    'given numpy array has byte order different from the native byte order', where
+    prepare() and paser segment read the same pixels."""
+    model = PaSeR.load(run[0])
+    u16 = np.random.default_rng(2).integers(0, 65536, (2, 1, 32, 32)).astype(np.uint16)
+    floats = (u16 / 65535).astype(np.float32)
+    expected = model.segment(u16).mask
+    assert torch.equal(model.segment(u16.astype(">u2")).mask, expected)
+    assert torch.equal(model.segment(floats.astype(">f4")).mask, model.segment(floats).mask)
+    assert torch.equal(model.segment(model.prepare(u16[0, 0].astype(">u2"))).mask[0],
+                       expected[0])
+
+
 @pytest.mark.parametrize("images, match", [
     (torch.full((1, 1, 32, 32), 255.0), r"values in \[255, 255\], outside \[0, 1\]"),
     (torch.full((1, 1, 32, 32), 1.002), r"values in \[1.002, 1.002\], outside \[0, 1\]"),

@@ -251,6 +251,8 @@ class PaSeR:
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
         if isinstance(images, np.ndarray):
             images = np.ascontiguousarray(images)
+            if not images.dtype.isnative:  # big-endian (FITS, HDF5, zarr): torch refuses it
+                images = images.astype(images.dtype.newbyteorder("="))
             if not images.flags.writeable:  # Pillow's arrays: torch would warn
                 images = images.copy()
         try:
