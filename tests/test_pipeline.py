@@ -190,6 +190,63 @@ def test_evaluation_streams_from_disk_with_workers_like_in_memory(run):
     assert streamed["images"] == len(lazy)
 
 
+def test_evaluate_and_calibrate_take_numpy_columns_and_any_dataset_of_samples(run):
+    """Tensors of numpy arrays were an AttributeError ('numpy.ndarray' object has no
+    attribute 'long'), and a Dataset of {'image', 'mask', 'id'} samples, which the error for
+    other data names, one too ('has no attribute size'): only paser's file datasets
+    stream."""
+    from torch.utils.data import Dataset
+
+    from paser.data import Tensors
+
+    class Samples(Dataset):
+        def __init__(self, images, masks):
+            self.images, self.masks = images, masks
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return {"image": self.images[i], "mask": self.masks[i], "id": f"s{i}"}
+
+    class Unlabelled(Samples):
+        def __getitem__(self, i):
+            return {"image": self.images[i], "id": f"s{i}"}
+
+    run_dir, cfg, _, _ = run
+    model = PaSeR.load(run_dir, calibrated=False)
+    test = load_stage_data(cfg, progress=False).test
+    u8 = (test.images * 255).round().to(torch.uint8)
+    expected = model.evaluate(Tensors(u8, test.masks, test.ids))
+    assert expected["images"] == 2
+    assert model.evaluate(Tensors(u8.numpy(), test.masks.numpy(), test.ids)) == expected
+    assert model.evaluate(Samples(u8.numpy(), test.masks.numpy())) == expected
+    assert model.evaluate(Samples(u8, test.masks)) == expected
+    budget = 1.1 * model.router.costs(32, 32).fixed
+    bias = model.calibrate(budget, save=False, data=Tensors(u8, test.masks, test.ids)).bias
+    assert model.calibrate(budget, save=False, data=Samples(u8.numpy(), test.masks)).bias == bias
+    with pytest.raises(DataError, match=r"data: Unlabelled's samples are not \{'image', "
+                                        r"'mask', 'id'\} dicts \(KeyError: 'mask'\)"):
+        model.evaluate(Unlabelled(u8, test.masks))
+    with pytest.raises(DataError, match="data: Samples's samples do not stack"):
+        model.evaluate(Samples([u8[0], u8[1, :, :16]], test.masks))
+
+
+@pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
+def test_calibrate_streams_a_file_dataset_as_the_validation_split(run):
+    """calibrate(data=BatteryDataset(...)) was an AttributeError ('list' object has no
+    attribute 'shape'); it now reads the files from disk as the validation split is."""
+    from paser.data import BatteryDataset, ensure_dataset, to_tensors
+
+    run_dir, cfg, _, _ = run
+    model = PaSeR.load(run_dir, calibrated=False)
+    lazy = BatteryDataset(ensure_dataset(cfg.data), "test")
+    budget = 1.1 * model.router.costs(32, 32).fixed
+    streamed = model.calibrate(budget, save=False, data=lazy)
+    assert streamed.images == 2
+    assert streamed.bias == model.calibrate(budget, save=False, data=to_tensors(lazy)).bias
+
+
 @pytest.mark.slow  # reader processes (a fork server that imports torch: seconds), and stages 1 to 3 again
 def test_training_streamed_from_disk_by_reader_processes_equals_training_in_memory(run, tmp_path):
     """Stages 1-3 with every split read from disk by 2 reader processes end exactly where

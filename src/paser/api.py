@@ -24,7 +24,7 @@ from paser.checkpoints import (
 )
 from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION, at_least
-from paser.data import Tensors
+from paser.data import OnDisk, Tensors, on_disk
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity, as_input
 from paser.data.tiles import route_tiled
@@ -62,6 +62,33 @@ def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
             "trained again, or was stopped while it was (its settings are in config.yaml, "
             "its checkpoints may still be those of the settings before); finish it first: "
             f"paser run --run-dir {run_dir} (it resumes)")
+
+
+#: what a dataset streamed from disk has (:class:`paser.data.battery.SegmentationFiles`,
+#: :class:`paser.data.tiles.Tiles`): :func:`paser.data.on_disk` reads it by these
+STREAMED = ("image", "mask", "ids", "size", "channels")
+
+
+def _stacked(dataset: Dataset) -> Tensors:
+    """A Dataset of ``{'image', 'mask', 'id'}`` samples (tensors or numpy arrays) that is not
+    one of paser's file datasets, read into memory as :class:`Tensors`."""
+    samples = [dataset[i] for i in range(len(dataset))]
+    name = type(dataset).__name__
+    try:
+        columns = [[s[key] for s in samples] for key in ("image", "mask")]
+        ids = [str(s["id"]) for s in samples]
+    except (TypeError, KeyError, IndexError) as err:
+        raise DataError(f"data: {name}'s samples are not {{'image', 'mask', 'id'}} "
+                        f"dicts ({type(err).__name__}: {err}); give such a Dataset, or "
+                        "paser.data.Tensors(images, masks, ids)") from None
+    if not samples:
+        raise DataError(f"data: an empty {name}; give one image or more")
+    try:
+        images, masks = (torch.stack([torch.as_tensor(v) for v in c]) for c in columns)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"data: {name}'s samples do not stack ({err}); give images "
+                        "[C, H, W] of one size and masks [H, W] of their size") from None
+    return Tensors(images, masks, ids)
 
 
 class PaSeR:
@@ -351,14 +378,19 @@ class PaSeR:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size {batch_size!r}: give a whole number, 1 or more")
         if isinstance(data, Dataset):
-            return data
+            if all(hasattr(data, a) for a in STREAMED):  # paser's file datasets, their tiles
+                return data
+            data = _stacked(data)  # any other: its samples in memory, checked as Tensors
         if not isinstance(data, Tensors):
             raise DataError(f"data of type {type(data).__name__}: give paser.data.Tensors("
                             "images, masks, ids) or a Dataset of {'image', 'mask', 'id'} samples")
-        if not isinstance(data.images, torch.Tensor):  # columns on disk: checked as read
+        if isinstance(data.images, OnDisk):  # columns on disk: checked as read
             return data
         images, masks = data.images, torch.as_tensor(data.masks)
-        if images.dim() != 4 or len(images) == 0:
+        if not isinstance(images, (torch.Tensor, np.ndarray)):
+            raise DataError(f"data: images of type {type(images).__name__}; give a tensor or "
+                            "a numpy array [N, C, H, W]")
+        if images.ndim != 4 or len(images) == 0:
             raise DataError(f"data: images of shape {tuple(images.shape)}; give [N, C, H, W], "
                             "N 1 or more")
         if len(masks) != len(images) or len(data.ids) != len(images):
@@ -384,16 +416,19 @@ class PaSeR:
 
     def calibrate(self, budget_gflops: float | None = None, max_frac_large: float | None = None,
                   batch_size: int = 16, save: bool = True, iou_within_top: float | None = None,
-                  best_iou: bool = False, data: Tensors | None = None,
+                  best_iou: bool = False, data: Tensors | Dataset | None = None,
                   max_tvd: float | None = None,
                   budget_gflops_per_mp: float | None = None) -> Calibration:
-        """Find the bias that meets the target on the run's validation split (or ``data``;
-        see :func:`paser.calibration.calibrate`), use it from now on and, with ``save``,
-        keep it in the run (``calibration.json``) for later loads."""
+        """Find the bias that meets the target on the run's validation split (or ``data``,
+        taken as :meth:`evaluate` takes it; see :func:`paser.calibration.calibrate`), use it
+        from now on and, with ``save``, keep it in the run (``calibration.json``) for later
+        loads."""
         from paser.data import validation_split
 
         cfg = self.config
         data = self._data(data, batch_size) if data is not None else validation_split(cfg.data)
+        if not isinstance(data, Tensors):  # a file dataset: read from disk as it is swept
+            data = on_disk(data, cfg.data.workers)
         self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,
                                      max_frac_large, batch_size, iou_within_top=iou_within_top,
                                      best_iou=best_iou, max_tvd=max_tvd,
@@ -460,9 +495,12 @@ class PaSeR:
 
         ``model=k`` evaluates one model alone as the report does
         (:func:`paser.evaluation.evaluate_router`): f0 with its Monte Carlo passes for 0,
-        pool model k on every patch otherwise. A dataset (e.g.
+        pool model k on every patch otherwise. ``data``: :class:`paser.data.Tensors`
+        (tensors or numpy arrays), or a dataset: paser's (e.g.
         :class:`paser.data.BatteryDataset`) is streamed from disk, read by ``num_workers``
-        processes; only counts are kept, never the predictions. ``on_batch`` is called with
+        processes; only counts are kept, never the predictions. Any other Dataset of
+        ``{'image', 'mask', 'id'}`` samples is read into memory first. Images are checked and
+        scaled as :meth:`segment` takes them. ``on_batch`` is called with
         each batch's number of images as it is done (a progress bar).
         """
         data = self._data(data, batch_size)
