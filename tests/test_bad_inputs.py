@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -262,6 +263,28 @@ def test_loading_no_run_dir_says_one_is_needed():
                            r"give the folder a run was trained into .*config\.yaml\), "
                            rf"e\.g\. {name}\('runs/demo'\)$"):  # the call that was made
             load(None)
+
+
+def test_loading_an_onnx_export_as_a_run_says_how_to_load_it(tmp_path):
+    """PaSeR.load on the folder paser export wrote said 'not a run directory (no
+    config.yaml); train one into it first', as if it were an empty folder."""
+    from paser import PaSeR
+
+    run, elsewhere = tmp_path / "run", tmp_path / "exported"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    for export in (run / "onnx", elsewhere):
+        export.mkdir()
+        (export / "manifest.json").write_text("{}")
+    onnx, at = re.escape(str(run / "onnx")), re.escape(str(run))
+    with pytest.raises(CheckpointError, match=(
+            rf"^{onnx}: an ONNX export \(paser export's manifest.json\), not a run directory; "
+            rf".*: PaSeR.load_onnx\('{at}', export_dir='{onnx}'\), or paser segment "
+            rf"--run-dir {at} --engine onnxruntime --onnx {onnx}$")):
+        PaSeR.load(run / "onnx")
+    with pytest.raises(CheckpointError, match=r"PaSeR.load_onnx\(run_dir, export_dir=.* "
+                                              r"--run-dir <run> --engine onnxruntime"):
+        PaSeR.load_onnx(elsewhere)
 
 
 def test_ctrl_c_says_how_the_command_goes_on(capsys, monkeypatch):

@@ -39,6 +39,14 @@ def run_config(run_dir: str | Path, loader: str = "PaSeR.load") -> ExperimentCon
     if run_dir.is_file():
         raise CheckpointError(f"{run_dir}: a file, not a run directory; give the folder a "
                               "run was trained into (the one that holds its config.yaml)")
+    if not (run_dir / "config.yaml").is_file() and (run_dir / "manifest.json").is_file():
+        run = run_dir.parent if is_run(run_dir.parent) else None  # the default, <run>/onnx
+        raise CheckpointError(  # paser.export's MANIFEST (not imported: it needs onnx)
+            f"{run_dir}: an ONNX export (paser export's manifest.json), not a run directory; "
+            f"give the run it was exported from, and the export as its own argument: "
+            f"PaSeR.load_onnx({'run_dir' if run is None else repr(str(run))}, "
+            f"export_dir={str(run_dir)!r}), or paser segment --run-dir "
+            f"{'<run>' if run is None else run} --engine onnxruntime --onnx {run_dir}")
     if not (run_dir / "config.yaml").is_file():
         near = sorted(str(p) for p in run_dir.parent.glob("*/") if is_run(p))[:3]
         raise CheckpointError(
