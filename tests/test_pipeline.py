@@ -232,6 +232,27 @@ def test_evaluate_and_calibrate_take_numpy_columns_and_any_dataset_of_samples(ru
         model.evaluate(Samples([u8[0], u8[1, :, :16]], test.masks))
 
 
+def test_evaluate_cuts_images_larger_than_a_tile_as_segment_does(run):
+    """evaluate routed 64 x 64 images whole, in 32 x 32 patches, where segment (and paser
+    segment, paser evaluate) cut them into the run's 32 x 32 tiles of 16 x 16 patches: its
+    mIoU (0.1962 here) was not that of the labels segment gives (0.1966)."""
+    from paser.data import Tensors
+    from paser.metrics import IoUAccumulator
+
+    model = PaSeR.load(run[0], calibrated=False)
+    assert model.tile == (32, 32)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 64, 64, generator=generator)
+    masks = torch.randint(0, 3, (2, 64, 64), generator=generator).to(torch.uint8)
+    out = model.segment(images)
+    segmented = IoUAccumulator(3)
+    segmented.update(out.mask, masks.long())
+    result = model.evaluate(Tensors(images, masks, ["a", "b"]))
+    assert result["images"] == 8  # tiles, as paser evaluate counts them
+    assert result["miou"] == pytest.approx(segmented.compute()["miou"], abs=1e-9)
+    assert 4 * result["gflops"] == pytest.approx(float(out.gflops.mean()), rel=1e-6)
+
+
 @pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_calibrate_streams_a_file_dataset_as_the_validation_split(run):
     """calibrate(data=BatteryDataset(...)) was an AttributeError ('list' object has no

@@ -24,10 +24,10 @@ from paser.checkpoints import (
 )
 from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION, at_least
-from paser.data import OnDisk, Tensors, on_disk
+from paser.data import OnDisk, Tensors, on_disk, to_tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity, as_input
-from paser.data.tiles import route_tiled
+from paser.data.tiles import Tiles, route_tiled
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.evaluation import evaluate_router
 from paser.patches import PatchGrid
@@ -89,6 +89,25 @@ def _stacked(dataset: Dataset) -> Tensors:
         raise DataError(f"data: {name}'s samples do not stack ({err}); give images "
                         "[C, H, W] of one size and masks [H, W] of their size") from None
     return Tensors(images, masks, ids)
+
+
+class _Held:
+    """:class:`Tensors` in memory read as a file dataset is, for :class:`Tiles` to cut."""
+
+    class_names: list[str] = []
+
+    def __init__(self, data: Tensors):
+        self.data, self.ids = data, data.ids
+        self.sizes = [tuple(data.images.shape[-2:])] * len(data)
+        self.channels = data.images.shape[1]
+        # uint8, as files' masks are: a tile's padding is MASK_IGNORE, -1 masks become it
+        self.masks = data.masks.to(torch.uint8)
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.data.images[i]
+
+    def mask(self, i: int) -> torch.Tensor:
+        return self.masks[i]
 
 
 class PaSeR:
@@ -379,7 +398,7 @@ class PaSeR:
             raise DataError(f"batch_size {batch_size!r}: give a whole number, 1 or more")
         if isinstance(data, Dataset):
             if all(hasattr(data, a) for a in STREAMED):  # paser's file datasets, their tiles
-                return data
+                return self._tiles(data, data.size)
             data = _stacked(data)  # any other: its samples in memory, checked as Tensors
         if not isinstance(data, Tensors):
             raise DataError(f"data of type {type(data).__name__}: give paser.data.Tensors("
@@ -399,7 +418,19 @@ class PaSeR:
         if masks.dim() != 3 or masks.shape[-2:] != images.shape[-2:]:
             raise DataError(f"data: masks of shape {tuple(masks.shape)} for images of shape "
                             f"{tuple(images.shape)}; give masks [N, H, W] of the images' size")
-        return replace(data, images=self._batch(images, AUGMENTED), masks=masks)
+        data = replace(data, images=self._batch(images, AUGMENTED), masks=masks)
+        return self._tiles(_Held(data), tuple(images.shape[-2:]))
+
+    def _tiles(self, data, size: tuple[int, int] | None):
+        """``data`` (a dataset whose images are all ``size``, or of several sizes: ``None``)
+        cut into the run's tiles where :meth:`segment` cuts its images, as ``paser evaluate``
+        cuts a folder's (:class:`paser.data.tiles.Tiles`); else as it is. Each tile counts
+        as an image, as in ``paser evaluate``."""
+        if self.tile is None or isinstance(data, Tiles) or (
+                size is not None and self._whole(*size)):
+            return data.data if isinstance(data, _Held) else data
+        tiles = Tiles(data, self.tile)
+        return to_tensors(tiles) if isinstance(data, _Held) else tiles  # in memory: still
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         if bias is None:
@@ -500,7 +531,9 @@ class PaSeR:
         :class:`paser.data.BatteryDataset`) is streamed from disk, read by ``num_workers``
         processes; only counts are kept, never the predictions. Any other Dataset of
         ``{'image', 'mask', 'id'}`` samples is read into memory first. Images are checked and
-        scaled as :meth:`segment` takes them. ``on_batch`` is called with
+        scaled as :meth:`segment` takes them, and cut into the run's tiles where it cuts them
+        (:attr:`tile`): each tile then counts as an image, as in ``paser evaluate``.
+        ``on_batch`` is called with
         each batch's number of images as it is done (a progress bar).
         """
         data = self._data(data, batch_size)
