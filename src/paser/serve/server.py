@@ -234,7 +234,8 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                                f"'patches' [N, C, h, w]) or {PNG}")
         body = await _read_body(request, max_request_bytes)
         x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
-                    else _npz_patches(body, router.grid, channels, max_values, tile))
+                    else _npz_patches(body, router.grid, channels, max_values, max_patches,
+                                      tile))
         request.state.patches = x.shape[0]
         if x.shape[0] > max_patches:
             raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
@@ -315,12 +316,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _npz_patches(body: bytes, grid, channels: int, max_values: int,
+def _npz_patches(body: bytes, grid, channels: int, max_values: int, max_patches: int,
                  tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, list]:
     """Patches with their halo from an ``.npz``: array ``patches`` ``[N, C, h, w]`` as they
     are, or ``image`` ``[B, C, H, W]`` (divisible by the run's grid; of its ``tile`` size
     where it routes tiles) with ``index`` ``[N]`` (patches in the routing path's order,
-    image by image), cut here with the halo."""
+    image by image), cut here with the halo once ``N`` is within ``max_patches``: each
+    index is one value of the body and a whole patch once cut."""
     arrays = codec.read_npz(body, max_values)
     if "patches" in arrays:
         return torch.from_numpy(_unit(arrays["patches"], "patches", channels)), []
@@ -346,6 +348,9 @@ def _npz_patches(body: bytes, grid, channels: int, max_values: int,
         raise PayloadError(422, f"'index' must be 1-D integers in [0, {b * grid.num_patches}) "
                            f"(patches of {b} image(s) on a {grid} grid), got {index.dtype} "
                            f"shape {list(index.shape)}")
+    if index.size > max_patches:  # 16 Mi zeros (a 17 kB body) cut 64 GiB of 32 x 32 patches
+        raise PayloadError(413, f"{index.size} patches: more than the server's {max_patches} "
+                           "per request; split them")
     patches = grid.context(torch.from_numpy(image))
     return patches.index_select(0, torch.from_numpy(index.astype(np.int64))), []
 
