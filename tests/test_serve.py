@@ -186,6 +186,22 @@ def test_an_index_past_max_patches_is_refused_before_the_patches_are_cut(server,
     assert res.status_code == 200 and res.headers["X-Paser-Patches"] == "16" and cut == [1]
 
 
+@pytest.mark.parametrize("shape, why", [
+    ((2, 2), "their deepest layers would see one pixel of it"),  # a norm layer's ValueError
+    ((1, 32), "pooled, a side of it is narrower than their deeper layers' kernels"),  # counting
+])
+def test_patches_too_small_for_the_models_are_a_422_not_a_500(server, shape, why):
+    """2 x 2 patches failed in the norm layer with a ValueError, and 1 x 32 ones in the FLOP
+    count before the inference: both were a 500 with no word of what was wrong."""
+    _, client = server
+    res = _post(client, encode_npz(patches=np.zeros((1, 1, *shape), np.uint8)))
+    assert res.status_code == 422, res.text
+    assert res.json()["error"] == (f"patches of {shape[0]} x {shape[1]} are too small for f1 "
+                                   f"({why}); send larger ones, cut as the routing path cuts "
+                                   "them")
+    assert client.get("/healthz").status_code == 200
+
+
 def test_png_whose_height_is_not_count_patches_is_a_422(server):
     _, client = server
     buf = io.BytesIO()

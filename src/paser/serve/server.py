@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from paser.api import TOO_SMALL
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data.images import Intensity, to_channels
 from paser.errors import PaserError
@@ -190,17 +191,24 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     def infer(k: int, x: torch.Tensor, output: str, dtype: str) -> tuple[np.ndarray, float]:
         """Pool model k on patches through the routing path; the answer and its GFLOP."""
         n, _, h, w = x.shape
-        with flops_lock:
-            if (k, h, w) not in flops:  # on a copy: the count swaps a module's weights for
-                # shape-only ones while it runs, and another request may be running f_k
-                flops[(k, h, w)] = gflops_per_sample(copy.deepcopy(router.pool[k - 1]),
-                                                     channels, h, w)
-        try:
+        try:  # the count runs the model too: a patch too small fails there first
+            with flops_lock:
+                if (k, h, w) not in flops:  # on a copy: the count swaps a module's weights
+                    # for shape-only ones while it runs, and another request may run f_k
+                    flops[(k, h, w)] = gflops_per_sample(copy.deepcopy(router.pool[k - 1]),
+                                                         channels, h, w)
             with torch.inference_mode():
                 probs = router.run_local(k, x.to(device))
         except torch.OutOfMemoryError:
             raise PayloadError(503, f"out of memory on {n} patches; send fewer") from None
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
+            why = next((why for words, why in TOO_SMALL.items() if words in str(err)), None)
+            if why is not None:
+                raise PayloadError(422, f"patches of {h} x {w} are too small for f{k} ({why}); "
+                                   "send larger ones, cut as the routing path cuts them"
+                                   ) from None
+            if isinstance(err, ValueError):
+                raise
             raise PayloadError(422, f"f{k} cannot run on patches of shape {list(x.shape)} "
                                f"({str(err).splitlines()[0]})") from None
         if output == "labels":
