@@ -159,7 +159,8 @@ class RemotePool:
 
         What is sent is the images with every pixel outside those patches' context windows
         zeroed (which compresses to almost nothing) and the indices: the server cuts the
-        patches itself, so overlapping halos travel once.
+        patches itself, so overlapping halos travel once in a request (one per model: pixels
+        that patches of two models read travel in both).
         """
         n = idx.numel()
         if time.monotonic() < self.down_until:
