@@ -560,6 +560,33 @@ def test_remote_on_a_folder_an_earlier_call_segmented_without_it_sums_what_was_s
     assert "(2 segmented before without --remote)" in res.stdout, res.stdout
 
 
+def test_segment_says_why_patches_were_degraded(mnist_run, tmp_path, monkeypatch):
+    """The closing lines said how many patches kept f0's prediction, not why (a volume's: 'the
+    remote tier did not answer', also when it answered 413), and the images after the first
+    failure recorded only 'not asked: it failed less than 30 s ago'."""
+    from paser import PaSeR
+
+    load = PaSeR.load  # every patch to f2, on the remote tier
+    monkeypatch.setattr(PaSeR, "load", lambda *a, **k: _forced(load(*a, **k), [0.0, 0.0, 100.0]))
+    tifffile.imwrite(tmp_path / "scan.tif", RNG.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+                     photometric="minisblack")
+    Image.fromarray(RNG.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "a.png")
+    with reserved_port() as port:  # nothing listens there
+        url = f"http://127.0.0.1:{port}"
+        res = paser_here("segment", tmp_path / "scan.tif", tmp_path / "a.png", "--run-dir",
+                         mnist_run, "--out", tmp_path / "out", "--remote", url, "--timeout",
+                         "0.5", "--retries", "0")
+    assert res.returncode == 0, res.stderr
+    refused = json.loads((tmp_path / "out" / "scan.json").read_text())["remote"]["errors"][0]
+    assert refused.startswith(f"{url}: ConnectError")  # the volume went first
+    assert f"  2 patches degraded (f0's prediction kept: {refused} (and 1 other error: each " \
+           "JSON lists its own)); the same command again redoes them" in res.stdout, res.stdout
+    said = (f"{url}: not asked: it failed less than 30 s ago (down_for): "
+            f"{refused.removeprefix(url + ': ')}")
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["remote"]["errors"] == [said]
+    assert f"  why: {said}; the same command again redoes those images" in res.stderr
+
+
 def test_a_port_in_use_is_one_line_before_the_run_loads():
     from paser.errors import PaserError
     from paser.serve.server import _check_port

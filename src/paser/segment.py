@@ -142,6 +142,7 @@ class Segmented:
     degraded: int = 0
     bytes_sent: int | None = None
     bytes_whole: int | None = None
+    remote_errors: list[str] = field(default_factory=list)  # why patches were degraded
     resumed: bool = False  # segmented by an earlier call into the same folder
     worker: str = ""  # the Dask worker that segmented it (paser.cluster)
 
@@ -845,7 +846,7 @@ def _remote_record(model, grid: PatchGrid, image: np.ndarray, out,
     the same codec (:func:`bytes_whole`), requests, retries, degraded patches."""
     router = model.router
     transfer = router.remote.take()
-    res.bytes_sent = transfer.bytes_sent
+    res.bytes_sent, res.remote_errors = transfer.bytes_sent, list(transfer.errors)
     res.bytes_whole = bytes_whole(image)
     edge = edge_gflops(model, res.height, res.width)
     return {"url": router.remote.url, **transfer.to_dict(),

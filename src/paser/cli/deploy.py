@@ -363,6 +363,10 @@ def segment(
                    f"{sum(r.degraded for r in done)} patches degraded (kept f0's prediction)"
                    + (f" ({len(done) - len(sent_by)} segmented before without --remote)"
                       if len(sent_by) < len(done) else ""))
+        errors = [e for r in done for e in r.remote_errors]
+        if errors:
+            typer.echo(f"  why: {_remote_why(errors)}; the same command again redoes those "
+                       "images", err=True)
     failed_volumes = [r for r in vol_results if r.record is None]
     if len(done) < len(results):
         typer.echo(f"{len(results) - len(done)} of {len(results)} images failed; listed in "
@@ -483,8 +487,10 @@ def _volume_lines(results, out: Path) -> None:
             typer.echo(f"  remote{f' {url}' if url else ''}: sent {sent:,} bytes against "
                        f"{whole:,} for every slice whole ({sent / max(whole, 1):.1%})")
         if rec.get("degraded_patches"):
-            typer.echo(f"  {rec['degraded_patches']} patches degraded (the remote tier did not "
-                       "answer: f0's prediction kept); the same command again redoes them")
+            why = _remote_why(rec.get("remote", {}).get("errors") or ["the remote tier did not "
+                                                                      "answer"])
+            typer.echo(f"  {rec['degraded_patches']} patches degraded (f0's prediction kept: "
+                       f"{why}); the same command again redoes them")
         if "voxel_size" in rec:
             v = rec["voxel_size"]
             typer.echo(f"  voxel {v['x']:.6g} x {v['y']:.6g}"
@@ -504,6 +510,14 @@ def _volume_lines(results, out: Path) -> None:
             lo, hi = rec["intensity"]["window"]
             typer.echo(f"  {rec['dtype']} voxels scaled by the window [{lo:.6g}, {hi:.6g}] "
                        f"fitted on {rec['intensity']['fitted_on']}")
+
+
+def _remote_why(errors: list[str]) -> str:
+    """Why the remote tier segmented no patch of some images: the first of ``errors`` (each
+    record's own), and how many others there were."""
+    others = len(dict.fromkeys(errors)) - 1
+    return errors[0] + (f" (and {others} other error{'s' * (others > 1)}: each JSON lists "
+                        "its own)" if others else "")
 
 
 def model_names(model) -> list[str]:

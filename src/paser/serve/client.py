@@ -90,7 +90,7 @@ class RemotePool:
         self.channels, self.classes = cfg.models.in_channels, cfg.models.num_classes
         self.grid = model.router.grid
         self.server: dict | None = None
-        self.down_until = 0.0
+        self.down_until, self.down_why = 0.0, ""
         self.stats = Transfer()
 
     # ---- connecting -------------------------------------------------------------------
@@ -165,12 +165,12 @@ class RemotePool:
         n = idx.numel()
         if time.monotonic() < self.down_until:
             return self._failed(n, f"{self.url}: not asked: it failed less than "
-                                f"{self.down_for:g} s ago (down_for)")
+                                f"{self.down_for:g} s ago (down_for): {self.down_why}")
         if self.server is None:
             try:
                 self.connect()
             except (httpx.HTTPError, RemoteError) as err:
-                self._mark_down()
+                self._mark_down(describe_error(err))
                 return self._failed(n, f"{self.url}: {describe_error(err)}")
         self.stats.patches_sent += n
         image = quantise((x * self._needed(idx, x.shape)).cpu().numpy())
@@ -256,7 +256,7 @@ class RemotePool:
             if res.status_code not in RETRY_STATUS:
                 self.stats.errors.append(error)
                 return None  # our request is wrong: retrying will not help, the server is up
-        self._mark_down()
+        self._mark_down(error.removeprefix(f"{self.url}: "))
         self.stats.errors.append(error)
         return None
 
@@ -284,8 +284,9 @@ class RemotePool:
                                  "token its `paser serve` was given (Python: "
                                  "use_remote(url, token=...))")
 
-    def _mark_down(self) -> None:
-        self.down_until = time.monotonic() + self.down_for
+    def _mark_down(self, why: str) -> None:
+        """Ask no more for ``down_for`` seconds; the patches meanwhile say ``why``."""
+        self.down_until, self.down_why = time.monotonic() + self.down_for, why
         self.server = None  # check the models again when it comes back
 
     def _failed(self, n: int, error: str | None) -> None:
