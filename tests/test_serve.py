@@ -296,7 +296,8 @@ def test_routing_on_the_remote_tier_equals_routing_here(mnist_run):
     transfer = pool.take()
     assert torch.equal(there.mask, here.mask) and there.degraded is None
     assert torch.allclose(there.gflops, here.gflops)
-    assert transfer.requests == 2 and transfer.patches_sent == 8 and transfer.errors == []
+    # f1's and f2's patches of the 3 images in one request
+    assert transfer.requests == 1 and transfer.patches_sent == 8 and transfer.errors == []
     assert transfer.bytes_sent < 2 * len(encode_npz(patches=quantise(x.numpy())))
     assert transfer.bytes_sent > 0 and transfer.bytes_received > 0
     # probabilities instead of labels: the stitched probabilities themselves agree
@@ -304,6 +305,133 @@ def test_routing_on_the_remote_tier_equals_routing_here(mnist_run):
     with torch.inference_mode():
         probs = edge.router(x, actions=actions, mc_seed=0).probs
     assert torch.allclose(probs, here.probs, atol=1e-3)  # float16 on the wire
+
+
+class _Older:
+    """The server as one made before requests of several models: /v1/models without
+    ``index_per_model``, and a request without ``model=`` refused; what each post sent."""
+
+    def __init__(self, client):
+        self.client, self.sent, self.models = client, [], []
+
+    def get(self, url, **kwargs):
+        res = self.client.get(url, **kwargs)
+        info = res.json()
+        info["request"].pop("index_per_model")
+        return httpx.Response(res.status_code, json=info, request=res.request)
+
+    def post(self, url, **kwargs):
+        self.sent.append(len(kwargs["content"]))
+        self.models.append(kwargs["params"].get("model"))
+        if "model" not in kwargs["params"]:
+            return httpx.Response(422, json={"error": "query.model: Field required"},
+                                  request=httpx.Request("POST", url))
+        return self.client.post(url, **kwargs)
+
+
+def _two_on_f1_two_on_f2(mnist_run, http, max_patches=4096):
+    """docs/deployment.md's mixed case: a 2 x 2 grid with halo 4, the left patches on f1,
+    the right ones on f2 (every pixel is read by patches of both models); the labels here
+    and through the remote tier, and what that sent."""
+    server_model, edge = _load(mnist_run), _load(mnist_run)
+    for m in (server_model, edge):
+        m.router.grid = PatchGrid(2, 2, halo=4)
+    x = torch.randint(0, 256, (1, 1, 32, 32), generator=torch.Generator().manual_seed(1)) / 255.0
+    actions = torch.tensor([[1, 2, 1, 2]])
+    with torch.inference_mode():
+        here = edge.router(x, actions=actions, mc_seed=0)
+        pool = edge.use_remote("http://testserver", http=http(TestClient(create_app(
+            server_model, max_patches=max_patches))))
+        there = edge.router(x, actions=actions, mc_seed=0)
+    assert there.degraded is None and torch.equal(there.mask, here.mask)
+    return x, pool.take(), pool.http
+
+
+def test_the_image_travels_once_for_every_pool_model(mnist_run):
+    """Each pool model's patches went in a request of their own, each with the pixels its
+    patches read: in docs/deployment.md's mixed case the pixels went twice, more than the
+    whole image (121 % of its bytes on the synthetic battery's images)."""
+    x, one, _ = _two_on_f1_two_on_f2(mnist_run, lambda client: client)
+    _, each, older = _two_on_f1_two_on_f2(mnist_run, _Older)
+    assert (one.requests, one.patches_sent, one.errors) == (1, 4, [])
+    assert (each.requests, each.patches_sent, each.errors) == (2, 4, [])  # model by model
+    assert older.models == ["f1", "f2"] and each.bytes_sent == sum(older.sent)
+    image = quantise(x.numpy())
+    whole = len(encode_npz(patches=image))
+    assert each.bytes_sent > whole  # every pixel twice
+    # every pixel once, with the two models' indices
+    assert one.bytes_sent == len(encode_npz(image=image, index_f1=np.array([0, 2]),
+                                            index_f2=np.array([1, 3])))
+    assert one.bytes_sent < each.bytes_sent and one.bytes_sent - whole < 500
+
+
+def test_the_servers_patch_limit_counts_every_models_patches(server, mnist_run, monkeypatch):
+    """--max-patches holds for the sum of a request's indices, checked before any patch is
+    cut; the edge splits its request to fit, and the labels stay those of routing here."""
+    _, client = server  # max_patches 16
+    cut, context = [], PatchGrid.context
+    monkeypatch.setattr(PatchGrid, "context", lambda grid, x: cut.append(x.shape[0])
+                        or context(grid, x))
+    body = encode_npz(image=np.zeros((1, 1, 28, 28), np.uint8), index_f1=np.zeros(9, np.int64),
+                      index_f2=np.zeros(8, np.int64))
+    res = client.post("/v1/segment", content=body, headers={"Content-Type": NPZ})
+    assert res.status_code == 413, res.text
+    assert res.json()["error"] == ("17 patches (9 in 'index_f1' + 8 in 'index_f2'): more than "
+                                   "the server's 16 per request; split them")
+    assert cut == []
+    monkeypatch.undo()
+    _, split, _ = _two_on_f1_two_on_f2(mnist_run, lambda client: client, max_patches=3)
+    # f1's 2 patches with one of f2's, then f2's other alone
+    assert (split.requests, split.patches_sent, split.errors) == (2, 4, [])
+
+
+def test_a_request_of_every_pool_model_answers_each(server):
+    model, client = server
+    u8 = RNG.integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
+    body = encode_npz(image=u8, index_f2=np.array([1]), index_f1=np.array([0, 1]))
+    res = client.post("/v1/segment", params={"output": "labels", "digest_f1": weights_digest(
+        model.router.pool[0])}, content=body, headers={"Content-Type": NPZ})
+    assert res.status_code == 200, res.text
+    assert (res.headers["X-Paser-Model"], res.headers["X-Paser-Patches"]) == ("f2,f1", "3")
+    x = torch.from_numpy(u8 / np.float32(255))
+    with torch.inference_mode():
+        for k, images in ((1, x), (2, x[1:])):
+            got = decode_npz(res.content, f"labels_f{k}", 10**6)
+            assert np.array_equal(got, model.router.run_local(k, images).argmax(1).numpy())
+    assert client.get("/v1/models").json()["request"]["index_per_model"] is True
+
+
+POOLED = {
+    "no index": (dict(arrays=dict(image=np.zeros((1, 1, 8, 8), np.uint8),
+                                  index=np.array([0]))), 400,
+                 "without model=, the .npz needs 'image' [B, C, H, W] with one 'index_fK' [N_k] "
+                 "per model (it has: image, index); or name the model"),
+    "unknown model": (dict(arrays=dict(image=np.zeros((1, 1, 8, 8), np.uint8),
+                                       index_f9=np.array([0]))), 404,
+                      "no model 'f9' (array 'index_f9'); this server has f1, f2"),
+    "index range": (dict(arrays=dict(image=np.zeros((1, 1, 8, 8), np.uint8),
+                                     index_f1=np.array([0]), index_f2=np.array([1])
+                                     )), 422, "'index_f2' must be 1-D integers in [0, 1)"),
+    "digest": (dict(params=dict(digest_f2="0" * 64)), 409,
+               "f2 here has other weights than the client expects"),
+    "digest of no model": (dict(params=dict(digest="0" * 64)), 422,
+                           "digest= goes with model=; for one 'index_fK' per model send "
+                           "digest_fK= for each"),
+    "png": (dict(kind=PNG), 422, "without model=, a request is an .npz of 'image' with one "
+            "'index_fK' per model, answered as .npz; name the model for a PNG"),
+}
+
+
+@pytest.mark.parametrize("case", list(POOLED))
+def test_bad_requests_of_every_pool_model_are_4xx_with_a_json_error(server, case):
+    _, client = server
+    kwargs, status, message = POOLED[case]
+    body = encode_npz(**kwargs.get("arrays", dict(image=np.zeros((1, 1, 8, 8), np.uint8),
+                                                  index_f1=np.array([0]))))
+    res = client.post("/v1/segment", params=kwargs.get("params", {}), content=body,
+                      headers={"Content-Type": kwargs.get("kind", NPZ)})
+    assert res.status_code == status, res.text
+    assert message in res.json()["error"]
 
 
 def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mnist_run):

@@ -362,19 +362,20 @@ class Router(nn.Module):
         probabilities, ``actions`` [B, P]. Returns probabilities [B, Kc, Hp, Wp] and the
         degraded patches [B, P] (``None`` when every model ran). Each model runs once, on
         all the patches routed to it (gather, forward, scatter); with :attr:`remote` set,
-        on the remote tier, where ``None`` back means it failed and they keep f0's.
+        on the remote tier, asked once for every model (the images travel once), where
+        ``None`` back for a model means it failed and its patches keep f0's.
         """
         remote = self.remote
         # [B*P, C, h + 2 halo, w + 2 halo]; a remote tier cuts its own from x
         patches = None if remote is not None else self.grid.context(x)
         out = self.grid.split(base_probs).clone()  # [B*P, Kc, h, w]
         flat = actions.reshape(-1)
+        routed = {k: idx for k in range(1, self.num_models)
+                  if (idx := (flat == k).nonzero(as_tuple=True)[0]).numel()}
+        answers = remote.run(x, routed) if remote is not None and routed else {}
         degraded = None
-        for k in range(1, self.num_models):
-            idx = (flat == k).nonzero(as_tuple=True)[0]
-            if not idx.numel():
-                continue
-            probs = (remote.run(k, x, idx) if remote is not None
+        for k, idx in routed.items():
+            probs = (answers[k] if remote is not None
                      else self.run_local(k, patches.index_select(0, idx)))
             if probs is None:
                 if degraded is None:

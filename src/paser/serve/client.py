@@ -152,41 +152,71 @@ class RemotePool:
 
     # ---- the routing path's hook ----------------------------------------------------------
 
-    def run(self, k: int, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
-        """Probabilities ``[N, classes, h, w]`` of f``k`` on the patches ``idx`` (flat, in
-        the routing path's order) of the padded images ``x`` ``[B, C, Hp, Wp]``, or ``None``
-        when the server did not answer (after retries) or is marked down.
+    def run(self, x: torch.Tensor, routed: dict[int, torch.Tensor]
+            ) -> dict[int, torch.Tensor | None]:
+        """Probabilities ``[N_k, classes, h, w]`` of each pool model f``k`` of ``routed`` on
+        its patches ``routed[k]`` (flat, in the routing path's order) of the padded images
+        ``x`` ``[B, C, Hp, Wp]``; ``None`` for a model when the server did not answer (after
+        retries) or is marked down.
 
-        What is sent is the images with every pixel outside those patches' context windows
-        zeroed (which compresses to almost nothing) and the indices: the server cuts the
-        patches itself, so overlapping halos travel once in a request (one per model: pixels
-        that patches of two models read travel in both).
+        What is sent is the images with every pixel outside the routed patches' context
+        windows zeroed (which compresses to almost nothing) and each model's indices
+        (``index_fK``), in one request for every model: the server cuts the patches itself,
+        so a pixel that several patches read travels once. A server that takes one model a
+        request (one without ``index_per_model`` in ``/v1/models``) is asked model by
+        model, each request with the pixels of that model's patches alone.
         """
-        n = idx.numel()
-        if time.monotonic() < self.down_until:
-            return self._failed(n, f"{self.url}: not asked: it failed less than "
-                                f"{self.down_for:g} s ago (down_for): {self.down_why}")
-        if self.server is None:
-            try:
-                self.connect()
-            except (httpx.HTTPError, RemoteError) as err:
-                self._mark_down(describe_error(err))
-                return self._failed(n, f"{self.url}: {describe_error(err)}")
+        answers: dict[int, torch.Tensor | None] = {}
+        pending = list(routed)
+        while pending:
+            n = sum(routed[k].numel() for k in pending)
+            if time.monotonic() < self.down_until:
+                self._failed(n, f"{self.url}: not asked: it failed less than "
+                             f"{self.down_for:g} s ago (down_for): {self.down_why}")
+                return {**answers, **dict.fromkeys(pending)}
+            if self.server is None:
+                try:
+                    self.connect()
+                except (httpx.HTTPError, RemoteError) as err:
+                    self._mark_down(describe_error(err))
+                    self._failed(n, f"{self.url}: {describe_error(err)}")
+                    return {**answers, **dict.fromkeys(pending)}
+            request = self.server.get("request")  # what this server takes
+            together = isinstance(request, dict) and request.get("index_per_model") is True
+            asked = pending if together else pending[:1]
+            pending = pending[len(asked):]
+            probs = self._send(x, {k: routed[k] for k in asked})
+            answers.update(probs if probs is not None else dict.fromkeys(asked))
+        return answers
+
+    def _send(self, x: torch.Tensor, routed: dict[int, torch.Tensor]
+              ) -> dict[int, torch.Tensor] | None:
+        """:meth:`run` for the models of ``routed``, all in each request: their answers, or
+        ``None`` when a request failed (every one of their patches then counts as failed)."""
+        n = sum(idx.numel() for idx in routed.values())
         self.stats.patches_sent += n
+        idx = torch.cat(list(routed.values()))
         image = quantise((x * self._needed(idx, x.shape)).cpu().numpy())
         idx = idx.cpu().numpy()
-        parts = []
+        model = np.repeat(list(routed), [i.numel() for i in routed.values()])  # idx's model
+        parts: dict[int, list[np.ndarray]] = {k: [] for k in routed}
         per_image, most = self.grid.num_patches, self.server["limits"]["max_patches"]
         for lo, hi in self._image_chunks(image.shape):
-            sel = idx[(idx >= lo * per_image) & (idx < hi * per_image)]
+            sel = (idx >= lo * per_image) & (idx < hi * per_image)
+            sel, of = idx[sel] - lo * per_image, model[sel]
             for start in range(0, sel.size, most):  # one image's patches past the limit too
-                part = sel[start:start + most]
-                answer = self._post(k, {"image": image[lo:hi], "index": part - lo * per_image},
-                                    part.size, image.shape[-2:])
+                part, part_of = sel[start:start + most], of[start:start + most]
+                index = {k: part[part_of == k] for k in routed if (part_of == k).any()}
+                answer = self._post(image[lo:hi], index, image.shape[-2:])
                 if answer is None:
                     return self._failed(n, None)
-                parts.append(answer)
-        out = torch.from_numpy(np.concatenate(parts))
+                for k, out in answer.items():
+                    parts[k].append(out)
+        return {k: self._probs(np.concatenate(part)) for k, part in parts.items()}
+
+    def _probs(self, out: np.ndarray) -> torch.Tensor:
+        """The server's answer as probabilities ``[N, classes, h, w]`` (labels one-hot)."""
+        out = torch.from_numpy(out)
         if self.output == "labels":
             return torch.nn.functional.one_hot(out.long(), self.classes).permute(0, 3, 1, 2
                                                                                  ).float()
@@ -225,12 +255,23 @@ class RemotePool:
         step = max(1, fit)  # one image over the limits: the server says why
         return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
-    def _post(self, k: int, arrays: dict, n: int, size: tuple[int, int]) -> np.ndarray | None:
+    def _post(self, image: np.ndarray, index: dict[int, np.ndarray], size: tuple[int, int]
+              ) -> dict[int, np.ndarray] | None:
+        """One request for the patches ``index[k]`` of each model ``k`` in ``image``: one
+        model's as ``model=fK`` with ``index`` (what every server takes), several as
+        ``index_fK`` each."""
+        params = {"output": self.output, "dtype": "float16"}
+        digests = {m["name"]: m["digest"] for m in self.expected}
+        if len(index) == 1:
+            [(k, part)] = index.items()
+            arrays = {"image": image, "index": part}
+            params["model"] = f"f{k}"
+            if digests[f"f{k}"]:  # the server refuses (409) once it serves other weights
+                params["digest"] = digests[f"f{k}"]  # than connect saw
+        else:
+            arrays = {"image": image, **{f"index_f{k}": part for k, part in index.items()}}
+            params.update({f"digest_f{k}": digests[f"f{k}"] for k in index if digests[f"f{k}"]})
         body = encode_npz(**arrays)
-        params = {"model": f"f{k}", "output": self.output, "dtype": "float16"}
-        digest = next(m["digest"] for m in self.expected if m["name"] == f"f{k}")
-        if digest:  # the server refuses (409) once it serves other weights than connect saw
-            params["digest"] = digest
         error = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -251,7 +292,7 @@ class RemotePool:
                 raise RemoteError(f"{self.url}: {_server_error(res)}")
             self.stats.bytes_received += len(res.content)
             if res.status_code == 200:
-                return self._answer(res, n, size)
+                return self._answer(res, index, size)
             error = f"{self.url}: HTTP {res.status_code}: {_server_error(res)}"
             if res.status_code not in RETRY_STATUS:
                 self.stats.errors.append(error)
@@ -260,23 +301,32 @@ class RemotePool:
         self.stats.errors.append(error)
         return None
 
-    def _answer(self, res: httpx.Response, n: int, size: tuple[int, int]) -> np.ndarray | None:
+    def _answer(self, res: httpx.Response, index: dict[int, np.ndarray], size: tuple[int, int]
+                ) -> dict[int, np.ndarray] | None:
+        """Each model's array of the answer (``labels`` or ``probs``; ``labels_fK`` ... for
+        several models), checked against the patches asked: ``None`` if one is wrong."""
         h, w = size[0] // self.grid.rows, size[1] // self.grid.cols
-        want = (n, h, w) if self.output == "labels" else (n, self.classes, h, w)
-        try:
-            out = decode_npz(res.content, self.output, max_values=int(np.prod(want)))
-        except PayloadError as err:
-            out = err
-        bad_labels = (not isinstance(out, PayloadError) and self.output == "labels"
-                      and out.size and int(out.max()) >= self.classes)
-        if isinstance(out, PayloadError) or out.shape != want or bad_labels:
-            got = out if isinstance(out, PayloadError) else (
-                f"class {int(out.max())} of {self.classes}" if bad_labels
-                else f"shape {list(out.shape)}")
-            self.stats.errors.append(f"{self.url}: an answer that is not {list(want)} "
-                                     f"{self.output} ({got})")
-            return None
-        return out
+        per = (h, w) if self.output == "labels" else (self.classes, h, w)
+        total = sum(part.size for part in index.values()) * int(np.prod(per))
+        answers = {}
+        for k, part in index.items():
+            name = self.output if len(index) == 1 else f"{self.output}_f{k}"
+            want = (part.size, *per)
+            try:
+                out = decode_npz(res.content, name, max_values=total)
+            except PayloadError as err:
+                out = err
+            bad_labels = (not isinstance(out, PayloadError) and self.output == "labels"
+                          and out.size and int(out.max()) >= self.classes)
+            if isinstance(out, PayloadError) or out.shape != want or bad_labels:
+                got = out if isinstance(out, PayloadError) else (
+                    f"class {int(out.max())} of {self.classes}" if bad_labels
+                    else f"shape {list(out.shape)}")
+                self.stats.errors.append(f"{self.url}: an answer that is not {list(want)} "
+                                         f"{name} ({got})")
+                return None
+            answers[k] = out
+        return answers
 
     def _refused(self) -> RemoteAccessError:
         said = "wants a token" if not self.headers else "refused this edge's token"

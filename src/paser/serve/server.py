@@ -3,8 +3,12 @@ the policy themselves and send only the patches routed to a pool model.
 
 ``GET /healthz``; ``GET /v1/models`` (names, parameters, GFLOP per patch, weight digests,
 the halo patches must carry, the limits); ``POST /v1/segment?model=fK`` with patches as
-``.npz`` (array ``patches`` ``[N, C, h, w]``) or a PNG of N patches stacked vertically
-(``count=N``), answering class probabilities or labels for the patches' centres. Every
+``.npz`` (array ``patches`` ``[N, C, h, w]``, or ``image`` ``[B, C, H, W]`` with ``index``
+``[N]``: the server cuts them) or a PNG of N patches stacked vertically (``count=N``),
+answering class probabilities or labels for the patches' centres. Without ``model=``, one
+``.npz`` holds ``image`` and one ``index_fK`` per model it asks, and the answer one
+``probs_fK`` (or ``labels_fK``) each: the image travels once for every model
+(``"index_per_model"`` in ``/v1/models`` says a server takes it). Every
 error is a JSON ``{"error": ...}`` with a 4xx status (5xx only for the server's own
 failures); none stops the server.
 
@@ -98,8 +102,9 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
 
     Limits: a body over ``max_request_bytes`` or an array over ``max_values`` values (shape
     read from the header, before decompressing) is a 413; more than ``max_patches`` patches
-    a 413, as is a patch larger than the run's (halo included; ``max_patch_side`` pixels a
-    side for a run that routes images whole); at most ``max_concurrency`` inferences run at
+    (those of every model a request asks, together) a 413, as is a patch larger than the
+    run's (halo included; ``max_patch_side`` pixels a side for a run that routes images
+    whole); at most ``max_concurrency`` inferences run at
     once, and a request that waits more than ``queue_timeout`` seconds for its turn is a 503
     with ``Retry-After``.
     ``token``: the shared secret every path but ``/healthz`` requires (``None``: open).
@@ -183,7 +188,10 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                 "flop_convention": FLOP_CONVENTION, "limits": limits,
                 "request": {"content_types": [NPZ, PNG],
                             "npz": ["patches [N, C, h + 2 halo, w + 2 halo]",
-                                    "image [B, C, H, W] + index [N]: patches cut here"],
+                                    "image [B, C, H, W] + index [N]: patches cut here",
+                                    "image [B, C, H, W] + index_fK [N_k] per model, no "
+                                    "model=: answers probs_fK or labels_fK"],
+                            "index_per_model": True,
                             "png": "N patches stacked vertically, count=N",
                             "dtypes": sorted(str(d) for d in SCALES)},
                 "output": ["probs", "labels"]}
@@ -215,9 +223,15 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
             return predicted_classes(probs).to(torch.uint8).cpu().numpy(), n * flops[(k, h, w)]
         return probs.cpu().numpy().astype(dtype), n * flops[(k, h, w)]
 
+    def infer_each(jobs: list[tuple[int, torch.Tensor]], output: str, dtype: str
+                   ) -> list[tuple[np.ndarray, float]]:
+        return [infer(k, x, output, dtype) for k, x in jobs]
+
     @app.post("/v1/segment")
     async def segment(request: Request,
-                      model: str = Query(..., description="f1 .. fK"),
+                      model: str | None = Query(None, description="f1 .. fK; left out for "
+                                                "an .npz of 'image' with one 'index_fK' per "
+                                                "model"),
                       output: Literal["probs", "labels"] = "probs",
                       format: Literal["npz", "png"] = "npz",
                       dtype: Literal["float32", "float16"] = "float32",
@@ -226,12 +240,21 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                                                  "expects (GET /v1/models): refused with 409 "
                                                  "when this server's differ")
                       ) -> Response:
-        if model not in names:
+        if model is not None and model not in names:
             raise PayloadError(404, f"no model '{model}'; this server has {', '.join(names)}")
-        if digest is not None and digest != digests[model]:
-            raise PayloadError(409, f"{model} here has other weights than the client expects "
-                               "(the server was restarted with another run?); connect again "
-                               "to the server of the client's run")
+        if model is None and digest is not None:
+            raise PayloadError(422, "digest= goes with model=; for one 'index_fK' per model "
+                               "send digest_fK= for each")
+        expects = {key.removeprefix("digest_"): value
+                   for key, value in request.query_params.items() if key.startswith("digest_")}
+        for name, value in ({model: digest} if digest is not None else expects).items():
+            if name not in names:
+                raise PayloadError(404, f"no model '{name}' (digest_{name}=); this server has "
+                                   f"{', '.join(names)}")
+            if value != digests[name]:
+                raise PayloadError(409, f"{name} here has other weights than the client "
+                                   "expects (the server was restarted with another run?); "
+                                   "connect again to the server of the client's run")
         request.state.model = model  # for the log line: a name of ours, never the client's text
         if format == "png" and output != "labels":
             raise PayloadError(422, "format=png answers labels only; use output=labels, or "
@@ -240,10 +263,20 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         if kind not in (NPZ, "application/octet-stream", PNG):
             raise PayloadError(415, f"Content-Type '{kind or 'none'}': send {NPZ} (array "
                                f"'patches' [N, C, h, w]) or {PNG}")
+        if model is None and (kind == PNG or format == "png"):
+            raise PayloadError(422, "without model=, a request is an .npz of 'image' with one "
+                               "'index_fK' per model, answered as .npz; name the model for a "
+                               "PNG")
         body = await _read_body(request, max_request_bytes)
-        x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
-                    else _npz_patches(body, router.grid, channels, max_values, max_patches,
-                                      tile))
+        if model is None:  # every model asked at once: [N_1 + N_2 + ..., C, h, w]
+            x, asked = _npz_pooled(body, names, router.grid, channels, max_values,
+                                   max_patches, tile)
+            notes, request.state.model = [], ",".join(asked)
+        else:
+            x, notes = (_png_patches(body, count, channels, max_values) if kind == PNG
+                        else _npz_patches(body, router.grid, channels, max_values,
+                                          max_patches, tile))
+            asked = {model: x.shape[0]}
         request.state.patches = x.shape[0]
         if x.shape[0] > max_patches:
             raise PayloadError(413, f"{x.shape[0]} patches: more than the server's "
@@ -260,22 +293,27 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
                                "retry later")
         busy["running"] += 1
         start = time.perf_counter()
+        jobs = [(int(name[1:]), part)
+                for name, part in zip(asked, x.split(list(asked.values())), strict=True)]
         try:
-            answer, gflops = await run_in_threadpool(infer, int(model[1:]), x, output, dtype)
+            answers = await run_in_threadpool(infer_each, jobs, output, dtype)
         finally:
             busy["running"] -= 1
             gate.release()
         busy["served"] += 1
-        headers = {"X-Paser-Model": model, "X-Paser-Patches": str(x.shape[0]),
-                   "X-Paser-Gflops": repr(gflops),
+        headers = {"X-Paser-Model": ",".join(asked), "X-Paser-Patches": str(x.shape[0]),
+                   "X-Paser-Gflops": repr(sum(gflops for _, gflops in answers)),
                    "X-Paser-Ms": f"{1000 * (time.perf_counter() - start):.2f}"}
         if notes:
             headers["X-Paser-Notes"] = "; ".join(notes)
         if format == "png":
-            strip = answer.reshape(-1, answer.shape[-1])
+            strip = answers[0][0].reshape(-1, answers[0][0].shape[-1])
             return Response(codec.encode_png(strip), media_type=PNG,
                             headers=headers)
-        return Response(codec.encode_npz(**{output: answer}), media_type=NPZ, headers=headers)
+        arrays = ({output: answers[0][0]} if model is not None else
+                  {f"{output}_{name}": answer for name, (answer, _) in zip(asked, answers,
+                                                                          strict=True)})
+        return Response(codec.encode_npz(**arrays), media_type=NPZ, headers=headers)
 
     return app
 
@@ -327,17 +365,44 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _npz_patches(body: bytes, grid, channels: int, max_values: int, max_patches: int,
                  tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, list]:
     """Patches with their halo from an ``.npz``: array ``patches`` ``[N, C, h, w]`` as they
-    are, or ``image`` ``[B, C, H, W]`` (divisible by the run's grid; of its ``tile`` size
-    where it routes tiles) with ``index`` ``[N]`` (patches in the routing path's order,
-    image by image), cut here with the halo once ``N`` is within ``max_patches``: each
-    index is one value of the body and a whole patch once cut."""
+    are, or ``image`` ``[B, C, H, W]`` with ``index`` ``[N]``, cut here (:func:`_cut`)."""
     arrays = codec.read_npz(body, max_values)
     if "patches" in arrays:
         return torch.from_numpy(_unit(arrays["patches"], "patches", channels)), []
     if "image" not in arrays or "index" not in arrays:
         raise PayloadError(400, "the .npz needs an array 'patches' [N, C, h, w], or 'image' "
                            f"[B, C, H, W] with 'index' [N] (it has: {', '.join(arrays) or 'none'})")
-    image, index = _unit(arrays["image"], "image", channels), arrays["index"]
+    return _cut(arrays, ["index"], grid, channels, max_patches, tile), []
+
+
+def _npz_pooled(body: bytes, names: list[str], grid, channels: int, max_values: int,
+                max_patches: int, tile: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, dict[str, int]]:
+    """A request without ``model=``: ``image`` ``[B, C, H, W]`` with one ``index_fK``
+    ``[N_k]`` per model it asks (of ``names``). Every model's patches, cut once
+    (:func:`_cut`) in the order of the arrays, and how many each model has."""
+    arrays = codec.read_npz(body, max_values)
+    keys = [key for key in arrays if key.startswith("index_")]
+    if "image" not in arrays or not keys:
+        raise PayloadError(400, "without model=, the .npz needs 'image' [B, C, H, W] with one "
+                           "'index_fK' [N_k] per model (it has: "
+                           f"{', '.join(arrays) or 'none'}); or name the model")
+    for key in keys:
+        if key.removeprefix("index_") not in names:
+            raise PayloadError(404, f"no model '{key.removeprefix('index_')}' (array '{key}'); "
+                               f"this server has {', '.join(names)}")
+    patches = _cut(arrays, keys, grid, channels, max_patches, tile)
+    return patches, {key.removeprefix("index_"): arrays[key].size for key in keys}
+
+
+def _cut(arrays: dict[str, np.ndarray], keys: list[str], grid, channels: int,
+         max_patches: int, tile: tuple[int, int] | None) -> torch.Tensor:
+    """The patches with their halo that the index arrays ``keys`` (each ``[N_k]``: patches in
+    the routing path's order, image by image) name in ``image`` ``[B, C, H, W]`` (divisible
+    by the run's grid; of its ``tile`` size where it routes tiles), all keys' one after the
+    other: cut once the sum of the ``N_k`` is within ``max_patches``, as each index is one
+    value of the body and a whole patch once cut."""
+    image = _unit(arrays["image"], "image", channels)
     b, _, h, w = image.shape
     if tile is not None and (h, w) != tuple(tile):
         # padding it to the grid would make patches larger than the run's: refused next
@@ -351,16 +416,21 @@ def _npz_patches(body: bytes, grid, channels: int, max_values: int, max_patches:
     if not fits:
         raise PayloadError(422, f"an image of {h} x {w} does not divide into the run's {grid} "
                            "grid; pad it to the grid first")
-    if index.ndim != 1 or index.dtype.kind not in "iu" or not index.size \
-            or index.min() < 0 or index.max() >= b * grid.num_patches:
-        raise PayloadError(422, f"'index' must be 1-D integers in [0, {b * grid.num_patches}) "
-                           f"(patches of {b} image(s) on a {grid} grid), got {index.dtype} "
-                           f"shape {list(index.shape)}")
-    if index.size > max_patches:  # 16 Mi zeros (a 17 kB body) cut 64 GiB of 32 x 32 patches
-        raise PayloadError(413, f"{index.size} patches: more than the server's {max_patches} "
+    for key in keys:
+        index = arrays[key]
+        if index.ndim != 1 or index.dtype.kind not in "iu" or not index.size \
+                or index.min() < 0 or index.max() >= b * grid.num_patches:
+            raise PayloadError(422, f"'{key}' must be 1-D integers in [0, "
+                               f"{b * grid.num_patches}) (patches of {b} image(s) on a {grid} "
+                               f"grid), got {index.dtype} shape {list(index.shape)}")
+    count = sum(arrays[key].size for key in keys)
+    if count > max_patches:  # 16 Mi zeros (a 17 kB body) cut 64 GiB of 32 x 32 patches
+        each = "" if len(keys) == 1 else " (" + " + ".join(
+            f"{arrays[key].size} in '{key}'" for key in keys) + ")"
+        raise PayloadError(413, f"{count} patches{each}: more than the server's {max_patches} "
                            "per request; split them")
-    patches = grid.context(torch.from_numpy(image))
-    return patches.index_select(0, torch.from_numpy(index.astype(np.int64))), []
+    index = np.concatenate([arrays[key].astype(np.int64) for key in keys])
+    return grid.context(torch.from_numpy(image)).index_select(0, torch.from_numpy(index))
 
 
 def _unit(arr: np.ndarray, name: str, channels: int) -> np.ndarray:
