@@ -657,6 +657,26 @@ def test_a_run_being_trained_again_or_calibrated_elsewhere_is_not_used_as_it_was
     assert sum("skipped" in line for line in lines) == 3  # stages 1 to 3
 
 
+def test_a_calibration_the_last_run_made_is_not_said_to_be_paser_calibrates(tmp_path):
+    from paser.run import other_calibration
+
+    cfg = load_config(preset="battery-quick")
+    # the last paser run calibrated to its own operating point; the config now asks for
+    # another: the [config] lines say why it is made again, not "made by paser calibrate"
+    (tmp_path / "calibration.json").write_text(json.dumps(
+        {"target": {"iou_within_top": 0.005, "top_miou": 0.8, "top_model": "f2"}}))
+    wider = cfg.model_copy(update={"operating_point": cfg.operating_point.model_copy(
+        update={"iou_within_top": 0.01})})
+    assert other_calibration(wider, tmp_path, before=cfg) is None
+    assert other_calibration(cfg, tmp_path, before=cfg) is None
+    # a target that neither config asks for was made by paser calibrate since
+    (tmp_path / "calibration.json").write_text(json.dumps({"target": {"budget_gflops": 0.05}}))
+    assert other_calibration(wider, tmp_path, before=cfg) == (
+        "calibration.json holds another target (budget_gflops 0.05), made by paser calibrate "
+        "since: calibrated again to this config's operating_point, which paser segment then "
+        "uses; set operating_point to keep the other")
+
+
 def test_a_changed_pool_model_key_is_named_alone():
     from paser.run import config_changes
 

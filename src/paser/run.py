@@ -269,9 +269,12 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
          f"{cal.uncalibrated['gflops']:.3f}; {FLOP_CONVENTION})")
 
 
-def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
+def other_calibration(cfg: ExperimentConfig, run_dir: Path,
+                      before: ExperimentConfig | None = None) -> str | None:
     """Why the run's ``calibration.json`` is not the config's operating point (made by
-    ``paser calibrate`` for another target since), or None."""
+    ``paser calibrate`` for another target since), or None. ``before``: the config the
+    folder's last ``paser run`` had; a calibration at its operating point is that run's
+    (the [config] lines say why it is made again), not one paser calibrate made."""
     from paser.calibration import FILE
 
     path = run_dir / FILE
@@ -279,8 +282,12 @@ def other_calibration(cfg: ExperimentConfig, run_dir: Path) -> str | None:
         saved = json.loads(path.read_text()).get("target", {}) if path.is_file() else None
     except (OSError, ValueError, AttributeError):
         return None  # unreadable: paser segment says so where it reads it
-    want = target_of(cfg) or {}
-    if saved is None or all(saved.get(k) == v for k, v in want.items()):
+
+    def holds(target: dict | None) -> bool:
+        return all(saved.get(k) == v for k, v in (target or {}).items())
+
+    made = None if before is None else target_of(before)
+    if saved is None or holds(target_of(cfg)) or (made is not None and holds(made)):
         return None
     held = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in saved.items() if k in ("iou_within_top", "budget_gflops",
@@ -560,7 +567,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
 
     # what commands of their own changed since the last paser run (said where nothing this
     # run redoes explains a step running again)
-    other_cal, outdated = other_calibration(cfg, run_dir), report_outdated(run_dir)
+    other_cal, outdated = other_calibration(cfg, run_dir, before), report_outdated(run_dir)
 
     def stage1(resume: bool) -> None:
         large = large_patches(cfg)  # said where stage 1 trains, which opens the split anyway
