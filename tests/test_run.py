@@ -677,6 +677,28 @@ def test_a_calibration_the_last_run_made_is_not_said_to_be_paser_calibrates(tmp_
         "uses; set operating_point to keep the other")
 
 
+def test_a_models_record_cut_short_is_refused_naming_it_not_a_traceback(tmp_path):
+    from paser.errors import CheckpointError
+    from paser.run import Steps, stamp_unrecorded
+    from paser.train.pretrain import trained_on
+
+    cfg = load_config(preset="battery-quick")
+    (tmp_path / "checkpoints").mkdir()
+    record = tmp_path / "checkpoints" / "f0.trained.json"
+    record.write_text('{"fingerprint": "4a1f98479d3f", "mach')  # a copy stopped mid-file
+    said = (rf"^{record}: cannot read it \(Unterminated string .*\); it records what f0 was "
+            r"trained with and on. Delete it: f0.pt is kept, and stage 1 trains f0 again the "
+            r"next time it runs$")
+    # paser run reads it before any step (a JSONDecodeError traceback before), the report
+    # where it says where the pool trained
+    with pytest.raises(CheckpointError, match=said):
+        stamp_unrecorded(tmp_path, Steps(tmp_path), None, None)
+    with pytest.raises(CheckpointError, match=said):
+        trained_on(cfg, tmp_path)
+    record.unlink()  # as the error says: the model is taken as of unknown origin
+    assert trained_on(cfg, tmp_path)["machines"]["f0"] is None
+
+
 def test_a_changed_pool_model_key_is_named_alone():
     from paser.run import config_changes
 

@@ -352,10 +352,11 @@ def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> No
     (``seen``), or where none did, the files as they are now, which is said. A run
     folder that cannot be written to keeps them as they are (and says so again)."""
     from paser.data.identity import record_identity
+    from paser.train.pretrain import trained_record
 
     old = [name for name, r in steps.done.items() if "data" not in r]
     models = [p for p in sorted((run_dir / "checkpoints").glob("*.trained.json"))
-              if "data" not in json.loads(p.read_text())]
+              if "data" not in trained_record(p)]
     if not old and not models:
         return
     stamp = ident.digest if seen is None else seen.digest
@@ -366,7 +367,7 @@ def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> No
              "files now)")
     try:
         for p in models:
-            atomic_write_text(json.dumps({**json.loads(p.read_text()), "data": stamp}), p)
+            atomic_write_text(json.dumps({**trained_record(p), "data": stamp}), p)
         for name in old:
             steps.done[name]["data"] = stamp
         steps.save()

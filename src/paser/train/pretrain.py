@@ -27,6 +27,7 @@ from paser.checkpoints import (
     build_model,
     load_trained,
     model_roles,
+    read_record,
     save_label_codec,
 )
 from paser.config import ExperimentConfig, ModelSpec
@@ -394,7 +395,7 @@ def rehash_models(cfg: ExperimentConfig, run_dir: Path) -> None:
     way (:func:`model_fingerprint`'s ``added`` and ``root``) under today's fingerprint."""
     for role, _ in model_roles(cfg):
         path = _trained_file(run_dir, role)
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = trained_record(path)
         now = model_fingerprint(cfg, role)
         if record.get("fingerprint") not in (None, now) and record["fingerprint"] in (
                 model_fingerprints(cfg, role)):
@@ -406,6 +407,18 @@ def _trained_file(run_dir: Path, role: str) -> Path:
     return run_dir / "checkpoints" / f"{role}.trained.json"
 
 
+def trained_record(path: Path) -> dict:
+    """A model's record at ``path`` (:func:`_trained_file`; empty where there is none). One
+    cut short (a copy stopped, a full disk) is a :class:`CheckpointError` that names it and
+    says what to do, as an unreadable ``steps.json`` is, not a JSON traceback."""
+    if not path.is_file():
+        return {}
+    role = path.name.removesuffix(".trained.json")
+    return read_record(path, "a record of a trained model", (
+        f"it records what {role} was trained with and on. Delete it: {role}.pt is kept, and "
+        f"stage 1 trains {role} again the next time it runs"))
+
+
 def trained_on(cfg: ExperimentConfig, run_dir: Path) -> dict:
     """Where the pool trained, from each model's record: ``machine`` where every model
     trained on one kind (:func:`paser.train.distributed.machine`), else ``None`` and
@@ -413,9 +426,7 @@ def trained_on(cfg: ExperimentConfig, run_dir: Path) -> dict:
     its own; one recorded before machines were is ``None``)."""
     machines = {}
     for role, _ in model_roles(cfg):
-        path = _trained_file(run_dir, role)
-        machines[role] = machine_kind(json.loads(path.read_text()).get("machine")
-                                      if path.is_file() else None)
+        machines[role] = machine_kind(trained_record(_trained_file(run_dir, role)).get("machine"))
     kinds = {json.dumps(m, sort_keys=True) for m in machines.values()}
     if len(kinds) == 1 and None not in machines.values():
         return {"machine": next(iter(machines.values()))}
@@ -450,7 +461,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
         ident = data_identity(cfg.data, run_dir)
         files = None if ident is None else ident.digest
     # a model finished before keeps the files it was trained on through a --resume
-    records = {role: json.loads(_trained_file(run_dir, role).read_text())
+    records = {role: trained_record(_trained_file(run_dir, role))
                for role, _ in model_roles(cfg) if _trained_file(run_dir, role).is_file()}
     device = dist.device
     if dist.is_main:  # what inference needs to read the run's data as it trained on it
@@ -467,8 +478,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     def same(role: str) -> bool:
         """Trained before with the same fingerprint (and ``reuse``)."""
-        path = _trained_file(run_dir, role)
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = trained_record(_trained_file(run_dir, role))
         return (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
                 and record.get("fingerprint") in model_fingerprints(cfg, role)
                 and record.get("data") == files)
