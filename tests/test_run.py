@@ -89,6 +89,10 @@ def test_report_files(job):
     text = (run_dir / "report.md").read_text()
     assert "Table 1" in text and "Table 2" in text and "| IDK-Cascade (IoU match) |" in text
     assert "; seed 0 (data: split seed 42, synthetic seed 0);" in text
+    # each table says which split its figures are of (the routing shares and the curve
+    # areas are of the test split, as Table 1 is)
+    assert "\n## Routing: share of test patches per model\n" in text
+    assert "\n## The routers against the frontier and the oracle (test split)\n" in text
     # each class's IoU: the run's class names, and the mIoU is their mean
     assert results["classes"] == ["pore", "carbon", "nickel"]
     for name in ("PaSeR", "IDK-Cascade", "Oracle", "f0", "f1", "f2"):

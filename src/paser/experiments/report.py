@@ -190,7 +190,7 @@ def markdown(results: dict) -> str:
     w("| FLOPs saved | IoU/GFLOP gain | IoU difference |\n|---|---|---|\n")
     w(f"| {FR.nz(t2['flops_saved_pct'], 1):.1f} % | {FR.nz(t2['iou_per_gflop_gain_pct'], 1):+.1f} % | "
       f"{FR.nz(t2['iou_difference'], 4):+.4f} |\n")
-    w("\n## Routing: share of patches per model\n\n")
+    w("\n## Routing: share of test patches per model\n\n")
     names = results["models"]
     w("| method | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
     for name, m in methods.items():
@@ -204,8 +204,8 @@ def markdown(results: dict) -> str:
         w("Stage 3 from the same stage-2 policy (lam = 0), lam rising until the validation "
           "assignment distribution is the threshold away from the starting policy's; the last "
           "epoch within it is kept.\n\n")
-        w("| TVD threshold | IoU | GFLOP | IoU/GFLOP | val TVD reached | epoch kept | lam there "
-          "| fractions |\n|---|---|---|---|---|---|---|---|\n")
+        w("| TVD threshold | test IoU | GFLOP | IoU/GFLOP | val TVD reached | epoch kept "
+          "| lam there | fractions |\n|---|---|---|---|---|---|---|---|\n")
         for r in results["tvd_sweep"]:
             w(f"| {100 * r['tvd_threshold']:.0f} % | {_fmt(r['iou'])} | {_fmt(r['gflops'], 3)} | "
               f"{_fmt(r['iou_per_gflop'])} | {_fmt(r['val_tvd'], 3)} | {r['epoch']} | "
@@ -327,7 +327,7 @@ def _routers_md(w, results: dict) -> None:
     ranks = results.get("rank_correlation", {})
     reach = results.get("reachable_captured", {})
     reach_name = next((n for n in areas if n.startswith("Oracle (")), None)
-    w("## The routers against the frontier and the oracle\n\n")
+    w("## The routers against the frontier and the oracle (test split)\n\n")
     w("Headroom captured: (curve area - frontier area) / (oracle area - frontier area), the "
       "share of what the oracle's routing of this pool (labels known) adds over the best "
       "single models that a router gets (1: all of it; 0: none; below 0: under the frontier). Rank correlation: "
