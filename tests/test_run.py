@@ -446,6 +446,27 @@ def test_a_stage_started_over_removes_what_was_built_on_it(tmp_path):
     assert sorted(p.name for p in variant.iterdir()) == ["stage3.pt"]
 
 
+def test_a_step_begun_again_leaves_the_steps_that_read_it_unfinished(tmp_path):
+    from paser.checkpoints import unfinished_steps
+    from paser.run import Steps, readers
+
+    steps = Steps(tmp_path)
+    for name in ("stage1", "stage2", "stage3", "paper", "baselines"):
+        steps.mark(name, f"fp-{name}", seconds=1.0, data="d")
+    steps.undo(readers("stage1"), after="stage1")  # as paser run begins stage 1 again
+    steps.start("stage1", "fp-stage1", data="d")
+    # as the next run reads it, after this one was cut short once stage 1 finished again:
+    # PaSeR (paper), trained on copies of the stage-1 models replaced, is not skipped (nor
+    # resumed); the baselines read nothing of stage 1
+    again = Steps(tmp_path)
+    assert again.done["paper"] == {"seconds": 1.0, "data": "d", "started": "",
+                                   "after": "stage1"}
+    assert not again.finished("paper", "fp-paper") and not again.started("paper", "fp-paper")
+    assert again.finished("baselines", "fp-baselines")
+    # nor is the run loaded as if its policy were of these models
+    assert unfinished_steps(tmp_path) == ["stage1", "stage2", "stage3"]
+
+
 def test_a_finished_step_is_done_only_with_all_its_files():
     from paser.run import outputs
 
@@ -701,6 +722,24 @@ def test_a_models_record_cut_short_is_refused_naming_it_not_a_traceback(tmp_path
         trained_on(cfg, tmp_path)
     record.unlink()  # as the error says: the model is taken as of unknown origin
     assert trained_on(cfg, tmp_path)["machines"]["f0"] is None
+
+
+@pytest.mark.slow
+def test_a_run_cut_short_after_a_step_was_redone_redoes_what_reads_it_next_time(job, tmp_path):
+    import shutil
+
+    run_dir, cfg, results, _ = job
+    shutil.copytree(run_dir, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    with pytest.raises(_Stop):  # --force redid stages 1 and 2, then was stopped
+        run(cfg, run_dir, force=True, show_progress=False, echo=_stop_at("[stage3]", []))
+    lines: list[str] = []
+    again = run(cfg, run_dir, show_progress=False, echo=lines.append)
+    assert again["methods"]["PaSeR (paper)"]["iou"] == results["methods"]["PaSeR (paper)"]["iou"]
+    # PaSeR (paper) was trained on copies of the stage-1 models: trained again on these,
+    # not skipped as finished
+    assert "[paper] running (a step it reads, stage1, was redone since it ran)" in lines
+    assert "[stage2] done before with this config: skipped (--force to redo)" in lines
 
 
 def test_a_changed_pool_model_key_is_named_alone():

@@ -424,6 +424,17 @@ class Steps:
         """Record a step as begun: if it is cut short, the next run resumes it."""
         self._write(step, {"started": fingerprint, **info})
 
+    def undo(self, names, after: str) -> None:
+        """Mark the recorded steps among ``names`` begun on nothing (``after``: what made
+        them so), not finished: a run cut short before it redoes them does not skip them
+        next time, nor resume them on what was built from outputs since replaced, and a
+        run folder in between is not loaded as if they were done (it is written with the
+        next :meth:`start`)."""
+        for name in set(names) & self.done.keys():
+            kept = {k: v for k, v in self.done[name].items() if k not in ("fingerprint",
+                                                                           "started")}
+            self.done[name] = {**kept, "started": "", "after": after}
+
     def drop(self, step: str) -> None:
         """Forget a step (its outputs are gone)."""
         if self.done.pop(step, None) is not None:
@@ -529,10 +540,13 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
             return ""
         if data_changed(name):
             return " (the data's files changed since it ran)"
+        after = steps.done.get(name, {}).get("after")
+        if stale and (record is not None or after is not None):
+            return " (a step it reads was redone in this run)"
+        if after is not None:  # by a run cut short before this step
+            return f" (a step it reads, {after}, was redone since it ran)"
         if record is None:
             return ""
-        if stale:
-            return " (a step it reads was redone in this run)"
         if any(record == v[name] for v in variants):
             return f" (finished before, but {', '.join(missing)} is missing)" if missing else ""
         if before_fps.get(name) == fps[name]:  # the settings did not change: their hash did
@@ -556,6 +570,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         if again and not force and not stale and not data_changed(name):
             why = f" ({again})"  # only where nothing of this run's own makes it run
         echo(f"[{name}] {note or ('resuming' if resume else 'running')}{why}")
+        # what reads this step's outputs is built on what it replaces: not finished until
+        # redone, even where this run is cut short before it gets there
+        steps.undo(readers(name), after=name)
         steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
         fn(resume)
