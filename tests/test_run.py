@@ -740,6 +740,8 @@ def test_a_run_cut_short_after_a_step_was_redone_redoes_what_reads_it_next_time(
     # not skipped as finished
     assert "[paper] running (a step it reads, stage1, was redone since it ran)" in lines
     assert "[stage2] done before with this config: skipped (--force to redo)" in lines
+    # and --force asked for every step: those it did not reach are redone, the baselines too
+    assert "[baselines] running (paser run --force was stopped before it redid it)" in lines
 
 
 def test_a_changed_pool_model_key_is_named_alone():

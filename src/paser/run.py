@@ -512,6 +512,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     variants = fingerprint_variants(cfg)
     fps = variants[0]
     steps = Steps(run_dir)
+    if force:  # every step is redone: one that this run is cut short before, next time too
+        steps.undo(list(steps.done), after="--force")
     device = setup(cfg)
     timings: dict[str, float] = {}
 
@@ -543,6 +545,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         after = steps.done.get(name, {}).get("after")
         if stale and (record is not None or after is not None):
             return " (a step it reads was redone in this run)"
+        if after == "--force":
+            return " (paser run --force was stopped before it redid it)"
         if after is not None:  # by a run cut short before this step
             return f" (a step it reads, {after}, was redone since it ran)"
         if record is None:
