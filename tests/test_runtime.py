@@ -153,6 +153,36 @@ def test_ctrl_c_while_the_fork_server_starts_prints_no_traceback_of_it():
     assert out.stdout == "interrupted\n" and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="signal masks")
+def test_a_ctrl_c_held_while_code_that_would_swallow_it_runs_is_handled_after_it():
+    import signal
+
+    from paser.runtime import interrupts_held
+
+    # torch.utils.flop_counter imports triton, whose C extension turns a KeyboardInterrupt
+    # raised while it loads into an ImportError, which torch takes for "no triton"; paser's
+    # commands raise one for SIGTERM too
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    handler = signal.signal(signal.SIGTERM, terminate)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            reached = []
+            with pytest.raises(KeyboardInterrupt), interrupts_held():
+                try:
+                    try:
+                        os.kill(os.getpid(), sig)
+                        reached.append("after the signal")
+                    except KeyboardInterrupt:
+                        raise ImportError("initialization failed") from None
+                except ImportError:
+                    reached.append("taken for no triton")
+            assert reached == ["after the signal"], sig
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 def test_progress_bars_print_a_line_now_and_then_where_they_cannot_redraw(monkeypatch, capsys):
     """In a pipe or a CI log rich draws a bar only when it stops: paser's print the bar that
     moved every LOG_EVERY_S seconds, on stderr (stdout is a command's results)."""

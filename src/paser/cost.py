@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from paser.errors import ConfigError
 from paser.models.registry import count_parameters
+from paser.runtime import interrupts_held
 
 __all__ = ["FLOP_CONVENTION", "at_least", "count_flops", "count_parameters", "gflops_per_sample"]
 
@@ -88,7 +89,12 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] | Tensor, *, meta: 
 
 
 def _count(model: nn.Module, x: Tensor, on_meta: bool) -> int:
-    from torch.utils.flop_counter import FlopCounterMode  # here: it imports triton (0.15 s)
+    # here: it imports triton (0.15 s), with Ctrl-C and SIGTERM held: triton's C extension
+    # turns a KeyboardInterrupt raised while it loads into an ImportError, which torch takes
+    # for no triton, and the command went on (a paser run interrupted as its calibration
+    # began: 2 times in 30, one more line, 'triton not found'; stopped by SIGTERM, 1 in 25)
+    with interrupts_held():
+        from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         if on_meta:

@@ -470,6 +470,25 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
         yield item
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C (SIGINT) and SIGTERM (which paser's commands take as Ctrl-C) held back while
+    the block runs, and handled as it ends: for code that would lose them (blocked, a
+    signal stays pending, where code that catches the KeyboardInterrupt in another guise
+    would drop it). Of this thread; a process started meanwhile would start with them
+    blocked."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _start_forkserver() -> None:
     """Start the fork server with Ctrl-C ignored: the server shares the terminal's process
     group, and it ignores SIGINT itself only once its preload (torch: seconds) is imported,
