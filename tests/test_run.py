@@ -744,6 +744,30 @@ def test_a_run_cut_short_after_a_step_was_redone_redoes_what_reads_it_next_time(
     assert "[baselines] running (paser run --force was stopped before it redid it)" in lines
 
 
+def test_steps_of_another_config_on_data_in_memory_are_not_said_to_be_of_an_older_paser(
+        tmp_path):
+    from paser.data.identity import Identity
+    from paser.run import Steps, fingerprint_variants, stamp_unrecorded
+
+    # a folder of a noisy-MNIST run (built in memory: its steps record no data files) run
+    # again with battery-quick: those steps run again, nothing to stamp or say
+    mnist = fingerprints(load_config(preset="mnist-noisy"))
+    cfg = load_config(preset="battery-quick")
+    steps = Steps(tmp_path)
+    steps.mark("stage1", mnist["stage1"], seconds=1.0)
+    ident = Identity({"train": {"train_images/a.png": "ab12"}})
+    lines: list[str] = []
+    stamp_unrecorded(tmp_path, steps, ident, None, lines.append, fingerprint_variants(cfg))
+    assert lines == [] and Steps(tmp_path).done["stage1"] == {
+        "fingerprint": mnist["stage1"], "seconds": 1.0}
+    # a step of this config with no record of its files was finished by an older paser
+    steps.mark("stage1", fingerprints(cfg)["stage1"], seconds=1.0)
+    stamp_unrecorded(tmp_path, steps, ident, None, lines.append, fingerprint_variants(cfg))
+    assert lines[0].startswith("[data] this run's steps were finished by a version of paser "
+                               "that did not record what its data's files were")
+    assert Steps(tmp_path).done["stage1"]["data"] == ident.digest
+
+
 def test_a_changed_pool_model_key_is_named_alone():
     from paser.run import config_changes
 

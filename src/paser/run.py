@@ -346,15 +346,23 @@ def drop_calibration(run_dir: Path, steps: Steps, echo=print) -> None:
              "(operating_point, or paser calibrate, sets one)")
 
 
-def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print) -> None:
+def stamp_unrecorded(run_dir: Path, steps: Steps, ident, seen, echo=print,
+                     variants: list[dict[str, str]] | None = None) -> None:
     """Give the steps and stage-1 models that a paser before 2026-12-06 finished (no record
     of their data's files) the files they read: those the run's later steps read
     (``seen``), or where none did, the files as they are now, which is said. A run
-    folder that cannot be written to keeps them as they are (and says so again)."""
+    folder that cannot be written to keeps them as they are (and says so again).
+    ``variants`` (:func:`fingerprint_variants`): only the steps of this config; one of
+    another (of data built in memory, which has no files: noisy MNIST) runs again anyway,
+    and is no sign of an older paser."""
     from paser.data.identity import record_identity
     from paser.train.pretrain import trained_record
 
-    old = [name for name, r in steps.done.items() if "data" not in r]
+    def ours(name: str, record: dict) -> bool:
+        made = record.get("fingerprint", record.get("started"))
+        return variants is None or any(made == v.get(name) for v in variants)
+
+    old = [name for name, r in steps.done.items() if "data" not in r and ours(name, r)]
     models = [p for p in sorted((run_dir / "checkpoints").glob("*.trained.json"))
               if "data" not in trained_record(p)]
     if not old and not models:
@@ -526,7 +534,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo(f"[data] the files the run reads changed since its steps read them: "
              f"{ident.changes(seen)}; the steps that read them run again")
     if ident is not None and not force:
-        stamp_unrecorded(run_dir, steps, ident, seen, echo)
+        stamp_unrecorded(run_dir, steps, ident, seen, echo, variants)
     if not force:
         rehash_records(cfg, run_dir, steps, variants)
 
