@@ -328,3 +328,26 @@ def test_a_size_given_to_a_run_routed_in_tiles_is_refused_naming_what_was_given(
     assert ("--height 64: this run routes every image in tiles of 32 x 32 (data.tile), so its "
             "export runs at that size; leave --height and --width out") in res.stderr, res.stderr
     assert "None" not in res.stderr
+
+
+def test_a_run_without_monte_carlo_passes_exports_an_f0_with_an_alpha_dropout(mnist_run,
+                                                                                tmp_path):
+    """With mc_dropout none no dropout is kept on (f0_mc.onnx is not even run), so an f0
+    with an nn.AlphaDropout exports as it routes; the export refused it ('... cannot keep on
+    for Monte Carlo passes; export a run with mc_dropout none'), which this run is."""
+    from torch import nn
+
+    from paser import PaSeR
+    from paser.export import export_run
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    router = model.router
+    router.f0 = nn.Sequential(router.f0, nn.AlphaDropout(0.5)).eval()
+    router.mc_dropout, router.mc_samples = "none", 1
+    router._costs.clear()
+    manifest = export_run(model, tmp_path / "onnx", 28, 28)
+    assert manifest["mc_dropout"] == "none" and (tmp_path / "onnx" / "f0_mc.onnx").is_file()
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # its graph: f0's one deterministic pass (the dropout off)
+        assert torch.allclose(MonteCarloF0(router.f0, 1, active=False)(x),
+                              router.f0(x).softmax(1), atol=1e-6)

@@ -62,14 +62,17 @@ class MonteCarloF0(nn.Module):
     """f0's T passes as one batched forward: ``[B, C, H, W]`` -> mean probabilities.
 
     ``last_only``: only f0's last dropout is on (``mc_dropout=last``): the UNet's decoder up
-    to it runs once, the rest on T copies."""
+    to it runs once, the rest on T copies. ``active=False`` (``mc_dropout=none``): none is
+    on, f0's deterministic pass."""
 
-    def __init__(self, f0: nn.Module, samples: int, last_only: bool = False):
+    def __init__(self, f0: nn.Module, samples: int, last_only: bool = False,
+                 active: bool = True):
         super().__init__()
         self.f0, self.samples, self.last_only = copy.deepcopy(f0).eval(), samples, last_only
         # the dropouts mc_predict keeps on (paser.uncertainty.mc_dropout): every one, or the
-        # last in module order alone; the others stay off, as in eval mode
-        drops = [(name, m) for name, m in self.f0.named_modules() if isinstance(m, DROPOUTS)]
+        # last in module order alone, or none; the others stay off, as in eval mode
+        drops = [(name, m) for name, m in self.f0.named_modules()
+                 if active and isinstance(m, DROPOUTS)]
         for name, module in drops[-1:] if last_only else drops:
             if isinstance(module, nn.AlphaDropout):
                 raise ConfigError(f"f0's {name} is an AlphaDropout, which the ONNX export "
@@ -136,8 +139,8 @@ def export_run(model, out_dir: str | Path, height: int, width: int) -> dict:
     c = cfg.models.in_channels
     gen = torch.Generator().manual_seed(0)
     parts: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
-        "f0_mc": (MonteCarloF0(router.f0, router.mc_samples, router.mc_dropout == "last"),
-                  (c, hp, wp)),
+        "f0_mc": (MonteCarloF0(router.f0, router.mc_samples, router.mc_dropout == "last",
+                               active=router.mc_dropout != "none"), (c, hp, wp)),
         "f0": (router.f0, (c, hp, wp)),
         "policy": (router.policy, (router.state_channels, hp, wp)),
         **{f"f{k}": (m, (c, ph, pw)) for k, m in enumerate(router.pool, start=1)},
