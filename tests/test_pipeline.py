@@ -253,6 +253,38 @@ def test_evaluate_cuts_images_larger_than_a_tile_as_segment_does(run):
     assert 4 * result["gflops"] == pytest.approx(float(out.gflops.mean()), rel=1e-6)
 
 
+def test_cli_evaluate_of_images_of_another_size_than_stage_1s_counts_the_tiles_it_routes(
+        run, tmp_path):
+    """data.tile auto routes images of another size than stage 1's in its tiles; since
+    PaSeR.evaluate cuts them too, paser evaluate (which passed such a split whole) printed
+    'test split, 2 images of 64 x 64; GFLOP per image' above each tile's GFLOP, and its bars
+    ran to 8/2."""
+    import shutil
+
+    import yaml
+    from tests.helpers import paser_here
+
+    from paser.data import BatteryDataset, ensure_dataset
+
+    run_dir, cfg, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    assert raw["data"]["tile"] == "auto"
+    raw["data"]["synthetic"].update(height=64, width=64)  # the same run on 64 x 64 images
+    raw["data"]["cache_dir"] = str(tmp_path / "c")
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = paser_here("evaluate", "--run-dir", copy, "--workers", "0")
+    assert res.returncode == 0, res.stderr
+    model = PaSeR.load(copy)
+    assert model.tile == (32, 32)
+    tiles = model.evaluate(BatteryDataset(ensure_dataset(model.config.data), "test"))
+    assert tiles["images"] == 8
+    assert "test split, 8 tiles of 32 x 32 from 2 images; GFLOP per tile" in res.stdout, res.stdout
+    row = next(line for line in res.stdout.splitlines() if line.startswith("PaSeR"))
+    assert row.split()[1:3] == [f"{tiles['miou']:.4f}", f"{tiles['gflops']:.3f}"]
+
+
 @pytest.mark.slow  # reader processes (a fork server that imports torch: seconds)
 def test_calibrate_streams_a_file_dataset_as_the_validation_split(run):
     """calibrate(data=BatteryDataset(...)) was an AttributeError ('list' object has no

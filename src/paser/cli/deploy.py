@@ -43,7 +43,7 @@ def evaluate(
     from paser.data import open_split
     from paser.data.registry import kind
     from paser.data.stages import as_tiles
-    from paser.data.tiles import counted
+    from paser.data.tiles import Tiles, counted
     from paser.runtime import default_workers, progress
 
     workers = default_workers() if workers is None else workers
@@ -58,6 +58,9 @@ def evaluate(
         data_note(model, run_dir, split)
         files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
         data = as_tiles(model.config.data, files, model.config.grid)
+        if model.routed_size(*data.size) != data.size:  # data.tile auto, images of another
+            # size than stage 1's: in its tiles, as PaSeR.evaluate and paser segment cut them
+            data = Tiles(files, model.tile)
         size = data.size
     name = "PaSeR" if model.calibration is None else "PaSeR (calibrated)"
     if cap_per_mp is not None:
