@@ -497,6 +497,41 @@ def test_python_api_evaluate_checks_its_data_as_segment_checks_images(mnist_run)
         Tensors(stored.images / 255, masks, list("abcd")))["miou"]
 
 
+def test_python_api_refuses_files_of_several_sizes_for_a_run_routed_whole(mnist_run,
+                                                                          monkeypatch):
+    """A run without a tile routes images whole, a batch of one size: evaluate and
+    calibrate(data=...) of a file dataset of several sizes failed on a bare TypeError,
+    'cannot unpack non-iterable NoneType object' (its size, read as every image's)."""
+    from torch.utils.data import Dataset
+
+    from paser import PaSeR
+
+    class Files(Dataset):  # what paser's file datasets offer (paser.data.battery)
+        sizes, ids, channels, size = [(28, 28), (40, 28)], ["a", "b"], 1, None
+
+        def __len__(self):
+            return 2
+
+        def image(self, i):
+            return torch.rand(1, *self.sizes[i])
+
+        def mask(self, i):
+            return torch.zeros(self.sizes[i], dtype=torch.uint8)
+
+        def size_range(self):
+            return "28 x 28 to 40 x 28"
+
+    model = PaSeR.load(mnist_run, device="cpu")
+    monkeypatch.setattr(PaSeR, "tile", property(lambda self: None))  # data.tile null
+    said = (r"data: its images are 28 x 28 to 40 x 28, and this run routes images whole "
+            r"\(data.tile null\), a batch of one size; give images of one size, or cut them "
+            r"into tiles of one: paser.data.tiles.Tiles\(data, \(H, W\)\)")
+    with pytest.raises(DataError, match=said):
+        model.evaluate(Files())
+    with pytest.raises(DataError, match=said):
+        model.calibrate(1.0, save=False, data=Files())
+
+
 def test_python_api_load_names_a_stage3_checkpoint_that_is_not_one(mnist_run, tmp_path):
     """A missing one was told to run `paser run --run-dir` on its grandparent folder, and
     the policy's checkpoint a bare KeyError: 'pool'."""

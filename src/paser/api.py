@@ -426,6 +426,12 @@ class PaSeR:
         cut into the run's tiles where :meth:`segment` cuts its images, as ``paser evaluate``
         cuts a folder's (:class:`paser.data.tiles.Tiles`); else as it is. Each tile counts
         as an image, as in ``paser evaluate``."""
+        if self.tile is None and size is None and not isinstance(data, Tiles):
+            # (routed whole, a batch is of one size: on_disk's 'cannot unpack NoneType')
+            sizes = data.size_range() if hasattr(data, "size_range") else "of several sizes"
+            raise DataError(f"data: its images are {sizes}, and this run routes images whole "
+                            "(data.tile null), a batch of one size; give images of one size, "
+                            "or cut them into tiles of one: paser.data.tiles.Tiles(data, (H, W))")
         if self.tile is None or isinstance(data, Tiles) or (
                 size is not None and self._whole(*size)):
             return data.data if isinstance(data, _Held) else data
