@@ -165,9 +165,10 @@ def test_a_ctrl_c_held_while_code_that_would_swallow_it_runs_is_handled_after_it
     def terminate(signum, frame):
         raise KeyboardInterrupt
 
-    handler = signal.signal(signal.SIGTERM, terminate)
+    # both set here: a pytest-xdist worker ignores SIGINT
+    handlers = {sig: signal.signal(sig, terminate) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in handlers:
             reached = []
             with pytest.raises(KeyboardInterrupt), interrupts_held():
                 try:
@@ -180,7 +181,8 @@ def test_a_ctrl_c_held_while_code_that_would_swallow_it_runs_is_handled_after_it
                     reached.append("taken for no triton")
             assert reached == ["after the signal"], sig
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def test_progress_bars_print_a_line_now_and_then_where_they_cannot_redraw(monkeypatch, capsys):
