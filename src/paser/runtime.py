@@ -473,20 +473,33 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
 @contextlib.contextmanager
 def interrupts_held():
     """Ctrl-C (SIGINT) and SIGTERM (which paser's commands take as Ctrl-C) held back while
-    the block runs, and handled as it ends: for code that would lose them (blocked, a
-    signal stays pending, where code that catches the KeyboardInterrupt in another guise
-    would drop it). Of this thread; a process started meanwhile would start with them
-    blocked."""
+    the block runs, and handled as it ends: for code that would lose them (code that
+    catches the KeyboardInterrupt in another guise). Their handlers are swapped for one
+    that notes the signal, and the first noted is given to its own handler after the
+    block. (A signal mask would not do: the kernel gives a signal the main thread blocks
+    to another thread, torch's OpenMP workers say, and Python still runs its handler in
+    the main thread at once.) Only in the main thread, where handlers can be set; a no-op
+    elsewhere."""
     import signal
+    import threading
 
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if noted:
+            handler = before[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(noted[0])
 
 
 def _start_forkserver() -> None:
