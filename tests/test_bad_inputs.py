@@ -557,35 +557,31 @@ def test_python_api_refuses_a_remote_url_it_cannot_reach(mnist_run):
     assert model.router.remote is None
 
 
-def test_an_image_too_small_for_the_models_says_so(mnist_run, capsys, monkeypatch, tmp_path):
-    """A thumbnail left the models' deepest norm layer one pixel: torch's 'Expected more than
-    1 value per channel when training', naming neither the image nor what to do."""
+@pytest.mark.parametrize(
+    ("shape", "said"),
+    [  # a thumbnail left the deepest norm layer one pixel: torch's 'Expected more than 1
+        # value per channel when training', naming neither the image nor what to do
+        ((3, 2), r"too small for the run's models .* nearer the one the run trained on "
+                 r"\(32 x 32\)"),
+        # a strip a few pixels high, pooled, left a convolution a side narrower than its
+        # kernel: torch's 'Calculated padded input size per channel: (2 x 52). Kernel size:
+        # (3 x 3). Kernel size can't be greater than actual input size'
+        ((3, 200), r"too small for the run's models \(pooled, a side of it is narrower than "
+                   r"their deeper layers' kernels\); .* \(32 x 32\)"),
+    ],
+)
+def test_an_image_too_small_for_the_models_says_so(mnist_run, capsys, monkeypatch, tmp_path,
+                                                    shape, said):
+    """From PaSeR.segment and paser segment alike."""
     from paser import PaSeR
 
-    with pytest.raises(DataError, match=r"a 3 x 2 image is too small for the run's models .* "
-                                        r"nearer the one the run trained on \(32 x 32\)"):
-        PaSeR.load(mnist_run, device="cpu").segment(torch.rand(1, 1, 3, 2))
-    _png(tmp_path / "in" / "thumb.png", np.zeros((2, 3), np.uint8))
-    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "thumb.png", "--run-dir",
+    h, w = shape
+    with pytest.raises(DataError, match=rf"a {h} x {w} image is {said}"):
+        PaSeR.load(mnist_run, device="cpu").segment(torch.rand(1, 1, h, w))
+    _png(tmp_path / "in" / "small.png", np.zeros((w, h), np.uint8))
+    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "small.png", "--run-dir",
                     mnist_run, "--out", tmp_path / "out", "--workers", "0")
-    assert code == 1 and "thumb.png: a 2 x 3 image is too small" in err, err
-
-
-def test_a_strip_too_thin_for_the_models_says_so(mnist_run, capsys, monkeypatch, tmp_path):
-    """A strip a few pixels high, pooled, left a convolution a side narrower than its kernel:
-    torch's 'Calculated padded input size per channel: (2 x 52). Kernel size: (3 x 3).
-    Kernel size can't be greater than actual input size', from PaSeR.segment and paser
-    segment alike."""
-    from paser import PaSeR
-
-    with pytest.raises(DataError, match=r"a 3 x 200 image is too small for the run's models "
-                                        r"\(pooled, a side of it is narrower than their deeper "
-                                        r"layers' kernels\); .* \(32 x 32\)"):
-        PaSeR.load(mnist_run, device="cpu").segment(torch.rand(1, 1, 3, 200))
-    _png(tmp_path / "in" / "strip.png", np.zeros((200, 2), np.uint8))
-    code, err = cli(capsys, monkeypatch, "segment", tmp_path / "in" / "strip.png", "--run-dir",
-                    mnist_run, "--out", tmp_path / "out", "--workers", "0")
-    assert code == 1 and "strip.png: a 200 x 2 image is too small" in err, err
+    assert code == 1 and f"small.png: a {w} x {h} image is too small" in err, err
 
 
 def test_a_folder_dataset_with_no_image_says_so(capsys, monkeypatch, tmp_path):
