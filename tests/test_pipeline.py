@@ -153,6 +153,14 @@ def test_api_refuses_a_bias_or_mode_it_cannot_use_and_keeps_the_callers_rng(run)
                        model.segment(x, bias=torch.zeros(3)).actions)
     with pytest.raises(DataError, match="one number per model, 3"):
         model.segment(x, bias=[0.0, 1.0])
+    # a NaN bias sent every patch to f0; only=True ran f1 alone, 1.0 failed in torch
+    with pytest.raises(DataError, match=r"bias \[0.0, nan, 0.0\]: give finite numbers"):
+        model.segment(x, bias=[0.0, float("nan"), 0.0])
+    for only in (True, 1.0, "1"):
+        with pytest.raises(DataError, match=f"only {only!r}: give a model's number, 0 "
+                                            r"\(f0\) to 2, or None to route"):
+            model.segment(x, only=only)
+    assert torch.equal(model.segment(x, only=np.int64(1)).mask, model.segment(x, only=1).mask)
     with pytest.raises(ConfigError, match="routing mode 'gready'"):
         model.segment(x, mode="gready")
 

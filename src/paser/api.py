@@ -237,6 +237,9 @@ class PaSeR:
         ``on_tiles(done, total)``: the tiles of an image larger than a tile routed so far,
         after each batch of them.
         """
+        if only is not None and (isinstance(only, bool) or not isinstance(only, int | np.integer)):
+            raise DataError(f"only {only!r}: give a model's number, 0 (f0) to "  # True read as 1
+                            f"{self.router.num_models - 1}, or None to route")
         x = self._batch(images)
         self.router.eval()
         bias = self._bias(bias)
@@ -449,6 +452,8 @@ class PaSeR:
         if bias.shape != (self.router.num_models,):
             raise DataError(f"bias of shape {tuple(bias.shape)}: give one number per model, "
                             f"{self.router.num_models} (f0..f{self.router.num_models - 1})")
+        if not torch.isfinite(bias).all():  # a NaN sends every patch to f0, without a word
+            raise DataError(f"bias {bias.tolist()}: give finite numbers, one per model")
         return bias
 
     def calibrate(self, budget_gflops: float | None = None, max_frac_large: float | None = None,
