@@ -83,7 +83,7 @@ from paser.models.unet import InstanceNorm
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
-from paser.runtime import keep_freed_memory, place
+from paser.runtime import atomic_write_text, keep_freed_memory, place
 from paser.train.policy import policy_epoch
 from paser.uncertainty import entropy, mc_dropout
 
@@ -910,7 +910,11 @@ def main() -> None:
     # cuda.json is benchmarks/gpu.py's (make bench-gpu), another set of measurements
     path = args.out or RESULTS / ("cpu.json" if device.type == "cpu"
                                   else f"{device.type}-bench.json")
-    last = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        last = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        ap.error(f"{path} is not a results file ({e}): restore it (git checkout) or move "
+                 "it away, or --out another file")
     # each part's figures stand with the settings of the run that measured them: a part
     # re-measured now replaces its entry, the others keep theirs (a part skipped now, as the
     # demo's parts are without a finished demo run, does not wipe its last measurement)
@@ -942,8 +946,8 @@ def main() -> None:
                    **measured, "measured_with": measured_with, "part_seconds": seconds,
                    # the whole bench at these figures: every part, as last measured
                    "seconds": sum(seconds.values())}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out, indent=2))
+            # whole or not at all: a run stopped while writing keeps the file as it was
+            atomic_write_text(json.dumps(out, indent=2), path)
             print(f"[{part}: {measured_now:.0f} s, written to {path}]", flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{p} {seconds[p]:.0f}" for p in PARTS

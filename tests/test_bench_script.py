@@ -1,0 +1,52 @@
+"""benchmarks/bench.py (`make bench`) as a user runs it: its results file and its errors
+for settings it cannot measure, with a stand-in for the measurement itself."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench
+
+    monkeypatch.setattr(bench, "bench_layout", lambda batch, repeats: {"f0": [1.0, 2.0]})
+    monkeypatch.setattr(bench, "_print_layout", lambda r: None)
+    return bench
+
+
+def run(bench, monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    bench.main()
+
+
+def test_a_run_stopped_while_writing_keeps_the_last_results(bench, monkeypatch, tmp_path):
+    out = tmp_path / "cpu.json"
+    run(bench, monkeypatch, "--only", "layout", "--device", "cpu", "--out", str(out))
+    before = out.read_text()
+    assert json.loads(before)["layout"] == {"f0": [1.0, 2.0]}
+
+    def stopped(self, text, *args, **kwargs):  # half the text written, then Ctrl-C
+        with open(self, "w") as fh:
+            fh.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(bench, monkeypatch, "--only", "layout", "--device", "cpu", "--out", str(out))
+    assert out.read_text() == before  # whole, as the finished run left it
+    assert [p.name for p in tmp_path.iterdir()] == ["cpu.json"]  # no temporary file left
+
+
+def test_a_results_file_that_is_not_json_is_named(bench, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    out.write_text('{"layout": {"f0": [1.0,')
+    with pytest.raises(SystemExit) as e:
+        run(bench, monkeypatch, "--only", "layout", "--device", "cpu", "--out", str(out))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not a results file" in err and "--out another file" in err
+    assert out.read_text() == '{"layout": {"f0": [1.0,'
