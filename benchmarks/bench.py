@@ -881,8 +881,16 @@ def main() -> None:
     if args.train_memory_child:
         train_memory_child(*args.train_memory_child, args.workers)
         return
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a torch device; cpu, or cuda where CUDA is present")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here; --device cpu")
     parts = args.only or PARTS
+    cpu_only = [part for part in args.only or () if part in CPU_ONLY]
+    if device.type != "cpu" and cpu_only:
+        ap.error(f"--only {' '.join(cpu_only)}: measured on the CPU only; add --device cpu")
     result = {"machine": platform.platform(), "processor": platform.processor(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": str(device),

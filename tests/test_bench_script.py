@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -50,3 +51,29 @@ def test_a_results_file_that_is_not_json_is_named(bench, monkeypatch, tmp_path, 
     err = capsys.readouterr().err
     assert f"{out} is not a results file" in err and "--out another file" in err
     assert out.read_text() == '{"layout": {"f0": [1.0,'
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "gpu"], "--device gpu: not a torch device"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here; --device cpu"),
+])
+def test_a_device_it_cannot_use_is_an_error(bench, monkeypatch, tmp_path, capsys, argv,
+                                            message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        run(bench, monkeypatch, *argv, "--out", str(tmp_path / "x.json"))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cpu_only_parts_asked_for_on_cuda_are_an_error(bench, monkeypatch, tmp_path, capsys):
+    """Before, `--only layout --device cuda` measured nothing and said only "nothing new to
+    write"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        run(bench, monkeypatch, "--only", "inference", "--only", "layout", "--only", "train",
+            "--device", "cuda", "--out", str(tmp_path / "x.json"))
+    assert e.value.code == 2
+    assert "--only layout train: measured on the CPU only; add --device cpu" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "x.json").exists()
