@@ -831,19 +831,31 @@ def bench_train_memory(workers: int) -> dict:
     return out
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a median of no rounds, a batch of no
+    images or an epoch of no batches is not a measurement)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=8, help="images per batch (inference)")
-    ap.add_argument("--repeats", type=int, default=5,
+    ap.add_argument("--batch", type=positive, default=8, help="images per batch (inference)")
+    ap.add_argument("--repeats", type=positive, default=5,
                     help="timed rounds of the inference, train and demo parts (medians)")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=positive, default=2,
                     help="stage 2: rounds of one loop batch and three of ours")
-    ap.add_argument("--images", type=int, default=1000, help="test images for the memory run")
+    ap.add_argument("--images", type=positive, default=1000, help="test images for the memory run")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--only", choices=PARTS, action="append")
-    ap.add_argument("--segment-images", type=int, default=200,
+    ap.add_argument("--segment-images", type=positive, default=200,
                     help="images of the `paser segment` part (at most 1,000; 200 take "
                     "about 2 minutes)")
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"),
@@ -856,9 +868,9 @@ def main() -> None:
                     help="the volume part's slices: mosaic (8 x 8 samples of the demo's "
                          "128 x 128 size, the data its run trained on) or generated (one "
                          "1,024 x 1,024 sample each: shifted data for that run)")
-    ap.add_argument("--cluster-slices", type=int, default=32,
+    ap.add_argument("--cluster-slices", type=positive, default=32,
                     help="depth of the Dask part's synthetic 1,024 x 1,024 volume")
-    ap.add_argument("--cluster-chunk", type=int, default=16,
+    ap.add_argument("--cluster-chunk", type=positive, default=16,
                     help="slices per task of the Dask part (paser segment --chunk)")
     ap.add_argument("--cluster-layouts", nargs="+", default=["1x2", "2x1"],
                     help="the Dask part's LocalClusters, WORKERSxTHREADS")

@@ -77,3 +77,15 @@ def test_cpu_only_parts_asked_for_on_cuda_are_an_error(bench, monkeypatch, tmp_p
     assert "--only layout train: measured on the CPU only; add --device cpu" in (
         capsys.readouterr().err)
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--batch", "--rounds", "--images"])
+def test_counts_of_none_are_an_error(bench, monkeypatch, tmp_path, capsys, flag):
+    """Before, `--only train --repeats 0` ran the part's warm-up and then stopped on
+    statistics.StatisticsError: no median for empty data."""
+    with pytest.raises(SystemExit) as e:
+        run(bench, monkeypatch, "--only", "layout", "--device", "cpu", flag, "0",
+            "--out", str(tmp_path / "x.json"))
+    assert e.value.code == 2
+    assert f"argument {flag}: 0: at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
