@@ -43,6 +43,8 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from paser.runtime import atomic_write_text
+
 HERE = Path(__file__).parent
 DATA = HERE / ".data"
 RESULTS = HERE / "results" / "augment.json"
@@ -154,7 +156,7 @@ def main() -> None:
         when = time.strftime("%Y-%m-%d %H:%M")
         result[f"{key} (an earlier battery-quick, replaced {when})"] = before
     result[key] = {"overrides": base + args.extra, "rows": rows}
-    RESULTS.write_text(json.dumps(result, indent=1))
+    atomic_write_text(json.dumps(result, indent=1), RESULTS)
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))
     for r in rows:
         print(f"{r['seed']:>4} {r['augment']:>18} " + " ".join(

@@ -29,6 +29,7 @@ from paser.config import load_config
 from paser.data import IGNORE, load_stage_data
 from paser.patches import PatchGrid
 from paser.run import run
+from paser.runtime import atomic_write_text
 from paser.train import pretrain as stage1
 from paser.train.common import MetricLog, seed_role, setup
 from paser.train.distributed import launch
@@ -125,8 +126,8 @@ def main() -> None:
     entry = {"source": str(args.source), "run": str(args.out), "beta": args.beta,
              "before": figures(args.source), "after": figures(args.out)}
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps([e for e in results if e["run"] != str(args.out)] + [entry],
-                                  indent=1) + "\n")
+    atomic_write_text(json.dumps([e for e in results if e["run"] != str(args.out)] + [entry],
+                                 indent=1) + "\n", RESULTS)
     print(json.dumps(entry, indent=1))
 
 

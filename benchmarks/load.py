@@ -45,6 +45,7 @@ import httpx
 import numpy as np
 import torch
 
+from paser.runtime import atomic_write_text
 from paser.serve.codec import NPZ, decode_npz, encode_npz
 from paser.serve.server import create_app
 
@@ -324,7 +325,7 @@ def main() -> None:
     for line in figures["violations"]:
         print(f"violated: {line}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(json.dumps(result, indent=2), args.out)
     print(f"written to {args.out}")
     sys.exit(1 if figures["violations"] else 0)
 

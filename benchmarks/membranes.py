@@ -35,6 +35,8 @@ import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from paser.runtime import atomic_write_text
+
 HERE = Path(__file__).parent
 DATA = HERE / ".data"
 RESULTS = HERE / "results" / "membranes.json"
@@ -104,7 +106,7 @@ def main() -> None:
             raise SystemExit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
         saved[key] = {"overrides": [*overrides, *args.extra],
                       **summary(run_dir, time.perf_counter() - start)}
-        RESULTS.write_text(json.dumps(saved, indent=1))
+        atomic_write_text(json.dumps(saved, indent=1), RESULTS)
         print(json.dumps(saved[key]), flush=True)
 
 

@@ -74,6 +74,7 @@ from paser.metrics import confusion_counts
 from paser.outcomes import PatchOutcomes
 from paser.patches import PatchGrid
 from paser.routing import Router
+from paser.runtime import atomic_write_text
 from paser.train.policy import fit_policy, training_outcomes
 from paser.uncertainty import entropy
 
@@ -552,7 +553,7 @@ def main() -> None:
     for run_dir in args.run_dirs:
         saved[str(run_dir)] = {**saved.get(str(run_dir), {}),
                                **probe(run_dir, args.seeds, args.blocks, args.parts)}
-        RESULTS.write_text(json.dumps(saved, indent=1))
+        atomic_write_text(json.dumps(saved, indent=1), RESULTS)
 
 
 if __name__ == "__main__":
