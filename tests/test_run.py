@@ -680,6 +680,16 @@ def test_a_run_being_trained_again_or_calibrated_elsewhere_is_not_used_as_it_was
         "made by paser calibrate since: calibrated again to this config's operating_point, "
         "which paser segment then uses; set operating_point to keep the other)")
     assert sum("skipped" in line for line in lines) == 3  # stages 1 to 3
+    # a calibration cut short starts over: it was said to be 'resuming'
+    ledger = json.loads((run_dir / "steps.json").read_text())
+    done = ledger["calibrate"]
+    ledger["calibrate"] = {"started": done.pop("fingerprint"),
+                           **{k: v for k, v in done.items() if k != "seconds"}}
+    (run_dir / "steps.json").write_text(json.dumps(ledger))
+    lines.clear()
+    with pytest.raises(_Stop):
+        run(cfg, run_dir, show_progress=False, echo=_stop_at("[calibrate]", lines))
+    assert lines[-1].startswith("[calibrate] running ("), lines[-1]
 
 
 def test_a_calibration_the_last_run_made_is_not_said_to_be_paser_calibrates(tmp_path):

@@ -40,6 +40,8 @@ OUTPUTS = {"stage1": "stage1.json", "stage2": "stage2.json", "stage3": "stage3.j
 INPUTS = {"stage2": ("stage1",), "stage3": ("stage2",), "tvd": ("stage2", "stage3"),
           "calibrate": ("stage2", "stage3"), "paper": ("stage1",),
           "report": ("stage1", "stage2", "stage3", "baselines", "tvd", "calibrate", "paper")}
+#: the steps that keep nothing of a run cut short: they start over, never resume
+STARTS_OVER = frozenset({"calibrate", "report"})
 
 
 def readers(step: str) -> set[str]:
@@ -576,7 +578,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
                 and any(steps.finished(name, v[name]) for v in variants)):
             echo(f"[{name}] done before with this config: skipped (--force to redo)")
             return
-        resume = (not force and not data_changed(name)
+        resume = (not force and not data_changed(name) and name not in STARTS_OVER
                   and any(steps.started(name, v[name]) for v in variants))
         why = why_again(name, stale, missing)
         if again and not force and not stale and not data_changed(name):
