@@ -37,7 +37,7 @@ from paser.errors import CheckpointError, ConfigError, DataError
 from paser.patches import PatchGrid
 from paser.routing import CostTable, Router, model_digests
 from paser.runtime import atomic_write_text, file_sha256
-from paser.uncertainty import DROPOUTS
+from paser.uncertainty import kept_on
 
 MANIFEST = "manifest.json"
 
@@ -69,11 +69,9 @@ class MonteCarloF0(nn.Module):
                  active: bool = True):
         super().__init__()
         self.f0, self.samples, self.last_only = copy.deepcopy(f0).eval(), samples, last_only
-        # the dropouts mc_predict keeps on (paser.uncertainty.mc_dropout): every one, or the
-        # last in module order alone, or none; the others stay off, as in eval mode
-        drops = [(name, m) for name, m in self.f0.named_modules()
-                 if active and isinstance(m, DROPOUTS)]
-        for name, module in drops[-1:] if last_only else drops:
+        # the dropouts mc_predict keeps on (paser.uncertainty.mc_dropout); the others stay
+        # off, as in eval mode
+        for name, module in kept_on(self.f0, active, last_only):
             if isinstance(module, nn.AlphaDropout):
                 raise ConfigError(f"f0's {name} is an AlphaDropout, which the ONNX export "
                                   "cannot keep on for Monte Carlo passes (it keeps "

@@ -19,9 +19,18 @@ from torch import nn
 from paser.errors import ConfigError
 from paser.metrics import predicted_classes
 
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 Dropout = Literal["all", "last", "none"]
 Signal = Literal["entropy", "margin"]
+
+
+def kept_on(model: nn.Module, active: bool = True, last_only: bool = False
+            ) -> list[tuple[str, nn.Module]]:
+    """The dropouts of ``model`` that Monte Carlo passes keep on, with their names: every
+    one, or with ``last_only`` the last in module order alone; none unless ``active``."""
+    drops = [(name, m) for name, m in model.named_modules()
+             if active and isinstance(m, _DROPOUT)]
+    return drops[-1:] if last_only else drops
 
 
 @contextmanager
@@ -34,10 +43,8 @@ def mc_dropout(model: nn.Module, active: bool = True, last_only: bool = False
     """
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    if active:
-        drops = [m for m in model.modules() if isinstance(m, DROPOUTS)]
-        for m in drops[-1:] if last_only else drops:
-            m.train()
+    for _, m in kept_on(model, active, last_only):
+        m.train()
     try:
         yield model
     finally:
@@ -48,7 +55,7 @@ def mc_dropout(model: nn.Module, active: bool = True, last_only: bool = False
 def shares_masks(model: nn.Module) -> bool:
     """Whether :func:`one_mask_per_image` can run ``model``: its dropouts are all
     element-wise (``nn.Dropout``)."""
-    return all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, DROPOUTS))
+    return all(type(m) is nn.Dropout for m in model.modules() if isinstance(m, _DROPOUT))
 
 
 class NotBatchFirst(Exception):  # noqa: N818  a signal to fall back, not an error
@@ -107,7 +114,7 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, DROPOUTS) and m.p > 0 for m in model.modules())
+    return any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules())
 
 
 @dataclass
