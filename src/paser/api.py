@@ -50,6 +50,12 @@ TOO_SMALL = {
 }
 
 
+def too_small(err: BaseException) -> str | None:
+    """What ``err`` (torch's, from running a model) means where it says an input was too
+    small for the model's layers (:data:`TOO_SMALL`); None for any other error."""
+    return next((why for words, why in TOO_SMALL.items() if words in str(err)), None)
+
+
 def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
     """A run whose stages (or calibration, when it is used) ``steps.json`` shows begun and
     not finished is refused: its settings may be new and its checkpoints of before."""
@@ -265,7 +271,7 @@ class PaSeR:
         try:
             yield
         except (ValueError, RuntimeError) as err:
-            why = next((why for words, why in TOO_SMALL.items() if words in str(err)), None)
+            why = too_small(err)
             if why is None:
                 raise
             try:  # the size stage 1 trained at, where its summary says

@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from paser.api import TOO_SMALL
+from paser.api import too_small
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data.images import Intensity, to_channels
 from paser.errors import PaserError
@@ -210,7 +210,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         except torch.OutOfMemoryError:
             raise PayloadError(503, f"out of memory on {n} patches; send fewer") from None
         except (RuntimeError, ValueError) as err:
-            why = next((why for words, why in TOO_SMALL.items() if words in str(err)), None)
+            why = too_small(err)
             if why is not None:
                 raise PayloadError(422, f"patches of {h} x {w} are too small for f{k} ({why}); "
                                    "send larger ones, cut as the routing path cuts them"
