@@ -476,10 +476,10 @@ def interrupts_held():
     the block runs, and handled as it ends: for code that would lose them (code that
     catches the KeyboardInterrupt in another guise). Their handlers are swapped for one
     that notes the signal, and the first noted is given to its own handler after the
-    block. (A signal mask would not do: the kernel gives a signal the main thread blocks
-    to another thread, torch's OpenMP workers say, and Python still runs its handler in
-    the main thread at once.) Only in the main thread, where handlers can be set; a no-op
-    elsewhere."""
+    block. (A signal mask did not do: under pytest-xdist the signal got through inside the
+    block in 2 of 4 runs, likely given to another thread that does not block it, after
+    which Python runs its handler in the main thread at once.) Only in the main thread,
+    where handlers can be set; a no-op elsewhere."""
     import signal
     import threading
 
