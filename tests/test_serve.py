@@ -553,9 +553,9 @@ def test_a_server_restarted_with_other_weights_is_an_error_not_a_mix(mnist_run):
 def test_labels_outside_the_runs_classes_are_a_failed_answer(mnist_run, monkeypatch):
     import paser.serve.client as client_module
 
-    decode = client_module.decode_npz
-    monkeypatch.setattr(client_module, "decode_npz",  # a misbehaving server's answer
-                        lambda *a, **k: np.full_like(decode(*a, **k), 12))
+    pick = client_module.npz_array
+    monkeypatch.setattr(client_module, "npz_array",  # a misbehaving server's answer
+                        lambda *a, **k: np.full_like(pick(*a, **k), 12))
     edge = _forced(_load(mnist_run), [0.0, 0.0, 100.0])
     pool = edge.use_remote("http://testserver", http=TestClient(create_app(_load(mnist_run))))
     out = edge.segment(torch.rand(1, 1, 28, 28))

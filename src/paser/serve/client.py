@@ -21,7 +21,7 @@ import torch
 from paser.errors import ConfigError, PaserError, RemoteAccessError
 from paser.models import count_parameters
 from paser.routing import weights_digest
-from paser.serve.codec import NPZ, PayloadError, decode_npz, encode_npz, quantise
+from paser.serve.codec import NPZ, PayloadError, encode_npz, npz_array, quantise, read_npz
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 #: the longest wait between two attempts of one request, seconds
@@ -308,12 +308,16 @@ class RemotePool:
         h, w = size[0] // self.grid.rows, size[1] // self.grid.cols
         per = (h, w) if self.output == "labels" else (self.classes, h, w)
         total = sum(part.size for part in index.values()) * int(np.prod(per))
+        try:  # every model's array, decompressed once
+            arrays: dict | PayloadError = read_npz(res.content, max_values=total)
+        except PayloadError as err:
+            arrays = err
         answers = {}
         for k, part in index.items():
             name = self.output if len(index) == 1 else f"{self.output}_f{k}"
             want = (part.size, *per)
             try:
-                out = decode_npz(res.content, name, max_values=total)
+                out = arrays if isinstance(arrays, PayloadError) else npz_array(arrays, name)
             except PayloadError as err:
                 out = err
             bad_labels = (not isinstance(out, PayloadError) and self.output == "labels"

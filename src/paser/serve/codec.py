@@ -81,7 +81,12 @@ def read_npz(body: bytes, max_values: int) -> dict[str, np.ndarray]:
 
 def decode_npz(body: bytes, name: str, max_values: int) -> np.ndarray:
     """Array ``name`` of an ``.npz`` body (:func:`read_npz`)."""
-    arrays = read_npz(body, max_values)
+    return npz_array(read_npz(body, max_values), name)
+
+
+def npz_array(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Array ``name`` of the arrays :func:`read_npz` read, or the 400 that says it is not
+    there."""
     if name not in arrays:
         raise PayloadError(400, f"the .npz has no array '{name}' (it has: "
                            f"{', '.join(arrays) or 'none'})")
