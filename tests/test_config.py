@@ -131,6 +131,27 @@ def test_an_unknown_key_names_the_key_it_is_a_typo_of(override, said):
     assert str(err.value) == f"preset battery-quick with overrides: {said}"
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("stage1.epochs=true", "key 'stage1.epochs': takes a number, got true"),
+        ("halo=false", "key 'halo': takes a number, got false"),
+        ("stage2.lr=true", "key 'stage2.lr': takes a number, got true"),
+        ("stage1.class_weights=[true, 1, 1]",
+         "key 'stage1.class_weights': takes a number, got [true, 1, 1]"),
+    ],
+)
+def test_true_or_false_is_not_read_as_a_number(override, said):
+    # pydantic reads true as 1 and false as 0: stage1.epochs=true trained one epoch and
+    # halo=false cut patches without context, both without a word
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="battery-quick", overrides=[override])
+    assert str(err.value) == f"preset battery-quick with overrides: {said}"
+    # a key that takes true / false still does
+    assert load_config(preset="battery-quick",
+                       overrides=["baselines.ablation=false"]).baselines.ablation is False
+
+
 def test_a_second_operating_point_beside_a_presets_names_the_key_to_clear():
     # battery-quick calibrates to iou_within_top 0.005: a budget given beside it was
     # refused with 'give at most one of ...', though the user had given one

@@ -8,12 +8,21 @@ Unknown keys and values of the wrong type are refused with the key's name.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from paser.errors import ConfigError
 
@@ -27,8 +36,39 @@ REFERENCE_CLASS_WEIGHTS = [0.96275112, 0.8969029, 0.14034598]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits true / false anywhere (a bool, Any, a section)."""
+    if annotation is bool or annotation is Any or isinstance(annotation, bool):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True  # a section validates its own keys
+    return any(_takes_bool(a) for a in get_args(annotation))
+
+
+def _takes_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    return any(_takes_number(a) for a in get_args(annotation))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_bool(v) for v in value)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 and false as 0 in a number: `stage1.epochs=true`
+        # trained one epoch, `halo=false` none, without a word
+        annotation = cls.model_fields[info.field_name].annotation
+        if _has_bool(value) and _takes_number(annotation) and not _takes_bool(annotation):
+            raise ValueError(f"takes a number, got {json.dumps(value)}")
+        return value
 
 
 class SyntheticConfig(_Strict):
