@@ -40,7 +40,16 @@ KEEP_STEPS = ("stage1", "baselines")  # MatPhase trains its own members, not the
 
 def copy_run(src: Path, dst: Path) -> None:
     """``src`` into ``dst`` with the pool's checkpoints and every step after stage 1
-    (but the baselines) removed, so that ``paser run`` redoes them."""
+    (but the baselines) removed, so that ``paser run`` redoes them. ``dst`` is replaced:
+    refused where that would delete ``src`` (the same folder, or one holding it or in it)
+    or where ``src`` is not a finished run, before anything is removed."""
+    if not (src / "results.json").is_file():
+        raise SystemExit(f"focus_pool: {src}: no results.json; give a finished `paser run` "
+                         "folder as the source")
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise SystemExit(f"focus_pool: {dst} would replace the source run {src} (or a folder "
+                         "holding it or in it); give another output folder")
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
         "cache", "paper", "figures", "policy*.pt", "stage3.pt", "f[1-9]*.pt",
