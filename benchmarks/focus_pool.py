@@ -115,7 +115,9 @@ def figures(run_dir: Path) -> dict:
     a = r["curve_areas"]
     return {"test_miou": {m: round(v["test_miou"], 4) for m, v in models.items()},
             "areas": {k: round(v, 4) for k, v in a.items()},
-            "captured": {k: round(v, 3) for k, v in r["headroom_captured"].items()},
+            # None where the oracle has no headroom over the frontier (the report: no shares)
+            "captured": {k: None if v is None else round(v, 3)
+                         for k, v in r["headroom_captured"].items()},
             "rank_correlation": {k: round(v, 3) for k, v in r["rank_correlation"].items()},
             "paser_minus_cascade": round(a["PaSeR"] - a["IDK-Cascade"], 4),
             "table2_flops_saved_pct": round(r["table2"]["flops_saved_pct"], 1),

@@ -46,3 +46,14 @@ def test_focus_pool_refuses_a_source_that_is_not_a_finished_run(scripts, tmp_pat
         focus_pool.copy_run(tmp_path / "missing", out)
     assert (out / "keep").read_text() == "an earlier output"
 
+
+def test_focus_pool_reads_a_run_whose_oracle_has_no_headroom(scripts, tmp_path):
+    import focus_pool
+
+    # the oracle under the frontier: the report gives no shares (None), which
+    # focus_pool.py read after its whole run, and stopped on round(None)
+    run = finished_run(tmp_path / "run", {"PaSeR": None, "IDK-Cascade": None})
+    fig = focus_pool.figures(run)
+    assert fig["captured"] == {"PaSeR": None, "IDK-Cascade": None}
+    assert fig["test_miou"] == {"f0": 0.8123, "f1": 0.85}
+    assert fig["paser_minus_cascade"] == 0.01
