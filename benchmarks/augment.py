@@ -17,9 +17,11 @@ each pool model's test mIoU and epochs from ``stage1.json``.
     .venv/bin/python benchmarks/augment.py --data demo --seeds 0
 
 Writes ``benchmarks/results/augment.json``, one entry per data set and ``--extra``: each
-row records the stage-1 settings it trained with (``settings``). An entry measured with
-other settings (battery-quick has changed since the first rows: its patience, its epoch
-draws, its weight average) is kept under a key that says it was replaced. The first
+row records the stage-1 settings it trained with (``settings``), and is written as it
+finishes; a call with fewer ``--seeds``, or ``--only``, replaces those rows of the entry
+and keeps its others (:func:`record`). An entry measured with other settings
+(battery-quick has changed since the first rows: its patience, its epoch draws, its
+weight average) is kept under a key that says it was replaced. The first
 entries were recorded before the settings were, each with battery-quick as it was then
 (docs/experiments.md, "Stage 1 on few labelled slices"): ``folder`` at a patience of 4,
 ``folder-clear`` at a patience of 10 and one pass per epoch, neither with the weight
@@ -107,6 +109,36 @@ def pretrain(run_dir: Path, args: list[str]) -> dict:
                        for k, v in s["models"].items()}}
 
 
+def preset(row: dict) -> dict | None:
+    """A row's stage-1 settings but the ones this script varies between its rows."""
+    s = row.get("settings")
+    return s and {**s, "stage1": {k: v for k, v in s["stage1"].items()
+                                  if k not in ("augment", "crop_margin")}}
+
+
+ORDER = ("off", "views+jitter", "views+jitter+crops")
+
+
+def record(result: dict, key: str, overrides: list[str], rows: list[dict]) -> dict:
+    """``result`` with ``rows`` under ``key``: they replace the rows of the same seed and
+    setting, and the entry's other rows (a call with fewer ``--seeds`` or with ``--only``)
+    are kept where they were measured with the same stage-1 settings (:func:`preset`; the
+    overrides name the data's folder by its path, which moves with the checkout). An entry
+    measured otherwise (battery-quick as it was then) is kept under a key that says it was
+    replaced."""
+    before = result.get(key)
+    kept = []
+    if before is not None:
+        if all(preset(r) == preset(rows[0]) for r in before["rows"]):
+            new = {(r["seed"], r["augment"]) for r in rows}
+            kept = [r for r in before["rows"] if (r["seed"], r["augment"]) not in new]
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M")
+            result = {**result, f"{key} (an earlier battery-quick, replaced {when})": before}
+    merged = sorted(kept + rows, key=lambda r: (r["seed"], ORDER.index(r["augment"])))
+    return {**result, key: {"overrides": overrides, "rows": merged}}
+
+
 def main() -> None:
     from paser.data.registry import check_dataset
 
@@ -142,21 +174,10 @@ def main() -> None:
             r = pretrain(run_dir, [*base, f"seed={seed}", *extra])
             rows.append({"seed": seed, "augment": mode, **r})
             print(json.dumps(rows[-1]), flush=True)
-    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    before = result.get(key)
-
-    def preset(row: dict) -> dict | None:
-        """A row's stage-1 settings but the ones this script varies between its rows."""
-        s = row.get("settings")
-        return s and {**s, "stage1": {k: v for k, v in s["stage1"].items()
-                                      if k not in ("augment", "crop_margin")}}
-
-    if before is not None and preset(before["rows"][0]) != preset(rows[0]):
-        # measured under other stage-1 settings (battery-quick as it was then): kept beside
-        when = time.strftime("%Y-%m-%d %H:%M")
-        result[f"{key} (an earlier battery-quick, replaced {when})"] = before
-    result[key] = {"overrides": base + args.extra, "rows": rows}
-    atomic_write_text(json.dumps(result, indent=1), RESULTS)
+            # each row as it finishes: a later seed that fails, or Ctrl-C, keeps the earlier
+            result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+            atomic_write_text(json.dumps(record(result, key, base + args.extra, rows),
+                                         indent=1), RESULTS)
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))
     for r in rows:
         print(f"{r['seed']:>4} {r['augment']:>18} " + " ".join(

@@ -57,3 +57,67 @@ def test_focus_pool_reads_a_run_whose_oracle_has_no_headroom(scripts, tmp_path):
     assert fig["captured"] == {"PaSeR": None, "IDK-Cascade": None}
     assert fig["test_miou"] == {"f0": 0.8123, "f1": 0.85}
     assert fig["paser_minus_cascade"] == 0.01
+
+
+def augment_row(seed: int, mode: str, miou: float, patience: int = 10) -> dict:
+    """A row of augment.py's results, as its pretrain() makes it (``stage1`` abridged)."""
+    return {"seed": seed, "augment": mode, "seconds": 1.0,
+            "settings": {"stage1": {"augment": mode != "off", "patience": patience},
+                         "epochs": [40, 40, 40]},
+            "models": {"f0": {"test_miou": miou, "epochs": 40, "best_epoch": 39}}}
+
+
+@pytest.fixture
+def augment(scripts, monkeypatch, tmp_path):
+    import augment
+
+    monkeypatch.setattr(augment, "RESULTS", tmp_path / "augment.json")
+    monkeypatch.setattr(augment, "DATA", tmp_path / "data")
+    return augment
+
+
+def run_augment(augment, monkeypatch, *argv, fail_on_seed=None):
+    import sys
+
+    def pretrain(run_dir, args):  # a stand-in for `paser pretrain`: the seed's f0 mIoU
+        seed = int(next(a for a in args if a.startswith("seed=")).removeprefix("seed="))
+        if seed == fail_on_seed:
+            raise RuntimeError("paser pretrain failed")
+        mode = run_dir.name.split("_")[-2]
+        row = augment_row(seed, mode, 0.5 + seed / 10)
+        return {k: v for k, v in row.items() if k not in ("seed", "augment")}
+
+    monkeypatch.setattr(augment, "pretrain", pretrain)
+    monkeypatch.setattr(sys, "argv", ["augment.py", *argv])
+    augment.main()
+    return json.loads(augment.RESULTS.read_text())
+
+
+def test_augment_keeps_the_rows_a_smaller_call_did_not_measure(augment, monkeypatch):
+    overrides = [f"data.cache_dir={augment.DATA / 'demo_data'}"]
+    rows = [augment_row(s, m, 0.1) for s in (0, 1, 2) for m in ("off", "views+jitter")]
+    augment.RESULTS.write_text(json.dumps({"demo": {"overrides": overrides, "rows": rows}}))
+    saved = run_augment(augment, monkeypatch, "--data", "demo", "--seeds", "1", "--only", "off")
+    assert list(saved) == ["demo"]
+    assert [(r["seed"], r["augment"], r["models"]["f0"]["test_miou"])
+            for r in saved["demo"]["rows"]] == [
+        (0, "off", 0.1), (0, "views+jitter", 0.1), (1, "off", 0.6), (1, "views+jitter", 0.1),
+        (2, "off", 0.1), (2, "views+jitter", 0.1)]
+
+
+def test_augment_keeps_an_entry_of_other_settings_beside(augment, monkeypatch):
+    overrides = [f"data.cache_dir={augment.DATA / 'demo_data'}"]
+    rows = [augment_row(0, "off", 0.1, patience=4)]
+    augment.RESULTS.write_text(json.dumps({"demo": {"overrides": overrides, "rows": rows}}))
+    saved = run_augment(augment, monkeypatch, "--data", "demo", "--seeds", "0", "--only", "off")
+    (old,) = [k for k in saved if k.startswith("demo (an earlier battery-quick, replaced ")]
+    assert saved[old]["rows"] == rows
+    assert [r["models"]["f0"]["test_miou"] for r in saved["demo"]["rows"]] == [0.5]
+
+
+def test_augment_keeps_the_rows_measured_before_a_seed_fails(augment, monkeypatch):
+    with pytest.raises(RuntimeError, match="paser pretrain failed"):
+        run_augment(augment, monkeypatch, "--data", "demo", "--seeds", "0", "1", fail_on_seed=1)
+    saved = json.loads(augment.RESULTS.read_text())
+    assert [(r["seed"], r["augment"]) for r in saved["demo"]["rows"]] == [
+        (0, "off"), (0, "views+jitter")]
