@@ -74,7 +74,8 @@ def build_folder(root: Path, size: int = 512, seed: int = 7) -> Path:
 def summary(run_dir: Path, seconds: float) -> dict:
     r = json.loads((run_dir / "results.json").read_text())
     return {"seconds": seconds,
-            "pool": {k: r["methods"][k]["iou"] for k in ("f0", "f1", "f2")},
+            # f0..fK as the run has them: an --extra may change the pool
+            "pool": {k: r["methods"][k]["iou"] for k in r["models"]},
             "paser": {k: r["methods"]["PaSeR"][k] for k in ("iou", "gflops")},
             "curve_areas": r["curve_areas"], "headroom_captured": r["headroom_captured"],
             "reachable_captured": r["reachable_captured"],

@@ -121,3 +121,19 @@ def test_augment_keeps_the_rows_measured_before_a_seed_fails(augment, monkeypatc
     saved = json.loads(augment.RESULTS.read_text())
     assert [(r["seed"], r["augment"]) for r in saved["demo"]["rows"]] == [
         (0, "off"), (0, "views+jitter")]
+
+
+
+@pytest.mark.parametrize("pool", [{"f0": 0.8, "f1": 0.81},
+                                  {"f0": 0.8, "f1": 0.81, "f2": 0.82, "f3": 0.83}])
+def test_membranes_reads_a_pool_of_another_size(scripts, tmp_path, pool):
+    import membranes
+
+    # --extra may change the pool: the summary read f0, f1 and f2 alone (a KeyError after
+    # the whole run with one pool model, f3 left out with three)
+    (tmp_path / "results.json").write_text(json.dumps({
+        "models": list(pool), "methods": {"PaSeR": {"iou": 0.9, "gflops": 1.0},
+                                          **{k: {"iou": v} for k, v in pool.items()}},
+        "curve_areas": {}, "headroom_captured": {"PaSeR": None}, "reachable_captured": {},
+        "table2": {"flops_saved_pct": 1.0}, "verdict": "v", "versus_cascade": "c"}))
+    assert membranes.summary(tmp_path, 2.0)["pool"] == pool
