@@ -195,6 +195,16 @@ def train_dense(data: dict, num_classes: int, seed: int, image: bool, epochs: in
     return net.eval(), mu, sd
 
 
+def check_blocks(blocks: list[int], height: int, width: int) -> None:
+    """Refuse block sizes that do not tile the run's padded images: ``PatchGrid(h // side,
+    w // side)`` would cut them into other blocks than the row says (48 on 128 pixels:
+    blocks of 64), and a block past the image into none."""
+    bad = [b for b in blocks if b < 1 or height % b or width % b]
+    if bad:
+        raise SystemExit(f"--blocks {' '.join(map(str, bad))}: each block must divide the "
+                         f"run's padded images, {height} x {width} pixels")
+
+
 def block_outcomes(d: dict, side: int, num_classes: int, state: torch.Tensor) -> PatchOutcomes:
     """Outcomes of every model on blocks of ``side`` pixels, from per-pixel predictions."""
     n, models = d["pred"].shape[:2]
@@ -296,6 +306,8 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     run = open_finished(run_dir, show_progress=False)
     router = PaSeR.load(run_dir, device="cpu").router.eval()
     ncls = run.cfg.models.num_classes
+    if "dense" in parts:  # before any part runs: a wrong flag would lose the others' work
+        check_blocks(blocks, *router.grid.pad(next(run.data.test.batches(1))[0]).shape[-2:])
     results = json.loads((run_dir / "results.json").read_text())
     lo, hi = results["curve_range"]
     frontier = results["curves"]["Frontier"]

@@ -88,3 +88,12 @@ def test_patch_features_by_hand(probe):
     assert both[:, 12].tolist() == [1.0, 0.0, 0.0, 0.0]  # where f1 changes f0's answer
     assert both[:, 13].tolist() == [2.0, 0.0, 0.0, 0.0]  # L1 distance of probabilities
     assert both[0, 14:].tolist() == [-1.0, 1.0]  # class shares moved from 0 to 1
+
+
+def test_blocks_that_do_not_tile_the_images_are_refused(probe):
+    probe.check_blocks([16, 32, 64, 128], 128, 128)
+    with pytest.raises(SystemExit, match=r"--blocks 48 256: each block must divide the "
+                                         r"run's padded images, 128 x 128 pixels"):
+        probe.check_blocks([16, 48, 256], 128, 128)
+    with pytest.raises(SystemExit, match="--blocks 64: .* 128 x 96"):
+        probe.check_blocks([32, 64], 128, 96)
