@@ -306,7 +306,11 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     run = open_finished(run_dir, show_progress=False)
     router = PaSeR.load(run_dir, device="cpu").router.eval()
     ncls = run.cfg.models.num_classes
-    if "dense" in parts:  # before any part runs: a wrong flag would lose the others' work
+    # before any part runs: a wrong flag found later would lose the others' work
+    if "cascade" in parts and router.num_models != 3:
+        raise SystemExit("the cascade probe needs a pool of two models (f1, f2); "
+                         f"{run_dir} has {router.num_models - 1}: leave cascade out of --parts")
+    if "dense" in parts:
         check_blocks(blocks, *router.grid.pad(next(run.data.test.batches(1))[0]).shape[-2:])
     results = json.loads((run_dir / "results.json").read_text())
     lo, hi = results["curve_range"]
@@ -400,8 +404,6 @@ def cascade_probe(data: dict, test_out: PatchOutcomes, patch: int, num_classes: 
     cascade with a perfect second step, for each seed of the MLPs."""
     from scipy.stats import spearmanr
 
-    if test_out.inter.shape[2] != 3:
-        raise SystemExit("the cascade probe needs a pool of two models (f1, f2)")
     feats = {s: (patch_features(data[s], patch, False), patch_features(data[s], patch, True))
              for s in SPLITS}
     gains = {s: block_outcomes(data[s], patch, num_classes, torch.zeros(0)).dataset_gain()

@@ -97,3 +97,19 @@ def test_blocks_that_do_not_tile_the_images_are_refused(probe):
         probe.check_blocks([16, 48, 256], 128, 128)
     with pytest.raises(SystemExit, match="--blocks 64: .* 128 x 96"):
         probe.check_blocks([32, 64], 128, 96)
+
+
+def test_a_cascade_on_another_pool_is_refused_before_any_part_runs(probe, monkeypatch,
+                                                                   tmp_path):
+    from types import SimpleNamespace
+
+    # a run of three pool models: the cascade's check came after the images and protocol
+    # parts had run (minutes), and their figures were lost with it
+    run = SimpleNamespace(cfg=SimpleNamespace(models=SimpleNamespace(num_classes=3)))
+    router = SimpleNamespace(num_models=4, eval=lambda: router)
+    monkeypatch.setattr(probe, "open_finished", lambda run_dir, show_progress: run)
+    monkeypatch.setattr(probe.PaSeR, "load",
+                        lambda run_dir, device: SimpleNamespace(router=router))
+    monkeypatch.setattr(probe, "images_probe", lambda *a: pytest.fail("ran the images part"))
+    with pytest.raises(SystemExit, match=r"a pool of two models \(f1, f2\); .* has 3"):
+        probe.probe(tmp_path, [0], [64], ["images", "cascade"])
