@@ -10,7 +10,8 @@ mIoU, the curve areas, the share of the oracle's headroom captured, Table 2.
 
     .venv/bin/python benchmarks/focus_pool.py runs/ema_s0 runs/focus_s0 --beta 4
 
-Appends one entry per run to ``benchmarks/results/focus_pool.json``. About 8 minutes a run on
+Appends one entry per run to ``benchmarks/results/focus_pool.json`` (in place of an earlier
+call's for the same OUT, whose folder this one replaced). About 8 minutes a run on
 2 cores (stage 1 of f1 and f2, then stage 2, PaSeR (paper) and the report).
 """
 
