@@ -113,3 +113,16 @@ def test_a_cascade_on_another_pool_is_refused_before_any_part_runs(probe, monkey
     monkeypatch.setattr(probe, "images_probe", lambda *a: pytest.fail("ran the images part"))
     with pytest.raises(SystemExit, match=r"a pool of two models \(f1, f2\); .* has 3"):
         probe.probe(tmp_path, [0], [64], ["images", "cascade"])
+
+
+@pytest.mark.parametrize("overrides, within", [
+    ([], 0.005), (["operating_point.iou_within_top=0.01"], 0.01),
+    # a run calibrated to a budget, or not at all: the protocol part stopped on
+    # float - None after the images part had run
+    (["operating_point.iou_within_top=null", "operating_point.budget_gflops=1.5"], 0.005),
+    (["operating_point.iou_within_top=null"], 0.005)])
+def test_table2_on_validation_reads_the_runs_rule_or_the_reports_row(probe, overrides, within):
+    from paser.config import load_config
+
+    cfg = load_config(preset="battery-quick", overrides=overrides)
+    assert probe.within_top(cfg) == within
