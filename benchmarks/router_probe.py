@@ -159,10 +159,11 @@ def block_sums(maps: torch.Tensor, side: int) -> torch.Tensor:
     return sums.view(n, grid.num_patches, *lead)
 
 
-def train_dense(data: dict, num_classes: int, seed: int, image: bool, epochs: int = 60
-                ) -> tuple[DenseRouter, torch.Tensor, torch.Tensor]:
+def train_dense(data: dict, num_classes: int, seed: int, image: bool, patch: int,
+                epochs: int = 60) -> tuple[DenseRouter, torch.Tensor, torch.Tensor]:
     """A :class:`DenseRouter` fit to the pixel gains of D_rl and D_ft, the epoch of least
-    patch-level error on validation kept; with its input's mean and deviation."""
+    error on validation over the run's patches (``patch`` pixels a side) kept; with its
+    input's mean and deviation."""
     torch.manual_seed(seed)
     x = torch.cat([features(data[s], image) for s in ("rl", "ft")])
     g = torch.cat([pixel_gain(data[s]["label"], data[s]["pred"], num_classes)
@@ -176,7 +177,7 @@ def train_dense(data: dict, num_classes: int, seed: int, image: bool, epochs: in
     net = DenseRouter(x.shape[1], g.shape[1])
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     best, best_state = float("inf"), None
-    side = x.shape[-1] // 2 // 2  # a 2 x 2 block of the half-resolution map: one patch
+    side = patch // 2  # one patch of the half-resolution map
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(x))
@@ -353,7 +354,7 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     for seed in seeds:
         for image in (False, True):
             start = time.perf_counter()
-            net, mu, sd = train_dense(data, ncls, seed, image)
+            net, mu, sd = train_dense(data, ncls, seed, image, patch)
             with torch.no_grad():
                 maps = F.interpolate(net((features(test, image) - mu) / sd),
                                      scale_factor=2, mode="nearest") / 4

@@ -126,3 +126,23 @@ def test_table2_on_validation_reads_the_runs_rule_or_the_reports_row(probe, over
 
     cfg = load_config(preset="battery-quick", overrides=overrides)
     assert probe.within_top(cfg) == within
+
+
+def test_the_dense_router_is_kept_by_its_error_over_the_runs_patches(probe, monkeypatch):
+    # 8 x 8 images on a 4 x 4 grid: patches of 2 pixels, 1 on the half-resolution map. The
+    # epoch kept was chosen over blocks of a quarter of the image's width, the patch of a
+    # 2 x 2 grid alone (battery-paper routes 4 x 4, mnist-noisy 1 x 1)
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        label = torch.randint(0, 2, (n, 8, 8), generator=g)
+        return {"probs": torch.rand(n, 2, 8, 8, generator=g).softmax(1),
+                "image": torch.rand(n, 1, 8, 8, generator=g), "label": label,
+                "pred": torch.randint(0, 2, (n, 3, 8, 8), generator=g)}
+
+    data = {s: split(2) for s in ("rl", "ft", "validation")}
+    sides = []
+    sums = probe.block_sums
+    monkeypatch.setattr(probe, "block_sums", lambda m, side: sides.append(side) or sums(m, side))
+    probe.train_dense(data, 2, seed=0, image=False, patch=2, epochs=2)
+    assert sides == [1, 1, 1, 1]  # net's and the target's, each epoch
