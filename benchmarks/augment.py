@@ -164,6 +164,10 @@ def main() -> None:
                 "views+jitter": ["stage1.augment=on", "stage1.crop_margin=0"]}
     if args.data in FOLDERS:  # crops where images are cut into tiles
         settings["views+jitter+crops"] = ["stage1.augment=on"]
+    unknown = [k for k in args.only or [] if k not in settings]
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: not a setting of --data {args.data}; "
+                         f"its settings: {', '.join(settings)}")
     settings = {k: [*v, *args.extra] for k, v in settings.items()
                 if not args.only or k in args.only}
     key = " ".join([args.data, *args.extra])

@@ -137,3 +137,14 @@ def test_membranes_reads_a_pool_of_another_size(scripts, tmp_path, pool):
         "curve_areas": {}, "headroom_captured": {"PaSeR": None}, "reachable_captured": {},
         "table2": {"flops_saved_pct": 1.0}, "verdict": "v", "versus_cascade": "c"}))
     assert membranes.summary(tmp_path, 2.0)["pool"] == pool
+
+
+def test_augment_refuses_a_setting_it_does_not_have(augment, monkeypatch):
+    # crops are a setting of the folders alone: on the demo it ran nothing and stopped on
+    # an IndexError (after writing an entry of no rows where the key was new)
+    with pytest.raises(SystemExit, match="--only views\\+jitter\\+crops: not a setting of "
+                                         "--data demo; its settings: off, views\\+jitter"):
+        run_augment(augment, monkeypatch, "--data", "demo", "--only", "views+jitter+crops")
+    with pytest.raises(SystemExit, match="--only crops: not a setting"):
+        run_augment(augment, monkeypatch, "--data", "demo", "--only", "off", "crops")
+    assert not augment.RESULTS.exists()
