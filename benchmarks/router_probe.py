@@ -311,8 +311,14 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     if "cascade" in parts and router.num_models != 3:
         raise SystemExit("the cascade probe needs a pool of two models (f1, f2); "
                          f"{run_dir} has {router.num_models - 1}: leave cascade out of --parts")
-    if "dense" in parts:
-        check_blocks(blocks, *router.grid.pad(next(run.data.test.batches(1))[0]).shape[-2:])
+    if {"dense", "cascade"} & set(parts):
+        h, w = router.grid.pad(next(run.data.test.batches(1))[0]).shape[-2:]
+        side = (h // router.grid.rows, w // router.grid.cols)
+        if side[0] != side[1]:  # they sum maps over square blocks
+            raise SystemExit(f"the dense and cascade parts need square patches; {run_dir}'s "
+                             f"are {side[0]} x {side[1]} pixels: --parts images protocol")
+        if "dense" in parts:
+            check_blocks(blocks, h, w)
     results = json.loads((run_dir / "results.json").read_text())
     lo, hi = results["curve_range"]
     frontier = results["curves"]["Frontier"]

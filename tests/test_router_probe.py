@@ -146,3 +146,22 @@ def test_the_dense_router_is_kept_by_its_error_over_the_runs_patches(probe, monk
     monkeypatch.setattr(probe, "block_sums", lambda m, side: sides.append(side) or sums(m, side))
     probe.train_dense(data, 2, seed=0, image=False, patch=2, epochs=2)
     assert sides == [1, 1, 1, 1]  # net's and the target's, each epoch
+
+
+def test_the_per_pixel_parts_refuse_patches_that_are_not_square(probe, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from paser.patches import PatchGrid
+
+    # battery-paper: 224 x 256 images on a 4 x 4 grid, patches of 56 x 64. The per-pixel
+    # parts summed over 64 x 64 blocks and stopped on "cannot split a 224x256 image" after
+    # the images and protocol parts had run
+    test = SimpleNamespace(batches=lambda n: iter([(torch.zeros(1, 1, 224, 256), None)]))
+    run = SimpleNamespace(cfg=SimpleNamespace(models=SimpleNamespace(num_classes=3)),
+                          data=SimpleNamespace(test=test))
+    router = SimpleNamespace(num_models=3, grid=PatchGrid(4, 4), eval=lambda: router)
+    monkeypatch.setattr(probe, "open_finished", lambda run_dir, show_progress: run)
+    monkeypatch.setattr(probe.PaSeR, "load",
+                        lambda run_dir, device: SimpleNamespace(router=router))
+    with pytest.raises(SystemExit, match="need square patches; .* are 56 x 64 pixels"):
+        probe.probe(tmp_path, [0], [16], ["images", "dense"])
