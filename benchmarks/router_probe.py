@@ -38,7 +38,7 @@ share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_c
     .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2 [--parts cascade images]
 
 Writes ``benchmarks/results/router_probe.json`` (one entry per run directory; ``--parts``
-replaces only those parts of an entry).
+replaces only those parts of an entry, each as it finishes).
 """
 
 from __future__ import annotations
@@ -303,7 +303,10 @@ def cascade_actions(gains: torch.Tensor, upgrade: torch.Tensor, rel: torch.Tenso
     return torch.where(up, 2, first), cost
 
 
-def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) -> dict:
+def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str],
+          save: Callable[[dict], None] = lambda out: None) -> dict:
+    """The entry of ``run_dir``: the report's figures and each part of ``parts``, handed to
+    ``save`` as each part finishes (a later part that fails, or Ctrl-C, keeps the earlier)."""
     run = open_finished(run_dir, show_progress=False)
     router = PaSeR.load(run_dir, device="cpu").router.eval()
     ncls = run.cfg.models.num_classes
@@ -339,8 +342,10 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     capture = partial(area_and_capture, oracle=results["curves"]["Oracle"])
     if "images" in parts:
         out["images"] = images_probe(run, router, test_out, capture)
+        save(out)
     if "protocol" in parts:
         out["protocol"] = protocol_probe(run, router, test_out, capture, results)
+        save(out)
     if not {"dense", "cascade"} & set(parts):
         return out
     data = {s: dense_outcomes(router, getattr(run.data, s)) for s in SPLITS}
@@ -354,6 +359,7 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
     assert torch.allclose(per_patch * scale, test_out.dataset_gain()[..., 1:], atol=1e-4)
     if "cascade" in parts:
         out["cascade"] = cascade_probe(data, test_out, patch, ncls, costs, seeds, capture)
+        save(out)
     if "dense" not in parts:
         return out
     dense_rows, dense_maps = [], []
@@ -377,6 +383,7 @@ def probe(run_dir: Path, seeds: list[int], blocks: list[int], parts: list[str]) 
             if not image:
                 dense_maps.append(maps)
     out["dense"] = dense_rows
+    save(out)
 
     maps = torch.stack(dense_maps).mean(0)  # the seeds' dense routers, averaged
     ent = entropy(test["probs"])
@@ -580,9 +587,11 @@ def main() -> None:
         torch.set_num_threads(2)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for run_dir in args.run_dirs:
-        saved[str(run_dir)] = {**saved.get(str(run_dir), {}),
-                               **probe(run_dir, args.seeds, args.blocks, args.parts)}
-        atomic_write_text(json.dumps(saved, indent=1), RESULTS)
+        def save(out: dict, key: str = str(run_dir)) -> None:
+            saved[key] = {**saved.get(key, {}), **out}
+            atomic_write_text(json.dumps(saved, indent=1), RESULTS)
+
+        save(probe(run_dir, args.seeds, args.blocks, args.parts, save))
 
 
 if __name__ == "__main__":

@@ -165,3 +165,40 @@ def test_the_per_pixel_parts_refuse_patches_that_are_not_square(probe, monkeypat
                         lambda run_dir, device: SimpleNamespace(router=router))
     with pytest.raises(SystemExit, match="need square patches; .* are 56 x 64 pixels"):
         probe.probe(tmp_path, [0], [16], ["images", "dense"])
+
+
+def test_each_part_is_written_as_it_finishes(probe, monkeypatch, tmp_path):
+    import json
+    import sys
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({
+        "curve_range": [1.0, 2.0], "curves": {"Frontier": {}, "Oracle": {}},
+        "headroom_captured": {"PaSeR": 0.4}, "rank_correlation": {"PaSeR": 0.7}}))
+    results = tmp_path / "router_probe.json"
+    results.write_text(json.dumps({str(run_dir): {"cascade": ["an earlier call's"]}}))
+    monkeypatch.setattr(probe, "RESULTS", results)
+    run = SimpleNamespace(cfg=SimpleNamespace(models=SimpleNamespace(num_classes=3)),
+                          data=SimpleNamespace(test=None))
+    router = SimpleNamespace(num_models=3, eval=lambda: router, costs=lambda *shape: None)
+    monkeypatch.setattr(probe, "open_finished", lambda run_dir, show_progress: run)
+    monkeypatch.setattr(probe.PaSeR, "load",
+                        lambda run_dir, device: SimpleNamespace(router=router))
+    monkeypatch.setattr(probe.PatchOutcomes, "build", lambda *a, **k: SimpleNamespace(
+        state=torch.zeros(1, 4, 1, 2, 2)))
+    monkeypatch.setattr(probe, "images_probe", lambda *a: [{"share": 1.0}])
+
+    def stopped(*a):  # Ctrl-C in the part after it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "protocol_probe", stopped)
+    monkeypatch.setattr(sys, "argv", ["router_probe.py", str(run_dir), "--parts", "images",
+                                      "protocol"])
+    with pytest.raises(KeyboardInterrupt):
+        probe.main()
+    entry = json.loads(results.read_text())[str(run_dir)]
+    assert entry["images"] == [{"share": 1.0}]
+    assert entry["cascade"] == ["an earlier call's"]  # --parts replaces only its parts
+    assert "protocol" not in entry
