@@ -89,3 +89,22 @@ def test_counts_of_none_are_an_error(bench, monkeypatch, tmp_path, capsys, flag)
     assert e.value.code == 2
     assert f"argument {flag}: 0: at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_volume_frontier_names_its_unit(bench, capsys):
+    """Before, the volume part wrote PaSeR's 0.934 s per megavoxel as "paser_ms": 0.934
+    (paser.frontier.wall_clock's names, of milliseconds per image)."""
+    rows = {"PaSeR": {"s_per_megavoxel": 0.9, "miou": 0.83},
+            "f0 alone": {"s_per_megavoxel": 0.3, "miou": 0.80},
+            "f1 alone": {"s_per_megavoxel": 1.2, "miou": 0.86}}
+    f = bench.volume_frontier(rows)
+    assert f == {"paser_s_per_megavoxel": 0.9, "paser_miou": 0.83,
+                 "frontier_s_per_megavoxel_at_equal_miou": pytest.approx(0.3 + 0.9 / 2),
+                 "ratio": pytest.approx(0.9 / 0.75), "met": False}
+    row = {"megavoxels_per_s": 1.0, "seconds": 1.0, "peak_rss_mib": 900.0, "miou": 0.8,
+           "gflops_per_slice": 1.0}
+    bench._print_volume({"slice": [1024, 1024], "tile": [128, 128], "data": "mosaic",
+                         "rows": {"2": {"PaSeR": row}}, "frontier": {"2": f},
+                         "peak_rss_mib_paser": [900.0], "depths": [2], "met_memory": True})
+    assert "PaSeR 0.900 s/Mvox against the frontier's 0.750 at equal IoU: missed" in (
+        capsys.readouterr().out)
