@@ -646,11 +646,8 @@ def bench_volume(run_dir: Path, depths: list[int], data: str = "mosaic") -> dict
         for name, only in (("PaSeR", "routed"), ("f0 alone", "f0"), ("f1 alone", "f1"),
                            ("f2 alone", "f2")):
             with tempfile.TemporaryDirectory() as out:
-                res = subprocess.run([sys.executable, __file__, "--volume-child", str(run_dir),
-                                      str(path), out, only], capture_output=True, text=True)
-                if res.returncode != 0:
-                    raise RuntimeError(f"volume {name}: {res.stderr[-2000:]}")
-                r = json.loads(res.stdout.strip().splitlines()[-1])
+                r = child(["--volume-child", str(run_dir), str(path), out, only],
+                          f"volume {name}")
                 acc = IoUAccumulator(ncls)
                 with tifffile.TiffFile(Path(out) / r["output"]) as tif:
                     for z, page in enumerate(tif.pages):
@@ -707,11 +704,7 @@ def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> 
     model = PaSeR.load(run_dir, device="cpu")
     rows: dict = {}
     with tempfile.TemporaryDirectory() as out:
-        res = subprocess.run([sys.executable, __file__, "--volume-child", str(run_dir),
-                              str(path), out, "routed"], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"volume: {res.stderr[-2000:]}")
-        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r = child(["--volume-child", str(run_dir), str(path), out, "routed"], "volume")
         here = tifffile.imread(Path(out) / r["output"])
         rows["here: 1 process"] = {"seconds": r["seconds"], "megavoxels_per_s": mvox / r["seconds"],
                                    "threads": torch.get_num_threads(), "voxels_differing": 0}
@@ -760,6 +753,16 @@ def ensure_test_data(images: int) -> Path:
     return root
 
 
+def child(argv: list[str], what: str) -> dict:
+    """``bench.py ARGV`` in a fresh process: the JSON of the last line it prints. One that
+    fails is a RuntimeError that names ``what`` and ends with the end of its stderr."""
+    res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit status {res.returncode}): "
+                           f"{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def peak_rss_kib() -> int:
     """This process's peak resident memory in KiB since it started (its exec).
 
@@ -797,10 +800,8 @@ def memory_child(root: str, batch: int, workers: int) -> None:
 
 def bench_memory(images: int, batch: int, workers: int) -> dict:
     root = ensure_test_data(images)
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(root),
-                          "--batch", str(batch), "--workers", str(workers)],
-                         capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = child(["--memory-child", str(root), "--batch", str(batch), "--workers",
+                 str(workers)], "memory")
     total = res["peak_rss_mib"] + res["peak_rss_worker_mib"]
     return {**res, "batch_size": batch, "workers": workers, "peak_total_mib": total,
             "target": "peak_total_mib < 2048", "met": total < 2048}
@@ -834,10 +835,8 @@ def bench_train_memory(workers: int) -> dict:
     for stream in ("never", "always"):
         run_dir = DATA / f"train_memory_{stream}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        res = subprocess.run([sys.executable, __file__, "--train-memory-child", str(root),
-                              str(run_dir), stream, "--workers", str(workers)],
-                             capture_output=True, text=True, check=True)
-        out[stream] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[stream] = child(["--train-memory-child", str(root), str(run_dir), stream,
+                             "--workers", str(workers)], f"train-memory ({stream})")
     out["peak_ratio_streamed_to_in_memory"] = (out["always"]["peak_rss_mib"]
                                                / out["never"]["peak_rss_mib"])
     return out

@@ -108,3 +108,17 @@ def test_the_volume_frontier_names_its_unit(bench, capsys):
                          "peak_rss_mib_paser": [900.0], "depths": [2], "met_memory": True})
     assert "PaSeR 0.900 s/Mvox against the frontier's 0.750 at equal IoU: missed" in (
         capsys.readouterr().out)
+
+
+def test_a_child_that_fails_says_why(bench, monkeypatch, tmp_path):
+    """Before, the memory and train-memory parts ran their child with check=True and
+    capture_output: its error was swallowed, and the bench stopped on "Command [...]
+    returned non-zero exit status 1." (as with --workers -1, which DataLoader refuses)."""
+    script = tmp_path / "child.py"
+    script.write_text("import sys\nsys.exit('ValueError: num_workers option should be "
+                      "non-negative')\n")
+    monkeypatch.setattr(bench, "__file__", str(script))
+    monkeypatch.setattr(bench, "ensure_test_data", lambda images: tmp_path)
+    with pytest.raises(RuntimeError, match=r"memory failed \(exit status 1\): ValueError: "
+                                           "num_workers option should be non-negative"):
+        bench.bench_memory(16, 8, -1)
