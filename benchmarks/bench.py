@@ -685,7 +685,8 @@ def volume_frontier(rows: dict) -> dict:
             "ratio": wc["ratio"], "met": wc["met"]}
 
 
-def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> dict:
+def bench_cluster(run_dir: Path, depth: int, layouts: list[tuple[int, int]], chunk: int
+                  ) -> dict:
     """Part 1f (module doc)."""
     import tifffile
 
@@ -708,7 +709,7 @@ def bench_cluster(run_dir: Path, depth: int, layouts: list[str], chunk: int) -> 
         here = tifffile.imread(Path(out) / r["output"])
         rows["here: 1 process"] = {"seconds": r["seconds"], "megavoxels_per_s": mvox / r["seconds"],
                                    "threads": torch.get_num_threads(), "voxels_differing": 0}
-    for workers, threads in (map(int, layout.split("x")) for layout in layouts):
+    for workers, threads in layouts:
         start = time.perf_counter()
         with distributed.LocalCluster(n_workers=workers, threads_per_worker=threads,
                                       processes=True, dashboard_address=None) as cluster, \
@@ -842,16 +843,27 @@ def bench_train_memory(workers: int) -> dict:
     return out
 
 
-def positive(text: str) -> int:
+def positive(text: str, least: int = 1) -> int:
     """An argparse type: a whole number of at least 1 (a median of no rounds, a batch of no
-    images or an epoch of no batches is not a measurement)."""
+    images or an epoch of no batches is not a measurement), or of at least ``least``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: at least {least}")
     return value
+
+
+def layout(text: str) -> tuple[int, int]:
+    """An argparse type: a LocalCluster's WORKERSxTHREADS, each at least 1."""
+    try:
+        workers, threads = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WORKERSxTHREADS, as 2x1") from None
+    if min(workers, threads) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1 worker of 1 thread")
+    return workers, threads
 
 
 def main() -> None:
@@ -864,7 +876,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=positive, default=2,
                     help="stage 2: rounds of one loop batch and three of ours")
     ap.add_argument("--images", type=positive, default=1000, help="test images for the memory run")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=partial(positive, least=0), default=1,
+                    help="reader processes of the memory part (train-memory: at least 2)")
     ap.add_argument("--only", choices=PARTS, action="append")
     ap.add_argument("--segment-images", type=positive, default=200,
                     help="images of the `paser segment` part (at most 1,000; 200 take "
@@ -880,10 +893,11 @@ def main() -> None:
                          "128 x 128 size, the data its run trained on) or generated (one "
                          "1,024 x 1,024 sample each: shifted data for that run)")
     ap.add_argument("--cluster-slices", type=positive, default=32,
-                    help="depth of the Dask part's synthetic 1,024 x 1,024 volume")
+                    help="depth of the Dask part's synthetic 1,024 x 1,024 volume "
+                         "(at least 2)")
     ap.add_argument("--cluster-chunk", type=positive, default=16,
                     help="slices per task of the Dask part (paser segment --chunk)")
-    ap.add_argument("--cluster-layouts", nargs="+", default=["1x2", "2x1"],
+    ap.add_argument("--cluster-layouts", nargs="+", type=layout, default=[(1, 2), (2, 1)],
                     help="the Dask part's LocalClusters, WORKERSxTHREADS")
     ap.add_argument("--volume-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -894,6 +908,11 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.volume_slices) < 2:
         ap.error(f"--volume-slices {min(args.volume_slices)}: a volume has at least 2 slices")
+    if args.cluster_slices < 2:
+        ap.error(f"--cluster-slices {args.cluster_slices}: a volume has at least 2 slices")
+    if args.segment_images > 1000:
+        ap.error(f"--segment-images {args.segment_images}: at most 1000, the memory part's "
+                 "images")
     freed_memory_kept = keep_freed_memory()  # what `paser` does in every stage and load
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.workers)

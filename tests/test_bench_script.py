@@ -122,3 +122,27 @@ def test_a_child_that_fails_says_why(bench, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"memory failed \(exit status 1\): ValueError: "
                                            "num_workers option should be non-negative"):
         bench.bench_memory(16, 8, -1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cluster-layouts", "2"], "argument --cluster-layouts: '2' is not WORKERSxTHREADS"),
+    (["--cluster-layouts", "1x2", "0x2"], "argument --cluster-layouts: 0x2: at least 1 worker"),
+    (["--cluster-slices", "1"], "--cluster-slices 1: a volume has at least 2 slices"),
+    (["--workers", "-1"], "argument --workers: -1: at least 0"),
+    (["--segment-images", "1001"], "--segment-images 1001: at most 1000"),
+])
+def test_settings_it_cannot_measure_are_an_error(bench, monkeypatch, tmp_path, capsys, argv,
+                                                 message):
+    """Before, --cluster-layouts 2 stopped on 'not enough values to unpack' after the part
+    had segmented its volume, 0x2 asked for a cluster of no workers, --cluster-slices 1 wrote
+    a one-page TIFF (an image) and stopped on the same unpacking, --workers -1 reached
+    DataLoader's refusal in the child, and --segment-images 1001 segmented 1,000."""
+    with pytest.raises(SystemExit) as e:
+        run(bench, monkeypatch, "--only", "layout", "--device", "cpu", *argv,
+            "--out", str(tmp_path / "x.json"))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cluster_layouts_are_read_as_workers_and_threads(bench):
+    assert bench.layout("2x1") == (2, 1) and bench.layout("1X2") == (1, 2)
