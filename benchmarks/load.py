@@ -128,7 +128,12 @@ def plan(model, size: tuple[int, int], requests: int, malformed: float, refused:
     valid = valid_inputs(model, size, token, seed)
     pools = {"valid": valid, "malformed": malformed_inputs(model, token),
              "refused": refused_inputs(valid, token)}
-    counts = {"malformed": round(malformed * requests), "refused": round(refused * requests)}
+    if not (0 <= malformed and 0 <= refused and malformed + refused <= 1):
+        raise ValueError(f"shares malformed {malformed} and refused {refused}: each at least "
+                         "0, together at most 1")
+    counts = {"malformed": round(malformed * requests)}
+    # each rounded, they could add up to more than all: 3 requests at 0.5 and 0.5, 2 and 2
+    counts["refused"] = min(round(refused * requests), requests - counts["malformed"])
     counts["valid"] = requests - counts["malformed"] - counts["refused"]
     jobs = [pools[kind][i % len(pools[kind])] for kind, n in counts.items() for i in range(n)]
     order = np.random.default_rng(seed).permutation(len(jobs))
@@ -281,20 +286,56 @@ def stand_in(preset: str = "battery-quick"):
     return PaSeR(router, cfg, run_dir), size
 
 
+def count(text: str, least: int = 1) -> int:
+    """An argparse type: a whole number of at least ``least``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: at least {least}")
+    return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a share of the requests, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: a share, 0 to 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{value}: 0 or more")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", help="a trained run; default an untrained stand-in at the "
                     "battery-quick shapes")
-    ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--malformed", type=float, default=0.1, help="share of malformed requests")
-    ap.add_argument("--refused", type=float, default=0.1,
+    ap.add_argument("--requests", type=count, default=400)
+    ap.add_argument("--threads", type=count, default=8)
+    ap.add_argument("--malformed", type=share, default=0.1, help="share of malformed requests")
+    ap.add_argument("--refused", type=share, default=0.1,
                     help="share of requests without the token or with a wrong one")
-    ap.add_argument("--max-concurrency", type=int, default=1)
-    ap.add_argument("--queue-timeout", type=float, default=30.0)
+    ap.add_argument("--max-concurrency", type=count, default=1)
+    ap.add_argument("--queue-timeout", type=seconds, default=30.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = ap.parse_args()
+    if args.malformed + args.refused > 1:
+        ap.error(f"--malformed {args.malformed} and --refused {args.refused}: together more "
+                 "than every request")
     if args.run_dir:
         from paser import PaSeR
         from paser.serve.server import run_image_size

@@ -18,12 +18,14 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from benchmarks.load import Answer, Job, load_test, violations
+from benchmarks import load as load_script
+from benchmarks.load import Answer, Job, load_test, plan, violations
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -31,6 +33,7 @@ from typer.testing import CliRunner
 from paser.calibration import Calibration
 from paser.cli import app
 from paser.errors import ConfigError, PaserError, RemoteAccessError
+from paser.patches import PatchGrid
 from paser.segment import find_images, segment_files
 from paser.serve import TOKEN_ENV, read_token
 from paser.serve.client import RemotePool
@@ -377,6 +380,38 @@ def test_a_small_load_keeps_every_invariant(mnist_run):
     assert figures["status"].get("401") == 4
     assert figures["model_calls"] == figures["valid_answered"] == figures["status"]["200"]
     assert set(figures["status"]) <= {"200", "400", "401", "404", "415", "422", "503"}
+
+
+def test_the_load_test_sends_as_many_requests_as_it_is_asked():
+    """Before, 3 requests at shares 0.5 malformed and 0.5 refused were 4 (2 and 2), and
+    --requests 10 --malformed 0.7 --refused 0.7 sent 14, reported as '10 requests'."""
+    stub = SimpleNamespace(router=SimpleNamespace(grid=PatchGrid(2, 2)), config=SimpleNamespace(
+        models=SimpleNamespace(in_channels=1, pool=["f1", "f2"])))
+    jobs = plan(stub, (32, 32), 3, 0.5, 0.5, "token")
+    assert sorted(j.kind for j in jobs) == ["malformed", "malformed", "refused"]
+    assert [j.kind for j in plan(stub, (32, 32), 10, 0.1, 0.1, "token")].count("valid") == 8
+    with pytest.raises(ValueError, match="together at most 1"):
+        plan(stub, (32, 32), 10, 0.7, 0.7, "token")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "argument --threads: 0: at least 1"),
+    (["--requests", "0"], "argument --requests: 0: at least 1"),
+    (["--max-concurrency", "0"], "argument --max-concurrency: 0: at least 1"),
+    (["--queue-timeout", "-1"], "argument --queue-timeout: -1.0: 0 or more"),
+    (["--malformed", "1.5"], "argument --malformed: 1.5: a share, 0 to 1"),
+    (["--malformed", "0.7", "--refused", "0.7"], "together more than every request"),
+])
+def test_load_settings_it_cannot_run_are_an_error(monkeypatch, tmp_path, capsys, argv,
+                                                  message):
+    """Before, --threads 0 stopped on ThreadPoolExecutor's ValueError with the server up,
+    --max-concurrency 0 answered every valid request 503 after the queue timeout and exited
+    0, and --requests 0 reported '0 requests' and exited 0, its invariants held by nothing."""
+    monkeypatch.setattr(sys, "argv", ["load.py", *argv, "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit) as e:
+        load_script.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_the_load_tests_invariants_catch_what_they_guard():
