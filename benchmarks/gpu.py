@@ -485,15 +485,29 @@ def _fail_unless(cli: dict, what: str) -> None:
 # --- the run --------------------------------------------------------------------------
 
 
+def tree(folder: Path) -> dict:
+    """The commit checked out in ``folder`` and whether the tracked files there differ from
+    it (``tree_modified``; the results under ``benchmarks/results`` apart): a lent machine
+    gets a copy of the tree, perhaps without .git or git (both None), or with a .git that
+    is not its files' (HEAD alone would then name a commit that is not what ran)."""
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=folder)
+        except OSError:
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = None if commit is None else git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".",
+        ":(top,exclude)benchmarks/results")
+    return {"commit": commit, "tree_modified": None if status is None else bool(status.strip())}
+
+
 def environment(device: torch.device, s: Setting, smoke: bool) -> dict:
-    try:  # a lent machine gets a copy of the tree, perhaps without .git or git
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
     env = {"smoke": smoke, "machine": platform.platform(), "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device),
-           "commit": commit, "cpu_count": os.cpu_count(),
+           **tree(Path(__file__).resolve().parents[1]), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "setting": asdict(s)}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device),

@@ -133,3 +133,28 @@ def test_a_failed_part_is_recorded_and_the_next_still_runs(gpu, tmp_path, monkey
     assert parts["inference"]["rows"] == [ROW]
     assert parts["stage1"]["status"] == "ok"
     assert set(parts) == {"inference", "stage1"}  # --only: the others were not run
+
+
+def test_the_environment_says_whether_the_tree_is_its_commit(gpu, tmp_path):
+    """Before, only HEAD was recorded: cuda.json names commit 108b01f, docs/benchmarks.md
+    the tree of 718ff16, and nothing in the JSON said which files ran."""
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "gpu.py").write_text("a")
+    (tmp_path / "benchmarks" / "results" / "cuda.json").write_text("{}")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert gpu.tree(tmp_path) == {"commit": head, "tree_modified": False}
+    (tmp_path / "benchmarks" / "results" / "cuda.json").write_text('{"parts": {}}')
+    (tmp_path / "new.txt").write_text("untracked")
+    assert gpu.tree(tmp_path)["tree_modified"] is False  # its own results, untracked files
+    (tmp_path / "benchmarks" / "gpu.py").write_text("b")
+    assert gpu.tree(tmp_path) == {"commit": head, "tree_modified": True}
+    assert gpu.tree(tmp_path / "benchmarks") == {"commit": head, "tree_modified": True}
+    assert gpu.tree(tmp_path.parent / "nowhere") == {"commit": None, "tree_modified": None}
