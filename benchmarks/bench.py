@@ -870,7 +870,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=positive, default=8, help="images per batch (inference)")
+    ap.add_argument("--batch", type=positive, default=8,
+                    help="images per batch of the inference and memory parts")
     ap.add_argument("--repeats", type=positive, default=5,
                     help="timed rounds of the inference, train and demo parts (medians)")
     ap.add_argument("--rounds", type=positive, default=2,
