@@ -146,3 +146,25 @@ def test_settings_it_cannot_measure_are_an_error(bench, monkeypatch, tmp_path, c
 
 def test_cluster_layouts_are_read_as_workers_and_threads(bench):
     assert bench.layout("2x1") == (2, 1) and bench.layout("1X2") == (1, 2)
+
+
+def test_the_memory_total_counts_every_reader(bench, monkeypatch, tmp_path, capsys):
+    """Before, --workers 2 added one reader's peak RSS: 'peak RSS 1023 MiB (+ reader 435
+    MiB) = 1458 MiB' for two readers of up to 435 MiB each."""
+    seen = []
+
+    def child(argv, what):
+        seen.append(argv)
+        return {"images": 16, "seconds": 4.0, "peak_rss_mib": 1023.0,
+                "rss_before_eval_mib": 700.0, "peak_rss_worker_mib": 435.0,
+                "fractions": [0.5, 0.35, 0.15], "gflops": 12.8}
+
+    monkeypatch.setattr(bench, "child", child)
+    monkeypatch.setattr(bench, "ensure_test_data", lambda images: tmp_path)
+    r = bench.bench_memory(16, 8, 2)
+    assert seen == [["--memory-child", str(tmp_path), "--batch", "8", "--workers", "2"]]
+    assert r["peak_total_mib"] == 1023 + 2 * 435 and r["met"] is True
+    bench._print_memory(r)
+    assert "(batch 8, 2 reader processes): 4 s, peak RSS 1023 MiB (+ 2 x reader 435 MiB) = " \
+           "1893 MiB" in capsys.readouterr().out
+    assert bench.bench_memory(16, 8, 0)["peak_total_mib"] == 1023  # no reader: 0 of them
