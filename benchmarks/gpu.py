@@ -546,7 +546,15 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.only or list(PARTS)
     result = {"environment": environment(device, s, args.smoke), "parts": {}}
     if args.only and out.is_file():  # one part re-measured: keep the others' last results
-        result["parts"] = json.loads(out.read_text()).get("parts", {})
+        try:
+            last = json.loads(out.read_text())
+        except json.JSONDecodeError as err:
+            last = err
+        if not isinstance(last, dict) or not isinstance(last.get("parts", {}), dict):
+            sys.exit(f"{out} is not a results file of this script"
+                     + (f" ({last})" if isinstance(last, Exception) else "")
+                     + ": restore it (git checkout) or move it away, or --out another file")
+        result["parts"] = last.get("parts", {})
     result["parts"].update({p: {"status": "pending"} for p in parts})
 
     def save() -> None:

@@ -158,3 +158,16 @@ def test_the_environment_says_whether_the_tree_is_its_commit(gpu, tmp_path):
     assert gpu.tree(tmp_path) == {"commit": head, "tree_modified": True}
     assert gpu.tree(tmp_path / "benchmarks") == {"commit": head, "tree_modified": True}
     assert gpu.tree(tmp_path.parent / "nowhere") == {"commit": None, "tree_modified": None}
+
+
+@pytest.mark.parametrize("text", ['{"parts": {', "[]", '{"parts": []}'])
+def test_a_results_file_it_cannot_read_is_named(gpu, tmp_path, text):
+    """Before, --only on a cut-short or foreign --out stopped on a JSONDecodeError (or an
+    AttributeError) traceback that did not name the file."""
+    out = tmp_path / "cuda.json"
+    out.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["--smoke", "--only", "run", "--deadline", "0", "--out", str(out)])
+    assert str(e.value).startswith(f"{out} is not a results file of this script")
+    assert str(e.value).endswith("or --out another file")
+    assert out.read_text() == text  # left as it was
