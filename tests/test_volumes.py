@@ -446,6 +446,31 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
         assert res.returncode == 2 and "needs the h5py package" in res.stderr, res.stderr
 
 
+def test_a_volume_path_that_is_not_there_stops_the_command_as_an_image_path_does(tmp_path):
+    """A mistyped ``recon.zarr`` or ``scan.h5:/data`` was opened as a volume that failed
+    ("no such zarr array", exit status 1, a volumes.csv row written into --out) where a
+    mistyped ``scan.tif`` stops the command at once with status 2: a missing path is the
+    same mistake whatever its suffix. An array its zarr group does not hold fails alone, as
+    a dataset its HDF5 file does not hold, naming the arrays the group has."""
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    zarr.open_array(str(tmp_path / "g.zarr" / "0"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    for spec in (tmp_path / "gone.zarr", tmp_path / "gone.zarr" / "0", tmp_path / "gone.h5",
+                 f"{tmp_path / 'gone.h5'}:/entry/data"):
+        with pytest.raises(DataError, match=f"^{re.escape(str(spec))}: no such file or folder$"):
+            split_inputs([tmp_path / "g.zarr" / "0", spec], keep_failed=True)
+    with pytest.raises(DataError, match=r"g.zarr/5: no such array in .*g.zarr; it has "
+                                        r".*g.zarr/0$"):
+        open_volume(tmp_path / "g.zarr" / "5")
+    _, volumes = split_inputs([tmp_path / "g.zarr" / "5", tmp_path / "g.zarr" / "0"],
+                              keep_failed=True)
+    assert [(v.stem, "no such array" in v.error) for v in volumes] == [("g_5", True),
+                                                                      ("g_0", False)]
+    res = paser_here("segment", tmp_path / "gone.zarr", "--run-dir", tmp_path / "no-run",
+                     "--out", tmp_path / "o")
+    assert res.returncode == 2 and "gone.zarr: no such file or folder" in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):
     """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
     the splits are the labelled slices of their ranges, in tiles, with the window fitted

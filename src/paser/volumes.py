@@ -327,27 +327,46 @@ def _optional(module: str, source: str | Path):
                              "'paser[volumes]'") from None
 
 
+def _zarr_store(spec: str | Path) -> Path:
+    """The ``.zarr`` folder of a zarr path: ``scan.zarr`` of ``scan.zarr/0``."""
+    text = str(spec)
+    return Path(text[:_ZARR.search(text).start() + len(".zarr")])
+
+
+def _zarr_arrays(zarr, path: Path) -> list[str]:
+    """The paths of the arrays in the zarr group at ``path`` (at most 10, nested ones too:
+    bioformats2raw's ``scan.zarr/0/0``), or none where it is no group."""
+    names: list[str] = []
+
+    def arrays(group, prefix: str) -> None:
+        for name in sorted(getattr(group, "array_keys", lambda: [])()):
+            names.append(f"{prefix}{name}")
+        for name in sorted(getattr(group, "group_keys", lambda: [])()):
+            if len(names) < 10:
+                arrays(group[name], f"{prefix}{name}/")
+
+    try:
+        arrays(zarr.open(str(path), mode="r"), "")
+    except Exception:  # zarr raises many kinds for a folder that is not one
+        return []
+    return [f"{path}/{n}" for n in names[:10]]
+
+
 def _zarr(path: Path) -> Volume:
     zarr = _optional("zarr", path)
     if not path.exists():
+        store = _zarr_store(path)
+        if store.is_dir() and store != path:  # an array its group does not hold
+            raise DataError(f"{path}: no such array in {store}; it has "
+                            f"{', '.join(_zarr_arrays(zarr, store)) or 'none'}")
         raise DataError(f"{path}: no such zarr array")
     try:
         arr = zarr.open(str(path), mode="r")
     except Exception as err:  # zarr raises many kinds for a folder that is not one
         raise DataError(f"{path}: not a zarr array ({err})") from None
     if not hasattr(arr, "shape"):
-        names: list[str] = []
-
-        def arrays(group, prefix: str) -> None:  # nested (bioformats2raw: scan.zarr/0/0)
-            for name in sorted(getattr(group, "array_keys", lambda: [])()):
-                names.append(f"{prefix}{name}")
-            for name in sorted(getattr(group, "group_keys", lambda: [])()):
-                if len(names) < 10:
-                    arrays(group[name], f"{prefix}{name}/")
-
-        arrays(arr, "")
         raise DataError(f"{path}: a zarr group, not an array; give one of its arrays "
-                        f"({', '.join(f'{path}/{n}' for n in names[:10]) or 'it has none'})")
+                        f"({', '.join(_zarr_arrays(zarr, path)) or 'it has none'})")
     lead = _leading_ones(str(path), arr.shape)
     _check(str(path), arr.shape[lead:], arr.dtype)
     return Volume(str(path), stem_of(path), "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
@@ -1079,13 +1098,25 @@ def stem_of(spec: str | Path) -> str:
     return path.resolve().name if path.is_dir() else path.stem
 
 
+def _there(spec: str | Path) -> bool:
+    """Whether the file or folder a volume ``spec`` names is there: an HDF5 ``file:/key``'s
+    file, a zarr array's ``.zarr`` store (an array missing inside it is the store's to say,
+    as an HDF5 dataset missing in its file)."""
+    text = str(spec)
+    h5 = _H5.match(text)
+    if h5:
+        return Path(h5["file"]).exists()
+    return (_zarr_store(text) if _ZARR.search(text) else Path(text)).exists()
+
+
 def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
                  exclude: str | Path | None = None, keep_failed: bool = False
                  ) -> tuple[list[Path], list[Volume]]:
     """``paser segment``'s inputs as image files and volumes: HDF5 ``file:/key``, ``.zarr``
     paths, TIFFs of more than one page (named or found in a folder) and, with ``stack``,
     folders (:func:`is_volume`); the rest are images (:func:`paser.segment.find_images`).
-    Two outputs with one stem are a :class:`DataError`; ``exclude`` (the output folder) is
+    Two outputs with one stem are a :class:`DataError`, and so is a path that is not there
+    (an HDF5 file, a ``.zarr`` store), as an image's is; ``exclude`` (the output folder) is
     not searched. A volume that cannot be opened is its :class:`DataError`, or with
     ``keep_failed`` a :class:`Volume` whose ``error`` says why (the others go on, as a file
     that cannot be read does)."""
@@ -1099,6 +1130,9 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
                 raise
             return Volume(str(spec), stem_of(spec), "failed", (0, 0, 0), "", error=str(err))
 
+    for spec in inputs:  # a path mistyped: as find_images, before anything is written
+        if is_volume(spec, stack) and not _there(spec):
+            raise DataError(f"{spec}: no such file or folder")
     volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
