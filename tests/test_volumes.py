@@ -471,6 +471,26 @@ def test_a_volume_path_that_is_not_there_stops_the_command_as_an_image_path_does
     assert not (tmp_path / "o").exists()
 
 
+def test_an_array_of_too_few_or_too_many_axes_says_what_to_give(tmp_path):
+    """A 2-D array (one image) and a 5-D one of several time points and channels were
+    refused with "a volume is slices x height x width (x channels)" alone, where a 4-D one
+    says which array to give: each now says what to do."""
+    zarr.open_array(str(tmp_path / "tc.zarr"), mode="w", shape=(2, 3, 2, 4, 4), dtype="uint8")
+    zarr.open_array(str(tmp_path / "one.zarr"), mode="w", shape=(4, 4), dtype="uint8")
+    with h5py.File(tmp_path / "f.h5", "w") as fh:
+        fh.create_dataset("/image", data=np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"tc.zarr: an array of shape \(2, 3, 2, 4, 4\); a "
+                                        r"volume is slices x height x width \(x up to 4 "
+                                        r"channels last\): give one channel's 3-D array"):
+        open_volume(tmp_path / "tc.zarr")
+    for spec in (tmp_path / "one.zarr", f"{tmp_path / 'f.h5'}:/image"):
+        with pytest.raises(DataError, match=r": an array of shape \(4, 4\), not a volume "
+                                            r"\(slices x height x width\): save one image as "
+                                            r"an image file \(TIFF, PNG\) to segment it, or "
+                                            r"as an array of shape \(1, height, width\)$"):
+            open_volume(spec)
+
+
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):
     """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
     the splits are the labelled slices of their ranges, in tiles, with the window fitted

@@ -249,7 +249,7 @@ def _leading_ones(source: str, shape: tuple) -> int:
     while len(shape) - lead > 3 and shape[lead] == 1:
         lead += 1
     rest = shape[lead:]
-    if len(rest) == 4 and rest[-1] > 4:
+    if len(rest) > 4 or (len(rest) == 4 and rest[-1] > 4):
         raise DataError(f"{source}: an array of shape {tuple(shape)}; a volume is slices x "
                         "height x width (x up to 4 channels last): give one channel's 3-D "
                         "array (e.g. save data[:, c] or data[t, c] as its own array)")
@@ -260,6 +260,10 @@ def _check(source: str, shape: tuple, dtype) -> None:
     if len(shape) in (3, 4) and shape[0] == 0:
         raise DataError(f"{source}: no slices (an array of shape {tuple(shape)}); nothing to "
                         "segment")
+    if len(shape) == 2 and 0 not in shape:
+        raise DataError(f"{source}: an array of shape {tuple(shape)}, not a volume (slices x "
+                        "height x width): save one image as an image file (TIFF, PNG) to "
+                        "segment it, or as an array of shape (1, height, width)")
     if len(shape) not in (3, 4) or 0 in shape:
         raise DataError(f"{source}: an array of shape {tuple(shape)}; a volume is slices x "
                         "height x width (x channels)")
