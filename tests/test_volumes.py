@@ -491,6 +491,36 @@ def test_an_array_of_too_few_or_too_many_axes_says_what_to_give(tmp_path):
             open_volume(spec)
 
 
+def test_a_capped_volume_past_the_cap_per_its_voxels_says_why(tmp_path, capsys):
+    """A volume of 20 x 20 slices under --max-gflops-per-mp 60 and a run of 128 x 128 tiles
+    printed "1092.81 GFLOP/MP, capped at 60" and nothing more, where images past the cap
+    get a note that each tile is held to it and the padding of the last tiles is paid for:
+    a volume now gets the same note, and one within the cap none."""
+    from types import SimpleNamespace
+
+    from paser.cli.deploy import _volume_lines
+
+    def volume(side: int, gflops: float):
+        megavoxels = 8 * side * side / 1e6
+        return SimpleNamespace(source=f"v{side}.tif", resumed=False, error="", record={
+            "shape": [8, side, side], "megavoxels": megavoxels, "gflops": gflops,
+            "gflops_per_slice": gflops / 8, "cap_gflops_per_mp": 60.0, "ms_per_slice": 1.0,
+            "output": f"v{side}_labels.tif"})
+
+    capsys.readouterr()
+    _volume_lines([volume(20, 8 * 0.437), volume(256, 8 * 3.878)], tmp_path, (128, 128))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "1092.50 GFLOP/MP, capped at 60" in lines[0]
+    assert lines[1] == (
+        "  note: past the cap of 60 GFLOP/MP per its own voxels: the cap holds each 128 x 128 "
+        "tile its slices of 20 x 20 are cut into, and their last tiles are padded past the "
+        "slice (f0 and the policy run on whole tiles); slices whose sides are multiples of "
+        "128 x 128 stay within it")
+    assert "59.17 GFLOP/MP, capped at 60" in lines[2]
+    _volume_lines([volume(20, 8 * 0.437)], tmp_path, None)  # routed whole: no tiles to say
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):
     """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
     the splits are the labelled slices of their ranges, in tiles, with the window fitted

@@ -433,7 +433,7 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
         with _saying_kept(), _slices_bar(total, "cluster") as advance:
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
                                      chunk=chunk, on_progress=advance, previews=previews)
-    _volume_lines(res.volumes, out)
+    _volume_lines(res.volumes, out, model.tile)
     typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
                "(each record names its worker)")
     return res.images, res.volumes, res.image_seconds
@@ -447,7 +447,7 @@ def _segment_volumes(model, volumes, out: Path, k: int | None, chunk: int) -> li
     with _saying_kept(), _slices_bar(sum(v.depth for v in volumes), "volumes") as advance:
         results = segment_volumes(model, volumes, out, only=k, chunk=chunk,
                                   on_slices=advance)
-    _volume_lines(results, out)
+    _volume_lines(results, out, model.tile)
     return results
 
 
@@ -465,7 +465,9 @@ def _saying_kept():
         raise
 
 
-def _volume_lines(results, out: Path) -> None:
+def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> None:
+    """A line per volume, and notes under it; ``tile``: the run's (``model.tile``), which
+    explains a capped volume whose slices spent past the cap per their own voxels."""
     from paser.cost import FLOP_CONVENTION
     from paser.runtime import figure
 
@@ -484,6 +486,15 @@ def _volume_lines(results, out: Path) -> None:
                       + "; " if rec["megavoxels"] > 0 else "")
                    + f"{FLOP_CONVENTION}), "
                    f"{rec['ms_per_slice']:.1f} ms per slice; labels in {out / rec['output']}")
+        cap = rec.get("cap_gflops_per_mp")
+        spent = rec["gflops"] / rec["megavoxels"] if rec["megavoxels"] > 0 else 0.0
+        if cap is not None and tile is not None and spent > cap * (1 + 1e-9):
+            (th, tw), (h, w) = tile, rec["shape"][1:3]
+            typer.echo(f"  note: past the cap of {cap:g} GFLOP/MP per its own voxels: the cap "
+                       f"holds each {th} x {tw} tile its slices of {h} x {w} are cut into, "
+                       "and their last tiles are padded past the slice (f0 and the policy "
+                       f"run on whole tiles); slices whose sides are multiples of {th} x "
+                       f"{tw} stay within it")
         if "remote" in rec:  # (as the images' line says it)
             sent, whole = rec["remote"]["bytes_sent"], rec["remote"]["bytes_whole_volume"]
             url = rec["remote"]["url"]  # none where a call without --remote finished it
