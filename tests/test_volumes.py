@@ -123,6 +123,35 @@ def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     assert [r["status"] for r in rows] == ["ok"] * 5
 
 
+def test_a_volume_failing_on_an_error_that_names_no_input_is_named(setup, monkeypatch):
+    """A volume of slices too small for the run's models failed with "failed: a 6 x 6 image
+    is too small for the run's models (...)" locally, naming no volume (on a cluster the
+    client named it): among several volumes the line did not say which. It now begins
+    with the volume, as every other volume's failure does, and a volume whose error names
+    it already is not named twice."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "tiny.tif", vol[:, :6, :6], photometric="minisblack")
+    tifffile.imwrite(tmp / "nan.tif", np.full((2, 8, 8), np.nan, np.float32),
+                     photometric="minisblack")
+    why = ("a 6 x 6 image is too small for the run's models (their deepest layers would see "
+           "one pixel of it); give it at a size nearer the one the run trained on")
+    real = m.cost_table
+
+    def cost_table(height, width):  # as PaSeR._sized says it of a conv run's models
+        if (height, width) == (6, 6):
+            raise DataError(why)
+        return real(height, width)
+
+    monkeypatch.setattr(m, "cost_table", cost_table)
+    tiny, nan = segment_volumes(m, split_inputs([tmp / "tiny.tif", tmp / "nan.tif"])[1],
+                                tmp / "out")
+    assert tiny.error == f"{tmp / 'tiny.tif'}: {why}"
+    assert nan.error == (f"{tmp / 'nan.tif'}: no finite pixel to fit an intensity window on "
+                         "(every pixel NaN or Inf); give data.window=[lo,hi]")  # named once
+    rows = list(csv.DictReader(open(tmp / "out" / "volumes.csv")))
+    assert [r["error"] for r in rows] == [tiny.error, nan.error]
+
+
 def test_a_volumes_csv_of_an_older_paser_is_rewritten_under_the_new_columns(setup):
     """volumes.csv gained the remote figures' columns: a folder written before keeps its
     rows, under the new header, the new columns blank; without --remote no bytes are sent."""

@@ -64,6 +64,7 @@ from paser.volumes import (
     _write_csv,
     chunks_to_do,
     discard,
+    failure,
     finish_volume,
     is_write_error,
     prepare_volume,
@@ -380,7 +381,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                                            time.perf_counter() - start, on_progress)
                 workers.update(res.record.get("workers", []))
             except (PaserError, OSError, ValueError) as err:
-                res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+                res.error = failure(vol, err)
                 if isinstance(err, DataError):
                     discard(vol, out_dir)  # as segment_volumes: no half label volume
 
@@ -394,7 +395,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             try:
                 size = prepare_volume(vol, out_dir, chunk, model.intensity)[1]
             except (PaserError, OSError, ValueError) as err:
-                res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+                res.error = failure(vol, err)
                 continue
             sizes[-1] = size
             todo_chunks = chunks_to_do(vol, out_dir, size)
@@ -442,7 +443,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             index, z0, z1 = what
             vol, res = volumes[index], vols[index]
             if error is not None and not res.error:
-                res.error = error if error.startswith(vol.source) else f"{vol.source}: {error}"
+                res.error = failure(vol, error)
             if isinstance(raised, DataError) and not isinstance(raised, _NotReached):
                 spoilt.add(index)
             waiting[vol.stem].discard(fut)

@@ -928,7 +928,7 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
         try:
             res.record = segment_volume(model, vol, out_dir, only, chunk, on_slices)
         except (PaserError, OSError, RuntimeError, ValueError) as err:
-            res.error = str(err) if isinstance(err, PaserError) else f"{vol.source}: {err}"
+            res.error = failure(vol, err)
             # the data's fault: a rerun fails the same way, so leave no half label volume
             if isinstance(err, DataError):
                 discard(vol, out_dir)
@@ -940,6 +940,14 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
                 raise stop_writing(err, vol.source, out_dir) from err
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
+
+
+def failure(volume: Volume, err: BaseException | str) -> str:
+    """``err`` as the line ``volume`` fails with: named by the volume, where it does not
+    name it already (a slice too small for the models says its size alone; OSError and
+    ValueError say neither)."""
+    text = str(err)
+    return text if text.startswith(volume.source) else f"{volume.source}: {text}"
 
 
 def is_write_error(err: Exception, out_dir: Path, volume: Volume | None = None) -> bool:
