@@ -500,6 +500,28 @@ def test_a_volume_path_that_is_not_there_stops_the_command_as_an_image_path_does
     assert not (tmp_path / "o").exists()
 
 
+def test_a_dataset_or_array_named_the_other_formats_way_says_how_to_name_it(tmp_path):
+    """``scan.h5/entry/data`` (a zarr group's way) and ``scan.zarr:0`` (an HDF5 file's way)
+    stopped the command with "no such file or folder" alone, though the file is there: the
+    error now says how to name the dataset or the array."""
+    with h5py.File(tmp_path / "scan.h5", "w") as fh:
+        fh.create_dataset("/entry/data", data=np.zeros((2, 4, 4), np.uint8))
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    zarr.open_array(str(tmp_path / "g.zarr" / "0"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    for spec, meant in ((f"{tmp_path / 'scan.h5'}/entry/data",
+                         f"a dataset in an HDF5 file is named with a colon: "
+                         f"{tmp_path / 'scan.h5'}:/entry/data"),
+                        (f"{tmp_path / 'g.zarr'}:0", "an array in a zarr group is named as a "
+                                                    f"path in it: {tmp_path / 'g.zarr'}/0"),
+                        (f"{tmp_path / 'g.zarr'}:/0", f"in it: {tmp_path / 'g.zarr'}/0")):
+        with pytest.raises(DataError, match=f"^{re.escape(spec)}: no such file or folder; "
+                                            f".*{re.escape(meant)}$"):
+            split_inputs([spec], keep_failed=True)
+    with pytest.raises(DataError, match=r"gone.h5/x: no such file or folder$"):
+        split_inputs([f"{tmp_path / 'gone.h5'}/x"])  # no file to name: nothing to suggest
+    assert split_inputs([f"{tmp_path / 'scan.h5'}:/entry/data"])[1][0].shape == (2, 4, 4)
+
+
 def test_an_array_of_too_few_or_too_many_axes_says_what_to_give(tmp_path):
     """A 2-D array (one image) and a 5-D one of several time points and channels were
     refused with "a volume is slices x height x width (x channels)" alone, where a 4-D one

@@ -73,7 +73,11 @@ PLANE_CHUNK = 1024
 VOLUMES_CSV = "volumes.csv"
 #: a zarr array: ``scan.zarr``, or one inside a group (``scan.zarr/0``, OME-Zarr's levels)
 _ZARR = re.compile(r"\.zarr(?:/|$)", re.IGNORECASE)
-_H5 = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs|nx5|cxi))(?::(?P<key>.*))?$", re.IGNORECASE)
+_H5_FILE = r"(?P<file>.+\.(?:h5|hdf5|hdf|he5|nxs|nx5|cxi))"
+_H5 = re.compile(rf"^{_H5_FILE}(?::(?P<key>.*))?$", re.IGNORECASE)
+#: paths mistyped the other format's way: ``scan.h5/entry/data``, ``scan.zarr:0``
+_H5_SLASH = re.compile(rf"^{_H5_FILE}/(?P<key>.+)$", re.IGNORECASE)
+_ZARR_COLON = re.compile(r"^(?P<store>.+\.zarr):/?(?P<inner>.+)$", re.IGNORECASE)
 
 
 def natural_key(path: Path) -> list:
@@ -1121,6 +1125,20 @@ def _there(spec: str | Path) -> bool:
     return (_zarr_store(text) if _ZARR.search(text) else Path(text)).exists()
 
 
+def _meant(spec: str | Path) -> str | None:
+    """What a path that is not there was likely meant to name, where it names a dataset in
+    an HDF5 file the way of a zarr group (``scan.h5/entry/data``) or an array in a zarr
+    group the way of an HDF5 file (``scan.zarr:0``); None otherwise."""
+    text = str(spec)
+    h5, group = _H5_SLASH.match(text), _ZARR_COLON.match(text)
+    if h5 and Path(h5["file"]).is_file():
+        return f"a dataset in an HDF5 file is named with a colon: {h5['file']}:/{h5['key']}"
+    if group and Path(group["store"]).is_dir():
+        return (f"an array in a zarr group is named as a path in it: "
+                f"{group['store']}/{group['inner']}")
+    return None
+
+
 def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
                  exclude: str | Path | None = None, keep_failed: bool = False
                  ) -> tuple[list[Path], list[Volume]]:
@@ -1145,6 +1163,9 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
     for spec in inputs:  # a path mistyped: as find_images, before anything is written
         if is_volume(spec, stack) and not _there(spec):
             raise DataError(f"{spec}: no such file or folder")
+        meant = None if Path(spec).exists() else _meant(spec)
+        if meant is not None:
+            raise DataError(f"{spec}: no such file or folder; {meant}")
     volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
