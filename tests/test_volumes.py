@@ -522,6 +522,27 @@ def test_a_dataset_or_array_named_the_other_formats_way_says_how_to_name_it(tmp_
     assert split_inputs([f"{tmp_path / 'scan.h5'}:/entry/data"])[1][0].shape == (2, 4, 4)
 
 
+def test_a_stack_folder_that_is_out_is_refused_before_its_labels_join_it(setup):
+    """``paser segment slices/ --stack --out slices/`` wrote slices_labels.tif (8 pages)
+    into the stack, and the same command again failed on it ("8 pages in one file of a
+    --stack folder"): a folder of images that is --out is refused, and a --stack folder now
+    is too, with nothing written; an --out inside it is not one of its slices, and goes."""
+    m, vol, tmp = setup
+    (tmp / "slices").mkdir()
+    for z in range(3):
+        tifffile.imwrite(tmp / "slices" / f"s{z}.tif", vol[z])
+    with pytest.raises(DataError, match=r"slices: the --stack folder is --out, where the "
+                                        r"outputs are written; give an --out outside it$"):
+        split_inputs([tmp / "slices"], stack=True, exclude=tmp / "slices" / ".")
+    assert sorted(p.name for p in (tmp / "slices").iterdir()) == ["s0.tif", "s1.tif", "s2.tif"]
+    [stack] = split_inputs([tmp / "slices"], stack=True, exclude=tmp / "slices" / "seg")[1]
+    [res] = segment_volumes(m, [stack], tmp / "slices" / "seg")
+    assert res.record is not None and res.record["shape"] == [3, SIDE, SIDE]
+    [again] = segment_volumes(m, split_inputs([tmp / "slices"], stack=True)[1],
+                              tmp / "slices" / "seg")
+    assert again.resumed and stack.depth == 3
+
+
 def test_an_array_of_too_few_or_too_many_axes_says_what_to_give(tmp_path):
     """A 2-D array (one image) and a 5-D one of several time points and channels were
     refused with "a volume is slices x height x width (x channels)" alone, where a 4-D one

@@ -1166,6 +1166,11 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
         meant = None if Path(spec).exists() else _meant(spec)
         if meant is not None:
             raise DataError(f"{spec}: no such file or folder; {meant}")
+        if (stack and exclude is not None and Path(spec).is_dir()
+                and Path(spec).resolve() == Path(exclude).resolve()):
+            # its label volume would be a file of the stack: the next call refuses it
+            raise DataError(f"{spec}: the --stack folder is --out, where the outputs are "
+                            "written; give an --out outside it")
     volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
