@@ -696,6 +696,35 @@ def test_a_label_named_in_another_case_is_named_in_the_error(tmp_path):
         "letter for letter, so rename it 'slice 2.PNG'")
 
 
+def test_a_mask_named_in_macos_unicode_form_pairs_with_its_image(tmp_path):
+    """An accented name written by macOS (decomposed, NFD) is the same name as the one a
+    Linux or Windows tool writes (composed, NFC): the mask pairs with its image. It was
+    'label not found' for a mask that is there and looks the same in every listing."""
+    import unicodedata
+
+    root = tmp_path / "cells"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    names = ["Zelle \u00fc 0", "Probe \u00c4 1", "b2", "b3", "b4", "b5"]
+    for i, name in enumerate(names):
+        Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / "images" / f"{name}.tif")
+        mask = np.full((16, 16), i % 2, np.uint8)
+        Image.fromarray(mask).save(root / "masks" / f"{unicodedata.normalize('NFD', name)}.PNG")
+    assert len(list((root / "masks").iterdir())) == 6 and not (
+        root / "masks" / f"{names[0]}.PNG").exists()  # two names, as on Linux
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["unpaired_masks"] == []
+    assert sum(r["splits"][s]["images"] for s in ("train", "validation", "test")) == 6
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}",
+                                 "data.holdout=[0.2, 0.2]"])
+    for split in ("train", "validation", "test"):  # each image with its own mask
+        ds = open_split(cfg.data, split)
+        for item in (ds[i] for i in range(len(ds))):
+            i = next(k for k, n in enumerate(names) if item["id"].startswith(n))
+            assert set(item["mask"].unique().tolist()) == {i % 2}
+
+
 def test_a_mask_of_another_image_is_not_offered_as_the_missing_one(tmp_path):
     """Where images A.png and a.png both are (a case-sensitive file system) and A.png has no
     mask, a.png's own mask is not the one to rename: the error said to, which would leave

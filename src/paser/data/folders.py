@@ -19,6 +19,7 @@ the benchmark, every other id is unlabelled.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -315,11 +316,12 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                                         if other is not None else ""))
     masks: dict[str, Path] = {}
     images = image_files(img_dir)
-    named = {p.stem: p for p in images}
+    named = {_name(p): p for p in images}
     for m in image_files(mask_dir):  # two masks of one image: which is its label is not known
-        if m.stem in named and masks.setdefault(m.stem, m) != m:
-            raise DataError(f"{masks[m.stem]} and {m} are both masks of {named[m.stem]} (an "
-                            "image's mask is the one file of its name in masks/): keep one")
+        if _name(m) in named and masks.setdefault(_name(m), m) != m:
+            raise DataError(f"{masks[_name(m)]} and {m} are both masks of {named[_name(m)]} "
+                            "(an image's mask is the one file of its name in masks/): keep "
+                            "one")
     unread = None if images else skipped_note(unread_files(img_dir))
     if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
@@ -330,7 +332,16 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                            "not read)" if below else "") + "; put "
                         f"the images there, each with its mask of the same name in {mask_dir}")
     # a missing mask is reported by SegmentationFiles, naming the image
-    return [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+    return [(p, masks.get(_name(p), mask_dir / f"{p.stem}.png")) for p in images]
+
+
+def _name(path: Path) -> str:
+    """The name an image and its mask share: the file's stem in Unicode's composed form
+    (NFC). macOS writes an accented letter decomposed (NFD: u and a combining diaeresis
+    for u-umlaut) where Linux and Windows tools write it as one character; the two names
+    look the same everywhere and are one name to macOS, so a mask saved on a Mac pairs
+    with its image."""
+    return unicodedata.normalize("NFC", path.stem)
 
 
 def _parts(root: Path) -> list[Path]:
@@ -370,15 +381,15 @@ def unpaired_masks(root: str | Path) -> list[Path]:
     lost = []
     for where in _parts(Path(root)):
         if (where / "images").is_dir() and (where / "masks").is_dir():
-            stems = {p.stem for p in image_files(where / "images")}
-            lost += [m for m in image_files(where / "masks") if m.stem not in stems]
+            stems = {_name(p) for p in image_files(where / "images")}
+            lost += [m for m in image_files(where / "masks") if _name(m) not in stems]
     return lost
 
 
 def _one_file_per_image(images: list[Path], mask_dir: Path) -> None:
     """Two files of one stem (``scan1.png``, ``scan1.tif``) would share one mask and could
     land in two splits: the test would hold a training image."""
-    twice = shared_stem((p.stem, str(p)) for p in images)
+    twice = shared_stem((_name(p), str(p)) for p in images)
     if twice is not None:
         stem, first, second = twice
         raise DataError(f"{first} and {second} have the same name '{stem}' (one mask, "
