@@ -421,6 +421,27 @@ def test_the_suggested_line_pastes_into_zsh_and_bash_as_printed(folder, tmp_path
         "models.in_channels=3"]
 
 
+@pytest.mark.parametrize("name", ["batch #3", "cell 1: anode", "007"])
+def test_a_folder_named_what_yaml_reads_otherwise_is_checked_and_suggested(folder, tmp_path,
+                                                                         name):
+    """A folder whose name YAML reads as something else is the folder checked, and the
+    suggested line reads back as it: `paser data check 'batch #3'` looked for 'batch' (YAML
+    took ' #3' for a comment), and 'cell 1: anode' stopped at "key 'data.root': Input is
+    not a valid path (got {'.../cell 1': 'anode'})", an override the user never gave."""
+    import shlex
+
+    root = tmp_path / name
+    shutil.copytree(folder, root)
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["root"] == str(root) and r["splits"]["train"]["images"] == 12
+    said = shlex.split(shlex.join(r["suggested_overrides"]))  # printed, pasted into a shell
+    cfg = load_config(preset="battery-quick", overrides=said)
+    assert cfg.data.root == root and cfg.models.num_classes == 5
+    # typed by hand, a '#' is the value's: the shell has taken the command line's comments
+    typed = load_config(overrides=["data.dataset=folder", f"data.root={tmp_path}/batch #3"])
+    assert typed.data.root == tmp_path / "batch #3"
+
+
 def test_a_folder_without_classes_yaml_is_told_the_values_its_masks_hold(folder, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(folder / "train", bare / "train")  # masks, and no classes.yaml

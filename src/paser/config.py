@@ -649,6 +649,27 @@ def _glued_keys(value: Any) -> str | None:
     return None
 
 
+def override(key: str, value: str) -> str:
+    """``key=value`` that :func:`apply_override` reads back as the string ``value``: plain
+    where YAML reads it as itself, else in YAML's double quotes (a folder 'cell 1: anode',
+    which YAML reads as a mapping, or named '007' or 'true')."""
+    plain = override_value(value) == value
+    return f"{key}={value}" if plain else f"{key}={json.dumps(value, ensure_ascii=False)}"
+
+
+def override_value(value: str) -> Any:
+    """The value of an override's ``key=value`` text, parsed as YAML, but for a ``#``: the
+    shell has taken a command line's comments, so a ``#`` in a string is the value's (a
+    folder 'batch #3'), not the start of a YAML comment."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if "#" in value and (parsed is None or isinstance(parsed, str)) and "#" not in str(parsed):
+        return value.strip()
+    return parsed
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` to a raw mapping (value parsed as YAML).
 
@@ -657,10 +678,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}': expected key=value, e.g. stage2.epochs=5")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
+    parsed = override_value(value)
     glued = _glued_keys(parsed)
     if glued:
         raise ConfigError(f"override '{item}': '{glued}' reads as one key with no value; in "

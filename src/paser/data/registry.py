@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from paser.config import DataConfig, load_config
+from paser.config import DataConfig, load_config, override
 from paser.data.battery import (
     CLASS_NAMES,
     SPLITS,
@@ -426,7 +426,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     layout = dataset or ("volume" if "data.volume" in keys else detect_layout(root))
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}")
-    cfg = load_config(overrides=[f"data.dataset={layout}", f"data.root={Path(root)}",
+    cfg = load_config(overrides=[f"data.dataset={layout}", override("data.root", str(Path(root))),
                                  *overrides]).data
     # the training split opens, or its error is the answer (the folder is not what the
     # layout reads, the class map is invalid); then every other problem, not the first
@@ -509,7 +509,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                    for s, ds in splits.items()},
         "tile_advice": tile,
         "suggested_overrides": [
-            f"data.dataset={layout}", f"data.root={Path(root).resolve()}", *overrides,
+            f"data.dataset={layout}", override("data.root", str(Path(root).resolve())),
+            *overrides,
             f"stage1.class_weights=[{','.join(f'{w:g}' for w in weights_list)}]",
             f"models.num_classes={len(names)}", f"models.in_channels={splits['train'].channels}",
             *([f"data.tile=[{TILE[0]},{TILE[1]}]"] if tile else []),
