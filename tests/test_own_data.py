@@ -455,6 +455,26 @@ def test_a_folder_without_classes_yaml_is_told_the_values_its_masks_hold(folder,
         check_dataset(tmp_path / "bare" / "train" / "images", workers=0, show_progress=False)
 
 
+@pytest.mark.parametrize("name", ["classes.yml", "Classes.yaml", "classes.yaml.txt"])
+def test_a_class_map_saved_under_another_name_is_named_to_rename(folder, tmp_path, name):
+    """A class map saved as classes.yml (or by a Windows editor as classes.yaml.txt) was
+    'no classes.yaml; ... write classes.yaml naming each, e.g. {0: class0, ...}': a user
+    who followed it would write the map again with made-up names. The error names the file
+    to rename, in `paser data check` and in a run."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    (root / "classes.yaml").rename(root / name)
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    assert str(err.value) == f"{root}: no classes.yaml ({root / name} is there: rename it " \
+                             "classes.yaml)"
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"])
+    with pytest.raises(DataError) as err:
+        open_split(cfg.data, "train")
+    assert str(err.value) == (f"{root / 'classes.yaml'}: no class map ({root / name} is "
+                              "there: rename it classes.yaml)")
+
+
 def test_folders_as_users_have_them(folder, tmp_path):
     """Hidden files, bilevel masks, and the class maps and masks check refuses, each with
     what to do."""

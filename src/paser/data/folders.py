@@ -45,6 +45,21 @@ from paser.errors import DataError
 #: The marker of a mask value the class map does not know (found when a mask is read).
 _UNKNOWN = 254
 
+#: names a class map is given by mistake for ``classes.yaml`` (compared in lower case)
+_CLASS_MAP_NAMES = ("classes.yaml", "classes.yml", "classes.yaml.txt", "classes.yml.txt",
+                    "class.yaml", "class.yml")
+
+
+def misnamed_class_map(folder: Path) -> Path | None:
+    """A file of ``folder`` that is its ``classes.yaml`` by another name (``classes.yml``,
+    ``Classes.yaml``, ``classes.yaml.txt`` as editors on Windows save it), or ``None``: paser
+    reads ``classes.yaml`` alone, and the error names the file to rename."""
+    if not folder.is_dir():
+        return None
+    return next((f for f in sorted(folder.iterdir()) if f.is_file() and f.name != "classes.yaml"
+                 and f.name.lower() in _CLASS_MAP_NAMES), None)
+
+
 #: Cityscapes' 19 evaluation classes (train ids 0..18), and label id -> train id for the
 #: labelled ids (every other id, "unlabeled" to "license plate", is ignored).
 CITYSCAPES_CLASSES = (
@@ -71,6 +86,10 @@ class ClassMap:
     @classmethod
     def read(cls, path: Path) -> ClassMap:
         if not path.is_file():
+            other = misnamed_class_map(path.parent)
+            if other is not None:
+                raise DataError(f"{path}: no class map ({other} is there: rename it "
+                                f"{path.name})")
             raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
                             "1: object}' and optionally 'ignore: 255' (see docs/data.md)")
         try:

@@ -35,6 +35,7 @@ from paser.data.folders import (
     ClassMap,
     FolderDataset,
     mask_values,
+    misnamed_class_map,
     nested_images,
     palette_conflicts,
     unpaired_masks,
@@ -289,6 +290,9 @@ def detect_layout(root: str | Path) -> str:
                            ("train_images", "battery")):
         if (root / marker).exists():
             return layout
+    other = misnamed_class_map(root)
+    if other is not None:
+        raise DataError(f"{root}: no classes.yaml ({other} is there: rename it classes.yaml)")
     values = mask_values(root)
     if values:
         example = ", ".join(f"{v}: class{i}" for i, v in enumerate(values))
