@@ -475,6 +475,44 @@ def test_a_class_map_saved_under_another_name_is_named_to_rename(folder, tmp_pat
                               "there: rename it classes.yaml)")
 
 
+def test_a_mask_resized_with_interpolation_is_told_to_resample_by_nearest(tmp_path):
+    """A mask of 0 / 40 / 80 resized bilinearly holds every value between them along its
+    edges; the error said 'add them there', which would make 78 classes of the edges. Its
+    values between the classes' say how it came to hold them; a value past them is still
+    a class the map left out."""
+    root = tmp_path / "cells"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24], mask[12:20, 12:20] = 40, 80
+    for i in range(6):
+        Image.fromarray(mask * 2).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    Image.fromarray(mask).resize((48, 48), Image.Resampling.BILINEAR).resize(
+        (32, 32), Image.Resampling.BILINEAR).save(root / "masks" / "s1.png")
+    over = mask.copy()
+    over[0, 0] = 120
+    Image.fromarray(over).save(root / "masks" / "s4.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 40: particle, 80: binder}\n")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    resized = np.unique(np.asarray(Image.open(root / "masks" / "s1.png")))
+    between = len([v for v in resized if v not in (0, 40, 80)])
+    assert between >= 3
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        f"  - {root / 'masks' / 's1.png'}: mask values "
+        f"{[int(v) for v in resized if v not in (0, 40, 80)][:8]} ... are not in "
+        f"{root / 'classes.yaml'} (classes [0, 40, 80], ignore 255); {between} values between "
+        "the classes' are what a mask resized or turned with interpolation (bilinear, "
+        "bicubic, antialiased) holds along its class edges: resample masks with nearest "
+        "neighbour (Pillow: Image.Resampling.NEAREST), or set those pixels to the ignore "
+        "value",
+        f"  - {root / 'masks' / 's4.png'}: mask values [120] are not in "
+        f"{root / 'classes.yaml'} (classes [0, 40, 80], ignore 255); add them there or set "
+        "those pixels to the ignore value"]
+
+
 def test_folders_as_users_have_them(folder, tmp_path):
     """Hidden files, bilevel masks, and the class maps and masks check refuses, each with
     what to do."""

@@ -44,6 +44,9 @@ from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
 _UNKNOWN = 254
+#: unknown mask values, all between the classes' values, from which a mask is said to be
+#: resampled with interpolation (one or two are more likely a class left out of the map)
+_RESAMPLED = 3
 
 #: names a class map is given by mistake for ``classes.yaml`` (compared in lower case)
 _CLASS_MAP_NAMES = ("classes.yaml", "classes.yml", "classes.yaml.txt", "classes.yml.txt",
@@ -154,11 +157,18 @@ class ClassMap:
         out = self.lut[arr]
         if (out == _UNKNOWN).any():
             vals = sorted(int(v) for v in np.unique(arr[out == _UNKNOWN]))
+            between = len(vals) >= _RESAMPLED and all(
+                min(self.values) < v < max(self.values) for v in vals)
             raise DataError(
                 f"{path}: mask values {vals[:8]}{' ...' if len(vals) > 8 else ''}"
                 f"{_palette_note(path)} are not in "
-                f"{self.where} (classes {self.values}, ignore {self.ignore}); add them there or "
-                "set those pixels to the ignore value")
+                f"{self.where} (classes {self.values}, ignore {self.ignore}); "
+                + (f"{len(vals)} values between the classes' are what a mask resized or "
+                   "turned with interpolation (bilinear, bicubic, antialiased) holds along "
+                   "its class edges: resample masks with nearest neighbour (Pillow: "
+                   "Image.Resampling.NEAREST), or set those pixels to the ignore value"
+                   if between else
+                   "add them there or set those pixels to the ignore value"))
         return out
 
 
