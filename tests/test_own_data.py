@@ -352,6 +352,33 @@ def test_data_check_names_masks_without_an_image(folder, tmp_path):
 
 
 
+def test_data_check_warns_of_a_labelled_image_that_is_one_value(folder, tmp_path):
+    """A dark frame (every pixel one value) whose mask holds classes trained without a word:
+    the models learn that a blank image holds those classes. `paser data check` names it,
+    read in batches (images of one size) and one by one (of several sizes)."""
+    assert check_dataset(folder, workers=0, show_progress=False)["blank_images"] == []
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    first = sorted((root / "train" / "images").iterdir())[9]
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(first)
+    assert check_dataset(root, workers=0, show_progress=False)["blank_images"] == [
+        f"{first} (train)"]
+    other = sorted((root / "test" / "images").iterdir())[1]  # another size: one by one
+    Image.fromarray(np.zeros((40, 36, 3), np.uint8)).save(other)
+    m = root / "test" / "masks" / other.name
+    Image.fromarray(np.asarray(Image.open(m).resize((36, 40), Image.Resampling.NEAREST))
+                    ).save(m)
+    assert check_dataset(root, workers=0, show_progress=False)["blank_images"] == [
+        f"{first} (train)", f"{other} (test)"]
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: 2 images reach the models as one value in every pixel, yet their masks "
+            "label them (a dark or saturated frame, a slice outside the sample, or values "
+            f"wholly outside the intensity window): {first} (train), {other} (test); the "
+            "models would learn that a blank image holds those classes: remove them, or set "
+            "their masks to the ignore value") in out.stdout
+
+
 def test_data_check_names_images_in_sub_folders_of_images(tmp_path):
     """images/more/3.png is not read (pairs are by name in images/ and masks/): it was
     left out of training without a word."""

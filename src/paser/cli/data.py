@@ -106,6 +106,17 @@ def data_check(
                    f"{_listed(uniform['slices'])}. If they are unlabelled slices, store them as "
                    "the ignore value (classes.yaml's 'ignore'): as they are, they train and "
                    f"score as {uniform['class']} everywhere")
+    blank = r["blank_images"]
+    if blank:
+        many = len(blank) > 1
+        typer.echo(f"warning: {len(blank)} {unit}{'s' if many else ''} "
+                   f"{'reach' if many else 'reaches'} the models as one value in every pixel, "
+                   f"yet {'their masks label them' if many else 'its mask labels it'} (a dark "
+                   "or saturated frame, a slice outside the sample, or values wholly outside "
+                   "the intensity window): " + _first_files(blank) + "; the models would "
+                   "learn that a blank image holds those classes: remove "
+                   + ("them, or set their masks" if many else "it, or set its mask")
+                   + " to the ignore value")
     lost = r["unpaired_masks"]
     if lost:
         typer.echo(f"{len(lost)} mask{'s have' if len(lost) > 1 else ' has'} no image of "

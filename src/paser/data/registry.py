@@ -420,7 +420,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     ``nested_images`` (a folder's images in sub-folders of its ``images/``, not read);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
-    :data:`FEW_IMAGES` images (slices), and how many they hold.
+    :data:`FEW_IMAGES` images (slices), and how many they hold; ``blank_images``: the
+    images (slices) that reach the models as one value in every pixel while their masks
+    label them, each as ``"<file> (<split>)"``.
     """
     keys = [o.partition("=")[0].strip() for o in overrides]
     other = [k for k in keys if not k.startswith("data.") or k in ("data.dataset", "data.root")]
@@ -469,19 +471,27 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     by_split = {s: torch.zeros(len(names) + 1, dtype=torch.long)
                 for s in ("train", "validation", "test")}
     floor, peak = 1.0, 0.0  # the darkest and brightest training pixels as the models see them
+    blank: list[str] = []  # labelled images that reach the models as one value
     with progress_bar(show_progress) as bar:
         for split, ds in splits.items():
             task = bar.add_task(f"reading {split}", total=len(ds), info="")
             # images of one size in batches by reader processes; of several, one by one here
             batches = (on_disk(ds, workers).batches(8) if ds.size is not None else
                        ((ds.image(i), labels(ds.mask(i))) for i in range(len(ds))))
+            files = [str(p) for p in getattr(ds, "images", ds.ids)]
+            at = 0
             try:
                 for x, y in batches:
                     by_split[split] += torch.bincount(y.reshape(-1) % (len(names) + 1),
                                                       minlength=len(names) + 1)
                     if split == "train":
                         floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
-                    bar.update(task, advance=len(y) if y.dim() == 3 else 1)  # a batch, or one
+                    n = len(y) if y.dim() == 3 else 1  # a batch, or one
+                    flat, marked = x.reshape(n, -1), y.reshape(n, -1) >= 0
+                    blank += [f"{files[at + k]} ({split})" for k in range(n) if bool(
+                        flat[k].amax() == flat[k].amin()) and bool(marked[k].any())]
+                    at += n
+                    bar.update(task, advance=n)
             except DataError as err:  # then each file alone, to name every bad one
                 problems += _unreadable(ds) or err.each()
     if layout == "folder":  # palette masks: one colour one index, in every split
@@ -534,6 +544,10 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "few_images": {s: len(splits[s]) for s in ("validation", "test")
                        if len(splits[s]) < FEW_IMAGES},
         "uniform_slices": _uniform_slices(splits) if layout == "volume" else None,
+        # a dark or saturated frame, a slice outside the sample, an image wholly outside the
+        # window, whose mask labels it: it teaches the models that a blank input holds those
+        # classes, and scores them on an image they cannot see
+        "blank_images": blank,
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
         "files": {s: dict(ds.dtypes) for s, ds in splits.items()},
