@@ -540,6 +540,38 @@ def test_a_mask_resized_with_interpolation_is_told_to_resample_by_nearest(tmp_pa
         "those pixels to the ignore value"]
 
 
+@pytest.mark.parametrize(("moves", "message"), [
+    ({"train": "Train", "validation": "Validation", "test": "Test"},
+     "{root}: neither train/images/ nor images/ found; a folder dataset has images/ and "
+     "masks/ (optionally under train/, validation/, test/) ({root}/Train is there: rename it "
+     "train/, and the other splits validation/ and test/); an image volume"),
+    ({"test": "Test"}, "{root}/test/images: folder not found; with train/ there must be "
+     "validation/ (or val/) and test/ too, each with images/ and masks/ ({root}/Test is "
+     "there: rename it test/)"),
+    ({"validation": "valid"}, "{root}/validation/images: folder not found; with train/ there "
+     "must be validation/ (or val/) and test/ too, each with images/ and masks/ "
+     "({root}/valid is there: rename it validation/)"),
+    ({"train/masks": "train/Masks"}, "{root}/train/masks: folder not found; masks go beside "
+     "images/ with the same file names ({root}/train/Masks is there: rename it masks/)"),
+    ({"test/images": "test/img"}, "{root}/test/images: folder not found; with train/ there "
+     "must be validation/ (or val/) and test/ too, each with images/ and masks/ "
+     "({root}/test/img is there: rename it images/)"),
+])
+def test_a_folder_named_in_another_case_or_by_another_tool_is_named(folder, tmp_path, moves,
+                                                                    message):
+    """Folders named as macOS and Windows users name them (Train/, Images/: one folder to
+    those systems, not to Linux, where their copy lands) or as other tools do (valid/,
+    img/) were 'folder not found' or 'neither train/images/ nor images/ found', not saying
+    what was there, as labels/ for masks/ is."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    for old, new in moves.items():
+        (root / old).rename(root / new)
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    assert message.format(root=root) in str(err.value)
+
+
 def test_folders_as_users_have_them(folder, tmp_path):
     """Hidden files, bilevel masks, and the class maps and masks check refuses, each with
     what to do."""

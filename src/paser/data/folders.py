@@ -293,18 +293,25 @@ class FolderDataset(_ClassMapped):
                     root / "val" / "images").is_dir():
                 where = root / "val"  # as many tools name it
             if not (where / "images").is_dir():
+                other = (_named_otherwise(where, "images", _IMAGE_FOLDERS) if where.is_dir()
+                         else _named_otherwise(root, split, _SPLIT_FOLDERS[split]))
                 raise DataError(f"{where / 'images'}: folder not found; with train/ "
                                 "there must be validation/ (or val/) and test/ too, each with "
-                                "images/ and masks/")
+                                "images/ and masks/" + _rename(other, "images" if
+                                                               where.is_dir() else split))
             pairs = _pairs(where / "images", where / "masks")
         elif (root / "images").is_dir():
             pairs = _pairs(root / "images", root / "masks")
             _one_file_per_image([p for p, _ in pairs], root / "masks")
             pairs = [pairs[i] for i in _holdout(len(pairs), holdout, seed, root)[split]]
         else:
+            train = _named_otherwise(root, "train", _SPLIT_FOLDERS["train"])
+            other = train or _named_otherwise(root, "images", _IMAGE_FOLDERS)
             raise DataError(f"{root}: neither {split}/images/ nor images/ found; a folder dataset "
                             "has images/ and masks/ (optionally under train/, validation/, test/)"
-                            "; an image volume with a label volume is data.dataset=volume "
+                            + (f" ({train} is there: rename it train/, and the other splits "
+                               "validation/ and test/)" if train else _rename(other, "images"))
+                            + "; an image volume with a label volume is data.dataset=volume "
                             "(docs/volumes.md: paser data check DIR data.volume=... "
                             "data.labels=... data.slices=...)")
         super().__init__([p for p, _ in pairs], [m for _, m in pairs], f"{root} ({split})")
@@ -336,13 +343,32 @@ _MASK_FOLDERS = ("labels", "label", "annotations", "gt", "ground_truth", "ground
                  "segmentations", "targets")
 
 
+#: folder names other tools give images, and a split's folder
+_IMAGE_FOLDERS = ("image", "img", "imgs", "inputs", "input", "raw")
+_SPLIT_FOLDERS = {"train": ("training",), "validation": ("valid", "val", "validate"),
+                  "test": ("testing",)}
+
+
+def _named_otherwise(parent: Path, name: str, aliases: tuple[str, ...] = ()) -> Path | None:
+    """A folder of ``parent`` that is ``name`` by another name: in another case
+    (``Images/`` for ``images/``, one folder to macOS and Windows, two to Linux, where a
+    folder copied from them lands) or one of ``aliases``; ``None`` where there is none."""
+    if not parent.is_dir():
+        return None
+    return next((d for d in sorted(parent.iterdir()) if d.is_dir() and d.name != name
+                 and d.name.lower() in (name, *aliases)), None)
+
+
+def _rename(other: Path | None, name: str) -> str:
+    """`` (X is there: rename it NAME/)``, or nothing where there is no ``other``."""
+    return "" if other is None else f" ({other} is there: rename it {name}/)"
+
+
 def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     if not mask_dir.is_dir():
-        other = next((mask_dir.parent / n for n in _MASK_FOLDERS
-                      if (mask_dir.parent / n).is_dir()), None)
+        other = _named_otherwise(mask_dir.parent, "masks", ("mask", *_MASK_FOLDERS))
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
-                        "file names" + (f" ({other} is there: rename it masks/)"
-                                        if other is not None else ""))
+                        "file names" + _rename(other, "masks"))
     masks: dict[str, Path] = {}
     images = image_files(img_dir)
     named = {_name(p): p for p in images}
