@@ -633,6 +633,32 @@ def test_a_signed_mask_with_negative_values_is_refused_not_wrapped_to_255(tmp_pa
         read_mask(tmp_path / "m.tif")
 
 
+def test_unlabelled_pixels_stored_as_minus_one_or_nan_are_told_to_be_the_ignore_value(
+        tmp_path):
+    """-1 (PyTorch's ignore_index, many tools' unlabelled) and NaN in a float mask were
+    refused as 'an instance label image numbers objects, not classes' and as 'labels
+    resampled by interpolation, or a probability map?': neither is what they are. Values
+    past 255 are still an instance image, and fractions resampled labels."""
+    def refusal(arr: np.ndarray) -> str:
+        tifffile.imwrite(tmp_path / "m.tif", arr)
+        with pytest.raises(DataError) as err:
+            read_mask(tmp_path / "m.tif")
+        return str(err.value).removeprefix(f"{tmp_path / 'm.tif'}: ")
+
+    told = ("if they mark unlabelled pixels, store those as the ignore value (classes.yaml's "
+            "'ignore', 255 unless it says otherwise), which losses and metrics skip")
+    assert refusal(np.array([[-1, 0], [1, 2]], np.int16)) == (
+        f"int16 labels with values -1..2; a class map takes the values 0..255, and -1 is none: "
+        f"{told}")
+    assert refusal(np.array([[np.nan, 0], [1, np.nan]], np.float32)) == (
+        f"float32 labels holding nan (2 voxels or pixels), which is no class value: {told}")
+    assert refusal(np.array([[-1, 0], [1, 300]], np.int16)).endswith(
+        "(an instance label image numbers objects, not classes: give one value per class)")
+    assert refusal(np.array([[np.nan, 0.5], [1, 2]], np.float32)).endswith(
+        "labels resampled by interpolation, or a probability map? Class labels are whole "
+        "values; resample them by nearest neighbour")
+
+
 def test_data_check_names_every_bad_file_when_a_float_training_image_cannot_be_read(
         tmp_path):
     # the window is fitted on the training floats: a truncated one there stopped the check

@@ -414,16 +414,28 @@ def label_values(arr: np.ndarray, where: str) -> np.ndarray:
             bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             shown = arr[bad][0]
+            if not np.isfinite(arr[bad]).any():  # NaN marks what no one labelled, as a rule
+                raise DataError(f"{where}: {arr.dtype} labels holding {shown:g} "
+                                f"({int(bad.sum())} voxels or pixels), which is no class "
+                                f"value: {_UNLABELLED}")
             raise DataError(f"{where}: {arr.dtype} labels holding {shown:g} ({int(bad.sum())} "
                             "voxels or pixels are not whole numbers): labels resampled by "
                             "interpolation, or a probability map? Class labels are whole "
                             "values; resample them by nearest neighbour")
     low, high = arr.min(), arr.max()
-    if low < 0 or high > 255:
+    if high > 255:
         raise DataError(f"{where}: {arr.dtype} labels with values {low:g}..{high:g}; a class "
                         "map takes the values 0..255 (an instance label image numbers "
                         "objects, not classes: give one value per class)")
+    if low < 0:  # -1: many tools' (and PyTorch's) mark of unlabelled pixels
+        raise DataError(f"{where}: {arr.dtype} labels with values {low:g}..{high:g}; a class "
+                        f"map takes the values 0..255, and {low:g} is none: {_UNLABELLED}")
     return arr.astype(np.uint8)
+
+
+#: what to do with label values that mark unlabelled pixels in other tools (NaN, -1)
+_UNLABELLED = ("if they mark unlabelled pixels, store those as the ignore value (classes.yaml's "
+               "'ignore', 255 unless it says otherwise), which losses and metrics skip")
 
 
 @dataclass(frozen=True)
