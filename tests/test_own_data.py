@@ -878,7 +878,9 @@ def test_a_mask_of_another_image_is_not_offered_as_the_missing_one(tmp_path):
     with pytest.raises(DataError) as err:
         check_dataset(root, workers=0, show_progress=False)
     assert str(err.value) == (f"{root / 'masks' / 'A.png'}: label not found for image "
-                              f"{root / 'images' / 'A.png'}")
+                              f"{root / 'images' / 'A.png'}; save the label there (the "
+                              "image's name, as .png or .tif), or move images without a "
+                              "label out of the dataset")
 
 
 def test_data_check_refuses_fewer_than_three_training_images(tmp_path):

@@ -117,7 +117,8 @@ class SegmentationFiles(Dataset):
             problems.append(
                 f"{labels[i]}: label not found for image {images[i]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + _near_name(labels[i], images[i]))
+                + (_near_name(labels[i], images[i]) or "; save the label there (the image's name, "
+                   "as .png or .tif), or move images without a label out of the dataset"))
         self.images = [p for p, ok in zip(images, found, strict=True) if ok]
         self.labels = [p for p, ok in zip(labels, found, strict=True) if ok]
         self.intensity = Intensity()
