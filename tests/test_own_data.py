@@ -1243,6 +1243,12 @@ def test_a_run_keeps_its_data_folder_as_an_absolute_path(folder, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     saved = load_config(config_file=run_dir / "config.yaml")
     assert saved.data.root == folder and len(open_split(saved.data, "test")) == 3
+    # data.root=~/mydata: bash and zsh leave the '~' of a word that is no assignment, and
+    # the run saved '<cwd>/~/mydata', a folder that does not exist
+    monkeypatch.setenv("HOME", str(folder.parent))
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root=~/{folder.name}"])
+    _, used = prepare_run_dir(tmp_path / "home", cfg, resume=False)
+    assert used.data.root == folder
 
 
 

@@ -130,11 +130,12 @@ def _is_later(record: dict, model: str, epoch: int) -> bool:
 
 def absolute_root(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``data.root`` absolute, as a run saves it: the run is read from other
-    folders later (evaluate, calibrate, segment)."""
+    folders later (evaluate, calibrate, segment). A ``~`` is the home folder, as everywhere
+    paser reads a folder: the shell leaves it as it is in ``data.root=~/mydata``."""
     if cfg.data.root is None or cfg.data.root.is_absolute():
         return cfg
     return cfg.model_copy(update={"data": cfg.data.model_copy(
-        update={"root": cfg.data.root.absolute()})})
+        update={"root": cfg.data.root.expanduser().absolute()})})
 
 
 def prepare_run_dir(
