@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from paser.config import ExperimentConfig, list_presets, load_config, save_config
@@ -260,3 +262,21 @@ def test_an_override_into_a_section_the_config_leaves_null_says_it_is_null():
     given = load_config(preset="mnist-noisy", overrides=[
         "baselines.matphase={members: [{name: unet_tiny}]}", "baselines.matphase.fusion_channels=4"])
     assert given.baselines.matphase.fusion_channels == 4
+
+
+@pytest.mark.parametrize(("text", "read"), [("20261207", "int 20261207"), ("007", "int 7"),
+                                            ("1.5", "float 1.5"), ("no", "bool False")])
+def test_a_folder_named_as_a_number_is_told_how_to_give_it(text, read):
+    """data.root=20261207 (a batch or a date) was "Input is not a valid path for <class
+    'pathlib.Path'> (got 20261207)": the user's folder, read by YAML as a number, and no
+    word of what to write. As ./NAME or in quotes it is the folder."""
+    for key in ("data.root", "data.cache_dir", "data.mnist.root"):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=[f"{key}={text}"])
+        assert str(err.value).startswith(
+            f"config with overrides: key '{key}': YAML reads this value as the {read}, not a "
+            "folder's name; give a folder so named as ./NAME, as an absolute path, or in "
+            "YAML's quotes, 'KEY=\"NAME\"' on a command line")
+    assert load_config(overrides=[f"data.root=./{text}"]).data.root == Path(text)
+    assert load_config(overrides=[f'data.root="{text}"']).data.root == Path(text)
+    assert load_config(overrides=["data.root=null"]).data.root is None

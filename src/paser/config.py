@@ -71,6 +71,17 @@ class _Strict(BaseModel):
         return value
 
 
+def folder_named(v: Any) -> Any:
+    """A folder's value as given, or a ValueError where YAML read the name as a number or
+    a boolean: data.root=20261207 (a batch or a date) was 'not a valid path (got
+    20261207)', and 007 reads as 7, so the name cannot be taken back from the number."""
+    if isinstance(v, bool | int | float):
+        raise ValueError(f"YAML reads this value as the {type(v).__name__} {v!r}, not a "
+                         "folder's name; give a folder so named as ./NAME, as an absolute "
+                         "path, or in YAML's quotes, 'KEY=\"NAME\"' on a command line")
+    return v
+
+
 class SyntheticConfig(_Strict):
     """The generated battery micro-structure used when ``data.root`` is not set."""
 
@@ -100,6 +111,11 @@ class MnistConfig(_Strict):
         "above this fraction of white")
     box_radius: int = Field(2, ge=1, description="box blur: a (2r+1) x (2r+1) mean kernel")
     seed: int = Field(0, ge=0, lt=2**32, description="which digits are drawn and which blur each gets")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _folder_not_a_number(cls, v):
+        return folder_named(v)
 
 
 class DataConfig(_Strict):
@@ -163,6 +179,11 @@ class DataConfig(_Strict):
         "say): error = refuse the image, saying how many; fill = they become 0 after scaling "
         "(the window's low end), are left out of the window's fit, and the run keeps the "
         "choice for paser segment")
+
+    @field_validator("root", "cache_dir", mode="before")
+    @classmethod
+    def _folder_not_a_number(cls, v):
+        return folder_named(v)
 
     @field_validator("tile")
     @classmethod
