@@ -81,7 +81,8 @@ def test_three_way_split_is_seeded_disjoint_and_complete():
         ("missing_label", "label not found for image"),
         ("corrupt", "cannot read the image"),
         ("truncated", "cannot read the image"),
-        ("label_size", "but its label"),
+        ("label_size", "s1.png is 4x4 (HxW); they must match; save the mask at its "
+         "image's size (a resized mask resampled by nearest neighbour, not interpolated)"),
         ("mixed_sizes", "set data.tile=[H,W]"),
         ("empty", "no images"),
     ],

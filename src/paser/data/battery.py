@@ -170,7 +170,8 @@ class SegmentationFiles(Dataset):
                     + ("; the image is read turned upright by its EXIF orientation "
                        f"({head.orientation}), as viewers show it; if the mask follows its "
                        "stored pixels, save the image without the orientation tag"
-                       if turned else ""))
+                       if turned else "; save the mask at its image's size (a resized mask "
+                       "resampled by nearest neighbour, not interpolated)"))
                 continue
             sizes.append((head.height, head.width))
             kept.append((img, lbl))
