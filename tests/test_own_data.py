@@ -219,6 +219,24 @@ def test_data_check_names_every_problem_of_a_training_split_in_one_pass(tmp_path
         ("validation", "masks", "img01", "mask values ")], lines
 
 
+def test_every_missing_label_is_named_and_what_to_do_said_once(tmp_path):
+    # it named the first and said "(and 2 more)": paser data check, the command to find
+    # them, gave the same line, so a user had to find the others by hand
+    root = make_folder(tmp_path / "d", counts=(4, 3, 3))
+    for n in ("img00", "img02", "img03"):
+        (root / "train" / "masks" / f"{n}.png").unlink()
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    masks, images = root / "train" / "masks", root / "train" / "images"
+    assert str(err.value).splitlines() == [
+        "3 problems; fix each and check again:",
+        f"  - {masks / 'img00.png'}: label not found for image {images / 'img00.png'}; save the "
+        "label there (the image's name, as .png or .tif), or move images without a label out of "
+        "the dataset",
+        f"  - {masks / 'img02.png'}: label not found for image {images / 'img02.png'}",
+        f"  - {masks / 'img03.png'}: label not found for image {images / 'img03.png'}"]
+
+
 def test_a_split_without_its_bad_pairs_reads_its_other_items(tmp_path):
     """DataError.opened is the split without the image that lacks its mask: its items
     read as any split's (indexing it raised AttributeError: no '_cache')."""

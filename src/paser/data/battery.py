@@ -112,13 +112,14 @@ class SegmentationFiles(Dataset):
         found = [p.is_file() for p in labels]
         missing = [i for i, ok in enumerate(found) if not ok]
         problems = []
-        if missing:
+        if missing:  # what to do said once, every missing label named (`data check` too)
             i = missing[0]
             problems.append(
                 f"{labels[i]}: label not found for image {images[i]}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + (_near_name(labels[i], images[i]) or "; save the label there (the image's name, "
                    "as .png or .tif), or move images without a label out of the dataset"))
+            problems.extend(f"{labels[i]}: label not found for image {images[i]}"
+                            for i in missing[1:])
         self.images = [p for p, ok in zip(images, found, strict=True) if ok]
         self.labels = [p for p, ok in zip(labels, found, strict=True) if ok]
         self.intensity = Intensity()
