@@ -265,7 +265,8 @@ def test_an_override_into_a_section_the_config_leaves_null_says_it_is_null():
 
 
 @pytest.mark.parametrize(("text", "read"), [("20261207", "int 20261207"), ("007", "int 7"),
-                                            ("1.5", "float 1.5"), ("no", "bool False")])
+                                            ("1.5", "float 1.5"), ("no", "bool False"),
+                                            ("2026-12-07", "date 2026-12-07")])
 def test_a_folder_named_as_a_number_is_told_how_to_give_it(text, read):
     """data.root=20261207 (a batch or a date) was "Input is not a valid path for <class
     'pathlib.Path'> (got 20261207)": the user's folder, read by YAML as a number, and no

@@ -8,6 +8,7 @@ Unknown keys and values of the wrong type are refused with the key's name.
 
 from __future__ import annotations
 
+import datetime
 import json
 from importlib import resources
 from pathlib import Path
@@ -73,10 +74,12 @@ class _Strict(BaseModel):
 
 def folder_named(v: Any) -> Any:
     """A folder's value as given, or a ValueError where YAML read the name as a number or
-    a boolean: data.root=20261207 (a batch or a date) was 'not a valid path (got
-    20261207)', and 007 reads as 7, so the name cannot be taken back from the number."""
-    if isinstance(v, bool | int | float):
-        raise ValueError(f"YAML reads this value as the {type(v).__name__} {v!r}, not a "
+    a boolean, or a date: data.root=20261207 (a batch or a date) was 'not a valid path (got
+    20261207)', and 007 reads as 7, so the name cannot be taken back from the number; a
+    folder named by its ISO date, data.root=2026-12-07, is a datetime.date to YAML."""
+    if isinstance(v, bool | int | float | datetime.date):  # a datetime is a date too
+        shown = v.isoformat() if isinstance(v, datetime.date) else repr(v)
+        raise ValueError(f"YAML reads this value as the {type(v).__name__} {shown}, not a "
                          "folder's name; give a folder so named as ./NAME, as an absolute "
                          "path, or in YAML's quotes, 'KEY=\"NAME\"' on a command line")
     return v
