@@ -369,14 +369,17 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
         other = _named_otherwise(mask_dir.parent, "masks", ("mask", *_MASK_FOLDERS))
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
                         "file names" + _rename(other, "masks"))
-    masks: dict[str, Path] = {}
+    masks: dict[Path, Path] = {}  # image -> its mask
     images = image_files(img_dir)
+    # the image of a mask's very stem, else of its name in Unicode's other form: two images
+    # named in either form (two files on Linux) each keep their own mask
+    stems = {p.stem: p for p in images}
     named = {_name(p): p for p in images}
     for m in image_files(mask_dir):  # two masks of one image: which is its label is not known
-        if _name(m) in named and masks.setdefault(_name(m), m) != m:
-            raise DataError(f"{masks[_name(m)]} and {m} are both masks of {named[_name(m)]} "
-                            "(an image's mask is the one file of its name in masks/): keep "
-                            "one")
+        image = stems.get(m.stem) or named.get(_name(m))
+        if image is not None and masks.setdefault(image, m) != m:
+            raise DataError(f"{masks[image]} and {m} are both masks of {image} (an image's "
+                            "mask is the one file of its name in masks/): keep one")
     unread = None if images else skipped_note(unread_files(img_dir))
     if unread:
         raise DataError(f"{img_dir}: no image paser reads; {unread}")
@@ -387,7 +390,7 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                            "not read)" if below else "") + "; put "
                         f"the images there, each with its mask of the same name in {mask_dir}")
     # a missing mask is reported by SegmentationFiles, naming the image
-    return [(p, masks.get(_name(p), mask_dir / f"{p.stem}.png")) for p in images]
+    return [(p, masks.get(p, mask_dir / f"{p.stem}.png")) for p in images]
 
 
 def _name(path: Path) -> str:
