@@ -574,6 +574,11 @@ def test_a_mask_resized_with_interpolation_is_told_to_resample_by_nearest(tmp_pa
     ({"test/images": "test/img"}, "{root}/test/images: folder not found; with train/ there "
      "must be validation/ (or val/) and test/ too, each with images/ and masks/ "
      "({root}/test/img is there: rename it images/)"),
+    # val/ is taken for validation/: its images/ is what to rename, not val/ (the error
+    # said '{root}/val is there: rename it validation/', and then the same of Images/)
+    ({"validation": "val", "val/images": "val/Images"}, "{root}/val/images: folder not "
+     "found; with train/ there must be validation/ (or val/) and test/ too, each with "
+     "images/ and masks/ ({root}/val/Images is there: rename it images/)"),
 ])
 def test_a_folder_named_in_another_case_or_by_another_tool_is_named(folder, tmp_path, moves,
                                                                     message):

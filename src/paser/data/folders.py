@@ -290,8 +290,9 @@ class FolderDataset(_ClassMapped):
         if (root / "train" / "images").is_dir():  # split folders: all three
             where = root / split
             if split == "validation" and not (where / "images").is_dir() and (
-                    root / "val" / "images").is_dir():
-                where = root / "val"  # as many tools name it
+                    (root / "val" / "images").is_dir()
+                    or not where.is_dir() and (root / "val").is_dir()):
+                where = root / "val"  # as many tools name it (and its images/ is the error)
             if not (where / "images").is_dir():
                 other = (_named_otherwise(where, "images", _IMAGE_FOLDERS) if where.is_dir()
                          else _named_otherwise(root, split, _SPLIT_FOLDERS[split]))
