@@ -448,7 +448,10 @@ def noise_line(noise: dict) -> str:
         t = noise["table2"]
         line += (f"; Table 2's GFLOP saved against the IoU-matched cascade "
                  f"{nz(t['value'], 1):.1f} % ({nz(t['low'], 1):.1f} to {nz(t['high'], 1):.1f} "
-                 "%, the cascade's thresholds fixed)")
+                 "%, the cascade's thresholds fixed)"
+                 # the same test as the verdict's: an interval holding 0 leaves the sign open
+                 + (": which of PaSeR and the cascade is cheaper at that IoU is within the "
+                    "noise of this test split" if t["low"] <= 0 <= t["high"] else ""))
     return line
 
 
