@@ -95,6 +95,20 @@ def test_what_the_runs_differ_in_and_what_a_report_lacks(tmp_path):
     assert math.isclose(out["figures"]["captured %"]["mean"], 40.0)
 
 
+def test_the_flop_convention_is_said_with_the_gflop(tmp_path):
+    conv = "torch.utils.flop_counter; one multiply-add counts as 2 FLOPs"
+    dirs = [run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5, flop_convention=conv)),
+            run(tmp_path, "s1", 1, results(0.825, 1.5, 0.3, flop_convention=conv))]
+    text = format_comparison(compare_runs(dirs))
+    # 'PaSeR GFLOP' was printed with no word of how the FLOPs were counted
+    assert text.endswith(f"GFLOP: per image at inference ({conv}).\n")
+    other = run(tmp_path, "old", 2, results(0.825, 1.5, 0.4))  # a report without the record
+    text = format_comparison(compare_runs([*dirs, other]))
+    assert (f"Their FLOPs are counted otherwise ({conv} / not recorded): their GFLOP figures "
+            "do not compare.") in text
+    assert "GFLOP: per image" not in text
+
+
 def test_what_is_not_a_finished_run_is_refused(tmp_path):
     good = run(tmp_path, "good", 0, results(0.825, 1.5, 0.5))
     (tmp_path / "empty").mkdir()

@@ -213,6 +213,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     differ = {k: v for k, v in every.items() if k not in neutral}
     data = {json.dumps([r.get("data_files"), r.get("data_seeds")]) for r, _ in read}
     trained = [r.get("stage1_machine") for r, _ in read]  # runs from before: not recorded
+    counted = [r.get("flop_convention") for r, _ in read]  # how each report counts FLOPs
 
     def count(name: str, ok: Callable[[float], bool]) -> list[int]:
         values = [run["figures"][name] for run in runs if run["figures"][name] is not None]
@@ -228,6 +229,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
         "differ_neutral": {k: v for k, v in every.items() if k not in differ},
         "data_differ": len(data) > 1,
         "machines": trained,
+        "flop_conventions": counted,
         "holds": {"PaSeR's curve area above the frontier's": count("PaSeR - frontier",
                                                                    lambda v: v > 0),
                   "PaSeR's curve area above the cascade's": count("PaSeR - cascade",
@@ -235,6 +237,16 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
                   "fewer GFLOP than the IoU-matched cascade (Table 2)": count(
                       "Table 2 %", lambda v: v > 0)},
     }
+
+
+def flops_said(conventions: Sequence[str | None]) -> tuple[str, bool]:
+    """What the runs' GFLOP are (``conventions``: each report's ``flop_convention``, None
+    where it has none), and whether they are counted alike (else they do not compare)."""
+    kinds = list(dict.fromkeys(c or "not recorded" for c in conventions))
+    if len(kinds) == 1:
+        return f"GFLOP: per image at inference ({kinds[0]}).", True
+    return ("Their FLOPs are counted otherwise (" + " / ".join(kinds) + "): their GFLOP "
+            "figures do not compare."), False
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -278,6 +290,10 @@ def format_comparison(result: dict) -> str:
             machine_text(m) for m in kinds.values()) + "): one seed trains other pools on "
             "each (their bf16 and threaded kernels add in other orders), so the spread "
             "mixes the machines with the draw.")
+    flops, alike = (flops_said(result["flop_conventions"]) if result.get("flop_conventions")
+                    else (None, True))  # a result of before the record: nothing said
+    if not alike:
+        out.append(flops)
     if len(runs) == 1:
         out.append("One run is one draw: compare runs of other seeds for a spread.")
     names = list(fmts)
@@ -300,4 +316,6 @@ def format_comparison(result: dict) -> str:
     out += ["", "Areas: the mean IoU over the reports' 64 log-spaced budgets; captured: the "
             "share of the oracle's headroom over the single-model frontier; sd: the sample "
             "standard deviation; -: not in that run's report."]
+    if flops is not None and alike:
+        out.append(flops)
     return "\n".join(out) + "\n"
