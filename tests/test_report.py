@@ -84,6 +84,28 @@ def test_label_and_prediction_share_class_colours_with_a_legend(tmp_path):
     assert path.stat().st_size > 1000
 
 
+def test_paser_s_point_is_drawn_over_an_operating_point_at_the_same_place(tmp_path,
+                                                                          monkeypatch):
+    from paser.experiments import report
+
+    # the demo: PaSeR and 'PaSeR (best model's IoU - 0.005)' at 1.817 GFLOP, 0.8574, f0 and
+    # f0 (MC) at 0.171, 0.8003; the second of each, drawn after, hid the first's marker
+    methods = {"PaSeR": {"gflops": 1.817, "iou": 0.8574},
+               "PaSeR (best model's IoU - 0.005)": {"gflops": 1.817, "iou": 0.8574},
+               "f0": {"gflops": 0.171, "iou": 0.8003},
+               "f0 (MC)": {"gflops": 0.171, "iou": 0.8003},
+               "f1": {"gflops": 1.065, "iou": 0.8528}}
+    frontier = {"gflops": [0.171, 1.065], "iou": [0.8003, 0.8528], "interpolate": True}
+    drawn = {}
+
+    def keep(fig, path, dpi=110, rect=(0, 0, 1, 1)):
+        drawn.update({c.get_label(): c.get_zorder() for c in fig.axes[0].collections})
+    monkeypatch.setattr(report, "save_figure", keep)
+    report.plot_curves(tmp_path / "c.png", methods, {"Frontier": frontier})
+    assert drawn["PaSeR"] > drawn["PaSeR (best model's IoU - 0.005)"] > drawn["f0"]
+    assert drawn["f0"] > drawn["f0 (MC)"] > drawn["f1"] > 2  # every point over the curves
+
+
 def test_predictors_are_timed_in_turns_each_round_starting_with_the_next():
     import torch
 

@@ -588,7 +588,10 @@ def plot_curves(path: Path, methods: dict[str, dict], curves: dict[str, dict]) -
                 label=f"{name} curve")
     colours = point_colours(methods)
     for i, (name, m) in enumerate(methods.items()):
-        ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>phX8d"[i % 13], s=60, zorder=3,
+        # the first drawn on top: PaSeR's point is often an operating point's too (the same
+        # calibration target), which drawn after it hid the headline's marker
+        ax.scatter(m["gflops"], m["iou"], marker="o*sD^v<>phX8d"[i % 13], s=60,
+                   zorder=3 + (len(methods) - i) / (len(methods) + 1),
                    color=colours[name], edgecolor="black", linewidth=0.5, label=name)
     ax.set_xscale("log")
     ax.set_xlabel(f"GFLOP per image ({FLOP_CONVENTION})", fontsize=8)
