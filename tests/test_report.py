@@ -106,6 +106,26 @@ def test_paser_s_point_is_drawn_over_an_operating_point_at_the_same_place(tmp_pa
     assert drawn["f0"] > drawn["f0 (MC)"] > drawn["f1"] > 2  # every point over the curves
 
 
+def test_the_baselines_note_says_what_trained_and_for_how_long_beside_the_pool():
+    from paser.experiments.main import baselines_note
+
+    # the demo: no monolithic model, MatPhase at stage1.epochs 12, the pool at its own 40;
+    # the note named 'Monolithic models and MatPhase' and said nothing of the pool's 40
+    quick = load_config(preset="battery-quick")
+    assert baselines_note(quick) == (
+        "MatPhase trains from scratch on D_pre with stage 1's settings (12 epochs at most, "
+        "batch 2; f0 and the pool trained 40 at most, so Table 1 sets them against models "
+        "trained longer); nothing is downloaded.")
+    alike = load_config(preset="battery-quick", overrides=[
+        "models.f0.epochs=12", "models.pool.0.epochs=12", "models.pool.1.epochs=12"])
+    assert baselines_note(alike) == ("MatPhase trains from scratch on D_pre with stage 1's "
+                                     "settings (12 epochs at most, batch 2); nothing is "
+                                     "downloaded.")
+    assert baselines_note(load_config(preset="battery-paper")).startswith(
+        "Monolithic models and MatPhase train from scratch on D_pre with stage 1's settings "
+        "(200 epochs, batch 32)")
+
+
 def test_predictors_are_timed_in_turns_each_round_starting_with_the_next():
     import torch
 

@@ -110,6 +110,28 @@ def router_areas(curves: dict[str, dict], routers: list[str], f0: tuple[float, f
     return FR.areas(read, lo, hi), above
 
 
+def baselines_note(cfg: ExperimentConfig) -> str:
+    """How the monolithic models and MatPhase trained: their epochs (each model's own, else
+    ``stage1.epochs``), and the pool's where those differ, since Table 1 sets them against
+    the models PaSeR routes to."""
+    from paser.train.pretrain import model_epochs
+
+    b = cfg.baselines
+    specs = [*b.monolithic.values(), *([] if b.matphase is None else b.matphase.members)]
+    mine = sorted({model_epochs(cfg, s) for s in specs})
+    pool = sorted({model_epochs(cfg, s) for s in (cfg.models.f0, *cfg.models.pool)})
+    said = " or ".join(str(e) for e in mine) if mine else str(cfg.stage1.epochs)
+    most = "" if cfg.stage1.patience is None else " at most"
+    than = ("" if not mine or mine == pool else
+            f"; f0 and the pool trained {' or '.join(str(e) for e in pool)}{most}, so Table 1 "
+            "sets them against models trained "
+            + ("longer" if min(pool) > max(mine) else "otherwise"))
+    who = " and ".join(n for n, on in (("Monolithic models", b.monolithic),
+                                        ("MatPhase", b.matphase is not None)) if on)
+    return (f"{who} train{'s' if who == 'MatPhase' else ''} from scratch on D_pre with stage 1's settings ({said} epochs{most}, batch "
+            f"{cfg.stage1.batch_size}{than}); nothing is downloaded.")
+
+
 def operating_point_note(name: str, cal) -> str:
     """The report's note on an operating point calibrated for it (a
     :class:`~paser.calibration.Calibration`), saying where its target was out of the policy's
@@ -404,10 +426,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      "draw of their errors; read the reachable part as an upper bound.")
     notes.append("PaSeR-RandPol and Oracle do not run the policy and are not charged for it.")
     if monolithic or b.matphase is not None:
-        notes.append(f"Monolithic models{' and MatPhase' if b.matphase is not None else ''} "
-                     f"train from scratch on D_pre with stage 1's settings ({cfg.stage1.epochs} "
-                     f"epochs{'' if cfg.stage1.patience is None else ' at most'}, batch "
-                     f"{cfg.stage1.batch_size}); nothing is downloaded.")
+        notes.append(baselines_note(cfg))
     summary = {
         "preset": cfg.preset, "seed": cfg.seed, "lam": lam, "device": str(device),
         # where these figures were measured, and where stage 1 trained the pool they measure
