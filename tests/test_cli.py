@@ -181,3 +181,16 @@ def test_inference_commands_let_their_threads_sleep_while_they_wait():
     # set before torch is loaded (its OpenMP runtime reads it once); a user's choice kept;
     # training keeps the spin
     assert out.stdout.strip().splitlines()[-1] == "['PASSIVE', None, 'ACTIVE'] False PASSIVE"
+
+
+def test_stage_summaries_name_the_flop_convention_with_their_gflop(capsys):
+    # stage 1 named it; stage 3's line gave 'GFLOP/image' alone
+    from paser.cli.train import _report_finetune
+    from paser.cost import FLOP_CONVENTION
+
+    _report_finetune({"epochs": 3, "best": {"miou": 0.81, "f0_miou": 0.78, "gflops": 1.25,
+                                            "fractions": [0.5, 0.25, 0.25], "tvd": 0.1}},
+                     run_dir=None)
+    assert capsys.readouterr().out == (
+        f"stage 3 done: validation routed mIoU 0.8100 (f0 alone 0.7800), 1.250 GFLOP/image "
+        f"({FLOP_CONVENTION}), patches per model 50.0%, 25.0%, 25.0%, TVD 0.100\n")

@@ -123,8 +123,11 @@ def _report_finetune(summary: dict, run_dir: Path) -> None:
     if best is None:
         typer.echo("stage 3 done: no epoch improved on the starting point; kept it")
         return
+    from paser.cost import FLOP_CONVENTION
+
     typer.echo(f"stage 3 done: validation routed mIoU {best['miou']:.4f} (f0 alone "
-               f"{best['f0_miou']:.4f}), {best['gflops']:.3f} GFLOP/image, patches per model "
+               f"{best['f0_miou']:.4f}), {best['gflops']:.3f} GFLOP/image ({FLOP_CONVENTION}), "
+               "patches per model "
                f"{', '.join(f'{f:.1%}' for f in best['fractions'])}, TVD {best['tvd']:.3f}")
 
 
