@@ -84,6 +84,31 @@ def test_label_and_prediction_share_class_colours_with_a_legend(tmp_path):
     assert path.stat().st_size > 1000
 
 
+def test_every_rows_entropy_map_has_one_scale_that_its_title_names(tmp_path, monkeypatch):
+    import math
+
+    import torch
+
+    from paser.experiments import report
+    from paser.patches import PatchGrid
+
+    # each row's entropy was scaled to its own range, with no bar or unit: a certain image
+    # and an unsure one looked alike
+    shown = {}
+
+    def keep(fig, path, dpi=110, rect=(0, 0, 1, 1)):
+        shown.update(titles=[ax.get_title() for ax in fig.axes[:5]],
+                     clims=[ax.images[0].get_clim() for ax in fig.axes[4::5]])
+    monkeypatch.setattr(report, "save_figure", keep)
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    entropies = torch.stack([torch.full((16, 16), 0.01), torch.full((16, 16), 0.9)])
+    report.plot_qualitative(tmp_path / "q.png", torch.rand(2, 1, 16, 16), labels, labels,
+                            torch.zeros(2, 4, dtype=torch.long), entropies, PatchGrid(2, 2),
+                            ["f0", "f1"], ["a", "b", "c"])
+    assert shown["titles"][4] == "f0 entropy (black 0, white ln 3 = 1.10 nats)"
+    assert shown["clims"] == [(0, math.log(3))] * 2
+
+
 def test_paser_s_point_is_drawn_over_an_operating_point_at_the_same_place(tmp_path,
                                                                           monkeypatch):
     from paser.experiments import report

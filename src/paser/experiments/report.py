@@ -623,17 +623,20 @@ def plot_qualitative(path: Path, images, labels, preds, actions, entropies, grid
         a = np.asarray(mask)
         return np.ma.masked_where((a < 0) | (a >= ncls), a)
 
+    entropy = f"f0 entropy (black 0, white ln {ncls} = {math.log(ncls):.2f} nats)"
     for r in range(n):
         h, w = labels[r].shape
         rmap = np.kron(actions[r].reshape(grid.rows, grid.cols).numpy(),
                        np.ones((math.ceil(h / grid.rows), math.ceil(w / grid.cols))))[:h, :w]
         panels = [(images[r][0], "gray", "input"), (by_class(labels[r]), classes, "label"),
                   (by_class(preds[r]), classes, "PaSeR"), (rmap, cmap, "routing"),
-                  (entropies[r][:h, :w], "magma", "f0 entropy")]
+                  (entropies[r][:h, :w], "magma", entropy)]
         for c, (img, cm, title) in enumerate(panels):
             ax = axes[r, c]
             kw = ({"vmin": 0, "vmax": len(model_names) - 1} if title == "routing" else
-                  {"vmin": 0, "vmax": ncls - 1} if cm is classes else {})
+                  {"vmin": 0, "vmax": ncls - 1} if cm is classes else
+                  # one scale for every row: 0 (certain) to ln C (every class alike)
+                  {"vmin": 0, "vmax": math.log(ncls)} if title == entropy else {})
             ax.imshow(img if cm is classes else np.asarray(img), cmap=cm,
                       interpolation="nearest", **kw)
             ax.set_xticks([])
