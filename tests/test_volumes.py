@@ -217,6 +217,50 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
+def test_a_volume_stopped_as_its_parts_are_removed_leaves_none_behind(setup, monkeypatch):
+    """Stopped after its record is written, before its parts are gone (Ctrl-C in the
+    removal of a thousand parts): the next call takes the volume as done and removes them,
+    rather than keep a hidden uncompressed copy of its labels for good."""
+    import shutil
+
+    import paser.volumes as V
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
+                    dtype="uint8")[:] = vol
+    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    segment_volumes(m, volumes, tmp / "whole", chunk=8)
+    rmtree = shutil.rmtree
+
+    def stopped(path, *a, **k):
+        if Path(path).name.endswith(".parts"):
+            raise Interrupted
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(V.shutil, "rmtree", stopped)
+    for one in volumes:  # a TIFF output (its labels' parts) and a zarr one
+        with pytest.raises(Interrupted):
+            segment_volumes(m, [one], tmp / "out", chunk=8)
+    assert sorted(p.name for p in (tmp / "out").glob(".*.parts")) == [".scan.parts", ".z.parts"]
+    assert len(list((tmp / "out" / ".scan.parts").glob("0*.npy"))) == DEPTH // 8
+    monkeypatch.setattr(V.shutil, "rmtree", rmtree)
+    calls, segment = [0], type(m).segment
+
+    def counted(self, x, *a, **k):
+        calls[0] += 1
+        return segment(self, x, *a, **k)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    again = segment_volumes(m, volumes, tmp / "out", chunk=8)
+    assert calls[0] == 0 and [r.resumed for r in again] == [True, True]
+    assert not list((tmp / "out").glob(".*.parts"))
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == sorted(
+        p.name for p in (tmp / "whole").iterdir())
+    assert (tmp / "out" / "scan_labels.tif").read_bytes() == (
+        tmp / "whole" / "scan_labels.tif").read_bytes()
+
+
 def test_a_volume_stopped_says_how_many_of_its_slices_are_kept(setup, monkeypatch):
     from paser.volumes import VolumeInterrupted
 

@@ -1033,6 +1033,9 @@ def started(volume: Volume, out_dir: Path,
     res.record, res.error = earlier(volume, out_dir)
     if res.record is not None and not res.error:
         res.resumed = True
+        # a call stopped between the record and the parts' removal (finish_volume) left
+        # them: its labels again, uncompressed, which nothing reads once the record is there
+        shutil.rmtree(_parts(volume, out_dir), ignore_errors=True)
         if on_slices is not None:
             on_slices(volume.depth, 0, volume.stem)  # done before
     return res
