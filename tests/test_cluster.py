@@ -5,6 +5,7 @@ client sees."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -395,6 +396,35 @@ def test_ctrl_c_says_how_many_slices_of_each_volume_under_way_are_kept(model, mn
                            tmp_path / "out", chunk=4)
     assert isinstance(stopped.value, VolumeInterrupted)
     assert str(stopped.value) == "8 of 12 slices of a, 0 of 12 slices of b"
+
+
+def test_ctrl_c_in_the_second_volume_leaves_the_first_in_volumes_csv(model, mnist_run,
+                                                                    tmp_path, monkeypatch):
+    """volumes.csv lists a volume as it is finished, as locally: stopped in b, a is there."""
+    from tests.helpers import InlineClient, inline_cluster
+
+    from paser import PaSeR
+
+    inline_cluster(monkeypatch)
+    for stem in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{stem}.tif", RNG.integers(0, 256, (8, SIDE, SIDE),
+                                                                  dtype=np.uint8))
+    volumes = split_inputs([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])[1]
+    calls, segment = [0], PaSeR.segment
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 10:  # b's slice 1
+            raise KeyboardInterrupt
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(PaSeR, "segment", counted)
+    with pytest.raises(KeyboardInterrupt):
+        segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], volumes,
+                           tmp_path / "out", chunk=4)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "volumes.csv")))
+    assert [(r["input"], r["status"], r["output"]) for r in rows] == [
+        (str(tmp_path / "a.tif"), "ok", "a_labels.tif")]
 
 
 def test_ctrl_c_in_the_assembly_of_a_volume_done_before_says_its_slices_are_kept(

@@ -261,6 +261,27 @@ def test_a_volume_stopped_as_its_parts_are_removed_leaves_none_behind(setup, mon
         tmp / "whole" / "scan_labels.tif").read_bytes()
 
 
+def test_a_call_stopped_in_its_second_volume_lists_the_first_in_volumes_csv(setup,
+                                                                             monkeypatch):
+    """volumes.csv lists every volume the folder holds: one finished before the call was
+    stopped too, as summary.csv lists the images finished before."""
+    m, vol, tmp = setup
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp / f"{name}.tif", vol, photometric="minisblack")
+    volumes = split_inputs([tmp / "a.tif", tmp / "b.tif"])[1]
+    _stopped_at(monkeypatch, m, DEPTH + 3,  # in b's first chunk
+                lambda: segment_volumes(m, volumes, tmp / "out", chunk=8))
+    assert (tmp / "out" / "a.json").is_file() and not (tmp / "out" / "b.json").exists()
+    rows = list(csv.DictReader(open(tmp / "out" / "volumes.csv")))
+    assert [(r["input"], r["status"], r["output"]) for r in rows] == [
+        (str(tmp / "a.tif"), "ok", "a_labels.tif")]
+    assert rows[0]["shape"] == f"{DEPTH}x{SIDE}x{SIDE}"
+    segment_volumes(m, volumes, tmp / "out", chunk=8)
+    rows = list(csv.DictReader(open(tmp / "out" / "volumes.csv")))
+    assert [(r["input"], r["status"]) for r in rows] == [(str(tmp / "a.tif"), "ok"),
+                                                         (str(tmp / "b.tif"), "ok")]
+
+
 def test_a_volume_stopped_says_how_many_of_its_slices_are_kept(setup, monkeypatch):
     from paser.volumes import VolumeInterrupted
 

@@ -36,7 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -384,6 +384,10 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                 res.error = failure(vol, err)
                 if isinstance(err, DataError):
                     discard(vol, out_dir)  # as segment_volumes: no half label volume
+            # as segment_volumes: the volumes that ended so far, should the call be stopped
+            with suppress(OSError):  # (the last write says it)
+                _write_csv(out_dir / VOLUMES_CSV, [v for v in vols if v.record is not None
+                                                   or v.error])
 
         # volumes: the finished ones are read, the chunks still to do go out
         for vol in volumes:

@@ -942,6 +942,11 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
                 with contextlib.suppress(OSError):  # (where the disk has room for it)
                     _write_csv(out_dir / VOLUMES_CSV, results)
                 raise stop_writing(err, vol.source, out_dir) from err
+        # as each volume ends, not once all have: stopped in the next one, the folder's
+        # volumes.csv still lists every volume it holds (as summary.csv every image); a
+        # file that cannot be written is said by the last write, once the rest are done
+        with contextlib.suppress(OSError):
+            _write_csv(out_dir / VOLUMES_CSV, results)
     _write_csv(out_dir / VOLUMES_CSV, results)
     return results
 
