@@ -459,3 +459,38 @@ def test_a_folder_that_recorded_no_engine_is_not_said_to_be_torchs(tmp_path):
     claim_output(tmp_path, {**settings, "engine": "onnxruntime"}, True, [])  # recorded now
     with pytest.raises(DataError, match=r"\(--engine: onnxruntime there, torch now\)"):
         claim_output(tmp_path, settings, False, [])
+
+
+def test_ctrl_c_before_overwrite_started_the_folder_over_says_to_run_it_again(mnist_run,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    """Stopped before --overwrite made the folder a new one (loading the run), "run the same
+    command again without --overwrite" would take its old outputs as done, and start nothing
+    over; once it has, that is the way on."""
+    from tests.helpers import paser_here
+
+    import paser.segment
+    from paser import PaSeR
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    args = ("segment", tmp_path / "a.png", "--run-dir", mnist_run, "--out", tmp_path / "out")
+    assert paser_here(*args).returncode == 0
+    claim = json.loads((tmp_path / "out" / MANIFEST).read_text())["claim"]
+    load = PaSeR.load
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PaSeR, "load", stopped)
+    res = paser_here(*args, "--overwrite")
+    assert res.returncode == 130
+    assert res.stderr.strip().splitlines()[-1] == (
+        "interrupted before --overwrite started the folder over: run the same command again")
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["claim"] == claim
+    monkeypatch.setattr(PaSeR, "load", load)
+    monkeypatch.setattr(paser.segment, "segment_files", stopped)  # started over, then
+    res = paser_here(*args, "--overwrite")
+    assert res.returncode == 130 and res.stderr.strip().splitlines()[-1] == (
+        "interrupted; what finished is kept: run the same command again without --overwrite "
+        "to continue where it stopped")
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["claim"] != claim

@@ -95,6 +95,14 @@ def _stopped() -> int:
     """Say how a stopped command goes on; its exit status (130 for Ctrl-C, 143 for SIGTERM:
     the ``paser`` command then ends by the signal itself, :func:`entry`)."""
     how = interrupted(sys.argv[1:])
+    overwriting = state.pop("overwriting", None)  # paser segment --overwrite: (out, claim)
+    if overwriting is not None:
+        from paser.segment import claim_of
+
+        if claim_of(overwriting[0]) == overwriting[1]:  # not started over yet: "without
+            # --overwrite" would take the folder's old outputs as done
+            how = ("interrupted before --overwrite started the folder over: run the same "
+                   "command again")
     kept = state.pop("kept", None)  # what of the volume under way is kept (paser segment)
     if kept is not None:
         how = how.replace("what finished is kept", f"what finished is kept ({kept})", 1)
@@ -160,6 +168,7 @@ def main() -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     elif _command(sys.argv[1:]) != "serve":  # uvicorn stops the server on SIGTERM itself
         signal.signal(signal.SIGTERM, _terminate)
+    state.pop("overwriting", None)  # an earlier command's, in this process (a notebook)
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
         if code == 130:  # typer's Exit(130) for Ctrl-C (no command exits so itself)

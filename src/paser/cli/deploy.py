@@ -211,8 +211,11 @@ def segment(
     from paser.cost import FLOP_CONVENTION
     from paser.data.images import skipped_note, unread_files
     from paser.runtime import OUT_LOCK, default_workers, hold_folder, progress
-    from paser.segment import claim_for, segment_files
+    from paser.segment import claim_for, claim_of, segment_files
     from paser.volumes import split_inputs
+
+    if overwrite:  # stopped before it started the folder over, it has nothing to go on with
+        state["overwriting"] = (out, claim_of(out))
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; give a folder for the outputs")
