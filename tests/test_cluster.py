@@ -340,6 +340,44 @@ def test_a_worker_says_cannot_see_only_of_a_missing_file(mnist_run, tmp_path, mo
     assert "cannot see this file" not in res.error
 
 
+def test_a_task_of_a_stopped_call_writes_nothing_into_a_folder_started_over(mnist_run, model,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    """Dask cannot stop a task under way: the client stopped, its chunk or images went on and
+    wrote, after `--overwrite --model ...` had made the folder anew, labels of the old
+    settings that the new call then took as done (on an external cluster of one worker: all
+    8 slices of a volume segmented by f2 alone in a folder that says routed). A task writes
+    only while the folder is still the one it was sent for."""
+    import paser.cluster
+    from paser.segment import MANIFEST, claim_for, claim_of
+    from paser.volumes import prepare_volume
+
+    monkeypatch.setattr(paser.cluster, "worker_name", lambda: "w1")
+    tifffile.imwrite(tmp_path / "a.tif", RNG.integers(0, 256, (4, SIDE, SIDE), dtype=np.uint8),
+                     photometric="minisblack")
+    Image.fromarray(RNG.integers(0, 256, (SIDE, SIDE), dtype=np.uint8)).save(tmp_path / "b.png")
+    [vol] = split_inputs([str(tmp_path / "a.tif")])[1]
+    out, spec = tmp_path / "out", RunSpec(str(mnist_run), "cpu")
+    claim_for(out, model, None, False, [tmp_path / "b.png"], [vol])
+    old = claim_of(out)
+    prepare_volume(vol, out, 4, model.intensity)
+    claim_for(out, model, 0, True, [tmp_path / "b.png"], [vol])  # --overwrite --model f0
+    prepare_volume(vol, out, 4, model.intensity)
+    assert claim_of(out) != old
+    with pytest.raises(paser.cluster.StartedOver, match="started over by another call"):
+        paser.cluster._volume_chunk(spec, vol, 0, 4, str(out), None, old)
+    with pytest.raises(paser.cluster.StartedOver):
+        paser.cluster._image_batch(spec, [str(tmp_path / "b.png")], str(out), None, True, old)
+    assert sorted(p.name for p in (out / ".a.parts").iterdir()) == ["volume.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".a.parts", MANIFEST]
+    # the call that holds the folder writes as before
+    records = paser.cluster._volume_chunk(spec, vol, 0, 4, str(out), 0, claim_of(out))
+    assert len(records) == 4 and (out / ".a.parts" / "00000000.json").is_file()
+    [res] = paser.cluster._image_batch(spec, [str(tmp_path / "b.png")], str(out), 0, True,
+                                       claim_of(out))
+    assert res.ok and (out / "b.json").is_file()
+
+
 def test_a_volume_keeps_the_first_failed_chunks_error(model, mnist_run, tmp_path, monkeypatch):
     """Every chunk fails (a fake client; tasks finish in order): the volume's error is the
     first one's, not the last one's."""

@@ -49,6 +49,7 @@ from paser.segment import (
     SummaryLog,
     _Inputs,
     claim_for,
+    claim_of,
     finished,
     record_names,
     segment_image,
@@ -225,11 +226,13 @@ class _NotReached(DataError):
 
 
 def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
-                  only: int | None) -> list[dict]:
-    """A task: slices ``z0 .. z1 - 1`` of ``volume`` segmented on this worker."""
+                  only: int | None, claim: str | None = None) -> list[dict]:
+    """A task: slices ``z0 .. z1 - 1`` of ``volume`` segmented on this worker, written only
+    while ``out_dir`` is still the folder of ``claim`` (:func:`_still_claimed`)."""
     model, lock = worker_model(spec)
     name = worker_name()
     labels = None
+    _still_claimed(Path(out_dir), claim)
     try:
         if volume.label_format == "zarr":
             import zarr
@@ -237,7 +240,10 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
             labels = zarr.open_array(str(Path(out_dir) / f"{volume.stem}_labels.zarr"),
                                      mode="r+")
         return segment_chunk(_Locked(model, lock, spec.threads), volume, z0, z1,
-                             Path(out_dir), labels, only, worker=name)
+                             Path(out_dir), labels, only, worker=name,
+                             before_writing=lambda: _still_claimed(Path(out_dir), claim))
+    except StartedOver:
+        raise
     except DataError:
         unseen = [f for f in volume.files[z0:z1] if not Path(f).exists()]
         if unseen:  # a --stack slice this worker does not see: not the data's fault
@@ -256,9 +262,26 @@ def _volume_chunk(spec: RunSpec, volume: Volume, z0: int, z1: int, out_dir: str,
                           "the same paths as the client") from None
 
 
+class StartedOver(_NotReached):
+    """A task of a call whose output folder another call has started over since
+    (``--overwrite``): what it made is not written there."""
+
+
+def _still_claimed(out_dir: Path, claim: str | None) -> None:
+    """Raise :class:`StartedOver` where ``out_dir`` is no longer the folder of ``claim`` (the
+    claim the task was sent under; ``None``: not checked). A Dask worker cannot stop a task
+    under way: stopped, its client is gone and the task runs on, and ``--overwrite`` at once
+    with other settings took its labels (old settings, written into the new folder after its
+    claim) as done; every chunk and image is checked before it is written."""
+    if claim is not None and claim_of(out_dir) != claim:
+        raise StartedOver(f"{out_dir} was started over by another call since this task was "
+                          "sent (--overwrite); its outputs are not written there")
+
+
 def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None,
-                 previews: bool = True) -> list[Segmented]:
-    """A task: image files segmented on this worker, their outputs written as locally."""
+                 previews: bool = True, claim: str | None = None) -> list[Segmented]:
+    """A task: image files segmented on this worker, their outputs written as locally,
+    while ``out_dir`` is still the folder of ``claim`` (:func:`_still_claimed`)."""
     model, lock = worker_model(spec)
     name = worker_name()
     data = _Inputs([Path(f) for f in files], model.config.models.in_channels,
@@ -277,6 +300,7 @@ def _image_batch(spec: RunSpec, files: list[str], out_dir: str, only: int | None
         res, args = segment_image(_Locked(model, lock, spec.threads), Path(f), item,
                                   Path(out_dir), only, worker=name, previews=previews)
         if args is not None:
+            _still_claimed(Path(out_dir), claim)
             write_here(res, args)
         res.ok = not res.error
         out.append(res)
@@ -347,6 +371,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
     spec = replace(spec, calibration=model.calibration, max_gflops_per_mp=model.router.cap_per_mp)
     names = record_names(model)
     claim_for(out_dir, model, only, overwrite, files, volumes)
+    claim = claim_of(out_dir)  # each task writes only while the folder is this call's
     start = time.perf_counter()
     futures: dict = {}
     vols: list[VolumeResult] = []
@@ -369,7 +394,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
         for i in range(0, len(todo), batch):
             part = todo[i:i + batch]
             fut = client.submit(_image_batch, spec, part, str(out_dir), only, previews,
-                                pure=False)
+                                claim, pure=False)
             futures[fut] = ("images", part)
 
         def volume_done(index: int) -> None:
@@ -409,7 +434,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
             waiting[vol.stem] = set()
             for z0, z1 in todo_chunks:
                 fut = client.submit(_volume_chunk, spec, vol, z0, z1, str(out_dir), only,
-                                    pure=False)
+                                    claim, pure=False)
                 futures[fut] = ("chunk", (len(vols) - 1, z0, z1))
                 waiting[vol.stem].add(fut)
             if not todo_chunks:  # stopped after its last chunk: only the assembly is left
@@ -430,7 +455,7 @@ def segment_on_cluster(client, spec: RunSpec, model, files: Sequence[Path],
                         done.append(res)
                     elif len(what) > 1 and not isinstance(raised, PaserError):
                         alone = client.submit(_image_batch, spec, [f], str(out_dir), only,
-                                              previews, pure=False)
+                                              previews, claim, pure=False)
                         futures[alone] = ("images", [f])
                         running.add(alone)
                     else:

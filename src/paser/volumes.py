@@ -637,11 +637,14 @@ def chunk_done(volume: Volume, out_dir: Path, z0: int, z1: int) -> list[dict] | 
 
 
 def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels=None,
-                  only: int | None = None, worker: str | None = None) -> list[dict]:
+                  only: int | None = None, worker: str | None = None,
+                  before_writing: Callable[[], None] | None = None) -> list[dict]:
     """Slices ``z0 .. z1 - 1`` of ``volume``, each alone: their labels written (into the
     zarr array ``labels``, or a part file for the TIFF), then their records (the chunk's
     done marker). Returns the records; a chunk already done is read, not done again.
-    ``worker`` names who did it (a Dask worker) in each record."""
+    ``worker`` names who did it (a Dask worker) in each record; ``before_writing()`` is
+    called once the slices are segmented, before anything is written (it raises to write
+    nothing)."""
     marker = _parts(volume, out_dir) / f"{z0:08d}.json"
     done = chunk_done(volume, out_dir, z0, z1)
     if done is not None:
@@ -690,6 +693,8 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                         **({"worker": worker, "device": str(model.device)}
                            if worker is not None else {}),
                         **({"notes": notes} if notes else {})})
+    if before_writing is not None:
+        before_writing()
     if labels is not None:
         labels[z0:z1] = masks
     else:
