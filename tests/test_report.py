@@ -151,6 +151,44 @@ def test_the_baselines_note_says_what_trained_and_for_how_long_beside_the_pool()
         "(200 epochs, batch 32)")
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "raise_signal"), reason="signals")
+def test_a_ctrl_c_while_a_figure_is_drawn_stops_as_ctrl_c_once_it_is_written(tmp_path,
+                                                                             monkeypatch):
+    """matplotlib's C++ reads an image's transform through numpy and turns a
+    KeyboardInterrupt raised there into a ValueError: paser run stopped in its report
+    ended with a traceback and exit status 1, not 130 and how to go on."""
+    import signal
+
+    import matplotlib.transforms as mt
+    import numpy as np
+
+    from paser.experiments.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.imshow(np.zeros((8, 8)))
+    array, seen = mt.Affine2DBase.__array__, []
+
+    def interrupted(self, *args, **kwargs):
+        if not seen:  # Ctrl-C as matplotlib's C++ reads the image's matrix
+            seen.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return array(self, *args, **kwargs)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mt.Affine2DBase, "__array__", interrupted)
+    before = signal.signal(signal.SIGINT, ctrl_c)  # a pytest-xdist worker ignores SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_figure(fig, tmp_path / "f.png")
+    finally:
+        signal.signal(signal.SIGINT, before)
+        plt.close(fig)
+    assert seen and (tmp_path / "f.png").stat().st_size > 1000  # written whole first
+
+
 def test_predictors_are_timed_in_turns_each_round_starting_with_the_next():
     import torch
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from paser import frontier as FR
 from paser.cost import FLOP_CONVENTION
-from paser.runtime import atomic_write_text
+from paser.runtime import atomic_write_text, interrupts_held
 
 ROUTED = ("PaSeR", "PaSeR-RandPol", "IDK-Cascade", "IDK-Cascade (IoU match)", "Oracle")
 
@@ -676,10 +676,16 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 110, rect=(0, 0, 1, 1)) -> None:
-    """Lay out (in ``rect`` of the figure), write (creating the folder) and close a figure."""
-    fig.tight_layout(rect=rect)
+    """Lay out (in ``rect`` of the figure), write (creating the folder) and close a figure.
+
+    Ctrl-C is held while matplotlib draws: its C++ reads each image's transform through
+    numpy and turns an interruption there into 'ValueError: Invalid affine transformation
+    matrix' (a paser run stopped as its report drew the qualitative figure: exit status 1
+    and a traceback, not 130 and how to go on); it is handled once the figure is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with interrupts_held():
+        fig.tight_layout(rect=rect)
+        fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
 
 
