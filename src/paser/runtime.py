@@ -141,25 +141,33 @@ def seed_everything(seed: int) -> None:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never half a file
     (the temporary file of a process killed mid-save is removed when a stage next starts:
-    :func:`paser.train.common.prepare_run_dir`)."""
+    :func:`paser.train.common.prepare_run_dir`).
+
+    Ctrl-C and SIGTERM are held until the file is in place (:func:`interrupts_held`):
+    torch's C++ writer turns a KeyboardInterrupt raised in its writes into 'RuntimeError:
+    [enforce fail at inline_container.cc:672] . unexpected pos ...', or aborts the process
+    as it closes the file ('terminate called after throwing an instance of
+    pybind11::error_already_set'), instead of the command saying how to go on; held, the
+    epoch's checkpoint is written whole and kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    with interrupts_held():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except (RuntimeError, OSError) as err:  # a full disk: said as one, naming the file
-            cause = err if isinstance(err, OSError) else err.__context__ or err.__cause__
-            if isinstance(cause, OSError) and cause.filename is None:  # (torch wraps it)
-                raise OSError(cause.errno, cause.strerror, str(path)) from err
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    torch.save(obj, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except (RuntimeError, OSError) as err:  # a full disk: said as one, naming the file
+                cause = err if isinstance(err, OSError) else err.__context__ or err.__cause__
+                if isinstance(cause, OSError) and cause.filename is None:  # (torch wraps it)
+                    raise OSError(cause.errno, cause.strerror, str(path)) from err
+                raise
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
