@@ -406,29 +406,40 @@ def test_a_volume_keeps_the_first_failed_chunks_error(model, mnist_run, tmp_path
     assert res.volumes[0].error == f"{path}: slices 0..15 failed"
 
 
+def _two_volumes(tmp_path, depth: int) -> list:
+    """Volumes a.tif and b.tif of ``depth`` random slices."""
+    for stem in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{stem}.tif", RNG.integers(0, 256, (depth, SIDE, SIDE),
+                                                                  dtype=np.uint8))
+    return split_inputs([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])[1]
+
+
+def _ctrl_c_in_call(monkeypatch, call: int) -> None:
+    """Ctrl-C in PaSeR.segment's ``call``-th call (a slice, counted from 1)."""
+    from paser import PaSeR
+
+    calls, segment = [0], PaSeR.segment
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(PaSeR, "segment", counted)
+
+
 def test_ctrl_c_says_how_many_slices_of_each_volume_under_way_are_kept(model, mnist_run,
                                                                       tmp_path, monkeypatch):
     """Every volume's chunks go out at once: stopped in a's third chunk of 4 slices, a keeps
     8 and b, sent but not begun, none (tasks run here in order: InlineClient)."""
     from tests.helpers import InlineClient, inline_cluster
 
-    from paser import PaSeR
     from paser.volumes import VolumeInterrupted
 
     inline_cluster(monkeypatch)
-    for stem in ("a", "b"):
-        tifffile.imwrite(tmp_path / f"{stem}.tif", RNG.integers(0, 256, (12, SIDE, SIDE),
-                                                                  dtype=np.uint8))
-    volumes = split_inputs([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])[1]
-    calls, segment = [0], PaSeR.segment
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 9:  # a's slice 8, the first of its third chunk
-            raise KeyboardInterrupt
-        return segment(self, *args, **kwargs)
-
-    monkeypatch.setattr(PaSeR, "segment", counted)
+    volumes = _two_volumes(tmp_path, 12)
+    _ctrl_c_in_call(monkeypatch, 9)  # a's slice 8, the first of its third chunk
     with pytest.raises(KeyboardInterrupt) as stopped:  # (not one that stops pytest itself)
         segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], volumes,
                            tmp_path / "out", chunk=4)
@@ -441,22 +452,9 @@ def test_ctrl_c_in_the_second_volume_leaves_the_first_in_volumes_csv(model, mnis
     """volumes.csv lists a volume as it is finished, as locally: stopped in b, a is there."""
     from tests.helpers import InlineClient, inline_cluster
 
-    from paser import PaSeR
-
     inline_cluster(monkeypatch)
-    for stem in ("a", "b"):
-        tifffile.imwrite(tmp_path / f"{stem}.tif", RNG.integers(0, 256, (8, SIDE, SIDE),
-                                                                  dtype=np.uint8))
-    volumes = split_inputs([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")])[1]
-    calls, segment = [0], PaSeR.segment
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 10:  # b's slice 1
-            raise KeyboardInterrupt
-        return segment(self, *args, **kwargs)
-
-    monkeypatch.setattr(PaSeR, "segment", counted)
+    volumes = _two_volumes(tmp_path, 8)
+    _ctrl_c_in_call(monkeypatch, 10)  # b's slice 1
     with pytest.raises(KeyboardInterrupt):
         segment_on_cluster(InlineClient(), RunSpec(str(mnist_run), "cpu"), model, [], volumes,
                            tmp_path / "out", chunk=4)
