@@ -174,12 +174,17 @@ def test_a_volumes_csv_of_an_older_paser_is_rewritten_under_the_new_columns(setu
     assert "remote" not in json.loads((tmp / "out" / "b.json").read_text())
 
 
-def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypatch):
-    m, vol, tmp = setup
-    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+def _tiff_and_zarr(vol, tmp, stem: str = "scan") -> list:
+    """``vol`` as ``<stem>.tif`` and as ``z.zarr`` (chunks of 4 slices), read as volumes."""
+    tifffile.imwrite(tmp / f"{stem}.tif", vol, photometric="minisblack")
     zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
                     dtype="uint8")[:] = vol
-    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    return split_inputs([tmp / f"{stem}.tif", tmp / "z.zarr"])[1]
+
+
+def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypatch):
+    m, vol, tmp = setup
+    volumes = _tiff_and_zarr(vol, tmp)
     segment_volumes(m, volumes, tmp / "whole", chunk=4)
     calls, stop = [0], [13]
     segment = type(m).segment
@@ -226,10 +231,7 @@ def test_a_volume_stopped_as_its_parts_are_removed_leaves_none_behind(setup, mon
     import paser.volumes as V
 
     m, vol, tmp = setup
-    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
-    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
-                    dtype="uint8")[:] = vol
-    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    volumes = _tiff_and_zarr(vol, tmp)
     segment_volumes(m, volumes, tmp / "whole", chunk=8)
     rmtree = shutil.rmtree
 
@@ -1075,10 +1077,7 @@ def test_a_label_volume_cut_short_since_is_done_again(setup):
     """A finished volume's record counts only with its label volume at the size it was
     written (a TIFF cut short, a zarr chunk lost): otherwise it is segmented again."""
     m, vol, tmp = setup
-    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
-    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
-                    dtype="uint8")[:] = vol
-    volumes = split_inputs([tmp / "scan.tif", tmp / "z.zarr"])[1]
+    volumes = _tiff_and_zarr(vol, tmp)
     first = segment_volumes(m, volumes, tmp / "out", chunk=4)
     whole = (tmp / "out" / "scan_labels.tif").read_bytes()
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, vol))
@@ -1121,10 +1120,7 @@ def test_an_input_that_cannot_be_read_fails_alone_and_zarr_attributes_keep_a_vol
     import errno
 
     m, vol, tmp = setup
-    tifffile.imwrite(tmp / "a.tif", vol, photometric="minisblack")
-    zarr.open_array(str(tmp / "z.zarr"), mode="w", shape=vol.shape, chunks=(4, 16, 16),
-                    dtype="uint8")[:] = vol
-    volumes = split_inputs([tmp / "a.tif", tmp / "z.zarr"])[1]
+    volumes = _tiff_and_zarr(vol, tmp, "a")
     read = type(volumes[0]).read
 
     def denied(self, z0, z1):
