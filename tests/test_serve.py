@@ -127,6 +127,12 @@ BAD = {
     "no array": (dict(body=encode_npz(other=np.zeros(3))), 400,
                  "needs an array 'patches' [N, C, h, w], or 'image' [B, C, H, W] with 'index' "
                  "[N] (it has: other)"),
+    # both ways at once: the image and its index were ignored without a word
+    "patches and image": (dict(body=encode_npz(patches=np.zeros((1, 1, 8, 8), np.uint8),
+                                               image=np.zeros((1, 1, 8, 8), np.uint8),
+                                               index=np.array([0]))), 400,
+                          "the .npz has 'patches' and 'image' or 'index': send either the "
+                          "patches, or the image with the index of its patches, not both"),
     "index range": (dict(body=encode_npz(image=np.zeros((2, 1, 8, 8), np.uint8),
                                          index=np.array([0, 2]))), 422,
                     "'index' must be 1-D integers in [0, 2) (patches of 2 image(s) on a 1x1"),

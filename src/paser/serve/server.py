@@ -367,6 +367,9 @@ def _npz_patches(body: bytes, grid, channels: int, max_values: int, max_patches:
     """Patches with their halo from an ``.npz``: array ``patches`` ``[N, C, h, w]`` as they
     are, or ``image`` ``[B, C, H, W]`` with ``index`` ``[N]``, cut here (:func:`_cut`)."""
     arrays = codec.read_npz(body, max_values)
+    if "patches" in arrays and ("image" in arrays or "index" in arrays):
+        raise PayloadError(400, "the .npz has 'patches' and 'image' or 'index': send either "
+                           "the patches, or the image with the index of its patches, not both")
     if "patches" in arrays:
         return torch.from_numpy(_unit(arrays["patches"], "patches", channels)), []
     if "image" not in arrays or "index" not in arrays:
