@@ -294,7 +294,7 @@ def test_cli_segment_on_local_n(mnist_run, tmp_path):
     res = paser("segment", str(path), "--run-dir", str(mnist_run), "--out",
                 str(tmp_path / "dask"), "--scheduler", "local:2", "--chunk", "8")
     assert res.returncode == 0, res.stderr
-    assert "Dask cluster local:2: 2 workers; 1 volumes, 0 images" in res.stdout
+    assert "Dask cluster local:2: 2 workers; 1 volume, 0 images" in res.stdout
     assert "segmented by 2 workers: 0 (tcp://127.0.0.1:" in res.stdout
     # the rest in this process: a fresh one would add a second or more of imports each
     res = paser_here("segment", str(path), "--run-dir", str(mnist_run), "--out",
@@ -731,7 +731,7 @@ def test_a_scheduler_without_workers_is_said_to_wait_for_them(mnist_run, tmp_pat
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[:2] == [
-        "Dask cluster tcp://127.0.0.1:8786: 0 workers; 0 volumes, 1 images",
+        "Dask cluster tcp://127.0.0.1:8786: 0 workers; 0 volumes, 1 image",
         "the scheduler has no workers yet: the tasks wait for them (`dask worker "
         "tcp://127.0.0.1:8786`, or scale the cluster); Ctrl-C stops, and the same command "
         "goes on from there"]

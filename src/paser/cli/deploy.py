@@ -418,8 +418,8 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
     total = sum(v.depth for v in volumes) + len(files)
     with connect(scheduler) as client:
         info = client.scheduler_info()["workers"].values()
-        typer.echo(f"Dask cluster {scheduler}: {len(info)} workers; {len(volumes)} volumes, "
-                   f"{len(files)} images")
+        typer.echo(f"Dask cluster {scheduler}: {_count(len(info), 'worker')}; "
+                   f"{_count(len(volumes), 'volume')}, {_count(len(files), 'image')}")
         if not info:  # (dask-jobqueue's workers, say, still queued): not hung, waiting
             typer.echo(f"the scheduler has no workers yet: the tasks wait for them (`dask "
                        f"worker {scheduler}`, or scale the cluster); Ctrl-C stops, and the "
@@ -437,7 +437,8 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
                                      chunk=chunk, on_progress=advance, previews=previews)
     _volume_lines(res.volumes, out, model.tile)
-    typer.echo(f"segmented by {len(res.workers)} workers: {', '.join(res.workers) or 'none'} "
+    typer.echo(f"segmented by {_count(len(res.workers), 'worker')}: "
+               f"{', '.join(res.workers) or 'none'} "
                "(each record names its worker)")
     return res.images, res.volumes, res.image_seconds
 
@@ -466,6 +467,11 @@ def _saying_kept():
     except VolumeInterrupted as err:
         state["kept"] = str(err)
         raise
+
+
+def _count(n: int, thing: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> None:
