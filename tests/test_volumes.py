@@ -444,7 +444,9 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
         assert only.read(0, 2).shape == (2, 4, 4)
     with h5py.File(tmp_path / "e.h5", "w"):
         pass
-    with pytest.raises(DataError, match="an HDF5 file with no dataset; it has none"):
+    with pytest.raises(DataError, match=r"e.h5: an HDF5 file with no dataset in it; save the "
+                       r"volume in it as a dataset \(h5py: create_dataset\('data', "
+                       r"data=volume\)\)$"):
         open_volume(f"{tmp_path / 'e.h5'}")
     with h5py.File(tmp_path / "f.h5", "a") as fh:
         fh.create_dataset("/z", data=np.zeros((2, 4, 4), np.uint8))

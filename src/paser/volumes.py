@@ -404,6 +404,9 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                         f"no dataset {key} in {file}" if key else
                         f"an HDF5 file of {len(found)} datasets: name one as "
                         f"{file}:/path/in/file" if found else "an HDF5 file with no dataset")
+                if not found and not key:  # (an empty file, or groups alone)
+                    raise DataError(f"{source}: {what} in it; save the volume in it as a "
+                                    "dataset (h5py: create_dataset('data', data=volume))")
                 if group:  # the datasets under it first
                     found = [n for n in found if n.startswith(key.rstrip("/") + "/")] + [
                         n for n in found if not n.startswith(key.rstrip("/") + "/")]
