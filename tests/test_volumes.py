@@ -152,6 +152,19 @@ def test_a_volume_failing_on_an_error_that_names_no_input_is_named(setup, monkey
     assert [r["error"] for r in rows] == [tiny.error, nan.error]
 
 
+def test_a_failure_naming_the_volumes_file_is_not_named_twice():
+    import types
+
+    from paser.volumes import failure
+
+    # an HDF5 dataset's error names its file: it read 'scan.h5:/data: scan.h5: cannot read'
+    h5 = types.SimpleNamespace(source="scan.h5:/data", path="scan.h5")
+    assert failure(h5, "scan.h5: cannot read the HDF5 file (bad)") == (
+        "scan.h5: cannot read the HDF5 file (bad)")
+    assert failure(h5, "a 6 x 6 image is too small") == "scan.h5:/data: a 6 x 6 image is too small"
+    assert failure(types.SimpleNamespace(source="a.tif", path=""), "x") == "a.tif: x"
+
+
 def test_a_volumes_csv_of_an_older_paser_is_rewritten_under_the_new_columns(setup):
     """volumes.csv gained the remote figures' columns: a folder written before keeps its
     rows, under the new header, the new columns blank; without --remote no bytes are sent."""

@@ -962,9 +962,12 @@ def segment_volumes(model, volumes: Sequence[Volume], out_dir: str | Path,
 def failure(volume: Volume, err: BaseException | str) -> str:
     """``err`` as the line ``volume`` fails with: named by the volume, where it does not
     name it already (a slice too small for the models says its size alone; OSError and
-    ValueError say neither)."""
+    ValueError say neither). An error naming the volume's file (an HDF5 dataset's
+    ``scan.h5``, a stack's folder) names it already."""
     text = str(err)
-    return text if text.startswith(volume.source) else f"{volume.source}: {text}"
+    named = text.startswith(volume.source) or bool(volume.path) and text.startswith(
+        f"{volume.path}:")
+    return text if named else f"{volume.source}: {text}"
 
 
 def is_write_error(err: Exception, out_dir: Path, volume: Volume | None = None) -> bool:
