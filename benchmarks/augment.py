@@ -16,7 +16,7 @@ each pool model's test mIoU and epochs from ``stage1.json``.
     .venv/bin/python benchmarks/augment.py                      # folder, seeds 0 1 2
     .venv/bin/python benchmarks/augment.py --data demo --seeds 0
 
-Writes ``benchmarks/results/augment.json``, one entry per data set and ``--extra``: each
+Writes ``benchmarks/results/augment.json`` (or ``--results``), one entry per data set and ``--extra``: each
 row records the stage-1 settings it trained with (``settings``), and is written as it
 finishes; a call with fewer ``--seeds``, or ``--only``, replaces those rows of the entry
 and keeps its others (:func:`record`). An entry measured with other settings
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="these settings alone (default: all)")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every "
                     "setting (e.g. stage1.patience=10); the results are kept under their own key")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the JSON file to update (default: the committed benchmarks/results/augment.json)")
     args = ap.parse_args()
     runs = DATA / "augment_runs"
     if args.data in FOLDERS:
@@ -179,9 +181,9 @@ def main() -> None:
             rows.append({"seed": seed, "augment": mode, **r})
             print(json.dumps(rows[-1]), flush=True)
             # each row as it finishes: a later seed that fails, or Ctrl-C, keeps the earlier
-            result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+            result = json.loads(args.results.read_text()) if args.results.is_file() else {}
             atomic_write_text(json.dumps(record(result, key, base + args.extra, rows),
-                                         indent=1), RESULTS)
+                                         indent=1), args.results)
     print(f"{'seed':>4} {'augment':>18} " + " ".join(f"{m:>14}" for m in rows[0]["models"]))
     for r in rows:
         print(f"{r['seed']:>4} {r['augment']:>18} " + " ".join(

@@ -10,7 +10,7 @@ mIoU, the curve areas, the share of the oracle's headroom captured, Table 2.
 
     .venv/bin/python benchmarks/focus_pool.py runs/ema_s0 runs/focus_s0 --beta 4
 
-Appends one entry per run to ``benchmarks/results/focus_pool.json`` (in place of an earlier
+Appends one entry per run to ``benchmarks/results/focus_pool.json`` (or ``--results``; in place of an earlier
 call's for the same OUT, whose folder this one replaced). About 8 minutes a run on
 2 cores (stage 1 of f1 and f2, then stage 2, PaSeR (paper) and the report).
 """
@@ -131,15 +131,17 @@ def main() -> None:
     ap.add_argument("source", type=Path, help="a finished run (without augmentation)")
     ap.add_argument("out", type=Path, help="the run folder to write (replaced)")
     ap.add_argument("--beta", type=float, default=4.0)
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the JSON file to update (default: the committed benchmarks/results/focus_pool.json)")
     args = ap.parse_args()
     copy_run(args.source, args.out)
     cfg = retrain_pool(args.out, args.beta)
     run(cfg, args.out)
     entry = {"source": str(args.source), "run": str(args.out), "beta": args.beta,
              "before": figures(args.source), "after": figures(args.out)}
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    results = json.loads(args.results.read_text()) if args.results.is_file() else []
     atomic_write_text(json.dumps([e for e in results if e["run"] != str(args.out)] + [entry],
-                                 indent=1) + "\n", RESULTS)
+                                 indent=1) + "\n", args.results)
     print(json.dumps(entry, indent=1))
 
 

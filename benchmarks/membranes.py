@@ -16,7 +16,7 @@ with ``--force``: a run folder left by an earlier call is trained again on today
 
     .venv/bin/python benchmarks/membranes.py --seeds 0 1 2
 
-Writes ``benchmarks/results/membranes.json``: per seed the pool's test mIoU, the curve
+Writes ``benchmarks/results/membranes.json`` (or ``--results``): per seed the pool's test mIoU, the curve
 areas (routers from f0's point, as the report reads them), each router's share of the
 oracle's headroom, Table 2 and the verdict, and the run's seconds.
 """
@@ -91,11 +91,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--extra", nargs="*", default=[],
                     help="overrides added to every run, e.g. stage1.epochs=5")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the JSON file to update (default: the committed benchmarks/results/membranes.json)")
     args = ap.parse_args()
     root = build_folder(DATA / "membranes")
     overrides = check_dataset(root, workers=0, show_progress=False)["suggested_overrides"]
     print("overrides:", " ".join(overrides), flush=True)
-    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     for seed in args.seeds:
         key = " ".join([str(seed), *args.extra])  # the committed entries: the seed alone
         run_dir = DATA / "membranes_runs" / f"seed{seed}"
@@ -107,7 +109,7 @@ def main() -> None:
             raise SystemExit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
         saved[key] = {"overrides": [*overrides, *args.extra],
                       **summary(run_dir, time.perf_counter() - start)}
-        atomic_write_text(json.dumps(saved, indent=1), RESULTS)
+        atomic_write_text(json.dumps(saved, indent=1), args.results)
         print(json.dumps(saved[key]), flush=True)
 
 

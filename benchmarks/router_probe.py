@@ -37,7 +37,7 @@ share of the oracle's margin over the frontier (:func:`paser.frontier.headroom_c
 
     .venv/bin/python benchmarks/router_probe.py runs/demo --seeds 0 1 2 [--parts cascade images]
 
-Writes ``benchmarks/results/router_probe.json`` (one entry per run directory; ``--parts``
+Writes ``benchmarks/results/router_probe.json`` (or ``--results``; one entry per run directory; ``--parts``
 replaces only those parts of an entry, each as it finishes).
 """
 
@@ -582,14 +582,16 @@ def main() -> None:
                     default=["dense", "cascade", "images", "protocol"],
                     help="dense: the dense router and the block sizes (parts 1, 2); "
                          "cascade: part 3; images: part 4; protocol: part 5")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the JSON file to update (default: the committed benchmarks/results/router_probe.json)")
     args = ap.parse_args()
     if "OMP_NUM_THREADS" not in os.environ:  # the machine it was measured on: 2 cores
         torch.set_num_threads(2)
-    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     for run_dir in args.run_dirs:
         def save(out: dict, key: str = str(run_dir)) -> None:
             saved[key] = {**saved.get(key, {}), **out}
-            atomic_write_text(json.dumps(saved, indent=1), RESULTS)
+            atomic_write_text(json.dumps(saved, indent=1), args.results)
 
         save(probe(run_dir, args.seeds, args.blocks, args.parts, save))
 

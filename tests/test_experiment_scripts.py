@@ -90,7 +90,7 @@ def run_augment(augment, monkeypatch, *argv, fail_on_seed=None):
     monkeypatch.setattr(augment, "pretrain", pretrain)
     monkeypatch.setattr(sys, "argv", ["augment.py", *argv])
     augment.main()
-    return json.loads(augment.RESULTS.read_text())
+    return json.loads(augment.RESULTS.read_text()) if augment.RESULTS.exists() else None
 
 
 def test_augment_keeps_the_rows_a_smaller_call_did_not_measure(augment, monkeypatch):
@@ -148,3 +148,14 @@ def test_augment_refuses_a_setting_it_does_not_have(augment, monkeypatch):
     with pytest.raises(SystemExit, match="--only crops: not a setting"):
         run_augment(augment, monkeypatch, "--data", "demo", "--only", "off", "crops")
     assert not augment.RESULTS.exists()
+
+
+def test_augment_writes_where_results_says(augment, monkeypatch, tmp_path):
+    # a trial run wrote into the committed benchmarks/results/augment.json: --results
+    # keeps it apart
+    elsewhere = tmp_path / "trial.json"
+    run_augment(augment, monkeypatch, "--data", "demo", "--seeds", "0", "--only", "off",
+                "--results", str(elsewhere))
+    assert not augment.RESULTS.exists()
+    assert [r["models"]["f0"]["test_miou"]
+            for r in json.loads(elsewhere.read_text())["demo"]["rows"]] == [0.5]
