@@ -1209,6 +1209,31 @@ def test_a_tiff_read_as_an_image_while_copied_keeps_no_failed_row_once_a_volume(
     assert [r["input path"] for r in rows] == [canonical(str(tmp / "other.png"))]
 
 
+def test_an_overwrite_of_volumes_alone_or_images_alone_empties_both_summaries(setup):
+    """--overwrite starts the folder over, so no record of before counts as done; a call of
+    volumes alone kept summary.csv's rows (and one of images alone volumes.csv's), which
+    listed inputs as done that the next call segments again."""
+    from paser.segment import finished, segment_files
+
+    m, vol, tmp = setup
+    Image.fromarray(vol[0]).save(tmp / "img.png")
+    tifffile.imwrite(tmp / "scan.tif", vol[:6], photometric="minisblack")
+    volume = split_inputs([tmp / "scan.tif"])[1]
+    for alone in ("volumes", "images"):
+        out = tmp / alone
+        segment_files(m, [tmp / "img.png"], out)
+        segment_volumes(m, volume, out)
+        if alone == "volumes":
+            segment_volumes(m, volume, out, overwrite=True)
+            assert finished(out, tmp / "img.png") is None  # its record is of before
+        else:
+            segment_files(m, [tmp / "img.png"], out, overwrite=True)
+        rows = {name: [r["input"] for r in csv.DictReader(open(out / name, newline=""))]
+                for name in ("summary.csv", "volumes.csv") if (out / name).exists()}
+        assert rows == ({"volumes.csv": [str(tmp / "scan.tif")]} if alone == "volumes"
+                        else {"summary.csv": [str(tmp / "img.png")]})
+
+
 def test_a_chunk_counts_as_done_only_whole_and_the_last_short_one_too(setup):
     from paser import volumes as V
 

@@ -494,14 +494,18 @@ def image_markers(out_dir: Path, files: Sequence[Path]) -> list[Path]:
 def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
               files: Sequence[Path] = (), volumes: Sequence = ()) -> None:
     """:func:`claim_output` of ``out_dir`` for a call that writes the outputs of ``files``
-    and ``volumes`` (one claim over both's markers) with ``model`` (``only``: one model).
+    and ``volumes`` (one claim over both's markers) with ``model`` (``only``: one model);
+    ``overwrite`` removes both summaries, also where the call has no input of their kind.
     The run's classes.yaml is read first: a bad one is refused once, before anything."""
-    from paser.volumes import volume_markers
+    from paser.volumes import VOLUMES_CSV, volume_markers
 
     model.label_codec  # noqa: B018  (read once, kept)
 
-    claim_output(out_dir, output_settings(model, only), overwrite,
-                 image_markers(out_dir, files) + volume_markers(out_dir, volumes))
+    markers = image_markers(out_dir, files) + volume_markers(out_dir, volumes)
+    if overwrite:  # both summaries, whatever this call's inputs: the folder starts over,
+        # and a row of before lists an input as done that no longer counts as done
+        markers += [m for m in (out_dir / SUMMARY, out_dir / VOLUMES_CSV) if m not in markers]
+    claim_output(out_dir, output_settings(model, only), overwrite, markers)
 
 
 #: a folder's settings by the names a user gives them (``paser segment``'s options), and
