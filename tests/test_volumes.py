@@ -1426,6 +1426,46 @@ def test_the_ome_uuid_names_the_input_and_the_settings_that_segmented_it(setup):
     assert (tmp / "a" / "ome_labels.tif").read_bytes() == (tmp / "b" / "ome_labels.tif").read_bytes()
 
 
+def test_an_ome_tiff_s_labels_are_an_ome_tiff_named_as_one_and_old_names_resume(setup):
+    """scan.ome.tif's labels were scan.ome_labels.tif, no OME-TIFF name (and no OME-TIFF
+    at all without a voxel size): now scan_labels.ome.tif, an OME-TIFF either way, the same
+    bytes in two folders. A folder of before, its labels under the old name, resumes on them;
+    segmented again (its input written again), the labels of before go."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.ome.tif", vol, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.0})
+    tifffile.imwrite(tmp / "bare.ome.tif", vol, ome=True, metadata={"axes": "ZYX"})
+    volumes = split_inputs([tmp / "scan.ome.tif", tmp / "bare.ome.tif"])[1]
+    for out in ("a", "b"):
+        segment_volumes(m, volumes, tmp / out, chunk=8)
+    out = tmp / "a"
+    assert sorted(p.name for p in out.glob("*.tif")) == ["bare_labels.ome.tif",
+                                                         "scan_labels.ome.tif"]
+    for name in ("bare_labels.ome.tif", "scan_labels.ome.tif"):
+        with tifffile.TiffFile(out / name) as tif:
+            assert tif.is_ome and tif.series[0].axes == "ZYX"
+        assert np.array_equal(tifffile.imread(out / name), _alone(m, vol))
+        assert (out / name).read_bytes() == (tmp / "b" / name).read_bytes()
+    assert json.loads((out / "scan.ome.json").read_text())["output"] == "scan_labels.ome.tif"
+
+    # as a paser before 2026-12-07 left it
+    (out / "scan_labels.ome.tif").rename(out / "scan.ome_labels.tif")
+    record = json.loads((out / "scan.ome.json").read_text())
+    record["output"] = "scan.ome_labels.tif"
+    record["output_bytes"] = {"scan.ome_labels.tif": record["output_bytes"].pop(
+        "scan_labels.ome.tif")}
+    (out / "scan.ome.json").write_text(json.dumps(record))
+    [res] = segment_volumes(m, volumes[:1], out, chunk=8)
+    assert res.resumed and res.record["output"] == "scan.ome_labels.tif"
+    assert not (out / "scan_labels.ome.tif").exists()
+    tifffile.imwrite(tmp / "scan.ome.tif", vol[::-1], ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 1.0})
+    [res] = segment_volumes(m, split_inputs([tmp / "scan.ome.tif"])[1], out, chunk=8)
+    assert not res.resumed and res.record["output"] == "scan_labels.ome.tif"
+    assert not (out / "scan.ome_labels.tif").exists()
+    assert np.array_equal(tifffile.imread(out / "scan_labels.ome.tif"), _alone(m, vol[::-1]))
+
+
 def test_a_volume_s_record_and_line_name_its_cap_and_gflops_per_megapixel(setup, capsys):
     """A capped call's records say so (a volume's and an image's), and the volume's line
     gives GFLOP per megapixel, the cap's unit, beside GFLOP per slice."""

@@ -8,8 +8,8 @@ as an image), and read and written a chunk of slices at a time: memory does not 
 the number of slices. Per input volume ``<stem>``, the output folder gets:
 
 - ``<stem>_labels.tif`` (BigTIFF, one page per slice, the run's label codec) for TIFF
-  stacks and folders of slices, or ``<stem>_labels.zarr`` (uint8, chunked by slices) for
-  zarr and HDF5 inputs;
+  stacks and folders of slices (``scan_labels.ome.tif`` for an OME-TIFF ``scan.ome.tif``),
+  or ``<stem>_labels.zarr`` (uint8, chunked by slices) for zarr and HDF5 inputs;
 - ``<stem>.json``: per slice and for the whole volume, the volume fraction of every
   class, GFLOP, the share of patches per model, seconds, and with a remote tier
   (``--remote``) the bytes sent against every slice's whole and the degraded patches;
@@ -123,6 +123,20 @@ class Volume:
     def label_format(self) -> str:
         """``zarr`` for zarr and HDF5 inputs, ``tiff`` for TIFF stacks and folders."""
         return "zarr" if self.kind in ("zarr", "hdf5") else "tiff"
+
+    @property
+    def labels_name(self) -> str:
+        """The label volume's file name: ``<stem>_labels.zarr`` or ``<stem>_labels.tif``
+        (:attr:`label_format`), and ``scan_labels.ome.tif`` for an OME-TIFF ``scan.ome.tif``:
+        an OME-TIFF too, named as one (``scan.ome_labels.tif`` is no OME-TIFF name, and a
+        tool that finds OME-TIFFs by their suffix passes it over). Its record and parts keep
+        the stem (``scan.ome.json``), so a folder of a paser before 2026-12-07, whose labels
+        have the old name, resumes on them (the record names its labels)."""
+        if self.label_format == "zarr":
+            return f"{self.stem}_labels.zarr"
+        if self.kind == "tiff" and self.stem.lower().endswith(".ome"):
+            return f"{self.stem[:-4]}_labels.ome.tif"
+        return f"{self.stem}_labels.tif"
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         """Slices ``z0 .. z1 - 1`` as stored."""
@@ -726,16 +740,17 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                for r in json.loads((parts / f"{z0:08d}.json").read_text())]
     from paser.segment import output_settings, record_names, routed_by, settings_digest
 
+    output = volume.labels_name
     if volume.label_format == "tiff":
-        output = f"{volume.stem}_labels.tif"
         if on_slices is not None:
             on_slices(0, 0, f"writing {output}")
         # parts of a paser before signatures were kept: the one an uninterrupted run uses
         content = kept.get("signature") or signature(volume)
         _assemble_tiff(parts, volume, chunk, out_dir / output,
                        f"{content} {settings_digest(output_settings(model, only))}")
-    else:
-        output = f"{volume.stem}_labels.zarr"
+        if output != f"{volume.stem}_labels.tif":  # an OME-TIFF's labels under the name a
+            # paser before 2026-12-07 gave them: of this input's outputs of before, stale
+            (out_dir / f"{volume.stem}_labels.tif").unlink(missing_ok=True)
 
     names = record_names(model)
     voxels = np.sum([r["class_voxels"] for r in records], 0)
@@ -874,32 +889,34 @@ def _assemble_tiff(parts: Path, volume: Volume, chunk: int, path: Path, identity
     deflated (:data:`LABEL_DEFLATE`; written to a temporary name, then renamed). Where the input states its voxel size, the
     labels carry it: an OME-TIFF of axes ZYX with its physical sizes (Fiji's Bio-Formats,
     napari, tifffile) and the X and Y resolution in pixels per centimetre (what plain TIFF
-    readers take); its OME UUID is drawn from ``identity``, the volume's :func:`signature`
+    readers take); one named ``.ome.tif`` (:attr:`Volume.labels_name`) is an OME-TIFF without
+    it too. Its OME UUID is drawn from ``identity``, the volume's :func:`signature`
     and the digest of the run and settings that segmented it
     (:func:`paser.segment.settings_digest`): one input under two runs, caps or calibrations
     gives two files of two UUIDs, and the same input and settings the same bytes (resumed,
     or into another folder)."""
+    import uuid
+
     import tifffile
 
     voxel, (h, w) = volume.voxel, volume.plane
+    # an OME-TIFF where it carries a voxel size, and where its name says it is one
+    ome = voxel is not None or path.name.lower().endswith(".ome.tif")
     # the axes, or tifffile's readers (napari's among them) see a stack of axes QYX
     extra: dict = {"metadata": {"axes": "ZYX"}}
     if voxel is not None:
-        import uuid
-
         sizes = {f"PhysicalSize{a}": v for a, v in zip("ZYX", (voxel.z, voxel.y, voxel.x),
                                                         strict=True) if v is not None}
         extra = {"resolution": (1e4 / voxel.x, 1e4 / voxel.y), "resolutionunit": "CENTIMETER",
-                 "metadata": {"axes": "ZYX", **sizes, **{f"{k}Unit": "µm" for k in sizes},
-                              "UUID": str(uuid.uuid5(uuid.NAMESPACE_URL,
-                                                     f"paser:{identity}"))}}
+                 "metadata": {"axes": "ZYX", **sizes, **{f"{k}Unit": "µm" for k in sizes}}}
+    if ome:  # (tifffile would draw a random one: the same input, other bytes)
+        extra["metadata"]["UUID"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"paser:{identity}"))
 
     def pages():
         for z0 in range(0, volume.depth, chunk):
             yield from np.load(parts / f"{z0:08d}.npy", mmap_mode="r")
 
-    with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
-                                                   ome=voxel is not None) as tif:
+    with replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=ome) as tif:
         tif.write(pages(), shape=(volume.depth, h, w), dtype=np.uint8,
                   photometric="minisblack", compression="zlib",
                   compressionargs={"level": LABEL_DEFLATE}, **extra)
@@ -998,7 +1015,10 @@ def discard(volume: Volume, out_dir: Path) -> None:
     label output."""
     for path in (_parts(volume, out_dir), out_dir / f"{volume.stem}_labels.zarr"):
         shutil.rmtree(path, ignore_errors=True)
+    # (an OME-TIFF's labels under the name of a paser before 2026-12-07 too)
     (out_dir / f"{volume.stem}_labels.tif").unlink(missing_ok=True)
+    if volume.label_format == "tiff":
+        (out_dir / volume.labels_name).unlink(missing_ok=True)
 
 
 def volume_markers(out_dir: Path, volumes: Sequence[Volume]) -> list[Path]:
