@@ -266,6 +266,28 @@ def test_local_n_and_a_scheduler_that_does_not_answer():
         pass
 
 
+def test_local_n_logs_no_traceback_of_a_failure_paser_says_in_one_line():
+    """A volume failing on its data (NaN voxels) printed Dask's ten lines of "Compute
+    Failed", key, task and traceback, from a local:N worker onto the command's terminal,
+    before paser's one line; a failure that is not paser's keeps them (its traceback is
+    nowhere else)."""
+    from paser.errors import DataError
+
+    def nan_voxels():
+        raise DataError("scan.tif slice 1: the image contains NaN or Inf values")
+
+    def a_bug():
+        raise RuntimeError("a bug")
+
+    with connect("local:1") as client:
+        for task in (nan_voxels, a_bug):
+            with pytest.raises((DataError, RuntimeError)):
+                client.submit(task, pure=False).result()
+        logs = [text for logs in client.get_worker_logs().values() for _, text in logs]
+    failed = [text for text in logs if "Compute Failed" in text]
+    assert len(failed) == 1 and "RuntimeError('a bug')" in failed[0]
+
+
 def test_one_worker_per_gpu():
     spec = RunSpec("run")
     assert [spec.worker_device(i, 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2",

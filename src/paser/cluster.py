@@ -32,6 +32,7 @@ that input with a one-line error naming the worker; the other inputs go on.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -320,6 +321,8 @@ def connect(scheduler: str, timeout: float = 30.0) -> Iterator:
         with distributed.LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
                                       dashboard_address=None) as cluster, \
                 distributed.Client(cluster) as client:
+            # the workers paser starts print to this terminal: paser's own failures once
+            client.register_plugin(quiet_paser_failures())
             yield client
         return
     try:
@@ -329,6 +332,50 @@ def connect(scheduler: str, timeout: float = 30.0) -> Iterator:
                           "start one (`dask scheduler`), or use local:N") from None
     with client:
         yield client
+
+
+class _PaserFailures(logging.Filter):
+    """Drops Dask's "Compute Failed" record of a task that raised a :class:`PaserError`: a
+    volume's NaN voxels, a path a worker cannot see. The client says each in one line;
+    Dask's record adds ten lines of key, task and traceback before it. A task that raised
+    anything else keeps its record: its traceback is nowhere else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not str(record.msg).startswith("Compute Failed") or len(args) < 4:
+            return True
+        # (Dask logs the exception as its repr: ClassName(...))
+        return not str(args[3]).startswith(tuple(f"{name}(" for name in _paser_errors()))
+
+
+def _paser_errors(kind: type = PaserError) -> set[str]:
+    """The names of :class:`PaserError` and every subclass of it."""
+    return {kind.__name__, *(n for sub in kind.__subclasses__() for n in _paser_errors(sub))}
+
+
+def quiet_paser_failures():
+    """A Dask worker plugin (``client.register_plugin``) that puts :class:`_PaserFailures`
+    on the worker's ``distributed.worker`` logger, also of a worker its nanny starts again.
+    ``local:N`` registers it: its workers print to the terminal of the command. A running
+    scheduler's workers log as their operator set them. (Made here, not at import: Dask is
+    an extra, and a plugin must be a :class:`distributed.WorkerPlugin`.)"""
+    from distributed import WorkerPlugin
+
+    class QuietPaserFailures(WorkerPlugin):
+        name = "paser-quiet-failures"
+        idempotent = True
+
+        def setup(self, worker) -> None:
+            logger = logging.getLogger("distributed.worker")
+            if not any(isinstance(f, _PaserFailures) for f in logger.filters):
+                logger.addFilter(_PaserFailures())
+
+        def teardown(self, worker) -> None:
+            logger = logging.getLogger("distributed.worker")
+            for f in [f for f in logger.filters if isinstance(f, _PaserFailures)]:
+                logger.removeFilter(f)
+
+    return QuietPaserFailures()
 
 
 @dataclass
