@@ -235,6 +235,33 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
+def test_a_volume_resumed_on_other_threads_records_both_and_says_so(setup, monkeypatch,
+                                                                  capsys):
+    """Another thread count (or device) adds in another order and can move a few voxels, so
+    a volume resumed with another --threads is not one uninterrupted call's, byte for byte.
+    Its record kept only the device of the call that finished it; now each slice keeps its
+    device and threads, the volume all of them, and its line says they differ."""
+    from paser.cli.deploy import _volume_lines
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    volume = split_inputs([tmp / "scan.tif"])[1]
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volume, tmp / "out", chunk=4))
+    torch.set_num_threads(2)
+    [res] = segment_volumes(m, volume, tmp / "out", chunk=4)
+    rec = res.record
+    assert [s["threads"] for s in rec["slices"]] == [1] * 8 + [2] * (DEPTH - 8)
+    assert {s["device"] for s in rec["slices"]} == {"cpu"} and rec["device"] == "cpu"
+    assert rec["threads"] == [1, 2]
+    _volume_lines([res], tmp / "out")
+    assert "  note: its slices were segmented on 1 / 2 threads (calls with other --device" in (
+        capsys.readouterr().out)
+    [res] = segment_volumes(m, volume, tmp / "again", chunk=4)
+    assert res.record["threads"] == [2]
+    _volume_lines([res], tmp / "again")
+    assert "note" not in capsys.readouterr().out
+
+
 def test_a_volume_stopped_as_its_parts_are_removed_leaves_none_behind(setup, monkeypatch):
     """Stopped after its record is written, before its parts are gone (Ctrl-C in the
     removal of a thousand parts): the next call takes the volume as done and removes them,

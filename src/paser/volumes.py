@@ -687,6 +687,7 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         tick = time.perf_counter()
         out = model.segment(torch.from_numpy(x)[None], only=only, probs=False)
         ms = 1000 * (time.perf_counter() - tick)
+        threads = torch.get_num_threads()  # (a Dask worker's: set for this thread, above)
         # what this slice cost the link, as an image's record says (paser.segment)
         remote = None if router.remote is None else {
             **router.remote.take().to_dict(), "bytes_whole_slice": bytes_whole(x)}
@@ -707,8 +708,10 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                            if outside is not None else {}),
                         **({"degraded": degraded} if degraded else {}),
                         **({"remote": remote} if remote is not None else {}),
-                        **({"worker": worker, "device": str(model.device)}
-                           if worker is not None else {}),
+                        # what the labels were computed on: another device or thread
+                        # count adds in another order, and can move a few voxels
+                        "device": str(model.device), "threads": threads,
+                        **({"worker": worker} if worker is not None else {}),
                         **({"notes": notes} if notes else {})})
     if before_writing is not None:
         before_writing()
@@ -758,6 +761,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     degraded = sum(r.get("degraded", 0) for r in records)
     workers = sorted({r["worker"] for r in records if "worker" in r})
     devices = sorted({r["device"] for r in records if "device" in r}) or [str(model.device)]
+    threads = sorted({r["threads"] for r in records if "threads" in r})
     from paser.segment import claim_of, output_bytes
 
     record = {
@@ -786,7 +790,8 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
                       {**intensity.to_dict(), **({"fitted_on": "this volume (the run keeps no "
                        f"window: {model.intensity.why_none})"}
                           if intensity is not model.intensity else {})}),
-        "device": ", ".join(devices), **({"workers": workers} if workers else {}),
+        "device": ", ".join(devices), **({"threads": threads} if threads else {}),
+        **({"workers": workers} if workers else {}),
         "claim": claim_of(out_dir),
         "output_bytes": {output: output_bytes(out_dir / output)},
         "slices": records,

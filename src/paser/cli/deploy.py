@@ -514,6 +514,15 @@ def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> No
                                                                       "answer"])
             typer.echo(f"  {rec['degraded_patches']} patches degraded (f0's prediction kept: "
                        f"{why}); the same command again redoes them")
+        devices, threads = rec.get("device", "").split(", "), rec.get("threads", [])
+        if len(devices) > 1 or len(threads) > 1:  # resumed otherwise, or uneven workers
+            on = " and ".join(([" / ".join(devices)] if len(devices) > 1 else [])
+                              + ([f"{' / '.join(map(str, threads))} threads"]
+                                 if len(threads) > 1 else []))
+            typer.echo(f"  note: its slices were segmented on {on} (calls with other --device "
+                       "or --threads, or workers of other threads): labels can differ from one "
+                       "uninterrupted call's in a few voxels (PyTorch adds in another order); "
+                       "the same --device and --threads throughout give the same bytes")
         if "voxel_size" in rec:
             v = rec["voxel_size"]
             typer.echo(f"  voxel {v['x']:.6g} x {v['y']:.6g}"
