@@ -371,6 +371,33 @@ def test_the_image_travels_once_for_every_pool_model(mnist_run):
     assert one.bytes_sent < each.bytes_sent and one.bytes_sent - whole < 500
 
 
+
+def test_a_server_restarted_as_an_older_one_is_asked_model_by_model(mnist_run):
+    """A server that took requests of several models when the edge connected, restarted as
+    one made before them, answered each of them 422 ('query.model: Field required'), and the
+    edge never asked /v1/models again: every image's f1 and f2 patches kept f0's prediction,
+    marked degraded, until the command was run again. It now asks again on such a refusal
+    and goes on model by model, with the labels of routing here."""
+    server_model, edge = _load(mnist_run), _load(mnist_run)
+    for m in (server_model, edge):
+        m.router.grid = PatchGrid(2, 2, halo=4)
+    x = torch.randint(0, 256, (1, 1, 32, 32), generator=torch.Generator().manual_seed(1)) / 255.0
+    actions = torch.tensor([[1, 2, 1, 2]])
+    client = TestClient(create_app(server_model))
+    with torch.inference_mode():
+        here = edge.router(x, actions=actions, mc_seed=0)
+        pool = edge.use_remote("http://testserver", http=client)
+        assert pool.connect()["request"]["index_per_model"] is True
+        pool.http = older = _Older(client)  # restarted as an older paser
+        first = edge.router(x, actions=actions, mc_seed=0)
+        second = edge.router(x, actions=actions, mc_seed=0)
+    for there in (first, second):
+        assert there.degraded is None and torch.equal(there.mask, here.mask)
+    # the refused request of both models, then each model's; the next image model by model
+    assert older.models == [None, "f1", "f2", "f1", "f2"]
+    transfer = pool.take()
+    assert (transfer.requests, transfer.patches_sent, transfer.errors) == (5, 8, [])
+
 def test_the_servers_patch_limit_counts_every_models_patches(server, mnist_run, monkeypatch):
     """--max-patches holds for the sum of a request's indices, checked before any patch is
     cut; the edge splits its request to fit, and the labels stay those of routing here."""

@@ -181,9 +181,7 @@ class RemotePool:
                     self._mark_down(describe_error(err))
                     self._failed(n, f"{self.url}: {describe_error(err)}")
                     return {**answers, **dict.fromkeys(pending)}
-            request = self.server.get("request")  # what this server takes
-            together = isinstance(request, dict) and request.get("index_per_model") is True
-            asked = pending if together else pending[:1]
+            asked = pending if self._together() else pending[:1]
             pending = pending[len(asked):]
             probs = self._send(x, {k: routed[k] for k in asked})
             answers.update(probs if probs is not None else dict.fromkeys(asked))
@@ -255,11 +253,20 @@ class RemotePool:
         step = max(1, fit)  # one image over the limits: the server says why
         return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
+    def _together(self) -> bool:
+        """Whether the server takes the patches of several models in one request (its
+        ``/v1/models`` says ``index_per_model``)."""
+        request = (self.server or {}).get("request")  # what this server takes
+        return isinstance(request, dict) and request.get("index_per_model") is True
+
     def _post(self, image: np.ndarray, index: dict[int, np.ndarray], size: tuple[int, int]
               ) -> dict[int, np.ndarray] | None:
         """One request for the patches ``index[k]`` of each model ``k`` in ``image``: one
         model's as ``model=fK`` with ``index`` (what every server takes), several as
-        ``index_fK`` each."""
+        ``index_fK`` each, or one request a model where the server takes one model a
+        request."""
+        if len(index) > 1 and not self._together():
+            return self._one_by_one(image, index, size)
         params = {"output": self.output, "dtype": "float16"}
         digests = {m["name"]: m["digest"] for m in self.expected}
         if len(index) == 1:
@@ -295,11 +302,35 @@ class RemotePool:
                 return self._answer(res, index, size)
             error = f"{self.url}: HTTP {res.status_code}: {_server_error(res)}"
             if res.status_code not in RETRY_STATUS:
+                if len(index) > 1 and not self._still_together():
+                    return self._one_by_one(image, index, size)
                 self.stats.errors.append(error)
                 return None  # our request is wrong: retrying will not help, the server is up
         self._mark_down(error.removeprefix(f"{self.url}: "))
         self.stats.errors.append(error)
         return None
+
+    def _still_together(self) -> bool:
+        """After a request of several models was refused: whether the server still takes
+        them, asked again (``GET /v1/models``). A server restarted as one made before such
+        requests answers each 422 (``model=`` missing) where the last one took them."""
+        self.server = None  # as at a 409: the models are checked again when it answers
+        try:
+            self.connect()
+        except httpx.HTTPError:
+            return True  # it did not say: the refusal stands, and the next image asks again
+        return self._together()
+
+    def _one_by_one(self, image: np.ndarray, index: dict[int, np.ndarray],
+                    size: tuple[int, int]) -> dict[int, np.ndarray] | None:
+        """:meth:`_post` for each model of ``index`` in a request of its own."""
+        answers: dict[int, np.ndarray] = {}
+        for k, part in index.items():
+            answer = self._post(image, {k: part}, size)
+            if answer is None:
+                return None
+            answers.update(answer)
+        return answers
 
     def _answer(self, res: httpx.Response, index: dict[int, np.ndarray], size: tuple[int, int]
                 ) -> dict[int, np.ndarray] | None:
