@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -77,6 +79,18 @@ def test_healthz_and_models_report_names_parameters_and_gflop(server):
         assert m["digest"] == weights_digest(router.pool[k - 1])
     assert info["limits"]["max_patches"] == 16
 
+
+
+def test_healthz_and_models_name_the_run(server):
+    """/healthz named no run, and /v1/models the run folder as the server was given it
+    ('runs/quick'): two servers could not be told apart. /healthz, open without the token,
+    names the run's folder, /v1/models its whole path."""
+    model, client = server
+    assert client.get("/healthz").json()["run"] == model.run_dir.name == "run"
+    assert client.get("/v1/models").json()["run"] == str(model.run_dir.resolve())
+    relative = TestClient(create_app(type(model)(model.router, model.config, Path(
+        os.path.relpath(model.run_dir)))))
+    assert relative.get("/v1/models").json()["run"] == str(model.run_dir.resolve())
 
 def test_probabilities_and_labels_are_the_pool_models(server):
     model, client = server

@@ -1,8 +1,9 @@
 """The cloud tier: f1..fK of a trained run behind HTTP (FastAPI), for edges that run f0 and
 the policy themselves and send only the patches routed to a pool model.
 
-``GET /healthz``; ``GET /v1/models`` (names, parameters, GFLOP per patch, weight digests,
-the halo patches must carry, the limits); ``POST /v1/segment?model=fK`` with patches as
+``GET /healthz`` (the run folder's name, the models, the load); ``GET /v1/models`` (the
+run's path, names, parameters, GFLOP per patch, weight digests, the halo patches must
+carry, the limits); ``POST /v1/segment?model=fK`` with patches as
 ``.npz`` (array ``patches`` ``[N, C, h, w]``, or ``image`` ``[B, C, H, W]`` with ``index``
 ``[N]``: the server cuts them) or a PNG of N patches stacked vertically (``count=N``),
 answering class probabilities or labels for the patches' centres. Without ``model=``, one
@@ -174,15 +175,21 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     async def _http(request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
+    # which run answers: its folder's name on the open /healthz (a path says more of the
+    # machine than a health check needs), its whole path behind the token
+    run_path = None if model.run_dir is None else Path(model.run_dir).resolve()
+
     @app.get("/healthz")  # on the event loop: it answers while every thread is busy
     async def healthz() -> dict:
-        return {"status": "ok", "models": names, "device": str(device),
+        return {"status": "ok", "run": None if run_path is None else run_path.name,
+                "models": names, "device": str(device),
                 "running": busy["running"], "served": busy["served"]}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
         patch = None if image_size is None else router.grid.patch_size(*image_size)
-        return {"run": str(model.run_dir), "in_channels": channels, "num_classes": classes,
+        return {"run": None if run_path is None else str(run_path),
+                "in_channels": channels, "num_classes": classes,
                 "halo": halo, "grid": [router.grid.rows, router.grid.cols],
                 "image_size": image_size, "patch_size": patch, "models": models,
                 "flop_convention": FLOP_CONVENTION, "limits": limits,
