@@ -7,6 +7,7 @@ run against a real uvicorn process that is stopped mid-run.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -264,6 +265,65 @@ def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
     health = client.get("/healthz").json()
     assert (health["running"], health["served"]) == (0, 1)
 
+
+
+def _left_while_queued(app, body: bytes) -> int:
+    """The status a request gets from ``app`` (ASGI, called directly) when its client sends
+    the body and then closes the connection, as an edge whose request timed out does."""
+    messages = [{"type": "http.request", "body": body, "more_body": False},
+                {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/segment",
+             "raw_path": b"/v1/segment", "query_string": b"model=f1", "root_path": "",
+             "headers": [(b"content-type", NPZ.encode()),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 60))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_a_request_whose_client_left_while_it_waited_runs_no_model(mnist_run, monkeypatch):
+    """An edge whose request timed out while it waited for its turn sends it again (its
+    retries): the request it left waited on and ran the model later for no one (on the
+    demo, three 1-s timeouts behind a 20-s request ran after it, each logged 200), so that
+    under load a server did the same work two and three times. It is now dropped (499)
+    as soon as the client is seen gone."""
+    model = _load(mnist_run)
+    app = create_app(model, max_concurrency=1, queue_timeout=5)
+    client = TestClient(app)
+    run_local = model.router.run_local
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def held(k, x):
+        calls.append(k)
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(60), "the test never released the first request"
+        return run_local(k, x)
+
+    monkeypatch.setattr(model.router, "run_local", held)
+    body = encode_npz(patches=_patches(1))
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(res=_post(client, body)))
+    thread.start()
+    try:
+        assert started.wait(60)  # the first request holds the only slot
+        left = _left_while_queued(app, body)
+    finally:
+        release.set()
+        thread.join(60)
+    assert left == 499 and first["res"].status_code == 200
+    assert len(calls) == 1  # the left request ran no model, before or after the first
+    assert client.get("/healthz").json()["served"] == 1
 
 def test_counting_a_new_patch_size_leaves_a_concurrent_inference_its_weights(mnist_run):
     """With --max-concurrency above 1, a request of a patch size not counted yet counts

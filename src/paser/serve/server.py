@@ -33,6 +33,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -107,7 +108,7 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     run's (halo included; ``max_patch_side`` pixels a side for a run that routes images
     whole); at most ``max_concurrency`` inferences run at
     once, and a request that waits more than ``queue_timeout`` seconds for its turn is a 503
-    with ``Retry-After``.
+    with ``Retry-After`` (one whose client closes the connection meanwhile is dropped: 499).
     ``token``: the shared secret every path but ``/healthz`` requires (``None``: open).
     """
     router, cfg = model.router.eval(), model.config
@@ -144,6 +145,9 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
         rid = request.headers.get("x-request-id", "")
         rid = rid if REQUEST_ID.fullmatch(rid) else secrets.token_hex(8)
         status = 500  # unless an answer comes back: the exception goes on to the 500 handler
+        # whether the client has gone, asked of the connection itself: the endpoint's own
+        # request reads through this middleware's wrapper, which never says so
+        request.state.gone = request.is_disconnected
         try:
             problem = None
             if expected is not None and request.url.path not in OPEN_PATHS:
@@ -295,7 +299,12 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
             raise PayloadError(413, f"patches of {x.shape[-2]} x {x.shape[-1]}: larger than "
                                f"the {largest[0]} x {largest[1]} (halo included) this run "
                                "routes; cut them as the routing path does")
-        if not await _acquire(gate, queue_timeout):  # waits here, holding no thread
+        # waits here, holding no thread, while the client waits too
+        turn = await _acquire(gate, queue_timeout, request.state.gone)
+        if turn is None:  # an edge that timed out asks again: this one would run for no one
+            raise PayloadError(499, "the client closed the connection while its request "
+                               "waited for its turn; nothing ran")
+        if not turn:
             raise PayloadError(503, f"busy: no inference slot within {queue_timeout:g} s; "
                                "retry later")
         busy["running"] += 1
@@ -325,13 +334,22 @@ def create_app(model, max_request_bytes: int = 32 * MiB, max_values: int = 16 * 
     return app
 
 
-async def _acquire(gate: threading.BoundedSemaphore, timeout: float) -> bool:
+async def _acquire(gate: threading.BoundedSemaphore, timeout: float,
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> bool | None:
     """An inference slot within ``timeout`` seconds, polled on the event loop (a thread
-    blocked on it per queued request took the pool's threads, and /healthz with them)."""
+    blocked on it per queued request took the pool's threads, and /healthz with them);
+    ``None`` once ``gone()`` says the client closed the connection meanwhile (asked every
+    0.1 s): an edge whose request timed out sends it again, and the one it left ran later
+    for no one, so that retries under load queued the same work two and three times."""
     deadline = time.monotonic() + timeout
+    asked = time.monotonic()
     while not gate.acquire(blocking=False):
         if time.monotonic() >= deadline:
             return False
+        if gone is not None and time.monotonic() - asked >= 0.1:
+            if await gone():
+                return None
+            asked = time.monotonic()
         await asyncio.sleep(0.005)
     return True
 
