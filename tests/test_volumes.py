@@ -1570,3 +1570,30 @@ def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup, c
     assert "field_of_view" not in res.record and "outside_voxels" not in res.record[
         "slices"][0]
     assert sum(sum(r["class_voxels"]) for r in res.record["slices"]) == recon.size
+
+
+def test_a_volumes_slices_are_evaluated_as_the_same_slices_in_memory(setup):
+    """A split of volume data whose slices are of the run's size (data.tile auto: not cut
+    into tiles) goes to PaSeR.evaluate as it is: it was not a torch Dataset, and `paser
+    evaluate` on such a run stopped with 'data of type VolumeSlices: give
+    paser.data.Tensors(...)'."""
+    from tests.test_label_codec import VALUES
+
+    from paser.data import Tensors
+    from paser.data.slices import VolumeSlices
+
+    m, vol, tmp = setup
+    classes = np.digitize(vol / 255.0, [0.325, 0.675]).astype(np.uint8)  # the Bands models'
+    labels = np.full(vol.shape, 255, np.uint8)
+    labels[::3] = np.array(list(VALUES), np.uint8)[classes[::3]]
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    tifffile.imwrite(tmp / "labels.tif", labels, photometric="minisblack")
+    (tmp / "classes.yaml").write_text(
+        "classes: {0: background, 40: particle, 80: binder}\nignore: 255\n")
+    test = VolumeSlices(tmp, "scan.tif", "labels.tif", {"test": (12, 24)}, "test")
+    assert test.z == [12, 15, 18, 21]
+    held = Tensors(torch.from_numpy(vol[test.z, None] / 255.0).float(),
+                   torch.from_numpy(classes[test.z]), test.ids)
+    got, want = m.evaluate(test, batch_size=3), m.evaluate(held, batch_size=3)
+    assert got["miou"] == want["miou"] == 1.0
+    assert got["per_class"] == want["per_class"] and got["gflops"] == want["gflops"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from paser.data.folders import ClassMap
 from paser.data.images import (
@@ -79,7 +80,7 @@ def _spec(root: Path, spec: str | None, key: str) -> str:
     return spec if _file_of(spec).is_absolute() else str(root / spec)
 
 
-class VolumeSlices:
+class VolumeSlices(Dataset):
     """One split of a volume dataset: the labelled slices of its slice range. Reads like a
     folder split (``image``, ``mask``, ``ids``, ``sizes``, ``channels``, ``intensity``)."""
 
