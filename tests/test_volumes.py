@@ -864,6 +864,25 @@ def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
 
 
 
+def test_a_volume_of_two_channels_trains_on_both(tmp_path):
+    """A zarr volume of two detectors' channels (Z x Y x X x 2) reads as 2-channel slices,
+    as a folder's 2-channel images do: its split said 1 channel, and every slice was then
+    refused with '2 channels, and the models take 1; give grayscale images'."""
+    from paser.data.slices import VolumeSlices
+
+    vol = np.random.default_rng(5).integers(0, 256, (6, 8, 8, 2), dtype=np.uint8)
+    labels = np.full((6, 8, 8), 255, np.uint8)
+    labels[::2] = vol[::2, ..., 0] > 127
+    zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=vol.shape,
+                    dtype="uint8")[:] = vol
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: solid}\nignore: 255\n")
+    train = VolumeSlices(tmp_path, "v.zarr", "l.tif", {"train": (0, 6)}, "train")
+    assert train.z == [0, 2, 4] and train.channels == 2
+    want = torch.from_numpy(np.moveaxis(vol[2], -1, 0) / 255.0).float()
+    assert torch.allclose(train.image(1), want, atol=1e-7)
+
+
 def test_a_slice_labelled_since_in_a_folder_of_label_slices_is_found_in_the_same_process(
         tmp_path):
     """The labelled slices are found once per process and label volume as its files are: a

@@ -122,7 +122,9 @@ class VolumeSlices(Dataset):
                             f"{self.classmap.ignore}); label some, or move the range")
         h, w = self.volume.plane
         self.sizes = [(h, w)] * len(self.z)
-        self.channels = 3 if len(self.volume.shape) == 4 and self.volume.shape[3] >= 3 else 1
+        lanes = self.volume.shape[3] if len(self.volume.shape) == 4 else 1
+        # two detectors' channels stay two, as a folder's 2-channel images do
+        self.channels = 2 if lanes == 2 else 3 if lanes >= 3 else 1
         self.dtypes = Counter({f"{self.volume.dtype} {self.volume.kind} slices": len(self.z)})
         self.intensity = Intensity()
         self.images = [Path(f"{self.volume.source}#{z}") for z in self.z]  # for messages
