@@ -609,6 +609,19 @@ def test_a_volume_path_that_is_not_there_stops_the_command_as_an_image_path_does
     assert not (tmp_path / "o").exists()
 
 
+def test_a_path_inside_a_zarr_array_names_the_array(tmp_path):
+    """``labels.zarr/0`` where ``labels.zarr`` is itself an array (OME-Zarr's way of naming
+    a level, on a plain array) said 'no such array in labels.zarr; it has none', as if the
+    store were empty: it now says the store is the array to give."""
+    zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    with pytest.raises(DataError, match=r"^.*labels.zarr/0: .*labels.zarr is an array itself, "
+                                        r"not a group of arrays; give .*labels.zarr$"):
+        open_volume(tmp_path / "labels.zarr" / "0")
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")  # an empty group has none
+    with pytest.raises(DataError, match=r"g.zarr/0: no such array in .*g.zarr; it has none$"):
+        open_volume(tmp_path / "g.zarr" / "0")
+
+
 def test_a_dataset_or_array_named_the_other_formats_way_says_how_to_name_it(tmp_path):
     """``scan.h5/entry/data`` (a zarr group's way) and ``scan.zarr:0`` (an HDF5 file's way)
     stopped the command with "no such file or folder" alone, though the file is there: the

@@ -374,11 +374,22 @@ def _zarr_arrays(zarr, path: Path) -> list[str]:
     return [f"{path}/{n}" for n in names[:10]]
 
 
+def _zarr_is_array(zarr, path: Path) -> bool:
+    """Whether ``path`` opens as a zarr array (not a group, nor a folder of neither)."""
+    try:
+        return hasattr(zarr.open(str(path), mode="r"), "shape")
+    except Exception:  # zarr raises many kinds for a folder that is not one
+        return False
+
+
 def _zarr(path: Path) -> Volume:
     zarr = _optional("zarr", path)
     if not path.exists():
         store = _zarr_store(path)
         if store.is_dir() and store != path:  # an array its group does not hold
+            if _zarr_is_array(zarr, store):  # (an OME-Zarr habit on a plain array)
+                raise DataError(f"{path}: {store} is an array itself, not a group of "
+                                f"arrays; give {store}")
             raise DataError(f"{path}: no such array in {store}; it has "
                             f"{', '.join(_zarr_arrays(zarr, store)) or 'none'}")
         raise DataError(f"{path}: no such zarr array")
