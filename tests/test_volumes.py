@@ -877,6 +877,36 @@ def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
 
 
 
+def test_slices_labelled_since_in_the_same_process_are_in_the_intensity_window(tmp_path):
+    """The window was cached by the config alone: a float volume checked, labelled on two
+    more training slices and opened again in the same process (a notebook, two runs) had
+    those slices in its training split but kept the window of the first two, [0.0044,
+    2.99] where the four give [0.0062, 5.99], and a run saved that one as intensity.json."""
+    from paser.config import load_config
+    from paser.data import data_intensity, open_split
+
+    vol = np.arange(10, dtype=np.float32)[:, None, None] + np.random.default_rng(0).random(
+        (10, 8, 8), dtype=np.float32)  # slice z holds z..z+1
+    labels = np.full(vol.shape, 255, np.uint8)
+    labels[[0, 2]] = 0
+    tifffile.imwrite(tmp_path / "v.tif", vol, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    cfg = load_config(overrides=[
+        "data.dataset=volume", f"data.root={tmp_path}", "data.volume=v.tif",
+        "data.labels=l.tif", "data.slices={train: [0, 6], validation: [6, 8], test: [8, 10]}"]
+    ).data
+
+    def window_of(slices):
+        return pytest.approx(tuple(np.percentile(vol[slices].ravel(), [0.5, 99.5])), rel=1e-5)
+
+    assert data_intensity(cfg).window == window_of([0, 2])
+    labels[4], labels[5] = 1, 0
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    assert open_split(cfg, "train").z == [0, 2, 4, 5]
+    assert data_intensity(cfg).window == window_of([0, 2, 4, 5])
+
+
 def test_a_volume_of_two_channels_trains_on_both(tmp_path):
     """A zarr volume of two detectors' channels (Z x Y x X x 2) reads as 2-channel slices,
     as a folder's 2-channel images do: its split said 1 channel, and every slice was then

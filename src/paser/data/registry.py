@@ -42,7 +42,7 @@ from paser.data.folders import (
     unread_images,
 )
 from paser.data.images import Intensity
-from paser.data.slices import VolumeSlices
+from paser.data.slices import VolumeSlices, written
 from paser.data.tensors import StageData, Tensors, labels, on_disk
 from paser.errors import ConfigError, DataError
 from paser.runtime import progress as progress_bar
@@ -255,8 +255,10 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
     if cfg.window is not None or cfg.intensity == "per_image":
         return configured_intensity(cfg)
     root = ensure_dataset(cfg, progress=progress)
+    # a volume's slices labelled since are training slices the window must see
+    now = written(root, cfg.volume, cfg.labels) if cfg.dataset == "volume" else None
     return dataclasses.replace(_fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
-        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"})),
+        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}), now),
         nonfinite=cfg.nonfinite)
 
 
@@ -268,8 +270,9 @@ def configured_intensity(cfg: DataConfig) -> Intensity:
 
 
 @functools.lru_cache(maxsize=8)
-def _fitted(dataset: str, root: str, settings: str) -> Intensity:
-    """Keyed by what chooses the training files (a run's stages ask again and again)."""
+def _fitted(dataset: str, root: str, settings: str, now: tuple | None) -> Intensity:
+    """Keyed by what chooses the training files (a run's stages ask again and again), and
+    for a volume by what its files are now (:func:`paser.data.slices.written`)."""
     cfg = DataConfig(dataset=dataset, root=Path(root), **json.loads(settings))
     return Intensity(open_unscaled(cfg, "train", False).fit_window())
 

@@ -58,6 +58,27 @@ def _stamp(volume) -> tuple[int, ...] | None:
         return None
 
 
+def written(root: str | Path, volume: str | None, labels: str | None) -> tuple | None:
+    """What holds the image and the label volume now, from the files' sizes and times alone
+    (a zarr array's or a folder's every file; nothing opened): slices labelled or voxels
+    written since change the training slices and what they hold, and with them the
+    intensity window fitted on them. None where a path is not given or not there (its split
+    says why)."""
+    out = []
+    for spec in (volume, labels):
+        if not spec:
+            return None
+        path = _file_of(spec if _file_of(spec).is_absolute() else str(Path(root) / spec))
+        try:
+            stats = ([f.stat() for f in path.rglob("*") if f.is_file()] if path.is_dir()
+                     else [path.stat()])
+        except OSError:
+            return None
+        out.append((len(stats), sum(st.st_size for st in stats),
+                    max((st.st_mtime_ns for st in stats), default=0)))
+    return tuple(out)
+
+
 def _planes_note(*volumes) -> str:
     """`` (...)`` where a volume is a TIFF of one page of 3 or 4 planes stored apart (axes
     SYX): what tifffile writes for 3 or 4 slices without ``photometric='minisblack'``, read
