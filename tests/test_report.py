@@ -317,3 +317,22 @@ def test_gap_recovered_is_none_where_the_largest_model_is_no_better_than_f0():
     add_honest_view(methods, "f2")
     assert methods["PaSeR"]["gap_recovered"] == pytest.approx(0.4)
     assert methods["f0"]["gap_recovered"] == 0 and methods["f2"]["gap_recovered"] == 1
+
+
+def test_the_table_of_paser_s_points_names_its_margin_as_one_point_s_iou():
+    import io
+
+    from paser.experiments.report import _regret_md
+
+    out = io.StringIO()
+    _regret_md(out.write, {"regret": [
+        {"method": "PaSeR", "gflops": 1.817, "iou": 0.8574, "frontier": 0.8562,
+         "above_frontier": 0.0012, "cascade": 0.8569, "oracle": 0.8688}]})
+    text = out.getvalue()
+    # its column read 'PaSeR - frontier', the name `paser compare` gives the curve areas'
+    # difference (the routers' table's 'above the frontier'), and it held the rows of
+    # PaSeR (paper) and the operating points too
+    assert ("| method | GFLOP | IoU | frontier | IoU - frontier | IDK-Cascade | Oracle |"
+            in text)
+    assert "| PaSeR | 1.817 | 0.8574 | 0.8562 | +0.0012 | 0.8569 | 0.8688 |" in text
+    assert "PaSeR - frontier" not in text

@@ -16,13 +16,15 @@ Figures (test split, FLOPs as the runs' reports count them):
 - ``saved vs single models``: its share of GFLOP saved against the single-model frontier
   at equal IoU (negative: the frontier is cheaper there; a point above every single model
   is compared with the best one's GFLOP, as :func:`paser.frontier.curve_saving` does);
-- ``PaSeR - frontier``: the curve areas' difference (the mean IoU over the report's 64
-  log-spaced budgets); ``captured``: its share of the oracle's headroom,
+- ``PaSeR area - frontier``: the curve areas' difference (the mean IoU over the report's
+  64 log-spaced budgets; the report's routers table, "above the frontier", not its table of
+  PaSeR's points, whose "IoU - frontier" is one point's margin); ``captured``: its share of
+  the oracle's headroom,
   ``of reachable``: of the part a mirror of the image keeps (the other-views oracle);
-- ``cascade captured``: the entropy cascade's share; ``PaSeR - cascade``: the areas'
+- ``cascade captured``: the entropy cascade's share; ``PaSeR area - cascade``: the areas'
   difference, as the report reads it and with each method's setting chosen on validation;
 - ``Table 2``: PaSeR's GFLOP saved against the cascade matched to its IoU;
-- ``PaSeR (paper) - frontier``: the paper's method, as the report trains it;
+- ``PaSeR (paper) area - frontier``: the paper's method, as the report trains it;
 - ``ms ratio to the frontier``: PaSeR's measured ms per image over the single models' at
   equal IoU (the report's wall clock; under 1: routing is faster in time too).
 """
@@ -82,15 +84,15 @@ def figures(models: Sequence[str]) -> list[Figure]:
         ("PaSeR IoU", ".4f", _method("PaSeR", "iou")),
         ("PaSeR GFLOP", ".3f", _method("PaSeR", "gflops")),
         ("saved vs single models %", ".1f", saved_vs_singles),
-        ("PaSeR - frontier", "+.4f", _area("PaSeR")),
+        ("PaSeR area - frontier", "+.4f", _area("PaSeR")),
         ("captured %", ".0f", _share("headroom_captured", "PaSeR")),
         ("of reachable %", ".0f", _share("reachable_captured", "PaSeR")),
         ("cascade captured %", ".0f", _share("headroom_captured", "IDK-Cascade")),
-        ("PaSeR - cascade", "+.4f", _area("PaSeR", "IDK-Cascade")),
-        ("PaSeR - cascade, chosen on validation", "+.4f",
+        ("PaSeR area - cascade", "+.4f", _area("PaSeR", "IDK-Cascade")),
+        ("PaSeR area - cascade, chosen on validation", "+.4f",
          _area("PaSeR", "IDK-Cascade", "curve_areas_chosen_on_validation")),
         ("Table 2 %", ".1f", lambda r: (r.get("table2") or {}).get("flops_saved_pct")),
-        ("PaSeR (paper) - frontier", "+.4f", _area("PaSeR (paper)")),
+        ("PaSeR (paper) area - frontier", "+.4f", _area("PaSeR (paper)")),
         ("ms ratio to the frontier", ".2f", lambda r: (r.get("wall_clock") or {}).get("ratio")),
     ]
 
@@ -230,10 +232,10 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
         "data_differ": len(data) > 1,
         "machines": trained,
         "flop_conventions": counted,
-        "holds": {"PaSeR's curve area above the frontier's": count("PaSeR - frontier",
-                                                                   lambda v: v > 0),
-                  "PaSeR's curve area above the cascade's": count("PaSeR - cascade",
-                                                                  lambda v: v > 0),
+        "holds": {"PaSeR's curve area above the frontier's": count(
+                      "PaSeR area - frontier", lambda v: v > 0),
+                  "PaSeR's curve area above the cascade's": count(
+                      "PaSeR area - cascade", lambda v: v > 0),
                   "fewer GFLOP than the IoU-matched cascade (Table 2)": count(
                       "Table 2 %", lambda v: v > 0)},
     }
@@ -297,7 +299,7 @@ def format_comparison(result: dict) -> str:
     if len(runs) == 1:
         out.append("One run is one draw: compare runs of other seeds for a spread.")
     names = list(fmts)
-    split = names.index("PaSeR - frontier")
+    split = names.index("PaSeR area - frontier")
     for title, group in (("Pool and operating point (test)", names[:split]),
                          ("Curves against the frontier and the cascade (test)",
                           names[split:])):

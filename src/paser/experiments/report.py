@@ -411,8 +411,10 @@ def _pool_md(w, pool: dict, methods: dict[str, dict]) -> None:
 def _regret_md(w, results: dict) -> None:
     w("\n## Against the single-model frontier (test split)\n\n")
     w("At each PaSeR point's GFLOP: what the single models give for that cost (one model, "
-      "or whole images split between two), the cascade's and the oracle's best within it.\n\n")
-    w("| method | GFLOP | IoU | frontier | PaSeR - frontier | IDK-Cascade | Oracle |\n"
+      "or whole images split between two), the point's IoU minus theirs (one point's "
+      "margin, not the curve areas' difference of the routers' table), and the cascade's "
+      "and the oracle's best within it.\n\n")
+    w("| method | GFLOP | IoU | frontier | IoU - frontier | IDK-Cascade | Oracle |\n"
       "|---|---|---|---|---|---|---|\n")
     for r in results["regret"]:
         w(f"| {r['method']} | {_fmt(r['gflops'], 3)} | {_fmt(r['iou'])} | {_fmt(r['frontier'])} | "
