@@ -336,3 +336,28 @@ def test_the_table_of_paser_s_points_names_its_margin_as_one_point_s_iou():
             in text)
     assert "| PaSeR | 1.817 | 0.8574 | 0.8562 | +0.0012 | 0.8569 | 0.8688 |" in text
     assert "PaSeR - frontier" not in text
+
+
+def test_the_docs_name_every_column_of_results_csv_and_how_its_gflop_are_counted(
+        tmp_path, monkeypatch):
+    import csv
+    import re
+    from pathlib import Path
+
+    from paser.cost import FLOP_CONVENTION
+    from paser.experiments import report
+
+    monkeypatch.setattr(report, "markdown", lambda results: "")
+    report.write_report(tmp_path, {"classes": ["pore"], "methods": {
+        "f0": {"iou": 0.8, "gflops": 0.17, "per_class": [0.7]}}})
+    with open(tmp_path / "results.csv", newline="") as f:
+        header, row = list(csv.reader(f))
+    assert row[:3] == ["f0", "0.8", "0.17"]
+    # the csv's 'gflops' named neither its convention nor where to find it: a reader of the
+    # paper (fvcore: a multiply-add counts once) read it as theirs, off by 2
+    docs = (Path(__file__).parents[1] / "docs" / "experiments.md").read_text()
+    said = " ".join(docs[docs.index("`results.csv` has"):].split("\n- ")[0].split())
+    named = set(re.findall(r"`([a-z_<>]+)`", said))
+    assert set(header) - {"iou_pore"} <= named and "iou_<class>" in named
+    assert "torch.utils.flop_counter, one multiply-add counts as 2 FLOPs" in said
+    assert FLOP_CONVENTION.startswith("torch.utils.flop_counter; one multiply-add counts as 2")

@@ -527,7 +527,11 @@ def _assignment_md(w, a: dict) -> None:
 
 
 def write_report(run_dir: Path, results: dict) -> str:
-    """Write results.json, results.csv and report.md; return the markdown."""
+    """Write results.json, results.csv and report.md; return the markdown.
+
+    results.csv has no ``flop_convention`` of its own: its ``gflops`` are results.json's,
+    GFLOP per image under :data:`paser.cost.FLOP_CONVENTION` (docs/experiments.md lists its
+    columns and says so)."""
     atomic_write_text(json.dumps(results, indent=2), run_dir / "results.json")
     buf = io.StringIO()
     cols = ["method", "iou", "gflops", "iou_per_gflop", "ms_per_image", "batch_size",
