@@ -158,6 +158,20 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
                                    cfg.models.num_classes, 2, torch.device("cpu"), mc_seed=0)
     assert results["rank_correlation"]["IDK-Cascade"] == pytest.approx(
         rank_correlation(test_out.entropy[..., 0], test_out))
+    # PaSeR (paper)'s stage 3 fine-tunes its own copy of the pool: it is ranked against the
+    # gains of the pool it routes to (it was ranked against the run's, whose gains differ)
+    from paser.experiments.curves import escalation, logits_on
+    from paser.train.paper import paper_dir
+
+    paper = PaSeR.load(paper_dir(run_dir), device="cpu").router
+    paper_out = PatchOutcomes.build(paper, open_finished(run_dir, show_progress=False).data.test,
+                                    cfg.models.num_classes, 2, torch.device("cpu"), mc_seed=0)
+    preference = escalation(logits_on(paper, paper_out.state, 2))
+    assert not torch.equal(paper_out.dataset_gain(), test_out.dataset_gain())
+    assert results["rank_correlation"]["PaSeR (paper)"] == pytest.approx(
+        rank_correlation(preference, paper_out))
+    assert rank_correlation(preference, paper_out) != pytest.approx(
+        rank_correlation(preference, test_out))
     # the regret rows: at each PaSeR point, the frontier, cascade and oracle there
     rows = {r["method"]: r for r in results["regret"]}
     assert set(rows) == {"PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)"}

@@ -323,10 +323,12 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                                            test_out),
                  "IDK-Cascade": rank_correlation(test_out.entropy[..., 0], test_out)}
         if paper is not None:
+            # its stage 3 fine-tunes its own copy of the pool: its curve and its ranking are
+            # of the pool it routes to, not of the run's
             paper_out = PatchOutcomes.build(paper.router, data.test, ncls, tb, device, mc_seed=0)
             curves["PaSeR (paper)"] = policy_curve(paper.router, paper_out, tb)
             ranks["PaSeR (paper)"] = rank_correlation(
-                escalation(logits_on(paper.router, paper_out.state, tb)), test_out)
+                escalation(logits_on(paper.router, paper_out.state, tb)), paper_out)
         bar.advance(task)
 
     sweep = _tvd_sweep(cfg, run_dir, data, device, show_progress)
