@@ -93,6 +93,11 @@ def test_report_files(job):
     # areas are of the test split, as Table 1 is)
     assert "\n## Routing: share of test patches per model\n" in text
     assert "\n## The routers against the frontier and the oracle (test split)\n" in text
+    # PaSeR (paper)'s stage 3 tunes a pool of its own, which its figures are of
+    assert ("(stages 2 and 3 in paper/), whose stage 3 fine-tunes its own copy of f1..fK (1 "
+            "epoch): its row, its curve and its rank correlation are of that pool") in text
+    # the table of PaSeR's points gives each point's IoU margin, not an area
+    assert "| method | GFLOP | IoU | frontier | IoU - frontier | IDK-Cascade | Oracle |" in text
     # each class's IoU: the run's class names, and the mIoU is their mean
     assert results["classes"] == ["pore", "carbon", "nickel"]
     for name in ("PaSeR", "IDK-Cascade", "Oracle", "f0", "f1", "f2"):

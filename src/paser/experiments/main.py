@@ -146,6 +146,19 @@ def operating_point_note(name: str, cal) -> str:
             f"{cal.target['top_miou']:.4f}), so this row is its routing of best mIoU.")
 
 
+def tuned_pool_said(paper: ExperimentConfig) -> str:
+    """Where PaSeR (paper)'s stage 3 fine-tunes its own copy of the pool (``paper``: its
+    config), that its row, curve and rank are of that pool while the frontier and the oracle
+    it is read against are of the run's; nothing where its stage 3 does not run."""
+    epochs = paper.stage3.epochs
+    if not epochs:
+        return ""
+    return (f", whose stage 3 fine-tunes its own copy of f1..fK ({epochs} epoch"
+            f"{'s' * (epochs != 1)}): its row, its curve and its rank correlation are of that "
+            "pool, while the single-model frontier, the oracle and the headroom it is read "
+            "against are of the run's")
+
+
 def class_names(paser: PaSeR) -> list[str] | None:
     """The run's class names in class order (its ``classes.yaml``), for the report's IoU of
     each class; None where the run has no codec and its data is not here."""
@@ -394,7 +407,7 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"dropout {paper.config.mc_dropout}, state {paper.config.stage2.state}, "
                      f"{paper.config.stage2.policy} policy, lam {paper.config.stage2.lam}, "
                      f"cost {paper.config.stage2.cost}) trained on the same stage-1 pool "
-                     "(stages 2 and 3 in paper/); "
+                     "(stages 2 and 3 in paper/)" + tuned_pool_said(paper.config) + "; "
                      f"{mc_counting(paper.router.costs(h, w).to_dict(), 'PaSeR (paper)')}.")
     if b.matphase is not None:
         notes.append("MatPhase is re-implemented from its published description (ensemble of "
