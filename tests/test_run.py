@@ -382,6 +382,32 @@ def test_a_rebuilt_step_makes_the_steps_that_read_it_run_again(job):
 
 
 @pytest.mark.slow
+def test_a_missing_stage1_json_is_written_again_without_redoing_what_reads_the_models(
+        job, tmp_path):
+    import shutil
+
+    run_dir, cfg, _, _ = job
+    shutil.copytree(run_dir, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    results = json.loads((run_dir / "results.json").read_text())  # (other tests rewrite it)
+    summary = json.loads((run_dir / "stage1.json").read_text())
+    policy = (run_dir / "checkpoints" / "policy.pt").read_bytes()
+    (run_dir / "stage1.json").unlink()
+    lines: list[str] = []
+    again = run(cfg, run_dir, show_progress=False, echo=lines.append)
+    # it deleted the policy and stage 3 and trained stages 2, 3, PaSeR (paper) and the report
+    # again on models it had kept as they were
+    assert "[stage1] running (finished before, but stage1.json is missing)" in lines
+    assert ("[stage1] every model trained before with these settings is kept: stage1.json is "
+            "written again, nothing after it is redone") in lines
+    for name in ("stage2", "stage3", "calibrate", "paper", "baselines", "report"):
+        assert f"[{name}] done before with this config: skipped (--force to redo)" in lines
+    assert (run_dir / "checkpoints" / "policy.pt").read_bytes() == policy
+    assert json.loads((run_dir / "stage1.json").read_text())["models"] == summary["models"]
+    assert again == results
+
+
+@pytest.mark.slow
 def test_a_step_recorded_by_another_version_of_paser_runs_again_and_says_why(job):
     run_dir, cfg, _, _ = job
     ledger = json.loads((run_dir / "steps.json").read_text())

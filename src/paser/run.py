@@ -504,7 +504,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.train.finetune import finetune, refuse_tvd_without_reinforce, tvd_sweep
     from paser.train.paper import paper_config, train_paper
     from paser.train.policy import train_policy
-    from paser.train.pretrain import pretrain
+    from paser.train.pretrain import every_model_kept, pretrain
 
     build_every_model(cfg)
     refuse_tvd_without_reinforce(cfg, cfg.stage3)  # (stage 3 would, after stages 1 and 2)
@@ -568,11 +568,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
                     "differently; run again to be sure it matches this config)")
         return ""
 
+    rebuilt: set[str] = set()  # the steps this run made new outputs of
+
     def step(name: str, fn, again: str | None = None, note: str | None = None) -> None:
         """Run ``name`` unless it finished before on this config and data (``again``: why
-        it runs all the same; ``note``: what it does instead of its usual work)."""
+        it runs all the same; ``note``: what it does instead of its usual work). ``fn``
+        returns False where it changed none of the outputs later steps read (stage 1
+        keeping every model): those steps stay done."""
         # a step whose input was rebuilt in this run is stale even if its config is unchanged
-        stale = any(before in timings for before in INPUTS.get(name, ()))
+        stale = any(before in rebuilt for before in INPUTS.get(name, ()))
         missing = [out for out in outputs(cfg, name) if not (run_dir / out).exists()]
         if (not force and not stale and not data_changed(name) and not missing and not again
                 and any(steps.finished(name, v[name]) for v in variants)):
@@ -586,10 +590,14 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         echo(f"[{name}] {note or ('resuming' if resume else 'running')}{why}")
         # what reads this step's outputs is built on what it replaces: not finished until
         # redone, even where this run is cut short before it gets there
+        held = {later: dict(steps.done[later]) for later in readers(name) if later in steps.done}
         steps.undo(readers(name), after=name)
         steps.start(name, fps[name], **({} if ident is None else {"data": ident.digest}))
         t0 = time.perf_counter()
-        fn(resume)
+        if fn(resume) is False:
+            steps.done.update(held)  # written with the mark below
+        else:
+            rebuilt.add(name)
         timings[name] = round(time.perf_counter() - t0, 1)
         if ident is not None:
             record_identity(run_dir, ident)
@@ -601,13 +609,20 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     # run redoes explains a step running again)
     other_cal, outdated = other_calibration(cfg, run_dir, before), report_outdated(run_dir)
 
-    def stage1(resume: bool) -> None:
+    def stage1(resume: bool) -> bool:
         large = large_patches(cfg)  # said where stage 1 trains, which opens the split anyway
         if large:
             echo(f"[stage1] warning: {large}")
+        files = None if ident is None else ident.digest
+        # every model kept (stage1.json alone was missing): what reads them stays done
+        changed = resume or force or not every_model_kept(cfg, run_dir, files)
+        if not changed:
+            echo("[stage1] every model trained before with these settings is kept: "
+                 "stage1.json is written again, nothing after it is redone")
         # a model trained before with its own settings unchanged is kept (not with --force)
         pretrain(cfg, run_dir, resume=resume, show_progress=show_progress, reuse=not force,
-                 files=None if ident is None else ident.digest)
+                 files=files)
+        return changed
 
     step("stage1", stage1)
     step("stage2", lambda resume: train_policy(cfg, run_dir, resume=resume,

@@ -402,6 +402,22 @@ def rehash_models(cfg: ExperimentConfig, run_dir: Path) -> None:
             atomic_write_text(json.dumps({**record, "fingerprint": now}), path)
 
 
+def kept_before(cfg: ExperimentConfig, run_dir: Path, role: str, files: str | None) -> bool:
+    """Whether ``role`` finished its stage-1 training before with this config's settings
+    for it (:func:`model_fingerprints`) on the data files of digest ``files``: a
+    :func:`pretrain` with ``reuse`` keeps it."""
+    record = trained_record(_trained_file(run_dir, role))
+    return ((run_dir / "checkpoints" / f"{role}.pt").is_file()
+            and record.get("fingerprint") in model_fingerprints(cfg, role)
+            and record.get("data") == files)
+
+
+def every_model_kept(cfg: ExperimentConfig, run_dir: Path, files: str | None) -> bool:
+    """Whether a :func:`pretrain` with ``reuse`` (not resumed) keeps every model of stage 1
+    (:func:`kept_before`): it then trains nothing, and only writes ``stage1.json``."""
+    return all(kept_before(cfg, run_dir, role, files) for role, _ in model_roles(cfg))
+
+
 def _trained_file(run_dir: Path, role: str) -> Path:
     """Where a model that finished its stage-1 training records its fingerprint."""
     return run_dir / "checkpoints" / f"{role}.trained.json"
@@ -447,8 +463,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     each model trained, and a model trained on other files is not kept.
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
-    if not resume:
-        drop_downstream(run_dir, "stage1")
+    if not resume and not (reuse and every_model_kept(cfg, run_dir, files)):
+        drop_downstream(run_dir, "stage1")  # (a call that keeps every model replaces none)
     device = setup(cfg)
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
@@ -478,10 +494,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
 
     def same(role: str) -> bool:
         """Trained before with the same fingerprint (and ``reuse``)."""
-        record = trained_record(_trained_file(run_dir, role))
-        return (reuse and not resume and (run_dir / "checkpoints" / f"{role}.pt").is_file()
-                and record.get("fingerprint") in model_fingerprints(cfg, role)
-                and record.get("data") == files)
+        return reuse and not resume and kept_before(cfg, run_dir, role, files)
 
     if not resume:
         # a model this call trains again starts over: cut short before it is reached, its
