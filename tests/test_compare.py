@@ -96,6 +96,23 @@ def test_the_curve_areas_differences_are_named_as_areas(tmp_path):
             "cascade captured % | PaSeR area - cascade |") in text
 
 
+def test_shares_a_report_says_not_to_read_are_said_not_to_be_read(tmp_path):
+    # the oracle is 0.02 of curve area over the frontier, under this split's noise (0.03):
+    # the report warns that a share of it is mostly noise; compare gave the shares' mean
+    # and sd as it gives any figure
+    noisy = run(tmp_path, "s0", 0, results(0.825, 1.5, 0.5, headroom_floor=0.03))
+    steady = run(tmp_path, "s1", 1, results(0.825, 1.5, 0.3, headroom_floor=0.004))
+    out = compare_runs([noisy, steady])
+    assert list(out["shares_not_meaningful"]) == [noisy]
+    assert out["shares_not_meaningful"][noisy].startswith(
+        "the oracle's headroom over the frontier (+0.0200 of curve area) is under 0.0300")
+    text = format_comparison(out)
+    assert (f"The shares of the oracle's headroom of {noisy} (captured %, of reachable %, "
+            "cascade captured %) are not meaningful, as its report says: the oracle's "
+            "headroom over the frontier (+0.0200 of curve area) is under 0.0300") in text
+    assert f"headroom of {steady}" not in text
+
+
 def test_what_the_runs_differ_in_and_what_a_report_lacks(tmp_path):
     old = results(0.825, 1.5, 0.5)
     del old["table2"]  # an older report

@@ -77,6 +77,17 @@ def saved_vs_singles(r: dict) -> float | None:
     return 100 * (1 - p["gflops"] / need)
 
 
+def shares_caveat(r: dict) -> str | None:
+    """Why a run's shares of the oracle's headroom (``captured``, ``of reachable``,
+    ``cascade captured``) are not to be read, as its report says it
+    (:func:`paser.frontier.headroom_caveat`), or None."""
+    areas = r.get("curve_areas") or {}
+    if "Oracle" not in areas or "Frontier" not in areas:
+        return None
+    return FR.headroom_caveat(areas["Oracle"] - areas["Frontier"], r.get("headroom_floor"),
+                              list((r.get("headroom_captured") or {}).values()))
+
+
 def figures(models: Sequence[str]) -> list[Figure]:
     """The figures compared, for a pool of ``models`` (``f0`` .. ``fK``)."""
     return [
@@ -180,7 +191,9 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     Returns ``{"runs": [{"run", "seed", "preset", "figures": {name: value}}],
     "figures": {name: {"runs", "mean", "sd", "min", "max"}}, "formats": {name: fmt},
     "differ": {config key: [value per run]}, "differ_neutral": the same for the keys that
-    change no figure (how the data is read), "data_differ": bool, "holds": {claim: count}}``:
+    change no figure (how the data is read), "data_differ": bool, "shares_not_meaningful":
+    {run: why its report says its shares of the headroom are not to be read},
+    "holds": {claim: count}}``:
     ``sd`` is the sample standard deviation (``None`` for one run); a figure a run's report
     lacks is ``None`` there and left out of its statistics.
     """
@@ -215,6 +228,9 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
     differ = {k: v for k, v in every.items() if k not in neutral}
     data = {json.dumps([r.get("data_files"), r.get("data_seeds")]) for r, _ in read}
     trained = [r.get("stage1_machine") for r, _ in read]  # runs from before: not recorded
+    # where a run's report says its shares of the oracle's headroom are not to be read
+    unread = {str(d): why for d, (r, _) in zip(dirs, read, strict=True)
+              if (why := shares_caveat(r)) is not None}
     counted = [r.get("flop_convention") for r, _ in read]  # how each report counts FLOPs
 
     def count(name: str, ok: Callable[[float], bool]) -> list[int]:
@@ -232,6 +248,7 @@ def compare_runs(run_dirs: Sequence[str | Path]) -> dict:
         "data_differ": len(data) > 1,
         "machines": trained,
         "flop_conventions": counted,
+        "shares_not_meaningful": unread,
         "holds": {"PaSeR's curve area above the frontier's": count(
                       "PaSeR area - frontier", lambda v: v > 0),
                   "PaSeR's curve area above the cascade's": count(
@@ -296,6 +313,9 @@ def format_comparison(result: dict) -> str:
                     else (None, True))  # a result of before the record: nothing said
     if not alike:
         out.append(flops)
+    for run, why in (result.get("shares_not_meaningful") or {}).items():
+        out.append(f"The shares of the oracle's headroom of {run} (captured %, of reachable %, "
+                   f"cascade captured %) are not meaningful, as its report says: {why}.")
     if len(runs) == 1:
         out.append("One run is one draw: compare runs of other seeds for a spread.")
     names = list(fmts)
