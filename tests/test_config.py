@@ -281,3 +281,19 @@ def test_a_folder_named_as_a_number_is_told_how_to_give_it(text, read):
     assert load_config(overrides=[f"data.root=./{text}"]).data.root == Path(text)
     assert load_config(overrides=[f'data.root="{text}"']).data.root == Path(text)
     assert load_config(overrides=["data.root=null"]).data.root is None
+
+
+def test_a_tilde_alone_for_a_folder_is_the_home_folder():
+    """data.root=~ reached paser as YAML's null (the shell expands ~ only at a word's start
+    or in a variable's assignment, and data.root is no variable), so a battery run trained
+    on the synthetic set instead of the data in the home folder, without a word; ~/x was
+    that folder already. A key that takes no path keeps YAML's null."""
+    for key in ("data.root", "data.cache_dir", "data.mnist.root", "models.f0.weights"):
+        cfg = load_config(preset="battery-quick", overrides=[f"{key}=~"])
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == Path("~")
+    assert load_config(overrides=["data.root=~/x"]).data.root == Path("~/x")
+    assert load_config(preset="battery-quick", overrides=["data.tile=~"]).data.tile is None
+    assert load_config(overrides=["data.root=null"]).data.root is None

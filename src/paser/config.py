@@ -694,6 +694,17 @@ def override_value(value: str) -> Any:
     return parsed
 
 
+def _path_names() -> set[str]:
+    """The names of the config's keys that take a path (``root``, ``cache_dir``, ...)."""
+    names, models = set(), [ExperimentConfig]
+    while models:
+        for name, field in models.pop().model_fields.items():
+            if field.annotation is Path or Path in get_args(field.annotation):
+                names.add(name)
+            models += _ref_models(field.annotation)
+    return names
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` to a raw mapping (value parsed as YAML).
 
@@ -703,6 +714,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}': expected key=value, e.g. stage2.epochs=5")
     parsed = override_value(value)
+    if parsed is None and value.strip() == "~" and key.strip().rsplit(".", 1)[-1] in _path_names():
+        # YAML's null, but a shell leaves ~ alone in data.root=~ (not a variable's
+        # assignment): the home folder, as data.root=~/x is that folder in it
+        parsed = "~"
     glued = _glued_keys(parsed)
     if glued:
         raise ConfigError(f"override '{item}': '{glued}' reads as one key with no value; in "
