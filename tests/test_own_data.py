@@ -558,6 +558,48 @@ def test_a_mask_resized_with_interpolation_is_told_to_resample_by_nearest(tmp_pa
         "those pixels to the ignore value"]
 
 
+def test_a_resized_mask_with_an_unlabelled_region_is_told_to_resample_by_nearest(tmp_path):
+    """Classes 0 / 1 / 2 and an unlabelled corner of 255, resized bilinearly, hold 3..254
+    along the corner's edge: values past the classes', so the error said 'add them there'
+    (252 classes of edges). The ignore value bounds them as a class does. Objects numbered
+    3..6 in a mask of their own (an instance label image) hold such values in regions, not
+    along edges, and are still values the map left out."""
+    root = tmp_path / "cells"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24], mask[12:20, 12:20] = 1, 2
+    rows, cols = np.mgrid[:32, :32]
+    mask[rows > cols + 12] = 255
+    for i in range(6):
+        Image.fromarray(mask * 2).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    Image.fromarray(mask).resize((45, 45), Image.Resampling.BILINEAR).save(
+        root / "masks" / "s1.png")
+    Image.fromarray(mask * 2).resize((45, 45)).save(root / "images" / "s1.png")
+    objects = mask.copy()
+    for k, (y, x) in enumerate([(1, 8), (1, 20), (8, 25), (20, 25)]):
+        objects[y:y + 6, x:x + 6] = 3 + k
+    Image.fromarray(objects).save(root / "masks" / "s4.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: particle, 2: binder}\n")
+    with pytest.raises(DataError) as err:
+        check_dataset(root, workers=0, show_progress=False)
+    resized = [int(v) for v in np.unique(np.asarray(Image.open(root / "masks" / "s1.png")))
+               if v not in (0, 1, 2, 255)]
+    assert len(resized) >= 3 and min(resized) > 2
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        f"  - {root / 'masks' / 's1.png'}: mask values {resized[:8]} ... are not in "
+        f"{root / 'classes.yaml'} (classes [0, 1, 2], ignore 255); {len(resized)} values "
+        "between the classes' and the ignore value are what a mask resized or turned with "
+        "interpolation (bilinear, bicubic, antialiased) holds along its class edges: "
+        "resample masks with nearest neighbour (Pillow: Image.Resampling.NEAREST), or set "
+        "those pixels to the ignore value",
+        f"  - {root / 'masks' / 's4.png'}: mask values [3, 4, 5, 6] are not in "
+        f"{root / 'classes.yaml'} (classes [0, 1, 2], ignore 255); add them there or set "
+        "those pixels to the ignore value"]
+
+
 @pytest.mark.parametrize(("moves", "message"), [
     ({"train": "Train", "validation": "Validation", "test": "Test"},
      "{root}: neither train/images/ nor images/ found; a folder dataset has images/ and "

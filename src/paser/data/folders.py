@@ -44,8 +44,9 @@ from paser.errors import DataError
 
 #: The marker of a mask value the class map does not know (found when a mask is read).
 _UNKNOWN = 254
-#: unknown mask values, all between the classes' values, from which a mask is said to be
-#: resampled with interpolation (one or two are more likely a class left out of the map)
+#: unknown mask values, all between the classes' values and the ignore value and along
+#: edges, from which a mask is said to be resampled with interpolation (one or two are more
+#: likely a class left out of the map)
 _RESAMPLED = 3
 
 #: names a class map is given by mistake for ``classes.yaml`` (compared in lower case)
@@ -157,19 +158,39 @@ class ClassMap:
         out = self.lut[arr]
         if (out == _UNKNOWN).any():
             vals = sorted(int(v) for v in np.unique(arr[out == _UNKNOWN]))
+            # an unlabelled region's edges are resampled too (classes 0..2 and 255 resized
+            # hold 3..254 there), so the ignore value bounds them as a class does
+            ends = [*self.values, *([] if self.ignore is None else [self.ignore])]
             between = len(vals) >= _RESAMPLED and all(
-                min(self.values) < v < max(self.values) for v in vals)
+                min(ends) < v < max(ends) for v in vals) and _along_edges(arr, out == _UNKNOWN)
+            past = between and not all(min(self.values) < v < max(self.values) for v in vals)
             raise DataError(
                 f"{path}: mask values {vals[:8]}{' ...' if len(vals) > 8 else ''}"
                 f"{_palette_note(path)} are not in "
                 f"{self.where} (classes {self.values}, ignore {self.ignore}); "
-                + (f"{len(vals)} values between the classes' are what a mask resized or "
+                + (f"{len(vals)} values between the classes'"
+                   f"{' and the ignore value' if past else ''} are what a mask resized or "
                    "turned with interpolation (bilinear, bicubic, antialiased) holds along "
                    "its class edges: resample masks with nearest neighbour (Pillow: "
                    "Image.Resampling.NEAREST), or set those pixels to the ignore value"
                    if between else
                    "add them there or set those pixels to the ignore value"))
         return out
+
+
+def _along_edges(arr: np.ndarray, unknown: np.ndarray) -> bool:
+    """Whether the pixels ``unknown`` (``[H, W]`` bool) of a mask ``arr`` lie along edges,
+    as interpolation leaves them (each a step of a ramp between two values), not in regions
+    of their own value, as classes the map leaves out or numbered objects do: fewer than one
+    in ten has all 8 neighbours of its own value."""
+    if min(arr.shape) < 3:
+        return True
+    inner = arr[1:-1, 1:-1]
+    uniform = np.ones(inner.shape, dtype=bool)
+    for dy in range(3):
+        for dx in range(3):
+            uniform &= arr[dy:dy + inner.shape[0], dx:dx + inner.shape[1]] == inner
+    return int((uniform & unknown[1:-1, 1:-1]).sum()) * 10 < int(unknown.sum())
 
 
 def _palette_note(path: Path) -> str:
