@@ -391,10 +391,33 @@ def test_data_check_warns_of_a_labelled_image_that_is_one_value(folder, tmp_path
     out = paser_here("data", "check", root, "--workers", "0")
     assert out.returncode == 0, out.stderr
     assert (f"warning: 2 images reach the models as one value in every pixel, yet their masks "
-            "label them (a dark or saturated frame, a slice outside the sample, or values "
+            "hold several classes (a dark or saturated frame, a slice outside the sample, or values "
             f"wholly outside the intensity window): {first} (train), {other} (test); the "
             "models would learn that a blank image holds those classes: remove them, or set "
             "their masks to the ignore value") in out.stdout
+
+
+def test_a_blank_image_labelled_all_one_class_is_not_warned_of(folder, tmp_path):
+    """An empty field of view (every pixel one value) labelled all background, with its
+    unlabelled stripe, is what it shows: the warning named it among the blank images whose
+    masks draw classes it cannot show, and told to remove it or unlabel it."""
+    root = tmp_path / "own"
+    shutil.copytree(folder, root)
+    empty, drawn = sorted((root / "train" / "images").iterdir())[2:4]
+    for image in (empty, drawn):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    mask = np.full((32, 32), VALUES[0], np.uint8)
+    mask[:, :2] = 255
+    Image.fromarray(mask).save(root / "train" / "masks" / empty.name)
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["blank_images"] == [f"{drawn} (train)"]
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: 1 image reaches the models as one value in every pixel, yet its mask "
+            "holds several classes (a dark or saturated frame, a slice outside the sample, "
+            f"or values wholly outside the intensity window): {drawn} (train); the models "
+            "would learn that a blank image holds those classes: remove it, or set its mask "
+            "to the ignore value") in out.stdout
 
 
 def test_data_check_names_images_in_sub_folders_of_images(tmp_path):

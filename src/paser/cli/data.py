@@ -111,7 +111,7 @@ def data_check(
         many = len(blank) > 1
         typer.echo(f"warning: {len(blank)} {unit}{'s' if many else ''} "
                    f"{'reach' if many else 'reaches'} the models as one value in every pixel, "
-                   f"yet {'their masks label them' if many else 'its mask labels it'} (a dark "
+                   f"yet {'their masks hold' if many else 'its mask holds'} several classes (a dark "
                    "or saturated frame, a slice outside the sample, or values wholly outside "
                    "the intensity window): " + _first_files(blank) + "; the models would "
                    "learn that a blank image holds those classes: remove "

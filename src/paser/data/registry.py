@@ -425,7 +425,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
     :data:`FEW_IMAGES` images (slices), and how many they hold; ``blank_images``: the
     images (slices) that reach the models as one value in every pixel while their masks
-    label them, each as ``"<file> (<split>)"``.
+    hold several classes, each as ``"<file> (<split>)"`` (one labelled all one class, an
+    empty field of view labelled background, is what it shows).
     """
     keys = [o.partition("=")[0].strip() for o in overrides]
     other = [k for k in keys if not k.startswith("data.") or k in ("data.dataset", "data.root")]
@@ -490,9 +491,13 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                     if split == "train":
                         floor, peak = min(floor, float(x.min())), max(peak, float(x.max()))
                     n = len(y) if y.dim() == 3 else 1  # a batch, or one
-                    flat, marked = x.reshape(n, -1), y.reshape(n, -1) >= 0
+                    # a blank image labelled all one class (an empty field of view, all
+                    # background) is what it shows; one whose mask draws several cannot be
+                    flat, classes = x.reshape(n, -1), y.reshape(n, -1)
+                    several = classes.amax(1) > classes.masked_fill(
+                        classes < 0, len(names)).amin(1)
                     blank += [f"{files[at + k]} ({split})" for k in range(n) if bool(
-                        flat[k].amax() == flat[k].amin()) and bool(marked[k].any())]
+                        flat[k].amax() == flat[k].amin()) and bool(several[k])]
                     at += n
                     bar.update(task, advance=n)
             except DataError as err:  # then each file alone, to name every bad one
@@ -548,8 +553,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
                        if len(splits[s]) < FEW_IMAGES},
         "uniform_slices": _uniform_slices(splits) if layout == "volume" else None,
         # a dark or saturated frame, a slice outside the sample, an image wholly outside the
-        # window, whose mask labels it: it teaches the models that a blank input holds those
-        # classes, and scores them on an image they cannot see
+        # window, whose mask draws classes in it: it teaches the models that a blank input
+        # holds those classes, and scores them on an image they cannot see
         "blank_images": blank,
         "suggested_class_weights": weights_list,
         "weights_method": "median frequency balancing: median(f) / f_c over the training masks",
