@@ -202,3 +202,34 @@ def test_a_group_past_the_last_is_refused():
     assert t.in_groups([1]).ids == ["b"]
     with pytest.raises(DataError, match=r"groups \[2\] do not exist"):
         t.in_groups([2])
+
+
+def test_a_label_pairs_with_its_image_by_stem_in_either_unicode_form(tmp_path):
+    """The battery layout looked a label up by its image's exact name: a label saved on a
+    Mac (NFD, u and a combining diaeresis) was 'label not found' beside a Linux-named image
+    (NFC), and a .tif image's .png label was too, while the error said to save 'the image's
+    name, as .png or .tif'. The folder layout pairs both; so does this one now, the label
+    of the very name first."""
+    import unicodedata
+
+    _layout(tmp_path, n=1)
+    rng = np.random.default_rng(1)
+    composed = unicodedata.normalize("NFC", "Zelle ü")
+    _png(tmp_path / "train_images" / f"{composed}.png", rng.integers(0, 256, (8, 10), np.uint8))
+    label = rng.choice(np.array([0, 128, 255], dtype=np.uint8), (8, 10))
+    _png(tmp_path / "train_label" / f"{unicodedata.normalize('NFD', 'Zelle ü')}.png", label)
+    Image.fromarray(rng.integers(0, 256, (8, 10), np.uint8)).save(
+        tmp_path / "train_images" / "t1.tif")
+    tif_label = rng.choice(np.array([0, 128, 255], dtype=np.uint8), (8, 10))
+    _png(tmp_path / "train_label" / "t1.png", tif_label)
+    ds = BatteryDataset(tmp_path, "train")
+    assert ds.ids == [composed, "s0", "t1"]
+    assert ds[0]["mask"].numpy().tolist() == decode_label(label).tolist()
+    assert ds[2]["mask"].numpy().tolist() == decode_label(tif_label).tolist()
+    _png(tmp_path / "train_label" / "t1.tiff", tif_label)
+    with pytest.raises(DataError) as err:
+        BatteryDataset(tmp_path, "train")
+    assert str(err.value) == (
+        f"{tmp_path / 'train_label' / 't1.png'} and {tmp_path / 'train_label' / 't1.tiff'} are "
+        f"both labels of {tmp_path / 'train_images' / 't1.tif'} (an image's label is the one "
+        "file of its name in the label folder): keep one")

@@ -13,6 +13,7 @@ PNG, mismatched sizes, empty split) is a :class:`DataError` naming the file.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -82,6 +83,37 @@ def _near_name(label: Path, image: Path) -> str:
         return ""
     return (f"; {near[0]} looks like its label: a label has its image's file name (stem "
             f"'{stem}'), so rename the labels (e.g. strip '{near[0].stem.replace(stem, '', 1)}')")
+
+
+def pair_name(path: Path) -> str:
+    """The name an image and its mask share: the file's stem in Unicode's composed form
+    (NFC). macOS writes an accented letter decomposed (NFD: u and a combining diaeresis
+    for u-umlaut) where Linux and Windows tools write it as one character; the two names
+    look the same everywhere and are one name to macOS, so a mask saved on a Mac pairs
+    with its image."""
+    return unicodedata.normalize("NFC", path.stem)
+
+
+def _label_files(images: list[Path], lbl_dir: Path) -> list[Path]:
+    """Each image's label in ``lbl_dir``: the file of its very name, else the one file of
+    its stem that no other image is named as (``s1.png`` for ``s1.tif``), the stem in
+    either of Unicode's forms (:func:`pair_name`); else the file of its name, to be reported
+    missing. Two such files (``s1.png`` and ``s1.tiff`` for ``s1.tif``) are refused, naming
+    both: which is its label is not known."""
+    names = {p.name for p in images}
+    stems: dict[str, list[Path]] = {}
+    for label in image_files(lbl_dir, IMAGE_SUFFIXES):
+        if label.name not in names:
+            stems.setdefault(pair_name(label), []).append(label)
+    labels = []
+    for image in images:
+        found = [] if (lbl_dir / image.name).is_file() else stems.get(pair_name(image), [])
+        if len(found) > 1:
+            raise DataError(f"{found[0]} and {found[1]} are both labels of {image} (an "
+                            "image's label is the one file of its name in the label folder): "
+                            "keep one")
+        labels.append(found[0] if found else lbl_dir / image.name)
+    return labels
 
 
 #: Stored value of unlabelled pixels in uint8 class-index masks (losses and metrics see -1).
@@ -236,7 +268,7 @@ class BatteryDataset(SegmentationFiles):
                     f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
                 )
         images = image_files(img_dir, IMAGE_SUFFIXES)
-        super().__init__(images, [lbl_dir / p.name for p in images],
+        super().__init__(images, _label_files(images, lbl_dir),
                          f"{img_dir} (split '{split}')", in_memory)
 
     def decode(self, path: Path) -> np.ndarray:

@@ -19,7 +19,6 @@ the benchmark, every other id is unlabelled.
 
 from __future__ import annotations
 
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from paser.data.battery import MASK_IGNORE, SegmentationFiles
+from paser.data.battery import MASK_IGNORE, SegmentationFiles, pair_name
 from paser.data.images import (
     READABLE_SUFFIXES,
     hidden,
@@ -396,9 +395,9 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     # the image of a mask's very stem, else of its name in Unicode's other form: two images
     # named in either form (two files on Linux) each keep their own mask
     stems = {p.stem: p for p in images}
-    named = {_name(p): p for p in images}
+    named = {pair_name(p): p for p in images}
     for m in image_files(mask_dir):  # two masks of one image: which is its label is not known
-        image = stems.get(m.stem) or named.get(_name(m))
+        image = stems.get(m.stem) or named.get(pair_name(m))
         if image is not None and masks.setdefault(image, m) != m:
             raise DataError(f"{masks[image]} and {m} are both masks of {image} (an image's "
                             "mask is the one file of its name in masks/): keep one")
@@ -413,15 +412,6 @@ def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
                         f"the images there, each with its mask of the same name in {mask_dir}")
     # a missing mask is reported by SegmentationFiles, naming the image
     return [(p, masks.get(p, mask_dir / f"{p.stem}.png")) for p in images]
-
-
-def _name(path: Path) -> str:
-    """The name an image and its mask share: the file's stem in Unicode's composed form
-    (NFC). macOS writes an accented letter decomposed (NFD: u and a combining diaeresis
-    for u-umlaut) where Linux and Windows tools write it as one character; the two names
-    look the same everywhere and are one name to macOS, so a mask saved on a Mac pairs
-    with its image."""
-    return unicodedata.normalize("NFC", path.stem)
 
 
 def _parts(root: Path) -> list[Path]:
@@ -461,15 +451,15 @@ def unpaired_masks(root: str | Path) -> list[Path]:
     lost = []
     for where in _parts(Path(root)):
         if (where / "images").is_dir() and (where / "masks").is_dir():
-            stems = {_name(p) for p in image_files(where / "images")}
-            lost += [m for m in image_files(where / "masks") if _name(m) not in stems]
+            stems = {pair_name(p) for p in image_files(where / "images")}
+            lost += [m for m in image_files(where / "masks") if pair_name(m) not in stems]
     return lost
 
 
 def _one_file_per_image(images: list[Path], mask_dir: Path) -> None:
     """Two files of one stem (``scan1.png``, ``scan1.tif``) would share one mask and could
     land in two splits: the test would hold a training image."""
-    twice = shared_stem((_name(p), str(p)) for p in images)
+    twice = shared_stem((pair_name(p), str(p)) for p in images)
     if twice is not None:
         stem, first, second = twice
         raise DataError(f"{first} and {second} have the same name '{stem}' (one mask, "
