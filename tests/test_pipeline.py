@@ -459,3 +459,32 @@ def test_stage3s_task_loss_is_the_class_weighted_mean_over_the_routed_pixels():
         "gain",
     )
     assert task_loss == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_prepare_says_what_to_do_with_a_channels_first_or_a_masked_array(run):
+    """A [C, H, W] array (torch's order) was 'the image: 32 channels, and the models take
+    1; give grayscale images'; a numpy masked array was read by its data, so the pixels it
+    masked (-9999 outside the field of view) were scaled as the scan's, silently. An array
+    masked nowhere is its data."""
+    model = PaSeR.load(run[0])
+    stored = np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8)
+    with pytest.raises(DataError) as err:
+        model.prepare(np.stack([stored] * 3))
+    assert str(err.value) == ("the image: shape (3, 32, 32), channels first ([C, H, W]); "
+                              "prepare takes one stored image [H, W] or [H, W, C]: give "
+                              "np.moveaxis(image, 0, -1)")
+    with pytest.raises(DataError, match=r"shape \(1, 32, 32\), channels first .*: give image\[0\]$"):
+        model.prepare(stored[None])
+    assert torch.equal(model.prepare(np.moveaxis(np.stack([stored] * 3), 0, -1)),
+                       model.prepare(stored))
+    scan = stored.astype(np.float32)
+    scan[:4] = -9999
+    for call in (model.prepare, model.segment):
+        with pytest.raises(DataError) as err:
+            call(np.ma.masked_equal(scan, -9999))
+        assert str(err.value).endswith(
+            ": a masked array with 128 of 1024 values masked; the models would read the "
+            "masked pixels' stored values as the scan's (numpy drops the mask): fill them with "
+            "a value the scan's background has, image.filled(value), or give image.data to "
+            "read them as stored")
+    assert torch.equal(model.prepare(np.ma.masked_array(stored)), model.prepare(stored))

@@ -70,6 +70,21 @@ def _refuse_unfinished(run_dir: Path, calibrated: bool) -> None:
             f"paser run --run-dir {run_dir} (it resumes)")
 
 
+def _unmasked(image, source: str):
+    """``image``, or its data where it is a numpy masked array that masks no pixel; one that
+    masks some is a :class:`DataError`: ``np.asarray`` drops the mask, and the pixels it
+    hid (a fill value, -9999 outside the field of view, NaN) were read as the scan's."""
+    if not isinstance(image, np.ma.MaskedArray):
+        return image
+    hidden = int(np.ma.getmaskarray(image).sum())
+    if hidden:
+        raise DataError(f"{source}: a masked array with {hidden} of {image.size} values masked; "
+                        "the models would read the masked pixels' stored values as the scan's "
+                        "(numpy drops the mask): fill them with a value the scan's background "
+                        "has, image.filled(value), or give image.data to read them as stored")
+    return image.data
+
+
 #: what a dataset streamed from disk has (:class:`paser.data.battery.SegmentationFiles`,
 #: :class:`paser.data.tiles.Tiles`): :func:`paser.data.on_disk` reads it by these
 STREAMED = ("image", "mask", "ids", "size", "channels")
@@ -287,11 +302,18 @@ class PaSeR:
         give it; any dtype) as the models see it: ``[C, H, W]`` float32 in [0, 1], scaled and
         converted exactly as ``paser segment`` reads a file holding it
         (:func:`paser.data.images.as_input` with the run's :attr:`intensity`)."""
-        arr = np.asarray(image)
+        arr = np.asarray(_unmasked(image, source))
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise DataError(f"{source}: shape {arr.shape}; prepare takes one stored image "
                             "[H, W] or [H, W, C]")
         channels = self.config.models.in_channels
+        if arr.ndim == 3 and arr.shape[0] <= 4 and arr.shape[-1] > 4:
+            # [C, H, W] (torch's order, a planar TIFF's pages) read as [H, W, C] was 'W
+            # channels, and the models take 1'
+            raise DataError(f"{source}: shape {arr.shape}, channels first ([C, H, W]); "
+                            "prepare takes one stored image [H, W] or [H, W, C]: give "
+                            + ("image[0]" if arr.shape[0] == 1 else
+                               "np.moveaxis(image, 0, -1)"))
         if arr.ndim == 3 and arr.shape[-1] == 2 and channels != 2:
             raise DataError(f"{source}: 2 channels, and the models take {channels}: gray and "
                             "alpha, as np.asarray gives a Pillow 'LA' image? give image[..., 0] "
@@ -305,7 +327,7 @@ class PaSeR:
             raise DataError(f"images of type {type(images).__name__}: give a torch tensor or "
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
         if isinstance(images, np.ndarray):
-            images = np.ascontiguousarray(images)
+            images = np.ascontiguousarray(_unmasked(images, "images"))
             if not images.dtype.isnative:  # big-endian (FITS, HDF5, zarr): torch refuses it
                 images = images.astype(images.dtype.newbyteorder("="))
             if not images.flags.writeable:  # Pillow's arrays: torch would warn
