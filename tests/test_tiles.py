@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -625,3 +626,27 @@ def test_a_split_of_tiles_evaluates_as_the_same_tiles_held_in_memory(tmp_path):
     assert got["miou"] == pytest.approx(want["miou"], abs=1e-12)
     assert got["gflops"] == pytest.approx(want["gflops"], rel=1e-12)
     assert got["fractions"] == pytest.approx(want["fractions"], abs=1e-12)
+
+
+def test_paser_run_gives_the_calibrated_gflop_per_tile_where_it_cuts_tiles(tmp_path,
+                                                                           monkeypatch):
+    """paser run's [calibrate] line said '0.052 GFLOP per image' on a folder of 400 x 400 to
+    500 x 601 slices cut into 64 x 64 tiles: a tile's GFLOP, a 70th of a slice's. It says
+    per tile, of which size, as paser calibrate does; whole images stay per image."""
+    from paser.api import PaSeR
+    from paser.run import calibrate_run
+
+    root = mixed_folder(tmp_path / "d")
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": {0: "a", 200: "b", 100: "c"}}))
+    lines = []
+    for tile, said in (("[16, 16]", r"GFLOP per tile of 16 x 16, [\d.]+ GFLOP per megapixel"),
+                       ("null", r"GFLOP per image, [\d.]+ GFLOP per megapixel")):
+        cfg = load_config(preset="battery-quick", overrides=[
+            "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3",
+            f"data.tile={tile}", "stage1.class_weights=null"])
+        if tile == "null":  # one size: the validation images cropped to 32 x 32
+            for p in (root / "validation").glob("*/*.png"):
+                Image.fromarray(np.asarray(Image.open(p))[:32, :32]).save(p)
+        monkeypatch.setattr(PaSeR, "load", lambda *a, cfg=cfg, **k: model(cfg, tmp_path / "r"))
+        calibrate_run(cfg, tmp_path / "r", echo=lines.append)
+        assert re.search(r"validation mIoU [\d.]+ at [\d.]+ " + said, lines[-1]), lines[-1]
