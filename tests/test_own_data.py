@@ -951,6 +951,36 @@ def test_a_mask_named_in_macos_unicode_form_pairs_with_its_image(tmp_path):
             assert set(item["mask"].unique().tolist()) == {i % 2}
 
 
+def test_an_ome_tiff_pairs_with_the_mask_of_its_name(tmp_path):
+    """scan.ome.tif (the OME-TIFF name microscopes and Fiji write) is the image 'scan': its
+    mask scan.tif (or scan.png) was 'label not found ... masks/scan.ome.png', with no word
+    of the mask beside it. The battery layout pairs its labels so too."""
+    from paser.data import BatteryDataset
+
+    root = tmp_path / "cells"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / "images" / f"s{i}.ome.tif")
+        Image.fromarray(np.full((16, 16), i % 2, np.uint8)).save(
+            root / "masks" / f"s{i}.{'png' if i % 2 else 'tif'}")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["unpaired_masks"] == []
+    assert sum(r["splits"][s]["images"] for s in ("train", "validation", "test")) == 5
+    cfg = load_config(overrides=["data.dataset=folder", f"data.root={root}"])
+    for split in ("train", "validation", "test"):
+        ds = open_split(cfg.data, split)
+        for i in range(len(ds)):
+            assert set(ds[i]["mask"].unique().tolist()) == {int(ds.images[i].name[1]) % 2}
+    battery = tmp_path / "battery"
+    (battery / "train_images").mkdir(parents=True)
+    (battery / "train_label").mkdir()
+    Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(battery / "train_images" / "s.ome.tif")
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(battery / "train_label" / "s.tif")
+    assert BatteryDataset(battery, "train")[0]["mask"].unique().tolist() == [1]  # carbon
+
+
 def test_two_images_named_in_either_unicode_form_keep_their_own_masks(tmp_path):
     """On Linux 'Zelle \u00fc' written composed (NFC) and decomposed (NFD) are two files: an
     image of each name with a mask of each name paired by their names before the pairing

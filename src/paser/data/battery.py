@@ -87,11 +87,15 @@ def _near_name(label: Path, image: Path) -> str:
 
 def pair_name(path: Path) -> str:
     """The name an image and its mask share: the file's stem in Unicode's composed form
-    (NFC). macOS writes an accented letter decomposed (NFD: u and a combining diaeresis
-    for u-umlaut) where Linux and Windows tools write it as one character; the two names
-    look the same everywhere and are one name to macOS, so a mask saved on a Mac pairs
-    with its image."""
-    return unicodedata.normalize("NFC", path.stem)
+    (NFC), an OME-TIFF's ``.ome`` left out. macOS writes an accented letter decomposed
+    (NFD: u and a combining diaeresis for u-umlaut) where Linux and Windows tools write it
+    as one character; the two names look the same everywhere and are one name to macOS, so
+    a mask saved on a Mac pairs with its image. ``.ome.tif`` is one suffix (the OME-TIFF
+    convention microscopes and Fiji write), so ``scan.ome.tif`` pairs with ``scan.tif``."""
+    stem = path.stem
+    if stem.lower().endswith(".ome") and path.suffix.lower() in (".tif", ".tiff"):
+        stem = stem[:-4]
+    return unicodedata.normalize("NFC", stem)
 
 
 def _label_files(images: list[Path], lbl_dir: Path) -> list[Path]:
