@@ -420,6 +420,40 @@ def test_a_blank_image_labelled_all_one_class_is_not_warned_of(folder, tmp_path)
             "to the ignore value") in out.stdout
 
 
+def test_data_check_warns_of_images_scaled_two_ways(tmp_path):
+    """Slices of one scan saved as float32 (attenuation, about 0.006..0.033) and as uint16:
+    the floats scale by the window fitted on them, the uint16 ones by 0..65535, so the
+    models see the scan at two contrasts. paser segment notes it of each such image; the
+    check of the training data listed both kinds without a word."""
+    import tifffile
+
+    root = tmp_path / "scans"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        scan = rng.uniform(0.006, 0.033, (16, 16)).astype(np.float32)
+        if i < 2:
+            tifffile.imwrite(root / "images" / f"s{i}.tif", (scan / 0.04 * 65535).astype(np.uint16))
+        else:
+            tifffile.imwrite(root / "images" / f"s{i}.tif", scan)
+        Image.fromarray((scan > 0.02).astype(np.uint8)).save(root / "masks" / f"s{i}.png")
+    (root / "classes.yaml").write_text("classes: {0: pore, 1: nickel}\n")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["two_scalings"] == {"by_type_range": {"uint16": 2}, "otherwise": {"float32": 4}}
+    lo, hi = r["intensity"]["window"]
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: the image files are scaled two ways: 2 uint16 by their type's range, 4 "
+            f"float32 by the window [{lo:.6g}, {hi:.6g}]; where they hold one kind of scan, the "
+            "models see it at two contrasts: save every image in one type and units"
+            ) in out.stdout
+    for i in range(2):  # one type: one way
+        tifffile.imwrite(root / "images" / f"s{i}.tif", rng.uniform(0.006, 0.033, (16, 16))
+                         .astype(np.float32))
+    assert check_dataset(root, workers=0, show_progress=False)["two_scalings"] is None
+
+
 def test_data_check_names_images_in_sub_folders_of_images(tmp_path):
     """images/more/3.png is not read (pairs are by name in images/ and masks/): it was
     left out of training without a word."""

@@ -64,6 +64,16 @@ def data_check(
                    f"({100 * (high - low):.1f} % of it: 12-bit camera data in 16-bit files, "
                    "or a reconstruction saved with a loose range, say): the models see "
                    f"little contrast; {window} scales them to [0, 1]")
+    two = r["two_scalings"]
+    if two:  # slices of one scan saved as float32 and as uint16, say
+        fitted = r["intensity"]["window"]
+        other = (f"by the window [{fitted[0]:.6g}, {fitted[1]:.6g}]" if fitted is not None
+                 and r["intensity"]["mode"] == "window" else "per image")
+        ranged, rest = (" and ".join(f"{n} {d}" for d, n in two[way].items())
+                        for way in ("by_type_range", "otherwise"))
+        typer.echo(f"warning: the image files are scaled two ways: {ranged} by their type's "
+                   f"range, {rest} {other}; where they hold one kind of scan, the models see "
+                   "it at two contrasts: save every image in one type and units")
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):

@@ -367,6 +367,23 @@ def _stored_range(train, floor: float, peak: float) -> list[int] | None:
     return [round(floor * top), round(peak * top)]
 
 
+def _two_scalings(splits: dict) -> dict | None:
+    """Where some image files scale by their type's range (8/16-bit) and others otherwise
+    (floats and signed integers by the window, or per image): the files of each way by
+    stored type, ``{"by_type_range": {"uint16": 4}, "otherwise": {"float32": 11}}``; else
+    None. Slices of one scan saved as float32 and as uint16 reach the models at two
+    contrasts (``paser segment`` notes it of each image; training did not say)."""
+    intensity = splits["train"].intensity
+    kinds: Counter[str] = Counter()
+    for ds in splits.values():
+        for kind, n in ds.dtypes.items():
+            kinds[kind.split()[0]] += n
+    by_range = {d: n for d, n in sorted(kinds.items())
+                if d != "bool" and intensity.by_type_range(d)}
+    otherwise = {d: n for d, n in sorted(kinds.items()) if not intensity.by_type_range(d)}
+    return {"by_type_range": by_range, "otherwise": otherwise} if by_range and otherwise else None
+
+
 def _uniform_slices(splits: dict) -> dict | None:
     """Labelled slices of a volume that hold one class alone while others hold several:
     often unlabelled slices stored as a class's value (a label volume begun with zeros)
@@ -423,7 +440,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     ``nested_images`` (a folder's images in sub-folders of its ``images/``, not read);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
-    :data:`FEW_IMAGES` images (slices), and how many they hold; ``blank_images``: the
+    :data:`FEW_IMAGES` images (slices), and how many they hold; ``two_scalings``
+    (:func:`_two_scalings`): 8/16-bit files scaled by their type's range beside others
+    scaled by the window; ``blank_images``: the
     images (slices) that reach the models as one value in every pixel while their masks
     hold several classes, each as ``"<file> (<split>)"`` (one labelled all one class, an
     empty field of view labelled background, is what it shows).
@@ -552,6 +571,7 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "few_images": {s: len(splits[s]) for s in ("validation", "test")
                        if len(splits[s]) < FEW_IMAGES},
         "uniform_slices": _uniform_slices(splits) if layout == "volume" else None,
+        "two_scalings": _two_scalings(splits),
         # a dark or saturated frame, a slice outside the sample, an image wholly outside the
         # window, whose mask draws classes in it: it teaches the models that a blank input
         # holds those classes, and scores them on an image they cannot see
