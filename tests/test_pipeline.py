@@ -488,3 +488,29 @@ def test_prepare_says_what_to_do_with_a_channels_first_or_a_masked_array(run):
             "a value the scan's background has, image.filled(value), or give image.data to "
             "read them as stored")
     assert torch.equal(model.prepare(np.ma.masked_array(stored)), model.prepare(stored))
+
+
+def test_evaluate_refuses_masks_as_a_masked_array_that_masks_labels(run):
+    """numpy's mark of unlabelled pixels, a masked array of labels, was dropped by
+    torch.as_tensor: the values stored under it (0 here, a class) were scored as that
+    class, without a word. Masks masked nowhere are their labels."""
+    from paser.data import Tensors
+
+    model = PaSeR.load(run[0])
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 1, 32, 32, generator=gen)
+    labels = torch.randint(0, 3, (2, 32, 32), generator=gen).byte().numpy()
+    unknown = np.zeros(labels.shape, bool)
+    unknown[:, :4] = True
+    hidden = np.ma.masked_array(np.where(unknown, 0, labels), mask=unknown)
+    with pytest.raises(DataError) as err:
+        model.evaluate(Tensors(images, hidden, ["a", "b"]))
+    assert str(err.value) == (
+        "data: masks as a masked array with 256 of 2048 labels masked; the masked pixels' "
+        "stored values would be scored as classes: give them the ignore value, "
+        "masks.filled(255) (or -1 in signed labels)")
+    unlabelled = np.where(unknown, 255, labels).astype(np.uint8)
+    assert model.evaluate(Tensors(images, hidden.filled(255), ["a", "b"])) == model.evaluate(
+        Tensors(images, unlabelled, ["a", "b"]))
+    assert model.evaluate(Tensors(images, np.ma.masked_array(labels), ["a", "b"])) == (
+        model.evaluate(Tensors(images, labels, ["a", "b"])))

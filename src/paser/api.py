@@ -24,7 +24,7 @@ from paser.checkpoints import (
 )
 from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION, at_least
-from paser.data import OnDisk, Tensors, on_disk, to_tensors
+from paser.data import MASK_IGNORE, OnDisk, Tensors, on_disk, to_tensors
 from paser.data.folders import ClassMap
 from paser.data.images import Intensity, as_input
 from paser.data.tiles import Tiles, route_tiled
@@ -436,7 +436,15 @@ class PaSeR:
                             "images, masks, ids) or a Dataset of {'image', 'mask', 'id'} samples")
         if isinstance(data.images, OnDisk):  # columns on disk: checked as read
             return data
-        images, masks = data.images, torch.as_tensor(data.masks)
+        if isinstance(data.masks, np.ma.MaskedArray) and np.ma.getmaskarray(data.masks).any():
+            # numpy's mark of what no one labelled, which torch.as_tensor drops: the stored
+            # values under it were scored as classes
+            raise DataError(f"data: masks as a masked array with "
+                            f"{int(np.ma.getmaskarray(data.masks).sum())} of {data.masks.size} "
+                            "labels masked; the masked pixels' stored values would be scored "
+                            f"as classes: give them the ignore value, masks.filled({MASK_IGNORE}) "
+                            "(or -1 in signed labels)")
+        images, masks = data.images, torch.as_tensor(np.ma.getdata(data.masks))
         if not isinstance(images, (torch.Tensor, np.ndarray)):
             raise DataError(f"data: images of type {type(images).__name__}; give a tensor or "
                             "a numpy array [N, C, H, W]")
