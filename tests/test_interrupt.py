@@ -17,7 +17,7 @@ from tests.helpers import TINY
 
 from paser.config import load_config
 from paser.train import policy as policy_stage
-from paser.train.common import MetricLog
+from paser.train.common import MetricLog, resume_state, rng_state
 from paser.train.policy import train_policy
 from paser.train.pretrain import pretrain
 
@@ -138,6 +138,43 @@ def test_a_kill_between_an_epochs_line_and_its_checkpoint_loses_no_line(tmp_path
     resumed = torch.load(last)["epoch"] + 1  # what --resume starts from
     log.truncate_after("policy", resumed - 1)
     assert (resumed, [r["epoch"] for r in log.read()]) == (1, [0])
+
+
+def test_a_resume_on_a_gpu_restores_the_cpu_and_gpu_random_states(tmp_path, monkeypatch):
+    """Trained on a GPU, the last-epoch checkpoint keeps that GPU's random state beside the
+    CPU's, and a resume there restores both (dropout and exploration draw on the GPU). The
+    checkpoint is read onto the CPU: read onto the GPU, the CPU's state (then a GPU tensor)
+    stopped every resume ('RNG state must be a torch.ByteTensor'). torch.cuda is stood in
+    for, so that the test runs without a GPU."""
+    gpu, drawn, restored = torch.device("cuda", 0), torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: drawn.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: restored.append((state, device)))
+    model, last = torch.nn.Linear(2, 2), tmp_path / "last.pt"
+    torch.manual_seed(3)
+    torch.save({"model": model.state_dict(), **rng_state(gpu), "epoch": 0}, last)
+    expected = torch.rand(3)  # what the next epoch draws
+    torch.manual_seed(4)
+    assert resume_state(last, True, gpu, {"model": model})["epoch"] == 0
+    assert torch.equal(torch.rand(3), expected)
+    assert [(state.tolist(), device) for state, device in restored] == [(drawn.tolist(), gpu)]
+
+
+def test_a_resume_on_the_cpu_leaves_cuda_alone(tmp_path, monkeypatch):
+    """On the CPU the checkpoint holds the CPU's random state alone, and a resume restores
+    it without a call into torch.cuda (from a GPU run's checkpoint too: continued on the
+    CPU, its GPU state is not used)."""
+    def no_cuda(*args):
+        raise AssertionError("torch.cuda was called on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
+    cpu, last = torch.device("cpu"), tmp_path / "last.pt"
+    assert list(rng_state(cpu)) == ["rng"]
+    torch.save({**rng_state(cpu), "cuda_rng": torch.zeros(16, dtype=torch.uint8)}, last)
+    expected = torch.rand(3)
+    resume_state(last, True, cpu, {})
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_stage2_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_path,

@@ -219,16 +219,33 @@ def resume_state(last_path: Path, resume: bool, device: torch.device,
     ``resume``, or no checkpoint yet).
 
     Each entry of ``restore`` maps a key of the checkpoint to what its state dict goes
-    into: a module or an optimizer, or a list of them for a list of states. The global
-    random state is restored too, so the resumed epochs draw what they would have.
+    into: a module or an optimizer, or a list of them for a list of states (each copies
+    it onto its own device). The global random state is restored too (:func:`rng_state`),
+    so the resumed epochs draw what they would have.
+
+    The checkpoint is read onto the CPU, whatever ``device``: torch takes a random state
+    from a CPU tensor only, and read onto a GPU, the CPU generator's state stopped every
+    resume there ('RNG state must be a torch.ByteTensor').
     """
     if not (resume and Path(last_path).is_file()):
         return None
-    state = load_checkpoint(last_path, device)
+    state = load_checkpoint(last_path, "cpu")
     for key, target in restore.items():
         many = isinstance(target, list)
         for obj, sd in zip(target if many else [target], state[key] if many else [state[key]],
                            strict=True):
             obj.load_state_dict(sd)
     torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:  # none from a run on the CPU
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global random state a last-epoch checkpoint keeps for :func:`resume_state`: the
+    CPU generator's (``rng``), and training on a GPU, that GPU's too (``cuda_rng``):
+    dropout, the Monte Carlo passes and stages 2 and 3's exploration draw there."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state

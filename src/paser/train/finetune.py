@@ -37,6 +37,7 @@ from paser.train.common import (
     forget_progress,
     prepare_run_dir,
     resume_state,
+    rng_state,
     setup,
 )
 from paser.train.distributed import Dist, launch
@@ -152,7 +153,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
                 log.end_epoch(record, {"policy": policy.state_dict(),
                                        "pool": [m.state_dict() for m in pool],
                                        "optimizers": [o.state_dict() for o in opts],
-                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       **rng_state(device), "epoch": epoch,
                                        "best": best, "stopped": stopped,
                                        "reference": reference}, last_path)
             bar.update(task, advance=1, info=f"val mIoU {val['miou']:.3f}  GFLOP "

@@ -52,6 +52,7 @@ from paser.train.common import (
     forget_progress,
     prepare_run_dir,
     resume_state,
+    rng_state,
     setup,
 )
 from paser.train.distributed import Dist, launch
@@ -430,7 +431,7 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
             train_seconds += record["seconds"]
             if dist.is_main:
                 log.end_epoch(record, {"policy": policy.state_dict(), "optimizer": opt.state_dict(),
-                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       **rng_state(device), "epoch": epoch,
                                        "best": best}, last_path)
             head = (f"reward {m[0].item():+.4f}" if s2.objective == "reinforce"
                     else f"loss {m[0].item():.4f}")

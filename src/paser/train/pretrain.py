@@ -49,6 +49,7 @@ from paser.train.common import (
     forget_progress,
     prepare_run_dir,
     resume_state,
+    rng_state,
     seed_role,
     setup,
 )
@@ -338,7 +339,7 @@ def fit(role: str, model: nn.Module, forward: Forward, loss_fn: Callable, train:
                       "seconds": time.perf_counter() - t0}
             if dist.is_main:
                 log.end_epoch(record, {"model": plain.state_dict(), "optimizer": opt.state_dict(),
-                                       "rng": torch.get_rng_state(), "epoch": epoch,
+                                       **rng_state(device), "epoch": epoch,
                                        "best": best, "best_epoch": best_epoch, "spec": spec,
                                        "role": role} | ({} if ema is None else {
                                            "ema": ema.state_dict()}), last_path)
