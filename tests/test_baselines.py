@@ -239,3 +239,35 @@ def test_baselines_resumed_after_a_new_config_was_cut_short_train_that_config(tm
         b = torch.load(fresh / "checkpoints" / f"{name}.pt", weights_only=False)["model"]
         same[name] = all(torch.equal(v, b[k]) for k, v in a.items())
     assert same == dict.fromkeys(same, True)
+
+
+def test_matphase_fusion_killed_mid_way_resumes_after_its_last_epoch(tmp_path, monkeypatch):
+    """Stopped in the fusion CNN's second epoch (of 3), --resume trains its last two epochs
+    only (one batch each), not all three again, and ends with a fresh call's MatPhase."""
+    from paser.baselines import monolithic
+
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY, "baselines.matphase.members=[{name: unet, kwargs: {c0: 2, widths: [4, 4]}}]",
+        "baselines.matphase.fusion_epochs=3", "stage1.batch_size=8",
+        f"data.cache_dir={tmp_path / 'cache'}"])
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    real_ce, steps = monolithic.masked_ce, []
+
+    def counted_ce(*args):
+        steps.append(len(steps))
+        if steps == [0, 1] and dying:
+            raise KeyboardInterrupt  # in the fusion's second epoch, before its checkpoint
+        return real_ce(*args)
+
+    monkeypatch.setattr(monolithic, "masked_ce", counted_ce)
+    dying = True
+    with pytest.raises(KeyboardInterrupt):
+        train_baselines(cfg, run, show_progress=False)
+    dying, steps[:] = False, []
+    train_baselines(None, run, resume=True, show_progress=False)
+    assert len(steps) == 2
+    train_baselines(cfg, fresh, show_progress=False)
+    a = torch.load(run / "checkpoints" / "base_matphase.pt", weights_only=False)
+    b = torch.load(fresh / "checkpoints" / "base_matphase.pt", weights_only=False)
+    assert a["tau"] == b["tau"]
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())

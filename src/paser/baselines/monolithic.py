@@ -32,6 +32,8 @@ from paser.train.common import (
     cache_predictions,
     forget_progress,
     prepare_run_dir,
+    resume_state,
+    rng_state,
     seed_role,
     setup,
 )
@@ -77,7 +79,8 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
         fitted = [role_name(name) for name in cfg.baselines.monolithic]
         fitted += [] if mp is None else [member_role(i) for i in range(len(mp.members))]
         forget_progress(*(run_dir / "checkpoints" / f"{role}_last.pt" for role in fitted),
-                        *([] if mp is None else [run_dir / "checkpoints" / "base_matphase.pt"]))
+                        *([] if mp is None else [run_dir / "checkpoints" / "base_matphase.pt",
+                                                 run_dir / "checkpoints" / FUSION_LAST]))
     setup(cfg)
     data = data or load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     dist = launch(cfg)  # after the data is in place: the other processes only read it
@@ -147,11 +150,16 @@ class MatPhase(nn.Module):
                 + gflops_per_sample(self.fusion, self.fusion[0].in_channels, h, w))
 
 
+#: the fusion CNN's last-epoch checkpoint (in ``checkpoints/``), which ``resume`` goes on from
+FUSION_LAST = "base_matphase_last.pt"
+
+
 def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: torch.device,
                    resume: bool, show_progress: bool, dist: Dist | None = None) -> MatPhase:
     """Train the members (data-parallel with ``dist``), then the fusion CNN on their frozen
     outputs, then pick the gate threshold that maximises validation mIoU (the small fusion
-    CNN and the gate: the same in every process, rank 0 saves)."""
+    CNN and the gate: the same in every process, rank 0 saves). The fusion CNN keeps a
+    last-epoch checkpoint, as every stage does: ``resume`` goes on after its last epoch."""
     mp = cfg.baselines.matphase
     assert mp is not None
     dist = dist or Dist(device)
@@ -175,7 +183,12 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
     opt = torch.optim.Adam(model.fusion.parameters(), lr=cfg.stage1.lr)
     epochs = cfg.stage1.epochs if mp.fusion_epochs is None else mp.fusion_epochs
     gen = torch.Generator().manual_seed(cfg.seed + 7)
-    for _ in range(epochs):
+    last = run_dir / "checkpoints" / FUSION_LAST
+    state = resume_state(last, resume, device, {"fusion": model.fusion, "optimizer": opt})
+    start = 0 if state is None else state["epoch"] + 1
+    if state is not None:
+        gen.set_state(state["order"])  # the batch orders of the epochs to come
+    for epoch in range(start, epochs):
         order = torch.randperm(len(data.pre), generator=gen)
         batches = order.split(bs)
         for idx, (x, y) in zip(batches, data.pre.gather(batches), strict=True):
@@ -185,6 +198,9 @@ def train_matphase(cfg: ExperimentConfig, run_dir: Path, data: StageData, device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if dist.is_main:
+            atomic_save({"fusion": model.fusion.state_dict(), "optimizer": opt.state_dict(),
+                         "order": gen.get_state(), **rng_state(device), "epoch": epoch}, last)
     model.tau.fill_(choose_gate(model, data.validation, cfg.models.num_classes, bs, device))
     if dist.is_main:
         atomic_save({"model": model.state_dict(), "tau": float(model.tau)}, path)
