@@ -303,6 +303,27 @@ def test_ctrl_c_says_how_the_command_goes_on(capsys, monkeypatch):
     assert "--resume" in interrupted(["--debug", "pretrain", "--run-dir", "r"])
 
 
+def test_ctrl_c_while_the_commands_load_exits_130(capsys, monkeypatch):
+    """Ctrl-C in the third of a second ``paser`` (and ``python -m paser``) takes to load its
+    commands, before any began, exits with 130 and says so, as it does later: it ended
+    with a KeyboardInterrupt traceback, killed by SIGINT (status -2)."""
+    import builtins
+
+    from paser.__main__ import main as paser_command
+
+    real_import = builtins.__import__
+
+    def ctrl_c(name, *args, **kwargs):
+        if name == "paser.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        paser_command()
+    assert (stop.value.code, capsys.readouterr().err) == (130, "interrupted\n")
+
+
 def test_out_of_memory_is_one_line_with_what_to_do(capsys, monkeypatch, tmp_path):
     """``paser data synth --height 100000 ...`` and its kind end in a MemoryError from numpy."""
     import paser.data.synthetic
