@@ -460,8 +460,15 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
     """The items of ``loader`` (a DataLoader whose ``workers`` reader processes start from
     :func:`worker_context`); a reader that died is a :class:`DataError` that says what to
     do, not "DataLoader worker exited unexpectedly". ``without``: the setting that reads
-    in this process instead."""
-    items = iter(loader)
+    in this process instead.
+
+    The readers start with Ctrl-C and SIGTERM held (:func:`interrupts_held`): stopped
+    as they started, the command exited with readers not yet started whole, and each
+    printed a traceback after its message (FileNotFoundError from SemLock._rebuild: the
+    queue's lock it was given was gone with the command). Started, they are shut down
+    as the loader is (its iterator's ``__del__``), which waits for them."""
+    with interrupts_held():
+        items = iter(loader)
     while True:
         try:
             item = next(items)
