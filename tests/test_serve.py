@@ -8,6 +8,7 @@ run against a real uvicorn process that is stopped mid-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -231,16 +232,18 @@ def test_png_whose_height_is_not_count_patches_is_a_422(server):
     assert res.status_code == 422 and "count=3" in res.json()["error"]
 
 
-def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
-    """The first request holds the only slot until the test releases it, so the second
-    finds the server busy whatever the machine's speed: no sleep, no race."""
-    model = _load(mnist_run)
-    client = TestClient(create_app(model, max_concurrency=1, queue_timeout=0.05))
+@contextlib.contextmanager
+def _first_request_held(model, client, body: bytes, monkeypatch):
+    """A request of ``body`` in a thread, held inside its inference (the only slot of a
+    server of ``max_concurrency=1``) until the block ends, so that what the block sends
+    finds the server busy whatever the machine's speed: no sleep, no race. Yields the
+    models run (only the first inference waits: a server that lets a second in fails)
+    and the first request's answer, ``first["res"]`` once the block has ended."""
     run_local = model.router.run_local
     started, release = threading.Event(), threading.Event()
-    calls = []
+    calls, first = [], {}
 
-    def held(k, x):  # only the first inference waits: a server that lets a second in fails
+    def held(k, x):
         calls.append(k)
         if len(calls) == 1:
             started.set()
@@ -248,17 +251,25 @@ def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
         return run_local(k, x)
 
     monkeypatch.setattr(model.router, "run_local", held)
-    body = encode_npz(patches=_patches(1))
-    first = {}
     thread = threading.Thread(target=lambda: first.update(res=_post(client, body)))
     thread.start()
     try:
         assert started.wait(60)  # the first request is inside its inference, holding the slot
-        assert client.get("/healthz").json()["running"] == 1
-        second = _post(client, body)
+        yield calls, first
     finally:
         release.set()
         thread.join(60)
+
+
+def test_a_busy_server_answers_503_with_retry_after(mnist_run, monkeypatch):
+    """The first request holds the only slot until the test releases it, so the second
+    finds the server busy whatever the machine's speed: no sleep, no race."""
+    model = _load(mnist_run)
+    client = TestClient(create_app(model, max_concurrency=1, queue_timeout=0.05))
+    body = encode_npz(patches=_patches(1))
+    with _first_request_held(model, client, body, monkeypatch) as (calls, first):
+        assert client.get("/healthz").json()["running"] == 1
+        second = _post(client, body)
     assert second.status_code == 503 and second.headers["Retry-After"] == "1"
     assert "busy" in second.json()["error"]
     assert first["res"].status_code == 200 and len(calls) == 1  # released, answered in full
@@ -298,32 +309,14 @@ def test_a_request_whose_client_left_while_it_waited_runs_no_model(mnist_run, mo
     as soon as the client is seen gone."""
     model = _load(mnist_run)
     app = create_app(model, max_concurrency=1, queue_timeout=5)
-    client = TestClient(app)
-    run_local = model.router.run_local
-    started, release = threading.Event(), threading.Event()
-    calls = []
-
-    def held(k, x):
-        calls.append(k)
-        if len(calls) == 1:
-            started.set()
-            assert release.wait(60), "the test never released the first request"
-        return run_local(k, x)
-
-    monkeypatch.setattr(model.router, "run_local", held)
     body = encode_npz(patches=_patches(1))
-    first = {}
-    thread = threading.Thread(target=lambda: first.update(res=_post(client, body)))
-    thread.start()
-    try:
-        assert started.wait(60)  # the first request holds the only slot
+    client = TestClient(app)
+    with _first_request_held(model, client, body, monkeypatch) as (calls, first):
         left = _left_while_queued(app, body)
-    finally:
-        release.set()
-        thread.join(60)
     assert left == 499 and first["res"].status_code == 200
     assert len(calls) == 1  # the left request ran no model, before or after the first
     assert client.get("/healthz").json()["served"] == 1
+
 
 def test_counting_a_new_patch_size_leaves_a_concurrent_inference_its_weights(mnist_run):
     """With --max-concurrency above 1, a request of a patch size not counted yet counts
