@@ -127,6 +127,48 @@ def test_the_same_scene_in_five_formats_is_one_tensor(tmp_path):
                           read_image(tmp_path / "k" / "bytes.png", 1))
 
 
+@pytest.mark.parametrize("layout", ["folder", "battery"])
+def test_training_images_added_in_the_same_process_are_in_the_intensity_window(tmp_path,
+                                                                                layout):
+    """The window was cached by the config alone: a folder of float slices checked, given
+    two more training images and opened again in the same process (a notebook, a second
+    run) kept the window of the first two, [0.0044, 1.96] where the four give [0.0062,
+    3.97], and a run trained with it and saved it as intensity.json."""
+    root = tmp_path / layout
+    mask = np.zeros((8, 8), np.uint8)
+    if layout == "folder":
+        (root / "train").mkdir(parents=True)
+        (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+        dirs = {s: (root / s / "images", root / s / "masks") for s in
+                ("train", "validation", "test")}
+    else:
+        dirs = {s: (root / f"{s}_images", root / f"{s}_label") for s in
+                ("train", "validation", "test")}
+    slices = np.arange(4, dtype=np.float32)[:, None, None] + np.random.default_rng(0).random(
+        (4, 8, 8), dtype=np.float32)  # image z holds z..z+1
+
+    def save(split, name, image):
+        for d in dirs[split]:
+            d.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(dirs[split][0] / f"{name}.tif", image)
+        Image.fromarray(mask).save(dirs[split][1] / f"{name}.png")
+
+    for split in ("validation", "test"):
+        save(split, "v", slices[0])
+    for z in (0, 1):
+        save("train", f"s{z}", slices[z])
+    cfg = DataConfig(dataset=layout, root=root)
+
+    def window_of(zs):
+        return pytest.approx(tuple(np.percentile(slices[zs].ravel(), [0.5, 99.5])), rel=1e-5)
+
+    assert data_intensity(cfg).window == window_of([0, 1])
+    for z in (2, 3):
+        save("train", f"s{z}", slices[z])
+    assert len(open_split(cfg, "train")) == 4
+    assert data_intensity(cfg).window == window_of([0, 1, 2, 3])
+
+
 def test_a_window_by_hand_per_image_scaling_and_their_errors(tmp_path):
     f = np.array([[-2.0, 0.0], [2.0, 6.0]], dtype=np.float32)
     tifffile.imwrite(tmp_path / "f.tif", f)

@@ -106,6 +106,20 @@ def unread_files(folder: Path, recursive: bool = False) -> list[Path]:
     return image_files(folder, UNREAD_SUFFIXES, recursive)
 
 
+def files_now(path: Path) -> tuple[int, int, int] | None:
+    """``(files, bytes, newest mtime_ns)`` of what ``path`` holds (the file, or a folder's
+    every file below it), from their sizes and times alone, nothing opened: files written,
+    added or removed since change it (what a cached intensity window is keyed by). None
+    where it is not there."""
+    try:
+        stats = ([f.stat() for f in path.rglob("*") if f.is_file()] if path.is_dir()
+                 else [path.stat()])
+    except OSError:
+        return None
+    return (len(stats), sum(st.st_size for st in stats),
+            max((st.st_mtime_ns for st in stats), default=0))
+
+
 def skipped_note(files: list[Path]) -> str | None:
     """One line naming the unread files of a folder by format, or ``None``."""
     if not files:

@@ -41,7 +41,7 @@ from paser.data.folders import (
     unpaired_masks,
     unread_images,
 )
-from paser.data.images import Intensity
+from paser.data.images import Intensity, files_now
 from paser.data.slices import VolumeSlices, written
 from paser.data.tensors import StageData, Tensors, labels, on_disk
 from paser.errors import ConfigError, DataError
@@ -55,7 +55,8 @@ class DatasetKind:
     ``open(cfg, root, split)`` gives a split's files (``None``: the dataset is built in
     memory by ``build(cfg)`` instead); ``codec(cfg)`` is the class map its label PNGs are
     written in (class k is written as ``codec.values[k]``); ``root(cfg, progress)`` the
-    folder it is read from.
+    folder it is read from; ``written(cfg, root)`` what holds its training images now (their
+    files, bytes and newest modification time, nothing opened: :func:`_fitted`'s key).
     """
 
     name: str
@@ -63,6 +64,7 @@ class DatasetKind:
     open: Callable[[DataConfig, Path, str], SegmentationFiles] | None = None
     build: Callable[[DataConfig], StageData] | None = None
     needs_root: bool = False
+    written: Callable[[DataConfig, Path], tuple | None] = lambda cfg, root: None
 
 
 def _battery_root(cfg: DataConfig, progress: bool) -> Path:
@@ -160,21 +162,32 @@ CITYSCAPES_CODEC = CityscapesDataset.classmap
 #: Noisy MNIST's two classes written as black and white.
 MNIST_CODEC = ClassMap([0, 255], ["background", "digit"], None, "noisy MNIST's codec")
 
+def _folder_images(cfg: DataConfig, root: Path) -> Path:
+    """The folder of a folder dataset's training images: ``train/images``, or ``images``,
+    which its holdout cuts (an image added anywhere there can change the training split)."""
+    return root / "train" / "images" if (root / "train" / "images").is_dir() else root / "images"
+
+
 KINDS: dict[str, DatasetKind] = {k.name: k for k in (
     DatasetKind("battery", lambda cfg: BATTERY_CODEC,
-                open=lambda cfg, root, split: BatteryDataset(root, split)),
+                open=lambda cfg, root, split: BatteryDataset(root, split),
+                written=lambda cfg, root: files_now(root / "train_images")),
     DatasetKind("folder", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
                 open=lambda cfg, root, split: FolderDataset(root, split, cfg.holdout,
                                                             cfg.split_seed),
-                needs_root=True),
+                needs_root=True,
+                written=lambda cfg, root: files_now(_folder_images(cfg, root))),
     DatasetKind("cityscapes", lambda cfg: CITYSCAPES_CODEC,
                 open=lambda cfg, root, split: CityscapesDataset(root,
                                                                 cfg.cityscapes_splits[split]),
-                needs_root=True),
+                needs_root=True,
+                written=lambda cfg, root: files_now(
+                    root / "leftImg8bit" / cfg.cityscapes_splits["train"])),
     DatasetKind("volume", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
                 open=lambda cfg, root, split: VolumeSlices(root, cfg.volume, cfg.labels,
                                                            cfg.slices, split),
-                needs_root=True),
+                needs_root=True,
+                written=lambda cfg, root: written(root, cfg.volume, cfg.labels)),
     DatasetKind("mnist-noisy", lambda cfg: MNIST_CODEC, build=_mnist_stage_data),
 )}
 assert list(CITYSCAPES_CODEC.values) == list(CITYSCAPES_TRAIN_IDS)
@@ -255,11 +268,11 @@ def data_intensity(cfg: DataConfig, progress: bool = True) -> Intensity:
     if cfg.window is not None or cfg.intensity == "per_image":
         return configured_intensity(cfg)
     root = ensure_dataset(cfg, progress=progress)
-    # a volume's slices labelled since are training slices the window must see
-    now = written(root, cfg.volume, cfg.labels) if cfg.dataset == "volume" else None
+    # training images added or written since (a volume's slices labelled since) are
+    # images the window must see
     return dataclasses.replace(_fitted(cfg.dataset, str(root), cfg.model_dump_json(include={
-        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}), now),
-        nonfinite=cfg.nonfinite)
+        "holdout", "split_seed", "cityscapes_splits", "volume", "labels", "slices"}),
+        kind(cfg).written(cfg, root)), nonfinite=cfg.nonfinite)
 
 
 def configured_intensity(cfg: DataConfig) -> Intensity:
@@ -272,7 +285,7 @@ def configured_intensity(cfg: DataConfig) -> Intensity:
 @functools.lru_cache(maxsize=8)
 def _fitted(dataset: str, root: str, settings: str, now: tuple | None) -> Intensity:
     """Keyed by what chooses the training files (a run's stages ask again and again), and
-    for a volume by what its files are now (:func:`paser.data.slices.written`)."""
+    by what holds the training images now (:attr:`DatasetKind.written`)."""
     cfg = DataConfig(dataset=dataset, root=Path(root), **json.loads(settings))
     return Intensity(open_unscaled(cfg, "train", False).fit_window())
 

@@ -28,6 +28,7 @@ from paser.data.images import (
     Intensity,
     as_input,
     by_type_range,
+    files_now,
     label_values,
     spread,
     window_of,
@@ -68,14 +69,11 @@ def written(root: str | Path, volume: str | None, labels: str | None) -> tuple |
     for spec in (volume, labels):
         if not spec:
             return None
-        path = _file_of(spec if _file_of(spec).is_absolute() else str(Path(root) / spec))
-        try:
-            stats = ([f.stat() for f in path.rglob("*") if f.is_file()] if path.is_dir()
-                     else [path.stat()])
-        except OSError:
+        now = files_now(_file_of(spec if _file_of(spec).is_absolute()
+                                 else str(Path(root) / spec)))
+        if now is None:
             return None
-        out.append((len(stats), sum(st.st_size for st in stats),
-                    max((st.st_mtime_ns for st in stats), default=0)))
+        out.append(now)
     return tuple(out)
 
 
