@@ -650,3 +650,34 @@ def test_paser_run_gives_the_calibrated_gflop_per_tile_where_it_cuts_tiles(tmp_p
         monkeypatch.setattr(PaSeR, "load", lambda *a, cfg=cfg, **k: model(cfg, tmp_path / "r"))
         calibrate_run(cfg, tmp_path / "r", echo=lines.append)
         assert re.search(r"validation mIoU [\d.]+ at [\d.]+ " + said, lines[-1]), lines[-1]
+
+
+def test_paser_calibrate_gives_a_budget_per_tile_where_it_cuts_tiles(tmp_path, capsys):
+    """On a run that cuts its images into 16 x 16 tiles, paser calibrate's target read 'a
+    budget of 1,000 GFLOP per image' and its note '(1000 GFLOP per 16 x 16 validation
+    image) ... --budget-gflops is per validation image', and a budget below the fixed cost
+    'every 16 x 16 image pays': each is a tile's figure, and says so now, as its 'GFLOP per
+    tile' line does; whole images stay per image."""
+    from paser.cli.deploy import _above_dearest
+
+    root = mixed_folder(tmp_path / "d")
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": {0: "a", 200: "b", 100: "c"}}))
+    for tile, per in (("[16, 16]", "tile"), ("null", "image")):
+        cfg = load_config(preset="battery-quick", overrides=[
+            "data.dataset=folder", f"data.root={root}", "grid=[2, 2]", "models.num_classes=3",
+            f"data.tile={tile}", "stage1.class_weights=null", "data.workers=0"])
+        if tile == "null":  # one size: the validation images cropped to 16 x 16
+            for p in (root / "validation").glob("*/*.png"):
+                Image.fromarray(np.asarray(Image.open(p))[:16, :16]).save(p)
+        paser = model(cfg, tmp_path / "r")
+        cal = paser.calibrate(budget_gflops=1e3, save=False)
+        said = "tile of 16 x 16" if per == "tile" else "image"
+        assert cal.target_text().startswith(f"a budget of 1,000 GFLOP per {said};")
+        _above_dearest(cal)
+        note = capsys.readouterr().out
+        assert f"(1000 GFLOP per 16 x 16 validation {per})" in note
+        assert f"--budget-gflops is per validation {per};" in note
+        with pytest.raises(ConfigError, match=rf"\(2\.56e-10 GFLOP per validation {per}\) is "
+                           rf"below the [\d.]+ GFLOP every 16 x 16 {per} pays"):
+            paser.calibrate(budget_gflops_per_mp=1e-6, save=False)
+        assert cal.tiles == (per == "tile") and (cal.height, cal.width) == (16, 16)

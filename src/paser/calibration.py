@@ -34,6 +34,7 @@ import torch
 
 from paser.cost import FLOP_CONVENTION, at_least
 from paser.data import Tensors
+from paser.data.tiles import source_images
 from paser.errors import CheckpointError, ConfigError
 from paser.evaluation import evaluate_router
 from paser.outcomes import PatchOutcomes
@@ -58,8 +59,10 @@ class Calibration:
     ``gflops`` (mean per image,
     :data:`paser.cost.FLOP_CONVENTION`), ``fractions`` (share of patches per model),
     ``miou`` are measured on ``images`` validation images of ``height x width`` with the
-    bias; ``uncalibrated`` holds the same three without it. ``calibration.json`` gives
-    GFLOP per megapixel beside (:meth:`per_megapixel`).
+    bias; ``uncalibrated`` holds the same three without it. ``tiles``: the validation
+    images were cut into tiles of ``height x width`` (``data.tile``), and ``gflops`` and a
+    budget are per tile (:attr:`per`). ``calibration.json`` gives GFLOP per megapixel beside
+    (:meth:`per_megapixel`).
     """
 
     bias: list[float]
@@ -74,9 +77,15 @@ class Calibration:
     width: int
     policy: str = ""
     flop_convention: str = FLOP_CONVENTION
+    tiles: bool = False
 
     def tensor(self) -> torch.Tensor:
         return torch.tensor(self.bias, dtype=torch.float32)
+
+    @property
+    def per(self) -> str:
+        """What ``gflops`` and a budget are per: ``image``, or ``tile of 64 x 64``."""
+        return f"tile of {self.height} x {self.width}" if self.tiles else "image"
 
     @property
     def megapixels(self) -> float:
@@ -114,7 +123,7 @@ class Calibration:
                     "budget (--budget-gflops)")
         if "budget_gflops" in t:
             per_mp = t.get("budget_gflops_per_mp")
-            return (f"a budget of {figure(t['budget_gflops'])} GFLOP per image"
+            return (f"a budget of {figure(t['budget_gflops'])} GFLOP per {self.per}"
                     + ("" if per_mp is None else f" ({figure(per_mp)} GFLOP per megapixel)")
                     + (", the best mIoU within it" if t.get("best_iou") else "")
                     + ("; more than every patch on the largest model costs "
@@ -187,17 +196,18 @@ def sweep_actions(logits: torch.Tensor, rel: torch.Tensor, ts: torch.Tensor) -> 
 
 
 def check_budget(budget_gflops: float, costs: CostTable, height: int, width: int,
-                 option: str, given: str, per_mp: bool = False) -> None:
+                 option: str, given: str, per_mp: bool = False, unit: str = "image") -> None:
     """Raise :class:`ConfigError` where ``budget_gflops`` is below what every ``height x
-    width`` image pays before any patch is routed (f0 and the policy: ``costs.fixed``);
-    ``option`` names the setting as the user gave it, ``given`` its value as they gave it."""
+    width`` image (``unit``: tile, where they are tiles) pays before any patch is routed (f0
+    and the policy: ``costs.fixed``); ``option`` names the setting as the user gave it,
+    ``given`` its value as they gave it."""
     if budget_gflops >= costs.fixed:
         return
     passes = ("one pass" if costs.mc_samples == 1
               else f"{costs.mc_samples} Monte Carlo passes")
     raise ConfigError(
         f"{option} {given} is below the {at_least(costs.fixed)} GFLOP every "
-        f"{height} x {width} image pays before any patch is routed (f0's {passes} "
+        f"{height} x {width} {unit} pays before any patch is routed (f0's {passes} "
         f"{costs.f0_mc:.3f} + the policy {costs.policy:.3f}; {FLOP_CONVENTION}"
         + (f"; {at_least(costs.fixed / (height * width / 1e6))} GFLOP per megapixel"
            if per_mp else "") + "); give at least that")
@@ -231,6 +241,8 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
         raise ConfigError("give exactly one budget: --budget-gflops X, --budget-gflops-per-mp "
                           "Y, --max-frac-large F, --iou-within-top D or --max-tvd T")
     h, w = data.images.shape[-2:]
+    # a tile's GFLOP where the images are cut into tiles, and a budget is per tile
+    unit = "image" if source_images(data.ids) is None else "tile"
     costs = router.costs(h, w)
     patch = torch.tensor(costs.patch, dtype=torch.float32)
     rel = patch / patch.max()
@@ -243,11 +255,12 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
     if budget_gflops is not None:
         option, given = (("--budget-gflops", f"{budget_gflops:g}") if per_mp is None else
                          ("--budget-gflops-per-mp", f"{per_mp:g} ({budget_gflops:.6g} GFLOP "
-                          f"per validation image)"))
+                          f"per validation {unit})"))
         if not math.isfinite(budget_gflops):
             raise ConfigError(f"--budget-gflops {budget_gflops:g}: give a number of GFLOP "
-                              "per image")
-        check_budget(budget_gflops, costs, h, w, option, given, per_mp=per_mp is not None)
+                              f"per {unit}")
+        check_budget(budget_gflops, costs, h, w, option, given, per_mp=per_mp is not None,
+                     unit=unit)
         target = {"budget_gflops": float(budget_gflops)}
         limit = float(budget_gflops)
     for option, value, what in (("max-frac-large", max_frac_large, "a share of patches"),
@@ -312,7 +325,7 @@ def calibrate(router: Router, data: Tensors, num_classes: int,
                        fractions=res["fractions"], miou=res["miou"],
                        uncalibrated={k: base[k] for k in ("gflops", "fractions", "miou")},
                        images=res["images"], height=int(h), width=int(w),
-                       policy=router.policy_digest)
+                       policy=router.policy_digest, tiles=unit == "tile")
 
 
 #: how far past the bisection's tie a budget's strength is set (relative)

@@ -480,7 +480,8 @@ class OperatingPointConfig(_Strict):
         "of the best single model's alone, whichever of f0..fK that is (0.005: as good as "
         "the best model of the pool, for less)")
     budget_gflops: float | None = Field(
-        None, gt=0, description="the best validation mIoU within this many GFLOP per image")
+        None, gt=0, description="the best validation mIoU within this many GFLOP per image (per "
+        "tile where data.tile cuts the images into tiles)")
     max_tvd: float | None = Field(
         None, ge=0, le=1, description="the least GFLOP whose validation assignment "
         "distribution is within this total variation of the policy's own (the paper's TVD "

@@ -675,7 +675,8 @@ def export(
 def calibrate(
     run_dir: Path = RUN_DIR,
     budget_gflops: float = typer.Option(None, "--budget-gflops",
-                                        help="mean GFLOP per validation image to spend"),
+                                        help="mean GFLOP per validation image (per tile where "
+                                        "the run cuts them into tiles) to spend"),
     budget_per_mp: float = typer.Option(None, "--budget-gflops-per-mp", help="the same per "
                                         "megapixel (carries to images of any size)"),
     max_frac_large: float = typer.Option(None, "--max-frac-large",
@@ -761,7 +762,7 @@ def replaced_note(before, cfg, run_dir: Path) -> str:
              "the next `paser run` writes the report again at this one")
     return (f"note: this replaces the calibration at which report.md and results.json measured "
             f"PaSeR ({before.target_text()}: validation mIoU {before.miou:.4f} at "
-            f"{before.gflops:.3f} GFLOP per image): their PaSeR rows are not what `paser "
+            f"{before.gflops:.3f} GFLOP per {before.per}): their PaSeR rows are not what `paser "
             f"segment` and `paser evaluate` now route at; {again}")
 
 
@@ -783,12 +784,13 @@ def _above_dearest(cal) -> None:
     dearest = cal.target.get("above_dearest")
     if dearest is not None:
         per_mp = "budget_gflops_per_mp" in cal.target
+        what = "tile" if cal.tiles else "image"
         typer.echo(f"note: the budget ({cal.target['budget_gflops']:.4g} GFLOP per "
-                   f"{cal.height} x {cal.width} validation image) is more than every patch on "
+                   f"{cal.height} x {cal.width} validation {what}) is more than every patch on "
                    f"the largest model costs ({dearest:.4g}): it bounds nothing, and routing "
                    "runs at its most generous"
-                   + ("" if per_mp else ". --budget-gflops is per validation image; for images "
-                      "of another size give --budget-gflops-per-mp"))
+                   + ("" if per_mp else f". --budget-gflops is per validation {what}; for "
+                      "images of another size give --budget-gflops-per-mp"))
 
 
 def sizes_pay(model) -> str:

@@ -34,6 +34,7 @@ from paser.config import ExperimentConfig, ModelSpec
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
 from paser.data import IGNORE, Tensors, data_intensity, load_stage_data
 from paser.data.stages import augments
+from paser.data.tiles import source_images
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.metrics import IoUAccumulator, predicted_classes
 from paser.models.registry import count_parameters, has_batchnorm
@@ -470,7 +471,8 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
-    probe_budget(cfg, grid, *data.validation.images.shape[-2:])
+    probe_budget(cfg, grid, *data.validation.images.shape[-2:],
+                 unit="image" if source_images(data.validation.ids) is None else "tile")
     dist = launch(cfg)  # after the data is in place: the other processes only read it
     if files is None and dist.is_main:  # only the main process records them
         from paser.data.identity import data_identity
@@ -614,10 +616,12 @@ def probe_models(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None
                 f"for an input [B, C, H, W], here {want}")
 
 
-def probe_budget(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None:
+def probe_budget(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int,
+                 unit: str = "image") -> None:
     """Refuse ``operating_point.budget_gflops`` below what f0 and the policy cost on the
-    ``h x w`` validation images it is calibrated on, before any training, not once the
-    run reaches its calibration (the models' FLOPs do not depend on their weights)."""
+    ``h x w`` validation images (``unit``: tiles, where they are) it is calibrated on, before
+    any training, not once the run reaches its calibration (the models' FLOPs do not depend
+    on their weights)."""
     budget = cfg.operating_point.budget_gflops
     if budget is None:
         return
@@ -634,7 +638,8 @@ def probe_budget(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int) -> None
                               state_channels(cfg.stage2.state, cfg.models.in_channels,
                                              cfg.models.num_classes), cfg.mc_dropout)
     try:
-        check_budget(budget, costs, h, w, "key 'operating_point.budget_gflops':", f"{budget:g}")
+        check_budget(budget, costs, h, w, "key 'operating_point.budget_gflops':", f"{budget:g}",
+                     unit=unit)
     except ConfigError as err:
         raise ConfigError(f"{err}; nothing was trained") from None
 
