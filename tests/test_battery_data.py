@@ -233,3 +233,32 @@ def test_a_label_pairs_with_its_image_by_stem_in_either_unicode_form(tmp_path):
         f"{tmp_path / 'train_label' / 't1.png'} and {tmp_path / 'train_label' / 't1.tiff'} are "
         f"both labels of {tmp_path / 'train_images' / 't1.tif'} (an image's label is the one "
         "file of its name in the label folder): keep one")
+
+
+def test_the_battery_layout_reads_what_a_folder_reads_and_names_what_it_skips(tmp_path):
+    """A .jpg and a .bmp slice in train_images/ were left out of the split without a word
+    (the layout read .png and .tif alone; a folder dataset and paser segment read both),
+    and a .jp2 one, which paser does not read, was not named by paser data check."""
+    from paser.data.registry import check_dataset
+
+    for split in ("validation", "test"):
+        _layout(tmp_path, n=1, split=split)
+    _layout(tmp_path, n=2)
+    rng = np.random.default_rng(1)
+    slice_ = rng.integers(0, 256, (8, 10), dtype=np.uint8)
+    Image.fromarray(slice_).save(tmp_path / "train_images" / "s2.jpg", quality=100)
+    Image.fromarray(slice_).save(tmp_path / "train_images" / "s3.bmp")
+    for name in ("s2", "s3"):
+        _png(tmp_path / "train_label" / f"{name}.png", np.zeros((8, 10), np.uint8))
+    (tmp_path / "train_images" / "s4.jp2").write_bytes(b"\0")
+    ds = BatteryDataset(tmp_path, "train")
+    assert ds.ids == ["s0", "s1", "s2", "s3"]
+    assert ds[3]["image"][0].numpy() == pytest.approx(slice_ / 255)
+    report = check_dataset(tmp_path, workers=0, show_progress=False)
+    assert report["splits"]["train"]["images"] == 4
+    assert report["unread_images"] == [str(tmp_path / "train_images" / "s4.jp2")]
+    for f in (tmp_path / "validation_images").iterdir():
+        f.rename(f.with_suffix(".jp2"))
+    with pytest.raises(DataError, match=r"validation_images: no image paser reads; skipped 1 "
+                       r"file in a format paser does not read \(1 \.jp2"):
+        BatteryDataset(tmp_path, "validation")

@@ -1,7 +1,7 @@
 """The battery layout (DESIGN 4.2): a loader, the label codec and the three-way split.
 
-``<root>/{train,validation,test}_images/*.png`` with labels of the same file
-names in ``<root>/{split}_label/``. Labels are 8-bit grayscale: 0 -> pore (0),
+``<root>/{train,validation,test}_images/*.png`` (or any image a folder dataset reads:
+.tif, .jpg, .bmp, ...) with labels of the same file names in ``<root>/{split}_label/``. Labels are 8-bit grayscale: 0 -> pore (0),
 255 -> carbon (1), any other value -> nickel (2). Inputs are read by
 :mod:`paser.data.images` (8/16-bit by their range, floats by the run's intensity window).
 The synthetic generator writes the same layout.
@@ -22,18 +22,23 @@ import torch
 from torch.utils.data import Dataset, random_split
 
 from paser.data.images import (
+    READABLE_SUFFIXES,
     Intensity,
     fit_window,
     image_files,
     probe,
     read_image,
     read_mask,
+    skipped_note,
+    unread_files,
 )
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 CLASS_NAMES = ("pore", "carbon", "nickel")
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+#: the image (and label) files a split takes: every format the folder layout and ``paser
+#: segment`` read (a .jpg or .bmp slice was left out of the battery layout without a word)
+IMAGE_SUFFIXES = READABLE_SUFFIXES
 
 
 def decode_label(label: np.ndarray) -> np.ndarray:
@@ -272,11 +277,22 @@ class BatteryDataset(SegmentationFiles):
                     f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
                 )
         images = image_files(img_dir, IMAGE_SUFFIXES)
+        unread = None if images else skipped_note(unread_files(img_dir))
+        if unread:
+            raise DataError(f"{img_dir}: no image paser reads; {unread}")
         super().__init__(images, _label_files(images, lbl_dir),
                          f"{img_dir} (split '{split}')", in_memory)
 
     def decode(self, path: Path) -> np.ndarray:
         return read_label(path)
+
+
+def unread_battery_images(root: str | Path) -> list[Path]:
+    """The files of a battery layout's image folders in a format paser does not read
+    (:func:`paser.data.images.unread_files`): training goes on without them, so ``paser
+    data check`` names them."""
+    return [f for split in SPLITS if (Path(root) / f"{split}_images").is_dir()
+            for f in unread_files(Path(root) / f"{split}_images")]
 
 
 def split_three(

@@ -27,6 +27,7 @@ from paser.data.battery import (
     BatteryDataset,
     SegmentationFiles,
     split_three,
+    unread_battery_images,
 )
 from paser.data.folders import (
     CITYSCAPES_CLASSES,
@@ -573,7 +574,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "unlabelled_fraction": float(counts[-1] / counts.sum().clamp_min(1)),
         "absent_classes": absent,
         "unpaired_masks": [str(p) for p in unpaired_masks(root)] if layout == "folder" else [],
-        "unread_images": [str(p) for p in unread_images(root)] if layout == "folder" else [],
+        "unread_images": [str(p) for p in unread_images(root)] if layout == "folder" else
+        [str(p) for p in unread_battery_images(root)] if layout == "battery" else [],
         "nested_images": [str(p) for p in nested_images(root)] if layout == "folder" else [],
         # classes that train, but that validation (the early stop, calibration) or test
         # (the report) never shows
