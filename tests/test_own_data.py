@@ -454,6 +454,29 @@ def test_data_check_warns_of_images_scaled_two_ways(tmp_path):
     assert check_dataset(root, workers=0, show_progress=False)["two_scalings"] is None
 
 
+def test_data_check_names_a_val_folder_beside_validation_and_images_beside_train(tmp_path):
+    """A root with both validation/ and val/ read validation/ alone, and one with images/
+    beside train/ read the split folders alone: the other was left out without a word."""
+    root = three_splits(tmp_path / "own", np.eye(16, dtype=np.uint8))
+    (root / "classes.yaml").write_text("classes: {0: background, 1: line}\n")
+    shutil.copytree(root / "validation", root / "val")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["unused_folders"] == [[str(root / "val"), str(root / "validation")]]
+    shutil.copytree(root / "train" / "images", root / "images")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert r["unused_folders"] == [[str(root / "val"), str(root / "validation")],
+                                   [str(root / "images"), str(root / "train")]]
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    assert (f"{root / 'val'} is not read: the validation split is {root / 'validation'}; "
+            "keep one of them") in out.stdout
+    assert (f"{root / 'images'} is not read: with {root / 'train'}, the splits are train/, "
+            "validation/ and test/") in out.stdout
+    shutil.rmtree(root / "validation")  # val/ alone is the validation split: nothing unread
+    assert check_dataset(root, workers=0, show_progress=False)["unused_folders"] == [
+        [str(root / "images"), str(root / "train")]]
+
+
 def test_data_check_names_images_in_sub_folders_of_images(tmp_path):
     """images/more/3.png is not read (pairs are by name in images/ and masks/): it was
     left out of training without a word."""

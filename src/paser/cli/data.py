@@ -140,6 +140,13 @@ def data_check(
                    + _first_files(nested) + " (a folder dataset reads the files of images/ "
                    "itself, each with the mask of its name in masks/: move them there to "
                    "train on them)")
+    for unused, read in r["unused_folders"]:
+        typer.echo(f"{unused} is not read: " + (
+            f"the validation split is {read}; keep one of them (move the other away)"
+            if Path(unused).name == "val" else
+            f"with {read}, the splits are train/, validation/ and test/ (a holdout cuts "
+            "images/ where there are none); move its images into them, or the split folders "
+            "away"))
     skipped = skipped_note([Path(f) for f in r["unread_images"]])
     if skipped:
         typer.echo(f"{skipped}; training goes on without them")

@@ -444,6 +444,23 @@ def _below(folder: Path) -> list[Path]:
             for f in image_files(sub, recursive=True)]
 
 
+def unused_folders(root: str | Path) -> list[tuple[Path, Path]]:
+    """The folders of a folder dataset that hold images it does not read, each with the
+    one it reads in its place: ``val/`` beside ``validation/`` (both with ``images/``: the
+    validation split is ``validation/``), ``images/`` beside ``train/`` (the split folders
+    are read, not the one folder a holdout would cut). Training goes on without them, so
+    ``paser data check`` names them."""
+    root = Path(root)
+    if not (root / "train" / "images").is_dir():
+        return []
+    unused = []
+    if (root / "validation" / "images").is_dir() and (root / "val" / "images").is_dir():
+        unused.append((root / "val", root / "validation"))
+    if (root / "images").is_dir() and image_files(root / "images"):
+        unused.append((root / "images", root / "train"))
+    return unused
+
+
 def unpaired_masks(root: str | Path) -> list[Path]:
     """The masks of a folder dataset with no image of their name beside them: training goes
     on without them, so ``paser data check`` names them (an image missing, or named

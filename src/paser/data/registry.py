@@ -41,6 +41,7 @@ from paser.data.folders import (
     palette_conflicts,
     unpaired_masks,
     unread_images,
+    unused_folders,
 )
 from paser.data.images import Intensity, files_now
 from paser.data.slices import VolumeSlices, written
@@ -452,6 +453,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     median frequency balancing (``median(f) / f_c``; 0 for a class absent from train);
     ``unpaired_masks`` (a folder's masks with no image of their name, not used);
     ``nested_images`` (a folder's images in sub-folders of its ``images/``, not read);
+    ``unused_folders`` (a folder's ``val/`` beside its ``validation/``, or ``images/`` beside
+    its ``train/``, not read, each as ``[folder, the one read in its place]``);
     ``tile_advice`` (:func:`tile_advice`) and the overrides to train with
     (``suggested_overrides``); ``few_images``: the validation and test splits of fewer than
     :data:`FEW_IMAGES` images (slices), and how many they hold; ``two_scalings``
@@ -577,6 +580,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
         "unread_images": [str(p) for p in unread_images(root)] if layout == "folder" else
         [str(p) for p in unread_battery_images(root)] if layout == "battery" else [],
         "nested_images": [str(p) for p in nested_images(root)] if layout == "folder" else [],
+        "unused_folders": [[str(p), str(q)] for p, q in unused_folders(root)]
+        if layout == "folder" else [],
         # classes that train, but that validation (the early stop, calibration) or test
         # (the report) never shows
         "missing_in": {s: [n for c, n in enumerate(names) if counts[c] and not by_split[s][c]]
