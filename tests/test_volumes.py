@@ -877,6 +877,34 @@ def test_label_volumes_of_booleans_or_with_a_last_axis_of_one_train(tmp_path):
 
 
 
+def test_data_check_counts_a_volumes_labelled_slices_as_slices(tmp_path):
+    """paser data check said '1 image of 16 x 16, 1 channel: the labelled slices 30' of a
+    volume's split, and a training range of 2 labelled slices was 'add training images':
+    they are labelled slices, and the range of data.slices is where to label more."""
+    from paser.data.registry import check_dataset
+
+    vol = np.random.default_rng(0).random((40, 16, 16), dtype=np.float32)
+    labels = np.full(vol.shape, 255, np.uint8)
+    for z in (2, 5, 8, 30, 35):
+        labels[z] = vol[z] > 0.5
+    tifffile.imwrite(tmp_path / "v.tif", vol, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    args = ["data.volume=v.tif", "data.labels=l.tif"]
+    out = paser_here("data", "check", tmp_path, *args, "--workers", "0",
+                     "data.slices={train: [0, 20], validation: [20, 32], test: [32, 40]}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split() == "train 3 labelled slices of 16 x 16, 1 channel: 2, 5, 8".split()
+    assert lines[2].split() == "validation 1 labelled slice of 16 x 16, 1 channel: 30".split()
+    assert "(0.5 / 99.5 percentiles of the training slices;" in out.stdout
+    with pytest.raises(DataError, match=r"the training split has 2 labelled slices \(tiles\); "
+                       r".* at least 3: label more slices in its range \[0, 8\) of "
+                       r"data.slices, or cut them"):
+        check_dataset(tmp_path, workers=0, show_progress=False, overrides=[
+            *args, "data.slices={train: [0, 8], validation: [20, 32], test: [32, 40]}"])
+
+
 def test_slices_labelled_since_in_the_same_process_are_in_the_intensity_window(tmp_path):
     """The window was cached by the config alone: a float volume checked, labelled on two
     more training slices and opened again in the same process (a notebook, two runs) had

@@ -31,11 +31,14 @@ def data_check(
 
     r = check_dataset(root, layout, workers, overrides=overrides or ())
     typer.echo(f"{r['root']}: {r['layout']} layout")
+    # a volume's images are its labelled slices
+    unit = "slice" if r["layout"] == "volume" else "image"
     for split, s in r["splits"].items():
-        typer.echo(f"  {split:<11} {s['images']:>6} image{'s' if s['images'] != 1 else ''} "
-                   f"of {s['sizes']}, "
+        typer.echo(f"  {split:<11} {s['images']:>6} "
+                   f"{'labelled ' if 'slices' in s else ''}{unit}{'s' if s['images'] != 1 else ''}"
+                   f" of {s['sizes']}, "
                    f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}"
-                   + (f": the labelled slices {_listed(s['slices'])}" if "slices" in s else ""))
+                   + (f": {_listed(s['slices'])}" if "slices" in s else ""))
     typer.echo("image files, and how they become [0, 1]:")
     kinds: dict[str, int] = {}
     for files in r["files"].values():
@@ -50,7 +53,7 @@ def data_check(
             how += "; its first page only (a stack of pages is one image here)"
         typer.echo(f"  {n:>6} {k:<16} {how}")
     source = ("data.window as given" if r["intensity"].get("given")
-              else "0.5 / 99.5 percentiles of the training images")
+              else f"0.5 / 99.5 percentiles of the training {unit}s")
     typer.echo(f"intensity: {r['intensity']['says']}"
                + (f" ({source}; kept in the run as intensity.json, applied unchanged by "
                   "segment and evaluate)" if r["intensity"]["window"] is not None else ""))
@@ -95,7 +98,6 @@ def data_check(
                        + ("the early stop and calibration cannot see how the models do on "
                           "it" if split == "validation" else "the report's test IoU says "
                           "nothing about it") + "; give the split images that show it")
-    unit = "slice" if r["layout"] == "volume" else "image"
     for split, n in r["few_images"].items():
         typer.echo(f"warning: {split} holds {n} {unit}{'s' if n > 1 else ''}: "
                    + ("the early stop, the kept checkpoints and PaSeR's calibration read it, "

@@ -296,17 +296,23 @@ def unread_battery_images(root: str | Path) -> list[Path]:
 
 
 def split_three(
-    n: int, proportions: tuple[float, float, float] = (0.34, 0.33, 0.33), seed: int = 42
+    n: int, proportions: tuple[float, float, float] = (0.34, 0.33, 0.33), seed: int = 42,
+    slices: tuple[int, int] | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
-    """Seeded cut of ``n`` training indices into D_pre / D_rl / D_ft (stages 1, 2, 3).
+    """Seeded cut of ``n`` training indices into D_pre / D_rl / D_ft (stages 1, 2, 3);
+    ``slices``: the training range ``[z0, z1)`` of a volume, whose labelled slices they are
+    (for the error, where there are too few).
 
     Uses :func:`torch.utils.data.random_split` with a generator seeded by ``seed``,
     as the reference does (proportions 0.34 / 0.33 / 0.33, seed 42).
     """
     if n < 3:
-        raise DataError(f"the training split has {n} image{'s' if n != 1 else ''} (tiles); "
+        what, more = ((f"labelled slice{'s' if n != 1 else ''}", "label more slices in its "
+                       f"range [{slices[0]}, {slices[1]}) of data.slices") if slices is not None
+                      else (f"image{'s' if n != 1 else ''}", "add training images"))
+        raise DataError(f"the training split has {n} {what} (tiles); "
                         "training cuts it into D_pre, D_rl and D_ft (data.split: stage 1, the "
-                        "policy and fine-tuning), so it needs at least 3: add training images, "
+                        f"policy and fine-tuning), so it needs at least 3: {more}, "
                         "or cut them into tiles (data.tile)")
     # random_split's own lengths (floors, the rest one by one from the first), where none
     # is empty: 3 images gave 2 / 1 / 0 and torch's warning; then one each

@@ -558,7 +558,9 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     # 12-bit data in 16-bit files, say: the models would see little contrast
     dim = splits["train"].intensity.window is None and 0 < peak - floor < LOW_CONTRAST
     if tile is None and len(splits["train"]) < 3:
-        split_three(len(splits["train"]))  # its error: training needs three parts
+        # its error: training needs three parts
+        split_three(len(splits["train"]), slices=cfg.slices["train"] if layout == "volume"
+                    else None)
     return {
         "layout": layout, "root": str(root), "class_names": list(names),
         "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),

@@ -44,7 +44,8 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
         decode_into(Path(run_dir) / "cache", sets.values(), ranks=cfg.distributed.devices)
     train, val, test = ((on_disk(d, data.workers) if stream else to_tensors(d))
                         for d in sets.values())
-    pre, rl, ft = split_three(len(train), data.split, data.split_seed)
+    pre, rl, ft = split_three(len(train), data.split, data.split_seed,
+                              data.slices["train"] if data.dataset == "volume" else None)
 
     def windows(margin: int, rows: list[int]) -> Tensors | None:
         """The tiles ``rows`` with ``margin`` pixels of their image around them, read or
