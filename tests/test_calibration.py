@@ -303,23 +303,19 @@ def test_a_configs_budget_below_the_fixed_cost_names_the_config_key(setup, monke
     """`paser run` with operating_point.budget_gflops below f0's and the policy's cost
     failed after training with '--budget-gflops 0.1 is below ...': an option the user had
     not given."""
-    import paser.data
     from paser.api import PaSeR
     from paser.config import load_config
     from paser.run import calibrate_run
 
     router, data = setup
-    cfg = load_config(preset="battery-quick", overrides=[
-        "operating_point.iou_within_top=null", "operating_point.budget_gflops=0.001"])
 
     class Trained:  # the run's model, on the fixture's router and images
-        config = cfg
-
-        def calibrate(self, batch_size, data, **target):
+        def calibrate(self, batch_size, **target):
             return calibrate(router, data, 3, batch_size=batch_size, **target)
 
     monkeypatch.setattr(PaSeR, "load", lambda *args, **kwargs: Trained())
-    monkeypatch.setattr(paser.data, "validation_split", lambda *args, **kwargs: data)
+    cfg = load_config(preset="battery-quick", overrides=[
+        "operating_point.iou_within_top=null", "operating_point.budget_gflops=0.001"])
     with pytest.raises(ConfigError) as err:
         calibrate_run(cfg, tmp_path, echo=lambda line: None)
     fixed = router.costs(32, 32).fixed

@@ -254,28 +254,21 @@ def calibrate_run(cfg: ExperimentConfig, run_dir: Path, echo=print) -> None:
     ``calibration.json``, which ``PaSeR.load`` (segment, evaluate, the report) applies."""
     from paser.api import PaSeR
     from paser.cost import FLOP_CONVENTION
-    from paser.data import validation_split
-    from paser.data.tiles import counted
     from paser.errors import ConfigError
 
     model = PaSeR.load(run_dir, calibrated=False)
-    data = validation_split(model.config.data)
     try:
-        cal = model.calibrate(data=data, batch_size=cfg.baselines.timing_batch,
-                              **target_of(cfg))
+        cal = model.calibrate(batch_size=cfg.baselines.timing_batch, **target_of(cfg))
     except ConfigError as err:  # said of paser calibrate's option, not of the config's key
         if cfg.operating_point.budget_gflops is None:
             raise
         raise ConfigError(str(err).replace("--budget-gflops", "operating_point.budget_gflops", 1)
                           + "; the trained stages are kept: run the same command again "
                           "with it set") from None
-    # a tile's GFLOP, where the images are cut into tiles: 0.052 for 64 x 64 tiles of
-    # 500 x 600 slices read 'per image'
-    unit = counted(data.ids, (cal.height, cal.width))[1]
+    # a tile's GFLOP where the images are cut into tiles (0.052 for 64 x 64 tiles of
+    # 500 x 600 slices read 'per image')
     echo(f"[calibrate] {cal.target_text()}: validation mIoU {cal.miou:.4f} at "
-         f"{cal.gflops:.3f} GFLOP per {unit}"
-         + (f" of {cal.height} x {cal.width}" if unit == "tile" else "")
-         + f", {cal.per_megapixel(cal.gflops) or 0:.2f} GFLOP per "
+         f"{cal.gflops:.3f} GFLOP per {cal.per}, {cal.per_megapixel(cal.gflops) or 0:.2f} GFLOP per "
          f"megapixel (uncalibrated {cal.uncalibrated['miou']:.4f} at "
          f"{cal.uncalibrated['gflops']:.3f}; {FLOP_CONVENTION})")
 
