@@ -1038,6 +1038,24 @@ def test_an_ome_tiff_pairs_with_the_mask_of_its_name(tmp_path):
     assert BatteryDataset(battery, "train")[0]["mask"].unique().tolist() == [1]  # carbon
 
 
+def test_an_ome_tiffs_mask_of_its_very_stem_is_not_named_unpaired(tmp_path):
+    """scan.ome.png, the mask of scan.ome.tif by its very stem, trains with it, yet paser
+    data check named every such mask as having no image and not used ('5 masks have no
+    image of the same name and are not used'): the check took the image's name without
+    '.ome', and the mask's, a PNG's, with it."""
+    root = tmp_path / "cells"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.eye(16, dtype=np.uint8) * 200).save(root / "images" / f"s{i}.ome.tif")
+        Image.fromarray(np.full((16, 16), i % 2, np.uint8)).save(root / "masks" / f"s{i}.ome.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / "gone.ome.png")
+    (root / "classes.yaml").write_text("classes: {0: background, 1: membrane}\n")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert sum(r["splits"][s]["images"] for s in ("train", "validation", "test")) == 5
+    assert r["unpaired_masks"] == [str(root / "masks" / "gone.ome.png")]
+
+
 def test_two_images_named_in_either_unicode_form_keep_their_own_masks(tmp_path):
     """On Linux 'Zelle \u00fc' written composed (NFC) and decomposed (NFD) are two files: an
     image of each name with a mask of each name paired by their names before the pairing

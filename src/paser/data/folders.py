@@ -464,12 +464,15 @@ def unused_folders(root: str | Path) -> list[tuple[Path, Path]]:
 def unpaired_masks(root: str | Path) -> list[Path]:
     """The masks of a folder dataset with no image of their name beside them: training goes
     on without them, so ``paser data check`` names them (an image missing, or named
-    otherwise)."""
+    otherwise). A mask pairs as :func:`_pairs` pairs it: by an image's very stem
+    (``scan.ome.png`` with ``scan.ome.tif``), or by their :func:`pair_name`."""
     lost = []
     for where in _parts(Path(root)):
         if (where / "images").is_dir() and (where / "masks").is_dir():
-            stems = {pair_name(p) for p in image_files(where / "images")}
-            lost += [m for m in image_files(where / "masks") if pair_name(m) not in stems]
+            images = image_files(where / "images")
+            stems, named = {p.stem for p in images}, {pair_name(p) for p in images}
+            lost += [m for m in image_files(where / "masks")
+                     if m.stem not in stems and pair_name(m) not in named]
     return lost
 
 
