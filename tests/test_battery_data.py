@@ -262,3 +262,18 @@ def test_the_battery_layout_reads_what_a_folder_reads_and_names_what_it_skips(tm
     with pytest.raises(DataError, match=r"validation_images: no image paser reads; skipped 1 "
                        r"file in a format paser does not read \(1 \.jp2"):
         BatteryDataset(tmp_path, "validation")
+
+
+def test_an_ome_tiffs_label_of_its_very_stem_pairs_with_it(tmp_path):
+    """s.ome.png is the label of s.ome.tif by its stem, as docs/data.md says ('its stem as
+    another of these types') and as the folder layout pairs it, yet the battery layout
+    looked its stem up without '.ome' alone: 'label not found ... save the label there
+    (the image's name, as .png or .tif)', the name it had."""
+    _layout(tmp_path, n=1)
+    Image.fromarray(np.eye(8, 10, dtype=np.uint8) * 200).save(
+        tmp_path / "train_images" / "s.ome.tif")
+    label = np.random.default_rng(2).choice(np.array([0, 128, 255], dtype=np.uint8), (8, 10))
+    _png(tmp_path / "train_label" / "s.ome.png", label)
+    ds = BatteryDataset(tmp_path, "train")
+    assert ds.ids == ["s.ome", "s0"]
+    assert ds[0]["mask"].numpy().tolist() == decode_label(label).tolist()

@@ -105,18 +105,22 @@ def pair_name(path: Path) -> str:
 
 def _label_files(images: list[Path], lbl_dir: Path) -> list[Path]:
     """Each image's label in ``lbl_dir``: the file of its very name, else the one file of
-    its stem that no other image is named as (``s1.png`` for ``s1.tif``), the stem in
-    either of Unicode's forms (:func:`pair_name`); else the file of its name, to be reported
-    missing. Two such files (``s1.png`` and ``s1.tiff`` for ``s1.tif``) are refused, naming
-    both: which is its label is not known."""
+    its stem that no other image is named as (``s1.png`` for ``s1.tif``), by its very stem
+    (``scan.ome.png`` for ``scan.ome.tif``) or the stem in either of Unicode's forms, an
+    OME-TIFF's ``.ome`` left out (:func:`pair_name`), as the folder layout pairs masks; else
+    the file of its name, to be reported missing. Two such files (``s1.png`` and
+    ``s1.tiff`` for ``s1.tif``) are refused, naming both: which is its label is not known."""
     names = {p.name for p in images}
     stems: dict[str, list[Path]] = {}
+    named: dict[str, list[Path]] = {}
     for label in image_files(lbl_dir, IMAGE_SUFFIXES):
         if label.name not in names:
-            stems.setdefault(pair_name(label), []).append(label)
+            stems.setdefault(label.stem, []).append(label)
+            named.setdefault(pair_name(label), []).append(label)
     labels = []
     for image in images:
-        found = [] if (lbl_dir / image.name).is_file() else stems.get(pair_name(image), [])
+        found = [] if (lbl_dir / image.name).is_file() else list(dict.fromkeys(
+            stems.get(image.stem, []) + named.get(pair_name(image), [])))
         if len(found) > 1:
             raise DataError(f"{found[0]} and {found[1]} are both labels of {image} (an "
                             "image's label is the one file of its name in the label folder): "
