@@ -262,6 +262,29 @@ def test_a_volume_resumed_on_other_threads_records_both_and_says_so(setup, monke
     assert "note" not in capsys.readouterr().out
 
 
+def test_a_volume_resumed_on_a_gpu_with_other_threads_is_not_said_to_differ(setup,
+                                                                            monkeypatch,
+                                                                            capsys):
+    """The CPU's thread count orders the CPU's sums alone: a volume resumed on the same GPU
+    with another --threads (the default, all cores, on another node) was said to have
+    labels that 'can differ from one uninterrupted call's in a few voxels'. Its record
+    still keeps the threads."""
+    from paser.cli.deploy import _volume_lines
+
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    volume = split_inputs([tmp / "scan.tif"])[1]
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volume, tmp / "out", chunk=4))
+    torch.set_num_threads(2)
+    [res] = segment_volumes(m, volume, tmp / "out", chunk=4)
+    for s in res.record["slices"]:  # as a call on a GPU records them
+        s["device"] = "cuda:0"
+    res.record["device"] = "cuda:0"
+    _volume_lines([res], tmp / "out")
+    assert res.record["threads"] == [1, 2]
+    assert "note" not in capsys.readouterr().out
+
+
 def test_a_volume_stopped_as_its_parts_are_removed_leaves_none_behind(setup, monkeypatch):
     """Stopped after its record is written, before its parts are gone (Ctrl-C in the
     removal of a thousand parts): the next call takes the volume as done and removes them,

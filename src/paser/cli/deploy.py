@@ -514,7 +514,10 @@ def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> No
                                                                       "answer"])
             typer.echo(f"  {rec['degraded_patches']} patches degraded (f0's prediction kept: "
                        f"{why}); the same command again redoes them")
-        devices, threads = rec.get("device", "").split(", "), rec.get("threads", [])
+        devices = rec.get("device", "").split(", ")
+        # the thread counts of the slices run on the CPU: a GPU's sums do not follow them
+        threads = sorted({s["threads"] for s in rec.get("slices", [])
+                          if s.get("device") == "cpu" and "threads" in s})
         if len(devices) > 1 or len(threads) > 1:  # resumed otherwise, or uneven workers
             on = " and ".join(([" / ".join(devices)] if len(devices) > 1 else [])
                               + ([f"{' / '.join(map(str, threads))} threads"]
