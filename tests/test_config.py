@@ -287,8 +287,9 @@ def test_a_tilde_alone_for_a_folder_is_the_home_folder():
     """data.root=~ reached paser as YAML's null (the shell expands ~ only at a word's start
     or in a variable's assignment, and data.root is no variable), so a battery run trained
     on the synthetic set instead of the data in the home folder, without a word; ~/x was
-    that folder already. A key that takes no path keeps YAML's null."""
-    for key in ("data.root", "data.cache_dir", "data.mnist.root", "models.f0.weights"):
+    that folder already. A key that takes no path keeps YAML's null, and so does a key of a
+    weights file (models.f0.weights=~ is no weights, as it was)."""
+    for key in ("data.root", "data.cache_dir", "data.mnist.root"):
         cfg = load_config(preset="battery-quick", overrides=[f"{key}=~"])
         node = cfg
         for part in key.split("."):
@@ -296,4 +297,6 @@ def test_a_tilde_alone_for_a_folder_is_the_home_folder():
         assert node == Path("~")
     assert load_config(overrides=["data.root=~/x"]).data.root == Path("~/x")
     assert load_config(preset="battery-quick", overrides=["data.tile=~"]).data.tile is None
+    assert load_config(preset="battery-quick",
+                       overrides=["models.f0.weights=~"]).models.f0.weights is None
     assert load_config(overrides=["data.root=null"]).data.root is None

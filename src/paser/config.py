@@ -715,9 +715,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}': expected key=value, e.g. stage2.epochs=5")
     parsed = override_value(value)
-    if parsed is None and value.strip() == "~" and key.strip().rsplit(".", 1)[-1] in _path_names():
+    name = key.strip().rsplit(".", 1)[-1]
+    if (parsed is None and value.strip() == "~" and name in _path_names()
+            and not name.endswith("weights")):
         # YAML's null, but a shell leaves ~ alone in data.root=~ (not a variable's
-        # assignment): the home folder, as data.root=~/x is that folder in it
+        # assignment): the home folder, as data.root=~/x is that folder in it. A key of a
+        # weights file keeps null (no weights): the home folder is no checkpoint
         parsed = "~"
     glued = _glued_keys(parsed)
     if glued:

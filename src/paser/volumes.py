@@ -1040,7 +1040,8 @@ def discard(volume: Volume, out_dir: Path) -> None:
 def volume_markers(out_dir: Path, volumes: Sequence[Volume]) -> list[Path]:
     """What marks ``volumes`` done or begun in ``out_dir`` (the markers of
     :func:`paser.segment.claim_output`): their records, their parts and the summary
-    (none without volumes: a call of images alone keeps it)."""
+    (none without volumes; an ``--overwrite`` removes both summaries all the same,
+    :func:`paser.segment.claim_for`)."""
     return [*(m for v in volumes for m in (out_dir / f"{v.stem}.json",
                                            out_dir / f".{v.stem}.parts")),
             out_dir / VOLUMES_CSV] if volumes else []

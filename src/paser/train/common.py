@@ -244,7 +244,8 @@ def resume_state(last_path: Path, resume: bool, device: torch.device,
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The global random state a last-epoch checkpoint keeps for :func:`resume_state`: the
     CPU generator's (``rng``), and training on a GPU, that GPU's too (``cuda_rng``):
-    dropout, the Monte Carlo passes and stages 2 and 3's exploration draw there."""
+    dropout and the Monte Carlo passes draw there (stages 2 and 3's exploration draws on
+    the CPU's generator and moves its draws to the GPU)."""
     state = {"rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
