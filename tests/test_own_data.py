@@ -1320,6 +1320,29 @@ def test_cityscapes_layout_maps_label_ids_to_the_19_train_ids(tmp_path):
         CityscapesDataset(root, "test")
 
 
+def test_a_missing_cityscapes_label_names_its_gtfine_file_not_the_images_name(tmp_path):
+    """Cityscapes' label of x_leftImg8bit.png is x_gtFine_labelIds.png in gtFine/: the error
+    said 'save the label there (the image's name, as .png or .tif)', a file the layout does
+    not read, and did not name the labelTrainIds file beside it, which it does not read."""
+    from paser.data.folders import CityscapesDataset
+
+    root = make_cityscapes(tmp_path / "cs")
+    city = root / "gtFine" / "train" / "bonn"
+    (city / "bonn_000001_000019_gtFine_labelIds.png").rename(
+        city / "bonn_000001_000019_gtFine_labelTrainIds.png")
+    with pytest.raises(DataError) as err:
+        CityscapesDataset(root, "train")
+    assert str(err.value) == (
+        f"{city / 'bonn_000001_000019_gtFine_labelIds.png'}: label not found for image "
+        f"{root / 'leftImg8bit/train/bonn/bonn_000001_000019_leftImg8bit.png'}; an image's "
+        "label is gtFine/<split>/<city>/<name>_gtFine_labelIds.png (leftImg8bit_trainvaltest"
+        ".zip and gtFine_trainvaltest.zip from cityscapes-dataset.com), whose label ids paser "
+        "maps to the 19 train ids itself (bonn_000001_000019_gtFine_labelTrainIds.png is "
+        "there: not read); save the labels there, or move images without a label out of the "
+        "dataset")
+    assert len(err.value.opened) == 4  # the others are read (paser data check goes on)
+
+
 def test_cityscapes_segformer_preset_holds_the_papers_pool():
     """The preset's pool is the paper's: SegFormer-B0 (3.7 M parameters) and -B5 (82 M)."""
     cfg = load_config(preset="cityscapes-segformer")

@@ -159,10 +159,8 @@ class SegmentationFiles(Dataset):
         problems = []
         if missing:  # what to do said once, every missing label named (`data check` too)
             i = missing[0]
-            problems.append(
-                f"{labels[i]}: label not found for image {images[i]}"
-                + (_near_name(labels[i], images[i]) or "; save the label there (the image's name, "
-                   "as .png or .tif), or move images without a label out of the dataset"))
+            problems.append(f"{labels[i]}: label not found for image {images[i]}"
+                            + self.missing_label_hint(labels[i], images[i]))
             problems.extend(f"{labels[i]}: label not found for image {images[i]}"
                             for i in missing[1:])
         self.images = [p for p, ok in zip(images, found, strict=True) if ok]
@@ -177,6 +175,13 @@ class SegmentationFiles(Dataset):
             raise err
         if in_memory:
             self._cache = [self._load(i) for i in range(len(self))]
+
+    def missing_label_hint(self, label: Path, image: Path) -> str:
+        """What to do where ``image``'s label ``label`` is not found (``; ...``): said once
+        for the split, with the first missing label."""
+        return _near_name(label, image) or ("; save the label there (the image's name, as "
+                                            ".png or .tif), or move images without a label "
+                                            "out of the dataset")
 
     @property
     def size(self) -> tuple[int, int] | None:

@@ -73,6 +73,11 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
                         23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
+#: where Cityscapes' files come from (nothing is downloaded)
+_CITYSCAPES_ARCHIVES = ("leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+                        "cityscapes-dataset.com")
+
+
 class ClassMap:
     """Mask value -> class index, from ``classes.yaml``: ``classes`` maps each pixel value
     (0..255) to a class name, in class order; ``ignore`` (default 255) is unlabelled. A
@@ -357,6 +362,17 @@ class CityscapesDataset(_ClassMapped):
                                                           "_gtFine_labelIds.png")
                   for p in images]
         super().__init__(images, labels, f"{img_dir}")
+
+    def missing_label_hint(self, label: Path, image: Path) -> str:
+        """Cityscapes' label is no file of the image's name: say which file it is, and name
+        the image's other gtFine files (``_gtFine_labelTrainIds.png``, ``_gtFine_color.png``),
+        which are not read."""
+        stem = label.name.removesuffix("_gtFine_labelIds.png")
+        others = sorted(label.parent.glob(f"{stem}_gtFine_*")) if label.parent.is_dir() else []
+        return ("; an image's label is gtFine/<split>/<city>/<name>_gtFine_labelIds.png "
+                f"({_CITYSCAPES_ARCHIVES}), whose label ids paser maps to the 19 train ids "
+                "itself" + (f" ({others[0].name} is there: not read)" if others else "")
+                + "; save the labels there, or move images without a label out of the dataset")
 
 
 #: folder names other tools give masks
