@@ -1343,6 +1343,31 @@ def test_a_missing_cityscapes_label_names_its_gtfine_file_not_the_images_name(tm
     assert len(err.value.opened) == 4  # the others are read (paser data check goes on)
 
 
+def test_cityscapes_images_outside_city_folders_are_said_to_be_there(tmp_path):
+    """PNGs straight in leftImg8bit/train/ (no <city>/ folder): the error said 'no images
+    (.png, .tif, ...)' of a folder of PNGs; it names them and the layout."""
+    from paser.data.folders import CityscapesDataset
+
+    root = make_cityscapes(tmp_path / "cs")
+    for d in ("leftImg8bit", "gtFine"):
+        for f in sorted((root / d / "train" / "bonn").iterdir()):
+            f.rename(root / d / "train" / f.name)
+    shutil.rmtree(root / "leftImg8bit" / "train" / "aachen")
+    with pytest.raises(DataError) as err:
+        CityscapesDataset(root, "train")
+    where = root / "leftImg8bit" / "train"
+    assert str(err.value) == (
+        f"{where}: no Cityscapes image in it (2 image files there, e.g. "
+        f"{where / 'bonn_000000_000019_leftImg8bit.png'}, not where or as the layout names "
+        "them); the layout is leftImg8bit/train/<city>/<name>_leftImg8bit.png with labels "
+        "gtFine/train/<city>/<name>_gtFine_labelIds.png (leftImg8bit_trainvaltest.zip and "
+        "gtFine_trainvaltest.zip from cityscapes-dataset.com, unpacked into data.root)")
+    shutil.rmtree(where)
+    where.mkdir()
+    with pytest.raises(DataError, match=r"train: no Cityscapes image in it; the layout is "):
+        CityscapesDataset(root, "train")
+
+
 def test_cityscapes_segformer_preset_holds_the_papers_pool():
     """The preset's pool is the paper's: SegFormer-B0 (3.7 M parameters) and -B5 (82 M)."""
     cfg = load_config(preset="cityscapes-segformer")

@@ -358,6 +358,16 @@ class CityscapesDataset(_ClassMapped):
                 raise DataError(f"{d}: folder not found; the Cityscapes layout has "
                                 f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/")
         images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        if not images:  # not "no images (.png, ...)" of a folder of PNGs
+            others = sorted(p for p in img_dir.rglob("*") if p.is_file()
+                            and p.suffix.lower() in READABLE_SUFFIXES and not hidden(p))
+            raise DataError(
+                f"{img_dir}: no Cityscapes image in it"
+                + (f" ({len(others)} image file{'s' * (len(others) > 1)} there, e.g. "
+                   f"{others[0]}, not where or as the layout names them)" if others else "")
+                + f"; the layout is leftImg8bit/{split}/<city>/<name>_leftImg8bit.png with "
+                f"labels gtFine/{split}/<city>/<name>_gtFine_labelIds.png "
+                f"({_CITYSCAPES_ARCHIVES}, unpacked into data.root)")
         labels = [gt_dir / p.parent.name / p.name.replace("_leftImg8bit.png",
                                                           "_gtFine_labelIds.png")
                   for p in images]
