@@ -1368,6 +1368,22 @@ def test_cityscapes_images_outside_city_folders_are_said_to_be_there(tmp_path):
         CityscapesDataset(root, "train")
 
 
+def test_the_cityscapes_preset_without_data_root_says_what_the_folder_holds():
+    """It said 'needs data.root: the folder of your dataset', not which folders, nor where
+    they come from."""
+    cfg = load_config(preset="cityscapes-segformer")
+    with pytest.raises(DataError) as err:
+        open_split(cfg.data, "train")
+    assert str(err.value) == (
+        "data.dataset=cityscapes needs data.root: the folder that holds Cityscapes' "
+        "leftImg8bit/ and gtFine/ (leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
+        "from cityscapes-dataset.com, unpacked there; nothing is downloaded)")
+    folder = load_config(overrides=["data.dataset=folder"])
+    with pytest.raises(DataError, match=r"^data.dataset=folder needs data.root: the folder "
+                                        r"that holds classes.yaml with images/ and masks/"):
+        open_split(folder.data, "train")
+
+
 def test_cityscapes_segformer_preset_holds_the_papers_pool():
     """The preset's pool is the paper's: SegFormer-B0 (3.7 M parameters) and -B5 (82 M)."""
     cfg = load_config(preset="cityscapes-segformer")

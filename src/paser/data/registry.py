@@ -56,16 +56,17 @@ class DatasetKind:
 
     ``open(cfg, root, split)`` gives a split's files (``None``: the dataset is built in
     memory by ``build(cfg)`` instead); ``codec(cfg)`` is the class map its label PNGs are
-    written in (class k is written as ``codec.values[k]``); ``root(cfg, progress)`` the
-    folder it is read from; ``written(cfg, root)`` what holds its training images now (their
-    files, bytes and newest modification time, nothing opened: :func:`_fitted`'s key).
+    written in (class k is written as ``codec.values[k]``); ``needs_root``: what the folder
+    ``data.root`` must hold, said where it is not given (empty: a null ``data.root`` is
+    allowed); ``written(cfg, root)`` what holds its training images now (their files, bytes
+    and newest modification time, nothing opened: :func:`_fitted`'s key).
     """
 
     name: str
     codec: Callable[[DataConfig], ClassMap]
     open: Callable[[DataConfig, Path, str], SegmentationFiles] | None = None
     build: Callable[[DataConfig], StageData] | None = None
-    needs_root: bool = False
+    needs_root: str = ""
     written: Callable[[DataConfig, Path], tuple | None] = lambda cfg, root: None
 
 
@@ -177,18 +178,22 @@ KINDS: dict[str, DatasetKind] = {k.name: k for k in (
     DatasetKind("folder", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
                 open=lambda cfg, root, split: FolderDataset(root, split, cfg.holdout,
                                                             cfg.split_seed),
-                needs_root=True,
+                needs_root="classes.yaml with images/ and masks/ (or train/, validation/ and "
+                "test/, each with those two; docs/data.md)",
                 written=lambda cfg, root: files_now(_folder_images(cfg, root))),
     DatasetKind("cityscapes", lambda cfg: CITYSCAPES_CODEC,
                 open=lambda cfg, root, split: CityscapesDataset(root,
                                                                 cfg.cityscapes_splits[split]),
-                needs_root=True,
+                needs_root="Cityscapes' leftImg8bit/ and gtFine/ (leftImg8bit_trainvaltest.zip "
+                "and gtFine_trainvaltest.zip from cityscapes-dataset.com, unpacked there; "
+                "nothing is downloaded)",
                 written=lambda cfg, root: files_now(
                     root / "leftImg8bit" / cfg.cityscapes_splits["train"])),
     DatasetKind("volume", lambda cfg: ClassMap.read(_root(cfg) / "classes.yaml"),
                 open=lambda cfg, root, split: VolumeSlices(root, cfg.volume, cfg.labels,
                                                            cfg.slices, split),
-                needs_root=True,
+                needs_root="classes.yaml, and where data.volume and data.labels are read from "
+                "when relative (docs/volumes.md)",
                 written=lambda cfg, root: written(root, cfg.volume, cfg.labels)),
     DatasetKind("mnist-noisy", lambda cfg: MNIST_CODEC, build=_mnist_stage_data),
 )}
@@ -207,7 +212,8 @@ def kind(cfg: DataConfig) -> DatasetKind:
 
 def _root(cfg: DataConfig) -> Path:
     if cfg.root is None:
-        raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder of your dataset")
+        raise DataError(f"data.dataset={cfg.dataset} needs data.root: the folder that holds "
+                        f"{kind(cfg).needs_root or 'the dataset'}")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist; point it at a dataset folder (a "
