@@ -1368,6 +1368,20 @@ def test_cityscapes_images_outside_city_folders_are_said_to_be_there(tmp_path):
         CityscapesDataset(root, "train")
 
 
+def test_data_check_names_a_missing_label_once_where_two_splits_read_its_folder(tmp_path):
+    """Cityscapes reads val/ as validation and test: with no label found anywhere, each of
+    val's 2 missing labels was listed twice, as '9 problems' of 7."""
+    root = make_cityscapes(tmp_path / "cs")
+    for f in (root / "gtFine").rglob("*_gtFine_labelIds.png"):
+        f.rename(f.with_name(f.name.replace("labelIds", "labelTrainIds")))
+    with pytest.raises(DataError) as err:
+        check_dataset(root, show_progress=False)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "7 problems; fix each and check again:"
+    assert len(lines) == 8 and len(set(lines)) == 8
+    assert sum("lindau_000001_000019_leftImg8bit.png" in line for line in lines) == 1
+
+
 def test_the_cityscapes_preset_without_data_root_says_what_the_folder_holds():
     """It said 'needs data.root: the folder of your dataset', not which folders, nor where
     they come from."""

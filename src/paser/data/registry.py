@@ -495,8 +495,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
             partial.add(s)
             if err.opened is not None and len(err.opened):
                 splits[s] = err.opened
-    if not splits:  # not a file left to read
-        raise DataError.of_every(problems)
+    if not splits:  # not a file left to read (a folder two splits read is named once)
+        raise DataError.of_every(list(dict.fromkeys(problems)))
     # the window is fitted on the whole training split (one read without some files is
     # checked, not scaled for training): the configured scaling where it cannot be
     intensity = configured_intensity(cfg)
