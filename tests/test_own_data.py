@@ -1320,6 +1320,21 @@ def test_cityscapes_layout_maps_label_ids_to_the_19_train_ids(tmp_path):
         CityscapesDataset(root, "test")
 
 
+def test_cityscapes_passes_over_hidden_files_as_the_other_layouts_do(tmp_path):
+    """The ._x_leftImg8bit.png resource forks macOS leaves on a shared drive (and a hidden
+    folder's images) were read as images: 'cannot read the image', and no run trained."""
+    from paser.data.folders import CityscapesDataset
+
+    root = make_cityscapes(tmp_path / "cs")
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    for d, end in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+        (root / d / "train" / "bonn" / f"._bonn_000000_000019_{end}.png").write_bytes(fork)
+        shutil.copytree(root / d / "train" / "bonn", root / d / "train" / ".bonn_copy")
+    train = CityscapesDataset(root, "train")
+    assert len(train) == 5 and not any(p.name.startswith(".") for p in train.images)
+    assert [p.parent.name for p in train.images] == ["aachen"] * 3 + ["bonn"] * 2
+
+
 def test_a_missing_cityscapes_label_names_its_gtfine_file_not_the_images_name(tmp_path):
     """Cityscapes' label of x_leftImg8bit.png is x_gtFine_labelIds.png in gtFine/: the error
     said 'save the label there (the image's name, as .png or .tif)', a file the layout does

@@ -357,7 +357,10 @@ class CityscapesDataset(_ClassMapped):
             if not d.is_dir():
                 raise DataError(f"{d}: folder not found; the Cityscapes layout has "
                                 f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/")
-        images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        # not the ._<name>_leftImg8bit.png files macOS leaves on shared drives, nor hidden
+        # folders (the other layouts pass over them too)
+        images = sorted(p for p in img_dir.glob("*/*_leftImg8bit.png")
+                        if not hidden(p, img_dir))
         if not images:  # not "no images (.png, ...)" of a folder of PNGs
             others = sorted(p for p in img_dir.rglob("*") if p.is_file()
                             and p.suffix.lower() in READABLE_SUFFIXES and not hidden(p))
