@@ -1397,6 +1397,23 @@ def test_data_check_names_a_missing_label_once_where_two_splits_read_its_folder(
     assert sum("lindau_000001_000019_leftImg8bit.png" in line for line in lines) == 1
 
 
+def test_data_check_of_cityscapes_does_not_send_the_user_to_a_classes_yaml(tmp_path):
+    """The fixture's masks hold 8 of the 19 classes: each absent one read '(in no mask of
+    any split: check classes.yaml and the masks, or remove it)', while Cityscapes has no
+    classes.yaml and its classes cannot be removed."""
+    root = make_cityscapes(tmp_path / "cs")
+    out = paser_here("data", "check", root, "--workers", "0")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "classes.yaml" not in out.stdout
+    assert [line.split()[0] for line in lines if line.endswith("(in no mask of any split)")] == [
+        "wall", "fence", "pole", "traffic", "traffic", "terrain", "rider", "truck", "bus",
+        "train", "motorcycle"]
+    assert ("Cityscapes' 19 classes are fixed: a few of its cities can lack some, and a label "
+            "that holds no label ids (a _gtFine_labelTrainIds.png saved as "
+            "_gtFine_labelIds.png) reads as other classes and unlabelled pixels") in lines
+
+
 def test_the_cityscapes_preset_without_data_root_says_what_the_folder_holds():
     """It said 'needs data.root: the folder of your dataset', not which folders, nor where
     they come from."""

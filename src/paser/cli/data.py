@@ -78,14 +78,21 @@ def data_check(
                    f"range, {rest} {other}; where they hold one kind of scan, the models see "
                    "it at two contrasts: save every image in one type and units")
     typer.echo("class frequencies in the training masks (share of labelled pixels):")
+    # classes.yaml names the classes of folder and volume data; the others' are fixed
+    absent = ("   (in no mask of any split: check classes.yaml and the masks, or remove it)"
+              if r["layout"] in ("folder", "volume") else "   (in no mask of any split)")
     for (name, f), w in zip(r["class_fractions"].items(), r["suggested_class_weights"],
                             strict=True):
         typer.echo(f"  {name:<20} {100 * f:6.2f} %   weight {w:.4f}"
-                   + ("   (in no mask of any split: check classes.yaml and the masks, or "
-                      "remove it)" if name in r["absent_classes"] else
+                   + (absent if name in r["absent_classes"] else
                       "   (no training pixel: the models cannot learn it, and its test IoU "
                       "will be 0)" if f == 0 else ""))
     typer.echo(f"  unlabelled pixels: {100 * r['unlabelled_fraction']:.2f} %")
+    if r["absent_classes"] and r["layout"] == "cityscapes":
+        typer.echo(f"Cityscapes' {len(r['class_fractions'])} classes are fixed: a few of its "
+                   "cities can lack some, and a label that holds no label ids (a "
+                   "_gtFine_labelTrainIds.png saved as _gtFine_labelIds.png) reads as other "
+                   "classes and unlabelled pixels")
     if r["absent_classes"] and r["layout"] == "battery":
         from paser.data.battery import CODEC
 
