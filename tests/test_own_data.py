@@ -1335,6 +1335,35 @@ def test_cityscapes_passes_over_hidden_files_as_the_other_layouts_do(tmp_path):
     assert [p.parent.name for p in train.images] == ["aachen"] * 3 + ["bonn"] * 2
 
 
+def test_cityscapes_test_labels_which_it_withholds_are_refused_as_a_split(tmp_path):
+    """gtFine/test marks the ego vehicle (1), the rectification border (2) and what is out
+    of the region of interest (3) alone: a run given data.cityscapes_splits.test=test
+    trained to the end and reported 'IoU nan' for every method."""
+    from paser.data.folders import CityscapesDataset
+
+    root = make_cityscapes(tmp_path / "cs")
+    for d in ("leftImg8bit", "gtFine"):
+        shutil.copytree(root / d / "val", root / d / "test")
+    for f in (root / "gtFine" / "test").rglob("*.png"):
+        Image.fromarray(np.repeat(np.array([0, 1, 2, 3], np.uint8), 32)[None].repeat(
+            64, 0)).save(f)
+    cfg = load_config(preset="cityscapes-segformer", overrides=[
+        f"data.root={root}", "data.cityscapes_splits={train: train, validation: val, test: test}"])
+    with pytest.raises(DataError) as err:
+        open_split(cfg.data, "test")
+    assert str(err.value) == (
+        f"{root / 'gtFine' / 'test'}: its labels hold no pixel of the 19 classes (the first 2 "
+        "read: every pixel unlabelled); Cityscapes withholds its test labels (gtFine/test "
+        "marks the ego vehicle and the image border alone), so nothing could be scored on "
+        "them: read val as the test split (data.cityscapes_splits.test: val, the default) or "
+        "give a folder of labelled images")
+    assert len(CityscapesDataset(root, "val")) == 2  # labelled: read as before
+    # one label unlabelled of several is an image, not the withheld split
+    Image.open(root / "gtFine" / "val" / "lindau" / "lindau_000001_000019_gtFine_labelIds.png"
+               ).save(next((root / "gtFine" / "test").rglob("*.png")))
+    assert len(CityscapesDataset(root, "test")) == 2
+
+
 def test_a_missing_cityscapes_label_names_its_gtfine_file_not_the_images_name(tmp_path):
     """Cityscapes' label of x_leftImg8bit.png is x_gtFine_labelIds.png in gtFine/: the error
     said 'save the label there (the image's name, as .png or .tif)', a file the layout does

@@ -73,6 +73,8 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
                         23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
+#: Cityscapes labels read when a split is opened: all of them unlabelled is its test split
+_PLACEHOLDERS = 3
 #: where Cityscapes' files come from (nothing is downloaded)
 _CITYSCAPES_ARCHIVES = ("leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
                         "cityscapes-dataset.com")
@@ -375,6 +377,24 @@ class CityscapesDataset(_ClassMapped):
                                                           "_gtFine_labelIds.png")
                   for p in images]
         super().__init__(images, labels, f"{img_dir}")
+        if self._placeholders():
+            raise DataError(
+                f"{gt_dir}: its labels hold no pixel of the 19 classes (the first "
+                f"{min(len(self), _PLACEHOLDERS)} read: every pixel unlabelled); Cityscapes "
+                "withholds its test labels (gtFine/test marks the ego vehicle and the image "
+                "border alone), so nothing could be scored on them: read val as the test "
+                "split (data.cityscapes_splits.test: val, the default) or give a folder of "
+                "labelled images")
+
+    def _placeholders(self) -> bool:
+        """Whether the split's first labels are all unlabelled: Cityscapes' test labels,
+        on which every method of a run scored nan. A label that cannot be read is left to
+        the reading, which names every bad file."""
+        try:
+            return len(self) > 0 and all((self.decode(self.labels[i]) == MASK_IGNORE).all()
+                                         for i in range(min(len(self), _PLACEHOLDERS)))
+        except DataError:
+            return False
 
     def missing_label_hint(self, label: Path, image: Path) -> str:
         """Cityscapes' label is no file of the image's name: say which file it is, and name
