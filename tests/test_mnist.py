@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageFilter
 from tests.helpers import IOU_ABS, MNIST_TINY, digits, idx_folder, single_model_routes
 
-from paser.config import MnistConfig
-from paser.data import Tensors
+from paser.config import MnistConfig, load_config
+from paser.data import Tensors, load_stage_data
 from paser.data import mnist as mn
 from paser.errors import DataError
 
@@ -185,6 +185,29 @@ def test_bad_files_and_too_many_digits_are_clear_errors(idx_root):
     (root / mn.IDX_FILES["train_images"]).write_bytes(b"not an idx file")
     with pytest.raises(DataError, match="train-images-idx3-ubyte: not a readable IDX"):
         mn.build_splits(_cfg(source="idx", root=root))
+
+
+def test_a_model_whose_groups_have_no_training_sample_fails_before_training(tmp_path):
+    """5 training digits: D_pre's 2 are both Gaussian r2, so f2 (the box blur alone) and f0
+    (Gaussian r1 alone) had nothing to train on: a ZeroDivisionError after f2's epoch, f1
+    trained for nothing. The first model without samples is named, before any trains."""
+    from paser.train.pretrain import pretrain
+
+    idx_folder(tmp_path / "idx")
+    cfg = load_config(preset="mnist-noisy", overrides=[
+        *MNIST_TINY, f"data.mnist.root={tmp_path / 'idx'}", "data.mnist.n_train=5",
+        "data.mnist.n_val=3"])
+    pre = load_stage_data(cfg).pre
+    assert pre.groups.tolist() == [1, 1]
+    with pytest.raises(DataError) as err:
+        pretrain(cfg, tmp_path / "run", show_progress=False)
+    assert str(err.value) == (
+        "key 'models.f0.groups': D_pre holds no gauss_r1 sample (2 samples: 2 gauss_r2), "
+        "so f0 would have nothing to train on; give more samples (noisy MNIST: "
+        "data.mnist.n_train, of which D_pre is data.split's first share, and "
+        "data.mnist.n_val)")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir())  # nothing trained
 
 
 def test_groups_select_samples_and_unknown_groups_fail():

@@ -471,6 +471,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
     grid = PatchGrid(*cfg.grid, halo=cfg.halo)
     probe_models(cfg, grid, *data.pre.images.shape[-2:])  # before any training
+    _groups_hold_samples(cfg, data)
     probe_budget(cfg, grid, *data.validation.images.shape[-2:],
                  unit="image" if source_images(data.validation.ids) is None else "tile")
     dist = launch(cfg)  # after the data is in place: the other processes only read it
@@ -642,6 +643,24 @@ def probe_budget(cfg: ExperimentConfig, grid: PatchGrid, h: int, w: int,
                      unit=unit)
     except ConfigError as err:
         raise ConfigError(f"{err}; nothing was trained") from None
+
+
+def _groups_hold_samples(cfg: ExperimentConfig, data) -> None:
+    """Every model given ``groups`` has samples of them in D_pre and in validation: one
+    with none trained on nothing and stopped with a ZeroDivisionError after its first
+    epoch, the models before it trained for nothing."""
+    for (role, spec), key in zip(model_roles(cfg), _keys(cfg), strict=True):
+        for split, d in (("D_pre", data.pre), ("validation", data.validation)):
+            if spec.groups is None or len(d.in_groups(spec.groups, key)):
+                continue
+            names = " or ".join(d.group_names[g] for g in spec.groups)
+            held = ", ".join(f"{n} {d.group_names[g]}" for g, n in enumerate(
+                torch.bincount(d.groups, minlength=len(d.group_names)).tolist()) if n)
+            raise DataError(f"key '{key}': {split} holds no {names} sample ({len(d)} samples: "
+                            f"{held or 'none'}), so {role} would have nothing to "
+                            f"{'train' if split == 'D_pre' else 'be validated'} on; give "
+                            "more samples (noisy MNIST: data.mnist.n_train, of which D_pre "
+                            "is data.split's first share, and data.mnist.n_val)")
 
 
 def _keys(cfg: ExperimentConfig) -> list[str]:
