@@ -1443,6 +1443,27 @@ def test_data_check_of_cityscapes_does_not_send_the_user_to_a_classes_yaml(tmp_p
             "_gtFine_labelIds.png) reads as other classes and unlabelled pixels") in lines
 
 
+def test_data_root_one_folder_above_cityscapes_names_the_folder_to_give(tmp_path):
+    """data.root=/data with the dataset in /data/cityscapes: 'leftImg8bit/train: folder not
+    found; the Cityscapes layout has ...', not that the layout was one folder down."""
+    from paser.data.folders import CityscapesDataset
+
+    make_cityscapes(tmp_path / "data" / "cityscapes")
+    with pytest.raises(DataError) as err:
+        CityscapesDataset(tmp_path / "data", "train")
+    assert str(err.value) == (
+        f"{tmp_path / 'data' / 'leftImg8bit' / 'train'}: folder not found; the Cityscapes "
+        "layout has leftImg8bit/train/<city>/ and gtFine/train/<city>/ in data.root "
+        "(leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from cityscapes-dataset.com,"
+        f" both unpacked there); {tmp_path / 'data' / 'cityscapes' / 'leftImg8bit'} is there: "
+        f"point data.root at {tmp_path / 'data' / 'cityscapes'}")
+    # the two archives unpacked into two folders: gtFine/ goes beside leftImg8bit/
+    (tmp_path / "data" / "cityscapes" / "gtFine").rename(tmp_path / "data" / "gtFine")
+    with pytest.raises(DataError, match=r"; .*cityscapes/leftImg8bit is there: point data.root "
+                                        r"at .*cityscapes and put gtFine/ beside it$"):
+        CityscapesDataset(tmp_path / "data", "train")
+
+
 def test_the_cityscapes_preset_without_data_root_says_what_the_folder_holds():
     """It said 'needs data.root: the folder of your dataset', not which folders, nor where
     they come from."""

@@ -355,10 +355,19 @@ class CityscapesDataset(_ClassMapped):
     def __init__(self, root: str | Path, split: str):
         root = Path(root)
         img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-        for d in (img_dir, gt_dir):
+        for d, other in ((img_dir, "gtFine"), (gt_dir, "leftImg8bit")):
             if not d.is_dir():
+                # data.root one folder above the dataset, or an archive unpacked apart
+                below = sorted(p.parent for p in root.glob(f"*/{d.parent.name}/{split}")
+                               if p.is_dir() and not hidden(p, root))
+                there = "" if not below else (
+                    f"; {below[0]} is there: point data.root at {below[0].parent}"
+                    + ("" if (below[0].parent / other).is_dir() else
+                       f" and put {other}/ beside it"))
                 raise DataError(f"{d}: folder not found; the Cityscapes layout has "
-                                f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/")
+                                f"leftImg8bit/{split}/<city>/ and gtFine/{split}/<city>/ in "
+                                f"data.root ({_CITYSCAPES_ARCHIVES}, both unpacked there)"
+                                + there)
         # not the ._<name>_leftImg8bit.png files macOS leaves on shared drives, nor hidden
         # folders (the other layouts pass over them too)
         images = sorted(p for p in img_dir.glob("*/*_leftImg8bit.png")
