@@ -74,6 +74,28 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run, mon
         assert (mnist_run / "figures" / fig).stat().st_size > 1000
 
 
+def test_the_lam_sweep_learns_from_the_images_stage_2_learns_from(mnist_run, monkeypatch):
+    """Each lam's policy is trained as in stage 2: on D_rl in stage2.views views (and D_ft
+    under train_on rl+ft), not on D_rl alone, which gave battery-quick's sweep 316 training
+    patches where its stage 2 learns from 632."""
+    from paser.checkpoints import build_router
+    from paser.data import load_stage_data
+
+    cfg = load_config(config_file=mnist_run / "config.yaml", overrides=["stage2.views=2"])
+    router = build_router(cfg, mnist_run, torch.device("cpu")).eval()
+    data = load_stage_data(cfg, progress=False, run_dir=mnist_run)
+    learnt_from, fit = [], sens.fit_policy
+
+    def spy(cfg, policy, train, *args, **kwargs):
+        learnt_from.append(len(train.state))
+        return fit(cfg, policy, train, *args, **kwargs)
+
+    monkeypatch.setattr(sens, "fit_policy", spy)
+    sens.lam_sweep(cfg, router, data, [0.0, 0.5], epochs=1, show_progress=False)
+    assert len(data.rl) == 8  # the image and its mirror: 16 training images for each lam
+    assert learnt_from == [16, 16]
+
+
 def test_a_run_without_monte_carlo_is_studied_with_every_dropout_on_and_told_so():
     from paser.experiments.report import dropout_said
 

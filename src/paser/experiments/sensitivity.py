@@ -1,9 +1,11 @@
 """Sensitivity to lam and to the number of Monte Carlo samples (paper R5).
 
-(a) lam sweep: for each lam a fresh policy is trained as in stage 2 (same epochs, batch,
-learning rate, exploration and best-on-validation rule) from the run's stage-1 models.
-The task models are frozen in stage 2, so what a patch scores under each action does not
-depend on lam: the outcomes of D_rl, validation and test are computed once
+(a) lam sweep: for each lam a fresh policy is trained as in stage 2 (same training images:
+D_rl, with D_ft under ``stage2.train_on`` rl+ft, in ``stage2.views`` views and
+``stage2.crops`` crops; same epochs, batch, learning rate, exploration and
+best-on-validation rule) from the run's stage-1 models. The task models are frozen in
+stage 2, so what a patch scores under each action does not depend on lam: the outcomes of
+those training images, validation and test are computed once
 (:class:`paser.outcomes.PatchOutcomes`) and every lam only trains a policy on them.
 Each point is the greedy policy on the test split: mIoU, mean cost ``c(a)`` per patch
 (the reward's cost, stage2.cost) and GFLOP per image.
@@ -30,7 +32,7 @@ from paser.experiments.report import pyplot, save_figure
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.runtime import progress
-from paser.train.policy import fit_policy, fractions, greedy_actions
+from paser.train.policy import fit_policy, fractions, greedy_actions, training_outcomes
 from paser.uncertainty import mc_predict, seeded
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -72,8 +74,10 @@ def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
     s2, device = cfg.stage2, next(router.parameters()).device
     ncls, batch = cfg.models.num_classes, s2.batch_size
     epochs = s2.epochs if epochs is None else epochs
-    caches = {name: PatchOutcomes.build(router, getattr(data, name), ncls, batch, device)
-              for name in ("rl", "validation", "test")}
+    # the images stage 2 learns from (stage2.train_on, views, crops), not D_rl alone
+    caches = {"rl": training_outcomes(cfg, router, data, device),
+              **{name: PatchOutcomes.build(router, getattr(data, name), ncls, batch, device)
+                 for name in ("validation", "test")}}
     costs = router.costs(*data.rl.images.shape[-2:])
     cost = costs.model_cost(s2.cost).to(device)
     rows = []
