@@ -107,6 +107,25 @@ def test_a_run_without_monte_carlo_is_studied_with_every_dropout_on_and_told_so(
                     "not what the run uses")
 
 
+def test_the_same_number_of_passes_twice_is_refused(mnist_run, tmp_path):
+    """--samples 5 --samples 5 compared one seeded entropy map with itself and reported
+    'Welch p = 1.0000' as if T made no difference."""
+    from tests.helpers import paser_here
+
+    from paser.errors import ConfigError
+
+    res = paser_here("experiment", "sensitivity", "--run-dir", str(tmp_path), "--samples", "5",
+                     "--samples", "5")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == ("error: --samples [5, 5]: give two different numbers of passes, each "
+                          "at least 1 (e.g. --samples 5 --samples 20)\n")
+    before = (mnist_run / "results.json").read_text()
+    with pytest.raises(ConfigError, match=r"samples \[3, 3\]: give two different numbers"):
+        sens.run_sensitivity(mnist_run, lams=[0.0], samples=(3, 3), epochs=1,
+                             show_progress=False)
+    assert (mnist_run / "results.json").read_text() == before  # nothing measured or written
+
+
 def test_patch_entropies_are_per_patch_means_and_seeded(mnist_run):
     from paser.checkpoints import build_router
     from paser.data import load_stage_data

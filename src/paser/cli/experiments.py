@@ -85,9 +85,9 @@ def experiment_sensitivity(
     samples = samples or [5, 20]
     if any(not 0.0 <= lam <= 1.0 for lam in lams):
         raise ConfigError(f"--lam {lams}: every lam must lie in [0, 1]")
-    if len(samples) != 2 or min(samples) < 1:
-        raise ConfigError(f"--samples {samples}: give two numbers of passes, each at least 1 "
-                          "(e.g. --samples 5 --samples 20)")
+    if len(samples) != 2 or min(samples) < 1 or samples[0] == samples[1]:
+        raise ConfigError(f"--samples {samples}: give two different numbers of passes, each "
+                          "at least 1 (e.g. --samples 5 --samples 20)")
     out = run_sensitivity(run_dir, lams, tuple(samples), epochs)
     from paser.cost import FLOP_CONVENTION
 

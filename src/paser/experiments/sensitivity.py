@@ -27,6 +27,7 @@ import torch
 
 from paser.checkpoints import build_router, make_policy
 from paser.data import Tensors
+from paser.errors import ConfigError
 from paser.experiments.finished import open_finished, record_experiment
 from paser.experiments.report import pyplot, save_figure
 from paser.outcomes import PatchOutcomes
@@ -104,7 +105,13 @@ def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
 def run_sensitivity(run_dir: str | Path, lams=DEFAULT_LAMS, samples=(5, 20),
                     epochs: int | None = None, show_progress: bool = True) -> dict:
     """Both sensitivity studies on a finished run; written into its ``results.json``
-    (``experiments.sensitivity``), ``report.md`` and ``figures/``. Returns that entry."""
+    (``experiments.sensitivity``), ``report.md`` and ``figures/``. Returns that entry.
+
+    ``samples``: two different numbers of Monte Carlo passes (the same number twice would
+    compare one seeded entropy map with itself: p = 1 whatever f0 does)."""
+    if len(samples) != 2 or min(samples) < 1 or samples[0] == samples[1]:
+        raise ConfigError(f"samples {list(samples)}: give two different numbers of Monte Carlo "
+                          "passes, each at least 1 (e.g. 5 and 20)")
     run = open_finished(run_dir, show_progress)
     cfg, data = run.cfg, run.data
     router = build_router(cfg, run.run_dir, run.device).eval()
