@@ -96,6 +96,34 @@ def test_the_lam_sweep_learns_from_the_images_stage_2_learns_from(mnist_run, mon
     assert learnt_from == [16, 16]
 
 
+def test_the_lam_sweep_sees_the_test_split_as_table_1_and_segment_do(mnist_run, monkeypatch):
+    """The test split's outcomes draw f0's dropout masks as inference and Table 1 do
+    (mc_seed 0), not from the global generator: on battery-paper (T = 5) a policy keeping
+    every patch on f0 scored 0.1934 in the sweep where Table 1's f0 (MC) scored 0.1861."""
+    from paser.checkpoints import build_router
+    from paser.data import load_stage_data
+    from paser.outcomes import PatchOutcomes
+
+    cfg = load_config(config_file=mnist_run / "config.yaml")
+    router = build_router(cfg, mnist_run, torch.device("cpu")).eval()
+    data = load_stage_data(cfg, progress=False, run_dir=mnist_run)
+    seen = []
+
+    def keep_f0(policy, states, batch):  # every patch on f0, whatever the policy says
+        seen.append(states)
+        return torch.zeros(len(states), router.grid.num_patches, dtype=torch.long)
+
+    monkeypatch.setattr(sens, "greedy_actions", keep_f0)
+    torch.manual_seed(123)  # the global generator's draw must not matter
+    (row,) = sens.lam_sweep(cfg, router, data, [0.5], epochs=1, show_progress=False)
+    as_table_1 = PatchOutcomes.build(router, data.test, cfg.models.num_classes,
+                                     cfg.baselines.timing_batch, torch.device("cpu"), mc_seed=0)
+    assert cfg.mc_samples == 2 and cfg.mc_dropout == "all"  # f0's passes differ by their masks
+    assert torch.equal(seen[0], as_table_1.state)
+    results = json.loads((mnist_run / "results.json").read_text())
+    assert row["iou"] == pytest.approx(results["methods"]["f0 (MC)"]["iou"], abs=1e-9)
+
+
 def test_a_run_without_monte_carlo_is_studied_with_every_dropout_on_and_told_so():
     from paser.experiments.report import dropout_said
 

@@ -7,8 +7,9 @@ best-on-validation rule) from the run's stage-1 models. The task models are froz
 stage 2, so what a patch scores under each action does not depend on lam: the outcomes of
 those training images, validation and test are computed once
 (:class:`paser.outcomes.PatchOutcomes`) and every lam only trains a policy on them.
-Each point is the greedy policy on the test split: mIoU, mean cost ``c(a)`` per patch
-(the reward's cost, stage2.cost) and GFLOP per image.
+Each point is the greedy policy on the test split, whose f0 passes draw their dropout masks
+as Table 1 and inference do (``mc_seed`` 0): mIoU, mean cost ``c(a)`` per patch (the
+reward's cost, stage2.cost) and GFLOP per image.
 
 (b) Monte Carlo samples: f0's entropy map from T = 5 and T = 20 passes over the test
 split, summarised as the mean entropy of each patch; a Welch t-test (SciPy, unequal
@@ -75,10 +76,13 @@ def lam_sweep(cfg, router: Router, data, lams, epochs: int | None = None,
     s2, device = cfg.stage2, next(router.parameters()).device
     ncls, batch = cfg.models.num_classes, s2.batch_size
     epochs = s2.epochs if epochs is None else epochs
-    # the images stage 2 learns from (stage2.train_on, views, crops), not D_rl alone
+    # the images stage 2 learns from (stage2.train_on, views, crops), not D_rl alone; the
+    # test split as Table 1 measures it: f0's dropout masks seeded as at inference, in the
+    # report's batches (a mask follows an image's place in its batch)
     caches = {"rl": training_outcomes(cfg, router, data, device),
-              **{name: PatchOutcomes.build(router, getattr(data, name), ncls, batch, device)
-                 for name in ("validation", "test")}}
+              "validation": PatchOutcomes.build(router, data.validation, ncls, batch, device),
+              "test": PatchOutcomes.build(router, data.test, ncls, cfg.baselines.timing_batch,
+                                          device, mc_seed=0)}
     costs = router.costs(*data.rl.images.shape[-2:])
     cost = costs.model_cost(s2.cost).to(device)
     rows = []
