@@ -33,6 +33,24 @@ def test_no_finished_run_is_a_clear_error(tmp_path):
         sens.run_sensitivity(tmp_path)
 
 
+def test_a_results_json_that_is_no_report_is_refused_before_the_sweep(mnist_run, tmp_path,
+                                                                       monkeypatch):
+    """A results.json without 'methods' (not a report of paser run) ran the whole sweep and
+    then failed in the report with a traceback, KeyError: 'methods'."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(mnist_run, run_dir)
+    (run_dir / "results.json").write_text("{}")
+    trained = []
+    monkeypatch.setattr(sens, "fit_policy", lambda *args, **kwargs: trained.append(1))
+    with pytest.raises(CheckpointError, match=r"results.json: not a report of `paser run` \(no "
+                       r"'methods'\); write the report again first: paser run --run-dir "):
+        sens.run_sensitivity(run_dir, lams=[0.0], samples=(2, 3), epochs=1,
+                             show_progress=False)
+    assert trained == [] and (run_dir / "results.json").read_text() == "{}"
+
+
 def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run, monkeypatch):
     trained_at, fit = [], sens.fit_policy
 

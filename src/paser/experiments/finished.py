@@ -37,6 +37,10 @@ def open_finished(run_dir: str | Path, show_progress: bool = True) -> FinishedRu
     cfg = run_config(run_dir)
     results = read_record(run_dir / "results.json", "a report", "write the report again "
                           f"first: paser run --run-dir {run_dir}")
+    if "methods" not in results:  # the report written again at the end would need them
+        raise CheckpointError(f"{run_dir / 'results.json'}: not a report of `paser run` (no "
+                              "'methods'); write the report again first: paser run --run-dir "
+                              f"{run_dir}")
     measured = results.get("measured_on")
     if measured is not None and not measured_now(run_dir, measured):
         raise CheckpointError(
