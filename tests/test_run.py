@@ -878,3 +878,43 @@ def test_a_key_a_step_depends_on_trains_it_again_and_those_after_it():
     assert "stage1" not in uncertainty and {"stage2", "report"} <= set(uncertainty)
     # the last pool model: f0 distils from it, so stage 1 again
     assert "stage1" in changed("models.pool.1.epochs=41")
+
+
+def test_the_settings_the_runs_method_differs_from_the_papers_in_are_named():
+    from paser.train.paper import method_differences, paper_config
+
+    cfg = load_config(preset="battery-quick")
+    assert method_differences(cfg, paper_config(cfg)) == [
+        "mc_samples 1 (paper: 5)", "mc_dropout none (paper: all)",
+        "stage2.objective gain (paper: reinforce)", "stage2.gain dataset (paper: patch)",
+        "stage2.policy pooled (paper: cnn)", "stage2.lam 0.1 (paper: 0.5)",
+        "stage2.cost flops (paper: params)", "stage2.weight_decay 0.0001 (paper: 0.0)",
+        "stage2.train_on rl+ft (paper: rl)", "stage2.members 5 (paper: 1)"]
+    # the paper's method at the run's lam 0 (mnist-noisy's baselines.paper): lam is no
+    # difference there
+    mnist = load_config(preset="mnist-noisy")
+    assert not any(d.startswith("stage2.lam") for d in method_differences(
+        mnist, paper_config(mnist)))
+    from paser.experiments.main import paper_difference
+
+    paper = paper_config(cfg)  # the paper's method beside itself, other budgets alone
+    methods = {"PaSeR": {"iou": 0.85, "gflops": 1.8}, "PaSeR (paper)": {"iou": 0.84, "gflops": 1.5}}
+    assert paper_difference(paper, paper, methods, {"PaSeR": 0.84, "PaSeR (paper)": 0.82}) == (
+        "PaSeR has its method's settings (baselines.paper sets other budgets alone); by "
+        "+0.0100 IoU at +0.300 GFLOP per image (Table 1) and +0.0200 of curve area")
+
+
+@pytest.mark.slow
+def test_the_report_says_how_paser_differs_from_the_papers_method_and_by_how_much(job):
+    """The note of PaSeR (paper) gave the paper's settings alone: which of the run's differ,
+    and what that is worth, took reading the header, the ablation and two tables."""
+    run_dir, _, results, _ = job
+    m, areas = results["methods"], results["curve_areas"]
+    note = next(n for n in results["notes"] if n.startswith("PaSeR (paper): "))
+    assert ("PaSeR differs from it in mc_samples 1 (paper: 5), mc_dropout none (paper: all), "
+            "stage2.objective gain (paper: reinforce), ") in note
+    assert note.endswith(
+        f"; by {m['PaSeR']['iou'] - m['PaSeR (paper)']['iou']:+.4f} IoU at "
+        f"{m['PaSeR']['gflops'] - m['PaSeR (paper)']['gflops']:+.3f} GFLOP per image "
+        f"(Table 1) and {areas['PaSeR'] - areas['PaSeR (paper)']:+.4f} of curve area.")
+    assert note in (run_dir / "report.md").read_text()

@@ -61,7 +61,7 @@ from paser.outcomes import PatchOutcomes
 from paser.runtime import progress
 from paser.train.distributed import machine
 from paser.train.finetune import sweep_dir
-from paser.train.paper import paper_config, paper_dir
+from paser.train.paper import method_differences, paper_config, paper_dir
 from paser.train.pretrain import augmentations
 from paser.uncertainty import has_dropout
 
@@ -97,6 +97,19 @@ def regret_table(methods: dict[str, dict], curves: dict[str, dict], names: list[
         row["above_frontier"] = None if row["frontier"] is None else iou - row["frontier"]
         rows.append(row)
     return rows
+
+
+def paper_difference(cfg: ExperimentConfig, paper: ExperimentConfig, methods: dict,
+                     areas: dict) -> str:
+    """How the run's PaSeR differs from PaSeR (paper): the method's settings in which it
+    differs, and what that is worth on test (Table 1's IoU and GFLOP, the curve area)."""
+    differ = method_differences(cfg, paper)
+    how = ("PaSeR differs from it in " + ", ".join(differ) if differ else
+           "PaSeR has its method's settings (baselines.paper sets other budgets alone)")
+    mine, theirs = methods["PaSeR"], methods["PaSeR (paper)"]
+    return (f"{how}; by {mine['iou'] - theirs['iou']:+.4f} IoU at "
+            f"{mine['gflops'] - theirs['gflops']:+.3f} GFLOP per image (Table 1) and "
+            f"{areas['PaSeR'] - areas['PaSeR (paper)']:+.4f} of curve area")
 
 
 def router_areas(curves: dict[str, dict], routers: list[str], f0: tuple[float, float],
@@ -408,7 +421,8 @@ def evaluate_all(cfg: ExperimentConfig, run_dir: Path, data: StageData, device: 
                      f"{paper.config.stage2.policy} policy, lam {paper.config.stage2.lam}, "
                      f"cost {paper.config.stage2.cost}) trained on the same stage-1 pool "
                      "(stages 2 and 3 in paper/)" + tuned_pool_said(paper.config) + "; "
-                     f"{mc_counting(paper.router.costs(h, w).to_dict(), 'PaSeR (paper)')}.")
+                     f"{mc_counting(paper.router.costs(h, w).to_dict(), 'PaSeR (paper)')}. "
+                     f"{paper_difference(cfg, paper.config, methods, areas)}.")
     if b.matphase is not None:
         notes.append("MatPhase is re-implemented from its published description (ensemble of "
                      "whole-image UNets, a pixel-level IDK gate on the first member's entropy, "

@@ -56,6 +56,25 @@ def paper_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
     return None if same else paper
 
 
+def method_differences(cfg: ExperimentConfig, paper: ExperimentConfig) -> list[str]:
+    """The settings of :data:`PAPER_METHOD` in which the run's own method ``cfg`` differs
+    from the paper's as the run trains it (``paper``, :func:`paper_config`), each as
+    ``"key value (paper: value)"``, in PAPER_METHOD's order."""
+    mine, theirs = cfg.model_dump(mode="json"), paper.model_dump(mode="json")
+    out = []
+    for key, value in PAPER_METHOD.items():
+        if key == "operating_point":  # the report's notes say where PaSeR is calibrated
+            continue
+        subkeys = [(key, k) for k in value] if isinstance(value, dict) else [(key,)]
+        for path in subkeys:
+            a, b = mine, theirs
+            for part in path:
+                a, b = a[part], b[part]
+            if a != b:
+                out.append(f"{'.'.join(path)} {a} (paper: {b})")
+    return out
+
+
 def paper_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / PAPER_DIR
 
