@@ -28,6 +28,15 @@ def test_welch_is_scipys_unequal_variance_test_and_finds_a_shift():
     assert sens.welch(a, a + 1.0)["p_value"] < 1e-6  # a real shift is found
 
 
+def test_a_p_value_under_0_0001_is_not_printed_as_0():
+    """On a run of real-like slices the T study printed 'Welch p = 0.0000' (p = 3.0e-12)
+    in its output, report.md and mc_entropy.png, as if the test were certain."""
+    from paser.experiments.report import p_text
+
+    assert p_text(0.69861) == "0.6986" and p_text(0.0001) == "0.0001"
+    assert p_text(8.04e-7) == "8.0e-07" and p_text(0.0) == "0.0e+00"
+
+
 def test_no_finished_run_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no results.json"):
         sens.run_sensitivity(tmp_path)
@@ -84,7 +93,7 @@ def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run, mon
     stored = dict(results["experiments"]["sensitivity"])
     assert stored.pop("measured_on") and stored == json.loads(json.dumps(out))
     text = (mnist_run / "report.md").read_text()
-    assert "Sensitivity to lam" in text and f"p = {out['p_value']:.4f}" in text
+    assert "Sensitivity to lam" in text and f"p = {out['p_value']:.1e}" in text  # under 1e-4
     # the run routes with every dropout on: the T study measures that, and says so
     assert out["dropout"] == out["run_dropout"] == "all"
     assert "T = 2 against T = 6, dropout all as the run routes: " in text

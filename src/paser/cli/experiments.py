@@ -90,6 +90,7 @@ def experiment_sensitivity(
                           "at least 1 (e.g. --samples 5 --samples 20)")
     out = run_sensitivity(run_dir, lams, tuple(samples), epochs)
     from paser.cost import FLOP_CONVENTION
+    from paser.experiments.report import p_text
 
     typer.echo(f"a policy per lam, greedy on the test split; GFLOP per image ({FLOP_CONVENTION}; "
                "f0's passes and the policy included); mean cost: the reward's c(a) per patch "
@@ -98,7 +99,7 @@ def experiment_sensitivity(
     for r in out["lam_sweep"]:
         typer.echo(f"{r['lam']:5g} {r['iou']:7.4f} {r['mean_cost']:10.4f} {r['gflops']:8.3f}")
     typer.echo(f"entropy T={samples[0]} vs T={samples[1]} (dropout {out['dropout']}; the run "
-               f"routes with {out['run_dropout']}): Welch p = {out['p_value']:.4f}")
+               f"routes with {out['run_dropout']}): Welch p = {p_text(out['p_value'])}")
     typer.echo(f"written to {run_dir / 'results.json'} (experiments.sensitivity), "
                f"{run_dir / 'report.md'} and {run_dir / 'figures'}")
 

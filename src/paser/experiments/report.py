@@ -499,8 +499,14 @@ def _sensitivity_md(w, s: dict) -> None:
       f"{dropout_said(s)}: ")
     w(", ".join(f"T = {k}: {v['mean']:.4f} +/- {v['std']:.4f} (n = {v['n']})"
                 for k, v in s["entropy"].items()))
-    w(f". Welch t-test: t = {s['t_statistic']:.3f}, p = {s['p_value']:.4f} "
+    w(f". Welch t-test: t = {s['t_statistic']:.3f}, p = {p_text(s['p_value'])} "
       "(the paper: p = 0.6986).\n")
+
+
+def p_text(p: float) -> str:
+    """A p-value to 4 decimals, as the paper gives its 0.6986, or where it is under 0.0001
+    in scientific notation: 4 decimals print 3e-7 as 0.0000, as if the test were certain."""
+    return f"{p:.1e}" if p < 1e-4 else f"{p:.4f}"
 
 
 def dropout_said(s: dict) -> str:

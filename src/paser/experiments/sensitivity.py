@@ -30,7 +30,7 @@ from paser.checkpoints import build_router, make_policy
 from paser.data import Tensors
 from paser.errors import ConfigError
 from paser.experiments.finished import open_finished, record_experiment
-from paser.experiments.report import pyplot, save_figure
+from paser.experiments.report import p_text, pyplot, save_figure
 from paser.outcomes import PatchOutcomes
 from paser.routing import Router
 from paser.runtime import progress
@@ -191,6 +191,6 @@ def _plot_entropy(path: Path, ent: dict[int, torch.Tensor], p_value: float,
     ax.boxplot([v.numpy() for v in ent.values()], showfliers=False)
     ax.set_xticks(range(1, len(ent) + 1), [f"T = {t}" for t in ent])
     ax.set_ylabel("mean entropy per patch (nats)")
-    ax.set_title(f"dropout {dropout}; Welch t-test p = {p_value:.4f}", fontsize=9)
+    ax.set_title(f"dropout {dropout}; Welch t-test p = {p_text(p_value)}", fontsize=9)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
