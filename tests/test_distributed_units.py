@@ -266,3 +266,36 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
         "its error is above (the connection to it: [pair.cc:561] Connection closed by peer "
         "[127.0.0.1]:59527. This is typically caused by a remote worker crashing.; --debug "
         "shows this process's traceback)\n")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ctrl_c_of_a_distributed_stage_says_how_to_go_on_once(rank, monkeypatch, capsys):
+    """Ctrl-C reaches every process of the terminal's group, the launched ones too: rank 0
+    says how to go on, the others stop with the same status and say nothing (2 processes
+    printed the line twice)."""
+    import signal
+    import sys
+
+    import paser.cli
+
+    def app(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paser.cli, "app", app)
+    monkeypatch.setattr(sys, "argv", ["paser", "pretrain", "--run-dir", "r", "--devices", "2"])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # a worker's main() silences its stdout
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    if rank:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            paser.cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ("" if rank else "interrupted; re-run with --resume to "
+                                       "continue from the last epoch\n")
+

@@ -172,7 +172,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n
         if code == 130:  # typer's Exit(130) for Ctrl-C (no command exits so itself)
-            code = _stopped()
+            code = _stopped() if is_main_process() else 130
         if isinstance(code, int) and code:
             sys.exit(code)
     except PaserError as err:
@@ -180,8 +180,8 @@ def main() -> None:
             raise
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(_stopped())
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: rank 0 says how to go on
+        sys.exit(_stopped() if is_main_process() else 130)
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say
         sys.stderr.close()
         sys.exit(0)
