@@ -299,3 +299,48 @@ def test_ctrl_c_of_a_distributed_stage_says_how_to_go_on_once(rank, monkeypatch,
     assert capsys.readouterr().err == ("" if rank else "interrupted; re-run with --resume to "
                                        "continue from the last epoch\n")
 
+
+def _tiny(tmp_path) -> list[str]:
+    """Overrides of a stage that, were it not refused, would train in seconds."""
+    return ["data.synthetic.n_train=4", "data.synthetic.n_val=2", "data.synthetic.n_test=2",
+            "data.synthetic.height=32", "data.synthetic.width=32", "grid=[2, 2]",
+            "models.pool.0.epochs=1", "models.pool.1.epochs=1", "models.f0.epochs=1",
+            "num_threads=1",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def test_16_mixed_on_the_cpu_is_refused_before_any_work(tmp_path):
+    """Fabric trains 16-mixed on the CPU in bf16-mixed (with a warning), while stage1.json
+    recorded 16-mixed and the bar showed 'val mIoU (16)': refused, before the data is read,
+    and the run folder the command made is gone. Stage 3 trains in 32-bit: no refusal."""
+    from tests.helpers import paser_here
+
+    run = tmp_path / "r"
+    res = paser_here("pretrain", "--preset", "battery-quick", *_tiny(tmp_path), "device=cpu",
+                     "--run-dir", run, "--precision", "16-mixed")
+    assert res.returncode == 2 and not run.exists() and not (tmp_path / "cache").exists()
+    assert res.stderr == ("error: precision 16-mixed (--precision, distributed.precision) "
+                          "needs CUDA, and this stage trains on the cpu, where Fabric would "
+                          "train in bf16-mixed instead; give bf16-mixed, 32-true or auto\n")
+    from paser.config import load_config
+    from paser.train.distributed import check_devices
+
+    cfg = load_config(preset="battery-quick", overrides=["device=cpu",
+                                                         "distributed.precision=16-mixed"])
+    check_devices(cfg, "32-true")
+
+
+def test_more_gpus_than_cuda_sees_are_refused_before_any_work(tmp_path, monkeypatch):
+    """--devices 2 on a machine whose CUDA sees one GPU: Fabric's MisconfigurationException
+    came as a traceback once the stage had read its data; refused first, in one line."""
+    from tests.helpers import paser_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    run = tmp_path / "r"
+    res = paser_here("pretrain", "--preset", "battery-quick", *_tiny(tmp_path), "device=cuda",
+                     "--run-dir", run, "--devices", 2)
+    assert res.returncode == 2 and not run.exists() and not (tmp_path / "cache").exists()
+    assert res.stderr == ("error: --devices 2 (distributed.devices) asks for 2 GPUs on this "
+                          "machine, and CUDA sees 1: give --devices 1 or fewer "
+                          "(CUDA_VISIBLE_DEVICES says which GPUs it sees)\n")

@@ -503,6 +503,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
     from paser.data import describe, load_stage_data
     from paser.data.identity import data_identity, read_identity, record_identity
     from paser.experiments.main import evaluate_all
+    from paser.train.distributed import check_devices
     from paser.train.finetune import finetune, refuse_tvd_without_reinforce, tvd_sweep
     from paser.train.paper import paper_config, train_paper
     from paser.train.policy import train_policy
@@ -516,6 +517,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
              "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
              "`baselines` with --devices N first; paser run then skips them")
         cfg = in_one_process(cfg)
+    check_devices(cfg)  # stage 1's precision, before anything is read or removed
     saved = Path(run_dir) / "config.yaml"
     before = load_config(config_file=saved) if saved.is_file() else None
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)

@@ -37,7 +37,7 @@ from paser.train.common import (
     seed_role,
     setup,
 )
-from paser.train.distributed import Dist, launch
+from paser.train.distributed import Dist, check_devices, launch
 from paser.train.pretrain import class_weight, fit, masked_ce, model_epochs, weighted_ce
 from paser.uncertainty import entropy
 
@@ -74,6 +74,7 @@ def train_baselines(cfg: ExperimentConfig | None, run_dir: str | Path, resume: b
     """Train every monolithic baseline and MatPhase into ``run_dir`` (data-parallel when
     ``cfg.distributed`` asks, like stage 1); return the roles trained."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    check_devices(cfg)  # before anything is read or removed
     if not resume:  # every model starts over: what an earlier config left is no resume
         mp = cfg.baselines.matphase
         fitted = [role_name(name) for name in cfg.baselines.monolithic]

@@ -54,8 +54,15 @@ def _train(step: str, fn, run_dir: Path, overrides, preset, config, resume: bool
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); train stage 1 "
                           f"into it first: paser pretrain --run-dir {run_dir}, or paser run")
     with config_kept_on_error(run_dir):
-        if is_main_process() and (cfg is not None or saved.is_file()):
-            start_stage(run_dir, cfg or load_config(config_file=saved), step)
+        if cfg is not None or saved.is_file():
+            from paser.train.distributed import check_devices
+
+            # before the ledger reads (or generates) the data; stages 2 and 3 train in
+            # 32-bit on the CPU, whatever the precision says
+            stage_cfg = cfg or load_config(config_file=saved)
+            check_devices(stage_cfg, "32-true" if step in ("stage2", "stage3") else None)
+            if is_main_process():
+                start_stage(run_dir, stage_cfg, step)
         out = fn(cfg, run_dir, resume=resume)
     if is_main_process():  # a resume that found the stage finished changed nothing
         record_stage(run_dir, load_config(config_file=Path(run_dir) / "config.yaml"), step,

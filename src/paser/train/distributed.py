@@ -222,12 +222,32 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if native_bf16(device) else "32-true"
 
 
+def check_devices(cfg: ExperimentConfig, precision: str | None = None) -> None:
+    """Refuse what ``cfg.distributed`` asks of this machine and Fabric cannot give, before a
+    stage reads its data: more GPUs a node than CUDA sees (Fabric's own error came once the
+    data was read, as a traceback), and 16-mixed off CUDA, which Fabric trains in bf16-mixed
+    instead while the stage records and shows 16-mixed. ``precision``: the stage's own, as
+    :func:`launch` takes it (a stage that trains in 32-bit on the CPU ignores the config's)."""
+    d = cfg.distributed
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and d.devices > torch.cuda.device_count():
+        seen = torch.cuda.device_count()
+        raise ConfigError(f"--devices {d.devices} (distributed.devices) asks for {d.devices} "
+                          f"GPUs on this machine, and CUDA sees {seen}: give --devices {seen} "
+                          "or fewer (CUDA_VISIBLE_DEVICES says which GPUs it sees)")
+    if (precision or d.precision) == "16-mixed" and device.type != "cuda":
+        raise ConfigError(f"precision 16-mixed (--precision, distributed.precision) needs "
+                          f"CUDA, and this stage trains on the {device.type}, where Fabric "
+                          "would train in bf16-mixed instead; give bf16-mixed, 32-true or auto")
+
+
 def launch(cfg: ExperimentConfig, precision: str | None = None) -> Dist:
     """Launch the processes ``cfg.distributed`` asks for (none for one process, which
     autocasts itself, except with 16-mixed, which needs Fabric's gradient scaler) and
     seed them all with ``cfg.seed``, so the models about to be built start alike.
     ``precision``: the stage's own instead of ``distributed.precision`` (a stage that
     trains in 32-bit says so: Fabric autocasts the forward of every module it sets up)."""
+    check_devices(cfg, precision)
     d = cfg.distributed
     device = resolve_device(cfg.device)
     precision = precision or resolve_precision(d.precision, device)

@@ -40,7 +40,7 @@ from paser.train.common import (
     rng_state,
     setup,
 )
-from paser.train.distributed import Dist, launch
+from paser.train.distributed import Dist, check_devices, launch
 from paser.train.policy import explore, fit_policy, linear, reward, tvd
 
 
@@ -69,6 +69,7 @@ def finetune(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     ``stage3.json`` under ``out_dir`` instead; the run's own stage 3 is left alone.
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    check_devices(cfg, "32-true")  # before anything is read or removed
     setup(cfg)
     out_dir, s3 = variant if variant is not None else (run_dir, cfg.stage3)
     out_dir = Path(out_dir)

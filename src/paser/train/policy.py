@@ -55,7 +55,7 @@ from paser.train.common import (
     rng_state,
     setup,
 )
-from paser.train.distributed import Dist, launch
+from paser.train.distributed import Dist, check_devices, launch
 from paser.train.pretrain import crop
 
 
@@ -364,15 +364,17 @@ def train_policy(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool
                  show_progress: bool = True) -> dict:
     """Run stage 2 into ``run_dir``; return the summary written to ``stage2.json``."""
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    # the policy's MLPs regress gains of 1e-3 in 32-bit on the CPU, where bf16 pays for
+    # convolutions only
+    precision = "32-true" if resolve_device(cfg.device).type == "cpu" else None
+    check_devices(cfg, precision)  # before anything is read or removed
     if not resume:
         drop_downstream(run_dir, "stage2")
         forget_progress(run_dir / "checkpoints" / "policy_last.pt")
     setup(cfg)
     s2 = cfg.stage2
     data = load_stage_data(cfg, progress=show_progress, run_dir=run_dir)
-    # after the data is in place: the other processes only read it; the policy's MLPs
-    # regress gains of 1e-3 in 32-bit on the CPU, where bf16 pays for convolutions only
-    dist = launch(cfg, "32-true" if resolve_device(cfg.device).type == "cpu" else None)
+    dist = launch(cfg, precision)  # after the data is in place: the others only read it
     device = dist.device
     router = build_router(cfg, run_dir, device)
     costs = router.costs(*data.rl.images.shape[-2:])

@@ -54,7 +54,7 @@ from paser.train.common import (
     seed_role,
     setup,
 )
-from paser.train.distributed import Dist, launch, machine, machine_kind
+from paser.train.distributed import Dist, check_devices, launch, machine, machine_kind
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -465,6 +465,7 @@ def pretrain(cfg: ExperimentConfig | None, run_dir: str | Path, resume: bool = F
     each model trained, and a model trained on other files is not kept.
     """
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume)
+    check_devices(cfg)  # before anything is read or removed
     if not resume and not (reuse and every_model_kept(cfg, run_dir, files)):
         drop_downstream(run_dir, "stage1")  # (a call that keeps every model replaces none)
     device = setup(cfg)
