@@ -344,3 +344,39 @@ def test_more_gpus_than_cuda_sees_are_refused_before_any_work(tmp_path, monkeypa
     assert res.stderr == ("error: --devices 2 (distributed.devices) asks for 2 GPUs on this "
                           "machine, and CUDA sees 1: give --devices 1 or fewer "
                           "(CUDA_VISIBLE_DEVICES says which GPUs it sees)\n")
+
+
+def test_rank_0_stopped_alone_stops_the_processes_it_launched(monkeypatch, capsys):
+    """SIGTERM (or SIGINT) to rank 0 alone, as `kill PID` or a service manager sends it: the
+    worker went on until its next exchange failed, then said 'another process ... stopped
+    ... its error is above' of a run with no error, and ended with status 1. Rank 0 now
+    passes SIGTERM on to the processes it launched, which end on it at once, silently."""
+    import signal
+    import subprocess
+    import sys
+
+    import paser.cli
+    from paser.train import distributed
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(distributed, "WORKERS", [worker])
+
+    def app(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paser.cli, "app", app)
+    monkeypatch.setattr(sys, "argv", ["paser", "pretrain", "--run-dir", "r", "--devices", "2"])
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            paser.cli.main()
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        worker.kill()
+        worker.wait()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == ("interrupted; re-run with --resume to continue from "
+                                       "the last epoch\n")

@@ -94,6 +94,9 @@ def _terminate(signum, frame) -> None:
 def _stopped() -> int:
     """Say how a stopped command goes on; its exit status (130 for Ctrl-C, 143 for SIGTERM:
     the ``paser`` command then ends by the signal itself, :func:`entry`)."""
+    workers = sys.modules.get("paser.train.distributed")
+    if workers is not None:  # the processes of a distributed stage stop with this one
+        workers.stop_workers()
     how = interrupted(sys.argv[1:])
     overwriting = state.pop("overwriting", None)  # paser segment --overwrite: (out, claim)
     if overwriting is not None:

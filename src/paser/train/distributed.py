@@ -241,6 +241,24 @@ def check_devices(cfg: ExperimentConfig, precision: str | None = None) -> None:
                           "would train in bf16-mixed instead; give bf16-mixed, 32-true or auto")
 
 
+#: the processes this one launched for distributed training (Fabric's launcher, in rank 0)
+WORKERS: list = []
+
+
+def stop_workers() -> None:
+    """SIGTERM to the processes this one launched that still run, as this one stops: stopped
+    alone (``kill`` of its process id, a service manager's SIGTERM to the main process),
+    it left them to fail at their next exchange with it, each saying 'another process of
+    this distributed training stopped ... its error is above' of a run stopped on purpose,
+    and ending with status 1. A worker ends on SIGTERM at once and says nothing; one that
+    Ctrl-C has stopped already is stopped again, as quietly."""
+    import signal
+
+    for proc in WORKERS:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+
 def launch(cfg: ExperimentConfig, precision: str | None = None) -> Dist:
     """Launch the processes ``cfg.distributed`` asks for (none for one process, which
     autocasts itself, except with 16-mixed, which needs Fabric's gradient scaler) and
@@ -260,5 +278,6 @@ def launch(cfg: ExperimentConfig, precision: str | None = None) -> Dist:
     fabric = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=d.devices,
                     num_nodes=d.num_nodes, strategy=strategy, precision=precision)
     fabric.launch()
+    WORKERS[:] = getattr(fabric.strategy.launcher, "procs", [])  # (none in the others)
     seed_everything(cfg.seed)  # every process: the same weights, batch order and dropout
     return Dist(fabric.device, fabric, precision)
