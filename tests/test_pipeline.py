@@ -41,6 +41,31 @@ def test_stages_write_their_summaries_and_logs(run):
     assert s2["costs"]["params"][0] == 16_571
 
 
+def test_stage3s_summary_gives_the_refit_policys_own_distance_from_the_reference(tmp_path,
+                                                                                 monkeypatch):
+    """After the pool's fine-tuning the policy is fitted again, and the summary took its
+    fractions with the TVD of the epoch before it: 87.5 / 12.5 / 0 % of patches against a
+    reference of [1, 0, 0] read TVD 0.000."""
+    from tests.helpers import TINY_DATA
+
+    import paser.train.finetune as stage3
+    from paser.train.policy import tvd
+
+    refit = stage3.refit_policy  # routing unlike the epoch's before it, as on real data
+    monkeypatch.setattr(stage3, "refit_policy", lambda *a: refit(*a) | {
+        "fractions": [0.5, 0.25, 0.25]})
+    cfg = load_config(preset="battery-quick", overrides=[
+        *TINY_DATA, f"data.cache_dir={tmp_path / 'c'}", "stage3.epochs=1", "stage2.train_on=rl"])
+    run_dir = tmp_path / "run"
+    pretrain(cfg, run_dir, show_progress=False)
+    train_policy(None, run_dir, show_progress=False)
+    s3 = finetune(None, run_dir, show_progress=False)  # the gain router: fitted again
+    assert s3["best"]["refit"] is True and s3["best"]["fractions"] == [0.5, 0.25, 0.25]
+    assert s3["best"]["tvd"] == pytest.approx(tvd([0.5, 0.25, 0.25],
+                                                  s3["reference_fractions"]))
+    assert s3["best"]["tvd"] > 0  # the reference is one of the tiny run's own routings
+
+
 def test_api_segments_and_evaluates(run):
     run_dir, cfg, _, _ = run
     model = PaSeR.load(run_dir)
