@@ -224,12 +224,33 @@ def test_stage2_walks_one_batch_order_in_every_process_epoch_after_epoch():
         assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(n)), epoch
 
 
+def _main_raising(monkeypatch, error: BaseException, argv: list[str]) -> int:
+    """The exit status of ``paser.cli.main()`` for ``argv`` where the command raises
+    ``error`` (its SIGTERM handler put back after)."""
+    import signal
+    import sys
+
+    import paser.cli
+
+    def app(**_):
+        raise error
+
+    monkeypatch.setattr(paser.cli, "app", app)
+    monkeypatch.setattr(sys, "argv", argv)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            paser.cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    return stopped.value.code
+
+
 def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     """Rank 1 fails (its own error, one line); rank 0's next collective then fails with
     gloo's "Connection closed by peer": that is one line too, pointing at the error above,
     not a traceback of 150 lines. Outside a process group of several, a RuntimeError is
     not taken for it."""
-    import signal
     import sys
     import types
 
@@ -249,18 +270,7 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     assert not paser.cli._peer_stopped(gone)
     group.get_world_size = lambda: 2
 
-    def app(**_):
-        raise gone
-
-    monkeypatch.setattr(paser.cli, "app", app)
-    monkeypatch.setattr(sys, "argv", ["paser", "pretrain"])
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            paser.cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert stopped.value.code == 1
+    assert _main_raising(monkeypatch, gone, ["paser", "pretrain"]) == 1
     assert capsys.readouterr().err == (
         "error: another process of this distributed training stopped, so this one stops too; "
         "its error is above (the connection to it: [pair.cc:561] Connection closed by peer "
@@ -273,29 +283,17 @@ def test_ctrl_c_of_a_distributed_stage_says_how_to_go_on_once(rank, monkeypatch,
     """Ctrl-C reaches every process of the terminal's group, the launched ones too: rank 0
     says how to go on, the others stop with the same status and say nothing (2 processes
     printed the line twice)."""
-    import signal
     import sys
 
-    import paser.cli
 
-    def app(**_):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(paser.cli, "app", app)
-    monkeypatch.setattr(sys, "argv", ["paser", "pretrain", "--run-dir", "r", "--devices", "2"])
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # a worker's main() silences its stdout
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
         monkeypatch.delenv(key, raising=False)
     if rank:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            paser.cli.main()
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert stopped.value.code == 130
+    assert _main_raising(monkeypatch, KeyboardInterrupt(),
+                         ["paser", "pretrain", "--run-dir", "r", "--devices", "2"]) == 130
     assert capsys.readouterr().err == ("" if rank else "interrupted; re-run with --resume to "
                                        "continue from the last epoch\n")
 

@@ -235,6 +235,18 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
+def _resumed_on_other_threads(setup, monkeypatch):
+    """A TIFF volume segmented on 1 thread, stopped at its 9th slice and resumed on 2: the
+    run model, the volume, the test's folder and the resumed call's result."""
+    m, vol, tmp = setup
+    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
+    volume = split_inputs([tmp / "scan.tif"])[1]
+    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volume, tmp / "out", chunk=4))
+    torch.set_num_threads(2)
+    [res] = segment_volumes(m, volume, tmp / "out", chunk=4)
+    return m, volume, tmp, res
+
+
 def test_a_volume_resumed_on_other_threads_records_both_and_says_so(setup, monkeypatch,
                                                                   capsys):
     """Another thread count (or device) adds in another order and can move a few voxels, so
@@ -243,12 +255,7 @@ def test_a_volume_resumed_on_other_threads_records_both_and_says_so(setup, monke
     device and threads, the volume all of them, and its line says they differ."""
     from paser.cli.deploy import _volume_lines
 
-    m, vol, tmp = setup
-    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
-    volume = split_inputs([tmp / "scan.tif"])[1]
-    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volume, tmp / "out", chunk=4))
-    torch.set_num_threads(2)
-    [res] = segment_volumes(m, volume, tmp / "out", chunk=4)
+    m, volume, tmp, res = _resumed_on_other_threads(setup, monkeypatch)
     rec = res.record
     assert [s["threads"] for s in rec["slices"]] == [1] * 8 + [2] * (DEPTH - 8)
     assert {s["device"] for s in rec["slices"]} == {"cpu"} and rec["device"] == "cpu"
@@ -271,12 +278,7 @@ def test_a_volume_resumed_on_a_gpu_with_other_threads_is_not_said_to_differ(setu
     still keeps the threads."""
     from paser.cli.deploy import _volume_lines
 
-    m, vol, tmp = setup
-    tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
-    volume = split_inputs([tmp / "scan.tif"])[1]
-    _stopped_at(monkeypatch, m, 9, lambda: segment_volumes(m, volume, tmp / "out", chunk=4))
-    torch.set_num_threads(2)
-    [res] = segment_volumes(m, volume, tmp / "out", chunk=4)
+    m, volume, tmp, res = _resumed_on_other_threads(setup, monkeypatch)
     for s in res.record["slices"]:  # as a call on a GPU records them
         s["device"] = "cuda:0"
     res.record["device"] = "cuda:0"
