@@ -232,6 +232,43 @@ def test_paser_run_trains_in_one_process_with_the_configs_precision():
     assert (one.devices, one.num_nodes, one.precision) == (1, 1, "bf16-mixed")
 
 
+def test_a_finished_16_mixed_run_writes_its_report_again_on_the_cpu(tmp_path, monkeypatch):
+    """A GPU run of 16-mixed, its report written again on a CPU: stage 1 and the baselines
+    (the steps that train at the precision) finished, so nothing trains in 16-mixed and
+    `paser run` goes on (it refused with 'precision 16-mixed ... needs CUDA'); one that
+    would train stage 1 is still refused, before its run folder is made."""
+    import paser.run
+    from paser.config import save_config
+    from paser.errors import ConfigError
+    from paser.run import Steps, fingerprint_variants
+
+    class Went(Exception):
+        """run() got past its check of the devices."""
+
+    def went(cfg):
+        raise Went
+
+    monkeypatch.setattr(paser.run, "setup", went)
+    cfg = load_config(preset="battery-quick", overrides=[
+        "device=cpu", "distributed.precision=16-mixed", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(ConfigError, match="precision 16-mixed .* needs CUDA"):
+        run(cfg, tmp_path / "new", show_progress=False, echo=lambda line: None)
+    assert not (tmp_path / "new").exists()
+    done = tmp_path / "done"
+    done.mkdir()
+    save_config(cfg, done / "config.yaml")
+    fps = fingerprint_variants(cfg)[0]
+    steps = Steps(done)
+    steps.mark("stage1", fps["stage1"])
+    with pytest.raises(ConfigError, match="needs CUDA"):  # the baselines would train
+        run(cfg, done, show_progress=False, echo=lambda line: None)
+    steps.mark("baselines", fps["baselines"])
+    with pytest.raises(Went):
+        run(cfg, done, show_progress=False, echo=lambda line: None)
+    with pytest.raises(ConfigError, match="needs CUDA"):  # --force trains stage 1 again
+        run(cfg, done, force=True, show_progress=False, echo=lambda line: None)
+
+
 def test_the_pool_summary_carries_stage1s_precision(tmp_path):
     from paser.experiments.main import pool_summary
 

@@ -496,6 +496,22 @@ def large_patches(cfg: ExperimentConfig) -> str | None:
             ") trains and routes tiles of that size, and segment routes any size in them")
 
 
+#: the steps of `paser run` that train at ``distributed.precision`` (stages 2 and 3 train
+#: in 32-bit on the CPU)
+PRECISION_STEPS = ("stage1", "baselines")
+
+
+def precision_steps_done(cfg: ExperimentConfig, run_dir: str | Path) -> bool:
+    """Whether every one of :data:`PRECISION_STEPS` finished before in ``run_dir`` with
+    ``cfg``: then `paser run` trains nothing at its precision (a GPU run of 16-mixed whose
+    report is written again on a CPU), and the precision needs no device of its own."""
+    from paser.train.common import absolute_root
+
+    steps, variants = Steps(Path(run_dir)), fingerprint_variants(absolute_root(cfg))
+    return all(any(steps.finished(name, v[name]) for v in variants)
+               for name in PRECISION_STEPS)
+
+
 def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
         show_progress: bool = True, echo=print) -> dict:
     """Run the whole job into ``run_dir``; return the results (also in ``results.json``)."""
@@ -517,9 +533,10 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, force: bool = False,
              "data-parallel training run `paser pretrain`, `train-policy`, `finetune` and "
              "`baselines` with --devices N first; paser run then skips them")
         cfg = in_one_process(cfg)
-    check_devices(cfg)  # stage 1's precision, before anything is read or removed
     saved = Path(run_dir) / "config.yaml"
     before = load_config(config_file=saved) if saved.is_file() else None
+    if force or not precision_steps_done(cfg, run_dir):
+        check_devices(cfg)  # stage 1's precision, before anything is read or removed
     run_dir, cfg = prepare_run_dir(run_dir, cfg, resume=False)
     for line in config_changes(before, cfg):
         echo(f"[config] {line}")
