@@ -177,17 +177,15 @@ def stat_of(volume: Volume) -> list[int]:
     """``[files, bytes, newest mtime_ns]`` of what holds ``volume`` (its file, its stack's
     files, its zarr array's folder): whether it was written since, without reading it (its
     :func:`signature` is read only when this differs: a copy or a touch)."""
-    import os
+    from paser.data.images import files_now
 
-    if volume.kind == "stack":
-        paths = [Path(f) for f in volume.files]
-    elif volume.kind == "zarr" and Path(volume.path).is_dir():
-        paths = [Path(d) / f for d, _, fs in os.walk(volume.path) for f in fs]
-    else:
-        paths = [Path(volume.path)]
-    stats = [p.stat() for p in paths]
-    return [len(stats), sum(st.st_size for st in stats),
-            max((st.st_mtime_ns for st in stats), default=0)]
+    paths = [Path(f) for f in volume.files] if volume.kind == "stack" else [Path(volume.path)]
+    parts = [files_now(p) for p in paths]  # (a zarr array's folder: its every file)
+    gone = [p for p, part in zip(paths, parts, strict=True) if part is None]
+    if gone:
+        raise FileNotFoundError(f"{gone[0]}: no such file or folder")
+    return [sum(n for n, _, _ in parts), sum(b for _, b, _ in parts),
+            max((t for _, _, t in parts), default=0)]
 
 
 def slice_digest(pixels: np.ndarray) -> str:

@@ -189,14 +189,14 @@ def _along_edges(arr: np.ndarray, unknown: np.ndarray) -> bool:
     as interpolation leaves them (each a step of a ramp between two values), not in regions
     of their own value, as classes the map leaves out or numbered objects do: fewer than one
     in ten has all 8 neighbours of its own value."""
+    from scipy import ndimage  # (an error's path: not at import)
+
     if min(arr.shape) < 3:
         return True
-    inner = arr[1:-1, 1:-1]
-    uniform = np.ones(inner.shape, dtype=bool)
-    for dy in range(3):
-        for dx in range(3):
-            uniform &= arr[dy:dy + inner.shape[0], dx:dx + inner.shape[1]] == inner
-    return int((uniform & unknown[1:-1, 1:-1]).sum()) * 10 < int(unknown.sum())
+    # a 3 x 3 neighbourhood of one value: its largest and its least are the same (pixels
+    # on the border, whose neighbourhood leaves the mask, are not counted)
+    uniform = (ndimage.maximum_filter(arr, size=3) == ndimage.minimum_filter(arr, size=3))
+    return int((uniform & unknown)[1:-1, 1:-1].sum()) * 10 < int(unknown.sum())
 
 
 def _palette_note(path: Path) -> str:

@@ -176,7 +176,7 @@ CITYSCAPES_CODEC = CityscapesDataset.classmap
 #: Noisy MNIST's two classes written as black and white.
 MNIST_CODEC = ClassMap([0, 255], ["background", "digit"], None, "noisy MNIST's codec")
 
-def _folder_images(cfg: DataConfig, root: Path) -> Path:
+def _folder_images(root: Path) -> Path:
     """The folder of a folder dataset's training images: ``train/images``, or ``images``,
     which its holdout cuts (an image added anywhere there can change the training split)."""
     return root / "train" / "images" if (root / "train" / "images").is_dir() else root / "images"
@@ -191,7 +191,7 @@ KINDS: dict[str, DatasetKind] = {k.name: k for k in (
                                                             cfg.split_seed),
                 needs_root="classes.yaml with images/ and masks/ (or train/, validation/ and "
                 "test/, each with those two; docs/data.md)",
-                written=lambda cfg, root: files_now(_folder_images(cfg, root))),
+                written=lambda cfg, root: files_now(_folder_images(root))),
     DatasetKind("cityscapes", lambda cfg: CITYSCAPES_CODEC,
                 open=lambda cfg, root, split: CityscapesDataset(root,
                                                                 cfg.cityscapes_splits[split]),

@@ -66,11 +66,10 @@ def written(root: str | Path, volume: str | None, labels: str | None) -> tuple |
     intensity window fitted on them. None where a path is not given or not there (its split
     says why)."""
     out = []
-    for spec in (volume, labels):
+    for spec, key in ((volume, "data.volume"), (labels, "data.labels")):
         if not spec:
             return None
-        now = files_now(_file_of(spec if _file_of(spec).is_absolute()
-                                 else str(Path(root) / spec)))
+        now = files_now(_file_of(_spec(Path(root), spec, key)))
         if now is None:
             return None
         out.append(now)
