@@ -264,8 +264,9 @@ def launch(cfg: ExperimentConfig, precision: str | None = None) -> Dist:
     autocasts itself, except with 16-mixed, which needs Fabric's gradient scaler) and
     seed them all with ``cfg.seed``, so the models about to be built start alike.
     ``precision``: the stage's own instead of ``distributed.precision`` (a stage that
-    trains in 32-bit says so: Fabric autocasts the forward of every module it sets up)."""
-    check_devices(cfg, precision)
+    trains in 32-bit says so: Fabric autocasts the forward of every module it sets up).
+    Its callers refuse what the devices cannot give first (:func:`check_devices`), before
+    they read any data."""
     d = cfg.distributed
     device = resolve_device(cfg.device)
     precision = precision or resolve_precision(d.precision, device)
