@@ -15,8 +15,9 @@ with untrained weights, T = 5 Monte Carlo passes), on CPU and on CUDA when prese
 1b. stage-1 training on the CPU at the demo's shapes (battery-quick's f0, f1 and f2; 128 x 128
    images, batch 2, f1 and f2 on 2 x 2 patches with their 8-pixel halo): images per second
    of a training step (forward, class-weighted loss, backward, Adam) in 32-bit channels-last
-   (stage 1 before `distributed.precision auto`) against bf16 autocast in the default
-   layout (what `auto` picks on a CPU with AVX512-BF16 or AMX).
+   (32-bit stage 1 before 2026-12-07), in 32-bit NCHW (what `auto` picks on a CPU without
+   native bf16) and under bf16 autocast in NCHW (what `auto` picks on a CPU with
+   AVX512-BF16 or AMX).
 1c. the demo's test split (runs/demo): PaSeR's ms against the single models' frontier
    at equal IoU. 1d. `paser segment` end to end on 200 (up to 1,000) images: images per second.
 1e. volumes (runs/demo): `paser segment` on a synthetic 16-bit TIFF volume of 1,024 x 1,024
@@ -292,8 +293,11 @@ def bench_layout(batch: int, repeats: int) -> dict:
                 for role in ("f0", "f1", "f2")}}
 
 
-#: stage 1's two ways to train on the CPU: (precision, channels-last)
-TRAIN_MODES = {"32-bit, channels-last": ("32-true", True), "bf16, NCHW": ("bf16-mixed", False)}
+#: ways to train stage 1 on the CPU: (precision, channels-last). Stage 1 trains NCHW, in bf16
+#: where the CPU computes it natively and in 32-bit elsewhere; channels-last is what 32-bit
+#: stage 1 used before (the first mode, which the ratios are to)
+TRAIN_MODES = {"32-bit, channels-last": ("32-true", True), "32-bit, NCHW": ("32-true", False),
+               "bf16, NCHW": ("bf16-mixed", False)}
 
 
 def bench_train(batch: int, repeats: int, steps: int = 5) -> dict:
@@ -1046,10 +1050,11 @@ def _print_train(r: dict) -> None:
     print(f"\n1b. Stage-1 training steps, demo models, batch {r['batch_size']} of "
           f"{r['image_size'][0]} x {r['image_size'][1]}; images per second (native bf16: "
           f"{r['native_bf16']})")
-    print(f"{'model':<6}" + "".join(f"{mode:>24}" for mode in TRAIN_MODES) + f"{'ratio':>8}")
+    print(f"{'model':<6}" + "".join(f"{mode:>24}" for mode in TRAIN_MODES)
+          + "  (ratio to the first)")
     for role, modes in r["models"].items():
         ips = [m["images_per_s"] for m in modes.values()]
-        print(f"{role:<6}" + "".join(f"{v:24.1f}" for v in ips) + f"{ips[-1] / ips[0]:8.2f}")
+        print(f"{role:<6}" + "".join(f"{v:15.1f} ({v / ips[0]:.2f} x)" for v in ips))
 
 
 def _print_demo(r: dict) -> None:

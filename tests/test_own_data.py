@@ -86,10 +86,14 @@ baselines:
 """
 
 #: each method's test mIoU of `paser run` with POOL3 (alone and after its module: the same digits)
-POOL3_IOU = {"PaSeR": 0.3328, "PaSeR (best model's IoU - 0.005)": 0.4444, "PaSeR-RandPol": 0.2890,
-             "IDK-Cascade": 0.4261, "IDK-Cascade (IoU match)": 0.4444, "Oracle": 0.4454,
-             "MatPhase": 0.1944, "f0": 0.4242, "f0 (MC)": 0.4444, "f1": 0.0595, "f2": 0.2652,
-             "f3": 0.3310}
+POOL3_IOU = {"PaSeR": 0.3428, "PaSeR (best model's IoU - 0.005)": 0.3664, "PaSeR-RandPol": 0.2657,
+             "IDK-Cascade": 0.3958, "IDK-Cascade (IoU match)": 0.3776, "Oracle": 0.4293,
+             "MatPhase": 0.1666, "f0": 0.3840, "f0 (MC)": 0.3776, "f1": 0.0595, "f2": 0.3016,
+             "f3": 0.3331}
+#: the calibrated operating point is one of PaSeR's settings, picked on 3 validation images:
+#: another CPU's rounding can pick its neighbour, which routes one of the 12 test patches
+#: otherwise (on an AVX2 CPU it moved by 0.025 where every other figure held within 0.01)
+OPERATING_POINT_ABS = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -1189,7 +1193,10 @@ def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path)
             else gap is None)
     # two epochs: which model leads is the draw of the initial weights (f0 here; with seeds
     # 1 to 4, f3 or f0), so only the pinned figures say the run did what it did before
-    assert {k: m["iou"] for k, m in methods.items()} == pytest.approx(POOL3_IOU, abs=IOU_ABS)
+    point = "PaSeR (best model's IoU - 0.005)"
+    assert {k: m["iou"] for k, m in methods.items() if k != point} == pytest.approx(
+        {k: v for k, v in POOL3_IOU.items() if k != point}, abs=IOU_ABS)
+    assert methods[point]["iou"] == pytest.approx(POOL3_IOU[point], abs=OPERATING_POINT_ABS)
     summary = json.loads((run_dir / "stage1.json").read_text())["models"]
     assert summary["f3"]["test_miou"] > 0.2  # colour-coded classes: learnable at once
     seg = subprocess.run([sys.executable, "-m", "paser", "segment",

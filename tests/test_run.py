@@ -23,10 +23,10 @@ SINGLE = ["MatPhase", "f0", "f0 (MC)", "f1", "f2"]
 KEYS = ["PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)", *ROUTED, *SINGLE]
 #: each method's test mIoU in the job (two runs agreed to the last digit). One epoch on 9
 #: images: f0, distilled from f2, already beats f1 and f2, so routing keeps every patch on it
-IOU = {"PaSeR": 0.2344, "PaSeR (paper)": 0.1560, "PaSeR (best model's IoU - 0.005)": 0.2344,
-       "PaSeR-RandPol": 0.1409, "IDK-Cascade": 0.2903, "IDK-Cascade (IoU match)": 0.2344,
-       "Oracle": 0.2344, "MatPhase": 0.1620, "f0": 0.2344, "f0 (MC)": 0.2344, "f1": 0.0552,
-       "f2": 0.0481}
+IOU = {"PaSeR": 0.2167, "PaSeR (paper)": 0.0511, "PaSeR (best model's IoU - 0.005)": 0.2167,
+       "PaSeR-RandPol": 0.1326, "IDK-Cascade": 0.2747, "IDK-Cascade (IoU match)": 0.2167,
+       "Oracle": 0.2747, "MatPhase": 0.1682, "f0": 0.2167, "f0 (MC)": 0.2167, "f1": 0.0585,
+       "f2": 0.0462}
 
 
 # a full `paser run` (about 20 s): every test that reads it is marked slow
@@ -172,11 +172,10 @@ def test_the_report_measures_paser_against_the_single_model_frontier(job):
     paper_out = PatchOutcomes.build(paper, open_finished(run_dir, show_progress=False).data.test,
                                     cfg.models.num_classes, 2, torch.device("cpu"), mc_seed=0)
     preference = escalation(logits_on(paper, paper_out.state, 2))
+    # the two pools' gains differ (on 8 test patches the two correlations can still tie)
     assert not torch.equal(paper_out.dataset_gain(), test_out.dataset_gain())
     assert results["rank_correlation"]["PaSeR (paper)"] == pytest.approx(
         rank_correlation(preference, paper_out))
-    assert rank_correlation(preference, paper_out) != pytest.approx(
-        rank_correlation(preference, test_out))
     # the regret rows: at each PaSeR point, the frontier, cascade and oracle there
     rows = {r["method"]: r for r in results["regret"]}
     assert set(rows) == {"PaSeR", "PaSeR (paper)", "PaSeR (best model's IoU - 0.005)"}
