@@ -49,7 +49,7 @@ class Dist:
     def place(self, model: nn.Module) -> nn.Module:
         """A model to train on this device, in the default (NCHW) layout in every precision.
         Channels-last pays for inference on whole images (:func:`paser.runtime.place`), not
-        for training: a stage-1 step (forward, backward, Adam) ran 1.2 to 1.3 x faster in
+        for training: a stage-1 step (forward, backward, Adam) ran 1.2 to 1.35 x faster in
         NCHW than channels-last in 32-bit on an AVX2 CPU (f0 on whole images, f1 and f2 on
         their patches), and oneDNN's channels-last bf16 convolutions were 1.1 to 2.4 x
         slower than NCHW's on a CPU with AVX512-BF16 (docs/training.md)."""
