@@ -16,6 +16,7 @@ from tests.helpers import paser_here
 from paser.data.battery import decode_label
 from paser.errors import DataError
 from paser.segment import find_images, read_input, segment_files
+from paser.volumes import split_inputs
 
 RNG = np.random.default_rng(0)
 
@@ -98,6 +99,26 @@ def test_find_images_in_folders_files_and_errors(tmp_path):
     (tmp_path / "e" / "b.png").write_bytes(b"x")
     with pytest.raises(DataError, match="same stem 'b'"):
         find_images([tmp_path / "d", tmp_path / "e"])
+
+
+@pytest.mark.parametrize("layout", [("images", "masks"), ("test/images", "test/masks"),
+                                    ("test_images", "test_label")])
+def test_a_dataset_folder_given_to_segment_names_its_images(tmp_path, layout):
+    """A user's training folder given to ``paser segment``: its masks, of the images'
+    names, are found as images too; the error says to give the images, not to rename."""
+    images, masks = (tmp_path / "mydata" / part for part in layout)
+    for folder in (images, masks):
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(b"x")
+    said = (f"{tmp_path / 'mydata'}: a dataset folder, its masks beside its images "
+            f"({images / 'a.png'} and {masks / 'a.png'} share the stem 'a'); paser segment "
+            f"reads every image under a folder, masks included: give the images to segment, "
+            f"e.g. {images}")
+    for find in (find_images, split_inputs):  # split_inputs: the command's own path
+        with pytest.raises(DataError) as err:
+            find([tmp_path / "mydata"])
+        assert str(err.value) == said
+    assert find_images([images]) == [images / "a.png"]
 
 
 def _inputs(folder):

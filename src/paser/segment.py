@@ -97,16 +97,41 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
                                for f in unread_files(Path(i), recursive=True)])
         raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; "
                         + (unread or "give image files or folders that contain them"))
-    one_output_each((f.stem, str(f)) for f in files)
+    one_output_each(((f.stem, str(f)) for f in files),
+                    datasets=[Path(i) for i in inputs if Path(i).is_dir()])
     return list(dict.fromkeys(files))
 
 
-def one_output_each(named) -> None:
+def _images_of(folder: Path) -> Path | None:
+    """The images to segment in a training dataset ``folder`` (its masks are images too,
+    of the same names: segmented with them, their outputs would clash): ``images/``,
+    ``test/images/`` or ``test_images/``; None where ``folder`` is no dataset."""
+    if (folder / "masks").is_dir():
+        return folder / "images"
+    for split in ("test", "validation", "val", "train"):
+        if (folder / split / "masks").is_dir():
+            return folder / split / "images"
+        if (folder / f"{split}_label").is_dir():
+            return folder / f"{split}_images"
+    return None
+
+
+def one_output_each(named, datasets: Sequence[Path] = ()) -> None:
     """Inputs as ``(stem, source)``: two sources of one stem are a :class:`DataError` (their
-    outputs, named by the stem, would overwrite each other)."""
+    outputs, named by the stem, would overwrite each other). Where one of the folders given
+    (``datasets``) is a training dataset, whose masks share their images' names, the error
+    says to give its images instead."""
     twice = shared_stem(named)
     if twice is not None:
         stem, first, second = twice
+        for folder in datasets:
+            images = _images_of(folder)
+            if images is not None:
+                raise DataError(
+                    f"{folder}: a dataset folder, its masks beside its images ({first} and "
+                    f"{second} share the stem '{stem}'); paser segment reads every image "
+                    f"under a folder, masks included: give the images to segment, e.g. "
+                    f"{images}")
         raise DataError(f"{first} and {second} have the same stem '{stem}': their outputs "
                         "would overwrite each other; rename one or segment them separately")
 

@@ -1233,5 +1233,6 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
             volumes.append(opened(f))
         else:
             files.append(f)
-    one_output_each([(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes])
+    one_output_each([(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes],
+                    datasets=[Path(i) for i in rest if Path(i).is_dir()])
     return files, volumes
