@@ -20,7 +20,7 @@ from PIL import Image
 from tests.helpers import Interrupted, bands_run, paser_here
 
 from paser.errors import DataError
-from paser.volumes import open_volume, segment_volumes, split_inputs
+from paser.volumes import field_of_view_record, open_volume, segment_volumes, split_inputs
 
 DEPTH, SIDE = 24, 16
 
@@ -1643,6 +1643,21 @@ def test_the_bar_hears_each_chunk_of_its_volume_and_when_the_labels_are_written(
     plane = SIDE * SIDE
     assert heard == [(8, 8 * plane, "scan")] * 3 + [(0, 0, "writing scan_labels.tif")] + [
         (8, 8 * plane, "z")] * 3  # zarr labels are whole as the chunks go: nothing to put together
+
+
+def test_the_field_of_view_record_names_the_slices_it_was_found_on():
+    """The fill is found on 16 slices spread through a volume, and on every slice of a
+    shorter one: a record of 6 slices does not speak of 16."""
+    def says(depth):
+        slices = [{"outside_voxels": 2, "class_voxels": [1, 1]}] * depth
+        fov = field_of_view_record(0.0, slices)["field_of_view"]
+        assert fov["outside_voxels"] == 2 * depth and fov["share_outside"] == 0.5
+        return fov["says"].split(", joined")[0]
+
+    assert says(40) == "voxels at this value where 16 slices spread through the volume all hold it"
+    assert says(16) == "voxels at this value where every one of the volume's 16 slices holds it"
+    assert says(6) == "voxels at this value where every one of the volume's 6 slices holds it"
+    assert says(1) == "voxels at this value on the volume's one slice"
 
 
 def test_class_fractions_count_the_field_of_view_not_the_fill_around_it(setup, capsys):

@@ -61,6 +61,8 @@ from paser.runtime import atomic_write_text, holding_out, release_freed_memory, 
 
 #: slices read, segmented and written together (the zarr output's chunk along the slices)
 CHUNK = 16
+#: the slices, spread through a volume, on which its field of view is found
+FOV_SLICES = 16
 #: the pixels of a slice outside the field of view, packed bits, kept with a volume's parts
 OUTSIDE = "outside.npy"
 #: zlib's level for TIFF label volumes. Labels of a few classes deflate 12 to 20 times (a
@@ -572,7 +574,8 @@ def prepare_volume(volume: Volume, out_dir: Path, chunk: int = CHUNK,
             atomic_write_text(json.dumps(before), made)
     else:
         window = volume_window(volume) if own_window else None
-        view = field_of_view(volume.read(z, z + 1)[0] for z in spread(volume.depth, 16))
+        view = field_of_view(volume.read(z, z + 1)[0]
+                             for z in spread(volume.depth, FOV_SLICES))
         if view is not None:  # before the record that says the parts are of this volume
             with replaced(parts / OUTSIDE) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.packbits(view[1], axis=-1))
@@ -822,6 +825,15 @@ def type_range_record(model, dtype: str) -> dict:
     return {"mode": "type range", "run_window": list(model.intensity.window), "says": unlike}
 
 
+def _fov_slices(depth: int) -> str:
+    """Where :func:`prepare_volume` finds the field of view: on :data:`FOV_SLICES` slices
+    spread through the volume, or on every slice of a shorter one, in words."""
+    if depth > FOV_SLICES:
+        return f"where {FOV_SLICES} slices spread through the volume all hold it"
+    return "on the volume's one slice" if depth == 1 else (
+        f"where every one of the volume's {depth} slices holds it")
+
+
 def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
     """``{"field_of_view": ...}``: the value the scan is written as outside its field of
     view and how many voxels lie there, which the class fractions and volumes leave out;
@@ -834,8 +846,8 @@ def field_of_view_record(fill: float | None, records: Sequence[dict]) -> dict:
         # NaN as text: JSON has no NaN, and a reader other than Python's refuses the file
         "fill": fill if np.isfinite(fill) else str(fill), "outside_voxels": outside,
         "share_outside": outside / max(outside + inside, 1),
-        "says": "voxels at this value where 16 slices spread through the volume all hold "
-                "it, joined to the border, lie outside the scan's field of view: the class "
+        "says": f"voxels at this value {_fov_slices(len(records))}, joined to the "
+                "border, lie outside the scan's field of view: the class "
                 "fractions and volumes count the voxels inside it (the labels outside are "
                 "the models' answer on the fill)"}}
 
