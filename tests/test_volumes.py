@@ -960,6 +960,29 @@ def test_slices_labelled_since_in_the_same_process_are_in_the_intensity_window(t
     assert data_intensity(cfg).window == window_of([0, 2, 4, 5])
 
 
+def test_a_mistyped_volume_path_names_its_key_and_what_the_root_holds(tmp_path):
+    """data.labels=label.tif for labels.tif said 'ROOT/label.tif: no such file' alone: not
+    which key, nor that a relative path is read from data.root, nor what lies there."""
+    from paser.data.slices import VolumeSlices
+
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", np.zeros((4, 8, 8), np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    slices = {"train": (0, 2), "validation": (2, 3), "test": (3, 4)}
+    with pytest.raises(DataError) as err:
+        VolumeSlices(tmp_path, "v.tif", "label.tif", slices, "train")
+    assert str(err.value) == (
+        f"key 'data.labels': {tmp_path / 'label.tif'}: no such file or folder; a relative "
+        "path is read from data.root, which holds labels.tif, v.tif; give the label "
+        "volume's path")
+    with pytest.raises(DataError) as err:
+        VolumeSlices(tmp_path, f"{tmp_path / 'gone.h5'}:/x", "labels.tif", slices, "train")
+    assert str(err.value) == (f"key 'data.volume': {tmp_path / 'gone.h5'}: no such file or "
+                              "folder; give the image volume's path")
+    assert VolumeSlices(tmp_path, "v.tif", "labels.tif", slices, "train").volume.depth == 4
+
+
 def test_a_volume_of_two_channels_trains_on_both(tmp_path):
     """A zarr volume of two detectors' channels (Z x Y x X x 2) reads as 2-channel slices,
     as a folder's 2-channel images do: its split said 1 channel, and every slice was then

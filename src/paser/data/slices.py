@@ -98,6 +98,23 @@ def _spec(root: Path, spec: str | None, key: str) -> str:
     return spec if _file_of(spec).is_absolute() else str(root / spec)
 
 
+def _there(root: Path, spec: str | None, key: str) -> str:
+    """``spec`` of ``key`` resolved by :func:`_spec`; a file that is not there is a
+    :class:`DataError` naming the key and what ``data.root`` holds (a name mistyped)."""
+    path = _spec(root, spec, key)
+    file = _file_of(path)
+    if file.exists():
+        return path
+    held = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")
+                  and p.name != "classes.yaml") if root.is_dir() else []
+    where = "" if _file_of(spec).is_absolute() else (
+        "; a relative path is read from data.root, which holds "
+        + (", ".join(held[:8]) + (", ..." if len(held) > 8 else "") if held else "nothing else"))
+    what = "image" if key == "data.volume" else "label"
+    raise DataError(f"key '{key}': {file}: no such file or folder{where}; give the {what} "
+                    "volume's path")
+
+
 class VolumeSlices(Dataset):
     """One split of a volume dataset: the labelled slices of its slice range. Reads like a
     folder split (``image``, ``mask``, ``ids``, ``sizes``, ``channels``, ``intensity``)."""
@@ -110,8 +127,8 @@ class VolumeSlices(Dataset):
 
         root = Path(root)
         self.classmap = ClassMap.read(root / "classes.yaml")
-        self.volume = open_volume(_spec(root, volume, "data.volume"))
-        self.labels = open_volume(_spec(root, labels, "data.labels"))
+        self.volume = open_volume(_there(root, volume, "data.volume"))
+        self.labels = open_volume(_there(root, labels, "data.labels"))
         if self.labels.shape[:3] != self.volume.shape[:3]:
             fewer = (self.labels.shape[1:3] == self.volume.shape[1:3]
                      and self.labels.depth < self.volume.depth)
