@@ -101,6 +101,23 @@ def test_find_images_in_folders_files_and_errors(tmp_path):
         find_images([tmp_path / "d", tmp_path / "e"])
 
 
+def test_a_mistyped_input_names_the_path_it_was_likely_meant_to_be(tmp_path):
+    """``scn.tif`` for ``scan.tif``: 'no such file or folder' alone left the user to find
+    the typo; the path beside it whose name is close is named, an HDF5 key kept."""
+    (tmp_path / "scan.tif").write_bytes(b"x")
+    (tmp_path / "beamline.h5").write_bytes(b"x")
+    (tmp_path / "recon.zarr").mkdir()
+    for typed, meant in (("scn.tif", "scan.tif"), ("recon.zar", "recon.zarr"),
+                         ("beamlin.h5:/entry/data", "beamline.h5:/entry/data")):
+        with pytest.raises(DataError) as err:
+            split_inputs([f"{tmp_path}/{typed}"])
+        assert str(err.value) == (f"{tmp_path}/{typed}: no such file or folder; did you mean "
+                                  f"{tmp_path}/{meant}?")
+    with pytest.raises(DataError) as err:  # nothing close: nothing named
+        find_images([tmp_path / "other.png"])
+    assert str(err.value) == f"{tmp_path / 'other.png'}: no such file or folder"
+
+
 @pytest.mark.parametrize("layout", [("images", "masks"), ("test/images", "test/masks"),
                                     ("test_images", "test_label")])
 def test_a_dataset_folder_given_to_segment_names_its_images(tmp_path, layout):

@@ -18,6 +18,7 @@ and ``summary.csv`` with one row per input, failures included.
 from __future__ import annotations
 
 import csv
+import difflib
 import errno
 import hashlib
 import itertools
@@ -91,7 +92,7 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
         elif path.is_file():
             files.append(path)
         else:
-            raise DataError(f"{path}: no such file or folder")
+            raise not_there(path)
     if not files:
         unread = skipped_note([f for i in inputs if Path(i).is_dir()
                                for f in unread_files(Path(i), recursive=True)])
@@ -100,6 +101,20 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
     one_output_each(((f.stem, str(f)) for f in files),
                     datasets=[Path(i) for i in inputs if Path(i).is_dir()])
     return list(dict.fromkeys(files))
+
+
+def not_there(spec: str | Path) -> DataError:
+    """The error of an input path that is not there, naming the one beside it that its name
+    is closest to, where one is close (``scn.tif`` for ``scan.tif``, ``recon.zar``, an HDF5
+    file's name mistyped before its ``:/key``)."""
+    file, colon, key = str(spec).partition(":/")
+    path = Path(file)
+    near = None
+    if path.name and path.parent.is_dir():
+        names = [p.name for p in path.parent.iterdir() if not p.name.startswith(".")]
+        near = next(iter(difflib.get_close_matches(path.name, names, n=1, cutoff=0.85)), None)
+    return DataError(f"{spec}: no such file or folder" + (
+        f"; did you mean {path.parent / near}{colon}{key}?" if near else ""))
 
 
 def _images_of(folder: Path) -> Path | None:

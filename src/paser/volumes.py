@@ -1216,7 +1216,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
     not searched. A volume that cannot be opened is its :class:`DataError`, or with
     ``keep_failed`` a :class:`Volume` whose ``error`` says why (the others go on, as a file
     that cannot be read does)."""
-    from paser.segment import find_images, one_output_each
+    from paser.segment import find_images, not_there, one_output_each
 
     def opened(spec) -> Volume:
         try:
@@ -1228,7 +1228,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
 
     for spec in inputs:  # a path mistyped: as find_images, before anything is written
         if is_volume(spec, stack) and not _there(spec):
-            raise DataError(f"{spec}: no such file or folder")
+            raise not_there(spec)
         meant = None if Path(spec).exists() else _meant(spec)
         if meant is not None:
             raise DataError(f"{spec}: no such file or folder; {meant}")
