@@ -277,3 +277,25 @@ def test_an_ome_tiffs_label_of_its_very_stem_pairs_with_it(tmp_path):
     ds = BatteryDataset(tmp_path, "train")
     assert ds.ids == ["s.ome", "s0"]
     assert ds[0]["mask"].numpy().tolist() == decode_label(label).tolist()
+
+
+def test_a_battery_folder_named_otherwise_says_what_to_rename(tmp_path):
+    """test_labels/ for test_label/ (or Train_images/ for train_images/) stopped with
+    'folder not found' alone, where a folder dataset's images/ named otherwise is named."""
+    from paser.data.registry import detect_layout
+
+    root = _layout(tmp_path / "b", split="test")
+    (root / "test_label").rename(root / "test_labels")
+    with pytest.raises(DataError) as err:
+        BatteryDataset(root, "test")
+    assert str(err.value).endswith(
+        f"(see docs/data.md) ({root / 'test_labels'} is there: rename it test_label/)")
+    (root / "test_labels").rename(root / "test_label")
+    assert len(BatteryDataset(root, "test")) == 2
+    root = _layout(tmp_path / "c")
+    (root / "train_images").rename(root / "Train_images")
+    with pytest.raises(DataError) as err:  # not found as the battery layout at all
+        detect_layout(root)
+    assert str(err.value).endswith(
+        f"train_images/ (the battery layout); {root / 'Train_images'} is there: rename it "
+        "train_images/")

@@ -268,6 +268,20 @@ class SegmentationFiles(Dataset):
         return self._cache[i] if self._cache is not None else self._load(i)
 
 
+def misnamed_split_folder(folder: Path) -> Path | None:
+    """A folder beside ``folder`` (a battery split's ``test_label``) that is its name in
+    another case or mistyped (``Test_label``, ``test_labels``), not another of the layout's
+    six; ``None`` where there is none."""
+    import difflib
+
+    layout = {f"{s}_{kind}" for s in SPLITS for kind in ("images", "label")}
+    if not folder.parent.is_dir():
+        return None
+    others = sorted(d for d in folder.parent.iterdir() if d.is_dir() and d.name not in layout)
+    return next((d for d in others if d.name.lower() == folder.name or difflib.SequenceMatcher(
+        None, d.name.lower(), folder.name).ratio() >= 0.85), None)
+
+
 class BatteryDataset(SegmentationFiles):
     """One split of the battery layout (module docstring); grayscale, 3 classes."""
 
@@ -281,10 +295,11 @@ class BatteryDataset(SegmentationFiles):
         img_dir, lbl_dir = self.root / f"{split}_images", self.root / f"{split}_label"
         for d in (img_dir, lbl_dir):
             if not d.is_dir():
+                other = misnamed_split_folder(d)
                 raise DataError(
                     f"{d}: folder not found; a dataset root needs "
                     f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
-                )
+                    + (f" ({other} is there: rename it {d.name}/)" if other else ""))
         images = image_files(img_dir, IMAGE_SUFFIXES)
         unread = None if images else skipped_note(unread_files(img_dir))
         if unread:

@@ -26,6 +26,7 @@ from paser.data.battery import (
     SPLITS,
     BatteryDataset,
     SegmentationFiles,
+    misnamed_split_folder,
     split_three,
     unread_battery_images,
 )
@@ -335,8 +336,10 @@ def detect_layout(root: str | Path) -> str:
                         f"{', '.join(map(str, values))}: write {root / 'classes.yaml'} naming "
                         f"each, e.g. 'classes: {{{example}}}' and, on a second line, "
                         "'ignore: null' (or the value of unlabelled pixels; docs/data.md)")
+    battery = misnamed_split_folder(root / "train_images")
     raise DataError(f"{root}: not a dataset folder: expected classes.yaml (your own data), "
-                    "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)")
+                    "leftImg8bit/ (Cityscapes) or train_images/ (the battery layout)"
+                    + (f"; {battery} is there: rename it train_images/" if battery else ""))
 
 
 def _absent_classes(root, train, counts: torch.Tensor) -> list[str]:
