@@ -118,6 +118,25 @@ def test_a_mistyped_input_names_the_path_it_was_likely_meant_to_be(tmp_path):
     assert str(err.value) == f"{tmp_path / 'other.png'}: no such file or folder"
 
 
+def test_a_run_directory_as_out_is_refused_before_anything_is_written(tmp_path):
+    """``--out`` a run's own folder (the --run-dir typed twice, or another run's): the
+    outputs landed among its files, and an image named ``results.png`` or
+    ``calibration.tif`` wrote over the run's results.json or calibration.json."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "calibration.png").write_bytes(b"x")
+    res = paser_here("segment", str(tmp_path / "calibration.png"), "--run-dir", str(run),
+                     "--out", str(run))
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"error: --out {run}: a run directory (config.yaml, checkpoints/); the outputs, named "
+        "by the inputs (<stem>.json, <stem>_labels.png), would lie among its files and could "
+        "replace them (results.json, calibration.json): give them a folder of their own, e.g. "
+        f"{run / 'segmented'}")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
 @pytest.mark.parametrize("layout", [("images", "masks"), ("test/images", "test/masks"),
                                     ("test_images", "test_label")])
 def test_a_dataset_folder_given_to_segment_names_its_images(tmp_path, layout):

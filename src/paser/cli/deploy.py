@@ -219,6 +219,13 @@ def segment(
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: a file, not a folder; give a folder for the outputs")
+    if (out / "config.yaml").is_file() and (out / "checkpoints").is_dir():
+        # an input named results.png or calibration.tif would write over the run's own files
+        raise DataError(f"--out {out}: a run directory (config.yaml, checkpoints/); the "
+                        "outputs, named by the inputs (<stem>.json, <stem>_labels.png), would "
+                        "lie among its files and could replace them (results.json, "
+                        f"calibration.json): give them a folder of their own, e.g. "
+                        f"{out / 'segmented'}")
     files, volumes = split_inputs([str(i) for i in inputs], stack, exclude=out,
                                   keep_failed=True)
     skipped = skipped_note([f for i in inputs if Path(i).is_dir()
