@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -299,3 +301,23 @@ def test_a_battery_folder_named_otherwise_says_what_to_rename(tmp_path):
     assert str(err.value).endswith(
         f"train_images/ (the battery layout); {root / 'Train_images'} is there: rename it "
         "train_images/")
+
+
+def test_a_folder_inside_a_dataset_names_the_dataset(tmp_path, monkeypatch):
+    """`paser data check mydata/images` (or a split's folder) said 'not a dataset folder',
+    or told the user to write a classes.yaml into the split folder; it names the dataset."""
+    from paser.data.registry import detect_layout
+
+    (tmp_path / "mydata" / "train" / "images").mkdir(parents=True)
+    (tmp_path / "mydata" / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    battery = _layout(tmp_path / "batt")
+    monkeypatch.chdir(tmp_path)
+    for given, dataset, marker in ((Path("mydata/train/images"), "mydata", "classes.yaml"),
+                                   (Path("mydata/train"), "mydata", "classes.yaml"),
+                                   (battery / "train_images", str(battery), "train_images")):
+        with pytest.raises(DataError) as err:
+            detect_layout(given)
+        assert str(err.value) == (f"{given}: a folder inside the dataset {dataset} (its "
+                                  f"{marker} is there); give the dataset's own folder: "
+                                  f"{dataset}")
+    assert detect_layout(Path("mydata")) == "folder" and detect_layout(battery) == "battery"

@@ -314,6 +314,11 @@ def _fitted(dataset: str, root: str, settings: str, now: tuple | None) -> Intens
 LAYOUTS = tuple(name for name, entry in KINDS.items() if entry.open is not None)
 
 
+#: what in a folder says its layout
+_MARKERS = (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
+            ("train_images", "battery"))
+
+
 def detect_layout(root: str | Path) -> str:
     """``folder`` (a classes.yaml), ``cityscapes`` (leftImg8bit/) or ``battery``
     (train_images/), from what is in ``root``."""
@@ -322,10 +327,16 @@ def detect_layout(root: str | Path) -> str:
         raise DataError(f"{root}: " + ("a file, not a dataset folder; give the folder that "
                                        "holds its classes.yaml, images/ and masks/"
                                        if root.is_file() else "folder not found"))
-    for marker, layout in (("classes.yaml", "folder"), ("leftImg8bit", "cityscapes"),
-                           ("train_images", "battery")):
+    for marker, layout in _MARKERS:
         if (root / marker).exists():
             return layout
+    for above in root.absolute().parents[:3]:  # images/, train/, leftImg8bit/train/city/
+        marker = next((m for m, _ in _MARKERS if (above / m).exists()), None)
+        if marker is not None:
+            shown = os.path.relpath(above)  # as the user gave root, where it is below here
+            shown = str(above) if root.is_absolute() or shown.startswith("..") else shown
+            raise DataError(f"{root}: a folder inside the dataset {shown} (its {marker} is "
+                            f"there); give the dataset's own folder: {shown}")
     other = misnamed_class_map(root)
     if other is not None:
         raise DataError(f"{root}: no classes.yaml ({other} is there: rename it classes.yaml)")
