@@ -22,7 +22,7 @@ from tests.helpers import IOU_ABS, paser_here
 from paser.checkpoints import build_model
 from paser.config import load_config
 from paser.data import IGNORE, labels, load_stage_data, open_split
-from paser.data.folders import palette_conflicts
+from paser.data.folders import ClassMap, palette_conflicts
 from paser.data.registry import check_dataset
 from paser.errors import ConfigError, DataError
 from paser.metrics import IoUAccumulator
@@ -1742,3 +1742,20 @@ def test_tile_advice_either_side_and_a_file_moved_and_rewritten_is_rewritten_onl
     assert after.changes(before) == "1 file rewritten (a.png)"
     moved = Identity({"test": {"a.png": "1"}, "train": {"b.png": "5"}})
     assert moved.changes(before) == "1 file moved to another split (a.png)"
+
+
+def test_data_root_inside_the_dataset_names_the_dataset_not_a_class_map_to_write(tmp_path):
+    """data.root=mydata/images said 'mydata/images/classes.yaml: no class map; write one',
+    and a user who did wrote a second class map where no dataset is."""
+    (tmp_path / "mydata" / "train" / "images").mkdir(parents=True)
+    (tmp_path / "mydata" / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    for inside in (tmp_path / "mydata" / "train", tmp_path / "mydata" / "train" / "images"):
+        with pytest.raises(DataError) as err:
+            ClassMap.read(inside / "classes.yaml")
+        assert str(err.value) == (
+            f"{inside / 'classes.yaml'}: no class map; {inside} is a folder inside the dataset "
+            f"{tmp_path / 'mydata'} (its classes.yaml is there): give the dataset's own "
+            f"folder, data.root={tmp_path / 'mydata'}")
+    with pytest.raises(DataError, match="no class map; write one"):  # no dataset above
+        ClassMap.read(tmp_path / "classes.yaml")
+    assert ClassMap.read(tmp_path / "mydata" / "classes.yaml").names == ["a", "b"]

@@ -100,6 +100,12 @@ class ClassMap:
             if other is not None:
                 raise DataError(f"{path}: no class map ({other} is there: rename it "
                                 f"{path.name})")
+            above = next((d for d in path.parent.parents[:3] if (d / path.name).is_file()),
+                         None)  # data.root=mydata/images, or a split's folder
+            if above is not None:
+                raise DataError(f"{path}: no class map; {path.parent} is a folder inside the "
+                                f"dataset {above} (its {path.name} is there): give the "
+                                f"dataset's own folder, data.root={above}")
             raise DataError(f"{path}: no class map; write one, e.g. 'classes: {{0: background, "
                             "1: object}' and optionally 'ignore: 255' (see docs/data.md)")
         try:
