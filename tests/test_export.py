@@ -351,3 +351,21 @@ def test_a_run_without_monte_carlo_passes_exports_an_f0_with_an_alpha_dropout(mn
     with torch.inference_mode():  # its graph: f0's one deterministic pass (the dropout off)
         assert torch.allclose(MonteCarloF0(router.f0, 1, active=False)(x),
                               router.f0(x).softmax(1), atol=1e-6)
+
+
+def test_an_export_copied_without_its_weight_files_says_so(tmp_path):
+    """The exporter keeps each graph's weights in `<part>.onnx.data` beside it; an export
+    copied without them (the .onnx files and the manifest alone) was refused as 'files of
+    another export, or an export cut short', not as the incomplete copy it is."""
+    from paser.runtime import file_sha256
+
+    files = {"f0": "f0.onnx", "f1": "f1.onnx"}
+    for name in files.values():
+        (tmp_path / name).write_bytes(b"graph " + name.encode())
+    sha = {name: file_sha256(tmp_path / name) for name in files.values()}
+    sha["f1.onnx.data"] = "0" * 64  # written by the export, not copied
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files, "sha256": sha}))
+    with pytest.raises(CheckpointError, match=r"f1.onnx.data missing \(the weights `paser "
+                                              r"export` writes beside each .onnx file\); copy "
+                                              r"the export folder whole, or export again"):
+        load_onnx_router(tmp_path)

@@ -284,8 +284,16 @@ def load_onnx_router(export_dir: str | Path) -> OnnxRouter:
                               "another tool's); export again") from None
     if missing:
         raise CheckpointError(f"{export_dir}: {', '.join(missing)} missing; export again")
-    changed = [name for name, digest in manifest.get("sha256", {}).items()
-               if not (export_dir / name).is_file() or file_sha256(export_dir / name) != digest]
+    written = manifest.get("sha256", {})
+    # the weights beside each graph (`<part>.onnx.data`): left behind when only the .onnx
+    # files were copied, which is not a damaged export but an incomplete copy
+    left = [name for name in written if not (export_dir / name).is_file()]
+    if left:
+        raise CheckpointError(f"{export_dir}: {', '.join(left)} missing (the weights "
+                              "`paser export` writes beside each .onnx file); copy the export "
+                              "folder whole, or export again")
+    changed = [name for name, digest in written.items()
+               if file_sha256(export_dir / name) != digest]
     if changed:
         raise CheckpointError(f"{export_dir}: {', '.join(changed)} not as `paser export` wrote "
                               f"them with this {MANIFEST} (files of another export, or an "
