@@ -222,6 +222,23 @@ def test_a_certificate_that_will_not_load_is_one_line_before_the_model_loads(tmp
             serve(tmp_path / "no-run", **files)  # no run there: the files are checked first
 
 
+
+def test_a_certificate_without_its_key_names_the_flag_left_out(tmp_path):
+    """`--ssl-certfile cloud.pem` alone, its key in cloud.key (as openssl writes them), was
+    'not a PEM certificate and its unencrypted key', which sent the user to the file."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    with pytest.raises(PaserError, match=r"--ssl-certfile \S+cert.pem: not a PEM certificate "
+                                         r"and its unencrypted key \(.*\); where its key is in "
+                                         r"a file of its own, pass --ssl-keyfile$"):
+        serve(tmp_path / "no-run", ssl_certfile=tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    with pytest.raises(PaserError, match=r"key\.pem: not a PEM .*\)$"):  # a wrong pair: no hint
+        serve(tmp_path / "no-run", ssl_certfile=tmp_path / "key.pem",
+              ssl_keyfile=tmp_path / "key.pem")
+
 def test_the_edges_token_and_ca_flags_need_a_remote_url_of_their_kind(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     runner, common = CliRunner(), ["segment", str(tmp_path / "a.png"), "--run-dir",

@@ -549,9 +549,12 @@ def _check_tls(certfile: str | Path | None, keyfile: str | Path | None) -> None:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
             certfile, keyfile, password="")
     except ssl.SSLError as err:
+        # a certificate alone, its key in a file of its own (as openssl and most CAs give
+        # them): the fix is the flag left out, not the file
+        hint = "" if keyfile else "; where its key is in a file of its own, pass --ssl-keyfile"
         raise PaserError(f"--ssl-certfile {certfile}" + (f" with --ssl-keyfile {keyfile}"
                          if keyfile else "") + f": not a PEM certificate and its unencrypted "
-                         f"key ({err.reason or err})") from None
+                         f"key ({err.reason or err}){hint}") from None
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
