@@ -167,7 +167,9 @@ BAD = {
     "too many patches": (dict(body=encode_npz(patches=np.zeros((17, 1, 8, 8), np.uint8))), 413,
                          "more than the server's 16 per request"),
     "body too large": (dict(body=RNG.integers(0, 255, 250_000, np.uint8).tobytes()), 413,
-                       "more than the server's 200000"),
+                       "more than the server's 200000; send fewer images or patches per "
+                       "request; a paser edge sends one image's at the least: start paser serve "
+                       "with a larger --max-request-mb"),
     "decompression bomb": (dict(body=_zip_with_header((1000, 1, 1000, 1000))), 413,
                            "more than the server's 50000 values"),
     "patch too large": (dict(body=encode_npz(patches=np.zeros((1, 1, 1030, 40), np.uint8))),

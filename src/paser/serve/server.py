@@ -367,6 +367,13 @@ def _token_problem(header: str | None, expected: bytes) -> str | None:
     return None
 
 
+#: what a client over the body limit can do; a paser edge already sends at most what fits,
+#: one image's patches at the least, and cannot cut an image's request further: its
+#: operator's remedy is the server's limit (the 413 ends up in the edge's JSON and last lines)
+_FEWER = ("send fewer images or patches per request; a paser edge sends one image's at the "
+          "least: start paser serve with a larger --max-request-mb")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused as soon as it is known to exceed ``limit`` bytes."""
     length = request.headers.get("content-length")
@@ -375,13 +382,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadError(400, f"Content-Length '{length}' is not a number")
         if int(length) > limit:
             raise PayloadError(413, f"a body of {int(length)} bytes: more than the server's "
-                               f"{limit}; send fewer patches per request")
+                               f"{limit}; {_FEWER}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise PayloadError(413, f"a body over the server's {limit} bytes; send fewer "
-                               "patches per request")
+            raise PayloadError(413, f"a body over the server's {limit} bytes; {_FEWER}")
     if not body:
         raise PayloadError(400, f"an empty body: send patches as {NPZ} or {PNG}")
     return bytes(body)
