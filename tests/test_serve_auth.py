@@ -245,7 +245,13 @@ def test_the_edges_token_and_ca_flags_need_a_remote_url_of_their_kind(tmp_path):
                                    str(tmp_path), "--out", str(tmp_path / "out")]
     for extra, message in ((["--token-file", "t"], "go with --remote URL"),
                            (["--remote", "http://cloud:8000", "--ca-file", "ca.pem"],
-                            "--ca-file is for an https:// --remote")):
+                            "--ca-file is for an https:// --remote"),
+                           # ran every model here, silently, before
+                           (["--timeout", "10", "--retries", "2"], "--timeout and --retries "
+                            "set the requests to a --remote server, and none is given: add "
+                            "--remote URL (f1..fK then run there), or drop --timeout and "
+                            "--retries to run every model here"),
+                           (["--retries", "0"], "--retries sets the requests")):
         res = runner.invoke(app, [*common, *extra])
         assert isinstance(res.exception, ConfigError) and message in str(res.exception)
 

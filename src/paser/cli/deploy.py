@@ -140,6 +140,7 @@ TILE_BAR = 16
 
 @app.command()
 def segment(
+    ctx: typer.Context,
     inputs: list[Path] = typer.Argument(..., help="image files or folders (PNG, TIFF, JPEG, BMP), volumes"),
     run_dir: Path = RUN_DIR,
     out: Path = typer.Option(..., "--out", help="the output folder"),
@@ -261,6 +262,15 @@ def segment(
                           "serve` process")
     if remote is None and (token_file is not None or ca_file is not None):
         raise ConfigError("--token-file and --ca-file go with --remote URL")
+    # they have defaults, so only the command line tells them given: without --remote (left
+    # out, or on a line of its own) the call ran every model here and said nothing of it
+    given = [f"--{name}" for name in ("timeout", "retries")
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+    if remote is None and given:
+        verb = "set" if len(given) > 1 else "sets"
+        raise ConfigError(f"{' and '.join(given)} {verb} the requests to a --remote server, and "
+                          "none is given: add --remote URL (f1..fK then run there), or drop "
+                          f"{' and '.join(given)} to run every model here")
     if ca_file is not None and not remote.startswith("https://"):
         raise ConfigError(f"--ca-file is for an https:// --remote; {remote} is plain HTTP")
     token = None
