@@ -266,6 +266,25 @@ def test_local_n_and_a_scheduler_that_does_not_answer():
         pass
 
 
+
+def test_an_address_where_a_web_server_listens_is_refused_not_waited_on():
+    """`--scheduler tcp://host:PORT` at a port that accepts and says nothing (a `paser serve`,
+    Dask's dashboard) waited past the Client's timeout: 10 minutes and on, at the demo's
+    server. A Dask scheduler speaks first; this one is refused once `timeout` has passed."""
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=r"--scheduler tcp://127.0.0.1:\d+: something "
+                                              r"listens there but it is not a Dask scheduler "
+                                              r"\(it said nothing in 1 s: a web server"), \
+                connect(f"tcp://127.0.0.1:{port}", timeout=1):
+            pass
+        assert time.monotonic() - start < 5
+
 def test_local_n_logs_no_traceback_of_a_failure_paser_says_in_one_line():
     """A volume failing on its data (NaN voxels) printed Dask's ten lines of "Compute
     Failed", key, task and traceback, from a local:N worker onto the command's terminal,

@@ -325,6 +325,7 @@ def connect(scheduler: str, timeout: float = 30.0) -> Iterator:
             client.register_plugin(quiet_paser_failures())
             yield client
         return
+    _speaks_dask(scheduler, timeout)
     try:
         client = distributed.Client(scheduler, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as err:
@@ -332,6 +333,38 @@ def connect(scheduler: str, timeout: float = 30.0) -> Iterator:
                           "start one (`dask scheduler`), or use local:N") from None
     with client:
         yield client
+
+
+def _speaks_dask(scheduler: str, timeout: float) -> None:
+    """Refuse a plain-TCP address where something listens but says nothing: a Dask scheduler
+    sends its handshake as soon as it accepts a connection, while a web server (a `paser
+    serve`, the dashboard) waits for a request, and ``distributed.Client`` then waited on it
+    for good, past its ``timeout``. Nothing listening is left to the Client (a scheduler may
+    be starting); ``tls://`` and other transports are left to it too."""
+    import socket
+
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        scheme, where = parse_address(scheduler)
+        host, port = parse_host_port(where)
+    except ValueError:
+        return  # the Client says what is wrong with it
+    if scheme != "tcp":
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            if sock.recv(1):
+                return
+            said = "closed the connection without a word"
+    except TimeoutError:
+        said = f"said nothing in {timeout:g} s"
+    except OSError:
+        return
+    raise ConfigError(f"--scheduler {scheduler}: something listens there but it is not a Dask "
+                      f"scheduler (it {said}: a web server, the dashboard's port?); give the "
+                      "address `dask scheduler` prints (tcp://host:8786 by default)")
 
 
 class _PaserFailures(logging.Filter):
