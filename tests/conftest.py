@@ -7,7 +7,9 @@ import pytest
 
 
 def _cpu_flags() -> set[str]:
-    """The x86 CPU's feature flags (empty elsewhere)."""
+    """The x86 CPU's feature flags (empty elsewhere). Read here, not by
+    ``paser.train.distributed``'s reader of ``/proc/cpuinfo``: that module loads torch,
+    and the variables below must be set before it does."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
