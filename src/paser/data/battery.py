@@ -268,6 +268,11 @@ class SegmentationFiles(Dataset):
         return self._cache[i] if self._cache is not None else self._load(i)
 
 
+def rename_note(other: Path | None, name: str) -> str:
+    """`` (X is there: rename it NAME/)``, or nothing where there is no ``other``."""
+    return "" if other is None else f" ({other} is there: rename it {name}/)"
+
+
 def misnamed_split_folder(folder: Path) -> Path | None:
     """A folder beside ``folder`` (a battery split's ``test_label``) that is its name in
     another case or mistyped (``Test_label``, ``test_labels``), not another of the layout's
@@ -295,11 +300,10 @@ class BatteryDataset(SegmentationFiles):
         img_dir, lbl_dir = self.root / f"{split}_images", self.root / f"{split}_label"
         for d in (img_dir, lbl_dir):
             if not d.is_dir():
-                other = misnamed_split_folder(d)
                 raise DataError(
                     f"{d}: folder not found; a dataset root needs "
                     f"{{train,validation,test}}_images/ and _label/ folders (see docs/data.md)"
-                    + (f" ({other} is there: rename it {d.name}/)" if other else ""))
+                    + rename_note(misnamed_split_folder(d), d.name))
         images = image_files(img_dir, IMAGE_SUFFIXES)
         unread = None if images else skipped_note(unread_files(img_dir))
         if unread:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from paser.data.battery import MASK_IGNORE, SegmentationFiles, pair_name
+from paser.data.battery import MASK_IGNORE, SegmentationFiles, pair_name, rename_note
 from paser.data.images import (
     READABLE_SUFFIXES,
     hidden,
@@ -331,7 +331,7 @@ class FolderDataset(_ClassMapped):
                          else _named_otherwise(root, split, _SPLIT_FOLDERS[split]))
                 raise DataError(f"{where / 'images'}: folder not found; with train/ "
                                 "there must be validation/ (or val/) and test/ too, each with "
-                                "images/ and masks/" + _rename(other, "images" if
+                                "images/ and masks/" + rename_note(other, "images" if
                                                                where.is_dir() else split))
             pairs = _pairs(where / "images", where / "masks")
         elif (root / "images").is_dir():
@@ -344,7 +344,7 @@ class FolderDataset(_ClassMapped):
             raise DataError(f"{root}: neither {split}/images/ nor images/ found; a folder dataset "
                             "has images/ and masks/ (optionally under train/, validation/, test/)"
                             + (f" ({train} is there: rename it train/, and the other splits "
-                               "validation/ and test/)" if train else _rename(other, "images"))
+                               "validation/ and test/)" if train else rename_note(other, "images"))
                             + "; an image volume with a label volume is data.dataset=volume "
                             "(docs/volumes.md: paser data check DIR data.volume=... "
                             "data.labels=... data.slices=...)")
@@ -444,16 +444,11 @@ def _named_otherwise(parent: Path, name: str, aliases: tuple[str, ...] = ()) -> 
                  and d.name.lower() in (name, *aliases)), None)
 
 
-def _rename(other: Path | None, name: str) -> str:
-    """`` (X is there: rename it NAME/)``, or nothing where there is no ``other``."""
-    return "" if other is None else f" ({other} is there: rename it {name}/)"
-
-
 def _pairs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
     if not mask_dir.is_dir():
         other = _named_otherwise(mask_dir.parent, "masks", ("mask", *_MASK_FOLDERS))
         raise DataError(f"{mask_dir}: folder not found; masks go beside images/ with the same "
-                        "file names" + _rename(other, "masks"))
+                        "file names" + rename_note(other, "masks"))
     masks: dict[Path, Path] = {}  # image -> its mask
     images = image_files(img_dir)
     # the image of a mask's very stem, else of its name in Unicode's other form: two images
