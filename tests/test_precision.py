@@ -3,6 +3,7 @@ computes it natively, one process autocasts its convolutions itself, the policy'
 32-bit on the CPU, and stage 1 in bf16 keeps 32-bit weights and says what it used."""
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -101,3 +102,14 @@ def test_models_train_in_the_default_layout_in_every_precision():
         weight = D.Dist(cpu, precision=precision).place(nn.Conv2d(4, 4, 3)).weight
         assert weight.is_contiguous() and not weight.is_contiguous(
             memory_format=torch.channels_last), precision
+
+
+def test_the_tests_run_on_avx2s_code_paths_where_the_cpu_has_avx2():
+    """conftest keeps oneDNN, ATen and MKL on AVX2's kernels, so that pinned figures do not
+    move with a draw's AVX-512 (torch's own reading of the capability, not only the variables)."""
+    if "avx2" not in D._cpuinfo().get("flags", "").split():
+        pytest.skip("no AVX2: the libraries' own choice")
+    assert {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                           "MKL_CBWR")} == {
+        "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
