@@ -90,6 +90,7 @@ from paser.uncertainty import entropy, mc_dropout
 
 H, W, GRID, T, CLASSES = 224, 256, (4, 4), 5, 3
 MIX = (0.50, 0.35, 0.15)  # share of patches on f0, f1, f2
+REFERENCE = ("unet_tiny", "unet_small", "unet_large")  # f0, f1, f2
 EPOCHS = 200  # the paper's stage-2 epochs, over which one-off work is amortised
 RL_IMAGES = 419  # D_rl of battery-paper: a third of 1,270 training images
 #: the parts, in the order they run (``--only``); those in CPU_ONLY are skipped on CUDA
@@ -101,12 +102,12 @@ RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).parent / ".data"
 
 
-def reference_router(device: torch.device) -> Router:
-    """f0 unet_tiny, f1 unet_small, f2 unet_large (untrained, seeded), the reference
-    policy, 4 x 4 patches without halo, T = 5."""
+def reference_router(device: torch.device, models: tuple[str, str, str] = REFERENCE
+                     ) -> Router:
+    """f0 unet_tiny, f1 unet_small, f2 unet_large (``models``; untrained, seeded), the
+    reference policy, 4 x 4 patches without halo, T = 5."""
     torch.manual_seed(0)
-    f0 = create_model("unet_tiny", 1, CLASSES)
-    pool = [create_model("unet_small", 1, CLASSES), create_model("unet_large", 1, CLASSES)]
+    f0, *pool = (create_model(name, 1, CLASSES) for name in models)
     grid = PatchGrid(*GRID)
     policy = RoutingPolicy(grid.num_patches, 3, head="global")
     # as checkpoints.build_router places them: f0 (whole images) channels-last on CPU, the
@@ -138,9 +139,10 @@ class FixedPolicy(nn.Module):
         return logits + 1e4 * F.one_hot(actions, logits.shape[-1])
 
 
-def fixed_mix_router(device: torch.device) -> Router:
+def fixed_mix_router(device: torch.device, models: tuple[str, str, str] = REFERENCE
+                     ) -> Router:
     """:func:`reference_router` with its policy's choice fixed to the mix."""
-    r = reference_router(device)
+    r = reference_router(device, models)
     return Router(r.f0, FixedPolicy(r.policy), list(r.pool), r.grid, T, 1).eval()
 
 

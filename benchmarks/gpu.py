@@ -22,7 +22,7 @@ Parts 2 and 3 run the CLI in a process of their own, killed at their budget. Pea
 (parts 2 and 3: their process's); ``null`` on CPU.
 
 ``--smoke`` runs the same code on CPU at tiny shapes (64 x 64, 2 x 2 grid, T = 2, batch 1
-and 2, tiny models for training) in 20 s (a minute on busy cores), so that it cannot rot
+and 2, small models) in 20 s (a minute on busy cores), so that it cannot rot
 (``tests/test_gpu_script.py``). Output: ``benchmarks/results/cuda.json``; with ``--smoke``
 a temporary file unless ``--out`` says where.
 """
@@ -90,6 +90,8 @@ class Setting:
     """seconds each part may take at most"""
     deadline: float = 470.0
     """seconds after the start by which every part has ended"""
+    models: tuple[str, str, str] = bench.REFERENCE
+    """f0, f1 and f2 of the inference part (untrained)"""
 
 
 GPU = Setting(224, 256, (4, 4), 5, (1, 8, 32), ("fp32", "bf16"), 3, 10,
@@ -98,6 +100,9 @@ GPU = Setting(224, 256, (4, 4), 5, (1, 8, 32), ("fp32", "bf16"), 3, 10,
               budgets={"inference": 150, "stage1": 120, "run": 180})
 SMOKE = Setting(64, 64, (2, 2), 2, (1, 2), ("fp32", "bf16"), 1, 1,
                 stage1_images=(12, 2, 2), run_images=(12, 2, 2),
+                # the reference f2 (unet_large) took 8 s an image in bf16 on a CPU without
+                # native bf16 (emulated), and the smoke run 2 minutes of the tests
+                models=("unet_tiny", "unet_tiny", "unet_small"),
                 overrides=[f"models.f0={TINY}", f"models.pool=[{TINY}, {TINY}]",
                            "baselines.monolithic={}", f"baselines.matphase.members=[{TINY}]",
                            "stage1.batch_size=4", "stage2.batch_size=4",
@@ -153,12 +158,12 @@ def peak_mib(device: torch.device) -> float | None:
 
 
 def fixed_mix_router(device: torch.device, s: Setting):
-    """``bench.fixed_mix_router`` at the setting's grid and T (bench.py reads both from
-    module constants, so they are set for the call)."""
+    """``bench.fixed_mix_router`` at the setting's grid, T and models (bench.py reads the
+    grid and T from module constants, so they are set for the call)."""
     saved = bench.GRID, bench.T
     bench.GRID, bench.T = s.grid, s.mc_samples
     try:
-        return bench.fixed_mix_router(device)
+        return bench.fixed_mix_router(device, s.models)
     finally:
         bench.GRID, bench.T = saved
 
