@@ -241,6 +241,9 @@ def test_python_api_rejects_bad_tensors_and_paths(mnist_run, tmp_path):
         model.segment(torch.zeros(1, 3, 28, 28))
     with pytest.raises(DataError, match=r"\(an \[H, W, C\] image, as Pillow"):
         model.segment(np.zeros((28, 28, 3), np.uint8))
+    with pytest.raises(DataError, match=r"images as a list of 2: give one batch .* or call "
+                                        r"segment once per image \(images of different sizes"):
+        model.segment([np.zeros((28, 28), np.uint8), np.zeros((32, 32), np.uint8)])
     model.config = model.config.model_copy(update={"models": model.config.models.model_copy(
         update={"in_channels": 3})})  # as a run of colour images
     with pytest.raises(DataError, match=r"\(a gray \[1, H, W\] image for models of 3 channels: "

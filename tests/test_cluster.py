@@ -343,6 +343,12 @@ def test_cli_segment_on_local_n(mnist_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert np.array_equal(zarr.open(str(tmp_path / "dask" / "scan_labels.zarr"), mode="r")[:],
                           zarr.open(str(tmp_path / "here" / "scan_labels.zarr"), mode="r")[:])
+    # the same command again: everything was done, and it says so instead of "0 workers"
+    res = paser_here("segment", str(path), "--run-dir", str(mnist_run), "--out",
+                     str(tmp_path / "dask"), "--scheduler", "local:1", "--chunk", "8")
+    assert res.returncode == 0, res.stderr
+    assert "no worker had anything to do: every image and slice was segmented before" in \
+        res.stdout and "segmented by" not in res.stdout
     res = paser_here("segment", str(path), "--run-dir", str(mnist_run), "--out",
                      str(tmp_path / "x"), "--scheduler", "local:2", "--remote", "http://h:1")
     assert res.returncode == 2 and "use one of them" in res.stderr

@@ -323,6 +323,10 @@ class PaSeR:
     def _batch(self, images, slack: float = OUT_OF_RANGE) -> torch.Tensor:
         """``images`` as a float32 batch ``[B, C, H, W]`` in [0, 1] (floats within ``slack``
         of it taken as they are), checked."""
+        if isinstance(images, (list, tuple)):
+            raise DataError(f"images as a {type(images).__name__} of {len(images)}: give one "
+                            "batch [B, C, H, W] (torch.stack of images of one size), or call "
+                            "segment once per image (images of different sizes)")
         if not isinstance(images, (torch.Tensor, np.ndarray)):
             raise DataError(f"images of type {type(images).__name__}: give a torch tensor or "
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")

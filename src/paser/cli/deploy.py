@@ -454,9 +454,12 @@ def _on_cluster(scheduler: str, spec, model, files, volumes, out: Path, k: int |
             res = segment_on_cluster(client, spec, model, files, volumes, out, only=k,
                                      chunk=chunk, on_progress=advance, previews=previews)
     _volume_lines(res.volumes, out, model.tile)
-    typer.echo(f"segmented by {_count(len(res.workers), 'worker')}: "
-               f"{', '.join(res.workers) or 'none'} "
-               "(each record names its worker)")
+    if res.workers:
+        typer.echo(f"segmented by {_count(len(res.workers), 'worker')}: "
+                   f"{', '.join(res.workers)} (each record names its worker)")
+    else:  # every image and chunk was done by an earlier call into this folder
+        typer.echo("no worker had anything to do: every image and slice was segmented "
+                   f"before, into {out} (--overwrite starts over)")
     return res.images, res.volumes, res.image_seconds
 
 
