@@ -730,3 +730,31 @@ def test_data_check_names_every_bad_file_when_a_float_training_image_cannot_be_r
                       r"\[7\])", line).group(1, 3, 5) for line in lines[1:]] == [
         ("train", "s1", "cannot read"), ("validation", "s2", "mask values [7]"),
         ("test", "s1", "cannot read")], lines
+
+
+def test_a_tiff_of_pages_that_differ_is_read_with_a_note_and_refused_as_a_volume(tmp_path):
+    """Pages written one at a time where one differs in size or type are no single stack:
+    tifffile makes each its own series. The first alone was read, as a one-page image, with
+    nothing said (paser segment segmented one slice of four); the image reader now names
+    the other images and a volume refuses the file; a thumbnail (a reduced page) is none."""
+    from paser.volumes import is_volume, open_volume
+
+    page = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    with tifffile.TiffWriter(tmp_path / "odd.tif") as tif:
+        for p in (page, page, page.astype(np.uint16), page):
+            tif.write(p)
+    notes: list[str] = []
+    assert np.array_equal(read_array(tmp_path / "odd.tif", notes), page)
+    assert notes == ["holds more than one image or stack of pages (1 x 8 x 8 uint8, then 1 x "
+                     "8 x 8 uint8, 1 x 8 x 8 uint16, 1 x 8 x 8 uint8); the first one read: "
+                     "save each as its own TIFF"]
+    assert probe(tmp_path / "odd.tif").pages == 4 and is_volume(tmp_path / "odd.tif")
+    with pytest.raises(DataError, match=r"odd.tif: holds more than one stack of pages \(1 x 8 "
+                                        r"x 8 uint8, then 1 x 8 x 8 uint8, 1 x 8 x 8 uint16"):
+        open_volume(tmp_path / "odd.tif")
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tif:
+        tif.write(page)
+        tif.write(page[::4, ::4], subfiletype=1)  # a reduced-resolution preview
+    read_array(tmp_path / "thumb.tif", thumb_notes := [])
+    assert thumb_notes == [] and probe(tmp_path / "thumb.tif").pages == 1
+    assert not is_volume(tmp_path / "thumb.tif")

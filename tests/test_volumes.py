@@ -555,8 +555,8 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
         for side in (8, 8, 6, 6):
             tif.write(np.zeros((side, side), np.uint8), metadata=None)
-    with pytest.raises(DataError, match=r"more than one stack of pages \(2 x 8 x 8, then "
-                                        r"2 x 6 x 6\)"):
+    with pytest.raises(DataError, match=r"more than one stack of pages \(2 x 8 x 8 uint8, "
+                                        r"then 2 x 6 x 6 uint8\)"):
         open_volume(tmp_path / "two.tif")
     # nested groups, an HDF5 group as the key, a page stack inside a --stack folder, none
     inner = zarr.open_group(str(tmp_path / "nested.zarr"), mode="w").require_group("0")

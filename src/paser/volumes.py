@@ -47,6 +47,8 @@ from paser.data.images import (
     field_of_view,
     image_files,
     is_tiff,
+    listed,
+    other_images,
     page_by_page,
     probe,
     read_array,
@@ -304,9 +306,7 @@ def _tiff(path: Path) -> Volume:
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
             lead = {} if loose else dict(zip(series.axes[:len(series.axes) - len(page.axes)],
                                              series.shape, strict=False))
-            others = [] if loose else [
-                f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))}"
-                for s in tif.series[1:] if len(s.pages)]
+            others = other_images(tif)
             voxel = of_tiff(tif)
     except (OSError, ValueError, IndexError, KeyError) as err:
         raise DataError(f"{path}: cannot read the TIFF ({err})") from None
@@ -317,10 +317,8 @@ def _tiff(path: Path) -> Volume:
                         "of its own (tifffile.imwrite(out, data[" + ", ".join(
                             "c" if a == "C" else ":" for a in series.axes) + "]))")
     if others:
-        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
-                                          else "")
         raise DataError(f"{path}: holds more than one stack of pages ({pages} x "
-                        f"{' x '.join(map(str, page.shape))}, then {listed}); "
+                        f"{' x '.join(map(str, page.shape))} {dtype}, then {listed(others)}); "
                         "paser segments one stack of equal pages per file: save each as its "
                         "own TIFF")
     if planar:

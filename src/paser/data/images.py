@@ -238,12 +238,18 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
             notes.append(f"2 channels stored as pages (TIFF axes {axes}), read as the "
                          "image's two channels")
             return np.moveaxis(series.asarray(), 0, -1)
-        if len(series.pages) > 1:
-            notes.append(f"a stack of {len(series.pages)} pages (TIFF axes {axes}); the first "
+        stack = len(series.pages) if pages > 1 else len(stack_pages(tif))  # a page a series
+        if stack > 1:
+            notes.append(f"a stack of {stack} pages (TIFF axes {axes}); the first "
                          "one read (volumes: paser segment reads every page)")
             arr, axes = series.pages[0].asarray(), series.pages[0].axes
         else:
             arr = series.asarray()
+        others = other_images(tif)
+        if others:  # read alone, they would pass unseen (volumes: refused, named)
+            notes.append(f"holds more than one image or stack of pages ({pages} x "
+                         f"{' x '.join(map(str, first.shape))} {first.dtype}, then "
+                         f"{listed(others)}); the first one read: save each as its own TIFF")
         if colours and first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             notes.append("stored WhiteIsZero (viewers show it inverted): read as stored")
         if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
@@ -267,6 +273,12 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
         arr = arr[..., :-alpha]
         notes.append("alpha channel dropped")
     return arr
+
+
+def listed(items: list[str], most: int = 5) -> str:
+    """``items`` joined, the first ``most`` of them, then how many more."""
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
+                                      else "")
 
 
 def _colour_map(page) -> np.ndarray:
@@ -473,6 +485,17 @@ def page_by_page(tif) -> bool:
             and len({(s.pages[0].shape, str(s.pages[0].dtype)) for s in series}) == 1)
 
 
+def other_images(tif) -> list[str]:
+    """The images a TIFF holds beyond its first stack, ``["1 x 64 x 64 uint16", ...]``:
+    series of other sizes or types (a stack written a page at a time where one page differs,
+    a second image saved into the file); none for one stack (:func:`page_by_page` too).
+    Reduced-resolution pages (thumbnails) are no series of tifffile's, so not among them."""
+    if page_by_page(tif):
+        return []
+    return [f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))} {s.pages[0].dtype}"
+            for s in tif.series[1:] if len(s.pages)]
+
+
 def stack_pages(tif, paged: bool | None = None) -> list:
     """The pages of a TIFF's stack: its first series', or every page where the stack was
     written a page at a time (:func:`page_by_page`; ``paged``: that answer kept from an
@@ -491,6 +514,8 @@ def probe(path: str | Path) -> Probe:
 
             with tifffile.TiffFile(path) as tif:
                 pages, page = stack_pages(tif), tif.pages[0]
+                if other_images(tif):  # more than one stack: a volume, refused, named
+                    pages = [p for s in tif.series for p in s.pages]
                 axes, shape = page.axes, page.shape
                 palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
