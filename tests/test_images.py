@@ -758,3 +758,23 @@ def test_a_tiff_of_pages_that_differ_is_read_with_a_note_and_refused_as_a_volume
     read_array(tmp_path / "thumb.tif", thumb_notes := [])
     assert thumb_notes == [] and probe(tmp_path / "thumb.tif").pages == 1
     assert not is_volume(tmp_path / "thumb.tif")
+
+
+def test_a_16_bit_pgm_is_read_as_uint16_scaled_by_its_type_s_range_as_a_16_bit_png(tmp_path):
+    """Pillow opens a 16-bit PGM as 32-bit integers: it was probed and read as int32, so
+    scaled by the intensity window (or min-max per image, with a note) where the same
+    pixels as a 16-bit PNG are / 65535, and data check warned the folder was scaled two
+    ways. Its values (stretched by Pillow from its maxval to 0..65535) are uint16."""
+    gray = (RNG.integers(0, 256, (H, W)) * 257).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "a.pgm")
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    arr = read_array(tmp_path / "a.pgm")
+    assert arr.dtype == np.uint16 and np.array_equal(arr, gray)
+    assert probe(tmp_path / "a.pgm").dtype == "uint16"
+    notes: list[str] = []
+    assert np.array_equal(read_image(tmp_path / "a.pgm", 1, Intensity(), notes),
+                          read_image(tmp_path / "a.png", 1, Intensity()))
+    assert notes == []
+    (tmp_path / "m.pgm").write_bytes(b"P5\n3 1\n4095\n" + np.array([0, 2048, 4095], ">u2")
+                                     .tobytes())  # a 12-bit maxval, as Pillow stretches it
+    assert read_array(tmp_path / "m.pgm").tolist() == [[0, 32776, 65535]]

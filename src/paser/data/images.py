@@ -381,11 +381,20 @@ def _pillow_array(img: Image.Image, notes: list[str], colours: bool) -> np.ndarr
         return np.asarray(img, dtype=bool)
     elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
         img = img.convert("RGB")
+    elif _pnm16(img):
+        return np.asarray(img).astype(np.uint16)
     arr = np.asarray(img)
     if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
         arr = arr[..., :-1]
         notes.append("alpha channel dropped")
     return arr
+
+
+def _pnm16(img: Image.Image) -> bool:
+    """Whether ``img`` is a 16-bit PGM, which Pillow opens as 32-bit integers (mode I), its
+    values stretched from its maxval to 0..65535: uint16 is what it holds (as int32 it
+    would be scaled by an intensity window, not as the same 16-bit PNG or TIFF)."""
+    return img.format == "PPM" and img.mode == "I"
 
 
 #: lossy formats: their compression moves a mask's values at every edge
@@ -528,7 +537,7 @@ def probe(path: str | Path) -> Probe:
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels)
         with Image.open(path) as img:
-            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            mode, frames = ("I;16" if _pnm16(img) else img.mode), getattr(img, "n_frames", 1)
             w, h = img.size
             turn = _orientation(img)
             if turn in (5, 6, 7, 8):  # shown turned a quarter
