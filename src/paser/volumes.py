@@ -143,7 +143,20 @@ class Volume:
         return f"{self.stem}_labels.tif"
 
     def read(self, z0: int, z1: int) -> np.ndarray:
-        """Slices ``z0 .. z1 - 1`` as stored."""
+        """Slices ``z0 .. z1 - 1`` as stored; one that does not decode (a file cut short,
+        damaged, or compressed with a codec this install lacks) is a :class:`DataError`
+        naming the slices and what to do (a codec's own words, such as 'libdeflate_zlib_
+        decompress returned LIBDEFLATE_BAD_DATA', say neither)."""
+        try:
+            return self._read(z0, z1)
+        except DataError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, IndexError) as err:
+            what = f"slice {z0}" if z1 - z0 == 1 else f"slices {z0} to {z1 - 1}"
+            raise DataError(f"{self.source}: cannot read {what} ({err}); "
+                            + _unread_advice(err)) from None
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
         if self.kind == "tiff":
             import tifffile
 
@@ -158,9 +171,7 @@ class Volume:
 
             return np.asarray(zarr.open(self.path, mode="r")[at])
         if self.kind == "hdf5":
-            import h5py
-
-            with h5py.File(self.path, "r") as fh:
+            with _h5py(self.source).File(self.path, "r") as fh:
                 return fh[self.key][at]
         return np.stack([read_array(f) for f in self.files[z0:z1]])
 
@@ -347,6 +358,50 @@ def _optional(module: str, source: str | Path):
                              "'paser[volumes]'") from None
 
 
+def _h5py(source: str | Path):
+    """h5py, with hdf5plugin's filters registered where it is installed: Blosc, bitshuffle,
+    LZ4, Zstandard, what detector and synchrotron software compress HDF5 datasets with."""
+    h5py = _optional("h5py", source)
+    try:
+        import hdf5plugin  # noqa: F401 (registers its filters with HDF5)
+    except ImportError:
+        pass
+    return h5py
+
+
+#: HDF5 filters that h5py does not bring, by their registered id (hdf5plugin has them)
+_H5_FILTERS = {307: "bzip2", 32001: "Blosc", 32004: "LZ4", 32008: "bitshuffle",
+               32013: "ZFP", 32015: "Zstandard", 32017: "SZ", 32026: "Blosc2"}
+_NO_FILTER = ("pip install hdf5plugin (paser loads its filters when it is installed), or "
+              "save the dataset with gzip or no compression")
+
+
+def _missing_filters(data) -> list[str]:
+    """The compression filters of an HDF5 dataset that this HDF5 cannot decode, by name."""
+    import h5py
+
+    plist = data.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if not h5py.h5z.filter_avail(code):
+            missing.append(f"{_H5_FILTERS[code]} (HDF5 filter {code})" if code in _H5_FILTERS
+                           else f"HDF5 filter {code}")
+    return missing
+
+
+def _unread_advice(err: Exception) -> str:
+    """What to do about slices that do not decode (:meth:`Volume.read`)."""
+    text = str(err)
+    if "plugin" in text or "filter" in text:  # HDF5 without the dataset's filter
+        return _NO_FILTER
+    if "imagecodecs" in text:
+        return ("install tifffile's codecs (pip install imagecodecs) or save the file "
+                "uncompressed")
+    return ("the file is damaged or cut short (a copy or a write not finished?): copy or "
+            "write it again")
+
+
 def _zarr_store(spec: str | Path) -> Path:
     """The ``.zarr`` folder of a zarr path: ``scan.zarr`` of ``scan.zarr/0``."""
     text = str(spec)
@@ -405,7 +460,7 @@ def _zarr(path: Path) -> Volume:
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
-    h5py = _optional("h5py", source)
+    h5py = _h5py(source)
     if not file.is_file():
         raise DataError(f"{file}: no such file")
     try:
@@ -437,6 +492,10 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                 raise DataError(f"{source}: {what}; it has "
                                 f"{', '.join(found[:10]) or 'none'}{more}")
             shape, dtype, voxel = data.shape, data.dtype, of_hdf5(data)
+            missing = _missing_filters(data)
+            if missing:  # found here, not as h5py's "can't open directory" at the first slice
+                raise DataError(f"{source}: compressed with {', '.join(missing)}, which this "
+                                f"install cannot decode: {_NO_FILTER}")
     except OSError as err:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
     lead = _leading_ones(source, shape)
