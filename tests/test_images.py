@@ -778,3 +778,20 @@ def test_a_16_bit_pgm_is_read_as_uint16_scaled_by_its_type_s_range_as_a_16_bit_p
     (tmp_path / "m.pgm").write_bytes(b"P5\n3 1\n4095\n" + np.array([0, 2048, 4095], ">u2")
                                      .tobytes())  # a 12-bit maxval, as Pillow stretches it
     assert read_array(tmp_path / "m.pgm").tolist() == [[0, 32776, 65535]]
+
+
+def test_a_mask_of_jpeg_data_named_png_or_a_jpeg_compressed_tiff_is_refused_as_jpeg(tmp_path):
+    """A mask's name was its only test of JPEG: JPEG bytes saved as .png, or a TIFF written
+    with compression='jpeg', were read, and their edge values taken for a mask resized with
+    interpolation, with the wrong advice (resample by nearest neighbour)."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "a.png", format="JPEG")
+    tifffile.imwrite(tmp_path / "b.tif", mask, compression="jpeg")
+    tifffile.imwrite(tmp_path / "c.tif", mask, compression="zlib")
+    with pytest.raises(DataError, match=r"a.png: a JPEG mask \(JPEG data in a .png file\); "
+                                        "JPEG's lossy compression changes mask values"):
+        read_mask(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"b.tif: a mask TIFF compressed with JPEG; JPEG's "):
+        read_mask(tmp_path / "b.tif")
+    assert np.array_equal(read_mask(tmp_path / "c.tif"), mask)

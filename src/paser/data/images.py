@@ -401,14 +401,41 @@ def _pnm16(img: Image.Image) -> bool:
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
+#: TIFF compressions that are JPEG's, lossy (OJPEG, JPEG, Adobe's lossy JPEG)
+_TIFF_JPEG = (6, 7, 34892)
+
+
+def _jpeg_mask(path: Path) -> str | None:
+    """What says that a mask file holds JPEG's lossy data, by its name, its first bytes (JPEG
+    saved as .png) or its TIFF compression, or ``None``: such values moved at every edge
+    were taken for a mask resized with interpolation."""
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        return "a JPEG mask"
+    head = _head(path)
+    if head is not None and head[:3] == b"\xff\xd8\xff":
+        return f"a JPEG mask (JPEG data in a {path.suffix or 'file'} file)"
+    if head is not None and is_tiff(path, head):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                compression = int(tif.pages[0].compression)
+        except _READ_ERRORS:  # its reading names it
+            return None
+        if compression in _TIFF_JPEG:
+            return "a mask TIFF compressed with JPEG"
+    return None
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask file's stored values as uint8 ``[H, W]``: grayscale (any integer type whose
     values lie in 0..255, or bilevel 0 / 1), palette indices, or equal colour channels; an
     alpha channel is left out. A lossy file (JPEG), colours that differ, and values past 255
     are :class:`DataError` s that say what to do."""
     path = Path(path)
-    if path.suffix.lower() in LOSSY_SUFFIXES:
-        raise DataError(f"{path}: a JPEG mask; JPEG's lossy compression changes mask values "
+    lossy = _jpeg_mask(path)
+    if lossy:
+        raise DataError(f"{path}: {lossy}; JPEG's lossy compression changes mask values "
                         "along every edge, so they no longer name classes: save masks as "
                         "PNG or TIFF (lossless)")
     arr = read_array(path, palette="indices")  # alpha left out, as the format says
