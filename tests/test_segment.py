@@ -97,7 +97,14 @@ def test_find_images_in_folders_files_and_errors(tmp_path):
         find_images([tmp_path / "e"])
     (tmp_path / "e" / "scan.jp2").unlink()
     (tmp_path / "e" / "b.png").write_bytes(b"x")
-    with pytest.raises(DataError, match="same stem 'b'"):
+    with pytest.raises(DataError, match="same stem 'b':"):
+        find_images([tmp_path / "d", tmp_path / "e"])
+    # every shared stem named at once, not one a call (a folder of scan.png and scan.tif)
+    for stem in ("c", "f"):
+        (tmp_path / "e" / f"{stem}.png").write_bytes(b"x")
+        (tmp_path / "e" / f"{stem}.tif").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"same stem 'b' \(so do 2 more stems: 'c', 'f'\): "
+                                        "their outputs would overwrite each other"):
         find_images([tmp_path / "d", tmp_path / "e"])
 
 

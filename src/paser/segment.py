@@ -136,6 +136,7 @@ def one_output_each(named, datasets: Sequence[Path] = ()) -> None:
     outputs, named by the stem, would overwrite each other). Where one of the folders given
     (``datasets``) is a training dataset, whose masks share their images' names, the error
     says to give its images instead."""
+    named = list(named)
     twice = shared_stem(named)
     if twice is not None:
         stem, first, second = twice
@@ -147,8 +148,15 @@ def one_output_each(named, datasets: Sequence[Path] = ()) -> None:
                     f"{second} share the stem '{stem}'); paser segment reads every image "
                     f"under a folder, masks included: give the images to segment, e.g. "
                     f"{images}")
-        raise DataError(f"{first} and {second} have the same stem '{stem}': their outputs "
-                        "would overwrite each other; rename one or segment them separately")
+        sources: dict[str, set[str]] = {}
+        for name, source in named:
+            sources.setdefault(name, set()).add(source)
+        more = sorted(name for name, of in sources.items() if len(of) > 1 and name != stem)
+        also = (f" (so do {len(more)} more stems: {', '.join(repr(m) for m in more[:5])}"
+                f"{' ...' if len(more) > 5 else ''})" if more else "")
+        raise DataError(f"{first} and {second} have the same stem '{stem}'{also}: their "
+                        "outputs would overwrite each other; rename one or segment them "
+                        "separately")
 
 
 def read_input(path: str | Path, channels: int, intensity: Intensity = Intensity()
