@@ -1789,3 +1789,22 @@ def test_a_tiff_volume_cut_short_names_the_slice_and_says_to_copy_it_again(tmp_p
     with pytest.raises(DataError, match=r"cut.tif: cannot read slices 1 to 2 \(.*\); the file "
                                         r"is damaged or cut short"):
         volume.read(1, 3)
+
+
+def test_an_ome_zarr_image_given_as_its_group_names_its_full_resolution_level(tmp_path):
+    """An OME-Zarr image is a group of resolution levels: refused as any group, it listed
+    them ('0', '1', '2') without saying which is the scan at full resolution, the one to
+    segment; the refusal now names it, from the multiscales (0.4 and 0.5 alike)."""
+    for version, store in (("0.4", "a.ome.zarr"), ("0.5", "b.ome.zarr")):
+        root = zarr.open_group(str(tmp_path / store), mode="w")
+        for level, side in (("s0", 8), ("s1", 4)):  # levels named as some writers name them
+            root.create_array(level, shape=(2, side, side), dtype="uint8")
+        ms = [{"version": version, "axes": ["z", "y", "x"],
+               "datasets": [{"path": "s0"}, {"path": "s1"}]}]
+        root.attrs.update({"multiscales": ms} if version == "0.4" else
+                          {"ome": {"version": version, "multiscales": ms}})
+        with pytest.raises(DataError, match=rf"{store}: an OME-Zarr image \(a group of "
+                                            r"resolution levels\), not an array; give its "
+                                            rf"full-resolution level, .*{store}/s0$"):
+            open_volume(tmp_path / store)
+        assert open_volume(tmp_path / store / "s0").shape == (2, 8, 8)

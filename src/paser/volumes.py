@@ -435,6 +435,18 @@ def _zarr_is_array(zarr, path: Path) -> bool:
         return False
 
 
+def _full_resolution(group) -> str | None:
+    """The path of an OME-Zarr group's full-resolution level (the first of its
+    ``multiscales`` datasets, 0.4 and 0.5 alike), or ``None`` for any other group."""
+    try:
+        attrs = dict(group.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        level = str(multiscales[0]["datasets"][0]["path"])
+    except (AttributeError, TypeError, KeyError, IndexError):
+        return None
+    return level if level in getattr(group, "array_keys", lambda: [])() else None
+
+
 def _zarr(path: Path) -> Volume:
     zarr = _optional("zarr", path)
     if not path.exists():
@@ -451,6 +463,10 @@ def _zarr(path: Path) -> Volume:
     except Exception as err:  # zarr raises many kinds for a folder that is not one
         raise DataError(f"{path}: not a zarr array ({err})") from None
     if not hasattr(arr, "shape"):
+        full = _full_resolution(arr)
+        if full is not None:  # OME-Zarr: its levels are arrays of the same scan
+            raise DataError(f"{path}: an OME-Zarr image (a group of resolution levels), not "
+                            f"an array; give its full-resolution level, {path}/{full}")
         raise DataError(f"{path}: a zarr group, not an array; give one of its arrays "
                         f"({', '.join(_zarr_arrays(zarr, path)) or 'it has none'})")
     lead = _leading_ones(str(path), arr.shape)
