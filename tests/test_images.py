@@ -389,7 +389,10 @@ def test_alpha_is_dropped_where_the_format_says_so_and_two_channels_stay_two(tmp
         assert ("alpha channel dropped" in notes) == (name != "two.tif"), name
     assert np.array_equal(read_image(tmp_path / "two.tif", 2)[1],
                           (255 - gray).astype(np.float32) / 255.0)
-    with pytest.raises(DataError, match="two.tif: 2 channels, and the models take 1"):
+    with pytest.raises(DataError, match=r"two.tif: 2 channels \(two detectors, or channels "
+                                        r"stored as pages\), and the models take 1; give "
+                                        r"grayscale images: save the channel to segment as "
+                                        r"its own file"):
         read_image(tmp_path / "two.tif", 1)
     root = tmp_path / "d"
     (root / "images").mkdir(parents=True)

@@ -884,6 +884,11 @@ def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image"
     elif channels == 3 and have == 1:
         arr = np.repeat(arr, 3, axis=-1)
         notes.append("grayscale repeated to 3 channels for RGB models")
+    elif channels == 1 and have == 2:  # two detectors, or an ImageJ / OME hyperstack's C
+        raise DataError(f"{source}: 2 channels (two detectors, or channels stored as pages), "
+                        "and the models take 1; give grayscale images: save the channel to "
+                        "segment as its own file (tifffile.imwrite(out, channel)), or train "
+                        "models of models.in_channels=2 on such images")
     else:
         raise DataError(f"{source}: {have} channels, and the models take {channels}; give "
                         f"{'grayscale' if channels == 1 else f'{channels}-channel'} images")
