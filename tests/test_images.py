@@ -795,6 +795,7 @@ def test_a_mask_of_jpeg_data_named_png_or_a_jpeg_compressed_tiff_is_refused_as_j
     with pytest.raises(DataError, match=r"a.png: a JPEG mask \(JPEG data in a .png file\); "
                                         "JPEG's lossy compression changes mask values"):
         read_mask(tmp_path / "a.png")
-    with pytest.raises(DataError, match=r"b.tif: a mask TIFF compressed with JPEG; JPEG's "):
+    with pytest.raises(DataError, match=r"b.tif: a JPEG mask \(a TIFF compressed with JPEG\); "
+                                        "JPEG's "):
         read_mask(tmp_path / "b.tif")
     assert np.array_equal(read_mask(tmp_path / "c.tif"), mask)

@@ -1808,3 +1808,20 @@ def test_an_ome_zarr_image_given_as_its_group_names_its_full_resolution_level(tm
                                             rf"full-resolution level, .*{store}/s0$"):
             open_volume(tmp_path / store)
         assert open_volume(tmp_path / store / "s0").shape == (2, 8, 8)
+
+
+
+def test_a_label_volume_compressed_with_jpeg_is_refused_as_jpeg_labels(tmp_path):
+    """A label TIFF written with compression='jpeg' was read, and the values JPEG moved
+    along every edge were taken for labels resampled by interpolation, with the advice to
+    resample by nearest neighbour."""
+    from paser.data.slices import VolumeSlices
+
+    labels = np.zeros((2, 16, 16), np.uint8)
+    labels[:, 4:12, 4:12] = 1
+    tifffile.imwrite(tmp_path / "v.tif", labels * 200, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack", compression="jpeg")
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: solid}\nignore: 255\n")
+    with pytest.raises(DataError, match=r"l.tif: labels in a TIFF compressed with JPEG; "
+                                        "JPEG's lossy compression changes label values"):
+        VolumeSlices(tmp_path, "v.tif", "l.tif", {"train": (0, 2)}, "train")

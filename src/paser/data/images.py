@@ -405,15 +405,15 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 _TIFF_JPEG = (6, 7, 34892)
 
 
-def _jpeg_mask(path: Path) -> str | None:
-    """What says that a mask file holds JPEG's lossy data, by its name, its first bytes (JPEG
-    saved as .png) or its TIFF compression, or ``None``: such values moved at every edge
-    were taken for a mask resized with interpolation."""
+def jpeg_mask(path: Path) -> str | None:
+    """How a mask or label file holds JPEG's lossy data ("a JPEG file", by its name; "JPEG
+    data in a .png file", by its first bytes; "a TIFF compressed with JPEG"), or ``None``:
+    such values, moved at every edge, were taken for a mask resized with interpolation."""
     if path.suffix.lower() in LOSSY_SUFFIXES:
-        return "a JPEG mask"
+        return "a JPEG file"
     head = _head(path)
     if head is not None and head[:3] == b"\xff\xd8\xff":
-        return f"a JPEG mask (JPEG data in a {path.suffix or 'file'} file)"
+        return f"JPEG data in a {path.suffix or 'file'} file"
     if head is not None and is_tiff(path, head):
         import tifffile
 
@@ -423,7 +423,7 @@ def _jpeg_mask(path: Path) -> str | None:
         except _READ_ERRORS:  # its reading names it
             return None
         if compression in _TIFF_JPEG:
-            return "a mask TIFF compressed with JPEG"
+            return "a TIFF compressed with JPEG"
     return None
 
 
@@ -433,11 +433,12 @@ def read_mask(path: str | Path) -> np.ndarray:
     alpha channel is left out. A lossy file (JPEG), colours that differ, and values past 255
     are :class:`DataError` s that say what to do."""
     path = Path(path)
-    lossy = _jpeg_mask(path)
+    lossy = jpeg_mask(path)
     if lossy:
-        raise DataError(f"{path}: {lossy}; JPEG's lossy compression changes mask values "
-                        "along every edge, so they no longer name classes: save masks as "
-                        "PNG or TIFF (lossless)")
+        how = "" if lossy == "a JPEG file" else f" ({lossy})"
+        raise DataError(f"{path}: a JPEG mask{how}; JPEG's lossy compression changes mask "
+                        "values along every edge, so they no longer name classes: save masks "
+                        "as PNG or TIFF (lossless)")
     arr = read_array(path, palette="indices")  # alpha left out, as the format says
     if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
         raise DataError(f"{path}: a mask of {arr.shape[-1]} channels; save it as one "

@@ -29,6 +29,7 @@ from paser.data.images import (
     as_input,
     by_type_range,
     files_now,
+    jpeg_mask,
     label_values,
     spread,
     window_of,
@@ -129,6 +130,13 @@ class VolumeSlices(Dataset):
         self.classmap = ClassMap.read(root / "classes.yaml")
         self.volume = open_volume(_there(root, volume, "data.volume"))
         self.labels = open_volume(_there(root, labels, "data.labels"))
+        lossy = (jpeg_mask(Path(self.labels.files[0] if self.labels.files else self.labels.path))
+                 if self.labels.kind in ("tiff", "stack") else None)
+        if lossy:  # its edge values would be taken for labels resampled by interpolation
+            raise DataError(f"{self.labels.source}: labels in {lossy}; JPEG's lossy "
+                            "compression changes label values along every edge, so they no "
+                            "longer name classes: save the labels losslessly (TIFF deflated, "
+                            "or no compression)")
         if self.labels.shape[:3] != self.volume.shape[:3]:
             fewer = (self.labels.shape[1:3] == self.volume.shape[1:3]
                      and self.labels.depth < self.volume.depth)
