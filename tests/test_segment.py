@@ -221,6 +221,35 @@ def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_p
 
 
 @pytest.mark.slow  # `paser segment` in processes
+def test_images_and_slices_that_fill_the_lowest_eighth_of_their_type_are_noted(mnist_run,
+                                                                               tmp_path):
+    """12-bit camera data in 16-bit files reaches an 8-bit-trained run nearly black: each
+    such image or slice says so in its notes, and the command once on the terminal. Full
+    range and all-zero (fill) pixels get no note."""
+    from paser.data.images import DIM_NOTE
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    twelve = RNG.integers(0, 4096, (28, 28)).astype(np.uint16)
+    twelve[0, 0] = 4095
+    Image.fromarray(twelve).save(inputs / "dim.png")
+    Image.fromarray(twelve * 16).save(inputs / "full.png")
+    tifffile.imwrite(inputs / "v.tif", np.stack([twelve, twelve, 0 * twelve]),
+                     photometric="minisblack")
+    res = paser_here("segment", str(inputs), "--run-dir", str(mnist_run), "--out",
+                     str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    assert "note: the pixels of 1 of 2 images fill only the lowest eighth" in res.stdout
+    assert "  note: the pixels of 2 of 3 slices fill only the lowest eighth" in res.stdout
+    with open(tmp_path / "o" / "summary.csv") as fh:
+        notes = {Path(r["input"]).name: r["notes"] for r in csv.DictReader(fh)}
+    assert notes["dim.png"].startswith(f"{DIM_NOTE} (uint16 values up to 4095, 6.2 % of it")
+    assert DIM_NOTE not in notes["full.png"]
+    slices = json.loads((tmp_path / "o" / "v.json").read_text())["slices"]
+    assert [any(n.startswith(DIM_NOTE) for n in s.get("notes", [])) for s in slices] == [
+        True, True, False]
+
+
 def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     inputs = _inputs(tmp_path / "in")
     tifffile.imwrite(inputs / "v.tif", RNG.integers(0, 256, (20, 28, 28), dtype=np.uint8),

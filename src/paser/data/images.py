@@ -51,6 +51,12 @@ NO_WINDOW = ("it trained on 8/16-bit images, was made before 2026-12-04, when ru
              "none, or its intensity.json was removed")
 #: percentiles of the training pixels that bound the fitted window
 WINDOW_PERCENTILES = (0.5, 99.5)
+#: training pixels spanning less than this share of their type's range are called dim, and
+#: ``paser data check`` suggests a ``data.window`` of their stored range; an 8/16-bit image
+#: scaled by its type's range whose pixels all lie below it gets :data:`DIM_NOTE`
+LOW_CONTRAST = 0.125
+#: the start of the note of such an image (``paser segment`` counts them by it)
+DIM_NOTE = "its pixels fill only the lowest eighth of their type's range"
 #: pixels sampled per image, and images read, to fit the window (a bounded pass)
 _FIT_PIXELS, _FIT_IMAGES = 1 << 16, 64
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError,
@@ -630,6 +636,7 @@ class Intensity:
             return arr.astype(np.float32)
         for dtype, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):
             if arr.dtype == dtype and self.by_type_range(arr.dtype):
+                _dim_note(arr, top, notes)
                 x = arr.astype(np.float32)
                 return np.divide(x, top, out=x)  # in place: a 4096^2 16-bit image, 64 MB less
         if arr.dtype.kind not in "iuf":
@@ -711,6 +718,22 @@ class Intensity:
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path}: not an intensity file ({err}); delete it and re-run "
                             "stage 1, or copy it from the run") from None
+
+
+def _dim_note(arr: np.ndarray, top: float, notes: list[str]) -> None:
+    """A note where every pixel of an 8/16-bit image scaled by its type's range lies in the
+    lowest eighth of it (12-bit camera data in a 16-bit file, say): it reaches the models
+    nearly black, which is right only for a run trained on such files. An image of zeros
+    alone (fill outside a scan) gets none."""
+    peak = int(arr.max()) if arr.size else 0
+    if 0 < peak < LOW_CONTRAST * (top + 1):
+        say = ("12-bit camera data in a 16-bit file" if arr.dtype == np.uint16 else
+               "an underexposed image")
+        notes.append(f"{DIM_NOTE} ({arr.dtype} values up to {peak}, {100 * peak / top:.1f} % "
+                     f"of it: {say}, say), so it reaches the "
+                     "models nearly black: right for a run trained on such files, wrong for "
+                     f"one trained on full-range images; a run trained with data.window=[0,"
+                     f"{peak}] (paser data check suggests one) sees them at full contrast")
 
 
 def _one_value_note(scaled: np.ndarray, finite, window: tuple[float, float],

@@ -44,7 +44,7 @@ from paser.data.folders import (
     unread_images,
     unused_folders,
 )
-from paser.data.images import Intensity, files_now
+from paser.data.images import LOW_CONTRAST, Intensity, files_now
 from paser.data.slices import VolumeSlices, written
 from paser.data.tensors import StageData, Tensors, labels, on_disk
 from paser.errors import ConfigError, DataError
@@ -461,9 +461,6 @@ def _unreadable(ds) -> list[str]:
     return problems
 
 
-#: training pixels spanning less than this share of their type's range are called dim, and
-#: ``paser data check`` suggests a ``data.window`` of their stored range
-LOW_CONTRAST = 0.125
 
 
 #: fewer validation or test images (slices) than this, and `paser data check` warns
