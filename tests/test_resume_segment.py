@@ -387,6 +387,51 @@ def test_an_output_cut_short_or_gone_since_is_done_again(setup):
                                                                            True, True]
 
 
+def test_a_record_or_summary_cut_short_is_done_again_not_called_another_tools(setup):
+    """A record cut short, emptied or left as NULs (a copy, a full disk, a power cut) is
+    paser's and its image is done again; a summary.csv cut off inside its header is
+    rewritten (a helper's audit: each was refused as 'not paser's (another tool's file)',
+    and the folder could only be started over)."""
+    m, files, tmp = setup
+    segment_files(m, files, tmp / "whole")
+    shutil.copytree(tmp / "whole", tmp / "out")
+    out = tmp / "out"
+    (out / "s1.json").write_text((out / "s1.json").read_text()[:60])
+    (out / "s2.json").write_text("")
+    (out / "s3.json").write_bytes(b"\0" * 512)
+    (out / "summary.csv").write_text("input,stat")
+    again = segment_files(m, files, out)
+    assert [r.resumed for r in again] == [True, False, False, False, True]
+    assert _outputs(out) == _outputs(tmp / "whole")
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(Path(r["input"]).name, r["status"]) for r in rows] == [
+        (f"s{i}.png", "ok") for i in range(5)]
+    # another tool's JSON, whole or cut short, is still not taken
+    for text in ("[]", '{"shapes": [{"label": "po'):
+        (out / "s4.json").write_text(text)
+        with pytest.raises(DataError, match=r"s4.json is not paser's"):
+            segment_files(m, files, out)
+
+
+def test_a_manifest_cut_short_says_what_is_lost_and_what_to_do(setup):
+    """A .paser-segment.json that cannot be read is said to be so, not another run's
+    (it was 'another run (--run-dir None there, ...; they differ in policy, ...)')."""
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+    manifest = tmp / "out" / MANIFEST
+    manifest.write_text(manifest.read_text()[:50])
+    with pytest.raises(DataError) as caught:
+        segment_files(m, files[:2], tmp / "out")
+    assert str(caught.value).startswith(f"{manifest} cannot be read (Unterminated string")
+    assert str(caught.value).endswith(
+        f"): which run and settings made the outputs in {tmp / 'out'} is not known, so they "
+        "cannot be resumed; give another --out, or --overwrite to start over")
+    manifest.write_text("[]")
+    with pytest.raises(DataError, match=r"cannot be read \(not a JSON object\)"):
+        segment_files(m, files[:2], tmp / "out")
+    assert not any(r.resumed for r in segment_files(m, files[:2], tmp / "out", overwrite=True))
+
+
 def test_an_overwrite_keeps_no_row_of_before_and_a_row_is_written_once(setup):
     from paser.segment import SummaryLog, record_names
 

@@ -1274,6 +1274,26 @@ def test_a_label_volume_cut_short_since_is_done_again(setup):
                           _alone(m, vol))
 
 
+def test_a_volume_record_or_volumes_csv_cut_short_is_done_again(setup):
+    """A volume's record cut short (a copy, a full disk) is paser's, and the volume is done
+    again; a volumes.csv emptied is rewritten (a helper's audit: both were refused as 'not
+    paser's (another tool's file)')."""
+    m, vol, tmp = setup
+    volumes = _tiff_and_zarr(vol, tmp)
+    segment_volumes(m, volumes, tmp / "out", chunk=4)
+    whole = (tmp / "out" / "scan_labels.tif").read_bytes()
+    record = tmp / "out" / "scan.json"
+    record.write_text(record.read_text()[:300])
+    (tmp / "out" / "volumes.csv").write_text("")
+    again = segment_volumes(m, volumes, tmp / "out", chunk=4)
+    assert [r.resumed for r in again] == [False, True]
+    assert (tmp / "out" / "scan_labels.tif").read_bytes() == whole
+    assert json.loads(record.read_text())["shape"] == [DEPTH, SIDE, SIDE]
+    rows = list(csv.DictReader(open(tmp / "out" / "volumes.csv")))
+    assert [(Path(r["input"]).name, r["status"]) for r in rows] == [("scan.tif", "ok"),
+                                                                     ("z.zarr", "ok")]
+
+
 def test_a_volume_written_again_in_part_is_segmented_again(setup):
     """Two slices rewritten in place keep the file's size and its first, middle and last
     slices: each slice's digest in the records tells it, for a finished volume and for the

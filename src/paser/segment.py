@@ -596,8 +596,14 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     if path.is_file() and not overwrite:
         try:
             before = json.loads(path.read_text())
-        except ValueError:
-            before = {}
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # cut short (a copy, a full disk): what made it is lost
+            # (read as empty, it was 'another run (--run-dir None there, ...)')
+            raise DataError(f"{path} cannot be read ({err}): which run and settings made "
+                            f"the outputs in {out_dir} is not known, so they cannot be "
+                            "resumed; give another --out, or --overwrite to start over"
+                            ) from None
         # a run is known by its weights (a run folder copied or moved is the same run); a
         # folder made before they were recorded, or by an export that does not record
         # them, by the run's path
@@ -650,15 +656,33 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
     atomic_write_text(json.dumps({**settings, "claim": uuid.uuid4().hex}, indent=2), path)
 
 
+#: how a record of paser's (an image's, a volume's) begins, whatever its indent: a record
+#: cut short (a full disk, a copy) still does, and is paser's to do again
+RECORD_START = re.compile(r'\{\s*"input"\s*:')
+
+#: how summary.csv and volumes.csv begin (their header's first columns)
+SUMMARY_START = "input,status,"
+
+
 def _ours(path: Path) -> bool:
     """Whether ``path``, where paser segment writes an output, holds one of paser's: a
-    record (of an image or a volume), a summary, a volume's parts."""
+    record (of an image or a volume), a summary, a volume's parts; also one of them cut
+    short (a full disk, a copy, a power cut), down to an empty file, which holds nothing
+    of another tool's to lose and is done again."""
     try:
         if path.suffix == ".json":
-            return "flop_convention" in json.loads(path.read_text())
+            text = path.read_text()
+            try:
+                return "flop_convention" in json.loads(text)
+            except ValueError:  # not whole: paser's where it begins as a record does
+                text = text.strip("\0 \t\r\n")  # (a power cut can leave NULs)
+                return not text or RECORD_START.match(text) is not None
         if path.suffix == ".csv":
             with open(path, **CSV_TEXT) as fh:
-                return fh.readline().startswith("input,status,")
+                first = fh.readline()
+            # the header whole, or cut off inside it (no line after it)
+            return first.startswith(SUMMARY_START) or (
+                not first.endswith("\n") and SUMMARY_START.startswith(first))
     except (OSError, ValueError, TypeError):
         return False
     return True
