@@ -235,6 +235,39 @@ def test_a_volume_killed_half_way_continues_with_what_is_missing(setup, monkeypa
     assert calls[0] == 0 and all(r.resumed for r in again)
 
 
+def test_a_zarr_chunk_removed_or_cut_short_since_it_was_done_is_done_again(setup,
+                                                                            monkeypatch):
+    """A zarr output's chunk counts as done only with its chunk files at the sizes written,
+    and its array's metadata readable (a helper's audit: a chunk file removed or cut short
+    between two calls was taken as done, and the labels kept a hole or an unreadable
+    chunk; a zarr.json cut short failed the volume on every call)."""
+    from paser.volumes import chunks_to_do, zarr_chunk_files
+
+    m, vol, tmp = setup
+    z = _tiff_and_zarr(vol, tmp)[1:]
+    segment_volumes(m, z, tmp / "whole", chunk=4)
+    whole = zarr.open(str(tmp / "whole" / "z_labels.zarr"), mode="r")[:]
+    for out in ("out", "meta"):
+        _stopped_at(monkeypatch, m, 13, lambda out=out: segment_volumes(m, z, tmp / out,
+                                                                          chunk=4))
+    labels = tmp / "out" / "z_labels.zarr"
+    first, second = zarr_chunk_files(labels, 0), zarr_chunk_files(labels, 1)
+    assert first and second and chunks_to_do(z[0], tmp / "out", 4) == [
+        (12, 16), (16, 20), (20, 24)]
+    for name in first:
+        (labels / name).unlink()
+    for name, size in second.items():
+        (labels / name).write_bytes((labels / name).read_bytes()[:size // 2])
+    assert chunks_to_do(z[0], tmp / "out", 4) == [(0, 4), (4, 8), (12, 16), (16, 20),
+                                                  (20, 24)]
+    segment_volumes(m, z, tmp / "out", chunk=4)
+    assert np.array_equal(zarr.open(str(labels), mode="r")[:], whole)
+    meta = tmp / "meta" / "z_labels.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:50])
+    [res] = segment_volumes(m, z, tmp / "meta", chunk=4)
+    assert res.error == "" and np.array_equal(zarr.open(str(meta.parent), mode="r")[:], whole)
+
+
 def _resumed_on_other_threads(setup, monkeypatch):
     """A TIFF volume segmented on 1 thread, stopped at its 9th slice and resumed on 2: the
     run model, the volume, the test's folder and the resumed call's result."""

@@ -665,10 +665,7 @@ def _done_records(parts: Path) -> list[dict]:
     """The slice records of the chunks finished under ``parts`` (the readable ones)."""
     records = []
     for marker in sorted(parts.glob("0*.json")):
-        try:
-            chunk = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue
+        chunk = _chunk_marker(marker)[0]
         records += [r for r in chunk if isinstance(r, dict)] if isinstance(chunk, list) else []
     return records
 
@@ -715,19 +712,22 @@ def chunks_to_do(volume: Volume, out_dir: Path, chunk: int = CHUNK) -> list[tupl
 
 def chunk_done(volume: Volume, out_dir: Path, z0: int, z1: int) -> list[dict] | None:
     """The records of the chunk of slices ``z0 .. z1 - 1`` when an earlier call finished
-    it: its record under the parts is whole, and for a TIFF output so is its part file of
-    labels. ``None`` otherwise, a damaged record or part included (a disk that filled up,
-    a copy cut short): the chunk is done again, not assembled into every later call's
-    failure."""
+    it: its record under the parts is whole, and so are its labels: a TIFF output's part
+    file, a zarr output's chunk files (at the sizes the record keeps). ``None`` otherwise,
+    a damaged record or part included (a disk that filled up, a copy cut short, a chunk
+    file removed): the chunk is done again, not assembled into every later call's
+    failure or into labels with a hole."""
     marker = _parts(volume, out_dir) / f"{z0:08d}.json"
-    try:
-        records = json.loads(marker.read_text()) if marker.is_file() else None
-    except (OSError, ValueError):
-        return None
+    records, files = _chunk_marker(marker)
     if not isinstance(records, list) or len(records) != z1 - z0:
         return None
     if any(isinstance(r, dict) and r.get("degraded") for r in records):
         return None  # patches kept f0's answer while the remote tier was down: try again
+    if files is not None:  # a zarr output's chunk files, at the sizes they were written
+        labels = out_dir / volume.labels_name
+        if any(not (labels / name).is_file() or (labels / name).stat().st_size != size
+               for name, size in files.items()):
+            return None  # a chunk file gone or cut short since: it was taken as done
     if volume.label_format == "tiff":
         try:
             part = np.load(marker.with_suffix(".npy"), mmap_mode="r")
@@ -800,8 +800,10 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
                         **({"notes": notes} if notes else {})})
     if before_writing is not None:
         before_writing()
+    files = None
     if labels is not None:
         labels[z0:z1] = masks
+        files = zarr_chunk_files(out_dir / volume.labels_name, z0 // labels.chunks[0])
     else:
         buffer = io.BytesIO()
         np.save(buffer, masks)
@@ -809,8 +811,34 @@ def segment_chunk(model, volume: Volume, z0: int, z1: int, out_dir: Path, labels
         # "N requested and M written"), which stops the call (paser.segment.FATAL_WRITES)
         with replaced(marker.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
             fh.write(buffer.getbuffer())
-    atomic_write_text(json.dumps(records), marker)  # the chunk is done
+    # the chunk is done (with a zarr output, its files' sizes: one removed or cut short
+    # since is not taken as done)
+    atomic_write_text(json.dumps(records if files is None else
+                                 {"slices": records, "label_files": files}), marker)
     return records
+
+
+def _chunk_marker(marker: Path) -> tuple[list | None, dict | None]:
+    """A chunk's record under the parts: its slice records and, with a zarr output, its
+    chunk files' sizes (name under the array to bytes); ``(None, None)`` where it is not
+    there or cannot be read. A paser before 2026-12-07 kept the slice records alone."""
+    try:
+        kept = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        return None, None
+    if isinstance(kept, dict):
+        files = kept.get("label_files")
+        return kept.get("slices"), files if isinstance(files, dict) else {}
+    return kept, None
+
+
+def zarr_chunk_files(path: Path, k: int) -> dict[str, int]:
+    """The files of the zarr array at ``path`` that hold its chunks at index ``k`` along
+    the slices (``c/k/i/j`` in zarr 3's layout, ``k.i.j`` or ``k/i/j`` in zarr 2's), name
+    to bytes. A chunk all of the fill value (0) has no file: none is not a loss."""
+    found = [*(path / "c" / str(k)).rglob("*"), *path.glob(f"{k}.*"),
+             *(path / str(k)).rglob("*")]
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in found if f.is_file()}
 
 
 def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
@@ -825,7 +853,7 @@ def finish_volume(model, volume: Volume, out_dir: Path, chunk: int = CHUNK,
     kept = json.loads((parts / "volume.json").read_text()).get("volume", {})
     h, w = volume.plane
     records = [r for z0 in range(0, volume.depth, chunk)
-               for r in json.loads((parts / f"{z0:08d}.json").read_text())]
+               for r in _chunk_marker(parts / f"{z0:08d}.json")[0]]
     from paser.segment import output_settings, record_names, routed_by, settings_digest
 
     output = volume.labels_name
@@ -962,15 +990,22 @@ def voxel_record(volume: Volume, names: Sequence[str], voxels: np.ndarray) -> di
 
 
 def _labels_zarr(path: Path, volume: Volume, chunk: int, parts: Path):
-    """The zarr label array, created when no chunk of it is done yet (else reopened)."""
+    """The zarr label array, created when no chunk of it is done yet (else reopened). One
+    made anew while chunks were done (it was removed, or its metadata damaged) takes
+    their records away with it: their labels are not in it, they are done again."""
     import zarr
 
     h, w = volume.plane
     shape = (volume.depth, h, w)
     if path.exists() and any(parts.glob("0*.json")):
-        arr = zarr.open_array(str(path), mode="r+")
-        if tuple(arr.shape) == shape:
+        try:
+            arr = zarr.open_array(str(path), mode="r+")
+        except Exception:  # a zarr.json cut short or gone (zarr raises many kinds): it
+            arr = None  # failed the volume on every call, as if its input were unreadable
+        if arr is not None and tuple(arr.shape) == shape:
             return arr
+    for marker in parts.glob("0*.json"):  # chunks whose labels the new array will not hold
+        marker.unlink()
     if path.exists():
         shutil.rmtree(path)
     arr = zarr.open_array(str(path), mode="w", shape=shape, dtype="uint8",
