@@ -723,6 +723,23 @@ def test_a_stack_folder_that_is_out_is_refused_before_its_labels_join_it(setup):
     assert again.resumed and stack.depth == 3
 
 
+def test_a_zarr_store_that_is_out_or_holds_it_is_refused(tmp_path):
+    """``paser segment scan.zarr/0 --out scan.zarr`` wrote its label array, record and
+    summary into the input's store, among its arrays: refused now, with nothing written;
+    an --out beside the store goes."""
+    zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+    zarr.open_array(str(tmp_path / "scan.zarr" / "0"), mode="w", shape=(2, 4, 4),
+                    dtype="uint8")
+    for out in ("scan.zarr", "scan.zarr/seg"):
+        with pytest.raises(DataError, match=rf"scan.zarr/0: --out .*{out} is the zarr store "
+                                            r".*scan.zarr or inside it, where the outputs "
+                                            r"would lie among its arrays; give an --out "
+                                            r"outside it$"):
+            split_inputs([tmp_path / "scan.zarr" / "0"], exclude=tmp_path / out)
+    assert sorted(p.name for p in (tmp_path / "scan.zarr").iterdir()) == ["0", "zarr.json"]
+    assert len(split_inputs([tmp_path / "scan.zarr" / "0"], exclude=tmp_path / "seg")[1]) == 1
+
+
 def test_an_array_of_too_few_or_too_many_axes_says_what_to_give(tmp_path):
     """A 2-D array (one image) and a 5-D one of several time points and channels were
     refused with "a volume is slices x height x width (x channels)" alone, where a 4-D one

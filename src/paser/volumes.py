@@ -1345,6 +1345,12 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
             # its label volume would be a file of the stack: the next call refuses it
             raise DataError(f"{spec}: the --stack folder is --out, where the outputs are "
                             "written; give an --out outside it")
+        if exclude is not None and _ZARR.search(str(spec)) and is_volume(spec, stack):
+            store, out = _zarr_store(spec).resolve(), Path(exclude).resolve()
+            if out == store or store in out.parents:  # its labels would be arrays of it
+                raise DataError(f"{spec}: --out {exclude} is the zarr store {store} or "
+                                "inside it, where the outputs would lie among its arrays; "
+                                "give an --out outside it")
     volumes = [opened(i) for i in inputs if is_volume(i, stack)]
     rest = [i for i in inputs if not is_volume(i, stack)]
     files = []
