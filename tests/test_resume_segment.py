@@ -413,6 +413,23 @@ def test_a_record_or_summary_cut_short_is_done_again_not_called_another_tools(se
             segment_files(m, files, out)
 
 
+def test_the_half_written_files_of_a_killed_call_are_removed_by_the_next(setup):
+    """A call killed while it wrote an output leaves its temporary ``.<name>.tmp`` (a label
+    TIFF's as large as the labels); the next call into the folder removes those of paser's
+    outputs, and leaves any other file alone (they were kept for good)."""
+    m, files, tmp = setup
+    out = tmp / "out"
+    segment_files(m, files[:2], out)
+    ours = [".s1_labels.png.tmp", ".s1.json.tmp", ".summary.csv.tmp", ".volumes.csv.tmp",
+            "..paser-segment.json.tmp", ".scan_labels.tif.tmp", ".scan_labels.ome.tif.tmp",
+            ".s0_overlay.png.tmp", ".s0_routing.png.tmp"]
+    theirs = [".notes.tmp", "s1_labels.png.tmp", ".scan.tif.tmp"]
+    for name in ours + theirs:
+        (out / name).write_bytes(b"half")
+    assert all(r.resumed for r in segment_files(m, files[:2], out))
+    assert sorted(p.name for p in out.glob("*.tmp")) == sorted(theirs)
+
+
 def test_a_manifest_cut_short_says_what_is_lost_and_what_to_do(setup):
     """A .paser-segment.json that cannot be read is said to be so, not another run's
     (it was 'another run (--run-dir None there, ...; they differ in policy, ...)')."""

@@ -554,6 +554,23 @@ def claim_for(out_dir: Path, model, only: int | None, overwrite: bool,
         # and a row of before lists an input as done that no longer counts as done
         markers += [m for m in (out_dir / SUMMARY, out_dir / VOLUMES_CSV) if m not in markers]
     claim_output(out_dir, output_settings(model, only), overwrite, markers)
+    remove_half_written(out_dir)
+
+
+#: the temporary name an output of paser segment is written under before it is renamed into
+#: place (:func:`paser.runtime.replaced`): ``.<name>.tmp``
+HALF_WRITTEN = re.compile(
+    r"\.(.+(\.json|\.csv|_labels\.png|_overlay\.png|_routing\.png|_labels(\.ome)?\.tif))\.tmp")
+
+
+def remove_half_written(out_dir: Path) -> None:
+    """Remove the temporary files of outputs (:data:`HALF_WRITTEN`) that a killed call left
+    half written in ``out_dir``: the call that holds the folder is the only one writing
+    there (a label TIFF's, as large as the labels, was kept until the same input was done
+    again). Other files are not paser's to remove."""
+    for path in out_dir.glob(".*.tmp"):
+        if HALF_WRITTEN.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 #: a folder's settings by the names a user gives them (``paser segment``'s options), and
