@@ -723,6 +723,26 @@ def test_a_stack_folder_that_is_out_is_refused_before_its_labels_join_it(setup):
     assert again.resumed and stack.depth == 3
 
 
+def test_an_input_given_twice_however_spelt_is_one_input(tmp_path, monkeypatch):
+    """One image or volume named twice, relative and absolute (or a folder and a file in
+    it), was refused as 'two inputs of the same stem whose outputs would overwrite each
+    other; rename one': it is one input, segmented once."""
+    tifffile.imwrite(tmp_path / "scan.tif", np.zeros((3, 4, 4), np.uint8), photometric="minisblack")
+    zarr.open_array(str(tmp_path / "z.zarr"), mode="w", shape=(2, 4, 4), dtype="uint8")
+    (tmp_path / "imgs").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "imgs" / f"{name}.png")
+    monkeypatch.chdir(tmp_path)
+    files, volumes = split_inputs(["imgs/a.png", tmp_path / "imgs" / "a.png", "imgs",
+                                   "scan.tif", tmp_path / "scan.tif", "z.zarr/", "./z.zarr"])
+    assert [str(f) for f in files] == ["imgs/a.png", "imgs/b.png"]
+    assert [v.stem for v in volumes] == ["scan", "z"]
+    (tmp_path / "other").mkdir()  # two files of one stem still are two inputs
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "other" / "a.png")
+    with pytest.raises(DataError, match=r"have the same stem 'a'"):
+        split_inputs(["imgs/a.png", "other/a.png"])
+
+
 def test_a_zarr_store_that_is_out_or_holds_it_is_refused(tmp_path):
     """``paser segment scan.zarr/0 --out scan.zarr`` wrote its label array, record and
     summary into the input's store, among its arrays: refused now, with nothing written;

@@ -73,8 +73,9 @@ DEGRADED_COLOUR = np.array([0, 0, 0], dtype=np.float32)  # a remote patch that k
 
 
 def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
-    """Image files named directly or found (recursively) in folders, in order; hidden
-    files and folders, and what lies under ``exclude`` (the output folder), left out.
+    """Image files named directly or found (recursively) in folders, in order, each once
+    however spelt; hidden files and folders, and what lies under ``exclude`` (the output
+    folder), left out.
 
     Raises :class:`DataError` for a path that does not exist, for no image at all, and for
     two inputs with the same file stem (their outputs would overwrite each other).
@@ -98,9 +99,20 @@ def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
                                for f in unread_files(Path(i), recursive=True)])
         raise DataError(f"no image ({', '.join(SUFFIXES)}) in {', '.join(map(str, inputs))}; "
                         + (unread or "give image files or folders that contain them"))
+    files = once(files, lambda f: canonical(str(f)))
     one_output_each(((f.stem, str(f)) for f in files),
                     datasets=[Path(i) for i in inputs if Path(i).is_dir()])
-    return list(dict.fromkeys(files))
+    return files
+
+
+def once(items: Sequence, key: Callable) -> list:
+    """``items`` in order, each ``key`` once (its first): an input given twice, however
+    spelt (relative and absolute, a folder and a file in it), is one input, not two of
+    one stem whose outputs would overwrite each other."""
+    first: dict = {}
+    for item in items:
+        first.setdefault(key(item), item)
+    return list(first.values())
 
 
 def not_there(spec: str | Path) -> DataError:

@@ -1324,7 +1324,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
     not searched. A volume that cannot be opened is its :class:`DataError`, or with
     ``keep_failed`` a :class:`Volume` whose ``error`` says why (the others go on, as a file
     that cannot be read does)."""
-    from paser.segment import find_images, not_there, one_output_each
+    from paser.segment import canonical, find_images, not_there, once, one_output_each
 
     def opened(spec) -> Volume:
         try:
@@ -1359,6 +1359,7 @@ def split_inputs(inputs: Sequence[str | Path], stack: bool = False,
             volumes.append(opened(f))
         else:
             files.append(f)
+    volumes = once(volumes, lambda v: canonical(v.source))  # one given twice: one volume
     one_output_each([(f.stem, str(f)) for f in files] + [(v.stem, v.source) for v in volumes],
                     datasets=[Path(i) for i in rest if Path(i).is_dir()])
     return files, volumes
