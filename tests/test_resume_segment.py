@@ -430,6 +430,36 @@ def test_the_half_written_files_of_a_killed_call_are_removed_by_the_next(setup):
     assert sorted(p.name for p in out.glob("*.tmp")) == sorted(theirs)
 
 
+def test_a_folder_that_cannot_be_written_now_is_refused_before_segmenting(setup,
+                                                                        monkeypatch):
+    """A folder resumed after it was made read-only (a mount, permissions) stops the call
+    before any image is segmented, naming the folder (it segmented the next image, or a
+    volume's whole next chunk, before its first write failed)."""
+    import errno
+    import tempfile
+
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    calls = [0]
+    segment = type(m).segment
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(m), "segment", counted)
+    with pytest.raises(OSError) as caught:
+        segment_files(m, files, tmp / "out")
+    assert caught.value.errno == errno.EROFS and caught.value.filename == str(tmp / "out")
+    assert "run the same command again once the folder can be written" in str(caught.value)
+    assert calls[0] == 0
+
+
 def test_a_manifest_cut_short_says_what_is_lost_and_what_to_do(setup):
     """A .paser-segment.json that cannot be read is said to be so, not another run's
     (it was 'another run (--run-dir None there, ...; they differ in policy, ...)')."""

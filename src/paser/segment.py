@@ -668,6 +668,7 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
         if not by_weights and settings.get("models") is not None:  # made before they were
             atomic_write_text(json.dumps({**before, "models": settings["models"]}, indent=2),
                               path)  # recorded: known by them from now on (its claim kept)
+        can_write(out_dir)
         return
     found = [m for m in markers if m.exists()]
     if found and not overwrite:  # paser's outputs, and no record of what made them
@@ -691,6 +692,21 @@ RECORD_START = re.compile(r'\{\s*"input"\s*:')
 
 #: how summary.csv and volumes.csv begin (their header's first columns)
 SUMMARY_START = "input,status,"
+
+
+def can_write(out_dir: Path) -> None:
+    """Raise the :class:`OSError` of a folder resumed that can no longer be written (made
+    read-only, a read-only mount, another user's), before anything is segmented: a call
+    resumed into it segmented a whole volume chunk (minutes of a large one) or an image
+    before its first write failed. A new folder needs no probe: its manifest is written."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (what earlier calls finished is kept: run "
+                      "the same command again once the folder can be written, or give "
+                      "another --out)", str(out_dir)) from None
 
 
 def _ours(path: Path) -> bool:
