@@ -200,6 +200,24 @@ def test_another_runs_or_other_settings_folder_is_refused_unless_overwritten(set
                                                     overwrite=True))
 
 
+def test_a_folder_begun_under_another_calibration_says_the_run_was_calibrated_again(setup):
+    """The run calibrated again (``paser calibrate``) between two calls: the refusal says so
+    and how to go on, not the biases alone ('calibration: [0.0, 0.005] there, [0.0, 0.003]
+    now')."""
+    m, files, tmp = setup
+    segment_files(m, files[:2], tmp / "out")
+    manifest = tmp / "out" / MANIFEST
+    made = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**made, "calibration_bias": [0.0, 0.005]}))
+    with pytest.raises(DataError) as caught:
+        segment_files(m, files, tmp / "out")
+    assert str(caught.value) == (
+        f"{tmp / 'out'} holds the outputs of other settings (calibration: [0.0, 0.005] there, "
+        "none now); give another --out, or --overwrite to start over (the run was "
+        "calibrated again since this folder was begun, or this call's --budget-gflops "
+        "differs from its: calibrated back to the folder's target, it goes on)")
+
+
 def test_a_folder_made_under_a_cap_is_not_resumed_without_it_nor_one_made_without(setup):
     m, files, tmp = setup
     m.cap(1e6)

@@ -664,7 +664,11 @@ def claim_output(out_dir: Path, settings: dict, overwrite: bool, markers: Sequen
                 "); give another --out, or --overwrite to start over"
                 + (f" (--max-gflops-per-mp {before['cap_gflops_per_mp']:g} goes on with this "
                    "folder's cap)" if differ == ["cap_gflops_per_mp"]
-                   and before.get("cap_gflops_per_mp") is not None else ""))
+                   and before.get("cap_gflops_per_mp") is not None else "")
+                # the biases alone do not say why: a recalibration between two calls
+                + (" (the run was calibrated again since this folder was begun, or this "
+                   "call's --budget-gflops differs from its: calibrated back to the "
+                   "folder's target, it goes on)" if differ == ["calibration_bias"] else ""))
         if not by_weights and settings.get("models") is not None:  # made before they were
             atomic_write_text(json.dumps({**before, "models": settings["models"]}, indent=2),
                               path)  # recorded: known by them from now on (its claim kept)
