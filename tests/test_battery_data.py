@@ -168,7 +168,9 @@ def test_a_finished_run_finds_its_relative_synthetic_set_from_another_folder(tmp
     from paser.data.registry import synthetic_root
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
-    cfg = load_config(preset="battery-quick", overrides=["data.cache_dir=runs/data"])
+    # a seed of its own: the set of a demo run from /tmp (say) would be found in /tmp/runs/data
+    cfg = load_config(preset="battery-quick", overrides=["data.cache_dir=runs/data",
+                                                         "data.synthetic.seed=7919"])
     save_config(cfg, work / "runs" / "demo" / "config.yaml")
     name = synthetic_root(cfg.data).name
     elsewhere.mkdir()

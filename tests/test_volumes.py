@@ -791,8 +791,7 @@ def test_a_capped_volume_past_the_cap_per_its_voxels_says_why(tmp_path, capsys):
 
     def volume(side: int, gflops: float):
         megavoxels = 8 * side * side / 1e6
-        return SimpleNamespace(source=f"v{side}.tif", stem=f"v{side}", resumed=False, error="",
-                               record={
+        return SimpleNamespace(source=f"v{side}.tif", resumed=False, error="", record={
             "shape": [8, side, side], "megavoxels": megavoxels, "gflops": gflops,
             "gflops_per_slice": gflops / 8, "cap_gflops_per_mp": 60.0, "ms_per_slice": 1.0,
             "output": f"v{side}_labels.tif"})

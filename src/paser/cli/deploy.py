@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -373,7 +374,7 @@ def segment(
                    "image" + ("" if k is None else f", {model_names(model)[k]} alone")
                    + (f"; {_rate(new, seconds)} with reading and writing" if new else "")
                    + f"; see {out / 'summary.csv'}")
-        _dim_line([r.notes for r in done], "images", "summary.csv's notes")
+        _dim_line([r.notes for r in done], "images", lambda: "summary.csv's notes")
         if budget_per_mp is not None and megapixels > 0:
             _padding_note(model, done, gflops / megapixels, budget_per_mp)
         if cap_per_mp is not None:
@@ -563,7 +564,7 @@ def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> No
         if "run_window" in rec.get("intensity", {}):
             typer.echo(f"  note: {rec['intensity']['says']}")
         _dim_line([s.get("notes", []) for s in rec.get("slices", [])], "slices",
-                  f"the notes of its slices in {out / (r.stem + '.json')}",
+                  lambda r=r: f"the notes of its slices in {out / (r.stem + '.json')}",
                   indent="  ")
         if "fitted_on" in rec.get("intensity", {}):
             lo, hi = rec["intensity"]["window"]
@@ -571,10 +572,12 @@ def _volume_lines(results, out: Path, tile: tuple[int, int] | None = None) -> No
                        f"fitted on {rec['intensity']['fitted_on']}")
 
 
-def _dim_line(notes: list[list[str]], what: str, where: str, indent: str = "") -> None:
+def _dim_line(notes: list[list[str]], what: str, where: Callable[[], str],
+              indent: str = "") -> None:
     """A line where some images or slices (``notes``: each one's) are 8/16-bit pixels that
     fill only the lowest eighth of their type's range (:data:`paser.data.images.DIM_NOTE`):
-    each one's note says it in the files, this says it once on the terminal."""
+    each one's note says it in the files, this says it once on the terminal. ``where()``
+    names the files."""
     from paser.data.images import DIM_NOTE
 
     dim = sum(any(n.startswith(DIM_NOTE) for n in each) for each in notes)
@@ -582,7 +585,7 @@ def _dim_line(notes: list[list[str]], what: str, where: str, indent: str = "") -
         typer.echo(f"{indent}note: the pixels of {dim} of {len(notes)} {what} fill only the "
                    "lowest eighth of their type's range (12-bit camera data in 16-bit files, "
                    "say), so they reach the models nearly black: right only where the run "
-                   f"trained on such files; see {where}")
+                   f"trained on such files; see {where()}")
 
 
 def _remote_why(errors: list[str]) -> str:
