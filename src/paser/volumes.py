@@ -48,6 +48,7 @@ from paser.data.images import (
     image_files,
     is_tiff,
     listed,
+    missing_codec_advice,
     other_images,
     page_by_page,
     probe,
@@ -396,8 +397,7 @@ def _unread_advice(err: Exception) -> str:
     if "plugin" in text or "filter" in text:  # HDF5 without the dataset's filter
         return _NO_FILTER
     if "imagecodecs" in text:
-        return ("install tifffile's codecs (pip install imagecodecs) or save the file "
-                "uncompressed")
+        return missing_codec_advice(err)
     return ("the file is damaged or cut short (a copy or a write not finished?): copy or "
             "write it again")
 

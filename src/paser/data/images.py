@@ -212,7 +212,7 @@ def read_array(path: str | Path, notes: list[str] | None = None,
         raise
     except _READ_ERRORS as err:
         raise DataError(f"{path}: cannot read the image ({err}); "
-                        + _missing_codec_advice(err)) from None
+                        + missing_codec_advice(err)) from None
     if arr.ndim not in (2, 3) or 0 in arr.shape[:2]:
         raise DataError(f"{path}: an image of shape {arr.shape}, expected H x W or H x W x C")
     return arr
@@ -223,7 +223,7 @@ def _not_empty(path: Path) -> None:
         raise DataError(f"{path}: an empty file (0 bytes); replace or remove it")
 
 
-def _missing_codec_advice(err: Exception) -> str:
+def missing_codec_advice(err: Exception) -> str:
     """What to do about a file that does not decode: install the codec tifffile names, or
     replace the file."""
     if "imagecodecs" in str(err):
@@ -244,7 +244,7 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
             notes.append(f"2 channels stored as pages (TIFF axes {axes}), read as the "
                          "image's two channels")
             return np.moveaxis(series.asarray(), 0, -1)
-        stack = len(series.pages) if pages > 1 else len(stack_pages(tif))  # a page a series
+        stack = pages if pages > 1 else len(stack_pages(tif))  # a page a series
         if stack > 1:
             notes.append(f"a stack of {stack} pages (TIFF axes {axes}); the first "
                          "one read (volumes: paser segment reads every page)")

@@ -461,8 +461,6 @@ def _unreadable(ds) -> list[str]:
     return problems
 
 
-
-
 #: fewer validation or test images (slices) than this, and `paser data check` warns
 FEW_IMAGES = 3
 
