@@ -17,6 +17,7 @@ from paser.config import DataConfig
 from paser.data import data_intensity, on_disk, open_split
 from paser.data.images import (
     Intensity,
+    as_input,
     fit_window,
     probe,
     read_array,
@@ -799,3 +800,41 @@ def test_a_mask_of_jpeg_data_named_png_or_a_jpeg_compressed_tiff_is_refused_as_j
                                         "JPEG's "):
         read_mask(tmp_path / "b.tif")
     assert np.array_equal(read_mask(tmp_path / "c.tif"), mask)
+
+
+def test_an_imagej_lookup_table_is_display_and_other_palettes_colours_on_every_path(tmp_path):
+    """Fiji saves an 8-bit image it shows through a colour lookup table (Green, Fire) as a
+    palette TIFF: its stored values are the data. They were read as the table's colours
+    (a green table: every pixel 0.7152 as bright by luminance) by the image reader, and as
+    stored by the volume reader: the same file, two tensors. Now both read an ImageJ TIFF's
+    values, and both read any other palette TIFF's colours."""
+    from paser.volumes import open_volume
+
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    green = np.zeros((3, 256), np.uint16)
+    green[1] = np.arange(256) * 257
+    tifffile.imwrite(tmp_path / "fiji.tif", gray, imagej=True, colormap=green)
+    tifffile.imwrite(tmp_path / "fiji_stack.tif", np.stack([gray, 255 - gray]), imagej=True,
+                     colormap=green, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", np.stack([gray, 255 - gray]),
+                     photometric="palette", colormap=green)
+    for name in ("fiji.tif", "fiji_stack.tif"):
+        notes = []
+        assert np.array_equal(read_array(tmp_path / name, notes), gray), name
+        assert any("ImageJ" in n and "lookup table" in n for n in notes), notes
+        head = probe(tmp_path / name)
+        assert (head.channels, head.colour, head.dtype) == (1, False, "uint8")
+        assert np.array_equal(read_image(tmp_path / name, 1), gray[None] / np.float32(255))
+    volume = open_volume(tmp_path / "fiji_stack.tif")
+    assert volume.shape == (2, H, W)
+    assert np.array_equal(volume.read(0, 2), np.stack([gray, 255 - gray]))
+    # any other palette TIFF is its colours, as a palette PNG: in both readers
+    shown = np.dstack([np.zeros_like(gray), gray, np.zeros_like(gray)])
+    assert np.array_equal(read_array(tmp_path / "plain.tif"), shown)
+    assert probe(tmp_path / "plain.tif").channels == 3
+    volume = open_volume(tmp_path / "plain.tif")
+    assert volume.shape == (2, H, W, 3) and volume.dtype == "uint8"
+    assert np.array_equal(volume.read(1, 2)[0], np.dstack([np.zeros_like(gray), 255 - gray,
+                                                           np.zeros_like(gray)]))
+    assert np.array_equal(as_input(volume.read(0, 1)[0], 1, Intensity()),
+                          read_image(tmp_path / "plain.tif", 1))

@@ -44,6 +44,7 @@ from paser.data.images import (
     as_input,
     at_fill,
     by_type_range,
+    colour_map,
     field_of_view,
     image_files,
     is_tiff,
@@ -53,6 +54,7 @@ from paser.data.images import (
     page_by_page,
     probe,
     read_array,
+    shows_colours,
     spread,
     stack_pages,
     tiff_alpha,
@@ -112,6 +114,9 @@ class Volume:
     #: tifffile's series would parse every page of the file for each chunk (2,048 pages:
     #: 0.5 s a chunk, a volume's reading quadratic in its depth)
     paged: bool = False
+    #: tiff: palette pages read as their colours (``[..., 3]``), as the image reader reads
+    #: one (:func:`paser.data.images.shows_colours`: not an ImageJ lookup table)
+    palette: bool = False
     #: micrometres a voxel, as the file states it (:mod:`paser.data.voxels`); written with
     #: the labels
     voxel: VoxelSize | None = None
@@ -163,7 +168,8 @@ class Volume:
 
             with tifffile.TiffFile(self.path) as tif:
                 pages = stack_pages(tif, self.paged)
-                out = np.stack([pages[z].asarray() for z in range(z0, z1)])
+                out = np.stack([colour_map(pages[z])[pages[z].asarray()] if self.palette
+                                else pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
             return out[..., :-self.alpha] if self.alpha else out
         at = (0,) * self.lead + (slice(z0, z1),)
@@ -315,6 +321,7 @@ def _tiff(path: Path) -> Volume:
             pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
             planar = page.axes.startswith("S")
+            palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE and shows_colours(tif)
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
             lead = {} if loose else dict(zip(series.axes[:len(series.axes) - len(page.axes)],
                                              series.shape, strict=False))
@@ -335,11 +342,13 @@ def _tiff(path: Path) -> Volume:
                         "own TIFF")
     if planar:
         shape = (pages, *shape[2:], shape[1])
+    if palette:
+        shape, dtype = (*shape, 3), np.dtype(np.uint8)
     alpha = tiff_alpha(page) if len(shape) == 4 and shape[-1] > 1 else 0
     shape = (*shape[:3], shape[3] - alpha) if alpha else shape
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
-                  planar=planar, alpha=alpha, paged=loose, voxel=voxel)
+                  planar=planar, alpha=alpha, paged=loose, palette=palette, voxel=voxel)
 
 
 class MissingPackage(DataError):

@@ -5,7 +5,9 @@ everywhere.
 - TIFF (also BigTIFF, OME-TIFF, planar, 16-bit colour) through tifffile; PNG, JPEG and the
   rest through Pillow. A stack of pages or frames gives its first image, with a note
   (volumes: :mod:`paser.volumes`).
-- A palette image is its colours (what it shows), not its indices; 1-bit is 0 or 1.
+- A palette image is its colours (what it shows), not its indices; 1-bit is 0 or 1. But an
+  ImageJ (Fiji) TIFF's palette is the lookup table ImageJ shows its values through (Fire,
+  Green): its stored values are read, as ImageJ measures them.
 - Values become [0, 1] by :class:`Intensity`: 8- and 16-bit unsigned integers (and
   booleans) by their type's range; floats and every other integer type (signed: CT
   reconstructions) by an intensity window the run fits on its training images and keeps
@@ -258,8 +260,11 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
                          f"{listed(others)}); the first one read: save each as its own TIFF")
         if colours and first.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
             notes.append("stored WhiteIsZero (viewers show it inverted): read as stored")
-        if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:  # its colours
-            return _colour_map(first)[arr]
+        if colours and first.photometric == tifffile.PHOTOMETRIC.PALETTE:
+            if shows_colours(tif):
+                return colour_map(first)[arr]
+            notes.append("an ImageJ TIFF shown through a colour lookup table: its stored "
+                         "values read (what ImageJ measures), not the table's colours")
     if arr.ndim > 2:  # an axis of one that is not Y or X (H x W x 1 written as YXQ): gone
         keep = [i for i, (a, n) in enumerate(zip(axes, arr.shape, strict=True))
                 if a in "YX" or n > 1]
@@ -287,7 +292,16 @@ def listed(items: list[str], most: int = 5) -> str:
                                       else "")
 
 
-def _colour_map(page) -> np.ndarray:
+def shows_colours(tif) -> bool:
+    """Whether a palette TIFF's pixels are the colours of its palette, as for any palette
+    image; not for ImageJ's (Fiji's): it saves an 8-bit image it shows through a colour
+    lookup table (Fire, Green, Glasbey) as a palette TIFF, and the stored values are the
+    data, the table only its display (a green one would make every pixel darker by
+    luminance, and a volume of the same pages, read as stored, another tensor)."""
+    return not tif.is_imagej
+
+
+def colour_map(page) -> np.ndarray:
     """A palette TIFF page's colour of each index, ``[2**bits, 3]`` uint8: a 16-bit colour
     map's high bytes (one written in 8-bit values as it is)."""
     cmap = page.colormap  # [3, 2**bits]
@@ -297,9 +311,10 @@ def _colour_map(page) -> np.ndarray:
 
 
 def palette_of(path: str | Path) -> np.ndarray | None:
-    """The colour of each index of a palette image, ``[N, 3]`` uint8, as :func:`read_array`
-    shows its pixels; None for an image without a palette, or a file neither reader opens.
-    The header alone is read, no pixel."""
+    """The colour of each index of a palette image, ``[N, 3]`` uint8 (an ImageJ TIFF's
+    lookup table too, which :func:`read_array` leaves aside: :func:`shows_colours`); None
+    for an image without a palette, or a file neither reader opens. The header alone is
+    read, no pixel."""
     import tifffile
 
     path = Path(path)
@@ -307,7 +322,7 @@ def palette_of(path: str | Path) -> np.ndarray | None:
         if is_tiff(path):
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
-                return (_colour_map(page) if page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                return (colour_map(page) if page.photometric == tifffile.PHOTOMETRIC.PALETTE
                         else None)
         with Image.open(path) as img:
             if img.mode not in ("P", "PA"):
@@ -560,7 +575,8 @@ def probe(path: str | Path) -> Probe:
                 if other_images(tif):  # more than one stack: a volume, refused, named
                     pages = [p for s in tif.series for p in s.pages]
                 axes, shape = page.axes, page.shape
-                palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                palette = (page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                           and shows_colours(tif))
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 channels = 3 if palette else max(1, samples - tiff_alpha(page))
