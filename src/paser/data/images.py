@@ -21,6 +21,7 @@ Every problem is a :class:`~paser.errors.DataError` that names the file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -220,6 +221,13 @@ def read_array(path: str | Path, notes: list[str] | None = None,
     return arr
 
 
+def read_png_bytes(body: bytes, notes: list[str] | None = None) -> np.ndarray:
+    """A PNG's bytes (a request to ``paser serve``) as :func:`read_array` reads the same
+    file: 16-bit colour at its 16 bits, a palette as its colours, alpha dropped, turned
+    upright by an EXIF orientation."""
+    return _pillow(io.BytesIO(body), [] if notes is None else notes, True, _png16(body[:26]))
+
+
 def _not_empty(path: Path) -> None:
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{path}: an empty file (0 bytes); replace or remove it")
@@ -356,10 +364,11 @@ def tiff_alpha(page) -> int:
     return sum(int(e) in (1, 2) for e in (page.extrasamples or ()))
 
 
-def _pillow(path: Path, notes: list[str], colours: bool = True,
+def _pillow(path: Path | io.BytesIO, notes: list[str], colours: bool = True,
             deep: int | None = None) -> np.ndarray:
-    """A file Pillow reads (``deep``: a 16-bit PNG's colour type, :func:`_png16`, decoded
-    by imagecodecs instead), turned upright by its EXIF orientation."""
+    """A file Pillow reads, or its bytes (``deep``: a 16-bit PNG's colour type,
+    :func:`_png16`, decoded by imagecodecs instead), turned upright by its EXIF
+    orientation."""
     with Image.open(path) as img:
         if getattr(img, "n_frames", 1) > 1:
             notes.append(f"a stack of {img.n_frames} frames; the first one read")
@@ -375,14 +384,16 @@ def _pillow(path: Path, notes: list[str], colours: bool = True,
     return arr
 
 
-def _png16_array(path: Path, colour_type: int, notes: list[str]) -> np.ndarray:
+def _png16_array(path: Path | io.BytesIO, colour_type: int, notes: list[str]) -> np.ndarray:
     """A 16-bit colour or gray + alpha PNG at its 16 bits (Pillow gives 8), alpha dropped."""
     import imagecodecs
 
     try:
-        arr = imagecodecs.png_decode(path.read_bytes())
+        arr = imagecodecs.png_decode(path.getvalue() if isinstance(path, io.BytesIO)
+                                     else path.read_bytes())
     except (imagecodecs.PngError, RuntimeError, ValueError) as err:  # a broken file
-        raise DataError(f"{path}: cannot read the image ({err}); replace or remove the "
+        what = "the PNG" if isinstance(path, io.BytesIO) else path
+        raise DataError(f"{what}: cannot read the image ({err}); replace or remove the "
                         "file") from None
     keep = 1 if colour_type == 4 else 3
     if arr.ndim == 3 and arr.shape[-1] > keep:  # alpha, or a transparent colour (tRNS) as one

@@ -14,6 +14,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from paser.errors import DataError
+
 NPZ = "application/x-npz"
 PNG = "image/png"
 #: dtypes a patch array may have, and the value that maps to 1.0
@@ -95,7 +97,10 @@ def npz_array(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def decode_png(body: bytes, max_values: int) -> np.ndarray:
     """A PNG body as an array ``[H, W]`` or ``[H, W, C]`` (8- or 16-bit), its size checked
-    before decoding."""
+    before decoding, then decoded as paser's image reader reads the same file (a 16-bit
+    colour PNG at its 16 bits, a palette as its colours, alpha dropped)."""
+    from paser.data.images import read_png_bytes
+
     try:
         with Image.open(io.BytesIO(body)) as img:
             if img.format != "PNG":
@@ -104,14 +109,11 @@ def decode_png(body: bytes, max_values: int) -> np.ndarray:
             if w * h * len(img.getbands()) > max_values:
                 raise PayloadError(413, f"a {w} x {h} PNG: more than the server's "
                                    f"{max_values} values per request")
-            img.load()
-            if img.mode in ("P", "PA"):
-                img = img.convert("RGB")
-            arr = np.asarray(img)
-            # alpha where the PNG marks it, as paser's image reader drops it
-            return arr[..., :-1] if img.mode in ("LA", "RGBA") else arr
+        return read_png_bytes(body)
     except PayloadError:
         raise
+    except DataError as err:  # a 16-bit one imagecodecs cannot decode
+        raise PayloadError(400, f"the body is not a readable PNG ({err})") from None
     except Image.UnidentifiedImageError:  # its message names a BytesIO object
         raise PayloadError(400, "the body is not a readable PNG (not an image at all; an npz "
                            f"body goes with Content-Type {NPZ})") from None
