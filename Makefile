@@ -44,7 +44,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest $(XDIST)
 
 # the tests a developer runs between edits (under a minute): no process of its own, no ONNX
-# export, no full run; `make test` (and CI) runs those too
+# export, no full run, no test that trains for more than about 1.5 s; `make test` (and CI)
+# runs those too
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(XDIST)
 

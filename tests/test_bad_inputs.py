@@ -129,6 +129,7 @@ def _corrupt(root, content):
     return root
 
 
+@pytest.mark.slow
 def test_data_check_names_every_unreadable_image_not_the_first_alone(capsys, monkeypatch,
                                                                      tmp_path):
     root = _corrupt(battery_root(tmp_path), b"not a png")
@@ -192,6 +193,7 @@ def test_bad_runs_and_checkpoints(mnist_run, capsys, monkeypatch, tmp_path):
     assert code == 2 and "not valid YAML at line 2, column 1" in line, line
 
 
+@pytest.mark.slow
 def test_bad_images_for_segment(mnist_run, capsys, monkeypatch, tmp_path):
     import tifffile
 
@@ -622,6 +624,7 @@ def test_a_folder_dataset_with_no_image_says_so(capsys, monkeypatch, tmp_path):
     assert f"each with its mask of the same name in {root / 'masks'}" in line
 
 
+@pytest.mark.slow
 def test_a_results_json_cut_short_is_written_again_or_named(mnist_run, capsys, monkeypatch,
                                                             tmp_path):
     """A report cut short (a full disk, a copy stopped) was a JSONDecodeError traceback from
@@ -646,6 +649,7 @@ def test_a_results_json_cut_short_is_written_again_or_named(mnist_run, capsys, m
     assert "methods" in json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_export_to_a_file_says_so(mnist_run, capsys, monkeypatch, tmp_path):
     """It was the file system's 'File exists', as for segment --out before."""
     pytest.importorskip("onnxruntime")

@@ -207,6 +207,7 @@ def test_a_cascade_stops_where_the_entropy_is_at_most_its_threshold():
     assert cascade_actions(entropy, taus).tolist() == [[[0]], [[1]], [[2]]]
 
 
+@pytest.mark.slow
 def test_baselines_resumed_after_a_new_config_was_cut_short_train_that_config(tmp_path,
                                                                               monkeypatch):
     """The baselines again with another learning rate, cut short in MatPhase's first
@@ -241,6 +242,7 @@ def test_baselines_resumed_after_a_new_config_was_cut_short_train_that_config(tm
     assert same == dict.fromkeys(same, True)
 
 
+@pytest.mark.slow
 def test_matphase_fusion_killed_mid_way_resumes_after_its_last_epoch(tmp_path, monkeypatch):
     """Stopped in the fusion CNN's second epoch (of 3), --resume trains its last two epochs
     only (one batch each), not all three again, and ends with a fresh call's MatPhase."""

@@ -38,6 +38,7 @@ def setup():
 
 
 @pytest.mark.parametrize("share", [0.2, 0.5, 0.8])
+@pytest.mark.slow
 def test_budget_is_met_within_5_percent(setup, share):
     router, data = setup
     costs = router.costs(32, 32)
@@ -53,6 +54,7 @@ def test_budget_is_met_within_5_percent(setup, share):
     assert cal.bias[0] == 0.0 and cal.target == {"budget_gflops": budget}
 
 
+@pytest.mark.slow
 def test_a_larger_budget_never_routes_less(setup):
     router, data = setup
     costs = router.costs(32, 32)
@@ -61,6 +63,7 @@ def test_a_larger_budget_never_routes_less(setup):
     assert spent == sorted(spent)
 
 
+@pytest.mark.slow
 def test_share_on_the_largest_model(setup):
     router, data = setup
     cal = calibrate(router, data, 3, max_frac_large=0.25, batch_size=8)
@@ -132,6 +135,7 @@ def test_logits_are_those_of_the_routing_path(setup):
     assert torch.equal(logits[:8], out.logits)
 
 
+@pytest.mark.slow
 def test_the_run_keeps_its_calibration_for_segment_and_evaluate(mnist_run, tmp_path):
     from paser import PaSeR
 
@@ -199,6 +203,7 @@ def test_cli_calibrate(mnist_run, tmp_path):
     assert res.returncode == 2 and "calibration.json" in res.stderr
 
 
+@pytest.mark.slow
 def test_quality_targets_pick_from_an_exact_sweep(setup):
     from paser.calibration import price_sweep, sweep_actions
     from paser.outcomes import PatchOutcomes
@@ -243,6 +248,7 @@ def test_quality_targets_pick_from_an_exact_sweep(setup):
                                   "on the largest model costs (2.5): it bounds nothing")
 
 
+@pytest.mark.slow
 def test_the_tvd_target_moves_the_assignment_at_most_that_far(setup):
     from paser.train.policy import tvd
 

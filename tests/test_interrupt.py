@@ -177,6 +177,7 @@ def test_a_resume_on_the_cpu_leaves_cuda_alone(tmp_path, monkeypatch):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_stage2_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_path,
                                                                            monkeypatch):
     """Stage 2 again with another lam, cut short before its first epoch ended, then
@@ -208,6 +209,7 @@ def test_stage2_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_
     assert all(torch.equal(v, b[k]) for k, v in a.items() if isinstance(v, torch.Tensor))
 
 
+@pytest.mark.slow
 def test_stage3_resumed_after_a_new_config_was_cut_short_trains_that_config(tmp_path,
                                                                            monkeypatch):
     """Stage 3 again with another learning rate, cut short in its first epoch, then

@@ -223,6 +223,7 @@ def test_groups_select_samples_and_unknown_groups_fail():
         plain.in_groups([0])
 
 
+@pytest.mark.slow
 def test_one_patch_per_image_routes_whole_images():
     from paser.models import RoutingPolicy, create_model
     from paser.patches import PatchGrid

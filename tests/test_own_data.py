@@ -150,6 +150,7 @@ def test_unlabelled_pixels_count_in_no_loss_and_no_metric():
     assert labels(torch.tensor([255, 3], dtype=torch.uint8)).tolist() == [IGNORE, 3]
 
 
+@pytest.mark.slow
 def test_bad_folders_fail_with_the_file_and_the_fix(folder, tmp_path):
     other = make_folder(tmp_path / "d", counts=(3, 3, 3))
     mask = other / "train" / "masks" / "img01.png"
@@ -1211,6 +1212,7 @@ def test_paser_run_with_a_pool_of_three_on_rgb_five_class_data(folder, tmp_path)
     assert np.array_equal(np.asarray(VALUES)[read_back], written)
 
 
+@pytest.mark.slow
 def test_models_from_an_import_path_and_from_local_weights(tmp_path):
     model = create_model("tests.test_own_data:conv_net", 3, 5, width=4)
     assert count_parameters(model) == (3 * 9 + 1) * 4 + (4 + 1) * 5
@@ -1246,6 +1248,7 @@ def test_models_from_an_import_path_and_from_local_weights(tmp_path):
         build_model(cfg, cfg.models.f0.model_copy(update={"encoder_weights": enc}))
 
 
+@pytest.mark.slow
 def test_encoder_files_as_classification_networks_save_them_fit_a_grayscale_encoder(tmp_path):
     """torchvision's and timm's RGB resnet18 files (classifier heads; timm's read by timm's
     own loader, its keys without smp's ``model.``) load into 1-channel smp encoders, as smp
@@ -1487,6 +1490,7 @@ def test_the_cityscapes_preset_without_data_root_says_what_the_folder_holds():
         open_split(folder.data, "train")
 
 
+@pytest.mark.slow
 def test_cityscapes_segformer_preset_holds_the_papers_pool():
     """The preset's pool is the paper's: SegFormer-B0 (3.7 M parameters) and -B5 (82 M)."""
     cfg = load_config(preset="cityscapes-segformer")

@@ -41,6 +41,7 @@ def test_stages_write_their_summaries_and_logs(run):
     assert s2["costs"]["params"][0] == 16_571
 
 
+@pytest.mark.slow
 def test_stage3s_summary_gives_the_refit_policys_own_distance_from_the_reference(tmp_path,
                                                                                  monkeypatch):
     """After the pool's fine-tuning the policy is fitted again, and the summary took its
@@ -286,6 +287,7 @@ def test_evaluate_cuts_images_larger_than_a_tile_as_segment_does(run):
     assert 4 * result["gflops"] == pytest.approx(float(out.gflops.mean()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_of_images_of_another_size_than_stage_1s_counts_the_tiles_it_routes(
         run, tmp_path):
     """data.tile auto routes images of another size than stage 1's in its tiles; since
@@ -394,6 +396,7 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(run, tmp_path):
     assert last.startswith("paser.errors.DataError") and "__name__" in last, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_stage2s_gain_target_is_the_one_configured(tmp_path):
     import shutil
 

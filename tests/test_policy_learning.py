@@ -102,6 +102,7 @@ def test_lam_zero_sends_the_hard_half_to_the_large_model():
     assert not torch.equal(before, actions)
 
 
+@pytest.mark.slow
 def test_small_lam_sends_only_the_hard_half_up():
     # f2 gains 0.8 IoU on hard patches and nothing elsewhere; at lam = 0.2 it pays off only
     # where it helps, so a patch-aware policy must tell the halves apart in every image.
@@ -131,6 +132,7 @@ def _fit_full_information(policy, states, patch_iou, lam, objective, epochs=60, 
 
 
 @pytest.mark.parametrize("objective", ["expected", "gain"])
+@pytest.mark.slow
 def test_full_information_learns_the_oracle_where_it_is_learnable(objective):
     # f2 gains 0.8 on the hard half; at lam 0.2 only there does it pay (0.64 > 0.188), and
     # the oracle sends exactly the hard half up. Both objectives must find it in every image.
@@ -191,6 +193,7 @@ def test_dataset_gain_is_the_first_order_change_of_the_split_miou():
     assert torch.equal(out.gain("patch")[..., 0], torch.zeros(1, 2))
 
 
+@pytest.mark.slow
 def test_the_reference_policy_learns_gains_too():
     torch.manual_seed(0)
     states, patch_iou, is_hard = _constructed()

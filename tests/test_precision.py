@@ -74,6 +74,7 @@ def test_one_process_autocasts_convolutions_and_keeps_the_policy_32_bit(monkeypa
         assert conv(x).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_stage1_in_bf16_keeps_float32_weights_and_records_its_precision(tmp_path, monkeypatch):
     cfg = load_config(preset="battery-quick", overrides=[
         *TINY, "distributed.precision=bf16-mixed", f"data.cache_dir={tmp_path / 'cache'}"])

@@ -37,6 +37,7 @@ def tiny_cfg(tmp_path):
                        overrides=[*TINY, f"data.cache_dir={tmp_path / 'cache'}"])
 
 
+@pytest.mark.slow
 def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path, monkeypatch, capsys):
     import paser.runtime as R
 
@@ -67,6 +68,7 @@ def test_stage1_writes_checkpoints_metrics_and_summary(tiny_cfg, tmp_path, monke
 
 
 @pytest.mark.parametrize(("augment", "ema"), [("off", None), ("on", None), ("off", 0.9)])
+@pytest.mark.slow
 def test_resume_after_interruption_ends_like_an_uninterrupted_run(tiny_cfg, tmp_path,
                                                                    monkeypatch, augment, ema):
     # augmented: the same draws again on resume, each epoch 2 passes over D_pre's 4 images;
@@ -150,6 +152,7 @@ def test_an_epoch_draws_at_least_min_epoch_images_where_stage1_augments(tiny_cfg
     assert torch.equal(order[:3], first)
 
 
+@pytest.mark.slow
 def test_augmented_training_learns_from_other_views(tiny_cfg, tmp_path):
     on = tiny_cfg.model_copy(update={"stage1": tiny_cfg.stage1.model_copy(
         update={"augment": "on", "min_epoch_images": None})})
@@ -181,6 +184,7 @@ def test_a_validation_split_without_a_labelled_pixel_stops_stage1_saying_so(
         stage1.pretrain(tiny_cfg, tmp_path / "run", show_progress=False)
 
 
+@pytest.mark.slow
 def test_weight_average_warms_up_to_its_decay_and_is_what_stage1_keeps(tiny_cfg, tmp_path):
     model = torch.nn.Linear(1, 1, bias=False)
     ema = stage1.weight_average(model, 0.5)
@@ -220,6 +224,7 @@ def test_weight_average_warms_up_to_its_decay_and_is_what_stage1_keeps(tiny_cfg,
     assert any(not torch.equal(v, last["model"][k]) for k, v in best["model"].items())
 
 
+@pytest.mark.slow
 def test_each_model_is_seeded_on_its_own(tmp_path):
     """f1 training one epoch more (its dropout drawing more numbers) leaves f2, and so f0,
     which distils from it, as they were: a table comparing f1 variants compares f1 alone."""
@@ -238,6 +243,7 @@ def test_each_model_is_seeded_on_its_own(tmp_path):
     assert same == {"f0": True, "f1": False, "f2": True}
 
 
+@pytest.mark.slow
 def test_paser_run_keeps_the_models_whose_own_settings_did_not_change(tmp_path):
     """Stage 1 again after one model's settings changed (reuse, as paser run does): the
     others are kept, byte for byte, and every model equals a fresh run's."""
@@ -272,6 +278,7 @@ def test_paser_run_keeps_the_models_whose_own_settings_did_not_change(tmp_path):
     assert (run / "checkpoints" / "f1.trained.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_trains_again_the_models_a_new_config_was_cut_short_before(tmp_path,
                                                                            monkeypatch):
     """A run whose settings changed (every model trains again) cut short in f1: f2 and f0
@@ -328,6 +335,7 @@ def pooled(in_channels, num_classes):
 """
 
 
+@pytest.mark.slow
 def test_models_with_batchnorm_skip_what_a_batch_of_one_cannot_train(tmp_path, monkeypatch):
     """f0 on a last batch of one image, and a pool model given one patch in stage 3."""
     from tests.helpers import TINY as PIPELINE
@@ -362,6 +370,7 @@ def test_models_with_batchnorm_skip_what_a_batch_of_one_cannot_train(tmp_path, m
         assert int(last["ema"]["n_averaged"]) == pre * ones.models.f0.epochs
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_model_started_from_weights_serves_as_weights(tiny_cfg, tmp_path):
     """Its spec holds the weights' path: stored as text, the checkpoint stays readable with
     weights_only, so one run's f1 can start another's."""
@@ -415,6 +424,7 @@ def test_patience_and_ties_decide_the_epoch_kept(tiny_cfg, tmp_path, monkeypatch
     assert torch.load(tmp_path / "checkpoints" / "f1.pt", weights_only=False)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_f0_distils_fks_stitched_logits_with_weight_a_kd(tiny_cfg, tmp_path, monkeypatch):
     from paser.checkpoints import load_trained
     from paser.data import IGNORE

@@ -52,6 +52,7 @@ def test_clean_plus_noisy_keeps_labels_and_doubles_the_split():
     assert torch.equal(both.masks[3:], data.masks) and both.groups.tolist() == [0, 1, 2] * 2
 
 
+@pytest.mark.slow
 def test_swap_pool_changes_only_the_pool(mnist_run):
     clean = PaSeR.load(mnist_run, device="cpu").router
     new_pool = [_perturbed(m) for m in clean.pool]
@@ -84,6 +85,7 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_robustness_trains_a_noisy_pool_and_reports_table_3(mnist_run):
     ckpt = mnist_run / "checkpoints"
     before = {p.name: _digest(p) for p in ckpt.glob("*.pt")}
@@ -121,6 +123,7 @@ def test_robustness_trains_a_noisy_pool_and_reports_table_3(mnist_run):
     assert json.loads((ckpt / "noisy" / "settings.json").read_text())["amount"] == 0.1
 
 
+@pytest.mark.slow
 def test_robustness_routes_paser_at_the_runs_calibrated_operating_point(mnist_run, tmp_path):
     import shutil
 

@@ -321,6 +321,7 @@ def test_the_report_says_which_models_were_still_improving_at_their_cap(tmp_path
     assert "Still improving at the epoch cap: f0, f2 (" in text and "min_epoch_images" in text
 
 
+@pytest.mark.slow
 def test_a_bad_baseline_name_fails_before_any_training(tmp_path):
     from paser.errors import ConfigError
 

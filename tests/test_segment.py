@@ -173,6 +173,7 @@ def _inputs(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_segment_files_writes_every_output_and_skips_a_bad_file(mnist_run, tmp_path):
     from paser import PaSeR
 
@@ -250,6 +251,7 @@ def test_images_and_slices_that_fill_the_lowest_eighth_of_their_type_are_noted(m
         True, True, False]
 
 
+@pytest.mark.slow
 def test_cli_segment_exit_status_and_messages(mnist_run, tmp_path):
     inputs = _inputs(tmp_path / "in")
     tifffile.imwrite(inputs / "v.tif", RNG.integers(0, 256, (20, 28, 28), dtype=np.uint8),
@@ -411,6 +413,7 @@ def test_a_per_megapixel_budget_says_where_padded_tiles_spent_past_it(capsys):
     assert "128 x 128 tiles they are cut into" in sizes_pay(tiled)
 
 
+@pytest.mark.slow
 def test_an_images_ms_leaves_out_counting_the_flops_of_a_new_size(mnist_run, tmp_path,
                                                                   monkeypatch):
     from paser import PaSeR
@@ -474,6 +477,7 @@ def test_the_previews_show_each_pixels_class_and_each_patchs_model(tmp_path):
     assert np.array_equal(decode_label(labels), mask)
 
 
+@pytest.mark.slow
 def test_a_cap_holds_every_image_in_segment_evaluate_and_the_library(mnist_run, tmp_path,
                                                                       capsys, monkeypatch):
     from tests.test_bad_inputs import cli

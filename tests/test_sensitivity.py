@@ -60,6 +60,7 @@ def test_a_results_json_that_is_no_report_is_refused_before_the_sweep(mnist_run,
     assert trained == [] and (run_dir / "results.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_sensitivity_writes_the_sweep_and_the_t_test_into_the_run(mnist_run, monkeypatch):
     trained_at, fit = [], sens.fit_policy
 

@@ -422,6 +422,7 @@ def _two_on_f1_two_on_f2(mnist_run, http, max_patches=4096):
     return x, pool.take(), pool.http
 
 
+@pytest.mark.slow
 def test_the_image_travels_once_for_every_pool_model(mnist_run):
     """Each pool model's patches went in a request of their own, each with the pixels its
     patches read: in docs/deployment.md's mixed case the pixels went twice, more than the
@@ -441,6 +442,7 @@ def test_the_image_travels_once_for_every_pool_model(mnist_run):
 
 
 
+@pytest.mark.slow
 def test_a_server_restarted_as_an_older_one_is_asked_model_by_model(mnist_run):
     """A server that took requests of several models when the edge connected, restarted as
     one made before them, answered each of them 422 ('query.model: Field required'), and the
@@ -467,6 +469,7 @@ def test_a_server_restarted_as_an_older_one_is_asked_model_by_model(mnist_run):
     transfer = pool.take()
     assert (transfer.requests, transfer.patches_sent, transfer.errors) == (5, 8, [])
 
+@pytest.mark.slow
 def test_the_servers_patch_limit_counts_every_models_patches(server, mnist_run, monkeypatch):
     """--max-patches holds for the sum of a request's indices, checked before any patch is
     cut; the edge splits its request to fit, and the labels stay those of routing here."""
@@ -555,6 +558,7 @@ def test_unreachable_tier_keeps_f0s_prediction_and_is_not_retried_while_down(mni
     assert "not asked: it failed less than 30 s ago" in skipped.errors[0]
 
 
+@pytest.mark.slow
 def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_path):
     """A volume segmented while the remote tier is down says so, and is not skipped as done
     by the next call, which segments it as if the tier had answered the first time."""
@@ -580,6 +584,7 @@ def test_a_volumes_degraded_patches_are_recorded_and_done_again(mnist_run, tmp_p
     assert np.array_equal(tifffile.imread(out / "scan_labels.tif"), here)
 
 
+@pytest.mark.slow
 def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, tmp_path,
                                                                      capsys):
     """volumes.csv and a volume's JSON had no bytes sent (summary.csv and an image's JSON
@@ -621,6 +626,7 @@ def test_a_volumes_remote_figures_are_its_slices_segmented_as_images(mnist_run, 
         assert line.startswith(f"{shown}{remote['bytes_sent']:,} bytes against "), line
 
 
+@pytest.mark.slow
 def test_one_images_patches_past_the_servers_limit_go_in_several_requests(mnist_run):
     server_model, edge = _load(mnist_run), _load(mnist_run)
     for m in (server_model, edge):
@@ -637,6 +643,7 @@ def test_one_images_patches_past_the_servers_limit_go_in_several_requests(mnist_
     assert transfer.requests == 3 and transfer.errors == []
 
 
+@pytest.mark.slow
 def test_a_server_restarted_with_other_weights_is_an_error_not_a_mix(mnist_run):
     server_model, edge = _load(mnist_run), _load(mnist_run)
     client = TestClient(create_app(server_model))
@@ -768,6 +775,7 @@ def test_segment_remote_without_the_serve_extra_says_what_to_install(mnist_run, 
     assert res.returncode == 2 and "pip install 'paser[serve]'" in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 def test_remote_on_a_folder_an_earlier_call_segmented_without_it_sums_what_was_sent(
         mnist_run, tmp_path):
     """Images an earlier call segmented without --remote have no bytes sent: the line of
@@ -850,6 +858,7 @@ class _Flaky:
         return res
 
 
+@pytest.mark.slow
 def test_a_busy_answer_is_retried_with_capped_backoff_and_every_byte_counted(mnist_run,
                                                                            monkeypatch):
     import types
@@ -870,6 +879,7 @@ def test_a_busy_answer_is_retried_with_capped_backoff_and_every_byte_counted(mni
     assert t.bytes_received == sum(proxy.got) > 2 * len(busy.content)  # the 503s' too
 
 
+@pytest.mark.slow
 def test_a_bad_answer_to_one_request_fails_every_patch_of_the_call(mnist_run):
     """One image's 3 patches in 3 requests (max_patches 1): the second answers class 2 of 2
     classes, so all 3 keep f0's prediction and count as failed, not the one request's."""

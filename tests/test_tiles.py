@@ -56,6 +56,7 @@ def test_tiles_hold_every_labelled_pixel_once(tmp_path):
     assert (tiles.mask(j)[2:] == 255).all() and (tiles.mask(j)[:, 13:] == 255).all()
 
 
+@pytest.mark.slow
 def test_streamed_tiles_decode_each_image_once_and_read_the_same(tmp_path, monkeypatch):
     import pickle
     from types import SimpleNamespace
@@ -139,6 +140,7 @@ def test_a_killed_runs_folder_is_reclaimed_where_another_process_holds_its_pid_n
     gc.collect()
 
 
+@pytest.mark.slow
 def test_the_processes_of_a_machine_check_room_for_a_copy_each(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -176,6 +178,7 @@ def test_a_reader_whose_kept_image_was_removed_reads_it_again(tmp_path):
     del decoded
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
     root = mixed_folder(tmp_path / "d")
     base = ["data.dataset=folder", f"data.root={root}", "models.num_classes=2",
@@ -237,6 +240,7 @@ def test_a_run_trains_on_tiles_of_mixed_sizes_or_says_what_to_set(tmp_path):
         load_stage_data(load_config(preset="battery-quick", overrides=[*base, "data.tile=[15, 16]"]))
 
 
+@pytest.mark.slow
 def test_any_image_is_routed_in_the_trained_patches(tmp_path):
     """A run trained on 128 x 128 tiles of 2 x 2 patches routes a 1024 x 1024 image in 16 x
     16 patches of 64 x 64, and gives what its 64 tiles give segmented one by one."""
@@ -504,6 +508,7 @@ def test_stage1_crops_tiles_of_folder_data_and_only_where_it_augments(tmp_path):
     assert crop_margin(demo, FolderDataset(root, "train")) == 0
 
 
+@pytest.mark.slow
 def test_stage1_on_random_crops_trains_otherwise_and_the_same_again(tmp_path):
     """The pool models learn from crops (their losses move), seeded: a second run from
     scratch gives the same weights; f0 keeps the fixed tiles."""
@@ -529,6 +534,7 @@ def test_stage1_on_random_crops_trains_otherwise_and_the_same_again(tmp_path):
                        for k, v in runs["crops"][role].items())
 
 
+@pytest.mark.slow
 def test_the_router_learns_from_random_crops_of_its_tiles_when_asked(tmp_path):
     """stage2.crops: D_rl's and D_ft's windows are loaded with half a patch around them,
     the router's outcomes add one part per crop after the tiles themselves, each a crop of
@@ -628,6 +634,7 @@ def test_a_split_of_tiles_evaluates_as_the_same_tiles_held_in_memory(tmp_path):
     assert got["fractions"] == pytest.approx(want["fractions"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_paser_run_gives_the_calibrated_gflop_per_tile_where_it_cuts_tiles(tmp_path,
                                                                            monkeypatch):
     """paser run's [calibrate] line said '0.052 GFLOP per image' on a folder of 400 x 400 to

@@ -63,6 +63,7 @@ def _stopped_at(monkeypatch, m, n: int, run) -> None:
     monkeypatch.setattr(type(m), "segment", segment)
 
 
+@pytest.mark.slow
 def test_tiff_zarr_hdf5_and_a_folder_give_the_slices_segmented_alone(setup):
     m, vol, tmp = setup
     tifffile.imwrite(tmp / "scan.tif", vol, photometric="minisblack")
@@ -165,6 +166,7 @@ def test_a_failure_naming_the_volumes_file_is_not_named_twice():
     assert failure(types.SimpleNamespace(source="a.tif", path=""), "x") == "a.tif: x"
 
 
+@pytest.mark.slow
 def test_a_volumes_csv_of_an_older_paser_is_rewritten_under_the_new_columns(setup):
     """volumes.csv gained the remote figures' columns: a folder written before keeps its
     rows, under the new header, the new columns blank; without --remote no bytes are sent."""
@@ -425,6 +427,7 @@ def test_finishing_a_tiff_volume_says_it_writes_the_labels(setup):
     assert np.array_equal(tifffile.imread(tmp / "out" / "scan_labels.tif"), _alone(m, vol[:4]))
 
 
+@pytest.mark.slow
 def test_another_input_of_the_same_name_is_refused_not_mixed(setup, monkeypatch):
     """An interrupted a/scan.tif, then b/scan.tif into the same folder: b is refused (it
     would take or destroy a's chunks); a resumes as its own; b goes into another folder.
@@ -810,6 +813,7 @@ def test_a_capped_volume_past_the_cap_per_its_voxels_says_why(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_volume_labelled_on_some_slices_trains_by_slice_ranges(tmp_path, monkeypatch):
     """A float32 zarr reconstruction with a TIFF label volume labelled on every third slice:
     the splits are the labelled slices of their ranges, in tiles, with the window fitted
@@ -1323,6 +1327,7 @@ def test_a_damaged_chunk_is_done_again_and_a_full_disk_stops_at_the_first_volume
             tmp / "whole" / f"{name}_labels.tif").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_label_volume_cut_short_since_is_done_again(setup):
     """A finished volume's record counts only with its label volume at the size it was
     written (a TIFF cut short, a zarr chunk lost): otherwise it is segmented again."""
@@ -1554,6 +1559,7 @@ def test_an_8_bit_volume_under_a_run_with_a_window_is_not_said_scaled_as_in_trai
                       )[1] == []
 
 
+@pytest.mark.slow
 def test_a_volume_s_voxel_size_goes_with_its_labels(setup):
     """The voxel size each format states is read in micrometres, never guessed, and the
     labels carry it: an OME-TIFF (and X and Y resolution) for TIFF outputs, zarr attributes,
