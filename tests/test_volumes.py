@@ -19,6 +19,7 @@ import zarr
 from PIL import Image
 from tests.helpers import Interrupted, bands_run, paser_here
 
+from paser.data.images import read_array
 from paser.errors import DataError
 from paser.volumes import field_of_view_record, open_volume, segment_volumes, split_inputs
 
@@ -571,8 +572,8 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "c" / "a1.png")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "a2.png")
     with pytest.raises(DataError, match="a2.png: 4 x 4 uint8 colour, but .*a1.png is 4 x 4 "
-                                        "uint8; the slices of a stack share one size, type "
-                                        "and colour"):
+                                        "uint8; the slices of a stack share one size, type, "
+                                        "colour and number of channels"):
         open_volume(tmp_path / "c")
     tifffile.imwrite(tmp_path / "s" / "v.tif", np.zeros((3, 4, 4), np.uint8),
                      photometric="minisblack")
@@ -616,7 +617,7 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
     tifffile.imwrite(tmp_path / "la.tif", la, photometric="minisblack",
                      extrasamples=["unassalpha"])
     gray = open_volume(tmp_path / "la.tif")
-    assert gray.shape == (3, 8, 9, 1) and np.array_equal(gray.read(0, 3)[..., 0], la[..., 0])
+    assert gray.shape == (3, 8, 9) and np.array_equal(gray.read(0, 3), la[..., 0])
     # paser segment: one input that cannot be opened fails alone, the others go on
     (tmp_path / "scans").mkdir()
     for name in ("a.tif", "b.ome.tif", "c.tif"):
@@ -1921,3 +1922,27 @@ def test_a_label_volume_compressed_with_jpeg_is_refused_as_jpeg_labels(tmp_path)
     with pytest.raises(DataError, match=r"l.tif: labels in a TIFF compressed with JPEG; "
                                         "JPEG's lossy compression changes label values"):
         VolumeSlices(tmp_path, "v.tif", "l.tif", {"train": (0, 2)}, "train")
+
+
+def test_slices_with_and_without_alpha_are_one_stack_and_other_channels_are_named(tmp_path):
+    """Gray + alpha is gray: a gray PNG, an LA PNG and a gray + alpha TIFF read as the same
+    [H, W] slice, from each file and from the folder of them (stacked as [H, W] and
+    [H, W, 1] they were "damaged or cut short"); a slice of two detectors' channels among
+    gray ones is named with its channels before anything is read."""
+    gray = np.random.default_rng(0).integers(0, 256, (3, 8, 9), dtype=np.uint8)
+    alpha = np.full((8, 9), 255, np.uint8)
+    (tmp_path / "s").mkdir()
+    Image.fromarray(gray[0]).save(tmp_path / "s" / "s0.png")
+    Image.fromarray(np.dstack([gray[1], alpha]), mode="LA").save(tmp_path / "s" / "s1.png")
+    tifffile.imwrite(tmp_path / "s" / "s2.tif", np.dstack([gray[2], alpha]),
+                     photometric="minisblack", extrasamples=["unassalpha"])
+    stack = open_volume(tmp_path / "s")
+    assert stack.shape == (3, 8, 9) and np.array_equal(stack.read(0, 3), gray)
+    for z, name in enumerate(("s0.png", "s1.png", "s2.tif")):
+        assert np.array_equal(read_array(tmp_path / "s" / name), gray[z]), name
+    tifffile.imwrite(tmp_path / "s" / "s2.tif", np.dstack([gray[2], alpha]),
+                     photometric="minisblack", extrasamples=["unspecified"])
+    with pytest.raises(DataError, match=r"s2.tif: 8 x 9 uint8 of 2 channels, but .*s0.png is "
+                                        r"8 x 9 uint8; the slices of a stack share one size, "
+                                        r"type, colour and number of channels"):
+        open_volume(tmp_path / "s")

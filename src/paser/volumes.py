@@ -59,6 +59,7 @@ from paser.data.images import (
     stack_pages,
     tiff_alpha,
     window_of,
+    without_alpha,
 )
 from paser.data.voxels import VoxelSize, of_hdf5, of_tiff, of_zarr
 from paser.errors import DataError, PaserError
@@ -171,7 +172,7 @@ class Volume:
                 out = np.stack([colour_map(pages[z])[pages[z].asarray()] if self.palette
                                 else pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
-            return out[..., :-self.alpha] if self.alpha else out
+            return without_alpha(out, self.alpha) if self.alpha else out
         at = (0,) * self.lead + (slice(z0, z1),)
         if self.kind == "zarr":
             import zarr
@@ -345,7 +346,8 @@ def _tiff(path: Path) -> Volume:
     if palette:
         shape, dtype = (*shape, 3), np.dtype(np.uint8)
     alpha = tiff_alpha(page) if len(shape) == 4 and shape[-1] > 1 else 0
-    shape = (*shape[:3], shape[3] - alpha) if alpha else shape
+    if alpha:  # gray + alpha: gray slices [H, W], as the image reader reads one
+        shape = shape[:3] if shape[3] - alpha == 1 else (*shape[:3], shape[3] - alpha)
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
                   planar=planar, alpha=alpha, paged=loose, palette=palette, voxel=voxel)
@@ -536,7 +538,8 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
 
     def kind(head) -> str:
         return (f"{head.height} x {head.width} {head.dtype}"
-                + (" colour" if head.colour else ""))
+                + (" colour" if head.colour else "")
+                + ("" if head.channels in (1, 3) else f" of {head.channels} channels"))
 
     first = probe(files[0])
     for f in files:
@@ -545,10 +548,12 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
             raise DataError(f"{f}: {head.pages} pages in one file of a --stack folder, whose "
                             "files are one slice each; segment that file as a volume of its "
                             "own, or save its pages as files of the folder")
-        if (head.height, head.width, head.dtype, head.colour) != (
-                first.height, first.width, first.dtype, first.colour):
+        # (the channels too: two detectors' slices beside gray ones, an RGB slice beside
+        # one with a fourth channel, were stacked into "damaged or cut short")
+        if (head.height, head.width, head.dtype, head.colour, head.channels) != (
+                first.height, first.width, first.dtype, first.colour, first.channels):
             raise DataError(f"{f}: {kind(head)}, but {files[0]} is {kind(first)}; the slices "
-                            "of a stack share one size, type and colour")
+                            "of a stack share one size, type, colour and number of channels")
     arr = read_array(files[0])
     # `paser segment . --stack`: the folder's own name
     return Volume(str(folder), stem_of(folder), "stack", (len(files), *arr.shape),

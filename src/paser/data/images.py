@@ -289,9 +289,17 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
                          "them again with that argument")
     alpha = tiff_alpha(first)
     if alpha and arr.ndim == 3 and arr.shape[-1] > alpha:
-        arr = arr[..., :-alpha]
+        arr = without_alpha(arr, alpha)
         notes.append("alpha channel dropped")
     return arr
+
+
+def without_alpha(arr: np.ndarray, alpha: int) -> np.ndarray:
+    """``arr`` ``[..., C]`` without its last ``alpha`` channels; gray + alpha as gray
+    ``[...]``, the shape a gray image of the same pixels has (a folder of slices saved with
+    and without alpha is one stack; a volume's field of view is looked for on its planes)."""
+    arr = arr[..., :-alpha]
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
 def listed(items: list[str], most: int = 5) -> str:
@@ -417,7 +425,7 @@ def _pillow_array(img: Image.Image, notes: list[str], colours: bool) -> np.ndarr
         return np.asarray(img).astype(np.uint16)
     arr = np.asarray(img)
     if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
-        arr = arr[..., :-1]
+        arr = without_alpha(arr, 1)
         notes.append("alpha channel dropped")
     return arr
 
