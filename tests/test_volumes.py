@@ -1946,3 +1946,29 @@ def test_slices_with_and_without_alpha_are_one_stack_and_other_channels_are_name
                                         r"8 x 9 uint8; the slices of a stack share one size, "
                                         r"type, colour and number of channels"):
         open_volume(tmp_path / "s")
+
+
+def test_big_endian_voxels_and_a_last_axis_of_one_read_as_a_tiff_of_them(tmp_path):
+    """An HDF5 dataset of big-endian uint16 (written on another machine) and a zarr array
+    of slices x height x width x 1 give the slices a TIFF of the same voxels gives: uint16
+    in this machine's order, [H, W] (its dtype said '>u2', and planes of [H, W, 1] had no
+    field of view looked for on them)."""
+    from paser.data.images import field_of_view
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(1, 65536, (3, 12, 12), dtype=np.uint16)
+    yy, xx = np.mgrid[:12, :12]
+    vol[:, (yy - 5.5) ** 2 + (xx - 5.5) ** 2 > 30] = 0  # outside the reconstruction's circle
+    tifffile.imwrite(tmp_path / "scan.tif", vol, photometric="minisblack")
+    with h5py.File(tmp_path / "be.h5", "w") as fh:
+        fh.create_dataset("data", data=vol.astype(">u2"))
+    zarr.open_array(str(tmp_path / "last1.zarr"), mode="w", shape=(3, 12, 12, 1),
+                    dtype="uint16")[:] = vol[..., None]
+    tiff = open_volume(tmp_path / "scan.tif")
+    for spec in (f"{tmp_path / 'be.h5'}:/data", tmp_path / "last1.zarr"):
+        v = open_volume(spec)
+        assert (v.shape, v.dtype) == ((3, 12, 12), "uint16") == (tiff.shape, tiff.dtype)
+        slices = v.read(0, 3)
+        assert slices.dtype == np.dtype(np.uint16) and np.array_equal(slices, vol)
+        fov = field_of_view(v.read(z, z + 1)[0] for z in range(3))
+        assert fov is not None and fov[0] == 0 and fov[1].sum() == (vol[0] == 0).sum()

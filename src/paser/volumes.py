@@ -109,6 +109,9 @@ class Volume:
     files: list[str] = field(default_factory=list, repr=False)  # stack: its slices, in order
     planar: bool = False  # tiff: channels stored first
     lead: int = 0  # zarr, hdf5: leading axes of length 1 before the slices
+    #: zarr, hdf5: a last axis of one (one value a voxel), dropped: slices ``[H, W]``, as a
+    #: TIFF or a folder of the same voxels gives them
+    single: bool = False
     error: str = ""  # why it could not be opened (split_inputs(keep_failed=True)): not read
     alpha: int = 0  # tiff: its last samples that are alpha (ExtraSamples), dropped on read
     #: tiff: written a page at a time (one series a page): its pages are read by index, as
@@ -173,15 +176,20 @@ class Volume:
                                 else pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
             return without_alpha(out, self.alpha) if self.alpha else out
-        at = (0,) * self.lead + (slice(z0, z1),)
+        if self.kind == "stack":
+            return np.stack([read_array(f) for f in self.files[z0:z1]])
+        at = (0,) * self.lead + (slice(z0, z1),) + ((slice(None),) * 2 + (0,)
+                                                    if self.single else ())
         if self.kind == "zarr":
             import zarr
 
-            return np.asarray(zarr.open(self.path, mode="r")[at])
-        if self.kind == "hdf5":
+            out = np.asarray(zarr.open(self.path, mode="r")[at])
+        else:
             with _h5py(self.source).File(self.path, "r") as fh:
-                return fh[self.key][at]
-        return np.stack([read_array(f) for f in self.files[z0:z1]])
+                out = fh[self.key][at]
+        # big-endian (HDF5 written on another machine, zarr of '>u2'): the same values in
+        # this machine's order, the dtype the image reader gives a TIFF of them
+        return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
 
 def signature(volume: Volume) -> str:
@@ -482,8 +490,22 @@ def _zarr(path: Path) -> Volume:
                         f"({', '.join(_zarr_arrays(zarr, path)) or 'it has none'})")
     lead = _leading_ones(str(path), arr.shape)
     _check(str(path), arr.shape[lead:], arr.dtype)
-    return Volume(str(path), stem_of(path), "zarr", tuple(arr.shape[lead:]), str(arr.dtype),
-                  path=str(path), lead=lead, voxel=of_zarr(path))
+    shape, single = _one_value_a_voxel(arr.shape[lead:])
+    return Volume(str(path), stem_of(path), "zarr", shape, _native(arr.dtype), path=str(path),
+                  lead=lead, single=single, voxel=of_zarr(path))
+
+
+def _one_value_a_voxel(shape: tuple) -> tuple[tuple[int, ...], bool]:
+    """A volume's shape without a last axis of one (slices x height x width x 1), and
+    whether it had one."""
+    single = len(shape) == 4 and shape[-1] == 1
+    return tuple(shape[:3] if single else shape), single
+
+
+def _native(dtype) -> str:
+    """``dtype``'s name in this machine's byte order (``uint16`` for HDF5's ``>u2``): what
+    :meth:`Volume.read` gives."""
+    return str(np.dtype(dtype).newbyteorder("="))
 
 
 def _hdf5(file: Path, key: str, source: str) -> Volume:
@@ -527,8 +549,9 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
         raise DataError(f"{file}: cannot read the HDF5 file ({err})") from None
     lead = _leading_ones(source, shape)
     _check(source, shape[lead:], dtype)
-    return Volume(source, stem_of(source), "hdf5", tuple(shape[lead:]), str(dtype), path=str(file),
-                  key=key, lead=lead, voxel=voxel)
+    shape, single = _one_value_a_voxel(shape[lead:])
+    return Volume(source, stem_of(source), "hdf5", shape, _native(dtype), path=str(file),
+                  key=key, lead=lead, single=single, voxel=voxel)
 
 
 def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
