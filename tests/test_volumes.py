@@ -560,7 +560,8 @@ def test_volume_inputs_that_cannot_be_read_say_what_to_do(tmp_path):
             open_volume(spec)
     with h5py.File(tmp_path / "f.h5", "a") as fh:
         fh["link"] = h5py.SoftLink("/nowhere")  # dangling
-    with pytest.raises(DataError, match="no dataset /link"):
+    with pytest.raises(DataError, match="/link in .*f.h5 is a soft link to /nowhere, which "
+                                        r"is not in the file \(a dangling link\)"):
         open_volume(f"{tmp_path / 'f.h5'}:/link")
     assert open_volume(f"{tmp_path / 'f.h5'}:a/b").shape == (2, 4, 4)  # no leading slash
     (tmp_path / "s").mkdir()
@@ -1972,3 +1973,26 @@ def test_big_endian_voxels_and_a_last_axis_of_one_read_as_a_tiff_of_them(tmp_pat
         assert slices.dtype == np.dtype(np.uint16) and np.array_equal(slices, vol)
         fov = field_of_view(v.read(z, z + 1)[0] for z in range(3))
         assert fov is not None and fov[0] == 0 and fov[1].sum() == (vol[0] == 0).sum()
+
+
+def test_an_hdf5_path_that_is_a_dangling_link_says_so_and_names_its_target(tmp_path):
+    """A soft link to a path not in the file, and an external link to a file not there,
+    are named as the links they are, with their targets (it said "no dataset", of a name
+    the file lists)."""
+    with h5py.File(tmp_path / "scan.h5", "w") as fh:
+        fh.create_dataset("entry/data", data=np.zeros((2, 4, 4), np.uint8))
+        fh["entry/moved"] = h5py.SoftLink("/entry/raw")
+        fh["entry/ext"] = h5py.ExternalLink("detector.h5", "/data")
+    with pytest.raises(DataError, match=r"scan.h5:/entry/moved: /entry/moved in .*scan.h5 is a "
+                                        r"soft link to /entry/raw, which is not in the file "
+                                        r"\(a dangling link\); it has /entry/data$"):
+        open_volume(f"{tmp_path / 'scan.h5'}:/entry/moved")
+    with pytest.raises(DataError, match=r"/entry/ext in .*scan.h5 is an external link to /data "
+                                        r"in detector.h5, which is not there \(no .*detector.h5: "
+                                        r"copy it beside scan.h5\)"):
+        open_volume(f"{tmp_path / 'scan.h5'}:/entry/ext")
+    with h5py.File(tmp_path / "detector.h5", "w") as fh:
+        fh.create_dataset("frames", data=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"external link to /data in detector.h5, which holds "
+                                        r"no /data; it has /entry/data"):
+        open_volume(f"{tmp_path / 'scan.h5'}:/entry/ext")

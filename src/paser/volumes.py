@@ -389,6 +389,24 @@ def _h5py(source: str | Path):
     return h5py
 
 
+def _dangling(h5py, fh, key: str, file: Path) -> str | None:
+    """What the link ``key`` in the open HDF5 file ``fh`` points at where nothing is there
+    (a soft link to a path not in the file, an external link to a file or a path that
+    cannot be opened), or ``None`` where ``key`` is no such link: a dangling link is there,
+    so "no dataset" would send one looking for a name that is in the file."""
+    link = fh.get(key, getlink=True)
+    if isinstance(link, h5py.SoftLink):
+        return (f"{key} in {file} is a soft link to {link.path}, which is not in the file "
+                "(a dangling link)")
+    if isinstance(link, h5py.ExternalLink):
+        beside = file.parent / link.filename
+        why = (f"which holds no {link.path}" if beside.is_file() else
+               f"which is not there (no {beside}: copy it beside {file.name})")
+        return (f"{key} in {file} is an external link to {link.path} in {link.filename}, "
+                f"{why}")
+    return None
+
+
 #: HDF5 filters that h5py does not bring, by their registered id (hdf5plugin has them)
 _H5_FILTERS = {307: "bzip2", 32001: "Blosc", 32004: "LZ4", 32008: "bitshuffle",
                32013: "ZFP", 32015: "Zstandard", 32017: "SZ", 32026: "Blosc2"}
@@ -528,6 +546,7 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
             if not isinstance(data, h5py.Dataset):
                 group = key and isinstance(data, h5py.Group)
                 what = (f"{key} in {file} is a group, not a dataset" if group else
+                        _dangling(h5py, fh, key, file) or
                         f"no dataset {key} in {file}" if key else
                         f"an HDF5 file of {len(found)} datasets: name one as "
                         f"{file}:/path/in/file" if found else "an HDF5 file with no dataset")
