@@ -784,6 +784,34 @@ def test_a_16_bit_pgm_is_read_as_uint16_scaled_by_its_type_s_range_as_a_16_bit_p
     assert read_array(tmp_path / "m.pgm").tolist() == [[0, 32776, 65535]]
 
 
+
+def test_a_16_bit_ppm_is_read_at_its_16_bits_as_the_same_colour_png(tmp_path):
+    """Pillow decodes a 16-bit PPM to 8 bits (up to 1/510 off the same pixels as a 16-bit
+    PNG, and data check said uint8); its samples are read with numpy after the header
+    Pillow parsed, stretched from a maxval below 65535 as Pillow stretches a PGM's. A plain
+    (ASCII) one stays at 8 bits, with a note that says so."""
+    import imagecodecs
+
+    rgb = RNG.integers(0, 65536, (H, W, 3), dtype=np.uint16)
+    (tmp_path / "a.ppm").write_bytes(f"P6\n{W} {H}\n65535\n".encode()
+                                     + rgb.astype(">u2").tobytes())
+    (tmp_path / "a.png").write_bytes(imagecodecs.png_encode(rgb))
+    notes: list[str] = []
+    arr = read_array(tmp_path / "a.ppm", notes)
+    assert arr.dtype == np.uint16 and np.array_equal(arr, rgb) and notes == []
+    assert (probe(tmp_path / "a.ppm").dtype, probe(tmp_path / "a.ppm").channels) == ("uint16", 3)
+    for channels in (1, 3):
+        assert np.array_equal(read_image(tmp_path / "a.ppm", channels),
+                              read_image(tmp_path / "a.png", channels))
+    (tmp_path / "m.ppm").write_bytes(b"P6\n1 1\n4095\n" + np.array([0, 2048, 4095], ">u2")
+                                     .tobytes())  # 12-bit
+    assert read_array(tmp_path / "m.ppm").tolist() == [[[0, 32776, 65535]]]
+    (tmp_path / "p.ppm").write_bytes(b"P3\n1 1\n65535\n65535 0 1000\n")
+    arr = read_array(tmp_path / "p.ppm", notes)
+    assert arr.tolist() == [[[255, 0, 4]]] and probe(tmp_path / "p.ppm").dtype == "uint8"
+    assert notes == ["a plain (ASCII) PPM of 16-bit samples, read at 8 bits: save it as a "
+                     "binary PPM (P6), PNG or TIFF to keep its 16 bits"]
+
 def test_a_mask_of_jpeg_data_named_png_or_a_jpeg_compressed_tiff_is_refused_as_jpeg(tmp_path):
     """A mask's name was its only test of JPEG: JPEG bytes saved as .png, or a TIFF written
     with compression='jpeg', were read, and their edge values taken for a mask resized with

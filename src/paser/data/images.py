@@ -383,7 +383,12 @@ def _pillow(path: Path | io.BytesIO, notes: list[str], colours: bool = True,
         turn = _orientation(img)
         if deep:  # not decoded by Pillow too
             arr = _png16_array(path, deep, notes)
+        elif _pnm16(img) and img.tile[0][0] != "ppm_plain":
+            arr = _pnm16_array(img)
         else:
+            if img.mode == "RGB" and _pnm_maxval(img) > 255:  # plain (ASCII): 8 bits
+                notes.append("a plain (ASCII) PPM of 16-bit samples, read at 8 bits: save it "
+                             "as a binary PPM (P6), PNG or TIFF to keep its 16 bits")
             img.load()
             arr = _pillow_array(img, notes, colours)
     if turn != 1:  # a camera's or phone's JPEG: as every viewer (and its annotator) sees it
@@ -421,7 +426,7 @@ def _pillow_array(img: Image.Image, notes: list[str], colours: bool) -> np.ndarr
         return np.asarray(img, dtype=bool)
     elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB"):
         img = img.convert("RGB")
-    elif _pnm16(img):
+    elif img.format == "PPM" and img.mode == "I":  # a plain (ASCII) 16-bit PGM
         return np.asarray(img).astype(np.uint16)
     arr = np.asarray(img)
     if img.mode in ("LA", "La", "RGBA", "RGBa"):  # the format says the last is alpha
@@ -430,11 +435,42 @@ def _pillow_array(img: Image.Image, notes: list[str], colours: bool) -> np.ndarr
     return arr
 
 
+def _pnm_maxval(img: Image.Image) -> int:
+    """A PGM's or PPM's largest sample value (its header's maxval) as Pillow parsed it, before
+    its pixels are decoded; 0 for any other image."""
+    if img.format != "PPM" or not img.tile:
+        return 0
+    args = img.tile[0][3]  # (decoder, extents, offset, args): a tuple before Pillow 11
+    if isinstance(args, tuple) and len(args) == 2 and isinstance(args[1], int):
+        return args[1]  # Pillow's own decoders: (rawmode, maxval)
+    return 65535 if args == "I;16B" else 255 if args in ("L", "RGB") else 0
+
+
 def _pnm16(img: Image.Image) -> bool:
-    """Whether ``img`` is a 16-bit PGM, which Pillow opens as 32-bit integers (mode I), its
-    values stretched from its maxval to 0..65535: uint16 is what it holds (as int32 it
-    would be scaled by an intensity window, not as the same 16-bit PNG or TIFF)."""
-    return img.format == "PPM" and img.mode == "I"
+    """Whether ``img`` is a PGM or a binary PPM of 16-bit samples (maxval past 255), before
+    its pixels are decoded: Pillow opens a PGM as 32-bit integers (mode I), its values
+    stretched from its maxval to 0..65535, and decodes a PPM to 8 bits. uint16 is what it
+    holds (as int32 it would be scaled by an intensity window, not as the same 16-bit PNG or
+    TIFF). A plain (ASCII) 16-bit PPM is left to Pillow's 8 bits, with a note."""
+    maxval = _pnm_maxval(img)
+    return maxval > 255 and (img.mode == "I" or img.tile[0][0] == "ppm")
+
+
+def _pnm16_array(img: Image.Image) -> np.ndarray:
+    """A binary 16-bit PGM or PPM (:func:`_pnm16`) at its 16 bits: its big-endian samples
+    read with numpy where Pillow's header ends, stretched from its maxval to 0..65535 as
+    Pillow stretches a PGM's (``min(65535, round(v / maxval * 65535))``; a PGM's values are
+    Pillow's to the bit, and no Python loop a sample at a time)."""
+    (w, h), bands, maxval = img.size, len(img.getbands()), _pnm_maxval(img)
+    img.fp.seek(img.tile[0][2])
+    data = img.fp.read(2 * h * w * bands)
+    if len(data) < 2 * h * w * bands:
+        raise OSError(f"image file is truncated ({len(data)} of {2 * h * w * bands} bytes "
+                      "of pixels)")
+    arr = np.frombuffer(data, ">u2").reshape((h, w, bands) if bands > 1 else (h, w))
+    if maxval != 65535:
+        arr = np.minimum(np.rint(arr / maxval * 65535.0), 65535.0)
+    return arr.astype(np.uint16)
 
 
 #: lossy formats: their compression moves a mask's values at every edge
@@ -606,7 +642,8 @@ def probe(path: str | Path) -> Probe:
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels)
         with Image.open(path) as img:
-            mode, frames = ("I;16" if _pnm16(img) else img.mode), getattr(img, "n_frames", 1)
+            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            pnm16 = _pnm16(img)
             w, h = img.size
             turn = _orientation(img)
             if turn in (5, 6, 7, 8):  # shown turned a quarter
@@ -618,7 +655,7 @@ def probe(path: str | Path) -> Probe:
     if deep:  # Pillow's mode says 8 bits
         return Probe(h, w, deep != 4, "uint16", frames, 1 if deep == 4 else 3, turn)
     dtype = {"F": "float32", "I": "int32", "1": "bool"}.get(mode, "uint8")
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or pnm16:
         dtype = "uint16" if not mode.endswith("S") else "int16"
     colour = mode in ("RGB", "RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
     return Probe(h, w, colour, dtype, frames, 3 if colour else 1, turn)
