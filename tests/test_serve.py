@@ -37,7 +37,7 @@ from paser.routing import weights_digest
 from paser.segment import find_images, segment_files
 from paser.serve.client import RemoteError
 from paser.serve.codec import NPZ, PNG, decode_npz, encode_npz, quantise
-from paser.serve.server import create_app
+from paser.serve.server import _unit, create_app
 from paser.volumes import open_volume, segment_volumes
 
 RNG = np.random.default_rng(0)
@@ -923,3 +923,14 @@ def test_the_servers_limits_hold_at_their_bounds(server, mnist_run):
     res = _post(TestClient(create_app(halo)), encode_npz(patches=np.zeros((1, 1, 8, 8),
                                                                           np.uint8)))
     assert res.status_code == 422 and "the run's halo of 4 pixels" in res.json()["error"]
+
+
+def test_patches_in_either_byte_order_or_as_booleans_reach_the_models_as_the_same_values():
+    """An .npz of big-endian uint16 patches (written on another machine) was refused as
+    "dtype >u2; send ... uint16", and bilevel patches as "dtype bool"; they are the values
+    their native uint16 and 0 / 1 give, as the image reader scales such files."""
+    patches = RNG.integers(0, 65536, (2, 1, 8, 8), dtype=np.uint16)
+    assert np.array_equal(_unit(patches.astype(">u2"), "patches", 1), _unit(patches, "patches", 1))
+    bits = patches > 30000
+    assert np.array_equal(_unit(bits, "patches", 1), bits.astype(np.float32))
+    assert np.array_equal(_unit(bits.astype(np.uint8) * 255, "patches", 1), _unit(bits, "patches", 1))

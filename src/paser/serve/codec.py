@@ -18,8 +18,9 @@ from paser.errors import DataError
 
 NPZ = "application/x-npz"
 PNG = "image/png"
-#: dtypes a patch array may have, and the value that maps to 1.0
-SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
+#: dtypes a patch array may have (in either byte order), and the value that maps to 1.0:
+#: booleans are 0 and 1, as the image reader scales a bilevel image
+SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.bool_): 1.0,
           np.dtype(np.float16): 1.0, np.dtype(np.float32): 1.0, np.dtype(np.float64): 1.0}
 
 

@@ -469,9 +469,11 @@ def _cut(arrays: dict[str, np.ndarray], keys: list[str], grid, channels: int,
 
 def _unit(arr: np.ndarray, name: str, channels: int) -> np.ndarray:
     """``[N, C, h, w]`` (or ``[N, h, w]`` for one channel) as float32 in [0, 1]."""
+    if not arr.dtype.isnative:  # big-endian uint16 was refused as "dtype >u2; send uint16"
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in SCALES:
-        raise PayloadError(422, f"'{name}' has dtype {arr.dtype}; send uint8, uint16, float16 "
-                           "or float32")
+        raise PayloadError(422, f"'{name}' has dtype {arr.dtype}; send uint8, uint16, bool, "
+                           "float16, float32 or float64")
     if arr.ndim == 3 and channels == 1:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1] != channels or 0 in arr.shape:
