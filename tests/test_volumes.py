@@ -1996,3 +1996,29 @@ def test_an_hdf5_path_that_is_a_dangling_link_says_so_and_names_its_target(tmp_p
     with pytest.raises(DataError, match=r"external link to /data in detector.h5, which holds "
                                         r"no /data; it has /entry/data"):
         open_volume(f"{tmp_path / 'scan.h5'}:/entry/ext")
+
+
+def test_a_float_volume_in_0_1_under_a_run_without_a_window_is_kept_as_its_slices_are(setup):
+    """Floats already in [0, 1] are kept as they are by the image reader where the run has
+    no window; a volume of them was stretched to the percentiles of its slices, so its
+    slices saved as files and segmented alone gave other labels."""
+    from paser.data.images import read_image
+    from paser.volumes import volume_window
+
+    m, vol, tmp = setup
+    assert m.intensity.window is None
+    recon = (vol.astype(np.float32) / 255.0) * 0.6 + 0.2  # [0.2, 0.8]
+    tifffile.imwrite(tmp / "recon.tif", recon, photometric="minisblack")
+    tifffile.imwrite(tmp / "slice3.tif", recon[3])
+    [v] = split_inputs([tmp / "recon.tif"])[1]
+    assert volume_window(v) == [0.0, 1.0]
+    [res] = segment_volumes(m, [v], tmp / "out", chunk=8)
+    assert res.record["intensity"]["window"] == [0.0, 1.0]
+    x = read_image(tmp / "slice3.tif", 1, m.intensity)
+    assert np.array_equal(x[0], recon[3])  # kept as it is, no note needed
+    alone = m.label_codec.encode(m.segment(torch.from_numpy(x)[None]).mask[0].numpy())
+    assert np.array_equal(tifffile.imread(tmp / "out" / "recon_labels.tif")[3], alone)
+    recon[5, 0, 0] = 1.5  # a value past 1 among the slices read: the percentiles, as before
+    tifffile.imwrite(tmp / "past.tif", recon, photometric="minisblack")
+    window = volume_window(open_volume(tmp / "past.tif"))
+    assert window != [0.0, 1.0] and 0.2 <= window[0] < window[1] <= 0.8

@@ -728,9 +728,23 @@ def _done_records(parts: Path) -> list[dict]:
 
 def volume_window(volume: Volume, slices: int = 16) -> list[float]:
     """The intensity window (:data:`paser.data.images.WINDOW_PERCENTILES`) of ``slices``
-    slices spread over ``volume``, read one at a time."""
-    return list(window_of((volume.read(z, z + 1)[0], f"{volume.source} slice {z}")
-                          for z in spread(volume.depth, slices)))
+    slices spread over ``volume``, read one at a time; ``[0, 1]`` where they are floats
+    whose every finite value lies in it, kept as they are, as the image reader keeps such
+    an image (its slices saved as files, segmented alone, were not stretched to the
+    percentiles a volume of them was)."""
+    seen = [np.inf, -np.inf]  # the finite values' range, of float slices
+
+    def planes():
+        for z in spread(volume.depth, slices):
+            plane = volume.read(z, z + 1)[0]
+            if plane.dtype.kind == "f":
+                finite = np.isfinite(plane)
+                seen[0] = min(seen[0], float(np.min(plane, where=finite, initial=np.inf)))
+                seen[1] = max(seen[1], float(np.max(plane, where=finite, initial=-np.inf)))
+            yield plane, f"{volume.source} slice {z}"
+
+    window = list(window_of(planes()))
+    return [0.0, 1.0] if 0.0 <= seen[0] and seen[1] <= 1.0 else window
 
 
 def volume_fill(volume: Volume, out_dir: Path) -> float | None:
