@@ -2022,3 +2022,31 @@ def test_a_float_volume_in_0_1_under_a_run_without_a_window_is_kept_as_its_slice
     tifffile.imwrite(tmp / "past.tif", recon, photometric="minisblack")
     window = volume_window(open_volume(tmp / "past.tif"))
     assert window != [0.0, 1.0] and 0.2 <= window[0] < window[1] <= 0.8
+
+
+def test_palette_label_slices_are_their_indices_as_the_same_masks_in_a_folder(tmp_path):
+    """A label volume of palette slices (a folder of palette PNG masks, a palette TIFF
+    stack) was read as its colours and refused as "labels of shape (8, 8, 3)", where a
+    folder dataset reads the same masks as their indices, the classes."""
+    from paser.data.images import read_mask
+    from paser.data.slices import VolumeSlices
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (4, 8, 8), dtype=np.uint8)
+    colours = [0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: carbon, 2: nickel}\n")
+    tifffile.imwrite(tmp_path / "scan.tif", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "masks").mkdir()
+    for z in range(4):
+        mask = Image.fromarray(labels[z], mode="P")
+        mask.putpalette(colours)
+        mask.save(tmp_path / "masks" / f"m{z}.png")
+    tifffile.imwrite(tmp_path / "masks.tif", labels, photometric="palette",
+                     colormap=np.array(colours, np.uint16).reshape(256, 3).T * 257)
+    for spec in ("masks", "masks.tif"):
+        split = VolumeSlices(tmp_path, "scan.tif", spec, {"train": [0, 4]}, "train")
+        for z in range(4):
+            assert np.array_equal(split.mask(z).numpy(), labels[z]), (spec, z)
+    assert np.array_equal(read_mask(tmp_path / "masks" / "m2.png"), labels[2])
+    assert open_volume(tmp_path / "masks").shape == (4, 8, 8, 3)  # an image volume: colours

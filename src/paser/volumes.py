@@ -31,8 +31,9 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -121,6 +122,8 @@ class Volume:
     #: tiff: palette pages read as their colours (``[..., 3]``), as the image reader reads
     #: one (:func:`paser.data.images.shows_colours`: not an ImageJ lookup table)
     palette: bool = False
+    #: stack: palette slices read as their indices (a label volume's classes), not colours
+    indices: bool = False
     #: micrometres a voxel, as the file states it (:mod:`paser.data.voxels`); written with
     #: the labels
     voxel: VoxelSize | None = None
@@ -177,7 +180,8 @@ class Volume:
             out = np.moveaxis(out, 1, -1) if self.planar else out
             return without_alpha(out, self.alpha) if self.alpha else out
         if self.kind == "stack":
-            return np.stack([read_array(f) for f in self.files[z0:z1]])
+            how = "indices" if self.indices else "colours"
+            return np.stack([read_array(f, palette=how) for f in self.files[z0:z1]])
         at = (0,) * self.lead + (slice(z0, z1),) + ((slice(None),) * 2 + (0,)
                                                     if self.single else ())
         if self.kind == "zarr":
@@ -270,10 +274,14 @@ def is_volume(spec: str | Path, stack: bool = False) -> bool:
     return False
 
 
-def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None) -> Volume:
+def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None,
+                palette: Literal["colours", "indices"] = "colours") -> Volume:
     """The volume ``spec`` names (:func:`is_volume`); nothing but headers read. A folder is
     a stack of its image files (``stack_suffixes``, default those ``paser segment``
-    reads), natural sort; every problem is a :class:`DataError` naming the input."""
+    reads), natural sort; every problem is a :class:`DataError` naming the input. Palette
+    slices (a TIFF's pages, a folder's PNGs) give their colours, or with
+    ``palette="indices"`` their indices, as :func:`paser.data.images.read_mask` reads a mask
+    (a label volume: its indices are its classes)."""
     stack_suffixes = READABLE_SUFFIXES if stack_suffixes is None else stack_suffixes
     text = str(spec)
     h5 = _H5.match(text)
@@ -284,8 +292,8 @@ def open_volume(spec: str | Path, stack_suffixes: Sequence[str] | None = None) -
     if _ZARR.search(text):
         return _zarr(path)
     if path.is_dir():
-        return _stack(path, stack_suffixes)
-    return _tiff(path)
+        return _stack(path, stack_suffixes, palette == "indices")
+    return _tiff(path, palette == "colours")
 
 
 def _leading_ones(source: str, shape: tuple) -> int:
@@ -318,7 +326,7 @@ def _check(source: str, shape: tuple, dtype) -> None:
         raise DataError(f"{source}: values of type {dtype}; give integer or float voxels")
 
 
-def _tiff(path: Path) -> Volume:
+def _tiff(path: Path, colours: bool = True) -> Volume:
     import tifffile
 
     if not path.is_file():
@@ -330,7 +338,8 @@ def _tiff(path: Path) -> Volume:
             pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
             planar = page.axes.startswith("S")
-            palette = page.photometric == tifffile.PHOTOMETRIC.PALETTE and shows_colours(tif)
+            palette = (colours and page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                       and shows_colours(tif))
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
             lead = {} if loose else dict(zip(series.axes[:len(series.axes) - len(page.axes)],
                                              series.shape, strict=False))
@@ -573,7 +582,7 @@ def _hdf5(file: Path, key: str, source: str) -> Volume:
                   key=key, lead=lead, single=single, voxel=voxel)
 
 
-def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
+def _stack(folder: Path, suffixes: Sequence[str], indices: bool = False) -> Volume:
     files = sorted(image_files(folder, tuple(suffixes)), key=natural_key)
     if not files:
         raise DataError(f"{folder}: --stack, but no image file in it ({', '.join(suffixes)})")
@@ -583,9 +592,13 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
                 + (" colour" if head.colour else "")
                 + ("" if head.channels in (1, 3) else f" of {head.channels} channels"))
 
-    first = probe(files[0])
+    def read(f: Path):  # what the slice gives: a palette's indices are one value a pixel
+        head = probe(f)
+        return replace(head, colour=False, channels=1) if indices and head.palette else head
+
+    first = read(files[0])
     for f in files:
-        head = first if f == files[0] else probe(f)
+        head = first if f == files[0] else read(f)
         if head.pages > 1:
             raise DataError(f"{f}: {head.pages} pages in one file of a --stack folder, whose "
                             "files are one slice each; segment that file as a volume of its "
@@ -596,11 +609,11 @@ def _stack(folder: Path, suffixes: Sequence[str]) -> Volume:
                 first.height, first.width, first.dtype, first.colour, first.channels):
             raise DataError(f"{f}: {kind(head)}, but {files[0]} is {kind(first)}; the slices "
                             "of a stack share one size, type, colour and number of channels")
-    arr = read_array(files[0])
+    arr = read_array(files[0], palette="indices" if indices else "colours")
     # `paser segment . --stack`: the folder's own name
     return Volume(str(folder), stem_of(folder), "stack", (len(files), *arr.shape),
                   str(arr.dtype), path=str(folder), files=[str(f) for f in files],
-                  voxel=_slice_voxel(files[0]))
+                  indices=indices, voxel=_slice_voxel(files[0]))
 
 
 def _slice_voxel(path: Path) -> VoxelSize | None:

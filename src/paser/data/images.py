@@ -588,6 +588,8 @@ class Probe:
     pages: int = 1
     channels: int = 1  # alpha not counted; a palette image has 3 (its colours)
     orientation: int = 1  # EXIF: not 1, the image is read turned upright (height, width too)
+    #: a palette image: read as its colours, a mask (``palette="indices"``) as its indices
+    palette: bool = False
 
 
 def page_by_page(tif) -> bool:
@@ -630,8 +632,8 @@ def probe(path: str | Path) -> Probe:
                 if other_images(tif):  # more than one stack: a volume, refused, named
                     pages = [p for s in tif.series for p in s.pages]
                 axes, shape = page.axes, page.shape
-                palette = (page.photometric == tifffile.PHOTOMETRIC.PALETTE
-                           and shows_colours(tif))
+                indexed = page.photometric == tifffile.PHOTOMETRIC.PALETTE
+                palette = indexed and shows_colours(tif)
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 channels = 3 if palette else max(1, samples - tiff_alpha(page))
@@ -640,7 +642,7 @@ def probe(path: str | Path) -> Probe:
                         raise _many_channel_pages(path, tif.series[0])
                     pages, channels = [page], 2
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
-                             len(pages), channels)
+                             len(pages), channels, palette=indexed)
         with Image.open(path) as img:
             mode, frames = img.mode, getattr(img, "n_frames", 1)
             pnm16 = _pnm16(img)
@@ -658,7 +660,8 @@ def probe(path: str | Path) -> Probe:
     if mode.startswith("I;16") or pnm16:
         dtype = "uint16" if not mode.endswith("S") else "int16"
     colour = mode in ("RGB", "RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
-    return Probe(h, w, colour, dtype, frames, 3 if colour else 1, turn)
+    return Probe(h, w, colour, dtype, frames, 3 if colour else 1, turn,
+                 palette=mode in ("P", "PA"))
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,9 @@ class VolumeSlices(Dataset):
         root = Path(root)
         self.classmap = ClassMap.read(root / "classes.yaml")
         self.volume = open_volume(_there(root, volume, "data.volume"))
-        self.labels = open_volume(_there(root, labels, "data.labels"))
+        # palette label slices (a folder of palette PNGs, a palette TIFF stack): their
+        # indices, as a folder dataset reads the same masks (read_mask), not their colours
+        self.labels = open_volume(_there(root, labels, "data.labels"), palette="indices")
         lossy = (jpeg_mask(Path(self.labels.files[0] if self.labels.files else self.labels.path))
                  if self.labels.kind in ("tiff", "stack") else None)
         if lossy:  # its edge values would be taken for labels resampled by interpolation
