@@ -2050,3 +2050,27 @@ def test_palette_label_slices_are_their_indices_as_the_same_masks_in_a_folder(tm
             assert np.array_equal(split.mask(z).numpy(), labels[z]), (spec, z)
     assert np.array_equal(read_mask(tmp_path / "masks" / "m2.png"), labels[2])
     assert open_volume(tmp_path / "masks").shape == (4, 8, 8, 3)  # an image volume: colours
+
+
+def test_label_slices_saved_as_rgb_are_read_as_the_same_masks_in_a_folder(tmp_path):
+    """Gray masks saved as RGB (equal channels), which a folder dataset reads as their
+    values, were refused in a label volume as "labels of shape (8, 8, 3)"; a slice of
+    other colours is named as the colour mask it is, with its file."""
+    from paser.data.slices import VolumeSlices
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (4, 8, 8), dtype=np.uint8)
+    (tmp_path / "classes.yaml").write_text("classes: {0: pore, 1: carbon, 2: nickel}\n")
+    tifffile.imwrite(tmp_path / "scan.tif", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),
+                     photometric="minisblack")
+    (tmp_path / "masks").mkdir()
+    for z in range(4):
+        Image.fromarray(np.dstack([labels[z]] * 3)).save(tmp_path / "masks" / f"m{z}.png")
+    tifffile.imwrite(tmp_path / "masks.tif", np.stack([labels] * 3, -1), photometric="rgb")
+    for spec in ("masks", "masks.tif"):
+        split = VolumeSlices(tmp_path, "scan.tif", spec, {"train": [0, 4]}, "train")
+        assert all(np.array_equal(split.mask(z).numpy(), labels[z]) for z in range(4)), spec
+    Image.fromarray(np.dstack([labels[2], labels[2] * 0, labels[2]])).save(
+        tmp_path / "masks" / "m2.png")
+    with pytest.raises(DataError, match=r"masks/m2.png: a colour mask \(3 colours"):
+        VolumeSlices(tmp_path, "scan.tif", "masks", {"train": [0, 4]}, "train")

@@ -516,8 +516,16 @@ def read_mask(path: str | Path) -> np.ndarray:
                         "values along every edge, so they no longer name classes: save masks "
                         "as PNG or TIFF (lossless)")
     arr = read_array(path, palette="indices")  # alpha left out, as the format says
+    return label_values(one_value_a_pixel(arr, str(path)), str(path))
+
+
+def one_value_a_pixel(arr: np.ndarray, where: str) -> np.ndarray:
+    """Stored labels ``[H, W]`` or ``[H, W, C]`` as one value a pixel ``[H, W]``: a colour
+    mask whose channels are equal (a gray mask saved as RGB) gives its first; other colours,
+    and channels other than 1, 3 or 4, are :class:`DataError` s naming ``where`` and what to
+    do. A mask file and a label volume's slice alike."""
     if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
-        raise DataError(f"{path}: a mask of {arr.shape[-1]} channels; save it as one "
+        raise DataError(f"{where}: a mask of {arr.shape[-1]} channels; save it as one "
                         "channel of class values (8-bit grayscale or palette)")
     if arr.ndim == 3:
         colour = arr[..., :3]
@@ -526,14 +534,14 @@ def read_mask(path: str | Path) -> np.ndarray:
             found = np.unique(colour.reshape(-1, colour.shape[-1]), axis=0)
             shown = ", ".join(str(tuple(int(v) for v in c)) for c in found[:8])
             raise DataError(
-                f"{path}: a colour mask ({len(found)} colours: {shown}"
+                f"{where}: a colour mask ({len(found)} colours: {shown}"
                 f"{' ...' if len(found) > 8 else ''}); masks store classes as values: save it "
                 "as 8-bit grayscale or as a palette PNG, every mask with one palette (Pillow: "
                 "rgb.quantize(palette=ref, dither=Image.Dither.NONE), ref a palette image of "
                 "the class colours; quantize alone numbers each file's colours its own way), "
                 "whose indices classes.yaml then names")
         arr = colour[..., 0]
-    return label_values(arr, str(path))
+    return arr
 
 
 def label_values(arr: np.ndarray, where: str) -> np.ndarray:

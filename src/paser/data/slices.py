@@ -31,6 +31,7 @@ from paser.data.images import (
     files_now,
     jpeg_mask,
     label_values,
+    one_value_a_pixel,
     spread,
     window_of,
 )
@@ -214,6 +215,12 @@ class VolumeSlices(Dataset):
         """Slice ``z``'s labels as one value a pixel."""
         if plane.ndim == 3 and plane.shape[-1] == 1:  # (Z, Y, X, 1): one value a voxel
             plane = plane[..., 0]
+        if plane.ndim == 3 and plane.shape[-1] in (3, 4) and not _planes_note(self.labels):
+            # gray masks saved as RGB (equal channels): read as a folder dataset reads each
+            # (read_mask); other colours are a colour mask, named (3 or 4 slices saved as
+            # one page of planes apart are named as such, below)
+            plane = one_value_a_pixel(plane, self.labels.files[z] if self.labels.files
+                                      else f"{self.labels.source} slice {z}")
         if plane.ndim != 2:
             raise DataError(f"{self.labels.source} slice {z}: labels of shape {plane.shape}; "
                             "store one class value a voxel, the values of classes.yaml"
