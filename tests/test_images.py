@@ -889,3 +889,27 @@ def test_a_png_sent_to_the_server_is_decoded_as_the_same_file_is_read(tmp_path):
         served, read = decode_png(body, 10**6), read_array(tmp_path / name)
         assert served.dtype == read.dtype and np.array_equal(served, read), name
     assert decode_png((tmp_path / "rgb16.png").read_bytes(), 10**6).dtype == np.uint16
+
+
+def test_a_cmyk_tiff_is_read_as_rgb_as_the_same_cmyk_picture_from_pillow(tmp_path):
+    """A CMYK TIFF (Photometric Separated) was read as 4 channels: K dropped as "alpha", the
+    inks taken for red, green and blue (an inverted picture), data check counting 4
+    channels; it is converted to RGB as Pillow converts CMYK, in a volume of such pages
+    too."""
+    from paser.volumes import open_volume
+
+    cmyk = RNG.integers(0, 256, (2, H, W, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "ink.tif", cmyk[0], photometric="separated")
+    tifffile.imwrite(tmp_path / "inks.tif", cmyk, photometric="separated")
+    rgb = np.asarray(Image.fromarray(cmyk[0], "CMYK").convert("RGB"))
+    notes: list[str] = []
+    assert np.array_equal(read_array(tmp_path / "ink.tif", notes), rgb)
+    assert notes == ["CMYK converted to RGB, as a CMYK JPEG is"]
+    assert (probe(tmp_path / "ink.tif").channels, probe(tmp_path / "ink.tif").colour) == (3, True)
+    volume = open_volume(tmp_path / "inks.tif")
+    assert volume.shape == (2, H, W, 3) and np.array_equal(volume.read(0, 1)[0], rgb)
+    wide = RNG.integers(0, 65536, (H, W, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "ink16.tif", wide, photometric="separated")
+    ink = wide.astype(np.float64) / 65535
+    assert np.allclose(read_array(tmp_path / "ink16.tif") / 65535,
+                       (1 - ink[..., :3]) * (1 - ink[..., 3:]), atol=1 / 65535)

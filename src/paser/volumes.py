@@ -45,9 +45,11 @@ from paser.data.images import (
     as_input,
     at_fill,
     by_type_range,
+    cmyk_to_rgb,
     colour_map,
     field_of_view,
     image_files,
+    is_cmyk,
     is_tiff,
     listed,
     missing_codec_advice,
@@ -122,6 +124,7 @@ class Volume:
     #: tiff: palette pages read as their colours (``[..., 3]``), as the image reader reads
     #: one (:func:`paser.data.images.shows_colours`: not an ImageJ lookup table)
     palette: bool = False
+    cmyk: bool = False  # tiff: CMYK pages, read as RGB (:func:`paser.data.images.is_cmyk`)
     #: stack: palette slices read as their indices (a label volume's classes), not colours
     indices: bool = False
     #: micrometres a voxel, as the file states it (:mod:`paser.data.voxels`); written with
@@ -178,7 +181,8 @@ class Volume:
                 out = np.stack([colour_map(pages[z])[pages[z].asarray()] if self.palette
                                 else pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
-            return without_alpha(out, self.alpha) if self.alpha else out
+            out = without_alpha(out, self.alpha) if self.alpha else out
+            return cmyk_to_rgb(out) if self.cmyk else out
         if self.kind == "stack":
             how = "indices" if self.indices else "colours"
             return np.stack([read_array(f, palette=how) for f in self.files[z0:z1]])
@@ -337,7 +341,7 @@ def _tiff(path: Path, colours: bool = True) -> Volume:
             loose = page_by_page(tif)  # written a page at a time: one series a page
             pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
-            planar = page.axes.startswith("S")
+            planar, cmyk = page.axes.startswith("S"), is_cmyk(page)
             palette = (colours and page.photometric == tifffile.PHOTOMETRIC.PALETTE
                        and shows_colours(tif))
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
@@ -365,9 +369,12 @@ def _tiff(path: Path, colours: bool = True) -> Volume:
     alpha = tiff_alpha(page) if len(shape) == 4 and shape[-1] > 1 else 0
     if alpha:  # gray + alpha: gray slices [H, W], as the image reader reads one
         shape = shape[:3] if shape[3] - alpha == 1 else (*shape[:3], shape[3] - alpha)
+    if cmyk:  # read as RGB
+        shape = (*shape[:3], 3)
     _check(str(path), shape, dtype)
     return Volume(str(path), path.stem, "tiff", shape, str(dtype), path=str(path),
-                  planar=planar, alpha=alpha, paged=loose, palette=palette, voxel=voxel)
+                  planar=planar, alpha=alpha, paged=loose, palette=palette, cmyk=cmyk,
+                  voxel=voxel)
 
 
 class MissingPackage(DataError):

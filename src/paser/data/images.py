@@ -291,7 +291,35 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     if alpha and arr.ndim == 3 and arr.shape[-1] > alpha:
         arr = without_alpha(arr, alpha)
         notes.append("alpha channel dropped")
+    if is_cmyk(first) and arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = cmyk_to_rgb(arr)
+        notes.append("CMYK converted to RGB, as a CMYK JPEG is")
     return arr
+
+
+def is_cmyk(page) -> bool:
+    """Whether a TIFF page holds CMYK inks (Photometric Separated, InkSet not 'not CMYK'):
+    read as 4 channels, its K was dropped as alpha and its inks taken for red, green and
+    blue, where the same picture as a JPEG is converted to RGB."""
+    import tifffile
+
+    inkset = page.tags.get(332)
+    return (page.photometric == tifffile.PHOTOMETRIC.SEPARATED
+            and (inkset is None or inkset.value != 2)
+            and tiff_alpha(page) + 4 == (page.samplesperpixel or 0))  # 4 inks (and alpha)
+
+
+def cmyk_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """CMYK ``[..., 4]`` as RGB ``[..., 3]`` of its dtype: 8-bit by Pillow's conversion (what a
+    CMYK JPEG is read with), wider integers by the same rule, ``(max - C)(max - K) / max``."""
+    if arr.dtype == np.uint8:
+        plane = np.ascontiguousarray(arr.reshape(-1, arr.shape[-2], 4))  # Pillow: 2-D images
+        rgb = np.asarray(Image.fromarray(plane, "CMYK").convert("RGB"))
+        return rgb.reshape(*arr.shape[:-1], 3)
+    top = float(np.iinfo(arr.dtype).max) if arr.dtype.kind == "u" else 1.0
+    ink = arr.astype(np.float64)
+    rgb = (top - ink[..., :3]) * (top - ink[..., 3:]) / top
+    return (np.rint(rgb) if arr.dtype.kind == "u" else rgb).astype(arr.dtype)
 
 
 def without_alpha(arr: np.ndarray, alpha: int) -> np.ndarray:
@@ -644,7 +672,7 @@ def probe(path: str | Path) -> Probe:
                 palette = indexed and shows_colours(tif)
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
-                channels = 3 if palette else max(1, samples - tiff_alpha(page))
+                channels = 3 if palette or is_cmyk(page) else max(1, samples - tiff_alpha(page))
                 if _channel_pages(tif.series[0]):
                     if tif.series[0].shape[0] > 2:
                         raise _many_channel_pages(path, tif.series[0])
