@@ -913,3 +913,31 @@ def test_a_cmyk_tiff_is_read_as_rgb_as_the_same_cmyk_picture_from_pillow(tmp_pat
     ink = wide.astype(np.float64) / 65535
     assert np.allclose(read_array(tmp_path / "ink16.tif") / 65535,
                        (1 - ink[..., :3]) * (1 - ink[..., 3:]), atol=1 / 65535)
+
+
+def test_a_tiff_of_4_or_12_bit_samples_is_stretched_to_its_types_range_but_not_a_mask(
+        tmp_path):
+    """tifffile gives a 4-bit TIFF as 0..15 in uint8 and a 12-bit one as 0..4095 in uint16:
+    scaled by their type's range they were 1/17 and 1/16 as bright as the same picture as a
+    PNG (Pillow stretches a 4-bit PNG, and a 4-bit TIFF, to 0..255). Both readers stretch
+    them now; a mask's classes stay as stored."""
+    from paser.volumes import open_volume
+
+    four = RNG.integers(0, 16, (H, W), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "four.tif", four, bitspersample=4)
+    notes = []
+    got = read_array(tmp_path / "four.tif", notes)
+    assert np.array_equal(got, four * 17) and any("4-bit" in n for n in notes), notes
+    assert np.array_equal(got, np.asarray(Image.open(tmp_path / "four.tif")))  # Pillow's way
+    Image.fromarray(four * 17).save(tmp_path / "four.png")
+    assert np.array_equal(read_image(tmp_path / "four.tif", 1),
+                          read_image(tmp_path / "four.png", 1))
+    assert np.array_equal(read_mask(tmp_path / "four.tif"), four)  # classes, as stored
+    twelve = RNG.integers(0, 4096, (2, H, W), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "twelve.tif", twelve, bitspersample=12, photometric="minisblack")
+    want = np.rint(twelve * (65535 / 4095)).astype(np.uint16)
+    assert want.max() <= 65535 and np.array_equal(read_array(tmp_path / "twelve.tif"), want[0])
+    volume = open_volume(tmp_path / "twelve.tif")
+    assert np.array_equal(volume.read(0, 2), want)
+    labels = open_volume(tmp_path / "twelve.tif", palette="indices")  # a label volume's read
+    assert np.array_equal(labels.read(0, 2), twelve)

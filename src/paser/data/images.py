@@ -294,7 +294,25 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     if is_cmyk(first) and arr.ndim == 3 and arr.shape[-1] == 4:
         arr = cmyk_to_rgb(arr)
         notes.append("CMYK converted to RGB, as a CMYK JPEG is")
+    if colours and first.photometric != tifffile.PHOTOMETRIC.PALETTE:
+        arr = stretched(arr, first.bitspersample, notes)
     return arr
+
+
+def stretched(arr: np.ndarray, bits: int, notes: list[str] | None = None) -> np.ndarray:
+    """Unsigned samples of ``bits`` bits (a TIFF's BitsPerSample: 4, 10, 12, 14) stored in a
+    wider type (tifffile gives 0..15 as uint8, 0..4095 as uint16) stretched to that type's
+    range, as Pillow stretches a 4-bit PNG and a PGM of maxval 4095: by the type's range
+    they were 1/17 or 1/16 as bright as the same picture in a PNG. Any other array as it is;
+    never a mask's classes or a palette's indices (the callers read those apart)."""
+    width = 8 * arr.dtype.itemsize
+    if arr.dtype.kind != "u" or not 0 < bits < width:
+        return arr
+    if notes is not None:
+        notes.append(f"{bits}-bit samples stretched to {arr.dtype}'s range, as a {bits}-bit "
+                     "PNG or PGM is read")
+    top = float(np.iinfo(arr.dtype).max)
+    return np.rint(arr * (top / (2 ** bits - 1))).astype(arr.dtype)
 
 
 def is_cmyk(page) -> bool:
