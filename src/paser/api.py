@@ -26,7 +26,7 @@ from paser.config import ExperimentConfig
 from paser.cost import FLOP_CONVENTION, at_least
 from paser.data import MASK_IGNORE, OnDisk, Tensors, on_disk, to_tensors
 from paser.data.folders import ClassMap
-from paser.data.images import Intensity, as_input
+from paser.data.images import Intensity, as_input, native
 from paser.data.tiles import Tiles, route_tiled
 from paser.errors import CheckpointError, ConfigError, DataError
 from paser.evaluation import evaluate_router
@@ -332,8 +332,7 @@ class PaSeR:
                             "a numpy array (a PIL image: model.prepare(np.asarray(image)))")
         if isinstance(images, np.ndarray):
             images = np.ascontiguousarray(_unmasked(images, "images"))
-            if not images.dtype.isnative:  # big-endian (FITS, HDF5, zarr): torch refuses it
-                images = images.astype(images.dtype.newbyteorder("="))
+            images = native(images)  # big-endian (FITS, HDF5, zarr): torch refuses it
             if not images.flags.writeable:  # Pillow's arrays: torch would warn
                 images = images.copy()
         try:

@@ -53,6 +53,7 @@ from paser.data.images import (
     is_tiff,
     listed,
     missing_codec_advice,
+    native,
     other_images,
     page_by_page,
     probe,
@@ -200,9 +201,9 @@ class Volume:
         else:
             with _h5py(self.source).File(self.path, "r") as fh:
                 out = fh[self.key][at]
-        # big-endian (HDF5 written on another machine, zarr of '>u2'): the same values in
-        # this machine's order, the dtype the image reader gives a TIFF of them
-        return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
+        # big-endian (HDF5 written on another machine, zarr of '>u2'): the dtype the image
+        # reader gives a TIFF of them
+        return native(out)
 
 
 def signature(volume: Volume) -> str:

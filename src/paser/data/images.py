@@ -72,8 +72,8 @@ Image.MAX_IMAGE_PIXELS = 1 << 30
 def by_type_range(dtype: np.dtype) -> bool:
     """Whether values of ``dtype`` scale by the type's range (uint8, uint16, bool); the rest
     (floats, signed and wider integers) need an intensity window."""
-    native = np.dtype(dtype).newbyteorder("=")  # big-endian HDF5 or zarr: the same values
-    return native in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
+    here = np.dtype(dtype).newbyteorder("=")  # big-endian HDF5 or zarr: the same values
+    return here in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.bool_))
 
 
 def hidden(path: Path, below: Path | None = None) -> bool:
@@ -297,6 +297,13 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     if colours and first.photometric != tifffile.PHOTOMETRIC.PALETTE:
         arr = stretched(arr, first.bitspersample, notes)
     return arr
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in this machine's byte order: the same values (big-endian HDF5 or zarr, FITS,
+    an .npz written on another machine), for torch refuses big-endian arrays and a dtype
+    check would take ``>u2`` for another type than ``uint16``; ``arr`` itself where it is."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def stretched(arr: np.ndarray, bits: int, notes: list[str] | None = None) -> np.ndarray:
@@ -759,8 +766,7 @@ class Intensity:
               notes: list[str] | None = None) -> np.ndarray:
         """``arr`` as float32 in [0, 1] (same shape)."""
         notes = [] if notes is None else notes
-        if not arr.dtype.isnative:  # big-endian (HDF5, zarr): the same values, native order
-            arr = arr.astype(arr.dtype.newbyteorder("="))
+        arr = native(arr)
         if arr.dtype == np.bool_:
             return arr.astype(np.float32)
         for dtype, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):

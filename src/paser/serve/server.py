@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 
 from paser.api import too_small
 from paser.cost import FLOP_CONVENTION, gflops_per_sample
-from paser.data.images import Intensity, to_channels
+from paser.data.images import Intensity, native, to_channels
 from paser.errors import PaserError
 from paser.metrics import predicted_classes
 from paser.models import count_parameters
@@ -469,8 +469,7 @@ def _cut(arrays: dict[str, np.ndarray], keys: list[str], grid, channels: int,
 
 def _unit(arr: np.ndarray, name: str, channels: int) -> np.ndarray:
     """``[N, C, h, w]`` (or ``[N, h, w]`` for one channel) as float32 in [0, 1]."""
-    if not arr.dtype.isnative:  # big-endian uint16 was refused as "dtype >u2; send uint16"
-        arr = arr.astype(arr.dtype.newbyteorder("="))
+    arr = native(arr)  # big-endian uint16 was refused as "dtype >u2; send uint16"
     if arr.dtype not in SCALES:
         raise PayloadError(422, f"'{name}' has dtype {arr.dtype}; send uint8, uint16, bool, "
                            "float16, float32 or float64")
