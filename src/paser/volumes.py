@@ -127,8 +127,9 @@ class Volume:
     #: one (:func:`paser.data.images.shows_colours`: not an ImageJ lookup table)
     palette: bool = False
     cmyk: bool = False  # tiff: CMYK pages, read as RGB (:func:`paser.data.images.is_cmyk`)
-    #: tiff: samples of fewer bits than their type holds (4, 12), stretched to its range as
-    #: the image reader stretches them (:func:`paser.data.images.stretched`); 0: as stored
+    #: tiff: the bits of a sample read as a value; fewer than their type holds (4, 12) are
+    #: stretched to its range as the image reader stretches them
+    #: (:func:`paser.data.images.stretched`); 0: indices, as stored
     bits: int = 0
     #: stack: palette slices read as their indices (a label volume's classes), not colours
     indices: bool = False
@@ -187,7 +188,7 @@ class Volume:
                                 else pages[z].asarray() for z in range(z0, z1)])
             out = np.moveaxis(out, 1, -1) if self.planar else out
             out = without_alpha(out, self.alpha) if self.alpha else out
-            out = stretched(out, self.bits) if self.bits else out
+            out = stretched(out, self.bits)
             return cmyk_to_rgb(out) if self.cmyk else out
         if self.kind == "stack":
             how = "indices" if self.indices else "colours"
@@ -348,9 +349,9 @@ def _tiff(path: Path, colours: bool = True) -> Volume:
             pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype
             planar, cmyk = page.axes.startswith("S"), is_cmyk(page)
-            odd = page.bitspersample < 8 * page.dtype.itemsize and page.dtype.kind == "u"
-            bits = page.bitspersample if colours and odd and not (
-                page.photometric == tifffile.PHOTOMETRIC.PALETTE) else 0
+            # samples read as values (not a palette's or a label volume's indices)
+            bits = (page.bitspersample if colours
+                    and page.photometric != tifffile.PHOTOMETRIC.PALETTE else 0)
             palette = (colours and page.photometric == tifffile.PHOTOMETRIC.PALETTE
                        and shows_colours(tif))
             # the axes the pages run along (ZCYX: Z and C), and other stacks in the file
