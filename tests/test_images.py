@@ -19,6 +19,7 @@ from paser.data.images import (
     Intensity,
     as_input,
     fit_window,
+    gray_in_colour,
     probe,
     read_array,
     read_image,
@@ -50,6 +51,17 @@ def _kinds(folder, gray: np.ndarray) -> dict[str, str]:
     return {p.name: p.suffix for p in folder.iterdir()}
 
 
+def test_gray_in_colour_compares_red_green_and_blue_only():
+    gray = RNG.integers(0, 256, (H, W), dtype=np.uint8)
+    rgb = np.dstack([gray] * 3)
+    assert gray_in_colour(rgb)
+    assert gray_in_colour(np.dstack([rgb, 255 - gray]))  # alpha is not a colour
+    off = rgb.copy()
+    off[2, 3, 1] ^= 1  # one value of one pixel
+    assert not gray_in_colour(off)
+    assert not gray_in_colour(gray) and not gray_in_colour(np.dstack([gray] * 2))
+
+
 def _folder_dataset(root, gray):
     (root / "classes.yaml").parent.mkdir(parents=True, exist_ok=True)
     (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
@@ -76,8 +88,11 @@ def test_every_kind_of_file_gives_the_same_tensor_on_every_path(tmp_path):
     kept = Intensity.load(tmp_path / "run")
     assert kept == window
     for split in ("train", "test"):
-        ds = open_split(cfg, split)
-        assert ds.channels == 3 and ds.intensity == window  # a palette and an RGB image
+        # a palette of grays and an RGB image of equal channels: gray saved as colour, read
+        # as gray; at three channels for models that take three (the path of colour data)
+        assert open_split(cfg, split).channels == 1
+        ds = open_split(cfg, split, channels=3)
+        assert ds.channels == 3 and ds.gray_colour == 2 and ds.intensity == window
         streamed = dict(zip(ds.ids, on_disk(ds, 0).images[:], strict=True))
         for i, path in enumerate(ds.images):
             trained = ds.image(i)  # stage 1 to the report, evaluate, data check

@@ -341,7 +341,7 @@ def test_a_dataset_is_known_by_the_names_the_loader_reads_links_not_followed(tmp
 def test_data_check_counts_classes_and_suggests_weights(folder):
     r = check_dataset(folder, workers=0, show_progress=False)  # read here: no reader processes
     assert r["layout"] == "folder" and r["splits"]["train"] == {
-        "images": 12, "size": [32, 32], "sizes": "32 x 32", "channels": 3}
+        "images": 12, "size": [32, 32], "sizes": "32 x 32", "channels": 3, "gray_colour": 0}
     masks = np.stack([np.asarray(Image.open(p)) for p in
                       sorted((folder / "train" / "masks").iterdir())])
     labelled = masks[masks != 255]
@@ -505,6 +505,48 @@ def test_data_check_names_images_in_sub_folders_of_images(tmp_path):
     with pytest.raises(DataError, match=r"test/images: no image .* in it \(its sub-folders "
                        r"hold 3, e.g. .*test/images/a/0.png, which are not read\)"):
         check_dataset(root, workers=0, show_progress=False)
+
+def test_gray_saved_as_rgb_is_read_as_gray_and_colour_is_not(tmp_path):
+    """Image exports often save a gray scan as RGB: equal channels are read as gray (data
+    check suggests 1-channel models, which train on them); models that take three get the
+    channels as stored; one image in colour makes the split colour."""
+    from paser.data.stages import check_fits_models
+
+    root = tmp_path / "d"
+    (root / "classes.yaml").parent.mkdir(parents=True)
+    (root / "classes.yaml").write_text("classes: {0: a, 1: b}\n")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("validation", 3), ("test", 3)):
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True)
+        for i in range(n):
+            gray = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+            Image.fromarray(np.dstack([gray] * 3)).save(root / split / "images" / f"{i}.png")
+            Image.fromarray((gray > 127).astype(np.uint8)).save(root / split / "masks" / f"{i}.png")
+    r = check_dataset(root, workers=0, show_progress=False)
+    assert {s: (v["channels"], v["gray_colour"]) for s, v in r["splits"].items()} == {
+        "train": (1, 4), "validation": (1, 3), "test": (1, 3)}
+    assert "models.in_channels=1" in r["suggested_overrides"]
+    out = paser_here("data", "check", str(root), "--workers", "0")
+    assert "4 images of 32 x 32, 1 channel (4 colour files whose red, green and blue are " \
+           "equal: gray saved as RGB, read as gray)" in out.stdout
+    data = load_config(overrides=["data.dataset=folder", f"data.root={root}",
+                                  "models.num_classes=2", "stage1.class_weights=[1,1]"])
+    as_gray = open_split(data.data, "train", channels=1)
+    check_fits_models(data, as_gray)  # battery-quick's 1 channel
+    three = data.model_copy(update={"models": data.models.model_copy(update={"in_channels": 3})})
+    stored = open_split(data.data, "train", channels=3)
+    check_fits_models(three, stored)  # a run trained on the files as stored
+    x1, x3 = as_gray.image(0), stored.image(0)
+    assert x1.shape == (1, 32, 32) and torch.equal(x3, x1.expand(3, -1, -1))
+    # one training image in colour: the split is colour, as before
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / "train" / "images" / "3.png")
+    colour = open_split(data.data, "train", channels=1)
+    assert (colour.channels, colour.gray_colour) == (3, 0)
+    with pytest.raises(ConfigError, match=r"the data is RGB \(3 channels\).*in_channels=3"):
+        check_fits_models(data, colour)
+
 
 def test_data_check_suggests_tiles_for_images_larger_than_battery_quicks(tmp_path):
     from paser.run import large_patches

@@ -507,7 +507,8 @@ class PaSeR:
         from paser.data import validation_split
 
         cfg = self.config
-        data = self._data(data, batch_size) if data is not None else validation_split(cfg.data)
+        data = (self._data(data, batch_size) if data is not None
+                else validation_split(cfg.data, channels=cfg.models.in_channels))
         if not isinstance(data, Tensors):  # a file dataset: read from disk as it is swept
             data = on_disk(data, cfg.data.workers)
         self.calibration = calibrate(self.router, data, cfg.models.num_classes, budget_gflops,

@@ -188,7 +188,7 @@ def validation_size(cfg) -> tuple[int, int]:
     """Height and width of the run's validation images: the default export size."""
     from paser.data import validation_split
 
-    images = validation_split(cfg.data, progress=False).images[:1]
+    images = validation_split(cfg.data, False, cfg.models.in_channels).images[:1]
     return int(images.shape[-2]), int(images.shape[-1])
 
 

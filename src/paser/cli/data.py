@@ -38,7 +38,10 @@ def data_check(
                    f"{'labelled ' if 'slices' in s else ''}{unit}{'s' if s['images'] != 1 else ''}"
                    f" of {s['sizes']}, "
                    f"{s['channels']} channel{'s' if s['channels'] > 1 else ''}"
-                   + (f": {_listed(s['slices'])}" if "slices" in s else ""))
+                   + (f": {_listed(s['slices'])}" if "slices" in s else "")
+                   + (f" ({s['gray_colour']} colour files whose red, green and blue are "
+                      "equal: gray saved as RGB, read as gray)" if s.get("gray_colour")
+                      else ""))
     typer.echo("image files, and how they become [0, 1]:")
     kinds: dict[str, int] = {}
     for files in r["files"].values():

@@ -55,7 +55,7 @@ def evaluate(
         data = built_split(model.config.data, split)
         size = tuple(data.images.shape[-2:])
     else:
-        files = open_split(model.config.data, split)
+        files = open_split(model.config.data, split, channels=model.config.models.in_channels)
         data_note(model, run_dir, split)
         files.intensity = model.intensity  # as the run reads its inputs, whatever the data now
         data = as_tiles(model.config.data, files, model.config.grid)
@@ -817,7 +817,7 @@ def _calibrated(model, what: str, **target):
     from paser.data import validation_split
     from paser.data.tiles import counted
 
-    data = validation_split(model.config.data)
+    data = validation_split(model.config.data, channels=model.config.models.in_channels)
     with working(what):
         cal = model.calibrate(data=data, **target)
     return cal, counted(data.ids, (cal.height, cal.width))

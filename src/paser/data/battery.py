@@ -25,16 +25,22 @@ from paser.data.images import (
     READABLE_SUFFIXES,
     Intensity,
     fit_window,
+    gray_in_colour,
     image_files,
     probe,
+    read_array,
     read_image,
     read_mask,
     skipped_note,
+    spread,
     unread_files,
 )
 from paser.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+#: at most this many of a split's colour image files are read (spread over the split) to
+#: tell gray saved as RGB (every one's channels equal) from colour
+GRAY_CHECKED = 16
 CLASS_NAMES = ("pore", "carbon", "nickel")
 #: the image (and label) files a split takes: every format the folder layout and ``paser
 #: segment`` read (a .jpg or .bmp slice was left out of the battery layout without a word)
@@ -143,7 +149,10 @@ class SegmentationFiles(Dataset):
     read on access (:func:`paser.data.images.read_image`, scaled by ``intensity``), or all
     at once with ``in_memory=True`` (small sets). Subclasses give the files and
     :meth:`decode` (a mask file -> class indices); ``channels`` is 3 when any image is
-    colour, else 1. ``dtypes`` counts the images by file type and stored dtype.
+    colour, else 1; colour files whose channels are equal (gray saved as RGB, as image
+    exports often are: up to :data:`GRAY_CHECKED` of them read, spread over the split)
+    count as gray, and ``gray_colour`` says how many there are. ``dtypes`` counts the images
+    by file type and stored dtype.
     """
 
     class_names: list[str] = []
@@ -200,14 +209,13 @@ class SegmentationFiles(Dataset):
     def _check_sizes(self, problems: list[str]) -> tuple[list[tuple[int, int]], int]:
         """Each image's size and the split's channels, from the headers. A pair that cannot
         be read or whose sizes differ is added to ``problems`` and left out of the split."""
-        sizes, colour, kinds, kept = [], False, {}, []
+        sizes, colour, kinds, kept = [], [], {}, []
         for img, lbl in zip(self.images, self.labels, strict=True):
             try:
                 head, label = probe(img), probe(lbl)
             except DataError as err:  # an unreadable file: every one named, not the first
                 problems.extend(err.each())
                 continue
-            colour = colour or head.colour
             kinds.setdefault(head.channels, img)
             self.dtypes[f"{head.dtype} {img.suffix.lower().lstrip('.').upper()}"
                         + (" stack" if head.pages > 1 else "")
@@ -226,6 +234,8 @@ class SegmentationFiles(Dataset):
                 continue
             sizes.append((head.height, head.width))
             kept.append((img, lbl))
+            if head.colour:
+                colour.append(img)
         self.images, self.labels = [p for p, _ in kept], [m for _, m in kept]
         if 2 in kinds and len(kinds) > 1:  # two detectors' images beside single ones: the
             other = next(c for c in kinds if c != 2)  # split has no one channel count to read
@@ -234,7 +244,12 @@ class SegmentationFiles(Dataset):
                 "channels (two detectors) train together only")])
         if 2 in kinds:
             return sizes, 2
-        return sizes, 3 if colour and self.colour_ok else 1
+        if not colour or not self.colour_ok:
+            return sizes, 1
+        if all(_gray(colour[i]) for i in spread(len(colour), GRAY_CHECKED)):
+            self.gray_colour = len(colour)
+            return sizes, 1
+        return sizes, 3
 
     def fit_window(self) -> tuple[float, float] | None:
         """The intensity window of these images (:func:`paser.data.images.fit_window`)."""
@@ -242,6 +257,8 @@ class SegmentationFiles(Dataset):
 
     #: whether colour images are read as RGB (else their first channel, a grayscale scan)
     colour_ok = True
+    #: how many of the split's colour files are gray saved as colour (read as 1 channel)
+    gray_colour = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -285,6 +302,15 @@ def misnamed_split_folder(folder: Path) -> Path | None:
     others = sorted(d for d in folder.parent.iterdir() if d.is_dir() and d.name not in layout)
     return next((d for d in others if d.name.lower() == folder.name or difflib.SequenceMatcher(
         None, d.name.lower(), folder.name).ratio() >= 0.85), None)
+
+
+def _gray(path: Path) -> bool:
+    """Whether a colour image file is gray saved as colour; one that cannot be read is not
+    (reading it for training names it)."""
+    try:
+        return gray_in_colour(read_array(path))
+    except DataError:
+        return False
 
 
 class BatteryDataset(SegmentationFiles):

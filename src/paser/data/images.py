@@ -1018,6 +1018,13 @@ def field_of_view(planes: Iterable[np.ndarray]) -> tuple[float, np.ndarray] | No
     return fill, np.isin(regions, edge[edge > 0])
 
 
+def gray_in_colour(arr: np.ndarray) -> bool:
+    """Whether an image ``[H, W, C]`` of 3 or 4 channels (alpha last, not compared) is gray
+    saved as colour: its red, green and blue equal in every pixel."""
+    return (arr.ndim == 3 and arr.shape[-1] in (3, 4)
+            and all(np.array_equal(arr[..., 0], arr[..., c]) for c in (1, 2)))
+
+
 def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image",
                 notes: list[str] | None = None) -> np.ndarray:
     """``[H, W]`` or ``[H, W, C]`` as ``[channels, H, W]`` float32: a fourth channel taken
@@ -1033,7 +1040,7 @@ def to_channels(arr: np.ndarray, channels: int, source: Path | str = "the image"
     if have == channels:
         pass
     elif channels == 1 and have == 3:
-        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+        if gray_in_colour(arr):
             arr = arr[..., :1]
         else:
             from skimage.color import rgb2gray

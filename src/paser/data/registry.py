@@ -258,13 +258,18 @@ def describe(cfg: DataConfig, progress: bool = True) -> str:
     return f"{cfg.dataset} layout, {ensure_dataset(cfg, progress=progress)}"
 
 
-def open_split(cfg: DataConfig, split: str, progress: bool = True) -> SegmentationFiles:
+def open_split(cfg: DataConfig, split: str, progress: bool = True,
+               channels: int | None = None) -> SegmentationFiles:
     """One split (train, validation, test) of the configured file dataset, nothing read;
-    its images scaled by the dataset's :func:`data_intensity`."""
+    its images scaled by the dataset's :func:`data_intensity`. ``channels``: the models'
+    ``in_channels``, at which a split of gray saved as RGB is read (as gray, or as its
+    three equal channels for models that take three)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
     dataset = open_unscaled(cfg, split, progress)
     dataset.intensity = data_intensity(cfg, progress)
+    if channels in (1, 3) and getattr(dataset, "gray_colour", 0):
+        dataset.channels = channels
     return dataset
 
 
@@ -590,7 +595,8 @@ def check_dataset(root: str | Path, dataset: str | None = None, workers: int = 2
     return {
         "layout": layout, "root": str(root), "class_names": list(names),
         "splits": {s: {"images": len(ds), "size": None if ds.size is None else list(ds.size),
-                       "sizes": ds.size_range(), "channels": ds.channels}
+                       "sizes": ds.size_range(), "channels": ds.channels,
+                       "gray_colour": getattr(ds, "gray_colour", 0)}
                    | ({"slices": list(ds.z)} if layout == "volume" else {})
                    for s, ds in splits.items()},
         "tile_advice": tile,

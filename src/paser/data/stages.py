@@ -29,7 +29,8 @@ def load_stage_data(cfg: ExperimentConfig, progress: bool = True,
     built = kind(data).build
     if built is not None:
         return built(data)
-    sets = {s: as_tiles(data, open_split(data, s, progress), cfg.grid) for s in SPLITS}
+    sets = {s: as_tiles(data, open_split(data, s, progress, cfg.models.in_channels), cfg.grid)
+            for s in SPLITS}
     train = sets["train"]
     for name in ("validation", "test"):
         if sets[name].size != train.size:
@@ -155,10 +156,13 @@ def streams(cfg: DataConfig, datasets: Iterable[SegmentationFiles]) -> bool:
     return size > cfg.stream_above_mb * 2**20
 
 
-def validation_split(cfg: DataConfig, progress: bool = True) -> Tensors:
-    """The configured dataset's validation split alone: read from disk for file datasets,
-    in memory for noisy MNIST (built with its other splits)."""
+def validation_split(cfg: DataConfig, progress: bool = True, channels: int | None = None
+                     ) -> Tensors:
+    """The configured dataset's validation split alone: read from disk for file datasets
+    (at ``channels``, the models' ``in_channels``: :func:`open_split`), in memory for noisy
+    MNIST (built with its other splits)."""
     built = kind(cfg).build
     if built is not None:
         return built(cfg).validation
-    return on_disk(as_tiles(cfg, open_split(cfg, "validation", progress)), cfg.workers)
+    return on_disk(as_tiles(cfg, open_split(cfg, "validation", progress, channels)),
+                   cfg.workers)
