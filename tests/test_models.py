@@ -203,3 +203,25 @@ def test_weights_of_another_class_count_name_both_shapes(tmp_path):
         f"{path}: the weights do not fit the model: 0 missing (e.g. []), 0 unexpected (e.g. "
         "[]), 2 of another shape (e.g. ['outconv.weight', 'outconv.bias']); outconv.weight "
         "is [3, 8, 1, 1] in the file, [2, 8, 1, 1] in the model")
+
+
+def test_the_policys_basic_block_is_torchvisions():
+    """paser.models.policy.BasicBlock stands in for torchvision's (whose import loads
+    torch._dynamo): the same keys, the same initial weights from one seed, the same output."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock as Theirs
+
+    from paser.models.policy import BasicBlock as Ours
+
+    def made(block):
+        torch.manual_seed(0)
+        project = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16))
+        return block(64, 16, downsample=project)
+
+    ours, theirs = made(Ours), made(Theirs)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 64, 9, 7)
+    for mode in (True, False):  # batch statistics, then the running ones
+        ours.train(mode), theirs.train(mode)
+        assert torch.equal(ours(x.clone()), theirs(x.clone()))

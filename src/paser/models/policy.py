@@ -66,10 +66,6 @@ class RoutingPolicy(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        # imported here: torchvision (with torch._dynamo) adds about 0.9 s to the start of
-        # every command and reader process, and the pooled router has no such block
-        from torchvision.models.resnet import BasicBlock
-
         project = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16))
         self.block = BasicBlock(64, 16, downsample=project)
         self.head = nn.Linear(16, num_patches * num_models)
@@ -93,6 +89,30 @@ class RoutingPolicy(nn.Module):
         if self.gain_head:
             return reward(logits - logits[..., :1], self.cost, self.lam)
         return logits
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block, as ``torchvision.models.resnet.BasicBlock(inplanes, planes,
+    downsample=downsample)`` builds it at stride 1: the same submodules, created in the same
+    order (the same initial weights from one seed, and the same checkpoint keys), and the
+    same forward (``tests/test_models.py`` checks both against torchvision's). Written out
+    because importing torchvision (or timm's, alike) loads ``torch._dynamo``: 3 to 4 s at
+    the start of every ``paser`` process that loads a run routed by this policy, more than
+    the block's whole work in one command."""
+
+    def __init__(self, inplanes: int, planes: int, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 class EnsembleLinear(nn.Module):
