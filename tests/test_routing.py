@@ -348,3 +348,38 @@ def test_a_cap_keeps_the_dear_model_where_the_policy_values_it_most():
         out = router(x, mc_seed=0)
     assert out.actions.tolist() == [[0, 2, 0, 2]] * 2  # the margins 4 and 3 keep f2
     assert out.gflops.tolist() == pytest.approx([costs.fixed + 2 * costs.patch[2]] * 2)
+
+
+def test_cost_tables_are_kept_for_the_next_process_by_the_models_structure(tmp_path,
+                                                                           monkeypatch):
+    """Counting FLOPs loads torch._dynamo (3 s of every `paser segment`): a run's tables
+    are kept in its cache and read by the next router of the same structure, whatever its
+    weights; a router of another structure counts its own, beside them."""
+    import json
+
+    file = tmp_path / "cache" / "costs.json"
+    first = _router()
+    first.cost_cache = file
+    table = first.costs(32, 40)
+    kept = json.loads(file.read_text())
+    assert [list(v) for v in kept.values()] == [["32x40"]]
+    again = _router()
+    with torch.no_grad():
+        for p in again.parameters():
+            p.add_(1.0)  # other weights, the same structure
+    again.cost_cache = file
+
+    def counted(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(CostTable, "measure", counted)
+        assert again.costs(32, 40) == table
+    other = _router(t=1)  # f0 once: another table
+    other.cost_cache = file
+    assert other.costs(32, 40).f0_mc < table.f0_mc
+    assert len(json.loads(file.read_text())) == 2
+    file.write_text("{not json")  # a file cut short is counted again, and written whole
+    late = _router()
+    late.cost_cache = file
+    assert late.costs(32, 40) == table and "32x40" in file.read_text()

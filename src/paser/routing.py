@@ -228,16 +228,73 @@ class Router(nn.Module):
         #: GFLOP per megapixel no image (or tile) routed by the policy may exceed
         #: (:meth:`capped`; ``None``: no cap)
         self.cap_per_mp: float | None = None
+        #: a JSON file where the cost tables of the sizes counted are kept for the next
+        #: process, named by the models' structure (:meth:`costs`; ``None``: not kept)
+        self.cost_cache: str | Path | None = None
 
     def costs(self, height: int, width: int) -> CostTable:
-        """The cost table for ``height x width`` images (counted once per size)."""
+        """The cost table for ``height x width`` images: counted once per size, and kept in
+        ``cost_cache`` where it is set, from which later processes read it. Counting runs
+        the models under PyTorch's FLOP counter, whose first use loads ``torch._dynamo``
+        (3 s at the start of every ``paser segment`` on 2 cores); a run's sizes are
+        counted once."""
         key = self.grid.padded_size(height, width)
         if key not in self._costs:
-            self._costs[key] = CostTable.measure(self.f0, self.policy, list(self.pool), self.grid,
-                                                 self.in_channels, height, width,
-                                                 self.mc_samples, self.state_channels,
-                                                 self.mc_dropout)
+            kept, name = self._kept_costs()
+            size = f"{key[0]}x{key[1]}"
+            if size in kept.get(name, {}):
+                self._costs[key] = CostTable(**kept[name][size])
+            else:
+                self._costs[key] = CostTable.measure(
+                    self.f0, self.policy, list(self.pool), self.grid, self.in_channels,
+                    height, width, self.mc_samples, self.state_channels, self.mc_dropout)
+                self._keep_costs(kept, name, size, self._costs[key])
         return self._costs[key]
+
+    def _structure(self) -> str:
+        """What a cost table depends on: each model's structure (its modules' settings as
+        PyTorch prints them, and its parameters' shapes, not their values), the grid, the
+        inputs, f0's passes and the counting's torch version."""
+        import json
+
+        h = hashlib.sha1(json.dumps([
+            [self.grid.rows, self.grid.cols, self.grid.halo], self.in_channels, self.mc_samples,
+            self.state_channels, self.mc_dropout, torch.__version__]).encode())
+        for model in (self.f0, self.policy, *self.pool):
+            h.update(repr(model).encode())
+            h.update(repr([tuple(p.shape) for p in model.parameters()]).encode())
+        return h.hexdigest()[:20]
+
+    def _kept_costs(self) -> tuple[dict, str]:
+        """The tables in ``cost_cache`` (by structure, then size) and this router's name
+        there; none where no file is set, or it cannot be read."""
+        import json
+
+        if self.cost_cache is None or self.remote is not None:
+            return {}, ""
+        try:
+            kept = json.loads(Path(self.cost_cache).read_text())
+        except (OSError, ValueError):
+            kept = {}
+        return (kept if isinstance(kept, dict) else {}), self._structure()
+
+    def _keep_costs(self, kept: dict, name: str, size: str, table: CostTable) -> None:
+        """Add ``table`` to ``cost_cache``, beside the tables of the 7 structures written
+        last (a run and its PaSeR (paper) share the file; models trained again leave
+        theirs); nothing where it cannot be written."""
+        import dataclasses
+        import json
+
+        from paser.runtime import atomic_write_text
+
+        if not name:
+            return
+        others = [(k, v) for k, v in kept.items() if k != name and isinstance(v, dict)][-7:]
+        try:
+            atomic_write_text(json.dumps({**dict(others), name: {
+                **kept.get(name, {}), size: dataclasses.asdict(table)}}), self.cost_cache)
+        except OSError:
+            pass
 
     @property
     def state_channels(self) -> int:
