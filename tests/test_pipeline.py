@@ -396,6 +396,29 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(run, tmp_path):
     assert last.startswith("paser.errors.DataError") and "__name__" in last, done.stderr[-2000:]
 
 
+def test_a_call_at_a_scripts_top_level_is_found_and_one_under_its_guard_is_not(tmp_path,
+                                                                                 monkeypatch):
+    """What the error above reads, without starting a process: the line of the main
+    script's top-level code that is not under `if __name__ == "__main__":`."""
+    import sys
+    import types
+
+    script = tmp_path / "s.py"
+    script.write_text("from paser.runtime import unguarded_main\n"
+                      "found = [unguarded_main()]\n"
+                      "def main():\n"
+                      "    found.append(unguarded_main())\n"
+                      "if '__main__' == __name__:\n"
+                      "    main()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    exec(compile(script.read_text(), str(script), "exec"), vars(main))
+    assert main.found == [(str(script), 2), None]
+    main.__spec__ = types.SimpleNamespace(name="tool.__main__")  # python -m tool: not re-run
+    assert exec("found.append(unguarded_main())", vars(main)) is None and main.found[-1] is None
+
+
 @pytest.mark.slow
 def test_stage2s_gain_target_is_the_one_configured(tmp_path):
     import shutil

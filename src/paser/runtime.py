@@ -456,6 +456,65 @@ def _detached_reader(parent: int, worker_id: int) -> None:
     detached_worker(parent)
 
 
+def _main_guard(node) -> bool:
+    """Whether a statement is ``if __name__ == "__main__":`` (either way round)."""
+    import ast
+
+    test = getattr(node, "test", None)
+    if not isinstance(node, ast.If) or not isinstance(test, ast.Compare) or len(test.ops) != 1:
+        return False
+    sides = [test.left, *test.comparators]
+    return (isinstance(test.ops[0], ast.Eq)
+            and any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+
+
+def unguarded_main() -> tuple[str, int] | None:
+    """Where the main script's top-level code called what is starting worker processes
+    now, outside ``if __name__ == "__main__":`` (its path and line), where the processes
+    would run that code again: a process started from a fork server or spawned imports the
+    main script (as multiprocessing's ``spawn.prepare`` does: the file, or the module run
+    with ``-m`` unless it is a package's ``__main__``), and there it would start processes
+    again, which Python refuses, and each stops. ``None`` elsewhere: a guarded call, an
+    interactive session, ``python -c``."""
+    import ast
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if main is None or not path or (name is not None and (
+            name == "__main__" or name.endswith(".__main__"))):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>"
+                                     and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    top = next((n for n in tree.body if n.lineno <= line <= (n.end_lineno or n.lineno)), None)
+    return None if top is None or _main_guard(top) else (path, line)
+
+
+def check_main_guard(without: str) -> None:
+    """A :class:`DataError` at once where worker processes started now would run the
+    calling script again (:func:`unguarded_main`): each would stop, and the readers'
+    failure would surface only seconds later. ``without``: the setting that needs no
+    processes."""
+    where = unguarded_main()
+    if where is not None:
+        raise DataError(
+            f"{where[0]}, line {where[1]}: called at the script's top level; paser's worker "
+            "processes start by importing the script, and would run it again. Call paser "
+            "under `if __name__ == \"__main__\":`, or set " + without + " (no worker "
+            "processes)")
+
+
 def from_readers(loader, workers: int, without: str = "data.workers=0"):
     """The items of ``loader`` (a DataLoader whose ``workers`` reader processes start from
     :func:`worker_context`); a reader that died is a :class:`DataError` that says what to
@@ -467,6 +526,7 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
     printed a traceback after its message (FileNotFoundError from SemLock._rebuild: the
     queue's lock it was given was gone with the command). Started, they are shut down
     as the loader is (its iterator's ``__del__``), which waits for them."""
+    check_main_guard(without)
     with interrupts_held():
         items = iter(loader)
     while True:

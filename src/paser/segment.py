@@ -909,6 +909,9 @@ def _writer(workers: int):
         return None
     from concurrent.futures import ProcessPoolExecutor
 
+    from paser.runtime import check_main_guard
+
+    check_main_guard("--workers 0 (workers=0 in Python)")
     return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]),
                                initializer=detached_worker, initargs=(os.getpid(),))
 
