@@ -956,3 +956,16 @@ def test_a_tiff_of_4_or_12_bit_samples_is_stretched_to_its_types_range_but_not_a
     assert np.array_equal(volume.read(0, 2), want)
     labels = open_volume(tmp_path / "twelve.tif", palette="indices")  # a label volume's read
     assert np.array_equal(labels.read(0, 2), twelve)
+
+
+def test_a_thumbnail_stored_first_is_not_read_in_place_of_the_image(tmp_path):
+    """Scanners and cameras may store a reduced-resolution copy first (NewSubfileType 1);
+    tifffile makes a series of it, which was read, 16 x 20 in place of 64 x 80."""
+    full = RNG.integers(0, 256, (64, 80), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "t.tif") as tif:
+        tif.write(full[::4, ::4].copy(), subfiletype=1)
+        tif.write(full)
+    notes = []
+    assert np.array_equal(read_array(tmp_path / "t.tif", notes), full) and notes == []
+    head = probe(tmp_path / "t.tif")
+    assert (head.height, head.width, head.pages) == (64, 80, 1)

@@ -2074,3 +2074,14 @@ def test_label_slices_saved_as_rgb_are_read_as_the_same_masks_in_a_folder(tmp_pa
         tmp_path / "masks" / "m2.png")
     with pytest.raises(DataError, match=r"masks/m2.png: a colour mask \(3 colours"):
         VolumeSlices(tmp_path, "scan.tif", "masks", {"train": [0, 4]}, "train")
+
+
+def test_a_stack_after_a_thumbnail_is_the_volume(tmp_path):
+    """A thumbnail stored first (NewSubfileType 1) is not the volume, nor another image in
+    the file that refuses it."""
+    stack = np.random.default_rng(0).integers(0, 256, (3, 16, 24), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tif:
+        tif.write(stack[0, ::4, ::4].copy(), subfiletype=1)
+        tif.write(stack, photometric="minisblack")
+    vol = open_volume(tmp_path / "s.tif")
+    assert vol.shape == (3, 16, 24) and np.array_equal(vol.read(0, 3), stack)

@@ -52,6 +52,7 @@ from paser.data.images import (
     is_cmyk,
     is_tiff,
     listed,
+    main_series,
     missing_codec_advice,
     native,
     other_images,
@@ -344,7 +345,7 @@ def _tiff(path: Path, colours: bool = True) -> Volume:
         raise DataError(f"{path}: no such file")
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = main_series(tif)
             loose = page_by_page(tif)  # written a page at a time: one series a page
             pages, page = len(stack_pages(tif)), series.pages[0]
             shape, dtype = (pages, *page.shape), page.dtype

@@ -246,7 +246,8 @@ def _tiff(path: Path, notes: list[str], colours: bool = True) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        series, first = tif.series[0], tif.pages[0]
+        series = main_series(tif)
+        first = series.keyframe
         axes, pages = series.axes, len(series.pages)
         if _channel_pages(series):  # ImageJ / OME: one image, a page per channel
             if series.shape[0] > 2:
@@ -390,7 +391,7 @@ def palette_of(path: str | Path) -> np.ndarray | None:
     try:
         if is_tiff(path):
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
+                page = main_series(tif).keyframe
                 return (colour_map(page) if page.photometric == tifffile.PHOTOMETRIC.PALETTE
                         else None)
         with Image.open(path) as img:
@@ -661,22 +662,32 @@ def page_by_page(tif) -> bool:
             and len({(s.pages[0].shape, str(s.pages[0].dtype)) for s in series}) == 1)
 
 
+def main_series(tif):
+    """A TIFF's image: its first series that is not a reduced-resolution copy (a thumbnail
+    some scanners and cameras store first, marked so by NewSubfileType; tifffile makes a
+    series of it, which was read in place of the image), else its first."""
+    return next((s for s in tif.series if len(s.pages) and not s.keyframe.is_reduced),
+                tif.series[0])
+
+
 def other_images(tif) -> list[str]:
-    """The images a TIFF holds beyond its first stack, ``["1 x 64 x 64 uint16", ...]``:
-    series of other sizes or types (a stack written a page at a time where one page differs,
-    a second image saved into the file); none for one stack (:func:`page_by_page` too).
-    Reduced-resolution pages (thumbnails) are no series of tifffile's, so not among them."""
+    """The images a TIFF holds beyond its stack (:func:`main_series`), ``["1 x 64 x 64
+    uint16", ...]``: series of other sizes or types (a stack written a page at a time where
+    one page differs, a second image saved into the file); none for one stack
+    (:func:`page_by_page` too). Reduced-resolution copies (thumbnails, pyramid levels) are
+    not among them."""
     if page_by_page(tif):
         return []
+    main = main_series(tif)
     return [f"{len(s.pages)} x {' x '.join(map(str, s.pages[0].shape))} {s.pages[0].dtype}"
-            for s in tif.series[1:] if len(s.pages)]
+            for s in tif.series if s is not main and len(s.pages) and not s.keyframe.is_reduced]
 
 
 def stack_pages(tif, paged: bool | None = None) -> list:
     """The pages of a TIFF's stack: its first series', or every page where the stack was
     written a page at a time (:func:`page_by_page`; ``paged``: that answer kept from an
     earlier look, for tifffile's series parse every page of such a file)."""
-    return tif.pages if (page_by_page(tif) if paged is None else paged) else tif.series[0].pages
+    return tif.pages if (page_by_page(tif) if paged is None else paged) else main_series(tif).pages
 
 
 def probe(path: str | Path) -> Probe:
@@ -689,18 +700,20 @@ def probe(path: str | Path) -> Probe:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                pages, page = stack_pages(tif), tif.pages[0]
+                main = main_series(tif)
+                pages, page = stack_pages(tif), main.keyframe
                 if other_images(tif):  # more than one stack: a volume, refused, named
-                    pages = [p for s in tif.series for p in s.pages]
+                    pages = [p for s in tif.series if not s.keyframe.is_reduced
+                             for p in s.pages]
                 axes, shape = page.axes, page.shape
                 indexed = page.photometric == tifffile.PHOTOMETRIC.PALETTE
                 palette = indexed and shows_colours(tif)
                 h, w = shape[axes.index("Y")], shape[axes.index("X")]
                 samples = shape[axes.index("S")] if "S" in axes else 1
                 channels = 3 if palette or is_cmyk(page) else max(1, samples - tiff_alpha(page))
-                if _channel_pages(tif.series[0]):
-                    if tif.series[0].shape[0] > 2:
-                        raise _many_channel_pages(path, tif.series[0])
+                if _channel_pages(main):
+                    if main.shape[0] > 2:
+                        raise _many_channel_pages(path, main)
                     pages, channels = [page], 2
                 return Probe(h, w, channels >= 3, "uint8" if palette else str(page.dtype),
                              len(pages), channels, palette=indexed)
