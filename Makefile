@@ -39,15 +39,19 @@ lint: $(STAMP)
 # test file stays on one worker, so its module fixtures (a finished run, an export) are
 # built once. `pytest` alone runs them in one process.
 XDIST := -n auto --maxprocesses 4 --dist loadfile
+# pytest keeps the test modules it rewrote for its asserts (__pycache__, ignored by git), as
+# it does wherever PYTHONDONTWRITEBYTECODE is unset: set, every worker rewrote every test
+# module on every run (collection 16 s against 8 s on 2 cores)
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest $(XDIST)
+	$(PYTEST) $(XDIST)
 
 # the tests a developer runs between edits (under a minute): no process of its own, no ONNX
 # export, no full run, no test that trains for more than about 1.5 s; `make test` (and CI)
 # runs those too
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(XDIST)
+	$(PYTEST) -m "not slow" $(XDIST)
 
 clean:
 	rm -rf $(VENV) runs

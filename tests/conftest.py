@@ -29,23 +29,31 @@ if "avx2" in _cpu_flags():
                           ("MKL_CBWR", "AVX2")):
         os.environ.setdefault(_name, _value)
 
-import torch  # noqa: E402
-
 # `distributed.precision: auto` (battery-quick) trains in bf16 where the CPU computes it
 # natively: the tests' figures must not depend on the machine, so they train in 32-bit, and
 # so do the processes they start (the variable is inherited). Tests of bf16 ask for it.
 os.environ["PASER_BF16"] = "0"
 
+
 # Tests use tiny tensors: one thread avoids oversubscription when other work shares the cores.
 # Two threads on two busy cores are 20 to 60 times slower on these tensors (OpenMP waits for
 # a thread that is not scheduled), so the tiny configs ask for one thread too (num_threads=1).
-torch.set_num_threads(1)
+# Set as the session starts, before any module's fixtures (a finished run) train; torch is
+# loaded there, not here: under pytest-xdist this file is loaded by the process that hands
+# out the tests too, which runs none (3 s of torch before the workers start).
+@pytest.fixture(scope="session", autouse=True)
+def _torch_on_one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Every test starts on one thread, whatever the test before it set (a run sets its
     config's num_threads): the same numbers in any order, and no test slowed by another."""
+    import torch
+
     torch.set_num_threads(1)
     yield
 
