@@ -12,6 +12,7 @@ PNG, mismatched sizes, empty split) is a :class:`DataError` naming the file.
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 from collections import Counter
@@ -306,7 +307,17 @@ def misnamed_split_folder(folder: Path) -> Path | None:
 
 def _gray(path: Path) -> bool:
     """Whether a colour image file is gray saved as colour; one that cannot be read is not
-    (reading it for training names it)."""
+    (reading it for training names it). Read once per version of the file in a process
+    (a run opens each split several times: its identity, its window, its stages)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _gray_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gray_file(path: str, mtime_ns: int, size: int) -> bool:
     try:
         return gray_in_colour(read_array(path))
     except DataError:
