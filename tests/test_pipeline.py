@@ -415,6 +415,18 @@ def test_a_call_at_a_scripts_top_level_is_found_and_one_under_its_guard_is_not(t
     monkeypatch.setitem(sys.modules, "__main__", main)
     exec(compile(script.read_text(), str(script), "exec"), vars(main))
     assert main.found == [(str(script), 2), None]
+    # what worker_context makes of it there: no workers (data.workers=0, the advice, which
+    # streamed data still reads through from_readers) is no refusal; workers are
+    from paser.errors import DataError
+    from paser.runtime import from_readers, worker_context
+
+    main.read, main.from_readers, main.worker_context = [], from_readers, worker_context
+    exec(compile("read += from_readers([worker_context(0, [])], 0)\n", str(script), "exec"),
+         vars(main))
+    assert main.read == [None]
+    with pytest.raises(DataError, match=r"s.py, line 1: called at the script's top level.*"
+                                        r"or set --workers 0 \(no worker processes\)$"):
+        exec(compile("worker_context(2, [], '--workers 0')\n", str(script), "exec"), vars(main))
     main.__spec__ = types.SimpleNamespace(name="tool.__main__")  # python -m tool: not re-run
     assert exec("found.append(unguarded_main())", vars(main)) is None and main.found[-1] is None
 

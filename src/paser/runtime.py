@@ -526,7 +526,6 @@ def from_readers(loader, workers: int, without: str = "data.workers=0"):
     printed a traceback after its message (FileNotFoundError from SemLock._rebuild: the
     queue's lock it was given was gone with the command). Started, they are shut down
     as the loader is (its iterator's ``__del__``), which waits for them."""
-    check_main_guard(without)
     with interrupts_held():
         items = iter(loader)
     while True:
@@ -611,13 +610,18 @@ def default_workers() -> int:
     return 0 if cores <= 2 else 2
 
 
-def worker_context(workers: int, preload: list[str]):
+def worker_context(workers: int, preload: list[str], without: str = "data.workers=0"):
     """How worker processes start: from a fork server where the platform has one (``None``:
     the platform's default; also with no workers). The server imports ``preload`` once, so
     each worker starts as a cheap fork; a fork of this process itself could inherit a lock
-    another thread holds (seen: gloo's, under multi-process training)."""
+    another thread holds (seen: gloo's, under multi-process training). Workers that would
+    run the calling script again are refused first (:func:`check_main_guard`; ``without``:
+    the setting that needs none)."""
     import multiprocessing
 
+    if workers and ("forkserver" in multiprocessing.get_all_start_methods()
+                    or multiprocessing.get_start_method() != "fork"):
+        check_main_guard(without)
     if workers and "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(preload)  # no effect once the server runs

@@ -306,17 +306,21 @@ class _Inputs(torch.utils.data.Dataset):
             return err
 
 
+#: the setting that reads and writes in this process, no worker processes
+WITHOUT_WORKERS = "--workers 0 (workers=0 in Python)"
+
+
 def _inputs(files: Sequence[Path], channels: int, intensity: Intensity, workers: int):
     """The files' ``(image, notes)`` in order, read ahead by ``workers`` processes."""
     data = _Inputs(files, channels, intensity)
     if not workers:
         return (data[i] for i in range(len(data)))
-    ctx = worker_context(workers, ["paser.segment"])
+    ctx = worker_context(workers, ["paser.segment"], WITHOUT_WORKERS)
     return from_readers(torch.utils.data.DataLoader(
         data, batch_size=None, num_workers=workers, prefetch_factor=4,
         multiprocessing_context=ctx, collate_fn=_as_is, generator=torch.Generator(),
         worker_init_fn=detached_readers()), workers,
-        without="--workers 0 (workers=0 in Python)")
+        without=WITHOUT_WORKERS)
 
 
 def _as_is(item):
@@ -909,10 +913,8 @@ def _writer(workers: int):
         return None
     from concurrent.futures import ProcessPoolExecutor
 
-    from paser.runtime import check_main_guard
-
-    check_main_guard("--workers 0 (workers=0 in Python)")
-    return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"]),
+    return ProcessPoolExecutor(workers, mp_context=worker_context(workers, ["paser.segment"],
+                                                                  WITHOUT_WORKERS),
                                initializer=detached_worker, initargs=(os.getpid(),))
 
 
