@@ -195,7 +195,7 @@ def build_router(cfg: ExperimentConfig, run_dir: str | Path, device: torch.devic
                     cfg.models.num_classes).to(device)
     # stage 2, calibration and the report score the same frozen pool on the same splits
     router.outcome_cache = outcome_cache(run_dir)
-    router.cost_cache = Path(outcome_cache(run_dir)).parent / "costs.json"
+    router.cost_cache = router.outcome_cache.parent / "costs.json"
     return router
 
 
