@@ -379,6 +379,11 @@ def test_cost_tables_are_kept_for_the_next_process_by_the_models_structure(tmp_p
     other.cost_cache = file
     assert other.costs(32, 40).f0_mc < table.f0_mc
     assert len(json.loads(file.read_text())) == 2
+    # a table of other fields (another version of paser wrote it) is counted again
+    file.write_text(json.dumps({first._structure(): {"32x40": {"f0": 1.0}}}))
+    older = _router()
+    older.cost_cache = file
+    assert older.costs(32, 40) == table
     file.write_text("{not json")  # a file cut short is counted again, and written whole
     late = _router()
     late.cost_cache = file

@@ -242,9 +242,9 @@ class Router(nn.Module):
         if key not in self._costs:
             kept, name = self._kept_costs()
             size = f"{key[0]}x{key[1]}"
-            if size in kept.get(name, {}):
+            try:  # a table of other fields (written by another version of paser) is counted
                 self._costs[key] = CostTable(**kept[name][size])
-            else:
+            except (KeyError, TypeError):
                 self._costs[key] = CostTable.measure(
                     self.f0, self.policy, list(self.pool), self.grid, self.in_channels,
                     height, width, self.mc_samples, self.state_channels, self.mc_dropout)
